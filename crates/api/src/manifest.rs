@@ -1,0 +1,288 @@
+//! Image manifests: what an image is made of.
+//!
+//! An image is a manifest plus content-addressed chunks. The disk (and, for direct kernel boot,
+//! the kernel and initrd; later saved memory states) are each a [`Blob`]: a byte length and the
+//! list of chunk hashes, `None` standing for an all-zero chunk that is never stored. The last
+//! chunk of a blob may be shorter than the chunk size.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Current manifest schema version. Readers refuse manifests of a newer schema.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The blake3 hash of a chunk's uncompressed bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkHash(pub [u8; 32]);
+
+impl ChunkHash {
+    pub fn of(data: &[u8]) -> Self {
+        ChunkHash(*blake3::hash(data).as_bytes())
+    }
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+impl fmt::Debug for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkHash({})", &self.to_hex()[..16])
+    }
+}
+
+impl FromStr for ChunkHash {
+    type Err = ManifestError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 32];
+        if s.len() != 64 {
+            return Err(ManifestError::BadHash(s.to_string()));
+        }
+        hex::decode_to_slice(s, &mut out).map_err(|_| ManifestError::BadHash(s.to_string()))?;
+        Ok(ChunkHash(out))
+    }
+}
+
+impl Serialize for ChunkHash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+impl<'de> Deserialize<'de> for ChunkHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A byte string stored as fixed-size chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blob {
+    /// Length in bytes; need not be a multiple of the chunk size.
+    pub size: u64,
+    /// One entry per chunk: `None` is an all-zero chunk (not stored).
+    pub chunks: Vec<Option<ChunkHash>>,
+}
+
+impl Blob {
+    /// Length of chunk `index` for this blob (the last one may be short).
+    pub fn chunk_len(&self, chunk_size: u32, index: usize) -> u32 {
+        let start = index as u64 * chunk_size as u64;
+        (self.size.saturating_sub(start)).min(chunk_size as u64) as u32
+    }
+    /// Hashes of the stored (non-zero) chunks.
+    pub fn stored(&self) -> impl Iterator<Item = &ChunkHash> {
+        self.chunks.iter().flatten()
+    }
+}
+
+/// How an image boots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum Boot {
+    /// The image's own firmware and bootloader (BIOS by default).
+    Firmware,
+    /// Direct kernel boot: kernel and initrd are blobs of this manifest.
+    Kernel {
+        kernel: Blob,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        initrd: Option<Blob>,
+        #[serde(default)]
+        cmdline: String,
+    },
+}
+
+/// Descriptive metadata of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageMeta {
+    #[serde(default)]
+    pub os: String,
+    #[serde(default = "default_arch")]
+    pub arch: String,
+    pub boot: Boot,
+}
+
+fn default_arch() -> String {
+    "x86_64".into()
+}
+
+/// `NAME` or `NAME@VERSION`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ImageRef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.version {
+            Some(v) => write!(f, "{}@{}", self.name, v),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+impl FromStr for ImageRef {
+    type Err = ManifestError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, version) = match s.split_once('@') {
+            Some((n, v)) => (
+                n,
+                Some(v.parse::<u32>().map_err(|_| ManifestError::BadName(s.to_string()))?),
+            ),
+            None => (s, None),
+        };
+        validate_name(name)?;
+        Ok(ImageRef { name: name.to_string(), version })
+    }
+}
+
+/// Image names: 1–64 characters of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
+pub fn validate_name(name: &str) -> Result<(), ManifestError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ManifestError::BadName(name.to_string()))
+    }
+}
+
+/// An image version: immutable once written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema: u32,
+    pub name: String,
+    pub version: u32,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    pub chunk_size: u32,
+    pub disk: Blob,
+    pub meta: ImageMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ImageRef>,
+}
+
+impl Manifest {
+    /// Every stored chunk hash of the image (disk, kernel, initrd), duplicates included.
+    pub fn all_chunks(&self) -> impl Iterator<Item = &ChunkHash> {
+        let boot: Vec<&Blob> = match &self.meta.boot {
+            Boot::Firmware => vec![],
+            Boot::Kernel { kernel, initrd, .. } => {
+                std::iter::once(kernel).chain(initrd.iter()).collect()
+            }
+        };
+        self.disk.stored().chain(boot.into_iter().flat_map(|b| b.stored()))
+    }
+
+    /// `NAME@VERSION` of this manifest.
+    pub fn image_ref(&self) -> ImageRef {
+        ImageRef { name: self.name.clone(), version: Some(self.version) }
+    }
+
+    /// Checks internal consistency; every decoder of untrusted manifests calls this.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        if self.schema == 0 || self.schema > SCHEMA_VERSION {
+            return Err(ManifestError::Schema(self.schema));
+        }
+        validate_name(&self.name)?;
+        if !(crate::MIN_CHUNK_SIZE..=crate::MAX_CHUNK_SIZE).contains(&self.chunk_size)
+            || !self.chunk_size.is_power_of_two()
+        {
+            return Err(ManifestError::ChunkSize(self.chunk_size));
+        }
+        let mut blobs = vec![("disk", &self.disk)];
+        if let Boot::Kernel { kernel, initrd, .. } = &self.meta.boot {
+            blobs.push(("kernel", kernel));
+            if let Some(i) = initrd {
+                blobs.push(("initrd", i));
+            }
+        }
+        for (what, b) in blobs {
+            let want = b.size.div_ceil(self.chunk_size as u64);
+            if b.chunks.len() as u64 != want {
+                return Err(ManifestError::ChunkCount {
+                    blob: what,
+                    size: b.size,
+                    chunks: b.chunks.len(),
+                    expected: want,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses and validates a manifest from JSON.
+    pub fn from_json(data: &[u8]) -> Result<Self, ManifestError> {
+        let m: Manifest =
+            serde_json::from_slice(data).map_err(|e| ManifestError::Json(e.to_string()))?;
+        m.validate()?;
+        Ok(m)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestError {
+    #[error("invalid chunk hash {0:?}: expected 64 hex digits")]
+    BadHash(String),
+    #[error("invalid image name {0:?}: use 1-64 characters of A-Z a-z 0-9 . _ - (optionally @VERSION)")]
+    BadName(String),
+    #[error("manifest schema {0} is not supported (this vgrid reads schema 1..={SCHEMA_VERSION})")]
+    Schema(u32),
+    #[error("chunk size {0} is invalid: must be a power of two between 4 KiB and 16 MiB")]
+    ChunkSize(u32),
+    #[error("{blob} of {size} bytes lists {chunks} chunks, expected {expected}")]
+    ChunkCount { blob: &'static str, size: u64, chunks: usize, expected: u64 },
+    #[error("malformed manifest: {0}")]
+    Json(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_ref_parses() {
+        let r: ImageRef = "sample@3".parse().unwrap();
+        assert_eq!(r, ImageRef { name: "sample".into(), version: Some(3) });
+        assert_eq!(r.to_string(), "sample@3");
+        assert!("../etc".parse::<ImageRef>().is_err());
+        assert!("a@x".parse::<ImageRef>().is_err());
+    }
+
+    #[test]
+    fn manifest_validation_catches_wrong_chunk_count() {
+        let m = Manifest {
+            schema: 1,
+            name: "x".into(),
+            version: 1,
+            created: 0,
+            chunk_size: 4096,
+            disk: Blob { size: 4097, chunks: vec![None] },
+            meta: ImageMeta { os: "".into(), arch: "x86_64".into(), boot: Boot::Firmware },
+            parent: None,
+        };
+        assert!(matches!(m.validate(), Err(ManifestError::ChunkCount { expected: 2, .. })));
+        let json = serde_json::to_vec(&Manifest { disk: Blob { size: 4097, chunks: vec![None, None] }, ..m }).unwrap();
+        let back = Manifest::from_json(&json).unwrap();
+        assert_eq!(back.disk.chunk_len(4096, 1), 1);
+    }
+
+    #[test]
+    fn hash_roundtrip() {
+        let h = ChunkHash::of(b"abc");
+        let s = serde_json::to_string(&h).unwrap();
+        let back: ChunkHash = serde_json::from_str(&s).unwrap();
+        assert_eq!(h, back);
+        assert!("zz".parse::<ChunkHash>().is_err());
+    }
+}

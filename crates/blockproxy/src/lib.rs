@@ -1,0 +1,1 @@
+//! vgrid blockproxy (to be written).

@@ -1,0 +1,1 @@
+//! vgrid coordinator (to be written).

@@ -1,0 +1,1 @@
+//! vgrid hostagent (to be written).

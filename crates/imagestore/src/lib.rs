@@ -1,0 +1,6 @@
+//! vgrid image store and image server: images as manifests plus blake3-addressed,
+//! zstd-compressed chunks kept in an `object_store`, served over HTTP with immutable caching.
+//! This crate owns the on-store layout and the image server's HTTP API (server and client);
+//! it must never know about hosts, VMs or NBD.
+
+pub mod codec;

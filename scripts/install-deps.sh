@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs every system package vgrid needs (Debian bookworm), idempotently.
+# QEMU 10 comes from bookworm-backports: plain bookworm's qemu-system-x86 (7.2) would
+# replace qemu-utils 10, and QEMU 10 is what supports `file:` migration URIs.
+set -euo pipefail
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v nbdkit >/dev/null || need+=(nbdkit)
+command -v mke2fs >/dev/null || need+=(e2fsprogs)
+command -v tc >/dev/null || need+=(iproute2)
+command -v curl >/dev/null || need+=(curl)
+command -v zstd >/dev/null || need+=(zstd)
+[ -x /usr/share/qemu/bios-256k.bin ] || [ -f /usr/share/seabios/bios-256k.bin ] || need+=(seabios)
+if [ ${#need[@]} -eq 0 ]; then
+  echo "install-deps: everything present"
+  exit 0
+fi
+echo "install-deps: installing ${need[*]}"
+
+src=/etc/apt/sources.list.d/debian.sources
+if [ -f "$src" ] && grep -q '^Suites:.*bookworm' "$src" && ! grep -q 'bookworm-backports' "$src"; then
+  # add backports to the main entry (the first Suites: line naming plain bookworm)
+  $SUDO sed -i '0,/^Suites: bookworm\b/s//Suites: bookworm bookworm-backports/' "$src"
+elif [ ! -f "$src" ] && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  echo "deb http://deb.debian.org/debian bookworm-backports main" | $SUDO tee /etc/apt/sources.list.d/backports.list >/dev/null
+fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-utils qemu-system-data seabios ipxe-qemu
+$SUDO apt-get install -y -qq --no-install-recommends libnbd-bin nbdkit e2fsprogs iproute2 curl zstd busybox-static
+echo "install-deps: done ($(qemu-system-x86_64 --version | head -1))"
