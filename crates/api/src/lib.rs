@@ -4,6 +4,7 @@
 
 pub mod manifest;
 pub mod rest;
+pub mod vm;
 
 pub use manifest::{Blob, Boot, ChunkHash, ImageMeta, ImageRef, Manifest, ManifestError};
 

@@ -1,0 +1,152 @@
+//! VM and host records of the REST API.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Lifecycle of a VM: `pending → starting → running → stopping → stopped`, or `failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Accepted, not yet placed on a host.
+    Pending,
+    /// Placed; the host is opening the image and starting QEMU.
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    /// Failed to start or died; `VmRecord::reason` says why.
+    Failed,
+}
+
+impl VmState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            VmState::Pending => "pending",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Failed => "failed",
+        }
+    }
+    /// Whether the VM holds host resources (a QEMU process may exist).
+    pub fn is_active(&self) -> bool {
+        matches!(self, VmState::Pending | VmState::Starting | VmState::Running | VmState::Stopping)
+    }
+}
+
+/// A host port forwarded to a guest port over user-mode networking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Forward {
+    pub host: u16,
+    pub guest: u16,
+}
+
+impl std::str::FromStr for Forward {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (h, g) = s
+            .split_once(':')
+            .ok_or_else(|| format!("invalid forward {s:?}: expected HOSTPORT:GUESTPORT"))?;
+        let port = |p: &str| {
+            p.parse::<u16>()
+                .ok()
+                .filter(|&v| v != 0)
+                .ok_or_else(|| format!("invalid port {p:?} in forward {s:?}: expected 1-65535"))
+        };
+        Ok(Forward { host: port(h)?, guest: port(g)? })
+    }
+}
+
+/// Body of `POST /api/v1/vms`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreate {
+    /// `NAME` or `NAME@VERSION`.
+    pub image: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub forwards: Vec<Forward>,
+    /// `kvm` or `tcg`; chosen by the host when absent.
+    #[serde(default)]
+    pub accel: Option<String>,
+}
+
+pub fn default_cpus() -> u32 {
+    1
+}
+pub fn default_memory() -> u64 {
+    256
+}
+
+/// A VM as the coordinator records it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VmRecord {
+    pub id: String,
+    pub name: String,
+    /// The image as requested.
+    pub image: String,
+    /// The image version resolved at placement.
+    #[serde(default)]
+    pub image_version: Option<u32>,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub forwards: Vec<Forward>,
+    pub state: VmState,
+    /// What the VM is doing now (placing, fetching, booting, ...), for progress displays.
+    #[serde(default)]
+    pub phase: String,
+    /// Why the VM failed, when `state` is `failed`.
+    #[serde(default)]
+    pub reason: Option<String>,
+    pub host: Option<String>,
+    #[serde(default)]
+    pub accel: Option<String>,
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    #[serde(default)]
+    pub started: Option<u64>,
+    #[serde(default)]
+    pub stopped: Option<u64>,
+}
+
+/// Body of `POST /api/v1/vms/{id}/stop`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmStop {
+    /// Kill QEMU at once instead of an ACPI power-down.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// A page of a VM's console log: `GET /api/v1/vms/{id}/console?offset=N`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ConsoleChunk {
+    /// Offset of `data` in the log.
+    pub offset: u64,
+    /// Offset to ask for next.
+    pub next: u64,
+    /// Console output (lossy UTF-8).
+    pub data: String,
+}
+
+/// A compute host and what it offers.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostInfo {
+    pub name: String,
+    pub arch: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub free_memory_mib: u64,
+    pub accel: String,
+    pub qemu_version: String,
+    pub running_vms: u32,
+    pub state: String,
+}
