@@ -17,3 +17,24 @@ pub struct ImageSummary {
     pub boot: String,
     pub created: u64,
 }
+
+/// Boot working set of an image version: the disk chunk indices a guest read while booting,
+/// in first-touch order. Hosts prefetch these before (or while) starting the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BootProfile {
+    pub chunks: Vec<u64>,
+}
+
+/// Answer of the image server when an upload session starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UploadCreated {
+    pub id: String,
+}
+
+/// What deleting images (and the garbage collection that follows) freed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GcReport {
+    pub chunks_freed: u64,
+    /// Stored (compressed) bytes of the freed chunks.
+    pub bytes_freed: u64,
+}

@@ -33,7 +33,16 @@ pub fn encode(data: &[u8]) -> (ChunkHash, Vec<u8>) {
 /// Decompresses a stored chunk and verifies it against `hash`.
 /// `limit` bounds the decompressed size (the image's chunk size).
 pub fn decode(hash: &ChunkHash, stored: &[u8], limit: usize) -> Result<Vec<u8>, ChunkError> {
-    let data = zstd::bulk::decompress(stored, limit).map_err(|e| ChunkError::Decompress {
+    // Size the output buffer from the frame header when it states the content size (every
+    // chunk written by `encode` does), so a 256 KiB chunk does not allocate `limit` bytes.
+    let capacity = match zstd::zstd_safe::get_frame_content_size(stored) {
+        Ok(Some(n)) if n > limit as u64 => {
+            return Err(ChunkError::TooLarge { hash: *hash, actual: n as usize, limit })
+        }
+        Ok(Some(n)) => n as usize,
+        _ => limit,
+    };
+    let data = zstd::bulk::decompress(stored, capacity).map_err(|e| ChunkError::Decompress {
         hash: *hash,
         cause: e.to_string(),
     })?;
@@ -59,6 +68,15 @@ mod tests {
         let (h2, z2) = encode(b"other");
         assert!(matches!(decode(&h, &z2, 1 << 20), Err(ChunkError::HashMismatch { .. })));
         let _ = h2;
+    }
+
+    #[test]
+    fn decode_enforces_limit_and_rejects_garbage() {
+        let data = vec![7u8; 8192];
+        let (h, z) = encode(&data);
+        assert!(matches!(decode(&h, &z, 4096), Err(ChunkError::TooLarge { actual: 8192, .. })));
+        assert!(matches!(decode(&h, b"not zstd at all", 4096), Err(ChunkError::Decompress { .. })));
+        assert_eq!(decode(&h, &z, 8192).unwrap(), data);
     }
 
     #[test]

@@ -4,3 +4,10 @@
 //! it must never know about hosts, VMs or NBD.
 
 pub mod codec;
+pub mod store;
+
+pub use store::{ImageStore, StoreError, UploadId};
+pub mod server;
+pub mod client;
+
+pub use client::{ClientError, RetryPolicy, StoreClient};

@@ -1,0 +1,299 @@
+//! The image server's HTTP API, all under `/store/v1`:
+//!
+//! | method | path | body / answer |
+//! | --- | --- | --- |
+//! | GET | `/images` | `[ImageSummary]` |
+//! | GET, DELETE | `/images/{name}` and `/images/{name}/{version}` | `Manifest` / `GcReport` |
+//! | GET, PUT | `/images/{name}/{version}/profile` | `BootProfile` |
+//! | GET, HEAD | `/chunks/{hash}` | zstd bytes, `ETag: "<hash>"`, immutable |
+//! | POST | `/uploads` | `UploadCreated` |
+//! | DELETE | `/uploads/{id}` | abort |
+//! | POST | `/uploads/{id}/missing` | `[hash]` -> `[hash]` |
+//! | PUT | `/uploads/{id}/chunks/{hash}` | zstd bytes |
+//! | POST | `/uploads/{id}/commit` | `Manifest` (version 0 = next) -> stored `Manifest` |
+//!
+//! Every error is a JSON [`ErrorBody`] whose `error` names the object and the cause and whose
+//! `detail` is `{"kind": ..., "object": ...}` (see [`ErrorKind`]).
+
+use crate::store::{ImageStore, StoreError, UploadId};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use vgrid_api::rest::{BootProfile, UploadCreated};
+use vgrid_api::{ChunkHash, ErrorBody, ImageRef, Manifest};
+
+/// Largest request body accepted (a manifest of a very large image, or a chunk).
+pub const MAX_BODY: usize = 64 * 1024 * 1024;
+
+/// Machine-readable error kinds, in `detail.kind` of every error body.
+pub struct ErrorKind;
+impl ErrorKind {
+    pub const NOT_FOUND: &'static str = "not_found";
+    pub const CHUNK_CORRUPT: &'static str = "chunk_corrupt";
+    pub const BAD_REQUEST: &'static str = "bad_request";
+    pub const MISSING_CHUNKS: &'static str = "missing_chunks";
+    pub const CONFLICT: &'static str = "conflict";
+    pub const NO_SPACE: &'static str = "no_space";
+    pub const INTERNAL: &'static str = "internal";
+}
+
+/// An error answer: status plus JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: ErrorBody,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &str, object: impl Into<String>, message: impl Into<String>) -> Self {
+        let object: String = object.into();
+        ApiError {
+            status,
+            body: ErrorBody {
+                error: message.into(),
+                detail: Some(serde_json::json!({ "kind": kind, "object": object })),
+            },
+        }
+    }
+    fn bad_request(object: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, object, message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        use StoreError::*;
+        let msg = e.to_string();
+        let (status, kind, object) = match &e {
+            ImageNotFound(r) => (StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, format!("image {r}")),
+            ChunkNotFound(h) => (StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, format!("chunk {h}")),
+            UploadNotFound(id) => (StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, format!("upload {id}")),
+            ProfileNotFound(r) => (StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, format!("profile of image {r}")),
+            ImageExists(r) => (StatusCode::CONFLICT, ErrorKind::CONFLICT, format!("image {r}")),
+            InvalidManifest { image, .. } => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("image {image}")),
+            BadProfile { image, .. } => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("profile of image {image}")),
+            BadUpload { hash, .. } => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("chunk {hash}")),
+            MissingChunks { image, missing, .. } => {
+                let shown: Vec<String> = missing.iter().take(100).map(|h| h.to_hex()).collect();
+                return ApiError {
+                    status: StatusCode::BAD_REQUEST,
+                    body: ErrorBody {
+                        error: msg,
+                        detail: Some(serde_json::json!({
+                            "kind": ErrorKind::MISSING_CHUNKS,
+                            "object": format!("image {image}"),
+                            "missing": shown,
+                        })),
+                    },
+                };
+            }
+            ChunkCorrupt { hash, .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::CHUNK_CORRUPT, format!("chunk {hash}")),
+            CorruptManifest { image, .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::INTERNAL, format!("image {image}")),
+            NoSpace { object } => (StatusCode::INSUFFICIENT_STORAGE, ErrorKind::NO_SPACE, object.clone()),
+            Backend { object, .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::INTERNAL, object.clone()),
+        };
+        ApiError::new(status, kind, object, msg)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, error = %self.body.error, "image server request failed");
+        } else {
+            tracing::debug!(status = %self.status, error = %self.body.error, "image server request refused");
+        }
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+type Res<T> = Result<T, ApiError>;
+type St = State<Arc<ImageStore>>;
+
+fn parse_name(name: &str) -> Res<()> {
+    vgrid_api::manifest::validate_name(name).map_err(|e| ApiError::bad_request(format!("image {name}"), e.to_string()))
+}
+fn parse_ref(name: &str, version: Option<&str>) -> Res<ImageRef> {
+    parse_name(name)?;
+    let version = match version {
+        None => None,
+        Some(v) => Some(v.parse::<u32>().map_err(|_| {
+            ApiError::bad_request(
+                format!("image {name}@{v}"),
+                format!("invalid version {v:?} of image {name}: expected a non-negative integer"),
+            )
+        })?),
+    };
+    Ok(ImageRef { name: name.to_string(), version })
+}
+fn parse_hash(s: &str) -> Res<ChunkHash> {
+    s.parse().map_err(|e: vgrid_api::ManifestError| ApiError::bad_request(format!("chunk {s}"), e.to_string()))
+}
+fn body(what: &str, b: Result<Bytes, BytesRejection>) -> Res<Bytes> {
+    b.map_err(|e| ApiError::new(e.status(), ErrorKind::BAD_REQUEST, what, format!("request body of {what}: {}", e.body_text())))
+}
+fn json_body<T: DeserializeOwned>(what: &str, b: Result<Bytes, BytesRejection>) -> Res<T> {
+    let b = body(what, b)?;
+    serde_json::from_slice(&b).map_err(|e| ApiError::bad_request(what, format!("malformed JSON body for {what}: {e}")))
+}
+
+/// The image server's router, all routes under `/store/v1`.
+pub fn router(store: Arc<ImageStore>) -> Router {
+    Router::new()
+        .route("/store/v1/images", get(list_images))
+        .route("/store/v1/images/{name}", get(get_latest).delete(delete_all))
+        .route("/store/v1/images/{name}/{version}", get(get_version).delete(delete_version))
+        .route("/store/v1/images/{name}/{version}/profile", get(get_profile).put(put_profile))
+        .route("/store/v1/chunks/{hash}", get(get_chunk).head(head_chunk))
+        .route("/store/v1/uploads", post(begin_upload))
+        .route("/store/v1/uploads/{id}", axum::routing::delete(abort_upload))
+        .route("/store/v1/uploads/{id}/missing", post(missing))
+        .route("/store/v1/uploads/{id}/chunks/{hash}", put(put_chunk))
+        .route("/store/v1/uploads/{id}/commit", post(commit))
+        .fallback(|uri: axum::http::Uri| async move {
+            ApiError::new(StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, uri.path(), format!("no such endpoint: {}", uri.path()))
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(store)
+}
+
+/// Serves the image server API on `listener` until the process ends.
+pub async fn serve(store: Arc<ImageStore>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    if let Ok(a) = listener.local_addr() {
+        tracing::info!(addr = %a, "image server listening");
+    }
+    axum::serve(listener, router(store)).await
+}
+
+async fn list_images(State(s): St) -> Res<Response> {
+    Ok(Json(s.list().await?).into_response())
+}
+
+async fn get_latest(State(s): St, Path(name): Path<String>) -> Res<Json<Manifest>> {
+    let r = parse_ref(&name, None)?;
+    Ok(Json(s.get_manifest(&r).await?))
+}
+
+async fn get_version(State(s): St, Path((name, version)): Path<(String, String)>) -> Res<Json<Manifest>> {
+    let r = parse_ref(&name, Some(&version))?;
+    Ok(Json(s.get_manifest(&r).await?))
+}
+
+async fn delete_all(State(s): St, Path(name): Path<String>) -> Res<Response> {
+    let r = parse_ref(&name, None)?;
+    Ok(Json(s.delete(&r).await?).into_response())
+}
+
+async fn delete_version(State(s): St, Path((name, version)): Path<(String, String)>) -> Res<Response> {
+    let r = parse_ref(&name, Some(&version))?;
+    Ok(Json(s.delete(&r).await?).into_response())
+}
+
+async fn get_profile(State(s): St, Path((name, version)): Path<(String, String)>) -> Res<Json<BootProfile>> {
+    let r = parse_ref(&name, Some(&version))?;
+    Ok(Json(s.get_profile(&r).await?))
+}
+
+async fn put_profile(
+    State(s): St,
+    Path((name, version)): Path<(String, String)>,
+    b: Result<Bytes, BytesRejection>,
+) -> Res<StatusCode> {
+    let r = parse_ref(&name, Some(&version))?;
+    let p: BootProfile = json_body(&format!("boot profile of image {r}"), b)?;
+    s.put_profile(&r, &p).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn etag(h: &ChunkHash) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{h}\"")).expect("hex is a valid header value")
+}
+
+fn chunk_headers(h: &ChunkHash) -> [(header::HeaderName, HeaderValue); 3] {
+    [
+        (header::CONTENT_TYPE, HeaderValue::from_static("application/zstd")),
+        (header::ETAG, etag(h)),
+        (header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=31536000, immutable")),
+    ]
+}
+
+fn matches_etag(headers: &HeaderMap, h: &ChunkHash) -> bool {
+    let want = h.to_hex();
+    headers.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+        v.split(',').map(str::trim).any(|t| {
+            let t = t.strip_prefix("W/").unwrap_or(t);
+            t == "*" || t.trim_matches('"') == want
+        })
+    })
+}
+
+async fn get_chunk(State(s): St, Path(hash): Path<String>, headers: HeaderMap) -> Res<Response> {
+    let h = parse_hash(&hash)?;
+    if matches_etag(&headers, &h) {
+        if !s.has_chunk(&h).await? {
+            return Err(StoreError::ChunkNotFound(h).into());
+        }
+        return Ok((StatusCode::NOT_MODIFIED, chunk_headers(&h)).into_response());
+    }
+    let z = s.get_chunk_compressed(&h).await?;
+    Ok((StatusCode::OK, chunk_headers(&h), z).into_response())
+}
+
+async fn head_chunk(State(s): St, Path(hash): Path<String>) -> Res<Response> {
+    let h = parse_hash(&hash)?;
+    if !s.has_chunk(&h).await? {
+        return Err(StoreError::ChunkNotFound(h).into());
+    }
+    Ok((StatusCode::OK, chunk_headers(&h)).into_response())
+}
+
+async fn begin_upload(State(s): St) -> Res<Response> {
+    Ok((StatusCode::CREATED, Json(UploadCreated { id: s.begin_upload().0 })).into_response())
+}
+
+async fn abort_upload(State(s): St, Path(id): Path<String>) -> Res<StatusCode> {
+    s.abort_upload(&UploadId(id))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn missing(State(s): St, Path(id): Path<String>, b: Result<Bytes, BytesRejection>) -> Res<Json<Vec<ChunkHash>>> {
+    let hashes: Vec<ChunkHash> = json_body(&format!("missing-chunk query of upload {id}"), b)?;
+    Ok(Json(s.missing(&UploadId(id), &hashes).await?))
+}
+
+async fn put_chunk(
+    State(s): St,
+    Path((id, hash)): Path<(String, String)>,
+    b: Result<Bytes, BytesRejection>,
+) -> Res<StatusCode> {
+    let h = parse_hash(&hash)?;
+    let z = body(&format!("chunk {h}"), b)?;
+    s.put_chunk(&UploadId(id), &h, z).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn commit(State(s): St, Path(id): Path<String>, b: Result<Bytes, BytesRejection>) -> Res<Json<Manifest>> {
+    let b = body(&format!("commit of upload {id}"), b)?;
+    let m = Manifest::from_json(&b).map_err(|e| {
+        ApiError::bad_request(format!("upload {id}"), format!("commit of upload {id}: invalid manifest: {e}"))
+    })?;
+    Ok(Json(s.commit(&UploadId(id), m).await?))
+}
+
+/// Binds `addr` (use `127.0.0.1:0` for a free loopback port) and serves the API in a background
+/// task. Returns the bound address and the task (abort it to stop). Handy for tests and for
+/// `vgrid up`.
+pub async fn spawn(
+    store: Arc<ImageStore>,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    Ok((bound, tokio::spawn(serve(store, listener))))
+}

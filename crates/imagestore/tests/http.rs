@@ -1,0 +1,235 @@
+//! The image server's HTTP API and its client, against a real server on a loopback port.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use vgrid_api::rest::BootProfile;
+use vgrid_api::{ChunkHash, ErrorBody, ImageRef};
+use vgrid_imagestore::{codec, ClientError};
+
+const CS: u32 = 4096;
+
+fn r(s: &str) -> ImageRef {
+    s.parse().unwrap()
+}
+
+#[tokio::test]
+async fn upload_fetch_list_and_versions() {
+    let s = start().await;
+    let c = &s.client;
+    let chunks = vec![Some(chunk_data(1, 4096)), None, Some(chunk_data(2, 100))];
+    let m1 = upload_image(c, "alpha", CS, &chunks).await;
+    assert_eq!(m1.version, 1);
+    assert_eq!(m1.disk.size, 2 * 4096 + 100);
+    let m2 = upload_image(c, "alpha", CS, &chunks).await;
+    assert_eq!(m2.version, 2);
+
+    assert_eq!(c.manifest(&r("alpha")).await.unwrap(), m2);
+    assert_eq!(c.manifest(&r("alpha@1")).await.unwrap(), m1);
+    let list = c.list().await.unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0].stored_bytes, 4096 + 100);
+
+    let h = m1.disk.chunks[2].unwrap();
+    assert_eq!(c.chunk(&h, CS as usize).await.unwrap(), chunk_data(2, 100));
+    assert!(c.has_chunk(&h).await.unwrap());
+    assert!(!c.has_chunk(&ChunkHash::of(b"nope")).await.unwrap());
+
+    // Versions are never reused after a delete.
+    c.delete(&r("alpha@2")).await.unwrap();
+    let m3 = upload_image(c, "alpha", CS, &chunks).await;
+    assert_eq!(m3.version, 3);
+}
+
+#[tokio::test]
+async fn chunk_http_caching_headers_and_errors() {
+    let s = start().await;
+    let m = upload_image(&s.client, "img", CS, &[Some(chunk_data(5, 4096))]).await;
+    let h = m.disk.chunks[0].unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("{}/store/v1/chunks/{h}", s.url);
+    let resp = http.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/zstd");
+    assert_eq!(resp.headers()["etag"].to_str().unwrap(), format!("\"{h}\""));
+    assert!(resp.headers()["cache-control"].to_str().unwrap().contains("immutable"));
+    let z = resp.bytes().await.unwrap();
+    assert_eq!(codec::decode(&h, &z, 4096).unwrap(), chunk_data(5, 4096));
+
+    let resp = http.get(&url).header("if-none-match", format!("\"{h}\"")).send().await.unwrap();
+    assert_eq!(resp.status(), 304);
+
+    let resp = http.head(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let resp = http.get(format!("{}/store/v1/chunks/xyz", s.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: ErrorBody = resp.json().await.unwrap();
+    assert!(body.error.contains("xyz"), "{}", body.error);
+
+    let absent = ChunkHash::of(b"absent");
+    let resp = http.get(format!("{}/store/v1/chunks/{absent}", s.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let body: ErrorBody = resp.json().await.unwrap();
+    assert!(body.error.contains(&absent.to_hex()), "{}", body.error);
+    let e = s.client.chunk(&absent, 4096).await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+}
+
+#[tokio::test]
+async fn corrupt_chunk_is_never_served() {
+    let s = start().await;
+    let m = upload_image(&s.client, "img", CS, &[Some(chunk_data(9, 4096))]).await;
+    let h = m.disk.chunks[0].unwrap();
+    // Replace the stored chunk with a valid zstd frame of other content.
+    let (_, other) = codec::encode(&chunk_data(10, 4096));
+    std::fs::write(s.chunk_file(&h), other).unwrap();
+
+    let resp = reqwest::get(format!("{}/store/v1/chunks/{h}", s.url)).await.unwrap();
+    assert!(resp.status().is_server_error(), "{}", resp.status());
+    let body: ErrorBody = resp.json().await.unwrap();
+    assert!(body.error.contains(&h.to_hex()) && body.error.contains("corrupt"), "{}", body.error);
+
+    match s.client.chunk(&h, 4096).await {
+        Err(ClientError::Corrupt { hash, .. }) => assert_eq!(hash, h),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    // Garbage bytes too.
+    std::fs::write(s.chunk_file(&h), b"garbage").unwrap();
+    assert!(matches!(s.client.chunk(&h, 4096).await, Err(ClientError::Corrupt { .. })));
+    assert!(s.store.get_chunk(&h, 4096).await.is_err());
+}
+
+#[tokio::test]
+async fn unknown_image_and_malformed_json_are_json_4xx() {
+    let s = start().await;
+    let http = reqwest::Client::new();
+    let resp = http.get(format!("{}/store/v1/images/ghost", s.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let body: ErrorBody = resp.json().await.unwrap();
+    assert!(body.error.contains("ghost"), "{}", body.error);
+    let e = s.client.manifest(&r("ghost@4")).await.unwrap_err();
+    assert!(e.is_not_found() && e.to_string().contains("ghost@4"), "{e}");
+
+    let resp = http.get(format!("{}/store/v1/images/ghost/abc", s.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+
+    let id = s.client.begin_upload().await.unwrap();
+    for (path, body) in [
+        (format!("/store/v1/uploads/{id}/missing"), "[not json"),
+        (format!("/store/v1/uploads/{id}/commit"), "{\"schema\":1}"),
+        (format!("/store/v1/uploads/{id}/missing"), "[\"abc\"]"),
+    ] {
+        let resp = http.post(format!("{}{path}", s.url)).body(body).send().await.unwrap();
+        assert_eq!(resp.status(), 400, "{path}");
+        let b: ErrorBody = resp.json().await.unwrap();
+        assert!(!b.error.is_empty());
+    }
+    let resp = http.post(format!("{}/store/v1/uploads/nosuch/missing", s.url)).body("[]").send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let b: ErrorBody = resp.json().await.unwrap();
+    assert!(b.error.contains("nosuch"), "{}", b.error);
+
+    // A chunk uploaded under the wrong hash is refused.
+    let (_, z) = codec::encode(b"some data");
+    let wrong = ChunkHash::of(b"other data");
+    let e = s.client.put_chunk(&id, &wrong, Bytes::from(z)).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains(&wrong.to_hex()), "{e}");
+
+    // Commit naming a chunk that is not stored fails and names it.
+    let ghost = ChunkHash::of(b"never uploaded");
+    let m = manifest("x", CS, vgrid_api::Blob { size: 10, chunks: vec![Some(ghost)] });
+    let e = s.client.commit(&id, &m).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains(&ghost.to_hex()), "{e}");
+    assert!(s.client.list().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn delete_frees_only_unshared_chunks() {
+    let s = start().await;
+    let shared = Some(chunk_data(100, 4096));
+    upload_image(&s.client, "a", CS, &[shared.clone(), Some(chunk_data(101, 4096))]).await;
+    upload_image(&s.client, "b", CS, &[shared.clone(), Some(chunk_data(102, 4096))]).await;
+    assert_eq!(s.chunk_files(), 3);
+    let rep = s.client.delete(&r("a")).await.unwrap();
+    assert_eq!(rep.chunks_freed, 1);
+    assert!(rep.bytes_freed > 0);
+    assert_eq!(s.chunk_files(), 2);
+    let e = s.client.delete(&r("a")).await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    let b = s.client.manifest(&r("b")).await.unwrap();
+    for h in b.disk.stored() {
+        s.client.chunk(h, 4096).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn session_pins_survive_concurrent_delete() {
+    let s = start().await;
+    let a_chunks = vec![Some(chunk_data(200, 4096)), Some(chunk_data(201, 4096))];
+    let a = upload_image(&s.client, "a", CS, &a_chunks).await;
+    // Import of "b" shares chunk 0 of "a": the dedup check pins it...
+    let id = s.client.begin_upload().await.unwrap();
+    let shared = a.disk.chunks[0].unwrap();
+    assert!(s.client.missing(&id, &[shared]).await.unwrap().is_empty());
+    // ...so deleting "a" meanwhile frees only its other chunk.
+    let rep = s.client.delete(&r("a")).await.unwrap();
+    assert_eq!(rep.chunks_freed, 1);
+    let m = manifest("b", CS, vgrid_api::Blob { size: 4096, chunks: vec![Some(shared)] });
+    let b = s.client.commit(&id, &m).await.unwrap();
+    assert_eq!(s.client.chunk(&b.disk.chunks[0].unwrap(), 4096).await.unwrap(), chunk_data(200, 4096));
+}
+
+#[tokio::test]
+async fn interrupted_upload_is_invisible_and_collected() {
+    let s = start_with(|st| st.with_session_ttl(std::time::Duration::from_millis(200))).await;
+    let id = s.client.begin_upload().await.unwrap();
+    for i in 0..3 {
+        let (h, z) = codec::encode(&chunk_data(300 + i, 4096));
+        s.client.put_chunk(&id, &h, Bytes::from(z)).await.unwrap();
+    }
+    assert_eq!(s.chunk_files(), 3);
+    assert!(s.client.list().await.unwrap().is_empty());
+    // While the session lives, GC keeps its chunks.
+    assert_eq!(s.store.gc().await.unwrap().chunks_freed, 0);
+    // Never committed: after the session expires, GC collects them.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(s.store.gc().await.unwrap().chunks_freed, 3);
+    assert_eq!(s.chunk_files(), 0);
+    let e = s.client.missing(&id, &[]).await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+}
+
+#[tokio::test]
+async fn boot_profiles() {
+    let s = start().await;
+    upload_image(&s.client, "p", CS, &[Some(chunk_data(1, 4096)), Some(chunk_data(2, 4096))]).await;
+    let e = s.client.profile(&r("p")).await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    let prof = BootProfile { chunks: vec![1, 0] };
+    s.client.put_profile(&r("p@1"), &prof).await.unwrap();
+    assert_eq!(s.client.profile(&r("p")).await.unwrap(), prof);
+    let e = s.client.put_profile(&r("p@1"), &BootProfile { chunks: vec![2] }).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    let e = s.client.put_profile(&r("q@1"), &prof).await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+}
+
+#[tokio::test]
+async fn unreachable_server_is_reported_after_bounded_retries() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    let c = vgrid_imagestore::StoreClient::with_retry(
+        &format!("http://{addr}"),
+        vgrid_imagestore::RetryPolicy { attempts: 3, first_backoff: std::time::Duration::from_millis(10), ..Default::default() },
+    )
+    .unwrap();
+    match c.chunk(&ChunkHash::of(b"x"), 4096).await {
+        Err(ClientError::Unreachable { attempts, .. }) => assert_eq!(attempts, 3),
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+}
