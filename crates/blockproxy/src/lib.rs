@@ -1,1 +1,407 @@
-//! vgrid blockproxy (to be written).
+//! vgrid block proxy: the compute host's data path. It serves images as read-only NBD exports
+//! (over unix sockets and TCP) to QEMU and the NBD tools, reading through a size-bounded host
+//! chunk cache on local disk that all guests share; misses fetch verified chunks from image
+//! servers through a [`ChunkSource`]. It also stages whole images (explicit transfer), records
+//! and prefetches boot profiles, and reads sequential streams ahead.
+//! This crate owns the NBD protocol, the host chunk cache and its directory; it must never write
+//! to an image, serve bytes that were not verified against their hash, know about VMs or QEMU
+//! processes, or talk to the coordinator.
+//!
+//! Entry points: [`BlockProxy::new`], then [`BlockProxy::serve_unix`] / [`BlockProxy::serve_tcp`],
+//! [`BlockProxy::pull`], [`BlockProxy::read_blob`], [`BlockProxy::stats`].
+
+pub mod cache;
+pub mod export;
+pub mod protocol;
+mod server;
+pub mod source;
+mod stats;
+mod store_source;
+
+pub use cache::{CacheError, ChunkCache};
+pub use export::{Export, ReadError};
+pub use server::ServerHandle;
+pub use source::{ChunkSource, Servers, SourceError};
+pub use stats::{CacheStats, LatencyBucket};
+pub use store_source::StoreSource;
+
+use export::Shared;
+use futures::stream::StreamExt;
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use vgrid_api::{Blob, Boot, ChunkHash, ImageRef, Manifest};
+
+/// Settings of a block proxy. [`ProxyConfig::new`] fills in the defaults.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Directory of the host chunk cache (locked while the proxy runs).
+    pub cache_dir: PathBuf,
+    /// Size bound of the cache in bytes.
+    pub cache_max_bytes: u64,
+    /// Most chunk files kept open for serving (default 1024).
+    pub max_open_files: usize,
+    /// A chunk fetch (including the source's retries) that takes longer fails (default 60 s).
+    pub fetch_timeout: Duration,
+    /// Chunks fetched ahead of a sequential reader; 0 disables readahead (default 8).
+    pub readahead_chunks: usize,
+    /// Record a boot profile when an image without one is opened (default true).
+    pub record_profiles: bool,
+    /// How long a boot profile records after the export opens (default 60 s).
+    pub profile_window: Duration,
+    /// Most chunks in a boot profile (default 4096).
+    pub profile_max_chunks: usize,
+    /// Prefetch an image's boot profile when its export opens (default true).
+    pub prefetch_profiles: bool,
+    /// Concurrent fetches of a boot profile prefetch (default 4).
+    pub profile_prefetch_concurrency: usize,
+    /// Concurrent chunk fetches of a pull (default 8).
+    pub pull_concurrency: usize,
+}
+
+impl ProxyConfig {
+    pub fn new(cache_dir: impl Into<PathBuf>, cache_max_bytes: u64) -> Self {
+        ProxyConfig {
+            cache_dir: cache_dir.into(),
+            cache_max_bytes,
+            max_open_files: 1024,
+            fetch_timeout: Duration::from_secs(60),
+            readahead_chunks: 8,
+            record_profiles: true,
+            profile_window: Duration::from_secs(60),
+            profile_max_chunks: 4096,
+            prefetch_profiles: true,
+            profile_prefetch_concurrency: 4,
+            pull_concurrency: 8,
+        }
+    }
+}
+
+/// Errors of the block proxy; each names the image, export, chunk or address concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("export name {name:?} is not an image reference: {cause}")]
+    BadExportName { name: String, cause: String },
+    #[error("image {image} not found: {cause}")]
+    ImageNotFound { image: ImageRef, cause: String },
+    #[error("image {image}: manifest unavailable: {cause}")]
+    ImageUnavailable { image: ImageRef, cause: String },
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("image {image} needs {needed} bytes of cache to stage but the cache holds at most {max} bytes ({dir})")]
+    CacheTooSmall { image: ImageRef, needed: u64, max: u64, dir: PathBuf },
+    #[error("image {image}: blob of {size} bytes is too large to load into memory (limit {limit})")]
+    BlobTooLarge { image: ImageRef, size: u64, limit: u64 },
+    #[error("cannot listen on {addr}: {cause}")]
+    Listen { addr: String, cause: String },
+    #[error("local manifest store {path}: {cause}")]
+    ManifestStore { path: PathBuf, cause: String },
+}
+
+/// What [`BlockProxy::pull`] did.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PullReport {
+    /// The image version pulled.
+    pub image: ImageRef,
+    /// Distinct stored chunks of the image (disk, kernel, initrd).
+    pub chunks_total: u64,
+    /// Chunks that had to be fetched.
+    pub chunks_fetched: u64,
+    /// Chunks that were already in the cache.
+    pub chunks_cached: u64,
+    /// Bytes of all distinct stored chunks.
+    pub bytes_total: u64,
+    /// Bytes fetched.
+    pub bytes_fetched: u64,
+    pub elapsed_secs: f64,
+}
+
+/// Largest blob [`BlockProxy::read_blob`] loads into memory.
+pub const MAX_BLOB_IN_MEMORY: u64 = 1 << 30;
+
+/// The block proxy of one host. Create with [`BlockProxy::new`]; share the `Arc`.
+pub struct BlockProxy {
+    shared: Arc<Shared>,
+    manifests_dir: PathBuf,
+    /// Open exports by export name, so that all connections to one name see one version.
+    exports: Mutex<HashMap<String, Weak<Export>>>,
+    /// Versioned manifests already resolved.
+    manifests: Mutex<HashMap<ImageRef, Arc<Manifest>>>,
+    /// Image versions whose first opening (in this process) already happened.
+    opened: Mutex<HashSet<ImageRef>>,
+    shutdown: CancellationToken,
+}
+
+impl BlockProxy {
+    /// Opens the cache (locking its directory) and prepares the proxy. Serves nothing until
+    /// [`serve_unix`](Self::serve_unix) or [`serve_tcp`](Self::serve_tcp) is called.
+    pub fn new(config: ProxyConfig, source: Arc<dyn ChunkSource>) -> Result<Arc<BlockProxy>, ProxyError> {
+        let cache = ChunkCache::open(&config.cache_dir, config.cache_max_bytes, config.max_open_files, config.fetch_timeout)?;
+        let manifests_dir = config.cache_dir.join("manifests");
+        std::fs::create_dir_all(&manifests_dir)
+            .map_err(|e| ProxyError::ManifestStore { path: manifests_dir.clone(), cause: e.to_string() })?;
+        Ok(Arc::new(BlockProxy {
+            shared: Arc::new(Shared { cache: Arc::new(cache), source, config }),
+            manifests_dir,
+            exports: Mutex::new(HashMap::new()),
+            manifests: Mutex::new(HashMap::new()),
+            opened: Mutex::new(HashSet::new()),
+            shutdown: CancellationToken::new(),
+        }))
+    }
+
+    pub fn config(&self) -> &ProxyConfig {
+        &self.shared.config
+    }
+
+    /// The host chunk cache.
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.shared.cache
+    }
+
+    /// Counters and contents of the host chunk cache.
+    pub fn stats(&self) -> CacheStats {
+        self.shared.cache.stats()
+    }
+
+    /// Stops every server of this proxy: listeners close, connections end after their
+    /// in-flight requests. Exports still held by callers keep working.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    fn local_manifest_path(&self, image: &ImageRef) -> PathBuf {
+        self.manifests_dir.join(format!("{}@{}.json", image.name, image.version.unwrap_or(0)))
+    }
+
+    fn save_manifest(&self, m: &Manifest) {
+        let path = self.local_manifest_path(&m.image_ref());
+        if path.exists() {
+            return;
+        }
+        let tmp = path.with_extension("json.tmp");
+        let r = serde_json::to_vec(m)
+            .map_err(|e| e.to_string())
+            .and_then(|b| std::fs::write(&tmp, b).map_err(|e| e.to_string()))
+            .and_then(|_| std::fs::rename(&tmp, &path).map_err(|e| e.to_string()));
+        if let Err(e) = r {
+            tracing::warn!(path = %path.display(), "cannot keep manifest locally: {e}");
+        }
+    }
+
+    fn load_local_manifest(&self, image: &ImageRef) -> Option<Manifest> {
+        let version = match image.version {
+            Some(v) => v,
+            None => {
+                // Latest version known locally.
+                let prefix = format!("{}@", image.name);
+                std::fs::read_dir(&self.manifests_dir)
+                    .ok()?
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter_map(|n| n.strip_prefix(&prefix)?.strip_suffix(".json")?.parse::<u32>().ok())
+                    .max()?
+            }
+        };
+        let path = self.local_manifest_path(&ImageRef { name: image.name.clone(), version: Some(version) });
+        let bytes = std::fs::read(&path).ok()?;
+        match Manifest::from_json(&bytes) {
+            Ok(m) if m.name == image.name && m.version == version => Some(m),
+            Ok(_) | Err(_) => {
+                tracing::warn!(path = %path.display(), "ignoring invalid local manifest");
+                None
+            }
+        }
+    }
+
+    /// The manifest of `image` (latest version when unversioned). Versioned manifests are
+    /// immutable and kept in memory and under `cache_dir/manifests` (so staged images can be
+    /// served while no image server is reachable); an unversioned name asks the source and
+    /// falls back to the latest local version only when the source is unreachable.
+    pub async fn resolve(&self, image: &ImageRef) -> Result<Arc<Manifest>, ProxyError> {
+        if image.version.is_some() {
+            if let Some(m) = self.manifests.lock().unwrap().get(image) {
+                return Ok(m.clone());
+            }
+            if let Some(m) = self.load_local_manifest(image) {
+                let m = Arc::new(m);
+                self.manifests.lock().unwrap().insert(image.clone(), m.clone());
+                return Ok(m);
+            }
+        }
+        let m = match self.shared.source.manifest(image).await {
+            Ok(m) => m,
+            Err(e) if e.is_not_found() => {
+                return Err(ProxyError::ImageNotFound { image: image.clone(), cause: e.to_string() })
+            }
+            Err(e) => match self.load_local_manifest(image) {
+                Some(m) => {
+                    tracing::warn!(image = %image, "image servers unreachable, using local manifest of version {}: {e}", m.version);
+                    m
+                }
+                None => return Err(ProxyError::ImageUnavailable { image: image.clone(), cause: e.to_string() }),
+            },
+        };
+        if let Err(e) = m.validate() {
+            return Err(ProxyError::ImageUnavailable { image: image.clone(), cause: format!("invalid manifest: {e}") });
+        }
+        if m.name != image.name || image.version.is_some_and(|v| v != m.version) {
+            return Err(ProxyError::ImageUnavailable {
+                image: image.clone(),
+                cause: format!("source answered with manifest of {}", m.image_ref()),
+            });
+        }
+        self.save_manifest(&m);
+        let m = Arc::new(m);
+        self.manifests.lock().unwrap().insert(m.image_ref(), m.clone());
+        Ok(m)
+    }
+
+    /// Opens the export `name` (`IMAGE` or `IMAGE@VERSION`). While any holder keeps an export
+    /// open, opening the same name again returns it (one version for all connections). The
+    /// first opening of a version prefetches its boot profile, or starts recording one.
+    pub async fn open_export(&self, name: &str) -> Result<Arc<Export>, ProxyError> {
+        if let Some(e) = self.exports.lock().unwrap().get(name).and_then(Weak::upgrade) {
+            return Ok(e);
+        }
+        let image: ImageRef =
+            name.parse().map_err(|e: vgrid_api::ManifestError| ProxyError::BadExportName { name: name.to_string(), cause: e.to_string() })?;
+        let manifest = self.resolve(&image).await?;
+        let export = {
+            let mut map = self.exports.lock().unwrap();
+            if let Some(e) = map.get(name).and_then(Weak::upgrade) {
+                return Ok(e);
+            }
+            let e = Export::new(name.to_string(), manifest.clone(), self.shared.clone());
+            map.retain(|_, w| w.strong_count() > 0);
+            map.insert(name.to_string(), Arc::downgrade(&e));
+            e
+        };
+        let first_open = self.opened.lock().unwrap().insert(manifest.image_ref());
+        if first_open {
+            self.start_profile(&export).await;
+        }
+        Ok(export)
+    }
+
+    async fn start_profile(&self, export: &Arc<Export>) {
+        let cfg = &self.shared.config;
+        if !cfg.prefetch_profiles && !cfg.record_profiles {
+            return;
+        }
+        match self.shared.source.profile(export.image()).await {
+            Ok(Some(p)) if cfg.prefetch_profiles => {
+                tracing::info!(image = %export.image(), chunks = p.chunks.len(), "prefetching boot profile");
+                export.prefetch_profile(p);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) if cfg.record_profiles => export.start_recording(),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(image = %export.image(), "cannot look up boot profile: {e}"),
+        }
+    }
+
+    /// Stages every chunk of `image` (disk, kernel, initrd) into the cache: the explicit-
+    /// transfer mode. `progress(done_bytes, total_bytes)` is called as chunks arrive.
+    /// Fails if the image's distinct chunks exceed the cache size.
+    pub async fn pull(&self, image: &ImageRef, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<PullReport, ProxyError> {
+        let started = Instant::now();
+        let m = self.resolve(image).await?;
+        let mut seen = HashSet::new();
+        let mut wanted: Vec<(ChunkHash, u32)> = Vec::new();
+        for blob in blobs(&m) {
+            for (i, c) in blob.chunks.iter().enumerate() {
+                if let Some(h) = c {
+                    if seen.insert(*h) {
+                        wanted.push((*h, blob.chunk_len(m.chunk_size, i)));
+                    }
+                }
+            }
+        }
+        let bytes_total: u64 = wanted.iter().map(|w| w.1 as u64).sum();
+        let cache = &self.shared.cache;
+        if bytes_total > cache.max_bytes() {
+            return Err(ProxyError::CacheTooSmall {
+                image: m.image_ref(),
+                needed: bytes_total,
+                max: cache.max_bytes(),
+                dir: cache.dir().to_path_buf(),
+            });
+        }
+        let (cached, to_fetch): (Vec<&(ChunkHash, u32)>, Vec<&(ChunkHash, u32)>) =
+            wanted.iter().partition(|(h, _)| cache.contains(h));
+        let mut done: u64 = cached.iter().map(|w| w.1 as u64).sum();
+        progress(done, bytes_total);
+        let image_ref = m.image_ref();
+        let mut results = futures::stream::iter(to_fetch.iter().map(|&&(h, len)| async move {
+            (h, len, self.shared.chunk(h, len, access_for_pull()).await)
+        }))
+        .buffer_unordered(self.shared.config.pull_concurrency.max(1));
+        let mut bytes_fetched = 0;
+        while let Some((hash, len, r)) = results.next().await {
+            if let Err(cause) = r {
+                let index = m.disk.chunks.iter().position(|c| *c == Some(hash)).unwrap_or(0) as u64;
+                return Err(ReadError::Chunk { image: image_ref.clone(), index, hash, cause }.into());
+            }
+            bytes_fetched += len as u64;
+            done += len as u64;
+            progress(done, bytes_total);
+        }
+        Ok(PullReport {
+            image: image_ref,
+            chunks_total: wanted.len() as u64,
+            chunks_fetched: to_fetch.len() as u64,
+            chunks_cached: cached.len() as u64,
+            bytes_total,
+            bytes_fetched,
+            elapsed_secs: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The whole content of `blob` (a kernel or initrd of `manifest`) read through the cache.
+    pub async fn read_blob(&self, manifest: &Manifest, blob: &Blob) -> Result<Vec<u8>, ProxyError> {
+        let image = manifest.image_ref();
+        if blob.size > MAX_BLOB_IN_MEMORY {
+            return Err(ProxyError::BlobTooLarge { image, size: blob.size, limit: MAX_BLOB_IN_MEMORY });
+        }
+        if blob.size == 0 {
+            return Ok(Vec::new());
+        }
+        let n = blob.chunks.len() as u64;
+        let files = self.shared.blob_chunks(&image, manifest.chunk_size, blob, 0, n - 1).await?;
+        let mut out = vec![0u8; blob.size as usize];
+        export::copy_out(&image, blob, manifest.chunk_size, 0, &files, 0, &mut out)?;
+        Ok(out)
+    }
+
+    /// Writes `blob` of `manifest` to the file `path` (e.g. the kernel for direct boot).
+    pub async fn write_blob(&self, manifest: &Manifest, blob: &Blob, path: &Path) -> Result<(), ProxyError> {
+        let data = self.read_blob(manifest, blob).await?;
+        tokio::fs::write(path, data)
+            .await
+            .map_err(|e| ProxyError::Cache(CacheError::Io { path: path.to_path_buf(), op: "write blob", cause: e.to_string() }))
+    }
+}
+
+fn access_for_pull() -> cache::Access {
+    cache::Access::Read
+}
+
+fn blobs(m: &Manifest) -> Vec<&Blob> {
+    let mut v = vec![&m.disk];
+    if let Boot::Kernel { kernel, initrd, .. } = &m.meta.boot {
+        v.push(kernel);
+        if let Some(i) = initrd {
+            v.push(i);
+        }
+    }
+    v
+}

@@ -1,0 +1,614 @@
+//! The host chunk cache: verified chunks stored uncompressed under `cache_dir`, one file per
+//! chunk, keyed by chunk hash (a chunk shared by several images is stored and fetched once).
+//!
+//! * Size-bounded with exact LRU eviction; a chunk being served when it is evicted stays readable
+//!   through the open file descriptor, so a cache smaller than one image still serves correctly.
+//! * Chunk files are written to `tmp/` and renamed into `chunks/xx/HASH`, so a crash never leaves
+//!   a partial chunk visible. The index is rebuilt from the directory at open; files found at
+//!   open are verified against their hash the first time they are read.
+//! * Concurrent misses on one chunk share one fetch (single-flight); a failed fetch is reported
+//!   to every waiter and forgotten, never cached.
+//! * Hits take a short mutex to find the chunk's open file descriptor; reads are `pread`s done
+//!   by the caller without any lock.
+//! * The directory is locked (`flock` on `cache_dir/lock`) so two processes never share it.
+
+use crate::source::SourceError;
+use crate::stats::{CacheStats, Counters};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use vgrid_api::ChunkHash;
+
+/// Errors of the chunk cache; each names the directory, file or chunk concerned.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache directory {dir} is in use by another process (lock on {dir}/lock is held)")]
+    Locked { dir: PathBuf },
+    #[error("cache {path}: {op} failed: {cause}")]
+    Io { path: PathBuf, op: &'static str, cause: String },
+    #[error("chunk {hash}: {cause}")]
+    Fetch { hash: ChunkHash, cause: SourceError },
+    #[error("chunk {hash}: received bytes hash to {actual}; refusing to cache or serve them")]
+    Corrupt { hash: ChunkHash, actual: ChunkHash },
+    #[error("chunk {hash}: received {actual} bytes, the manifest says {expected}")]
+    Length { hash: ChunkHash, expected: u32, actual: usize },
+    #[error("chunk {hash}: fetch did not finish within {secs} s")]
+    Timeout { hash: ChunkHash, secs: u64 },
+}
+
+fn io_err(path: &Path, op: &'static str, e: std::io::Error) -> CacheError {
+    CacheError::Io { path: path.to_path_buf(), op, cause: e.to_string() }
+}
+
+/// An open, verified chunk file. Reading from it never takes a cache lock, and it stays valid
+/// even if the chunk is evicted meanwhile.
+#[derive(Clone, Debug)]
+pub struct ChunkFile {
+    file: Arc<File>,
+    len: u32,
+}
+
+impl ChunkFile {
+    /// Length of the chunk in bytes.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Fills `buf` from the chunk starting at `offset` (one `pread`, repeated on short reads).
+    pub fn read_at(&self, buf: &mut [u8], offset: u32) -> std::io::Result<()> {
+        if offset as u64 + buf.len() as u64 > self.len as u64 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("read of {} bytes at {offset} beyond the {}-byte chunk", buf.len(), self.len),
+            ));
+        }
+        self.file.read_exact_at(buf, offset as u64)
+    }
+}
+
+type FetchOutcome = Option<Result<ChunkFile, CacheError>>;
+
+struct Entry {
+    len: u32,
+    tick: u64,
+    fd: Option<Arc<File>>,
+    /// False for files found at open until their content has been hashed once.
+    verified: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    map: HashMap<ChunkHash, Entry>,
+    lru: BTreeMap<u64, ChunkHash>,
+    tick: u64,
+    bytes: u64,
+    open_fds: usize,
+    inflight: HashMap<ChunkHash, watch::Receiver<FetchOutcome>>,
+}
+
+impl Inner {
+    fn touch(&mut self, hash: &ChunkHash) {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(e) = self.map.get_mut(hash) {
+            self.lru.remove(&e.tick);
+            e.tick = tick;
+            self.lru.insert(tick, *hash);
+        }
+    }
+    fn remove(&mut self, hash: &ChunkHash) -> Option<Entry> {
+        let e = self.map.remove(hash)?;
+        self.lru.remove(&e.tick);
+        self.bytes -= e.len as u64;
+        if e.fd.is_some() {
+            self.open_fds -= 1;
+        }
+        Some(e)
+    }
+}
+
+/// Why a chunk is wanted: reads count as hits/misses, prefetches as prefetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Prefetch,
+}
+
+/// The host chunk cache. Create with [`ChunkCache::open`]; share as `Arc<ChunkCache>`.
+pub struct ChunkCache {
+    dir: PathBuf,
+    chunks_dir: PathBuf,
+    tmp_dir: PathBuf,
+    max_bytes: u64,
+    max_open_files: usize,
+    fetch_timeout: Duration,
+    inner: Mutex<Inner>,
+    pub(crate) counters: Counters,
+    tmp_seq: AtomicU64,
+    _lock: File,
+}
+
+impl ChunkCache {
+    /// Opens (creating if needed) the cache in `dir`, bounded to `max_bytes`, keeping at most
+    /// `max_open_files` chunk files open. Fails if another process holds the directory.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        max_bytes: u64,
+        max_open_files: usize,
+        fetch_timeout: Duration,
+    ) -> Result<ChunkCache, CacheError> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, "create directory", e))?;
+        let lock_path = dir.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io_err(&lock_path, "open lock file", e))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(CacheError::Locked { dir });
+            }
+            return Err(io_err(&lock_path, "lock", e));
+        }
+        let chunks_dir = dir.join("chunks");
+        let tmp_dir = dir.join("tmp");
+        // Leftover temp files are chunks whose writing was interrupted: drop them.
+        if tmp_dir.exists() {
+            std::fs::remove_dir_all(&tmp_dir).map_err(|e| io_err(&tmp_dir, "clean temp directory", e))?;
+        }
+        std::fs::create_dir_all(&tmp_dir).map_err(|e| io_err(&tmp_dir, "create directory", e))?;
+        for i in 0..=255u8 {
+            let d = chunks_dir.join(format!("{i:02x}"));
+            std::fs::create_dir_all(&d).map_err(|e| io_err(&d, "create directory", e))?;
+        }
+        let cache = ChunkCache {
+            dir,
+            chunks_dir,
+            tmp_dir,
+            max_bytes,
+            max_open_files: max_open_files.max(16),
+            fetch_timeout,
+            inner: Mutex::new(Inner::default()),
+            counters: Counters::default(),
+            tmp_seq: AtomicU64::new(0),
+            _lock: lock,
+        };
+        cache.load_index()?;
+        Ok(cache)
+    }
+
+    /// The cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The size bound in bytes.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    fn load_index(&self) -> Result<(), CacheError> {
+        let mut found: Vec<(std::time::SystemTime, ChunkHash, u32)> = Vec::new();
+        for sub in std::fs::read_dir(&self.chunks_dir).map_err(|e| io_err(&self.chunks_dir, "list", e))? {
+            let sub = sub.map_err(|e| io_err(&self.chunks_dir, "list", e))?.path();
+            if !sub.is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(&sub).map_err(|e| io_err(&sub, "list", e))? {
+                let f = f.map_err(|e| io_err(&sub, "list", e))?;
+                let path = f.path();
+                let Some(hash) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<ChunkHash>().ok())
+                else {
+                    continue;
+                };
+                let meta = f.metadata().map_err(|e| io_err(&path, "stat", e))?;
+                if meta.len() == 0 || meta.len() > vgrid_api::MAX_CHUNK_SIZE as u64 || path != self.chunk_path(&hash) {
+                    tracing::warn!(path = %path.display(), "removing malformed cache file");
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+                let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                found.push((mtime, hash, meta.len() as u32));
+            }
+        }
+        found.sort();
+        let mut inner = self.inner.lock().unwrap();
+        for (_, hash, len) in found {
+            inner.tick += 1;
+            let tick = inner.tick;
+            inner.map.insert(hash, Entry { len, tick, fd: None, verified: false });
+            inner.lru.insert(tick, hash);
+            inner.bytes += len as u64;
+        }
+        let n = inner.map.len();
+        self.evict(&mut inner, None);
+        tracing::info!(dir = %self.dir.display(), chunks = n, bytes = inner.bytes, "chunk cache opened");
+        Ok(())
+    }
+
+    fn chunk_path(&self, hash: &ChunkHash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.chunks_dir.join(&hex[..2]).join(hex)
+    }
+
+    /// Evicts least recently used chunks until within the bound, never `keep`.
+    fn evict(&self, inner: &mut Inner, keep: Option<&ChunkHash>) {
+        while inner.bytes > self.max_bytes {
+            let victim = inner.lru.values().find(|h| Some(*h) != keep).copied();
+            let Some(victim) = victim else { break };
+            inner.remove(&victim);
+            // Unlink under the lock so a concurrent re-insert of the same chunk (rename, also
+            // under the lock) can never be undone by this eviction.
+            let _ = std::fs::remove_file(self.chunk_path(&victim));
+            Counters::add(&self.counters.evictions, 1);
+        }
+    }
+
+    fn purge_fds(&self, inner: &mut Inner) {
+        if inner.open_fds <= self.max_open_files {
+            return;
+        }
+        let target = self.max_open_files / 2;
+        let Inner { map, lru, open_fds, .. } = inner;
+        for h in lru.values() {
+            if *open_fds <= target {
+                break;
+            }
+            if let Some(e) = map.get_mut(h) {
+                if e.fd.take().is_some() {
+                    *open_fds -= 1;
+                }
+            }
+        }
+    }
+
+    /// True if the chunk is cached (no LRU update, no counters).
+    pub fn contains(&self, hash: &ChunkHash) -> bool {
+        self.inner.lock().unwrap().map.contains_key(hash)
+    }
+
+    /// The cached chunk, or `None` on a miss. Counts a hit.
+    pub fn get(&self, hash: &ChunkHash) -> Option<ChunkFile> {
+        let f = self.lookup(hash)?;
+        Counters::add(&self.counters.hits, 1);
+        Some(f)
+    }
+
+    fn lookup(&self, hash: &ChunkHash) -> Option<ChunkFile> {
+        let verified;
+        let len;
+        {
+            let mut g = self.inner.lock().unwrap();
+            let e = g.map.get(hash)?;
+            len = e.len;
+            verified = e.verified;
+            if let (true, Some(fd)) = (e.verified, &e.fd) {
+                let f = ChunkFile { file: fd.clone(), len };
+                g.touch(hash);
+                return Some(f);
+            }
+        }
+        // Slow path: open the file (and verify it if it predates this process).
+        let path = self.chunk_path(hash);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "cached chunk unreadable, dropping it: {e}");
+                let mut g = self.inner.lock().unwrap();
+                if g.map.get(hash).is_some_and(|e| e.fd.is_none()) {
+                    g.remove(hash);
+                }
+                return None;
+            }
+        };
+        if !verified {
+            let mut data = Vec::with_capacity(len as usize);
+            let ok = (&file).read_to_end(&mut data).is_ok() && data.len() == len as usize && ChunkHash::of(&data) == *hash;
+            if !ok {
+                tracing::error!(path = %path.display(), chunk = %hash, "cached chunk file is corrupt; dropping it");
+                Counters::add(&self.counters.verify_failures, 1);
+                let mut g = self.inner.lock().unwrap();
+                if g.map.get(hash).is_some_and(|e| !e.verified) {
+                    g.remove(hash);
+                    let _ = std::fs::remove_file(&path);
+                }
+                return None;
+            }
+        }
+        let file = Arc::new(file);
+        let mut g = self.inner.lock().unwrap();
+        let opened = match g.map.get_mut(hash) {
+            Some(e) => {
+                e.verified = true;
+                if e.fd.is_none() {
+                    e.fd = Some(file.clone());
+                    true
+                } else {
+                    false
+                }
+            }
+            None => false, // evicted meanwhile; our descriptor still reads the right bytes
+        };
+        if opened {
+            g.open_fds += 1;
+        }
+        g.touch(hash);
+        self.purge_fds(&mut g);
+        Some(ChunkFile { file, len })
+    }
+
+    /// Verifies `data` against `hash` and stores it. Blocking (file I/O).
+    pub fn insert(&self, hash: &ChunkHash, data: &[u8]) -> Result<ChunkFile, CacheError> {
+        let actual = ChunkHash::of(data);
+        if actual != *hash {
+            return Err(CacheError::Corrupt { hash: *hash, actual });
+        }
+        let len = data.len() as u32;
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.tmp_dir.join(format!("{}.{seq}", hash.to_hex()));
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| io_err(&tmp, "create", e))?;
+        if let Err(e) = f.write_all(data) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io_err(&tmp, "write", e));
+        }
+        let file = Arc::new(f);
+        let path = self.chunk_path(hash);
+        let mut g = self.inner.lock().unwrap();
+        if let Err(e) = std::fs::rename(&tmp, &path) {
+            drop(g);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io_err(&path, "rename into place", e));
+        }
+        match g.map.get_mut(hash) {
+            Some(e) => {
+                // Inserted concurrently (same bytes): keep one entry, make it usable.
+                e.verified = true;
+            }
+            None => {
+                g.tick += 1;
+                let tick = g.tick;
+                g.map.insert(*hash, Entry { len, tick, fd: Some(file.clone()), verified: true });
+                g.lru.insert(tick, *hash);
+                g.bytes += len as u64;
+                g.open_fds += 1;
+            }
+        }
+        g.touch(hash);
+        self.evict(&mut g, Some(hash));
+        self.purge_fds(&mut g);
+        Ok(ChunkFile { file, len })
+    }
+
+    /// The chunk from the cache, or fetched with `fetch` (called only if no fetch of this chunk
+    /// is in flight; the fetch runs as its own task, so a cancelled caller never strands the
+    /// other waiters). The fetched bytes are verified against `hash` and must be `len` long.
+    pub async fn get_or_fetch<F, Fut>(
+        self: &Arc<Self>,
+        hash: &ChunkHash,
+        len: u32,
+        access: Access,
+        fetch: F,
+    ) -> Result<ChunkFile, CacheError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Vec<u8>, SourceError>> + Send + 'static,
+    {
+        let mut fetch = Some(fetch);
+        loop {
+            if let Some(f) = self.lookup(hash) {
+                if access == Access::Read {
+                    Counters::add(&self.counters.hits, 1);
+                }
+                return Ok(f);
+            }
+            let mut rx = {
+                let mut g = self.inner.lock().unwrap();
+                if g.map.contains_key(hash) {
+                    continue; // inserted meanwhile
+                }
+                if let Some(rx) = g.inflight.get(hash) {
+                    if access == Access::Read {
+                        Counters::add(&self.counters.misses, 1);
+                        Counters::add(&self.counters.coalesced, 1);
+                    }
+                    rx.clone()
+                } else {
+                    let Some(fetch) = fetch.take() else {
+                        // Our own earlier fetch was abandoned without a result (cannot happen
+                        // unless the runtime shuts down); give up rather than spin.
+                        return Err(CacheError::Timeout { hash: *hash, secs: self.fetch_timeout.as_secs() });
+                    };
+                    let (tx, rx) = watch::channel(None);
+                    g.inflight.insert(*hash, rx.clone());
+                    drop(g);
+                    match access {
+                        Access::Read => Counters::add(&self.counters.misses, 1),
+                        Access::Prefetch => Counters::add(&self.counters.prefetched, 1),
+                    }
+                    self.spawn_fetch(*hash, len, fetch(), tx);
+                    rx
+                }
+            };
+            let settled = match rx.wait_for(|v| v.is_some()).await {
+                Ok(v) => v.clone(),
+                Err(_) => None, // the fetching task died without an answer: retry
+            };
+            if let Some(outcome) = settled {
+                return outcome;
+            }
+        }
+    }
+
+    fn spawn_fetch<Fut>(self: &Arc<Self>, hash: ChunkHash, len: u32, fut: Fut, tx: watch::Sender<FetchOutcome>)
+    where
+        Fut: Future<Output = Result<Vec<u8>, SourceError>> + Send + 'static,
+    {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let res = match tokio::time::timeout(this.fetch_timeout, fut).await {
+                Err(_) => Err(CacheError::Timeout { hash, secs: this.fetch_timeout.as_secs() }),
+                Ok(Err(e)) => Err(CacheError::Fetch { hash, cause: e }),
+                Ok(Ok(data)) if data.len() != len as usize => {
+                    Err(CacheError::Length { hash, expected: len, actual: data.len() })
+                }
+                Ok(Ok(data)) => {
+                    let took = started.elapsed();
+                    let c = this.clone();
+                    match tokio::task::spawn_blocking(move || c.insert(&hash, &data)).await {
+                        Ok(r) => {
+                            if r.is_ok() {
+                                this.counters.record_fetch(took, len as u64);
+                            }
+                            r
+                        }
+                        Err(e) => Err(CacheError::Io { path: this.dir.clone(), op: "store chunk", cause: e.to_string() }),
+                    }
+                }
+            };
+            if res.is_err() {
+                Counters::add(&this.counters.fetch_errors, 1);
+            }
+            this.inner.lock().unwrap().inflight.remove(&hash);
+            let _ = tx.send(Some(res));
+        });
+    }
+
+    /// Counters and contents of the cache.
+    pub fn stats(&self) -> CacheStats {
+        let (bytes, chunks) = {
+            let g = self.inner.lock().unwrap();
+            (g.bytes, g.map.len() as u64)
+        };
+        self.counters.snapshot(bytes, chunks, self.max_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(seed: u8, n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    }
+
+    fn open(dir: &Path, max: u64) -> Arc<ChunkCache> {
+        Arc::new(ChunkCache::open(dir, max, 64, Duration::from_secs(5)).unwrap())
+    }
+
+    #[test]
+    fn insert_get_evict_and_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = open(tmp.path(), 3000);
+        let chunks: Vec<Vec<u8>> = (0..4).map(|i| data(i, 1000)).collect();
+        let hashes: Vec<ChunkHash> = chunks.iter().map(|d| ChunkHash::of(d)).collect();
+        let held = c.insert(&hashes[0], &chunks[0]).unwrap();
+        c.insert(&hashes[1], &chunks[1]).unwrap();
+        c.insert(&hashes[2], &chunks[2]).unwrap();
+        assert!(c.get(&hashes[0]).is_some()); // 0 is now most recent
+        c.insert(&hashes[3], &chunks[3]).unwrap(); // evicts 1, the least recent
+        assert!(!c.contains(&hashes[1]));
+        assert!(c.contains(&hashes[0]) && c.contains(&hashes[2]) && c.contains(&hashes[3]));
+        let s = c.stats();
+        assert_eq!((s.chunks_cached, s.bytes_cached, s.evictions), (3, 3000, 1));
+        // A held descriptor survives eviction.
+        c.insert(&hashes[1], &chunks[1]).unwrap();
+        let mut buf = vec![0u8; 1000];
+        held.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, chunks[0]);
+        // Bad bytes never enter.
+        assert!(matches!(c.insert(&hashes[0], &chunks[1]), Err(CacheError::Corrupt { .. })));
+        // A second process cannot open the same directory.
+        let err = ChunkCache::open(tmp.path(), 3000, 64, Duration::from_secs(5)).err().unwrap();
+        assert!(err.to_string().contains(&tmp.path().display().to_string()), "{err}");
+        drop(held);
+        drop(c);
+        // Reopen: index rebuilt; a corrupted file is detected on first read.
+        let present: Vec<usize> = (0..4).filter(|i| tmp.path().join("chunks").join(&hashes[*i].to_hex()[..2]).join(hashes[*i].to_hex()).exists()).collect();
+        assert_eq!(present.len(), 3);
+        let victim = present[0];
+        let p = tmp.path().join("chunks").join(&hashes[victim].to_hex()[..2]).join(hashes[victim].to_hex());
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[10] ^= 1;
+        std::fs::write(&p, bytes).unwrap();
+        let c = open(tmp.path(), 3000);
+        assert_eq!(c.stats().chunks_cached, 3);
+        assert!(c.get(&hashes[victim]).is_none());
+        assert_eq!(c.stats().verify_failures, 1);
+        for i in &present[1..] {
+            let f = c.get(&hashes[*i]).unwrap();
+            f.read_at(&mut buf, 0).unwrap();
+            assert_eq!(buf, chunks[*i]);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_misses_fetch_once_and_failures_are_not_cached() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = open(tmp.path(), 1 << 20);
+        let d = data(7, 5000);
+        let h = ChunkHash::of(&d);
+        let calls = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let c = c.clone();
+            let d = d.clone();
+            let calls = calls.clone();
+            tasks.push(tokio::spawn(async move {
+                c.get_or_fetch(&h, 5000, Access::Read, move || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok(d)
+                })
+                .await
+            }));
+        }
+        for t in tasks {
+            let f = t.await.unwrap().unwrap();
+            let mut buf = vec![0u8; 5000];
+            f.read_at(&mut buf, 0).unwrap();
+            assert_eq!(buf, d);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(c.stats().fetches, 1);
+
+        let d2 = data(9, 100);
+        let h2 = ChunkHash::of(&d2);
+        let bad = c
+            .get_or_fetch(&h2, 100, Access::Read, || async { Ok(vec![1u8; 100]) })
+            .await
+            .unwrap_err();
+        assert!(matches!(bad, CacheError::Corrupt { .. }), "{bad}");
+        let failed = c
+            .get_or_fetch(&h2, 100, Access::Read, || async {
+                Err(SourceError::Unavailable { what: "x".into(), source_name: "test".into(), cause: "down".into() })
+            })
+            .await
+            .unwrap_err();
+        assert!(failed.to_string().contains("down"), "{failed}");
+        let d2c = d2.clone();
+        let ok = c.get_or_fetch(&h2, 100, Access::Read, move || async move { Ok(d2c) }).await.unwrap();
+        assert_eq!(ok.len(), 100);
+        let short = c.get_or_fetch(&ChunkHash::of(b"zz"), 100, Access::Read, || async { Ok(b"zz".to_vec()) }).await;
+        assert!(matches!(short, Err(CacheError::Length { .. })));
+    }
+}

@@ -1,0 +1,337 @@
+//! An open export: one image version's disk, read through the host chunk cache, with
+//! readahead for sequential readers and boot-profile recording / prefetching.
+
+use crate::cache::{Access, CacheError, ChunkCache, ChunkFile};
+use crate::source::ChunkSource;
+use crate::ProxyConfig;
+use futures::stream::{FuturesOrdered, StreamExt};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use vgrid_api::rest::BootProfile;
+use vgrid_api::{Blob, ChunkHash, ImageRef, Manifest};
+
+/// A read of an export failed; names the image, chunk index and hash, and the cause.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadError {
+    #[error("image {image}: read of {len} bytes at offset {offset} is outside the {size}-byte disk")]
+    OutOfRange { image: ImageRef, offset: u64, len: u64, size: u64 },
+    #[error("image {image}: chunk {index} ({hash}): {cause}")]
+    Chunk { image: ImageRef, index: u64, hash: ChunkHash, cause: CacheError },
+    #[error("image {image}: chunk {index} ({hash}): reading the cached file failed: {cause}")]
+    Io { image: ImageRef, index: u64, hash: ChunkHash, cause: String },
+}
+
+/// Services an export needs from the proxy.
+pub(crate) struct Shared {
+    pub cache: Arc<ChunkCache>,
+    pub source: Arc<dyn ChunkSource>,
+    pub config: ProxyConfig,
+}
+
+impl Shared {
+    /// Fetches (or finds) one chunk of `blob` through the cache.
+    pub async fn chunk(&self, hash: ChunkHash, len: u32, access: Access) -> Result<ChunkFile, CacheError> {
+        let source = self.source.clone();
+        self.cache
+            .get_or_fetch(&hash, len, access, move || async move { source.chunk(&hash, len as usize).await })
+            .await
+    }
+
+    /// All chunk files of `blob` over chunk indices `first..=last` (`None` for zero chunks),
+    /// fetching misses concurrently.
+    pub async fn blob_chunks(
+        &self,
+        image: &ImageRef,
+        chunk_size: u32,
+        blob: &Blob,
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<Option<ChunkFile>>, ReadError> {
+        let mut out: Vec<Option<ChunkFile>> = Vec::with_capacity((last - first + 1) as usize);
+        let mut missing = Vec::new();
+        for idx in first..=last {
+            match blob.chunks[idx as usize] {
+                None => out.push(None),
+                Some(h) => match self.cache.get(&h) {
+                    Some(f) => out.push(Some(f)),
+                    None => {
+                        missing.push((idx, h));
+                        out.push(None);
+                    }
+                },
+            }
+        }
+        if !missing.is_empty() {
+            let mut futs: FuturesOrdered<_> = missing
+                .iter()
+                .map(|&(idx, h)| {
+                    let len = blob.chunk_len(chunk_size, idx as usize);
+                    async move { (idx, h, self.chunk(h, len, Access::Read).await) }
+                })
+                .collect();
+            while let Some((idx, hash, r)) = futs.next().await {
+                match r {
+                    Ok(f) => out[(idx - first) as usize] = Some(f),
+                    Err(cause) => {
+                        let e = ReadError::Chunk { image: image.clone(), index: idx, hash, cause };
+                        tracing::error!(image = %image, chunk = idx, hash = %hash, "read failed: {e}");
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Copies `[offset, offset+buf.len())` of a blob from `files` (chunk files for chunk indices
+/// starting at `first`; `None` = zeroes) into `buf`.
+pub(crate) fn copy_out(
+    image: &ImageRef,
+    blob: &Blob,
+    chunk_size: u32,
+    first: u64,
+    files: &[Option<ChunkFile>],
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), ReadError> {
+    let cs = chunk_size as u64;
+    let mut pos = offset;
+    let mut done = 0usize;
+    while done < buf.len() {
+        let idx = pos / cs;
+        let in_chunk = (pos % cs) as u32;
+        let n = ((cs - in_chunk as u64) as usize).min(buf.len() - done);
+        let dst = &mut buf[done..done + n];
+        match &files[(idx - first) as usize] {
+            None => dst.fill(0),
+            Some(f) => f.read_at(dst, in_chunk).map_err(|e| {
+                let hash = blob.chunks[idx as usize].expect("a chunk file exists only for stored chunks");
+                let err = ReadError::Io { image: image.clone(), index: idx, hash, cause: e.to_string() };
+                tracing::error!(image = %image, chunk = idx, hash = %hash, "read failed: {err}");
+                err
+            })?,
+        }
+        done += n;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+struct Recorder {
+    started: Instant,
+    chunks: Vec<u64>,
+    seen: HashSet<u64>,
+}
+
+/// One image version's disk as the proxy serves it. Obtain with [`crate::BlockProxy::open_export`].
+pub struct Export {
+    name: String,
+    image: ImageRef,
+    manifest: Arc<Manifest>,
+    shared: Arc<Shared>,
+    recorder: Mutex<Option<Recorder>>,
+    readahead_slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Export {
+    pub(crate) fn new(name: String, manifest: Arc<Manifest>, shared: Arc<Shared>) -> Arc<Export> {
+        let slots = shared.config.readahead_chunks.max(1);
+        Arc::new(Export {
+            name,
+            image: manifest.image_ref(),
+            manifest,
+            shared,
+            recorder: Mutex::new(None),
+            readahead_slots: Arc::new(tokio::sync::Semaphore::new(slots)),
+        })
+    }
+
+    /// The export name the client asked for (`NAME` or `NAME@VERSION`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The resolved image version.
+    pub fn image(&self) -> &ImageRef {
+        &self.image
+    }
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+    /// Disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.manifest.disk.size
+    }
+    pub fn chunk_size(&self) -> u32 {
+        self.manifest.chunk_size
+    }
+    /// True if disk chunk `index` is all zeroes (not stored).
+    pub fn is_zero_chunk(&self, index: u64) -> bool {
+        self.manifest.disk.chunks.get(index as usize).is_some_and(|c| c.is_none())
+    }
+
+    /// Chunk files covering `[offset, offset+len)`; `len > 0` and the range inside the disk.
+    pub(crate) async fn files(&self, offset: u64, len: u64) -> Result<(u64, Vec<Option<ChunkFile>>), ReadError> {
+        if len == 0 || offset.checked_add(len).is_none_or_past(self.size()) {
+            return Err(ReadError::OutOfRange { image: self.image.clone(), offset, len, size: self.size() });
+        }
+        let cs = self.chunk_size() as u64;
+        let first = offset / cs;
+        let last = (offset + len - 1) / cs;
+        self.record(first, last);
+        let files = self.shared.blob_chunks(&self.image, self.chunk_size(), &self.manifest.disk, first, last).await?;
+        Ok((first, files))
+    }
+
+    /// Copies `[offset, offset+buf.len())` of the chunk files returned by [`Export::files`].
+    pub(crate) fn copy(&self, first: u64, files: &[Option<ChunkFile>], offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+        copy_out(&self.image, &self.manifest.disk, self.chunk_size(), first, files, offset, buf)
+    }
+
+    /// Reads `buf.len()` bytes of the disk at `offset` through the cache. Zero-length reads
+    /// succeed; reads outside the disk are an error.
+    pub async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let (first, files) = self.files(offset, buf.len() as u64).await?;
+        self.copy(first, &files, offset, buf)
+    }
+
+    /// Starts fetching the chunks after `end` in the background (readahead), at most
+    /// `readahead_chunks` fetches in flight per export.
+    pub(crate) fn readahead(self: &Arc<Self>, end: u64) {
+        let n = self.shared.config.readahead_chunks as u64;
+        if n == 0 || end >= self.size() {
+            return;
+        }
+        let cs = self.chunk_size() as u64;
+        let first = end.div_ceil(cs);
+        let last = (first + n).min(self.manifest.disk.chunks.len() as u64);
+        for idx in first..last {
+            let Some(hash) = self.manifest.disk.chunks[idx as usize] else { continue };
+            if self.shared.cache.contains(&hash) {
+                continue;
+            }
+            let Ok(permit) = self.readahead_slots.clone().try_acquire_owned() else { return };
+            let len = self.manifest.disk.chunk_len(self.chunk_size(), idx as usize);
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(e) = shared.chunk(hash, len, Access::Prefetch).await {
+                    tracing::debug!(chunk = idx, hash = %hash, "readahead failed: {e}");
+                }
+            });
+        }
+    }
+
+    /// Begins recording the boot profile (chunk indices in first-touch order); the recording
+    /// is uploaded when the window ends, the chunk limit is reached, or the export closes.
+    pub(crate) fn start_recording(self: &Arc<Self>) {
+        *self.recorder.lock().unwrap() = Some(Recorder { started: Instant::now(), chunks: Vec::new(), seen: HashSet::new() });
+        let weak = Arc::downgrade(self);
+        let window = self.shared.config.profile_window;
+        tracing::info!(image = %self.image, "recording boot profile for {} s", window.as_secs());
+        tokio::spawn(async move {
+            tokio::time::sleep(window).await;
+            if let Some(e) = weak.upgrade() {
+                e.finish_recording();
+            }
+        });
+    }
+
+    fn record(&self, first: u64, last: u64) {
+        let mut g = self.recorder.lock().unwrap();
+        let Some(r) = g.as_mut() else { return };
+        let max = self.shared.config.profile_max_chunks;
+        let expired = r.started.elapsed() >= self.shared.config.profile_window;
+        if !expired {
+            for idx in first..=last {
+                if r.chunks.len() >= max {
+                    break;
+                }
+                if !self.is_zero_chunk(idx) && r.seen.insert(idx) {
+                    r.chunks.push(idx);
+                }
+            }
+        }
+        if expired || r.chunks.len() >= max {
+            drop(g);
+            self.finish_recording();
+        }
+    }
+
+    fn finish_recording(&self) {
+        let Some(r) = self.recorder.lock().unwrap().take() else { return };
+        if r.chunks.is_empty() {
+            return;
+        }
+        let profile = BootProfile { chunks: r.chunks };
+        let source = self.shared.source.clone();
+        let image = self.image.clone();
+        let upload = async move {
+            match source.put_profile(&image, &profile).await {
+                Ok(()) => tracing::info!(image = %image, chunks = profile.chunks.len(), "boot profile uploaded"),
+                Err(e) => tracing::warn!(image = %image, "boot profile upload failed: {e}"),
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(upload);
+            }
+            Err(_) => tracing::warn!(image = %self.image, "boot profile dropped: no runtime to upload it"),
+        }
+    }
+
+    /// Prefetches the profile's chunks in order with bounded concurrency.
+    pub(crate) fn prefetch_profile(self: &Arc<Self>, profile: BootProfile) {
+        let weak = Arc::downgrade(self);
+        let conc = self.shared.config.profile_prefetch_concurrency.max(1);
+        let shared = self.shared.clone();
+        let manifest = self.manifest.clone();
+        let image = self.image.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let wanted: Vec<(u64, ChunkHash, u32)> = profile
+                .chunks
+                .iter()
+                .filter_map(|&i| {
+                    let h = (*manifest.disk.chunks.get(i as usize)?)?;
+                    Some((i, h, manifest.disk.chunk_len(manifest.chunk_size, i as usize)))
+                })
+                .collect();
+            let n = wanted.len();
+            futures::stream::iter(wanted)
+                .for_each_concurrent(conc, |(i, h, len)| {
+                    let shared = shared.clone();
+                    let weak = weak.clone();
+                    async move {
+                        if weak.strong_count() == 0 {
+                            return; // export closed: stop prefetching
+                        }
+                        if let Err(e) = shared.chunk(h, len, Access::Prefetch).await {
+                            tracing::debug!(chunk = i, hash = %h, "profile prefetch failed: {e}");
+                        }
+                    }
+                })
+                .await;
+            tracing::info!(image = %image, chunks = n, "boot profile prefetched in {:.1} s", started.elapsed().as_secs_f64());
+        });
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        self.finish_recording();
+    }
+}
+
+trait PastEnd {
+    fn is_none_or_past(self, size: u64) -> bool;
+}
+impl PastEnd for Option<u64> {
+    fn is_none_or_past(self, size: u64) -> bool {
+        self.map_or(true, |end| end > size)
+    }
+}

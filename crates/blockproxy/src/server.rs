@@ -1,0 +1,504 @@
+//! NBD server: accepts connections on unix sockets and TCP, negotiates (fixed newstyle), then
+//! serves requests of each connection concurrently: the reader keeps reading requests while
+//! reads are in flight; replies are written whole under the connection's writer lock.
+
+use crate::export::Export;
+use crate::protocol::{self as p, ClientOption, Command, Negotiated};
+use crate::{BlockProxy, ProxyError};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Requests of one connection processed at once.
+const MAX_INFLIGHT: u32 = 64;
+/// Write payloads larger than this are not drained (connection closed instead).
+const MAX_DRAIN: u32 = 64 * 1024 * 1024;
+/// Option payloads larger than this close the connection (denial of service).
+const MAX_OPTION_DISCARD: u32 = 16 * 1024 * 1024;
+/// Reply buffers kept per connection for reuse, and the largest one kept.
+const POOL_BUFFERS: usize = 8;
+const POOL_MAX_BUFFER: usize = 4 * 1024 * 1024 + 64;
+
+/// Where a server listens.
+#[derive(Debug, Clone)]
+enum Listening {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+/// A running NBD listener. Dropping the handle leaves the server running; call
+/// [`ServerHandle::shutdown`] (or [`BlockProxy::shutdown`]) to stop it.
+pub struct ServerHandle {
+    listening: Listening,
+    token: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// The bound TCP address (useful with port 0).
+    pub fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
+        match &self.listening {
+            Listening::Tcp(a) => Some(*a),
+            Listening::Unix(_) => None,
+        }
+    }
+    /// The unix socket path.
+    pub fn unix_path(&self) -> Option<&Path> {
+        match &self.listening {
+            Listening::Unix(p) => Some(p),
+            Listening::Tcp(_) => None,
+        }
+    }
+    /// Stops accepting, ends this listener's connections after their in-flight requests, and
+    /// removes the unix socket file.
+    pub async fn shutdown(self) {
+        self.token.cancel();
+        let _ = self.task.await;
+    }
+    /// Waits until the server stops (after a shutdown).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+impl BlockProxy {
+    /// Serves NBD on the unix socket `path` (a stale socket file there is replaced; a live one
+    /// is an error). Must be called inside a tokio runtime; returns once listening.
+    pub fn serve_unix(self: &Arc<Self>, path: impl AsRef<Path>) -> Result<ServerHandle, ProxyError> {
+        let path = path.as_ref().to_path_buf();
+        let listen_err = |cause: String| ProxyError::Listen { addr: path.display().to_string(), cause };
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Err(listen_err("another server is listening on this socket".into()));
+            }
+            std::fs::remove_file(&path).map_err(|e| listen_err(format!("cannot remove stale socket: {e}")))?;
+        }
+        let listener = UnixListener::bind(&path).map_err(|e| listen_err(e.to_string()))?;
+        let token = self.shutdown_token().child_token();
+        let proxy = self.clone();
+        let t = token.clone();
+        let sock = path.clone();
+        let task = tokio::spawn(async move {
+            tracing::info!(socket = %sock.display(), "NBD server listening");
+            loop {
+                tokio::select! {
+                    _ = t.cancelled() => break,
+                    r = listener.accept() => match r {
+                        Ok((s, _)) => {
+                            let peer = format!("unix:{}", sock.display());
+                            tokio::spawn(serve_connection(proxy.clone(), s, peer, t.child_token()));
+                        }
+                        Err(e) => accept_failed(&sock.display().to_string(), e).await,
+                    },
+                }
+            }
+            let _ = std::fs::remove_file(&sock);
+        });
+        Ok(ServerHandle { listening: Listening::Unix(path), token, task })
+    }
+
+    /// Serves NBD on a TCP address (`127.0.0.1:10809`, port 0 for any). Must be called inside
+    /// a tokio runtime; returns once listening.
+    pub async fn serve_tcp(self: &Arc<Self>, addr: &str) -> Result<ServerHandle, ProxyError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| ProxyError::Listen { addr: addr.to_string(), cause: e.to_string() })?;
+        let local = listener.local_addr().map_err(|e| ProxyError::Listen { addr: addr.to_string(), cause: e.to_string() })?;
+        let token = self.shutdown_token().child_token();
+        let proxy = self.clone();
+        let t = token.clone();
+        let task = tokio::spawn(async move {
+            tracing::info!(addr = %local, "NBD server listening");
+            loop {
+                tokio::select! {
+                    _ = t.cancelled() => break,
+                    r = listener.accept() => match r {
+                        Ok((s, peer)) => {
+                            let _ = s.set_nodelay(true);
+                            tokio::spawn(serve_connection(proxy.clone(), s, format!("tcp:{peer}"), t.child_token()));
+                        }
+                        Err(e) => accept_failed(&local.to_string(), e).await,
+                    },
+                }
+            }
+        });
+        Ok(ServerHandle { listening: Listening::Tcp(local), token, task })
+    }
+}
+
+async fn accept_failed(addr: &str, e: std::io::Error) {
+    tracing::warn!(addr, "accept failed: {e}");
+    // Typically EMFILE: back off instead of spinning.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("connection I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol violation: {0}")]
+    Fatal(#[from] p::FatalError),
+    #[error("{0}")]
+    Other(String),
+}
+
+struct Session {
+    export: Arc<Export>,
+    neg: Negotiated,
+}
+
+/// Serves one client connection (any byte stream) until it disconnects or the token fires.
+pub(crate) async fn serve_connection<S>(proxy: Arc<BlockProxy>, stream: S, peer: String, token: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (rd, mut wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(64 * 1024, rd);
+    let session = tokio::select! {
+        _ = token.cancelled() => return,
+        r = handshake(&proxy, &mut rd, &mut wr) => r,
+    };
+    let session = match session {
+        Ok(Some(s)) => s,
+        Ok(None) => return,
+        Err(ConnError::Io(e)) => {
+            tracing::debug!(peer, "connection closed during handshake: {e}");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(peer, "closing connection during handshake: {e}");
+            return;
+        }
+    };
+    tracing::debug!(peer, export = session.export.name(), structured = session.neg.structured, "client connected");
+    transmission(rd, wr, session, peer, token).await;
+}
+
+async fn handshake<R, W>(proxy: &BlockProxy, rd: &mut R, wr: &mut W) -> Result<Option<Session>, ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    wr.write_all(&p::greeting()).await?;
+    let mut fb = [0u8; 4];
+    rd.read_exact(&mut fb).await?;
+    let cflags = p::parse_client_flags(fb)?;
+    let mut structured = false;
+    // Export name the base:allocation context was selected for.
+    let mut meta_export: Option<String> = None;
+    loop {
+        let mut hb = [0u8; 16];
+        rd.read_exact(&mut hb).await?;
+        let h = p::parse_option_header(&hb)?;
+        let mut out = Vec::new();
+        if h.len > p::MAX_OPTION_LEN {
+            if h.len > MAX_OPTION_DISCARD || h.option == p::OPT_EXPORT_NAME {
+                return Err(ConnError::Other(format!("option {} with {} bytes of data is too large", h.option, h.len)));
+            }
+            tokio::io::copy(&mut (&mut *rd).take(h.len as u64), &mut tokio::io::sink()).await?;
+            p::option_error(&mut out, h.option, p::REP_ERR_TOO_BIG, &format!("option data of {} bytes is too large", h.len));
+            wr.write_all(&out).await?;
+            continue;
+        }
+        let mut data = vec![0u8; h.len as usize];
+        rd.read_exact(&mut data).await?;
+        let opt = match p::parse_option(h.option, &data) {
+            Ok(o) => o,
+            Err(e) if h.option == p::OPT_EXPORT_NAME => return Err(p::FatalError::ExportName(e.0).into()),
+            Err(e) => {
+                p::option_error(&mut out, h.option, p::REP_ERR_INVALID, &e.0);
+                wr.write_all(&out).await?;
+                continue;
+            }
+        };
+        match opt {
+            ClientOption::ExportName(name) => {
+                // No way to report an error here but closing the connection.
+                let export = proxy.open_export(&name).await.map_err(|e| ConnError::Other(e.to_string()))?;
+                let neg = Negotiated { size: export.size(), structured, meta_context: meta_export.as_deref() == Some(&name) };
+                wr.write_all(&p::export_name_reply(export.size(), neg.flags(), cflags.no_zeroes)).await?;
+                return Ok(Some(Session { export, neg }));
+            }
+            ClientOption::Abort => {
+                p::option_reply(&mut out, h.option, p::REP_ACK, &[]);
+                let _ = wr.write_all(&out).await;
+                return Ok(None);
+            }
+            ClientOption::List => {
+                for name in proxy.known_exports() {
+                    p::rep_server(&mut out, &name, "");
+                }
+                p::option_reply(&mut out, h.option, p::REP_ACK, &[]);
+            }
+            ClientOption::StartTls => {
+                p::option_error(&mut out, h.option, p::REP_ERR_UNSUP, "TLS is not supported by the vgrid block proxy");
+            }
+            ClientOption::Info(req) | ClientOption::Go(req) => {
+                let go = h.option == p::OPT_GO;
+                match proxy.open_export(&req.name).await {
+                    Err(e) => {
+                        tracing::info!(export = req.name, "export refused: {e}");
+                        p::option_error(&mut out, h.option, p::REP_ERR_UNKNOWN, &format!("vgrid: {e}"));
+                    }
+                    Ok(export) => {
+                        let neg = Negotiated {
+                            size: export.size(),
+                            structured,
+                            meta_context: meta_export.as_deref() == Some(req.name.as_str()),
+                        };
+                        p::info_export(&mut out, h.option, export.size(), neg.flags());
+                        if req.requests.contains(&p::INFO_NAME) {
+                            p::info_string(&mut out, h.option, p::INFO_NAME, &req.name);
+                        }
+                        if req.requests.contains(&p::INFO_DESCRIPTION) {
+                            let d = format!("vgrid image {} ({} bytes)", export.image(), export.size());
+                            p::info_string(&mut out, h.option, p::INFO_DESCRIPTION, &d);
+                        }
+                        p::info_block_size(&mut out, h.option, 1, p::PREFERRED_BLOCK, p::MAX_PAYLOAD);
+                        p::option_reply(&mut out, h.option, p::REP_ACK, &[]);
+                        if go {
+                            wr.write_all(&out).await?;
+                            return Ok(Some(Session { export, neg }));
+                        }
+                    }
+                }
+            }
+            ClientOption::StructuredReply => {
+                if structured {
+                    p::option_error(&mut out, h.option, p::REP_ERR_INVALID, "structured replies already negotiated");
+                } else {
+                    structured = true;
+                    p::option_reply(&mut out, h.option, p::REP_ACK, &[]);
+                }
+            }
+            ClientOption::ListMetaContext(q) | ClientOption::SetMetaContext(q) => {
+                let set = h.option == p::OPT_SET_META_CONTEXT;
+                if set {
+                    meta_export = None;
+                }
+                if !structured {
+                    p::option_error(&mut out, h.option, p::REP_ERR_INVALID, "negotiate structured replies first");
+                } else {
+                    if p::meta_query_matches(&q.queries, set) {
+                        let id = if set { p::BASE_ALLOCATION_ID } else { 0 };
+                        p::rep_meta_context(&mut out, h.option, id, p::BASE_ALLOCATION);
+                        if set {
+                            meta_export = Some(q.export.clone());
+                        }
+                    }
+                    p::option_reply(&mut out, h.option, p::REP_ACK, &[]);
+                }
+            }
+            ClientOption::Unsupported(o) => {
+                p::option_error(&mut out, o, p::REP_ERR_UNSUP, &format!("option {o} is not supported by the vgrid block proxy"));
+            }
+        }
+        wr.write_all(&out).await?;
+    }
+}
+
+/// State shared by the reader loop and the request tasks of one connection.
+struct Conn<W> {
+    writer: tokio::sync::Mutex<W>,
+    export: Arc<Export>,
+    neg: Negotiated,
+    peer: String,
+    pool: Mutex<Vec<Vec<u8>>>,
+}
+
+impl<W: AsyncWrite + Unpin + Send> Conn<W> {
+    async fn send(&self, bytes: &[u8]) -> bool {
+        let mut w = self.writer.lock().await;
+        match w.write_all(bytes).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(peer = self.peer, "reply not sent: {e}");
+                false
+            }
+        }
+    }
+
+    fn take_buf(&self, n: usize) -> Vec<u8> {
+        let mut v = self.pool.lock().unwrap().pop().unwrap_or_default();
+        if v.len() < n {
+            v.resize(n, 0);
+        }
+        v
+    }
+
+    fn put_buf(&self, v: Vec<u8>) {
+        if v.len() <= POOL_MAX_BUFFER {
+            let mut pool = self.pool.lock().unwrap();
+            if pool.len() < POOL_BUFFERS {
+                pool.push(v);
+            }
+        }
+    }
+
+    async fn read(&self, cookie: u64, offset: u64, len: u32, df: bool) {
+        let export = &self.export;
+        let files = match export.files(offset, len as u64).await {
+            Ok(f) => f,
+            Err(e) => {
+                self.send(&p::error_reply(self.neg.structured, p::EIO, cookie, &e.to_string())).await;
+                return;
+            }
+        };
+        let (first, files) = files;
+        let mut buf;
+        let n;
+        if !self.neg.structured {
+            n = p::SIMPLE_REPLY_LEN + len as usize;
+            buf = self.take_buf(n);
+            p::simple_reply(&mut buf[..p::SIMPLE_REPLY_LEN], 0, cookie);
+            if let Err(e) = export.copy(first, &files, offset, &mut buf[p::SIMPLE_REPLY_LEN..n]) {
+                self.put_buf(buf);
+                let _ = e; // logged by copy
+                self.send(&p::simple_reply_vec(p::EIO, cookie)).await;
+                return;
+            }
+        } else {
+            let segs = if df {
+                vec![p::Segment { offset, len, hole: false }]
+            } else {
+                p::read_segments(offset, len, export.chunk_size(), |i| export.is_zero_chunk(i))
+            };
+            n = p::structured_read_len(&segs);
+            buf = self.take_buf(n);
+            let mut pos = 0;
+            for (k, s) in segs.iter().enumerate() {
+                let flags = if k + 1 == segs.len() { p::REPLY_FLAG_DONE } else { 0 };
+                let h = p::STRUCTURED_HEADER_LEN;
+                if s.hole {
+                    p::structured_header(&mut buf[pos..pos + h], flags, p::REPLY_TYPE_OFFSET_HOLE, cookie, 12);
+                    buf[pos + h..pos + h + 8].copy_from_slice(&s.offset.to_be_bytes());
+                    buf[pos + h + 8..pos + h + 12].copy_from_slice(&s.len.to_be_bytes());
+                    pos += h + 12;
+                } else {
+                    p::structured_header(&mut buf[pos..pos + h], flags, p::REPLY_TYPE_OFFSET_DATA, cookie, 8 + s.len);
+                    buf[pos + h..pos + h + 8].copy_from_slice(&s.offset.to_be_bytes());
+                    let data = &mut buf[pos + h + 8..pos + h + 8 + s.len as usize];
+                    if let Err(e) = export.copy(first, &files, s.offset, data) {
+                        self.put_buf(buf);
+                        self.send(&p::structured_error(p::EIO, cookie, &e.to_string())).await;
+                        return;
+                    }
+                    pos += h + 8 + s.len as usize;
+                }
+            }
+            debug_assert_eq!(pos, n);
+        }
+        self.send(&buf[..n]).await;
+        self.put_buf(buf);
+    }
+}
+
+async fn transmission<R, W>(mut rd: R, wr: W, session: Session, peer: String, token: CancellationToken)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let Session { export, neg } = session;
+    let conn = Arc::new(Conn { writer: tokio::sync::Mutex::new(wr), export: export.clone(), neg, peer: peer.clone(), pool: Mutex::new(Vec::new()) });
+    let slots = Arc::new(Semaphore::new(MAX_INFLIGHT as usize));
+    let mut next_expected = u64::MAX;
+    let mut streak = 0u32;
+    loop {
+        let mut hb = [0u8; p::REQUEST_LEN];
+        let r = tokio::select! {
+            biased;
+            _ = token.cancelled() => break,
+            r = rd.read_exact(&mut hb) => r,
+        };
+        if let Err(e) = r {
+            if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                tracing::debug!(peer, "connection read failed: {e}");
+            }
+            break;
+        }
+        let req = match p::parse_request(&hb) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(peer, export = export.name(), "{e}; closing connection");
+                break;
+            }
+        };
+        match p::check_request(&req, &neg) {
+            Err(refusal) => {
+                if refusal.drain > 0 {
+                    if refusal.drain > MAX_DRAIN {
+                        tracing::warn!(peer, export = export.name(), "write of {} bytes refused; closing connection", refusal.drain);
+                        break;
+                    }
+                    let drained = tokio::io::copy(&mut (&mut rd).take(refusal.drain as u64), &mut tokio::io::sink()).await;
+                    if !matches!(drained, Ok(n) if n == refusal.drain as u64) {
+                        break;
+                    }
+                }
+                tracing::debug!(peer, export = export.name(), error = refusal.error, "request refused: {}", refusal.message);
+                conn.send(&p::error_reply(neg.structured, refusal.error, req.cookie, &refusal.message)).await;
+            }
+            Ok(Command::Disconnect) => break,
+            Ok(Command::Flush) => {
+                conn.send(&p::ok_reply(neg.structured, req.cookie)).await;
+            }
+            Ok(Command::BlockStatus { offset, len, req_one }) => {
+                let ext = p::allocation_extents(offset, len, export.size(), export.chunk_size(), req_one, |i| export.is_zero_chunk(i));
+                conn.send(&p::block_status_reply(req.cookie, &ext)).await;
+            }
+            Ok(Command::Read { offset, len, df }) => {
+                if offset == next_expected {
+                    streak = streak.saturating_add(1);
+                } else {
+                    streak = 0;
+                }
+                next_expected = offset + len as u64;
+                if streak >= 2 {
+                    export.readahead(next_expected);
+                }
+                let Ok(permit) = slots.clone().acquire_owned().await else { break };
+                let c = conn.clone();
+                tokio::spawn(async move {
+                    c.read(req.cookie, offset, len, df).await;
+                    drop(permit);
+                });
+            }
+            Ok(Command::Cache { offset, len }) => {
+                let Ok(permit) = slots.clone().acquire_owned().await else { break };
+                let c = conn.clone();
+                tokio::spawn(async move {
+                    let reply = match c.export.files(offset, len as u64).await {
+                        Ok(_) => p::ok_reply(c.neg.structured, req.cookie),
+                        Err(e) => p::error_reply(c.neg.structured, p::EIO, req.cookie, &e.to_string()),
+                    };
+                    c.send(&reply).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+    // Let in-flight requests finish and reply before the connection closes.
+    let _ = slots.acquire_many(MAX_INFLIGHT).await;
+    let _ = conn.writer.lock().await.shutdown().await;
+    tracing::debug!(peer, export = export.name(), "client disconnected");
+}
+
+impl BlockProxy {
+    /// Export names for `NBD_OPT_LIST`: images staged locally (their manifests are kept).
+    pub(crate) fn known_exports(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.config().cache_dir.join("manifests"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}

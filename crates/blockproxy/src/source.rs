@@ -1,0 +1,137 @@
+//! Where chunks and manifests come from: a small trait so the proxy does not depend on how the
+//! image servers are reached, with [`Servers`] trying several sources in order.
+
+use futures::future::BoxFuture;
+use std::sync::Arc;
+use vgrid_api::rest::BootProfile;
+use vgrid_api::{ChunkHash, ImageRef, Manifest};
+
+/// Why a source could not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SourceError {
+    /// The object does not exist there (an answer, not a failure: try the next server).
+    #[error("{what} not found on {source_name}")]
+    NotFound { what: String, source_name: String },
+    /// The object exists but its bytes are wrong (failed verification, bad manifest).
+    #[error("{what} from {source_name} is corrupt: {cause}")]
+    Corrupt { what: String, source_name: String, cause: String },
+    /// The source could not be reached or failed after its retries.
+    #[error("{what} could not be fetched from {source_name}: {cause}")]
+    Unavailable { what: String, source_name: String, cause: String },
+}
+
+impl SourceError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, SourceError::NotFound { .. })
+    }
+}
+
+/// A supplier of manifests, verified chunks and boot profiles (an image server, or several).
+///
+/// Implementations must return chunk bytes that hash to the requested hash (the cache checks
+/// again before storing). Every call must finish in bounded time (bounded retries).
+pub trait ChunkSource: Send + Sync + 'static {
+    /// The manifest of `image`; its latest version when `image.version` is `None`.
+    fn manifest<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Manifest, SourceError>>;
+    /// The plain bytes of chunk `hash`, at most `limit` bytes long, verified.
+    fn chunk<'a>(&'a self, hash: &'a ChunkHash, limit: usize) -> BoxFuture<'a, Result<Vec<u8>, SourceError>>;
+    /// The boot profile of a (versioned) image, `None` when none was recorded yet.
+    fn profile<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>>;
+    /// Stores the boot profile of a (versioned) image.
+    fn put_profile<'a>(&'a self, image: &'a ImageRef, profile: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>>;
+    /// A short name for logs and errors (e.g. the server URL).
+    fn describe(&self) -> String;
+}
+
+impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
+    fn manifest<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Manifest, SourceError>> {
+        (**self).manifest(image)
+    }
+    fn chunk<'a>(&'a self, hash: &'a ChunkHash, limit: usize) -> BoxFuture<'a, Result<Vec<u8>, SourceError>> {
+        (**self).chunk(hash, limit)
+    }
+    fn profile<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {
+        (**self).profile(image)
+    }
+    fn put_profile<'a>(&'a self, image: &'a ImageRef, profile: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
+        (**self).put_profile(image, profile)
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
+/// Several sources tried in order: the first one that answers wins. `NotFound` and failures
+/// both move on to the next source; the error returned is the most telling one (a failure
+/// beats "not found", since the object may exist on the server that failed).
+pub struct Servers {
+    sources: Vec<Box<dyn ChunkSource>>,
+}
+
+impl Servers {
+    pub fn new(sources: Vec<Box<dyn ChunkSource>>) -> Self {
+        Servers { sources }
+    }
+
+    async fn first<'a, T, F>(&'a self, what: &str, mut call: F) -> Result<T, SourceError>
+    where
+        F: FnMut(&'a dyn ChunkSource) -> BoxFuture<'a, Result<T, SourceError>>,
+    {
+        let mut err: Option<SourceError> = None;
+        for s in &self.sources {
+            match call(s.as_ref()).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    tracing::debug!(source = %s.describe(), "{what}: {e}");
+                    if err.as_ref().map_or(true, |prev| prev.is_not_found()) {
+                        err = Some(e);
+                    }
+                }
+            }
+        }
+        Err(err.unwrap_or_else(|| SourceError::Unavailable {
+            what: what.to_string(),
+            source_name: "(no image servers configured)".into(),
+            cause: "the source list is empty".into(),
+        }))
+    }
+}
+
+impl ChunkSource for Servers {
+    fn manifest<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Manifest, SourceError>> {
+        Box::pin(self.first("manifest", move |s| s.manifest(image)))
+    }
+    fn chunk<'a>(&'a self, hash: &'a ChunkHash, limit: usize) -> BoxFuture<'a, Result<Vec<u8>, SourceError>> {
+        Box::pin(self.first("chunk", move |s| s.chunk(hash, limit)))
+    }
+    fn profile<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {
+        Box::pin(async move {
+            for s in &self.sources {
+                if let Ok(Some(p)) = s.profile(image).await {
+                    return Ok(Some(p));
+                }
+            }
+            Ok(None)
+        })
+    }
+    fn put_profile<'a>(&'a self, image: &'a ImageRef, profile: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
+        // The profile belongs with the image: store it on the first server that has the image.
+        Box::pin(async move {
+            let mut last = None;
+            for s in &self.sources {
+                if s.manifest(image).await.is_ok() {
+                    return s.put_profile(image, profile).await;
+                }
+                last = Some(s.describe());
+            }
+            Err(SourceError::NotFound {
+                what: format!("image {image}"),
+                source_name: last.unwrap_or_else(|| "(no image servers)".into()),
+            })
+        })
+    }
+    fn describe(&self) -> String {
+        let names: Vec<String> = self.sources.iter().map(|s| s.describe()).collect();
+        names.join(", ")
+    }
+}

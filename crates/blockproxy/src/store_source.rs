@@ -1,0 +1,73 @@
+//! [`ChunkSource`] over one image server, through `vgrid_imagestore::StoreClient` (which
+//! verifies every chunk and retries a bounded number of times).
+
+use crate::source::{ChunkSource, SourceError};
+use futures::future::BoxFuture;
+use vgrid_api::rest::BootProfile;
+use vgrid_api::{ChunkHash, ImageRef, Manifest};
+use vgrid_imagestore::{ClientError, StoreClient};
+
+/// One image server as a chunk source. Combine several with [`crate::Servers`].
+#[derive(Debug, Clone)]
+pub struct StoreSource {
+    client: StoreClient,
+}
+
+impl StoreSource {
+    pub fn new(client: StoreClient) -> Self {
+        StoreSource { client }
+    }
+
+    /// A source for the image server at `base_url` with the client's default retries.
+    pub fn from_url(base_url: &str) -> Result<Self, SourceError> {
+        StoreClient::new(base_url).map(Self::new).map_err(|e| SourceError::Unavailable {
+            what: "image server client".into(),
+            source_name: base_url.to_string(),
+            cause: e.to_string(),
+        })
+    }
+
+    pub fn client(&self) -> &StoreClient {
+        &self.client
+    }
+
+    fn map(&self, what: String, e: ClientError) -> SourceError {
+        let source_name = self.client.base_url().to_string();
+        match e {
+            ClientError::NotFound { .. } => SourceError::NotFound { what, source_name },
+            ClientError::Corrupt { cause, .. } => SourceError::Corrupt { what, source_name, cause },
+            ClientError::BadResponse { cause, .. } => SourceError::Corrupt { what, source_name, cause },
+            other => SourceError::Unavailable { what, source_name, cause: other.to_string() },
+        }
+    }
+}
+
+impl ChunkSource for StoreSource {
+    fn manifest<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Manifest, SourceError>> {
+        Box::pin(async move { self.client.manifest(image).await.map_err(|e| self.map(format!("image {image}"), e)) })
+    }
+
+    fn chunk<'a>(&'a self, hash: &'a ChunkHash, limit: usize) -> BoxFuture<'a, Result<Vec<u8>, SourceError>> {
+        Box::pin(async move { self.client.chunk(hash, limit).await.map_err(|e| self.map(format!("chunk {hash}"), e)) })
+    }
+
+    fn profile<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {
+        Box::pin(async move {
+            match self.client.profile(image).await {
+                Ok(p) => Ok(Some(p)),
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(self.map(format!("boot profile of image {image}"), e)),
+            }
+        })
+    }
+
+    fn put_profile<'a>(&'a self, image: &'a ImageRef, profile: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            self.client.put_profile(image, profile).await.map_err(|e| self.map(format!("boot profile of image {image}"), e))
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.client.base_url().to_string()
+    }
+}
