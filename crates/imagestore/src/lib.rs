@@ -11,3 +11,6 @@ pub mod server;
 pub mod client;
 
 pub use client::{ClientError, RetryPolicy, StoreClient};
+pub mod import;
+
+pub use import::{export_blob, export_image, import_file, Format, ImportError, ImportOptions};
