@@ -1,1 +1,22 @@
-//! vgrid hostagent (to be written).
+//! vgrid hostagent: the compute host's control of its guests. It owns the QEMU driver (spawning
+//! `qemu-system-x86_64` per VM with a per-VM runtime directory, a qcow2 copy-on-write overlay
+//! over the read-only image, a logged serial console, user-mode networking with port forwards),
+//! its own QMP client, the choice of accelerator (KVM only where usable, TCG otherwise), and the
+//! re-adoption of QEMU processes after an agent restart. It must never write to an image's
+//! base (the backing file or the block proxy's export), never fetch or cache image chunks (that
+//! is `blockproxy`), never decide where VMs run (that is the coordinator), and never panic on a
+//! bad spec: every failure is a [`VmError`]/[`QmpError`] naming the VM, file or socket.
+
+pub mod accel;
+pub mod agent;
+pub mod http;
+pub mod qmp;
+pub mod testkit;
+pub mod vm;
+
+pub use accel::{kvm_usable, Accel};
+pub use qmp::{QmpClient, QmpError, QmpEvent, QmpVersion};
+pub use vm::{
+    qemu_args, qemu_version, qemu_version_of, validate_spec, validate_vm_id, BootSource, DiskSource, ExitInfo,
+    LaunchOptions, QemuVersion, StopMethod, StopOutcome, Vm, VmError, VmSpec, VmState,
+};

@@ -1,0 +1,283 @@
+//! The QEMU driver against real QEMU guests (TCG here; KVM where the host has it), booting the
+//! sample guest built by scripts/build-sample-guest.sh from a local raw copy of its disk.
+//! Every boot has a timeout and one retry; at most $VGRID_TEST_BOOT_SLOTS guests boot at once.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use vgrid_hostagent::testkit::{self, boot_slot, boot_with_retry, sample_guest, SampleGuest, BOOTED_MARKER, DISK_MARKER, PROMPT};
+use vgrid_hostagent::{
+    qemu_version, BootSource, DiskSource, LaunchOptions, StopMethod, Vm, VmError, VmSpec, VmState,
+};
+
+/// Hang guards, not performance thresholds: a TCG boot takes seconds; these catch a stuck guest.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+const CONSOLE_TIMEOUT: Duration = Duration::from_secs(120);
+const POWERDOWN_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+fn guest() -> SampleGuest {
+    sample_guest().expect("sample guest builds")
+}
+
+fn opts() -> LaunchOptions {
+    LaunchOptions { kill_on_drop: true, ..LaunchOptions::default() }
+}
+
+/// A private raw copy of the sample disk, to serve as the overlay's (never written) backing.
+fn base_copy(g: &SampleGuest, dir: &Path) -> PathBuf {
+    let p = dir.join("base.img");
+    std::fs::copy(&g.disk, &p).unwrap();
+    p
+}
+
+/// Boots `spec` in `dir/<name>-<attempt>` and waits for the disk marker (and, in shell mode,
+/// the prompt). Timeout and one retry.
+async fn boot(name: &str, dir: &Path, spec: VmSpec, wait_prompt: bool) -> Vm {
+    boot_with_retry(name, BOOT_TIMEOUT, |n| {
+        let spec = spec.clone();
+        let rd = dir.join(format!("{name}-{n}"));
+        async move {
+            let vm = Vm::launch_with(spec, &rd, &opts()).await?;
+            vm.wait_for_console(DISK_MARKER, CONSOLE_TIMEOUT).await?;
+            if wait_prompt {
+                vm.wait_for_console(PROMPT, CONSOLE_TIMEOUT).await?;
+            }
+            Ok::<Vm, VmError>(vm)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Types a command on the guest shell and waits for `done` in the output after it.
+async fn run_in_guest(vm: &Vm, command: &str, done: &str) -> String {
+    let from = vm.console_log_len();
+    vm.send_console(&format!("{command}\n")).await.unwrap();
+    vm.wait_for_console_from(from, done, CONSOLE_TIMEOUT).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cmd).args(args).output().unwrap();
+    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // Signal 0: existence check. A reaped QEMU is gone (ESRCH).
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z")).unwrap_or(true)
+}
+
+#[tokio::test]
+async fn guest_writes_land_in_the_overlay_and_the_base_stays_unchanged() {
+    init_tracing();
+    let g = guest();
+    let _slot = boot_slot().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_copy(&g, tmp.path());
+    let spec = g.spec("write-test", DiskSource::raw_file(&base), "");
+
+    let vm = boot("write", tmp.path(), spec, true).await;
+    let log = std::fs::read_to_string(vm.console_log_path()).unwrap();
+    assert!(log.contains(BOOTED_MARKER), "{log}");
+    assert!(log.contains(&format!("disk says {DISK_MARKER}")), "{log}");
+    assert_eq!(vm.status().await.unwrap(), VmState::Running);
+
+    // $((6*7)) and $((2+3)) make the output differ from the echoed input.
+    run_in_guest(&vm, "echo vgrid-written-$((6*7)) > /mnt/written; sync; echo cmd-$((2+3))-done", "cmd-5-done").await;
+
+    let out = vm.powerdown(POWERDOWN_TIMEOUT).await.unwrap();
+    assert_eq!(out.method, StopMethod::Acpi, "the sample guest obeys the power button");
+    assert!(out.exit.success(), "{}", out.exit);
+    assert!(vm.tail_console(50).iter().any(|l| l.contains("vgrid-sample: power button")), "{:?}", vm.tail_console(50));
+    assert!(!pid_alive(vm.pid()));
+    assert_eq!(vm.status().await.unwrap(), VmState::Exited(out.exit));
+
+    // The overlay holds the new file...
+    let overlay = vm.overlay_path();
+    let merged = tmp.path().join("merged.raw");
+    run("qemu-img", &["convert", "-O", "raw", overlay.to_str().unwrap(), merged.to_str().unwrap()]);
+    let written = run("debugfs", &["-R", "cat /written", merged.to_str().unwrap()]);
+    assert!(written.contains("vgrid-written-42"), "overlay content: {written:?}");
+    // ... and the base did not change by a single byte.
+    assert!(std::fs::read(&base).unwrap() == std::fs::read(&g.disk).unwrap(), "base image was modified");
+    let in_base = std::process::Command::new("debugfs").args(["-R", "cat /written", base.to_str().unwrap()]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&in_base.stdout).contains("vgrid-written"));
+
+    let dir = vm.runtime_dir().to_path_buf();
+    vm.cleanup().await.unwrap();
+    assert!(!dir.exists(), "cleanup left {}", dir.display());
+}
+
+#[tokio::test]
+async fn sigkilled_qemu_is_reported_exited_by_signal_and_cleanup_removes_everything() {
+    init_tracing();
+    let g = guest();
+    let _slot = boot_slot().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_copy(&g, tmp.path());
+    let vm = boot("kill", tmp.path(), g.spec("kill-test", DiskSource::raw_file(&base), ""), false).await;
+    let dir = vm.runtime_dir().to_path_buf();
+    for f in ["qmp.sock", "console.sock", "console.log", "overlay.qcow2", "pid", "spec.json"] {
+        assert!(dir.join(f).exists(), "runtime dir lacks {f}");
+    }
+    let pid = vm.pid();
+    assert_eq!(std::fs::read_to_string(dir.join("pid")).unwrap().trim(), pid.to_string());
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(60), vm.wait_exit()).await.expect("QEMU reaped");
+    assert_eq!(exit.signal, Some(9), "{exit}");
+    assert_eq!(exit.code, None);
+    assert_eq!(vm.status().await.unwrap(), VmState::Exited(exit));
+    let e = vm.wait_for_console("never printed", CONSOLE_TIMEOUT).await.unwrap_err();
+    assert!(matches!(e, VmError::ConsoleExited { .. }), "{e}");
+    assert!(e.to_string().contains("kill-test"), "{e}");
+
+    vm.cleanup().await.unwrap();
+    assert!(!dir.exists());
+    assert!(!pid_alive(pid));
+}
+
+#[tokio::test]
+async fn adopt_after_agent_restart_then_stop_cont_and_quit_fallback() {
+    init_tracing();
+    let g = guest();
+    let _slot = boot_slot().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_copy(&g, tmp.path());
+    let mut vm = boot("adopt", tmp.path(), g.spec("adopt-test", DiskSource::raw_file(&base), ""), false).await;
+    let dir = vm.runtime_dir().to_path_buf();
+    let pid = vm.pid();
+
+    // The "agent" goes away without stopping its VM.
+    vm.set_kill_on_drop(false);
+    drop(vm);
+    assert!(pid_alive(pid));
+
+    let vm = Vm::adopt(&dir, &opts()).await.unwrap();
+    assert_eq!(vm.id(), "adopt-test");
+    assert_eq!(vm.pid(), pid);
+    assert_eq!(vm.status().await.unwrap(), VmState::Running);
+
+    let mut events = vm.events();
+    vm.stop().await.unwrap();
+    assert_eq!(vm.status().await.unwrap(), VmState::Paused);
+    let ev = tokio::time::timeout(Duration::from_secs(30), events.recv()).await.unwrap().unwrap();
+    assert_eq!(ev.event, "STOP");
+    vm.cont().await.unwrap();
+    assert_eq!(vm.status().await.unwrap(), VmState::Running);
+    let ev = tokio::time::timeout(Duration::from_secs(30), events.recv()).await.unwrap().unwrap();
+    assert_eq!(ev.event, "RESUME");
+
+    // A paused guest cannot answer the power button: powerdown falls back to quit.
+    vm.stop().await.unwrap();
+    let out = vm.powerdown(Duration::from_secs(2)).await.unwrap();
+    assert_eq!(out.method, StopMethod::Quit);
+    assert!(!pid_alive(pid));
+    vm.cleanup().await.unwrap();
+    assert!(!dir.exists());
+}
+
+#[tokio::test]
+async fn port_forward_reaches_the_guest_over_user_networking() {
+    init_tracing();
+    let g = guest();
+    let _slot = boot_slot().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_copy(&g, tmp.path());
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut spec = g.spec("net-test", DiskSource::raw_file(&base), "vgrid.net=dhcp");
+    spec.forwards = vec![(port, 8080)];
+    let vm = boot("net", tmp.path(), spec, true).await;
+    let line = vm.wait_for_console("vgrid-sample: net", CONSOLE_TIMEOUT).await.unwrap();
+    assert!(line.contains("net up 10.0.2."), "{line}");
+
+    run_in_guest(&vm, "echo served-from-guest > /tmp/f; nc -l -p 8080 < /tmp/f & echo nc-$((1+1))-started", "nc-2-started").await;
+    // nc may need a moment to listen: retry the connection (a hang guard, not a threshold).
+    let mut got = String::new();
+    for _ in 0..100 {
+        use tokio::io::AsyncReadExt;
+        if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut got)).await;
+            if got.contains("served-from-guest") {
+                break;
+            }
+        }
+        got.clear();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(got.contains("served-from-guest"), "read {got:?} from the forwarded port");
+    vm.powerdown(POWERDOWN_TIMEOUT).await.unwrap();
+    vm.cleanup().await.unwrap();
+}
+
+#[tokio::test]
+async fn missing_kernel_is_a_clear_error_and_starts_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    let spec = VmSpec {
+        id: "no-kernel".into(),
+        cpus: 1,
+        memory_mib: 128,
+        disk: DiskSource::raw_file(&disk),
+        boot: BootSource::Kernel { kernel: tmp.path().join("missing-vmlinuz"), initrd: None, cmdline: String::new() },
+        forwards: vec![],
+        accel: None,
+    };
+    let rd = tmp.path().join("rd");
+    let e = Vm::launch(spec, &rd).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, VmError::MissingFile { what: "kernel", .. }), "{msg}");
+    assert!(msg.contains("no-kernel") && msg.contains("missing-vmlinuz"), "{msg}");
+    assert!(!rd.exists(), "a rejected spec must not create its runtime directory");
+}
+
+#[tokio::test]
+async fn qemu_that_exits_at_startup_is_an_error_with_its_stderr() {
+    let g = guest();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_copy(&g, tmp.path());
+    // QEMU cannot forward a host port that is already taken and exits before booting.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut spec = g.spec("early-exit", DiskSource::raw_file(&base), "");
+    spec.forwards = vec![(taken.local_addr().unwrap().port(), 22)];
+    let e = Vm::launch_with(spec, tmp.path().join("rd"), &opts()).await.unwrap_err();
+    let msg = e.to_string();
+    match &e {
+        VmError::EarlyExit { exit, stderr, .. } => {
+            assert_eq!(exit.code, Some(1), "{msg}");
+            assert!(stderr.to_lowercase().contains("forward"), "{msg}");
+        }
+        other => panic!("expected EarlyExit, got {other}"),
+    }
+    assert!(msg.contains("early-exit"), "{msg}");
+}
+
+#[tokio::test]
+async fn unreachable_nbd_backing_is_an_overlay_error() {
+    let g = guest();
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = g.spec("nbd-down", DiskSource::nbd_unix(tmp.path().join("no-proxy.sock"), "img"), "");
+    let e = Vm::launch_with(spec, tmp.path().join("rd"), &opts()).await.unwrap_err();
+    assert!(matches!(e, VmError::Overlay { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("nbd-down") && msg.contains("no-proxy.sock"), "{msg}");
+}
+
+#[tokio::test]
+async fn reports_the_qemu_version() {
+    let v = qemu_version().await.unwrap();
+    assert!(v.major >= 7, "{v:?}");
+    assert!(v.full.starts_with("QEMU emulator version"));
+    let _ = testkit::sample_guest_script();
+}
