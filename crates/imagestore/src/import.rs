@@ -271,6 +271,20 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
 /// One processed chunk: index, length, and (hash, compressed bytes) unless all-zero.
 type Encoded = (usize, u32, Option<(ChunkHash, Bytes)>);
 
+/// Bytes done of all blobs of an import, reported to the progress callback.
+struct Tally<'a> {
+    done: u64,
+    total: u64,
+    progress: Progress<'a>,
+}
+
+impl Tally<'_> {
+    fn add(&mut self, bytes: u64) {
+        self.done += bytes;
+        (self.progress)(self.done, self.total);
+    }
+}
+
 /// Streams `src` through the hash+compress pool and uploads the chunks the server lacks.
 async fn upload_blob(
     client: &StoreClient,
@@ -278,9 +292,7 @@ async fn upload_blob(
     image: &str,
     mut src: Source,
     chunk_size: u32,
-    done: &mut u64,
-    total: u64,
-    progress: Progress<'_>,
+    tally: &mut Tally<'_>,
 ) -> Result<Blob, ImportError> {
     let size = src.size;
     let n = size.div_ceil(chunk_size as u64) as usize;
@@ -371,10 +383,7 @@ async fn upload_blob(
         if let Some((i, len, enc)) = next {
             seen += 1;
             match enc {
-                None => {
-                    *done += len as u64;
-                    progress(*done, total);
-                }
+                None => tally.add(len as u64),
                 Some((h, z)) => batch.push((i, len, h, z)),
             }
         }
@@ -395,11 +404,12 @@ async fn upload_blob(
                 .try_collect::<Vec<()>>()
                 .await
                 .map_err(up_err)?;
+            let mut bytes = 0;
             for (i, len, h, _) in batch.drain(..) {
                 chunks[i] = Some(h);
-                *done += len as u64;
+                bytes += len as u64;
             }
-            progress(*done, total);
+            tally.add(bytes);
         }
         if closed {
             break;
@@ -460,16 +470,16 @@ pub async fn import_file(
         .await
         .map_err(|source| ImportError::Upload { image: opts.name.clone(), source })?;
     let r = async {
-        let mut done = 0u64;
+        let mut tally = Tally { done: 0, total, progress };
         progress(0, total);
         let cs = opts.chunk_size;
-        let disk = upload_blob(client, &id, &opts.name, disk, cs, &mut done, total, progress).await?;
+        let disk = upload_blob(client, &id, &opts.name, disk, cs, &mut tally).await?;
         let boot = match kernel {
             None => Boot::Firmware,
             Some(k) => {
-                let kernel = upload_blob(client, &id, &opts.name, k, cs, &mut done, total, progress).await?;
+                let kernel = upload_blob(client, &id, &opts.name, k, cs, &mut tally).await?;
                 let initrd = match initrd {
-                    Some(i) => Some(upload_blob(client, &id, &opts.name, i, cs, &mut done, total, progress).await?),
+                    Some(i) => Some(upload_blob(client, &id, &opts.name, i, cs, &mut tally).await?),
                     None => None,
                 };
                 Boot::Kernel { kernel, initrd, cmdline: opts.cmdline.clone() }

@@ -234,3 +234,42 @@ async fn concurrent_import_and_delete_of_sharing_image() {
         assert_eq!(std::fs::read(&out).unwrap(), bd, "round {round}");
     }
 }
+
+/// Unmounts (lazily) on drop, even when the test fails.
+struct Mount(std::path::PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(parent);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_space_names_the_image_and_stores_nothing_visible() {
+    // A real full filesystem: a 256 KiB tmpfs under the data dir (needs CAP_SYS_ADMIN).
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let out = Command::new("mount").args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"]).arg(&data).output().unwrap();
+    assert!(
+        out.status.success(),
+        "this test needs to mount a tmpfs (run as root): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _m = Mount(data.clone());
+    let s = start_full(dir, &data, |st| st).await;
+    let src = s.dir.path().join("big.raw");
+    std::fs::write(&src, chunk_data(77, 2 * 1024 * 1024)).unwrap();
+    let e = import_file(&s.client, &src, &opts("big"), &no_progress()).await.unwrap_err();
+    let msg = e.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(e, ImportError::Upload { .. }), "{msg}");
+    assert!(msg.contains("image big") && msg.contains("out of space"), "{msg}");
+    assert!(s.client.list().await.unwrap().is_empty());
+    assert!(s.client.manifest(&r("big")).await.unwrap_err().is_not_found());
+    // The aborted session's chunks are garbage now.
+    s.store.gc().await.unwrap();
+    assert_eq!(s.chunk_files(), 0);
+}

@@ -27,7 +27,13 @@ pub async fn start() -> Server {
 
 pub async fn start_with(f: impl FnOnce(ImageStore) -> ImageStore) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(f(ImageStore::open_local(dir.path().join("data")).unwrap()));
+    let data = dir.path().join("data");
+    start_full(dir, &data, f).await
+}
+
+/// A server whose store lives in `data` (which may be outside `dir`).
+pub async fn start_full(dir: tempfile::TempDir, data: &std::path::Path, f: impl FnOnce(ImageStore) -> ImageStore) -> Server {
+    let store = Arc::new(f(ImageStore::open_local(data).unwrap()));
     let (addr, task) = vgrid_imagestore::server::spawn(store.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let url = format!("http://{addr}");
     let client = StoreClient::with_retry(
