@@ -285,6 +285,8 @@ pub struct Vm {
     exit: watch::Receiver<Option<ExitInfo>>,
     console: tokio::sync::Mutex<Option<UnixStream>>,
     kill_on_drop: bool,
+    /// Adopted from an earlier agent: not our child, so its pid could be reused after it exits.
+    adopted: bool,
 }
 
 impl fmt::Debug for Vm {
@@ -295,7 +297,7 @@ impl fmt::Debug for Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        if self.kill_on_drop && self.exit.borrow().is_none() {
+        if self.kill_on_drop && self.signallable() {
             tracing::debug!(vm = %self.spec.id, pid = self.pid, "killing QEMU on drop");
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
@@ -615,6 +617,7 @@ impl Vm {
             exit: exit_rx,
             console: tokio::sync::Mutex::new(None),
             kill_on_drop: opts.kill_on_drop,
+            adopted: false,
         })
     }
 
@@ -661,7 +664,14 @@ impl Vm {
             exit: exit_rx,
             console: tokio::sync::Mutex::new(None),
             kill_on_drop: opts.kill_on_drop,
+            adopted: true,
         })
+    }
+
+    /// True if this QEMU may be signalled: not exited, and (when adopted) its pid still is
+    /// the QEMU of this runtime directory.
+    fn signallable(&self) -> bool {
+        self.exit.borrow().is_none() && (!self.adopted || pid_is_qemu_of(self.pid, &self.dir))
     }
 
     pub fn id(&self) -> &str {
@@ -805,6 +815,9 @@ impl Vm {
     pub async fn kill(&self) -> Result<ExitInfo, VmError> {
         if let Some(e) = self.exit_info() {
             return Ok(e);
+        }
+        if !self.signallable() {
+            return Ok(self.wait_exit().await);
         }
         tracing::info!(vm = %self.spec.id, pid = self.pid, "killing QEMU");
         match nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL) {

@@ -281,3 +281,122 @@ async fn reports_the_qemu_version() {
     assert!(v.full.starts_with("QEMU emulator version"));
     let _ = testkit::sample_guest_script();
 }
+
+/// A hand-assembled 16-bit boot sector: writes a line to COM1, then halts with interrupts off
+/// (so it can never answer the ACPI power button).
+fn boot_sector_disk(path: &Path) {
+    let code: [u8; 23] = [
+        0x31, 0xC0, // xor ax, ax
+        0x8E, 0xD8, // mov ds, ax
+        0xFC, // cld
+        0xBE, 0x17, 0x7C, // mov si, 0x7c17 (the message, right after this code)
+        0xBA, 0xF8, 0x03, // mov dx, 0x3f8 (COM1)
+        0xAC, // next: lodsb
+        0x84, 0xC0, // test al, al
+        0x74, 0x03, // jz halt
+        0xEE, // out dx, al
+        0xEB, 0xF8, // jmp next
+        0xFA, // halt: cli
+        0xF4, // hlt
+        0xEB, 0xFD, // jmp hlt
+    ];
+    let mut disk = vec![0u8; 1024 * 1024];
+    disk[..code.len()].copy_from_slice(&code);
+    let msg = b"vgrid-firmware-boot-ok\r\n\0";
+    disk[code.len()..code.len() + msg.len()].copy_from_slice(msg);
+    disk[510] = 0x55;
+    disk[511] = 0xAA;
+    std::fs::write(path, disk).unwrap();
+}
+
+#[tokio::test]
+async fn firmware_boot_and_quit_fallback_for_a_guest_that_ignores_acpi() {
+    init_tracing();
+    let _slot = boot_slot().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("mbr.img");
+    boot_sector_disk(&disk);
+    let spec = VmSpec {
+        id: "firmware-test".into(),
+        cpus: 1,
+        memory_mib: 64,
+        disk: DiskSource::raw_file(&disk),
+        boot: BootSource::Firmware { bios: None },
+        forwards: vec![],
+        accel: None,
+    };
+    let vm = boot_with_retry("firmware", BOOT_TIMEOUT, |n| {
+        let spec = spec.clone();
+        let rd = tmp.path().join(format!("fw-{n}"));
+        async move {
+            let vm = Vm::launch_with(spec, &rd, &opts()).await?;
+            vm.wait_for_console("vgrid-firmware-boot-ok", CONSOLE_TIMEOUT).await?;
+            Ok::<Vm, VmError>(vm)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let out = vm.powerdown(Duration::from_secs(3)).await.unwrap();
+    assert_eq!(out.method, StopMethod::Quit, "a halted guest cannot obey the power button");
+    assert!(out.exit.success(), "{}", out.exit);
+    vm.cleanup().await.unwrap();
+}
+
+/// qemu-nbd serving a file read-only on a unix socket; killed on drop.
+struct NbdServer(std::process::Child);
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn boots_from_an_nbd_export_and_restarts_on_its_overlay() {
+    init_tracing();
+    let g = guest();
+    let _slot = boot_slot().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_copy(&g, tmp.path());
+    let sock = tmp.path().join("nbd.sock");
+    let _nbd = NbdServer(
+        std::process::Command::new("qemu-nbd")
+            .args(["--read-only", "--persistent", "--shared=8", "-f", "raw", "-x", "img"])
+            .arg(format!("--socket={}", sock.display()))
+            .arg(&base)
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..600 {
+        if sock.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(sock.exists(), "qemu-nbd did not create {}", sock.display());
+
+    let spec = g.spec("nbd-test", DiskSource::nbd_unix(&sock, "img"), "");
+    let vm = boot("nbd", tmp.path(), spec.clone(), true).await;
+    let dir = vm.runtime_dir().to_path_buf();
+    run_in_guest(&vm, "echo kept-$((3*3)) > /mnt/persist; sync; echo w-$((1+1))-done", "w-2-done").await;
+    assert_eq!(vm.powerdown(POWERDOWN_TIMEOUT).await.unwrap().method, StopMethod::Acpi);
+    drop(vm);
+
+    // Relaunch in the same runtime directory on the same overlay: the guest's write is there.
+    let reuse = LaunchOptions { reuse_overlay: true, ..opts() };
+    let vm = boot_with_retry("nbd-restart", BOOT_TIMEOUT, |_| {
+        let (spec, dir, reuse) = (spec.clone(), dir.clone(), reuse.clone());
+        async move {
+            let vm = Vm::launch_with(spec, &dir, &reuse).await?;
+            vm.wait_for_console(PROMPT, CONSOLE_TIMEOUT).await?;
+            Ok::<Vm, VmError>(vm)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let line = run_in_guest(&vm, "cat /mnt/persist", "kept-9").await;
+    assert!(line.starts_with("kept-9"), "{line:?}");
+    vm.powerdown(POWERDOWN_TIMEOUT).await.unwrap();
+    vm.cleanup().await.unwrap();
+    assert!(std::fs::read(&base).unwrap() == std::fs::read(&g.disk).unwrap(), "NBD base image was modified");
+}
