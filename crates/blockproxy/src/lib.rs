@@ -87,8 +87,8 @@ pub enum ProxyError {
     Cache(#[from] CacheError),
     #[error("export name {name:?} is not an image reference: {cause}")]
     BadExportName { name: String, cause: String },
-    #[error("image {image} not found: {cause}")]
-    ImageNotFound { image: ImageRef, cause: String },
+    #[error("image {image} not found on image servers {servers}")]
+    ImageNotFound { image: ImageRef, servers: String },
     #[error("image {image}: manifest unavailable: {cause}")]
     ImageUnavailable { image: ImageRef, cause: String },
     #[error(transparent)]
@@ -240,7 +240,7 @@ impl BlockProxy {
         let m = match self.shared.source.manifest(image).await {
             Ok(m) => m,
             Err(e) if e.is_not_found() => {
-                return Err(ProxyError::ImageNotFound { image: image.clone(), cause: e.to_string() })
+                return Err(ProxyError::ImageNotFound { image: image.clone(), servers: self.shared.source.describe() })
             }
             Err(e) => match self.load_local_manifest(image) {
                 Some(m) => {
@@ -336,12 +336,13 @@ impl BlockProxy {
                 dir: cache.dir().to_path_buf(),
             });
         }
-        let (cached, to_fetch): (Vec<&(ChunkHash, u32)>, Vec<&(ChunkHash, u32)>) =
-            wanted.iter().partition(|(h, _)| cache.contains(h));
+        type Wanted = Vec<(ChunkHash, u32)>;
+        let (cached, to_fetch): (Wanted, Wanted) =
+            wanted.iter().copied().partition(|(h, _)| cache.contains(h));
         let mut done: u64 = cached.iter().map(|w| w.1 as u64).sum();
         progress(done, bytes_total);
         let image_ref = m.image_ref();
-        let mut results = futures::stream::iter(to_fetch.iter().map(|&&(h, len)| async move {
+        let mut results = futures::stream::iter(to_fetch.clone().into_iter().map(|(h, len)| async move {
             (h, len, self.shared.chunk(h, len, access_for_pull()).await)
         }))
         .buffer_unordered(self.shared.config.pull_concurrency.max(1));
@@ -349,7 +350,7 @@ impl BlockProxy {
         while let Some((hash, len, r)) = results.next().await {
             if let Err(cause) = r {
                 let index = m.disk.chunks.iter().position(|c| *c == Some(hash)).unwrap_or(0) as u64;
-                return Err(ReadError::Chunk { image: image_ref.clone(), index, hash, cause }.into());
+                return Err(ReadError::Chunk { image: image_ref.clone(), index, hash, cause: Box::new(cause) }.into());
             }
             bytes_fetched += len as u64;
             done += len as u64;

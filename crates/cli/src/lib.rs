@@ -1,4 +1,101 @@
-//! The `vgrid` command line: parses arguments and runs a role or a client command.
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! The `vgrid` command line. It parses arguments, launches a role (`up`, `image-server`) or
+//! speaks the REST API as a client, and prints tables, JSON or progress bars. It owns no
+//! protocol or storage logic of its own: everything it does goes through the role crates or
+//! the REST API.
+
+mod client;
+mod console;
+mod image;
+mod output;
+mod roles;
+mod vm;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+pub use client::Api;
+
+/// Default address of `vgrid up` and of the coordinator.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+pub const DEFAULT_URL: &str = "http://127.0.0.1:7070";
+
+#[derive(Parser, Debug)]
+#[command(name = "vgrid", version, about = "Grid computing on virtual machines: run a VM image on whichever host can take it, its blocks streamed on demand.",
+    long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// URL of the coordinator's REST API.
+    #[arg(long, global = true, env = "VGRID_URL", default_value = DEFAULT_URL)]
+    pub url: String,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run every role (coordinator, image server, host agent) in one process.
+    Up(roles::UpArgs),
+    /// Run an image server only.
+    ImageServer(roles::ImageServerArgs),
+    /// Import, list, inspect, export, serve and stage images.
+    #[command(subcommand)]
+    Image(image::ImageCmd),
+    /// Run and control virtual machines.
+    #[command(subcommand)]
+    Vm(vm::VmCmd),
+    /// Compute hosts.
+    #[command(subcommand)]
+    Host(vm::HostCmd),
+}
+
+/// Entry point of the `vgrid` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(matches!(cli.cmd, Cmd::Up(_) | Cmd::ImageServer(_)) || matches!(cli.cmd, Cmd::Image(image::ImageCmd::Nbd(_))));
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(server: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if server { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let ctx = Ctx { url: cli.url.trim_end_matches('/').to_string(), json: cli.json };
+    match cli.cmd {
+        Cmd::Up(a) => roles::up(a).await,
+        Cmd::ImageServer(a) => roles::image_server(a).await,
+        Cmd::Image(c) => image::run(&ctx, c).await,
+        Cmd::Vm(c) => vm::run(&ctx, c).await,
+        Cmd::Host(c) => vm::run_host(&ctx, c).await,
+    }
+}
+
+/// What every client command gets: where the API is and how to print.
+pub struct Ctx {
+    pub url: String,
+    pub json: bool,
+}
+
+impl Ctx {
+    pub fn api(&self) -> Api {
+        Api::new(&self.url)
+    }
 }

@@ -8,6 +8,8 @@
 //! bad spec: every failure is a [`VmError`]/[`QmpError`] naming the VM, file or socket.
 
 pub mod accel;
+pub mod agent;
+pub mod http;
 pub mod qmp;
 pub mod testkit;
 pub mod vm;

@@ -1,0 +1,89 @@
+//! `vgrid vm console`: the VM's serial console over the API's WebSocket, the local terminal in
+//! raw mode; Ctrl-] detaches (as telnet and virsh do).
+
+use anyhow::{anyhow, Context};
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use vgrid_api::vm::VmRecord;
+
+use crate::Ctx;
+
+/// Ctrl-]
+const DETACH: u8 = 0x1d;
+
+pub async fn attach(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    let v: VmRecord = ctx.api().get(&format!("/api/v1/vms/{id}")).await?;
+    let ws_url = format!("{}/api/v1/vms/{}/console/ws", ctx.url.replacen("http", "ws", 1), v.id);
+    let (ws, _) = tokio_tungstenite::connect_async(&ws_url).await.map_err(|e| match e {
+        tokio_tungstenite::tungstenite::Error::Http(r) => {
+            let body = r.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+            anyhow!("console of VM {} refused (HTTP {}): {}", v.id, r.status().as_u16(), body)
+        }
+        e => anyhow!("cannot open the console of VM {} at {ws_url}: {e}", v.id),
+    })?;
+    eprintln!("Connected to the console of {} ({}). Ctrl-] detaches; press Enter for a prompt.\r", v.id, v.name);
+    let raw = RawMode::enable();
+    let (mut tx, mut rx) = ws.split();
+    let mut stdin = tokio::io::stdin();
+    let mut stdout = tokio::io::stdout();
+    let mut buf = [0u8; 1024];
+    let result: anyhow::Result<()> = async {
+        loop {
+            tokio::select! {
+                n = stdin.read(&mut buf) => {
+                    let n = n.context("reading the terminal")?;
+                    if n == 0 { break; }
+                    if let Some(p) = buf[..n].iter().position(|&b| b == DETACH) {
+                        if p > 0 { tx.send(Message::Binary(buf[..p].to_vec().into())).await?; }
+                        break;
+                    }
+                    tx.send(Message::Binary(buf[..n].to_vec().into())).await?;
+                }
+                m = rx.next() => match m {
+                    Some(Ok(Message::Binary(b))) => { stdout.write_all(&b).await?; stdout.flush().await?; }
+                    Some(Ok(Message::Text(t))) => { stdout.write_all(t.as_bytes()).await?; stdout.flush().await?; }
+                    Some(Ok(Message::Close(_))) | None => { eprint!("\r\n[console closed: the VM stopped]\r\n"); break; }
+                    Some(Err(e)) => return Err(anyhow!("console connection: {e}")),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    drop(raw);
+    eprintln!("\ndetached from {}", v.id);
+    result
+}
+
+/// Puts the terminal in raw mode while alive (when stdin is a terminal).
+struct RawMode(Option<libc::termios>);
+
+impl RawMode {
+    fn enable() -> Self {
+        unsafe {
+            if libc::isatty(0) != 1 {
+                return RawMode(None);
+            }
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return RawMode(None);
+            }
+            let orig = t;
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+            RawMode(Some(orig))
+        }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(t) = self.0 {
+            unsafe {
+                libc::tcsetattr(0, libc::TCSANOW, &t);
+            }
+        }
+    }
+}

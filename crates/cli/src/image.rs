@@ -1,0 +1,322 @@
+//! `vgrid image ...`: import, list, inspect, export, remove, serve over NBD, stage, cache stats.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Subcommand};
+use vgrid_api::{Boot, ImageRef, Manifest};
+use vgrid_imagestore::client::StoreClient;
+use vgrid_imagestore::import::{export_image, import_file, Format, ImportOptions};
+
+use crate::output::{self, bytes, parse_size, print_json, progress_bar, table};
+use crate::Ctx;
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Import a raw or qcow2 disk image as content-addressed chunks (only chunks the server lacks are sent).
+    Import(ImportArgs),
+    /// List images.
+    Ls(ServerArg),
+    /// Show one image's manifest summary.
+    Show {
+        /// NAME or NAME@VERSION.
+        image: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Write an image back out as a sparse raw file.
+    Export {
+        /// NAME or NAME@VERSION.
+        image: String,
+        /// Destination file (written to a temporary name, then renamed).
+        file: PathBuf,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Remove an image (all versions, or NAME@VERSION) and free the chunks no other image uses.
+    Rm {
+        image: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Serve images to any NBD client in the foreground (qemu-img, qemu-io, nbdinfo, nbdcopy, QEMU).
+    Nbd(NbdArgs),
+    /// Stage a whole image into the host's chunk cache (explicit transfer).
+    Pull {
+        image: String,
+    },
+    /// The host chunk cache.
+    #[command(subcommand)]
+    Cache(CacheCmd),
+    /// Build the sample guest from Debian packages (cached) and import it as `sample`.
+    BuildSample(BuildSampleArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheCmd {
+    /// Hits, misses, bytes fetched and fetch latency of the host chunk cache.
+    Stats,
+}
+
+#[derive(Args, Debug)]
+pub struct ServerArg {
+    /// Image server URL [default: the coordinator URL, which `vgrid up` also serves images on].
+    #[arg(long = "image-server", env = "VGRID_IMAGE_SERVER")]
+    pub image_server: Option<String>,
+}
+
+impl ServerArg {
+    fn client(&self, ctx: &Ctx) -> anyhow::Result<StoreClient> {
+        let url = self.image_server.clone().unwrap_or_else(|| ctx.url.clone());
+        StoreClient::new(&url).map_err(|e| anyhow!("{e}"))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// The disk image file.
+    pub file: PathBuf,
+    /// Image name (1-64 of A-Z a-z 0-9 . _ -); importing an existing name adds a version.
+    #[arg(long)]
+    pub name: String,
+    /// Input format [default: detected from the file's header].
+    #[arg(long, value_parser = ["raw", "qcow2"])]
+    pub format: Option<String>,
+    /// Chunk size (power of two, 4K-16M).
+    #[arg(long, default_value = "256K", value_parser = parse_size)]
+    pub chunk_size: u64,
+    /// Kernel for direct kernel boot (stored as chunks with the image).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initrd for direct kernel boot.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line for direct kernel boot.
+    #[arg(long, requires = "kernel")]
+    pub cmdline: Option<String>,
+    /// Operating system, for information and matchmaking (e.g. linux).
+    #[arg(long, default_value = "linux")]
+    pub os: String,
+    /// Guest architecture.
+    #[arg(long, default_value = "x86_64")]
+    pub arch: String,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+#[derive(Args, Debug)]
+pub struct NbdArgs {
+    /// Export this image (NAME or NAME@VERSION); clients may also ask for any other image by name.
+    pub image: String,
+    /// Unix socket to listen on (clients: nbd+unix:///IMAGE?socket=PATH).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// TCP address to listen on as well (clients: nbd://ADDR/IMAGE).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Host chunk cache directory [default: $XDG_CACHE_HOME/vgrid/nbd-cache].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Cache size bound; least recently used chunks are evicted beyond it.
+    #[arg(long, default_value = "10G", value_parser = parse_size)]
+    pub cache_size: u64,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+#[derive(Args, Debug)]
+pub struct BuildSampleArgs {
+    /// Where to build and cache the guest [default: $VGRID_CACHE or ~/.cache/vgrid, /sample-guest].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Image name to import it as.
+    #[arg(long, default_value = "sample")]
+    pub name: String,
+    /// Build only; do not import.
+    #[arg(long)]
+    pub no_import: bool,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+/// The sample guest recipe, embedded so the binary can build it anywhere.
+const BUILD_SAMPLE: &str = include_str!("../../../scripts/build-sample-guest.sh");
+
+pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ImageCmd::Import(a) => {
+            let client = a.server.client(ctx)?;
+            let m = import(ctx, &client, a).await?;
+            if ctx.json {
+                print_json(&vgrid_imagestore::store::summary(&m))?;
+            }
+        }
+        ImageCmd::Ls(s) => {
+            let list = s.client(ctx)?.list().await?;
+            if ctx.json {
+                print_json(&list)?;
+            } else {
+                let rows = list
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.name.clone(),
+                            i.version.to_string(),
+                            bytes(i.size),
+                            bytes(i.stored_bytes),
+                            i.os.clone(),
+                            i.arch.clone(),
+                            i.boot.clone(),
+                            output::age(i.created),
+                        ]
+                    })
+                    .collect();
+                println!("{}", table(&["NAME", "VERSION", "SIZE", "DATA", "OS", "ARCH", "BOOT", "CREATED"], rows));
+            }
+        }
+        ImageCmd::Show { image, server } => {
+            let r: ImageRef = image.parse()?;
+            let m = server.client(ctx)?.manifest(&r).await?;
+            if ctx.json {
+                print_json(&m)?;
+            } else {
+                show(&m);
+            }
+        }
+        ImageCmd::Export { image, file, server } => {
+            let client = server.client(ctx)?;
+            let r: ImageRef = image.parse()?;
+            let m = client.manifest(&r).await?;
+            let pb = progress_bar(m.disk.size, &format!("exporting {}", m.image_ref()));
+            let cb = |d: u64, _t: u64| pb.set_position(d);
+            export_image(&client, &m.image_ref(), &file, &cb).await?;
+            pb.finish_and_clear();
+            eprintln!("exported {} ({}) to {}", m.image_ref(), bytes(m.disk.size), file.display());
+        }
+        ImageCmd::Rm { image, server } => {
+            let r: ImageRef = image.parse()?;
+            let rep = server.client(ctx)?.delete(&r).await?;
+            if ctx.json {
+                print_json(&rep)?;
+            } else {
+                println!("removed {r}; freed {} chunks ({})", rep.chunks_freed, bytes(rep.bytes_freed));
+            }
+        }
+        ImageCmd::Nbd(a) => return crate::roles::nbd(ctx, a).await,
+        ImageCmd::Pull { image } => crate::roles::pull(ctx, &image).await?,
+        ImageCmd::Cache(CacheCmd::Stats) => crate::roles::cache_stats(ctx).await?,
+        ImageCmd::BuildSample(a) => build_sample(ctx, a).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn import(ctx: &Ctx, client: &StoreClient, a: ImportArgs) -> anyhow::Result<Manifest> {
+    let format = match a.format.as_deref() {
+        None => None,
+        Some("raw") => Some(Format::Raw),
+        Some("qcow2") => Some(Format::Qcow2),
+        Some(f) => bail!("unknown format {f:?}"),
+    };
+    let chunk_size = u32::try_from(a.chunk_size).map_err(|_| anyhow!("chunk size {} is too large", a.chunk_size))?;
+    let opts = ImportOptions {
+        name: a.name.clone(),
+        format,
+        chunk_size,
+        kernel: a.kernel,
+        initrd: a.initrd,
+        cmdline: a.cmdline.unwrap_or_default(),
+        os: a.os,
+        arch: a.arch,
+    };
+    let pb = progress_bar(0, &format!("importing {}", a.name));
+    if ctx.json {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let cb = |d: u64, t: u64| {
+        pb.set_length(t);
+        pb.set_position(d);
+    };
+    let m = import_file(client, &a.file, &opts, &cb)
+        .await
+        .with_context(|| format!("importing {} as {}", a.file.display(), a.name))?;
+    pb.finish_and_clear();
+    if !ctx.json {
+        let stored: u64 = m.disk.chunks.iter().flatten().count() as u64;
+        eprintln!(
+            "imported {} as {}: {} in {} chunks of {} ({} non-zero)",
+            a.file.display(),
+            m.image_ref(),
+            bytes(m.disk.size),
+            m.disk.chunks.len(),
+            bytes(m.chunk_size as u64),
+            stored
+        );
+    }
+    Ok(m)
+}
+
+fn show(m: &Manifest) {
+    let stored = m.disk.chunks.iter().flatten().count();
+    println!("image:       {}", m.image_ref());
+    println!("size:        {} ({} bytes)", bytes(m.disk.size), m.disk.size);
+    println!("chunks:      {} of {} ({} non-zero)", m.disk.chunks.len(), bytes(m.chunk_size as u64), stored);
+    println!("os/arch:     {} / {}", m.meta.os, m.meta.arch);
+    match &m.meta.boot {
+        Boot::Firmware => println!("boot:        firmware"),
+        Boot::Kernel { kernel, initrd, cmdline } => {
+            println!("boot:        kernel ({}){}", bytes(kernel.size), initrd.as_ref().map(|i| format!(" + initrd ({})", bytes(i.size))).unwrap_or_default());
+            println!("cmdline:     {cmdline}");
+        }
+    }
+    if let Some(p) = &m.parent {
+        println!("parent:      {p}");
+    }
+    println!("created:     {}", output::age(m.created));
+}
+
+async fn build_sample(ctx: &Ctx, a: BuildSampleArgs) -> anyhow::Result<()> {
+    let dir = tempdir_path();
+    std::fs::create_dir_all(&dir)?;
+    let script = dir.join("build-sample-guest.sh");
+    std::fs::write(&script, BUILD_SAMPLE)?;
+    let mut cmd = tokio::process::Command::new("bash");
+    cmd.arg(&script);
+    if let Some(o) = &a.out {
+        cmd.arg(o);
+    }
+    let out = cmd.stderr(std::process::Stdio::inherit()).output().await.context("running the sample guest build script")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if !out.status.success() {
+        bail!("building the sample guest failed ({})", out.status);
+    }
+    let outdir = PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim());
+    eprintln!("sample guest in {}", outdir.display());
+    if a.no_import {
+        return Ok(());
+    }
+    let cmdline = std::fs::read_to_string(outdir.join("cmdline")).context("reading the sample's cmdline")?;
+    let client = a.server.client(ctx)?;
+    import(
+        ctx,
+        &client,
+        ImportArgs {
+            file: outdir.join("disk.img"),
+            name: a.name,
+            format: Some("raw".into()),
+            chunk_size: vgrid_api::DEFAULT_CHUNK_SIZE as u64,
+            kernel: Some(outdir.join("vmlinuz")),
+            initrd: Some(outdir.join("initrd.img")),
+            cmdline: Some(cmdline.trim().to_string()),
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            server: ServerArg { image_server: a.server.image_server },
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+fn tempdir_path() -> PathBuf {
+    std::env::temp_dir().join(format!("vgrid-build-{}", std::process::id()))
+}

@@ -1,0 +1,250 @@
+//! Role launchers (`vgrid up`, `vgrid image-server`, `vgrid image nbd`) and the host-agent
+//! client commands (`image pull`, `image cache stats`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use clap::Args;
+use futures::StreamExt;
+use vgrid_api::ImageRef;
+use vgrid_coordinator::state::RedbState;
+use vgrid_coordinator::Coordinator;
+use vgrid_hostagent::agent::{Agent, AgentConfig, PullProgress};
+use vgrid_imagestore::client::StoreClient;
+use vgrid_imagestore::store::ImageStore;
+
+use crate::image::NbdArgs;
+use crate::output::{bytes, parse_size, print_json, progress_bar};
+use crate::Ctx;
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Data directory: images, host cache, VM runtime directories, state.
+    #[arg(long, env = "VGRID_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the REST API (and of the embedded image server).
+    #[arg(long, env = "VGRID_LISTEN", default_value = crate::DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Host chunk cache size bound.
+    #[arg(long, default_value = "20G", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// Memory the host offers to guests, in MiB [default: 3/4 of physical memory].
+    #[arg(long)]
+    pub max_memory: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct ImageServerArgs {
+    /// Address to serve the image server's HTTP API on.
+    #[arg(long, env = "VGRID_LISTEN", default_value = "127.0.0.1:7071")]
+    pub listen: SocketAddr,
+    /// Where images and chunks are stored.
+    #[arg(long, env = "VGRID_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// `$VGRID_DATA_DIR`, else `$XDG_DATA_HOME/vgrid`, else `~/.local/share/vgrid`.
+fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("vgrid");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib"));
+    home.join(".local/share/vgrid")
+}
+
+fn default_cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(x).join("vgrid");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/cache"));
+    home.join(".cache/vgrid")
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
+    let data = a.data_dir.unwrap_or_else(default_data_dir);
+    std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("listening on {} (is another vgrid running? use --listen)", a.listen))?;
+    let addr = listener.local_addr()?;
+    let url = format!("http://{addr}");
+
+    let store = Arc::new(
+        ImageStore::open_local(data.join("images")).map_err(|e| anyhow!("opening the image store: {e}"))?,
+    );
+    let agent = Agent::start(AgentConfig {
+        name: hostname(),
+        data_dir: data.join("host"),
+        image_servers: vec![url.clone()],
+        cache_max_bytes: a.cache_size,
+        max_memory_mib: a.max_memory,
+    })
+    .await
+    .map_err(|e| anyhow!("starting the host agent: {e}"))?;
+    let state = Arc::new(RedbState::open(&data.join("state.redb")).map_err(|e| anyhow!("{e}"))?);
+    let coord = Coordinator::new(state, agent.clone(), StoreClient::new(&url).map_err(|e| anyhow!("{e}"))?)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+
+    let app = vgrid_coordinator::api::router(coord.clone())
+        .merge(vgrid_imagestore::server::router(store))
+        .merge(vgrid_hostagent::http::router(agent.clone()));
+    println!("vgrid is up: API at {url} (data in {})", data.display());
+    println!("  try: VGRID_URL={url} vgrid image ls");
+    tracing::info!(%addr, data = %data.display(), "vgrid up");
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+    let r = server.await;
+    eprintln!("vgrid: shutting down, stopping guests...");
+    coord.shutdown().await;
+    agent.shutdown().await;
+    r.context("serving the API")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn image_server(a: ImageServerArgs) -> anyhow::Result<ExitCode> {
+    let data = a.data_dir.unwrap_or_else(|| default_data_dir().join("image-server"));
+    let store = Arc::new(ImageStore::open_local(data.join("images")).map_err(|e| anyhow!("opening the image store: {e}"))?);
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("listening on {}", a.listen))?;
+    println!("vgrid image server at http://{} (data in {})", listener.local_addr()?, data.display());
+    axum::serve(listener, vgrid_imagestore::server::router(store))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving images")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+pub async fn nbd(ctx: &Ctx, a: NbdArgs) -> anyhow::Result<ExitCode> {
+    if a.socket.is_none() && a.listen.is_none() {
+        bail!("give --socket PATH and/or --listen ADDR to serve on");
+    }
+    let r: ImageRef = a.image.parse()?;
+    let url = a.server.image_server.clone().unwrap_or_else(|| ctx.url.clone());
+    let client = StoreClient::new(&url).map_err(|e| anyhow!("{e}"))?;
+    let m = client.manifest(&r).await.map_err(|e| anyhow!("{e}"))?;
+    let cache_dir = a.cache_dir.unwrap_or_else(|| default_cache_dir().join("nbd-cache"));
+    let proxy = vgrid_hostagent::agent::open_proxy(&cache_dir, a.cache_size, vec![url])
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let mut handles = Vec::new();
+    if let Some(sock) = &a.socket {
+        let _ = std::fs::remove_file(sock);
+        handles.push(proxy.serve_unix(sock).map_err(|e| anyhow!("{e}"))?);
+        println!("serving {} ({}) on nbd+unix:///{}?socket={}", m.image_ref(), bytes(m.disk.size), a.image, sock.display());
+    }
+    if let Some(addr) = &a.listen {
+        let h = proxy.serve_tcp(addr).await.map_err(|e| anyhow!("{e}"))?;
+        let bound = h.tcp_addr().map(|a| a.to_string()).unwrap_or_else(|| addr.clone());
+        handles.push(h);
+        println!("serving {} on nbd://{}/{}", m.image_ref(), bound, a.image);
+    }
+    shutdown_signal().await;
+    for h in handles {
+        h.shutdown().await;
+    }
+    proxy.shutdown();
+    if let Some(sock) = &a.socket {
+        let _ = std::fs::remove_file(sock);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn pull(ctx: &Ctx, image: &str) -> anyhow::Result<()> {
+    let r: ImageRef = image.parse()?;
+    let api = ctx.api();
+    let resp = api
+        .http()
+        .post(format!("{}/host/v1/pull/{}", api.base, r))
+        .send()
+        .await
+        .map_err(|e| anyhow!("cannot reach the host agent at {}: {e}", api.base))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<vgrid_api::ErrorBody>(&body).map(|e| e.error).unwrap_or(body);
+        bail!("{msg} (HTTP {})", status.as_u16());
+    }
+    let pb = progress_bar(0, &format!("pulling {r}"));
+    if ctx.json {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut stream = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let mut last: Option<PullProgress> = None;
+    while let Some(b) = stream.next().await {
+        buf.extend_from_slice(&b.context("reading pull progress")?);
+        while let Some(i) = buf.iter().position(|&c| c == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let p: PullProgress = serde_json::from_slice(&line).context("malformed pull progress line")?;
+            if let Some(e) = &p.error {
+                pb.finish_and_clear();
+                bail!("pulling {r}: {e}");
+            }
+            pb.set_length(p.total);
+            pb.set_position(p.done);
+            last = Some(p);
+        }
+    }
+    pb.finish_and_clear();
+    let p = last.ok_or_else(|| anyhow!("pulling {r}: the host agent closed the connection without a result"))?;
+    if !p.finished {
+        bail!("pulling {r}: interrupted at {} of {}", bytes(p.done), bytes(p.total));
+    }
+    if ctx.json {
+        print_json(&p)?;
+    } else {
+        println!(
+            "pulled {}: {} staged, {} fetched from image servers in {:.1}s",
+            p.image.clone().unwrap_or_else(|| r.to_string()),
+            bytes(p.total),
+            bytes(p.fetched_bytes),
+            p.seconds
+        );
+    }
+    Ok(())
+}
+
+pub async fn cache_stats(ctx: &Ctx) -> anyhow::Result<()> {
+    let s: serde_json::Value = ctx.api().get("/host/v1/cache/stats").await?;
+    if ctx.json {
+        return print_json(&s);
+    }
+    let n = |k: &str| s.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let (hits, misses) = (n("hits"), n("misses"));
+    let ratio = if hits + misses == 0 { 0.0 } else { 100.0 * hits as f64 / (hits + misses) as f64 };
+    println!("cache:          {} of {} in {} chunks", bytes(n("bytes_cached")), bytes(n("max_bytes")), n("chunks_cached"));
+    println!("hits / misses:  {hits} / {misses} ({ratio:.1}% hits), {} coalesced", n("coalesced"));
+    println!("fetched:        {} in {} fetches ({} failed)", bytes(n("bytes_fetched")), n("fetches"), n("fetch_errors"));
+    println!(
+        "fetch latency:  mean {:.2} ms, p50 < {:.2} ms, p99 < {:.2} ms",
+        f("fetch_latency_mean_ms"),
+        f("fetch_latency_p50_ms"),
+        f("fetch_latency_p99_ms")
+    );
+    println!("evictions:      {}", n("evictions"));
+    println!("prefetched:     {} chunks", n("prefetched"));
+    println!("corrupt chunks: {}", n("verify_failures"));
+    Ok(())
+}

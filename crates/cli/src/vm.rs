@@ -1,0 +1,319 @@
+//! `vgrid vm ...` and `vgrid host ...`: clients of the coordinator's REST API.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+use vgrid_api::vm::{ConsoleChunk, Forward, HostInfo, VmCreate, VmRecord, VmState, VmStop};
+
+use crate::output::{age, print_json, table};
+use crate::Ctx;
+
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    /// Start a VM from an image and wait until it runs (or until TEXT shows on its console).
+    Run(RunArgs),
+    /// List VMs.
+    Ls,
+    /// Show one VM.
+    Show { id: String },
+    /// Attach to a VM's serial console (Ctrl-] detaches).
+    Console { id: String },
+    /// Print a VM's console log.
+    Logs {
+        id: String,
+        /// Keep printing new output until the VM stops (Ctrl-C to quit).
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Stop a VM: ACPI power-down, then quit after a timeout.
+    Stop {
+        id: String,
+        /// Kill QEMU at once.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a stopped VM (its overlay, sockets and record).
+    Rm {
+        id: String,
+        /// Stop it first if it is still running.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// NAME or NAME@VERSION of the image.
+    pub image: String,
+    /// VM name [default: IMAGE-<id>].
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u64,
+    /// Forward a host TCP port to a guest port (HOSTPORT:GUESTPORT); repeatable.
+    #[arg(long = "forward", value_parser = |s: &str| s.parse::<Forward>())]
+    pub forwards: Vec<Forward>,
+    /// Accelerator: kvm or tcg [default: kvm where the CPU has vmx/svm, else tcg].
+    #[arg(long, value_parser = ["kvm", "tcg"])]
+    pub accel: Option<String>,
+    /// Return only once TEXT appears on the VM's console.
+    #[arg(long)]
+    pub wait_for: Option<String>,
+    /// Give up waiting after this many seconds (the VM keeps running).
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HostCmd {
+    /// List compute hosts.
+    Ls,
+}
+
+pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<ExitCode> {
+    let api = ctx.api();
+    match cmd {
+        VmCmd::Run(a) => return run_vm(ctx, a).await,
+        VmCmd::Ls => {
+            let vms: Vec<VmRecord> = api.get("/api/v1/vms").await?;
+            if ctx.json {
+                print_json(&vms)?;
+            } else {
+                let rows = vms
+                    .iter()
+                    .map(|v| {
+                        vec![
+                            v.id.clone(),
+                            v.name.clone(),
+                            image_label(v),
+                            v.state.as_str().to_string(),
+                            v.cpus.to_string(),
+                            format!("{} MiB", v.memory_mib),
+                            v.host.clone().unwrap_or_default(),
+                            age(v.created),
+                        ]
+                    })
+                    .collect();
+                println!("{}", table(&["ID", "NAME", "IMAGE", "STATE", "CPUS", "MEMORY", "HOST", "CREATED"], rows));
+            }
+        }
+        VmCmd::Show { id } => {
+            let v: VmRecord = api.get(&format!("/api/v1/vms/{id}")).await?;
+            if ctx.json {
+                print_json(&v)?;
+            } else {
+                show(&v);
+            }
+        }
+        VmCmd::Console { id } => crate::console::attach(ctx, &id).await?,
+        VmCmd::Logs { id, follow } => logs(ctx, &id, follow).await?,
+        VmCmd::Stop { id, force } => {
+            let v: VmRecord = api.post(&format!("/api/v1/vms/{id}/stop"), &VmStop { force }).await?;
+            if ctx.json {
+                print_json(&v)?;
+            } else {
+                println!("{} {}", v.id, v.state.as_str());
+            }
+        }
+        VmCmd::Rm { id, force } => {
+            let v: VmRecord = api.delete(&format!("/api/v1/vms/{id}?force={force}")).await?;
+            if ctx.json {
+                print_json(&v)?;
+            } else {
+                println!("removed {}", v.id);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn run_host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        HostCmd::Ls => {
+            let hosts: Vec<HostInfo> = ctx.api().get("/api/v1/hosts").await?;
+            if ctx.json {
+                print_json(&hosts)?;
+            } else {
+                let rows = hosts
+                    .iter()
+                    .map(|h| {
+                        vec![
+                            h.name.clone(),
+                            h.state.clone(),
+                            h.arch.clone(),
+                            h.cpus.to_string(),
+                            format!("{}/{} MiB", h.free_memory_mib, h.memory_mib),
+                            h.accel.clone(),
+                            h.qemu_version.clone(),
+                            h.running_vms.to_string(),
+                        ]
+                    })
+                    .collect();
+                println!("{}", table(&["NAME", "STATE", "ARCH", "CPUS", "FREE MEMORY", "ACCEL", "QEMU", "VMS"], rows));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn image_label(v: &VmRecord) -> String {
+    match v.image_version {
+        Some(ver) if !v.image.contains('@') => format!("{}@{ver}", v.image),
+        _ => v.image.clone(),
+    }
+}
+
+fn show(v: &VmRecord) {
+    println!("id:       {}", v.id);
+    println!("name:     {}", v.name);
+    println!("image:    {}", image_label(v));
+    println!("state:    {}", v.state.as_str());
+    if let Some(r) = &v.reason {
+        println!("reason:   {}", r.replace('\n', "\n          "));
+    }
+    println!("cpus:     {}", v.cpus);
+    println!("memory:   {} MiB", v.memory_mib);
+    if let Some(h) = &v.host {
+        println!("host:     {h}");
+    }
+    if let Some(a) = &v.accel {
+        println!("accel:    {a}");
+    }
+    if let Some(p) = v.pid {
+        println!("pid:      {p}");
+    }
+    for f in &v.forwards {
+        println!("forward:  127.0.0.1:{} -> guest:{}", f.host, f.guest);
+    }
+    println!("created:  {}", age(v.created));
+}
+
+async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
+    let api = ctx.api();
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(a.timeout);
+    let req = VmCreate {
+        image: a.image.clone(),
+        name: a.name.clone(),
+        cpus: a.cpus,
+        memory_mib: a.memory,
+        forwards: a.forwards.clone(),
+        accel: a.accel.clone(),
+    };
+    let mut v: VmRecord = api.post("/api/v1/vms", &req).await?;
+    let quiet = ctx.json;
+    let spinner = indicatif::ProgressBar::new_spinner();
+    if quiet {
+        spinner.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    let mut last_phase = String::new();
+    loop {
+        if v.phase != last_phase {
+            spinner.set_message(format!("{} {}: {} ({:.1}s)", v.id, v.name, v.phase, t0.elapsed().as_secs_f64()));
+            last_phase = v.phase.clone();
+        }
+        match v.state {
+            VmState::Running => break,
+            VmState::Failed | VmState::Stopped | VmState::Stopping => {
+                spinner.finish_and_clear();
+                if quiet {
+                    print_json(&v)?;
+                }
+                bail!(
+                    "VM {} {}: {}",
+                    v.id,
+                    v.state.as_str(),
+                    v.reason.clone().unwrap_or_else(|| "no reason recorded".into())
+                );
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            spinner.finish_and_clear();
+            bail!("VM {} is still {} after {}s; it keeps starting (see `vgrid vm show {}`)", v.id, v.phase, a.timeout, v.id);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        v = api.get(&format!("/api/v1/vms/{}", v.id)).await?;
+    }
+    let running_at = t0.elapsed();
+    if let Some(text) = &a.wait_for {
+        spinner.set_message(format!("{} {}: waiting for {:?} on the console", v.id, v.name, text));
+        let mut offset = 0u64;
+        let mut seen = String::new();
+        loop {
+            let c: ConsoleChunk = api.get(&format!("/api/v1/vms/{}/console?offset={offset}", v.id)).await?;
+            offset = c.next;
+            seen.push_str(&c.data);
+            if seen.contains(text.as_str()) {
+                break;
+            }
+            // Keep only a tail long enough to match TEXT across page boundaries.
+            if seen.len() > 4 * text.len() + 4096 {
+                let cut = seen.len() - 2 * text.len();
+                let cut = (cut..seen.len()).find(|&i| seen.is_char_boundary(i)).unwrap_or(seen.len());
+                seen.drain(..cut);
+            }
+            let cur: VmRecord = api.get(&format!("/api/v1/vms/{}", v.id)).await?;
+            if !cur.state.is_active() {
+                spinner.finish_and_clear();
+                bail!("VM {} {} before {:?} appeared: {}", v.id, cur.state.as_str(), text, cur.reason.unwrap_or_default());
+            }
+            if Instant::now() > deadline {
+                spinner.finish_and_clear();
+                bail!("{:?} did not appear on the console of VM {} within {}s (it keeps running)", text, v.id, a.timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    spinner.finish_and_clear();
+    if ctx.json {
+        print_json(&v)?;
+    } else {
+        let mut msg = format!(
+            "VM {} ({}) running on {} [{}], started in {:.1}s",
+            v.id,
+            v.name,
+            v.host.clone().unwrap_or_default(),
+            v.accel.clone().unwrap_or_default(),
+            running_at.as_secs_f64()
+        );
+        if let Some(t) = &a.wait_for {
+            msg.push_str(&format!("; {:?} seen after {:.1}s", t, t0.elapsed().as_secs_f64()));
+        }
+        println!("{msg}");
+        eprintln!("console: vgrid vm console {}   logs: vgrid vm logs {}", v.id, v.id);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn logs(ctx: &Ctx, id: &str, follow: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let api = ctx.api();
+    let mut offset = 0u64;
+    loop {
+        let c: ConsoleChunk = api.get(&format!("/api/v1/vms/{id}/console?offset={offset}")).await?;
+        let got = c.next > offset;
+        offset = c.next;
+        print!("{}", c.data);
+        std::io::stdout().flush().ok();
+        if !follow {
+            if got {
+                continue; // more pages
+            }
+            return Ok(());
+        }
+        if !got {
+            let v: VmRecord = api.get(&format!("/api/v1/vms/{id}")).await?;
+            if !v.state.is_active() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Durable coordinator state: VM records in an embedded redb file.
+//!
+//! Kept behind [`StateStore`] so that a shared etcd backend can replace it when several
+//! coordinators share the load.
+
+use std::path::Path;
+
+use redb::ReadableTable;
+use vgrid_api::vm::VmRecord;
+
+const VMS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("vms");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database {path}: {cause}")]
+    Open { path: String, cause: String },
+    #[error("state database: {0}")]
+    Db(String),
+    #[error("state record of VM {id} is unreadable: {cause}")]
+    Corrupt { id: String, cause: String },
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(impl From<$t> for StateError {
+        fn from(e: $t) -> Self { StateError::Db(e.to_string()) }
+    })*};
+}
+db_err!(redb::Error, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+/// What the coordinator needs from a state backend.
+pub trait StateStore: Send + Sync {
+    fn put_vm(&self, vm: &VmRecord) -> Result<(), StateError>;
+    fn get_vm(&self, id: &str) -> Result<Option<VmRecord>, StateError>;
+    fn list_vms(&self) -> Result<Vec<VmRecord>, StateError>;
+    fn delete_vm(&self, id: &str) -> Result<bool, StateError>;
+}
+
+/// The default backend: one redb file under the data directory.
+pub struct RedbState {
+    db: redb::Database,
+}
+
+impl RedbState {
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        let db = redb::Database::create(path)
+            .map_err(|e| StateError::Open { path: path.display().to_string(), cause: e.to_string() })?;
+        let tx = db.begin_write()?;
+        tx.open_table(VMS)?;
+        tx.commit()?;
+        Ok(RedbState { db })
+    }
+}
+
+impl StateStore for RedbState {
+    fn put_vm(&self, vm: &VmRecord) -> Result<(), StateError> {
+        let bytes = serde_json::to_vec(vm).map_err(|e| StateError::Db(e.to_string()))?;
+        let tx = self.db.begin_write()?;
+        tx.open_table(VMS)?.insert(vm.id.as_str(), bytes.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn get_vm(&self, id: &str) -> Result<Option<VmRecord>, StateError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(VMS)?;
+        let Some(v) = table.get(id)? else { return Ok(None) };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| StateError::Corrupt { id: id.to_string(), cause: e.to_string() })
+    }
+
+    fn list_vms(&self) -> Result<Vec<VmRecord>, StateError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(VMS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            let rec = serde_json::from_slice(v.value())
+                .map_err(|e| StateError::Corrupt { id: k.value().to_string(), cause: e.to_string() })?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    fn delete_vm(&self, id: &str) -> Result<bool, StateError> {
+        let tx = self.db.begin_write()?;
+        let existed = tx.open_table(VMS)?.remove(id)?.is_some();
+        tx.commit()?;
+        Ok(existed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vgrid_api::vm::VmState;
+
+    #[test]
+    fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let rec = VmRecord {
+            id: "vm-1".into(),
+            name: "a".into(),
+            image: "sample".into(),
+            image_version: Some(1),
+            cpus: 1,
+            memory_mib: 128,
+            forwards: vec![],
+            state: VmState::Running,
+            phase: String::new(),
+            reason: None,
+            host: None,
+            accel: None,
+            pid: None,
+            created: 1,
+            started: None,
+            stopped: None,
+        };
+        {
+            let s = RedbState::open(&path).unwrap();
+            s.put_vm(&rec).unwrap();
+        }
+        let s = RedbState::open(&path).unwrap();
+        assert_eq!(s.get_vm("vm-1").unwrap().unwrap().state, VmState::Running);
+        assert_eq!(s.list_vms().unwrap().len(), 1);
+        assert!(s.delete_vm("vm-1").unwrap());
+        assert!(s.get_vm("vm-1").unwrap().is_none());
+    }
+}

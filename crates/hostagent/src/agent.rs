@@ -1,0 +1,359 @@
+//! The host agent: one block proxy (NBD on a unix socket, over the host chunk cache) and the
+//! QEMU guests of this host, each on a qcow2 overlay backed by the proxy's export.
+//!
+//! The coordinator (in process for `vgrid up`) asks it to launch, stop and remove VMs; the
+//! agent reports each VM's exit. Kernel and initrd of direct-boot images reach the host as
+//! chunks through the same cache and are written into the VM's runtime directory.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vgrid_api::vm::HostInfo;
+use vgrid_api::{Boot, ImageRef};
+use vgrid_blockproxy::{BlockProxy, ProxyConfig, Servers, ServerHandle, StoreSource};
+
+use crate::vm::{BootSource, DiskSource, ExitInfo, LaunchOptions, Vm, VmError, VmSpec};
+use crate::Accel;
+
+/// How long a guest gets to obey the ACPI power button before QEMU is told to quit.
+pub const POWERDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Host name as advertised.
+    pub name: String,
+    /// Holds `cache/` (chunk cache), `vms/<id>/` (runtime directories) and `nbd.sock`.
+    pub data_dir: PathBuf,
+    /// Image servers, tried in order for every manifest and chunk.
+    pub image_servers: Vec<String>,
+    pub cache_max_bytes: u64,
+    /// Memory offered to guests [default: 3/4 of physical memory].
+    pub max_memory_mib: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("image server {url}: {cause}")]
+    Source { url: String, cause: String },
+    #[error("block proxy: {0}")]
+    Proxy(#[from] vgrid_blockproxy::ProxyError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("VM {0} is not on this host")]
+    UnknownVm(String),
+    #[error("VM {id}: {what} {path}: {cause}")]
+    Io { id: String, what: &'static str, path: PathBuf, cause: String },
+    #[error("invalid accelerator {0:?}: expected kvm or tcg")]
+    BadAccel(String),
+    #[error("VM {id}: KVM was asked for but is not usable on this host")]
+    NoKvm { id: String },
+}
+
+/// What the coordinator asks the host to start.
+#[derive(Debug, Clone)]
+pub struct LaunchRequest {
+    pub id: String,
+    /// A versioned image reference (resolved at admission).
+    pub image: ImageRef,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub forwards: Vec<(u16, u16)>,
+    pub accel: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Launched {
+    pub pid: u32,
+    pub accel: String,
+}
+
+/// A line of `POST /host/v1/pull/{image}`'s NDJSON answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PullProgress {
+    #[serde(default)]
+    pub image: Option<String>,
+    pub done: u64,
+    pub total: u64,
+    #[serde(default)]
+    pub fetched_bytes: u64,
+    #[serde(default)]
+    pub seconds: f64,
+    #[serde(default)]
+    pub finished: bool,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Opens a block proxy over the cache in `cache_dir` that fetches from `servers` in order.
+pub async fn open_proxy(cache_dir: &Path, max_bytes: u64, servers: Vec<String>) -> Result<Arc<BlockProxy>, AgentError> {
+    let mut sources: Vec<Box<dyn vgrid_blockproxy::ChunkSource>> = Vec::new();
+    for url in &servers {
+        let s = StoreSource::from_url(url).map_err(|e| AgentError::Source { url: url.clone(), cause: e.to_string() })?;
+        sources.push(Box::new(s));
+    }
+    Ok(BlockProxy::new(ProxyConfig::new(cache_dir, max_bytes), Arc::new(Servers::new(sources)))?)
+}
+
+struct Slot {
+    vm: Arc<Vm>,
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    proxy: Arc<BlockProxy>,
+    nbd_socket: PathBuf,
+    nbd: Mutex<Option<ServerHandle>>,
+    vms: Mutex<HashMap<String, Slot>>,
+    accel: Accel,
+    qemu_version: String,
+    memory_mib: u64,
+    cpus: u32,
+}
+
+impl Agent {
+    /// Opens the cache, starts the NBD server on `DATA_DIR/nbd.sock`, probes QEMU and the CPU.
+    pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
+        let io = |what: &'static str, path: &Path, e: std::io::Error| AgentError::Io {
+            id: "-".into(),
+            what,
+            path: path.to_path_buf(),
+            cause: e.to_string(),
+        };
+        std::fs::create_dir_all(cfg.data_dir.join("vms")).map_err(|e| io("data directory", &cfg.data_dir, e))?;
+        let proxy = open_proxy(&cfg.data_dir.join("cache"), cfg.cache_max_bytes, cfg.image_servers.clone()).await?;
+        let nbd_socket = cfg.data_dir.join("nbd.sock");
+        let _ = std::fs::remove_file(&nbd_socket);
+        let handle = proxy.serve_unix(&nbd_socket)?;
+        let qemu_version = crate::vm::qemu_version().await.map(|v| v.full).unwrap_or_else(|e| format!("unavailable: {e}"));
+        let phys = physical_memory_mib();
+        let memory_mib = cfg.max_memory_mib.unwrap_or(phys * 3 / 4);
+        let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        let accel = Accel::detect();
+        tracing::info!(host = %cfg.name, accel = accel.as_str(), memory_mib, cpus, nbd = %nbd_socket.display(), "host agent started");
+        Ok(Arc::new(Agent {
+            cfg,
+            proxy,
+            nbd_socket,
+            nbd: Mutex::new(Some(handle)),
+            vms: Mutex::new(HashMap::new()),
+            accel,
+            qemu_version,
+            memory_mib,
+            cpus,
+        }))
+    }
+
+    pub fn proxy(&self) -> &Arc<BlockProxy> {
+        &self.proxy
+    }
+
+    /// This host's capacity (free memory is the coordinator's bookkeeping).
+    pub fn info(&self) -> HostInfo {
+        HostInfo {
+            name: self.cfg.name.clone(),
+            arch: std::env::consts::ARCH.into(),
+            cpus: self.cpus,
+            memory_mib: self.memory_mib,
+            free_memory_mib: self.memory_mib,
+            accel: self.accel.as_str().into(),
+            qemu_version: self.qemu_version.clone(),
+            running_vms: self.vms.lock().unwrap().len() as u32,
+            state: "ready".into(),
+        }
+    }
+
+    fn runtime_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("vms").join(id)
+    }
+
+    pub fn console_log(&self, id: &str) -> PathBuf {
+        self.runtime_dir(id).join("console.log")
+    }
+    pub fn console_socket(&self, id: &str) -> PathBuf {
+        self.runtime_dir(id).join("console.sock")
+    }
+
+    /// The last `n` console lines of a VM (empty when there is no log).
+    pub fn console_tail(&self, id: &str, n: usize) -> Vec<String> {
+        let Ok(data) = std::fs::read(self.console_log(id)) else { return vec![] };
+        let text = String::from_utf8_lossy(&data);
+        let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).filter(|l| !l.trim().is_empty()).collect();
+        lines[lines.len().saturating_sub(n)..].iter().map(|s| s.to_string()).collect()
+    }
+
+    fn vm(&self, id: &str) -> Option<Arc<Vm>> {
+        self.vms.lock().unwrap().get(id).map(|s| s.vm.clone())
+    }
+
+    /// Starts a VM: opens the image through the proxy, writes kernel/initrd, launches QEMU on
+    /// an overlay over the proxy's export. Returns once QEMU's QMP answers.
+    pub async fn launch(&self, req: LaunchRequest, progress: &(dyn Fn(&str) + Send + Sync)) -> Result<Launched, AgentError> {
+        let id = req.id.clone();
+        let dir = self.runtime_dir(&id);
+        let accel = match req.accel.as_deref() {
+            None => None,
+            Some("tcg") => Some(Accel::Tcg),
+            Some("kvm") => {
+                if !crate::kvm_usable() {
+                    return Err(AgentError::NoKvm { id });
+                }
+                Some(Accel::Kvm)
+            }
+            Some(o) => return Err(AgentError::BadAccel(o.into())),
+        };
+        progress("fetching image");
+        let t0 = Instant::now();
+        let manifest = self.proxy.resolve(&req.image).await?;
+        std::fs::create_dir_all(&dir).map_err(|e| AgentError::Io {
+            id: id.clone(),
+            what: "runtime directory",
+            path: dir.clone(),
+            cause: e.to_string(),
+        })?;
+        let boot = match &manifest.meta.boot {
+            Boot::Firmware => BootSource::Firmware { bios: None },
+            Boot::Kernel { kernel, initrd, cmdline } => {
+                let kpath = dir.join("kernel");
+                self.proxy.write_blob(&manifest, kernel, &kpath).await?;
+                let ipath = match initrd {
+                    Some(i) => {
+                        let p = dir.join("initrd");
+                        self.proxy.write_blob(&manifest, i, &p).await?;
+                        Some(p)
+                    }
+                    None => None,
+                };
+                BootSource::Kernel { kernel: kpath, initrd: ipath, cmdline: cmdline.clone() }
+            }
+        };
+        tracing::debug!(vm = %id, image = %manifest.image_ref(), took_ms = t0.elapsed().as_millis() as u64, "boot files ready");
+        progress("booting");
+        let export = manifest.image_ref().to_string();
+        let spec = VmSpec {
+            id: id.clone(),
+            cpus: req.cpus,
+            memory_mib: req.memory_mib,
+            disk: DiskSource::nbd_unix(&self.nbd_socket, &export),
+            boot,
+            forwards: req.forwards.clone(),
+            accel,
+        };
+        let vm = Vm::launch_with(spec, &dir, &LaunchOptions::default()).await?;
+        let launched = Launched { pid: vm.pid(), accel: vm.accel().as_str().to_string() };
+        self.vms.lock().unwrap().insert(id.clone(), Slot { vm: Arc::new(vm) });
+        tracing::info!(vm = %id, image = %export, pid = launched.pid, "QEMU started");
+        Ok(launched)
+    }
+
+    /// Resolves when the VM's QEMU exits.
+    pub async fn wait_exit(&self, id: &str) -> ExitInfo {
+        match self.vm(id) {
+            Some(vm) => vm.wait_exit().await,
+            None => ExitInfo { code: None, signal: None },
+        }
+    }
+
+    /// Stops a VM: ACPI power-down with a timeout (then quit, then kill), or a kill at once.
+    pub async fn stop(&self, id: &str, force: bool) -> Result<(), AgentError> {
+        let Some(vm) = self.vm(id) else { return Ok(()) };
+        if force {
+            vm.kill().await?;
+        } else {
+            let out = vm.powerdown(POWERDOWN_TIMEOUT).await?;
+            tracing::info!(vm = %id, method = ?out.method, exit = %out.exit, "VM stopped");
+        }
+        Ok(())
+    }
+
+    /// Forgets an exited VM and removes what it no longer needs: sockets, overlay, boot files.
+    /// The console log stays until [`Agent::remove`].
+    pub async fn release(&self, id: &str) -> Result<(), AgentError> {
+        let slot = self.vms.lock().unwrap().remove(id);
+        if let Some(s) = slot {
+            s.vm.release_console().await;
+            let _ = s.vm.kill().await;
+        }
+        let dir = self.runtime_dir(id);
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_name() != "console.log" {
+                    let p = e.path();
+                    let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                    if let Err(err) = r {
+                        tracing::warn!(vm = %id, path = %p.display(), "cannot remove: {err}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes everything of a VM on this host (kills QEMU if it still runs).
+    pub async fn remove(&self, id: &str) -> Result<(), AgentError> {
+        self.release(id).await?;
+        let dir = self.runtime_dir(id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(AgentError::Io { id: id.into(), what: "runtime directory", path: dir, cause: e.to_string() }),
+        }
+    }
+
+    /// Stages a whole image into the cache, reporting progress on `tx`.
+    pub async fn pull(&self, image: &ImageRef, tx: tokio::sync::mpsc::Sender<PullProgress>) {
+        let t0 = Instant::now();
+        let last = Mutex::new(Instant::now() - Duration::from_secs(1));
+        let cb = |done: u64, total: u64| {
+            let mut l = last.lock().unwrap();
+            if l.elapsed() >= Duration::from_millis(100) || done == total {
+                *l = Instant::now();
+                let _ = tx.try_send(PullProgress { done, total, ..Default::default() });
+            }
+        };
+        let r = self.proxy.pull(image, &cb).await;
+        let msg = match r {
+            Ok(rep) => PullProgress {
+                image: Some(rep.image.to_string()),
+                done: rep.bytes_total,
+                total: rep.bytes_total,
+                fetched_bytes: rep.bytes_fetched,
+                seconds: t0.elapsed().as_secs_f64(),
+                finished: true,
+                error: None,
+            },
+            Err(e) => PullProgress { error: Some(e.to_string()), ..Default::default() },
+        };
+        let _ = tx.send(msg).await;
+    }
+
+    /// Kills any guest still running (the coordinator stops them gracefully first) and stops
+    /// serving NBD.
+    pub async fn shutdown(&self) {
+        let ids: Vec<String> = self.vms.lock().unwrap().keys().cloned().collect();
+        for id in ids {
+            let _ = self.stop(&id, false).await;
+            let _ = self.release(&id).await;
+        }
+        let h = self.nbd.lock().unwrap().take();
+        if let Some(h) = h {
+            h.shutdown().await;
+        }
+        self.proxy.shutdown();
+        let _ = std::fs::remove_file(&self.nbd_socket);
+    }
+}
+
+fn physical_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(1024)
+}
