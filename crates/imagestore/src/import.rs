@@ -155,7 +155,7 @@ pub fn detect_format(path: &Path) -> Result<Format, ImportError> {
 /// A source of a blob's bytes: a file, or the raw stream of a qcow2 image.
 struct Source {
     path: PathBuf,
-    reader: Box<dyn Read + Send>,
+    input: Input,
     size: u64,
     /// The converter process of a qcow2 source, and its captured stderr.
     child: Option<(Child, String, std::thread::JoinHandle<String>)>,
@@ -174,7 +174,7 @@ fn open_raw(path: &Path) -> Result<Source, ImportError> {
     // Works for block devices too, whose metadata length is 0.
     let size = f.seek(SeekFrom::End(0)).map_err(file_err(path, "cannot seek"))?;
     f.seek(SeekFrom::Start(0)).map_err(file_err(path, "cannot seek"))?;
-    Ok(Source { path: path.into(), reader: Box::new(std::io::BufReader::with_capacity(1 << 20, f)), size, child: None })
+    Ok(Source { path: path.into(), input: Input::File { file: f, data_from: 0 }, size, child: None })
 }
 
 fn qcow2_virtual_size(path: &Path) -> Result<u64, ImportError> {
@@ -218,13 +218,71 @@ fn open_qcow2(path: &Path) -> Result<Source, ImportError> {
     });
     Ok(Source {
         path: path.into(),
-        reader: Box::new(std::io::BufReader::with_capacity(1 << 20, stdout)),
+        input: Input::Stream(Box::new(std::io::BufReader::with_capacity(1 << 20, stdout))),
         size,
         child: Some((child, command, errs)),
     })
 }
 
+/// Where a source's bytes come from.
+enum Input {
+    /// A seekable file, read with positional reads; `data_from` caches the last `SEEK_DATA`
+    /// answer (no data before it, from the offset it was asked for).
+    File { file: File, data_from: u64 },
+    /// A stream, read sequentially.
+    Stream(Box<dyn Read + Send>),
+}
+
+/// `lseek(SEEK_DATA)`: the first offset at or after `off` holding data; `u64::MAX` when there
+/// is none; `off` itself when the filesystem cannot say.
+fn seek_data(file: &File, off: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a valid, owned descriptor; it only moves the offset, which positional
+    // reads do not use.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+    if r >= 0 {
+        r as u64
+    } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+        u64::MAX
+    } else {
+        off
+    }
+}
+
 impl Source {
+    /// True when `[off, off+len)` is known to be a hole (reads as zeroes without reading).
+    fn is_hole(&mut self, off: u64, len: u64) -> bool {
+        match &mut self.input {
+            Input::File { file, data_from } => {
+                if off >= *data_from {
+                    *data_from = seek_data(file, off);
+                }
+                *data_from >= off + len
+            }
+            Input::Stream(_) => false,
+        }
+    }
+
+    /// Fills `buf` with the bytes at `off` (the next bytes, for a stream); returns how many
+    /// were read (fewer only at the end of the input).
+    fn read_chunk(&mut self, off: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        match &mut self.input {
+            Input::Stream(r) => read_full(&mut **r, buf),
+            Input::File { file, .. } => {
+                let mut got = 0;
+                while got < buf.len() {
+                    match file.read_at(&mut buf[got..], off + got as u64) {
+                        Ok(0) => break,
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(got)
+            }
+        }
+    }
+
     /// Ends the converter process: kills it if the stream was abandoned, otherwise checks that
     /// it exited cleanly.
     fn finish(&mut self, completed: bool) -> Result<(), ImportError> {
@@ -268,6 +326,12 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(got)
 }
 
+/// A piece of a blob read from its source.
+enum Piece {
+    Data(usize, Vec<u8>),
+    Hole(usize, u32),
+}
+
 /// One processed chunk: index, length, and (hash, compressed bytes) unless all-zero.
 type Encoded = (usize, u32, Option<(ChunkHash, Bytes)>);
 
@@ -285,6 +349,15 @@ impl Tally<'_> {
     }
 }
 
+fn encode_piece(i: usize, data: Vec<u8>) -> Encoded {
+    if codec::is_zero(&data) {
+        (i, data.len() as u32, None)
+    } else {
+        let (h, z) = codec::encode(&data);
+        (i, data.len() as u32, Some((h, Bytes::from(z))))
+    }
+}
+
 /// Streams `src` through the hash+compress pool and uploads the chunks the server lacks.
 async fn upload_blob(
     client: &StoreClient,
@@ -297,7 +370,7 @@ async fn upload_blob(
     let size = src.size;
     let n = size.div_ceil(chunk_size as u64) as usize;
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 4);
-    let (raw_tx, raw_rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(workers * 2);
+    let (raw_tx, raw_rx) = std::sync::mpsc::sync_channel::<Piece>(workers * 2);
     let (enc_tx, mut enc_rx) = tokio::sync::mpsc::channel::<Encoded>(workers * 2);
     let read_error: Arc<Mutex<Option<ImportError>>> = Arc::default();
 
@@ -307,9 +380,17 @@ async fn upload_blob(
         std::thread::spawn(move || {
             let mut completed = true;
             for i in 0..n {
-                let len = (size - i as u64 * chunk_size as u64).min(chunk_size as u64) as usize;
+                let off = i as u64 * chunk_size as u64;
+                let len = (size - off).min(chunk_size as u64) as usize;
+                if src.is_hole(off, len as u64) {
+                    if raw_tx.send(Piece::Hole(i, len as u32)).is_err() {
+                        completed = false;
+                        break;
+                    }
+                    continue;
+                }
                 let mut buf = vec![0u8; len];
-                match read_full(&mut *src.reader, &mut buf) {
+                match src.read_chunk(off, &mut buf) {
                     Ok(got) if got == len => {}
                     Ok(got) => {
                         *read_error.lock().unwrap() = Some(ImportError::ShortRead {
@@ -327,16 +408,16 @@ async fn upload_blob(
                         break;
                     }
                 }
-                if raw_tx.send((i, buf)).is_err() {
+                if raw_tx.send(Piece::Data(i, buf)).is_err() {
                     completed = false; // the uploader gave up
                     break;
                 }
             }
             drop(raw_tx);
-            if completed && src.child.is_some() {
+            if let (true, Input::Stream(r)) = (completed, &mut src.input) {
                 // The converter must end exactly at the virtual size.
                 let mut extra = [0u8; 1];
-                if let Ok(1..) = src.reader.read(&mut extra) {
+                if let Ok(1..) = r.read(&mut extra) {
                     let _ = src.finish(false);
                     *read_error.lock().unwrap() = Some(ImportError::Convert {
                         path: src.path.clone(),
@@ -359,12 +440,10 @@ async fn upload_blob(
         let enc_tx = enc_tx.clone();
         std::thread::spawn(move || loop {
             let item = raw_rx.lock().unwrap().recv();
-            let Ok((i, data)) = item else { break };
-            let out = if codec::is_zero(&data) {
-                (i, data.len() as u32, None)
-            } else {
-                let (h, z) = codec::encode(&data);
-                (i, data.len() as u32, Some((h, Bytes::from(z))))
+            let out = match item {
+                Err(_) => break,
+                Ok(Piece::Hole(i, len)) => (i, len, None),
+                Ok(Piece::Data(i, data)) => encode_piece(i, data),
             };
             if enc_tx.blocking_send(out).is_err() {
                 break;
@@ -594,4 +673,40 @@ pub async fn export_image(
     export_blob(client, &m.image_ref().to_string(), &m.disk, m.chunk_size, dest, progress).await?;
     tracing::info!(image = %m.image_ref(), dest = %dest.display(), "image exported");
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_are_found_without_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sparse");
+        let f = File::create(&p).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(b"x", 32 << 20).unwrap();
+        drop(f);
+        let mut src = open_raw(&p).unwrap();
+        assert!(src.is_hole(0, 1 << 20));
+        assert!(src.is_hole(1 << 20, 1 << 20));
+        assert!(!src.is_hole(32 << 20, 1 << 20));
+        assert!(src.is_hole(48 << 20, 1 << 20));
+        let mut buf = vec![1u8; 4];
+        assert_eq!(src.read_chunk((64 << 20) - 2, &mut buf).unwrap(), 2);
+    }
+
+    #[test]
+    fn format_detection_and_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("q");
+        std::fs::write(&q, b"QFI\xfb\0\0\0\x03").unwrap();
+        assert_eq!(detect_format(&q).unwrap(), Format::Qcow2);
+        let r = dir.path().join("r");
+        std::fs::write(&r, b"QF").unwrap();
+        assert_eq!(detect_format(&r).unwrap(), Format::Raw);
+        assert!(detect_format(&dir.path().join("none")).unwrap_err().to_string().contains("none"));
+        assert_eq!("qcow2".parse::<Format>().unwrap(), Format::Qcow2);
+        assert!("vmdk".parse::<Format>().unwrap_err().contains("vmdk"));
+    }
 }

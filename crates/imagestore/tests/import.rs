@@ -273,3 +273,31 @@ async fn out_of_space_names_the_image_and_stores_nothing_visible() {
     s.store.gc().await.unwrap();
     assert_eq!(s.chunk_files(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_file_holes_become_zero_chunks() {
+    use std::os::unix::fs::FileExt;
+    let s = start().await;
+    let src = s.dir.path().join("sparse.raw");
+    let size: u64 = 256 * 1024 * 1024 + 4096 + 3;
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(size).unwrap();
+    // Data straddling a chunk boundary, data in the middle of a hole, data at the very end.
+    f.write_all_at(&chunk_data(1, 10_000), CS as u64 * 10 - 5000).unwrap();
+    f.write_all_at(&chunk_data(2, 100), 100 * 1024 * 1024 + 12345).unwrap();
+    f.write_all_at(&chunk_data(3, 7), size - 7).unwrap();
+    drop(f);
+    let m = import_file(&s.client, &src, &opts("sparse"), &no_progress()).await.unwrap();
+    assert_eq!(m.disk.size, size);
+    let stored: Vec<usize> = m.disk.chunks.iter().enumerate().filter(|(_, c)| c.is_some()).map(|(i, _)| i).collect();
+    let last = m.disk.chunks.len() - 1;
+    assert_eq!(stored, vec![9, 10, (100 * 1024 * 1024 + 12345) / CS as usize, last]);
+    let out = s.dir.path().join("sparse.out");
+    export_image(&s.client, &r("sparse"), &out, &no_progress()).await.unwrap();
+    qemu_img_compare(&src, &out);
+    // The export is sparse too: far fewer blocks allocated than its length.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&out).unwrap();
+    assert_eq!(meta.len(), size);
+    assert!(meta.blocks() * 512 < size / 4, "export not sparse: {} blocks", meta.blocks());
+}
