@@ -17,7 +17,7 @@ pub enum ReadError {
     #[error("image {image}: read of {len} bytes at offset {offset} is outside the {size}-byte disk")]
     OutOfRange { image: ImageRef, offset: u64, len: u64, size: u64 },
     #[error("image {image}: chunk {index} ({hash}): {cause}")]
-    Chunk { image: ImageRef, index: u64, hash: ChunkHash, cause: CacheError },
+    Chunk { image: ImageRef, index: u64, hash: ChunkHash, cause: Box<CacheError> },
     #[error("image {image}: chunk {index} ({hash}): reading the cached file failed: {cause}")]
     Io { image: ImageRef, index: u64, hash: ChunkHash, cause: String },
 }
@@ -74,7 +74,7 @@ impl Shared {
                 match r {
                     Ok(f) => out[(idx - first) as usize] = Some(f),
                     Err(cause) => {
-                        let e = ReadError::Chunk { image: image.clone(), index: idx, hash, cause };
+                        let e = ReadError::Chunk { image: image.clone(), index: idx, hash, cause: Box::new(cause) };
                         tracing::error!(image = %image, chunk = idx, hash = %hash, "read failed: {e}");
                         return Err(e);
                     }
@@ -173,7 +173,7 @@ impl Export {
 
     /// Chunk files covering `[offset, offset+len)`; `len > 0` and the range inside the disk.
     pub(crate) async fn files(&self, offset: u64, len: u64) -> Result<(u64, Vec<Option<ChunkFile>>), ReadError> {
-        if len == 0 || offset.checked_add(len).is_none_or_past(self.size()) {
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size()) {
             return Err(ReadError::OutOfRange { image: self.image.clone(), offset, len, size: self.size() });
         }
         let cs = self.chunk_size() as u64;
@@ -327,11 +327,3 @@ impl Drop for Export {
     }
 }
 
-trait PastEnd {
-    fn is_none_or_past(self, size: u64) -> bool;
-}
-impl PastEnd for Option<u64> {
-    fn is_none_or_past(self, size: u64) -> bool {
-        self.map_or(true, |end| end > size)
-    }
-}

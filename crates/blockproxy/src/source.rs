@@ -83,7 +83,7 @@ impl Servers {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     tracing::debug!(source = %s.describe(), "{what}: {e}");
-                    if err.as_ref().map_or(true, |prev| prev.is_not_found()) {
+                    if err.as_ref().is_none_or(|prev| prev.is_not_found()) {
                         err = Some(e);
                     }
                 }

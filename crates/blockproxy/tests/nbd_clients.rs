@@ -1,0 +1,557 @@
+//! The block proxy against real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy) and a real
+//! image server (the imagestore router on a loopback port, in its own runtime so it can be
+//! stopped and started again like a separate process).
+
+use rand::{Rng, RngCore, SeedableRng};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use vgrid_api::{ImageRef, Manifest};
+use vgrid_blockproxy::{BlockProxy, ProxyConfig, StoreSource};
+use vgrid_imagestore::import::{Format, ImportOptions};
+use vgrid_imagestore::{ImageStore, RetryPolicy, StoreClient};
+
+const CHUNK: u32 = 64 * 1024;
+const SIZE: usize = 5 * 1024 * 1024 + 12345;
+
+/// An image server in its own runtime on its own thread: `stop` kills it and every
+/// connection it holds, as if its process died.
+struct ImageServer {
+    dir: PathBuf,
+    addr: SocketAddr,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ImageServer {
+    fn start(dir: &Path, addr: SocketAddr) -> ImageServer {
+        let (atx, arx) = std::sync::mpsc::channel();
+        let (stx, srx) = std::sync::mpsc::channel::<()>();
+        let store_dir = dir.to_path_buf();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            let store = Arc::new(ImageStore::open_local(&store_dir).unwrap());
+            let bound = rt.block_on(async {
+                // The port may still be held briefly by the previous instance.
+                let mut tries = 0;
+                loop {
+                    match vgrid_imagestore::server::spawn(store.clone(), addr).await {
+                        Ok((a, _task)) => break a,
+                        Err(_) if tries < 100 => {
+                            tries += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => panic!("image server cannot bind {addr}: {e}"),
+                    }
+                }
+            });
+            atx.send(bound).unwrap();
+            let _ = srx.recv();
+            rt.shutdown_background();
+        });
+        let bound = arx.recv().expect("image server thread failed to start");
+        ImageServer { dir: dir.to_path_buf(), addr: bound, stop: Some(stx), thread: Some(thread) }
+    }
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+    fn restart(&mut self) {
+        self.stop();
+        let next = ImageServer::start(&self.dir.clone(), self.addr);
+        *self = next;
+    }
+}
+
+impl Drop for ImageServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn quick_retry() -> RetryPolicy {
+    RetryPolicy {
+        attempts: 2,
+        first_backoff: Duration::from_millis(100),
+        request_timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(2),
+    }
+}
+
+/// Random data with zero regions: chunks 10..20 all zero, half of chunk 30 zero, last chunk
+/// partial.
+fn test_image(path: &Path, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; SIZE];
+    rng.fill_bytes(&mut data);
+    let c = CHUNK as usize;
+    data[10 * c..20 * c].fill(0);
+    data[30 * c..30 * c + c / 2].fill(0);
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+struct Fixture {
+    tmp: tempfile::TempDir,
+    server: ImageServer,
+    source_file: PathBuf,
+    data: Vec<u8>,
+    manifest: Manifest,
+}
+
+impl Fixture {
+    async fn new(name: &str) -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = ImageServer::start(&tmp.path().join("store"), "127.0.0.1:0".parse().unwrap());
+        let source_file = tmp.path().join("source.raw");
+        let data = test_image(&source_file, 42);
+        let client = StoreClient::new(&server.url()).unwrap();
+        let mut opts = ImportOptions::new(name);
+        opts.chunk_size = CHUNK;
+        opts.format = Some(Format::Raw);
+        let manifest = vgrid_imagestore::import_file(&client, &source_file, &opts, &|_, _| {}).await.unwrap();
+        Fixture { tmp, server, source_file, data, manifest }
+    }
+
+    fn source(&self) -> Arc<StoreSource> {
+        Arc::new(StoreSource::new(StoreClient::with_retry(&self.server.url(), quick_retry()).unwrap()))
+    }
+
+    fn proxy(&self, cache: &str, max: u64) -> Arc<BlockProxy> {
+        let mut cfg = ProxyConfig::new(self.tmp.path().join(cache), max);
+        cfg.fetch_timeout = Duration::from_secs(30);
+        BlockProxy::new(cfg, self.source()).unwrap()
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.tmp.path().join(p)
+    }
+}
+
+fn uri(name: &str, sock: &Path) -> String {
+    format!("nbd+unix:///{name}?socket={}", sock.display())
+}
+
+async fn run(cmd: &str, args: &[&str]) -> Output {
+    let out = tokio::time::timeout(Duration::from_secs(300), Command::new(cmd).args(args).kill_on_drop(true).output())
+        .await
+        .unwrap_or_else(|_| panic!("{cmd} {args:?} hung"))
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    out
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+async fn ok(cmd: &str, args: &[&str]) -> String {
+    let o = run(cmd, args).await;
+    assert!(o.status.success(), "{cmd} {args:?} failed: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+async fn nbdcopy_equals(uri: &str, out: &Path, want: &[u8]) {
+    let _ = std::fs::remove_file(out);
+    ok("nbdcopy", &[uri, out.to_str().unwrap()]).await;
+    let got = std::fs::read(out).unwrap();
+    assert_eq!(got.len(), want.len(), "nbdcopy output size");
+    assert!(got == want, "nbdcopy output differs from the source image");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_clients_read_exact_bytes_over_unix_and_tcp() {
+    let f = Fixture::new("disk").await;
+    let proxy = f.proxy("cache", 1 << 30);
+    let sock = f.path("nbd.sock");
+    let server = proxy.serve_unix(&sock).unwrap();
+    let u = uri("disk", &sock);
+
+    // Size is reported exactly, odd as it is.
+    let info = ok("nbdinfo", &["--json", &u]).await;
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["exports"][0]["export-size"].as_u64(), Some(SIZE as u64), "{info}");
+    assert_eq!(v["exports"][0]["is_read_only"].as_bool(), Some(true), "{info}");
+
+    // nbdcopy: byte for byte.
+    nbdcopy_equals(&u, &f.path("out.raw"), &f.data).await;
+
+    // qemu-img compare against the source file.
+    let cmp = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", f.source_file.to_str().unwrap(), &u]).await;
+    assert!(cmp.status.success(), "qemu-img compare: {}", text(&cmp));
+
+    // qemu-io reads a range spanning data, a hole boundary and the odd tail.
+    let tail = SIZE - 12345;
+    let pattern_ok = run("qemu-io", &["-r", "-f", "raw", "-c", &format!("read -P 0 {} 65536", 10 * CHUNK), &u]).await;
+    assert!(pattern_ok.status.success() && !text(&pattern_ok).contains("Pattern verification failed"), "{}", text(&pattern_ok));
+    let tail_read = run("qemu-io", &["-r", "-f", "raw", "-c", &format!("read {tail} 12288"), &u]).await;
+    assert!(tail_read.status.success() && !text(&tail_read).contains("error"), "{}", text(&tail_read));
+
+    // Holes for zero chunks in the allocation map; data elsewhere.
+    let map = ok("nbdinfo", &["--map", &u]).await;
+    let mut holes = Vec::new();
+    for line in map.lines() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() >= 3 && cols[2] == "3" {
+            holes.push((cols[0].parse::<u64>().unwrap(), cols[1].parse::<u64>().unwrap()));
+        }
+    }
+    assert_eq!(holes, vec![(10 * CHUNK as u64, 10 * CHUNK as u64)], "map:\n{map}");
+
+    // Four concurrent readers.
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let u = u.clone();
+        let out = f.path(&format!("par{i}.raw"));
+        tasks.push(tokio::spawn(async move {
+            let o = run("nbdcopy", &[&u, out.to_str().unwrap()]).await;
+            (o, out)
+        }));
+    }
+    for t in tasks {
+        let (o, out) = t.await.unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(std::fs::read(&out).unwrap() == f.data, "concurrent nbdcopy output differs");
+    }
+
+    // TCP as well.
+    let tcp = proxy.serve_tcp("127.0.0.1:0").await.unwrap();
+    let tu = format!("nbd://{}/disk", tcp.tcp_addr().unwrap());
+    nbdcopy_equals(&tu, &f.path("tcp.raw"), &f.data).await;
+
+    // Versioned export names resolve to the same bytes.
+    let vu = uri(&format!("disk@{}", f.manifest.version), &sock);
+    nbdcopy_equals(&vu, &f.path("v.raw"), &f.data).await;
+
+    // Unknown export: the client fails and shows our message.
+    // (nbdinfo 1.14 prints the server's message only in debug output; qemu-img always does.)
+    let o = Command::new("nbdinfo").arg(uri("nosuch", &sock)).env("LIBNBD_DEBUG", "1").output().await.unwrap();
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("server error message: vgrid: image nosuch not found"), "{t}");
+    let o = run("qemu-img", &["info", &uri("nosuch", &sock)]).await;
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("server reported: vgrid: image nosuch not found"), "{t}");
+
+    // Writes are refused: the export is read-only.
+    let w = run("qemu-io", &["-f", "raw", "-c", "write 0 512", &u]).await;
+    assert!(!w.status.success() || text(&w).contains("ermission") || text(&w).contains("read-only"), "{}", text(&w));
+
+    let s = proxy.stats();
+    assert!(s.hits > 0 && s.fetches > 0 && s.bytes_cached > 0, "{s:?}");
+    // The image was fetched once: 39 stored chunks (80 minus 10 zero), each fetched once.
+    let stored = f.manifest.disk.stored().collect::<std::collections::HashSet<_>>().len() as u64;
+    assert_eq!(s.chunks_cached, stored, "{s:?}");
+    assert_eq!(s.fetches, stored, "{s:?}");
+
+    server.shutdown().await;
+    tcp.shutdown().await;
+    assert!(!sock.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_smaller_than_image_still_serves_correct_bytes() {
+    let f = Fixture::new("small").await;
+    let proxy = f.proxy("cache", 1 << 20);
+    let sock = f.path("nbd.sock");
+    let _server = proxy.serve_unix(&sock).unwrap();
+    let u = uri("small", &sock);
+    nbdcopy_equals(&u, &f.path("out.raw"), &f.data).await;
+    let cmp = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", f.source_file.to_str().unwrap(), &u]).await;
+    assert!(cmp.status.success(), "qemu-img compare: {}", text(&cmp));
+    let s = proxy.stats();
+    assert!(s.evictions > 0, "{s:?}");
+    assert!(s.bytes_cached <= 1 << 20, "{s:?}");
+    // A pull of an image larger than the cache is refused up front, naming the image.
+    let e = proxy.pull(&"small".parse().unwrap(), &|_, _| {}).await.unwrap_err().to_string();
+    assert!(e.contains("small@") && e.contains("cache"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_chunk_is_an_io_error_never_wrong_bytes() {
+    let f = Fixture::new("bad").await;
+    // Corrupt the stored chunk of disk chunk 0 in the image server's store.
+    let h = f.manifest.disk.chunks[0].unwrap().to_hex();
+    let p = f.server.dir.join("chunks").join(&h[..2]).join(&h);
+    let mut bytes = std::fs::read(&p).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x55;
+    std::fs::write(&p, bytes).unwrap();
+
+    let proxy = f.proxy("cache", 1 << 30);
+    let sock = f.path("nbd.sock");
+    let _server = proxy.serve_unix(&sock).unwrap();
+    let u = uri("bad", &sock);
+    let o = run("qemu-io", &["-r", "-f", "raw", "-c", "read 0 64k", &u]).await;
+    let t = text(&o);
+    assert!(t.contains("Input/output error"), "qemu-io should report EIO: {t}");
+    let o = run("nbdcopy", &[&u, f.path("out.raw").to_str().unwrap()]).await;
+    assert!(!o.status.success(), "nbdcopy must fail: {}", text(&o));
+    // Other chunks still read fine, and the bad one never entered the cache.
+    let o = run("qemu-io", &["-r", "-f", "raw", "-c", &format!("read {} 64k", 2 * CHUNK), &u]).await;
+    assert!(o.status.success() && !text(&o).contains("error"), "{}", text(&o));
+    assert!(!proxy.cache().contains(&f.manifest.disk.chunks[0].unwrap()));
+    assert!(proxy.stats().fetch_errors > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_server_down_fails_reads_then_recovers() {
+    let mut f = Fixture::new("flaky").await;
+    let proxy = f.proxy("cache", 1 << 30);
+    let sock = f.path("nbd.sock");
+    let _server = proxy.serve_unix(&sock).unwrap();
+    let u = uri("flaky", &sock);
+    // Open once while the server is up so the manifest is known.
+    ok("qemu-io", &["-r", "-f", "raw", "-c", "read 0 64k", &u]).await;
+
+    f.server.stop();
+    // Reads of uncached chunks fail (bounded retries, no hang) ...
+    let o = run("qemu-io", &["-r", "-f", "raw", "-c", &format!("read {} 64k", 3 * CHUNK), &u]).await;
+    assert!(text(&o).contains("Input/output error"), "{}", text(&o));
+    // ... cached ones still work ...
+    let o = run("qemu-io", &["-r", "-f", "raw", "-c", "read -P 0 0 1", &u]).await;
+    let _ = o;
+    ok("qemu-io", &["-r", "-f", "raw", "-c", "read 0 64k", &u]).await;
+
+    // ... and everything works again once the server is back (failures were not cached).
+    f.server.restart();
+    nbdcopy_equals(&u, &f.path("out.raw"), &f.data).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_stages_everything_then_serves_offline() {
+    let mut f = Fixture::new("staged").await;
+    let proxy = f.proxy("cache", 1 << 30);
+    let seen = std::sync::Mutex::new(Vec::new());
+    let report = proxy.pull(&"staged".parse().unwrap(), &|d, t| seen.lock().unwrap().push((d, t))).await.unwrap();
+    let stored = f.manifest.disk.stored().collect::<std::collections::HashSet<_>>().len() as u64;
+    assert_eq!((report.chunks_total, report.chunks_fetched, report.chunks_cached), (stored, stored, 0));
+    assert_eq!(report.image, f.manifest.image_ref());
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(seen.last().unwrap().0, report.bytes_total);
+    // A second pull finds everything cached.
+    let again = proxy.pull(&"staged".parse().unwrap(), &|_, _| {}).await.unwrap();
+    assert_eq!((again.chunks_fetched, again.chunks_cached), (0, stored));
+
+    // With the image server gone, the staged image (manifest and chunks) still serves.
+    f.server.stop();
+    let sock = f.path("nbd.sock");
+    let _server = proxy.serve_unix(&sock).unwrap();
+    nbdcopy_equals(&uri("staged", &sock), &f.path("out.raw"), &f.data).await;
+    // Restart with the same cache directory: chunks are still there (verified on first use).
+    drop(_server);
+    proxy.shutdown();
+    drop(proxy);
+    let proxy2 = f.proxy("cache", 1 << 30);
+    assert_eq!(proxy2.stats().chunks_cached, stored);
+    let e = proxy2.open_export("staged").await.unwrap();
+    let mut buf = vec![0u8; 100_000];
+    e.read_at(12345, &mut buf).await.unwrap();
+    assert_eq!(&buf[..], &f.data[12345..112345]);
+    assert_eq!(proxy2.stats().fetches, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_blob_materialises_through_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = ImageServer::start(&tmp.path().join("store"), "127.0.0.1:0".parse().unwrap());
+    let disk = tmp.path().join("d.raw");
+    std::fs::write(&disk, vec![1u8; 100_000]).unwrap();
+    let kernel = tmp.path().join("vmlinuz");
+    let mut k = vec![0u8; 300_001];
+    rand::thread_rng().fill_bytes(&mut k);
+    std::fs::write(&kernel, &k).unwrap();
+    let client = StoreClient::new(&server.url()).unwrap();
+    let mut opts = ImportOptions::new("kvm");
+    opts.chunk_size = CHUNK;
+    opts.kernel = Some(kernel.clone());
+    opts.cmdline = "console=ttyS0".into();
+    let m = vgrid_imagestore::import_file(&client, &disk, &opts, &|_, _| {}).await.unwrap();
+    let proxy = BlockProxy::new(ProxyConfig::new(tmp.path().join("cache"), 1 << 30), Arc::new(StoreSource::new(client))).unwrap();
+    let vgrid_api::Boot::Kernel { kernel: kb, .. } = &m.meta.boot else { panic!("not a kernel image") };
+    let out = tmp.path().join("kernel.out");
+    proxy.write_blob(&m, kb, &out).await.unwrap();
+    assert!(std::fs::read(&out).unwrap() == k);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_profile_is_recorded_then_prefetched() {
+    let f = Fixture::new("bootme").await;
+    let mut cfg = ProxyConfig::new(f.path("cache1"), 1 << 30);
+    cfg.profile_window = Duration::from_secs(600);
+    cfg.readahead_chunks = 0;
+    let proxy = BlockProxy::new(cfg, f.source()).unwrap();
+    let sock = f.path("nbd.sock");
+    let _server = proxy.serve_unix(&sock).unwrap();
+    let u = uri("bootme", &sock);
+    // One client session touching chunks 25, 2, then 25 again, then 40: the profile is the
+    // first-touch order of stored chunks.
+    ok(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", &format!("read {} 4k", 25 * CHUNK), "-c", &format!("read {} 4k", 2 * CHUNK),
+          "-c", &format!("read {} 4k", 25 * CHUNK), "-c", &format!("read {} 4k", 40 * CHUNK), &u],
+    )
+    .await;
+    // The export closed with the session: the profile is uploaded.
+    let client = StoreClient::new(&f.server.url()).unwrap();
+    let image = f.manifest.image_ref();
+    let mut profile = None;
+    for _ in 0..300 {
+        if let Ok(p) = client.profile(&image).await {
+            profile = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let profile = profile.expect("boot profile was never uploaded");
+    assert_eq!(profile.chunks, vec![25, 2, 40]);
+
+    // A fresh host opening the image prefetches those chunks.
+    let proxy2 = f.proxy("cache2", 1 << 30);
+    let _e = proxy2.open_export("bootme").await.unwrap();
+    let want: Vec<_> = [25usize, 2, 40].iter().map(|i| f.manifest.disk.chunks[*i].unwrap()).collect();
+    for _ in 0..300 {
+        if want.iter().all(|h| proxy2.cache().contains(h)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(want.iter().all(|h| proxy2.cache().contains(h)), "profile chunks were not prefetched");
+    assert_eq!(proxy2.stats().prefetched, 3);
+    let _ = ImageRef { name: String::new(), version: None };
+}
+
+/// Drives the server with malformed input on a raw socket (this is not an NBD client: it only
+/// sends broken bytes and checks the server's answer), then checks a real client still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_gets_errors_or_a_closed_connection() {
+    use tokio::net::UnixStream;
+    use vgrid_blockproxy::protocol as p;
+    let f = Fixture::new("raw").await;
+    let proxy = f.proxy("cache", 1 << 30);
+    let sock = f.path("nbd.sock");
+    let _server = proxy.serve_unix(&sock).unwrap();
+
+    async fn connect(sock: &Path) -> UnixStream {
+        let mut s = UnixStream::connect(sock).await.unwrap();
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).await.unwrap();
+        assert_eq!(&g[..8], b"NBDMAGIC");
+        s.write_all(&(p::FLAG_C_FIXED_NEWSTYLE | p::FLAG_C_NO_ZEROES).to_be_bytes()).await.unwrap();
+        s
+    }
+    async fn option(s: &mut UnixStream, opt: u32, data: &[u8]) {
+        let mut b = Vec::new();
+        b.extend_from_slice(&p::IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        s.write_all(&b).await.unwrap();
+    }
+    async fn reply(s: &mut UnixStream) -> (u32, u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).await.unwrap();
+        assert_eq!(u64::from_be_bytes(h[..8].try_into().unwrap()), p::OPTION_REPLY_MAGIC);
+        let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+        let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut d = vec![0u8; len as usize];
+        s.read_exact(&mut d).await.unwrap();
+        (opt, ty, d)
+    }
+    async fn closed(s: &mut UnixStream) -> bool {
+        let mut b = [0u8; 64];
+        matches!(tokio::time::timeout(Duration::from_secs(30), s.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
+    }
+    fn go_data(name: &str) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        d
+    }
+
+    // Unknown option → ERR_UNSUP; truncated GO → ERR_INVALID; the session goes on.
+    let mut s = connect(&sock).await;
+    option(&mut s, 0xdead, b"whatever").await;
+    assert_eq!(reply(&mut s).await.1, p::REP_ERR_UNSUP);
+    option(&mut s, p::OPT_GO, &[0, 0, 0, 9, b'r']).await;
+    assert_eq!(reply(&mut s).await.1, p::REP_ERR_INVALID);
+    option(&mut s, p::OPT_GO, &go_data("nope")).await;
+    let (_, ty, msg) = reply(&mut s).await;
+    assert_eq!(ty, p::REP_ERR_UNKNOWN);
+    assert!(String::from_utf8_lossy(&msg).contains("nope"));
+    // Structured replies, then GO, then a read past the end → EINVAL, then a good read.
+    option(&mut s, p::OPT_STRUCTURED_REPLY, &[]).await;
+    assert_eq!(reply(&mut s).await.1, p::REP_ACK);
+    option(&mut s, p::OPT_GO, &go_data("raw")).await;
+    loop {
+        let (_, ty, _) = reply(&mut s).await;
+        if ty == p::REP_ACK {
+            break;
+        }
+        assert_eq!(ty, p::REP_INFO);
+    }
+    let req = |cookie, kind, offset, len| p::encode_request(&p::Request { flags: 0, kind, cookie, offset, len });
+    s.write_all(&req(1, p::CMD_READ, SIZE as u64 - 10, 11)).await.unwrap();
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).await.unwrap();
+    assert_eq!(u16::from_be_bytes([h[6], h[7]]), p::REPLY_TYPE_ERROR);
+    assert_eq!(u64::from_be_bytes(h[8..16].try_into().unwrap()), 1);
+    let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+    s.read_exact(&mut d).await.unwrap();
+    assert_eq!(u32::from_be_bytes(d[..4].try_into().unwrap()), p::EINVAL);
+    // A write is refused with EPERM (its payload consumed), the connection stays usable.
+    s.write_all(&req(2, p::CMD_WRITE, 0, 4)).await.unwrap();
+    s.write_all(b"abcd").await.unwrap();
+    s.read_exact(&mut h).await.unwrap();
+    let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+    s.read_exact(&mut d).await.unwrap();
+    assert_eq!(u32::from_be_bytes(d[..4].try_into().unwrap()), p::EPERM);
+    s.write_all(&req(3, p::CMD_READ, SIZE as u64 - 10, 10)).await.unwrap();
+    s.read_exact(&mut h).await.unwrap();
+    assert_eq!(u16::from_be_bytes([h[6], h[7]]), p::REPLY_TYPE_OFFSET_DATA);
+    let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+    s.read_exact(&mut d).await.unwrap();
+    assert_eq!(&d[8..], &f.data[SIZE - 10..]);
+    // Bad request magic → the server closes the connection.
+    s.write_all(&[0u8; 28]).await.unwrap();
+    assert!(closed(&mut s).await);
+
+    // Bad option magic → closed.
+    let mut s = connect(&sock).await;
+    s.write_all(&[0x11u8; 16]).await.unwrap();
+    assert!(closed(&mut s).await);
+
+    // Random garbage after the greeting: never a hang, never a crash.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for _ in 0..100 {
+        let mut s = UnixStream::connect(&sock).await.unwrap();
+        let n = rng.gen_range(0..300);
+        let mut junk = vec![0u8; n];
+        rng.fill_bytes(&mut junk);
+        if rng.gen_bool(0.5) && n >= 4 {
+            junk[..4].copy_from_slice(&3u32.to_be_bytes());
+            if n >= 12 {
+                junk[4..12].copy_from_slice(&p::IHAVEOPT.to_be_bytes());
+            }
+        }
+        let _ = s.write_all(&junk).await;
+        let _ = s.shutdown().await;
+        let mut sink = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut sink)).await;
+        assert!(r.is_ok(), "server did not close a connection fed garbage");
+    }
+    // The server is still fine.
+    nbdcopy_equals(&uri("raw", &sock), &f.path("out.raw"), &f.data).await;
+}
