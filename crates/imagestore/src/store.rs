@@ -652,3 +652,109 @@ pub fn summary(m: &Manifest) -> ImageSummary {
         created: m.created,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+    use vgrid_api::{Blob, ImageMeta};
+
+    fn mem() -> Arc<ImageStore> {
+        Arc::new(ImageStore::new(Arc::new(InMemory::new())))
+    }
+
+    fn manifest(name: &str, version: u32, chunks: Vec<Option<ChunkHash>>) -> Manifest {
+        Manifest {
+            schema: 1,
+            name: name.into(),
+            version,
+            created: 0,
+            chunk_size: 4096,
+            disk: Blob { size: chunks.len() as u64 * 4096, chunks },
+            meta: ImageMeta { os: String::new(), arch: "x86_64".into(), boot: Boot::Firmware },
+            parent: None,
+        }
+    }
+
+    async fn put(s: &ImageStore, id: &UploadId, data: &[u8]) -> ChunkHash {
+        let (h, z) = codec::encode(data);
+        s.put_chunk(id, &h, Bytes::from(z)).await.unwrap();
+        h
+    }
+
+    #[tokio::test]
+    async fn versions_are_assigned_uniquely_and_explicit_ones_are_immutable() {
+        let s = mem();
+        let id = s.begin_upload();
+        let h = put(&s, &id, &[1u8; 4096]).await;
+        let mut tasks = Vec::new();
+        for _ in 0..6 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move { s.put_manifest(manifest("img", 0, vec![Some(h)])).await.unwrap().version }));
+        }
+        let mut vs: Vec<u32> = futures::future::join_all(tasks).await.into_iter().map(|r| r.unwrap()).collect();
+        vs.sort();
+        assert_eq!(vs, vec![1, 2, 3, 4, 5, 6]);
+        let e = s.put_manifest(manifest("img", 3, vec![Some(h)])).await.unwrap_err();
+        assert!(matches!(e, StoreError::ImageExists(_)), "{e}");
+        assert!(e.to_string().contains("img@3"));
+        assert_eq!(s.put_manifest(manifest("img", 10, vec![None])).await.unwrap().version, 10);
+        assert_eq!(s.get_manifest(&"img".parse().unwrap()).await.unwrap().version, 10);
+        s.commit(&id, manifest("other", 0, vec![])).await.unwrap();
+        assert_eq!(s.live_uploads(), 0);
+    }
+
+    #[tokio::test]
+    async fn uploads_are_verified_and_sessions_checked() {
+        let s = mem();
+        let id = s.begin_upload();
+        let (h, _) = codec::encode(b"right");
+        let (_, z) = codec::encode(b"wrong");
+        let e = s.put_chunk(&id, &h, Bytes::from(z)).await.unwrap_err();
+        assert!(matches!(e, StoreError::BadUpload { .. }) && e.to_string().contains(&h.to_hex()), "{e}");
+        assert!(!s.has_chunk(&h).await.unwrap());
+        let ghost = UploadId("ghost".into());
+        let e = s.missing(&ghost, &[h]).await.unwrap_err();
+        assert!(matches!(e, StoreError::UploadNotFound(_)) && e.to_string().contains("ghost"), "{e}");
+        s.abort_upload(&id).unwrap();
+        assert!(s.abort_upload(&id).is_err());
+    }
+
+    #[tokio::test]
+    async fn gc_respects_manifests_and_live_pins_only() {
+        let s = Arc::new(ImageStore::new(Arc::new(InMemory::new())).with_session_ttl(Duration::from_millis(100)));
+        let id = s.begin_upload();
+        let a = put(&s, &id, &[1u8; 4096]).await;
+        let b = put(&s, &id, &[2u8; 4096]).await;
+        let m = s.commit(&id, manifest("keep", 0, vec![Some(a)])).await.unwrap();
+        // `b` was uploaded but is referenced by nothing now that the session ended.
+        assert_eq!(s.gc().await.unwrap().chunks_freed, 1);
+        assert!(s.has_chunk(&a).await.unwrap() && !s.has_chunk(&b).await.unwrap());
+
+        // A live session's dedup pin keeps `a` through the delete of its only image.
+        let id2 = s.begin_upload();
+        assert!(s.missing(&id2, &[a]).await.unwrap().is_empty());
+        assert_eq!(s.delete(&m.image_ref()).await.unwrap().chunks_freed, 0);
+        assert!(s.has_chunk(&a).await.unwrap());
+        // Once the session expires, the pin goes and so does the chunk.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(s.gc().await.unwrap().chunks_freed, 1);
+        assert!(s.commit(&id2, manifest("late", 0, vec![Some(a)])).await.is_err());
+        assert_eq!(s.chunk_stats().await.unwrap().0, 0);
+    }
+
+    #[tokio::test]
+    async fn summaries_count_stored_bytes() {
+        let s = mem();
+        let id = s.begin_upload();
+        let a = put(&s, &id, &[1u8; 4096]).await;
+        let mut m = manifest("sum", 0, vec![Some(a), None, Some(a)]);
+        m.disk.size = 2 * 4096 + 10;
+        let m = s.commit(&id, m).await.unwrap();
+        let l = s.list().await.unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].stored_bytes, 4096 + 10);
+        assert_eq!(l[0].version, m.version);
+        assert_eq!(l[0].boot, "firmware");
+    }
+}
