@@ -191,13 +191,21 @@ async fn port_forward_reaches_the_guest_over_user_networking() {
     let _slot = boot_slot().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let base = base_copy(&g, tmp.path());
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let mut spec = g.spec("net-test", DiskSource::raw_file(&base), "vgrid.net=dhcp");
-    spec.forwards = vec![(port, 8080)];
-    let vm = boot("net", tmp.path(), spec, true).await;
+    let spec = g.spec("net-test", DiskSource::raw_file(&base), "vgrid.net=dhcp");
+    // A free port per attempt: another process may grab a port between our probe and QEMU.
+    let (vm, port) = boot_with_retry("net", BOOT_TIMEOUT, |n| {
+        let mut spec = spec.clone();
+        let rd = tmp.path().join(format!("net-{n}"));
+        async move {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            spec.forwards = vec![(port, 8080)];
+            let vm = Vm::launch_with(spec, &rd, &opts()).await?;
+            vm.wait_for_console(PROMPT, CONSOLE_TIMEOUT).await?;
+            Ok::<(Vm, u16), VmError>((vm, port))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     let line = vm.wait_for_console("vgrid-sample: net", CONSOLE_TIMEOUT).await.unwrap();
     assert!(line.contains("net up 10.0.2."), "{line}");
 
