@@ -156,11 +156,15 @@ pub fn router(store: Arc<ImageStore>) -> Router {
         .route("/store/v1/uploads/{id}/missing", post(missing))
         .route("/store/v1/uploads/{id}/chunks/{hash}", put(put_chunk))
         .route("/store/v1/uploads/{id}/commit", post(commit))
-        .fallback(|uri: axum::http::Uri| async move {
-            ApiError::new(StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, uri.path(), format!("no such endpoint: {}", uri.path()))
-        })
+        // Not a router-wide fallback: the router is merged into others (`vgrid up`), and axum
+        // refuses to merge two routers that both have one.
+        .route("/store/v1/{*rest}", axum::routing::any(no_such_endpoint))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(store)
+}
+
+async fn no_such_endpoint(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, uri.path(), format!("no such endpoint: {}", uri.path()))
 }
 
 /// Serves the image server API on `listener` until the process ends.

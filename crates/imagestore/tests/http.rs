@@ -114,6 +114,14 @@ async fn unknown_image_and_malformed_json_are_json_4xx() {
 
     let resp = http.get(format!("{}/store/v1/images/ghost/abc", s.url)).send().await.unwrap();
     assert_eq!(resp.status(), 400);
+    let resp = http.get(format!("{}/store/v1/nothing/here", s.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let body: ErrorBody = resp.json().await.unwrap();
+    assert!(body.error.contains("/store/v1/nothing/here"), "{}", body.error);
+    // The router merges into another that has its own fallback (as `vgrid up` does).
+    let _merged = axum::Router::new()
+        .fallback(|| async { "other" })
+        .merge(vgrid_imagestore::server::router(s.store.clone()));
 
     let id = s.client.begin_upload().await.unwrap();
     for (path, body) in [
