@@ -28,8 +28,10 @@ pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
 /// How many chunk hashes one "which are missing?" request carries.
 const MISSING_BATCH: usize = 64;
-/// Concurrent chunk uploads / downloads.
+/// Concurrent chunk uploads (per batch) / downloads.
 const TRANSFERS: usize = 4;
+/// Batches being checked/uploaded at once, so reading and compressing go on meanwhile.
+const BATCHES_IN_FLIGHT: usize = 2;
 
 /// Format of a disk image file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -349,6 +351,30 @@ impl Tally<'_> {
     }
 }
 
+/// A chunk waiting for its batch: index, length, hash, compressed bytes.
+type Pending = (usize, u32, ChunkHash, Bytes);
+
+/// Asks which of the batch's chunks the server lacks (pinning the others in the session) and
+/// uploads those. Returns (index, length, hash) of every chunk of the batch.
+async fn send_batch(
+    client: &StoreClient,
+    id: &UploadId,
+    batch: Vec<Pending>,
+) -> Result<Vec<(usize, u32, ChunkHash)>, ClientError> {
+    let hashes: Vec<ChunkHash> = batch.iter().map(|b| b.2).collect();
+    let missing: std::collections::HashSet<ChunkHash> = client.missing(id, &hashes).await?.into_iter().collect();
+    // Upload each missing hash once, even if it repeats within the batch.
+    let mut sent = std::collections::HashSet::new();
+    let uploads: Vec<(ChunkHash, Bytes)> =
+        batch.iter().filter(|b| missing.contains(&b.2) && sent.insert(b.2)).map(|b| (b.2, b.3.clone())).collect();
+    futures::stream::iter(uploads)
+        .map(|(h, z)| async move { client.put_chunk(id, &h, z).await })
+        .buffer_unordered(TRANSFERS)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(batch.into_iter().map(|(i, len, h, _)| (i, len, h)).collect())
+}
+
 fn encode_piece(i: usize, data: Vec<u8>) -> Encoded {
     if codec::is_zero(&data) {
         (i, data.len() as u32, None)
@@ -455,43 +481,38 @@ async fn upload_blob(
     let up_err = |source| ImportError::Upload { image: image.to_string(), source };
     let mut chunks: Vec<Option<ChunkHash>> = vec![None; n];
     let mut seen = 0usize;
-    let mut batch: Vec<(usize, u32, ChunkHash, Bytes)> = Vec::with_capacity(MISSING_BATCH);
+    let mut batch: Vec<Pending> = Vec::with_capacity(MISSING_BATCH);
+    let mut inflight = futures::stream::FuturesUnordered::new();
+    let mut closed = false;
     loop {
-        let next = enc_rx.recv().await;
-        let closed = next.is_none();
-        if let Some((i, len, enc)) = next {
-            seen += 1;
-            match enc {
-                None => tally.add(len as u64),
-                Some((h, z)) => batch.push((i, len, h, z)),
-            }
+        let flush = !batch.is_empty() && (closed || batch.len() >= MISSING_BATCH);
+        if flush && inflight.len() < BATCHES_IN_FLIGHT {
+            inflight.push(send_batch(client, id, std::mem::take(&mut batch)));
+            continue;
         }
-        if batch.len() >= MISSING_BATCH || (closed && !batch.is_empty()) {
-            let hashes: Vec<ChunkHash> = batch.iter().map(|b| b.2).collect();
-            let missing: std::collections::HashSet<ChunkHash> =
-                client.missing(id, &hashes).await.map_err(up_err)?.into_iter().collect();
-            // Upload each missing hash once, even if it repeats within the batch.
-            let mut sent = std::collections::HashSet::new();
-            let uploads: Vec<(ChunkHash, Bytes)> = batch
-                .iter()
-                .filter(|b| missing.contains(&b.2) && sent.insert(b.2))
-                .map(|b| (b.2, b.3.clone()))
-                .collect();
-            futures::stream::iter(uploads)
-                .map(|(h, z)| async move { client.put_chunk(id, &h, z).await })
-                .buffer_unordered(TRANSFERS)
-                .try_collect::<Vec<()>>()
-                .await
-                .map_err(up_err)?;
-            let mut bytes = 0;
-            for (i, len, h, _) in batch.drain(..) {
-                chunks[i] = Some(h);
-                bytes += len as u64;
-            }
-            tally.add(bytes);
-        }
-        if closed {
+        if closed && batch.is_empty() && inflight.is_empty() {
             break;
+        }
+        let can_read = !closed && batch.len() < MISSING_BATCH;
+        tokio::select! {
+            next = enc_rx.recv(), if can_read => match next {
+                None => closed = true,
+                Some((i, len, enc)) => {
+                    seen += 1;
+                    match enc {
+                        None => tally.add(len as u64),
+                        Some((h, z)) => batch.push((i, len, h, z)),
+                    }
+                }
+            },
+            Some(done) = inflight.next(), if !inflight.is_empty() => {
+                let mut bytes = 0;
+                for (i, len, h) in done.map_err(up_err)? {
+                    chunks[i] = Some(h);
+                    bytes += len as u64;
+                }
+                tally.add(bytes);
+            }
         }
     }
     let _ = tokio::task::spawn_blocking(move || reader.join()).await;
