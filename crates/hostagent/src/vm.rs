@@ -283,7 +283,7 @@ pub struct Vm {
     pid: u32,
     qmp: QmpClient,
     exit: watch::Receiver<Option<ExitInfo>>,
-    console: tokio::sync::Mutex<Option<UnixStream>>,
+    console: tokio::sync::Mutex<Option<ConsoleWriter>>,
     kill_on_drop: bool,
     /// Adopted from an earlier agent: not our child, so its pid could be reused after it exits.
     adopted: bool,
@@ -899,20 +899,28 @@ impl Vm {
 
     /// A new connection to the serial console socket (for an interactive console). QEMU serves
     /// one console client at a time: while [`Vm::send_console`] holds its connection (until
-    /// [`Vm::release_console`]), a second client connects but sees nothing.
+    /// [`Vm::release_console`]), a second client connects but sees nothing. The client must
+    /// keep reading: unread output fills the socket and stalls the guest's serial console.
     pub async fn console_connect(&self) -> Result<UnixStream, VmError> {
         let p = self.console_socket_path();
         UnixStream::connect(&p).await.map_err(|source| VmError::Io { id: self.spec.id.clone(), path: p, source })
     }
 
     /// Types `text` on the serial console, over a connection kept open for later calls.
+    /// What the guest prints back on it is discarded (it is in the console log): a client
+    /// that never reads would fill the socket and stall the guest's serial output.
     pub async fn send_console(&self, text: &str) -> Result<(), VmError> {
         let mut guard = self.console.lock().await;
         if guard.is_none() {
-            *guard = Some(self.console_connect().await?);
+            let (mut read, write) = self.console_connect().await?.into_split();
+            let drain = tokio::spawn(async move {
+                let mut sink = tokio::io::sink();
+                let _ = tokio::io::copy(&mut read, &mut sink).await;
+            });
+            *guard = Some(ConsoleWriter { write, drain });
         }
-        let s = guard.as_mut().expect("console connected above");
-        if let Err(source) = s.write_all(text.as_bytes()).await {
+        let c = guard.as_mut().expect("console connected above");
+        if let Err(source) = c.write.write_all(text.as_bytes()).await {
             *guard = None;
             return Err(VmError::Io { id: self.spec.id.clone(), path: self.console_socket_path(), source });
         }
@@ -935,6 +943,18 @@ impl Vm {
         }
         tracing::info!(vm = %self.spec.id, dir = %self.dir.display(), "VM cleaned up");
         Ok(())
+    }
+}
+
+/// The console connection [`Vm::send_console`] keeps, with the task draining its read side.
+struct ConsoleWriter {
+    write: tokio::net::unix::OwnedWriteHalf,
+    drain: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ConsoleWriter {
+    fn drop(&mut self) {
+        self.drain.abort();
     }
 }
 
