@@ -101,8 +101,14 @@ pub async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     let app = vgrid_coordinator::api::router(coord.clone())
         .merge(vgrid_imagestore::server::router(store))
         .merge(vgrid_hostagent::http::router(agent.clone()));
-    println!("vgrid is up: API at {url} (data in {})", data.display());
-    println!("  try: VGRID_URL={url} vgrid image ls");
+    {
+        use std::io::Write;
+        // Ignore a closed stdout: whoever started us may read only this line.
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "vgrid is up: API at {url} (data in {})", data.display());
+        let _ = out.flush();
+    }
+    eprintln!("  try: VGRID_URL={url} vgrid image ls");
     tracing::info!(%addr, data = %data.display(), "vgrid up");
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
     let r = server.await;

@@ -1,0 +1,220 @@
+//! The workspace's integration-test harness: a `vgrid up` process per test (own temp data
+//! directory, a free port), the `vgrid` CLI against it, the cached sample guest imported as
+//! `sample`, and cleanup that kills what it started even when a test fails.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use vgrid_hostagent::testkit::{boot_slot, sample_guest, BootSlot, BOOTED_MARKER, DISK_MARKER, PROMPT};
+
+pub fn vgrid_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vgrid"))
+}
+
+/// A running `vgrid up` in a temporary data directory; stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Up {
+    pub child: Option<Child>,
+    pub url: String,
+    pub data: tempfile::TempDir,
+}
+
+impl Up {
+    pub fn start() -> Up {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Up {
+        // Short path: unix socket paths (runtime dirs) must stay under 108 bytes.
+        let data = tempfile::Builder::new().prefix("vg").tempdir_in("/tmp").expect("temp dir");
+        let mut child = Command::new(vgrid_bin())
+            .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path())
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(data.path().join("up.log")).unwrap()))
+            .spawn()
+            .expect("spawning vgrid up");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        let mut reader = BufReader::new(stdout);
+        reader.read_line(&mut line).expect("reading vgrid up's first line");
+        // Keep draining stdout so that vgrid up never writes into a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("vgrid up printed no URL: {line:?}; log:\n{}", std::fs::read_to_string(data.path().join("up.log")).unwrap_or_default()))
+            .to_string();
+        Up { child: Some(child), url, data }
+    }
+
+    /// Runs the CLI against this instance.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(vgrid_bin())
+            .args(args)
+            .env("VGRID_URL", &self.url)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running vgrid")
+    }
+
+    /// Runs the CLI and expects success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(o.status.success(), "vgrid {args:?} failed: {}\n{}", String::from_utf8_lossy(&o.stderr), self.log_tail());
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs the CLI with `--json` and parses its output.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.ok(&a);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("vgrid {args:?}: not JSON ({e}): {out}"))
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(self.data.path().join("up.log")).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    pub fn runtime_dir(&self, id: &str) -> PathBuf {
+        self.data.path().join("host/vms").join(id)
+    }
+
+    /// Imports the cached sample guest as `sample`.
+    pub fn import_sample(&self) {
+        let g = sample_guest().expect("sample guest");
+        self.ok(&[
+            "image",
+            "import",
+            g.disk.to_str().unwrap(),
+            "--name",
+            "sample",
+            "--kernel",
+            g.kernel.to_str().unwrap(),
+            "--initrd",
+            g.initrd.to_str().unwrap(),
+            "--cmdline",
+            &g.cmdline,
+        ]);
+    }
+
+    /// `vm run` waiting for `marker`, with a boot slot, a timeout and one retry. Returns the VM record.
+    pub fn run_vm(&self, image: &str, name: &str, marker: &str, extra: &[&str]) -> serde_json::Value {
+        let _slot = boot_slot().expect("boot slot");
+        let mut last = String::new();
+        for attempt in 1..=2 {
+            let vm_name = format!("{name}{}", if attempt == 1 { String::new() } else { format!("-retry{attempt}") });
+            let mut args = vec!["--json", "vm", "run", image, "--name", &vm_name, "--wait-for", marker, "--timeout", "90"];
+            args.extend_from_slice(extra);
+            let o = self.cli(&args);
+            if o.status.success() {
+                return serde_json::from_slice(&o.stdout).expect("vm run --json output");
+            }
+            last = format!("{}{}", String::from_utf8_lossy(&o.stderr), String::from_utf8_lossy(&o.stdout));
+            eprintln!("boot attempt {attempt} of {name} failed: {last}");
+            let _ = self.cli(&["vm", "rm", "--force", &vm_name]);
+        }
+        panic!("VM {name} did not boot twice: {last}\n{}", self.log_tail());
+    }
+
+    pub fn vm(&self, id: &str) -> serde_json::Value {
+        self.json(&["vm", "show", id])
+    }
+
+    pub fn cache_stats(&self) -> serde_json::Value {
+        self.json(&["image", "cache", "stats"])
+    }
+
+    /// Waits until `f` holds, polling every 100 ms, up to `timeout`.
+    pub fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+        let t0 = Instant::now();
+        while !f() {
+            if t0.elapsed() > timeout {
+                panic!("timed out after {timeout:?} waiting for {what}\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM and wait (graceful shutdown); returns whether it exited by itself.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else { return true };
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(60) {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(30) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Anything QEMU left (it should not): kill by pidfile.
+        if let Ok(rd) = std::fs::read_dir(self.data.path().join("host/vms")) {
+            for e in rd.flatten() {
+                if let Ok(p) = std::fs::read_to_string(e.path().join("pid")) {
+                    if let Ok(pid) = p.trim().parse::<i32>() {
+                        unsafe {
+                            libc::kill(pid, libc::SIGKILL);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+pub fn process_alive(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Sends `cmd` to the VM's serial console socket and waits until `until` shows in its console log.
+pub fn console_exec(up: &Up, id: &str, cmd: &str, until: &str) {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let dir = up.runtime_dir(id);
+    let log = dir.join("console.log");
+    let before = std::fs::read(&log).map(|v| v.len()).unwrap_or(0);
+    let mut s = UnixStream::connect(dir.join("console.sock")).expect("console socket");
+    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+    up.wait_until(&format!("{until:?} on the console of {id}"), Duration::from_secs(60), || {
+        std::fs::read(&log).map(|v| String::from_utf8_lossy(&v[before.min(v.len())..]).contains(until)).unwrap_or(false)
+    });
+}

@@ -1,0 +1,253 @@
+//! `vgrid up` + `vgrid vm ...` end to end: real QEMU guests (TCG) whose disks stream through
+//! the block proxy from the embedded image server.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+fn id_of(v: &serde_json::Value) -> String {
+    v["id"].as_str().expect("id").to_string()
+}
+
+#[test]
+fn boots_sample_through_the_proxy_and_reads_its_disk() {
+    let up = Up::start();
+    up.import_sample();
+    let v = up.run_vm("sample", "reader", &format!("disk says {DISK_MARKER}"), &[]);
+    assert_eq!(v["state"], "running");
+    let id = id_of(&v);
+    // The disk is an overlay whose backing file is the proxy's NBD export.
+    let info = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(up.runtime_dir(&id).join("overlay.qcow2"))
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("qemu-img info JSON");
+    let backing = info["backing-filename"].as_str().unwrap_or_default();
+    assert!(backing.starts_with("nbd+unix:///sample@1?socket="), "backing file is {backing:?}");
+    // The console log came through the API.
+    let logs = up.ok(&["vm", "logs", &id]);
+    assert!(logs.contains(BOOTED_MARKER), "vm logs lacks the marker: {logs}");
+    let stats = up.cache_stats();
+    assert!(stats["bytes_fetched"].as_u64().unwrap() > 0, "the boot fetched nothing: {stats}");
+    up.ok(&["vm", "stop", &id]);
+}
+
+#[test]
+fn guest_writes_land_in_the_overlay_and_never_in_the_base() {
+    let up = Up::start();
+    up.import_sample();
+    let g = sample_guest().unwrap();
+    let v = up.run_vm("sample", "writer", PROMPT, &[]);
+    let id = id_of(&v);
+    console_exec(&up, &id, "echo overlay-bytes-42 > /mnt/written && sync && echo wrote-$((6*7))", "wrote-42");
+
+    // Read the overlay (shared, QEMU holds it) as raw, through its backing chain, and look for the file.
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = tmp.path().join("disk.raw");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(up.runtime_dir(&id).join("overlay.qcow2"))
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let bytes = std::fs::read(&raw).unwrap();
+    assert!(
+        bytes.windows(17).any(|w| w == b"overlay-bytes-42\n"),
+        "the guest's write is not in its disk (overlay over the proxy export)"
+    );
+
+    // The overlay itself holds data (allocated at depth 0), the base is byte-identical to the source.
+    let map = Command::new("qemu-img")
+        .args(["map", "-U", "--output=json"])
+        .arg(up.runtime_dir(&id).join("overlay.qcow2"))
+        .output()
+        .unwrap();
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
+    assert!(
+        map.as_array().unwrap().iter().any(|e| e["depth"] == 0 && e["data"] == true),
+        "no data allocated in the overlay itself"
+    );
+    let export = tmp.path().join("base.raw");
+    up.ok(&["image", "export", "sample", export.to_str().unwrap()]);
+    let cmp = Command::new("cmp").arg(&export).arg(&g.disk).status().unwrap();
+    assert!(cmp.success(), "the base image changed");
+    let base = std::fs::read(&export).unwrap();
+    assert!(!base.windows(17).any(|w| w == b"overlay-bytes-42\n"), "the guest's write reached the base");
+    up.ok(&["vm", "stop", &id]);
+}
+
+#[test]
+fn second_vm_of_an_image_fetches_no_chunk() {
+    let up = Up::start();
+    up.import_sample();
+    let a = up.run_vm("sample", "first", BOOTED_MARKER, &[]);
+    // Let readahead and profile prefetch of the first boot settle.
+    let mut last = u64::MAX;
+    up.wait_until("fetches to settle", Duration::from_secs(60), || {
+        let f = up.cache_stats()["fetches"].as_u64().unwrap();
+        let settled = f == last;
+        last = f;
+        std::thread::sleep(Duration::from_millis(500));
+        settled
+    });
+    let before = up.cache_stats();
+    let b = up.run_vm("sample", "second", BOOTED_MARKER, &[]);
+    let after = up.cache_stats();
+    assert_eq!(before["fetches"], after["fetches"], "the second VM fetched chunks: before {before}, after {after}");
+    assert_eq!(before["bytes_fetched"], after["bytes_fetched"]);
+    assert!(after["hits"].as_u64().unwrap() > before["hits"].as_u64().unwrap(), "the second VM read nothing from the cache");
+    up.ok(&["vm", "stop", &id_of(&a)]);
+    up.ok(&["vm", "stop", &id_of(&b)]);
+}
+
+#[test]
+fn stop_and_rm_leave_nothing_behind() {
+    let up = Up::start();
+    up.import_sample();
+    let v = up.run_vm("sample", "tidy", BOOTED_MARKER, &[]);
+    let id = id_of(&v);
+    let pid = v["pid"].as_u64().expect("pid");
+    assert!(process_alive(pid));
+    let dir = up.runtime_dir(&id);
+    assert!(dir.join("overlay.qcow2").exists() && dir.join("qmp.sock").exists());
+
+    let s = up.json(&["vm", "stop", &id]);
+    assert_eq!(s["state"], "stopped", "{s}");
+    assert!(!process_alive(pid), "QEMU {pid} still runs after stop");
+    for f in ["overlay.qcow2", "qmp.sock", "console.sock", "kernel", "initrd"] {
+        assert!(!dir.join(f).exists(), "{f} left behind after stop");
+    }
+    assert!(dir.join("console.log").exists(), "console log kept for `vm logs`");
+
+    up.ok(&["vm", "rm", &id]);
+    assert!(!dir.exists(), "runtime directory left behind after rm");
+    let list = up.json(&["vm", "ls"]);
+    assert!(list.as_array().unwrap().is_empty(), "{list}");
+
+    // rm --force of a running VM kills and removes it.
+    let v = up.run_vm("sample", "forced", BOOTED_MARKER, &[]);
+    let pid = v["pid"].as_u64().unwrap();
+    let o = up.cli(&["vm", "rm", &id_of(&v)]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("stop it first"));
+    up.ok(&["vm", "rm", "--force", &id_of(&v)]);
+    assert!(!process_alive(pid));
+    assert!(!up.runtime_dir(&id_of(&v)).exists());
+}
+
+#[test]
+fn a_vm_whose_qemu_dies_becomes_failed_with_the_reason() {
+    let up = Up::start();
+    up.import_sample();
+    let v = up.run_vm("sample", "victim", BOOTED_MARKER, &[]);
+    let id = id_of(&v);
+    let pid = v["pid"].as_u64().unwrap() as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    up.wait_until("the VM to become failed", Duration::from_secs(30), || up.vm(&id)["state"] == "failed");
+    let rec = up.vm(&id);
+    let reason = rec["reason"].as_str().unwrap();
+    assert!(reason.contains("signal 9"), "reason: {reason}");
+    assert!(reason.contains(BOOTED_MARKER), "reason lacks the last console lines: {reason}");
+    assert!(!up.runtime_dir(&id).join("overlay.qcow2").exists());
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_create_nothing() {
+    let up = Up::start();
+    up.import_sample();
+    let o = up.cli(&["vm", "run", "no-such-image"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("unknown image no-such-image") && err.contains("404"), "{err}");
+
+    let o = up.cli(&["vm", "run", "sample", "--memory", "99999999"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("memory 99999999 MiB exceeds") && err.contains("409"), "{err}");
+
+    let o = up.cli(&["vm", "run", "../etc/passwd"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("invalid image name"));
+
+    let http = |method: &str, path: &str, body: &str| -> (u16, serde_json::Value) {
+        let o = Command::new("curl")
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method, "-H", "content-type: application/json", "--data", body])
+            .arg(format!("{}{path}", up.url))
+            .output()
+            .unwrap();
+        let s = String::from_utf8_lossy(&o.stdout).into_owned();
+        let (b, code) = s.rsplit_once('\n').unwrap();
+        (code.parse().unwrap(), serde_json::from_str(b).unwrap_or(serde_json::Value::Null))
+    };
+    let (code, body) = http("POST", "/api/v1/vms", "{not json");
+    assert_eq!(code, 400);
+    assert!(body["error"].as_str().unwrap().contains("malformed request body"), "{body}");
+    let (code, body) = http("POST", "/api/v1/vms", r#"{"image": "sample", "cpus": "many"}"#);
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = http("POST", "/api/v1/vms", r#"{"image": "sample", "colour": "red"}"#);
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = http("GET", "/api/v1/vms/vm-nope", "");
+    assert_eq!(code, 404);
+    assert!(body["error"].as_str().unwrap().contains("vm-nope"));
+
+    let list = up.json(&["vm", "ls"]);
+    assert!(list.as_array().unwrap().is_empty(), "something was half-created: {list}");
+    let runtime = std::fs::read_dir(up.data_dir().join("host/vms")).unwrap().count();
+    assert_eq!(runtime, 0);
+
+    // The OpenAPI document describes the API.
+    let (code, doc) = http("GET", "/api/openapi.json", "");
+    assert_eq!(code, 200);
+    assert!(doc["paths"]["/api/v1/vms"]["post"].is_object());
+}
+
+#[test]
+fn shutting_down_vgrid_up_stops_its_guests() {
+    let mut up = Up::start();
+    up.import_sample();
+    let v = up.run_vm("sample", "orphan-check", BOOTED_MARKER, &[]);
+    let pid = v["pid"].as_u64().unwrap();
+    assert!(up.terminate(), "vgrid up did not exit on SIGTERM");
+    assert!(!process_alive(pid), "QEMU {pid} outlived vgrid up");
+    assert!(!up.data_dir().join("host/nbd.sock").exists());
+}
+
+#[test]
+fn console_over_the_api_is_interactive_and_ctrl_bracket_detaches() {
+    use std::io::{Read, Write};
+    let up = Up::start();
+    up.import_sample();
+    let v = up.run_vm("sample", "chatty", PROMPT, &[]);
+    let id = id_of(&v);
+    let mut child = Command::new(vgrid_bin())
+        .args(["vm", "console", &id])
+        .env("VGRID_URL", &up.url)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    stdin.write_all(b"echo console-says-$((40+2))\n").unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    stdin.write_all(&[0x1d]).unwrap(); // Ctrl-]
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "vm console did not detach on Ctrl-]");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(status.success());
+    assert!(out.contains("console-says-42"), "console output: {out:?}");
+    // The VM still runs after detaching.
+    assert_eq!(up.vm(&id)["state"], "running");
+    up.ok(&["vm", "stop", &id]);
+}
