@@ -53,6 +53,39 @@ pub fn decode(hash: &ChunkHash, stored: &[u8], limit: usize) -> Result<Vec<u8>, 
     Ok(data)
 }
 
+/// Verifies that a stored chunk decompresses to at most `limit` bytes hashing to `hash`,
+/// without keeping the plain bytes (streams them through the hasher). Returns the plain length.
+pub fn verify(hash: &ChunkHash, stored: &[u8], limit: usize) -> Result<usize, ChunkError> {
+    use std::io::Read;
+    let bad = |cause: String| ChunkError::Decompress { hash: *hash, cause };
+    if let Ok(Some(n)) = zstd::zstd_safe::get_frame_content_size(stored) {
+        if n > limit as u64 {
+            return Err(ChunkError::TooLarge { hash: *hash, actual: n as usize, limit });
+        }
+    }
+    let dec = zstd::stream::read::Decoder::with_buffer(stored).map_err(|e| bad(e.to_string()))?;
+    let mut dec = dec.take(limit as u64 + 1);
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = [0u8; 64 * 1024];
+    let mut total = 0usize;
+    loop {
+        let n = dec.read(&mut buf).map_err(|e| bad(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+        if total > limit {
+            return Err(ChunkError::TooLarge { hash: *hash, actual: total, limit });
+        }
+        hasher.update(&buf[..n]);
+    }
+    let actual = ChunkHash(*hasher.finalize().as_bytes());
+    if actual != *hash {
+        return Err(ChunkError::HashMismatch { hash: *hash, actual });
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +110,25 @@ mod tests {
         assert!(matches!(decode(&h, &z, 4096), Err(ChunkError::TooLarge { actual: 8192, .. })));
         assert!(matches!(decode(&h, b"not zstd at all", 4096), Err(ChunkError::Decompress { .. })));
         assert_eq!(decode(&h, &z, 8192).unwrap(), data);
+    }
+
+    #[test]
+    fn verify_agrees_with_decode() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 7) as u8).collect();
+        let (h, z) = encode(&data);
+        assert_eq!(verify(&h, &z, 1 << 20).unwrap(), data.len());
+        assert!(matches!(verify(&h, &z, 1000), Err(ChunkError::TooLarge { .. })));
+        let (_, other) = encode(b"other");
+        assert!(matches!(verify(&h, &other, 1 << 20), Err(ChunkError::HashMismatch { .. })));
+        assert!(matches!(verify(&h, b"garbage", 1 << 20), Err(ChunkError::Decompress { .. })));
+        let mut bad = z.clone();
+        let n = bad.len();
+        bad[n / 2] ^= 0x55;
+        assert!(verify(&h, &bad, 1 << 20).is_err());
+        // Bytes after the frame are not accepted by either.
+        let mut two = z.clone();
+        two.extend_from_slice(&z);
+        assert!(verify(&h, &two, 1 << 20).is_err() && decode(&h, &two, 1 << 20).is_err());
     }
 
     #[test]

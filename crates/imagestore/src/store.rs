@@ -224,7 +224,7 @@ impl ImageStore {
         let z = self.read_chunk_object(hash).await?;
         let h = *hash;
         let z2 = z.clone();
-        let r = tokio::task::spawn_blocking(move || codec::decode(&h, &z2, MAX_CHUNK_SIZE as usize))
+        let r = tokio::task::spawn_blocking(move || codec::verify(&h, &z2, MAX_CHUNK_SIZE as usize))
             .await
             .expect("chunk decode task panicked");
         match r {
@@ -302,7 +302,7 @@ impl ImageStore {
         self.pin(id, [*hash])?;
         let h = *hash;
         let z = compressed.clone();
-        tokio::task::spawn_blocking(move || codec::decode(&h, &z, MAX_CHUNK_SIZE as usize))
+        tokio::task::spawn_blocking(move || codec::verify(&h, &z, MAX_CHUNK_SIZE as usize))
             .await
             .expect("chunk decode task panicked")
             .map_err(|cause| StoreError::BadUpload { hash: *hash, cause })?;
