@@ -34,6 +34,10 @@ pub struct UpArgs {
     /// Memory the host offers to guests, in MiB [default: 3/4 of physical memory].
     #[arg(long)]
     pub max_memory: Option<u64>,
+    /// Further image servers the host reads images from, tried in order before the embedded
+    /// one (repeatable).
+    #[arg(long = "image-server", env = "VGRID_IMAGE_SERVERS", value_delimiter = ',')]
+    pub image_servers: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -87,16 +91,14 @@ pub async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     let agent = Agent::start(AgentConfig {
         name: hostname(),
         data_dir: data.join("host"),
-        image_servers: vec![url.clone()],
+        image_servers: a.image_servers.iter().cloned().chain([url.clone()]).collect(),
         cache_max_bytes: a.cache_size,
         max_memory_mib: a.max_memory,
     })
     .await
     .map_err(|e| anyhow!("starting the host agent: {e}"))?;
     let state = Arc::new(RedbState::open(&data.join("state.redb")).map_err(|e| anyhow!("{e}"))?);
-    let coord = Coordinator::new(state, agent.clone(), StoreClient::new(&url).map_err(|e| anyhow!("{e}"))?)
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+    let coord = Coordinator::new(state, agent.clone()).await.map_err(|e| anyhow!("{e}"))?;
 
     let app = vgrid_coordinator::api::router(coord.clone())
         .merge(vgrid_imagestore::server::router(store))

@@ -8,7 +8,7 @@ use vgrid_api::vm::{HostInfo, VmCreate, VmRecord, VmState};
 use vgrid_api::ImageRef;
 use vgrid_hostagent::agent::{Agent, AgentError, LaunchRequest};
 use vgrid_hostagent::ExitInfo;
-use vgrid_imagestore::client::{ClientError, StoreClient};
+use vgrid_blockproxy::ProxyError;
 
 use crate::state::{StateError, StateStore};
 
@@ -40,7 +40,6 @@ fn now() -> u64 {
 pub struct Coordinator {
     state: Arc<dyn StateStore>,
     agent: Arc<Agent>,
-    store: StoreClient,
     /// Serialises admission (capacity checks) and state transitions.
     lock: Mutex<()>,
 }
@@ -48,11 +47,7 @@ pub struct Coordinator {
 impl Coordinator {
     /// Opens the coordinator. VMs recorded as active whose QEMU is gone (the process was not
     /// stopped cleanly) become `failed` with that reason: no VM stays in a transitional state.
-    pub async fn new(
-        state: Arc<dyn StateStore>,
-        agent: Arc<Agent>,
-        store: StoreClient,
-    ) -> Result<Arc<Self>, CoordinatorError> {
+    pub async fn new(state: Arc<dyn StateStore>, agent: Arc<Agent>) -> Result<Arc<Self>, CoordinatorError> {
         for mut vm in state.list_vms()? {
             if vm.state.is_active() {
                 vm.state = VmState::Failed;
@@ -64,14 +59,11 @@ impl Coordinator {
                 state.put_vm(&vm)?;
             }
         }
-        Ok(Arc::new(Coordinator { state, agent, store, lock: Mutex::new(()) }))
+        Ok(Arc::new(Coordinator { state, agent, lock: Mutex::new(()) }))
     }
 
     pub fn agent(&self) -> &Arc<Agent> {
         &self.agent
-    }
-    pub fn store(&self) -> &StoreClient {
-        &self.store
     }
 
     pub fn hosts(&self) -> Vec<HostInfo> {
@@ -134,9 +126,10 @@ impl Coordinator {
             vgrid_api::manifest::validate_name(n)
                 .map_err(|_| CoordinatorError::BadRequest(format!("invalid VM name {n:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")))?;
         }
-        let manifest = match self.store.manifest(&image).await {
+        // The image servers the host reads from are the ones that must have the image.
+        let manifest = match self.agent.proxy().resolve(&image).await {
             Ok(m) => m,
-            Err(ClientError::NotFound { .. }) => return Err(CoordinatorError::UnknownImage(image.to_string())),
+            Err(ProxyError::ImageNotFound { .. }) => return Err(CoordinatorError::UnknownImage(image.to_string())),
             Err(e) => return Err(CoordinatorError::Store(e.to_string())),
         };
 
