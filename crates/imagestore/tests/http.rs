@@ -241,3 +241,73 @@ async fn unreachable_server_is_reported_after_bounded_retries() {
         other => panic!("expected Unreachable, got {other:?}"),
     }
 }
+
+/// A server that answers chunk requests from a script, counting them: checks the client's retry
+/// rules (5xx retried up to the limit, 404 and 400 not retried, a bad chunk fetched twice).
+#[tokio::test]
+async fn client_retry_rules() {
+    use axum::http::StatusCode;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let good = chunk_data(1, 4096);
+    let (flaky, z) = codec::encode(&good);
+    let (_, wrong) = codec::encode(&chunk_data(2, 4096));
+    let [gone, bad, down, refused] = [b"gone", b"bad_", b"down", b"refu"].map(|s| ChunkHash::of(s));
+    let script: Arc<HashMap<String, &'static str>> = Arc::new(
+        [(flaky, "flaky"), (gone, "gone"), (bad, "bad"), (down, "down"), (refused, "refused")]
+            .into_iter()
+            .map(|(h, b)| (h.to_hex(), b))
+            .collect(),
+    );
+    let hits = Arc::new(AtomicUsize::new(0));
+    let app = {
+        let hits = hits.clone();
+        axum::Router::new().route(
+            "/store/v1/chunks/{hash}",
+            axum::routing::get(move |axum::extract::Path(hash): axum::extract::Path<String>| {
+                let (hits, script) = (hits.clone(), script.clone());
+                let (z, wrong) = (z.clone(), wrong.clone());
+                async move {
+                    let n = hits.fetch_add(1, Ordering::SeqCst);
+                    match script.get(&hash).copied().unwrap_or("refused") {
+                        "flaky" if n < 2 => (StatusCode::SERVICE_UNAVAILABLE, Vec::new()),
+                        "flaky" => (StatusCode::OK, z),
+                        "gone" => (StatusCode::NOT_FOUND, br#"{"error":"chunk not found"}"#.to_vec()),
+                        "bad" => (StatusCode::OK, wrong),
+                        "down" => (StatusCode::SERVICE_UNAVAILABLE, Vec::new()),
+                        _ => (StatusCode::BAD_REQUEST, br#"{"error":"no"}"#.to_vec()),
+                    }
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move { axum::serve(listener, app).await });
+    let c = vgrid_imagestore::StoreClient::with_retry(
+        &format!("http://{addr}"),
+        vgrid_imagestore::RetryPolicy { attempts: 4, first_backoff: std::time::Duration::from_millis(10), ..Default::default() },
+    )
+    .unwrap();
+    let count = || hits.swap(0, Ordering::SeqCst);
+
+    assert_eq!(c.chunk(&flaky, 4096).await.unwrap(), good);
+    assert_eq!(count(), 3);
+
+    assert!(c.chunk(&gone, 4096).await.unwrap_err().is_not_found());
+    assert_eq!(count(), 1);
+
+    let e = c.chunk(&bad, 4096).await.unwrap_err();
+    assert!(matches!(e, ClientError::Corrupt { hash, .. } if hash == bad), "{e}");
+    assert_eq!(count(), 2);
+
+    let e = c.chunk(&down, 4096).await.unwrap_err();
+    assert_eq!(e.status(), Some(503), "{e}");
+    assert_eq!(count(), 4);
+
+    let e = c.chunk(&refused, 4096).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert_eq!(count(), 1);
+    task.abort();
+}
