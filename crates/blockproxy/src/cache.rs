@@ -64,6 +64,10 @@ impl ChunkFile {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// The open file (for `sendfile`).
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
     /// Fills `buf` from the chunk starting at `offset` (one `pread`, repeated on short reads).
     pub fn read_at(&self, buf: &mut [u8], offset: u32) -> std::io::Result<()> {
         if offset as u64 + buf.len() as u64 > self.len as u64 {

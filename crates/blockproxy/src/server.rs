@@ -6,8 +6,10 @@ use crate::export::Export;
 use crate::protocol::{self as p, ClientOption, Command, Negotiated};
 use crate::{BlockProxy, ProxyError};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use std::sync::Arc;
+use crate::cache::ChunkFile;
+use std::os::unix::io::AsRawFd;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -19,9 +21,6 @@ const MAX_INFLIGHT: u32 = 64;
 const MAX_DRAIN: u32 = 64 * 1024 * 1024;
 /// Option payloads larger than this close the connection (denial of service).
 const MAX_OPTION_DISCARD: u32 = 16 * 1024 * 1024;
-/// Reply buffers kept per connection for reuse, and the largest one kept.
-const POOL_BUFFERS: usize = 8;
-const POOL_MAX_BUFFER: usize = 4 * 1024 * 1024 + 64;
 
 /// Where a server listens.
 #[derive(Debug, Clone)]
@@ -90,7 +89,8 @@ impl BlockProxy {
                     r = listener.accept() => match r {
                         Ok((s, _)) => {
                             let peer = format!("unix:{}", sock.display());
-                            tokio::spawn(serve_connection(proxy.clone(), s, peer, t.child_token()));
+                            let (r, w) = s.into_split();
+                            tokio::spawn(serve_connection(proxy.clone(), r, Writer::Unix(w), peer, t.child_token()));
                         }
                         Err(e) => accept_failed(&sock.display().to_string(), e).await,
                     },
@@ -119,7 +119,8 @@ impl BlockProxy {
                     r = listener.accept() => match r {
                         Ok((s, peer)) => {
                             let _ = s.set_nodelay(true);
-                            tokio::spawn(serve_connection(proxy.clone(), s, format!("tcp:{peer}"), t.child_token()));
+                            let (r, w) = s.into_split();
+                            tokio::spawn(serve_connection(proxy.clone(), r, Writer::Tcp(w), format!("tcp:{peer}"), t.child_token()));
                         }
                         Err(e) => accept_failed(&local.to_string(), e).await,
                     },
@@ -152,12 +153,101 @@ struct Session {
     neg: Negotiated,
 }
 
-/// Serves one client connection (any byte stream) until it disconnects or the token fires.
-pub(crate) async fn serve_connection<S>(proxy: Arc<BlockProxy>, stream: S, peer: String, token: CancellationToken)
+/// The sending half of a client connection. Chunk data goes from the cache file to the socket
+/// with `sendfile(2)`: no copy through user space (and none at all into a unix socket on
+/// kernels that splice pages).
+pub(crate) enum Writer {
+    Unix(tokio::net::unix::OwnedWriteHalf),
+    Tcp(tokio::net::tcp::OwnedWriteHalf),
+}
+
+/// Zeroes for the all-zero parts of simple replies.
+static ZEROES: [u8; 64 * 1024] = [0u8; 64 * 1024];
+
+trait ReadyFd: AsRawFd {
+    async fn ready_write(&self) -> std::io::Result<()>;
+    fn try_write_io<R>(&self, f: impl FnOnce() -> std::io::Result<R>) -> std::io::Result<R>;
+}
+
+impl ReadyFd for tokio::net::UnixStream {
+    async fn ready_write(&self) -> std::io::Result<()> {
+        self.writable().await
+    }
+    fn try_write_io<R>(&self, f: impl FnOnce() -> std::io::Result<R>) -> std::io::Result<R> {
+        self.try_io(Interest::WRITABLE, f)
+    }
+}
+
+impl ReadyFd for tokio::net::TcpStream {
+    async fn ready_write(&self) -> std::io::Result<()> {
+        self.writable().await
+    }
+    fn try_write_io<R>(&self, f: impl FnOnce() -> std::io::Result<R>) -> std::io::Result<R> {
+        self.try_io(Interest::WRITABLE, f)
+    }
+}
+
+async fn sendfile_all<S: ReadyFd>(sock: &S, file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<()> {
+    let mut off = offset as libc::off_t;
+    let mut left = len;
+    while left > 0 {
+        sock.ready_write().await?;
+        let r = sock.try_write_io(|| {
+            // SAFETY: both descriptors are open for the duration of the call; `off` is a valid
+            // pointer to a local.
+            let n = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, left) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match r {
+            Ok(0) => {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cached chunk file is shorter than expected"))
+            }
+            Ok(n) => left -= n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl Writer {
+    async fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        match self {
+            Writer::Unix(w) => w.write_all(b).await,
+            Writer::Tcp(w) => w.write_all(b).await,
+        }
+    }
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        match self {
+            Writer::Unix(w) => w.shutdown().await,
+            Writer::Tcp(w) => w.shutdown().await,
+        }
+    }
+    async fn send_file(&mut self, file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<()> {
+        match self {
+            Writer::Unix(w) => sendfile_all(w.as_ref(), file, offset, len).await,
+            Writer::Tcp(w) => sendfile_all(w.as_ref(), file, offset, len).await,
+        }
+    }
+    async fn send_zeroes(&mut self, mut len: usize) -> std::io::Result<()> {
+        while len > 0 {
+            let n = len.min(ZEROES.len());
+            self.write_all(&ZEROES[..n]).await?;
+            len -= n;
+        }
+        Ok(())
+    }
+}
+
+/// Serves one client connection until it disconnects or the token fires.
+pub(crate) async fn serve_connection<R>(proxy: Arc<BlockProxy>, rd: R, mut wr: Writer, peer: String, token: CancellationToken)
 where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    R: AsyncRead + Send + Unpin + 'static,
 {
-    let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
     let session = tokio::select! {
         _ = token.cancelled() => return,
@@ -179,10 +269,9 @@ where
     transmission(rd, wr, session, peer, token).await;
 }
 
-async fn handshake<R, W>(proxy: &BlockProxy, rd: &mut R, wr: &mut W) -> Result<Option<Session>, ConnError>
+async fn handshake<R>(proxy: &BlockProxy, rd: &mut R, wr: &mut Writer) -> Result<Option<Session>, ConnError>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
 {
     wr.write_all(&p::greeting()).await?;
     let mut fb = [0u8; 4];
@@ -303,108 +392,120 @@ where
 }
 
 /// State shared by the reader loop and the request tasks of one connection.
-struct Conn<W> {
-    writer: tokio::sync::Mutex<W>,
+struct Conn {
+    writer: tokio::sync::Mutex<Writer>,
     export: Arc<Export>,
     neg: Negotiated,
     peer: String,
-    pool: Mutex<Vec<Vec<u8>>>,
+    /// Fired when a reply could not be sent whole: the stream is out of step, close it.
+    broken: CancellationToken,
 }
 
-impl<W: AsyncWrite + Unpin + Send> Conn<W> {
+/// One piece of a reply: protocol bytes, a range of a chunk file, or zeroes.
+enum Piece {
+    Bytes(Vec<u8>),
+    File { file: ChunkFile, offset: u32, len: usize },
+    Zeroes(usize),
+}
+
+impl Conn {
     async fn send(&self, bytes: &[u8]) -> bool {
         let mut w = self.writer.lock().await;
         match w.write_all(bytes).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::debug!(peer = self.peer, "reply not sent: {e}");
+                self.broken.cancel();
                 false
             }
         }
     }
 
-    fn take_buf(&self, n: usize) -> Vec<u8> {
-        let mut v = self.pool.lock().unwrap().pop().unwrap_or_default();
-        if v.len() < n {
-            v.resize(n, 0);
+    async fn send_pieces(&self, pieces: &[Piece]) {
+        let mut w = self.writer.lock().await;
+        for piece in pieces {
+            let r = match piece {
+                Piece::Bytes(b) => w.write_all(b).await,
+                Piece::File { file, offset, len } => w.send_file(file.file(), *offset as u64, *len).await,
+                Piece::Zeroes(n) => w.send_zeroes(*n).await,
+            };
+            if let Err(e) = r {
+                // Part of a reply may be out: the only safe move is to drop the connection.
+                tracing::warn!(peer = self.peer, export = self.export.name(), "reply failed midway, closing connection: {e}");
+                self.broken.cancel();
+                return;
+            }
         }
-        v
     }
 
-    fn put_buf(&self, v: Vec<u8>) {
-        if v.len() <= POOL_MAX_BUFFER {
-            let mut pool = self.pool.lock().unwrap();
-            if pool.len() < POOL_BUFFERS {
-                pool.push(v);
+    /// Appends the pieces carrying `[offset, offset+len)` of the disk: file ranges for stored
+    /// chunks, zeroes for zero chunks.
+    fn data_pieces(&self, first: u64, files: &[Option<ChunkFile>], offset: u64, len: u32, out: &mut Vec<Piece>) {
+        let cs = self.export.chunk_size() as u64;
+        let end = offset + len as u64;
+        let mut pos = offset;
+        while pos < end {
+            let idx = pos / cs;
+            let in_chunk = (pos % cs) as u32;
+            let n = (cs - in_chunk as u64).min(end - pos) as usize;
+            match &files[(idx - first) as usize] {
+                Some(f) => out.push(Piece::File { file: f.clone(), offset: in_chunk, len: n }),
+                None => match out.last_mut() {
+                    Some(Piece::Zeroes(z)) => *z += n,
+                    _ => out.push(Piece::Zeroes(n)),
+                },
             }
+            pos += n as u64;
         }
     }
 
     async fn read(&self, cookie: u64, offset: u64, len: u32, df: bool) {
         let export = &self.export;
-        let files = match export.files(offset, len as u64).await {
+        let (first, files) = match export.files(offset, len as u64).await {
             Ok(f) => f,
             Err(e) => {
                 self.send(&p::error_reply(self.neg.structured, p::EIO, cookie, &e.to_string())).await;
                 return;
             }
         };
-        let (first, files) = files;
-        let mut buf;
-        let n;
+        let mut pieces = Vec::with_capacity(4);
         if !self.neg.structured {
-            n = p::SIMPLE_REPLY_LEN + len as usize;
-            buf = self.take_buf(n);
-            p::simple_reply(&mut buf[..p::SIMPLE_REPLY_LEN], 0, cookie);
-            if let Err(e) = export.copy(first, &files, offset, &mut buf[p::SIMPLE_REPLY_LEN..n]) {
-                self.put_buf(buf);
-                let _ = e; // logged by copy
-                self.send(&p::simple_reply_vec(p::EIO, cookie)).await;
-                return;
-            }
+            pieces.push(Piece::Bytes(p::simple_reply_vec(0, cookie)));
+            self.data_pieces(first, &files, offset, len, &mut pieces);
         } else {
             let segs = if df {
                 vec![p::Segment { offset, len, hole: false }]
             } else {
                 p::read_segments(offset, len, export.chunk_size(), |i| export.is_zero_chunk(i))
             };
-            n = p::structured_read_len(&segs);
-            buf = self.take_buf(n);
-            let mut pos = 0;
             for (k, s) in segs.iter().enumerate() {
                 let flags = if k + 1 == segs.len() { p::REPLY_FLAG_DONE } else { 0 };
-                let h = p::STRUCTURED_HEADER_LEN;
+                let mut h = vec![0u8; p::STRUCTURED_HEADER_LEN + if s.hole { 12 } else { 8 }];
+                let hl = p::STRUCTURED_HEADER_LEN;
                 if s.hole {
-                    p::structured_header(&mut buf[pos..pos + h], flags, p::REPLY_TYPE_OFFSET_HOLE, cookie, 12);
-                    buf[pos + h..pos + h + 8].copy_from_slice(&s.offset.to_be_bytes());
-                    buf[pos + h + 8..pos + h + 12].copy_from_slice(&s.len.to_be_bytes());
-                    pos += h + 12;
+                    p::structured_header(&mut h[..hl], flags, p::REPLY_TYPE_OFFSET_HOLE, cookie, 12);
+                    h[hl..hl + 8].copy_from_slice(&s.offset.to_be_bytes());
+                    h[hl + 8..hl + 12].copy_from_slice(&s.len.to_be_bytes());
+                    pieces.push(Piece::Bytes(h));
                 } else {
-                    p::structured_header(&mut buf[pos..pos + h], flags, p::REPLY_TYPE_OFFSET_DATA, cookie, 8 + s.len);
-                    buf[pos + h..pos + h + 8].copy_from_slice(&s.offset.to_be_bytes());
-                    let data = &mut buf[pos + h + 8..pos + h + 8 + s.len as usize];
-                    if let Err(e) = export.copy(first, &files, s.offset, data) {
-                        self.put_buf(buf);
-                        self.send(&p::structured_error(p::EIO, cookie, &e.to_string())).await;
-                        return;
-                    }
-                    pos += h + 8 + s.len as usize;
+                    p::structured_header(&mut h[..hl], flags, p::REPLY_TYPE_OFFSET_DATA, cookie, 8 + s.len);
+                    h[hl..hl + 8].copy_from_slice(&s.offset.to_be_bytes());
+                    pieces.push(Piece::Bytes(h));
+                    self.data_pieces(first, &files, s.offset, s.len, &mut pieces);
                 }
             }
-            debug_assert_eq!(pos, n);
         }
-        self.send(&buf[..n]).await;
-        self.put_buf(buf);
+        self.send_pieces(&pieces).await;
     }
 }
 
-async fn transmission<R, W>(mut rd: R, wr: W, session: Session, peer: String, token: CancellationToken)
+async fn transmission<R>(mut rd: R, wr: Writer, session: Session, peer: String, token: CancellationToken)
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
 {
     let Session { export, neg } = session;
-    let conn = Arc::new(Conn { writer: tokio::sync::Mutex::new(wr), export: export.clone(), neg, peer: peer.clone(), pool: Mutex::new(Vec::new()) });
+    let broken = token.child_token();
+    let conn = Arc::new(Conn { writer: tokio::sync::Mutex::new(wr), export: export.clone(), neg, peer: peer.clone(), broken: broken.clone() });
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT as usize));
     let mut next_expected = u64::MAX;
     let mut streak = 0u32;
@@ -412,7 +513,7 @@ where
         let mut hb = [0u8; p::REQUEST_LEN];
         let r = tokio::select! {
             biased;
-            _ = token.cancelled() => break,
+            _ = broken.cancelled() => break,
             r = rd.read_exact(&mut hb) => r,
         };
         if let Err(e) = r {

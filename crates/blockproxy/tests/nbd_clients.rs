@@ -350,10 +350,26 @@ async fn pull_stages_everything_then_serves_offline() {
     let _server = proxy.serve_unix(&sock).unwrap();
     nbdcopy_equals(&uri("staged", &sock), &f.path("out.raw"), &f.data).await;
     // Restart with the same cache directory: chunks are still there (verified on first use).
-    drop(_server);
+    _server.shutdown().await;
     proxy.shutdown();
     drop(proxy);
-    let proxy2 = f.proxy("cache", 1 << 30);
+    // The directory lock goes with the last task holding the cache.
+    let mut proxy2 = None;
+    for _ in 0..100 {
+        let mut cfg = ProxyConfig::new(f.path("cache"), 1 << 30);
+        cfg.fetch_timeout = Duration::from_secs(30);
+        match BlockProxy::new(cfg, f.source()) {
+            Ok(p) => {
+                proxy2 = Some(p);
+                break;
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("in use by another process"), "{e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let proxy2 = proxy2.expect("cache directory stayed locked after shutdown");
     assert_eq!(proxy2.stats().chunks_cached, stored);
     let e = proxy2.open_export("staged").await.unwrap();
     let mut buf = vec![0u8; 100_000];
