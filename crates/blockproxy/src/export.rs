@@ -241,6 +241,11 @@ impl Export {
         });
     }
 
+    /// Drops a recording in progress without uploading it.
+    pub(crate) fn cancel_recording(&self) {
+        self.recorder.lock().unwrap().take();
+    }
+
     fn record(&self, first: u64, last: u64) {
         let mut g = self.recorder.lock().unwrap();
         let Some(r) = g.as_mut() else { return };

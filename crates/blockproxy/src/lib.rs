@@ -287,26 +287,42 @@ impl BlockProxy {
         };
         let first_open = self.opened.lock().unwrap().insert(manifest.image_ref());
         if first_open {
-            self.start_profile(&export).await;
+            self.start_profile(&export);
         }
         Ok(export)
     }
 
-    async fn start_profile(&self, export: &Arc<Export>) {
+    /// Looks up the image's boot profile in the background (an unreachable image server must
+    /// not delay the export): prefetch it if there is one, else record one.
+    fn start_profile(&self, export: &Arc<Export>) {
         let cfg = &self.shared.config;
         if !cfg.prefetch_profiles && !cfg.record_profiles {
             return;
         }
-        match self.shared.source.profile(export.image()).await {
-            Ok(Some(p)) if cfg.prefetch_profiles => {
-                tracing::info!(image = %export.image(), chunks = p.chunks.len(), "prefetching boot profile");
-                export.prefetch_profile(p);
-            }
-            Ok(Some(_)) => {}
-            Ok(None) if cfg.record_profiles => export.start_recording(),
-            Ok(None) => {}
-            Err(e) => tracing::warn!(image = %export.image(), "cannot look up boot profile: {e}"),
+        let prefetch = cfg.prefetch_profiles;
+        // Record from the very first read; dropped again if the image turns out to have a
+        // profile already.
+        if cfg.record_profiles {
+            export.start_recording();
         }
+        let source = self.shared.source.clone();
+        let weak = Arc::downgrade(export);
+        let image = export.image().clone();
+        tokio::spawn(async move {
+            let found = source.profile(&image).await;
+            let Some(export) = weak.upgrade() else { return };
+            match found {
+                Ok(Some(p)) => {
+                    export.cancel_recording();
+                    if prefetch {
+                        tracing::info!(image = %image, chunks = p.chunks.len(), "prefetching boot profile");
+                        export.prefetch_profile(p);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(image = %image, "cannot look up boot profile: {e}"),
+            }
+        });
     }
 
     /// Stages every chunk of `image` (disk, kernel, initrd) into the cache: the explicit-

@@ -190,6 +190,15 @@ async fn real_clients_read_exact_bytes_over_unix_and_tcp() {
     let cmp = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", f.source_file.to_str().unwrap(), &u]).await;
     assert!(cmp.status.success(), "qemu-img compare: {}", text(&cmp));
 
+    // A qcow2 overlay backed by the export (how guests use it): reads through, writes stay local.
+    let overlay = f.path("overlay.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", &u, "-F", "raw", overlay.to_str().unwrap()]).await;
+    let o = run("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", f.source_file.to_str().unwrap(), overlay.to_str().unwrap()]).await;
+    assert!(o.status.success(), "overlay compare: {}", text(&o));
+    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0xab 0 64k", overlay.to_str().unwrap()]).await;
+    let o = run("qemu-io", &["-f", "qcow2", "-c", "read -P 0xab 0 64k", "-c", &format!("read -P 0 {} 64k", 10 * CHUNK), overlay.to_str().unwrap()]).await;
+    assert!(o.status.success() && !text(&o).contains("Pattern verification failed"), "{}", text(&o));
+
     // qemu-io reads a range spanning data, a hole boundary and the odd tail.
     let tail = SIZE - 12345;
     let pattern_ok = run("qemu-io", &["-r", "-f", "raw", "-c", &format!("read -P 0 {} 65536", 10 * CHUNK), &u]).await;
@@ -570,4 +579,17 @@ async fn malformed_input_gets_errors_or_a_closed_connection() {
     }
     // The server is still fine.
     nbdcopy_equals(&uri("raw", &sock), &f.path("out.raw"), &f.data).await;
+}
+
+/// The futures callers spawn (CLI, host agent) must be `Send`.
+#[allow(dead_code)]
+fn public_futures_are_send(proxy: Arc<BlockProxy>, m: Manifest) {
+    fn send<T: Send>(_: T) {}
+    let r: ImageRef = "x".parse().unwrap();
+    send(proxy.pull(&r, &|_, _| {}));
+    send(proxy.open_export("x"));
+    send(proxy.read_blob(&m, &m.disk));
+    send(proxy.write_blob(&m, &m.disk, Path::new("/dev/null")));
+    send(proxy.serve_tcp("127.0.0.1:0"));
+    send(proxy.resolve(&r));
 }
