@@ -495,8 +495,50 @@ impl Conn {
                 }
             }
         }
-        self.send_pieces(&pieces).await;
+        let data_len: usize = pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Bytes(b) => b.len(),
+                Piece::File { len, .. } => *len,
+                Piece::Zeroes(n) => *n,
+            })
+            .sum();
+        if data_len <= SMALL_REPLY {
+            // Small replies: one buffer, one write (cheaper than a sendfile per piece).
+            match flatten(&pieces, data_len) {
+                Ok(buf) => {
+                    self.send(&buf).await;
+                }
+                Err(e) => {
+                    tracing::error!(peer = self.peer, image = %export.image(), offset, "reading cached chunk failed: {e}");
+                    self.send(&p::error_reply(self.neg.structured, p::EIO, cookie, &format!("image {}: reading cached chunk failed: {e}", export.image()))).await;
+                }
+            }
+        } else {
+            self.send_pieces(&pieces).await;
+        }
     }
+}
+
+/// Replies up to this size are copied into one buffer and written at once.
+const SMALL_REPLY: usize = 64 * 1024;
+
+fn flatten(pieces: &[Piece], len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut pos = 0;
+    for p in pieces {
+        match p {
+            Piece::Bytes(b) => buf[pos..pos + b.len()].copy_from_slice(b),
+            Piece::File { file, offset, len } => file.read_at(&mut buf[pos..pos + len], *offset)?,
+            Piece::Zeroes(_) => {} // already zero
+        }
+        pos += match p {
+            Piece::Bytes(b) => b.len(),
+            Piece::File { len, .. } => *len,
+            Piece::Zeroes(n) => *n,
+        };
+    }
+    Ok(buf)
 }
 
 async fn transmission<R>(mut rd: R, wr: Writer, session: Session, peer: String, token: CancellationToken)

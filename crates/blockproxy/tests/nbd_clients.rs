@@ -349,6 +349,14 @@ async fn pull_stages_everything_then_serves_offline() {
     assert_eq!(report.image, f.manifest.image_ref());
     let seen = seen.into_inner().unwrap();
     assert_eq!(seen.last().unwrap().0, report.bytes_total);
+    // The staged image is listed (NBD_OPT_LIST).
+    {
+        let sock = f.path("list.sock");
+        let h = proxy.serve_unix(&sock).unwrap();
+        let list = ok("nbdinfo", &["--list", &format!("nbd+unix:///?socket={}", sock.display())]).await;
+        assert!(list.contains(&format!("staged@{}", f.manifest.version)), "{list}");
+        h.shutdown().await;
+    }
     // A second pull finds everything cached.
     let again = proxy.pull(&"staged".parse().unwrap(), &|_, _| {}).await.unwrap();
     assert_eq!((again.chunks_fetched, again.chunks_cached), (0, stored));
@@ -592,4 +600,30 @@ fn public_futures_are_send(proxy: Arc<BlockProxy>, m: Manifest) {
     send(proxy.write_blob(&m, &m.disk, Path::new("/dev/null")));
     send(proxy.serve_tcp("127.0.0.1:0"));
     send(proxy.resolve(&r));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_reader_gets_readahead() {
+    let f = Fixture::new("seq").await;
+    let mut cfg = ProxyConfig::new(f.path("cache"), 1 << 30);
+    cfg.readahead_chunks = 4;
+    cfg.record_profiles = false;
+    let proxy = BlockProxy::new(cfg, f.source()).unwrap();
+    let sock = f.path("nbd.sock");
+    let _server = proxy.serve_unix(&sock).unwrap();
+    // Three consecutive reads of chunks 0, 1, 2 on one connection.
+    ok("qemu-io", &["-r", "-f", "raw", "-c", "read 0 64k", "-c", "read 64k 64k", "-c", "read 128k 64k", &uri("seq", &sock)]).await;
+    let ahead: Vec<_> = (3..7).map(|i| f.manifest.disk.chunks[i].unwrap()).collect();
+    for _ in 0..300 {
+        if ahead.iter().all(|h| proxy.cache().contains(h)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ahead.iter().all(|h| proxy.cache().contains(h)), "chunks 3..7 were not read ahead");
+    assert!(!proxy.cache().contains(&f.manifest.disk.chunks[8].unwrap()), "readahead went past its window");
+    assert_eq!(proxy.stats().prefetched, 4);
+    // A random reader gets none.
+    ok("qemu-io", &["-r", "-f", "raw", "-c", "read 2M 4k", "-c", "read 1M 4k", "-c", "read 3M 4k", &uri("seq", &sock)]).await;
+    assert_eq!(proxy.stats().prefetched, 4);
 }
