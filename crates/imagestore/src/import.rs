@@ -196,10 +196,44 @@ fn qcow2_virtual_size(path: &Path) -> Result<u64, ImportError> {
     v.get("virtual-size").and_then(|s| s.as_u64()).ok_or_else(|| err("no virtual-size in its output".into()))
 }
 
+/// Runs `qemu-img check`: a qcow2 file with corrupt metadata (a truncated copy, say) would
+/// otherwise read as zeroes where its data is missing.
+fn qcow2_check(path: &Path) -> Result<(), ImportError> {
+    let command = format!("qemu-img check --output=json -f qcow2 {}", path.display());
+    let err = |cause: String| ImportError::Convert { path: path.into(), command: command.clone(), cause };
+    let out = Command::new("qemu-img")
+        .args(["check", "--output=json", "-f", "qcow2"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| err(format!("cannot run qemu-img: {e}")))?;
+    let report: Option<serde_json::Value> = serde_json::from_slice(&out.stdout).ok();
+    let count = |k: &str| report.as_ref().and_then(|r| r.get(k)).and_then(|v| v.as_u64()).unwrap_or(0);
+    match out.status.code() {
+        Some(0) => Ok(()),
+        // Leaked clusters only: wasted space, the data is intact.
+        Some(3) => {
+            tracing::warn!(path = %path.display(), leaks = count("leaks"), "qcow2 image has leaked clusters; importing anyway");
+            Ok(())
+        }
+        Some(2) => Err(err(format!(
+            "the qcow2 image is corrupt ({} corruptions, {} check errors); repair it with `qemu-img check -r all` or convert it again",
+            count("corruptions"),
+            count("check-errors")
+        ))),
+        _ => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let first = stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("no diagnostic").trim().to_string();
+            Err(err(format!("{} ({first})", out.status)))
+        }
+    }
+}
+
 fn open_qcow2(path: &Path) -> Result<Source, ImportError> {
     // Fail early and clearly on unreadable files.
     File::open(path).map_err(file_err(path, "cannot open"))?;
     let size = qcow2_virtual_size(path)?;
+    qcow2_check(path)?;
     let abs = std::fs::canonicalize(path).map_err(file_err(path, "cannot resolve"))?;
     let command = format!("nbdcopy -- [ qemu-nbd -r -f qcow2 {} ] -", abs.display());
     let mut child = Command::new("nbdcopy")
@@ -419,11 +453,16 @@ async fn upload_blob(
                 match src.read_chunk(off, &mut buf) {
                     Ok(got) if got == len => {}
                     Ok(got) => {
-                        *read_error.lock().unwrap() = Some(ImportError::ShortRead {
-                            path: src.path.clone(),
-                            got: i as u64 * chunk_size as u64 + got as u64,
-                            expected: size,
-                        });
+                        // A converter that stops early says why on its stderr.
+                        let e = match src.finish(true) {
+                            Err(e) => e,
+                            Ok(()) => ImportError::ShortRead {
+                                path: src.path.clone(),
+                                got: i as u64 * chunk_size as u64 + got as u64,
+                                expected: size,
+                            },
+                        };
+                        *read_error.lock().unwrap() = Some(e);
                         completed = false;
                         break;
                     }

@@ -138,6 +138,16 @@ async fn qcow2_import_and_format_errors() {
     assert!(matches!(e, ImportError::Convert { .. }), "{e}");
     assert!(e.to_string().contains("bad.qcow2"), "{e}");
     assert!(s.client.manifest(&r("bad")).await.unwrap_err().is_not_found());
+
+    // A truncated qcow2 (data clusters missing, which qemu would read as zeroes) is refused.
+    let cut = s.dir.path().join("cut.qcow2");
+    std::fs::copy(&qcow, &cut).unwrap();
+    let len = std::fs::metadata(&cut).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&cut).unwrap().set_len(len / 2).unwrap();
+    let e = import_file(&s.client, &cut, &opts("cut"), &no_progress()).await.unwrap_err();
+    assert!(matches!(e, ImportError::Convert { .. }), "{e}");
+    assert!(e.to_string().contains("cut.qcow2") && e.to_string().contains("corrupt"), "{e}");
+    assert!(s.client.manifest(&r("cut")).await.unwrap_err().is_not_found());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
