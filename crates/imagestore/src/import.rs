@@ -14,6 +14,7 @@ use crate::client::{ClientError, StoreClient, UploadId};
 use crate::codec;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use tracing::Instrument;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
@@ -588,6 +589,16 @@ pub async fn import_file(
     opts: &ImportOptions,
     progress: Progress<'_>,
 ) -> Result<Manifest, ImportError> {
+    let span = tracing::info_span!("import", image = %opts.name, server = %client.base_url());
+    import_file_inner(client, path, opts, progress).instrument(span).await
+}
+
+async fn import_file_inner(
+    client: &StoreClient,
+    path: &Path,
+    opts: &ImportOptions,
+    progress: Progress<'_>,
+) -> Result<Manifest, ImportError> {
     check_options(opts)?;
     let detected = detect_format(path)?;
     let format = match (opts.format, detected) {
@@ -721,6 +732,16 @@ pub async fn export_blob(
 /// Exports image `r` (latest version when none is given) to a sparse raw file at `dest`.
 /// Returns the manifest of the exported version.
 pub async fn export_image(
+    client: &StoreClient,
+    r: &ImageRef,
+    dest: &Path,
+    progress: Progress<'_>,
+) -> Result<Manifest, ImportError> {
+    let span = tracing::info_span!("export", image = %r, server = %client.base_url());
+    export_image_inner(client, r, dest, progress).instrument(span).await
+}
+
+async fn export_image_inner(
     client: &StoreClient,
     r: &ImageRef,
     dest: &Path,
