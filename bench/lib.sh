@@ -1,0 +1,261 @@
+# Shared helpers of vgrid's benchmarks (sourced by bench/<name>; see bench/README.md).
+#
+# - a work directory and a cleanup trap that undoes everything a benchmark started, also on
+#   failure or Ctrl-C: processes (by the pids we recorded), the network namespace and its veth
+#   pair, temporary files;
+# - the emulated grid link of /work/shared/BENCHMARKS.md: the image server in its own network
+#   namespace `vgbench-$$`, joined to the host by a veth pair, both ends shaped with
+#   `tc qdisc add dev IF root tbf rate 100mbit burst 32kbit latency 400ms` (no netem);
+# - starting `vgrid image-server` inside that namespace or on the host's loopback, and
+#   `vgrid up` pointed at it;
+# - medians and spreads of repeated rounds.
+#
+# Conventions: every helper prints its progress to stderr; figures go to stdout.
+
+set -euo pipefail
+
+BENCH_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VGRID=${VGRID:-$BENCH_ROOT/target/release/vgrid}
+# The link of BENCHMARKS.md; override only to experiment (the committed figures use these).
+GRID_RATE=${GRID_RATE:-100mbit}
+GRID_BURST=${GRID_BURST:-32kbit}
+GRID_LATENCY=${GRID_LATENCY:-400ms}
+
+log() { printf '[%s %s] %s\n' "$(date +%H:%M:%S)" "${BENCH_NAME:-bench}" "$*" >&2; }
+die() { log "FAILED: $*"; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# cleanup
+
+_CLEANUP=()      # shell snippets, run in reverse order at exit
+_PIDS=()         # processes we started (killed at exit if still alive)
+
+on_exit() { _CLEANUP+=("$1"); }
+track_pid() { _PIDS+=("$1"); }
+
+# Stops one process we started: SIGTERM, up to $2 seconds (default 10), then SIGKILL.
+stop_pid() {
+  local pid=$1 t=${2:-10} i=0
+  [ -n "$pid" ] || return 0
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  while kill -0 "$pid" 2>/dev/null && [ $i -lt $((t * 10)) ]; do sleep 0.1; i=$((i + 1)); done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "pid $pid ignored SIGTERM for ${t}s; killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+
+# QEMU processes whose command line names a path under $1 (VMs a benchmark's `vgrid up`
+# started in its own data directory); killed by pid, nothing else is touched.
+kill_qemus_under() {
+  local dir=$1 p
+  [ -n "$dir" ] || return 0
+  for p in $(pgrep -f "qemu-system.*$dir" 2>/dev/null || true); do
+    log "killing leftover QEMU $p (under $dir)"
+    kill -KILL "$p" 2>/dev/null || true
+  done
+}
+
+_run_cleanup() {
+  local rc=$? i
+  trap - EXIT INT TERM
+  set +e
+  for ((i = ${#_PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${_PIDS[$i]}" 5; done
+  for ((i = ${#_CLEANUP[@]} - 1; i >= 0; i--)); do eval "${_CLEANUP[$i]}" >/dev/null 2>&1; done
+  [ $rc -eq 0 ] || log "exit status $rc (cleaned up)"
+  exit $rc
+}
+trap _run_cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# bench_workdir NAME: a fresh work directory under $BENCH_TMP (default /var/tmp), removed at exit
+# unless BENCH_KEEP=1.
+bench_workdir() {
+  local base=${BENCH_TMP:-/var/tmp}
+  WORK=$(mktemp -d "$base/vgbench-$1.XXXXXX")
+  if [ "${BENCH_KEEP:-0}" = 1 ]; then
+    log "work directory $WORK (kept: BENCH_KEEP=1)"
+  else
+    on_exit "kill_qemus_under '$WORK'; rm -rf '$WORK'"
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# the grid link
+
+GRID_NS=""
+GRID_IF_HOST=""
+GRID_IF_NS=""
+GRID_HOST_IP=""
+GRID_NS_IP=""
+GRID_OK=0
+
+# grid_link_up: creates namespace vgbench-$$ and the veth pair, addresses them with a /30 out
+# of 10.251.0.0/16 chosen from our pid (only ever used between this host and its own
+# namespaces), and shapes both ends. Returns non-zero (and says why) when any step fails; the
+# caller then reports loopback figures only.
+grid_link_up() {
+  local n=$$ a b
+  a=$((n % 250 + 1))
+  b=$(((n / 250) % 64 * 4))
+  GRID_NS=vgbench-$$
+  GRID_IF_HOST=vgb${n}h
+  GRID_IF_NS=vgb${n}n
+  GRID_HOST_IP=10.251.$a.$((b + 1))
+  GRID_NS_IP=10.251.$a.$((b + 2))
+  if ! {
+    ip netns add "$GRID_NS" &&
+      on_exit "ip netns pids '$GRID_NS' 2>/dev/null | xargs -r kill -KILL; ip link del '$GRID_IF_HOST'; ip netns del '$GRID_NS'" &&
+      ip link add "$GRID_IF_HOST" type veth peer name "$GRID_IF_NS" &&
+      ip link set "$GRID_IF_NS" netns "$GRID_NS" &&
+      ip addr add "$GRID_HOST_IP/30" dev "$GRID_IF_HOST" &&
+      ip link set "$GRID_IF_HOST" up &&
+      ip -n "$GRID_NS" addr add "$GRID_NS_IP/30" dev "$GRID_IF_NS" &&
+      ip -n "$GRID_NS" link set "$GRID_IF_NS" up &&
+      ip -n "$GRID_NS" link set lo up &&
+      grid_shape on
+  } 2>"${WORK:-/tmp}/grid-link.err"; then
+    log "cannot set up the emulated grid link: $(tr '\n' ' ' <"${WORK:-/tmp}/grid-link.err")"
+    GRID_OK=0
+    return 1
+  fi
+  GRID_OK=1
+  log "grid link up: host $GRID_IF_HOST $GRID_HOST_IP <-> netns $GRID_NS $GRID_IF_NS $GRID_NS_IP, tbf rate $GRID_RATE burst $GRID_BURST latency $GRID_LATENCY both ends"
+}
+
+# grid_shape on|off: adds or removes the tbf qdisc on both ends.
+grid_shape() {
+  if [ "$1" = on ]; then
+    tc qdisc replace dev "$GRID_IF_HOST" root tbf rate "$GRID_RATE" burst "$GRID_BURST" latency "$GRID_LATENCY" &&
+      ip netns exec "$GRID_NS" tc qdisc replace dev "$GRID_IF_NS" root tbf rate "$GRID_RATE" burst "$GRID_BURST" latency "$GRID_LATENCY"
+  else
+    tc qdisc del dev "$GRID_IF_HOST" root 2>/dev/null || true
+    ip netns exec "$GRID_NS" tc qdisc del dev "$GRID_IF_NS" root 2>/dev/null || true
+  fi
+}
+
+# Bytes the host side of the link has received (image server -> host).
+grid_rx_bytes() { cat "/sys/class/net/$GRID_IF_HOST/statistics/rx_bytes"; }
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+# A free TCP port on 127.0.0.1.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# wait_http URL [SECONDS]: until URL answers (any HTTP status).
+wait_http() {
+  local url=$1 t=${2:-30} i=0
+  while ! curl -s -o /dev/null --max-time 2 "$url"; do
+    i=$((i + 1))
+    [ $i -lt $((t * 10)) ] || return 1
+    sleep 0.1
+  done
+}
+
+# wait_socket PATH [SECONDS]
+wait_socket() {
+  local p=$1 t=${2:-30} i=0
+  while [ ! -S "$p" ]; do
+    i=$((i + 1))
+    [ $i -lt $((t * 10)) ] || return 1
+    sleep 0.1
+  done
+}
+
+IMAGE_SERVER_URL=""
+IMAGE_SERVER_PID=""
+
+# start_image_server ns|host DATA_DIR: `vgrid image-server` inside the grid namespace (listening
+# on its end of the link) or on the host's loopback; sets IMAGE_SERVER_URL and IMAGE_SERVER_PID.
+start_image_server() {
+  local where=$1 data=$2 addr
+  mkdir -p "$data"
+  if [ "$where" = ns ]; then
+    addr=$GRID_NS_IP:7071
+    ip netns exec "$GRID_NS" "$VGRID" image-server --listen "$addr" --data-dir "$data" \
+      >>"$data.log" 2>&1 &
+  else
+    addr=127.0.0.1:$(free_port)
+    "$VGRID" image-server --listen "$addr" --data-dir "$data" >>"$data.log" 2>&1 &
+  fi
+  IMAGE_SERVER_PID=$!
+  track_pid "$IMAGE_SERVER_PID"
+  IMAGE_SERVER_URL=http://$addr
+  wait_http "$IMAGE_SERVER_URL/store/v1/images" 30 || die "image server at $addr did not come up (see $data.log)"
+  log "image server ($where) at $IMAGE_SERVER_URL, pid $IMAGE_SERVER_PID"
+}
+
+stop_image_server() {
+  stop_pid "$IMAGE_SERVER_PID" 10
+  IMAGE_SERVER_PID=""
+}
+
+UP_PID=""
+UP_URL=""
+UP_DIR=""
+
+# start_up DATA_DIR IMAGE_SERVER_URL: `vgrid up` with a fresh data directory whose host agent
+# reads images from IMAGE_SERVER_URL first; sets UP_URL, UP_PID, UP_DIR (its NBD socket is
+# $UP_DIR/host/nbd.sock).
+start_up() {
+  UP_DIR=$1
+  local srv=$2 port
+  mkdir -p "$UP_DIR"
+  port=$(free_port)
+  UP_URL=http://127.0.0.1:$port
+  "$VGRID" up --data-dir "$UP_DIR" --listen "127.0.0.1:$port" --image-server "$srv" >"$UP_DIR.log" 2>&1 &
+  UP_PID=$!
+  track_pid "$UP_PID"
+  wait_http "$UP_URL/api/v1/vms" 60 || die "vgrid up did not come up (see $UP_DIR.log)"
+}
+
+stop_up() {
+  stop_pid "$UP_PID" 30
+  kill_qemus_under "$UP_DIR"
+  UP_PID=""
+}
+
+# ---------------------------------------------------------------------------------------------
+# numbers
+
+now() { date +%s.%N; }
+# elapsed START: seconds since START (a `now` value), 3 decimals.
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
+
+# median V...: the median of the values.
+median() {
+  printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) { print "nan"; exit } if (NR % 2) printf "%.12g\n", v[(NR + 1) / 2]; else printf "%.12g\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# spread V...: (max - min) / median in percent, e.g. "4.2%".
+spread() {
+  local m
+  m=$(median "$@")
+  printf '%s\n' "$@" | sort -g | awk -v m="$m" '{ v[NR] = $1 } END { if (NR == 0 || m == 0) { print "nan"; exit } printf "%.1f%%\n", 100 * (v[NR] - v[1]) / m }'
+}
+
+# minmax V...: "min..max"
+minmax() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { printf "%s..%s\n", v[1], v[NR] }'; }
+
+# ratio A B [DIGITS]: A / B
+ratio() { awk -v a="$1" -v b="$2" -v d="${3:-2}" 'BEGIN { if (b == 0) print "nan"; else printf "%.*f\n", d, a / b }'; }
+
+# fmt V [DIGITS]
+fmt() { awk -v a="$1" -v d="${2:-1}" 'BEGIN { printf "%.*f\n", d, a }'; }
+
+# to_bytes 64K|256K|1M|...: bytes
+to_bytes() {
+  local s=${1^^}
+  case "$s" in
+    *K) echo $((${s%K} * 1024)) ;;
+    *M) echo $((${s%M} * 1024 * 1024)) ;;
+    *G) echo $((${s%G} * 1024 * 1024 * 1024)) ;;
+    *) echo "$s" ;;
+  esac
+}
