@@ -15,6 +15,9 @@ command -v mke2fs >/dev/null || need+=(e2fsprogs)
 command -v tc >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
 command -v zstd >/dev/null || need+=(zstd)
+command -v fio >/dev/null || need+=(fio)             # bench/: fio with the nbd (libnbd) engine
+command -v debugfs >/dev/null || need+=(e2fsprogs)   # bench/lazyboot: unpack the sample disk
+command -v python3 >/dev/null || need+=(python3)     # bench/: JSON figures
 [ -x /usr/share/qemu/bios-256k.bin ] || [ -f /usr/share/seabios/bios-256k.bin ] || need+=(seabios)
 if [ ${#need[@]} -eq 0 ]; then
   echo "install-deps: everything present"
@@ -32,5 +35,5 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-utils qemu-system-data seabios ipxe-qemu
-$SUDO apt-get install -y -qq --no-install-recommends libnbd-bin nbdkit e2fsprogs iproute2 curl zstd busybox-static
+$SUDO apt-get install -y -qq --no-install-recommends libnbd-bin nbdkit e2fsprogs iproute2 curl zstd busybox-static fio python3
 echo "install-deps: done ($(qemu-system-x86_64 --version | head -1))"
