@@ -251,3 +251,35 @@ fn console_over_the_api_is_interactive_and_ctrl_bracket_detaches() {
     assert_eq!(up.vm(&id)["state"], "running");
     up.ok(&["vm", "stop", &id]);
 }
+
+#[test]
+fn forwarded_port_reaches_a_server_in_the_guest() {
+    let up = Up::start();
+    up.import_sample();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let fwd = format!("{port}:80");
+    let v = up.run_vm("sample", "web", PROMPT, &["--forward", &fwd]);
+    let id = id_of(&v);
+    assert_eq!(v["forwards"][0]["host"], port);
+    // User-mode networking: the guest is 10.0.2.15 behind QEMU's slirp.
+    console_exec(
+        &up,
+        &id,
+        "ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && mkdir -p /tmp/www && echo forwarded-ok > /tmp/www/index.html && httpd -p 80 -h /tmp/www && echo httpd-$((1+1))",
+        "httpd-2",
+    );
+    let mut body = String::new();
+    up.wait_until("an answer through the forwarded port", Duration::from_secs(30), || {
+        let o = Command::new("curl").args(["-s", "--max-time", "5"]).arg(format!("http://127.0.0.1:{port}/")).output().unwrap();
+        body = String::from_utf8_lossy(&o.stdout).into_owned();
+        body.contains("forwarded-ok")
+    });
+    // A second VM cannot take the same host port.
+    let o = up.cli(&["vm", "run", "sample", "--forward", &fwd]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains(&format!("host port {port} is already forwarded")), "{err}");
+    up.ok(&["vm", "stop", &id]);
+}

@@ -68,9 +68,10 @@ impl Coordinator {
 
     pub fn hosts(&self) -> Vec<HostInfo> {
         let mut info = self.agent.info();
-        let used: u64 = self.active_vms().iter().map(|v| v.memory_mib).sum();
+        let active = self.active_vms();
+        let used: u64 = active.iter().map(|v| v.memory_mib).sum();
         info.free_memory_mib = info.memory_mib.saturating_sub(used);
-        info.running_vms = self.active_vms().len() as u32;
+        info.running_vms = active.len() as u32;
         vec![info]
     }
 
@@ -238,15 +239,36 @@ impl Coordinator {
                     if v.state == VmState::Starting {
                         v.state = VmState::Running;
                         v.phase = "running".into();
+                        v.pid = Some(l.pid);
+                        v.accel = Some(l.accel.clone());
+                        v.started = Some(now());
                     }
-                    v.pid = Some(l.pid);
-                    v.accel = Some(l.accel.clone());
-                    v.started = Some(now());
                 });
-                tracing::info!(vm = %id, pid = l.pid, accel = %l.accel, "VM running");
-                let exit = self.agent.wait_exit(&id).await;
-                self.exited(&id, exit).await;
-                let _ = rec;
+                match rec {
+                    Some(r) if r.state == VmState::Running => {
+                        tracing::info!(vm = %id, pid = l.pid, accel = %l.accel, "VM running");
+                        let exit = self.agent.wait_exit(&id).await;
+                        self.exited(&id, exit).await;
+                    }
+                    Some(_) => {
+                        // Stopped while it was starting: it must not keep running.
+                        tracing::info!(vm = %id, "VM was stopped while starting; killing it");
+                        let _ = self.agent.stop(&id, true).await;
+                        let _ = self.agent.release(&id).await;
+                        self.update(&id, |v| {
+                            if v.state.is_active() {
+                                v.state = VmState::Stopped;
+                                v.phase = "stopped".into();
+                                v.stopped = Some(now());
+                            }
+                        });
+                    }
+                    None => {
+                        // Removed while it was starting.
+                        let _ = self.agent.stop(&id, true).await;
+                        let _ = self.agent.remove(&id).await;
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(vm = %id, "VM failed to start: {e}");
@@ -270,6 +292,11 @@ impl Coordinator {
             if v.state == VmState::Stopping {
                 v.state = VmState::Stopped;
                 v.phase = "stopped".into();
+            } else if exit.success() {
+                // The guest powered itself off: a normal stop.
+                v.state = VmState::Stopped;
+                v.phase = "stopped".into();
+                v.reason = Some("the guest powered off".into());
             } else {
                 v.state = VmState::Failed;
                 v.phase = "failed".into();

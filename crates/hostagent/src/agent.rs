@@ -127,7 +127,10 @@ impl Agent {
         let nbd_socket = cfg.data_dir.join("nbd.sock");
         let _ = std::fs::remove_file(&nbd_socket);
         let handle = proxy.serve_unix(&nbd_socket)?;
-        let qemu_version = crate::vm::qemu_version().await.map(|v| v.full).unwrap_or_else(|e| format!("unavailable: {e}"));
+        let qemu_version = crate::vm::qemu_version()
+            .await
+            .map(|v| format!("{}.{}.{}", v.major, v.minor, v.micro))
+            .unwrap_or_else(|e| format!("unavailable: {e}"));
         let phys = physical_memory_mib();
         let memory_mib = cfg.max_memory_mib.unwrap_or(phys * 3 / 4);
         let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
