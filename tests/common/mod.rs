@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub use vgrid_hostagent::testkit::{boot_slot, sample_guest, BootSlot, BOOTED_MARKER, DISK_MARKER, PROMPT};
+#[allow(unused_imports)]
+pub use vgrid_hostagent::testkit::{boot_slot, sample_guest, BOOTED_MARKER, DISK_MARKER, PROMPT};
 
 pub fn vgrid_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vgrid"))
