@@ -298,6 +298,12 @@ impl StoreClient {
         self.json(resp, &object).await
     }
 
+    /// Runs garbage collection on the server now (it also runs after every delete).
+    pub async fn gc(&self) -> Result<GcReport, ClientError> {
+        let resp = self.send(Method::POST, "/gc", "garbage collection", Body::None, false).await?;
+        self.json(resp, "garbage collection").await
+    }
+
     /// The boot profile of an image version (`r.version` of `None` means latest).
     pub async fn profile(&self, r: &ImageRef) -> Result<BootProfile, ClientError> {
         let m;

@@ -6,6 +6,7 @@
 //! | GET, DELETE | `/images/{name}` and `/images/{name}/{version}` | `Manifest` / `GcReport` |
 //! | GET, PUT | `/images/{name}/{version}/profile` | `BootProfile` |
 //! | GET, HEAD | `/chunks/{hash}` | zstd bytes, `ETag: "<hash>"`, immutable |
+//! | POST | `/gc` | `GcReport` (collect unreferenced chunks now) |
 //! | POST | `/uploads` | `UploadCreated` |
 //! | DELETE | `/uploads/{id}` | abort |
 //! | POST | `/uploads/{id}/missing` | `[hash]` -> `[hash]` |
@@ -151,6 +152,7 @@ pub fn router(store: Arc<ImageStore>) -> Router {
         .route("/store/v1/images/{name}/{version}", get(get_version).delete(delete_version))
         .route("/store/v1/images/{name}/{version}/profile", get(get_profile).put(put_profile))
         .route("/store/v1/chunks/{hash}", get(get_chunk).head(head_chunk))
+        .route("/store/v1/gc", post(run_gc))
         .route("/store/v1/uploads", post(begin_upload))
         .route("/store/v1/uploads/{id}", axum::routing::delete(abort_upload))
         .route("/store/v1/uploads/{id}/missing", post(missing))
@@ -255,6 +257,10 @@ async fn head_chunk(State(s): St, Path(hash): Path<String>) -> Res<Response> {
         return Err(StoreError::ChunkNotFound(h).into());
     }
     Ok((StatusCode::OK, chunk_headers(&h)).into_response())
+}
+
+async fn run_gc(State(s): St) -> Res<Response> {
+    Ok(Json(s.gc().await?).into_response())
 }
 
 async fn begin_upload(State(s): St) -> Res<Response> {

@@ -205,7 +205,7 @@ async fn interrupted_upload_is_invisible_and_collected() {
     assert_eq!(s.store.gc().await.unwrap().chunks_freed, 0);
     // Never committed: after the session expires, GC collects them.
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    assert_eq!(s.store.gc().await.unwrap().chunks_freed, 3);
+    assert_eq!(s.client.gc().await.unwrap().chunks_freed, 3);
     assert_eq!(s.chunk_files(), 0);
     let e = s.client.missing(&id, &[]).await.unwrap_err();
     assert!(e.is_not_found(), "{e}");
