@@ -292,6 +292,15 @@ impl ChunkCache {
         Some(f)
     }
 
+    /// Like [`ChunkCache::get`] without counting (see [`ChunkCache::count_hits`]).
+    pub(crate) fn get_uncounted(&self, hash: &ChunkHash) -> Option<ChunkFile> {
+        self.lookup(hash)
+    }
+
+    pub(crate) fn count_hits(&self, n: u64) {
+        Counters::add(&self.counters.hits, n);
+    }
+
     fn lookup(&self, hash: &ChunkHash) -> Option<ChunkFile> {
         let verified;
         let len;

@@ -184,6 +184,28 @@ impl Export {
         Ok((first, files))
     }
 
+    /// Chunk files covering `[offset, offset+len)` if every stored chunk there is cached
+    /// (no fetch, no await); `None` otherwise. The range must be valid.
+    pub(crate) fn cached_files(&self, offset: u64, len: u64) -> Option<(u64, Vec<Option<ChunkFile>>)> {
+        let cs = self.chunk_size() as u64;
+        let first = offset / cs;
+        let last = (offset + len - 1) / cs;
+        let mut out = Vec::with_capacity((last - first + 1) as usize);
+        let mut hits = 0;
+        for idx in first..=last {
+            match self.manifest.disk.chunks[idx as usize] {
+                None => out.push(None),
+                Some(h) => {
+                    out.push(Some(self.shared.cache.get_uncounted(&h)?));
+                    hits += 1;
+                }
+            }
+        }
+        self.shared.cache.count_hits(hits);
+        self.record(first, last);
+        Some((first, out))
+    }
+
     /// Copies `[offset, offset+buf.len())` of the chunk files returned by [`Export::files`].
     pub(crate) fn copy(&self, first: u64, files: &[Option<ChunkFile>], offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
         copy_out(&self.image, &self.manifest.disk, self.chunk_size(), first, files, offset, buf)

@@ -460,18 +460,23 @@ impl Conn {
     }
 
     async fn read(&self, cookie: u64, offset: u64, len: u32, df: bool) {
-        let export = &self.export;
-        let (first, files) = match export.files(offset, len as u64).await {
+        let (first, files) = match self.export.files(offset, len as u64).await {
             Ok(f) => f,
             Err(e) => {
                 self.send(&p::error_reply(self.neg.structured, p::EIO, cookie, &e.to_string())).await;
                 return;
             }
         };
+        self.reply_read(cookie, offset, len, df, first, &files).await;
+    }
+
+    /// Sends the reply to a read whose chunk files are at hand.
+    async fn reply_read(&self, cookie: u64, offset: u64, len: u32, df: bool, first: u64, files: &[Option<ChunkFile>]) {
+        let export = &self.export;
         let mut pieces = Vec::with_capacity(4);
         if !self.neg.structured {
             pieces.push(Piece::Bytes(p::simple_reply_vec(0, cookie)));
-            self.data_pieces(first, &files, offset, len, &mut pieces);
+            self.data_pieces(first, files, offset, len, &mut pieces);
         } else {
             let segs = if df {
                 vec![p::Segment { offset, len, hole: false }]
@@ -491,7 +496,7 @@ impl Conn {
                     p::structured_header(&mut h[..hl], flags, p::REPLY_TYPE_OFFSET_DATA, cookie, 8 + s.len);
                     h[hl..hl + 8].copy_from_slice(&s.offset.to_be_bytes());
                     pieces.push(Piece::Bytes(h));
-                    self.data_pieces(first, &files, s.offset, s.len, &mut pieces);
+                    self.data_pieces(first, files, s.offset, s.len, &mut pieces);
                 }
             }
         }
@@ -603,6 +608,13 @@ where
                 next_expected = offset + len as u64;
                 if streak >= 2 {
                     export.readahead(next_expected);
+                }
+                // Fast path: a small read of cached chunks is answered inline, no task.
+                if len as usize <= SMALL_REPLY {
+                    if let Some((first, files)) = export.cached_files(offset, len as u64) {
+                        conn.reply_read(req.cookie, offset, len, df, first, &files).await;
+                        continue;
+                    }
                 }
                 let Ok(permit) = slots.clone().acquire_owned().await else { break };
                 let c = conn.clone();

@@ -22,6 +22,31 @@ async fn time_nbdcopy(uri: &str, rounds: usize) -> Duration {
     best
 }
 
+/// Small-request latency/throughput: `qemu-img bench` with 4 KiB reads, queue depth 16.
+async fn time_bench(uri: &str, rounds: usize) -> Duration {
+    let mut best = Duration::MAX;
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let o = Command::new("qemu-img")
+            .args(["bench", "-f", "raw", "-c", "100000", "-d", "16", "-s", "4096", "-S", "1048576", uri])
+            .output()
+            .await
+            .unwrap();
+        assert!(o.status.success(), "qemu-img bench {uri}: {}", String::from_utf8_lossy(&o.stderr));
+        best = best.min(t.elapsed());
+    }
+    best
+}
+
+/// User+system CPU seconds used so far by process `pid` (all threads).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
 async fn wait_for(sock: &Path) {
     for _ in 0..100 {
         if sock.exists() {
@@ -79,13 +104,32 @@ async fn warm_reads_against_qemu_nbd_and_nbdkit() {
         println!("vgrid:    {:.0} MiB/s", (size >> 20) as f64 / v.as_secs_f64());
         return;
     }
+    let (qpid, kpid, me) = (qemu.id().unwrap(), kit.id().unwrap(), std::process::id());
+    let c0 = (cpu_secs(qpid), cpu_secs(kpid), cpu_secs(me));
     let q = time_nbdcopy(&format!("nbd+unix:///perf?socket={}", qsock.display()), rounds).await;
+    let c1 = cpu_secs(qpid);
     let k = time_nbdcopy(&format!("nbd+unix:///?socket={}", ksock.display()), rounds).await;
+    let c2 = cpu_secs(kpid);
+    let m0 = cpu_secs(me);
     let v = time_nbdcopy(&ours, rounds).await;
+    let m1 = cpu_secs(me);
+    println!("server CPU for {rounds} full reads: qemu-nbd {:.2} s, nbdkit {:.2} s, vgrid {:.2} s", c1 - c0.0, c2 - c0.1, m1 - m0);
+    let _ = c0.2;
     let mib = (size >> 20) as f64;
     println!("qemu-nbd: {:.0} MiB/s", mib / q.as_secs_f64());
     println!("nbdkit:   {:.0} MiB/s", mib / k.as_secs_f64());
     println!("vgrid:    {:.0} MiB/s  ({:.2}x qemu-nbd, {:.2}x nbdkit)", mib / v.as_secs_f64(), q.as_secs_f64() / v.as_secs_f64(), k.as_secs_f64() / v.as_secs_f64());
+    let c0 = (cpu_secs(qpid), cpu_secs(kpid));
+    let q = time_bench(&format!("nbd+unix:///perf?socket={}", qsock.display()), rounds).await;
+    let c1 = cpu_secs(qpid);
+    let k = time_bench(&format!("nbd+unix:///?socket={}", ksock.display()), rounds).await;
+    let c2 = cpu_secs(kpid);
+    let m0 = cpu_secs(me);
+    let v = time_bench(&ours, rounds).await;
+    let m1 = cpu_secs(me);
+    println!("server CPU for 4k reads: qemu-nbd {:.2} s, nbdkit {:.2} s, vgrid {:.2} s", c1 - c0.0, c2 - c0.1, m1 - m0);
+    println!("4k reads: qemu-nbd {:.2} s, nbdkit {:.2} s, vgrid {:.2} s ({:.2}x qemu-nbd, {:.2}x nbdkit)",
+        q.as_secs_f64(), k.as_secs_f64(), v.as_secs_f64(), q.as_secs_f64() / v.as_secs_f64(), k.as_secs_f64() / v.as_secs_f64());
     println!("{}", serde_json::to_string_pretty(&proxy.stats()).unwrap());
     let _ = qemu.kill().await;
     let _ = kit.kill().await;
