@@ -130,6 +130,11 @@ pub struct LaunchOptions {
     /// Keep an existing `overlay.qcow2` in the runtime directory (restart with the guest's
     /// writes) instead of creating a fresh one. Default false.
     pub reuse_overlay: bool,
+    /// Start from a state saved by [`Vm::save_state`] (`-incoming file:PATH`) instead of
+    /// booting: launch returns once the state is loaded and the guest runs again. The spec
+    /// must equal the saved VM's (same kernel/initrd files, memory, cpus) and the disk must be
+    /// the saved VM's overlay: use the same runtime directory with `reuse_overlay`.
+    pub incoming: Option<PathBuf>,
 }
 
 impl Default for LaunchOptions {
@@ -142,6 +147,7 @@ impl Default for LaunchOptions {
             startup_timeout: Duration::from_secs(30),
             kill_on_drop: false,
             reuse_overlay: false,
+            incoming: None,
         }
     }
 }
@@ -271,6 +277,10 @@ pub enum VmError {
     },
     #[error("cannot adopt the VM in {dir}: {reason}")]
     Adopt { dir: PathBuf, reason: String },
+    #[error("VM {id}: saving its state to {path} failed: {detail}")]
+    SaveState { id: String, path: PathBuf, detail: String },
+    #[error("VM {id}: restoring its state from {path} failed: {detail}")]
+    Restore { id: String, path: PathBuf, detail: String },
     #[error("{binary} --version: {detail}")]
     Version { binary: PathBuf, detail: String },
 }
@@ -492,6 +502,17 @@ impl Vm {
     ) -> Result<Vm, VmError> {
         validate_spec(&spec)?;
         let id = spec.id.clone();
+        let incoming = match &opts.incoming {
+            Some(state) => {
+                check_file(&id, "saved state", state)?;
+                Some(std::fs::canonicalize(state).map_err(|_| VmError::MissingFile {
+                    id: id.clone(),
+                    what: "saved state",
+                    path: state.clone(),
+                })?)
+            }
+            None => None,
+        };
         let accel = spec.accel.unwrap_or_else(Accel::detect);
         spec.accel = Some(accel);
         let io_err = |path: &Path, source| VmError::RuntimeDir { id: id.clone(), path: path.to_path_buf(), source };
@@ -536,7 +557,11 @@ impl Vm {
         let log_path = dir.join(QEMU_LOG);
         let log = std::fs::File::create(&log_path).map_err(|e| io_err(&log_path, e))?;
         let log2 = log.try_clone().map_err(|e| io_err(&log_path, e))?;
-        let args = qemu_args(&spec, accel, &dir);
+        let mut args = qemu_args(&spec, accel, &dir);
+        if let Some(state) = &incoming {
+            args.push("-incoming".into());
+            args.push(format!("file:{}", state.display()));
+        }
         tracing::info!(vm = %id, accel = %accel, dir = %dir.display(), "starting QEMU");
         tracing::debug!(vm = %id, ?args, "QEMU command line");
         let mut cmd = tokio::process::Command::new(&opts.qemu_system);
@@ -608,7 +633,7 @@ impl Vm {
             }
         };
         tracing::info!(vm = %id, pid, "QEMU started, QMP connected");
-        Ok(Vm {
+        let vm = Vm {
             spec,
             accel,
             dir,
@@ -618,7 +643,48 @@ impl Vm {
             console: tokio::sync::Mutex::new(None),
             kill_on_drop: opts.kill_on_drop,
             adopted: false,
-        })
+        };
+        if let Some(state) = &opts.incoming {
+            if let Err(e) = vm.finish_incoming(state, opts.startup_timeout).await {
+                let _ = vm.kill().await;
+                return Err(e);
+            }
+        }
+        Ok(vm)
+    }
+
+    /// Waits for an `-incoming` migration to finish loading, then resumes the guest.
+    async fn finish_incoming(&self, state: &Path, timeout: Duration) -> Result<(), VmError> {
+        let err = |detail: String| VmError::Restore { id: self.spec.id.clone(), path: state.to_path_buf(), detail };
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(exit) = self.exit_info() {
+                let stderr = tail_file(&self.qemu_log_path(), 10).join("\n");
+                return Err(err(format!("QEMU exited ({exit}): {stderr}")));
+            }
+            let st = self.execute("query-status", None).await?;
+            let status = st.get("status").and_then(Value::as_str).unwrap_or("");
+            if status != "inmigrate" {
+                let mig = self.execute("query-migrate", None).await?;
+                match mig.get("status").and_then(Value::as_str) {
+                    Some("failed") => {
+                        let desc = mig.get("error-desc").and_then(Value::as_str).unwrap_or("no detail");
+                        return Err(err(desc.to_string()));
+                    }
+                    _ => {
+                        if status == "paused" {
+                            self.cont().await?;
+                        }
+                        tracing::info!(vm = %self.spec.id, state = %state.display(), "state restored, guest resumed");
+                        return Ok(());
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(err(format!("still loading after {timeout:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Re-attaches to a QEMU started by an earlier agent from its runtime directory
@@ -809,6 +875,50 @@ impl Vm {
         tracing::warn!(vm = %self.spec.id, "QEMU ignored quit; killing it");
         let exit = self.kill().await?;
         Ok(StopOutcome { method: StopMethod::Kill, exit })
+    }
+
+    /// Saves the guest's memory and device state to `path` (QMP `migrate` to `file:`), pausing
+    /// the guest first. The guest stays paused afterwards: [`Vm::cont`] to go on running, or
+    /// end QEMU (kill/quit) to suspend. The overlay plus this file restart the guest where it
+    /// was ([`LaunchOptions::incoming`]). Returns the size of the saved state in bytes.
+    pub async fn save_state(&self, path: impl AsRef<Path>, timeout: Duration) -> Result<u64, VmError> {
+        let path = path.as_ref();
+        let err = |detail: String| VmError::SaveState { id: self.spec.id.clone(), path: path.to_path_buf(), detail };
+        let path = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir().map_err(|e| err(e.to_string()))?.join(path)
+        };
+        let _ = std::fs::remove_file(&path);
+        if matches!(self.status().await?, VmState::Running) {
+            self.stop().await?;
+        }
+        tracing::info!(vm = %self.spec.id, path = %path.display(), "saving VM state");
+        self.execute("migrate", Some(serde_json::json!({ "uri": format!("file:{}", path.display()) })))
+            .await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(exit) = self.exit_info() {
+                return Err(err(format!("QEMU exited ({exit})")));
+            }
+            let mig = self.execute("query-migrate", None).await?;
+            match mig.get("status").and_then(Value::as_str).unwrap_or("") {
+                "completed" => break,
+                "failed" | "cancelled" => {
+                    let desc = mig.get("error-desc").and_then(Value::as_str).unwrap_or("no detail");
+                    return Err(err(desc.to_string()));
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = self.execute("migrate_cancel", None).await;
+                return Err(err(format!("not finished after {timeout:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let size = std::fs::metadata(&path).map(|m| m.len()).map_err(|e| err(e.to_string()))?;
+        tracing::info!(vm = %self.spec.id, size, "VM state saved");
+        Ok(size)
     }
 
     /// SIGKILLs QEMU (if still running) and waits for it to exit.

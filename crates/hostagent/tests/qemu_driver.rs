@@ -412,3 +412,57 @@ async fn boots_from_an_nbd_export_and_restarts_on_its_overlay() {
     vm.cleanup().await.unwrap();
     assert!(std::fs::read(&base).unwrap() == std::fs::read(&g.disk).unwrap(), "NBD base image was modified");
 }
+
+#[tokio::test]
+async fn saved_state_restores_the_guest_where_it_was() {
+    init_tracing();
+    let g = guest();
+    let _slot = boot_slot().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_copy(&g, tmp.path());
+    let spec = g.spec("state-test", DiskSource::raw_file(&base), "");
+    let vm = boot("state", tmp.path(), spec.clone(), true).await;
+    let dir = vm.runtime_dir().to_path_buf();
+    // One file in guest RAM (tmpfs), one on the disk without sync (maybe only in the page cache).
+    run_in_guest(&vm, "echo in-ram-$((5*5)) > /tmp/r; echo on-disk-$((6*6)) > /mnt/d; echo s-$((1+1))-done", "s-2-done").await;
+    vm.release_console().await;
+
+    let state = tmp.path().join("state.bin");
+    let size = vm.save_state(&state, Duration::from_secs(300)).await.unwrap();
+    assert!(size > 0 && std::fs::metadata(&state).unwrap().len() == size);
+    assert!(matches!(vm.status().await.unwrap(), VmState::Other(ref s) if s == "postmigrate"));
+    // Suspend = state + overlay; the process itself is gone.
+    let exit = vm.kill().await.unwrap();
+    assert_eq!(exit.signal, Some(9));
+    drop(vm);
+
+    let restore = LaunchOptions { reuse_overlay: true, incoming: Some(state.clone()), ..opts() };
+    let vm = boot_with_retry("state-restore", BOOT_TIMEOUT, |_| {
+        let (spec, dir, restore) = (spec.clone(), dir.clone(), restore.clone());
+        async move { Vm::launch_with(spec, &dir, &restore).await }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(vm.status().await.unwrap(), VmState::Running);
+    // No boot happened: the console log of the new QEMU has no boot marker.
+    assert!(!std::fs::read_to_string(vm.console_log_path()).unwrap_or_default().contains(BOOTED_MARKER));
+    run_in_guest(&vm, "cat /tmp/r /mnt/d; echo c-$((2+1))-done", "c-3-done").await;
+    let log = std::fs::read_to_string(vm.console_log_path()).unwrap();
+    assert!(log.contains("in-ram-25") && log.contains("on-disk-36"), "{log}");
+    assert_eq!(vm.powerdown(POWERDOWN_TIMEOUT).await.unwrap().method, StopMethod::Acpi);
+    vm.cleanup().await.unwrap();
+}
+
+#[tokio::test]
+async fn restoring_a_missing_state_file_is_a_clear_error() {
+    let g = guest();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_copy(&g, tmp.path());
+    let o = LaunchOptions { incoming: Some(tmp.path().join("no-such-state.bin")), ..opts() };
+    let rd = tmp.path().join("rd");
+    let e = Vm::launch_with(g.spec("restore-missing", DiskSource::raw_file(&base), ""), &rd, &o).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, VmError::MissingFile { what: "saved state", .. }), "{msg}");
+    assert!(msg.contains("restore-missing") && msg.contains("no-such-state.bin"), "{msg}");
+    assert!(!rd.exists(), "a rejected launch must not create its runtime directory");
+}
