@@ -78,6 +78,7 @@ impl From<StoreError> for ApiError {
             ProfileNotFound(r) => (StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, format!("profile of image {r}")),
             ImageExists(r) => (StatusCode::CONFLICT, ErrorKind::CONFLICT, format!("image {r}")),
             InvalidManifest { image, .. } => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("image {image}")),
+            BadName(cause) => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, cause.to_string()),
             BadProfile { image, .. } => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("profile of image {image}")),
             BadUpload { hash, .. } => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("chunk {hash}")),
             MissingChunks { image, missing, .. } => {

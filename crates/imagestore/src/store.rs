@@ -48,6 +48,8 @@ pub enum StoreError {
     ImageExists(ImageRef),
     #[error("image {image}: invalid manifest: {cause}")]
     InvalidManifest { image: String, cause: ManifestError },
+    #[error("{0}")]
+    BadName(ManifestError),
     #[error("image {image}: stored manifest is unreadable: {cause}")]
     CorruptManifest { image: ImageRef, cause: String },
     #[error("image {image}: {count} referenced chunk(s) are not in the store, first {first}")]
@@ -430,7 +432,7 @@ impl ImageStore {
 
     /// Resolves `NAME` (latest) or `NAME@VERSION` to a concrete version.
     pub async fn resolve(&self, r: &ImageRef) -> Result<ImageRef, StoreError> {
-        validate_name(&r.name).map_err(|cause| StoreError::InvalidManifest { image: r.name.clone(), cause })?;
+        validate_name(&r.name).map_err(StoreError::BadName)?;
         match r.version {
             Some(_) => Ok(r.clone()),
             None => match self.versions(&r.name).await?.last() {
@@ -497,7 +499,7 @@ impl ImageStore {
     /// Deletes one version (or, with no version, every version) of an image, its boot
     /// profiles, then collects the chunks nothing references any more.
     pub async fn delete(&self, r: &ImageRef) -> Result<GcReport, StoreError> {
-        validate_name(&r.name).map_err(|cause| StoreError::InvalidManifest { image: r.name.clone(), cause })?;
+        validate_name(&r.name).map_err(StoreError::BadName)?;
         let versions = match r.version {
             Some(v) => vec![v],
             None => self.versions(&r.name).await?,
