@@ -7,7 +7,7 @@ use crate::ProxyConfig;
 use futures::stream::{FuturesOrdered, StreamExt};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use vgrid_api::rest::BootProfile;
 use vgrid_api::{Blob, ChunkHash, ImageRef, Manifest};
 
@@ -119,19 +119,13 @@ pub(crate) fn copy_out(
     Ok(())
 }
 
-struct Recorder {
-    started: Instant,
-    chunks: Vec<u64>,
-    seen: HashSet<u64>,
-}
-
 /// One image version's disk as the proxy serves it. Obtain with [`crate::BlockProxy::open_export`].
 pub struct Export {
     name: String,
     image: ImageRef,
     manifest: Arc<Manifest>,
     shared: Arc<Shared>,
-    recorder: Mutex<Option<Recorder>>,
+    recording: std::sync::OnceLock<Arc<Recording>>,
     readahead_slots: Arc<tokio::sync::Semaphore>,
 }
 
@@ -143,7 +137,7 @@ impl Export {
             image: manifest.image_ref(),
             manifest,
             shared,
-            recorder: Mutex::new(None),
+            recording: std::sync::OnceLock::new(),
             readahead_slots: Arc::new(tokio::sync::Semaphore::new(slots)),
         })
     }
@@ -248,72 +242,19 @@ impl Export {
         }
     }
 
-    /// Begins recording the boot profile (chunk indices in first-touch order); the recording
-    /// is uploaded when the window ends, the chunk limit is reached, or the export closes.
-    pub(crate) fn start_recording(self: &Arc<Self>) {
-        *self.recorder.lock().unwrap() = Some(Recorder { started: Instant::now(), chunks: Vec::new(), seen: HashSet::new() });
-        let weak = Arc::downgrade(self);
-        let window = self.shared.config.profile_window;
-        tracing::info!(image = %self.image, "recording boot profile for {} s", window.as_secs());
-        tokio::spawn(async move {
-            tokio::time::sleep(window).await;
-            if let Some(e) = weak.upgrade() {
-                e.finish_recording();
-            }
-        });
-    }
-
-    /// Drops a recording in progress without uploading it.
-    pub(crate) fn cancel_recording(&self) {
-        self.recorder.lock().unwrap().take();
+    /// Records this export's reads into `rec` (the image version's boot-profile recording).
+    pub(crate) fn attach_recording(&self, rec: Arc<Recording>) {
+        let _ = self.recording.set(rec);
     }
 
     fn record(&self, first: u64, last: u64) {
-        let mut g = self.recorder.lock().unwrap();
-        let Some(r) = g.as_mut() else { return };
-        let max = self.shared.config.profile_max_chunks;
-        let expired = r.started.elapsed() >= self.shared.config.profile_window;
-        if !expired {
-            for idx in first..=last {
-                if r.chunks.len() >= max {
-                    break;
-                }
-                if !self.is_zero_chunk(idx) && r.seen.insert(idx) {
-                    r.chunks.push(idx);
-                }
-            }
-        }
-        if expired || r.chunks.len() >= max {
-            drop(g);
-            self.finish_recording();
-        }
-    }
-
-    fn finish_recording(&self) {
-        let Some(r) = self.recorder.lock().unwrap().take() else { return };
-        if r.chunks.is_empty() {
-            return;
-        }
-        let profile = BootProfile { chunks: r.chunks };
-        let source = self.shared.source.clone();
-        let image = self.image.clone();
-        let upload = async move {
-            match source.put_profile(&image, &profile).await {
-                Ok(()) => tracing::info!(image = %image, chunks = profile.chunks.len(), "boot profile uploaded"),
-                Err(e) => tracing::warn!(image = %image, "boot profile upload failed: {e}"),
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => {
-                h.spawn(upload);
-            }
-            Err(_) => tracing::warn!(image = %self.image, "boot profile dropped: no runtime to upload it"),
+        if let Some(r) = self.recording.get() {
+            r.record(first, last, |i| self.is_zero_chunk(i));
         }
     }
 
     /// Prefetches the profile's chunks in order with bounded concurrency.
     pub(crate) fn prefetch_profile(self: &Arc<Self>, profile: BootProfile) {
-        let weak = Arc::downgrade(self);
         let conc = self.shared.config.profile_prefetch_concurrency.max(1);
         let shared = self.shared.clone();
         let manifest = self.manifest.clone();
@@ -332,11 +273,7 @@ impl Export {
             futures::stream::iter(wanted)
                 .for_each_concurrent(conc, |(i, h, len)| {
                     let shared = shared.clone();
-                    let weak = weak.clone();
                     async move {
-                        if weak.strong_count() == 0 {
-                            return; // export closed: stop prefetching
-                        }
                         if let Err(e) = shared.chunk(h, len, Access::Prefetch).await {
                             tracing::debug!(chunk = i, hash = %h, "profile prefetch failed: {e}");
                         }
@@ -348,9 +285,90 @@ impl Export {
     }
 }
 
-impl Drop for Export {
-    fn drop(&mut self) {
-        self.finish_recording();
+/// A boot profile being recorded for one image version: the disk chunk indices read (by any
+/// export of that version) during the window after its first opening, in first-touch order.
+/// Uploaded when the window ends or the chunk limit is reached.
+pub(crate) struct Recording {
+    image: ImageRef,
+    started: Instant,
+    window: Duration,
+    max: usize,
+    source: Arc<dyn ChunkSource>,
+    state: Mutex<Option<RecState>>,
+}
+
+struct RecState {
+    chunks: Vec<u64>,
+    seen: HashSet<u64>,
+}
+
+impl Recording {
+    /// Starts recording for `image`; a timer uploads the result when the window ends.
+    pub(crate) fn start(image: ImageRef, shared: &Shared) -> Arc<Recording> {
+        let cfg = &shared.config;
+        let rec = Arc::new(Recording {
+            image,
+            started: Instant::now(),
+            window: cfg.profile_window,
+            max: cfg.profile_max_chunks.max(1),
+            source: shared.source.clone(),
+            state: Mutex::new(Some(RecState { chunks: Vec::new(), seen: HashSet::new() })),
+        });
+        tracing::info!(image = %rec.image, "recording boot profile for {} s", rec.window.as_secs());
+        let r = rec.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(r.window).await;
+            r.finish();
+        });
+        rec
+    }
+
+    /// Drops the recording without uploading it (the image has a profile already).
+    pub(crate) fn cancel(&self) {
+        self.state.lock().unwrap().take();
+    }
+
+    fn record(&self, first: u64, last: u64, is_zero: impl Fn(u64) -> bool) {
+        let mut g = self.state.lock().unwrap();
+        let Some(st) = g.as_mut() else { return };
+        let expired = self.started.elapsed() >= self.window;
+        if !expired {
+            for idx in first..=last {
+                if st.chunks.len() >= self.max {
+                    break;
+                }
+                if !is_zero(idx) && st.seen.insert(idx) {
+                    st.chunks.push(idx);
+                }
+            }
+        }
+        if expired || st.chunks.len() >= self.max {
+            drop(g);
+            self.finish();
+        }
+    }
+
+    fn finish(&self) {
+        let Some(st) = self.state.lock().unwrap().take() else { return };
+        if st.chunks.is_empty() {
+            tracing::info!(image = %self.image, "no disk reads during the boot profile window; nothing recorded");
+            return;
+        }
+        let profile = BootProfile { chunks: st.chunks };
+        let source = self.source.clone();
+        let image = self.image.clone();
+        let upload = async move {
+            match source.put_profile(&image, &profile).await {
+                Ok(()) => tracing::info!(image = %image, chunks = profile.chunks.len(), "boot profile uploaded"),
+                Err(e) => tracing::warn!(image = %image, "boot profile upload failed: {e}"),
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(upload);
+            }
+            Err(_) => tracing::warn!(image = %self.image, "boot profile dropped: no runtime to upload it"),
+        }
     }
 }
 

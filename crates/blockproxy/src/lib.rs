@@ -134,6 +134,8 @@ pub struct BlockProxy {
     manifests: Mutex<HashMap<ImageRef, Arc<Manifest>>>,
     /// Image versions whose first opening (in this process) already happened.
     opened: Mutex<HashSet<ImageRef>>,
+    /// Boot-profile recordings in progress, by image version.
+    recordings: Mutex<HashMap<ImageRef, Weak<export::Recording>>>,
     shutdown: CancellationToken,
 }
 
@@ -151,6 +153,7 @@ impl BlockProxy {
             exports: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
             opened: Mutex::new(HashSet::new()),
+            recordings: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
         }))
     }
@@ -288,33 +291,42 @@ impl BlockProxy {
         let first_open = self.opened.lock().unwrap().insert(manifest.image_ref());
         if first_open {
             self.start_profile(&export);
+        } else if let Some(rec) = self.recordings.lock().unwrap().get(export.image()).and_then(Weak::upgrade) {
+            // A later opening within the recording window of this version records too.
+            export.attach_recording(rec);
         }
         Ok(export)
     }
 
-    /// Looks up the image's boot profile in the background (an unreachable image server must
-    /// not delay the export): prefetch it if there is one, else record one.
+    /// First opening of an image version: start recording its boot profile at once (so the
+    /// first reads count), and look up an existing profile in the background (an unreachable
+    /// image server must not delay the export); if there is one, drop the recording and
+    /// prefetch the profile instead.
     fn start_profile(&self, export: &Arc<Export>) {
         let cfg = &self.shared.config;
-        if !cfg.prefetch_profiles && !cfg.record_profiles {
+        let rec = if cfg.record_profiles {
+            let rec = export::Recording::start(export.image().clone(), &self.shared);
+            export.attach_recording(rec.clone());
+            self.recordings.lock().unwrap().insert(export.image().clone(), Arc::downgrade(&rec));
+            Some(rec)
+        } else {
+            None
+        };
+        if !cfg.prefetch_profiles && rec.is_none() {
             return;
         }
         let prefetch = cfg.prefetch_profiles;
-        // Record from the very first read; dropped again if the image turns out to have a
-        // profile already.
-        if cfg.record_profiles {
-            export.start_recording();
-        }
         let source = self.shared.source.clone();
         let weak = Arc::downgrade(export);
         let image = export.image().clone();
         tokio::spawn(async move {
             let found = source.profile(&image).await;
-            let Some(export) = weak.upgrade() else { return };
             match found {
                 Ok(Some(p)) => {
-                    export.cancel_recording();
-                    if prefetch {
+                    if let Some(rec) = &rec {
+                        rec.cancel();
+                    }
+                    if let (true, Some(export)) = (prefetch, weak.upgrade()) {
                         tracing::info!(image = %image, chunks = p.chunks.len(), "prefetching boot profile");
                         export.prefetch_profile(p);
                     }

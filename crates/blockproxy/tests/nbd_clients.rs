@@ -422,7 +422,9 @@ async fn kernel_blob_materialises_through_the_cache() {
 async fn boot_profile_is_recorded_then_prefetched() {
     let f = Fixture::new("bootme").await;
     let mut cfg = ProxyConfig::new(f.path("cache1"), 1 << 30);
+    // Ends by the chunk limit (deterministic), not by the clock.
     cfg.profile_window = Duration::from_secs(600);
+    cfg.profile_max_chunks = 4;
     cfg.readahead_chunks = 0;
     let proxy = BlockProxy::new(cfg, f.source()).unwrap();
     let sock = f.path("nbd.sock");
@@ -436,7 +438,9 @@ async fn boot_profile_is_recorded_then_prefetched() {
           "-c", &format!("read {} 4k", 25 * CHUNK), "-c", &format!("read {} 4k", 40 * CHUNK), &u],
     )
     .await;
-    // The export closed with the session: the profile is uploaded.
+    // A second session within the window: its new chunk is appended.
+    ok("qemu-io", &["-r", "-f", "raw", "-c", &format!("read {} 4k", 41 * CHUNK), &u]).await;
+    // The recording reached its limit: the profile is uploaded.
     let client = StoreClient::new(&f.server.url()).unwrap();
     let image = f.manifest.image_ref();
     let mut profile = None;
@@ -448,12 +452,12 @@ async fn boot_profile_is_recorded_then_prefetched() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let profile = profile.expect("boot profile was never uploaded");
-    assert_eq!(profile.chunks, vec![25, 2, 40]);
+    assert_eq!(profile.chunks, vec![25, 2, 40, 41]);
 
     // A fresh host opening the image prefetches those chunks.
     let proxy2 = f.proxy("cache2", 1 << 30);
     let _e = proxy2.open_export("bootme").await.unwrap();
-    let want: Vec<_> = [25usize, 2, 40].iter().map(|i| f.manifest.disk.chunks[*i].unwrap()).collect();
+    let want: Vec<_> = [25usize, 2, 40, 41].iter().map(|i| f.manifest.disk.chunks[*i].unwrap()).collect();
     for _ in 0..300 {
         if want.iter().all(|h| proxy2.cache().contains(h)) {
             break;
@@ -461,7 +465,7 @@ async fn boot_profile_is_recorded_then_prefetched() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(want.iter().all(|h| proxy2.cache().contains(h)), "profile chunks were not prefetched");
-    assert_eq!(proxy2.stats().prefetched, 3);
+    assert_eq!(proxy2.stats().prefetched, 4);
     let _ = ImageRef { name: String::new(), version: None };
 }
 
