@@ -139,4 +139,20 @@ mod tests {
         assert!(!is_zero(&v));
         assert!(is_zero(&[]));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn roundtrip_any(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20_000)) {
+            let (h, z) = encode(&data);
+            proptest::prop_assert_eq!(decode(&h, &z, 20_000).unwrap(), data.clone());
+            proptest::prop_assert_eq!(verify(&h, &z, 20_000).unwrap(), data.len());
+        }
+
+        #[test]
+        fn garbage_never_panics_nor_passes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2_000)) {
+            let h = ChunkHash::of(b"some chunk");
+            proptest::prop_assert!(decode(&h, &bytes, 1 << 16).is_err());
+            proptest::prop_assert!(verify(&h, &bytes, 1 << 16).is_err());
+        }
+    }
 }
