@@ -70,18 +70,29 @@ kernel_pkg() {
   apt-cache depends linux-image-cloud-amd64 2>/dev/null |
     sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*-cloud-amd64\)$/\1/p' | head -1
 }
+apt_update() {
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+}
 pkg=$(kernel_pkg || true)
 if [ -z "$pkg" ]; then
   log "apt lists do not know linux-image-cloud-amd64; running apt-get update"
-  SUDO=""
-  [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq
+  apt_update
   pkg=$(kernel_pkg || true)
 fi
 [ -n "$pkg" ] || { log "could not find a linux-image-*-cloud-amd64 package with apt-cache"; exit 1; }
 log "kernel package: $pkg"
 
-(cd "$work" && apt-get download -q "$pkg" busybox-static >&2)
+if ! (cd "$work" && apt-get download -q "$pkg" busybox-static >&2); then
+  # Stale lists name a kernel the mirror no longer has (security updates bump the ABI).
+  log "download failed; running apt-get update and retrying once"
+  apt_update
+  pkg=$(kernel_pkg || true)
+  [ -n "$pkg" ] || { log "could not find a linux-image-*-cloud-amd64 package with apt-cache"; exit 1; }
+  rm -f "$work"/*.deb
+  (cd "$work" && apt-get download -q "$pkg" busybox-static >&2)
+fi
 mkdir "$work/kpkg" "$work/bbpkg"
 dpkg -x "$work"/linux-image-*.deb "$work/kpkg"
 dpkg -x "$work"/busybox-static_*.deb "$work/bbpkg"

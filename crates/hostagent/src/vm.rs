@@ -1214,6 +1214,14 @@ mod tests {
     }
 
     #[test]
+    fn vm_can_be_shared_across_tasks() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<Vm>();
+        send_sync::<QmpClient>();
+        send_sync::<VmError>();
+    }
+
+    #[test]
     fn exit_info_display() {
         assert_eq!(ExitInfo { code: None, signal: Some(9) }.to_string(), "killed by signal 9 (SIGKILL)");
         assert_eq!(ExitInfo { code: Some(1), signal: None }.to_string(), "exit code 1");
