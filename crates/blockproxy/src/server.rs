@@ -280,6 +280,9 @@ where
     let mut structured = false;
     // Export name the base:allocation context was selected for.
     let mut meta_export: Option<String> = None;
+    // The export of the last successful NBD_OPT_INFO, kept open so the NBD_OPT_GO that
+    // usually follows gets the same version without resolving it again.
+    let mut _held: Option<Arc<Export>> = None;
     loop {
         let mut hb = [0u8; 16];
         rd.read_exact(&mut hb).await?;
@@ -354,6 +357,7 @@ where
                             wr.write_all(&out).await?;
                             return Ok(Some(Session { export, neg }));
                         }
+                        _held = Some(export);
                     }
                 }
             }
