@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod lifecycle;
+pub mod sched;
 pub mod state;
 
 pub use lifecycle::{Coordinator, CoordinatorError};

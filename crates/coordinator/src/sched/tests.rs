@@ -1,0 +1,430 @@
+use super::*;
+use std::collections::BTreeMap;
+
+fn ad(name: &str, site: &str, cpus: u32, mem: u64) -> HostAd {
+    HostAd {
+        name: name.into(),
+        url: format!("http://{name}:7070"),
+        arch: "x86_64".into(),
+        cpus,
+        memory_mib: mem,
+        free_cpus: cpus,
+        free_memory_mib: mem,
+        accel: "kvm".into(),
+        qemu_version: "8.2.2".into(),
+        network_modes: vec!["user".into()],
+        labels: BTreeMap::from([("site".to_string(), site.to_string())]),
+        policy: None,
+        load_avg: 0.0,
+        running_vms: 0,
+        image_cache: BTreeMap::new(),
+    }
+}
+
+fn req(user: &str, cpus: u32, mem: u64) -> PlacementRequest {
+    PlacementRequest {
+        user: user.into(),
+        image: "debian@12".into(),
+        cpus,
+        memory_mib: mem,
+        require: None,
+        rank: None,
+    }
+}
+
+fn no_match(r: Result<Placement, PlaceError>) -> NoMatch {
+    match r {
+        Err(PlaceError::NoMatch(nm)) => nm,
+        other => panic!("expected no match, got {other:?}"),
+    }
+}
+
+#[test]
+fn compile_reports_syntax_errors_with_position() {
+    let e = Expr::compile("host.cpus >= 2 && (host.arch == ", ExprKind::Requirement).unwrap_err();
+    let ExprError::Syntax { position, .. } = &e else { panic!("not a syntax error: {e}") };
+    assert_eq!(position.line, 1);
+    assert!(position.column > 18, "column {} should point past the open parenthesis: {e}", position.column);
+    assert!(e.to_string().contains("line 1, column"), "{e}");
+
+    let e = Expr::compile("host.cpus >= 2 &&\n  host.arch = 'x'", ExprKind::Requirement).unwrap_err();
+    assert_eq!(e.position().map(|p| p.line), Some(2), "{e}");
+}
+
+#[test]
+fn compile_refuses_other_variables_and_unknown_fields() {
+    let e = Expr::compile("request.cpus < 4", ExprKind::Requirement).unwrap_err();
+    match &e {
+        ExprError::UnknownVariable { name, position, allowed, .. } => {
+            assert_eq!(name, "request");
+            assert_eq!(*allowed, "host");
+            assert_eq!((position.line, position.column), (1, 1));
+        }
+        other => panic!("{other}"),
+    }
+    let e = Expr::compile("request.user == 'a' && host.cpus > 1", ExprKind::Policy).unwrap_err();
+    assert!(matches!(e, ExprError::UnknownVariable { ref name, .. } if name == "host"), "{e}");
+    let e = Expr::compile("host.cpu >= 2", ExprKind::Requirement).unwrap_err();
+    assert!(matches!(e, ExprError::UnknownField { ref field, .. } if field == "cpu"), "{e}");
+    // Comprehension variables are not free variables.
+    Expr::compile("host.network_modes.exists(m, m == 'user')", ExprKind::Requirement).unwrap();
+}
+
+#[test]
+fn compile_refuses_expressions_over_the_cost_limit() {
+    let long = format!("host.cpus >= 1{}", " && host.cpus >= 1".repeat(200));
+    let e = Expr::compile(&long, ExprKind::Requirement).unwrap_err();
+    assert!(matches!(e, ExprError::TooCostly { .. }), "{e}");
+    assert!(e.to_string().contains("cost limit"), "{e}");
+
+    let deep = format!("{}host.cpus{} > 1", "(".repeat(100), ")".repeat(100));
+    let e = Expr::compile(&deep, ExprKind::Requirement).unwrap_err();
+    assert!(matches!(e, ExprError::TooCostly { .. }), "{e}");
+
+    let nodes = format!("host.cpus in [{}]", (0..300).map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+    let e = Expr::compile(&nodes, ExprKind::Requirement).unwrap_err();
+    assert!(matches!(e, ExprError::TooCostly { .. }), "{e}");
+
+    let nested = "[1,2].all(a, [1,2].all(b, [1,2].all(c, a + b + c > 0)))";
+    let e = Expr::compile(nested, ExprKind::Rank).unwrap_err();
+    assert!(matches!(e, ExprError::TooCostly { .. }), "{e}");
+}
+
+#[test]
+fn clauses_are_split_at_top_level_and_classified() {
+    let e = Expr::compile(
+        r#"host.free_memory_mib >= 2048 && host.labels.site == "u&&f" && (host.cpus > 1 || host.accel == 'kvm')"#,
+        ExprKind::Requirement,
+    )
+    .unwrap();
+    let texts: Vec<&str> = e.clauses.iter().map(|c| c.text.as_str()).collect();
+    assert_eq!(
+        texts,
+        vec![
+            "host.free_memory_mib >= 2048",
+            r#"host.labels.site == "u&&f""#,
+            "(host.cpus > 1 || host.accel == 'kvm')"
+        ]
+    );
+    let scopes: Vec<Scope> = e.clauses.iter().map(|c| c.scope).collect();
+    assert_eq!(scopes, vec![Scope::Host, Scope::Class, Scope::Class]);
+    // Not a top-level conjunction: one clause.
+    let e = Expr::compile("host.cpus > 1 && host.cpus < 8 || host.accel == 'tcg'", ExprKind::Requirement).unwrap();
+    assert_eq!(e.clauses.len(), 1);
+}
+
+#[test]
+fn evaluation_errors_are_non_matches_with_a_reason() {
+    let s = Scheduler::new();
+    s.upsert(ad("h1", "uf", 4, 4096)).unwrap();
+    // A label the host does not have, and a type error.
+    let mut r = req("alice", 1, 512);
+    r.require = Some("host.labels.rack == 'r1'".into());
+    let nm = no_match(s.place(&r));
+    assert_eq!(nm.refusals.len(), 1);
+    assert_eq!(nm.refusals[0].clause, "host.labels.rack == 'r1'");
+    assert!(nm.refusals[0].detail.contains("rack"), "{}", nm.refusals[0].detail);
+    r.require = Some("host.cpus + 'x' == 1".into());
+    let nm = no_match(s.place(&r));
+    assert_eq!(nm.refusals[0].host, "h1");
+    r.require = Some("host.cpus".into());
+    let nm = no_match(s.place(&r));
+    assert!(nm.refusals[0].detail.contains("not a bool"), "{}", nm.refusals[0].detail);
+    // A rank that is not a number still places (it ranks last).
+    r.require = None;
+    r.rank = Some("host.arch".into());
+    assert_eq!(s.place(&r).unwrap().host, "h1");
+}
+
+#[test]
+fn invalid_request_expression_is_invalid_not_no_match() {
+    let s = Scheduler::new();
+    s.upsert(ad("h1", "uf", 4, 4096)).unwrap();
+    let mut r = req("alice", 1, 512);
+    r.require = Some("host.cpus >=".into());
+    match s.place(&r) {
+        Err(PlaceError::Invalid(e)) => assert!(e.position().is_some()),
+        other => panic!("{other:?}"),
+    }
+    assert!(s.validate(&r).is_err());
+}
+
+#[test]
+fn requirement_and_owner_policy_are_both_needed() {
+    let s = Scheduler::new();
+    let mut a = ad("a", "uf", 4, 8192);
+    a.policy = Some(r#"request.user in ["alice"] && request.cpus <= 2"#.into());
+    s.upsert(a).unwrap();
+    s.upsert(ad("b", "ufl", 4, 8192)).unwrap();
+
+    let mut r = req("alice", 2, 1024);
+    r.require = Some(r#"host.labels.site == "uf""#.into());
+    let p = s.place(&r).unwrap();
+    assert_eq!(p.host, "a");
+    s.release(p.reservation).unwrap();
+
+    // The policy refuses bob on a; the requirement refuses b.
+    r.user = "bob".into();
+    let nm = no_match(s.place(&r));
+    let by_host: BTreeMap<&str, &Refusal> = nm.refusals.iter().map(|x| (x.host.as_str(), x)).collect();
+    assert_eq!(by_host["a"].clause, r#"owner policy: request.user in ["alice"]"#);
+    assert!(by_host["a"].detail.contains(r#"request.user is "bob""#), "{}", by_host["a"].detail);
+    assert_eq!(by_host["b"].clause, r#"host.labels.site == "uf""#);
+    assert!(!nm.may_change(), "permanent refusals must not wait");
+
+    // alice with 3 cpus: the policy's second clause.
+    r.user = "alice".into();
+    r.cpus = 3;
+    let nm = no_match(s.place(&r));
+    assert_eq!(nm.refusals[0].clause, "owner policy: request.cpus <= 2");
+
+    // An invalid owner policy is refused at upsert.
+    let mut c = ad("c", "uf", 4, 8192);
+    c.policy = Some("request.user ==".into());
+    assert!(matches!(s.upsert(c), Err(ExprError::Syntax { kind: ExprKind::Policy, .. })));
+    assert_eq!(s.host_count(), 2);
+}
+
+#[test]
+fn no_match_names_each_host_and_the_failing_clause() {
+    let s = Scheduler::new();
+    s.upsert(ad("h1", "ufl", 4, 4096)).unwrap();
+    s.upsert(ad("h2", "uf", 2, 1024)).unwrap();
+    let mut h3 = ad("h3", "uf", 8, 16384);
+    h3.free_memory_mib = 1000;
+    s.upsert(h3).unwrap();
+    s.upsert(ad("h4", "uf", 8, 16384)).unwrap();
+    s.set_state("h4", HostState::Lost);
+
+    let mut r = req("alice", 2, 2048);
+    r.require = Some(r#"host.cpus >= 2 && host.labels.site == "uf""#.into());
+    let nm = no_match(s.place(&r));
+    let got: Vec<(&str, &str)> = nm.refusals.iter().map(|x| (x.host.as_str(), x.clause.as_str())).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("h1", r#"host.labels.site == "uf""#),
+            ("h2", "memory"),
+            ("h3", "free_memory_mib"),
+            ("h4", "state"),
+        ]
+    );
+    assert_eq!(nm.refusals[0].detail, r#"is false: host.labels.site is "ufl""#);
+    assert!(nm.refusals[2].detail.contains("1000 MiB free"), "{}", nm.refusals[2].detail);
+    let text = nm.to_string();
+    for h in ["h1", "h2", "h3", "h4"] {
+        assert!(text.contains(h), "{text}");
+    }
+    assert!(nm.may_change());
+
+    let opts = PlaceOptions { arch: Some("aarch64".into()) };
+    let nm = match s.place_with(&req("alice", 1, 1), &opts) {
+        Err(PlaceError::NoMatch(nm)) => nm,
+        other => panic!("{other:?}"),
+    };
+    assert!(nm.refusals.iter().filter(|x| x.host != "h4").all(|x| x.clause == "arch"), "{nm}");
+}
+
+#[test]
+fn default_rank_prefers_the_image_in_cache_then_lower_load() {
+    let s = Scheduler::new();
+    // Four hosts: the sample (at least MIN_SAMPLE) covers them all.
+    for i in 0..2 {
+        let mut a = ad(&format!("h{i}"), "uf", 8, 16384);
+        a.load_avg = i as f64;
+        s.upsert(a).unwrap();
+    }
+    let mut cached = ad("warm", "uf", 8, 16384);
+    cached.load_avg = 7.0;
+    cached.image_cache.insert("debian@12".into(), 0.6);
+    s.upsert(cached).unwrap();
+    let mut less = ad("lukewarm", "uf", 8, 16384);
+    less.image_cache.insert("debian@12".into(), 0.2);
+    s.upsert(less).unwrap();
+
+    let p = s.place(&req("alice", 1, 512)).unwrap();
+    assert_eq!(p.host, "warm");
+    s.release(p.reservation).unwrap();
+
+    // Another image: the least loaded host.
+    let mut r = req("alice", 1, 512);
+    r.image = "alpine@3".into();
+    assert_eq!(s.place(&r).unwrap().host, "h0");
+
+    // A user rank overrides it.
+    r.rank = Some("host.load_avg".into());
+    assert_eq!(s.place(&r).unwrap().host, "warm");
+}
+
+#[test]
+fn reservations_hold_capacity_until_the_next_ad() {
+    let s = Scheduler::new();
+    s.upsert(ad("h", "uf", 4, 4096)).unwrap();
+    let a = s.place(&req("u", 2, 2048)).unwrap();
+    let b = s.place(&req("u", 2, 2048)).unwrap();
+    assert_eq!(s.free("h"), Some((0, 0)));
+    let nm = no_match(s.place(&req("u", 1, 1)));
+    assert_eq!(nm.refusals[0].clause, "free_cpus");
+
+    // Confirmed: still held until the host advertises again.
+    s.confirm(a.reservation).unwrap();
+    assert_eq!(s.free("h"), Some((0, 0)));
+    let mut next = ad("h", "uf", 4, 4096);
+    next.free_cpus = 2;
+    next.free_memory_mib = 2048;
+    next.running_vms = 1;
+    s.upsert(next).unwrap();
+    // b is still pending: 2 advertised free minus 2 reserved.
+    assert_eq!(s.free("h"), Some((0, 0)));
+    s.release(b.reservation).unwrap();
+    assert_eq!(s.free("h"), Some((2, 2048)));
+    assert_eq!(s.release(b.reservation), Err(UnknownReservation(b.reservation)));
+    assert!(matches!(s.confirm(a.reservation), Err(UnknownReservation(_))));
+
+    // Expiry of unconfirmed reservations, and removal of a host.
+    let c = s.place(&req("u", 1, 1)).unwrap();
+    let expired = s.expire(Duration::ZERO);
+    assert_eq!(expired.iter().map(|r| r.id).collect::<Vec<_>>(), vec![c.reservation]);
+    let d = s.place(&req("u", 1, 1)).unwrap();
+    assert!(s.remove("h"));
+    assert!(s.release(d.reservation).is_err());
+    assert!(no_match(s.place(&req("u", 1, 1))).refusals.is_empty());
+}
+
+#[test]
+fn dynamic_clauses_see_free_figures_after_reservations() {
+    let s = Scheduler::new();
+    s.upsert(ad("h", "uf", 4, 4096)).unwrap();
+    let mut r = req("u", 1, 1024);
+    r.require = Some("host.free_memory_mib >= 3500 && host.labels.site == 'uf'".into());
+    let p = s.place(&r).unwrap();
+    let nm = no_match(s.place(&r));
+    assert_eq!(nm.refusals[0].clause, "host.free_memory_mib >= 3500");
+    assert_eq!(nm.refusals[0].detail, "is false: host.free_memory_mib is 3072");
+    assert!(nm.refusals[0].transient);
+    s.release(p.reservation).unwrap();
+    s.place(&r).unwrap();
+}
+
+#[test]
+fn classes_share_static_attributes() {
+    let s = Scheduler::new();
+    for i in 0..10 {
+        s.upsert(ad(&format!("a{i}"), "uf", 4, 4096)).unwrap();
+        s.upsert(ad(&format!("b{i}"), "ufl", 4, 4096)).unwrap();
+    }
+    assert_eq!(s.class_count(), 2);
+    // A host changing its labels moves class; the emptied class goes.
+    for i in 0..10 {
+        s.upsert(ad(&format!("b{i}"), "uf", 4, 4096)).unwrap();
+    }
+    assert_eq!(s.class_count(), 1);
+    let mut r = req("u", 1, 1);
+    r.require = Some("host.labels.site == 'ufl'".into());
+    assert_eq!(no_match(s.place(&r)).refusals.len(), 20);
+}
+
+#[tokio::test]
+async fn queued_request_is_placed_when_capacity_frees_and_no_wait_fails_fast() {
+    let s = Arc::new(Scheduler::new());
+    s.upsert(ad("h", "uf", 2, 2048)).unwrap();
+    let first = s.place(&req("u", 2, 1024)).unwrap();
+    // --no-wait
+    assert!(matches!(
+        s.place_or_wait(&req("u", 1, 1), &PlaceOptions::default(), None).await,
+        Err(PlaceError::NoMatch(_))
+    ));
+    // A request no capacity could ever satisfy does not wait either.
+    let mut never = req("u", 1, 1);
+    never.require = Some("host.labels.site == 'mars'".into());
+    assert!(matches!(
+        s.place_or_wait(&never, &PlaceOptions::default(), Some(Duration::from_secs(3600))).await,
+        Err(PlaceError::NoMatch(_))
+    ));
+    let waiter = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.place_or_wait(&req("u", 1, 1), &PlaceOptions::default(), Some(Duration::from_secs(3600))).await
+        })
+    };
+    tokio::task::yield_now().await;
+    s.release(first.reservation).unwrap();
+    let p = waiter.await.unwrap().unwrap();
+    assert_eq!(p.host, "h");
+
+    // Time out when nothing frees.
+    let _hold = s.place(&req("u", 1, 1)).unwrap();
+    match s.place_or_wait(&req("u", 1, 1), &PlaceOptions::default(), Some(Duration::from_millis(50))).await {
+        Err(PlaceError::TimedOut { last, .. }) => assert_eq!(last.refusals[0].clause, "free_cpus"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// 200 concurrent requests against 10 small hosts: no host ever over capacity, every request
+/// answered (placed at once, or queued and placed after releases).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_placements_never_overcommit() {
+    let s = Arc::new(Scheduler::new());
+    for i in 0..10 {
+        let mut a = ad(&format!("h{i}"), if i % 2 == 0 { "uf" } else { "ufl" }, 4, 4096);
+        a.policy = Some("request.cpus <= 2".into());
+        s.upsert(a).unwrap();
+    }
+    let capacity: HashMap<String, (u32, u64)> = (0..10).map(|i| (format!("h{i}"), (4, 4096))).collect();
+    let capacity = Arc::new(capacity);
+    // Every placement records what it holds; checked against capacity at each step.
+    let held: Arc<Mutex<HashMap<String, (u32, u64)>>> = Arc::new(Mutex::new(HashMap::new()));
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let (s, held, capacity) = (s.clone(), held.clone(), capacity.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut r = req(&format!("u{i}"), 1 + i % 2, 512 + 256 * (i % 3) as u64);
+            if i % 5 == 0 {
+                r.require = Some("host.labels.site == 'uf' && host.free_cpus >= 1".into());
+            }
+            if i % 7 == 0 {
+                r.rank = Some("host.free_memory_mib".into());
+            }
+            let p = s
+                .place_or_wait(&r, &PlaceOptions::default(), Some(Duration::from_secs(600)))
+                .await
+                .map_err(|e| format!("request {i}: {e}"))?;
+            {
+                let mut h = held.lock().unwrap();
+                let e = h.entry(p.host.clone()).or_default();
+                e.0 += r.cpus;
+                e.1 += r.memory_mib;
+                let cap = capacity[&p.host];
+                if e.0 > cap.0 || e.1 > cap.1 {
+                    return Err(format!("{} over capacity: {:?} of {:?}", p.host, e, cap));
+                }
+            }
+            tokio::task::yield_now().await;
+            {
+                let mut h = held.lock().unwrap();
+                let e = h.get_mut(&p.host).unwrap();
+                e.0 -= r.cpus;
+                e.1 -= r.memory_mib;
+            }
+            // Half stop before the host confirms, half after it confirmed and re-advertised
+            // (the simulated host's ad is unchanged: the VM is gone by then).
+            if i % 2 == 0 {
+                s.release(p.reservation).map_err(|e| e.to_string())?;
+            } else {
+                s.confirm(p.reservation).map_err(|e| e.to_string())?;
+                s.release(p.reservation).map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(p.host)
+        }));
+    }
+    let mut placed = 0;
+    for t in tasks {
+        t.await.unwrap().unwrap();
+        placed += 1;
+    }
+    assert_eq!(placed, 200);
+    assert!(s.reservations().is_empty());
+    for i in 0..10 {
+        assert_eq!(s.free(&format!("h{i}")), Some((4, 4096)));
+    }
+}
