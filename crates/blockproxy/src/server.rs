@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Requests of one connection processed at once.
 const MAX_INFLIGHT: u32 = 64;
@@ -266,7 +267,8 @@ where
         }
     };
     tracing::debug!(peer, export = session.export.name(), structured = session.neg.structured, "client connected");
-    transmission(rd, wr, session, peer, token).await;
+    let span = tracing::info_span!("nbd", image = %session.export.image(), peer = %peer);
+    transmission(rd, wr, session, peer, token).instrument(span).await;
 }
 
 async fn handshake<R>(proxy: &BlockProxy, rd: &mut R, wr: &mut Writer) -> Result<Option<Session>, ConnError>

@@ -63,14 +63,39 @@ impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
 
 /// Several sources tried in order: the first one that answers wins. `NotFound` and failures
 /// both move on to the next source; the error returned is the most telling one (a failure
-/// beats "not found", since the object may exist on the server that failed).
+/// beats "not found", since the object may exist on the server that failed). A source that
+/// failed (unreachable after its retries) is tried last for [`Servers::BACKOFF`], so one dead
+/// server does not slow every chunk down.
 pub struct Servers {
     sources: Vec<Box<dyn ChunkSource>>,
+    failed_at: std::sync::Mutex<Vec<Option<std::time::Instant>>>,
 }
 
 impl Servers {
+    /// How long a failed source is tried after the others.
+    pub const BACKOFF: std::time::Duration = std::time::Duration::from_secs(10);
+
     pub fn new(sources: Vec<Box<dyn ChunkSource>>) -> Self {
-        Servers { sources }
+        let n = sources.len();
+        Servers { sources, failed_at: std::sync::Mutex::new(vec![None; n]) }
+    }
+
+    /// Source indices in the order to try now: healthy ones first, in configured order.
+    fn order(&self) -> Vec<usize> {
+        let failed = self.failed_at.lock().unwrap();
+        let (mut ok, mut bad): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
+        for (i, f) in failed.iter().enumerate() {
+            match f {
+                Some(t) if t.elapsed() < Self::BACKOFF => bad.push(i),
+                _ => ok.push(i),
+            }
+        }
+        ok.extend(bad);
+        ok
+    }
+
+    fn mark(&self, i: usize, failed: bool) {
+        self.failed_at.lock().unwrap()[i] = failed.then(std::time::Instant::now);
     }
 
     async fn first<'a, T, F>(&'a self, what: &str, mut call: F) -> Result<T, SourceError>
@@ -78,10 +103,15 @@ impl Servers {
         F: FnMut(&'a dyn ChunkSource) -> BoxFuture<'a, Result<T, SourceError>>,
     {
         let mut err: Option<SourceError> = None;
-        for s in &self.sources {
+        for i in self.order() {
+            let s = &self.sources[i];
             match call(s.as_ref()).await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    self.mark(i, false);
+                    return Ok(v);
+                }
                 Err(e) => {
+                    self.mark(i, matches!(e, SourceError::Unavailable { .. }));
                     tracing::debug!(source = %s.describe(), "{what}: {e}");
                     if err.as_ref().is_none_or(|prev| prev.is_not_found()) {
                         err = Some(e);
@@ -133,5 +163,69 @@ impl ChunkSource for Servers {
     fn describe(&self) -> String {
         let names: Vec<String> = self.sources.iter().map(|s| s.describe()).collect();
         names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A scripted source for testing the combinator: answers chunks from memory or fails.
+    struct Scripted {
+        name: &'static str,
+        answer: Result<Vec<u8>, fn(String) -> SourceError>,
+        calls: Arc<AtomicU32>,
+    }
+
+    impl ChunkSource for Scripted {
+        fn manifest<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Manifest, SourceError>> {
+            Box::pin(async move { Err(SourceError::NotFound { what: format!("image {image}"), source_name: self.name.into() }) })
+        }
+        fn chunk<'a>(&'a self, _: &'a ChunkHash, _: usize) -> BoxFuture<'a, Result<Vec<u8>, SourceError>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { self.answer.clone().map_err(|f| f(self.name.to_string())) })
+        }
+        fn profile<'a>(&'a self, _: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn put_profile<'a>(&'a self, _: &'a ImageRef, _: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn describe(&self) -> String {
+            self.name.into()
+        }
+    }
+
+    fn down(name: String) -> SourceError {
+        SourceError::Unavailable { what: "chunk".into(), source_name: name, cause: "connection refused".into() }
+    }
+    fn missing(name: String) -> SourceError {
+        SourceError::NotFound { what: "chunk".into(), source_name: name }
+    }
+
+    #[tokio::test]
+    async fn servers_fall_through_and_skip_a_dead_one() {
+        let (a, b) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let s = Servers::new(vec![
+            Box::new(Scripted { name: "a", answer: Err(down), calls: a.clone() }),
+            Box::new(Scripted { name: "b", answer: Ok(b"data".to_vec()), calls: b.clone() }),
+        ]);
+        let h = ChunkHash::of(b"data");
+        assert_eq!(s.chunk(&h, 10).await.unwrap(), b"data");
+        assert_eq!((a.load(Ordering::SeqCst), b.load(Ordering::SeqCst)), (1, 1));
+        // The dead server is now tried after the live one.
+        assert_eq!(s.chunk(&h, 10).await.unwrap(), b"data");
+        assert_eq!((a.load(Ordering::SeqCst), b.load(Ordering::SeqCst)), (1, 2));
+
+        // All failing: the failure wins over "not found".
+        let s = Servers::new(vec![
+            Box::new(Scripted { name: "x", answer: Err(missing), calls: Arc::default() }),
+            Box::new(Scripted { name: "y", answer: Err(down), calls: Arc::default() }),
+        ]);
+        let e = s.chunk(&h, 10).await.unwrap_err();
+        assert!(matches!(&e, SourceError::Unavailable { source_name, .. } if source_name == "y"), "{e}");
+        let e = Servers::new(vec![]).chunk(&h, 10).await.unwrap_err();
+        assert!(e.to_string().contains("no image servers"), "{e}");
     }
 }

@@ -264,6 +264,15 @@ async fn real_clients_read_exact_bytes_over_unix_and_tcp() {
     assert_eq!(s.chunks_cached, stored, "{s:?}");
     assert_eq!(s.fetches, stored, "{s:?}");
 
+    // The same content imported under another name shares every chunk: nothing is fetched.
+    let client = StoreClient::new(&f.server.url()).unwrap();
+    let mut opts = ImportOptions::new("twin");
+    opts.chunk_size = CHUNK;
+    opts.format = Some(Format::Raw);
+    vgrid_imagestore::import_file(&client, &f.source_file, &opts, &|_, _| {}).await.unwrap();
+    nbdcopy_equals(&uri("twin", &sock), &f.path("twin.raw"), &f.data).await;
+    assert_eq!(proxy.stats().fetches, stored, "chunks shared by two images were fetched again");
+
     server.shutdown().await;
     tcp.shutdown().await;
     assert!(!sock.exists());
