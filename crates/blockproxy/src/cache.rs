@@ -34,7 +34,8 @@ pub enum CacheError {
     Locked { dir: PathBuf },
     #[error("cache {path}: {op} failed: {cause}")]
     Io { path: PathBuf, op: &'static str, cause: String },
-    #[error("chunk {hash}: {cause}")]
+    /// `cause` names the chunk and the source.
+    #[error("{cause}")]
     Fetch { hash: ChunkHash, cause: SourceError },
     #[error("chunk {hash}: received bytes hash to {actual}; refusing to cache or serve them")]
     Corrupt { hash: ChunkHash, actual: ChunkHash },

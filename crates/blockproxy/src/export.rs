@@ -16,7 +16,7 @@ use vgrid_api::{Blob, ChunkHash, ImageRef, Manifest};
 pub enum ReadError {
     #[error("image {image}: read of {len} bytes at offset {offset} is outside the {size}-byte disk")]
     OutOfRange { image: ImageRef, offset: u64, len: u64, size: u64 },
-    #[error("image {image}: chunk {index} ({hash}): {cause}")]
+    #[error("image {image}: chunk {index}: {cause}")]
     Chunk { image: ImageRef, index: u64, hash: ChunkHash, cause: Box<CacheError> },
     #[error("image {image}: chunk {index} ({hash}): reading the cached file failed: {cause}")]
     Io { image: ImageRef, index: u64, hash: ChunkHash, cause: String },

@@ -321,6 +321,10 @@ async fn corrupt_chunk_is_an_io_error_never_wrong_bytes() {
     assert!(o.status.success() && !text(&o).contains("error"), "{}", text(&o));
     assert!(!proxy.cache().contains(&f.manifest.disk.chunks[0].unwrap()));
     assert!(proxy.stats().fetch_errors > 0);
+    // In-process readers get an error naming the image, the chunk index and hash, and the cause.
+    let e = proxy.open_export("bad").await.unwrap();
+    let err = e.read_at(100, &mut [0u8; 10]).await.unwrap_err().to_string();
+    assert!(err.contains(&format!("image bad@{}: chunk 0:", f.manifest.version)) && err.contains(&h) && err.contains("corrupt"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
