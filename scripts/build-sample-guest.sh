@@ -142,7 +142,8 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /tmp
 cmdline=$(cat /proc/cmdline)
-param() { for w in $cmdline; do case "$w" in "$1="*) echo "${w#*=}"; return;; esac; done; echo "$2"; }
+# The last occurrence of a parameter wins (so callers can append to the recommended cmdline).
+param() { v=$2; for w in $cmdline; do case "$w" in "$1="*) v=${w#*=};; esac; done; echo "$v"; }
 mode=$(param vgrid.mode shell)
 net=$(param vgrid.net none)
 

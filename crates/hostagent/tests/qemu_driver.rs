@@ -466,3 +466,38 @@ async fn restoring_a_missing_state_file_is_a_clear_error() {
     assert!(msg.contains("restore-missing") && msg.contains("no-such-state.bin"), "{msg}");
     assert!(!rd.exists(), "a rejected launch must not create its runtime directory");
 }
+
+#[tokio::test]
+async fn guest_runs_its_rc_and_powers_itself_off() {
+    init_tracing();
+    let g = guest();
+    let _slot = boot_slot().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_copy(&g, tmp.path());
+    // Put a job on the disk: /rc, which init runs before powering off in vgrid.mode=poweroff.
+    let rc = tmp.path().join("rc");
+    std::fs::write(&rc, "echo job-output-$((7*6))\necho result > /mnt/result\n").unwrap();
+    run("debugfs", &["-w", "-R", &format!("write {} rc", rc.display()), base.to_str().unwrap()]);
+    let spec = g.spec("rc-test", DiskSource::raw_file(&base), "vgrid.mode=poweroff");
+
+    let (vm, exit) = boot_with_retry("rc", BOOT_TIMEOUT, |n| {
+        let spec = spec.clone();
+        let rd = tmp.path().join(format!("rc-{n}"));
+        async move {
+            let vm = Vm::launch_with(spec, &rd, &opts()).await?;
+            let exit = vm.wait_exit().await;
+            Ok::<_, VmError>((vm, exit))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(exit.success(), "a guest that powers off ends QEMU with code 0, not {exit}");
+    assert_eq!(vm.status().await.unwrap(), VmState::Exited(exit));
+    let log = std::fs::read_to_string(vm.console_log_path()).unwrap();
+    assert!(log.contains("job-output-42") && log.contains("vgrid-sample: powering off"), "{log}");
+
+    let merged = tmp.path().join("merged.raw");
+    run("qemu-img", &["convert", "-O", "raw", vm.overlay_path().to_str().unwrap(), merged.to_str().unwrap()]);
+    assert_eq!(run("debugfs", &["-R", "cat /result", merged.to_str().unwrap()]).trim(), "result");
+    vm.cleanup().await.unwrap();
+}
