@@ -16,6 +16,8 @@ pub enum VmState {
     Stopped,
     /// Failed to start or died; `VmRecord::reason` says why.
     Failed,
+    /// Its host stopped answering; it may still run there.
+    Unknown,
 }
 
 impl VmState {
@@ -27,11 +29,12 @@ impl VmState {
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
             VmState::Failed => "failed",
+            VmState::Unknown => "unknown",
         }
     }
     /// Whether the VM holds host resources (a QEMU process may exist).
     pub fn is_active(&self) -> bool {
-        matches!(self, VmState::Pending | VmState::Starting | VmState::Running | VmState::Stopping)
+        matches!(self, VmState::Pending | VmState::Starting | VmState::Running | VmState::Stopping | VmState::Unknown)
     }
 }
 
@@ -135,18 +138,4 @@ pub struct ConsoleChunk {
     pub next: u64,
     /// Console output (lossy UTF-8).
     pub data: String,
-}
-
-/// A compute host and what it offers.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct HostInfo {
-    pub name: String,
-    pub arch: String,
-    pub cpus: u32,
-    pub memory_mib: u64,
-    pub free_memory_mib: u64,
-    pub accel: String,
-    pub qemu_version: String,
-    pub running_vms: u32,
-    pub state: String,
 }

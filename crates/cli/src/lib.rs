@@ -37,7 +37,9 @@ pub struct Cli {
 pub enum Cmd {
     /// Run every role (coordinator, image server, host agent) in one process.
     Up(roles::UpArgs),
-    /// Run an image server only.
+    /// Run a coordinator only (REST API, information service, placement).
+    Coordinator(roles::CoordinatorArgs),
+    /// Run an image server only (optionally advertising to a coordinator).
     ImageServer(roles::ImageServerArgs),
     /// Import, list, inspect, export, serve and stage images.
     #[command(subcommand)]
@@ -45,15 +47,14 @@ pub enum Cmd {
     /// Run and control virtual machines.
     #[command(subcommand)]
     Vm(vm::VmCmd),
-    /// Compute hosts.
-    #[command(subcommand)]
-    Host(vm::HostCmd),
+    /// Run a compute host (`vgrid host --coordinator URL`), or list and show hosts (`vgrid host ls|show`).
+    Host(HostArgs),
 }
 
 /// Entry point of the `vgrid` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(matches!(cli.cmd, Cmd::Up(_) | Cmd::ImageServer(_)) || matches!(cli.cmd, Cmd::Image(image::ImageCmd::Nbd(_))));
+    init_tracing(matches!(cli.cmd, Cmd::Up(_) | Cmd::ImageServer(_) | Cmd::Coordinator(_) | Cmd::Host(HostArgs { cmd: None, .. })) || matches!(cli.cmd, Cmd::Image(image::ImageCmd::Nbd(_))));
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -82,10 +83,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Up(a) => roles::up(a).await,
         Cmd::ImageServer(a) => roles::image_server(a).await,
+        Cmd::Coordinator(a) => roles::coordinator(a).await,
+
         Cmd::Image(c) => image::run(&ctx, c).await,
         Cmd::Vm(c) => vm::run(&ctx, c).await,
-        Cmd::Host(c) => vm::run_host(&ctx, c).await,
+        Cmd::Host(HostArgs { cmd: Some(c), .. }) => vm::run_host(&ctx, c).await,
+        Cmd::Host(HostArgs { cmd: None, agent }) => roles::host(agent).await,
     }
+}
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct HostArgs {
+    #[command(subcommand)]
+    pub cmd: Option<vm::HostCmd>,
+    #[command(flatten)]
+    pub agent: roles::HostAgentArgs,
 }
 
 /// What every client command gets: where the API is and how to print.

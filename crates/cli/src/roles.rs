@@ -12,7 +12,9 @@ use futures::StreamExt;
 use vgrid_api::ImageRef;
 use vgrid_coordinator::state::RedbState;
 use vgrid_coordinator::Coordinator;
-use vgrid_hostagent::agent::{Agent, AgentConfig, PullProgress};
+use std::time::Duration;
+use vgrid_coordinator::hosts::Registry;
+use vgrid_hostagent::agent::{Agent, AgentConfig, Heartbeat, PullProgress};
 use vgrid_imagestore::client::StoreClient;
 use vgrid_imagestore::store::ImageStore;
 
@@ -25,19 +27,97 @@ pub struct UpArgs {
     /// Data directory: images, host cache, VM runtime directories, state.
     #[arg(long, env = "VGRID_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Address of the REST API (and of the embedded image server).
+    /// Address of the REST API (and of the embedded image server and host agent).
     #[arg(long, env = "VGRID_LISTEN", default_value = crate::DEFAULT_LISTEN)]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub host: HostOpts,
+    #[command(flatten)]
+    pub beats: BeatOpts,
+}
+
+/// Options of a compute host (`vgrid host`, and the one inside `vgrid up`).
+#[derive(Args, Debug, Clone)]
+pub struct HostOpts {
+    /// Host name advertised to the coordinator [default: the machine's hostname].
+    #[arg(long = "name", env = "VGRID_HOST_NAME")]
+    pub name: Option<String>,
     /// Host chunk cache size bound.
     #[arg(long, default_value = "20G", value_parser = parse_size)]
     pub cache_size: u64,
     /// Memory the host offers to guests, in MiB [default: 3/4 of physical memory].
     #[arg(long)]
     pub max_memory: Option<u64>,
-    /// Further image servers the host reads images from, tried in order before the embedded
-    /// one (repeatable).
+    /// vCPUs the host offers to guests [default: 4 per CPU].
+    #[arg(long)]
+    pub max_cpus: Option<u32>,
+    /// Image servers this host reads from first, in order (repeatable); then those the
+    /// coordinator announces.
     #[arg(long = "image-server", env = "VGRID_IMAGE_SERVERS", value_delimiter = ',')]
     pub image_servers: Vec<String>,
+    /// A label advertised for matchmaking, KEY=VALUE (repeatable), e.g. site=uf.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// The owner's requirement over requests, a CEL expression over `request`
+    /// (e.g. 'request.cpus <= 2').
+    #[arg(long)]
+    pub policy: Option<String>,
+}
+
+/// Heartbeat timing of the coordinator (`vgrid coordinator`, `vgrid up`).
+#[derive(Args, Debug, Clone)]
+pub struct BeatOpts {
+    /// Seconds between heartbeats that hosts and image servers are asked for.
+    #[arg(long, default_value_t = 5)]
+    pub heartbeat_interval: u64,
+    /// Missed heartbeats after which a host is `lost`.
+    #[arg(long, default_value_t = 3)]
+    pub lost_after_beats: u32,
+}
+
+impl BeatOpts {
+    fn registry(&self) -> Arc<Registry> {
+        let i = Duration::from_secs(self.heartbeat_interval.max(1));
+        Arc::new(Registry::new(i, i * self.lost_after_beats.max(1)))
+    }
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("invalid label {s:?}: expected KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("invalid label {s:?}: empty key"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// Address of the REST API.
+    #[arg(long, env = "VGRID_LISTEN", default_value = crate::DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Where the coordinator keeps its state.
+    #[arg(long, env = "VGRID_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub beats: BeatOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct HostAgentArgs {
+    /// The coordinator to register with (runs a host agent).
+    #[arg(long, env = "VGRID_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// Address of this host agent's API.
+    #[arg(long, default_value = "127.0.0.1:7072")]
+    pub listen: SocketAddr,
+    /// URL the coordinator reaches this host at [default: http://LISTEN].
+    #[arg(long)]
+    pub advertise_url: Option<String>,
+    /// Data directory: host cache and VM runtime directories.
+    #[arg(long, env = "VGRID_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub host: HostOpts,
 }
 
 #[derive(Args, Debug)]
@@ -48,6 +128,15 @@ pub struct ImageServerArgs {
     /// Where images and chunks are stored.
     #[arg(long, env = "VGRID_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// A coordinator to advertise this server's images to.
+    #[arg(long, env = "VGRID_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// Name advertised to the coordinator [default: hostname:port].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// URL hosts reach this server at [default: http://LISTEN].
+    #[arg(long)]
+    pub advertise_url: Option<String>,
 }
 
 /// `$VGRID_DATA_DIR`, else `$XDG_DATA_HOME/vgrid`, else `~/.local/share/vgrid`.
@@ -76,58 +165,136 @@ async fn shutdown_signal() {
     }
 }
 
+/// Prints the line scripts wait for, ignoring a closed stdout.
+fn announce(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<(tokio::net::TcpListener, String)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} (is another vgrid running? use --listen)"))?;
+    let url = format!("http://{}", listener.local_addr()?);
+    Ok((listener, url))
+}
+
+async fn start_agent(data: &std::path::Path, o: &HostOpts, extra_servers: Vec<String>) -> anyhow::Result<Arc<Agent>> {
+    Agent::start(AgentConfig {
+        name: o.name.clone().unwrap_or_else(hostname),
+        data_dir: data.to_path_buf(),
+        image_servers: o.image_servers.iter().cloned().chain(extra_servers).collect(),
+        cache_max_bytes: o.cache_size,
+        max_memory_mib: o.max_memory,
+        max_cpus: o.max_cpus,
+    })
+    .await
+    .map_err(|e| anyhow!("starting the host agent: {e}"))
+}
+
+fn heartbeat(o: &HostOpts, coordinator: &str, url: &str) -> Heartbeat {
+    Heartbeat {
+        coordinator: coordinator.to_string(),
+        url: url.to_string(),
+        labels: o.labels.iter().cloned().collect(),
+        policy: o.policy.clone(),
+        interval: None,
+    }
+}
+
 pub async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     let data = a.data_dir.unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
-    let listener = tokio::net::TcpListener::bind(a.listen)
-        .await
-        .with_context(|| format!("listening on {} (is another vgrid running? use --listen)", a.listen))?;
-    let addr = listener.local_addr()?;
-    let url = format!("http://{addr}");
+    let (listener, url) = bind(a.listen).await?;
 
-    let store = Arc::new(
-        ImageStore::open_local(data.join("images")).map_err(|e| anyhow!("opening the image store: {e}"))?,
-    );
-    let agent = Agent::start(AgentConfig {
-        name: hostname(),
-        data_dir: data.join("host"),
-        image_servers: a.image_servers.iter().cloned().chain([url.clone()]).collect(),
-        cache_max_bytes: a.cache_size,
-        max_memory_mib: a.max_memory,
-    })
-    .await
-    .map_err(|e| anyhow!("starting the host agent: {e}"))?;
+    let store = Arc::new(ImageStore::open_local(data.join("images")).map_err(|e| anyhow!("opening the image store: {e}"))?);
+    let agent = start_agent(&data.join("host"), &a.host, vec![url.clone()]).await?;
     let state = Arc::new(RedbState::open(&data.join("state.redb")).map_err(|e| anyhow!("{e}"))?);
-    let coord = Coordinator::new(state, agent.clone()).await.map_err(|e| anyhow!("{e}"))?;
+    let registry = a.beats.registry();
+    let coord = Coordinator::new(state, registry.clone()).await.map_err(|e| anyhow!("{e}"))?;
 
     let app = vgrid_coordinator::api::router(coord.clone())
-        .merge(vgrid_imagestore::server::router(store))
+        .merge(vgrid_imagestore::server::router(store.clone()))
         .merge(vgrid_hostagent::http::router(agent.clone()));
-    {
-        use std::io::Write;
-        // Ignore a closed stdout: whoever started us may read only this line.
-        let mut out = std::io::stdout();
-        let _ = writeln!(out, "vgrid is up: API at {url} (data in {})", data.display());
-        let _ = out.flush();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stopped = stop.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(async move { stopped.notified().await }).await
+    });
+    // The embedded image server and host register like remote ones would.
+    let interval = registry.interval;
+    let adv = tokio::spawn(vgrid_imagestore::server::advertise_loop(store, url.clone(), "local".into(), url.clone(), interval));
+    let beat = tokio::spawn(agent.clone().heartbeat_loop(heartbeat(&a.host, &url, &url)));
+    let t0 = std::time::Instant::now();
+    while (registry.host(agent.name()).is_none() || registry.image_servers().is_empty()) && t0.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    announce(&format!("vgrid is up: API at {url} (data in {})", data.display()));
     eprintln!("  try: VGRID_URL={url} vgrid image ls");
-    tracing::info!(%addr, data = %data.display(), "vgrid up");
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
-    let r = server.await;
+    tracing::info!(%url, data = %data.display(), "vgrid up");
+    shutdown_signal().await;
     eprintln!("vgrid: shutting down, stopping guests...");
-    coord.shutdown().await;
+    coord.stop_vms_on(agent.name()).await;
+    beat.abort();
+    adv.abort();
     agent.shutdown().await;
-    r.context("serving the API")?;
+    stop.notify_one();
+    server.await.ok();
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
+    let data = a.data_dir.unwrap_or_else(|| default_data_dir().join("coordinator"));
+    std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
+    let (listener, url) = bind(a.listen).await?;
+    let state = Arc::new(RedbState::open(&data.join("state.redb")).map_err(|e| anyhow!("{e}"))?);
+    let coord = Coordinator::new(state, a.beats.registry()).await.map_err(|e| anyhow!("{e}"))?;
+    announce(&format!("vgrid coordinator at {url} (data in {})", data.display()));
+    axum::serve(listener, vgrid_coordinator::api::router(coord))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving the API")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn host(a: HostAgentArgs) -> anyhow::Result<ExitCode> {
+    let Some(coordinator) = a.coordinator.clone() else {
+        bail!("give --coordinator URL to run a host agent, or use `vgrid host ls` / `vgrid host show NAME`");
+    };
+    let data = a.data_dir.unwrap_or_else(|| default_data_dir().join("host"));
+    std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
+    let (listener, url) = bind(a.listen).await?;
+    let url = a.advertise_url.unwrap_or(url);
+    let agent = start_agent(&data, &a.host, vec![]).await?;
+    let hb = heartbeat(&a.host, &coordinator, &url);
+    let http = reqwest::Client::new();
+    if let Err(e) = agent.heartbeat_once(&http, &hb).await {
+        eprintln!("warning: first heartbeat failed (retrying in the background): {e}");
+    }
+    let beat = tokio::spawn(agent.clone().heartbeat_loop(hb));
+    announce(&format!("vgrid host {} at {url}, registered with {coordinator}", agent.name()));
+    let r = axum::serve(listener, vgrid_hostagent::http::router(agent.clone()))
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    eprintln!("vgrid host: shutting down, stopping guests...");
+    beat.abort();
+    agent.shutdown().await;
+    r.context("serving the host API")?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub async fn image_server(a: ImageServerArgs) -> anyhow::Result<ExitCode> {
     let data = a.data_dir.unwrap_or_else(|| default_data_dir().join("image-server"));
     let store = Arc::new(ImageStore::open_local(data.join("images")).map_err(|e| anyhow!("opening the image store: {e}"))?);
-    let listener = tokio::net::TcpListener::bind(a.listen)
-        .await
-        .with_context(|| format!("listening on {}", a.listen))?;
-    println!("vgrid image server at http://{} (data in {})", listener.local_addr()?, data.display());
+    let (listener, url) = bind(a.listen).await?;
+    let url = a.advertise_url.unwrap_or(url);
+    if let Some(c) = &a.coordinator {
+        let name = a.name.clone().unwrap_or_else(|| format!("{}:{}", hostname(), listener.local_addr().map(|l| l.port()).unwrap_or(0)));
+        tokio::spawn(vgrid_imagestore::server::advertise_loop(store.clone(), c.clone(), name, url.clone(), Duration::from_secs(5)));
+    }
+    announce(&format!("vgrid image server at {url} (data in {})", data.display()));
     axum::serve(listener, vgrid_imagestore::server::router(store))
         .with_graceful_shutdown(shutdown_signal())
         .await
@@ -152,7 +319,8 @@ pub async fn nbd(ctx: &Ctx, a: NbdArgs) -> anyhow::Result<ExitCode> {
     let client = StoreClient::new(&url).map_err(|e| anyhow!("{e}"))?;
     let m = client.manifest(&r).await.map_err(|e| anyhow!("{e}"))?;
     let cache_dir = a.cache_dir.unwrap_or_else(|| default_cache_dir().join("nbd-cache"));
-    let proxy = vgrid_hostagent::agent::open_proxy(&cache_dir, a.cache_size, vec![url])
+    let servers = vgrid_hostagent::agent::ServerList::new(vec![url]).map_err(|e| anyhow!("{e}"))?;
+    let proxy = vgrid_hostagent::agent::open_proxy(&cache_dir, a.cache_size, servers)
         .await
         .map_err(|e| anyhow!("{e}"))?;
     let mut handles = Vec::new();

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::{Args, Subcommand};
-use vgrid_api::vm::{ConsoleChunk, Forward, HostInfo, VmCreate, VmRecord, VmState, VmStop};
+use vgrid_api::vm::{ConsoleChunk, Forward, VmCreate, VmRecord, VmState, VmStop};
+use vgrid_coordinator::hosts::HostRecord;
 
 use crate::output::{age, print_json, table};
 use crate::Ctx;
@@ -71,8 +72,10 @@ pub struct RunArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum HostCmd {
-    /// List compute hosts.
+    /// List compute hosts and what they offer.
     Ls,
+    /// Show one host's advertisement.
+    Show { name: String },
 }
 
 pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<ExitCode> {
@@ -135,26 +138,57 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<ExitCode> {
 pub async fn run_host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         HostCmd::Ls => {
-            let hosts: Vec<HostInfo> = ctx.api().get("/api/v1/hosts").await?;
+            let hosts: Vec<HostRecord> = ctx.api().get("/api/v1/hosts").await?;
             if ctx.json {
                 print_json(&hosts)?;
             } else {
                 let rows = hosts
                     .iter()
                     .map(|h| {
+                        let labels: Vec<String> = h.ad.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                         vec![
-                            h.name.clone(),
-                            h.state.clone(),
-                            h.arch.clone(),
-                            h.cpus.to_string(),
-                            format!("{}/{} MiB", h.free_memory_mib, h.memory_mib),
-                            h.accel.clone(),
-                            h.qemu_version.clone(),
-                            h.running_vms.to_string(),
+                            h.ad.name.clone(),
+                            format!("{:?}", h.state).to_lowercase(),
+                            h.ad.arch.clone(),
+                            format!("{}/{}", h.ad.free_cpus, h.ad.cpus),
+                            format!("{}/{} MiB", h.ad.free_memory_mib, h.ad.memory_mib),
+                            h.ad.accel.clone(),
+                            format!("{:.2}", h.ad.load_avg),
+                            h.ad.running_vms.to_string(),
+                            labels.join(","),
+                            h.ad.url.clone(),
                         ]
                     })
                     .collect();
-                println!("{}", table(&["NAME", "STATE", "ARCH", "CPUS", "FREE MEMORY", "ACCEL", "QEMU", "VMS"], rows));
+                println!(
+                    "{}",
+                    table(&["NAME", "STATE", "ARCH", "FREE CPUS", "FREE MEMORY", "ACCEL", "LOAD", "VMS", "LABELS", "URL"], rows)
+                );
+            }
+        }
+        HostCmd::Show { name } => {
+            let h: HostRecord = ctx.api().get(&format!("/api/v1/hosts/{name}")).await?;
+            if ctx.json {
+                print_json(&h)?;
+            } else {
+                println!("name:        {}", h.ad.name);
+                println!("state:       {:?} (last heartbeat {:.1}s ago)", h.state, h.last_seen_secs);
+                println!("url:         {}", h.ad.url);
+                println!("arch:        {} ({}), QEMU {}", h.ad.arch, h.ad.accel, h.ad.qemu_version);
+                println!("cpus:        {} free of {}", h.ad.free_cpus, h.ad.cpus);
+                println!("memory:      {} MiB free of {} MiB", h.ad.free_memory_mib, h.ad.memory_mib);
+                println!("load:        {:.2}", h.ad.load_avg);
+                println!("networks:    {}", h.ad.network_modes.join(", "));
+                for (k, v) in &h.ad.labels {
+                    println!("label:       {k}={v}");
+                }
+                if let Some(p) = &h.ad.policy {
+                    println!("policy:      {p}");
+                }
+                println!("vms:         {}", h.vms.iter().map(|v| v.id.as_str()).collect::<Vec<_>>().join(" "));
+                for (img, f) in &h.ad.image_cache {
+                    println!("cached:      {img} {:.0}%", f * 100.0);
+                }
             }
         }
     }

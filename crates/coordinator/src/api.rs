@@ -11,11 +11,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use futures::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message as TMessage;
 use utoipa::OpenApi;
-use vgrid_api::vm::{ConsoleChunk, HostInfo, VmCreate, VmRecord, VmStop};
+use vgrid_api::grid::{HostAd, ImageServerAd};
+use vgrid_api::vm::{ConsoleChunk, VmCreate, VmRecord, VmStop};
 use vgrid_api::ErrorBody;
 
+use crate::hosts::{HeartbeatReply, HostHeartbeat, HostRecord, HostState};
 use crate::lifecycle::{Coordinator, CoordinatorError};
 
 /// An error as the API returns it.
@@ -32,10 +35,10 @@ impl From<CoordinatorError> for ApiError {
         use CoordinatorError::*;
         let code = match &e {
             BadRequest(_) => StatusCode::BAD_REQUEST,
-            UnknownImage(_) | UnknownVm(_) => StatusCode::NOT_FOUND,
+            UnknownImage(_) | UnknownVm(_) | UnknownHost(_) => StatusCode::NOT_FOUND,
             Conflict(_) | Capacity(_) => StatusCode::CONFLICT,
-            Store(_) => StatusCode::BAD_GATEWAY,
-            State(_) | Agent(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Store(_) | Host(_) => StatusCode::BAD_GATEWAY,
+            State(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())
     }
@@ -53,9 +56,10 @@ type Ctx = State<Arc<Coordinator>>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "vgrid API", description = "Run VMs on a grid of hosts, images streamed on demand."),
-    paths(list_vms, create_vm, get_vm, stop_vm, delete_vm, console, list_hosts),
-    components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, HostInfo, ErrorBody,
-        vgrid_api::vm::VmState, vgrid_api::vm::Forward))
+    paths(list_vms, create_vm, get_vm, stop_vm, delete_vm, console, list_hosts, get_host, host_heartbeat,
+        list_image_servers, image_server_heartbeat),
+    components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
+        HostState, HostHeartbeat, HeartbeatReply, vgrid_api::vm::VmState, vgrid_api::vm::Forward))
 )]
 pub struct ApiDoc;
 
@@ -70,6 +74,10 @@ pub fn router(c: Arc<Coordinator>) -> Router {
         .route("/api/v1/vms/{id}/console", get(console))
         .route("/api/v1/vms/{id}/console/ws", get(console_ws))
         .route("/api/v1/hosts", get(list_hosts))
+        .route("/api/v1/hosts/heartbeat", post(host_heartbeat))
+        .route("/api/v1/hosts/{name}", get(get_host))
+        .route("/api/v1/image-servers", get(list_image_servers))
+        .route("/api/v1/image-servers/heartbeat", post(image_server_heartbeat))
         .with_state(c)
 }
 
@@ -119,65 +127,84 @@ struct ConsoleQuery {
     offset: i64,
 }
 
-/// At most this much console log per request.
-const CONSOLE_PAGE: u64 = 256 * 1024;
-
 #[utoipa::path(get, path = "/api/v1/vms/{id}/console", params(("id" = String, Path), ConsoleQuery),
     responses((status = 200, body = ConsoleChunk), (status = 404, body = ErrorBody)))]
 async fn console(State(c): Ctx, Path(id): Path<String>, Query(q): Query<ConsoleQuery>) -> ApiResult<ConsoleChunk> {
-    let rec = c.get(&id)?;
-    let path = c.agent().console_log(&rec.id);
-    let mut f = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(Json(ConsoleChunk { offset: 0, next: 0, data: String::new() }))
-        }
-        Err(e) => {
-            return Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("console log of VM {}: {e}", rec.id)))
-        }
-    };
-    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-    let start = if q.offset < 0 { len.saturating_sub(q.offset.unsigned_abs()) } else { (q.offset as u64).min(len) };
-    let mut buf = Vec::new();
-    f.seek(std::io::SeekFrom::Start(start)).await.ok();
-    f.take(CONSOLE_PAGE).read_to_end(&mut buf).await.ok();
-    let next = start + buf.len() as u64;
-    Ok(Json(ConsoleChunk { offset: start, next, data: String::from_utf8_lossy(&buf).into_owned() }))
+    Ok(Json(c.console(&id, q.offset).await?))
 }
 
-/// Interactive console: binary WebSocket frames both ways, bridged to the VM's serial socket.
+/// Interactive console: binary WebSocket frames both ways, bridged to the host's console socket.
 async fn console_ws(State(c): Ctx, Path(id): Path<String>, ws: WebSocketUpgrade) -> Result<Response, ApiError> {
-    let rec = c.get(&id)?;
-    if rec.state != vgrid_api::vm::VmState::Running {
-        return Err(ApiError(StatusCode::CONFLICT, format!("VM {} is {}, not running", rec.id, rec.state.as_str())));
-    }
-    let sock = c.agent().console_socket(&rec.id);
-    let stream = tokio::net::UnixStream::connect(&sock).await.map_err(|e| {
-        ApiError(StatusCode::CONFLICT, format!("console of VM {} is not reachable ({}): {e}", rec.id, sock.display()))
+    let (rec, url) = c.console_ws_url(&id)?;
+    let (host_ws, _) = tokio_tungstenite::connect_async(&url).await.map_err(|e| {
+        ApiError(StatusCode::BAD_GATEWAY, format!("console of VM {} on host {}: {e}", rec.id, rec.host.unwrap_or_default()))
     })?;
-    Ok(ws.on_upgrade(move |socket| bridge(socket, stream)))
+    Ok(ws.on_upgrade(move |socket| bridge(socket, host_ws)))
 }
 
-async fn bridge(mut ws: WebSocket, stream: tokio::net::UnixStream) {
-    let (mut rd, mut wr) = stream.into_split();
-    let mut buf = vec![0u8; 4096];
+async fn bridge(
+    client: WebSocket,
+    host: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+) {
+    let (mut ctx, mut crx) = client.split();
+    let (mut htx, mut hrx) = host.split();
     loop {
         tokio::select! {
-            n = rd.read(&mut buf) => match n {
-                Ok(0) | Err(_) => break,
-                Ok(n) => if ws.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() { break },
+            m = hrx.next() => match m {
+                Some(Ok(TMessage::Binary(b))) => if ctx.send(Message::Binary(b.to_vec().into())).await.is_err() { break },
+                Some(Ok(TMessage::Text(t))) => if ctx.send(Message::Text(t.as_str().into())).await.is_err() { break },
+                Some(Ok(TMessage::Close(_))) | None | Some(Err(_)) => break,
+                _ => {}
             },
-            m = ws.recv() => match m {
-                Some(Ok(Message::Binary(b))) => if wr.write_all(&b).await.is_err() { break },
-                Some(Ok(Message::Text(t))) => if wr.write_all(t.as_bytes()).await.is_err() { break },
+            m = crx.next() => match m {
+                Some(Ok(Message::Binary(b))) => if htx.send(TMessage::Binary(b.to_vec().into())).await.is_err() { break },
+                Some(Ok(Message::Text(t))) => if htx.send(TMessage::Text(t.as_str().into())).await.is_err() { break },
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                 _ => {}
             }
         }
     }
+    let _ = ctx.send(Message::Close(None)).await;
+    let _ = htx.send(TMessage::Close(None)).await;
 }
 
-#[utoipa::path(get, path = "/api/v1/hosts", responses((status = 200, body = [HostInfo])))]
-async fn list_hosts(State(c): Ctx) -> ApiResult<Vec<HostInfo>> {
+#[utoipa::path(get, path = "/api/v1/hosts", responses((status = 200, body = [HostRecord])))]
+async fn list_hosts(State(c): Ctx) -> ApiResult<Vec<HostRecord>> {
     Ok(Json(c.hosts()))
+}
+
+#[utoipa::path(get, path = "/api/v1/hosts/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = HostRecord), (status = 404, body = ErrorBody)))]
+async fn get_host(State(c): Ctx, Path(name): Path<String>) -> ApiResult<HostRecord> {
+    c.hosts()
+        .into_iter()
+        .find(|h| h.ad.name == name)
+        .map(Json)
+        .ok_or_else(|| CoordinatorError::UnknownHost(name).into())
+}
+
+/// A host registers and refreshes its advertisement; the answer names the image servers.
+#[utoipa::path(post, path = "/api/v1/hosts/heartbeat", request_body = HostHeartbeat,
+    responses((status = 200, body = HeartbeatReply), (status = 400, body = ErrorBody)))]
+async fn host_heartbeat(State(c): Ctx, body: Result<Json<HostHeartbeat>, JsonRejection>) -> ApiResult<HeartbeatReply> {
+    let Json(hb) = body?;
+    if vgrid_api::manifest::validate_name(&hb.ad.name).is_err() {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("invalid host name {:?}", hb.ad.name)));
+    }
+    let image_servers = c.heartbeat(hb);
+    Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers }))
+}
+
+#[utoipa::path(get, path = "/api/v1/image-servers", responses((status = 200, body = [ImageServerAd])))]
+async fn list_image_servers(State(c): Ctx) -> ApiResult<Vec<ImageServerAd>> {
+    Ok(Json(c.registry().image_servers()))
+}
+
+/// An image server registers and advertises its images.
+#[utoipa::path(post, path = "/api/v1/image-servers/heartbeat", request_body = ImageServerAd,
+    responses((status = 200, body = HeartbeatReply), (status = 400, body = ErrorBody)))]
+async fn image_server_heartbeat(State(c): Ctx, body: Result<Json<ImageServerAd>, JsonRejection>) -> ApiResult<HeartbeatReply> {
+    let Json(ad) = body?;
+    c.registry().server_beat(ad);
+    Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers: c.registry().image_server_urls() }))
 }

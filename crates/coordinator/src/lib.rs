@@ -1,9 +1,11 @@
 //! vgrid coordinator: the public REST API (axum, OpenAPI at `/api/openapi.json`), durable state
-//! (redb), and the VM lifecycle `pending → starting → running → stopping → stopped | failed`.
-//! Single-node for now: it drives the host agent running in the same process. It must never
+//! (redb), the information service (hosts and image servers register by heartbeat), placement,
+//! and the VM lifecycle `pending → starting → running → stopping → stopped | failed` (`unknown`
+//! while its host is silent). It speaks to host agents over their HTTP API only, and must never
 //! touch QEMU, NBD or chunk storage directly: those belong to the host agent and image store.
 
 pub mod api;
+pub mod hosts;
 pub mod lifecycle;
 pub mod sched;
 pub mod state;

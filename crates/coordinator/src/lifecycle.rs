@@ -1,15 +1,17 @@
-//! VM lifecycle: validation, placement on the (local) host, state transitions, failure reasons.
+//! VM lifecycle: validation, placement on a registered host, state transitions, failure
+//! reasons, and reconciliation with hosts that go silent and come back.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Mutex;
-use vgrid_api::vm::{HostInfo, VmCreate, VmRecord, VmState};
-use vgrid_api::ImageRef;
-use vgrid_hostagent::agent::{Agent, AgentError, LaunchRequest};
-use vgrid_hostagent::ExitInfo;
-use vgrid_blockproxy::ProxyError;
+use vgrid_api::grid::HostAd;
+use vgrid_api::vm::{ConsoleChunk, VmCreate, VmRecord, VmState};
+use vgrid_api::{ImageRef, Manifest};
+use vgrid_hostagent::agent::LaunchRequest;
+use vgrid_imagestore::client::StoreClient;
 
+use crate::hosts::{HostCallError, HostClient, HostHeartbeat, HostRecord, HostState, Registry};
 use crate::state::{StateError, StateStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,63 +22,125 @@ pub enum CoordinatorError {
     UnknownImage(String),
     #[error("no VM with id or name {0:?}")]
     UnknownVm(String),
+    #[error("no host named {0:?}")]
+    UnknownHost(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("insufficient capacity: {0}")]
+    #[error("no host can take this VM now:\n{0}")]
     Capacity(String),
-    #[error("image server: {0}")]
+    #[error("image servers: {0}")]
     Store(String),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("host agent: {0}")]
-    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Host(#[from] HostCallError),
 }
 
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// The coordinator of a single-node grid.
+/// The coordinator: VM records, the registry of hosts and image servers, placement.
 pub struct Coordinator {
     state: Arc<dyn StateStore>,
-    agent: Arc<Agent>,
-    /// Serialises admission (capacity checks) and state transitions.
+    registry: Arc<Registry>,
+    http: reqwest::Client,
+    /// Serialises admission (capacity checks against records) and state transitions.
     lock: Mutex<()>,
 }
 
 impl Coordinator {
-    /// Opens the coordinator. VMs recorded as active whose QEMU is gone (the process was not
-    /// stopped cleanly) become `failed` with that reason: no VM stays in a transitional state.
-    pub async fn new(state: Arc<dyn StateStore>, agent: Arc<Agent>) -> Result<Arc<Self>, CoordinatorError> {
-        for mut vm in state.list_vms()? {
-            if vm.state.is_active() {
-                vm.state = VmState::Failed;
-                vm.reason = Some(
-                    "the coordinator restarted while this VM was active; its QEMU was not re-adopted"
-                        .into(),
-                );
-                vm.stopped = Some(now());
-                state.put_vm(&vm)?;
+    /// Opens the coordinator and starts its background work (lost-host sweeps). VMs that were
+    /// starting when it stopped become `failed`; running ones are watched again once their host
+    /// reports in, so a restart neither loses nor duplicates a VM.
+    pub async fn new(state: Arc<dyn StateStore>, registry: Arc<Registry>) -> Result<Arc<Self>, CoordinatorError> {
+        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().expect("HTTP client");
+        let c = Arc::new(Coordinator { state, registry, http, lock: Mutex::new(()) });
+        for vm in c.state.list_vms()? {
+            match vm.state {
+                VmState::Pending | VmState::Starting => {
+                    c.update(&vm.id, |v| {
+                        v.state = VmState::Failed;
+                        v.phase = "failed".into();
+                        v.reason = Some("the coordinator restarted while this VM was starting".into());
+                        v.stopped = Some(now());
+                    });
+                }
+                VmState::Running | VmState::Stopping | VmState::Unknown => {
+                    let me = c.clone();
+                    tokio::spawn(async move { me.watch(vm.id.clone()).await });
+                }
+                _ => {}
             }
         }
-        Ok(Arc::new(Coordinator { state, agent, lock: Mutex::new(()) }))
+        let weak = Arc::downgrade(&c);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Some(c) = weak.upgrade() else { break };
+                for host in c.registry.sweep() {
+                    c.host_lost(&host);
+                }
+            }
+        });
+        Ok(c)
     }
 
-    pub fn agent(&self) -> &Arc<Agent> {
-        &self.agent
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
     }
 
-    pub fn hosts(&self) -> Vec<HostInfo> {
-        let mut info = self.agent.info();
-        let active = self.active_vms();
-        let used: u64 = active.iter().map(|v| v.memory_mib).sum();
-        info.free_memory_mib = info.memory_mib.saturating_sub(used);
-        info.running_vms = active.len() as u32;
-        vec![info]
+    fn client(&self, host: &str) -> Result<HostClient, CoordinatorError> {
+        let h = self.registry.host(host).ok_or_else(|| CoordinatorError::UnknownHost(host.to_string()))?;
+        Ok(HostClient::new(&h.ad.name, &h.ad.url, self.http.clone()))
     }
 
-    fn active_vms(&self) -> Vec<VmRecord> {
-        self.state.list_vms().unwrap_or_default().into_iter().filter(|v| v.state.is_active()).collect()
+    /// A host heartbeat: records the ad; VMs of a returning host that it still runs are
+    /// running again.
+    pub fn heartbeat(&self, hb: HostHeartbeat) -> Vec<String> {
+        let name = hb.ad.name.clone();
+        let running: Vec<String> = hb.vms.iter().map(|v| v.id.clone()).collect();
+        if self.registry.host_beat(hb) {
+            tracing::info!(host = %name, "host ready");
+            for vm in self.state.list_vms().unwrap_or_default() {
+                if vm.host.as_deref() == Some(name.as_str()) && vm.state == VmState::Unknown && running.contains(&vm.id) {
+                    self.update(&vm.id, |v| {
+                        v.state = VmState::Running;
+                        v.phase = "running".into();
+                        v.reason = None;
+                    });
+                }
+            }
+        }
+        self.registry.image_server_urls()
+    }
+
+    fn host_lost(&self, host: &str) {
+        tracing::warn!(host, "host lost: it missed its heartbeats");
+        for vm in self.state.list_vms().unwrap_or_default() {
+            if vm.host.as_deref() == Some(host) && matches!(vm.state, VmState::Running | VmState::Stopping) {
+                self.update(&vm.id, |v| {
+                    v.state = VmState::Unknown;
+                    v.phase = "unknown".into();
+                    v.reason = Some(format!("host {host} missed its heartbeats"));
+                });
+            }
+        }
+    }
+
+    /// Hosts with their advertisements, as the coordinator accounts for them.
+    pub fn hosts(&self) -> Vec<HostRecord> {
+        let vms = self.state.list_vms().unwrap_or_default();
+        self.registry
+            .hosts()
+            .into_iter()
+            .map(|mut h| {
+                let (cpus, mem) = reserved(&vms, &h.ad.name);
+                h.ad.free_cpus = h.ad.cpus.saturating_sub(cpus);
+                h.ad.free_memory_mib = h.ad.memory_mib.saturating_sub(mem);
+                h
+            })
+            .collect()
     }
 
     pub fn list(&self) -> Result<Vec<VmRecord>, CoordinatorError> {
@@ -99,13 +163,33 @@ impl Coordinator {
         match by_prefix.len() {
             1 => Ok(by_prefix[0].clone()),
             0 if by_name.is_empty() => Err(CoordinatorError::UnknownVm(key.to_string())),
-            _ => Err(CoordinatorError::BadRequest(format!(
-                "{key:?} is ambiguous: it matches several VMs; use the full id"
-            ))),
+            _ => Err(CoordinatorError::BadRequest(format!("{key:?} is ambiguous: it matches several VMs; use the full id"))),
         }
     }
 
-    /// Validates a request, records the VM as `pending` and starts it in the background.
+    /// The manifest of `image` from the first registered image server that has it.
+    pub async fn resolve_image(&self, image: &ImageRef) -> Result<Manifest, CoordinatorError> {
+        let servers = self.registry.image_server_urls();
+        if servers.is_empty() {
+            return Err(CoordinatorError::Store("no image server is registered".into()));
+        }
+        let mut failure = None;
+        for url in servers {
+            let client = StoreClient::new(&url).map_err(|e| CoordinatorError::Store(e.to_string()))?;
+            match client.manifest(image).await {
+                Ok(m) => return Ok(m),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => failure = Some(e.to_string()),
+            }
+        }
+        match failure {
+            Some(f) => Err(CoordinatorError::Store(format!("{image} not found on the reachable image servers; {f}"))),
+            None => Err(CoordinatorError::UnknownImage(image.to_string())),
+        }
+    }
+
+    /// Validates a request, places it on a host, records the VM as `pending` and starts it in
+    /// the background. Nothing is recorded when validation or placement fails.
     pub async fn create(self: &Arc<Self>, req: VmCreate) -> Result<VmRecord, CoordinatorError> {
         let image: ImageRef =
             req.image.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?;
@@ -113,10 +197,7 @@ impl Coordinator {
             return Err(CoordinatorError::BadRequest(format!("cpus {} is out of range 1-64", req.cpus)));
         }
         if req.memory_mib < 32 {
-            return Err(CoordinatorError::BadRequest(format!(
-                "memory {} MiB is too small: at least 32 MiB",
-                req.memory_mib
-            )));
+            return Err(CoordinatorError::BadRequest(format!("memory {} MiB is too small: at least 32 MiB", req.memory_mib)));
         }
         if let Some(a) = &req.accel {
             if a != "kvm" && a != "tcg" {
@@ -124,46 +205,19 @@ impl Coordinator {
             }
         }
         if let Some(n) = &req.name {
-            vgrid_api::manifest::validate_name(n)
-                .map_err(|_| CoordinatorError::BadRequest(format!("invalid VM name {n:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")))?;
+            vgrid_api::manifest::validate_name(n).map_err(|_| {
+                CoordinatorError::BadRequest(format!("invalid VM name {n:?}: use 1-64 characters of A-Z a-z 0-9 . _ -"))
+            })?;
         }
-        // The image servers the host reads from are the ones that must have the image.
-        let manifest = match self.agent.proxy().resolve(&image).await {
-            Ok(m) => m,
-            Err(ProxyError::ImageNotFound { .. }) => return Err(CoordinatorError::UnknownImage(image.to_string())),
-            Err(e) => return Err(CoordinatorError::Store(e.to_string())),
-        };
+        let manifest = self.resolve_image(&image).await?;
 
-        let _g = self.lock.lock().await;
-        let host = self.hosts().remove(0);
-        if req.memory_mib > host.memory_mib {
-            return Err(CoordinatorError::Capacity(format!(
-                "memory {} MiB exceeds what host {} offers ({} MiB)",
-                req.memory_mib, host.name, host.memory_mib
-            )));
-        }
-        if req.cpus > host.cpus {
-            return Err(CoordinatorError::Capacity(format!(
-                "{} cpus exceed what host {} offers ({} cpus)",
-                req.cpus, host.name, host.cpus
-            )));
-        }
-        if req.memory_mib > host.free_memory_mib {
-            return Err(CoordinatorError::Capacity(format!(
-                "memory {} MiB exceeds host {}'s free memory ({} of {} MiB free)",
-                req.memory_mib, host.name, host.free_memory_mib, host.memory_mib
-            )));
-        }
-        let active = self.active_vms();
+        let guard = self.lock.lock().await;
+        let all = self.state.list_vms()?;
         for f in &req.forwards {
-            if active.iter().any(|v| v.forwards.iter().any(|g| g.host == f.host)) {
-                return Err(CoordinatorError::Conflict(format!(
-                    "host port {} is already forwarded to another VM",
-                    f.host
-                )));
+            if all.iter().any(|v| v.state.is_active() && v.forwards.iter().any(|g| g.host == f.host)) {
+                return Err(CoordinatorError::Conflict(format!("host port {} is already forwarded to another VM", f.host)));
             }
         }
-        let all = self.state.list_vms()?;
         let id = new_id();
         let name = match req.name.clone() {
             Some(n) => {
@@ -174,6 +228,7 @@ impl Coordinator {
             }
             None => format!("{}-{}", manifest.name, &id[3..9]),
         };
+        let host = self.place(&req, &manifest, &all)?;
         let rec = VmRecord {
             id: id.clone(),
             name,
@@ -183,7 +238,7 @@ impl Coordinator {
             memory_mib: req.memory_mib,
             forwards: req.forwards.clone(),
             state: VmState::Pending,
-            phase: "placing".into(),
+            phase: "placed".into(),
             reason: None,
             host: Some(host.name.clone()),
             accel: req.accel.clone(),
@@ -192,21 +247,69 @@ impl Coordinator {
             started: None,
             stopped: None,
         };
+        // The record is the reservation: capacity counts it from now on.
         self.state.put_vm(&rec)?;
-        drop(_g);
-        tracing::info!(vm = %rec.id, image = %image, "VM accepted");
+        drop(guard);
+        tracing::info!(vm = %rec.id, image = %manifest.image_ref(), host = %host.name, "VM placed");
 
-        let me = self.clone();
         let launch = LaunchRequest {
             id: id.clone(),
-            image: ImageRef { name: manifest.name.clone(), version: Some(manifest.version) },
+            image: manifest.image_ref(),
             cpus: req.cpus,
             memory_mib: req.memory_mib,
             forwards: req.forwards.iter().map(|f| (f.host, f.guest)).collect(),
             accel: req.accel.clone(),
         };
-        tokio::spawn(async move { me.run(launch).await });
+        let client = HostClient::new(&host.name, &host.url, self.http.clone());
+        let me = self.clone();
+        tokio::spawn(async move { me.run(client, launch).await });
         Ok(rec)
+    }
+
+    /// Chooses a host: ready, same architecture, enough unreserved cpus and memory; the one with
+    /// most of the image cached, then the most free memory. Explains every refusal.
+    fn place(&self, req: &VmCreate, manifest: &Manifest, vms: &[VmRecord]) -> Result<HostAd, CoordinatorError> {
+        let hosts = self.registry.hosts();
+        if hosts.is_empty() {
+            return Err(CoordinatorError::Capacity("  no host is registered".into()));
+        }
+        let image = manifest.image_ref().to_string();
+        let mut refusals = Vec::new();
+        let mut best: Option<(f64, u64, HostAd)> = None;
+        for h in hosts {
+            let ad = h.ad;
+            let (rc, rm) = reserved(vms, &ad.name);
+            let (free_cpus, free_mem) = (ad.cpus.saturating_sub(rc), ad.memory_mib.saturating_sub(rm));
+            let why = if h.state != HostState::Ready {
+                Some("lost (missed heartbeats)".to_string())
+            } else if ad.arch != manifest.meta.arch {
+                Some(format!("arch {} but the image is {}", ad.arch, manifest.meta.arch))
+            } else if req.memory_mib > ad.memory_mib {
+                Some(format!("memory {} MiB exceeds what it offers ({} MiB)", req.memory_mib, ad.memory_mib))
+            } else if req.memory_mib > free_mem {
+                Some(format!("memory {} MiB exceeds its free memory ({} of {} MiB free)", req.memory_mib, free_mem, ad.memory_mib))
+            } else if req.cpus > free_cpus {
+                Some(format!("{} cpus exceed its free cpus ({} of {})", req.cpus, free_cpus, ad.cpus))
+            } else if req.accel.as_deref() == Some("kvm") && ad.accel != "kvm" {
+                Some("KVM asked for, the host has only TCG".to_string())
+            } else {
+                None
+            };
+            match why {
+                Some(w) => refusals.push(format!("  {}: {w}", ad.name)),
+                None => {
+                    let cached = ad.image_cache.get(&image).copied().unwrap_or(0.0);
+                    let better = match &best {
+                        None => true,
+                        Some((c, m, _)) => cached > *c || (cached == *c && free_mem > *m),
+                    };
+                    if better {
+                        best = Some((cached, free_mem, ad));
+                    }
+                }
+            }
+        }
+        best.map(|b| b.2).ok_or_else(|| CoordinatorError::Capacity(refusals.join("\n")))
     }
 
     fn update(&self, id: &str, f: impl FnOnce(&mut VmRecord)) -> Option<VmRecord> {
@@ -218,22 +321,13 @@ impl Coordinator {
         Some(rec)
     }
 
-    async fn run(self: Arc<Self>, req: LaunchRequest) {
+    async fn run(self: Arc<Self>, client: HostClient, req: LaunchRequest) {
         let id = req.id.clone();
         self.update(&id, |v| {
             v.state = VmState::Starting;
-            v.phase = "fetching image".into();
+            v.phase = "fetching image and booting".into();
         });
-        let me = self.clone();
-        let pid_id = id.clone();
-        let progress = move |phase: &str| {
-            me.update(&pid_id, |v| {
-                if v.state == VmState::Starting {
-                    v.phase = phase.to_string();
-                }
-            });
-        };
-        match self.agent.launch(req, &progress).await {
+        match client.launch(&req).await {
             Ok(l) => {
                 let rec = self.update(&id, |v| {
                     if v.state == VmState::Starting {
@@ -246,15 +340,14 @@ impl Coordinator {
                 });
                 match rec {
                     Some(r) if r.state == VmState::Running => {
-                        tracing::info!(vm = %id, pid = l.pid, accel = %l.accel, "VM running");
-                        let exit = self.agent.wait_exit(&id).await;
-                        self.exited(&id, exit).await;
+                        tracing::info!(vm = %id, host = %client.name, pid = l.pid, accel = %l.accel, "VM running");
+                        self.watch(id).await;
                     }
                     Some(_) => {
                         // Stopped while it was starting: it must not keep running.
                         tracing::info!(vm = %id, "VM was stopped while starting; killing it");
-                        let _ = self.agent.stop(&id, true).await;
-                        let _ = self.agent.release(&id).await;
+                        let _ = client.stop(&id, true).await;
+                        let _ = client.release(&id).await;
                         self.update(&id, |v| {
                             if v.state.is_active() {
                                 v.state = VmState::Stopped;
@@ -265,14 +358,15 @@ impl Coordinator {
                     }
                     None => {
                         // Removed while it was starting.
-                        let _ = self.agent.stop(&id, true).await;
-                        let _ = self.agent.remove(&id).await;
+                        let _ = client.stop(&id, true).await;
+                        let _ = client.remove(&id).await;
                     }
                 }
             }
             Err(e) => {
                 tracing::warn!(vm = %id, "VM failed to start: {e}");
-                let _ = self.agent.stop(&id, true).await;
+                let _ = client.stop(&id, true).await;
+                let _ = client.release(&id).await;
                 self.update(&id, |v| {
                     v.state = VmState::Failed;
                     v.phase = "failed".into();
@@ -283,9 +377,49 @@ impl Coordinator {
         }
     }
 
-    async fn exited(&self, id: &str, exit: ExitInfo) {
-        let console = self.agent.console_tail(id, 10);
-        let _ = self.agent.release(id).await;
+    /// Follows a placed VM until its QEMU exits, through host outages.
+    async fn watch(self: Arc<Self>, id: String) {
+        loop {
+            let Some(rec) = self.state.get_vm(&id).ok().flatten() else { return };
+            if !rec.state.is_active() {
+                return;
+            }
+            let host = rec.host.clone().unwrap_or_default();
+            let client = match self.registry.host(&host) {
+                Some(h) if h.state == HostState::Ready => HostClient::new(&h.ad.name, &h.ad.url, self.http.clone()),
+                _ => {
+                    // Unknown or lost host: wait for it to report in.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            match client.wait(&id).await {
+                Ok(exit) if exit.exit.code.is_some() || exit.exit.signal.is_some() || rec.state == VmState::Stopping => {
+                    self.exited(&client, &id, exit.exit, exit.console_tail).await;
+                    return;
+                }
+                Ok(_) => {
+                    // The host answers but does not run this VM (it restarted without it).
+                    self.update(&id, |v| {
+                        if v.state.is_active() {
+                            v.state = VmState::Failed;
+                            v.phase = "failed".into();
+                            v.reason = Some(format!("host {host} no longer runs this VM"));
+                            v.stopped = Some(now());
+                        }
+                    });
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(vm = %id, "waiting on host {host}: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    async fn exited(&self, client: &HostClient, id: &str, exit: vgrid_hostagent::ExitInfo, console: Vec<String>) {
+        let _ = client.release(id).await;
         self.update(id, |v| {
             v.stopped = Some(now());
             v.pid = None;
@@ -300,10 +434,7 @@ impl Coordinator {
             } else {
                 v.state = VmState::Failed;
                 v.phase = "failed".into();
-                v.reason = Some(format!(
-                    "QEMU exited unexpectedly ({exit}); last console lines:\n{}",
-                    console.join("\n")
-                ));
+                v.reason = Some(format!("QEMU exited unexpectedly ({exit}); last console lines:\n{}", console.join("\n")));
                 tracing::warn!(vm = %id, "QEMU exited unexpectedly: {exit}");
             }
         });
@@ -317,23 +448,41 @@ impl Coordinator {
             VmState::Stopping if !force => return Ok(rec),
             _ => {}
         }
+        let host = rec.host.clone().unwrap_or_default();
+        let client = self.client(&host);
+        if rec.state == VmState::Unknown && !force {
+            return Err(CoordinatorError::Conflict(format!(
+                "VM {} is unknown: its host {host} is not answering; use --force to forget it",
+                rec.id
+            )));
+        }
         self.update(&rec.id, |v| {
             v.state = VmState::Stopping;
             v.phase = "stopping".into();
         });
-        self.agent.stop(&rec.id, force).await?;
-        // The exit watcher records `stopped`; wait for it briefly so callers see the end state.
+        match client {
+            Ok(c) => {
+                if let Err(e) = c.stop(&rec.id, force).await {
+                    if !force {
+                        return Err(e.into());
+                    }
+                    tracing::warn!(vm = %rec.id, "forced stop: host did not answer: {e}");
+                }
+            }
+            Err(e) if !force => return Err(e),
+            Err(_) => {}
+        }
+        // The watcher records `stopped`; wait for it briefly so callers see the end state.
         for _ in 0..100 {
             let r = self.get(&rec.id)?;
             if !r.state.is_active() {
                 return Ok(r);
             }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // Stopped before it ever ran (still starting): record it here.
         Ok(self
             .update(&rec.id, |v| {
-                if v.state.is_active() {
+                if v.state.is_active() && (force || v.started.is_none()) {
                     v.state = VmState::Stopped;
                     v.phase = "stopped".into();
                     v.stopped = Some(now());
@@ -342,7 +491,7 @@ impl Coordinator {
             .unwrap_or(rec))
     }
 
-    /// Removes a VM: stops it if needed and deletes its runtime directory and record.
+    /// Removes a VM: stops it if asked to and deletes its runtime directory and record.
     pub async fn remove(&self, key: &str, force: bool) -> Result<VmRecord, CoordinatorError> {
         let rec = self.get(key)?;
         if rec.state.is_active() {
@@ -355,15 +504,51 @@ impl Coordinator {
             }
             self.stop(&rec.id, true).await?;
         }
-        self.agent.remove(&rec.id).await?;
+        if let Some(host) = &rec.host {
+            match self.client(host) {
+                Ok(c) => {
+                    if let Err(e) = c.remove(&rec.id).await {
+                        if !force {
+                            return Err(e.into());
+                        }
+                        tracing::warn!(vm = %rec.id, "removing on host {host}: {e}");
+                    }
+                }
+                Err(e) if !force => return Err(e),
+                Err(_) => {}
+            }
+        }
         self.state.delete_vm(&rec.id)?;
         tracing::info!(vm = %rec.id, "VM removed");
         Ok(rec)
     }
 
-    /// Stops every active VM (used when `vgrid up` shuts down).
-    pub async fn shutdown(&self) {
-        let vms = self.active_vms();
+    /// A page of a VM's console log, from its host.
+    pub async fn console(&self, key: &str, offset: i64) -> Result<ConsoleChunk, CoordinatorError> {
+        let rec = self.get(key)?;
+        let Some(host) = &rec.host else { return Ok(ConsoleChunk { offset: 0, next: 0, data: String::new() }) };
+        Ok(self.client(host)?.console(&rec.id, offset).await?)
+    }
+
+    /// The host's WebSocket URL of a running VM's console.
+    pub fn console_ws_url(&self, key: &str) -> Result<(VmRecord, String), CoordinatorError> {
+        let rec = self.get(key)?;
+        if rec.state != VmState::Running {
+            return Err(CoordinatorError::Conflict(format!("VM {} is {}, not running", rec.id, rec.state.as_str())));
+        }
+        let url = self.client(rec.host.as_deref().unwrap_or_default())?.console_ws_url(&rec.id);
+        Ok((rec, url))
+    }
+
+    /// Stops every active VM placed on `host` (used when `vgrid up` shuts down).
+    pub async fn stop_vms_on(&self, host: &str) {
+        let vms: Vec<VmRecord> = self
+            .state
+            .list_vms()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|v| v.state.is_active() && v.host.as_deref() == Some(host))
+            .collect();
         let futs = vms.iter().map(|v| self.stop(&v.id, false));
         for (v, r) in vms.iter().zip(futures::future::join_all(futs).await) {
             if let Err(e) = r {
@@ -371,6 +556,13 @@ impl Coordinator {
             }
         }
     }
+}
+
+/// Cpus and memory of the active VMs recorded on `host`.
+fn reserved(vms: &[VmRecord], host: &str) -> (u32, u64) {
+    vms.iter()
+        .filter(|v| v.state.is_active() && v.host.as_deref() == Some(host))
+        .fold((0, 0), |(c, m), v| (c + v.cpus, m + v.memory_mib))
 }
 
 fn new_id() -> String {

@@ -11,9 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vgrid_api::vm::HostInfo;
 use vgrid_api::{Boot, ImageRef};
-use vgrid_blockproxy::{BlockProxy, ProxyConfig, Servers, ServerHandle, StoreSource};
+use futures::future::BoxFuture;
+use vgrid_api::rest::BootProfile;
+use vgrid_blockproxy::{BlockProxy, ProxyConfig, ServerHandle, Servers, SourceError, StoreSource};
 
 use crate::vm::{BootSource, DiskSource, ExitInfo, LaunchOptions, Vm, VmError, VmSpec};
 use crate::Accel;
@@ -32,6 +33,8 @@ pub struct AgentConfig {
     pub cache_max_bytes: u64,
     /// Memory offered to guests [default: 3/4 of physical memory].
     pub max_memory_mib: Option<u64>,
+    /// vCPUs offered to guests [default: 4 per host CPU].
+    pub max_cpus: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,8 +55,8 @@ pub enum AgentError {
     NoKvm { id: String },
 }
 
-/// What the coordinator asks the host to start.
-#[derive(Debug, Clone)]
+/// What the coordinator asks the host to start (`POST /host/v1/vms`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LaunchRequest {
     pub id: String,
     /// A versioned image reference (resolved at admission).
@@ -61,10 +64,39 @@ pub struct LaunchRequest {
     pub cpus: u32,
     pub memory_mib: u64,
     pub forwards: Vec<(u16, u16)>,
+    #[serde(default)]
     pub accel: Option<String>,
 }
 
+/// Where and how a host announces itself.
 #[derive(Debug, Clone)]
+pub struct Heartbeat {
+    /// The coordinator's base URL.
+    pub coordinator: String,
+    /// This agent's base URL as the coordinator reaches it.
+    pub url: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The owner's requirement over requests (CEL), advertised as is.
+    pub policy: Option<String>,
+    /// Override the interval the coordinator asks for.
+    pub interval: Option<Duration>,
+}
+
+/// How a VM's QEMU ended (`GET /host/v1/vms/{id}/wait`), with the last console lines.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmExit {
+    pub exit: ExitInfo,
+    pub console_tail: Vec<String>,
+}
+
+/// A VM this host runs, as reported in its heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmReport {
+    pub id: String,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Launched {
     pub pid: u32,
     pub accel: String,
@@ -87,14 +119,75 @@ pub struct PullProgress {
     pub error: Option<String>,
 }
 
-/// Opens a block proxy over the cache in `cache_dir` that fetches from `servers` in order.
-pub async fn open_proxy(cache_dir: &Path, max_bytes: u64, servers: Vec<String>) -> Result<Arc<BlockProxy>, AgentError> {
-    let mut sources: Vec<Box<dyn vgrid_blockproxy::ChunkSource>> = Vec::new();
-    for url in &servers {
-        let s = StoreSource::from_url(url).map_err(|e| AgentError::Source { url: url.clone(), cause: e.to_string() })?;
-        sources.push(Box::new(s));
+/// The image servers a host reads from, in order; replaced when the coordinator announces a
+/// different list at a heartbeat.
+pub struct ServerList {
+    urls: Mutex<Vec<String>>,
+    current: Mutex<Arc<Servers>>,
+}
+
+impl ServerList {
+    pub fn new(urls: Vec<String>) -> Result<Arc<Self>, AgentError> {
+        let servers = Self::build(&urls)?;
+        Ok(Arc::new(ServerList { urls: Mutex::new(urls), current: Mutex::new(Arc::new(servers)) }))
     }
-    Ok(BlockProxy::new(ProxyConfig::new(cache_dir, max_bytes), Arc::new(Servers::new(sources)))?)
+
+    fn build(urls: &[String]) -> Result<Servers, AgentError> {
+        let mut sources: Vec<Box<dyn vgrid_blockproxy::ChunkSource>> = Vec::new();
+        for url in urls {
+            let s = StoreSource::from_url(url).map_err(|e| AgentError::Source { url: url.clone(), cause: e.to_string() })?;
+            sources.push(Box::new(s));
+        }
+        Ok(Servers::new(sources))
+    }
+
+    /// Replaces the list (no-op when unchanged).
+    pub fn set(&self, urls: Vec<String>) -> Result<(), AgentError> {
+        let mut cur = self.urls.lock().unwrap();
+        if *cur == urls {
+            return Ok(());
+        }
+        let servers = Self::build(&urls)?;
+        tracing::info!(servers = ?urls, "image servers changed");
+        *self.current.lock().unwrap() = Arc::new(servers);
+        *cur = urls;
+        Ok(())
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.urls.lock().unwrap().clone()
+    }
+
+    fn get(&self) -> Arc<Servers> {
+        self.current.lock().unwrap().clone()
+    }
+}
+
+impl vgrid_blockproxy::ChunkSource for ServerList {
+    fn manifest<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<vgrid_api::Manifest, SourceError>> {
+        let s = self.get();
+        Box::pin(async move { s.manifest(image).await })
+    }
+    fn chunk<'a>(&'a self, hash: &'a vgrid_api::ChunkHash, limit: usize) -> BoxFuture<'a, Result<Vec<u8>, SourceError>> {
+        let s = self.get();
+        Box::pin(async move { s.chunk(hash, limit).await })
+    }
+    fn profile<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {
+        let s = self.get();
+        Box::pin(async move { s.profile(image).await })
+    }
+    fn put_profile<'a>(&'a self, image: &'a ImageRef, profile: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
+        let s = self.get();
+        Box::pin(async move { s.put_profile(image, profile).await })
+    }
+    fn describe(&self) -> String {
+        self.get().describe()
+    }
+}
+
+/// Opens a block proxy over the cache in `cache_dir` that fetches from `servers` in order.
+pub async fn open_proxy(cache_dir: &Path, max_bytes: u64, servers: Arc<ServerList>) -> Result<Arc<BlockProxy>, AgentError> {
+    Ok(BlockProxy::new(ProxyConfig::new(cache_dir, max_bytes), servers)?)
 }
 
 struct Slot {
@@ -103,6 +196,7 @@ struct Slot {
 
 pub struct Agent {
     cfg: AgentConfig,
+    servers: Arc<ServerList>,
     proxy: Arc<BlockProxy>,
     nbd_socket: PathBuf,
     nbd: Mutex<Option<ServerHandle>>,
@@ -123,7 +217,8 @@ impl Agent {
             cause: e.to_string(),
         };
         std::fs::create_dir_all(cfg.data_dir.join("vms")).map_err(|e| io("data directory", &cfg.data_dir, e))?;
-        let proxy = open_proxy(&cfg.data_dir.join("cache"), cfg.cache_max_bytes, cfg.image_servers.clone()).await?;
+        let servers = ServerList::new(cfg.image_servers.clone())?;
+        let proxy = open_proxy(&cfg.data_dir.join("cache"), cfg.cache_max_bytes, servers.clone()).await?;
         let nbd_socket = cfg.data_dir.join("nbd.sock");
         let _ = std::fs::remove_file(&nbd_socket);
         let handle = proxy.serve_unix(&nbd_socket)?;
@@ -133,11 +228,13 @@ impl Agent {
             .unwrap_or_else(|e| format!("unavailable: {e}"));
         let phys = physical_memory_mib();
         let memory_mib = cfg.max_memory_mib.unwrap_or(phys * 3 / 4);
-        let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        // vCPUs are overcommitted 4:1, as OpenStack's default cpu_allocation_ratio.
+        let cpus = cfg.max_cpus.unwrap_or_else(|| 4 * std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
         let accel = Accel::detect();
         tracing::info!(host = %cfg.name, accel = accel.as_str(), memory_mib, cpus, nbd = %nbd_socket.display(), "host agent started");
         Ok(Arc::new(Agent {
             cfg,
+            servers,
             proxy,
             nbd_socket,
             nbd: Mutex::new(Some(handle)),
@@ -153,19 +250,13 @@ impl Agent {
         &self.proxy
     }
 
-    /// This host's capacity (free memory is the coordinator's bookkeeping).
-    pub fn info(&self) -> HostInfo {
-        HostInfo {
-            name: self.cfg.name.clone(),
-            arch: std::env::consts::ARCH.into(),
-            cpus: self.cpus,
-            memory_mib: self.memory_mib,
-            free_memory_mib: self.memory_mib,
-            accel: self.accel.as_str().into(),
-            qemu_version: self.qemu_version.clone(),
-            running_vms: self.vms.lock().unwrap().len() as u32,
-            state: "ready".into(),
-        }
+    /// The image servers this host reads from.
+    pub fn servers(&self) -> &Arc<ServerList> {
+        &self.servers
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.name
     }
 
     fn runtime_dir(&self, id: &str) -> PathBuf {
@@ -259,6 +350,42 @@ impl Agent {
         }
     }
 
+    /// The VMs this host runs.
+    pub fn vms(&self) -> Vec<VmReport> {
+        let mut v: Vec<VmReport> =
+            self.vms.lock().unwrap().iter().map(|(id, s)| VmReport { id: id.clone(), pid: s.vm.pid() }).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Memory and cpus promised to the VMs this host runs.
+    pub fn used(&self) -> (u32, u64) {
+        let vms = self.vms.lock().unwrap();
+        vms.values().fold((0, 0), |(c, m), s| (c + s.vm.spec().cpus, m + s.vm.spec().memory_mib))
+    }
+
+    /// This host's advertisement.
+    pub fn ad(&self, url: &str, labels: std::collections::BTreeMap<String, String>, policy: Option<String>) -> vgrid_api::grid::HostAd {
+        let (used_cpus, used_mem) = self.used();
+        vgrid_api::grid::HostAd {
+            name: self.cfg.name.clone(),
+            url: url.to_string(),
+            arch: std::env::consts::ARCH.into(),
+            cpus: self.cpus,
+            memory_mib: self.memory_mib,
+            free_cpus: self.cpus.saturating_sub(used_cpus),
+            free_memory_mib: self.memory_mib.saturating_sub(used_mem),
+            accel: self.accel.as_str().into(),
+            qemu_version: self.qemu_version.clone(),
+            network_modes: vec!["user".into()],
+            labels,
+            policy,
+            load_avg: load_average(),
+            running_vms: self.vms.lock().unwrap().len() as u32,
+            image_cache: Default::default(),
+        }
+    }
+
     /// Stops a VM: ACPI power-down with a timeout (then quit, then kill), or a kill at once.
     pub async fn stop(&self, id: &str, force: bool) -> Result<(), AgentError> {
         let Some(vm) = self.vm(id) else { return Ok(()) };
@@ -332,6 +459,59 @@ impl Agent {
         let _ = tx.send(msg).await;
     }
 
+    /// Registers with the coordinator and refreshes the advertisement every interval it asks
+    /// for; adopts the image server list it answers with. Runs until the process ends; a
+    /// coordinator that does not answer is retried at the same pace.
+    pub async fn heartbeat_loop(self: Arc<Self>, hb: Heartbeat) {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("HTTP client");
+        let mut interval = Duration::from_secs(5);
+        let mut failing = false;
+        loop {
+            match self.heartbeat_once(&http, &hb).await {
+                Ok(reply) => {
+                    if failing {
+                        tracing::info!(coordinator = %hb.coordinator, "coordinator reachable again");
+                    }
+                    failing = false;
+                    interval = Duration::from_secs(reply.0.max(1));
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(coordinator = %hb.coordinator, "heartbeat failed: {e}");
+                    }
+                    failing = true;
+                }
+            }
+            tokio::time::sleep(hb.interval.unwrap_or(interval)).await;
+        }
+    }
+
+    /// One heartbeat; returns the interval the coordinator asks for.
+    pub async fn heartbeat_once(&self, http: &reqwest::Client, hb: &Heartbeat) -> Result<(u64,), String> {
+        let body = serde_json::json!({
+            "ad": self.ad(&hb.url, hb.labels.clone(), hb.policy.clone()),
+            "vms": self.vms(),
+        });
+        let url = format!("{}/api/v1/hosts/heartbeat", hb.coordinator.trim_end_matches('/'));
+        let resp = http.post(&url).json(&body).send().await.map_err(|e| format!("{url}: {e}"))?;
+        let status = resp.status();
+        let v: serde_json::Value = resp.json().await.map_err(|e| format!("{url}: malformed answer: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("{url}: HTTP {status}: {}", v["error"].as_str().unwrap_or("")));
+        }
+        // Servers configured on this host first, then those the coordinator knows.
+        let mut servers = self.cfg.image_servers.clone();
+        for s in v["image_servers"].as_array().into_iter().flatten().filter_map(|s| s.as_str()) {
+            if !servers.iter().any(|x| x == s) {
+                servers.push(s.to_string());
+            }
+        }
+        if !servers.is_empty() {
+            self.servers.set(servers).map_err(|e| e.to_string())?;
+        }
+        Ok((v["interval_secs"].as_u64().unwrap_or(5),))
+    }
+
     /// Kills any guest still running (the coordinator stops them gracefully first) and stops
     /// serving NBD.
     pub async fn shutdown(&self) {
@@ -347,6 +527,13 @@ impl Agent {
         self.proxy.shutdown();
         let _ = std::fs::remove_file(&self.nbd_socket);
     }
+}
+
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
 }
 
 fn physical_memory_mib() -> u64 {

@@ -1,36 +1,155 @@
-//! The host agent's HTTP endpoints (`/host/v1/...`): cache statistics and explicit staging
-//! (`pull`) with NDJSON progress.
+//! The host agent's HTTP API (`/host/v1/...`), spoken by the coordinator: launch, stop, wait
+//! for, release and remove VMs; their console (log pages and a WebSocket); cache statistics and
+//! explicit staging (`pull`) with NDJSON progress.
 
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use vgrid_api::vm::{ConsoleChunk, VmStop};
 use vgrid_api::{ErrorBody, ImageRef};
 
-use crate::agent::{Agent, PullProgress};
+use crate::agent::{Agent, AgentError, LaunchRequest, PullProgress, VmExit};
+
+type Ctx = State<Arc<Agent>>;
+
+struct HttpError(StatusCode, String);
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1, detail: None })).into_response()
+    }
+}
+
+impl From<AgentError> for HttpError {
+    fn from(e: AgentError) -> Self {
+        let code = match &e {
+            AgentError::UnknownVm(_) => StatusCode::NOT_FOUND,
+            AgentError::BadAccel(_) | AgentError::NoKvm { .. } => StatusCode::BAD_REQUEST,
+            AgentError::Proxy(vgrid_blockproxy::ProxyError::ImageNotFound { .. }) => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        HttpError(code, e.to_string())
+    }
+}
 
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/host/v1/cache/stats", get(stats))
         .route("/host/v1/pull/{image}", post(pull))
+        .route("/host/v1/vms", get(list).post(launch))
+        .route("/host/v1/vms/{id}", axum::routing::delete(remove))
+        .route("/host/v1/vms/{id}/stop", post(stop))
+        .route("/host/v1/vms/{id}/wait", get(wait))
+        .route("/host/v1/vms/{id}/release", post(release))
+        .route("/host/v1/vms/{id}/console", get(console))
+        .route("/host/v1/vms/{id}/console/ws", get(console_ws))
         .with_state(agent)
 }
 
-async fn stats(State(a): State<Arc<Agent>>) -> Response {
+async fn stats(State(a): Ctx) -> Response {
     Json(a.proxy().stats()).into_response()
 }
 
-async fn pull(State(a): State<Arc<Agent>>, Path(image): Path<String>) -> Response {
+async fn list(State(a): Ctx) -> Response {
+    Json(a.vms()).into_response()
+}
+
+async fn launch(State(a): Ctx, body: Result<Json<LaunchRequest>, JsonRejection>) -> Result<Response, HttpError> {
+    let Json(req) = body.map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("malformed launch request: {}", e.body_text())))?;
+    crate::vm::validate_vm_id(&req.id).map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let l = a.launch(req, &|_| {}).await?;
+    Ok(Json(l).into_response())
+}
+
+async fn stop(State(a): Ctx, Path(id): Path<String>, body: Option<Json<VmStop>>) -> Result<Response, HttpError> {
+    a.stop(&id, body.map(|b| b.0.force).unwrap_or(false)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Long poll: answers when the VM's QEMU has exited (at once when the host does not run it).
+async fn wait(State(a): Ctx, Path(id): Path<String>) -> Response {
+    let exit = a.wait_exit(&id).await;
+    Json(VmExit { exit, console_tail: a.console_tail(&id, 10) }).into_response()
+}
+
+async fn release(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
+    a.release(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn remove(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
+    a.remove(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct ConsoleQuery {
+    #[serde(default)]
+    offset: i64,
+}
+
+/// At most this much console log per request.
+const CONSOLE_PAGE: u64 = 256 * 1024;
+
+async fn console(State(a): Ctx, Path(id): Path<String>, Query(q): Query<ConsoleQuery>) -> Result<Response, HttpError> {
+    let path = a.console_log(&id);
+    let mut f = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Json(ConsoleChunk { offset: 0, next: 0, data: String::new() }).into_response())
+        }
+        Err(e) => return Err(HttpError(StatusCode::INTERNAL_SERVER_ERROR, format!("console log of VM {id}: {e}"))),
+    };
+    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let start = if q.offset < 0 { len.saturating_sub(q.offset.unsigned_abs()) } else { (q.offset as u64).min(len) };
+    let mut buf = Vec::new();
+    f.seek(std::io::SeekFrom::Start(start)).await.ok();
+    f.take(CONSOLE_PAGE).read_to_end(&mut buf).await.ok();
+    let next = start + buf.len() as u64;
+    Ok(Json(ConsoleChunk { offset: start, next, data: String::from_utf8_lossy(&buf).into_owned() }).into_response())
+}
+
+/// Interactive console: binary WebSocket frames both ways, bridged to the VM's serial socket.
+async fn console_ws(State(a): Ctx, Path(id): Path<String>, ws: WebSocketUpgrade) -> Result<Response, HttpError> {
+    let sock = a.console_socket(&id);
+    let stream = tokio::net::UnixStream::connect(&sock).await.map_err(|e| {
+        HttpError(StatusCode::CONFLICT, format!("console of VM {id} is not reachable ({}): {e}", sock.display()))
+    })?;
+    Ok(ws.on_upgrade(move |socket| bridge(socket, stream)))
+}
+
+async fn bridge(mut ws: WebSocket, stream: tokio::net::UnixStream) {
+    let (mut rd, mut wr) = stream.into_split();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        tokio::select! {
+            n = rd.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => if ws.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() { break },
+            },
+            m = ws.recv() => match m {
+                Some(Ok(Message::Binary(b))) => if wr.write_all(&b).await.is_err() { break },
+                Some(Ok(Message::Text(t))) => if wr.write_all(t.as_bytes()).await.is_err() { break },
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                _ => {}
+            }
+        }
+    }
+}
+
+async fn pull(State(a): Ctx, Path(image): Path<String>) -> Response {
     let r: ImageRef = match image.parse() {
         Ok(r) => r,
-        Err(e) => {
-            let body = ErrorBody { error: format!("{e}"), detail: None };
-            return (StatusCode::BAD_REQUEST, Json(body)).into_response();
-        }
+        Err(e) => return HttpError(StatusCode::BAD_REQUEST, format!("{e}")).into_response(),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<PullProgress>(64);
     tokio::spawn(async move { a.pull(&r, tx).await });

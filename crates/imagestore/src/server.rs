@@ -308,3 +308,37 @@ pub async fn spawn(
     let bound = listener.local_addr()?;
     Ok((bound, tokio::spawn(serve(store, listener))))
 }
+
+/// Advertises this image server's images to a coordinator every `interval` (its heartbeat),
+/// until the process ends. A coordinator that does not answer is retried at the same pace.
+pub async fn advertise_loop(store: Arc<ImageStore>, coordinator: String, name: String, url: String, interval: std::time::Duration) {
+    let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10)).build().expect("HTTP client");
+    let target = format!("{}/api/v1/image-servers/heartbeat", coordinator.trim_end_matches('/'));
+    let mut failing = false;
+    loop {
+        let result = async {
+            let images = store.list().await.map_err(|e| e.to_string())?;
+            let ad = vgrid_api::grid::ImageServerAd { name: name.clone(), url: url.clone(), images };
+            let resp = http.post(&target).json(&ad).send().await.map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("HTTP {}", resp.status()));
+            }
+            Ok::<_, String>(())
+        }
+        .await;
+        match result {
+            Ok(()) if failing => {
+                tracing::info!(coordinator = %coordinator, "coordinator reachable again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(coordinator = %coordinator, "advertising images failed: {e}");
+                }
+                failing = true;
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}

@@ -1,0 +1,228 @@
+//! The information service: hosts and image servers register by heartbeat and advertise what
+//! they offer; a host that misses heartbeats becomes `lost`. Also the coordinator's HTTP client
+//! of a host agent (`/host/v1`).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vgrid_api::grid::{HostAd, ImageServerAd};
+use vgrid_api::vm::{ConsoleChunk, VmStop};
+use vgrid_api::ErrorBody;
+use vgrid_hostagent::agent::{LaunchRequest, Launched, VmExit, VmReport};
+
+/// Default heartbeat interval; a host is lost after `LOST_AFTER_BEATS` missed ones.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+pub const LOST_AFTER_BEATS: u32 = 3;
+
+/// Body of `POST /api/v1/hosts/heartbeat`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HostHeartbeat {
+    pub ad: HostAd,
+    /// VMs the host runs (ids).
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub vms: Vec<VmReport>,
+}
+
+/// Answer to a heartbeat: when to beat again and which image servers to read from.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HeartbeatReply {
+    pub interval_secs: u64,
+    pub image_servers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HostState {
+    Ready,
+    Lost,
+}
+
+/// A host as the coordinator knows it.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HostRecord {
+    pub ad: HostAd,
+    pub state: HostState,
+    /// Seconds since its last heartbeat.
+    pub last_seen_secs: f64,
+    #[schema(value_type = Vec<Object>)]
+    pub vms: Vec<VmReport>,
+}
+
+struct HostEntry {
+    ad: HostAd,
+    state: HostState,
+    last_seen: Instant,
+    vms: Vec<VmReport>,
+}
+
+struct ServerEntry {
+    ad: ImageServerAd,
+    last_seen: Instant,
+}
+
+/// Hosts and image servers, kept in memory (they re-register within one heartbeat after a
+/// coordinator restart).
+pub struct Registry {
+    hosts: Mutex<HashMap<String, HostEntry>>,
+    servers: Mutex<HashMap<String, ServerEntry>>,
+    pub interval: Duration,
+    pub lost_after: Duration,
+}
+
+impl Registry {
+    pub fn new(interval: Duration, lost_after: Duration) -> Self {
+        Registry { hosts: Mutex::new(HashMap::new()), servers: Mutex::new(HashMap::new()), interval, lost_after }
+    }
+
+    /// Records a host heartbeat; returns whether the host was lost (or unknown) before.
+    pub fn host_beat(&self, hb: HostHeartbeat) -> bool {
+        let mut hosts = self.hosts.lock().unwrap();
+        let returned = hosts.get(&hb.ad.name).map(|h| h.state == HostState::Lost).unwrap_or(true);
+        hosts.insert(
+            hb.ad.name.clone(),
+            HostEntry { ad: hb.ad, state: HostState::Ready, last_seen: Instant::now(), vms: hb.vms },
+        );
+        returned
+    }
+
+    pub fn server_beat(&self, ad: ImageServerAd) {
+        self.servers.lock().unwrap().insert(ad.name.clone(), ServerEntry { ad, last_seen: Instant::now() });
+    }
+
+    /// Marks hosts silent for longer than `lost_after` as lost; returns the newly lost names.
+    pub fn sweep(&self) -> Vec<String> {
+        let mut lost = Vec::new();
+        for (name, h) in self.hosts.lock().unwrap().iter_mut() {
+            if h.state == HostState::Ready && h.last_seen.elapsed() > self.lost_after {
+                h.state = HostState::Lost;
+                lost.push(name.clone());
+            }
+        }
+        self.servers.lock().unwrap().retain(|_, s| s.last_seen.elapsed() <= self.lost_after);
+        lost
+    }
+
+    pub fn hosts(&self) -> Vec<HostRecord> {
+        let mut v: Vec<HostRecord> = self
+            .hosts
+            .lock()
+            .unwrap()
+            .values()
+            .map(|h| HostRecord {
+                ad: h.ad.clone(),
+                state: h.state,
+                last_seen_secs: h.last_seen.elapsed().as_secs_f64(),
+                vms: h.vms.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.ad.name.cmp(&b.ad.name));
+        v
+    }
+
+    pub fn host(&self, name: &str) -> Option<HostRecord> {
+        self.hosts().into_iter().find(|h| h.ad.name == name)
+    }
+
+    pub fn image_servers(&self) -> Vec<ImageServerAd> {
+        let mut v: Vec<ImageServerAd> = self.servers.lock().unwrap().values().map(|s| s.ad.clone()).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn image_server_urls(&self) -> Vec<String> {
+        self.image_servers().into_iter().map(|s| s.url).collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostCallError {
+    #[error("host {host} ({url}) is unreachable: {cause}")]
+    Unreachable { host: String, url: String, cause: String },
+    #[error("host {host} refused (HTTP {status}): {message}")]
+    Refused { host: String, status: u16, message: String },
+}
+
+/// HTTP client of one host agent.
+#[derive(Clone)]
+pub struct HostClient {
+    pub name: String,
+    pub url: String,
+    http: reqwest::Client,
+}
+
+impl HostClient {
+    pub fn new(name: &str, url: &str, http: reqwest::Client) -> Self {
+        HostClient { name: name.into(), url: url.trim_end_matches('/').into(), http }
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<Option<T>, HostCallError> {
+        let resp = req.send().await.map_err(|e| HostCallError::Unreachable {
+            host: self.name.clone(),
+            url: self.url.clone(),
+            cause: e.to_string(),
+        })?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| HostCallError::Unreachable {
+            host: self.name.clone(),
+            url: self.url.clone(),
+            cause: e.to_string(),
+        })?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(HostCallError::Refused { host: self.name.clone(), status: status.as_u16(), message });
+        }
+        if body.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_slice(&body).map(Some).map_err(|e| HostCallError::Unreachable {
+            host: self.name.clone(),
+            url: self.url.clone(),
+            cause: format!("malformed answer: {e}"),
+        })
+    }
+
+    fn u(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    pub async fn launch(&self, req: &LaunchRequest) -> Result<Launched, HostCallError> {
+        let r: Option<Launched> = self.call(self.http.post(self.u("/host/v1/vms")).json(req)).await?;
+        r.ok_or_else(|| HostCallError::Unreachable { host: self.name.clone(), url: self.url.clone(), cause: "empty answer to launch".into() })
+    }
+
+    pub async fn stop(&self, id: &str, force: bool) -> Result<(), HostCallError> {
+        self.call::<serde_json::Value>(self.http.post(self.u(&format!("/host/v1/vms/{id}/stop"))).json(&VmStop { force })).await?;
+        Ok(())
+    }
+
+    /// Long poll until the VM's QEMU exits.
+    pub async fn wait(&self, id: &str) -> Result<VmExit, HostCallError> {
+        let r: Option<VmExit> = self.call(self.http.get(self.u(&format!("/host/v1/vms/{id}/wait")))).await?;
+        r.ok_or_else(|| HostCallError::Unreachable { host: self.name.clone(), url: self.url.clone(), cause: "empty answer to wait".into() })
+    }
+
+    pub async fn release(&self, id: &str) -> Result<(), HostCallError> {
+        self.call::<serde_json::Value>(self.http.post(self.u(&format!("/host/v1/vms/{id}/release")))).await?;
+        Ok(())
+    }
+
+    pub async fn remove(&self, id: &str) -> Result<(), HostCallError> {
+        self.call::<serde_json::Value>(self.http.delete(self.u(&format!("/host/v1/vms/{id}")))).await?;
+        Ok(())
+    }
+
+    pub async fn console(&self, id: &str, offset: i64) -> Result<ConsoleChunk, HostCallError> {
+        let r: Option<ConsoleChunk> =
+            self.call(self.http.get(self.u(&format!("/host/v1/vms/{id}/console?offset={offset}")))).await?;
+        Ok(r.unwrap_or(ConsoleChunk { offset: 0, next: 0, data: String::new() }))
+    }
+
+    pub fn console_ws_url(&self, id: &str) -> String {
+        format!("{}/host/v1/vms/{id}/console/ws", self.url.replacen("http", "ws", 1))
+    }
+}
