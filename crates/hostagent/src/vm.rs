@@ -540,17 +540,35 @@ impl Vm {
             }
         }
 
-        // Resolve a file backing to an absolute path: the overlay records it verbatim.
+        // Absolute paths: QEMU runs in the runtime directory, and the overlay records its
+        // backing verbatim.
+        let absolute = |what: &'static str, p: &mut PathBuf| -> Result<(), VmError> {
+            *p = std::fs::canonicalize(&*p)
+                .map_err(|_| VmError::MissingFile { id: id.clone(), what, path: p.clone() })?;
+            Ok(())
+        };
         if let DiskSource::File { path, .. } = &mut spec.disk {
-            *path = std::fs::canonicalize(&*path)
-                .map_err(|_| VmError::MissingFile { id: id.clone(), what: "disk image", path: path.clone() })?;
+            absolute("disk image", path)?;
+        }
+        match &mut spec.boot {
+            BootSource::Kernel { kernel, initrd, .. } => {
+                absolute("kernel", kernel)?;
+                if let Some(i) = initrd {
+                    absolute("initrd", i)?;
+                }
+            }
+            BootSource::Firmware { bios: Some(b) } => absolute("firmware", b)?,
+            BootSource::Firmware { bios: None } => {}
         }
         let overlay = dir.join(OVERLAY_FILE);
         if !(opts.reuse_overlay && overlay.exists()) {
             create_overlay(&id, &opts.qemu_img, &spec.disk, &overlay).await?;
         }
 
-        let spec_json = serde_json::to_vec_pretty(&spec).expect("VmSpec serialises");
+        let spec_json = serde_json::to_vec_pretty(&spec).map_err(|e| VmError::InvalidSpec {
+            id: id.clone(),
+            reason: format!("cannot record the spec as JSON (a path that is not UTF-8?): {e}"),
+        })?;
         let spec_path = dir.join(SPEC_FILE);
         std::fs::write(&spec_path, spec_json).map_err(|e| io_err(&spec_path, e))?;
 
