@@ -219,3 +219,66 @@ pub fn console_exec(up: &Up, id: &str, cmd: &str, until: &str) {
         std::fs::read(&log).map(|v| String::from_utf8_lossy(&v[before.min(v.len())..]).contains(until)).unwrap_or(false)
     });
 }
+
+/// A vgrid role started as its own process (`vgrid coordinator|host|image-server ...`),
+/// killed on drop. `url` is the first `http://` word of its first stdout line.
+pub struct Role {
+    pub child: Option<Child>,
+    pub url: String,
+    pub log: PathBuf,
+}
+
+impl Role {
+    pub fn start(args: &[&str], log: PathBuf) -> Role {
+        let mut child = Command::new(vgrid_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .spawn()
+            .expect("spawning a vgrid role");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        let mut reader = BufReader::new(stdout);
+        reader.read_line(&mut line).expect("reading the role's first line");
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .map(|w| w.trim_end_matches([',', ')']).to_string())
+            .unwrap_or_else(|| panic!("vgrid {args:?} printed no URL: {line:?}; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+        Role { child: Some(child), url, log }
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(30) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}

@@ -1,0 +1,157 @@
+//! The grid as separate processes on this machine: a coordinator, image servers and host
+//! agents, each with its own port and data directory, talking HTTP.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+struct Grid {
+    dir: tempfile::TempDir,
+    coordinator: Role,
+    servers: Vec<Role>,
+    hosts: Vec<Role>,
+}
+
+impl Grid {
+    fn start(n_servers: usize, hosts: &[(&str, &[&str])]) -> Grid {
+        let dir = tempfile::Builder::new().prefix("vgg").tempdir_in("/tmp").unwrap();
+        let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+        let coordinator = Role::start(
+            &["coordinator", "--listen", "127.0.0.1:0", "--data-dir", &p("coord"), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
+            dir.path().join("coord.log"),
+        );
+        let servers = (0..n_servers)
+            .map(|i| {
+                Role::start(
+                    &["image-server", "--listen", "127.0.0.1:0", "--data-dir", &p(&format!("is{i}")), "--coordinator", &coordinator.url, "--name", &format!("is{i}")],
+                    dir.path().join(format!("is{i}.log")),
+                )
+            })
+            .collect();
+        let mut g = Grid { dir, coordinator, servers, hosts: vec![] };
+        for (name, extra) in hosts {
+            g.start_host(name, extra);
+        }
+        g
+    }
+
+    fn start_host(&mut self, name: &str, extra: &[&str]) {
+        let data = self.dir.path().join(name);
+        let mut args = vec!["host", "--coordinator", &self.coordinator.url, "--listen", "127.0.0.1:0", "--name", name];
+        let d = data.to_str().unwrap().to_string();
+        args.extend_from_slice(&["--data-dir", &d]);
+        args.extend_from_slice(extra);
+        let r = Role::start(&args, self.dir.path().join(format!("{name}.log")));
+        self.hosts.push(r);
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(vgrid_bin()).args(args).env("VGRID_URL", &self.coordinator.url).stdin(std::process::Stdio::null()).output().unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let o = self.cli(&a);
+        assert!(o.status.success(), "vgrid {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    fn host_state(&self, name: &str) -> String {
+        self.json(&["host", "show", name])["state"].as_str().unwrap().to_string()
+    }
+
+    fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+        let t0 = std::time::Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}; coordinator log:\n{}", std::fs::read_to_string(&self.coordinator.log).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Imports the sample guest into image server `i`.
+    fn import_sample(&self, i: usize, name: &str) {
+        let g = sample_guest().unwrap();
+        let o = Command::new(vgrid_bin())
+            .args(["image", "import", g.disk.to_str().unwrap(), "--name", name, "--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap(), "--cmdline", &g.cmdline, "--image-server", &self.servers[i].url])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    fn run_vm(&self, image: &str, name: &str, extra: &[&str]) -> serde_json::Value {
+        let _slot = boot_slot().unwrap();
+        let mut last = String::new();
+        for attempt in 1..=2 {
+            let n = if attempt == 1 { name.to_string() } else { format!("{name}-retry") };
+            let mut args = vec!["--json", "vm", "run", image, "--name", &n, "--wait-for", BOOTED_MARKER, "--timeout", "90"];
+            args.extend_from_slice(extra);
+            let o = self.cli(&args);
+            if o.status.success() {
+                return serde_json::from_slice(&o.stdout).unwrap();
+            }
+            last = String::from_utf8_lossy(&o.stderr).into_owned();
+            let _ = self.cli(&["vm", "rm", "--force", &n]);
+        }
+        panic!("VM {name} did not boot twice: {last}");
+    }
+}
+
+#[test]
+fn vms_run_on_separate_host_processes_from_either_image_server() {
+    let mut g = Grid::start(2, &[("h1", &["--label", "site=uf"]), ("h2", &["--label", "site=nw"]), ("h3", &["--label", "site=uf"])]);
+    g.wait_until("three hosts and two image servers", Duration::from_secs(20), || {
+        g.json(&["host", "ls"]).as_array().unwrap().len() == 3 && g.json(&["vm", "ls"]).is_array()
+    });
+    let hosts = g.json(&["host", "ls"]);
+    for h in hosts.as_array().unwrap() {
+        assert_eq!(h["state"], "ready");
+        assert!(h["ad"]["url"].as_str().unwrap().starts_with("http://127.0.0.1:"));
+        assert!(h["ad"]["memory_mib"].as_u64().unwrap() > 0);
+    }
+    assert_eq!(g.json(&["host", "show", "h2"])["ad"]["labels"]["site"], "nw");
+
+    // The image exists only on the second image server: it still boots.
+    g.import_sample(1, "only-on-is1");
+    g.wait_until("image servers registered", Duration::from_secs(10), || {
+        let o = Command::new("curl").args(["-s", &format!("{}/api/v1/image-servers", g.coordinator.url)]).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).map(|v| v.as_array().map(|a| a.len()) == Some(2)).unwrap_or(false)
+    });
+    let v = g.run_vm("only-on-is1", "remote", &[]);
+    assert_eq!(v["state"], "running");
+    let host = v["host"].as_str().unwrap().to_string();
+    assert!(["h1", "h2", "h3"].contains(&host.as_str()));
+    // Its runtime directory is in that host's own data directory.
+    assert!(g.dir.path().join(&host).join("vms").join(v["id"].as_str().unwrap()).join("overlay.qcow2").exists());
+    let logs = g.cli(&["vm", "logs", v["id"].as_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&logs.stdout).contains(BOOTED_MARKER));
+
+    // An unknown image names itself; a VM no host can hold explains per host.
+    let o = g.cli(&["vm", "run", "nosuch"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown image nosuch"));
+    let o = g.cli(&["vm", "run", "only-on-is1", "--memory", "999999"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    for h in ["h1", "h2", "h3"] {
+        assert!(err.contains(&format!("{h}: memory 999999 MiB exceeds")), "{err}");
+    }
+
+    let o = g.cli(&["vm", "stop", v["id"].as_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    g.hosts.clear();
+}
+
+#[test]
+fn a_killed_host_becomes_lost_and_returns() {
+    let mut g = Grid::start(1, &[("ha", &[]), ("hb", &[])]);
+    g.wait_until("two hosts", Duration::from_secs(20), || g.json(&["host", "ls"]).as_array().unwrap().len() == 2);
+    g.hosts[0].kill();
+    g.wait_until("ha lost", Duration::from_secs(15), || g.host_state("ha") == "lost");
+    assert_eq!(g.host_state("hb"), "ready");
+    let ls = g.cli(&["host", "ls"]);
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("lost"));
+    // It returns with the same name and data directory.
+    g.start_host("ha", &[]);
+    g.wait_until("ha ready again", Duration::from_secs(15), || g.host_state("ha") == "ready");
+}
