@@ -234,6 +234,22 @@ impl Writer {
             Writer::Tcp(w) => sendfile_all(w.as_ref(), file, offset, len).await,
         }
     }
+    /// On TCP, holds partial frames back until `cork(false)` (one reply, few packets).
+    fn cork(&self, on: bool) {
+        if let Writer::Tcp(w) = self {
+            let v: libc::c_int = on as libc::c_int;
+            // SAFETY: setsockopt on our open socket with a pointer to a local int.
+            unsafe {
+                libc::setsockopt(
+                    w.as_ref().as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_CORK,
+                    &v as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+    }
     async fn send_zeroes(&mut self, mut len: usize) -> std::io::Result<()> {
         while len > 0 {
             let n = len.min(ZEROES.len());
@@ -429,6 +445,7 @@ impl Conn {
 
     async fn send_pieces(&self, pieces: &[Piece]) {
         let mut w = self.writer.lock().await;
+        w.cork(true);
         for piece in pieces {
             let r = match piece {
                 Piece::Bytes(b) => w.write_all(b).await,
@@ -442,6 +459,7 @@ impl Conn {
                 return;
             }
         }
+        w.cork(false);
     }
 
     /// Appends the pieces carrying `[offset, offset+len)` of the disk: file ranges for stored
