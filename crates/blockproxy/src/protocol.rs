@@ -530,6 +530,9 @@ pub fn check_request(r: &Request, n: &Negotiated) -> Result<Command, Refusal> {
         CMD_DISC => Ok(Command::Disconnect),
         CMD_FLUSH => Ok(Command::Flush),
         CMD_CACHE => {
+            if r.len > MAX_PAYLOAD {
+                return Err(refuse(EOVERFLOW, format!("cache request of {} bytes exceeds the {MAX_PAYLOAD}-byte maximum", r.len)));
+            }
             check_range(r, n, "cache")?;
             Ok(Command::Cache { offset: r.offset, len: r.len })
         }
@@ -778,6 +781,10 @@ mod tests {
         assert_eq!(check_request(&r(CMD_TRIM, 0, 512), &n).unwrap_err().error, EPERM);
         assert_eq!(check_request(&r(CMD_WRITE_ZEROES, 0, 512), &n).unwrap_err().error, EPERM);
         assert_eq!(check_request(&r(99, 0, 512), &n).unwrap_err().error, EINVAL);
+        assert_eq!(check_request(&r(CMD_CACHE, 0, 512), &n), Ok(Command::Cache { offset: 0, len: 512 }));
+        assert_eq!(check_request(&r(CMD_CACHE, 0, MAX_PAYLOAD + 1), &n).unwrap_err().error, EOVERFLOW);
+        assert_eq!(check_request(&r(CMD_FLUSH, 0, 0), &n), Ok(Command::Flush));
+        assert_eq!(check_request(&r(CMD_DISC, 0, 0), &n), Ok(Command::Disconnect));
         let simple = Negotiated { structured: false, meta_context: false, ..n };
         assert_eq!(check_request(&r(CMD_BLOCK_STATUS, 0, 512), &simple).unwrap_err().error, EINVAL);
         assert_eq!(check_request(&r(CMD_READ, 0, MAX_PAYLOAD + 1), &simple).unwrap_err().error, EINVAL);

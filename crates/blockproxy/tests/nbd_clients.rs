@@ -574,6 +574,20 @@ async fn malformed_input_gets_errors_or_a_closed_connection() {
     let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
     s.read_exact(&mut d).await.unwrap();
     assert_eq!(&d[8..], &f.data[SIZE - 10..]);
+    // NBD_CMD_CACHE fetches the range into the cache and answers with a final NONE chunk.
+    let c5 = f.manifest.disk.chunks[5].unwrap();
+    assert!(!proxy.cache().contains(&c5));
+    s.write_all(&req(4, p::CMD_CACHE, 5 * CHUNK as u64, CHUNK)).await.unwrap();
+    s.read_exact(&mut h).await.unwrap();
+    assert_eq!((u16::from_be_bytes([h[6], h[7]]), u64::from_be_bytes(h[8..16].try_into().unwrap())), (p::REPLY_TYPE_NONE, 4));
+    assert!(proxy.cache().contains(&c5));
+    // Block status without a negotiated base:allocation context → EINVAL.
+    s.write_all(&req(5, p::CMD_BLOCK_STATUS, 0, 4096)).await.unwrap();
+    s.read_exact(&mut h).await.unwrap();
+    assert_eq!(u16::from_be_bytes([h[6], h[7]]), p::REPLY_TYPE_ERROR);
+    let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+    s.read_exact(&mut d).await.unwrap();
+    assert_eq!(u32::from_be_bytes(d[..4].try_into().unwrap()), p::EINVAL);
     // Bad request magic → the server closes the connection.
     s.write_all(&[0u8; 28]).await.unwrap();
     assert!(closed(&mut s).await);
