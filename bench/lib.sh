@@ -216,7 +216,10 @@ start_up() {
 }
 
 stop_up() {
+  local t
+  t=$(now)
   stop_pid "$UP_PID" 30
+  log "vgrid up (pid $UP_PID) stopped in $(elapsed "$t") s"
   kill_qemus_under "$UP_DIR"
   UP_PID=""
 }
