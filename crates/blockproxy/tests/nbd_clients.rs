@@ -592,6 +592,23 @@ async fn malformed_input_gets_errors_or_a_closed_connection() {
     s.write_all(&[0u8; 28]).await.unwrap();
     assert!(closed(&mut s).await);
 
+    // Old-style NBD_OPT_EXPORT_NAME: size and flags, no zero padding (NO_ZEROES), then reads.
+    let mut s = connect(&sock).await;
+    option(&mut s, p::OPT_EXPORT_NAME, b"raw").await;
+    let mut b = [0u8; 10];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(u64::from_be_bytes(b[..8].try_into().unwrap()), SIZE as u64);
+    assert_eq!(u16::from_be_bytes([b[8], b[9]]) & p::FLAG_READ_ONLY, p::FLAG_READ_ONLY);
+    s.write_all(&req(9, p::CMD_READ, 100, 50)).await.unwrap();
+    let mut r = [0u8; 16 + 50];
+    s.read_exact(&mut r).await.unwrap();
+    assert_eq!(u32::from_be_bytes(r[4..8].try_into().unwrap()), 0);
+    assert_eq!(&r[16..], &f.data[100..150]);
+    // ... and an unknown name there can only close the connection.
+    let mut s = connect(&sock).await;
+    option(&mut s, p::OPT_EXPORT_NAME, b"nosuch").await;
+    assert!(closed(&mut s).await);
+
     // Bad option magic → closed.
     let mut s = connect(&sock).await;
     s.write_all(&[0x11u8; 16]).await.unwrap();
