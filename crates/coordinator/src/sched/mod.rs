@@ -21,7 +21,7 @@ pub use expr::{Expr, ExprError, ExprKind, Outcome, Position, Scope};
 use cel::common::value::Val;
 use cel::Value;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -37,6 +37,8 @@ pub const MAX_CACHED_CANDIDATES: usize = 32;
 const MAX_COMPILED: usize = 4096;
 /// Most cached verdicts per class before its cache is cleared.
 const MAX_CLASS_CACHE: usize = 1024;
+/// Most cached owner-policy verdicts before the cache is cleared.
+const MAX_POLICY_CACHE: usize = 65536;
 
 pub type ReservationId = u64;
 
@@ -167,7 +169,8 @@ pub struct Reservation {
 /// The scheduler: host ads, classes, reservations. Thread-safe; share it in an `Arc`.
 pub struct Scheduler {
     inner: Mutex<Inner>,
-    compiled: Mutex<HashMap<(ExprKind, String), Arc<Expr>>>,
+    /// Compiled expressions by kind (requirement, rank, policy) and source.
+    compiled: Mutex<[HashMap<String, Arc<Expr>>; 3]>,
     /// Woken when capacity may have freed (release, new ad, host back).
     freed: Notify,
 }
@@ -199,17 +202,71 @@ impl ClassKey {
     }
 }
 
+/// The fields of a request that an owner policy reads (the others are `None`): the policy's
+/// outcome is cached under it.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct RequestKey {
-    user: String,
-    image: String,
-    cpus: u32,
-    memory_mib: u64,
+    policy: u64,
+    user: Option<String>,
+    image: Option<String>,
+    cpus: Option<u32>,
+    memory_mib: Option<u64>,
 }
 
-/// The static verdict of a class for one request: `None` when feasible, else the refusal
-/// (without the host name).
-type Verdict = Option<(String, String, bool)>;
+impl RequestKey {
+    fn of(policy: &Expr, req: &PlacementRequest) -> RequestKey {
+        let reads = |f: &str| policy.fields.as_ref().is_none_or(|fs| fs.contains(f));
+        RequestKey {
+            policy: policy.id,
+            user: reads("user").then(|| req.user.clone()),
+            image: reads("image").then(|| req.image.clone()),
+            cpus: reads("cpus").then_some(req.cpus),
+            memory_mib: reads("memory_mib").then_some(req.memory_mib),
+        }
+    }
+}
+
+/// Why a class or host refuses (without the host name).
+#[derive(Debug)]
+struct Refused {
+    clause: String,
+    detail: String,
+    transient: bool,
+}
+
+/// The static verdict of a class for one request: `None` when feasible.
+type Verdict = Option<Arc<Refused>>;
+
+fn refused(clause: impl Into<String>, detail: impl Into<String>, transient: bool) -> Verdict {
+    Some(Arc::new(Refused { clause: clause.into(), detail: detail.into(), transient }))
+}
+
+fn verdict_of(outcome: Outcome, prefix: &str) -> Verdict {
+    match outcome {
+        Outcome::True => None,
+        Outcome::False { clause, detail, .. } | Outcome::Error { clause, detail, .. } => {
+            refused(format!("{prefix}{clause}"), detail, false)
+        }
+    }
+}
+
+/// A hasher for u64 ids (a multiply, as in FxHash): the id maps are on the hot path.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ *b as u64).wrapping_mul(0x51_7C_C1_B7_27_22_0A_95);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7C_C1_B7_27_22_0A_95);
+    }
+}
+type IdMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<IdHasher>>;
 
 struct Class {
     key: ClassKey,
@@ -217,10 +274,8 @@ struct Class {
     /// `host` with the class attributes only.
     val: Box<dyn Val>,
     policy: Option<Arc<Expr>>,
-    /// Requirement expr id -> outcome of its class clauses.
-    req_cache: HashMap<u64, Outcome>,
-    /// Request -> outcome of the owner policy.
-    policy_cache: HashMap<RequestKey, Outcome>,
+    /// Requirement expr id -> verdict of its class clauses.
+    req_cache: IdMap<Verdict>,
     /// Verdict for placement number `memo_epoch`.
     memo_epoch: u64,
     memo: Verdict,
@@ -257,11 +312,14 @@ struct Inner {
     hosts: Vec<Option<HostEntry>>,
     free_slots: Vec<usize>,
     by_name: HashMap<String, usize>,
-    classes: HashMap<u32, Class>,
+    /// Classes by id (slots reused once empty).
+    classes: Vec<Option<Class>>,
+    free_classes: Vec<u32>,
     class_ids: HashMap<ClassKey, u32>,
-    next_class: u32,
-    /// image -> slots of hosts holding some of it in cache.
-    cached: HashMap<String, HashSet<usize>>,
+    /// Owner-policy outcomes by policy and the request fields it reads.
+    policy_cache: HashMap<RequestKey, Verdict>,
+    /// image -> (1 - cached fraction, slot) of hosts holding some of it: best first.
+    cached: HashMap<String, BTreeSet<(u32, usize)>>,
     reservations: HashMap<ReservationId, Reservation>,
     next_reservation: ReservationId,
     epoch: u64,
@@ -283,7 +341,7 @@ impl Scheduler {
             | 1;
         Scheduler {
             inner: Mutex::new(Inner { rng: seed, next_reservation: 1, ..Default::default() }),
-            compiled: Mutex::new(HashMap::new()),
+            compiled: Mutex::new(Default::default()),
             freed: Notify::new(),
         }
     }
@@ -296,15 +354,16 @@ impl Scheduler {
 
     /// Compiles `source` as `kind`, or returns the copy compiled before.
     pub fn compile(&self, source: &str, kind: ExprKind) -> Result<Arc<Expr>, ExprError> {
-        let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = cache.get(&(kind, source.to_string())) {
+        let mut caches = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        let cache = &mut caches[kind as usize];
+        if let Some(e) = cache.get(source) {
             return Ok(e.clone());
         }
         let expr = Arc::new(Expr::compile(source, kind)?);
         if cache.len() >= MAX_COMPILED {
             cache.clear();
         }
-        cache.insert((kind, source.to_string()), expr.clone());
+        cache.insert(source.to_string(), expr.clone());
         Ok(expr)
     }
 
@@ -334,7 +393,7 @@ impl Scheduler {
             Some(&slot) => {
                 let old_class = inner.hosts[slot].as_ref().map(|h| h.class);
                 let same = old_class
-                    .and_then(|c| inner.classes.get(&c))
+                    .and_then(|c| inner.class(c))
                     .is_some_and(|c| c.key == key);
                 if !same {
                     if let Some(c) = old_class {
@@ -437,7 +496,7 @@ impl Scheduler {
 
     /// Number of host classes.
     pub fn class_count(&self) -> usize {
-        self.lock().classes.len()
+        self.lock().class_ids.len()
     }
 
     /// Outstanding reservations.
@@ -521,33 +580,34 @@ impl Inner {
 
     fn join_class(&mut self, key: ClassKey, slot: usize, policy: Option<Arc<Expr>>) -> u32 {
         if let Some(&id) = self.class_ids.get(&key) {
-            if let Some(c) = self.classes.get_mut(&id) {
+            if let Some(c) = self.classes.get_mut(id as usize).and_then(Option::as_mut) {
                 c.members.push(slot);
                 return id;
             }
         }
-        let id = self.next_class;
-        self.next_class = self.next_class.wrapping_add(1);
+        let id = match self.free_classes.pop() {
+            Some(id) => id,
+            None => {
+                self.classes.push(None);
+                (self.classes.len() - 1) as u32
+            }
+        };
         let val = class_value(&key);
         self.class_ids.insert(key.clone(), id);
-        self.classes.insert(
-            id,
-            Class {
-                key,
-                members: vec![slot],
-                val,
-                policy,
-                req_cache: HashMap::new(),
-                policy_cache: HashMap::new(),
-                memo_epoch: 0,
-                memo: None,
-            },
-        );
+        self.classes[id as usize] = Some(Class {
+            key,
+            members: vec![slot],
+            val,
+            policy,
+            req_cache: IdMap::default(),
+            memo_epoch: 0,
+            memo: None,
+        });
         id
     }
 
     fn leave_class(&mut self, id: u32, slot: usize) {
-        let empty = match self.classes.get_mut(&id) {
+        let empty = match self.classes.get_mut(id as usize).and_then(Option::as_mut) {
             Some(c) => {
                 if let Some(i) = c.members.iter().position(|&m| m == slot) {
                     c.members.swap_remove(i);
@@ -557,8 +617,9 @@ impl Inner {
             None => false,
         };
         if empty {
-            if let Some(c) = self.classes.remove(&id) {
+            if let Some(c) = self.classes[id as usize].take() {
                 self.class_ids.remove(&c.key);
+                self.free_classes.push(id);
             }
         }
     }
@@ -567,16 +628,16 @@ impl Inner {
         let Some(h) = self.hosts[slot].as_ref() else { return };
         for (image, frac) in &h.ad.image_cache {
             if *frac > 0.0 {
-                self.cached.entry(image.clone()).or_default().insert(slot);
+                self.cached.entry(image.clone()).or_default().insert((cache_key(*frac), slot));
             }
         }
     }
 
     fn unindex_cache(&mut self, slot: usize) {
         let Some(h) = self.hosts[slot].as_ref() else { return };
-        for image in h.ad.image_cache.keys() {
+        for (image, frac) in &h.ad.image_cache {
             if let Some(set) = self.cached.get_mut(image) {
-                set.remove(&slot);
+                set.remove(&(cache_key(*frac), slot));
                 if set.is_empty() {
                     self.cached.remove(image);
                 }
@@ -598,24 +659,22 @@ impl Inner {
     }
 
     /// The static verdict of class `id` for this request (memoised for this placement).
-    fn class_verdict(
-        &mut self,
-        id: u32,
-        req: &PlacementRequest,
-        rkey: &RequestKey,
-        req_val: &mut Option<Box<dyn Val>>,
-        opts: &PlaceOptions,
-        require: Option<&Expr>,
-    ) -> Verdict {
+    fn class_verdict(&mut self, id: u32, ctx: &mut PlaceCtx<'_>) -> Verdict {
         let epoch = self.epoch;
-        let Some(c) = self.classes.get_mut(&id) else { return Some(("state".into(), "host vanished".into(), true)) };
+        let Some(c) = self.classes.get_mut(id as usize).and_then(Option::as_mut) else {
+            return refused("state", "host vanished", true);
+        };
         if c.memo_epoch == epoch {
             return c.memo.clone();
         }
-        let verdict = class_check(c, req, rkey, req_val, opts, require);
+        let verdict = class_check(c, &mut self.policy_cache, ctx);
         c.memo_epoch = epoch;
         c.memo = verdict.clone();
         verdict
+    }
+
+    fn class(&self, id: u32) -> Option<&Class> {
+        self.classes.get(id as usize).and_then(Option::as_ref)
     }
 
     fn place(
@@ -626,20 +685,13 @@ impl Inner {
         rank: Option<&Expr>,
     ) -> Option<Placement> {
         self.epoch += 1;
-        let rkey = RequestKey {
-            user: req.user.clone(),
-            image: req.image.clone(),
-            cpus: req.cpus,
-            memory_mib: req.memory_mib,
-        };
-        let mut req_val = None;
+        let mut ctx = PlaceCtx::new(req, opts, require);
         // Feasible classes and their member counts.
-        let ids: Vec<u32> = self.classes.keys().copied().collect();
         let mut feasible: Vec<(u32, usize)> = Vec::new();
         let mut total = 0usize;
-        for id in ids {
-            if self.class_verdict(id, req, &rkey, &mut req_val, opts, require).is_none() {
-                let n = self.classes[&id].members.len();
+        for id in 0..self.classes.len() as u32 {
+            if self.classes[id as usize].is_some() && self.class_verdict(id, &mut ctx).is_none() {
+                let n = self.class(id).map_or(0, |c| c.members.len());
                 total += n;
                 feasible.push((id, total));
             }
@@ -651,17 +703,17 @@ impl Inner {
         let sample = sample_size(self.by_name.len());
         let mut candidates: Vec<usize> = Vec::with_capacity(sample + 8);
 
-        // Hosts holding the image, first.
+        // The hosts holding most of the image, first (a few of them).
         if let Some(set) = self.cached.get(&req.image) {
-            let slots: Vec<usize> = set.iter().copied().take(4 * MAX_CACHED_CANDIDATES).collect();
+            let want = (sample / 2).clamp(2, MAX_CACHED_CANDIDATES);
+            let slots: Vec<usize> = set.iter().map(|&(_, s)| s).take(4 * want).collect();
             for slot in slots {
-                if candidates.len() >= MAX_CACHED_CANDIDATES {
+                if candidates.len() >= want {
                     break;
                 }
                 let Some(class) = self.hosts[slot].as_ref().map(|h| h.class) else { continue };
                 let memo_ok = self
-                    .classes
-                    .get(&class)
+                    .class(class)
                     .is_some_and(|c| c.memo_epoch == self.epoch && c.memo.is_none());
                 if memo_ok && self.host_fits(slot, req, require, need_host_clauses) {
                     candidates.push(slot);
@@ -689,7 +741,10 @@ impl Inner {
             let ci = feasible.partition_point(|&(_, end)| end <= pos);
             let (cid, end) = feasible[ci];
             let begin = if ci == 0 { 0 } else { feasible[ci - 1].1 };
-            let slot = self.classes[&cid].members[pos - begin];
+            let slot = match self.class(cid) {
+                Some(c) => c.members[pos - begin],
+                None => break,
+            };
             debug_assert!(pos < end);
             if self.host_fits(slot, req, require, need_host_clauses) {
                 if !candidates.contains(&slot) {
@@ -760,13 +815,7 @@ impl Inner {
 
     /// One refusal per host, in host-name order (the slow path, taken only when nothing fits).
     fn explain(&mut self, req: &PlacementRequest, opts: &PlaceOptions, require: Option<&Expr>) -> NoMatch {
-        let rkey = RequestKey {
-            user: req.user.clone(),
-            image: req.image.clone(),
-            cpus: req.cpus,
-            memory_mib: req.memory_mib,
-        };
-        let mut req_val = None;
+        let mut ctx = PlaceCtx::new(req, opts, require);
         let mut names: Vec<(String, usize)> = self.by_name.iter().map(|(n, &s)| (n.clone(), s)).collect();
         names.sort();
         let mut refusals = Vec::with_capacity(names.len());
@@ -783,10 +832,8 @@ impl Inner {
                 continue;
             }
             let class = h.class;
-            if let Some((clause, detail, transient)) =
-                self.class_verdict(class, req, &rkey, &mut req_val, opts, require)
-            {
-                refusals.push(refuse(&clause, detail, transient));
+            if let Some(r) = self.class_verdict(class, &mut ctx) {
+                refusals.push(refuse(&r.clause, r.detail.clone(), r.transient));
                 continue;
             }
             let h = self.hosts[slot].as_mut().expect("known slot");
@@ -829,66 +876,75 @@ impl Inner {
     }
 }
 
-fn class_check(
-    c: &mut Class,
-    req: &PlacementRequest,
-    rkey: &RequestKey,
-    req_val: &mut Option<Box<dyn Val>>,
-    opts: &PlaceOptions,
-    require: Option<&Expr>,
-) -> Verdict {
-    if let Some(arch) = &opts.arch {
+/// What one placement needs while it checks classes.
+struct PlaceCtx<'a> {
+    req: &'a PlacementRequest,
+    opts: &'a PlaceOptions,
+    require: Option<&'a Expr>,
+    /// `request` as CEL sees it, built when a policy first needs it.
+    req_val: Option<Box<dyn Val>>,
+    /// Policy id -> its verdict for this request (few distinct policies per placement).
+    policies: Vec<(u64, Verdict)>,
+}
+
+impl<'a> PlaceCtx<'a> {
+    fn new(req: &'a PlacementRequest, opts: &'a PlaceOptions, require: Option<&'a Expr>) -> Self {
+        PlaceCtx { req, opts, require, req_val: None, policies: Vec::new() }
+    }
+}
+
+fn class_check(c: &mut Class, policy_cache: &mut HashMap<RequestKey, Verdict>, ctx: &mut PlaceCtx<'_>) -> Verdict {
+    let req = ctx.req;
+    if let Some(arch) = &ctx.opts.arch {
         if &c.key.arch != arch {
-            return Some(("arch".into(), format!("host is {}, the image is {arch}", c.key.arch), false));
+            return refused("arch", format!("host is {}, the image is {arch}", c.key.arch), false);
         }
     }
     if req.cpus > c.key.cpus {
-        return Some(("cpus".into(), format!("host has {} cpus, {} requested", c.key.cpus, req.cpus), false));
+        return refused("cpus", format!("host has {} cpus, {} requested", c.key.cpus, req.cpus), false);
     }
     if req.memory_mib > c.key.memory_mib {
-        return Some((
-            "memory".into(),
-            format!("host has {} MiB, {} requested", c.key.memory_mib, req.memory_mib),
-            false,
-        ));
+        return refused("memory", format!("host has {} MiB, {} requested", c.key.memory_mib, req.memory_mib), false);
     }
     if let Some(policy) = &c.policy {
-        let outcome = match c.policy_cache.get(rkey) {
-            Some(o) => o.clone(),
+        let verdict = match ctx.policies.iter().find(|(id, _)| *id == policy.id) {
+            Some((_, v)) => v.clone(),
             None => {
-                let v = req_val.get_or_insert_with(|| request_value(req));
-                let o = policy.check(v.as_ref(), None);
-                if c.policy_cache.len() >= MAX_CLASS_CACHE {
-                    c.policy_cache.clear();
-                }
-                c.policy_cache.insert(rkey.clone(), o.clone());
-                o
+                let key = RequestKey::of(policy, req);
+                let v = match policy_cache.get(&key) {
+                    Some(v) => v.clone(),
+                    None => {
+                        let val = ctx.req_val.get_or_insert_with(|| request_value(req));
+                        let v = verdict_of(policy.check(val.as_ref(), None), "owner policy: ");
+                        if policy_cache.len() >= MAX_POLICY_CACHE {
+                            policy_cache.clear();
+                        }
+                        policy_cache.insert(key, v.clone());
+                        v
+                    }
+                };
+                ctx.policies.push((policy.id, v.clone()));
+                v
             }
         };
-        match outcome {
-            Outcome::True => {}
-            Outcome::False { clause, detail, .. } | Outcome::Error { clause, detail, .. } => {
-                return Some((format!("owner policy: {clause}"), detail, false));
-            }
+        if verdict.is_some() {
+            return verdict;
         }
     }
-    if let Some(r) = require {
-        let outcome = match c.req_cache.get(&r.id) {
-            Some(o) => o.clone(),
+    if let Some(r) = ctx.require {
+        let verdict = match c.req_cache.get(&r.id) {
+            Some(v) => v.clone(),
             None => {
-                let o = r.check(c.val.as_ref(), Some(Scope::Class));
+                let v = verdict_of(r.check(c.val.as_ref(), Some(Scope::Class)), "");
                 if c.req_cache.len() >= MAX_CLASS_CACHE {
                     c.req_cache.clear();
                 }
-                c.req_cache.insert(r.id, o.clone());
-                o
+                c.req_cache.insert(r.id, v.clone());
+                v
             }
         };
-        match outcome {
-            Outcome::True => {}
-            Outcome::False { clause, detail, .. } | Outcome::Error { clause, detail, .. } => {
-                return Some((clause, detail, false));
-            }
+        if verdict.is_some() {
+            return verdict;
         }
     }
     None
@@ -922,7 +978,7 @@ impl DefaultRank {
         DefaultRank {
             cached: h.ad.image_cache.get(image).copied().filter(|f| f.is_finite()).unwrap_or(0.0),
             load: if h.ad.cpus > 0 && h.ad.load_avg.is_finite() { h.ad.load_avg / h.ad.cpus as f64 } else { 0.0 },
-            vms: h.ad.running_vms + h.reservations,
+            vms: h.ad.running_vms.saturating_add(h.reservations),
             free_mem: h.free_mem(),
         }
     }
@@ -949,7 +1005,7 @@ fn class_value(k: &ClassKey) -> Box<dyn Val> {
         ("network_modes", Value::from(k.network_modes.clone())),
         ("labels", expr::string_map(k.labels.iter())),
         ("cpus", Value::Int(k.cpus as i64)),
-        ("memory_mib", Value::Int(k.memory_mib as i64)),
+        ("memory_mib", Value::Int(k.memory_mib.min(i64::MAX as u64) as i64)),
     ])
 }
 
@@ -963,11 +1019,11 @@ fn host_value(ad: &HostAd, free_cpus: u32, free_mem: u64, reservations: u32) -> 
         ("network_modes", Value::from(ad.network_modes.clone())),
         ("labels", expr::string_map(ad.labels.iter())),
         ("cpus", Value::Int(ad.cpus as i64)),
-        ("memory_mib", Value::Int(ad.memory_mib as i64)),
+        ("memory_mib", Value::Int(ad.memory_mib.min(i64::MAX as u64) as i64)),
         ("free_cpus", Value::Int(free_cpus as i64)),
         ("free_memory_mib", Value::Int(free_mem.min(i64::MAX as u64) as i64)),
         ("load_avg", Value::Float(ad.load_avg)),
-        ("running_vms", Value::Int((ad.running_vms + reservations) as i64)),
+        ("running_vms", Value::Int(ad.running_vms.saturating_add(reservations) as i64)),
         ("image_cache", expr::string_map(ad.image_cache.iter())),
     ])
 }
@@ -979,4 +1035,10 @@ fn request_value(req: &PlacementRequest) -> Box<dyn Val> {
         ("cpus", Value::Int(req.cpus as i64)),
         ("memory_mib", Value::Int(req.memory_mib.min(i64::MAX as u64) as i64)),
     ])
+}
+
+/// Orders a host in an image's cache index: most cached first.
+fn cache_key(frac: f64) -> u32 {
+    let f = if frac.is_finite() { frac.clamp(0.0, 1.0) } else { 0.0 };
+    ((1.0 - f) * 1_000_000.0) as u32
 }

@@ -239,6 +239,7 @@ fn default_rank_prefers_the_image_in_cache_then_lower_load() {
     cached.image_cache.insert("debian@12".into(), 0.6);
     s.upsert(cached).unwrap();
     let mut less = ad("lukewarm", "uf", 8, 16384);
+    less.load_avg = 1.5;
     less.image_cache.insert("debian@12".into(), 0.2);
     s.upsert(less).unwrap();
 
@@ -426,5 +427,97 @@ async fn concurrent_placements_never_overcommit() {
     assert!(s.reservations().is_empty());
     for i in 0..10 {
         assert_eq!(s.free(&format!("h{i}")), Some((4, 4096)));
+    }
+}
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Place { cpus: u32, mem: u64, site: Option<u8> },
+        Release(usize),
+        Confirm(usize),
+        Ad { host: u8, free_cpus: u32, free_mem: u64 },
+        Lost(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (1u32..4, 1u64..3000, proptest::option::of(0u8..3)).prop_map(|(cpus, mem, site)| Op::Place { cpus, mem, site }),
+            2 => (0usize..64).prop_map(Op::Release),
+            1 => (0usize..64).prop_map(Op::Confirm),
+            1 => (0u8..5, 0u32..5, 0u64..4097).prop_map(|(host, free_cpus, free_mem)| Op::Ad { host, free_cpus, free_mem }),
+            1 => (0u8..5).prop_map(Op::Lost),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        /// Whatever the order of ads, placements, confirmations and releases: a placement goes
+        /// only to a ready host whose free figures (advertised minus reserved) cover it, and
+        /// the free figures never exceed the last ad.
+        #[test]
+        fn placements_fit_free_capacity(ops in proptest::collection::vec(op(), 1..80)) {
+            let s = Scheduler::new();
+            let mut last_ad: HashMap<String, (u32, u64)> = HashMap::new();
+            for h in 0..5u8 {
+                let a = ad(&format!("h{h}"), &format!("s{}", h % 3), 4, 4096);
+                last_ad.insert(a.name.clone(), (4, 4096));
+                s.upsert(a).unwrap();
+            }
+            let mut held: Vec<ReservationId> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Place { cpus, mem, site } => {
+                        let before: HashMap<String, (u32, u64)> =
+                            last_ad.keys().map(|n| (n.clone(), s.free(n).unwrap())).collect();
+                        let mut r = req("u", cpus, mem);
+                        r.require = site.map(|x| format!("host.labels.site == 's{x}'"));
+                        match s.place(&r) {
+                            Ok(p) => {
+                                let (c, m) = before[&p.host];
+                                prop_assert!(c >= cpus && m >= mem, "{} had {c}/{m}, got {cpus}/{mem}", p.host);
+                                prop_assert_eq!(s.state(&p.host), Some(HostState::Ready));
+                                if let Some(x) = site {
+                                    prop_assert_eq!(p.host.trim_start_matches('h').parse::<u8>().unwrap() % 3, x);
+                                }
+                                held.push(p.reservation);
+                            }
+                            Err(PlaceError::NoMatch(nm)) => {
+                                prop_assert_eq!(nm.refusals.len(), 5);
+                                for rf in &nm.refusals {
+                                    prop_assert!(rf.clause != "none", "{rf}");
+                                }
+                            }
+                            Err(e) => prop_assert!(false, "{e}"),
+                        }
+                    }
+                    Op::Release(i) if !held.is_empty() => {
+                        let id = held.remove(i % held.len());
+                        let _ = s.release(id);
+                    }
+                    Op::Confirm(i) if !held.is_empty() => {
+                        let _ = s.confirm(held[i % held.len()]);
+                    }
+                    Op::Ad { host, free_cpus, free_mem } => {
+                        let mut a = ad(&format!("h{host}"), &format!("s{}", host % 3), 4, 4096);
+                        a.free_cpus = free_cpus.min(4);
+                        a.free_memory_mib = free_mem;
+                        last_ad.insert(a.name.clone(), (a.free_cpus, a.free_memory_mib));
+                        s.upsert(a).unwrap();
+                    }
+                    Op::Lost(h) => {
+                        s.set_state(&format!("h{h}"), HostState::Lost);
+                    }
+                    _ => {}
+                }
+                for (name, (c, m)) in &last_ad {
+                    let (fc, fm) = s.free(name).unwrap();
+                    prop_assert!(fc <= *c && fm <= *m);
+                }
+            }
+        }
     }
 }
