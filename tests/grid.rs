@@ -134,7 +134,7 @@ fn vms_run_on_separate_host_processes_from_either_image_server() {
     let o = g.cli(&["vm", "run", "only-on-is1", "--memory", "999999"]);
     let err = String::from_utf8_lossy(&o.stderr);
     for h in ["h1", "h2", "h3"] {
-        assert!(err.contains(&format!("{h}: memory 999999 MiB exceeds")), "{err}");
+        assert!(err.contains(&format!("{h}: `memory`")) && err.contains("999999 requested"), "{err}");
     }
 
     let o = g.cli(&["vm", "stop", v["id"].as_str().unwrap()]);
@@ -154,4 +154,81 @@ fn a_killed_host_becomes_lost_and_returns() {
     // It returns with the same name and data directory.
     g.start_host("ha", &[]);
     g.wait_until("ha ready again", Duration::from_secs(15), || g.host_state("ha") == "ready");
+}
+
+#[test]
+fn requirements_rank_and_refusals() {
+    let mut g = Grid::start(1, &[("h1", &["--label", "site=uf"]), ("h2", &["--label", "site=nw"]), ("h3", &["--label", "site=uf", "--policy", "request.cpus <= 1"])]);
+    g.wait_until("three hosts", Duration::from_secs(20), || g.json(&["host", "ls"]).as_array().unwrap().len() == 3);
+    g.import_sample(0, "sample");
+    g.wait_until("the image server", Duration::from_secs(10), || {
+        let o = Command::new("curl").args(["-s", &format!("{}/api/v1/image-servers", g.coordinator.url)]).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).map(|v| v.as_array().map(|a| a.len()) == Some(1)).unwrap_or(false)
+    });
+
+    // The user's requirement decides.
+    let v = g.run_vm("sample", "in-nw", &["--require", r#"host.labels.site == "nw""#]);
+    assert_eq!(v["host"], "h2");
+    let id = v["id"].as_str().unwrap().to_string();
+    // h2 now advertises the image as cached.
+    g.wait_until("h2 to advertise its cache", Duration::from_secs(10), || {
+        g.json(&["host", "show", "h2"])["ad"]["image_cache"]["sample@1"].as_f64().unwrap_or(0.0) > 0.9
+    });
+    assert!(g.cli(&["vm", "stop", &id]).status.success());
+
+    // Default rank: the host holding the image in its cache wins.
+    let v = g.run_vm("sample", "cached", &[]);
+    assert_eq!(v["host"], "h2", "default rank should prefer the host with the image cached");
+    assert!(g.cli(&["vm", "stop", v["id"].as_str().unwrap()]).status.success());
+
+    // No match: every host is named with the failing clause (the owner policy of h3 included).
+    let o = g.cli(&["vm", "run", "sample", "--cpus", "2", "--require", r#"host.labels.site == "uf" && host.memory_mib < 10"#]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "placed although nothing matches");
+    assert!(err.contains("h1") && err.contains("host.memory_mib < 10"), "{err}");
+    assert!(err.contains("h2") && err.contains(r#"host.labels.site == "uf""#), "{err}");
+    assert!(err.contains("h3"), "{err}");
+    // The owner's policy of h3 refuses 2 cpus even where the user's requirement holds.
+    let o = g.cli(&["vm", "run", "sample", "--cpus", "2", "--require", r#"host.labels.site == "uf" && host.name == "h3""#, "--no-wait"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("request.cpus <= 1"), "{err}");
+
+    // Invalid CEL: 400 with the position.
+    let o = g.cli(&["vm", "run", "sample", "--require", "host.cpus >= >= 2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("400") && err.contains("not valid CEL at"), "{err}");
+    let o = g.cli(&["vm", "run", "sample", "--require", "host.nosuchfield == 1"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nosuchfield"));
+    let huge = vec!["host.cpus >= 1"; 2000].join(" && ");
+    let o = g.cli(&["vm", "run", "sample", "--require", &huge]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("cost limit"), "{err}");
+}
+
+#[test]
+fn requests_wait_in_the_queue_until_capacity_frees() {
+    let g = Grid::start(1, &[("small", &["--max-memory", "300"])]);
+    g.wait_until("the host", Duration::from_secs(20), || g.json(&["host", "ls"]).as_array().unwrap().len() == 1);
+    g.import_sample(0, "sample");
+    g.wait_until("the image server", Duration::from_secs(10), || {
+        let o = Command::new("curl").args(["-s", &format!("{}/api/v1/image-servers", g.coordinator.url)]).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).map(|v| v.as_array().map(|a| a.len()) == Some(1)).unwrap_or(false)
+    });
+    let first = g.run_vm("sample", "first", &[]);
+    // --no-wait fails fast and says why.
+    let o = g.cli(&["vm", "run", "sample", "--no-wait"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("small") && err.contains("memory"), "{err}");
+    // Without it the VM waits in the queue...
+    let o = g.cli(&["--json", "vm", "run", "sample", "--name", "second", "--timeout", "3"]);
+    assert!(!o.status.success());
+    let second = g.json(&["vm", "show", "second"]);
+    assert_eq!(second["state"], "pending");
+    assert!(second["phase"].as_str().unwrap().starts_with("queued"), "{second}");
+    // ...and runs once the first one stops.
+    assert!(g.cli(&["vm", "stop", first["id"].as_str().unwrap()]).status.success());
+    g.wait_until("the queued VM to run", Duration::from_secs(120), || g.json(&["vm", "show", "second"])["state"] == "running");
+    let s = g.json(&["vm", "show", "second"]);
+    assert_eq!(s["host"], "small");
+    assert!(g.cli(&["vm", "stop", "second"]).status.success());
 }

@@ -78,6 +78,15 @@ pub struct VmCreate {
     /// `kvm` or `tcg`; chosen by the host when absent.
     #[serde(default)]
     pub accel: Option<String>,
+    /// Requirement over the host ad (CEL), e.g. `host.labels.site == "uf"`.
+    #[serde(default)]
+    pub require: Option<String>,
+    /// Rank over the host ad (CEL, higher is better); default: image cached, low load, spread.
+    #[serde(default)]
+    pub rank: Option<String>,
+    /// Fail at once when no host can take the VM now, instead of queueing it.
+    #[serde(default)]
+    pub no_wait: bool,
 }
 
 pub fn default_cpus() -> u32 {

@@ -62,6 +62,17 @@ pub struct RunArgs {
     /// Accelerator: kvm or tcg [default: kvm where the CPU has vmx/svm, else tcg].
     #[arg(long, value_parser = ["kvm", "tcg"])]
     pub accel: Option<String>,
+    /// Requirement over the host ad, a CEL expression, e.g.
+    /// 'host.free_memory_mib >= 2048 && host.labels.site == "uf"'.
+    #[arg(long)]
+    pub require: Option<String>,
+    /// Rank over the host ad, a CEL expression (higher is better) [default: hosts holding more
+    /// of the image in cache, then lower load, then spread].
+    #[arg(long)]
+    pub rank: Option<String>,
+    /// Fail at once when no host can take the VM now, instead of waiting in the queue.
+    #[arg(long)]
+    pub no_wait: bool,
     /// Return only once TEXT appears on the VM's console.
     #[arg(long)]
     pub wait_for: Option<String>,
@@ -238,6 +249,9 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
         memory_mib: a.memory,
         forwards: a.forwards.clone(),
         accel: a.accel.clone(),
+        require: a.require.clone(),
+        rank: a.rank.clone(),
+        no_wait: a.no_wait,
     };
     let mut v: VmRecord = api.post("/api/v1/vms", &req).await?;
     let quiet = ctx.json;

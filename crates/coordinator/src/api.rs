@@ -38,6 +38,7 @@ impl From<CoordinatorError> for ApiError {
             UnknownImage(_) | UnknownVm(_) | UnknownHost(_) => StatusCode::NOT_FOUND,
             Conflict(_) | Capacity(_) => StatusCode::CONFLICT,
             Store(_) | Host(_) => StatusCode::BAD_GATEWAY,
+            Expr(_) => StatusCode::BAD_REQUEST,
             State(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())
@@ -191,7 +192,7 @@ async fn host_heartbeat(State(c): Ctx, body: Result<Json<HostHeartbeat>, JsonRej
     if vgrid_api::manifest::validate_name(&hb.ad.name).is_err() {
         return Err(ApiError(StatusCode::BAD_REQUEST, format!("invalid host name {:?}", hb.ad.name)));
     }
-    let image_servers = c.heartbeat(hb);
+    let image_servers = c.heartbeat(hb)?;
     Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers }))
 }
 

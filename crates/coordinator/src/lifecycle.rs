@@ -12,6 +12,8 @@ use vgrid_hostagent::agent::LaunchRequest;
 use vgrid_imagestore::client::StoreClient;
 
 use crate::hosts::{HostCallError, HostClient, HostHeartbeat, HostRecord, HostState, Registry};
+use crate::sched::{ExprError, PlaceError, PlaceOptions, Scheduler};
+use vgrid_api::grid::PlacementRequest;
 use crate::state::{StateError, StateStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,8 +28,10 @@ pub enum CoordinatorError {
     UnknownHost(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("no host can take this VM now:\n{0}")]
+    #[error("{0}")]
     Capacity(String),
+    #[error(transparent)]
+    Expr(#[from] ExprError),
     #[error("image servers: {0}")]
     Store(String),
     #[error(transparent)]
@@ -44,6 +48,7 @@ fn now() -> u64 {
 pub struct Coordinator {
     state: Arc<dyn StateStore>,
     registry: Arc<Registry>,
+    sched: Scheduler,
     http: reqwest::Client,
     /// Serialises admission (capacity checks against records) and state transitions.
     lock: Mutex<()>,
@@ -55,7 +60,7 @@ impl Coordinator {
     /// reports in, so a restart neither loses nor duplicates a VM.
     pub async fn new(state: Arc<dyn StateStore>, registry: Arc<Registry>) -> Result<Arc<Self>, CoordinatorError> {
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().expect("HTTP client");
-        let c = Arc::new(Coordinator { state, registry, http, lock: Mutex::new(()) });
+        let c = Arc::new(Coordinator { state, registry, sched: Scheduler::new(), http, lock: Mutex::new(()) });
         for vm in c.state.list_vms()? {
             match vm.state {
                 VmState::Pending | VmState::Starting => {
@@ -79,6 +84,7 @@ impl Coordinator {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let Some(c) = weak.upgrade() else { break };
                 for host in c.registry.sweep() {
+                    c.sched.set_state(&host, crate::sched::HostState::Lost);
                     c.host_lost(&host);
                 }
             }
@@ -97,8 +103,10 @@ impl Coordinator {
 
     /// A host heartbeat: records the ad; VMs of a returning host that it still runs are
     /// running again.
-    pub fn heartbeat(&self, hb: HostHeartbeat) -> Vec<String> {
+    pub fn heartbeat(&self, hb: HostHeartbeat) -> Result<Vec<String>, CoordinatorError> {
         let name = hb.ad.name.clone();
+        // An owner policy that is not valid CEL is refused before anything is recorded.
+        self.sched.upsert(self.adjusted(hb.ad.clone()))?;
         let running: Vec<String> = hb.vms.iter().map(|v| v.id.clone()).collect();
         if self.registry.host_beat(hb) {
             tracing::info!(host = %name, "host ready");
@@ -112,7 +120,28 @@ impl Coordinator {
                 }
             }
         }
-        self.registry.image_server_urls()
+        Ok(self.registry.image_server_urls())
+    }
+
+    /// A host's ad with free cpus and memory net of the VMs recorded on it (the records are
+    /// the reservations; the host's own figures lag by a heartbeat).
+    fn adjusted(&self, mut ad: HostAd) -> HostAd {
+        let vms = self.state.list_vms().unwrap_or_default();
+        let (cpus, mem) = reserved(&vms, &ad.name);
+        ad.free_cpus = ad.cpus.saturating_sub(cpus);
+        ad.free_memory_mib = ad.memory_mib.saturating_sub(mem);
+        ad
+    }
+
+    /// Refreshes the scheduler's view of `host` after its VMs changed.
+    fn refresh_host(&self, host: &str) {
+        if let Some(h) = self.registry.host(host) {
+            let ready = h.state == HostState::Ready;
+            let _ = self.sched.upsert(self.adjusted(h.ad));
+            if !ready {
+                self.sched.set_state(host, crate::sched::HostState::Lost);
+            }
+        }
     }
 
     fn host_lost(&self, host: &str) {
@@ -210,6 +239,16 @@ impl Coordinator {
             })?;
         }
         let manifest = self.resolve_image(&image).await?;
+        let preq = PlacementRequest {
+            user: "anonymous".into(),
+            image: manifest.image_ref().to_string(),
+            cpus: req.cpus,
+            memory_mib: req.memory_mib,
+            require: req.require.clone(),
+            rank: req.rank.clone(),
+        };
+        self.sched.validate(&preq)?;
+        let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
 
         let guard = self.lock.lock().await;
         let all = self.state.list_vms()?;
@@ -228,7 +267,16 @@ impl Coordinator {
             }
             None => format!("{}-{}", manifest.name, &id[3..9]),
         };
-        let host = self.place(&req, &manifest, &all)?;
+        let placed = match self.sched.place_with(&preq, &opts) {
+            Ok(p) => Some(p),
+            Err(PlaceError::NoMatch(nm)) if nm.may_change() && !req.no_wait => {
+                tracing::info!(vm = %id, "no host can take it now; queued: {nm}");
+                None
+            }
+            Err(PlaceError::NoMatch(nm)) => return Err(CoordinatorError::Capacity(explain(&nm))),
+            Err(PlaceError::Invalid(e)) => return Err(e.into()),
+            Err(e @ PlaceError::TimedOut { .. }) => return Err(CoordinatorError::Capacity(e.to_string())),
+        };
         let rec = VmRecord {
             id: id.clone(),
             name,
@@ -238,19 +286,22 @@ impl Coordinator {
             memory_mib: req.memory_mib,
             forwards: req.forwards.clone(),
             state: VmState::Pending,
-            phase: "placed".into(),
+            phase: if placed.is_some() { "placed".into() } else { "queued: no host can take it now".into() },
             reason: None,
-            host: Some(host.name.clone()),
+            host: placed.as_ref().map(|p| p.host.clone()),
             accel: req.accel.clone(),
             pid: None,
             created: now(),
             started: None,
             stopped: None,
         };
-        // The record is the reservation: capacity counts it from now on.
+        // The record is the reservation from now on.
         self.state.put_vm(&rec)?;
+        if let Some(p) = &placed {
+            let _ = self.sched.release(p.reservation);
+            self.refresh_host(&p.host);
+        }
         drop(guard);
-        tracing::info!(vm = %rec.id, image = %manifest.image_ref(), host = %host.name, "VM placed");
 
         let launch = LaunchRequest {
             id: id.clone(),
@@ -260,63 +311,67 @@ impl Coordinator {
             forwards: req.forwards.iter().map(|f| (f.host, f.guest)).collect(),
             accel: req.accel.clone(),
         };
-        let client = HostClient::new(&host.name, &host.url, self.http.clone());
         let me = self.clone();
-        tokio::spawn(async move { me.run(client, launch).await });
+        match placed {
+            Some(p) => {
+                tracing::info!(vm = %rec.id, image = %manifest.image_ref(), host = %p.host, "VM placed");
+                let client = HostClient::new(&p.host, &p.url, self.http.clone());
+                tokio::spawn(async move { me.run(client, launch).await });
+            }
+            None => {
+                tokio::spawn(async move { me.queued(preq, opts, launch).await });
+            }
+        }
         Ok(rec)
     }
 
-    /// Chooses a host: ready, same architecture, enough unreserved cpus and memory; the one with
-    /// most of the image cached, then the most free memory. Explains every refusal.
-    fn place(&self, req: &VmCreate, manifest: &Manifest, vms: &[VmRecord]) -> Result<HostAd, CoordinatorError> {
-        let hosts = self.registry.hosts();
-        if hosts.is_empty() {
-            return Err(CoordinatorError::Capacity("  no host is registered".into()));
-        }
-        let image = manifest.image_ref().to_string();
-        let mut refusals = Vec::new();
-        let mut best: Option<(f64, u64, HostAd)> = None;
-        for h in hosts {
-            let ad = h.ad;
-            let (rc, rm) = reserved(vms, &ad.name);
-            let (free_cpus, free_mem) = (ad.cpus.saturating_sub(rc), ad.memory_mib.saturating_sub(rm));
-            let why = if h.state != HostState::Ready {
-                Some("lost (missed heartbeats)".to_string())
-            } else if ad.arch != manifest.meta.arch {
-                Some(format!("arch {} but the image is {}", ad.arch, manifest.meta.arch))
-            } else if req.memory_mib > ad.memory_mib {
-                Some(format!("memory {} MiB exceeds what it offers ({} MiB)", req.memory_mib, ad.memory_mib))
-            } else if req.memory_mib > free_mem {
-                Some(format!("memory {} MiB exceeds its free memory ({} of {} MiB free)", req.memory_mib, free_mem, ad.memory_mib))
-            } else if req.cpus > free_cpus {
-                Some(format!("{} cpus exceed its free cpus ({} of {})", req.cpus, free_cpus, ad.cpus))
-            } else if req.accel.as_deref() == Some("kvm") && ad.accel != "kvm" {
-                Some("KVM asked for, the host has only TCG".to_string())
-            } else {
-                None
-            };
-            match why {
-                Some(w) => refusals.push(format!("  {}: {w}", ad.name)),
-                None => {
-                    let cached = ad.image_cache.get(&image).copied().unwrap_or(0.0);
-                    let better = match &best {
-                        None => true,
-                        Some((c, m, _)) => cached > *c || (cached == *c && free_mem > *m),
-                    };
-                    if better {
-                        best = Some((cached, free_mem, ad));
+    /// Waits for a host for a queued VM, then starts it there.
+    async fn queued(self: Arc<Self>, preq: PlacementRequest, opts: PlaceOptions, launch: LaunchRequest) {
+        let id = launch.id.clone();
+        let r = self.sched.place_or_wait(&preq, &opts, Some(QUEUE_TIMEOUT)).await;
+        let guard = self.lock.lock().await;
+        let still_wanted = self.state.get_vm(&id).ok().flatten().map(|v| v.state == VmState::Pending).unwrap_or(false);
+        match r {
+            Ok(p) if still_wanted => {
+                self.update(&id, |v| {
+                    v.host = Some(p.host.clone());
+                    v.phase = "placed".into();
+                });
+                let _ = self.sched.release(p.reservation);
+                self.refresh_host(&p.host);
+                drop(guard);
+                tracing::info!(vm = %id, host = %p.host, "queued VM placed");
+                let client = HostClient::new(&p.host, &p.url, self.http.clone());
+                self.run(client, launch).await;
+            }
+            Ok(p) => {
+                let _ = self.sched.release(p.reservation);
+            }
+            Err(e) => {
+                self.update(&id, |v| {
+                    if v.state == VmState::Pending {
+                        v.state = VmState::Failed;
+                        v.phase = "failed".into();
+                        v.reason = Some(e.to_string());
+                        v.stopped = Some(now());
                     }
-                }
+                });
             }
         }
-        best.map(|b| b.2).ok_or_else(|| CoordinatorError::Capacity(refusals.join("\n")))
     }
 
     fn update(&self, id: &str, f: impl FnOnce(&mut VmRecord)) -> Option<VmRecord> {
         let mut rec = self.state.get_vm(id).ok()??;
+        let was_active = rec.state.is_active();
         f(&mut rec);
         if let Err(e) = self.state.put_vm(&rec) {
             tracing::error!(vm = %id, "cannot record VM state: {e}");
+        }
+        if was_active && !rec.state.is_active() {
+            if let Some(h) = &rec.host {
+                // Its capacity is free again: queued requests may fit now.
+                self.refresh_host(h);
+            }
         }
         Some(rec)
     }
@@ -448,6 +503,17 @@ impl Coordinator {
             VmState::Stopping if !force => return Ok(rec),
             _ => {}
         }
+        if rec.host.is_none() {
+            // Queued, never placed: nothing runs anywhere.
+            return Ok(self
+                .update(&rec.id, |v| {
+                    v.state = VmState::Stopped;
+                    v.phase = "stopped".into();
+                    v.reason = Some("stopped while queued".into());
+                    v.stopped = Some(now());
+                })
+                .unwrap_or(rec));
+        }
         let host = rec.host.clone().unwrap_or_default();
         let client = self.client(&host);
         if rec.state == VmState::Unknown && !force {
@@ -519,6 +585,9 @@ impl Coordinator {
             }
         }
         self.state.delete_vm(&rec.id)?;
+        if let Some(h) = &rec.host {
+            self.refresh_host(h);
+        }
         tracing::info!(vm = %rec.id, "VM removed");
         Ok(rec)
     }
@@ -556,6 +625,24 @@ impl Coordinator {
             }
         }
     }
+}
+
+/// How long a queued VM waits for a host before it fails.
+pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A refusal, one line per host.
+fn explain(nm: &crate::sched::NoMatch) -> String {
+    if nm.refusals.is_empty() {
+        return "no host can take this VM: no host has joined".into();
+    }
+    let mut s = format!("no host can take this VM ({} hosts):", nm.refusals.len());
+    for r in nm.refusals.iter().take(50) {
+        s.push_str(&format!("\n  {}: `{}` {}", r.host, r.clause, r.detail));
+    }
+    if nm.refusals.len() > 50 {
+        s.push_str(&format!("\n  and {} more", nm.refusals.len() - 50));
+    }
+    s
 }
 
 /// Cpus and memory of the active VMs recorded on `host`.

@@ -201,6 +201,8 @@ pub struct Agent {
     nbd_socket: PathBuf,
     nbd: Mutex<Option<ServerHandle>>,
     vms: Mutex<HashMap<String, Slot>>,
+    /// Images this host opened, for the cache fractions it advertises.
+    images: Mutex<HashMap<String, Arc<vgrid_api::Manifest>>>,
     accel: Accel,
     qemu_version: String,
     memory_mib: u64,
@@ -239,6 +241,7 @@ impl Agent {
             nbd_socket,
             nbd: Mutex::new(Some(handle)),
             vms: Mutex::new(HashMap::new()),
+            images: Mutex::new(HashMap::new()),
             accel,
             qemu_version,
             memory_mib,
@@ -301,6 +304,7 @@ impl Agent {
         progress("fetching image");
         let t0 = Instant::now();
         let manifest = self.proxy.resolve(&req.image).await?;
+        self.images.lock().unwrap().insert(manifest.image_ref().to_string(), manifest.clone());
         std::fs::create_dir_all(&dir).map_err(|e| AgentError::Io {
             id: id.clone(),
             what: "runtime directory",
@@ -382,8 +386,28 @@ impl Agent {
             policy,
             load_avg: load_average(),
             running_vms: self.vms.lock().unwrap().len() as u32,
-            image_cache: Default::default(),
+            image_cache: self.image_cache(),
         }
+    }
+
+    /// For each image this host opened, the fraction of its stored chunks in the cache.
+    fn image_cache(&self) -> std::collections::BTreeMap<String, f64> {
+        let images: Vec<(String, Arc<vgrid_api::Manifest>)> =
+            self.images.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let cache = self.proxy.cache();
+        images
+            .into_iter()
+            .map(|(name, m)| {
+                let (mut total, mut held) = (0u64, 0u64);
+                for h in m.all_chunks() {
+                    total += 1;
+                    if cache.contains(h) {
+                        held += 1;
+                    }
+                }
+                (name, if total == 0 { 1.0 } else { held as f64 / total as f64 })
+            })
+            .collect()
     }
 
     /// Stops a VM: ACPI power-down with a timeout (then quit, then kill), or a kill at once.

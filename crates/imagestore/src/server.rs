@@ -323,15 +323,20 @@ pub async fn advertise_loop(store: Arc<ImageStore>, coordinator: String, name: S
             if !resp.status().is_success() {
                 return Err(format!("HTTP {}", resp.status()));
             }
-            Ok::<_, String>(())
+            // The coordinator says how often it wants to hear from us.
+            let reply: serde_json::Value = resp.json().await.unwrap_or_default();
+            Ok::<_, String>(reply["interval_secs"].as_u64().map(std::time::Duration::from_secs))
         }
         .await;
+        let mut wait = interval;
         match result {
-            Ok(()) if failing => {
-                tracing::info!(coordinator = %coordinator, "coordinator reachable again");
-                failing = false;
+            Ok(asked) => {
+                if failing {
+                    tracing::info!(coordinator = %coordinator, "coordinator reachable again");
+                    failing = false;
+                }
+                wait = asked.filter(|d| !d.is_zero()).unwrap_or(interval);
             }
-            Ok(()) => {}
             Err(e) => {
                 if !failing {
                     tracing::warn!(coordinator = %coordinator, "advertising images failed: {e}");
@@ -339,6 +344,6 @@ pub async fn advertise_loop(store: Arc<ImageStore>, coordinator: String, name: S
                 failing = true;
             }
         }
-        tokio::time::sleep(interval).await;
+        tokio::time::sleep(wait).await;
     }
 }
