@@ -167,7 +167,7 @@ fn bad_requests_get_clear_errors_and_create_nothing() {
 
     let o = up.cli(&["vm", "run", "sample", "--memory", "99999999"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("memory 99999999 MiB exceeds") && err.contains("409"), "{err}");
+    assert!(!o.status.success() && err.contains("`memory` host has") && err.contains("99999999 requested") && err.contains("409"), "{err}");
 
     let o = up.cli(&["vm", "run", "../etc/passwd"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("invalid image name"));
