@@ -358,7 +358,7 @@ fn parse(source: &str, kind: ExprKind) -> Result<Program, ExprError> {
         Ok(Err(errors)) => {
             let first = errors.errors.first();
             let position = first
-                .map(|e| Position::from_line_column(source, e.pos.0, e.pos.1 + 1))
+                .map(|e| Position::from_line_column(source, e.pos.0, e.pos.1))
                 .unwrap_or_else(|| Position::at(source, 0));
             let message = first.map(|e| e.msg.clone()).unwrap_or_else(|| "syntax error".into());
             Err(ExprError::Syntax { kind, position, message })

@@ -164,6 +164,9 @@ pub struct Reservation {
     pub confirmed: bool,
     #[serde(skip)]
     pub since: Instant,
+    /// The host's slot (valid while the reservation exists: removing a host drops them).
+    #[serde(skip)]
+    slot: usize,
 }
 
 /// The scheduler: host ads, classes, reservations. Thread-safe; share it in an `Arc`.
@@ -287,7 +290,8 @@ struct HostEntry {
     class: u32,
     reserved_cpus: u32,
     reserved_mem: u64,
-    reservations: u32,
+    /// Outstanding reservations on this host.
+    held: Vec<ReservationId>,
     /// `host` as CEL sees it (free figures after reservations); rebuilt when stale.
     val: Option<Box<dyn Val>>,
 }
@@ -301,7 +305,7 @@ impl HostEntry {
     }
     fn val(&mut self) -> &dyn Val {
         if self.val.is_none() {
-            self.val = Some(host_value(&self.ad, self.free_cpus(), self.free_mem(), self.reservations));
+            self.val = Some(host_value(&self.ad, self.free_cpus(), self.free_mem(), self.held.len() as u32));
         }
         self.val.as_deref().expect("set above")
     }
@@ -320,7 +324,7 @@ struct Inner {
     policy_cache: HashMap<RequestKey, Verdict>,
     /// image -> (1 - cached fraction, slot) of hosts holding some of it: best first.
     cached: HashMap<String, BTreeSet<(u32, usize)>>,
-    reservations: HashMap<ReservationId, Reservation>,
+    reservations: IdMap<Reservation>,
     next_reservation: ReservationId,
     epoch: u64,
     rng: u64,
@@ -406,12 +410,10 @@ impl Scheduler {
                 }
                 inner.unindex_cache(slot);
                 // Confirmed reservations are in this ad now.
-                let done: Vec<ReservationId> = inner
-                    .reservations
-                    .values()
-                    .filter(|r| r.confirmed && r.host == ad.name)
-                    .map(|r| r.id)
-                    .collect();
+                let done: Vec<ReservationId> = inner.hosts[slot]
+                    .as_ref()
+                    .map(|h| h.held.iter().copied().filter(|id| inner.reservations.get(id).is_some_and(|r| r.confirmed)).collect())
+                    .unwrap_or_default();
                 for id in done {
                     inner.drop_reservation(id);
                 }
@@ -437,7 +439,7 @@ impl Scheduler {
                     class,
                     reserved_cpus: 0,
                     reserved_mem: 0,
-                    reservations: 0,
+                    held: Vec::new(),
                     val: None,
                 });
                 slot
@@ -457,9 +459,11 @@ impl Scheduler {
         inner.unindex_cache(slot);
         if let Some(h) = inner.hosts[slot].take() {
             inner.leave_class(h.class, slot);
+            for id in h.held {
+                inner.reservations.remove(&id);
+            }
         }
         inner.free_slots.push(slot);
-        inner.reservations.retain(|_, r| r.host != name);
         true
     }
 
@@ -647,13 +651,13 @@ impl Inner {
 
     fn drop_reservation(&mut self, id: ReservationId) -> Option<Reservation> {
         let r = self.reservations.remove(&id)?;
-        if let Some(&slot) = self.by_name.get(&r.host) {
-            if let Some(h) = self.hosts[slot].as_mut() {
-                h.reserved_cpus = h.reserved_cpus.saturating_sub(r.cpus);
-                h.reserved_mem = h.reserved_mem.saturating_sub(r.memory_mib);
-                h.reservations = h.reservations.saturating_sub(1);
-                h.val = None;
+        if let Some(h) = self.hosts.get_mut(r.slot).and_then(Option::as_mut) {
+            h.reserved_cpus = h.reserved_cpus.saturating_sub(r.cpus);
+            h.reserved_mem = h.reserved_mem.saturating_sub(r.memory_mib);
+            if let Some(i) = h.held.iter().position(|&x| x == id) {
+                h.held.swap_remove(i);
             }
+            h.val = None;
         }
         Some(r)
     }
@@ -784,7 +788,7 @@ impl Inner {
         let h = self.hosts[slot].as_mut().expect("chosen slot");
         h.reserved_cpus += req.cpus;
         h.reserved_mem += req.memory_mib;
-        h.reservations += 1;
+        h.held.push(id);
         h.val = None;
         let placement = Placement { host: h.ad.name.clone(), url: h.ad.url.clone(), reservation: id };
         self.reservations.insert(
@@ -796,6 +800,7 @@ impl Inner {
                 memory_mib: req.memory_mib,
                 confirmed: false,
                 since: Instant::now(),
+                slot,
             },
         );
         Some(placement)
@@ -978,7 +983,7 @@ impl DefaultRank {
         DefaultRank {
             cached: h.ad.image_cache.get(image).copied().filter(|f| f.is_finite()).unwrap_or(0.0),
             load: if h.ad.cpus > 0 && h.ad.load_avg.is_finite() { h.ad.load_avg / h.ad.cpus as f64 } else { 0.0 },
-            vms: h.ad.running_vms.saturating_add(h.reservations),
+            vms: h.ad.running_vms.saturating_add(h.held.len() as u32),
             free_mem: h.free_mem(),
         }
     }

@@ -47,8 +47,13 @@ fn compile_reports_syntax_errors_with_position() {
     assert!(position.column > 18, "column {} should point past the open parenthesis: {e}", position.column);
     assert!(e.to_string().contains("line 1, column"), "{e}");
 
+    // `=` is not a CEL operator: the error points at it.
+    let e = Expr::compile("host.cpus >= 2 && host.arch = 'x'", ExprKind::Requirement).unwrap_err();
+    let p = e.position().unwrap();
+    assert_eq!((p.line, p.column, p.offset), (1, 29, 28), "{e}");
     let e = Expr::compile("host.cpus >= 2 &&\n  host.arch = 'x'", ExprKind::Requirement).unwrap_err();
-    assert_eq!(e.position().map(|p| p.line), Some(2), "{e}");
+    let p = e.position().unwrap();
+    assert_eq!((p.line, p.column, p.offset), (2, 13, 30), "{e}");
 }
 
 #[test]
