@@ -7,7 +7,7 @@ use cel::common::ast::{Expr as Ast, IdedExpr};
 use cel::common::value::{CowVal, Val};
 use cel::context::VariableResolver;
 use cel::{Context, Env, Program, Value};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -647,17 +647,38 @@ fn show(v: &Value) -> String {
     }
 }
 
-/// Builds a CEL map value from (field, value) pairs and converts it to the interpreter's
-/// representation, once, so that evaluations borrow it.
-pub(crate) fn object(fields: Vec<(&'static str, Value)>) -> Box<dyn Val> {
-    let map: HashMap<&str, Value> = fields.into_iter().collect();
-    // A map of strings, numbers, lists and maps always converts.
-    Box::<dyn Val>::try_from(Value::from(map)).unwrap_or_else(|_| Box::new(cel::common::types::CelNull))
-}
+/// Values for the interpreter, built directly (no intermediate [`Value`]): the host values are
+/// rebuilt whenever a host's free figures change.
+pub(crate) mod val {
+    use cel::common::types::{CelDouble, CelInt, CelList, CelMap, CelMapKey, CelString};
+    use cel::common::value::Val;
+    use std::collections::{BTreeMap, HashMap};
 
-pub(crate) fn string_map<'a, V: Clone + Into<Value> + 'a>(
-    m: impl IntoIterator<Item = (&'a String, &'a V)>,
-) -> Value {
-    let map: HashMap<String, Value> = m.into_iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
-    Value::from(map)
+    pub fn map(fields: Vec<(&'static str, Box<dyn Val>)>) -> Box<dyn Val> {
+        let m: HashMap<CelMapKey<'static>, Box<dyn Val>> =
+            fields.into_iter().map(|(k, v)| (CelMapKey::from(k), v)).collect();
+        Box::new(CelMap::from(m))
+    }
+    pub fn string(s: &str) -> Box<dyn Val> {
+        Box::new(CelString::from(s.to_string()))
+    }
+    pub fn int(i: u64) -> Box<dyn Val> {
+        Box::new(CelInt::from(i.min(i64::MAX as u64) as i64))
+    }
+    pub fn double(f: f64) -> Box<dyn Val> {
+        Box::new(CelDouble::from(f))
+    }
+    pub fn strings(v: &[String]) -> Box<dyn Val> {
+        Box::new(CelList::from(v.iter().map(|s| string(s)).collect::<Vec<_>>()))
+    }
+    pub fn string_map(m: &BTreeMap<String, String>) -> Box<dyn Val> {
+        Box::new(CelMap::from(
+            m.iter().map(|(k, v)| (CelMapKey::from(k.clone()), string(v))).collect::<HashMap<_, _>>(),
+        ))
+    }
+    pub fn double_map(m: &BTreeMap<String, f64>) -> Box<dyn Val> {
+        Box::new(CelMap::from(
+            m.iter().map(|(k, v)| (CelMapKey::from(k.clone()), double(*v))).collect::<HashMap<_, _>>(),
+        ))
+    }
 }

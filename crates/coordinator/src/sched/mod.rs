@@ -19,7 +19,6 @@ mod tests;
 pub use expr::{Expr, ExprError, ExprKind, Outcome, Position, Scope};
 
 use cel::common::value::Val;
-use cel::Value;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -1003,42 +1002,45 @@ impl DefaultRank {
 }
 
 fn class_value(k: &ClassKey) -> Box<dyn Val> {
-    expr::object(vec![
-        ("arch", Value::from(k.arch.clone())),
-        ("accel", Value::from(k.accel.clone())),
-        ("qemu_version", Value::from(k.qemu_version.clone())),
-        ("network_modes", Value::from(k.network_modes.clone())),
-        ("labels", expr::string_map(k.labels.iter())),
-        ("cpus", Value::Int(k.cpus as i64)),
-        ("memory_mib", Value::Int(k.memory_mib.min(i64::MAX as u64) as i64)),
+    use expr::val;
+    val::map(vec![
+        ("arch", val::string(&k.arch)),
+        ("accel", val::string(&k.accel)),
+        ("qemu_version", val::string(&k.qemu_version)),
+        ("network_modes", val::strings(&k.network_modes)),
+        ("labels", val::string_map(&k.labels)),
+        ("cpus", val::int(k.cpus as u64)),
+        ("memory_mib", val::int(k.memory_mib)),
     ])
 }
 
 fn host_value(ad: &HostAd, free_cpus: u32, free_mem: u64, reservations: u32) -> Box<dyn Val> {
-    expr::object(vec![
-        ("name", Value::from(ad.name.clone())),
-        ("url", Value::from(ad.url.clone())),
-        ("arch", Value::from(ad.arch.clone())),
-        ("accel", Value::from(ad.accel.clone())),
-        ("qemu_version", Value::from(ad.qemu_version.clone())),
-        ("network_modes", Value::from(ad.network_modes.clone())),
-        ("labels", expr::string_map(ad.labels.iter())),
-        ("cpus", Value::Int(ad.cpus as i64)),
-        ("memory_mib", Value::Int(ad.memory_mib.min(i64::MAX as u64) as i64)),
-        ("free_cpus", Value::Int(free_cpus as i64)),
-        ("free_memory_mib", Value::Int(free_mem.min(i64::MAX as u64) as i64)),
-        ("load_avg", Value::Float(ad.load_avg)),
-        ("running_vms", Value::Int(ad.running_vms.saturating_add(reservations) as i64)),
-        ("image_cache", expr::string_map(ad.image_cache.iter())),
+    use expr::val;
+    val::map(vec![
+        ("name", val::string(&ad.name)),
+        ("url", val::string(&ad.url)),
+        ("arch", val::string(&ad.arch)),
+        ("accel", val::string(&ad.accel)),
+        ("qemu_version", val::string(&ad.qemu_version)),
+        ("network_modes", val::strings(&ad.network_modes)),
+        ("labels", val::string_map(&ad.labels)),
+        ("cpus", val::int(ad.cpus as u64)),
+        ("memory_mib", val::int(ad.memory_mib)),
+        ("free_cpus", val::int(free_cpus as u64)),
+        ("free_memory_mib", val::int(free_mem)),
+        ("load_avg", val::double(ad.load_avg)),
+        ("running_vms", val::int(ad.running_vms.saturating_add(reservations) as u64)),
+        ("image_cache", val::double_map(&ad.image_cache)),
     ])
 }
 
 fn request_value(req: &PlacementRequest) -> Box<dyn Val> {
-    expr::object(vec![
-        ("user", Value::from(req.user.clone())),
-        ("image", Value::from(req.image.clone())),
-        ("cpus", Value::Int(req.cpus as i64)),
-        ("memory_mib", Value::Int(req.memory_mib.min(i64::MAX as u64) as i64)),
+    use expr::val;
+    val::map(vec![
+        ("user", val::string(&req.user)),
+        ("image", val::string(&req.image)),
+        ("cpus", val::int(req.cpus as u64)),
+        ("memory_mib", val::int(req.memory_mib)),
     ])
 }
 
