@@ -119,6 +119,9 @@ fn vms_run_on_separate_host_processes_from_either_image_server() {
         let o = Command::new("curl").args(["-s", &format!("{}/api/v1/image-servers", g.coordinator.url)]).output().unwrap();
         serde_json::from_slice::<serde_json::Value>(&o.stdout).map(|v| v.as_array().map(|a| a.len()) == Some(2)).unwrap_or(false)
     });
+    let ls = g.json(&["image", "ls"]);
+    let entry = ls.as_array().unwrap().iter().find(|i| i["name"] == "only-on-is1").expect("image listed");
+    assert_eq!(entry["servers"], serde_json::json!(["is1"]), "{ls}");
     let v = g.run_vm("only-on-is1", "remote", &[]);
     assert_eq!(v["state"], "running");
     let host = v["host"].as_str().unwrap().to_string();

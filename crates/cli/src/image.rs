@@ -153,7 +153,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             }
         }
         ImageCmd::Ls(s) => {
-            let list = s.client(ctx)?.list().await?;
+            let list = list_images(ctx, &s).await?;
             if ctx.json {
                 print_json(&list)?;
             } else {
@@ -161,18 +161,19 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                     .iter()
                     .map(|i| {
                         vec![
-                            i.name.clone(),
-                            i.version.to_string(),
-                            bytes(i.size),
-                            bytes(i.stored_bytes),
-                            i.os.clone(),
-                            i.arch.clone(),
-                            i.boot.clone(),
-                            output::age(i.created),
+                            i.image.name.clone(),
+                            i.image.version.to_string(),
+                            bytes(i.image.size),
+                            bytes(i.image.stored_bytes),
+                            i.image.os.clone(),
+                            i.image.arch.clone(),
+                            i.image.boot.clone(),
+                            output::age(i.image.created),
+                            i.servers.join(","),
                         ]
                     })
                     .collect();
-                println!("{}", table(&["NAME", "VERSION", "SIZE", "DATA", "OS", "ARCH", "BOOT", "CREATED"], rows));
+                println!("{}", table(&["NAME", "VERSION", "SIZE", "DATA", "OS", "ARCH", "BOOT", "CREATED", "ON"], rows));
             }
         }
         ImageCmd::Show { image, server } => {
@@ -209,6 +210,45 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
         ImageCmd::BuildSample(a) => build_sample(ctx, a).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// An image and the image servers that hold it.
+#[derive(serde::Serialize)]
+struct Located {
+    #[serde(flatten)]
+    image: vgrid_api::rest::ImageSummary,
+    servers: Vec<String>,
+}
+
+/// Images of one image server (`--image-server`), or of every image server the coordinator
+/// knows, with where each is.
+async fn list_images(ctx: &Ctx, s: &ServerArg) -> anyhow::Result<Vec<Located>> {
+    if s.image_server.is_none() {
+        if let Ok(ads) = ctx.api().get::<Vec<vgrid_api::grid::ImageServerAd>>("/api/v1/image-servers").await {
+            let mut out: Vec<Located> = Vec::new();
+            for ad in ads {
+                // Ask each server now: advertisements lag by a heartbeat.
+                let images = match StoreClient::new(&ad.url).map_err(|e| anyhow!("{e}"))?.list().await {
+                    Ok(list) => list,
+                    Err(e) => {
+                        eprintln!("warning: image server {} ({}): {e}", ad.name, ad.url);
+                        continue;
+                    }
+                };
+                for img in images {
+                    match out.iter_mut().find(|l| l.image.name == img.name && l.image.version == img.version) {
+                        Some(l) => l.servers.push(ad.name.clone()),
+                        None => out.push(Located { image: img, servers: vec![ad.name.clone()] }),
+                    }
+                }
+            }
+            out.sort_by(|a, b| a.image.name.cmp(&b.image.name).then(a.image.version.cmp(&b.image.version)));
+            return Ok(out);
+        }
+    }
+    let client = s.client(ctx)?;
+    let url = client.base_url().to_string();
+    Ok(client.list().await?.into_iter().map(|image| Located { image, servers: vec![url.clone()] }).collect())
 }
 
 async fn import(ctx: &Ctx, client: &StoreClient, a: ImportArgs) -> anyhow::Result<Manifest> {
