@@ -170,25 +170,42 @@ wait_socket() {
 
 IMAGE_SERVER_URL=""
 IMAGE_SERVER_PID=""
+IMAGE_SERVER_PORT=""
 
-# start_image_server ns|host DATA_DIR: `vgrid image-server` inside the grid namespace (listening
-# on its end of the link) or on the host's loopback; sets IMAGE_SERVER_URL and IMAGE_SERVER_PID.
+# start_image_server ns|host DATA_DIR [COORDINATOR_URL]: `vgrid image-server` inside the grid
+# namespace (listening on its end of the link) or on the host's loopback (one port per
+# benchmark, kept across restarts); sets IMAGE_SERVER_URL and IMAGE_SERVER_PID. With
+# COORDINATOR_URL it advertises itself (and its images) to that coordinator, which resolves
+# `vm run IMAGE` only on image servers that advertise to it.
 start_image_server() {
-  local where=$1 data=$2 addr
+  local where=$1 data=$2 coord=${3:-} addr
   mkdir -p "$data"
   if [ "$where" = ns ]; then
     addr=$GRID_NS_IP:7071
-    ip netns exec "$GRID_NS" "$VGRID" image-server --listen "$addr" --data-dir "$data" \
-      >>"$data.log" 2>&1 &
   else
-    addr=127.0.0.1:$(free_port)
-    "$VGRID" image-server --listen "$addr" --data-dir "$data" >>"$data.log" 2>&1 &
+    [ -n "$IMAGE_SERVER_PORT" ] || IMAGE_SERVER_PORT=$(free_port)
+    addr=127.0.0.1:$IMAGE_SERVER_PORT
+  fi
+  local args=(image-server --listen "$addr" --data-dir "$data")
+  [ -z "$coord" ] || args+=(--coordinator "$coord" --advertise-url "http://$addr" --name bench-images)
+  if [ "$where" = ns ]; then
+    ip netns exec "$GRID_NS" "$VGRID" "${args[@]}" >>"$data.log" 2>&1 &
+  else
+    "$VGRID" "${args[@]}" >>"$data.log" 2>&1 &
   fi
   IMAGE_SERVER_PID=$!
   track_pid "$IMAGE_SERVER_PID"
   IMAGE_SERVER_URL=http://$addr
   wait_http "$IMAGE_SERVER_URL/store/v1/images" 30 || die "image server at $addr did not come up (see $data.log)"
-  log "image server ($where) at $IMAGE_SERVER_URL, pid $IMAGE_SERVER_PID"
+  if [ -n "$coord" ]; then
+    local i=0
+    until curl -s --max-time 2 "$coord/api/v1/image-servers" | grep -q "$IMAGE_SERVER_URL"; do
+      i=$((i + 1))
+      [ $i -lt 300 ] || die "image server $IMAGE_SERVER_URL did not register with $coord (see $data.log)"
+      sleep 0.1
+    done
+  fi
+  log "image server ($where) at $IMAGE_SERVER_URL, pid $IMAGE_SERVER_PID${coord:+, advertising to $coord}"
 }
 
 stop_image_server() {
@@ -203,13 +220,15 @@ UP_DIR=""
 # start_up DATA_DIR IMAGE_SERVER_URL: `vgrid up` with a fresh data directory whose host agent
 # reads images from IMAGE_SERVER_URL first; sets UP_URL, UP_PID, UP_DIR (its NBD socket is
 # $UP_DIR/host/nbd.sock).
+# An optional third argument is the address to listen on (default 127.0.0.1), e.g. the host's
+# end of the grid link so that an image server in the namespace can advertise to it.
 start_up() {
   UP_DIR=$1
-  local srv=$2 port
+  local srv=$2 ip=${3:-127.0.0.1} port
   mkdir -p "$UP_DIR"
   port=$(free_port)
-  UP_URL=http://127.0.0.1:$port
-  "$VGRID" up --data-dir "$UP_DIR" --listen "127.0.0.1:$port" --image-server "$srv" >"$UP_DIR.log" 2>&1 &
+  UP_URL=http://$ip:$port
+  "$VGRID" up --data-dir "$UP_DIR" --listen "$ip:$port" --image-server "$srv" >"$UP_DIR.log" 2>&1 &
   UP_PID=$!
   track_pid "$UP_PID"
   wait_http "$UP_URL/api/v1/vms" 60 || die "vgrid up did not come up (see $UP_DIR.log)"
