@@ -161,7 +161,7 @@ fn a_killed_host_becomes_lost_and_returns() {
 
 #[test]
 fn requirements_rank_and_refusals() {
-    let mut g = Grid::start(1, &[("h1", &["--label", "site=uf"]), ("h2", &["--label", "site=nw"]), ("h3", &["--label", "site=uf", "--policy", "request.cpus <= 1"])]);
+    let g = Grid::start(1, &[("h1", &["--label", "site=uf"]), ("h2", &["--label", "site=nw"]), ("h3", &["--label", "site=uf", "--policy", "request.cpus <= 1"])]);
     g.wait_until("three hosts", Duration::from_secs(20), || g.json(&["host", "ls"]).as_array().unwrap().len() == 3);
     g.import_sample(0, "sample");
     g.wait_until("the image server", Duration::from_secs(10), || {
