@@ -150,38 +150,14 @@ impl Up {
 
     /// SIGTERM and wait (graceful shutdown); returns whether it exited by itself.
     pub fn terminate(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else { return true };
-        unsafe {
-            libc::kill(c.id() as i32, libc::SIGTERM);
-        }
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(60) {
-            if let Ok(Some(_)) = c.try_wait() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-        false
+        self.child.take().map(|c| stop_child(c, Duration::from_secs(60))).unwrap_or(true)
     }
 }
 
 impl Drop for Up {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            unsafe {
-                libc::kill(c.id() as i32, libc::SIGTERM);
-            }
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(30) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            stop_child(c, Duration::from_secs(30));
         }
         // Anything QEMU left (it should not): kill by pidfile.
         if let Ok(rd) = std::fs::read_dir(self.data.path().join("host/vms")) {
@@ -260,19 +236,8 @@ impl Role {
 
     /// SIGTERM and wait.
     pub fn terminate(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            unsafe {
-                libc::kill(c.id() as i32, libc::SIGTERM);
-            }
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(30) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            stop_child(c, Duration::from_secs(30));
         }
     }
 }
@@ -281,4 +246,21 @@ impl Drop for Role {
     fn drop(&mut self) {
         self.terminate();
     }
+}
+
+/// SIGTERM, wait up to `timeout`, then SIGKILL. Returns whether it exited by itself.
+pub fn stop_child(mut c: Child, timeout: Duration) -> bool {
+    unsafe {
+        libc::kill(c.id() as i32, libc::SIGTERM);
+    }
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if let Ok(Some(_)) = c.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+    false
 }
