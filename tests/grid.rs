@@ -14,14 +14,19 @@ struct Grid {
     hosts: Vec<Role>,
 }
 
+fn start_coordinator(dir: &std::path::Path, listen: &str) -> Role {
+    let data = dir.join("coord");
+    Role::start(
+        &["coordinator", "--listen", listen, "--data-dir", data.to_str().unwrap(), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
+        dir.join("coord.log"),
+    )
+}
+
 impl Grid {
     fn start(n_servers: usize, hosts: &[(&str, &[&str])]) -> Grid {
         let dir = tempfile::Builder::new().prefix("vgg").tempdir_in("/tmp").unwrap();
         let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
-        let coordinator = Role::start(
-            &["coordinator", "--listen", "127.0.0.1:0", "--data-dir", &p("coord"), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
-            dir.path().join("coord.log"),
-        );
+        let coordinator = start_coordinator(dir.path(), "127.0.0.1:0");
         let servers = (0..n_servers)
             .map(|i| {
                 Role::start(
@@ -234,4 +239,36 @@ fn requests_wait_in_the_queue_until_capacity_frees() {
     let s = g.json(&["vm", "show", "second"]);
     assert_eq!(s["host"], "small");
     assert!(g.cli(&["vm", "stop", "second"]).status.success());
+}
+
+#[test]
+fn a_coordinator_restart_neither_loses_nor_duplicates_a_vm() {
+    let mut g = Grid::start(1, &[("hr", &[])]);
+    g.wait_until("the host", Duration::from_secs(20), || g.json(&["host", "ls"]).as_array().unwrap().len() == 1);
+    g.import_sample(0, "sample");
+    g.wait_until("the image server", Duration::from_secs(10), || {
+        let o = Command::new("curl").args(["-s", &format!("{}/api/v1/image-servers", g.coordinator.url)]).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).map(|v| v.as_array().map(|a| a.len()) == Some(1)).unwrap_or(false)
+    });
+    let v = g.run_vm("sample", "survivor", &[]);
+    let id = v["id"].as_str().unwrap().to_string();
+    let pid = v["pid"].as_u64().unwrap();
+
+    // Crash the coordinator and start it again on the same address and state.
+    let listen = g.coordinator.url.trim_start_matches("http://").to_string();
+    g.coordinator.kill();
+    assert!(process_alive(pid), "the guest must outlive its coordinator");
+    g.coordinator = start_coordinator(g.dir.path(), &listen);
+    g.wait_until("the host to re-register", Duration::from_secs(15), || {
+        g.json(&["host", "ls"]).as_array().map(|a| a.len() == 1).unwrap_or(false)
+    });
+    let vms = g.json(&["vm", "ls"]);
+    assert_eq!(vms.as_array().unwrap().len(), 1, "{vms}");
+    assert_eq!(vms[0]["id"], id.as_str());
+    assert_eq!(vms[0]["state"], "running");
+    // It is still controlled: stop reaches the guest through the restarted coordinator.
+    let o = g.cli(&["--json", "vm", "stop", &id]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    g.wait_until("the VM stopped", Duration::from_secs(30), || g.json(&["vm", "show", &id])["state"] == "stopped");
+    assert!(!process_alive(pid));
 }
