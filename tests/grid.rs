@@ -201,6 +201,17 @@ fn requirements_rank_and_refusals() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("request.cpus <= 1"), "{err}");
 
+    // VM futures: which hosts could start it now, and why not the others.
+    let f = g.json(&["futures", r#"host.labels.site == "uf""#, "--cpus", "2"]);
+    let by: std::collections::HashMap<String, serde_json::Value> =
+        f.as_array().unwrap().iter().map(|a| (a["host"].as_str().unwrap().to_string(), a.clone())).collect();
+    assert_eq!(by["h1"]["could_start"], true, "{f}");
+    assert_eq!(by["h2"]["could_start"], false);
+    assert!(by["h2"]["why_not"].as_str().unwrap().contains(r#"host.labels.site == "uf""#), "{f}");
+    assert_eq!(by["h3"]["could_start"], false);
+    assert!(by["h3"]["why_not"].as_str().unwrap().contains("request.cpus <= 1"), "{f}");
+    assert!(g.json(&["vm", "ls"]).as_array().unwrap().iter().all(|v| v["state"] != "running"), "futures placed nothing");
+
     // Invalid CEL: 400 with the position.
     let o = g.cli(&["vm", "run", "sample", "--require", "host.cpus >= >= 2"]);
     let err = String::from_utf8_lossy(&o.stderr);

@@ -44,6 +44,8 @@ pub enum Cmd {
     /// Import, list, inspect, export, serve and stage images.
     #[command(subcommand)]
     Image(image::ImageCmd),
+    /// Which hosts could start a VM like this now, and why not the others.
+    Futures(vm::FuturesArgs),
     /// Run and control virtual machines.
     #[command(subcommand)]
     Vm(vm::VmCmd),
@@ -87,6 +89,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
         Cmd::Image(c) => image::run(&ctx, c).await,
         Cmd::Vm(c) => vm::run(&ctx, c).await,
+        Cmd::Futures(a) => vm::futures(&ctx, a).await,
         Cmd::Host(HostArgs { cmd: Some(c), .. }) => vm::run_host(&ctx, c).await,
         Cmd::Host(HostArgs { cmd: None, agent }) => roles::host(agent).await,
     }

@@ -365,3 +365,45 @@ async fn logs(ctx: &Ctx, id: &str, follow: bool) -> anyhow::Result<()> {
         }
     }
 }
+
+#[derive(Args, Debug)]
+pub struct FuturesArgs {
+    /// Requirement over the host ad (CEL), e.g. 'host.labels.site == "uf"'; empty: any host.
+    #[arg(default_value = "")]
+    pub require: String,
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u64,
+    /// Image the VM would run (checks its architecture).
+    #[arg(long)]
+    pub image: Option<String>,
+}
+
+pub async fn futures(ctx: &Ctx, a: FuturesArgs) -> anyhow::Result<ExitCode> {
+    let q = vgrid_coordinator::lifecycle::FuturesQuery {
+        require: Some(a.require.clone()).filter(|r| !r.trim().is_empty()),
+        cpus: a.cpus,
+        memory_mib: a.memory,
+        image: a.image.clone(),
+    };
+    let answers: Vec<vgrid_coordinator::lifecycle::Future> = ctx.api().post("/api/v1/futures", &q).await?;
+    if ctx.json {
+        print_json(&answers)?;
+    } else {
+        let rows = answers
+            .iter()
+            .map(|f| {
+                vec![
+                    f.host.clone(),
+                    format!("{:?}", f.state).to_lowercase(),
+                    if f.could_start { "yes".into() } else { "no".into() },
+                    f.why_not.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        println!("{}", table(&["HOST", "STATE", "COULD START", "WHY NOT"], rows));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -19,7 +19,7 @@ use vgrid_api::vm::{ConsoleChunk, VmCreate, VmRecord, VmStop};
 use vgrid_api::ErrorBody;
 
 use crate::hosts::{HeartbeatReply, HostHeartbeat, HostRecord, HostState};
-use crate::lifecycle::{Coordinator, CoordinatorError};
+use crate::lifecycle::{Coordinator, CoordinatorError, Future, FuturesQuery};
 
 /// An error as the API returns it.
 pub struct ApiError(StatusCode, String);
@@ -58,9 +58,9 @@ type Ctx = State<Arc<Coordinator>>;
 #[openapi(
     info(title = "vgrid API", description = "Run VMs on a grid of hosts, images streamed on demand."),
     paths(list_vms, create_vm, get_vm, stop_vm, delete_vm, console, list_hosts, get_host, host_heartbeat,
-        list_image_servers, image_server_heartbeat),
+        list_image_servers, image_server_heartbeat, futures),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
-        HostState, HostHeartbeat, HeartbeatReply, vgrid_api::vm::VmState, vgrid_api::vm::Forward))
+        HostState, HostHeartbeat, HeartbeatReply, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward))
 )]
 pub struct ApiDoc;
 
@@ -77,6 +77,7 @@ pub fn router(c: Arc<Coordinator>) -> Router {
         .route("/api/v1/hosts", get(list_hosts))
         .route("/api/v1/hosts/heartbeat", post(host_heartbeat))
         .route("/api/v1/hosts/{name}", get(get_host))
+        .route("/api/v1/futures", post(futures))
         .route("/api/v1/image-servers", get(list_image_servers))
         .route("/api/v1/image-servers/heartbeat", post(image_server_heartbeat))
         .with_state(c)
@@ -208,4 +209,12 @@ async fn image_server_heartbeat(State(c): Ctx, body: Result<Json<ImageServerAd>,
     let Json(ad) = body?;
     c.registry().server_beat(ad);
     Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers: c.registry().image_server_urls() }))
+}
+
+/// Which hosts could start a VM like this now (VM futures), and why not the others.
+#[utoipa::path(post, path = "/api/v1/futures", request_body = FuturesQuery,
+    responses((status = 200, body = [Future]), (status = 400, body = ErrorBody)))]
+async fn futures(State(c): Ctx, body: Result<Json<FuturesQuery>, JsonRejection>) -> ApiResult<Vec<Future>> {
+    let Json(q) = body?;
+    Ok(Json(c.futures(&q).await?))
 }

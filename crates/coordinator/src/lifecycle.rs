@@ -325,6 +325,56 @@ impl Coordinator {
         Ok(rec)
     }
 
+    /// Which hosts could start a VM like `req` now, and why not the others: one answer per
+    /// host, in name order. Nothing is reserved.
+    pub async fn futures(&self, req: &FuturesQuery) -> Result<Vec<Future>, CoordinatorError> {
+        let image = match &req.image {
+            Some(i) => {
+                let r: ImageRef = i.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?;
+                Some(self.resolve_image(&r).await?)
+            }
+            None => None,
+        };
+        let base = PlacementRequest {
+            user: "anonymous".into(),
+            image: image.as_ref().map(|m| m.image_ref().to_string()).unwrap_or_default(),
+            cpus: req.cpus,
+            memory_mib: req.memory_mib,
+            require: req.require.clone().filter(|r| !r.trim().is_empty()),
+            rank: None,
+        };
+        self.sched.validate(&base)?;
+        let opts = PlaceOptions { arch: image.as_ref().map(|m| m.meta.arch.clone()) };
+        let _guard = self.lock.lock().await;
+        let mut out = Vec::new();
+        for h in self.registry.hosts() {
+            let name = h.ad.name.clone();
+            // The same request pinned to this host: its answer is this host's verdict.
+            let pin = format!("host.name == {:?}", name);
+            let mut one = base.clone();
+            one.require = Some(match &base.require {
+                Some(r) => format!("({r}) && {pin}"),
+                None => pin.clone(),
+            });
+            let verdict = match self.sched.place_with(&one, &opts) {
+                Ok(p) => {
+                    let _ = self.sched.release(p.reservation);
+                    None
+                }
+                Err(PlaceError::NoMatch(nm)) => Some(
+                    nm.refusals
+                        .iter()
+                        .find(|r| r.host == name)
+                        .map(|r| format!("`{}` {}", r.clause.replace(&format!(" && {pin}"), ""), r.detail))
+                        .unwrap_or_else(|| "refused".into()),
+                ),
+                Err(e) => Some(e.to_string()),
+            };
+            out.push(Future { host: name, state: h.state, could_start: verdict.is_none(), why_not: verdict });
+        }
+        Ok(out)
+    }
+
     /// Waits for a host for a queued VM, then starts it there.
     async fn queued(self: Arc<Self>, preq: PlacementRequest, opts: PlaceOptions, launch: LaunchRequest) {
         let id = launch.id.clone();
@@ -625,6 +675,30 @@ impl Coordinator {
             }
         }
     }
+}
+
+/// Body of `POST /api/v1/futures`: a VM like this one.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FuturesQuery {
+    #[serde(default)]
+    pub require: Option<String>,
+    #[serde(default = "vgrid_api::vm::default_cpus")]
+    pub cpus: u32,
+    #[serde(default = "vgrid_api::vm::default_memory")]
+    pub memory_mib: u64,
+    /// `NAME[@VERSION]`: also check the image's architecture.
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+/// One host's answer to a futures query.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Future {
+    pub host: String,
+    pub state: HostState,
+    pub could_start: bool,
+    pub why_not: Option<String>,
 }
 
 /// How long a queued VM waits for a host before it fails.
