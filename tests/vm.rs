@@ -283,3 +283,22 @@ fn forwarded_port_reaches_a_server_in_the_guest() {
     assert!(!o.status.success() && err.contains(&format!("host port {port} is already forwarded")), "{err}");
     up.ok(&["vm", "stop", &id]);
 }
+
+#[test]
+fn vgrid_up_reads_images_from_an_image_server_given_by_url() {
+    let tmp = tempfile::Builder::new().prefix("vgis").tempdir_in("/tmp").unwrap();
+    let is = Role::start(
+        &["image-server", "--listen", "127.0.0.1:0", "--data-dir", tmp.path().join("is").to_str().unwrap()],
+        tmp.path().join("is.log"),
+    );
+    let up = Up::start_with(&["--image-server", &is.url]);
+    let g = sample_guest().unwrap();
+    let o = Command::new(vgrid_bin())
+        .args(["image", "import", g.disk.to_str().unwrap(), "--name", "far", "--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap(), "--cmdline", &g.cmdline, "--image-server", &is.url])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = up.run_vm("far", "far", BOOTED_MARKER, &[]);
+    assert_eq!(v["state"], "running");
+    up.ok(&["vm", "stop", v["id"].as_str().unwrap()]);
+}

@@ -100,6 +100,9 @@ pub struct CoordinatorArgs {
     pub data_dir: Option<PathBuf>,
     #[command(flatten)]
     pub beats: BeatOpts,
+    /// Image servers known by URL, besides those that register (repeatable).
+    #[arg(long = "image-server", value_delimiter = ',')]
+    pub image_servers: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -213,6 +216,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     let agent = start_agent(&data.join("host"), &a.host, vec![url.clone()]).await?;
     let state = Arc::new(RedbState::open(&data.join("state.redb")).map_err(|e| anyhow!("{e}"))?);
     let registry = a.beats.registry();
+    registry.add_fixed_servers(a.host.image_servers.iter().cloned());
     let coord = Coordinator::new(state, registry.clone()).await.map_err(|e| anyhow!("{e}"))?;
 
     let app = vgrid_coordinator::api::router(coord.clone())
@@ -250,7 +254,9 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
     let (listener, url) = bind(a.listen).await?;
     let state = Arc::new(RedbState::open(&data.join("state.redb")).map_err(|e| anyhow!("{e}"))?);
-    let coord = Coordinator::new(state, a.beats.registry()).await.map_err(|e| anyhow!("{e}"))?;
+    let registry = a.beats.registry();
+    registry.add_fixed_servers(a.image_servers.iter().cloned());
+    let coord = Coordinator::new(state, registry).await.map_err(|e| anyhow!("{e}"))?;
     announce(&format!("vgrid coordinator at {url} (data in {})", data.display()));
     axum::serve(listener, vgrid_coordinator::api::router(coord))
         .with_graceful_shutdown(shutdown_signal())

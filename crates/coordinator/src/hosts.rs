@@ -68,13 +68,21 @@ struct ServerEntry {
 pub struct Registry {
     hosts: Mutex<HashMap<String, HostEntry>>,
     servers: Mutex<HashMap<String, ServerEntry>>,
+    /// Image servers configured by URL rather than registered (they need not heartbeat).
+    fixed_servers: Mutex<Vec<String>>,
     pub interval: Duration,
     pub lost_after: Duration,
 }
 
 impl Registry {
     pub fn new(interval: Duration, lost_after: Duration) -> Self {
-        Registry { hosts: Mutex::new(HashMap::new()), servers: Mutex::new(HashMap::new()), interval, lost_after }
+        Registry {
+            hosts: Mutex::new(HashMap::new()),
+            servers: Mutex::new(HashMap::new()),
+            fixed_servers: Mutex::new(Vec::new()),
+            interval,
+            lost_after,
+        }
     }
 
     /// Records a host heartbeat; returns whether the host was lost (or unknown) before.
@@ -132,8 +140,25 @@ impl Registry {
         v
     }
 
+    /// Adds image servers known by URL (e.g. `--image-server`), tried after registered ones.
+    pub fn add_fixed_servers(&self, urls: impl IntoIterator<Item = String>) {
+        let mut f = self.fixed_servers.lock().unwrap();
+        for u in urls {
+            if !f.contains(&u) {
+                f.push(u);
+            }
+        }
+    }
+
+    /// Registered image servers, then fixed ones.
     pub fn image_server_urls(&self) -> Vec<String> {
-        self.image_servers().into_iter().map(|s| s.url).collect()
+        let mut urls: Vec<String> = self.image_servers().into_iter().map(|s| s.url).collect();
+        for u in self.fixed_servers.lock().unwrap().iter() {
+            if !urls.contains(u) {
+                urls.push(u.clone());
+            }
+        }
+        urls
     }
 }
 
