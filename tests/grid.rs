@@ -226,7 +226,7 @@ fn requirements_rank_and_refusals() {
 
 #[test]
 fn requests_wait_in_the_queue_until_capacity_frees() {
-    let g = Grid::start(1, &[("small", &["--max-memory", "300"])]);
+    let mut g = Grid::start(1, &[("small", &["--max-memory", "300"])]);
     g.wait_until("the host", Duration::from_secs(20), || g.json(&["host", "ls"]).as_array().unwrap().len() == 1);
     g.import_sample(0, "sample");
     g.wait_until("the image server", Duration::from_secs(10), || {
@@ -244,6 +244,15 @@ fn requests_wait_in_the_queue_until_capacity_frees() {
     let second = g.json(&["vm", "show", "second"]);
     assert_eq!(second["state"], "pending");
     assert!(second["phase"].as_str().unwrap().starts_with("queued"), "{second}");
+    // It stays queued across a coordinator crash and restart...
+    let listen = g.coordinator.url.trim_start_matches("http://").to_string();
+    g.coordinator.kill();
+    g.coordinator = start_coordinator(g.dir.path(), &listen);
+    g.wait_until("the host to re-register", Duration::from_secs(15), || {
+        g.json(&["host", "ls"]).as_array().map(|a| a.len() == 1).unwrap_or(false)
+    });
+    let second = g.json(&["vm", "show", "second"]);
+    assert_eq!(second["state"], "pending", "{second}");
     // ...and runs once the first one stops.
     assert!(g.cli(&["vm", "stop", first["id"].as_str().unwrap()]).status.success());
     g.wait_until("the queued VM to run", Duration::from_secs(120), || g.json(&["vm", "show", "second"])["state"] == "running");

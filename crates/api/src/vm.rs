@@ -121,6 +121,11 @@ pub struct VmRecord {
     pub accel: Option<String>,
     #[serde(default)]
     pub pid: Option<u32>,
+    /// The requirement and rank it was placed with (kept so a queued VM survives restarts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<String>,
     /// Seconds since the Unix epoch.
     pub created: u64,
     #[serde(default)]

@@ -63,6 +63,11 @@ impl Coordinator {
         let c = Arc::new(Coordinator { state, registry, sched: Scheduler::new(), http, lock: Mutex::new(()) });
         for vm in c.state.list_vms()? {
             match vm.state {
+                VmState::Pending if vm.host.is_none() => {
+                    // Queued when the coordinator stopped: queue it again.
+                    let me = c.clone();
+                    tokio::spawn(async move { me.requeue(vm).await });
+                }
                 VmState::Pending | VmState::Starting => {
                     c.update(&vm.id, |v| {
                         v.state = VmState::Failed;
@@ -291,6 +296,8 @@ impl Coordinator {
             host: placed.as_ref().map(|p| p.host.clone()),
             accel: req.accel.clone(),
             pid: None,
+            require: req.require.clone(),
+            rank: req.rank.clone(),
             created: now(),
             started: None,
             stopped: None,
@@ -373,6 +380,52 @@ impl Coordinator {
             out.push(Future { host: name, state: h.state, could_start: verdict.is_none(), why_not: verdict });
         }
         Ok(out)
+    }
+
+    /// Queues again a VM that was queued when the coordinator stopped, once an image server
+    /// that has its image has registered.
+    async fn requeue(self: Arc<Self>, vm: VmRecord) {
+        let image = ImageRef { name: vm.image.split('@').next().unwrap_or_default().to_string(), version: vm.image_version };
+        let mut manifest = None;
+        for _ in 0..120 {
+            match self.resolve_image(&image).await {
+                Ok(m) => {
+                    manifest = Some(m);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+        let Some(manifest) = manifest else {
+            self.update(&vm.id, |v| {
+                if v.state == VmState::Pending {
+                    v.state = VmState::Failed;
+                    v.phase = "failed".into();
+                    v.reason = Some(format!("queued across a coordinator restart, and no image server has {image} since"));
+                    v.stopped = Some(now());
+                }
+            });
+            return;
+        };
+        tracing::info!(vm = %vm.id, "queued again after the coordinator restarted");
+        let preq = PlacementRequest {
+            user: "anonymous".into(),
+            image: manifest.image_ref().to_string(),
+            cpus: vm.cpus,
+            memory_mib: vm.memory_mib,
+            require: vm.require.clone(),
+            rank: vm.rank.clone(),
+        };
+        let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
+        let launch = LaunchRequest {
+            id: vm.id.clone(),
+            image: manifest.image_ref(),
+            cpus: vm.cpus,
+            memory_mib: vm.memory_mib,
+            forwards: vm.forwards.iter().map(|f| (f.host, f.guest)).collect(),
+            accel: vm.accel.clone(),
+        };
+        self.queued(preq, opts, launch).await;
     }
 
     /// Waits for a host for a queued VM, then starts it there.

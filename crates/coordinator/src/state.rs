@@ -113,6 +113,8 @@ mod tests {
             host: None,
             accel: None,
             pid: None,
+            require: None,
+            rank: None,
             created: 1,
             started: None,
             stopped: None,
