@@ -244,14 +244,7 @@ impl Coordinator {
             })?;
         }
         let manifest = self.resolve_image(&image).await?;
-        let preq = PlacementRequest {
-            user: "anonymous".into(),
-            image: manifest.image_ref().to_string(),
-            cpus: req.cpus,
-            memory_mib: req.memory_mib,
-            require: req.require.clone(),
-            rank: req.rank.clone(),
-        };
+        let preq = placement_request(&manifest, req.cpus, req.memory_mib, &req.require, &req.rank);
         self.sched.validate(&preq)?;
         let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
 
@@ -310,14 +303,7 @@ impl Coordinator {
         }
         drop(guard);
 
-        let launch = LaunchRequest {
-            id: id.clone(),
-            image: manifest.image_ref(),
-            cpus: req.cpus,
-            memory_mib: req.memory_mib,
-            forwards: req.forwards.iter().map(|f| (f.host, f.guest)).collect(),
-            accel: req.accel.clone(),
-        };
+        let launch = launch_request(&rec, &manifest);
         let me = self.clone();
         match placed {
             Some(p) => {
@@ -408,24 +394,9 @@ impl Coordinator {
             return;
         };
         tracing::info!(vm = %vm.id, "queued again after the coordinator restarted");
-        let preq = PlacementRequest {
-            user: "anonymous".into(),
-            image: manifest.image_ref().to_string(),
-            cpus: vm.cpus,
-            memory_mib: vm.memory_mib,
-            require: vm.require.clone(),
-            rank: vm.rank.clone(),
-        };
+        let preq = placement_request(&manifest, vm.cpus, vm.memory_mib, &vm.require, &vm.rank);
         let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
-        let launch = LaunchRequest {
-            id: vm.id.clone(),
-            image: manifest.image_ref(),
-            cpus: vm.cpus,
-            memory_mib: vm.memory_mib,
-            forwards: vm.forwards.iter().map(|f| (f.host, f.guest)).collect(),
-            accel: vm.accel.clone(),
-        };
-        self.queued(preq, opts, launch).await;
+        self.queued(preq, opts, launch_request(&vm, &manifest)).await;
     }
 
     /// Waits for a host for a queued VM, then starts it there.
@@ -752,6 +723,30 @@ pub struct Future {
     pub state: HostState,
     pub could_start: bool,
     pub why_not: Option<String>,
+}
+
+/// What the scheduler is asked for a VM of `manifest`.
+fn placement_request(manifest: &Manifest, cpus: u32, memory_mib: u64, require: &Option<String>, rank: &Option<String>) -> PlacementRequest {
+    PlacementRequest {
+        user: "anonymous".into(),
+        image: manifest.image_ref().to_string(),
+        cpus,
+        memory_mib,
+        require: require.clone(),
+        rank: rank.clone(),
+    }
+}
+
+/// What the host is asked to start for the VM recorded as `rec`.
+fn launch_request(rec: &VmRecord, manifest: &Manifest) -> LaunchRequest {
+    LaunchRequest {
+        id: rec.id.clone(),
+        image: manifest.image_ref(),
+        cpus: rec.cpus,
+        memory_mib: rec.memory_mib,
+        forwards: rec.forwards.iter().map(|f| (f.host, f.guest)).collect(),
+        accel: rec.accel.clone(),
+    }
 }
 
 /// How long a queued VM waits for a host before it fails.
