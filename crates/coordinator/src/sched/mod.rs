@@ -175,6 +175,11 @@ pub struct Scheduler {
     compiled: Mutex<[HashMap<String, Arc<Expr>>; 3]>,
     /// Woken when capacity may have freed (release, new ad, host back).
     freed: Notify,
+    /// Requests waiting for capacity, in arrival order (see `queue.rs`).
+    queue: Mutex<queue::WaitQueue>,
+    /// A pass over the queue is running / capacity changed since the last pass began.
+    draining: std::sync::atomic::AtomicBool,
+    drain_again: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -346,6 +351,9 @@ impl Scheduler {
             inner: Mutex::new(Inner { rng: seed, next_reservation: 1, ..Default::default() }),
             compiled: Mutex::new(Default::default()),
             freed: Notify::new(),
+            queue: Mutex::new(Default::default()),
+            draining: Default::default(),
+            drain_again: Default::default(),
         }
     }
 

@@ -526,3 +526,78 @@ mod prop {
         }
     }
 }
+
+async fn until_waiting(s: &Scheduler, n: usize) {
+    for _ in 0..1000 {
+        if s.waiting() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("expected {n} waiting requests, have {}", s.waiting());
+}
+
+/// Waiting requests are served in arrival order: freed capacity goes to the oldest waiter that
+/// fits, a later request that fits in what is left is placed too (backfill), and a new request
+/// does not overtake the waiters.
+#[tokio::test]
+async fn queued_requests_are_served_in_arrival_order_with_backfill() {
+    let s = Arc::new(Scheduler::new());
+    s.upsert(ad("h", "uf", 4, 4096)).unwrap();
+    let hold = s.place(&req("u", 4, 1024)).unwrap();
+    let spawn = |name: &'static str, cpus: u32| {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let p = s.place_or_wait(&req(name, cpus, 64), &PlaceOptions::default(), Some(Duration::from_secs(3600))).await;
+            (name, p)
+        })
+    };
+    let first = spawn("first", 3);
+    until_waiting(&s, 1).await;
+    let second = spawn("second", 3);
+    until_waiting(&s, 2).await;
+    let small = spawn("small", 1);
+    until_waiting(&s, 3).await;
+    // 4 cpus free: the oldest (3) first, then the small one fits in the last cpu; the second
+    // 3-cpu request keeps waiting.
+    s.release(hold.reservation).unwrap();
+    let (_, p1) = first.await.unwrap();
+    let p1 = p1.unwrap();
+    let (_, p3) = small.await.unwrap();
+    let p3 = p3.unwrap();
+    until_waiting(&s, 1).await;
+    assert!(!second.is_finished());
+    // A newcomer that would fit nowhere else does not overtake the waiting one.
+    let newcomer = spawn("newcomer", 3);
+    until_waiting(&s, 2).await;
+    s.release(p1.reservation).unwrap();
+    let (_, p2) = second.await.unwrap();
+    p2.unwrap();
+    until_waiting(&s, 1).await;
+    assert!(!newcomer.is_finished());
+    s.release(p3.reservation).unwrap();
+    // 1 cpu free is not enough for the newcomer: still waiting, not refused.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!newcomer.is_finished());
+    newcomer.abort();
+    let _ = newcomer.await;
+    until_waiting(&s, 0).await;
+}
+
+/// A waiter that goes away (its request cancelled) leaves no reservation behind.
+#[tokio::test]
+async fn cancelled_waiter_leaves_no_reservation() {
+    let s = Arc::new(Scheduler::new());
+    s.upsert(ad("h", "uf", 2, 4096)).unwrap();
+    let hold = s.place(&req("u", 2, 64)).unwrap();
+    let w = {
+        let s = s.clone();
+        tokio::spawn(async move { s.place_or_wait(&req("w", 2, 64), &PlaceOptions::default(), Some(Duration::from_secs(3600))).await })
+    };
+    until_waiting(&s, 1).await;
+    w.abort();
+    let _ = w.await;
+    assert_eq!(s.waiting(), 0);
+    s.release(hold.reservation).unwrap();
+    assert!(s.reservations().is_empty());
+}
