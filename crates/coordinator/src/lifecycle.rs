@@ -12,7 +12,7 @@ use vgrid_hostagent::agent::LaunchRequest;
 use vgrid_imagestore::client::StoreClient;
 
 use crate::hosts::{HostCallError, HostClient, HostHeartbeat, HostRecord, HostState, Registry};
-use crate::sched::{ExprError, PlaceError, PlaceOptions, Scheduler};
+use crate::sched::{ExprError, PlaceError, PlaceOptions, Placement, Scheduler};
 use vgrid_api::grid::PlacementRequest;
 use crate::state::{StateError, StateStore};
 
@@ -52,6 +52,11 @@ pub struct Coordinator {
     http: reqwest::Client,
     /// Serialises admission (capacity checks against records) and state transitions.
     lock: Mutex<()>,
+    /// Held while a host's free figures are computed from the records and given to the
+    /// scheduler, and while a placement's reservation is handed over to its record, so that an
+    /// advertisement computed from older records never replaces a newer one (which would give
+    /// the host more than it has).
+    ads: std::sync::Mutex<()>,
 }
 
 impl Coordinator {
@@ -60,7 +65,7 @@ impl Coordinator {
     /// reports in, so a restart neither loses nor duplicates a VM.
     pub async fn new(state: Arc<dyn StateStore>, registry: Arc<Registry>) -> Result<Arc<Self>, CoordinatorError> {
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().expect("HTTP client");
-        let c = Arc::new(Coordinator { state, registry, sched: Scheduler::new(), http, lock: Mutex::new(()) });
+        let c = Arc::new(Coordinator { state, registry, sched: Scheduler::new(), http, lock: Mutex::new(()), ads: Default::default() });
         for vm in c.state.list_vms()? {
             match vm.state {
                 VmState::Pending if vm.host.is_none() => {
@@ -111,7 +116,10 @@ impl Coordinator {
     pub fn heartbeat(&self, hb: HostHeartbeat) -> Result<Vec<String>, CoordinatorError> {
         let name = hb.ad.name.clone();
         // An owner policy that is not valid CEL is refused before anything is recorded.
-        self.sched.upsert(self.adjusted(hb.ad.clone()))?;
+        {
+            let _ads = self.ads_guard();
+            self.sched.upsert(self.adjusted(hb.ad.clone()))?;
+        }
         let running: Vec<String> = hb.vms.iter().map(|v| v.id.clone()).collect();
         if self.registry.host_beat(hb) {
             tracing::info!(host = %name, "host ready");
@@ -140,6 +148,23 @@ impl Coordinator {
 
     /// Refreshes the scheduler's view of `host` after its VMs changed.
     fn refresh_host(&self, host: &str) {
+        let _ads = self.ads_guard();
+        self.refresh_host_locked(host);
+    }
+
+    fn ads_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.ads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The VM's record (already written) holds the capacity of placement `p` from now on: the
+    /// host's free figures are recomputed with it before the reservation is released.
+    fn hand_over(&self, p: &Placement) {
+        let _ads = self.ads_guard();
+        self.refresh_host_locked(&p.host);
+        let _ = self.sched.release(p.reservation);
+    }
+
+    fn refresh_host_locked(&self, host: &str) {
         if let Some(h) = self.registry.host(host) {
             let ready = h.state == HostState::Ready;
             let _ = self.sched.upsert(self.adjusted(h.ad));
@@ -265,10 +290,21 @@ impl Coordinator {
             }
             None => format!("{}-{}", manifest.name, &id[3..9]),
         };
-        let placed = match self.sched.place_with(&preq, &opts) {
+        // While other requests wait for capacity, a new one joins the queue behind them instead
+        // of taking capacity first (the queue places it at once if it fits after them).
+        let attempt = if self.sched.waiting() > 0 && !req.no_wait {
+            Err(PlaceError::NoMatch(crate::sched::NoMatch { refusals: Vec::new() }))
+        } else {
+            self.sched.place_with(&preq, &opts)
+        };
+        let placed = match attempt {
             Ok(p) => Some(p),
             Err(PlaceError::NoMatch(nm)) if nm.may_change() && !req.no_wait => {
-                tracing::info!(vm = %id, "no host can take it now; queued: {nm}");
+                if nm.refusals.is_empty() {
+                    tracing::info!(vm = %id, "queued behind {} waiting requests", self.sched.waiting());
+                } else {
+                    tracing::info!(vm = %id, "no host can take it now; queued: {nm}");
+                }
                 None
             }
             Err(PlaceError::NoMatch(nm)) => return Err(CoordinatorError::Capacity(explain(&nm))),
@@ -296,10 +332,14 @@ impl Coordinator {
             stopped: None,
         };
         // The record is the reservation from now on.
-        self.state.put_vm(&rec)?;
+        if let Err(e) = self.state.put_vm(&rec) {
+            if let Some(p) = &placed {
+                let _ = self.sched.release(p.reservation);
+            }
+            return Err(e.into());
+        }
         if let Some(p) = &placed {
-            let _ = self.sched.release(p.reservation);
-            self.refresh_host(&p.host);
+            self.hand_over(p);
         }
         drop(guard);
 
@@ -411,8 +451,7 @@ impl Coordinator {
                     v.host = Some(p.host.clone());
                     v.phase = "placed".into();
                 });
-                let _ = self.sched.release(p.reservation);
-                self.refresh_host(&p.host);
+                self.hand_over(&p);
                 drop(guard);
                 tracing::info!(vm = %id, host = %p.host, "queued VM placed");
                 let client = HostClient::new(&p.host, &p.url, self.http.clone());
