@@ -601,3 +601,23 @@ async fn cancelled_waiter_leaves_no_reservation() {
     s.release(hold.reservation).unwrap();
     assert!(s.reservations().is_empty());
 }
+
+/// `matches()` (RE2-style regular expressions, linear time) works in requirements and policies;
+/// an invalid pattern is a non-match with the reason, not a crash.
+#[test]
+fn regular_expressions_match_labels_and_users() {
+    let s = Scheduler::new();
+    let mut a = ad("a", "uf", 4, 8192);
+    a.policy = Some(r#"request.user.matches("^(alice|carol)$")"#.into());
+    s.upsert(a).unwrap();
+    s.upsert(ad("b", "nw", 4, 8192)).unwrap();
+    let mut r = req("alice", 1, 64);
+    r.require = Some(r#"host.labels.site.matches("^u")"#.into());
+    assert_eq!(s.place(&r).unwrap().host, "a");
+    r.user = "bob".into();
+    let nm = no_match(s.place(&r));
+    assert!(nm.refusals.iter().any(|x| x.host == "a" && x.clause.contains("matches")), "{nm:?}");
+    r.require = Some(r#"host.labels.site.matches("(")"#.into());
+    let nm = no_match(s.place(&r));
+    assert!(!nm.refusals.is_empty());
+}
