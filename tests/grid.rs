@@ -64,6 +64,16 @@ impl Grid {
         serde_json::from_slice(&o.stdout).unwrap()
     }
 
+    /// Image servers registered with the coordinator (the REST API, with a login token).
+    fn image_server_count(&self) -> usize {
+        let token = self.json(&["login"])["token"].as_str().unwrap().to_string();
+        let o = Command::new("curl")
+            .args(["-s", "-H", &format!("authorization: Bearer {token}"), &format!("{}/api/v1/image-servers", self.coordinator.url)])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).ok().and_then(|v| v.as_array().map(|a| a.len())).unwrap_or(0)
+    }
+
     fn host_state(&self, name: &str) -> String {
         self.json(&["host", "show", name])["state"].as_str().unwrap().to_string()
     }
@@ -121,8 +131,7 @@ fn vms_run_on_separate_host_processes_from_either_image_server() {
     // The image exists only on the second image server: it still boots.
     g.import_sample(1, "only-on-is1");
     g.wait_until("image servers registered", Duration::from_secs(10), || {
-        let o = Command::new("curl").args(["-s", &format!("{}/api/v1/image-servers", g.coordinator.url)]).output().unwrap();
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).map(|v| v.as_array().map(|a| a.len()) == Some(2)).unwrap_or(false)
+        g.image_server_count() == 2
     });
     let ls = g.json(&["image", "ls"]);
     let entry = ls.as_array().unwrap().iter().find(|i| i["name"] == "only-on-is1").expect("image listed");
@@ -170,8 +179,7 @@ fn requirements_rank_and_refusals() {
     g.wait_until("three hosts", Duration::from_secs(20), || g.json(&["host", "ls"]).as_array().unwrap().len() == 3);
     g.import_sample(0, "sample");
     g.wait_until("the image server", Duration::from_secs(10), || {
-        let o = Command::new("curl").args(["-s", &format!("{}/api/v1/image-servers", g.coordinator.url)]).output().unwrap();
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).map(|v| v.as_array().map(|a| a.len()) == Some(1)).unwrap_or(false)
+        g.image_server_count() == 1
     });
 
     // The user's requirement decides.
@@ -230,8 +238,7 @@ fn requests_wait_in_the_queue_until_capacity_frees() {
     g.wait_until("the host", Duration::from_secs(20), || g.json(&["host", "ls"]).as_array().unwrap().len() == 1);
     g.import_sample(0, "sample");
     g.wait_until("the image server", Duration::from_secs(10), || {
-        let o = Command::new("curl").args(["-s", &format!("{}/api/v1/image-servers", g.coordinator.url)]).output().unwrap();
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).map(|v| v.as_array().map(|a| a.len()) == Some(1)).unwrap_or(false)
+        g.image_server_count() == 1
     });
     let first = g.run_vm("sample", "first", &[]);
     // --no-wait fails fast and says why.
@@ -267,8 +274,7 @@ fn a_coordinator_restart_neither_loses_nor_duplicates_a_vm() {
     g.wait_until("the host", Duration::from_secs(20), || g.json(&["host", "ls"]).as_array().unwrap().len() == 1);
     g.import_sample(0, "sample");
     g.wait_until("the image server", Duration::from_secs(10), || {
-        let o = Command::new("curl").args(["-s", &format!("{}/api/v1/image-servers", g.coordinator.url)]).output().unwrap();
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).map(|v| v.as_array().map(|a| a.len()) == Some(1)).unwrap_or(false)
+        g.image_server_count() == 1
     });
     let v = g.run_vm("sample", "survivor", &[]);
     let id = v["id"].as_str().unwrap().to_string();

@@ -113,6 +113,13 @@ async fn start_sim(name: String, coordinator: String) -> Sim {
     sim
 }
 
+/// A client sending the bearer token with every request.
+fn authed(token: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+    reqwest::Client::builder().default_headers(h).build().unwrap()
+}
+
 #[test]
 fn two_hundred_concurrent_runs_never_overcommit_a_host() {
     let dir = tempfile::Builder::new().prefix("vgs").tempdir_in("/tmp").unwrap();
@@ -133,14 +140,19 @@ fn two_hundred_concurrent_runs_never_overcommit_a_host() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
+    // A token for the raw REST calls (the first admin is this machine's user, as for `vgrid up`).
+    let o = std::process::Command::new(vgrid_bin()).args(["--json", "--url", &coordinator.url, "login"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let token = serde_json::from_slice::<Value>(&o.stdout).unwrap()["token"].as_str().unwrap().to_string();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
     let coord = coordinator.url.clone();
+    let token_copy = token.clone();
     let (sims, answers) = rt.block_on(async move {
         let mut sims = Vec::new();
         for i in 0..HOSTS {
             sims.push(start_sim(format!("sim{i}"), coord.clone()).await);
         }
-        let http = reqwest::Client::new();
+        let http = authed(&token);
         let t0 = Instant::now();
         loop {
             let hosts: Value = http.get(format!("{coord}/api/v1/hosts")).send().await.unwrap().json().await.unwrap();
@@ -182,8 +194,9 @@ fn two_hundred_concurrent_runs_never_overcommit_a_host() {
     // Every VM runs on a simulated host and powers off; queued ones are placed as capacity frees.
     let url = coordinator.url.clone();
     let log = coordinator.log.clone();
+    let token2 = token_copy;
     let vms = rt.block_on(async move {
-        let http = reqwest::Client::new();
+        let http = authed(&token2);
         let t0 = Instant::now();
         loop {
             let vms: Value = http.get(format!("{url}/api/v1/vms")).send().await.unwrap().json().await.unwrap();

@@ -172,9 +172,11 @@ fn bad_requests_get_clear_errors_and_create_nothing() {
     let o = up.cli(&["vm", "run", "../etc/passwd"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("invalid image name"));
 
+    let token = up.json(&["login"])["token"].as_str().unwrap().to_string();
+    let auth = format!("authorization: Bearer {token}");
     let http = |method: &str, path: &str, body: &str| -> (u16, serde_json::Value) {
         let o = Command::new("curl")
-            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method, "-H", "content-type: application/json", "--data", body])
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method, "-H", "content-type: application/json", "-H", &auth, "--data", body])
             .arg(format!("{}{path}", up.url))
             .output()
             .unwrap();

@@ -2,6 +2,7 @@
 //! bodies of the REST API. This crate holds data definitions and their validation only; it must
 //! never do I/O, start tasks, or know how any role stores or serves these objects.
 
+pub mod auth;
 pub mod grid;
 pub mod manifest;
 pub mod rest;

@@ -101,6 +101,9 @@ pub fn default_memory() -> u64 {
 pub struct VmRecord {
     pub id: String,
     pub name: String,
+    /// The user who created it (records from before users existed: `anonymous`).
+    #[serde(default = "anonymous")]
+    pub owner: String,
     /// The image as requested.
     pub image: String,
     /// The image version resolved at placement.
@@ -152,4 +155,8 @@ pub struct ConsoleChunk {
     pub next: u64,
     /// Console output (lossy UTF-8).
     pub data: String,
+}
+
+fn anonymous() -> String {
+    "anonymous".into()
 }

@@ -10,39 +10,79 @@ use vgrid_api::ErrorBody;
 pub struct Api {
     pub base: String,
     http: reqwest::Client,
+    /// The bearer token, once known (loaded from the token file or from a login).
+    token: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Api {
     pub fn new(base: &str) -> Self {
-        Api { base: base.trim_end_matches('/').to_string(), http: reqwest::Client::new() }
+        let base = base.trim_end_matches('/').to_string();
+        let token = crate::auth::saved_token(&base);
+        Api { base, http: reqwest::Client::new(), token: std::sync::Arc::new(std::sync::Mutex::new(token)) }
     }
 
     pub fn http(&self) -> &reqwest::Client {
         &self.http
     }
 
-    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder, what: &str) -> anyhow::Result<T> {
-        let resp = req.send().await.map_err(|e| {
-            anyhow!("cannot reach vgrid at {} ({what}): {e}. Is `vgrid up` running? Set VGRID_URL or --url to its address.", self.base)
-        })?;
-        let status = resp.status();
-        let body = resp.bytes().await.with_context(|| format!("reading the answer to {what}"))?;
-        if !status.is_success() {
-            let msg = serde_json::from_slice::<ErrorBody>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-            return Err(anyhow!("{msg} (HTTP {})", status.as_u16()));
+    /// The current bearer token, if any.
+    pub fn token(&self) -> Option<String> {
+        self.token.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_token(&self, t: Option<String>) {
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = t;
+    }
+
+    /// A request with the bearer token attached.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.base));
+        match self.token() {
+            Some(t) => r.bearer_auth(t),
+            None => r,
         }
-        serde_json::from_slice(&body).with_context(|| format!("malformed answer to {what} from {}", self.base))
+    }
+
+    async fn send<B: Serialize, T: DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: Option<&B>) -> anyhow::Result<T> {
+        let what = format!("{method} {path}");
+        let mut logged_in = false;
+        loop {
+            let mut req = self.request(method.clone(), path);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = req.send().await.map_err(|e| {
+                anyhow!("cannot reach vgrid at {} ({what}): {e}. Is `vgrid up` running? Set VGRID_URL or --url to its address.", self.base)
+            })?;
+            let status = resp.status();
+            let body_bytes = resp.bytes().await.with_context(|| format!("reading the answer to {what}"))?;
+            if status == reqwest::StatusCode::UNAUTHORIZED && !logged_in && !path.starts_with("/api/v1/auth/") {
+                // No token or an expired one: log in with the local key and try once more.
+                if Box::pin(crate::auth::login(self, None, None)).await.is_ok() {
+                    logged_in = true;
+                    continue;
+                }
+            }
+            if !status.is_success() {
+                let msg = serde_json::from_slice::<ErrorBody>(&body_bytes)
+                    .map(|e| e.error)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&body_bytes).into_owned());
+                return Err(anyhow!("{msg} (HTTP {})", status.as_u16()));
+            }
+            return serde_json::from_slice(&body_bytes).with_context(|| format!("malformed answer to {what} from {}", self.base));
+        }
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.send(self.http.get(format!("{}{path}", self.base)), &format!("GET {path}")).await
+        self.send::<(), T>(reqwest::Method::GET, path, None).await
     }
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body), &format!("POST {path}")).await
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+    pub async fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        self.send(reqwest::Method::PUT, path, Some(body)).await
     }
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.send(self.http.delete(format!("{}{path}", self.base)), &format!("DELETE {path}")).await
+        self.send::<(), T>(reqwest::Method::DELETE, path, None).await
     }
 }

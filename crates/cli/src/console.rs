@@ -13,9 +13,15 @@ use crate::Ctx;
 const DETACH: u8 = 0x1d;
 
 pub async fn attach(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
-    let v: VmRecord = ctx.api().get(&format!("/api/v1/vms/{id}")).await?;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let api = ctx.api();
+    let v: VmRecord = api.get(&format!("/api/v1/vms/{id}")).await?;
     let ws_url = format!("{}/api/v1/vms/{}/console/ws", ctx.url.replacen("http", "ws", 1), v.id);
-    let (ws, _) = tokio_tungstenite::connect_async(&ws_url).await.map_err(|e| match e {
+    let mut req = ws_url.as_str().into_client_request().map_err(|e| anyhow!("console URL {ws_url}: {e}"))?;
+    if let Some(t) = api.token() {
+        req.headers_mut().insert("authorization", format!("Bearer {t}").parse().map_err(|_| anyhow!("malformed token"))?);
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.map_err(|e| match e {
         tokio_tungstenite::tungstenite::Error::Http(r) => {
             let body = r.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
             anyhow!("console of VM {} refused (HTTP {}): {}", v.id, r.status().as_u16(), body)

@@ -3,6 +3,7 @@
 //! protocol or storage logic of its own: everything it does goes through the role crates or
 //! the REST API.
 
+mod auth;
 mod client;
 mod console;
 mod image;
@@ -51,6 +52,18 @@ pub enum Cmd {
     Vm(vm::VmCmd),
     /// Run a compute host (`vgrid host --coordinator URL`), or list and show hosts (`vgrid host ls|show`).
     Host(HostArgs),
+    /// Log in: prove you hold your SSH key (a signed challenge) and keep a token for this
+    /// coordinator. Other commands log in by themselves when a key is found.
+    Login(auth::LoginArgs),
+    /// Forget and revoke the token for this coordinator.
+    Logout,
+    /// Show who you are logged in as, your keys and quotas.
+    Whoami,
+    /// Register, list and remove users, and set their quotas (admins).
+    #[command(subcommand)]
+    User(auth::UserCmd),
+    /// The audit log: every state-changing request and every refused one (admins see all).
+    Audit(auth::AuditArgs),
 }
 
 /// Entry point of the `vgrid` binary.
@@ -92,6 +105,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Futures(a) => vm::futures(&ctx, a).await,
         Cmd::Host(HostArgs { cmd: Some(c), .. }) => vm::run_host(&ctx, c).await,
         Cmd::Host(HostArgs { cmd: None, agent }) => roles::host(agent).await,
+        Cmd::Login(a) => auth::login_cmd(&ctx, a).await,
+        Cmd::Logout => auth::logout_cmd(&ctx).await,
+        Cmd::Whoami => auth::whoami_cmd(&ctx).await,
+        Cmd::User(c) => auth::user_cmd(&ctx, c).await,
+        Cmd::Audit(a) => auth::audit_cmd(&ctx, a).await,
     }
 }
 

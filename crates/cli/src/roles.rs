@@ -2,7 +2,7 @@
 //! client commands (`image pull`, `image cache stats`).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -34,6 +34,34 @@ pub struct UpArgs {
     pub host: HostOpts,
     #[command(flatten)]
     pub beats: BeatOpts,
+    #[command(flatten)]
+    pub users: UserOpts,
+}
+
+/// Users of a coordinator (`vgrid up`, `vgrid coordinator`).
+#[derive(Args, Debug, Clone)]
+pub struct UserOpts {
+    /// Name of the first admin, created when the coordinator has no users [default: your
+    /// login name].
+    #[arg(long)]
+    pub admin: Option<String>,
+    /// The first admin's public key [default: your SSH key, or an ed25519 key made for you in
+    /// ~/.config/vgrid].
+    #[arg(long)]
+    pub admin_key: Option<PathBuf>,
+    /// How long a login token is valid, in seconds.
+    #[arg(long, default_value_t = 12 * 3600)]
+    pub token_ttl: u64,
+}
+
+impl UserOpts {
+    /// Users and the audit log (`audit.log` in `data`), with the first admin made if needed.
+    fn open(&self, state: Arc<RedbState>, data: &Path) -> anyhow::Result<Arc<vgrid_coordinator::auth::Auth>> {
+        let auth = vgrid_coordinator::auth::Auth::new(state, Some(data.join("audit.log")), Duration::from_secs(self.token_ttl))
+            .map_err(|e| anyhow!("opening users: {e}"))?;
+        crate::auth::bootstrap(&auth, self.admin.clone(), self.admin_key.clone())?;
+        Ok(auth)
+    }
 }
 
 /// Options of a compute host (`vgrid host`, and the one inside `vgrid up`).
@@ -100,6 +128,8 @@ pub struct CoordinatorArgs {
     pub data_dir: Option<PathBuf>,
     #[command(flatten)]
     pub beats: BeatOpts,
+    #[command(flatten)]
+    pub users: UserOpts,
     /// Image servers known by URL, besides those that register (repeatable).
     #[arg(long = "image-server", value_delimiter = ',')]
     pub image_servers: Vec<String>,
@@ -217,9 +247,10 @@ pub async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     let state = Arc::new(RedbState::open(&data.join("state.redb")).map_err(|e| anyhow!("{e}"))?);
     let registry = a.beats.registry();
     registry.add_fixed_servers(a.host.image_servers.iter().cloned());
+    let auth = a.users.open(state.clone(), &data)?;
     let coord = Coordinator::new(state, registry.clone()).await.map_err(|e| anyhow!("{e}"))?;
 
-    let app = vgrid_coordinator::api::router(coord.clone())
+    let app = vgrid_coordinator::api::router(coord.clone(), auth)
         .merge(vgrid_imagestore::server::router(store.clone()))
         .merge(vgrid_hostagent::http::router(agent.clone()));
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -256,9 +287,10 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let state = Arc::new(RedbState::open(&data.join("state.redb")).map_err(|e| anyhow!("{e}"))?);
     let registry = a.beats.registry();
     registry.add_fixed_servers(a.image_servers.iter().cloned());
+    let auth = a.users.open(state.clone(), &data)?;
     let coord = Coordinator::new(state, registry).await.map_err(|e| anyhow!("{e}"))?;
     announce(&format!("vgrid coordinator at {url} (data in {})", data.display()));
-    axum::serve(listener, vgrid_coordinator::api::router(coord))
+    axum::serve(listener, vgrid_coordinator::api::router(coord, auth))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving the API")?;

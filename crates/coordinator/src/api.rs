@@ -19,7 +19,12 @@ use vgrid_api::vm::{ConsoleChunk, VmCreate, VmRecord, VmStop};
 use vgrid_api::ErrorBody;
 
 use crate::hosts::{HeartbeatReply, HostHeartbeat, HostRecord, HostState};
+use crate::auth::{Auth, AuthError, Principal};
 use crate::lifecycle::{Coordinator, CoordinatorError, Future, FuturesQuery};
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::Extension;
+use vgrid_api::auth::{AuditEntry, Challenge, ChallengeRequest, LoginRequest, LoginToken, Quota, UserCreate, UserInfo};
 
 /// An error as the API returns it.
 pub struct ApiError(StatusCode, String);
@@ -40,6 +45,21 @@ impl From<CoordinatorError> for ApiError {
             Store(_) | Host(_) => StatusCode::BAD_GATEWAY,
             Expr(_) => StatusCode::BAD_REQUEST,
             State(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Quota(_) => StatusCode::FORBIDDEN,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let code = match &e {
+            AuthError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            AuthError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AuthError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AuthError::Conflict(_) => StatusCode::CONFLICT,
+            AuthError::NotFound(_) => StatusCode::NOT_FOUND,
+            AuthError::State(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())
     }
@@ -53,20 +73,108 @@ impl From<JsonRejection> for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 type Ctx = State<Arc<Coordinator>>;
+/// The authenticated caller (present on every route but the public ones).
+type Caller = Extension<Principal>;
+type Users = Extension<Arc<Auth>>;
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "vgrid API", description = "Run VMs on a grid of hosts, images streamed on demand."),
     paths(list_vms, create_vm, get_vm, stop_vm, delete_vm, console, list_hosts, get_host, host_heartbeat,
-        list_image_servers, image_server_heartbeat, futures),
+        list_image_servers, image_server_heartbeat, futures, auth_challenge, auth_login, auth_logout, whoami,
+        list_users, add_user, get_user, delete_user, set_quota, audit),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
-        HostState, HostHeartbeat, HeartbeatReply, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward))
+        HostState, HostHeartbeat, HeartbeatReply, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
+        Challenge, ChallengeRequest, LoginRequest, LoginToken, Quota, UserCreate, UserInfo, AuditEntry)),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
 )]
 pub struct ApiDoc;
 
-/// The coordinator's routes (`/api/...`). No fallback: the caller merges other roles' routes.
-pub fn router(c: Arc<Coordinator>) -> Router {
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let c = openapi.components.get_or_insert_with(Default::default);
+        c.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+    }
+}
+
+/// Routes that need no token: health, the API document, login, and the heartbeats of hosts and
+/// image servers (those authenticate with their certificates once TLS between roles exists).
+fn is_public(path: &str) -> bool {
+    matches!(
+        path,
+        "/api/v1/health"
+            | "/api/openapi.json"
+            | "/api/v1/auth/challenge"
+            | "/api/v1/auth/login"
+            | "/api/v1/hosts/heartbeat"
+            | "/api/v1/image-servers/heartbeat"
+    )
+}
+
+fn bearer(req: &Request) -> Option<&str> {
+    let h = req.headers().get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    Some(h.strip_prefix("Bearer ").unwrap_or(h).trim())
+}
+
+/// Authenticates every request but the public ones (401 without a valid token), hands the
+/// caller to the handlers, and writes the audit log: every state-changing request and every
+/// refused one, with who, what, when and the result.
+async fn authenticate(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let public = is_public(&path);
+    let caller = bearer(&req).map(|t| auth.authenticate(t));
+    let mut user = "-".to_string();
+    let resp = match caller {
+        Some(Ok(p)) => {
+            user = p.user.clone();
+            req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        _ if public => next.run(req).await,
+        None => ApiError(
+            StatusCode::UNAUTHORIZED,
+            format!("{method} {path} needs a token (Authorization: Bearer ...); log in with `vgrid login`"),
+        )
+        .into_response(),
+        Some(Err(e)) => ApiError::from(e).into_response(),
+    };
+    let status = resp.status();
+    let heartbeat = path.ends_with("/heartbeat");
+    let refused = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
+    if refused || (method != axum::http::Method::GET && !(heartbeat && status.is_success())) {
+        let (parts, body) = resp.into_parts();
+        // Error bodies are small JSON; successful ones are not read.
+        let (error, body) = if status.is_success() {
+            (None, body)
+        } else {
+            let bytes = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+            let e = serde_json::from_slice::<ErrorBody>(&bytes).map(|b| b.error).ok();
+            (e, axum::body::Body::from(bytes))
+        };
+        let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        auth.audit(&AuditEntry { time, user, method: method.to_string(), path, status: status.as_u16(), error });
+        return Response::from_parts(parts, body);
+    }
+    resp
+}
+
+/// The coordinator's routes (`/api/...`), every one but the public ones behind a token. No
+/// fallback: the caller merges other roles' routes.
+pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>) -> Router {
     Router::new()
+        .route("/api/v1/auth/challenge", post(auth_challenge))
+        .route("/api/v1/auth/login", post(auth_login))
+        .route("/api/v1/auth/logout", post(auth_logout))
+        .route("/api/v1/whoami", get(whoami))
+        .route("/api/v1/users", get(list_users).post(add_user))
+        .route("/api/v1/users/{name}", get(get_user).delete(delete_user))
+        .route("/api/v1/users/{name}/quota", axum::routing::put(set_quota))
+        .route("/api/v1/audit", get(audit))
         .route("/api/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .route("/api/v1/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/api/v1/vms", get(list_vms).post(create_vm))
@@ -81,32 +189,135 @@ pub fn router(c: Arc<Coordinator>) -> Router {
         .route("/api/v1/image-servers", get(list_image_servers))
         .route("/api/v1/image-servers/heartbeat", post(image_server_heartbeat))
         .with_state(c)
+        .layer(Extension(auth.clone()))
+        .layer(axum::middleware::from_fn_with_state(auth, authenticate))
+}
+
+#[utoipa::path(post, path = "/api/v1/auth/challenge", request_body = ChallengeRequest, security(()),
+    responses((status = 200, body = Challenge), (status = 400, body = ErrorBody)))]
+async fn auth_challenge(Extension(auth): Users, body: Result<Json<ChallengeRequest>, JsonRejection>) -> ApiResult<Challenge> {
+    let Json(r) = body?;
+    Ok(Json(auth.challenge(&r.user)?))
+}
+
+/// Answers a challenge with an SSH signature; returns a bearer token.
+#[utoipa::path(post, path = "/api/v1/auth/login", request_body = LoginRequest, security(()),
+    responses((status = 200, body = LoginToken), (status = 401, body = ErrorBody)))]
+async fn auth_login(Extension(auth): Users, body: Result<Json<LoginRequest>, JsonRejection>) -> ApiResult<LoginToken> {
+    let Json(r) = body?;
+    Ok(Json(auth.login(&r.user, &r.nonce, &r.signature)?))
+}
+
+/// Ends the caller's token.
+#[utoipa::path(post, path = "/api/v1/auth/logout", responses((status = 200)))]
+async fn auth_logout(Extension(auth): Users, req: Request) -> ApiResult<serde_json::Value> {
+    if let Some(t) = bearer(&req) {
+        auth.revoke(t)?;
+    }
+    Ok(Json(serde_json::json!({})))
+}
+
+#[utoipa::path(get, path = "/api/v1/whoami", responses((status = 200, body = UserInfo)))]
+async fn whoami(Extension(auth): Users, Extension(p): Caller) -> ApiResult<UserInfo> {
+    Ok(Json(auth.user(&p.user)?))
+}
+
+#[utoipa::path(get, path = "/api/v1/users", responses((status = 200, body = [UserInfo]), (status = 403, body = ErrorBody)))]
+async fn list_users(Extension(auth): Users, Extension(p): Caller) -> ApiResult<Vec<UserInfo>> {
+    p.check_admin("listing users")?;
+    Ok(Json(auth.users()?))
+}
+
+#[utoipa::path(post, path = "/api/v1/users", request_body = UserCreate,
+    responses((status = 201, body = UserInfo), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn add_user(Extension(auth): Users, Extension(p): Caller, body: Result<Json<UserCreate>, JsonRejection>) -> Result<(StatusCode, Json<UserInfo>), ApiError> {
+    p.check_admin("adding users")?;
+    let Json(u) = body?;
+    Ok((StatusCode::CREATED, Json(auth.add_user(u)?)))
+}
+
+#[utoipa::path(get, path = "/api/v1/users/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = UserInfo), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn get_user(Extension(auth): Users, Extension(p): Caller, Path(name): Path<String>) -> ApiResult<UserInfo> {
+    if p.user != name {
+        p.check_admin("reading another user")?;
+    }
+    Ok(Json(auth.user(&name)?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/users/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = UserInfo), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn delete_user(Extension(auth): Users, Extension(p): Caller, Path(name): Path<String>) -> ApiResult<UserInfo> {
+    p.check_admin("removing users")?;
+    if name == p.user {
+        return Err(ApiError(StatusCode::CONFLICT, format!("{name} cannot remove themselves; another admin can")));
+    }
+    Ok(Json(auth.remove_user(&name)?))
+}
+
+#[utoipa::path(put, path = "/api/v1/users/{name}/quota", params(("name" = String, Path)), request_body = Quota,
+    responses((status = 200, body = UserInfo), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn set_quota(Extension(auth): Users, Extension(p): Caller, Path(name): Path<String>, body: Result<Json<Quota>, JsonRejection>) -> ApiResult<UserInfo> {
+    p.check_admin("setting quotas")?;
+    let Json(q) = body?;
+    Ok(Json(auth.set_quota(&name, q)?))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+struct AuditQuery {
+    /// Only this user's entries (`-`: requests without a valid token).
+    #[serde(default)]
+    user: Option<String>,
+    /// Only entries at or after this time (seconds since the Unix epoch).
+    #[serde(default)]
+    since: Option<f64>,
+}
+
+/// The audit log (admins: everyone's; others: their own).
+#[utoipa::path(get, path = "/api/v1/audit", params(AuditQuery), responses((status = 200, body = [AuditEntry])))]
+async fn audit(Extension(auth): Users, Extension(p): Caller, Query(q): Query<AuditQuery>) -> ApiResult<Vec<AuditEntry>> {
+    let user = if p.admin { q.user } else { Some(p.user.clone()) };
+    Ok(Json(auth.audit_entries(user.as_deref(), q.since)))
 }
 
 #[utoipa::path(get, path = "/api/v1/vms", responses((status = 200, body = [VmRecord])))]
-async fn list_vms(State(c): Ctx) -> ApiResult<Vec<VmRecord>> {
-    Ok(Json(c.list()?))
+async fn list_vms(State(c): Ctx, Extension(p): Caller) -> ApiResult<Vec<VmRecord>> {
+    Ok(Json(c.list()?.into_iter().filter(|v| p.may_act_on(&v.owner)).collect()))
+}
+
+/// The VM `key` names, if the caller may act on it (403 otherwise).
+fn owned(c: &Coordinator, p: &Principal, key: &str) -> Result<VmRecord, ApiError> {
+    let rec = c.get(key)?;
+    p.check_owner(&format!("VM {}", rec.name), &rec.owner)?;
+    Ok(rec)
 }
 
 #[utoipa::path(post, path = "/api/v1/vms", request_body = VmCreate,
     responses((status = 201, body = VmRecord), (status = 400, body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn create_vm(State(c): Ctx, body: Result<Json<VmCreate>, JsonRejection>) -> Result<(StatusCode, Json<VmRecord>), ApiError> {
+async fn create_vm(
+    State(c): Ctx,
+    Extension(auth): Users,
+    Extension(p): Caller,
+    body: Result<Json<VmCreate>, JsonRejection>,
+) -> Result<(StatusCode, Json<VmRecord>), ApiError> {
     let Json(req) = body?;
-    Ok((StatusCode::CREATED, Json(c.create(req).await?)))
+    let quota = auth.user(&p.user)?.quota;
+    Ok((StatusCode::CREATED, Json(c.create(req, &p.user, &quota).await?)))
 }
 
 #[utoipa::path(get, path = "/api/v1/vms/{id}", params(("id" = String, Path, description = "VM id, unique id prefix, or name")),
     responses((status = 200, body = VmRecord), (status = 404, body = ErrorBody)))]
-async fn get_vm(State(c): Ctx, Path(id): Path<String>) -> ApiResult<VmRecord> {
-    Ok(Json(c.get(&id)?))
+async fn get_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>) -> ApiResult<VmRecord> {
+    Ok(Json(owned(&c, &p, &id)?))
 }
 
 #[utoipa::path(post, path = "/api/v1/vms/{id}/stop", params(("id" = String, Path)), request_body = VmStop,
     responses((status = 200, body = VmRecord), (status = 404, body = ErrorBody)))]
-async fn stop_vm(State(c): Ctx, Path(id): Path<String>, body: Option<Json<VmStop>>) -> ApiResult<VmRecord> {
+async fn stop_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, body: Option<Json<VmStop>>) -> ApiResult<VmRecord> {
     let force = body.map(|b| b.0.force).unwrap_or(false);
-    Ok(Json(c.stop(&id, force).await?))
+    let rec = owned(&c, &p, &id)?;
+    Ok(Json(c.stop(&rec.id, force).await?))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -118,8 +329,9 @@ struct RmQuery {
 
 #[utoipa::path(delete, path = "/api/v1/vms/{id}", params(("id" = String, Path), RmQuery),
     responses((status = 200, body = VmRecord), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn delete_vm(State(c): Ctx, Path(id): Path<String>, Query(q): Query<RmQuery>) -> ApiResult<VmRecord> {
-    Ok(Json(c.remove(&id, q.force).await?))
+async fn delete_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, Query(q): Query<RmQuery>) -> ApiResult<VmRecord> {
+    let rec = owned(&c, &p, &id)?;
+    Ok(Json(c.remove(&rec.id, q.force).await?))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -131,13 +343,25 @@ struct ConsoleQuery {
 
 #[utoipa::path(get, path = "/api/v1/vms/{id}/console", params(("id" = String, Path), ConsoleQuery),
     responses((status = 200, body = ConsoleChunk), (status = 404, body = ErrorBody)))]
-async fn console(State(c): Ctx, Path(id): Path<String>, Query(q): Query<ConsoleQuery>) -> ApiResult<ConsoleChunk> {
-    Ok(Json(c.console(&id, q.offset).await?))
+async fn console(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, Query(q): Query<ConsoleQuery>) -> ApiResult<ConsoleChunk> {
+    let rec = owned(&c, &p, &id)?;
+    Ok(Json(c.console(&rec.id, q.offset).await?))
 }
 
 /// Interactive console: binary WebSocket frames both ways, bridged to the host's console socket.
-async fn console_ws(State(c): Ctx, Path(id): Path<String>, ws: WebSocketUpgrade) -> Result<Response, ApiError> {
-    let (rec, url) = c.console_ws_url(&id)?;
+async fn console_ws(
+    State(c): Ctx,
+    Extension(p): Caller,
+    Path(id): Path<String>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    // Who may open it is decided before whether the request is a proper upgrade.
+    let rec = owned(&c, &p, &id)?;
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(r) => return Ok(r.into_response()),
+    };
+    let (rec, url) = c.console_ws_url(&rec.id)?;
     let (host_ws, _) = tokio_tungstenite::connect_async(&url).await.map_err(|e| {
         ApiError(StatusCode::BAD_GATEWAY, format!("console of VM {} on host {}: {e}", rec.id, rec.host.unwrap_or_default()))
     })?;
@@ -214,7 +438,7 @@ async fn image_server_heartbeat(State(c): Ctx, body: Result<Json<ImageServerAd>,
 /// Which hosts could start a VM like this now (VM futures), and why not the others.
 #[utoipa::path(post, path = "/api/v1/futures", request_body = FuturesQuery,
     responses((status = 200, body = [Future]), (status = 400, body = ErrorBody)))]
-async fn futures(State(c): Ctx, body: Result<Json<FuturesQuery>, JsonRejection>) -> ApiResult<Vec<Future>> {
+async fn futures(State(c): Ctx, Extension(p): Caller, body: Result<Json<FuturesQuery>, JsonRejection>) -> ApiResult<Vec<Future>> {
     let Json(q) = body?;
-    Ok(Json(c.futures(&q).await?))
+    Ok(Json(c.futures(&q, &p.user).await?))
 }

@@ -5,6 +5,7 @@
 //! touch QEMU, NBD or chunk storage directly: those belong to the host agent and image store.
 
 pub mod api;
+pub mod auth;
 pub mod hosts;
 pub mod lifecycle;
 pub mod sched;

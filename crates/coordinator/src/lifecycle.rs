@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Mutex;
 use vgrid_api::grid::HostAd;
+use vgrid_api::auth::Quota;
 use vgrid_api::vm::{ConsoleChunk, VmCreate, VmRecord, VmState};
 use vgrid_api::{ImageRef, Manifest};
 use vgrid_hostagent::agent::LaunchRequest;
@@ -38,6 +39,9 @@ pub enum CoordinatorError {
     State(#[from] StateError),
     #[error(transparent)]
     Host(#[from] HostCallError),
+    /// A user's quota would be exceeded (HTTP 403).
+    #[error("{0}")]
+    Quota(String),
 }
 
 fn now() -> u64 {
@@ -249,7 +253,7 @@ impl Coordinator {
 
     /// Validates a request, places it on a host, records the VM as `pending` and starts it in
     /// the background. Nothing is recorded when validation or placement fails.
-    pub async fn create(self: &Arc<Self>, req: VmCreate) -> Result<VmRecord, CoordinatorError> {
+    pub async fn create(self: &Arc<Self>, req: VmCreate, owner: &str, quota: &Quota) -> Result<VmRecord, CoordinatorError> {
         let image: ImageRef =
             req.image.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?;
         if req.cpus == 0 || req.cpus > 64 {
@@ -269,12 +273,13 @@ impl Coordinator {
             })?;
         }
         let manifest = self.resolve_image(&image).await?;
-        let preq = placement_request(&manifest, req.cpus, req.memory_mib, &req.require, &req.rank);
+        let preq = placement_request(owner, &manifest, req.cpus, req.memory_mib, &req.require, &req.rank);
         self.sched.validate(&preq)?;
         let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
 
         let guard = self.lock.lock().await;
         let all = self.state.list_vms()?;
+        check_quota(&all, owner, quota, req.cpus, req.memory_mib)?;
         for f in &req.forwards {
             if all.iter().any(|v| v.state.is_active() && v.forwards.iter().any(|g| g.host == f.host)) {
                 return Err(CoordinatorError::Conflict(format!("host port {} is already forwarded to another VM", f.host)));
@@ -314,6 +319,7 @@ impl Coordinator {
         let rec = VmRecord {
             id: id.clone(),
             name,
+            owner: owner.to_string(),
             image: req.image.clone(),
             image_version: Some(manifest.version),
             cpus: req.cpus,
@@ -360,7 +366,7 @@ impl Coordinator {
 
     /// Which hosts could start a VM like `req` now, and why not the others: one answer per
     /// host, in name order. Nothing is reserved.
-    pub async fn futures(&self, req: &FuturesQuery) -> Result<Vec<Future>, CoordinatorError> {
+    pub async fn futures(&self, req: &FuturesQuery, user: &str) -> Result<Vec<Future>, CoordinatorError> {
         let image = match &req.image {
             Some(i) => {
                 let r: ImageRef = i.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?;
@@ -369,7 +375,7 @@ impl Coordinator {
             None => None,
         };
         let base = PlacementRequest {
-            user: "anonymous".into(),
+            user: user.to_string(),
             image: image.as_ref().map(|m| m.image_ref().to_string()).unwrap_or_default(),
             cpus: req.cpus,
             memory_mib: req.memory_mib,
@@ -434,7 +440,7 @@ impl Coordinator {
             return;
         };
         tracing::info!(vm = %vm.id, "queued again after the coordinator restarted");
-        let preq = placement_request(&manifest, vm.cpus, vm.memory_mib, &vm.require, &vm.rank);
+        let preq = placement_request(&vm.owner, &manifest, vm.cpus, vm.memory_mib, &vm.require, &vm.rank);
         let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
         self.queued(preq, opts, launch_request(&vm, &manifest)).await;
     }
@@ -765,9 +771,43 @@ pub struct Future {
 }
 
 /// What the scheduler is asked for a VM of `manifest`.
-fn placement_request(manifest: &Manifest, cpus: u32, memory_mib: u64, require: &Option<String>, rank: &Option<String>) -> PlacementRequest {
+/// Refuses a new VM of `owner` that would exceed one of their quotas, naming it.
+fn check_quota(all: &[VmRecord], owner: &str, quota: &Quota, cpus: u32, memory_mib: u64) -> Result<(), CoordinatorError> {
+    let mine: Vec<&VmRecord> = all.iter().filter(|v| v.owner == owner && v.state.is_active()).collect();
+    let (n, c, m) = mine.iter().fold((0u32, 0u32, 0u64), |(n, c, m), v| (n + 1, c + v.cpus, m + v.memory_mib));
+    let over = |what: &str, used: String, asked: String, limit: String| {
+        Err(CoordinatorError::Quota(format!(
+            "quota exceeded: user {owner} may have {limit} {what}; {used} in use, this VM asks for {asked}"
+        )))
+    };
+    if let Some(q) = quota.vms {
+        if n + 1 > q {
+            return over("VMs", n.to_string(), "1 more".into(), q.to_string());
+        }
+    }
+    if let Some(q) = quota.cpus {
+        if c + cpus > q {
+            return over("cpus", c.to_string(), cpus.to_string(), q.to_string());
+        }
+    }
+    if let Some(q) = quota.memory_mib {
+        if m + memory_mib > q {
+            return over("MiB of memory", format!("{m} MiB"), format!("{memory_mib} MiB"), q.to_string());
+        }
+    }
+    Ok(())
+}
+
+fn placement_request(
+    owner: &str,
+    manifest: &Manifest,
+    cpus: u32,
+    memory_mib: u64,
+    require: &Option<String>,
+    rank: &Option<String>,
+) -> PlacementRequest {
     PlacementRequest {
-        user: "anonymous".into(),
+        user: owner.to_string(),
         image: manifest.image_ref().to_string(),
         cpus,
         memory_mib,

@@ -33,6 +33,16 @@ pub trait StateStore: Send + Sync {
     fn get_vm(&self, id: &str) -> Result<Option<VmRecord>, StateError>;
     fn list_vms(&self) -> Result<Vec<VmRecord>, StateError>;
     fn delete_vm(&self, id: &str) -> Result<bool, StateError>;
+
+    /// Other records (users, tokens, ...): JSON values by key in a named table.
+    fn put_record(&self, table: &str, key: &str, value: &[u8]) -> Result<(), StateError>;
+    fn get_record(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, StateError>;
+    fn list_records(&self, table: &str) -> Result<Vec<(String, Vec<u8>)>, StateError>;
+    fn delete_record(&self, table: &str, key: &str) -> Result<bool, StateError>;
+}
+
+fn records(table: &str) -> redb::TableDefinition<'_, &'static str, &'static [u8]> {
+    redb::TableDefinition::new(table)
 }
 
 /// The default backend: one redb file under the data directory.
@@ -88,6 +98,45 @@ impl StateStore for RedbState {
         tx.commit()?;
         Ok(existed)
     }
+
+    fn put_record(&self, table: &str, key: &str, value: &[u8]) -> Result<(), StateError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(records(table))?.insert(key, value)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn get_record(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(records(table)) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(t.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    fn list_records(&self, table: &str) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(records(table)) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn delete_record(&self, table: &str, key: &str) -> Result<bool, StateError> {
+        let tx = self.db.begin_write()?;
+        let existed = tx.open_table(records(table))?.remove(key)?.is_some();
+        tx.commit()?;
+        Ok(existed)
+    }
 }
 
 #[cfg(test)]
@@ -102,6 +151,7 @@ mod tests {
         let rec = VmRecord {
             id: "vm-1".into(),
             name: "a".into(),
+            owner: "alice".into(),
             image: "sample".into(),
             image_version: Some(1),
             cpus: 1,

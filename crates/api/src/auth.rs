@@ -1,0 +1,134 @@
+//! Users, keys, login and audit: the bodies of `/api/v1/auth/...`, `/api/v1/users/...` and
+//! `/api/v1/audit`.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The SSH signature namespace of a login proof (`ssh-keygen -Y sign -n vgrid-login`).
+pub const LOGIN_NAMESPACE: &str = "vgrid-login";
+
+/// What a user may hold at once. `None` is no limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    /// VMs that are not stopped or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vms: Option<u32>,
+    /// Virtual CPUs over those VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Guest memory over those VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+}
+
+/// Body of `POST /api/v1/users` (admins only).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserCreate {
+    pub name: String,
+    /// OpenSSH public keys (`ssh-ed25519 AAAA... comment`; ed25519, ecdsa and rsa).
+    pub keys: Vec<String>,
+    #[serde(default)]
+    pub admin: bool,
+    #[serde(default)]
+    pub quota: Quota,
+}
+
+/// A user as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UserInfo {
+    pub name: String,
+    pub admin: bool,
+    /// OpenSSH public keys.
+    pub keys: Vec<String>,
+    /// `SHA256:...` fingerprints of `keys`, in the same order.
+    #[serde(default)]
+    pub fingerprints: Vec<String>,
+    #[serde(default)]
+    pub quota: Quota,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+}
+
+/// Body of `POST /api/v1/auth/challenge`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeRequest {
+    pub user: String,
+}
+
+/// A login challenge: sign `message` with namespace [`LOGIN_NAMESPACE`] and send it back within
+/// `expires_in` seconds. Single use.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Challenge {
+    pub user: String,
+    pub nonce: String,
+    /// The exact bytes to sign (UTF-8).
+    pub message: String,
+    pub namespace: String,
+    pub expires_in: u64,
+}
+
+/// Body of `POST /api/v1/auth/login`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub user: String,
+    pub nonce: String,
+    /// The SSH signature (`-----BEGIN SSH SIGNATURE-----` PEM, as `ssh-keygen -Y sign` writes).
+    pub signature: String,
+}
+
+/// A bearer token for `Authorization: Bearer ...`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LoginToken {
+    pub user: String,
+    pub admin: bool,
+    pub token: String,
+    /// Seconds since the Unix epoch.
+    pub expires: u64,
+}
+
+/// One line of the audit log: a state-changing request, or any refused one.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntry {
+    /// Seconds since the Unix epoch (fractional).
+    pub time: f64,
+    /// The authenticated user, or `-` when the request carried no valid token.
+    pub user: String,
+    pub method: String,
+    pub path: String,
+    /// The HTTP status of the answer.
+    pub status: u16,
+    /// The error message of a refused request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Checks a user name: 1-32 characters of a-z 0-9 _ - ., starting with a letter or digit.
+pub fn validate_user_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.'))
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("invalid user name {name:?}: use 1-32 characters of a-z 0-9 _ - . starting with a letter or digit"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_names() {
+        assert!(validate_user_name("alice").is_ok());
+        assert!(validate_user_name("a.b-c_1").is_ok());
+        for bad in ["", "Alice", "-x", "a b", "a/b", &"x".repeat(33)] {
+            assert!(validate_user_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

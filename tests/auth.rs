@@ -1,0 +1,191 @@
+//! Users, keys and authorization through the real binary: every API call needs a token, a user
+//! acts only on their own VMs, admins manage users, quotas name themselves, and the audit log
+//! keeps every refused attempt.
+
+mod common;
+
+use common::*;
+use ssh_key::{Algorithm, LineEnding, PrivateKey};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// A user of the test: their own key and their own config directory (tokens).
+struct Person {
+    name: String,
+    key: PathBuf,
+    config: PathBuf,
+}
+
+impl Person {
+    fn new(dir: &Path, name: &str, alg: Algorithm) -> Person {
+        let config = dir.join(format!("cfg-{name}"));
+        std::fs::create_dir_all(&config).unwrap();
+        let k = PrivateKey::random(&mut rand::rngs::OsRng, alg).unwrap();
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&key, k.to_openssh(LineEnding::LF).unwrap().as_bytes()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key.pub")), k.public_key().to_openssh().unwrap()).unwrap();
+        Person { name: name.into(), key, config }
+    }
+
+    fn public(&self) -> String {
+        format!("{}.pub", self.key.display())
+    }
+
+    fn cli(&self, up: &Up, args: &[&str]) -> Output {
+        Command::new(vgrid_bin())
+            .args(args)
+            .env("VGRID_URL", &up.url)
+            .env("VGRID_CONFIG_DIR", &self.config)
+            .env("VGRID_KEY", &self.key)
+            .env("VGRID_USER", &self.name)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn json(&self, up: &Up, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let o = self.cli(up, &a);
+        assert!(o.status.success(), "{} vgrid {args:?}: {}", self.name, String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    fn refused(&self, up: &Up, args: &[&str], status: &str) -> String {
+        let o = self.cli(up, args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!o.status.success() && err.contains(status), "{} vgrid {args:?} should be refused with {status}: {err}", self.name);
+        err
+    }
+}
+
+fn curl(up: &Up, method: &str, path: &str, token: Option<&str>) -> u16 {
+    let mut c = Command::new("curl");
+    c.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method, "-H", "content-type: application/json"]);
+    if let Some(t) = token {
+        c.args(["-H", &format!("authorization: Bearer {t}")]);
+    }
+    if method != "GET" && method != "DELETE" {
+        c.args(["--data", "{}"]);
+    }
+    let o = c.arg(format!("{}{path}", up.url)).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).parse().unwrap()
+}
+
+#[test]
+fn every_endpoint_needs_a_valid_token_and_users_act_only_on_their_own_vms() {
+    let up = Up::start();
+    up.import_sample();
+    let dir = tempfile::tempdir().unwrap();
+    let alice = Person::new(dir.path(), "alice", Algorithm::Ed25519);
+    let bob = Person::new(dir.path(), "bob", Algorithm::Ecdsa { curve: ssh_key::EcdsaCurve::NistP256 });
+
+    // The first admin is this machine's user (made by `vgrid up`); it registers alice and bob.
+    assert_eq!(up.json(&["whoami"])["admin"], true);
+    up.ok(&["user", "add", "alice", "--key", &alice.public()]);
+    up.ok(&["user", "add", "bob", "--key", &bob.public(), "--max-vms", "1", "--max-cpus", "1"]);
+    let users = up.json(&["user", "ls"]);
+    assert_eq!(users.as_array().unwrap().len(), 3, "{users}");
+
+    // Without a token, with a forged one, and with a revoked one: 401 everywhere but the public routes.
+    let admin_token = up.json(&["login"])["token"].as_str().unwrap().to_string();
+    let forged = format!("vgt_{}", "ab".repeat(32));
+    let protected = [
+        ("GET", "/api/v1/vms"),
+        ("POST", "/api/v1/vms"),
+        ("GET", "/api/v1/vms/x"),
+        ("DELETE", "/api/v1/vms/x"),
+        ("POST", "/api/v1/vms/x/stop"),
+        ("GET", "/api/v1/vms/x/console"),
+        ("GET", "/api/v1/vms/x/console/ws"),
+        ("GET", "/api/v1/hosts"),
+        ("GET", "/api/v1/hosts/x"),
+        ("GET", "/api/v1/image-servers"),
+        ("POST", "/api/v1/futures"),
+        ("GET", "/api/v1/users"),
+        ("POST", "/api/v1/users"),
+        ("GET", "/api/v1/users/alice"),
+        ("DELETE", "/api/v1/users/alice"),
+        ("PUT", "/api/v1/users/alice/quota"),
+        ("GET", "/api/v1/whoami"),
+        ("GET", "/api/v1/audit"),
+        ("POST", "/api/v1/auth/logout"),
+    ];
+    for (m, p) in protected {
+        assert_eq!(curl(&up, m, p, None), 401, "{m} {p} without a token");
+        assert_eq!(curl(&up, m, p, Some(&forged)), 401, "{m} {p} with a forged token");
+        assert_eq!(curl(&up, m, p, Some("garbage")), 401, "{m} {p} with a malformed token");
+    }
+    assert_eq!(curl(&up, "GET", "/api/v1/health", None), 200);
+    assert_eq!(curl(&up, "GET", "/api/openapi.json", None), 200);
+    assert_eq!(curl(&up, "GET", "/api/v1/vms", Some(&admin_token)), 200);
+
+    // A key that is not alice's cannot log in as alice.
+    let o = Command::new(vgrid_bin())
+        .args(["login", "--user", "alice", "--key"])
+        .arg(&bob.key)
+        .env("VGRID_URL", &up.url)
+        .env("VGRID_CONFIG_DIR", &bob.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("401") && err.contains("none of the user's keys"), "{err}");
+
+    // alice runs a VM; bob can neither see nor touch it.
+    let t = alice.json(&up, &["login"]);
+    assert_eq!(t["user"], "alice");
+    let _slot = boot_slot().unwrap();
+    let v = alice.json(&up, &["vm", "run", "sample", "--name", "alices", "--wait-for", BOOTED_MARKER, "--timeout", "90"]);
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(v["owner"], "alice");
+    assert!(bob.json(&up, &["vm", "ls"]).as_array().unwrap().is_empty());
+    for args in [
+        vec!["vm", "show", id.as_str()],
+        vec!["vm", "logs", id.as_str()],
+        vec!["vm", "stop", id.as_str()],
+        vec!["vm", "rm", "--force", id.as_str()],
+        vec!["vm", "show", "alices"],
+    ] {
+        let err = bob.refused(&up, &args, "403");
+        assert!(err.contains("belongs to another user"), "{err}");
+    }
+    // The console WebSocket too.
+    let bob_token = bob.json(&up, &["login"])["token"].as_str().unwrap().to_string();
+    assert_eq!(curl(&up, "GET", &format!("/api/v1/vms/{id}/console/ws"), Some(&bob_token)), 403);
+    // bob is no admin.
+    bob.refused(&up, &["user", "ls"], "403");
+    bob.refused(&up, &["user", "add", "eve", "--key", &bob.public()], "403");
+    bob.refused(&up, &["user", "quota", "bob", "--max-vms", "100"], "403");
+    // The admin sees and may act on every VM.
+    assert_eq!(up.json(&["vm", "show", &id])["owner"], "alice");
+    assert_eq!(alice.json(&up, &["vm", "ls"]).as_array().unwrap().len(), 1);
+
+    // Quotas name themselves.
+    let err = bob.refused(&up, &["vm", "run", "sample", "--cpus", "2", "--no-wait"], "403");
+    assert!(err.contains("quota exceeded") && err.contains("bob may have 1 cpus"), "{err}");
+
+    // The audit log has bob's refused attempts, and alice's VM creation.
+    let audit = up.json(&["audit", "--user", "bob"]);
+    let entries = audit.as_array().unwrap();
+    assert!(
+        entries.iter().any(|e| e["status"] == 403 && e["method"] == "POST" && e["path"] == format!("/api/v1/vms/{id}/stop")),
+        "{audit}"
+    );
+    assert!(entries.iter().any(|e| e["status"] == 403 && e["path"] == format!("/api/v1/vms/{id}")), "{audit}");
+    let alices = up.json(&["audit", "--user", "alice"]);
+    assert!(alices.as_array().unwrap().iter().any(|e| e["method"] == "POST" && e["path"] == "/api/v1/vms" && e["status"] == 201), "{alices}");
+    let anon = up.json(&["audit", "--user", "-"]);
+    assert!(anon.as_array().unwrap().iter().any(|e| e["status"] == 401), "{anon}");
+    // A non-admin sees only their own entries.
+    let own = bob.json(&up, &["audit", "--user", "alice"]);
+    assert!(own.as_array().unwrap().iter().all(|e| e["user"] == "bob"), "{own}");
+
+    // Removing bob ends his token at once; alice stops her own VM.
+    up.ok(&["user", "rm", "bob"]);
+    assert_eq!(curl(&up, "GET", "/api/v1/vms", Some(&bob_token)), 401);
+    alice.json(&up, &["vm", "stop", &id]);
+    // Logging out revokes the token.
+    let tok = alice.json(&up, &["login"])["token"].as_str().unwrap().to_string();
+    alice.cli(&up, &["logout"]);
+    assert_eq!(curl(&up, "GET", "/api/v1/vms", Some(&tok)), 401);
+}
