@@ -32,6 +32,11 @@ fn boots_sample_through_the_proxy_and_reads_its_disk() {
     assert!(logs.contains(BOOTED_MARKER), "vm logs lacks the marker: {logs}");
     let stats = up.cache_stats();
     assert!(stats["bytes_fetched"].as_u64().unwrap() > 0, "the boot fetched nothing: {stats}");
+    // QEMU runs under seccomp (mode 2, filter) with no_new_privs.
+    let pid = v["pid"].as_u64().expect("the record has QEMU's pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"]), "{status}");
+    assert!(status.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["NoNewPrivs:", "1"]), "{status}");
     up.ok(&["vm", "stop", &id]);
 }
 

@@ -493,6 +493,9 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
         &format!("{}M", spec.memory_mib),
     ]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    // seccomp: no obsolete syscalls, no privilege elevation, no fork/exec, no scheduler or
+    // affinity changes. A guest escaping into QEMU is held to these.
+    push(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
     push(&[
         "-chardev",
         &format!(
