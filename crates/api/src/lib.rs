@@ -5,6 +5,7 @@
 pub mod grid;
 pub mod manifest;
 pub mod rest;
+pub mod usage;
 pub mod vm;
 
 pub use manifest::{Blob, Boot, ChunkHash, ImageMeta, ImageRef, Manifest, ManifestError};

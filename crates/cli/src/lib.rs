@@ -8,6 +8,7 @@ mod console;
 mod image;
 mod output;
 mod roles;
+mod usage;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -51,6 +52,8 @@ pub enum Cmd {
     Vm(vm::VmCmd),
     /// Run a compute host (`vgrid host --coordinator URL`), or list and show hosts (`vgrid host ls|show`).
     Host(HostArgs),
+    /// Resource use per VM and per user: CPU-seconds, memory MiB-seconds, disk and image bytes.
+    Usage(usage::UsageArgs),
 }
 
 /// Entry point of the `vgrid` binary.
@@ -92,6 +95,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Futures(a) => vm::futures(&ctx, a).await,
         Cmd::Host(HostArgs { cmd: Some(c), .. }) => vm::run_host(&ctx, c).await,
         Cmd::Host(HostArgs { cmd: None, agent }) => roles::host(agent).await,
+        Cmd::Usage(a) => usage::run(&ctx, a).await,
     }
 }
 

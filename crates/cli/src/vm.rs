@@ -79,6 +79,8 @@ pub struct RunArgs {
     /// Give up waiting after this many seconds (the VM keeps running).
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    #[command(flatten)]
+    pub resources: crate::usage::ResourceArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -188,7 +190,14 @@ pub async fn run_host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<ExitCode> {
                 println!("arch:        {} ({}), QEMU {}", h.ad.arch, h.ad.accel, h.ad.qemu_version);
                 println!("cpus:        {} free of {}", h.ad.free_cpus, h.ad.cpus);
                 println!("memory:      {} MiB free of {} MiB", h.ad.free_memory_mib, h.ad.memory_mib);
-                println!("load:        {:.2}", h.ad.load_avg);
+                println!("load:        {:.2} (1-minute average)", h.ad.load_avg);
+                println!("load now:    {:.2} cores busy; predicted {:.2} (mean over the next 30 s, AR(16))", h.ad.load_now, h.ad.load_predicted);
+                if h.ad.cpu_cap > 0.0 {
+                    println!("cpu cap:     {:.2} cores for all guests, {:.2} not reserved", h.ad.cpu_cap, h.ad.free_cpu_share);
+                } else {
+                    println!("cpu cap:     none");
+                }
+                println!("cgroups:     {}", if h.ad.cgroups.is_empty() { "unavailable (no resource control)" } else { h.ad.cgroups.as_str() });
                 println!("networks:    {}", h.ad.network_modes.join(", "));
                 for (k, v) in &h.ad.labels {
                     println!("label:       {k}={v}");
@@ -252,6 +261,7 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
         require: a.require.clone(),
         rank: a.rank.clone(),
         no_wait: a.no_wait,
+        resources: a.resources.to_api(),
     };
     let mut v: VmRecord = api.post("/api/v1/vms", &req).await?;
     let quiet = ctx.json;

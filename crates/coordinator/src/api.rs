@@ -22,7 +22,7 @@ use crate::hosts::{HeartbeatReply, HostHeartbeat, HostRecord, HostState};
 use crate::lifecycle::{Coordinator, CoordinatorError, Future, FuturesQuery};
 
 /// An error as the API returns it.
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -58,9 +58,11 @@ type Ctx = State<Arc<Coordinator>>;
 #[openapi(
     info(title = "vgrid API", description = "Run VMs on a grid of hosts, images streamed on demand."),
     paths(list_vms, create_vm, get_vm, stop_vm, delete_vm, console, list_hosts, get_host, host_heartbeat,
-        list_image_servers, image_server_heartbeat, futures),
+        list_image_servers, image_server_heartbeat, futures, crate::accounting::get_usage),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
-        HostState, HostHeartbeat, HeartbeatReply, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward))
+        HostState, HostHeartbeat, HeartbeatReply, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
+        vgrid_api::vm::Resources, vgrid_api::usage::UsageReport, vgrid_api::usage::UserUsage, vgrid_api::usage::VmUsage,
+        vgrid_api::usage::UsageTotals, vgrid_api::usage::VmUsageReport))
 )]
 pub struct ApiDoc;
 
@@ -78,6 +80,7 @@ pub fn router(c: Arc<Coordinator>) -> Router {
         .route("/api/v1/hosts/heartbeat", post(host_heartbeat))
         .route("/api/v1/hosts/{name}", get(get_host))
         .route("/api/v1/futures", post(futures))
+        .route("/api/v1/usage", get(crate::accounting::get_usage))
         .route("/api/v1/image-servers", get(list_image_servers))
         .route("/api/v1/image-servers/heartbeat", post(image_server_heartbeat))
         .with_state(c)

@@ -18,6 +18,11 @@ fn ad(name: &str, site: &str, cpus: u32, mem: u64) -> HostAd {
         load_avg: 0.0,
         running_vms: 0,
         image_cache: BTreeMap::new(),
+        load_now: 0.0,
+        load_predicted: 0.0,
+        cpu_cap: 0.0,
+        free_cpu_share: 0.0,
+        cgroups: String::new(),
     }
 }
 
@@ -27,6 +32,7 @@ fn req(user: &str, cpus: u32, mem: u64) -> PlacementRequest {
         image: "debian@12".into(),
         cpus,
         memory_mib: mem,
+        cpu_share: 0.0,
         require: None,
         rank: None,
     }
