@@ -52,7 +52,7 @@ pub struct HostOpts {
     /// The owner's CPU cap: the fraction (0-1] of this machine's CPU time all guests together
     /// may use, enforced by a parent cgroup; CPU reservations beyond it are refused
     /// [default: uncapped].
-    #[arg(long, env = "VGRID_MAX_SHARE")]
+    #[arg(long, env = "VGRID_MAX_SHARE", value_parser = parse_share)]
     pub max_share: Option<f64>,
     /// vCPUs the host offers to guests [default: 4 per CPU].
     #[arg(long)]
@@ -86,6 +86,14 @@ impl BeatOpts {
         let i = Duration::from_secs(self.heartbeat_interval.max(1));
         Arc::new(Registry::new(i, i * self.lost_after_beats.max(1)))
     }
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("invalid share {s:?}: expected a fraction such as 0.5"))?;
+    if !(v > 0.0 && v <= 1.0) {
+        return Err(format!("share {s} is out of range: more than 0, at most 1 (the whole machine)"));
+    }
+    Ok(v)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

@@ -166,7 +166,7 @@ pub async fn run_host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<ExitCode> {
                             format!("{}/{}", h.ad.free_cpus, h.ad.cpus),
                             format!("{}/{} MiB", h.ad.free_memory_mib, h.ad.memory_mib),
                             h.ad.accel.clone(),
-                            format!("{:.2}", h.ad.load_avg),
+                            format!("{:.2}/{:.2}", h.ad.load_now, h.ad.load_predicted),
                             h.ad.running_vms.to_string(),
                             labels.join(","),
                             h.ad.url.clone(),
@@ -175,7 +175,7 @@ pub async fn run_host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<ExitCode> {
                     .collect();
                 println!(
                     "{}",
-                    table(&["NAME", "STATE", "ARCH", "FREE CPUS", "FREE MEMORY", "ACCEL", "LOAD", "VMS", "LABELS", "URL"], rows)
+                    table(&["NAME", "STATE", "ARCH", "FREE CPUS", "FREE MEMORY", "ACCEL", "LOAD NOW/PRED", "VMS", "LABELS", "URL"], rows)
                 );
             }
         }

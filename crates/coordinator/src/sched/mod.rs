@@ -1017,7 +1017,11 @@ impl DefaultRank {
     fn of(h: &HostEntry, image: &str) -> DefaultRank {
         DefaultRank {
             cached: h.ad.image_cache.get(image).copied().filter(|f| f.is_finite()).unwrap_or(0.0),
-            load: if h.ad.cpus > 0 && h.ad.load_avg.is_finite() { h.ad.load_avg / h.ad.cpus as f64 } else { 0.0 },
+            // The predicted load (next 30 s) where the host predicts, else its load average.
+            load: {
+                let l = if h.ad.load_predicted > 0.0 || h.ad.load_now > 0.0 { h.ad.load_predicted } else { h.ad.load_avg };
+                if h.ad.cpus > 0 && l.is_finite() { l / h.ad.cpus as f64 } else { 0.0 }
+            },
             vms: h.ad.running_vms.saturating_add(h.held.len() as u32),
             free_mem: h.free_mem(),
         }
