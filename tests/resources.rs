@@ -296,6 +296,14 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
     assert_eq!(u["user"], "anonymous");
     let by_user = g.json(&["usage", "--user", "anonymous"]);
     assert_eq!(by_user["users"][0]["usage"]["cpu_ns"].as_u64().unwrap(), counter, "{by_user}");
+    // The same through the REST API, which the OpenAPI document describes.
+    let o = Command::new("curl").args(["-s", &format!("{}/api/v1/usage?user=anonymous&since=0", g.coordinator.url)]).output().unwrap();
+    let rest: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(usage_of(&rest, &id).unwrap()["usage"]["cpu_ns"].as_u64().unwrap(), counter, "{rest}");
+    let o = Command::new("curl").args(["-s", &format!("{}/api/openapi.json", g.coordinator.url)]).output().unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(doc["paths"]["/api/v1/usage"]["get"].is_object(), "no /api/v1/usage in the OpenAPI document");
+    assert!(doc["components"]["schemas"]["UsageReport"].is_object());
     kill_pid(pid, libc::SIGCONT);
 
     // The host agent crashes; QEMU and its cgroup outlive it. Whatever was reported stays, the
