@@ -104,9 +104,17 @@ fn cpu_reservation_is_enforced_and_the_owner_cap_admits_or_refuses() {
     assert!((h["ad"]["cpu_cap"].as_f64().unwrap() - 0.5).abs() < 1e-6, "{h}");
     assert!(!h["ad"]["cgroups"].as_str().unwrap().is_empty(), "cgroups must be usable for this test: {h}");
 
+    // The owner's cap is the parent group's quota.
+    let parent = group_dir("cpu", &host, "");
+    if v2() {
+        assert_eq!(std::fs::read_to_string(parent.join("cpu.max")).unwrap().trim(), "50000 100000");
+    } else {
+        assert_eq!(std::fs::read_to_string(parent.join("cpu.cfs_quota_us")).unwrap().trim(), "50000");
+    }
     let v = up.run_vm("sample", "spin", PROMPT, &["--cpu-share", "0.2"]);
     let id = v["id"].as_str().unwrap().to_string();
     assert_eq!(v["resources"]["cpu_share"], 0.2);
+    assert!(up.ok(&["vm", "show", &id]).contains("limits:   cpu 0.20 core (period 100 ms)"));
     // QEMU (all its threads) is in the VM's group, under the host's parent group.
     let procs = std::fs::read_to_string(group_dir("cpu", &host, &id).join("cgroup.procs")).unwrap();
     assert!(procs.lines().any(|l| l.trim() == v["pid"].as_u64().unwrap().to_string()), "{procs}");

@@ -47,6 +47,26 @@ impl ResourceArgs {
     }
 }
 
+/// One line describing a VM's resource control, e.g. `cpu 0.20 core, memory limit 600 MiB`.
+pub fn describe(r: &Resources) -> String {
+    let mut parts = Vec::new();
+    match (r.cpu_share, r.cpu_slice_ms) {
+        (Some(s), _) => parts.push(format!("cpu {s:.2} core (period {} ms)", r.cpu_period_ms.unwrap_or(100))),
+        (None, Some(sl)) => parts.push(format!("cpu {sl} ms every {} ms", r.cpu_period_ms.unwrap_or(100))),
+        _ => {}
+    }
+    if let Some(m) = r.memory_limit_mib {
+        parts.push(format!("memory limit {m} MiB"));
+    }
+    if let Some(b) = r.disk_bps {
+        parts.push(format!("disk {}/s", bytes(b)));
+    }
+    if let Some(n) = r.disk_iops {
+        parts.push(format!("disk {n} IOPS"));
+    }
+    parts.join(", ")
+}
+
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  vgrid usage\n  vgrid usage --user anonymous --since 1h\n  vgrid usage --since 2026-11-26T00:00:00Z --json\n\n\
 CPU-seconds come from the VMs' cgroup counters, memory MiB-seconds integrate the cgroup's memory\n\

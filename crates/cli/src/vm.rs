@@ -232,6 +232,9 @@ fn show(v: &VmRecord) {
     }
     println!("cpus:     {}", v.cpus);
     println!("memory:   {} MiB", v.memory_mib);
+    if !v.resources.is_empty() {
+        println!("limits:   {}", crate::usage::describe(&v.resources));
+    }
     if let Some(h) = &v.host {
         println!("host:     {h}");
     }

@@ -245,7 +245,7 @@ impl Agent {
         // vCPUs are overcommitted 4:1, as OpenStack's default cpu_allocation_ratio.
         let cpus = cfg.max_cpus.unwrap_or_else(|| 4 * std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
         let accel = Accel::detect();
-        let res = crate::resources::HostResources::new(&cfg.name, cfg.max_share, Some(memory_mib))
+        let res = crate::resources::HostResources::new(&cfg.name, cfg.max_share, Some(memory_mib), &cfg.data_dir.join("vms"))
             .map(Arc::new)
             .map_err(|e| AgentError::Io { id: "-".into(), what: "resource control", path: "/sys/fs/cgroup".into(), cause: e })?;
         tracing::info!(host = %cfg.name, accel = accel.as_str(), memory_mib, cpus, nbd = %nbd_socket.display(), "host agent started");

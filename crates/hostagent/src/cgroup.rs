@@ -90,6 +90,9 @@ pub struct Cgroups {
     hiers: Vec<Hier>,
     /// `vgrid/HOST`, relative to each mount.
     parent: PathBuf,
+    /// The cap last set by [`Cgroups::setup_parent`], to set again should the parent vanish
+    /// (another agent of the same host name removed it at its shutdown).
+    cap: std::sync::Arc<std::sync::Mutex<(Option<f64>, Option<u64>)>>,
 }
 
 fn io(path: &Path, what: &'static str, e: std::io::Error) -> CgroupError {
@@ -130,7 +133,7 @@ impl Cgroups {
             let ctl = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
             let has = |c: &str| ctl.split_whitespace().any(|x| x == c);
             let h = Hier { mount: root.to_path_buf(), cpu: has("cpu"), cpuacct: true, memory: has("memory") };
-            return Ok(Cgroups { version: Version::V2, hiers: vec![h], parent });
+            return Ok(Cgroups { version: Version::V2, hiers: vec![h], parent, cap: Default::default() });
         }
         // v1: one mount per controller set, found in the mount table.
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
@@ -158,7 +161,7 @@ impl Cgroups {
         if hiers.is_empty() {
             return Err(CgroupError::NotMounted(root.to_path_buf()));
         }
-        Ok(Cgroups { version: Version::V1, hiers, parent })
+        Ok(Cgroups { version: Version::V1, hiers, parent, cap: Default::default() })
     }
 
     pub fn version(&self) -> Version {
@@ -223,6 +226,7 @@ impl Cgroups {
     /// Creates the parent group `vgrid/HOST` and sets the owner's cap on it: `max_share` of the
     /// whole machine's CPU time in cores (`None`: unlimited) and `max_memory_bytes`.
     pub fn setup_parent(&self, cpu_cores: Option<f64>, max_memory_bytes: Option<u64>) -> Result<(), CgroupError> {
+        *self.cap.lock().unwrap() = (cpu_cores, max_memory_bytes);
         for h in self.mounts() {
             let dir = h.mount.join(&self.parent);
             if self.version == Version::V2 {
@@ -303,6 +307,10 @@ impl Cgroups {
     /// (its counters continue).
     pub fn create_vm(&self, id: &str, limits: &Limits) -> Result<VmCgroup, CgroupError> {
         self.check_limits(id, limits)?;
+        if self.mounts().iter().any(|h| !h.mount.join(&self.parent).is_dir()) {
+            let (c, m) = *self.cap.lock().unwrap();
+            self.setup_parent(c, m)?;
+        }
         let rel = self.parent.join(id);
         for h in self.mounts() {
             let dir = h.mount.join(&rel);
@@ -335,6 +343,29 @@ impl Cgroups {
     pub fn parent_usage(&self) -> Usage {
         let dir = |ctl: &str| self.hier_of(ctl).map(|h| h.mount.join(&self.parent));
         usage_of(self.version, dir("cpu"), dir("cpuacct"), dir("memory"))
+    }
+
+    /// Removes VM groups left empty under the parent (their QEMU died with an earlier agent)
+    /// among those `ours` claims (another agent using the same host name may be creating one);
+    /// groups that still hold a process are kept (a QEMU that may be re-adopted). Returns the
+    /// ids removed.
+    pub fn remove_stale(&self, ours: impl Fn(&str) -> bool) -> Vec<String> {
+        let Some(first) = self.mounts().first().map(|h| h.mount.join(&self.parent)) else { return vec![] };
+        let mut removed = Vec::new();
+        for e in std::fs::read_dir(first).into_iter().flatten().flatten() {
+            if !e.path().is_dir() {
+                continue;
+            }
+            let id = e.file_name().to_string_lossy().into_owned();
+            if !ours(&id) {
+                continue;
+            }
+            let g = self.vm(&id);
+            if g.pids().is_empty() && g.remove().is_ok() {
+                removed.push(id);
+            }
+        }
+        removed
     }
 
     /// Removes the parent group if no VM group is left in it (at agent shutdown).
@@ -548,6 +579,26 @@ mod tests {
         assert_eq!(u.cpu_ns, 1_500_000);
         assert_eq!((u.cpu_periods, u.cpu_throttled_periods), (7, 3));
         assert_eq!((u.memory_bytes, u.memory_limit_hits, u.oom_kills), (4096, 5, 1));
+    }
+
+    #[test]
+    fn v2_parent_holds_the_cap_and_comes_back() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("cgroup.controllers"), "cpu memory\n").unwrap();
+        let cg = Cgroups::detect_at(root.path(), "h2").unwrap();
+        cg.setup_parent(Some(0.5), Some(1 << 30)).unwrap();
+        let p = root.path().join("vgrid/h2");
+        assert_eq!(std::fs::read_to_string(p.join("cpu.max")).unwrap(), "50000 100000");
+        assert_eq!(std::fs::read_to_string(p.join("memory.max")).unwrap(), (1u64 << 30).to_string());
+        // Controllers are enabled for the children all the way down.
+        assert_eq!(std::fs::read_to_string(root.path().join("vgrid/cgroup.subtree_control")).unwrap(), "+memory");
+        // Another agent of this name removed the parent: the next VM sets the cap again.
+        std::fs::remove_dir_all(root.path().join("vgrid")).unwrap();
+        cg.create_vm("vm-2", &Limits::default()).unwrap();
+        assert_eq!(std::fs::read_to_string(p.join("cpu.max")).unwrap(), "50000 100000");
+        assert_eq!(std::fs::read_to_string(p.join("vm-2/cpu.max")).unwrap(), "max 100000");
+        // Empty groups of VMs that are ours are cleaned up, others' are left alone.
+        assert!(cg.remove_stale(|id| id == "vm-x").is_empty());
     }
 
     #[test]

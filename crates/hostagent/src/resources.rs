@@ -119,7 +119,9 @@ impl HostResources {
     /// Detects cgroups and creates the parent group `vgrid/HOST` with the owner's cap
     /// (`max_share` of the machine's CPU time, `max_memory_mib` for all guests). Without usable
     /// cgroups the agent still runs, unlimited and with a warning.
-    pub fn new(host: &str, max_share: Option<f64>, max_memory_mib: Option<u64>) -> Result<HostResources, String> {
+    /// `vms_dir` holds this agent's VM runtime directories: only groups of VMs found there are
+    /// cleaned up as stale.
+    pub fn new(host: &str, max_share: Option<f64>, max_memory_mib: Option<u64>, vms_dir: &std::path::Path) -> Result<HostResources, String> {
         if let Some(s) = max_share {
             if !(s.is_finite() && s > 0.0 && s <= 1.0) {
                 return Err(format!("--max-share {s} is out of range: more than 0, at most 1 (the whole machine)"));
@@ -136,6 +138,10 @@ impl HostResources {
                 }
                 match cg.setup_parent(cap_cores, max_memory_mib.map(|m| m << 20)) {
                     Ok(()) => {
+                        let stale = cg.remove_stale(|id| vms_dir.join(id).is_dir());
+                        if !stale.is_empty() {
+                            tracing::info!(host, ?stale, "removed empty cgroups of VMs that ended with an earlier agent");
+                        }
                         tracing::info!(host, version = cg.version().as_str(), cap_cores, max_memory_mib, "resource control by cgroups");
                         Some(cg)
                     }
