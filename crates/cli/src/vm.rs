@@ -11,6 +11,8 @@ use vgrid_coordinator::hosts::HostRecord;
 use crate::output::{age, print_json, table};
 use crate::Ctx;
 
+// Parsed once per process: the size of `Run` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
     /// Start a VM from an image and wait until it runs (or until TEXT shows on its console).

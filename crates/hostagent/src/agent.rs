@@ -249,7 +249,7 @@ impl Agent {
             .map(Arc::new)
             .map_err(|e| AgentError::Io { id: "-".into(), what: "resource control", path: "/sys/fs/cgroup".into(), cause: e })?;
         tracing::info!(host = %cfg.name, accel = accel.as_str(), memory_mib, cpus, nbd = %nbd_socket.display(), "host agent started");
-        Ok(Arc::new(Agent {
+        let a = Arc::new(Agent {
             cfg,
             servers,
             proxy,
@@ -262,22 +262,20 @@ impl Agent {
             memory_mib,
             cpus,
             res,
-        }))
-        .map(|a: Arc<Agent>| {
-            // Load and usage sampling, every second, for as long as the agent lives.
-            let weak = Arc::downgrade(&a);
-            tokio::spawn(async move {
-                let mut n = 0u64;
-                loop {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    let Some(a) = weak.upgrade() else { break };
-                    let vms: Vec<Arc<Vm>> = a.vms.lock().unwrap().values().map(|s| s.vm.clone()).collect();
-                    a.res.tick(&vms, a.proxy.stats().bytes_fetched, n % 5 == 0).await;
-                    n += 1;
-                }
-            });
-            a
-        })
+        });
+        // Load and usage sampling, every second (disk counters every 5 s), while the agent lives.
+        let weak = Arc::downgrade(&a);
+        tokio::spawn(async move {
+            let mut slow_in = 0u32;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(a) = weak.upgrade() else { break };
+                let vms: Vec<Arc<Vm>> = a.vms.lock().unwrap().values().map(|s| s.vm.clone()).collect();
+                a.res.tick(&vms, a.proxy.stats().bytes_fetched, slow_in == 0).await;
+                slow_in = if slow_in == 0 { 4 } else { slow_in - 1 };
+            }
+        });
+        Ok(a)
     }
 
     /// Resource control, accounting and load of this host.

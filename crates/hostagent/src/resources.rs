@@ -363,9 +363,7 @@ impl HostResources {
         let n = tracked.len() as u64;
         for (id, t) in tracked.iter_mut() {
             sample(t);
-            if n > 0 {
-                t.fetched_bytes += fetched_delta / n;
-            }
+            t.fetched_bytes += fetched_delta.checked_div(n).unwrap_or(0);
             if let Some((r, w)) = disk.get(id) {
                 t.disk_read_bytes = *r;
                 t.disk_write_bytes = *w;
