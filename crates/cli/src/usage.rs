@@ -14,7 +14,7 @@ use crate::Ctx;
 pub struct ResourceArgs {
     /// CPU reservation as a fraction of one core (e.g. 0.2), for all of the VM's QEMU threads
     /// together; enforced as CFS bandwidth [default: none, the VM competes fairly].
-    #[arg(long, conflicts_with = "cpu_slice")]
+    #[arg(long, value_name = "FRACTION", conflicts_with = "cpu_slice")]
     pub cpu_share: Option<f64>,
     /// CPU reservation as a (slice, period): MS of CPU time every --cpu-period MS.
     #[arg(long, value_name = "MS", requires = "cpu_period")]
