@@ -37,6 +37,22 @@ pub struct HostAd {
     /// For each image (`NAME@VERSION`), the fraction of its chunks in the host cache (0..=1).
     #[serde(default)]
     pub image_cache: BTreeMap<String, f64>,
+    /// CPU cores busy during the last second (sampled every second from /proc/stat).
+    #[serde(default)]
+    pub load_now: f64,
+    /// Mean of the cores predicted busy over the next 30 s (AR(16) model of the samples).
+    #[serde(default)]
+    pub load_predicted: f64,
+    /// The owner's CPU cap for all guests together, in cores (`--max-share` times the host's
+    /// CPUs); 0 when uncapped.
+    #[serde(default)]
+    pub cpu_cap: f64,
+    /// Cores of the cap not yet reserved by guests (`cpu_share` reservations).
+    #[serde(default)]
+    pub free_cpu_share: f64,
+    /// Cgroup version used for resource control (`v1`, `v2`), empty when unavailable.
+    #[serde(default)]
+    pub cgroups: String,
 }
 
 /// An image server's advertisement.
@@ -55,6 +71,9 @@ pub struct PlacementRequest {
     pub image: String,
     pub cpus: u32,
     pub memory_mib: u64,
+    /// CPU reservation in cores (0: none); admitted only within a host's `free_cpu_share`.
+    #[serde(default)]
+    pub cpu_share: f64,
     /// The user's requirement (CEL over `host`), if any.
     #[serde(default)]
     pub require: Option<String>,

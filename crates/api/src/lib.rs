@@ -6,6 +6,7 @@ pub mod auth;
 pub mod grid;
 pub mod manifest;
 pub mod rest;
+pub mod usage;
 pub mod vm;
 
 pub use manifest::{Blob, Boot, ChunkHash, ImageMeta, ImageRef, Manifest, ManifestError};

@@ -87,6 +87,51 @@ pub struct VmCreate {
     /// Fail at once when no host can take the VM now, instead of queueing it.
     #[serde(default)]
     pub no_wait: bool,
+    /// CPU reservation, memory limit and disk throttling (all optional).
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+/// Resource control of one VM, enforced by its host (cgroups and QEMU throttle groups).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU reservation as a fraction of one core (e.g. 0.2), over all of QEMU's threads:
+    /// CFS bandwidth `share * period` per period. Exclusive with `cpu_slice_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_share: Option<f64>,
+    /// CPU reservation as VSched's (slice, period): `cpu_slice_ms` of CPU time every
+    /// `cpu_period_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_slice_ms: Option<u64>,
+    /// The reservation's period [default 100 ms].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_period_ms: Option<u64>,
+    /// Limit on QEMU's whole memory in MiB [default: the guest's memory plus the measured
+    /// QEMU overhead].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_mib: Option<u64>,
+    /// Guest disk bandwidth limit, bytes per second (reads and writes together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bps: Option<u64>,
+    /// Guest disk operations per second limit (reads and writes together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_iops: Option<u64>,
+}
+
+impl Resources {
+    pub fn is_empty(&self) -> bool {
+        *self == Resources::default()
+    }
+
+    /// The reserved CPU in cores (`cpu_share`, or slice / period), 0 when none.
+    pub fn cpu_cores(&self) -> f64 {
+        match (self.cpu_share, self.cpu_slice_ms) {
+            (Some(s), _) => s,
+            (None, Some(sl)) => sl as f64 / self.cpu_period_ms.unwrap_or(100).max(1) as f64,
+            _ => 0.0,
+        }
+    }
 }
 
 pub fn default_cpus() -> u32 {
@@ -129,6 +174,9 @@ pub struct VmRecord {
     pub require: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rank: Option<String>,
+    /// Resource control it was started with.
+    #[serde(default, skip_serializing_if = "Resources::is_empty")]
+    pub resources: Resources,
     /// Seconds since the Unix epoch.
     pub created: u64,
     #[serde(default)]

@@ -9,6 +9,7 @@ mod console;
 mod image;
 mod output;
 mod roles;
+mod usage;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -64,6 +65,8 @@ pub enum Cmd {
     User(auth::UserCmd),
     /// The audit log: every state-changing request and every refused one (admins see all).
     Audit(auth::AuditArgs),
+    /// Resource use per VM and per user: CPU-seconds, memory MiB-seconds, disk and image bytes.
+    Usage(usage::UsageArgs),
 }
 
 /// Entry point of the `vgrid` binary.
@@ -110,6 +113,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Whoami => auth::whoami_cmd(&ctx).await,
         Cmd::User(c) => auth::user_cmd(&ctx, c).await,
         Cmd::Audit(a) => auth::audit_cmd(&ctx, a).await,
+        Cmd::Usage(a) => usage::run(&ctx, a).await,
     }
 }
 

@@ -73,9 +73,15 @@ pub struct HostOpts {
     /// Host chunk cache size bound.
     #[arg(long, default_value = "20G", value_parser = parse_size)]
     pub cache_size: u64,
-    /// Memory the host offers to guests, in MiB [default: 3/4 of physical memory].
+    /// Memory the host offers to guests, in MiB [default: 3/4 of physical memory]; also the
+    /// memory limit of the cgroup holding all guests.
     #[arg(long)]
     pub max_memory: Option<u64>,
+    /// The owner's CPU cap: the fraction (0-1] of this machine's CPU time all guests together
+    /// may use, enforced by a parent cgroup; CPU reservations beyond it are refused
+    /// [default: uncapped].
+    #[arg(long, env = "VGRID_MAX_SHARE", value_parser = parse_share)]
+    pub max_share: Option<f64>,
     /// vCPUs the host offers to guests [default: 4 per CPU].
     #[arg(long)]
     pub max_cpus: Option<u32>,
@@ -108,6 +114,14 @@ impl BeatOpts {
         let i = Duration::from_secs(self.heartbeat_interval.max(1));
         Arc::new(Registry::new(i, i * self.lost_after_beats.max(1)))
     }
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("invalid share {s:?}: expected a fraction such as 0.5"))?;
+    if !(v > 0.0 && v <= 1.0) {
+        return Err(format!("share {s} is out of range: more than 0, at most 1 (the whole machine)"));
+    }
+    Ok(v)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -222,6 +236,7 @@ async fn start_agent(data: &std::path::Path, o: &HostOpts, extra_servers: Vec<St
         cache_max_bytes: o.cache_size,
         max_memory_mib: o.max_memory,
         max_cpus: o.max_cpus,
+        max_share: o.max_share,
     })
     .await
     .map_err(|e| anyhow!("starting the host agent: {e}"))

@@ -11,6 +11,8 @@ use vgrid_coordinator::hosts::HostRecord;
 use crate::output::{age, print_json, table};
 use crate::Ctx;
 
+// Parsed once per process: the size of `Run` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
     /// Start a VM from an image and wait until it runs (or until TEXT shows on its console).
@@ -79,6 +81,8 @@ pub struct RunArgs {
     /// Give up waiting after this many seconds (the VM keeps running).
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    #[command(flatten)]
+    pub resources: crate::usage::ResourceArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -164,7 +168,7 @@ pub async fn run_host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<ExitCode> {
                             format!("{}/{}", h.ad.free_cpus, h.ad.cpus),
                             format!("{}/{} MiB", h.ad.free_memory_mib, h.ad.memory_mib),
                             h.ad.accel.clone(),
-                            format!("{:.2}", h.ad.load_avg),
+                            format!("{:.2}/{:.2}", h.ad.load_now, h.ad.load_predicted),
                             h.ad.running_vms.to_string(),
                             labels.join(","),
                             h.ad.url.clone(),
@@ -173,7 +177,7 @@ pub async fn run_host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<ExitCode> {
                     .collect();
                 println!(
                     "{}",
-                    table(&["NAME", "STATE", "ARCH", "FREE CPUS", "FREE MEMORY", "ACCEL", "LOAD", "VMS", "LABELS", "URL"], rows)
+                    table(&["NAME", "STATE", "ARCH", "FREE CPUS", "FREE MEMORY", "ACCEL", "LOAD NOW/PRED", "VMS", "LABELS", "URL"], rows)
                 );
             }
         }
@@ -188,7 +192,14 @@ pub async fn run_host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<ExitCode> {
                 println!("arch:        {} ({}), QEMU {}", h.ad.arch, h.ad.accel, h.ad.qemu_version);
                 println!("cpus:        {} free of {}", h.ad.free_cpus, h.ad.cpus);
                 println!("memory:      {} MiB free of {} MiB", h.ad.free_memory_mib, h.ad.memory_mib);
-                println!("load:        {:.2}", h.ad.load_avg);
+                println!("load:        {:.2} (1-minute average)", h.ad.load_avg);
+                println!("load now:    {:.2} cores busy; predicted {:.2} (mean over the next 30 s, AR(16))", h.ad.load_now, h.ad.load_predicted);
+                if h.ad.cpu_cap > 0.0 {
+                    println!("cpu cap:     {:.2} cores for all guests, {:.2} not reserved", h.ad.cpu_cap, h.ad.free_cpu_share);
+                } else {
+                    println!("cpu cap:     none");
+                }
+                println!("cgroups:     {}", if h.ad.cgroups.is_empty() { "unavailable (no resource control)" } else { h.ad.cgroups.as_str() });
                 println!("networks:    {}", h.ad.network_modes.join(", "));
                 for (k, v) in &h.ad.labels {
                     println!("label:       {k}={v}");
@@ -223,6 +234,9 @@ fn show(v: &VmRecord) {
     }
     println!("cpus:     {}", v.cpus);
     println!("memory:   {} MiB", v.memory_mib);
+    if !v.resources.is_empty() {
+        println!("limits:   {}", crate::usage::describe(&v.resources));
+    }
     if let Some(h) = &v.host {
         println!("host:     {h}");
     }
@@ -252,6 +266,7 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
         require: a.require.clone(),
         rank: a.rank.clone(),
         no_wait: a.no_wait,
+        resources: a.resources.to_api(),
     };
     let mut v: VmRecord = api.post("/api/v1/vms", &req).await?;
     let quiet = ctx.json;

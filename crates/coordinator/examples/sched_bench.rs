@@ -69,6 +69,11 @@ fn host_ad(i: usize, rng: &mut Rng) -> HostAd {
         load_avg: rng.unit() * cpus as f64,
         running_vms: rng.below(4) as u32,
         image_cache,
+        load_now: 0.0,
+        load_predicted: 0.0,
+        cpu_cap: 0.0,
+        free_cpu_share: 0.0,
+        cgroups: String::new(),
     }
 }
 
@@ -90,6 +95,7 @@ fn request(rng: &mut Rng) -> PlacementRequest {
         image: format!("img{}@1", rng.below(IMAGES)),
         cpus: 1 + rng.below(4) as u32,
         memory_mib: 1024 * (1 + rng.below(4)),
+        cpu_share: 0.0,
         require: Some(REQUIREMENTS[rng.below(REQUIREMENTS.len() as u64) as usize].into()),
         rank: if rng.below(2) == 0 { Some(RANKS[rng.below(RANKS.len() as u64) as usize].into()) } else { None },
     }

@@ -27,7 +27,7 @@ use axum::Extension;
 use vgrid_api::auth::{AuditEntry, Challenge, ChallengeRequest, LoginRequest, LoginToken, Quota, UserCreate, UserInfo};
 
 /// An error as the API returns it.
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -82,10 +82,12 @@ type Users = Extension<Arc<Auth>>;
     info(title = "vgrid API", description = "Run VMs on a grid of hosts, images streamed on demand."),
     paths(list_vms, create_vm, get_vm, stop_vm, delete_vm, console, list_hosts, get_host, host_heartbeat,
         list_image_servers, image_server_heartbeat, futures, auth_challenge, auth_login, auth_logout, whoami,
-        list_users, add_user, get_user, delete_user, set_quota, audit),
+        list_users, add_user, get_user, delete_user, set_quota, audit, crate::accounting::get_usage),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
         HostState, HostHeartbeat, HeartbeatReply, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
-        Challenge, ChallengeRequest, LoginRequest, LoginToken, Quota, UserCreate, UserInfo, AuditEntry)),
+        Challenge, ChallengeRequest, LoginRequest, LoginToken, Quota, UserCreate, UserInfo, AuditEntry,
+        vgrid_api::vm::Resources, vgrid_api::usage::UsageReport, vgrid_api::usage::UserUsage, vgrid_api::usage::VmUsage,
+        vgrid_api::usage::UsageTotals, vgrid_api::usage::VmUsageReport)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -186,6 +188,7 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>) -> Router {
         .route("/api/v1/hosts/heartbeat", post(host_heartbeat))
         .route("/api/v1/hosts/{name}", get(get_host))
         .route("/api/v1/futures", post(futures))
+        .route("/api/v1/usage", get(crate::accounting::get_usage))
         .route("/api/v1/image-servers", get(list_image_servers))
         .route("/api/v1/image-servers/heartbeat", post(image_server_heartbeat))
         .with_state(c)

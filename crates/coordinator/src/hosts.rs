@@ -24,6 +24,9 @@ pub struct HostHeartbeat {
     #[serde(default)]
     #[schema(value_type = Vec<Object>)]
     pub vms: Vec<VmReport>,
+    /// Per-VM cumulative usage counters (running VMs, and the last report of ended ones).
+    #[serde(default)]
+    pub usage: Vec<vgrid_api::usage::VmUsageReport>,
 }
 
 /// Answer to a heartbeat: when to beat again and which image servers to read from.

@@ -4,6 +4,7 @@
 //! while its host is silent). It speaks to host agents over their HTTP API only, and must never
 //! touch QEMU, NBD or chunk storage directly: those belong to the host agent and image store.
 
+pub mod accounting;
 pub mod api;
 pub mod auth;
 pub mod hosts;

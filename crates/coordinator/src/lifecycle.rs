@@ -61,6 +61,7 @@ pub struct Coordinator {
     /// advertisement computed from older records never replaces a newer one (which would give
     /// the host more than it has).
     ads: std::sync::Mutex<()>,
+    accounting: crate::accounting::Accounting,
 }
 
 impl Coordinator {
@@ -69,7 +70,8 @@ impl Coordinator {
     /// reports in, so a restart neither loses nor duplicates a VM.
     pub async fn new(state: Arc<dyn StateStore>, registry: Arc<Registry>) -> Result<Arc<Self>, CoordinatorError> {
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().expect("HTTP client");
-        let c = Arc::new(Coordinator { state, registry, sched: Scheduler::new(), http, lock: Mutex::new(()), ads: Default::default() });
+        let accounting = crate::accounting::Accounting::new(state.clone());
+        let c = Arc::new(Coordinator { state, registry, sched: Scheduler::new(), http, lock: Mutex::new(()), ads: Default::default(), accounting });
         for vm in c.state.list_vms()? {
             match vm.state {
                 VmState::Pending if vm.host.is_none() => {
@@ -110,6 +112,11 @@ impl Coordinator {
         &self.registry
     }
 
+    /// Per-VM and per-user resource use.
+    pub fn accounting(&self) -> &crate::accounting::Accounting {
+        &self.accounting
+    }
+
     fn client(&self, host: &str) -> Result<HostClient, CoordinatorError> {
         let h = self.registry.host(host).ok_or_else(|| CoordinatorError::UnknownHost(host.to_string()))?;
         Ok(HostClient::new(&h.ad.name, &h.ad.url, self.http.clone()))
@@ -125,6 +132,9 @@ impl Coordinator {
             self.sched.upsert(self.adjusted(hb.ad.clone()))?;
         }
         let running: Vec<String> = hb.vms.iter().map(|v| v.id.clone()).collect();
+        if let Err(e) = self.accounting.record(&name, &hb.usage, |id| self.state.get_vm(id).ok().flatten()) {
+            tracing::error!(host = %name, "cannot record usage: {e}");
+        }
         if self.registry.host_beat(hb) {
             tracing::info!(host = %name, "host ready");
             for vm in self.state.list_vms().unwrap_or_default() {
@@ -147,6 +157,7 @@ impl Coordinator {
         let (cpus, mem) = reserved(&vms, &ad.name);
         ad.free_cpus = ad.cpus.saturating_sub(cpus);
         ad.free_memory_mib = ad.memory_mib.saturating_sub(mem);
+        ad.free_cpu_share = free_share(&vms, &ad);
         ad
     }
 
@@ -201,6 +212,7 @@ impl Coordinator {
                 let (cpus, mem) = reserved(&vms, &h.ad.name);
                 h.ad.free_cpus = h.ad.cpus.saturating_sub(cpus);
                 h.ad.free_memory_mib = h.ad.memory_mib.saturating_sub(mem);
+                h.ad.free_cpu_share = free_share(&vms, &h.ad);
                 h
             })
             .collect()
@@ -272,8 +284,17 @@ impl Coordinator {
                 CoordinatorError::BadRequest(format!("invalid VM name {n:?}: use 1-64 characters of A-Z a-z 0-9 . _ -"))
             })?;
         }
+        vgrid_hostagent::cgroup::reservation(req.resources.cpu_share, req.resources.cpu_slice_ms, req.resources.cpu_period_ms)
+            .map_err(CoordinatorError::BadRequest)?;
+        if req.resources.memory_limit_mib.is_some_and(|m| m < 16) {
+            return Err(CoordinatorError::BadRequest("memory limit under 16 MiB: QEMU cannot run in it".into()));
+        }
+        if req.resources.disk_bps == Some(0) || req.resources.disk_iops == Some(0) {
+            return Err(CoordinatorError::BadRequest("disk limits must be positive (leave them out for no limit)".into()));
+        }
         let manifest = self.resolve_image(&image).await?;
-        let preq = placement_request(owner, &manifest, req.cpus, req.memory_mib, &req.require, &req.rank);
+        let mut preq = placement_request(owner, &manifest, req.cpus, req.memory_mib, &req.require, &req.rank);
+        preq.cpu_share = req.resources.cpu_cores();
         self.sched.validate(&preq)?;
         let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
 
@@ -333,6 +354,7 @@ impl Coordinator {
             pid: None,
             require: req.require.clone(),
             rank: req.rank.clone(),
+            resources: req.resources.clone(),
             created: now(),
             started: None,
             stopped: None,
@@ -379,6 +401,7 @@ impl Coordinator {
             image: image.as_ref().map(|m| m.image_ref().to_string()).unwrap_or_default(),
             cpus: req.cpus,
             memory_mib: req.memory_mib,
+            cpu_share: 0.0,
             require: req.require.clone().filter(|r| !r.trim().is_empty()),
             rank: None,
         };
@@ -440,7 +463,8 @@ impl Coordinator {
             return;
         };
         tracing::info!(vm = %vm.id, "queued again after the coordinator restarted");
-        let preq = placement_request(&vm.owner, &manifest, vm.cpus, vm.memory_mib, &vm.require, &vm.rank);
+        let mut preq = placement_request(&vm.owner, &manifest, vm.cpus, vm.memory_mib, &vm.require, &vm.rank);
+        preq.cpu_share = vm.resources.cpu_cores();
         let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
         self.queued(preq, opts, launch_request(&vm, &manifest)).await;
     }
@@ -569,7 +593,11 @@ impl Coordinator {
             };
             match client.wait(&id).await {
                 Ok(exit) if exit.exit.code.is_some() || exit.exit.signal.is_some() || rec.state == VmState::Stopping => {
-                    self.exited(&client, &id, exit.exit, exit.console_tail).await;
+                    let mut tail = exit.console_tail;
+                    if let Some(c) = exit.cause {
+                        tail.insert(0, format!("(host: {c})"));
+                    }
+                    self.exited(&client, &id, exit.exit, tail).await;
                     return;
                 }
                 Ok(_) => {
@@ -811,6 +839,7 @@ fn placement_request(
         image: manifest.image_ref().to_string(),
         cpus,
         memory_mib,
+        cpu_share: 0.0,
         require: require.clone(),
         rank: rank.clone(),
     }
@@ -825,6 +854,7 @@ fn launch_request(rec: &VmRecord, manifest: &Manifest) -> LaunchRequest {
         memory_mib: rec.memory_mib,
         forwards: rec.forwards.iter().map(|f| (f.host, f.guest)).collect(),
         accel: rec.accel.clone(),
+        resources: rec.resources.clone(),
     }
 }
 
@@ -844,6 +874,19 @@ fn explain(nm: &crate::sched::NoMatch) -> String {
         s.push_str(&format!("\n  and {} more", nm.refusals.len() - 50));
     }
     s
+}
+
+/// Cores of `ad`'s owner cap not reserved by the active VMs recorded on it (0 when uncapped).
+fn free_share(vms: &[VmRecord], ad: &HostAd) -> f64 {
+    if ad.cpu_cap <= 0.0 {
+        return 0.0;
+    }
+    let held: f64 = vms
+        .iter()
+        .filter(|v| v.state.is_active() && v.host.as_deref() == Some(ad.name.as_str()))
+        .map(|v| v.resources.cpu_cores())
+        .sum();
+    (ad.cpu_cap - held).max(0.0)
 }
 
 /// Cpus and memory of the active VMs recorded on `host`.

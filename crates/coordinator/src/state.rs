@@ -9,6 +9,18 @@ use redb::ReadableTable;
 use vgrid_api::vm::VmRecord;
 
 const VMS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("vms");
+/// Accounting: per-VM totals, and per-VM time buckets (see `accounting.rs`).
+const USAGE: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("usage");
+const USAGE_BUCKETS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("usage_buckets");
+
+/// The accounting tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageTable {
+    /// Key: VM id.
+    Vms,
+    /// Key: `VMID/START` (START: zero-padded seconds since the epoch).
+    Buckets,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -39,10 +51,21 @@ pub trait StateStore: Send + Sync {
     fn get_record(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, StateError>;
     fn list_records(&self, table: &str) -> Result<Vec<(String, Vec<u8>)>, StateError>;
     fn delete_record(&self, table: &str, key: &str) -> Result<bool, StateError>;
+    /// Accounting rows written in one transaction.
+    fn put_usage(&self, rows: &[(UsageTable, String, Vec<u8>)]) -> Result<(), StateError>;
+    /// Accounting rows whose key starts with `prefix`, in key order.
+    fn scan_usage(&self, table: UsageTable, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError>;
 }
 
 fn records(table: &str) -> redb::TableDefinition<'_, &'static str, &'static [u8]> {
     redb::TableDefinition::new(table)
+}
+
+fn usage_def(t: UsageTable) -> redb::TableDefinition<'static, &'static str, &'static [u8]> {
+    match t {
+        UsageTable::Vms => USAGE,
+        UsageTable::Buckets => USAGE_BUCKETS,
+    }
 }
 
 /// The default backend: one redb file under the data directory.
@@ -56,6 +79,8 @@ impl RedbState {
             .map_err(|e| StateError::Open { path: path.display().to_string(), cause: e.to_string() })?;
         let tx = db.begin_write()?;
         tx.open_table(VMS)?;
+        tx.open_table(USAGE)?;
+        tx.open_table(USAGE_BUCKETS)?;
         tx.commit()?;
         Ok(RedbState { db })
     }
@@ -137,6 +162,29 @@ impl StateStore for RedbState {
         tx.commit()?;
         Ok(existed)
     }
+
+    fn put_usage(&self, rows: &[(UsageTable, String, Vec<u8>)]) -> Result<(), StateError> {
+        let tx = self.db.begin_write()?;
+        for (t, k, v) in rows {
+            tx.open_table(usage_def(*t))?.insert(k.as_str(), v.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn scan_usage(&self, table: UsageTable, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(usage_def(table))?;
+        let mut out = Vec::new();
+        for entry in t.range(prefix..)? {
+            let (k, v) = entry?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -165,6 +213,7 @@ mod tests {
             pid: None,
             require: None,
             rank: None,
+            resources: Default::default(),
             created: 1,
             started: None,
             stopped: None,

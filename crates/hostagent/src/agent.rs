@@ -35,6 +35,9 @@ pub struct AgentConfig {
     pub max_memory_mib: Option<u64>,
     /// vCPUs offered to guests [default: 4 per host CPU].
     pub max_cpus: Option<u32>,
+    /// The owner's CPU cap: this fraction of the machine's CPU time for all guests together
+    /// (a parent cgroup; CPU reservations beyond it are refused). None: uncapped.
+    pub max_share: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +56,8 @@ pub enum AgentError {
     BadAccel(String),
     #[error("VM {id}: KVM was asked for but is not usable on this host")]
     NoKvm { id: String },
+    #[error(transparent)]
+    Admission(#[from] crate::resources::AdmissionError),
 }
 
 /// What the coordinator asks the host to start (`POST /host/v1/vms`).
@@ -66,6 +71,9 @@ pub struct LaunchRequest {
     pub forwards: Vec<(u16, u16)>,
     #[serde(default)]
     pub accel: Option<String>,
+    /// CPU reservation, memory limit, disk throttling.
+    #[serde(default)]
+    pub resources: vgrid_api::vm::Resources,
 }
 
 /// Where and how a host announces itself.
@@ -87,6 +95,9 @@ pub struct Heartbeat {
 pub struct VmExit {
     pub exit: ExitInfo,
     pub console_tail: Vec<String>,
+    /// What the host knows of the cause (e.g. its memory limit), if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
 }
 
 /// A VM this host runs, as reported in its heartbeat.
@@ -207,6 +218,7 @@ pub struct Agent {
     qemu_version: String,
     memory_mib: u64,
     cpus: u32,
+    res: Arc<crate::resources::HostResources>,
 }
 
 impl Agent {
@@ -233,8 +245,11 @@ impl Agent {
         // vCPUs are overcommitted 4:1, as OpenStack's default cpu_allocation_ratio.
         let cpus = cfg.max_cpus.unwrap_or_else(|| 4 * std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
         let accel = Accel::detect();
+        let res = crate::resources::HostResources::new(&cfg.name, cfg.max_share, Some(memory_mib), &cfg.data_dir.join("vms"))
+            .map(Arc::new)
+            .map_err(|e| AgentError::Io { id: "-".into(), what: "resource control", path: "/sys/fs/cgroup".into(), cause: e })?;
         tracing::info!(host = %cfg.name, accel = accel.as_str(), memory_mib, cpus, nbd = %nbd_socket.display(), "host agent started");
-        Ok(Arc::new(Agent {
+        let a = Arc::new(Agent {
             cfg,
             servers,
             proxy,
@@ -246,7 +261,26 @@ impl Agent {
             qemu_version,
             memory_mib,
             cpus,
-        }))
+            res,
+        });
+        // Load and usage sampling, every second (disk counters every 5 s), while the agent lives.
+        let weak = Arc::downgrade(&a);
+        tokio::spawn(async move {
+            let mut slow_in = 0u32;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(a) = weak.upgrade() else { break };
+                let vms: Vec<Arc<Vm>> = a.vms.lock().unwrap().values().map(|s| s.vm.clone()).collect();
+                a.res.tick(&vms, a.proxy.stats().bytes_fetched, slow_in == 0).await;
+                slow_in = if slow_in == 0 { 4 } else { slow_in - 1 };
+            }
+        });
+        Ok(a)
+    }
+
+    /// Resource control, accounting and load of this host.
+    pub fn resources(&self) -> &Arc<crate::resources::HostResources> {
+        &self.res
     }
 
     pub fn proxy(&self) -> &Arc<BlockProxy> {
@@ -289,7 +323,6 @@ impl Agent {
     /// an overlay over the proxy's export. Returns once QEMU's QMP answers.
     pub async fn launch(&self, req: LaunchRequest, progress: &(dyn Fn(&str) + Send + Sync)) -> Result<Launched, AgentError> {
         let id = req.id.clone();
-        let dir = self.runtime_dir(&id);
         let accel = match req.accel.as_deref() {
             None => None,
             Some("tcg") => Some(Accel::Tcg),
@@ -301,6 +334,25 @@ impl Agent {
             }
             Some(o) => return Err(AgentError::BadAccel(o.into())),
         };
+        let limits = self.res.admit(&id, &req.resources, req.memory_mib, accel.unwrap_or_else(Accel::detect))?;
+        let fetched0 = self.proxy.stats().bytes_fetched;
+        let r = self.launch_admitted(req, accel, &limits, fetched0, progress).await;
+        if r.is_err() {
+            self.res.release(&id);
+        }
+        r
+    }
+
+    async fn launch_admitted(
+        &self,
+        req: LaunchRequest,
+        accel: Option<Accel>,
+        limits: &crate::cgroup::Limits,
+        fetched0: u64,
+        progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<Launched, AgentError> {
+        let id = req.id.clone();
+        let dir = self.runtime_dir(&id);
         progress("fetching image");
         let t0 = Instant::now();
         let manifest = self.proxy.resolve(&req.image).await?;
@@ -339,7 +391,14 @@ impl Agent {
             forwards: req.forwards.clone(),
             accel,
         };
-        let vm = Vm::launch_with(spec, &dir, &LaunchOptions::default()).await?;
+        let cgroup = self.res.create_group(&id, limits)?;
+        let opts = LaunchOptions {
+            cgroup: cgroup.clone(),
+            disk_throttle: crate::resources::DiskThrottle::of(&req.resources),
+            ..LaunchOptions::default()
+        };
+        let vm = Vm::launch_with(spec, &dir, &opts).await?;
+        self.res.track(&vm, cgroup, limits, self.proxy.stats().bytes_fetched.saturating_sub(fetched0));
         let launched = Launched { pid: vm.pid(), accel: vm.accel().as_str().to_string() };
         self.vms.lock().unwrap().insert(id.clone(), Slot { vm: Arc::new(vm) });
         tracing::info!(vm = %id, image = %export, pid = launched.pid, "QEMU started");
@@ -387,6 +446,11 @@ impl Agent {
             load_avg: load_average(),
             running_vms: self.vms.lock().unwrap().len() as u32,
             image_cache: self.image_cache(),
+            load_now: self.res.load().now,
+            load_predicted: self.res.load().predicted,
+            cpu_cap: self.res.cap_cores().unwrap_or(0.0),
+            free_cpu_share: self.res.free_share(),
+            cgroups: self.res.cgroup_version(),
         }
     }
 
@@ -430,6 +494,7 @@ impl Agent {
             s.vm.release_console().await;
             let _ = s.vm.kill().await;
         }
+        self.res.release(id);
         let dir = self.runtime_dir(id);
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
@@ -512,9 +577,11 @@ impl Agent {
 
     /// One heartbeat; returns the interval the coordinator asks for.
     pub async fn heartbeat_once(&self, http: &reqwest::Client, hb: &Heartbeat) -> Result<(u64,), String> {
+        let usage = self.res.reports();
         let body = serde_json::json!({
             "ad": self.ad(&hb.url, hb.labels.clone(), hb.policy.clone()),
             "vms": self.vms(),
+            "usage": usage,
         });
         let url = format!("{}/api/v1/hosts/heartbeat", hb.coordinator.trim_end_matches('/'));
         let resp = http.post(&url).json(&body).send().await.map_err(|e| format!("{url}: {e}"))?;
@@ -530,6 +597,7 @@ impl Agent {
                 servers.push(s.to_string());
             }
         }
+        self.res.delivered(&usage);
         if !servers.is_empty() {
             self.servers.set(servers).map_err(|e| e.to_string())?;
         }
@@ -549,6 +617,7 @@ impl Agent {
             h.shutdown().await;
         }
         self.proxy.shutdown();
+        self.res.shutdown();
         let _ = std::fs::remove_file(&self.nbd_socket);
     }
 }

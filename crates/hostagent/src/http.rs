@@ -34,6 +34,8 @@ impl From<AgentError> for HttpError {
         let code = match &e {
             AgentError::UnknownVm(_) => StatusCode::NOT_FOUND,
             AgentError::BadAccel(_) | AgentError::NoKvm { .. } => StatusCode::BAD_REQUEST,
+            AgentError::Admission(crate::resources::AdmissionError::Invalid { .. }) => StatusCode::BAD_REQUEST,
+            AgentError::Admission(_) => StatusCode::CONFLICT,
             AgentError::Proxy(vgrid_blockproxy::ProxyError::ImageNotFound { .. }) => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -44,6 +46,7 @@ impl From<AgentError> for HttpError {
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/host/v1/cache/stats", get(stats))
+        .route("/host/v1/usage", get(usage))
         .route("/host/v1/pull/{image}", post(pull))
         .route("/host/v1/vms", get(list).post(launch))
         .route("/host/v1/vms/{id}", axum::routing::delete(remove))
@@ -78,7 +81,23 @@ async fn stop(State(a): Ctx, Path(id): Path<String>, body: Option<Json<VmStop>>)
 /// Long poll: answers when the VM's QEMU has exited (at once when the host does not run it).
 async fn wait(State(a): Ctx, Path(id): Path<String>) -> Response {
     let exit = a.wait_exit(&id).await;
-    Json(VmExit { exit, console_tail: a.console_tail(&id, 10) }).into_response()
+    let cause = a.resources().exit_cause(&id);
+    Json(VmExit { exit, console_tail: a.console_tail(&id, 10), cause }).into_response()
+}
+
+/// Per-VM usage counters (as in the heartbeat), the host load and its prediction.
+async fn usage(State(a): Ctx) -> Response {
+    let r = a.resources();
+    let load = r.load();
+    Json(serde_json::json!({
+        "vms": r.reports(),
+        "load_now": load.now,
+        "load_predicted": load.predicted,
+        "cpu_cap": r.cap_cores().unwrap_or(0.0),
+        "free_cpu_share": r.free_share(),
+        "cgroups": r.cgroup_version(),
+    }))
+    .into_response()
 }
 
 async fn release(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {

@@ -9,8 +9,11 @@
 
 pub mod accel;
 pub mod agent;
+pub mod cgroup;
 pub mod http;
+pub mod predict;
 pub mod qmp;
+pub mod resources;
 pub mod testkit;
 pub mod vm;
 

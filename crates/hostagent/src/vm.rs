@@ -140,6 +140,10 @@ pub struct LaunchOptions {
     /// must equal the saved VM's (same kernel/initrd files, memory, cpus) and the disk must be
     /// the saved VM's overlay: use the same runtime directory with `reuse_overlay`.
     pub incoming: Option<PathBuf>,
+    /// Put QEMU into this cgroup right after spawn (resource control). Default none.
+    pub cgroup: Option<crate::cgroup::VmCgroup>,
+    /// Throttle the guest's disk (a QEMU throttle group on the drive). Default none.
+    pub disk_throttle: Option<crate::resources::DiskThrottle>,
 }
 
 impl Default for LaunchOptions {
@@ -155,6 +159,8 @@ impl Default for LaunchOptions {
             kill_on_drop: false,
             reuse_overlay: false,
             incoming: None,
+            cgroup: None,
+            disk_throttle: None,
         }
     }
 }
@@ -708,6 +714,9 @@ impl Vm {
             args.push("-incoming".into());
             args.push(format!("file:{}", state.display()));
         }
+        if let Some(t) = &opts.disk_throttle {
+            crate::resources::throttle_args(&mut args, t);
+        }
         tracing::info!(vm = %id, accel = %accel, dir = %dir.display(), "starting QEMU");
         tracing::debug!(vm = %id, ?args, "QEMU command line");
         let mut cmd = tokio::process::Command::new(&opts.qemu_system);
@@ -725,6 +734,13 @@ impl Vm {
             source,
         })?;
         let pid = child.id().unwrap_or(0);
+        if let Some(cg) = &opts.cgroup {
+            if let Err(e) = cg.attach(pid) {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(VmError::InvalidSpec { id: id.clone(), reason: format!("cannot put QEMU into its cgroup: {e}") });
+            }
+        }
         let (exit_tx, mut exit_rx) = watch::channel(None);
         let vm_id = id.clone();
         tokio::spawn(async move {

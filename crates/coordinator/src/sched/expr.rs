@@ -32,6 +32,11 @@ pub const HOST_OWN_FIELDS: &[&str] = &[
     "free_cpus",
     "free_memory_mib",
     "load_avg",
+    "load_now",
+    "load_predicted",
+    "cpu_cap",
+    "free_cpu_share",
+    "cgroups",
     "running_vms",
     "image_cache",
 ];

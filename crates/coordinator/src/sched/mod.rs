@@ -819,6 +819,9 @@ impl Inner {
         if h.state != HostState::Ready || h.free_cpus() < req.cpus || h.free_mem() < req.memory_mib {
             return false;
         }
+        if share_refusal(&h.ad, req).is_some() {
+            return false;
+        }
         match require {
             Some(r) if host_clauses => r.check(h.val(), Some(Scope::Host)) == Outcome::True,
             _ => true,
@@ -871,6 +874,10 @@ impl Inner {
                 refusals.push(refuse("free_memory_mib", detail, true));
                 continue;
             }
+            if let Some((clause, detail, transient)) = share_refusal(&h.ad, req) {
+                refusals.push(refuse(clause, detail, transient));
+                continue;
+            }
             if let Some(r) = require {
                 match r.check(h.val(), Some(Scope::Host)) {
                     Outcome::True => {}
@@ -886,6 +893,35 @@ impl Inner {
         }
         NoMatch { refusals }
     }
+}
+
+/// Admission control of a CPU reservation against the owner's cap (`--max-share`): the
+/// failing built-in clause, what was found, and whether waiting could help.
+fn share_refusal(ad: &HostAd, req: &PlacementRequest) -> Option<(&'static str, String, bool)> {
+    if req.cpu_share <= 0.0 || ad.cpu_cap <= 0.0 {
+        return None;
+    }
+    if req.cpu_share > ad.cpu_cap + 1e-9 {
+        return Some((
+            "cpu_share",
+            format!("a CPU reservation of {:.3} cores exceeds the owner's cap of {:.3} cores for all guests (--max-share)", req.cpu_share, ad.cpu_cap),
+            false,
+        ));
+    }
+    if req.cpu_share > ad.free_cpu_share + 1e-9 {
+        return Some((
+            "free_cpu_share",
+            format!(
+                "a CPU reservation of {:.3} cores would exceed the owner's cap: {:.3} of {:.3} cores reserved, {:.3} free",
+                req.cpu_share,
+                (ad.cpu_cap - ad.free_cpu_share).max(0.0),
+                ad.cpu_cap,
+                ad.free_cpu_share
+            ),
+            true,
+        ));
+    }
+    None
 }
 
 /// What one placement needs while it checks classes.
@@ -989,7 +1025,11 @@ impl DefaultRank {
     fn of(h: &HostEntry, image: &str) -> DefaultRank {
         DefaultRank {
             cached: h.ad.image_cache.get(image).copied().filter(|f| f.is_finite()).unwrap_or(0.0),
-            load: if h.ad.cpus > 0 && h.ad.load_avg.is_finite() { h.ad.load_avg / h.ad.cpus as f64 } else { 0.0 },
+            // The predicted load (next 30 s) where the host predicts, else its load average.
+            load: {
+                let l = if h.ad.load_predicted > 0.0 || h.ad.load_now > 0.0 { h.ad.load_predicted } else { h.ad.load_avg };
+                if h.ad.cpus > 0 && l.is_finite() { l / h.ad.cpus as f64 } else { 0.0 }
+            },
             vms: h.ad.running_vms.saturating_add(h.held.len() as u32),
             free_mem: h.free_mem(),
         }
@@ -1037,6 +1077,11 @@ fn host_value(ad: &HostAd, free_cpus: u32, free_mem: u64, reservations: u32) -> 
         ("free_cpus", val::int(free_cpus as u64)),
         ("free_memory_mib", val::int(free_mem)),
         ("load_avg", val::double(ad.load_avg)),
+        ("load_now", val::double(ad.load_now)),
+        ("load_predicted", val::double(ad.load_predicted)),
+        ("cpu_cap", val::double(ad.cpu_cap)),
+        ("free_cpu_share", val::double(ad.free_cpu_share)),
+        ("cgroups", val::string(&ad.cgroups)),
         ("running_vms", val::int(ad.running_vms.saturating_add(reservations) as u64)),
         ("image_cache", val::double_map(&ad.image_cache)),
     ])

@@ -18,6 +18,11 @@ fn ad(name: &str, site: &str, cpus: u32, mem: u64) -> HostAd {
         load_avg: 0.0,
         running_vms: 0,
         image_cache: BTreeMap::new(),
+        load_now: 0.0,
+        load_predicted: 0.0,
+        cpu_cap: 0.0,
+        free_cpu_share: 0.0,
+        cgroups: String::new(),
     }
 }
 
@@ -27,6 +32,7 @@ fn req(user: &str, cpus: u32, mem: u64) -> PlacementRequest {
         image: "debian@12".into(),
         cpus,
         memory_mib: mem,
+        cpu_share: 0.0,
         require: None,
         rank: None,
     }
@@ -620,4 +626,44 @@ fn regular_expressions_match_labels_and_users() {
     r.require = Some(r#"host.labels.site.matches("(")"#.into());
     let nm = no_match(s.place(&r));
     assert!(!nm.refusals.is_empty());
+}
+
+#[test]
+fn rank_by_predicted_load_and_cpu_share_admission() {
+    let s = Scheduler::new();
+    let mut busy = ad("busy", "uf", 8, 8192);
+    busy.load_now = 0.5;
+    busy.load_predicted = 3.5;
+    let mut calm = ad("calm", "uf", 8, 8192);
+    calm.load_now = 2.0;
+    calm.load_predicted = 0.25;
+    s.upsert(busy).unwrap();
+    s.upsert(calm).unwrap();
+    // The rank sees the prediction, not only the current load.
+    let mut r = req("u", 1, 256);
+    r.rank = Some("-host.load_predicted".into());
+    assert_eq!(s.place(&r).unwrap().host, "calm");
+    r.rank = Some("-host.load_now".into());
+    assert_eq!(s.place(&r).unwrap().host, "busy");
+    r.rank = None;
+    r.require = Some("host.load_predicted < 1.0".into());
+    assert_eq!(s.place(&r).unwrap().host, "calm");
+
+    // An owner's cap of 0.5 cores with 0.3 reserved: 0.2 fits, 0.3 waits, 0.6 never fits.
+    let s = Scheduler::new();
+    let mut capped = ad("capped", "uf", 8, 8192);
+    capped.cpu_cap = 0.5;
+    capped.free_cpu_share = 0.2;
+    s.upsert(capped).unwrap();
+    let mut r = req("u", 1, 256);
+    r.cpu_share = 0.2;
+    assert_eq!(s.place(&r).unwrap().host, "capped");
+    r.cpu_share = 0.3;
+    let nm = no_match(s.place(&r));
+    assert_eq!(nm.refusals[0].clause, "free_cpu_share");
+    assert!(nm.refusals[0].transient && nm.refusals[0].detail.contains("0.300 of 0.500 cores reserved, 0.200 free"), "{nm}");
+    r.cpu_share = 0.6;
+    let nm = no_match(s.place(&r));
+    assert_eq!(nm.refusals[0].clause, "cpu_share");
+    assert!(!nm.may_change(), "{nm}");
 }
