@@ -7,7 +7,7 @@ pub mod manifest;
 pub mod rest;
 pub mod vm;
 
-pub use manifest::{Blob, Boot, ChunkHash, ImageMeta, ImageRef, Manifest, ManifestError};
+pub use manifest::{Blob, Boot, ChunkHash, ImageMeta, ImageRef, Manifest, ManifestError, SavedState, StateMeta};
 
 /// Default chunk size of new images (see `bench/run proxy` for why).
 pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;

@@ -40,18 +40,18 @@ pub enum CoordinatorError {
     Host(#[from] HostCallError),
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// The coordinator: VM records, the registry of hosts and image servers, placement.
 pub struct Coordinator {
-    state: Arc<dyn StateStore>,
-    registry: Arc<Registry>,
-    sched: Scheduler,
-    http: reqwest::Client,
+    pub(crate) state: Arc<dyn StateStore>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) sched: Scheduler,
+    pub(crate) http: reqwest::Client,
     /// Serialises admission (capacity checks against records) and state transitions.
-    lock: Mutex<()>,
+    pub(crate) lock: Mutex<()>,
 }
 
 impl Coordinator {
@@ -76,7 +76,7 @@ impl Coordinator {
                         v.stopped = Some(now());
                     });
                 }
-                VmState::Running | VmState::Stopping | VmState::Unknown => {
+                VmState::Running | VmState::Stopping | VmState::Unknown | VmState::Suspending => {
                     let me = c.clone();
                     tokio::spawn(async move { me.watch(vm.id.clone()).await });
                 }
@@ -101,7 +101,7 @@ impl Coordinator {
         &self.registry
     }
 
-    fn client(&self, host: &str) -> Result<HostClient, CoordinatorError> {
+    pub(crate) fn client(&self, host: &str) -> Result<HostClient, CoordinatorError> {
         let h = self.registry.host(host).ok_or_else(|| CoordinatorError::UnknownHost(host.to_string()))?;
         Ok(HostClient::new(&h.ad.name, &h.ad.url, self.http.clone()))
     }
@@ -139,7 +139,7 @@ impl Coordinator {
     }
 
     /// Refreshes the scheduler's view of `host` after its VMs changed.
-    fn refresh_host(&self, host: &str) {
+    pub(crate) fn refresh_host(&self, host: &str) {
         if let Some(h) = self.registry.host(host) {
             let ready = h.state == HostState::Ready;
             let _ = self.sched.upsert(self.adjusted(h.ad));
@@ -244,7 +244,9 @@ impl Coordinator {
             })?;
         }
         let manifest = self.resolve_image(&image).await?;
-        let preq = placement_request(&manifest, req.cpus, req.memory_mib, &req.require, &req.rank);
+        crate::mobile::check_warm(&manifest, req.cpus, req.memory_mib)?;
+        let require = crate::mobile::warm_requirement(&manifest, req.require.clone());
+        let preq = placement_request(&manifest, req.cpus, req.memory_mib, &require, &req.rank);
         self.sched.validate(&preq)?;
         let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
 
@@ -294,6 +296,7 @@ impl Coordinator {
             created: now(),
             started: None,
             stopped: None,
+            saved_image: None,
         };
         // The record is the reservation from now on.
         self.state.put_vm(&rec)?;
@@ -434,7 +437,7 @@ impl Coordinator {
         }
     }
 
-    fn update(&self, id: &str, f: impl FnOnce(&mut VmRecord)) -> Option<VmRecord> {
+    pub(crate) fn update(&self, id: &str, f: impl FnOnce(&mut VmRecord)) -> Option<VmRecord> {
         let mut rec = self.state.get_vm(id).ok()??;
         let was_active = rec.state.is_active();
         f(&mut rec);
@@ -450,7 +453,7 @@ impl Coordinator {
         Some(rec)
     }
 
-    async fn run(self: Arc<Self>, client: HostClient, req: LaunchRequest) {
+    pub(crate) async fn run(self: Arc<Self>, client: HostClient, req: LaunchRequest) {
         let id = req.id.clone();
         self.update(&id, |v| {
             v.state = VmState::Starting;
@@ -496,6 +499,9 @@ impl Coordinator {
                 tracing::warn!(vm = %id, "VM failed to start: {e}");
                 let _ = client.stop(&id, true).await;
                 let _ = client.release(&id).await;
+                if crate::mobile::resume_failed(&self, &req, &client.name, &e.to_string()) {
+                    return;
+                }
                 self.update(&id, |v| {
                     v.state = VmState::Failed;
                     v.phase = "failed".into();
@@ -550,8 +556,12 @@ impl Coordinator {
     async fn exited(&self, client: &HostClient, id: &str, exit: vgrid_hostagent::ExitInfo, console: Vec<String>) {
         let _ = client.release(id).await;
         self.update(id, |v| {
-            v.stopped = Some(now());
             v.pid = None;
+            if matches!(v.state, VmState::Suspending | VmState::Suspended) {
+                // Its QEMU ended because it was saved (see mobile.rs).
+                return;
+            }
+            v.stopped = Some(now());
             if v.state == VmState::Stopping {
                 v.state = VmState::Stopped;
                 v.phase = "stopped".into();
@@ -575,6 +585,13 @@ impl Coordinator {
         match rec.state {
             VmState::Stopped | VmState::Failed => return Ok(rec),
             VmState::Stopping if !force => return Ok(rec),
+            VmState::Suspended | VmState::Suspending => {
+                return Err(CoordinatorError::Conflict(format!(
+                    "VM {} is {}: resume it (`vgrid vm resume`) or remove it (`vgrid vm rm`)",
+                    rec.id,
+                    rec.state.as_str()
+                )))
+            }
             _ => {}
         }
         if rec.host.is_none() {
@@ -644,6 +661,9 @@ impl Coordinator {
             }
             self.stop(&rec.id, true).await?;
         }
+        // A suspended VM's old host only keeps its console log: failing to reach it is no reason
+        // to keep the VM.
+        let force = force || rec.state == VmState::Suspended;
         if let Some(host) = &rec.host {
             match self.client(host) {
                 Ok(c) => {
@@ -661,6 +681,9 @@ impl Coordinator {
         self.state.delete_vm(&rec.id)?;
         if let Some(h) = &rec.host {
             self.refresh_host(h);
+        }
+        if let Some(img) = &rec.saved_image {
+            self.delete_saved_image(img).await;
         }
         tracing::info!(vm = %rec.id, "VM removed");
         Ok(rec)
@@ -726,7 +749,7 @@ pub struct Future {
 }
 
 /// What the scheduler is asked for a VM of `manifest`.
-fn placement_request(manifest: &Manifest, cpus: u32, memory_mib: u64, require: &Option<String>, rank: &Option<String>) -> PlacementRequest {
+pub(crate) fn placement_request(manifest: &Manifest, cpus: u32, memory_mib: u64, require: &Option<String>, rank: &Option<String>) -> PlacementRequest {
     PlacementRequest {
         user: "anonymous".into(),
         image: manifest.image_ref().to_string(),
@@ -738,7 +761,7 @@ fn placement_request(manifest: &Manifest, cpus: u32, memory_mib: u64, require: &
 }
 
 /// What the host is asked to start for the VM recorded as `rec`.
-fn launch_request(rec: &VmRecord, manifest: &Manifest) -> LaunchRequest {
+pub(crate) fn launch_request(rec: &VmRecord, manifest: &Manifest) -> LaunchRequest {
     LaunchRequest {
         id: rec.id.clone(),
         image: manifest.image_ref(),
@@ -753,7 +776,7 @@ fn launch_request(rec: &VmRecord, manifest: &Manifest) -> LaunchRequest {
 pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// A refusal, one line per host.
-fn explain(nm: &crate::sched::NoMatch) -> String {
+pub(crate) fn explain(nm: &crate::sched::NoMatch) -> String {
     if nm.refusals.is_empty() {
         return "no host can take this VM: no host has joined".into();
     }

@@ -21,7 +21,7 @@ use crate::agent::{Agent, AgentError, LaunchRequest, PullProgress, VmExit};
 
 type Ctx = State<Arc<Agent>>;
 
-struct HttpError(StatusCode, String);
+pub(crate) struct HttpError(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
@@ -35,6 +35,7 @@ impl From<AgentError> for HttpError {
             AgentError::UnknownVm(_) => StatusCode::NOT_FOUND,
             AgentError::BadAccel(_) | AgentError::NoKvm { .. } => StatusCode::BAD_REQUEST,
             AgentError::Proxy(vgrid_blockproxy::ProxyError::ImageNotFound { .. }) => StatusCode::NOT_FOUND,
+            AgentError::Mobile(m) => crate::mobile::status_of(m),
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         HttpError(code, e.to_string())
@@ -50,6 +51,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/host/v1/vms/{id}/stop", post(stop))
         .route("/host/v1/vms/{id}/wait", get(wait))
         .route("/host/v1/vms/{id}/release", post(release))
+        .route("/host/v1/vms/{id}/snapshot", post(crate::mobile::http_snapshot))
+        .route("/host/v1/vms/{id}/suspend", post(crate::mobile::http_suspend))
         .route("/host/v1/vms/{id}/console", get(console))
         .route("/host/v1/vms/{id}/console/ws", get(console_ws))
         .with_state(agent)

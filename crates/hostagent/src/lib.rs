@@ -10,6 +10,7 @@
 pub mod accel;
 pub mod agent;
 pub mod http;
+pub mod mobile;
 pub mod qmp;
 pub mod testkit;
 pub mod vm;

@@ -675,6 +675,7 @@ mod tests {
             disk: Blob { size: chunks.len() as u64 * 4096, chunks },
             meta: ImageMeta { os: String::new(), arch: "x86_64".into(), boot: Boot::Firmware },
             parent: None,
+            state: None,
         }
     }
 
