@@ -8,12 +8,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// Types `cmd` on the serial console of the VM whose runtime directory is `dir`.
-fn type_on_console(dir: &Path, cmd: &str) {
+/// Types `cmd` on the serial console of the VM whose runtime directory is `dir`. Keep the
+/// answer until the command's output shows: QEMU takes typed bytes as the guest's UART accepts
+/// them and drops the rest when the client goes away.
+#[must_use]
+fn type_on_console(dir: &Path, cmd: &str) -> std::os::unix::net::UnixStream {
     use std::io::Write;
     let mut s = std::os::unix::net::UnixStream::connect(dir.join("console.sock"))
         .unwrap_or_else(|e| panic!("console socket in {}: {e}", dir.display()));
     s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+    s
 }
 
 fn console_text(dir: &Path) -> String {
@@ -165,10 +169,14 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
 
     // A file on the disk (not synced: it may live only in the guest's page cache) and one in
     // tmpfs, then the counter.
-    type_on_console(&d1, "echo disk-before-suspend > /mnt/mobile.txt; echo tmp-before-suspend > /tmp/mobile.txt; echo files-written");
-    wait_console(&d1, "files written", Duration::from_secs(60), |c| c.contains("files-written\r\n") || c.contains("files-written\n"));
-    type_on_console(&d1, "i=0; while true; do i=$((i+1)); echo count=$i; sleep 1; done &");
-    wait_console(&d1, "count=3", Duration::from_secs(120), |c| counts(c).contains(&3));
+    {
+        let _c = type_on_console(&d1, "echo disk-before-suspend > /mnt/mobile.txt; echo tmp-before-suspend > /tmp/mobile.txt; echo files-written");
+        wait_console(&d1, "files written", Duration::from_secs(60), |c| c.contains("files-written\r\n") || c.contains("files-written\n"));
+    }
+    {
+        let _c = type_on_console(&d1, "i=0; while true; do i=$((i+1)); echo count=$i; sleep 1; done &");
+        wait_console(&d1, "count=3", Duration::from_secs(120), |c| counts(c).contains(&3));
+    }
 
     // Image server down: the suspend fails and the guest keeps running and counting.
     g.server.take().unwrap().kill();
@@ -220,7 +228,7 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
         first_on_h2 >= last_on_h1 && first_on_h2 <= last_on_h1 + 2,
         "the count must continue where it stopped: last on h1 {last_on_h1}, first on h2 {first_on_h2}"
     );
-    type_on_console(&d2, "cat /mnt/mobile.txt /tmp/mobile.txt");
+    let _c = type_on_console(&d2, "cat /mnt/mobile.txt /tmp/mobile.txt");
     let c2 = wait_console(&d2, "the files on h2", Duration::from_secs(60), |c| c.contains("tmp-before-suspend"));
     assert!(c2.contains("disk-before-suspend"), "{c2}");
     assert!(!c2.contains(BOOTED_MARKER) && !c2.contains(DISK_MARKER), "the guest booted instead of resuming:\n{c2}");
