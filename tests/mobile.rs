@@ -277,11 +277,28 @@ fn warm_image_starts_two_vms_without_booting() {
     let shared = md.iter().zip(pd).filter(|(a, b)| a == b).count();
     assert!(shared * 10 >= pd.len() * 9, "most disk chunks must be the parent's: {shared} of {}", pd.len());
 
+    let ls = up.json(&["image", "ls"]);
+    assert!(ls.to_string().contains("\"warm\":true"), "image ls marks the warm image: {ls}");
+
     // Asking for other cpus/memory than the state was saved with is a clear error.
     let o = up.cli(&["vm", "run", "warm", "--memory", "512"]);
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("warm image") && e.contains("--memory 256"), "{e}");
+
+    // Bad input: clear errors naming the object and cause.
+    let o = up.cli(&["image", "snapshot", &id, "--name", "../etc"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("invalid image name"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = up.cli(&["vm", "suspend", "nosuch"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no VM with id or name \"nosuch\""));
+    let o = up.cli(&["vm", "resume", &id]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("only a suspended VM can be resumed"));
+    // The OpenAPI document describes the new endpoints.
+    let o = Command::new("curl").args(["-s", &format!("{}/api/openapi.json", up.url)]).output().unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for p in ["suspend", "resume", "snapshot"] {
+        assert!(doc["paths"][format!("/api/v1/vms/{{id}}/{p}")]["post"].is_object(), "{p} missing from the OpenAPI document");
+    }
 
     let mut ids = vec![];
     for name in ["warm-a", "warm-b"] {

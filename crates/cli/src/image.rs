@@ -170,7 +170,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                             bytes(i.image.stored_bytes),
                             i.image.os.clone(),
                             i.image.arch.clone(),
-                            i.image.boot.clone(),
+                            if i.image.warm { format!("{} (warm)", i.image.boot) } else { i.image.boot.clone() },
                             output::age(i.image.created),
                             i.servers.join(","),
                         ]

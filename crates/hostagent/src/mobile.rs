@@ -223,6 +223,27 @@ impl Upload {
     }
 }
 
+/// Runtime directories of the VMs being saved: one save per VM at a time (a second one would
+/// resume the guest under the first one's migration).
+static SAVING: std::sync::Mutex<Option<HashSet<PathBuf>>> = std::sync::Mutex::new(None);
+
+struct SaveGuard(PathBuf);
+
+impl SaveGuard {
+    fn take(dir: &Path) -> Option<SaveGuard> {
+        let mut s = SAVING.lock().unwrap();
+        s.get_or_insert_with(HashSet::new).insert(dir.to_path_buf()).then(|| SaveGuard(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SaveGuard {
+    fn drop(&mut self) {
+        if let Some(s) = SAVING.lock().unwrap().as_mut() {
+            s.remove(&self.0);
+        }
+    }
+}
+
 /// What was read while the guest was paused.
 struct Captured {
     state_path: PathBuf,
@@ -243,6 +264,8 @@ impl Agent {
         vgrid_api::manifest::validate_name(&req.name).map_err(|_| MobileError::BadName(req.name.clone()))?;
         let vm = self.vm(id).ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
         let fail = |cause: String| AgentError::from(MobileError::Save { id: id.to_string(), cause });
+        let _saving = SaveGuard::take(vm.runtime_dir())
+            .ok_or_else(|| fail("another snapshot or suspend of this VM is in progress".into()))?;
         let parent_ref = export_of(&vm.spec().disk)
             .ok_or_else(|| fail("its disk is not an image of the block proxy".into()))?;
         let parent = self.proxy().resolve(&parent_ref).await?;

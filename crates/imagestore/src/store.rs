@@ -652,6 +652,8 @@ pub fn summary(m: &Manifest) -> ImageSummary {
             Boot::Kernel { .. } => "kernel".into(),
         },
         created: m.created,
+        warm: m.state.is_some(),
+        parent: m.parent.as_ref().map(|p| p.to_string()),
     }
 }
 
