@@ -228,6 +228,7 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
         first_on_h2 >= last_on_h1 && first_on_h2 <= last_on_h1 + 2,
         "the count must continue where it stopped: last on h1 {last_on_h1}, first on h2 {first_on_h2}"
     );
+    g.wait_until("h1 to drop the old runtime directory", Duration::from_secs(20), || !d1.exists());
     let _c = type_on_console(&d2, "cat /mnt/mobile.txt /tmp/mobile.txt");
     let c2 = wait_console(&d2, "the files on h2", Duration::from_secs(60), |c| c.contains("tmp-before-suspend"));
     assert!(c2.contains("disk-before-suspend"), "{c2}");

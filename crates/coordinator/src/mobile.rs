@@ -191,6 +191,7 @@ impl Coordinator {
             Err(PlaceError::Invalid(e)) => return Err(e.into()),
             Err(e @ PlaceError::TimedOut { .. }) => return Err(CoordinatorError::Capacity(e.to_string())),
         };
+        let old_host = rec.host.clone();
         let rec = self
             .update(&rec.id, |v| {
                 v.state = VmState::Pending;
@@ -210,6 +211,17 @@ impl Coordinator {
         let client = HostClient::new(&placed.host, &placed.url, self.http.clone());
         let me = self.clone();
         tokio::spawn(async move { me.run(client, launch).await });
+        // The host it was suspended on keeps only its old console log: remove it there.
+        if let Some(old) = old_host.filter(|h| *h != placed.host) {
+            if let Ok(c) = self.client(&old) {
+                let id = rec.id.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = c.remove(&id).await {
+                        tracing::debug!(vm = %id, host = %c.name, "removing the old runtime directory: {e}");
+                    }
+                });
+            }
+        }
         Ok(rec)
     }
 
