@@ -40,7 +40,7 @@ pub enum CoordinatorError {
     Host(#[from] HostCallError),
 }
 
-pub(crate) fn now() -> u64 {
+fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
