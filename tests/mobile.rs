@@ -107,7 +107,7 @@ impl Grid {
 
     fn logs(&self) -> String {
         let mut s = String::new();
-        for f in ["coord.log", "h1.log", "h2.log"] {
+        for f in ["coord.log", "coord2.log", "h1.log", "h2.log"] {
             let t = std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
             let lines: Vec<&str> = t.lines().collect();
             s.push_str(&format!("--- {f}\n{}\n", lines[lines.len().saturating_sub(25)..].join("\n")));
@@ -187,6 +187,33 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
     assert_eq!(g.json(&["vm", "show", &id])["state"], "running", "{err}");
     let before = counts(&console_text(&d1)).last().copied().unwrap();
     wait_console(&d1, "the count to go on after the failed suspend", Duration::from_secs(120), |c| {
+        counts(c).last().copied().unwrap_or(0) >= before + 2
+    });
+
+    // A coordinator that dies while the host is saving (here: retrying the dead image server)
+    // settles the VM when it comes back: the save failed, so it is running again.
+    let suspender = {
+        let url = g.coordinator.url.clone();
+        let id = id.clone();
+        std::thread::spawn(move || {
+            Command::new(vgrid_bin()).args(["vm", "suspend", &id]).env("VGRID_URL", url).output().unwrap()
+        })
+    };
+    g.wait_until("the VM to be suspending", Duration::from_secs(30), || g.json(&["vm", "show", &id])["state"] == "suspending");
+    g.coordinator.kill();
+    let _ = suspender.join();
+    let listen = g.coordinator.url.trim_start_matches("http://").to_string();
+    let coord_data = g.dir.path().join("coord");
+    g.coordinator = Role::start(
+        &["coordinator", "--listen", &listen, "--data-dir", coord_data.to_str().unwrap(), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
+        g.dir.path().join("coord2.log"),
+    );
+    g.wait_until("the interrupted suspend to settle", Duration::from_secs(60), || {
+        let v = g.json(&["vm", "show", &id]);
+        v["state"] == "running" && v["reason"].as_str().unwrap_or("").contains("did not complete")
+    });
+    let before = counts(&console_text(&d1)).last().copied().unwrap();
+    wait_console(&d1, "the count to go on after the interrupted suspend", Duration::from_secs(120), |c| {
         counts(c).last().copied().unwrap_or(0) >= before + 2
     });
 

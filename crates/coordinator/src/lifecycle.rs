@@ -77,6 +77,11 @@ impl Coordinator {
                     });
                 }
                 VmState::Running | VmState::Stopping | VmState::Unknown | VmState::Suspending => {
+                    if vm.state == VmState::Suspending {
+                        let me = c.clone();
+                        let id = vm.id.clone();
+                        tokio::spawn(async move { me.recover_suspending(id).await });
+                    }
                     let me = c.clone();
                     tokio::spawn(async move { me.watch(vm.id.clone()).await });
                 }

@@ -27,6 +27,12 @@ pub fn saved_image_name(vm_id: &str) -> String {
 }
 
 impl HostClient {
+    /// Whether the host is saving VM `id` now and whether its QEMU runs (`None`: no answer).
+    pub async fn saving(&self, id: &str) -> Option<(bool, bool)> {
+        let r: Option<serde_json::Value> = self.call(self.http.get(self.u(&format!("/host/v1/vms/{id}/saving")))).await.ok()?;
+        r.and_then(|v| Some((v["saving"].as_bool()?, v["running"].as_bool()?)))
+    }
+
     /// Asks the host to save VM `id` as image `name`; with `suspend`, its QEMU ends afterwards.
     pub async fn save(&self, id: &str, name: &str, suspend: bool) -> Result<SavedImage, HostCallError> {
         let what = if suspend { "suspend" } else { "snapshot" };
@@ -223,6 +229,71 @@ impl Coordinator {
             }
         }
         Ok(rec)
+    }
+
+    /// After a coordinator restart, settles a VM that was `suspending`: the host finished (or
+    /// abandoned) the save without anyone listening. Once its host reports in: if its QEMU is
+    /// gone and a saved image newer than its start exists, it is `suspended` with that image;
+    /// if QEMU is gone without one, `failed`; if QEMU still runs after the save timeout, the
+    /// save failed and it is `running` again.
+    pub(crate) async fn recover_suspending(self: Arc<Self>, id: String) {
+        let deadline = tokio::time::Instant::now() + vgrid_hostagent::mobile::SAVE_TIMEOUT + std::time::Duration::from_secs(60);
+        let name = saved_image_name(&id);
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let Some(rec) = self.state.get_vm(&id).ok().flatten() else { return };
+            if rec.state != VmState::Suspending {
+                return;
+            }
+            let host = rec.host.clone().unwrap_or_default();
+            let Some(h) = self.registry.host(&host) else { continue };
+            if h.state != crate::hosts::HostState::Ready {
+                continue;
+            }
+            let client = HostClient::new(&h.ad.name, &h.ad.url, self.http.clone());
+            let Some((saving, runs)) = client.saving(&id).await else { continue };
+            if saving || runs {
+                // Still running and not saving: the save failed (or never started) and the
+                // guest went on.
+                if (!saving && runs) || tokio::time::Instant::now() > deadline {
+                    self.update(&id, |v| {
+                        if v.state == VmState::Suspending {
+                            v.state = VmState::Running;
+                            v.phase = "running".into();
+                            v.reason = Some("a suspend interrupted by a coordinator restart did not complete; the VM runs on".into());
+                        }
+                    });
+                    return;
+                }
+                continue;
+            }
+            let image = ImageRef { name: name.clone(), version: None };
+            let saved = match self.resolve_image(&image).await {
+                Ok(m) if m.state.as_ref().map(|s| s.meta.saved).unwrap_or(0) >= rec.started.unwrap_or(0) => Some(m),
+                _ => None,
+            };
+            self.update(&id, |v| {
+                if v.state != VmState::Suspending {
+                    return;
+                }
+                v.pid = None;
+                match &saved {
+                    Some(m) => {
+                        v.state = VmState::Suspended;
+                        v.phase = "suspended".into();
+                        v.saved_image = Some(m.image_ref().to_string());
+                        v.reason = None;
+                    }
+                    None => {
+                        v.state = VmState::Failed;
+                        v.phase = "failed".into();
+                        v.reason = Some("the coordinator restarted while this VM was being suspended and no saved state was found".into());
+                    }
+                }
+            });
+            tracing::info!(vm = %id, suspended = saved.is_some(), "settled a suspend interrupted by a coordinator restart");
+            return;
+        }
     }
 
     /// Deletes a VM's saved image from every image server that has it (best effort).

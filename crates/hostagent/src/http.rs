@@ -53,6 +53,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/host/v1/vms/{id}/release", post(release))
         .route("/host/v1/vms/{id}/snapshot", post(crate::mobile::http_snapshot))
         .route("/host/v1/vms/{id}/suspend", post(crate::mobile::http_suspend))
+        .route("/host/v1/vms/{id}/saving", get(crate::mobile::http_saving))
         .route("/host/v1/vms/{id}/console", get(console))
         .route("/host/v1/vms/{id}/console/ws", get(console_ws))
         .with_state(agent)

@@ -565,10 +565,33 @@ async fn http_save(agent: std::sync::Arc<Agent>, id: String, body: Body, suspend
                 .into_response()
         }
     };
-    match agent.save_vm(&id, &req, suspend).await {
-        Ok(s) => axum::Json(s).into_response(),
-        Err(e) => crate::http::HttpError::from(e).into_response(),
+    // Its own task: a caller that goes away (a coordinator restart) must not cancel a save
+    // halfway, which would leave the guest paused.
+    let task = tokio::spawn(async move { agent.save_vm(&id, &req, suspend).await });
+    match task.await {
+        Ok(Ok(s)) => axum::Json(s).into_response(),
+        Ok(Err(e)) => crate::http::HttpError::from(e).into_response(),
+        Err(e) => crate::http::HttpError(axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("save task failed: {e}")).into_response(),
     }
+}
+
+/// `GET /host/v1/vms/{id}/saving`: whether a snapshot or suspend of the VM is in progress, and
+/// whether its QEMU runs.
+pub(crate) async fn http_saving(
+    axum::extract::State(a): axum::extract::State<std::sync::Arc<Agent>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (saving, running) = match a.vm(&id) {
+        Some(vm) => (is_saving(vm.runtime_dir()), vm.exit_info().is_none()),
+        None => (false, false),
+    };
+    axum::Json(serde_json::json!({ "saving": saving, "running": running })).into_response()
+}
+
+/// Whether the VM in runtime directory `dir` is being saved.
+pub fn is_saving(dir: &Path) -> bool {
+    SAVING.lock().unwrap().as_ref().is_some_and(|s| s.contains(dir))
 }
 
 /// `POST /host/v1/vms/{id}/snapshot`: save the VM as a warm image; it keeps running.
