@@ -170,6 +170,58 @@ pub struct Manifest {
     pub meta: ImageMeta,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ImageRef>,
+    /// A saved post-boot state (warm image): the guest starts from it instead of booting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<SavedState>,
+}
+
+/// A guest's saved memory and device state (QEMU's migration stream), stored as a blob next
+/// to the disk it was saved with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedState {
+    /// The migration stream.
+    pub blob: Blob,
+    /// What a QEMU must look like to load it.
+    pub meta: StateMeta,
+}
+
+/// The machine a saved state needs: restoring with other cpus/memory, another machine type or
+/// another QEMU version is refused with a clear error instead of a failed load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateMeta {
+    /// QEMU version that saved it (`MAJOR.MINOR.MICRO`).
+    pub qemu_version: String,
+    /// Machine type (e.g. `pc`, or the versioned `pc-i440fx-10.0` it resolved to).
+    pub machine: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// `kvm` or `tcg`.
+    #[serde(default)]
+    pub accel: String,
+    /// Seconds since the Unix epoch.
+    #[serde(default)]
+    pub saved: u64,
+}
+
+impl StateMeta {
+    /// Why a VM with `cpus`/`memory_mib` on a QEMU of `qemu_version` cannot load this state,
+    /// or `None` when it can. QEMU loads streams of the same major.minor release.
+    pub fn incompatibility(&self, cpus: u32, memory_mib: u64, qemu_version: &str) -> Option<String> {
+        if cpus != self.cpus || memory_mib != self.memory_mib {
+            return Some(format!(
+                "the state was saved with {} cpus and {} MiB; run it with --cpus {} --memory {} (asked: {cpus} cpus, {memory_mib} MiB)",
+                self.cpus, self.memory_mib, self.cpus, self.memory_mib
+            ));
+        }
+        let mm = |v: &str| v.split('.').take(2).collect::<Vec<_>>().join(".");
+        if mm(qemu_version) != mm(&self.qemu_version) {
+            return Some(format!(
+                "the state was saved by QEMU {} and this host has QEMU {qemu_version}",
+                self.qemu_version
+            ));
+        }
+        None
+    }
 }
 
 impl Manifest {
@@ -181,7 +233,13 @@ impl Manifest {
                 std::iter::once(kernel).chain(initrd.iter()).collect()
             }
         };
-        self.disk.stored().chain(boot.into_iter().flat_map(|b| b.stored()))
+        let state = self.state.iter().map(|s| &s.blob);
+        self.disk.stored().chain(boot.into_iter().chain(state).flat_map(|b| b.stored()))
+    }
+
+    /// Whether this is a warm image (it carries a saved state).
+    pub fn is_warm(&self) -> bool {
+        self.state.is_some()
     }
 
     /// `NAME@VERSION` of this manifest.
@@ -206,6 +264,9 @@ impl Manifest {
             if let Some(i) = initrd {
                 blobs.push(("initrd", i));
             }
+        }
+        if let Some(st) = &self.state {
+            blobs.push(("state", &st.blob));
         }
         for (what, b) in blobs {
             let want = b.size.div_ceil(self.chunk_size as u64);
@@ -270,11 +331,39 @@ mod tests {
             disk: Blob { size: 4097, chunks: vec![None] },
             meta: ImageMeta { os: "".into(), arch: "x86_64".into(), boot: Boot::Firmware },
             parent: None,
+            state: None,
         };
         assert!(matches!(m.validate(), Err(ManifestError::ChunkCount { expected: 2, .. })));
         let json = serde_json::to_vec(&Manifest { disk: Blob { size: 4097, chunks: vec![None, None] }, ..m }).unwrap();
         let back = Manifest::from_json(&json).unwrap();
         assert_eq!(back.disk.chunk_len(4096, 1), 1);
+    }
+
+    #[test]
+    fn old_manifests_parse_and_state_round_trips() {
+        let old = r#"{"schema":1,"name":"x","version":1,"created":0,"chunk_size":4096,
+            "disk":{"size":4096,"chunks":[null]},"meta":{"os":"","arch":"x86_64","boot":{"mode":"firmware"}}}"#;
+        let m = Manifest::from_json(old.as_bytes()).unwrap();
+        assert!(m.state.is_none() && !m.is_warm());
+        assert!(!String::from_utf8(serde_json::to_vec(&m).unwrap()).unwrap().contains("state"));
+        let h = ChunkHash::of(b"state");
+        let meta = StateMeta { qemu_version: "10.0.2".into(), machine: "pc".into(), cpus: 1, memory_mib: 256, accel: "tcg".into(), saved: 1 };
+        let warm = Manifest { state: Some(SavedState { blob: Blob { size: 5000, chunks: vec![Some(h), None] }, meta }), ..m.clone() };
+        let back = Manifest::from_json(&serde_json::to_vec(&warm).unwrap()).unwrap();
+        assert_eq!(back, warm);
+        assert!(back.all_chunks().any(|c| *c == h), "state chunks count as the image's chunks");
+        let bad = Manifest { state: Some(SavedState { blob: Blob { size: 5000, chunks: vec![Some(h)] }, ..warm.state.clone().unwrap() }), ..m };
+        assert!(matches!(bad.validate(), Err(ManifestError::ChunkCount { blob: "state", .. })));
+    }
+
+    #[test]
+    fn state_meta_explains_incompatibility() {
+        let meta = StateMeta { qemu_version: "10.0.2".into(), machine: "pc".into(), cpus: 2, memory_mib: 512, accel: "tcg".into(), saved: 0 };
+        assert_eq!(meta.incompatibility(2, 512, "10.0.7"), None);
+        let e = meta.incompatibility(1, 256, "10.0.2").unwrap();
+        assert!(e.contains("--cpus 2 --memory 512"), "{e}");
+        let e = meta.incompatibility(2, 512, "9.2.0").unwrap();
+        assert!(e.contains("QEMU 10.0.2") && e.contains("9.2.0"), "{e}");
     }
 
     #[test]

@@ -16,6 +16,12 @@ pub struct ImageSummary {
     /// `firmware` or `kernel`.
     pub boot: String,
     pub created: u64,
+    /// A warm image: it carries a saved state and starts without booting.
+    #[serde(default)]
+    pub warm: bool,
+    /// `NAME@VERSION` of the image it was saved from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// Boot working set of an image version: the disk chunk indices a guest read while booting,

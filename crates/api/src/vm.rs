@@ -18,6 +18,11 @@ pub enum VmState {
     Failed,
     /// Its host stopped answering; it may still run there.
     Unknown,
+    /// Its state and disk are being saved to the image servers (`vgrid vm suspend`).
+    Suspending,
+    /// Saved on the image servers (`VmRecord::saved_image`); holds no host. `vgrid vm resume`
+    /// restores it on any matching host.
+    Suspended,
 }
 
 impl VmState {
@@ -30,11 +35,13 @@ impl VmState {
             VmState::Stopped => "stopped",
             VmState::Failed => "failed",
             VmState::Unknown => "unknown",
+            VmState::Suspending => "suspending",
+            VmState::Suspended => "suspended",
         }
     }
     /// Whether the VM holds host resources (a QEMU process may exist).
     pub fn is_active(&self) -> bool {
-        matches!(self, VmState::Pending | VmState::Starting | VmState::Running | VmState::Stopping | VmState::Unknown)
+        matches!(self, VmState::Pending | VmState::Starting | VmState::Running | VmState::Stopping | VmState::Unknown | VmState::Suspending)
     }
 }
 
@@ -177,6 +184,10 @@ pub struct VmRecord {
     /// Resource control it was started with.
     #[serde(default, skip_serializing_if = "Resources::is_empty")]
     pub resources: Resources,
+    /// The image (`NAME@VERSION`) holding this VM's saved state and disk, while it is
+    /// suspended and after it resumed from it (its disk's base then); deleted with the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_image: Option<String>,
     /// Seconds since the Unix epoch.
     pub created: u64,
     #[serde(default)]
@@ -207,4 +218,43 @@ pub struct ConsoleChunk {
 
 fn anonymous() -> String {
     "anonymous".into()
+}
+
+/// Body of `POST /api/v1/vms/{id}/resume`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmResume {
+    /// Requirement over the host ad (CEL) for the host it resumes on.
+    #[serde(default)]
+    pub require: Option<String>,
+    /// Resume on this host (a requirement on `host.name`).
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// Body of `POST /api/v1/vms/{id}/snapshot`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmSnapshot {
+    /// Name of the new warm image.
+    pub name: String,
+}
+
+/// What saving a VM (snapshot or suspend) stored.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SavedImage {
+    /// `NAME@VERSION` of the new image.
+    pub image: String,
+    /// The image it was derived from.
+    pub parent: Option<String>,
+    /// Bytes of the saved memory state.
+    pub state_bytes: u64,
+    /// Disk chunks the guest changed (new in this image) and all disk chunks.
+    pub disk_chunks_new: u64,
+    pub disk_chunks_total: u64,
+    /// Bytes sent to the image server (compressed chunks it lacked).
+    pub uploaded_bytes: u64,
+    /// Seconds the guest was paused / the whole operation took.
+    pub paused_secs: f64,
+    pub total_secs: f64,
 }

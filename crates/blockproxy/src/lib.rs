@@ -411,6 +411,27 @@ impl BlockProxy {
         Ok(out)
     }
 
+    /// Streams `blob` of `manifest` to the file `path` through the cache, `batch` chunks at a
+    /// time (for blobs too large to hold in memory, e.g. a saved memory state).
+    pub async fn write_blob_streaming(&self, manifest: &Manifest, blob: &Blob, path: &Path, batch: usize) -> Result<(), ProxyError> {
+        use std::io::Write;
+        let io = |e: std::io::Error| ProxyError::Cache(CacheError::Io { path: path.to_path_buf(), op: "write blob", cause: e.to_string() });
+        let mut f = std::fs::File::create(path).map_err(io)?;
+        let cs = manifest.chunk_size as u64;
+        let batch = batch.max(1);
+        let mut i = 0usize;
+        while i < blob.chunks.len() {
+            let end = (i + batch).min(blob.chunks.len());
+            let start = i as u64 * cs;
+            let part = Blob { size: (blob.size - start).min((end - i) as u64 * cs), chunks: blob.chunks[i..end].to_vec() };
+            let data = self.read_blob(manifest, &part).await?;
+            f.write_all(&data).map_err(io)?;
+            i = end;
+        }
+        f.flush().map_err(io)?;
+        Ok(())
+    }
+
     /// Writes `blob` of `manifest` to the file `path` (e.g. the kernel for direct boot).
     pub async fn write_blob(&self, manifest: &Manifest, blob: &Blob, path: &Path) -> Result<(), ProxyError> {
         let data = self.read_blob(manifest, blob).await?;
@@ -431,6 +452,9 @@ fn blobs(m: &Manifest) -> Vec<&Blob> {
         if let Some(i) = initrd {
             v.push(i);
         }
+    }
+    if let Some(st) = &m.state {
+        v.push(&st.blob);
     }
     v
 }

@@ -49,6 +49,9 @@ pub enum ImageCmd {
     /// The host chunk cache.
     #[command(subcommand)]
     Cache(CacheCmd),
+    /// Save a running VM as a warm image: its memory state and changed disk chunks, the VM's
+    /// image as parent. `vgrid vm run NAME` then restores it instead of booting.
+    Snapshot(crate::mobile::SnapshotArgs),
     /// Build the sample guest from Debian packages (cached) and import it as `sample`.
     BuildSample(BuildSampleArgs),
 }
@@ -167,7 +170,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                             bytes(i.image.stored_bytes),
                             i.image.os.clone(),
                             i.image.arch.clone(),
-                            i.image.boot.clone(),
+                            if i.image.warm { format!("{} (warm)", i.image.boot) } else { i.image.boot.clone() },
                             output::age(i.image.created),
                             i.servers.join(","),
                         ]
@@ -208,6 +211,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
         ImageCmd::Pull { image } => crate::roles::pull(ctx, &image).await?,
         ImageCmd::Cache(CacheCmd::Stats) => crate::roles::cache_stats(ctx).await?,
         ImageCmd::BuildSample(a) => build_sample(ctx, a).await?,
+        ImageCmd::Snapshot(a) => return crate::mobile::snapshot(ctx, a).await,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -311,6 +315,17 @@ fn show(m: &Manifest) {
     }
     if let Some(p) = &m.parent {
         println!("parent:      {p}");
+    }
+    if let Some(st) = &m.state {
+        println!(
+            "warm state:  {} (QEMU {}, {}, {} cpus, {} MiB, {}): starts with -incoming instead of booting",
+            bytes(st.blob.size),
+            st.meta.qemu_version,
+            st.meta.machine,
+            st.meta.cpus,
+            st.meta.memory_mib,
+            st.meta.accel
+        );
     }
     println!("created:     {}", output::age(m.created));
 }

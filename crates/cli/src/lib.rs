@@ -7,6 +7,7 @@ mod auth;
 mod client;
 mod console;
 mod image;
+mod mobile;
 mod output;
 mod roles;
 mod usage;

@@ -37,6 +37,12 @@ pub enum VmCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Save a running VM (memory state and disk) on the image servers and free its host; the
+    /// VM becomes `suspended`. If saving fails the VM keeps running.
+    Suspend(crate::mobile::SuspendArgs),
+    /// Restore a suspended VM on any matching host (possibly another one); the guest continues
+    /// where it stopped.
+    Resume(crate::mobile::ResumeArgs),
     /// Remove a stopped VM (its overlay, sockets and record).
     Rm {
         id: String,
@@ -97,6 +103,8 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<ExitCode> {
     let api = ctx.api();
     match cmd {
         VmCmd::Run(a) => return run_vm(ctx, a).await,
+        VmCmd::Suspend(a) => return crate::mobile::suspend(ctx, a).await,
+        VmCmd::Resume(a) => return crate::mobile::resume(ctx, a).await,
         VmCmd::Ls => {
             let vms: Vec<VmRecord> = api.get("/api/v1/vms").await?;
             if ctx.json {
@@ -248,6 +256,9 @@ fn show(v: &VmRecord) {
     }
     for f in &v.forwards {
         println!("forward:  127.0.0.1:{} -> guest:{}", f.host, f.guest);
+    }
+    if let Some(s) = &v.saved_image {
+        println!("saved:    {s}");
     }
     println!("created:  {}", age(v.created));
 }

@@ -15,7 +15,8 @@ use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message as TMessage;
 use utoipa::OpenApi;
 use vgrid_api::grid::{HostAd, ImageServerAd};
-use vgrid_api::vm::{ConsoleChunk, VmCreate, VmRecord, VmStop};
+use vgrid_api::vm::{ConsoleChunk, SavedImage, VmCreate, VmRecord, VmResume, VmSnapshot, VmStop};
+use crate::mobile::Suspended;
 use vgrid_api::ErrorBody;
 
 use crate::hosts::{HeartbeatReply, HostHeartbeat, HostRecord, HostState};
@@ -80,14 +81,14 @@ type Users = Extension<Arc<Auth>>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "vgrid API", description = "Run VMs on a grid of hosts, images streamed on demand."),
-    paths(list_vms, create_vm, get_vm, stop_vm, delete_vm, console, list_hosts, get_host, host_heartbeat,
+    paths(list_vms, create_vm, get_vm, stop_vm, delete_vm, console, suspend_vm, resume_vm, snapshot_vm, list_hosts, get_host, host_heartbeat,
         list_image_servers, image_server_heartbeat, futures, auth_challenge, auth_login, auth_logout, whoami,
         list_users, add_user, get_user, delete_user, set_quota, audit, crate::accounting::get_usage),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
         HostState, HostHeartbeat, HeartbeatReply, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
         Challenge, ChallengeRequest, LoginRequest, LoginToken, Quota, UserCreate, UserInfo, AuditEntry,
         vgrid_api::vm::Resources, vgrid_api::usage::UsageReport, vgrid_api::usage::UserUsage, vgrid_api::usage::VmUsage,
-        vgrid_api::usage::UsageTotals, vgrid_api::usage::VmUsageReport)),
+        vgrid_api::usage::UsageTotals, vgrid_api::usage::VmUsageReport, VmResume, VmSnapshot, SavedImage, Suspended)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -182,6 +183,9 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>) -> Router {
         .route("/api/v1/vms", get(list_vms).post(create_vm))
         .route("/api/v1/vms/{id}", get(get_vm).delete(delete_vm))
         .route("/api/v1/vms/{id}/stop", post(stop_vm))
+        .route("/api/v1/vms/{id}/suspend", post(suspend_vm))
+        .route("/api/v1/vms/{id}/resume", post(resume_vm))
+        .route("/api/v1/vms/{id}/snapshot", post(snapshot_vm))
         .route("/api/v1/vms/{id}/console", get(console))
         .route("/api/v1/vms/{id}/console/ws", get(console_ws))
         .route("/api/v1/hosts", get(list_hosts))
@@ -321,6 +325,38 @@ async fn stop_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, bo
     let force = body.map(|b| b.0.force).unwrap_or(false);
     let rec = owned(&c, &p, &id)?;
     Ok(Json(c.stop(&rec.id, force).await?))
+}
+
+/// Saves a running VM (memory state and disk) on the image servers and frees its host.
+/// On failure the VM keeps running.
+#[utoipa::path(post, path = "/api/v1/vms/{id}/suspend", params(("id" = String, Path)),
+    responses((status = 200, body = Suspended), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 502, body = ErrorBody)))]
+async fn suspend_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>) -> ApiResult<Suspended> {
+    let rec = owned(&c, &p, &id)?;
+    Ok(Json(c.suspend(&rec.id).await?))
+}
+
+/// Restores a suspended VM on a matching host (any, `require`, or `host`); answers once placed,
+/// the VM becomes `running` when restored.
+#[utoipa::path(post, path = "/api/v1/vms/{id}/resume", params(("id" = String, Path)), request_body = VmResume,
+    responses((status = 200, body = VmRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)))]
+async fn resume_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, body: Option<Json<VmResume>>) -> ApiResult<VmRecord> {
+    let req = body.map(|b| b.0).unwrap_or_default();
+    let rec = owned(&c, &p, &id)?;
+    Ok(Json(c.resume(&rec.id, &req).await?))
+}
+
+/// Saves a running VM as a warm image (memory state + changed disk, the VM's image as parent);
+/// the VM keeps running. `vm run NAME` then restores instead of booting.
+#[utoipa::path(post, path = "/api/v1/vms/{id}/snapshot", params(("id" = String, Path)), request_body = VmSnapshot,
+    responses((status = 200, body = SavedImage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 502, body = ErrorBody)))]
+async fn snapshot_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, body: Result<Json<VmSnapshot>, JsonRejection>) -> ApiResult<SavedImage> {
+    let rec = owned(&c, &p, &id)?;
+    let Json(req) = body?;
+    Ok(Json(c.snapshot(&rec.id, &req.name).await?))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

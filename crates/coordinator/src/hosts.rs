@@ -178,7 +178,7 @@ pub enum HostCallError {
 pub struct HostClient {
     pub name: String,
     pub url: String,
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
 }
 
 impl HostClient {
@@ -186,7 +186,7 @@ impl HostClient {
         HostClient { name: name.into(), url: url.trim_end_matches('/').into(), http }
     }
 
-    async fn call<T: serde::de::DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<Option<T>, HostCallError> {
+    pub(crate) async fn call<T: serde::de::DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<Option<T>, HostCallError> {
         let resp = req.send().await.map_err(|e| HostCallError::Unreachable {
             host: self.name.clone(),
             url: self.url.clone(),
@@ -214,7 +214,7 @@ impl HostClient {
         })
     }
 
-    fn u(&self, path: &str) -> String {
+    pub(crate) fn u(&self, path: &str) -> String {
         format!("{}{path}", self.url)
     }
 

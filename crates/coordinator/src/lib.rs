@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod hosts;
 pub mod lifecycle;
+pub mod mobile;
 pub mod sched;
 pub mod state;
 

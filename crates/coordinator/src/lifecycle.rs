@@ -50,12 +50,12 @@ fn now() -> u64 {
 
 /// The coordinator: VM records, the registry of hosts and image servers, placement.
 pub struct Coordinator {
-    state: Arc<dyn StateStore>,
-    registry: Arc<Registry>,
-    sched: Scheduler,
-    http: reqwest::Client,
+    pub(crate) state: Arc<dyn StateStore>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) sched: Scheduler,
+    pub(crate) http: reqwest::Client,
     /// Serialises admission (capacity checks against records) and state transitions.
-    lock: Mutex<()>,
+    pub(crate) lock: Mutex<()>,
     /// Held while a host's free figures are computed from the records and given to the
     /// scheduler, and while a placement's reservation is handed over to its record, so that an
     /// advertisement computed from older records never replaces a newer one (which would give
@@ -87,7 +87,12 @@ impl Coordinator {
                         v.stopped = Some(now());
                     });
                 }
-                VmState::Running | VmState::Stopping | VmState::Unknown => {
+                VmState::Running | VmState::Stopping | VmState::Unknown | VmState::Suspending => {
+                    if vm.state == VmState::Suspending {
+                        let me = c.clone();
+                        let id = vm.id.clone();
+                        tokio::spawn(async move { me.recover_suspending(id).await });
+                    }
                     let me = c.clone();
                     tokio::spawn(async move { me.watch(vm.id.clone()).await });
                 }
@@ -117,7 +122,7 @@ impl Coordinator {
         &self.accounting
     }
 
-    fn client(&self, host: &str) -> Result<HostClient, CoordinatorError> {
+    pub(crate) fn client(&self, host: &str) -> Result<HostClient, CoordinatorError> {
         let h = self.registry.host(host).ok_or_else(|| CoordinatorError::UnknownHost(host.to_string()))?;
         Ok(HostClient::new(&h.ad.name, &h.ad.url, self.http.clone()))
     }
@@ -162,7 +167,7 @@ impl Coordinator {
     }
 
     /// Refreshes the scheduler's view of `host` after its VMs changed.
-    fn refresh_host(&self, host: &str) {
+    pub(crate) fn refresh_host(&self, host: &str) {
         let _ads = self.ads_guard();
         self.refresh_host_locked(host);
     }
@@ -173,7 +178,7 @@ impl Coordinator {
 
     /// The VM's record (already written) holds the capacity of placement `p` from now on: the
     /// host's free figures are recomputed with it before the reservation is released.
-    fn hand_over(&self, p: &Placement) {
+    pub(crate) fn hand_over(&self, p: &Placement) {
         let _ads = self.ads_guard();
         self.refresh_host_locked(&p.host);
         let _ = self.sched.release(p.reservation);
@@ -293,7 +298,9 @@ impl Coordinator {
             return Err(CoordinatorError::BadRequest("disk limits must be positive (leave them out for no limit)".into()));
         }
         let manifest = self.resolve_image(&image).await?;
-        let mut preq = placement_request(owner, &manifest, req.cpus, req.memory_mib, &req.require, &req.rank);
+        crate::mobile::check_warm(&manifest, req.cpus, req.memory_mib)?;
+        let require = crate::mobile::warm_requirement(&manifest, req.require.clone());
+        let mut preq = placement_request(owner, &manifest, req.cpus, req.memory_mib, &require, &req.rank);
         preq.cpu_share = req.resources.cpu_cores();
         self.sched.validate(&preq)?;
         let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
@@ -358,6 +365,7 @@ impl Coordinator {
             created: now(),
             started: None,
             stopped: None,
+            saved_image: None,
         };
         // The record is the reservation from now on.
         if let Err(e) = self.state.put_vm(&rec) {
@@ -503,7 +511,7 @@ impl Coordinator {
         }
     }
 
-    fn update(&self, id: &str, f: impl FnOnce(&mut VmRecord)) -> Option<VmRecord> {
+    pub(crate) fn update(&self, id: &str, f: impl FnOnce(&mut VmRecord)) -> Option<VmRecord> {
         let mut rec = self.state.get_vm(id).ok()??;
         let was_active = rec.state.is_active();
         f(&mut rec);
@@ -519,7 +527,7 @@ impl Coordinator {
         Some(rec)
     }
 
-    async fn run(self: Arc<Self>, client: HostClient, req: LaunchRequest) {
+    pub(crate) async fn run(self: Arc<Self>, client: HostClient, req: LaunchRequest) {
         let id = req.id.clone();
         self.update(&id, |v| {
             v.state = VmState::Starting;
@@ -565,6 +573,9 @@ impl Coordinator {
                 tracing::warn!(vm = %id, "VM failed to start: {e}");
                 let _ = client.stop(&id, true).await;
                 let _ = client.release(&id).await;
+                if crate::mobile::resume_failed(&self, &req, &client.name, &e.to_string()) {
+                    return;
+                }
                 self.update(&id, |v| {
                     v.state = VmState::Failed;
                     v.phase = "failed".into();
@@ -623,8 +634,12 @@ impl Coordinator {
     async fn exited(&self, client: &HostClient, id: &str, exit: vgrid_hostagent::ExitInfo, console: Vec<String>) {
         let _ = client.release(id).await;
         self.update(id, |v| {
-            v.stopped = Some(now());
             v.pid = None;
+            if matches!(v.state, VmState::Suspending | VmState::Suspended) {
+                // Its QEMU ended because it was saved (see mobile.rs).
+                return;
+            }
+            v.stopped = Some(now());
             if v.state == VmState::Stopping {
                 v.state = VmState::Stopped;
                 v.phase = "stopped".into();
@@ -648,6 +663,13 @@ impl Coordinator {
         match rec.state {
             VmState::Stopped | VmState::Failed => return Ok(rec),
             VmState::Stopping if !force => return Ok(rec),
+            VmState::Suspended | VmState::Suspending => {
+                return Err(CoordinatorError::Conflict(format!(
+                    "VM {} is {}: resume it (`vgrid vm resume`) or remove it (`vgrid vm rm`)",
+                    rec.id,
+                    rec.state.as_str()
+                )))
+            }
             _ => {}
         }
         if rec.host.is_none() {
@@ -717,6 +739,9 @@ impl Coordinator {
             }
             self.stop(&rec.id, true).await?;
         }
+        // A suspended VM's old host only keeps its console log: failing to reach it is no reason
+        // to keep the VM.
+        let force = force || rec.state == VmState::Suspended;
         if let Some(host) = &rec.host {
             match self.client(host) {
                 Ok(c) => {
@@ -734,6 +759,9 @@ impl Coordinator {
         self.state.delete_vm(&rec.id)?;
         if let Some(h) = &rec.host {
             self.refresh_host(h);
+        }
+        if let Some(img) = &rec.saved_image {
+            self.delete_saved_image(img).await;
         }
         tracing::info!(vm = %rec.id, "VM removed");
         Ok(rec)
@@ -826,7 +854,7 @@ fn check_quota(all: &[VmRecord], owner: &str, quota: &Quota, cpus: u32, memory_m
     Ok(())
 }
 
-fn placement_request(
+pub(crate) fn placement_request(
     owner: &str,
     manifest: &Manifest,
     cpus: u32,
@@ -846,7 +874,7 @@ fn placement_request(
 }
 
 /// What the host is asked to start for the VM recorded as `rec`.
-fn launch_request(rec: &VmRecord, manifest: &Manifest) -> LaunchRequest {
+pub(crate) fn launch_request(rec: &VmRecord, manifest: &Manifest) -> LaunchRequest {
     LaunchRequest {
         id: rec.id.clone(),
         image: manifest.image_ref(),
@@ -862,7 +890,7 @@ fn launch_request(rec: &VmRecord, manifest: &Manifest) -> LaunchRequest {
 pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// A refusal, one line per host.
-fn explain(nm: &crate::sched::NoMatch) -> String {
+pub(crate) fn explain(nm: &crate::sched::NoMatch) -> String {
     if nm.refusals.is_empty() {
         return "no host can take this VM: no host has joined".into();
     }

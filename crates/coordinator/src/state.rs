@@ -217,6 +217,7 @@ mod tests {
             created: 1,
             started: None,
             stopped: None,
+            saved_image: None,
         };
         {
             let s = RedbState::open(&path).unwrap();

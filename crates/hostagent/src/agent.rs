@@ -58,6 +58,8 @@ pub enum AgentError {
     NoKvm { id: String },
     #[error(transparent)]
     Admission(#[from] crate::resources::AdmissionError),
+    #[error(transparent)]
+    Mobile(#[from] crate::mobile::MobileError),
 }
 
 /// What the coordinator asks the host to start (`POST /host/v1/vms`).
@@ -315,7 +317,12 @@ impl Agent {
         lines[lines.len().saturating_sub(n)..].iter().map(|s| s.to_string()).collect()
     }
 
-    fn vm(&self, id: &str) -> Option<Arc<Vm>> {
+    /// QEMU version of this host (`MAJOR.MINOR.MICRO`).
+    pub fn qemu_version(&self) -> &str {
+        &self.qemu_version
+    }
+
+    pub(crate) fn vm(&self, id: &str) -> Option<Arc<Vm>> {
         self.vms.lock().unwrap().get(id).map(|s| s.vm.clone())
     }
 
@@ -380,7 +387,14 @@ impl Agent {
             }
         };
         tracing::debug!(vm = %id, image = %manifest.image_ref(), took_ms = t0.elapsed().as_millis() as u64, "boot files ready");
-        progress("booting");
+        // A warm image: its saved state is loaded instead of booting (see mobile.rs).
+        let resolved_accel = accel.unwrap_or_else(Accel::detect);
+        if manifest.state.is_some() {
+            progress("fetching saved state");
+        }
+        let incoming =
+            crate::mobile::prepare_incoming(self, &id, &manifest, req.cpus, req.memory_mib, resolved_accel, &dir).await?;
+        progress(if incoming.is_some() { "restoring" } else { "booting" });
         let export = manifest.image_ref().to_string();
         let spec = VmSpec {
             id: id.clone(),
@@ -392,12 +406,20 @@ impl Agent {
             accel,
         };
         let cgroup = self.res.create_group(&id, limits)?;
-        let opts = LaunchOptions {
+        let mut opts = LaunchOptions {
             cgroup: cgroup.clone(),
             disk_throttle: crate::resources::DiskThrottle::of(&req.resources),
             ..LaunchOptions::default()
         };
-        let vm = Vm::launch_with(spec, &dir, &opts).await?;
+        if let Some(p) = &incoming {
+            opts.incoming = Some(p.clone());
+            opts.startup_timeout = crate::mobile::RESTORE_TIMEOUT;
+        }
+        let r = Vm::launch_with(spec, &dir, &opts).await;
+        if let Some(p) = &incoming {
+            crate::mobile::incoming_done(p);
+        }
+        let vm = r?;
         self.res.track(&vm, cgroup, limits, self.proxy.stats().bytes_fetched.saturating_sub(fetched0));
         let launched = Launched { pid: vm.pid(), accel: vm.accel().as_str().to_string() };
         self.vms.lock().unwrap().insert(id.clone(), Slot { vm: Arc::new(vm) });

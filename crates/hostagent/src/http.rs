@@ -21,7 +21,7 @@ use crate::agent::{Agent, AgentError, LaunchRequest, PullProgress, VmExit};
 
 type Ctx = State<Arc<Agent>>;
 
-struct HttpError(StatusCode, String);
+pub(crate) struct HttpError(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
@@ -37,6 +37,7 @@ impl From<AgentError> for HttpError {
             AgentError::Admission(crate::resources::AdmissionError::Invalid { .. }) => StatusCode::BAD_REQUEST,
             AgentError::Admission(_) => StatusCode::CONFLICT,
             AgentError::Proxy(vgrid_blockproxy::ProxyError::ImageNotFound { .. }) => StatusCode::NOT_FOUND,
+            AgentError::Mobile(m) => crate::mobile::status_of(m),
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         HttpError(code, e.to_string())
@@ -53,6 +54,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/host/v1/vms/{id}/stop", post(stop))
         .route("/host/v1/vms/{id}/wait", get(wait))
         .route("/host/v1/vms/{id}/release", post(release))
+        .route("/host/v1/vms/{id}/snapshot", post(crate::mobile::http_snapshot))
+        .route("/host/v1/vms/{id}/suspend", post(crate::mobile::http_suspend))
+        .route("/host/v1/vms/{id}/saving", get(crate::mobile::http_saving))
         .route("/host/v1/vms/{id}/console", get(console))
         .route("/host/v1/vms/{id}/console/ws", get(console_ws))
         .with_state(agent)

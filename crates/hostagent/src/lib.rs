@@ -12,6 +12,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod http;
 pub mod predict;
+pub mod mobile;
 pub mod qmp;
 pub mod resources;
 pub mod testkit;

@@ -647,6 +647,7 @@ async fn import_file_inner(
             disk,
             meta: ImageMeta { os: opts.os.clone(), arch: opts.arch.clone(), boot },
             parent: None,
+            state: None,
         };
         client.commit(&id, &m).await.map_err(|source| ImportError::Upload { image: opts.name.clone(), source })
     }

@@ -652,6 +652,8 @@ pub fn summary(m: &Manifest) -> ImageSummary {
             Boot::Kernel { .. } => "kernel".into(),
         },
         created: m.created,
+        warm: m.state.is_some(),
+        parent: m.parent.as_ref().map(|p| p.to_string()),
     }
 }
 
@@ -675,6 +677,7 @@ mod tests {
             disk: Blob { size: chunks.len() as u64 * 4096, chunks },
             meta: ImageMeta { os: String::new(), arch: "x86_64".into(), boot: Boot::Firmware },
             parent: None,
+            state: None,
         }
     }
 
@@ -743,6 +746,35 @@ mod tests {
         assert_eq!(s.gc().await.unwrap().chunks_freed, 1);
         assert!(s.commit(&id2, manifest("late", 0, vec![Some(a)])).await.is_err());
         assert_eq!(s.chunk_stats().await.unwrap().0, 0);
+    }
+
+    #[tokio::test]
+    async fn warm_image_state_chunks_are_checked_kept_and_freed_with_it() {
+        let s = mem();
+        let id = s.begin_upload();
+        let base = put(&s, &id, &[1u8; 4096]).await;
+        let parent = s.commit(&id, manifest("base", 0, vec![Some(base), None])).await.unwrap();
+        // A warm child: one new disk chunk, the parent's other one, and a state blob.
+        let id = s.begin_upload();
+        let changed = put(&s, &id, &[2u8; 4096]).await;
+        let st = put(&s, &id, &[3u8; 4096]).await;
+        let meta = vgrid_api::StateMeta { qemu_version: "10.0.2".into(), machine: "pc".into(), cpus: 1, memory_mib: 256, accel: "tcg".into(), saved: 0 };
+        let mut warm = manifest("warm", 0, vec![Some(base), Some(changed)]);
+        warm.parent = Some(parent.image_ref());
+        warm.state = Some(vgrid_api::SavedState { blob: Blob { size: 4096 + 100, chunks: vec![Some(st), None] }, meta });
+        // A state chunk that is not stored is refused like a missing disk chunk.
+        let (ghost, _) = codec::encode(b"never uploaded");
+        let mut bad = warm.clone();
+        bad.state.as_mut().unwrap().blob.chunks[1] = Some(ghost);
+        assert!(matches!(s.put_manifest(bad).await, Err(StoreError::MissingChunks { .. })));
+        let warm = s.commit(&id, warm).await.unwrap();
+        assert_eq!(s.gc().await.unwrap().chunks_freed, 0, "state chunks are referenced");
+        let back = s.get_manifest(&warm.image_ref()).await.unwrap();
+        assert_eq!(back.state, warm.state);
+        assert_eq!(back.parent, Some(parent.image_ref()));
+        // Deleting the warm image frees its own chunks, not the parent's.
+        assert_eq!(s.delete(&warm.image_ref()).await.unwrap().chunks_freed, 2);
+        assert!(s.has_chunk(&base).await.unwrap() && !s.has_chunk(&st).await.unwrap() && !s.has_chunk(&changed).await.unwrap());
     }
 
     #[tokio::test]

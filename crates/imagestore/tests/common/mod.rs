@@ -120,5 +120,6 @@ pub fn manifest(name: &str, chunk_size: u32, disk: Blob) -> Manifest {
         disk,
         meta: ImageMeta { os: "test".into(), arch: "x86_64".into(), boot: Boot::Firmware },
         parent: None,
+        state: None,
     }
 }

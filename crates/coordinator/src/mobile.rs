@@ -1,0 +1,335 @@
+//! Mobile VMs on the coordinator: warm images (`snapshot`), `suspend` and `resume`.
+//!
+//! A snapshot asks the VM's host to save it as a new image (memory state + changed disk
+//! chunks, the VM's image as parent); the VM keeps running. A suspend saves it the same way
+//! into a private image named after the VM (`<id>.saved`), ends its QEMU and frees the host;
+//! the record stays, `suspended`, naming the image. A resume places the VM again through the
+//! scheduler (any matching host, `--require`, or `--host`) and launches the saved image there:
+//! the host restores it with `-incoming` and the guest continues where it stopped. Removing the
+//! VM deletes its saved image. A save that fails leaves the VM running; a resume that fails
+//! leaves it suspended.
+
+use std::sync::Arc;
+
+use vgrid_api::vm::{SavedImage, VmRecord, VmResume, VmState};
+use vgrid_api::{ImageRef, Manifest};
+use vgrid_hostagent::agent::LaunchRequest;
+use vgrid_hostagent::mobile::SaveRequest;
+use vgrid_imagestore::client::StoreClient;
+
+use crate::hosts::{HostCallError, HostClient};
+use crate::lifecycle::{explain, launch_request, placement_request, Coordinator, CoordinatorError};
+use crate::sched::{PlaceError, PlaceOptions};
+
+/// Name of the private image a suspended VM is saved in.
+pub fn saved_image_name(vm_id: &str) -> String {
+    format!("{vm_id}.saved")
+}
+
+impl HostClient {
+    /// Whether the host is saving VM `id` now and whether its QEMU runs (`None`: no answer).
+    pub async fn saving(&self, id: &str) -> Option<(bool, bool)> {
+        let r: Option<serde_json::Value> = self.call(self.http.get(self.u(&format!("/host/v1/vms/{id}/saving")))).await.ok()?;
+        r.and_then(|v| Some((v["saving"].as_bool()?, v["running"].as_bool()?)))
+    }
+
+    /// Asks the host to save VM `id` as image `name`; with `suspend`, its QEMU ends afterwards.
+    pub async fn save(&self, id: &str, name: &str, suspend: bool) -> Result<SavedImage, HostCallError> {
+        let what = if suspend { "suspend" } else { "snapshot" };
+        let req = self.http.post(self.u(&format!("/host/v1/vms/{id}/{what}"))).json(&SaveRequest { name: name.to_string() });
+        let r: Option<SavedImage> = self.call(req).await?;
+        r.ok_or_else(|| HostCallError::Unreachable {
+            host: self.name.clone(),
+            url: self.url.clone(),
+            cause: format!("empty answer to {what}"),
+        })
+    }
+}
+
+/// Refuses, at admission, a warm image with other cpus/memory than its state was saved with.
+pub(crate) fn check_warm(manifest: &Manifest, cpus: u32, memory_mib: u64) -> Result<(), CoordinatorError> {
+    if let Some(st) = &manifest.state {
+        if let Some(why) = st.meta.incompatibility(cpus, memory_mib, &st.meta.qemu_version) {
+            return Err(CoordinatorError::BadRequest(format!("image {} is a warm image: {why}", manifest.image_ref())));
+        }
+    }
+    Ok(())
+}
+
+/// The user's requirement, plus for a warm image the accelerator its state needs.
+pub(crate) fn warm_requirement(manifest: &Manifest, require: Option<String>) -> Option<String> {
+    let accel = manifest.state.as_ref().map(|s| s.meta.accel.clone()).filter(|a| !a.is_empty());
+    match (require.filter(|r| !r.trim().is_empty()), accel) {
+        (r, None) => r,
+        (None, Some(a)) => Some(format!("host.accel == {a:?}")),
+        (Some(r), Some(a)) => Some(format!("({r}) && host.accel == {a:?}")),
+    }
+}
+
+/// The requirement of a resume: the user's `--require` and/or `--host`.
+pub fn resume_requirement(req: &VmResume) -> Option<String> {
+    let pin = req.host.as_ref().map(|h| format!("host.name == {h:?}"));
+    match (req.require.clone().filter(|r| !r.trim().is_empty()), pin) {
+        (None, p) => p,
+        (r, None) => r,
+        (Some(r), Some(p)) => Some(format!("({r}) && {p}")),
+    }
+}
+
+/// Called when a launch failed: if it was the resume of a suspended VM, the VM is suspended
+/// again (its saved image is intact) with the reason, and `true` is returned.
+pub(crate) fn resume_failed(c: &Coordinator, req: &LaunchRequest, host: &str, err: &str) -> bool {
+    let Some(rec) = c.state.get_vm(&req.id).ok().flatten() else { return false };
+    if rec.saved_image.as_deref() != Some(req.image.to_string().as_str()) || rec.started.is_some() {
+        return false;
+    }
+    c.update(&req.id, |v| {
+        v.state = VmState::Suspended;
+        v.phase = "suspended".into();
+        v.reason = Some(format!("resuming on host {host} failed: {err}"));
+        v.pid = None;
+    });
+    true
+}
+
+impl Coordinator {
+    fn running_on(&self, key: &str, what: &str) -> Result<(VmRecord, HostClient), CoordinatorError> {
+        let rec = self.get(key)?;
+        if rec.state != VmState::Running {
+            return Err(CoordinatorError::Conflict(format!(
+                "VM {} is {}: only a running VM can be {what}",
+                rec.id,
+                rec.state.as_str()
+            )));
+        }
+        let host = rec.host.clone().unwrap_or_default();
+        let client = self.client(&host)?;
+        Ok((rec, client))
+    }
+
+    /// Saves a running VM as the warm image `name` (parent: the VM's image); it keeps running.
+    pub async fn snapshot(&self, key: &str, name: &str) -> Result<SavedImage, CoordinatorError> {
+        vgrid_api::manifest::validate_name(name).map_err(|e| CoordinatorError::BadRequest(e.to_string()))?;
+        let (rec, client) = self.running_on(key, "snapshotted")?;
+        tracing::info!(vm = %rec.id, image = name, "saving VM as a warm image");
+        Ok(client.save(&rec.id, name, false).await?)
+    }
+
+    /// Saves a running VM into its private image and ends it on its host. On failure the VM
+    /// keeps running and the error is returned.
+    pub async fn suspend(&self, key: &str) -> Result<Suspended, CoordinatorError> {
+        let (rec, client) = {
+            let _g = self.lock.lock().await;
+            let (rec, client) = self.running_on(key, "suspended")?;
+            self.update(&rec.id, |v| {
+                v.state = VmState::Suspending;
+                v.phase = "saving memory and disk".into();
+            });
+            (rec, client)
+        };
+        let name = saved_image_name(&rec.id);
+        match client.save(&rec.id, &name, true).await {
+            Ok(saved) => {
+                let old = rec.saved_image.clone();
+                let out = self
+                    .update(&rec.id, |v| {
+                        v.state = VmState::Suspended;
+                        v.phase = "suspended".into();
+                        v.saved_image = Some(saved.image.clone());
+                        v.pid = None;
+                        v.reason = None;
+                    })
+                    .unwrap_or(rec.clone());
+                // The image it had resumed from (if any) is superseded.
+                if let Some(old) = old.filter(|o| *o != saved.image) {
+                    self.delete_saved_image(&old).await;
+                }
+                tracing::info!(vm = %rec.id, image = %saved.image, "VM suspended");
+                Ok(Suspended { vm: out, saved })
+            }
+            Err(e) => {
+                tracing::warn!(vm = %rec.id, "suspend failed, the VM keeps running: {e}");
+                self.update(&rec.id, |v| {
+                    if v.state == VmState::Suspending {
+                        v.state = VmState::Running;
+                        v.phase = "running".into();
+                    }
+                });
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Places a suspended VM again and restores it there (in the background: the answer is
+    /// the record as placed; it becomes `running` once restored).
+    pub async fn resume(self: &Arc<Self>, key: &str, req: &VmResume) -> Result<VmRecord, CoordinatorError> {
+        let rec = self.get(key)?;
+        if rec.state != VmState::Suspended {
+            return Err(CoordinatorError::Conflict(format!(
+                "VM {} is {}: only a suspended VM can be resumed",
+                rec.id,
+                rec.state.as_str()
+            )));
+        }
+        let saved = rec
+            .saved_image
+            .clone()
+            .ok_or_else(|| CoordinatorError::Conflict(format!("VM {} is suspended but names no saved image", rec.id)))?;
+        if let Some(h) = &req.host {
+            if self.registry.host(h).is_none() {
+                return Err(CoordinatorError::UnknownHost(h.clone()));
+            }
+        }
+        let image: ImageRef = saved.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?;
+        let manifest = self.resolve_image(&image).await?;
+        let require = warm_requirement(&manifest, resume_requirement(req));
+        let mut preq = placement_request(&rec.owner, &manifest, rec.cpus, rec.memory_mib, &require, &rec.rank);
+        preq.cpu_share = rec.resources.cpu_cores();
+        self.sched.validate(&preq)?;
+        let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
+        let guard = self.lock.lock().await;
+        let cur = self.get(&rec.id)?;
+        if cur.state != VmState::Suspended {
+            return Err(CoordinatorError::Conflict(format!("VM {} is {} now", rec.id, cur.state.as_str())));
+        }
+        let placed = match self.sched.place_with(&preq, &opts) {
+            Ok(p) => p,
+            Err(PlaceError::NoMatch(nm)) => return Err(CoordinatorError::Capacity(explain(&nm))),
+            Err(PlaceError::Invalid(e)) => return Err(e.into()),
+            Err(e @ PlaceError::TimedOut { .. }) => return Err(CoordinatorError::Capacity(e.to_string())),
+        };
+        let old_host = rec.host.clone();
+        let rec = self
+            .update(&rec.id, |v| {
+                v.state = VmState::Pending;
+                v.phase = format!("placed on {}: restoring", placed.host);
+                v.host = Some(placed.host.clone());
+                v.reason = None;
+                v.pid = None;
+                v.started = None;
+                v.stopped = None;
+            })
+            .ok_or_else(|| CoordinatorError::UnknownVm(rec.id.clone()))?;
+        self.hand_over(&placed);
+        drop(guard);
+        tracing::info!(vm = %rec.id, image = %saved, host = %placed.host, "resuming VM");
+        let launch = launch_request(&rec, &manifest);
+        let client = HostClient::new(&placed.host, &placed.url, self.http.clone());
+        let me = self.clone();
+        tokio::spawn(async move { me.run(client, launch).await });
+        // The host it was suspended on keeps only its old console log: remove it there.
+        if let Some(old) = old_host.filter(|h| *h != placed.host) {
+            if let Ok(c) = self.client(&old) {
+                let id = rec.id.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = c.remove(&id).await {
+                        tracing::debug!(vm = %id, host = %c.name, "removing the old runtime directory: {e}");
+                    }
+                });
+            }
+        }
+        Ok(rec)
+    }
+
+    /// After a coordinator restart, settles a VM that was `suspending`: the host finished (or
+    /// abandoned) the save without anyone listening. Once its host reports in: if its QEMU is
+    /// gone and a saved image newer than its start exists, it is `suspended` with that image;
+    /// if QEMU is gone without one, `failed`; if QEMU still runs after the save timeout, the
+    /// save failed and it is `running` again.
+    pub(crate) async fn recover_suspending(self: Arc<Self>, id: String) {
+        let deadline = tokio::time::Instant::now() + vgrid_hostagent::mobile::SAVE_TIMEOUT + std::time::Duration::from_secs(60);
+        let name = saved_image_name(&id);
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let Some(rec) = self.state.get_vm(&id).ok().flatten() else { return };
+            if rec.state != VmState::Suspending {
+                return;
+            }
+            let host = rec.host.clone().unwrap_or_default();
+            let Some(h) = self.registry.host(&host) else { continue };
+            if h.state != crate::hosts::HostState::Ready {
+                continue;
+            }
+            let client = HostClient::new(&h.ad.name, &h.ad.url, self.http.clone());
+            let Some((saving, runs)) = client.saving(&id).await else { continue };
+            if saving || runs {
+                // Still running and not saving: the save failed (or never started) and the
+                // guest went on.
+                if (!saving && runs) || tokio::time::Instant::now() > deadline {
+                    self.update(&id, |v| {
+                        if v.state == VmState::Suspending {
+                            v.state = VmState::Running;
+                            v.phase = "running".into();
+                            v.reason = Some("a suspend interrupted by a coordinator restart did not complete; the VM runs on".into());
+                        }
+                    });
+                    return;
+                }
+                continue;
+            }
+            let image = ImageRef { name: name.clone(), version: None };
+            let saved = match self.resolve_image(&image).await {
+                Ok(m) if m.state.as_ref().map(|s| s.meta.saved).unwrap_or(0) >= rec.started.unwrap_or(0) => Some(m),
+                _ => None,
+            };
+            self.update(&id, |v| {
+                if v.state != VmState::Suspending {
+                    return;
+                }
+                v.pid = None;
+                match &saved {
+                    Some(m) => {
+                        v.state = VmState::Suspended;
+                        v.phase = "suspended".into();
+                        v.saved_image = Some(m.image_ref().to_string());
+                        v.reason = None;
+                    }
+                    None => {
+                        v.state = VmState::Failed;
+                        v.phase = "failed".into();
+                        v.reason = Some("the coordinator restarted while this VM was being suspended and no saved state was found".into());
+                    }
+                }
+            });
+            tracing::info!(vm = %id, suspended = saved.is_some(), "settled a suspend interrupted by a coordinator restart");
+            return;
+        }
+    }
+
+    /// Deletes a VM's saved image from every image server that has it (best effort).
+    pub(crate) async fn delete_saved_image(&self, image: &str) {
+        let Ok(r) = image.parse::<ImageRef>() else { return };
+        for url in self.registry.image_server_urls() {
+            let Ok(client) = StoreClient::new(&url) else { continue };
+            match client.delete(&r).await {
+                Ok(rep) => tracing::info!(image, server = %url, chunks_freed = rep.chunks_freed, "saved image deleted"),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => tracing::warn!(image, server = %url, "cannot delete saved image: {e}"),
+            }
+        }
+    }
+}
+
+/// Answer of `POST /api/v1/vms/{id}/suspend`: the record and what was saved.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Suspended {
+    pub vm: VmRecord,
+    pub saved: SavedImage,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_requirements_combine() {
+        let r = |require: Option<&str>, host: Option<&str>| {
+            resume_requirement(&VmResume { require: require.map(Into::into), host: host.map(Into::into) })
+        };
+        assert_eq!(r(None, None), None);
+        assert_eq!(r(Some("host.cpus > 1"), None).as_deref(), Some("host.cpus > 1"));
+        assert_eq!(r(None, Some("h2")).as_deref(), Some("host.name == \"h2\""));
+        assert_eq!(r(Some("a || b"), Some("h2")).as_deref(), Some("(a || b) && host.name == \"h2\""));
+        assert_eq!(saved_image_name("vm-0a"), "vm-0a.saved");
+    }
+}

@@ -1,0 +1,676 @@
+//! Mobile guests on the host: saving a running guest as a **warm image** (its QEMU migration
+//! stream plus its disk as changed so far, the original image as parent) and starting a guest
+//! from such an image with `-incoming` instead of booting it. Suspend is the same save followed
+//! by the end of QEMU; resume is a launch of the saved image on any host.
+//!
+//! The new disk blob is composed without copying the base: `qemu-img map` on the VM's qcow2
+//! overlay says which ranges the guest wrote; chunks the overlay does not touch keep the
+//! parent's chunk hashes, touched chunks are the parent's chunk (read through the host cache)
+//! with the overlay's bytes laid over it, read straight from the qcow2 file at the offsets the
+//! map gives. Only those chunks and the state's chunks are uploaded, through an image server
+//! upload session, and the manifest is committed last: a failure leaves no image and, for a
+//! suspend, a running guest.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use vgrid_api::vm::SavedImage;
+use vgrid_api::{Blob, ChunkHash, ImageRef, Manifest, SavedState, StateMeta};
+use vgrid_imagestore::client::StoreClient;
+use vgrid_imagestore::codec;
+use vgrid_imagestore::store::UploadId;
+
+use crate::agent::{Agent, AgentError};
+use crate::vm::{DiskSource, Vm};
+
+/// How long QEMU may take to write a guest's state.
+pub const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long QEMU may take to load a saved state.
+pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Name of the state file in a runtime directory (removed once used).
+const SAVE_FILE: &str = "state.save";
+const INCOMING_FILE: &str = "state.incoming";
+/// Chunks hashed, checked and uploaded per round.
+const UPLOAD_BATCH: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MobileError {
+    #[error("VM {id}: cannot save it: {cause}")]
+    Save { id: String, cause: String },
+    #[error("VM {id}: cannot restore image {image}: {cause}")]
+    Restore { id: String, image: String, cause: String },
+    #[error("VM {id}: uploading image {image} failed, nothing was stored: {cause}")]
+    Upload { id: String, image: String, cause: String },
+    #[error("invalid image name {0:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")]
+    BadName(String),
+}
+
+/// Body of `POST /host/v1/vms/{id}/snapshot` and `/suspend`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SaveRequest {
+    /// Name of the image to create (a new version of it if it exists).
+    pub name: String,
+}
+
+/// One line of `qemu-img map --output=json`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct MapEntry {
+    pub start: u64,
+    pub length: u64,
+    pub depth: u32,
+    #[serde(default = "yes")]
+    pub present: bool,
+    pub zero: bool,
+    pub data: bool,
+    #[serde(default)]
+    pub compressed: bool,
+    #[serde(default)]
+    pub offset: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A range of the guest disk the overlay itself holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Patch {
+    /// Guest bytes at `file_offset` in the qcow2 file.
+    Data { start: u64, length: u64, file_offset: u64 },
+    /// The guest zeroed or discarded this range.
+    Zero { start: u64, length: u64 },
+}
+
+impl Patch {
+    fn range(&self) -> (u64, u64) {
+        match *self {
+            Patch::Data { start, length, .. } | Patch::Zero { start, length } => (start, start + length),
+        }
+    }
+}
+
+/// The ranges the overlay holds (depth 0), from its `qemu-img map` entries. Compressed
+/// clusters (never written by QEMU for a guest) are refused.
+pub fn overlay_patches(entries: &[MapEntry]) -> Result<Vec<Patch>, String> {
+    let mut out = Vec::new();
+    for e in entries.iter().filter(|e| e.depth == 0 && e.present) {
+        if e.data {
+            match (e.offset, e.compressed) {
+                (Some(file_offset), false) => out.push(Patch::Data { start: e.start, length: e.length, file_offset }),
+                _ => return Err(format!("overlay range {}+{} is compressed or has no file offset", e.start, e.length)),
+            }
+        } else if e.zero {
+            out.push(Patch::Zero { start: e.start, length: e.length });
+        }
+    }
+    Ok(out)
+}
+
+/// Indices of the chunks (of `chunk_size` bytes) that any patch touches.
+pub fn touched_chunks(patches: &[Patch], chunk_size: u32) -> Vec<u64> {
+    let cs = chunk_size as u64;
+    let mut set = std::collections::BTreeSet::new();
+    for p in patches {
+        let (a, b) = p.range();
+        if b > a {
+            for i in a / cs..=(b - 1) / cs {
+                set.insert(i);
+            }
+        }
+    }
+    set.into_iter().collect()
+}
+
+/// Lays the patches over `base`, the parent's bytes of chunk `index` (zeros for an elided
+/// chunk), reading data patches from the overlay with `read_at(file_offset, buf)`.
+pub fn compose_chunk(
+    base: &mut [u8],
+    index: u64,
+    chunk_size: u32,
+    patches: &[Patch],
+    mut read_at: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let c0 = index * chunk_size as u64;
+    let c1 = c0 + base.len() as u64;
+    for p in patches {
+        let (a, b) = p.range();
+        let (lo, hi) = (a.max(c0), b.min(c1));
+        if lo >= hi {
+            continue;
+        }
+        let dst = &mut base[(lo - c0) as usize..(hi - c0) as usize];
+        match *p {
+            Patch::Zero { .. } => dst.fill(0),
+            Patch::Data { start, file_offset, .. } => read_at(file_offset + (lo - start), dst)?,
+        }
+    }
+    Ok(())
+}
+
+/// The export name (`IMAGE@VERSION`) of an `nbd+unix:///EXPORT?socket=…` disk.
+pub fn export_of(disk: &DiskSource) -> Option<ImageRef> {
+    match disk {
+        DiskSource::Nbd { url } => {
+            let rest = url.strip_prefix("nbd+unix:///")?;
+            rest.split('?').next()?.parse().ok()
+        }
+        DiskSource::File { .. } => None,
+    }
+}
+
+/// Hashes (and compresses) chunks in a blocking thread; zero chunks are `None`.
+async fn encode_all(chunks: Vec<Vec<u8>>) -> Vec<Option<(ChunkHash, Bytes)>> {
+    tokio::task::spawn_blocking(move || {
+        chunks
+            .into_iter()
+            .map(|c| if codec::is_zero(&c) { None } else { let (h, z) = codec::encode(&c); Some((h, Bytes::from(z))) })
+            .collect()
+    })
+    .await
+    .expect("chunk encoding task panicked")
+}
+
+/// An upload session on the first image server that opens one.
+struct Upload {
+    client: StoreClient,
+    id: UploadId,
+    sent_bytes: u64,
+    sent: HashSet<ChunkHash>,
+}
+
+impl Upload {
+    async fn begin(urls: &[String]) -> Result<Upload, String> {
+        let mut errors = Vec::new();
+        for url in urls {
+            let client = match StoreClient::new(url) {
+                Ok(c) => c,
+                Err(e) => {
+                    errors.push(e.to_string());
+                    continue;
+                }
+            };
+            match client.begin_upload().await {
+                Ok(id) => return Ok(Upload { client, id, sent_bytes: 0, sent: HashSet::new() }),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if errors.is_empty() {
+            return Err("this host knows no image server".into());
+        }
+        Err(format!("no image server accepts an upload: {}", errors.join("; ")))
+    }
+
+    /// Uploads those of `chunks` the server lacks.
+    async fn send(&mut self, chunks: &[(ChunkHash, Bytes)]) -> Result<(), String> {
+        let hashes: Vec<ChunkHash> = chunks.iter().map(|c| c.0).collect();
+        let missing: HashSet<ChunkHash> =
+            self.client.missing(&self.id, &hashes).await.map_err(|e| e.to_string())?.into_iter().collect();
+        for (h, z) in chunks {
+            if missing.contains(h) && self.sent.insert(*h) {
+                self.client.put_chunk(&self.id, h, z.clone()).await.map_err(|e| e.to_string())?;
+                self.sent_bytes += z.len() as u64;
+            }
+        }
+        Ok(())
+    }
+
+    async fn abort(&self) {
+        let _ = self.client.abort_upload(&self.id).await;
+    }
+}
+
+/// Runtime directories of the VMs being saved: one save per VM at a time (a second one would
+/// resume the guest under the first one's migration).
+static SAVING: std::sync::Mutex<Option<HashSet<PathBuf>>> = std::sync::Mutex::new(None);
+
+struct SaveGuard(PathBuf);
+
+impl SaveGuard {
+    fn take(dir: &Path) -> Option<SaveGuard> {
+        let mut s = SAVING.lock().unwrap();
+        s.get_or_insert_with(HashSet::new).insert(dir.to_path_buf()).then(|| SaveGuard(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SaveGuard {
+    fn drop(&mut self) {
+        if let Some(s) = SAVING.lock().unwrap().as_mut() {
+            s.remove(&self.0);
+        }
+    }
+}
+
+/// What was read while the guest was paused.
+struct Captured {
+    state_path: PathBuf,
+    state_bytes: u64,
+    /// Composed bytes of the chunks the overlay touches.
+    touched: BTreeMap<u64, Vec<u8>>,
+    machine: String,
+    cpus: u32,
+    memory_mib: u64,
+    accel: String,
+}
+
+impl Agent {
+    /// Saves VM `id` as a new warm image `req.name` whose parent is the image it runs from.
+    /// With `suspend`, QEMU ends once the image is committed (the host's capacity is free);
+    /// otherwise, and whenever saving fails, the guest runs on.
+    pub async fn save_vm(&self, id: &str, req: &SaveRequest, suspend: bool) -> Result<SavedImage, AgentError> {
+        vgrid_api::manifest::validate_name(&req.name).map_err(|_| MobileError::BadName(req.name.clone()))?;
+        let vm = self.vm(id).ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
+        let fail = |cause: String| AgentError::from(MobileError::Save { id: id.to_string(), cause });
+        let _saving = SaveGuard::take(vm.runtime_dir())
+            .ok_or_else(|| fail("another snapshot or suspend of this VM is in progress".into()))?;
+        let parent_ref = export_of(&vm.spec().disk)
+            .ok_or_else(|| fail("its disk is not an image of the block proxy".into()))?;
+        let parent = self.proxy().resolve(&parent_ref).await?;
+        let t0 = Instant::now();
+        let captured = match self.capture(&vm, &parent).await {
+            Ok(c) => c,
+            Err(e) => {
+                resume_guest(&vm).await;
+                return Err(e);
+            }
+        };
+        let paused_secs = t0.elapsed().as_secs_f64();
+        if !suspend {
+            // A snapshot: the guest goes on while its saved copy uploads.
+            resume_guest(&vm).await;
+        }
+        let r = self.upload_image(id, &req.name, &parent, &captured).await;
+        let _ = std::fs::remove_file(&captured.state_path);
+        let (manifest, new_chunks, uploaded) = match r {
+            Ok(v) => v,
+            Err(e) => {
+                if suspend {
+                    resume_guest(&vm).await;
+                }
+                return Err(e);
+            }
+        };
+        if suspend {
+            // Saved: the guest ends here; it resumes from the image.
+            let _ = vm.kill().await;
+        }
+        let saved = SavedImage {
+            image: manifest.image_ref().to_string(),
+            parent: Some(parent.image_ref().to_string()),
+            state_bytes: captured.state_bytes,
+            disk_chunks_new: new_chunks,
+            disk_chunks_total: manifest.disk.chunks.len() as u64,
+            uploaded_bytes: uploaded,
+            paused_secs,
+            total_secs: t0.elapsed().as_secs_f64(),
+        };
+        tracing::info!(vm = %id, image = %saved.image, state_bytes = saved.state_bytes, new_chunks, uploaded, suspend, "VM saved as an image");
+        Ok(saved)
+    }
+
+    /// Pauses the guest, writes its state to a file and composes the touched disk chunks.
+    /// The guest stays paused.
+    async fn capture(&self, vm: &Vm, parent: &Manifest) -> Result<Captured, AgentError> {
+        let id = vm.id().to_string();
+        let fail = |cause: String| AgentError::from(MobileError::Save { id: id.clone(), cause });
+        let state_path = vm.runtime_dir().join(SAVE_FILE);
+        let machine = current_machine(vm).await;
+        let state_bytes = vm.save_state(&state_path, SAVE_TIMEOUT).await?;
+        // The migration flushed the guest's writes to the overlay; read it while paused.
+        let overlay = vm.overlay_path();
+        let out = tokio::process::Command::new(crate::vm::LaunchOptions::default().qemu_img)
+            .args(["map", "-U", "--output=json"])
+            .arg(&overlay)
+            .output()
+            .await
+            .map_err(|e| fail(format!("qemu-img map {}: {e}", overlay.display())))?;
+        if !out.status.success() {
+            return Err(fail(format!("qemu-img map {}: {}", overlay.display(), String::from_utf8_lossy(&out.stderr).trim())));
+        }
+        let entries: Vec<MapEntry> =
+            serde_json::from_slice(&out.stdout).map_err(|e| fail(format!("qemu-img map output: {e}")))?;
+        let patches = overlay_patches(&entries).map_err(fail)?;
+        let file = std::fs::File::open(&overlay).map_err(|e| fail(format!("{}: {e}", overlay.display())))?;
+        let mut touched = BTreeMap::new();
+        for index in touched_chunks(&patches, parent.chunk_size) {
+            if index as usize >= parent.disk.chunks.len() {
+                return Err(fail(format!("the overlay holds data past the end of image {}", parent.image_ref())));
+            }
+            let len = parent.disk.chunk_len(parent.chunk_size, index as usize);
+            let mut buf = match parent.disk.chunks[index as usize] {
+                Some(h) => {
+                    let one = Blob { size: len as u64, chunks: vec![Some(h)] };
+                    self.proxy().read_blob(parent, &one).await?
+                }
+                None => vec![0u8; len as usize],
+            };
+            compose_chunk(&mut buf, index, parent.chunk_size, &patches, |off, dst| file.read_exact_at(dst, off))
+                .map_err(|e| fail(format!("reading {}: {e}", overlay.display())))?;
+            touched.insert(index, buf);
+        }
+        let spec = vm.spec();
+        Ok(Captured {
+            state_path,
+            state_bytes,
+            touched,
+            machine,
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            accel: vm.accel().as_str().to_string(),
+        })
+    }
+
+    /// Uploads the state and the new disk chunks, then commits the manifest. Returns it, the
+    /// number of changed disk chunks and the bytes sent.
+    async fn upload_image(
+        &self,
+        id: &str,
+        name: &str,
+        parent: &Manifest,
+        cap: &Captured,
+    ) -> Result<(Manifest, u64, u64), AgentError> {
+        let fail = |cause: String| AgentError::from(MobileError::Upload { id: id.to_string(), image: name.to_string(), cause });
+        let mut up = Upload::begin(&self.servers().urls()).await.map_err(fail)?;
+        let r = self.upload_session(&mut up, name, parent, cap).await;
+        match r {
+            Ok(v) => Ok(v),
+            Err(cause) => {
+                up.abort().await;
+                Err(fail(cause))
+            }
+        }
+    }
+
+    async fn upload_session(
+        &self,
+        up: &mut Upload,
+        name: &str,
+        parent: &Manifest,
+        cap: &Captured,
+    ) -> Result<(Manifest, u64, u64), String> {
+        let cs = parent.chunk_size;
+        // The disk: the parent's chunk list with the touched chunks replaced.
+        let mut disk = parent.disk.clone();
+        let indices: Vec<u64> = cap.touched.keys().copied().collect();
+        let mut new_chunks = 0;
+        for batch in indices.chunks(UPLOAD_BATCH) {
+            let data: Vec<Vec<u8>> = batch.iter().map(|i| cap.touched[i].clone()).collect();
+            let enc = encode_all(data).await;
+            for (i, e) in batch.iter().zip(&enc) {
+                let h = e.as_ref().map(|(h, _)| *h);
+                if disk.chunks[*i as usize] != h {
+                    new_chunks += 1;
+                }
+                disk.chunks[*i as usize] = h;
+            }
+            let present: Vec<(ChunkHash, Bytes)> = enc.into_iter().flatten().collect();
+            up.send(&present).await?;
+        }
+        // The state, read from its file in batches.
+        let file = std::fs::File::open(&cap.state_path).map_err(|e| format!("{}: {e}", cap.state_path.display()))?;
+        let size = cap.state_bytes;
+        let n = size.div_ceil(cs as u64);
+        let mut state = Blob { size, chunks: Vec::with_capacity(n as usize) };
+        let mut i = 0u64;
+        while i < n {
+            let end = (i + UPLOAD_BATCH as u64).min(n);
+            let mut data = Vec::new();
+            for j in i..end {
+                let len = state_chunk_len(size, cs, j);
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, j * cs as u64).map_err(|e| format!("{}: {e}", cap.state_path.display()))?;
+                data.push(buf);
+            }
+            let enc = encode_all(data).await;
+            state.chunks.extend(enc.iter().map(|e| e.as_ref().map(|(h, _)| *h)));
+            let present: Vec<(ChunkHash, Bytes)> = enc.into_iter().flatten().collect();
+            up.send(&present).await?;
+            i = end;
+        }
+        // Chunks of the parent this server lacks (the parent may live on another server):
+        // read them through the cache and send them too.
+        let mut wanted: HashMap<ChunkHash, (&Blob, usize)> = HashMap::new();
+        for b in parent_blobs(parent) {
+            for (idx, c) in b.chunks.iter().enumerate() {
+                if let Some(h) = c {
+                    wanted.entry(*h).or_insert((b, idx));
+                }
+            }
+        }
+        let hashes: Vec<ChunkHash> = wanted.keys().copied().filter(|h| !up.sent.contains(h)).collect();
+        for batch in hashes.chunks(1024) {
+            let missing = up.client.missing(&up.id, batch).await.map_err(|e| e.to_string())?;
+            for h in missing {
+                let (b, idx) = wanted[&h];
+                let one = Blob { size: b.chunk_len(cs, idx) as u64, chunks: vec![Some(h)] };
+                let data = self.proxy().read_blob(parent, &one).await.map_err(|e| e.to_string())?;
+                let enc = encode_all(vec![data]).await;
+                let present: Vec<(ChunkHash, Bytes)> = enc.into_iter().flatten().collect();
+                up.send(&present).await?;
+            }
+        }
+        let meta = StateMeta {
+            qemu_version: self.qemu_version().to_string(),
+            machine: cap.machine.clone(),
+            cpus: cap.cpus,
+            memory_mib: cap.memory_mib,
+            accel: cap.accel.clone(),
+            saved: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        };
+        let m = Manifest {
+            schema: vgrid_api::manifest::SCHEMA_VERSION,
+            name: name.to_string(),
+            version: 0,
+            created: 0,
+            chunk_size: cs,
+            disk,
+            meta: parent.meta.clone(),
+            parent: Some(parent.image_ref()),
+            state: Some(SavedState { blob: state, meta }),
+        };
+        let m = up.client.commit(&up.id, &m).await.map_err(|e| format!("commit: {e}"))?;
+        Ok((m, new_chunks, up.sent_bytes))
+    }
+}
+
+/// Length of chunk `j` of a blob of `size` bytes.
+fn state_chunk_len(size: u64, cs: u32, j: u64) -> usize {
+    (size - j * cs as u64).min(cs as u64) as usize
+}
+
+fn parent_blobs(m: &Manifest) -> Vec<&Blob> {
+    let mut v = vec![&m.disk];
+    if let vgrid_api::Boot::Kernel { kernel, initrd, .. } = &m.meta.boot {
+        v.push(kernel);
+        v.extend(initrd.iter());
+    }
+    v
+}
+
+/// Continues a guest paused for saving (a failure is only logged: the caller reports the
+/// save error).
+async fn resume_guest(vm: &Vm) {
+    if let Err(e) = vm.cont().await {
+        tracing::error!(vm = %vm.id(), "cannot resume the guest after saving: {e}");
+    }
+}
+
+/// The versioned machine type `pc` resolves to in this QEMU (what the state needs).
+async fn current_machine(vm: &Vm) -> String {
+    let Ok(v) = vm.execute("query-machines", None).await else { return "pc".into() };
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m.get("alias").and_then(|a| a.as_str()) == Some("pc"))
+        .and_then(|m| m.get("name").and_then(|n| n.as_str()))
+        .unwrap_or("pc")
+        .to_string()
+}
+
+/// For a launch of a warm image: checks that this host and request can load its state and
+/// streams the state through the host cache into the runtime directory. Returns the file to
+/// give QEMU as `-incoming`, or `None` for an image without state.
+pub(crate) async fn prepare_incoming(
+    agent: &Agent,
+    id: &str,
+    manifest: &Manifest,
+    cpus: u32,
+    memory_mib: u64,
+    accel: crate::Accel,
+    dir: &Path,
+) -> Result<Option<PathBuf>, AgentError> {
+    let Some(st) = &manifest.state else { return Ok(None) };
+    let fail = |cause: String| {
+        AgentError::from(MobileError::Restore { id: id.to_string(), image: manifest.image_ref().to_string(), cause })
+    };
+    if let Some(why) = st.meta.incompatibility(cpus, memory_mib, agent.qemu_version()) {
+        return Err(fail(why));
+    }
+    if !st.meta.accel.is_empty() && st.meta.accel != accel.as_str() {
+        return Err(fail(format!("the state was saved under {} and this host runs guests under {}", st.meta.accel, accel.as_str())));
+    }
+    let path = dir.join(INCOMING_FILE);
+    // 64 chunks (16 MiB at the default chunk size) at a time: fetched concurrently, bounded memory.
+    agent.proxy().write_blob_streaming(manifest, &st.blob, &path, 64).await?;
+    Ok(Some(path))
+}
+
+/// Removes the incoming state file once QEMU loaded it.
+pub(crate) fn incoming_done(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}
+
+/// HTTP status of a mobility error.
+pub(crate) fn status_of(e: &MobileError) -> axum::http::StatusCode {
+    use axum::http::StatusCode;
+    match e {
+        MobileError::BadName(_) => StatusCode::BAD_REQUEST,
+        MobileError::Restore { .. } => StatusCode::CONFLICT,
+        MobileError::Upload { .. } => StatusCode::BAD_GATEWAY,
+        MobileError::Save { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+type Body = Result<axum::Json<SaveRequest>, axum::extract::rejection::JsonRejection>;
+
+async fn http_save(agent: std::sync::Arc<Agent>, id: String, body: Body, suspend: bool) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let req = match body {
+        Ok(axum::Json(r)) => r,
+        Err(e) => {
+            return crate::http::HttpError(axum::http::StatusCode::BAD_REQUEST, format!("malformed save request: {}", e.body_text()))
+                .into_response()
+        }
+    };
+    // Its own task: a caller that goes away (a coordinator restart) must not cancel a save
+    // halfway, which would leave the guest paused.
+    let task = tokio::spawn(async move { agent.save_vm(&id, &req, suspend).await });
+    match task.await {
+        Ok(Ok(s)) => axum::Json(s).into_response(),
+        Ok(Err(e)) => crate::http::HttpError::from(e).into_response(),
+        Err(e) => crate::http::HttpError(axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("save task failed: {e}")).into_response(),
+    }
+}
+
+/// `GET /host/v1/vms/{id}/saving`: whether a snapshot or suspend of the VM is in progress, and
+/// whether its QEMU runs.
+pub(crate) async fn http_saving(
+    axum::extract::State(a): axum::extract::State<std::sync::Arc<Agent>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (saving, running) = match a.vm(&id) {
+        Some(vm) => (is_saving(vm.runtime_dir()), vm.exit_info().is_none()),
+        None => (false, false),
+    };
+    axum::Json(serde_json::json!({ "saving": saving, "running": running })).into_response()
+}
+
+/// Whether the VM in runtime directory `dir` is being saved.
+pub fn is_saving(dir: &Path) -> bool {
+    SAVING.lock().unwrap().as_ref().is_some_and(|s| s.contains(dir))
+}
+
+/// `POST /host/v1/vms/{id}/snapshot`: save the VM as a warm image; it keeps running.
+pub(crate) async fn http_snapshot(
+    axum::extract::State(a): axum::extract::State<std::sync::Arc<Agent>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: Body,
+) -> axum::response::Response {
+    http_save(a, id, body, false).await
+}
+
+/// `POST /host/v1/vms/{id}/suspend`: save the VM as an image and end its QEMU.
+pub(crate) async fn http_suspend(
+    axum::extract::State(a): axum::extract::State<std::sync::Arc<Agent>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: Body,
+) -> axum::response::Response {
+    http_save(a, id, body, true).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(json: &str) -> Vec<MapEntry> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn patches_come_from_depth_zero_only() {
+        // Real `qemu-img map` output of an overlay (64 KiB clusters) over a raw base.
+        let e = map(r#"[{ "start": 0, "length": 524288, "depth": 1, "present": true, "zero": false, "data": true, "compressed": false, "offset": 0},
+{ "start": 524288, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "compressed": false, "offset": 327680},
+{ "start": 1048576, "length": 1048576, "depth": 1, "present": true, "zero": true, "data": false, "compressed": false, "offset": 1048576},
+{ "start": 2097152, "length": 131072, "depth": 0, "present": true, "zero": true, "data": false, "compressed": false},
+{ "start": 3145728, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "compressed": false, "offset": 393216}]"#);
+        let p = overlay_patches(&e).unwrap();
+        assert_eq!(
+            p,
+            vec![
+                Patch::Data { start: 524288, length: 65536, file_offset: 327680 },
+                Patch::Zero { start: 2097152, length: 131072 },
+                Patch::Data { start: 3145728, length: 65536, file_offset: 393216 },
+            ]
+        );
+        assert_eq!(touched_chunks(&p, 256 * 1024), vec![2, 8, 12]);
+        assert_eq!(touched_chunks(&p, 1024 * 1024), vec![0, 2, 3]);
+        let bad = map(r#"[{ "start": 0, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "compressed": true}]"#);
+        assert!(overlay_patches(&bad).is_err());
+    }
+
+    #[test]
+    fn compose_lays_patches_over_the_base() {
+        let overlay: Vec<u8> = (0..200u32).map(|i| (i % 251) as u8 + 1).collect();
+        let patches = vec![
+            Patch::Data { start: 90, length: 20, file_offset: 100 }, // spans chunks 0 and 1
+            Patch::Zero { start: 120, length: 5 },
+        ];
+        let read = |off: u64, dst: &mut [u8]| {
+            dst.copy_from_slice(&overlay[off as usize..off as usize + dst.len()]);
+            Ok(())
+        };
+        let mut c0 = vec![7u8; 100];
+        compose_chunk(&mut c0, 0, 100, &patches, read).unwrap();
+        assert_eq!(&c0[..90], &[7u8; 90][..]);
+        assert_eq!(&c0[90..], &overlay[100..110]);
+        let mut c1 = vec![9u8; 50]; // a short last chunk
+        compose_chunk(&mut c1, 1, 100, &patches, read).unwrap();
+        assert_eq!(&c1[..10], &overlay[110..120]);
+        assert_eq!(&c1[10..20], &[9u8; 10][..]);
+        assert_eq!(&c1[20..25], &[0u8; 5][..]);
+        assert_eq!(&c1[25..], &[9u8; 25][..]);
+        assert_eq!(touched_chunks(&patches, 100), vec![0, 1]);
+    }
+
+    #[test]
+    fn export_names_parse() {
+        let d = DiskSource::nbd_unix("/run/x/nbd.sock", "sample@3");
+        assert_eq!(export_of(&d), Some(ImageRef { name: "sample".into(), version: Some(3) }));
+        assert_eq!(export_of(&DiskSource::raw_file("/tmp/x.img")), None);
+    }
+}

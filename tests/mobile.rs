@@ -1,0 +1,346 @@
+//! Mobile VMs end to end (issue 5, parts 1 and 2), with real guests: warm images restored
+//! instead of booted, and suspend on one host process / resume on another one.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Types `cmd` on the serial console of the VM whose runtime directory is `dir`. Keep the
+/// answer until the command's output shows: QEMU takes typed bytes as the guest's UART accepts
+/// them and drops the rest when the client goes away.
+#[must_use]
+fn type_on_console(dir: &Path, cmd: &str) -> std::os::unix::net::UnixStream {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join("console.sock"))
+        .unwrap_or_else(|e| panic!("console socket in {}: {e}", dir.display()));
+    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+    s
+}
+
+fn console_text(dir: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(dir.join("console.log")).unwrap_or_default()).into_owned()
+}
+
+/// Waits until `f(console)` holds for the console log in `dir`.
+fn wait_console(dir: &Path, what: &str, timeout: Duration, f: impl Fn(&str) -> bool) -> String {
+    let t0 = Instant::now();
+    loop {
+        let c = console_text(dir);
+        if f(&c) {
+            return c;
+        }
+        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}; console of {}:\n{c}", dir.display());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The `count=N` values printed on a console, in order.
+fn counts(console: &str) -> Vec<u64> {
+    console
+        .split("count=")
+        .skip(1)
+        .filter_map(|s| {
+            let d: String = s.chars().take_while(|c| c.is_ascii_digit()).collect();
+            // Only whole lines (a number followed by the line end).
+            if s[d.len()..].starts_with(['\r', '\n']) { d.parse().ok() } else { None }
+        })
+        .collect()
+}
+
+/// A coordinator, one image server and host agents as separate processes.
+struct Grid {
+    dir: tempfile::TempDir,
+    coordinator: Role,
+    server: Option<Role>,
+    hosts: Vec<Role>,
+}
+
+impl Grid {
+    fn start(hosts: &[&str]) -> Grid {
+        let dir = tempfile::Builder::new().prefix("vgm").tempdir_in("/tmp").unwrap();
+        let coord_data = dir.path().join("coord");
+        let coordinator = Role::start(
+            &["coordinator", "--listen", "127.0.0.1:0", "--data-dir", coord_data.to_str().unwrap(), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
+            dir.path().join("coord.log"),
+        );
+        let mut g = Grid { dir, coordinator, server: None, hosts: vec![] };
+        g.start_server();
+        for h in hosts {
+            let data = g.dir.path().join(h);
+            let r = Role::start(
+                &["host", "--coordinator", &g.coordinator.url, "--listen", "127.0.0.1:0", "--name", h, "--data-dir", data.to_str().unwrap()],
+                g.dir.path().join(format!("{h}.log")),
+            );
+            g.hosts.push(r);
+        }
+        g
+    }
+
+    /// (Re)starts the image server `is0` on its data directory (a new port each time).
+    fn start_server(&mut self) {
+        let data = self.dir.path().join("is0");
+        let n = std::fs::read_dir(self.dir.path()).map(|d| d.count()).unwrap_or(0);
+        self.server = Some(Role::start(
+            &["image-server", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap(), "--coordinator", &self.coordinator.url, "--name", "is0"],
+            self.dir.path().join(format!("is0-{n}.log")),
+        ));
+    }
+
+    fn server_url(&self) -> String {
+        self.server.as_ref().unwrap().url.clone()
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(vgrid_bin()).args(args).env("VGRID_URL", &self.coordinator.url).stdin(std::process::Stdio::null()).output().unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let o = self.cli(&a);
+        assert!(o.status.success(), "vgrid {args:?}: {}\n{}", String::from_utf8_lossy(&o.stderr), self.logs());
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for f in ["coord.log", "coord2.log", "h1.log", "h2.log"] {
+            let t = std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
+            let lines: Vec<&str> = t.lines().collect();
+            s.push_str(&format!("--- {f}\n{}\n", lines[lines.len().saturating_sub(25)..].join("\n")));
+        }
+        s
+    }
+
+    fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+        let t0 = Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn runtime_dir(&self, host: &str, id: &str) -> PathBuf {
+        self.dir.path().join(host).join("vms").join(id)
+    }
+}
+
+/// A guest counts on its console and has written a file to its disk and one to its tmpfs;
+/// suspending it fails while the image server is down (and it keeps counting), succeeds once
+/// the server is back; it resumes on the other host process, where the count goes on from
+/// where it was and both files are there, without a boot.
+#[test]
+fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
+    let mut g = Grid::start(&["h1", "h2"]);
+    g.wait_until("two hosts", Duration::from_secs(30), || {
+        g.json(&["host", "ls"]).as_array().map(|a| a.len()) == Some(2)
+    });
+    let s = sample_guest().unwrap();
+    let o = Command::new(vgrid_bin())
+        .args(["image", "import", s.disk.to_str().unwrap(), "--name", "sample", "--kernel", s.kernel.to_str().unwrap(), "--initrd", s.initrd.to_str().unwrap(), "--cmdline", &s.cmdline, "--image-server", &g.server_url()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Boot on h1 (a timeout and one retry).
+    let vm = {
+        let _slot = boot_slot().unwrap();
+        let mut last = String::new();
+        let mut rec = None;
+        for attempt in 1..=2 {
+            let name = format!("counter{attempt}");
+            let o = g.cli(&["--json", "vm", "run", "sample", "--name", &name, "--require", "host.name == \"h1\"", "--wait-for", PROMPT, "--timeout", "120"]);
+            if o.status.success() {
+                rec = Some(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap());
+                break;
+            }
+            last = String::from_utf8_lossy(&o.stderr).into_owned();
+            eprintln!("boot attempt {attempt} failed: {last}");
+            let _ = g.cli(&["vm", "rm", "--force", &name]);
+        }
+        rec.unwrap_or_else(|| panic!("the guest did not boot twice: {last}\n{}", g.logs()))
+    };
+    let id = vm["id"].as_str().unwrap().to_string();
+    assert_eq!(vm["host"], "h1");
+    let d1 = g.runtime_dir("h1", &id);
+
+    // A file on the disk (not synced: it may live only in the guest's page cache) and one in
+    // tmpfs, then the counter.
+    {
+        let _c = type_on_console(&d1, "echo disk-before-suspend > /mnt/mobile.txt; echo tmp-before-suspend > /tmp/mobile.txt; echo files-written");
+        wait_console(&d1, "files written", Duration::from_secs(60), |c| c.contains("files-written\r\n") || c.contains("files-written\n"));
+    }
+    {
+        let _c = type_on_console(&d1, "i=0; while true; do i=$((i+1)); echo count=$i; sleep 1; done &");
+        wait_console(&d1, "count=3", Duration::from_secs(120), |c| counts(c).contains(&3));
+    }
+
+    // Image server down: the suspend fails and the guest keeps running and counting.
+    g.server.take().unwrap().kill();
+    let o = g.cli(&["vm", "suspend", &id]);
+    assert!(!o.status.success(), "suspend with the image server down must fail");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("keeps running"), "{err}");
+    assert_eq!(g.json(&["vm", "show", &id])["state"], "running", "{err}");
+    let before = counts(&console_text(&d1)).last().copied().unwrap();
+    wait_console(&d1, "the count to go on after the failed suspend", Duration::from_secs(120), |c| {
+        counts(c).last().copied().unwrap_or(0) >= before + 2
+    });
+
+    // A coordinator that dies while the host is saving (here: retrying the dead image server)
+    // settles the VM when it comes back: the save failed, so it is running again.
+    let suspender = {
+        let url = g.coordinator.url.clone();
+        let id = id.clone();
+        std::thread::spawn(move || {
+            Command::new(vgrid_bin()).args(["vm", "suspend", &id]).env("VGRID_URL", url).output().unwrap()
+        })
+    };
+    g.wait_until("the VM to be suspending", Duration::from_secs(30), || g.json(&["vm", "show", &id])["state"] == "suspending");
+    g.coordinator.kill();
+    let _ = suspender.join();
+    let listen = g.coordinator.url.trim_start_matches("http://").to_string();
+    let coord_data = g.dir.path().join("coord");
+    g.coordinator = Role::start(
+        &["coordinator", "--listen", &listen, "--data-dir", coord_data.to_str().unwrap(), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
+        g.dir.path().join("coord2.log"),
+    );
+    g.wait_until("the interrupted suspend to settle", Duration::from_secs(60), || {
+        let v = g.json(&["vm", "show", &id]);
+        v["state"] == "running" && v["reason"].as_str().unwrap_or("").contains("did not complete")
+    });
+    let before = counts(&console_text(&d1)).last().copied().unwrap();
+    wait_console(&d1, "the count to go on after the interrupted suspend", Duration::from_secs(120), |c| {
+        counts(c).last().copied().unwrap_or(0) >= before + 2
+    });
+
+    // The server is back (same data, new port): the hosts learn its URL at their next beats.
+    g.start_server();
+    let url = g.server_url();
+    g.wait_until("the hosts to know the new image server URL", Duration::from_secs(30), || {
+        std::fs::read_to_string(g.dir.path().join("h1.log")).unwrap_or_default().contains(&url)
+            || g.json(&["host", "ls"]).is_array() && {
+                let token = g.json(&["login"])["token"].as_str().unwrap().to_string();
+                let o = Command::new("curl")
+                    .args(["-s", "-H", &format!("authorization: Bearer {token}"), &format!("{}/api/v1/image-servers", g.coordinator.url)])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&o.stdout).contains(&url)
+            }
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let s = g.json(&["vm", "suspend", &id]);
+    assert_eq!(s["vm"]["state"], "suspended", "{s}");
+    let saved = s["saved"]["image"].as_str().unwrap().to_string();
+    assert_eq!(saved, format!("{id}.saved@1"));
+    assert_eq!(s["saved"]["parent"], "sample@1");
+    assert!(s["saved"]["disk_chunks_new"].as_u64().unwrap() >= 1, "the file written to /mnt changed the disk: {s}");
+    assert!(s["saved"]["disk_chunks_new"].as_u64().unwrap() < s["saved"]["disk_chunks_total"].as_u64().unwrap());
+    let last_on_h1 = counts(&console_text(&d1)).last().copied().unwrap();
+    // h1 is free: no QEMU, no VM in its report.
+    g.wait_until("h1 to report no VM", Duration::from_secs(20), || {
+        g.json(&["host", "show", "h1"])["vms"].as_array().map(|a| a.is_empty()) == Some(true)
+    });
+    let manifest = g.json(&["image", "show", &saved, "--image-server", &url]);
+    assert!(manifest["state"]["blob"]["size"].as_u64().unwrap() > 0, "{manifest}");
+    assert_eq!(manifest["state"]["meta"]["memory_mib"], 256);
+
+    // Resume on h2: the count continues; both files are there; no boot.
+    let r = g.json(&["vm", "resume", &id, "--host", "h2", "--timeout", "300"]);
+    assert_eq!(r["state"], "running", "{r}");
+    assert_eq!(r["host"], "h2");
+    let d2 = g.runtime_dir("h2", &id);
+    let c2 = wait_console(&d2, "the count to go on on h2", Duration::from_secs(120), |c| counts(c).len() >= 2);
+    let first_on_h2 = counts(&c2)[0];
+    assert!(
+        first_on_h2 >= last_on_h1 && first_on_h2 <= last_on_h1 + 2,
+        "the count must continue where it stopped: last on h1 {last_on_h1}, first on h2 {first_on_h2}"
+    );
+    g.wait_until("h1 to drop the old runtime directory", Duration::from_secs(20), || !d1.exists());
+    let _c = type_on_console(&d2, "cat /mnt/mobile.txt /tmp/mobile.txt");
+    let c2 = wait_console(&d2, "the files on h2", Duration::from_secs(60), |c| c.contains("tmp-before-suspend"));
+    assert!(c2.contains("disk-before-suspend"), "{c2}");
+    assert!(!c2.contains(BOOTED_MARKER) && !c2.contains(DISK_MARKER), "the guest booted instead of resuming:\n{c2}");
+
+    // A suspended VM cannot be stopped; a running one cannot be resumed.
+    let o = g.cli(&["vm", "resume", &id]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("only a suspended VM"));
+
+    // Suspend again (from h2), then remove: the saved images go with the VM.
+    let s2 = g.json(&["vm", "suspend", &id]);
+    assert_eq!(s2["saved"]["image"], format!("{id}.saved@2"));
+    let o = g.cli(&["vm", "stop", &id]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("suspended"));
+    g.json(&["vm", "rm", &id]);
+    let images = g.json(&["image", "ls", "--image-server", &url]);
+    assert!(
+        !images.to_string().contains(&format!("{id}.saved")),
+        "the saved image must be deleted with the VM: {images}"
+    );
+}
+
+/// A booted guest saved as a warm image; two VMs started from it come up without booting,
+/// with the shell state of the original, while the original keeps running.
+#[test]
+fn warm_image_starts_two_vms_without_booting() {
+    let up = Up::start();
+    up.import_sample();
+    let v = up.run_vm("sample", "origin", PROMPT, &[]);
+    let id = v["id"].as_str().unwrap().to_string();
+    console_exec(&up, &id, "export WARM=forty-two; echo warm-file > /tmp/warm.txt; echo set-$WARM", "set-forty-two");
+
+    let s = up.json(&["image", "snapshot", &id, "--name", "warm"]);
+    assert_eq!(s["image"], "warm@1", "{s}");
+    assert_eq!(s["parent"], "sample@1");
+    assert!(s["state_bytes"].as_u64().unwrap() > 0);
+    // The original goes on.
+    assert_eq!(up.vm(&id)["state"], "running");
+    console_exec(&up, &id, "echo still-$WARM", "still-forty-two");
+
+    // Only the state and the changed chunks are new: the disk shares the parent's chunks.
+    let m = up.json(&["image", "show", "warm"]);
+    let p = up.json(&["image", "show", "sample"]);
+    assert_eq!(m["parent"], serde_json::json!({"name": "sample", "version": 1}));
+    assert_eq!(m["disk"]["size"], p["disk"]["size"]);
+    let (md, pd) = (m["disk"]["chunks"].as_array().unwrap(), p["disk"]["chunks"].as_array().unwrap());
+    let shared = md.iter().zip(pd).filter(|(a, b)| a == b).count();
+    assert!(shared * 10 >= pd.len() * 9, "most disk chunks must be the parent's: {shared} of {}", pd.len());
+
+    let ls = up.json(&["image", "ls"]);
+    assert!(ls.to_string().contains("\"warm\":true"), "image ls marks the warm image: {ls}");
+
+    // Asking for other cpus/memory than the state was saved with is a clear error.
+    let o = up.cli(&["vm", "run", "warm", "--memory", "512"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("warm image") && e.contains("--memory 256"), "{e}");
+
+    // Bad input: clear errors naming the object and cause.
+    let o = up.cli(&["image", "snapshot", &id, "--name", "../etc"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("invalid image name"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = up.cli(&["vm", "suspend", "nosuch"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no VM with id or name \"nosuch\""));
+    let o = up.cli(&["vm", "resume", &id]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("only a suspended VM can be resumed"));
+    // The OpenAPI document describes the new endpoints.
+    let o = Command::new("curl").args(["-s", &format!("{}/api/openapi.json", up.url)]).output().unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for p in ["suspend", "resume", "snapshot"] {
+        assert!(doc["paths"][format!("/api/v1/vms/{{id}}/{p}")]["post"].is_object(), "{p} missing from the OpenAPI document");
+    }
+
+    let mut ids = vec![];
+    for name in ["warm-a", "warm-b"] {
+        let w = up.json(&["vm", "run", "warm", "--name", name, "--timeout", "300"]);
+        assert_eq!(w["state"], "running", "{w}");
+        ids.push(w["id"].as_str().unwrap().to_string());
+    }
+    for w in &ids {
+        console_exec(&up, w, "echo got-$WARM-$(cat /tmp/warm.txt)", "got-forty-two-warm-file");
+        let log = String::from_utf8_lossy(&std::fs::read(up.runtime_dir(w).join("console.log")).unwrap()).into_owned();
+        assert!(!log.contains(BOOTED_MARKER) && !log.contains(DISK_MARKER), "VM {w} booted instead of restoring:\n{log}");
+    }
+}
