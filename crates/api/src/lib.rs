@@ -4,6 +4,7 @@
 
 pub mod grid;
 pub mod manifest;
+pub mod migrate;
 pub mod rest;
 pub mod vm;
 

@@ -18,6 +18,11 @@ pub enum VmState {
     Failed,
     /// Its host stopped answering; it may still run there.
     Unknown,
+    /// Moving live to another host (`VmRecord::migration` says where and how far); it keeps
+    /// running on `host` until the destination runs it.
+    Migrating,
+    /// Its host answers but no longer has it (the host restarted without it, or QEMU vanished).
+    Lost,
 }
 
 impl VmState {
@@ -30,11 +35,13 @@ impl VmState {
             VmState::Stopped => "stopped",
             VmState::Failed => "failed",
             VmState::Unknown => "unknown",
+            VmState::Migrating => "migrating",
+            VmState::Lost => "lost",
         }
     }
     /// Whether the VM holds host resources (a QEMU process may exist).
     pub fn is_active(&self) -> bool {
-        matches!(self, VmState::Pending | VmState::Starting | VmState::Running | VmState::Stopping | VmState::Unknown)
+        matches!(self, VmState::Pending | VmState::Starting | VmState::Running | VmState::Stopping | VmState::Unknown | VmState::Migrating)
     }
 }
 
@@ -132,6 +139,12 @@ pub struct VmRecord {
     pub started: Option<u64>,
     #[serde(default)]
     pub stopped: Option<u64>,
+    /// When the VM entered its current state (seconds since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_since: Option<u64>,
+    /// The last (or current) live migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::migrate::Migration>,
 }
 
 /// Body of `POST /api/v1/vms/{id}/stop`.

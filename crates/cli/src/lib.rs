@@ -6,6 +6,7 @@
 mod client;
 mod console;
 mod image;
+mod migrate;
 mod output;
 mod roles;
 mod vm;

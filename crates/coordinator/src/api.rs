@@ -57,10 +57,11 @@ type Ctx = State<Arc<Coordinator>>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "vgrid API", description = "Run VMs on a grid of hosts, images streamed on demand."),
-    paths(list_vms, create_vm, get_vm, stop_vm, delete_vm, console, list_hosts, get_host, host_heartbeat,
+    paths(list_vms, create_vm, get_vm, stop_vm, migrate_vm, delete_vm, console, list_hosts, get_host, host_heartbeat,
         list_image_servers, image_server_heartbeat, futures),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
-        HostState, HostHeartbeat, HeartbeatReply, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward))
+        HostState, HostHeartbeat, HeartbeatReply, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
+        vgrid_api::migrate::VmMigrate, vgrid_api::migrate::Migration, vgrid_api::migrate::MigrationStatus))
 )]
 pub struct ApiDoc;
 
@@ -72,6 +73,7 @@ pub fn router(c: Arc<Coordinator>) -> Router {
         .route("/api/v1/vms", get(list_vms).post(create_vm))
         .route("/api/v1/vms/{id}", get(get_vm).delete(delete_vm))
         .route("/api/v1/vms/{id}/stop", post(stop_vm))
+        .route("/api/v1/vms/{id}/migrate", post(migrate_vm))
         .route("/api/v1/vms/{id}/console", get(console))
         .route("/api/v1/vms/{id}/console/ws", get(console_ws))
         .route("/api/v1/hosts", get(list_hosts))
@@ -107,6 +109,20 @@ async fn get_vm(State(c): Ctx, Path(id): Path<String>) -> ApiResult<VmRecord> {
 async fn stop_vm(State(c): Ctx, Path(id): Path<String>, body: Option<Json<VmStop>>) -> ApiResult<VmRecord> {
     let force = body.map(|b| b.0.force).unwrap_or(false);
     Ok(Json(c.stop(&id, force).await?))
+}
+
+/// Starts a live migration; the record (`migrating`) is returned at once and its `migration`
+/// shows progress until its status is `completed`, `cancelled` or `failed`.
+#[utoipa::path(post, path = "/api/v1/vms/{id}/migrate", params(("id" = String, Path)), request_body = vgrid_api::migrate::VmMigrate,
+    responses((status = 202, body = VmRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)))]
+async fn migrate_vm(
+    State(c): Ctx,
+    Path(id): Path<String>,
+    body: Result<Json<vgrid_api::migrate::VmMigrate>, JsonRejection>,
+) -> Result<(StatusCode, Json<VmRecord>), ApiError> {
+    let Json(req) = body?;
+    Ok((StatusCode::ACCEPTED, Json(c.migrate(&id, req).await?)))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

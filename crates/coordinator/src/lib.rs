@@ -7,6 +7,7 @@
 pub mod api;
 pub mod hosts;
 pub mod lifecycle;
+pub mod migrate;
 pub mod sched;
 pub mod state;
 

@@ -40,18 +40,18 @@ pub enum CoordinatorError {
     Host(#[from] HostCallError),
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// The coordinator: VM records, the registry of hosts and image servers, placement.
 pub struct Coordinator {
-    state: Arc<dyn StateStore>,
-    registry: Arc<Registry>,
-    sched: Scheduler,
-    http: reqwest::Client,
+    pub(crate) state: Arc<dyn StateStore>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) sched: Scheduler,
+    pub(crate) http: reqwest::Client,
     /// Serialises admission (capacity checks against records) and state transitions.
-    lock: Mutex<()>,
+    pub(crate) lock: Mutex<()>,
 }
 
 impl Coordinator {
@@ -80,6 +80,11 @@ impl Coordinator {
                     let me = c.clone();
                     tokio::spawn(async move { me.watch(vm.id.clone()).await });
                 }
+                VmState::Migrating => {
+                    // The migration's driver died with the coordinator: undo it, keep watching.
+                    let me = c.clone();
+                    tokio::spawn(async move { me.migration_interrupted(vm).await });
+                }
                 _ => {}
             }
         }
@@ -101,7 +106,7 @@ impl Coordinator {
         &self.registry
     }
 
-    fn client(&self, host: &str) -> Result<HostClient, CoordinatorError> {
+    pub(crate) fn client(&self, host: &str) -> Result<HostClient, CoordinatorError> {
         let h = self.registry.host(host).ok_or_else(|| CoordinatorError::UnknownHost(host.to_string()))?;
         Ok(HostClient::new(&h.ad.name, &h.ad.url, self.http.clone()))
     }
@@ -112,8 +117,12 @@ impl Coordinator {
         let name = hb.ad.name.clone();
         // An owner policy that is not valid CEL is refused before anything is recorded.
         self.sched.upsert(self.adjusted(hb.ad.clone()))?;
-        let running: Vec<String> = hb.vms.iter().map(|v| v.id.clone()).collect();
-        if self.registry.host_beat(hb) {
+        let running: Vec<String> = hb.vms.iter().filter(|v| !v.incoming).map(|v| v.id.clone()).collect();
+        let report = hb.vms.clone();
+        let returned = self.registry.host_beat(hb);
+        let orphans = self.reconcile(&name, &report);
+        self.registry.set_orphans(&name, orphans);
+        if returned {
             tracing::info!(host = %name, "host ready");
             for vm in self.state.list_vms().unwrap_or_default() {
                 if vm.host.as_deref() == Some(name.as_str()) && vm.state == VmState::Unknown && running.contains(&vm.id) {
@@ -139,7 +148,7 @@ impl Coordinator {
     }
 
     /// Refreshes the scheduler's view of `host` after its VMs changed.
-    fn refresh_host(&self, host: &str) {
+    pub(crate) fn refresh_host(&self, host: &str) {
         if let Some(h) = self.registry.host(host) {
             let ready = h.state == HostState::Ready;
             let _ = self.sched.upsert(self.adjusted(h.ad));
@@ -294,6 +303,8 @@ impl Coordinator {
             created: now(),
             started: None,
             stopped: None,
+            state_since: Some(now()),
+            migration: None,
         };
         // The record is the reservation from now on.
         self.state.put_vm(&rec)?;
@@ -434,10 +445,14 @@ impl Coordinator {
         }
     }
 
-    fn update(&self, id: &str, f: impl FnOnce(&mut VmRecord)) -> Option<VmRecord> {
+    pub(crate) fn update(&self, id: &str, f: impl FnOnce(&mut VmRecord)) -> Option<VmRecord> {
         let mut rec = self.state.get_vm(id).ok()??;
         let was_active = rec.state.is_active();
+        let was = rec.state;
         f(&mut rec);
+        if rec.state != was {
+            rec.state_since = Some(now());
+        }
         if let Err(e) = self.state.put_vm(&rec) {
             tracing::error!(vm = %id, "cannot record VM state: {e}");
         }
@@ -507,7 +522,7 @@ impl Coordinator {
     }
 
     /// Follows a placed VM until its QEMU exits, through host outages.
-    async fn watch(self: Arc<Self>, id: String) {
+    pub(crate) async fn watch(self: Arc<Self>, id: String) {
         loop {
             let Some(rec) = self.state.get_vm(&id).ok().flatten() else { return };
             if !rec.state.is_active() {
@@ -522,7 +537,11 @@ impl Coordinator {
                     continue;
                 }
             };
-            match client.wait(&id).await {
+            let waited = client.wait(&id).await;
+            if waited.is_ok() && self.moved_or_migrating(&id, &host).await {
+                continue;
+            }
+            match waited {
                 Ok(exit) if exit.exit.code.is_some() || exit.exit.signal.is_some() || rec.state == VmState::Stopping => {
                     self.exited(&client, &id, exit.exit, exit.console_tail).await;
                     return;
@@ -531,8 +550,8 @@ impl Coordinator {
                     // The host answers but does not run this VM (it restarted without it).
                     self.update(&id, |v| {
                         if v.state.is_active() {
-                            v.state = VmState::Failed;
-                            v.phase = "failed".into();
+                            v.state = VmState::Lost;
+                            v.phase = "lost".into();
                             v.reason = Some(format!("host {host} no longer runs this VM"));
                             v.stopped = Some(now());
                         }
@@ -572,8 +591,15 @@ impl Coordinator {
     /// Stops a VM: ACPI power-down (then quit after a timeout), or a kill with `force`.
     pub async fn stop(&self, key: &str, force: bool) -> Result<VmRecord, CoordinatorError> {
         let rec = self.get(key)?;
+        if rec.state == VmState::Migrating && !force {
+            let to = rec.migration.as_ref().map(|m| m.to.clone()).unwrap_or_default();
+            return Err(CoordinatorError::Conflict(format!(
+                "VM {} is migrating to {to}; wait for the migration to end, or stop it with --force",
+                rec.id
+            )));
+        }
         match rec.state {
-            VmState::Stopped | VmState::Failed => return Ok(rec),
+            VmState::Stopped | VmState::Failed | VmState::Lost => return Ok(rec),
             VmState::Stopping if !force => return Ok(rec),
             _ => {}
         }
@@ -726,7 +752,7 @@ pub struct Future {
 }
 
 /// What the scheduler is asked for a VM of `manifest`.
-fn placement_request(manifest: &Manifest, cpus: u32, memory_mib: u64, require: &Option<String>, rank: &Option<String>) -> PlacementRequest {
+pub(crate) fn placement_request(manifest: &Manifest, cpus: u32, memory_mib: u64, require: &Option<String>, rank: &Option<String>) -> PlacementRequest {
     PlacementRequest {
         user: "anonymous".into(),
         image: manifest.image_ref().to_string(),
@@ -738,7 +764,7 @@ fn placement_request(manifest: &Manifest, cpus: u32, memory_mib: u64, require: &
 }
 
 /// What the host is asked to start for the VM recorded as `rec`.
-fn launch_request(rec: &VmRecord, manifest: &Manifest) -> LaunchRequest {
+pub(crate) fn launch_request(rec: &VmRecord, manifest: &Manifest) -> LaunchRequest {
     LaunchRequest {
         id: rec.id.clone(),
         image: manifest.image_ref(),
@@ -753,7 +779,7 @@ fn launch_request(rec: &VmRecord, manifest: &Manifest) -> LaunchRequest {
 pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// A refusal, one line per host.
-fn explain(nm: &crate::sched::NoMatch) -> String {
+pub(crate) fn explain(nm: &crate::sched::NoMatch) -> String {
     if nm.refusals.is_empty() {
         return "no host can take this VM: no host has joined".into();
     }

@@ -118,6 +118,8 @@ mod tests {
             created: 1,
             started: None,
             stopped: None,
+            state_since: None,
+            migration: None,
         };
         {
             let s = RedbState::open(&path).unwrap();

@@ -53,6 +53,8 @@ pub enum AgentError {
     BadAccel(String),
     #[error("VM {id}: KVM was asked for but is not usable on this host")]
     NoKvm { id: String },
+    #[error("VM {id}: migration: {detail}")]
+    Migration { id: String, detail: String },
 }
 
 /// What the coordinator asks the host to start (`POST /host/v1/vms`).
@@ -94,6 +96,10 @@ pub struct VmExit {
 pub struct VmReport {
     pub id: String,
     pub pid: u32,
+    /// Being received by a live migration (not yet this host's: the coordinator's record
+    /// still names the source).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub incoming: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -207,6 +213,7 @@ pub struct Agent {
     qemu_version: String,
     memory_mib: u64,
     cpus: u32,
+    migrations: crate::migrate::Migrations,
 }
 
 impl Agent {
@@ -234,7 +241,7 @@ impl Agent {
         let cpus = cfg.max_cpus.unwrap_or_else(|| 4 * std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
         let accel = Accel::detect();
         tracing::info!(host = %cfg.name, accel = accel.as_str(), memory_mib, cpus, nbd = %nbd_socket.display(), "host agent started");
-        Ok(Arc::new(Agent {
+        let agent = Arc::new(Agent {
             cfg,
             servers,
             proxy,
@@ -246,7 +253,41 @@ impl Agent {
             qemu_version,
             memory_mib,
             cpus,
-        }))
+            migrations: Default::default(),
+        });
+        // QEMUs an earlier agent of this data directory started keep running: take them back.
+        crate::adopt::adopt_all(&agent).await;
+        Ok(agent)
+    }
+
+    pub(crate) fn migrations(&self) -> &crate::migrate::Migrations {
+        &self.migrations
+    }
+
+    pub(crate) fn has_vm(&self, id: &str) -> bool {
+        self.vms.lock().unwrap().contains_key(id)
+    }
+
+    pub(crate) fn running_vm(&self, id: &str) -> Option<Arc<Vm>> {
+        self.vm(id)
+    }
+
+    /// Takes `vm` as one of this host's VMs (adopted, or received by a migration).
+    pub(crate) fn insert_vm(&self, id: &str, vm: Arc<Vm>) {
+        self.vms.lock().unwrap().insert(id.to_string(), Slot { vm });
+    }
+
+    pub(crate) fn runtime_dir_of(&self, id: &str) -> PathBuf {
+        self.runtime_dir(id)
+    }
+
+    pub(crate) fn data_dir(&self) -> &Path {
+        &self.cfg.data_dir
+    }
+
+    /// Remembers an opened image (for the cache fractions this host advertises).
+    pub(crate) fn note_image(&self, manifest: Arc<vgrid_api::Manifest>) {
+        self.images.lock().unwrap().insert(manifest.image_ref().to_string(), manifest);
     }
 
     pub fn proxy(&self) -> &Arc<BlockProxy> {
@@ -288,6 +329,24 @@ impl Agent {
     /// Starts a VM: opens the image through the proxy, writes kernel/initrd, launches QEMU on
     /// an overlay over the proxy's export. Returns once QEMU's QMP answers.
     pub async fn launch(&self, req: LaunchRequest, progress: &(dyn Fn(&str) + Send + Sync)) -> Result<Launched, AgentError> {
+        let id = req.id.clone();
+        let (spec, dir) = self.prepare_spec(&req, progress).await?;
+        let export = req.image.to_string();
+        let vm = Vm::launch_with(spec, &dir, &LaunchOptions::default()).await?;
+        crate::adopt::record_launch(&dir, &req);
+        let launched = Launched { pid: vm.pid(), accel: vm.accel().as_str().to_string() };
+        self.vms.lock().unwrap().insert(id.clone(), Slot { vm: Arc::new(vm) });
+        tracing::info!(vm = %id, image = %export, pid = launched.pid, "QEMU started");
+        Ok(launched)
+    }
+
+    /// Opens the image through the proxy, writes kernel/initrd into the runtime directory and
+    /// returns the spec of a VM on an overlay over the proxy's export, with that directory.
+    pub(crate) async fn prepare_spec(
+        &self,
+        req: &LaunchRequest,
+        progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<(VmSpec, PathBuf), AgentError> {
         let id = req.id.clone();
         let dir = self.runtime_dir(&id);
         let accel = match req.accel.as_deref() {
@@ -339,11 +398,7 @@ impl Agent {
             forwards: req.forwards.clone(),
             accel,
         };
-        let vm = Vm::launch_with(spec, &dir, &LaunchOptions::default()).await?;
-        let launched = Launched { pid: vm.pid(), accel: vm.accel().as_str().to_string() };
-        self.vms.lock().unwrap().insert(id.clone(), Slot { vm: Arc::new(vm) });
-        tracing::info!(vm = %id, image = %export, pid = launched.pid, "QEMU started");
-        Ok(launched)
+        Ok((spec, dir))
     }
 
     /// Resolves when the VM's QEMU exits.
@@ -356,16 +411,23 @@ impl Agent {
 
     /// The VMs this host runs.
     pub fn vms(&self) -> Vec<VmReport> {
-        let mut v: Vec<VmReport> =
-            self.vms.lock().unwrap().iter().map(|(id, s)| VmReport { id: id.clone(), pid: s.vm.pid() }).collect();
+        let mut v: Vec<VmReport> = self
+            .vms
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, s)| VmReport { id: id.clone(), pid: s.vm.pid(), incoming: false })
+            .collect();
+        v.extend(self.migrations.incoming_ids().into_iter().map(|(id, pid)| VmReport { id, pid, incoming: true }));
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
     }
 
     /// Memory and cpus promised to the VMs this host runs.
     pub fn used(&self) -> (u32, u64) {
+        let (ic, im) = self.migrations.incoming_used();
         let vms = self.vms.lock().unwrap();
-        vms.values().fold((0, 0), |(c, m), s| (c + s.vm.spec().cpus, m + s.vm.spec().memory_mib))
+        vms.values().fold((ic, im), |(c, m), s| (c + s.vm.spec().cpus, m + s.vm.spec().memory_mib))
     }
 
     /// This host's advertisement.
@@ -425,6 +487,8 @@ impl Agent {
     /// Forgets an exited VM and removes what it no longer needs: sockets, overlay, boot files.
     /// The console log stays until [`Agent::remove`].
     pub async fn release(&self, id: &str) -> Result<(), AgentError> {
+        self.migrations.forget_outgoing(id);
+        self.incoming_abort(id).await?;
         let slot = self.vms.lock().unwrap().remove(id);
         if let Some(s) = slot {
             s.vm.release_console().await;
@@ -539,6 +603,9 @@ impl Agent {
     /// Kills any guest still running (the coordinator stops them gracefully first) and stops
     /// serving NBD.
     pub async fn shutdown(&self) {
+        for (id, _) in self.migrations.incoming_ids() {
+            let _ = self.incoming_abort(&id).await;
+        }
         let ids: Vec<String> = self.vms.lock().unwrap().keys().cloned().collect();
         for id in ids {
             let _ = self.stop(&id, false).await;

@@ -21,7 +21,7 @@ use crate::agent::{Agent, AgentError, LaunchRequest, PullProgress, VmExit};
 
 type Ctx = State<Arc<Agent>>;
 
-struct HttpError(StatusCode, String);
+pub(crate) struct HttpError(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
@@ -34,6 +34,7 @@ impl From<AgentError> for HttpError {
         let code = match &e {
             AgentError::UnknownVm(_) => StatusCode::NOT_FOUND,
             AgentError::BadAccel(_) | AgentError::NoKvm { .. } => StatusCode::BAD_REQUEST,
+            AgentError::Migration { .. } => StatusCode::CONFLICT,
             AgentError::Proxy(vgrid_blockproxy::ProxyError::ImageNotFound { .. }) => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -52,6 +53,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/host/v1/vms/{id}/release", post(release))
         .route("/host/v1/vms/{id}/console", get(console))
         .route("/host/v1/vms/{id}/console/ws", get(console_ws))
+        .merge(crate::migrate::router())
         .with_state(agent)
 }
 

@@ -8,8 +8,10 @@
 //! bad spec: every failure is a [`VmError`]/[`QmpError`] naming the VM, file or socket.
 
 pub mod accel;
+pub mod adopt;
 pub mod agent;
 pub mod http;
+pub mod migrate;
 pub mod qmp;
 pub mod testkit;
 pub mod vm;

@@ -140,6 +140,10 @@ pub struct LaunchOptions {
     /// must equal the saved VM's (same kernel/initrd files, memory, cpus) and the disk must be
     /// the saved VM's overlay: use the same runtime directory with `reuse_overlay`.
     pub incoming: Option<PathBuf>,
+    /// Start with `-incoming defer`: QEMU waits, paused, for a live migration that QMP
+    /// `migrate-incoming` opens (see `crate::migrate`). Launch returns once QMP answers.
+    /// Default false.
+    pub defer_incoming: bool,
 }
 
 impl Default for LaunchOptions {
@@ -155,6 +159,7 @@ impl Default for LaunchOptions {
             kill_on_drop: false,
             reuse_overlay: false,
             incoming: None,
+            defer_incoming: false,
         }
     }
 }
@@ -704,6 +709,9 @@ impl Vm {
         if let Some(state) = &incoming {
             args.push("-incoming".into());
             args.push(format!("file:{}", state.display()));
+        } else if opts.defer_incoming {
+            args.push("-incoming".into());
+            args.push("defer".into());
         }
         tracing::info!(vm = %id, accel = %accel, dir = %dir.display(), "starting QEMU");
         tracing::debug!(vm = %id, ?args, "QEMU command line");
