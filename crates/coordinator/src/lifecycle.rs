@@ -541,13 +541,16 @@ impl Coordinator {
             if waited.is_ok() && self.moved_or_migrating(&id, &host).await {
                 continue;
             }
+            // The state now, not before the long poll: a stop may have begun meanwhile.
+            let stopping = self.state.get_vm(&id).ok().flatten().map(|v| v.state == VmState::Stopping).unwrap_or(false);
             match waited {
-                Ok(exit) if exit.exit.code.is_some() || exit.exit.signal.is_some() || rec.state == VmState::Stopping => {
+                Ok(exit) if exit.exit.code.is_some() || exit.exit.signal.is_some() || stopping || exit.present => {
                     self.exited(&client, &id, exit.exit, exit.console_tail).await;
                     return;
                 }
                 Ok(_) => {
                     // The host answers but does not run this VM (it restarted without it).
+                    let _ = client.release(&id).await;
                     self.update(&id, |v| {
                         if v.state.is_active() {
                             v.state = VmState::Lost;

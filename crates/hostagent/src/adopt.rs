@@ -34,6 +34,40 @@ pub(crate) fn record_launch(dir: &Path, req: &LaunchRequest) {
     }
 }
 
+/// Marks (in the runtime directory) that the guest of an adopted QEMU shut itself down.
+const GUEST_SHUTDOWN: &str = "guest-shutdown";
+
+/// An adopted QEMU is not our child: its exit status is unknown. Watching QMP for `SHUTDOWN`
+/// tells a guest that powered itself off (reported as exit code 0) from a QEMU that died.
+fn watch_guest_shutdown(vm: &Arc<Vm>) {
+    let mut ev = vm.events();
+    let dir = vm.runtime_dir().to_path_buf();
+    let _ = std::fs::remove_file(dir.join(GUEST_SHUTDOWN));
+    tokio::spawn(async move {
+        loop {
+            match ev.recv().await {
+                Ok(e) if e.event == "SHUTDOWN" => {
+                    let _ = std::fs::write(dir.join(GUEST_SHUTDOWN), e.data.to_string());
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return,
+            }
+        }
+    });
+}
+
+/// The exit of a VM, completed for adopted QEMUs whose guest powered off (code 0).
+pub(crate) fn exit_of(vm: &Vm, exit: crate::vm::ExitInfo) -> crate::vm::ExitInfo {
+    if exit.code.is_none() && exit.signal.is_none() {
+        if let Ok(data) = std::fs::read_to_string(vm.runtime_dir().join(GUEST_SHUTDOWN)) {
+            if data.contains("\"guest\":true") || data.contains("\"guest\": true") {
+                return crate::vm::ExitInfo { code: Some(0), signal: None };
+            }
+        }
+    }
+    exit
+}
+
 /// What [`adopt_all`] found.
 #[derive(Debug, Default, Clone)]
 pub struct AdoptReport {
@@ -79,7 +113,9 @@ pub(crate) async fn adopt_all(agent: &Arc<Agent>) -> AdoptReport {
                         }
                     });
                 }
-                agent.insert_vm(&id, Arc::new(vm));
+                let vm = Arc::new(vm);
+                watch_guest_shutdown(&vm);
+                agent.insert_vm(&id, vm);
                 rep.adopted.push(id);
             }
             Err(e) => {

@@ -89,6 +89,9 @@ pub struct Heartbeat {
 pub struct VmExit {
     pub exit: ExitInfo,
     pub console_tail: Vec<String>,
+    /// Whether this host had the VM (false: it does not know it, e.g. it restarted without it).
+    #[serde(default)]
+    pub present: bool,
 }
 
 /// A VM this host runs, as reported in its heartbeat.
@@ -404,7 +407,7 @@ impl Agent {
     /// Resolves when the VM's QEMU exits.
     pub async fn wait_exit(&self, id: &str) -> ExitInfo {
         match self.vm(id) {
-            Some(vm) => vm.wait_exit().await,
+            Some(vm) => crate::adopt::exit_of(&vm, vm.wait_exit().await),
             None => ExitInfo { code: None, signal: None },
         }
     }

@@ -79,8 +79,9 @@ async fn stop(State(a): Ctx, Path(id): Path<String>, body: Option<Json<VmStop>>)
 
 /// Long poll: answers when the VM's QEMU has exited (at once when the host does not run it).
 async fn wait(State(a): Ctx, Path(id): Path<String>) -> Response {
+    let present = a.has_vm(&id);
     let exit = a.wait_exit(&id).await;
-    Json(VmExit { exit, console_tail: a.console_tail(&id, 10) }).into_response()
+    Json(VmExit { exit, console_tail: a.console_tail(&id, 10), present }).into_response()
 }
 
 async fn release(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
