@@ -43,6 +43,8 @@ pub async fn migrate(ctx: &Ctx, a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let id = v.id.clone();
     let t0 = Instant::now();
     let mut last_phase = String::new();
+    let mut last_step = String::new();
+    let mut last_print = Instant::now();
     if !ctx.json {
         if let Some(m) = &v.migration {
             println!("migrating {} from {} to {} (downtime limit {} ms, timeout {} s)", v.id, m.from, m.to, m.downtime_limit_ms, m.max_seconds);
@@ -55,9 +57,13 @@ pub async fn migrate(ctx: &Ctx, a: MigrateArgs) -> anyhow::Result<ExitCode> {
         if m.status != MigrationStatus::Active {
             break;
         }
-        if !ctx.json && m.phase != last_phase {
+        // A line when the step changes, and at most one every 2 s while it goes on.
+        let step = m.phase.split(" (").next().unwrap_or("").to_string();
+        if !ctx.json && m.phase != last_phase && (step != last_step || last_print.elapsed() >= Duration::from_secs(2)) {
             println!("  {:>6.1}s  {}", t0.elapsed().as_secs_f64(), m.phase);
             last_phase = m.phase.clone();
+            last_step = step;
+            last_print = Instant::now();
         }
         if t0.elapsed() > give_up {
             anyhow::bail!("VM {id}: the migration is still {} after {} s", m.phase, t0.elapsed().as_secs());
