@@ -476,14 +476,24 @@ pub(crate) fn plan_reconcile(host: &str, report: &[VmReport], records: &[VmRecor
     }
     for r in report {
         let known = records.iter().any(|v| {
+            let m = v.migration.as_ref();
             v.id == r.id
                 && v.state.is_active()
-                && if r.incoming {
+                && (if r.incoming {
                     // Received by a migration that the record says goes here.
-                    v.state == VmState::Migrating && v.migration.as_ref().map(|m| m.to == host).unwrap_or(false)
+                    v.state == VmState::Migrating && m.map(|m| m.to == host).unwrap_or(false)
                 } else {
                     v.host.as_deref() == Some(host)
-                }
+                        // The destination just took over (its report raced the record)...
+                        || (v.state == VmState::Migrating && m.map(|m| m.to == host).unwrap_or(false))
+                        // ...or the source has not removed its paused QEMU yet.
+                        || m.map(|m| {
+                            m.from == host
+                                && m.status == MigrationStatus::Completed
+                                && now.saturating_sub(m.finished.unwrap_or(0)) < REPORT_GRACE.as_secs()
+                        })
+                        .unwrap_or(false)
+                })
         });
         if !known {
             plan.orphans.push(r.id.clone());
