@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// Lifecycle of a VM: `pending → starting → running → stopping → stopped`, or `failed`.
+/// Lifecycle of a VM: `pending → starting → running → stopping → stopped`, or `failed`;
+/// `unknown` while its host is silent, `migrating` while it moves live, `lost` when its host
+/// no longer has it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum VmState {
