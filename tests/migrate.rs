@@ -374,3 +374,53 @@ fn a_host_agent_killed_with_sigkill_readopts_its_running_guests() {
     g.host("h1").terminate();
     g.wait_until("the orphan gone with its agent", Duration::from_secs(60), || !process_alive(pb));
 }
+
+#[test]
+fn a_source_agent_killed_during_a_migration_leaves_the_guest_running_at_the_source() {
+    let mut g = Grid::start(&["h1", "h2"]);
+    let v = g.run_on("h1", "interrupted");
+    let id = v["id"].as_str().unwrap().to_string();
+    let pid = v["pid"].as_u64().unwrap();
+    let src = g.runtime_dir("h1", &id);
+    // Keep memory dirty and the link slow so that the migration is still copying when its
+    // driver dies.
+    type_on_console(&src, "dd if=/dev/urandom of=/tmp/r bs=1M count=32 2>/dev/null; (while true; do cp /tmp/r /tmp/x; done) & echo dirtying-started");
+    g.wait_until("the dirtying loop", Duration::from_secs(120), || console_log(&src).contains("dirtying-started\n"));
+    type_on_console(&src, COUNTER);
+    let mut cli = Command::new(vgrid_bin())
+        .args(["--json", "vm", "migrate", &id, "--to", "h2", "--max-bandwidth", "8", "--timeout", "200"])
+        .env("VGRID_URL", &g.coordinator.url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    g.wait_until("memory being copied", Duration::from_secs(60), || {
+        let v = g.json(&["vm", "show", &id]);
+        v["state"] == "migrating" && v["migration"]["phase"].as_str().unwrap_or("").starts_with("copying memory")
+    });
+    g.host("h1").kill();
+    g.start_host("h1");
+
+    // The migration ends as failed, the record stays on h1 and the guest runs on there.
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = cli.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(180), "vm migrate did not return\n{}", g.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!status.success());
+    let v = g.json(&["vm", "show", &id]);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["host"], "h1", "{v}");
+    assert_eq!(v["migration"]["status"], "failed", "{v}");
+    assert!(v["migration"]["error"].as_str().unwrap().contains("h1"), "{v}");
+    assert_eq!(v["pid"].as_u64(), Some(pid));
+    let n = ticks(&console_log(&src)).len();
+    g.wait_until("the counter to go on at the source", Duration::from_secs(60), || ticks(&console_log(&src)).len() > n + 2);
+    g.wait_until("the destination to be clean", Duration::from_secs(30), || !g.runtime_dir("h2", &id).exists());
+    assert_eq!(qemus_of(&id), 1, "one QEMU, at the source");
+    let v = g.json(&["vm", "stop", &id]);
+    assert_eq!(v["state"], "stopped", "{v}");
+}

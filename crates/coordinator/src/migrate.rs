@@ -250,6 +250,12 @@ impl Coordinator {
                         let _ = src.migrate_cancel(id).await;
                     }
                 }
+                Err(HostCallError::Refused { status: 404, .. }) => {
+                    // The source agent restarted: it re-adopted the VM and cancelled the
+                    // migration nobody drives any more.
+                    let _ = dest.migrate_abort(id).await;
+                    return Err(fail(format!("the source host {source} restarted during the migration")));
+                }
                 Err(e) => {
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
                     if since.elapsed() > Duration::from_secs(30) {

@@ -8,7 +8,8 @@
 //! ([`Vm::adopt`] reconnects QMP; the console socket is reopened on demand) and reported at the
 //! next heartbeat; one whose QEMU is gone is cleaned like an exited VM (its console log stays)
 //! and so reported as no longer running; a QEMU that was still waiting for an incoming
-//! migration is killed (the migration it belonged to died with the agent). The block proxy
+//! migration is killed (the migration it belonged to died with the agent), and an adopted QEMU
+//! caught in the middle of an outgoing migration has it cancelled and runs on. The block proxy
 //! serves the same socket path again (`DATA/nbd.sock`), so QEMU's NBD client reconnects to it at
 //! its next read of the base image.
 
@@ -98,6 +99,7 @@ pub(crate) async fn adopt_all(agent: &Arc<Agent>) -> AdoptReport {
             }
             Ok(vm) => {
                 tracing::info!(vm = %id, pid = vm.pid(), "re-adopted running QEMU");
+                crate::migrate::settle_after_restart(&vm).await;
                 if let Some(req) = std::fs::read(dir.join(LAUNCH_FILE)).ok().and_then(|b| serde_json::from_slice::<LaunchRequest>(&b).ok()) {
                     // The export QEMU reads is back as soon as the proxy serves; resolving the
                     // manifest only restores the advertised cache fraction, once the image

@@ -662,3 +662,41 @@ mod routes {
 }
 
 pub use routes::router;
+
+/// After an agent restart, an adopted QEMU may still be in the middle of an outgoing migration
+/// its dead predecessor drove (possibly paused at `pre-switchover`, where QEMU waits forever).
+/// Nobody will finish it: cancel it, drop the mirror and its NBD node, and let the guest run.
+/// A QEMU whose migration completed (`postmigrate`) is left alone: the destination may run the
+/// guest now, and resuming it here too would split it in two.
+pub(crate) async fn settle_after_restart(vm: &Vm) {
+    let status = match vm.execute("query-migrate", None).await {
+        Ok(m) => m.get("status").and_then(Value::as_str).unwrap_or("").to_string(),
+        Err(_) => return,
+    };
+    let mirror = vm
+        .execute("query-block-jobs", None)
+        .await
+        .ok()
+        .and_then(|j| j.as_array().map(|a| a.iter().any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB))))
+        .unwrap_or(false);
+    if matches!(status.as_str(), "setup" | "active" | "pre-switchover" | "device" | "wait-unplug" | "cancelling") {
+        tracing::warn!(vm = %vm.id(), status, "adopted in the middle of an outgoing migration; cancelling it");
+        abort_source(vm).await;
+    } else if mirror {
+        tracing::warn!(vm = %vm.id(), "adopted with a migration disk mirror running; cancelling it");
+        let _ = vm.execute("block-job-cancel", Some(json!({"device": MIRROR_JOB, "force": true}))).await;
+        for _ in 0..100 {
+            let present = vm
+                .execute("query-block-jobs", None)
+                .await
+                .ok()
+                .and_then(|j| j.as_array().map(|a| a.iter().any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB))))
+                .unwrap_or(false);
+            if !present {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = vm.execute("blockdev-del", Some(json!({"node-name": TARGET_NODE}))).await;
+    }
+}
