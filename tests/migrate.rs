@@ -292,8 +292,13 @@ fn a_guest_dirtying_memory_faster_than_the_link_is_cancelled_and_runs_on_at_the_
     // mirror job, NBD node or capability behind that would break the next one).
     type_on_console(&src, "kill $(cat /tmp/dirty.pid); echo stopped-dirtying");
     g.wait_until("the loop to stop", Duration::from_secs(60), || console_log(&src).contains("stopped-dirtying\n"));
-    // No --to: the scheduler picks a destination other than the source (h2 is the only one).
-    let v = g.json(&["vm", "migrate", &id, "--timeout", "240"]);
+    // Without --to the VM's own requirement still holds: it was pinned to h1, so no other host
+    // qualifies, and each says why.
+    let o = g.cli(&["vm", "migrate", &id]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("no destination") && err.contains(r#"h2: `(host.name == "h1")`"#), "{err}");
+    assert_eq!(g.json(&["vm", "show", &id])["state"], "running");
+    let v = g.json(&["vm", "migrate", &id, "--to", "h2", "--timeout", "240"]);
     assert_eq!(v["migration"]["status"], "completed", "{v}");
     assert_eq!(v["host"], "h2");
     assert!(g.cli(&["vm", "stop", &id]).status.success());
