@@ -170,6 +170,7 @@ impl Agent {
         let opts = LaunchOptions { defer_incoming: true, ..LaunchOptions::default() };
         let vm = Vm::launch_with(spec, &dir, &opts).await?;
         let _ = std::fs::write(dir.join(INCOMING_MARKER), b"waiting for an incoming migration\n");
+        crate::adopt::record_launch(&dir, &req.launch);
         let vm = Arc::new(vm);
         match self.open_incoming(&vm, &req.listen_host).await {
             Ok((nbd_port, migration_port)) => {
