@@ -601,6 +601,47 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_stuck_starting_is_settled_from_the_report_after_its_bound() {
+        let bound = STUCK_STARTING.as_secs();
+        let records = vec![rec("s1", "h1", VmState::Starting, 0), rec("s2", "h1", VmState::Starting, 0)];
+        // Within the bound nothing happens, even when the host does not report it yet.
+        assert!(plan_reconcile("h1", &[], &records, bound - 1).actions.is_empty());
+        let p = plan_reconcile("h1", &[rep("s1", false)], &records, bound);
+        assert!(p.actions.contains(&("s1".to_string(), Action::Running(42))), "{p:?}");
+        assert!(p.actions.iter().any(|(id, a)| id == "s2" && matches!(a, Action::Failed(r) if r.contains("h1"))), "{p:?}");
+        assert!(p.orphans.is_empty());
+    }
+
+    #[test]
+    fn after_a_migration_neither_side_reports_an_orphan_while_the_record_catches_up() {
+        let mut m = rec("m", "h2", VmState::Running, 1000);
+        m.migration = Some(Migration {
+            from: "h1".into(),
+            to: "h2".into(),
+            status: MigrationStatus::Completed,
+            phase: String::new(),
+            downtime_limit_ms: 100,
+            max_seconds: 60,
+            started: 990,
+            finished: Some(1000),
+            downtime_ms: Some(20),
+            total_ms: Some(800),
+            elapsed_ms: None,
+            disk_bytes: None,
+            ram_transferred_bytes: None,
+            ram_remaining_bytes: None,
+            dirty_sync_count: None,
+            cpu_throttle_percentage: None,
+            error: None,
+        });
+        let records = vec![m];
+        // The source still reports its paused QEMU for a moment: not an orphan...
+        assert!(plan_reconcile("h1", &[rep("m", false)], &records, 1002).orphans.is_empty());
+        // ...but one that stays is.
+        assert_eq!(plan_reconcile("h1", &[rep("m", false)], &records, 1000 + REPORT_GRACE.as_secs()).orphans, vec!["m"]);
+    }
+
+    #[test]
     fn url_host_parts() {
         assert_eq!(url_host("http://127.0.0.1:7072"), "127.0.0.1");
         assert_eq!(url_host("http://h1.example:80/x"), "h1.example");
