@@ -183,10 +183,19 @@ impl Coordinator {
             me.refresh_host(&source);
             if let Err((status, msg)) = outcome {
                 tracing::warn!(vm = %id, "migration {}: {msg}", status.as_str());
+                // Back to the source; `unknown` if that host is silent now (it was lost while
+                // the record was `migrating`, which a lost host does not change).
+                let source_ready = me.registry.host(&source).map(|h| h.state == HostState::Ready).unwrap_or(false);
                 me.update(&id, |v| {
                     if v.state == VmState::Migrating {
-                        v.state = VmState::Running;
-                        v.phase = "running".into();
+                        if source_ready {
+                            v.state = VmState::Running;
+                            v.phase = "running".into();
+                        } else {
+                            v.state = VmState::Unknown;
+                            v.phase = "unknown".into();
+                            v.reason = Some(format!("host {source} missed its heartbeats during a migration"));
+                        }
                     }
                     if let Some(m) = v.migration.as_mut() {
                         m.status = status;
