@@ -230,6 +230,13 @@ fn a_counting_guest_migrates_between_hosts_without_a_reset() {
     assert!(after[0] >= 3 && after.windows(2).all(|w| w[1] == w[0] + 1), "the counter continued without a reset: {after:?} (source ended near {before})");
     let log = console_log(&dst);
     assert!(!log.contains(BOOTED_MARKER) && !log.contains("Linux version"), "no boot on the destination:\n{log}");
+    // The VM's console log (what `vgrid vm logs` shows) carries the history from h1: one
+    // uninterrupted count across the move.
+    let full = String::from_utf8_lossy(&g.cli(&["vm", "logs", &id]).stdout).replace('\r', "");
+    assert_eq!(full.matches(BOOTED_MARKER).count(), 1, "booted once, on h1:\n{full}");
+    let all = ticks(&full);
+    // (The first tick may share its line with the shell prompt.)
+    assert!(all.len() >= 6 && all[0] <= 2 && all.windows(2).all(|w| w[1] == w[0] + 1), "one count across the move: {all:?}");
 
     // The disk came along: read back with the page cache dropped, so from the destination's
     // overlay (mirrored) and its own image cache (the base).

@@ -16,7 +16,7 @@ use vgrid_api::migrate::{Migration, MigrationStatus, VmMigrate, DEFAULT_DOWNTIME
 use vgrid_api::vm::{VmRecord, VmState};
 use vgrid_api::ImageRef;
 use vgrid_hostagent::agent::{Launched, VmReport};
-use vgrid_hostagent::migrate::{IncomingReady, IncomingRequest, SendRequest, SendStatus};
+use vgrid_hostagent::migrate::{FinishRequest, IncomingReady, IncomingRequest, SendRequest, SendStatus, MAX_CONSOLE_HISTORY};
 
 use crate::hosts::{HostCallError, HostClient, HostState};
 use crate::lifecycle::{explain, launch_request, now, placement_request, Coordinator, CoordinatorError};
@@ -40,8 +40,10 @@ impl HostClient {
         r.ok_or_else(|| self.empty("migrate incoming"))
     }
 
-    pub async fn migrate_finish(&self, id: &str) -> Result<Launched, HostCallError> {
-        let r: Option<Launched> = self.call(self.http.post(self.u(&format!("/host/v1/migrate/incoming/{id}/finish")))).await?;
+    pub async fn migrate_finish(&self, id: &str, console_history: String) -> Result<Launched, HostCallError> {
+        let body = FinishRequest { console_history };
+        let r: Option<Launched> =
+            self.call(self.http.post(self.u(&format!("/host/v1/migrate/incoming/{id}/finish"))).json(&body)).await?;
         r.ok_or_else(|| self.empty("migrate finish"))
     }
 
@@ -278,8 +280,10 @@ impl Coordinator {
             let _ = dest.migrate_abort(id).await;
             return Err((status.status, status.error.unwrap_or_else(|| "no detail".into())));
         }
-        // The source's QEMU is paused with everything sent: the destination must take over.
-        match dest.migrate_finish(id).await {
+        // The source's QEMU is paused with everything sent: the destination must take over,
+        // with what the guest printed so far (the source's console log is final now).
+        let history = console_history(&src, id).await;
+        match dest.migrate_finish(id, history).await {
             Ok(l) => {
                 let moved = self.update(id, |v| {
                     v.host = Some(dest.name.clone());
@@ -425,6 +429,27 @@ impl Coordinator {
         }
         plan.orphans
     }
+}
+
+/// The tail (at most `MAX_CONSOLE_HISTORY` bytes) of a VM's console log on `host`; empty
+/// when the host does not answer (the migration goes on without it).
+async fn console_history(host: &HostClient, id: &str) -> String {
+    let mut out = String::new();
+    let mut offset = -(MAX_CONSOLE_HISTORY as i64);
+    for _ in 0..64 {
+        match host.console(id, offset).await {
+            Ok(c) if !c.data.is_empty() => {
+                out.push_str(&c.data);
+                offset = c.next as i64;
+            }
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(vm = %id, "console history from {}: {e}", host.name);
+                break;
+            }
+        }
+    }
+    out
 }
 
 fn apply(m: &mut Migration, st: &SendStatus) {

@@ -500,7 +500,7 @@ impl Agent {
         let dir = self.runtime_dir(id);
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
-                if e.file_name() != "console.log" {
+                if e.file_name() != "console.log" && e.file_name() != crate::migrate::CONSOLE_HISTORY {
                     let p = e.path();
                     let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
                     if let Err(err) = r {

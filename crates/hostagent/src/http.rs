@@ -104,6 +104,10 @@ struct ConsoleQuery {
 const CONSOLE_PAGE: u64 = 256 * 1024;
 
 async fn console(State(a): Ctx, Path(id): Path<String>, Query(q): Query<ConsoleQuery>) -> Result<Response, HttpError> {
+    // A VM received by a migration: what it printed at the source comes first.
+    if let Some(chunk) = crate::migrate::console_with_history(&a, &id, q.offset, CONSOLE_PAGE) {
+        return Ok(Json(chunk).into_response());
+    }
     let path = a.console_log(&id);
     let mut f = match tokio::fs::File::open(&path).await {
         Ok(f) => f,

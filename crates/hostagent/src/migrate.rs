@@ -38,6 +38,19 @@ const DISK_NODE: &str = "vda";
 /// Marks a runtime directory whose QEMU still waits for an incoming migration: an agent that
 /// restarts kills such a QEMU instead of adopting it.
 pub const INCOMING_MARKER: &str = "incoming";
+/// What the guest printed on its console before it arrived here (the source's log, as the
+/// coordinator hands it over at the end of the migration); served before `console.log`.
+pub const CONSOLE_HISTORY: &str = "console.before-migration.log";
+/// At most this much console history travels with a migration (its tail).
+pub const MAX_CONSOLE_HISTORY: usize = 4 << 20;
+
+/// Body of `POST /host/v1/migrate/incoming/{id}/finish`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FinishRequest {
+    /// The console log the VM had at the source.
+    #[serde(default)]
+    pub console_history: String,
+}
 
 /// `POST /host/v1/migrate/incoming`: prepare to receive a VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -242,8 +255,15 @@ impl Agent {
 
     /// Destination: once the source's migration completed, waits until the guest runs here,
     /// closes the NBD export and takes the VM as one of this host's.
-    pub async fn incoming_finish(&self, id: &str, timeout: Duration) -> Result<Launched, AgentError> {
+    pub async fn incoming_finish(&self, id: &str, timeout: Duration, history: &str) -> Result<Launched, AgentError> {
         let vm = self.migrations().incoming.lock().unwrap().get(id).cloned().ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
+        if !history.is_empty() {
+            let tail = &history.as_bytes()[history.len().saturating_sub(MAX_CONSOLE_HISTORY)..];
+            let p = vm.runtime_dir().join(CONSOLE_HISTORY);
+            if let Err(e) = std::fs::write(&p, tail) {
+                tracing::warn!(vm = %id, "cannot write {}: {e}", p.display());
+            }
+        }
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(exit) = vm.exit_info() {
@@ -604,6 +624,35 @@ async fn abort_source(vm: &Vm) {
     }
 }
 
+/// A page of the console of a VM that arrived by migration: its history, then `console.log`,
+/// as one log (offsets run across both). `None` when the VM has no history (not migrated).
+pub(crate) fn console_with_history(agent: &Agent, id: &str, offset: i64, page: u64) -> Option<vgrid_api::vm::ConsoleChunk> {
+    use std::io::{Read, Seek};
+    let dir = agent.runtime_dir_of(id);
+    let history = std::fs::read(dir.join(CONSOLE_HISTORY)).ok()?;
+    let h = history.len() as u64;
+    let mut log = std::fs::File::open(dir.join(crate::vm::CONSOLE_LOG)).ok();
+    let l = log.as_ref().and_then(|f| f.metadata().ok()).map(|m| m.len()).unwrap_or(0);
+    let len = h + l;
+    let start = if offset < 0 { len.saturating_sub(offset.unsigned_abs()) } else { (offset as u64).min(len) };
+    let mut buf = Vec::new();
+    if start < h {
+        let end = (start + page).min(h);
+        buf.extend_from_slice(&history[start as usize..end as usize]);
+    }
+    let want = page.saturating_sub(buf.len() as u64);
+    if want > 0 {
+        if let Some(f) = log.as_mut() {
+            let from = start.saturating_sub(h);
+            if f.seek(std::io::SeekFrom::Start(from)).is_ok() {
+                let _ = f.take(want).read_to_end(&mut buf);
+            }
+        }
+    }
+    let next = start + buf.len() as u64;
+    Some(vgrid_api::vm::ConsoleChunk { offset: start, next, data: String::from_utf8_lossy(&buf).into_owned() })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host HTTP API of migrations (merged into `crate::http::router`).
 
@@ -639,8 +688,9 @@ mod routes {
         Ok(Json(a.incoming(req).await?).into_response())
     }
 
-    async fn incoming_finish(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
-        Ok(Json(a.incoming_finish(&id, Duration::from_secs(60)).await?).into_response())
+    async fn incoming_finish(State(a): Ctx, Path(id): Path<String>, body: Option<Json<FinishRequest>>) -> Result<Response, HttpError> {
+        let history = body.map(|b| b.0.console_history).unwrap_or_default();
+        Ok(Json(a.incoming_finish(&id, Duration::from_secs(60), &history).await?).into_response())
     }
 
     async fn incoming_abort(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
