@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod grid;
 pub mod manifest;
+pub mod migrate;
 pub mod rest;
 pub mod usage;
 pub mod vm;

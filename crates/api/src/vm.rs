@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// Lifecycle of a VM: `pending → starting → running → stopping → stopped`, or `failed`.
+/// Lifecycle of a VM: `pending → starting → running → stopping → stopped`, or `failed`;
+/// `unknown` while its host is silent, `migrating` while it moves live, `lost` when its host
+/// no longer has it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum VmState {
@@ -23,6 +25,11 @@ pub enum VmState {
     /// Saved on the image servers (`VmRecord::saved_image`); holds no host. `vgrid vm resume`
     /// restores it on any matching host.
     Suspended,
+    /// Moving live to another host (`VmRecord::migration` says where and how far); it keeps
+    /// running on `host` until the destination runs it.
+    Migrating,
+    /// Its host answers but no longer has it (the host restarted without it, or QEMU vanished).
+    Lost,
 }
 
 impl VmState {
@@ -37,11 +44,13 @@ impl VmState {
             VmState::Unknown => "unknown",
             VmState::Suspending => "suspending",
             VmState::Suspended => "suspended",
+            VmState::Migrating => "migrating",
+            VmState::Lost => "lost",
         }
     }
     /// Whether the VM holds host resources (a QEMU process may exist).
     pub fn is_active(&self) -> bool {
-        matches!(self, VmState::Pending | VmState::Starting | VmState::Running | VmState::Stopping | VmState::Unknown | VmState::Suspending)
+        matches!(self, VmState::Pending | VmState::Starting | VmState::Running | VmState::Stopping | VmState::Unknown | VmState::Suspending | VmState::Migrating)
     }
 }
 
@@ -194,6 +203,12 @@ pub struct VmRecord {
     pub started: Option<u64>,
     #[serde(default)]
     pub stopped: Option<u64>,
+    /// When the VM entered its current state (seconds since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_since: Option<u64>,
+    /// The last (or current) live migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::migrate::Migration>,
 }
 
 /// Body of `POST /api/v1/vms/{id}/stop`.

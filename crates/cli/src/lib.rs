@@ -8,6 +8,7 @@ mod client;
 mod console;
 mod image;
 mod mobile;
+mod migrate;
 mod output;
 mod roles;
 mod usage;

@@ -43,6 +43,7 @@ pub enum VmCmd {
     /// Restore a suspended VM on any matching host (possibly another one); the guest continues
     /// where it stopped.
     Resume(crate::mobile::ResumeArgs),
+    Migrate(crate::migrate::MigrateArgs),
     /// Remove a stopped VM (its overlay, sockets and record).
     Rm {
         id: String,
@@ -146,6 +147,7 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<ExitCode> {
                 println!("{} {}", v.id, v.state.as_str());
             }
         }
+        VmCmd::Migrate(a) => return crate::migrate::migrate(ctx, a).await,
         VmCmd::Rm { id, force } => {
             let v: VmRecord = api.delete(&format!("/api/v1/vms/{id}?force={force}")).await?;
             if ctx.json {
@@ -216,6 +218,9 @@ pub async fn run_host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<ExitCode> {
                     println!("policy:      {p}");
                 }
                 println!("vms:         {}", h.vms.iter().map(|v| v.id.as_str()).collect::<Vec<_>>().join(" "));
+                if !h.orphans.is_empty() {
+                    println!("orphans:     {} (QEMUs with no VM record; not killed)", h.orphans.join(" "));
+                }
                 for (img, f) in &h.ad.image_cache {
                     println!("cached:      {img} {:.0}%", f * 100.0);
                 }
@@ -259,6 +264,18 @@ fn show(v: &VmRecord) {
     }
     if let Some(s) = &v.saved_image {
         println!("saved:    {s}");
+    }
+    if let Some(m) = &v.migration {
+        let mut line = format!("{} -> {} {}", m.from, m.to, m.status.as_str());
+        if let (Some(d), Some(t)) = (m.downtime_ms, m.total_ms) {
+            line.push_str(&format!(", downtime {d} ms, total {t} ms"));
+        }
+        if let Some(e) = &m.error {
+            line.push_str(&format!(": {e}"));
+        } else if m.status == vgrid_api::migrate::MigrationStatus::Active {
+            line.push_str(&format!(": {}", m.phase));
+        }
+        println!("migration: {line}");
     }
     println!("created:  {}", age(v.created));
 }

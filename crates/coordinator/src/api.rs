@@ -81,14 +81,15 @@ type Users = Extension<Arc<Auth>>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "vgrid API", description = "Run VMs on a grid of hosts, images streamed on demand."),
-    paths(list_vms, create_vm, get_vm, stop_vm, delete_vm, console, suspend_vm, resume_vm, snapshot_vm, list_hosts, get_host, host_heartbeat,
+    paths(list_vms, create_vm, get_vm, stop_vm, migrate_vm, delete_vm, console, suspend_vm, resume_vm, snapshot_vm, list_hosts, get_host, host_heartbeat,
         list_image_servers, image_server_heartbeat, futures, auth_challenge, auth_login, auth_logout, whoami,
         list_users, add_user, get_user, delete_user, set_quota, audit, crate::accounting::get_usage),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
         HostState, HostHeartbeat, HeartbeatReply, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
         Challenge, ChallengeRequest, LoginRequest, LoginToken, Quota, UserCreate, UserInfo, AuditEntry,
         vgrid_api::vm::Resources, vgrid_api::usage::UsageReport, vgrid_api::usage::UserUsage, vgrid_api::usage::VmUsage,
-        vgrid_api::usage::UsageTotals, vgrid_api::usage::VmUsageReport, VmResume, VmSnapshot, SavedImage, Suspended)),
+        vgrid_api::usage::UsageTotals, vgrid_api::usage::VmUsageReport, VmResume, VmSnapshot, SavedImage, Suspended,
+        vgrid_api::migrate::VmMigrate, vgrid_api::migrate::Migration, vgrid_api::migrate::MigrationStatus)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -186,6 +187,7 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>) -> Router {
         .route("/api/v1/vms/{id}/suspend", post(suspend_vm))
         .route("/api/v1/vms/{id}/resume", post(resume_vm))
         .route("/api/v1/vms/{id}/snapshot", post(snapshot_vm))
+        .route("/api/v1/vms/{id}/migrate", post(migrate_vm))
         .route("/api/v1/vms/{id}/console", get(console))
         .route("/api/v1/vms/{id}/console/ws", get(console_ws))
         .route("/api/v1/hosts", get(list_hosts))
@@ -357,6 +359,22 @@ async fn snapshot_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>
     let rec = owned(&c, &p, &id)?;
     let Json(req) = body?;
     Ok(Json(c.snapshot(&rec.id, &req.name).await?))
+}
+
+/// Starts a live migration; the record (`migrating`) is returned at once and its `migration`
+/// shows progress until its status is `completed`, `cancelled` or `failed`.
+#[utoipa::path(post, path = "/api/v1/vms/{id}/migrate", params(("id" = String, Path)), request_body = vgrid_api::migrate::VmMigrate,
+    responses((status = 202, body = VmRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)))]
+async fn migrate_vm(
+    State(c): Ctx,
+    Extension(p): Caller,
+    Path(id): Path<String>,
+    body: Result<Json<vgrid_api::migrate::VmMigrate>, JsonRejection>,
+) -> Result<(StatusCode, Json<VmRecord>), ApiError> {
+    let rec = owned(&c, &p, &id)?;
+    let Json(req) = body?;
+    Ok((StatusCode::ACCEPTED, Json(c.migrate(&rec.id, req).await?)))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -52,6 +52,10 @@ pub struct HostRecord {
     pub last_seen_secs: f64,
     #[schema(value_type = Vec<Object>)]
     pub vms: Vec<VmReport>,
+    /// QEMUs the host runs that the coordinator has no record of (never killed by vgrid:
+    /// an operator decides).
+    #[serde(default)]
+    pub orphans: Vec<String>,
 }
 
 struct HostEntry {
@@ -59,6 +63,7 @@ struct HostEntry {
     state: HostState,
     last_seen: Instant,
     vms: Vec<VmReport>,
+    orphans: Vec<String>,
 }
 
 struct ServerEntry {
@@ -92,11 +97,24 @@ impl Registry {
     pub fn host_beat(&self, hb: HostHeartbeat) -> bool {
         let mut hosts = self.hosts.lock().unwrap();
         let returned = hosts.get(&hb.ad.name).map(|h| h.state == HostState::Lost).unwrap_or(true);
+        let orphans = hosts.get(&hb.ad.name).map(|h| h.orphans.clone()).unwrap_or_default();
         hosts.insert(
             hb.ad.name.clone(),
-            HostEntry { ad: hb.ad, state: HostState::Ready, last_seen: Instant::now(), vms: hb.vms },
+            HostEntry { ad: hb.ad, state: HostState::Ready, last_seen: Instant::now(), vms: hb.vms, orphans },
         );
         returned
+    }
+
+    /// Records the orphans found at a host's last heartbeat; logs when they change.
+    pub fn set_orphans(&self, host: &str, orphans: Vec<String>) {
+        if let Some(h) = self.hosts.lock().unwrap().get_mut(host) {
+            if h.orphans != orphans {
+                if !orphans.is_empty() {
+                    tracing::warn!(host, ?orphans, "host runs QEMUs the coordinator has no record of (orphans; not killed)");
+                }
+                h.orphans = orphans;
+            }
+        }
     }
 
     pub fn server_beat(&self, ad: ImageServerAd) {
@@ -127,6 +145,7 @@ impl Registry {
                 state: h.state,
                 last_seen_secs: h.last_seen.elapsed().as_secs_f64(),
                 vms: h.vms.clone(),
+                orphans: h.orphans.clone(),
             })
             .collect();
         v.sort_by(|a, b| a.ad.name.cmp(&b.ad.name));

@@ -1,8 +1,10 @@
 //! vgrid coordinator: the public REST API (axum, OpenAPI at `/api/openapi.json`), durable state
 //! (redb), the information service (hosts and image servers register by heartbeat), placement,
 //! and the VM lifecycle `pending → starting → running → stopping → stopped | failed` (`unknown`
-//! while its host is silent). It speaks to host agents over their HTTP API only, and must never
-//! touch QEMU, NBD or chunk storage directly: those belong to the host agent and image store.
+//! while its host is silent, `migrating` while it moves live, `lost` when its host no longer has
+//! it), live migration between hosts and the reconciliation of records with host reports. It
+//! speaks to host agents over their HTTP API only, and must never touch QEMU, NBD or chunk
+//! storage directly: those belong to the host agent and image store.
 
 pub mod accounting;
 pub mod api;
@@ -10,6 +12,7 @@ pub mod auth;
 pub mod hosts;
 pub mod lifecycle;
 pub mod mobile;
+pub mod migrate;
 pub mod sched;
 pub mod state;
 

@@ -44,7 +44,7 @@ pub enum CoordinatorError {
     Quota(String),
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -96,6 +96,11 @@ impl Coordinator {
                     let me = c.clone();
                     tokio::spawn(async move { me.watch(vm.id.clone()).await });
                 }
+                VmState::Migrating => {
+                    // The migration's driver died with the coordinator: undo it, keep watching.
+                    let me = c.clone();
+                    tokio::spawn(async move { me.migration_interrupted(vm).await });
+                }
                 _ => {}
             }
         }
@@ -136,11 +141,15 @@ impl Coordinator {
             let _ads = self.ads_guard();
             self.sched.upsert(self.adjusted(hb.ad.clone()))?;
         }
-        let running: Vec<String> = hb.vms.iter().map(|v| v.id.clone()).collect();
+        let running: Vec<String> = hb.vms.iter().filter(|v| !v.incoming).map(|v| v.id.clone()).collect();
         if let Err(e) = self.accounting.record(&name, &hb.usage, |id| self.state.get_vm(id).ok().flatten()) {
             tracing::error!(host = %name, "cannot record usage: {e}");
         }
-        if self.registry.host_beat(hb) {
+        let report = hb.vms.clone();
+        let returned = self.registry.host_beat(hb);
+        let orphans = self.reconcile(&name, &report);
+        self.registry.set_orphans(&name, orphans);
+        if returned {
             tracing::info!(host = %name, "host ready");
             for vm in self.state.list_vms().unwrap_or_default() {
                 if vm.host.as_deref() == Some(name.as_str()) && vm.state == VmState::Unknown && running.contains(&vm.id) {
@@ -366,6 +375,8 @@ impl Coordinator {
             started: None,
             stopped: None,
             saved_image: None,
+            state_since: Some(now()),
+            migration: None,
         };
         // The record is the reservation from now on.
         if let Err(e) = self.state.put_vm(&rec) {
@@ -514,7 +525,11 @@ impl Coordinator {
     pub(crate) fn update(&self, id: &str, f: impl FnOnce(&mut VmRecord)) -> Option<VmRecord> {
         let mut rec = self.state.get_vm(id).ok()??;
         let was_active = rec.state.is_active();
+        let was = rec.state;
         f(&mut rec);
+        if rec.state != was {
+            rec.state_since = Some(now());
+        }
         if let Err(e) = self.state.put_vm(&rec) {
             tracing::error!(vm = %id, "cannot record VM state: {e}");
         }
@@ -587,7 +602,7 @@ impl Coordinator {
     }
 
     /// Follows a placed VM until its QEMU exits, through host outages.
-    async fn watch(self: Arc<Self>, id: String) {
+    pub(crate) async fn watch(self: Arc<Self>, id: String) {
         loop {
             let Some(rec) = self.state.get_vm(&id).ok().flatten() else { return };
             if !rec.state.is_active() {
@@ -602,8 +617,14 @@ impl Coordinator {
                     continue;
                 }
             };
-            match client.wait(&id).await {
-                Ok(exit) if exit.exit.code.is_some() || exit.exit.signal.is_some() || rec.state == VmState::Stopping => {
+            let waited = client.wait(&id).await;
+            if waited.is_ok() && self.moved_or_migrating(&id, &host).await {
+                continue;
+            }
+            // The state now, not before the long poll: a stop may have begun meanwhile.
+            let stopping = self.state.get_vm(&id).ok().flatten().map(|v| v.state == VmState::Stopping).unwrap_or(false);
+            match waited {
+                Ok(exit) if exit.exit.code.is_some() || exit.exit.signal.is_some() || stopping || exit.present => {
                     let mut tail = exit.console_tail;
                     if let Some(c) = exit.cause {
                         tail.insert(0, format!("(host: {c})"));
@@ -613,10 +634,11 @@ impl Coordinator {
                 }
                 Ok(_) => {
                     // The host answers but does not run this VM (it restarted without it).
+                    let _ = client.release(&id).await;
                     self.update(&id, |v| {
                         if v.state.is_active() {
-                            v.state = VmState::Failed;
-                            v.phase = "failed".into();
+                            v.state = VmState::Lost;
+                            v.phase = "lost".into();
                             v.reason = Some(format!("host {host} no longer runs this VM"));
                             v.stopped = Some(now());
                         }
@@ -660,8 +682,15 @@ impl Coordinator {
     /// Stops a VM: ACPI power-down (then quit after a timeout), or a kill with `force`.
     pub async fn stop(&self, key: &str, force: bool) -> Result<VmRecord, CoordinatorError> {
         let rec = self.get(key)?;
+        if rec.state == VmState::Migrating && !force {
+            let to = rec.migration.as_ref().map(|m| m.to.clone()).unwrap_or_default();
+            return Err(CoordinatorError::Conflict(format!(
+                "VM {} is migrating to {to}; wait for the migration to end, or stop it with --force",
+                rec.id
+            )));
+        }
         match rec.state {
-            VmState::Stopped | VmState::Failed => return Ok(rec),
+            VmState::Stopped | VmState::Failed | VmState::Lost => return Ok(rec),
             VmState::Stopping if !force => return Ok(rec),
             VmState::Suspended | VmState::Suspending => {
                 return Err(CoordinatorError::Conflict(format!(

@@ -218,6 +218,8 @@ mod tests {
             started: None,
             stopped: None,
             saved_image: None,
+            state_since: None,
+            migration: None,
         };
         {
             let s = RedbState::open(&path).unwrap();

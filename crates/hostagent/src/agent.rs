@@ -60,6 +60,8 @@ pub enum AgentError {
     Admission(#[from] crate::resources::AdmissionError),
     #[error(transparent)]
     Mobile(#[from] crate::mobile::MobileError),
+    #[error("VM {id}: migration: {detail}")]
+    Migration { id: String, detail: String },
 }
 
 /// What the coordinator asks the host to start (`POST /host/v1/vms`).
@@ -100,6 +102,9 @@ pub struct VmExit {
     /// What the host knows of the cause (e.g. its memory limit), if anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
+    /// Whether this host had the VM (false: it does not know it, e.g. it restarted without it).
+    #[serde(default)]
+    pub present: bool,
 }
 
 /// A VM this host runs, as reported in its heartbeat.
@@ -107,6 +112,10 @@ pub struct VmExit {
 pub struct VmReport {
     pub id: String,
     pub pid: u32,
+    /// Being received by a live migration (not yet this host's: the coordinator's record
+    /// still names the source).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub incoming: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -221,6 +230,7 @@ pub struct Agent {
     memory_mib: u64,
     cpus: u32,
     res: Arc<crate::resources::HostResources>,
+    migrations: crate::migrate::Migrations,
 }
 
 impl Agent {
@@ -251,7 +261,7 @@ impl Agent {
             .map(Arc::new)
             .map_err(|e| AgentError::Io { id: "-".into(), what: "resource control", path: "/sys/fs/cgroup".into(), cause: e })?;
         tracing::info!(host = %cfg.name, accel = accel.as_str(), memory_mib, cpus, nbd = %nbd_socket.display(), "host agent started");
-        let a = Arc::new(Agent {
+        let agent = Arc::new(Agent {
             cfg,
             servers,
             proxy,
@@ -264,9 +274,10 @@ impl Agent {
             memory_mib,
             cpus,
             res,
+            migrations: Default::default(),
         });
         // Load and usage sampling, every second (disk counters every 5 s), while the agent lives.
-        let weak = Arc::downgrade(&a);
+        let weak = Arc::downgrade(&agent);
         tokio::spawn(async move {
             let mut slow_in = 0u32;
             loop {
@@ -277,12 +288,44 @@ impl Agent {
                 slow_in = if slow_in == 0 { 4 } else { slow_in - 1 };
             }
         });
-        Ok(a)
+        // QEMUs an earlier agent of this data directory started keep running: take them back.
+        crate::adopt::adopt_all(&agent).await;
+        Ok(agent)
     }
 
     /// Resource control, accounting and load of this host.
     pub fn resources(&self) -> &Arc<crate::resources::HostResources> {
         &self.res
+    }
+
+    pub(crate) fn migrations(&self) -> &crate::migrate::Migrations {
+        &self.migrations
+    }
+
+    pub(crate) fn has_vm(&self, id: &str) -> bool {
+        self.vms.lock().unwrap().contains_key(id)
+    }
+
+    pub(crate) fn running_vm(&self, id: &str) -> Option<Arc<Vm>> {
+        self.vm(id)
+    }
+
+    /// Takes `vm` as one of this host's VMs (adopted, or received by a migration).
+    pub(crate) fn insert_vm(&self, id: &str, vm: Arc<Vm>) {
+        self.vms.lock().unwrap().insert(id.to_string(), Slot { vm });
+    }
+
+    pub(crate) fn runtime_dir_of(&self, id: &str) -> PathBuf {
+        self.runtime_dir(id)
+    }
+
+    pub(crate) fn data_dir(&self) -> &Path {
+        &self.cfg.data_dir
+    }
+
+    /// Remembers an opened image (for the cache fractions this host advertises).
+    pub(crate) fn note_image(&self, manifest: Arc<vgrid_api::Manifest>) {
+        self.images.lock().unwrap().insert(manifest.image_ref().to_string(), manifest);
     }
 
     pub fn proxy(&self) -> &Arc<BlockProxy> {
@@ -327,20 +370,11 @@ impl Agent {
     }
 
     /// Starts a VM: opens the image through the proxy, writes kernel/initrd, launches QEMU on
-    /// an overlay over the proxy's export. Returns once QEMU's QMP answers.
+    /// an overlay over the proxy's export (or restores a warm image's state), in its own cgroup
+    /// within the owner's cap. Returns once QEMU's QMP answers.
     pub async fn launch(&self, req: LaunchRequest, progress: &(dyn Fn(&str) + Send + Sync)) -> Result<Launched, AgentError> {
         let id = req.id.clone();
-        let accel = match req.accel.as_deref() {
-            None => None,
-            Some("tcg") => Some(Accel::Tcg),
-            Some("kvm") => {
-                if !crate::kvm_usable() {
-                    return Err(AgentError::NoKvm { id });
-                }
-                Some(Accel::Kvm)
-            }
-            Some(o) => return Err(AgentError::BadAccel(o.into())),
-        };
+        let accel = parse_accel(&req)?;
         let limits = self.res.admit(&id, &req.resources, req.memory_mib, accel.unwrap_or_else(Accel::detect))?;
         let fetched0 = self.proxy.stats().bytes_fetched;
         let r = self.launch_admitted(req, accel, &limits, fetched0, progress).await;
@@ -359,7 +393,50 @@ impl Agent {
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<Launched, AgentError> {
         let id = req.id.clone();
+        let (spec, dir, manifest) = self.prepare_spec(&req, progress).await?;
+        // A warm image: its saved state is loaded instead of booting (see mobile.rs).
+        let resolved_accel = accel.unwrap_or_else(Accel::detect);
+        if manifest.state.is_some() {
+            progress("fetching saved state");
+        }
+        let incoming =
+            crate::mobile::prepare_incoming(self, &id, &manifest, req.cpus, req.memory_mib, resolved_accel, &dir).await?;
+        progress(if incoming.is_some() { "restoring" } else { "booting" });
+        let export = manifest.image_ref().to_string();
+        let cgroup = self.res.create_group(&id, limits)?;
+        let mut opts = LaunchOptions {
+            cgroup: cgroup.clone(),
+            disk_throttle: crate::resources::DiskThrottle::of(&req.resources),
+            ..LaunchOptions::default()
+        };
+        if let Some(p) = &incoming {
+            opts.incoming = Some(p.clone());
+            opts.startup_timeout = crate::mobile::RESTORE_TIMEOUT;
+        }
+        let r = Vm::launch_with(spec, &dir, &opts).await;
+        if let Some(p) = &incoming {
+            crate::mobile::incoming_done(p);
+        }
+        let vm = r?;
+        crate::adopt::record_launch(&dir, &req);
+        self.res.track(&vm, cgroup, limits, self.proxy.stats().bytes_fetched.saturating_sub(fetched0));
+        let launched = Launched { pid: vm.pid(), accel: vm.accel().as_str().to_string() };
+        self.vms.lock().unwrap().insert(id.clone(), Slot { vm: Arc::new(vm) });
+        tracing::info!(vm = %id, image = %export, pid = launched.pid, "QEMU started");
+        Ok(launched)
+    }
+
+    /// Opens the image through the proxy, writes kernel/initrd into the runtime directory and
+    /// returns the spec of a VM on an overlay over the proxy's export, with that directory and
+    /// the image's manifest.
+    pub(crate) async fn prepare_spec(
+        &self,
+        req: &LaunchRequest,
+        progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<(VmSpec, PathBuf, Arc<vgrid_api::Manifest>), AgentError> {
+        let id = req.id.clone();
         let dir = self.runtime_dir(&id);
+        let accel = parse_accel(req)?;
         progress("fetching image");
         let t0 = Instant::now();
         let manifest = self.proxy.resolve(&req.image).await?;
@@ -387,14 +464,6 @@ impl Agent {
             }
         };
         tracing::debug!(vm = %id, image = %manifest.image_ref(), took_ms = t0.elapsed().as_millis() as u64, "boot files ready");
-        // A warm image: its saved state is loaded instead of booting (see mobile.rs).
-        let resolved_accel = accel.unwrap_or_else(Accel::detect);
-        if manifest.state.is_some() {
-            progress("fetching saved state");
-        }
-        let incoming =
-            crate::mobile::prepare_incoming(self, &id, &manifest, req.cpus, req.memory_mib, resolved_accel, &dir).await?;
-        progress(if incoming.is_some() { "restoring" } else { "booting" });
         let export = manifest.image_ref().to_string();
         let spec = VmSpec {
             id: id.clone(),
@@ -405,48 +474,36 @@ impl Agent {
             forwards: req.forwards.clone(),
             accel,
         };
-        let cgroup = self.res.create_group(&id, limits)?;
-        let mut opts = LaunchOptions {
-            cgroup: cgroup.clone(),
-            disk_throttle: crate::resources::DiskThrottle::of(&req.resources),
-            ..LaunchOptions::default()
-        };
-        if let Some(p) = &incoming {
-            opts.incoming = Some(p.clone());
-            opts.startup_timeout = crate::mobile::RESTORE_TIMEOUT;
-        }
-        let r = Vm::launch_with(spec, &dir, &opts).await;
-        if let Some(p) = &incoming {
-            crate::mobile::incoming_done(p);
-        }
-        let vm = r?;
-        self.res.track(&vm, cgroup, limits, self.proxy.stats().bytes_fetched.saturating_sub(fetched0));
-        let launched = Launched { pid: vm.pid(), accel: vm.accel().as_str().to_string() };
-        self.vms.lock().unwrap().insert(id.clone(), Slot { vm: Arc::new(vm) });
-        tracing::info!(vm = %id, image = %export, pid = launched.pid, "QEMU started");
-        Ok(launched)
+        Ok((spec, dir, manifest))
     }
 
     /// Resolves when the VM's QEMU exits.
     pub async fn wait_exit(&self, id: &str) -> ExitInfo {
         match self.vm(id) {
-            Some(vm) => vm.wait_exit().await,
+            Some(vm) => crate::adopt::exit_of(&vm, vm.wait_exit().await),
             None => ExitInfo { code: None, signal: None },
         }
     }
 
     /// The VMs this host runs.
     pub fn vms(&self) -> Vec<VmReport> {
-        let mut v: Vec<VmReport> =
-            self.vms.lock().unwrap().iter().map(|(id, s)| VmReport { id: id.clone(), pid: s.vm.pid() }).collect();
+        let mut v: Vec<VmReport> = self
+            .vms
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, s)| VmReport { id: id.clone(), pid: s.vm.pid(), incoming: false })
+            .collect();
+        v.extend(self.migrations.incoming_ids().into_iter().map(|(id, pid)| VmReport { id, pid, incoming: true }));
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
     }
 
     /// Memory and cpus promised to the VMs this host runs.
     pub fn used(&self) -> (u32, u64) {
+        let (ic, im) = self.migrations.incoming_used();
         let vms = self.vms.lock().unwrap();
-        vms.values().fold((0, 0), |(c, m), s| (c + s.vm.spec().cpus, m + s.vm.spec().memory_mib))
+        vms.values().fold((ic, im), |(c, m), s| (c + s.vm.spec().cpus, m + s.vm.spec().memory_mib))
     }
 
     /// This host's advertisement.
@@ -511,6 +568,8 @@ impl Agent {
     /// Forgets an exited VM and removes what it no longer needs: sockets, overlay, boot files.
     /// The console log stays until [`Agent::remove`].
     pub async fn release(&self, id: &str) -> Result<(), AgentError> {
+        self.migrations.forget_outgoing(id);
+        self.incoming_abort(id).await?;
         let slot = self.vms.lock().unwrap().remove(id);
         if let Some(s) = slot {
             s.vm.release_console().await;
@@ -520,7 +579,7 @@ impl Agent {
         let dir = self.runtime_dir(id);
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
-                if e.file_name() != "console.log" {
+                if e.file_name() != "console.log" && e.file_name() != crate::migrate::CONSOLE_HISTORY {
                     let p = e.path();
                     let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
                     if let Err(err) = r {
@@ -629,6 +688,9 @@ impl Agent {
     /// Kills any guest still running (the coordinator stops them gracefully first) and stops
     /// serving NBD.
     pub async fn shutdown(&self) {
+        for (id, _) in self.migrations.incoming_ids() {
+            let _ = self.incoming_abort(&id).await;
+        }
         let ids: Vec<String> = self.vms.lock().unwrap().keys().cloned().collect();
         for id in ids {
             let _ = self.stop(&id, false).await;
@@ -661,4 +723,16 @@ fn physical_memory_mib() -> u64 {
         })
         .map(|kib| kib / 1024)
         .unwrap_or(1024)
+}
+
+/// The accelerator a launch request asks for (`None`: the host's choice), refusing KVM where it
+/// does not work.
+fn parse_accel(req: &LaunchRequest) -> Result<Option<Accel>, AgentError> {
+    match req.accel.as_deref() {
+        None => Ok(None),
+        Some("tcg") => Ok(Some(Accel::Tcg)),
+        Some("kvm") if crate::kvm_usable() => Ok(Some(Accel::Kvm)),
+        Some("kvm") => Err(AgentError::NoKvm { id: req.id.clone() }),
+        Some(o) => Err(AgentError::BadAccel(o.into())),
+    }
 }

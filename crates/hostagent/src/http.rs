@@ -36,6 +36,7 @@ impl From<AgentError> for HttpError {
             AgentError::BadAccel(_) | AgentError::NoKvm { .. } => StatusCode::BAD_REQUEST,
             AgentError::Admission(crate::resources::AdmissionError::Invalid { .. }) => StatusCode::BAD_REQUEST,
             AgentError::Admission(_) => StatusCode::CONFLICT,
+            AgentError::Migration { .. } => StatusCode::CONFLICT,
             AgentError::Proxy(vgrid_blockproxy::ProxyError::ImageNotFound { .. }) => StatusCode::NOT_FOUND,
             AgentError::Mobile(m) => crate::mobile::status_of(m),
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -59,6 +60,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/host/v1/vms/{id}/saving", get(crate::mobile::http_saving))
         .route("/host/v1/vms/{id}/console", get(console))
         .route("/host/v1/vms/{id}/console/ws", get(console_ws))
+        .merge(crate::migrate::router())
         .with_state(agent)
 }
 
@@ -84,9 +86,10 @@ async fn stop(State(a): Ctx, Path(id): Path<String>, body: Option<Json<VmStop>>)
 
 /// Long poll: answers when the VM's QEMU has exited (at once when the host does not run it).
 async fn wait(State(a): Ctx, Path(id): Path<String>) -> Response {
+    let present = a.has_vm(&id);
     let exit = a.wait_exit(&id).await;
     let cause = a.resources().exit_cause(&id);
-    Json(VmExit { exit, console_tail: a.console_tail(&id, 10), cause }).into_response()
+    Json(VmExit { exit, console_tail: a.console_tail(&id, 10), cause, present }).into_response()
 }
 
 /// Per-VM usage counters (as in the heartbeat), the host load and its prediction.
@@ -124,6 +127,10 @@ struct ConsoleQuery {
 const CONSOLE_PAGE: u64 = 256 * 1024;
 
 async fn console(State(a): Ctx, Path(id): Path<String>, Query(q): Query<ConsoleQuery>) -> Result<Response, HttpError> {
+    // A VM received by a migration: what it printed at the source comes first.
+    if let Some(chunk) = crate::migrate::console_with_history(&a, &id, q.offset, CONSOLE_PAGE) {
+        return Ok(Json(chunk).into_response());
+    }
     let path = a.console_log(&id);
     let mut f = match tokio::fs::File::open(&path).await {
         Ok(f) => f,

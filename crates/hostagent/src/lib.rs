@@ -8,11 +8,13 @@
 //! bad spec: every failure is a [`VmError`]/[`QmpError`] naming the VM, file or socket.
 
 pub mod accel;
+pub mod adopt;
 pub mod agent;
 pub mod cgroup;
 pub mod http;
 pub mod predict;
 pub mod mobile;
+pub mod migrate;
 pub mod qmp;
 pub mod resources;
 pub mod testkit;

@@ -144,6 +144,10 @@ pub struct LaunchOptions {
     pub cgroup: Option<crate::cgroup::VmCgroup>,
     /// Throttle the guest's disk (a QEMU throttle group on the drive). Default none.
     pub disk_throttle: Option<crate::resources::DiskThrottle>,
+    /// Start with `-incoming defer`: QEMU waits, paused, for a live migration that QMP
+    /// `migrate-incoming` opens (see `crate::migrate`). Launch returns once QMP answers.
+    /// Default false.
+    pub defer_incoming: bool,
 }
 
 impl Default for LaunchOptions {
@@ -161,6 +165,7 @@ impl Default for LaunchOptions {
             incoming: None,
             cgroup: None,
             disk_throttle: None,
+            defer_incoming: false,
         }
     }
 }
@@ -713,6 +718,9 @@ impl Vm {
         if let Some(state) = &incoming {
             args.push("-incoming".into());
             args.push(format!("file:{}", state.display()));
+        } else if opts.defer_incoming {
+            args.push("-incoming".into());
+            args.push("defer".into());
         }
         if let Some(t) = &opts.disk_throttle {
             crate::resources::throttle_args(&mut args, t);

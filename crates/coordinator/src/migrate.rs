@@ -1,0 +1,688 @@
+//! Live migration, coordinator side, and the reconciliation of VM records with what hosts
+//! report at each heartbeat.
+//!
+//! Migration: destination first. The scheduler reserves capacity on the destination (`--to`
+//! pins `host.name`; otherwise any host matching the VM's requirement other than the source),
+//! the destination prepares an incoming QEMU (`POST /host/v1/migrate/incoming`), the source
+//! mirrors its overlay and sends memory (`POST /host/v1/vms/{id}/migrate`, polled), and only
+//! when the destination reports the guest running (`.../finish`) does the record's host change
+//! and the source QEMU go. Anything else leaves the VM running at the source, the record on the
+//! source, the destination's QEMU killed and its reservation released.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vgrid_api::migrate::{Migration, MigrationStatus, VmMigrate, DEFAULT_DOWNTIME_MS, DEFAULT_MAX_SECONDS};
+use vgrid_api::vm::{VmRecord, VmState};
+use vgrid_api::ImageRef;
+use vgrid_hostagent::agent::{Launched, VmReport};
+use vgrid_hostagent::migrate::{FinishRequest, IncomingReady, IncomingRequest, SendRequest, SendStatus, MAX_CONSOLE_HISTORY};
+
+use crate::hosts::{HostCallError, HostClient, HostState};
+use crate::lifecycle::{explain, launch_request, now, placement_request, Coordinator, CoordinatorError};
+use crate::sched::{PlaceError, PlaceOptions};
+
+/// A record absent from its host's report is `lost` only once it has been in its state this
+/// long (a heartbeat may have been composed before a launch finished).
+pub const REPORT_GRACE: Duration = Duration::from_secs(10);
+/// A VM `starting` for longer than this is resolved from its host's report.
+pub const STUCK_STARTING: Duration = Duration::from_secs(15 * 60);
+/// Slack after a migration's own maximum duration before a heartbeat resolves it.
+pub const STUCK_MIGRATING_SLACK: Duration = Duration::from_secs(120);
+
+impl HostClient {
+    fn empty(&self, what: &str) -> HostCallError {
+        HostCallError::Unreachable { host: self.name.clone(), url: self.url.clone(), cause: format!("empty answer to {what}") }
+    }
+
+    pub async fn migrate_incoming(&self, req: &IncomingRequest) -> Result<IncomingReady, HostCallError> {
+        let r: Option<IncomingReady> = self.call(self.http.post(self.u("/host/v1/migrate/incoming")).json(req)).await?;
+        r.ok_or_else(|| self.empty("migrate incoming"))
+    }
+
+    pub async fn migrate_finish(&self, id: &str, console_history: String) -> Result<Launched, HostCallError> {
+        let body = FinishRequest { console_history };
+        let r: Option<Launched> =
+            self.call(self.http.post(self.u(&format!("/host/v1/migrate/incoming/{id}/finish"))).json(&body)).await?;
+        r.ok_or_else(|| self.empty("migrate finish"))
+    }
+
+    pub async fn migrate_abort(&self, id: &str) -> Result<(), HostCallError> {
+        self.call::<serde_json::Value>(self.http.delete(self.u(&format!("/host/v1/migrate/incoming/{id}")))).await?;
+        Ok(())
+    }
+
+    pub async fn migrate_send(&self, id: &str, req: &SendRequest) -> Result<SendStatus, HostCallError> {
+        let r: Option<SendStatus> = self.call(self.http.post(self.u(&format!("/host/v1/vms/{id}/migrate"))).json(req)).await?;
+        r.ok_or_else(|| self.empty("migrate"))
+    }
+
+    pub async fn migrate_status(&self, id: &str) -> Result<SendStatus, HostCallError> {
+        let r: Option<SendStatus> = self.call(self.http.get(self.u(&format!("/host/v1/vms/{id}/migrate")))).await?;
+        r.ok_or_else(|| self.empty("migrate status"))
+    }
+
+    pub async fn migrate_cancel(&self, id: &str) -> Result<SendStatus, HostCallError> {
+        let r: Option<SendStatus> = self.call(self.http.delete(self.u(&format!("/host/v1/vms/{id}/migrate")))).await?;
+        r.ok_or_else(|| self.empty("migrate cancel"))
+    }
+}
+
+/// The host part of an agent's URL (`http://HOST:PORT/...`): where its QEMUs are reached.
+fn url_host(url: &str) -> String {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or(v6).to_string();
+    }
+    authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority).to_string()
+}
+
+impl Coordinator {
+    /// Starts a live migration of a running VM; returns its record (`migrating`). The CLI
+    /// follows `VmRecord::migration` until it is no longer `active`.
+    pub async fn migrate(self: &Arc<Self>, key: &str, req: VmMigrate) -> Result<VmRecord, CoordinatorError> {
+        let rec = self.get(key)?;
+        let downtime_ms = req.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS);
+        let max_seconds = req.max_seconds.unwrap_or(DEFAULT_MAX_SECONDS);
+        if !(1..=60_000).contains(&downtime_ms) {
+            return Err(CoordinatorError::BadRequest(format!("downtime limit {downtime_ms} ms is out of range 1-60000")));
+        }
+        if !(1..=86_400).contains(&max_seconds) {
+            return Err(CoordinatorError::BadRequest(format!("maximum duration {max_seconds} s is out of range 1-86400")));
+        }
+        if req.max_bandwidth_mib == Some(0) {
+            return Err(CoordinatorError::BadRequest("max bandwidth must be at least 1 MiB/s".into()));
+        }
+        if rec.state != VmState::Running {
+            return Err(CoordinatorError::Conflict(format!(
+                "VM {} is {}; only a running VM can migrate",
+                rec.id,
+                rec.state.as_str()
+            )));
+        }
+        let source = rec.host.clone().unwrap_or_default();
+        if let Some(to) = &req.to {
+            if *to == source {
+                return Err(CoordinatorError::BadRequest(format!("VM {} already runs on host {to}", rec.id)));
+            }
+            if self.registry.host(to).is_none() {
+                return Err(CoordinatorError::UnknownHost(to.clone()));
+            }
+        }
+        match self.registry.host(&source) {
+            Some(h) if h.state == HostState::Ready => {}
+            _ => return Err(CoordinatorError::Conflict(format!("the VM's host {source} is not answering"))),
+        }
+        if !rec.forwards.is_empty() {
+            tracing::info!(vm = %rec.id, "migrating a VM with port forwards: the destination binds the same host ports");
+        }
+        let image = ImageRef { name: rec.image.split('@').next().unwrap_or_default().to_string(), version: rec.image_version };
+        let manifest = self.resolve_image(&image).await?;
+        let require = match &req.to {
+            Some(to) => format!("host.name == {to:?}"),
+            None => match &rec.require {
+                Some(r) if !r.trim().is_empty() => format!("({r}) && host.name != {source:?}"),
+                _ => format!("host.name != {source:?}"),
+            },
+        };
+        let mut preq = placement_request(&rec.owner, &manifest, rec.cpus, rec.memory_mib, &Some(require), &rec.rank);
+        preq.cpu_share = rec.resources.cpu_cores();
+        let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
+
+        let guard = self.lock.lock().await;
+        // Re-read under the lock: only one migration (or stop) wins.
+        let rec = self.get(&rec.id)?;
+        if rec.state != VmState::Running || rec.host.as_deref() != Some(source.as_str()) {
+            return Err(CoordinatorError::Conflict(format!("VM {} is {} now", rec.id, rec.state.as_str())));
+        }
+        let placement = match self.sched.place_with(&preq, &opts) {
+            Ok(p) => p,
+            Err(PlaceError::NoMatch(nm)) => {
+                return Err(CoordinatorError::Capacity(format!("no destination for VM {}: {}", rec.id, explain(&nm))))
+            }
+            Err(PlaceError::Invalid(e)) => return Err(e.into()),
+            Err(e) => return Err(CoordinatorError::Capacity(e.to_string())),
+        };
+        let migration = Migration {
+            from: source.clone(),
+            to: placement.host.clone(),
+            status: MigrationStatus::Active,
+            phase: "preparing the destination".into(),
+            downtime_limit_ms: downtime_ms,
+            max_seconds,
+            started: now(),
+            finished: None,
+            downtime_ms: None,
+            total_ms: None,
+            elapsed_ms: None,
+            disk_bytes: None,
+            ram_transferred_bytes: None,
+            ram_remaining_bytes: None,
+            dirty_sync_count: None,
+            cpu_throttle_percentage: None,
+            error: None,
+        };
+        let rec = self
+            .update(&rec.id, |v| {
+                v.state = VmState::Migrating;
+                v.phase = format!("migrating to {}", placement.host);
+                v.migration = Some(migration);
+            })
+            .ok_or_else(|| CoordinatorError::UnknownVm(rec.id.clone()))?;
+        drop(guard);
+        tracing::info!(vm = %rec.id, from = %source, to = %placement.host, downtime_ms, max_seconds, "live migration started");
+        let dest = HostClient::new(&placement.host, &placement.url, self.http.clone());
+        let launch = launch_request(&rec, &manifest);
+        let me = self.clone();
+        let id = rec.id.clone();
+        let held = placement.clone();
+        let bw = req.max_bandwidth_mib;
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let outcome = me.drive(&id, &source, &dest, launch, downtime_ms, max_seconds, bw, t0).await;
+            // The record (on the destination if it moved) holds the capacity from now on.
+            me.hand_over(&held);
+            me.refresh_host(&source);
+            if let Err((status, msg)) = outcome {
+                tracing::warn!(vm = %id, "migration {}: {msg}", status.as_str());
+                // Back to the source; `unknown` if that host is silent now (it was lost while
+                // the record was `migrating`, which a lost host does not change).
+                let source_ready = me.registry.host(&source).map(|h| h.state == HostState::Ready).unwrap_or(false);
+                me.update(&id, |v| {
+                    if v.state == VmState::Migrating {
+                        if source_ready {
+                            v.state = VmState::Running;
+                            v.phase = "running".into();
+                        } else {
+                            v.state = VmState::Unknown;
+                            v.phase = "unknown".into();
+                            v.reason = Some(format!("host {source} missed its heartbeats during a migration"));
+                        }
+                    }
+                    if let Some(m) = v.migration.as_mut() {
+                        m.status = status;
+                        m.phase = status.as_str().into();
+                        m.error = Some(msg.clone());
+                        m.finished = Some(now());
+                        m.elapsed_ms = Some(t0.elapsed().as_millis() as u64);
+                    }
+                });
+            }
+        });
+        Ok(rec)
+    }
+
+    /// Runs one migration to its end. `Ok` once the record has moved to the destination.
+    #[allow(clippy::too_many_arguments)]
+    async fn drive(
+        self: &Arc<Self>,
+        id: &str,
+        source: &str,
+        dest: &HostClient,
+        launch: vgrid_hostagent::agent::LaunchRequest,
+        downtime_ms: u64,
+        max_seconds: u64,
+        max_bandwidth_mib: Option<u64>,
+        t0: Instant,
+    ) -> Result<(), (MigrationStatus, String)> {
+        let fail = |e: String| (MigrationStatus::Failed, e);
+        let src = self.client(source).map_err(|e| fail(e.to_string()))?;
+        let ready = dest
+            .migrate_incoming(&IncomingRequest { launch, listen_host: url_host(&dest.url) })
+            .await
+            .map_err(|e| fail(format!("preparing the destination {}: {e}", dest.name)))?;
+        let send = SendRequest { dest: ready, downtime_ms, max_seconds, max_bandwidth_mib };
+        if let Err(e) = src.migrate_send(id, &send).await {
+            let _ = dest.migrate_abort(id).await;
+            return Err(fail(format!("starting the migration on {source}: {e}")));
+        }
+        // Follow the source; the source enforces the maximum duration itself, this is the
+        // coordinator's own guard on top.
+        let guard = Duration::from_secs(max_seconds) + Duration::from_secs(60);
+        let mut unreachable_since: Option<Instant> = None;
+        let status = loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            match src.migrate_status(id).await {
+                Ok(st) => {
+                    unreachable_since = None;
+                    self.update(id, |v| {
+                        if let Some(m) = v.migration.as_mut() {
+                            apply(m, &st);
+                        }
+                        if v.state == VmState::Migrating {
+                            v.phase = format!("migrating to {}: {}", dest.name, st.phase);
+                        }
+                    });
+                    if st.status != MigrationStatus::Active {
+                        break st;
+                    }
+                    let stopped = self.state.get_vm(id).ok().flatten().map(|v| v.state != VmState::Migrating).unwrap_or(true);
+                    if stopped || t0.elapsed() > guard {
+                        let _ = src.migrate_cancel(id).await;
+                    }
+                }
+                Err(HostCallError::Refused { status: 404, .. }) => {
+                    // The source agent restarted: it re-adopted the VM and cancelled the
+                    // migration nobody drives any more.
+                    let _ = dest.migrate_abort(id).await;
+                    return Err(fail(format!("the source host {source} restarted during the migration")));
+                }
+                Err(e) => {
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > Duration::from_secs(30) {
+                        let _ = dest.migrate_abort(id).await;
+                        return Err(fail(format!("the source host {source} stopped answering: {e}")));
+                    }
+                }
+            }
+        };
+        if status.status != MigrationStatus::Completed {
+            let _ = dest.migrate_abort(id).await;
+            return Err((status.status, status.error.unwrap_or_else(|| "no detail".into())));
+        }
+        // The source's QEMU is paused with everything sent: the destination must take over,
+        // with what the guest printed so far (the source's console log is final now).
+        let history = console_history(&src, id).await;
+        match dest.migrate_finish(id, history).await {
+            Ok(l) => {
+                let moved = self.update(id, |v| {
+                    v.host = Some(dest.name.clone());
+                    v.pid = Some(l.pid);
+                    v.accel = Some(l.accel.clone());
+                    if v.state == VmState::Migrating {
+                        v.state = VmState::Running;
+                        v.phase = "running".into();
+                    }
+                    if let Some(m) = v.migration.as_mut() {
+                        apply(m, &status);
+                        m.status = MigrationStatus::Completed;
+                        m.phase = "completed".into();
+                        m.finished = Some(now());
+                        m.elapsed_ms = Some(t0.elapsed().as_millis() as u64);
+                    }
+                });
+                tracing::info!(vm = %id, from = %source, to = %dest.name, downtime_ms = ?status.downtime_ms,
+                    total_ms = ?status.total_ms, "migration completed; the VM runs on the destination");
+                // The source QEMU (paused, postmigrate) goes with its runtime directory.
+                if let Err(e) = src.remove(id).await {
+                    tracing::warn!(vm = %id, "removing the migrated VM from {source}: {e}");
+                }
+                if moved.map(|v| v.state == VmState::Stopping).unwrap_or(false) {
+                    // Stopped (forced) during the switchover: it must not keep running.
+                    let _ = dest.stop(id, true).await;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let _ = dest.migrate_abort(id).await;
+                let resumed = src.migrate_cancel(id).await;
+                Err(fail(format!(
+                    "the destination {} did not take over ({e}); {}",
+                    dest.name,
+                    match resumed {
+                        Ok(_) => "the guest runs on at the source".to_string(),
+                        Err(e2) => format!("resuming it at the source failed too: {e2}"),
+                    }
+                )))
+            }
+        }
+    }
+
+    /// Called by the watcher after its long poll on `host` returned: true when the VM has
+    /// moved elsewhere (watch it there) or is migrating (its driver decides).
+    pub(crate) async fn moved_or_migrating(&self, id: &str, host: &str) -> bool {
+        match self.state.get_vm(id).ok().flatten() {
+            Some(v) if v.host.as_deref() != Some(host) => true,
+            Some(v) if v.state == VmState::Migrating => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// After a coordinator restart, a VM recorded as migrating: the driver is gone, so cancel
+    /// at the source (which resumes the guest if needed), drop the destination, follow it again.
+    pub(crate) async fn migration_interrupted(self: Arc<Self>, vm: VmRecord) {
+        let id = vm.id.clone();
+        let to = vm.migration.as_ref().map(|m| m.to.clone());
+        for _ in 0..60 {
+            if vm.host.as_ref().and_then(|h| self.registry.host(h)).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        if let Some(src) = vm.host.as_ref().and_then(|h| self.client(h).ok()) {
+            let _ = src.migrate_cancel(&id).await;
+        }
+        if let Some(dest) = to.as_ref().and_then(|h| self.client(h).ok()) {
+            let _ = dest.migrate_abort(&id).await;
+        }
+        self.update(&id, |v| {
+            if v.state == VmState::Migrating {
+                v.state = VmState::Running;
+                v.phase = "running".into();
+            }
+            if let Some(m) = v.migration.as_mut() {
+                if m.status == MigrationStatus::Active {
+                    m.status = MigrationStatus::Failed;
+                    m.phase = "failed".into();
+                    m.error = Some("the coordinator restarted during the migration".into());
+                    m.finished = Some(now());
+                }
+            }
+        });
+        self.watch(id).await;
+    }
+
+    /// Reconciles the records of VMs on `host` with its heartbeat's report; returns the
+    /// orphans (QEMUs the host runs that no record places there).
+    pub(crate) fn reconcile(&self, host: &str, report: &[VmReport]) -> Vec<String> {
+        let records = self.state.list_vms().unwrap_or_default();
+        let plan = plan_reconcile(host, report, &records, now());
+        for (id, action) in &plan.actions {
+            match action {
+                Action::Lost(reason) => {
+                    tracing::warn!(vm = %id, host, "{reason}");
+                    self.update(id, |v| {
+                        v.state = VmState::Lost;
+                        v.phase = "lost".into();
+                        v.reason = Some(reason.clone());
+                        v.stopped = Some(now());
+                        v.pid = None;
+                    });
+                }
+                Action::Stopped => {
+                    self.update(id, |v| {
+                        v.state = VmState::Stopped;
+                        v.phase = "stopped".into();
+                        v.stopped = Some(now());
+                        v.pid = None;
+                    });
+                }
+                Action::Failed(reason) => {
+                    self.update(id, |v| {
+                        v.state = VmState::Failed;
+                        v.phase = "failed".into();
+                        v.reason = Some(reason.clone());
+                        v.stopped = Some(now());
+                    });
+                }
+                Action::Running(pid) => {
+                    let pid = *pid;
+                    self.update(id, |v| {
+                        v.state = VmState::Running;
+                        v.phase = "running".into();
+                        v.reason = None;
+                        v.pid = Some(pid);
+                        if let Some(m) = v.migration.as_mut() {
+                            if m.status == MigrationStatus::Active {
+                                m.status = MigrationStatus::Failed;
+                                m.phase = "failed".into();
+                                m.error = Some("did not finish in time; resolved from the host's report".into());
+                                m.finished = Some(now());
+                            }
+                        }
+                    });
+                }
+            }
+        }
+        plan.orphans
+    }
+}
+
+/// The tail (at most `MAX_CONSOLE_HISTORY` bytes) of a VM's console log on `host`; empty
+/// when the host does not answer (the migration goes on without it).
+async fn console_history(host: &HostClient, id: &str) -> String {
+    let mut out = String::new();
+    let mut offset = -(MAX_CONSOLE_HISTORY as i64);
+    for _ in 0..64 {
+        match host.console(id, offset).await {
+            Ok(c) if !c.data.is_empty() => {
+                out.push_str(&c.data);
+                offset = c.next as i64;
+            }
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(vm = %id, "console history from {}: {e}", host.name);
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn apply(m: &mut Migration, st: &SendStatus) {
+    m.phase = st.phase.clone();
+    m.downtime_ms = st.downtime_ms.or(m.downtime_ms);
+    m.total_ms = st.total_ms.or(m.total_ms);
+    m.disk_bytes = st.disk_bytes.or(m.disk_bytes);
+    m.ram_transferred_bytes = st.ram_transferred_bytes.or(m.ram_transferred_bytes);
+    m.ram_remaining_bytes = st.ram_remaining_bytes.or(m.ram_remaining_bytes);
+    m.dirty_sync_count = st.dirty_sync_count.or(m.dirty_sync_count);
+    m.cpu_throttle_percentage = st.cpu_throttle_percentage.or(m.cpu_throttle_percentage);
+}
+
+/// What a heartbeat changes about one record.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Action {
+    Lost(String),
+    Stopped,
+    Failed(String),
+    Running(u32),
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    pub actions: Vec<(String, Action)>,
+    pub orphans: Vec<String>,
+}
+
+/// The reconciliation of one heartbeat, as a pure function of the records and the report.
+pub(crate) fn plan_reconcile(host: &str, report: &[VmReport], records: &[VmRecord], now: u64) -> Plan {
+    let mut plan = Plan::default();
+    let reported = |id: &str| report.iter().find(|r| r.id == id && !r.incoming);
+    let age = |v: &VmRecord| now.saturating_sub(v.state_since.unwrap_or(0));
+    for v in records.iter().filter(|v| v.host.as_deref() == Some(host)) {
+        let here = reported(&v.id);
+        match (v.state, here) {
+            (VmState::Running | VmState::Unknown, None) if age(v) >= REPORT_GRACE.as_secs() => plan.actions.push((
+                v.id.clone(),
+                Action::Lost(format!("host {host} reported that it no longer runs this VM (its QEMU is gone)")),
+            )),
+            (VmState::Stopping, None) if age(v) >= REPORT_GRACE.as_secs() => plan.actions.push((v.id.clone(), Action::Stopped)),
+            (VmState::Unknown, Some(r)) => plan.actions.push((v.id.clone(), Action::Running(r.pid))),
+            (VmState::Starting, here) if age(v) >= STUCK_STARTING.as_secs() => plan.actions.push((
+                v.id.clone(),
+                match here {
+                    Some(r) => Action::Running(r.pid),
+                    None => Action::Failed(format!("starting on host {host} took longer than {} s", STUCK_STARTING.as_secs())),
+                },
+            )),
+            (VmState::Migrating, here) => {
+                let bound = v.migration.as_ref().map(|m| m.max_seconds).unwrap_or(0) + STUCK_MIGRATING_SLACK.as_secs();
+                if age(v) >= bound {
+                    plan.actions.push((
+                        v.id.clone(),
+                        match here {
+                            Some(r) => Action::Running(r.pid),
+                            None => Action::Lost(format!("stuck migrating for {} s and host {host} no longer runs it", age(v))),
+                        },
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    for r in report {
+        let known = records.iter().any(|v| {
+            let m = v.migration.as_ref();
+            v.id == r.id
+                && v.state.is_active()
+                && (if r.incoming {
+                    // Received by a migration that the record says goes here.
+                    v.state == VmState::Migrating && m.map(|m| m.to == host).unwrap_or(false)
+                } else {
+                    v.host.as_deref() == Some(host)
+                        // The destination just took over (its report raced the record)...
+                        || (v.state == VmState::Migrating && m.map(|m| m.to == host).unwrap_or(false))
+                        // ...or the source has not removed its paused QEMU yet.
+                        || m.map(|m| {
+                            m.from == host
+                                && m.status == MigrationStatus::Completed
+                                && now.saturating_sub(m.finished.unwrap_or(0)) < REPORT_GRACE.as_secs()
+                        })
+                        .unwrap_or(false)
+                })
+        });
+        if !known {
+            plan.orphans.push(r.id.clone());
+        }
+    }
+    plan.orphans.sort();
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, host: &str, state: VmState, since: u64) -> VmRecord {
+        VmRecord {
+            id: id.into(),
+            name: id.into(),
+            owner: "alice".into(),
+            resources: Default::default(),
+            saved_image: None,
+            image: "sample".into(),
+            image_version: Some(1),
+            cpus: 1,
+            memory_mib: 128,
+            forwards: vec![],
+            state,
+            phase: String::new(),
+            reason: None,
+            host: Some(host.into()),
+            accel: None,
+            pid: None,
+            require: None,
+            rank: None,
+            created: 0,
+            started: None,
+            stopped: None,
+            state_since: Some(since),
+            migration: None,
+        }
+    }
+
+    fn rep(id: &str, incoming: bool) -> VmReport {
+        VmReport { id: id.into(), pid: 42, incoming }
+    }
+
+    #[test]
+    fn missing_vms_become_lost_and_unknown_ones_are_orphans() {
+        let now = 1000;
+        let records = vec![
+            rec("a", "h1", VmState::Running, 0),
+            rec("b", "h1", VmState::Running, 0),
+            rec("young", "h1", VmState::Running, now - 1),
+            rec("other", "h2", VmState::Running, 0),
+            rec("stopping", "h1", VmState::Stopping, 0),
+            rec("unknown", "h1", VmState::Unknown, 0),
+            rec("done", "h1", VmState::Stopped, 0),
+        ];
+        let report = vec![rep("a", false), rep("unknown", false), rep("stranger", false), rep("done", false), rep("other", false)];
+        let p = plan_reconcile("h1", &report, &records, now);
+        assert!(p.actions.iter().any(|(id, a)| id == "b" && matches!(a, Action::Lost(r) if r.contains("h1"))));
+        assert!(!p.actions.iter().any(|(id, _)| id == "young" || id == "a" || id == "other" || id == "done"), "{:?}", p.actions);
+        assert!(p.actions.contains(&("stopping".into(), Action::Stopped)));
+        assert!(p.actions.contains(&("unknown".into(), Action::Running(42))));
+        // Never killed, only listed: a VM with no record, one stopped, one recorded elsewhere.
+        assert_eq!(p.orphans, vec!["done".to_string(), "other".to_string(), "stranger".to_string()]);
+    }
+
+    #[test]
+    fn migrations_resolve_only_after_their_bound_and_incoming_vms_are_expected() {
+        let mut m = rec("m", "h1", VmState::Migrating, 1000);
+        m.migration = Some(Migration {
+            from: "h1".into(),
+            to: "h2".into(),
+            status: MigrationStatus::Active,
+            phase: String::new(),
+            downtime_limit_ms: 100,
+            max_seconds: 60,
+            started: 1000,
+            finished: None,
+            downtime_ms: None,
+            total_ms: None,
+            elapsed_ms: None,
+            disk_bytes: None,
+            ram_transferred_bytes: None,
+            ram_remaining_bytes: None,
+            dirty_sync_count: None,
+            cpu_throttle_percentage: None,
+            error: None,
+        });
+        let records = vec![m];
+        // On the destination, the incoming QEMU is expected: no orphan.
+        let p = plan_reconcile("h2", &[rep("m", true)], &records, 1010);
+        assert!(p.orphans.is_empty() && p.actions.is_empty(), "{p:?}");
+        // At the source, within the bound: nothing happens.
+        let p = plan_reconcile("h1", &[rep("m", false)], &records, 1100);
+        assert!(p.actions.is_empty());
+        // Past the bound, the source's report decides.
+        let p = plan_reconcile("h1", &[rep("m", false)], &records, 1000 + 60 + 121);
+        assert_eq!(p.actions, vec![("m".to_string(), Action::Running(42))]);
+        let p = plan_reconcile("h1", &[], &records, 1000 + 60 + 121);
+        assert!(matches!(&p.actions[0].1, Action::Lost(_)));
+    }
+
+    #[test]
+    fn a_vm_stuck_starting_is_settled_from_the_report_after_its_bound() {
+        let bound = STUCK_STARTING.as_secs();
+        let records = vec![rec("s1", "h1", VmState::Starting, 0), rec("s2", "h1", VmState::Starting, 0)];
+        // Within the bound nothing happens, even when the host does not report it yet.
+        assert!(plan_reconcile("h1", &[], &records, bound - 1).actions.is_empty());
+        let p = plan_reconcile("h1", &[rep("s1", false)], &records, bound);
+        assert!(p.actions.contains(&("s1".to_string(), Action::Running(42))), "{p:?}");
+        assert!(p.actions.iter().any(|(id, a)| id == "s2" && matches!(a, Action::Failed(r) if r.contains("h1"))), "{p:?}");
+        assert!(p.orphans.is_empty());
+    }
+
+    #[test]
+    fn after_a_migration_neither_side_reports_an_orphan_while_the_record_catches_up() {
+        let mut m = rec("m", "h2", VmState::Running, 1000);
+        m.migration = Some(Migration {
+            from: "h1".into(),
+            to: "h2".into(),
+            status: MigrationStatus::Completed,
+            phase: String::new(),
+            downtime_limit_ms: 100,
+            max_seconds: 60,
+            started: 990,
+            finished: Some(1000),
+            downtime_ms: Some(20),
+            total_ms: Some(800),
+            elapsed_ms: None,
+            disk_bytes: None,
+            ram_transferred_bytes: None,
+            ram_remaining_bytes: None,
+            dirty_sync_count: None,
+            cpu_throttle_percentage: None,
+            error: None,
+        });
+        let records = vec![m];
+        // The source still reports its paused QEMU for a moment: not an orphan...
+        assert!(plan_reconcile("h1", &[rep("m", false)], &records, 1002).orphans.is_empty());
+        // ...but one that stays is.
+        assert_eq!(plan_reconcile("h1", &[rep("m", false)], &records, 1000 + REPORT_GRACE.as_secs()).orphans, vec!["m"]);
+    }
+
+    #[test]
+    fn url_host_parts() {
+        assert_eq!(url_host("http://127.0.0.1:7072"), "127.0.0.1");
+        assert_eq!(url_host("http://h1.example:80/x"), "h1.example");
+        assert_eq!(url_host("http://[::1]:7072"), "::1");
+    }
+}

@@ -1,0 +1,139 @@
+//! Re-adoption: a host agent that restarts (even after `kill -9`) takes back the QEMUs its
+//! predecessor started in the same data directory.
+//!
+//! Each VM's runtime directory holds what that needs: `spec.json` (the spec as launched),
+//! `pid` (QEMU's `-pidfile`), `launch.json` (the coordinator's [`LaunchRequest`]: id, image,
+//! cpus, memory, forwards) and the QMP and console sockets. At start the agent scans
+//! `DATA/vms/*`: a directory whose pid is a live QEMU of that directory is adopted
+//! ([`Vm::adopt`] reconnects QMP; the console socket is reopened on demand) and reported at the
+//! next heartbeat; one whose QEMU is gone is cleaned like an exited VM (its console log stays)
+//! and so reported as no longer running; a QEMU that was still waiting for an incoming
+//! migration is killed (the migration it belonged to died with the agent), and an adopted QEMU
+//! caught in the middle of an outgoing migration has it cancelled and runs on. The block proxy
+//! serves the same socket path again (`DATA/nbd.sock`), so QEMU's NBD client reconnects to it at
+//! its next read of the base image.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::agent::{Agent, LaunchRequest};
+use crate::vm::{LaunchOptions, Vm, PID_FILE, SPEC_FILE};
+
+/// File in a runtime directory holding the VM's [`LaunchRequest`].
+pub const LAUNCH_FILE: &str = "launch.json";
+
+/// Records the launch request next to the VM's spec (best effort: adoption works without it,
+/// only the image's cache fraction is then not advertised).
+pub(crate) fn record_launch(dir: &Path, req: &LaunchRequest) {
+    match serde_json::to_vec_pretty(req) {
+        Ok(b) => {
+            if let Err(e) = std::fs::write(dir.join(LAUNCH_FILE), b) {
+                tracing::warn!(vm = %req.id, "cannot write {}: {e}", dir.join(LAUNCH_FILE).display());
+            }
+        }
+        Err(e) => tracing::warn!(vm = %req.id, "cannot encode the launch request: {e}"),
+    }
+}
+
+/// Marks (in the runtime directory) that the guest of an adopted QEMU shut itself down.
+const GUEST_SHUTDOWN: &str = "guest-shutdown";
+
+/// An adopted QEMU is not our child: its exit status is unknown. Watching QMP for `SHUTDOWN`
+/// tells a guest that powered itself off (reported as exit code 0) from a QEMU that died.
+fn watch_guest_shutdown(vm: &Arc<Vm>) {
+    let mut ev = vm.events();
+    let dir = vm.runtime_dir().to_path_buf();
+    let _ = std::fs::remove_file(dir.join(GUEST_SHUTDOWN));
+    tokio::spawn(async move {
+        loop {
+            match ev.recv().await {
+                Ok(e) if e.event == "SHUTDOWN" => {
+                    let _ = std::fs::write(dir.join(GUEST_SHUTDOWN), e.data.to_string());
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return,
+            }
+        }
+    });
+}
+
+/// The exit of a VM, completed for adopted QEMUs whose guest powered off (code 0).
+pub(crate) fn exit_of(vm: &Vm, exit: crate::vm::ExitInfo) -> crate::vm::ExitInfo {
+    if exit.code.is_none() && exit.signal.is_none() {
+        if let Ok(data) = std::fs::read_to_string(vm.runtime_dir().join(GUEST_SHUTDOWN)) {
+            if data.contains("\"guest\":true") || data.contains("\"guest\": true") {
+                return crate::vm::ExitInfo { code: Some(0), signal: None };
+            }
+        }
+    }
+    exit
+}
+
+/// What [`adopt_all`] found.
+#[derive(Debug, Default, Clone)]
+pub struct AdoptReport {
+    pub adopted: Vec<String>,
+    pub gone: Vec<String>,
+    pub killed_incoming: Vec<String>,
+}
+
+/// Scans the runtime directories and adopts every QEMU that still runs.
+pub(crate) async fn adopt_all(agent: &Arc<Agent>) -> AdoptReport {
+    let mut rep = AdoptReport::default();
+    let vms = agent.data_dir().join("vms");
+    let Ok(rd) = std::fs::read_dir(&vms) else { return rep };
+    let mut dirs: Vec<_> = rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    dirs.sort();
+    for dir in dirs {
+        let Some(id) = dir.file_name().and_then(|n| n.to_str()).map(str::to_string) else { continue };
+        // Stopped VMs keep only their console log: nothing to adopt.
+        if !dir.join(SPEC_FILE).exists() || !dir.join(PID_FILE).exists() {
+            continue;
+        }
+        let incoming = dir.join(crate::migrate::INCOMING_MARKER).exists();
+        match Vm::adopt(&dir, &LaunchOptions::default()).await {
+            Ok(vm) if incoming => {
+                tracing::warn!(vm = %id, pid = vm.pid(), "killing a QEMU left waiting for an incoming migration");
+                let _ = vm.cleanup().await;
+                rep.killed_incoming.push(id);
+            }
+            Ok(vm) => {
+                tracing::info!(vm = %id, pid = vm.pid(), "re-adopted running QEMU");
+                crate::migrate::settle_after_restart(&vm).await;
+                if let Some(req) = std::fs::read(dir.join(LAUNCH_FILE)).ok().and_then(|b| serde_json::from_slice::<LaunchRequest>(&b).ok()) {
+                    // The export QEMU reads is back as soon as the proxy serves; resolving the
+                    // manifest only restores the advertised cache fraction, once the image
+                    // servers are known (the first heartbeat names them).
+                    let a = agent.clone();
+                    tokio::spawn(async move {
+                        for _ in 0..30 {
+                            if let Ok(m) = a.proxy().resolve(&req.image).await {
+                                a.note_image(m);
+                                return;
+                            }
+                            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                        }
+                    });
+                }
+                let vm = Arc::new(vm);
+                watch_guest_shutdown(&vm);
+                agent.insert_vm(&id, vm);
+                rep.adopted.push(id);
+            }
+            Err(e) => {
+                tracing::warn!(vm = %id, "not adopted, its QEMU is gone: {e}");
+                if incoming {
+                    let _ = std::fs::remove_dir_all(&dir);
+                } else {
+                    // Like an exited VM: everything but the console log goes.
+                    let _ = agent.release(&id).await;
+                }
+                rep.gone.push(id);
+            }
+        }
+    }
+    if !(rep.adopted.is_empty() && rep.gone.is_empty() && rep.killed_incoming.is_empty()) {
+        tracing::info!(adopted = ?rep.adopted, gone = ?rep.gone, killed_incoming = ?rep.killed_incoming, "runtime directories scanned");
+    }
+    rep
+}

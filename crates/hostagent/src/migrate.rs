@@ -1,0 +1,753 @@
+//! Live migration, host side: the destination prepares an incoming QEMU, the source mirrors
+//! its disk overlay there and moves RAM by pre-copy over TCP.
+//!
+//! Destination ([`Agent::incoming`]): the image opens lazily through this host's own block
+//! proxy and cache, an empty qcow2 overlay goes on top, QEMU starts with `-incoming defer`;
+//! QMP `nbd-server-start` + `block-export-add` export the overlay's format node (`vda`)
+//! writable on a TCP port, and `migrate-incoming` listens on another.
+//!
+//! Source ([`Agent::send`], a background task polled with [`Agent::send_status`]): QMP
+//! `blockdev-add` of an NBD client node on the destination's export, `blockdev-mirror`
+//! `sync=top` of `vda` into it (only what the overlay holds travels; the base is the image, which
+//! the destination reads from its own cache); once the mirror is ready,
+//! `migrate-set-capabilities` (`events`, `auto-converge`, `pause-before-switchover`),
+//! `migrate-set-parameters` (`downtime-limit`, `max-bandwidth`) and `migrate` to `tcp:`. At
+//! `pre-switchover` (the guest is paused) the mirror is cancelled, which flushes what is left
+//! without pivoting, and `migrate-continue` lets QEMU finish: the destination then owns a
+//! complete overlay. If the migration fails, is cancelled, or is still running after its maximum
+//! duration: `migrate_cancel`, the mirror is cancelled, the NBD node removed, and the guest runs
+//! on at the source (resumed if the cancel left it paused).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use vgrid_api::migrate::MigrationStatus;
+
+use crate::agent::{Agent, AgentError, LaunchRequest, Launched};
+use crate::vm::{LaunchOptions, Vm};
+
+/// Name of the NBD client node (source) and of the export (destination).
+const TARGET_NODE: &str = "vgrid-mig-dst";
+const MIRROR_JOB: &str = "vgrid-mig-disk";
+const EXPORT_ID: &str = "vgrid-mig-vda";
+/// The overlay's format node, as `qemu_args` names it.
+const DISK_NODE: &str = "vda";
+/// Marks a runtime directory whose QEMU still waits for an incoming migration: an agent that
+/// restarts kills such a QEMU instead of adopting it.
+pub const INCOMING_MARKER: &str = "incoming";
+/// What the guest printed on its console before it arrived here (the source's log, as the
+/// coordinator hands it over at the end of the migration); served before `console.log`.
+pub const CONSOLE_HISTORY: &str = "console.before-migration.log";
+/// At most this much console history travels with a migration (its tail).
+pub const MAX_CONSOLE_HISTORY: usize = 4 << 20;
+
+/// Body of `POST /host/v1/migrate/incoming/{id}/finish`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FinishRequest {
+    /// The console log the VM had at the source.
+    #[serde(default)]
+    pub console_history: String,
+}
+
+/// `POST /host/v1/migrate/incoming`: prepare to receive a VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingRequest {
+    /// The VM as the source runs it (same image version, cpus, memory, forwards, accel).
+    pub launch: LaunchRequest,
+    /// The address QEMU listens on for the disk and memory streams (this host's address as
+    /// the source reaches it).
+    pub listen_host: String,
+}
+
+/// Answer to [`IncomingRequest`]: where the source sends the disk and the memory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingReady {
+    pub host: String,
+    pub nbd_port: u16,
+    pub migration_port: u16,
+    pub pid: u32,
+    pub accel: String,
+}
+
+/// `POST /host/v1/vms/{id}/migrate`: send a VM to a prepared destination.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendRequest {
+    pub dest: IncomingReady,
+    pub downtime_ms: u64,
+    pub max_seconds: u64,
+    #[serde(default)]
+    pub max_bandwidth_mib: Option<u64>,
+}
+
+/// The source's view of a migration (`GET /host/v1/vms/{id}/migrate`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendStatus {
+    pub status: MigrationStatus,
+    pub phase: String,
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    #[serde(default)]
+    pub total_ms: Option<u64>,
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
+    #[serde(default)]
+    pub ram_transferred_bytes: Option<u64>,
+    #[serde(default)]
+    pub ram_remaining_bytes: Option<u64>,
+    #[serde(default)]
+    pub dirty_sync_count: Option<u64>,
+    #[serde(default)]
+    pub cpu_throttle_percentage: Option<u64>,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Since the source started.
+    pub elapsed_ms: u64,
+}
+
+impl SendStatus {
+    fn new() -> SendStatus {
+        SendStatus {
+            status: MigrationStatus::Active,
+            phase: "starting".into(),
+            downtime_ms: None,
+            total_ms: None,
+            disk_bytes: None,
+            ram_transferred_bytes: None,
+            ram_remaining_bytes: None,
+            dirty_sync_count: None,
+            cpu_throttle_percentage: None,
+            error: None,
+            elapsed_ms: 0,
+        }
+    }
+}
+
+struct Outgoing {
+    status: Mutex<SendStatus>,
+    cancel: tokio::sync::watch::Sender<bool>,
+    started: Instant,
+}
+
+/// The migrations of one host: VMs it is receiving and VMs it is sending.
+#[derive(Default)]
+pub struct Migrations {
+    incoming: Mutex<HashMap<String, Arc<Vm>>>,
+    outgoing: Mutex<HashMap<String, Arc<Outgoing>>>,
+}
+
+impl Migrations {
+    /// Ids of the VMs this host is receiving.
+    pub fn incoming_ids(&self) -> Vec<(String, u32)> {
+        self.incoming.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.pid())).collect()
+    }
+    /// Cpus and memory of the VMs this host is receiving.
+    pub fn incoming_used(&self) -> (u32, u64) {
+        self.incoming.lock().unwrap().values().fold((0, 0), |(c, m), v| (c + v.spec().cpus, m + v.spec().memory_mib))
+    }
+    pub(crate) fn forget_outgoing(&self, id: &str) {
+        self.outgoing.lock().unwrap().remove(id);
+    }
+}
+
+fn mig_err(id: &str, what: impl Into<String>) -> AgentError {
+    AgentError::Migration { id: id.to_string(), detail: what.into() }
+}
+
+/// A TCP port free on `host` now (QEMU binds it right after; retried on a clash).
+fn free_port(host: &str) -> Result<u16, std::io::Error> {
+    let l = std::net::TcpListener::bind((host, 0))?;
+    Ok(l.local_addr()?.port())
+}
+
+fn u64_at(v: &Value, path: &[&str]) -> Option<u64> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(*p)?;
+    }
+    cur.as_u64()
+}
+
+impl Agent {
+    /// Destination: starts QEMU for `req.launch` waiting for an incoming migration, with the
+    /// (empty) overlay exported writable over NBD. The VM is not reported as running until
+    /// [`Agent::incoming_finish`].
+    pub async fn incoming(&self, req: IncomingRequest) -> Result<IncomingReady, AgentError> {
+        let id = req.launch.id.clone();
+        if self.has_vm(&id) || self.migrations().incoming.lock().unwrap().contains_key(&id) {
+            return Err(mig_err(&id, "this host already has a VM with this id"));
+        }
+        let (spec, dir, _) = self.prepare_spec(&req.launch, &|_| {}).await?;
+        let opts = LaunchOptions { defer_incoming: true, ..LaunchOptions::default() };
+        let vm = Vm::launch_with(spec, &dir, &opts).await?;
+        let _ = std::fs::write(dir.join(INCOMING_MARKER), b"waiting for an incoming migration\n");
+        crate::adopt::record_launch(&dir, &req.launch);
+        let vm = Arc::new(vm);
+        match self.open_incoming(&vm, &req.listen_host).await {
+            Ok((nbd_port, migration_port)) => {
+                self.migrations().incoming.lock().unwrap().insert(id.clone(), vm.clone());
+                tracing::info!(vm = %id, nbd_port, migration_port, pid = vm.pid(), "waiting for an incoming migration");
+                Ok(IncomingReady {
+                    host: req.listen_host.clone(),
+                    nbd_port,
+                    migration_port,
+                    pid: vm.pid(),
+                    accel: vm.accel().as_str().to_string(),
+                })
+            }
+            Err(e) => {
+                let _ = vm.cleanup().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn open_incoming(&self, vm: &Vm, host: &str) -> Result<(u16, u16), AgentError> {
+        let id = vm.id().to_string();
+        let io = |e: std::io::Error| mig_err(&id, format!("no free TCP port on {host}: {e}"));
+        vm.execute("migrate-set-capabilities", Some(json!({"capabilities": [{"capability": "events", "state": true}]})))
+            .await?;
+        let mut last = None;
+        let mut nbd_port = 0;
+        for _ in 0..3 {
+            nbd_port = free_port(host).map_err(io)?;
+            let r = vm
+                .execute(
+                    "nbd-server-start",
+                    Some(json!({"addr": {"type": "inet", "data": {"host": host, "port": nbd_port.to_string()}}})),
+                )
+                .await;
+            match r {
+                Ok(_) => {
+                    last = None;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            return Err(e.into());
+        }
+        vm.execute(
+            "block-export-add",
+            Some(json!({"type": "nbd", "id": EXPORT_ID, "node-name": DISK_NODE, "name": DISK_NODE, "writable": true})),
+        )
+        .await?;
+        let mut last = None;
+        let mut mig_port = 0;
+        for _ in 0..3 {
+            mig_port = free_port(host).map_err(io)?;
+            match vm.execute("migrate-incoming", Some(json!({"uri": format!("tcp:{host}:{mig_port}")}))).await {
+                Ok(_) => {
+                    last = None;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            return Err(e.into());
+        }
+        Ok((nbd_port, mig_port))
+    }
+
+    /// Destination: once the source's migration completed, waits until the guest runs here,
+    /// closes the NBD export and takes the VM as one of this host's.
+    pub async fn incoming_finish(&self, id: &str, timeout: Duration, history: &str) -> Result<Launched, AgentError> {
+        let vm = self.migrations().incoming.lock().unwrap().get(id).cloned().ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
+        if !history.is_empty() {
+            let tail = &history.as_bytes()[history.len().saturating_sub(MAX_CONSOLE_HISTORY)..];
+            let p = vm.runtime_dir().join(CONSOLE_HISTORY);
+            if let Err(e) = std::fs::write(&p, tail) {
+                tracing::warn!(vm = %id, "cannot write {}: {e}", p.display());
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(exit) = vm.exit_info() {
+                return Err(mig_err(id, format!("the destination QEMU exited ({exit}): {}", self.qemu_log_tail(id))));
+            }
+            let st = vm.execute("query-status", None).await?;
+            let status = st.get("status").and_then(Value::as_str).unwrap_or("").to_string();
+            if status == "running" {
+                break;
+            }
+            let mig = vm.execute("query-migrate", None).await?;
+            match mig.get("status").and_then(Value::as_str) {
+                Some("failed") => {
+                    let desc = mig.get("error-desc").and_then(Value::as_str).unwrap_or("no detail");
+                    return Err(mig_err(id, format!("receiving the migration failed: {desc}")));
+                }
+                Some("completed") if status == "paused" => {
+                    // The source was paused when it left: run it here.
+                    vm.cont().await?;
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(mig_err(id, format!("the destination is still {status} after {timeout:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Err(e) = vm.execute("block-export-del", Some(json!({"id": EXPORT_ID, "mode": "hard"}))).await {
+            tracing::warn!(vm = %id, "removing the migration export: {e}");
+        }
+        if let Err(e) = vm.execute("nbd-server-stop", None).await {
+            tracing::warn!(vm = %id, "stopping the migration NBD server: {e}");
+        }
+        let _ = std::fs::remove_file(vm.runtime_dir().join(INCOMING_MARKER));
+        self.migrations().incoming.lock().unwrap().remove(id);
+        let launched = Launched { pid: vm.pid(), accel: vm.accel().as_str().to_string() };
+        self.insert_vm(id, vm);
+        tracing::info!(vm = %id, pid = launched.pid, "migrated VM runs here");
+        Ok(launched)
+    }
+
+    /// Destination: gives up an incoming migration (kills its QEMU, removes its directory).
+    pub async fn incoming_abort(&self, id: &str) -> Result<(), AgentError> {
+        let vm = self.migrations().incoming.lock().unwrap().remove(id);
+        if let Some(vm) = vm {
+            vm.cleanup().await?;
+            tracing::info!(vm = %id, "incoming migration abandoned");
+        }
+        Ok(())
+    }
+
+    fn qemu_log_tail(&self, id: &str) -> String {
+        let p = self.runtime_dir_of(id).join(crate::vm::QEMU_LOG);
+        std::fs::read_to_string(p)
+            .map(|s| s.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" / "))
+            .unwrap_or_default()
+    }
+
+    /// Source: starts sending VM `id` to the prepared destination in the background.
+    pub fn send(self: &Arc<Self>, id: &str, req: SendRequest) -> Result<SendStatus, AgentError> {
+        let vm = self.running_vm(id).ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
+        if vm.exit_info().is_some() {
+            return Err(mig_err(id, "its QEMU has exited"));
+        }
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let out = Arc::new(Outgoing { status: Mutex::new(SendStatus::new()), cancel: tx, started: Instant::now() });
+        {
+            let mut m = self.migrations().outgoing.lock().unwrap();
+            if let Some(o) = m.get(id) {
+                if o.status.lock().unwrap().status == MigrationStatus::Active {
+                    return Err(mig_err(id, "a migration of this VM is already under way"));
+                }
+            }
+            m.insert(id.to_string(), out.clone());
+        }
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let r = send_vm(&vm, &req, &out, rx).await;
+            let mut st = out.status.lock().unwrap().clone();
+            match r {
+                Ok(()) => {
+                    st.status = MigrationStatus::Completed;
+                    st.phase = "completed".into();
+                    tracing::info!(vm = %id, downtime_ms = ?st.downtime_ms, total_ms = ?st.total_ms, "migration completed");
+                }
+                Err((status, msg)) => {
+                    tracing::warn!(vm = %id, "migration {}: {msg}", status.as_str());
+                    let phase = format!("{}: cleaning up", status.as_str());
+                    out.status.lock().unwrap().phase = phase;
+                    abort_source(&vm).await;
+                    st = out.status.lock().unwrap().clone();
+                    st.status = status;
+                    st.phase = status.as_str().into();
+                    st.error = Some(msg);
+                }
+            }
+            st.elapsed_ms = out.started.elapsed().as_millis() as u64;
+            *out.status.lock().unwrap() = st;
+        });
+        Ok(SendStatus::new())
+    }
+
+    /// Source: where the migration of `id` stands.
+    pub fn send_status(&self, id: &str) -> Result<SendStatus, AgentError> {
+        let o = self.migrations().outgoing.lock().unwrap().get(id).cloned().ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
+        let mut st = o.status.lock().unwrap().clone();
+        if st.status == MigrationStatus::Active {
+            st.elapsed_ms = o.started.elapsed().as_millis() as u64;
+        }
+        Ok(st)
+    }
+
+    /// Source: cancels the migration of `id` (the guest runs on here). After a completed
+    /// migration whose destination then failed, resumes the (paused) source guest instead.
+    pub async fn send_cancel(&self, id: &str) -> Result<SendStatus, AgentError> {
+        let o = self.migrations().outgoing.lock().unwrap().get(id).cloned().ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
+        let done = o.status.lock().unwrap().status;
+        if done == MigrationStatus::Active {
+            let _ = o.cancel.send(true);
+            let t0 = Instant::now();
+            while o.status.lock().unwrap().status == MigrationStatus::Active && t0.elapsed() < Duration::from_secs(60) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        } else if done == MigrationStatus::Completed {
+            if let Some(vm) = self.running_vm(id) {
+                tracing::warn!(vm = %id, "the destination did not take over; resuming the guest here");
+                vm.cont().await?;
+                let mut st = o.status.lock().unwrap();
+                st.status = MigrationStatus::Failed;
+                st.phase = "failed".into();
+                st.error.get_or_insert_with(|| "the destination did not take over; the guest runs on at the source".into());
+            }
+        }
+        self.send_status(id)
+    }
+}
+
+type SendErr = (MigrationStatus, String);
+
+fn failed(e: impl std::fmt::Display) -> SendErr {
+    (MigrationStatus::Failed, e.to_string())
+}
+
+/// Checks the deadline and the cancel flag.
+fn check(deadline: Instant, max_seconds: u64, cancel: &tokio::sync::watch::Receiver<bool>, what: &str) -> Result<(), SendErr> {
+    if *cancel.borrow() {
+        return Err((MigrationStatus::Cancelled, format!("cancelled while {what}")));
+    }
+    if Instant::now() >= deadline {
+        return Err((MigrationStatus::Cancelled, format!("not finished after {max_seconds} s (while {what}); cancelled")));
+    }
+    Ok(())
+}
+
+async fn send_vm(
+    vm: &Vm,
+    req: &SendRequest,
+    out: &Outgoing,
+    cancel: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), SendErr> {
+    let deadline = out.started + Duration::from_secs(req.max_seconds.max(1));
+    let set_phase = |p: String| out.status.lock().unwrap().phase = p;
+    let d = &req.dest;
+    let exited = |vm: &Vm| vm.exit_info().map(|e| failed(format!("the source QEMU exited ({e})")));
+
+    // 1. Mirror the overlay to the destination's export.
+    set_phase("connecting to the destination's disk".into());
+    vm.execute(
+        "blockdev-add",
+        Some(json!({
+            "driver": "nbd", "node-name": TARGET_NODE, "export": DISK_NODE,
+            "server": {"type": "inet", "host": d.host, "port": d.nbd_port.to_string()},
+        })),
+    )
+    .await
+    .map_err(failed)?;
+    vm.execute(
+        "blockdev-mirror",
+        Some(json!({"job-id": MIRROR_JOB, "device": DISK_NODE, "target": TARGET_NODE, "sync": "top"})),
+    )
+    .await
+    .map_err(failed)?;
+    loop {
+        if let Some(e) = exited(vm) {
+            return Err(e);
+        }
+        check(deadline, req.max_seconds, &cancel, "mirroring the disk")?;
+        let jobs = vm.execute("query-block-jobs", None).await.map_err(failed)?;
+        let job = jobs.as_array().and_then(|a| a.iter().find(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB)).cloned());
+        let Some(job) = job else {
+            return Err(failed("the disk mirror ended before it was ready (see the source's qemu.log)"));
+        };
+        let (off, len) = (u64_at(&job, &["offset"]).unwrap_or(0), u64_at(&job, &["len"]).unwrap_or(0));
+        out.status.lock().unwrap().disk_bytes = Some(off);
+        if job.get("ready").and_then(Value::as_bool) == Some(true) {
+            break;
+        }
+        set_phase(format!("mirroring disk ({} of {} MiB)", off >> 20, len >> 20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 2. Memory by pre-copy.
+    set_phase("copying memory".into());
+    vm.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [
+            {"capability": "events", "state": true},
+            {"capability": "auto-converge", "state": true},
+            {"capability": "pause-before-switchover", "state": true},
+        ]})),
+    )
+    .await
+    .map_err(failed)?;
+    let mut params = json!({"downtime-limit": req.downtime_ms});
+    if let Some(mib) = req.max_bandwidth_mib {
+        params["max-bandwidth"] = json!(mib.max(1) * 1024 * 1024);
+    }
+    vm.execute("migrate-set-parameters", Some(params)).await.map_err(failed)?;
+    let mut events = vm.events();
+    vm.execute("migrate", Some(json!({"uri": format!("tcp:{}:{}", d.host, d.migration_port)}))).await.map_err(failed)?;
+    let mut switched = false;
+    loop {
+        if let Some(e) = exited(vm) {
+            return Err(e);
+        }
+        if !switched {
+            check(deadline, req.max_seconds, &cancel, "copying memory")?;
+        }
+        let mig = vm.execute("query-migrate", None).await.map_err(failed)?;
+        let status = mig.get("status").and_then(Value::as_str).unwrap_or("").to_string();
+        {
+            let mut st = out.status.lock().unwrap();
+            st.ram_transferred_bytes = u64_at(&mig, &["ram", "transferred"]).or(st.ram_transferred_bytes);
+            st.ram_remaining_bytes = u64_at(&mig, &["ram", "remaining"]).or(st.ram_remaining_bytes);
+            st.dirty_sync_count = u64_at(&mig, &["ram", "dirty-sync-count"]).or(st.dirty_sync_count);
+            st.cpu_throttle_percentage = u64_at(&mig, &["cpu-throttle-percentage"]).or(st.cpu_throttle_percentage);
+            if status == "active" {
+                st.phase = format!(
+                    "copying memory (pass {}, {} MiB sent, {} MiB left{})",
+                    st.dirty_sync_count.unwrap_or(0),
+                    st.ram_transferred_bytes.unwrap_or(0) >> 20,
+                    st.ram_remaining_bytes.unwrap_or(0) >> 20,
+                    st.cpu_throttle_percentage.filter(|&p| p > 0).map(|p| format!(", CPU throttled {p}%")).unwrap_or_default()
+                );
+            }
+        }
+        match status.as_str() {
+            "pre-switchover" if !switched => {
+                // The guest is paused: flush the rest of the disk, drop the mirror without
+                // pivoting, then let QEMU send the last pages and the device state.
+                set_phase("switching over".into());
+                vm.execute("block-job-cancel", Some(json!({"device": MIRROR_JOB}))).await.map_err(failed)?;
+                let t0 = Instant::now();
+                loop {
+                    let jobs = vm.execute("query-block-jobs", None).await.map_err(failed)?;
+                    let present = jobs
+                        .as_array()
+                        .map(|a| a.iter().any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB)))
+                        .unwrap_or(false);
+                    if !present {
+                        break;
+                    }
+                    if t0.elapsed() > Duration::from_secs(30) {
+                        return Err(failed("the disk mirror did not finish at switchover within 30 s"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                vm.execute("migrate-continue", Some(json!({"state": "pre-switchover"}))).await.map_err(failed)?;
+                switched = true;
+                continue;
+            }
+            "completed" => {
+                let mut st = out.status.lock().unwrap();
+                st.downtime_ms = u64_at(&mig, &["downtime"]);
+                st.total_ms = u64_at(&mig, &["total-time"]);
+                st.ram_remaining_bytes = Some(0);
+                break;
+            }
+            "failed" | "cancelled" => {
+                let desc = mig.get("error-desc").and_then(Value::as_str).unwrap_or("no detail from QEMU");
+                return Err(failed(format!("QEMU's migration {status}: {desc}")));
+            }
+            _ => {}
+        }
+        // Wake on the next migration event, or poll again shortly.
+        let wait = if switched { Duration::from_millis(5) } else { Duration::from_millis(200) };
+        let _ = tokio::time::timeout(wait, async {
+            loop {
+                match events.recv().await {
+                    Ok(ev) if ev.event == "MIGRATION" => return,
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(_) => {
+                        tokio::time::sleep(wait).await;
+                        return;
+                    }
+                }
+            }
+        })
+        .await;
+    }
+    if let Err(e) = vm.execute("blockdev-del", Some(json!({"node-name": TARGET_NODE}))).await {
+        tracing::debug!(vm = %vm.id(), "removing the NBD target node after migration: {e}");
+    }
+    Ok(())
+}
+
+/// Source, after a failed or cancelled migration: stop everything it started and make sure the
+/// guest runs.
+async fn abort_source(vm: &Vm) {
+    let id = vm.id().to_string();
+    if vm.exit_info().is_some() {
+        return;
+    }
+    let _ = vm.execute("migrate_cancel", None).await;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(20) {
+        match vm.execute("query-migrate", None).await {
+            Ok(m) => {
+                let s = m.get("status").and_then(Value::as_str).unwrap_or("");
+                if !matches!(s, "active" | "cancelling" | "setup" | "pre-switchover" | "device" | "wait-unplug") {
+                    break;
+                }
+                if s == "pre-switchover" {
+                    let _ = vm.execute("migrate_cancel", None).await;
+                }
+            }
+            Err(_) => break,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = vm.execute("block-job-cancel", Some(json!({"device": MIRROR_JOB, "force": true}))).await;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(20) {
+        let present = vm
+            .execute("query-block-jobs", None)
+            .await
+            .ok()
+            .and_then(|j| j.as_array().map(|a| a.iter().any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB))))
+            .unwrap_or(false);
+        if !present {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = vm.execute("blockdev-del", Some(json!({"node-name": TARGET_NODE}))).await;
+    match vm.execute("query-status", None).await {
+        Ok(st) => {
+            let s = st.get("status").and_then(Value::as_str).unwrap_or("");
+            if s != "running" {
+                tracing::info!(vm = %id, status = s, "resuming the guest at the source after the cancelled migration");
+                if let Err(e) = vm.cont().await {
+                    tracing::warn!(vm = %id, "cannot resume the guest: {e}");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(vm = %id, "query-status after the cancelled migration: {e}"),
+    }
+}
+
+/// A page of the console of a VM that arrived by migration: its history, then `console.log`,
+/// as one log (offsets run across both). `None` when the VM has no history (not migrated).
+pub(crate) fn console_with_history(agent: &Agent, id: &str, offset: i64, page: u64) -> Option<vgrid_api::vm::ConsoleChunk> {
+    use std::io::{Read, Seek};
+    let dir = agent.runtime_dir_of(id);
+    let history = std::fs::read(dir.join(CONSOLE_HISTORY)).ok()?;
+    let h = history.len() as u64;
+    let mut log = std::fs::File::open(dir.join(crate::vm::CONSOLE_LOG)).ok();
+    let l = log.as_ref().and_then(|f| f.metadata().ok()).map(|m| m.len()).unwrap_or(0);
+    let len = h + l;
+    let start = if offset < 0 { len.saturating_sub(offset.unsigned_abs()) } else { (offset as u64).min(len) };
+    let mut buf = Vec::new();
+    if start < h {
+        let end = (start + page).min(h);
+        buf.extend_from_slice(&history[start as usize..end as usize]);
+    }
+    let want = page.saturating_sub(buf.len() as u64);
+    if want > 0 {
+        if let Some(f) = log.as_mut() {
+            let from = start.saturating_sub(h);
+            if f.seek(std::io::SeekFrom::Start(from)).is_ok() {
+                let _ = f.take(want).read_to_end(&mut buf);
+            }
+        }
+    }
+    let next = start + buf.len() as u64;
+    Some(vgrid_api::vm::ConsoleChunk { offset: start, next, data: String::from_utf8_lossy(&buf).into_owned() })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host HTTP API of migrations (merged into `crate::http::router`).
+
+mod routes {
+    use super::*;
+    use crate::http::HttpError;
+    use axum::extract::rejection::JsonRejection;
+    use axum::extract::{Path, State};
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::post;
+    use axum::{Json, Router};
+
+    type Ctx = State<Arc<Agent>>;
+
+    /// `POST /host/v1/migrate/incoming`, `POST|DELETE /host/v1/migrate/incoming/{id}[/finish]`,
+    /// `POST|GET|DELETE /host/v1/vms/{id}/migrate`.
+    pub fn router() -> Router<Arc<Agent>> {
+        Router::new()
+            .route("/host/v1/migrate/incoming", post(incoming))
+            .route("/host/v1/migrate/incoming/{id}", axum::routing::delete(incoming_abort))
+            .route("/host/v1/migrate/incoming/{id}/finish", post(incoming_finish))
+            .route("/host/v1/vms/{id}/migrate", post(send).get(send_status).delete(send_cancel))
+    }
+
+    fn bad(e: JsonRejection) -> HttpError {
+        HttpError(StatusCode::BAD_REQUEST, format!("malformed migration request: {}", e.body_text()))
+    }
+
+    async fn incoming(State(a): Ctx, body: Result<Json<IncomingRequest>, JsonRejection>) -> Result<Response, HttpError> {
+        let Json(req) = body.map_err(bad)?;
+        crate::vm::validate_vm_id(&req.launch.id).map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?;
+        Ok(Json(a.incoming(req).await?).into_response())
+    }
+
+    async fn incoming_finish(State(a): Ctx, Path(id): Path<String>, body: Option<Json<FinishRequest>>) -> Result<Response, HttpError> {
+        let history = body.map(|b| b.0.console_history).unwrap_or_default();
+        Ok(Json(a.incoming_finish(&id, Duration::from_secs(60), &history).await?).into_response())
+    }
+
+    async fn incoming_abort(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
+        a.incoming_abort(&id).await?;
+        Ok(StatusCode::NO_CONTENT.into_response())
+    }
+
+    async fn send(State(a): Ctx, Path(id): Path<String>, body: Result<Json<SendRequest>, JsonRejection>) -> Result<Response, HttpError> {
+        let Json(req) = body.map_err(bad)?;
+        Ok((StatusCode::ACCEPTED, Json(a.send(&id, req)?)).into_response())
+    }
+
+    async fn send_status(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
+        Ok(Json(a.send_status(&id)?).into_response())
+    }
+
+    async fn send_cancel(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
+        Ok(Json(a.send_cancel(&id).await?).into_response())
+    }
+}
+
+pub use routes::router;
+
+/// After an agent restart, an adopted QEMU may still be in the middle of an outgoing migration
+/// its dead predecessor drove (possibly paused at `pre-switchover`, where QEMU waits forever).
+/// Nobody will finish it: cancel it, drop the mirror and its NBD node, and let the guest run.
+/// A QEMU whose migration completed (`postmigrate`) is left alone: the destination may run the
+/// guest now, and resuming it here too would split it in two.
+pub(crate) async fn settle_after_restart(vm: &Vm) {
+    let status = match vm.execute("query-migrate", None).await {
+        Ok(m) => m.get("status").and_then(Value::as_str).unwrap_or("").to_string(),
+        Err(_) => return,
+    };
+    let mirror = vm
+        .execute("query-block-jobs", None)
+        .await
+        .ok()
+        .and_then(|j| j.as_array().map(|a| a.iter().any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB))))
+        .unwrap_or(false);
+    if matches!(status.as_str(), "setup" | "active" | "pre-switchover" | "device" | "wait-unplug" | "cancelling") {
+        tracing::warn!(vm = %vm.id(), status, "adopted in the middle of an outgoing migration; cancelling it");
+        abort_source(vm).await;
+    } else if mirror {
+        tracing::warn!(vm = %vm.id(), "adopted with a migration disk mirror running; cancelling it");
+        let _ = vm.execute("block-job-cancel", Some(json!({"device": MIRROR_JOB, "force": true}))).await;
+        for _ in 0..100 {
+            let present = vm
+                .execute("query-block-jobs", None)
+                .await
+                .ok()
+                .and_then(|j| j.as_array().map(|a| a.iter().any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB))))
+                .unwrap_or(false);
+            if !present {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = vm.execute("blockdev-del", Some(json!({"node-name": TARGET_NODE}))).await;
+    }
+}

@@ -1,0 +1,447 @@
+//! Live migration between separate host agent processes, and re-adoption of running guests by
+//! a host agent killed with SIGKILL and restarted. Real guests (the sample guest under TCG),
+//! real processes: a coordinator, an image server and host agents, each with its own port and
+//! data directory.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Grid {
+    dir: tempfile::TempDir,
+    coordinator: Role,
+    _server: Role,
+    hosts: Vec<(String, Role)>,
+}
+
+impl Grid {
+    fn start(hosts: &[&str]) -> Grid {
+        // Short path: unix socket paths (runtime dirs) must stay under 108 bytes.
+        let dir = tempfile::Builder::new().prefix("vgm").tempdir_in("/tmp").unwrap();
+        let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+        let coordinator = Role::start(
+            &["coordinator", "--listen", "127.0.0.1:0", "--data-dir", &p("coord"), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
+            dir.path().join("coord.log"),
+        );
+        let server = Role::start(
+            &["image-server", "--listen", "127.0.0.1:0", "--data-dir", &p("is0"), "--coordinator", &coordinator.url, "--name", "is0"],
+            dir.path().join("is0.log"),
+        );
+        let mut g = Grid { dir, coordinator, _server: server, hosts: vec![] };
+        for h in hosts {
+            g.start_host(h);
+        }
+        g.wait_until("hosts and the image server", Duration::from_secs(30), || {
+            g.json(&["host", "ls"]).as_array().map(|a| a.len()) == Some(hosts.len()) && g.image_servers() == 1
+        });
+        g.import_sample();
+        g
+    }
+
+    fn start_host(&mut self, name: &str) {
+        let data = self.host_dir(name);
+        let args = [
+            "host",
+            "--coordinator",
+            &self.coordinator.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            name,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        // A restarted host keeps its name and data directory (and so its runtime directories).
+        let log = self.dir.path().join(format!("{name}-{}.log", self.hosts.len()));
+        let r = Role::start(&args, log);
+        self.hosts.retain(|(n, _)| n != name);
+        self.hosts.push((name.to_string(), r));
+    }
+
+    fn host(&mut self, name: &str) -> &mut Role {
+        &mut self.hosts.iter_mut().find(|(n, _)| n == name).unwrap().1
+    }
+
+    fn host_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn runtime_dir(&self, host: &str, id: &str) -> PathBuf {
+        self.host_dir(host).join("vms").join(id)
+    }
+
+    /// GET on the REST API with a login token.
+    fn get(&self, path: &str) -> std::process::Output {
+        let token = self.json(&["login"])["token"].as_str().unwrap().to_string();
+        Command::new("curl")
+            .args(["-s", "-H", &format!("authorization: Bearer {token}"), &format!("{}{path}", self.coordinator.url)])
+            .output()
+            .unwrap()
+    }
+
+    fn image_servers(&self) -> usize {
+        let o = self.get("/api/v1/image-servers");
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).ok().and_then(|v| v.as_array().map(|a| a.len())).unwrap_or(0)
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(vgrid_bin()).args(args).env("VGRID_URL", &self.coordinator.url).stdin(std::process::Stdio::null()).output().unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let o = self.cli(&a);
+        assert!(o.status.success(), "vgrid {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for f in ["coord.log"].iter().map(|f| f.to_string()).chain(self.hosts.iter().map(|(_, r)| r.log.display().to_string())) {
+            let p = self.dir.path().join(&f);
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            s.push_str(&format!("--- {f}\n{}\n", lines[lines.len().saturating_sub(15)..].join("\n")));
+        }
+        s
+    }
+
+    fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+        let t0 = Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn import_sample(&self) {
+        let g = sample_guest().unwrap();
+        let url = &self._server.url;
+        let o = Command::new(vgrid_bin())
+            .args(["image", "import", g.disk.to_str().unwrap(), "--name", "sample", "--kernel", g.kernel.to_str().unwrap()])
+            .args(["--initrd", g.initrd.to_str().unwrap(), "--cmdline", &g.cmdline, "--image-server", url])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    /// Boots a VM on `host` and waits for the shell prompt (a boot slot, a timeout, one retry).
+    fn run_on(&self, host: &str, name: &str) -> serde_json::Value {
+        let _slot = boot_slot().unwrap();
+        let require = format!("host.name == {host:?}");
+        let mut last = String::new();
+        for attempt in 1..=2 {
+            let n = if attempt == 1 { name.to_string() } else { format!("{name}-retry") };
+            let o = self.cli(&["--json", "vm", "run", "sample", "--name", &n, "--require", &require, "--wait-for", PROMPT, "--timeout", "120"]);
+            if o.status.success() {
+                return serde_json::from_slice(&o.stdout).unwrap();
+            }
+            last = String::from_utf8_lossy(&o.stderr).into_owned();
+            eprintln!("boot attempt {attempt} of {name} failed: {last}");
+            let _ = self.cli(&["vm", "rm", "--force", &n]);
+        }
+        panic!("VM {name} did not boot twice: {last}\n{}", self.logs());
+    }
+}
+
+impl Drop for Grid {
+    fn drop(&mut self) {
+        // Agents first (they power their guests down), then any QEMU left (by its pidfile).
+        for (_, h) in self.hosts.iter_mut() {
+            h.terminate();
+        }
+        for (name, _) in &self.hosts {
+            if let Ok(rd) = std::fs::read_dir(self.host_dir(name).join("vms")) {
+                for e in rd.flatten() {
+                    if let Some(pid) = std::fs::read_to_string(e.path().join("pid")).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+                        if process_alive(pid as u64) {
+                            unsafe {
+                                libc::kill(pid, libc::SIGKILL);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Types `cmd` on the VM's serial console socket in `dir`.
+fn type_on_console(dir: &Path, cmd: &str) {
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join("console.sock")).expect("console socket");
+    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+    // Let QEMU read it before the connection closes.
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+fn console_log(dir: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(dir.join("console.log")).unwrap_or_default()).replace('\r', "")
+}
+
+/// Numbers of the `tick N` lines the counter printed in a console log.
+fn ticks(log: &str) -> Vec<u64> {
+    log.lines().filter_map(|l| l.trim().strip_prefix("tick ").and_then(|n| n.trim().parse().ok())).collect()
+}
+
+const COUNTER: &str = "(i=0; while true; do i=$((i+1)); echo \"tick $i\"; sleep 0.3; done) &";
+
+fn qemus_of(id: &str) -> usize {
+    let o = Command::new("pgrep").args(["-f", &format!("guest={id},")]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).lines().count()
+}
+
+#[test]
+fn a_counting_guest_migrates_between_hosts_without_a_reset() {
+    let g = Grid::start(&["h1", "h2"]);
+    let v = g.run_on("h1", "counter");
+    let id = v["id"].as_str().unwrap().to_string();
+    let src = g.runtime_dir("h1", &id);
+    let src_pid = v["pid"].as_u64().unwrap();
+
+    // Disk writes (flushed into the overlay, and one only in the guest's page cache), then a
+    // counter on the console.
+    type_on_console(&src, "echo synced-before-migration > /mnt/synced.txt; sync; echo cached-before-migration > /mnt/cached.txt");
+    type_on_console(&src, COUNTER);
+    g.wait_until("the counter to tick on h1", Duration::from_secs(60), || ticks(&console_log(&src)).len() >= 3);
+
+    // Bad destinations are refused with the reason, and nothing moves.
+    let o = g.cli(&["vm", "migrate", &id, "--to", "h1"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("already runs on host h1"), "{o:?}");
+    let o = g.cli(&["vm", "migrate", &id, "--to", "nosuch"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("nosuch"), "{o:?}");
+
+    // Human output: progress, then the downtime and total time.
+    let o = g.cli(&["vm", "migrate", &id, "--to", "h2", "--timeout", "240"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "migration failed: {out}{}\n{}", String::from_utf8_lossy(&o.stderr), g.logs());
+    assert!(out.contains("migrating") && out.contains("downtime") && out.contains("total"), "{out}");
+    let v = g.json(&["vm", "show", &id]);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["host"], "h2", "{v}");
+    let m = &v["migration"];
+    assert_eq!(m["status"], "completed", "{v}");
+    assert_eq!((m["from"].as_str(), m["to"].as_str()), (Some("h1"), Some("h2")));
+    assert!(m["downtime_ms"].is_u64() && m["total_ms"].is_u64(), "QEMU's figures recorded: {m}");
+    assert_ne!(v["pid"].as_u64().unwrap(), src_pid);
+
+    // The source is gone: no QEMU, no runtime directory; the destination counts on.
+    g.wait_until("the source QEMU to quit", Duration::from_secs(30), || !process_alive(src_pid) && !src.exists());
+    assert_eq!(qemus_of(&id), 1, "exactly one QEMU runs this VM");
+    let dst = g.runtime_dir("h2", &id);
+    let before = *ticks(&console_log(&src)).last().unwrap_or(&0);
+    g.wait_until("the counter to tick on h2", Duration::from_secs(60), || ticks(&console_log(&dst)).len() >= 3);
+    let after = ticks(&console_log(&dst));
+    assert!(after[0] >= 3 && after.windows(2).all(|w| w[1] == w[0] + 1), "the counter continued without a reset: {after:?} (source ended near {before})");
+    let log = console_log(&dst);
+    assert!(!log.contains(BOOTED_MARKER) && !log.contains("Linux version"), "no boot on the destination:\n{log}");
+    // The VM's console log (what `vgrid vm logs` shows) carries the history from h1: one
+    // uninterrupted count across the move.
+    let full = String::from_utf8_lossy(&g.cli(&["vm", "logs", &id]).stdout).replace('\r', "");
+    assert_eq!(full.matches(BOOTED_MARKER).count(), 1, "booted once, on h1:\n{full}");
+    let all = ticks(&full);
+    // (The first tick may share its line with the shell prompt.)
+    assert!(all.len() >= 6 && all[0] <= 2 && all.windows(2).all(|w| w[1] == w[0] + 1), "one count across the move: {all:?}");
+
+    // The disk came along: read back with the page cache dropped, so from the destination's
+    // overlay (mirrored) and its own image cache (the base).
+    type_on_console(&dst, "echo 3 > /proc/sys/vm/drop_caches; cat /mnt/synced.txt /mnt/cached.txt /mnt/etc/vgrid-sample; echo read-back-done");
+    g.wait_until("the disk read-back", Duration::from_secs(60), || console_log(&dst).contains("read-back-done\n"));
+    let log = console_log(&dst);
+    for want in ["synced-before-migration", "cached-before-migration", DISK_MARKER] {
+        assert!(log.lines().any(|l| l.trim() == want), "{want:?} not read back on h2:\n{log}");
+    }
+    // Writes keep working on the destination.
+    type_on_console(&dst, "echo written-on-h2 > /mnt/h2.txt; sync; cat /mnt/h2.txt");
+    g.wait_until("a write on h2", Duration::from_secs(60), || console_log(&dst).lines().any(|l| l.trim() == "written-on-h2"));
+
+    // The record follows the VM: the coordinator's console and stop reach h2.
+    let logs = g.cli(&["vm", "logs", &id]);
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("written-on-h2"));
+    let h2 = g.json(&["host", "show", "h2"]);
+    assert!(h2["vms"].as_array().unwrap().iter().any(|r| r["id"] == id.as_str()), "{h2}");
+    assert!(h2["orphans"].as_array().unwrap().is_empty(), "{h2}");
+    let v = g.json(&["vm", "stop", &id]);
+    assert_eq!(v["state"], "stopped", "{v}");
+    assert_eq!(qemus_of(&id), 0);
+}
+
+#[test]
+fn a_guest_dirtying_memory_faster_than_the_link_is_cancelled_and_runs_on_at_the_source() {
+    let g = Grid::start(&["h1", "h2"]);
+    let v = g.run_on("h1", "dirty");
+    let id = v["id"].as_str().unwrap().to_string();
+    let src = g.runtime_dir("h1", &id);
+    let pid = v["pid"].as_u64().unwrap();
+    // 32 MiB of random data copied over and over in tmpfs: tens of MiB/s of dirty memory
+    // against a 16 MiB/s cap and a 1 ms downtime limit.
+    type_on_console(&src, "dd if=/dev/urandom of=/tmp/r bs=1M count=32 2>/dev/null; (while true; do cp /tmp/r /tmp/x; done) & echo $! > /tmp/dirty.pid; echo dirtying-started");
+    g.wait_until("the dirtying loop", Duration::from_secs(120), || console_log(&src).contains("dirtying-started\n"));
+    type_on_console(&src, COUNTER);
+    g.wait_until("the counter", Duration::from_secs(60), || !ticks(&console_log(&src)).is_empty());
+
+    let o = g.cli(&["--json", "vm", "migrate", &id, "--to", "h2", "--downtime-ms", "1", "--max-bandwidth", "16", "--timeout", "25"]);
+    assert!(!o.status.success(), "a migration that cannot converge must not report success");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {o:?}"));
+    assert_eq!(v["migration"]["status"], "cancelled", "{v}");
+    assert!(v["migration"]["error"].as_str().unwrap().contains("25 s"), "{v}");
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["host"], "h1", "{v}");
+    assert_eq!(v["pid"].as_u64(), Some(pid));
+
+    // The destination kept nothing; the guest still runs at the source, where it was.
+    g.wait_until("the destination to be clean", Duration::from_secs(30), || !g.runtime_dir("h2", &id).exists());
+    assert_eq!(qemus_of(&id), 1);
+    assert!(process_alive(pid));
+    let n = ticks(&console_log(&src)).len();
+    g.wait_until("the counter to go on at the source", Duration::from_secs(60), || ticks(&console_log(&src)).len() > n + 2);
+    let status = g.get(&format!("/api/v1/vms/{id}"));
+    let rec: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(rec["state"], "running");
+    // h2 reports nothing: the incoming QEMU is gone.
+    g.wait_until("h2 to report no VM", Duration::from_secs(30), || g.json(&["host", "show", "h2"])["vms"].as_array().unwrap().is_empty());
+    // And the guest can still migrate once it stops dirtying (the cancelled attempt left no
+    // mirror job, NBD node or capability behind that would break the next one).
+    type_on_console(&src, "kill $(cat /tmp/dirty.pid); echo stopped-dirtying");
+    g.wait_until("the loop to stop", Duration::from_secs(60), || console_log(&src).contains("stopped-dirtying\n"));
+    // Without --to the VM's own requirement still holds: it was pinned to h1, so no other host
+    // qualifies, and each says why.
+    let o = g.cli(&["vm", "migrate", &id]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("no destination") && err.contains(r#"h2: `(host.name == "h1")`"#), "{err}");
+    assert_eq!(g.json(&["vm", "show", &id])["state"], "running");
+    let v = g.json(&["vm", "migrate", &id, "--to", "h2", "--timeout", "240"]);
+    assert_eq!(v["migration"]["status"], "completed", "{v}");
+    assert_eq!(v["host"], "h2");
+    assert!(g.cli(&["vm", "stop", &id]).status.success());
+}
+
+#[test]
+fn a_host_agent_killed_with_sigkill_readopts_its_running_guests() {
+    let mut g = Grid::start(&["h1"]);
+    let a = g.run_on("h1", "keep");
+    let b = g.run_on("h1", "forget");
+    let c = g.run_on("h1", "dies");
+    let (ia, ib, ic) = (a["id"].as_str().unwrap().to_string(), b["id"].as_str().unwrap().to_string(), c["id"].as_str().unwrap().to_string());
+    let (pa, pb, pc) = (a["pid"].as_u64().unwrap(), b["pid"].as_u64().unwrap(), c["pid"].as_u64().unwrap());
+    let da = g.runtime_dir("h1", &ia);
+    type_on_console(&da, COUNTER);
+    g.wait_until("the counter", Duration::from_secs(60), || !ticks(&console_log(&da)).is_empty());
+
+    // The agent dies; its guests do not.
+    g.host("h1").kill();
+    assert!(process_alive(pa) && process_alive(pb) && process_alive(pc), "guests outlive their agent");
+    g.wait_until("h1 lost", Duration::from_secs(20), || g.json(&["host", "show", "h1"])["state"] == "lost");
+    g.wait_until("its VMs unknown", Duration::from_secs(10), || g.json(&["vm", "show", &ia])["state"] == "unknown");
+    // While it is down: one guest dies, and another's record is removed (its QEMU still runs).
+    unsafe {
+        libc::kill(pc as i32, libc::SIGKILL);
+    }
+    let o = g.cli(&["vm", "rm", "--force", &ib]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(process_alive(pb));
+
+    g.start_host("h1");
+    g.wait_until("h1 ready again", Duration::from_secs(30), || g.json(&["host", "show", "h1"])["state"] == "ready");
+    g.wait_until("the kept VM running again", Duration::from_secs(30), || g.json(&["vm", "show", &ia])["state"] == "running");
+    // Re-adopted, not restarted: same QEMU, counter still going, no second boot.
+    let v = g.json(&["vm", "show", &ia]);
+    assert_eq!(v["pid"].as_u64(), Some(pa), "{v}");
+    assert_eq!(qemus_of(&ia), 1);
+    let n = ticks(&console_log(&da)).len();
+    g.wait_until("the counter to go on", Duration::from_secs(60), || ticks(&console_log(&da)).len() > n + 2);
+    assert_eq!(console_log(&da).matches(BOOTED_MARKER).count(), 1, "booted once");
+    // The agent serves its console and its disk again (QEMU's NBD client reconnects to the
+    // block proxy's socket, same path, new process).
+    type_on_console(&da, "echo 3 > /proc/sys/vm/drop_caches; cat /mnt/etc/vgrid-sample; echo readopt-read-done");
+    g.wait_until("a disk read after re-adoption", Duration::from_secs(60), || console_log(&da).contains("readopt-read-done\n"));
+    assert!(console_log(&da).lines().any(|l| l.trim() == DISK_MARKER), "{}", console_log(&da));
+    let logs = g.cli(&["vm", "logs", &ia]);
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("readopt-read-done"));
+
+    // The one that died while the agent was down is not left running nor stuck: lost (or
+    // failed), with the reason.
+    g.wait_until("the dead VM resolved", Duration::from_secs(30), || {
+        let s = g.json(&["vm", "show", &ic]);
+        s["state"] == "lost" || s["state"] == "failed"
+    });
+    let s = g.json(&["vm", "show", &ic]);
+    assert!(s["reason"].as_str().unwrap_or("").contains("h1"), "{s}");
+    // The one whose record went is an orphan: reported, listed, never killed silently.
+    g.wait_until("the orphan listed", Duration::from_secs(30), || {
+        g.json(&["host", "show", "h1"])["orphans"].as_array().map(|o| o.iter().any(|x| x == ib.as_str())).unwrap_or(false)
+    });
+    let show = String::from_utf8_lossy(&g.cli(&["host", "show", "h1"]).stdout).into_owned();
+    assert!(show.contains("orphans:") && show.contains(&ib), "{show}");
+    assert!(process_alive(pb), "an orphan is not killed");
+    assert!(String::from_utf8_lossy(&std::fs::read(g.dir.path().join("coord.log")).unwrap()).contains("orphans"));
+
+    // None lost or duplicated: the host reports exactly the adopted VM and the orphan.
+    let h = g.json(&["host", "show", "h1"]);
+    let mut ids: Vec<String> = h["vms"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    ids.sort();
+    let mut want = vec![ia.clone(), ib.clone()];
+    want.sort();
+    assert_eq!(ids, want, "{h}");
+    // An adopted VM still stops normally.
+    let v = g.json(&["vm", "stop", &ia]);
+    assert_eq!(v["state"], "stopped", "{v}");
+    assert!(!process_alive(pa));
+    // Cleanup: stopping the agent gracefully powers the orphan down too.
+    g.host("h1").terminate();
+    g.wait_until("the orphan gone with its agent", Duration::from_secs(60), || !process_alive(pb));
+}
+
+#[test]
+fn a_source_agent_killed_during_a_migration_leaves_the_guest_running_at_the_source() {
+    let mut g = Grid::start(&["h1", "h2"]);
+    let v = g.run_on("h1", "interrupted");
+    let id = v["id"].as_str().unwrap().to_string();
+    let pid = v["pid"].as_u64().unwrap();
+    let src = g.runtime_dir("h1", &id);
+    // Keep memory dirty and the link slow so that the migration is still copying when its
+    // driver dies.
+    type_on_console(&src, "dd if=/dev/urandom of=/tmp/r bs=1M count=32 2>/dev/null; (while true; do cp /tmp/r /tmp/x; done) & echo dirtying-started");
+    g.wait_until("the dirtying loop", Duration::from_secs(120), || console_log(&src).contains("dirtying-started\n"));
+    type_on_console(&src, COUNTER);
+    let mut cli = Command::new(vgrid_bin())
+        .args(["--json", "vm", "migrate", &id, "--to", "h2", "--max-bandwidth", "8", "--timeout", "200"])
+        .env("VGRID_URL", &g.coordinator.url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    g.wait_until("memory being copied", Duration::from_secs(60), || {
+        let v = g.json(&["vm", "show", &id]);
+        v["state"] == "migrating" && v["migration"]["phase"].as_str().unwrap_or("").starts_with("copying memory")
+    });
+    g.host("h1").kill();
+    g.start_host("h1");
+
+    // The migration ends as failed, the record stays on h1 and the guest runs on there.
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = cli.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(180), "vm migrate did not return\n{}", g.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!status.success());
+    let v = g.json(&["vm", "show", &id]);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["host"], "h1", "{v}");
+    assert_eq!(v["migration"]["status"], "failed", "{v}");
+    assert!(v["migration"]["error"].as_str().unwrap().contains("h1"), "{v}");
+    assert_eq!(v["pid"].as_u64(), Some(pid));
+    let n = ticks(&console_log(&src)).len();
+    g.wait_until("the counter to go on at the source", Duration::from_secs(60), || ticks(&console_log(&src)).len() > n + 2);
+    g.wait_until("the destination to be clean", Duration::from_secs(30), || !g.runtime_dir("h2", &id).exists());
+    assert_eq!(qemus_of(&id), 1, "one QEMU, at the source");
+    let v = g.json(&["vm", "stop", &id]);
+    assert_eq!(v["state"], "stopped", "{v}");
+}
