@@ -228,6 +228,9 @@ fn a_counting_guest_migrates_between_hosts_without_a_reset() {
     assert_eq!((m["from"].as_str(), m["to"].as_str()), (Some("h1"), Some("h2")));
     assert!(m["downtime_ms"].is_u64() && m["total_ms"].is_u64(), "QEMU's figures recorded: {m}");
     assert_ne!(v["pid"].as_u64().unwrap(), src_pid);
+    // The destination QEMU is held by its own cgroup there, like a VM started on h2.
+    let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", v["pid"].as_u64().unwrap())).unwrap();
+    assert!(cg.contains(&format!("vgrid/h2/{id}")), "the migrated QEMU is not in h2's cgroup for it: {cg}");
 
     // The source is gone: no QEMU, no runtime directory; the destination counts on.
     g.wait_until("the source QEMU to quit", Duration::from_secs(30), || !process_alive(src_pid) && !src.exists());

@@ -727,7 +727,7 @@ fn physical_memory_mib() -> u64 {
 
 /// The accelerator a launch request asks for (`None`: the host's choice), refusing KVM where it
 /// does not work.
-fn parse_accel(req: &LaunchRequest) -> Result<Option<Accel>, AgentError> {
+pub(crate) fn parse_accel(req: &LaunchRequest) -> Result<Option<Accel>, AgentError> {
     match req.accel.as_deref() {
         None => Ok(None),
         Some("tcg") => Ok(Some(Accel::Tcg)),

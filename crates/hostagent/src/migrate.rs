@@ -179,9 +179,28 @@ impl Agent {
         if self.has_vm(&id) || self.migrations().incoming.lock().unwrap().contains_key(&id) {
             return Err(mig_err(&id, "this host already has a VM with this id"));
         }
+        // The same admission, cgroup and limits as a VM started here.
+        let accel = crate::agent::parse_accel(&req.launch)?.unwrap_or_else(crate::Accel::detect);
+        let limits = self.resources().admit(&id, &req.launch.resources, req.launch.memory_mib, accel)?;
+        let r = self.incoming_admitted(req, &limits).await;
+        if r.is_err() {
+            self.resources().release(&id);
+        }
+        r
+    }
+
+    async fn incoming_admitted(&self, req: IncomingRequest, limits: &crate::cgroup::Limits) -> Result<IncomingReady, AgentError> {
+        let id = req.launch.id.clone();
         let (spec, dir, _) = self.prepare_spec(&req.launch, &|_| {}).await?;
-        let opts = LaunchOptions { defer_incoming: true, ..LaunchOptions::default() };
+        let cgroup = self.resources().create_group(&id, limits)?;
+        let opts = LaunchOptions {
+            defer_incoming: true,
+            cgroup: cgroup.clone(),
+            disk_throttle: crate::resources::DiskThrottle::of(&req.launch.resources),
+            ..LaunchOptions::default()
+        };
         let vm = Vm::launch_with(spec, &dir, &opts).await?;
+        self.resources().track(&vm, cgroup, limits, 0);
         let _ = std::fs::write(dir.join(INCOMING_MARKER), b"waiting for an incoming migration\n");
         crate::adopt::record_launch(&dir, &req.launch);
         let vm = Arc::new(vm);
@@ -310,6 +329,7 @@ impl Agent {
         let vm = self.migrations().incoming.lock().unwrap().remove(id);
         if let Some(vm) = vm {
             vm.cleanup().await?;
+            self.resources().release(id);
             tracing::info!(vm = %id, "incoming migration abandoned");
         }
         Ok(())
