@@ -330,6 +330,14 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
     let after = usage_of(&g.json(&["usage"]), &id).unwrap()["usage"]["cpu_ns"].as_u64().unwrap();
     assert!(after >= before, "usage went back after the agent restart: {before} -> {after}");
     assert!(after <= cpu_ns(&name, &id), "usage exceeds the counter after the agent restart (counted twice): {after}");
+    // The restarted agent re-adopted the guest: accounting goes on from the same counters.
+    kill_pid(pid, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(300));
+    let frozen = cpu_ns(&name, &id);
+    g.wait_until("the usage to follow the counter after re-adoption", Duration::from_secs(20), || {
+        usage_of(&g.json(&["usage"]), &id).map(|u| u["usage"]["cpu_ns"].as_u64() == Some(frozen)).unwrap_or(false)
+    });
+    let after = frozen;
 
     // The coordinator crashes and restarts on the same state: the totals are still there.
     let listen = g.coordinator.url.trim_start_matches("http://").to_string();
@@ -341,7 +349,7 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
     let since_future = g.json(&["usage", "--since", &(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600).to_string()]);
     assert!(usage_of(&since_future, &id).is_none(), "{since_future}");
 
-    // Clean up the guest the first agent left (no re-adoption here) and its groups.
+    // Clean up the guest and its groups.
     kill_pid(pid, libc::SIGKILL);
     let t0 = Instant::now();
     while process_alive(pid) && t0.elapsed() < Duration::from_secs(10) {

@@ -101,6 +101,16 @@ pub(crate) async fn adopt_all(agent: &Arc<Agent>) -> AdoptReport {
                 tracing::info!(vm = %id, pid = vm.pid(), "re-adopted running QEMU");
                 crate::migrate::settle_after_restart(&vm).await;
                 if let Some(req) = std::fs::read(dir.join(LAUNCH_FILE)).ok().and_then(|b| serde_json::from_slice::<LaunchRequest>(&b).ok()) {
+                    // Its reservation, cgroup (which QEMU never left) and accounting continue
+                    // (the counters' generation is kept in its runtime directory).
+                    let res = agent.resources();
+                    match res.admit(&id, &req.resources, req.memory_mib, vm.accel()) {
+                        Ok(limits) => match res.create_group(&id, &limits) {
+                            Ok(cg) => res.track(&vm, cg, &limits, 0),
+                            Err(e) => tracing::warn!(vm = %id, "re-adopted, but its cgroup cannot be restored: {e}"),
+                        },
+                        Err(e) => tracing::warn!(vm = %id, "re-adopted over this host's cap: {e}"),
+                    }
                     // The export QEMU reads is back as soon as the proxy serves; resolving the
                     // manifest only restores the advertised cache fraction, once the image
                     // servers are known (the first heartbeat names them).
