@@ -73,6 +73,15 @@ impl From<JsonRejection> for ApiError {
 }
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// A JSON body that may be left out (empty: the defaults); a malformed one is a 400 that says
+/// what is wrong, like every other body.
+fn optional_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("malformed request body: {e}")))
+}
 type Ctx = State<Arc<Coordinator>>;
 /// The authenticated caller (present on every route but the public ones).
 type Caller = Extension<Principal>;
@@ -323,8 +332,8 @@ async fn get_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>) -> 
 
 #[utoipa::path(post, path = "/api/v1/vms/{id}/stop", params(("id" = String, Path)), request_body = VmStop,
     responses((status = 200, body = VmRecord), (status = 404, body = ErrorBody)))]
-async fn stop_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, body: Option<Json<VmStop>>) -> ApiResult<VmRecord> {
-    let force = body.map(|b| b.0.force).unwrap_or(false);
+async fn stop_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, body: axum::body::Bytes) -> ApiResult<VmRecord> {
+    let force = optional_body::<VmStop>(&body)?.force;
     let rec = owned(&c, &p, &id)?;
     Ok(Json(c.stop(&rec.id, force).await?))
 }
@@ -344,8 +353,8 @@ async fn suspend_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>)
 #[utoipa::path(post, path = "/api/v1/vms/{id}/resume", params(("id" = String, Path)), request_body = VmResume,
     responses((status = 200, body = VmRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody)))]
-async fn resume_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, body: Option<Json<VmResume>>) -> ApiResult<VmRecord> {
-    let req = body.map(|b| b.0).unwrap_or_default();
+async fn resume_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, body: axum::body::Bytes) -> ApiResult<VmRecord> {
+    let req = optional_body::<VmResume>(&body)?;
     let rec = owned(&c, &p, &id)?;
     Ok(Json(c.resume(&rec.id, &req).await?))
 }
