@@ -1,7 +1,7 @@
 //! Property tests over the REST API's request bodies, through the real router, middleware and
 //! handlers (in process; no host or image server behind them): whatever a client sends, the
-//! answer is a 4xx with a JSON error that says something, never a 5xx, a panic or a hang, and
-//! nothing is created by a refused request.
+//! answer is a success or an error that says something (a 4xx, or a 502/503 naming the missing
+//! upstream), never an internal error, a panic or a hang, and nothing is created.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,13 +113,18 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
-    fn any_json_body_gets_a_clear_4xx_or_a_success(body in json(), which in 0..ENDPOINTS.len()) {
+    fn any_json_body_gets_a_clear_answer(body in json(), which in 0..ENDPOINTS.len()) {
         thread_local!(static API: Api = api());
         let (method, path) = ENDPOINTS[which];
         API.with(|a| {
             let (status, answer) = a.call(method, path, serde_json::to_vec(&body).unwrap());
-            prop_assert!(!status.is_server_error(), "{method} {path} {body} -> {status} {answer}");
-            if status.is_client_error() {
+            // A body that asks for something real may reach an upstream that is not there
+            // (no image server in this test): 502/503 naming it. Never an internal error.
+            prop_assert!(
+                !status.is_server_error() || status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE,
+                "{method} {path} {body} -> {status} {answer}"
+            );
+            if status.is_client_error() || status.is_server_error() {
                 let msg = answer["error"].as_str().unwrap_or_default();
                 prop_assert!(!msg.trim().is_empty(), "{method} {path} {body} -> {status} without a message: {answer}");
             }
@@ -131,12 +136,15 @@ proptest! {
     }
 
     #[test]
-    fn any_bytes_as_a_body_get_a_clear_4xx(bytes in prop::collection::vec(any::<u8>(), 0..256), which in 0..ENDPOINTS.len()) {
+    fn any_bytes_as_a_body_get_a_clear_answer(bytes in prop::collection::vec(any::<u8>(), 0..256), which in 0..ENDPOINTS.len()) {
         thread_local!(static API: Api = api());
         let (method, path) = ENDPOINTS[which];
         API.with(|a| {
             let (status, answer) = a.call(method, path, bytes.clone());
-            prop_assert!(!status.is_server_error(), "{method} {path} {bytes:?} -> {status} {answer}");
+            prop_assert!(
+                !status.is_server_error() || status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE,
+                "{method} {path} {bytes:?} -> {status} {answer}"
+            );
             Ok(())
         })?;
     }
