@@ -32,6 +32,12 @@ fn boots_sample_through_the_proxy_and_reads_its_disk() {
     assert!(logs.contains(BOOTED_MARKER), "vm logs lacks the marker: {logs}");
     let stats = up.cache_stats();
     assert!(stats["bytes_fetched"].as_u64().unwrap() > 0, "the boot fetched nothing: {stats}");
+    // Its runtime directory (overlay, sockets, logs) is closed to other local users.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(up.runtime_dir(&id)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "runtime directory mode {mode:o}");
+    }
     // QEMU runs under seccomp (mode 2, filter) with no_new_privs.
     let pid = v["pid"].as_u64().expect("the record has QEMU's pid");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

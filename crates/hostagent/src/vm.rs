@@ -655,6 +655,12 @@ impl Vm {
 
         let dir = runtime_dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        // The overlay (the guest's writes), the QMP and console sockets and the logs are the
+        // agent's and QEMU's only: no other local user may read the guest's data or drive it.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| io_err(dir, e))?;
+        }
         let dir = std::fs::canonicalize(dir).map_err(|e| io_err(dir, e))?;
         for sock in [QMP_SOCKET, CONSOLE_SOCKET] {
             let p = dir.join(sock);
