@@ -95,3 +95,29 @@ pub struct Migration {
     #[serde(default)]
     pub error: Option<String>,
 }
+
+impl Migration {
+    /// A migration from `from` to `to` that starts now (`started`, seconds since the epoch):
+    /// active, no figures yet.
+    pub fn begin(from: &str, to: &str, downtime_limit_ms: u64, max_seconds: u64, started: u64) -> Migration {
+        Migration {
+            from: from.to_string(),
+            to: to.to_string(),
+            status: MigrationStatus::Active,
+            phase: "preparing the destination".into(),
+            downtime_limit_ms,
+            max_seconds,
+            started,
+            finished: None,
+            downtime_ms: None,
+            total_ms: None,
+            elapsed_ms: None,
+            disk_bytes: None,
+            ram_transferred_bytes: None,
+            ram_remaining_bytes: None,
+            dirty_sync_count: None,
+            cpu_throttle_percentage: None,
+            error: None,
+        }
+    }
+}

@@ -144,25 +144,7 @@ impl Coordinator {
             Err(PlaceError::Invalid(e)) => return Err(e.into()),
             Err(e) => return Err(CoordinatorError::Capacity(e.to_string())),
         };
-        let migration = Migration {
-            from: source.clone(),
-            to: placement.host.clone(),
-            status: MigrationStatus::Active,
-            phase: "preparing the destination".into(),
-            downtime_limit_ms: downtime_ms,
-            max_seconds,
-            started: now(),
-            finished: None,
-            downtime_ms: None,
-            total_ms: None,
-            elapsed_ms: None,
-            disk_bytes: None,
-            ram_transferred_bytes: None,
-            ram_remaining_bytes: None,
-            dirty_sync_count: None,
-            cpu_throttle_percentage: None,
-            error: None,
-        };
+        let migration = Migration::begin(&source, &placement.host, downtime_ms, max_seconds, now());
         let rec = self
             .update(&rec.id, |v| {
                 v.state = VmState::Migrating;
@@ -605,25 +587,7 @@ mod tests {
     #[test]
     fn migrations_resolve_only_after_their_bound_and_incoming_vms_are_expected() {
         let mut m = rec("m", "h1", VmState::Migrating, 1000);
-        m.migration = Some(Migration {
-            from: "h1".into(),
-            to: "h2".into(),
-            status: MigrationStatus::Active,
-            phase: String::new(),
-            downtime_limit_ms: 100,
-            max_seconds: 60,
-            started: 1000,
-            finished: None,
-            downtime_ms: None,
-            total_ms: None,
-            elapsed_ms: None,
-            disk_bytes: None,
-            ram_transferred_bytes: None,
-            ram_remaining_bytes: None,
-            dirty_sync_count: None,
-            cpu_throttle_percentage: None,
-            error: None,
-        });
+        m.migration = Some(Migration::begin("h1", "h2", 100, 60, 1000));
         let records = vec![m];
         // On the destination, the incoming QEMU is expected: no orphan.
         let p = plan_reconcile("h2", &[rep("m", true)], &records, 1010);
@@ -654,23 +618,11 @@ mod tests {
     fn after_a_migration_neither_side_reports_an_orphan_while_the_record_catches_up() {
         let mut m = rec("m", "h2", VmState::Running, 1000);
         m.migration = Some(Migration {
-            from: "h1".into(),
-            to: "h2".into(),
             status: MigrationStatus::Completed,
-            phase: String::new(),
-            downtime_limit_ms: 100,
-            max_seconds: 60,
-            started: 990,
             finished: Some(1000),
             downtime_ms: Some(20),
             total_ms: Some(800),
-            elapsed_ms: None,
-            disk_bytes: None,
-            ram_transferred_bytes: None,
-            ram_remaining_bytes: None,
-            dirty_sync_count: None,
-            cpu_throttle_percentage: None,
-            error: None,
+            ..Migration::begin("h1", "h2", 100, 60, 990)
         });
         let records = vec![m];
         // The source still reports its paused QEMU for a moment: not an orphan...

@@ -306,17 +306,9 @@ impl Agent {
         self.vms.lock().unwrap().contains_key(id)
     }
 
-    pub(crate) fn running_vm(&self, id: &str) -> Option<Arc<Vm>> {
-        self.vm(id)
-    }
-
     /// Takes `vm` as one of this host's VMs (adopted, or received by a migration).
     pub(crate) fn insert_vm(&self, id: &str, vm: Arc<Vm>) {
         self.vms.lock().unwrap().insert(id.to_string(), Slot { vm });
-    }
-
-    pub(crate) fn runtime_dir_of(&self, id: &str) -> PathBuf {
-        self.runtime_dir(id)
     }
 
     pub(crate) fn data_dir(&self) -> &Path {
@@ -341,7 +333,7 @@ impl Agent {
         &self.cfg.name
     }
 
-    fn runtime_dir(&self, id: &str) -> PathBuf {
+    pub(crate) fn runtime_dir(&self, id: &str) -> PathBuf {
         self.cfg.data_dir.join("vms").join(id)
     }
 

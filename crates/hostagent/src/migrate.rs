@@ -336,7 +336,7 @@ impl Agent {
     }
 
     fn qemu_log_tail(&self, id: &str) -> String {
-        let p = self.runtime_dir_of(id).join(crate::vm::QEMU_LOG);
+        let p = self.runtime_dir(id).join(crate::vm::QEMU_LOG);
         std::fs::read_to_string(p)
             .map(|s| s.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" / "))
             .unwrap_or_default()
@@ -344,7 +344,7 @@ impl Agent {
 
     /// Source: starts sending VM `id` to the prepared destination in the background.
     pub fn send(self: &Arc<Self>, id: &str, req: SendRequest) -> Result<SendStatus, AgentError> {
-        let vm = self.running_vm(id).ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
+        let vm = self.vm(id).ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
         if vm.exit_info().is_some() {
             return Err(mig_err(id, "its QEMU has exited"));
         }
@@ -408,7 +408,7 @@ impl Agent {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         } else if done == MigrationStatus::Completed {
-            if let Some(vm) = self.running_vm(id) {
+            if let Some(vm) = self.vm(id) {
                 tracing::warn!(vm = %id, "the destination did not take over; resuming the guest here");
                 vm.cont().await?;
                 let mut st = o.status.lock().unwrap();
@@ -615,21 +615,7 @@ async fn abort_source(vm: &Vm) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = vm.execute("block-job-cancel", Some(json!({"device": MIRROR_JOB, "force": true}))).await;
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(20) {
-        let present = vm
-            .execute("query-block-jobs", None)
-            .await
-            .ok()
-            .and_then(|j| j.as_array().map(|a| a.iter().any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB))))
-            .unwrap_or(false);
-        if !present {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = vm.execute("blockdev-del", Some(json!({"node-name": TARGET_NODE}))).await;
+    cancel_mirror(vm).await;
     match vm.execute("query-status", None).await {
         Ok(st) => {
             let s = st.get("status").and_then(Value::as_str).unwrap_or("");
@@ -648,7 +634,7 @@ async fn abort_source(vm: &Vm) {
 /// as one log (offsets run across both). `None` when the VM has no history (not migrated).
 pub(crate) fn console_with_history(agent: &Agent, id: &str, offset: i64, page: u64) -> Option<vgrid_api::vm::ConsoleChunk> {
     use std::io::{Read, Seek};
-    let dir = agent.runtime_dir_of(id);
+    let dir = agent.runtime_dir(id);
     let history = std::fs::read(dir.join(CONSOLE_HISTORY)).ok()?;
     let h = history.len() as u64;
     let mut log = std::fs::File::open(dir.join(crate::vm::CONSOLE_LOG)).ok();
@@ -744,30 +730,32 @@ pub(crate) async fn settle_after_restart(vm: &Vm) {
         Ok(m) => m.get("status").and_then(Value::as_str).unwrap_or("").to_string(),
         Err(_) => return,
     };
-    let mirror = vm
-        .execute("query-block-jobs", None)
-        .await
-        .ok()
-        .and_then(|j| j.as_array().map(|a| a.iter().any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB))))
-        .unwrap_or(false);
+    let mirror = mirror_running(vm).await;
     if matches!(status.as_str(), "setup" | "active" | "pre-switchover" | "device" | "wait-unplug" | "cancelling") {
         tracing::warn!(vm = %vm.id(), status, "adopted in the middle of an outgoing migration; cancelling it");
         abort_source(vm).await;
     } else if mirror {
         tracing::warn!(vm = %vm.id(), "adopted with a migration disk mirror running; cancelling it");
-        let _ = vm.execute("block-job-cancel", Some(json!({"device": MIRROR_JOB, "force": true}))).await;
-        for _ in 0..100 {
-            let present = vm
-                .execute("query-block-jobs", None)
-                .await
-                .ok()
-                .and_then(|j| j.as_array().map(|a| a.iter().any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB))))
-                .unwrap_or(false);
-            if !present {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = vm.execute("blockdev-del", Some(json!({"node-name": TARGET_NODE}))).await;
+        cancel_mirror(vm).await;
     }
+}
+
+/// Whether the migration's disk mirror job runs on `vm`.
+async fn mirror_running(vm: &Vm) -> bool {
+    vm.execute("query-block-jobs", None)
+        .await
+        .ok()
+        .and_then(|j| j.as_array().map(|a| a.iter().any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB))))
+        .unwrap_or(false)
+}
+
+/// Cancels the migration's disk mirror, waits (up to 20 s) until the job is gone, and removes
+/// the NBD target node it wrote to.
+async fn cancel_mirror(vm: &Vm) {
+    let _ = vm.execute("block-job-cancel", Some(json!({"device": MIRROR_JOB, "force": true}))).await;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(20) && mirror_running(vm).await {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = vm.execute("blockdev-del", Some(json!({"node-name": TARGET_NODE}))).await;
 }
