@@ -53,25 +53,17 @@ impl Grid {
     }
 
     fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(vgrid_bin()).args(args).env("VGRID_URL", &self.coordinator.url).stdin(std::process::Stdio::null()).output().unwrap()
+        cli_at(&self.coordinator.url, args)
     }
 
     fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        let o = self.cli(&a);
-        assert!(o.status.success(), "vgrid {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice(&o.stdout).unwrap()
+        json_at(&self.coordinator.url, args)
     }
 
     /// Image servers registered with the coordinator (the REST API, with a login token).
     fn image_server_count(&self) -> usize {
-        let token = self.json(&["login"])["token"].as_str().unwrap().to_string();
-        let o = Command::new("curl")
-            .args(["-s", "-H", &format!("authorization: Bearer {token}"), &format!("{}/api/v1/image-servers", self.coordinator.url)])
-            .output()
-            .unwrap();
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).ok().and_then(|v| v.as_array().map(|a| a.len())).unwrap_or(0)
+        let body = api_get(&self.coordinator.url, "/api/v1/image-servers");
+        serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v.as_array().map(|a| a.len())).unwrap_or(0)
     }
 
     fn host_state(&self, name: &str) -> String {

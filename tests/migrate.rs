@@ -74,30 +74,17 @@ impl Grid {
         self.host_dir(host).join("vms").join(id)
     }
 
-    /// GET on the REST API with a login token.
-    fn get(&self, path: &str) -> std::process::Output {
-        let token = self.json(&["login"])["token"].as_str().unwrap().to_string();
-        Command::new("curl")
-            .args(["-s", "-H", &format!("authorization: Bearer {token}"), &format!("{}{path}", self.coordinator.url)])
-            .output()
-            .unwrap()
-    }
-
     fn image_servers(&self) -> usize {
-        let o = self.get("/api/v1/image-servers");
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).ok().and_then(|v| v.as_array().map(|a| a.len())).unwrap_or(0)
+        let body = api_get(&self.coordinator.url, "/api/v1/image-servers");
+        serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v.as_array().map(|a| a.len())).unwrap_or(0)
     }
 
     fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(vgrid_bin()).args(args).env("VGRID_URL", &self.coordinator.url).stdin(std::process::Stdio::null()).output().unwrap()
+        cli_at(&self.coordinator.url, args)
     }
 
     fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        let o = self.cli(&a);
-        assert!(o.status.success(), "vgrid {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice(&o.stdout).unwrap()
+        json_at(&self.coordinator.url, args)
     }
 
     fn logs(&self) -> String {
@@ -302,8 +289,7 @@ fn a_guest_dirtying_memory_faster_than_the_link_is_cancelled_and_runs_on_at_the_
     assert!(process_alive(pid));
     let n = ticks(&console_log(&src)).len();
     g.wait_until("the counter to go on at the source", Duration::from_secs(60), || ticks(&console_log(&src)).len() > n + 2);
-    let status = g.get(&format!("/api/v1/vms/{id}"));
-    let rec: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let rec: serde_json::Value = serde_json::from_slice(&api_get(&g.coordinator.url, &format!("/api/v1/vms/{id}"))).unwrap();
     assert_eq!(rec["state"], "running");
     // h2 reports nothing: the incoming QEMU is gone.
     g.wait_until("h2 to report no VM", Duration::from_secs(30), || g.json(&["host", "show", "h2"])["vms"].as_array().unwrap().is_empty());

@@ -94,7 +94,7 @@ impl Grid {
     }
 
     fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(vgrid_bin()).args(args).env("VGRID_URL", &self.coordinator.url).stdin(std::process::Stdio::null()).output().unwrap()
+        cli_at(&self.coordinator.url, args)
     }
 
     fn json(&self, args: &[&str]) -> serde_json::Value {
@@ -223,12 +223,7 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
     g.wait_until("the hosts to know the new image server URL", Duration::from_secs(30), || {
         std::fs::read_to_string(g.dir.path().join("h1.log")).unwrap_or_default().contains(&url)
             || g.json(&["host", "ls"]).is_array() && {
-                let token = g.json(&["login"])["token"].as_str().unwrap().to_string();
-                let o = Command::new("curl")
-                    .args(["-s", "-H", &format!("authorization: Bearer {token}"), &format!("{}/api/v1/image-servers", g.coordinator.url)])
-                    .output()
-                    .unwrap();
-                String::from_utf8_lossy(&o.stdout).contains(&url)
+                String::from_utf8_lossy(&api_get(&g.coordinator.url, "/api/v1/image-servers")).contains(&url)
             }
     });
     std::thread::sleep(Duration::from_secs(3));

@@ -227,15 +227,11 @@ impl Grid {
     }
 
     fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(vgrid_bin()).args(args).env("VGRID_URL", &self.coordinator.url).stdin(std::process::Stdio::null()).output().unwrap()
+        cli_at(&self.coordinator.url, args)
     }
 
     fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        let o = self.cli(&a);
-        assert!(o.status.success(), "vgrid {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice(&o.stdout).unwrap()
+        json_at(&self.coordinator.url, args)
     }
 
     fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -306,12 +302,7 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
     let by_user = g.json(&["usage", "--user", &me]);
     assert_eq!(by_user["users"][0]["usage"]["cpu_ns"].as_u64().unwrap(), counter, "{by_user}");
     // The same through the REST API, which the OpenAPI document describes.
-    let token = g.json(&["login"])["token"].as_str().unwrap().to_string();
-    let o = Command::new("curl")
-        .args(["-s", "-H", &format!("authorization: Bearer {token}"), &format!("{}/api/v1/usage?user={me}&since=0", g.coordinator.url)])
-        .output()
-        .unwrap();
-    let rest: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rest: serde_json::Value = serde_json::from_slice(&api_get(&g.coordinator.url, &format!("/api/v1/usage?user={me}&since=0"))).unwrap();
     assert_eq!(usage_of(&rest, &id).unwrap()["usage"]["cpu_ns"].as_u64().unwrap(), counter, "{rest}");
     let o = Command::new("curl").args(["-s", &format!("{}/api/openapi.json", g.coordinator.url)]).output().unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

@@ -264,3 +264,28 @@ pub fn stop_child(mut c: Child, timeout: Duration) -> bool {
     let _ = c.wait();
     false
 }
+
+/// Runs the CLI against the coordinator at `url`.
+pub fn cli_at(url: &str, args: &[&str]) -> Output {
+    Command::new(vgrid_bin()).args(args).env("VGRID_URL", url).stdin(Stdio::null()).output().expect("running vgrid")
+}
+
+/// Runs the CLI with `--json` against the coordinator at `url`, expects success, parses stdout.
+pub fn json_at(url: &str, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let o = cli_at(url, &a);
+    assert!(o.status.success(), "vgrid {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// GET `path` of the REST API at `url` with a login token (the local user's, as the CLI logs
+/// in); returns the body.
+pub fn api_get(url: &str, path: &str) -> Vec<u8> {
+    let token = json_at(url, &["login"])["token"].as_str().unwrap().to_string();
+    Command::new("curl")
+        .args(["-s", "-H", &format!("authorization: Bearer {token}"), &format!("{url}{path}")])
+        .output()
+        .unwrap()
+        .stdout
+}
