@@ -60,8 +60,8 @@ impl Person {
 }
 
 fn curl(up: &Up, method: &str, path: &str, token: Option<&str>) -> u16 {
-    let mut c = Command::new("curl");
-    c.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method, "-H", "content-type: application/json"]);
+    let mut c = curl_for(&up.url);
+    c.args(["-o", "/dev/null", "-w", "%{http_code}", "-X", method, "-H", "content-type: application/json"]);
     if let Some(t) = token {
         c.args(["-H", &format!("authorization: Bearer {t}")]);
     }

@@ -115,7 +115,7 @@ fn vms_run_on_separate_host_processes_from_either_image_server() {
     let hosts = g.json(&["host", "ls"]);
     for h in hosts.as_array().unwrap() {
         assert_eq!(h["state"], "ready");
-        assert!(h["ad"]["url"].as_str().unwrap().starts_with("http://127.0.0.1:"));
+        assert!(h["ad"]["url"].as_str().unwrap().starts_with("https://127.0.0.1:"));
         assert!(h["ad"]["memory_mib"].as_u64().unwrap() > 0);
     }
     assert_eq!(g.json(&["host", "show", "h2"])["ad"]["labels"]["site"], "nw");
@@ -244,7 +244,7 @@ fn requests_wait_in_the_queue_until_capacity_frees() {
     assert_eq!(second["state"], "pending");
     assert!(second["phase"].as_str().unwrap().starts_with("queued"), "{second}");
     // It stays queued across a coordinator crash and restart...
-    let listen = g.coordinator.url.trim_start_matches("http://").to_string();
+    let listen = g.coordinator.url.trim_start_matches("https://").to_string();
     g.coordinator.kill();
     g.coordinator = start_coordinator(g.dir.path(), &listen);
     g.wait_until("the host to re-register", Duration::from_secs(15), || {
@@ -273,7 +273,7 @@ fn a_coordinator_restart_neither_loses_nor_duplicates_a_vm() {
     let pid = v["pid"].as_u64().unwrap();
 
     // Crash the coordinator and start it again on the same address and state.
-    let listen = g.coordinator.url.trim_start_matches("http://").to_string();
+    let listen = g.coordinator.url.trim_start_matches("https://").to_string();
     g.coordinator.kill();
     assert!(process_alive(pid), "the guest must outlive its coordinator");
     g.coordinator = start_coordinator(g.dir.path(), &listen);

@@ -202,7 +202,7 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
     g.wait_until("the VM to be suspending", Duration::from_secs(30), || g.json(&["vm", "show", &id])["state"] == "suspending");
     g.coordinator.kill();
     let _ = suspender.join();
-    let listen = g.coordinator.url.trim_start_matches("http://").to_string();
+    let listen = g.coordinator.url.trim_start_matches("https://").to_string();
     let coord_data = g.dir.path().join("coord");
     g.coordinator = Role::start(
         &["coordinator", "--listen", &listen, "--data-dir", coord_data.to_str().unwrap(), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
@@ -321,7 +321,7 @@ fn warm_image_starts_two_vms_without_booting() {
     let o = up.cli(&["vm", "resume", &id]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("only a suspended VM can be resumed"));
     // The OpenAPI document describes the new endpoints.
-    let o = Command::new("curl").args(["-s", &format!("{}/api/openapi.json", up.url)]).output().unwrap();
+    let o = curl_for(&up.url).arg(format!("{}/api/openapi.json", up.url)).output().unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     for p in ["suspend", "resume", "snapshot"] {
         assert!(doc["paths"][format!("/api/v1/vms/{{id}}/{p}")]["post"].is_object(), "{p} missing from the OpenAPI document");

@@ -304,7 +304,7 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
     // The same through the REST API, which the OpenAPI document describes.
     let rest: serde_json::Value = serde_json::from_slice(&api_get(&g.coordinator.url, &format!("/api/v1/usage?user={me}&since=0"))).unwrap();
     assert_eq!(usage_of(&rest, &id).unwrap()["usage"]["cpu_ns"].as_u64().unwrap(), counter, "{rest}");
-    let o = Command::new("curl").args(["-s", &format!("{}/api/openapi.json", g.coordinator.url)]).output().unwrap();
+    let o = curl_for(&g.coordinator.url).arg(format!("{}/api/openapi.json", g.coordinator.url)).output().unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(doc["paths"]["/api/v1/usage"]["get"].is_object(), "no /api/v1/usage in the OpenAPI document");
     assert!(doc["components"]["schemas"]["UsageReport"].is_object());
@@ -313,7 +313,7 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
     // The host agent crashes; QEMU and its cgroup outlive it. Whatever was reported stays, the
     // restarted agent neither resets nor adds to it twice.
     let before = usage_of(&g.json(&["usage"]), &id).unwrap()["usage"]["cpu_ns"].as_u64().unwrap();
-    let host_listen = g.host.url.trim_start_matches("http://").to_string();
+    let host_listen = g.host.url.trim_start_matches("https://").to_string();
     g.host.kill();
     assert!(process_alive(pid));
     g.host = Grid::start_host(g.dir.path(), &g.coordinator.url, &g.host_name, &host_listen);
@@ -331,7 +331,7 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
     let after = frozen;
 
     // The coordinator crashes and restarts on the same state: the totals are still there.
-    let listen = g.coordinator.url.trim_start_matches("http://").to_string();
+    let listen = g.coordinator.url.trim_start_matches("https://").to_string();
     g.coordinator.kill();
     g.coordinator = Grid::start_coordinator(g.dir.path(), &listen);
     g.wait_until("the host to re-register", Duration::from_secs(15), || g.json(&["host", "ls"]).as_array().map(|a| a.len() == 1).unwrap_or(false));

@@ -90,11 +90,21 @@ async fn start_sim(name: String, coordinator: String) -> Sim {
         .route("/host/v1/vms/{id}", delete(ok))
         .with_state(sim.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    // Joins the grid like a real host: a one-time token, a certificate of the grid CA.
+    let token: vgrid_trust::node::JoinToken = tokio::task::spawn_blocking({
+        let c = coordinator.clone();
+        move || join_token(&c, "host")
+    })
+    .await
+    .unwrap()
+    .parse()
+    .unwrap();
+    let node = vgrid_trust::node::join(&coordinator, &token, vgrid_trust::NodeRole::Host, &name, &["127.0.0.1".into()]).await.unwrap();
+    let http = vgrid_trust::tls::client_builder_for(&node.ca_pem, Some(&node)).unwrap().build().unwrap();
+    tokio::spawn(vgrid_trust::tls::serve(listener, node, app, std::future::pending()));
     let beat = sim.clone();
     tokio::spawn(async move {
-        let http = reqwest::Client::new();
         loop {
             let vms: Vec<Value> = {
                 let s = beat.state.lock().unwrap();
@@ -114,10 +124,10 @@ async fn start_sim(name: String, coordinator: String) -> Sim {
 }
 
 /// A client sending the bearer token with every request.
-fn authed(token: &str) -> reqwest::Client {
+fn authed(token: &str, ca: &str) -> reqwest::Client {
     let mut h = reqwest::header::HeaderMap::new();
     h.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
-    reqwest::Client::builder().default_headers(h).build().unwrap()
+    vgrid_trust::tls::client_builder_for(&ca, None).unwrap().default_headers(h).build().unwrap()
 }
 
 #[test]
@@ -147,12 +157,14 @@ fn two_hundred_concurrent_runs_never_overcommit_a_host() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
     let coord = coordinator.url.clone();
     let token_copy = token.clone();
+    let ca = std::fs::read_to_string(pinned_ca(&coordinator.url)).unwrap();
+    let ca2 = ca.clone();
     let (sims, answers) = rt.block_on(async move {
         let mut sims = Vec::new();
         for i in 0..HOSTS {
             sims.push(start_sim(format!("sim{i}"), coord.clone()).await);
         }
-        let http = authed(&token);
+        let http = authed(&token, &ca);
         let t0 = Instant::now();
         loop {
             let hosts: Value = http.get(format!("{coord}/api/v1/hosts")).send().await.unwrap().json().await.unwrap();
@@ -196,7 +208,7 @@ fn two_hundred_concurrent_runs_never_overcommit_a_host() {
     let log = coordinator.log.clone();
     let token2 = token_copy;
     let vms = rt.block_on(async move {
-        let http = authed(&token2);
+        let http = authed(&token2, &ca2);
         let t0 = Instant::now();
         loop {
             let vms: Value = http.get(format!("{url}/api/v1/vms")).send().await.unwrap().json().await.unwrap();

@@ -186,8 +186,8 @@ fn bad_requests_get_clear_errors_and_create_nothing() {
     let token = up.json(&["login"])["token"].as_str().unwrap().to_string();
     let auth = format!("authorization: Bearer {token}");
     let http = |method: &str, path: &str, body: &str| -> (u16, serde_json::Value) {
-        let o = Command::new("curl")
-            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method, "-H", "content-type: application/json", "-H", &auth, "--data", body])
+        let o = curl_for(&up.url)
+            .args(["-o", "-", "-w", "\n%{http_code}", "-X", method, "-H", "content-type: application/json", "-H", &auth, "--data", body])
             .arg(format!("{}{path}", up.url))
             .output()
             .unwrap();

@@ -47,7 +47,7 @@ impl Up {
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
         let url = line
             .split_whitespace()
-            .find(|w| w.starts_with("http://"))
+            .find(|w| w.starts_with("https://"))
             .unwrap_or_else(|| panic!("vgrid up printed no URL: {line:?}; log:\n{}", std::fs::read_to_string(data.path().join("up.log")).unwrap_or_default()))
             .to_string();
         Up { child: Some(child), url, data }
@@ -197,7 +197,9 @@ pub fn console_exec(up: &Up, id: &str, cmd: &str, until: &str) {
 }
 
 /// A vgrid role started as its own process (`vgrid coordinator|host|image-server ...`),
-/// killed on drop. `url` is the first `http://` word of its first stdout line.
+/// killed on drop. `url` is the first `https://` word of its first stdout line. A host or image
+/// server given `--coordinator URL` and no `--join-token` gets a fresh one-time token from that
+/// coordinator (made by the local admin through the CLI), as an operator would hand it over.
 pub struct Role {
     pub child: Option<Child>,
     pub url: String,
@@ -206,8 +208,16 @@ pub struct Role {
 
 impl Role {
     pub fn start(args: &[&str], log: PathBuf) -> Role {
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let joins = matches!(args.first().map(|a| a.as_str()), Some("host" | "image-server"));
+        if joins && !args.iter().any(|a| a == "--join-token") {
+            if let Some(i) = args.iter().position(|a| a == "--coordinator") {
+                let token = join_token(&args[i + 1], &args[0]);
+                args.extend(["--join-token".to_string(), token]);
+            }
+        }
         let mut child = Command::new(vgrid_bin())
-            .args(args)
+            .args(&args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
@@ -220,7 +230,7 @@ impl Role {
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
         let url = line
             .split_whitespace()
-            .find(|w| w.starts_with("http://"))
+            .find(|w| w.starts_with("https://"))
             .map(|w| w.trim_end_matches([',', ')']).to_string())
             .unwrap_or_else(|| panic!("vgrid {args:?} printed no URL: {line:?}; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
         Role { child: Some(child), url, log }
@@ -279,12 +289,29 @@ pub fn json_at(url: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// A one-time join token for `role` (`host` or `image-server`) from the coordinator at `url`.
+pub fn join_token(url: &str, role: &str) -> String {
+    json_at(url, &["join-token", "create", "--role", role])["token"].as_str().unwrap().to_string()
+}
+
+/// The CA the CLI pinned for the coordinator at `url` (a PEM file), pinning it if needed.
+pub fn pinned_ca(url: &str) -> PathBuf {
+    PathBuf::from(json_at(url, &["ca"])["pinned_in"].as_str().unwrap())
+}
+
+/// `curl -s` that trusts only the CA pinned for `url`.
+pub fn curl_for(url: &str) -> Command {
+    let mut c = Command::new("curl");
+    c.arg("-s").arg("--cacert").arg(pinned_ca(url));
+    c
+}
+
 /// GET `path` of the REST API at `url` with a login token (the local user's, as the CLI logs
 /// in); returns the body.
 pub fn api_get(url: &str, path: &str) -> Vec<u8> {
     let token = json_at(url, &["login"])["token"].as_str().unwrap().to_string();
-    Command::new("curl")
-        .args(["-s", "-H", &format!("authorization: Bearer {token}"), &format!("{url}{path}")])
+    curl_for(url)
+        .args(["-H", &format!("authorization: Bearer {token}"), &format!("{url}{path}")])
         .output()
         .unwrap()
         .stdout

@@ -132,3 +132,52 @@ mod tests {
         }
     }
 }
+
+/// Body of `POST /api/v1/join-tokens` (admins only): a one-time token a host or an image
+/// server joins the grid with.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenCreate {
+    /// `host` or `image-server`.
+    pub role: String,
+    /// Seconds until the token expires (default one hour).
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// A join token as made (the secret is shown only here) or listed.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JoinTokenInfo {
+    pub id: String,
+    pub role: String,
+    /// Unix seconds.
+    pub expires: u64,
+    pub created_by: String,
+    /// Name of the node that used it, once used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_by: Option<String>,
+    /// The whole token, `vgrid-join1:<id>.<secret>:<CA fingerprint>`; only when made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// Body of `POST /api/v1/join` (public: the token is the credential).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// `<id>.<secret>` of the join token.
+    pub token: String,
+    /// `host` or `image-server`; must be the token's.
+    pub role: String,
+    /// The node's name (a host's name in `host ls`).
+    pub name: String,
+    /// PEM PKCS#10 certificate request; its DNS/IP names become the certificate's.
+    pub csr: String,
+}
+
+/// Answer to a join: the node's certificate and the grid CA, both PEM.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JoinReply {
+    pub cert: String,
+    pub ca: String,
+}

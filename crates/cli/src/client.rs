@@ -12,13 +12,23 @@ pub struct Api {
     http: reqwest::Client,
     /// The bearer token, once known (loaded from the token file or from a login).
     token: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// Why the coordinator's CA could not be pinned, if it could not.
+    trust_error: Option<String>,
 }
 
 impl Api {
     pub fn new(base: &str) -> Self {
         let base = base.trim_end_matches('/').to_string();
         let token = crate::auth::saved_token(&base);
-        Api { base, http: reqwest::Client::new(), token: std::sync::Arc::new(std::sync::Mutex::new(token)) }
+        // TLS to the coordinator trusts the CA pinned for it (pinned now at first contact); a
+        // failure to pin is reported if the request then fails.
+        let trust_error = crate::trust::trust(&base).err().map(|e| format!("{e:#}"));
+        Api {
+            base,
+            http: vgrid_trust::tls::client_builder().build().expect("HTTP client"),
+            token: std::sync::Arc::new(std::sync::Mutex::new(token)),
+            trust_error,
+        }
     }
 
     pub fn http(&self) -> &reqwest::Client {
@@ -51,9 +61,21 @@ impl Api {
             if let Some(b) = body {
                 req = req.json(b);
             }
-            let resp = req.send().await.map_err(|e| {
-                anyhow!("cannot reach vgrid at {} ({what}): {e}. Is `vgrid up` running? Set VGRID_URL or --url to its address.", self.base)
-            })?;
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    if let Some(why) = &self.trust_error {
+                        return Err(anyhow!("{why}"));
+                    }
+                    if let Some(why) = crate::trust::explain_failure(&self.base) {
+                        return Err(anyhow!("refusing {} ({what}): {why}", self.base));
+                    }
+                    return Err(anyhow!(
+                        "cannot reach vgrid at {} ({what}): {e:#}. Is `vgrid up` running? Set VGRID_URL or --url to its address.",
+                        self.base
+                    ));
+                }
+            };
             let status = resp.status();
             let body_bytes = resp.bytes().await.with_context(|| format!("reading the answer to {what}"))?;
             if status == reqwest::StatusCode::UNAUTHORIZED && !logged_in && !path.starts_with("/api/v1/auth/") {

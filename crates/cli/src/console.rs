@@ -21,7 +21,7 @@ pub async fn attach(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     if let Some(t) = api.token() {
         req.headers_mut().insert("authorization", format!("Bearer {t}").parse().map_err(|_| anyhow!("malformed token"))?);
     }
-    let (ws, _) = tokio_tungstenite::connect_async(req).await.map_err(|e| match e {
+    let (ws, _) = vgrid_trust::tls::ws_connect(req).await.map_err(|e| match e {
         tokio_tungstenite::tungstenite::Error::Http(r) => {
             let body = r.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
             anyhow!("console of VM {} refused (HTTP {}): {}", v.id, r.status().as_u16(), body)

@@ -72,6 +72,7 @@ pub struct ServerArg {
 impl ServerArg {
     fn client(&self, ctx: &Ctx) -> anyhow::Result<StoreClient> {
         let url = self.image_server.clone().unwrap_or_else(|| ctx.url.clone());
+        crate::trust::trust(&url)?;
         StoreClient::new(&url).map_err(|e| anyhow!("{e}"))
     }
 }

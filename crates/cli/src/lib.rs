@@ -11,6 +11,7 @@ mod mobile;
 mod migrate;
 mod output;
 mod roles;
+mod trust;
 mod usage;
 mod vm;
 
@@ -21,7 +22,7 @@ pub use client::Api;
 
 /// Default address of `vgrid up` and of the coordinator.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
-pub const DEFAULT_URL: &str = "http://127.0.0.1:7070";
+pub const DEFAULT_URL: &str = "https://127.0.0.1:7070";
 
 #[derive(Parser, Debug)]
 #[command(name = "vgrid", version, about = "Grid computing on virtual machines: run a VM image on whichever host can take it, its blocks streamed on demand.",
@@ -69,6 +70,12 @@ pub enum Cmd {
     Audit(auth::AuditArgs),
     /// Resource use per VM and per user: CPU-seconds, memory MiB-seconds, disk and image bytes.
     Usage(usage::UsageArgs),
+    /// The coordinator's CA as pinned by this CLI (its fingerprint: compare it out of band,
+    /// give it to others as $VGRID_CA_FINGERPRINT).
+    Ca,
+    /// One-time tokens for hosts and image servers to join the grid (admins).
+    #[command(subcommand)]
+    JoinToken(trust::JoinTokenCmd),
 }
 
 /// Entry point of the `vgrid` binary.
@@ -116,6 +123,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::User(c) => auth::user_cmd(&ctx, c).await,
         Cmd::Audit(a) => auth::audit_cmd(&ctx, a).await,
         Cmd::Usage(a) => usage::run(&ctx, a).await,
+        Cmd::Ca => trust::ca_cmd(&ctx).await,
+        Cmd::JoinToken(c) => trust::join_token_cmd(&ctx, c).await,
     }
 }
 

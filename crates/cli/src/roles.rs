@@ -17,6 +17,10 @@ use vgrid_coordinator::hosts::Registry;
 use vgrid_hostagent::agent::{Agent, AgentConfig, Heartbeat, PullProgress};
 use vgrid_imagestore::client::StoreClient;
 use vgrid_imagestore::store::ImageStore;
+use vgrid_coordinator::join::Joins;
+use vgrid_trust::node::JoinToken;
+use vgrid_trust::tls::ProcessTls;
+use vgrid_trust::{Ca, NodeCert, NodeRole};
 
 use crate::image::NbdArgs;
 use crate::output::{bytes, parse_size, print_json, progress_bar};
@@ -36,6 +40,18 @@ pub struct UpArgs {
     pub beats: BeatOpts,
     #[command(flatten)]
     pub users: UserOpts,
+    #[command(flatten)]
+    pub tls: TlsOpts,
+}
+
+/// TLS names of a role (every role serves HTTPS with a certificate of the grid CA).
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsOpts {
+    /// An extra DNS name or IP address clients reach this role by, put in its certificate
+    /// (repeatable); localhost, 127.0.0.1, ::1, the hostname, the listen and advertised
+    /// addresses are always in it.
+    #[arg(long = "tls-san", value_delimiter = ',')]
+    pub sans: Vec<String>,
 }
 
 /// Users of a coordinator (`vgrid up`, `vgrid coordinator`).
@@ -147,6 +163,8 @@ pub struct CoordinatorArgs {
     /// Image servers known by URL, besides those that register (repeatable).
     #[arg(long = "image-server", value_delimiter = ',')]
     pub image_servers: Vec<String>,
+    #[command(flatten)]
+    pub tls: TlsOpts,
 }
 
 #[derive(Args, Debug)]
@@ -157,12 +175,18 @@ pub struct HostAgentArgs {
     /// Address of this host agent's API.
     #[arg(long, default_value = "127.0.0.1:7072")]
     pub listen: SocketAddr,
-    /// URL the coordinator reaches this host at [default: http://LISTEN].
+    /// URL the coordinator reaches this host at [default: https://LISTEN].
     #[arg(long)]
     pub advertise_url: Option<String>,
     /// Data directory: host cache and VM runtime directories.
     #[arg(long, env = "VGRID_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// One-time token to join the grid with (`vgrid join-token create --role host` on the
+    /// coordinator); needed on the first start only, the certificate is kept in DATA/tls.
+    #[arg(long, env = "VGRID_JOIN_TOKEN")]
+    pub join_token: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsOpts,
     #[command(flatten)]
     pub host: HostOpts,
 }
@@ -181,9 +205,16 @@ pub struct ImageServerArgs {
     /// Name advertised to the coordinator [default: hostname:port].
     #[arg(long)]
     pub name: Option<String>,
-    /// URL hosts reach this server at [default: http://LISTEN].
+    /// URL hosts reach this server at [default: https://LISTEN].
     #[arg(long)]
     pub advertise_url: Option<String>,
+    /// One-time token to join the coordinator's grid with (`vgrid join-token create --role
+    /// image-server`); needed on the first start only. Without --coordinator the server makes
+    /// its own CA instead.
+    #[arg(long, env = "VGRID_JOIN_TOKEN")]
+    pub join_token: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsOpts,
 }
 
 /// `$VGRID_DATA_DIR`, else `$XDG_DATA_HOME/vgrid`, else `~/.local/share/vgrid`.
@@ -224,8 +255,68 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<(tokio::net::TcpListener, Stri
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr} (is another vgrid running? use --listen)"))?;
-    let url = format!("http://{}", listener.local_addr()?);
+    let url = format!("https://{}", listener.local_addr()?);
     Ok((listener, url))
+}
+
+/// The names a role's certificate is valid for.
+fn sans_for(listen: SocketAddr, extra: &[String], advertise: Option<&str>) -> Vec<String> {
+    let mut v: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into(), hostname()];
+    if !listen.ip().is_unspecified() {
+        v.push(listen.ip().to_string());
+    }
+    if let Some(h) = advertise.and_then(|a| reqwest::Url::parse(a).ok()).and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string())) {
+        v.push(h);
+    }
+    v.extend(extra.iter().cloned());
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// A role that holds a CA (a coordinator, `vgrid up`, a standalone image server): the CA in
+/// DIR/tls (made on first start; an operator may put an existing `ca.crt` and `ca.key` there)
+/// and a fresh certificate for this process.
+fn own_ca(data: &Path, name: &str, roles: &[NodeRole], sans: Vec<String>) -> anyhow::Result<(Ca, NodeCert)> {
+    let ca = Ca::load_or_create(&data.join("tls"), name).map_err(|e| anyhow!("the grid CA: {e}"))?;
+    let node = ca.issue_local(name, roles, &sans).map_err(|e| anyhow!("this node's certificate: {e}"))?;
+    Ok((ca, node))
+}
+
+/// This process's certificate for all its clients and the local CLI's pin of `url`.
+fn use_node_cert(node: &NodeCert, pin_url: Option<&str>) -> anyhow::Result<()> {
+    vgrid_trust::tls::install(ProcessTls { ca_pem: node.ca_pem.clone(), identity: Some(node.clone()) });
+    if let Some(u) = pin_url {
+        crate::trust::pin(u, &node.ca_pem)?;
+    }
+    Ok(())
+}
+
+/// A host's or image server's certificate: the one kept in DATA/tls, or a new one got by
+/// joining the grid of `coordinator` with `token`.
+async fn joined_cert(data: &Path, coordinator: &str, token: Option<&str>, role: NodeRole, name: &str, sans: Vec<String>) -> anyhow::Result<NodeCert> {
+    let dir = data.join("tls");
+    if let Some(n) = NodeCert::load(&dir).map_err(|e| anyhow!("{e}"))? {
+        let p = n.peer().map_err(|e| anyhow!("{e}"))?;
+        if p.name != name || !p.is(role) {
+            bail!(
+                "{} holds the certificate of {} as {:?}, not of {role} {name}: use another --data-dir, or remove {} and join again",
+                dir.display(),
+                p.name,
+                p.roles,
+                dir.display()
+            );
+        }
+        return Ok(n);
+    }
+    let Some(token) = token else {
+        bail!("this {role} has not joined the grid yet: give --join-token (made on the coordinator by `vgrid join-token create --role {role}`)");
+    };
+    let token: JoinToken = token.parse().map_err(|e| anyhow!("{e}"))?;
+    let n = vgrid_trust::node::join(coordinator, &token, role, name, &sans).await.map_err(|e| anyhow!("{e}"))?;
+    n.save(&dir).map_err(|e| anyhow!("{e}"))?;
+    eprintln!("joined the grid of {coordinator} as {role} {name} (certificate in {})", dir.display());
+    Ok(n)
 }
 
 async fn start_agent(data: &std::path::Path, o: &HostOpts, extra_servers: Vec<String>) -> anyhow::Result<Arc<Agent>> {
@@ -256,23 +347,26 @@ pub async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     let data = a.data_dir.unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
     let (listener, url) = bind(a.listen).await?;
+    let state = Arc::new(RedbState::open(&data.join("state.redb")).map_err(|e| anyhow!("{e}"))?);
+    let name = a.host.name.clone().unwrap_or_else(hostname);
+    let roles = [NodeRole::Coordinator, NodeRole::Host, NodeRole::ImageServer];
+    let (ca, node) = own_ca(&data, &name, &roles, sans_for(a.listen, &a.tls.sans, None))?;
+    use_node_cert(&node, Some(&url))?;
+    let joins = Arc::new(Joins::new(ca, state.clone()));
 
     let store = Arc::new(ImageStore::open_local(data.join("images")).map_err(|e| anyhow!("opening the image store: {e}"))?);
     let agent = start_agent(&data.join("host"), &a.host, vec![url.clone()]).await?;
-    let state = Arc::new(RedbState::open(&data.join("state.redb")).map_err(|e| anyhow!("{e}"))?);
     let registry = a.beats.registry();
     registry.add_fixed_servers(a.host.image_servers.iter().cloned());
     let auth = a.users.open(state.clone(), &data)?;
     let coord = Coordinator::new(state, registry.clone()).await.map_err(|e| anyhow!("{e}"))?;
 
-    let app = vgrid_coordinator::api::router(coord.clone(), auth)
+    let app = vgrid_coordinator::api::router(coord.clone(), auth, Some(joins))
         .merge(vgrid_imagestore::server::router(store.clone()))
         .merge(vgrid_hostagent::http::router(agent.clone()));
     let stop = Arc::new(tokio::sync::Notify::new());
     let stopped = stop.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app).with_graceful_shutdown(async move { stopped.notified().await }).await
-    });
+    let server = tokio::spawn(vgrid_trust::tls::serve(listener, node, app, async move { stopped.notified().await }));
     // The embedded image server and host register like remote ones would.
     let interval = registry.interval;
     let adv = tokio::spawn(vgrid_imagestore::server::advertise_loop(store, url.clone(), "local".into(), url.clone(), interval));
@@ -300,13 +394,16 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
     let (listener, url) = bind(a.listen).await?;
     let state = Arc::new(RedbState::open(&data.join("state.redb")).map_err(|e| anyhow!("{e}"))?);
+    let (ca, node) = own_ca(&data, &hostname(), &[NodeRole::Coordinator], sans_for(a.listen, &a.tls.sans, None))?;
+    use_node_cert(&node, Some(&url))?;
+    let fingerprint = ca.fingerprint();
+    let joins = Arc::new(Joins::new(ca, state.clone()));
     let registry = a.beats.registry();
     registry.add_fixed_servers(a.image_servers.iter().cloned());
     let auth = a.users.open(state.clone(), &data)?;
     let coord = Coordinator::new(state, registry).await.map_err(|e| anyhow!("{e}"))?;
-    announce(&format!("vgrid coordinator at {url} (data in {})", data.display()));
-    axum::serve(listener, vgrid_coordinator::api::router(coord, auth))
-        .with_graceful_shutdown(shutdown_signal())
+    announce(&format!("vgrid coordinator at {url} (data in {}, CA {fingerprint})", data.display()));
+    vgrid_trust::tls::serve(listener, node, vgrid_coordinator::api::router(coord, auth, Some(joins)), shutdown_signal())
         .await
         .context("serving the API")?;
     Ok(ExitCode::SUCCESS)
@@ -320,17 +417,19 @@ pub async fn host(a: HostAgentArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
     let (listener, url) = bind(a.listen).await?;
     let url = a.advertise_url.unwrap_or(url);
+    let name = a.host.name.clone().unwrap_or_else(hostname);
+    let sans = sans_for(a.listen, &a.tls.sans, Some(&url));
+    let node = joined_cert(&data, &coordinator, a.join_token.as_deref(), NodeRole::Host, &name, sans).await?;
+    use_node_cert(&node, None)?;
     let agent = start_agent(&data, &a.host, vec![]).await?;
     let hb = heartbeat(&a.host, &coordinator, &url);
-    let http = reqwest::Client::new();
+    let http = vgrid_trust::tls::client_builder().build().expect("HTTP client");
     if let Err(e) = agent.heartbeat_once(&http, &hb).await {
         eprintln!("warning: first heartbeat failed (retrying in the background): {e}");
     }
     let beat = tokio::spawn(agent.clone().heartbeat_loop(hb));
     announce(&format!("vgrid host {} at {url}, registered with {coordinator}", agent.name()));
-    let r = axum::serve(listener, vgrid_hostagent::http::router(agent.clone()))
-        .with_graceful_shutdown(shutdown_signal())
-        .await;
+    let r = vgrid_trust::tls::serve(listener, node, vgrid_hostagent::http::router(agent.clone()), shutdown_signal()).await;
     eprintln!("vgrid host: shutting down, stopping guests...");
     beat.abort();
     agent.shutdown().await;
@@ -343,13 +442,24 @@ pub async fn image_server(a: ImageServerArgs) -> anyhow::Result<ExitCode> {
     let store = Arc::new(ImageStore::open_local(data.join("images")).map_err(|e| anyhow!("opening the image store: {e}"))?);
     let (listener, url) = bind(a.listen).await?;
     let url = a.advertise_url.unwrap_or(url);
-    if let Some(c) = &a.coordinator {
-        let name = a.name.clone().unwrap_or_else(|| format!("{}:{}", hostname(), listener.local_addr().map(|l| l.port()).unwrap_or(0)));
-        tokio::spawn(vgrid_imagestore::server::advertise_loop(store.clone(), c.clone(), name, url.clone(), Duration::from_secs(5)));
-    }
+    let name = a.name.clone().unwrap_or_else(|| format!("{}-{}", hostname(), listener.local_addr().map(|l| l.port()).unwrap_or(0)));
+    let sans = sans_for(a.listen, &a.tls.sans, Some(&url));
+    let node = match &a.coordinator {
+        Some(c) => {
+            let node = joined_cert(&data, c, a.join_token.as_deref(), NodeRole::ImageServer, &name, sans).await?;
+            use_node_cert(&node, None)?;
+            tokio::spawn(vgrid_imagestore::server::advertise_loop(store.clone(), c.clone(), name, url.clone(), Duration::from_secs(5)));
+            node
+        }
+        None => {
+            // Its own CA, apart from where a joined certificate would go (DATA/tls).
+            let (_, node) = own_ca(&data.join("tls"), &name, &[NodeRole::ImageServer], sans)?;
+            use_node_cert(&node, Some(&url))?;
+            node
+        }
+    };
     announce(&format!("vgrid image server at {url} (data in {})", data.display()));
-    axum::serve(listener, vgrid_imagestore::server::router(store))
-        .with_graceful_shutdown(shutdown_signal())
+    vgrid_trust::tls::serve(listener, node, vgrid_imagestore::server::router(store), shutdown_signal())
         .await
         .context("serving images")?;
     Ok(ExitCode::SUCCESS)
@@ -369,6 +479,7 @@ pub async fn nbd(ctx: &Ctx, a: NbdArgs) -> anyhow::Result<ExitCode> {
     }
     let r: ImageRef = a.image.parse()?;
     let url = a.server.image_server.clone().unwrap_or_else(|| ctx.url.clone());
+    crate::trust::trust(&url)?;
     let client = StoreClient::new(&url).map_err(|e| anyhow!("{e}"))?;
     let m = client.manifest(&r).await.map_err(|e| anyhow!("{e}"))?;
     let cache_dir = a.cache_dir.unwrap_or_else(|| default_cache_dir().join("nbd-cache"));

@@ -21,11 +21,13 @@ use vgrid_api::ErrorBody;
 
 use crate::hosts::{HeartbeatReply, HostHeartbeat, HostRecord, HostState};
 use crate::auth::{Auth, AuthError, Principal};
+use crate::join::Joins;
+use vgrid_trust::{NodeRole, Peer};
 use crate::lifecycle::{Coordinator, CoordinatorError, Future, FuturesQuery};
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::Extension;
-use vgrid_api::auth::{AuditEntry, Challenge, ChallengeRequest, LoginRequest, LoginToken, Quota, UserCreate, UserInfo};
+use vgrid_api::auth::{AuditEntry, Challenge, ChallengeRequest, LoginRequest, LoginToken, JoinRequest, JoinReply, JoinTokenCreate, JoinTokenInfo, Quota, UserCreate, UserInfo};
 
 /// An error as the API returns it.
 pub struct ApiError(pub StatusCode, pub String);
@@ -86,16 +88,66 @@ type Ctx = State<Arc<Coordinator>>;
 /// The authenticated caller (present on every route but the public ones).
 type Caller = Extension<Principal>;
 type Users = Extension<Arc<Auth>>;
+type Nodes = Extension<Option<Arc<Joins>>>;
+
+/// The grid node proven by the connection's client certificate, if any (set on every request).
+#[derive(Clone, Debug)]
+pub struct NodePeer(pub Option<Peer>);
+
+/// With a grid CA, a node's request must come with a certificate of this grid for `role` that
+/// names `name`: 401 without one, 403 for another node's or another role's.
+fn node_peer(nodes: &Option<Arc<Joins>>, peer: &NodePeer, role: NodeRole, name: &str) -> Result<(), ApiError> {
+    if nodes.is_none() {
+        return Ok(());
+    }
+    match &peer.0 {
+        None => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            format!("{role} {name:?} has not joined this grid: its connection shows no certificate of this grid's CA (start it with --join-token from `vgrid join-token create --role {role}`)"),
+        )),
+        // A coordinator's certificate (also that of `vgrid up`) may speak for any node.
+        Some(p) if p.is(NodeRole::Coordinator) => Ok(()),
+        Some(p) if !p.is(role) => Err(ApiError(StatusCode::FORBIDDEN, format!("the certificate of {} is for {:?}, not for a {role}", p.name, p.roles))),
+        Some(p) if p.name != name => Err(ApiError(StatusCode::FORBIDDEN, format!("the certificate names {:?}; it may not speak for {role} {name:?}", p.name))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// A host or image server joins: a valid one-time join token gets its certificate request signed.
+#[utoipa::path(post, path = "/api/v1/join", request_body = JoinRequest, security(()),
+    responses((status = 200, body = JoinReply), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn join(Extension(nodes): Nodes, body: Result<Json<JoinRequest>, JsonRejection>) -> ApiResult<JoinReply> {
+    let Json(r) = body?;
+    let nodes = nodes.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "this coordinator has no grid CA (it serves plain HTTP); nothing to join".into()))?;
+    Ok(Json(nodes.redeem(&r)?))
+}
+
+/// Makes a one-time join token for a host or an image server (admins only).
+#[utoipa::path(post, path = "/api/v1/join-tokens", request_body = JoinTokenCreate,
+    responses((status = 200, body = JoinTokenInfo), (status = 403, body = ErrorBody)))]
+async fn create_join_token(Extension(nodes): Nodes, Extension(p): Caller, body: Result<Json<JoinTokenCreate>, JsonRejection>) -> ApiResult<JoinTokenInfo> {
+    p.check_admin("making join tokens")?;
+    let Json(r) = body?;
+    let nodes = nodes.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "this coordinator has no grid CA (it serves plain HTTP)".into()))?;
+    Ok(Json(nodes.create(&r.role, r.ttl_seconds, &p.user)?))
+}
+
+/// Join tokens, without their secrets (admins only).
+#[utoipa::path(get, path = "/api/v1/join-tokens", responses((status = 200, body = [JoinTokenInfo]), (status = 403, body = ErrorBody)))]
+async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiResult<Vec<JoinTokenInfo>> {
+    p.check_admin("join tokens")?;
+    Ok(Json(nodes.map(|n| n.list()).transpose()?.unwrap_or_default()))
+}
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "vgrid API", description = "Run VMs on a grid of hosts, images streamed on demand."),
     paths(list_vms, create_vm, get_vm, stop_vm, migrate_vm, delete_vm, console, suspend_vm, resume_vm, snapshot_vm, list_hosts, get_host, host_heartbeat,
         list_image_servers, image_server_heartbeat, futures, auth_challenge, auth_login, auth_logout, whoami,
-        list_users, add_user, get_user, delete_user, set_quota, audit, crate::accounting::get_usage),
+        list_users, add_user, get_user, delete_user, set_quota, audit, crate::accounting::get_usage, join, create_join_token, list_join_tokens),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
         HostState, HostHeartbeat, HeartbeatReply, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
-        Challenge, ChallengeRequest, LoginRequest, LoginToken, Quota, UserCreate, UserInfo, AuditEntry,
+        Challenge, ChallengeRequest, LoginRequest, LoginToken, JoinRequest, JoinReply, JoinTokenCreate, JoinTokenInfo, Quota, UserCreate, UserInfo, AuditEntry,
         vgrid_api::vm::Resources, vgrid_api::usage::UsageReport, vgrid_api::usage::UserUsage, vgrid_api::usage::VmUsage,
         vgrid_api::usage::UsageTotals, vgrid_api::usage::VmUsageReport, VmResume, VmSnapshot, SavedImage, Suspended,
         vgrid_api::migrate::VmMigrate, vgrid_api::migrate::Migration, vgrid_api::migrate::MigrationStatus)),
@@ -114,8 +166,9 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// Routes that need no token: health, the API document, login, and the heartbeats of hosts and
-/// image servers (those authenticate with their certificates once TLS between roles exists).
+/// Routes that need no token: health, the API document, login, joining (the join token is the
+/// credential), and the heartbeats of hosts and image servers (those prove themselves with their
+/// certificates, see [`node_peer`]).
 fn is_public(path: &str) -> bool {
     matches!(
         path,
@@ -125,6 +178,7 @@ fn is_public(path: &str) -> bool {
             | "/api/v1/auth/login"
             | "/api/v1/hosts/heartbeat"
             | "/api/v1/image-servers/heartbeat"
+            | "/api/v1/join"
     )
 }
 
@@ -140,6 +194,8 @@ async fn authenticate(State(auth): State<Arc<Auth>>, mut req: Request, next: Nex
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let public = is_public(&path);
+    let peer = NodePeer(vgrid_trust::tls::peer_of(&req).cloned());
+    req.extensions_mut().insert(peer);
     let caller = bearer(&req).map(|t| auth.authenticate(t));
     let mut user = "-".to_string();
     let resp = match caller {
@@ -178,8 +234,14 @@ async fn authenticate(State(auth): State<Arc<Auth>>, mut req: Request, next: Nex
 
 /// The coordinator's routes (`/api/...`), every one but the public ones behind a token. No
 /// fallback: the caller merges other roles' routes.
-pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>) -> Router {
+///
+/// `nodes` is the grid's CA and join tokens: with it, the heartbeats of hosts and image servers
+/// must come over a connection with a certificate of this grid naming that node (see
+/// [`vgrid_trust::tls::serve`]); without it (in-process tests over plain HTTP) they need none.
+pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -> Router {
     Router::new()
+        .route("/api/v1/join", post(join))
+        .route("/api/v1/join-tokens", get(list_join_tokens).post(create_join_token))
         .route("/api/v1/auth/challenge", post(auth_challenge))
         .route("/api/v1/auth/login", post(auth_login))
         .route("/api/v1/auth/logout", post(auth_logout))
@@ -207,6 +269,7 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>) -> Router {
         .route("/api/v1/image-servers", get(list_image_servers))
         .route("/api/v1/image-servers/heartbeat", post(image_server_heartbeat))
         .with_state(c)
+        .layer(Extension(nodes))
         .layer(Extension(auth.clone()))
         .layer(axum::middleware::from_fn_with_state(auth, authenticate))
 }
@@ -428,7 +491,7 @@ async fn console_ws(
         Err(r) => return Ok(r.into_response()),
     };
     let (rec, url) = c.console_ws_url(&rec.id)?;
-    let (host_ws, _) = tokio_tungstenite::connect_async(&url).await.map_err(|e| {
+    let (host_ws, _) = vgrid_trust::tls::ws_connect(url.as_str()).await.map_err(|e| {
         ApiError(StatusCode::BAD_GATEWAY, format!("console of VM {} on host {}: {e}", rec.id, rec.host.unwrap_or_default()))
     })?;
     Ok(ws.on_upgrade(move |socket| bridge(socket, host_ws)))
@@ -478,11 +541,17 @@ async fn get_host(State(c): Ctx, Path(name): Path<String>) -> ApiResult<HostReco
 /// A host registers and refreshes its advertisement; the answer names the image servers.
 #[utoipa::path(post, path = "/api/v1/hosts/heartbeat", request_body = HostHeartbeat,
     responses((status = 200, body = HeartbeatReply), (status = 400, body = ErrorBody)))]
-async fn host_heartbeat(State(c): Ctx, body: Result<Json<HostHeartbeat>, JsonRejection>) -> ApiResult<HeartbeatReply> {
+async fn host_heartbeat(
+    State(c): Ctx,
+    Extension(nodes): Nodes,
+    Extension(peer): Extension<NodePeer>,
+    body: Result<Json<HostHeartbeat>, JsonRejection>,
+) -> ApiResult<HeartbeatReply> {
     let Json(hb) = body?;
     if vgrid_api::manifest::validate_name(&hb.ad.name).is_err() {
         return Err(ApiError(StatusCode::BAD_REQUEST, format!("invalid host name {:?}", hb.ad.name)));
     }
+    node_peer(&nodes, &peer, NodeRole::Host, &hb.ad.name)?;
     let image_servers = c.heartbeat(hb)?;
     Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers }))
 }
@@ -495,8 +564,14 @@ async fn list_image_servers(State(c): Ctx) -> ApiResult<Vec<ImageServerAd>> {
 /// An image server registers and advertises its images.
 #[utoipa::path(post, path = "/api/v1/image-servers/heartbeat", request_body = ImageServerAd,
     responses((status = 200, body = HeartbeatReply), (status = 400, body = ErrorBody)))]
-async fn image_server_heartbeat(State(c): Ctx, body: Result<Json<ImageServerAd>, JsonRejection>) -> ApiResult<HeartbeatReply> {
+async fn image_server_heartbeat(
+    State(c): Ctx,
+    Extension(nodes): Nodes,
+    Extension(peer): Extension<NodePeer>,
+    body: Result<Json<ImageServerAd>, JsonRejection>,
+) -> ApiResult<HeartbeatReply> {
     let Json(ad) = body?;
+    node_peer(&nodes, &peer, NodeRole::ImageServer, &ad.name)?;
     c.registry().server_beat(ad);
     Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers: c.registry().image_server_urls() }))
 }

@@ -69,7 +69,7 @@ impl Coordinator {
     /// starting when it stopped become `failed`; running ones are watched again once their host
     /// reports in, so a restart neither loses nor duplicates a VM.
     pub async fn new(state: Arc<dyn StateStore>, registry: Arc<Registry>) -> Result<Arc<Self>, CoordinatorError> {
-        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().expect("HTTP client");
+        let http = vgrid_trust::tls::client_builder().connect_timeout(Duration::from_secs(5)).build().expect("HTTP client");
         let accounting = crate::accounting::Accounting::new(state.clone());
         let c = Arc::new(Coordinator { state, registry, sched: Scheduler::new(), http, lock: Mutex::new(()), ads: Default::default(), accounting });
         for vm in c.state.list_vms()? {

@@ -625,7 +625,7 @@ impl Agent {
     /// for; adopts the image server list it answers with. Runs until the process ends; a
     /// coordinator that does not answer is retried at the same pace.
     pub async fn heartbeat_loop(self: Arc<Self>, hb: Heartbeat) {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("HTTP client");
+        let http = vgrid_trust::tls::client_builder().timeout(Duration::from_secs(10)).build().expect("HTTP client");
         let mut interval = Duration::from_secs(5);
         let mut failing = false;
         loop {

@@ -105,7 +105,7 @@ impl StoreClient {
         if reqwest::Url::parse(&base).is_err() {
             return Err(bad(format!("{base_url:?} is not a valid URL")));
         }
-        let http = reqwest::Client::builder()
+        let http = vgrid_trust::tls::client_builder()
             .timeout(retry.request_timeout)
             .connect_timeout(retry.connect_timeout)
             .build()

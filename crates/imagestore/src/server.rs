@@ -312,7 +312,7 @@ pub async fn spawn(
 /// Advertises this image server's images to a coordinator every `interval` (its heartbeat),
 /// until the process ends. A coordinator that does not answer is retried at the same pace.
 pub async fn advertise_loop(store: Arc<ImageStore>, coordinator: String, name: String, url: String, interval: std::time::Duration) {
-    let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10)).build().expect("HTTP client");
+    let http = vgrid_trust::tls::client_builder().timeout(std::time::Duration::from_secs(10)).build().expect("HTTP client");
     let target = format!("{}/api/v1/image-servers/heartbeat", coordinator.trim_end_matches('/'));
     let mut failing = false;
     loop {

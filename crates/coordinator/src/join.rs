@@ -1,0 +1,133 @@
+//! Nodes joining the grid: the grid CA (made on first start, `DATA/tls/`), one-time join tokens
+//! made by admins, and signing the certificate a host or image server asks for when it joins.
+//! Tokens are kept hashed (BLAKE3) in the state store, expire, and are spent by their first use.
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use vgrid_api::auth::{JoinReply, JoinRequest, JoinTokenInfo};
+use vgrid_trust::node::JoinToken;
+use vgrid_trust::{Ca, NodeRole};
+
+use crate::auth::{now, random_hex, AuthError};
+use crate::state::StateStore;
+
+const TABLE: &str = "join-tokens";
+/// Default lifetime of a join token.
+pub const DEFAULT_TTL_SECS: u64 = 3600;
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    info: JoinTokenInfo,
+    secret_hash: String,
+}
+
+pub struct Joins {
+    ca: Ca,
+    state: Arc<dyn StateStore>,
+    /// Serialises redeeming, so a token is spent once.
+    lock: Mutex<()>,
+}
+
+fn joinable(role: &str) -> Result<NodeRole, AuthError> {
+    match role.parse::<NodeRole>() {
+        Ok(r @ (NodeRole::Host | NodeRole::ImageServer)) => Ok(r),
+        _ => Err(AuthError::BadRequest(format!("role {role:?} cannot join: expected host or image-server"))),
+    }
+}
+
+impl Joins {
+    pub fn new(ca: Ca, state: Arc<dyn StateStore>) -> Self {
+        Joins { ca, state, lock: Mutex::new(()) }
+    }
+
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    /// A new token for `role`, valid `ttl_secs`; the whole token is in `token` of the answer.
+    pub fn create(&self, role: &str, ttl_secs: Option<u64>, by: &str) -> Result<JoinTokenInfo, AuthError> {
+        let role = joinable(role)?;
+        let ttl = ttl_secs.unwrap_or(DEFAULT_TTL_SECS);
+        if ttl == 0 || ttl > 30 * 24 * 3600 {
+            return Err(AuthError::BadRequest(format!("token lifetime {ttl} s is out of range: 1 s to 30 days")));
+        }
+        let (id, secret) = (random_hex(6), random_hex(24));
+        let info = JoinTokenInfo { id: id.clone(), role: role.as_str().into(), expires: now() + ttl, created_by: by.into(), used_by: None, token: None };
+        let stored = Stored { info: info.clone(), secret_hash: blake3::hash(secret.as_bytes()).to_hex().to_string() };
+        self.state.put_record(TABLE, &id, &serde_json::to_vec(&stored).expect("serialises"))?;
+        let token = JoinToken { credential: format!("{id}.{secret}"), ca_fingerprint: self.ca.fingerprint() };
+        Ok(JoinTokenInfo { token: Some(token.to_string()), ..info })
+    }
+
+    pub fn list(&self) -> Result<Vec<JoinTokenInfo>, AuthError> {
+        let mut v: Vec<JoinTokenInfo> = self
+            .state
+            .list_records(TABLE)?
+            .into_iter()
+            .filter_map(|(_, b)| serde_json::from_slice::<Stored>(&b).ok().map(|s| s.info))
+            .collect();
+        v.sort_by_key(|i| i.expires);
+        Ok(v)
+    }
+
+    /// Checks the token (known, unspent, unexpired, for this role), spends it and signs the
+    /// node's certificate request.
+    pub fn redeem(&self, req: &JoinRequest) -> Result<JoinReply, AuthError> {
+        let role = joinable(&req.role)?;
+        vgrid_api::manifest::validate_name(&req.name).map_err(|_| AuthError::BadRequest(format!("invalid node name {:?}", req.name)))?;
+        let refused = |why: &str| AuthError::Unauthenticated(format!("join token refused: {why}; make a new one with `vgrid join-token create --role {role}`"));
+        let (id, secret) = req.token.split_once('.').ok_or_else(|| refused("malformed (expected <id>.<secret>)"))?;
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(bytes) = self.state.get_record(TABLE, id)? else { return Err(refused("unknown token")) };
+        let mut s: Stored = serde_json::from_slice(&bytes).map_err(|_| refused("unreadable record"))?;
+        if blake3::hash(secret.as_bytes()).to_hex().as_str() != s.secret_hash {
+            return Err(refused("wrong secret"));
+        }
+        if let Some(u) = &s.info.used_by {
+            return Err(refused(&format!("already used by {u}")));
+        }
+        if s.info.expires <= now() {
+            return Err(refused("expired"));
+        }
+        if s.info.role != role.as_str() {
+            return Err(refused(&format!("it is for a {}, not a {role}", s.info.role)));
+        }
+        let cert = self.ca.sign_request(&req.csr, &req.name, &[role]).map_err(|e| AuthError::BadRequest(e.to_string()))?;
+        s.info.used_by = Some(req.name.clone());
+        self.state.put_record(TABLE, id, &serde_json::to_vec(&s).expect("serialises"))?;
+        tracing::info!(node = %req.name, %role, token = %id, "node joined the grid");
+        Ok(JoinReply { cert, ca: self.ca.cert_pem().to_string() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::RedbState;
+
+    fn joins() -> (tempfile::TempDir, Joins) {
+        let d = tempfile::tempdir().unwrap();
+        let state: Arc<dyn StateStore> = Arc::new(RedbState::open(&d.path().join("s.redb")).unwrap());
+        let ca = Ca::load_or_create(&d.path().join("tls"), "t").unwrap();
+        (d, Joins::new(ca, state))
+    }
+
+    #[test]
+    fn a_token_joins_once_for_its_role_only() {
+        let (_d, j) = joins();
+        let t: JoinToken = j.create("host", None, "admin").unwrap().token.unwrap().parse().unwrap();
+        assert_eq!(t.ca_fingerprint, j.ca().fingerprint());
+        let (csr, _) = vgrid_trust::node::make_request("h1", &["127.0.0.1".into()]).unwrap();
+        let req = |role: &str, token: &str| JoinRequest { token: token.into(), role: role.into(), name: "h1".into(), csr: csr.clone() };
+        let wrong_role = j.redeem(&req("image-server", &t.credential)).unwrap_err().to_string();
+        assert!(wrong_role.contains("not a image-server"), "{wrong_role}");
+        let (id, _) = t.credential.split_once('.').unwrap();
+        assert!(j.redeem(&req("host", &format!("{id}.00"))).unwrap_err().to_string().contains("wrong secret"));
+        let ok = j.redeem(&req("host", &t.credential)).unwrap();
+        assert!(ok.cert.contains("BEGIN CERTIFICATE"));
+        assert!(j.redeem(&req("host", &t.credential)).unwrap_err().to_string().contains("already used by h1"));
+        assert!(j.create("coordinator", None, "admin").is_err());
+        assert_eq!(j.list().unwrap()[0].used_by.as_deref(), Some("h1"));
+    }
+}

@@ -1,0 +1,373 @@
+//! TLS for every role: the server side (a listener for `axum::serve` whose connections carry
+//! the verified client certificate as [`PeerInfo`]), the client side (one process-wide setting
+//! that every `reqwest` client and WebSocket connection of the process uses), and fetching a
+//! server's chain without verifying it, for pinning a CA on first contact.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::{pem_to_der, NodeCert, NodeRole, TrustError};
+
+/// A peer proven by a client certificate the grid CA signed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Peer {
+    pub name: String,
+    pub roles: Vec<NodeRole>,
+}
+
+impl Peer {
+    /// Reads name (CN) and roles (OU) from a certificate (already verified by the caller).
+    pub fn from_der(der: &[u8]) -> Result<Peer, TrustError> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| TrustError::Cert(format!("malformed certificate: {e}")))?;
+        let subject = cert.subject();
+        let name = subject
+            .iter_common_name()
+            .next()
+            .and_then(|c| c.as_str().ok())
+            .ok_or_else(|| TrustError::Cert("certificate without a common name".into()))?
+            .to_string();
+        let roles = subject
+            .iter_organizational_unit()
+            .filter_map(|o| o.as_str().ok())
+            .flat_map(|s| s.split(','))
+            .filter_map(|r| r.trim().parse().ok())
+            .collect();
+        Ok(Peer { name, roles })
+    }
+
+    pub fn is(&self, role: NodeRole) -> bool {
+        self.roles.contains(&role)
+    }
+}
+
+/// Who is at the other end of a connection: its address and, when it showed a client
+/// certificate of the grid CA, the peer it proves.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    pub addr: SocketAddr,
+    pub peer: Option<Peer>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TrustError> {
+    let all = pem::parse_many(pem).map_err(|e| TrustError::Cert(format!("malformed PEM: {e}")))?;
+    let v: Vec<_> = all.into_iter().filter(|p| p.tag() == "CERTIFICATE").map(|p| CertificateDer::from(p.into_contents())).collect();
+    if v.is_empty() {
+        return Err(TrustError::Cert("no certificate in the PEM text".into()));
+    }
+    Ok(v)
+}
+
+fn key(pem: &str) -> Result<PrivateKeyDer<'static>, TrustError> {
+    let p = pem::parse(pem).map_err(|e| TrustError::Cert(format!("malformed PEM key: {e}")))?;
+    match p.tag() {
+        "PRIVATE KEY" => Ok(PrivateKeyDer::Pkcs8(p.into_contents().into())),
+        "EC PRIVATE KEY" => Ok(PrivateKeyDer::Sec1(p.into_contents().into())),
+        "RSA PRIVATE KEY" => Ok(PrivateKeyDer::Pkcs1(p.into_contents().into())),
+        t => Err(TrustError::Cert(format!("unsupported key type {t:?}"))),
+    }
+}
+
+fn roots(ca_pem: &str) -> Result<RootCertStore, TrustError> {
+    let mut r = RootCertStore::empty();
+    for c in certs(ca_pem)? {
+        r.add(c).map_err(|e| TrustError::Cert(format!("the CA certificate is not usable: {e}")))?;
+    }
+    Ok(r)
+}
+
+/// The server side of a node: its certificate (sent with the CA, so clients can pin it),
+/// client certificates optional but, when shown, verified against the grid CA.
+pub fn server_config(node: &NodeCert) -> Result<Arc<ServerConfig>, TrustError> {
+    let p = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&node.ca_pem)?), p.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TrustError::Tls(format!("client verifier: {e}")))?;
+    let mut chain = certs(&node.cert_pem)?;
+    chain.extend(certs(&node.ca_pem)?);
+    let mut cfg = ServerConfig::builder_with_provider(p)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TrustError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key(&node.key_pem)?)
+        .map_err(|e| TrustError::Tls(format!("the node certificate and key do not fit: {e}")))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The client side: servers verified against `ca_pem`; `identity` shown when asked.
+pub fn client_config(ca_pem: &str, identity: Option<&NodeCert>) -> Result<Arc<ClientConfig>, TrustError> {
+    let b = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TrustError::Tls(e.to_string()))?
+        .with_root_certificates(roots(ca_pem)?);
+    let mut cfg = match identity {
+        Some(n) => b
+            .with_client_auth_cert(certs(&n.cert_pem)?, key(&n.key_pem)?)
+            .map_err(|e| TrustError::Tls(format!("the node certificate and key do not fit: {e}")))?,
+        None => b.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A `reqwest` client builder that trusts only `ca_pem` and shows `identity`.
+pub fn client_builder_for(ca_pem: &str, identity: Option<&NodeCert>) -> Result<reqwest::ClientBuilder, TrustError> {
+    let cfg = client_config(ca_pem, identity)?;
+    Ok(reqwest::Client::builder().use_preconfigured_tls((*cfg).clone()))
+}
+
+/// The TLS settings of this process: the CA it trusts and, for a node, its certificate.
+#[derive(Clone, Debug)]
+pub struct ProcessTls {
+    pub ca_pem: String,
+    pub identity: Option<NodeCert>,
+}
+
+fn process() -> &'static RwLock<Option<Arc<ProcessTls>>> {
+    static P: OnceLock<RwLock<Option<Arc<ProcessTls>>>> = OnceLock::new();
+    P.get_or_init(|| RwLock::new(None))
+}
+
+/// Sets the CA (and identity) every client of this process uses from now on.
+pub fn install(tls: ProcessTls) {
+    *process().write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(tls));
+}
+
+/// The process's TLS settings, if installed.
+pub fn current() -> Option<Arc<ProcessTls>> {
+    process().read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// A `reqwest` client builder with this process's TLS settings (plain defaults when none are
+/// installed, e.g. in unit tests over `http://`). Every outgoing request of vgrid is built here.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    if let Some(t) = current() {
+        match client_builder_for(&t.ca_pem, t.identity.as_ref()) {
+            Ok(b) => return b,
+            Err(e) => tracing::error!("TLS client settings unusable, requests will fail verification: {e}"),
+        }
+    }
+    reqwest::Client::builder().use_rustls_tls().tls_built_in_root_certs(false)
+}
+
+/// The rustls client configuration for WebSocket connections (`None` without TLS settings).
+pub fn ws_client_config() -> Option<Arc<ClientConfig>> {
+    let t = current()?;
+    client_config(&t.ca_pem, t.identity.as_ref()).map_err(|e| tracing::error!("TLS client settings unusable: {e}")).ok()
+}
+
+/// A TCP listener that completes TLS handshakes (in the background, at most 10 s each) and
+/// hands `axum::serve` the connections with their [`PeerInfo`].
+pub struct TlsListener {
+    rx: mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, PeerInfo)>,
+    local: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsListener {
+    pub fn new(tcp: TcpListener, cfg: Arc<ServerConfig>) -> std::io::Result<TlsListener> {
+        let local = tcp.local_addr()?;
+        let (tx, rx) = mpsc::channel(64);
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+        let task = tokio::spawn(async move {
+            loop {
+                let (sock, addr) = match tcp.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(%local, "accepting a connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = sock.set_nodelay(true);
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await {
+                        Ok(Ok(s)) => {
+                            let peer = s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| Peer::from_der(c).ok());
+                            let _ = tx.send((s, PeerInfo { addr, peer })).await;
+                        }
+                        Ok(Err(e)) => tracing::info!(%addr, "TLS handshake refused: {e}"),
+                        Err(_) => tracing::info!(%addr, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(TlsListener { rx, local, task })
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Addr = PeerInfo;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(x) => x,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(PeerInfo { addr: self.local, peer: None })
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for PeerInfo {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
+/// The peer proven on the connection of a request, if any.
+pub fn peer_of<B>(req: &axum::http::Request<B>) -> Option<&Peer> {
+    req.extensions().get::<axum::extract::ConnectInfo<PeerInfo>>().and_then(|c| c.0.peer.as_ref())
+}
+
+/// Serves `app` over TLS on `tcp` until `shutdown` resolves.
+pub async fn serve(
+    tcp: TcpListener,
+    node: NodeCert,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), TrustError> {
+    let l = TlsListener::new(tcp, server_config(&node)?).map_err(|e| TrustError::Tls(e.to_string()))?;
+    axum::serve(l, app.into_make_service_with_connect_info::<PeerInfo>())
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| TrustError::Tls(format!("serving: {e}")))
+}
+
+/// Records what a server presents, accepting anything: only for pinning on first contact,
+/// where the caller then compares or stores the CA.
+#[derive(Debug)]
+struct Capture(Arc<std::sync::Mutex<Vec<Vec<u8>>>>, Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for Capture {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        v.push(end_entity.as_ref().to_vec());
+        v.extend(intermediates.iter().map(|c| c.as_ref().to_vec()));
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.1.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.1.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.1.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `(host, port)` of an `https://` URL.
+pub fn host_port(url: &str) -> Result<(String, u16), TrustError> {
+    let u = reqwest::Url::parse(url).map_err(|e| TrustError::Tls(format!("{url:?} is not a URL: {e}")))?;
+    if u.scheme() != "https" {
+        return Err(TrustError::Tls(format!("{url} is not an https:// URL")));
+    }
+    let host = match u.host() {
+        Some(url::Host::Ipv6(a)) => a.to_string(),
+        Some(h) => h.to_string(),
+        None => return Err(TrustError::Tls(format!("{url} has no host"))),
+    };
+    Ok((host, u.port_or_known_default().unwrap_or(443)))
+}
+
+/// The certificates the server at `url` presents (leaf first), unverified. Blocking; used
+/// once per coordinator to pin its CA (CLI) or to check it against a join token (nodes).
+pub fn fetch_chain(url: &str) -> Result<Vec<Vec<u8>>, TrustError> {
+    use std::io::Write;
+    let (host, port) = host_port(url)?;
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let p = provider();
+    let cfg = ClientConfig::builder_with_provider(p.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TrustError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Capture(got.clone(), p)))
+        .with_no_client_auth();
+    let name = ServerName::try_from(host.clone()).map_err(|e| TrustError::Tls(format!("{host}: {e}")))?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name).map_err(|e| TrustError::Tls(e.to_string()))?;
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+        .map_err(|e| TrustError::Tls(format!("resolving {host}: {e}")))?
+        .next()
+        .ok_or_else(|| TrustError::Tls(format!("{host} has no address")))?;
+    let mut sock = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| TrustError::Tls(format!("cannot reach {url}: {e}")))?;
+    sock.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).map_err(|e| TrustError::Tls(format!("TLS handshake with {url}: {e}")))?;
+    }
+    conn.send_close_notify();
+    let _ = conn.complete_io(&mut sock);
+    let _ = sock.flush();
+    let v = got.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if v.is_empty() {
+        return Err(TrustError::Tls(format!("{url} presented no certificate")));
+    }
+    Ok(v)
+}
+
+/// The CA certificate (DER) in a chain a vgrid node presents: the last one.
+pub fn ca_of_chain(chain: &[Vec<u8>]) -> Option<&[u8]> {
+    chain.last().map(|c| c.as_slice())
+}
+
+/// PEM of the first certificate, for callers that hold PEM text.
+pub fn first_der(pem: &str) -> Result<Vec<u8>, TrustError> {
+    pem_to_der(pem)
+}
+
+/// Opens a WebSocket (`ws://` or `wss://`) with this process's TLS settings.
+pub async fn ws_connect<R>(
+    req: R,
+) -> Result<
+    (
+        tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+>
+where
+    R: tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+{
+    let connector = ws_client_config().map(tokio_tungstenite::Connector::Rustls);
+    tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector).await
+}
