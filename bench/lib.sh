@@ -151,11 +151,28 @@ free_port() {
 # wait_http URL [SECONDS]: until URL answers (any HTTP status).
 wait_http() {
   local url=$1 t=${2:-30} i=0
-  while ! curl -s -o /dev/null --max-time 2 "$url"; do
+  # A liveness probe only (any answer will do), so the server's certificate is not checked here.
+  while ! curl -sk -o /dev/null --max-time 2 "$url"; do
     i=$((i + 1))
     [ $i -lt $((t * 10)) ] || return 1
     sleep 0.1
   done
+}
+
+# bench_ca_into DIR: puts the benchmark's CA (made once, in $BENCH_CA) into DIR as ca.crt and
+# ca.key, where `vgrid up`, `vgrid coordinator` and a standalone image server look for their CA.
+BENCH_CA=${BENCH_CA:-}
+bench_ca_into() {
+  local dir=$1
+  if [ -z "$BENCH_CA" ] || [ ! -s "$BENCH_CA/ca.key" ]; then
+    BENCH_CA=${WORK:-$(mktemp -d /tmp/vgrid-bench.XXXXXX)}/ca
+    mkdir -p "$BENCH_CA"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 -subj "/O=vgrid/CN=vgrid bench CA" \
+      -addext basicConstraints=critical,CA:TRUE,pathlen:0 -addext keyUsage=critical,keyCertSign,cRLSign,digitalSignature \
+      -keyout "$BENCH_CA/ca.key" -out "$BENCH_CA/ca.crt" 2>/dev/null || die "openssl could not make the benchmark CA"
+  fi
+  mkdir -p "$dir"
+  [ -s "$dir/ca.key" ] || cp "$BENCH_CA/ca.crt" "$BENCH_CA/ca.key" "$dir/"
 }
 
 # wait_socket PATH [SECONDS]
@@ -187,7 +204,14 @@ start_image_server() {
     addr=127.0.0.1:$IMAGE_SERVER_PORT
   fi
   local args=(image-server --listen "$addr" --data-dir "$data")
-  [ -z "$coord" ] || args+=(--coordinator "$coord" --advertise-url "http://$addr" --name bench-images)
+  if [ -n "$coord" ]; then
+    args+=(--coordinator "$coord" --advertise-url "https://$addr" --name bench-images)
+    # Joins that coordinator's grid once (the certificate is kept in DATA/tls).
+    [ -s "$data/tls/node.crt" ] || args+=(--join-token "$("$VGRID" --url "$coord" join-token create --role image-server 2>/dev/null)")
+  else
+    # Standalone: its own CA in DATA/tls/ca, shared with every `vgrid up` of this benchmark.
+    bench_ca_into "$data/tls/ca"
+  fi
   if [ "$where" = ns ]; then
     ip netns exec "$GRID_NS" "$VGRID" "${args[@]}" >>"$data.log" 2>&1 &
   else
@@ -195,11 +219,12 @@ start_image_server() {
   fi
   IMAGE_SERVER_PID=$!
   track_pid "$IMAGE_SERVER_PID"
-  IMAGE_SERVER_URL=http://$addr
+  IMAGE_SERVER_URL=https://$addr
   wait_http "$IMAGE_SERVER_URL/store/v1/images" 30 || die "image server at $addr did not come up (see $data.log)"
   if [ -n "$coord" ]; then
-    local i=0
-    until curl -s --max-time 2 "$coord/api/v1/image-servers" | grep -q "$IMAGE_SERVER_URL"; do
+    local i=0 token
+    token=$("$VGRID" --url "$coord" --json login | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+    until curl -s --cacert "$BENCH_CA/ca.crt" -H "authorization: Bearer $token" --max-time 2 "$coord/api/v1/image-servers" | grep -q "$IMAGE_SERVER_URL"; do
       i=$((i + 1))
       [ $i -lt 300 ] || die "image server $IMAGE_SERVER_URL did not register with $coord (see $data.log)"
       sleep 0.1
@@ -227,7 +252,9 @@ start_up() {
   local srv=$2 ip=${3:-127.0.0.1} port
   mkdir -p "$UP_DIR"
   port=$(free_port)
-  UP_URL=http://$ip:$port
+  UP_URL=https://$ip:$port
+  # Every `vgrid up` of a benchmark holds the same CA, so image servers stay trusted across rounds.
+  bench_ca_into "$UP_DIR/tls"
   "$VGRID" up --data-dir "$UP_DIR" --listen "$ip:$port" --image-server "$srv" >"$UP_DIR.log" 2>&1 &
   UP_PID=$!
   track_pid "$UP_PID"
