@@ -189,3 +189,62 @@ fn every_endpoint_needs_a_valid_token_and_users_act_only_on_their_own_vms() {
     alice.cli(&up, &["logout"]);
     assert_eq!(curl(&up, "GET", "/api/v1/vms", Some(&tok)), 401);
 }
+
+/// Images belong to users: others neither see, run, change nor overwrite them; the host and
+/// image server APIs answer the coordinator and admins only; a VM saved as an image belongs to
+/// the VM's owner.
+#[test]
+fn images_and_snapshots_belong_to_their_owners() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start();
+    up.import_sample();
+    let img = dir.path().join("priv.raw");
+    std::fs::write(&img, vec![5u8; 1 << 20]).unwrap();
+    up.ok(&["image", "import", img.to_str().unwrap(), "--name", "adminonly", "--chunk-size", "64K"]);
+    let alice = Person::new(dir.path(), "alice", Algorithm::Ed25519);
+    let bob = Person::new(dir.path(), "bob", Algorithm::Ed25519);
+    up.ok(&["user", "add", "alice", "--key", &alice.public()]);
+    up.ok(&["user", "add", "bob", "--key", &bob.public()]);
+
+    // Alice imports her own image; she sees it and the public sample, not the admin's.
+    alice.json(&up, &["image", "import", img.to_str().unwrap(), "--name", "alices", "--chunk-size", "64K"]);
+    let names = |p: &Person| -> Vec<String> {
+        p.json(&up, &["image", "ls"]).as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap().to_string()).collect()
+    };
+    let seen = names(&alice);
+    assert!(seen.contains(&"alices".into()) && seen.contains(&"sample".into()) && !seen.contains(&"adminonly".into()), "{seen:?}");
+    assert!(!names(&bob).contains(&"alices".into()));
+    let all = up.json(&["image", "ls"]);
+    let a = all.as_array().unwrap().iter().find(|i| i["name"] == "alices").unwrap();
+    assert_eq!((a["owner"].as_str(), a["public"].as_bool()), (Some("alice"), Some(false)), "{a}");
+
+    // Bob may not read, run, delete, overwrite or publish what is not his.
+    assert!(bob.refused(&up, &["image", "show", "alices"], "403").contains("belongs to alice"));
+    assert!(bob.refused(&up, &["vm", "run", "alices", "--no-wait"], "403").contains("belongs to alice"));
+    bob.refused(&up, &["vm", "run", "adminonly", "--no-wait"], "403");
+    bob.refused(&up, &["image", "rm", "alices"], "403");
+    bob.refused(&up, &["image", "rm", "sample"], "403");
+    bob.refused(&up, &["image", "import", img.to_str().unwrap(), "--name", "alices", "--chunk-size", "64K"], "403");
+    bob.refused(&up, &["image", "import", img.to_str().unwrap(), "--name", "bobpub", "--chunk-size", "64K", "--public"], "403");
+    bob.refused(&up, &["image", "show", "nonexistent"], "image nonexistent not found");
+
+    // The host API: nobody without credentials, no user but admins.
+    let bob_token = bob.json(&up, &["login"])["token"].as_str().unwrap().to_string();
+    assert_eq!(curl(&up, "GET", "/host/v1/vms", None), 401);
+    assert_eq!(curl(&up, "GET", "/host/v1/vms", Some(&bob_token)), 403);
+    assert_eq!(curl(&up, "POST", "/host/v1/vms", Some(&bob_token)), 403);
+    assert_eq!(curl(&up, "GET", "/store/v1/images", None), 401);
+    assert_eq!(curl(&up, "POST", "/store/v1/gc", Some(&bob_token)), 403);
+    assert_eq!(curl(&up, "GET", "/host/v1/cache/stats", Some(&up.json(&["login"])["token"].as_str().unwrap().to_string())), 200);
+
+    // A VM saved as an image belongs to the VM's owner; its name cannot take another's image.
+    let v = bob.json(&up, &["vm", "run", "sample", "--wait-for", BOOTED_MARKER, "--timeout", "240"]);
+    let id = v["id"].as_str().unwrap();
+    assert!(bob.refused(&up, &["image", "snapshot", id, "--name", "alices"], "403").contains("belongs to alice"));
+    bob.json(&up, &["image", "snapshot", id, "--name", "bobsnap"]);
+    assert!(names(&bob).contains(&"bobsnap".into()));
+    assert!(alice.refused(&up, &["vm", "run", "bobsnap", "--no-wait"], "403").contains("belongs to bob"));
+    bob.json(&up, &["vm", "stop", id]);
+    let audit = up.json(&["audit"]);
+    assert!(audit.as_array().unwrap().iter().any(|e| e["user"] == "bob" && e["status"] == 403 && e["path"].as_str().unwrap().ends_with("/snapshot")), "{audit}");
+}

@@ -83,6 +83,7 @@ impl Grid {
         let g = sample_guest().unwrap();
         let o = Command::new(vgrid_bin())
             .args(["image", "import", g.disk.to_str().unwrap(), "--name", name, "--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap(), "--cmdline", &g.cmdline, "--image-server", &self.servers[i].url])
+            .env("VGRID_URL", &self.coordinator.url)
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

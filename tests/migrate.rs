@@ -112,6 +112,7 @@ impl Grid {
         let o = Command::new(vgrid_bin())
             .args(["image", "import", g.disk.to_str().unwrap(), "--name", "sample", "--kernel", g.kernel.to_str().unwrap()])
             .args(["--initrd", g.initrd.to_str().unwrap(), "--cmdline", &g.cmdline, "--image-server", url])
+            .env("VGRID_URL", &self.coordinator.url)
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

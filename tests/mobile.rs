@@ -141,6 +141,7 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
     let s = sample_guest().unwrap();
     let o = Command::new(vgrid_bin())
         .args(["image", "import", s.disk.to_str().unwrap(), "--name", "sample", "--kernel", s.kernel.to_str().unwrap(), "--initrd", s.initrd.to_str().unwrap(), "--cmdline", &s.cmdline, "--image-server", &g.server_url()])
+        .env("VGRID_URL", &g.coordinator.url)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

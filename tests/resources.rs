@@ -257,6 +257,7 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
     let gs = sample_guest().unwrap();
     let o = Command::new(vgrid_bin())
         .args(["image", "import", gs.disk.to_str().unwrap(), "--name", "sample", "--kernel", gs.kernel.to_str().unwrap(), "--initrd", gs.initrd.to_str().unwrap(), "--cmdline", &gs.cmdline, "--image-server", &g._server.url])
+        .env("VGRID_URL", &g.coordinator.url)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

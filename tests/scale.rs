@@ -146,6 +146,7 @@ fn two_hundred_concurrent_runs_never_overcommit_a_host() {
     std::fs::write(p("tiny.raw"), vec![7u8; 1 << 20]).unwrap();
     let o = std::process::Command::new(vgrid_bin())
         .args(["image", "import", &p("tiny.raw"), "--name", "tiny", "--image-server", &server.url])
+        .env("VGRID_URL", &coordinator.url)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

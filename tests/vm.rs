@@ -300,14 +300,17 @@ fn forwarded_port_reaches_a_server_in_the_guest() {
 #[test]
 fn vgrid_up_reads_images_from_an_image_server_given_by_url() {
     let tmp = tempfile::Builder::new().prefix("vgis").tempdir_in("/tmp").unwrap();
+    // The image server's address is known before it runs; it joins the grid of `vgrid up`.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let up = Up::start_with(&["--image-server", &format!("https://{addr}")]);
     let is = Role::start(
-        &["image-server", "--listen", "127.0.0.1:0", "--data-dir", tmp.path().join("is").to_str().unwrap()],
+        &["image-server", "--listen", &addr, "--data-dir", tmp.path().join("is").to_str().unwrap(), "--coordinator", &up.url, "--name", "far-is"],
         tmp.path().join("is.log"),
     );
-    let up = Up::start_with(&["--image-server", &is.url]);
     let g = sample_guest().unwrap();
     let o = Command::new(vgrid_bin())
         .args(["image", "import", g.disk.to_str().unwrap(), "--name", "far", "--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap(), "--cmdline", &g.cmdline, "--image-server", &is.url])
+        .env("VGRID_URL", &up.url)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

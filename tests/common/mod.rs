@@ -107,6 +107,7 @@ impl Up {
             g.initrd.to_str().unwrap(),
             "--cmdline",
             &g.cmdline,
+            "--public",
         ]);
     }
 

@@ -22,6 +22,33 @@ pub struct ImageSummary {
     /// `NAME@VERSION` of the image it was saved from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// The user the image name belongs to (none: only admins and grid nodes may use it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Readable (runnable) by every user.
+    #[serde(default)]
+    pub public: bool,
+}
+
+/// Who an image name (all its versions) belongs to: `GET|PUT /store/v1/owners/{name}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageOwner {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub public: bool,
+}
+
+impl ImageOwner {
+    /// May user `user` (`admin` or not) read it? Grid nodes are checked apart.
+    pub fn readable_by(&self, user: &str, admin: bool) -> bool {
+        admin || self.public || self.owner.as_deref() == Some(user)
+    }
+    /// May user `user` change or delete it?
+    pub fn writable_by(&self, user: &str, admin: bool) -> bool {
+        admin || self.owner.as_deref() == Some(user)
+    }
 }
 
 /// Boot working set of an image version: the disk chunk indices a guest read while booting,

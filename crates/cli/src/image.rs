@@ -62,6 +62,17 @@ pub enum CacheCmd {
     Stats,
 }
 
+/// The login token image servers of the grid check with the coordinator (logging in with the
+/// local key when there is none); none when the coordinator cannot be reached (a standalone
+/// image server has no users).
+pub async fn store_token(ctx: &Ctx) -> Option<String> {
+    let api = ctx.api();
+    match api.token() {
+        Some(t) => Some(t),
+        None => crate::auth::login(&api, None, None).await.ok().map(|t| t.token),
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct ServerArg {
     /// Image server URL [default: the coordinator URL, which `vgrid up` also serves images on].
@@ -70,10 +81,10 @@ pub struct ServerArg {
 }
 
 impl ServerArg {
-    fn client(&self, ctx: &Ctx) -> anyhow::Result<StoreClient> {
+    async fn client(&self, ctx: &Ctx) -> anyhow::Result<StoreClient> {
         let url = self.image_server.clone().unwrap_or_else(|| ctx.url.clone());
         crate::trust::trust(&url)?;
-        StoreClient::new(&url).map_err(|e| anyhow!("{e}"))
+        Ok(StoreClient::new(&url).map_err(|e| anyhow!("{e}"))?.with_token(store_token(ctx).await))
     }
 }
 
@@ -105,6 +116,10 @@ pub struct ImportArgs {
     /// Guest architecture.
     #[arg(long, default_value = "x86_64")]
     pub arch: String,
+    /// Make the image readable and runnable by every user (admins only); otherwise only you
+    /// (and admins) may use it.
+    #[arg(long)]
+    pub public: bool,
     #[command(flatten)]
     pub server: ServerArg,
 }
@@ -150,7 +165,7 @@ const BUILD_SAMPLE: &str = include_str!("../../../scripts/build-sample-guest.sh"
 pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         ImageCmd::Import(a) => {
-            let client = a.server.client(ctx)?;
+            let client = a.server.client(ctx).await?.public(a.public);
             let m = import(ctx, &client, a).await?;
             if ctx.json {
                 print_json(&vgrid_imagestore::store::summary(&m))?;
@@ -182,7 +197,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
         }
         ImageCmd::Show { image, server } => {
             let r: ImageRef = image.parse()?;
-            let m = server.client(ctx)?.manifest(&r).await?;
+            let m = server.client(ctx).await?.manifest(&r).await?;
             if ctx.json {
                 print_json(&m)?;
             } else {
@@ -190,7 +205,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             }
         }
         ImageCmd::Export { image, file, server } => {
-            let client = server.client(ctx)?;
+            let client = server.client(ctx).await?;
             let r: ImageRef = image.parse()?;
             let m = client.manifest(&r).await?;
             let pb = progress_bar(m.disk.size, &format!("exporting {}", m.image_ref()));
@@ -201,7 +216,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
         }
         ImageCmd::Rm { image, server } => {
             let r: ImageRef = image.parse()?;
-            let rep = server.client(ctx)?.delete(&r).await?;
+            let rep = server.client(ctx).await?.delete(&r).await?;
             if ctx.json {
                 print_json(&rep)?;
             } else {
@@ -233,7 +248,7 @@ async fn list_images(ctx: &Ctx, s: &ServerArg) -> anyhow::Result<Vec<Located>> {
             let mut out: Vec<Located> = Vec::new();
             for ad in ads {
                 // Ask each server now: advertisements lag by a heartbeat.
-                let images = match StoreClient::new(&ad.url).map_err(|e| anyhow!("{e}"))?.list().await {
+                let images = match StoreClient::new(&ad.url).map_err(|e| anyhow!("{e}"))?.with_token(store_token(ctx).await).list().await {
                     Ok(list) => list,
                     Err(e) => {
                         eprintln!("warning: image server {} ({}): {e}", ad.name, ad.url);
@@ -251,7 +266,7 @@ async fn list_images(ctx: &Ctx, s: &ServerArg) -> anyhow::Result<Vec<Located>> {
             return Ok(out);
         }
     }
-    let client = s.client(ctx)?;
+    let client = s.client(ctx).await?;
     let url = client.base_url().to_string();
     Ok(client.list().await?.into_iter().map(|image| Located { image, servers: vec![url.clone()] }).collect())
 }
@@ -352,7 +367,8 @@ async fn build_sample(ctx: &Ctx, a: BuildSampleArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let cmdline = std::fs::read_to_string(outdir.join("cmdline")).context("reading the sample's cmdline")?;
-    let client = a.server.client(ctx)?;
+    // The sample is for everybody on the grid (publishing needs an admin).
+    let client = a.server.client(ctx).await?.public(true);
     import(
         ctx,
         &client,
@@ -366,6 +382,7 @@ async fn build_sample(ctx: &Ctx, a: BuildSampleArgs) -> anyhow::Result<()> {
             cmdline: Some(cmdline.trim().to_string()),
             os: "linux".into(),
             arch: "x86_64".into(),
+            public: true,
             server: ServerArg { image_server: a.server.image_server },
         },
     )

@@ -361,9 +361,10 @@ pub async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     let auth = a.users.open(state.clone(), &data)?;
     let coord = Coordinator::new(state, registry.clone()).await.map_err(|e| anyhow!("{e}"))?;
 
+    let users: vgrid_trust::caller::Users = auth.clone();
     let app = vgrid_coordinator::api::router(coord.clone(), auth, Some(joins))
-        .merge(vgrid_imagestore::server::router(store.clone()))
-        .merge(vgrid_hostagent::http::router(agent.clone()));
+        .merge(vgrid_imagestore::server::router_with(store.clone(), Some(users.clone())))
+        .merge(vgrid_hostagent::http::router(agent.clone(), Some(users)));
     let stop = Arc::new(tokio::sync::Notify::new());
     let stopped = stop.clone();
     let server = tokio::spawn(vgrid_trust::tls::serve(listener, node, app, async move { stopped.notified().await }));
@@ -429,7 +430,8 @@ pub async fn host(a: HostAgentArgs) -> anyhow::Result<ExitCode> {
     }
     let beat = tokio::spawn(agent.clone().heartbeat_loop(hb));
     announce(&format!("vgrid host {} at {url}, registered with {coordinator}", agent.name()));
-    let r = vgrid_trust::tls::serve(listener, node, vgrid_hostagent::http::router(agent.clone()), shutdown_signal()).await;
+    let users = vgrid_trust::caller::RemoteUsers::new(&coordinator);
+    let r = vgrid_trust::tls::serve(listener, node, vgrid_hostagent::http::router(agent.clone(), Some(users)), shutdown_signal()).await;
     eprintln!("vgrid host: shutting down, stopping guests...");
     beat.abort();
     agent.shutdown().await;
@@ -444,6 +446,7 @@ pub async fn image_server(a: ImageServerArgs) -> anyhow::Result<ExitCode> {
     let url = a.advertise_url.unwrap_or(url);
     let name = a.name.clone().unwrap_or_else(|| format!("{}-{}", hostname(), listener.local_addr().map(|l| l.port()).unwrap_or(0)));
     let sans = sans_for(a.listen, &a.tls.sans, Some(&url));
+    let users: Option<vgrid_trust::caller::Users> = a.coordinator.as_deref().map(|c| vgrid_trust::caller::RemoteUsers::new(c) as _);
     let node = match &a.coordinator {
         Some(c) => {
             let node = joined_cert(&data, c, a.join_token.as_deref(), NodeRole::ImageServer, &name, sans).await?;
@@ -459,7 +462,7 @@ pub async fn image_server(a: ImageServerArgs) -> anyhow::Result<ExitCode> {
         }
     };
     announce(&format!("vgrid image server at {url} (data in {})", data.display()));
-    vgrid_trust::tls::serve(listener, node, vgrid_imagestore::server::router(store), shutdown_signal())
+    vgrid_trust::tls::serve(listener, node, vgrid_imagestore::server::router_with(store, users), shutdown_signal())
         .await
         .context("serving images")?;
     Ok(ExitCode::SUCCESS)
@@ -480,7 +483,7 @@ pub async fn nbd(ctx: &Ctx, a: NbdArgs) -> anyhow::Result<ExitCode> {
     let r: ImageRef = a.image.parse()?;
     let url = a.server.image_server.clone().unwrap_or_else(|| ctx.url.clone());
     crate::trust::trust(&url)?;
-    let client = StoreClient::new(&url).map_err(|e| anyhow!("{e}"))?;
+    let client = StoreClient::new(&url).map_err(|e| anyhow!("{e}"))?.with_token(crate::image::store_token(ctx).await);
     let m = client.manifest(&r).await.map_err(|e| anyhow!("{e}"))?;
     let cache_dir = a.cache_dir.unwrap_or_else(|| default_cache_dir().join("nbd-cache"));
     let servers = vgrid_hostagent::agent::ServerList::new(vec![url]).map_err(|e| anyhow!("{e}"))?;

@@ -54,6 +54,15 @@ impl From<CoordinatorError> for ApiError {
     }
 }
 
+impl From<crate::images::Refusal> for ApiError {
+    fn from(r: crate::images::Refusal) -> Self {
+        match r {
+            crate::images::Refusal::Forbidden(m) => ApiError(StatusCode::FORBIDDEN, m),
+            crate::images::Refusal::Failed(e) => e.into(),
+        }
+    }
+}
+
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         let code = match &e {
@@ -384,6 +393,7 @@ async fn create_vm(
 ) -> Result<(StatusCode, Json<VmRecord>), ApiError> {
     let Json(req) = body?;
     let quota = auth.user(&p.user)?.quota;
+    c.check_image_read(&req.image, &p.user, p.admin).await?;
     Ok((StatusCode::CREATED, Json(c.create(req, &p.user, &quota).await?)))
 }
 
@@ -408,7 +418,9 @@ async fn stop_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, bo
               (status = 502, body = ErrorBody)))]
 async fn suspend_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>) -> ApiResult<Suspended> {
     let rec = owned(&c, &p, &id)?;
-    Ok(Json(c.suspend(&rec.id).await?))
+    let s = c.suspend(&rec.id).await?;
+    c.own_saved_image(&s.saved.image, &rec.owner).await;
+    Ok(Json(s))
 }
 
 /// Restores a suspended VM on a matching host (any, `require`, or `host`); answers once placed,
@@ -430,7 +442,10 @@ async fn resume_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, 
 async fn snapshot_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, body: Result<Json<VmSnapshot>, JsonRejection>) -> ApiResult<SavedImage> {
     let rec = owned(&c, &p, &id)?;
     let Json(req) = body?;
-    Ok(Json(c.snapshot(&rec.id, &req.name).await?))
+    c.check_image_write(&req.name, &p.user, p.admin).await?;
+    let saved = c.snapshot(&rec.id, &req.name).await?;
+    c.own_saved_image(&saved.image, &rec.owner).await;
+    Ok(Json(saved))
 }
 
 /// Starts a live migration; the record (`migrating`) is returned at once and its `migration`

@@ -529,3 +529,12 @@ mod tests {
         a.login("r", &c.nonce, &sign(&k, &c.message)).unwrap();
     }
 }
+
+/// Host agents and image servers in the coordinator's process check tokens here directly.
+impl vgrid_trust::caller::UserTokens for Auth {
+    fn verify<'a>(&'a self, token: &'a str) -> vgrid_trust::caller::BoxFuture<'a, Result<vgrid_trust::caller::UserId, String>> {
+        Box::pin(async move {
+            self.authenticate(token).map(|p| vgrid_trust::caller::UserId { name: p.user, admin: p.admin }).map_err(|e| e.to_string())
+        })
+    }
+}

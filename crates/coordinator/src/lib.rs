@@ -10,6 +10,7 @@ pub mod accounting;
 pub mod api;
 pub mod auth;
 pub mod hosts;
+pub mod images;
 pub mod join;
 pub mod lifecycle;
 pub mod mobile;

@@ -45,7 +45,34 @@ impl From<AgentError> for HttpError {
     }
 }
 
-pub fn router(agent: Arc<Agent>) -> Router {
+/// The host API. With `users` (always, outside in-process tests) only the coordinator (its
+/// grid certificate) or an admin (a login token) may call it: 401 for anybody else without
+/// credentials, 403 with others'.
+pub fn router(agent: Arc<Agent>, users: Option<vgrid_trust::caller::Users>) -> Router {
+    let r = routes(agent);
+    match users {
+        Some(u) => r
+            .layer(axum::middleware::from_fn(only_coordinator))
+            .layer(axum::middleware::from_fn_with_state(u, vgrid_trust::caller::identify_layer)),
+        None => r,
+    }
+}
+
+async fn only_coordinator(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use vgrid_trust::caller::{caller_of, refuse, Caller};
+    let c = caller_of(&req);
+    if c.is_node_or_admin(vgrid_trust::NodeRole::Coordinator) {
+        return next.run(req).await;
+    }
+    let what = format!("{} {}", req.method(), req.uri().path());
+    tracing::warn!(caller = %c.describe(), %what, "refused a host API request");
+    match c {
+        Caller::Anonymous => refuse(StatusCode::UNAUTHORIZED, format!("{what}: the host API answers its coordinator (by certificate) or an admin (by token)")),
+        c => refuse(StatusCode::FORBIDDEN, format!("{what}: {} may not use the host API; only the coordinator and admins may", c.describe())),
+    }
+}
+
+fn routes(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/host/v1/cache/stats", get(stats))
         .route("/host/v1/usage", get(usage))

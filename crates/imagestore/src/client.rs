@@ -11,7 +11,7 @@ use bytes::Bytes;
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use std::time::Duration;
-use vgrid_api::rest::{BootProfile, GcReport, ImageSummary, UploadCreated};
+use vgrid_api::rest::{BootProfile, GcReport, ImageOwner, ImageSummary, UploadCreated};
 use vgrid_api::{ChunkHash, ErrorBody, ImageRef, Manifest};
 
 pub use crate::store::UploadId;
@@ -84,6 +84,10 @@ pub struct StoreClient {
     base: String,
     http: reqwest::Client,
     retry: RetryPolicy,
+    /// A user's login token (grid nodes prove themselves by certificate instead).
+    token: Option<String>,
+    /// Commit new images as readable by every user (admins and grid nodes only).
+    public: bool,
 }
 
 enum Body {
@@ -110,7 +114,35 @@ impl StoreClient {
             .connect_timeout(retry.connect_timeout)
             .build()
             .map_err(|e| bad(e.to_string()))?;
-        Ok(StoreClient { base, http, retry: RetryPolicy { attempts: retry.attempts.max(1), ..retry } })
+        Ok(StoreClient { base, http, retry: RetryPolicy { attempts: retry.attempts.max(1), ..retry }, token: None, public: false })
+    }
+
+    /// Sends `token` (a coordinator's login token) with every request: the image server checks
+    /// it with its coordinator and lets the user read public and own images only.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// Images committed through this client are public (allowed to admins and grid nodes).
+    pub fn public(mut self, public: bool) -> Self {
+        self.public = public;
+        self
+    }
+
+    /// Who image `name` belongs to.
+    pub async fn owner(&self, name: &str) -> Result<ImageOwner, ClientError> {
+        let object = format!("owner of image {name}");
+        let resp = self.send(Method::GET, &format!("/owners/{name}"), &object, Body::None, true).await?;
+        self.json(resp, &object).await
+    }
+
+    /// Records who image `name` belongs to (admins and the coordinator).
+    pub async fn set_owner(&self, name: &str, o: &ImageOwner) -> Result<(), ClientError> {
+        let object = format!("owner of image {name}");
+        let body = Body::Json(serde_json::to_vec(o).expect("serialises"));
+        self.send(Method::PUT, &format!("/owners/{name}"), &object, body, true).await?;
+        Ok(())
     }
 
     /// The server's base URL.
@@ -142,6 +174,9 @@ impl StoreClient {
                 backoff *= 3;
             }
             let mut req = self.http.request(method.clone(), &url);
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
             req = match &body {
                 Body::None => req,
                 Body::Json(j) => req.header("content-type", "application/json").body(j.clone()),
@@ -369,7 +404,8 @@ impl StoreClient {
     pub async fn commit(&self, id: &UploadId, m: &Manifest) -> Result<Manifest, ClientError> {
         let object = format!("image {}", m.name);
         let body = Body::Json(serde_json::to_vec(m).expect("manifest serialises"));
-        let resp = self.send(Method::POST, &format!("/uploads/{id}/commit"), &object, body, false).await?;
+        let q = if self.public { "?public=true" } else { "" };
+        let resp = self.send(Method::POST, &format!("/uploads/{id}/commit{q}"), &object, body, false).await?;
         let b = self.bytes(resp, &object).await?;
         Manifest::from_json(&b).map_err(|e| ClientError::BadResponse {
             url: self.base.clone(),

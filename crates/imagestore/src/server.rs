@@ -26,7 +26,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
-use vgrid_api::rest::{BootProfile, UploadCreated};
+use vgrid_api::rest::{BootProfile, ImageOwner, UploadCreated};
 use vgrid_api::{ChunkHash, ErrorBody, ImageRef, Manifest};
 
 /// Largest request body accepted (a manifest of a very large image, or a chunk).
@@ -145,8 +145,73 @@ fn json_body<T: DeserializeOwned>(what: &str, b: Result<Bytes, BytesRejection>) 
     serde_json::from_slice(&b).map_err(|e| ApiError::bad_request(what, format!("malformed JSON body for {what}: {e}")))
 }
 
-/// The image server's router, all routes under `/store/v1`.
+/// The image server's router, all routes under `/store/v1`, open to every caller (a
+/// standalone server without users, and in-process tests).
 pub fn router(store: Arc<ImageStore>) -> Router {
+    routes(store.clone()).with_state(store)
+}
+
+/// The router with access control when `users` (a coordinator's token check) is given:
+/// - nobody without a login token or a grid certificate (401);
+/// - grid nodes (hosts, the coordinator) and admins: everything;
+/// - users: chunks (content-addressed), uploads, the list (filtered to what they may read),
+///   public and own images; changing or deleting their own only; GC and owner records for
+///   admins only (403 otherwise). A user's first commit of a name makes it theirs.
+pub fn router_with(store: Arc<ImageStore>, users: Option<vgrid_trust::caller::Users>) -> Router {
+    let Some(users) = users else { return router(store) };
+    routes(store.clone())
+        .layer(axum::middleware::from_fn_with_state(store.clone(), gate))
+        .layer(axum::middleware::from_fn_with_state(users, vgrid_trust::caller::identify_layer))
+        .with_state(store)
+}
+
+fn forbid(what: &str, why: String) -> Response {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", what, why).into_response()
+}
+
+async fn gate(State(s): St, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use axum::http::Method;
+    use vgrid_trust::caller::{caller_of, Caller};
+    let c = caller_of(&req);
+    let path = req.uri().path().trim_start_matches("/store/v1/").to_string();
+    let what = format!("{} /store/v1/{path}", req.method());
+    let user = match &c {
+        Caller::Anonymous => {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", &what, format!("{what} needs a login token (`vgrid login`) or a grid certificate"))
+                .into_response()
+        }
+        c if c.is_privileged() => return next.run(req).await,
+        c => c.user().unwrap_or_default().to_string(),
+    };
+    let seg: Vec<&str> = path.split('/').collect();
+    let method = req.method().clone();
+    match seg.as_slice() {
+        ["images", name, ..] => {
+            let o = match s.owner(name).await {
+                Ok(o) => o,
+                Err(e) => return ApiError::from(e).into_response(),
+            };
+            let read = method == Method::GET || method == Method::HEAD;
+            let allowed = if read { o.readable_by(&user, false) } else { o.writable_by(&user, false) };
+            // An image that does not exist is a 404 below, not a 403.
+            let exists = s.get_manifest(&ImageRef { name: name.to_string(), version: None }).await.is_ok();
+            if !allowed && exists {
+                tracing::warn!(%user, image = %name, %what, "refused: not the owner");
+                let owner = o.owner.as_deref().unwrap_or("nobody (admins only)");
+                return forbid(&format!("image {name}"), format!("image {name} belongs to {owner}; {user} may not {}", if read { "read it" } else { "change it" }));
+            }
+        }
+        ["gc"] => return forbid("gc", format!("{user} may not run garbage collection: admins only")),
+        ["owners", name] if method == Method::PUT => {
+            return forbid(&format!("image {name}"), format!("{user} may not change who image {name} belongs to: admins only"))
+        }
+        _ => {}
+    }
+    next.run(req).await
+}
+
+fn routes(store: Arc<ImageStore>) -> Router<Arc<ImageStore>> {
+    let _ = store;
     Router::new()
         .route("/store/v1/images", get(list_images))
         .route("/store/v1/images/{name}", get(get_latest).delete(delete_all))
@@ -159,11 +224,21 @@ pub fn router(store: Arc<ImageStore>) -> Router {
         .route("/store/v1/uploads/{id}/missing", post(missing))
         .route("/store/v1/uploads/{id}/chunks/{hash}", put(put_chunk))
         .route("/store/v1/uploads/{id}/commit", post(commit))
+        .route("/store/v1/owners/{name}", get(get_owner).put(put_owner))
         // Not a router-wide fallback: the router is merged into others (`vgrid up`), and axum
         // refuses to merge two routers that both have one.
         .route("/store/v1/{*rest}", axum::routing::any(no_such_endpoint))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(store)
+}
+
+async fn get_owner(State(s): St, Path(name): Path<String>) -> Res<Json<ImageOwner>> {
+    Ok(Json(s.owner(&name).await?))
+}
+
+async fn put_owner(State(s): St, Path(name): Path<String>, b: Result<Bytes, BytesRejection>) -> Res<Json<ImageOwner>> {
+    let o: ImageOwner = json_body(&format!("owner of image {name}"), b)?;
+    s.set_owner(&name, &o).await?;
+    Ok(Json(o))
 }
 
 async fn no_such_endpoint(uri: axum::http::Uri) -> ApiError {
@@ -178,8 +253,15 @@ pub async fn serve(store: Arc<ImageStore>, listener: tokio::net::TcpListener) ->
     axum::serve(listener, router(store)).await
 }
 
-async fn list_images(State(s): St) -> Res<Response> {
-    Ok(Json(s.list().await?).into_response())
+async fn list_images(State(s): St, c: Option<axum::Extension<vgrid_trust::caller::Caller>>) -> Res<Response> {
+    let mut v = s.list().await?;
+    if let Some(axum::Extension(c)) = c {
+        if !c.is_privileged() {
+            let u = c.user().unwrap_or_default();
+            v.retain(|i| ImageOwner { owner: i.owner.clone(), public: i.public }.readable_by(u, false));
+        }
+    }
+    Ok(Json(v).into_response())
 }
 
 async fn get_latest(State(s): St, Path(name): Path<String>) -> Res<Json<Manifest>> {
@@ -289,12 +371,49 @@ async fn put_chunk(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn commit(State(s): St, Path(id): Path<String>, b: Result<Bytes, BytesRejection>) -> Res<Json<Manifest>> {
+#[derive(serde::Deserialize, Default)]
+struct CommitQuery {
+    #[serde(default)]
+    public: bool,
+}
+
+/// Commits an upload. A user's commit of a name nobody owns makes it theirs; of a name another
+/// user owns is refused; `?public=true` (admins and grid nodes) makes it readable by all.
+async fn commit(
+    State(s): St,
+    Path(id): Path<String>,
+    q: axum::extract::Query<CommitQuery>,
+    c: Option<axum::Extension<vgrid_trust::caller::Caller>>,
+    b: Result<Bytes, BytesRejection>,
+) -> Res<Json<Manifest>> {
     let b = body(&format!("commit of upload {id}"), b)?;
     let m = Manifest::from_json(&b).map_err(|e| {
         ApiError::bad_request(format!("upload {id}"), format!("commit of upload {id}: invalid manifest: {e}"))
     })?;
-    Ok(Json(s.commit(&UploadId(id), m).await?))
+    let caller = c.map(|e| e.0);
+    let old = s.owner(&m.name).await?;
+    let what = format!("image {}", m.name);
+    let mut new = old.clone();
+    if let Some(c) = &caller {
+        let user = c.user().map(str::to_string);
+        let admin = c.is_privileged();
+        if q.public && !admin {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", &what, format!("{} may not publish images: admins only", c.describe())));
+        }
+        match (&old.owner, &user) {
+            (Some(o), Some(u)) if o != u && !admin => {
+                return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", &what, format!("image {} belongs to {o}; {u} may not add versions to it", m.name)))
+            }
+            (None, Some(u)) => new.owner = Some(u.clone()),
+            _ => {}
+        }
+    }
+    new.public |= q.public;
+    let stored = s.commit(&UploadId(id), m).await?;
+    if new != old {
+        s.set_owner(&stored.name, &new).await?;
+    }
+    Ok(Json(stored))
 }
 
 /// Binds `addr` (use `127.0.0.1:0` for a free loopback port) and serves the API in a background

@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vgrid_api::manifest::validate_name;
-use vgrid_api::rest::{BootProfile, GcReport, ImageSummary};
+use vgrid_api::rest::{BootProfile, GcReport, ImageOwner, ImageSummary};
 use vgrid_api::{Boot, ChunkHash, ImageRef, Manifest, ManifestError, MAX_CHUNK_SIZE};
 
 /// How long an upload session may stay idle before it expires (and its pins with it).
@@ -128,6 +128,9 @@ fn manifest_path(name: &str, version: u32) -> Path {
 }
 fn profile_path(name: &str, version: u32) -> Path {
     Path::from(format!("profiles/{name}/{version}.json"))
+}
+fn owner_path(name: &str) -> Path {
+    Path::from(format!("owners/{name}.json"))
 }
 fn counter_path(name: &str) -> Path {
     Path::from(format!("counters/{name}"))
@@ -464,13 +467,36 @@ impl ImageStore {
         for (name, version) in self.all_versions().await? {
             let r = ImageRef { name, version: Some(version) };
             match self.get_manifest(&r).await {
-                Ok(m) => out.push(summary(&m)),
+                Ok(m) => {
+                    let o = self.owner(&m.name).await?;
+                    out.push(ImageSummary { owner: o.owner, public: o.public, ..summary(&m) })
+                }
                 // Deleted between listing and reading.
                 Err(StoreError::ImageNotFound(_)) => {}
                 Err(e) => return Err(e),
             }
         }
         Ok(out)
+    }
+
+    /// Who image `name` belongs to (no record: nobody, i.e. admins and grid nodes only).
+    pub async fn owner(&self, name: &str) -> Result<ImageOwner, StoreError> {
+        match self.objects.get(&owner_path(name)).await {
+            Ok(g) => {
+                let b = g.bytes().await.map_err(|e| StoreError::backend("read", format!("owner of image {name}"), e))?;
+                serde_json::from_slice(&b).map_err(|e| StoreError::CorruptManifest { image: ImageRef { name: name.into(), version: None }, cause: format!("owner record: {e}") })
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(ImageOwner::default()),
+            Err(e) => Err(StoreError::backend("read", format!("owner of image {name}"), e)),
+        }
+    }
+
+    /// Records who image `name` belongs to.
+    pub async fn set_owner(&self, name: &str, o: &ImageOwner) -> Result<(), StoreError> {
+        vgrid_api::manifest::validate_name(name).map_err(|cause| StoreError::InvalidManifest { image: name.into(), cause })?;
+        let b = serde_json::to_vec(o).expect("serialises");
+        self.objects.put(&owner_path(name), PutPayload::from(b)).await.map_err(|e| StoreError::backend("write", format!("owner of image {name}"), e))?;
+        Ok(())
     }
 
     async fn all_versions(&self) -> Result<Vec<(String, u32)>, StoreError> {
@@ -654,6 +680,8 @@ pub fn summary(m: &Manifest) -> ImageSummary {
         created: m.created,
         warm: m.state.is_some(),
         parent: m.parent.as_ref().map(|p| p.to_string()),
+        owner: None,
+        public: false,
     }
 }
 

@@ -12,6 +12,7 @@
 //! `coordinator`, `host`, `image-server`). Peers are verified against the grid CA only.
 
 pub mod ca;
+pub mod caller;
 pub mod node;
 pub mod tls;
 
