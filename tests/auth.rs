@@ -218,6 +218,13 @@ fn images_and_snapshots_belong_to_their_owners() {
     let a = all.as_array().unwrap().iter().find(|i| i["name"] == "alices").unwrap();
     assert_eq!((a["owner"].as_str(), a["public"].as_bool()), (Some("alice"), Some(false)), "{a}");
 
+    // A stored-bytes quota: alice holds 1 MiB; a second 1 MiB image would pass 1.5 MiB.
+    up.ok(&["user", "quota", "alice", "--max-stored", "1536K"]);
+    let e = alice.refused(&up, &["image", "import", img.to_str().unwrap(), "--name", "alices2", "--chunk-size", "64K"], "quota exceeded");
+    assert!(e.contains("user alice may store 1.5 MiB") && e.contains("1.0 MiB stored"), "{e}");
+    assert!(!names(&alice).contains(&"alices2".into()));
+    assert!(alice.json(&up, &["whoami"])["quota"]["stored_bytes"] == 1536 * 1024);
+
     // Bob may not read, run, delete, overwrite or publish what is not his.
     assert!(bob.refused(&up, &["image", "show", "alices"], "403").contains("belongs to alice"));
     assert!(bob.refused(&up, &["vm", "run", "alices", "--no-wait"], "403").contains("belongs to alice"));

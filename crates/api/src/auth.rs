@@ -20,6 +20,10 @@ pub struct Quota {
     /// Guest memory over those VMs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<u64>,
+    /// Bytes of images the user owns, on each image server (the non-zero data of every
+    /// version, as `image ls` shows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_bytes: Option<u64>,
 }
 
 /// Body of `POST /api/v1/users` (admins only).

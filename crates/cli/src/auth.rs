@@ -237,10 +237,11 @@ pub async fn whoami_cmd(ctx: &Ctx) -> anyhow::Result<ExitCode> {
 fn quota_text(q: &Quota) -> String {
     let f = |v: Option<String>| v.unwrap_or_else(|| "unlimited".into());
     format!(
-        "vms {}, cpus {}, memory {}",
+        "vms {}, cpus {}, memory {}, stored images {}",
         f(q.vms.map(|v| v.to_string())),
         f(q.cpus.map(|v| v.to_string())),
-        f(q.memory_mib.map(|v| format!("{v} MiB")))
+        f(q.memory_mib.map(|v| format!("{v} MiB"))),
+        f(q.stored_bytes.map(crate::output::bytes))
     )
 }
 
@@ -255,11 +256,14 @@ pub struct QuotaArgs {
     /// At most this much guest memory (MiB) over those VMs.
     #[arg(long = "max-memory")]
     pub memory_mib: Option<u64>,
+    /// At most this many bytes of images (K, M, G suffixes) the user owns on each image server.
+    #[arg(long = "max-stored", value_parser = crate::output::parse_size)]
+    pub stored_bytes: Option<u64>,
 }
 
 impl From<QuotaArgs> for Quota {
     fn from(a: QuotaArgs) -> Quota {
-        Quota { vms: a.vms, cpus: a.cpus, memory_mib: a.memory_mib }
+        Quota { vms: a.vms, cpus: a.cpus, memory_mib: a.memory_mib, stored_bytes: a.stored_bytes }
     }
 }
 

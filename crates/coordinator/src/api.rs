@@ -416,8 +416,9 @@ async fn stop_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, bo
 #[utoipa::path(post, path = "/api/v1/vms/{id}/suspend", params(("id" = String, Path)),
     responses((status = 200, body = Suspended), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
               (status = 502, body = ErrorBody)))]
-async fn suspend_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>) -> ApiResult<Suspended> {
+async fn suspend_vm(State(c): Ctx, Extension(auth): Users, Extension(p): Caller, Path(id): Path<String>) -> ApiResult<Suspended> {
     let rec = owned(&c, &p, &id)?;
+    c.check_stored_quota(&rec.owner, &auth.user(&rec.owner)?.quota)?;
     let s = c.suspend(&rec.id).await?;
     c.own_saved_image(&s.saved.image, &rec.owner).await;
     Ok(Json(s))
@@ -439,10 +440,11 @@ async fn resume_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, 
 #[utoipa::path(post, path = "/api/v1/vms/{id}/snapshot", params(("id" = String, Path)), request_body = VmSnapshot,
     responses((status = 200, body = SavedImage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody), (status = 502, body = ErrorBody)))]
-async fn snapshot_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, body: Result<Json<VmSnapshot>, JsonRejection>) -> ApiResult<SavedImage> {
+async fn snapshot_vm(State(c): Ctx, Extension(auth): Users, Extension(p): Caller, Path(id): Path<String>, body: Result<Json<VmSnapshot>, JsonRejection>) -> ApiResult<SavedImage> {
     let rec = owned(&c, &p, &id)?;
     let Json(req) = body?;
     c.check_image_write(&req.name, &p.user, p.admin).await?;
+    c.check_stored_quota(&rec.owner, &auth.user(&rec.owner)?.quota)?;
     let saved = c.snapshot(&rec.id, &req.name).await?;
     c.own_saved_image(&saved.image, &rec.owner).await;
     Ok(Json(saved))

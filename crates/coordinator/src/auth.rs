@@ -534,7 +534,9 @@ mod tests {
 impl vgrid_trust::caller::UserTokens for Auth {
     fn verify<'a>(&'a self, token: &'a str) -> vgrid_trust::caller::BoxFuture<'a, Result<vgrid_trust::caller::UserId, String>> {
         Box::pin(async move {
-            self.authenticate(token).map(|p| vgrid_trust::caller::UserId { name: p.user, admin: p.admin }).map_err(|e| e.to_string())
+            let p = self.authenticate(token).map_err(|e| e.to_string())?;
+            let max_stored_bytes = self.user(&p.user).ok().and_then(|u| u.quota.stored_bytes);
+            Ok(vgrid_trust::caller::UserId { name: p.user, admin: p.admin, max_stored_bytes })
         })
     }
 }

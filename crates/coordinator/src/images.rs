@@ -60,6 +60,23 @@ impl Coordinator {
         }
     }
 
+    /// Before saving a VM of `owner` into an image: refused when the owner already stores as
+    /// much as the quota allows on some image server (as the servers last advertised). The
+    /// saved image itself may go beyond it once: its size is known only when saved.
+    pub fn check_stored_quota(&self, owner: &str, quota: &vgrid_api::auth::Quota) -> Result<(), Refusal> {
+        let Some(max) = quota.stored_bytes else { return Ok(()) };
+        for ad in self.registry().image_servers() {
+            let used: u64 = ad.images.iter().filter(|i| i.owner.as_deref() == Some(owner)).map(|i| i.stored_bytes).sum();
+            if used >= max {
+                return Err(Refusal::Forbidden(format!(
+                    "quota exceeded: user {owner} may store {max} bytes of images on each image server; {used} stored on {}",
+                    ad.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Records `owner` as the owner of the image `image` (`NAME@VERSION`) a VM was saved into,
     /// on the image servers that hold it, unless it has an owner already.
     pub async fn own_saved_image(&self, image: &str, owner: &str) {

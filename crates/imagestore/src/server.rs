@@ -409,6 +409,21 @@ async fn commit(
         }
     }
     new.public |= q.public;
+    if let Some(vgrid_trust::caller::Caller::User(u)) = &caller {
+        if let Some(max) = u.max_stored_bytes {
+            let used: u64 = s.list().await?.iter().filter(|i| i.owner.as_deref() == Some(u.name.as_str())).map(|i| i.stored_bytes).sum();
+            let adds = crate::store::summary(&m).stored_bytes;
+            if used + adds > max {
+                let b = |n: u64| format!("{:.1} MiB", n as f64 / 1048576.0);
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "quota",
+                    &what,
+                    format!("quota exceeded: user {} may store {} of images here; {} stored, image {} adds {}", u.name, b(max), b(used), m.name, b(adds)),
+                ));
+            }
+        }
+    }
     let stored = s.commit(&UploadId(id), m).await?;
     if new != old {
         s.set_owner(&stored.name, &new).await?;

@@ -20,6 +20,8 @@ use crate::NodeRole;
 pub struct UserId {
     pub name: String,
     pub admin: bool,
+    /// The user's quota on stored image bytes (per image server), if any.
+    pub max_stored_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,7 +97,7 @@ impl RemoteUsers {
             return Err(serde_json::from_str::<vgrid_api::ErrorBody>(&body).map(|e| e.error).unwrap_or(body));
         }
         let u: vgrid_api::auth::UserInfo = serde_json::from_str(&body).map_err(|e| format!("malformed whoami answer: {e}"))?;
-        Ok(UserId { name: u.name, admin: u.admin })
+        Ok(UserId { name: u.name, admin: u.admin, max_stored_bytes: u.quota.stored_bytes })
     }
 }
 
