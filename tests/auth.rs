@@ -235,6 +235,28 @@ fn images_and_snapshots_belong_to_their_owners() {
     bob.refused(&up, &["image", "import", img.to_str().unwrap(), "--name", "bobpub", "--chunk-size", "64K", "--public"], "403");
     bob.refused(&up, &["image", "show", "nonexistent"], "image nonexistent not found");
 
+    // Every host and image server route: 401 without a token and with a forged one.
+    for (m, path) in [
+        ("GET", "/host/v1/vms"),
+        ("POST", "/host/v1/vms"),
+        ("GET", "/host/v1/cache/stats"),
+        ("POST", "/host/v1/pull/sample"),
+        ("POST", "/host/v1/vms/x/stop"),
+        ("POST", "/host/v1/vms/x/snapshot"),
+        ("POST", "/host/v1/migrate/incoming"),
+        ("GET", "/host/v1/vms/x/console"),
+        ("GET", "/store/v1/images"),
+        ("GET", "/store/v1/images/sample"),
+        ("DELETE", "/store/v1/images/sample"),
+        ("GET", "/store/v1/chunks/00"),
+        ("POST", "/store/v1/uploads"),
+        ("POST", "/store/v1/gc"),
+        ("PUT", "/store/v1/owners/sample"),
+    ] {
+        assert_eq!(curl(&up, m, path, None), 401, "{m} {path} without a token");
+        assert_eq!(curl(&up, m, path, Some("vg-forged-token")), 401, "{m} {path} with a forged token");
+    }
+
     // The host API: nobody without credentials, no user but admins.
     let bob_token = bob.json(&up, &["login"])["token"].as_str().unwrap().to_string();
     assert_eq!(curl(&up, "GET", "/host/v1/vms", None), 401);
