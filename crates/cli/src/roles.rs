@@ -483,7 +483,9 @@ pub async fn nbd(ctx: &Ctx, a: NbdArgs) -> anyhow::Result<ExitCode> {
     let r: ImageRef = a.image.parse()?;
     let url = a.server.image_server.clone().unwrap_or_else(|| ctx.url.clone());
     crate::trust::trust(&url)?;
-    let client = StoreClient::new(&url).map_err(|e| anyhow!("{e}"))?.with_token(crate::image::store_token(ctx).await);
+    // The proxy's own fetches go out with the user's token too.
+    vgrid_trust::tls::set_bearer(crate::image::store_token(ctx).await);
+    let client = StoreClient::new(&url).map_err(|e| anyhow!("{e}"))?;
     let m = client.manifest(&r).await.map_err(|e| anyhow!("{e}"))?;
     let cache_dir = a.cache_dir.unwrap_or_else(|| default_cache_dir().join("nbd-cache"));
     let servers = vgrid_hostagent::agent::ServerList::new(vec![url]).map_err(|e| anyhow!("{e}"))?;
@@ -516,9 +518,11 @@ pub async fn nbd(ctx: &Ctx, a: NbdArgs) -> anyhow::Result<ExitCode> {
 pub async fn pull(ctx: &Ctx, image: &str) -> anyhow::Result<()> {
     let r: ImageRef = image.parse()?;
     let api = ctx.api();
+    if api.token().is_none() {
+        crate::auth::login(&api, None, None).await?;
+    }
     let resp = api
-        .http()
-        .post(format!("{}/host/v1/pull/{}", api.base, r))
+        .request(reqwest::Method::POST, &format!("/host/v1/pull/{r}"))
         .send()
         .await
         .map_err(|e| anyhow!("cannot reach the host agent at {}: {e}", api.base))?;

@@ -174,7 +174,7 @@ impl StoreClient {
                 backoff *= 3;
             }
             let mut req = self.http.request(method.clone(), &url);
-            if let Some(t) = &self.token {
+            if let Some(t) = self.token.clone().or_else(vgrid_trust::tls::bearer) {
                 req = req.bearer_auth(t);
             }
             req = match &body {

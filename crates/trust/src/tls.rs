@@ -150,6 +150,22 @@ pub fn current() -> Option<Arc<ProcessTls>> {
     process().read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
+fn bearer_slot() -> &'static RwLock<Option<String>> {
+    static B: OnceLock<RwLock<Option<String>>> = OnceLock::new();
+    B.get_or_init(|| RwLock::new(None))
+}
+
+/// Sets the login token this process (a CLI command acting for a user, e.g. `vgrid image nbd`)
+/// sends to image servers when a client has none of its own.
+pub fn set_bearer(token: Option<String>) {
+    *bearer_slot().write().unwrap_or_else(|e| e.into_inner()) = token;
+}
+
+/// The process's login token, if set.
+pub fn bearer() -> Option<String> {
+    bearer_slot().read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// A `reqwest` client builder with this process's TLS settings (plain defaults when none are
 /// installed, e.g. in unit tests over `http://`). Every outgoing request of vgrid is built here.
 pub fn client_builder() -> reqwest::ClientBuilder {
