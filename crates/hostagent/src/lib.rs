@@ -18,6 +18,7 @@ pub mod migrate;
 pub mod qmp;
 pub mod resources;
 pub mod testkit;
+pub mod tlscreds;
 pub mod vm;
 
 pub use accel::{kvm_usable, Accel};
