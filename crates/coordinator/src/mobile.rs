@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use vgrid_api::auth::Quota;
 use vgrid_api::vm::{SavedImage, VmRecord, VmResume, VmState};
 use vgrid_api::{ImageRef, Manifest};
 use vgrid_hostagent::agent::LaunchRequest;
@@ -92,6 +93,25 @@ pub(crate) fn resume_failed(c: &Coordinator, req: &LaunchRequest, host: &str, er
     true
 }
 
+/// Whether suspended VM `rec` may run again next to `all` (the records): its owner's quota,
+/// and host ports no other active VM forwards. The error names the VM and the cause.
+pub(crate) fn resume_admission(all: &[VmRecord], rec: &VmRecord, quota: &Quota) -> Result<(), CoordinatorError> {
+    let others: Vec<VmRecord> = all.iter().filter(|v| v.id != rec.id).cloned().collect();
+    crate::lifecycle::check_quota(&others, &rec.owner, quota, rec.cpus, rec.memory_mib).map_err(|e| match e {
+        CoordinatorError::Quota(m) => CoordinatorError::Quota(format!("cannot resume VM {}: {m}; it stays suspended", rec.name)),
+        e => e,
+    })?;
+    for f in &rec.forwards {
+        if let Some(v) = others.iter().find(|v| v.state.is_active() && v.forwards.iter().any(|g| g.host == f.host)) {
+            return Err(CoordinatorError::Conflict(format!(
+                "cannot resume VM {}: host port {} (forwarded to its guest port {}) is forwarded to VM {} now; it stays suspended",
+                rec.name, f.host, f.guest, v.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Coordinator {
     fn running_on(&self, key: &str, what: &str) -> Result<(VmRecord, HostClient), CoordinatorError> {
         let rec = self.get(key)?;
@@ -161,8 +181,10 @@ impl Coordinator {
     }
 
     /// Places a suspended VM again and restores it there (in the background: the answer is
-    /// the record as placed; it becomes `running` once restored).
-    pub async fn resume(self: &Arc<Self>, key: &str, req: &VmResume) -> Result<VmRecord, CoordinatorError> {
+    /// the record as placed; it becomes `running` once restored). Like a create, it must fit
+    /// the owner's `quota` (a suspended VM holds none) and its host ports must not be forwarded
+    /// to another active VM; otherwise it stays suspended and nothing changes.
+    pub async fn resume(self: &Arc<Self>, key: &str, req: &VmResume, quota: &Quota) -> Result<VmRecord, CoordinatorError> {
         let rec = self.get(key)?;
         if rec.state != VmState::Suspended {
             return Err(CoordinatorError::Conflict(format!(
@@ -192,6 +214,8 @@ impl Coordinator {
         if cur.state != VmState::Suspended {
             return Err(CoordinatorError::Conflict(format!("VM {} is {} now", rec.id, cur.state.as_str())));
         }
+        let all = self.state.list_vms()?;
+        resume_admission(&all, &cur, quota)?;
         let placed = match self.sched.place_with(&preq, &opts) {
             Ok(p) => p,
             Err(PlaceError::NoMatch(nm)) => return Err(CoordinatorError::Capacity(explain(&nm))),
