@@ -338,6 +338,13 @@ fn warm_image_starts_two_vms_without_booting() {
         let log = String::from_utf8_lossy(&std::fs::read(up.runtime_dir(w).join("console.log")).unwrap()).into_owned();
         assert!(!log.contains(BOOTED_MARKER) && !log.contains(DISK_MARKER), "VM {w} booted instead of restoring:\n{log}");
     }
+    // A restored VM starts without its kernel (it is in the saved memory): nothing to boot
+    // again, so a guest reboot ends it (stopped) instead of leaving it hanging in firmware.
+    let spec = std::fs::read_to_string(up.runtime_dir(&ids[1]).join("spec.json")).unwrap();
+    assert!(spec.contains("\"restore\"") && !spec.contains("\"kernel\""), "{spec}");
+    let _c = type_on_console(&up.runtime_dir(&ids[1]), "reboot -f");
+    up.wait_until("the rebooted warm VM to stop", Duration::from_secs(60), || up.vm(&ids[1])["state"] == "stopped");
+    assert_eq!(up.vm(&ids[0])["state"], "running");
 }
 
 /// A resume is admitted like a create: over the owner's quota, or with a host port another VM

@@ -457,8 +457,15 @@ impl Agent {
             path: dir.clone(),
             cause: e.to_string(),
         })?;
+        // A warm image of a direct kernel boot restores without its kernel and initrd (they
+        // are in the saved memory already): only the loader ROMs its state names.
+        let restore_roms = match (&manifest.meta.boot, &manifest.state) {
+            (Boot::Kernel { .. }, Some(st)) => crate::mobile::state_loader_roms(self, &manifest, &st.blob).await,
+            _ => None,
+        };
         let boot = match &manifest.meta.boot {
             Boot::Firmware => BootSource::Firmware { bios: None },
+            Boot::Kernel { .. } if restore_roms.is_some() => BootSource::Restore { option_roms: restore_roms.unwrap_or_default() },
             Boot::Kernel { kernel, initrd, cmdline } => {
                 let kpath = dir.join("kernel");
                 self.proxy.write_blob(&manifest, kernel, &kpath).await?;

@@ -509,6 +509,41 @@ async fn current_machine(vm: &Vm) -> String {
         .to_string()
 }
 
+/// Option ROMs QEMU adds for a direct kernel boot (x86): a state saved from such a boot has
+/// one of them as a RAM block, `/rom@genroms/NAME`.
+const LOADER_ROMS: [&str; 5] = ["linuxboot_dma.bin", "linuxboot.bin", "multiboot_dma.bin", "multiboot.bin", "pvh.bin"];
+
+/// The kernel loader ROMs among the RAM blocks of a QEMU migration stream that begins with
+/// `head` (the RAM section lists each block as a length byte, its name and its size).
+pub fn loader_roms(head: &[u8]) -> Vec<String> {
+    const PREFIX: &[u8] = b"/rom@genroms/";
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(p) = head[i..].windows(PREFIX.len()).position(|w| w == PREFIX) {
+        let at = i + p;
+        i = at + PREFIX.len();
+        let Some(&len) = at.checked_sub(1).and_then(|j| head.get(j)) else { continue };
+        let Some(name) = head.get(at..at + len as usize).and_then(|n| n.strip_prefix(PREFIX)) else { continue };
+        let name = String::from_utf8_lossy(name).into_owned();
+        if LOADER_ROMS.contains(&name.as_str()) && !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// For a warm image of a direct kernel boot: the loader ROMs its saved state has as RAM blocks
+/// (QEMU 10's `pc` machine has none: its kernel loader ROM is not migrated), read from the
+/// state's first chunk (through the host cache, where the restore finds it again). `None`
+/// (the boot files are fetched after all) when that chunk cannot be read or is no QEMU
+/// migration stream.
+pub(crate) async fn state_loader_roms(agent: &Agent, manifest: &Manifest, state: &Blob) -> Option<Vec<String>> {
+    let first = state.chunks.first()?.as_ref()?;
+    let one = Blob { size: state.size.min(manifest.chunk_size as u64), chunks: vec![Some(*first)] };
+    let head = agent.proxy().read_blob(manifest, &one).await.ok()?;
+    head.starts_with(b"QEVM").then(|| loader_roms(&head))
+}
+
 /// Chunks of the state fetched per request batch while streaming it into QEMU.
 const STREAM_BATCH: usize = 8;
 /// Batches fetched ahead of the one QEMU is reading (with [`STREAM_BATCH`] chunks of the
@@ -794,6 +829,22 @@ mod tests {
         assert_eq!(&c1[20..25], &[0u8; 5][..]);
         assert_eq!(&c1[25..], &[9u8; 25][..]);
         assert_eq!(touched_chunks(&patches, 100), vec![0, 1]);
+    }
+
+    #[test]
+    fn loader_roms_come_from_the_ram_block_list() {
+        // The RAM section of a QEMU 10 stream of a direct kernel boot (names as QEMU writes them:
+        // a length byte, the name, the block's size as a big-endian u64).
+        let mut s = b"QEVM\x00\x00\x00\x03".to_vec();
+        for name in ["pc.ram", "/rom@etc/acpi/tables", "/rom@genroms/linuxboot_dma.bin", "0000:00:03.0/virtio-net-pci.rom"] {
+            s.push(name.len() as u8);
+            s.extend_from_slice(name.as_bytes());
+            s.extend_from_slice(&65536u64.to_be_bytes());
+        }
+        assert_eq!(loader_roms(&s), vec!["linuxboot_dma.bin".to_string()]);
+        // A firmware boot has none; a name cut off at the end of the chunk is ignored.
+        assert!(loader_roms(b"\x06pc.ram\x00\x00").is_empty());
+        assert!(loader_roms(b"\x1e/rom@genroms/linuxboot_dma.b").is_empty());
     }
 
     #[test]
