@@ -356,4 +356,60 @@ mod tests {
         assert_eq!(r(Some("a || b"), Some("h2")).as_deref(), Some("(a || b) && host.name == \"h2\""));
         assert_eq!(saved_image_name("vm-0a"), "vm-0a.saved");
     }
+
+    fn rec(id: &str, name: &str, owner: &str, state: VmState, forwards: &[(u16, u16)]) -> VmRecord {
+        VmRecord {
+            id: id.into(),
+            name: name.into(),
+            owner: owner.into(),
+            image: "sample".into(),
+            image_version: Some(1),
+            cpus: 1,
+            memory_mib: 256,
+            forwards: forwards.iter().map(|&(host, guest)| vgrid_api::vm::Forward { host, guest }).collect(),
+            state,
+            phase: String::new(),
+            reason: None,
+            host: None,
+            accel: None,
+            pid: None,
+            require: None,
+            rank: None,
+            resources: Default::default(),
+            created: 1,
+            started: None,
+            stopped: None,
+            saved_image: Some(format!("{id}.saved@1")),
+            state_since: None,
+            migration: None,
+        }
+    }
+
+    #[test]
+    fn resume_is_admitted_like_a_create() {
+        let me = rec("vm-1", "web", "alice", VmState::Suspended, &[(8080, 80)]);
+        let other = rec("vm-2", "db", "alice", VmState::Running, &[]);
+        let all = vec![me.clone(), other.clone()];
+        // No quota, no conflict.
+        resume_admission(&all, &me, &Quota::default()).unwrap();
+        // Quota: the suspended VM itself holds none; the running one does.
+        let q = Quota { vms: Some(1), ..Default::default() };
+        let e = resume_admission(&all, &me, &q).unwrap_err().to_string();
+        assert!(e.contains("cannot resume VM web") && e.contains("quota exceeded") && e.contains("stays suspended"), "{e}");
+        assert!(matches!(resume_admission(&all, &me, &q), Err(CoordinatorError::Quota(_))));
+        let q = Quota { memory_mib: Some(512), ..Default::default() };
+        resume_admission(&all, &me, &q).unwrap();
+        // Another user's VMs do not count against alice.
+        let mut bobs = other.clone();
+        bobs.owner = "bob".into();
+        resume_admission(&[me.clone(), bobs], &me, &Quota { vms: Some(1), ..Default::default() }).unwrap();
+        // A host port another active VM forwards now is a conflict; a stopped one's is not.
+        let mut taker = rec("vm-3", "proxy", "bob", VmState::Running, &[(8080, 8080)]);
+        let e = resume_admission(&[me.clone(), taker.clone()], &me, &Quota::default()).unwrap_err();
+        assert!(matches!(e, CoordinatorError::Conflict(_)));
+        let e = e.to_string();
+        assert!(e.contains("host port 8080") && e.contains("forwarded to VM proxy") && e.contains("stays suspended"), "{e}");
+        taker.state = VmState::Stopped;
+        resume_admission(&[me.clone(), taker], &me, &Quota::default()).unwrap();
+    }
 }
