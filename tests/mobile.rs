@@ -260,11 +260,28 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
     assert!(c2.contains("disk-before-suspend"), "{c2}");
     assert!(!c2.contains(BOOTED_MARKER) && !c2.contains(DISK_MARKER), "the guest booted instead of resuming:\n{c2}");
 
+    // The resumed VM (QEMU started without a kernel: it is in the restored memory) migrates
+    // live back to h1, whose QEMU also starts without one; the count goes on there.
+    let m = g.json(&["vm", "migrate", &id, "--to", "h1", "--timeout", "240"]);
+    assert_eq!(m["migration"]["status"], "completed", "{m}");
+    assert_eq!(m["host"], "h1", "{m}");
+    let d1 = g.runtime_dir("h1", &id);
+    let n = counts(&console_text(&d1)).len();
+    wait_console(&d1, "the count to go on on h1 after the migration", Duration::from_secs(120), |c| counts(c).len() >= n + 2);
+    // The disk is the saved image's (with the write from before the suspend), read back with
+    // the page cache dropped.
+    {
+        let _c = type_on_console(&d1, "echo 3 > /proc/sys/vm/drop_caches; echo read-$(cat /mnt/mobile.txt)");
+        wait_console(&d1, "the disk file on h1", Duration::from_secs(60), |c| c.contains("read-disk-before-suspend"));
+    }
+    let spec = std::fs::read_to_string(d1.join("spec.json")).unwrap();
+    assert!(spec.contains("\"restore\""), "{spec}");
+
     // A suspended VM cannot be stopped; a running one cannot be resumed.
     let o = g.cli(&["vm", "resume", &id]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("only a suspended VM"));
 
-    // Suspend again (from h2), then remove: the saved images go with the VM.
+    // Suspend again (now from h1), then remove: the saved images go with the VM.
     let s2 = g.json(&["vm", "suspend", &id]);
     assert_eq!(s2["saved"]["image"], format!("{id}.saved@2"));
     let o = g.cli(&["vm", "stop", &id]);

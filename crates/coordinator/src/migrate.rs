@@ -117,7 +117,12 @@ impl Coordinator {
         if !rec.forwards.is_empty() {
             tracing::info!(vm = %rec.id, "migrating a VM with port forwards: the destination binds the same host ports");
         }
-        let image = ImageRef { name: rec.image.split('@').next().unwrap_or_default().to_string(), version: rec.image_version };
+        // A resumed VM runs from its saved image (its disk holds the guest's writes from before
+        // the suspend): the destination must open that one, not the image it was created from.
+        let image = match &rec.saved_image {
+            Some(saved) => saved.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?,
+            None => ImageRef { name: rec.image.split('@').next().unwrap_or_default().to_string(), version: rec.image_version },
+        };
         let manifest = self.resolve_image(&image).await?;
         let require = match &req.to {
             Some(to) => format!("host.name == {to:?}"),
