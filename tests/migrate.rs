@@ -62,6 +62,17 @@ impl Grid {
         self.hosts.push((name.to_string(), r));
     }
 
+    /// SIGKILLs the coordinator and starts it again on the same address and data directory.
+    fn restart_coordinator(&mut self) {
+        self.coordinator.kill();
+        let listen = self.coordinator.url.trim_start_matches("http://").trim_end_matches('/').to_string();
+        let data = self.dir.path().join("coord");
+        self.coordinator = Role::start(
+            &["coordinator", "--listen", &listen, "--data-dir", data.to_str().unwrap(), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
+            self.dir.path().join("coord2.log"),
+        );
+    }
+
     fn host(&mut self, name: &str) -> &mut Role {
         &mut self.hosts.iter_mut().find(|(n, _)| n == name).unwrap().1
     }
@@ -89,7 +100,7 @@ impl Grid {
 
     fn logs(&self) -> String {
         let mut s = String::new();
-        for f in ["coord.log"].iter().map(|f| f.to_string()).chain(self.hosts.iter().map(|(_, r)| r.log.display().to_string())) {
+        for f in ["coord.log", "coord2.log"].iter().map(|f| f.to_string()).chain(self.hosts.iter().map(|(_, r)| r.log.display().to_string())) {
             let p = self.dir.path().join(&f);
             let text = std::fs::read_to_string(&p).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
@@ -434,4 +445,113 @@ fn a_source_agent_killed_during_a_migration_leaves_the_guest_running_at_the_sour
     assert_eq!(qemus_of(&id), 1, "one QEMU, at the source");
     let v = g.json(&["vm", "stop", &id]);
     assert_eq!(v["state"], "stopped", "{v}");
+}
+
+/// Boots a guest on h1 that keeps memory dirty (so a migration capped at 8 MiB/s is still
+/// copying a while later) and counts on its console; starts `vm migrate --to h2` in the
+/// background and returns once memory is being copied. Returns (id, QEMU pid, the CLI).
+fn start_a_long_migration(g: &Grid, name: &str) -> (String, u64, std::process::Child) {
+    let v = g.run_on("h1", name);
+    let id = v["id"].as_str().unwrap().to_string();
+    let pid = v["pid"].as_u64().unwrap();
+    let src = g.runtime_dir("h1", &id);
+    type_on_console(&src, "dd if=/dev/urandom of=/tmp/r bs=1M count=32 2>/dev/null; (while true; do cp /tmp/r /tmp/x; done) & echo $! > /tmp/dirty.pid; echo dirtying-started");
+    g.wait_until("the dirtying loop", Duration::from_secs(120), || console_log(&src).contains("dirtying-started\n"));
+    type_on_console(&src, COUNTER);
+    let cli = Command::new(vgrid_bin())
+        .args(["--json", "vm", "migrate", &id, "--to", "h2", "--max-bandwidth", "8", "--timeout", "200"])
+        .env("VGRID_URL", &g.coordinator.url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    g.wait_until("memory being copied", Duration::from_secs(60), || {
+        let v = g.json(&["vm", "show", &id]);
+        v["state"] == "migrating" && v["migration"]["phase"].as_str().unwrap_or("").starts_with("copying memory")
+    });
+    (id, pid, cli)
+}
+
+/// After an interrupted migration: the record is on h1 and `running` with the same QEMU, the
+/// guest counts on there, h2 kept nothing (no runtime directory, no QEMU, nothing reported),
+/// no VM is left `migrating`; and once the guest stops dirtying memory it migrates to h2
+/// (nothing half-done — mirror job, NBD node, capabilities — blocks the next attempt).
+fn check_settled_at_the_source_then_migrate(g: &Grid, id: &str, pid: u64) -> serde_json::Value {
+    let src = g.runtime_dir("h1", id);
+    let v = g.json(&["vm", "show", id]);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["host"], "h1", "{v}");
+    assert_eq!(v["pid"].as_u64(), Some(pid), "the same QEMU runs on: {v}");
+    assert!(process_alive(pid));
+    let n = ticks(&console_log(&src)).len();
+    g.wait_until("the counter to go on at the source", Duration::from_secs(60), || ticks(&console_log(&src)).len() > n + 2);
+    g.wait_until("the destination to be clean", Duration::from_secs(30), || !g.runtime_dir("h2", id).exists());
+    g.wait_until("h2 to report no VM", Duration::from_secs(30), || {
+        g.json(&["host", "show", "h2"])["vms"].as_array().map(|a| a.is_empty()) == Some(true)
+    });
+    assert_eq!(qemus_of(id), 1, "one QEMU, at the source");
+    let all = g.json(&["vm", "ls"]);
+    assert!(all.as_array().unwrap().iter().all(|v| v["state"] != "migrating"), "no VM stuck migrating: {all}");
+    let settled = v.clone();
+
+    type_on_console(&src, "kill $(cat /tmp/dirty.pid); echo stopped-dirtying");
+    g.wait_until("the loop to stop", Duration::from_secs(60), || console_log(&src).contains("stopped-dirtying\n"));
+    let v = g.json(&["vm", "migrate", id, "--to", "h2", "--timeout", "240"]);
+    assert_eq!(v["migration"]["status"], "completed", "{v}");
+    assert_eq!(v["host"], "h2", "{v}");
+    g.wait_until("the source QEMU to quit", Duration::from_secs(30), || !process_alive(pid));
+    assert_eq!(qemus_of(id), 1);
+    let dst = g.runtime_dir("h2", id);
+    let n = ticks(&console_log(&dst)).len();
+    g.wait_until("the counter to go on at h2", Duration::from_secs(60), || ticks(&console_log(&dst)).len() > n + 2);
+    let v = g.json(&["vm", "stop", id]);
+    assert_eq!(v["state"], "stopped", "{v}");
+    settled
+}
+
+#[test]
+fn a_destination_agent_killed_during_a_migration_leaves_the_guest_running_at_the_source() {
+    let mut g = Grid::start(&["h1", "h2"]);
+    let (id, pid, mut cli) = start_a_long_migration(&g, "dest-killed");
+    // The destination agent dies (its incoming QEMU does not); it comes back a little later,
+    // finds that QEMU still waiting for the migration and ends it.
+    g.host("h2").kill();
+    std::thread::sleep(Duration::from_secs(2));
+    g.start_host("h2");
+
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = cli.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(180), "vm migrate did not return\n{}", g.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!status.success(), "a migration whose destination died must not report success");
+    g.wait_until("the migration to settle", Duration::from_secs(60), || g.json(&["vm", "show", &id])["state"] != "migrating");
+    let v = check_settled_at_the_source_then_migrate(&g, &id, pid);
+    assert_eq!(v["migration"]["status"], "failed", "{v}");
+    assert!(v["migration"]["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    let h2_log = std::fs::read_to_string(&g.hosts.iter().find(|(n, _)| n == "h2").unwrap().1.log).unwrap_or_default();
+    assert!(h2_log.contains("killing a QEMU left waiting for an incoming migration") || h2_log.contains("not adopted"), "{h2_log}");
+}
+
+#[test]
+fn a_coordinator_restarted_during_a_migration_settles_it() {
+    let mut g = Grid::start(&["h1", "h2"]);
+    let (id, pid, mut cli) = start_a_long_migration(&g, "coord-restart");
+    g.restart_coordinator();
+    // The CLI lost its coordinator mid-way.
+    let _ = cli.kill();
+    let _ = cli.wait();
+
+    // After the restart the migration settles: cancelled at the source, the record running
+    // there, never left `migrating`.
+    g.wait_until("the migration to settle after the restart", Duration::from_secs(120), || {
+        let v = g.json(&["vm", "show", &id]);
+        v["state"] != "migrating" && v["migration"]["status"] != "active"
+    });
+    let v = check_settled_at_the_source_then_migrate(&g, &id, pid);
+    assert_eq!(v["migration"]["status"], "failed", "{v}");
+    assert!(v["migration"]["error"].as_str().unwrap_or("").contains("coordinator restarted"), "{v}");
 }

@@ -261,11 +261,28 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
     assert!(c2.contains("disk-before-suspend"), "{c2}");
     assert!(!c2.contains(BOOTED_MARKER) && !c2.contains(DISK_MARKER), "the guest booted instead of resuming:\n{c2}");
 
+    // The resumed VM (QEMU started without a kernel: it is in the restored memory) migrates
+    // live back to h1, whose QEMU also starts without one; the count goes on there.
+    let m = g.json(&["vm", "migrate", &id, "--to", "h1", "--timeout", "240"]);
+    assert_eq!(m["migration"]["status"], "completed", "{m}");
+    assert_eq!(m["host"], "h1", "{m}");
+    let d1 = g.runtime_dir("h1", &id);
+    let n = counts(&console_text(&d1)).len();
+    wait_console(&d1, "the count to go on on h1 after the migration", Duration::from_secs(120), |c| counts(c).len() >= n + 2);
+    // The disk is the saved image's (with the write from before the suspend), read back with
+    // the page cache dropped.
+    {
+        let _c = type_on_console(&d1, "echo 3 > /proc/sys/vm/drop_caches; echo read-$(cat /mnt/mobile.txt)");
+        wait_console(&d1, "the disk file on h1", Duration::from_secs(60), |c| c.contains("read-disk-before-suspend"));
+    }
+    let spec = std::fs::read_to_string(d1.join("spec.json")).unwrap();
+    assert!(spec.contains("\"restore\""), "{spec}");
+
     // A suspended VM cannot be stopped; a running one cannot be resumed.
     let o = g.cli(&["vm", "resume", &id]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("only a suspended VM"));
 
-    // Suspend again (from h2), then remove: the saved images go with the VM.
+    // Suspend again (now from h1), then remove: the saved images go with the VM.
     let s2 = g.json(&["vm", "suspend", &id]);
     assert_eq!(s2["saved"]["image"], format!("{id}.saved@2"));
     let o = g.cli(&["vm", "stop", &id]);
@@ -339,4 +356,81 @@ fn warm_image_starts_two_vms_without_booting() {
         let log = String::from_utf8_lossy(&std::fs::read(up.runtime_dir(w).join("console.log")).unwrap()).into_owned();
         assert!(!log.contains(BOOTED_MARKER) && !log.contains(DISK_MARKER), "VM {w} booted instead of restoring:\n{log}");
     }
+    // A restored VM starts without its kernel (it is in the saved memory): nothing to boot
+    // again, so a guest reboot ends it (stopped) instead of leaving it hanging in firmware.
+    let spec = std::fs::read_to_string(up.runtime_dir(&ids[1]).join("spec.json")).unwrap();
+    assert!(spec.contains("\"restore\"") && !spec.contains("\"kernel\""), "{spec}");
+    let _c = type_on_console(&up.runtime_dir(&ids[1]), "reboot -f");
+    up.wait_until("the rebooted warm VM to stop", Duration::from_secs(60), || up.vm(&ids[1])["state"] == "stopped");
+    assert_eq!(up.vm(&ids[0])["state"], "running");
+}
+
+/// A resume is admitted like a create: over the owner's quota, or with a host port another VM
+/// forwards now, it is refused with an error naming the cause; a host port taken on the host
+/// itself makes the restore fail before anything is fetched. Each time the VM stays suspended
+/// and loses nothing: once the cause is gone it resumes with its state.
+#[test]
+fn resume_rechecks_quota_and_port_forwards() {
+    let up = Up::start();
+    up.import_sample();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let fwd = format!("{port}:22");
+    let v = up.run_vm("sample", "fwd", PROMPT, &["--forward", &fwd]);
+    let id = v["id"].as_str().unwrap().to_string();
+    let owner = v["owner"].as_str().unwrap().to_string();
+    let name = v["name"].as_str().unwrap().to_string();
+    console_exec(&up, &id, "echo kept-state > /tmp/kept.txt; echo wrote-$((6*7))", "wrote-42");
+    let s = up.json(&["vm", "suspend", &id]);
+    assert_eq!(s["vm"]["state"], "suspended", "{s}");
+    let suspended = |why: &str| {
+        let v = up.vm(&id);
+        assert_eq!(v["state"], "suspended", "{why}: {v}");
+        assert!(v["saved_image"].as_str().is_some_and(|s| s.starts_with(&format!("{id}.saved@"))), "{why}: {v}");
+        v
+    };
+
+    // Over the owner's quota (a suspended VM holds none): refused with 403, still suspended.
+    up.ok(&["user", "quota", &owner, "--max-memory", "128"]);
+    let o = up.cli(&["vm", "resume", &id]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "a resume over the quota must fail");
+    assert!(err.contains("403") && err.contains("quota exceeded") && err.contains(&format!("cannot resume VM {name}")) && err.contains("stays suspended"), "{err}");
+    suspended("after the quota refusal");
+    up.ok(&["user", "quota", &owner]);
+
+    // Another VM forwards the same host port now (allowed: the suspended one holds none).
+    let other = up.run_vm("sample", "other", PROMPT, &["--forward", &fwd]);
+    let other_name = other["name"].as_str().unwrap();
+    let o = up.cli(&["vm", "resume", &id]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "a resume with a host port forwarded to another VM must fail");
+    assert!(err.contains(&format!("host port {port}")) && err.contains(&format!("forwarded to VM {other_name}")) && err.contains("stays suspended"), "{err}");
+    suspended("after the forward conflict");
+    up.ok(&["vm", "rm", "--force", other["id"].as_str().unwrap()]);
+
+    // The port is taken on the host by a process vgrid does not know: the host refuses the
+    // launch, the VM is suspended again with the reason.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let o = up.cli(&["vm", "resume", &id, "--timeout", "120"]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "a resume whose port cannot be bound must fail: {err}");
+    assert!(err.contains("suspended") && err.contains(&format!("host port {port}")) && err.contains("cannot be bound"), "{err}");
+    let v = suspended("after the bind failure");
+    assert!(v["reason"].as_str().unwrap_or("").contains("cannot be bound"), "{v}");
+    drop(squatter);
+
+    // Nothing was lost: it resumes where it was, without booting.
+    let r = up.json(&["vm", "resume", &id, "--timeout", "300"]);
+    assert_eq!(r["state"], "running", "{r}");
+    console_exec(&up, &id, "echo got-$(cat /tmp/kept.txt)", "got-kept-state");
+    let log = String::from_utf8_lossy(&std::fs::read(up.runtime_dir(&id).join("console.log")).unwrap()).into_owned();
+    let after = log.rsplit("wrote-42").next().unwrap_or("");
+    assert!(!after.contains(BOOTED_MARKER), "the guest booted instead of resuming:\n{log}");
+    // The forward works again on the resumed VM's host port.
+    let v = up.vm(&id);
+    assert_eq!(v["forwards"][0]["host"], port, "{v}");
+    assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err(), "QEMU holds host port {port} again");
 }

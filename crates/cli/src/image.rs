@@ -146,7 +146,7 @@ pub struct NbdArgs {
 
 #[derive(Args, Debug)]
 pub struct BuildSampleArgs {
-    /// Where to build and cache the guest [default: $VGRID_CACHE or ~/.cache/vgrid, /sample-guest].
+    /// Where to build and cache the guest [default: $VGRID_CACHE or ~/.cache/vgrid, /sample-guest-v2].
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Image name to import it as.

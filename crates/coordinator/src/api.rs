@@ -429,10 +429,10 @@ async fn suspend_vm(State(c): Ctx, Extension(auth): Users, Extension(p): Caller,
 #[utoipa::path(post, path = "/api/v1/vms/{id}/resume", params(("id" = String, Path)), request_body = VmResume,
     responses((status = 200, body = VmRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody)))]
-async fn resume_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, body: axum::body::Bytes) -> ApiResult<VmRecord> {
+async fn resume_vm(State(c): Ctx, Extension(auth): Users, Extension(p): Caller, Path(id): Path<String>, body: axum::body::Bytes) -> ApiResult<VmRecord> {
     let req = optional_body::<VmResume>(&body)?;
     let rec = owned(&c, &p, &id)?;
-    Ok(Json(c.resume(&rec.id, &req).await?))
+    Ok(Json(c.resume(&rec.id, &req, &auth.user(&rec.owner).map(|u| u.quota).unwrap_or_default()).await?))
 }
 
 /// Saves a running VM as a warm image (memory state + changed disk, the VM's image as parent);

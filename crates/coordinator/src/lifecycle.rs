@@ -857,7 +857,7 @@ pub struct Future {
 
 /// What the scheduler is asked for a VM of `manifest`.
 /// Refuses a new VM of `owner` that would exceed one of their quotas, naming it.
-fn check_quota(all: &[VmRecord], owner: &str, quota: &Quota, cpus: u32, memory_mib: u64) -> Result<(), CoordinatorError> {
+pub(crate) fn check_quota(all: &[VmRecord], owner: &str, quota: &Quota, cpus: u32, memory_mib: u64) -> Result<(), CoordinatorError> {
     let mine: Vec<&VmRecord> = all.iter().filter(|v| v.owner == owner && v.state.is_active()).collect();
     let (n, c, m) = mine.iter().fold((0u32, 0u32, 0u64), |(n, c, m), v| (n + 1, c + v.cpus, m + v.memory_mib));
     let over = |what: &str, used: String, asked: String, limit: String| {

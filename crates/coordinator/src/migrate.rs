@@ -117,7 +117,12 @@ impl Coordinator {
         if !rec.forwards.is_empty() {
             tracing::info!(vm = %rec.id, "migrating a VM with port forwards: the destination binds the same host ports");
         }
-        let image = ImageRef { name: rec.image.split('@').next().unwrap_or_default().to_string(), version: rec.image_version };
+        // A resumed VM runs from its saved image (its disk holds the guest's writes from before
+        // the suspend): the destination must open that one, not the image it was created from.
+        let image = match &rec.saved_image {
+            Some(saved) => saved.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?,
+            None => ImageRef { name: rec.image.split('@').next().unwrap_or_default().to_string(), version: rec.image_version },
+        };
         let manifest = self.resolve_image(&image).await?;
         let require = match &req.to {
             Some(to) => format!("host.name == {to:?}"),
@@ -324,16 +329,52 @@ impl Coordinator {
         }
     }
 
-    /// After a coordinator restart, a VM recorded as migrating: the driver is gone, so cancel
-    /// at the source (which resumes the guest if needed), drop the destination, follow it again.
+    /// After a coordinator restart, a VM recorded as migrating: the driver is gone. If the
+    /// destination already runs the VM (the restart fell between its take-over and the
+    /// record's move), the migration completed: the record moves there and the source's
+    /// paused QEMU goes. Otherwise cancel at the source (which resumes the guest if needed),
+    /// drop the destination, follow it again at the source.
     pub(crate) async fn migration_interrupted(self: Arc<Self>, vm: VmRecord) {
         let id = vm.id.clone();
         let to = vm.migration.as_ref().map(|m| m.to.clone());
+        // Both hosts report in at their next heartbeat (bounded: a host that stays away is
+        // resolved by the heartbeat reconciliation instead).
+        let reported = |h: &Option<String>| h.as_ref().map(|h| self.registry.host(h).is_some()).unwrap_or(true);
         for _ in 0..60 {
-            if vm.host.as_ref().and_then(|h| self.registry.host(h)).is_some() {
+            if reported(&vm.host) && reported(&to) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let taken_over = to.as_ref().and_then(|h| self.registry.host(h)).and_then(|h| {
+            h.vms.iter().find(|r| r.id == id && !r.incoming).map(|r| (h.ad.name.clone(), r.pid))
+        });
+        if let Some((dest, pid)) = taken_over {
+            tracing::info!(vm = %id, to = %dest, "the destination took over before the coordinator restarted: migration completed");
+            self.update(&id, |v| {
+                v.host = Some(dest.clone());
+                v.pid = Some(pid);
+                if v.state == VmState::Migrating {
+                    v.state = VmState::Running;
+                    v.phase = "running".into();
+                }
+                if let Some(m) = v.migration.as_mut() {
+                    m.status = MigrationStatus::Completed;
+                    m.phase = "completed".into();
+                    m.finished = Some(now());
+                }
+            });
+            if let Some(src) = vm.host.as_ref().and_then(|h| self.client(h).ok()) {
+                if let Err(e) = src.remove(&id).await {
+                    tracing::warn!(vm = %id, "removing the migrated VM from its source {}: {e}", src.name);
+                }
+            }
+            if let Some(h) = &vm.host {
+                self.refresh_host(h);
+            }
+            self.refresh_host(&dest);
+            self.watch(id).await;
+            return;
         }
         if let Some(src) = vm.host.as_ref().and_then(|h| self.client(h).ok()) {
             let _ = src.migrate_cancel(&id).await;

@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use vgrid_api::auth::Quota;
 use vgrid_api::vm::{SavedImage, VmRecord, VmResume, VmState};
 use vgrid_api::{ImageRef, Manifest};
 use vgrid_hostagent::agent::LaunchRequest;
@@ -92,6 +93,25 @@ pub(crate) fn resume_failed(c: &Coordinator, req: &LaunchRequest, host: &str, er
     true
 }
 
+/// Whether suspended VM `rec` may run again next to `all` (the records): its owner's quota,
+/// and host ports no other active VM forwards. The error names the VM and the cause.
+pub(crate) fn resume_admission(all: &[VmRecord], rec: &VmRecord, quota: &Quota) -> Result<(), CoordinatorError> {
+    let others: Vec<VmRecord> = all.iter().filter(|v| v.id != rec.id).cloned().collect();
+    crate::lifecycle::check_quota(&others, &rec.owner, quota, rec.cpus, rec.memory_mib).map_err(|e| match e {
+        CoordinatorError::Quota(m) => CoordinatorError::Quota(format!("cannot resume VM {}: {m}; it stays suspended", rec.name)),
+        e => e,
+    })?;
+    for f in &rec.forwards {
+        if let Some(v) = others.iter().find(|v| v.state.is_active() && v.forwards.iter().any(|g| g.host == f.host)) {
+            return Err(CoordinatorError::Conflict(format!(
+                "cannot resume VM {}: host port {} (forwarded to its guest port {}) is forwarded to VM {} now; it stays suspended",
+                rec.name, f.host, f.guest, v.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Coordinator {
     fn running_on(&self, key: &str, what: &str) -> Result<(VmRecord, HostClient), CoordinatorError> {
         let rec = self.get(key)?;
@@ -161,8 +181,10 @@ impl Coordinator {
     }
 
     /// Places a suspended VM again and restores it there (in the background: the answer is
-    /// the record as placed; it becomes `running` once restored).
-    pub async fn resume(self: &Arc<Self>, key: &str, req: &VmResume) -> Result<VmRecord, CoordinatorError> {
+    /// the record as placed; it becomes `running` once restored). Like a create, it must fit
+    /// the owner's `quota` (a suspended VM holds none) and its host ports must not be forwarded
+    /// to another active VM; otherwise it stays suspended and nothing changes.
+    pub async fn resume(self: &Arc<Self>, key: &str, req: &VmResume, quota: &Quota) -> Result<VmRecord, CoordinatorError> {
         let rec = self.get(key)?;
         if rec.state != VmState::Suspended {
             return Err(CoordinatorError::Conflict(format!(
@@ -192,6 +214,8 @@ impl Coordinator {
         if cur.state != VmState::Suspended {
             return Err(CoordinatorError::Conflict(format!("VM {} is {} now", rec.id, cur.state.as_str())));
         }
+        let all = self.state.list_vms()?;
+        resume_admission(&all, &cur, quota)?;
         let placed = match self.sched.place_with(&preq, &opts) {
             Ok(p) => p,
             Err(PlaceError::NoMatch(nm)) => return Err(CoordinatorError::Capacity(explain(&nm))),
@@ -331,5 +355,61 @@ mod tests {
         assert_eq!(r(None, Some("h2")).as_deref(), Some("host.name == \"h2\""));
         assert_eq!(r(Some("a || b"), Some("h2")).as_deref(), Some("(a || b) && host.name == \"h2\""));
         assert_eq!(saved_image_name("vm-0a"), "vm-0a.saved");
+    }
+
+    fn rec(id: &str, name: &str, owner: &str, state: VmState, forwards: &[(u16, u16)]) -> VmRecord {
+        VmRecord {
+            id: id.into(),
+            name: name.into(),
+            owner: owner.into(),
+            image: "sample".into(),
+            image_version: Some(1),
+            cpus: 1,
+            memory_mib: 256,
+            forwards: forwards.iter().map(|&(host, guest)| vgrid_api::vm::Forward { host, guest }).collect(),
+            state,
+            phase: String::new(),
+            reason: None,
+            host: None,
+            accel: None,
+            pid: None,
+            require: None,
+            rank: None,
+            resources: Default::default(),
+            created: 1,
+            started: None,
+            stopped: None,
+            saved_image: Some(format!("{id}.saved@1")),
+            state_since: None,
+            migration: None,
+        }
+    }
+
+    #[test]
+    fn resume_is_admitted_like_a_create() {
+        let me = rec("vm-1", "web", "alice", VmState::Suspended, &[(8080, 80)]);
+        let other = rec("vm-2", "db", "alice", VmState::Running, &[]);
+        let all = vec![me.clone(), other.clone()];
+        // No quota, no conflict.
+        resume_admission(&all, &me, &Quota::default()).unwrap();
+        // Quota: the suspended VM itself holds none; the running one does.
+        let q = Quota { vms: Some(1), ..Default::default() };
+        let e = resume_admission(&all, &me, &q).unwrap_err().to_string();
+        assert!(e.contains("cannot resume VM web") && e.contains("quota exceeded") && e.contains("stays suspended"), "{e}");
+        assert!(matches!(resume_admission(&all, &me, &q), Err(CoordinatorError::Quota(_))));
+        let q = Quota { memory_mib: Some(512), ..Default::default() };
+        resume_admission(&all, &me, &q).unwrap();
+        // Another user's VMs do not count against alice.
+        let mut bobs = other.clone();
+        bobs.owner = "bob".into();
+        resume_admission(&[me.clone(), bobs], &me, &Quota { vms: Some(1), ..Default::default() }).unwrap();
+        // A host port another active VM forwards now is a conflict; a stopped one's is not.
+        let mut taker = rec("vm-3", "proxy", "bob", VmState::Running, &[(8080, 8080)]);
+        let e = resume_admission(&[me.clone(), taker.clone()], &me, &Quota::default()).unwrap_err();
+        assert!(matches!(e, CoordinatorError::Conflict(_)));
+        let e = e.to_string();
+        assert!(e.contains("host port 8080") && e.contains("forwarded to VM proxy") && e.contains("stays suspended"), "{e}");
+        taker.state = VmState::Stopped;
+        resume_admission(&[me.clone(), taker], &me, &Quota::default()).unwrap();
     }
 }

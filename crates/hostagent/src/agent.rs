@@ -385,14 +385,16 @@ impl Agent {
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<Launched, AgentError> {
         let id = req.id.clone();
+        // Before anything is fetched: a forward whose host port is taken here would only make
+        // QEMU fail later with a vaguer message (and a resume would have fetched its state).
+        self.check_forwards(&id, &req.forwards)?;
         let (spec, dir, manifest) = self.prepare_spec(&req, progress).await?;
         // A warm image: its saved state is loaded instead of booting (see mobile.rs).
         let resolved_accel = accel.unwrap_or_else(Accel::detect);
         if manifest.state.is_some() {
             progress("fetching saved state");
         }
-        let incoming =
-            crate::mobile::prepare_incoming(self, &id, &manifest, req.cpus, req.memory_mib, resolved_accel, &dir).await?;
+        let incoming = crate::mobile::prepare_incoming(self, &id, &manifest, req.cpus, req.memory_mib, resolved_accel)?;
         progress(if incoming.is_some() { "restoring" } else { "booting" });
         let export = manifest.image_ref().to_string();
         let cgroup = self.res.create_group(&id, limits)?;
@@ -401,21 +403,37 @@ impl Agent {
             disk_throttle: crate::resources::DiskThrottle::of(&req.resources),
             ..LaunchOptions::default()
         };
-        if let Some(p) = &incoming {
-            opts.incoming = Some(p.clone());
-            opts.startup_timeout = crate::mobile::RESTORE_TIMEOUT;
+        // A warm image: QEMU waits for its state, which streams in while it is fetched.
+        opts.defer_incoming = incoming.is_some();
+        let vm = Vm::launch_with(spec, &dir, &opts).await?;
+        if let Some(st) = incoming {
+            if let Err(e) = crate::mobile::stream_incoming(&vm, st, crate::mobile::RESTORE_TIMEOUT).await {
+                let _ = vm.kill().await;
+                return Err(e);
+            }
         }
-        let r = Vm::launch_with(spec, &dir, &opts).await;
-        if let Some(p) = &incoming {
-            crate::mobile::incoming_done(p);
-        }
-        let vm = r?;
         crate::adopt::record_launch(&dir, &req);
         self.res.track(&vm, cgroup, limits, self.proxy.stats().bytes_fetched.saturating_sub(fetched0));
         let launched = Launched { pid: vm.pid(), accel: vm.accel().as_str().to_string() };
         self.vms.lock().unwrap().insert(id.clone(), Slot { vm: Arc::new(vm) });
         tracing::info!(vm = %id, image = %export, pid = launched.pid, "QEMU started");
         Ok(launched)
+    }
+
+    /// Refuses a launch whose forwarded host ports cannot be bound on this host (QEMU binds
+    /// them on 127.0.0.1), naming the port and the cause.
+    pub(crate) fn check_forwards(&self, id: &str, forwards: &[(u16, u16)]) -> Result<(), AgentError> {
+        for &(h, g) in forwards {
+            if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", h)) {
+                return Err(crate::resources::AdmissionError::Refused {
+                    host: self.cfg.name.clone(),
+                    id: id.to_string(),
+                    reason: format!("host port {h} (forwarded to guest port {g}) cannot be bound on 127.0.0.1: {e}"),
+                }
+                .into());
+            }
+        }
+        Ok(())
     }
 
     /// Opens the image through the proxy, writes kernel/initrd into the runtime directory and
@@ -439,8 +457,15 @@ impl Agent {
             path: dir.clone(),
             cause: e.to_string(),
         })?;
+        // A warm image of a direct kernel boot restores without its kernel and initrd (they
+        // are in the saved memory already): only the loader ROMs its state names.
+        let restore_roms = match (&manifest.meta.boot, &manifest.state) {
+            (Boot::Kernel { .. }, Some(st)) => crate::mobile::state_loader_roms(self, &manifest, &st.blob).await,
+            _ => None,
+        };
         let boot = match &manifest.meta.boot {
             Boot::Firmware => BootSource::Firmware { bios: None },
+            Boot::Kernel { .. } if restore_roms.is_some() => BootSource::Restore { option_roms: restore_roms.unwrap_or_default() },
             Boot::Kernel { kernel, initrd, cmdline } => {
                 let kpath = dir.join("kernel");
                 self.proxy.write_blob(&manifest, kernel, &kpath).await?;

@@ -101,6 +101,11 @@ pub enum BootSource {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         bios: Option<PathBuf>,
     },
+    /// Only for loading a saved state of a direct kernel boot: the kernel is in the guest's
+    /// memory already, so QEMU gets no `-kernel`, only any kernel loader option ROM the saved
+    /// state holds as a RAM block (`-option-rom`; none for QEMU 10's `pc`), and `-no-reboot`:
+    /// with no kernel to boot again, a guest reset ends QEMU.
+    Restore { option_roms: Vec<String> },
 }
 
 /// Everything needed to start one VM.
@@ -464,7 +469,7 @@ pub fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
             }
         }
         BootSource::Firmware { bios: Some(b) } => check_file(id, "firmware", b)?,
-        BootSource::Firmware { bios: None } => {}
+        BootSource::Firmware { bios: None } | BootSource::Restore { .. } => {}
     }
     let mut seen = std::collections::HashSet::new();
     for (h, g) in &spec.forwards {
@@ -564,6 +569,12 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
             if let Some(b) = bios {
                 push(&["-bios", &b.display().to_string()]);
             }
+        }
+        BootSource::Restore { option_roms } => {
+            for r in option_roms {
+                push(&["-option-rom", r]);
+            }
+            push(&["-no-reboot"]);
         }
     }
     a
@@ -703,7 +714,7 @@ impl Vm {
                 }
             }
             BootSource::Firmware { bios: Some(b) } => absolute("firmware", b)?,
-            BootSource::Firmware { bios: None } => {}
+            BootSource::Firmware { bios: None } | BootSource::Restore { .. } => {}
         }
         let overlay = dir.join(OVERLAY_FILE);
         if !(opts.reuse_overlay && overlay.exists()) {
