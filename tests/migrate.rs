@@ -65,7 +65,7 @@ impl Grid {
     /// SIGKILLs the coordinator and starts it again on the same address and data directory.
     fn restart_coordinator(&mut self) {
         self.coordinator.kill();
-        let listen = self.coordinator.url.trim_start_matches("http://").trim_end_matches('/').to_string();
+        let listen = self.coordinator.url.trim_start_matches("https://").trim_end_matches('/').to_string();
         let data = self.dir.path().join("coord");
         self.coordinator = Role::start(
             &["coordinator", "--listen", &listen, "--data-dir", data.to_str().unwrap(), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
