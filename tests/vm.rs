@@ -32,17 +32,54 @@ fn boots_sample_through_the_proxy_and_reads_its_disk() {
     assert!(logs.contains(BOOTED_MARKER), "vm logs lacks the marker: {logs}");
     let stats = up.cache_stats();
     assert!(stats["bytes_fetched"].as_u64().unwrap() > 0, "the boot fetched nothing: {stats}");
-    // Its runtime directory (overlay, sockets, logs) is closed to other local users.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(up.runtime_dir(&id)).unwrap().permissions().mode();
-        assert_eq!(mode & 0o077, 0, "runtime directory mode {mode:o}");
-    }
-    // QEMU runs under seccomp (mode 2, filter) with no_new_privs.
+    // QEMU runs as the unprivileged vgrid-qemu user when the agent is root (else as the
+    // agent's own user), under seccomp (mode 2, filter) with no_new_privs.
     let pid = v["pid"].as_u64().expect("the record has QEMU's pid");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    assert!(status.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"]), "{status}");
-    assert!(status.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["NoNewPrivs:", "1"]), "{status}");
+    let field = |name: &str| -> Vec<String> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    let (uid, gid) = if nix::unistd::geteuid().is_root() {
+        let u = nix::unistd::User::from_name("vgrid-qemu").unwrap().expect("the agent created vgrid-qemu");
+        assert_ne!(u.uid.as_raw(), 0);
+        (u.uid.as_raw(), u.gid.as_raw())
+    } else {
+        (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw())
+    };
+    assert_eq!(field("Uid"), vec![uid.to_string(); 4], "QEMU's real, effective, saved and fs uid: {status}");
+    assert_eq!(field("Gid"), vec![gid.to_string(); 4], "QEMU's gids: {status}");
+    assert!(!field("Groups").contains(&"0".to_string()), "QEMU kept root's group: {status}");
+    assert_eq!(field("Seccomp"), ["2"], "{status}");
+    assert_eq!(field("NoNewPrivs"), ["1"], "{status}");
+    // Its runtime directory (overlay, sockets, logs) is QEMU's user's and closed to others;
+    // the block proxy's socket is for QEMU's group only.
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let m = std::fs::metadata(up.runtime_dir(&id)).unwrap();
+        assert_eq!(m.permissions().mode() & 0o077, 0, "runtime directory mode {:o}", m.permissions().mode());
+        assert_eq!(m.uid(), uid, "runtime directory owner");
+        assert_eq!(std::fs::metadata(up.runtime_dir(&id).join("overlay.qcow2")).unwrap().uid(), uid, "overlay owner");
+        let sock = std::fs::metadata(up.data_dir().join("host/nbd.sock")).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(sock.permissions().mode() & 0o777, 0o660, "nbd.sock mode");
+            assert_eq!(sock.gid(), gid, "nbd.sock group");
+        }
+    }
+    // The unprivileged QEMU writes its overlay: a file written in the guest lands there.
+    console_exec(&up, &id, "echo dropped-$((6*7)) > /mnt/w && sync && echo synced-$((6*7))", "synced-42");
+    let map = Command::new("qemu-img")
+        .args(["map", "-U", "--output=json"])
+        .arg(up.runtime_dir(&id).join("overlay.qcow2"))
+        .output()
+        .unwrap();
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
+    assert!(map.as_array().unwrap().iter().any(|e| e["depth"] == 0 && e["data"] == true), "no data in the overlay");
     up.ok(&["vm", "stop", &id]);
 }
 

@@ -96,6 +96,11 @@ pub struct HostOpts {
     /// (e.g. 'request.cpus <= 2').
     #[arg(long)]
     pub policy: Option<String>,
+    /// The unprivileged user each guest's QEMU runs as when this runs as root (a system user
+    /// with no login shell and no home; created if missing). Ignored when not root: QEMU then
+    /// runs as the agent's own user.
+    #[arg(long, env = "VGRID_QEMU_USER", default_value = vgrid_hostagent::DEFAULT_QEMU_USER)]
+    pub qemu_user: String,
 }
 
 /// Heartbeat timing of the coordinator (`vgrid coordinator`, `vgrid up`).
@@ -237,6 +242,7 @@ async fn start_agent(data: &std::path::Path, o: &HostOpts, extra_servers: Vec<St
         max_memory_mib: o.max_memory,
         max_cpus: o.max_cpus,
         max_share: o.max_share,
+        qemu_user: o.qemu_user.clone(),
     })
     .await
     .map_err(|e| anyhow!("starting the host agent: {e}"))

@@ -38,6 +38,9 @@ pub struct AgentConfig {
     /// The owner's CPU cap: this fraction of the machine's CPU time for all guests together
     /// (a parent cgroup; CPU reservations beyond it are refused). None: uncapped.
     pub max_share: Option<f64>,
+    /// The unprivileged user guests' QEMU runs as when the agent is root (created if missing;
+    /// default `vgrid-qemu`). Ignored, with a log line, when the agent is not root.
+    pub qemu_user: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,8 @@ pub enum AgentError {
     Mobile(#[from] crate::mobile::MobileError),
     #[error("VM {id}: migration: {detail}")]
     Migration { id: String, detail: String },
+    #[error(transparent)]
+    QemuUser(#[from] crate::qemu_user::QemuUserError),
 }
 
 /// What the coordinator asks the host to start (`POST /host/v1/vms`).
@@ -231,6 +236,8 @@ pub struct Agent {
     cpus: u32,
     res: Arc<crate::resources::HostResources>,
     migrations: crate::migrate::Migrations,
+    /// Who QEMU runs as: `None` is the agent's own user (the agent is not root).
+    qemu_user: Option<crate::qemu_user::QemuUser>,
 }
 
 impl Agent {
@@ -243,11 +250,14 @@ impl Agent {
             cause: e.to_string(),
         };
         std::fs::create_dir_all(cfg.data_dir.join("vms")).map_err(|e| io("data directory", &cfg.data_dir, e))?;
+        let qemu_user = crate::qemu_user::resolve(&cfg.qemu_user, &cfg.data_dir.join("vms"))?;
         let servers = ServerList::new(cfg.image_servers.clone())?;
         let proxy = open_proxy(&cfg.data_dir.join("cache"), cfg.cache_max_bytes, servers.clone()).await?;
         let nbd_socket = cfg.data_dir.join("nbd.sock");
         let _ = std::fs::remove_file(&nbd_socket);
-        let handle = proxy.serve_unix(&nbd_socket)?;
+        // QEMU (as its own user) connects to the proxy: the socket is for that user's group.
+        let access = qemu_user.as_ref().map(|u| vgrid_blockproxy::SocketAccess { mode: 0o660, gid: Some(u.gid) });
+        let handle = proxy.serve_unix_with(&nbd_socket, access)?;
         let qemu_version = crate::vm::qemu_version()
             .await
             .map(|v| format!("{}.{}.{}", v.major, v.minor, v.micro))
@@ -275,6 +285,7 @@ impl Agent {
             cpus,
             res,
             migrations: Default::default(),
+            qemu_user,
         });
         // Load and usage sampling, every second (disk counters every 5 s), while the agent lives.
         let weak = Arc::downgrade(&agent);
@@ -331,6 +342,16 @@ impl Agent {
 
     pub fn name(&self) -> &str {
         &self.cfg.name
+    }
+
+    /// Launch options every QEMU of this agent starts with (its user).
+    pub(crate) fn launch_options(&self) -> LaunchOptions {
+        LaunchOptions { run_as: self.qemu_user.clone(), ..LaunchOptions::default() }
+    }
+
+    /// The user guests' QEMU runs as; `None`: the agent's own.
+    pub fn qemu_user(&self) -> Option<&crate::qemu_user::QemuUser> {
+        self.qemu_user.as_ref()
     }
 
     pub(crate) fn runtime_dir(&self, id: &str) -> PathBuf {
@@ -399,7 +420,7 @@ impl Agent {
         let mut opts = LaunchOptions {
             cgroup: cgroup.clone(),
             disk_throttle: crate::resources::DiskThrottle::of(&req.resources),
-            ..LaunchOptions::default()
+            ..self.launch_options()
         };
         if let Some(p) = &incoming {
             opts.incoming = Some(p.clone());

@@ -197,7 +197,7 @@ impl Agent {
             defer_incoming: true,
             cgroup: cgroup.clone(),
             disk_throttle: crate::resources::DiskThrottle::of(&req.launch.resources),
-            ..LaunchOptions::default()
+            ..self.launch_options()
         };
         let vm = Vm::launch_with(spec, &dir, &opts).await?;
         self.resources().track(&vm, cgroup, limits, 0);

@@ -148,6 +148,9 @@ pub struct LaunchOptions {
     /// `migrate-incoming` opens (see `crate::migrate`). Launch returns once QMP answers.
     /// Default false.
     pub defer_incoming: bool,
+    /// Run QEMU as this unprivileged user (privileges dropped before exec; the runtime
+    /// directory and its files are handed to it). Default none: QEMU runs as the caller.
+    pub run_as: Option<crate::qemu_user::QemuUser>,
 }
 
 impl Default for LaunchOptions {
@@ -166,6 +169,7 @@ impl Default for LaunchOptions {
             cgroup: None,
             disk_throttle: None,
             defer_incoming: false,
+            run_as: None,
         }
     }
 }
@@ -719,6 +723,11 @@ impl Vm {
 
         let log_path = dir.join(QEMU_LOG);
         let log = std::fs::File::create(&log_path).map_err(|e| io_err(&log_path, e))?;
+        // QEMU starts as its own user: the directory and what is in it (overlay, kernel,
+        // initrd, incoming state) become its own; the agent (root) keeps access.
+        if let Some(u) = &opts.run_as {
+            u.give(&dir).map_err(|e| io_err(&dir, e))?;
+        }
         let log2 = log.try_clone().map_err(|e| io_err(&log_path, e))?;
         let mut args = qemu_args(&spec, accel, &dir);
         if let Some(state) = &incoming {
@@ -742,6 +751,10 @@ impl Vm {
             .kill_on_drop(false)
             // Own process group: a terminal's ^C to the agent does not reach the guests.
             .process_group(0);
+        if let Some(u) = &opts.run_as {
+            u.apply(&mut cmd);
+            tracing::debug!(vm = %id, user = %u.name, uid = u.uid, "QEMU drops to its own user");
+        }
         let mut child = cmd.spawn().map_err(|source| VmError::Spawn {
             id: id.clone(),
             binary: opts.qemu_system.clone(),
