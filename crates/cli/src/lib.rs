@@ -11,6 +11,7 @@ mod mobile;
 mod migrate;
 mod output;
 mod roles;
+mod sshagent;
 mod usage;
 mod vm;
 
