@@ -352,3 +352,57 @@ fn vgrid_up_reads_images_from_an_image_server_given_by_url() {
     assert_eq!(v["state"], "running");
     up.ok(&["vm", "stop", v["id"].as_str().unwrap()]);
 }
+
+/// Runs `vgrid host ARGS` (coordinator unreachable: the agent starts before it heartbeats) and
+/// returns whether it exited within `wait`, and its stderr; killed after `wait` otherwise.
+fn host_attempt(args: &[&str], log: &std::path::Path, wait: Duration) -> (bool, String) {
+    let mut c = std::process::Command::new(vgrid_bin())
+        .args(["host", "--listen", "127.0.0.1:0", "--coordinator", "http://127.0.0.1:9"])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let exited = loop {
+        if c.try_wait().unwrap().is_some() {
+            break true;
+        }
+        if t0.elapsed() > wait {
+            let _ = c.kill();
+            let _ = c.wait();
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (exited, std::fs::read_to_string(log).unwrap_or_default())
+}
+
+#[test]
+fn an_agent_whose_qemu_user_cannot_work_refuses_to_start_naming_the_fix() {
+    let t = tempfile::Builder::new().prefix("vgq").tempdir_in("/tmp").unwrap();
+    let log = t.path().join("host.log");
+    if !nix::unistd::geteuid().is_root() {
+        // Not root: QEMU runs as the agent's user, and the agent says so.
+        let d = t.path().join("h");
+        let (_, err) = host_attempt(&["--data-dir", d.to_str().unwrap()], &log, Duration::from_secs(5));
+        assert!(err.contains("the agent is not root: QEMU runs as the agent's own user"), "{err}");
+        return;
+    }
+    // A data directory under a directory QEMU's user cannot search.
+    use std::os::unix::fs::PermissionsExt;
+    let private = t.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let d = private.join("h");
+    let (exited, err) = host_attempt(&["--data-dir", d.to_str().unwrap()], &log, Duration::from_secs(30));
+    assert!(exited, "the agent started: {err}");
+    assert!(err.contains("cannot reach") && err.contains("mode 700") && err.contains(private.to_str().unwrap()) && err.contains("--data-dir"), "{err}");
+    // root, or a name that is no user name.
+    let d = t.path().join("h2");
+    let (exited, err) = host_attempt(&["--data-dir", d.to_str().unwrap(), "--qemu-user", "root"], &log, Duration::from_secs(30));
+    assert!(exited && err.contains("has uid 0") && err.contains("--qemu-user"), "{err}");
+    let (exited, err) = host_attempt(&["--data-dir", d.to_str().unwrap(), "--qemu-user", "no such"], &log, Duration::from_secs(30));
+    assert!(exited && err.contains("\"no such\"") && err.contains("not a valid user name"), "{err}");
+}
