@@ -90,6 +90,10 @@ pub fn local_key_or_create() -> anyhow::Result<(String, PathBuf)> {
     if let Some((p, k)) = find_key() {
         return Ok((k.public_key().to_openssh().map_err(|e| anyhow!("{e}"))?, p));
     }
+    // A key whose private half only the ssh-agent holds: its `.pub` registers it.
+    if let Some(found) = agent_held_pub() {
+        return Ok(found);
+    }
     let dir = config_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let dest = dir.join("id_ed25519");
@@ -111,6 +115,21 @@ pub fn local_key_or_create() -> anyhow::Result<(String, PathBuf)> {
     let _ = std::fs::write(dir.join("id_ed25519.pub"), format!("{public}\n"));
     eprintln!("vgrid: made an ed25519 key for you in {}", dest.display());
     Ok((public, dest))
+}
+
+/// The first of the usual keys present only as `PATH.pub` whose key the ssh-agent holds: its
+/// public line and the `.pub` path.
+fn agent_held_pub() -> Option<(String, PathBuf)> {
+    let mut agent = crate::sshagent::SshAgent::from_env().ok().flatten()?;
+    let held = agent.identities().ok()?;
+    key_candidates().into_iter().find_map(|p| {
+        let mut pubp = p.into_os_string();
+        pubp.push(".pub");
+        let pubp = PathBuf::from(pubp);
+        let line = read_public_key(&pubp).ok()?;
+        let k = ssh_key::PublicKey::from_openssh(&line).ok()?;
+        held.iter().any(|i| i.public_key().is_some_and(|h| h.key_data() == k.key_data())).then_some((line, pubp))
+    })
 }
 
 /// Reads a public key file (OpenSSH `.pub`), or the public half of a private key file.
