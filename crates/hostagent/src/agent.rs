@@ -460,6 +460,16 @@ impl Agent {
             path: dir.clone(),
             cause: e.to_string(),
         })?;
+        // A kept directory was QEMU's user's: take it back before writing into it as root
+        // (never from under a QEMU of this id that still runs).
+        if self.qemu_user.is_some() && !self.has_vm(&id) {
+            crate::qemu_user::reclaim(&dir).map_err(|e| AgentError::Io {
+                id: id.clone(),
+                what: "runtime directory",
+                path: dir.clone(),
+                cause: e.to_string(),
+            })?;
+        }
         let boot = match &manifest.meta.boot {
             Boot::Firmware => BootSource::Firmware { bios: None },
             Boot::Kernel { kernel, initrd, cmdline } => {

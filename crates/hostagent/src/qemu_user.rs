@@ -157,6 +157,32 @@ impl QemuUser {
     }
 }
 
+/// Takes `dir` back from QEMU's user before the agent (root) writes into it again (a relaunch
+/// in a kept runtime directory): owner the agent, mode 0700, so that no QEMU of that user can
+/// add entries meanwhile; then removes what that user could have planted to redirect the
+/// agent's writes: symbolic links, and files with more than one link.
+pub fn reclaim(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let me = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
+    let m = std::fs::symlink_metadata(dir)?;
+    if !m.is_dir() {
+        return Err(std::io::Error::other(format!("{} is not a directory", dir.display())));
+    }
+    if (m.uid(), m.gid()) != me {
+        std::os::unix::fs::lchown(dir, Some(me.0), Some(me.1))?;
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let m = e.path().symlink_metadata()?;
+        if m.file_type().is_symlink() || (m.is_file() && m.nlink() > 1) {
+            tracing::warn!(path = %e.path().display(), "removing a link planted in a runtime directory");
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// The user QEMU will run as for an agent whose QEMU user option is `name`: the dedicated
 /// user when the agent is root (created if missing; `data_dir` must be reachable by it), else
 /// `None`, QEMU running as the agent's own user (logged).
@@ -187,6 +213,26 @@ mod tests {
             assert!(matches!(QemuUser::ensure("root"), Err(QemuUserError::Root { .. })));
         }
         assert!(matches!(QemuUser::ensure("-x"), Err(QemuUserError::Lookup { .. })));
+    }
+
+    #[test]
+    fn reclaim_removes_planted_links_and_closes_the_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("vm");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let victim = t.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("spec.json")).unwrap();
+        std::fs::hard_link(&victim, dir.join("kernel")).unwrap();
+        std::fs::write(dir.join("console.log"), b"log").unwrap();
+        reclaim(&dir).unwrap();
+        assert!(dir.join("spec.json").symlink_metadata().is_err(), "the symlink stayed");
+        assert!(!dir.join("kernel").exists(), "the hard link stayed");
+        assert!(dir.join("console.log").exists(), "a plain file was removed");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
     }
 
     #[test]

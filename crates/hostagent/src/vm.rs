@@ -665,6 +665,10 @@ impl Vm {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| io_err(dir, e))?;
         }
+        // Handed to QEMU's user by an earlier launch: take it back while the agent writes.
+        if opts.run_as.is_some() {
+            crate::qemu_user::reclaim(dir).map_err(|e| io_err(dir, e))?;
+        }
         let dir = std::fs::canonicalize(dir).map_err(|e| io_err(dir, e))?;
         for sock in [QMP_SOCKET, CONSOLE_SOCKET] {
             let p = dir.join(sock);
