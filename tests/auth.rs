@@ -257,11 +257,11 @@ fn cli_as(up: &Up, user: &str, config: &Path, key: &Path, agent: Option<&SshAgen
 }
 
 #[test]
-fn login_signs_through_ssh_agent_with_ed25519_and_rsa_keys() {
+fn login_signs_through_ssh_agent_with_ed25519_rsa_and_ecdsa_keys() {
     let up = Up::start();
     let dir = tempfile::tempdir().unwrap();
     let agent = SshAgent::start(dir.path());
-    for (user, alg) in [("edna", "ed25519"), ("rosa", "rsa")] {
+    for (user, alg) in [("edna", "ed25519"), ("rosa", "rsa"), ("ecco", "ecdsa")] {
         let key = dir.path().join(format!("{user}_key"));
         keygen(&key, alg);
         let public = format!("{}.pub", key.display());
