@@ -367,7 +367,7 @@ impl Agent {
 
     /// The last `n` console lines of a VM (empty when there is no log).
     pub fn console_tail(&self, id: &str, n: usize) -> Vec<String> {
-        let Ok(data) = std::fs::read(self.console_log(id)) else { return vec![] };
+        let Ok(data) = crate::qemu_user::read_file(&self.console_log(id)) else { return vec![] };
         let text = String::from_utf8_lossy(&data);
         let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).filter(|l| !l.trim().is_empty()).collect();
         lines[lines.len().saturating_sub(n)..].iter().map(|s| s.to_string()).collect()

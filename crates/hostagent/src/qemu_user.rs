@@ -183,6 +183,44 @@ pub fn reclaim(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Writes `data` to `path` as `std::fs::write` does, but never through a symbolic link and
+/// never into a file with other hard links: what the agent (root) writes into a runtime
+/// directory that QEMU's user owns (usage, launch record, markers) cannot be redirected by a
+/// compromised QEMU to a host file.
+pub fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let m = f.metadata()?;
+    if !m.is_file() || m.nlink() > 1 {
+        return Err(std::io::Error::other(format!("{} is not a plain file of its own; not written", path.display())));
+    }
+    f.set_len(0)?;
+    f.write_all(data)
+}
+
+/// Opens `path` for reading, never through a symbolic link (see [`read_file`]).
+pub fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
+/// Reads `path` as `std::fs::read` does, but never through a symbolic link: a runtime
+/// directory's files read by the agent (root) for the VM's owner cannot be links to host files.
+pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut f = open_file(path)?;
+    let mut v = Vec::new();
+    f.read_to_end(&mut v)?;
+    Ok(v)
+}
+
 /// The user QEMU will run as for an agent whose QEMU user option is `name`: the dedicated
 /// user when the agent is root (created if missing; `data_dir` must be reachable by it), else
 /// `None`, QEMU running as the agent's own user (logged).
@@ -233,6 +271,24 @@ mod tests {
         assert!(dir.join("console.log").exists(), "a plain file was removed");
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
         assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn write_file_refuses_links() {
+        let t = tempfile::tempdir().unwrap();
+        let victim = t.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        std::os::unix::fs::symlink(&victim, t.path().join("sym")).unwrap();
+        std::fs::hard_link(&victim, t.path().join("hard")).unwrap();
+        assert!(write_file(&t.path().join("sym"), b"x").is_err());
+        assert!(read_file(&t.path().join("sym")).is_err());
+        assert_eq!(read_file(&victim).unwrap(), b"keep");
+        assert!(write_file(&t.path().join("hard"), b"x").is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        let p = t.path().join("plain");
+        write_file(&p, b"longer text").unwrap();
+        write_file(&p, b"short").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"short");
     }
 
     #[test]

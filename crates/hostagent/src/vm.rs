@@ -609,7 +609,7 @@ fn read_pid_file(path: &Path) -> Option<u32> {
 
 /// Last `n` lines of a text file (lossy UTF-8, `\r` removed); empty if it does not exist.
 fn tail_file(path: &Path, n: usize) -> Vec<String> {
-    let Ok(bytes) = std::fs::read(path) else {
+    let Ok(bytes) = crate::qemu_user::read_file(path) else {
         return Vec::new();
     };
     let start = bytes.len().saturating_sub(64 * 1024);
@@ -723,7 +723,7 @@ impl Vm {
             reason: format!("cannot record the spec as JSON (a path that is not UTF-8?): {e}"),
         })?;
         let spec_path = dir.join(SPEC_FILE);
-        std::fs::write(&spec_path, spec_json).map_err(|e| io_err(&spec_path, e))?;
+        crate::qemu_user::write_file(&spec_path, &spec_json).map_err(|e| io_err(&spec_path, e))?;
 
         let log_path = dir.join(QEMU_LOG);
         let log = std::fs::File::create(&log_path).map_err(|e| io_err(&log_path, e))?;
