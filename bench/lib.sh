@@ -76,6 +76,8 @@ trap 'exit 143' TERM
 bench_workdir() {
   local base=${BENCH_TMP:-/var/tmp}
   WORK=$(mktemp -d "$base/vgbench-$1.XXXXXX")
+  # As root, guests' QEMU runs as vgrid-qemu, which must search its way to the runtime dirs.
+  chmod 755 "$WORK"
   if [ "${BENCH_KEEP:-0}" = 1 ]; then
     log "work directory $WORK (kept: BENCH_KEEP=1)"
   else

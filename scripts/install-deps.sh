@@ -19,6 +19,18 @@ command -v fio >/dev/null || need+=(fio)             # bench/: fio with the nbd 
 command -v debugfs >/dev/null || need+=(e2fsprogs)   # bench/lazyboot: unpack the sample disk
 command -v python3 >/dev/null || need+=(python3)     # bench/: JSON figures
 [ -x /usr/share/qemu/bios-256k.bin ] || [ -f /usr/share/seabios/bios-256k.bin ] || need+=(seabios)
+# The unprivileged system user guests' QEMU runs as when the host agent runs as root
+# (`vgrid host --qemu-user`, default vgrid-qemu): no login shell, no home. With KVM it needs
+# the kvm group for /dev/kvm.
+qemu_user=${VGRID_QEMU_USER:-vgrid-qemu}
+if ! getent passwd "$qemu_user" >/dev/null; then
+  $SUDO useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin --user-group "$qemu_user"
+  echo "install-deps: created the system user $qemu_user (QEMU runs as it)"
+fi
+if [ -e /dev/kvm ] && getent group kvm >/dev/null && ! id -nG "$qemu_user" | grep -qw kvm; then
+  $SUDO usermod -aG kvm "$qemu_user"
+fi
+
 if [ ${#need[@]} -eq 0 ]; then
   echo "install-deps: everything present"
   exit 0

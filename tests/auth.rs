@@ -38,6 +38,7 @@ impl Person {
             .env("VGRID_CONFIG_DIR", &self.config)
             .env("VGRID_KEY", &self.key)
             .env("VGRID_USER", &self.name)
+            .env_remove("SSH_AUTH_SOCK")
             .stdin(Stdio::null())
             .output()
             .unwrap()
@@ -276,4 +277,148 @@ fn images_and_snapshots_belong_to_their_owners() {
     bob.json(&up, &["vm", "stop", id]);
     let audit = up.json(&["audit"]);
     assert!(audit.as_array().unwrap().iter().any(|e| e["user"] == "bob" && e["status"] == 403 && e["path"].as_str().unwrap().ends_with("/snapshot")), "{audit}");
+}
+
+/// A real `ssh-agent` on its own socket, killed on drop.
+struct SshAgent {
+    child: std::process::Child,
+    sock: PathBuf,
+}
+
+impl SshAgent {
+    fn start(dir: &Path) -> SshAgent {
+        let sock = dir.join("agent.sock");
+        let child = Command::new("ssh-agent").arg("-D").arg("-a").arg(&sock).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("ssh-agent");
+        for _ in 0..100 {
+            if sock.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(sock.exists(), "ssh-agent made no socket");
+        SshAgent { child, sock }
+    }
+
+    fn add(&self, key: &Path) {
+        let o = Command::new("ssh-add").arg(key).env("SSH_AUTH_SOCK", &self.sock).output().unwrap();
+        assert!(o.status.success(), "ssh-add {}: {}", key.display(), String::from_utf8_lossy(&o.stderr));
+    }
+
+    fn remove_all(&self) {
+        let o = Command::new("ssh-add").arg("-D").env("SSH_AUTH_SOCK", &self.sock).output().unwrap();
+        assert!(o.status.success(), "ssh-add -D: {}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+impl Drop for SshAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `ssh-keygen -t ALG` without a passphrase: the private key at `path`, the public at `path.pub`.
+fn keygen(path: &Path, alg: &str) {
+    let mut c = Command::new("ssh-keygen");
+    c.args(["-q", "-t", alg, "-N", "", "-C", &format!("{alg}@test"), "-f"]).arg(path);
+    if alg == "rsa" {
+        c.args(["-b", "2048"]);
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The CLI as `user` with `VGRID_KEY=key`, talking to `agent` (or to no agent).
+fn cli_as(up: &Up, user: &str, config: &Path, key: &Path, agent: Option<&SshAgent>, args: &[&str]) -> Output {
+    let mut c = Command::new(vgrid_bin());
+    c.args(args)
+        .env("VGRID_URL", &up.url)
+        .env("VGRID_CONFIG_DIR", config)
+        .env("VGRID_KEY", key)
+        .env("VGRID_USER", user)
+        .stdin(Stdio::null());
+    match agent {
+        Some(a) => c.env("SSH_AUTH_SOCK", &a.sock),
+        None => c.env_remove("SSH_AUTH_SOCK"),
+    };
+    c.output().unwrap()
+}
+
+#[test]
+fn login_signs_through_ssh_agent_with_ed25519_rsa_and_ecdsa_keys() {
+    let up = Up::start();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = SshAgent::start(dir.path());
+    for (user, alg) in [("edna", "ed25519"), ("rosa", "rsa"), ("ecco", "ecdsa")] {
+        let key = dir.path().join(format!("{user}_key"));
+        keygen(&key, alg);
+        let public = format!("{}.pub", key.display());
+        up.ok(&["user", "add", user, "--key", &public]);
+        agent.add(&key);
+        // Only the public half stays on disk: the agent signs.
+        std::fs::remove_file(&key).unwrap();
+        let config = dir.path().join(format!("cfg-{user}"));
+        let o = cli_as(&up, user, &config, &key, Some(&agent), &["--json", "login"]);
+        assert!(o.status.success(), "{user} ({alg}) login through the agent: {}", String::from_utf8_lossy(&o.stderr));
+        let t: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(t["user"], user);
+        let token = t["token"].as_str().unwrap();
+        assert_eq!(curl(&up, "GET", "/api/v1/whoami", Some(token)), 200);
+        // --agent with the .pub named explicitly, and the token works for the CLI.
+        let o = cli_as(&up, user, &config, Path::new("/nonexistent"), Some(&agent), &["--json", "login", "--agent", "--key", &public]);
+        assert!(o.status.success(), "{user} login --agent --key {public}: {}", String::from_utf8_lossy(&o.stderr));
+        let o = cli_as(&up, user, &config, &key, Some(&agent), &["--json", "whoami"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["name"], user);
+        // Without the agent there is nothing to sign with: a clear error.
+        let o = cli_as(&up, user, &dir.path().join("cfg-none"), &key, None, &["login"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("only its public half") && err.contains("ssh-agent"), "{err}");
+    }
+    // An agent that no longer holds the key: the error names the fix.
+    agent.remove_all();
+    let key = dir.path().join("edna_key");
+    let o = cli_as(&up, "edna", &dir.path().join("cfg-x"), &key, Some(&agent), &["login", "--agent"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("does not hold") && err.contains("ssh-add"), "{err}");
+}
+
+#[test]
+fn expired_tokens_get_401_naming_expiry_and_the_cli_logs_in_again() {
+    let up = Up::start_with(&["--token-ttl", "2"]);
+    let dir = tempfile::tempdir().unwrap();
+    let carol = Person::new(dir.path(), "carol", Algorithm::Ed25519);
+    up.ok(&["user", "add", "carol", "--key", &carol.public()]);
+    let t = carol.json(&up, &["login"]);
+    let old = t["token"].as_str().unwrap().to_string();
+    assert_eq!(curl(&up, "GET", "/api/v1/whoami", Some(&old)), 200);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // A raw request with the old token: 401, and the body says why.
+    let o = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "-H", &format!("authorization: Bearer {old}")])
+        .arg(format!("{}/api/v1/whoami", up.url))
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(body.trim_end().ends_with("401"), "{body}");
+    assert!(body.contains("expired"), "the 401 does not name the expiry: {body}");
+    // The CLI logs in again by itself, even when it believes its token still valid (the
+    // coordinator's clock is what counts): make the saved token look fresh.
+    let tokens = carol.config.join("tokens.json");
+    let mut saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&tokens).unwrap()).unwrap();
+    let far = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
+    for (_, v) in saved.as_object_mut().unwrap() {
+        assert_eq!(v["token"], old.as_str());
+        v["expires"] = far.into();
+    }
+    std::fs::write(&tokens, serde_json::to_vec(&saved).unwrap()).unwrap();
+    let me = carol.json(&up, &["whoami"]);
+    assert_eq!(me["name"], "carol");
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&tokens).unwrap()).unwrap();
+    let new = saved.as_object().unwrap().values().next().unwrap()["token"].as_str().unwrap().to_string();
+    assert_ne!(new, old, "the CLI kept the expired token");
+    // The audit log has the refused request with the expired token and the new login.
+    let audit = up.json(&["audit"]);
+    let entries = audit.as_array().unwrap();
+    assert!(entries.iter().any(|e| e["status"] == 401 && e["error"].as_str().is_some_and(|m| m.contains("expired"))), "{audit}");
 }

@@ -32,17 +32,54 @@ fn boots_sample_through_the_proxy_and_reads_its_disk() {
     assert!(logs.contains(BOOTED_MARKER), "vm logs lacks the marker: {logs}");
     let stats = up.cache_stats();
     assert!(stats["bytes_fetched"].as_u64().unwrap() > 0, "the boot fetched nothing: {stats}");
-    // Its runtime directory (overlay, sockets, logs) is closed to other local users.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(up.runtime_dir(&id)).unwrap().permissions().mode();
-        assert_eq!(mode & 0o077, 0, "runtime directory mode {mode:o}");
-    }
-    // QEMU runs under seccomp (mode 2, filter) with no_new_privs.
+    // QEMU runs as the unprivileged vgrid-qemu user when the agent is root (else as the
+    // agent's own user), under seccomp (mode 2, filter) with no_new_privs.
     let pid = v["pid"].as_u64().expect("the record has QEMU's pid");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    assert!(status.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"]), "{status}");
-    assert!(status.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["NoNewPrivs:", "1"]), "{status}");
+    let field = |name: &str| -> Vec<String> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    let (uid, gid) = if nix::unistd::geteuid().is_root() {
+        let u = nix::unistd::User::from_name("vgrid-qemu").unwrap().expect("the agent created vgrid-qemu");
+        assert_ne!(u.uid.as_raw(), 0);
+        (u.uid.as_raw(), u.gid.as_raw())
+    } else {
+        (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw())
+    };
+    assert_eq!(field("Uid"), vec![uid.to_string(); 4], "QEMU's real, effective, saved and fs uid: {status}");
+    assert_eq!(field("Gid"), vec![gid.to_string(); 4], "QEMU's gids: {status}");
+    assert!(!field("Groups").contains(&"0".to_string()), "QEMU kept root's group: {status}");
+    assert_eq!(field("Seccomp"), ["2"], "{status}");
+    assert_eq!(field("NoNewPrivs"), ["1"], "{status}");
+    // Its runtime directory (overlay, sockets, logs) is QEMU's user's and closed to others;
+    // the block proxy's socket is for QEMU's group only.
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let m = std::fs::metadata(up.runtime_dir(&id)).unwrap();
+        assert_eq!(m.permissions().mode() & 0o077, 0, "runtime directory mode {:o}", m.permissions().mode());
+        assert_eq!(m.uid(), uid, "runtime directory owner");
+        assert_eq!(std::fs::metadata(up.runtime_dir(&id).join("overlay.qcow2")).unwrap().uid(), uid, "overlay owner");
+        let sock = std::fs::metadata(up.data_dir().join("host/nbd.sock")).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(sock.permissions().mode() & 0o777, 0o660, "nbd.sock mode");
+            assert_eq!(sock.gid(), gid, "nbd.sock group");
+        }
+    }
+    // The unprivileged QEMU writes its overlay: a file written in the guest lands there.
+    console_exec(&up, &id, "echo dropped-$((6*7)) > /mnt/w && sync && echo synced-$((6*7))", "synced-42");
+    let map = Command::new("qemu-img")
+        .args(["map", "-U", "--output=json"])
+        .arg(up.runtime_dir(&id).join("overlay.qcow2"))
+        .output()
+        .unwrap();
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
+    assert!(map.as_array().unwrap().iter().any(|e| e["depth"] == 0 && e["data"] == true), "no data in the overlay");
     up.ok(&["vm", "stop", &id]);
 }
 
@@ -317,4 +354,58 @@ fn vgrid_up_reads_images_from_an_image_server_given_by_url() {
     let v = up.run_vm("far", "far", BOOTED_MARKER, &[]);
     assert_eq!(v["state"], "running");
     up.ok(&["vm", "stop", v["id"].as_str().unwrap()]);
+}
+
+/// Runs `vgrid host ARGS` (coordinator unreachable: the agent starts before it heartbeats) and
+/// returns whether it exited within `wait`, and its stderr; killed after `wait` otherwise.
+fn host_attempt(args: &[&str], log: &std::path::Path, wait: Duration) -> (bool, String) {
+    let mut c = std::process::Command::new(vgrid_bin())
+        .args(["host", "--listen", "127.0.0.1:0", "--coordinator", "http://127.0.0.1:9"])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let exited = loop {
+        if c.try_wait().unwrap().is_some() {
+            break true;
+        }
+        if t0.elapsed() > wait {
+            let _ = c.kill();
+            let _ = c.wait();
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (exited, std::fs::read_to_string(log).unwrap_or_default())
+}
+
+#[test]
+fn an_agent_whose_qemu_user_cannot_work_refuses_to_start_naming_the_fix() {
+    let t = tempfile::Builder::new().prefix("vgq").tempdir_in("/tmp").unwrap();
+    let log = t.path().join("host.log");
+    if !nix::unistd::geteuid().is_root() {
+        // Not root: QEMU runs as the agent's user, and the agent says so.
+        let d = t.path().join("h");
+        let (_, err) = host_attempt(&["--data-dir", d.to_str().unwrap()], &log, Duration::from_secs(5));
+        assert!(err.contains("the agent is not root: QEMU runs as the agent's own user"), "{err}");
+        return;
+    }
+    // A data directory under a directory QEMU's user cannot search.
+    use std::os::unix::fs::PermissionsExt;
+    let private = t.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let d = private.join("h");
+    let (exited, err) = host_attempt(&["--data-dir", d.to_str().unwrap()], &log, Duration::from_secs(30));
+    assert!(exited, "the agent started: {err}");
+    assert!(err.contains("cannot reach") && err.contains("mode 700") && err.contains(private.to_str().unwrap()) && err.contains("--data-dir"), "{err}");
+    // root, or a name that is no user name.
+    let d = t.path().join("h2");
+    let (exited, err) = host_attempt(&["--data-dir", d.to_str().unwrap(), "--qemu-user", "root"], &log, Duration::from_secs(30));
+    assert!(exited && err.contains("has uid 0") && err.contains("--qemu-user"), "{err}");
+    let (exited, err) = host_attempt(&["--data-dir", d.to_str().unwrap(), "--qemu-user", "no such"], &log, Duration::from_secs(30));
+    assert!(exited && err.contains("\"no such\"") && err.contains("not a valid user name"), "{err}");
 }

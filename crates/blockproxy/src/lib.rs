@@ -20,7 +20,7 @@ mod store_source;
 
 pub use cache::{CacheError, ChunkCache};
 pub use export::{Export, ReadError};
-pub use server::ServerHandle;
+pub use server::{ServerHandle, SocketAccess};
 pub use source::{ChunkSource, Servers, SourceError};
 pub use stats::{CacheStats, LatencyBucket};
 pub use store_source::StoreSource;

@@ -69,6 +69,17 @@ impl BlockProxy {
     /// Serves NBD on the unix socket `path` (a stale socket file there is replaced; a live one
     /// is an error). Must be called inside a tokio runtime; returns once listening.
     pub fn serve_unix(self: &Arc<Self>, path: impl AsRef<Path>) -> Result<ServerHandle, ProxyError> {
+        self.serve_unix_with(path, None)
+    }
+
+    /// [`BlockProxy::serve_unix`], with the socket's mode and group set before the first
+    /// connection is accepted (e.g. `0o660` and the group of an unprivileged QEMU user, so that
+    /// QEMU processes running as that user can connect and nobody else can).
+    pub fn serve_unix_with(
+        self: &Arc<Self>,
+        path: impl AsRef<Path>,
+        access: Option<SocketAccess>,
+    ) -> Result<ServerHandle, ProxyError> {
         let path = path.as_ref().to_path_buf();
         let listen_err = |cause: String| ProxyError::Listen { addr: path.display().to_string(), cause };
         if path.exists() {
@@ -78,6 +89,15 @@ impl BlockProxy {
             std::fs::remove_file(&path).map_err(|e| listen_err(format!("cannot remove stale socket: {e}")))?;
         }
         let listener = UnixListener::bind(&path).map_err(|e| listen_err(e.to_string()))?;
+        if let Some(a) = access {
+            use std::os::unix::fs::PermissionsExt;
+            if let Some(gid) = a.gid {
+                std::os::unix::fs::chown(&path, None, Some(gid))
+                    .map_err(|e| listen_err(format!("cannot give the socket to group {gid}: {e}")))?;
+            }
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(a.mode))
+                .map_err(|e| listen_err(format!("cannot set the socket's mode to {:o}: {e}", a.mode)))?;
+        }
         let token = self.shutdown_token().child_token();
         let proxy = self.clone();
         let t = token.clone();
@@ -680,4 +700,13 @@ impl BlockProxy {
         names.sort();
         names
     }
+}
+
+/// Who may connect to a unix-socket NBD server: the socket's mode and group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// File mode of the socket (connecting needs write permission), e.g. `0o660`.
+    pub mode: u32,
+    /// Group of the socket; `None` keeps the creating process's group.
+    pub gid: Option<u32>,
 }

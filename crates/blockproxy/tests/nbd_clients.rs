@@ -675,3 +675,40 @@ async fn sequential_reader_gets_readahead() {
     ok("qemu-io", &["-r", "-f", "raw", "-c", "read 2M 4k", "-c", "read 1M 4k", "-c", "read 3M 4k", &uri("seq", &sock)]).await;
     assert_eq!(proxy.stats().prefetched, 4);
 }
+
+/// The unix socket's mode and group (`serve_unix_with`): a client of that group connects, a
+/// client of another group is refused by the kernel. (Root only: it switches users.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_access_is_its_mode_and_group() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let f = Fixture::new("acc").await;
+    let proxy = f.proxy("cache", 1 << 30);
+    let dir = f.path("pub");
+    std::fs::create_dir(&dir).unwrap();
+    for d in [f.tmp.path(), dir.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let sock = dir.join("nbd.sock");
+    // SAFETY: plain getters.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let group = if euid == 0 { 65534 } else { egid };
+    let access = vgrid_blockproxy::SocketAccess { mode: 0o660, gid: Some(group) };
+    let _server = proxy.serve_unix_with(&sock, Some(access)).unwrap();
+    let m = std::fs::metadata(&sock).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o660);
+    assert_eq!(m.gid(), group);
+    let u = uri("acc", &sock);
+    if euid != 0 {
+        ok("nbdinfo", &["--size", &u]).await;
+        return;
+    }
+    let as_ids = |gid: &str| {
+        let args = vec!["--reuid=65534".to_string(), format!("--regid={gid}"), "--clear-groups".into(), "nbdinfo".into(), "--size".into(), u.clone()];
+        async move { run("setpriv", &args.iter().map(String::as_str).collect::<Vec<_>>()).await }
+    };
+    let o = as_ids("65534").await;
+    assert!(o.status.success(), "a client in the socket's group: {}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), SIZE.to_string());
+    let o = as_ids("65533").await;
+    assert!(!o.status.success() && text(&o).contains("Permission denied"), "a client of another group: {}", text(&o));
+}

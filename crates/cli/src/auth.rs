@@ -90,6 +90,10 @@ pub fn local_key_or_create() -> anyhow::Result<(String, PathBuf)> {
     if let Some((p, k)) = find_key() {
         return Ok((k.public_key().to_openssh().map_err(|e| anyhow!("{e}"))?, p));
     }
+    // A key whose private half only the ssh-agent holds: its `.pub` registers it.
+    if let Some(found) = agent_held_pub() {
+        return Ok(found);
+    }
     let dir = config_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let dest = dir.join("id_ed25519");
@@ -111,6 +115,21 @@ pub fn local_key_or_create() -> anyhow::Result<(String, PathBuf)> {
     let _ = std::fs::write(dir.join("id_ed25519.pub"), format!("{public}\n"));
     eprintln!("vgrid: made an ed25519 key for you in {}", dest.display());
     Ok((public, dest))
+}
+
+/// The first of the usual keys present only as `PATH.pub` whose key the ssh-agent holds: its
+/// public line and the `.pub` path.
+fn agent_held_pub() -> Option<(String, PathBuf)> {
+    let mut agent = crate::sshagent::SshAgent::from_env().ok().flatten()?;
+    let held = agent.identities().ok()?;
+    key_candidates().into_iter().find_map(|p| {
+        let mut pubp = p.into_os_string();
+        pubp.push(".pub");
+        let pubp = PathBuf::from(pubp);
+        let line = read_public_key(&pubp).ok()?;
+        let k = ssh_key::PublicKey::from_openssh(&line).ok()?;
+        held.iter().any(|i| i.public_key().is_some_and(|h| h.key_data() == k.key_data())).then_some((line, pubp))
+    })
 }
 
 /// Reads a public key file (OpenSSH `.pub`), or the public half of a private key file.
@@ -156,25 +175,162 @@ pub fn saved_token(base: &str) -> Option<String> {
     load_tokens().get(base).filter(|t| t.expires > now() + 5).map(|t| t.token.clone())
 }
 
-/// Logs in to `api` as `user` (default: the saved user for this URL, else the local user) with
-/// the private key `key` (default: the first key found), keeps the token and returns it.
-pub async fn login(api: &Api, user: Option<&str>, key: Option<&Path>) -> anyhow::Result<LoginToken> {
-    let (path, key) = match key {
-        Some(p) => (p.to_path_buf(), read_private_key(p)?),
-        None => find_key().ok_or_else(|| {
-            anyhow!("no SSH private key found (tried $VGRID_KEY, {}, ~/.ssh/id_ed25519, id_ecdsa, id_rsa); give one with --key", config_dir().join("id_ed25519").display())
-        })?,
+/// What signs the login challenge: a private key file, or a key held by the ssh-agent.
+enum Signer {
+    File(PathBuf, PrivateKey),
+    Agent(crate::sshagent::Identity, String),
+}
+
+impl Signer {
+    fn describe(&self) -> String {
+        match self {
+            Signer::File(p, _) => p.display().to_string(),
+            Signer::Agent(_, what) => what.clone(),
+        }
+    }
+}
+
+/// The public half of the key at `path`: from the file itself (private or `.pub`), else from
+/// `PATH.pub`. With the private key when `path` holds one.
+fn key_at(path: &Path) -> anyhow::Result<Option<(ssh_key::PublicKey, Option<PrivateKey>)>> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        if text.contains("PRIVATE KEY") {
+            let k = PrivateKey::from_openssh(&text).map_err(|e| anyhow!("{} is not an OpenSSH private key: {e}", path.display()))?;
+            return Ok(Some((k.public_key().clone(), Some(k))));
+        }
+        let line = text.lines().find(|l| !l.trim().is_empty() && !l.starts_with('#')).unwrap_or("").trim();
+        let k = ssh_key::PublicKey::from_openssh(line).map_err(|e| anyhow!("{} is neither an OpenSSH private nor public key: {e}", path.display()))?;
+        return Ok(Some((k, None)));
+    }
+    let mut pubp = path.as_os_str().to_owned();
+    pubp.push(".pub");
+    match std::fs::read_to_string(&pubp) {
+        Ok(text) => {
+            let line = text.lines().find(|l| !l.trim().is_empty() && !l.starts_with('#')).unwrap_or("").trim();
+            let k = ssh_key::PublicKey::from_openssh(line)
+                .map_err(|e| anyhow!("{} is not an OpenSSH public key: {e}", Path::new(&pubp).display()))?;
+            Ok(Some((k, None)))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+/// Chooses what signs: for the key given (else the first of the usual keys that exists as a
+/// private or `.pub` file), the ssh-agent when it holds that key, else the private key file.
+/// With no key file at all, every key of the agent is a candidate, in the agent's order.
+/// `force_agent`: only the agent may sign.
+fn signers(key: Option<&Path>, force_agent: bool) -> anyhow::Result<(Vec<Signer>, Option<crate::sshagent::SshAgent>)> {
+    let mut agent = match crate::sshagent::SshAgent::from_env() {
+        Ok(a) => a,
+        Err(e) if force_agent => return Err(e),
+        Err(e) => {
+            tracing::debug!(error = %e, "ignoring the ssh-agent");
+            None
+        }
     };
+    if force_agent && agent.is_none() {
+        return Err(anyhow!("--agent: no ssh-agent ($SSH_AUTH_SOCK is not set); start one (eval $(ssh-agent)) and ssh-add your key"));
+    }
+    let held = match agent.as_mut() {
+        Some(a) => a.identities()?,
+        None => Vec::new(),
+    };
+    let in_agent = |public: &ssh_key::PublicKey| held.iter().find(|i| i.public_key().is_some_and(|k| k.key_data() == public.key_data())).cloned();
+    let explicit = key.is_some();
+    let candidates = match key {
+        Some(p) => vec![p.to_path_buf()],
+        None => key_candidates(),
+    };
+    let mut problems = Vec::new();
+    for path in candidates {
+        let found = match key_at(&path) {
+            Ok(f) => f,
+            Err(e) if explicit => return Err(e),
+            Err(e) => {
+                problems.push(e.to_string());
+                continue;
+            }
+        };
+        let Some((public, private)) = found else {
+            if explicit {
+                return Err(anyhow!("no key at {} (nor {}.pub)", path.display(), path.display()));
+            }
+            continue;
+        };
+        if let Some(id) = in_agent(&public) {
+            let what = format!("{} through the ssh-agent", path.display());
+            return Ok((vec![Signer::Agent(id, what)], agent));
+        }
+        let problem = match (&private, force_agent) {
+            (_, true) => format!("the ssh-agent does not hold the key {} (ssh-add it)", path.display()),
+            (Some(k), false) if k.is_encrypted() => format!("{} is encrypted with a passphrase and the ssh-agent does not hold it: ssh-add it", path.display()),
+            (Some(k), false) => return Ok((vec![Signer::File(path.clone(), k.clone())], agent)),
+            (None, false) if agent.is_some() => format!("{} has only its public half here and the ssh-agent does not hold it: ssh-add its private key", path.display()),
+            (None, false) => format!("{} has only its public half here and there is no ssh-agent ($SSH_AUTH_SOCK) to sign with it", path.display()),
+        };
+        if explicit {
+            return Err(anyhow!(problem));
+        }
+        problems.push(problem);
+    }
+    // No usable key file: any key the agent holds.
+    let all: Vec<Signer> = held
+        .into_iter()
+        .filter(|i| i.public_key().is_some())
+        .map(|i| {
+            let what = format!("the ssh-agent's key {}", if i.comment.is_empty() { "(no comment)".to_string() } else { i.comment.clone() });
+            Signer::Agent(i, what)
+        })
+        .collect();
+    if !all.is_empty() {
+        return Ok((all, agent));
+    }
+    let mut msg = format!(
+        "no SSH key to log in with (tried $VGRID_KEY, {}, ~/.ssh/id_ed25519, id_ecdsa, id_rsa{}); give one with --key",
+        config_dir().join("id_ed25519").display(),
+        if agent.is_some() { ", and the ssh-agent holds none" } else { "" }
+    );
+    for p in problems {
+        msg.push_str(&format!("\n  {p}"));
+    }
+    Err(anyhow!(msg))
+}
+
+/// Logs in to `api` as `user` (default: the saved user for this URL, else the local user) with
+/// the key `key` (default: the first key found; signed by the ssh-agent when it holds the key),
+/// keeps the token and returns it.
+pub async fn login(api: &Api, user: Option<&str>, key: Option<&Path>) -> anyhow::Result<LoginToken> {
+    login_with(api, user, key, false).await
+}
+
+/// [`login`]; `force_agent`: sign only through the ssh-agent.
+pub async fn login_with(api: &Api, user: Option<&str>, key: Option<&Path>, force_agent: bool) -> anyhow::Result<LoginToken> {
+    let (signers, mut agent) = signers(key, force_agent)?;
     let user = match user {
         Some(u) => u.to_string(),
         None => load_tokens().get(&api.base).map(|t| t.user.clone()).unwrap_or_else(local_user),
     };
-    let c: Challenge = api.post("/api/v1/auth/challenge", &ChallengeRequest { user: user.clone() }).await?;
-    let signature = vgrid_coordinator::auth::sign_challenge(&key, &c.message).map_err(|e| anyhow!("signing with {}: {e}", path.display()))?;
-    let t: LoginToken = api
-        .post("/api/v1/auth/login", &LoginRequest { user: user.clone(), nonce: c.nonce, signature })
-        .await
-        .with_context(|| format!("logging in to {} as {user} with {}", api.base, path.display()))?;
+    let mut result = Err(anyhow!("no key to log in with"));
+    for signer in &signers {
+        let c: Challenge = api.post("/api/v1/auth/challenge", &ChallengeRequest { user: user.clone() }).await?;
+        let signature = match signer {
+            Signer::File(path, key) => {
+                vgrid_coordinator::auth::sign_challenge(key, &c.message).map_err(|e| anyhow!("signing with {}: {e}", path.display()))?
+            }
+            Signer::Agent(id, _) => {
+                let a = agent.as_mut().ok_or_else(|| anyhow!("the ssh-agent went away"))?;
+                crate::sshagent::sign_challenge(a, id, &c.message)?
+            }
+        };
+        result = api
+            .post::<_, LoginToken>("/api/v1/auth/login", &LoginRequest { user: user.clone(), nonce: c.nonce, signature })
+            .await
+            .with_context(|| format!("logging in to {} as {user} with {}", api.base, signer.describe()));
+        if result.is_ok() {
+            break;
+        }
+    }
+    let t = result?;
     let mut all = load_tokens();
     all.retain(|_, v| v.expires > now());
     all.insert(api.base.clone(), t.clone());
@@ -188,15 +344,21 @@ pub struct LoginArgs {
     /// The vgrid user (default: the one of the last login here, else $VGRID_USER or your login name).
     #[arg(long)]
     pub user: Option<String>,
-    /// The private key (OpenSSH format) whose public half is registered for the user (default:
-    /// $VGRID_KEY, ~/.config/vgrid/id_ed25519, ~/.ssh/id_ed25519, id_ecdsa, id_rsa).
+    /// The key whose public half is registered for the user: a private key file (OpenSSH
+    /// format), or its `.pub` when the private key is in the ssh-agent (default: $VGRID_KEY,
+    /// ~/.config/vgrid/id_ed25519, ~/.ssh/id_ed25519, id_ecdsa, id_rsa). A key the ssh-agent
+    /// ($SSH_AUTH_SOCK) holds is signed by the agent; with no key file at all, the agent's keys
+    /// are tried in turn.
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// Sign only through the ssh-agent ($SSH_AUTH_SOCK), never with a key file.
+    #[arg(long)]
+    pub agent: bool,
 }
 
 pub async fn login_cmd(ctx: &Ctx, a: LoginArgs) -> anyhow::Result<ExitCode> {
     let api = ctx.api();
-    let t = login(&api, a.user.as_deref(), a.key.as_deref()).await?;
+    let t = login_with(&api, a.user.as_deref(), a.key.as_deref(), a.agent).await?;
     if ctx.json {
         print_json(&t)?;
     } else {

@@ -11,6 +11,7 @@ mod mobile;
 mod migrate;
 mod output;
 mod roles;
+mod sshagent;
 mod trust;
 mod usage;
 mod vm;
@@ -56,8 +57,9 @@ pub enum Cmd {
     Vm(vm::VmCmd),
     /// Run a compute host (`vgrid host --coordinator URL`), or list and show hosts (`vgrid host ls|show`).
     Host(HostArgs),
-    /// Log in: prove you hold your SSH key (a signed challenge) and keep a token for this
-    /// coordinator. Other commands log in by themselves when a key is found.
+    /// Log in: prove you hold your SSH key (a challenge signed with the key file or through your
+    /// ssh-agent) and keep a token for this coordinator. Other commands log in by themselves
+    /// when a key is found, and again when their token expired.
     Login(auth::LoginArgs),
     /// Forget and revoke the token for this coordinator.
     Logout,

@@ -112,6 +112,11 @@ pub struct HostOpts {
     /// (e.g. 'request.cpus <= 2').
     #[arg(long)]
     pub policy: Option<String>,
+    /// The unprivileged user each guest's QEMU runs as when this runs as root (a system user
+    /// with no login shell and no home; created if missing). Ignored when not root: QEMU then
+    /// runs as the agent's own user.
+    #[arg(long, env = "VGRID_QEMU_USER", default_value = vgrid_hostagent::DEFAULT_QEMU_USER)]
+    pub qemu_user: String,
 }
 
 /// Heartbeat timing of the coordinator (`vgrid coordinator`, `vgrid up`).
@@ -217,10 +222,15 @@ pub struct ImageServerArgs {
     pub tls: TlsOpts,
 }
 
-/// `$VGRID_DATA_DIR`, else `$XDG_DATA_HOME/vgrid`, else `~/.local/share/vgrid`.
+/// `$VGRID_DATA_DIR`, else `$XDG_DATA_HOME/vgrid`, else `/var/lib/vgrid` for root (QEMU runs
+/// as an unprivileged user that must reach the data, and cannot search /root), else
+/// `~/.local/share/vgrid`.
 fn default_data_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
         return PathBuf::from(x).join("vgrid");
+    }
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/vgrid");
     }
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib"));
     home.join(".local/share/vgrid")
@@ -328,6 +338,7 @@ async fn start_agent(data: &std::path::Path, o: &HostOpts, extra_servers: Vec<St
         max_memory_mib: o.max_memory,
         max_cpus: o.max_cpus,
         max_share: o.max_share,
+        qemu_user: o.qemu_user.clone(),
     })
     .await
     .map_err(|e| anyhow!("starting the host agent: {e}"))

@@ -27,7 +27,7 @@ pub const LAUNCH_FILE: &str = "launch.json";
 pub(crate) fn record_launch(dir: &Path, req: &LaunchRequest) {
     match serde_json::to_vec_pretty(req) {
         Ok(b) => {
-            if let Err(e) = std::fs::write(dir.join(LAUNCH_FILE), b) {
+            if let Err(e) = crate::qemu_user::write_file(&dir.join(LAUNCH_FILE), &b) {
                 tracing::warn!(vm = %req.id, "cannot write {}: {e}", dir.join(LAUNCH_FILE).display());
             }
         }
@@ -48,7 +48,7 @@ fn watch_guest_shutdown(vm: &Arc<Vm>) {
         loop {
             match ev.recv().await {
                 Ok(e) if e.event == "SHUTDOWN" => {
-                    let _ = std::fs::write(dir.join(GUEST_SHUTDOWN), e.data.to_string());
+                    let _ = crate::qemu_user::write_file(&dir.join(GUEST_SHUTDOWN), e.data.to_string().as_bytes());
                 }
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(_) => return,

@@ -38,6 +38,9 @@ pub struct AgentConfig {
     /// The owner's CPU cap: this fraction of the machine's CPU time for all guests together
     /// (a parent cgroup; CPU reservations beyond it are refused). None: uncapped.
     pub max_share: Option<f64>,
+    /// The unprivileged user guests' QEMU runs as when the agent is root (created if missing;
+    /// default `vgrid-qemu`). Ignored, with a log line, when the agent is not root.
+    pub qemu_user: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,8 @@ pub enum AgentError {
     Mobile(#[from] crate::mobile::MobileError),
     #[error("VM {id}: migration: {detail}")]
     Migration { id: String, detail: String },
+    #[error(transparent)]
+    QemuUser(#[from] crate::qemu_user::QemuUserError),
 }
 
 /// What the coordinator asks the host to start (`POST /host/v1/vms`).
@@ -231,6 +236,8 @@ pub struct Agent {
     cpus: u32,
     res: Arc<crate::resources::HostResources>,
     migrations: crate::migrate::Migrations,
+    /// Who QEMU runs as: `None` is the agent's own user (the agent is not root).
+    qemu_user: Option<crate::qemu_user::QemuUser>,
 }
 
 impl Agent {
@@ -243,11 +250,14 @@ impl Agent {
             cause: e.to_string(),
         };
         std::fs::create_dir_all(cfg.data_dir.join("vms")).map_err(|e| io("data directory", &cfg.data_dir, e))?;
+        let qemu_user = crate::qemu_user::resolve(&cfg.qemu_user, &cfg.data_dir.join("vms"))?;
         let servers = ServerList::new(cfg.image_servers.clone())?;
         let proxy = open_proxy(&cfg.data_dir.join("cache"), cfg.cache_max_bytes, servers.clone()).await?;
         let nbd_socket = cfg.data_dir.join("nbd.sock");
         let _ = std::fs::remove_file(&nbd_socket);
-        let handle = proxy.serve_unix(&nbd_socket)?;
+        // QEMU (as its own user) connects to the proxy: the socket is for that user's group.
+        let access = qemu_user.as_ref().map(|u| vgrid_blockproxy::SocketAccess { mode: 0o660, gid: Some(u.gid) });
+        let handle = proxy.serve_unix_with(&nbd_socket, access)?;
         let qemu_version = crate::vm::qemu_version()
             .await
             .map(|v| format!("{}.{}.{}", v.major, v.minor, v.micro))
@@ -275,6 +285,7 @@ impl Agent {
             cpus,
             res,
             migrations: Default::default(),
+            qemu_user,
         });
         // Load and usage sampling, every second (disk counters every 5 s), while the agent lives.
         let weak = Arc::downgrade(&agent);
@@ -333,6 +344,16 @@ impl Agent {
         &self.cfg.name
     }
 
+    /// Launch options every QEMU of this agent starts with (its user).
+    pub(crate) fn launch_options(&self) -> LaunchOptions {
+        LaunchOptions { run_as: self.qemu_user.clone(), ..LaunchOptions::default() }
+    }
+
+    /// The user guests' QEMU runs as; `None`: the agent's own.
+    pub fn qemu_user(&self) -> Option<&crate::qemu_user::QemuUser> {
+        self.qemu_user.as_ref()
+    }
+
     pub(crate) fn runtime_dir(&self, id: &str) -> PathBuf {
         self.cfg.data_dir.join("vms").join(id)
     }
@@ -346,7 +367,7 @@ impl Agent {
 
     /// The last `n` console lines of a VM (empty when there is no log).
     pub fn console_tail(&self, id: &str, n: usize) -> Vec<String> {
-        let Ok(data) = std::fs::read(self.console_log(id)) else { return vec![] };
+        let Ok(data) = crate::qemu_user::read_file(&self.console_log(id)) else { return vec![] };
         let text = String::from_utf8_lossy(&data);
         let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).filter(|l| !l.trim().is_empty()).collect();
         lines[lines.len().saturating_sub(n)..].iter().map(|s| s.to_string()).collect()
@@ -401,7 +422,7 @@ impl Agent {
         let mut opts = LaunchOptions {
             cgroup: cgroup.clone(),
             disk_throttle: crate::resources::DiskThrottle::of(&req.resources),
-            ..LaunchOptions::default()
+            ..self.launch_options()
         };
         // A warm image: QEMU waits for its state, which streams in while it is fetched.
         opts.defer_incoming = incoming.is_some();
@@ -457,6 +478,16 @@ impl Agent {
             path: dir.clone(),
             cause: e.to_string(),
         })?;
+        // A kept directory was QEMU's user's: take it back before writing into it as root
+        // (never from under a QEMU of this id that still runs).
+        if self.qemu_user.is_some() && !self.has_vm(&id) {
+            crate::qemu_user::reclaim(&dir).map_err(|e| AgentError::Io {
+                id: id.clone(),
+                what: "runtime directory",
+                path: dir.clone(),
+                cause: e.to_string(),
+            })?;
+        }
         // A warm image of a direct kernel boot restores without its kernel and initrd (they
         // are in the saved memory already): only the loader ROMs its state names.
         let restore_roms = match (&manifest.meta.boot, &manifest.state) {

@@ -16,12 +16,14 @@ pub mod predict;
 pub mod mobile;
 pub mod migrate;
 pub mod qmp;
+pub mod qemu_user;
 pub mod resources;
 pub mod testkit;
 pub mod tlscreds;
 pub mod vm;
 
 pub use accel::{kvm_usable, Accel};
+pub use qemu_user::{QemuUser, QemuUserError, DEFAULT_QEMU_USER};
 pub use qmp::{QmpClient, QmpError, QmpEvent, QmpVersion};
 pub use vm::{
     qemu_args, qemu_version, qemu_version_of, validate_spec, validate_vm_id, BootSource, DiskSource, ExitInfo,

@@ -197,11 +197,11 @@ impl Agent {
             defer_incoming: true,
             cgroup: cgroup.clone(),
             disk_throttle: crate::resources::DiskThrottle::of(&req.launch.resources),
-            ..LaunchOptions::default()
+            ..self.launch_options()
         };
         let vm = Vm::launch_with(spec, &dir, &opts).await?;
         self.resources().track(&vm, cgroup, limits, 0);
-        let _ = std::fs::write(dir.join(INCOMING_MARKER), b"waiting for an incoming migration\n");
+        let _ = crate::qemu_user::write_file(&dir.join(INCOMING_MARKER), b"waiting for an incoming migration\n");
         crate::adopt::record_launch(&dir, &req.launch);
         let vm = Arc::new(vm);
         match self.open_incoming(&vm, &req.listen_host).await {
@@ -279,7 +279,7 @@ impl Agent {
         if !history.is_empty() {
             let tail = &history.as_bytes()[history.len().saturating_sub(MAX_CONSOLE_HISTORY)..];
             let p = vm.runtime_dir().join(CONSOLE_HISTORY);
-            if let Err(e) = std::fs::write(&p, tail) {
+            if let Err(e) = crate::qemu_user::write_file(&p, tail) {
                 tracing::warn!(vm = %id, "cannot write {}: {e}", p.display());
             }
         }
@@ -635,7 +635,7 @@ async fn abort_source(vm: &Vm) {
 pub(crate) fn console_with_history(agent: &Agent, id: &str, offset: i64, page: u64) -> Option<vgrid_api::vm::ConsoleChunk> {
     use std::io::{Read, Seek};
     let dir = agent.runtime_dir(id);
-    let history = std::fs::read(dir.join(CONSOLE_HISTORY)).ok()?;
+    let history = crate::qemu_user::read_file(&dir.join(CONSOLE_HISTORY)).ok()?;
     let h = history.len() as u64;
     let mut log = std::fs::File::open(dir.join(crate::vm::CONSOLE_LOG)).ok();
     let l = log.as_ref().and_then(|f| f.metadata().ok()).map(|m| m.len()).unwrap_or(0);

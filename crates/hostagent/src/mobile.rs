@@ -332,7 +332,7 @@ impl Agent {
         let entries: Vec<MapEntry> =
             serde_json::from_slice(&out.stdout).map_err(|e| fail(format!("qemu-img map output: {e}")))?;
         let patches = overlay_patches(&entries).map_err(fail)?;
-        let file = std::fs::File::open(&overlay).map_err(|e| fail(format!("{}: {e}", overlay.display())))?;
+        let file = crate::qemu_user::open_file(&overlay).map_err(|e| fail(format!("{}: {e}", overlay.display())))?;
         let mut touched = BTreeMap::new();
         for index in touched_chunks(&patches, parent.chunk_size) {
             if index as usize >= parent.disk.chunks.len() {
@@ -409,7 +409,7 @@ impl Agent {
             up.send(&present).await?;
         }
         // The state, read from its file in batches.
-        let file = std::fs::File::open(&cap.state_path).map_err(|e| format!("{}: {e}", cap.state_path.display()))?;
+        let file = crate::qemu_user::open_file(&cap.state_path).map_err(|e| format!("{}: {e}", cap.state_path.display()))?;
         let size = cap.state_bytes;
         let n = size.div_ceil(cs as u64);
         let mut state = Blob { size, chunks: Vec::with_capacity(n as usize) };

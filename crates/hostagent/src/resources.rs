@@ -386,7 +386,7 @@ impl HostResources {
 fn save(t: &Tracked) {
     let s = Saved { generation: t.generation, memory_mib_s: t.memory_mib_s, fetched_bytes: t.fetched_bytes };
     if let Ok(b) = serde_json::to_vec(&s) {
-        let _ = std::fs::write(&t.usage_file, b);
+        let _ = crate::qemu_user::write_file(&t.usage_file, &b);
     }
 }
 

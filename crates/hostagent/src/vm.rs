@@ -153,6 +153,9 @@ pub struct LaunchOptions {
     /// `migrate-incoming` opens (see `crate::migrate`). Launch returns once QMP answers.
     /// Default false.
     pub defer_incoming: bool,
+    /// Run QEMU as this unprivileged user (privileges dropped before exec; the runtime
+    /// directory and its files are handed to it). Default none: QEMU runs as the caller.
+    pub run_as: Option<crate::qemu_user::QemuUser>,
 }
 
 impl Default for LaunchOptions {
@@ -171,6 +174,7 @@ impl Default for LaunchOptions {
             cgroup: None,
             disk_throttle: None,
             defer_incoming: false,
+            run_as: None,
         }
     }
 }
@@ -616,7 +620,7 @@ fn read_pid_file(path: &Path) -> Option<u32> {
 
 /// Last `n` lines of a text file (lossy UTF-8, `\r` removed); empty if it does not exist.
 fn tail_file(path: &Path, n: usize) -> Vec<String> {
-    let Ok(bytes) = std::fs::read(path) else {
+    let Ok(bytes) = crate::qemu_user::read_file(path) else {
         return Vec::new();
     };
     let start = bytes.len().saturating_sub(64 * 1024);
@@ -672,6 +676,10 @@ impl Vm {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| io_err(dir, e))?;
         }
+        // Handed to QEMU's user by an earlier launch: take it back while the agent writes.
+        if opts.run_as.is_some() {
+            crate::qemu_user::reclaim(dir).map_err(|e| io_err(dir, e))?;
+        }
         let dir = std::fs::canonicalize(dir).map_err(|e| io_err(dir, e))?;
         for sock in [QMP_SOCKET, CONSOLE_SOCKET] {
             let p = dir.join(sock);
@@ -726,10 +734,15 @@ impl Vm {
             reason: format!("cannot record the spec as JSON (a path that is not UTF-8?): {e}"),
         })?;
         let spec_path = dir.join(SPEC_FILE);
-        std::fs::write(&spec_path, spec_json).map_err(|e| io_err(&spec_path, e))?;
+        crate::qemu_user::write_file(&spec_path, &spec_json).map_err(|e| io_err(&spec_path, e))?;
 
         let log_path = dir.join(QEMU_LOG);
         let log = std::fs::File::create(&log_path).map_err(|e| io_err(&log_path, e))?;
+        // QEMU starts as its own user: the directory and what is in it (overlay, kernel,
+        // initrd, incoming state) become its own; the agent (root) keeps access.
+        if let Some(u) = &opts.run_as {
+            u.give(&dir).map_err(|e| io_err(&dir, e))?;
+        }
         let log2 = log.try_clone().map_err(|e| io_err(&log_path, e))?;
         let mut args = qemu_args(&spec, accel, &dir);
         if let Some(state) = &incoming {
@@ -753,6 +766,10 @@ impl Vm {
             .kill_on_drop(false)
             // Own process group: a terminal's ^C to the agent does not reach the guests.
             .process_group(0);
+        if let Some(u) = &opts.run_as {
+            u.apply(&mut cmd);
+            tracing::debug!(vm = %id, user = %u.name, uid = u.uid, "QEMU drops to its own user");
+        }
         let mut child = cmd.spawn().map_err(|source| VmError::Spawn {
             id: id.clone(),
             binary: opts.qemu_system.clone(),

@@ -726,3 +726,74 @@ async fn guest_runs_its_rc_and_powers_itself_off() {
     );
     vm.cleanup().await.unwrap();
 }
+
+/// `LaunchOptions::run_as`: QEMU runs as the unprivileged user and boots from files it can read;
+/// a relaunch in the kept runtime directory (on the same overlay) does not follow a link planted
+/// there while the directory was that user's. Needs root (it switches users); as another user
+/// it checks that nothing is switched.
+#[tokio::test]
+async fn qemu_runs_as_its_user_and_a_relaunch_ignores_planted_links() {
+    use std::os::unix::fs::PermissionsExt;
+    init_tracing();
+    let g = guest();
+    let _slot = boot_slot().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    if !nix::unistd::geteuid().is_root() {
+        let r = vgrid_hostagent::qemu_user::resolve("vgrid-qemu", tmp.path()).unwrap();
+        assert!(r.is_none(), "not root: QEMU runs as the caller");
+        return;
+    }
+    let user = vgrid_hostagent::QemuUser::ensure("vgrid-qemu").unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let base = base_copy(&g, tmp.path());
+    let mut spec = g.spec("uq-test", DiskSource::raw_file(&base), "");
+    // The sample guest's cache may lie under a private home: copy kernel and initrd.
+    if let BootSource::Kernel { kernel, initrd, .. } = &mut spec.boot {
+        let k = tmp.path().join("kernel.img");
+        std::fs::copy(&*kernel, &k).unwrap();
+        *kernel = k;
+        if let Some(i) = initrd {
+            let c = tmp.path().join("initrd.img");
+            std::fs::copy(&*i, &c).unwrap();
+            *i = c;
+        }
+    }
+    for f in std::fs::read_dir(tmp.path()).unwrap() {
+        std::fs::set_permissions(f.unwrap().path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let dir = tmp.path().join("vm");
+    let o = LaunchOptions { run_as: Some(user.clone()), ..opts() };
+    let uid_of = |pid: u32| -> String {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        s.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap().split_whitespace().next().unwrap().to_string()
+    };
+    let launch = |o: LaunchOptions| {
+        let (spec, dir) = (spec.clone(), dir.clone());
+        boot_with_retry("uq", BOOT_TIMEOUT, move |_| {
+            let (spec, dir, o) = (spec.clone(), dir.clone(), o.clone());
+            async move {
+                let vm = Vm::launch_with(spec, &dir, &o).await?;
+                vm.wait_for_console(PROMPT, CONSOLE_TIMEOUT).await?;
+                Ok::<Vm, VmError>(vm)
+            }
+        })
+    };
+    let vm = launch(o.clone()).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(uid_of(vm.pid()), user.uid.to_string());
+    run_in_guest(&vm, "echo kept-$((4*4)) > /mnt/persist; sync; echo w-$((2+2))-done", "w-4-done").await;
+    vm.powerdown(POWERDOWN_TIMEOUT).await.unwrap();
+    drop(vm);
+    // What a compromised QEMU of that user could leave: spec.json pointing at a host file.
+    let victim = tmp.path().join("victim");
+    std::fs::write(&victim, b"keep").unwrap();
+    let _ = std::fs::remove_file(dir.join("spec.json"));
+    std::os::unix::fs::symlink(&victim, dir.join("spec.json")).unwrap();
+    let vm = launch(LaunchOptions { reuse_overlay: true, ..o }).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(uid_of(vm.pid()), user.uid.to_string());
+    let line = run_in_guest(&vm, "cat /mnt/persist", "kept-16").await;
+    assert!(line.starts_with("kept-16"), "{line:?}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep", "the relaunch wrote through the planted link");
+    assert!(!std::fs::symlink_metadata(dir.join("spec.json")).unwrap().file_type().is_symlink());
+    vm.powerdown(POWERDOWN_TIMEOUT).await.unwrap();
+    vm.cleanup().await.unwrap();
+}
