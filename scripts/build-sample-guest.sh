@@ -14,10 +14,11 @@
 #   vmlinuz     Debian's cloud kernel (linux-image-*-cloud-amd64)
 #   initrd.img  busybox initramfs (gzip newc cpio) whose /init is described below
 #   disk.img    64 MiB raw ext4 disk holding /etc/vgrid-sample = "vgrid-sample-disk-ok"
-#   cmdline     recommended kernel command line; it includes init_on_free=1 (the kernel zeroes
-#               pages it frees), so freed memory travels as zero pages in a saved state: the
-#               state of a guest at its prompt is ~57 MB instead of ~96 MB (14.5 MB instead of
-#               40 MB zstd-compressed), see bench/README.md, warmstart
+#   cmdline     recommended kernel command line. Appending init_on_free=1 (the kernel zeroes
+#               pages it frees) makes freed memory travel as zero pages in a saved state (~57 MB
+#               instead of ~96 MB at the prompt; bench/warmstart does so), but the guest then
+#               touches all memory it ever frees, so it is not the default: a guest's host
+#               memory would grow to its whole RAM and fill memory limits sooner
 #   kernel-version, stamp
 #
 # The guest's /init: mounts proc/sys/dev, loads the virtio modules, mounts /dev/vda (ext4) at
@@ -40,8 +41,9 @@ set -euo pipefail
 log() { echo "build-sample-guest: $*" >&2; }
 
 script_path=$(readlink -f "$0")
-# v2: init_on_free=1 in cmdline.
-LAYOUT=2
+# v2: init_on_free=1 in cmdline. v3: without it again (guests near their memory limit were
+# OOM-killed while booting).
+LAYOUT=3
 out=${1:-${VGRID_CACHE:-$HOME/.cache/vgrid}/sample-guest-v$LAYOUT}
 out=$(realpath -m "$out")
 stamp=$(sha256sum "$script_path" | cut -c1-32)
@@ -242,7 +244,7 @@ echo "vgrid-sample-disk-ok" >"$disk_root/etc/vgrid-sample"
 mke2fs -q -t ext4 -L vgrid-sample -d "$disk_root" "$work/disk.img" 64M >&2
 
 cp "$work/kpkg/boot/vmlinuz-$kver" "$work/vmlinuz"
-echo "console=ttyS0 panic=-1 tsc_early_khz=2500000 quiet init_on_free=1 vgrid.mode=shell" >"$work/cmdline"
+echo "console=ttyS0 panic=-1 tsc_early_khz=2500000 quiet vgrid.mode=shell" >"$work/cmdline"
 echo "$kver" >"$work/kernel-version"
 echo "$stamp" >"$work/stamp"
 

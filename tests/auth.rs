@@ -394,8 +394,8 @@ fn expired_tokens_get_401_naming_expiry_and_the_cli_logs_in_again() {
     assert_eq!(curl(&up, "GET", "/api/v1/whoami", Some(&old)), 200);
     std::thread::sleep(std::time::Duration::from_secs(3));
     // A raw request with the old token: 401, and the body says why.
-    let o = Command::new("curl")
-        .args(["-s", "-w", "\n%{http_code}", "-H", &format!("authorization: Bearer {old}")])
+    let o = curl_for(&up.url)
+        .args(["-w", "\n%{http_code}", "-H", &format!("authorization: Bearer {old}")])
         .arg(format!("{}/api/v1/whoami", up.url))
         .output()
         .unwrap();

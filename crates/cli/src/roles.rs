@@ -430,6 +430,8 @@ pub async fn host(a: HostAgentArgs) -> anyhow::Result<ExitCode> {
     let (listener, url) = bind(a.listen).await?;
     let url = a.advertise_url.unwrap_or(url);
     let name = a.host.name.clone().unwrap_or_else(hostname);
+    // Local problems first (QEMU's user, the data directory), before contacting the coordinator.
+    vgrid_hostagent::qemu_user::resolve(&a.host.qemu_user, &data).map_err(|e| anyhow!("starting the host agent: {e}"))?;
     let sans = sans_for(a.listen, &a.tls.sans, Some(&url));
     let node = joined_cert(&data, &coordinator, a.join_token.as_deref(), NodeRole::Host, &name, sans).await?;
     use_node_cert(&node, None)?;

@@ -11,7 +11,9 @@
 //! `sync=top` of `vda` into it (only what the overlay holds travels; the base is the image, which
 //! the destination reads from its own cache); once the mirror is ready,
 //! `migrate-set-capabilities` (`events`, `auto-converge`, `pause-before-switchover`),
-//! `migrate-set-parameters` (`downtime-limit`, `max-bandwidth`) and `migrate` to `tcp:`. At
+//! `migrate-set-parameters` (`downtime-limit`, `max-bandwidth`, and `tls-creds`: both the disk
+//! and the memory streams are TLS with the two hosts' grid certificates, see
+//! [`crate::tlscreds`]) and `migrate` to `tcp:`. At
 //! `pre-switchover` (the guest is paused) the mirror is cancelled, which flushes what is left
 //! without pivoting, and `migrate-continue` lets QEMU finish: the destination then owns a
 //! complete overlay. If the migration fails, is cancelled, or is still running after its maximum
@@ -228,16 +230,19 @@ impl Agent {
         let io = |e: std::io::Error| mig_err(&id, format!("no free TCP port on {host}: {e}"));
         vm.execute("migrate-set-capabilities", Some(json!({"capabilities": [{"capability": "events", "state": true}]})))
             .await?;
+        // Both streams are TLS with this host's grid certificate; the source must show one too.
+        let qemu_user = self.qemu_user().cloned();
+        let give = move |d: &std::path::Path| qemu_user.as_ref().map_or(Ok(()), |u| u.give(d));
+        let tls = crate::tlscreds::add(vm, true, &give).await?;
         let mut last = None;
         let mut nbd_port = 0;
         for _ in 0..3 {
             nbd_port = free_port(host).map_err(io)?;
-            let r = vm
-                .execute(
-                    "nbd-server-start",
-                    Some(json!({"addr": {"type": "inet", "data": {"host": host, "port": nbd_port.to_string()}}})),
-                )
-                .await;
+            let mut args = json!({"addr": {"type": "inet", "data": {"host": host, "port": nbd_port.to_string()}}});
+            if let Some(t) = tls {
+                args["tls-creds"] = json!(t);
+            }
+            let r = vm.execute("nbd-server-start", Some(args)).await;
             match r {
                 Ok(_) => {
                     last = None;
@@ -254,6 +259,9 @@ impl Agent {
             Some(json!({"type": "nbd", "id": EXPORT_ID, "node-name": DISK_NODE, "name": DISK_NODE, "writable": true})),
         )
         .await?;
+        if let Some(t) = tls {
+            vm.execute("migrate-set-parameters", Some(json!({"tls-creds": t}))).await?;
+        }
         let mut last = None;
         let mut mig_port = 0;
         for _ in 0..3 {
@@ -360,8 +368,9 @@ impl Agent {
             m.insert(id.to_string(), out.clone());
         }
         let id = id.to_string();
+        let qemu_user = self.qemu_user().cloned();
         tokio::spawn(async move {
-            let r = send_vm(&vm, &req, &out, rx).await;
+            let r = send_vm(&vm, &req, &out, rx, qemu_user).await;
             let mut st = out.status.lock().unwrap().clone();
             match r {
                 Ok(()) => {
@@ -443,6 +452,7 @@ async fn send_vm(
     req: &SendRequest,
     out: &Outgoing,
     cancel: tokio::sync::watch::Receiver<bool>,
+    qemu_user: Option<crate::qemu_user::QemuUser>,
 ) -> Result<(), SendErr> {
     let deadline = out.started + Duration::from_secs(req.max_seconds.max(1));
     let set_phase = |p: String| out.status.lock().unwrap().phase = p;
@@ -451,15 +461,18 @@ async fn send_vm(
 
     // 1. Mirror the overlay to the destination's export.
     set_phase("connecting to the destination's disk".into());
-    vm.execute(
-        "blockdev-add",
-        Some(json!({
-            "driver": "nbd", "node-name": TARGET_NODE, "export": DISK_NODE,
-            "server": {"type": "inet", "host": d.host, "port": d.nbd_port.to_string()},
-        })),
-    )
-    .await
-    .map_err(failed)?;
+    // TLS to the destination: it must show a certificate of this grid naming its address.
+    let give = move |dir: &std::path::Path| qemu_user.as_ref().map_or(Ok(()), |u| u.give(dir));
+    let tls = crate::tlscreds::add(vm, false, &give).await.map_err(failed)?;
+    let mut target = json!({
+        "driver": "nbd", "node-name": TARGET_NODE, "export": DISK_NODE,
+        "server": {"type": "inet", "host": d.host, "port": d.nbd_port.to_string()},
+    });
+    if let Some(t) = tls {
+        target["tls-creds"] = json!(t);
+        target["tls-hostname"] = json!(d.host);
+    }
+    vm.execute("blockdev-add", Some(target)).await.map_err(failed)?;
     vm.execute(
         "blockdev-mirror",
         Some(json!({"job-id": MIRROR_JOB, "device": DISK_NODE, "target": TARGET_NODE, "sync": "top"})),
@@ -498,6 +511,10 @@ async fn send_vm(
     .await
     .map_err(failed)?;
     let mut params = json!({"downtime-limit": req.downtime_ms});
+    if let Some(t) = tls {
+        params["tls-creds"] = json!(t);
+        params["tls-hostname"] = json!(d.host);
+    }
     if let Some(mib) = req.max_bandwidth_mib {
         params["max-bandwidth"] = json!(mib.max(1) * 1024 * 1024);
     }
