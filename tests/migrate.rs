@@ -235,6 +235,10 @@ fn a_counting_guest_migrates_between_hosts_without_a_reset() {
     g.wait_until("the source QEMU to quit", Duration::from_secs(30), || !process_alive(src_pid) && !src.exists());
     assert_eq!(qemus_of(&id), 1, "exactly one QEMU runs this VM");
     let dst = g.runtime_dir("h2", &id);
+    // Disk and memory came over TLS: the destination QEMU's credentials are h2's grid certificate.
+    let cert = std::fs::read_to_string(dst.join("tls/server-cert.pem")).unwrap_or_default();
+    let h2_cert = std::fs::read_to_string(g.host_dir("h2").join("tls/node.crt")).unwrap_or_default();
+    assert!(cert.contains("BEGIN CERTIFICATE") && cert == h2_cert, "no TLS credentials of h2 in {}", dst.display());
     let before = *ticks(&console_log(&src)).last().unwrap_or(&0);
     g.wait_until("the counter to tick on h2", Duration::from_secs(60), || ticks(&console_log(&dst)).len() >= 3);
     let after = ticks(&console_log(&dst));
