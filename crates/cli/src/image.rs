@@ -188,11 +188,17 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                             i.image.arch.clone(),
                             if i.image.warm { format!("{} (warm)", i.image.boot) } else { i.image.boot.clone() },
                             output::age(i.image.created),
+                            match (&i.image.owner, i.image.public) {
+                                (Some(o), true) => format!("{o} (public)"),
+                                (None, true) => "public".into(),
+                                (Some(o), false) => o.clone(),
+                                (None, false) => "admins".into(),
+                            },
                             i.servers.join(","),
                         ]
                     })
                     .collect();
-                println!("{}", table(&["NAME", "VERSION", "SIZE", "DATA", "OS", "ARCH", "BOOT", "CREATED", "ON"], rows));
+                println!("{}", table(&["NAME", "VERSION", "SIZE", "DATA", "OS", "ARCH", "BOOT", "CREATED", "OWNER", "ON"], rows));
             }
         }
         ImageCmd::Show { image, server } => {
