@@ -285,10 +285,10 @@ fn sans_for(listen: SocketAddr, extra: &[String], advertise: Option<&str>) -> Ve
 }
 
 /// A role that holds a CA (a coordinator, `vgrid up`, a standalone image server): the CA in
-/// DIR/tls (made on first start; an operator may put an existing `ca.crt` and `ca.key` there)
+/// `dir` (made on first start; an operator may put an existing `ca.crt` and `ca.key` there)
 /// and a fresh certificate for this process.
-fn own_ca(data: &Path, name: &str, roles: &[NodeRole], sans: Vec<String>) -> anyhow::Result<(Ca, NodeCert)> {
-    let ca = Ca::load_or_create(&data.join("tls"), name).map_err(|e| anyhow!("the grid CA: {e}"))?;
+fn own_ca(dir: &Path, name: &str, roles: &[NodeRole], sans: Vec<String>) -> anyhow::Result<(Ca, NodeCert)> {
+    let ca = Ca::load_or_create(dir, name).map_err(|e| anyhow!("the grid CA: {e}"))?;
     let node = ca.issue_local(name, roles, &sans).map_err(|e| anyhow!("this node's certificate: {e}"))?;
     Ok((ca, node))
 }
@@ -361,7 +361,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     let state = Arc::new(RedbState::open(&data.join("state.redb")).map_err(|e| anyhow!("{e}"))?);
     let name = a.host.name.clone().unwrap_or_else(hostname);
     let roles = [NodeRole::Coordinator, NodeRole::Host, NodeRole::ImageServer];
-    let (ca, node) = own_ca(&data, &name, &roles, sans_for(a.listen, &a.tls.sans, None))?;
+    let (ca, node) = own_ca(&data.join("tls"), &name, &roles, sans_for(a.listen, &a.tls.sans, None))?;
     use_node_cert(&node, Some(&url))?;
     let joins = Arc::new(Joins::new(ca, state.clone()));
 
@@ -406,7 +406,7 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
     let (listener, url) = bind(a.listen).await?;
     let state = Arc::new(RedbState::open(&data.join("state.redb")).map_err(|e| anyhow!("{e}"))?);
-    let (ca, node) = own_ca(&data, &hostname(), &[NodeRole::Coordinator], sans_for(a.listen, &a.tls.sans, None))?;
+    let (ca, node) = own_ca(&data.join("tls"), &hostname(), &[NodeRole::Coordinator], sans_for(a.listen, &a.tls.sans, None))?;
     use_node_cert(&node, Some(&url))?;
     let fingerprint = ca.fingerprint();
     let joins = Arc::new(Joins::new(ca, state.clone()));
@@ -469,7 +469,7 @@ pub async fn image_server(a: ImageServerArgs) -> anyhow::Result<ExitCode> {
         }
         None => {
             // Its own CA, apart from where a joined certificate would go (DATA/tls).
-            let (_, node) = own_ca(&data.join("tls"), &name, &[NodeRole::ImageServer], sans)?;
+            let (_, node) = own_ca(&data.join("tls").join("ca"), &name, &[NodeRole::ImageServer], sans)?;
             use_node_cert(&node, Some(&url))?;
             node
         }
