@@ -463,7 +463,8 @@ pub async fn image_server(a: ImageServerArgs) -> anyhow::Result<ExitCode> {
     let node = match &a.coordinator {
         Some(c) => {
             let node = joined_cert(&data, c, a.join_token.as_deref(), NodeRole::ImageServer, &name, sans).await?;
-            use_node_cert(&node, None)?;
+            // The local CLI (`image import --image-server URL`) trusts its grid's CA at this URL.
+            use_node_cert(&node, Some(&url))?;
             tokio::spawn(vgrid_imagestore::server::advertise_loop(store.clone(), c.clone(), name, url.clone(), Duration::from_secs(5)));
             node
         }

@@ -1154,6 +1154,9 @@ impl Vm {
             self.stop().await?;
         }
         tracing::info!(vm = %self.spec.id, path = %path.display(), "saving VM state");
+        // A file is no TLS peer: drop the credentials a live migration into or out of this QEMU
+        // set (see `crate::tlscreds`).
+        self.execute("migrate-set-parameters", Some(serde_json::json!({"tls-creds": "", "tls-hostname": ""}))).await?;
         self.execute(
             "migrate",
             Some(serde_json::json!({ "uri": format!("file:{}", path.display()) })),
