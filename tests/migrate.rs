@@ -404,26 +404,8 @@ fn a_host_agent_killed_with_sigkill_readopts_its_running_guests() {
 #[test]
 fn a_source_agent_killed_during_a_migration_leaves_the_guest_running_at_the_source() {
     let mut g = Grid::start(&["h1", "h2"]);
-    let v = g.run_on("h1", "interrupted");
-    let id = v["id"].as_str().unwrap().to_string();
-    let pid = v["pid"].as_u64().unwrap();
+    let (id, pid, mut cli) = start_a_long_migration(&g, "interrupted");
     let src = g.runtime_dir("h1", &id);
-    // Keep memory dirty and the link slow so that the migration is still copying when its
-    // driver dies.
-    type_on_console(&src, "dd if=/dev/urandom of=/tmp/r bs=1M count=32 2>/dev/null; (while true; do cp /tmp/r /tmp/x; done) & echo dirtying-started");
-    g.wait_until("the dirtying loop", Duration::from_secs(120), || console_log(&src).contains("dirtying-started\n"));
-    type_on_console(&src, COUNTER);
-    let mut cli = Command::new(vgrid_bin())
-        .args(["--json", "vm", "migrate", &id, "--to", "h2", "--max-bandwidth", "8", "--timeout", "200"])
-        .env("VGRID_URL", &g.coordinator.url)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    g.wait_until("memory being copied", Duration::from_secs(60), || {
-        let v = g.json(&["vm", "show", &id]);
-        v["state"] == "migrating" && v["migration"]["phase"].as_str().unwrap_or("").starts_with("copying memory")
-    });
     g.host("h1").kill();
     g.start_host("h1");
 

@@ -73,14 +73,19 @@ fn boots_sample_through_the_proxy_and_reads_its_disk() {
     }
     // The unprivileged QEMU writes its overlay: a file written in the guest lands there.
     console_exec(&up, &id, "echo dropped-$((6*7)) > /mnt/w && sync && echo synced-$((6*7))", "synced-42");
+    assert!(overlay_has_data(&up, &id), "no data in the overlay");
+    up.ok(&["vm", "stop", &id]);
+}
+
+/// Whether the VM's qcow2 overlay itself (depth 0, not its backing image) holds data.
+fn overlay_has_data(up: &Up, id: &str) -> bool {
     let map = Command::new("qemu-img")
         .args(["map", "-U", "--output=json"])
-        .arg(up.runtime_dir(&id).join("overlay.qcow2"))
+        .arg(up.runtime_dir(id).join("overlay.qcow2"))
         .output()
         .unwrap();
     let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
-    assert!(map.as_array().unwrap().iter().any(|e| e["depth"] == 0 && e["data"] == true), "no data in the overlay");
-    up.ok(&["vm", "stop", &id]);
+    map.as_array().unwrap().iter().any(|e| e["depth"] == 0 && e["data"] == true)
 }
 
 #[test]
@@ -109,14 +114,8 @@ fn guest_writes_land_in_the_overlay_and_never_in_the_base() {
     );
 
     // The overlay itself holds data (allocated at depth 0), the base is byte-identical to the source.
-    let map = Command::new("qemu-img")
-        .args(["map", "-U", "--output=json"])
-        .arg(up.runtime_dir(&id).join("overlay.qcow2"))
-        .output()
-        .unwrap();
-    let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
     assert!(
-        map.as_array().unwrap().iter().any(|e| e["depth"] == 0 && e["data"] == true),
+        overlay_has_data(&up, &id),
         "no data allocated in the overlay itself"
     );
     let export = tmp.path().join("base.raw");

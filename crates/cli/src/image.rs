@@ -62,15 +62,16 @@ pub enum CacheCmd {
     Stats,
 }
 
-/// The login token image servers of the grid check with the coordinator (logging in with the
-/// local key when there is none); none when the coordinator cannot be reached (a standalone
-/// image server has no users).
-pub async fn store_token(ctx: &Ctx) -> Option<String> {
+/// Sends, from every image server client of this process, the login token image servers of
+/// the grid check with the coordinator (logging in with the local key when there is none); none
+/// when the coordinator cannot be reached (a standalone image server has no users).
+pub async fn use_store_token(ctx: &Ctx) {
     let api = ctx.api();
-    match api.token() {
+    let token = match api.token() {
         Some(t) => Some(t),
         None => crate::auth::login(&api, None, None).await.ok().map(|t| t.token),
-    }
+    };
+    vgrid_trust::tls::set_bearer(token);
 }
 
 #[derive(Args, Debug)]
@@ -84,7 +85,8 @@ impl ServerArg {
     async fn client(&self, ctx: &Ctx) -> anyhow::Result<StoreClient> {
         let url = self.image_server.clone().unwrap_or_else(|| ctx.url.clone());
         crate::trust::trust(&url)?;
-        Ok(StoreClient::new(&url).map_err(|e| anyhow!("{e}"))?.with_token(store_token(ctx).await))
+        use_store_token(ctx).await;
+        StoreClient::new(&url).map_err(|e| anyhow!("{e}"))
     }
 }
 
@@ -252,9 +254,10 @@ async fn list_images(ctx: &Ctx, s: &ServerArg) -> anyhow::Result<Vec<Located>> {
     if s.image_server.is_none() {
         if let Ok(ads) = ctx.api().get::<Vec<vgrid_api::grid::ImageServerAd>>("/api/v1/image-servers").await {
             let mut out: Vec<Located> = Vec::new();
+            use_store_token(ctx).await;
             for ad in ads {
                 // Ask each server now: advertisements lag by a heartbeat.
-                let images = match StoreClient::new(&ad.url).map_err(|e| anyhow!("{e}"))?.with_token(store_token(ctx).await).list().await {
+                let images = match StoreClient::new(&ad.url).map_err(|e| anyhow!("{e}"))?.list().await {
                     Ok(list) => list,
                     Err(e) => {
                         eprintln!("warning: image server {} ({}): {e}", ad.name, ad.url);

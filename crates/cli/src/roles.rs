@@ -498,7 +498,7 @@ pub async fn nbd(ctx: &Ctx, a: NbdArgs) -> anyhow::Result<ExitCode> {
     let url = a.server.image_server.clone().unwrap_or_else(|| ctx.url.clone());
     crate::trust::trust(&url)?;
     // The proxy's own fetches go out with the user's token too.
-    vgrid_trust::tls::set_bearer(crate::image::store_token(ctx).await);
+    crate::image::use_store_token(ctx).await;
     let client = StoreClient::new(&url).map_err(|e| anyhow!("{e}"))?;
     let m = client.manifest(&r).await.map_err(|e| anyhow!("{e}"))?;
     let cache_dir = a.cache_dir.unwrap_or_else(|| default_cache_dir().join("nbd-cache"));

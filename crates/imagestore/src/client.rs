@@ -84,8 +84,6 @@ pub struct StoreClient {
     base: String,
     http: reqwest::Client,
     retry: RetryPolicy,
-    /// A user's login token (grid nodes prove themselves by certificate instead).
-    token: Option<String>,
     /// Commit new images as readable by every user (admins and grid nodes only).
     public: bool,
 }
@@ -114,14 +112,7 @@ impl StoreClient {
             .connect_timeout(retry.connect_timeout)
             .build()
             .map_err(|e| bad(e.to_string()))?;
-        Ok(StoreClient { base, http, retry: RetryPolicy { attempts: retry.attempts.max(1), ..retry }, token: None, public: false })
-    }
-
-    /// Sends `token` (a coordinator's login token) with every request: the image server checks
-    /// it with its coordinator and lets the user read public and own images only.
-    pub fn with_token(mut self, token: Option<String>) -> Self {
-        self.token = token;
-        self
+        Ok(StoreClient { base, http, retry: RetryPolicy { attempts: retry.attempts.max(1), ..retry }, public: false })
     }
 
     /// Images committed through this client are public (allowed to admins and grid nodes).
@@ -174,7 +165,9 @@ impl StoreClient {
                 backoff *= 3;
             }
             let mut req = self.http.request(method.clone(), &url);
-            if let Some(t) = self.token.clone().or_else(vgrid_trust::tls::bearer) {
+            // A user's login token (`vgrid_trust::tls::set_bearer`, CLI commands); grid nodes
+            // prove themselves by certificate instead.
+            if let Some(t) = vgrid_trust::tls::bearer() {
                 req = req.bearer_auth(t);
             }
             req = match &body {

@@ -148,7 +148,7 @@ fn json_body<T: DeserializeOwned>(what: &str, b: Result<Bytes, BytesRejection>) 
 /// The image server's router, all routes under `/store/v1`, open to every caller (a
 /// standalone server without users, and in-process tests).
 pub fn router(store: Arc<ImageStore>) -> Router {
-    routes(store.clone()).with_state(store)
+    routes().with_state(store)
 }
 
 /// The router with access control when `users` (a coordinator's token check) is given:
@@ -159,7 +159,7 @@ pub fn router(store: Arc<ImageStore>) -> Router {
 ///   admins only (403 otherwise). A user's first commit of a name makes it theirs.
 pub fn router_with(store: Arc<ImageStore>, users: Option<vgrid_trust::caller::Users>) -> Router {
     let Some(users) = users else { return router(store) };
-    routes(store.clone())
+    routes()
         .layer(axum::middleware::from_fn_with_state(store.clone(), gate))
         .layer(axum::middleware::from_fn_with_state(users, vgrid_trust::caller::identify_layer))
         .with_state(store)
@@ -210,8 +210,7 @@ async fn gate(State(s): St, req: axum::extract::Request, next: axum::middleware:
     next.run(req).await
 }
 
-fn routes(store: Arc<ImageStore>) -> Router<Arc<ImageStore>> {
-    let _ = store;
+fn routes() -> Router<Arc<ImageStore>> {
     Router::new()
         .route("/store/v1/images", get(list_images))
         .route("/store/v1/images/{name}", get(get_latest).delete(delete_all))

@@ -122,12 +122,7 @@ impl UserTokens for RemoteUsers {
     }
 }
 
-/// Who sent `req`: its connection's grid certificate first, else its bearer token.
-pub async fn identify<B>(users: &dyn UserTokens, req: &axum::http::Request<B>) -> Result<Caller, String> {
-    let (peer, token) = credentials(req);
-    identify_by(users, peer, token).await
-}
-
+/// A request's credentials: its connection's grid certificate and its bearer token.
 fn credentials<B>(req: &axum::http::Request<B>) -> (Option<Peer>, Option<String>) {
     let token = req
         .headers()
@@ -137,6 +132,7 @@ fn credentials<B>(req: &axum::http::Request<B>) -> (Option<Peer>, Option<String>
     (peer_of(req).cloned(), token)
 }
 
+/// Who is calling: the grid certificate first, else the token's user.
 async fn identify_by(users: &dyn UserTokens, peer: Option<Peer>, token: Option<String>) -> Result<Caller, String> {
     if let Some(p) = peer {
         return Ok(Caller::Node(p));

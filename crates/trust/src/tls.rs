@@ -13,7 +13,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::{pem_to_der, NodeCert, NodeRole, TrustError};
+use crate::{NodeCert, NodeRole, TrustError};
 
 /// A peer proven by a client certificate the grid CA signed.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -364,11 +364,6 @@ pub fn fetch_chain(url: &str) -> Result<Vec<Vec<u8>>, TrustError> {
 /// The CA certificate (DER) in a chain a vgrid node presents: the last one.
 pub fn ca_of_chain(chain: &[Vec<u8>]) -> Option<&[u8]> {
     chain.last().map(|c| c.as_slice())
-}
-
-/// PEM of the first certificate, for callers that hold PEM text.
-pub fn first_der(pem: &str) -> Result<Vec<u8>, TrustError> {
-    pem_to_der(pem)
 }
 
 /// Opens a WebSocket (`ws://` or `wss://`) with this process's TLS settings.
