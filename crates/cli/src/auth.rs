@@ -170,6 +170,17 @@ fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// Forgets the tokens saved for coordinators at the address (host and port) of `url`.
+pub fn forget_tokens_at(url: &str) {
+    let Ok(addr) = vgrid_trust::tls::host_port(url) else { return };
+    let mut t = load_tokens();
+    let before = t.len();
+    t.retain(|u, _| vgrid_trust::tls::host_port(u).ok().as_ref() != Some(&addr));
+    if t.len() != before {
+        let _ = save_tokens(&t);
+    }
+}
+
 /// The saved, unexpired token for a coordinator URL.
 pub fn saved_token(base: &str) -> Option<String> {
     load_tokens().get(base).filter(|t| t.expires > now() + 5).map(|t| t.token.clone())

@@ -67,9 +67,15 @@ pub enum CacheCmd {
 /// when the coordinator cannot be reached (a standalone image server has no users).
 pub async fn use_store_token(ctx: &Ctx) {
     let api = ctx.api();
-    let token = match api.token() {
-        Some(t) => Some(t),
-        None => crate::auth::login(&api, None, None).await.ok().map(|t| t.token),
+    // Asking who we are confirms the saved token (an unknown or expired one, e.g. from an
+    // earlier coordinator at this address, is replaced by a fresh login), so image servers are
+    // never handed a token the coordinator will not vouch for.
+    let token = match api.get::<vgrid_api::auth::UserInfo>("/api/v1/whoami").await {
+        Ok(_) => api.token(),
+        Err(e) => {
+            tracing::debug!(error = %e, "no login for the image servers");
+            None
+        }
     };
     vgrid_trust::tls::set_bearer(token);
 }

@@ -23,6 +23,10 @@ fn pin_path(url: &str) -> anyhow::Result<PathBuf> {
 /// that CA themselves.
 pub fn pin(url: &str, ca_pem: &str) -> anyhow::Result<()> {
     let p = pin_path(url)?;
+    if std::fs::read_to_string(&p).is_ok_and(|old| old != ca_pem) {
+        // Another grid now answers at this address: tokens from the old one mean nothing here.
+        crate::auth::forget_tokens_at(url);
+    }
     std::fs::create_dir_all(p.parent().unwrap_or(&p)).with_context(|| format!("creating {}", p.display()))?;
     let tmp = p.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, ca_pem).with_context(|| format!("writing {}", tmp.display()))?;
