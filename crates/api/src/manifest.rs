@@ -179,10 +179,15 @@ pub struct Manifest {
 /// to the disk it was saved with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedState {
-    /// The migration stream.
+    /// The migration stream. With `ram`, only the devices' state: the guest's RAM is not in it.
     pub blob: Blob,
     /// What a QEMU must look like to load it.
     pub meta: StateMeta,
+    /// The guest's RAM as an image of its memory (page `i` at offset `i * 4096`, zero chunks
+    /// not stored), saved apart from the stream so that a restore can map it lazily: pages
+    /// come over the network when the guest first touches them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram: Option<Blob>,
 }
 
 /// The machine a saved state needs: restoring with other cpus/memory, another machine type or
@@ -233,7 +238,7 @@ impl Manifest {
                 std::iter::once(kernel).chain(initrd.iter()).collect()
             }
         };
-        let state = self.state.iter().map(|s| &s.blob);
+        let state = self.state.iter().flat_map(|s| std::iter::once(&s.blob).chain(s.ram.iter()));
         self.disk.stored().chain(boot.into_iter().chain(state).flat_map(|b| b.stored()))
     }
 
@@ -267,6 +272,12 @@ impl Manifest {
         }
         if let Some(st) = &self.state {
             blobs.push(("state", &st.blob));
+            if let Some(ram) = &st.ram {
+                if ram.size != st.meta.memory_mib.saturating_mul(1 << 20) {
+                    return Err(ManifestError::RamSize { size: ram.size, memory_mib: st.meta.memory_mib });
+                }
+                blobs.push(("ram", ram));
+            }
         }
         for (what, b) in blobs {
             let want = b.size.div_ceil(self.chunk_size as u64);
@@ -303,6 +314,8 @@ pub enum ManifestError {
     ChunkSize(u32),
     #[error("{blob} of {size} bytes lists {chunks} chunks, expected {expected}")]
     ChunkCount { blob: &'static str, size: u64, chunks: usize, expected: u64 },
+    #[error("saved RAM of {size} bytes does not match the state's {memory_mib} MiB of guest memory")]
+    RamSize { size: u64, memory_mib: u64 },
     #[error("malformed manifest: {0}")]
     Json(String),
 }
@@ -348,12 +361,34 @@ mod tests {
         assert!(!String::from_utf8(serde_json::to_vec(&m).unwrap()).unwrap().contains("state"));
         let h = ChunkHash::of(b"state");
         let meta = StateMeta { qemu_version: "10.0.2".into(), machine: "pc".into(), cpus: 1, memory_mib: 256, accel: "tcg".into(), saved: 1 };
-        let warm = Manifest { state: Some(SavedState { blob: Blob { size: 5000, chunks: vec![Some(h), None] }, meta }), ..m.clone() };
+        let warm = Manifest { state: Some(SavedState { blob: Blob { size: 5000, chunks: vec![Some(h), None] }, meta, ram: None }), ..m.clone() };
         let back = Manifest::from_json(&serde_json::to_vec(&warm).unwrap()).unwrap();
         assert_eq!(back, warm);
         assert!(back.all_chunks().any(|c| *c == h), "state chunks count as the image's chunks");
         let bad = Manifest { state: Some(SavedState { blob: Blob { size: 5000, chunks: vec![Some(h)] }, ..warm.state.clone().unwrap() }), ..m };
         assert!(matches!(bad.validate(), Err(ManifestError::ChunkCount { blob: "state", .. })));
+    }
+
+    #[test]
+    fn saved_ram_is_validated_and_counted() {
+        let mut m = Manifest::from_json(br#"{"schema":1,"name":"x","version":1,"created":0,"chunk_size":4194304,
+            "disk":{"size":4096,"chunks":[null]},"meta":{"os":"","arch":"x86_64","boot":{"mode":"firmware"}}}"#).unwrap();
+        let (st, page) = (ChunkHash::of(b"devices"), ChunkHash::of(b"page"));
+        let meta = StateMeta { qemu_version: "10.0.2".into(), machine: "pc".into(), cpus: 1, memory_mib: 8, accel: "tcg".into(), saved: 1 };
+        let ram = Blob { size: 8 << 20, chunks: vec![Some(page), None] };
+        m.state = Some(SavedState { blob: Blob { size: 10, chunks: vec![Some(st)] }, meta, ram: Some(ram) });
+        let back = Manifest::from_json(&serde_json::to_vec(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
+        assert!(back.all_chunks().any(|c| *c == page), "RAM chunks count as the image's chunks");
+        let mut short = m.clone();
+        short.state.as_mut().unwrap().ram.as_mut().unwrap().size = 4 << 20;
+        short.state.as_mut().unwrap().ram.as_mut().unwrap().chunks.pop();
+        let e = short.validate().unwrap_err();
+        assert_eq!(e, ManifestError::RamSize { size: 4 << 20, memory_mib: 8 });
+        assert!(e.to_string().contains("8 MiB"), "{e}");
+        let mut count = m;
+        count.state.as_mut().unwrap().ram.as_mut().unwrap().chunks.pop();
+        assert!(matches!(count.validate(), Err(ManifestError::ChunkCount { blob: "ram", .. })));
     }
 
     #[test]

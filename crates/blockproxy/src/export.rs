@@ -119,23 +119,31 @@ pub(crate) fn copy_out(
     Ok(())
 }
 
-/// One image version's disk as the proxy serves it. Obtain with [`crate::BlockProxy::open_export`].
+/// The suffix of an export name that serves a warm image's saved RAM (`IMAGE@VERSION/ram`)
+/// instead of its disk: a lazily restored guest maps its memory from it (see the host agent).
+pub const RAM_EXPORT_SUFFIX: &str = "/ram";
+
+/// One image version's disk (or saved RAM) as the proxy serves it. Obtain with
+/// [`crate::BlockProxy::open_export`].
 pub struct Export {
     name: String,
     image: ImageRef,
     manifest: Arc<Manifest>,
+    /// What is served: the disk, or the saved RAM of a warm image.
+    blob: Blob,
     shared: Arc<Shared>,
     recording: std::sync::OnceLock<Arc<Recording>>,
     readahead_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Export {
-    pub(crate) fn new(name: String, manifest: Arc<Manifest>, shared: Arc<Shared>) -> Arc<Export> {
+    pub(crate) fn new(name: String, manifest: Arc<Manifest>, blob: Blob, shared: Arc<Shared>) -> Arc<Export> {
         let slots = shared.config.readahead_chunks.max(1);
         Arc::new(Export {
             name,
             image: manifest.image_ref(),
             manifest,
+            blob,
             shared,
             recording: std::sync::OnceLock::new(),
             readahead_slots: Arc::new(tokio::sync::Semaphore::new(slots)),
@@ -153,16 +161,16 @@ impl Export {
     pub fn manifest(&self) -> &Arc<Manifest> {
         &self.manifest
     }
-    /// Disk size in bytes.
+    /// Size in bytes of what is served (the disk, or the saved RAM).
     pub fn size(&self) -> u64 {
-        self.manifest.disk.size
+        self.blob.size
     }
     pub fn chunk_size(&self) -> u32 {
         self.manifest.chunk_size
     }
-    /// True if disk chunk `index` is all zeroes (not stored).
+    /// True if chunk `index` is all zeroes (not stored).
     pub fn is_zero_chunk(&self, index: u64) -> bool {
-        self.manifest.disk.chunks.get(index as usize).is_some_and(|c| c.is_none())
+        self.blob.chunks.get(index as usize).is_some_and(|c| c.is_none())
     }
 
     /// Chunk files covering `[offset, offset+len)`; `len > 0` and the range inside the disk.
@@ -174,7 +182,7 @@ impl Export {
         let first = offset / cs;
         let last = (offset + len - 1) / cs;
         self.record(first, last);
-        let files = self.shared.blob_chunks(&self.image, self.chunk_size(), &self.manifest.disk, first, last).await?;
+        let files = self.shared.blob_chunks(&self.image, self.chunk_size(), &self.blob, first, last).await?;
         Ok((first, files))
     }
 
@@ -187,7 +195,7 @@ impl Export {
         let mut out = Vec::with_capacity((last - first + 1) as usize);
         let mut hits = 0;
         for idx in first..=last {
-            match self.manifest.disk.chunks[idx as usize] {
+            match self.blob.chunks[idx as usize] {
                 None => out.push(None),
                 Some(h) => {
                     out.push(Some(self.shared.cache.get_uncounted(&h)?));
@@ -202,7 +210,7 @@ impl Export {
 
     /// Copies `[offset, offset+buf.len())` of the chunk files returned by [`Export::files`].
     pub(crate) fn copy(&self, first: u64, files: &[Option<ChunkFile>], offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
-        copy_out(&self.image, &self.manifest.disk, self.chunk_size(), first, files, offset, buf)
+        copy_out(&self.image, &self.blob, self.chunk_size(), first, files, offset, buf)
     }
 
     /// Reads `buf.len()` bytes of the disk at `offset` through the cache. Zero-length reads
@@ -224,14 +232,14 @@ impl Export {
         }
         let cs = self.chunk_size() as u64;
         let first = end.div_ceil(cs);
-        let last = (first + n).min(self.manifest.disk.chunks.len() as u64);
+        let last = (first + n).min(self.blob.chunks.len() as u64);
         for idx in first..last {
-            let Some(hash) = self.manifest.disk.chunks[idx as usize] else { continue };
+            let Some(hash) = self.blob.chunks[idx as usize] else { continue };
             if self.shared.cache.contains(&hash) {
                 continue;
             }
             let Ok(permit) = self.readahead_slots.clone().try_acquire_owned() else { return };
-            let len = self.manifest.disk.chunk_len(self.chunk_size(), idx as usize);
+            let len = self.blob.chunk_len(self.chunk_size(), idx as usize);
             let shared = self.shared.clone();
             tokio::spawn(async move {
                 let _permit = permit;

@@ -275,19 +275,41 @@ impl BlockProxy {
         if let Some(e) = self.exports.lock().unwrap().get(name).and_then(Weak::upgrade) {
             return Ok(e);
         }
-        let image: ImageRef =
-            name.parse().map_err(|e: vgrid_api::ManifestError| ProxyError::BadExportName { name: name.to_string(), cause: e.to_string() })?;
+        let (image_name, ram) = match name.strip_suffix(export::RAM_EXPORT_SUFFIX) {
+            Some(n) => (n, true),
+            None => (name, false),
+        };
+        let image: ImageRef = image_name
+            .parse()
+            .map_err(|e: vgrid_api::ManifestError| ProxyError::BadExportName { name: name.to_string(), cause: e.to_string() })?;
         let manifest = self.resolve(&image).await?;
+        let blob = if ram {
+            match manifest.state.as_ref().and_then(|s| s.ram.as_ref()) {
+                Some(b) => b.clone(),
+                None => {
+                    return Err(ProxyError::BadExportName {
+                        name: name.to_string(),
+                        cause: format!("image {} has no saved RAM (not a lazily restorable warm image)", manifest.image_ref()),
+                    })
+                }
+            }
+        } else {
+            manifest.disk.clone()
+        };
         let export = {
             let mut map = self.exports.lock().unwrap();
             if let Some(e) = map.get(name).and_then(Weak::upgrade) {
                 return Ok(e);
             }
-            let e = Export::new(name.to_string(), manifest.clone(), self.shared.clone());
+            let e = Export::new(name.to_string(), manifest.clone(), blob, self.shared.clone());
             map.retain(|_, w| w.strong_count() > 0);
             map.insert(name.to_string(), Arc::downgrade(&e));
             e
         };
+        if ram {
+            // Boot profiles describe disk reads; the RAM is prefetched by its user.
+            return Ok(export);
+        }
         let first_open = self.opened.lock().unwrap().insert(manifest.image_ref());
         if first_open {
             self.start_profile(&export);
@@ -455,6 +477,7 @@ fn blobs(m: &Manifest) -> Vec<&Blob> {
     }
     if let Some(st) = &m.state {
         v.push(&st.blob);
+        v.extend(st.ram.iter());
     }
     v
 }

@@ -331,6 +331,11 @@ impl Agent {
         self.images.lock().unwrap().insert(manifest.image_ref().to_string(), manifest);
     }
 
+    /// The block proxy's NBD socket (QEMU's disks and the RAM pagers connect to it).
+    pub fn nbd_socket(&self) -> &Path {
+        &self.nbd_socket
+    }
+
     pub fn proxy(&self) -> &Arc<BlockProxy> {
         &self.proxy
     }
@@ -409,7 +414,7 @@ impl Agent {
         // Before anything is fetched: a forward whose host port is taken here would only make
         // QEMU fail later with a vaguer message (and a resume would have fetched its state).
         self.check_forwards(&id, &req.forwards)?;
-        let (spec, dir, manifest) = self.prepare_spec(&req, progress).await?;
+        let (mut spec, dir, manifest) = self.prepare_spec(&req, progress).await?;
         // A warm image: its saved state is loaded instead of booting (see mobile.rs).
         let resolved_accel = accel.unwrap_or_else(Accel::detect);
         if manifest.state.is_some() {
@@ -424,9 +429,19 @@ impl Agent {
             disk_throttle: crate::resources::DiskThrottle::of(&req.resources),
             ..self.launch_options()
         };
-        // A warm image: QEMU waits for its state, which streams in while it is fetched.
+        // A warm image: QEMU waits for its state, which streams in while it is fetched; RAM
+        // saved apart from the state is paged in lazily (or loaded first where it cannot be).
         opts.defer_incoming = incoming.is_some();
-        let vm = Vm::launch_with(spec, &dir, &opts).await?;
+        if incoming.is_some() {
+            spec.ram = crate::mobile::saved_ram_backing(self, &id, &manifest, &dir, &opts).await?;
+        }
+        let vm = match Vm::launch_with(spec, &dir, &opts).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                crate::ram::stop_pager(&dir).await;
+                return Err(e.into());
+            }
+        };
         if let Some(st) = incoming {
             if let Err(e) = crate::mobile::stream_incoming(&vm, st, crate::mobile::RESTORE_TIMEOUT).await {
                 let _ = vm.kill().await;
@@ -521,6 +536,7 @@ impl Agent {
             boot,
             forwards: req.forwards.clone(),
             accel,
+            ram: Default::default(),
         };
         Ok((spec, dir, manifest))
     }

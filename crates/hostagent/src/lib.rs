@@ -17,6 +17,7 @@ pub mod mobile;
 pub mod migrate;
 pub mod qmp;
 pub mod qemu_user;
+pub mod ram;
 pub mod resources;
 pub mod testkit;
 pub mod tlscreds;

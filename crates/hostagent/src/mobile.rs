@@ -33,6 +33,8 @@ pub const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Name of the state file a save writes in the runtime directory (removed once uploaded).
 const SAVE_FILE: &str = "state.save";
+/// The guest's RAM copied for saving (non-zero pages, sparse), in the runtime directory.
+const RAM_SAVE_FILE: &str = "ram.save";
 /// Chunks hashed, checked and uploaded per round.
 const UPLOAD_BATCH: usize = 64;
 
@@ -247,6 +249,8 @@ impl Drop for SaveGuard {
 struct Captured {
     state_path: PathBuf,
     state_bytes: u64,
+    /// The RAM saved apart from the stream (a guest on a shared RAM file).
+    ram_path: Option<PathBuf>,
     /// Composed bytes of the chunks the overlay touches.
     touched: BTreeMap<u64, Vec<u8>>,
     machine: String,
@@ -283,6 +287,9 @@ impl Agent {
         }
         let r = self.upload_image(id, &req.name, &parent, &captured).await;
         let _ = std::fs::remove_file(&captured.state_path);
+        if let Some(p) = &captured.ram_path {
+            let _ = std::fs::remove_file(p);
+        }
         let (manifest, new_chunks, uploaded) = match r {
             Ok(v) => v,
             Err(e) => {
@@ -318,6 +325,22 @@ impl Agent {
         let state_path = vm.runtime_dir().join(SAVE_FILE);
         let machine = current_machine(vm).await;
         let state_bytes = vm.save_state(&state_path, SAVE_TIMEOUT).await?;
+        // A shared RAM file was left out of the stream: copy its non-zero pages while the
+        // guest is paused (a snapshot's guest runs on while they upload).
+        let ram_path = match &vm.spec().ram {
+            crate::ram::RamBacking::Shared { path } if vm.ram_saved_apart() => {
+                let ram_dir = path.parent().unwrap_or(Path::new("/"));
+                let dst = vm.runtime_dir().join(RAM_SAVE_FILE);
+                let t = Instant::now();
+                let src = crate::ram::open_shared(vm.pid(), ram_dir).map_err(|e| fail(format!("the guest's RAM: {e}")))?;
+                let size = vm.spec().memory_mib << 20;
+                let data = tokio::task::block_in_place(|| crate::ram::copy_sparse(&src, &dst, size))
+                    .map_err(|e| fail(format!("copying the guest's RAM to {}: {e}", dst.display())))?;
+                tracing::info!(vm = %id, data, took_ms = t.elapsed().as_millis() as u64, "guest RAM copied for saving");
+                Some(dst)
+            }
+            _ => None,
+        };
         // The migration flushed the guest's writes to the overlay; read it while paused.
         let overlay = vm.overlay_path();
         let out = tokio::process::Command::new(crate::vm::LaunchOptions::default().qemu_img)
@@ -354,6 +377,7 @@ impl Agent {
         Ok(Captured {
             state_path,
             state_bytes,
+            ram_path,
             touched,
             machine,
             cpus: spec.cpus,
@@ -408,27 +432,12 @@ impl Agent {
             let present: Vec<(ChunkHash, Bytes)> = enc.into_iter().flatten().collect();
             up.send(&present).await?;
         }
-        // The state, read from its file in batches.
-        let file = crate::qemu_user::open_file(&cap.state_path).map_err(|e| format!("{}: {e}", cap.state_path.display()))?;
-        let size = cap.state_bytes;
-        let n = size.div_ceil(cs as u64);
-        let mut state = Blob { size, chunks: Vec::with_capacity(n as usize) };
-        let mut i = 0u64;
-        while i < n {
-            let end = (i + UPLOAD_BATCH as u64).min(n);
-            let mut data = Vec::new();
-            for j in i..end {
-                let len = state_chunk_len(size, cs, j);
-                let mut buf = vec![0u8; len];
-                file.read_exact_at(&mut buf, j * cs as u64).map_err(|e| format!("{}: {e}", cap.state_path.display()))?;
-                data.push(buf);
-            }
-            let enc = encode_all(data).await;
-            state.chunks.extend(enc.iter().map(|e| e.as_ref().map(|(h, _)| *h)));
-            let present: Vec<(ChunkHash, Bytes)> = enc.into_iter().flatten().collect();
-            up.send(&present).await?;
-            i = end;
-        }
+        // The state, and the RAM saved apart from it.
+        let state = upload_file(up, &cap.state_path, cap.state_bytes, cs).await?;
+        let ram = match &cap.ram_path {
+            Some(p) => Some(upload_file(up, p, cap.memory_mib << 20, cs).await?),
+            None => None,
+        };
         // Chunks of the parent this server lacks (the parent may live on another server):
         // read them through the cache and send them too.
         let mut wanted: HashMap<ChunkHash, (&Blob, usize)> = HashMap::new();
@@ -468,11 +477,36 @@ impl Agent {
             disk,
             meta: parent.meta.clone(),
             parent: Some(parent.image_ref()),
-            state: Some(SavedState { blob: state, meta }),
+            state: Some(SavedState { blob: state, meta, ram }),
         };
         let m = up.client.commit(&up.id, &m).await.map_err(|e| format!("commit: {e}"))?;
         Ok((m, new_chunks, up.sent_bytes))
     }
+}
+
+/// Uploads the file at `path` (`size` bytes) as a blob of `cs`-byte chunks, in batches;
+/// all-zero chunks are not sent.
+async fn upload_file(up: &mut Upload, path: &Path, size: u64, cs: u32) -> Result<Blob, String> {
+    let file = crate::qemu_user::open_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let n = size.div_ceil(cs as u64);
+    let mut blob = Blob { size, chunks: Vec::with_capacity(n as usize) };
+    let mut i = 0u64;
+    while i < n {
+        let end = (i + UPLOAD_BATCH as u64).min(n);
+        let mut data = Vec::new();
+        for j in i..end {
+            let len = state_chunk_len(size, cs, j);
+            let mut buf = vec![0u8; len];
+            file.read_exact_at(&mut buf, j * cs as u64).map_err(|e| format!("{}: {e}", path.display()))?;
+            data.push(buf);
+        }
+        let enc = encode_all(data).await;
+        blob.chunks.extend(enc.iter().map(|e| e.as_ref().map(|(h, _)| *h)));
+        let present: Vec<(ChunkHash, Bytes)> = enc.into_iter().flatten().collect();
+        up.send(&present).await?;
+        i = end;
+    }
+    Ok(blob)
 }
 
 /// Length of chunk `j` of a blob of `size` bytes.
@@ -557,6 +591,8 @@ const INCOMING_SOCKET: &str = "state.sock";
 pub(crate) struct IncomingState {
     image: String,
     size: u64,
+    /// The guest's RAM is not in the stream (saved apart).
+    ram_apart: bool,
     batches: tokio::sync::mpsc::Receiver<Result<Vec<u8>, AgentError>>,
     fetcher: tokio::task::JoinHandle<()>,
 }
@@ -616,7 +652,7 @@ pub(crate) fn prepare_incoming(
             }
         }
     });
-    Ok(Some(IncomingState { image: manifest.image_ref().to_string(), size: blob.size, batches: rx, fetcher }))
+    Ok(Some(IncomingState { image: manifest.image_ref().to_string(), size: blob.size, ram_apart: st.ram.is_some(), batches: rx, fetcher }))
 }
 
 /// Feeds a state into `vm` (started with `-incoming defer`) while it arrives: QEMU listens on
@@ -630,6 +666,10 @@ pub(crate) async fn stream_incoming(vm: &Vm, mut st: IncomingState, timeout: Dur
     let _ = std::fs::remove_file(&sock);
     let t0 = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
+    // A stream without the RAM says so (`x-ignore-shared`), and QEMU must read it that way.
+    if st.ram_apart {
+        vm.set_ignore_shared(true).await.map_err(|e| fail(format!("x-ignore-shared: {e}")))?;
+    }
     vm.execute("migrate-incoming", Some(serde_json::json!({"uri": format!("unix:{}", sock.display())})))
         .await
         .map_err(|e| fail(format!("migrate-incoming: {e}")))?;
@@ -681,6 +721,10 @@ pub(crate) async fn stream_incoming(vm: &Vm, mut st: IncomingState, timeout: Dur
                 let desc = mig.get("error-desc").and_then(serde_json::Value::as_str).unwrap_or("no detail");
                 return Err(fail(format!("loading the state failed: {desc}")));
             }
+            if st.ram_apart {
+                // Only for this load: a later live migration of this guest sends its RAM.
+                vm.set_ignore_shared(false).await?;
+            }
             if status == "paused" || status == "postmigrate" || status == "prelaunch" {
                 vm.cont().await?;
             }
@@ -693,6 +737,69 @@ pub(crate) async fn stream_incoming(vm: &Vm, mut st: IncomingState, timeout: Dur
     }
     tracing::info!(vm = %id, image = %st.image, bytes = sent, fetched_secs, total_secs = t0.elapsed().as_secs_f64(),
         "state streamed into QEMU, guest resumed");
+    Ok(())
+}
+
+/// How a VM restored from `manifest` (a warm image) gets its RAM: for a state saved with its
+/// RAM apart, a private mapping of that RAM served lazily by a pager ([`crate::ram`]); where
+/// the host has no FUSE or no pager, a shared RAM file filled before QEMU starts. A state with
+/// the RAM inside the stream: the host's usual backing.
+pub(crate) async fn saved_ram_backing(
+    agent: &Agent,
+    id: &str,
+    manifest: &Manifest,
+    dir: &Path,
+    opts: &crate::vm::LaunchOptions,
+) -> Result<crate::ram::RamBacking, AgentError> {
+    use crate::ram::RamBacking;
+    let Some(ram) = manifest.state.as_ref().and_then(|s| s.ram.as_ref()) else { return Ok(RamBacking::Anonymous) };
+    let fail = |cause: String| AgentError::from(MobileError::Restore { id: id.to_string(), image: manifest.image_ref().to_string(), cause });
+    let owner = opts.run_as.as_ref().map(|u| (u.uid, u.gid));
+    if crate::ram::lazy_supported() {
+        let export = format!("{}{}", manifest.image_ref(), vgrid_blockproxy::export::RAM_EXPORT_SUFFIX);
+        let path = crate::ram::start_pager(dir, agent.nbd_socket(), &export, ram.size, owner)
+            .await
+            .map_err(|e| fail(format!("paging its RAM in: {e}")))?;
+        return Ok(RamBacking::Lazy { path, export });
+    }
+    let Some(ram_dir) = &opts.ram_dir else {
+        return Err(fail("its RAM was saved apart from its state, and this host has neither FUSE with qemu-storage-daemon (to page it in) nor a tmpfs RAM directory (to load it)".into()));
+    };
+    let path = crate::ram::create_shared(ram_dir, id, owner).map_err(|e| fail(format!("{}: {e}", ram_dir.display())))?;
+    let t = Instant::now();
+    if let Err(e) = fill_sparse(agent, manifest, ram, &path).await {
+        let _ = std::fs::remove_file(&path);
+        return Err(fail(format!("loading its RAM: {e}")));
+    }
+    tracing::info!(vm = %id, image = %manifest.image_ref(), took_ms = t.elapsed().as_millis() as u64, "saved RAM loaded (no lazy paging on this host)");
+    Ok(RamBacking::Shared { path })
+}
+
+/// Writes the stored chunks of `blob` at their offsets in the file `path` (zero chunks stay
+/// holes), fetching through the host cache.
+async fn fill_sparse(agent: &Agent, manifest: &Manifest, blob: &Blob, path: &Path) -> Result<(), String> {
+    use futures::StreamExt;
+    let file = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    file.set_len(blob.size).map_err(|e| format!("{}: {e}", path.display()))?;
+    let cs = manifest.chunk_size;
+    let stored: Vec<(usize, Blob)> = blob
+        .chunks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.map(|h| (i, Blob { size: blob.chunk_len(cs, i) as u64, chunks: vec![Some(h)] })))
+        .collect();
+    let proxy = agent.proxy().clone();
+    let m = std::sync::Arc::new(manifest.clone());
+    let mut reads = futures::stream::iter(stored)
+        .map(move |(i, one)| {
+            let (proxy, m) = (proxy.clone(), m.clone());
+            async move { (i, proxy.read_blob(&m, &one).await) }
+        })
+        .buffer_unordered(STREAM_AHEAD);
+    while let Some((i, data)) = reads.next().await {
+        let data = data.map_err(|e| e.to_string())?;
+        file.write_all_at(&data, i as u64 * cs as u64).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     Ok(())
 }
 

@@ -71,6 +71,7 @@ impl SampleGuest {
             boot: self.boot(extra_cmdline),
             forwards: Vec::new(),
             accel: None,
+            ram: Default::default(),
         }
     }
 }

@@ -123,6 +123,10 @@ pub struct VmSpec {
     /// `None`: KVM when usable, else TCG.
     #[serde(default)]
     pub accel: Option<Accel>,
+    /// How the guest's RAM is backed ([`crate::ram`]). An anonymous spec becomes shared at
+    /// launch when [`LaunchOptions::ram_dir`] is set.
+    #[serde(default)]
+    pub ram: crate::ram::RamBacking,
 }
 
 /// Where the QEMU binaries are and how long to wait for them.
@@ -156,6 +160,9 @@ pub struct LaunchOptions {
     /// Run QEMU as this unprivileged user (privileges dropped before exec; the runtime
     /// directory and its files are handed to it). Default none: QEMU runs as the caller.
     pub run_as: Option<crate::qemu_user::QemuUser>,
+    /// A tmpfs directory for guests' RAM files ([`crate::ram`]): a guest with anonymous RAM in
+    /// its spec gets a shared RAM file there. Default [`crate::ram::default_ram_dir`].
+    pub ram_dir: Option<PathBuf>,
 }
 
 impl Default for LaunchOptions {
@@ -175,6 +182,7 @@ impl Default for LaunchOptions {
             disk_throttle: None,
             defer_incoming: false,
             run_as: None,
+            ram_dir: crate::ram::default_ram_dir(),
         }
     }
 }
@@ -502,7 +510,7 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-name", &format!("guest={},debug-threads=on", spec.id)]);
-    push(&["-machine", "pc", "-accel", accel.as_str()]);
+    push(&["-machine", &format!("pc{}", spec.ram.machine_option()), "-accel", accel.as_str()]);
     if accel == Accel::Kvm {
         push(&["-cpu", "host"]);
     }
@@ -512,6 +520,8 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
         "-m",
         &format!("{}M", spec.memory_mib),
     ]);
+    a.extend(spec.ram.qemu_args(spec.memory_mib));
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
     // seccomp: no obsolete syscalls, no privilege elevation, no fork/exec, no scheduler or
     // affinity changes. A guest escaping into QEMU is held to these.
@@ -744,6 +754,18 @@ impl Vm {
             u.give(&dir).map_err(|e| io_err(&dir, e))?;
         }
         let log2 = log.try_clone().map_err(|e| io_err(&log_path, e))?;
+        if let (crate::ram::RamBacking::Anonymous, Some(ram_dir)) = (&spec.ram, &opts.ram_dir) {
+            let owner = opts.run_as.as_ref().map(|u| (u.uid, u.gid));
+            let path = crate::ram::create_shared(ram_dir, &id, owner).map_err(|e| io_err(ram_dir, e))?;
+            spec.ram = crate::ram::RamBacking::Shared { path };
+        }
+        // QEMU holds its RAM file from start-up on; the name goes once QMP answers (below), or
+        // when QEMU ends first.
+        let ram_file = match &spec.ram {
+            crate::ram::RamBacking::Shared { path } => Some(path.clone()),
+            _ => None,
+        };
+        let lazy_dir = matches!(spec.ram, crate::ram::RamBacking::Lazy { .. }).then(|| dir.clone());
         let mut args = qemu_args(&spec, accel, &dir);
         if let Some(state) = &incoming {
             args.push("-incoming".into());
@@ -785,6 +807,7 @@ impl Vm {
         }
         let (exit_tx, mut exit_rx) = watch::channel(None);
         let vm_id = id.clone();
+        let ram_file2 = ram_file.clone();
         tokio::spawn(async move {
             let info = match child.wait().await {
                 Ok(st) => ExitInfo::from_status(st),
@@ -794,6 +817,12 @@ impl Vm {
                 }
             };
             tracing::info!(vm = %vm_id, %info, "QEMU exited");
+            if let Some(f) = ram_file2 {
+                let _ = std::fs::remove_file(f);
+            }
+            if let Some(d) = lazy_dir {
+                crate::ram::stop_pager(&d).await;
+            }
             let _ = exit_tx.send(Some(info));
         });
 
@@ -844,7 +873,11 @@ impl Vm {
                 }
             }
         };
-        tracing::info!(vm = %id, pid, "QEMU started, QMP connected");
+        tracing::info!(vm = %id, pid, ram = spec.ram.describe(), "QEMU started, QMP connected");
+        if let Some(f) = &ram_file {
+            // QEMU maps it now: the memory lives as long as QEMU, not as long as a name.
+            let _ = std::fs::remove_file(f);
+        }
         let vm = Vm {
             spec,
             accel,
@@ -937,6 +970,7 @@ impl Vm {
             })?;
         let (exit_tx, exit_rx) = watch::channel(None);
         let vm_id = spec.id.clone();
+        let lazy_dir = matches!(spec.ram, crate::ram::RamBacking::Lazy { .. }).then(|| dir.clone());
         tokio::spawn(async move {
             while pid_alive(pid) {
                 tokio::select! {
@@ -945,6 +979,9 @@ impl Vm {
                 }
             }
             tracing::info!(vm = %vm_id, pid, "adopted QEMU exited");
+            if let Some(d) = &lazy_dir {
+                crate::ram::stop_pager(d).await;
+            }
             let _ = exit_tx.send(Some(ExitInfo::unknown()));
         });
         let accel = spec.accel.unwrap_or(Accel::Tcg);
@@ -1157,6 +1194,38 @@ impl Vm {
         // A file is no TLS peer: drop the credentials a live migration into or out of this QEMU
         // set (see `crate::tlscreds`).
         self.execute("migrate-set-parameters", Some(serde_json::json!({"tls-creds": "", "tls-hostname": ""}))).await?;
+        // A shared RAM file stays out of the stream: the caller saves it apart
+        // ([`crate::ram`]). Only for this save: a live migration must send the RAM.
+        let ram_apart = self.ram_saved_apart();
+        self.set_ignore_shared(ram_apart).await?;
+        let r = self.save_to(&path, timeout, &err).await;
+        if ram_apart {
+            let _ = self.set_ignore_shared(false).await;
+        }
+        r?;
+        let size = std::fs::metadata(&path)
+            .map(|m| m.len())
+            .map_err(|e| err(e.to_string()))?;
+        tracing::info!(vm = %self.spec.id, size, ram_apart, "VM state saved");
+        Ok(size)
+    }
+
+    /// Whether [`Vm::save_state`] leaves the RAM out of the stream (a shared RAM file).
+    pub fn ram_saved_apart(&self) -> bool {
+        matches!(self.spec.ram, crate::ram::RamBacking::Shared { .. })
+    }
+
+    /// Sets QEMU's `x-ignore-shared` migration capability.
+    pub(crate) async fn set_ignore_shared(&self, on: bool) -> Result<(), VmError> {
+        self.execute(
+            "migrate-set-capabilities",
+            Some(serde_json::json!({"capabilities": [{"capability": "x-ignore-shared", "state": on}]})),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn save_to(&self, path: &Path, timeout: Duration, err: &(dyn Fn(String) -> VmError + Sync)) -> Result<(), VmError> {
         self.execute(
             "migrate",
             Some(serde_json::json!({ "uri": format!("file:{}", path.display()) })),
@@ -1183,13 +1252,9 @@ impl Vm {
                 let _ = self.execute("migrate_cancel", None).await;
                 return Err(err(format!("not finished after {timeout:?}")));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let size = std::fs::metadata(&path)
-            .map(|m| m.len())
-            .map_err(|e| err(e.to_string()))?;
-        tracing::info!(vm = %self.spec.id, size, "VM state saved");
-        Ok(size)
+        Ok(())
     }
 
     /// SIGKILLs QEMU (if still running) and waits for it to exit.
@@ -1485,6 +1550,7 @@ mod tests {
             },
             forwards: vec![(2222, 22)],
             accel: Some(Accel::Tcg),
+            ram: Default::default(),
         }
     }
 

@@ -349,6 +349,7 @@ async fn missing_kernel_is_a_clear_error_and_starts_nothing() {
         },
         forwards: vec![],
         accel: None,
+        ram: Default::default(),
     };
     let rd = tmp.path().join("rd");
     let e = Vm::launch(spec, &rd).await.unwrap_err();
@@ -460,6 +461,7 @@ async fn firmware_boot_and_quit_fallback_for_a_guest_that_ignores_acpi() {
         boot: BootSource::Firmware { bios: None },
         forwards: vec![],
         accel: None,
+        ram: Default::default(),
     };
     let vm = boot_with_retry("firmware", BOOT_TIMEOUT, |n| {
         let spec = spec.clone();

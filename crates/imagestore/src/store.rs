@@ -789,7 +789,7 @@ mod tests {
         let meta = vgrid_api::StateMeta { qemu_version: "10.0.2".into(), machine: "pc".into(), cpus: 1, memory_mib: 256, accel: "tcg".into(), saved: 0 };
         let mut warm = manifest("warm", 0, vec![Some(base), Some(changed)]);
         warm.parent = Some(parent.image_ref());
-        warm.state = Some(vgrid_api::SavedState { blob: Blob { size: 4096 + 100, chunks: vec![Some(st), None] }, meta });
+        warm.state = Some(vgrid_api::SavedState { blob: Blob { size: 4096 + 100, chunks: vec![Some(st), None] }, meta, ram: None });
         // A state chunk that is not stored is refused like a missing disk chunk.
         let (ghost, _) = codec::encode(b"never uploaded");
         let mut bad = warm.clone();
