@@ -324,7 +324,7 @@ impl Agent {
         let fail = |cause: String| AgentError::from(MobileError::Save { id: id.clone(), cause });
         let state_path = vm.runtime_dir().join(SAVE_FILE);
         let machine = current_machine(vm).await;
-        let state_bytes = vm.save_state(&state_path, SAVE_TIMEOUT).await?;
+        let state_bytes = vm.save_state_with(&state_path, SAVE_TIMEOUT, true).await?;
         // A shared RAM file was left out of the stream: copy its non-zero pages while the
         // guest is paused (a snapshot's guest runs on while they upload).
         let ram_path = match &vm.spec().ram {

@@ -1173,7 +1173,13 @@ impl Vm {
         path: impl AsRef<Path>,
         timeout: Duration,
     ) -> Result<u64, VmError> {
-        let path = path.as_ref();
+        self.save_state_with(path.as_ref(), timeout, false).await
+    }
+
+    /// [`Vm::save_state`] that leaves a shared RAM file out of the stream when `ram_apart`
+    /// and the guest has one ([`Vm::ram_saved_apart`]): the caller saves the RAM itself
+    /// ([`crate::ram`]).
+    pub async fn save_state_with(&self, path: &Path, timeout: Duration, ram_apart: bool) -> Result<u64, VmError> {
         let err = |detail: String| VmError::SaveState {
             id: self.spec.id.clone(),
             path: path.to_path_buf(),
@@ -1196,7 +1202,7 @@ impl Vm {
         self.execute("migrate-set-parameters", Some(serde_json::json!({"tls-creds": "", "tls-hostname": ""}))).await?;
         // A shared RAM file stays out of the stream: the caller saves it apart
         // ([`crate::ram`]). Only for this save: a live migration must send the RAM.
-        let ram_apart = self.ram_saved_apart();
+        let ram_apart = ram_apart && self.ram_saved_apart();
         self.set_ignore_shared(ram_apart).await?;
         let r = self.save_to(&path, timeout, &err).await;
         if ram_apart {
@@ -1210,7 +1216,7 @@ impl Vm {
         Ok(size)
     }
 
-    /// Whether [`Vm::save_state`] leaves the RAM out of the stream (a shared RAM file).
+    /// Whether [`Vm::save_state_with`] can leave the RAM out of the stream (a shared RAM file).
     pub fn ram_saved_apart(&self) -> bool {
         matches!(self.spec.ram, crate::ram::RamBacking::Shared { .. })
     }
