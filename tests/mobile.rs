@@ -434,3 +434,112 @@ fn resume_rechecks_quota_and_port_forwards() {
     assert_eq!(v["forwards"][0]["host"], port, "{v}");
     assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err(), "QEMU holds host port {port} again");
 }
+
+/// Host `name`'s agent process: SIGKILLed, then started again on its data directory (its
+/// guests and their RAM pagers run on meanwhile).
+fn restart_host(g: &mut Grid, i: usize, name: &str) {
+    g.hosts[i].kill();
+    let data = g.dir.path().join(name);
+    let log = g.dir.path().join(format!("{name}-restarted.log"));
+    g.hosts[i] = Role::start(
+        &["host", "--coordinator", &g.coordinator.url, "--listen", "127.0.0.1:0", "--name", name, "--data-dir", data.to_str().unwrap()],
+        log,
+    );
+}
+
+/// The chunk hashes of a blob in `vgrid image show --json` output (stored chunks only).
+fn stored_chunks(blob: &serde_json::Value) -> Vec<String> {
+    blob["chunks"].as_array().unwrap().iter().filter_map(|c| c.as_str().map(str::to_string)).collect()
+}
+
+/// A warm image made from a guest on a shared RAM file keeps that RAM out of its state and
+/// stores it as its own blob; restored on another host with an empty cache, the guest answers
+/// with only part of its RAM fetched: the rest comes when touched, through the pager
+/// (`qemu-storage-daemon`, FUSE) from the proxy. The host agent SIGKILLed and restarted: the
+/// pager reconnects and the guest touching memory it never had goes on. Removing the VM ends
+/// the pager and its mount.
+#[test]
+fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
+    let mut g = Grid::start(&["h1", "h2"]);
+    g.wait_until("two hosts", Duration::from_secs(30), || g.json(&["host", "ls"]).as_array().map(|a| a.len()) == Some(2));
+    let s = sample_guest().unwrap();
+    let o = Command::new(vgrid_bin())
+        .args(["image", "import", s.disk.to_str().unwrap(), "--name", "sample", "--kernel", s.kernel.to_str().unwrap(), "--initrd", s.initrd.to_str().unwrap(), "--cmdline", &s.cmdline, "--image-server", &g.server_url()])
+        .env("VGRID_URL", &g.coordinator.url)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let vm = {
+        let _slot = boot_slot().unwrap();
+        let mut rec = None;
+        for attempt in 1..=2 {
+            let name = format!("origin{attempt}");
+            let o = g.cli(&["--json", "vm", "run", "sample", "--name", &name, "--require", "host.name == \"h1\"", "--wait-for", PROMPT, "--timeout", "120"]);
+            if o.status.success() {
+                rec = Some(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap());
+                break;
+            }
+            eprintln!("boot attempt {attempt} failed: {}", String::from_utf8_lossy(&o.stderr));
+            let _ = g.cli(&["vm", "rm", "--force", &name]);
+        }
+        rec.unwrap_or_else(|| panic!("the guest did not boot twice\n{}", g.logs()))
+    };
+    let id = vm["id"].as_str().unwrap().to_string();
+    let d1 = g.runtime_dir("h1", &id);
+    {
+        let _c = type_on_console(&d1, "echo lazy-ram-marker > /tmp/lazy.txt; echo marker-written");
+        wait_console(&d1, "the marker", Duration::from_secs(60), |c| c.contains("marker-written\r\n"));
+    }
+    let snap = g.json(&["image", "snapshot", &id, "--name", "lazywarm"]);
+    // The state holds the devices only; the RAM is a blob of its own, zero pages not stored.
+    let state_bytes = snap["state_bytes"].as_u64().unwrap();
+    assert!(state_bytes < 8 << 20, "the state should hold no RAM: {snap}");
+    let m = g.json(&["image", "show", "lazywarm", "--image-server", &g.server_url()]);
+    let ram = &m["state"]["ram"];
+    assert_eq!(ram["size"].as_u64(), Some(256 << 20), "{m}");
+    let ram_chunks = stored_chunks(ram);
+    let all = ram["chunks"].as_array().unwrap().len();
+    assert!(!ram_chunks.is_empty() && ram_chunks.len() < all, "some RAM chunks stored, the zero ones not: {} of {all}", ram_chunks.len());
+    g.json(&["vm", "rm", "--force", &id]);
+
+    // Restored on h2, whose cache is empty.
+    let w = g.json(&["vm", "run", "lazywarm", "--name", "lazy", "--require", "host.name == \"h2\"", "--timeout", "300"]);
+    assert_eq!(w["state"], "running", "{w}");
+    let wid = w["id"].as_str().unwrap().to_string();
+    let pid = w["pid"].as_u64().unwrap();
+    let d2 = g.runtime_dir("h2", &wid);
+    {
+        let _c = type_on_console(&d2, "echo got-$(cat /tmp/lazy.txt)");
+        wait_console(&d2, "the restored guest's answer", Duration::from_secs(120), |c| c.contains("got-lazy-ram-marker"));
+    }
+    assert!(!console_text(&d2).contains(BOOTED_MARKER), "the warm VM booted");
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap()).replace('\0', " ");
+    assert!(cmdline.contains("share=off,readonly=on"), "QEMU maps its RAM privately from the pager's file: {cmdline}");
+    let ram_file = d2.join("ram.img");
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(mounts.lines().any(|l| l.contains(ram_file.to_str().unwrap()) && l.contains(" fuse")), "{} is no FUSE mount", ram_file.display());
+    let cache = g.dir.path().join("h2/cache/chunks");
+    let fetched = |chunks: &[String]| chunks.iter().filter(|h| cache.join(&h[..2]).join(h.as_str()).exists()).count();
+    let at_answer = fetched(&ram_chunks);
+    eprintln!("RAM chunks on h2 when the guest answered: {at_answer} of {} stored", ram_chunks.len());
+    assert!(at_answer < ram_chunks.len(), "the whole RAM was fetched before the guest answered ({at_answer} chunks)");
+
+    // The agent dies and comes back; the pager waits for its proxy and goes on. The guest
+    // then fills most of its free memory (pages the restore never fetched).
+    restart_host(&mut g, 1, "h2");
+    g.wait_until("h2 back with its guest", Duration::from_secs(60), || {
+        g.json(&["vm", "show", &wid])["state"] == "running" && g.json(&["host", "ls"]).as_array().map(|a| a.iter().filter(|h| h["state"] == "ready").count()) == Some(2)
+    });
+    {
+        let _c = type_on_console(&d2, "dd if=/dev/zero of=/tmp/fill bs=1M count=150 2>/dev/null; rm /tmp/fill; echo filled-$(cat /tmp/lazy.txt)");
+        wait_console(&d2, "the guest to fill its memory", Duration::from_secs(180), |c| c.contains("filled-lazy-ram-marker"));
+    }
+    assert!(process_alive(pid), "QEMU died");
+    eprintln!("RAM chunks on h2 after filling memory: {} of {}", fetched(&ram_chunks), ram_chunks.len());
+
+    // Removing the VM ends its pager and unmounts its RAM file.
+    g.json(&["vm", "rm", "--force", &wid]);
+    g.wait_until("the pager gone", Duration::from_secs(30), || {
+        !std::fs::read_to_string("/proc/mounts").unwrap().contains(ram_file.to_str().unwrap())
+    });
+}

@@ -641,6 +641,8 @@ impl Agent {
         }
         self.res.release(id);
         let dir = self.runtime_dir(id);
+        // A lazily restored guest's RAM pager ends with it (and its mount with it).
+        crate::ram::stop_pager(&dir).await;
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
                 if e.file_name() != "console.log" && e.file_name() != crate::migrate::CONSOLE_HISTORY {

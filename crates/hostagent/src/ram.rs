@@ -13,7 +13,7 @@
 //!   process: like QEMU's NBD disk it outlives an agent restart and reconnects to the proxy.
 //! - **Anonymous**: plain `-m` memory (no tmpfs); saves carry the RAM in the stream.
 
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -126,35 +126,6 @@ pub fn create_shared(ram_dir: &Path, id: &str, owner: Option<(u32, u32)>) -> std
         std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
     }
     Ok(path)
-}
-
-/// Removes the RAM files of this agent's VMs that no QEMU holds any more (left by a crash
-/// between creating and unlinking one).
-pub fn sweep(ram_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(ram_dir) else { return };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.extension().is_some_and(|x| x == "ram") && e.metadata().is_ok_and(|m| m.nlink() == 1) {
-            // Only a file nobody maps can go: QEMU unlinks nothing itself, so a file still
-            // named here was never handed over, or its QEMU died before the unlink.
-            if !file_in_use(&p) {
-                let _ = std::fs::remove_file(&p);
-            }
-        }
-    }
-}
-
-fn file_in_use(p: &Path) -> bool {
-    let Ok(procs) = std::fs::read_dir("/proc") else { return true };
-    for pr in procs.flatten() {
-        let Ok(fds) = std::fs::read_dir(pr.path().join("fd")) else { continue };
-        for fd in fds.flatten() {
-            if std::fs::read_link(fd.path()).is_ok_and(|l| l == p) {
-                return true;
-            }
-        }
-    }
-    false
 }
 
 /// Opens the shared RAM file QEMU `pid` maps (found among its descriptors: a `.ram` file of
@@ -317,6 +288,7 @@ pub async fn stop_pager(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn qemu_args_per_backing() {

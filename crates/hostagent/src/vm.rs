@@ -1416,6 +1416,7 @@ impl Vm {
     pub async fn cleanup(&self) -> Result<(), VmError> {
         self.release_console().await;
         self.kill().await?;
+        crate::ram::stop_pager(&self.dir).await;
         match std::fs::remove_dir_all(&self.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
