@@ -131,19 +131,22 @@ pub struct Export {
     manifest: Arc<Manifest>,
     /// What is served: the disk, or the saved RAM of a warm image.
     blob: Blob,
+    /// The saved RAM: read where the guest touches it, so no sequential readahead.
+    ram: bool,
     shared: Arc<Shared>,
     recording: std::sync::OnceLock<Arc<Recording>>,
     readahead_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Export {
-    pub(crate) fn new(name: String, manifest: Arc<Manifest>, blob: Blob, shared: Arc<Shared>) -> Arc<Export> {
+    pub(crate) fn new(name: String, manifest: Arc<Manifest>, blob: Blob, ram: bool, shared: Arc<Shared>) -> Arc<Export> {
         let slots = shared.config.readahead_chunks.max(1);
         Arc::new(Export {
             name,
             image: manifest.image_ref(),
             manifest,
             blob,
+            ram,
             shared,
             recording: std::sync::OnceLock::new(),
             readahead_slots: Arc::new(tokio::sync::Semaphore::new(slots)),
@@ -227,7 +230,7 @@ impl Export {
     /// `readahead_chunks` fetches in flight per export.
     pub(crate) fn readahead(self: &Arc<Self>, end: u64) {
         let n = self.shared.config.readahead_chunks as u64;
-        if n == 0 || end >= self.size() {
+        if n == 0 || self.ram || end >= self.size() {
             return;
         }
         let cs = self.chunk_size() as u64;

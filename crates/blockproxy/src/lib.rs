@@ -301,7 +301,7 @@ impl BlockProxy {
             if let Some(e) = map.get(name).and_then(Weak::upgrade) {
                 return Ok(e);
             }
-            let e = Export::new(name.to_string(), manifest.clone(), blob, self.shared.clone());
+            let e = Export::new(name.to_string(), manifest.clone(), blob, ram, self.shared.clone());
             map.retain(|_, w| w.strong_count() > 0);
             map.insert(name.to_string(), Arc::downgrade(&e));
             e

@@ -788,6 +788,9 @@ impl Vm {
             .kill_on_drop(false)
             // Own process group: a terminal's ^C to the agent does not reach the guests.
             .process_group(0);
+        if matches!(spec.ram, crate::ram::RamBacking::Lazy { .. }) {
+            crate::ram::ignore_hugepage_advice(&mut cmd);
+        }
         if let Some(u) = &opts.run_as {
             u.apply(&mut cmd);
             tracing::debug!(vm = %id, user = %u.name, uid = u.uid, "QEMU drops to its own user");
