@@ -437,13 +437,14 @@ fn resume_rechecks_quota_and_port_forwards() {
 
 /// Host `name`'s agent process: SIGKILLed, then started again on its data directory (its
 /// guests and their RAM pagers run on meanwhile).
-fn restart_host(g: &mut Grid, i: usize, name: &str) {
+fn restart_host(g: &mut Grid, i: usize, name: &str, env: &[(&str, &str)]) {
     g.hosts[i].kill();
     let data = g.dir.path().join(name);
     let log = g.dir.path().join(format!("{name}-restarted.log"));
-    g.hosts[i] = Role::start(
+    g.hosts[i] = Role::start_env(
         &["host", "--coordinator", &g.coordinator.url, "--listen", "127.0.0.1:0", "--name", name, "--data-dir", data.to_str().unwrap()],
         log,
+        env,
     );
 }
 
@@ -495,12 +496,17 @@ fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
     let state_bytes = snap["state_bytes"].as_u64().unwrap();
     assert!(state_bytes < 8 << 20, "the state should hold no RAM: {snap}");
     let m = g.json(&["image", "show", "lazywarm", "--image-server", &g.server_url()]);
-    let ram = &m["state"]["ram"];
+    let ram = &m["state"]["ram"]["blob"];
     assert_eq!(ram["size"].as_u64(), Some(256 << 20), "{m}");
     let ram_chunks = stored_chunks(ram);
     let all = ram["chunks"].as_array().unwrap().len();
     assert!(!ram_chunks.is_empty() && ram_chunks.len() < all, "some RAM chunks stored, the zero ones not: {} of {all}", ram_chunks.len());
     g.json(&["vm", "rm", "--force", &id]);
+    // h2 fetches only what its guests touch (no background fetch of their RAM), to see it.
+    restart_host(&mut g, 1, "h2", &[("VGRID_RAM_PREFETCH", "0")]);
+    g.wait_until("h2 ready again", Duration::from_secs(60), || {
+        g.json(&["host", "ls"]).as_array().map(|a| a.iter().filter(|h| h["state"] == "ready").count()) == Some(2)
+    });
 
     // Restored on h2, whose cache is empty.
     let w = g.json(&["vm", "run", "lazywarm", "--name", "lazy", "--require", "host.name == \"h2\"", "--timeout", "300"]);
@@ -526,7 +532,7 @@ fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
 
     // The agent dies and comes back; the pager waits for its proxy and goes on. The guest
     // then fills most of its free memory (pages the restore never fetched).
-    restart_host(&mut g, 1, "h2");
+    restart_host(&mut g, 1, "h2", &[("VGRID_RAM_PREFETCH", "0")]);
     g.wait_until("h2 back with its guest", Duration::from_secs(60), || {
         g.json(&["vm", "show", &wid])["state"] == "running" && g.json(&["host", "ls"]).as_array().map(|a| a.iter().filter(|h| h["state"] == "ready").count()) == Some(2)
     });
@@ -542,4 +548,21 @@ fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
     g.wait_until("the pager gone", Duration::from_secs(30), || {
         !std::fs::read_to_string("/proc/mounts").unwrap().contains(ram_file.to_str().unwrap())
     });
+
+    // h1 (by default) fetches a restored guest's whole RAM in the background: once it is in the
+    // cache, the guest no longer needs the image server. Stop the server and fill the memory.
+    let w = g.json(&["vm", "run", "lazywarm", "--name", "fetched", "--require", "host.name == \"h1\"", "--timeout", "300"]);
+    let fid = w["id"].as_str().unwrap().to_string();
+    let d1 = g.runtime_dir("h1", &fid);
+    let cache1 = g.dir.path().join("h1/cache/chunks");
+    g.wait_until("h1 to fetch the whole RAM", Duration::from_secs(120), || {
+        ram_chunks.iter().all(|h| cache1.join(&h[..2]).join(h.as_str()).exists())
+    });
+    g.server.as_mut().unwrap().kill();
+    {
+        let _c = type_on_console(&d1, "dd if=/dev/zero of=/tmp/fill bs=1M count=150 2>/dev/null; rm /tmp/fill; echo alone-$(cat /tmp/lazy.txt)");
+        wait_console(&d1, "the guest to fill its memory without the image server", Duration::from_secs(180), |c| c.contains("alone-lazy-ram-marker"));
+    }
+    assert_eq!(g.json(&["vm", "show", &fid])["state"], "running");
+    g.json(&["vm", "rm", "--force", &fid]);
 }

@@ -209,6 +209,11 @@ pub struct Role {
 
 impl Role {
     pub fn start(args: &[&str], log: PathBuf) -> Role {
+        Self::start_env(args, log, &[])
+    }
+
+    /// [`Role::start`] with extra environment variables.
+    pub fn start_env(args: &[&str], log: PathBuf, env: &[(&str, &str)]) -> Role {
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let joins = matches!(args.first().map(|a| a.as_str()), Some("host" | "image-server"));
         if joins && !args.iter().any(|a| a == "--join-token") {
@@ -220,6 +225,7 @@ impl Role {
         let mut child = Command::new(vgrid_bin())
             .args(&args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
             .spawn()

@@ -10,7 +10,7 @@ pub mod rest;
 pub mod usage;
 pub mod vm;
 
-pub use manifest::{Blob, Boot, ChunkHash, ImageMeta, ImageRef, Manifest, ManifestError, SavedState, StateMeta};
+pub use manifest::{Blob, Boot, ChunkHash, ImageMeta, ImageRef, Manifest, ManifestError, SavedRam, SavedState, StateMeta};
 
 /// Default chunk size of new images (see `bench/run proxy` for why).
 pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;

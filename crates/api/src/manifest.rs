@@ -183,11 +183,19 @@ pub struct SavedState {
     pub blob: Blob,
     /// What a QEMU must look like to load it.
     pub meta: StateMeta,
-    /// The guest's RAM as an image of its memory (page `i` at offset `i * 4096`, zero chunks
-    /// not stored), saved apart from the stream so that a restore can map it lazily: pages
+    /// The guest's RAM saved apart from the stream so that a restore can map it lazily: pages
     /// come over the network when the guest first touches them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ram: Option<Blob>,
+    pub ram: Option<SavedRam>,
+}
+
+/// A guest's RAM as an image of its memory (page `i` at offset `i * 4096`, zero chunks not
+/// stored), in chunks of its own size: smaller than a disk's, since a guest touches its memory
+/// a page here and a page there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedRam {
+    pub chunk_size: u32,
+    pub blob: Blob,
 }
 
 /// The machine a saved state needs: restoring with other cpus/memory, another machine type or
@@ -238,7 +246,7 @@ impl Manifest {
                 std::iter::once(kernel).chain(initrd.iter()).collect()
             }
         };
-        let state = self.state.iter().flat_map(|s| std::iter::once(&s.blob).chain(s.ram.iter()));
+        let state = self.state.iter().flat_map(|s| std::iter::once(&s.blob).chain(s.ram.iter().map(|r| &r.blob)));
         self.disk.stored().chain(boot.into_iter().chain(state).flat_map(|b| b.stored()))
     }
 
@@ -273,14 +281,18 @@ impl Manifest {
         if let Some(st) = &self.state {
             blobs.push(("state", &st.blob));
             if let Some(ram) = &st.ram {
-                if ram.size != st.meta.memory_mib.saturating_mul(1 << 20) {
-                    return Err(ManifestError::RamSize { size: ram.size, memory_mib: st.meta.memory_mib });
+                if ram.blob.size != st.meta.memory_mib.saturating_mul(1 << 20) {
+                    return Err(ManifestError::RamSize { size: ram.blob.size, memory_mib: st.meta.memory_mib });
                 }
-                blobs.push(("ram", ram));
+                if !(crate::MIN_CHUNK_SIZE..=crate::MAX_CHUNK_SIZE).contains(&ram.chunk_size) || !ram.chunk_size.is_power_of_two() {
+                    return Err(ManifestError::ChunkSize(ram.chunk_size));
+                }
             }
         }
-        for (what, b) in blobs {
-            let want = b.size.div_ceil(self.chunk_size as u64);
+        let ram = self.state.iter().flat_map(|s| s.ram.iter().map(|r| ("ram", &r.blob, r.chunk_size)));
+        let blobs: Vec<(&str, &Blob, u32)> = blobs.into_iter().map(|(w, b)| (w, b, self.chunk_size)).chain(ram).collect();
+        for (what, b, cs) in blobs {
+            let want = b.size.div_ceil(cs as u64);
             if b.chunks.len() as u64 != want {
                 return Err(ManifestError::ChunkCount {
                     blob: what,
@@ -375,20 +387,26 @@ mod tests {
             "disk":{"size":4096,"chunks":[null]},"meta":{"os":"","arch":"x86_64","boot":{"mode":"firmware"}}}"#).unwrap();
         let (st, page) = (ChunkHash::of(b"devices"), ChunkHash::of(b"page"));
         let meta = StateMeta { qemu_version: "10.0.2".into(), machine: "pc".into(), cpus: 1, memory_mib: 8, accel: "tcg".into(), saved: 1 };
-        let ram = Blob { size: 8 << 20, chunks: vec![Some(page), None] };
+        let ram = SavedRam { chunk_size: 4 << 20, blob: Blob { size: 8 << 20, chunks: vec![Some(page), None] } };
         m.state = Some(SavedState { blob: Blob { size: 10, chunks: vec![Some(st)] }, meta, ram: Some(ram) });
         let back = Manifest::from_json(&serde_json::to_vec(&m).unwrap()).unwrap();
         assert_eq!(back, m);
         assert!(back.all_chunks().any(|c| *c == page), "RAM chunks count as the image's chunks");
         let mut short = m.clone();
-        short.state.as_mut().unwrap().ram.as_mut().unwrap().size = 4 << 20;
-        short.state.as_mut().unwrap().ram.as_mut().unwrap().chunks.pop();
+        short.state.as_mut().unwrap().ram.as_mut().unwrap().blob.size = 4 << 20;
+        short.state.as_mut().unwrap().ram.as_mut().unwrap().blob.chunks.pop();
         let e = short.validate().unwrap_err();
         assert_eq!(e, ManifestError::RamSize { size: 4 << 20, memory_mib: 8 });
         assert!(e.to_string().contains("8 MiB"), "{e}");
-        let mut count = m;
-        count.state.as_mut().unwrap().ram.as_mut().unwrap().chunks.pop();
+        let mut count = m.clone();
+        count.state.as_mut().unwrap().ram.as_mut().unwrap().blob.chunks.pop();
         assert!(matches!(count.validate(), Err(ManifestError::ChunkCount { blob: "ram", .. })));
+        // The RAM's own chunk size counts: 2 chunks of 4 MiB, or 8 of 1 MiB.
+        let mut small = m;
+        small.state.as_mut().unwrap().ram.as_mut().unwrap().chunk_size = 1 << 20;
+        assert!(matches!(small.validate(), Err(ManifestError::ChunkCount { blob: "ram", expected: 8, .. })));
+        small.state.as_mut().unwrap().ram.as_mut().unwrap().chunk_size = 3000;
+        assert_eq!(small.validate(), Err(ManifestError::ChunkSize(3000)));
     }
 
     #[test]

@@ -133,15 +133,18 @@ pub struct Export {
     blob: Blob,
     /// The saved RAM: read where the guest touches it, so no sequential readahead.
     ram: bool,
+    /// Chunk size of `blob` (a saved RAM has its own).
+    chunk_size: u32,
     shared: Arc<Shared>,
     recording: std::sync::OnceLock<Arc<Recording>>,
     readahead_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Export {
-    pub(crate) fn new(name: String, manifest: Arc<Manifest>, blob: Blob, ram: bool, shared: Arc<Shared>) -> Arc<Export> {
+    pub(crate) fn new(name: String, manifest: Arc<Manifest>, blob: Blob, chunk_size: u32, ram: bool, shared: Arc<Shared>) -> Arc<Export> {
         let slots = shared.config.readahead_chunks.max(1);
         Arc::new(Export {
+            chunk_size,
             name,
             image: manifest.image_ref(),
             manifest,
@@ -169,7 +172,7 @@ impl Export {
         self.blob.size
     }
     pub fn chunk_size(&self) -> u32 {
-        self.manifest.chunk_size
+        self.chunk_size
     }
     /// True if chunk `index` is all zeroes (not stored).
     pub fn is_zero_chunk(&self, index: u64) -> bool {
@@ -262,6 +265,42 @@ impl Export {
         if let Some(r) = self.recording.get() {
             r.record(first, last, |i| self.is_zero_chunk(i));
         }
+    }
+
+    /// Fetches every stored chunk of the export into the cache in the background, in order,
+    /// `concurrency` at a time, while the export is open (a saved RAM: the guest's later page
+    /// faults are then local, and it stops depending on the image server). Demand reads are
+    /// served meanwhile; a chunk both want is fetched once.
+    pub(crate) fn prefetch_all(self: &Arc<Self>, concurrency: usize) {
+        let weak = Arc::downgrade(self);
+        let shared = self.shared.clone();
+        let image = self.image.clone();
+        let name = self.name.clone();
+        let wanted: Vec<(u64, ChunkHash, u32)> = self
+            .blob
+            .chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.map(|h| (i as u64, h, self.blob.chunk_len(self.chunk_size(), i))))
+            .collect();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let n = wanted.len();
+            futures::stream::iter(wanted)
+                .for_each_concurrent(concurrency.max(1), |(i, h, len)| {
+                    let (shared, weak) = (shared.clone(), weak.clone());
+                    async move {
+                        if weak.strong_count() == 0 || shared.cache.contains(&h) {
+                            return;
+                        }
+                        if let Err(e) = shared.chunk(h, len, Access::Prefetch).await {
+                            tracing::debug!(chunk = i, hash = %h, "prefetch failed: {e}");
+                        }
+                    }
+                })
+                .await;
+            tracing::info!(image = %image, export = %name, chunks = n, "export prefetched in {:.1} s", started.elapsed().as_secs_f64());
+        });
     }
 
     /// Prefetches the profile's chunks in order with bounded concurrency.

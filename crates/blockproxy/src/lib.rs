@@ -60,6 +60,9 @@ pub struct ProxyConfig {
     pub profile_prefetch_concurrency: usize,
     /// Concurrent chunk fetches of a pull (default 8).
     pub pull_concurrency: usize,
+    /// Chunks of a saved RAM fetched at once in the background while its lazily restored
+    /// guest runs (default 4, `$VGRID_RAM_PREFETCH`; 0: only what the guest touches).
+    pub ram_prefetch_concurrency: usize,
 }
 
 impl ProxyConfig {
@@ -76,6 +79,7 @@ impl ProxyConfig {
             prefetch_profiles: true,
             profile_prefetch_concurrency: 4,
             pull_concurrency: 8,
+            ram_prefetch_concurrency: std::env::var("VGRID_RAM_PREFETCH").ok().and_then(|v| v.parse().ok()).unwrap_or(4),
         }
     }
 }
@@ -283,9 +287,9 @@ impl BlockProxy {
             .parse()
             .map_err(|e: vgrid_api::ManifestError| ProxyError::BadExportName { name: name.to_string(), cause: e.to_string() })?;
         let manifest = self.resolve(&image).await?;
-        let blob = if ram {
+        let (blob, chunk_size) = if ram {
             match manifest.state.as_ref().and_then(|s| s.ram.as_ref()) {
-                Some(b) => b.clone(),
+                Some(r) => (r.blob.clone(), r.chunk_size),
                 None => {
                     return Err(ProxyError::BadExportName {
                         name: name.to_string(),
@@ -294,20 +298,26 @@ impl BlockProxy {
                 }
             }
         } else {
-            manifest.disk.clone()
+            (manifest.disk.clone(), manifest.chunk_size)
         };
         let export = {
             let mut map = self.exports.lock().unwrap();
             if let Some(e) = map.get(name).and_then(Weak::upgrade) {
                 return Ok(e);
             }
-            let e = Export::new(name.to_string(), manifest.clone(), blob, ram, self.shared.clone());
+            let e = Export::new(name.to_string(), manifest.clone(), blob, chunk_size, ram, self.shared.clone());
             map.retain(|_, w| w.strong_count() > 0);
             map.insert(name.to_string(), Arc::downgrade(&e));
             e
         };
         if ram {
-            // Boot profiles describe disk reads; the RAM is prefetched by its user.
+            // Boot profiles describe disk reads. A saved RAM is fetched whole in the
+            // background: a guest faults its pages one at a time (its vCPU waits for each), so
+            // the link is mostly idle between them.
+            let n = self.shared.config.ram_prefetch_concurrency;
+            if n > 0 {
+                export.prefetch_all(n);
+            }
             return Ok(export);
         }
         let first_open = self.opened.lock().unwrap().insert(manifest.image_ref());
@@ -367,11 +377,11 @@ impl BlockProxy {
         let m = self.resolve(image).await?;
         let mut seen = HashSet::new();
         let mut wanted: Vec<(ChunkHash, u32)> = Vec::new();
-        for blob in blobs(&m) {
+        for (blob, cs) in blobs(&m) {
             for (i, c) in blob.chunks.iter().enumerate() {
                 if let Some(h) = c {
                     if seen.insert(*h) {
-                        wanted.push((*h, blob.chunk_len(m.chunk_size, i)));
+                        wanted.push((*h, blob.chunk_len(cs, i)));
                     }
                 }
             }
@@ -419,6 +429,11 @@ impl BlockProxy {
 
     /// The whole content of `blob` (a kernel or initrd of `manifest`) read through the cache.
     pub async fn read_blob(&self, manifest: &Manifest, blob: &Blob) -> Result<Vec<u8>, ProxyError> {
+        self.read_blob_chunked(manifest, blob, manifest.chunk_size).await
+    }
+
+    /// [`BlockProxy::read_blob`] of a blob in chunks of `chunk_size` (a saved RAM's own).
+    pub async fn read_blob_chunked(&self, manifest: &Manifest, blob: &Blob, chunk_size: u32) -> Result<Vec<u8>, ProxyError> {
         let image = manifest.image_ref();
         if blob.size > MAX_BLOB_IN_MEMORY {
             return Err(ProxyError::BlobTooLarge { image, size: blob.size, limit: MAX_BLOB_IN_MEMORY });
@@ -427,9 +442,9 @@ impl BlockProxy {
             return Ok(Vec::new());
         }
         let n = blob.chunks.len() as u64;
-        let files = self.shared.blob_chunks(&image, manifest.chunk_size, blob, 0, n - 1).await?;
+        let files = self.shared.blob_chunks(&image, chunk_size, blob, 0, n - 1).await?;
         let mut out = vec![0u8; blob.size as usize];
-        export::copy_out(&image, blob, manifest.chunk_size, 0, &files, 0, &mut out)?;
+        export::copy_out(&image, blob, chunk_size, 0, &files, 0, &mut out)?;
         Ok(out)
     }
 
@@ -467,7 +482,8 @@ fn access_for_pull() -> cache::Access {
     cache::Access::Read
 }
 
-fn blobs(m: &Manifest) -> Vec<&Blob> {
+/// Every blob of `m` with its chunk size.
+fn blobs(m: &Manifest) -> Vec<(&Blob, u32)> {
     let mut v = vec![&m.disk];
     if let Boot::Kernel { kernel, initrd, .. } = &m.meta.boot {
         v.push(kernel);
@@ -477,7 +493,8 @@ fn blobs(m: &Manifest) -> Vec<&Blob> {
     }
     if let Some(st) = &m.state {
         v.push(&st.blob);
-        v.extend(st.ram.iter());
     }
+    let mut v: Vec<(&Blob, u32)> = v.into_iter().map(|b| (b, m.chunk_size)).collect();
+    v.extend(m.state.iter().flat_map(|s| s.ram.iter().map(|r| (&r.blob, r.chunk_size))));
     v
 }

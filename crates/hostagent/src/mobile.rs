@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use vgrid_api::vm::SavedImage;
-use vgrid_api::{Blob, ChunkHash, ImageRef, Manifest, SavedState, StateMeta};
+use vgrid_api::{Blob, ChunkHash, ImageRef, Manifest, SavedRam, SavedState, StateMeta};
 use vgrid_imagestore::client::StoreClient;
 use vgrid_imagestore::codec;
 use vgrid_imagestore::store::UploadId;
@@ -33,6 +33,9 @@ pub const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Name of the state file a save writes in the runtime directory (removed once uploaded).
 const SAVE_FILE: &str = "state.save";
+/// Chunk size of a saved RAM: a guest's first page faults after a restore are scattered, and
+/// each fetches its whole chunk (the pager's file reads ahead 32 KiB, see `crate::ram`).
+const RAM_CHUNK_SIZE: u32 = 64 << 10;
 /// The guest's RAM copied for saving (non-zero pages, sparse), in the runtime directory.
 const RAM_SAVE_FILE: &str = "ram.save";
 /// Chunks hashed, checked and uploaded per round.
@@ -435,7 +438,7 @@ impl Agent {
         // The state, and the RAM saved apart from it.
         let state = upload_file(up, &cap.state_path, cap.state_bytes, cs).await?;
         let ram = match &cap.ram_path {
-            Some(p) => Some(upload_file(up, p, cap.memory_mib << 20, cs).await?),
+            Some(p) => Some(SavedRam { chunk_size: RAM_CHUNK_SIZE, blob: upload_file(up, p, cap.memory_mib << 20, RAM_CHUNK_SIZE).await? }),
             None => None,
         };
         // Chunks of the parent this server lacks (the parent may live on another server):
@@ -752,7 +755,8 @@ pub(crate) async fn saved_ram_backing(
     opts: &crate::vm::LaunchOptions,
 ) -> Result<crate::ram::RamBacking, AgentError> {
     use crate::ram::RamBacking;
-    let Some(ram) = manifest.state.as_ref().and_then(|s| s.ram.as_ref()) else { return Ok(RamBacking::Anonymous) };
+    let Some(saved) = manifest.state.as_ref().and_then(|s| s.ram.as_ref()) else { return Ok(RamBacking::Anonymous) };
+    let ram = &saved.blob;
     let fail = |cause: String| AgentError::from(MobileError::Restore { id: id.to_string(), image: manifest.image_ref().to_string(), cause });
     let owner = opts.run_as.as_ref().map(|u| (u.uid, u.gid));
     if crate::ram::lazy_supported() {
@@ -767,7 +771,7 @@ pub(crate) async fn saved_ram_backing(
     };
     let path = crate::ram::create_shared(ram_dir, id, owner).map_err(|e| fail(format!("{}: {e}", ram_dir.display())))?;
     let t = Instant::now();
-    if let Err(e) = fill_sparse(agent, manifest, ram, &path).await {
+    if let Err(e) = fill_sparse(agent, manifest, saved, &path).await {
         let _ = std::fs::remove_file(&path);
         return Err(fail(format!("loading its RAM: {e}")));
     }
@@ -777,11 +781,12 @@ pub(crate) async fn saved_ram_backing(
 
 /// Writes the stored chunks of `blob` at their offsets in the file `path` (zero chunks stay
 /// holes), fetching through the host cache.
-async fn fill_sparse(agent: &Agent, manifest: &Manifest, blob: &Blob, path: &Path) -> Result<(), String> {
+async fn fill_sparse(agent: &Agent, manifest: &Manifest, ram: &SavedRam, path: &Path) -> Result<(), String> {
     use futures::StreamExt;
+    let blob = &ram.blob;
     let file = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     file.set_len(blob.size).map_err(|e| format!("{}: {e}", path.display()))?;
-    let cs = manifest.chunk_size;
+    let cs = ram.chunk_size;
     let stored: Vec<(usize, Blob)> = blob
         .chunks
         .iter()
@@ -793,7 +798,7 @@ async fn fill_sparse(agent: &Agent, manifest: &Manifest, blob: &Blob, path: &Pat
     let mut reads = futures::stream::iter(stored)
         .map(move |(i, one)| {
             let (proxy, m) = (proxy.clone(), m.clone());
-            async move { (i, proxy.read_blob(&m, &one).await) }
+            async move { (i, proxy.read_blob_chunked(&m, &one, cs).await) }
         })
         .buffer_unordered(STREAM_AHEAD);
     while let Some((i, data)) = reads.next().await {

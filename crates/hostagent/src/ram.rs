@@ -70,6 +70,8 @@ const RAM_ID: &str = "pc.ram";
 pub const PAGE: usize = 4096;
 /// The pager's read-only RAM file in a runtime directory (a FUSE mount point).
 pub const LAZY_FILE: &str = "ram.img";
+/// KiB a page fault on the pager's file reads around the faulting page.
+const FAULT_READAHEAD_KB: u32 = 32;
 /// The pager's pid, in the runtime directory.
 const PAGER_PID: &str = "pager.pid";
 /// Filesystem magic numbers (statfs `f_type`).
@@ -289,6 +291,15 @@ pub async fn start_pager(dir: &Path, nbd_socket: &Path, export: &str, size: u64,
     });
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::lchown(&file, Some(uid), Some(gid)).map_err(|e| format!("handing {} to QEMU's user: {e}", file.display()))?;
+    }
+    // A page fault reads this much around it: about one RAM chunk, not the default 128 KiB.
+    if let Ok(m) = std::fs::metadata(&file) {
+        use std::os::unix::fs::MetadataExt;
+        let (major, minor) = (libc::major(m.dev()), libc::minor(m.dev()));
+        let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+        if let Err(e) = std::fs::write(&knob, FAULT_READAHEAD_KB.to_string()) {
+            tracing::debug!(knob, "cannot set the pager's readahead: {e}");
+        }
     }
     tracing::debug!(dir = %dir.display(), export, took_ms = t0.elapsed().as_millis() as u64, "RAM pager mounted");
     Ok(file)
