@@ -123,6 +123,9 @@ pub(crate) fn copy_out(
 /// instead of its disk: a lazily restored guest maps its memory from it (see the host agent).
 pub const RAM_EXPORT_SUFFIX: &str = "/ram";
 
+/// How long after a saved RAM's export opens its background fetch starts.
+const RAM_PREFETCH_DELAY: Duration = Duration::from_secs(3);
+
 /// One image version's disk (or saved RAM) as the proxy serves it. Obtain with
 /// [`crate::BlockProxy::open_export`].
 pub struct Export {
@@ -284,6 +287,9 @@ impl Export {
             .filter_map(|(i, c)| c.map(|h| (i as u64, h, self.blob.chunk_len(self.chunk_size(), i))))
             .collect();
         tokio::spawn(async move {
+            // The first moments are the guest's: its page faults come one at a time, each
+            // waiting for its chunk, and a background fetch sharing the link delays them.
+            tokio::time::sleep(RAM_PREFETCH_DELAY).await;
             let started = Instant::now();
             let n = wanted.len();
             futures::stream::iter(wanted)

@@ -61,7 +61,8 @@ pub struct ProxyConfig {
     /// Concurrent chunk fetches of a pull (default 8).
     pub pull_concurrency: usize,
     /// Chunks of a saved RAM fetched at once in the background while its lazily restored
-    /// guest runs (default 4, `$VGRID_RAM_PREFETCH`; 0: only what the guest touches).
+    /// guest runs, from 3 s after it started (default 2, `$VGRID_RAM_PREFETCH`; 0: only what the
+    /// guest touches).
     pub ram_prefetch_concurrency: usize,
 }
 
@@ -79,7 +80,7 @@ impl ProxyConfig {
             prefetch_profiles: true,
             profile_prefetch_concurrency: 4,
             pull_concurrency: 8,
-            ram_prefetch_concurrency: std::env::var("VGRID_RAM_PREFETCH").ok().and_then(|v| v.parse().ok()).unwrap_or(4),
+            ram_prefetch_concurrency: std::env::var("VGRID_RAM_PREFETCH").ok().and_then(|v| v.parse().ok()).unwrap_or(2),
         }
     }
 }
