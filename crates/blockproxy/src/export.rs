@@ -191,6 +191,9 @@ impl Export {
         let first = offset / cs;
         let last = (offset + len - 1) / cs;
         self.record(first, last);
+        if self.ram {
+            tracing::trace!(export = %self.name, offset, len, "RAM read");
+        }
         let files = self.shared.blob_chunks(&self.image, self.chunk_size(), &self.blob, first, last).await?;
         Ok((first, files))
     }
