@@ -35,9 +35,7 @@ impl Grid {
         for h in hosts {
             g.start_host(h);
         }
-        g.wait_until("hosts and the image server", Duration::from_secs(30), || {
-            g.json(&["host", "ls"]).as_array().map(|a| a.len()) == Some(hosts.len()) && g.image_servers() == 1
-        });
+        g.wait_registered(hosts.len());
         g.import_sample();
         g
     }
@@ -63,6 +61,8 @@ impl Grid {
     }
 
     /// SIGKILLs the coordinator and starts it again on the same address and data directory.
+    /// (Hosts and the image server register again at their next heartbeat; callers that need
+    /// them wait with [`Grid::wait_registered`].)
     fn restart_coordinator(&mut self) {
         self.coordinator.kill();
         let listen = self.coordinator.url.trim_start_matches("https://").trim_end_matches('/').to_string();
@@ -71,6 +71,13 @@ impl Grid {
             &["coordinator", "--listen", &listen, "--data-dir", data.to_str().unwrap(), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
             self.dir.path().join("coord2.log"),
         );
+    }
+
+    /// Waits until `hosts` hosts and the image server are registered (again, after a restart).
+    fn wait_registered(&self, hosts: usize) {
+        self.wait_until("hosts and the image server to register", Duration::from_secs(60), || {
+            self.json(&["host", "ls"]).as_array().map(|a| a.len()) == Some(hosts) && self.image_servers() == 1
+        });
     }
 
     fn host(&mut self, name: &str) -> &mut Role {
@@ -510,6 +517,9 @@ fn check_settled_at_the_source_then_migrate(g: &Grid, id: &str, pid: u64) -> ser
     assert!(all.as_array().unwrap().iter().all(|v| v["state"] != "migrating"), "no VM stuck migrating: {all}");
     let settled = v.clone();
 
+    // The image server too must be known again (after a coordinator restart it registers at
+    // its next heartbeat): the destination opens the image through it.
+    g.wait_registered(2);
     type_on_console(&src, "kill $(cat /tmp/dirty.pid); echo stopped-dirtying");
     g.wait_until("the loop to stop", Duration::from_secs(60), || console_log(&src).contains("stopped-dirtying\n"));
     let v = g.json(&["vm", "migrate", id, "--to", "h2", "--timeout", "240"]);
