@@ -207,6 +207,8 @@ struct Grid {
     _server: Role,
     host: Role,
     host_name: String,
+    /// Host agents started so far (names their log files apart).
+    host_starts: usize,
 }
 
 impl Grid {
@@ -218,12 +220,27 @@ impl Grid {
         )
     }
 
-    fn start_host(dir: &std::path::Path, coordinator: &str, name: &str, listen: &str) -> Role {
+    /// Host agent number `n` of this grid (its log is `host-N.log`; a restarted agent keeps
+    /// the data directory).
+    fn start_host(dir: &std::path::Path, coordinator: &str, name: &str, listen: &str, n: usize) -> Role {
         let data = dir.join("host");
         Role::start(
             &["host", "--coordinator", coordinator, "--listen", listen, "--name", name, "--data-dir", data.to_str().unwrap()],
-            dir.join(format!("host-{}.log", Instant::now().elapsed().as_nanos())),
+            dir.join(format!("host-{n}.log")),
         )
+    }
+
+    /// The tails of the coordinator's and the host agents' logs, for failure messages.
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        let mut files = vec![self.coordinator.log.clone()];
+        files.extend((0..self.host_starts).map(|n| self.dir.path().join(format!("host-{n}.log"))));
+        for f in files {
+            let text = strip_ansi(&std::fs::read_to_string(&f).unwrap_or_default());
+            let lines: Vec<&str> = text.lines().collect();
+            s.push_str(&format!("--- {}\n{}\n", f.display(), lines[lines.len().saturating_sub(40)..].join("\n")));
+        }
+        s
     }
 
     fn cli(&self, args: &[&str]) -> std::process::Output {
@@ -235,10 +252,98 @@ impl Grid {
     }
 
     fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+        self.wait_until_show(what, timeout, || (f(), String::new()))
+    }
+
+    /// As `wait_until`; `f` also says what it saw last, shown with the logs on a timeout.
+    fn wait_until_show(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> (bool, String)) {
         let t0 = Instant::now();
-        while !f() {
-            assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}; coordinator log:\n{}", std::fs::read_to_string(&self.coordinator.log).unwrap_or_default());
+        loop {
+            let (done, seen) = f();
+            if done {
+                return;
+            }
+            assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}; last seen: {seen}\n{}", self.logs());
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the usage the coordinator reports for `id` is `counter` (the frozen cgroup
+    /// counter); on a timeout shows the last usage seen next to the counter and the logs.
+    fn wait_for_usage(&self, what: &str, timeout: Duration, id: &str, want: u64, counter: impl Fn() -> u64, pid: u64) {
+        self.wait_until_show(what, timeout, || {
+            let u = usage_of(&self.json(&["usage"]), id);
+            let got = u.as_ref().and_then(|u| u["usage"]["cpu_ns"].as_u64());
+            let u = u.map(|u| u.to_string()).unwrap_or_else(|| "none".into());
+            (got == Some(want), format!("usage {u}; frozen counter {want} ns, counter now {} ns; QEMU threads {}", counter(), thread_states(pid)))
+        });
+    }
+}
+
+/// `s` without the terminal colour sequences of the roles' logs.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // ESC [ parameters final-letter
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The states (`R`, `S`, `T`, ...) of all threads of `pid`, e.g. "T T T".
+fn thread_states(pid: u64) -> String {
+    let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()).map(str::to_string))
+        .collect();
+    v.sort();
+    v.join(" ")
+}
+
+/// Stops QEMU (SIGSTOP) and returns its cgroup's CPU counter once it stands still. A thread
+/// is charged CPU time until it has handled the signal, which on a loaded machine can take
+/// longer than any fixed pause (a thread waiting for a CPU, or in an uninterruptible sleep,
+/// stops only when it runs again): wait until every thread is stopped, then until two
+/// readings of the counter agree.
+fn freeze(pid: u64, counter: impl Fn() -> u64) -> u64 {
+    kill_pid(pid, libc::SIGSTOP);
+    let t0 = Instant::now();
+    loop {
+        let states = thread_states(pid);
+        if !states.is_empty() && states.split(' ').all(|s| s == "T" || s == "t") {
+            let c = counter();
+            std::thread::sleep(Duration::from_millis(200));
+            if counter() == c {
+                eprintln!("QEMU {pid} stopped, its counter still at {c} ns after {:?}", t0.elapsed());
+                return c;
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "QEMU {pid} did not stop: thread states {states}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGKILLs a QEMU the test froze if the test ends early: a panicking test must not leave a
+/// stopped QEMU behind (its agent cannot stop it), holding memory on a shared machine.
+struct KillOnDrop(u64);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if process_alive(self.0) {
+            kill_pid(self.0, libc::SIGKILL);
+            kill_pid(self.0, libc::SIGCONT);
         }
     }
 }
@@ -252,8 +357,8 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
         &["image-server", "--listen", "127.0.0.1:0", "--data-dir", dir.path().join("is").to_str().unwrap(), "--coordinator", &coordinator.url, "--name", "is0"],
         dir.path().join("is.log"),
     );
-    let host = Grid::start_host(dir.path(), &coordinator.url, &name, "127.0.0.1:0");
-    let mut g = Grid { dir, coordinator, _server: server, host, host_name: name.clone() };
+    let host = Grid::start_host(dir.path(), &coordinator.url, &name, "127.0.0.1:0", 0);
+    let mut g = Grid { dir, coordinator, _server: server, host, host_name: name.clone(), host_starts: 1 };
     let gs = sample_guest().unwrap();
     let o = Command::new(vgrid_bin())
         .args(["image", "import", gs.disk.to_str().unwrap(), "--name", "sample", "--kernel", gs.kernel.to_str().unwrap(), "--initrd", gs.initrd.to_str().unwrap(), "--cmdline", &gs.cmdline, "--image-server", &g._server.url])
@@ -282,12 +387,13 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
     let pid = v["pid"].as_u64().unwrap();
 
     // Freeze QEMU so that its counters stand still, then compare.
-    kill_pid(pid, libc::SIGSTOP);
-    std::thread::sleep(Duration::from_millis(500));
-    let counter = cpu_ns(&name, &id);
-    g.wait_until("the usage to reach the frozen counter", Duration::from_secs(15), || {
-        usage_of(&g.json(&["usage"]), &id).map(|u| u["usage"]["cpu_ns"].as_u64() == Some(counter)).unwrap_or(false)
-    });
+    let _kill_qemu = KillOnDrop(pid);
+    let counter = freeze(pid, || cpu_ns(&name, &id));
+    // The counter reaches the coordinator through the agent's sampling tick (1 s), a heartbeat
+    // (1 s) and this test's CLI polls (a process and a TLS session each): periodic steps with
+    // no latency promised, slow only when the machine is, so the wait is generous and ends as
+    // soon as the figures agree.
+    g.wait_for_usage("the usage to reach the frozen counter", Duration::from_secs(60), &id, counter, || cpu_ns(&name, &id), pid);
     let u = usage_of(&g.json(&["usage"]), &id).unwrap();
     eprintln!("usage at the frozen counter {counter} ns: {u}");
     assert_eq!(u["usage"]["cpu_ns"].as_u64().unwrap(), counter);
@@ -317,18 +423,15 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
     let host_listen = g.host.url.trim_start_matches("https://").to_string();
     g.host.kill();
     assert!(process_alive(pid));
-    g.host = Grid::start_host(g.dir.path(), &g.coordinator.url, &g.host_name, &host_listen);
+    g.host = Grid::start_host(g.dir.path(), &g.coordinator.url, &g.host_name, &host_listen, g.host_starts);
+    g.host_starts += 1;
     std::thread::sleep(Duration::from_secs(3));
     let after = usage_of(&g.json(&["usage"]), &id).unwrap()["usage"]["cpu_ns"].as_u64().unwrap();
-    assert!(after >= before, "usage went back after the agent restart: {before} -> {after}");
-    assert!(after <= cpu_ns(&name, &id), "usage exceeds the counter after the agent restart (counted twice): {after}");
+    assert!(after >= before, "usage went back after the agent restart: {before} -> {after}\n{}", g.logs());
+    assert!(after <= cpu_ns(&name, &id), "usage exceeds the counter after the agent restart (counted twice): {after}\n{}", g.logs());
     // The restarted agent re-adopted the guest: accounting goes on from the same counters.
-    kill_pid(pid, libc::SIGSTOP);
-    std::thread::sleep(Duration::from_millis(300));
-    let frozen = cpu_ns(&name, &id);
-    g.wait_until("the usage to follow the counter after re-adoption", Duration::from_secs(20), || {
-        usage_of(&g.json(&["usage"]), &id).map(|u| u["usage"]["cpu_ns"].as_u64() == Some(frozen)).unwrap_or(false)
-    });
+    let frozen = freeze(pid, || cpu_ns(&name, &id));
+    g.wait_for_usage("the usage to follow the counter after re-adoption", Duration::from_secs(60), &id, frozen, || cpu_ns(&name, &id), pid);
     let after = frozen;
 
     // The coordinator crashes and restarts on the same state: the totals are still there.

@@ -205,6 +205,38 @@ pub fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     f.write_all(data)
 }
 
+/// Replaces `path` with a file holding `data`, atomically: the data goes to a new file
+/// `PATH.tmp` (created exclusively, never through a link) that is then renamed over `path`.
+/// A reader, or an agent restarted after being killed at any instant, sees the old content or
+/// the new one, never an empty or half-written file (as [`write_file`] can leave: it truncates
+/// first). The rename replaces a link planted at `path` instead of writing through it.
+pub fn replace_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    // A leftover of an agent killed between create and rename (or anything planted there).
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(data));
+    match written.and_then(|()| std::fs::rename(&tmp, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
 /// Opens `path` for reading, never through a symbolic link (see [`read_file`]).
 pub fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -289,6 +321,34 @@ mod tests {
         write_file(&p, b"longer text").unwrap();
         write_file(&p, b"short").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"short");
+    }
+
+    #[test]
+    fn replace_file_is_atomic_and_never_writes_through_links() {
+        let t = tempfile::tempdir().unwrap();
+        let victim = t.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let p = t.path().join("usage.json");
+        replace_file(&p, b"longer text").unwrap();
+        replace_file(&p, b"short").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"short");
+        assert!(!t.path().join("usage.json.tmp").exists(), "the temporary file stayed");
+        // A leftover temporary file (an agent killed before its rename) is no obstacle.
+        std::fs::write(t.path().join("usage.json.tmp"), b"half").unwrap();
+        replace_file(&p, b"new").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        // Links planted at the path or at the temporary path are replaced, not written through.
+        std::fs::remove_file(&p).unwrap();
+        std::os::unix::fs::symlink(&victim, &p).unwrap();
+        std::os::unix::fs::symlink(&victim, t.path().join("usage.json.tmp")).unwrap();
+        replace_file(&p, b"x").unwrap();
+        assert!(!p.symlink_metadata().unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(&p).unwrap(), b"x");
+        std::fs::remove_file(&p).unwrap();
+        std::fs::hard_link(&victim, &p).unwrap();
+        replace_file(&p, b"y").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"y");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
     }
 
     #[test]

@@ -247,8 +247,14 @@ impl HostResources {
         let fresh = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
         // The generation is the start of the cgroup's counters: kept when the group (and its
         // counters) survived, new otherwise.
+        let survived = cgroup.as_ref().is_some_and(|c| c.usage().cpu_ns > 0);
         let (generation, memory_mib_s, fetched_bytes) = match saved {
-            Some(s) if cgroup.as_ref().is_some_and(|c| c.usage().cpu_ns > 0) => (s.generation, s.memory_mib_s, s.fetched_bytes),
+            Some(s) if survived => (s.generation, s.memory_mib_s, s.fetched_bytes),
+            None if survived && usage_file.exists() => {
+                tracing::warn!(vm = %vm.id(), file = %usage_file.display(),
+                    "unreadable accounting state: the surviving cgroup counters start a new generation (the coordinator counts them again)");
+                (fresh, 0.0, fetched)
+            }
             _ => (fresh, 0.0, fetched),
         };
         let t = Tracked {
@@ -383,10 +389,15 @@ impl HostResources {
     }
 }
 
+/// Keeps the VM's generation and integrals in `usage.json`, replaced atomically: an agent
+/// killed while writing must not leave an empty file, or its successor would start a new
+/// generation over the surviving cgroup counters and the coordinator would count them twice.
 fn save(t: &Tracked) {
     let s = Saved { generation: t.generation, memory_mib_s: t.memory_mib_s, fetched_bytes: t.fetched_bytes };
     if let Ok(b) = serde_json::to_vec(&s) {
-        let _ = crate::qemu_user::write_file(&t.usage_file, &b);
+        if let Err(e) = crate::qemu_user::replace_file(&t.usage_file, &b) {
+            tracing::warn!(file = %t.usage_file.display(), "cannot save the VM's accounting: {e}");
+        }
     }
 }
 

@@ -443,11 +443,14 @@ pub async fn spawn(
 }
 
 /// Advertises this image server's images to a coordinator every `interval` (its heartbeat),
-/// until the process ends. A coordinator that does not answer is retried at the same pace.
+/// until the process ends; the coordinator's answer sets the pace from then on. A coordinator
+/// that does not answer is retried at the same pace (the last one it asked for: a coordinator
+/// that restarts forgets image servers, and one that asked for 1 s must not wait for 5).
 pub async fn advertise_loop(store: Arc<ImageStore>, coordinator: String, name: String, url: String, interval: std::time::Duration) {
     let http = vgrid_trust::tls::client_builder().timeout(std::time::Duration::from_secs(10)).build().expect("HTTP client");
     let target = format!("{}/api/v1/image-servers/heartbeat", coordinator.trim_end_matches('/'));
     let mut failing = false;
+    let mut pace = interval;
     loop {
         let result = async {
             let images = store.list().await.map_err(|e| e.to_string())?;
@@ -461,14 +464,13 @@ pub async fn advertise_loop(store: Arc<ImageStore>, coordinator: String, name: S
             Ok::<_, String>(reply["interval_secs"].as_u64().map(std::time::Duration::from_secs))
         }
         .await;
-        let mut wait = interval;
         match result {
             Ok(asked) => {
                 if failing {
                     tracing::info!(coordinator = %coordinator, "coordinator reachable again");
                     failing = false;
                 }
-                wait = asked.filter(|d| !d.is_zero()).unwrap_or(interval);
+                pace = asked.filter(|d| !d.is_zero()).unwrap_or(interval);
             }
             Err(e) => {
                 if !failing {
@@ -477,6 +479,6 @@ pub async fn advertise_loop(store: Arc<ImageStore>, coordinator: String, name: S
                 failing = true;
             }
         }
-        tokio::time::sleep(wait).await;
+        tokio::time::sleep(pace).await;
     }
 }
