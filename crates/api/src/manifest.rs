@@ -250,6 +250,26 @@ impl Manifest {
         self.disk.stored().chain(boot.into_iter().chain(state).flat_map(|b| b.stored()))
     }
 
+    /// Chunk `index` of a boot profile: indices below the disk's chunk count are disk chunks,
+    /// the next ones a saved RAM's chunks (what a restored guest touched). The hash (`None`:
+    /// zero or out of range) and its length.
+    pub fn profile_chunk(&self, index: u64) -> Option<(ChunkHash, u32)> {
+        let disk = self.disk.chunks.len() as u64;
+        if index < disk {
+            let h = self.disk.chunks[index as usize]?;
+            return Some((h, self.disk.chunk_len(self.chunk_size, index as usize)));
+        }
+        let ram = self.state.as_ref()?.ram.as_ref()?;
+        let i = (index - disk) as usize;
+        let h = (*ram.blob.chunks.get(i)?)?;
+        Some((h, ram.blob.chunk_len(ram.chunk_size, i)))
+    }
+
+    /// How many chunk indices a boot profile of this image may name (disk, then saved RAM).
+    pub fn profile_len(&self) -> u64 {
+        self.disk.chunks.len() as u64 + self.state.as_ref().and_then(|s| s.ram.as_ref()).map_or(0, |r| r.blob.chunks.len() as u64)
+    }
+
     /// Whether this is a warm image (it carries a saved state).
     pub fn is_warm(&self) -> bool {
         self.state.is_some()

@@ -52,7 +52,9 @@ impl ImageOwner {
 }
 
 /// Boot working set of an image version: the disk chunk indices a guest read while booting,
-/// in first-touch order. Hosts prefetch these before (or while) starting the guest.
+/// in first-touch order; for a warm image with a saved RAM, indices past the disk's chunk
+/// count are RAM chunks a restored guest touched (`Manifest::profile_chunk`). Hosts prefetch
+/// these before (or while) starting the guest.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BootProfile {
     pub chunks: Vec<u64>,

@@ -269,7 +269,9 @@ impl Export {
 
     fn record(&self, first: u64, last: u64) {
         if let Some(r) = self.recording.get() {
-            r.record(first, last, |i| self.is_zero_chunk(i));
+            // A saved RAM's chunks follow the disk's in a profile.
+            let off = if self.ram { self.manifest.disk.chunks.len() as u64 } else { 0 };
+            r.record(first + off, last + off, |i| self.is_zero_chunk(i - off));
         }
     }
 
@@ -323,10 +325,7 @@ impl Export {
             let wanted: Vec<(u64, ChunkHash, u32)> = profile
                 .chunks
                 .iter()
-                .filter_map(|&i| {
-                    let h = (*manifest.disk.chunks.get(i as usize)?)?;
-                    Some((i, h, manifest.disk.chunk_len(manifest.chunk_size, i as usize)))
-                })
+                .filter_map(|&i| manifest.profile_chunk(i).map(|(h, len)| (i, h, len)))
                 .collect();
             let n = wanted.len();
             futures::stream::iter(wanted)
@@ -341,6 +340,19 @@ impl Export {
                 .await;
             tracing::info!(image = %image, chunks = n, "boot profile prefetched in {:.1} s", started.elapsed().as_secs_f64());
         });
+    }
+}
+
+impl Drop for Export {
+    /// The last export of a recording closing (its guests are gone) ends the recording now:
+    /// what they read is the profile, uploaded before this host might go away too.
+    fn drop(&mut self) {
+        if let Some(rec) = self.recording.get() {
+            // Besides this export, only the recording's timer holds it.
+            if Arc::strong_count(rec) <= 2 {
+                rec.finish();
+            }
+        }
     }
 }
 
@@ -363,12 +375,12 @@ struct RecState {
 
 impl Recording {
     /// Starts recording for `image`; a timer uploads the result when the window ends.
-    pub(crate) fn start(image: ImageRef, shared: &Shared) -> Arc<Recording> {
+    pub(crate) fn start(image: ImageRef, window: Duration, shared: &Shared) -> Arc<Recording> {
         let cfg = &shared.config;
         let rec = Arc::new(Recording {
             image,
             started: Instant::now(),
-            window: cfg.profile_window,
+            window,
             max: cfg.profile_max_chunks.max(1),
             source: shared.source.clone(),
             state: Mutex::new(Some(RecState { chunks: Vec::new(), seen: HashSet::new() })),

@@ -60,6 +60,8 @@ pub struct ProxyConfig {
     pub profile_prefetch_concurrency: usize,
     /// Concurrent chunk fetches of a pull (default 8).
     pub pull_concurrency: usize,
+    /// Recording window of the boot profile of a warm image with a saved RAM (default 5 s).
+    pub ram_profile_window: Duration,
     /// Chunks of a saved RAM fetched at once in the background while its lazily restored
     /// guest runs, from 3 s after it started (default 2, `$VGRID_RAM_PREFETCH`; 0: only what the
     /// guest touches).
@@ -80,6 +82,7 @@ impl ProxyConfig {
             prefetch_profiles: true,
             profile_prefetch_concurrency: 4,
             pull_concurrency: 8,
+            ram_profile_window: Duration::from_secs(5),
             ram_prefetch_concurrency: std::env::var("VGRID_RAM_PREFETCH").ok().and_then(|v| v.parse().ok()).unwrap_or(2),
         }
     }
@@ -319,7 +322,6 @@ impl BlockProxy {
             if n > 0 {
                 export.prefetch_all(n);
             }
-            return Ok(export);
         }
         let first_open = self.opened.lock().unwrap().insert(manifest.image_ref());
         if first_open {
@@ -338,7 +340,10 @@ impl BlockProxy {
     fn start_profile(&self, export: &Arc<Export>) {
         let cfg = &self.shared.config;
         let rec = if cfg.record_profiles {
-            let rec = export::Recording::start(export.image().clone(), &self.shared);
+            // A warm image's profile is what a restored guest touches at once (its RAM
+            // first): a short window, uploaded in time for the next restore.
+            let window = if export.manifest().state.as_ref().is_some_and(|s| s.ram.is_some()) { cfg.ram_profile_window } else { cfg.profile_window };
+            let rec = export::Recording::start(export.image().clone(), window, &self.shared);
             export.attach_recording(rec.clone());
             self.recordings.lock().unwrap().insert(export.image().clone(), Arc::downgrade(&rec));
             Some(rec)

@@ -643,8 +643,8 @@ impl ImageStore {
     pub async fn put_profile(&self, r: &ImageRef, profile: &BootProfile) -> Result<(), StoreError> {
         let m = self.get_manifest(r).await?;
         let r = m.image_ref();
-        if let Some(&index) = profile.chunks.iter().find(|&&i| i >= m.disk.chunks.len() as u64) {
-            return Err(StoreError::BadProfile { image: r, index, chunks: m.disk.chunks.len() });
+        if let Some(&index) = profile.chunks.iter().find(|&&i| i >= m.profile_len()) {
+            return Err(StoreError::BadProfile { image: r, index, chunks: m.profile_len() as usize });
         }
         let json = serde_json::to_vec(profile).expect("profile serialises");
         self.objects
