@@ -329,8 +329,9 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
             spinner.finish_and_clear();
             bail!("VM {} is still {} after {}s; it keeps starting (see `vgrid vm show {}`)", v.id, v.phase, a.timeout, v.id);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        v = api.get(&format!("/api/v1/vms/{}", v.id)).await?;
+        // Long poll: the coordinator answers when the VM leaves this state and phase.
+        let q = format!("wait_ms=1000&state={}&phase={}", v.state.as_str(), urlencode(&v.phase));
+        v = api.get(&format!("/api/v1/vms/{}?{q}", v.id)).await?;
     }
     let running_at = t0.elapsed();
     if let Some(text) = &a.wait_for {
@@ -449,4 +450,11 @@ pub async fn futures(ctx: &Ctx, a: FuturesArgs) -> anyhow::Result<ExitCode> {
         println!("{}", table(&["HOST", "STATE", "COULD START", "WHY NOT"], rows));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Percent-encodes a query value (everything but ASCII letters, digits and `-._~`).
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
 }

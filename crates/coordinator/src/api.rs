@@ -397,11 +397,33 @@ async fn create_vm(
     Ok((StatusCode::CREATED, Json(c.create(req, &p.user, &quota).await?)))
 }
 
-#[utoipa::path(get, path = "/api/v1/vms/{id}", params(("id" = String, Path, description = "VM id, unique id prefix, or name")),
+#[utoipa::path(get, path = "/api/v1/vms/{id}", params(("id" = String, Path, description = "VM id, unique id prefix, or name"), WaitQuery),
     responses((status = 200, body = VmRecord), (status = 404, body = ErrorBody)))]
-async fn get_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>) -> ApiResult<VmRecord> {
-    Ok(Json(owned(&c, &p, &id)?))
+async fn get_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, Query(w): Query<WaitQuery>) -> ApiResult<VmRecord> {
+    let rec = owned(&c, &p, &id)?;
+    if let Some(ms) = w.wait_ms {
+        // Long poll: answer as soon as the record leaves the state and phase the client saw.
+        let seen = |r: &VmRecord| w.state.as_deref() == Some(r.state.as_str()) && w.phase.as_deref().is_none_or(|ph| ph == r.phase);
+        if seen(&rec) {
+            let id = rec.id.clone();
+            let still = || c.get(&id).map(|r| seen(&r)).unwrap_or(false);
+            c.wait_change(std::time::Duration::from_millis(ms.min(MAX_WAIT_MS)), still).await;
+            return Ok(Json(owned(&c, &p, &id)?));
+        }
+    }
+    Ok(Json(rec))
 }
+
+/// `GET /api/v1/vms/{id}?wait_ms=N&state=S&phase=P`: wait up to N ms (at most 30 s) while the
+/// VM is in state S (and phase P), then answer.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+struct WaitQuery {
+    wait_ms: Option<u64>,
+    state: Option<String>,
+    phase: Option<String>,
+}
+
+const MAX_WAIT_MS: u64 = 30_000;
 
 #[utoipa::path(post, path = "/api/v1/vms/{id}/stop", params(("id" = String, Path)), request_body = VmStop,
     responses((status = 200, body = VmRecord), (status = 404, body = ErrorBody)))]

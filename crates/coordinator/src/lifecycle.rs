@@ -62,6 +62,8 @@ pub struct Coordinator {
     /// the host more than it has).
     ads: std::sync::Mutex<()>,
     accounting: crate::accounting::Accounting,
+    /// Bumped whenever a VM record changes: long-polling readers wait on it.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Coordinator {
@@ -71,7 +73,7 @@ impl Coordinator {
     pub async fn new(state: Arc<dyn StateStore>, registry: Arc<Registry>) -> Result<Arc<Self>, CoordinatorError> {
         let http = vgrid_trust::tls::client_builder().connect_timeout(Duration::from_secs(5)).build().expect("HTTP client");
         let accounting = crate::accounting::Accounting::new(state.clone());
-        let c = Arc::new(Coordinator { state, registry, sched: Scheduler::new(), http, lock: Mutex::new(()), ads: Default::default(), accounting });
+        let c = Arc::new(Coordinator { state, registry, sched: Scheduler::new(), http, lock: Mutex::new(()), ads: Default::default(), accounting, changed: tokio::sync::watch::channel(0).0 });
         for vm in c.state.list_vms()? {
             match vm.state {
                 VmState::Pending if vm.host.is_none() => {
@@ -522,6 +524,17 @@ impl Coordinator {
         }
     }
 
+    /// Waits up to `wait` for a VM record to change (any record: the caller re-reads its own).
+    pub async fn wait_change(&self, wait: Duration, still: impl Fn() -> bool) {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        while still() {
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return;
+            }
+        }
+    }
+
     pub(crate) fn update(&self, id: &str, f: impl FnOnce(&mut VmRecord)) -> Option<VmRecord> {
         let mut rec = self.state.get_vm(id).ok()??;
         let was_active = rec.state.is_active();
@@ -533,6 +546,7 @@ impl Coordinator {
         if let Err(e) = self.state.put_vm(&rec) {
             tracing::error!(vm = %id, "cannot record VM state: {e}");
         }
+        self.changed.send_modify(|n| *n += 1);
         if was_active && !rec.state.is_active() {
             if let Some(h) = &rec.host {
                 // Its capacity is free again: queued requests may fit now.
@@ -786,6 +800,7 @@ impl Coordinator {
             }
         }
         self.state.delete_vm(&rec.id)?;
+        self.changed.send_modify(|n| *n += 1);
         if let Some(h) = &rec.host {
             self.refresh_host(h);
         }
