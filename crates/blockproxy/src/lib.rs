@@ -60,7 +60,7 @@ pub struct ProxyConfig {
     pub profile_prefetch_concurrency: usize,
     /// Concurrent chunk fetches of a pull (default 8).
     pub pull_concurrency: usize,
-    /// Recording window of the boot profile of a warm image with a saved RAM (default 5 s).
+    /// Recording window of the boot profile of a warm image with a saved RAM (default 3 s).
     pub ram_profile_window: Duration,
     /// Chunks of a saved RAM fetched at once in the background while its lazily restored
     /// guest runs, from 3 s after it started (default 2, `$VGRID_RAM_PREFETCH`; 0: only what the
@@ -82,7 +82,7 @@ impl ProxyConfig {
             prefetch_profiles: true,
             profile_prefetch_concurrency: 4,
             pull_concurrency: 8,
-            ram_profile_window: Duration::from_secs(5),
+            ram_profile_window: Duration::from_secs(3),
             ram_prefetch_concurrency: std::env::var("VGRID_RAM_PREFETCH").ok().and_then(|v| v.parse().ok()).unwrap_or(2),
         }
     }
