@@ -162,8 +162,14 @@ fn stop_and_rm_leave_nothing_behind() {
     let dir = up.runtime_dir(&id);
     assert!(dir.join("overlay.qcow2").exists() && dir.join("qmp.sock").exists());
 
+    // A long poll for the VM to leave `running` (up to 30 s) answers with the stop.
+    let (url, vid) = (up.url.clone(), id.clone());
+    let poll = std::thread::spawn(move || api_get(&url, &format!("/api/v1/vms/{vid}?wait_ms=30000&state=running")));
+    std::thread::sleep(std::time::Duration::from_millis(500));
     let s = up.json(&["vm", "stop", &id]);
     assert_eq!(s["state"], "stopped", "{s}");
+    let polled: serde_json::Value = serde_json::from_slice(&poll.join().unwrap()).unwrap();
+    assert_ne!(polled["state"], "running", "the long poll answered before the VM left running: {polled}");
     assert!(!process_alive(pid), "QEMU {pid} still runs after stop");
     for f in ["overlay.qcow2", "qmp.sock", "console.sock", "kernel", "initrd"] {
         assert!(!dir.join(f).exists(), "{f} left behind after stop");
