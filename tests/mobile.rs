@@ -287,7 +287,35 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
     assert_eq!(s2["saved"]["image"], format!("{id}.saved@2"));
     let o = g.cli(&["vm", "stop", &id]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("suspended"));
-    g.json(&["vm", "rm", &id]);
+
+    // The coordinator dies right after it sent a resume to h2: h2 goes on restoring, and the
+    // restarted coordinator finds the VM running there (not failed); the count goes on.
+    let last = counts(&console_text(&d1)).last().copied().unwrap();
+    let token = json_at(&g.coordinator.url, &["login"])["token"].as_str().unwrap().to_string();
+    let o = curl_for(&g.coordinator.url)
+        .args(["-X", "POST", "-H", &format!("authorization: Bearer {token}"), "-H", "content-type: application/json"])
+        .args(["-d", r#"{"host":"h2"}"#, &format!("{}/api/v1/vms/{id}/resume", g.coordinator.url)])
+        .output()
+        .unwrap();
+    g.coordinator.kill();
+    let answer = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(answer.contains("\"pending\"") || answer.contains("\"starting\"") || answer.contains("\"running\""), "{answer}");
+    let listen = g.coordinator.url.trim_start_matches("https://").to_string();
+    g.coordinator = Role::start(
+        &["coordinator", "--listen", &listen, "--data-dir", coord_data.to_str().unwrap(), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
+        g.dir.path().join("coord3.log"),
+    );
+    g.wait_until("the interrupted resume to settle", Duration::from_secs(120), || {
+        let v = g.json(&["vm", "show", &id]);
+        assert_ne!(v["state"], "failed", "{v}");
+        v["state"] == "running"
+    });
+    assert_eq!(g.json(&["vm", "show", &id])["host"], "h2");
+    let d2 = g.runtime_dir("h2", &id);
+    wait_console(&d2, "the count to go on after the interrupted resume", Duration::from_secs(120), |c| {
+        counts(c).iter().any(|&n| n > last + 1)
+    });
+    g.json(&["vm", "rm", "--force", &id]);
     let images = g.json(&["image", "ls", "--image-server", &url]);
     assert!(
         !images.to_string().contains(&format!("{id}.saved")),

@@ -27,6 +27,15 @@ pub(crate) struct Shared {
     pub cache: Arc<ChunkCache>,
     pub source: Arc<dyn ChunkSource>,
     pub config: ProxyConfig,
+    /// Boot-profile uploads under way (a stopping host waits for them briefly).
+    pub uploads: Arc<Uploads>,
+}
+
+/// A count of uploads under way, and a wake-up when one ends.
+#[derive(Default)]
+pub(crate) struct Uploads {
+    pub n: std::sync::atomic::AtomicUsize,
+    pub done: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -365,6 +374,7 @@ pub(crate) struct Recording {
     window: Duration,
     max: usize,
     source: Arc<dyn ChunkSource>,
+    uploads: Arc<Uploads>,
     state: Mutex<Option<RecState>>,
 }
 
@@ -383,6 +393,7 @@ impl Recording {
             window,
             max: cfg.profile_max_chunks.max(1),
             source: shared.source.clone(),
+            uploads: shared.uploads.clone(),
             state: Mutex::new(Some(RecState { chunks: Vec::new(), seen: HashSet::new() })),
         });
         tracing::info!(image = %rec.image, "recording boot profile for {} s", rec.window.as_secs());
@@ -428,17 +439,24 @@ impl Recording {
         let profile = BootProfile { chunks: st.chunks };
         let source = self.source.clone();
         let image = self.image.clone();
+        let uploads = self.uploads.clone();
+        uploads.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let upload = async move {
             match source.put_profile(&image, &profile).await {
                 Ok(()) => tracing::info!(image = %image, chunks = profile.chunks.len(), "boot profile uploaded"),
                 Err(e) => tracing::warn!(image = %image, "boot profile upload failed: {e}"),
             }
+            uploads.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            uploads.done.notify_waiters();
         };
         match tokio::runtime::Handle::try_current() {
             Ok(h) => {
                 h.spawn(upload);
             }
-            Err(_) => tracing::warn!(image = %self.image, "boot profile dropped: no runtime to upload it"),
+            Err(_) => {
+                self.uploads.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                tracing::warn!(image = %self.image, "boot profile dropped: no runtime to upload it")
+            }
         }
     }
 }

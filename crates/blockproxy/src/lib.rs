@@ -156,7 +156,7 @@ impl BlockProxy {
         std::fs::create_dir_all(&manifests_dir)
             .map_err(|e| ProxyError::ManifestStore { path: manifests_dir.clone(), cause: e.to_string() })?;
         Ok(Arc::new(BlockProxy {
-            shared: Arc::new(Shared { cache: Arc::new(cache), source, config }),
+            shared: Arc::new(Shared { cache: Arc::new(cache), source, config, uploads: Default::default() }),
             manifests_dir,
             exports: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
@@ -184,6 +184,25 @@ impl BlockProxy {
     /// in-flight requests. Exports still held by callers keep working.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
+    }
+
+    /// Waits (at most `timeout`) for boot-profile uploads under way: a host stopping right
+    /// after its guests ended still leaves their profiles on the image server.
+    pub async fn flush_profiles(&self, timeout: Duration) {
+        let u = &self.shared.uploads;
+        let deadline = tokio::time::Instant::now() + timeout;
+        while u.n.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            let woke = u.done.notified();
+            tokio::pin!(woke);
+            woke.as_mut().enable();
+            if u.n.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, woke).await.is_err() {
+                tracing::warn!("boot profile uploads still under way at shutdown; not waiting longer");
+                break;
+            }
+        }
     }
 
     pub(crate) fn shutdown_token(&self) -> &CancellationToken {

@@ -81,6 +81,11 @@ impl Coordinator {
                     let me = c.clone();
                     tokio::spawn(async move { me.requeue(vm).await });
                 }
+                VmState::Pending | VmState::Starting if vm.saved_image.is_some() && vm.started.is_none() => {
+                    // A resume in flight: its host goes on restoring without us.
+                    let me = c.clone();
+                    tokio::spawn(async move { me.recover_resuming(vm.id).await });
+                }
                 VmState::Pending | VmState::Starting => {
                     c.update(&vm.id, |v| {
                         v.state = VmState::Failed;

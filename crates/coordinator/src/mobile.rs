@@ -19,7 +19,7 @@ use vgrid_hostagent::mobile::SaveRequest;
 use vgrid_imagestore::client::StoreClient;
 
 use crate::hosts::{HostCallError, HostClient};
-use crate::lifecycle::{explain, launch_request, placement_request, Coordinator, CoordinatorError};
+use crate::lifecycle::{explain, launch_request, now, placement_request, Coordinator, CoordinatorError};
 use crate::sched::{PlaceError, PlaceOptions};
 
 /// Name of the private image a suspended VM is saved in.
@@ -317,6 +317,50 @@ impl Coordinator {
             });
             tracing::info!(vm = %id, suspended = saved.is_some(), "settled a suspend interrupted by a coordinator restart");
             return;
+        }
+    }
+
+    /// After a coordinator restart, settles a VM whose resume was under way: its host may
+    /// still be restoring it. Once the host reports in and runs the VM, it is `running` (and
+    /// watched); if it does not within the restore timeout, it is `suspended` again (its saved
+    /// image is intact), with the reason.
+    pub(crate) async fn recover_resuming(self: Arc<Self>, id: String) {
+        let deadline = tokio::time::Instant::now() + vgrid_hostagent::mobile::RESTORE_TIMEOUT + std::time::Duration::from_secs(60);
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let Some(rec) = self.state.get_vm(&id).ok().flatten() else { return };
+            if !matches!(rec.state, VmState::Pending | VmState::Starting) || rec.started.is_some() {
+                return;
+            }
+            let host = rec.host.clone().unwrap_or_default();
+            let runs = match self.registry.host(&host) {
+                Some(h) if h.state == crate::hosts::HostState::Ready => {
+                    HostClient::new(&h.ad.name, &h.ad.url, self.http.clone()).saving(&id).await.map(|(_, runs)| runs)
+                }
+                _ => None,
+            };
+            if runs == Some(true) {
+                self.update(&id, |v| {
+                    v.state = VmState::Running;
+                    v.phase = "running".into();
+                    v.started = Some(now());
+                    v.reason = Some(format!("resumed on {host} while the coordinator restarted"));
+                });
+                tracing::info!(vm = %id, host = %host, "a resume interrupted by a coordinator restart completed");
+                tokio::spawn(self.clone().watch(id));
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                self.update(&id, |v| {
+                    v.state = VmState::Suspended;
+                    v.phase = "suspended".into();
+                    v.host = None;
+                    v.pid = None;
+                    v.reason = Some(format!("the coordinator restarted while this VM was resuming on {host}, which did not run it; resume it again"));
+                });
+                tracing::warn!(vm = %id, host = %host, "a resume interrupted by a coordinator restart did not complete; suspended again");
+                return;
+            }
         }
     }
 

@@ -766,6 +766,7 @@ impl Agent {
         if let Some(h) = h {
             h.shutdown().await;
         }
+        self.proxy.flush_profiles(Duration::from_secs(5)).await;
         self.proxy.shutdown();
         self.res.shutdown();
         let _ = std::fs::remove_file(&self.nbd_socket);

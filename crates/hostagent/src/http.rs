@@ -102,7 +102,12 @@ async fn list(State(a): Ctx) -> Response {
 async fn launch(State(a): Ctx, body: Result<Json<LaunchRequest>, JsonRejection>) -> Result<Response, HttpError> {
     let Json(req) = body.map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("malformed launch request: {}", e.body_text())))?;
     crate::vm::validate_vm_id(&req.id).map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let l = a.launch(req, &|_| {}).await?;
+    // Its own task: a caller that goes away (a coordinator restarting) does not cancel a
+    // launch half-way; the restarted coordinator finds the VM running.
+    let id = req.id.clone();
+    let l = tokio::spawn(async move { a.launch(req, &|_| {}).await })
+        .await
+        .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, format!("launch of VM {id} ended abnormally: {e}")))??;
     Ok(Json(l).into_response())
 }
 
