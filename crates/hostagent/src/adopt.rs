@@ -91,7 +91,21 @@ pub(crate) async fn adopt_all(agent: &Arc<Agent>) -> AdoptReport {
             continue;
         }
         let incoming = dir.join(crate::migrate::INCOMING_MARKER).exists();
-        match Vm::adopt(&dir, &LaunchOptions::default()).await {
+        // A QEMU that runs but does not answer QMP yet (busy, or waiting for a page its RAM
+        // pager fetches through the proxy this agent has just started again) is asked again
+        // before anything is decided about it.
+        let mut adopted = Vm::adopt(&dir, &LaunchOptions::default()).await;
+        for _ in 0..3 {
+            match &adopted {
+                Err(e) if crate::vm::qemu_runs_in(&dir) => {
+                    tracing::warn!(vm = %id, "its QEMU runs but did not answer ({e}); asking again");
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    adopted = Vm::adopt(&dir, &LaunchOptions::default()).await;
+                }
+                _ => break,
+            }
+        }
+        match adopted {
             Ok(vm) if incoming => {
                 tracing::warn!(vm = %id, pid = vm.pid(), "killing a QEMU left waiting for an incoming migration");
                 let _ = vm.cleanup().await;
@@ -129,6 +143,10 @@ pub(crate) async fn adopt_all(agent: &Arc<Agent>) -> AdoptReport {
                 watch_guest_shutdown(&vm);
                 agent.insert_vm(&id, vm);
                 rep.adopted.push(id);
+            }
+            Err(e) if crate::vm::qemu_runs_in(&dir) => {
+                // Never remove what a live QEMU uses: it shows as an orphan in `host show`.
+                tracing::error!(vm = %id, "not adopted, its QEMU runs but does not answer QMP: {e}; left alone");
             }
             Err(e) => {
                 tracing::warn!(vm = %id, "not adopted, its QEMU is gone: {e}");

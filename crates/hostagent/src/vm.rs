@@ -594,6 +594,11 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
     a
 }
 
+/// Whether the QEMU of runtime directory `dir` (its pid file) still runs.
+pub(crate) fn qemu_runs_in(dir: &Path) -> bool {
+    read_pid_file(&dir.join(PID_FILE)).is_some_and(|pid| pid_is_qemu_of(pid, dir))
+}
+
 /// True if `pid` is a live (not zombie) process whose command line mentions `dir`'s QMP socket.
 fn pid_is_qemu_of(pid: u32, dir: &Path) -> bool {
     if !pid_alive(pid) {
