@@ -353,12 +353,13 @@ impl Export {
 }
 
 impl Drop for Export {
-    /// The last export of a recording closing (its guests are gone) ends the recording now:
+    /// The last export of a warm image's recording closing (its guests are gone) ends it now:
     /// what they read is the profile, uploaded before this host might go away too.
     fn drop(&mut self) {
         if let Some(rec) = self.recording.get() {
-            // Besides this export, only the recording's timer holds it.
-            if Arc::strong_count(rec) <= 2 {
+            // Besides this export, only the recording's timer holds it. (A cold image's boot
+            // profile may gather reads of several sessions within its window.)
+            if rec.finish_on_close && Arc::strong_count(rec) <= 2 {
                 rec.finish();
             }
         }
@@ -375,6 +376,8 @@ pub(crate) struct Recording {
     max: usize,
     source: Arc<dyn ChunkSource>,
     uploads: Arc<Uploads>,
+    /// Ends when its last export closes (a warm image: what its restored guest touched).
+    finish_on_close: bool,
     state: Mutex<Option<RecState>>,
 }
 
@@ -385,7 +388,7 @@ struct RecState {
 
 impl Recording {
     /// Starts recording for `image`; a timer uploads the result when the window ends.
-    pub(crate) fn start(image: ImageRef, window: Duration, shared: &Shared) -> Arc<Recording> {
+    pub(crate) fn start(image: ImageRef, window: Duration, finish_on_close: bool, shared: &Shared) -> Arc<Recording> {
         let cfg = &shared.config;
         let rec = Arc::new(Recording {
             image,
@@ -394,6 +397,7 @@ impl Recording {
             max: cfg.profile_max_chunks.max(1),
             source: shared.source.clone(),
             uploads: shared.uploads.clone(),
+            finish_on_close,
             state: Mutex::new(Some(RecState { chunks: Vec::new(), seen: HashSet::new() })),
         });
         tracing::info!(image = %rec.image, "recording boot profile for {} s", rec.window.as_secs());

@@ -361,8 +361,9 @@ impl BlockProxy {
         let rec = if cfg.record_profiles {
             // A warm image's profile is what a restored guest touches at once (its RAM
             // first): a short window, uploaded in time for the next restore.
-            let window = if export.manifest().state.as_ref().is_some_and(|s| s.ram.is_some()) { cfg.ram_profile_window } else { cfg.profile_window };
-            let rec = export::Recording::start(export.image().clone(), window, &self.shared);
+            let warm = export.manifest().state.as_ref().is_some_and(|s| s.ram.is_some());
+            let window = if warm { cfg.ram_profile_window } else { cfg.profile_window };
+            let rec = export::Recording::start(export.image().clone(), window, warm, &self.shared);
             export.attach_recording(rec.clone());
             self.recordings.lock().unwrap().insert(export.image().clone(), Arc::downgrade(&rec));
             Some(rec)

@@ -253,9 +253,10 @@ pub async fn start_pager(dir: &Path, nbd_socket: &Path, export: &str, size: u64,
         .arg(format!(
             // A long reconnect delay: while the agent restarts, a guest touching a page not
             // yet here waits for it instead of failing.
-            "driver=nbd,node-name=ram,server.type=unix,server.path={},export={},read-only=on,reconnect-delay=300",
+            "driver=nbd,node-name=ram,server.type=unix,server.path={},export={},read-only=on,reconnect-delay={}",
             q(nbd_socket),
-            export.replace(',', ",,")
+            export.replace(',', ",,"),
+            crate::vm::NBD_RECONNECT_DELAY_S
         ))
         .arg("--export")
         .arg(format!("type=fuse,id=ram,node-name=ram,mountpoint={},writable=off,allow-other=on", q(&file)))

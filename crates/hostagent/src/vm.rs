@@ -505,6 +505,22 @@ fn qopt(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
 }
 
+/// For a disk over the block proxy's unix socket, the overlay's backing spelled out (it is the
+/// one its header names) with a reconnect delay: while the host agent restarts (its proxy
+/// gone for a moment), the guest's reads of the base wait for it instead of failing.
+fn nbd_backing_options(disk: &DiskSource) -> String {
+    let DiskSource::Nbd { url } = disk else { return String::new() };
+    let Some((export, socket)) = url.strip_prefix("nbd+unix:///").and_then(|r| r.split_once("?socket=")) else { return String::new() };
+    format!(
+        ",backing.driver=raw,backing.file.driver=nbd,backing.file.server.type=unix,backing.file.server.path={},backing.file.export={},backing.file.reconnect-delay={NBD_RECONNECT_DELAY_S}",
+        qopt(Path::new(socket)),
+        export.replace(',', ",,")
+    )
+}
+
+/// Seconds a guest's disk (or RAM pager) waits for a restarting host agent's proxy.
+pub const NBD_RECONNECT_DELAY_S: u32 = 300;
+
 /// The `qemu-system-x86_64` arguments for `spec` (accelerator already resolved) in `dir`.
 pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
@@ -544,8 +560,9 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
     push(&[
         "-blockdev",
         &format!(
-            "driver=qcow2,node-name=vda,discard=unmap,file.driver=file,file.filename={}",
-            qopt(&dir.join(OVERLAY_FILE))
+            "driver=qcow2,node-name=vda,discard=unmap,file.driver=file,file.filename={}{}",
+            qopt(&dir.join(OVERLAY_FILE)),
+            nbd_backing_options(&spec.disk)
         ),
         "-device",
         // Direct kernel boot takes bootindex 0 for its option ROM.
