@@ -505,17 +505,17 @@ fn qopt(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
 }
 
-/// For a disk over the block proxy's unix socket, the overlay's backing spelled out (it is the
-/// one its header names) with a reconnect delay: while the host agent restarts (its proxy
+/// For a disk over the block proxy's unix socket, the overlay's backing as a node of its own
+/// (the export its header names) with a reconnect delay: while the host agent restarts (its proxy
 /// gone for a moment), the guest's reads of the base wait for it instead of failing.
-fn nbd_backing_options(disk: &DiskSource) -> String {
-    let DiskSource::Nbd { url } = disk else { return String::new() };
-    let Some((export, socket)) = url.strip_prefix("nbd+unix:///").and_then(|r| r.split_once("?socket=")) else { return String::new() };
-    format!(
-        ",backing.driver=raw,backing.file.driver=nbd,backing.file.server.type=unix,backing.file.server.path={},backing.file.export={},backing.file.reconnect-delay={NBD_RECONNECT_DELAY_S}",
+fn nbd_backing_node(disk: &DiskSource) -> Option<String> {
+    let DiskSource::Nbd { url } = disk else { return None };
+    let (export, socket) = url.strip_prefix("nbd+unix:///").and_then(|r| r.split_once("?socket="))?;
+    Some(format!(
+        "driver=nbd,node-name=base,read-only=on,server.type=unix,server.path={},export={},reconnect-delay={NBD_RECONNECT_DELAY_S}",
         qopt(Path::new(socket)),
         export.replace(',', ",,")
-    )
+    ))
 }
 
 /// Seconds a guest's disk (or RAM pager) waits for a restarting host agent's proxy.
@@ -557,12 +557,16 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
         &format!("unix:{},server=on,wait=off", qopt(&dir.join(QMP_SOCKET))),
     ]);
     push(&["-pidfile", &dir.join(PID_FILE).display().to_string()]);
+    let backing = nbd_backing_node(&spec.disk);
+    if let Some(b) = &backing {
+        push(&["-blockdev", b]);
+    }
     push(&[
         "-blockdev",
         &format!(
             "driver=qcow2,node-name=vda,discard=unmap,file.driver=file,file.filename={}{}",
             qopt(&dir.join(OVERLAY_FILE)),
-            nbd_backing_options(&spec.disk)
+            if backing.is_some() { ",backing=base" } else { "" }
         ),
         "-device",
         // Direct kernel boot takes bootindex 0 for its option ROM.
