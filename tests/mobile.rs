@@ -123,6 +123,35 @@ impl Grid {
         }
     }
 
+    /// Imports the cached sample guest as `sample` into the image server.
+    fn import_sample(&self) {
+        let s = sample_guest().unwrap();
+        let o = Command::new(vgrid_bin())
+            .args(["image", "import", s.disk.to_str().unwrap(), "--name", "sample", "--kernel", s.kernel.to_str().unwrap(), "--initrd", s.initrd.to_str().unwrap(), "--cmdline", &s.cmdline, "--image-server", &self.server_url()])
+            .env("VGRID_URL", &self.coordinator.url)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    /// Boots `sample` on `host` to its prompt as `NAME1` (a timeout and one retry, as `NAME2`).
+    fn boot_on(&self, host: &str, name: &str) -> serde_json::Value {
+        let _slot = boot_slot().unwrap();
+        let require = format!("host.name == {host:?}");
+        let mut last = String::new();
+        for attempt in 1..=2 {
+            let name = format!("{name}{attempt}");
+            let o = self.cli(&["--json", "vm", "run", "sample", "--name", &name, "--require", &require, "--wait-for", PROMPT, "--timeout", "120"]);
+            if o.status.success() {
+                return serde_json::from_slice(&o.stdout).unwrap();
+            }
+            last = String::from_utf8_lossy(&o.stderr).into_owned();
+            eprintln!("boot attempt {attempt} failed: {last}");
+            let _ = self.cli(&["vm", "rm", "--force", &name]);
+        }
+        panic!("the guest did not boot twice: {last}\n{}", self.logs())
+    }
+
     fn runtime_dir(&self, host: &str, id: &str) -> PathBuf {
         self.dir.path().join(host).join("vms").join(id)
     }
@@ -138,32 +167,10 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
     g.wait_until("two hosts", Duration::from_secs(30), || {
         g.json(&["host", "ls"]).as_array().map(|a| a.len()) == Some(2)
     });
-    let s = sample_guest().unwrap();
-    let o = Command::new(vgrid_bin())
-        .args(["image", "import", s.disk.to_str().unwrap(), "--name", "sample", "--kernel", s.kernel.to_str().unwrap(), "--initrd", s.initrd.to_str().unwrap(), "--cmdline", &s.cmdline, "--image-server", &g.server_url()])
-        .env("VGRID_URL", &g.coordinator.url)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    g.import_sample();
 
     // Boot on h1 (a timeout and one retry).
-    let vm = {
-        let _slot = boot_slot().unwrap();
-        let mut last = String::new();
-        let mut rec = None;
-        for attempt in 1..=2 {
-            let name = format!("counter{attempt}");
-            let o = g.cli(&["--json", "vm", "run", "sample", "--name", &name, "--require", "host.name == \"h1\"", "--wait-for", PROMPT, "--timeout", "120"]);
-            if o.status.success() {
-                rec = Some(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap());
-                break;
-            }
-            last = String::from_utf8_lossy(&o.stderr).into_owned();
-            eprintln!("boot attempt {attempt} failed: {last}");
-            let _ = g.cli(&["vm", "rm", "--force", &name]);
-        }
-        rec.unwrap_or_else(|| panic!("the guest did not boot twice: {last}\n{}", g.logs()))
-    };
+    let vm = g.boot_on("h1", "counter");
     let id = vm["id"].as_str().unwrap().to_string();
     assert_eq!(vm["host"], "h1");
     let d1 = g.runtime_dir("h1", &id);
@@ -491,28 +498,8 @@ fn stored_chunks(blob: &serde_json::Value) -> Vec<String> {
 fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
     let mut g = Grid::start(&["h1", "h2"]);
     g.wait_until("two hosts", Duration::from_secs(30), || g.json(&["host", "ls"]).as_array().map(|a| a.len()) == Some(2));
-    let s = sample_guest().unwrap();
-    let o = Command::new(vgrid_bin())
-        .args(["image", "import", s.disk.to_str().unwrap(), "--name", "sample", "--kernel", s.kernel.to_str().unwrap(), "--initrd", s.initrd.to_str().unwrap(), "--cmdline", &s.cmdline, "--image-server", &g.server_url()])
-        .env("VGRID_URL", &g.coordinator.url)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let vm = {
-        let _slot = boot_slot().unwrap();
-        let mut rec = None;
-        for attempt in 1..=2 {
-            let name = format!("origin{attempt}");
-            let o = g.cli(&["--json", "vm", "run", "sample", "--name", &name, "--require", "host.name == \"h1\"", "--wait-for", PROMPT, "--timeout", "120"]);
-            if o.status.success() {
-                rec = Some(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap());
-                break;
-            }
-            eprintln!("boot attempt {attempt} failed: {}", String::from_utf8_lossy(&o.stderr));
-            let _ = g.cli(&["vm", "rm", "--force", &name]);
-        }
-        rec.unwrap_or_else(|| panic!("the guest did not boot twice\n{}", g.logs()))
-    };
+    g.import_sample();
+    let vm = g.boot_on("h1", "origin");
     let id = vm["id"].as_str().unwrap().to_string();
     let d1 = g.runtime_dir("h1", &id);
     {
