@@ -107,7 +107,7 @@ impl Grid {
 
     fn logs(&self) -> String {
         let mut s = String::new();
-        for f in ["coord.log", "coord2.log", "h1.log", "h2.log"] {
+        for f in ["coord.log", "coord2.log", "coord3.log", "coord4.log", "h1.log", "h2.log"] {
             let t = std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
             let lines: Vec<&str> = t.lines().collect();
             s.push_str(&format!("--- {f}\n{}\n", lines[lines.len().saturating_sub(25)..].join("\n")));
@@ -295,33 +295,57 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
     let o = g.cli(&["vm", "stop", &id]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("suspended"));
 
-    // The coordinator dies right after it sent a resume to h2: h2 goes on restoring, and the
-    // restarted coordinator finds the VM running there (not failed); the count goes on.
-    let last = counts(&console_text(&d1)).last().copied().unwrap();
-    let token = json_at(&g.coordinator.url, &["login"])["token"].as_str().unwrap().to_string();
-    let o = curl_for(&g.coordinator.url)
-        .args(["-X", "POST", "-H", &format!("authorization: Bearer {token}"), "-H", "content-type: application/json"])
-        .args(["-d", r#"{"host":"h2"}"#, &format!("{}/api/v1/vms/{id}/resume", g.coordinator.url)])
-        .output()
-        .unwrap();
-    g.coordinator.kill();
-    let answer = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(answer.contains("\"pending\"") || answer.contains("\"starting\"") || answer.contains("\"running\""), "{answer}");
-    let listen = g.coordinator.url.trim_start_matches("https://").to_string();
-    g.coordinator = Role::start(
-        &["coordinator", "--listen", &listen, "--data-dir", coord_data.to_str().unwrap(), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
-        g.dir.path().join("coord3.log"),
-    );
-    g.wait_until("the interrupted resume to settle", Duration::from_secs(120), || {
-        let v = g.json(&["vm", "show", &id]);
-        assert_ne!(v["state"], "failed", "{v}");
-        v["state"] == "running"
-    });
-    assert_eq!(g.json(&["vm", "show", &id])["host"], "h2");
-    let d2 = g.runtime_dir("h2", &id);
-    wait_console(&d2, "the count to go on after the interrupted resume", Duration::from_secs(120), |c| {
-        counts(c).iter().any(|&n| n > last + 1)
-    });
+    // The coordinator dies while a resume is under way, twice: once after h2 has the launch
+    // (h2 goes on restoring and the restarted coordinator finds the VM running there), once
+    // before the launch reaches h1 (h1 is frozen: the restarted coordinator, which h1 tells it
+    // does not know the VM, sends the launch again). Neither ends failed; the count goes on.
+    for (n, host, arrived) in [(3, "h2", true), (4, "h1", false)] {
+        if n == 4 {
+            let s = g.json(&["vm", "suspend", &id]);
+            assert_eq!(s["vm"]["state"], "suspended", "{s}");
+        }
+        let before = g.runtime_dir(if host == "h2" { "h1" } else { "h2" }, &id);
+        let last = counts(&console_text(&before)).last().copied().unwrap();
+        let hpid = g.hosts[if host == "h1" { 0 } else { 1 }].child.as_ref().unwrap().id().to_string();
+        if !arrived {
+            assert!(Command::new("kill").args(["-STOP", &hpid]).status().unwrap().success());
+        }
+        let token = json_at(&g.coordinator.url, &["login"])["token"].as_str().unwrap().to_string();
+        let o = curl_for(&g.coordinator.url)
+            .args(["-X", "POST", "-H", &format!("authorization: Bearer {token}"), "-H", "content-type: application/json"])
+            .args(["-d", &format!(r#"{{"host":"{host}"}}"#), &format!("{}/api/v1/vms/{id}/resume", g.coordinator.url)])
+            .output()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(answer.contains("\"pending\"") || answer.contains("\"starting\"") || answer.contains("\"running\""), "{answer}");
+        let dir = g.runtime_dir(host, &id);
+        if arrived {
+            g.wait_until("the launch to reach the host", Duration::from_secs(30), || dir.join("spec.json").exists());
+        } else {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        g.coordinator.kill();
+        if !arrived {
+            assert!(Command::new("kill").args(["-CONT", &hpid]).status().unwrap().success());
+        }
+        let listen = g.coordinator.url.trim_start_matches("https://").to_string();
+        let log = g.dir.path().join(format!("coord{n}.log"));
+        g.coordinator = Role::start(
+            &["coordinator", "--listen", &listen, "--data-dir", coord_data.to_str().unwrap(), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
+            log.clone(),
+        );
+        g.wait_until("the interrupted resume to settle", Duration::from_secs(120), || {
+            let v = g.json(&["vm", "show", &id]);
+            assert_ne!(v["state"], "failed", "{v}");
+            v["state"] == "running"
+        });
+        assert_eq!(g.json(&["vm", "show", &id])["host"], host);
+        let sent_again = std::fs::read_to_string(&log).unwrap_or_default().contains("sending it again");
+        assert_eq!(sent_again, !arrived, "the restarted coordinator sends the launch again only when it never arrived:\n{}", g.logs());
+        wait_console(&dir, "the count to go on after the interrupted resume", Duration::from_secs(120), |c| {
+            counts(c).iter().any(|&n| n > last + 1)
+        });
+    }
     g.json(&["vm", "rm", "--force", &id]);
     let images = g.json(&["image", "ls", "--image-server", &url]);
     assert!(

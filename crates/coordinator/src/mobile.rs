@@ -27,11 +27,29 @@ pub fn saved_image_name(vm_id: &str) -> String {
     format!("{vm_id}.saved")
 }
 
+/// What a host says of one VM: see [`HostClient::saving`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostVmPresence {
+    pub saving: bool,
+    pub running: bool,
+    /// Launching (admitted) or present on the host.
+    pub known: bool,
+}
+
 impl HostClient {
-    /// Whether the host is saving VM `id` now and whether its QEMU runs (`None`: no answer).
-    pub async fn saving(&self, id: &str) -> Option<(bool, bool)> {
+    /// Whether the host is saving VM `id` now, whether its QEMU runs and whether the host
+    /// knows the VM at all (`None`: no answer).
+    pub async fn saving(&self, id: &str) -> Option<HostVmPresence> {
         let r: Option<serde_json::Value> = self.call(self.http.get(self.u(&format!("/host/v1/vms/{id}/saving")))).await.ok()?;
-        r.and_then(|v| Some((v["saving"].as_bool()?, v["running"].as_bool()?)))
+        r.and_then(|v| {
+            let running = v["running"].as_bool()?;
+            Some(HostVmPresence {
+                saving: v["saving"].as_bool()?,
+                running,
+                // An agent from before `known` was reported: assume it knows a running VM.
+                known: v["known"].as_bool().unwrap_or(running),
+            })
+        })
     }
 
     /// Asks the host to save VM `id` as image `name`; with `suspend`, its QEMU ends afterwards.
@@ -202,8 +220,7 @@ impl Coordinator {
                 return Err(CoordinatorError::UnknownHost(h.clone()));
             }
         }
-        let image: ImageRef = saved.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?;
-        let manifest = self.resolve_image(&image).await?;
+        let manifest = self.resolve_saved(&saved).await?;
         let require = warm_requirement(&manifest, resume_requirement(req));
         let mut preq = placement_request(&rec.owner, &manifest, rec.cpus, rec.memory_mib, &require, &rec.rank);
         preq.cpu_share = rec.resources.cpu_cores();
@@ -275,7 +292,7 @@ impl Coordinator {
                 continue;
             }
             let client = HostClient::new(&h.ad.name, &h.ad.url, self.http.clone());
-            let Some((saving, runs)) = client.saving(&id).await else { continue };
+            let Some(HostVmPresence { saving, running: runs, .. }) = client.saving(&id).await else { continue };
             if saving || runs {
                 // Still running and not saving: the save failed (or never started) and the
                 // guest went on.
@@ -322,10 +339,14 @@ impl Coordinator {
 
     /// After a coordinator restart, settles a VM whose resume was under way: its host may
     /// still be restoring it. Once the host reports in and runs the VM, it is `running` (and
-    /// watched); if it does not within the restore timeout, it is `suspended` again (its saved
-    /// image is intact), with the reason.
+    /// watched). If the host does not know the VM at all (the coordinator died before its
+    /// launch went out), the launch is sent again. If the host does not run it within the
+    /// restore timeout, it is `suspended` again (its saved image is intact), with the reason.
     pub(crate) async fn recover_resuming(self: Arc<Self>, id: String) {
         let deadline = tokio::time::Instant::now() + vgrid_hostagent::mobile::RESTORE_TIMEOUT + std::time::Duration::from_secs(60);
+        // Three answers in a row, half a second apart, that the host does not know the VM: a
+        // launch still on its way would have been admitted in between.
+        let mut unknown = 0;
         loop {
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             let Some(rec) = self.state.get_vm(&id).ok().flatten() else { return };
@@ -333,13 +354,15 @@ impl Coordinator {
                 return;
             }
             let host = rec.host.clone().unwrap_or_default();
-            let runs = match self.registry.host(&host) {
+            let (client, presence) = match self.registry.host(&host) {
                 Some(h) if h.state == crate::hosts::HostState::Ready => {
-                    HostClient::new(&h.ad.name, &h.ad.url, self.http.clone()).saving(&id).await.map(|(_, runs)| runs)
+                    let c = HostClient::new(&h.ad.name, &h.ad.url, self.http.clone());
+                    let p = c.saving(&id).await;
+                    (Some(c), p)
                 }
-                _ => None,
+                _ => (None, None),
             };
-            if runs == Some(true) {
+            if presence.is_some_and(|p| p.running) {
                 self.update(&id, |v| {
                     v.state = VmState::Running;
                     v.phase = "running".into();
@@ -349,6 +372,21 @@ impl Coordinator {
                 tracing::info!(vm = %id, host = %host, "a resume interrupted by a coordinator restart completed");
                 tokio::spawn(self.clone().watch(id));
                 return;
+            }
+            unknown = if presence.is_some_and(|p| !p.known) { unknown + 1 } else { 0 };
+            if unknown >= 3 {
+                if let (Some(client), Some(saved)) = (client, rec.saved_image.clone()) {
+                    match self.resolve_saved(&saved).await {
+                        Ok(manifest) => {
+                            tracing::info!(vm = %id, host = %host, image = %saved,
+                                "the resume's launch never reached the host before the coordinator restarted; sending it again");
+                            let launch = crate::lifecycle::launch_request(&rec, &manifest);
+                            self.clone().run(client, launch).await;
+                            return;
+                        }
+                        Err(e) => tracing::warn!(vm = %id, image = %saved, "cannot send the resume again yet: {e}"),
+                    }
+                }
             }
             if tokio::time::Instant::now() > deadline {
                 self.update(&id, |v| {
@@ -362,6 +400,12 @@ impl Coordinator {
                 return;
             }
         }
+    }
+
+    /// The manifest of saved image `saved` (NAME@V).
+    async fn resolve_saved(&self, saved: &str) -> Result<Manifest, CoordinatorError> {
+        let image: ImageRef = saved.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?;
+        self.resolve_image(&image).await
     }
 
     /// Deletes a VM's saved image from every image server that has it (best effort).

@@ -852,7 +852,7 @@ async fn http_save(agent: std::sync::Arc<Agent>, id: String, body: Body, suspend
 }
 
 /// `GET /host/v1/vms/{id}/saving`: whether a snapshot or suspend of the VM is in progress, and
-/// whether its QEMU runs.
+/// whether its QEMU runs, and whether the host knows it at all (launching or present).
 pub(crate) async fn http_saving(
     axum::extract::State(a): axum::extract::State<std::sync::Arc<Agent>>,
     axum::extract::Path(id): axum::extract::Path<String>,
@@ -862,7 +862,10 @@ pub(crate) async fn http_saving(
         Some(vm) => (is_saving(vm.runtime_dir()), vm.exit_info().is_none()),
         None => (false, false),
     };
-    axum::Json(serde_json::json!({ "saving": saving, "running": running })).into_response()
+    // Known: launching (admitted) or present; a coordinator that restarted right after it
+    // sent a launch learns whether the launch ever arrived.
+    let known = a.vm(&id).is_some() || a.resources().is_admitted(&id);
+    axum::Json(serde_json::json!({ "saving": saving, "running": running, "known": known })).into_response()
 }
 
 /// Whether the VM in runtime directory `dir` is being saved.

@@ -230,6 +230,11 @@ impl HostResources {
         Ok(limits)
     }
 
+    /// Whether VM `id` is admitted here (launching or running, not yet released).
+    pub fn is_admitted(&self, id: &str) -> bool {
+        self.reserved.lock().unwrap().contains_key(id)
+    }
+
     /// Creates VM `id`'s cgroup (None when cgroups are unavailable).
     pub fn create_group(&self, id: &str, limits: &Limits) -> Result<Option<VmCgroup>, AdmissionError> {
         let Some(cg) = &self.cgroups else { return Ok(None) };
