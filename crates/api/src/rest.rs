@@ -58,6 +58,14 @@ impl ImageOwner {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BootProfile {
     pub chunks: Vec<u64>,
+    /// Pages of the saved RAM in the image's hot-page bundle (`GET .../profile/hot`): what a
+    /// restored guest touched first, sent as pages rather than chunks. 0: no bundle.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hot_pages: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Answer of the image server when an upload session starts.

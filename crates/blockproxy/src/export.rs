@@ -29,6 +29,8 @@ pub(crate) struct Shared {
     pub config: ProxyConfig,
     /// Boot-profile uploads under way (a stopping host waits for them briefly).
     pub uploads: Arc<Uploads>,
+    /// Hot pages of warm images being restored here (see `hot.rs`).
+    pub hot: Mutex<std::collections::HashMap<ImageRef, Arc<crate::hot::HotState>>>,
 }
 
 /// A count of uploads under way, and a wake-up when one ends.
@@ -202,6 +204,7 @@ impl Export {
         self.record(first, last);
         if self.ram {
             tracing::trace!(export = %self.name, offset, len, "RAM read");
+            self.record_pages(offset, len);
         }
         let files = self.shared.blob_chunks(&self.image, self.chunk_size(), &self.blob, first, last).await?;
         Ok((first, files))
@@ -226,7 +229,50 @@ impl Export {
         }
         self.shared.cache.count_hits(hits);
         self.record(first, last);
+        if self.ram {
+            self.record_pages(offset, len);
+        }
         Some((first, out))
+    }
+
+    /// A read of a saved RAM answered from its image's hot pages (see `hot.rs`): the bytes
+    /// if every page of the range is hot (waiting briefly for a bundle that is loading),
+    /// `None` to read the chunks. Always `None` for a disk.
+    pub(crate) async fn hot_read(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
+        if !self.ram || len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size()) {
+            return None;
+        }
+        let mut r = self.shared.hot_read(&self.image, offset, len);
+        if let crate::hot::HotRead::Wait(st) = r {
+            st.wait().await;
+            r = self.shared.hot_read(&self.image, offset, len);
+        }
+        match r {
+            crate::hot::HotRead::Data(d) => {
+                let cs = self.chunk_size() as u64;
+                self.record(offset / cs, (offset + len - 1) / cs);
+                self.record_pages(offset, len);
+                Some(d)
+            }
+            _ => None,
+        }
+    }
+
+    /// Like [`Export::hot_read`] without waiting: `Err(())` when the bundle is loading.
+    pub(crate) fn hot_read_now(&self, offset: u64, len: u64) -> Result<Option<Vec<u8>>, ()> {
+        if !self.ram || len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size()) {
+            return Ok(None);
+        }
+        match self.shared.hot_read(&self.image, offset, len) {
+            crate::hot::HotRead::Data(d) => {
+                let cs = self.chunk_size() as u64;
+                self.record(offset / cs, (offset + len - 1) / cs);
+                self.record_pages(offset, len);
+                Ok(Some(d))
+            }
+            crate::hot::HotRead::Wait(_) => Err(()),
+            crate::hot::HotRead::No => Ok(None),
+        }
     }
 
     /// Copies `[offset, offset+buf.len())` of the chunk files returned by [`Export::files`].
@@ -276,6 +322,14 @@ impl Export {
         let _ = self.recording.set(rec);
     }
 
+    /// Records the saved-RAM pages of `[offset, offset+len)` (a warm image's hot pages).
+    fn record_pages(&self, offset: u64, len: u64) {
+        if let Some(r) = self.recording.get() {
+            let ps = vgrid_imagestore::hotpages::HOT_PAGE_SIZE as u64;
+            r.record_pages(offset / ps, (offset + len - 1) / ps);
+        }
+    }
+
     fn record(&self, first: u64, last: u64) {
         if let Some(r) = self.recording.get() {
             // A saved RAM's chunks follow the disk's in a profile.
@@ -320,6 +374,10 @@ impl Export {
                 })
                 .await;
             tracing::info!(image = %image, export = %name, chunks = n, "export prefetched in {:.1} s", started.elapsed().as_secs_f64());
+            // All of it is cached now: its hot pages are of no more use.
+            if weak.strong_count() > 0 {
+                shared.drop_hot(&image);
+            }
         });
     }
 
@@ -356,6 +414,9 @@ impl Drop for Export {
     /// The last export of a warm image's recording closing (its guests are gone) ends it now:
     /// what they read is the profile, uploaded before this host might go away too.
     fn drop(&mut self) {
+        if self.ram {
+            self.shared.drop_hot(&self.image);
+        }
         if let Some(rec) = self.recording.get() {
             // Besides this export, only the recording's timer holds it. (A cold image's boot
             // profile may gather reads of several sessions within its window.)
@@ -371,11 +432,11 @@ impl Drop for Export {
 /// Uploaded when the window ends or the chunk limit is reached.
 pub(crate) struct Recording {
     image: ImageRef,
+    manifest: Arc<Manifest>,
     started: Instant,
     window: Duration,
     max: usize,
-    source: Arc<dyn ChunkSource>,
-    uploads: Arc<Uploads>,
+    shared: Arc<Shared>,
     /// Ends when its last export closes (a warm image: what its restored guest touched).
     finish_on_close: bool,
     state: Mutex<Option<RecState>>,
@@ -384,21 +445,24 @@ pub(crate) struct Recording {
 struct RecState {
     chunks: Vec<u64>,
     seen: HashSet<u64>,
+    /// Saved-RAM pages (of `HOT_PAGE_SIZE`) in first-touch order: a warm image's hot pages.
+    pages: Vec<u64>,
+    seen_pages: HashSet<u64>,
 }
 
 impl Recording {
     /// Starts recording for `image`; a timer uploads the result when the window ends.
-    pub(crate) fn start(image: ImageRef, window: Duration, finish_on_close: bool, shared: &Shared) -> Arc<Recording> {
+    pub(crate) fn start(manifest: Arc<Manifest>, window: Duration, finish_on_close: bool, shared: &Arc<Shared>) -> Arc<Recording> {
         let cfg = &shared.config;
         let rec = Arc::new(Recording {
-            image,
+            image: manifest.image_ref(),
+            manifest,
             started: Instant::now(),
             window,
             max: cfg.profile_max_chunks.max(1),
-            source: shared.source.clone(),
-            uploads: shared.uploads.clone(),
+            shared: shared.clone(),
             finish_on_close,
-            state: Mutex::new(Some(RecState { chunks: Vec::new(), seen: HashSet::new() })),
+            state: Mutex::new(Some(RecState { chunks: Vec::new(), seen: HashSet::new(), pages: Vec::new(), seen_pages: HashSet::new() })),
         });
         tracing::info!(image = %rec.image, "recording boot profile for {} s", rec.window.as_secs());
         let r = rec.clone();
@@ -434,18 +498,56 @@ impl Recording {
         }
     }
 
+    /// Records saved-RAM pages `first..=last` (within the window, like chunks).
+    fn record_pages(&self, first: u64, last: u64) {
+        let mut g = self.state.lock().unwrap();
+        let Some(st) = g.as_mut() else { return };
+        if self.started.elapsed() >= self.window {
+            return;
+        }
+        for p in first..=last {
+            if st.pages.len() >= self.max * 16 {
+                break;
+            }
+            if st.seen_pages.insert(p) {
+                st.pages.push(p);
+            }
+        }
+    }
+
     fn finish(&self) {
         let Some(st) = self.state.lock().unwrap().take() else { return };
         if st.chunks.is_empty() {
             tracing::info!(image = %self.image, "no disk reads during the boot profile window; nothing recorded");
             return;
         }
-        let profile = BootProfile { chunks: st.chunks };
-        let source = self.source.clone();
+        let mut profile = BootProfile { chunks: st.chunks, hot_pages: 0 };
+        let shared = self.shared.clone();
+        let source = shared.source.clone();
+        let manifest = self.manifest.clone();
         let image = self.image.clone();
-        let uploads = self.uploads.clone();
+        let uploads = shared.uploads.clone();
+        let pages = st.pages;
         uploads.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let upload = async move {
+            // A warm image: the RAM pages its guest touched go as a bundle of pages, and the
+            // profile keeps only the disk's chunks (the RAM chunks stay the fallback).
+            if !pages.is_empty() {
+                let (sh, m) = (shared.clone(), manifest.clone());
+                let built = tokio::task::spawn_blocking(move || crate::hot::build_bundle(&sh, &m, &pages)).await.ok().flatten();
+                if let Some((bundle, n)) = built {
+                    let len = bundle.len();
+                    match source.put_hot_pages(&image, bundle).await {
+                        Ok(()) => {
+                            tracing::info!(image = %image, pages = n, bundle_bytes = len, "hot pages uploaded");
+                            profile.hot_pages = n;
+                            let disk = manifest.disk.chunks.len() as u64;
+                            profile.chunks.retain(|&i| i < disk);
+                        }
+                        Err(e) => tracing::warn!(image = %image, "hot pages upload failed (the profile keeps the RAM chunks): {e}"),
+                    }
+                }
+            }
             match source.put_profile(&image, &profile).await {
                 Ok(()) => tracing::info!(image = %image, chunks = profile.chunks.len(), "boot profile uploaded"),
                 Err(e) => tracing::warn!(image = %image, "boot profile upload failed: {e}"),
@@ -458,7 +560,7 @@ impl Recording {
                 h.spawn(upload);
             }
             Err(_) => {
-                self.uploads.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                self.shared.uploads.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 tracing::warn!(image = %self.image, "boot profile dropped: no runtime to upload it")
             }
         }

@@ -12,6 +12,7 @@
 
 pub mod cache;
 pub mod export;
+mod hot;
 pub mod protocol;
 mod server;
 pub mod source;
@@ -156,7 +157,7 @@ impl BlockProxy {
         std::fs::create_dir_all(&manifests_dir)
             .map_err(|e| ProxyError::ManifestStore { path: manifests_dir.clone(), cause: e.to_string() })?;
         Ok(Arc::new(BlockProxy {
-            shared: Arc::new(Shared { cache: Arc::new(cache), source, config, uploads: Default::default() }),
+            shared: Arc::new(Shared { cache: Arc::new(cache), source, config, uploads: Default::default(), hot: Default::default() }),
             manifests_dir,
             exports: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
@@ -363,7 +364,7 @@ impl BlockProxy {
             // first): a short window, uploaded in time for the next restore.
             let warm = export.manifest().state.as_ref().is_some_and(|s| s.ram.is_some());
             let window = if warm { cfg.ram_profile_window } else { cfg.profile_window };
-            let rec = export::Recording::start(export.image().clone(), window, warm, &self.shared);
+            let rec = export::Recording::start(export.manifest().clone(), window, warm, &self.shared);
             export.attach_recording(rec.clone());
             self.recordings.lock().unwrap().insert(export.image().clone(), Arc::downgrade(&rec));
             Some(rec)
@@ -374,18 +375,23 @@ impl BlockProxy {
             return;
         }
         let prefetch = cfg.prefetch_profiles;
-        let source = self.shared.source.clone();
+        let shared = self.shared.clone();
         let weak = Arc::downgrade(export);
         let image = export.image().clone();
+        let manifest = export.manifest().clone();
         tokio::spawn(async move {
-            let found = source.profile(&image).await;
+            let found = shared.source.profile(&image).await;
             match found {
                 Ok(Some(p)) => {
                     if let Some(rec) = &rec {
                         rec.cancel();
                     }
+                    if prefetch && p.hot_pages > 0 {
+                        // A warm image's hot pages: what its restored guest touches first.
+                        shared.load_hot(manifest, p.hot_pages);
+                    }
                     if let (true, Some(export)) = (prefetch, weak.upgrade()) {
-                        tracing::info!(image = %image, chunks = p.chunks.len(), "prefetching boot profile");
+                        tracing::info!(image = %image, chunks = p.chunks.len(), hot_pages = p.hot_pages, "prefetching boot profile");
                         export.prefetch_profile(p);
                     }
                 }

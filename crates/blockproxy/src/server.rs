@@ -504,6 +504,10 @@ impl Conn {
     }
 
     async fn read(&self, cookie: u64, offset: u64, len: u32, df: bool) {
+        if let Some(data) = self.export.hot_read(offset, len as u64).await {
+            self.reply_data(cookie, offset, &data).await;
+            return;
+        }
         let (first, files) = match self.export.files(offset, len as u64).await {
             Ok(f) => f,
             Err(e) => {
@@ -512,6 +516,21 @@ impl Conn {
             }
         };
         self.reply_read(cookie, offset, len, df, first, &files).await;
+    }
+
+    /// Sends the reply to a read whose bytes are at hand (hot pages: never holes).
+    async fn reply_data(&self, cookie: u64, offset: u64, data: &[u8]) {
+        let mut buf;
+        if self.neg.structured {
+            let hl = p::STRUCTURED_HEADER_LEN;
+            buf = vec![0u8; hl + 8];
+            p::structured_header(&mut buf[..hl], p::REPLY_FLAG_DONE, p::REPLY_TYPE_OFFSET_DATA, cookie, 8 + data.len() as u32);
+            buf[hl..hl + 8].copy_from_slice(&offset.to_be_bytes());
+        } else {
+            buf = p::simple_reply_vec(0, cookie);
+        }
+        buf.extend_from_slice(data);
+        self.send(&buf).await;
     }
 
     /// Sends the reply to a read whose chunk files are at hand.
@@ -653,8 +672,14 @@ where
                 if streak >= 2 {
                     export.readahead(next_expected);
                 }
-                // Fast path: a small read of cached chunks is answered inline, no task.
-                if len as usize <= SMALL_REPLY {
+                // Fast path: a small read of hot pages or of cached chunks is answered inline,
+                // no task (while hot pages load, the read waits for them in its task).
+                let hot = export.hot_read_now(offset, len as u64);
+                if let Ok(Some(data)) = &hot {
+                    conn.reply_data(req.cookie, offset, data).await;
+                    continue;
+                }
+                if len as usize <= SMALL_REPLY && hot.is_ok() {
                     if let Some((first, files)) = export.cached_files(offset, len as u64) {
                         conn.reply_read(req.cookie, offset, len, df, first, &files).await;
                         continue;

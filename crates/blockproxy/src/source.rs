@@ -39,6 +39,17 @@ pub trait ChunkSource: Send + Sync + 'static {
     fn profile<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>>;
     /// Stores the boot profile of a (versioned) image.
     fn put_profile<'a>(&'a self, image: &'a ImageRef, profile: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>>;
+    /// The hot-page bundle of a (versioned) warm image as stored (unverified: see
+    /// `vgrid_imagestore::hotpages::decode`), `None` when there is none.
+    fn hot_pages<'a>(&'a self, _image: &'a ImageRef) -> BoxFuture<'a, Result<Option<bytes::Bytes>, SourceError>> {
+        Box::pin(async { Ok(None) })
+    }
+    /// Stores the hot-page bundle of a (versioned) warm image.
+    fn put_hot_pages<'a>(&'a self, image: &'a ImageRef, _bundle: bytes::Bytes) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            Err(SourceError::Unavailable { what: format!("hot pages of image {image}"), source_name: self.describe(), cause: "this source stores none".into() })
+        })
+    }
     /// A short name for logs and errors (e.g. the server URL).
     fn describe(&self) -> String;
 }
@@ -55,6 +66,12 @@ impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
     }
     fn put_profile<'a>(&'a self, image: &'a ImageRef, profile: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
         (**self).put_profile(image, profile)
+    }
+    fn hot_pages<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<bytes::Bytes>, SourceError>> {
+        (**self).hot_pages(image)
+    }
+    fn put_hot_pages<'a>(&'a self, image: &'a ImageRef, bundle: bytes::Bytes) -> BoxFuture<'a, Result<(), SourceError>> {
+        (**self).put_hot_pages(image, bundle)
     }
     fn describe(&self) -> String {
         (**self).describe()
@@ -151,6 +168,32 @@ impl ChunkSource for Servers {
             for s in &self.sources {
                 if s.manifest(image).await.is_ok() {
                     return s.put_profile(image, profile).await;
+                }
+                last = Some(s.describe());
+            }
+            Err(SourceError::NotFound {
+                what: format!("image {image}"),
+                source_name: last.unwrap_or_else(|| "(no image servers)".into()),
+            })
+        })
+    }
+    fn hot_pages<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<bytes::Bytes>, SourceError>> {
+        Box::pin(async move {
+            for s in &self.sources {
+                if let Ok(Some(b)) = s.hot_pages(image).await {
+                    return Ok(Some(b));
+                }
+            }
+            Ok(None)
+        })
+    }
+    fn put_hot_pages<'a>(&'a self, image: &'a ImageRef, bundle: bytes::Bytes) -> BoxFuture<'a, Result<(), SourceError>> {
+        // With the profile: on the first server that has the image.
+        Box::pin(async move {
+            let mut last = None;
+            for s in &self.sources {
+                if s.manifest(image).await.is_ok() {
+                    return s.put_hot_pages(image, bundle).await;
                 }
                 last = Some(s.describe());
             }

@@ -67,6 +67,22 @@ impl ChunkSource for StoreSource {
         })
     }
 
+    fn hot_pages<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<bytes::Bytes>, SourceError>> {
+        Box::pin(async move {
+            match self.client.hot_pages(image).await {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(self.map(format!("hot pages of image {image}"), e)),
+            }
+        })
+    }
+
+    fn put_hot_pages<'a>(&'a self, image: &'a ImageRef, bundle: bytes::Bytes) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            self.client.put_hot_pages(image, bundle).await.map_err(|e| self.map(format!("hot pages of image {image}"), e))
+        })
+    }
+
     fn describe(&self) -> String {
         self.client.base_url().to_string()
     }

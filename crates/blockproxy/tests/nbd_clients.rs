@@ -712,3 +712,134 @@ async fn unix_socket_access_is_its_mode_and_group() {
     let o = as_ids("65533").await;
     assert!(!o.status.success() && text(&o).contains("Permission denied"), "a client of another group: {}", text(&o));
 }
+
+/// A warm image's saved RAM: the pages a first restore reads become its hot pages (a verified
+/// bundle, the RAM chunks leave the profile); a second host answers those pages from the
+/// bundle without fetching their chunks, other pages through the chunks; a forged bundle is
+/// refused by the image server, and one planted in its store is refused by the host, which
+/// then reads the right bytes from the chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_pages_of_a_saved_ram_are_recorded_then_served_verified() {
+    use vgrid_api::{Blob, SavedRam, SavedState, StateMeta};
+    use vgrid_imagestore::hotpages;
+    let f = Fixture::new("base").await;
+    let client = StoreClient::new(&f.server.url()).unwrap();
+    // A warm image whose 2 MiB of RAM are the base's chunks 5..37 (10..20 are zero chunks).
+    let mut m = f.manifest.clone();
+    m.name = "warm".into();
+    m.parent = Some(f.manifest.image_ref());
+    let ram_chunks: Vec<_> = f.manifest.disk.chunks[5..37].to_vec();
+    let ram_data = f.data[5 * CHUNK as usize..37 * CHUNK as usize].to_vec();
+    m.state = Some(SavedState {
+        blob: Blob { size: CHUNK as u64, chunks: vec![f.manifest.disk.chunks[0]] },
+        meta: StateMeta { qemu_version: "10.0.0".into(), machine: "pc".into(), cpus: 1, memory_mib: 2, accel: "tcg".into(), saved: 0 },
+        ram: Some(SavedRam { chunk_size: CHUNK, blob: Blob { size: 2 << 20, chunks: ram_chunks.clone() } }),
+    });
+    let up = client.begin_upload().await.unwrap();
+    let warm = client.commit(&up, &m).await.unwrap();
+    let image = warm.image_ref();
+    assert!(client.hot_pages(&image).await.unwrap_err().is_not_found());
+
+    // First restore: pages 3 (chunk 0), 40 and 47 (chunk 2), 17 and 16 (chunk 1), 90 (a zero
+    // chunk), read one by one as a lazily restored guest faults them.
+    let mut cfg = ProxyConfig::new(f.path("cache1"), 1 << 30);
+    cfg.ram_profile_window = Duration::from_secs(600);
+    cfg.ram_prefetch_concurrency = 0;
+    let proxy = BlockProxy::new(cfg, f.source()).unwrap();
+    let sock = f.path("nbd1.sock");
+    let _server = proxy.serve_unix(&sock).unwrap();
+    let u = uri(&format!("{image}/ram"), &sock);
+    let pages = [3u64, 40, 47, 17, 16, 90];
+    let mut args: Vec<String> = vec!["-r".into(), "-f".into(), "raw".into()];
+    for p in pages {
+        args.push("-c".into());
+        args.push(format!("read {} 4k", p * 4096));
+    }
+    args.push(u.clone());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok("qemu-io", &a).await;
+    // The export closed: the recording ends, the bundle and the profile are uploaded.
+    let mut profile = None;
+    for _ in 0..300 {
+        if let Ok(p) = client.profile(&image).await {
+            profile = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let profile = profile.expect("no profile was uploaded");
+    assert_eq!(profile.hot_pages, 5, "the zero chunk's page is not a hot page: {profile:?}");
+    let disk = f.manifest.disk.chunks.len() as u64;
+    assert!(profile.chunks.iter().all(|&i| i < disk), "the RAM chunks left the profile: {profile:?}");
+    let bundle = client.hot_pages(&image).await.unwrap();
+    let hot = hotpages::decode(&bundle, &m.state.as_ref().unwrap().ram.as_ref().unwrap().blob, CHUNK).unwrap();
+    let mut got: Vec<u64> = hot.pages.keys().copied().collect();
+    got.sort();
+    assert_eq!(got, vec![3, 16, 17, 40, 47]);
+    for (p, b) in &hot.pages {
+        assert!(b[..] == ram_data[*p as usize * 4096..(*p as usize + 1) * 4096], "page {p}");
+    }
+
+    // A second host: the hot pages come from the bundle; their chunks are not fetched.
+    let mut cfg = ProxyConfig::new(f.path("cache2"), 1 << 30);
+    cfg.ram_prefetch_concurrency = 0;
+    cfg.fetch_timeout = Duration::from_secs(30);
+    let proxy2 = BlockProxy::new(cfg, f.source()).unwrap();
+    let sock2 = f.path("nbd2.sock");
+    let _server2 = proxy2.serve_unix(&sock2).unwrap();
+    let _keep = proxy2.open_export(&format!("{image}/ram")).await.unwrap();
+    for _ in 0..300 {
+        if proxy2.hot_pages_loaded(&image).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(proxy2.hot_pages_loaded(&image), Some(5));
+    let u2 = uri(&format!("{image}/ram"), &sock2);
+    let out = f.path("ram-pages.out");
+    let mut args: Vec<String> = vec!["-f".into(), "raw".into(), "-r".into()];
+    for p in [40u64, 3, 17] {
+        args.push("-c".into());
+        args.push(format!("read -v {} 4k", p * 4096));
+    }
+    args.push(u2.clone());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let dump = ok("qemu-io", &a).await;
+    std::fs::write(&out, &dump).unwrap();
+    let hex = |p: u64| {
+        let b = &ram_data[p as usize * 4096..p as usize * 4096 + 16];
+        b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
+    };
+    for p in [40u64, 3, 17] {
+        assert!(dump.contains(&hex(p)), "page {p} as served:\n{}", &dump[..dump.len().min(2000)]);
+    }
+    for c in [0usize, 1, 2] {
+        assert!(!proxy2.cache().contains(&ram_chunks[c].unwrap()), "RAM chunk {c} was fetched although its pages were hot");
+    }
+    // A page that is not hot, and a read across hot and cold pages: through the chunks, exact.
+    let o = run("qemu-img", &["dd", "-f", "raw", "-O", "raw", &format!("if={u2}"), &format!("of={}", f.path("ram.out").display()), "bs=64k", "count=32"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(f.path("ram.out")).unwrap() == ram_data, "the saved RAM read back differs");
+
+    // A forged bundle (page 40 changed) is refused by the image server.
+    let mut forged_chunk = ram_data[2 * CHUNK as usize..3 * CHUNK as usize].to_vec();
+    forged_chunk[8 * 4096] ^= 0xff;
+    let forged = hotpages::encode(4096, CHUNK, &[hotpages::HotChunk { index: 2, data: &forged_chunk, pages: vec![8] }]).unwrap();
+    let e = client.put_hot_pages(&image, forged.clone().into()).await.unwrap_err();
+    assert!(e.to_string().contains("hot pages of image warm@1"), "{e}");
+    // Planted in the store behind the server's back: the next host refuses it and reads the
+    // chunk instead.
+    let planted = f.path("store").join("profiles/warm/1.hot");
+    assert!(planted.exists(), "the bundle's object is at {}", planted.display());
+    std::fs::write(&planted, &forged).unwrap();
+    let mut cfg = ProxyConfig::new(f.path("cache3"), 1 << 30);
+    cfg.ram_prefetch_concurrency = 0;
+    let proxy3 = BlockProxy::new(cfg, f.source()).unwrap();
+    let sock3 = f.path("nbd3.sock");
+    let _server3 = proxy3.serve_unix(&sock3).unwrap();
+    let u3 = uri(&format!("{image}/ram"), &sock3);
+    let o = run("qemu-img", &["dd", "-f", "raw", "-O", "raw", &format!("if={u3}"), &format!("of={}", f.path("ram3.out").display()), "bs=64k", "count=32"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(f.path("ram3.out")).unwrap() == ram_data, "a planted bundle changed the bytes served");
+    assert_eq!(proxy3.hot_pages_loaded(&image), None);
+}

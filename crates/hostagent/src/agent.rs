@@ -207,6 +207,14 @@ impl vgrid_blockproxy::ChunkSource for ServerList {
         let s = self.get();
         Box::pin(async move { s.put_profile(image, profile).await })
     }
+    fn hot_pages<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<bytes::Bytes>, SourceError>> {
+        let s = self.get();
+        Box::pin(async move { s.hot_pages(image).await })
+    }
+    fn put_hot_pages<'a>(&'a self, image: &'a ImageRef, bundle: bytes::Bytes) -> BoxFuture<'a, Result<(), SourceError>> {
+        let s = self.get();
+        Box::pin(async move { s.put_hot_pages(image, bundle).await })
+    }
     fn describe(&self) -> String {
         self.get().describe()
     }

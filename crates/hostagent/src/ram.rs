@@ -70,8 +70,12 @@ const RAM_ID: &str = "pc.ram";
 pub const PAGE: usize = 4096;
 /// The pager's read-only RAM file in a runtime directory (a FUSE mount point).
 pub const LAZY_FILE: &str = "ram.img";
-/// KiB a page fault on the pager's file reads around the faulting page.
-const FAULT_READAHEAD_KB: u32 = 32;
+/// KiB a page fault on the pager's file reads around the faulting page: none at first (the
+/// pages a restored guest touches first are recorded, and later served, page by page as the
+/// image's hot pages), about half a RAM chunk once the host fetches the rest of the RAM.
+const FAULT_READAHEAD_KB: [u32; 2] = [0, 32];
+/// When the readahead grows: with the block proxy's background fetch of a saved RAM.
+const READAHEAD_GROWS_AFTER: Duration = Duration::from_secs(3);
 /// The pager's pid, in the runtime directory.
 const PAGER_PID: &str = "pager.pid";
 /// Filesystem magic numbers (statfs `f_type`).
@@ -293,14 +297,21 @@ pub async fn start_pager(dir: &Path, nbd_socket: &Path, export: &str, size: u64,
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::lchown(&file, Some(uid), Some(gid)).map_err(|e| format!("handing {} to QEMU's user: {e}", file.display()))?;
     }
-    // A page fault reads this much around it: about one RAM chunk, not the default 128 KiB.
+    // What a page fault reads around it (not the default 128 KiB): see FAULT_READAHEAD_KB.
     if let Ok(m) = std::fs::metadata(&file) {
         use std::os::unix::fs::MetadataExt;
         let (major, minor) = (libc::major(m.dev()), libc::minor(m.dev()));
         let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
-        if let Err(e) = std::fs::write(&knob, FAULT_READAHEAD_KB.to_string()) {
-            tracing::debug!(knob, "cannot set the pager's readahead: {e}");
-        }
+        let set = move |kb: u32| {
+            if let Err(e) = std::fs::write(&knob, kb.to_string()) {
+                tracing::debug!(knob, "cannot set the pager's readahead: {e}");
+            }
+        };
+        set(FAULT_READAHEAD_KB[0]);
+        tokio::spawn(async move {
+            tokio::time::sleep(READAHEAD_GROWS_AFTER).await;
+            set(FAULT_READAHEAD_KB[1]);
+        });
     }
     tracing::debug!(dir = %dir.display(), export, took_ms = t0.elapsed().as_millis() as u64, "RAM pager mounted");
     Ok(file)

@@ -347,6 +347,21 @@ impl StoreClient {
         self.json(resp, &object).await
     }
 
+    /// The hot-page bundle of an image version (`r.version` must be set), unverified: check
+    /// it with [`crate::hotpages::decode`] against the manifest.
+    pub async fn hot_pages(&self, r: &ImageRef) -> Result<Bytes, ClientError> {
+        let object = format!("hot pages of image {r}");
+        let resp = self.send(Method::GET, &format!("{}/profile/hot", Self::ref_path(r)), &object, Body::None, true).await?;
+        self.bytes(resp, &object).await
+    }
+
+    /// Stores the hot-page bundle of an image version (`r.version` must be set).
+    pub async fn put_hot_pages(&self, r: &ImageRef, bundle: Bytes) -> Result<(), ClientError> {
+        let object = format!("hot pages of image {r}");
+        self.send(Method::PUT, &format!("{}/profile/hot", Self::ref_path(r)), &object, Body::Raw(bundle), true).await?;
+        Ok(())
+    }
+
     /// Stores the boot profile of an image version (`r.version` must be set).
     pub async fn put_profile(&self, r: &ImageRef, p: &BootProfile) -> Result<(), ClientError> {
         let object = format!("boot profile of image {r}");

@@ -16,6 +16,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod hotpages;
 pub mod import;
 pub mod server;
 pub mod store;

@@ -5,6 +5,7 @@
 //! | GET | `/images` | `[ImageSummary]` |
 //! | GET, DELETE | `/images/{name}` and `/images/{name}/{version}` | `Manifest` / `GcReport` |
 //! | GET, PUT | `/images/{name}/{version}/profile` | `BootProfile` |
+//! | GET, PUT | `/images/{name}/{version}/profile/hot` | hot-page bundle (`hotpages`), zstd |
 //! | GET, HEAD | `/chunks/{hash}` | zstd bytes, `ETag: "<hash>"`, immutable |
 //! | POST | `/gc` | `GcReport` (collect unreferenced chunks now) |
 //! | POST | `/uploads` | `UploadCreated` |
@@ -76,6 +77,8 @@ impl From<StoreError> for ApiError {
             ChunkNotFound(h) => (StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, format!("chunk {h}")),
             UploadNotFound(id) => (StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, format!("upload {id}")),
             ProfileNotFound(r) => (StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, format!("profile of image {r}")),
+            HotPagesNotFound(r) => (StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, format!("hot pages of image {r}")),
+            BadHotPages { image, .. } => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("hot pages of image {image}")),
             ImageExists(r) => (StatusCode::CONFLICT, ErrorKind::CONFLICT, format!("image {r}")),
             InvalidManifest { image, .. } => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("image {image}")),
             BadName(cause) => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, cause.to_string()),
@@ -216,6 +219,7 @@ fn routes() -> Router<Arc<ImageStore>> {
         .route("/store/v1/images/{name}", get(get_latest).delete(delete_all))
         .route("/store/v1/images/{name}/{version}", get(get_version).delete(delete_version))
         .route("/store/v1/images/{name}/{version}/profile", get(get_profile).put(put_profile))
+        .route("/store/v1/images/{name}/{version}/profile/hot", get(get_hot_pages).put(put_hot_pages))
         .route("/store/v1/chunks/{hash}", get(get_chunk).head(head_chunk))
         .route("/store/v1/gc", post(run_gc))
         .route("/store/v1/uploads", post(begin_upload))
@@ -286,6 +290,23 @@ async fn delete_version(State(s): St, Path((name, version)): Path<(String, Strin
 async fn get_profile(State(s): St, Path((name, version)): Path<(String, String)>) -> Res<Json<BootProfile>> {
     let r = parse_ref(&name, Some(&version))?;
     Ok(Json(s.get_profile(&r).await?))
+}
+
+async fn get_hot_pages(State(s): St, Path((name, version)): Path<(String, String)>) -> Res<Response> {
+    let r = parse_ref(&name, Some(&version))?;
+    let b = s.get_hot_pages(&r).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/zstd")], b).into_response())
+}
+
+async fn put_hot_pages(
+    State(s): St,
+    Path((name, version)): Path<(String, String)>,
+    b: Result<Bytes, BytesRejection>,
+) -> Res<StatusCode> {
+    let r = parse_ref(&name, Some(&version))?;
+    let b = b.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, &format!("hot pages of image {r}"), e.body_text()))?;
+    s.put_hot_pages(&r, b).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn put_profile(

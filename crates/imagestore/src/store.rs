@@ -68,6 +68,10 @@ pub enum StoreError {
     ProfileNotFound(ImageRef),
     #[error("boot profile of image {image}: chunk index {index} is beyond the disk's {chunks} chunks")]
     BadProfile { image: ImageRef, index: u64, chunks: usize },
+    #[error("hot pages of image {0} not found")]
+    HotPagesNotFound(ImageRef),
+    #[error("hot pages of image {image} refused: {cause}")]
+    BadHotPages { image: ImageRef, cause: String },
     #[error("image store is out of space while writing {object}")]
     NoSpace { object: String },
     #[error("image store: {op} {object} failed: {source}")]
@@ -128,6 +132,10 @@ fn manifest_path(name: &str, version: u32) -> Path {
 }
 fn profile_path(name: &str, version: u32) -> Path {
     Path::from(format!("profiles/{name}/{version}.json"))
+}
+
+fn hot_pages_path(name: &str, version: u32) -> Path {
+    Path::from(format!("profiles/{name}/{version}.hot"))
 }
 fn owner_path(name: &str) -> Path {
     Path::from(format!("owners/{name}.json"))
@@ -545,9 +553,11 @@ impl ImageStore {
                 .delete(&manifest_path(&r.name, v))
                 .await
                 .map_err(|e| StoreError::backend("delete", format!("manifest of image {vr}"), e))?;
-            match self.objects.delete(&profile_path(&r.name, v)).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => tracing::warn!(image = %vr, error = %e, "could not delete boot profile"),
+            for path in [profile_path(&r.name, v), hot_pages_path(&r.name, v)] {
+                match self.objects.delete(&path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => tracing::warn!(image = %vr, error = %e, object = %path, "could not delete boot profile"),
+                }
             }
             tracing::info!(image = %vr, "image deleted");
         }
@@ -637,6 +647,39 @@ impl ImageStore {
             }
             Err(e) => Err(StoreError::backend("read", format!("boot profile of image {r}"), e)),
         }
+    }
+
+    /// The hot-page bundle of an image version (see [`crate::hotpages`]), as stored.
+    pub async fn get_hot_pages(&self, r: &ImageRef) -> Result<bytes::Bytes, StoreError> {
+        let r = self.resolve(r).await?;
+        let v = r.version.expect("resolved");
+        let res = match self.objects.get(&hot_pages_path(&r.name, v)).await {
+            Ok(g) => g.bytes().await,
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(b) => Ok(b),
+            Err(object_store::Error::NotFound { .. }) => {
+                self.get_manifest(&r).await?;
+                Err(StoreError::HotPagesNotFound(r))
+            }
+            Err(e) => Err(StoreError::backend("read", format!("hot pages of image {r}"), e)),
+        }
+    }
+
+    /// Stores (replaces) the hot-page bundle of a warm image version with a saved RAM, after
+    /// verifying every page in it against the manifest.
+    pub async fn put_hot_pages(&self, r: &ImageRef, bundle: bytes::Bytes) -> Result<u64, StoreError> {
+        let m = self.get_manifest(r).await?;
+        let r = m.image_ref();
+        let bad = |cause: String| StoreError::BadHotPages { image: r.clone(), cause };
+        let ram = m.state.as_ref().and_then(|s| s.ram.as_ref()).ok_or_else(|| bad("the image has no saved RAM".into()))?;
+        let pages = crate::hotpages::decode(&bundle, &ram.blob, ram.chunk_size).map_err(|e| bad(e.to_string()))?;
+        self.objects
+            .put(&hot_pages_path(&r.name, r.version.expect("concrete")), PutPayload::from(bundle))
+            .await
+            .map_err(|e| StoreError::backend("write", format!("hot pages of image {r}"), e))?;
+        Ok(pages.pages.len() as u64)
     }
 
     /// Stores (replaces) the boot profile of an existing image version.

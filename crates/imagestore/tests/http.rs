@@ -217,10 +217,10 @@ async fn boot_profiles() {
     upload_image(&s.client, "p", CS, &[Some(chunk_data(1, 4096)), Some(chunk_data(2, 4096))]).await;
     let e = s.client.profile(&r("p")).await.unwrap_err();
     assert!(e.is_not_found(), "{e}");
-    let prof = BootProfile { chunks: vec![1, 0] };
+    let prof = BootProfile { chunks: vec![1, 0], hot_pages: 0 };
     s.client.put_profile(&r("p@1"), &prof).await.unwrap();
     assert_eq!(s.client.profile(&r("p")).await.unwrap(), prof);
-    let e = s.client.put_profile(&r("p@1"), &BootProfile { chunks: vec![2] }).await.unwrap_err();
+    let e = s.client.put_profile(&r("p@1"), &BootProfile { chunks: vec![2], hot_pages: 0 }).await.unwrap_err();
     assert_eq!(e.status(), Some(400), "{e}");
     let e = s.client.put_profile(&r("q@1"), &prof).await.unwrap_err();
     assert!(e.is_not_found(), "{e}");
