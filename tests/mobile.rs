@@ -588,11 +588,30 @@ fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
         !std::fs::read_to_string("/proc/mounts").unwrap().contains(ram_file.to_str().unwrap())
     });
 
+    // The first restore recorded the pages its guest touched first: h2 uploaded them as the
+    // image's hot pages, which the next restore (on h1) loads instead of their chunks.
+    let logs = |prefix: &str| -> String {
+        std::fs::read_dir(g.dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect()
+    };
+    g.wait_until("h2 to upload the hot pages", Duration::from_secs(60), || logs("h2").contains("hot pages uploaded"));
+
     // h1 (by default) fetches a restored guest's whole RAM in the background: once it is in the
     // cache, the guest no longer needs the image server. Stop the server and fill the memory.
     let w = g.json(&["vm", "run", "lazywarm", "--name", "fetched", "--require", "host.name == \"h1\"", "--timeout", "300"]);
     let fid = w["id"].as_str().unwrap().to_string();
     let d1 = g.runtime_dir("h1", &fid);
+    {
+        let _c = type_on_console(&d1, "echo hot-$(cat /tmp/lazy.txt)");
+        wait_console(&d1, "the guest restored with hot pages to answer", Duration::from_secs(120), |c| c.contains("hot-lazy-ram-marker"));
+    }
+    let h1log = logs("h1");
+    assert!(h1log.contains("hot pages loaded"), "h1 did not load the hot pages:\n{}", g.logs());
+    assert!(!h1log.contains("hot pages refused"), "{}", g.logs());
     let cache1 = g.dir.path().join("h1/cache/chunks");
     g.wait_until("h1 to fetch the whole RAM", Duration::from_secs(120), || {
         ram_chunks.iter().all(|h| cache1.join(&h[..2]).join(h.as_str()).exists())

@@ -236,43 +236,51 @@ impl Export {
     }
 
     /// A read of a saved RAM answered from its image's hot pages (see `hot.rs`): the bytes
-    /// if every page of the range is hot (waiting briefly for a bundle that is loading),
-    /// `None` to read the chunks. Always `None` for a disk.
+    /// if every page of the range is hot (waiting briefly for announced pages still on their
+    /// way), `None` to read the chunks. Always `None` for a disk.
     pub(crate) async fn hot_read(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
         if !self.ram || len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size()) {
             return None;
         }
-        let mut r = self.shared.hot_read(&self.image, offset, len);
-        if let crate::hot::HotRead::Wait(st) = r {
-            st.wait().await;
-            r = self.shared.hot_read(&self.image, offset, len);
-        }
-        match r {
-            crate::hot::HotRead::Data(d) => {
-                let cs = self.chunk_size() as u64;
-                self.record(offset / cs, (offset + len - 1) / cs);
-                self.record_pages(offset, len);
-                Some(d)
+        let deadline = tokio::time::Instant::now() + crate::hot::LOAD_WAIT;
+        loop {
+            let st = self.shared.hot_state(&self.image)?;
+            let mut changes = st.subscribe();
+            match st.read(offset, len) {
+                crate::hot::HotRead::Data(d) => {
+                    self.record_hot(offset, len);
+                    return Some(d);
+                }
+                crate::hot::HotRead::No => return None,
+                crate::hot::HotRead::Wait => {}
             }
-            _ => None,
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
         }
     }
 
-    /// Like [`Export::hot_read`] without waiting: `Err(())` when the bundle is loading.
+    /// Like [`Export::hot_read`] without waiting: `Err(())` when pages are on their way.
     pub(crate) fn hot_read_now(&self, offset: u64, len: u64) -> Result<Option<Vec<u8>>, ()> {
         if !self.ram || len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size()) {
             return Ok(None);
         }
-        match self.shared.hot_read(&self.image, offset, len) {
+        let Some(st) = self.shared.hot_state(&self.image) else { return Ok(None) };
+        match st.read(offset, len) {
             crate::hot::HotRead::Data(d) => {
-                let cs = self.chunk_size() as u64;
-                self.record(offset / cs, (offset + len - 1) / cs);
-                self.record_pages(offset, len);
+                self.record_hot(offset, len);
                 Ok(Some(d))
             }
-            crate::hot::HotRead::Wait(_) => Err(()),
+            crate::hot::HotRead::Wait => Err(()),
             crate::hot::HotRead::No => Ok(None),
         }
+    }
+
+    fn record_hot(&self, offset: u64, len: u64) {
+        let cs = self.chunk_size() as u64;
+        self.record(offset / cs, (offset + len - 1) / cs);
+        self.record_pages(offset, len);
     }
 
     /// Copies `[offset, offset+buf.len())` of the chunk files returned by [`Export::files`].

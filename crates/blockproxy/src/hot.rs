@@ -2,70 +2,80 @@
 //! recorded at an image's first restore and sent to later restores as one verified bundle
 //! (`vgrid_imagestore::hotpages`) instead of the whole chunks around them.
 //!
-//! While a bundle loads, reads of that image's saved RAM wait for it (briefly): it is small and
-//! on its way, while the chunk a read would fetch instead is 16 times the page. Reads of pages
-//! not in the bundle go through the chunk cache as before.
+//! The bundle is decoded as it streams in: its table says which pages will come, in the order
+//! the first guest touched them, and each chunk's pages are served as soon as they are
+//! verified. A read of an announced page that has not arrived yet waits for it (briefly: it is
+//! on its way, while the chunk a read would fetch instead is 16 times the page); reads of other
+//! pages go through the chunk cache at once.
 
 use crate::export::Shared;
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vgrid_api::{ImageRef, Manifest};
-use vgrid_imagestore::hotpages::{self, HotChunk, HotPages, HOT_PAGE_SIZE};
+use vgrid_imagestore::hotpages::{self, HotChunk, HOT_PAGE_SIZE};
 
-/// How long a read of a saved RAM waits for its image's bundle to load.
-const LOAD_WAIT: Duration = Duration::from_secs(3);
+/// How long a read of a saved RAM waits for announced hot pages.
+pub(crate) const LOAD_WAIT: Duration = Duration::from_secs(3);
 
-#[derive(Clone)]
-pub(crate) enum Phase {
-    Loading,
-    Ready(Arc<HotPages>),
-    /// Failed or dropped: reads go through the chunks.
-    Gone,
+#[derive(Default)]
+struct Inner {
+    page_size: u64,
+    /// The pages the bundle's table announced (`None`: the table has not arrived).
+    announced: Option<HashSet<u64>>,
+    pages: HashMap<u64, bytes::Bytes>,
+    /// No more pages will come (all arrived, or the load failed or was dropped).
+    done: bool,
 }
 
 /// The hot pages of one image version on this host.
 pub(crate) struct HotState {
-    phase: tokio::sync::watch::Sender<Phase>,
+    inner: Mutex<Inner>,
+    /// Bumped at every change, for waiting readers.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// What a read of a saved RAM gets from the hot pages.
 pub(crate) enum HotRead {
     /// Every page of the range: its bytes.
     Data(Vec<u8>),
-    /// The bundle is loading: wait with [`HotState::wait`], then ask again.
-    Wait(Arc<HotState>),
+    /// Pages of the range are announced and still on their way.
+    Wait,
     /// Not (all) hot: read the chunks.
     No,
 }
 
 impl HotState {
     fn new() -> Arc<HotState> {
-        Arc::new(HotState { phase: tokio::sync::watch::channel(Phase::Loading).0 })
+        Arc::new(HotState { inner: Mutex::new(Inner::default()), changes: tokio::sync::watch::channel(0).0 })
     }
 
-    /// Waits (at most [`LOAD_WAIT`]) until the bundle is loaded or has failed.
-    pub(crate) async fn wait(&self) {
-        let mut rx = self.phase.subscribe();
-        let _ = tokio::time::timeout(LOAD_WAIT, rx.wait_for(|p| !matches!(p, Phase::Loading))).await;
+    fn update(&self, f: impl FnOnce(&mut Inner)) {
+        f(&mut self.inner.lock().unwrap());
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// A receiver that sees every change after this call.
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The bytes of `[offset, offset+len)` if every page of it is hot.
-    fn read(self: &Arc<Self>, offset: u64, len: u64) -> HotRead {
-        let pages = match &*self.phase.borrow() {
-            Phase::Ready(p) => p.clone(),
-            Phase::Loading => return HotRead::Wait(self.clone()),
-            Phase::Gone => return HotRead::No,
+    pub(crate) fn read(&self, offset: u64, len: u64) -> HotRead {
+        let g = self.inner.lock().unwrap();
+        let Some(announced) = &g.announced else {
+            return if g.done { HotRead::No } else { HotRead::Wait };
         };
-        let ps = pages.page_size as u64;
+        let ps = g.page_size;
         let (first, last) = (offset / ps, (offset + len - 1) / ps);
-        if !(first..=last).all(|p| pages.pages.contains_key(&p)) {
-            return HotRead::No;
+        if !(first..=last).all(|p| g.pages.contains_key(&p)) {
+            let coming = !g.done && (first..=last).all(|p| announced.contains(&p));
+            return if coming { HotRead::Wait } else { HotRead::No };
         }
         let mut out = Vec::with_capacity(len as usize);
         let mut pos = offset;
         while pos < offset + len {
-            let page = &pages.pages[&(pos / ps)];
+            let page = &g.pages[&(pos / ps)];
             let at = (pos % ps) as usize;
             let n = (page.len() - at).min((offset + len - pos) as usize);
             out.extend_from_slice(&page[at..at + n]);
@@ -73,27 +83,29 @@ impl HotState {
         }
         HotRead::Data(out)
     }
+
+    /// Pages loaded, once the load has ended.
+    fn loaded(&self) -> Option<usize> {
+        let g = self.inner.lock().unwrap();
+        (g.done && g.announced.is_some()).then_some(g.pages.len())
+    }
 }
 
 impl Shared {
-    /// What the hot pages of `image` hold for a read of its saved RAM.
-    pub(crate) fn hot_read(&self, image: &ImageRef, offset: u64, len: u64) -> HotRead {
-        let st = self.hot.lock().unwrap().get(image).cloned();
-        match st {
-            Some(s) => s.read(offset, len),
-            None => HotRead::No,
-        }
+    /// The hot pages of `image`, if any are loading or loaded here.
+    pub(crate) fn hot_state(&self, image: &ImageRef) -> Option<Arc<HotState>> {
+        self.hot.lock().unwrap().get(image).cloned()
     }
 
     /// Forgets the hot pages of `image` (its saved RAM is cached whole, or no longer served).
     pub(crate) fn drop_hot(&self, image: &ImageRef) {
         if let Some(s) = self.hot.lock().unwrap().remove(image) {
-            s.phase.send_replace(Phase::Gone);
+            s.update(|g| g.done = true);
         }
     }
 
-    /// Fetches and verifies the hot-page bundle of warm image `manifest`, which its profile
-    /// says has `n` pages; reads of its saved RAM wait for it meanwhile.
+    /// Streams in and verifies the hot-page bundle of warm image `manifest`, which its profile
+    /// says has `n` pages; reads of announced pages wait for them meanwhile.
     pub(crate) fn load_hot(self: &Arc<Self>, manifest: Arc<Manifest>, n: u64) {
         let Some(ram) = manifest.state.as_ref().and_then(|s| s.ram.clone()) else { return };
         let image = manifest.image_ref();
@@ -101,42 +113,88 @@ impl Shared {
         self.hot.lock().unwrap().insert(image.clone(), st.clone());
         let shared = self.clone();
         tokio::spawn(async move {
+            use futures::StreamExt;
             let started = Instant::now();
-            let fetched = shared.source.hot_pages(&image).await;
-            let took = started.elapsed();
-            let phase = match fetched {
-                Ok(Some(bundle)) => {
-                    let len = bundle.len();
-                    let decoded = tokio::task::spawn_blocking(move || hotpages::decode(&bundle, &ram.blob, ram.chunk_size)).await;
-                    match decoded {
-                        Ok(Ok(p)) => {
-                            let bytes = p.pages.len() as u64 * p.page_size as u64;
-                            shared.cache.counters.record_fetch(took, bytes);
-                            tracing::info!(image = %image, pages = p.pages.len(), expected = n, bundle_bytes = len,
-                                "hot pages loaded in {:.3} s", started.elapsed().as_secs_f64());
-                            Phase::Ready(Arc::new(p))
-                        }
-                        Ok(Err(e)) => {
-                            tracing::warn!(image = %image, "hot pages refused, reading whole chunks instead: {e}");
-                            Phase::Gone
-                        }
-                        Err(e) => {
-                            tracing::warn!(image = %image, "hot pages: verification task failed: {e}");
-                            Phase::Gone
-                        }
-                    }
-                }
+            let mut stream = match shared.source.hot_pages(&image).await {
+                Ok(Some(s)) => s,
                 Ok(None) => {
                     tracing::warn!(image = %image, "the boot profile names hot pages but the image server has none");
-                    Phase::Gone
+                    st.update(|g| g.done = true);
+                    return;
                 }
                 Err(e) => {
                     tracing::warn!(image = %image, "cannot fetch hot pages, reading whole chunks instead: {e}");
-                    Phase::Gone
+                    st.update(|g| g.done = true);
+                    return;
                 }
             };
-            st.phase.send_replace(phase);
+            // The decoder reads from a channel the stream feeds: it runs on a blocking thread.
+            let (tx, rx) = std::sync::mpsc::channel::<Result<bytes::Bytes, String>>();
+            let feed = tokio::spawn(async move {
+                let mut n = 0u64;
+                while let Some(b) = stream.next().await {
+                    let r = b.map_err(|e| e.to_string());
+                    let failed = r.is_err();
+                    n += r.as_ref().map(|b| b.len() as u64).unwrap_or(0);
+                    if tx.send(r).is_err() || failed {
+                        break;
+                    }
+                }
+                n
+            });
+            let (st2, img) = (st.clone(), image.clone());
+            let decoded = tokio::task::spawn_blocking(move || {
+                let reader = ChannelReader { rx, cur: bytes::Bytes::new() };
+                hotpages::decode_stream(
+                    reader,
+                    &ram.blob,
+                    ram.chunk_size,
+                    |ps, announced| {
+                        st2.update(|g| {
+                            g.page_size = ps as u64;
+                            g.announced = Some(announced.iter().copied().collect());
+                        })
+                    },
+                    |pages| st2.update(|g| g.pages.extend(pages)),
+                )
+            })
+            .await;
+            let bundle_bytes = feed.await.unwrap_or(0);
+            st.update(|g| g.done = true);
+            let took = started.elapsed();
+            let (pages, bytes) = {
+                let g = st.inner.lock().unwrap();
+                (g.pages.len(), g.pages.len() as u64 * g.page_size)
+            };
+            shared.cache.counters.record_fetch(took, bytes);
+            match decoded {
+                Ok(Ok(())) => tracing::info!(image = %img, pages, expected = n, bundle_bytes, "hot pages loaded in {:.3} s", took.as_secs_f64()),
+                Ok(Err(e)) => tracing::warn!(image = %img, pages_kept = pages, "hot pages refused, reading whole chunks instead: {e}"),
+                Err(e) => tracing::warn!(image = %img, "hot pages: the decoding task failed: {e}"),
+            }
         });
+    }
+}
+
+/// A blocking reader over byte buffers sent through a channel (an error ends it).
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Result<bytes::Bytes, String>>,
+    cur: bytes::Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.recv() {
+                Ok(Ok(b)) => self.cur = b,
+                Ok(Err(e)) => return Err(std::io::Error::other(e)),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        bytes::Buf::advance(&mut self.cur, n);
+        Ok(n)
     }
 }
 
@@ -187,14 +245,9 @@ pub(crate) fn build_bundle(shared: &Shared, manifest: &Manifest, pages: &[u64]) 
 }
 
 impl crate::BlockProxy {
-    /// How many hot pages of warm image `image` are loaded here (`None`: none, or still
+    /// How many hot pages of warm image `image` were loaded here (`None`: none, or still
     /// loading).
     pub fn hot_pages_loaded(&self, image: &ImageRef) -> Option<usize> {
-        let st = self.shared.hot.lock().unwrap().get(image).cloned()?;
-        let phase = st.phase.borrow().clone();
-        match phase {
-            Phase::Ready(p) => Some(p.pages.len()),
-            _ => None,
-        }
+        self.shared.hot_state(image)?.loaded()
     }
 }

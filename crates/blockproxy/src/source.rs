@@ -6,6 +6,9 @@ use std::sync::Arc;
 use vgrid_api::rest::BootProfile;
 use vgrid_api::{ChunkHash, ImageRef, Manifest};
 
+/// Bytes as they arrive from a source.
+pub type ByteStream = futures::stream::BoxStream<'static, Result<bytes::Bytes, SourceError>>;
+
 /// Why a source could not answer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SourceError {
@@ -39,9 +42,9 @@ pub trait ChunkSource: Send + Sync + 'static {
     fn profile<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>>;
     /// Stores the boot profile of a (versioned) image.
     fn put_profile<'a>(&'a self, image: &'a ImageRef, profile: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>>;
-    /// The hot-page bundle of a (versioned) warm image as stored (unverified: see
-    /// `vgrid_imagestore::hotpages::decode`), `None` when there is none.
-    fn hot_pages<'a>(&'a self, _image: &'a ImageRef) -> BoxFuture<'a, Result<Option<bytes::Bytes>, SourceError>> {
+    /// The hot-page bundle of a (versioned) warm image as stored, as it arrives (unverified:
+    /// see `vgrid_imagestore::hotpages::decode_stream`), `None` when there is none.
+    fn hot_pages<'a>(&'a self, _image: &'a ImageRef) -> BoxFuture<'a, Result<Option<ByteStream>, SourceError>> {
         Box::pin(async { Ok(None) })
     }
     /// Stores the hot-page bundle of a (versioned) warm image.
@@ -67,7 +70,7 @@ impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
     fn put_profile<'a>(&'a self, image: &'a ImageRef, profile: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
         (**self).put_profile(image, profile)
     }
-    fn hot_pages<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<bytes::Bytes>, SourceError>> {
+    fn hot_pages<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<ByteStream>, SourceError>> {
         (**self).hot_pages(image)
     }
     fn put_hot_pages<'a>(&'a self, image: &'a ImageRef, bundle: bytes::Bytes) -> BoxFuture<'a, Result<(), SourceError>> {
@@ -177,7 +180,7 @@ impl ChunkSource for Servers {
             })
         })
     }
-    fn hot_pages<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<bytes::Bytes>, SourceError>> {
+    fn hot_pages<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<ByteStream>, SourceError>> {
         Box::pin(async move {
             for s in &self.sources {
                 if let Ok(Some(b)) = s.hot_pages(image).await {

@@ -67,10 +67,15 @@ impl ChunkSource for StoreSource {
         })
     }
 
-    fn hot_pages<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<bytes::Bytes>, SourceError>> {
+    fn hot_pages<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<crate::source::ByteStream>, SourceError>> {
         Box::pin(async move {
-            match self.client.hot_pages(image).await {
-                Ok(b) => Ok(Some(b)),
+            match self.client.hot_pages_stream(image).await {
+                Ok(b) => {
+                    use futures::StreamExt;
+                    let this = self.clone();
+                    let what = format!("hot pages of image {image}");
+                    Ok(Some(b.map(move |r| r.map_err(|e| this.map(what.clone(), e))).boxed()))
+                }
                 Err(e) if e.is_not_found() => Ok(None),
                 Err(e) => Err(self.map(format!("hot pages of image {image}"), e)),
             }

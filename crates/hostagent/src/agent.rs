@@ -207,7 +207,7 @@ impl vgrid_blockproxy::ChunkSource for ServerList {
         let s = self.get();
         Box::pin(async move { s.put_profile(image, profile).await })
     }
-    fn hot_pages<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<bytes::Bytes>, SourceError>> {
+    fn hot_pages<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<vgrid_blockproxy::source::ByteStream>, SourceError>> {
         let s = self.get();
         Box::pin(async move { s.hot_pages(image).await })
     }

@@ -355,6 +355,25 @@ impl StoreClient {
         self.bytes(resp, &object).await
     }
 
+    /// [`StoreClient::hot_pages`] as it arrives (for [`crate::hotpages::decode_stream`]).
+    pub async fn hot_pages_stream(&self, r: &ImageRef) -> Result<futures::stream::BoxStream<'static, Result<Bytes, ClientError>>, ClientError> {
+        use futures::StreamExt;
+        let object = format!("hot pages of image {r}");
+        let resp = self.send(Method::GET, &format!("{}/profile/hot", Self::ref_path(r)), &object, Body::None, true).await?;
+        let base = self.base.clone();
+        Ok(resp
+            .bytes_stream()
+            .map(move |b| {
+                b.map_err(|e| ClientError::Unreachable {
+                    url: base.clone(),
+                    object: object.clone(),
+                    attempts: 1,
+                    cause: format!("reading the answer: {}", error_chain(&e)),
+                })
+            })
+            .boxed())
+    }
+
     /// Stores the hot-page bundle of an image version (`r.version` must be set).
     pub async fn put_hot_pages(&self, r: &ImageRef, bundle: Bytes) -> Result<(), ClientError> {
         let object = format!("hot pages of image {r}");

@@ -8,10 +8,12 @@
 //! chaining values and the chaining values must merge to the chunk's hash. A bundle from a
 //! careless or hostile uploader can therefore only be refused, never put wrong bytes in a guest.
 //!
-//! Layout (the whole zstd-compressed): `VGHOTPG1`, page size (u32 LE), chunk size (u32 LE),
-//! chunk count (u32 LE), then per chunk: its index in the RAM blob (u64 LE), one 32-byte
-//! chaining value per page of the chunk, the count of pages sent (u32 LE), their indices in the
-//! chunk (u32 LE each), then their bytes.
+//! Layout (the whole zstd-compressed, decoded as it streams in): `VGHOTPG1`, page size (u32 LE),
+//! chunk size (u32 LE), chunk count (u32 LE); then the table: per chunk its index in the RAM
+//! blob (u64 LE), the count of pages sent (u32 LE) and their indices in the chunk (u32 LE
+//! each); then per chunk, in table order: one 32-byte chaining value per page of the chunk,
+//! then the bytes of the pages sent. A reader knows from the table which pages will come, and
+//! uses each chunk's pages as soon as they are verified.
 
 use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode};
 use std::collections::HashMap;
@@ -85,16 +87,18 @@ pub fn encode(page: u32, chunk: u32, chunks: &[HotChunk<'_>]) -> Result<Vec<u8>,
             return Err(HotPagesError::BadChunk { index: c.index, cause: format!("{} bytes, not {chunk}", c.data.len()) });
         }
         out.extend_from_slice(&c.index.to_le_bytes());
-        for p in 0..per {
-            let bytes = &c.data[p * page as usize..(p + 1) * page as usize];
-            out.extend_from_slice(&page_cv(p as u32, page, bytes));
-        }
         out.extend_from_slice(&(c.pages.len() as u32).to_le_bytes());
         for &p in &c.pages {
             if p as usize >= per {
                 return Err(HotPagesError::BadChunk { index: c.index, cause: format!("page {p} is past the chunk's {per} pages") });
             }
             out.extend_from_slice(&p.to_le_bytes());
+        }
+    }
+    for c in chunks {
+        for p in 0..per {
+            let bytes = &c.data[p * page as usize..(p + 1) * page as usize];
+            out.extend_from_slice(&page_cv(p as u32, page, bytes));
         }
         for &p in &c.pages {
             out.extend_from_slice(&c.data[p as usize * page as usize..(p as usize + 1) * page as usize]);
@@ -110,45 +114,59 @@ pub struct HotPages {
     pub pages: HashMap<u64, bytes::Bytes>,
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
+fn read_exact(r: &mut impl std::io::Read, buf: &mut [u8], what: &str) -> Result<(), HotPagesError> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => HotPagesError::Malformed(format!("truncated in {what}")),
+        _ => HotPagesError::Malformed(format!("reading {what}: {e}")),
+    })
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], HotPagesError> {
-        if self.b.len() < n {
-            return Err(HotPagesError::Malformed(format!("truncated in {what}")));
-        }
-        let (h, t) = self.b.split_at(n);
-        self.b = t;
-        Ok(h)
-    }
-    fn u32(&mut self, what: &str) -> Result<u32, HotPagesError> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().unwrap()))
-    }
-    fn u64(&mut self, what: &str) -> Result<u64, HotPagesError> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
-    }
+fn read_u32(r: &mut impl std::io::Read, what: &str) -> Result<u32, HotPagesError> {
+    let mut b = [0u8; 4];
+    read_exact(r, &mut b, what)?;
+    Ok(u32::from_le_bytes(b))
 }
 
-/// Decompresses a bundle and verifies every page against `blob` (the saved RAM, of chunks of
-/// `chunk_size` bytes). Any mismatch refuses the whole bundle.
-pub fn decode(compressed: &[u8], blob: &Blob, chunk_size: u32) -> Result<HotPages, HotPagesError> {
-    let plain = zstd::bulk::decompress(compressed, MAX_HOT_BYTES).map_err(|e| HotPagesError::Malformed(format!("not zstd or too large: {e}")))?;
-    let mut r = Reader { b: &plain };
-    if r.take(MAGIC.len(), "the header")? != MAGIC {
+fn read_u64(r: &mut impl std::io::Read, what: &str) -> Result<u64, HotPagesError> {
+    let mut b = [0u8; 8];
+    read_exact(r, &mut b, what)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Decodes a bundle as it streams in from `compressed` (zstd), verifying every page against
+/// `blob` (the saved RAM, of chunks of `chunk_size` bytes). `on_table` gets the page numbers
+/// (offset / page size) the bundle announces, in order, before any page; `on_pages` gets each
+/// chunk's pages once verified. Stops at the first error: pages already handed over are
+/// verified and good; the rest never come.
+pub fn decode_stream(
+    compressed: impl std::io::Read,
+    blob: &Blob,
+    chunk_size: u32,
+    mut on_table: impl FnMut(u32, &[u64]),
+    mut on_pages: impl FnMut(Vec<(u64, bytes::Bytes)>),
+) -> Result<(), HotPagesError> {
+    let z = zstd::stream::read::Decoder::new(compressed).map_err(|e| HotPagesError::Malformed(format!("not zstd: {e}")))?;
+    // Bounded: at most the pages of the whole saved RAM, plus their tree.
+    let mut r = std::io::Read::take(z, MAX_HOT_BYTES as u64);
+    let mut magic = [0u8; 8];
+    read_exact(&mut r, &mut magic, "the header")?;
+    if &magic != MAGIC {
         return Err(HotPagesError::Malformed("wrong magic".into()));
     }
-    let page = r.u32("the header")?;
-    let chunk = r.u32("the header")?;
+    let page = read_u32(&mut r, "the header")?;
+    let chunk = read_u32(&mut r, "the header")?;
     if chunk != chunk_size || !geometry_ok(page, chunk) {
         return Err(HotPagesError::Geometry { page, chunk });
     }
     let per = (chunk / page) as usize;
-    let n = r.u32("the header")?;
-    let mut out = HotPages { page_size: page, pages: HashMap::new() };
+    let n = read_u32(&mut r, "the header")? as usize;
+    if n > blob.chunks.len() {
+        return Err(HotPagesError::Malformed(format!("{n} chunks announced, the saved RAM has {}", blob.chunks.len())));
+    }
+    let mut table: Vec<(u64, ChunkHash, Vec<u32>)> = Vec::with_capacity(n);
+    let mut seen = std::collections::HashSet::new();
     for _ in 0..n {
-        let index = r.u64("a chunk index")?;
+        let index = read_u64(&mut r, "the table")?;
         let bad = |cause: String| HotPagesError::BadChunk { index, cause };
         let hash = match blob.chunks.get(index as usize) {
             None => return Err(bad(format!("the saved RAM has {} chunks", blob.chunks.len()))),
@@ -158,45 +176,58 @@ pub fn decode(compressed: &[u8], blob: &Blob, chunk_size: u32) -> Result<HotPage
         if blob.chunk_len(chunk_size, index as usize) != chunk_size {
             return Err(bad("a short last chunk".into()));
         }
-        let cv_bytes = r.take(per * 32, "chaining values")?;
-        let cvs: Vec<ChainingValue> = cv_bytes.chunks(32).map(|c| c.try_into().unwrap()).collect();
-        let count = r.u32("a page count")? as usize;
+        if !seen.insert(index) {
+            return Err(bad("listed twice".into()));
+        }
+        let count = read_u32(&mut r, "the table")? as usize;
         if count > per {
             return Err(bad(format!("{count} pages sent, the chunk has {per}")));
         }
         let mut idx = Vec::with_capacity(count);
         for _ in 0..count {
-            let p = r.u32("a page index")?;
-            if p as usize >= per {
-                return Err(bad(format!("page {p} is past the chunk's {per} pages")));
+            let p = read_u32(&mut r, "the table")?;
+            if p as usize >= per || idx.contains(&p) {
+                return Err(bad(format!("page {p} is past the chunk's {per} pages or listed twice")));
             }
             idx.push(p);
         }
+        table.push((index, hash, idx));
+    }
+    let announced: Vec<u64> = table.iter().flat_map(|(i, _, ps)| ps.iter().map(move |&p| i * per as u64 + p as u64)).collect();
+    on_table(page, &announced);
+    let mut cv_bytes = vec![0u8; per * 32];
+    for (index, hash, idx) in table {
+        read_exact(&mut r, &mut cv_bytes, "chaining values")?;
+        let cvs: Vec<ChainingValue> = cv_bytes.chunks(32).map(|c| c.try_into().unwrap()).collect();
         // A chunk of one page is its own root: the page must hash to the chunk's hash.
-        if per == 1 {
-            for _ in &idx {
-                let bytes = r.take(page as usize, "page bytes")?;
-                if ChunkHash::of(bytes) != hash {
-                    return Err(HotPagesError::PageMismatch { index, page: 0 });
-                }
-                out.pages.insert(index, bytes::Bytes::copy_from_slice(bytes));
-            }
-            continue;
-        }
-        if root_of(&cvs) != hash {
+        if per > 1 && root_of(&cvs) != hash {
             return Err(HotPagesError::TreeMismatch { index, hash });
         }
+        let mut pages = Vec::with_capacity(idx.len());
         for p in idx {
-            let bytes = r.take(page as usize, "page bytes")?;
-            if page_cv(p, page, bytes) != cvs[p as usize] {
+            let mut bytes = vec![0u8; page as usize];
+            read_exact(&mut r, &mut bytes, "page bytes")?;
+            let good = if per == 1 { ChunkHash::of(&bytes) == hash } else { page_cv(p, page, &bytes) == cvs[p as usize] };
+            if !good {
                 return Err(HotPagesError::PageMismatch { index, page: p });
             }
-            out.pages.insert(index * per as u64 + p as u64, bytes::Bytes::copy_from_slice(bytes));
+            pages.push((index * per as u64 + p as u64, bytes::Bytes::from(bytes)));
         }
+        on_pages(pages);
     }
-    if !r.b.is_empty() {
-        return Err(HotPagesError::Malformed(format!("{} bytes after the last chunk", r.b.len())));
+    let mut rest = [0u8; 1];
+    match std::io::Read::read(&mut r, &mut rest) {
+        Ok(0) => Ok(()),
+        Ok(_) => Err(HotPagesError::Malformed("bytes after the last chunk".into())),
+        Err(e) => Err(HotPagesError::Malformed(format!("reading the end: {e}"))),
     }
+}
+
+/// Decompresses a whole bundle and verifies every page against `blob` (the saved RAM, of
+/// chunks of `chunk_size` bytes). Any mismatch refuses the whole bundle.
+pub fn decode(compressed: &[u8], blob: &Blob, chunk_size: u32) -> Result<HotPages, HotPagesError> {
+    let mut out = HotPages::default();
+    decode_stream(compressed, blob, chunk_size, |ps, _| out.page_size = ps, |pages| out.pages.extend(pages))?;
     Ok(out)
 }
 
@@ -266,6 +297,31 @@ mod tests {
         plain[last] ^= 0x80;
         let z = zstd::bulk::compress(&plain, 3).unwrap();
         assert!(matches!(decode(&z, &blob, cs), Err(HotPagesError::PageMismatch { index: 0, page: 5 })));
+    }
+
+    #[test]
+    fn a_stream_announces_its_pages_first_and_keeps_what_verified_before_a_bad_chunk() {
+        let cs = 65536u32;
+        let chunks = vec![data(1, cs as usize), data(2, cs as usize)];
+        let blob = blob_of(&chunks, cs);
+        let mut forged = chunks[1].clone();
+        forged[0] ^= 1;
+        let z = encode(
+            HOT_PAGE_SIZE,
+            cs,
+            &[HotChunk { index: 0, data: &chunks[0], pages: vec![2, 1] }, HotChunk { index: 1, data: &forged, pages: vec![0] }],
+        )
+        .unwrap();
+        let events = std::cell::RefCell::new(Vec::new());
+        let r = decode_stream(
+            &z[..],
+            &blob,
+            cs,
+            |ps, announced| events.borrow_mut().push(format!("table {ps} {announced:?}")),
+            |pages| events.borrow_mut().push(format!("pages {:?}", pages.iter().map(|p| p.0).collect::<Vec<_>>())),
+        );
+        assert_eq!(r, Err(HotPagesError::TreeMismatch { index: 1, hash: blob.chunks[1].unwrap() }));
+        assert_eq!(events.into_inner(), vec!["table 4096 [2, 1, 16]".to_string(), "pages [2, 1]".to_string()]);
     }
 
     #[test]
