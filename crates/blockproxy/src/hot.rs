@@ -17,6 +17,9 @@ use vgrid_imagestore::hotpages::{self, HotChunk, HOT_PAGE_SIZE};
 
 /// How long a read of a saved RAM waits for announced hot pages.
 pub(crate) const LOAD_WAIT: Duration = Duration::from_secs(3);
+/// Hot pages that served no read this long after their load are dropped (the restore that
+/// asked for them failed, or loaded the RAM whole instead of mapping it).
+const UNUSED_FOR: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 struct Inner {
@@ -31,6 +34,8 @@ struct Inner {
 /// The hot pages of one image version on this host.
 pub(crate) struct HotState {
     inner: Mutex<Inner>,
+    /// Reads answered from these pages.
+    served: std::sync::atomic::AtomicU64,
     /// Bumped at every change, for waiting readers.
     changes: tokio::sync::watch::Sender<u64>,
 }
@@ -47,7 +52,7 @@ pub(crate) enum HotRead {
 
 impl HotState {
     fn new() -> Arc<HotState> {
-        Arc::new(HotState { inner: Mutex::new(Inner::default()), changes: tokio::sync::watch::channel(0).0 })
+        Arc::new(HotState { inner: Mutex::new(Inner::default()), served: Default::default(), changes: tokio::sync::watch::channel(0).0 })
     }
 
     fn update(&self, f: impl FnOnce(&mut Inner)) {
@@ -81,6 +86,7 @@ impl HotState {
             out.extend_from_slice(&page[at..at + n]);
             pos += n as u64;
         }
+        self.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         HotRead::Data(out)
     }
 
@@ -171,6 +177,13 @@ impl Shared {
                 Ok(Ok(())) => tracing::info!(image = %img, pages, expected = n, bundle_bytes, "hot pages loaded in {:.3} s", took.as_secs_f64()),
                 Ok(Err(e)) => tracing::warn!(image = %img, pages_kept = pages, "hot pages refused, reading whole chunks instead: {e}"),
                 Err(e) => tracing::warn!(image = %img, "hot pages: the decoding task failed: {e}"),
+            }
+            tokio::time::sleep(UNUSED_FOR).await;
+            let mut map = shared.hot.lock().unwrap();
+            let unused = st.served.load(std::sync::atomic::Ordering::Relaxed) == 0;
+            if unused && map.get(&img).is_some_and(|cur| Arc::ptr_eq(cur, &st)) {
+                map.remove(&img);
+                tracing::debug!(image = %img, "hot pages dropped: no read used them");
             }
         });
     }
