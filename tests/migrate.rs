@@ -157,22 +157,12 @@ impl Grid {
 
 impl Drop for Grid {
     fn drop(&mut self) {
-        // Agents first (they power their guests down), then any QEMU left (by its pidfile).
+        // Agents first (they power their guests down), then any QEMU left.
         for (_, h) in self.hosts.iter_mut() {
             h.terminate();
         }
         for (name, _) in &self.hosts {
-            if let Ok(rd) = std::fs::read_dir(self.host_dir(name).join("vms")) {
-                for e in rd.flatten() {
-                    if let Some(pid) = std::fs::read_to_string(e.path().join("pid")).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
-                        if process_alive(pid as u64) {
-                            unsafe {
-                                libc::kill(pid, libc::SIGKILL);
-                            }
-                        }
-                    }
-                }
-            }
+            kill_guests_under(&self.host_dir(name));
         }
     }
 }

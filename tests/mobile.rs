@@ -157,6 +157,17 @@ impl Grid {
     }
 }
 
+impl Drop for Grid {
+    fn drop(&mut self) {
+        // Hosts first (they stop their guests), then whatever outlived them (QEMUs and RAM
+        // pagers outlive a killed agent by design).
+        for h in &mut self.hosts {
+            h.terminate();
+        }
+        kill_guests_under(self.dir.path());
+    }
+}
+
 /// A guest counts on its console and has written a file to its disk and one to its tmpfs;
 /// suspending it fails while the image server is down (and it keeps counting), succeeds once
 /// the server is back; it resumes on the other host process, where the count goes on from

@@ -160,18 +160,35 @@ impl Drop for Up {
         if let Some(c) = self.child.take() {
             stop_child(c, Duration::from_secs(30));
         }
-        // Anything QEMU left (it should not): kill by pidfile.
-        if let Ok(rd) = std::fs::read_dir(self.data.path().join("host/vms")) {
-            for e in rd.flatten() {
-                if let Ok(p) = std::fs::read_to_string(e.path().join("pid")) {
-                    if let Ok(pid) = p.trim().parse::<i32>() {
-                        unsafe {
-                            libc::kill(pid, libc::SIGKILL);
-                        }
-                    }
-                }
+        // Anything left (it should not be): QEMUs, RAM pagers and their mounts.
+        kill_guests_under(self.data.path());
+    }
+}
+
+/// Kills every process whose command line names a path under `dir` (guests' QEMUs and RAM
+/// pagers outlive their host agent by design, so a failed test would leave them running) and
+/// lazily unmounts the FUSE mounts under it.
+pub fn kill_guests_under(dir: &Path) {
+    let needle = format!("{}/", dir.to_string_lossy().trim_end_matches('/'));
+    if needle.len() < 6 {
+        return;
+    }
+    let me = std::process::id();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(&needle) {
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
             }
         }
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)).filter(|m| m.starts_with(&needle)) {
+        let _ = Command::new("umount").args(["-l", m]).status();
     }
 }
 
