@@ -444,7 +444,11 @@ pub(crate) struct Recording {
     started: Instant,
     window: Duration,
     max: usize,
-    shared: Arc<Shared>,
+    source: Arc<dyn ChunkSource>,
+    uploads: Arc<Uploads>,
+    /// For the hot-page bundle, made from the cache (weak: a recording must not keep a
+    /// stopped proxy's cache, and its directory lock, alive until its window ends).
+    shared: std::sync::Weak<Shared>,
     /// Ends when its last export closes (a warm image: what its restored guest touched).
     finish_on_close: bool,
     state: Mutex<Option<RecState>>,
@@ -468,7 +472,9 @@ impl Recording {
             started: Instant::now(),
             window,
             max: cfg.profile_max_chunks.max(1),
-            shared: shared.clone(),
+            source: shared.source.clone(),
+            uploads: shared.uploads.clone(),
+            shared: Arc::downgrade(shared),
             finish_on_close,
             state: Mutex::new(Some(RecState { chunks: Vec::new(), seen: HashSet::new(), pages: Vec::new(), seen_pages: HashSet::new() })),
         });
@@ -531,17 +537,17 @@ impl Recording {
         }
         let mut profile = BootProfile { chunks: st.chunks, hot_pages: 0 };
         let shared = self.shared.clone();
-        let source = shared.source.clone();
+        let source = self.source.clone();
         let manifest = self.manifest.clone();
         let image = self.image.clone();
-        let uploads = shared.uploads.clone();
+        let uploads = self.uploads.clone();
         let pages = st.pages;
         uploads.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let upload = async move {
             // A warm image: the RAM pages its guest touched go as a bundle of pages, and the
             // profile keeps only the disk's chunks (the RAM chunks stay the fallback).
-            if !pages.is_empty() {
-                let (sh, m) = (shared.clone(), manifest.clone());
+            if let (false, Some(sh)) = (pages.is_empty(), shared.upgrade()) {
+                let m = manifest.clone();
                 let built = tokio::task::spawn_blocking(move || crate::hot::build_bundle(&sh, &m, &pages)).await.ok().flatten();
                 if let Some((bundle, n)) = built {
                     let len = bundle.len();
@@ -568,7 +574,7 @@ impl Recording {
                 h.spawn(upload);
             }
             Err(_) => {
-                self.shared.uploads.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                self.uploads.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 tracing::warn!(image = %self.image, "boot profile dropped: no runtime to upload it")
             }
         }

@@ -178,7 +178,11 @@ impl Shared {
                 Ok(Err(e)) => tracing::warn!(image = %img, pages_kept = pages, "hot pages refused, reading whole chunks instead: {e}"),
                 Err(e) => tracing::warn!(image = %img, "hot pages: the decoding task failed: {e}"),
             }
+            // Weak while waiting: this task must not keep a stopped proxy's cache alive.
+            let weak = Arc::downgrade(&shared);
+            drop(shared);
             tokio::time::sleep(UNUSED_FOR).await;
+            let Some(shared) = weak.upgrade() else { return };
             let mut map = shared.hot.lock().unwrap();
             let unused = st.served.load(std::sync::atomic::Ordering::Relaxed) == 0;
             if unused && map.get(&img).is_some_and(|cur| Arc::ptr_eq(cur, &st)) {
