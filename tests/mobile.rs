@@ -579,6 +579,12 @@ fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
     let at_answer = fetched(&ram_chunks);
     eprintln!("RAM chunks on h2 when the guest answered: {at_answer} of {} stored", ram_chunks.len());
     assert!(at_answer < ram_chunks.len(), "the whole RAM was fetched before the guest answered ({at_answer} chunks)");
+    // `vm show` says how much of it is still remote (from h2's reports).
+    g.wait_until("h2 to report the remote RAM", Duration::from_secs(30), || {
+        g.json(&["vm", "show", &wid])["ram_remote_bytes"].as_u64().is_some_and(|b| b > 0)
+    });
+    let shown = String::from_utf8_lossy(&g.cli(&["vm", "show", &wid]).stdout).into_owned();
+    assert!(shown.contains("paged in lazily") && shown.contains("still on the image server"), "{shown}");
 
     // The agent dies and comes back; the pager waits for its proxy and goes on. The guest
     // then fills most of its free memory (pages the restore never fetched).
@@ -627,6 +633,7 @@ fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
     g.wait_until("h1 to fetch the whole RAM", Duration::from_secs(120), || {
         ram_chunks.iter().all(|h| cache1.join(&h[..2]).join(h.as_str()).exists())
     });
+    g.wait_until("h1 to report no remote RAM", Duration::from_secs(30), || g.json(&["vm", "show", &fid])["ram_remote_bytes"].as_u64() == Some(0));
     g.server.as_mut().unwrap().kill();
     {
         let _c = type_on_console(&d1, "dd if=/dev/zero of=/tmp/fill bs=1M count=150 2>/dev/null; rm /tmp/fill; echo alone-$(cat /tmp/lazy.txt)");

@@ -43,6 +43,11 @@ pub struct VmUsageReport {
     /// The VM has ended: this is its last report.
     #[serde(default)]
     pub finished: bool,
+    /// A guest whose saved RAM is paged in lazily: bytes of that RAM not yet on this host
+    /// (fetched when the guest touches them, or by the background fetch); 0 once all are.
+    /// `None`: its memory is all local (booted, or loaded whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_remote_bytes: Option<u64>,
 }
 
 /// Totals of resource use.
@@ -93,6 +98,9 @@ pub struct VmUsage {
     pub memory_limit_hits: u64,
     #[serde(default)]
     pub oom_kills: u64,
+    /// From the last report: see [`VmUsageReport::ram_remote_bytes`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_remote_bytes: Option<u64>,
 }
 
 /// One user's use.

@@ -209,6 +209,11 @@ pub struct VmRecord {
     /// The last (or current) live migration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<crate::migrate::Migration>,
+    /// A running guest whose saved RAM is paged in lazily: bytes of it its host does not have
+    /// yet (from the host's last report; 0: the guest no longer needs the image server).
+    /// Filled in answers, not stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_remote_bytes: Option<u64>,
 }
 
 /// Body of `POST /api/v1/vms/{id}/stop`.

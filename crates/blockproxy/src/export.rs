@@ -188,6 +188,18 @@ impl Export {
     pub fn chunk_size(&self) -> u32 {
         self.chunk_size
     }
+    /// Bytes of stored chunks not in the cache.
+    pub fn uncached_bytes(&self) -> u64 {
+        let cs = self.chunk_size();
+        self.blob
+            .chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_some_and(|h| !self.shared.cache.contains(&h)))
+            .map(|(i, _)| self.blob.chunk_len(cs, i) as u64)
+            .sum()
+    }
+
     /// True if chunk `index` is all zeroes (not stored).
     pub fn is_zero_chunk(&self, index: u64) -> bool {
         self.blob.chunks.get(index as usize).is_some_and(|c| c.is_none())

@@ -401,6 +401,13 @@ impl BlockProxy {
         });
     }
 
+    /// Bytes of open export `name` (e.g. a saved RAM, `IMAGE@V/ram`) whose chunks are not in
+    /// the cache (zero chunks count as present); `None` when no such export is open.
+    pub fn uncached_bytes(&self, name: &str) -> Option<u64> {
+        let e = self.exports.lock().unwrap().get(name).and_then(Weak::upgrade)?;
+        Some(e.uncached_bytes())
+    }
+
     /// Stages every chunk of `image` (disk, kernel, initrd) into the cache: the explicit-
     /// transfer mode. `progress(done_bytes, total_bytes)` is called as chunks arrive.
     /// Fails if the image's distinct chunks exceed the cache size.

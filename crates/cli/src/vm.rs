@@ -247,6 +247,11 @@ fn show(v: &VmRecord) {
     }
     println!("cpus:     {}", v.cpus);
     println!("memory:   {} MiB", v.memory_mib);
+    match v.ram_remote_bytes {
+        Some(0) => println!("ram:      paged in lazily, all of it on the host now"),
+        Some(n) => println!("ram:      paged in lazily, {} still on the image server (fetched when touched)", crate::output::bytes(n)),
+        None => {}
+    }
     if !v.resources.is_empty() {
         println!("limits:   {}", crate::usage::describe(&v.resources));
     }

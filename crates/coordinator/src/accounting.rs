@@ -86,6 +86,7 @@ fn apply(a: &mut VmAcct, r: &VmUsageReport) -> UsageTotals {
     a.info.memory_peak_bytes = a.info.memory_peak_bytes.max(r.memory_peak_bytes);
     a.info.memory_limit_hits = a.info.memory_limit_hits.max(r.memory_limit_hits);
     a.info.oom_kills = a.info.oom_kills.max(r.oom_kills);
+    a.info.ram_remote_bytes = if r.finished { None } else { r.ram_remote_bytes };
     d
 }
 
@@ -110,6 +111,11 @@ impl Accounting {
             .into_iter()
             .find(|(k, _)| k == id)
             .and_then(|(_, v)| serde_json::from_slice(&v).ok()))
+    }
+
+    /// The accounting record of VM `id` (its last report's gauges among them).
+    pub fn vm(&self, id: &str) -> Option<VmUsage> {
+        self.load(id).ok().flatten().map(|a| a.info)
     }
 
     /// Records the reports of `host`'s heartbeat. `record` finds the VM's record (for its name

@@ -408,10 +408,19 @@ async fn get_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, Que
             let id = rec.id.clone();
             let still = || c.get(&id).map(|r| seen(&r)).unwrap_or(false);
             c.wait_change(std::time::Duration::from_millis(ms.min(MAX_WAIT_MS)), still).await;
-            return Ok(Json(owned(&c, &p, &id)?));
+            return Ok(Json(with_gauges(&c, owned(&c, &p, &id)?)));
         }
     }
-    Ok(Json(rec))
+    Ok(Json(with_gauges(&c, rec)))
+}
+
+/// A running VM's record with what its host last reported of it that is not stored with the
+/// record (how much of a lazily paged RAM is still remote).
+fn with_gauges(c: &Coordinator, mut rec: VmRecord) -> VmRecord {
+    if rec.state == vgrid_api::VmState::Running {
+        rec.ram_remote_bytes = c.accounting().vm(&rec.id).filter(|u| Some(&u.host) == rec.host.as_ref()).and_then(|u| u.ram_remote_bytes);
+    }
+    rec
 }
 
 /// `GET /api/v1/vms/{id}?wait_ms=N&state=S&phase=P`: wait up to N ms (at most 30 s) while the

@@ -384,6 +384,7 @@ impl Coordinator {
             saved_image: None,
             state_since: Some(now()),
             migration: None,
+            ram_remote_bytes: None,
         };
         // The record is the reservation from now on.
         if let Err(e) = self.state.put_vm(&rec) {

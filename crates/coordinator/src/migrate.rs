@@ -596,6 +596,7 @@ mod tests {
             stopped: None,
             state_since: Some(since),
             migration: None,
+            ram_remote_bytes: None,
         }
     }
 

@@ -470,6 +470,7 @@ mod tests {
             saved_image: Some(format!("{id}.saved@1")),
             state_since: None,
             migration: None,
+            ram_remote_bytes: None,
         }
     }
 

@@ -220,6 +220,7 @@ mod tests {
             saved_image: None,
             state_since: None,
             migration: None,
+            ram_remote_bytes: None,
         };
         {
             let s = RedbState::open(&path).unwrap();

@@ -303,7 +303,14 @@ impl Agent {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let Some(a) = weak.upgrade() else { break };
                 let vms: Vec<Arc<Vm>> = a.vms.lock().unwrap().values().map(|s| s.vm.clone()).collect();
-                a.res.tick(&vms, a.proxy.stats().bytes_fetched, slow_in == 0).await;
+                let ram_remote: HashMap<String, u64> = vms
+                    .iter()
+                    .filter_map(|vm| match &vm.spec().ram {
+                        crate::ram::RamBacking::Lazy { export, .. } => Some((vm.id().to_string(), a.proxy.uncached_bytes(export)?)),
+                        _ => None,
+                    })
+                    .collect();
+                a.res.tick(&vms, a.proxy.stats().bytes_fetched, slow_in == 0, &ram_remote).await;
                 slow_in = if slow_in == 0 { 4 } else { slow_in - 1 };
             }
         });

@@ -84,6 +84,8 @@ struct Tracked {
     overlay: PathBuf,
     last: crate::cgroup::Usage,
     usage_file: PathBuf,
+    /// See `VmUsageReport::ram_remote_bytes`.
+    ram_remote_bytes: Option<u64>,
 }
 
 /// What is kept across agent restarts in the VM's runtime directory (`usage.json`).
@@ -275,6 +277,7 @@ impl HostResources {
             overlay: vm.overlay_path(),
             last: Default::default(),
             usage_file,
+            ram_remote_bytes: None,
         };
         save(&t);
         self.tracked.lock().unwrap().insert(vm.id().to_string(), t);
@@ -346,8 +349,9 @@ impl HostResources {
     }
 
     /// One tick (every second): the host load sample and prediction, each VM's cgroup counters
-    /// and memory integral; every `slow` ticks also disk counters (QMP) and overlay sizes.
-    pub async fn tick(&self, vms: &[Arc<Vm>], fetched_total: u64, slow: bool) {
+    /// and memory integral, and how much of a lazily paged RAM is still remote (`ram_remote`,
+    /// by VM id); every `slow` ticks also disk counters (QMP) and overlay sizes.
+    pub async fn tick(&self, vms: &[Arc<Vm>], fetched_total: u64, slow: bool, ram_remote: &HashMap<String, u64>) {
         {
             let mut l = self.load.lock().unwrap();
             if let Some(x) = l.0.sample() {
@@ -374,6 +378,7 @@ impl HostResources {
         let n = tracked.len() as u64;
         for (id, t) in tracked.iter_mut() {
             sample(t);
+            t.ram_remote_bytes = ram_remote.get(id).copied();
             t.fetched_bytes += fetched_delta.checked_div(n).unwrap_or(0);
             if let Some((r, w)) = disk.get(id) {
                 t.disk_read_bytes = *r;
@@ -437,6 +442,7 @@ fn report(id: &str, t: &Tracked) -> VmUsageReport {
         memory_limit_hits: t.last.memory_limit_hits,
         oom_kills: t.last.oom_kills,
         finished: false,
+        ram_remote_bytes: t.ram_remote_bytes,
     }
 }
 
