@@ -417,7 +417,7 @@ async fn get_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, Que
 /// A running VM's record with what its host last reported of it that is not stored with the
 /// record (how much of a lazily paged RAM is still remote).
 fn with_gauges(c: &Coordinator, mut rec: VmRecord) -> VmRecord {
-    if rec.state == vgrid_api::VmState::Running {
+    if rec.state == vgrid_api::vm::VmState::Running {
         rec.ram_remote_bytes = c.accounting().vm(&rec.id).filter(|u| Some(&u.host) == rec.host.as_ref()).and_then(|u| u.ram_remote_bytes);
     }
     rec
