@@ -322,6 +322,7 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
             assert!(Command::new("kill").args(["-STOP", &hpid]).status().unwrap().success());
         }
         let token = json_at(&g.coordinator.url, &["login"])["token"].as_str().unwrap().to_string();
+        let asked = std::time::SystemTime::now() - Duration::from_secs(1);
         let o = curl_for(&g.coordinator.url)
             .args(["-X", "POST", "-H", &format!("authorization: Bearer {token}"), "-H", "content-type: application/json"])
             .args(["-d", &format!(r#"{{"host":"{host}"}}"#), &format!("{}/api/v1/vms/{id}/resume", g.coordinator.url)])
@@ -331,7 +332,10 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
         assert!(answer.contains("\"pending\"") || answer.contains("\"starting\"") || answer.contains("\"running\""), "{answer}");
         let dir = g.runtime_dir(host, &id);
         if arrived {
-            g.wait_until("the launch to reach the host", Duration::from_secs(30), || dir.join("spec.json").exists());
+            // This launch's spec (the VM ran on this host before: an older one may be there).
+            g.wait_until("the launch to reach the host", Duration::from_secs(30), || {
+                std::fs::metadata(dir.join("spec.json")).and_then(|m| m.modified()).is_ok_and(|t| t >= asked)
+            });
         } else {
             std::thread::sleep(Duration::from_millis(300));
         }
