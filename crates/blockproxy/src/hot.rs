@@ -17,6 +17,9 @@ use vgrid_imagestore::hotpages::{self, HotChunk, HOT_PAGE_SIZE};
 
 /// How long a read of a saved RAM waits for announced hot pages.
 pub(crate) const LOAD_WAIT: Duration = Duration::from_secs(3);
+/// A bundle that sends nothing for this long is abandoned (its announced pages not yet
+/// arrived are then read through the chunks).
+const STALL: Duration = Duration::from_secs(2);
 /// Hot pages that served no read this long after their load are dropped (the restore that
 /// asked for them failed, or loaded the RAM whole instead of mapping it).
 const UNUSED_FOR: Duration = Duration::from_secs(60);
@@ -138,7 +141,15 @@ impl Shared {
             let (tx, rx) = std::sync::mpsc::channel::<Result<bytes::Bytes, String>>();
             let feed = tokio::spawn(async move {
                 let mut n = 0u64;
-                while let Some(b) = stream.next().await {
+                loop {
+                    let b = match tokio::time::timeout(STALL, stream.next()).await {
+                        Ok(Some(b)) => b,
+                        Ok(None) => break,
+                        Err(_) => {
+                            let _ = tx.send(Err(format!("the image server sent nothing for {} s", STALL.as_secs())));
+                            break;
+                        }
+                    };
                     let r = b.map_err(|e| e.to_string());
                     let failed = r.is_err();
                     n += r.as_ref().map(|b| b.len() as u64).unwrap_or(0);
@@ -266,5 +277,119 @@ impl crate::BlockProxy {
     /// loading).
     pub fn hot_pages_loaded(&self, image: &ImageRef) -> Option<usize> {
         self.shared.hot_state(image)?.loaded()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::source::{ByteStream, ChunkSource, SourceError};
+    use crate::{BlockProxy, ProxyConfig};
+    use futures::future::BoxFuture;
+    use futures::StreamExt;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use vgrid_api::rest::BootProfile;
+    use vgrid_api::{Blob, Boot, ChunkHash, ImageMeta, ImageRef, Manifest, SavedRam, SavedState, StateMeta};
+    use vgrid_imagestore::hotpages::{encode, HotChunk};
+
+    const CS: u32 = 65536;
+
+    /// A warm image whose bundle sends its table and first chunk, then nothing more.
+    struct Stalling {
+        manifest: Manifest,
+        chunks: Vec<Vec<u8>>,
+        first_part: Vec<u8>,
+    }
+
+    impl ChunkSource for Stalling {
+        fn manifest<'a>(&'a self, _: &'a ImageRef) -> BoxFuture<'a, Result<Manifest, SourceError>> {
+            Box::pin(async move { Ok(self.manifest.clone()) })
+        }
+        fn chunk<'a>(&'a self, hash: &'a ChunkHash, _: usize) -> BoxFuture<'a, Result<Vec<u8>, SourceError>> {
+            Box::pin(async move {
+                self.chunks.iter().find(|c| ChunkHash::of(c) == *hash).cloned().ok_or_else(|| SourceError::NotFound { what: format!("chunk {hash}"), source_name: "mem".into() })
+            })
+        }
+        fn profile<'a>(&'a self, _: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {
+            Box::pin(async { Ok(Some(BootProfile { chunks: vec![], hot_pages: 2 })) })
+        }
+        fn put_profile<'a>(&'a self, _: &'a ImageRef, _: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn hot_pages<'a>(&'a self, _: &'a ImageRef) -> BoxFuture<'a, Result<Option<ByteStream>, SourceError>> {
+            let part = bytes::Bytes::from(self.first_part.clone());
+            Box::pin(async move { Ok(Some(futures::stream::iter([Ok(part)]).chain(futures::stream::pending()).boxed())) })
+        }
+        fn describe(&self) -> String {
+            "mem".into()
+        }
+    }
+
+    /// A bundle that stalls half-way: the pages that came are served, a read of an announced
+    /// page that never comes goes to the chunks after the stall limit, not forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_bundle_serves_what_came_and_gives_up_on_the_rest() {
+        let chunks: Vec<Vec<u8>> = (0..2u8).map(|k| (0..CS as usize).map(|i| (i as u8).wrapping_mul(7) ^ k.wrapping_add(1)).collect()).collect();
+        // 1 MiB of RAM: two stored chunks, the rest zero.
+        let mut rc: Vec<Option<ChunkHash>> = chunks.iter().map(|c| Some(ChunkHash::of(c))).collect();
+        rc.resize(16, None);
+        let ram = Blob { size: 1 << 20, chunks: rc };
+        let manifest = Manifest {
+            schema: 1,
+            name: "w".into(),
+            version: 1,
+            created: 0,
+            chunk_size: CS,
+            disk: Blob { size: CS as u64, chunks: vec![None] },
+            meta: ImageMeta { os: String::new(), arch: "x86_64".into(), boot: Boot::Firmware },
+            parent: None,
+            state: Some(SavedState {
+                blob: Blob { size: CS as u64, chunks: vec![Some(ChunkHash::of(&chunks[0]))] },
+                meta: StateMeta { qemu_version: "10.0.0".into(), machine: "pc".into(), cpus: 1, memory_mib: 0, accel: "tcg".into(), saved: 0 },
+                ram: None,
+            }),
+        };
+        let mut m = manifest;
+        m.state.as_mut().unwrap().ram = Some(SavedRam { chunk_size: CS, blob: ram.clone() });
+        m.state.as_mut().unwrap().meta.memory_mib = 1;
+        // The whole bundle (pages 1 of chunk 0 and 3 of chunk 1), cut after chunk 0's part.
+        let whole = encode(4096, CS, &[HotChunk { index: 0, data: &chunks[0], pages: vec![1] }, HotChunk { index: 1, data: &chunks[1], pages: vec![3] }]).unwrap();
+        let plain = zstd::bulk::decompress(&whole, 1 << 20).unwrap();
+        let cut = 20 + (8 + 4 + 4) * 2 + 16 * 32 + 4096;
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        std::io::Write::write_all(&mut enc, &plain[..cut]).unwrap();
+        std::io::Write::flush(&mut enc).unwrap();
+        let first_part = enc.get_ref().clone();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = ProxyConfig::new(tmp.path().join("cache"), 1 << 30);
+        cfg.ram_prefetch_concurrency = 0;
+        cfg.record_profiles = false;
+        let source = Arc::new(Stalling { manifest: m.clone(), chunks: chunks.clone(), first_part });
+        let proxy = BlockProxy::new(cfg, source).unwrap();
+        let export = proxy.open_export("w@1/ram").await.unwrap();
+        // The profile is looked up in the background (at a restore, long before the guest runs).
+        for _ in 0..200 {
+            if proxy.shared.hot_state(&m.image_ref()).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Page 1 arrives: served from the bundle, its chunk not fetched.
+        let got = export.hot_read(4096, 4096).await.expect("page 1 is hot");
+        assert_eq!(&got[..], &chunks[0][4096..8192]);
+        assert!(!proxy.cache().contains(&ChunkHash::of(&chunks[0])));
+        // Page 16 + 3 is announced but never comes: given up within the stall limit (+ slack).
+        let t0 = Instant::now();
+        assert!(export.hot_read(19 * 4096, 4096).await.is_none());
+        assert!(t0.elapsed() < Duration::from_secs(5), "waited {:?}", t0.elapsed());
+        // ...and read exactly through the chunks; the load ended with the one page that came.
+        let mut buf = vec![0u8; 4096];
+        export.read_at(19 * 4096, &mut buf).await.unwrap();
+        assert_eq!(&buf[..], &chunks[1][3 * 4096..4 * 4096]);
+        assert_eq!(proxy.hot_pages_loaded(&m.image_ref()), Some(1));
+        // A page never announced does not wait at all.
+        let t0 = Instant::now();
+        assert!(export.hot_read(5 * 4096, 4096).await.is_none());
+        assert!(t0.elapsed() < Duration::from_millis(500));
     }
 }
