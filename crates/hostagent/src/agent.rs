@@ -299,6 +299,7 @@ impl Agent {
         let weak = Arc::downgrade(&agent);
         tokio::spawn(async move {
             let mut slow_in = 0u32;
+            let mut pager_files = HashMap::new();
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let Some(a) = weak.upgrade() else { break };
@@ -311,6 +312,11 @@ impl Agent {
                     })
                     .collect();
                 a.res.tick(&vms, a.proxy.stats().bytes_fetched, slow_in == 0, &ram_remote).await;
+                if slow_in == 0 {
+                    let lazy: Vec<(String, std::path::PathBuf)> =
+                        vms.iter().filter(|vm| ram_remote.contains_key(vm.id())).map(|vm| (vm.id().to_string(), vm.runtime_dir().to_path_buf())).collect();
+                    crate::ram::trim_page_cache(&mut pager_files, &lazy).await;
+                }
                 slow_in = if slow_in == 0 { 4 } else { slow_in - 1 };
             }
         });

@@ -14,6 +14,7 @@
 //! - **Anonymous**: plain `-m` memory (no tmpfs); saves carry the RAM in the stream.
 
 use std::os::unix::fs::OpenOptionsExt;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -315,6 +316,39 @@ pub async fn start_pager(dir: &Path, nbd_socket: &Path, export: &str, size: u64,
     }
     tracing::debug!(dir = %dir.display(), export, took_ms = t0.elapsed().as_millis() as u64, "RAM pager mounted");
     Ok(file)
+}
+
+/// Drops the page cache of lazily restored guests' pager files that no mapping uses any more.
+///
+/// A guest's first write to a page of its privately mapped RAM copies the page out of the
+/// pager file's page cache, which stays behind, clean and unused, and counts in the VM's
+/// memory cgroup a second time (measured: 123 MB of cache beside 140 MB of guest memory after
+/// the guest wrote 120 MB). `POSIX_FADV_DONTNEED` drops such unmapped pages; pages still mapped
+/// stay, and a dropped page the guest reads again comes back from the pager (the host cache).
+/// `files` keeps each VM's pager file open between calls (an open on FUSE asks the pager; a
+/// drop does not); `lazy` lists the lazily restored VMs (id, runtime directory) now.
+pub async fn trim_page_cache(files: &mut HashMap<String, std::fs::File>, lazy: &[(String, PathBuf)]) {
+    files.retain(|id, _| lazy.iter().any(|(l, _)| l == id));
+    for (id, dir) in lazy {
+        if !files.contains_key(id) {
+            let path = dir.join(LAZY_FILE);
+            let open = tokio::task::spawn_blocking(move || std::fs::File::open(path));
+            match tokio::time::timeout(Duration::from_secs(2), open).await {
+                Ok(Ok(Ok(f))) => {
+                    files.insert(id.clone(), f);
+                }
+                Ok(Ok(Err(e))) => tracing::debug!(vm = %id, "cannot open the pager file: {e}"),
+                _ => tracing::debug!(vm = %id, "opening the pager file did not finish in 2 s"),
+            }
+        }
+    }
+    for (id, f) in files.iter() {
+        use std::os::fd::AsRawFd;
+        let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        if r != 0 {
+            tracing::debug!(vm = %id, "dropping the pager file's unused cache: error {r}");
+        }
+    }
 }
 
 /// The pager's pid, if the pid file names a live pager of this directory.
