@@ -251,20 +251,12 @@ impl Export {
     /// if every page of the range is hot (waiting briefly for announced pages still on their
     /// way), `None` to read the chunks. Always `None` for a disk.
     pub(crate) async fn hot_read(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
-        if !self.ram || len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size()) {
-            return None;
-        }
         let deadline = tokio::time::Instant::now() + crate::hot::LOAD_WAIT;
         loop {
-            let st = self.shared.hot_state(&self.image)?;
+            let st = self.hot_state(offset, len)?;
             let mut changes = st.subscribe();
-            match st.read(offset, len) {
-                crate::hot::HotRead::Data(d) => {
-                    self.record_hot(offset, len);
-                    return Some(d);
-                }
-                crate::hot::HotRead::No => return None,
-                crate::hot::HotRead::Wait => {}
+            if let Ok(r) = self.take_hot(&st, offset, len) {
+                return r;
             }
             match tokio::time::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => {}
@@ -275,10 +267,23 @@ impl Export {
 
     /// Like [`Export::hot_read`] without waiting: `Err(())` when pages are on their way.
     pub(crate) fn hot_read_now(&self, offset: u64, len: u64) -> Result<Option<Vec<u8>>, ()> {
-        if !self.ram || len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size()) {
-            return Ok(None);
+        match self.hot_state(offset, len) {
+            Some(st) => self.take_hot(&st, offset, len),
+            None => Ok(None),
         }
-        let Some(st) = self.shared.hot_state(&self.image) else { return Ok(None) };
+    }
+
+    /// The hot pages a read of `[offset, offset+len)` may use: a valid read of a saved RAM
+    /// whose image has some loading or loaded here.
+    fn hot_state(&self, offset: u64, len: u64) -> Option<Arc<crate::hot::HotState>> {
+        if !self.ram || len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size()) {
+            return None;
+        }
+        self.shared.hot_state(&self.image)
+    }
+
+    /// The read from `st`, recorded when answered: `Err(())` when pages are on their way.
+    fn take_hot(&self, st: &crate::hot::HotState, offset: u64, len: u64) -> Result<Option<Vec<u8>>, ()> {
         match st.read(offset, len) {
             crate::hot::HotRead::Data(d) => {
                 self.record_hot(offset, len);

@@ -118,6 +118,19 @@ impl Servers {
         self.failed_at.lock().unwrap()[i] = failed.then(std::time::Instant::now);
     }
 
+    /// Where what belongs with an image (its profile, its hot pages) is stored: the first
+    /// server that has the image.
+    async fn home(&self, image: &ImageRef) -> Result<&dyn ChunkSource, SourceError> {
+        let mut last = None;
+        for s in &self.sources {
+            if s.manifest(image).await.is_ok() {
+                return Ok(s.as_ref());
+            }
+            last = Some(s.describe());
+        }
+        Err(SourceError::NotFound { what: format!("image {image}"), source_name: last.unwrap_or_else(|| "(no image servers)".into()) })
+    }
+
     async fn first<'a, T, F>(&'a self, what: &str, mut call: F) -> Result<T, SourceError>
     where
         F: FnMut(&'a dyn ChunkSource) -> BoxFuture<'a, Result<T, SourceError>>,
@@ -165,20 +178,7 @@ impl ChunkSource for Servers {
         })
     }
     fn put_profile<'a>(&'a self, image: &'a ImageRef, profile: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
-        // The profile belongs with the image: store it on the first server that has the image.
-        Box::pin(async move {
-            let mut last = None;
-            for s in &self.sources {
-                if s.manifest(image).await.is_ok() {
-                    return s.put_profile(image, profile).await;
-                }
-                last = Some(s.describe());
-            }
-            Err(SourceError::NotFound {
-                what: format!("image {image}"),
-                source_name: last.unwrap_or_else(|| "(no image servers)".into()),
-            })
-        })
+        Box::pin(async move { self.home(image).await?.put_profile(image, profile).await })
     }
     fn hot_pages<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<ByteStream>, SourceError>> {
         Box::pin(async move {
@@ -191,20 +191,7 @@ impl ChunkSource for Servers {
         })
     }
     fn put_hot_pages<'a>(&'a self, image: &'a ImageRef, bundle: bytes::Bytes) -> BoxFuture<'a, Result<(), SourceError>> {
-        // With the profile: on the first server that has the image.
-        Box::pin(async move {
-            let mut last = None;
-            for s in &self.sources {
-                if s.manifest(image).await.is_ok() {
-                    return s.put_hot_pages(image, bundle).await;
-                }
-                last = Some(s.describe());
-            }
-            Err(SourceError::NotFound {
-                what: format!("image {image}"),
-                source_name: last.unwrap_or_else(|| "(no image servers)".into()),
-            })
-        })
+        Box::pin(async move { self.home(image).await?.put_hot_pages(image, bundle).await })
     }
     fn describe(&self) -> String {
         let names: Vec<String> = self.sources.iter().map(|s| s.describe()).collect();

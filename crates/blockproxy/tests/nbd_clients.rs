@@ -431,6 +431,17 @@ async fn kernel_blob_materialises_through_the_cache() {
     assert!(std::fs::read(&out).unwrap() == k);
 }
 
+/// The boot profile of `image` once uploaded (30 s at most).
+async fn uploaded_profile(client: &StoreClient, image: &ImageRef) -> Option<vgrid_api::rest::BootProfile> {
+    for _ in 0..300 {
+        if let Ok(p) = client.profile(image).await {
+            return Some(p);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boot_profile_is_recorded_then_prefetched() {
     let f = Fixture::new("bootme").await;
@@ -456,15 +467,7 @@ async fn boot_profile_is_recorded_then_prefetched() {
     // The recording reached its limit: the profile is uploaded.
     let client = StoreClient::new(&f.server.url()).unwrap();
     let image = f.manifest.image_ref();
-    let mut profile = None;
-    for _ in 0..300 {
-        if let Ok(p) = client.profile(&image).await {
-            profile = Some(p);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let profile = profile.expect("boot profile was never uploaded");
+    let profile = uploaded_profile(&client, &image).await.expect("boot profile was never uploaded");
     assert_eq!(profile.chunks, vec![25, 2, 40, 41]);
 
     // A fresh host opening the image prefetches those chunks.
@@ -759,15 +762,7 @@ async fn hot_pages_of_a_saved_ram_are_recorded_then_served_verified() {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     ok("qemu-io", &a).await;
     // The export closed: the recording ends, the bundle and the profile are uploaded.
-    let mut profile = None;
-    for _ in 0..300 {
-        if let Ok(p) = client.profile(&image).await {
-            profile = Some(p);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let profile = profile.expect("no profile was uploaded");
+    let profile = uploaded_profile(&client, &image).await.expect("no profile was uploaded");
     assert_eq!(profile.hot_pages, 5, "the zero chunk's page is not a hot page: {profile:?}");
     let disk = f.manifest.disk.chunks.len() as u64;
     assert!(profile.chunks.iter().all(|&i| i < disk), "the RAM chunks left the profile: {profile:?}");

@@ -629,41 +629,39 @@ impl ImageStore {
 
     // --------------------------------------------------------------- profiles
 
-    /// The boot profile of an image version (latest when no version is given).
-    pub async fn get_profile(&self, r: &ImageRef) -> Result<BootProfile, StoreError> {
+    /// The bytes of an object kept beside an image version (latest when no version is given)
+    /// at `path(name, version)`, with the version; `None` when the version exists without it.
+    async fn beside(&self, r: &ImageRef, path: fn(&str, u32) -> Path, what: &str) -> Result<(ImageRef, Option<bytes::Bytes>), StoreError> {
         let r = self.resolve(r).await?;
         let v = r.version.expect("resolved");
-        let res = match self.objects.get(&profile_path(&r.name, v)).await {
+        let res = match self.objects.get(&path(&r.name, v)).await {
             Ok(g) => g.bytes().await,
             Err(e) => Err(e),
         };
         match res {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| StoreError::CorruptManifest { image: r, cause: format!("boot profile: {e}") }),
+            Ok(b) => Ok((r, Some(b))),
             Err(object_store::Error::NotFound { .. }) => {
-                // Distinguish "no such image" from "image without a profile".
+                // Distinguish "no such image" from "image without one".
                 self.get_manifest(&r).await?;
-                Err(StoreError::ProfileNotFound(r))
+                Ok((r, None))
             }
-            Err(e) => Err(StoreError::backend("read", format!("boot profile of image {r}"), e)),
+            Err(e) => Err(StoreError::backend("read", format!("{what} of image {r}"), e)),
+        }
+    }
+
+    /// The boot profile of an image version (latest when no version is given).
+    pub async fn get_profile(&self, r: &ImageRef) -> Result<BootProfile, StoreError> {
+        match self.beside(r, profile_path, "boot profile").await? {
+            (r, Some(b)) => serde_json::from_slice(&b).map_err(|e| StoreError::CorruptManifest { image: r, cause: format!("boot profile: {e}") }),
+            (r, None) => Err(StoreError::ProfileNotFound(r)),
         }
     }
 
     /// The hot-page bundle of an image version (see [`crate::hotpages`]), as stored.
     pub async fn get_hot_pages(&self, r: &ImageRef) -> Result<bytes::Bytes, StoreError> {
-        let r = self.resolve(r).await?;
-        let v = r.version.expect("resolved");
-        let res = match self.objects.get(&hot_pages_path(&r.name, v)).await {
-            Ok(g) => g.bytes().await,
-            Err(e) => Err(e),
-        };
-        match res {
-            Ok(b) => Ok(b),
-            Err(object_store::Error::NotFound { .. }) => {
-                self.get_manifest(&r).await?;
-                Err(StoreError::HotPagesNotFound(r))
-            }
-            Err(e) => Err(StoreError::backend("read", format!("hot pages of image {r}"), e)),
+        match self.beside(r, hot_pages_path, "hot pages").await? {
+            (_, Some(b)) => Ok(b),
+            (r, None) => Err(StoreError::HotPagesNotFound(r)),
         }
     }
 
