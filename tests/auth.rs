@@ -174,7 +174,10 @@ fn every_endpoint_needs_a_valid_token_and_users_act_only_on_their_own_vms() {
     );
     assert!(entries.iter().any(|e| e["status"] == 403 && e["path"] == format!("/api/v1/vms/{id}")), "{audit}");
     let alices = up.json(&["audit", "--user", "alice"]);
-    assert!(alices.as_array().unwrap().iter().any(|e| e["method"] == "POST" && e["path"] == "/api/v1/vms" && e["status"] == 201), "{alices}");
+    assert!(
+        alices.as_array().unwrap().iter().any(|e| e["method"] == "POST" && e["path"] == "/api/v1/vms" && e["status"] == 201),
+        "{alices}"
+    );
     let anon = up.json(&["audit", "--user", "-"]);
     assert!(anon.as_array().unwrap().iter().any(|e| e["status"] == 401), "{anon}");
     // A non-admin sees only their own entries.
@@ -276,7 +279,14 @@ fn images_and_snapshots_belong_to_their_owners() {
     assert!(alice.refused(&up, &["vm", "run", "bobsnap", "--no-wait"], "403").contains("belongs to bob"));
     bob.json(&up, &["vm", "stop", id]);
     let audit = up.json(&["audit"]);
-    assert!(audit.as_array().unwrap().iter().any(|e| e["user"] == "bob" && e["status"] == 403 && e["path"].as_str().unwrap().ends_with("/snapshot")), "{audit}");
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["user"] == "bob" && e["status"] == 403 && e["path"].as_str().unwrap().ends_with("/snapshot")),
+        "{audit}"
+    );
 }
 
 /// A real `ssh-agent` on its own socket, killed on drop.
@@ -288,7 +298,14 @@ struct SshAgent {
 impl SshAgent {
     fn start(dir: &Path) -> SshAgent {
         let sock = dir.join("agent.sock");
-        let child = Command::new("ssh-agent").arg("-D").arg("-a").arg(&sock).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("ssh-agent");
+        let child = Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ssh-agent");
         for _ in 0..100 {
             if sock.exists() {
                 break;

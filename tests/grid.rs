@@ -30,7 +30,17 @@ impl Grid {
         let servers = (0..n_servers)
             .map(|i| {
                 Role::start(
-                    &["image-server", "--listen", "127.0.0.1:0", "--data-dir", &p(&format!("is{i}")), "--coordinator", &coordinator.url, "--name", &format!("is{i}")],
+                    &[
+                        "image-server",
+                        "--listen",
+                        "127.0.0.1:0",
+                        "--data-dir",
+                        &p(&format!("is{i}")),
+                        "--coordinator",
+                        &coordinator.url,
+                        "--name",
+                        &format!("is{i}"),
+                    ],
                     dir.path().join(format!("is{i}.log")),
                 )
             })
@@ -73,7 +83,11 @@ impl Grid {
     fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         let t0 = std::time::Instant::now();
         while !f() {
-            assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}; coordinator log:\n{}", std::fs::read_to_string(&self.coordinator.log).unwrap_or_default());
+            assert!(
+                t0.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {what}; coordinator log:\n{}",
+                std::fs::read_to_string(&self.coordinator.log).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -82,7 +96,21 @@ impl Grid {
     fn import_sample(&self, i: usize, name: &str) {
         let g = sample_guest().unwrap();
         let o = Command::new(vgrid_bin())
-            .args(["image", "import", g.disk.to_str().unwrap(), "--name", name, "--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap(), "--cmdline", &g.cmdline, "--image-server", &self.servers[i].url])
+            .args([
+                "image",
+                "import",
+                g.disk.to_str().unwrap(),
+                "--name",
+                name,
+                "--kernel",
+                g.kernel.to_str().unwrap(),
+                "--initrd",
+                g.initrd.to_str().unwrap(),
+                "--cmdline",
+                &g.cmdline,
+                "--image-server",
+                &self.servers[i].url,
+            ])
             .env("VGRID_URL", &self.coordinator.url)
             .output()
             .unwrap();
@@ -123,9 +151,7 @@ fn vms_run_on_separate_host_processes_from_either_image_server() {
 
     // The image exists only on the second image server: it still boots.
     g.import_sample(1, "only-on-is1");
-    g.wait_until("image servers registered", Duration::from_secs(10), || {
-        g.image_server_count() == 2
-    });
+    g.wait_until("image servers registered", Duration::from_secs(10), || g.image_server_count() == 2);
     let ls = g.json(&["image", "ls"]);
     let entry = ls.as_array().unwrap().iter().find(|i| i["name"] == "only-on-is1").expect("image listed");
     assert_eq!(entry["servers"], serde_json::json!(["is1"]), "{ls}");
@@ -168,12 +194,17 @@ fn a_killed_host_becomes_lost_and_returns() {
 
 #[test]
 fn requirements_rank_and_refusals() {
-    let g = Grid::start(1, &[("h1", &["--label", "site=uf"]), ("h2", &["--label", "site=nw"]), ("h3", &["--label", "site=uf", "--policy", "request.cpus <= 1"])]);
+    let g = Grid::start(
+        1,
+        &[
+            ("h1", &["--label", "site=uf"]),
+            ("h2", &["--label", "site=nw"]),
+            ("h3", &["--label", "site=uf", "--policy", "request.cpus <= 1"]),
+        ],
+    );
     g.wait_until("three hosts", Duration::from_secs(20), || g.json(&["host", "ls"]).as_array().unwrap().len() == 3);
     g.import_sample(0, "sample");
-    g.wait_until("the image server", Duration::from_secs(10), || {
-        g.image_server_count() == 1
-    });
+    g.wait_until("the image server", Duration::from_secs(10), || g.image_server_count() == 1);
 
     // The user's requirement decides.
     let v = g.run_vm("sample", "in-nw", &["--require", r#"host.labels.site == "nw""#]);
@@ -230,9 +261,7 @@ fn requests_wait_in_the_queue_until_capacity_frees() {
     let mut g = Grid::start(1, &[("small", &["--max-memory", "300"])]);
     g.wait_until("the host", Duration::from_secs(20), || g.json(&["host", "ls"]).as_array().unwrap().len() == 1);
     g.import_sample(0, "sample");
-    g.wait_until("the image server", Duration::from_secs(10), || {
-        g.image_server_count() == 1
-    });
+    g.wait_until("the image server", Duration::from_secs(10), || g.image_server_count() == 1);
     let first = g.run_vm("sample", "first", &[]);
     // --no-wait fails fast and says why.
     let o = g.cli(&["vm", "run", "sample", "--no-wait"]);
@@ -266,9 +295,7 @@ fn a_coordinator_restart_neither_loses_nor_duplicates_a_vm() {
     let mut g = Grid::start(1, &[("hr", &[])]);
     g.wait_until("the host", Duration::from_secs(20), || g.json(&["host", "ls"]).as_array().unwrap().len() == 1);
     g.import_sample(0, "sample");
-    g.wait_until("the image server", Duration::from_secs(10), || {
-        g.image_server_count() == 1
-    });
+    g.wait_until("the image server", Duration::from_secs(10), || g.image_server_count() == 1);
     let v = g.run_vm("sample", "survivor", &[]);
     let id = v["id"].as_str().unwrap().to_string();
     let pid = v["pid"].as_u64().unwrap();

@@ -21,9 +21,7 @@ fn test_image(dir: &std::path::Path) -> std::path::PathBuf {
 
 fn chunk_files(up: &Up) -> usize {
     fn walk(p: &std::path::Path) -> usize {
-        std::fs::read_dir(p)
-            .map(|rd| rd.flatten().map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 }).sum())
-            .unwrap_or(0)
+        std::fs::read_dir(p).map(|rd| rd.flatten().map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 }).sum()).unwrap_or(0)
     }
     walk(&up.data_dir().join("images/chunks"))
 }
@@ -80,13 +78,7 @@ fn bad_imports_get_clear_errors_and_leave_no_image() {
 
     // A qcow2 with data imports (auto-detected) and exports as the same raw bytes.
     let raw = test_image(tmp.path());
-    assert!(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&qcow)
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow).status().unwrap().success());
     up.ok(&["image", "import", qcow.to_str().unwrap(), "--name", "fromqcow"]);
     let out = tmp.path().join("out.raw");
     up.ok(&["image", "export", "fromqcow", out.to_str().unwrap()]);

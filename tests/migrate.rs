@@ -68,7 +68,17 @@ impl Grid {
         let listen = self.coordinator.url.trim_start_matches("https://").trim_end_matches('/').to_string();
         let data = self.dir.path().join("coord");
         self.coordinator = Role::start(
-            &["coordinator", "--listen", &listen, "--data-dir", data.to_str().unwrap(), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
+            &[
+                "coordinator",
+                "--listen",
+                &listen,
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--heartbeat-interval",
+                "1",
+                "--lost-after-beats",
+                "3",
+            ],
             self.dir.path().join("coord2.log"),
         );
     }
@@ -107,7 +117,9 @@ impl Grid {
 
     fn logs(&self) -> String {
         let mut s = String::new();
-        for f in ["coord.log", "coord2.log"].iter().map(|f| f.to_string()).chain(self.hosts.iter().map(|(_, r)| r.log.display().to_string())) {
+        for f in
+            ["coord.log", "coord2.log"].iter().map(|f| f.to_string()).chain(self.hosts.iter().map(|(_, r)| r.log.display().to_string()))
+        {
             let p = self.dir.path().join(&f);
             let text = std::fs::read_to_string(&p).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
@@ -143,7 +155,8 @@ impl Grid {
         let mut last = String::new();
         for attempt in 1..=2 {
             let n = if attempt == 1 { name.to_string() } else { format!("{name}-retry") };
-            let o = self.cli(&["--json", "vm", "run", "sample", "--name", &n, "--require", &require, "--wait-for", PROMPT, "--timeout", "120"]);
+            let o =
+                self.cli(&["--json", "vm", "run", "sample", "--name", &n, "--require", &require, "--wait-for", PROMPT, "--timeout", "120"]);
             if o.status.success() {
                 return serde_json::from_slice(&o.stdout).unwrap();
             }
@@ -269,7 +282,10 @@ fn a_counting_guest_migrates_between_hosts_without_a_reset() {
     let before = *ticks(&console_log(&src)).last().unwrap_or(&0);
     g.wait_until("the counter to tick on h2", Duration::from_secs(60), || ticks(&console_log(&dst)).len() >= 3);
     let after = ticks(&console_log(&dst));
-    assert!(after[0] >= 3 && after.windows(2).all(|w| w[1] == w[0] + 1), "the counter continued without a reset: {after:?} (source ended near {before})");
+    assert!(
+        after[0] >= 3 && after.windows(2).all(|w| w[1] == w[0] + 1),
+        "the counter continued without a reset: {after:?} (source ended near {before})"
+    );
     let log = console_log(&dst);
     assert!(!log.contains(BOOTED_MARKER) && !log.contains("Linux version"), "no boot on the destination:\n{log}");
     // The VM's console log (what `vgrid vm logs` shows) carries the history from h1: one
@@ -278,11 +294,18 @@ fn a_counting_guest_migrates_between_hosts_without_a_reset() {
     assert_eq!(full.matches(BOOTED_MARKER).count(), 1, "booted once, on h1:\n{full}");
     let all = ticks(&full);
     let tick_lines: Vec<&str> = full.lines().filter(|l| l.contains("tick ")).collect();
-    assert!(all.len() >= 6 && all[0] == 1 && all.windows(2).all(|w| w[1] == w[0] + 1), "one count across the move: {all:?}; lines:\n{}", tick_lines.join("\n"));
+    assert!(
+        all.len() >= 6 && all[0] == 1 && all.windows(2).all(|w| w[1] == w[0] + 1),
+        "one count across the move: {all:?}; lines:\n{}",
+        tick_lines.join("\n")
+    );
 
     // The disk came along: read back with the page cache dropped, so from the destination's
     // overlay (mirrored) and its own image cache (the base).
-    type_on_console(&dst, "echo 3 > /proc/sys/vm/drop_caches; cat /mnt/synced.txt /mnt/cached.txt /mnt/etc/vgrid-sample; echo read-back-done");
+    type_on_console(
+        &dst,
+        "echo 3 > /proc/sys/vm/drop_caches; cat /mnt/synced.txt /mnt/cached.txt /mnt/etc/vgrid-sample; echo read-back-done",
+    );
     g.wait_until("the disk read-back", Duration::from_secs(60), || console_log(&dst).contains("read-back-done\n"));
     let log = console_log(&dst);
     for want in ["synced-before-migration", "cached-before-migration", DISK_MARKER] {
@@ -358,7 +381,8 @@ fn a_host_agent_killed_with_sigkill_readopts_its_running_guests() {
     let a = g.run_on("h1", "keep");
     let b = g.run_on("h1", "forget");
     let c = g.run_on("h1", "dies");
-    let (ia, ib, ic) = (a["id"].as_str().unwrap().to_string(), b["id"].as_str().unwrap().to_string(), c["id"].as_str().unwrap().to_string());
+    let (ia, ib, ic) =
+        (a["id"].as_str().unwrap().to_string(), b["id"].as_str().unwrap().to_string(), c["id"].as_str().unwrap().to_string());
     let (pa, pb, pc) = (a["pid"].as_u64().unwrap(), b["pid"].as_u64().unwrap(), c["pid"].as_u64().unwrap());
     let da = g.runtime_dir("h1", &ia);
     type_on_console(&da, COUNTER);

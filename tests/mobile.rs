@@ -45,7 +45,11 @@ fn counts(console: &str) -> Vec<u64> {
         .filter_map(|s| {
             let d: String = s.chars().take_while(|c| c.is_ascii_digit()).collect();
             // Only whole lines (a number followed by the line end).
-            if s[d.len()..].starts_with(['\r', '\n']) { d.parse().ok() } else { None }
+            if s[d.len()..].starts_with(['\r', '\n']) {
+                d.parse().ok()
+            } else {
+                None
+            }
         })
         .collect()
 }
@@ -63,7 +67,17 @@ impl Grid {
         let dir = tempfile::Builder::new().prefix("vgm").tempdir_in("/tmp").unwrap();
         let coord_data = dir.path().join("coord");
         let coordinator = Role::start(
-            &["coordinator", "--listen", "127.0.0.1:0", "--data-dir", coord_data.to_str().unwrap(), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
+            &[
+                "coordinator",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                coord_data.to_str().unwrap(),
+                "--heartbeat-interval",
+                "1",
+                "--lost-after-beats",
+                "3",
+            ],
             dir.path().join("coord.log"),
         );
         let mut g = Grid { dir, coordinator, server: None, hosts: vec![] };
@@ -71,7 +85,17 @@ impl Grid {
         for h in hosts {
             let data = g.dir.path().join(h);
             let r = Role::start(
-                &["host", "--coordinator", &g.coordinator.url, "--listen", "127.0.0.1:0", "--name", h, "--data-dir", data.to_str().unwrap()],
+                &[
+                    "host",
+                    "--coordinator",
+                    &g.coordinator.url,
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--name",
+                    h,
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                ],
                 g.dir.path().join(format!("{h}.log")),
             );
             g.hosts.push(r);
@@ -84,7 +108,17 @@ impl Grid {
         let data = self.dir.path().join("is0");
         let n = std::fs::read_dir(self.dir.path()).map(|d| d.count()).unwrap_or(0);
         self.server = Some(Role::start(
-            &["image-server", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap(), "--coordinator", &self.coordinator.url, "--name", "is0"],
+            &[
+                "image-server",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--coordinator",
+                &self.coordinator.url,
+                "--name",
+                "is0",
+            ],
             self.dir.path().join(format!("is0-{n}.log")),
         ));
     }
@@ -127,7 +161,21 @@ impl Grid {
     fn import_sample(&self) {
         let s = sample_guest().unwrap();
         let o = Command::new(vgrid_bin())
-            .args(["image", "import", s.disk.to_str().unwrap(), "--name", "sample", "--kernel", s.kernel.to_str().unwrap(), "--initrd", s.initrd.to_str().unwrap(), "--cmdline", &s.cmdline, "--image-server", &self.server_url()])
+            .args([
+                "image",
+                "import",
+                s.disk.to_str().unwrap(),
+                "--name",
+                "sample",
+                "--kernel",
+                s.kernel.to_str().unwrap(),
+                "--initrd",
+                s.initrd.to_str().unwrap(),
+                "--cmdline",
+                &s.cmdline,
+                "--image-server",
+                &self.server_url(),
+            ])
             .env("VGRID_URL", &self.coordinator.url)
             .output()
             .unwrap();
@@ -141,7 +189,20 @@ impl Grid {
         let mut last = String::new();
         for attempt in 1..=2 {
             let name = format!("{name}{attempt}");
-            let o = self.cli(&["--json", "vm", "run", "sample", "--name", &name, "--require", &require, "--wait-for", PROMPT, "--timeout", "120"]);
+            let o = self.cli(&[
+                "--json",
+                "vm",
+                "run",
+                "sample",
+                "--name",
+                &name,
+                "--require",
+                &require,
+                "--wait-for",
+                PROMPT,
+                "--timeout",
+                "120",
+            ]);
             if o.status.success() {
                 return serde_json::from_slice(&o.stdout).unwrap();
             }
@@ -175,9 +236,7 @@ impl Drop for Grid {
 #[test]
 fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
     let mut g = Grid::start(&["h1", "h2"]);
-    g.wait_until("two hosts", Duration::from_secs(30), || {
-        g.json(&["host", "ls"]).as_array().map(|a| a.len()) == Some(2)
-    });
+    g.wait_until("two hosts", Duration::from_secs(30), || g.json(&["host", "ls"]).as_array().map(|a| a.len()) == Some(2));
     g.import_sample();
 
     // Boot on h1 (a timeout and one retry).
@@ -189,7 +248,10 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
     // A file on the disk (not synced: it may live only in the guest's page cache) and one in
     // tmpfs, then the counter.
     {
-        let _c = type_on_console(&d1, "echo disk-before-suspend > /mnt/mobile.txt; echo tmp-before-suspend > /tmp/mobile.txt; echo files-written");
+        let _c = type_on_console(
+            &d1,
+            "echo disk-before-suspend > /mnt/mobile.txt; echo tmp-before-suspend > /tmp/mobile.txt; echo files-written",
+        );
         wait_console(&d1, "files written", Duration::from_secs(60), |c| c.contains("files-written\r\n") || c.contains("files-written\n"));
     }
     {
@@ -214,9 +276,7 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
     let suspender = {
         let url = g.coordinator.url.clone();
         let id = id.clone();
-        std::thread::spawn(move || {
-            Command::new(vgrid_bin()).args(["vm", "suspend", &id]).env("VGRID_URL", url).output().unwrap()
-        })
+        std::thread::spawn(move || Command::new(vgrid_bin()).args(["vm", "suspend", &id]).env("VGRID_URL", url).output().unwrap())
     };
     g.wait_until("the VM to be suspending", Duration::from_secs(30), || g.json(&["vm", "show", &id])["state"] == "suspending");
     g.coordinator.kill();
@@ -224,7 +284,17 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
     let listen = g.coordinator.url.trim_start_matches("https://").to_string();
     let coord_data = g.dir.path().join("coord");
     g.coordinator = Role::start(
-        &["coordinator", "--listen", &listen, "--data-dir", coord_data.to_str().unwrap(), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
+        &[
+            "coordinator",
+            "--listen",
+            &listen,
+            "--data-dir",
+            coord_data.to_str().unwrap(),
+            "--heartbeat-interval",
+            "1",
+            "--lost-after-beats",
+            "3",
+        ],
         g.dir.path().join("coord2.log"),
     );
     g.wait_until("the interrupted suspend to settle", Duration::from_secs(60), || {
@@ -346,7 +416,17 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
         let listen = g.coordinator.url.trim_start_matches("https://").to_string();
         let log = g.dir.path().join(format!("coord{n}.log"));
         g.coordinator = Role::start(
-            &["coordinator", "--listen", &listen, "--data-dir", coord_data.to_str().unwrap(), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
+            &[
+                "coordinator",
+                "--listen",
+                &listen,
+                "--data-dir",
+                coord_data.to_str().unwrap(),
+                "--heartbeat-interval",
+                "1",
+                "--lost-after-beats",
+                "3",
+            ],
             log.clone(),
         );
         g.wait_until("the interrupted resume to settle", Duration::from_secs(120), || {
@@ -363,10 +443,7 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
     }
     g.json(&["vm", "rm", "--force", &id]);
     let images = g.json(&["image", "ls", "--image-server", &url]);
-    assert!(
-        !images.to_string().contains(&format!("{id}.saved")),
-        "the saved image must be deleted with the VM: {images}"
-    );
+    assert!(!images.to_string().contains(&format!("{id}.saved")), "the saved image must be deleted with the VM: {images}");
 }
 
 /// A booted guest saved as a warm image; two VMs started from it come up without booting,
@@ -407,7 +484,11 @@ fn warm_image_starts_two_vms_without_booting() {
 
     // Bad input: clear errors naming the object and cause.
     let o = up.cli(&["image", "snapshot", &id, "--name", "../etc"]);
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("invalid image name"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("invalid image name"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let o = up.cli(&["vm", "suspend", "nosuch"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no VM with id or name \"nosuch\""));
     let o = up.cli(&["vm", "resume", &id]);
@@ -471,7 +552,13 @@ fn resume_rechecks_quota_and_port_forwards() {
     let o = up.cli(&["vm", "resume", &id]);
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(!o.status.success(), "a resume over the quota must fail");
-    assert!(err.contains("403") && err.contains("quota exceeded") && err.contains(&format!("cannot resume VM {name}")) && err.contains("stays suspended"), "{err}");
+    assert!(
+        err.contains("403")
+            && err.contains("quota exceeded")
+            && err.contains(&format!("cannot resume VM {name}"))
+            && err.contains("stays suspended"),
+        "{err}"
+    );
     suspended("after the quota refusal");
     up.ok(&["user", "quota", &owner]);
 
@@ -481,7 +568,12 @@ fn resume_rechecks_quota_and_port_forwards() {
     let o = up.cli(&["vm", "resume", &id]);
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(!o.status.success(), "a resume with a host port forwarded to another VM must fail");
-    assert!(err.contains(&format!("host port {port}")) && err.contains(&format!("forwarded to VM {other_name}")) && err.contains("stays suspended"), "{err}");
+    assert!(
+        err.contains(&format!("host port {port}"))
+            && err.contains(&format!("forwarded to VM {other_name}"))
+            && err.contains("stays suspended"),
+        "{err}"
+    );
     suspended("after the forward conflict");
     up.ok(&["vm", "rm", "--force", other["id"].as_str().unwrap()]);
 
@@ -544,9 +636,7 @@ fn memory_stat(pid: u64) -> Option<PathBuf> {
 /// The first of `keys` present in a `memory.stat` file (v1 `cache`, v2 `file`), 0 if none.
 fn stat_value(stat: &Path, keys: &[&str]) -> u64 {
     let text = std::fs::read_to_string(stat).unwrap_or_default();
-    keys.iter()
-        .find_map(|k| text.lines().find_map(|l| l.strip_prefix(&format!("{k} ")).and_then(|v| v.trim().parse().ok())))
-        .unwrap_or(0)
+    keys.iter().find_map(|k| text.lines().find_map(|l| l.strip_prefix(&format!("{k} ")).and_then(|v| v.trim().parse().ok()))).unwrap_or(0)
 }
 
 /// The chunk hashes of a blob in `vgrid image show --json` output (stored chunks only).
@@ -604,7 +694,11 @@ fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
     assert!(cmdline.contains("share=off,readonly=on"), "QEMU maps its RAM privately from the pager's file: {cmdline}");
     let ram_file = d2.join("ram.img");
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-    assert!(mounts.lines().any(|l| l.contains(ram_file.to_str().unwrap()) && l.contains(" fuse")), "{} is no FUSE mount", ram_file.display());
+    assert!(
+        mounts.lines().any(|l| l.contains(ram_file.to_str().unwrap()) && l.contains(" fuse")),
+        "{} is no FUSE mount",
+        ram_file.display()
+    );
     let cache = g.dir.path().join("h2/cache/chunks");
     let fetched = |chunks: &[String]| chunks.iter().filter(|h| cache.join(&h[..2]).join(h.as_str()).exists()).count();
     let at_answer = fetched(&ram_chunks);
@@ -621,10 +715,14 @@ fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
     // then fills most of its free memory (pages the restore never fetched).
     restart_host(&mut g, 1, "h2", &[("VGRID_RAM_PREFETCH", "0")]);
     g.wait_until("h2 back with its guest", Duration::from_secs(60), || {
-        g.json(&["vm", "show", &wid])["state"] == "running" && g.json(&["host", "ls"]).as_array().map(|a| a.iter().filter(|h| h["state"] == "ready").count()) == Some(2)
+        g.json(&["vm", "show", &wid])["state"] == "running"
+            && g.json(&["host", "ls"]).as_array().map(|a| a.iter().filter(|h| h["state"] == "ready").count()) == Some(2)
     });
     {
-        let _c = type_on_console(&d2, "dd if=/dev/zero of=/tmp/fill bs=1M count=150 2>/dev/null; rm /tmp/fill; echo filled-$(cat /tmp/lazy.txt)");
+        let _c = type_on_console(
+            &d2,
+            "dd if=/dev/zero of=/tmp/fill bs=1M count=150 2>/dev/null; rm /tmp/fill; echo filled-$(cat /tmp/lazy.txt)",
+        );
         wait_console(&d2, "the guest to fill its memory", Duration::from_secs(180), |c| c.contains("filled-lazy-ram-marker"));
     }
     assert!(process_alive(pid), "QEMU died");
@@ -674,11 +772,16 @@ fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
     g.wait_until("h1 to fetch the whole RAM", Duration::from_secs(120), || {
         ram_chunks.iter().all(|h| cache1.join(&h[..2]).join(h.as_str()).exists())
     });
-    g.wait_until("h1 to report no remote RAM", Duration::from_secs(30), || g.json(&["vm", "show", &fid])["ram_remote_bytes"].as_u64() == Some(0));
+    g.wait_until("h1 to report no remote RAM", Duration::from_secs(30), || {
+        g.json(&["vm", "show", &fid])["ram_remote_bytes"].as_u64() == Some(0)
+    });
     g.server.as_mut().unwrap().kill();
     {
-        let _c = type_on_console(&d1, "dd if=/dev/zero of=/tmp/fill bs=1M count=150 2>/dev/null; rm /tmp/fill; echo alone-$(cat /tmp/lazy.txt)");
-        wait_console(&d1, "the guest to fill its memory without the image server", Duration::from_secs(180), |c| c.contains("alone-lazy-ram-marker"));
+        let _c =
+            type_on_console(&d1, "dd if=/dev/zero of=/tmp/fill bs=1M count=150 2>/dev/null; rm /tmp/fill; echo alone-$(cat /tmp/lazy.txt)");
+        wait_console(&d1, "the guest to fill its memory without the image server", Duration::from_secs(180), |c| {
+            c.contains("alone-lazy-ram-marker")
+        });
     }
     assert_eq!(g.json(&["vm", "show", &fid])["state"], "running");
     g.json(&["vm", "rm", "--force", &fid]);

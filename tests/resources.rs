@@ -13,7 +13,11 @@ use std::time::{Duration, Instant};
 
 /// A host name unique to this run and test.
 fn unique_host(tag: &str) -> String {
-    format!("rt-{tag}-{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_micros())
+    format!(
+        "rt-{tag}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_micros()
+    )
 }
 
 fn v2() -> bool {
@@ -215,7 +219,17 @@ impl Grid {
     fn start_coordinator(dir: &std::path::Path, listen: &str) -> Role {
         let data = dir.join("coord");
         Role::start(
-            &["coordinator", "--listen", listen, "--data-dir", data.to_str().unwrap(), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
+            &[
+                "coordinator",
+                "--listen",
+                listen,
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--heartbeat-interval",
+                "1",
+                "--lost-after-beats",
+                "3",
+            ],
             dir.join("coord.log"),
         )
     }
@@ -275,7 +289,10 @@ impl Grid {
             let u = usage_of(&self.json(&["usage"]), id);
             let got = u.as_ref().and_then(|u| u["usage"]["cpu_ns"].as_u64());
             let u = u.map(|u| u.to_string()).unwrap_or_else(|| "none".into());
-            (got == Some(want), format!("usage {u}; frozen counter {want} ns, counter now {} ns; QEMU threads {}", counter(), thread_states(pid)))
+            (
+                got == Some(want),
+                format!("usage {u}; frozen counter {want} ns, counter now {} ns; QEMU threads {}", counter(), thread_states(pid)),
+            )
         });
     }
 }
@@ -354,20 +371,45 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
     let dir = tempfile::Builder::new().prefix("vgr").tempdir_in("/tmp").unwrap();
     let coordinator = Grid::start_coordinator(dir.path(), "127.0.0.1:0");
     let server = Role::start(
-        &["image-server", "--listen", "127.0.0.1:0", "--data-dir", dir.path().join("is").to_str().unwrap(), "--coordinator", &coordinator.url, "--name", "is0"],
+        &[
+            "image-server",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.path().join("is").to_str().unwrap(),
+            "--coordinator",
+            &coordinator.url,
+            "--name",
+            "is0",
+        ],
         dir.path().join("is.log"),
     );
     let host = Grid::start_host(dir.path(), &coordinator.url, &name, "127.0.0.1:0", 0);
     let mut g = Grid { dir, coordinator, _server: server, host, host_name: name.clone(), host_starts: 1 };
     let gs = sample_guest().unwrap();
     let o = Command::new(vgrid_bin())
-        .args(["image", "import", gs.disk.to_str().unwrap(), "--name", "sample", "--kernel", gs.kernel.to_str().unwrap(), "--initrd", gs.initrd.to_str().unwrap(), "--cmdline", &gs.cmdline, "--image-server", &g._server.url])
+        .args([
+            "image",
+            "import",
+            gs.disk.to_str().unwrap(),
+            "--name",
+            "sample",
+            "--kernel",
+            gs.kernel.to_str().unwrap(),
+            "--initrd",
+            gs.initrd.to_str().unwrap(),
+            "--cmdline",
+            &gs.cmdline,
+            "--image-server",
+            &g._server.url,
+        ])
         .env("VGRID_URL", &g.coordinator.url)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     g.wait_until("host and image server", Duration::from_secs(20), || {
-        g.json(&["host", "ls"]).as_array().map(|a| a.len() == 1).unwrap_or(false) && g.json(&["image", "ls"]).as_array().map(|a| !a.is_empty()).unwrap_or(false)
+        g.json(&["host", "ls"]).as_array().map(|a| a.len() == 1).unwrap_or(false)
+            && g.json(&["image", "ls"]).as_array().map(|a| !a.is_empty()).unwrap_or(false)
     });
 
     let _slot = boot_slot().unwrap();
@@ -398,7 +440,11 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
     eprintln!("usage at the frozen counter {counter} ns: {u}");
     assert_eq!(u["usage"]["cpu_ns"].as_u64().unwrap(), counter);
     assert!((u["usage"]["cpu_seconds"].as_f64().unwrap() - counter as f64 / 1e9).abs() < 1e-6);
-    let peak_file = if v2() { group_dir("memory", &name, &id).join("memory.peak") } else { group_dir("memory", &name, &id).join("memory.max_usage_in_bytes") };
+    let peak_file = if v2() {
+        group_dir("memory", &name, &id).join("memory.peak")
+    } else {
+        group_dir("memory", &name, &id).join("memory.max_usage_in_bytes")
+    };
     if let Ok(peak) = std::fs::read_to_string(&peak_file) {
         assert_eq!(u["memory_peak_bytes"].as_u64().unwrap(), peak.trim().parse::<u64>().unwrap());
     }
@@ -409,7 +455,8 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
     let by_user = g.json(&["usage", "--user", &me]);
     assert_eq!(by_user["users"][0]["usage"]["cpu_ns"].as_u64().unwrap(), counter, "{by_user}");
     // The same through the REST API, which the OpenAPI document describes.
-    let rest: serde_json::Value = serde_json::from_slice(&api_get(&g.coordinator.url, &format!("/api/v1/usage?user={me}&since=0"))).unwrap();
+    let rest: serde_json::Value =
+        serde_json::from_slice(&api_get(&g.coordinator.url, &format!("/api/v1/usage?user={me}&since=0"))).unwrap();
     assert_eq!(usage_of(&rest, &id).unwrap()["usage"]["cpu_ns"].as_u64().unwrap(), counter, "{rest}");
     let o = curl_for(&g.coordinator.url).arg(format!("{}/api/openapi.json", g.coordinator.url)).output().unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -438,10 +485,16 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
     let listen = g.coordinator.url.trim_start_matches("https://").to_string();
     g.coordinator.kill();
     g.coordinator = Grid::start_coordinator(g.dir.path(), &listen);
-    g.wait_until("the host to re-register", Duration::from_secs(15), || g.json(&["host", "ls"]).as_array().map(|a| a.len() == 1).unwrap_or(false));
+    g.wait_until("the host to re-register", Duration::from_secs(15), || {
+        g.json(&["host", "ls"]).as_array().map(|a| a.len() == 1).unwrap_or(false)
+    });
     let again = usage_of(&g.json(&["usage"]), &id).unwrap()["usage"]["cpu_ns"].as_u64().unwrap();
     assert_eq!(again, after, "usage changed across a coordinator restart");
-    let since_future = g.json(&["usage", "--since", &(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600).to_string()]);
+    let since_future = g.json(&[
+        "usage",
+        "--since",
+        &(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600).to_string(),
+    ]);
     assert!(usage_of(&since_future, &id).is_none(), "{since_future}");
 
     // Clean up the guest and its groups.

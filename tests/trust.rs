@@ -39,13 +39,44 @@ fn hosts(url: &str) -> Vec<String> {
 
 /// A CA of nobody's grid and a certificate it signed that claims to be host `evil`.
 fn forged_cert(dir: &Path) -> (String, String) {
-    let [ca, cakey, key, csr, crt] = ["forged-ca.crt", "forged-ca.key", "evil.key", "evil.csr", "evil.crt"].map(|f| dir.join(f).to_str().unwrap().to_string());
+    let [ca, cakey, key, csr, crt] =
+        ["forged-ca.crt", "forged-ca.key", "evil.key", "evil.csr", "evil.crt"].map(|f| dir.join(f).to_str().unwrap().to_string());
     let run = |args: &[&str]| {
         let o = Command::new("openssl").args(args).output().unwrap();
         assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
     };
-    run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/O=vgrid/CN=vgrid CA forged", "-keyout", &cakey, "-out", &ca]);
-    run(&["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/O=vgrid/OU=host/CN=evil", "-keyout", &key, "-out", &csr]);
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/O=vgrid/CN=vgrid CA forged",
+        "-keyout",
+        &cakey,
+        "-out",
+        &ca,
+    ]);
+    run(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-subj",
+        "/O=vgrid/OU=host/CN=evil",
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+    ]);
     run(&["x509", "-req", "-in", &csr, "-CA", &ca, "-CAkey", &cakey, "-CAcreateserial", "-days", "2", "-out", &crt]);
     (crt, key)
 }
@@ -74,7 +105,19 @@ fn only_joined_nodes_register_and_forged_certificates_are_refused() {
 
     // A valid token joins once; the certificate is kept, so a restart needs no token.
     let mut h1 = Role::start(
-        &["host", "--coordinator", &c.url, "--listen", "127.0.0.1:0", "--name", "h1", "--data-dir", dir.path().join("h1").to_str().unwrap(), "--join-token", &good],
+        &[
+            "host",
+            "--coordinator",
+            &c.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            "h1",
+            "--data-dir",
+            dir.path().join("h1").to_str().unwrap(),
+            "--join-token",
+            &good,
+        ],
         dir.path().join("h1.log"),
     );
     let e = host_fails(&c.url, dir.path(), "h-again", Some(&good));
@@ -86,7 +129,19 @@ fn only_joined_nodes_register_and_forged_certificates_are_refused() {
     }
     h1.terminate();
     let _h1 = Role::start(
-        &["host", "--coordinator", &c.url, "--listen", "127.0.0.1:0", "--name", "h1", "--data-dir", dir.path().join("h1").to_str().unwrap(), "--join-token", "unused"],
+        &[
+            "host",
+            "--coordinator",
+            &c.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            "h1",
+            "--data-dir",
+            dir.path().join("h1").to_str().unwrap(),
+            "--join-token",
+            "unused",
+        ],
         dir.path().join("h1b.log"),
     );
     let tokens = json_at(&c.url, &["join-token", "ls"]);
@@ -157,7 +212,13 @@ fn the_cli_refuses_a_coordinator_whose_ca_changed() {
     assert!(!o.status.success() && e.contains("refusing to trust it"), "{e}");
     assert!(!fresh.path().join("known_coordinators").exists());
     let fp_b = json_at(&b.url, &["ca"])["fingerprint"].as_str().unwrap().to_string();
-    let o = Command::new(vgrid_bin()).args(["ca"]).env("VGRID_URL", &b.url).env("VGRID_CONFIG_DIR", fresh.path()).env("VGRID_CA_FINGERPRINT", &fp_b).output().unwrap();
+    let o = Command::new(vgrid_bin())
+        .args(["ca"])
+        .env("VGRID_URL", &b.url)
+        .env("VGRID_CONFIG_DIR", fresh.path())
+        .env("VGRID_CA_FINGERPRINT", &fp_b)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 

@@ -19,11 +19,8 @@ fn boots_sample_through_the_proxy_and_reads_its_disk() {
     assert_eq!(v["state"], "running");
     let id = id_of(&v);
     // The disk is an overlay whose backing file is the proxy's NBD export.
-    let info = Command::new("qemu-img")
-        .args(["info", "-U", "--output=json"])
-        .arg(up.runtime_dir(&id).join("overlay.qcow2"))
-        .output()
-        .unwrap();
+    let info =
+        Command::new("qemu-img").args(["info", "-U", "--output=json"]).arg(up.runtime_dir(&id).join("overlay.qcow2")).output().unwrap();
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("qemu-img info JSON");
     let backing = info["backing-filename"].as_str().unwrap_or_default();
     assert!(backing.starts_with("nbd+unix:///sample@1?socket="), "backing file is {backing:?}");
@@ -79,11 +76,7 @@ fn boots_sample_through_the_proxy_and_reads_its_disk() {
 
 /// Whether the VM's qcow2 overlay itself (depth 0, not its backing image) holds data.
 fn overlay_has_data(up: &Up, id: &str) -> bool {
-    let map = Command::new("qemu-img")
-        .args(["map", "-U", "--output=json"])
-        .arg(up.runtime_dir(id).join("overlay.qcow2"))
-        .output()
-        .unwrap();
+    let map = Command::new("qemu-img").args(["map", "-U", "--output=json"]).arg(up.runtime_dir(id).join("overlay.qcow2")).output().unwrap();
     let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
     map.as_array().unwrap().iter().any(|e| e["depth"] == 0 && e["data"] == true)
 }
@@ -108,16 +101,10 @@ fn guest_writes_land_in_the_overlay_and_never_in_the_base() {
         .unwrap();
     assert!(st.success());
     let bytes = std::fs::read(&raw).unwrap();
-    assert!(
-        bytes.windows(17).any(|w| w == b"overlay-bytes-42\n"),
-        "the guest's write is not in its disk (overlay over the proxy export)"
-    );
+    assert!(bytes.windows(17).any(|w| w == b"overlay-bytes-42\n"), "the guest's write is not in its disk (overlay over the proxy export)");
 
     // The overlay itself holds data (allocated at depth 0), the base is byte-identical to the source.
-    assert!(
-        overlay_has_data(&up, &id),
-        "no data allocated in the overlay itself"
-    );
+    assert!(overlay_has_data(&up, &id), "no data allocated in the overlay itself");
     let export = tmp.path().join("base.raw");
     up.ok(&["image", "export", "sample", export.to_str().unwrap()]);
     let cmp = Command::new("cmp").arg(&export).arg(&g.disk).status().unwrap();
@@ -346,12 +333,36 @@ fn vgrid_up_reads_images_from_an_image_server_given_by_url() {
     let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let up = Up::start_with(&["--image-server", &format!("https://{addr}")]);
     let is = Role::start(
-        &["image-server", "--listen", &addr, "--data-dir", tmp.path().join("is").to_str().unwrap(), "--coordinator", &up.url, "--name", "far-is"],
+        &[
+            "image-server",
+            "--listen",
+            &addr,
+            "--data-dir",
+            tmp.path().join("is").to_str().unwrap(),
+            "--coordinator",
+            &up.url,
+            "--name",
+            "far-is",
+        ],
         tmp.path().join("is.log"),
     );
     let g = sample_guest().unwrap();
     let o = Command::new(vgrid_bin())
-        .args(["image", "import", g.disk.to_str().unwrap(), "--name", "far", "--kernel", g.kernel.to_str().unwrap(), "--initrd", g.initrd.to_str().unwrap(), "--cmdline", &g.cmdline, "--image-server", &is.url])
+        .args([
+            "image",
+            "import",
+            g.disk.to_str().unwrap(),
+            "--name",
+            "far",
+            "--kernel",
+            g.kernel.to_str().unwrap(),
+            "--initrd",
+            g.initrd.to_str().unwrap(),
+            "--cmdline",
+            &g.cmdline,
+            "--image-server",
+            &is.url,
+        ])
         .env("VGRID_URL", &up.url)
         .output()
         .unwrap();
@@ -406,7 +417,10 @@ fn an_agent_whose_qemu_user_cannot_work_refuses_to_start_naming_the_fix() {
     let d = private.join("h");
     let (exited, err) = host_attempt(&["--data-dir", d.to_str().unwrap()], &log, Duration::from_secs(30));
     assert!(exited, "the agent started: {err}");
-    assert!(err.contains("cannot reach") && err.contains("mode 700") && err.contains(private.to_str().unwrap()) && err.contains("--data-dir"), "{err}");
+    assert!(
+        err.contains("cannot reach") && err.contains("mode 700") && err.contains(private.to_str().unwrap()) && err.contains("--data-dir"),
+        "{err}"
+    );
     // root, or a name that is no user name.
     let d = t.path().join("h2");
     let (exited, err) = host_attempt(&["--data-dir", d.to_str().unwrap(), "--qemu-user", "root"], &log, Duration::from_secs(30));

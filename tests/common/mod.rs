@@ -48,19 +48,19 @@ impl Up {
         let url = line
             .split_whitespace()
             .find(|w| w.starts_with("https://"))
-            .unwrap_or_else(|| panic!("vgrid up printed no URL: {line:?}; log:\n{}", std::fs::read_to_string(data.path().join("up.log")).unwrap_or_default()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "vgrid up printed no URL: {line:?}; log:\n{}",
+                    std::fs::read_to_string(data.path().join("up.log")).unwrap_or_default()
+                )
+            })
             .to_string();
         Up { child: Some(child), url, data }
     }
 
     /// Runs the CLI against this instance.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(vgrid_bin())
-            .args(args)
-            .env("VGRID_URL", &self.url)
-            .stdin(Stdio::null())
-            .output()
-            .expect("running vgrid")
+        Command::new(vgrid_bin()).args(args).env("VGRID_URL", &self.url).stdin(Stdio::null()).output().expect("running vgrid")
     }
 
     /// Runs the CLI and expects success; returns stdout.
@@ -252,11 +252,10 @@ impl Role {
         let mut reader = BufReader::new(stdout);
         reader.read_line(&mut line).expect("reading the role's first line");
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("https://"))
-            .map(|w| w.trim_end_matches([',', ')']).to_string())
-            .unwrap_or_else(|| panic!("vgrid {args:?} printed no URL: {line:?}; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+        let url =
+            line.split_whitespace().find(|w| w.starts_with("https://")).map(|w| w.trim_end_matches([',', ')']).to_string()).unwrap_or_else(
+                || panic!("vgrid {args:?} printed no URL: {line:?}; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default()),
+            );
         Role { child: Some(child), url, log }
     }
 
@@ -334,9 +333,5 @@ pub fn curl_for(url: &str) -> Command {
 /// in); returns the body.
 pub fn api_get(url: &str, path: &str) -> Vec<u8> {
     let token = json_at(url, &["login"])["token"].as_str().unwrap().to_string();
-    curl_for(url)
-        .args(["-H", &format!("authorization: Bearer {token}"), &format!("{url}{path}")])
-        .output()
-        .unwrap()
-        .stdout
+    curl_for(url).args(["-H", &format!("authorization: Bearer {token}"), &format!("{url}{path}")]).output().unwrap().stdout
 }

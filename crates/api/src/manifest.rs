@@ -132,10 +132,7 @@ impl FromStr for ImageRef {
     type Err = ManifestError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (name, version) = match s.split_once('@') {
-            Some((n, v)) => (
-                n,
-                Some(v.parse::<u32>().map_err(|_| ManifestError::BadName(s.to_string()))?),
-            ),
+            Some((n, v)) => (n, Some(v.parse::<u32>().map_err(|_| ManifestError::BadName(s.to_string()))?)),
             None => (s, None),
         };
         validate_name(name)?;
@@ -228,10 +225,7 @@ impl StateMeta {
         }
         let mm = |v: &str| v.split('.').take(2).collect::<Vec<_>>().join(".");
         if mm(qemu_version) != mm(&self.qemu_version) {
-            return Some(format!(
-                "the state was saved by QEMU {} and this host has QEMU {qemu_version}",
-                self.qemu_version
-            ));
+            return Some(format!("the state was saved by QEMU {} and this host has QEMU {qemu_version}", self.qemu_version));
         }
         None
     }
@@ -242,9 +236,7 @@ impl Manifest {
     pub fn all_chunks(&self) -> impl Iterator<Item = &ChunkHash> {
         let boot: Vec<&Blob> = match &self.meta.boot {
             Boot::Firmware => vec![],
-            Boot::Kernel { kernel, initrd, .. } => {
-                std::iter::once(kernel).chain(initrd.iter()).collect()
-            }
+            Boot::Kernel { kernel, initrd, .. } => std::iter::once(kernel).chain(initrd.iter()).collect(),
         };
         let state = self.state.iter().flat_map(|s| std::iter::once(&s.blob).chain(s.ram.iter().map(|r| &r.blob)));
         self.disk.stored().chain(boot.into_iter().chain(state).flat_map(|b| b.stored()))
@@ -286,9 +278,7 @@ impl Manifest {
             return Err(ManifestError::Schema(self.schema));
         }
         validate_name(&self.name)?;
-        if !(crate::MIN_CHUNK_SIZE..=crate::MAX_CHUNK_SIZE).contains(&self.chunk_size)
-            || !self.chunk_size.is_power_of_two()
-        {
+        if !(crate::MIN_CHUNK_SIZE..=crate::MAX_CHUNK_SIZE).contains(&self.chunk_size) || !self.chunk_size.is_power_of_two() {
             return Err(ManifestError::ChunkSize(self.chunk_size));
         }
         let mut blobs = vec![("disk", &self.disk)];
@@ -314,12 +304,7 @@ impl Manifest {
         for (what, b, cs) in blobs {
             let want = b.size.div_ceil(cs as u64);
             if b.chunks.len() as u64 != want {
-                return Err(ManifestError::ChunkCount {
-                    blob: what,
-                    size: b.size,
-                    chunks: b.chunks.len(),
-                    expected: want,
-                });
+                return Err(ManifestError::ChunkCount { blob: what, size: b.size, chunks: b.chunks.len(), expected: want });
             }
         }
         Ok(())
@@ -327,8 +312,7 @@ impl Manifest {
 
     /// Parses and validates a manifest from JSON.
     pub fn from_json(data: &[u8]) -> Result<Self, ManifestError> {
-        let m: Manifest =
-            serde_json::from_slice(data).map_err(|e| ManifestError::Json(e.to_string()))?;
+        let m: Manifest = serde_json::from_slice(data).map_err(|e| ManifestError::Json(e.to_string()))?;
         m.validate()?;
         Ok(m)
     }
@@ -392,19 +376,25 @@ mod tests {
         assert!(m.state.is_none() && !m.is_warm());
         assert!(!String::from_utf8(serde_json::to_vec(&m).unwrap()).unwrap().contains("state"));
         let h = ChunkHash::of(b"state");
-        let meta = StateMeta { qemu_version: "10.0.2".into(), machine: "pc".into(), cpus: 1, memory_mib: 256, accel: "tcg".into(), saved: 1 };
-        let warm = Manifest { state: Some(SavedState { blob: Blob { size: 5000, chunks: vec![Some(h), None] }, meta, ram: None }), ..m.clone() };
+        let meta =
+            StateMeta { qemu_version: "10.0.2".into(), machine: "pc".into(), cpus: 1, memory_mib: 256, accel: "tcg".into(), saved: 1 };
+        let warm =
+            Manifest { state: Some(SavedState { blob: Blob { size: 5000, chunks: vec![Some(h), None] }, meta, ram: None }), ..m.clone() };
         let back = Manifest::from_json(&serde_json::to_vec(&warm).unwrap()).unwrap();
         assert_eq!(back, warm);
         assert!(back.all_chunks().any(|c| *c == h), "state chunks count as the image's chunks");
-        let bad = Manifest { state: Some(SavedState { blob: Blob { size: 5000, chunks: vec![Some(h)] }, ..warm.state.clone().unwrap() }), ..m };
+        let bad =
+            Manifest { state: Some(SavedState { blob: Blob { size: 5000, chunks: vec![Some(h)] }, ..warm.state.clone().unwrap() }), ..m };
         assert!(matches!(bad.validate(), Err(ManifestError::ChunkCount { blob: "state", .. })));
     }
 
     #[test]
     fn saved_ram_is_validated_and_counted() {
-        let mut m = Manifest::from_json(br#"{"schema":1,"name":"x","version":1,"created":0,"chunk_size":4194304,
-            "disk":{"size":4096,"chunks":[null]},"meta":{"os":"","arch":"x86_64","boot":{"mode":"firmware"}}}"#).unwrap();
+        let mut m = Manifest::from_json(
+            br#"{"schema":1,"name":"x","version":1,"created":0,"chunk_size":4194304,
+            "disk":{"size":4096,"chunks":[null]},"meta":{"os":"","arch":"x86_64","boot":{"mode":"firmware"}}}"#,
+        )
+        .unwrap();
         let (st, page) = (ChunkHash::of(b"devices"), ChunkHash::of(b"page"));
         let meta = StateMeta { qemu_version: "10.0.2".into(), machine: "pc".into(), cpus: 1, memory_mib: 8, accel: "tcg".into(), saved: 1 };
         let ram = SavedRam { chunk_size: 4 << 20, blob: Blob { size: 8 << 20, chunks: vec![Some(page), None] } };
@@ -431,7 +421,8 @@ mod tests {
 
     #[test]
     fn state_meta_explains_incompatibility() {
-        let meta = StateMeta { qemu_version: "10.0.2".into(), machine: "pc".into(), cpus: 2, memory_mib: 512, accel: "tcg".into(), saved: 0 };
+        let meta =
+            StateMeta { qemu_version: "10.0.2".into(), machine: "pc".into(), cpus: 2, memory_mib: 512, accel: "tcg".into(), saved: 0 };
         assert_eq!(meta.incompatibility(2, 512, "10.0.7"), None);
         let e = meta.incompatibility(1, 256, "10.0.2").unwrap();
         assert!(e.contains("--cpus 2 --memory 512"), "{e}");

@@ -50,7 +50,16 @@ impl VmState {
     }
     /// Whether the VM holds host resources (a QEMU process may exist).
     pub fn is_active(&self) -> bool {
-        matches!(self, VmState::Pending | VmState::Starting | VmState::Running | VmState::Stopping | VmState::Unknown | VmState::Suspending | VmState::Migrating)
+        matches!(
+            self,
+            VmState::Pending
+                | VmState::Starting
+                | VmState::Running
+                | VmState::Stopping
+                | VmState::Unknown
+                | VmState::Suspending
+                | VmState::Migrating
+        )
     }
 }
 
@@ -64,14 +73,9 @@ pub struct Forward {
 impl std::str::FromStr for Forward {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (h, g) = s
-            .split_once(':')
-            .ok_or_else(|| format!("invalid forward {s:?}: expected HOSTPORT:GUESTPORT"))?;
+        let (h, g) = s.split_once(':').ok_or_else(|| format!("invalid forward {s:?}: expected HOSTPORT:GUESTPORT"))?;
         let port = |p: &str| {
-            p.parse::<u16>()
-                .ok()
-                .filter(|&v| v != 0)
-                .ok_or_else(|| format!("invalid port {p:?} in forward {s:?}: expected 1-65535"))
+            p.parse::<u16>().ok().filter(|&v| v != 0).ok_or_else(|| format!("invalid port {p:?} in forward {s:?}: expected 1-65535"))
         };
         Ok(Forward { host: port(h)?, guest: port(g)? })
     }

@@ -146,12 +146,7 @@ pub struct ChunkCache {
 impl ChunkCache {
     /// Opens (creating if needed) the cache in `dir`, bounded to `max_bytes`, keeping at most
     /// `max_open_files` chunk files open. Fails if another process holds the directory.
-    pub fn open(
-        dir: impl AsRef<Path>,
-        max_bytes: u64,
-        max_open_files: usize,
-        fetch_timeout: Duration,
-    ) -> Result<ChunkCache, CacheError> {
+    pub fn open(dir: impl AsRef<Path>, max_bytes: u64, max_open_files: usize, fetch_timeout: Duration) -> Result<ChunkCache, CacheError> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, "create directory", e))?;
         let lock_path = dir.join("lock");
@@ -216,8 +211,7 @@ impl ChunkCache {
             for f in std::fs::read_dir(&sub).map_err(|e| io_err(&sub, "list", e))? {
                 let f = f.map_err(|e| io_err(&sub, "list", e))?;
                 let path = f.path();
-                let Some(hash) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<ChunkHash>().ok())
-                else {
+                let Some(hash) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<ChunkHash>().ok()) else {
                     continue;
                 };
                 let meta = f.metadata().map_err(|e| io_err(&path, "stat", e))?;
@@ -374,12 +368,7 @@ impl ChunkCache {
         let len = data.len() as u32;
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self.tmp_dir.join(format!("{}.{seq}", hash.to_hex()));
-        let mut f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| io_err(&tmp, "create", e))?;
+        let mut f = OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).map_err(|e| io_err(&tmp, "create", e))?;
         if let Err(e) = f.write_all(data) {
             let _ = std::fs::remove_file(&tmp);
             return Err(io_err(&tmp, "write", e));
@@ -482,9 +471,7 @@ impl ChunkCache {
             let res = match tokio::time::timeout(this.fetch_timeout, fut).await {
                 Err(_) => Err(CacheError::Timeout { hash, secs: this.fetch_timeout.as_secs() }),
                 Ok(Err(e)) => Err(CacheError::Fetch { hash, cause: e }),
-                Ok(Ok(data)) if data.len() != len as usize => {
-                    Err(CacheError::Length { hash, expected: len, actual: data.len() })
-                }
+                Ok(Ok(data)) if data.len() != len as usize => Err(CacheError::Length { hash, expected: len, actual: data.len() }),
                 Ok(Ok(data)) => {
                     let took = started.elapsed();
                     let c = this.clone();
@@ -557,7 +544,8 @@ mod tests {
         drop(held);
         drop(c);
         // Reopen: index rebuilt; a corrupted file is detected on first read.
-        let present: Vec<usize> = (0..4).filter(|i| tmp.path().join("chunks").join(&hashes[*i].to_hex()[..2]).join(hashes[*i].to_hex()).exists()).collect();
+        let present: Vec<usize> =
+            (0..4).filter(|i| tmp.path().join("chunks").join(&hashes[*i].to_hex()[..2]).join(hashes[*i].to_hex()).exists()).collect();
         assert_eq!(present.len(), 3);
         let victim = present[0];
         let p = tmp.path().join("chunks").join(&hashes[victim].to_hex()[..2]).join(hashes[victim].to_hex());
@@ -607,10 +595,7 @@ mod tests {
 
         let d2 = data(9, 100);
         let h2 = ChunkHash::of(&d2);
-        let bad = c
-            .get_or_fetch(&h2, 100, Access::Read, || async { Ok(vec![1u8; 100]) })
-            .await
-            .unwrap_err();
+        let bad = c.get_or_fetch(&h2, 100, Access::Read, || async { Ok(vec![1u8; 100]) }).await.unwrap_err();
         assert!(matches!(bad, CacheError::Corrupt { .. }), "{bad}");
         let failed = c
             .get_or_fetch(&h2, 100, Access::Read, || async {

@@ -44,9 +44,7 @@ impl Shared {
     /// Fetches (or finds) one chunk of `blob` through the cache.
     pub async fn chunk(&self, hash: ChunkHash, len: u32, access: Access) -> Result<ChunkFile, CacheError> {
         let source = self.source.clone();
-        self.cache
-            .get_or_fetch(&hash, len, access, move || async move { source.chunk(&hash, len as usize).await })
-            .await
+        self.cache.get_or_fetch(&hash, len, access, move || async move { source.chunk(&hash, len as usize).await }).await
     }
 
     /// All chunk files of `blob` over chunk indices `first..=last` (`None` for zero chunks),
@@ -414,11 +412,8 @@ impl Export {
         let image = self.image.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            let wanted: Vec<(u64, ChunkHash, u32)> = profile
-                .chunks
-                .iter()
-                .filter_map(|&i| manifest.profile_chunk(i).map(|(h, len)| (i, h, len)))
-                .collect();
+            let wanted: Vec<(u64, ChunkHash, u32)> =
+                profile.chunks.iter().filter_map(|&i| manifest.profile_chunk(i).map(|(h, len)| (i, h, len))).collect();
             let n = wanted.len();
             futures::stream::iter(wanted)
                 .for_each_concurrent(conc, |(i, h, len)| {
@@ -597,4 +592,3 @@ impl Recording {
         }
     }
 }
-

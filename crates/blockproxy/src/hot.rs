@@ -185,7 +185,9 @@ impl Shared {
             };
             shared.cache.counters.record_fetch(took, bytes);
             match decoded {
-                Ok(Ok(())) => tracing::info!(image = %img, pages, expected = n, bundle_bytes, "hot pages loaded in {:.3} s", took.as_secs_f64()),
+                Ok(Ok(())) => {
+                    tracing::info!(image = %img, pages, expected = n, bundle_bytes, "hot pages loaded in {:.3} s", took.as_secs_f64())
+                }
                 Ok(Err(e)) => tracing::warn!(image = %img, pages_kept = pages, "hot pages refused, reading whole chunks instead: {e}"),
                 Err(e) => tracing::warn!(image = %img, "hot pages: the decoding task failed: {e}"),
             }
@@ -307,7 +309,11 @@ mod tests {
         }
         fn chunk<'a>(&'a self, hash: &'a ChunkHash, _: usize) -> BoxFuture<'a, Result<Vec<u8>, SourceError>> {
             Box::pin(async move {
-                self.chunks.iter().find(|c| ChunkHash::of(c) == *hash).cloned().ok_or_else(|| SourceError::NotFound { what: format!("chunk {hash}"), source_name: "mem".into() })
+                self.chunks
+                    .iter()
+                    .find(|c| ChunkHash::of(c) == *hash)
+                    .cloned()
+                    .ok_or_else(|| SourceError::NotFound { what: format!("chunk {hash}"), source_name: "mem".into() })
             })
         }
         fn profile<'a>(&'a self, _: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {
@@ -329,7 +335,8 @@ mod tests {
     /// page that never comes goes to the chunks after the stall limit, not forever.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stalled_bundle_serves_what_came_and_gives_up_on_the_rest() {
-        let chunks: Vec<Vec<u8>> = (0..2u8).map(|k| (0..CS as usize).map(|i| (i as u8).wrapping_mul(7) ^ k.wrapping_add(1)).collect()).collect();
+        let chunks: Vec<Vec<u8>> =
+            (0..2u8).map(|k| (0..CS as usize).map(|i| (i as u8).wrapping_mul(7) ^ k.wrapping_add(1)).collect()).collect();
         // 1 MiB of RAM: two stored chunks, the rest zero.
         let mut rc: Vec<Option<ChunkHash>> = chunks.iter().map(|c| Some(ChunkHash::of(c))).collect();
         rc.resize(16, None);
@@ -345,7 +352,14 @@ mod tests {
             parent: None,
             state: Some(SavedState {
                 blob: Blob { size: CS as u64, chunks: vec![Some(ChunkHash::of(&chunks[0]))] },
-                meta: StateMeta { qemu_version: "10.0.0".into(), machine: "pc".into(), cpus: 1, memory_mib: 0, accel: "tcg".into(), saved: 0 },
+                meta: StateMeta {
+                    qemu_version: "10.0.0".into(),
+                    machine: "pc".into(),
+                    cpus: 1,
+                    memory_mib: 0,
+                    accel: "tcg".into(),
+                    saved: 0,
+                },
                 ram: None,
             }),
         };
@@ -353,7 +367,12 @@ mod tests {
         m.state.as_mut().unwrap().ram = Some(SavedRam { chunk_size: CS, blob: ram.clone() });
         m.state.as_mut().unwrap().meta.memory_mib = 1;
         // The whole bundle (pages 1 of chunk 0 and 3 of chunk 1), cut after chunk 0's part.
-        let whole = encode(4096, CS, &[HotChunk { index: 0, data: &chunks[0], pages: vec![1] }, HotChunk { index: 1, data: &chunks[1], pages: vec![3] }]).unwrap();
+        let whole = encode(
+            4096,
+            CS,
+            &[HotChunk { index: 0, data: &chunks[0], pages: vec![1] }, HotChunk { index: 1, data: &chunks[1], pages: vec![3] }],
+        )
+        .unwrap();
         let plain = zstd::bulk::decompress(&whole, 1 << 20).unwrap();
         let cut = 20 + (8 + 4 + 4) * 2 + 16 * 32 + 4096;
         let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();

@@ -436,14 +436,13 @@ impl BlockProxy {
             });
         }
         type Wanted = Vec<(ChunkHash, u32)>;
-        let (cached, to_fetch): (Wanted, Wanted) =
-            wanted.iter().copied().partition(|(h, _)| cache.contains(h));
+        let (cached, to_fetch): (Wanted, Wanted) = wanted.iter().copied().partition(|(h, _)| cache.contains(h));
         let mut done: u64 = cached.iter().map(|w| w.1 as u64).sum();
         progress(done, bytes_total);
         let image_ref = m.image_ref();
-        let mut results = futures::stream::iter(to_fetch.clone().into_iter().map(|(h, len)| async move {
-            (h, len, self.shared.chunk(h, len, access_for_pull()).await)
-        }))
+        let mut results = futures::stream::iter(
+            to_fetch.clone().into_iter().map(|(h, len)| async move { (h, len, self.shared.chunk(h, len, access_for_pull()).await) }),
+        )
         .buffer_unordered(self.shared.config.pull_concurrency.max(1));
         let mut bytes_fetched = 0;
         while let Some((hash, len, r)) = results.next().await {

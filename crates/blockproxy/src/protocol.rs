@@ -125,8 +125,7 @@ pub const MAX_EXTENTS: usize = 1 << 16;
 
 /// Transmission flags of every vgrid export: read-only, flush is a no-op, cache is shared by
 /// all connections, `NBD_CMD_CACHE` prefetches.
-pub const EXPORT_FLAGS: u16 =
-    FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN | FLAG_SEND_CACHE;
+pub const EXPORT_FLAGS: u16 = FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN | FLAG_SEND_CACHE;
 
 /// Malformed input that forces the server to close the connection (no reply is possible).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -178,10 +177,7 @@ pub fn parse_option_header(b: &[u8; 16]) -> Result<OptionHeader, FatalError> {
     if magic != IHAVEOPT {
         return Err(FatalError::OptionMagic(magic));
     }
-    Ok(OptionHeader {
-        option: u32::from_be_bytes(b[8..12].try_into().unwrap()),
-        len: u32::from_be_bytes(b[12..16].try_into().unwrap()),
-    })
+    Ok(OptionHeader { option: u32::from_be_bytes(b[8..12].try_into().unwrap()), len: u32::from_be_bytes(b[12..16].try_into().unwrap()) })
 }
 
 /// Payload of `NBD_OPT_INFO` / `NBD_OPT_GO`.
@@ -261,16 +257,11 @@ fn nbd_string(bytes: &[u8], what: &str) -> Result<String, InvalidOption> {
 fn parse_info(data: &[u8], opt: &str) -> Result<InfoRequest, InvalidOption> {
     let mut c = Cursor { data, pos: 0 };
     let n = c.u32().ok_or_else(|| invalid(opt, "data shorter than the name length field"))?;
-    let name = c
-        .take(n as usize)
-        .ok_or_else(|| invalid(opt, format!("name length {n} exceeds the option data")))?;
+    let name = c.take(n as usize).ok_or_else(|| invalid(opt, format!("name length {n} exceeds the option data")))?;
     let name = nbd_string(name, opt)?;
     let count = c.u16().ok_or_else(|| invalid(opt, "data lacks the information request count"))?;
     if c.remaining() != count as usize * 2 {
-        return Err(invalid(
-            opt,
-            format!("{count} information requests announced but {} bytes follow", c.remaining()),
-        ));
+        return Err(invalid(opt, format!("{count} information requests announced but {} bytes follow", c.remaining())));
     }
     let requests = (0..count).map(|_| c.u16().unwrap()).collect();
     Ok(InfoRequest { name, requests })
@@ -279,9 +270,7 @@ fn parse_info(data: &[u8], opt: &str) -> Result<InfoRequest, InvalidOption> {
 fn parse_meta(data: &[u8], opt: &str) -> Result<MetaQuery, InvalidOption> {
     let mut c = Cursor { data, pos: 0 };
     let n = c.u32().ok_or_else(|| invalid(opt, "data shorter than the export name length"))?;
-    let export = c
-        .take(n as usize)
-        .ok_or_else(|| invalid(opt, format!("export name length {n} exceeds the option data")))?;
+    let export = c.take(n as usize).ok_or_else(|| invalid(opt, format!("export name length {n} exceeds the option data")))?;
     let export = nbd_string(export, opt)?;
     let count = c.u32().ok_or_else(|| invalid(opt, "data lacks the query count"))?;
     if count > MAX_QUERIES {
@@ -290,9 +279,7 @@ fn parse_meta(data: &[u8], opt: &str) -> Result<MetaQuery, InvalidOption> {
     let mut queries = Vec::with_capacity(count as usize);
     for i in 0..count {
         let len = c.u32().ok_or_else(|| invalid(opt, format!("query {i} lacks its length")))?;
-        let q = c
-            .take(len as usize)
-            .ok_or_else(|| invalid(opt, format!("query {i} length {len} exceeds the option data")))?;
+        let q = c.take(len as usize).ok_or_else(|| invalid(opt, format!("query {i} length {len} exceeds the option data")))?;
         queries.push(nbd_string(q, opt)?);
     }
     if c.remaining() != 0 {
@@ -321,12 +308,8 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<ClientOption, InvalidOpt
         OPT_INFO => Ok(ClientOption::Info(parse_info(data, "NBD_OPT_INFO")?)),
         OPT_GO => Ok(ClientOption::Go(parse_info(data, "NBD_OPT_GO")?)),
         OPT_STRUCTURED_REPLY => no_data("NBD_OPT_STRUCTURED_REPLY", ClientOption::StructuredReply),
-        OPT_LIST_META_CONTEXT => {
-            Ok(ClientOption::ListMetaContext(parse_meta(data, "NBD_OPT_LIST_META_CONTEXT")?))
-        }
-        OPT_SET_META_CONTEXT => {
-            Ok(ClientOption::SetMetaContext(parse_meta(data, "NBD_OPT_SET_META_CONTEXT")?))
-        }
+        OPT_LIST_META_CONTEXT => Ok(ClientOption::ListMetaContext(parse_meta(data, "NBD_OPT_LIST_META_CONTEXT")?)),
+        OPT_SET_META_CONTEXT => Ok(ClientOption::SetMetaContext(parse_meta(data, "NBD_OPT_SET_META_CONTEXT")?)),
         other => Ok(ClientOption::Unsupported(other)),
     }
 }
@@ -507,10 +490,7 @@ fn check_range(r: &Request, n: &Negotiated, what: &str) -> Result<(), Refusal> {
     }
     match r.offset.checked_add(r.len as u64) {
         Some(end) if end <= n.size => Ok(()),
-        _ => Err(refuse(
-            EINVAL,
-            format!("{what} of {} bytes at offset {} is past the end of the {}-byte export", r.len, r.offset, n.size),
-        )),
+        _ => Err(refuse(EINVAL, format!("{what} of {} bytes at offset {} is past the end of the {}-byte export", r.len, r.offset, n.size))),
     }
 }
 
@@ -689,10 +669,7 @@ pub fn read_segments(offset: u64, len: u32, chunk_size: u32, is_zero: impl Fn(u6
 
 /// Bytes a structured read reply made of `segments` occupies on the wire.
 pub fn structured_read_len(segments: &[Segment]) -> usize {
-    segments
-        .iter()
-        .map(|s| STRUCTURED_HEADER_LEN + if s.hole { 12 } else { 8 + s.len as usize })
-        .sum()
+    segments.iter().map(|s| STRUCTURED_HEADER_LEN + if s.hole { 12 } else { 8 + s.len as usize }).sum()
 }
 
 #[cfg(test)]
@@ -726,10 +703,7 @@ mod tests {
         d.extend_from_slice(&2u16.to_be_bytes());
         d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
         d.extend_from_slice(&INFO_NAME.to_be_bytes());
-        assert_eq!(
-            parse_option(OPT_GO, &d).unwrap(),
-            ClientOption::Go(InfoRequest { name: "disk".into(), requests: vec![3, 1] })
-        );
+        assert_eq!(parse_option(OPT_GO, &d).unwrap(), ClientOption::Go(InfoRequest { name: "disk".into(), requests: vec![3, 1] }));
         assert!(parse_option(OPT_GO, &d[..d.len() - 1]).is_err());
         let mut bad = d.clone();
         bad[3] = 200; // name length beyond the data

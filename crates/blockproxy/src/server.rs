@@ -2,13 +2,13 @@
 //! serves requests of each connection concurrently: the reader keeps reading requests while
 //! reads are in flight; replies are written whole under the connection's writer lock.
 
+use crate::cache::ChunkFile;
 use crate::export::Export;
 use crate::protocol::{self as p, ClientOption, Command, Negotiated};
 use crate::{BlockProxy, ProxyError};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use crate::cache::ChunkFile;
-use std::os::unix::io::AsRawFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
@@ -75,11 +75,7 @@ impl BlockProxy {
     /// [`BlockProxy::serve_unix`], with the socket's mode and group set before the first
     /// connection is accepted (e.g. `0o660` and the group of an unprivileged QEMU user, so that
     /// QEMU processes running as that user can connect and nobody else can).
-    pub fn serve_unix_with(
-        self: &Arc<Self>,
-        path: impl AsRef<Path>,
-        access: Option<SocketAccess>,
-    ) -> Result<ServerHandle, ProxyError> {
+    pub fn serve_unix_with(self: &Arc<Self>, path: impl AsRef<Path>, access: Option<SocketAccess>) -> Result<ServerHandle, ProxyError> {
         let path = path.as_ref().to_path_buf();
         let listen_err = |cause: String| ProxyError::Listen { addr: path.display().to_string(), cause };
         if path.exists() {
@@ -125,9 +121,7 @@ impl BlockProxy {
     /// Serves NBD on a TCP address (`127.0.0.1:10809`, port 0 for any). Must be called inside
     /// a tokio runtime; returns once listening.
     pub async fn serve_tcp(self: &Arc<Self>, addr: &str) -> Result<ServerHandle, ProxyError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| ProxyError::Listen { addr: addr.to_string(), cause: e.to_string() })?;
+        let listener = TcpListener::bind(addr).await.map_err(|e| ProxyError::Listen { addr: addr.to_string(), cause: e.to_string() })?;
         let local = listener.local_addr().map_err(|e| ProxyError::Listen { addr: addr.to_string(), cause: e.to_string() })?;
         let token = self.shutdown_token().child_token();
         let proxy = self.clone();
@@ -224,9 +218,7 @@ async fn sendfile_all<S: ReadyFd>(sock: &S, file: &std::fs::File, offset: u64, l
             }
         });
         match r {
-            Ok(0) => {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cached chunk file is shorter than expected"))
-            }
+            Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cached chunk file is shorter than expected")),
             Ok(n) => left -= n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
@@ -376,11 +368,8 @@ where
                         p::option_error(&mut out, h.option, p::REP_ERR_UNKNOWN, &format!("vgrid: {e}"));
                     }
                     Ok(export) => {
-                        let neg = Negotiated {
-                            size: export.size(),
-                            structured,
-                            meta_context: meta_export.as_deref() == Some(req.name.as_str()),
-                        };
+                        let neg =
+                            Negotiated { size: export.size(), structured, meta_context: meta_export.as_deref() == Some(req.name.as_str()) };
                         p::info_export(&mut out, h.option, export.size(), neg.flags());
                         if req.requests.contains(&p::INFO_NAME) {
                             p::info_string(&mut out, h.option, p::INFO_NAME, &req.name);
@@ -579,7 +568,13 @@ impl Conn {
                 }
                 Err(e) => {
                     tracing::error!(peer = self.peer, image = %export.image(), offset, "reading cached chunk failed: {e}");
-                    self.send(&p::error_reply(self.neg.structured, p::EIO, cookie, &format!("image {}: reading cached chunk failed: {e}", export.image()))).await;
+                    self.send(&p::error_reply(
+                        self.neg.structured,
+                        p::EIO,
+                        cookie,
+                        &format!("image {}: reading cached chunk failed: {e}", export.image()),
+                    ))
+                    .await;
                 }
             }
         } else {
@@ -615,7 +610,8 @@ where
 {
     let Session { export, neg } = session;
     let broken = token.child_token();
-    let conn = Arc::new(Conn { writer: tokio::sync::Mutex::new(wr), export: export.clone(), neg, peer: peer.clone(), broken: broken.clone() });
+    let conn =
+        Arc::new(Conn { writer: tokio::sync::Mutex::new(wr), export: export.clone(), neg, peer: peer.clone(), broken: broken.clone() });
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT as usize));
     let mut next_expected = u64::MAX;
     let mut streak = 0u32;

@@ -50,7 +50,11 @@ pub trait ChunkSource: Send + Sync + 'static {
     /// Stores the hot-page bundle of a (versioned) warm image.
     fn put_hot_pages<'a>(&'a self, image: &'a ImageRef, _bundle: bytes::Bytes) -> BoxFuture<'a, Result<(), SourceError>> {
         Box::pin(async move {
-            Err(SourceError::Unavailable { what: format!("hot pages of image {image}"), source_name: self.describe(), cause: "this source stores none".into() })
+            Err(SourceError::Unavailable {
+                what: format!("hot pages of image {image}"),
+                source_name: self.describe(),
+                cause: "this source stores none".into(),
+            })
         })
     }
     /// A short name for logs and errors (e.g. the server URL).

@@ -62,9 +62,9 @@ impl ChunkSource for StoreSource {
     }
 
     fn put_profile<'a>(&'a self, image: &'a ImageRef, profile: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
-        Box::pin(async move {
-            self.client.put_profile(image, profile).await.map_err(|e| self.map(format!("boot profile of image {image}"), e))
-        })
+        Box::pin(
+            async move { self.client.put_profile(image, profile).await.map_err(|e| self.map(format!("boot profile of image {image}"), e)) },
+        )
     }
 
     fn hot_pages<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<crate::source::ByteStream>, SourceError>> {
@@ -83,9 +83,9 @@ impl ChunkSource for StoreSource {
     }
 
     fn put_hot_pages<'a>(&'a self, image: &'a ImageRef, bundle: bytes::Bytes) -> BoxFuture<'a, Result<(), SourceError>> {
-        Box::pin(async move {
-            self.client.put_hot_pages(image, bundle).await.map_err(|e| self.map(format!("hot pages of image {image}"), e))
-        })
+        Box::pin(
+            async move { self.client.put_hot_pages(image, bundle).await.map_err(|e| self.map(format!("hot pages of image {image}"), e)) },
+        )
     }
 
     fn describe(&self) -> String {

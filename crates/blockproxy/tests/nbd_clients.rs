@@ -196,7 +196,11 @@ async fn real_clients_read_exact_bytes_over_unix_and_tcp() {
     let o = run("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", f.source_file.to_str().unwrap(), overlay.to_str().unwrap()]).await;
     assert!(o.status.success(), "overlay compare: {}", text(&o));
     ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0xab 0 64k", overlay.to_str().unwrap()]).await;
-    let o = run("qemu-io", &["-f", "qcow2", "-c", "read -P 0xab 0 64k", "-c", &format!("read -P 0 {} 64k", 10 * CHUNK), overlay.to_str().unwrap()]).await;
+    let o = run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "read -P 0xab 0 64k", "-c", &format!("read -P 0 {} 64k", 10 * CHUNK), overlay.to_str().unwrap()],
+    )
+    .await;
     assert!(o.status.success() && !text(&o).contains("Pattern verification failed"), "{}", text(&o));
 
     // qemu-io reads a range spanning data, a hole boundary and the odd tail.
@@ -458,8 +462,20 @@ async fn boot_profile_is_recorded_then_prefetched() {
     // first-touch order of stored chunks.
     ok(
         "qemu-io",
-        &["-r", "-f", "raw", "-c", &format!("read {} 4k", 25 * CHUNK), "-c", &format!("read {} 4k", 2 * CHUNK),
-          "-c", &format!("read {} 4k", 25 * CHUNK), "-c", &format!("read {} 4k", 40 * CHUNK), &u],
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            &format!("read {} 4k", 25 * CHUNK),
+            "-c",
+            &format!("read {} 4k", 2 * CHUNK),
+            "-c",
+            &format!("read {} 4k", 25 * CHUNK),
+            "-c",
+            &format!("read {} 4k", 40 * CHUNK),
+            &u,
+        ],
     )
     .await;
     // A second session within the window: its new chunk is appended.
@@ -706,7 +722,14 @@ async fn unix_socket_access_is_its_mode_and_group() {
         return;
     }
     let as_ids = |gid: &str| {
-        let args = vec!["--reuid=65534".to_string(), format!("--regid={gid}"), "--clear-groups".into(), "nbdinfo".into(), "--size".into(), u.clone()];
+        let args = vec![
+            "--reuid=65534".to_string(),
+            format!("--regid={gid}"),
+            "--clear-groups".into(),
+            "nbdinfo".into(),
+            "--size".into(),
+            u.clone(),
+        ];
         async move { run("setpriv", &args.iter().map(String::as_str).collect::<Vec<_>>()).await }
     };
     let o = as_ids("65534").await;
@@ -812,7 +835,11 @@ async fn hot_pages_of_a_saved_ram_are_recorded_then_served_verified() {
         assert!(!proxy2.cache().contains(&ram_chunks[c].unwrap()), "RAM chunk {c} was fetched although its pages were hot");
     }
     // A page that is not hot, and a read across hot and cold pages: through the chunks, exact.
-    let o = run("qemu-img", &["dd", "-f", "raw", "-O", "raw", &format!("if={u2}"), &format!("of={}", f.path("ram.out").display()), "bs=64k", "count=32"]).await;
+    let o = run(
+        "qemu-img",
+        &["dd", "-f", "raw", "-O", "raw", &format!("if={u2}"), &format!("of={}", f.path("ram.out").display()), "bs=64k", "count=32"],
+    )
+    .await;
     assert!(o.status.success(), "{}", text(&o));
     assert!(std::fs::read(f.path("ram.out")).unwrap() == ram_data, "the saved RAM read back differs");
 
@@ -833,7 +860,11 @@ async fn hot_pages_of_a_saved_ram_are_recorded_then_served_verified() {
     let sock3 = f.path("nbd3.sock");
     let _server3 = proxy3.serve_unix(&sock3).unwrap();
     let u3 = uri(&format!("{image}/ram"), &sock3);
-    let o = run("qemu-img", &["dd", "-f", "raw", "-O", "raw", &format!("if={u3}"), &format!("of={}", f.path("ram3.out").display()), "bs=64k", "count=32"]).await;
+    let o = run(
+        "qemu-img",
+        &["dd", "-f", "raw", "-O", "raw", &format!("if={u3}"), &format!("of={}", f.path("ram3.out").display()), "bs=64k", "count=32"],
+    )
+    .await;
     assert!(o.status.success(), "{}", text(&o));
     assert!(std::fs::read(f.path("ram3.out")).unwrap() == ram_data, "a planted bundle changed the bytes served");
     assert_eq!(proxy3.hot_pages_loaded(&image), None);

@@ -118,7 +118,12 @@ async fn warm_reads_against_qemu_nbd_and_nbdkit() {
     let mib = (size >> 20) as f64;
     println!("qemu-nbd: {:.0} MiB/s", mib / q.as_secs_f64());
     println!("nbdkit:   {:.0} MiB/s", mib / k.as_secs_f64());
-    println!("vgrid:    {:.0} MiB/s  ({:.2}x qemu-nbd, {:.2}x nbdkit)", mib / v.as_secs_f64(), q.as_secs_f64() / v.as_secs_f64(), k.as_secs_f64() / v.as_secs_f64());
+    println!(
+        "vgrid:    {:.0} MiB/s  ({:.2}x qemu-nbd, {:.2}x nbdkit)",
+        mib / v.as_secs_f64(),
+        q.as_secs_f64() / v.as_secs_f64(),
+        k.as_secs_f64() / v.as_secs_f64()
+    );
     let c0 = (cpu_secs(qpid), cpu_secs(kpid));
     let q = time_bench(&format!("nbd+unix:///perf?socket={}", qsock.display()), rounds).await;
     let c1 = cpu_secs(qpid);
@@ -128,8 +133,14 @@ async fn warm_reads_against_qemu_nbd_and_nbdkit() {
     let v = time_bench(&ours, rounds).await;
     let m1 = cpu_secs(me);
     println!("server CPU for 4k reads: qemu-nbd {:.2} s, nbdkit {:.2} s, vgrid {:.2} s", c1 - c0.0, c2 - c0.1, m1 - m0);
-    println!("4k reads: qemu-nbd {:.2} s, nbdkit {:.2} s, vgrid {:.2} s ({:.2}x qemu-nbd, {:.2}x nbdkit)",
-        q.as_secs_f64(), k.as_secs_f64(), v.as_secs_f64(), q.as_secs_f64() / v.as_secs_f64(), k.as_secs_f64() / v.as_secs_f64());
+    println!(
+        "4k reads: qemu-nbd {:.2} s, nbdkit {:.2} s, vgrid {:.2} s ({:.2}x qemu-nbd, {:.2}x nbdkit)",
+        q.as_secs_f64(),
+        k.as_secs_f64(),
+        v.as_secs_f64(),
+        q.as_secs_f64() / v.as_secs_f64(),
+        k.as_secs_f64() / v.as_secs_f64()
+    );
     println!("{}", serde_json::to_string_pretty(&proxy.stats()).unwrap());
     let _ = qemu.kill().await;
     let _ = kit.kill().await;

@@ -210,7 +210,8 @@ fn key_at(path: &Path) -> anyhow::Result<Option<(ssh_key::PublicKey, Option<Priv
             return Ok(Some((k.public_key().clone(), Some(k))));
         }
         let line = text.lines().find(|l| !l.trim().is_empty() && !l.starts_with('#')).unwrap_or("").trim();
-        let k = ssh_key::PublicKey::from_openssh(line).map_err(|e| anyhow!("{} is neither an OpenSSH private nor public key: {e}", path.display()))?;
+        let k = ssh_key::PublicKey::from_openssh(line)
+            .map_err(|e| anyhow!("{} is neither an OpenSSH private nor public key: {e}", path.display()))?;
         return Ok(Some((k, None)));
     }
     let mut pubp = path.as_os_str().to_owned();
@@ -246,7 +247,8 @@ fn signers(key: Option<&Path>, force_agent: bool) -> anyhow::Result<(Vec<Signer>
         Some(a) => a.identities()?,
         None => Vec::new(),
     };
-    let in_agent = |public: &ssh_key::PublicKey| held.iter().find(|i| i.public_key().is_some_and(|k| k.key_data() == public.key_data())).cloned();
+    let in_agent =
+        |public: &ssh_key::PublicKey| held.iter().find(|i| i.public_key().is_some_and(|k| k.key_data() == public.key_data())).cloned();
     let explicit = key.is_some();
     let candidates = match key {
         Some(p) => vec![p.to_path_buf()],
@@ -274,10 +276,16 @@ fn signers(key: Option<&Path>, force_agent: bool) -> anyhow::Result<(Vec<Signer>
         }
         let problem = match (&private, force_agent) {
             (_, true) => format!("the ssh-agent does not hold the key {} (ssh-add it)", path.display()),
-            (Some(k), false) if k.is_encrypted() => format!("{} is encrypted with a passphrase and the ssh-agent does not hold it: ssh-add it", path.display()),
+            (Some(k), false) if k.is_encrypted() => {
+                format!("{} is encrypted with a passphrase and the ssh-agent does not hold it: ssh-add it", path.display())
+            }
             (Some(k), false) => return Ok((vec![Signer::File(path.clone(), k.clone())], agent)),
-            (None, false) if agent.is_some() => format!("{} has only its public half here and the ssh-agent does not hold it: ssh-add its private key", path.display()),
-            (None, false) => format!("{} has only its public half here and there is no ssh-agent ($SSH_AUTH_SOCK) to sign with it", path.display()),
+            (None, false) if agent.is_some() => {
+                format!("{} has only its public half here and the ssh-agent does not hold it: ssh-add its private key", path.display())
+            }
+            (None, false) => {
+                format!("{} has only its public half here and there is no ssh-agent ($SSH_AUTH_SOCK) to sign with it", path.display())
+            }
         };
         if explicit {
             return Err(anyhow!(problem));
@@ -374,7 +382,14 @@ pub async fn login_cmd(ctx: &Ctx, a: LoginArgs) -> anyhow::Result<ExitCode> {
         print_json(&t)?;
     } else {
         let left = t.expires.saturating_sub(now());
-        println!("logged in to {} as {}{} (token valid for {}h{:02}m)", api.base, t.user, if t.admin { " (admin)" } else { "" }, left / 3600, left % 3600 / 60);
+        println!(
+            "logged in to {} as {}{} (token valid for {}h{:02}m)",
+            api.base,
+            t.user,
+            if t.admin { " (admin)" } else { "" },
+            left / 3600,
+            left % 3600 / 60
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -475,7 +490,14 @@ pub async fn user_cmd(ctx: &Ctx, c: UserCmd) -> anyhow::Result<ExitCode> {
         if ctx.json {
             print_json(u)
         } else {
-            println!("{}{}: {} key(s) {}; quota: {}", u.name, if u.admin { " (admin)" } else { "" }, u.keys.len(), u.fingerprints.join(", "), quota_text(&u.quota));
+            println!(
+                "{}{}: {} key(s) {}; quota: {}",
+                u.name,
+                if u.admin { " (admin)" } else { "" },
+                u.keys.len(),
+                u.fingerprints.join(", "),
+                quota_text(&u.quota)
+            );
             Ok(())
         }
     };
@@ -492,7 +514,9 @@ pub async fn user_cmd(ctx: &Ctx, c: UserCmd) -> anyhow::Result<ExitCode> {
             } else {
                 let rows = users
                     .iter()
-                    .map(|u| vec![u.name.clone(), if u.admin { "yes".into() } else { "".into() }, u.fingerprints.join(" "), quota_text(&u.quota)])
+                    .map(|u| {
+                        vec![u.name.clone(), if u.admin { "yes".into() } else { "".into() }, u.fingerprints.join(" "), quota_text(&u.quota)]
+                    })
                     .collect();
                 println!("{}", table(&["NAME", "ADMIN", "KEYS", "QUOTA"], rows));
             }
@@ -548,7 +572,15 @@ pub async fn audit_cmd(ctx: &Ctx, a: AuditArgs) -> anyhow::Result<ExitCode> {
     } else {
         let rows = entries
             .iter()
-            .map(|e| vec![format!("{:.0}", e.time), e.user.clone(), format!("{} {}", e.method, e.path), e.status.to_string(), e.error.clone().unwrap_or_default()])
+            .map(|e| {
+                vec![
+                    format!("{:.0}", e.time),
+                    e.user.clone(),
+                    format!("{} {}", e.method, e.path),
+                    e.status.to_string(),
+                    e.error.clone().unwrap_or_default(),
+                ]
+            })
             .collect();
         println!("{}", table(&["TIME", "USER", "REQUEST", "STATUS", "ERROR"], rows));
     }

@@ -43,9 +43,7 @@ pub enum ImageCmd {
     /// Serve images to any NBD client in the foreground (qemu-img, qemu-io, nbdinfo, nbdcopy, QEMU).
     Nbd(NbdArgs),
     /// Stage a whole image into the host's chunk cache (explicit transfer).
-    Pull {
-        image: String,
-    },
+    Pull { image: String },
     /// The host chunk cache.
     #[command(subcommand)]
     Cache(CacheCmd),
@@ -312,9 +310,7 @@ async fn import(ctx: &Ctx, client: &StoreClient, a: ImportArgs) -> anyhow::Resul
         pb.set_length(t);
         pb.set_position(d);
     };
-    let m = import_file(client, &a.file, &opts, &cb)
-        .await
-        .with_context(|| format!("importing {} as {}", a.file.display(), a.name))?;
+    let m = import_file(client, &a.file, &opts, &cb).await.with_context(|| format!("importing {} as {}", a.file.display(), a.name))?;
     pb.finish_and_clear();
     if !ctx.json {
         let stored: u64 = m.disk.chunks.iter().flatten().count() as u64;
@@ -340,7 +336,11 @@ fn show(m: &Manifest) {
     match &m.meta.boot {
         Boot::Firmware => println!("boot:        firmware"),
         Boot::Kernel { kernel, initrd, cmdline } => {
-            println!("boot:        kernel ({}){}", bytes(kernel.size), initrd.as_ref().map(|i| format!(" + initrd ({})", bytes(i.size))).unwrap_or_default());
+            println!(
+                "boot:        kernel ({}){}",
+                bytes(kernel.size),
+                initrd.as_ref().map(|i| format!(" + initrd ({})", bytes(i.size))).unwrap_or_default()
+            );
             println!("cmdline:     {cmdline}");
         }
     }

@@ -7,8 +7,8 @@ mod auth;
 mod client;
 mod console;
 mod image;
-mod mobile;
 mod migrate;
+mod mobile;
 mod output;
 mod roles;
 mod sshagent;
@@ -83,7 +83,10 @@ pub enum Cmd {
 /// Entry point of the `vgrid` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(matches!(cli.cmd, Cmd::Up(_) | Cmd::ImageServer(_) | Cmd::Coordinator(_) | Cmd::Host(HostArgs { cmd: None, .. })) || matches!(cli.cmd, Cmd::Image(image::ImageCmd::Nbd(_))));
+    init_tracing(
+        matches!(cli.cmd, Cmd::Up(_) | Cmd::ImageServer(_) | Cmd::Coordinator(_) | Cmd::Host(HostArgs { cmd: None, .. }))
+            || matches!(cli.cmd, Cmd::Image(image::ImageCmd::Nbd(_))),
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -38,7 +38,8 @@ pub struct MigrateArgs {
 
 pub async fn migrate(ctx: &Ctx, a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let api = ctx.api();
-    let req = VmMigrate { to: a.to.clone(), downtime_ms: Some(a.downtime_ms), max_seconds: Some(a.timeout), max_bandwidth_mib: a.max_bandwidth };
+    let req =
+        VmMigrate { to: a.to.clone(), downtime_ms: Some(a.downtime_ms), max_seconds: Some(a.timeout), max_bandwidth_mib: a.max_bandwidth };
     let mut v: VmRecord = api.post(&format!("/api/v1/vms/{}/migrate", a.id), &req).await?;
     let id = v.id.clone();
     let t0 = Instant::now();
@@ -47,7 +48,10 @@ pub async fn migrate(ctx: &Ctx, a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let mut last_print = Instant::now();
     if !ctx.json {
         if let Some(m) = &v.migration {
-            println!("migrating {} from {} to {} (downtime limit {} ms, timeout {} s)", v.id, m.from, m.to, m.downtime_limit_ms, m.max_seconds);
+            println!(
+                "migrating {} from {} to {} (downtime limit {} ms, timeout {} s)",
+                v.id, m.from, m.to, m.downtime_limit_ms, m.max_seconds
+            );
         }
     }
     // The coordinator's own guard cancels after the timeout; wait a little longer than that.

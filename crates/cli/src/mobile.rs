@@ -72,7 +72,14 @@ pub async fn suspend(ctx: &Ctx, a: SuspendArgs) -> anyhow::Result<ExitCode> {
     if ctx.json {
         print_json(&s)?;
     } else {
-        println!("VM {} ({}) suspended in {:.1}s: saved as {} ({})", s.vm.id, s.vm.name, t0.elapsed().as_secs_f64(), s.saved.image, summary(&s.saved));
+        println!(
+            "VM {} ({}) suspended in {:.1}s: saved as {} ({})",
+            s.vm.id,
+            s.vm.name,
+            t0.elapsed().as_secs_f64(),
+            s.saved.image,
+            summary(&s.saved)
+        );
         println!("resume it with: vgrid vm resume {} [--host HOST | --require EXPR]", s.vm.id);
     }
     Ok(ExitCode::SUCCESS)

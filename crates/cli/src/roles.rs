@@ -9,15 +9,15 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use futures::StreamExt;
+use std::time::Duration;
 use vgrid_api::ImageRef;
+use vgrid_coordinator::hosts::Registry;
+use vgrid_coordinator::join::Joins;
 use vgrid_coordinator::state::RedbState;
 use vgrid_coordinator::Coordinator;
-use std::time::Duration;
-use vgrid_coordinator::hosts::Registry;
 use vgrid_hostagent::agent::{Agent, AgentConfig, Heartbeat, PullProgress};
 use vgrid_imagestore::client::StoreClient;
 use vgrid_imagestore::store::ImageStore;
-use vgrid_coordinator::join::Joins;
 use vgrid_trust::node::JoinToken;
 use vgrid_trust::tls::ProcessTls;
 use vgrid_trust::{Ca, NodeCert, NodeRole};
@@ -275,7 +275,9 @@ fn sans_for(listen: SocketAddr, extra: &[String], advertise: Option<&str>) -> Ve
     if !listen.ip().is_unspecified() {
         v.push(listen.ip().to_string());
     }
-    if let Some(h) = advertise.and_then(|a| reqwest::Url::parse(a).ok()).and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string())) {
+    if let Some(h) =
+        advertise.and_then(|a| reqwest::Url::parse(a).ok()).and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()))
+    {
         v.push(h);
     }
     v.extend(extra.iter().cloned());
@@ -304,7 +306,14 @@ fn use_node_cert(node: &NodeCert, pin_url: Option<&str>) -> anyhow::Result<()> {
 
 /// A host's or image server's certificate: the one kept in DATA/tls, or a new one got by
 /// joining the grid of `coordinator` with `token`.
-async fn joined_cert(data: &Path, coordinator: &str, token: Option<&str>, role: NodeRole, name: &str, sans: Vec<String>) -> anyhow::Result<NodeCert> {
+async fn joined_cert(
+    data: &Path,
+    coordinator: &str,
+    token: Option<&str>,
+    role: NodeRole,
+    name: &str,
+    sans: Vec<String>,
+) -> anyhow::Result<NodeCert> {
     let dir = data.join("tls");
     if let Some(n) = NodeCert::load(&dir).map_err(|e| anyhow!("{e}"))? {
         let p = n.peer().map_err(|e| anyhow!("{e}"))?;
@@ -503,9 +512,7 @@ pub async fn nbd(ctx: &Ctx, a: NbdArgs) -> anyhow::Result<ExitCode> {
     let m = client.manifest(&r).await.map_err(|e| anyhow!("{e}"))?;
     let cache_dir = a.cache_dir.unwrap_or_else(|| default_cache_dir().join("nbd-cache"));
     let servers = vgrid_hostagent::agent::ServerList::new(vec![url]).map_err(|e| anyhow!("{e}"))?;
-    let proxy = vgrid_hostagent::agent::open_proxy(&cache_dir, a.cache_size, servers)
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+    let proxy = vgrid_hostagent::agent::open_proxy(&cache_dir, a.cache_size, servers).await.map_err(|e| anyhow!("{e}"))?;
     let mut handles = Vec::new();
     if let Some(sock) = &a.socket {
         let _ = std::fs::remove_file(sock);

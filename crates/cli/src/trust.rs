@@ -49,7 +49,8 @@ fn ca_for(url: &str) -> anyhow::Result<String> {
     if let Some((_, pem)) = pinned(url) {
         return Ok(pem);
     }
-    let chain = vgrid_trust::tls::fetch_chain(url).map_err(|e| anyhow!("{e}. Is `vgrid up` running? Set VGRID_URL or --url to its address."))?;
+    let chain =
+        vgrid_trust::tls::fetch_chain(url).map_err(|e| anyhow!("{e}. Is `vgrid up` running? Set VGRID_URL or --url to its address."))?;
     let ca = vgrid_trust::tls::ca_of_chain(&chain).ok_or_else(|| anyhow!("{url} presented no certificate"))?;
     let fp = vgrid_trust::fingerprint(ca);
     if let Ok(want) = std::env::var("VGRID_CA_FINGERPRINT") {
@@ -139,7 +140,10 @@ pub async fn join_token_cmd(ctx: &crate::Ctx, c: JoinTokenCmd) -> anyhow::Result
                 crate::output::print_json(&t)?;
             } else {
                 println!("{}", t.token.clone().unwrap_or_default());
-                eprintln!("one-time token for a {} (id {}), valid {ttl} s: vgrid {} --coordinator {} --join-token TOKEN ...", t.role, t.id, t.role, ctx.url);
+                eprintln!(
+                    "one-time token for a {} (id {}), valid {ttl} s: vgrid {} --coordinator {} --join-token TOKEN ...",
+                    t.role, t.id, t.role, ctx.url
+                );
             }
         }
         JoinTokenCmd::Ls => {
@@ -148,14 +152,17 @@ pub async fn join_token_cmd(ctx: &crate::Ctx, c: JoinTokenCmd) -> anyhow::Result
                 crate::output::print_json(&v)?;
             } else {
                 let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-                let rows = v.iter().map(|t| {
-                    let state = match &t.used_by {
-                        Some(n) => format!("used by {n}"),
-                        None if t.expires <= now => "expired".into(),
-                        None => format!("valid {} s more", t.expires - now),
-                    };
-                    vec![t.id.clone(), t.role.clone(), t.created_by.clone(), state]
-                }).collect();
+                let rows = v
+                    .iter()
+                    .map(|t| {
+                        let state = match &t.used_by {
+                            Some(n) => format!("used by {n}"),
+                            None if t.expires <= now => "expired".into(),
+                            None => format!("valid {} s more", t.expires - now),
+                        };
+                        vec![t.id.clone(), t.role.clone(), t.created_by.clone(), state]
+                    })
+                    .collect();
                 println!("{}", crate::output::table(&["ID", "ROLE", "MADE BY", "STATE"], rows));
             }
         }

@@ -68,11 +68,13 @@ pub fn describe(r: &Resources) -> String {
 }
 
 #[derive(Args, Debug)]
-#[command(after_help = "Examples:\n  vgrid usage\n  vgrid usage --user anonymous --since 1h\n  vgrid usage --since 2026-11-26T00:00:00Z --json\n\n\
+#[command(
+    after_help = "Examples:\n  vgrid usage\n  vgrid usage --user anonymous --since 1h\n  vgrid usage --since 2026-11-26T00:00:00Z --json\n\n\
 CPU-seconds come from the VMs' cgroup counters, memory MiB-seconds integrate the cgroup's memory\n\
 use sampled every second, DISK READ is what the guests read from their disks, FETCHED what hosts\n\
 fetched from image servers for them, STORED what their overlays hold now. Totals survive restarts\n\
-of hosts and coordinator.")]
+of hosts and coordinator."
+)]
 pub struct UsageArgs {
     /// Only this user's VMs.
     #[arg(long)]

@@ -20,9 +20,13 @@ pub enum VmCmd {
     /// List VMs.
     Ls,
     /// Show one VM.
-    Show { id: String },
+    Show {
+        id: String,
+    },
     /// Attach to a VM's serial console (Ctrl-] detaches).
-    Console { id: String },
+    Console {
+        id: String,
+    },
     /// Print a VM's console log.
     Logs {
         id: String,
@@ -203,13 +207,19 @@ pub async fn run_host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<ExitCode> {
                 println!("cpus:        {} free of {}", h.ad.free_cpus, h.ad.cpus);
                 println!("memory:      {} MiB free of {} MiB", h.ad.free_memory_mib, h.ad.memory_mib);
                 println!("load:        {:.2} (1-minute average)", h.ad.load_avg);
-                println!("load now:    {:.2} cores busy; predicted {:.2} (mean over the next 30 s, AR(16))", h.ad.load_now, h.ad.load_predicted);
+                println!(
+                    "load now:    {:.2} cores busy; predicted {:.2} (mean over the next 30 s, AR(16))",
+                    h.ad.load_now, h.ad.load_predicted
+                );
                 if h.ad.cpu_cap > 0.0 {
                     println!("cpu cap:     {:.2} cores for all guests, {:.2} not reserved", h.ad.cpu_cap, h.ad.free_cpu_share);
                 } else {
                     println!("cpu cap:     none");
                 }
-                println!("cgroups:     {}", if h.ad.cgroups.is_empty() { "unavailable (no resource control)" } else { h.ad.cgroups.as_str() });
+                println!(
+                    "cgroups:     {}",
+                    if h.ad.cgroups.is_empty() { "unavailable (no resource control)" } else { h.ad.cgroups.as_str() }
+                );
                 println!("networks:    {}", h.ad.network_modes.join(", "));
                 for (k, v) in &h.ad.labels {
                     println!("label:       {k}={v}");
@@ -321,12 +331,7 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
                 if quiet {
                     print_json(&v)?;
                 }
-                bail!(
-                    "VM {} {}: {}",
-                    v.id,
-                    v.state.as_str(),
-                    v.reason.clone().unwrap_or_else(|| "no reason recorded".into())
-                );
+                bail!("VM {} {}: {}", v.id, v.state.as_str(), v.reason.clone().unwrap_or_else(|| "no reason recorded".into()));
             }
             _ => {}
         }

@@ -61,10 +61,7 @@ fn host_ad(i: usize, rng: &mut Rng) -> HostAd {
         accel: if site % 7 == 3 && rng.below(3) == 0 { "tcg" } else { "kvm" }.into(),
         qemu_version: "8.2.2".into(),
         network_modes: vec!["user".into()],
-        labels: BTreeMap::from([
-            ("site".to_string(), format!("site{site}")),
-            ("domain".to_string(), format!("site{site}.example")),
-        ]),
+        labels: BTreeMap::from([("site".to_string(), format!("site{site}")), ("domain".to_string(), format!("site{site}.example"))]),
         policy,
         load_avg: rng.unit() * cpus as f64,
         running_vms: rng.below(4) as u32,
@@ -83,10 +80,8 @@ const REQUIREMENTS: &[&str] = &[
     r#"host.labels.domain.endsWith(".example") && host.free_cpus >= 2 && host.load_avg < 24.0"#,
     r#"host.memory_mib >= 32768 && "user" in host.network_modes"#,
 ];
-const RANKS: &[&str] = &[
-    "double(host.free_memory_mib) / 1024.0 - host.load_avg",
-    "double(host.free_cpus) - host.load_avg / double(host.cpus)",
-];
+const RANKS: &[&str] =
+    &["double(host.free_memory_mib) / 1024.0 - host.load_avg", "double(host.free_cpus) - host.load_avg / double(host.cpus)"];
 const USERS: &[&str] = &["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"];
 
 fn request(rng: &mut Rng) -> PlacementRequest {
@@ -104,11 +99,7 @@ fn request(rng: &mut Rng) -> PlacementRequest {
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok())))
         .unwrap_or(0)
 }
 

@@ -254,7 +254,16 @@ mod tests {
     use crate::state::RedbState;
 
     fn rep(id: &str, generation: u64, cpu_ns: u64, mem: f64) -> VmUsageReport {
-        VmUsageReport { id: id.into(), generation, cpu_ns, memory_mib_s: mem, disk_read_bytes: cpu_ns / 10, fetched_bytes: 100, stored_bytes: 4096, ..Default::default() }
+        VmUsageReport {
+            id: id.into(),
+            generation,
+            cpu_ns,
+            memory_mib_s: mem,
+            disk_read_bytes: cpu_ns / 10,
+            fetched_bytes: 100,
+            stored_bytes: 4096,
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::mobile::Suspended;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
@@ -10,24 +11,26 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
 use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message as TMessage;
 use utoipa::OpenApi;
 use vgrid_api::grid::{HostAd, ImageServerAd};
 use vgrid_api::vm::{ConsoleChunk, SavedImage, VmCreate, VmRecord, VmResume, VmSnapshot, VmStop};
-use crate::mobile::Suspended;
 use vgrid_api::ErrorBody;
 
-use crate::hosts::{HeartbeatReply, HostHeartbeat, HostRecord, HostState};
 use crate::auth::{Auth, AuthError, Principal};
+use crate::hosts::{HeartbeatReply, HostHeartbeat, HostRecord, HostState};
 use crate::join::Joins;
-use vgrid_trust::{NodeRole, Peer};
 use crate::lifecycle::{Coordinator, CoordinatorError, Future, FuturesQuery};
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::Extension;
-use vgrid_api::auth::{AuditEntry, Challenge, ChallengeRequest, LoginRequest, LoginToken, JoinRequest, JoinReply, JoinTokenCreate, JoinTokenInfo, Quota, UserCreate, UserInfo};
+use vgrid_api::auth::{
+    AuditEntry, Challenge, ChallengeRequest, JoinReply, JoinRequest, JoinTokenCreate, JoinTokenInfo, LoginRequest, LoginToken, Quota,
+    UserCreate, UserInfo,
+};
+use vgrid_trust::{NodeRole, Peer};
 
 /// An error as the API returns it.
 pub struct ApiError(pub StatusCode, pub String);
@@ -127,14 +130,19 @@ fn node_peer(nodes: &Option<Arc<Joins>>, peer: &NodePeer, role: NodeRole, name: 
     responses((status = 200, body = JoinReply), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn join(Extension(nodes): Nodes, body: Result<Json<JoinRequest>, JsonRejection>) -> ApiResult<JoinReply> {
     let Json(r) = body?;
-    let nodes = nodes.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "this coordinator has no grid CA (it serves plain HTTP); nothing to join".into()))?;
+    let nodes = nodes
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "this coordinator has no grid CA (it serves plain HTTP); nothing to join".into()))?;
     Ok(Json(nodes.redeem(&r)?))
 }
 
 /// Makes a one-time join token for a host or an image server (admins only).
 #[utoipa::path(post, path = "/api/v1/join-tokens", request_body = JoinTokenCreate,
     responses((status = 200, body = JoinTokenInfo), (status = 403, body = ErrorBody)))]
-async fn create_join_token(Extension(nodes): Nodes, Extension(p): Caller, body: Result<Json<JoinTokenCreate>, JsonRejection>) -> ApiResult<JoinTokenInfo> {
+async fn create_join_token(
+    Extension(nodes): Nodes,
+    Extension(p): Caller,
+    body: Result<Json<JoinTokenCreate>, JsonRejection>,
+) -> ApiResult<JoinTokenInfo> {
     p.check_admin("making join tokens")?;
     let Json(r) = body?;
     let nodes = nodes.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "this coordinator has no grid CA (it serves plain HTTP)".into()))?;
@@ -320,7 +328,11 @@ async fn list_users(Extension(auth): Users, Extension(p): Caller) -> ApiResult<V
 
 #[utoipa::path(post, path = "/api/v1/users", request_body = UserCreate,
     responses((status = 201, body = UserInfo), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn add_user(Extension(auth): Users, Extension(p): Caller, body: Result<Json<UserCreate>, JsonRejection>) -> Result<(StatusCode, Json<UserInfo>), ApiError> {
+async fn add_user(
+    Extension(auth): Users,
+    Extension(p): Caller,
+    body: Result<Json<UserCreate>, JsonRejection>,
+) -> Result<(StatusCode, Json<UserInfo>), ApiError> {
     p.check_admin("adding users")?;
     let Json(u) = body?;
     Ok((StatusCode::CREATED, Json(auth.add_user(u)?)))
@@ -347,7 +359,12 @@ async fn delete_user(Extension(auth): Users, Extension(p): Caller, Path(name): P
 
 #[utoipa::path(put, path = "/api/v1/users/{name}/quota", params(("name" = String, Path)), request_body = Quota,
     responses((status = 200, body = UserInfo), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn set_quota(Extension(auth): Users, Extension(p): Caller, Path(name): Path<String>, body: Result<Json<Quota>, JsonRejection>) -> ApiResult<UserInfo> {
+async fn set_quota(
+    Extension(auth): Users,
+    Extension(p): Caller,
+    Path(name): Path<String>,
+    body: Result<Json<Quota>, JsonRejection>,
+) -> ApiResult<UserInfo> {
     p.check_admin("setting quotas")?;
     let Json(q) = body?;
     Ok(Json(auth.set_quota(&name, q)?))
@@ -460,7 +477,13 @@ async fn suspend_vm(State(c): Ctx, Extension(auth): Users, Extension(p): Caller,
 #[utoipa::path(post, path = "/api/v1/vms/{id}/resume", params(("id" = String, Path)), request_body = VmResume,
     responses((status = 200, body = VmRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody)))]
-async fn resume_vm(State(c): Ctx, Extension(auth): Users, Extension(p): Caller, Path(id): Path<String>, body: axum::body::Bytes) -> ApiResult<VmRecord> {
+async fn resume_vm(
+    State(c): Ctx,
+    Extension(auth): Users,
+    Extension(p): Caller,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<VmRecord> {
     let req = optional_body::<VmResume>(&body)?;
     let rec = owned(&c, &p, &id)?;
     Ok(Json(c.resume(&rec.id, &req, &auth.user(&rec.owner).map(|u| u.quota).unwrap_or_default()).await?))
@@ -471,7 +494,13 @@ async fn resume_vm(State(c): Ctx, Extension(auth): Users, Extension(p): Caller, 
 #[utoipa::path(post, path = "/api/v1/vms/{id}/snapshot", params(("id" = String, Path)), request_body = VmSnapshot,
     responses((status = 200, body = SavedImage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody), (status = 502, body = ErrorBody)))]
-async fn snapshot_vm(State(c): Ctx, Extension(auth): Users, Extension(p): Caller, Path(id): Path<String>, body: Result<Json<VmSnapshot>, JsonRejection>) -> ApiResult<SavedImage> {
+async fn snapshot_vm(
+    State(c): Ctx,
+    Extension(auth): Users,
+    Extension(p): Caller,
+    Path(id): Path<String>,
+    body: Result<Json<VmSnapshot>, JsonRejection>,
+) -> ApiResult<SavedImage> {
     let rec = owned(&c, &p, &id)?;
     let Json(req) = body?;
     c.check_image_write(&req.name, &p.user, p.admin).await?;
@@ -545,10 +574,7 @@ async fn console_ws(
     Ok(ws.on_upgrade(move |socket| bridge(socket, host_ws)))
 }
 
-async fn bridge(
-    client: WebSocket,
-    host: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-) {
+async fn bridge(client: WebSocket, host: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>) {
     let (mut ctx, mut crx) = client.split();
     let (mut htx, mut hrx) = host.split();
     loop {
@@ -579,11 +605,7 @@ async fn list_hosts(State(c): Ctx) -> ApiResult<Vec<HostRecord>> {
 #[utoipa::path(get, path = "/api/v1/hosts/{name}", params(("name" = String, Path)),
     responses((status = 200, body = HostRecord), (status = 404, body = ErrorBody)))]
 async fn get_host(State(c): Ctx, Path(name): Path<String>) -> ApiResult<HostRecord> {
-    c.hosts()
-        .into_iter()
-        .find(|h| h.ad.name == name)
-        .map(Json)
-        .ok_or_else(|| CoordinatorError::UnknownHost(name).into())
+    c.hosts().into_iter().find(|h| h.ad.name == name).map(Json).ok_or_else(|| CoordinatorError::UnknownHost(name).into())
 }
 
 /// A host registers and refreshes its advertisement; the answer names the image servers.

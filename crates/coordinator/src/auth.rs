@@ -136,9 +136,8 @@ pub fn sign_challenge(key: &ssh_key::PrivateKey, message: &str) -> Result<String
             )
             .map_err(|e| format!("RSA key: {e}"))?;
             let data = SshSig::signed_data(LOGIN_NAMESPACE, ssh_key::HashAlg::Sha512, message.as_bytes()).map_err(|e| e.to_string())?;
-            let s = rsa::pkcs1v15::SigningKey::<rsa::sha2::Sha512>::new(private)
-                .try_sign(&data)
-                .map_err(|e| format!("RSA signature: {e}"))?;
+            let s =
+                rsa::pkcs1v15::SigningKey::<rsa::sha2::Sha512>::new(private).try_sign(&data).map_err(|e| format!("RSA signature: {e}"))?;
             let signature = ssh_key::Signature::new(ssh_key::Algorithm::Rsa { hash: Some(ssh_key::HashAlg::Sha512) }, s.to_vec())
                 .map_err(|e| e.to_string())?;
             SshSig::new(key.public_key().key_data().clone(), LOGIN_NAMESPACE, ssh_key::HashAlg::Sha512, signature)
@@ -185,14 +184,7 @@ impl Auth {
                 r
             }
         };
-        Ok(Arc::new(Auth {
-            state,
-            challenges: Mutex::new(HashMap::new()),
-            token_ttl,
-            audit: Mutex::new(file),
-            audit_path: audit,
-            realm,
-        }))
+        Ok(Arc::new(Auth { state, challenges: Mutex::new(HashMap::new()), token_ttl, audit: Mutex::new(file), audit_path: audit, realm }))
     }
 
     fn load_user(&self, name: &str) -> Result<Option<UserInfo>, AuthError> {
@@ -421,22 +413,14 @@ mod tests {
     }
 
     fn add(a: &Auth, name: &str, k: &PrivateKey, admin: bool) {
-        a.add_user(UserCreate {
-            name: name.into(),
-            keys: vec![k.public_key().to_openssh().unwrap()],
-            admin,
-            quota: Quota::default(),
-        })
-        .unwrap();
+        a.add_user(UserCreate { name: name.into(), keys: vec![k.public_key().to_openssh().unwrap()], admin, quota: Quota::default() })
+            .unwrap();
     }
 
     #[test]
     fn login_with_ed25519_and_ecdsa_keys_gives_a_token() {
         let (_d, a) = auth();
-        for (name, alg) in [
-            ("ed", Algorithm::Ed25519),
-            ("ec", Algorithm::Ecdsa { curve: ssh_key::EcdsaCurve::NistP256 }),
-        ] {
+        for (name, alg) in [("ed", Algorithm::Ed25519), ("ec", Algorithm::Ecdsa { curve: ssh_key::EcdsaCurve::NistP256 })] {
             let k = key(alg);
             add(&a, name, &k, false);
             let c = a.challenge(name).unwrap();
@@ -509,11 +493,21 @@ mod tests {
         assert!(e.to_string().contains("not an OpenSSH public key"), "{e}");
         add(&a, "x", &k, false);
         let e = a
-            .add_user(UserCreate { name: "x".into(), keys: vec![k.public_key().to_openssh().unwrap()], admin: false, quota: Quota::default() })
+            .add_user(UserCreate {
+                name: "x".into(),
+                keys: vec![k.public_key().to_openssh().unwrap()],
+                admin: false,
+                quota: Quota::default(),
+            })
             .unwrap_err();
         assert!(matches!(e, AuthError::Conflict(_)));
         let e = a
-            .add_user(UserCreate { name: "y".into(), keys: vec![k.public_key().to_openssh().unwrap()], admin: false, quota: Quota::default() })
+            .add_user(UserCreate {
+                name: "y".into(),
+                keys: vec![k.public_key().to_openssh().unwrap()],
+                admin: false,
+                quota: Quota::default(),
+            })
             .unwrap_err();
         assert!(e.to_string().contains("already registered to user x"), "{e}");
         // Bootstrap only when there are no users.

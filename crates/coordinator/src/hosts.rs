@@ -98,10 +98,7 @@ impl Registry {
         let mut hosts = self.hosts.lock().unwrap();
         let returned = hosts.get(&hb.ad.name).map(|h| h.state == HostState::Lost).unwrap_or(true);
         let orphans = hosts.get(&hb.ad.name).map(|h| h.orphans.clone()).unwrap_or_default();
-        hosts.insert(
-            hb.ad.name.clone(),
-            HostEntry { ad: hb.ad, state: HostState::Ready, last_seen: Instant::now(), vms: hb.vms, orphans },
-        );
+        hosts.insert(hb.ad.name.clone(), HostEntry { ad: hb.ad, state: HostState::Ready, last_seen: Instant::now(), vms: hb.vms, orphans });
         returned
     }
 
@@ -218,9 +215,8 @@ impl HostClient {
             cause: e.to_string(),
         })?;
         if !status.is_success() {
-            let message = serde_json::from_slice::<ErrorBody>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            let message =
+                serde_json::from_slice::<ErrorBody>(&body).map(|e| e.error).unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
             return Err(HostCallError::Refused { host: self.name.clone(), status: status.as_u16(), message });
         }
         if body.is_empty() {
@@ -239,7 +235,11 @@ impl HostClient {
 
     pub async fn launch(&self, req: &LaunchRequest) -> Result<Launched, HostCallError> {
         let r: Option<Launched> = self.call(self.http.post(self.u("/host/v1/vms")).json(req)).await?;
-        r.ok_or_else(|| HostCallError::Unreachable { host: self.name.clone(), url: self.url.clone(), cause: "empty answer to launch".into() })
+        r.ok_or_else(|| HostCallError::Unreachable {
+            host: self.name.clone(),
+            url: self.url.clone(),
+            cause: "empty answer to launch".into(),
+        })
     }
 
     pub async fn stop(&self, id: &str, force: bool) -> Result<(), HostCallError> {
@@ -264,8 +264,7 @@ impl HostClient {
     }
 
     pub async fn console(&self, id: &str, offset: i64) -> Result<ConsoleChunk, HostCallError> {
-        let r: Option<ConsoleChunk> =
-            self.call(self.http.get(self.u(&format!("/host/v1/vms/{id}/console?offset={offset}")))).await?;
+        let r: Option<ConsoleChunk> = self.call(self.http.get(self.u(&format!("/host/v1/vms/{id}/console?offset={offset}")))).await?;
         Ok(r.unwrap_or(ConsoleChunk { offset: 0, next: 0, data: String::new() }))
     }
 

@@ -53,7 +53,14 @@ impl Joins {
             return Err(AuthError::BadRequest(format!("token lifetime {ttl} s is out of range: 1 s to 30 days")));
         }
         let (id, secret) = (random_hex(6), random_hex(24));
-        let info = JoinTokenInfo { id: id.clone(), role: role.as_str().into(), expires: now() + ttl, created_by: by.into(), used_by: None, token: None };
+        let info = JoinTokenInfo {
+            id: id.clone(),
+            role: role.as_str().into(),
+            expires: now() + ttl,
+            created_by: by.into(),
+            used_by: None,
+            token: None,
+        };
         let stored = Stored { info: info.clone(), secret_hash: blake3::hash(secret.as_bytes()).to_hex().to_string() };
         self.state.put_record(TABLE, &id, &serde_json::to_vec(&stored).expect("serialises"))?;
         let token = JoinToken { credential: format!("{id}.{secret}"), ca_fingerprint: self.ca.fingerprint() };
@@ -76,7 +83,9 @@ impl Joins {
     pub fn redeem(&self, req: &JoinRequest) -> Result<JoinReply, AuthError> {
         let role = joinable(&req.role)?;
         vgrid_api::manifest::validate_name(&req.name).map_err(|_| AuthError::BadRequest(format!("invalid node name {:?}", req.name)))?;
-        let refused = |why: &str| AuthError::Unauthenticated(format!("join token refused: {why}; make a new one with `vgrid join-token create --role {role}`"));
+        let refused = |why: &str| {
+            AuthError::Unauthenticated(format!("join token refused: {why}; make a new one with `vgrid join-token create --role {role}`"))
+        };
         let (id, secret) = req.token.split_once('.').ok_or_else(|| refused("malformed (expected <id>.<secret>)"))?;
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let Some(bytes) = self.state.get_record(TABLE, id)? else { return Err(refused("unknown token")) };

@@ -13,8 +13,8 @@ pub mod hosts;
 pub mod images;
 pub mod join;
 pub mod lifecycle;
-pub mod mobile;
 pub mod migrate;
+pub mod mobile;
 pub mod sched;
 pub mod state;
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Mutex;
-use vgrid_api::grid::HostAd;
 use vgrid_api::auth::Quota;
+use vgrid_api::grid::HostAd;
 use vgrid_api::vm::{ConsoleChunk, VmCreate, VmRecord, VmState};
 use vgrid_api::{ImageRef, Manifest};
 use vgrid_hostagent::agent::LaunchRequest;
@@ -14,8 +14,8 @@ use vgrid_imagestore::client::StoreClient;
 
 use crate::hosts::{HostCallError, HostClient, HostHeartbeat, HostRecord, HostState, Registry};
 use crate::sched::{ExprError, PlaceError, PlaceOptions, Placement, Scheduler};
-use vgrid_api::grid::PlacementRequest;
 use crate::state::{StateError, StateStore};
+use vgrid_api::grid::PlacementRequest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -73,7 +73,16 @@ impl Coordinator {
     pub async fn new(state: Arc<dyn StateStore>, registry: Arc<Registry>) -> Result<Arc<Self>, CoordinatorError> {
         let http = vgrid_trust::tls::client_builder().connect_timeout(Duration::from_secs(5)).build().expect("HTTP client");
         let accounting = crate::accounting::Accounting::new(state.clone());
-        let c = Arc::new(Coordinator { state, registry, sched: Scheduler::new(), http, lock: Mutex::new(()), ads: Default::default(), accounting, changed: tokio::sync::watch::channel(0).0 });
+        let c = Arc::new(Coordinator {
+            state,
+            registry,
+            sched: Scheduler::new(),
+            http,
+            lock: Mutex::new(()),
+            ads: Default::default(),
+            accounting,
+            changed: tokio::sync::watch::channel(0).0,
+        });
         for vm in c.state.list_vms()? {
             match vm.state {
                 VmState::Pending if vm.host.is_none() => {
@@ -287,8 +296,7 @@ impl Coordinator {
     /// Validates a request, places it on a host, records the VM as `pending` and starts it in
     /// the background. Nothing is recorded when validation or placement fails.
     pub async fn create(self: &Arc<Self>, req: VmCreate, owner: &str, quota: &Quota) -> Result<VmRecord, CoordinatorError> {
-        let image: ImageRef =
-            req.image.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?;
+        let image: ImageRef = req.image.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?;
         if req.cpus == 0 || req.cpus > 64 {
             return Err(CoordinatorError::BadRequest(format!("cpus {} is out of range 1-64", req.cpus)));
         }
@@ -301,9 +309,8 @@ impl Coordinator {
             }
         }
         if let Some(n) = &req.name {
-            vgrid_api::manifest::validate_name(n).map_err(|_| {
-                CoordinatorError::BadRequest(format!("invalid VM name {n:?}: use 1-64 characters of A-Z a-z 0-9 . _ -"))
-            })?;
+            vgrid_api::manifest::validate_name(n)
+                .map_err(|_| CoordinatorError::BadRequest(format!("invalid VM name {n:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")))?;
         }
         vgrid_hostagent::cgroup::reservation(req.resources.cpu_share, req.resources.cpu_slice_ms, req.resources.cpu_period_ms)
             .map_err(CoordinatorError::BadRequest)?;
@@ -959,19 +966,14 @@ fn free_share(vms: &[VmRecord], ad: &HostAd) -> f64 {
     if ad.cpu_cap <= 0.0 {
         return 0.0;
     }
-    let held: f64 = vms
-        .iter()
-        .filter(|v| v.state.is_active() && v.host.as_deref() == Some(ad.name.as_str()))
-        .map(|v| v.resources.cpu_cores())
-        .sum();
+    let held: f64 =
+        vms.iter().filter(|v| v.state.is_active() && v.host.as_deref() == Some(ad.name.as_str())).map(|v| v.resources.cpu_cores()).sum();
     (ad.cpu_cap - held).max(0.0)
 }
 
 /// Cpus and memory of the active VMs recorded on `host`.
 fn reserved(vms: &[VmRecord], host: &str) -> (u32, u64) {
-    vms.iter()
-        .filter(|v| v.state.is_active() && v.host.as_deref() == Some(host))
-        .fold((0, 0), |(c, m), v| (c + v.cpus, m + v.memory_mib))
+    vms.iter().filter(|v| v.state.is_active() && v.host.as_deref() == Some(host)).fold((0, 0), |(c, m), v| (c + v.cpus, m + v.memory_mib))
 }
 
 fn new_id() -> String {

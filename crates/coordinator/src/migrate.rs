@@ -42,8 +42,7 @@ impl HostClient {
 
     pub async fn migrate_finish(&self, id: &str, console_history: String) -> Result<Launched, HostCallError> {
         let body = FinishRequest { console_history };
-        let r: Option<Launched> =
-            self.call(self.http.post(self.u(&format!("/host/v1/migrate/incoming/{id}/finish"))).json(&body)).await?;
+        let r: Option<Launched> = self.call(self.http.post(self.u(&format!("/host/v1/migrate/incoming/{id}/finish"))).json(&body)).await?;
         r.ok_or_else(|| self.empty("migrate finish"))
     }
 
@@ -95,11 +94,7 @@ impl Coordinator {
             return Err(CoordinatorError::BadRequest("max bandwidth must be at least 1 MiB/s".into()));
         }
         if rec.state != VmState::Running {
-            return Err(CoordinatorError::Conflict(format!(
-                "VM {} is {}; only a running VM can migrate",
-                rec.id,
-                rec.state.as_str()
-            )));
+            return Err(CoordinatorError::Conflict(format!("VM {} is {}; only a running VM can migrate", rec.id, rec.state.as_str())));
         }
         let source = rec.host.clone().unwrap_or_default();
         if let Some(to) = &req.to {
@@ -346,9 +341,10 @@ impl Coordinator {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let taken_over = to.as_ref().and_then(|h| self.registry.host(h)).and_then(|h| {
-            h.vms.iter().find(|r| r.id == id && !r.incoming).map(|r| (h.ad.name.clone(), r.pid))
-        });
+        let taken_over = to
+            .as_ref()
+            .and_then(|h| self.registry.host(h))
+            .and_then(|h| h.vms.iter().find(|r| r.id == id && !r.incoming).map(|r| (h.ad.name.clone(), r.pid)));
         if let Some((dest, pid)) = taken_over {
             tracing::info!(vm = %id, to = %dest, "the destination took over before the coordinator restarted: migration completed");
             self.update(&id, |v| {
@@ -510,10 +506,9 @@ pub(crate) fn plan_reconcile(host: &str, report: &[VmReport], records: &[VmRecor
     for v in records.iter().filter(|v| v.host.as_deref() == Some(host)) {
         let here = reported(&v.id);
         match (v.state, here) {
-            (VmState::Running | VmState::Unknown, None) if age(v) >= REPORT_GRACE.as_secs() => plan.actions.push((
-                v.id.clone(),
-                Action::Lost(format!("host {host} reported that it no longer runs this VM (its QEMU is gone)")),
-            )),
+            (VmState::Running | VmState::Unknown, None) if age(v) >= REPORT_GRACE.as_secs() => plan
+                .actions
+                .push((v.id.clone(), Action::Lost(format!("host {host} reported that it no longer runs this VM (its QEMU is gone)")))),
             (VmState::Stopping, None) if age(v) >= REPORT_GRACE.as_secs() => plan.actions.push((v.id.clone(), Action::Stopped)),
             (VmState::Unknown, Some(r)) => plan.actions.push((v.id.clone(), Action::Running(r.pid))),
             (VmState::Starting, here) if age(v) >= STUCK_STARTING.as_secs() => plan.actions.push((

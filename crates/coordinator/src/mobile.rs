@@ -134,11 +134,7 @@ impl Coordinator {
     fn running_on(&self, key: &str, what: &str) -> Result<(VmRecord, HostClient), CoordinatorError> {
         let rec = self.get(key)?;
         if rec.state != VmState::Running {
-            return Err(CoordinatorError::Conflict(format!(
-                "VM {} is {}: only a running VM can be {what}",
-                rec.id,
-                rec.state.as_str()
-            )));
+            return Err(CoordinatorError::Conflict(format!("VM {} is {}: only a running VM can be {what}", rec.id, rec.state.as_str())));
         }
         let host = rec.host.clone().unwrap_or_default();
         let client = self.client(&host)?;
@@ -205,11 +201,7 @@ impl Coordinator {
     pub async fn resume(self: &Arc<Self>, key: &str, req: &VmResume, quota: &Quota) -> Result<VmRecord, CoordinatorError> {
         let rec = self.get(key)?;
         if rec.state != VmState::Suspended {
-            return Err(CoordinatorError::Conflict(format!(
-                "VM {} is {}: only a suspended VM can be resumed",
-                rec.id,
-                rec.state.as_str()
-            )));
+            return Err(CoordinatorError::Conflict(format!("VM {} is {}: only a suspended VM can be resumed", rec.id, rec.state.as_str())));
         }
         let saved = rec
             .saved_image
@@ -394,7 +386,9 @@ impl Coordinator {
                     v.phase = "suspended".into();
                     v.host = None;
                     v.pid = None;
-                    v.reason = Some(format!("the coordinator restarted while this VM was resuming on {host}, which did not run it; resume it again"));
+                    v.reason = Some(format!(
+                        "the coordinator restarted while this VM was resuming on {host}, which did not run it; resume it again"
+                    ));
                 });
                 tracing::warn!(vm = %id, host = %host, "a resume interrupted by a coordinator restart did not complete; suspended again");
                 return;

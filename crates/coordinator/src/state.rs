@@ -75,8 +75,7 @@ pub struct RedbState {
 
 impl RedbState {
     pub fn open(path: &Path) -> Result<Self, StateError> {
-        let db = redb::Database::create(path)
-            .map_err(|e| StateError::Open { path: path.display().to_string(), cause: e.to_string() })?;
+        let db = redb::Database::create(path).map_err(|e| StateError::Open { path: path.display().to_string(), cause: e.to_string() })?;
         let tx = db.begin_write()?;
         tx.open_table(VMS)?;
         tx.open_table(USAGE)?;
@@ -99,9 +98,7 @@ impl StateStore for RedbState {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(VMS)?;
         let Some(v) = table.get(id)? else { return Ok(None) };
-        serde_json::from_slice(v.value())
-            .map(Some)
-            .map_err(|e| StateError::Corrupt { id: id.to_string(), cause: e.to_string() })
+        serde_json::from_slice(v.value()).map(Some).map_err(|e| StateError::Corrupt { id: id.to_string(), cause: e.to_string() })
     }
 
     fn list_vms(&self) -> Result<Vec<VmRecord>, StateError> {
@@ -110,8 +107,8 @@ impl StateStore for RedbState {
         let mut out = Vec::new();
         for entry in table.iter()? {
             let (k, v) = entry?;
-            let rec = serde_json::from_slice(v.value())
-                .map_err(|e| StateError::Corrupt { id: k.value().to_string(), cause: e.to_string() })?;
+            let rec =
+                serde_json::from_slice(v.value()).map_err(|e| StateError::Corrupt { id: k.value().to_string(), cause: e.to_string() })?;
             out.push(rec);
         }
         Ok(out)

@@ -43,9 +43,7 @@ impl std::str::FromStr for Accel {
         match s.to_ascii_lowercase().as_str() {
             "kvm" => Ok(Accel::Kvm),
             "tcg" => Ok(Accel::Tcg),
-            other => Err(format!(
-                "unknown accelerator {other:?} (expected kvm or tcg)"
-            )),
+            other => Err(format!("unknown accelerator {other:?} (expected kvm or tcg)")),
         }
     }
 }
@@ -53,12 +51,7 @@ impl std::str::FromStr for Accel {
 /// True when /proc/cpuinfo shows `vmx` or `svm` and /dev/kvm opens read-write.
 pub fn kvm_usable() -> bool {
     let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    cpuinfo_has_virt(&flags)
-        && std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok()
+    cpuinfo_has_virt(&flags) && std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
 }
 
 /// True when a /proc/cpuinfo text lists the `vmx` (Intel VT-x) or `svm` (AMD-V) flag.
@@ -76,9 +69,7 @@ mod tests {
 
     #[test]
     fn cpuinfo_flags() {
-        assert!(cpuinfo_has_virt(
-            "processor\t: 0\nflags\t\t: fpu vme vmx sse\n"
-        ));
+        assert!(cpuinfo_has_virt("processor\t: 0\nflags\t\t: fpu vme vmx sse\n"));
         assert!(cpuinfo_has_virt("flags\t\t: fpu svm\n"));
         assert!(!cpuinfo_has_virt("flags\t\t: fpu vme sse svmx\n"));
         assert!(!cpuinfo_has_virt("model name\t: vmx svm\n"));

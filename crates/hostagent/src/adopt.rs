@@ -114,7 +114,8 @@ pub(crate) async fn adopt_all(agent: &Arc<Agent>) -> AdoptReport {
             Ok(vm) => {
                 tracing::info!(vm = %id, pid = vm.pid(), "re-adopted running QEMU");
                 crate::migrate::settle_after_restart(&vm).await;
-                if let Some(req) = std::fs::read(dir.join(LAUNCH_FILE)).ok().and_then(|b| serde_json::from_slice::<LaunchRequest>(&b).ok()) {
+                if let Some(req) = std::fs::read(dir.join(LAUNCH_FILE)).ok().and_then(|b| serde_json::from_slice::<LaunchRequest>(&b).ok())
+                {
                     // Its reservation, cgroup (which QEMU never left) and accounting continue
                     // (the counters' generation is kept in its runtime directory).
                     let res = agent.resources();

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use vgrid_api::{Boot, ImageRef};
 use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 use vgrid_api::rest::BootProfile;
+use vgrid_api::{Boot, ImageRef};
 use vgrid_blockproxy::{BlockProxy, ProxyConfig, ServerHandle, Servers, SourceError, StoreSource};
 
 use crate::vm::{BootSource, DiskSource, ExitInfo, LaunchOptions, Vm, VmError, VmSpec};
@@ -313,8 +313,11 @@ impl Agent {
                     .collect();
                 a.res.tick(&vms, a.proxy.stats().bytes_fetched, slow_in == 0, &ram_remote).await;
                 if slow_in == 0 {
-                    let lazy: Vec<(String, std::path::PathBuf)> =
-                        vms.iter().filter(|vm| ram_remote.contains_key(vm.id())).map(|vm| (vm.id().to_string(), vm.runtime_dir().to_path_buf())).collect();
+                    let lazy: Vec<(String, std::path::PathBuf)> = vms
+                        .iter()
+                        .filter(|vm| ram_remote.contains_key(vm.id()))
+                        .map(|vm| (vm.id().to_string(), vm.runtime_dir().to_path_buf()))
+                        .collect();
                     crate::ram::trim_page_cache(&mut pager_files, &lazy).await;
                 }
                 slow_in = if slow_in == 0 { 4 } else { slow_in - 1 };
@@ -572,13 +575,8 @@ impl Agent {
 
     /// The VMs this host runs.
     pub fn vms(&self) -> Vec<VmReport> {
-        let mut v: Vec<VmReport> = self
-            .vms
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, s)| VmReport { id: id.clone(), pid: s.vm.pid(), incoming: false })
-            .collect();
+        let mut v: Vec<VmReport> =
+            self.vms.lock().unwrap().iter().map(|(id, s)| VmReport { id: id.clone(), pid: s.vm.pid(), incoming: false }).collect();
         v.extend(self.migrations.incoming_ids().into_iter().map(|(id, pid)| VmReport { id, pid, incoming: true }));
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
@@ -795,19 +793,14 @@ impl Agent {
 }
 
 fn load_average() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
-        .unwrap_or(0.0)
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok())).unwrap_or(0.0)
 }
 
 fn physical_memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+            s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
         })
         .map(|kib| kib / 1024)
         .unwrap_or(1024)

@@ -148,12 +148,7 @@ impl Cgroups {
                 continue;
             }
             let opts: Vec<&str> = f[3].split(',').collect();
-            let h = Hier {
-                mount,
-                cpu: opts.contains(&"cpu"),
-                cpuacct: opts.contains(&"cpuacct"),
-                memory: opts.contains(&"memory"),
-            };
+            let h = Hier { mount, cpu: opts.contains(&"cpu"), cpuacct: opts.contains(&"cpuacct"), memory: opts.contains(&"memory") };
             if h.cpu || h.cpuacct || h.memory {
                 hiers.push(h);
             }
@@ -460,11 +455,7 @@ impl VmCgroup {
     /// Pids in the group.
     pub fn pids(&self) -> Vec<u32> {
         let Some(d) = self.dirs.first() else { return vec![] };
-        std::fs::read_to_string(d.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
+        std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
     }
 
     pub fn usage(&self) -> Usage {
@@ -568,7 +559,9 @@ mod tests {
         let cg = Cgroups::detect_at(root.path(), "h1").unwrap();
         assert_eq!(cg.version(), Version::V2);
         assert!(cg.missing().is_empty());
-        let vm = cg.create_vm("vm-1", &Limits { cpu_quota_us: Some(20_000), cpu_period_us: Some(100_000), memory_bytes: Some(1 << 28) }).unwrap();
+        let vm = cg
+            .create_vm("vm-1", &Limits { cpu_quota_us: Some(20_000), cpu_period_us: Some(100_000), memory_bytes: Some(1 << 28) })
+            .unwrap();
         let d = vm.dir("cpu").unwrap().to_path_buf();
         assert_eq!(std::fs::read_to_string(d.join("cpu.max")).unwrap(), "20000 100000");
         assert_eq!(std::fs::read_to_string(d.join("memory.max")).unwrap(), (1u64 << 28).to_string());

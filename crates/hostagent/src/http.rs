@@ -67,8 +67,13 @@ async fn only_coordinator(req: axum::extract::Request, next: axum::middleware::N
     let what = format!("{} {}", req.method(), req.uri().path());
     tracing::warn!(caller = %c.describe(), %what, "refused a host API request");
     match c {
-        Caller::Anonymous => refuse(StatusCode::UNAUTHORIZED, format!("{what}: the host API answers its coordinator (by certificate) or an admin (by token)")),
-        c => refuse(StatusCode::FORBIDDEN, format!("{what}: {} may not use the host API; only the coordinator and admins may", c.describe())),
+        Caller::Anonymous => refuse(
+            StatusCode::UNAUTHORIZED,
+            format!("{what}: the host API answers its coordinator (by certificate) or an admin (by token)"),
+        ),
+        c => {
+            refuse(StatusCode::FORBIDDEN, format!("{what}: {} may not use the host API; only the coordinator and admins may", c.describe()))
+        }
     }
 }
 
@@ -184,9 +189,9 @@ async fn console(State(a): Ctx, Path(id): Path<String>, Query(q): Query<ConsoleQ
 /// Interactive console: binary WebSocket frames both ways, bridged to the VM's serial socket.
 async fn console_ws(State(a): Ctx, Path(id): Path<String>, ws: WebSocketUpgrade) -> Result<Response, HttpError> {
     let sock = a.console_socket(&id);
-    let stream = tokio::net::UnixStream::connect(&sock).await.map_err(|e| {
-        HttpError(StatusCode::CONFLICT, format!("console of VM {id} is not reachable ({}): {e}", sock.display()))
-    })?;
+    let stream = tokio::net::UnixStream::connect(&sock)
+        .await
+        .map_err(|e| HttpError(StatusCode::CONFLICT, format!("console of VM {id} is not reachable ({}): {e}", sock.display())))?;
     Ok(ws.on_upgrade(move |socket| bridge(socket, stream)))
 }
 

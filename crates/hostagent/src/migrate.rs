@@ -228,8 +228,7 @@ impl Agent {
     async fn open_incoming(&self, vm: &Vm, host: &str) -> Result<(u16, u16), AgentError> {
         let id = vm.id().to_string();
         let io = |e: std::io::Error| mig_err(&id, format!("no free TCP port on {host}: {e}"));
-        vm.execute("migrate-set-capabilities", Some(json!({"capabilities": [{"capability": "events", "state": true}]})))
-            .await?;
+        vm.execute("migrate-set-capabilities", Some(json!({"capabilities": [{"capability": "events", "state": true}]}))).await?;
         // Both streams are TLS with this host's grid certificate; the source must show one too.
         let qemu_user = self.qemu_user().cloned();
         let give = move |d: &std::path::Path| qemu_user.as_ref().map_or(Ok(()), |u| u.give(d));
@@ -473,12 +472,9 @@ async fn send_vm(
         target["tls-hostname"] = json!(d.host);
     }
     vm.execute("blockdev-add", Some(target)).await.map_err(failed)?;
-    vm.execute(
-        "blockdev-mirror",
-        Some(json!({"job-id": MIRROR_JOB, "device": DISK_NODE, "target": TARGET_NODE, "sync": "top"})),
-    )
-    .await
-    .map_err(failed)?;
+    vm.execute("blockdev-mirror", Some(json!({"job-id": MIRROR_JOB, "device": DISK_NODE, "target": TARGET_NODE, "sync": "top"})))
+        .await
+        .map_err(failed)?;
     loop {
         if let Some(e) = exited(vm) {
             return Err(e);

@@ -171,7 +171,14 @@ async fn encode_all(chunks: Vec<Vec<u8>>) -> Vec<Option<(ChunkHash, Bytes)>> {
     tokio::task::spawn_blocking(move || {
         chunks
             .into_iter()
-            .map(|c| if codec::is_zero(&c) { None } else { let (h, z) = codec::encode(&c); Some((h, Bytes::from(z))) })
+            .map(|c| {
+                if codec::is_zero(&c) {
+                    None
+                } else {
+                    let (h, z) = codec::encode(&c);
+                    Some((h, Bytes::from(z)))
+                }
+            })
             .collect()
     })
     .await
@@ -211,8 +218,7 @@ impl Upload {
     /// Uploads those of `chunks` the server lacks.
     async fn send(&mut self, chunks: &[(ChunkHash, Bytes)]) -> Result<(), String> {
         let hashes: Vec<ChunkHash> = chunks.iter().map(|c| c.0).collect();
-        let missing: HashSet<ChunkHash> =
-            self.client.missing(&self.id, &hashes).await.map_err(|e| e.to_string())?.into_iter().collect();
+        let missing: HashSet<ChunkHash> = self.client.missing(&self.id, &hashes).await.map_err(|e| e.to_string())?.into_iter().collect();
         for (h, z) in chunks {
             if missing.contains(h) && self.sent.insert(*h) {
                 self.client.put_chunk(&self.id, h, z.clone()).await.map_err(|e| e.to_string())?;
@@ -270,10 +276,9 @@ impl Agent {
         vgrid_api::manifest::validate_name(&req.name).map_err(|_| MobileError::BadName(req.name.clone()))?;
         let vm = self.vm(id).ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
         let fail = |cause: String| AgentError::from(MobileError::Save { id: id.to_string(), cause });
-        let _saving = SaveGuard::take(vm.runtime_dir())
-            .ok_or_else(|| fail("another snapshot or suspend of this VM is in progress".into()))?;
-        let parent_ref = export_of(&vm.spec().disk)
-            .ok_or_else(|| fail("its disk is not an image of the block proxy".into()))?;
+        let _saving =
+            SaveGuard::take(vm.runtime_dir()).ok_or_else(|| fail("another snapshot or suspend of this VM is in progress".into()))?;
+        let parent_ref = export_of(&vm.spec().disk).ok_or_else(|| fail("its disk is not an image of the block proxy".into()))?;
         let parent = self.proxy().resolve(&parent_ref).await?;
         let t0 = Instant::now();
         let captured = match self.capture(&vm, &parent).await {
@@ -355,8 +360,7 @@ impl Agent {
         if !out.status.success() {
             return Err(fail(format!("qemu-img map {}: {}", overlay.display(), String::from_utf8_lossy(&out.stderr).trim())));
         }
-        let entries: Vec<MapEntry> =
-            serde_json::from_slice(&out.stdout).map_err(|e| fail(format!("qemu-img map output: {e}")))?;
+        let entries: Vec<MapEntry> = serde_json::from_slice(&out.stdout).map_err(|e| fail(format!("qemu-img map output: {e}")))?;
         let patches = overlay_patches(&entries).map_err(fail)?;
         let file = crate::qemu_user::open_file(&overlay).map_err(|e| fail(format!("{}: {e}", overlay.display())))?;
         let mut touched = BTreeMap::new();
@@ -391,13 +395,7 @@ impl Agent {
 
     /// Uploads the state and the new disk chunks, then commits the manifest. Returns it, the
     /// number of changed disk chunks and the bytes sent.
-    async fn upload_image(
-        &self,
-        id: &str,
-        name: &str,
-        parent: &Manifest,
-        cap: &Captured,
-    ) -> Result<(Manifest, u64, u64), AgentError> {
+    async fn upload_image(&self, id: &str, name: &str, parent: &Manifest, cap: &Captured) -> Result<(Manifest, u64, u64), AgentError> {
         let fail = |cause: String| AgentError::from(MobileError::Upload { id: id.to_string(), image: name.to_string(), cause });
         let mut up = Upload::begin(&self.servers().urls()).await.map_err(fail)?;
         let r = self.upload_session(&mut up, name, parent, cap).await;
@@ -410,13 +408,7 @@ impl Agent {
         }
     }
 
-    async fn upload_session(
-        &self,
-        up: &mut Upload,
-        name: &str,
-        parent: &Manifest,
-        cap: &Captured,
-    ) -> Result<(Manifest, u64, u64), String> {
+    async fn upload_session(&self, up: &mut Upload, name: &str, parent: &Manifest, cap: &Captured) -> Result<(Manifest, u64, u64), String> {
         let cs = parent.chunk_size;
         // The disk: the parent's chunk list with the touched chunks replaced.
         let mut disk = parent.disk.clone();
@@ -618,9 +610,8 @@ pub(crate) fn prepare_incoming(
     accel: crate::Accel,
 ) -> Result<Option<IncomingState>, AgentError> {
     let Some(st) = &manifest.state else { return Ok(None) };
-    let fail = |cause: String| {
-        AgentError::from(MobileError::Restore { id: id.to_string(), image: manifest.image_ref().to_string(), cause })
-    };
+    let fail =
+        |cause: String| AgentError::from(MobileError::Restore { id: id.to_string(), image: manifest.image_ref().to_string(), cause });
     if let Some(why) = st.meta.incompatibility(cpus, memory_mib, agent.qemu_version()) {
         return Err(fail(why));
     }
@@ -757,7 +748,8 @@ pub(crate) async fn saved_ram_backing(
     use crate::ram::RamBacking;
     let Some(saved) = manifest.state.as_ref().and_then(|s| s.ram.as_ref()) else { return Ok(RamBacking::Anonymous) };
     let ram = &saved.blob;
-    let fail = |cause: String| AgentError::from(MobileError::Restore { id: id.to_string(), image: manifest.image_ref().to_string(), cause });
+    let fail =
+        |cause: String| AgentError::from(MobileError::Restore { id: id.to_string(), image: manifest.image_ref().to_string(), cause });
     let owner = opts.run_as.as_ref().map(|u| (u.uid, u.gid));
     if crate::ram::lazy_supported() {
         let export = format!("{}{}", manifest.image_ref(), vgrid_blockproxy::export::RAM_EXPORT_SUFFIX);
@@ -902,11 +894,13 @@ mod tests {
     #[test]
     fn patches_come_from_depth_zero_only() {
         // Real `qemu-img map` output of an overlay (64 KiB clusters) over a raw base.
-        let e = map(r#"[{ "start": 0, "length": 524288, "depth": 1, "present": true, "zero": false, "data": true, "compressed": false, "offset": 0},
+        let e = map(
+            r#"[{ "start": 0, "length": 524288, "depth": 1, "present": true, "zero": false, "data": true, "compressed": false, "offset": 0},
 { "start": 524288, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "compressed": false, "offset": 327680},
 { "start": 1048576, "length": 1048576, "depth": 1, "present": true, "zero": true, "data": false, "compressed": false, "offset": 1048576},
 { "start": 2097152, "length": 131072, "depth": 0, "present": true, "zero": true, "data": false, "compressed": false},
-{ "start": 3145728, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "compressed": false, "offset": 393216}]"#);
+{ "start": 3145728, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "compressed": false, "offset": 393216}]"#,
+        );
         let p = overlay_patches(&e).unwrap();
         assert_eq!(
             p,

@@ -38,9 +38,8 @@ impl ArModel {
         }
         let mean = xs.iter().sum::<f64>() / n as f64;
         let p = order.min(n / 2);
-        let r: Vec<f64> = (0..=p)
-            .map(|k| xs[..n - k].iter().zip(&xs[k..]).map(|(a, b)| (a - mean) * (b - mean)).sum::<f64>() / n as f64)
-            .collect();
+        let r: Vec<f64> =
+            (0..=p).map(|k| xs[..n - k].iter().zip(&xs[k..]).map(|(a, b)| (a - mean) * (b - mean)).sum::<f64>() / n as f64).collect();
         if p == 0 || r[0] <= 1e-12 {
             return ArModel { mean, coef: vec![], noise_var: r.first().copied().unwrap_or(0.0) };
         }

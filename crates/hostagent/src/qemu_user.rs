@@ -145,10 +145,7 @@ impl QemuUser {
         // async-signal-safe system calls on data prepared before the fork (no allocation).
         unsafe {
             cmd.pre_exec(move || {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -190,13 +187,8 @@ pub fn reclaim(dir: &Path) -> std::io::Result<()> {
 pub fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o644).custom_flags(libc::O_NOFOLLOW).open(path)?;
     let m = f.metadata()?;
     if !m.is_file() || m.nlink() > 1 {
         return Err(std::io::Error::other(format!("{} is not a plain file of its own; not written", path.display())));

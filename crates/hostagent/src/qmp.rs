@@ -43,11 +43,7 @@ pub enum QmpError {
         source: std::io::Error,
     },
     #[error("QMP command {command} failed: {class}: {desc}")]
-    Command {
-        command: String,
-        class: String,
-        desc: String,
-    },
+    Command { command: String, class: String, desc: String },
     #[error("QMP command {command} timed out after {after:?}")]
     Timeout { command: String, after: Duration },
     #[error("QMP connection {path} closed before command {command} was answered")]
@@ -98,10 +94,7 @@ pub struct QmpClient {
 
 impl std::fmt::Debug for QmpClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QmpClient")
-            .field("path", &self.path)
-            .field("version", &self.version)
-            .finish()
+        f.debug_struct("QmpClient").field("path", &self.path).field("version", &self.version).finish()
     }
 }
 
@@ -119,46 +112,22 @@ impl QmpClient {
         let stream = match tokio::time::timeout(timeout, UnixStream::connect(&path)).await {
             Ok(Ok(s)) => s,
             Ok(Err(source)) => return Err(QmpError::Connect { path, source }),
-            Err(_) => {
-                return Err(QmpError::ConnectTimeout {
-                    path,
-                    after: timeout,
-                })
-            }
+            Err(_) => return Err(QmpError::ConnectTimeout { path, after: timeout }),
         };
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read);
         let greeting = match tokio::time::timeout(timeout, read_json_line(&mut lines)).await {
             Ok(Ok(Some(v))) => v,
-            Ok(Ok(None)) => {
-                return Err(QmpError::Greeting {
-                    path,
-                    detail: "connection closed before the greeting".into(),
-                })
-            }
+            Ok(Ok(None)) => return Err(QmpError::Greeting { path, detail: "connection closed before the greeting".into() }),
             Ok(Err(source)) => return Err(QmpError::Io { path, source }),
-            Err(_) => {
-                return Err(QmpError::ConnectTimeout {
-                    path,
-                    after: timeout,
-                })
-            }
+            Err(_) => return Err(QmpError::ConnectTimeout { path, after: timeout }),
         };
-        let version = parse_greeting(&greeting).ok_or_else(|| QmpError::Greeting {
-            path: path.clone(),
-            detail: greeting.to_string(),
-        })?;
+        let version = parse_greeting(&greeting).ok_or_else(|| QmpError::Greeting { path: path.clone(), detail: greeting.to_string() })?;
 
         let (events, _) = broadcast::channel(256);
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let closed = Arc::new(AtomicBool::new(false));
-        let reader = tokio::spawn(read_loop(
-            path.clone(),
-            lines,
-            pending.clone(),
-            events.clone(),
-            closed.clone(),
-        ));
+        let reader = tokio::spawn(read_loop(path.clone(), lines, pending.clone(), events.clone(), closed.clone()));
         let client = QmpClient {
             path,
             writer: tokio::sync::Mutex::new(write),
@@ -170,9 +139,7 @@ impl QmpClient {
             reader,
             command_timeout: timeout.max(DEFAULT_COMMAND_TIMEOUT),
         };
-        client
-            .execute_timeout("qmp_capabilities", None, timeout)
-            .await?;
+        client.execute_timeout("qmp_capabilities", None, timeout).await?;
         Ok(client)
     }
 
@@ -198,26 +165,13 @@ impl QmpClient {
 
     /// Runs `command` with optional `arguments` (a JSON object) and returns its `return` value,
     /// waiting at most the default command timeout.
-    pub async fn execute(
-        &self,
-        command: &str,
-        arguments: Option<Value>,
-    ) -> Result<Value, QmpError> {
-        self.execute_timeout(command, arguments, self.command_timeout)
-            .await
+    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        self.execute_timeout(command, arguments, self.command_timeout).await
     }
 
     /// [`QmpClient::execute`] with an explicit timeout.
-    pub async fn execute_timeout(
-        &self,
-        command: &str,
-        arguments: Option<Value>,
-        timeout: Duration,
-    ) -> Result<Value, QmpError> {
-        let closed_err = || QmpError::Closed {
-            path: self.path.clone(),
-            command: command.to_string(),
-        };
+    pub async fn execute_timeout(&self, command: &str, arguments: Option<Value>, timeout: Duration) -> Result<Value, QmpError> {
+        let closed_err = || QmpError::Closed { path: self.path.clone(), command: command.to_string() };
         if self.is_closed() {
             return Err(closed_err());
         }
@@ -245,25 +199,16 @@ impl QmpClient {
             {
                 let mut w = self.writer.lock().await;
                 if let Err(source) = w.write_all(&line).await {
-                    return Err(
-                        if self.is_closed() || source.kind() == std::io::ErrorKind::BrokenPipe {
-                            closed_err()
-                        } else {
-                            QmpError::Io {
-                                path: self.path.clone(),
-                                source,
-                            }
-                        },
-                    );
+                    return Err(if self.is_closed() || source.kind() == std::io::ErrorKind::BrokenPipe {
+                        closed_err()
+                    } else {
+                        QmpError::Io { path: self.path.clone(), source }
+                    });
                 }
             }
             match rx.await {
                 Ok(Ok(v)) => Ok(v),
-                Ok(Err((class, desc))) => Err(QmpError::Command {
-                    command: command.to_string(),
-                    class,
-                    desc,
-                }),
+                Ok(Err((class, desc))) => Err(QmpError::Command { command: command.to_string(), class, desc }),
                 Err(_) => Err(closed_err()),
             }
         })
@@ -272,10 +217,7 @@ impl QmpClient {
             Ok(r) => r,
             Err(_) => {
                 self.pending.lock().unwrap().remove(&id);
-                Err(QmpError::Timeout {
-                    command: command.to_string(),
-                    after: timeout,
-                })
+                Err(QmpError::Timeout { command: command.to_string(), after: timeout })
             }
         }
     }
@@ -309,12 +251,7 @@ fn parse_greeting(v: &Value) -> Option<QmpVersion> {
         major: n("major")?,
         minor: n("minor")?,
         micro: n("micro")?,
-        package: ver
-            .get("package")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .trim()
-            .to_string(),
+        package: ver.get("package").and_then(Value::as_str).unwrap_or("").trim().to_string(),
     })
 }
 
@@ -335,17 +272,8 @@ async fn read_loop(
             }
         };
         if let Some(name) = msg.get("event").and_then(Value::as_str) {
-            let timestamp = msg.get("timestamp").and_then(|t| {
-                Some((
-                    t.get("seconds")?.as_i64()?,
-                    t.get("microseconds")?.as_i64()?,
-                ))
-            });
-            let ev = QmpEvent {
-                event: name.to_string(),
-                data: msg.get("data").cloned().unwrap_or(Value::Null),
-                timestamp,
-            };
+            let timestamp = msg.get("timestamp").and_then(|t| Some((t.get("seconds")?.as_i64()?, t.get("microseconds")?.as_i64()?)));
+            let ev = QmpEvent { event: name.to_string(), data: msg.get("data").cloned().unwrap_or(Value::Null), timestamp };
             tracing::debug!(qmp = %path.display(), event = %ev.event, "qmp event");
             let _ = events.send(ev);
             continue;
@@ -363,10 +291,7 @@ async fn read_loop(
             let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_string();
             Err((s("class"), s("desc")))
         } else {
-            Err((
-                "ProtocolError".to_string(),
-                format!("unexpected reply {msg}"),
-            ))
+            Err(("ProtocolError".to_string(), format!("unexpected reply {msg}")))
         };
         let _ = tx.send(reply);
     }
@@ -407,28 +332,16 @@ mod tests {
             l,
             vec![
                 ("qmp_capabilities", r#"{"return": {}}"#),
-                (
-                    "query-status",
-                    r#"{"return": {"status": "running", "running": true}}"#,
-                ),
-                (
-                    "bogus",
-                    r#"{"error": {"class": "CommandNotFound", "desc": "The command bogus has not been found"}}"#,
-                ),
+                ("query-status", r#"{"return": {"status": "running", "running": true}}"#),
+                ("bogus", r#"{"error": {"class": "CommandNotFound", "desc": "The command bogus has not been found"}}"#),
             ],
         ));
-        let c = QmpClient::connect(&sock, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let c = QmpClient::connect(&sock, Duration::from_secs(5)).await.unwrap();
         assert_eq!(c.version().major, 10);
         let st = c.execute("query-status", None).await.unwrap();
         assert_eq!(st["status"], "running");
         match c.execute("bogus", Some(json!({"x": 1}))).await {
-            Err(QmpError::Command {
-                command,
-                class,
-                desc,
-            }) => {
+            Err(QmpError::Command { command, class, desc }) => {
                 assert_eq!(command, "bogus");
                 assert_eq!(class, "CommandNotFound");
                 assert!(desc.contains("bogus"));
@@ -454,35 +367,21 @@ mod tests {
             let mut r = BufReader::new(r);
             w.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 9}, \"package\": \"\"}, \"capabilities\": []}}\n").await.unwrap();
             let v = read_json_line(&mut r).await.unwrap().unwrap();
-            w.write_all(format!("{{\"return\": {{}}, \"id\": {}}}\n", v["id"]).as_bytes())
-                .await
-                .unwrap();
+            w.write_all(format!("{{\"return\": {{}}, \"id\": {}}}\n", v["id"]).as_bytes()).await.unwrap();
             go_rx.await.unwrap();
-            w.write_all(
-                b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 2}}\n",
-            )
-            .await
-            .unwrap();
+            w.write_all(b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 2}}\n").await.unwrap();
             // Never answer the next command.
             let _ = read_json_line(&mut r).await;
             tokio::time::sleep(Duration::from_secs(30)).await;
         });
-        let c = QmpClient::connect(&sock, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let c = QmpClient::connect(&sock, Duration::from_secs(5)).await.unwrap();
         let mut ev = c.subscribe();
         go_tx.send(()).unwrap();
         let e = ev.recv().await.unwrap();
         assert_eq!(e.event, "STOP");
         assert_eq!(e.timestamp, Some((1, 2)));
-        let err = c
-            .execute_timeout("query-status", None, Duration::from_millis(200))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, QmpError::Timeout { ref command, .. } if command == "query-status"),
-            "{err}"
-        );
+        let err = c.execute_timeout("query-status", None, Duration::from_millis(200)).await.unwrap_err();
+        assert!(matches!(err, QmpError::Timeout { ref command, .. } if command == "query-status"), "{err}");
         server.abort();
     }
 
@@ -490,9 +389,7 @@ mod tests {
     async fn missing_socket_is_a_connect_error_naming_the_path() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("absent.sock");
-        let err = QmpClient::connect(&sock, Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let err = QmpClient::connect(&sock, Duration::from_secs(1)).await.unwrap_err();
         assert!(matches!(err, QmpError::Connect { .. }));
         assert!(err.to_string().contains("absent.sock"), "{err}");
     }

@@ -13,8 +13,8 @@
 //!   process: like QEMU's NBD disk it outlives an agent restart and reconnects to the proxy.
 //! - **Anonymous**: plain `-m` memory (no tmpfs); saves carry the RAM in the stream.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::collections::HashMap;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -114,7 +114,11 @@ pub fn lazy_supported() -> bool {
             .status()
             .is_ok_and(|s| s.success());
         if !fuse || !pager {
-            tracing::info!(fuse, pager, "no lazy RAM restore on this host (needs /dev/fuse and qemu-storage-daemon): warm images load eagerly");
+            tracing::info!(
+                fuse,
+                pager,
+                "no lazy RAM restore on this host (needs /dev/fuse and qemu-storage-daemon): warm images load eagerly"
+            );
         }
         fuse && pager
     })
@@ -154,8 +158,8 @@ pub fn open_shared(pid: u32, ram_dir: &Path) -> std::io::Result<std::fs::File> {
 /// Copies `src` (a RAM file of `size` bytes) into a new sparse file `dst`, leaving out holes
 /// and all-zero pages. Returns the bytes of non-zero pages written.
 pub fn copy_sparse(src: &std::fs::File, dst: &Path, size: u64) -> std::io::Result<u64> {
-    use std::os::unix::fs::FileExt;
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
     let _ = std::fs::remove_file(dst);
     let out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(dst)?;
     out.set_len(size)?;

@@ -123,7 +123,12 @@ impl HostResources {
     /// cgroups the agent still runs, unlimited and with a warning.
     /// `vms_dir` holds this agent's VM runtime directories: only groups of VMs found there are
     /// cleaned up as stale.
-    pub fn new(host: &str, max_share: Option<f64>, max_memory_mib: Option<u64>, vms_dir: &std::path::Path) -> Result<HostResources, String> {
+    pub fn new(
+        host: &str,
+        max_share: Option<f64>,
+        max_memory_mib: Option<u64>,
+        vms_dir: &std::path::Path,
+    ) -> Result<HostResources, String> {
         if let Some(s) = max_share {
             if !(s.is_finite() && s > 0.0 && s <= 1.0) {
                 return Err(format!("--max-share {s} is out of range: more than 0, at most 1 (the whole machine)"));
@@ -135,8 +140,12 @@ impl HostResources {
             Ok(cg) => {
                 let missing = cg.missing();
                 if !missing.is_empty() {
-                    tracing::warn!(host, version = cg.version().as_str(), ?missing,
-                        "cgroup controllers missing: limits that need them are refused, their usage is not accounted");
+                    tracing::warn!(
+                        host,
+                        version = cg.version().as_str(),
+                        ?missing,
+                        "cgroup controllers missing: limits that need them are refused, their usage is not accounted"
+                    );
                 }
                 match cg.setup_parent(cap_cores, max_memory_mib.map(|m| m << 20)) {
                     Ok(()) => {
@@ -200,11 +209,7 @@ impl HostResources {
         if mem_limit < 16 {
             return Err(invalid(format!("memory limit {mem_limit} MiB is too small for QEMU: at least 16 MiB")));
         }
-        let limits = Limits {
-            cpu_quota_us: cpu.map(|c| c.0),
-            cpu_period_us: cpu.map(|c| c.1),
-            memory_bytes: Some(mem_limit << 20),
-        };
+        let limits = Limits { cpu_quota_us: cpu.map(|c| c.0), cpu_period_us: cpu.map(|c| c.1), memory_bytes: Some(mem_limit << 20) };
         let mut reserved = self.reserved.lock().unwrap();
         if let Some(cap) = self.cap_cores {
             let held: f64 = reserved.iter().filter(|(k, _)| k.as_str() != id).map(|(_, v)| v).sum();
@@ -480,10 +485,17 @@ mod tests {
 
     #[test]
     fn throttle_wraps_the_drive() {
-        let mut args: Vec<String> = ["-pidfile", "p", "-blockdev", "driver=qcow2,node-name=vda,discard=unmap,file.driver=file,file.filename=o", "-device", "virtio-blk-pci,drive=vda"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut args: Vec<String> = [
+            "-pidfile",
+            "p",
+            "-blockdev",
+            "driver=qcow2,node-name=vda,discard=unmap,file.driver=file,file.filename=o",
+            "-device",
+            "virtio-blk-pci,drive=vda",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         throttle_args(&mut args, &DiskThrottle { bps: Some(1 << 20), iops: Some(100) });
         assert_eq!(
             args,
@@ -520,7 +532,8 @@ mod tests {
         r.reserved.lock().unwrap().insert("x".into(), 0.4);
         let e = r.admit("b", &Resources { cpu_share: Some(0.2), ..Default::default() }, 256, Accel::Tcg).unwrap_err();
         assert!(e.to_string().contains("exceeds the owner's cap") && e.to_string().contains("0.100 free"), "{e}");
-        let e = r.admit("c", &Resources { cpu_share: Some(0.2), cpu_slice_ms: Some(3), ..Default::default() }, 256, Accel::Tcg).unwrap_err();
+        let e =
+            r.admit("c", &Resources { cpu_share: Some(0.2), cpu_slice_ms: Some(3), ..Default::default() }, 256, Accel::Tcg).unwrap_err();
         assert!(e.to_string().contains("VM c") && e.to_string().contains("not both"), "{e}");
         assert!((r.free_share() - 0.1).abs() < 1e-9);
     }

@@ -19,11 +19,7 @@ pub enum TestkitError {
     #[error("boot slot lock {path}: {detail}")]
     Slot { path: PathBuf, detail: String },
     #[error("{what}: both boot attempts failed: first: {first}; second: {second}")]
-    BootFailed {
-        what: String,
-        first: String,
-        second: String,
-    },
+    BootFailed { what: String, first: String, second: String },
 }
 
 /// The sample guest's files (see `scripts/build-sample-guest.sh`).
@@ -49,16 +45,8 @@ impl SampleGuest {
     /// Direct kernel boot of the sample with the recommended cmdline plus `extra` (e.g.
     /// `vgrid.mode=poweroff`, `vgrid.net=dhcp`; a later `vgrid.mode=` wins).
     pub fn boot(&self, extra: &str) -> BootSource {
-        let cmdline = if extra.is_empty() {
-            self.cmdline.clone()
-        } else {
-            format!("{} {extra}", self.cmdline)
-        };
-        BootSource::Kernel {
-            kernel: self.kernel.clone(),
-            initrd: Some(self.initrd.clone()),
-            cmdline,
-        }
+        let cmdline = if extra.is_empty() { self.cmdline.clone() } else { format!("{} {extra}", self.cmdline) };
+        BootSource::Kernel { kernel: self.kernel.clone(), initrd: Some(self.initrd.clone()), cmdline }
     }
 
     /// A 1-CPU, 256 MiB spec of the sample on `disk` (TCG/KVM chosen automatically).
@@ -80,9 +68,7 @@ impl SampleGuest {
 pub fn sample_guest_script() -> PathBuf {
     std::env::var_os("VGRID_SAMPLE_GUEST_SCRIPT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-sample-guest.sh")
-        })
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-sample-guest.sh"))
 }
 
 /// Builds (first call on this machine, or after the script changed) or finds the sample guest.
@@ -94,10 +80,7 @@ pub fn sample_guest() -> Result<SampleGuest, TestkitError> {
 
 fn build_sample_guest() -> Result<SampleGuest, TestkitError> {
     let script = sample_guest_script();
-    let err = |detail: String| TestkitError::SampleGuest {
-        script: script.clone(),
-        detail,
-    };
+    let err = |detail: String| TestkitError::SampleGuest { script: script.clone(), detail };
     let out = std::process::Command::new("bash")
         .arg(&script)
         .stdin(std::process::Stdio::null())
@@ -109,17 +92,9 @@ fn build_sample_guest() -> Result<SampleGuest, TestkitError> {
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let dir = PathBuf::from(stdout.lines().last().unwrap_or("").trim());
-    let cmdline = std::fs::read_to_string(dir.join("cmdline"))
-        .map_err(|e| err(format!("no cmdline in {}: {e}", dir.display())))?
-        .trim()
-        .to_string();
-    let g = SampleGuest {
-        kernel: dir.join("vmlinuz"),
-        initrd: dir.join("initrd.img"),
-        disk: dir.join("disk.img"),
-        cmdline,
-        dir,
-    };
+    let cmdline =
+        std::fs::read_to_string(dir.join("cmdline")).map_err(|e| err(format!("no cmdline in {}: {e}", dir.display())))?.trim().to_string();
+    let g = SampleGuest { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img"), disk: dir.join("disk.img"), cmdline, dir };
     for p in [&g.kernel, &g.initrd, &g.disk] {
         if !p.is_file() {
             return Err(err(format!("{} missing after the build", p.display())));
@@ -138,22 +113,12 @@ pub struct BootSlot {
 /// Blocks until one of `$VGRID_TEST_BOOT_SLOTS` (default 2) machine-wide slots is free (flock
 /// on files under `${VGRID_CACHE:-$HOME/.cache/vgrid}/boot-slots`) and holds it.
 pub fn boot_slot() -> Result<BootSlot, TestkitError> {
-    let slots: usize = std::env::var("VGRID_TEST_BOOT_SLOTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2)
-        .max(1);
+    let slots: usize = std::env::var("VGRID_TEST_BOOT_SLOTS").ok().and_then(|s| s.parse().ok()).unwrap_or(2).max(1);
     let cache = std::env::var_os("VGRID_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
-                .join(".cache/vgrid")
-        });
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".cache/vgrid"));
     let dir = cache.join("boot-slots");
-    std::fs::create_dir_all(&dir).map_err(|e| TestkitError::Slot {
-        path: dir.clone(),
-        detail: e.to_string(),
-    })?;
+    std::fs::create_dir_all(&dir).map_err(|e| TestkitError::Slot { path: dir.clone(), detail: e.to_string() })?;
     let open = |i: usize| -> Result<(std::fs::File, PathBuf), TestkitError> {
         let path = dir.join(format!("slot-{i}.lock"));
         let f = std::fs::OpenOptions::new()
@@ -161,10 +126,7 @@ pub fn boot_slot() -> Result<BootSlot, TestkitError> {
             .truncate(false)
             .write(true)
             .open(&path)
-            .map_err(|e| TestkitError::Slot {
-                path: path.clone(),
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| TestkitError::Slot { path: path.clone(), detail: e.to_string() })?;
         Ok((f, path))
     };
     for i in 0..slots {
@@ -178,10 +140,7 @@ pub fn boot_slot() -> Result<BootSlot, TestkitError> {
     let (f, path) = open(std::process::id() as usize % slots)?;
     // SAFETY: as above; blocking until the holder releases it.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(TestkitError::Slot {
-            path,
-            detail: std::io::Error::last_os_error().to_string(),
-        });
+        return Err(TestkitError::Slot { path, detail: std::io::Error::last_os_error().to_string() });
     }
     Ok(BootSlot { _file: f, path })
 }
@@ -189,11 +148,7 @@ pub fn boot_slot() -> Result<BootSlot, TestkitError> {
 /// Runs `attempt(n)` for n = 1, then (if it failed or exceeded `timeout`) once more for n = 2.
 /// The closure must clean up after itself when dropped mid-way (launch the VM with
 /// `kill_on_drop`, and use a fresh runtime directory per attempt, e.g. `dir.join(n)`).
-pub async fn boot_with_retry<T, E, F, Fut>(
-    what: &str,
-    timeout: Duration,
-    mut attempt: F,
-) -> Result<T, TestkitError>
+pub async fn boot_with_retry<T, E, F, Fut>(what: &str, timeout: Duration, mut attempt: F) -> Result<T, TestkitError>
 where
     E: Display,
     F: FnMut(u32) -> Fut,
@@ -211,11 +166,7 @@ where
             eprintln!("{what}: boot attempt 1 failed, retrying: {res}");
             first = res;
         } else {
-            return Err(TestkitError::BootFailed {
-                what: what.to_string(),
-                first,
-                second: res,
-            });
+            return Err(TestkitError::BootFailed { what: what.to_string(), first, second: res });
         }
     }
     unreachable!()

@@ -17,8 +17,8 @@ pub const CLIENT: &str = "vgrid-tls-client";
 
 /// Writes the grid CA and this host's certificate and key in QEMU's file layout into `dir`.
 fn write_creds(dir: &Path, ca: &str, cert: &str, key: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(dir)?;
     for (name, text, mode) in [
         ("ca-cert.pem", ca, 0o644),

@@ -64,16 +64,11 @@ fn default_format() -> String {
 impl DiskSource {
     /// A local raw image file.
     pub fn raw_file(path: impl Into<PathBuf>) -> DiskSource {
-        DiskSource::File {
-            path: path.into(),
-            format: "raw".into(),
-        }
+        DiskSource::File { path: path.into(), format: "raw".into() }
     }
     /// The NBD export `export` served on the unix socket `socket`.
     pub fn nbd_unix(socket: impl AsRef<Path>, export: &str) -> DiskSource {
-        DiskSource::Nbd {
-            url: format!("nbd+unix:///{export}?socket={}", socket.as_ref().display()),
-        }
+        DiskSource::Nbd { url: format!("nbd+unix:///{export}?socket={}", socket.as_ref().display()) }
     }
     /// The backing file string and its format, as written into the overlay.
     fn backing(&self) -> (String, &str) {
@@ -168,12 +163,8 @@ pub struct LaunchOptions {
 impl Default for LaunchOptions {
     fn default() -> Self {
         LaunchOptions {
-            qemu_system: std::env::var_os("VGRID_QEMU_SYSTEM")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| "qemu-system-x86_64".into()),
-            qemu_img: std::env::var_os("VGRID_QEMU_IMG")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| "qemu-img".into()),
+            qemu_system: std::env::var_os("VGRID_QEMU_SYSTEM").map(PathBuf::from).unwrap_or_else(|| "qemu-system-x86_64".into()),
+            qemu_img: std::env::var_os("VGRID_QEMU_IMG").map(PathBuf::from).unwrap_or_else(|| "qemu-img".into()),
             startup_timeout: Duration::from_secs(30),
             kill_on_drop: false,
             reuse_overlay: false,
@@ -199,17 +190,11 @@ impl ExitInfo {
         self.code == Some(0)
     }
     fn unknown() -> ExitInfo {
-        ExitInfo {
-            code: None,
-            signal: None,
-        }
+        ExitInfo { code: None, signal: None }
     }
     fn from_status(st: std::process::ExitStatus) -> ExitInfo {
         use std::os::unix::process::ExitStatusExt;
-        ExitInfo {
-            code: st.code(),
-            signal: st.signal(),
-        }
+        ExitInfo { code: st.code(), signal: st.signal() }
     }
 }
 
@@ -218,9 +203,7 @@ impl fmt::Display for ExitInfo {
         match (self.code, self.signal) {
             (Some(c), _) => write!(f, "exit code {c}"),
             (None, Some(s)) => {
-                let name = nix::sys::signal::Signal::try_from(s)
-                    .map(|s| s.as_str())
-                    .unwrap_or("?");
+                let name = nix::sys::signal::Signal::try_from(s).map(|s| s.as_str()).unwrap_or("?");
                 write!(f, "killed by signal {s} ({name})")
             }
             (None, None) => f.write_str("exit status unknown"),
@@ -276,11 +259,7 @@ pub enum VmError {
     #[error("VM {id}: invalid spec: {reason}")]
     InvalidSpec { id: String, reason: String },
     #[error("VM {id}: {what} {path} does not exist or is not a readable file")]
-    MissingFile {
-        id: String,
-        what: &'static str,
-        path: PathBuf,
-    },
+    MissingFile { id: String, what: &'static str, path: PathBuf },
     #[error("VM {id}: runtime directory {path}: {source}")]
     RuntimeDir {
         id: String,
@@ -300,25 +279,11 @@ pub enum VmError {
         source: std::io::Error,
     },
     #[error("VM {id}: creating overlay {path} over {backing} failed: {detail}")]
-    Overlay {
-        id: String,
-        path: PathBuf,
-        backing: String,
-        detail: String,
-    },
+    Overlay { id: String, path: PathBuf, backing: String, detail: String },
     #[error("VM {id}: QEMU exited during startup ({exit}); QEMU said: {stderr}{console}")]
-    EarlyExit {
-        id: String,
-        exit: ExitInfo,
-        stderr: String,
-        console: String,
-    },
+    EarlyExit { id: String, exit: ExitInfo, stderr: String, console: String },
     #[error("VM {id}: QEMU did not open its QMP socket within {after:?}; QEMU said: {stderr}")]
-    StartTimeout {
-        id: String,
-        after: Duration,
-        stderr: String,
-    },
+    StartTimeout { id: String, after: Duration, stderr: String },
     #[error("VM {id}: {source}")]
     Qmp {
         id: String,
@@ -326,19 +291,9 @@ pub enum VmError {
         source: QmpError,
     },
     #[error("VM {id}: {text:?} did not appear on the console within {after:?}; last console lines:\n{tail}")]
-    ConsoleTimeout {
-        id: String,
-        text: String,
-        after: Duration,
-        tail: String,
-    },
+    ConsoleTimeout { id: String, text: String, after: Duration, tail: String },
     #[error("VM {id}: QEMU exited ({exit}) before {text:?} appeared on the console; last console lines:\n{tail}")]
-    ConsoleExited {
-        id: String,
-        text: String,
-        exit: ExitInfo,
-        tail: String,
-    },
+    ConsoleExited { id: String, text: String, exit: ExitInfo, tail: String },
     #[error("VM {id}: {path}: {source}")]
     Io {
         id: String,
@@ -349,17 +304,9 @@ pub enum VmError {
     #[error("cannot adopt the VM in {dir}: {reason}")]
     Adopt { dir: PathBuf, reason: String },
     #[error("VM {id}: saving its state to {path} failed: {detail}")]
-    SaveState {
-        id: String,
-        path: PathBuf,
-        detail: String,
-    },
+    SaveState { id: String, path: PathBuf, detail: String },
     #[error("VM {id}: restoring its state from {path} failed: {detail}")]
-    Restore {
-        id: String,
-        path: PathBuf,
-        detail: String,
-    },
+    Restore { id: String, path: PathBuf, detail: String },
     #[error("{binary} --version: {detail}")]
     Version { binary: PathBuf, detail: String },
 }
@@ -380,11 +327,7 @@ pub struct Vm {
 
 impl fmt::Debug for Vm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Vm")
-            .field("id", &self.spec.id)
-            .field("pid", &self.pid)
-            .field("dir", &self.dir)
-            .finish()
+        f.debug_struct("Vm").field("id", &self.spec.id).field("pid", &self.pid).field("dir", &self.dir).finish()
     }
 }
 
@@ -392,10 +335,7 @@ impl Drop for Vm {
     fn drop(&mut self) {
         if self.kill_on_drop && self.signallable() {
             tracing::debug!(vm = %self.spec.id, pid = self.pid, "killing QEMU on drop");
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
     }
 }
@@ -406,17 +346,13 @@ pub fn validate_vm_id(id: &str) -> Result<(), VmError> {
         && id.len() <= 64
         && !id.starts_with('.')
         && !id.starts_with('-')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if ok {
         Ok(())
     } else {
         Err(VmError::InvalidSpec {
             id: id.to_string(),
-            reason:
-                "the id must be 1-64 characters of [A-Za-z0-9._-], not starting with '.' or '-'"
-                    .into(),
+            reason: "the id must be 1-64 characters of [A-Za-z0-9._-], not starting with '.' or '-'".into(),
         })
     }
 }
@@ -424,11 +360,7 @@ pub fn validate_vm_id(id: &str) -> Result<(), VmError> {
 fn check_file(id: &str, what: &'static str, path: &Path) -> Result<(), VmError> {
     match std::fs::File::open(path).and_then(|f| f.metadata()) {
         Ok(m) if m.is_file() => Ok(()),
-        _ => Err(VmError::MissingFile {
-            id: id.to_string(),
-            what,
-            path: path.to_path_buf(),
-        }),
+        _ => Err(VmError::MissingFile { id: id.to_string(), what, path: path.to_path_buf() }),
     }
 }
 
@@ -436,40 +368,23 @@ fn check_file(id: &str, what: &'static str, path: &Path) -> Result<(), VmError> 
 pub fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
     let id = spec.id.as_str();
     validate_vm_id(id)?;
-    let invalid = |reason: String| VmError::InvalidSpec {
-        id: id.to_string(),
-        reason,
-    };
+    let invalid = |reason: String| VmError::InvalidSpec { id: id.to_string(), reason };
     if spec.cpus == 0 || spec.cpus > 255 {
         return Err(invalid(format!("cpus must be 1-255, not {}", spec.cpus)));
     }
     if spec.memory_mib < 16 || spec.memory_mib > 4 * 1024 * 1024 {
-        return Err(invalid(format!(
-            "memory_mib must be 16-4194304, not {}",
-            spec.memory_mib
-        )));
+        return Err(invalid(format!("memory_mib must be 16-4194304, not {}", spec.memory_mib)));
     }
     match &spec.disk {
         DiskSource::Nbd { url } => {
-            if !(url.starts_with("nbd://")
-                || url.starts_with("nbd+unix://")
-                || url.starts_with("nbd+tcp://"))
-            {
-                return Err(invalid(format!(
-                    "disk URL {url:?} is not an nbd://, nbd+unix:// or nbd+tcp:// URL"
-                )));
+            if !(url.starts_with("nbd://") || url.starts_with("nbd+unix://") || url.starts_with("nbd+tcp://")) {
+                return Err(invalid(format!("disk URL {url:?} is not an nbd://, nbd+unix:// or nbd+tcp:// URL")));
             }
         }
         DiskSource::File { path, format } => {
             check_file(id, "disk image", path)?;
-            if format.is_empty()
-                || !format
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            {
-                return Err(invalid(format!(
-                    "disk format {format:?} is not a QEMU format name"
-                )));
+            if format.is_empty() || !format.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                return Err(invalid(format!("disk format {format:?} is not a QEMU format name")));
             }
         }
     }
@@ -486,16 +401,16 @@ pub fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
     let mut seen = std::collections::HashSet::new();
     for (h, g) in &spec.forwards {
         if *h == 0 || *g == 0 {
-            return Err(invalid(format!(
-                "port forward {h}->{g}: ports must be 1-65535"
-            )));
+            return Err(invalid(format!("port forward {h}->{g}: ports must be 1-65535")));
         }
         if !seen.insert(*h) {
             return Err(invalid(format!("host port {h} is forwarded twice")));
         }
     }
     if spec.accel == Some(Accel::Kvm) && !kvm_usable() {
-        return Err(invalid("accelerator kvm requested but this host has no usable KVM (no vmx/svm in /proc/cpuinfo or /dev/kvm does not open)".into()));
+        return Err(invalid(
+            "accelerator kvm requested but this host has no usable KVM (no vmx/svm in /proc/cpuinfo or /dev/kvm does not open)".into(),
+        ));
     }
     Ok(())
 }
@@ -530,12 +445,7 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
     if accel == Accel::Kvm {
         push(&["-cpu", "host"]);
     }
-    push(&[
-        "-smp",
-        &spec.cpus.to_string(),
-        "-m",
-        &format!("{}M", spec.memory_mib),
-    ]);
+    push(&["-smp", &spec.cpus.to_string(), "-m", &format!("{}M", spec.memory_mib)]);
     a.extend(spec.ram.qemu_args(spec.memory_mib));
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
@@ -552,10 +462,7 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
         "-serial",
         "chardev:con0",
     ]);
-    push(&[
-        "-qmp",
-        &format!("unix:{},server=on,wait=off", qopt(&dir.join(QMP_SOCKET))),
-    ]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", qopt(&dir.join(QMP_SOCKET)))]);
     push(&["-pidfile", &dir.join(PID_FILE).display().to_string()]);
     let backing = nbd_backing_node(&spec.disk);
     if let Some(b) = &backing {
@@ -570,28 +477,15 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
         ),
         "-device",
         // Direct kernel boot takes bootindex 0 for its option ROM.
-        if matches!(spec.boot, BootSource::Firmware { .. }) {
-            "virtio-blk-pci,drive=vda,bootindex=0"
-        } else {
-            "virtio-blk-pci,drive=vda"
-        },
+        if matches!(spec.boot, BootSource::Firmware { .. }) { "virtio-blk-pci,drive=vda,bootindex=0" } else { "virtio-blk-pci,drive=vda" },
     ]);
     let mut netdev = "user,id=n0".to_string();
     for (h, g) in &spec.forwards {
         netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{h}-:{g}"));
     }
-    push(&[
-        "-netdev",
-        &netdev,
-        "-device",
-        "virtio-net-pci,netdev=n0,romfile=",
-    ]);
+    push(&["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0,romfile="]);
     match &spec.boot {
-        BootSource::Kernel {
-            kernel,
-            initrd,
-            cmdline,
-        } => {
+        BootSource::Kernel { kernel, initrd, cmdline } => {
             push(&["-kernel", &kernel.display().to_string()]);
             if let Some(i) = initrd {
                 push(&["-initrd", &i.display().to_string()]);
@@ -628,11 +522,7 @@ fn pid_is_qemu_of(pid: u32, dir: &Path) -> bool {
     let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    let needle = dir
-        .join(QMP_SOCKET)
-        .display()
-        .to_string()
-        .replace(',', ",,");
+    let needle = dir.join(QMP_SOCKET).display().to_string().replace(',', ",,");
     String::from_utf8_lossy(&cmd).contains(&needle)
 }
 
@@ -640,10 +530,7 @@ fn pid_is_qemu_of(pid: u32, dir: &Path) -> bool {
 fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => match stat.rfind(')') {
-            Some(i) => !matches!(
-                stat[i + 1..].trim_start().chars().next(),
-                Some('Z') | Some('X')
-            ),
+            Some(i) => !matches!(stat[i + 1..].trim_start().chars().next(), Some('Z') | Some('X')),
             None => true,
         },
         Err(_) => false,
@@ -662,10 +549,7 @@ fn tail_file(path: &Path, n: usize) -> Vec<String> {
     let start = bytes.len().saturating_sub(64 * 1024);
     let text = String::from_utf8_lossy(&bytes[start..]).replace('\r', "");
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    lines[lines.len().saturating_sub(n)..].iter().map(|s| s.to_string()).collect()
 }
 
 impl Vm {
@@ -676,33 +560,23 @@ impl Vm {
     }
 
     /// [`Vm::launch`] with explicit options.
-    pub async fn launch_with(
-        mut spec: VmSpec,
-        runtime_dir: impl AsRef<Path>,
-        opts: &LaunchOptions,
-    ) -> Result<Vm, VmError> {
+    pub async fn launch_with(mut spec: VmSpec, runtime_dir: impl AsRef<Path>, opts: &LaunchOptions) -> Result<Vm, VmError> {
         validate_spec(&spec)?;
         let id = spec.id.clone();
         let incoming = match &opts.incoming {
             Some(state) => {
                 check_file(&id, "saved state", state)?;
-                Some(
-                    std::fs::canonicalize(state).map_err(|_| VmError::MissingFile {
-                        id: id.clone(),
-                        what: "saved state",
-                        path: state.clone(),
-                    })?,
-                )
+                Some(std::fs::canonicalize(state).map_err(|_| VmError::MissingFile {
+                    id: id.clone(),
+                    what: "saved state",
+                    path: state.clone(),
+                })?)
             }
             None => None,
         };
         let accel = spec.accel.unwrap_or_else(Accel::detect);
         spec.accel = Some(accel);
-        let io_err = |path: &Path, source| VmError::RuntimeDir {
-            id: id.clone(),
-            path: path.to_path_buf(),
-            source,
-        };
+        let io_err = |path: &Path, source| VmError::RuntimeDir { id: id.clone(), path: path.to_path_buf(), source };
 
         let dir = runtime_dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
@@ -740,11 +614,7 @@ impl Vm {
         // Absolute paths: QEMU runs in the runtime directory, and the overlay records its
         // backing verbatim.
         let absolute = |what: &'static str, p: &mut PathBuf| -> Result<(), VmError> {
-            *p = std::fs::canonicalize(&*p).map_err(|_| VmError::MissingFile {
-                id: id.clone(),
-                what,
-                path: p.clone(),
-            })?;
+            *p = std::fs::canonicalize(&*p).map_err(|_| VmError::MissingFile { id: id.clone(), what, path: p.clone() })?;
             Ok(())
         };
         if let DiskSource::File { path, .. } = &mut spec.disk {
@@ -821,11 +691,7 @@ impl Vm {
             u.apply(&mut cmd);
             tracing::debug!(vm = %id, user = %u.name, uid = u.uid, "QEMU drops to its own user");
         }
-        let mut child = cmd.spawn().map_err(|source| VmError::Spawn {
-            id: id.clone(),
-            binary: opts.qemu_system.clone(),
-            source,
-        })?;
+        let mut child = cmd.spawn().map_err(|source| VmError::Spawn { id: id.clone(), binary: opts.qemu_system.clone(), source })?;
         let pid = child.id().unwrap_or(0);
         if let Some(cg) = &opts.cgroup {
             if let Err(e) = cg.attach(pid) {
@@ -858,23 +724,11 @@ impl Vm {
         let early_exit = |exit: ExitInfo| {
             let stderr = tail_file(&log_path, 20).join("\n");
             let console = tail_file(&dir.join(CONSOLE_LOG), 10);
-            let console = if console.is_empty() {
-                String::new()
-            } else {
-                format!("\nlast console lines:\n{}", console.join("\n"))
-            };
-            VmError::EarlyExit {
-                id: id.clone(),
-                exit,
-                stderr: stderr.trim().to_string(),
-                console,
-            }
+            let console = if console.is_empty() { String::new() } else { format!("\nlast console lines:\n{}", console.join("\n")) };
+            VmError::EarlyExit { id: id.clone(), exit, stderr: stderr.trim().to_string(), console }
         };
         let kill_child = || {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
         };
 
         let qmp_path = dir.join(QMP_SOCKET);
@@ -929,11 +783,7 @@ impl Vm {
 
     /// Waits for an `-incoming` migration to finish loading, then resumes the guest.
     async fn finish_incoming(&self, state: &Path, timeout: Duration) -> Result<(), VmError> {
-        let err = |detail: String| VmError::Restore {
-            id: self.spec.id.clone(),
-            path: state.to_path_buf(),
-            detail,
-        };
+        let err = |detail: String| VmError::Restore { id: self.spec.id.clone(), path: state.to_path_buf(), detail };
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Some(exit) = self.exit_info() {
@@ -946,10 +796,7 @@ impl Vm {
                 let mig = self.execute("query-migrate", None).await?;
                 match mig.get("status").and_then(Value::as_str) {
                     Some("failed") => {
-                        let desc = mig
-                            .get("error-desc")
-                            .and_then(Value::as_str)
-                            .unwrap_or("no detail");
+                        let desc = mig.get("error-desc").and_then(Value::as_str).unwrap_or("no detail");
                         return Err(err(desc.to_string()));
                     }
                     _ => {
@@ -972,31 +819,18 @@ impl Vm {
     /// (`spec.json`, `pid`, `qmp.sock`). The exit status of an adopted QEMU is unknown
     /// ([`ExitInfo`] with both fields `None`); its exit is noticed by polling /proc.
     pub async fn adopt(runtime_dir: impl AsRef<Path>, opts: &LaunchOptions) -> Result<Vm, VmError> {
-        let dir = std::fs::canonicalize(runtime_dir.as_ref()).map_err(|e| VmError::Adopt {
-            dir: runtime_dir.as_ref().to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let adopt_err = |reason: String| VmError::Adopt {
-            dir: dir.clone(),
-            reason,
-        };
-        let spec_bytes = std::fs::read(dir.join(SPEC_FILE))
-            .map_err(|e| adopt_err(format!("cannot read {SPEC_FILE}: {e}")))?;
-        let spec: VmSpec = serde_json::from_slice(&spec_bytes)
-            .map_err(|e| adopt_err(format!("bad {SPEC_FILE}: {e}")))?;
-        let pid = read_pid_file(&dir.join(PID_FILE))
-            .ok_or_else(|| adopt_err(format!("no readable {PID_FILE}")))?;
+        let dir = std::fs::canonicalize(runtime_dir.as_ref())
+            .map_err(|e| VmError::Adopt { dir: runtime_dir.as_ref().to_path_buf(), reason: e.to_string() })?;
+        let adopt_err = |reason: String| VmError::Adopt { dir: dir.clone(), reason };
+        let spec_bytes = std::fs::read(dir.join(SPEC_FILE)).map_err(|e| adopt_err(format!("cannot read {SPEC_FILE}: {e}")))?;
+        let spec: VmSpec = serde_json::from_slice(&spec_bytes).map_err(|e| adopt_err(format!("bad {SPEC_FILE}: {e}")))?;
+        let pid = read_pid_file(&dir.join(PID_FILE)).ok_or_else(|| adopt_err(format!("no readable {PID_FILE}")))?;
         if !pid_is_qemu_of(pid, &dir) {
-            return Err(adopt_err(format!(
-                "pid {pid} is not a running QEMU of this directory"
-            )));
+            return Err(adopt_err(format!("pid {pid} is not a running QEMU of this directory")));
         }
         let qmp = QmpClient::connect(dir.join(QMP_SOCKET), opts.startup_timeout)
             .await
-            .map_err(|source| VmError::Qmp {
-                id: spec.id.clone(),
-                source,
-            })?;
+            .map_err(|source| VmError::Qmp { id: spec.id.clone(), source })?;
         let (exit_tx, exit_rx) = watch::channel(None);
         let vm_id = spec.id.clone();
         let lazy_dir = matches!(spec.ram, crate::ram::RamBacking::Lazy { .. }).then(|| dir.clone());
@@ -1083,18 +917,12 @@ impl Vm {
     }
 
     fn qmp_err(&self, source: QmpError) -> VmError {
-        VmError::Qmp {
-            id: self.spec.id.clone(),
-            source,
-        }
+        VmError::Qmp { id: self.spec.id.clone(), source }
     }
 
     /// Runs a QMP command on this VM.
     pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, VmError> {
-        self.qmp
-            .execute(command, arguments)
-            .await
-            .map_err(|e| self.qmp_err(e))
+        self.qmp.execute(command, arguments).await.map_err(|e| self.qmp_err(e))
     }
 
     /// The VM's run state (`query-status`), or `Exited` once QEMU is gone.
@@ -1104,11 +932,7 @@ impl Vm {
         }
         match self.qmp.execute("query-status", None).await {
             Ok(v) => {
-                let s = v
-                    .get("status")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string();
+                let s = v.get("status").and_then(Value::as_str).unwrap_or("").to_string();
                 Ok(match s.as_str() {
                     "running" => VmState::Running,
                     "paused" => VmState::Paused,
@@ -1158,10 +982,7 @@ impl Vm {
     /// guest to power off; then QMP `quit` and up to [`QUIT_GRACE`]; then SIGKILL.
     pub async fn powerdown(&self, timeout: Duration) -> Result<StopOutcome, VmError> {
         if let Some(exit) = self.exit_info() {
-            return Ok(StopOutcome {
-                method: StopMethod::AlreadyExited,
-                exit,
-            });
+            return Ok(StopOutcome { method: StopMethod::AlreadyExited, exit });
         }
         tracing::info!(vm = %self.spec.id, "powering down (ACPI)");
         match self.qmp.execute("system_powerdown", None).await {
@@ -1169,10 +990,7 @@ impl Vm {
             Err(e) => tracing::warn!(vm = %self.spec.id, error = %e, "system_powerdown failed"),
         }
         if let Some(exit) = self.wait_exit_for(timeout).await {
-            return Ok(StopOutcome {
-                method: StopMethod::Acpi,
-                exit,
-            });
+            return Ok(StopOutcome { method: StopMethod::Acpi, exit });
         }
         tracing::warn!(vm = %self.spec.id, ?timeout, "guest ignored the power button; sending quit");
         match self.qmp.execute_timeout("quit", None, QUIT_GRACE).await {
@@ -1180,28 +998,18 @@ impl Vm {
             Err(e) => tracing::warn!(vm = %self.spec.id, error = %e, "quit failed"),
         }
         if let Some(exit) = self.wait_exit_for(QUIT_GRACE).await {
-            return Ok(StopOutcome {
-                method: StopMethod::Quit,
-                exit,
-            });
+            return Ok(StopOutcome { method: StopMethod::Quit, exit });
         }
         tracing::warn!(vm = %self.spec.id, "QEMU ignored quit; killing it");
         let exit = self.kill().await?;
-        Ok(StopOutcome {
-            method: StopMethod::Kill,
-            exit,
-        })
+        Ok(StopOutcome { method: StopMethod::Kill, exit })
     }
 
     /// Saves the guest's memory and device state to `path` (QMP `migrate` to `file:`), pausing
     /// the guest first. The guest stays paused afterwards: [`Vm::cont`] to go on running, or
     /// end QEMU (kill/quit) to suspend. The overlay plus this file restart the guest where it
     /// was ([`LaunchOptions::incoming`]). Returns the size of the saved state in bytes.
-    pub async fn save_state(
-        &self,
-        path: impl AsRef<Path>,
-        timeout: Duration,
-    ) -> Result<u64, VmError> {
+    pub async fn save_state(&self, path: impl AsRef<Path>, timeout: Duration) -> Result<u64, VmError> {
         self.save_state_with(path.as_ref(), timeout, false).await
     }
 
@@ -1209,18 +1017,9 @@ impl Vm {
     /// and the guest has one ([`Vm::ram_saved_apart`]): the caller saves the RAM itself
     /// ([`crate::ram`]).
     pub async fn save_state_with(&self, path: &Path, timeout: Duration, ram_apart: bool) -> Result<u64, VmError> {
-        let err = |detail: String| VmError::SaveState {
-            id: self.spec.id.clone(),
-            path: path.to_path_buf(),
-            detail,
-        };
-        let path = if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            std::env::current_dir()
-                .map_err(|e| err(e.to_string()))?
-                .join(path)
-        };
+        let err = |detail: String| VmError::SaveState { id: self.spec.id.clone(), path: path.to_path_buf(), detail };
+        let path =
+            if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir().map_err(|e| err(e.to_string()))?.join(path) };
         let _ = std::fs::remove_file(&path);
         if matches!(self.status().await?, VmState::Running) {
             self.stop().await?;
@@ -1238,9 +1037,7 @@ impl Vm {
             let _ = self.set_ignore_shared(false).await;
         }
         r?;
-        let size = std::fs::metadata(&path)
-            .map(|m| m.len())
-            .map_err(|e| err(e.to_string()))?;
+        let size = std::fs::metadata(&path).map(|m| m.len()).map_err(|e| err(e.to_string()))?;
         tracing::info!(vm = %self.spec.id, size, ram_apart, "VM state saved");
         Ok(size)
     }
@@ -1261,11 +1058,7 @@ impl Vm {
     }
 
     async fn save_to(&self, path: &Path, timeout: Duration, err: &(dyn Fn(String) -> VmError + Sync)) -> Result<(), VmError> {
-        self.execute(
-            "migrate",
-            Some(serde_json::json!({ "uri": format!("file:{}", path.display()) })),
-        )
-        .await?;
+        self.execute("migrate", Some(serde_json::json!({ "uri": format!("file:{}", path.display()) }))).await?;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Some(exit) = self.exit_info() {
@@ -1275,10 +1068,7 @@ impl Vm {
             match mig.get("status").and_then(Value::as_str).unwrap_or("") {
                 "completed" => break,
                 "failed" | "cancelled" => {
-                    let desc = mig
-                        .get("error-desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("no detail");
+                    let desc = mig.get("error-desc").and_then(Value::as_str).unwrap_or("no detail");
                     return Err(err(desc.to_string()));
                 }
                 _ => {}
@@ -1301,10 +1091,7 @@ impl Vm {
             return Ok(self.wait_exit().await);
         }
         tracing::info!(vm = %self.spec.id, pid = self.pid, "killing QEMU");
-        match nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        ) {
+        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL) {
             Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
             Err(e) => {
                 return Err(VmError::Io {
@@ -1324,9 +1111,7 @@ impl Vm {
 
     /// Current length in bytes of the console log (an offset for [`Vm::wait_for_console_from`]).
     pub fn console_log_len(&self) -> u64 {
-        std::fs::metadata(self.console_log_path())
-            .map(|m| m.len())
-            .unwrap_or(0)
+        std::fs::metadata(self.console_log_path()).map(|m| m.len()).unwrap_or(0)
     }
 
     /// Waits until `text` appears anywhere in the console log; returns the line holding it.
@@ -1336,12 +1121,7 @@ impl Vm {
 
     /// Waits until `text` appears in the console log after byte `offset`; returns the line
     /// holding it. Fails if QEMU exits first or `timeout` passes, with the last console lines.
-    pub async fn wait_for_console_from(
-        &self,
-        offset: u64,
-        text: &str,
-        timeout: Duration,
-    ) -> Result<String, VmError> {
+    pub async fn wait_for_console_from(&self, offset: u64, text: &str, timeout: Duration) -> Result<String, VmError> {
         let path = self.console_log_path();
         let deadline = tokio::time::Instant::now() + timeout;
         let mut buf: Vec<u8> = Vec::new();
@@ -1360,19 +1140,9 @@ impl Vm {
                 }
             }
             if let Some(i) = find(&buf, needle) {
-                let start = buf[..i]
-                    .iter()
-                    .rposition(|&b| b == b'\n')
-                    .map(|p| p + 1)
-                    .unwrap_or(0);
-                let end = buf[i..]
-                    .iter()
-                    .position(|&b| b == b'\n')
-                    .map(|p| i + p)
-                    .unwrap_or(buf.len());
-                return Ok(String::from_utf8_lossy(&buf[start..end])
-                    .trim_end_matches('\r')
-                    .to_string());
+                let start = buf[..i].iter().rposition(|&b| b == b'\n').map(|p| p + 1).unwrap_or(0);
+                let end = buf[i..].iter().position(|&b| b == b'\n').map(|p| i + p).unwrap_or(buf.len());
+                return Ok(String::from_utf8_lossy(&buf[start..end]).trim_end_matches('\r').to_string());
             }
             // Keep only a tail long enough to hold a match straddling two reads, plus its line.
             if buf.len() > 64 * 1024 + needle.len() {
@@ -1404,11 +1174,7 @@ impl Vm {
     /// keep reading: unread output fills the socket and stalls the guest's serial console.
     pub async fn console_connect(&self) -> Result<UnixStream, VmError> {
         let p = self.console_socket_path();
-        UnixStream::connect(&p).await.map_err(|source| VmError::Io {
-            id: self.spec.id.clone(),
-            path: p,
-            source,
-        })
+        UnixStream::connect(&p).await.map_err(|source| VmError::Io { id: self.spec.id.clone(), path: p, source })
     }
 
     /// Types `text` on the serial console, over a connection kept open for later calls.
@@ -1427,11 +1193,7 @@ impl Vm {
         let c = guard.as_mut().expect("console connected above");
         if let Err(source) = c.write.write_all(text.as_bytes()).await {
             *guard = None;
-            return Err(VmError::Io {
-                id: self.spec.id.clone(),
-                path: self.console_socket_path(),
-                source,
-            });
+            return Err(VmError::Io { id: self.spec.id.clone(), path: self.console_socket_path(), source });
         }
         Ok(())
     }
@@ -1449,13 +1211,7 @@ impl Vm {
         match std::fs::remove_dir_all(&self.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(VmError::RuntimeDir {
-                    id: self.spec.id.clone(),
-                    path: self.dir.clone(),
-                    source,
-                })
-            }
+            Err(source) => return Err(VmError::RuntimeDir { id: self.spec.id.clone(), path: self.dir.clone(), source }),
         }
         tracing::info!(vm = %self.spec.id, dir = %self.dir.display(), "VM cleaned up");
         Ok(())
@@ -1481,12 +1237,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-async fn create_overlay(
-    id: &str,
-    qemu_img: &Path,
-    disk: &DiskSource,
-    overlay: &Path,
-) -> Result<(), VmError> {
+async fn create_overlay(id: &str, qemu_img: &Path, disk: &DiskSource, overlay: &Path) -> Result<(), VmError> {
     let (backing, format) = disk.backing();
     let _ = std::fs::remove_file(overlay);
     let out = tokio::process::Command::new(qemu_img)
@@ -1495,22 +1246,14 @@ async fn create_overlay(
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|source| VmError::Spawn {
-            id: id.to_string(),
-            binary: qemu_img.to_path_buf(),
-            source,
-        })?;
+        .map_err(|source| VmError::Spawn { id: id.to_string(), binary: qemu_img.to_path_buf(), source })?;
     if !out.status.success() {
         let detail = String::from_utf8_lossy(&out.stderr).trim().to_string();
         return Err(VmError::Overlay {
             id: id.to_string(),
             path: overlay.to_path_buf(),
             backing,
-            detail: if detail.is_empty() {
-                ExitInfo::from_status(out.status).to_string()
-            } else {
-                detail
-            },
+            detail: if detail.is_empty() { ExitInfo::from_status(out.status).to_string() } else { detail },
         });
     }
     Ok(())
@@ -1523,30 +1266,13 @@ pub async fn qemu_version() -> Result<QemuVersion, VmError> {
 
 /// Version of the given QEMU system emulator binary.
 pub async fn qemu_version_of(binary: &Path) -> Result<QemuVersion, VmError> {
-    let err = |detail: String| VmError::Version {
-        binary: binary.to_path_buf(),
-        detail,
-    };
-    let out = tokio::process::Command::new(binary)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| err(e.to_string()))?;
+    let err = |detail: String| VmError::Version { binary: binary.to_path_buf(), detail };
+    let out = tokio::process::Command::new(binary).arg("--version").stdin(Stdio::null()).output().await.map_err(|e| err(e.to_string()))?;
     if !out.status.success() {
-        return Err(err(format!(
-            "{}: {}",
-            ExitInfo::from_status(out.status),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        return Err(err(format!("{}: {}", ExitInfo::from_status(out.status), String::from_utf8_lossy(&out.stderr).trim())));
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    parse_qemu_version(&text).ok_or_else(|| {
-        err(format!(
-            "unrecognised output {:?}",
-            text.lines().next().unwrap_or("")
-        ))
-    })
+    parse_qemu_version(&text).ok_or_else(|| err(format!("unrecognised output {:?}", text.lines().next().unwrap_or(""))))
 }
 
 fn parse_qemu_version(text: &str) -> Option<QemuVersion> {
@@ -1557,12 +1283,7 @@ fn parse_qemu_version(text: &str) -> Option<QemuVersion> {
     let major = it.next()?.ok()?;
     let minor = it.next().unwrap_or(Ok(0)).ok()?;
     let micro = it.next().unwrap_or(Ok(0)).ok()?;
-    Some(QemuVersion {
-        major,
-        minor,
-        micro,
-        full: line.to_string(),
-    })
+    Some(QemuVersion { major, minor, micro, full: line.to_string() })
 }
 
 #[cfg(test)]
@@ -1579,11 +1300,7 @@ mod tests {
             cpus: 1,
             memory_mib: 128,
             disk: DiskSource::raw_file(d),
-            boot: BootSource::Kernel {
-                kernel: k,
-                initrd: None,
-                cmdline: "console=ttyS0".into(),
-            },
+            boot: BootSource::Kernel { kernel: k, initrd: None, cmdline: "console=ttyS0".into() },
             forwards: vec![(2222, 22)],
             accel: Some(Accel::Tcg),
             ram: Default::default(),
@@ -1592,10 +1309,7 @@ mod tests {
 
     #[test]
     fn version_parsing() {
-        let v = parse_qemu_version(
-            "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\nCopyright",
-        )
-        .unwrap();
+        let v = parse_qemu_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\nCopyright").unwrap();
         assert_eq!((v.major, v.minor, v.micro), (10, 0, 2));
         assert!(v.full.contains("Debian"));
         assert!(parse_qemu_version("qemu-img version 10").is_none());
@@ -1608,36 +1322,21 @@ mod tests {
         validate_spec(&good).unwrap();
 
         let mut s = good.clone();
-        s.boot = BootSource::Kernel {
-            kernel: t.path().join("nope"),
-            initrd: None,
-            cmdline: String::new(),
-        };
+        s.boot = BootSource::Kernel { kernel: t.path().join("nope"), initrd: None, cmdline: String::new() };
         let e = validate_spec(&s).unwrap_err().to_string();
-        assert!(
-            e.contains("vm-1") && e.contains("kernel") && e.contains("nope"),
-            "{e}"
-        );
+        assert!(e.contains("vm-1") && e.contains("kernel") && e.contains("nope"), "{e}");
 
         let mut s = good.clone();
         s.id = "bad id,x".into();
-        assert!(matches!(
-            validate_spec(&s),
-            Err(VmError::InvalidSpec { .. })
-        ));
+        assert!(matches!(validate_spec(&s), Err(VmError::InvalidSpec { .. })));
 
         let mut s = good.clone();
         s.cpus = 0;
         assert!(validate_spec(&s).unwrap_err().to_string().contains("cpus"));
 
         let mut s = good.clone();
-        s.disk = DiskSource::Nbd {
-            url: "http://x".into(),
-        };
-        assert!(validate_spec(&s)
-            .unwrap_err()
-            .to_string()
-            .contains("http://x"));
+        s.disk = DiskSource::Nbd { url: "http://x".into() };
+        assert!(validate_spec(&s).unwrap_err().to_string().contains("http://x"));
 
         let mut s = good.clone();
         s.forwards = vec![(2222, 22), (2222, 80)];
@@ -1653,14 +1352,8 @@ mod tests {
         assert!(a.contains("-accel tcg"), "{a}");
         assert!(a.contains("path=/run/vg,,rid/vm-1/console.sock"), "{a}");
         assert!(a.contains("logfile=/run/vg,,rid/vm-1/console.log"), "{a}");
-        assert!(
-            a.contains("-qmp unix:/run/vg,,rid/vm-1/qmp.sock,server=on,wait=off"),
-            "{a}"
-        );
-        assert!(
-            a.contains("file.filename=/run/vg,,rid/vm-1/overlay.qcow2"),
-            "{a}"
-        );
+        assert!(a.contains("-qmp unix:/run/vg,,rid/vm-1/qmp.sock,server=on,wait=off"), "{a}");
+        assert!(a.contains("file.filename=/run/vg,,rid/vm-1/overlay.qcow2"), "{a}");
         assert!(a.contains("hostfwd=tcp:127.0.0.1:2222-:22"), "{a}");
         assert!(a.contains("-machine pc"), "{a}");
         assert!(!a.contains("-cpu host"), "{a}");
@@ -1675,12 +1368,7 @@ mod tests {
         let back: VmSpec = serde_json::from_str(&j).unwrap();
         assert_eq!(back, s);
         let nbd = DiskSource::nbd_unix("/run/proxy.sock", "debian");
-        assert_eq!(
-            nbd,
-            DiskSource::Nbd {
-                url: "nbd+unix:///debian?socket=/run/proxy.sock".into()
-            }
-        );
+        assert_eq!(nbd, DiskSource::Nbd { url: "nbd+unix:///debian?socket=/run/proxy.sock".into() });
     }
 
     #[test]
@@ -1693,21 +1381,7 @@ mod tests {
 
     #[test]
     fn exit_info_display() {
-        assert_eq!(
-            ExitInfo {
-                code: None,
-                signal: Some(9)
-            }
-            .to_string(),
-            "killed by signal 9 (SIGKILL)"
-        );
-        assert_eq!(
-            ExitInfo {
-                code: Some(1),
-                signal: None
-            }
-            .to_string(),
-            "exit code 1"
-        );
+        assert_eq!(ExitInfo { code: None, signal: Some(9) }.to_string(), "killed by signal 9 (SIGKILL)");
+        assert_eq!(ExitInfo { code: Some(1), signal: None }.to_string(), "exit code 1");
     }
 }

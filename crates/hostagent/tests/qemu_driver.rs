@@ -4,12 +4,8 @@
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use vgrid_hostagent::testkit::{
-    self, boot_slot, boot_with_retry, sample_guest, SampleGuest, BOOTED_MARKER, DISK_MARKER, PROMPT,
-};
-use vgrid_hostagent::{
-    qemu_version, BootSource, DiskSource, LaunchOptions, StopMethod, Vm, VmError, VmSpec, VmState,
-};
+use vgrid_hostagent::testkit::{self, boot_slot, boot_with_retry, sample_guest, SampleGuest, BOOTED_MARKER, DISK_MARKER, PROMPT};
+use vgrid_hostagent::{qemu_version, BootSource, DiskSource, LaunchOptions, StopMethod, Vm, VmError, VmSpec, VmState};
 
 /// Hang guards, not performance thresholds: a TCG boot takes seconds; these catch a stuck guest.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -18,9 +14,7 @@ const POWERDOWN_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_test_writer()
         .try_init();
 }
@@ -30,10 +24,7 @@ fn guest() -> SampleGuest {
 }
 
 fn opts() -> LaunchOptions {
-    LaunchOptions {
-        kill_on_drop: true,
-        ..LaunchOptions::default()
-    }
+    LaunchOptions { kill_on_drop: true, ..LaunchOptions::default() }
 }
 
 /// A private raw copy of the sample disk, to serve as the overlay's (never written) backing.
@@ -66,27 +57,19 @@ async fn boot(name: &str, dir: &Path, spec: VmSpec, wait_prompt: bool) -> Vm {
 async fn run_in_guest(vm: &Vm, command: &str, done: &str) -> String {
     let from = vm.console_log_len();
     vm.send_console(&format!("{command}\n")).await.unwrap();
-    vm.wait_for_console_from(from, done, CONSOLE_TIMEOUT)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
+    vm.wait_for_console_from(from, done, CONSOLE_TIMEOUT).await.unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn run(cmd: &str, args: &[&str]) -> String {
     let out = std::process::Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn pid_alive(pid: u32) -> bool {
     // Signal 0: existence check. A reaped QEMU is gone (ESRCH).
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.contains(") Z"))
-            .unwrap_or(true)
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z")).unwrap_or(true)
 }
 
 #[tokio::test]
@@ -105,61 +88,28 @@ async fn guest_writes_land_in_the_overlay_and_the_base_stays_unchanged() {
     assert_eq!(vm.status().await.unwrap(), VmState::Running);
 
     // $((6*7)) and $((2+3)) make the output differ from the echoed input.
-    run_in_guest(
-        &vm,
-        "echo vgrid-written-$((6*7)) > /mnt/written; sync; echo cmd-$((2+3))-done",
-        "cmd-5-done",
-    )
-    .await;
+    run_in_guest(&vm, "echo vgrid-written-$((6*7)) > /mnt/written; sync; echo cmd-$((2+3))-done", "cmd-5-done").await;
 
     // Far more console output than a socket buffer holds, while send_console's connection is
     // open: the driver must drain it or the guest's serial output stalls.
     run_in_guest(&vm, "seq 1 100000; echo seq-$((4+4))-done", "seq-8-done").await;
 
     let out = vm.powerdown(POWERDOWN_TIMEOUT).await.unwrap();
-    assert_eq!(
-        out.method,
-        StopMethod::Acpi,
-        "the sample guest obeys the power button"
-    );
+    assert_eq!(out.method, StopMethod::Acpi, "the sample guest obeys the power button");
     assert!(out.exit.success(), "{}", out.exit);
-    assert!(
-        vm.tail_console(50)
-            .iter()
-            .any(|l| l.contains("vgrid-sample: power button")),
-        "{:?}",
-        vm.tail_console(50)
-    );
+    assert!(vm.tail_console(50).iter().any(|l| l.contains("vgrid-sample: power button")), "{:?}", vm.tail_console(50));
     assert!(!pid_alive(vm.pid()));
     assert_eq!(vm.status().await.unwrap(), VmState::Exited(out.exit));
 
     // The overlay holds the new file...
     let overlay = vm.overlay_path();
     let merged = tmp.path().join("merged.raw");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            overlay.to_str().unwrap(),
-            merged.to_str().unwrap(),
-        ],
-    );
+    run("qemu-img", &["convert", "-O", "raw", overlay.to_str().unwrap(), merged.to_str().unwrap()]);
     let written = run("debugfs", &["-R", "cat /written", merged.to_str().unwrap()]);
-    assert!(
-        written.contains("vgrid-written-42"),
-        "overlay content: {written:?}"
-    );
+    assert!(written.contains("vgrid-written-42"), "overlay content: {written:?}");
     // ... and the base did not change by a single byte.
-    assert!(
-        std::fs::read(&base).unwrap() == std::fs::read(&g.disk).unwrap(),
-        "base image was modified"
-    );
-    let in_base = std::process::Command::new("debugfs")
-        .args(["-R", "cat /written", base.to_str().unwrap()])
-        .output()
-        .unwrap();
+    assert!(std::fs::read(&base).unwrap() == std::fs::read(&g.disk).unwrap(), "base image was modified");
+    let in_base = std::process::Command::new("debugfs").args(["-R", "cat /written", base.to_str().unwrap()]).output().unwrap();
     assert!(!String::from_utf8_lossy(&in_base.stdout).contains("vgrid-written"));
 
     let dir = vm.runtime_dir().to_path_buf();
@@ -174,45 +124,20 @@ async fn sigkilled_qemu_is_reported_exited_by_signal_and_cleanup_removes_everyth
     let _slot = boot_slot().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let base = base_copy(&g, tmp.path());
-    let vm = boot(
-        "kill",
-        tmp.path(),
-        g.spec("kill-test", DiskSource::raw_file(&base), ""),
-        false,
-    )
-    .await;
+    let vm = boot("kill", tmp.path(), g.spec("kill-test", DiskSource::raw_file(&base), ""), false).await;
     let dir = vm.runtime_dir().to_path_buf();
-    for f in [
-        "qmp.sock",
-        "console.sock",
-        "console.log",
-        "overlay.qcow2",
-        "pid",
-        "spec.json",
-    ] {
+    for f in ["qmp.sock", "console.sock", "console.log", "overlay.qcow2", "pid", "spec.json"] {
         assert!(dir.join(f).exists(), "runtime dir lacks {f}");
     }
     let pid = vm.pid();
-    assert_eq!(
-        std::fs::read_to_string(dir.join("pid")).unwrap().trim(),
-        pid.to_string()
-    );
+    assert_eq!(std::fs::read_to_string(dir.join("pid")).unwrap().trim(), pid.to_string());
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let exit = tokio::time::timeout(Duration::from_secs(60), vm.wait_exit())
-        .await
-        .expect("QEMU reaped");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(60), vm.wait_exit()).await.expect("QEMU reaped");
     assert_eq!(exit.signal, Some(9), "{exit}");
     assert_eq!(exit.code, None);
     assert_eq!(vm.status().await.unwrap(), VmState::Exited(exit));
-    let e = vm
-        .wait_for_console("never printed", CONSOLE_TIMEOUT)
-        .await
-        .unwrap_err();
+    let e = vm.wait_for_console("never printed", CONSOLE_TIMEOUT).await.unwrap_err();
     assert!(matches!(e, VmError::ConsoleExited { .. }), "{e}");
     assert!(e.to_string().contains("kill-test"), "{e}");
 
@@ -228,13 +153,7 @@ async fn adopt_after_agent_restart_then_stop_cont_and_quit_fallback() {
     let _slot = boot_slot().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let base = base_copy(&g, tmp.path());
-    let mut vm = boot(
-        "adopt",
-        tmp.path(),
-        g.spec("adopt-test", DiskSource::raw_file(&base), ""),
-        false,
-    )
-    .await;
+    let mut vm = boot("adopt", tmp.path(), g.spec("adopt-test", DiskSource::raw_file(&base), ""), false).await;
     let dir = vm.runtime_dir().to_path_buf();
     let pid = vm.pid();
 
@@ -251,17 +170,11 @@ async fn adopt_after_agent_restart_then_stop_cont_and_quit_fallback() {
     let mut events = vm.events();
     vm.stop().await.unwrap();
     assert_eq!(vm.status().await.unwrap(), VmState::Paused);
-    let ev = tokio::time::timeout(Duration::from_secs(30), events.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(30), events.recv()).await.unwrap().unwrap();
     assert_eq!(ev.event, "STOP");
     vm.cont().await.unwrap();
     assert_eq!(vm.status().await.unwrap(), VmState::Running);
-    let ev = tokio::time::timeout(Duration::from_secs(30), events.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(30), events.recv()).await.unwrap().unwrap();
     assert_eq!(ev.event, "RESUME");
 
     // A paused guest cannot answer the power button: powerdown falls back to quit.
@@ -286,11 +199,7 @@ async fn port_forward_reaches_the_guest_over_user_networking() {
         let mut spec = spec.clone();
         let rd = tmp.path().join(format!("net-{n}"));
         async move {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
             spec.forwards = vec![(port, 8080)];
             let vm = Vm::launch_with(spec, &rd, &opts()).await?;
             vm.wait_for_console(PROMPT, CONSOLE_TIMEOUT).await?;
@@ -299,18 +208,10 @@ async fn port_forward_reaches_the_guest_over_user_networking() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let line = vm
-        .wait_for_console("vgrid-sample: net", CONSOLE_TIMEOUT)
-        .await
-        .unwrap();
+    let line = vm.wait_for_console("vgrid-sample: net", CONSOLE_TIMEOUT).await.unwrap();
     assert!(line.contains("net up 10.0.2."), "{line}");
 
-    run_in_guest(
-        &vm,
-        "echo served-from-guest > /tmp/f; nc -l -p 8080 < /tmp/f & echo nc-$((1+1))-started",
-        "nc-2-started",
-    )
-    .await;
+    run_in_guest(&vm, "echo served-from-guest > /tmp/f; nc -l -p 8080 < /tmp/f & echo nc-$((1+1))-started", "nc-2-started").await;
     // nc may need a moment to listen: retry the connection (a hang guard, not a threshold).
     let mut got = String::new();
     for _ in 0..100 {
@@ -324,10 +225,7 @@ async fn port_forward_reaches_the_guest_over_user_networking() {
         got.clear();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(
-        got.contains("served-from-guest"),
-        "read {got:?} from the forwarded port"
-    );
+    assert!(got.contains("served-from-guest"), "read {got:?} from the forwarded port");
     vm.powerdown(POWERDOWN_TIMEOUT).await.unwrap();
     vm.cleanup().await.unwrap();
 }
@@ -342,11 +240,7 @@ async fn missing_kernel_is_a_clear_error_and_starts_nothing() {
         cpus: 1,
         memory_mib: 128,
         disk: DiskSource::raw_file(&disk),
-        boot: BootSource::Kernel {
-            kernel: tmp.path().join("missing-vmlinuz"),
-            initrd: None,
-            cmdline: String::new(),
-        },
+        boot: BootSource::Kernel { kernel: tmp.path().join("missing-vmlinuz"), initrd: None, cmdline: String::new() },
         forwards: vec![],
         accel: None,
         ram: Default::default(),
@@ -354,18 +248,9 @@ async fn missing_kernel_is_a_clear_error_and_starts_nothing() {
     let rd = tmp.path().join("rd");
     let e = Vm::launch(spec, &rd).await.unwrap_err();
     let msg = e.to_string();
-    assert!(
-        matches!(e, VmError::MissingFile { what: "kernel", .. }),
-        "{msg}"
-    );
-    assert!(
-        msg.contains("no-kernel") && msg.contains("missing-vmlinuz"),
-        "{msg}"
-    );
-    assert!(
-        !rd.exists(),
-        "a rejected spec must not create its runtime directory"
-    );
+    assert!(matches!(e, VmError::MissingFile { what: "kernel", .. }), "{msg}");
+    assert!(msg.contains("no-kernel") && msg.contains("missing-vmlinuz"), "{msg}");
+    assert!(!rd.exists(), "a rejected spec must not create its runtime directory");
 }
 
 #[tokio::test]
@@ -377,9 +262,7 @@ async fn qemu_that_exits_at_startup_is_an_error_with_its_stderr() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut spec = g.spec("early-exit", DiskSource::raw_file(&base), "");
     spec.forwards = vec![(taken.local_addr().unwrap().port(), 22)];
-    let e = Vm::launch_with(spec, tmp.path().join("rd"), &opts())
-        .await
-        .unwrap_err();
+    let e = Vm::launch_with(spec, tmp.path().join("rd"), &opts()).await.unwrap_err();
     let msg = e.to_string();
     match &e {
         VmError::EarlyExit { exit, stderr, .. } => {
@@ -395,20 +278,11 @@ async fn qemu_that_exits_at_startup_is_an_error_with_its_stderr() {
 async fn unreachable_nbd_backing_is_an_overlay_error() {
     let g = guest();
     let tmp = tempfile::tempdir().unwrap();
-    let spec = g.spec(
-        "nbd-down",
-        DiskSource::nbd_unix(tmp.path().join("no-proxy.sock"), "img"),
-        "",
-    );
-    let e = Vm::launch_with(spec, tmp.path().join("rd"), &opts())
-        .await
-        .unwrap_err();
+    let spec = g.spec("nbd-down", DiskSource::nbd_unix(tmp.path().join("no-proxy.sock"), "img"), "");
+    let e = Vm::launch_with(spec, tmp.path().join("rd"), &opts()).await.unwrap_err();
     assert!(matches!(e, VmError::Overlay { .. }), "{e}");
     let msg = e.to_string();
-    assert!(
-        msg.contains("nbd-down") && msg.contains("no-proxy.sock"),
-        "{msg}"
-    );
+    assert!(msg.contains("nbd-down") && msg.contains("no-proxy.sock"), "{msg}");
 }
 
 #[tokio::test]
@@ -468,19 +342,14 @@ async fn firmware_boot_and_quit_fallback_for_a_guest_that_ignores_acpi() {
         let rd = tmp.path().join(format!("fw-{n}"));
         async move {
             let vm = Vm::launch_with(spec, &rd, &opts()).await?;
-            vm.wait_for_console("vgrid-firmware-boot-ok", CONSOLE_TIMEOUT)
-                .await?;
+            vm.wait_for_console("vgrid-firmware-boot-ok", CONSOLE_TIMEOUT).await?;
             Ok::<Vm, VmError>(vm)
         }
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     let out = vm.powerdown(Duration::from_secs(3)).await.unwrap();
-    assert_eq!(
-        out.method,
-        StopMethod::Quit,
-        "a halted guest cannot obey the power button"
-    );
+    assert_eq!(out.method, StopMethod::Quit, "a halted guest cannot obey the power button");
     assert!(out.exit.success(), "{}", out.exit);
     vm.cleanup().await.unwrap();
 }
@@ -504,15 +373,7 @@ async fn boots_from_an_nbd_export_and_restarts_on_its_overlay() {
     let sock = tmp.path().join("nbd.sock");
     let _nbd = NbdServer(
         std::process::Command::new("qemu-nbd")
-            .args([
-                "--read-only",
-                "--persistent",
-                "--shared=8",
-                "-f",
-                "raw",
-                "-x",
-                "img",
-            ])
+            .args(["--read-only", "--persistent", "--shared=8", "-f", "raw", "-x", "img"])
             .arg(format!("--socket={}", sock.display()))
             .arg(&base)
             .spawn()
@@ -529,23 +390,12 @@ async fn boots_from_an_nbd_export_and_restarts_on_its_overlay() {
     let spec = g.spec("nbd-test", DiskSource::nbd_unix(&sock, "img"), "");
     let vm = boot("nbd", tmp.path(), spec.clone(), true).await;
     let dir = vm.runtime_dir().to_path_buf();
-    run_in_guest(
-        &vm,
-        "echo kept-$((3*3)) > /mnt/persist; sync; echo w-$((1+1))-done",
-        "w-2-done",
-    )
-    .await;
-    assert_eq!(
-        vm.powerdown(POWERDOWN_TIMEOUT).await.unwrap().method,
-        StopMethod::Acpi
-    );
+    run_in_guest(&vm, "echo kept-$((3*3)) > /mnt/persist; sync; echo w-$((1+1))-done", "w-2-done").await;
+    assert_eq!(vm.powerdown(POWERDOWN_TIMEOUT).await.unwrap().method, StopMethod::Acpi);
     drop(vm);
 
     // Relaunch in the same runtime directory on the same overlay: the guest's write is there.
-    let reuse = LaunchOptions {
-        reuse_overlay: true,
-        ..opts()
-    };
+    let reuse = LaunchOptions { reuse_overlay: true, ..opts() };
     let vm = boot_with_retry("nbd-restart", BOOT_TIMEOUT, |_| {
         let (spec, dir, reuse) = (spec.clone(), dir.clone(), reuse.clone());
         async move {
@@ -560,10 +410,7 @@ async fn boots_from_an_nbd_export_and_restarts_on_its_overlay() {
     assert!(line.starts_with("kept-9"), "{line:?}");
     vm.powerdown(POWERDOWN_TIMEOUT).await.unwrap();
     vm.cleanup().await.unwrap();
-    assert!(
-        std::fs::read(&base).unwrap() == std::fs::read(&g.disk).unwrap(),
-        "NBD base image was modified"
-    );
+    assert!(std::fs::read(&base).unwrap() == std::fs::read(&g.disk).unwrap(), "NBD base image was modified");
 }
 
 #[tokio::test]
@@ -577,19 +424,11 @@ async fn saved_state_restores_the_guest_where_it_was() {
     let vm = boot("state", tmp.path(), spec.clone(), true).await;
     let dir = vm.runtime_dir().to_path_buf();
     // One file in guest RAM (tmpfs), one on the disk without sync (maybe only in the page cache).
-    run_in_guest(
-        &vm,
-        "echo in-ram-$((5*5)) > /tmp/r; echo on-disk-$((6*6)) > /mnt/d; echo s-$((1+1))-done",
-        "s-2-done",
-    )
-    .await;
+    run_in_guest(&vm, "echo in-ram-$((5*5)) > /tmp/r; echo on-disk-$((6*6)) > /mnt/d; echo s-$((1+1))-done", "s-2-done").await;
     vm.release_console().await;
 
     let state = tmp.path().join("state.bin");
-    let size = vm
-        .save_state(&state, Duration::from_secs(300))
-        .await
-        .unwrap();
+    let size = vm.save_state(&state, Duration::from_secs(300)).await.unwrap();
     assert!(size > 0 && std::fs::metadata(&state).unwrap().len() == size);
     assert!(matches!(vm.status().await.unwrap(), VmState::Other(ref s) if s == "postmigrate"));
     // Suspend = state + overlay; the process itself is gone.
@@ -597,11 +436,7 @@ async fn saved_state_restores_the_guest_where_it_was() {
     assert_eq!(exit.signal, Some(9));
     drop(vm);
 
-    let restore = LaunchOptions {
-        reuse_overlay: true,
-        incoming: Some(state.clone()),
-        ..opts()
-    };
+    let restore = LaunchOptions { reuse_overlay: true, incoming: Some(state.clone()), ..opts() };
     let vm = boot_with_retry("state-restore", BOOT_TIMEOUT, |_| {
         let (spec, dir, restore) = (spec.clone(), dir.clone(), restore.clone());
         async move { Vm::launch_with(spec, &dir, &restore).await }
@@ -610,19 +445,11 @@ async fn saved_state_restores_the_guest_where_it_was() {
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(vm.status().await.unwrap(), VmState::Running);
     // No boot happened: the console log of the new QEMU has no boot marker.
-    assert!(!std::fs::read_to_string(vm.console_log_path())
-        .unwrap_or_default()
-        .contains(BOOTED_MARKER));
+    assert!(!std::fs::read_to_string(vm.console_log_path()).unwrap_or_default().contains(BOOTED_MARKER));
     run_in_guest(&vm, "cat /tmp/r /mnt/d; echo c-$((2+1))-done", "c-3-done").await;
     let log = std::fs::read_to_string(vm.console_log_path()).unwrap();
-    assert!(
-        log.contains("in-ram-25") && log.contains("on-disk-36"),
-        "{log}"
-    );
-    assert_eq!(
-        vm.powerdown(POWERDOWN_TIMEOUT).await.unwrap().method,
-        StopMethod::Acpi
-    );
+    assert!(log.contains("in-ram-25") && log.contains("on-disk-36"), "{log}");
+    assert_eq!(vm.powerdown(POWERDOWN_TIMEOUT).await.unwrap().method, StopMethod::Acpi);
     vm.cleanup().await.unwrap();
 }
 
@@ -631,37 +458,13 @@ async fn restoring_a_missing_state_file_is_a_clear_error() {
     let g = guest();
     let tmp = tempfile::tempdir().unwrap();
     let base = base_copy(&g, tmp.path());
-    let o = LaunchOptions {
-        incoming: Some(tmp.path().join("no-such-state.bin")),
-        ..opts()
-    };
+    let o = LaunchOptions { incoming: Some(tmp.path().join("no-such-state.bin")), ..opts() };
     let rd = tmp.path().join("rd");
-    let e = Vm::launch_with(
-        g.spec("restore-missing", DiskSource::raw_file(&base), ""),
-        &rd,
-        &o,
-    )
-    .await
-    .unwrap_err();
+    let e = Vm::launch_with(g.spec("restore-missing", DiskSource::raw_file(&base), ""), &rd, &o).await.unwrap_err();
     let msg = e.to_string();
-    assert!(
-        matches!(
-            e,
-            VmError::MissingFile {
-                what: "saved state",
-                ..
-            }
-        ),
-        "{msg}"
-    );
-    assert!(
-        msg.contains("restore-missing") && msg.contains("no-such-state.bin"),
-        "{msg}"
-    );
-    assert!(
-        !rd.exists(),
-        "a rejected launch must not create its runtime directory"
-    );
+    assert!(matches!(e, VmError::MissingFile { what: "saved state", .. }), "{msg}");
+    assert!(msg.contains("restore-missing") && msg.contains("no-such-state.bin"), "{msg}");
+    assert!(!rd.exists(), "a rejected launch must not create its runtime directory");
 }
 
 #[tokio::test]
@@ -674,20 +477,8 @@ async fn guest_runs_its_rc_and_powers_itself_off() {
     // Put a job on the disk: /rc, which init runs before powering off in vgrid.mode=poweroff.
     let rc = tmp.path().join("rc");
     std::fs::write(&rc, "echo job-output-$((7*6))\necho result > /mnt/result\n").unwrap();
-    run(
-        "debugfs",
-        &[
-            "-w",
-            "-R",
-            &format!("write {} rc", rc.display()),
-            base.to_str().unwrap(),
-        ],
-    );
-    let spec = g.spec(
-        "rc-test",
-        DiskSource::raw_file(&base),
-        "vgrid.mode=poweroff",
-    );
+    run("debugfs", &["-w", "-R", &format!("write {} rc", rc.display()), base.to_str().unwrap()]);
+    let spec = g.spec("rc-test", DiskSource::raw_file(&base), "vgrid.mode=poweroff");
 
     let (vm, exit) = boot_with_retry("rc", BOOT_TIMEOUT, |n| {
         let spec = spec.clone();
@@ -700,32 +491,14 @@ async fn guest_runs_its_rc_and_powers_itself_off() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        exit.success(),
-        "a guest that powers off ends QEMU with code 0, not {exit}"
-    );
+    assert!(exit.success(), "a guest that powers off ends QEMU with code 0, not {exit}");
     assert_eq!(vm.status().await.unwrap(), VmState::Exited(exit));
     let log = std::fs::read_to_string(vm.console_log_path()).unwrap();
-    assert!(
-        log.contains("job-output-42") && log.contains("vgrid-sample: powering off"),
-        "{log}"
-    );
+    assert!(log.contains("job-output-42") && log.contains("vgrid-sample: powering off"), "{log}");
 
     let merged = tmp.path().join("merged.raw");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            vm.overlay_path().to_str().unwrap(),
-            merged.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(
-        run("debugfs", &["-R", "cat /result", merged.to_str().unwrap()]).trim(),
-        "result"
-    );
+    run("qemu-img", &["convert", "-O", "raw", vm.overlay_path().to_str().unwrap(), merged.to_str().unwrap()]);
+    assert_eq!(run("debugfs", &["-R", "cat /result", merged.to_str().unwrap()]).trim(), "result");
     vm.cleanup().await.unwrap();
 }
 

@@ -147,14 +147,7 @@ impl StoreClient {
 
     /// Sends a request, retrying connection errors, timeouts and 5xx answers when `retry`.
     /// Returns the successful response or the mapped error.
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        object: &str,
-        body: Body,
-        retry: bool,
-    ) -> Result<reqwest::Response, ClientError> {
+    async fn send(&self, method: Method, path: &str, object: &str, body: Body, retry: bool) -> Result<reqwest::Response, ClientError> {
         let url = self.url(path);
         let attempts = if retry { self.retry.attempts } else { 1 };
         let mut backoff = self.retry.first_backoff;
@@ -185,9 +178,7 @@ impl StoreClient {
                         cause: error_chain(&e),
                     });
                 }
-                Ok(resp) if resp.status().is_success() || resp.status() == StatusCode::NOT_MODIFIED => {
-                    return Ok(resp)
-                }
+                Ok(resp) if resp.status().is_success() || resp.status() == StatusCode::NOT_MODIFIED => return Ok(resp),
                 Ok(resp) => {
                     let status = resp.status();
                     let err = self.error_from(resp, object).await;
@@ -209,12 +200,7 @@ impl StoreClient {
         let status = resp.status();
         let text = resp.bytes().await.unwrap_or_default();
         let parsed: Option<ErrorBody> = serde_json::from_slice(&text).ok();
-        let kind = parsed
-            .as_ref()
-            .and_then(|b| b.detail.as_ref())
-            .and_then(|d| d.get("kind"))
-            .and_then(|k| k.as_str())
-            .map(str::to_string);
+        let kind = parsed.as_ref().and_then(|b| b.detail.as_ref()).and_then(|d| d.get("kind")).and_then(|k| k.as_str()).map(str::to_string);
         let message = match parsed {
             Some(b) => b.error,
             None if text.is_empty() => status.canonical_reason().unwrap_or("error").to_string(),
@@ -356,7 +342,10 @@ impl StoreClient {
     }
 
     /// [`StoreClient::hot_pages`] as it arrives (for [`crate::hotpages::decode_stream`]).
-    pub async fn hot_pages_stream(&self, r: &ImageRef) -> Result<futures::stream::BoxStream<'static, Result<Bytes, ClientError>>, ClientError> {
+    pub async fn hot_pages_stream(
+        &self,
+        r: &ImageRef,
+    ) -> Result<futures::stream::BoxStream<'static, Result<Bytes, ClientError>>, ClientError> {
         use futures::StreamExt;
         let object = format!("hot pages of image {r}");
         let resp = self.send(Method::GET, &format!("{}/profile/hot", Self::ref_path(r)), &object, Body::None, true).await?;
@@ -421,8 +410,7 @@ impl StoreClient {
     /// Uploads one compressed chunk (as made by [`codec::encode`]) in a session.
     pub async fn put_chunk(&self, id: &UploadId, hash: &ChunkHash, compressed: Bytes) -> Result<(), ClientError> {
         let object = format!("chunk {hash}");
-        self.send(Method::PUT, &format!("/uploads/{id}/chunks/{hash}"), &object, Body::Raw(compressed), true)
-            .await?;
+        self.send(Method::PUT, &format!("/uploads/{id}/chunks/{hash}"), &object, Body::Raw(compressed), true).await?;
         Ok(())
     }
 
@@ -434,11 +422,7 @@ impl StoreClient {
         let q = if self.public { "?public=true" } else { "" };
         let resp = self.send(Method::POST, &format!("/uploads/{id}/commit{q}"), &object, body, false).await?;
         let b = self.bytes(resp, &object).await?;
-        Manifest::from_json(&b).map_err(|e| ClientError::BadResponse {
-            url: self.base.clone(),
-            object,
-            cause: e.to_string(),
-        })
+        Manifest::from_json(&b).map_err(|e| ClientError::BadResponse { url: self.base.clone(), object, cause: e.to_string() })
     }
 }
 

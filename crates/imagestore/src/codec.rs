@@ -36,16 +36,11 @@ pub fn decode(hash: &ChunkHash, stored: &[u8], limit: usize) -> Result<Vec<u8>, 
     // Size the output buffer from the frame header when it states the content size (every
     // chunk written by `encode` does), so a 256 KiB chunk does not allocate `limit` bytes.
     let capacity = match zstd::zstd_safe::get_frame_content_size(stored) {
-        Ok(Some(n)) if n > limit as u64 => {
-            return Err(ChunkError::TooLarge { hash: *hash, actual: n as usize, limit })
-        }
+        Ok(Some(n)) if n > limit as u64 => return Err(ChunkError::TooLarge { hash: *hash, actual: n as usize, limit }),
         Ok(Some(n)) => n as usize,
         _ => limit,
     };
-    let data = zstd::bulk::decompress(stored, capacity).map_err(|e| ChunkError::Decompress {
-        hash: *hash,
-        cause: e.to_string(),
-    })?;
+    let data = zstd::bulk::decompress(stored, capacity).map_err(|e| ChunkError::Decompress { hash: *hash, cause: e.to_string() })?;
     let actual = ChunkHash::of(&data);
     if actual != *hash {
         return Err(ChunkError::HashMismatch { hash: *hash, actual });

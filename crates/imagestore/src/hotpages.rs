@@ -254,7 +254,8 @@ mod tests {
             if per < 2 {
                 continue;
             }
-            let cvs: Vec<_> = (0..per).map(|p| page_cv(p, HOT_PAGE_SIZE, &d[(p * HOT_PAGE_SIZE) as usize..((p + 1) * HOT_PAGE_SIZE) as usize])).collect();
+            let cvs: Vec<_> =
+                (0..per).map(|p| page_cv(p, HOT_PAGE_SIZE, &d[(p * HOT_PAGE_SIZE) as usize..((p + 1) * HOT_PAGE_SIZE) as usize])).collect();
             assert_eq!(root_of(&cvs), ChunkHash::of(&d), "chunk size {chunk}");
         }
     }

@@ -14,13 +14,13 @@ use crate::client::{ClientError, StoreClient, UploadId};
 use crate::codec;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use tracing::Instrument;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use tracing::Instrument;
 use vgrid_api::manifest::validate_name;
 use vgrid_api::{Blob, Boot, ChunkHash, ImageMeta, ImageRef, Manifest, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 
@@ -168,11 +168,7 @@ fn open_raw(path: &Path) -> Result<Source, ImportError> {
     let mut f = File::open(path).map_err(file_err(path, "cannot open"))?;
     let meta = f.metadata().map_err(file_err(path, "cannot stat"))?;
     if meta.is_dir() {
-        return Err(ImportError::File {
-            path: path.into(),
-            what: "cannot import",
-            source: std::io::Error::other("is a directory"),
-        });
+        return Err(ImportError::File { path: path.into(), what: "cannot import", source: std::io::Error::other("is a directory") });
     }
     // Works for block devices too, whose metadata length is 0.
     let size = f.seek(SeekFrom::End(0)).map_err(file_err(path, "cannot seek"))?;
@@ -192,8 +188,7 @@ fn qcow2_virtual_size(path: &Path) -> Result<u64, ImportError> {
     if !out.status.success() {
         return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| err(format!("unreadable output: {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| err(format!("unreadable output: {e}")))?;
     v.get("virtual-size").and_then(|s| s.as_u64()).ok_or_else(|| err("no virtual-size in its output".into()))
 }
 
@@ -333,11 +328,7 @@ impl Source {
         let stderr = errs.join().unwrap_or_default();
         match status {
             Ok(s) if s.success() => Ok(()),
-            Ok(s) => Err(ImportError::Convert {
-                path: self.path.clone(),
-                command,
-                cause: format!("{s}: {}", stderr.trim()),
-            }),
+            Ok(s) => Err(ImportError::Convert { path: self.path.clone(), command, cause: format!("{s}: {}", stderr.trim()) }),
             Err(e) => Err(ImportError::Convert { path: self.path.clone(), command, cause: e.to_string() }),
         }
     }
@@ -391,11 +382,7 @@ type Pending = (usize, u32, ChunkHash, Bytes);
 
 /// Asks which of the batch's chunks the server lacks (pinning the others in the session) and
 /// uploads those. Returns (index, length, hash) of every chunk of the batch.
-async fn send_batch(
-    client: &StoreClient,
-    id: &UploadId,
-    batch: Vec<Pending>,
-) -> Result<Vec<(usize, u32, ChunkHash)>, ClientError> {
+async fn send_batch(client: &StoreClient, id: &UploadId, batch: Vec<Pending>) -> Result<Vec<(usize, u32, ChunkHash)>, ClientError> {
     let hashes: Vec<ChunkHash> = batch.iter().map(|b| b.2).collect();
     let missing: std::collections::HashSet<ChunkHash> = client.missing(id, &hashes).await?.into_iter().collect();
     // Upload each missing hash once, even if it repeats within the batch.
@@ -468,8 +455,7 @@ async fn upload_blob(
                         break;
                     }
                     Err(e) => {
-                        *read_error.lock().unwrap() =
-                            Some(ImportError::File { path: src.path.clone(), what: "read failed", source: e });
+                        *read_error.lock().unwrap() = Some(ImportError::File { path: src.path.clone(), what: "read failed", source: e });
                         completed = false;
                         break;
                     }
@@ -583,12 +569,7 @@ fn check_options(opts: &ImportOptions) -> Result<(), ImportError> {
 
 /// Imports the disk image file `path` (plus optional kernel/initrd) as a new version of
 /// `opts.name`. Returns the stored manifest (with its assigned version).
-pub async fn import_file(
-    client: &StoreClient,
-    path: &Path,
-    opts: &ImportOptions,
-    progress: Progress<'_>,
-) -> Result<Manifest, ImportError> {
+pub async fn import_file(client: &StoreClient, path: &Path, opts: &ImportOptions, progress: Progress<'_>) -> Result<Manifest, ImportError> {
     let span = tracing::info_span!("import", image = %opts.name, server = %client.base_url());
     import_file_inner(client, path, opts, progress).instrument(span).await
 }
@@ -615,10 +596,7 @@ async fn import_file_inner(
     let total = disk.size + kernel.as_ref().map_or(0, |s| s.size) + initrd.as_ref().map_or(0, |s| s.size);
     tracing::info!(image = %opts.name, path = %path.display(), %format, size = disk.size, "importing image");
 
-    let id = client
-        .begin_upload()
-        .await
-        .map_err(|source| ImportError::Upload { image: opts.name.clone(), source })?;
+    let id = client.begin_upload().await.map_err(|source| ImportError::Upload { image: opts.name.clone(), source })?;
     let r = async {
         let mut tally = Tally { done: 0, total, progress };
         progress(0, total);
@@ -639,10 +617,7 @@ async fn import_file_inner(
             schema: vgrid_api::manifest::SCHEMA_VERSION,
             name: opts.name.clone(),
             version: 0,
-            created: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             chunk_size: cs,
             disk,
             meta: ImageMeta { os: opts.os.clone(), arch: opts.arch.clone(), boot },
@@ -697,7 +672,8 @@ pub async fn export_blob(
     let mut guard = TempGuard(Some(tmp.clone()));
     file.set_len(blob.size).map_err(werr)?;
     let total = blob.size;
-    let mut done = blob.chunks.iter().enumerate().filter(|(_, c)| c.is_none()).map(|(i, _)| blob.chunk_len(chunk_size, i) as u64).sum::<u64>();
+    let mut done =
+        blob.chunks.iter().enumerate().filter(|(_, c)| c.is_none()).map(|(i, _)| blob.chunk_len(chunk_size, i) as u64).sum::<u64>();
     progress(done, total);
     let fetches = blob.chunks.iter().enumerate().filter_map(|(i, c)| c.map(|h| (i, h)));
     let mut stream = futures::stream::iter(fetches)
@@ -732,26 +708,13 @@ pub async fn export_blob(
 
 /// Exports image `r` (latest version when none is given) to a sparse raw file at `dest`.
 /// Returns the manifest of the exported version.
-pub async fn export_image(
-    client: &StoreClient,
-    r: &ImageRef,
-    dest: &Path,
-    progress: Progress<'_>,
-) -> Result<Manifest, ImportError> {
+pub async fn export_image(client: &StoreClient, r: &ImageRef, dest: &Path, progress: Progress<'_>) -> Result<Manifest, ImportError> {
     let span = tracing::info_span!("export", image = %r, server = %client.base_url());
     export_image_inner(client, r, dest, progress).instrument(span).await
 }
 
-async fn export_image_inner(
-    client: &StoreClient,
-    r: &ImageRef,
-    dest: &Path,
-    progress: Progress<'_>,
-) -> Result<Manifest, ImportError> {
-    let m = client
-        .manifest(r)
-        .await
-        .map_err(|source| ImportError::Download { image: r.to_string(), source })?;
+async fn export_image_inner(client: &StoreClient, r: &ImageRef, dest: &Path, progress: Progress<'_>) -> Result<Manifest, ImportError> {
+    let m = client.manifest(r).await.map_err(|source| ImportError::Download { image: r.to_string(), source })?;
     export_blob(client, &m.image_ref().to_string(), &m.disk, m.chunk_size, dest, progress).await?;
     tracing::info!(image = %m.image_ref(), dest = %dest.display(), "image exported");
     Ok(m)

@@ -55,13 +55,7 @@ pub struct ApiError {
 impl ApiError {
     fn new(status: StatusCode, kind: &str, object: impl Into<String>, message: impl Into<String>) -> Self {
         let object: String = object.into();
-        ApiError {
-            status,
-            body: ErrorBody {
-                error: message.into(),
-                detail: Some(serde_json::json!({ "kind": kind, "object": object })),
-            },
-        }
+        ApiError { status, body: ErrorBody { error: message.into(), detail: Some(serde_json::json!({ "kind": kind, "object": object })) } }
     }
     fn bad_request(object: impl Into<String>, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, object, message)
@@ -180,8 +174,13 @@ async fn gate(State(s): St, req: axum::extract::Request, next: axum::middleware:
     let what = format!("{} /store/v1/{path}", req.method());
     let user = match &c {
         Caller::Anonymous => {
-            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", &what, format!("{what} needs a login token (`vgrid login`) or a grid certificate"))
-                .into_response()
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                &what,
+                format!("{what} needs a login token (`vgrid login`) or a grid certificate"),
+            )
+            .into_response()
         }
         c if c.is_privileged() => return next.run(req).await,
         c => c.user().unwrap_or_default().to_string(),
@@ -201,7 +200,10 @@ async fn gate(State(s): St, req: axum::extract::Request, next: axum::middleware:
             if !allowed && exists {
                 tracing::warn!(%user, image = %name, %what, "refused: not the owner");
                 let owner = o.owner.as_deref().unwrap_or("nobody (admins only)");
-                return forbid(&format!("image {name}"), format!("image {name} belongs to {owner}; {user} may not {}", if read { "read it" } else { "change it" }));
+                return forbid(
+                    &format!("image {name}"),
+                    format!("image {name} belongs to {owner}; {user} may not {}", if read { "read it" } else { "change it" }),
+                );
             }
         }
         ["gc"] => return forbid("gc", format!("{user} may not run garbage collection: admins only")),
@@ -298,22 +300,15 @@ async fn get_hot_pages(State(s): St, Path((name, version)): Path<(String, String
     Ok(([(axum::http::header::CONTENT_TYPE, "application/zstd")], b).into_response())
 }
 
-async fn put_hot_pages(
-    State(s): St,
-    Path((name, version)): Path<(String, String)>,
-    b: Result<Bytes, BytesRejection>,
-) -> Res<StatusCode> {
+async fn put_hot_pages(State(s): St, Path((name, version)): Path<(String, String)>, b: Result<Bytes, BytesRejection>) -> Res<StatusCode> {
     let r = parse_ref(&name, Some(&version))?;
-    let b = b.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, &format!("hot pages of image {r}"), e.body_text()))?;
+    let b =
+        b.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, &format!("hot pages of image {r}"), e.body_text()))?;
     s.put_hot_pages(&r, b).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn put_profile(
-    State(s): St,
-    Path((name, version)): Path<(String, String)>,
-    b: Result<Bytes, BytesRejection>,
-) -> Res<StatusCode> {
+async fn put_profile(State(s): St, Path((name, version)): Path<(String, String)>, b: Result<Bytes, BytesRejection>) -> Res<StatusCode> {
     let r = parse_ref(&name, Some(&version))?;
     let p: BootProfile = json_body(&format!("boot profile of image {r}"), b)?;
     s.put_profile(&r, &p).await?;
@@ -380,11 +375,7 @@ async fn missing(State(s): St, Path(id): Path<String>, b: Result<Bytes, BytesRej
     Ok(Json(s.missing(&UploadId(id), &hashes).await?))
 }
 
-async fn put_chunk(
-    State(s): St,
-    Path((id, hash)): Path<(String, String)>,
-    b: Result<Bytes, BytesRejection>,
-) -> Res<StatusCode> {
+async fn put_chunk(State(s): St, Path((id, hash)): Path<(String, String)>, b: Result<Bytes, BytesRejection>) -> Res<StatusCode> {
     let h = parse_hash(&hash)?;
     let z = body(&format!("chunk {h}"), b)?;
     s.put_chunk(&UploadId(id), &h, z).await?;
@@ -407,9 +398,8 @@ async fn commit(
     b: Result<Bytes, BytesRejection>,
 ) -> Res<Json<Manifest>> {
     let b = body(&format!("commit of upload {id}"), b)?;
-    let m = Manifest::from_json(&b).map_err(|e| {
-        ApiError::bad_request(format!("upload {id}"), format!("commit of upload {id}: invalid manifest: {e}"))
-    })?;
+    let m = Manifest::from_json(&b)
+        .map_err(|e| ApiError::bad_request(format!("upload {id}"), format!("commit of upload {id}: invalid manifest: {e}")))?;
     let caller = c.map(|e| e.0);
     let old = s.owner(&m.name).await?;
     let what = format!("image {}", m.name);
@@ -418,11 +408,21 @@ async fn commit(
         let user = c.user().map(str::to_string);
         let admin = c.is_privileged();
         if q.public && !admin {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", &what, format!("{} may not publish images: admins only", c.describe())));
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                &what,
+                format!("{} may not publish images: admins only", c.describe()),
+            ));
         }
         match (&old.owner, &user) {
             (Some(o), Some(u)) if o != u && !admin => {
-                return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", &what, format!("image {} belongs to {o}; {u} may not add versions to it", m.name)))
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    &what,
+                    format!("image {} belongs to {o}; {u} may not add versions to it", m.name),
+                ))
             }
             (None, Some(u)) => new.owner = Some(u.clone()),
             _ => {}
@@ -439,7 +439,14 @@ async fn commit(
                     StatusCode::FORBIDDEN,
                     "quota",
                     &what,
-                    format!("quota exceeded: user {} may store {} of images here; {} stored, image {} adds {}", u.name, b(max), b(used), m.name, b(adds)),
+                    format!(
+                        "quota exceeded: user {} may store {} of images here; {} stored, image {} adds {}",
+                        u.name,
+                        b(max),
+                        b(used),
+                        m.name,
+                        b(adds)
+                    ),
                 ));
             }
         }

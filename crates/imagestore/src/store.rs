@@ -145,10 +145,7 @@ fn counter_path(name: &str) -> Path {
 }
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl ImageStore {
@@ -225,9 +222,7 @@ impl ImageStore {
     pub async fn get_chunk(&self, hash: &ChunkHash, limit: usize) -> Result<Vec<u8>, StoreError> {
         let z = self.read_chunk_object(hash).await?;
         let h = *hash;
-        let r = tokio::task::spawn_blocking(move || codec::decode(&h, &z, limit))
-            .await
-            .expect("chunk decode task panicked");
+        let r = tokio::task::spawn_blocking(move || codec::decode(&h, &z, limit)).await.expect("chunk decode task panicked");
         r.map_err(|cause| Self::corrupt(hash, cause))
     }
 
@@ -237,9 +232,8 @@ impl ImageStore {
         let z = self.read_chunk_object(hash).await?;
         let h = *hash;
         let z2 = z.clone();
-        let r = tokio::task::spawn_blocking(move || codec::verify(&h, &z2, MAX_CHUNK_SIZE as usize))
-            .await
-            .expect("chunk decode task panicked");
+        let r =
+            tokio::task::spawn_blocking(move || codec::verify(&h, &z2, MAX_CHUNK_SIZE as usize)).await.expect("chunk decode task panicked");
         match r {
             Ok(_) => Ok(z),
             Err(cause) => Err(Self::corrupt(hash, cause)),
@@ -300,11 +294,8 @@ impl ImageStore {
         let mut uniq: Vec<ChunkHash> = hashes.to_vec();
         uniq.sort();
         uniq.dedup();
-        let present: Vec<(ChunkHash, bool)> = futures::stream::iter(uniq)
-            .map(|h| async move { self.has_chunk(&h).await.map(|p| (h, p)) })
-            .buffered(16)
-            .try_collect()
-            .await?;
+        let present: Vec<(ChunkHash, bool)> =
+            futures::stream::iter(uniq).map(|h| async move { self.has_chunk(&h).await.map(|p| (h, p)) }).buffered(16).try_collect().await?;
         self.pin(id, present.iter().filter(|(_, p)| *p).map(|(h, _)| *h))?;
         Ok(present.into_iter().filter(|(_, p)| !*p).map(|(h, _)| h).collect())
     }
@@ -348,9 +339,7 @@ impl ImageStore {
     /// Outside a session this is GC-safe only for chunks that some other manifest or session
     /// keeps alive; importers use [`ImageStore::commit`].
     pub async fn put_manifest(&self, mut manifest: Manifest) -> Result<Manifest, StoreError> {
-        manifest
-            .validate()
-            .map_err(|cause| StoreError::InvalidManifest { image: manifest.name.clone(), cause })?;
+        manifest.validate().map_err(|cause| StoreError::InvalidManifest { image: manifest.name.clone(), cause })?;
         if manifest.created == 0 {
             manifest.created = now_secs();
         }
@@ -365,12 +354,7 @@ impl ImageStore {
             .await?;
         let missing: Vec<ChunkHash> = present.into_iter().filter(|(_, p)| !*p).map(|(h, _)| h).collect();
         if let Some(first) = missing.first() {
-            return Err(StoreError::MissingChunks {
-                image: manifest.name.clone(),
-                count: missing.len(),
-                first: *first,
-                missing,
-            });
+            return Err(StoreError::MissingChunks { image: manifest.name.clone(), count: missing.len(), first: *first, missing });
         }
         let _c = self.commit_lock.lock().await;
         let auto = manifest.version == 0;
@@ -391,21 +375,13 @@ impl ImageStore {
             match r {
                 Ok(_) => break,
                 Err(object_store::Error::AlreadyExists { .. }) if auto => continue,
-                Err(object_store::Error::AlreadyExists { .. }) => {
-                    return Err(StoreError::ImageExists(manifest.image_ref()))
-                }
-                Err(e) => {
-                    return Err(StoreError::backend("write", format!("manifest of image {}", manifest.image_ref()), e))
-                }
+                Err(object_store::Error::AlreadyExists { .. }) => return Err(StoreError::ImageExists(manifest.image_ref())),
+                Err(e) => return Err(StoreError::backend("write", format!("manifest of image {}", manifest.image_ref()), e)),
             }
         }
         if manifest.version > self.counter(&manifest.name).await? {
             // Best effort: the counter only stops version reuse after deletes.
-            if let Err(e) = self
-                .objects
-                .put(&counter_path(&manifest.name), PutPayload::from(manifest.version.to_string()))
-                .await
-            {
+            if let Err(e) = self.objects.put(&counter_path(&manifest.name), PutPayload::from(manifest.version.to_string())).await {
                 tracing::warn!(image = %manifest.image_ref(), error = %e, "could not record the version counter");
             }
         }
@@ -433,10 +409,7 @@ impl ImageStore {
             .try_collect()
             .await
             .map_err(|e| StoreError::backend("list", format!("versions of image {name}"), e))?;
-        let mut v: Vec<u32> = metas
-            .iter()
-            .filter_map(|m| m.location.filename()?.strip_suffix(".json")?.parse().ok())
-            .collect();
+        let mut v: Vec<u32> = metas.iter().filter_map(|m| m.location.filename()?.strip_suffix(".json")?.parse().ok()).collect();
         v.sort_unstable();
         Ok(v)
     }
@@ -492,7 +465,10 @@ impl ImageStore {
         match self.objects.get(&owner_path(name)).await {
             Ok(g) => {
                 let b = g.bytes().await.map_err(|e| StoreError::backend("read", format!("owner of image {name}"), e))?;
-                serde_json::from_slice(&b).map_err(|e| StoreError::CorruptManifest { image: ImageRef { name: name.into(), version: None }, cause: format!("owner record: {e}") })
+                serde_json::from_slice(&b).map_err(|e| StoreError::CorruptManifest {
+                    image: ImageRef { name: name.into(), version: None },
+                    cause: format!("owner record: {e}"),
+                })
             }
             Err(object_store::Error::NotFound { .. }) => Ok(ImageOwner::default()),
             Err(e) => Err(StoreError::backend("read", format!("owner of image {name}"), e)),
@@ -503,7 +479,10 @@ impl ImageStore {
     pub async fn set_owner(&self, name: &str, o: &ImageOwner) -> Result<(), StoreError> {
         vgrid_api::manifest::validate_name(name).map_err(|cause| StoreError::InvalidManifest { image: name.into(), cause })?;
         let b = serde_json::to_vec(o).expect("serialises");
-        self.objects.put(&owner_path(name), PutPayload::from(b)).await.map_err(|e| StoreError::backend("write", format!("owner of image {name}"), e))?;
+        self.objects
+            .put(&owner_path(name), PutPayload::from(b))
+            .await
+            .map_err(|e| StoreError::backend("write", format!("owner of image {name}"), e))?;
         Ok(())
     }
 
@@ -587,12 +566,8 @@ impl ImageStore {
                 }
             }
         }
-        let chunks: Vec<_> = self
-            .objects
-            .list(Some(&Path::from("chunks")))
-            .try_collect()
-            .await
-            .map_err(|e| StoreError::backend("list", "chunks", e))?;
+        let chunks: Vec<_> =
+            self.objects.list(Some(&Path::from("chunks"))).try_collect().await.map_err(|e| StoreError::backend("list", "chunks", e))?;
         let mut report = GcReport::default();
         for meta in chunks {
             let Some(hash) = meta.location.filename().and_then(|f| f.parse::<ChunkHash>().ok()) else {
@@ -652,7 +627,9 @@ impl ImageStore {
     /// The boot profile of an image version (latest when no version is given).
     pub async fn get_profile(&self, r: &ImageRef) -> Result<BootProfile, StoreError> {
         match self.beside(r, profile_path, "boot profile").await? {
-            (r, Some(b)) => serde_json::from_slice(&b).map_err(|e| StoreError::CorruptManifest { image: r, cause: format!("boot profile: {e}") }),
+            (r, Some(b)) => {
+                serde_json::from_slice(&b).map_err(|e| StoreError::CorruptManifest { image: r, cause: format!("boot profile: {e}") })
+            }
             (r, None) => Err(StoreError::ProfileNotFound(r)),
         }
     }
@@ -698,14 +675,8 @@ impl ImageStore {
 
 /// The listing entry of a manifest.
 pub fn summary(m: &Manifest) -> ImageSummary {
-    let stored_bytes = m
-        .disk
-        .chunks
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.is_some())
-        .map(|(i, _)| m.disk.chunk_len(m.chunk_size, i) as u64)
-        .sum();
+    let stored_bytes =
+        m.disk.chunks.iter().enumerate().filter(|(_, c)| c.is_some()).map(|(i, _)| m.disk.chunk_len(m.chunk_size, i) as u64).sum();
     ImageSummary {
         name: m.name.clone(),
         version: m.version,
@@ -827,7 +798,14 @@ mod tests {
         let id = s.begin_upload();
         let changed = put(&s, &id, &[2u8; 4096]).await;
         let st = put(&s, &id, &[3u8; 4096]).await;
-        let meta = vgrid_api::StateMeta { qemu_version: "10.0.2".into(), machine: "pc".into(), cpus: 1, memory_mib: 256, accel: "tcg".into(), saved: 0 };
+        let meta = vgrid_api::StateMeta {
+            qemu_version: "10.0.2".into(),
+            machine: "pc".into(),
+            cpus: 1,
+            memory_mib: 256,
+            accel: "tcg".into(),
+            saved: 0,
+        };
         let mut warm = manifest("warm", 0, vec![Some(base), Some(changed)]);
         warm.parent = Some(parent.image_ref());
         warm.state = Some(vgrid_api::SavedState { blob: Blob { size: 4096 + 100, chunks: vec![Some(st), None] }, meta, ram: None });

@@ -119,9 +119,7 @@ async fn unknown_image_and_malformed_json_are_json_4xx() {
     let body: ErrorBody = resp.json().await.unwrap();
     assert!(body.error.contains("/store/v1/nothing/here"), "{}", body.error);
     // The router merges into another that has its own fallback (as `vgrid up` does).
-    let _merged = axum::Router::new()
-        .fallback(|| async { "other" })
-        .merge(vgrid_imagestore::server::router(s.store.clone()));
+    let _merged = axum::Router::new().fallback(|| async { "other" }).merge(vgrid_imagestore::server::router(s.store.clone()));
 
     let id = s.client.begin_upload().await.unwrap();
     for (path, body) in [

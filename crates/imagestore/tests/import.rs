@@ -96,15 +96,11 @@ async fn qcow2_import_and_format_errors() {
     assert!(st.success());
 
     // qcow2 imported as raw: the clear error, and nothing stored.
-    let e = import_file(&s.client, &qcow, &ImportOptions { format: Some(Format::Raw), ..opts("q") }, &no_progress())
-        .await
-        .unwrap_err();
+    let e = import_file(&s.client, &qcow, &ImportOptions { format: Some(Format::Raw), ..opts("q") }, &no_progress()).await.unwrap_err();
     assert!(matches!(e, ImportError::Qcow2AsRaw { .. }));
     assert_eq!(e.to_string(), format!("{} is a qcow2 image; import it with --format qcow2", qcow.display()));
     // raw imported as qcow2 is refused too.
-    let e = import_file(&s.client, &raw, &ImportOptions { format: Some(Format::Qcow2), ..opts("q") }, &no_progress())
-        .await
-        .unwrap_err();
+    let e = import_file(&s.client, &raw, &ImportOptions { format: Some(Format::Qcow2), ..opts("q") }, &no_progress()).await.unwrap_err();
     assert!(matches!(e, ImportError::NotQcow2 { .. }), "{e}");
     assert!(s.client.list().await.unwrap().is_empty());
 
@@ -180,18 +176,14 @@ async fn kernel_boot_blobs_and_bad_inputs() {
     let ghost = s.dir.path().join("nope.raw");
     let e = import_file(&s.client, &ghost, &opts("g"), &no_progress()).await.unwrap_err();
     assert!(e.to_string().contains("nope.raw"), "{e}");
-    let e = import_file(&s.client, &disk, &ImportOptions { kernel: Some(ghost.clone()), ..opts("g") }, &no_progress())
-        .await
-        .unwrap_err();
+    let e = import_file(&s.client, &disk, &ImportOptions { kernel: Some(ghost.clone()), ..opts("g") }, &no_progress()).await.unwrap_err();
     assert!(e.to_string().contains("nope.raw"), "{e}");
     let e = import_file(&s.client, s.dir.path(), &opts("g"), &no_progress()).await.unwrap_err();
     assert!(e.to_string().contains("directory"), "{e}");
     // Bad name and chunk size are refused before anything is uploaded.
     let e = import_file(&s.client, &disk, &opts("../x"), &no_progress()).await.unwrap_err();
     assert!(matches!(e, ImportError::Options { .. }), "{e}");
-    let e = import_file(&s.client, &disk, &ImportOptions { chunk_size: 5000, ..opts("x") }, &no_progress())
-        .await
-        .unwrap_err();
+    let e = import_file(&s.client, &disk, &ImportOptions { chunk_size: 5000, ..opts("x") }, &no_progress()).await.unwrap_err();
     assert!(e.to_string().contains("5000"), "{e}");
     assert_eq!(s.client.list().await.unwrap().len(), 1);
 
@@ -263,11 +255,7 @@ async fn out_of_space_names_the_image_and_stores_nothing_visible() {
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     let out = Command::new("mount").args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"]).arg(&data).output().unwrap();
-    assert!(
-        out.status.success(),
-        "this test needs to mount a tmpfs (run as root): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "this test needs to mount a tmpfs (run as root): {}", String::from_utf8_lossy(&out.stderr));
     let _m = Mount(data.clone());
     let s = start_full(dir, &data, |st| st).await;
     let src = s.dir.path().join("big.raw");

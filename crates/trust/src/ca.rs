@@ -105,7 +105,8 @@ impl Ca {
     /// Signs a joining node's certificate request. The subject is set here (the CSR's is
     /// ignored); the DNS/IP names the node asks for are kept (at most 16, no wildcards).
     pub fn sign_request(&self, csr_pem: &str, name: &str, roles: &[NodeRole]) -> Result<String, TrustError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| TrustError::Cert(format!("malformed certificate request: {e}")))?;
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| TrustError::Cert(format!("malformed certificate request: {e}")))?;
         let sans = &csr.params.subject_alt_names;
         if sans.len() > 16 {
             return Err(TrustError::Cert(format!("the request asks for {} names; at most 16", sans.len())));
@@ -122,9 +123,8 @@ impl Ca {
         let mut p = CertificateParams::default();
         p.subject_alt_names = sans.clone();
         let params = Self::node_params(p, name, roles);
-        let cert = params
-            .signed_by(&csr.public_key, &self.signer, &self.key)
-            .map_err(|e| TrustError::Cert(format!("signing {name}: {e}")))?;
+        let cert =
+            params.signed_by(&csr.public_key, &self.signer, &self.key).map_err(|e| TrustError::Cert(format!("signing {name}: {e}")))?;
         Ok(cert.pem())
     }
 }

@@ -153,7 +153,11 @@ pub type Users = Arc<dyn UserTokens>;
 
 /// Middleware that puts the [`Caller`] of every request into its extensions; a token that does
 /// not check out is a 401 naming why.
-pub async fn identify_layer(axum::extract::State(users): axum::extract::State<Users>, mut req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+pub async fn identify_layer(
+    axum::extract::State(users): axum::extract::State<Users>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let (peer, token) = credentials(&req);
     match identify_by(users.as_ref(), peer, token).await {
         Ok(c) => {

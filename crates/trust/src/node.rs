@@ -30,7 +30,11 @@ impl NodeCert {
         if !dir.join("node.crt").exists() {
             return Ok(None);
         }
-        let n = NodeCert { cert_pem: read_file(&dir.join("node.crt"))?, key_pem: read_file(&dir.join("node.key"))?, ca_pem: read_file(&dir.join("ca.crt"))? };
+        let n = NodeCert {
+            cert_pem: read_file(&dir.join("node.crt"))?,
+            key_pem: read_file(&dir.join("node.key"))?,
+            ca_pem: read_file(&dir.join("ca.crt"))?,
+        };
         n.peer().map_err(|e| TrustError::File { path: dir.join("node.crt").display().to_string(), cause: e.to_string() })?;
         Ok(Some(n))
     }
@@ -83,7 +87,11 @@ impl std::fmt::Display for JoinToken {
 impl std::str::FromStr for JoinToken {
     type Err = TrustError;
     fn from_str(s: &str) -> Result<Self, TrustError> {
-        let bad = |why: &str| TrustError::Cert(format!("malformed join token: {why} (expected {JOIN_TOKEN_PREFIX}<id>.<secret>:sha256:<hex>, as `vgrid join-token create` prints)"));
+        let bad = |why: &str| {
+            TrustError::Cert(format!(
+                "malformed join token: {why} (expected {JOIN_TOKEN_PREFIX}<id>.<secret>:sha256:<hex>, as `vgrid join-token create` prints)"
+            ))
+        };
         let rest = s.trim().strip_prefix(JOIN_TOKEN_PREFIX).ok_or_else(|| bad("wrong prefix"))?;
         let (cred, fp) = rest.split_once(':').ok_or_else(|| bad("no CA fingerprint"))?;
         let hexpart = fp.strip_prefix("sha256:").ok_or_else(|| bad("the CA fingerprint is not sha256:<hex>"))?;
@@ -126,7 +134,8 @@ pub async fn join(url: &str, token: &JoinToken, role: NodeRole, name: &str, sans
         .map_err(|e| fail(e.to_string()))?;
     let (csr, key_pem) = make_request(name, sans)?;
     let body = JoinRequest { token: token.credential.clone(), role: role.as_str().into(), name: name.into(), csr };
-    let resp = client.post(format!("{}/api/v1/join", url.trim_end_matches('/'))).json(&body).send().await.map_err(|e| fail(e.to_string()))?;
+    let resp =
+        client.post(format!("{}/api/v1/join", url.trim_end_matches('/'))).json(&body).send().await.map_err(|e| fail(e.to_string()))?;
     let status = resp.status();
     let text = resp.text().await.map_err(|e| fail(e.to_string()))?;
     if !status.is_success() {

@@ -23,8 +23,7 @@ pub const MAX_NODES: usize = 256;
 pub const MAX_COMPREHENSION_NESTING: usize = 2;
 
 /// Fields of `host` that are the same for every host of a class (see `HostClass`).
-pub const HOST_CLASS_FIELDS: &[&str] =
-    &["arch", "accel", "qemu_version", "network_modes", "labels", "cpus", "memory_mib"];
+pub const HOST_CLASS_FIELDS: &[&str] = &["arch", "accel", "qemu_version", "network_modes", "labels", "cpus", "memory_mib"];
 /// Fields of `host` that differ from host to host or from heartbeat to heartbeat.
 pub const HOST_OWN_FIELDS: &[&str] = &[
     "name",
@@ -44,8 +43,7 @@ pub const HOST_OWN_FIELDS: &[&str] = &[
 pub const REQUEST_FIELDS: &[&str] = &["user", "image", "cpus", "memory_mib"];
 
 /// Identifiers CEL treats as type names; they are not variables.
-const TYPE_IDENTS: &[&str] =
-    &["int", "uint", "double", "bool", "string", "bytes", "list", "map", "null_type", "type", "dyn"];
+const TYPE_IDENTS: &[&str] = &["int", "uint", "double", "bool", "string", "bytes", "list", "map", "null_type", "type", "dyn"];
 
 static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| Arc::new(Env::stdlib()));
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -72,9 +70,7 @@ impl ExprKind {
 
     fn fields(self) -> Vec<&'static str> {
         match self {
-            ExprKind::Requirement | ExprKind::Rank => {
-                HOST_CLASS_FIELDS.iter().chain(HOST_OWN_FIELDS).copied().collect()
-            }
+            ExprKind::Requirement | ExprKind::Rank => HOST_CLASS_FIELDS.iter().chain(HOST_OWN_FIELDS).copied().collect(),
             ExprKind::Policy => REQUEST_FIELDS.to_vec(),
         }
     }
@@ -256,14 +252,7 @@ impl Expr {
                 message: "could not be compiled".into(),
             })?);
         }
-        Ok(Expr {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            kind,
-            source: source.to_string(),
-            clauses,
-            fields,
-            program,
-        })
+        Ok(Expr { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), kind, source: source.to_string(), clauses, fields, program })
     }
 
     /// Whether any clause must be evaluated per host.
@@ -303,11 +292,9 @@ impl Clause {
         let var = kind.variable();
         match execute(&self.program, var, value) {
             Ok(Value::Bool(true)) => None,
-            Ok(Value::Bool(false)) => Some(Outcome::False {
-                clause: self.text.clone(),
-                detail: self.describe(var, value, "is false"),
-                scope: self.scope,
-            }),
+            Ok(Value::Bool(false)) => {
+                Some(Outcome::False { clause: self.text.clone(), detail: self.describe(var, value, "is false"), scope: self.scope })
+            }
             Ok(other) => Some(Outcome::Error {
                 clause: self.text.clone(),
                 detail: format!("evaluated to {}, not a bool", type_name(&other)),
@@ -362,17 +349,11 @@ fn parse(source: &str, kind: ExprKind) -> Result<Program, ExprError> {
         Ok(Ok(p)) => Ok(p),
         Ok(Err(errors)) => {
             let first = errors.errors.first();
-            let position = first
-                .map(|e| Position::from_line_column(source, e.pos.0, e.pos.1))
-                .unwrap_or_else(|| Position::at(source, 0));
+            let position = first.map(|e| Position::from_line_column(source, e.pos.0, e.pos.1)).unwrap_or_else(|| Position::at(source, 0));
             let message = first.map(|e| e.msg.clone()).unwrap_or_else(|| "syntax error".into());
             Err(ExprError::Syntax { kind, position, message })
         }
-        Err(_) => Err(ExprError::Syntax {
-            kind,
-            position: Position::at(source, 0),
-            message: "the parser failed on this input".into(),
-        }),
+        Err(_) => Err(ExprError::Syntax { kind, position: Position::at(source, 0), message: "the parser failed on this input".into() }),
     }
 }
 
@@ -380,23 +361,15 @@ fn clause(text: &str, kind: ExprKind) -> Option<Clause> {
     let program = parse(text, kind).ok()?;
     let mut walk = Walk::new(kind, text, &program);
     walk.expr(program.expression(), 1, 0, &mut Vec::new()).ok()?;
-    let class_only = !walk.whole
-        && walk.fields.iter().all(|f| HOST_CLASS_FIELDS.contains(&f.as_str()))
-        && kind != ExprKind::Policy;
+    let class_only = !walk.whole && walk.fields.iter().all(|f| HOST_CLASS_FIELDS.contains(&f.as_str())) && kind != ExprKind::Policy;
     let scope = if class_only { Scope::Class } else { Scope::Host };
-    let paths = walk
-        .paths
-        .iter()
-        .filter_map(|p| ENV.compile(p).ok().map(|prog| (p.clone(), prog)))
-        .collect();
+    let paths = walk.paths.iter().filter_map(|p| ENV.compile(p).ok().map(|prog| (p.clone(), prog))).collect();
     Some(Clause { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), text: text.to_string(), scope, program, paths })
 }
 
 fn count_conjuncts(e: &IdedExpr) -> usize {
     match &e.expr {
-        Ast::Call(call) if call.func_name == "_&&_" && call.target.is_none() => {
-            call.args.iter().map(count_conjuncts).sum()
-        }
+        Ast::Call(call) if call.func_name == "_&&_" && call.target.is_none() => call.args.iter().map(count_conjuncts).sum(),
         _ => 1,
     }
 }
@@ -475,16 +448,7 @@ struct Walk<'a> {
 
 impl<'a> Walk<'a> {
     fn new(kind: ExprKind, source: &'a str, program: &'a Program) -> Self {
-        Walk {
-            kind,
-            var: kind.variable(),
-            source,
-            program,
-            nodes: 0,
-            whole: false,
-            fields: BTreeSet::new(),
-            paths: Vec::new(),
-        }
+        Walk { kind, var: kind.variable(), source, program, nodes: 0, whole: false, fields: BTreeSet::new(), paths: Vec::new() }
     }
 
     fn pos(&self, id: u64) -> Position {
@@ -567,10 +531,7 @@ impl<'a> Walk<'a> {
             }
             Ast::Comprehension(c) => {
                 if compr + 1 > MAX_COMPREHENSION_NESTING {
-                    return Err(self.costly(
-                        e.id,
-                        format!("comprehensions nested more than {MAX_COMPREHENSION_NESTING} deep"),
-                    ));
+                    return Err(self.costly(e.id, format!("comprehensions nested more than {MAX_COMPREHENSION_NESTING} deep")));
                 }
                 self.expr(&c.iter_range, depth + 1, compr, scope)?;
                 self.expr(&c.accu_init, depth + 1, compr, scope)?;
@@ -638,8 +599,7 @@ fn show(v: &Value) -> String {
         Value::Null => "null".into(),
         Value::List(l) => format!("[{}]", l.iter().map(show).collect::<Vec<_>>().join(", ")),
         Value::Map(m) => {
-            let mut items: Vec<String> =
-                m.map.iter().map(|(k, v)| format!("{}: {}", show(&Value::from(k)), show(v))).collect();
+            let mut items: Vec<String> = m.map.iter().map(|(k, v)| format!("{}: {}", show(&Value::from(k)), show(v))).collect();
             items.sort();
             format!("{{{}}}", items.join(", "))
         }
@@ -660,8 +620,7 @@ pub(crate) mod val {
     use std::collections::{BTreeMap, HashMap};
 
     pub fn map(fields: Vec<(&'static str, Box<dyn Val>)>) -> Box<dyn Val> {
-        let m: HashMap<CelMapKey<'static>, Box<dyn Val>> =
-            fields.into_iter().map(|(k, v)| (CelMapKey::from(k), v)).collect();
+        let m: HashMap<CelMapKey<'static>, Box<dyn Val>> = fields.into_iter().map(|(k, v)| (CelMapKey::from(k), v)).collect();
         Box::new(CelMap::from(m))
     }
     pub fn string(s: &str) -> Box<dyn Val> {
@@ -677,13 +636,9 @@ pub(crate) mod val {
         Box::new(CelList::from(v.iter().map(|s| string(s)).collect::<Vec<_>>()))
     }
     pub fn string_map(m: &BTreeMap<String, String>) -> Box<dyn Val> {
-        Box::new(CelMap::from(
-            m.iter().map(|(k, v)| (CelMapKey::from(k.clone()), string(v))).collect::<HashMap<_, _>>(),
-        ))
+        Box::new(CelMap::from(m.iter().map(|(k, v)| (CelMapKey::from(k.clone()), string(v))).collect::<HashMap<_, _>>()))
     }
     pub fn double_map(m: &BTreeMap<String, f64>) -> Box<dyn Val> {
-        Box::new(CelMap::from(
-            m.iter().map(|(k, v)| (CelMapKey::from(k.clone()), double(*v))).collect::<HashMap<_, _>>(),
-        ))
+        Box::new(CelMap::from(m.iter().map(|(k, v)| (CelMapKey::from(k.clone()), double(*v))).collect::<HashMap<_, _>>()))
     }
 }

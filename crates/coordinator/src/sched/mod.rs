@@ -403,9 +403,7 @@ impl Scheduler {
         let slot = match inner.by_name.get(&ad.name) {
             Some(&slot) => {
                 let old_class = inner.hosts[slot].as_ref().map(|h| h.class);
-                let same = old_class
-                    .and_then(|c| inner.class(c))
-                    .is_some_and(|c| c.key == key);
+                let same = old_class.and_then(|c| inner.class(c)).is_some_and(|c| c.key == key);
                 if !same {
                     if let Some(c) = old_class {
                         inner.leave_class(c, slot);
@@ -440,15 +438,8 @@ impl Scheduler {
                 };
                 let class = inner.join_class(key, slot, policy);
                 inner.by_name.insert(ad.name.clone(), slot);
-                inner.hosts[slot] = Some(HostEntry {
-                    ad,
-                    state: HostState::Ready,
-                    class,
-                    reserved_cpus: 0,
-                    reserved_mem: 0,
-                    held: Vec::new(),
-                    val: None,
-                });
+                inner.hosts[slot] =
+                    Some(HostEntry { ad, state: HostState::Ready, class, reserved_cpus: 0, reserved_mem: 0, held: Vec::new(), val: None });
                 slot
             }
         };
@@ -540,12 +531,8 @@ impl Scheduler {
     pub fn expire(&self, age: Duration) -> Vec<Reservation> {
         let mut g = self.lock();
         let now = Instant::now();
-        let old: Vec<ReservationId> = g
-            .reservations
-            .values()
-            .filter(|r| !r.confirmed && now.duration_since(r.since) >= age)
-            .map(|r| r.id)
-            .collect();
+        let old: Vec<ReservationId> =
+            g.reservations.values().filter(|r| !r.confirmed && now.duration_since(r.since) >= age).map(|r| r.id).collect();
         let out: Vec<Reservation> = old.into_iter().filter_map(|id| g.drop_reservation(id)).collect();
         drop(g);
         if !out.is_empty() {
@@ -605,15 +592,8 @@ impl Inner {
         };
         let val = class_value(&key);
         self.class_ids.insert(key.clone(), id);
-        self.classes[id as usize] = Some(Class {
-            key,
-            members: vec![slot],
-            val,
-            policy,
-            req_cache: IdMap::default(),
-            memo_epoch: 0,
-            memo: None,
-        });
+        self.classes[id as usize] =
+            Some(Class { key, members: vec![slot], val, policy, req_cache: IdMap::default(), memo_epoch: 0, memo: None });
         id
     }
 
@@ -688,13 +668,7 @@ impl Inner {
         self.classes.get(id as usize).and_then(Option::as_ref)
     }
 
-    fn place(
-        &mut self,
-        req: &PlacementRequest,
-        opts: &PlaceOptions,
-        require: Option<&Expr>,
-        rank: Option<&Expr>,
-    ) -> Option<Placement> {
+    fn place(&mut self, req: &PlacementRequest, opts: &PlaceOptions, require: Option<&Expr>, rank: Option<&Expr>) -> Option<Placement> {
         self.epoch += 1;
         let mut ctx = PlaceCtx::new(req, opts, require);
         // Feasible classes and their member counts.
@@ -723,9 +697,7 @@ impl Inner {
                     break;
                 }
                 let Some(class) = self.hosts[slot].as_ref().map(|h| h.class) else { continue };
-                let memo_ok = self
-                    .class(class)
-                    .is_some_and(|c| c.memo_epoch == self.epoch && c.memo.is_none());
+                let memo_ok = self.class(class).is_some_and(|c| c.memo_epoch == self.epoch && c.memo.is_none());
                 if memo_ok && self.host_fits(slot, req, require, need_host_clauses) {
                     candidates.push(slot);
                 }
@@ -904,7 +876,10 @@ fn share_refusal(ad: &HostAd, req: &PlacementRequest) -> Option<(&'static str, S
     if req.cpu_share > ad.cpu_cap + 1e-9 {
         return Some((
             "cpu_share",
-            format!("a CPU reservation of {:.3} cores exceeds the owner's cap of {:.3} cores for all guests (--max-share)", req.cpu_share, ad.cpu_cap),
+            format!(
+                "a CPU reservation of {:.3} cores exceeds the owner's cap of {:.3} cores for all guests (--max-share)",
+                req.cpu_share, ad.cpu_cap
+            ),
             false,
         ));
     }
@@ -1028,7 +1003,11 @@ impl DefaultRank {
             // The predicted load (next 30 s) where the host predicts, else its load average.
             load: {
                 let l = if h.ad.load_predicted > 0.0 || h.ad.load_now > 0.0 { h.ad.load_predicted } else { h.ad.load_avg };
-                if h.ad.cpus > 0 && l.is_finite() { l / h.ad.cpus as f64 } else { 0.0 }
+                if h.ad.cpus > 0 && l.is_finite() {
+                    l / h.ad.cpus as f64
+                } else {
+                    0.0
+                }
             },
             vms: h.ad.running_vms.saturating_add(h.held.len() as u32),
             free_mem: h.free_mem(),

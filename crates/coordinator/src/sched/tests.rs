@@ -27,15 +27,7 @@ fn ad(name: &str, site: &str, cpus: u32, mem: u64) -> HostAd {
 }
 
 fn req(user: &str, cpus: u32, mem: u64) -> PlacementRequest {
-    PlacementRequest {
-        user: user.into(),
-        image: "debian@12".into(),
-        cpus,
-        memory_mib: mem,
-        cpu_share: 0.0,
-        require: None,
-        rank: None,
-    }
+    PlacementRequest { user: user.into(), image: "debian@12".into(), cpus, memory_mib: mem, cpu_share: 0.0, require: None, rank: None }
 }
 
 fn no_match(r: Result<Placement, PlaceError>) -> NoMatch {
@@ -109,14 +101,7 @@ fn clauses_are_split_at_top_level_and_classified() {
     )
     .unwrap();
     let texts: Vec<&str> = e.clauses.iter().map(|c| c.text.as_str()).collect();
-    assert_eq!(
-        texts,
-        vec![
-            "host.free_memory_mib >= 2048",
-            r#"host.labels.site == "u&&f""#,
-            "(host.cpus > 1 || host.accel == 'kvm')"
-        ]
-    );
+    assert_eq!(texts, vec!["host.free_memory_mib >= 2048", r#"host.labels.site == "u&&f""#, "(host.cpus > 1 || host.accel == 'kvm')"]);
     let scopes: Vec<Scope> = e.clauses.iter().map(|c| c.scope).collect();
     assert_eq!(scopes, vec![Scope::Host, Scope::Class, Scope::Class]);
     // Not a top-level conjunction: one clause.
@@ -211,15 +196,7 @@ fn no_match_names_each_host_and_the_failing_clause() {
     r.require = Some(r#"host.cpus >= 2 && host.labels.site == "uf""#.into());
     let nm = no_match(s.place(&r));
     let got: Vec<(&str, &str)> = nm.refusals.iter().map(|x| (x.host.as_str(), x.clause.as_str())).collect();
-    assert_eq!(
-        got,
-        vec![
-            ("h1", r#"host.labels.site == "uf""#),
-            ("h2", "memory"),
-            ("h3", "free_memory_mib"),
-            ("h4", "state"),
-        ]
-    );
+    assert_eq!(got, vec![("h1", r#"host.labels.site == "uf""#), ("h2", "memory"), ("h3", "free_memory_mib"), ("h4", "state"),]);
     assert_eq!(nm.refusals[0].detail, r#"is false: host.labels.site is "ufl""#);
     assert!(nm.refusals[2].detail.contains("1000 MiB free"), "{}", nm.refusals[2].detail);
     let text = nm.to_string();
@@ -342,10 +319,7 @@ async fn queued_request_is_placed_when_capacity_frees_and_no_wait_fails_fast() {
     s.upsert(ad("h", "uf", 2, 2048)).unwrap();
     let first = s.place(&req("u", 2, 1024)).unwrap();
     // --no-wait
-    assert!(matches!(
-        s.place_or_wait(&req("u", 1, 1), &PlaceOptions::default(), None).await,
-        Err(PlaceError::NoMatch(_))
-    ));
+    assert!(matches!(s.place_or_wait(&req("u", 1, 1), &PlaceOptions::default(), None).await, Err(PlaceError::NoMatch(_))));
     // A request no capacity could ever satisfy does not wait either.
     let mut never = req("u", 1, 1);
     never.require = Some("host.labels.site == 'mars'".into());
@@ -355,9 +329,7 @@ async fn queued_request_is_placed_when_capacity_frees_and_no_wait_fails_fast() {
     ));
     let waiter = {
         let s = s.clone();
-        tokio::spawn(async move {
-            s.place_or_wait(&req("u", 1, 1), &PlaceOptions::default(), Some(Duration::from_secs(3600))).await
-        })
+        tokio::spawn(async move { s.place_or_wait(&req("u", 1, 1), &PlaceOptions::default(), Some(Duration::from_secs(3600))).await })
     };
     tokio::task::yield_now().await;
     s.release(first.reservation).unwrap();

@@ -36,11 +36,8 @@ pub async fn start_full(dir: tempfile::TempDir, data: &std::path::Path, f: impl 
     let store = Arc::new(f(ImageStore::open_local(data).unwrap()));
     let (addr, task) = vgrid_imagestore::server::spawn(store.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let url = format!("http://{addr}");
-    let client = StoreClient::with_retry(
-        &url,
-        RetryPolicy { first_backoff: std::time::Duration::from_millis(50), ..Default::default() },
-    )
-    .unwrap();
+    let client =
+        StoreClient::with_retry(&url, RetryPolicy { first_backoff: std::time::Duration::from_millis(50), ..Default::default() }).unwrap();
     Server { dir, store, url, client, task }
 }
 
