@@ -27,6 +27,6 @@ pub use accel::{kvm_usable, Accel};
 pub use qemu_user::{QemuUser, QemuUserError, DEFAULT_QEMU_USER};
 pub use qmp::{QmpClient, QmpError, QmpEvent, QmpVersion};
 pub use vm::{
-    qemu_args, qemu_version, qemu_version_of, validate_spec, validate_vm_id, BootSource, DiskSource, ExitInfo, LaunchOptions, QemuVersion,
-    StopMethod, StopOutcome, Vm, VmError, VmSpec, VmState,
+    qemu_args, qemu_version, qemu_version_of, validate_spec, validate_vm_id, BootSource, DiskSource, ExitInfo, LaunchOptions, QemuStatus,
+    QemuVersion, StopMethod, StopOutcome, Vm, VmError, VmSpec,
 };

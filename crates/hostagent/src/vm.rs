@@ -211,9 +211,10 @@ impl fmt::Display for ExitInfo {
     }
 }
 
-/// What `query-status` says, or that QEMU is gone.
+/// QEMU's run status: what `query-status` says, or that QEMU is gone. (Not the coordinator's
+/// `vgrid_api::vm::VmState`, the VM's lifecycle state.)
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmState {
+pub enum QemuStatus {
     Running,
     /// Stopped by `stop` (or a debugger, or an I/O error with `werror=stop`).
     Paused,
@@ -926,24 +927,24 @@ impl Vm {
     }
 
     /// The VM's run state (`query-status`), or `Exited` once QEMU is gone.
-    pub async fn status(&self) -> Result<VmState, VmError> {
+    pub async fn status(&self) -> Result<QemuStatus, VmError> {
         if let Some(e) = self.exit_info() {
-            return Ok(VmState::Exited(e));
+            return Ok(QemuStatus::Exited(e));
         }
         match self.qmp.execute("query-status", None).await {
             Ok(v) => {
                 let s = v.get("status").and_then(Value::as_str).unwrap_or("").to_string();
                 Ok(match s.as_str() {
-                    "running" => VmState::Running,
-                    "paused" => VmState::Paused,
-                    "shutdown" => VmState::Shutdown,
-                    _ => VmState::Other(s),
+                    "running" => QemuStatus::Running,
+                    "paused" => QemuStatus::Paused,
+                    "shutdown" => QemuStatus::Shutdown,
+                    _ => QemuStatus::Other(s),
                 })
             }
             Err(e @ QmpError::Closed { .. }) => {
                 // QEMU closed QMP: it is exiting. Give the reaper a moment to see it.
                 match tokio::time::timeout(Duration::from_secs(5), self.wait_exit()).await {
-                    Ok(info) => Ok(VmState::Exited(info)),
+                    Ok(info) => Ok(QemuStatus::Exited(info)),
                     Err(_) => Err(self.qmp_err(e)),
                 }
             }
@@ -1021,7 +1022,7 @@ impl Vm {
         let path =
             if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir().map_err(|e| err(e.to_string()))?.join(path) };
         let _ = std::fs::remove_file(&path);
-        if matches!(self.status().await?, VmState::Running) {
+        if matches!(self.status().await?, QemuStatus::Running) {
             self.stop().await?;
         }
         tracing::info!(vm = %self.spec.id, path = %path.display(), "saving VM state");

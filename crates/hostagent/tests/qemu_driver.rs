@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vgrid_hostagent::testkit::{self, boot_slot, boot_with_retry, sample_guest, SampleGuest, BOOTED_MARKER, DISK_MARKER, PROMPT};
-use vgrid_hostagent::{qemu_version, BootSource, DiskSource, LaunchOptions, StopMethod, Vm, VmError, VmSpec, VmState};
+use vgrid_hostagent::{qemu_version, BootSource, DiskSource, LaunchOptions, QemuStatus, StopMethod, Vm, VmError, VmSpec};
 
 /// Hang guards, not performance thresholds: a TCG boot takes seconds; these catch a stuck guest.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -85,7 +85,7 @@ async fn guest_writes_land_in_the_overlay_and_the_base_stays_unchanged() {
     let log = std::fs::read_to_string(vm.console_log_path()).unwrap();
     assert!(log.contains(BOOTED_MARKER), "{log}");
     assert!(log.contains(&format!("disk says {DISK_MARKER}")), "{log}");
-    assert_eq!(vm.status().await.unwrap(), VmState::Running);
+    assert_eq!(vm.status().await.unwrap(), QemuStatus::Running);
 
     // $((6*7)) and $((2+3)) make the output differ from the echoed input.
     run_in_guest(&vm, "echo vgrid-written-$((6*7)) > /mnt/written; sync; echo cmd-$((2+3))-done", "cmd-5-done").await;
@@ -99,7 +99,7 @@ async fn guest_writes_land_in_the_overlay_and_the_base_stays_unchanged() {
     assert!(out.exit.success(), "{}", out.exit);
     assert!(vm.tail_console(50).iter().any(|l| l.contains("vgrid-sample: power button")), "{:?}", vm.tail_console(50));
     assert!(!pid_alive(vm.pid()));
-    assert_eq!(vm.status().await.unwrap(), VmState::Exited(out.exit));
+    assert_eq!(vm.status().await.unwrap(), QemuStatus::Exited(out.exit));
 
     // The overlay holds the new file...
     let overlay = vm.overlay_path();
@@ -136,7 +136,7 @@ async fn sigkilled_qemu_is_reported_exited_by_signal_and_cleanup_removes_everyth
     let exit = tokio::time::timeout(Duration::from_secs(60), vm.wait_exit()).await.expect("QEMU reaped");
     assert_eq!(exit.signal, Some(9), "{exit}");
     assert_eq!(exit.code, None);
-    assert_eq!(vm.status().await.unwrap(), VmState::Exited(exit));
+    assert_eq!(vm.status().await.unwrap(), QemuStatus::Exited(exit));
     let e = vm.wait_for_console("never printed", CONSOLE_TIMEOUT).await.unwrap_err();
     assert!(matches!(e, VmError::ConsoleExited { .. }), "{e}");
     assert!(e.to_string().contains("kill-test"), "{e}");
@@ -165,15 +165,15 @@ async fn adopt_after_agent_restart_then_stop_cont_and_quit_fallback() {
     let vm = Vm::adopt(&dir, &opts()).await.unwrap();
     assert_eq!(vm.id(), "adopt-test");
     assert_eq!(vm.pid(), pid);
-    assert_eq!(vm.status().await.unwrap(), VmState::Running);
+    assert_eq!(vm.status().await.unwrap(), QemuStatus::Running);
 
     let mut events = vm.events();
     vm.stop().await.unwrap();
-    assert_eq!(vm.status().await.unwrap(), VmState::Paused);
+    assert_eq!(vm.status().await.unwrap(), QemuStatus::Paused);
     let ev = tokio::time::timeout(Duration::from_secs(30), events.recv()).await.unwrap().unwrap();
     assert_eq!(ev.event, "STOP");
     vm.cont().await.unwrap();
-    assert_eq!(vm.status().await.unwrap(), VmState::Running);
+    assert_eq!(vm.status().await.unwrap(), QemuStatus::Running);
     let ev = tokio::time::timeout(Duration::from_secs(30), events.recv()).await.unwrap().unwrap();
     assert_eq!(ev.event, "RESUME");
 
@@ -430,7 +430,7 @@ async fn saved_state_restores_the_guest_where_it_was() {
     let state = tmp.path().join("state.bin");
     let size = vm.save_state(&state, Duration::from_secs(300)).await.unwrap();
     assert!(size > 0 && std::fs::metadata(&state).unwrap().len() == size);
-    assert!(matches!(vm.status().await.unwrap(), VmState::Other(ref s) if s == "postmigrate"));
+    assert!(matches!(vm.status().await.unwrap(), QemuStatus::Other(ref s) if s == "postmigrate"));
     // Suspend = state + overlay; the process itself is gone.
     let exit = vm.kill().await.unwrap();
     assert_eq!(exit.signal, Some(9));
@@ -443,7 +443,7 @@ async fn saved_state_restores_the_guest_where_it_was() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(vm.status().await.unwrap(), VmState::Running);
+    assert_eq!(vm.status().await.unwrap(), QemuStatus::Running);
     // No boot happened: the console log of the new QEMU has no boot marker.
     assert!(!std::fs::read_to_string(vm.console_log_path()).unwrap_or_default().contains(BOOTED_MARKER));
     run_in_guest(&vm, "cat /tmp/r /mnt/d; echo c-$((2+1))-done", "c-3-done").await;
@@ -492,7 +492,7 @@ async fn guest_runs_its_rc_and_powers_itself_off() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(exit.success(), "a guest that powers off ends QEMU with code 0, not {exit}");
-    assert_eq!(vm.status().await.unwrap(), VmState::Exited(exit));
+    assert_eq!(vm.status().await.unwrap(), QemuStatus::Exited(exit));
     let log = std::fs::read_to_string(vm.console_log_path()).unwrap();
     assert!(log.contains("job-output-42") && log.contains("vgrid-sample: powering off"), "{log}");
 
