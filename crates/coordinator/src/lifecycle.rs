@@ -1,5 +1,8 @@
 //! VM lifecycle: validation, placement on a registered host, state transitions, failure
-//! reasons, and reconciliation with hosts that go silent and come back.
+//! reasons, and reconciliation with hosts that go silent and come back. Which state each event
+//! leads to is the table in [`table`].
+
+pub mod table;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
