@@ -361,14 +361,10 @@ pub fn transition(from: VmState, event: &Event) -> Result<Change, TransitionErro
         (Pending | Starting | Running | Stopping | Suspending | Migrating | inactive!(), E::HostBack) => Unchanged,
 
         // A host's report settles what the records could not (`plan_reconcile`).
-        (Unknown | Starting | Migrating, E::SettledRunning { pid }) => {
-            to(Running, Phase::Running).clear_reason().pid(*pid).migration(MigrationEffect::End {
-                status: MigrationStatus::Failed,
-                error: Some("did not finish in time; resolved from the host's report".into()),
-                elapsed_ms: None,
-                only_if_active: true,
-            })
-        }
+        (Unknown | Starting | Migrating, E::SettledRunning { pid }) => to(Running, Phase::Running)
+            .clear_reason()
+            .pid(*pid)
+            .migration(fail_active("did not finish in time; resolved from the host's report")),
         (Stopping, E::SettledStopped) => to(Stopped, Phase::Stopped).stopped_now().clear_pid(),
         (Starting, E::SettledFailed { reason }) => to(Failed, Phase::Failed).reason(reason).stopped_now(),
         (Running | Unknown | Migrating, E::SettledLost { reason }) => to(Lost, Phase::Lost).reason(reason).stopped_now().clear_pid(),
@@ -402,13 +398,9 @@ pub fn transition(from: VmState, event: &Event) -> Result<Change, TransitionErro
             .reason(format!("the coordinator restarted while this VM was resuming on {host}, which did not run it; resume it again")),
 
         // Live migration: only a running VM; it runs again (at the source, or at the destination) when it ends.
-        (Running, E::MigrationStarted { from: source, to: dest, downtime_limit_ms, max_seconds }) => {
-            to(Migrating, Phase::Migrating { to: dest.clone(), step: None }).migration(MigrationEffect::Begin {
-                from: source.clone(),
-                to: dest.clone(),
-                downtime_limit_ms: *downtime_limit_ms,
-                max_seconds: *max_seconds,
-            })
+        (Running, E::MigrationStarted { from: source, to: dest, downtime_limit_ms: limit, max_seconds: max }) => {
+            let begin = MigrationEffect::Begin { from: source.clone(), to: dest.clone(), downtime_limit_ms: *limit, max_seconds: *max };
+            to(Migrating, Phase::Migrating { to: dest.clone(), step: None }).migration(begin)
         }
         (Migrating, E::MigrationProgress { to: dest, step }) => {
             stay(Migrating).phase(Phase::Migrating { to: dest.clone(), step: Some(step.clone()) })
@@ -580,14 +572,14 @@ impl Change {
                 elapsed_ms: Some(*elapsed_ms),
                 only_if_active: false,
             }),
-            MigrationOutcome::Interrupted => self.migration(MigrationEffect::End {
-                status: MigrationStatus::Failed,
-                error: Some("the coordinator restarted during the migration".into()),
-                elapsed_ms: None,
-                only_if_active: true,
-            }),
+            MigrationOutcome::Interrupted => self.migration(fail_active("the coordinator restarted during the migration")),
         }
     }
+}
+
+/// A migration still under way fails now with `error`.
+fn fail_active(error: &str) -> MigrationEffect {
+    MigrationEffect::End { status: MigrationStatus::Failed, error: Some(error.into()), elapsed_ms: None, only_if_active: true }
 }
 
 impl<T> Set<T> {
