@@ -74,7 +74,7 @@ impl From<AuthError> for ApiError {
             AuthError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AuthError::Conflict(_) => StatusCode::CONFLICT,
             AuthError::NotFound(_) => StatusCode::NOT_FOUND,
-            AuthError::State(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AuthError::State(_) | AuthError::Audit { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())
     }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ssh_key::{PublicKey, SshSig};
 use vgrid_api::auth::{AuditEntry, Challenge, LoginToken, Quota, UserCreate, UserInfo, LOGIN_NAMESPACE};
 
-use crate::state::{StateError, StateStore};
+use crate::state::{LegacyStore, StateError};
 
 const USERS: &str = "users";
 const TOKENS: &str = "tokens";
@@ -41,6 +41,12 @@ pub enum AuthError {
     NotFound(String),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("audit log {}: {source}", path.display())]
+    Audit {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Who is calling: the user a valid token belongs to.
@@ -89,7 +95,7 @@ struct PendingChallenge {
 
 /// Users, challenges, tokens and the audit log of one coordinator.
 pub struct Auth {
-    state: Arc<dyn StateStore>,
+    state: Arc<dyn LegacyStore>,
     challenges: Mutex<HashMap<String, PendingChallenge>>,
     token_ttl: Duration,
     audit: Mutex<Option<std::fs::File>>,
@@ -165,14 +171,14 @@ fn fingerprint(key: &PublicKey) -> String {
 
 impl Auth {
     /// `audit`: the audit log file (JSON lines), appended to; `None` keeps no log.
-    pub fn new(state: Arc<dyn StateStore>, audit: Option<PathBuf>, token_ttl: Duration) -> Result<Arc<Auth>, AuthError> {
+    pub fn new(state: Arc<dyn LegacyStore>, audit: Option<PathBuf>, token_ttl: Duration) -> Result<Arc<Auth>, AuthError> {
         let file = match &audit {
             Some(p) => Some(
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(p)
-                    .map_err(|e| AuthError::State(StateError::Db(format!("audit log {}: {e}", p.display()))))?,
+                    .map_err(|source| AuthError::Audit { path: p.clone(), source })?,
             ),
             None => None,
         };
@@ -191,7 +197,7 @@ impl Auth {
         let Some(bytes) = self.state.get_record(USERS, name)? else { return Ok(None) };
         serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|e| AuthError::State(StateError::Corrupt { id: format!("user {name}"), cause: e.to_string() }))
+            .map_err(|source| AuthError::State(StateError::Corrupt { key: crate::state::records::record_key(USERS, name), source }))
     }
 
     fn store_user(&self, u: &UserInfo) -> Result<(), AuthError> {
@@ -231,8 +237,9 @@ impl Auth {
         let mut out = Vec::new();
         for (k, v) in self.state.list_records(USERS)? {
             out.push(
-                serde_json::from_slice(&v)
-                    .map_err(|e| AuthError::State(StateError::Corrupt { id: format!("user {k}"), cause: e.to_string() }))?,
+                serde_json::from_slice(&v).map_err(|source| {
+                    AuthError::State(StateError::Corrupt { key: crate::state::records::record_key(USERS, &k), source })
+                })?,
             );
         }
         Ok(out)
@@ -394,12 +401,12 @@ impl Auth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::RedbState;
+    use crate::state::{open, StateConfig};
     use ssh_key::{Algorithm, LineEnding, PrivateKey};
 
     fn auth() -> (tempfile::TempDir, Arc<Auth>) {
         let d = tempfile::tempdir().unwrap();
-        let st = Arc::new(RedbState::open(&d.path().join("s.redb")).unwrap());
+        let st = open(&StateConfig::Memory).unwrap().legacy();
         let a = Auth::new(st, Some(d.path().join("audit.log")), Duration::from_secs(3600)).unwrap();
         (d, a)
     }
@@ -465,8 +472,7 @@ mod tests {
 
     #[test]
     fn expired_tokens_are_refused_and_removed_users_lose_their_tokens() {
-        let d = tempfile::tempdir().unwrap();
-        let st = Arc::new(RedbState::open(&d.path().join("s.redb")).unwrap());
+        let st = open(&StateConfig::Memory).unwrap().legacy();
         let a = Auth::new(st, None, Duration::from_secs(0)).unwrap();
         let k = key(Algorithm::Ed25519);
         add(&a, "carol", &k, false);

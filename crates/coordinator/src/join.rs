@@ -10,7 +10,7 @@ use vgrid_trust::node::JoinToken;
 use vgrid_trust::{Ca, NodeRole};
 
 use crate::auth::{now, random_hex, AuthError};
-use crate::state::StateStore;
+use crate::state::LegacyStore;
 
 const TABLE: &str = "join-tokens";
 /// Default lifetime of a join token.
@@ -24,7 +24,7 @@ struct Stored {
 
 pub struct Joins {
     ca: Ca,
-    state: Arc<dyn StateStore>,
+    state: Arc<dyn LegacyStore>,
     /// Serialises redeeming, so a token is spent once.
     lock: Mutex<()>,
 }
@@ -37,7 +37,7 @@ fn joinable(role: &str) -> Result<NodeRole, AuthError> {
 }
 
 impl Joins {
-    pub fn new(ca: Ca, state: Arc<dyn StateStore>) -> Self {
+    pub fn new(ca: Ca, state: Arc<dyn LegacyStore>) -> Self {
         Joins { ca, state, lock: Mutex::new(()) }
     }
 
@@ -113,11 +113,11 @@ impl Joins {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::RedbState;
+    use crate::state::{open, StateConfig};
 
     fn joins() -> (tempfile::TempDir, Joins) {
         let d = tempfile::tempdir().unwrap();
-        let state: Arc<dyn StateStore> = Arc::new(RedbState::open(&d.path().join("s.redb")).unwrap());
+        let state = open(&StateConfig::Memory).unwrap().legacy();
         let ca = Ca::load_or_create(&d.path().join("tls"), "t").unwrap();
         (d, Joins::new(ca, state))
     }
