@@ -586,14 +586,14 @@ async fn bridge(client: WebSocket, host: tokio_tungstenite::WebSocketStream<toki
     loop {
         tokio::select! {
             m = hrx.next() => match m {
-                Some(Ok(TMessage::Binary(b))) => if ctx.send(Message::Binary(b.to_vec().into())).await.is_err() { break },
-                Some(Ok(TMessage::Text(t))) => if ctx.send(Message::Text(t.as_str().into())).await.is_err() { break },
+                Some(Ok(TMessage::Binary(b))) if ctx.send(Message::Binary(b.to_vec().into())).await.is_err() => break,
+                Some(Ok(TMessage::Text(t))) if ctx.send(Message::Text(t.as_str().into())).await.is_err() => break,
                 Some(Ok(TMessage::Close(_))) | None | Some(Err(_)) => break,
                 _ => {}
             },
             m = crx.next() => match m {
-                Some(Ok(Message::Binary(b))) => if htx.send(TMessage::Binary(b.to_vec().into())).await.is_err() { break },
-                Some(Ok(Message::Text(t))) => if htx.send(TMessage::Text(t.as_str().into())).await.is_err() { break },
+                Some(Ok(Message::Binary(b))) if htx.send(TMessage::Binary(b.to_vec().into())).await.is_err() => break,
+                Some(Ok(Message::Text(t))) if htx.send(TMessage::Text(t.as_str().into())).await.is_err() => break,
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                 _ => {}
             }

@@ -403,6 +403,17 @@ impl Auth {
     }
 }
 
+/// Host agents and image servers in the coordinator's process check tokens here directly.
+impl vgrid_trust::caller::UserTokens for Auth {
+    fn verify<'a>(&'a self, token: &'a str) -> vgrid_trust::caller::BoxFuture<'a, Result<vgrid_trust::caller::UserId, String>> {
+        Box::pin(async move {
+            let p = self.authenticate(token).await.map_err(|e| e.to_string())?;
+            let max_stored_bytes = self.user(&p.user).await.ok().and_then(|u| u.quota.stored_bytes);
+            Ok(vgrid_trust::caller::UserId { name: p.user, admin: p.admin, max_stored_bytes })
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,16 +547,5 @@ mod tests {
         add(&a, "r", &k, false).await;
         let c = a.challenge("r").unwrap();
         a.login("r", &c.nonce, &sign(&k, &c.message)).await.unwrap();
-    }
-}
-
-/// Host agents and image servers in the coordinator's process check tokens here directly.
-impl vgrid_trust::caller::UserTokens for Auth {
-    fn verify<'a>(&'a self, token: &'a str) -> vgrid_trust::caller::BoxFuture<'a, Result<vgrid_trust::caller::UserId, String>> {
-        Box::pin(async move {
-            let p = self.authenticate(token).await.map_err(|e| e.to_string())?;
-            let max_stored_bytes = self.user(&p.user).await.ok().and_then(|u| u.quota.stored_bytes);
-            Ok(vgrid_trust::caller::UserId { name: p.user, admin: p.admin, max_stored_bytes })
-        })
     }
 }

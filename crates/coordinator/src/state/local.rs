@@ -9,7 +9,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 
 use super::history::History;
-use super::{Committed, Condition, Entry, EventKind, Op, Revision, StateError, StateStore, Txn, WatchEvent, WatchStream};
+use super::{Committed, Condition, Entry, EventKind, Listing, Op, Revision, StateError, StateStore, Txn, WatchEvent, WatchStream};
 
 /// The synchronous core of an in-process backend.
 pub trait LocalStore: Send + Sync + 'static {
@@ -19,7 +19,7 @@ pub trait LocalStore: Send + Sync + 'static {
     fn read(&self, key: &str) -> Result<Option<Entry>, StateError>;
 
     /// The keys under `prefix` in key order and the revision of that snapshot.
-    fn scan(&self, prefix: &str) -> Result<(Vec<(String, Entry)>, Revision), StateError>;
+    fn scan(&self, prefix: &str) -> Result<Listing, StateError>;
 
     /// Applies `txn` with [`apply`] in one write transaction, then records its changes in
     /// [`LocalStore::history`] before the next write can commit.
@@ -127,7 +127,7 @@ impl<B: LocalStore> StateStore for InProcess<B> {
         self.run(move |b| b.read(&key))
     }
 
-    fn range<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<(Vec<(String, Entry)>, Revision), StateError>> {
+    fn range<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing, StateError>> {
         let prefix = prefix.to_string();
         self.run(move |b| b.scan(&prefix))
     }

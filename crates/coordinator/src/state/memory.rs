@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use super::history::{History, DEFAULT_KEPT};
 use super::local::{apply, InProcess, KvTx, LocalStore};
-use super::{Committed, Entry, Revision, StateError, Txn};
+use super::{Committed, Entry, Listing, Revision, StateError, Txn};
 
 struct Tables {
     map: BTreeMap<String, Entry>,
@@ -76,7 +76,7 @@ impl LocalStore for Memory {
         Ok(self.lock().map.get(key).cloned())
     }
 
-    fn scan(&self, prefix: &str) -> Result<(Vec<(String, Entry)>, Revision), StateError> {
+    fn scan(&self, prefix: &str) -> Result<Listing, StateError> {
         let t = self.lock();
         let rows = t.map.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(k, e)| (k.clone(), e.clone()));
         Ok((rows.collect(), t.revision))

@@ -62,6 +62,9 @@ pub type Revision = u64;
 /// A backend's own error, kept as the source of [`StateError`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Keys with their entries, in key order, and the revision they were read at.
+pub type Listing = (Vec<(String, Entry)>, Revision);
+
 /// A stored value with its revisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -274,7 +277,7 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Every key under `prefix` ("" for all), in key order, and the revision they were read at
     /// (one snapshot).
-    fn range<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<(Vec<(String, Entry)>, Revision), StateError>>;
+    fn range<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing, StateError>>;
 
     /// Applies a [`Txn`] all or nothing.
     fn batch(&self, txn: Txn) -> BoxFuture<'_, Result<Committed, StateError>>;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Entry, Expect, Op, Revision, StateError, StateStore, Txn};
+use super::{Entry, Expect, Listing, Op, Revision, StateError, StateStore, Txn};
 
 /// The prefix of named records.
 pub const RECORDS: &str = "records/";
@@ -64,7 +64,7 @@ impl RecordStore {
     }
 
     /// The table's records (keys within the table, in order) and the revision read at.
-    pub async fn list_records(&self, table: &str) -> Result<(Vec<(String, Entry)>, Revision), StateError> {
+    pub async fn list_records(&self, table: &str) -> Result<Listing, StateError> {
         let prefix = record_prefix(table);
         let (rows, at) = self.store.range(&prefix).await?;
         Ok((relative(&prefix, rows), at))

@@ -22,7 +22,7 @@ use super::history::{History, DEFAULT_KEPT};
 use super::local::{apply, InProcess, KvTx, LocalStore};
 use super::records::{record_key, usage_key};
 use super::vms::vm_key;
-use super::{BoxError, Committed, Entry, Revision, StateError, Txn, UsageTable};
+use super::{BoxError, Committed, Entry, Listing, Revision, StateError, Txn, UsageTable};
 
 /// The key space: key → `create_revision` (u64 LE), `mod_revision` (u64 LE), value.
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("state.kv");
@@ -142,7 +142,7 @@ impl LocalStore for Redb {
         self.db.begin_read()?.open_table(KV)?.get(key)?.map(|v| decode_entry(key, v.value())).transpose()
     }
 
-    fn scan(&self, prefix: &str) -> Result<(Vec<(String, Entry)>, Revision), StateError> {
+    fn scan(&self, prefix: &str) -> Result<Listing, StateError> {
         let tx = self.db.begin_read()?;
         let revision = tx.open_table(META)?.get(REVISION)?.map(|v| v.value()).unwrap_or(0);
         Ok((rows_under(&tx.open_table(KV)?, prefix)?, revision))
