@@ -588,8 +588,8 @@ pub async fn audit_cmd(ctx: &Ctx, a: AuditArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// For roles: bootstrap the first admin of a coordinator with no users.
-pub fn bootstrap(auth: &vgrid_coordinator::auth::Auth, name: Option<String>, key: Option<PathBuf>) -> anyhow::Result<()> {
-    if !auth.users().map_err(|e| anyhow!("{e}"))?.is_empty() {
+pub async fn bootstrap(auth: &vgrid_coordinator::auth::Auth, name: Option<String>, key: Option<PathBuf>) -> anyhow::Result<()> {
+    if !auth.users().await.map_err(|e| anyhow!("{e}"))?.is_empty() {
         return Ok(());
     }
     let name = name.unwrap_or_else(local_user);
@@ -597,7 +597,7 @@ pub fn bootstrap(auth: &vgrid_coordinator::auth::Auth, name: Option<String>, key
         Some(p) => (read_public_key(&p)?, p),
         None => local_key_or_create()?,
     };
-    if auth.bootstrap_admin(&name, &public).map_err(|e| anyhow!("creating the first admin: {e}"))? {
+    if auth.bootstrap_admin(&name, &public).await.map_err(|e| anyhow!("creating the first admin: {e}"))? {
         eprintln!("vgrid: created the first admin user {name} with the key {}", from.display());
     }
     Ok(())

@@ -13,7 +13,7 @@ use std::time::Duration;
 use vgrid_api::ImageRef;
 use vgrid_coordinator::hosts::Registry;
 use vgrid_coordinator::join::Joins;
-use vgrid_coordinator::state::RedbState;
+use vgrid_coordinator::state::{RecordStore, StateConfig};
 use vgrid_coordinator::Coordinator;
 use vgrid_hostagent::agent::{Agent, AgentConfig, Heartbeat, PullProgress};
 use vgrid_imagestore::client::StoreClient;
@@ -72,10 +72,11 @@ pub struct UserOpts {
 
 impl UserOpts {
     /// Users and the audit log (`audit.log` in `data`), with the first admin made if needed.
-    fn open(&self, state: Arc<RedbState>, data: &Path) -> anyhow::Result<Arc<vgrid_coordinator::auth::Auth>> {
-        let auth = vgrid_coordinator::auth::Auth::new(state, Some(data.join("audit.log")), Duration::from_secs(self.token_ttl))
+    async fn open(&self, records: RecordStore, data: &Path) -> anyhow::Result<Arc<vgrid_coordinator::auth::Auth>> {
+        let auth = vgrid_coordinator::auth::Auth::new(records, Some(data.join("audit.log")), Duration::from_secs(self.token_ttl))
+            .await
             .map_err(|e| anyhow!("opening users: {e}"))?;
-        crate::auth::bootstrap(&auth, self.admin.clone(), self.admin_key.clone())?;
+        crate::auth::bootstrap(&auth, self.admin.clone(), self.admin_key.clone()).await?;
         Ok(auth)
     }
 }
@@ -363,23 +364,28 @@ fn heartbeat(o: &HostOpts, coordinator: &str, url: &str) -> Heartbeat {
     }
 }
 
+/// The coordinator's state in `data` (`state.redb`).
+fn open_state(data: &Path) -> anyhow::Result<vgrid_coordinator::state::State> {
+    vgrid_coordinator::state::open(&StateConfig::Redb(data.join("state.redb"))).map_err(|e| anyhow!("{e}"))
+}
+
 pub async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     let data = a.data_dir.unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
     let (listener, url) = bind(a.listen).await?;
-    let state = Arc::new(RedbState::open(&data.join("state.redb")).map_err(|e| anyhow!("{e}"))?);
+    let state = open_state(&data)?;
     let name = a.host.name.clone().unwrap_or_else(hostname);
     let roles = [NodeRole::Coordinator, NodeRole::Host, NodeRole::ImageServer];
     let (ca, node) = own_ca(&data.join("tls"), &name, &roles, sans_for(a.listen, &a.tls.sans, None))?;
     use_node_cert(&node, Some(&url))?;
-    let joins = Arc::new(Joins::new(ca, state.clone()));
+    let joins = Arc::new(Joins::new(ca, state.records()));
 
     let store = Arc::new(ImageStore::open_local(data.join("images")).map_err(|e| anyhow!("opening the image store: {e}"))?);
     let agent = start_agent(&data.join("host"), &a.host, vec![url.clone()]).await?;
     let registry = a.beats.registry();
     registry.add_fixed_servers(a.host.image_servers.iter().cloned());
-    let auth = a.users.open(state.clone(), &data)?;
-    let coord = Coordinator::new(state, registry.clone()).await.map_err(|e| anyhow!("{e}"))?;
+    let auth = a.users.open(state.records(), &data).await?;
+    let coord = Coordinator::new(state.legacy(), registry.clone()).await.map_err(|e| anyhow!("{e}"))?;
 
     let users: vgrid_trust::caller::Users = auth.clone();
     let app = vgrid_coordinator::api::router(coord.clone(), auth, Some(joins))
@@ -414,15 +420,15 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let data = a.data_dir.unwrap_or_else(|| default_data_dir().join("coordinator"));
     std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
     let (listener, url) = bind(a.listen).await?;
-    let state = Arc::new(RedbState::open(&data.join("state.redb")).map_err(|e| anyhow!("{e}"))?);
+    let state = open_state(&data)?;
     let (ca, node) = own_ca(&data.join("tls"), &hostname(), &[NodeRole::Coordinator], sans_for(a.listen, &a.tls.sans, None))?;
     use_node_cert(&node, Some(&url))?;
     let fingerprint = ca.fingerprint();
-    let joins = Arc::new(Joins::new(ca, state.clone()));
+    let joins = Arc::new(Joins::new(ca, state.records()));
     let registry = a.beats.registry();
     registry.add_fixed_servers(a.image_servers.iter().cloned());
-    let auth = a.users.open(state.clone(), &data)?;
-    let coord = Coordinator::new(state, registry).await.map_err(|e| anyhow!("{e}"))?;
+    let auth = a.users.open(state.records(), &data).await?;
+    let coord = Coordinator::new(state.legacy(), registry).await.map_err(|e| anyhow!("{e}"))?;
     announce(&format!("vgrid coordinator at {url} (data in {}, CA {fingerprint})", data.display()));
     vgrid_trust::tls::serve(listener, node, vgrid_coordinator::api::router(coord, auth, Some(joins)), shutdown_signal())
         .await

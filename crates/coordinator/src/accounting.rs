@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use vgrid_api::usage::{UsageReport, UsageTotals, UserUsage, VmUsage, VmUsageReport};
 use vgrid_api::vm::VmRecord;
 
-use crate::state::{StateError, StateStore, UsageTable};
+use crate::state::{LegacyStore, StateError, UsageTable};
 
 /// Bucket length, seconds.
 pub const BUCKET_SECS: u64 = 60;
@@ -95,12 +95,12 @@ fn is_zero(d: &UsageTotals) -> bool {
 }
 
 pub struct Accounting {
-    state: Arc<dyn StateStore>,
+    state: Arc<dyn LegacyStore>,
     lock: Mutex<()>,
 }
 
 impl Accounting {
-    pub fn new(state: Arc<dyn StateStore>) -> Accounting {
+    pub fn new(state: Arc<dyn LegacyStore>) -> Accounting {
         Accounting { state, lock: Mutex::new(()) }
     }
 
@@ -251,7 +251,7 @@ pub async fn get_usage(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::RedbState;
+    use crate::state::{open, StateConfig};
 
     fn rep(id: &str, generation: u64, cpu_ns: u64, mem: f64) -> VmUsageReport {
         VmUsageReport {
@@ -271,7 +271,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
         {
-            let state: Arc<dyn StateStore> = Arc::new(RedbState::open(&path).unwrap());
+            let state = open(&StateConfig::Redb(path.clone())).unwrap().legacy();
             let acc = Accounting::new(state);
             let none = |_: &str| None;
             acc.record("h1", &[rep("vm-a", 10, 1_000_000_000, 50.0)], none).unwrap();
@@ -288,7 +288,7 @@ mod tests {
         }
         // The coordinator restarts: totals are still there; a new generation (the VM started
         // again, counters from zero) adds its whole counters; an old generation is ignored.
-        let state: Arc<dyn StateStore> = Arc::new(RedbState::open(&path).unwrap());
+        let state = open(&StateConfig::Redb(path.clone())).unwrap().legacy();
         let acc = Accounting::new(state);
         let none = |_: &str| None;
         acc.record("h2", &[rep("vm-a", 20, 500_000_000, 5.0)], none).unwrap();

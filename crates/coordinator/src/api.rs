@@ -74,7 +74,7 @@ impl From<AuthError> for ApiError {
             AuthError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AuthError::Conflict(_) => StatusCode::CONFLICT,
             AuthError::NotFound(_) => StatusCode::NOT_FOUND,
-            AuthError::State(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AuthError::State(_) | AuthError::Audit { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())
     }
@@ -132,7 +132,7 @@ async fn join(Extension(nodes): Nodes, body: Result<Json<JoinRequest>, JsonRejec
     let Json(r) = body?;
     let nodes = nodes
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "this coordinator has no grid CA (it serves plain HTTP); nothing to join".into()))?;
-    Ok(Json(nodes.redeem(&r)?))
+    Ok(Json(nodes.redeem(&r).await?))
 }
 
 /// Makes a one-time join token for a host or an image server (admins only).
@@ -146,14 +146,17 @@ async fn create_join_token(
     p.check_admin("making join tokens")?;
     let Json(r) = body?;
     let nodes = nodes.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "this coordinator has no grid CA (it serves plain HTTP)".into()))?;
-    Ok(Json(nodes.create(&r.role, r.ttl_seconds, &p.user)?))
+    Ok(Json(nodes.create(&r.role, r.ttl_seconds, &p.user).await?))
 }
 
 /// Join tokens, without their secrets (admins only).
 #[utoipa::path(get, path = "/api/v1/join-tokens", responses((status = 200, body = [JoinTokenInfo]), (status = 403, body = ErrorBody)))]
 async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiResult<Vec<JoinTokenInfo>> {
     p.check_admin("join tokens")?;
-    Ok(Json(nodes.map(|n| n.list()).transpose()?.unwrap_or_default()))
+    Ok(Json(match nodes {
+        Some(n) => n.list().await?,
+        None => Vec::new(),
+    }))
 }
 
 #[derive(OpenApi)]
@@ -213,7 +216,10 @@ async fn authenticate(State(auth): State<Arc<Auth>>, mut req: Request, next: Nex
     let public = is_public(&path);
     let peer = NodePeer(vgrid_trust::tls::peer_of(&req).cloned());
     req.extensions_mut().insert(peer);
-    let caller = bearer(&req).map(|t| auth.authenticate(t));
+    let caller = match bearer(&req).map(str::to_string) {
+        Some(t) => Some(auth.authenticate(&t).await),
+        None => None,
+    };
     let mut user = "-".to_string();
     let resp = match caller {
         Some(Ok(p)) => {
@@ -303,27 +309,27 @@ async fn auth_challenge(Extension(auth): Users, body: Result<Json<ChallengeReque
     responses((status = 200, body = LoginToken), (status = 401, body = ErrorBody)))]
 async fn auth_login(Extension(auth): Users, body: Result<Json<LoginRequest>, JsonRejection>) -> ApiResult<LoginToken> {
     let Json(r) = body?;
-    Ok(Json(auth.login(&r.user, &r.nonce, &r.signature)?))
+    Ok(Json(auth.login(&r.user, &r.nonce, &r.signature).await?))
 }
 
 /// Ends the caller's token.
 #[utoipa::path(post, path = "/api/v1/auth/logout", responses((status = 200)))]
 async fn auth_logout(Extension(auth): Users, req: Request) -> ApiResult<serde_json::Value> {
-    if let Some(t) = bearer(&req) {
-        auth.revoke(t)?;
+    if let Some(t) = bearer(&req).map(str::to_string) {
+        auth.revoke(&t).await?;
     }
     Ok(Json(serde_json::json!({})))
 }
 
 #[utoipa::path(get, path = "/api/v1/whoami", responses((status = 200, body = UserInfo)))]
 async fn whoami(Extension(auth): Users, Extension(p): Caller) -> ApiResult<UserInfo> {
-    Ok(Json(auth.user(&p.user)?))
+    Ok(Json(auth.user(&p.user).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/users", responses((status = 200, body = [UserInfo]), (status = 403, body = ErrorBody)))]
 async fn list_users(Extension(auth): Users, Extension(p): Caller) -> ApiResult<Vec<UserInfo>> {
     p.check_admin("listing users")?;
-    Ok(Json(auth.users()?))
+    Ok(Json(auth.users().await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/users", request_body = UserCreate,
@@ -335,7 +341,7 @@ async fn add_user(
 ) -> Result<(StatusCode, Json<UserInfo>), ApiError> {
     p.check_admin("adding users")?;
     let Json(u) = body?;
-    Ok((StatusCode::CREATED, Json(auth.add_user(u)?)))
+    Ok((StatusCode::CREATED, Json(auth.add_user(u).await?)))
 }
 
 #[utoipa::path(get, path = "/api/v1/users/{name}", params(("name" = String, Path)),
@@ -344,7 +350,7 @@ async fn get_user(Extension(auth): Users, Extension(p): Caller, Path(name): Path
     if p.user != name {
         p.check_admin("reading another user")?;
     }
-    Ok(Json(auth.user(&name)?))
+    Ok(Json(auth.user(&name).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/users/{name}", params(("name" = String, Path)),
@@ -354,7 +360,7 @@ async fn delete_user(Extension(auth): Users, Extension(p): Caller, Path(name): P
     if name == p.user {
         return Err(ApiError(StatusCode::CONFLICT, format!("{name} cannot remove themselves; another admin can")));
     }
-    Ok(Json(auth.remove_user(&name)?))
+    Ok(Json(auth.remove_user(&name).await?))
 }
 
 #[utoipa::path(put, path = "/api/v1/users/{name}/quota", params(("name" = String, Path)), request_body = Quota,
@@ -367,7 +373,7 @@ async fn set_quota(
 ) -> ApiResult<UserInfo> {
     p.check_admin("setting quotas")?;
     let Json(q) = body?;
-    Ok(Json(auth.set_quota(&name, q)?))
+    Ok(Json(auth.set_quota(&name, q).await?))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -409,7 +415,7 @@ async fn create_vm(
     body: Result<Json<VmCreate>, JsonRejection>,
 ) -> Result<(StatusCode, Json<VmRecord>), ApiError> {
     let Json(req) = body?;
-    let quota = auth.user(&p.user)?.quota;
+    let quota = auth.user(&p.user).await?.quota;
     c.check_image_read(&req.image, &p.user, p.admin).await?;
     Ok((StatusCode::CREATED, Json(c.create(req, &p.user, &quota).await?)))
 }
@@ -466,7 +472,7 @@ async fn stop_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, bo
               (status = 502, body = ErrorBody)))]
 async fn suspend_vm(State(c): Ctx, Extension(auth): Users, Extension(p): Caller, Path(id): Path<String>) -> ApiResult<Suspended> {
     let rec = owned(&c, &p, &id)?;
-    c.check_stored_quota(&rec.owner, &auth.user(&rec.owner)?.quota)?;
+    c.check_stored_quota(&rec.owner, &auth.user(&rec.owner).await?.quota)?;
     let s = c.suspend(&rec.id).await?;
     c.own_saved_image(&s.saved.image, &rec.owner).await;
     Ok(Json(s))
@@ -486,7 +492,7 @@ async fn resume_vm(
 ) -> ApiResult<VmRecord> {
     let req = optional_body::<VmResume>(&body)?;
     let rec = owned(&c, &p, &id)?;
-    Ok(Json(c.resume(&rec.id, &req, &auth.user(&rec.owner).map(|u| u.quota).unwrap_or_default()).await?))
+    Ok(Json(c.resume(&rec.id, &req, &auth.user(&rec.owner).await.map(|u| u.quota).unwrap_or_default()).await?))
 }
 
 /// Saves a running VM as a warm image (memory state + changed disk, the VM's image as parent);
@@ -504,7 +510,7 @@ async fn snapshot_vm(
     let rec = owned(&c, &p, &id)?;
     let Json(req) = body?;
     c.check_image_write(&req.name, &p.user, p.admin).await?;
-    c.check_stored_quota(&rec.owner, &auth.user(&rec.owner)?.quota)?;
+    c.check_stored_quota(&rec.owner, &auth.user(&rec.owner).await?.quota)?;
     let saved = c.snapshot(&rec.id, &req.name).await?;
     c.own_saved_image(&saved.image, &rec.owner).await;
     Ok(Json(saved))
@@ -580,14 +586,14 @@ async fn bridge(client: WebSocket, host: tokio_tungstenite::WebSocketStream<toki
     loop {
         tokio::select! {
             m = hrx.next() => match m {
-                Some(Ok(TMessage::Binary(b))) => if ctx.send(Message::Binary(b.to_vec().into())).await.is_err() { break },
-                Some(Ok(TMessage::Text(t))) => if ctx.send(Message::Text(t.as_str().into())).await.is_err() { break },
+                Some(Ok(TMessage::Binary(b))) if ctx.send(Message::Binary(b.to_vec().into())).await.is_err() => break,
+                Some(Ok(TMessage::Text(t))) if ctx.send(Message::Text(t.as_str().into())).await.is_err() => break,
                 Some(Ok(TMessage::Close(_))) | None | Some(Err(_)) => break,
                 _ => {}
             },
             m = crx.next() => match m {
-                Some(Ok(Message::Binary(b))) => if htx.send(TMessage::Binary(b.to_vec().into())).await.is_err() { break },
-                Some(Ok(Message::Text(t))) => if htx.send(TMessage::Text(t.as_str().into())).await.is_err() { break },
+                Some(Ok(Message::Binary(b))) if htx.send(TMessage::Binary(b.to_vec().into())).await.is_err() => break,
+                Some(Ok(Message::Text(t))) if htx.send(TMessage::Text(t.as_str().into())).await.is_err() => break,
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                 _ => {}
             }

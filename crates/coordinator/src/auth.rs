@@ -16,7 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ssh_key::{PublicKey, SshSig};
 use vgrid_api::auth::{AuditEntry, Challenge, LoginToken, Quota, UserCreate, UserInfo, LOGIN_NAMESPACE};
 
-use crate::state::{StateError, StateStore};
+use crate::state::records::record_key;
+use crate::state::{decode, encode, Expect, RecordStore, StateError};
 
 const USERS: &str = "users";
 const TOKENS: &str = "tokens";
@@ -41,6 +42,12 @@ pub enum AuthError {
     NotFound(String),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("audit log {}: {source}", path.display())]
+    Audit {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Who is calling: the user a valid token belongs to.
@@ -89,7 +96,7 @@ struct PendingChallenge {
 
 /// Users, challenges, tokens and the audit log of one coordinator.
 pub struct Auth {
-    state: Arc<dyn StateStore>,
+    records: RecordStore,
     challenges: Mutex<HashMap<String, PendingChallenge>>,
     token_ttl: Duration,
     audit: Mutex<Option<std::fs::File>>,
@@ -159,115 +166,120 @@ pub fn parse_public_key(line: &str) -> Result<PublicKey, AuthError> {
     })
 }
 
+/// This coordinator's realm (made on first start; of two coordinators making it at once, the
+/// first one's).
+async fn realm(records: &RecordStore) -> Result<String, StateError> {
+    loop {
+        if let Some(e) = records.get_record("meta", "realm").await? {
+            return Ok(String::from_utf8_lossy(&e.value).into_owned());
+        }
+        let r = random_hex(8);
+        match records.put_record_if("meta", "realm", r.as_bytes().to_vec(), Expect::Absent).await {
+            Ok(_) => return Ok(r),
+            Err(e) if e.is_conflict() => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn fingerprint(key: &PublicKey) -> String {
     key.fingerprint(ssh_key::HashAlg::Sha256).to_string()
 }
 
 impl Auth {
     /// `audit`: the audit log file (JSON lines), appended to; `None` keeps no log.
-    pub fn new(state: Arc<dyn StateStore>, audit: Option<PathBuf>, token_ttl: Duration) -> Result<Arc<Auth>, AuthError> {
+    pub async fn new(records: RecordStore, audit: Option<PathBuf>, token_ttl: Duration) -> Result<Arc<Auth>, AuthError> {
         let file = match &audit {
             Some(p) => Some(
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(p)
-                    .map_err(|e| AuthError::State(StateError::Db(format!("audit log {}: {e}", p.display()))))?,
+                    .map_err(|source| AuthError::Audit { path: p.clone(), source })?,
             ),
             None => None,
         };
-        let realm = match state.get_record("meta", "realm")? {
-            Some(r) => String::from_utf8_lossy(&r).into_owned(),
-            None => {
-                let r = random_hex(8);
-                state.put_record("meta", "realm", r.as_bytes())?;
-                r
-            }
-        };
-        Ok(Arc::new(Auth { state, challenges: Mutex::new(HashMap::new()), token_ttl, audit: Mutex::new(file), audit_path: audit, realm }))
+        let realm = realm(&records).await?;
+        Ok(Arc::new(Auth { records, challenges: Mutex::new(HashMap::new()), token_ttl, audit: Mutex::new(file), audit_path: audit, realm }))
     }
 
-    fn load_user(&self, name: &str) -> Result<Option<UserInfo>, AuthError> {
-        let Some(bytes) = self.state.get_record(USERS, name)? else { return Ok(None) };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| AuthError::State(StateError::Corrupt { id: format!("user {name}"), cause: e.to_string() }))
+    async fn load_user(&self, name: &str) -> Result<Option<UserInfo>, AuthError> {
+        let Some(e) = self.records.get_record(USERS, name).await? else { return Ok(None) };
+        Ok(Some(decode(&record_key(USERS, name), &e.value)?))
     }
 
-    fn store_user(&self, u: &UserInfo) -> Result<(), AuthError> {
-        let bytes = serde_json::to_vec(u).expect("a user serialises");
-        self.state.put_record(USERS, &u.name, &bytes)?;
+    async fn store_user(&self, u: &UserInfo) -> Result<(), AuthError> {
+        self.records.put_record(USERS, &u.name, encode(u)).await?;
         Ok(())
     }
 
     /// Adds a user. Keys are checked and normalised; a key already registered to another user
     /// is refused (a key identifies one user).
-    pub fn add_user(&self, req: UserCreate) -> Result<UserInfo, AuthError> {
+    pub async fn add_user(&self, req: UserCreate) -> Result<UserInfo, AuthError> {
         vgrid_api::auth::validate_user_name(&req.name).map_err(AuthError::BadRequest)?;
         if req.keys.is_empty() {
             return Err(AuthError::BadRequest(format!("user {}: at least one public key is needed", req.name)));
         }
-        if self.load_user(&req.name)?.is_some() {
-            return Err(AuthError::Conflict(format!("user {} exists already", req.name)));
+        let exists = || AuthError::Conflict(format!("user {} exists already", req.name));
+        if self.load_user(&req.name).await?.is_some() {
+            return Err(exists());
         }
         let mut keys = Vec::new();
         let mut fingerprints = Vec::new();
         for k in &req.keys {
             let key = parse_public_key(k)?;
             let fp = fingerprint(&key);
-            if let Some(other) = self.users()?.into_iter().find(|u| u.fingerprints.contains(&fp)) {
+            if let Some(other) = self.users().await?.into_iter().find(|u| u.fingerprints.contains(&fp)) {
                 return Err(AuthError::Conflict(format!("key {fp} is already registered to user {}", other.name)));
             }
             keys.push(key.to_openssh().map_err(|e| AuthError::BadRequest(e.to_string()))?);
             fingerprints.push(fp);
         }
-        let u = UserInfo { name: req.name, admin: req.admin, keys, fingerprints, quota: req.quota, created: now() };
-        self.store_user(&u)?;
+        let u = UserInfo { name: req.name.clone(), admin: req.admin, keys, fingerprints, quota: req.quota, created: now() };
+        // Created only if no one created it meanwhile.
+        match self.records.put_record_if(USERS, &u.name, encode(&u), Expect::Absent).await {
+            Err(StateError::Conflict { .. }) => return Err(exists()),
+            r => r?,
+        };
         tracing::info!(user = %u.name, admin = u.admin, keys = ?u.fingerprints, "user added");
         Ok(u)
     }
 
-    pub fn users(&self) -> Result<Vec<UserInfo>, AuthError> {
-        let mut out = Vec::new();
-        for (k, v) in self.state.list_records(USERS)? {
-            out.push(
-                serde_json::from_slice(&v)
-                    .map_err(|e| AuthError::State(StateError::Corrupt { id: format!("user {k}"), cause: e.to_string() }))?,
-            );
-        }
-        Ok(out)
+    pub async fn users(&self) -> Result<Vec<UserInfo>, AuthError> {
+        let (records, _) = self.records.list_records(USERS).await?;
+        Ok(records.into_iter().map(|(k, e)| decode(&record_key(USERS, &k), &e.value)).collect::<Result<_, _>>()?)
     }
 
-    pub fn user(&self, name: &str) -> Result<UserInfo, AuthError> {
-        self.load_user(name)?.ok_or_else(|| AuthError::NotFound(format!("no user named {name}")))
+    pub async fn user(&self, name: &str) -> Result<UserInfo, AuthError> {
+        self.load_user(name).await?.ok_or_else(|| AuthError::NotFound(format!("no user named {name}")))
     }
 
     /// Removes a user and every token of theirs.
-    pub fn remove_user(&self, name: &str) -> Result<UserInfo, AuthError> {
-        let u = self.user(name)?;
-        self.state.delete_record(USERS, name)?;
-        for (k, v) in self.state.list_records(TOKENS)? {
-            if serde_json::from_slice::<TokenRecord>(&v).map(|t| t.user == name).unwrap_or(true) {
-                self.state.delete_record(TOKENS, &k)?;
+    pub async fn remove_user(&self, name: &str) -> Result<UserInfo, AuthError> {
+        let u = self.user(name).await?;
+        self.records.delete_record(USERS, name).await?;
+        for (k, e) in self.records.list_records(TOKENS).await?.0 {
+            if serde_json::from_slice::<TokenRecord>(&e.value).map(|t| t.user == name).unwrap_or(true) {
+                self.records.delete_record(TOKENS, &k).await?;
             }
         }
         tracing::info!(user = %name, "user removed");
         Ok(u)
     }
 
-    pub fn set_quota(&self, name: &str, quota: Quota) -> Result<UserInfo, AuthError> {
-        let mut u = self.user(name)?;
+    pub async fn set_quota(&self, name: &str, quota: Quota) -> Result<UserInfo, AuthError> {
+        let mut u = self.user(name).await?;
         u.quota = quota;
-        self.store_user(&u)?;
+        self.store_user(&u).await?;
         Ok(u)
     }
 
     /// Creates the first admin when there are no users yet. Returns whether it did.
-    pub fn bootstrap_admin(&self, name: &str, key: &str) -> Result<bool, AuthError> {
-        if !self.users()?.is_empty() {
+    pub async fn bootstrap_admin(&self, name: &str, key: &str) -> Result<bool, AuthError> {
+        if !self.users().await?.is_empty() {
             return Ok(false);
         }
-        self.add_user(UserCreate { name: name.to_string(), keys: vec![key.to_string()], admin: true, quota: Quota::default() })?;
+        self.add_user(UserCreate { name: name.to_string(), keys: vec![key.to_string()], admin: true, quota: Quota::default() }).await?;
         Ok(true)
     }
 
@@ -295,7 +307,7 @@ impl Auth {
     }
 
     /// Checks a signed challenge and issues a token.
-    pub fn login(&self, user: &str, nonce: &str, signature: &str) -> Result<LoginToken, AuthError> {
+    pub async fn login(&self, user: &str, nonce: &str, signature: &str) -> Result<LoginToken, AuthError> {
         let pending = self.challenges.lock().unwrap_or_else(|e| e.into_inner()).remove(nonce);
         let fail = |why: &str| AuthError::Unauthenticated(format!("login as {user} failed: {why}"));
         let Some(p) = pending else {
@@ -308,7 +320,7 @@ impl Auth {
             return Err(fail("the challenge expired; ask for a new one"));
         }
         let sig = SshSig::from_pem(signature.trim()).map_err(|e| fail(&format!("malformed SSH signature: {e}")))?;
-        let Some(u) = self.load_user(user)? else {
+        let Some(u) = self.load_user(user).await? else {
             return Err(fail("no such user, or none of the user's keys made this signature"));
         };
         let mut matched = None;
@@ -322,47 +334,47 @@ impl Auth {
         let Some(fp) = matched else {
             return Err(fail("no such user, or none of the user's keys made this signature"));
         };
-        self.prune_tokens();
+        self.prune_tokens().await;
         let token = format!("vgt_{}", random_hex(32));
         let expires = now() + self.token_ttl.as_secs();
         let rec = TokenRecord { user: user.to_string(), expires };
-        self.state.put_record(TOKENS, &token_key(&token), &serde_json::to_vec(&rec).expect("serialises"))?;
+        self.records.put_record(TOKENS, &token_key(&token), encode(&rec)).await?;
         tracing::info!(user, key = %fp, "login");
         Ok(LoginToken { user: user.to_string(), admin: u.admin, token, expires })
     }
 
-    fn prune_tokens(&self) {
+    async fn prune_tokens(&self) {
         let t = now();
-        for (k, v) in self.state.list_records(TOKENS).unwrap_or_default() {
-            if serde_json::from_slice::<TokenRecord>(&v).map(|r| r.expires <= t).unwrap_or(true) {
-                let _ = self.state.delete_record(TOKENS, &k);
+        for (k, e) in self.records.list_records(TOKENS).await.map(|(r, _)| r).unwrap_or_default() {
+            if serde_json::from_slice::<TokenRecord>(&e.value).map(|r| r.expires <= t).unwrap_or(true) {
+                let _ = self.records.delete_record(TOKENS, &k).await;
             }
         }
     }
 
     /// The principal of a bearer token.
-    pub fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
         let unauth = |why: &str| AuthError::Unauthenticated(format!("{why}; log in again with `vgrid login`"));
         if !token.starts_with("vgt_") || token.len() != 68 {
             return Err(unauth("malformed token"));
         }
-        let Some(bytes) = self.state.get_record(TOKENS, &token_key(token))? else {
+        let Some(e) = self.records.get_record(TOKENS, &token_key(token)).await? else {
             return Err(unauth("unknown token"));
         };
-        let rec: TokenRecord = serde_json::from_slice(&bytes).map_err(|_| unauth("unreadable token record"))?;
+        let rec: TokenRecord = serde_json::from_slice(&e.value).map_err(|_| unauth("unreadable token record"))?;
         if rec.expires <= now() {
-            let _ = self.state.delete_record(TOKENS, &token_key(token));
+            let _ = self.records.delete_record(TOKENS, &token_key(token)).await;
             return Err(unauth("the token expired"));
         }
-        let Some(u) = self.load_user(&rec.user)? else {
+        let Some(u) = self.load_user(&rec.user).await? else {
             return Err(unauth(&format!("user {} no longer exists", rec.user)));
         };
         Ok(Principal { user: u.name, admin: u.admin })
     }
 
     /// Ends a token (logout).
-    pub fn revoke(&self, token: &str) -> Result<(), AuthError> {
-        self.state.delete_record(TOKENS, &token_key(token))?;
+    pub async fn revoke(&self, token: &str) -> Result<(), AuthError> {
+        self.records.delete_record(TOKENS, &token_key(token)).await?;
         Ok(())
     }
 
@@ -391,16 +403,27 @@ impl Auth {
     }
 }
 
+/// Host agents and image servers in the coordinator's process check tokens here directly.
+impl vgrid_trust::caller::UserTokens for Auth {
+    fn verify<'a>(&'a self, token: &'a str) -> vgrid_trust::caller::BoxFuture<'a, Result<vgrid_trust::caller::UserId, String>> {
+        Box::pin(async move {
+            let p = self.authenticate(token).await.map_err(|e| e.to_string())?;
+            let max_stored_bytes = self.user(&p.user).await.ok().and_then(|u| u.quota.stored_bytes);
+            Ok(vgrid_trust::caller::UserId { name: p.user, admin: p.admin, max_stored_bytes })
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::RedbState;
+    use crate::state::{open, StateConfig};
     use ssh_key::{Algorithm, LineEnding, PrivateKey};
 
-    fn auth() -> (tempfile::TempDir, Arc<Auth>) {
+    async fn auth() -> (tempfile::TempDir, Arc<Auth>) {
         let d = tempfile::tempdir().unwrap();
-        let st = Arc::new(RedbState::open(&d.path().join("s.redb")).unwrap());
-        let a = Auth::new(st, Some(d.path().join("audit.log")), Duration::from_secs(3600)).unwrap();
+        let st = open(&StateConfig::Memory).unwrap().records();
+        let a = Auth::new(st, Some(d.path().join("audit.log")), Duration::from_secs(3600)).await.unwrap();
         (d, a)
     }
 
@@ -412,86 +435,87 @@ mod tests {
         sign_challenge(k, msg).unwrap()
     }
 
-    fn add(a: &Auth, name: &str, k: &PrivateKey, admin: bool) {
+    async fn add(a: &Auth, name: &str, k: &PrivateKey, admin: bool) {
         a.add_user(UserCreate { name: name.into(), keys: vec![k.public_key().to_openssh().unwrap()], admin, quota: Quota::default() })
+            .await
             .unwrap();
     }
 
-    #[test]
-    fn login_with_ed25519_and_ecdsa_keys_gives_a_token() {
-        let (_d, a) = auth();
+    #[tokio::test]
+    async fn login_with_ed25519_and_ecdsa_keys_gives_a_token() {
+        let (_d, a) = auth().await;
         for (name, alg) in [("ed", Algorithm::Ed25519), ("ec", Algorithm::Ecdsa { curve: ssh_key::EcdsaCurve::NistP256 })] {
             let k = key(alg);
-            add(&a, name, &k, false);
+            add(&a, name, &k, false).await;
             let c = a.challenge(name).unwrap();
-            let t = a.login(name, &c.nonce, &sign(&k, &c.message)).unwrap();
-            assert_eq!(a.authenticate(&t.token).unwrap(), Principal { user: name.into(), admin: false });
+            let t = a.login(name, &c.nonce, &sign(&k, &c.message)).await.unwrap();
+            assert_eq!(a.authenticate(&t.token).await.unwrap(), Principal { user: name.into(), admin: false });
             // Single use.
-            assert!(matches!(a.login(name, &c.nonce, &sign(&k, &c.message)), Err(AuthError::Unauthenticated(_))));
-            a.revoke(&t.token).unwrap();
-            assert!(matches!(a.authenticate(&t.token), Err(AuthError::Unauthenticated(_))));
+            assert!(matches!(a.login(name, &c.nonce, &sign(&k, &c.message)).await, Err(AuthError::Unauthenticated(_))));
+            a.revoke(&t.token).await.unwrap();
+            assert!(matches!(a.authenticate(&t.token).await, Err(AuthError::Unauthenticated(_))));
         }
     }
 
-    #[test]
-    fn wrong_key_wrong_user_wrong_message_and_forged_tokens_are_refused() {
-        let (_d, a) = auth();
+    #[tokio::test]
+    async fn wrong_key_wrong_user_wrong_message_and_forged_tokens_are_refused() {
+        let (_d, a) = auth().await;
         let alice = key(Algorithm::Ed25519);
         let bob = key(Algorithm::Ed25519);
-        add(&a, "alice", &alice, true);
-        add(&a, "bob", &bob, false);
+        add(&a, "alice", &alice, true).await;
+        add(&a, "bob", &bob, false).await;
         // Bob's key cannot log in as alice.
         let c = a.challenge("alice").unwrap();
-        let e = a.login("alice", &c.nonce, &sign(&bob, &c.message)).unwrap_err();
+        let e = a.login("alice", &c.nonce, &sign(&bob, &c.message)).await.unwrap_err();
         assert!(e.to_string().contains("none of the user's keys"), "{e}");
         // A signature over another message, or with another namespace.
         let c = a.challenge("alice").unwrap();
-        assert!(a.login("alice", &c.nonce, &sign(&alice, "something else")).is_err());
+        assert!(a.login("alice", &c.nonce, &sign(&alice, "something else")).await.is_err());
         let c = a.challenge("alice").unwrap();
         let other_ns = alice.sign("git", ssh_key::HashAlg::Sha512, c.message.as_bytes()).unwrap().to_pem(LineEnding::LF).unwrap();
-        assert!(a.login("alice", &c.nonce, &other_ns).is_err());
+        assert!(a.login("alice", &c.nonce, &other_ns).await.is_err());
         // A challenge for bob answered as alice.
         let c = a.challenge("bob").unwrap();
-        assert!(a.login("alice", &c.nonce, &sign(&alice, &c.message)).is_err());
+        assert!(a.login("alice", &c.nonce, &sign(&alice, &c.message)).await.is_err());
         // Garbage signature: a clear error.
         let c = a.challenge("alice").unwrap();
-        let e = a.login("alice", &c.nonce, "not a signature").unwrap_err();
+        let e = a.login("alice", &c.nonce, "not a signature").await.unwrap_err();
         assert!(e.to_string().contains("malformed SSH signature"), "{e}");
         // Forged tokens.
         for t in ["", "vgt_", "Bearer x", &format!("vgt_{}", "0".repeat(64))] {
-            assert!(matches!(a.authenticate(t), Err(AuthError::Unauthenticated(_))), "{t:?}");
+            assert!(matches!(a.authenticate(t).await, Err(AuthError::Unauthenticated(_))), "{t:?}");
         }
     }
 
-    #[test]
-    fn expired_tokens_are_refused_and_removed_users_lose_their_tokens() {
-        let d = tempfile::tempdir().unwrap();
-        let st = Arc::new(RedbState::open(&d.path().join("s.redb")).unwrap());
-        let a = Auth::new(st, None, Duration::from_secs(0)).unwrap();
+    #[tokio::test]
+    async fn expired_tokens_are_refused_and_removed_users_lose_their_tokens() {
+        let st = open(&StateConfig::Memory).unwrap().records();
+        let a = Auth::new(st, None, Duration::from_secs(0)).await.unwrap();
         let k = key(Algorithm::Ed25519);
-        add(&a, "carol", &k, false);
+        add(&a, "carol", &k, false).await;
         let c = a.challenge("carol").unwrap();
-        let t = a.login("carol", &c.nonce, &sign(&k, &c.message)).unwrap();
-        let e = a.authenticate(&t.token).unwrap_err();
+        let t = a.login("carol", &c.nonce, &sign(&k, &c.message)).await.unwrap();
+        let e = a.authenticate(&t.token).await.unwrap_err();
         assert!(e.to_string().contains("expired"), "{e}");
 
-        let (_d2, a) = auth();
-        add(&a, "dave", &k, false);
+        let (_d2, a) = auth().await;
+        add(&a, "dave", &k, false).await;
         let c = a.challenge("dave").unwrap();
-        let t = a.login("dave", &c.nonce, &sign(&k, &c.message)).unwrap();
-        a.remove_user("dave").unwrap();
-        assert!(a.authenticate(&t.token).is_err());
+        let t = a.login("dave", &c.nonce, &sign(&k, &c.message)).await.unwrap();
+        a.remove_user("dave").await.unwrap();
+        assert!(a.authenticate(&t.token).await.is_err());
     }
 
-    #[test]
-    fn bad_keys_duplicate_users_and_shared_keys_are_refused() {
-        let (_d, a) = auth();
+    #[tokio::test]
+    async fn bad_keys_duplicate_users_and_shared_keys_are_refused() {
+        let (_d, a) = auth().await;
         let k = key(Algorithm::Ed25519);
         let e = a
             .add_user(UserCreate { name: "x".into(), keys: vec!["ssh-ed25519 notbase64".into()], admin: false, quota: Quota::default() })
+            .await
             .unwrap_err();
         assert!(e.to_string().contains("not an OpenSSH public key"), "{e}");
-        add(&a, "x", &k, false);
+        add(&a, "x", &k, false).await;
         let e = a
             .add_user(UserCreate {
                 name: "x".into(),
@@ -499,6 +523,7 @@ mod tests {
                 admin: false,
                 quota: Quota::default(),
             })
+            .await
             .unwrap_err();
         assert!(matches!(e, AuthError::Conflict(_)));
         let e = a
@@ -508,29 +533,19 @@ mod tests {
                 admin: false,
                 quota: Quota::default(),
             })
+            .await
             .unwrap_err();
         assert!(e.to_string().contains("already registered to user x"), "{e}");
         // Bootstrap only when there are no users.
-        assert!(!a.bootstrap_admin("root", &key(Algorithm::Ed25519).public_key().to_openssh().unwrap()).unwrap());
+        assert!(!a.bootstrap_admin("root", &key(Algorithm::Ed25519).public_key().to_openssh().unwrap()).await.unwrap());
     }
 
-    #[test]
-    fn rsa_keys_log_in() {
-        let (_d, a) = auth();
+    #[tokio::test]
+    async fn rsa_keys_log_in() {
+        let (_d, a) = auth().await;
         let k = PrivateKey::from(ssh_key::private::RsaKeypair::random(&mut rand::rngs::OsRng, 2048).unwrap());
-        add(&a, "r", &k, false);
+        add(&a, "r", &k, false).await;
         let c = a.challenge("r").unwrap();
-        a.login("r", &c.nonce, &sign(&k, &c.message)).unwrap();
-    }
-}
-
-/// Host agents and image servers in the coordinator's process check tokens here directly.
-impl vgrid_trust::caller::UserTokens for Auth {
-    fn verify<'a>(&'a self, token: &'a str) -> vgrid_trust::caller::BoxFuture<'a, Result<vgrid_trust::caller::UserId, String>> {
-        Box::pin(async move {
-            let p = self.authenticate(token).map_err(|e| e.to_string())?;
-            let max_stored_bytes = self.user(&p.user).ok().and_then(|u| u.quota.stored_bytes);
-            Ok(vgrid_trust::caller::UserId { name: p.user, admin: p.admin, max_stored_bytes })
-        })
+        a.login("r", &c.nonce, &sign(&k, &c.message)).await.unwrap();
     }
 }

@@ -1,8 +1,8 @@
 //! Nodes joining the grid: the grid CA (made on first start, `DATA/tls/`), one-time join tokens
 //! made by admins, and signing the certificate a host or image server asks for when it joins.
-//! Tokens are kept hashed (BLAKE3) in the state store, expire, and are spent by their first use.
-
-use std::sync::{Arc, Mutex};
+//! Tokens are kept hashed (BLAKE3) in the state store, expire, and are spent by their first use:
+//! redeeming writes the token back only if it is unchanged since it was read (compare-and-swap),
+//! so of two nodes redeeming one token at once (even through two coordinators) one joins.
 
 use serde::{Deserialize, Serialize};
 use vgrid_api::auth::{JoinReply, JoinRequest, JoinTokenInfo};
@@ -10,7 +10,7 @@ use vgrid_trust::node::JoinToken;
 use vgrid_trust::{Ca, NodeRole};
 
 use crate::auth::{now, random_hex, AuthError};
-use crate::state::StateStore;
+use crate::state::{encode, Expect, RecordStore, StateError};
 
 const TABLE: &str = "join-tokens";
 /// Default lifetime of a join token.
@@ -24,9 +24,7 @@ struct Stored {
 
 pub struct Joins {
     ca: Ca,
-    state: Arc<dyn StateStore>,
-    /// Serialises redeeming, so a token is spent once.
-    lock: Mutex<()>,
+    records: RecordStore,
 }
 
 fn joinable(role: &str) -> Result<NodeRole, AuthError> {
@@ -37,8 +35,8 @@ fn joinable(role: &str) -> Result<NodeRole, AuthError> {
 }
 
 impl Joins {
-    pub fn new(ca: Ca, state: Arc<dyn StateStore>) -> Self {
-        Joins { ca, state, lock: Mutex::new(()) }
+    pub fn new(ca: Ca, records: RecordStore) -> Self {
+        Joins { ca, records }
     }
 
     pub fn ca(&self) -> &Ca {
@@ -46,7 +44,7 @@ impl Joins {
     }
 
     /// A new token for `role`, valid `ttl_secs`; the whole token is in `token` of the answer.
-    pub fn create(&self, role: &str, ttl_secs: Option<u64>, by: &str) -> Result<JoinTokenInfo, AuthError> {
+    pub async fn create(&self, role: &str, ttl_secs: Option<u64>, by: &str) -> Result<JoinTokenInfo, AuthError> {
         let role = joinable(role)?;
         let ttl = ttl_secs.unwrap_or(DEFAULT_TTL_SECS);
         if ttl == 0 || ttl > 30 * 24 * 3600 {
@@ -62,34 +60,30 @@ impl Joins {
             token: None,
         };
         let stored = Stored { info: info.clone(), secret_hash: blake3::hash(secret.as_bytes()).to_hex().to_string() };
-        self.state.put_record(TABLE, &id, &serde_json::to_vec(&stored).expect("serialises"))?;
+        self.records.put_record_if(TABLE, &id, encode(&stored), Expect::Absent).await?;
         let token = JoinToken { credential: format!("{id}.{secret}"), ca_fingerprint: self.ca.fingerprint() };
         Ok(JoinTokenInfo { token: Some(token.to_string()), ..info })
     }
 
-    pub fn list(&self) -> Result<Vec<JoinTokenInfo>, AuthError> {
-        let mut v: Vec<JoinTokenInfo> = self
-            .state
-            .list_records(TABLE)?
-            .into_iter()
-            .filter_map(|(_, b)| serde_json::from_slice::<Stored>(&b).ok().map(|s| s.info))
-            .collect();
+    pub async fn list(&self) -> Result<Vec<JoinTokenInfo>, AuthError> {
+        let (records, _) = self.records.list_records(TABLE).await?;
+        let mut v: Vec<JoinTokenInfo> =
+            records.into_iter().filter_map(|(_, e)| serde_json::from_slice::<Stored>(&e.value).ok().map(|s| s.info)).collect();
         v.sort_by_key(|i| i.expires);
         Ok(v)
     }
 
     /// Checks the token (known, unspent, unexpired, for this role), spends it and signs the
     /// node's certificate request.
-    pub fn redeem(&self, req: &JoinRequest) -> Result<JoinReply, AuthError> {
+    pub async fn redeem(&self, req: &JoinRequest) -> Result<JoinReply, AuthError> {
         let role = joinable(&req.role)?;
         vgrid_api::manifest::validate_name(&req.name).map_err(|_| AuthError::BadRequest(format!("invalid node name {:?}", req.name)))?;
         let refused = |why: &str| {
             AuthError::Unauthenticated(format!("join token refused: {why}; make a new one with `vgrid join-token create --role {role}`"))
         };
         let (id, secret) = req.token.split_once('.').ok_or_else(|| refused("malformed (expected <id>.<secret>)"))?;
-        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(bytes) = self.state.get_record(TABLE, id)? else { return Err(refused("unknown token")) };
-        let mut s: Stored = serde_json::from_slice(&bytes).map_err(|_| refused("unreadable record"))?;
+        let Some(entry) = self.records.get_record(TABLE, id).await? else { return Err(refused("unknown token")) };
+        let mut s: Stored = serde_json::from_slice(&entry.value).map_err(|_| refused("unreadable record"))?;
         if blake3::hash(secret.as_bytes()).to_hex().as_str() != s.secret_hash {
             return Err(refused("wrong secret"));
         }
@@ -104,39 +98,79 @@ impl Joins {
         }
         let cert = self.ca.sign_request(&req.csr, &req.name, &[role]).map_err(|e| AuthError::BadRequest(e.to_string()))?;
         s.info.used_by = Some(req.name.clone());
-        self.state.put_record(TABLE, id, &serde_json::to_vec(&s).expect("serialises"))?;
+        match self.records.put_record_if(TABLE, id, encode(&s), Expect::ModRevision(entry.mod_revision)).await {
+            Ok(_) => {}
+            // Spent (or changed) by another redeemer since it was read: what is there now says why.
+            Err(StateError::Conflict { .. }) => return Err(self.refused_now(id, &refused).await),
+            Err(e) => return Err(e.into()),
+        }
         tracing::info!(node = %req.name, %role, token = %id, "node joined the grid");
         Ok(JoinReply { cert, ca: self.ca.cert_pem().to_string() })
+    }
+
+    /// Why token `id` is refused now that another redeemer changed it.
+    async fn refused_now(&self, id: &str, refused: &impl Fn(&str) -> AuthError) -> AuthError {
+        match self.records.get_record(TABLE, id).await {
+            Ok(Some(e)) => match serde_json::from_slice::<Stored>(&e.value).ok().and_then(|s| s.info.used_by) {
+                Some(u) => refused(&format!("already used by {u}")),
+                None => refused("changed while it was being used"),
+            },
+            Ok(None) => refused("unknown token"),
+            Err(e) => e.into(),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::RedbState;
+    use crate::state::{open, StateConfig};
 
     fn joins() -> (tempfile::TempDir, Joins) {
         let d = tempfile::tempdir().unwrap();
-        let state: Arc<dyn StateStore> = Arc::new(RedbState::open(&d.path().join("s.redb")).unwrap());
+        let state = open(&StateConfig::Memory).unwrap().records();
         let ca = Ca::load_or_create(&d.path().join("tls"), "t").unwrap();
         (d, Joins::new(ca, state))
     }
 
-    #[test]
-    fn a_token_joins_once_for_its_role_only() {
+    #[tokio::test]
+    async fn a_token_joins_once_for_its_role_only() {
         let (_d, j) = joins();
-        let t: JoinToken = j.create("host", None, "admin").unwrap().token.unwrap().parse().unwrap();
+        let t: JoinToken = j.create("host", None, "admin").await.unwrap().token.unwrap().parse().unwrap();
         assert_eq!(t.ca_fingerprint, j.ca().fingerprint());
         let (csr, _) = vgrid_trust::node::make_request("h1", &["127.0.0.1".into()]).unwrap();
         let req = |role: &str, token: &str| JoinRequest { token: token.into(), role: role.into(), name: "h1".into(), csr: csr.clone() };
-        let wrong_role = j.redeem(&req("image-server", &t.credential)).unwrap_err().to_string();
+        let wrong_role = j.redeem(&req("image-server", &t.credential)).await.unwrap_err().to_string();
         assert!(wrong_role.contains("not a image-server"), "{wrong_role}");
         let (id, _) = t.credential.split_once('.').unwrap();
-        assert!(j.redeem(&req("host", &format!("{id}.00"))).unwrap_err().to_string().contains("wrong secret"));
-        let ok = j.redeem(&req("host", &t.credential)).unwrap();
+        assert!(j.redeem(&req("host", &format!("{id}.00"))).await.unwrap_err().to_string().contains("wrong secret"));
+        let ok = j.redeem(&req("host", &t.credential)).await.unwrap();
         assert!(ok.cert.contains("BEGIN CERTIFICATE"));
-        assert!(j.redeem(&req("host", &t.credential)).unwrap_err().to_string().contains("already used by h1"));
-        assert!(j.create("coordinator", None, "admin").is_err());
-        assert_eq!(j.list().unwrap()[0].used_by.as_deref(), Some("h1"));
+        assert!(j.redeem(&req("host", &t.credential)).await.unwrap_err().to_string().contains("already used by h1"));
+        assert!(j.create("coordinator", None, "admin").await.is_err());
+        assert_eq!(j.list().await.unwrap()[0].used_by.as_deref(), Some("h1"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn of_nodes_redeeming_one_token_at_once_one_joins() {
+        let (_d, j) = joins();
+        let j = std::sync::Arc::new(j);
+        let t: JoinToken = j.create("host", None, "admin").await.unwrap().token.unwrap().parse().unwrap();
+        let (csr, _) = vgrid_trust::node::make_request("h1", &["127.0.0.1".into()]).unwrap();
+        let tries: Vec<_> = (0..8)
+            .map(|_| {
+                let (j, req) =
+                    (j.clone(), JoinRequest { token: t.credential.clone(), role: "host".into(), name: "h1".into(), csr: csr.clone() });
+                tokio::spawn(async move { j.redeem(&req).await })
+            })
+            .collect();
+        let mut joined = 0;
+        for t in tries {
+            match t.await.unwrap() {
+                Ok(_) => joined += 1,
+                Err(e) => assert!(e.to_string().contains("already used by h1"), "{e}"),
+            }
+        }
+        assert_eq!(joined, 1);
     }
 }

@@ -1,5 +1,6 @@
 //! vgrid coordinator: the public REST API (axum, OpenAPI at `/api/openapi.json`), durable state
-//! (redb), the information service (hosts and image servers register by heartbeat), placement,
+//! (`state`: an async, revisioned key-value store with compare-and-swap and watches; redb or in
+//! memory), the information service (hosts and image servers register by heartbeat), placement,
 //! and the VM lifecycle `pending → starting → running → stopping → stopped | failed` (`unknown`
 //! while its host is silent, `migrating` while it moves live, `lost` when its host no longer has
 //! it), live migration between hosts and the reconciliation of records with host reports. It

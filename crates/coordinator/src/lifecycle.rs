@@ -17,7 +17,7 @@ use vgrid_imagestore::client::StoreClient;
 
 use crate::hosts::{HostCallError, HostClient, HostHeartbeat, HostRecord, HostState, Registry};
 use crate::sched::{ExprError, PlaceError, PlaceOptions, Placement, Scheduler};
-use crate::state::{StateError, StateStore};
+use crate::state::{LegacyStore, StateError};
 use vgrid_api::grid::PlacementRequest;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +53,7 @@ pub(crate) fn now() -> u64 {
 
 /// The coordinator: VM records, the registry of hosts and image servers, placement.
 pub struct Coordinator {
-    pub(crate) state: Arc<dyn StateStore>,
+    pub(crate) state: Arc<dyn LegacyStore>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) sched: Scheduler,
     pub(crate) http: reqwest::Client,
@@ -73,7 +73,7 @@ impl Coordinator {
     /// Opens the coordinator and starts its background work (lost-host sweeps). VMs that were
     /// starting when it stopped become `failed`; running ones are watched again once their host
     /// reports in, so a restart neither loses nor duplicates a VM.
-    pub async fn new(state: Arc<dyn StateStore>, registry: Arc<Registry>) -> Result<Arc<Self>, CoordinatorError> {
+    pub async fn new(state: Arc<dyn LegacyStore>, registry: Arc<Registry>) -> Result<Arc<Self>, CoordinatorError> {
         let http = vgrid_trust::tls::client_builder().connect_timeout(Duration::from_secs(5)).build().expect("HTTP client");
         let accounting = crate::accounting::Accounting::new(state.clone());
         let c = Arc::new(Coordinator {

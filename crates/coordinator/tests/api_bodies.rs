@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use tower::ServiceExt;
 use vgrid_coordinator::auth::{sign_challenge, Auth};
 use vgrid_coordinator::hosts::Registry;
-use vgrid_coordinator::state::RedbState;
+use vgrid_coordinator::state::{self, StateConfig};
 use vgrid_coordinator::Coordinator;
 
 struct Api {
@@ -26,14 +26,14 @@ fn api() -> Api {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (router, token) = rt.block_on(async {
-        let state = Arc::new(RedbState::open(&dir.path().join("s.redb")).unwrap());
-        let auth = Auth::new(state.clone(), Some(dir.path().join("audit.log")), Duration::from_secs(3600)).unwrap();
+        let state = state::open(&StateConfig::Redb(dir.path().join("s.redb"))).unwrap();
+        let auth = Auth::new(state.records(), Some(dir.path().join("audit.log")), Duration::from_secs(3600)).await.unwrap();
         let key = ssh_key::PrivateKey::random(&mut rand::rngs::OsRng, ssh_key::Algorithm::Ed25519).unwrap();
-        auth.bootstrap_admin("admin", &key.public_key().to_openssh().unwrap()).unwrap();
+        auth.bootstrap_admin("admin", &key.public_key().to_openssh().unwrap()).await.unwrap();
         let c = auth.challenge("admin").unwrap();
-        let token = auth.login("admin", &c.nonce, &sign_challenge(&key, &c.message).unwrap()).unwrap().token;
+        let token = auth.login("admin", &c.nonce, &sign_challenge(&key, &c.message).unwrap()).await.unwrap().token;
         let registry = Arc::new(Registry::new(Duration::from_secs(5), Duration::from_secs(15)));
-        let coord = Coordinator::new(state, registry).await.unwrap();
+        let coord = Coordinator::new(state.legacy(), registry).await.unwrap();
         (vgrid_coordinator::api::router(coord, auth, None), token)
     });
     Api { _dir: dir, rt, router, token }
