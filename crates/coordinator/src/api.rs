@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use crate::mobile::Suspended;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
@@ -15,14 +14,14 @@ use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message as TMessage;
 use utoipa::OpenApi;
-use vgrid_api::grid::{HostAd, ImageServerAd};
-use vgrid_api::vm::{ConsoleChunk, SavedImage, VmCreate, VmRecord, VmResume, VmSnapshot, VmStop};
+use vgrid_api::grid::{Future, FuturesQuery, HostAd, HostRecord, HostState, ImageServerAd};
+use vgrid_api::host::{HeartbeatReply, HostHeartbeat, VmReport};
+use vgrid_api::vm::{ConsoleChunk, SavedImage, Suspended, VmCreate, VmRecord, VmResume, VmSnapshot, VmStop};
 use vgrid_api::ErrorBody;
 
 use crate::auth::{Auth, AuthError, Principal};
-use crate::hosts::{HeartbeatReply, HostHeartbeat, HostRecord, HostState};
 use crate::join::Joins;
-use crate::lifecycle::{Coordinator, CoordinatorError, Future, FuturesQuery};
+use crate::lifecycle::{Coordinator, CoordinatorError};
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::Extension;
@@ -45,7 +44,7 @@ impl From<CoordinatorError> for ApiError {
     fn from(e: CoordinatorError) -> Self {
         use CoordinatorError::*;
         let code = match &e {
-            BadRequest(_) => StatusCode::BAD_REQUEST,
+            BadRequest(_) | Config(_) => StatusCode::BAD_REQUEST,
             UnknownImage(_) | UnknownVm(_) | UnknownHost(_) => StatusCode::NOT_FOUND,
             Conflict(_) | Capacity(_) => StatusCode::CONFLICT,
             Store(_) | Host(_) => StatusCode::BAD_GATEWAY,
@@ -163,7 +162,9 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
         list_image_servers, image_server_heartbeat, futures, auth_challenge, auth_login, auth_logout, whoami,
         list_users, add_user, get_user, delete_user, set_quota, audit, crate::accounting::get_usage, join, create_join_token, list_join_tokens),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
-        HostState, HostHeartbeat, HeartbeatReply, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
+        HostState, HostHeartbeat, HeartbeatReply, VmReport, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
+        vgrid_api::vm::VmConfig, vgrid_api::vm::BootConfig, vgrid_api::vm::NetConfig, vgrid_api::vm::Nic, vgrid_api::vm::Accel,
+        vgrid_api::ImageRef,
         Challenge, ChallengeRequest, LoginRequest, LoginToken, JoinRequest, JoinReply, JoinTokenCreate, JoinTokenInfo, Quota, UserCreate, UserInfo, AuditEntry,
         vgrid_api::vm::Resources, vgrid_api::usage::UsageReport, vgrid_api::usage::UserUsage, vgrid_api::usage::VmUsage,
         vgrid_api::usage::UsageTotals, vgrid_api::usage::VmUsageReport, VmResume, VmSnapshot, SavedImage, Suspended,

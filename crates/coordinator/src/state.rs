@@ -193,32 +193,9 @@ mod tests {
     fn records_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
-        let rec = VmRecord {
-            id: "vm-1".into(),
-            name: "a".into(),
-            owner: "alice".into(),
-            image: "sample".into(),
-            image_version: Some(1),
-            cpus: 1,
-            memory_mib: 128,
-            forwards: vec![],
-            state: VmState::Running,
-            phase: String::new(),
-            reason: None,
-            host: None,
-            accel: None,
-            pid: None,
-            require: None,
-            rank: None,
-            resources: Default::default(),
-            created: 1,
-            started: None,
-            stopped: None,
-            saved_image: None,
-            state_since: None,
-            migration: None,
-            ram_remote_bytes: None,
-        };
+        let config = vgrid_api::vm::VmConfig::new(vgrid_api::ImageRef { name: "sample".into(), version: Some(1) }).with_memory_mib(128);
+        let mut rec = VmRecord::new("vm-1", "a", "alice", config, 1);
+        rec.state = VmState::Running;
         {
             let s = RedbState::open(&path).unwrap();
             s.put_vm(&rec).unwrap();

@@ -14,10 +14,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use vgrid_api::host::{HostUsage, LaunchRequest, PullProgress, VmExit};
 use vgrid_api::vm::{ConsoleChunk, VmStop};
 use vgrid_api::{ErrorBody, ImageRef};
 
-use crate::agent::{Agent, AgentError, LaunchRequest, PullProgress, VmExit};
+use crate::agent::{Agent, AgentError};
 
 type Ctx = State<Arc<Agent>>;
 
@@ -33,7 +34,7 @@ impl From<AgentError> for HttpError {
     fn from(e: AgentError) -> Self {
         let code = match &e {
             AgentError::UnknownVm(_) => StatusCode::NOT_FOUND,
-            AgentError::BadAccel(_) | AgentError::NoKvm { .. } => StatusCode::BAD_REQUEST,
+            AgentError::NoKvm { .. } => StatusCode::BAD_REQUEST,
             AgentError::Admission(crate::resources::AdmissionError::Invalid { .. }) => StatusCode::BAD_REQUEST,
             AgentError::Admission(_) => StatusCode::CONFLICT,
             AgentError::Migration { .. } => StatusCode::CONFLICT,
@@ -133,14 +134,14 @@ async fn wait(State(a): Ctx, Path(id): Path<String>) -> Response {
 async fn usage(State(a): Ctx) -> Response {
     let r = a.resources();
     let load = r.load();
-    Json(serde_json::json!({
-        "vms": r.reports(),
-        "load_now": load.now,
-        "load_predicted": load.predicted,
-        "cpu_cap": r.cap_cores().unwrap_or(0.0),
-        "free_cpu_share": r.free_share(),
-        "cgroups": r.cgroup_version(),
-    }))
+    Json(HostUsage {
+        vms: r.reports(),
+        load_now: load.now,
+        load_predicted: load.predicted,
+        cpu_cap: r.cap_cores().unwrap_or(0.0),
+        free_cpu_share: r.free_share(),
+        cgroups: r.cgroup_version(),
+    })
     .into_response()
 }
 
