@@ -654,3 +654,40 @@ async fn futures(State(c): Ctx, Extension(p): Caller, body: Result<Json<FuturesQ
     let Json(q) = body?;
     Ok(Json(c.futures(&q, &p.user).await?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_lists_every_body() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        for name in [
+            "VmCreate",
+            "VmRecord",
+            "VmConfig",
+            "BootConfig",
+            "NetConfig",
+            "Nic",
+            "Forward",
+            "Accel",
+            "Resources",
+            "ImageRef",
+            "HostRecord",
+            "HostState",
+            "HostHeartbeat",
+            "HeartbeatReply",
+            "VmReport",
+            "FuturesQuery",
+            "Future",
+            "Suspended",
+            "SavedImage",
+            "Migration",
+            "MigrationStatus",
+        ] {
+            assert!(schemas.contains_key(name), "{name} missing from the OpenAPI document");
+        }
+        assert!(doc["paths"]["/api/v1/futures"]["post"].is_object());
+    }
+}

@@ -9,6 +9,7 @@
 //! image store.
 
 pub mod accounting;
+mod admission;
 pub mod api;
 pub mod auth;
 pub mod hosts;

@@ -17,8 +17,9 @@ use vgrid_api::host::{FinishRequest, IncomingReady, IncomingRequest, LaunchReque
 use vgrid_api::migrate::{Migration, MigrationStatus, VmMigrate, DEFAULT_DOWNTIME_MS, DEFAULT_MAX_SECONDS};
 use vgrid_api::vm::{VmRecord, VmState};
 
+use crate::admission::{explain, launch_request, placement_request};
 use crate::hosts::{HostCallError, HostClient};
-use crate::lifecycle::{explain, launch_request, now, placement_request, Coordinator, CoordinatorError};
+use crate::lifecycle::{now, Coordinator, CoordinatorError};
 use crate::sched::{PlaceError, PlaceOptions};
 
 /// A record absent from its host's report is `lost` only once it has been in its state this

@@ -18,8 +18,9 @@ use vgrid_api::vm::{SavedImage, Suspended, VmRecord, VmResume, VmState};
 use vgrid_api::{ImageRef, Manifest};
 use vgrid_storeclient::StoreClient;
 
+use crate::admission::{explain, launch_request, placement_request};
 use crate::hosts::{HostCallError, HostClient};
-use crate::lifecycle::{explain, launch_request, now, placement_request, Coordinator, CoordinatorError};
+use crate::lifecycle::{now, Coordinator, CoordinatorError};
 use crate::sched::{PlaceError, PlaceOptions};
 
 /// Name of the private image a suspended VM is saved in.
@@ -98,7 +99,7 @@ pub(crate) fn resume_failed(c: &Coordinator, req: &LaunchRequest, host: &str, er
 /// and host ports no other active VM forwards. The error names the VM and the cause.
 pub(crate) fn resume_admission(all: &[VmRecord], rec: &VmRecord, quota: &Quota) -> Result<(), CoordinatorError> {
     let others: Vec<VmRecord> = all.iter().filter(|v| v.id != rec.id).cloned().collect();
-    crate::lifecycle::check_quota(&others, &rec.owner, quota, rec.config.cpus, rec.config.memory_mib).map_err(|e| match e {
+    crate::admission::check_quota(&others, &rec.owner, quota, rec.config.cpus, rec.config.memory_mib).map_err(|e| match e {
         CoordinatorError::Quota(m) => CoordinatorError::Quota(format!("cannot resume VM {}: {m}; it stays suspended", rec.name)),
         e => e,
     })?;
@@ -354,7 +355,7 @@ impl Coordinator {
                         Ok(manifest) => {
                             tracing::info!(vm = %id, host = %host, image = %saved,
                                 "the resume's launch never reached the host before the coordinator restarted; sending it again");
-                            let launch = crate::lifecycle::launch_request(&rec, Some(manifest.image_ref()));
+                            let launch = crate::admission::launch_request(&rec, Some(manifest.image_ref()));
                             self.clone().run(client, launch).await;
                             return;
                         }
