@@ -148,7 +148,7 @@ async fn start_sim(name: String, coordinator: String) -> Sim {
 fn authed(token: &str, ca: &str) -> reqwest::Client {
     let mut h = reqwest::header::HeaderMap::new();
     h.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
-    vgrid_trust::tls::client_builder_for(&ca, None).unwrap().default_headers(h).build().unwrap()
+    vgrid_trust::tls::client_builder_for(ca, None).unwrap().default_headers(h).build().unwrap()
 }
 
 #[test]

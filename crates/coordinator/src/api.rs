@@ -579,19 +579,22 @@ async fn bridge(client: WebSocket, host: tokio_tungstenite::WebSocketStream<toki
     let (mut ctx, mut crx) = client.split();
     let (mut htx, mut hrx) = host.split();
     loop {
-        tokio::select! {
+        let forwarded = tokio::select! {
             m = hrx.next() => match m {
-                Some(Ok(TMessage::Binary(b))) => if ctx.send(Message::Binary(b.to_vec().into())).await.is_err() { break },
-                Some(Ok(TMessage::Text(t))) => if ctx.send(Message::Text(t.as_str().into())).await.is_err() { break },
+                Some(Ok(TMessage::Binary(b))) => ctx.send(Message::Binary(b.to_vec().into())).await.is_ok(),
+                Some(Ok(TMessage::Text(t))) => ctx.send(Message::Text(t.as_str().into())).await.is_ok(),
                 Some(Ok(TMessage::Close(_))) | None | Some(Err(_)) => break,
-                _ => {}
+                _ => true,
             },
             m = crx.next() => match m {
-                Some(Ok(Message::Binary(b))) => if htx.send(TMessage::Binary(b.to_vec().into())).await.is_err() { break },
-                Some(Ok(Message::Text(t))) => if htx.send(TMessage::Text(t.as_str().into())).await.is_err() { break },
+                Some(Ok(Message::Binary(b))) => htx.send(TMessage::Binary(b.to_vec().into())).await.is_ok(),
+                Some(Ok(Message::Text(t))) => htx.send(TMessage::Text(t.as_str().into())).await.is_ok(),
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                _ => {}
+                _ => true,
             }
+        };
+        if !forwarded {
+            break;
         }
     }
     let _ = ctx.send(Message::Close(None)).await;

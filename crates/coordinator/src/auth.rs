@@ -391,6 +391,17 @@ impl Auth {
     }
 }
 
+/// Host agents and image servers in the coordinator's process check tokens here directly.
+impl vgrid_trust::caller::UserTokens for Auth {
+    fn verify<'a>(&'a self, token: &'a str) -> vgrid_trust::caller::BoxFuture<'a, Result<vgrid_trust::caller::UserId, String>> {
+        Box::pin(async move {
+            let p = self.authenticate(token).map_err(|e| e.to_string())?;
+            let max_stored_bytes = self.user(&p.user).ok().and_then(|u| u.quota.stored_bytes);
+            Ok(vgrid_trust::caller::UserId { name: p.user, admin: p.admin, max_stored_bytes })
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,16 +532,5 @@ mod tests {
         add(&a, "r", &k, false);
         let c = a.challenge("r").unwrap();
         a.login("r", &c.nonce, &sign(&k, &c.message)).unwrap();
-    }
-}
-
-/// Host agents and image servers in the coordinator's process check tokens here directly.
-impl vgrid_trust::caller::UserTokens for Auth {
-    fn verify<'a>(&'a self, token: &'a str) -> vgrid_trust::caller::BoxFuture<'a, Result<vgrid_trust::caller::UserId, String>> {
-        Box::pin(async move {
-            let p = self.authenticate(token).map_err(|e| e.to_string())?;
-            let max_stored_bytes = self.user(&p.user).ok().and_then(|u| u.quota.stored_bytes);
-            Ok(vgrid_trust::caller::UserId { name: p.user, admin: p.admin, max_stored_bytes })
-        })
     }
 }

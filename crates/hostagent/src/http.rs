@@ -200,17 +200,20 @@ async fn bridge(mut ws: WebSocket, stream: tokio::net::UnixStream) {
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = vec![0u8; 4096];
     loop {
-        tokio::select! {
+        let forwarded = tokio::select! {
             n = rd.read(&mut buf) => match n {
                 Ok(0) | Err(_) => break,
-                Ok(n) => if ws.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() { break },
+                Ok(n) => ws.send(Message::Binary(buf[..n].to_vec().into())).await.is_ok(),
             },
             m = ws.recv() => match m {
-                Some(Ok(Message::Binary(b))) => if wr.write_all(&b).await.is_err() { break },
-                Some(Ok(Message::Text(t))) => if wr.write_all(t.as_bytes()).await.is_err() { break },
+                Some(Ok(Message::Binary(b))) => wr.write_all(&b).await.is_ok(),
+                Some(Ok(Message::Text(t))) => wr.write_all(t.as_bytes()).await.is_ok(),
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                _ => {}
+                _ => true,
             }
+        };
+        if !forwarded {
+            break;
         }
     }
 }

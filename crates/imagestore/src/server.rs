@@ -291,7 +291,7 @@ async fn get_hot_pages(State(s): St, Path((name, version)): Path<(String, String
 async fn put_hot_pages(State(s): St, Path((name, version)): Path<(String, String)>, b: Result<Bytes, BytesRejection>) -> Res<StatusCode> {
     let r = parse_ref(&name, Some(&version))?;
     let b =
-        b.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, &format!("hot pages of image {r}"), e.body_text()))?;
+        b.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("hot pages of image {r}"), e.body_text()))?;
     s.put_hot_pages(&r, b).await?;
     Ok(StatusCode::NO_CONTENT)
 }
