@@ -40,6 +40,9 @@ pub const QEMU_LOG: &str = "qemu.log";
 /// How long [`Vm::powerdown`] waits for QEMU to exit after `quit` before killing it.
 pub const QUIT_GRACE: Duration = Duration::from_secs(10);
 
+/// Most guest memory this driver starts a VM with, in MiB (4 TiB).
+pub const MAX_MEMORY_MIB: u64 = 4 * 1024 * 1024;
+
 /// Longest path a unix socket address can hold (sun_path is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -351,6 +354,9 @@ pub fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
     let invalid = |reason: String| VmError::InvalidSpec { id: id.to_string(), reason };
     // Cpus, memory, resources and networking: the configuration's own checks.
     spec.config.validate().map_err(|e| invalid(e.to_string()))?;
+    if spec.config.memory_mib > MAX_MEMORY_MIB {
+        return Err(invalid(format!("memory_mib must be at most {MAX_MEMORY_MIB}, not {}", spec.config.memory_mib)));
+    }
     match &spec.disk {
         DiskSource::Nbd { url } => {
             if !(url.starts_with("nbd://") || url.starts_with("nbd+unix://") || url.starts_with("nbd+tcp://")) {
