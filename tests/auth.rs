@@ -268,7 +268,7 @@ fn images_and_snapshots_belong_to_their_owners() {
     assert_eq!(curl(&up, "POST", "/host/v1/vms", Some(&bob_token)), 403);
     assert_eq!(curl(&up, "GET", "/store/v1/images", None), 401);
     assert_eq!(curl(&up, "POST", "/store/v1/gc", Some(&bob_token)), 403);
-    assert_eq!(curl(&up, "GET", "/host/v1/cache/stats", Some(&up.json(&["login"])["token"].as_str().unwrap().to_string())), 200);
+    assert_eq!(curl(&up, "GET", "/host/v1/cache/stats", Some(up.json(&["login"])["token"].as_str().unwrap())), 200);
 
     // A VM saved as an image belongs to the VM's owner; its name cannot take another's image.
     let v = bob.json(&up, &["vm", "run", "sample", "--wait-for", BOOTED_MARKER, "--timeout", "240"]);

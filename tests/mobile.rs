@@ -597,7 +597,7 @@ fn resume_rechecks_quota_and_port_forwards() {
     assert!(!after.contains(BOOTED_MARKER), "the guest booted instead of resuming:\n{log}");
     // The forward works again on the resumed VM's host port.
     let v = up.vm(&id);
-    assert_eq!(v["forwards"][0]["host"], port, "{v}");
+    assert_eq!(v["config"]["net"]["nics"][0]["forwards"][0]["host"], port, "{v}");
     assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err(), "QEMU holds host port {port} again");
 }
 

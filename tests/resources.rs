@@ -117,7 +117,7 @@ fn cpu_reservation_is_enforced_and_the_owner_cap_admits_or_refuses() {
     }
     let v = up.run_vm("sample", "spin", PROMPT, &["--cpu-share", "0.2"]);
     let id = v["id"].as_str().unwrap().to_string();
-    assert_eq!(v["resources"]["cpu_share"], 0.2);
+    assert_eq!(v["config"]["resources"]["cpu_share"], 0.2);
     assert!(up.ok(&["vm", "show", &id]).contains("limits:   cpu 0.20 core (period 100 ms)"));
     // QEMU (all its threads) is in the VM's group, under the host's parent group.
     let procs = std::fs::read_to_string(group_dir("cpu", &host, &id).join("cgroup.procs")).unwrap();

@@ -19,6 +19,9 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vgrid_api::grid::HostAd;
+use vgrid_api::host::{ExitInfo, HostHeartbeat, LaunchRequest, Launched, VmExit, VmReport};
+use vgrid_api::vm::Accel;
 
 const HOSTS: usize = 10;
 const HOST_CPUS: u64 = 4;
@@ -42,10 +45,10 @@ struct Sim {
     seq: Arc<std::sync::atomic::AtomicU64>,
 }
 
-async fn launch(State(sim): State<Sim>, Json(req): Json<Value>) -> Json<Value> {
-    let id = req["id"].as_str().unwrap().to_string();
-    let cpus = req["cpus"].as_u64().unwrap();
-    let mem = req["memory_mib"].as_u64().unwrap();
+async fn launch(State(sim): State<Sim>, Json(req): Json<LaunchRequest>) -> Json<Launched> {
+    let id = req.id.clone();
+    let cpus = req.config.cpus as u64;
+    let mem = req.config.memory_mib;
     let n = sim.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     // Lifetimes of 100-700 ms, varied so that VMs end in a mixed order.
     let life = Duration::from_millis(100 + (n * 137 % 600));
@@ -62,17 +65,17 @@ async fn launch(State(sim): State<Sim>, Json(req): Json<Value>) -> Json<Value> {
         }
     }
     tokio::time::sleep(Duration::from_millis(20)).await;
-    Json(json!({ "pid": 10_000 + n, "accel": "tcg" }))
+    Json(Launched { pid: 10_000 + n as u32, accel: Accel::Tcg })
 }
 
-async fn wait(State(sim): State<Sim>, Path(id): Path<String>) -> Json<Value> {
+async fn wait(State(sim): State<Sim>, Path(id): Path<String>) -> Json<VmExit> {
     let until = sim.state.lock().unwrap().running.get(&id).map(|v| v.2);
     if let Some(t) = until {
         tokio::time::sleep_until(t.into()).await;
         // Powered off: its capacity is free before the coordinator hears of it.
         sim.state.lock().unwrap().running.remove(&id);
     }
-    Json(json!({ "exit": { "code": 0, "signal": null }, "console_tail": [] }))
+    Json(VmExit { exit: ExitInfo { code: Some(0), signal: None }, console_tail: vec![], cause: None, present: false })
 }
 
 async fn ok() -> Json<Value> {
@@ -106,17 +109,35 @@ async fn start_sim(name: String, coordinator: String) -> Sim {
     let beat = sim.clone();
     tokio::spawn(async move {
         loop {
-            let vms: Vec<Value> = {
+            let vms: Vec<VmReport> = {
                 let s = beat.state.lock().unwrap();
-                s.running.keys().map(|id| json!({ "id": id, "pid": 1 })).collect()
+                s.running.keys().map(|id| VmReport { id: id.clone(), pid: 1, incoming: false }).collect()
             };
-            let ad = json!({
-                "name": name, "url": url, "arch": "x86_64", "cpus": HOST_CPUS, "memory_mib": HOST_MEM,
-                "free_cpus": HOST_CPUS, "free_memory_mib": HOST_MEM, "accel": "tcg", "qemu_version": "10.0.0",
-                "network_modes": ["user"], "labels": { "site": if name.ends_with(['0', '2', '4', '6', '8']) { "uf" } else { "nw" } },
-                "load_avg": 0.0, "running_vms": vms.len(), "image_cache": {}
-            });
-            let _ = http.post(format!("{coordinator}/api/v1/hosts/heartbeat")).json(&json!({ "ad": ad, "vms": vms })).send().await;
+            let site = if name.ends_with(['0', '2', '4', '6', '8']) { "uf" } else { "nw" };
+            let ad = HostAd {
+                name: name.clone(),
+                url: url.clone(),
+                arch: "x86_64".into(),
+                cpus: HOST_CPUS as u32,
+                memory_mib: HOST_MEM,
+                free_cpus: HOST_CPUS as u32,
+                free_memory_mib: HOST_MEM,
+                accel: "tcg".into(),
+                qemu_version: "10.0.0".into(),
+                network_modes: vec!["user".into()],
+                labels: [("site".to_string(), site.to_string())].into(),
+                policy: None,
+                load_avg: 0.0,
+                running_vms: vms.len() as u32,
+                image_cache: Default::default(),
+                load_now: 0.0,
+                load_predicted: 0.0,
+                cpu_cap: 0.0,
+                free_cpu_share: 0.0,
+                cgroups: String::new(),
+            };
+            let hb = HostHeartbeat { ad, vms, usage: vec![] };
+            let _ = http.post(format!("{coordinator}/api/v1/hosts/heartbeat")).json(&hb).send().await;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
@@ -127,7 +148,7 @@ async fn start_sim(name: String, coordinator: String) -> Sim {
 fn authed(token: &str, ca: &str) -> reqwest::Client {
     let mut h = reqwest::header::HeaderMap::new();
     h.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
-    vgrid_trust::tls::client_builder_for(&ca, None).unwrap().default_headers(h).build().unwrap()
+    vgrid_trust::tls::client_builder_for(ca, None).unwrap().default_headers(h).build().unwrap()
 }
 
 #[test]

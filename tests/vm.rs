@@ -305,7 +305,7 @@ fn forwarded_port_reaches_a_server_in_the_guest() {
     let fwd = format!("{port}:80");
     let v = up.run_vm("sample", "web", PROMPT, &["--forward", &fwd]);
     let id = id_of(&v);
-    assert_eq!(v["forwards"][0]["host"], port);
+    assert_eq!(v["config"]["net"]["nics"][0]["forwards"][0]["host"], port);
     // User-mode networking: the guest is 10.0.2.15 behind QEMU's slirp.
     console_exec(
         &up,

@@ -81,3 +81,93 @@ pub struct PlacementRequest {
     #[serde(default)]
     pub rank: Option<String>,
 }
+
+/// A host's state in the information service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HostState {
+    Ready,
+    Lost,
+}
+
+/// A host as the coordinator knows it (`GET /api/v1/hosts`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostRecord {
+    pub ad: HostAd,
+    pub state: HostState,
+    /// Seconds since its last heartbeat.
+    pub last_seen_secs: f64,
+    pub vms: Vec<crate::host::VmReport>,
+    /// QEMUs the host runs that the coordinator has no record of (never killed by vgrid:
+    /// an operator decides).
+    #[serde(default)]
+    pub orphans: Vec<String>,
+}
+
+/// Body of `POST /api/v1/futures`: a VM like this one.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FuturesQuery {
+    #[serde(default)]
+    pub require: Option<String>,
+    #[serde(default = "crate::vm::default_cpus")]
+    pub cpus: u32,
+    #[serde(default = "crate::vm::default_memory")]
+    pub memory_mib: u64,
+    /// `NAME[@VERSION]`: also check the image's architecture.
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+/// One host's answer to a futures query.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Future {
+    pub host: String,
+    pub state: HostState,
+    pub could_start: bool,
+    pub why_not: Option<String>,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A host advertisement for tests.
+    pub(crate) fn ad(name: &str) -> HostAd {
+        HostAd {
+            name: name.into(),
+            url: format!("https://{name}:7072"),
+            arch: "x86_64".into(),
+            cpus: 4,
+            memory_mib: 4096,
+            free_cpus: 4,
+            free_memory_mib: 4096,
+            accel: "tcg".into(),
+            qemu_version: "10.0.2".into(),
+            network_modes: vec!["user".into()],
+            labels: BTreeMap::new(),
+            policy: None,
+            load_avg: 0.0,
+            running_vms: 0,
+            image_cache: BTreeMap::new(),
+            load_now: 0.0,
+            load_predicted: 0.0,
+            cpu_cap: 0.0,
+            free_cpu_share: 0.0,
+            cgroups: String::new(),
+        }
+    }
+
+    #[test]
+    fn host_records_and_futures_round_trip() {
+        let h = HostRecord { ad: ad("h1"), state: HostState::Lost, last_seen_secs: 1.5, vms: vec![], orphans: vec!["vm-x".into()] };
+        let j = serde_json::to_value(&h).unwrap();
+        assert_eq!(j["state"], "lost");
+        let back: HostRecord = serde_json::from_value(j).unwrap();
+        assert_eq!((back.ad, back.orphans), (h.ad, h.orphans));
+        let q: FuturesQuery = serde_json::from_str("{}").unwrap();
+        assert_eq!((q.cpus, q.memory_mib), (1, 256));
+        let f = Future { host: "h1".into(), state: HostState::Ready, could_start: false, why_not: Some("x".into()) };
+        assert_eq!(serde_json::to_value(&f).unwrap()["state"], "ready");
+    }
+}

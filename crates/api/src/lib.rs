@@ -1,11 +1,19 @@
-//! Types shared by every vgrid role and by its clients: chunk hashes, image manifests, and the
-//! bodies of the REST API. This crate holds data definitions and their validation only; it must
-//! never do I/O, start tasks, or know how any role stores or serves these objects.
+//! The contracts between vgrid's processes: every type that crosses a process boundary lives
+//! here. Chunk hashes and image manifests; the coordinator's REST bodies (`vm`, `grid`,
+//! `migrate`, `auth`, `usage`); the VM configuration, validated once (`config`, `net`); the host
+//! agent's API and heartbeat (`host`); the image server's wire types (`rest`); and the timeouts
+//! and resource arithmetic both sides of a call count on. This crate holds data definitions and
+//! their validation only; it must never do I/O, start tasks, or know how any role stores or
+//! serves these objects.
 
 pub mod auth;
+pub mod config;
 pub mod grid;
+pub mod host;
 pub mod manifest;
 pub mod migrate;
+pub mod net;
+mod record;
 pub mod rest;
 pub mod usage;
 pub mod vm;

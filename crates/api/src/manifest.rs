@@ -112,7 +112,7 @@ fn default_arch() -> String {
 }
 
 /// `NAME` or `NAME@VERSION`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImageRef {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -318,7 +318,7 @@ impl Manifest {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ManifestError {
     #[error("invalid chunk hash {0:?}: expected 64 hex digits")]
     BadHash(String),

@@ -1,5 +1,6 @@
 //! Live migration bodies of the REST API (`POST /api/v1/vms/{id}/migrate`) and the migration
-//! status kept in a VM's record.
+//! status: the one kept in a VM's record, which is also what the source host reports while it
+//! sends the VM (`GET /host/v1/vms/{id}/migrate`).
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -53,8 +54,10 @@ impl MigrationStatus {
     }
 }
 
-/// A VM's last (or current) live migration, as recorded by the coordinator.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+/// A VM's last (or current) live migration, as recorded by the coordinator; also the source
+/// host's view of it (QEMU's figures, phase and status), which the coordinator copies into the
+/// record as the migration goes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Migration {
     pub from: String,
     pub to: String,
@@ -75,7 +78,8 @@ pub struct Migration {
     /// Memory migration time (QEMU's `total-time`).
     #[serde(default)]
     pub total_ms: Option<u64>,
-    /// The whole operation, destination preparation and disk mirror included.
+    /// The whole operation, destination preparation and disk mirror included (in a source
+    /// host's status: since the source started sending).
     #[serde(default)]
     pub elapsed_ms: Option<u64>,
     /// Guest disk bytes the mirror copied (the overlay's data).

@@ -64,6 +64,32 @@ pub struct BootProfile {
     pub hot_pages: u64,
 }
 
+impl ImageSummary {
+    /// The summary of image version `m` (no owner, not public: the store adds those).
+    pub fn of(m: &crate::Manifest) -> ImageSummary {
+        let stored_bytes =
+            m.disk.chunks.iter().enumerate().filter(|(_, c)| c.is_some()).map(|(i, _)| m.disk.chunk_len(m.chunk_size, i) as u64).sum();
+        ImageSummary {
+            name: m.name.clone(),
+            version: m.version,
+            size: m.disk.size,
+            stored_bytes,
+            chunk_size: m.chunk_size,
+            os: m.meta.os.clone(),
+            arch: m.meta.arch.clone(),
+            boot: match m.meta.boot {
+                crate::Boot::Firmware => "firmware".into(),
+                crate::Boot::Kernel { .. } => "kernel".into(),
+            },
+            created: m.created,
+            warm: m.state.is_some(),
+            parent: m.parent.as_ref().map(|p| p.to_string()),
+            owner: None,
+            public: false,
+        }
+    }
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -72,6 +98,29 @@ fn is_zero(n: &u64) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UploadCreated {
     pub id: String,
+}
+
+/// Identifier of an upload session on an image server (random, 32 hex digits).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UploadId(pub String);
+
+impl std::fmt::Display for UploadId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Machine-readable error kinds of the image server, in `detail.kind` of every error body
+/// (`{"kind": ..., "object": ...}`).
+pub struct ErrorKind;
+impl ErrorKind {
+    pub const NOT_FOUND: &'static str = "not_found";
+    pub const CHUNK_CORRUPT: &'static str = "chunk_corrupt";
+    pub const BAD_REQUEST: &'static str = "bad_request";
+    pub const MISSING_CHUNKS: &'static str = "missing_chunks";
+    pub const CONFLICT: &'static str = "conflict";
+    pub const NO_SPACE: &'static str = "no_space";
+    pub const INTERNAL: &'static str = "internal";
 }
 
 /// What deleting images (and the garbage collection that follows) freed.

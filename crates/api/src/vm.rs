@@ -1,7 +1,11 @@
-//! VM and host records of the REST API.
+//! VM records and the VM bodies of the REST API.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+
+pub use crate::config::{Accel, BootConfig, ConfigError, Resources, VmConfig};
+pub use crate::net::{Forward, NetConfig, Nic};
+use crate::ImageRef;
 
 /// Lifecycle of a VM: `pending → starting → running → stopping → stopped`, or `failed`;
 /// `unknown` while its host is silent, `migrating` while it moves live, `lost` when its host
@@ -63,24 +67,6 @@ impl VmState {
     }
 }
 
-/// A host port forwarded to a guest port over user-mode networking.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct Forward {
-    pub host: u16,
-    pub guest: u16,
-}
-
-impl std::str::FromStr for Forward {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (h, g) = s.split_once(':').ok_or_else(|| format!("invalid forward {s:?}: expected HOSTPORT:GUESTPORT"))?;
-        let port = |p: &str| {
-            p.parse::<u16>().ok().filter(|&v| v != 0).ok_or_else(|| format!("invalid port {p:?} in forward {s:?}: expected 1-65535"))
-        };
-        Ok(Forward { host: port(h)?, guest: port(g)? })
-    }
-}
-
 /// Body of `POST /api/v1/vms`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -112,48 +98,6 @@ pub struct VmCreate {
     pub resources: Resources,
 }
 
-/// Resource control of one VM, enforced by its host (cgroups and QEMU throttle groups).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Resources {
-    /// CPU reservation as a fraction of one core (e.g. 0.2), over all of QEMU's threads:
-    /// CFS bandwidth `share * period` per period. Exclusive with `cpu_slice_ms`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu_share: Option<f64>,
-    /// CPU reservation as VSched's (slice, period): `cpu_slice_ms` of CPU time every
-    /// `cpu_period_ms`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu_slice_ms: Option<u64>,
-    /// The reservation's period [default 100 ms].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu_period_ms: Option<u64>,
-    /// Limit on QEMU's whole memory in MiB [default: the guest's memory plus the measured
-    /// QEMU overhead].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_limit_mib: Option<u64>,
-    /// Guest disk bandwidth limit, bytes per second (reads and writes together).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk_bps: Option<u64>,
-    /// Guest disk operations per second limit (reads and writes together).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk_iops: Option<u64>,
-}
-
-impl Resources {
-    pub fn is_empty(&self) -> bool {
-        *self == Resources::default()
-    }
-
-    /// The reserved CPU in cores (`cpu_share`, or slice / period), 0 when none.
-    pub fn cpu_cores(&self) -> f64 {
-        match (self.cpu_share, self.cpu_slice_ms) {
-            (Some(s), _) => s,
-            (None, Some(sl)) => sl as f64 / self.cpu_period_ms.unwrap_or(100).max(1) as f64,
-            _ => 0.0,
-        }
-    }
-}
-
 pub fn default_cpus() -> u32 {
     1
 }
@@ -161,22 +105,18 @@ pub fn default_memory() -> u64 {
     256
 }
 
-/// A VM as the coordinator records it.
+/// A VM as the coordinator records it: its configuration (as validated at admission) and
+/// where and how it runs now.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(try_from = "crate::record::StoredVmRecord")]
 pub struct VmRecord {
     pub id: String,
     pub name: String,
     /// The user who created it (records from before users existed: `anonymous`).
-    #[serde(default = "anonymous")]
     pub owner: String,
-    /// The image as requested.
-    pub image: String,
-    /// The image version resolved at placement.
-    #[serde(default)]
-    pub image_version: Option<u32>,
-    pub cpus: u32,
-    pub memory_mib: u64,
-    pub forwards: Vec<Forward>,
+    /// What the VM is: cpus, memory, the image (`NAME@VERSION`, pinned at admission), the
+    /// accelerator asked for, resources, networking.
+    pub config: VmConfig,
     pub state: VmState,
     /// What the VM is doing now (placing, fetching, booting, ...), for progress displays.
     #[serde(default)]
@@ -185,8 +125,9 @@ pub struct VmRecord {
     #[serde(default)]
     pub reason: Option<String>,
     pub host: Option<String>,
+    /// The accelerator its host runs it with (set at launch).
     #[serde(default)]
-    pub accel: Option<String>,
+    pub accel: Option<Accel>,
     #[serde(default)]
     pub pid: Option<u32>,
     /// The requirement and rank it was placed with (kept so a queued VM survives restarts).
@@ -194,9 +135,6 @@ pub struct VmRecord {
     pub require: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rank: Option<String>,
-    /// Resource control it was started with.
-    #[serde(default, skip_serializing_if = "Resources::is_empty")]
-    pub resources: Resources,
     /// The image (`NAME@VERSION`) holding this VM's saved state and disk, while it is
     /// suspended and after it resumed from it (its disk's base then); deleted with the VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -220,6 +158,43 @@ pub struct VmRecord {
     pub ram_remote_bytes: Option<u64>,
 }
 
+impl VmRecord {
+    /// A new VM `id` of `owner` with `config`, created at `now` (seconds since the epoch):
+    /// `pending`, placed nowhere yet.
+    pub fn new(id: &str, name: &str, owner: &str, config: VmConfig, now: u64) -> VmRecord {
+        VmRecord {
+            id: id.to_string(),
+            name: name.to_string(),
+            owner: owner.to_string(),
+            config,
+            state: VmState::Pending,
+            phase: String::new(),
+            reason: None,
+            host: None,
+            accel: None,
+            pid: None,
+            require: None,
+            rank: None,
+            saved_image: None,
+            created: now,
+            started: None,
+            stopped: None,
+            state_since: Some(now),
+            migration: None,
+            ram_remote_bytes: None,
+        }
+    }
+
+    /// The image the VM runs from now: its saved image once it was suspended (and after it
+    /// resumed from it), else the image of its configuration.
+    pub fn running_image(&self) -> Result<ImageRef, crate::ManifestError> {
+        match &self.saved_image {
+            Some(saved) => saved.parse(),
+            None => Ok(self.config.boot.image.clone()),
+        }
+    }
+}
+
 /// Body of `POST /api/v1/vms/{id}/stop`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -238,10 +213,6 @@ pub struct ConsoleChunk {
     pub next: u64,
     /// Console output (lossy UTF-8).
     pub data: String,
-}
-
-fn anonymous() -> String {
-    "anonymous".into()
 }
 
 /// Body of `POST /api/v1/vms/{id}/resume`.
@@ -281,4 +252,11 @@ pub struct SavedImage {
     /// Seconds the guest was paused / the whole operation took.
     pub paused_secs: f64,
     pub total_secs: f64,
+}
+
+/// Answer of `POST /api/v1/vms/{id}/suspend`: the record and what was saved.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Suspended {
+    pub vm: VmRecord,
+    pub saved: SavedImage,
 }

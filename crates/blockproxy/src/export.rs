@@ -348,7 +348,7 @@ impl Export {
     /// Records the saved-RAM pages of `[offset, offset+len)` (a warm image's hot pages).
     fn record_pages(&self, offset: u64, len: u64) {
         if let Some(r) = self.recording.get() {
-            let ps = vgrid_imagestore::hotpages::HOT_PAGE_SIZE as u64;
+            let ps = vgrid_storeclient::hotpages::HOT_PAGE_SIZE as u64;
             r.record_pages(offset / ps, (offset + len - 1) / ps);
         }
     }

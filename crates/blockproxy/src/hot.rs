@@ -1,6 +1,6 @@
 //! Hot pages of warm images: the pages of a saved RAM that a restored guest touched first,
 //! recorded at an image's first restore and sent to later restores as one verified bundle
-//! (`vgrid_imagestore::hotpages`) instead of the whole chunks around them.
+//! (`vgrid_storeclient::hotpages`) instead of the whole chunks around them.
 //!
 //! The bundle is decoded as it streams in: its table says which pages will come, in the order
 //! the first guest touched them, and each chunk's pages are served as soon as they are
@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vgrid_api::{ImageRef, Manifest};
-use vgrid_imagestore::hotpages::{self, HotChunk, HOT_PAGE_SIZE};
+use vgrid_storeclient::hotpages::{self, HotChunk, HOT_PAGE_SIZE};
 
 /// How long a read of a saved RAM waits for announced hot pages.
 pub(crate) const LOAD_WAIT: Duration = Duration::from_secs(3);
@@ -292,7 +292,7 @@ mod tests {
     use std::time::{Duration, Instant};
     use vgrid_api::rest::BootProfile;
     use vgrid_api::{Blob, Boot, ChunkHash, ImageMeta, ImageRef, Manifest, SavedRam, SavedState, StateMeta};
-    use vgrid_imagestore::hotpages::{encode, HotChunk};
+    use vgrid_storeclient::hotpages::{encode, HotChunk};
 
     const CS: u32 = 65536;
 

@@ -43,7 +43,7 @@ pub trait ChunkSource: Send + Sync + 'static {
     /// Stores the boot profile of a (versioned) image.
     fn put_profile<'a>(&'a self, image: &'a ImageRef, profile: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>>;
     /// The hot-page bundle of a (versioned) warm image as stored, as it arrives (unverified:
-    /// see `vgrid_imagestore::hotpages::decode_stream`), `None` when there is none.
+    /// see `vgrid_storeclient::hotpages::decode_stream`), `None` when there is none.
     fn hot_pages<'a>(&'a self, _image: &'a ImageRef) -> BoxFuture<'a, Result<Option<ByteStream>, SourceError>> {
         Box::pin(async { Ok(None) })
     }

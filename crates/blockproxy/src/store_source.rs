@@ -1,11 +1,11 @@
-//! [`ChunkSource`] over one image server, through `vgrid_imagestore::StoreClient` (which
+//! [`ChunkSource`] over one image server, through `vgrid_storeclient::StoreClient` (which
 //! verifies every chunk and retries a bounded number of times).
 
 use crate::source::{ChunkSource, SourceError};
 use futures::future::BoxFuture;
 use vgrid_api::rest::BootProfile;
 use vgrid_api::{ChunkHash, ImageRef, Manifest};
-use vgrid_imagestore::{ClientError, StoreClient};
+use vgrid_storeclient::{ClientError, StoreClient};
 
 /// One image server as a chunk source. Combine several with [`crate::Servers`].
 #[derive(Debug, Clone)]

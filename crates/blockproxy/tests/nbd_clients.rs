@@ -12,8 +12,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use vgrid_api::{ImageRef, Manifest};
 use vgrid_blockproxy::{BlockProxy, ProxyConfig, StoreSource};
-use vgrid_imagestore::import::{Format, ImportOptions};
-use vgrid_imagestore::{ImageStore, RetryPolicy, StoreClient};
+use vgrid_imagestore::ImageStore;
+use vgrid_storeclient::import::{Format, ImportOptions};
+use vgrid_storeclient::{RetryPolicy, StoreClient};
 
 const CHUNK: u32 = 64 * 1024;
 const SIZE: usize = 5 * 1024 * 1024 + 12345;
@@ -120,7 +121,7 @@ impl Fixture {
         let mut opts = ImportOptions::new(name);
         opts.chunk_size = CHUNK;
         opts.format = Some(Format::Raw);
-        let manifest = vgrid_imagestore::import_file(&client, &source_file, &opts, &|_, _| {}).await.unwrap();
+        let manifest = vgrid_storeclient::import_file(&client, &source_file, &opts, &|_, _| {}).await.unwrap();
         Fixture { tmp, server, source_file, data, manifest }
     }
 
@@ -273,7 +274,7 @@ async fn real_clients_read_exact_bytes_over_unix_and_tcp() {
     let mut opts = ImportOptions::new("twin");
     opts.chunk_size = CHUNK;
     opts.format = Some(Format::Raw);
-    vgrid_imagestore::import_file(&client, &f.source_file, &opts, &|_, _| {}).await.unwrap();
+    vgrid_storeclient::import_file(&client, &f.source_file, &opts, &|_, _| {}).await.unwrap();
     nbdcopy_equals(&uri("twin", &sock), &f.path("twin.raw"), &f.data).await;
     assert_eq!(proxy.stats().fetches, stored, "chunks shared by two images were fetched again");
 
@@ -427,7 +428,7 @@ async fn kernel_blob_materialises_through_the_cache() {
     opts.chunk_size = CHUNK;
     opts.kernel = Some(kernel.clone());
     opts.cmdline = "console=ttyS0".into();
-    let m = vgrid_imagestore::import_file(&client, &disk, &opts, &|_, _| {}).await.unwrap();
+    let m = vgrid_storeclient::import_file(&client, &disk, &opts, &|_, _| {}).await.unwrap();
     let proxy = BlockProxy::new(ProxyConfig::new(tmp.path().join("cache"), 1 << 30), Arc::new(StoreSource::new(client))).unwrap();
     let vgrid_api::Boot::Kernel { kernel: kb, .. } = &m.meta.boot else { panic!("not a kernel image") };
     let out = tmp.path().join("kernel.out");
@@ -747,7 +748,7 @@ async fn unix_socket_access_is_its_mode_and_group() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_pages_of_a_saved_ram_are_recorded_then_served_verified() {
     use vgrid_api::{Blob, SavedRam, SavedState, StateMeta};
-    use vgrid_imagestore::hotpages;
+    use vgrid_storeclient::hotpages;
     let f = Fixture::new("base").await;
     let client = StoreClient::new(&f.server.url()).unwrap();
     // A warm image whose 2 MiB of RAM are the base's chunks 5..37 (10..20 are zero chunks).

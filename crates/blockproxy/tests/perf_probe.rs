@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::process::Command;
 use vgrid_blockproxy::{BlockProxy, ProxyConfig, StoreSource};
-use vgrid_imagestore::import::{Format, ImportOptions};
-use vgrid_imagestore::{ImageStore, StoreClient};
+use vgrid_imagestore::ImageStore;
+use vgrid_storeclient::import::{Format, ImportOptions};
+use vgrid_storeclient::StoreClient;
 
 async fn time_nbdcopy(uri: &str, rounds: usize) -> Duration {
     let mut best = Duration::MAX;
@@ -73,7 +74,7 @@ async fn warm_reads_against_qemu_nbd_and_nbdkit() {
     let client = StoreClient::new(&format!("http://{addr}")).unwrap();
     let mut opts = ImportOptions::new("perf");
     opts.format = Some(Format::Raw);
-    vgrid_imagestore::import_file(&client, &file, &opts, &|_, _| {}).await.unwrap();
+    vgrid_storeclient::import_file(&client, &file, &opts, &|_, _| {}).await.unwrap();
 
     let proxy = BlockProxy::new(ProxyConfig::new(tmp.path().join("cache"), 4 << 30), Arc::new(StoreSource::new(client))).unwrap();
     let t = Instant::now();

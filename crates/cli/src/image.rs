@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
 use vgrid_api::{Boot, ImageRef, Manifest};
-use vgrid_imagestore::client::StoreClient;
-use vgrid_imagestore::import::{export_image, import_file, Format, ImportOptions};
+use vgrid_storeclient::import::{export_image, import_file, Format, ImportOptions};
+use vgrid_storeclient::StoreClient;
 
 use crate::output::{self, bytes, parse_size, print_json, progress_bar, table};
 use crate::Ctx;
@@ -174,7 +174,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             let client = a.server.client(ctx).await?.public(a.public);
             let m = import(ctx, &client, a).await?;
             if ctx.json {
-                print_json(&vgrid_imagestore::store::summary(&m))?;
+                print_json(&vgrid_api::rest::ImageSummary::of(&m))?;
             }
         }
         ImageCmd::Ls(s) => {

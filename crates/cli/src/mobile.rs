@@ -6,8 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::Args;
-use vgrid_api::vm::{SavedImage, VmRecord, VmResume, VmSnapshot, VmState};
-use vgrid_coordinator::mobile::Suspended;
+use vgrid_api::vm::{SavedImage, Suspended, VmRecord, VmResume, VmSnapshot, VmState};
 
 use crate::output::{bytes, print_json};
 use crate::Ctx;

@@ -10,14 +10,15 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use futures::StreamExt;
 use std::time::Duration;
+use vgrid_api::host::PullProgress;
 use vgrid_api::ImageRef;
 use vgrid_coordinator::hosts::Registry;
 use vgrid_coordinator::join::Joins;
 use vgrid_coordinator::state::{RecordStore, StateConfig};
 use vgrid_coordinator::Coordinator;
-use vgrid_hostagent::agent::{Agent, AgentConfig, Heartbeat, PullProgress};
-use vgrid_imagestore::client::StoreClient;
+use vgrid_hostagent::agent::{Agent, AgentConfig, Heartbeat};
 use vgrid_imagestore::store::ImageStore;
+use vgrid_storeclient::StoreClient;
 use vgrid_trust::node::JoinToken;
 use vgrid_trust::tls::ProcessTls;
 use vgrid_trust::{Ca, NodeCert, NodeRole};
@@ -124,10 +125,10 @@ pub struct HostOpts {
 #[derive(Args, Debug, Clone)]
 pub struct BeatOpts {
     /// Seconds between heartbeats that hosts and image servers are asked for.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = vgrid_api::host::HEARTBEAT_INTERVAL.as_secs())]
     pub heartbeat_interval: u64,
     /// Missed heartbeats after which a host is `lost`.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = vgrid_api::host::LOST_AFTER_BEATS)]
     pub lost_after_beats: u32,
 }
 

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::{Args, Subcommand};
+use vgrid_api::grid::{Future, FuturesQuery, HostRecord};
 use vgrid_api::vm::{ConsoleChunk, Forward, VmCreate, VmRecord, VmState, VmStop};
-use vgrid_coordinator::hosts::HostRecord;
 
 use crate::output::{age, print_json, table};
 use crate::Ctx;
@@ -123,8 +123,8 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<ExitCode> {
                             v.name.clone(),
                             image_label(v),
                             v.state.as_str().to_string(),
-                            v.cpus.to_string(),
-                            format!("{} MiB", v.memory_mib),
+                            v.config.cpus.to_string(),
+                            format!("{} MiB", v.config.memory_mib),
                             v.host.clone().unwrap_or_default(),
                             age(v.created),
                         ]
@@ -240,11 +240,9 @@ pub async fn run_host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `NAME@VERSION` of the image the VM was created from.
 fn image_label(v: &VmRecord) -> String {
-    match v.image_version {
-        Some(ver) if !v.image.contains('@') => format!("{}@{ver}", v.image),
-        _ => v.image.clone(),
-    }
+    v.config.image().to_string()
 }
 
 fn show(v: &VmRecord) {
@@ -255,26 +253,27 @@ fn show(v: &VmRecord) {
     if let Some(r) = &v.reason {
         println!("reason:   {}", r.replace('\n', "\n          "));
     }
-    println!("cpus:     {}", v.cpus);
-    println!("memory:   {} MiB", v.memory_mib);
+    println!("cpus:     {}", v.config.cpus);
+    println!("memory:   {} MiB", v.config.memory_mib);
     match v.ram_remote_bytes {
         Some(0) => println!("ram:      paged in lazily, all of it on the host now"),
         Some(n) => println!("ram:      paged in lazily, {} still on the image server (fetched when touched)", crate::output::bytes(n)),
         None => {}
     }
-    if !v.resources.is_empty() {
-        println!("limits:   {}", crate::usage::describe(&v.resources));
+    if !v.config.resources.is_empty() {
+        println!("limits:   {}", crate::usage::describe(&v.config.resources));
     }
     if let Some(h) = &v.host {
         println!("host:     {h}");
     }
-    if let Some(a) = &v.accel {
+    // The accelerator its host runs it with, or the one asked for until it runs.
+    if let Some(a) = v.accel.or(v.config.accel) {
         println!("accel:    {a}");
     }
     if let Some(p) = v.pid {
         println!("pid:      {p}");
     }
-    for f in &v.forwards {
+    for f in v.config.net.forwards() {
         println!("forward:  127.0.0.1:{} -> guest:{}", f.host, f.guest);
     }
     if let Some(s) = &v.saved_image {
@@ -382,7 +381,7 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
             v.id,
             v.name,
             v.host.clone().unwrap_or_default(),
-            v.accel.clone().unwrap_or_default(),
+            v.accel.map(|a| a.to_string()).unwrap_or_default(),
             running_at.as_secs_f64()
         );
         if let Some(t) = &a.wait_for {
@@ -436,13 +435,13 @@ pub struct FuturesArgs {
 }
 
 pub async fn futures(ctx: &Ctx, a: FuturesArgs) -> anyhow::Result<ExitCode> {
-    let q = vgrid_coordinator::lifecycle::FuturesQuery {
+    let q = FuturesQuery {
         require: Some(a.require.clone()).filter(|r| !r.trim().is_empty()),
         cpus: a.cpus,
         memory_mib: a.memory,
         image: a.image.clone(),
     };
-    let answers: Vec<vgrid_coordinator::lifecycle::Future> = ctx.api().post("/api/v1/futures", &q).await?;
+    let answers: Vec<Future> = ctx.api().post("/api/v1/futures", &q).await?;
     if ctx.json {
         print_json(&answers)?;
     } else {

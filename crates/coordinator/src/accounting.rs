@@ -144,10 +144,7 @@ impl Accounting {
             }
             if let Some(rec) = record(&r.id) {
                 a.info.name = rec.name.clone();
-                a.info.image = match rec.image_version {
-                    Some(v) if !rec.image.contains('@') => format!("{}@{v}", rec.image),
-                    _ => rec.image.clone(),
-                };
+                a.info.image = rec.config.image().to_string();
                 a.info.user = user_of(&rec);
             }
             if a.info.user.is_empty() {

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use crate::mobile::Suspended;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
@@ -15,14 +14,14 @@ use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message as TMessage;
 use utoipa::OpenApi;
-use vgrid_api::grid::{HostAd, ImageServerAd};
-use vgrid_api::vm::{ConsoleChunk, SavedImage, VmCreate, VmRecord, VmResume, VmSnapshot, VmStop};
+use vgrid_api::grid::{Future, FuturesQuery, HostAd, HostRecord, HostState, ImageServerAd};
+use vgrid_api::host::{HeartbeatReply, HostHeartbeat, VmReport};
+use vgrid_api::vm::{ConsoleChunk, SavedImage, Suspended, VmCreate, VmRecord, VmResume, VmSnapshot, VmStop};
 use vgrid_api::ErrorBody;
 
 use crate::auth::{Auth, AuthError, Principal};
-use crate::hosts::{HeartbeatReply, HostHeartbeat, HostRecord, HostState};
 use crate::join::Joins;
-use crate::lifecycle::{Coordinator, CoordinatorError, Future, FuturesQuery};
+use crate::lifecycle::{Coordinator, CoordinatorError};
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::Extension;
@@ -45,7 +44,7 @@ impl From<CoordinatorError> for ApiError {
     fn from(e: CoordinatorError) -> Self {
         use CoordinatorError::*;
         let code = match &e {
-            BadRequest(_) => StatusCode::BAD_REQUEST,
+            BadRequest(_) | Config(_) => StatusCode::BAD_REQUEST,
             UnknownImage(_) | UnknownVm(_) | UnknownHost(_) => StatusCode::NOT_FOUND,
             Conflict(_) | Capacity(_) => StatusCode::CONFLICT,
             Store(_) | Host(_) => StatusCode::BAD_GATEWAY,
@@ -166,7 +165,9 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
         list_image_servers, image_server_heartbeat, futures, auth_challenge, auth_login, auth_logout, whoami,
         list_users, add_user, get_user, delete_user, set_quota, audit, crate::accounting::get_usage, join, create_join_token, list_join_tokens),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
-        HostState, HostHeartbeat, HeartbeatReply, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
+        HostState, HostHeartbeat, HeartbeatReply, VmReport, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
+        vgrid_api::vm::VmConfig, vgrid_api::vm::BootConfig, vgrid_api::vm::NetConfig, vgrid_api::vm::Nic, vgrid_api::vm::Accel,
+        vgrid_api::ImageRef,
         Challenge, ChallengeRequest, LoginRequest, LoginToken, JoinRequest, JoinReply, JoinTokenCreate, JoinTokenInfo, Quota, UserCreate, UserInfo, AuditEntry,
         vgrid_api::vm::Resources, vgrid_api::usage::UsageReport, vgrid_api::usage::UserUsage, vgrid_api::usage::VmUsage,
         vgrid_api::usage::UsageTotals, vgrid_api::usage::VmUsageReport, VmResume, VmSnapshot, SavedImage, Suspended,
@@ -584,19 +585,22 @@ async fn bridge(client: WebSocket, host: tokio_tungstenite::WebSocketStream<toki
     let (mut ctx, mut crx) = client.split();
     let (mut htx, mut hrx) = host.split();
     loop {
-        tokio::select! {
+        let forwarded = tokio::select! {
             m = hrx.next() => match m {
-                Some(Ok(TMessage::Binary(b))) if ctx.send(Message::Binary(b.to_vec().into())).await.is_err() => break,
-                Some(Ok(TMessage::Text(t))) if ctx.send(Message::Text(t.as_str().into())).await.is_err() => break,
+                Some(Ok(TMessage::Binary(b))) => ctx.send(Message::Binary(b.to_vec().into())).await.is_ok(),
+                Some(Ok(TMessage::Text(t))) => ctx.send(Message::Text(t.as_str().into())).await.is_ok(),
                 Some(Ok(TMessage::Close(_))) | None | Some(Err(_)) => break,
-                _ => {}
+                _ => true,
             },
             m = crx.next() => match m {
-                Some(Ok(Message::Binary(b))) if htx.send(TMessage::Binary(b.to_vec().into())).await.is_err() => break,
-                Some(Ok(Message::Text(t))) if htx.send(TMessage::Text(t.as_str().into())).await.is_err() => break,
+                Some(Ok(Message::Binary(b))) => htx.send(TMessage::Binary(b.to_vec().into())).await.is_ok(),
+                Some(Ok(Message::Text(t))) => htx.send(TMessage::Text(t.as_str().into())).await.is_ok(),
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                _ => {}
+                _ => true,
             }
+        };
+        if !forwarded {
+            break;
         }
     }
     let _ = ctx.send(Message::Close(None)).await;
@@ -658,4 +662,41 @@ async fn image_server_heartbeat(
 async fn futures(State(c): Ctx, Extension(p): Caller, body: Result<Json<FuturesQuery>, JsonRejection>) -> ApiResult<Vec<Future>> {
     let Json(q) = body?;
     Ok(Json(c.futures(&q, &p.user).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_lists_every_body() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        for name in [
+            "VmCreate",
+            "VmRecord",
+            "VmConfig",
+            "BootConfig",
+            "NetConfig",
+            "Nic",
+            "Forward",
+            "Accel",
+            "Resources",
+            "ImageRef",
+            "HostRecord",
+            "HostState",
+            "HostHeartbeat",
+            "HeartbeatReply",
+            "VmReport",
+            "FuturesQuery",
+            "Future",
+            "Suspended",
+            "SavedImage",
+            "Migration",
+            "MigrationStatus",
+        ] {
+            assert!(schemas.contains_key(name), "{name} missing from the OpenAPI document");
+        }
+        assert!(doc["paths"]["/api/v1/futures"]["post"].is_object());
+    }
 }

@@ -6,57 +6,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use vgrid_api::grid::{HostAd, ImageServerAd};
+use vgrid_api::grid::{HostAd, HostRecord, HostState, ImageServerAd};
+use vgrid_api::host::{HostHeartbeat, LaunchRequest, Launched, VmExit, VmReport};
 use vgrid_api::vm::{ConsoleChunk, VmStop};
 use vgrid_api::ErrorBody;
-use vgrid_hostagent::agent::{LaunchRequest, Launched, VmExit, VmReport};
-
-/// Default heartbeat interval; a host is lost after `LOST_AFTER_BEATS` missed ones.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
-pub const LOST_AFTER_BEATS: u32 = 3;
-
-/// Body of `POST /api/v1/hosts/heartbeat`.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct HostHeartbeat {
-    pub ad: HostAd,
-    /// VMs the host runs (ids).
-    #[serde(default)]
-    #[schema(value_type = Vec<Object>)]
-    pub vms: Vec<VmReport>,
-    /// Per-VM cumulative usage counters (running VMs, and the last report of ended ones).
-    #[serde(default)]
-    pub usage: Vec<vgrid_api::usage::VmUsageReport>,
-}
-
-/// Answer to a heartbeat: when to beat again and which image servers to read from.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct HeartbeatReply {
-    pub interval_secs: u64,
-    pub image_servers: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum HostState {
-    Ready,
-    Lost,
-}
-
-/// A host as the coordinator knows it.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct HostRecord {
-    pub ad: HostAd,
-    pub state: HostState,
-    /// Seconds since its last heartbeat.
-    pub last_seen_secs: f64,
-    #[schema(value_type = Vec<Object>)]
-    pub vms: Vec<VmReport>,
-    /// QEMUs the host runs that the coordinator has no record of (never killed by vgrid:
-    /// an operator decides).
-    #[serde(default)]
-    pub orphans: Vec<String>,
-}
 
 struct HostEntry {
     ad: HostAd,

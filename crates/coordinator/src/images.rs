@@ -5,7 +5,7 @@
 
 use vgrid_api::rest::ImageOwner;
 use vgrid_api::ImageRef;
-use vgrid_imagestore::client::StoreClient;
+use vgrid_storeclient::StoreClient;
 
 use crate::lifecycle::{Coordinator, CoordinatorError};
 

@@ -4,10 +4,13 @@
 //! and the VM lifecycle `pending → starting → running → stopping → stopped | failed` (`unknown`
 //! while its host is silent, `migrating` while it moves live, `lost` when its host no longer has
 //! it), live migration between hosts and the reconciliation of records with host reports. It
-//! speaks to host agents over their HTTP API only, and must never touch QEMU, NBD or chunk
-//! storage directly: those belong to the host agent and image store.
+//! speaks to host agents over their HTTP API only (bodies from `vgrid_api::host`) and to image
+//! servers through `vgrid-storeclient`; it links no other role's crate (see `tests/house.rs`),
+//! and must never touch QEMU, NBD or chunk storage directly: those belong to the host agent and
+//! image store.
 
 pub mod accounting;
+mod admission;
 pub mod api;
 pub mod auth;
 pub mod hosts;

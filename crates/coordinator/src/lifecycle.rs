@@ -9,13 +9,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Mutex;
 use vgrid_api::auth::Quota;
-use vgrid_api::grid::HostAd;
-use vgrid_api::vm::{ConsoleChunk, VmCreate, VmRecord, VmState};
+use vgrid_api::grid::{Future, FuturesQuery, HostAd, HostRecord, HostState};
+use vgrid_api::host::{ExitInfo, HostHeartbeat, LaunchRequest};
+use vgrid_api::vm::{ConfigError, ConsoleChunk, VmCreate, VmRecord, VmState};
 use vgrid_api::{ImageRef, Manifest};
-use vgrid_hostagent::agent::LaunchRequest;
-use vgrid_imagestore::client::StoreClient;
+use vgrid_storeclient::StoreClient;
 
-use crate::hosts::{HostCallError, HostClient, HostHeartbeat, HostRecord, HostState, Registry};
+use crate::admission::{check_forwards_free, check_quota, explain, free_share, launch_request, placement_request, reserved};
+use crate::hosts::{HostCallError, HostClient, Registry};
 use crate::sched::{ExprError, PlaceError, PlaceOptions, Placement, Scheduler};
 use crate::state::{LegacyStore, StateError};
 use vgrid_api::grid::PlacementRequest;
@@ -24,6 +25,9 @@ use vgrid_api::grid::PlacementRequest;
 pub enum CoordinatorError {
     #[error("{0}")]
     BadRequest(String),
+    /// A VM configuration that fails its static checks (HTTP 400).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("unknown image {0}: no image server has it (see `vgrid image ls`)")]
     UnknownImage(String),
     #[error("no VM with id or name {0:?}")]
@@ -299,46 +303,20 @@ impl Coordinator {
     /// Validates a request, places it on a host, records the VM as `pending` and starts it in
     /// the background. Nothing is recorded when validation or placement fails.
     pub async fn create(self: &Arc<Self>, req: VmCreate, owner: &str, quota: &Quota) -> Result<VmRecord, CoordinatorError> {
-        let image: ImageRef = req.image.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?;
-        if req.cpus == 0 || req.cpus > 64 {
-            return Err(CoordinatorError::BadRequest(format!("cpus {} is out of range 1-64", req.cpus)));
-        }
-        if req.memory_mib < 32 {
-            return Err(CoordinatorError::BadRequest(format!("memory {} MiB is too small: at least 32 MiB", req.memory_mib)));
-        }
-        if let Some(a) = &req.accel {
-            if a != "kvm" && a != "tcg" {
-                return Err(CoordinatorError::BadRequest(format!("accel {a:?}: expected kvm or tcg")));
-            }
-        }
-        if let Some(n) = &req.name {
-            vgrid_api::manifest::validate_name(n)
-                .map_err(|_| CoordinatorError::BadRequest(format!("invalid VM name {n:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")))?;
-        }
-        vgrid_hostagent::cgroup::reservation(req.resources.cpu_share, req.resources.cpu_slice_ms, req.resources.cpu_period_ms)
-            .map_err(CoordinatorError::BadRequest)?;
-        if req.resources.memory_limit_mib.is_some_and(|m| m < 16) {
-            return Err(CoordinatorError::BadRequest("memory limit under 16 MiB: QEMU cannot run in it".into()));
-        }
-        if req.resources.disk_bps == Some(0) || req.resources.disk_iops == Some(0) {
-            return Err(CoordinatorError::BadRequest("disk limits must be positive (leave them out for no limit)".into()));
-        }
-        let manifest = self.resolve_image(&image).await?;
-        crate::mobile::check_warm(&manifest, req.cpus, req.memory_mib)?;
+        let mut config = req.validate()?;
+        let manifest = self.resolve_image(config.image()).await?;
+        // The record and every launch name the version resolved now.
+        config.boot.image = manifest.image_ref();
+        crate::mobile::check_warm(&manifest, config.cpus, config.memory_mib)?;
         let require = crate::mobile::warm_requirement(&manifest, req.require.clone());
-        let mut preq = placement_request(owner, &manifest, req.cpus, req.memory_mib, &require, &req.rank);
-        preq.cpu_share = req.resources.cpu_cores();
+        let preq = placement_request(owner, &manifest, &config, &require, &req.rank);
         self.sched.validate(&preq)?;
         let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
 
         let guard = self.lock.lock().await;
         let all = self.state.list_vms()?;
-        check_quota(&all, owner, quota, req.cpus, req.memory_mib)?;
-        for f in &req.forwards {
-            if all.iter().any(|v| v.state.is_active() && v.forwards.iter().any(|g| g.host == f.host)) {
-                return Err(CoordinatorError::Conflict(format!("host port {} is already forwarded to another VM", f.host)));
-            }
-        }
+        check_quota(&all, owner, quota, config.cpus, config.memory_mib)?;
+        check_forwards_free(&all, &config)?;
         let id = new_id();
         let name = match req.name.clone() {
             Some(n) => {
@@ -349,53 +327,12 @@ impl Coordinator {
             }
             None => format!("{}-{}", manifest.name, &id[3..9]),
         };
-        // While other requests wait for capacity, a new one joins the queue behind them instead
-        // of taking capacity first (the queue places it at once if it fits after them).
-        let attempt = if self.sched.waiting() > 0 && !req.no_wait {
-            Err(PlaceError::NoMatch(crate::sched::NoMatch { refusals: Vec::new() }))
-        } else {
-            self.sched.place_with(&preq, &opts)
-        };
-        let placed = match attempt {
-            Ok(p) => Some(p),
-            Err(PlaceError::NoMatch(nm)) if nm.may_change() && !req.no_wait => {
-                if nm.refusals.is_empty() {
-                    tracing::info!(vm = %id, "queued behind {} waiting requests", self.sched.waiting());
-                } else {
-                    tracing::info!(vm = %id, "no host can take it now; queued: {nm}");
-                }
-                None
-            }
-            Err(PlaceError::NoMatch(nm)) => return Err(CoordinatorError::Capacity(explain(&nm))),
-            Err(PlaceError::Invalid(e)) => return Err(e.into()),
-            Err(e @ PlaceError::TimedOut { .. }) => return Err(CoordinatorError::Capacity(e.to_string())),
-        };
-        let rec = VmRecord {
-            id: id.clone(),
-            name,
-            owner: owner.to_string(),
-            image: req.image.clone(),
-            image_version: Some(manifest.version),
-            cpus: req.cpus,
-            memory_mib: req.memory_mib,
-            forwards: req.forwards.clone(),
-            state: VmState::Pending,
-            phase: if placed.is_some() { "placed".into() } else { "queued: no host can take it now".into() },
-            reason: None,
-            host: placed.as_ref().map(|p| p.host.clone()),
-            accel: req.accel.clone(),
-            pid: None,
-            require: req.require.clone(),
-            rank: req.rank.clone(),
-            resources: req.resources.clone(),
-            created: now(),
-            started: None,
-            stopped: None,
-            saved_image: None,
-            state_since: Some(now()),
-            migration: None,
-            ram_remote_bytes: None,
-        };
+        let placed = self.first_placement(&id, &preq, &opts, req.no_wait)?;
+        let mut rec = VmRecord::new(&id, &name, owner, config, now());
+        rec.phase = if placed.is_some() { "placed".into() } else { "queued: no host can take it now".into() };
+        rec.host = placed.as_ref().map(|p| p.host.clone());
+        rec.require = req.require.clone();
+        rec.rank = req.rank.clone();
         // The record is the reservation from now on.
         if let Err(e) = self.state.put_vm(&rec) {
             if let Some(p) = &placed {
@@ -408,7 +345,7 @@ impl Coordinator {
         }
         drop(guard);
 
-        let launch = launch_request(&rec, &manifest);
+        let launch = launch_request(&rec, None);
         let me = self.clone();
         match placed {
             Some(p) => {
@@ -421,6 +358,38 @@ impl Coordinator {
             }
         }
         Ok(rec)
+    }
+
+    /// A new VM's placement now, or `None` when it is to wait in the queue (behind other
+    /// waiting requests, or because no host can take it now and it may wait).
+    fn first_placement(
+        &self,
+        id: &str,
+        preq: &PlacementRequest,
+        opts: &PlaceOptions,
+        no_wait: bool,
+    ) -> Result<Option<Placement>, CoordinatorError> {
+        // While other requests wait for capacity, a new one joins the queue behind them instead
+        // of taking capacity first (the queue places it at once if it fits after them).
+        let attempt = if self.sched.waiting() > 0 && !no_wait {
+            Err(PlaceError::NoMatch(crate::sched::NoMatch { refusals: Vec::new() }))
+        } else {
+            self.sched.place_with(preq, opts)
+        };
+        match attempt {
+            Ok(p) => Ok(Some(p)),
+            Err(PlaceError::NoMatch(nm)) if nm.may_change() && !no_wait => {
+                if nm.refusals.is_empty() {
+                    tracing::info!(vm = %id, "queued behind {} waiting requests", self.sched.waiting());
+                } else {
+                    tracing::info!(vm = %id, "no host can take it now; queued: {nm}");
+                }
+                Ok(None)
+            }
+            Err(PlaceError::NoMatch(nm)) => Err(CoordinatorError::Capacity(explain(&nm))),
+            Err(PlaceError::Invalid(e)) => Err(e.into()),
+            Err(e @ PlaceError::TimedOut { .. }) => Err(CoordinatorError::Capacity(e.to_string())),
+        }
     }
 
     /// Which hosts could start a VM like `req` now, and why not the others: one answer per
@@ -477,7 +446,7 @@ impl Coordinator {
     /// Queues again a VM that was queued when the coordinator stopped, once an image server
     /// that has its image has registered.
     async fn requeue(self: Arc<Self>, vm: VmRecord) {
-        let image = ImageRef { name: vm.image.split('@').next().unwrap_or_default().to_string(), version: vm.image_version };
+        let image = vm.config.image().clone();
         let mut manifest = None;
         for _ in 0..120 {
             match self.resolve_image(&image).await {
@@ -500,10 +469,9 @@ impl Coordinator {
             return;
         };
         tracing::info!(vm = %vm.id, "queued again after the coordinator restarted");
-        let mut preq = placement_request(&vm.owner, &manifest, vm.cpus, vm.memory_mib, &vm.require, &vm.rank);
-        preq.cpu_share = vm.resources.cpu_cores();
+        let preq = placement_request(&vm.owner, &manifest, &vm.config, &vm.require, &vm.rank);
         let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
-        self.queued(preq, opts, launch_request(&vm, &manifest)).await;
+        self.queued(preq, opts, launch_request(&vm, None)).await;
     }
 
     /// Waits for a host for a queued VM, then starts it there.
@@ -585,7 +553,7 @@ impl Coordinator {
                         v.state = VmState::Running;
                         v.phase = "running".into();
                         v.pid = Some(l.pid);
-                        v.accel = Some(l.accel.clone());
+                        v.accel = Some(l.accel);
                         v.started = Some(now());
                     }
                 });
@@ -683,7 +651,7 @@ impl Coordinator {
         }
     }
 
-    async fn exited(&self, client: &HostClient, id: &str, exit: vgrid_hostagent::ExitInfo, console: Vec<String>) {
+    async fn exited(&self, client: &HostClient, id: &str, exit: ExitInfo, console: Vec<String>) {
         let _ = client.release(id).await;
         self.update(id, |v| {
             v.pid = None;
@@ -862,122 +830,8 @@ impl Coordinator {
     }
 }
 
-/// Body of `POST /api/v1/futures`: a VM like this one.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FuturesQuery {
-    #[serde(default)]
-    pub require: Option<String>,
-    #[serde(default = "vgrid_api::vm::default_cpus")]
-    pub cpus: u32,
-    #[serde(default = "vgrid_api::vm::default_memory")]
-    pub memory_mib: u64,
-    /// `NAME[@VERSION]`: also check the image's architecture.
-    #[serde(default)]
-    pub image: Option<String>,
-}
-
-/// One host's answer to a futures query.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct Future {
-    pub host: String,
-    pub state: HostState,
-    pub could_start: bool,
-    pub why_not: Option<String>,
-}
-
-/// What the scheduler is asked for a VM of `manifest`.
-/// Refuses a new VM of `owner` that would exceed one of their quotas, naming it.
-pub(crate) fn check_quota(all: &[VmRecord], owner: &str, quota: &Quota, cpus: u32, memory_mib: u64) -> Result<(), CoordinatorError> {
-    let mine: Vec<&VmRecord> = all.iter().filter(|v| v.owner == owner && v.state.is_active()).collect();
-    let (n, c, m) = mine.iter().fold((0u32, 0u32, 0u64), |(n, c, m), v| (n + 1, c + v.cpus, m + v.memory_mib));
-    let over = |what: &str, used: String, asked: String, limit: String| {
-        Err(CoordinatorError::Quota(format!(
-            "quota exceeded: user {owner} may have {limit} {what}; {used} in use, this VM asks for {asked}"
-        )))
-    };
-    if let Some(q) = quota.vms {
-        if n + 1 > q {
-            return over("VMs", n.to_string(), "1 more".into(), q.to_string());
-        }
-    }
-    if let Some(q) = quota.cpus {
-        if c + cpus > q {
-            return over("cpus", c.to_string(), cpus.to_string(), q.to_string());
-        }
-    }
-    if let Some(q) = quota.memory_mib {
-        if m + memory_mib > q {
-            return over("MiB of memory", format!("{m} MiB"), format!("{memory_mib} MiB"), q.to_string());
-        }
-    }
-    Ok(())
-}
-
-pub(crate) fn placement_request(
-    owner: &str,
-    manifest: &Manifest,
-    cpus: u32,
-    memory_mib: u64,
-    require: &Option<String>,
-    rank: &Option<String>,
-) -> PlacementRequest {
-    PlacementRequest {
-        user: owner.to_string(),
-        image: manifest.image_ref().to_string(),
-        cpus,
-        memory_mib,
-        cpu_share: 0.0,
-        require: require.clone(),
-        rank: rank.clone(),
-    }
-}
-
-/// What the host is asked to start for the VM recorded as `rec`.
-pub(crate) fn launch_request(rec: &VmRecord, manifest: &Manifest) -> LaunchRequest {
-    LaunchRequest {
-        id: rec.id.clone(),
-        image: manifest.image_ref(),
-        cpus: rec.cpus,
-        memory_mib: rec.memory_mib,
-        forwards: rec.forwards.iter().map(|f| (f.host, f.guest)).collect(),
-        accel: rec.accel.clone(),
-        resources: rec.resources.clone(),
-    }
-}
-
 /// How long a queued VM waits for a host before it fails.
 pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(3600);
-
-/// A refusal, one line per host.
-pub(crate) fn explain(nm: &crate::sched::NoMatch) -> String {
-    if nm.refusals.is_empty() {
-        return "no host can take this VM: no host has joined".into();
-    }
-    let mut s = format!("no host can take this VM ({} hosts):", nm.refusals.len());
-    for r in nm.refusals.iter().take(50) {
-        s.push_str(&format!("\n  {}: `{}` {}", r.host, r.clause, r.detail));
-    }
-    if nm.refusals.len() > 50 {
-        s.push_str(&format!("\n  and {} more", nm.refusals.len() - 50));
-    }
-    s
-}
-
-/// Cores of `ad`'s owner cap not reserved by the active VMs recorded on it (0 when uncapped).
-fn free_share(vms: &[VmRecord], ad: &HostAd) -> f64 {
-    if ad.cpu_cap <= 0.0 {
-        return 0.0;
-    }
-    let held: f64 =
-        vms.iter().filter(|v| v.state.is_active() && v.host.as_deref() == Some(ad.name.as_str())).map(|v| v.resources.cpu_cores()).sum();
-    (ad.cpu_cap - held).max(0.0)
-}
-
-/// Cpus and memory of the active VMs recorded on `host`.
-fn reserved(vms: &[VmRecord], host: &str) -> (u32, u64) {
-    vms.iter().filter(|v| v.state.is_active() && v.host.as_deref() == Some(host)).fold((0, 0), |(c, m), v| (c + v.cpus, m + v.memory_mib))
-}
 
 fn new_id() -> String {
     let b: [u8; 6] = rand::random();

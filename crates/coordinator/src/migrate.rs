@@ -12,14 +12,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vgrid_api::grid::HostState;
+use vgrid_api::host::{FinishRequest, IncomingReady, IncomingRequest, LaunchRequest, Launched, SendRequest, VmReport, MAX_CONSOLE_HISTORY};
 use vgrid_api::migrate::{Migration, MigrationStatus, VmMigrate, DEFAULT_DOWNTIME_MS, DEFAULT_MAX_SECONDS};
 use vgrid_api::vm::{VmRecord, VmState};
-use vgrid_api::ImageRef;
-use vgrid_hostagent::agent::{Launched, VmReport};
-use vgrid_hostagent::migrate::{FinishRequest, IncomingReady, IncomingRequest, SendRequest, SendStatus, MAX_CONSOLE_HISTORY};
 
-use crate::hosts::{HostCallError, HostClient, HostState};
-use crate::lifecycle::{explain, launch_request, now, placement_request, Coordinator, CoordinatorError};
+use crate::admission::{explain, launch_request, placement_request};
+use crate::hosts::{HostCallError, HostClient};
+use crate::lifecycle::{now, Coordinator, CoordinatorError};
 use crate::sched::{PlaceError, PlaceOptions};
 
 /// A record absent from its host's report is `lost` only once it has been in its state this
@@ -51,18 +51,18 @@ impl HostClient {
         Ok(())
     }
 
-    pub async fn migrate_send(&self, id: &str, req: &SendRequest) -> Result<SendStatus, HostCallError> {
-        let r: Option<SendStatus> = self.call(self.http.post(self.u(&format!("/host/v1/vms/{id}/migrate"))).json(req)).await?;
+    pub async fn migrate_send(&self, id: &str, req: &SendRequest) -> Result<Migration, HostCallError> {
+        let r: Option<Migration> = self.call(self.http.post(self.u(&format!("/host/v1/vms/{id}/migrate"))).json(req)).await?;
         r.ok_or_else(|| self.empty("migrate"))
     }
 
-    pub async fn migrate_status(&self, id: &str) -> Result<SendStatus, HostCallError> {
-        let r: Option<SendStatus> = self.call(self.http.get(self.u(&format!("/host/v1/vms/{id}/migrate")))).await?;
+    pub async fn migrate_status(&self, id: &str) -> Result<Migration, HostCallError> {
+        let r: Option<Migration> = self.call(self.http.get(self.u(&format!("/host/v1/vms/{id}/migrate")))).await?;
         r.ok_or_else(|| self.empty("migrate status"))
     }
 
-    pub async fn migrate_cancel(&self, id: &str) -> Result<SendStatus, HostCallError> {
-        let r: Option<SendStatus> = self.call(self.http.delete(self.u(&format!("/host/v1/vms/{id}/migrate")))).await?;
+    pub async fn migrate_cancel(&self, id: &str) -> Result<Migration, HostCallError> {
+        let r: Option<Migration> = self.call(self.http.delete(self.u(&format!("/host/v1/vms/{id}/migrate")))).await?;
         r.ok_or_else(|| self.empty("migrate cancel"))
     }
 }
@@ -109,15 +109,12 @@ impl Coordinator {
             Some(h) if h.state == HostState::Ready => {}
             _ => return Err(CoordinatorError::Conflict(format!("the VM's host {source} is not answering"))),
         }
-        if !rec.forwards.is_empty() {
+        if rec.config.net.forwards().next().is_some() {
             tracing::info!(vm = %rec.id, "migrating a VM with port forwards: the destination binds the same host ports");
         }
         // A resumed VM runs from its saved image (its disk holds the guest's writes from before
         // the suspend): the destination must open that one, not the image it was created from.
-        let image = match &rec.saved_image {
-            Some(saved) => saved.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?,
-            None => ImageRef { name: rec.image.split('@').next().unwrap_or_default().to_string(), version: rec.image_version },
-        };
+        let image = rec.running_image().map_err(|e| CoordinatorError::BadRequest(e.to_string()))?;
         let manifest = self.resolve_image(&image).await?;
         let require = match &req.to {
             Some(to) => format!("host.name == {to:?}"),
@@ -126,8 +123,7 @@ impl Coordinator {
                 _ => format!("host.name != {source:?}"),
             },
         };
-        let mut preq = placement_request(&rec.owner, &manifest, rec.cpus, rec.memory_mib, &Some(require), &rec.rank);
-        preq.cpu_share = rec.resources.cpu_cores();
+        let preq = placement_request(&rec.owner, &manifest, &rec.config, &Some(require), &rec.rank);
         let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
 
         let guard = self.lock.lock().await;
@@ -155,7 +151,7 @@ impl Coordinator {
         drop(guard);
         tracing::info!(vm = %rec.id, from = %source, to = %placement.host, downtime_ms, max_seconds, "live migration started");
         let dest = HostClient::new(&placement.host, &placement.url, self.http.clone());
-        let launch = launch_request(&rec, &manifest);
+        let launch = launch_request(&rec, rec.saved_image.is_some().then(|| manifest.image_ref()));
         let me = self.clone();
         let id = rec.id.clone();
         let held = placement.clone();
@@ -202,7 +198,7 @@ impl Coordinator {
         id: &str,
         source: &str,
         dest: &HostClient,
-        launch: vgrid_hostagent::agent::LaunchRequest,
+        launch: LaunchRequest,
         downtime_ms: u64,
         max_seconds: u64,
         max_bandwidth_mib: Option<u64>,
@@ -214,7 +210,7 @@ impl Coordinator {
             .migrate_incoming(&IncomingRequest { launch, listen_host: url_host(&dest.url) })
             .await
             .map_err(|e| fail(format!("preparing the destination {}: {e}", dest.name)))?;
-        let send = SendRequest { dest: ready, downtime_ms, max_seconds, max_bandwidth_mib };
+        let send = SendRequest { dest: ready, to: dest.name.clone(), downtime_ms, max_seconds, max_bandwidth_mib };
         if let Err(e) = src.migrate_send(id, &send).await {
             let _ = dest.migrate_abort(id).await;
             return Err(fail(format!("starting the migration on {source}: {e}")));
@@ -271,7 +267,7 @@ impl Coordinator {
                 let moved = self.update(id, |v| {
                     v.host = Some(dest.name.clone());
                     v.pid = Some(l.pid);
-                    v.accel = Some(l.accel.clone());
+                    v.accel = Some(l.accel);
                     if v.state == VmState::Migrating {
                         v.state = VmState::Running;
                         v.phase = "running".into();
@@ -472,7 +468,9 @@ async fn console_history(host: &HostClient, id: &str) -> String {
     out
 }
 
-fn apply(m: &mut Migration, st: &SendStatus) {
+/// Copies what the source host reports of a migration (phase and QEMU's figures) into the
+/// record's.
+fn apply(m: &mut Migration, st: &Migration) {
     m.phase = st.phase.clone();
     m.downtime_ms = st.downtime_ms.or(m.downtime_ms);
     m.total_ms = st.total_ms.or(m.total_ms);
@@ -567,32 +565,12 @@ mod tests {
     use super::*;
 
     fn rec(id: &str, host: &str, state: VmState, since: u64) -> VmRecord {
-        VmRecord {
-            id: id.into(),
-            name: id.into(),
-            owner: "alice".into(),
-            resources: Default::default(),
-            saved_image: None,
-            image: "sample".into(),
-            image_version: Some(1),
-            cpus: 1,
-            memory_mib: 128,
-            forwards: vec![],
-            state,
-            phase: String::new(),
-            reason: None,
-            host: Some(host.into()),
-            accel: None,
-            pid: None,
-            require: None,
-            rank: None,
-            created: 0,
-            started: None,
-            stopped: None,
-            state_since: Some(since),
-            migration: None,
-            ram_remote_bytes: None,
-        }
+        let config = vgrid_api::vm::VmConfig::new(vgrid_api::ImageRef { name: "sample".into(), version: Some(1) }).with_memory_mib(128);
+        let mut r = VmRecord::new(id, id, "alice", config, 0);
+        r.state = state;
+        r.host = Some(host.into());
+        r.state_since = Some(since);
+        r
     }
 
     fn rep(id: &str, incoming: bool) -> VmReport {

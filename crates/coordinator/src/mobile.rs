@@ -12,14 +12,15 @@
 use std::sync::Arc;
 
 use vgrid_api::auth::Quota;
-use vgrid_api::vm::{SavedImage, VmRecord, VmResume, VmState};
+use vgrid_api::grid::HostState;
+use vgrid_api::host::{LaunchRequest, SaveRequest, VmPresence, RESTORE_TIMEOUT, SAVE_TIMEOUT};
+use vgrid_api::vm::{SavedImage, Suspended, VmRecord, VmResume, VmState};
 use vgrid_api::{ImageRef, Manifest};
-use vgrid_hostagent::agent::LaunchRequest;
-use vgrid_hostagent::mobile::SaveRequest;
-use vgrid_imagestore::client::StoreClient;
+use vgrid_storeclient::StoreClient;
 
+use crate::admission::{explain, launch_request, placement_request};
 use crate::hosts::{HostCallError, HostClient};
-use crate::lifecycle::{explain, launch_request, now, placement_request, Coordinator, CoordinatorError};
+use crate::lifecycle::{now, Coordinator, CoordinatorError};
 use crate::sched::{PlaceError, PlaceOptions};
 
 /// Name of the private image a suspended VM is saved in.
@@ -27,29 +28,11 @@ pub fn saved_image_name(vm_id: &str) -> String {
     format!("{vm_id}.saved")
 }
 
-/// What a host says of one VM: see [`HostClient::saving`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HostVmPresence {
-    pub saving: bool,
-    pub running: bool,
-    /// Launching (admitted) or present on the host.
-    pub known: bool,
-}
-
 impl HostClient {
     /// Whether the host is saving VM `id` now, whether its QEMU runs and whether the host
     /// knows the VM at all (`None`: no answer).
-    pub async fn saving(&self, id: &str) -> Option<HostVmPresence> {
-        let r: Option<serde_json::Value> = self.call(self.http.get(self.u(&format!("/host/v1/vms/{id}/saving")))).await.ok()?;
-        r.and_then(|v| {
-            let running = v["running"].as_bool()?;
-            Some(HostVmPresence {
-                saving: v["saving"].as_bool()?,
-                running,
-                // An agent from before `known` was reported: assume it knows a running VM.
-                known: v["known"].as_bool().unwrap_or(running),
-            })
-        })
+    pub async fn saving(&self, id: &str) -> Option<VmPresence> {
+        self.call(self.http.get(self.u(&format!("/host/v1/vms/{id}/saving")))).await.ok()?
     }
 
     /// Asks the host to save VM `id` as image `name`; with `suspend`, its QEMU ends afterwards.
@@ -99,7 +82,8 @@ pub fn resume_requirement(req: &VmResume) -> Option<String> {
 /// again (its saved image is intact) with the reason, and `true` is returned.
 pub(crate) fn resume_failed(c: &Coordinator, req: &LaunchRequest, host: &str, err: &str) -> bool {
     let Some(rec) = c.state.get_vm(&req.id).ok().flatten() else { return false };
-    if rec.saved_image.as_deref() != Some(req.image.to_string().as_str()) || rec.started.is_some() {
+    let resuming = req.restore.as_ref().is_some_and(|r| rec.saved_image.as_deref() == Some(r.to_string().as_str()));
+    if !resuming || rec.started.is_some() {
         return false;
     }
     c.update(&req.id, |v| {
@@ -115,12 +99,12 @@ pub(crate) fn resume_failed(c: &Coordinator, req: &LaunchRequest, host: &str, er
 /// and host ports no other active VM forwards. The error names the VM and the cause.
 pub(crate) fn resume_admission(all: &[VmRecord], rec: &VmRecord, quota: &Quota) -> Result<(), CoordinatorError> {
     let others: Vec<VmRecord> = all.iter().filter(|v| v.id != rec.id).cloned().collect();
-    crate::lifecycle::check_quota(&others, &rec.owner, quota, rec.cpus, rec.memory_mib).map_err(|e| match e {
+    crate::admission::check_quota(&others, &rec.owner, quota, rec.config.cpus, rec.config.memory_mib).map_err(|e| match e {
         CoordinatorError::Quota(m) => CoordinatorError::Quota(format!("cannot resume VM {}: {m}; it stays suspended", rec.name)),
         e => e,
     })?;
-    for f in &rec.forwards {
-        if let Some(v) = others.iter().find(|v| v.state.is_active() && v.forwards.iter().any(|g| g.host == f.host)) {
+    for f in rec.config.net.forwards() {
+        if let Some(v) = others.iter().find(|v| v.state.is_active() && v.config.net.forwards_host_port(f.host)) {
             return Err(CoordinatorError::Conflict(format!(
                 "cannot resume VM {}: host port {} (forwarded to its guest port {}) is forwarded to VM {} now; it stays suspended",
                 rec.name, f.host, f.guest, v.name
@@ -214,8 +198,7 @@ impl Coordinator {
         }
         let manifest = self.resolve_saved(&saved).await?;
         let require = warm_requirement(&manifest, resume_requirement(req));
-        let mut preq = placement_request(&rec.owner, &manifest, rec.cpus, rec.memory_mib, &require, &rec.rank);
-        preq.cpu_share = rec.resources.cpu_cores();
+        let preq = placement_request(&rec.owner, &manifest, &rec.config, &require, &rec.rank);
         self.sched.validate(&preq)?;
         let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
         let guard = self.lock.lock().await;
@@ -246,7 +229,7 @@ impl Coordinator {
         self.hand_over(&placed);
         drop(guard);
         tracing::info!(vm = %rec.id, image = %saved, host = %placed.host, "resuming VM");
-        let launch = launch_request(&rec, &manifest);
+        let launch = launch_request(&rec, Some(manifest.image_ref()));
         let client = HostClient::new(&placed.host, &placed.url, self.http.clone());
         let me = self.clone();
         tokio::spawn(async move { me.run(client, launch).await });
@@ -270,7 +253,7 @@ impl Coordinator {
     /// if QEMU is gone without one, `failed`; if QEMU still runs after the save timeout, the
     /// save failed and it is `running` again.
     pub(crate) async fn recover_suspending(self: Arc<Self>, id: String) {
-        let deadline = tokio::time::Instant::now() + vgrid_hostagent::mobile::SAVE_TIMEOUT + std::time::Duration::from_secs(60);
+        let deadline = tokio::time::Instant::now() + SAVE_TIMEOUT + std::time::Duration::from_secs(60);
         let name = saved_image_name(&id);
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -280,11 +263,11 @@ impl Coordinator {
             }
             let host = rec.host.clone().unwrap_or_default();
             let Some(h) = self.registry.host(&host) else { continue };
-            if h.state != crate::hosts::HostState::Ready {
+            if h.state != HostState::Ready {
                 continue;
             }
             let client = HostClient::new(&h.ad.name, &h.ad.url, self.http.clone());
-            let Some(HostVmPresence { saving, running: runs, .. }) = client.saving(&id).await else { continue };
+            let Some(VmPresence { saving, running: runs, .. }) = client.saving(&id).await else { continue };
             if saving || runs {
                 // Still running and not saving: the save failed (or never started) and the
                 // guest went on.
@@ -335,7 +318,7 @@ impl Coordinator {
     /// launch went out), the launch is sent again. If the host does not run it within the
     /// restore timeout, it is `suspended` again (its saved image is intact), with the reason.
     pub(crate) async fn recover_resuming(self: Arc<Self>, id: String) {
-        let deadline = tokio::time::Instant::now() + vgrid_hostagent::mobile::RESTORE_TIMEOUT + std::time::Duration::from_secs(60);
+        let deadline = tokio::time::Instant::now() + RESTORE_TIMEOUT + std::time::Duration::from_secs(60);
         // Three answers in a row, half a second apart, that the host does not know the VM: a
         // launch still on its way would have been admitted in between.
         let mut unknown = 0;
@@ -347,7 +330,7 @@ impl Coordinator {
             }
             let host = rec.host.clone().unwrap_or_default();
             let (client, presence) = match self.registry.host(&host) {
-                Some(h) if h.state == crate::hosts::HostState::Ready => {
+                Some(h) if h.state == HostState::Ready => {
                     let c = HostClient::new(&h.ad.name, &h.ad.url, self.http.clone());
                     let p = c.saving(&id).await;
                     (Some(c), p)
@@ -372,7 +355,7 @@ impl Coordinator {
                         Ok(manifest) => {
                             tracing::info!(vm = %id, host = %host, image = %saved,
                                 "the resume's launch never reached the host before the coordinator restarted; sending it again");
-                            let launch = crate::lifecycle::launch_request(&rec, &manifest);
+                            let launch = crate::admission::launch_request(&rec, Some(manifest.image_ref()));
                             self.clone().run(client, launch).await;
                             return;
                         }
@@ -416,13 +399,6 @@ impl Coordinator {
     }
 }
 
-/// Answer of `POST /api/v1/vms/{id}/suspend`: the record and what was saved.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct Suspended {
-    pub vm: VmRecord,
-    pub saved: SavedImage,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,32 +416,13 @@ mod tests {
     }
 
     fn rec(id: &str, name: &str, owner: &str, state: VmState, forwards: &[(u16, u16)]) -> VmRecord {
-        VmRecord {
-            id: id.into(),
-            name: name.into(),
-            owner: owner.into(),
-            image: "sample".into(),
-            image_version: Some(1),
-            cpus: 1,
-            memory_mib: 256,
-            forwards: forwards.iter().map(|&(host, guest)| vgrid_api::vm::Forward { host, guest }).collect(),
-            state,
-            phase: String::new(),
-            reason: None,
-            host: None,
-            accel: None,
-            pid: None,
-            require: None,
-            rank: None,
-            resources: Default::default(),
-            created: 1,
-            started: None,
-            stopped: None,
-            saved_image: Some(format!("{id}.saved@1")),
-            state_since: None,
-            migration: None,
-            ram_remote_bytes: None,
-        }
+        let forwards = forwards.iter().map(|&(host, guest)| vgrid_api::vm::Forward { host, guest }).collect();
+        let config = vgrid_api::vm::VmConfig::new(ImageRef { name: "sample".into(), version: Some(1) }).with_forwards(forwards);
+        let mut r = VmRecord::new(id, name, owner, config, 1);
+        r.state = state;
+        r.state_since = None;
+        r.saved_image = Some(format!("{id}.saved@1"));
+        r
     }
 
     #[test]

@@ -1,50 +1,15 @@
 //! Choosing the accelerator: KVM where the CPU exposes hardware virtualisation and /dev/kvm
-//! opens, TCG (QEMU's emulator) everywhere else.
+//! opens, TCG (QEMU's emulator) everywhere else. The accelerator type itself is the contract's
+//! ([`vgrid_api::vm::Accel`]).
 
-use serde::{Deserialize, Serialize};
-use std::fmt;
+pub use vgrid_api::vm::Accel;
 
-/// A QEMU accelerator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    Kvm,
-    Tcg,
-}
-
-impl Accel {
-    /// KVM if [`kvm_usable`], else TCG.
-    pub fn detect() -> Accel {
-        if kvm_usable() {
-            Accel::Kvm
-        } else {
-            Accel::Tcg
-        }
-    }
-
-    /// The name QEMU's `-accel` option takes.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        }
-    }
-}
-
-impl fmt::Display for Accel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Accel {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "kvm" => Ok(Accel::Kvm),
-            "tcg" => Ok(Accel::Tcg),
-            other => Err(format!("unknown accelerator {other:?} (expected kvm or tcg)")),
-        }
+/// KVM if [`kvm_usable`], else TCG.
+pub fn detect() -> Accel {
+    if kvm_usable() {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
     }
 }
 
@@ -76,17 +41,10 @@ mod tests {
     }
 
     #[test]
-    fn parse_and_serde() {
-        assert_eq!("KVM".parse::<Accel>().unwrap(), Accel::Kvm);
-        assert!("hvf".parse::<Accel>().unwrap_err().contains("hvf"));
-        assert_eq!(serde_json::to_string(&Accel::Tcg).unwrap(), "\"tcg\"");
-    }
-
-    #[test]
     fn detect_matches_this_machine() {
         let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         if !cpuinfo_has_virt(&cpu) {
-            assert_eq!(Accel::detect(), Accel::Tcg);
+            assert_eq!(detect(), Accel::Tcg);
         }
     }
 }

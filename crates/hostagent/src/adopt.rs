@@ -2,8 +2,9 @@
 //! predecessor started in the same data directory.
 //!
 //! Each VM's runtime directory holds what that needs: `spec.json` (the spec as launched),
-//! `pid` (QEMU's `-pidfile`), `launch.json` (the coordinator's [`LaunchRequest`]: id, image,
-//! cpus, memory, forwards) and the QMP and console sockets. At start the agent scans
+//! `pid` (QEMU's `-pidfile`), `launch.json` (the coordinator's [`LaunchRequest`]: id, the VM's
+//! configuration, the image restored if any; files of earlier versions read too) and the QMP
+//! and console sockets. At start the agent scans
 //! `DATA/vms/*`: a directory whose pid is a live QEMU of that directory is adopted
 //! ([`Vm::adopt`] reconnects QMP; the console socket is reopened on demand) and reported at the
 //! next heartbeat; one whose QEMU is gone is cleaned like an exited VM (its console log stays)
@@ -16,7 +17,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::agent::{Agent, LaunchRequest};
+use vgrid_api::host::LaunchRequest;
+
+use crate::agent::Agent;
 use crate::vm::{LaunchOptions, Vm, PID_FILE, SPEC_FILE};
 
 /// File in a runtime directory holding the VM's [`LaunchRequest`].
@@ -119,7 +122,7 @@ pub(crate) async fn adopt_all(agent: &Arc<Agent>) -> AdoptReport {
                     // Its reservation, cgroup (which QEMU never left) and accounting continue
                     // (the counters' generation is kept in its runtime directory).
                     let res = agent.resources();
-                    match res.admit(&id, &req.resources, req.memory_mib, vm.accel()) {
+                    match res.admit(&id, &req.config.resources, req.config.memory_mib, vm.accel()) {
                         Ok(limits) => match res.create_group(&id, &limits) {
                             Ok(cg) => res.track(&vm, cg, &limits, 0),
                             Err(e) => tracing::warn!(vm = %id, "re-adopted, but its cgroup cannot be restored: {e}"),
@@ -132,7 +135,7 @@ pub(crate) async fn adopt_all(agent: &Arc<Agent>) -> AdoptReport {
                     let a = agent.clone();
                     tokio::spawn(async move {
                         for _ in 0..30 {
-                            if let Ok(m) = a.proxy().resolve(&req.image).await {
+                            if let Ok(m) = a.proxy().resolve(req.image()).await {
                                 a.note_image(m);
                                 return;
                             }

@@ -11,16 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use serde::{Deserialize, Serialize};
+use vgrid_api::host::{HeartbeatReply, HostHeartbeat, LaunchRequest, Launched, PullProgress, VmReport, POWERDOWN_TIMEOUT};
 use vgrid_api::rest::BootProfile;
-use vgrid_api::{Boot, ImageRef};
+use vgrid_api::vm::Forward;
+use vgrid_api::{Boot, ErrorBody, ImageRef};
 use vgrid_blockproxy::{BlockProxy, ProxyConfig, ServerHandle, Servers, SourceError, StoreSource};
 
 use crate::vm::{BootSource, DiskSource, ExitInfo, LaunchOptions, Vm, VmError, VmSpec};
 use crate::Accel;
-
-/// How long a guest gets to obey the ACPI power button before QEMU is told to quit.
-pub const POWERDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -55,8 +53,6 @@ pub enum AgentError {
     UnknownVm(String),
     #[error("VM {id}: {what} {path}: {cause}")]
     Io { id: String, what: &'static str, path: PathBuf, cause: String },
-    #[error("invalid accelerator {0:?}: expected kvm or tcg")]
-    BadAccel(String),
     #[error("VM {id}: KVM was asked for but is not usable on this host")]
     NoKvm { id: String },
     #[error(transparent)]
@@ -67,22 +63,6 @@ pub enum AgentError {
     Migration { id: String, detail: String },
     #[error(transparent)]
     QemuUser(#[from] crate::qemu_user::QemuUserError),
-}
-
-/// What the coordinator asks the host to start (`POST /host/v1/vms`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LaunchRequest {
-    pub id: String,
-    /// A versioned image reference (resolved at admission).
-    pub image: ImageRef,
-    pub cpus: u32,
-    pub memory_mib: u64,
-    pub forwards: Vec<(u16, u16)>,
-    #[serde(default)]
-    pub accel: Option<String>,
-    /// CPU reservation, memory limit, disk throttling.
-    #[serde(default)]
-    pub resources: vgrid_api::vm::Resources,
 }
 
 /// Where and how a host announces itself.
@@ -97,53 +77,6 @@ pub struct Heartbeat {
     pub policy: Option<String>,
     /// Override the interval the coordinator asks for.
     pub interval: Option<Duration>,
-}
-
-/// How a VM's QEMU ended (`GET /host/v1/vms/{id}/wait`), with the last console lines.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmExit {
-    pub exit: ExitInfo,
-    pub console_tail: Vec<String>,
-    /// What the host knows of the cause (e.g. its memory limit), if anything.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cause: Option<String>,
-    /// Whether this host had the VM (false: it does not know it, e.g. it restarted without it).
-    #[serde(default)]
-    pub present: bool,
-}
-
-/// A VM this host runs, as reported in its heartbeat.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmReport {
-    pub id: String,
-    pub pid: u32,
-    /// Being received by a live migration (not yet this host's: the coordinator's record
-    /// still names the source).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub incoming: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Launched {
-    pub pid: u32,
-    pub accel: String,
-}
-
-/// A line of `POST /host/v1/pull/{image}`'s NDJSON answer.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct PullProgress {
-    #[serde(default)]
-    pub image: Option<String>,
-    pub done: u64,
-    pub total: u64,
-    #[serde(default)]
-    pub fetched_bytes: u64,
-    #[serde(default)]
-    pub seconds: f64,
-    #[serde(default)]
-    pub finished: bool,
-    #[serde(default)]
-    pub error: Option<String>,
 }
 
 /// The image servers a host reads from, in order; replaced when the coordinator announces a
@@ -274,7 +207,7 @@ impl Agent {
         let memory_mib = cfg.max_memory_mib.unwrap_or(phys * 3 / 4);
         // vCPUs are overcommitted 4:1, as OpenStack's default cpu_allocation_ratio.
         let cpus = cfg.max_cpus.unwrap_or_else(|| 4 * std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
-        let accel = Accel::detect();
+        let accel = crate::accel::detect();
         let res = crate::resources::HostResources::new(&cfg.name, cfg.max_share, Some(memory_mib), &cfg.data_dir.join("vms"))
             .map(Arc::new)
             .map_err(|e| AgentError::Io { id: "-".into(), what: "resource control", path: "/sys/fs/cgroup".into(), cause: e })?;
@@ -416,8 +349,8 @@ impl Agent {
     /// within the owner's cap. Returns once QEMU's QMP answers.
     pub async fn launch(&self, req: LaunchRequest, progress: &(dyn Fn(&str) + Send + Sync)) -> Result<Launched, AgentError> {
         let id = req.id.clone();
-        let accel = parse_accel(&req)?;
-        let limits = self.res.admit(&id, &req.resources, req.memory_mib, accel.unwrap_or_else(Accel::detect))?;
+        let accel = requested_accel(&req)?;
+        let limits = self.res.admit(&id, &req.config.resources, req.config.memory_mib, accel.unwrap_or_else(crate::accel::detect))?;
         let fetched0 = self.proxy.stats().bytes_fetched;
         let r = self.launch_admitted(req, accel, &limits, fetched0, progress).await;
         if r.is_err() {
@@ -437,20 +370,21 @@ impl Agent {
         let id = req.id.clone();
         // Before anything is fetched: a forward whose host port is taken here would only make
         // QEMU fail later with a vaguer message (and a resume would have fetched its state).
-        self.check_forwards(&id, &req.forwards)?;
+        let forwards: Vec<Forward> = req.config.net.forwards().copied().collect();
+        self.check_forwards(&id, &forwards)?;
         let (mut spec, dir, manifest) = self.prepare_spec(&req, progress).await?;
         // A warm image: its saved state is loaded instead of booting (see mobile.rs).
-        let resolved_accel = accel.unwrap_or_else(Accel::detect);
+        let resolved_accel = accel.unwrap_or_else(crate::accel::detect);
         if manifest.state.is_some() {
             progress("fetching saved state");
         }
-        let incoming = crate::mobile::prepare_incoming(self, &id, &manifest, req.cpus, req.memory_mib, resolved_accel)?;
+        let incoming = crate::mobile::prepare_incoming(self, &id, &manifest, req.config.cpus, req.config.memory_mib, resolved_accel)?;
         progress(if incoming.is_some() { "restoring" } else { "booting" });
         let export = manifest.image_ref().to_string();
         let cgroup = self.res.create_group(&id, limits)?;
         let mut opts = LaunchOptions {
             cgroup: cgroup.clone(),
-            disk_throttle: crate::resources::DiskThrottle::of(&req.resources),
+            disk_throttle: crate::resources::DiskThrottle::of(&req.config.resources),
             ..self.launch_options()
         };
         // A warm image: QEMU waits for its state, which streams in while it is fetched; RAM
@@ -467,14 +401,14 @@ impl Agent {
             }
         };
         if let Some(st) = incoming {
-            if let Err(e) = crate::mobile::stream_incoming(&vm, st, crate::mobile::RESTORE_TIMEOUT).await {
+            if let Err(e) = crate::mobile::stream_incoming(&vm, st, vgrid_api::host::RESTORE_TIMEOUT).await {
                 let _ = vm.kill().await;
                 return Err(e);
             }
         }
         crate::adopt::record_launch(&dir, &req);
         self.res.track(&vm, cgroup, limits, self.proxy.stats().bytes_fetched.saturating_sub(fetched0));
-        let launched = Launched { pid: vm.pid(), accel: vm.accel().as_str().to_string() };
+        let launched = Launched { pid: vm.pid(), accel: vm.accel() };
         self.vms.lock().unwrap().insert(id.clone(), Slot { vm: Arc::new(vm) });
         tracing::info!(vm = %id, image = %export, pid = launched.pid, "QEMU started");
         Ok(launched)
@@ -482,8 +416,8 @@ impl Agent {
 
     /// Refuses a launch whose forwarded host ports cannot be bound on this host (QEMU binds
     /// them on 127.0.0.1), naming the port and the cause.
-    pub(crate) fn check_forwards(&self, id: &str, forwards: &[(u16, u16)]) -> Result<(), AgentError> {
-        for &(h, g) in forwards {
+    pub(crate) fn check_forwards(&self, id: &str, forwards: &[Forward]) -> Result<(), AgentError> {
+        for &Forward { host: h, guest: g } in forwards {
             if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", h)) {
                 return Err(crate::resources::AdmissionError::Refused {
                     host: self.cfg.name.clone(),
@@ -506,10 +440,11 @@ impl Agent {
     ) -> Result<(VmSpec, PathBuf, Arc<vgrid_api::Manifest>), AgentError> {
         let id = req.id.clone();
         let dir = self.runtime_dir(&id);
-        let accel = parse_accel(req)?;
+        let accel = requested_accel(req)?;
         progress("fetching image");
         let t0 = Instant::now();
-        let manifest = self.proxy.resolve(&req.image).await?;
+        // A resume instantiates its saved image; anything else the image it boots.
+        let manifest = self.proxy.resolve(req.image()).await?;
         self.images.lock().unwrap().insert(manifest.image_ref().to_string(), manifest.clone());
         std::fs::create_dir_all(&dir).map_err(|e| AgentError::Io {
             id: id.clone(),
@@ -552,16 +487,7 @@ impl Agent {
         };
         tracing::debug!(vm = %id, image = %manifest.image_ref(), took_ms = t0.elapsed().as_millis() as u64, "boot files ready");
         let export = manifest.image_ref().to_string();
-        let spec = VmSpec {
-            id: id.clone(),
-            cpus: req.cpus,
-            memory_mib: req.memory_mib,
-            disk: DiskSource::nbd_unix(&self.nbd_socket, &export),
-            boot,
-            forwards: req.forwards.clone(),
-            accel,
-            ram: Default::default(),
-        };
+        let spec = VmSpec::new(&id, req.config.clone().with_accel(accel), DiskSource::nbd_unix(&self.nbd_socket, &export), boot);
         Ok((spec, dir, manifest))
     }
 
@@ -569,7 +495,7 @@ impl Agent {
     pub async fn wait_exit(&self, id: &str) -> ExitInfo {
         match self.vm(id) {
             Some(vm) => crate::adopt::exit_of(&vm, vm.wait_exit().await),
-            None => ExitInfo { code: None, signal: None },
+            None => ExitInfo::unknown(),
         }
     }
 
@@ -586,7 +512,7 @@ impl Agent {
     pub fn used(&self) -> (u32, u64) {
         let (ic, im) = self.migrations.incoming_used();
         let vms = self.vms.lock().unwrap();
-        vms.values().fold((ic, im), |(c, m), s| (c + s.vm.spec().cpus, m + s.vm.spec().memory_mib))
+        vms.values().fold((ic, im), |(c, m), s| (c + s.vm.spec().config.cpus, m + s.vm.spec().config.memory_mib))
     }
 
     /// This host's advertisement.
@@ -719,7 +645,7 @@ impl Agent {
     /// coordinator that does not answer is retried at the same pace.
     pub async fn heartbeat_loop(self: Arc<Self>, hb: Heartbeat) {
         let http = vgrid_trust::tls::client_builder().timeout(Duration::from_secs(10)).build().expect("HTTP client");
-        let mut interval = Duration::from_secs(5);
+        let mut interval = vgrid_api::host::HEARTBEAT_INTERVAL;
         let mut failing = false;
         loop {
             match self.heartbeat_once(&http, &hb).await {
@@ -728,7 +654,7 @@ impl Agent {
                         tracing::info!(coordinator = %hb.coordinator, "coordinator reachable again");
                     }
                     failing = false;
-                    interval = Duration::from_secs(reply.0.max(1));
+                    interval = Duration::from_secs(reply.interval_secs.max(1));
                 }
                 Err(e) => {
                     if !failing {
@@ -741,33 +667,32 @@ impl Agent {
         }
     }
 
-    /// One heartbeat; returns the interval the coordinator asks for.
-    pub async fn heartbeat_once(&self, http: &reqwest::Client, hb: &Heartbeat) -> Result<(u64,), String> {
-        let usage = self.res.reports();
-        let body = serde_json::json!({
-            "ad": self.ad(&hb.url, hb.labels.clone(), hb.policy.clone()),
-            "vms": self.vms(),
-            "usage": usage,
-        });
+    /// One heartbeat; returns the coordinator's answer (the interval it asks for, the image
+    /// servers it knows).
+    pub async fn heartbeat_once(&self, http: &reqwest::Client, hb: &Heartbeat) -> Result<HeartbeatReply, String> {
+        let body = HostHeartbeat { ad: self.ad(&hb.url, hb.labels.clone(), hb.policy.clone()), vms: self.vms(), usage: self.res.reports() };
         let url = format!("{}/api/v1/hosts/heartbeat", hb.coordinator.trim_end_matches('/'));
         let resp = http.post(&url).json(&body).send().await.map_err(|e| format!("{url}: {e}"))?;
         let status = resp.status();
-        let v: serde_json::Value = resp.json().await.map_err(|e| format!("{url}: malformed answer: {e}"))?;
+        let answer = resp.bytes().await.map_err(|e| format!("{url}: malformed answer: {e}"))?;
+        let malformed = |e: serde_json::Error| format!("{url}: malformed answer: {e}");
         if !status.is_success() {
-            return Err(format!("{url}: HTTP {status}: {}", v["error"].as_str().unwrap_or("")));
+            let e: ErrorBody = serde_json::from_slice(&answer).map_err(malformed)?;
+            return Err(format!("{url}: HTTP {status}: {}", e.error));
         }
+        let reply: HeartbeatReply = serde_json::from_slice(&answer).map_err(malformed)?;
         // Servers configured on this host first, then those the coordinator knows.
         let mut servers = self.cfg.image_servers.clone();
-        for s in v["image_servers"].as_array().into_iter().flatten().filter_map(|s| s.as_str()) {
+        for s in &reply.image_servers {
             if !servers.iter().any(|x| x == s) {
-                servers.push(s.to_string());
+                servers.push(s.clone());
             }
         }
-        self.res.delivered(&usage);
+        self.res.delivered(&body.usage);
         if !servers.is_empty() {
             self.servers.set(servers).map_err(|e| e.to_string())?;
         }
-        Ok((v["interval_secs"].as_u64().unwrap_or(5),))
+        Ok(reply)
     }
 
     /// Kills any guest still running (the coordinator stops them gracefully first) and stops
@@ -808,12 +733,9 @@ fn physical_memory_mib() -> u64 {
 
 /// The accelerator a launch request asks for (`None`: the host's choice), refusing KVM where it
 /// does not work.
-pub(crate) fn parse_accel(req: &LaunchRequest) -> Result<Option<Accel>, AgentError> {
-    match req.accel.as_deref() {
-        None => Ok(None),
-        Some("tcg") => Ok(Some(Accel::Tcg)),
-        Some("kvm") if crate::kvm_usable() => Ok(Some(Accel::Kvm)),
-        Some("kvm") => Err(AgentError::NoKvm { id: req.id.clone() }),
-        Some(o) => Err(AgentError::BadAccel(o.into())),
+pub(crate) fn requested_accel(req: &LaunchRequest) -> Result<Option<Accel>, AgentError> {
+    match req.config.accel {
+        Some(Accel::Kvm) if !crate::kvm_usable() => Err(AgentError::NoKvm { id: req.id.clone() }),
+        a => Ok(a),
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// The CFS period used when a share is given without a period.
-pub const DEFAULT_PERIOD_US: u64 = 100_000;
+pub use vgrid_api::config::DEFAULT_CPU_PERIOD_US as DEFAULT_PERIOD_US;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -491,65 +491,9 @@ impl VmCgroup {
     }
 }
 
-/// A CPU reservation: `slice` of CPU time every `period` (VSched's (slice, period)), or a
-/// share of one core. Returns (quota_us, period_us).
-pub fn reservation(share: Option<f64>, slice_ms: Option<u64>, period_ms: Option<u64>) -> Result<Option<(u64, u64)>, String> {
-    match (share, slice_ms, period_ms) {
-        (None, None, None) => Ok(None),
-        (Some(_), Some(_), _) => Err("give either a CPU share or a (slice, period) reservation, not both".into()),
-        (Some(s), None, p) => {
-            if !(s.is_finite() && s > 0.0 && s <= 64.0) {
-                return Err(format!("CPU share {s} is out of range: more than 0, at most 64 cores"));
-            }
-            let period_us = p.map(|p| p * 1000).unwrap_or(DEFAULT_PERIOD_US);
-            check_period(period_us)?;
-            let quota = (s * period_us as f64).round() as u64;
-            if quota < 1000 {
-                return Err(format!("CPU share {s} of a {} ms period is under the kernel's 1 ms minimum slice", period_us / 1000));
-            }
-            Ok(Some((quota, period_us)))
-        }
-        (None, Some(sl), p) => {
-            let period_us = p.ok_or("a CPU slice needs a period (--cpu-period MS)")? * 1000;
-            check_period(period_us)?;
-            let quota = sl * 1000;
-            if quota < 1000 {
-                return Err("a CPU slice must be at least 1 ms".into());
-            }
-            if quota > 64 * period_us {
-                return Err(format!("CPU slice {sl} ms is more than 64 cores' worth of the {} ms period", period_us / 1000));
-            }
-            Ok(Some((quota, period_us)))
-        }
-        (None, None, Some(_)) => Err("a CPU period needs a slice (--cpu-slice MS)".into()),
-    }
-}
-
-fn check_period(period_us: u64) -> Result<(), String> {
-    if !(1000..=1_000_000).contains(&period_us) {
-        return Err(format!("CPU period {} ms is out of range 1-1000 ms", period_us / 1000));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reservations() {
-        assert_eq!(reservation(None, None, None).unwrap(), None);
-        assert_eq!(reservation(Some(0.2), None, None).unwrap(), Some((20_000, 100_000)));
-        assert_eq!(reservation(None, Some(10), Some(50)).unwrap(), Some((10_000, 50_000)));
-        assert_eq!(reservation(Some(1.5), None, Some(20)).unwrap(), Some((30_000, 20_000)));
-        assert!(reservation(Some(0.2), Some(10), Some(50)).unwrap_err().contains("not both"));
-        assert!(reservation(None, Some(10), None).unwrap_err().contains("period"));
-        assert!(reservation(None, None, Some(10)).unwrap_err().contains("slice"));
-        assert!(reservation(Some(0.0), None, None).is_err());
-        assert!(reservation(Some(f64::NAN), None, None).is_err());
-        assert!(reservation(Some(0.001), None, Some(100)).unwrap_err().contains("1 ms"));
-        assert!(reservation(None, Some(1), Some(5000)).unwrap_err().contains("1-1000"));
-    }
 
     #[test]
     fn reads_v2_layout() {

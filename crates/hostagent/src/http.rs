@@ -14,10 +14,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use vgrid_api::host::{HostUsage, LaunchRequest, PullProgress, VmExit};
 use vgrid_api::vm::{ConsoleChunk, VmStop};
 use vgrid_api::{ErrorBody, ImageRef};
 
-use crate::agent::{Agent, AgentError, LaunchRequest, PullProgress, VmExit};
+use crate::agent::{Agent, AgentError};
 
 type Ctx = State<Arc<Agent>>;
 
@@ -33,7 +34,7 @@ impl From<AgentError> for HttpError {
     fn from(e: AgentError) -> Self {
         let code = match &e {
             AgentError::UnknownVm(_) => StatusCode::NOT_FOUND,
-            AgentError::BadAccel(_) | AgentError::NoKvm { .. } => StatusCode::BAD_REQUEST,
+            AgentError::NoKvm { .. } => StatusCode::BAD_REQUEST,
             AgentError::Admission(crate::resources::AdmissionError::Invalid { .. }) => StatusCode::BAD_REQUEST,
             AgentError::Admission(_) => StatusCode::CONFLICT,
             AgentError::Migration { .. } => StatusCode::CONFLICT,
@@ -133,14 +134,14 @@ async fn wait(State(a): Ctx, Path(id): Path<String>) -> Response {
 async fn usage(State(a): Ctx) -> Response {
     let r = a.resources();
     let load = r.load();
-    Json(serde_json::json!({
-        "vms": r.reports(),
-        "load_now": load.now,
-        "load_predicted": load.predicted,
-        "cpu_cap": r.cap_cores().unwrap_or(0.0),
-        "free_cpu_share": r.free_share(),
-        "cgroups": r.cgroup_version(),
-    }))
+    Json(HostUsage {
+        vms: r.reports(),
+        load_now: load.now,
+        load_predicted: load.predicted,
+        cpu_cap: r.cap_cores().unwrap_or(0.0),
+        free_cpu_share: r.free_share(),
+        cgroups: r.cgroup_version(),
+    })
     .into_response()
 }
 
@@ -199,17 +200,20 @@ async fn bridge(mut ws: WebSocket, stream: tokio::net::UnixStream) {
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = vec![0u8; 4096];
     loop {
-        tokio::select! {
+        let forwarded = tokio::select! {
             n = rd.read(&mut buf) => match n {
                 Ok(0) | Err(_) => break,
-                Ok(n) => if ws.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() { break },
+                Ok(n) => ws.send(Message::Binary(buf[..n].to_vec().into())).await.is_ok(),
             },
             m = ws.recv() => match m {
-                Some(Ok(Message::Binary(b))) => if wr.write_all(&b).await.is_err() { break },
-                Some(Ok(Message::Text(t))) => if wr.write_all(t.as_bytes()).await.is_err() { break },
+                Some(Ok(Message::Binary(b))) => wr.write_all(&b).await.is_ok(),
+                Some(Ok(Message::Text(t))) => wr.write_all(t.as_bytes()).await.is_ok(),
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                _ => {}
+                _ => true,
             }
+        };
+        if !forwarded {
+            break;
         }
     }
 }

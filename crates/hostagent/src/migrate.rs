@@ -24,11 +24,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use vgrid_api::migrate::MigrationStatus;
+use vgrid_api::host::{FinishRequest, IncomingReady, IncomingRequest, Launched, SendRequest, MAX_CONSOLE_HISTORY};
+use vgrid_api::migrate::{Migration, MigrationStatus};
 
-use crate::agent::{Agent, AgentError, LaunchRequest, Launched};
+use crate::agent::{Agent, AgentError};
 use crate::vm::{LaunchOptions, Vm};
 
 /// Name of the NBD client node (source) and of the export (destination).
@@ -43,92 +43,19 @@ pub const INCOMING_MARKER: &str = "incoming";
 /// What the guest printed on its console before it arrived here (the source's log, as the
 /// coordinator hands it over at the end of the migration); served before `console.log`.
 pub const CONSOLE_HISTORY: &str = "console.before-migration.log";
-/// At most this much console history travels with a migration (its tail).
-pub const MAX_CONSOLE_HISTORY: usize = 4 << 20;
 
-/// Body of `POST /host/v1/migrate/incoming/{id}/finish`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct FinishRequest {
-    /// The console log the VM had at the source.
-    #[serde(default)]
-    pub console_history: String,
+/// The source's status of a migration it starts sending now: the record's type, with the
+/// source's phase.
+fn first_status(from: &str, req: &SendRequest) -> Migration {
+    Migration { phase: "starting".into(), ..Migration::begin(from, &req.to, req.downtime_ms, req.max_seconds, unix_now()) }
 }
 
-/// `POST /host/v1/migrate/incoming`: prepare to receive a VM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct IncomingRequest {
-    /// The VM as the source runs it (same image version, cpus, memory, forwards, accel).
-    pub launch: LaunchRequest,
-    /// The address QEMU listens on for the disk and memory streams (this host's address as
-    /// the source reaches it).
-    pub listen_host: String,
-}
-
-/// Answer to [`IncomingRequest`]: where the source sends the disk and the memory.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct IncomingReady {
-    pub host: String,
-    pub nbd_port: u16,
-    pub migration_port: u16,
-    pub pid: u32,
-    pub accel: String,
-}
-
-/// `POST /host/v1/vms/{id}/migrate`: send a VM to a prepared destination.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SendRequest {
-    pub dest: IncomingReady,
-    pub downtime_ms: u64,
-    pub max_seconds: u64,
-    #[serde(default)]
-    pub max_bandwidth_mib: Option<u64>,
-}
-
-/// The source's view of a migration (`GET /host/v1/vms/{id}/migrate`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SendStatus {
-    pub status: MigrationStatus,
-    pub phase: String,
-    #[serde(default)]
-    pub downtime_ms: Option<u64>,
-    #[serde(default)]
-    pub total_ms: Option<u64>,
-    #[serde(default)]
-    pub disk_bytes: Option<u64>,
-    #[serde(default)]
-    pub ram_transferred_bytes: Option<u64>,
-    #[serde(default)]
-    pub ram_remaining_bytes: Option<u64>,
-    #[serde(default)]
-    pub dirty_sync_count: Option<u64>,
-    #[serde(default)]
-    pub cpu_throttle_percentage: Option<u64>,
-    #[serde(default)]
-    pub error: Option<String>,
-    /// Since the source started.
-    pub elapsed_ms: u64,
-}
-
-impl SendStatus {
-    fn new() -> SendStatus {
-        SendStatus {
-            status: MigrationStatus::Active,
-            phase: "starting".into(),
-            downtime_ms: None,
-            total_ms: None,
-            disk_bytes: None,
-            ram_transferred_bytes: None,
-            ram_remaining_bytes: None,
-            dirty_sync_count: None,
-            cpu_throttle_percentage: None,
-            error: None,
-            elapsed_ms: 0,
-        }
-    }
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 struct Outgoing {
-    status: Mutex<SendStatus>,
+    status: Mutex<Migration>,
     cancel: tokio::sync::watch::Sender<bool>,
     started: Instant,
 }
@@ -147,7 +74,7 @@ impl Migrations {
     }
     /// Cpus and memory of the VMs this host is receiving.
     pub fn incoming_used(&self) -> (u32, u64) {
-        self.incoming.lock().unwrap().values().fold((0, 0), |(c, m), v| (c + v.spec().cpus, m + v.spec().memory_mib))
+        self.incoming.lock().unwrap().values().fold((0, 0), |(c, m), v| (c + v.spec().config.cpus, m + v.spec().config.memory_mib))
     }
     pub(crate) fn forget_outgoing(&self, id: &str) {
         self.outgoing.lock().unwrap().remove(id);
@@ -182,8 +109,8 @@ impl Agent {
             return Err(mig_err(&id, "this host already has a VM with this id"));
         }
         // The same admission, cgroup and limits as a VM started here.
-        let accel = crate::agent::parse_accel(&req.launch)?.unwrap_or_else(crate::Accel::detect);
-        let limits = self.resources().admit(&id, &req.launch.resources, req.launch.memory_mib, accel)?;
+        let accel = crate::agent::requested_accel(&req.launch)?.unwrap_or_else(crate::accel::detect);
+        let limits = self.resources().admit(&id, &req.launch.config.resources, req.launch.config.memory_mib, accel)?;
         let r = self.incoming_admitted(req, &limits).await;
         if r.is_err() {
             self.resources().release(&id);
@@ -198,7 +125,7 @@ impl Agent {
         let opts = LaunchOptions {
             defer_incoming: true,
             cgroup: cgroup.clone(),
-            disk_throttle: crate::resources::DiskThrottle::of(&req.launch.resources),
+            disk_throttle: crate::resources::DiskThrottle::of(&req.launch.config.resources),
             ..self.launch_options()
         };
         let vm = Vm::launch_with(spec, &dir, &opts).await?;
@@ -210,13 +137,7 @@ impl Agent {
             Ok((nbd_port, migration_port)) => {
                 self.migrations().incoming.lock().unwrap().insert(id.clone(), vm.clone());
                 tracing::info!(vm = %id, nbd_port, migration_port, pid = vm.pid(), "waiting for an incoming migration");
-                Ok(IncomingReady {
-                    host: req.listen_host.clone(),
-                    nbd_port,
-                    migration_port,
-                    pid: vm.pid(),
-                    accel: vm.accel().as_str().to_string(),
-                })
+                Ok(IncomingReady { host: req.listen_host.clone(), nbd_port, migration_port, pid: vm.pid(), accel: vm.accel() })
             }
             Err(e) => {
                 let _ = vm.cleanup().await;
@@ -325,7 +246,7 @@ impl Agent {
         }
         let _ = std::fs::remove_file(vm.runtime_dir().join(INCOMING_MARKER));
         self.migrations().incoming.lock().unwrap().remove(id);
-        let launched = Launched { pid: vm.pid(), accel: vm.accel().as_str().to_string() };
+        let launched = Launched { pid: vm.pid(), accel: vm.accel() };
         self.insert_vm(id, vm);
         tracing::info!(vm = %id, pid = launched.pid, "migrated VM runs here");
         Ok(launched)
@@ -350,13 +271,14 @@ impl Agent {
     }
 
     /// Source: starts sending VM `id` to the prepared destination in the background.
-    pub fn send(self: &Arc<Self>, id: &str, req: SendRequest) -> Result<SendStatus, AgentError> {
+    pub fn send(self: &Arc<Self>, id: &str, req: SendRequest) -> Result<Migration, AgentError> {
         let vm = self.vm(id).ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
         if vm.exit_info().is_some() {
             return Err(mig_err(id, "its QEMU has exited"));
         }
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let out = Arc::new(Outgoing { status: Mutex::new(SendStatus::new()), cancel: tx, started: Instant::now() });
+        let first = first_status(self.name(), &req);
+        let out = Arc::new(Outgoing { status: Mutex::new(first.clone()), cancel: tx, started: Instant::now() });
         {
             let mut m = self.migrations().outgoing.lock().unwrap();
             if let Some(o) = m.get(id) {
@@ -388,25 +310,26 @@ impl Agent {
                     st.error = Some(msg);
                 }
             }
-            st.elapsed_ms = out.started.elapsed().as_millis() as u64;
+            st.elapsed_ms = Some(out.started.elapsed().as_millis() as u64);
+            st.finished = Some(unix_now());
             *out.status.lock().unwrap() = st;
         });
-        Ok(SendStatus::new())
+        Ok(first)
     }
 
     /// Source: where the migration of `id` stands.
-    pub fn send_status(&self, id: &str) -> Result<SendStatus, AgentError> {
+    pub fn send_status(&self, id: &str) -> Result<Migration, AgentError> {
         let o = self.migrations().outgoing.lock().unwrap().get(id).cloned().ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
         let mut st = o.status.lock().unwrap().clone();
         if st.status == MigrationStatus::Active {
-            st.elapsed_ms = o.started.elapsed().as_millis() as u64;
+            st.elapsed_ms = Some(o.started.elapsed().as_millis() as u64);
         }
         Ok(st)
     }
 
     /// Source: cancels the migration of `id` (the guest runs on here). After a completed
     /// migration whose destination then failed, resumes the (paused) source guest instead.
-    pub async fn send_cancel(&self, id: &str) -> Result<SendStatus, AgentError> {
+    pub async fn send_cancel(&self, id: &str) -> Result<Migration, AgentError> {
         let o = self.migrations().outgoing.lock().unwrap().get(id).cloned().ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
         let done = o.status.lock().unwrap().status;
         if done == MigrationStatus::Active {

@@ -17,20 +17,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use vgrid_api::host::{SaveRequest, VmPresence, SAVE_TIMEOUT};
+use vgrid_api::rest::UploadId;
 use vgrid_api::vm::SavedImage;
 use vgrid_api::{Blob, ChunkHash, ImageRef, Manifest, SavedRam, SavedState, StateMeta};
-use vgrid_imagestore::client::StoreClient;
-use vgrid_imagestore::codec;
-use vgrid_imagestore::store::UploadId;
+use vgrid_storeclient::codec;
+use vgrid_storeclient::StoreClient;
 
 use crate::agent::{Agent, AgentError};
 use crate::vm::{DiskSource, Vm};
 
-/// How long QEMU may take to write a guest's state.
-pub const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long QEMU may take to load a saved state.
-pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Name of the state file a save writes in the runtime directory (removed once uploaded).
 const SAVE_FILE: &str = "state.save";
 /// Chunk size of a saved RAM: a guest's first page faults after a restore are scattered, and
@@ -51,13 +48,6 @@ pub enum MobileError {
     Upload { id: String, image: String, cause: String },
     #[error("invalid image name {0:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")]
     BadName(String),
-}
-
-/// Body of `POST /host/v1/vms/{id}/snapshot` and `/suspend`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SaveRequest {
-    /// Name of the image to create (a new version of it if it exists).
-    pub name: String,
 }
 
 /// One line of `qemu-img map --output=json`.
@@ -341,7 +331,7 @@ impl Agent {
                 let dst = vm.runtime_dir().join(RAM_SAVE_FILE);
                 let t = Instant::now();
                 let src = crate::ram::open_shared(vm.pid(), ram_dir).map_err(|e| fail(format!("the guest's RAM: {e}")))?;
-                let size = vm.spec().memory_mib << 20;
+                let size = vm.spec().config.memory_mib << 20;
                 let data = tokio::task::block_in_place(|| crate::ram::copy_sparse(&src, &dst, size))
                     .map_err(|e| fail(format!("copying the guest's RAM to {}: {e}", dst.display())))?;
                 tracing::info!(vm = %id, data, took_ms = t.elapsed().as_millis() as u64, "guest RAM copied for saving");
@@ -387,8 +377,8 @@ impl Agent {
             ram_path,
             touched,
             machine,
-            cpus: spec.cpus,
-            memory_mib: spec.memory_mib,
+            cpus: spec.config.cpus,
+            memory_mib: spec.config.memory_mib,
             accel: vm.accel().as_str().to_string(),
         })
     }
@@ -857,7 +847,7 @@ pub(crate) async fn http_saving(
     // Known: launching (admitted) or present; a coordinator that restarted right after it
     // sent a launch learns whether the launch ever arrived.
     let known = a.vm(&id).is_some() || a.resources().is_admitted(&id);
-    axum::Json(serde_json::json!({ "saving": saving, "running": running, "known": known })).into_response()
+    axum::Json(VmPresence { saving, running, known }).into_response()
 }
 
 /// Whether the VM in runtime directory `dir` is being saved.

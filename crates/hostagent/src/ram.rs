@@ -93,6 +93,8 @@ pub fn default_ram_dir() -> Option<PathBuf> {
     }
 }
 
+// The type of `f_type` differs between platforms (i64 here).
+#[allow(clippy::unnecessary_cast)]
 fn fs_type(p: &Path) -> Option<i64> {
     nix::sys::statfs::statfs(p).ok().map(|s| s.filesystem_type().0 as i64)
 }

@@ -203,7 +203,7 @@ impl HostResources {
     /// Returns the cgroup limits to create. Release with [`HostResources::release`].
     pub fn admit(&self, id: &str, r: &Resources, memory_mib: u64, accel: Accel) -> Result<Limits, AdmissionError> {
         let invalid = |reason: String| AdmissionError::Invalid { id: id.into(), reason };
-        let cpu = crate::cgroup::reservation(r.cpu_share, r.cpu_slice_ms, r.cpu_period_ms).map_err(invalid)?;
+        let cpu = r.reservation().map_err(|e| invalid(e.to_string()))?;
         let cores = cpu.map(|(q, p)| q as f64 / p as f64).unwrap_or(0.0);
         let mem_limit = r.memory_limit_mib.unwrap_or_else(|| default_memory_limit_mib(memory_mib, accel));
         if mem_limit < 16 {

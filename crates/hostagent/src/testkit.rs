@@ -51,16 +51,8 @@ impl SampleGuest {
 
     /// A 1-CPU, 256 MiB spec of the sample on `disk` (TCG/KVM chosen automatically).
     pub fn spec(&self, id: &str, disk: DiskSource, extra_cmdline: &str) -> VmSpec {
-        VmSpec {
-            id: id.to_string(),
-            cpus: 1,
-            memory_mib: 256,
-            disk,
-            boot: self.boot(extra_cmdline),
-            forwards: Vec::new(),
-            accel: None,
-            ram: Default::default(),
-        }
+        let config = vgrid_api::vm::VmConfig::new(vgrid_api::ImageRef { name: "sample".into(), version: None });
+        VmSpec::new(id, config, disk, self.boot(extra_cmdline))
     }
 }
 

@@ -26,6 +26,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, watch};
+use vgrid_api::vm::{Nic, VmConfig};
 
 /// File names inside a VM's runtime directory.
 pub const SPEC_FILE: &str = "spec.json";
@@ -38,6 +39,9 @@ pub const QEMU_LOG: &str = "qemu.log";
 
 /// How long [`Vm::powerdown`] waits for QEMU to exit after `quit` before killing it.
 pub const QUIT_GRACE: Duration = Duration::from_secs(10);
+
+/// Most guest memory this driver starts a VM with, in MiB (4 TiB).
+pub const MAX_MEMORY_MIB: u64 = 4 * 1024 * 1024;
 
 /// Longest path a unix socket address can hold (sun_path is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -103,25 +107,29 @@ pub enum BootSource {
     Restore { option_roms: Vec<String> },
 }
 
-/// Everything needed to start one VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Everything needed to start one VM: its configuration as the coordinator recorded it, and
+/// the host's own means (disk, boot files, RAM backing).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "crate::vmspec::StoredSpec")]
 pub struct VmSpec {
     /// 1–64 characters of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
     pub id: String,
-    pub cpus: u32,
-    pub memory_mib: u64,
+    /// Cpus, memory, networking (TCP port forwards bound on the host's 127.0.0.1), and the
+    /// accelerator (`None`: KVM when usable, else TCG; resolved at launch).
+    pub config: VmConfig,
     pub disk: DiskSource,
     pub boot: BootSource,
-    /// TCP port forwards `(host_port, guest_port)`; host side bound on 127.0.0.1.
-    #[serde(default)]
-    pub forwards: Vec<(u16, u16)>,
-    /// `None`: KVM when usable, else TCG.
-    #[serde(default)]
-    pub accel: Option<Accel>,
     /// How the guest's RAM is backed ([`crate::ram`]). An anonymous spec becomes shared at
     /// launch when [`LaunchOptions::ram_dir`] is set.
     #[serde(default)]
     pub ram: crate::ram::RamBacking,
+}
+
+impl VmSpec {
+    /// A spec of VM `id` with `config` on `disk`, booting by `boot`, with anonymous RAM.
+    pub fn new(id: &str, config: VmConfig, disk: DiskSource, boot: BootSource) -> VmSpec {
+        VmSpec { id: id.to_string(), config, disk, boot, ram: Default::default() }
+    }
 }
 
 /// Where the QEMU binaries are and how long to wait for them.
@@ -178,37 +186,12 @@ impl Default for LaunchOptions {
     }
 }
 
-/// How a QEMU process ended. Both fields `None`: unknown (an adopted VM is not our child).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExitInfo {
-    pub code: Option<i32>,
-    pub signal: Option<i32>,
-}
+pub use vgrid_api::host::ExitInfo;
 
-impl ExitInfo {
-    pub fn success(&self) -> bool {
-        self.code == Some(0)
-    }
-    fn unknown() -> ExitInfo {
-        ExitInfo { code: None, signal: None }
-    }
-    fn from_status(st: std::process::ExitStatus) -> ExitInfo {
-        use std::os::unix::process::ExitStatusExt;
-        ExitInfo { code: st.code(), signal: st.signal() }
-    }
-}
-
-impl fmt::Display for ExitInfo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.code, self.signal) {
-            (Some(c), _) => write!(f, "exit code {c}"),
-            (None, Some(s)) => {
-                let name = nix::sys::signal::Signal::try_from(s).map(|s| s.as_str()).unwrap_or("?");
-                write!(f, "killed by signal {s} ({name})")
-            }
-            (None, None) => f.write_str("exit status unknown"),
-        }
-    }
+/// How a child process ended.
+fn exit_info_of(st: std::process::ExitStatus) -> ExitInfo {
+    use std::os::unix::process::ExitStatusExt;
+    ExitInfo { code: st.code(), signal: st.signal() }
 }
 
 /// QEMU's run status: what `query-status` says, or that QEMU is gone. (Not the coordinator's
@@ -370,11 +353,10 @@ pub fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
     let id = spec.id.as_str();
     validate_vm_id(id)?;
     let invalid = |reason: String| VmError::InvalidSpec { id: id.to_string(), reason };
-    if spec.cpus == 0 || spec.cpus > 255 {
-        return Err(invalid(format!("cpus must be 1-255, not {}", spec.cpus)));
-    }
-    if spec.memory_mib < 16 || spec.memory_mib > 4 * 1024 * 1024 {
-        return Err(invalid(format!("memory_mib must be 16-4194304, not {}", spec.memory_mib)));
+    // Cpus, memory, resources and networking: the configuration's own checks.
+    spec.config.validate().map_err(|e| invalid(e.to_string()))?;
+    if spec.config.memory_mib > MAX_MEMORY_MIB {
+        return Err(invalid(format!("memory_mib must be at most {MAX_MEMORY_MIB}, not {}", spec.config.memory_mib)));
     }
     match &spec.disk {
         DiskSource::Nbd { url } => {
@@ -399,16 +381,7 @@ pub fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
         BootSource::Firmware { bios: Some(b) } => check_file(id, "firmware", b)?,
         BootSource::Firmware { bios: None } | BootSource::Restore { .. } => {}
     }
-    let mut seen = std::collections::HashSet::new();
-    for (h, g) in &spec.forwards {
-        if *h == 0 || *g == 0 {
-            return Err(invalid(format!("port forward {h}->{g}: ports must be 1-65535")));
-        }
-        if !seen.insert(*h) {
-            return Err(invalid(format!("host port {h} is forwarded twice")));
-        }
-    }
-    if spec.accel == Some(Accel::Kvm) && !kvm_usable() {
+    if spec.config.accel == Some(Accel::Kvm) && !kvm_usable() {
         return Err(invalid(
             "accelerator kvm requested but this host has no usable KVM (no vmx/svm in /proc/cpuinfo or /dev/kvm does not open)".into(),
         ));
@@ -446,8 +419,8 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
     if accel == Accel::Kvm {
         push(&["-cpu", "host"]);
     }
-    push(&["-smp", &spec.cpus.to_string(), "-m", &format!("{}M", spec.memory_mib)]);
-    a.extend(spec.ram.qemu_args(spec.memory_mib));
+    push(&["-smp", &spec.config.cpus.to_string(), "-m", &format!("{}M", spec.config.memory_mib)]);
+    a.extend(spec.ram.qemu_args(spec.config.memory_mib));
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
     // seccomp: no obsolete syscalls, no privilege elevation, no fork/exec, no scheduler or
@@ -480,11 +453,8 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
         // Direct kernel boot takes bootindex 0 for its option ROM.
         if matches!(spec.boot, BootSource::Firmware { .. }) { "virtio-blk-pci,drive=vda,bootindex=0" } else { "virtio-blk-pci,drive=vda" },
     ]);
-    let mut netdev = "user,id=n0".to_string();
-    for (h, g) in &spec.forwards {
-        netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{h}-:{g}"));
-    }
-    push(&["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0,romfile="]);
+    a.extend(net_args(&spec.config));
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     match &spec.boot {
         BootSource::Kernel { kernel, initrd, cmdline } => {
             push(&["-kernel", &kernel.display().to_string()]);
@@ -506,6 +476,25 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
             }
             push(&["-no-reboot"]);
         }
+    }
+    a
+}
+
+/// The network devices of `config`: one virtio-net device per interface, `n0`, `n1`, ...;
+/// user-mode ones with their TCP forwards bound on 127.0.0.1.
+fn net_args(config: &VmConfig) -> Vec<String> {
+    let mut a = Vec::new();
+    for (i, nic) in config.net.nics.iter().enumerate() {
+        let netdev = match nic {
+            Nic::User { forwards } => {
+                let mut netdev = format!("user,id=n{i}");
+                for f in forwards {
+                    netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", f.host, f.guest));
+                }
+                netdev
+            }
+        };
+        a.extend(["-netdev".to_string(), netdev, "-device".into(), format!("virtio-net-pci,netdev=n{i},romfile=")]);
     }
     a
 }
@@ -575,8 +564,8 @@ impl Vm {
             }
             None => None,
         };
-        let accel = spec.accel.unwrap_or_else(Accel::detect);
-        spec.accel = Some(accel);
+        let accel = spec.config.accel.unwrap_or_else(crate::accel::detect);
+        spec.config.accel = Some(accel);
         let io_err = |path: &Path, source| VmError::RuntimeDir { id: id.clone(), path: path.to_path_buf(), source };
 
         let dir = runtime_dir.as_ref();
@@ -706,7 +695,7 @@ impl Vm {
         let ram_file2 = ram_file.clone();
         tokio::spawn(async move {
             let info = match child.wait().await {
-                Ok(st) => ExitInfo::from_status(st),
+                Ok(st) => exit_info_of(st),
                 Err(e) => {
                     tracing::warn!(vm = %vm_id, error = %e, "waiting for QEMU failed");
                     ExitInfo::unknown()
@@ -848,7 +837,7 @@ impl Vm {
             }
             let _ = exit_tx.send(Some(ExitInfo::unknown()));
         });
-        let accel = spec.accel.unwrap_or(Accel::Tcg);
+        let accel = spec.config.accel.unwrap_or(Accel::Tcg);
         tracing::info!(vm = %spec.id, pid, "adopted running QEMU");
         Ok(Vm {
             spec,
@@ -1254,7 +1243,7 @@ async fn create_overlay(id: &str, qemu_img: &Path, disk: &DiskSource, overlay: &
             id: id.to_string(),
             path: overlay.to_path_buf(),
             backing,
-            detail: if detail.is_empty() { ExitInfo::from_status(out.status).to_string() } else { detail },
+            detail: if detail.is_empty() { exit_info_of(out.status).to_string() } else { detail },
         });
     }
     Ok(())
@@ -1270,7 +1259,7 @@ pub async fn qemu_version_of(binary: &Path) -> Result<QemuVersion, VmError> {
     let err = |detail: String| VmError::Version { binary: binary.to_path_buf(), detail };
     let out = tokio::process::Command::new(binary).arg("--version").stdin(Stdio::null()).output().await.map_err(|e| err(e.to_string()))?;
     if !out.status.success() {
-        return Err(err(format!("{}: {}", ExitInfo::from_status(out.status), String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(err(format!("{}: {}", exit_info_of(out.status), String::from_utf8_lossy(&out.stderr).trim())));
     }
     let text = String::from_utf8_lossy(&out.stdout);
     parse_qemu_version(&text).ok_or_else(|| err(format!("unrecognised output {:?}", text.lines().next().unwrap_or(""))))
@@ -1290,22 +1279,23 @@ fn parse_qemu_version(text: &str) -> Option<QemuVersion> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vgrid_api::vm::Forward;
 
     fn spec(dir: &Path) -> VmSpec {
         let k = dir.join("vmlinuz");
         let d = dir.join("disk.img");
         std::fs::write(&k, b"k").unwrap();
         std::fs::write(&d, b"d").unwrap();
-        VmSpec {
-            id: "vm-1".into(),
-            cpus: 1,
-            memory_mib: 128,
-            disk: DiskSource::raw_file(d),
-            boot: BootSource::Kernel { kernel: k, initrd: None, cmdline: "console=ttyS0".into() },
-            forwards: vec![(2222, 22)],
-            accel: Some(Accel::Tcg),
-            ram: Default::default(),
-        }
+        let config = VmConfig::new(vgrid_api::ImageRef { name: "sample".into(), version: Some(1) })
+            .with_memory_mib(128)
+            .with_forwards(vec![Forward { host: 2222, guest: 22 }])
+            .with_accel(Some(Accel::Tcg));
+        VmSpec::new(
+            "vm-1",
+            config,
+            DiskSource::raw_file(d),
+            BootSource::Kernel { kernel: k, initrd: None, cmdline: "console=ttyS0".into() },
+        )
     }
 
     #[test]
@@ -1332,7 +1322,7 @@ mod tests {
         assert!(matches!(validate_spec(&s), Err(VmError::InvalidSpec { .. })));
 
         let mut s = good.clone();
-        s.cpus = 0;
+        s.config.cpus = 0;
         assert!(validate_spec(&s).unwrap_err().to_string().contains("cpus"));
 
         let mut s = good.clone();
@@ -1340,7 +1330,7 @@ mod tests {
         assert!(validate_spec(&s).unwrap_err().to_string().contains("http://x"));
 
         let mut s = good.clone();
-        s.forwards = vec![(2222, 22), (2222, 80)];
+        s.config = s.config.with_forwards(vec![Forward { host: 2222, guest: 22 }, Forward { host: 2222, guest: 80 }]);
         assert!(validate_spec(&s).unwrap_err().to_string().contains("2222"));
     }
 
@@ -1378,11 +1368,5 @@ mod tests {
         send_sync::<Vm>();
         send_sync::<QmpClient>();
         send_sync::<VmError>();
-    }
-
-    #[test]
-    fn exit_info_display() {
-        assert_eq!(ExitInfo { code: None, signal: Some(9) }.to_string(), "killed by signal 9 (SIGKILL)");
-        assert_eq!(ExitInfo { code: Some(1), signal: None }.to_string(), "exit code 1");
     }
 }

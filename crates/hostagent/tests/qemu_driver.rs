@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use vgrid_api::vm::{Forward, VmConfig};
 use vgrid_hostagent::testkit::{self, boot_slot, boot_with_retry, sample_guest, SampleGuest, BOOTED_MARKER, DISK_MARKER, PROMPT};
 use vgrid_hostagent::{qemu_version, BootSource, DiskSource, LaunchOptions, QemuStatus, StopMethod, Vm, VmError, VmSpec};
 
@@ -21,6 +22,11 @@ fn init_tracing() {
 
 fn guest() -> SampleGuest {
     sample_guest().expect("sample guest builds")
+}
+
+/// The configuration of a VM on a local disk file (the image name is only a label).
+fn local_config() -> VmConfig {
+    VmConfig::new(vgrid_api::ImageRef { name: "local".into(), version: None })
 }
 
 fn opts() -> LaunchOptions {
@@ -200,7 +206,7 @@ async fn port_forward_reaches_the_guest_over_user_networking() {
         let rd = tmp.path().join(format!("net-{n}"));
         async move {
             let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            spec.forwards = vec![(port, 8080)];
+            spec.config = spec.config.with_forwards(vec![Forward { host: port, guest: 8080 }]);
             let vm = Vm::launch_with(spec, &rd, &opts()).await?;
             vm.wait_for_console(PROMPT, CONSOLE_TIMEOUT).await?;
             Ok::<(Vm, u16), VmError>((vm, port))
@@ -235,16 +241,12 @@ async fn missing_kernel_is_a_clear_error_and_starts_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let disk = tmp.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 4096]).unwrap();
-    let spec = VmSpec {
-        id: "no-kernel".into(),
-        cpus: 1,
-        memory_mib: 128,
-        disk: DiskSource::raw_file(&disk),
-        boot: BootSource::Kernel { kernel: tmp.path().join("missing-vmlinuz"), initrd: None, cmdline: String::new() },
-        forwards: vec![],
-        accel: None,
-        ram: Default::default(),
-    };
+    let spec = VmSpec::new(
+        "no-kernel",
+        local_config().with_memory_mib(128),
+        DiskSource::raw_file(&disk),
+        BootSource::Kernel { kernel: tmp.path().join("missing-vmlinuz"), initrd: None, cmdline: String::new() },
+    );
     let rd = tmp.path().join("rd");
     let e = Vm::launch(spec, &rd).await.unwrap_err();
     let msg = e.to_string();
@@ -261,7 +263,7 @@ async fn qemu_that_exits_at_startup_is_an_error_with_its_stderr() {
     // QEMU cannot forward a host port that is already taken and exits before booting.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut spec = g.spec("early-exit", DiskSource::raw_file(&base), "");
-    spec.forwards = vec![(taken.local_addr().unwrap().port(), 22)];
+    spec.config = spec.config.with_forwards(vec![Forward { host: taken.local_addr().unwrap().port(), guest: 22 }]);
     let e = Vm::launch_with(spec, tmp.path().join("rd"), &opts()).await.unwrap_err();
     let msg = e.to_string();
     match &e {
@@ -327,16 +329,8 @@ async fn firmware_boot_and_quit_fallback_for_a_guest_that_ignores_acpi() {
     let tmp = tempfile::tempdir().unwrap();
     let disk = tmp.path().join("mbr.img");
     boot_sector_disk(&disk);
-    let spec = VmSpec {
-        id: "firmware-test".into(),
-        cpus: 1,
-        memory_mib: 64,
-        disk: DiskSource::raw_file(&disk),
-        boot: BootSource::Firmware { bios: None },
-        forwards: vec![],
-        accel: None,
-        ram: Default::default(),
-    };
+    let spec =
+        VmSpec::new("firmware-test", local_config().with_memory_mib(64), DiskSource::raw_file(&disk), BootSource::Firmware { bios: None });
     let vm = boot_with_retry("firmware", BOOT_TIMEOUT, |n| {
         let spec = spec.clone();
         let rd = tmp.path().join(format!("fw-{n}"));

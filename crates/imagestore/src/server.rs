@@ -17,7 +17,7 @@
 //! Every error is a JSON [`ErrorBody`] whose `error` names the object and the cause and whose
 //! `detail` is `{"kind": ..., "object": ...}` (see [`ErrorKind`]).
 
-use crate::store::{ImageStore, StoreError, UploadId};
+use crate::store::{ImageStore, StoreError};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -27,23 +27,11 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
-use vgrid_api::rest::{BootProfile, ImageOwner, UploadCreated};
+use vgrid_api::rest::{BootProfile, ErrorKind, ImageOwner, ImageSummary, UploadCreated, UploadId};
 use vgrid_api::{ChunkHash, ErrorBody, ImageRef, Manifest};
 
 /// Largest request body accepted (a manifest of a very large image, or a chunk).
 pub const MAX_BODY: usize = 64 * 1024 * 1024;
-
-/// Machine-readable error kinds, in `detail.kind` of every error body.
-pub struct ErrorKind;
-impl ErrorKind {
-    pub const NOT_FOUND: &'static str = "not_found";
-    pub const CHUNK_CORRUPT: &'static str = "chunk_corrupt";
-    pub const BAD_REQUEST: &'static str = "bad_request";
-    pub const MISSING_CHUNKS: &'static str = "missing_chunks";
-    pub const CONFLICT: &'static str = "conflict";
-    pub const NO_SPACE: &'static str = "no_space";
-    pub const INTERNAL: &'static str = "internal";
-}
 
 /// An error answer: status plus JSON body.
 #[derive(Debug)]
@@ -303,7 +291,7 @@ async fn get_hot_pages(State(s): St, Path((name, version)): Path<(String, String
 async fn put_hot_pages(State(s): St, Path((name, version)): Path<(String, String)>, b: Result<Bytes, BytesRejection>) -> Res<StatusCode> {
     let r = parse_ref(&name, Some(&version))?;
     let b =
-        b.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, &format!("hot pages of image {r}"), e.body_text()))?;
+        b.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("hot pages of image {r}"), e.body_text()))?;
     s.put_hot_pages(&r, b).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -432,7 +420,7 @@ async fn commit(
     if let Some(vgrid_trust::caller::Caller::User(u)) = &caller {
         if let Some(max) = u.max_stored_bytes {
             let used: u64 = s.list().await?.iter().filter(|i| i.owner.as_deref() == Some(u.name.as_str())).map(|i| i.stored_bytes).sum();
-            let adds = crate::store::summary(&m).stored_bytes;
+            let adds = ImageSummary::of(&m).stored_bytes;
             if used + adds > max {
                 let b = |n: u64| format!("{:.1} MiB", n as f64 / 1048576.0);
                 return Err(ApiError::new(

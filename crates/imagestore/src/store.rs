@@ -16,7 +16,6 @@
 //! chunk uploads and commits. A session idle for longer than its time-to-live expires; its pins
 //! go with it, so an import killed half way leaves orphans that the next GC collects.
 
-use crate::codec::{self, ChunkError};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::{local::LocalFileSystem, path::Path, ObjectStore, PutMode, PutOptions, PutPayload};
@@ -24,21 +23,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vgrid_api::manifest::validate_name;
-use vgrid_api::rest::{BootProfile, GcReport, ImageOwner, ImageSummary};
-use vgrid_api::{Boot, ChunkHash, ImageRef, Manifest, ManifestError, MAX_CHUNK_SIZE};
+use vgrid_api::rest::{BootProfile, GcReport, ImageOwner, ImageSummary, UploadId};
+use vgrid_api::{ChunkHash, ImageRef, Manifest, ManifestError, MAX_CHUNK_SIZE};
+use vgrid_storeclient::codec::{self, ChunkError};
 
 /// How long an upload session may stay idle before it expires (and its pins with it).
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(3600);
-
-/// Identifier of an upload session (random, 32 hex digits).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub struct UploadId(pub String);
-
-impl std::fmt::Display for UploadId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -450,7 +440,7 @@ impl ImageStore {
             match self.get_manifest(&r).await {
                 Ok(m) => {
                     let o = self.owner(&m.name).await?;
-                    out.push(ImageSummary { owner: o.owner, public: o.public, ..summary(&m) })
+                    out.push(ImageSummary { owner: o.owner, public: o.public, ..ImageSummary::of(&m) })
                 }
                 // Deleted between listing and reading.
                 Err(StoreError::ImageNotFound(_)) => {}
@@ -649,7 +639,7 @@ impl ImageStore {
         let r = m.image_ref();
         let bad = |cause: String| StoreError::BadHotPages { image: r.clone(), cause };
         let ram = m.state.as_ref().and_then(|s| s.ram.as_ref()).ok_or_else(|| bad("the image has no saved RAM".into()))?;
-        let pages = crate::hotpages::decode(&bundle, &ram.blob, ram.chunk_size).map_err(|e| bad(e.to_string()))?;
+        let pages = vgrid_storeclient::hotpages::decode(&bundle, &ram.blob, ram.chunk_size).map_err(|e| bad(e.to_string()))?;
         self.objects
             .put(&hot_pages_path(&r.name, r.version.expect("concrete")), PutPayload::from(bundle))
             .await
@@ -673,35 +663,11 @@ impl ImageStore {
     }
 }
 
-/// The listing entry of a manifest.
-pub fn summary(m: &Manifest) -> ImageSummary {
-    let stored_bytes =
-        m.disk.chunks.iter().enumerate().filter(|(_, c)| c.is_some()).map(|(i, _)| m.disk.chunk_len(m.chunk_size, i) as u64).sum();
-    ImageSummary {
-        name: m.name.clone(),
-        version: m.version,
-        size: m.disk.size,
-        stored_bytes,
-        chunk_size: m.chunk_size,
-        os: m.meta.os.clone(),
-        arch: m.meta.arch.clone(),
-        boot: match m.meta.boot {
-            Boot::Firmware => "firmware".into(),
-            Boot::Kernel { .. } => "kernel".into(),
-        },
-        created: m.created,
-        warm: m.state.is_some(),
-        parent: m.parent.as_ref().map(|p| p.to_string()),
-        owner: None,
-        public: false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use object_store::memory::InMemory;
-    use vgrid_api::{Blob, ImageMeta};
+    use vgrid_api::{Blob, Boot, ImageMeta};
 
     fn mem() -> Arc<ImageStore> {
         Arc::new(ImageStore::new(Arc::new(InMemory::new())))

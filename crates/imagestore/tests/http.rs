@@ -6,7 +6,7 @@ use bytes::Bytes;
 use common::*;
 use vgrid_api::rest::BootProfile;
 use vgrid_api::{ChunkHash, ErrorBody, ImageRef};
-use vgrid_imagestore::{codec, ClientError};
+use vgrid_storeclient::{codec, ClientError};
 
 const CS: u32 = 4096;
 
@@ -229,9 +229,9 @@ async fn unreachable_server_is_reported_after_bounded_retries() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     drop(l);
-    let c = vgrid_imagestore::StoreClient::with_retry(
+    let c = vgrid_storeclient::StoreClient::with_retry(
         &format!("http://{addr}"),
-        vgrid_imagestore::RetryPolicy { attempts: 3, first_backoff: std::time::Duration::from_millis(10), ..Default::default() },
+        vgrid_storeclient::RetryPolicy { attempts: 3, first_backoff: std::time::Duration::from_millis(10), ..Default::default() },
     )
     .unwrap();
     match c.chunk(&ChunkHash::of(b"x"), 4096).await {
@@ -283,9 +283,9 @@ async fn client_retry_rules() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move { axum::serve(listener, app).await });
-    let c = vgrid_imagestore::StoreClient::with_retry(
+    let c = vgrid_storeclient::StoreClient::with_retry(
         &format!("http://{addr}"),
-        vgrid_imagestore::RetryPolicy { attempts: 4, first_backoff: std::time::Duration::from_millis(10), ..Default::default() },
+        vgrid_storeclient::RetryPolicy { attempts: 4, first_backoff: std::time::Duration::from_millis(10), ..Default::default() },
     )
     .unwrap();
     let count = || hits.swap(0, Ordering::SeqCst);

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use vgrid_api::{Boot, ImageRef};
-use vgrid_imagestore::{export_blob, export_image, import_file, Format, ImportError, ImportOptions};
+use vgrid_storeclient::{export_blob, export_image, import_file, Format, ImportError, ImportOptions};
 
 const CS: u32 = 64 * 1024;
 

@@ -4,8 +4,9 @@
 use bytes::Bytes;
 use std::sync::Arc;
 use vgrid_api::{Blob, Boot, ChunkHash, ImageMeta, Manifest};
-use vgrid_imagestore::codec;
-use vgrid_imagestore::{ImageStore, RetryPolicy, StoreClient};
+use vgrid_imagestore::ImageStore;
+use vgrid_storeclient::codec;
+use vgrid_storeclient::{RetryPolicy, StoreClient};
 
 pub struct Server {
     pub dir: tempfile::TempDir,

@@ -284,7 +284,7 @@ mod tests {
     fn a_forged_page_or_tree_is_refused() {
         let cs = 65536u32;
         let real = data(9, cs as usize);
-        let blob = blob_of(&[real.clone()], cs);
+        let blob = blob_of(std::slice::from_ref(&real), cs);
         // A page changed after its chaining value was computed from the real chunk: the page
         // no longer matches. Encode from the forged data: the tree no longer matches the hash.
         let mut forged = real.clone();

@@ -406,12 +406,16 @@ fn encode_piece(i: usize, data: Vec<u8>) -> Encoded {
     }
 }
 
+/// Where the reader thread leaves the error that ended it (read failure, short read, a
+/// converter that failed or produced too much).
+type ReadError = Arc<Mutex<Option<ImportError>>>;
+
 /// Streams `src` through the hash+compress pool and uploads the chunks the server lacks.
 async fn upload_blob(
     client: &StoreClient,
     id: &UploadId,
     image: &str,
-    mut src: Source,
+    src: Source,
     chunk_size: u32,
     tally: &mut Tally<'_>,
 ) -> Result<Blob, ImportError> {
@@ -419,73 +423,94 @@ async fn upload_blob(
     let n = size.div_ceil(chunk_size as u64) as usize;
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 4);
     let (raw_tx, raw_rx) = std::sync::mpsc::sync_channel::<Piece>(workers * 2);
-    let (enc_tx, mut enc_rx) = tokio::sync::mpsc::channel::<Encoded>(workers * 2);
-    let read_error: Arc<Mutex<Option<ImportError>>> = Arc::default();
-
-    // Reader thread: owns the source; reports errors through `read_error`.
+    let (enc_tx, enc_rx) = tokio::sync::mpsc::channel::<Encoded>(workers * 2);
+    let read_error: ReadError = Arc::default();
     let reader = {
         let read_error = read_error.clone();
-        std::thread::spawn(move || {
-            let mut completed = true;
-            for i in 0..n {
-                let off = i as u64 * chunk_size as u64;
-                let len = (size - off).min(chunk_size as u64) as usize;
-                if src.is_hole(off, len as u64) {
-                    if raw_tx.send(Piece::Hole(i, len as u32)).is_err() {
-                        completed = false;
-                        break;
-                    }
-                    continue;
-                }
-                let mut buf = vec![0u8; len];
-                match src.read_chunk(off, &mut buf) {
-                    Ok(got) if got == len => {}
-                    Ok(got) => {
-                        // A converter that stops early says why on its stderr.
-                        let e = match src.finish(true) {
-                            Err(e) => e,
-                            Ok(()) => ImportError::ShortRead {
-                                path: src.path.clone(),
-                                got: i as u64 * chunk_size as u64 + got as u64,
-                                expected: size,
-                            },
-                        };
-                        *read_error.lock().unwrap() = Some(e);
-                        completed = false;
-                        break;
-                    }
-                    Err(e) => {
-                        *read_error.lock().unwrap() = Some(ImportError::File { path: src.path.clone(), what: "read failed", source: e });
-                        completed = false;
-                        break;
-                    }
-                }
-                if raw_tx.send(Piece::Data(i, buf)).is_err() {
-                    completed = false; // the uploader gave up
-                    break;
-                }
-            }
-            drop(raw_tx);
-            if let (true, Input::Stream(r)) = (completed, &mut src.input) {
-                // The converter must end exactly at the virtual size.
-                let mut extra = [0u8; 1];
-                if let Ok(1..) = r.read(&mut extra) {
-                    let _ = src.finish(false);
-                    *read_error.lock().unwrap() = Some(ImportError::Convert {
-                        path: src.path.clone(),
-                        command: "nbdcopy".into(),
-                        cause: format!("produced more than the {size}-byte virtual size"),
-                    });
-                    return;
-                }
-            }
-            if let Err(e) = src.finish(completed) {
-                *read_error.lock().unwrap() = Some(e);
-            }
-        })
+        std::thread::spawn(move || read_pieces(src, chunk_size, raw_tx, &read_error))
     };
+    spawn_encoders(workers, raw_rx, enc_tx);
+    // An upload error ends the import at once: the reader and the encoders stop at their next
+    // send into the dropped channels.
+    let (chunks, seen) = upload_encoded(client, id, image, enc_rx, n, tally).await?;
+    let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    if let Some(e) = read_error.lock().unwrap().take() {
+        return Err(e);
+    }
+    debug_assert_eq!(seen, n);
+    if seen != n {
+        return Err(ImportError::Options { image: image.into(), cause: format!("internal: {seen} of {n} chunks processed") });
+    }
+    Ok(Blob { size, chunks })
+}
 
-    // Hash + compress workers.
+/// The reader thread: owns the source and sends its chunks (or holes) in order; reports an
+/// error through `read_error` and stops early when the uploader gave up.
+fn read_pieces(mut src: Source, chunk_size: u32, raw_tx: std::sync::mpsc::SyncSender<Piece>, read_error: &ReadError) {
+    let size = src.size;
+    let n = size.div_ceil(chunk_size as u64) as usize;
+    let mut completed = true;
+    for i in 0..n {
+        let off = i as u64 * chunk_size as u64;
+        let len = (size - off).min(chunk_size as u64) as usize;
+        if src.is_hole(off, len as u64) {
+            if raw_tx.send(Piece::Hole(i, len as u32)).is_err() {
+                completed = false;
+                break;
+            }
+            continue;
+        }
+        let mut buf = vec![0u8; len];
+        match src.read_chunk(off, &mut buf) {
+            Ok(got) if got == len => {}
+            Ok(got) => {
+                // A converter that stops early says why on its stderr.
+                let e = match src.finish(true) {
+                    Err(e) => e,
+                    Ok(()) => ImportError::ShortRead { path: src.path.clone(), got: off + got as u64, expected: size },
+                };
+                *read_error.lock().unwrap() = Some(e);
+                completed = false;
+                break;
+            }
+            Err(e) => {
+                *read_error.lock().unwrap() = Some(ImportError::File { path: src.path.clone(), what: "read failed", source: e });
+                completed = false;
+                break;
+            }
+        }
+        if raw_tx.send(Piece::Data(i, buf)).is_err() {
+            completed = false; // the uploader gave up
+            break;
+        }
+    }
+    drop(raw_tx);
+    finish_source(src, completed, read_error);
+}
+
+/// Ends the reader's source: a converter must end exactly at the virtual size and exit
+/// cleanly.
+fn finish_source(mut src: Source, completed: bool, read_error: &ReadError) {
+    let size = src.size;
+    if let (true, Input::Stream(r)) = (completed, &mut src.input) {
+        let mut extra = [0u8; 1];
+        if let Ok(1..) = r.read(&mut extra) {
+            let _ = src.finish(false);
+            *read_error.lock().unwrap() = Some(ImportError::Convert {
+                path: src.path.clone(),
+                command: "nbdcopy".into(),
+                cause: format!("produced more than the {size}-byte virtual size"),
+            });
+            return;
+        }
+    }
+    if let Err(e) = src.finish(completed) {
+        *read_error.lock().unwrap() = Some(e);
+    }
+}
+
+/// Starts `workers` threads that hash and compress the reader's pieces.
+fn spawn_encoders(workers: usize, raw_rx: std::sync::mpsc::Receiver<Piece>, enc_tx: tokio::sync::mpsc::Sender<Encoded>) {
     let raw_rx = Arc::new(Mutex::new(raw_rx));
     for _ in 0..workers {
         let raw_rx = raw_rx.clone();
@@ -502,8 +527,19 @@ async fn upload_blob(
             }
         });
     }
-    drop(enc_tx);
+}
 
+/// Batches the encoded chunks, asks the server which it lacks and uploads those, at most
+/// [`BATCHES_IN_FLIGHT`] batches at a time. Returns the blob's chunk list and how many chunks
+/// were seen.
+async fn upload_encoded(
+    client: &StoreClient,
+    id: &UploadId,
+    image: &str,
+    mut enc_rx: tokio::sync::mpsc::Receiver<Encoded>,
+    n: usize,
+    tally: &mut Tally<'_>,
+) -> Result<(Vec<Option<ChunkHash>>, usize), ImportError> {
     let up_err = |source| ImportError::Upload { image: image.to_string(), source };
     let mut chunks: Vec<Option<ChunkHash>> = vec![None; n];
     let mut seen = 0usize;
@@ -541,15 +577,7 @@ async fn upload_blob(
             }
         }
     }
-    let _ = tokio::task::spawn_blocking(move || reader.join()).await;
-    if let Some(e) = read_error.lock().unwrap().take() {
-        return Err(e);
-    }
-    debug_assert_eq!(seen, n);
-    if seen != n {
-        return Err(ImportError::Options { image: image.into(), cause: format!("internal: {seen} of {n} chunks processed") });
-    }
-    Ok(Blob { size, chunks })
+    Ok((chunks, seen))
 }
 
 fn check_options(opts: &ImportOptions) -> Result<(), ImportError> {

@@ -1,4 +1,4 @@
-//! HTTP client of the image server API (see [`crate::server`]).
+//! HTTP client of the image server API (`/store/v1`, served by `vgrid-imagestore`).
 //!
 //! Every chunk it returns has been verified against its hash. Connection errors, timeouts and
 //! 5xx answers are retried a bounded number of times with backoff ([`RetryPolicy`]); a 404, a
@@ -6,15 +6,14 @@
 //! the bytes were damaged in transit, then reported).
 
 use crate::codec;
-use crate::server::ErrorKind;
 use bytes::Bytes;
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use std::time::Duration;
-use vgrid_api::rest::{BootProfile, GcReport, ImageOwner, ImageSummary, UploadCreated};
+use vgrid_api::rest::{BootProfile, ErrorKind, GcReport, ImageOwner, ImageSummary, UploadCreated};
 use vgrid_api::{ChunkHash, ErrorBody, ImageRef, Manifest};
 
-pub use crate::store::UploadId;
+pub use vgrid_api::rest::UploadId;
 
 /// Errors of [`StoreClient`]; each names the server URL and the object.
 #[derive(Debug, Clone, thiserror::Error)]
