@@ -21,6 +21,7 @@
 //! one in `docs/architecture.md`, "VM lifecycle"): add the variant, its arms in [`transition`],
 //! its row in the test, and the test fails until the three agree.
 
+use vgrid_api::config::Accel;
 use vgrid_api::migrate::{Migration, MigrationStatus};
 use vgrid_api::vm::{VmRecord, VmState};
 
@@ -92,7 +93,7 @@ pub enum ExitKind {
 pub enum MigrationOutcome {
     /// The destination `host` runs the VM (QEMU `pid`, and the accelerator it chose when the
     /// destination said; `elapsed_ms`: the whole operation, when the driver measured it).
-    Completed { host: String, pid: u32, accel: Option<String>, elapsed_ms: Option<u64> },
+    Completed { host: String, pid: u32, accel: Option<Accel>, elapsed_ms: Option<u64> },
     /// Cancelled or failed (`status`, `error`): the VM stays at its source; `source_answers`
     /// says whether that host is ready now (if not, the VM is `unknown`).
     Abandoned { status: MigrationStatus, error: String, elapsed_ms: u64, source: String, source_answers: bool },
@@ -115,7 +116,7 @@ pub enum Event {
     /// `run`: the launch goes out to its host.
     LaunchSent,
     /// The host started its QEMU.
-    Launched { pid: u32, accel: String },
+    Launched { pid: u32, accel: Accel },
     /// The launch failed (`reason`: the host's error); not a resume.
     LaunchFailed { reason: String },
     /// The launch of a resume failed on `host`: its saved image is intact.
@@ -278,7 +279,7 @@ pub struct Update {
     pub host: Set<String>,
     pub pid: Set<u32>,
     /// The accelerator its host chose (the record's runtime `accel`).
-    pub accel: Set<String>,
+    pub accel: Set<Accel>,
     pub started: Set<Now>,
     pub stopped: Set<Now>,
     pub saved_image: Set<String>,
@@ -319,7 +320,7 @@ pub fn transition(from: VmState, event: &Event) -> Result<Change, TransitionErro
 
         // Launch. A resume relaunched after a coordinator restart is `starting` already.
         (Pending | Starting, E::LaunchSent) => to(Starting, Phase::Booting),
-        (Starting, E::Launched { pid, accel }) => to(Running, Phase::Running).pid(*pid).accel(accel).started_now(),
+        (Starting, E::Launched { pid, accel }) => to(Running, Phase::Running).pid(*pid).accel(*accel).started_now(),
         // Stopped, settled or gone while its launch was under way: the caller kills what it launched unless it runs.
         (Pending | Running | Stopping | Unknown | Suspending | Migrating | inactive!(), E::Launched { .. }) => Unchanged,
         (Starting | Stopping, E::LaunchFailed { reason }) => to(Failed, Phase::Failed).reason(reason).stopped_now(),
@@ -527,8 +528,8 @@ impl Change {
     fn clear_pid(self) -> Self {
         self.with(|u| u.pid = Set::Clear)
     }
-    fn accel(self, a: &str) -> Self {
-        self.with(|u| u.accel = Set::To(a.to_string()))
+    fn accel(self, a: Accel) -> Self {
+        self.with(|u| u.accel = Set::To(a))
     }
     fn started_now(self) -> Self {
         self.with(|u| u.started = Set::To(Now))
@@ -556,7 +557,7 @@ impl Change {
             MigrationOutcome::Completed { host, pid, accel, elapsed_ms } => {
                 let c = self.host(host).pid(*pid);
                 let c = match accel {
-                    Some(a) => c.accel(a),
+                    Some(a) => c.accel(*a),
                     None => c,
                 };
                 c.migration(MigrationEffect::End {

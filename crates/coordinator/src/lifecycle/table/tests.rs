@@ -78,7 +78,7 @@ pub(super) fn sample(label: &str) -> Event {
         ("placed", "") => Event::Placed { host: s("h1") },
         ("queue_gave_up", "") => Event::QueueGaveUp { reason: s("no host could take it within 3600 s") },
         ("launch_sent", "") => Event::LaunchSent,
-        ("launched", "") => Event::Launched { pid: 42, accel: s("kvm") },
+        ("launched", "") => Event::Launched { pid: 42, accel: Accel::Kvm },
         ("launch_failed", "") => Event::LaunchFailed { reason: s("host h1 refused: no such image") },
         ("resume_failed", "") => Event::ResumeFailed { host: s("h1"), reason: s("restore failed") },
         ("killed_while_starting", "") => Event::KilledWhileStarting,
@@ -109,7 +109,7 @@ pub(super) fn sample(label: &str) -> Event {
         ("migration_started", "") => Event::MigrationStarted { from: s("h1"), to: s("h2"), downtime_limit_ms: 100, max_seconds: 300 },
         ("migration_progress", "") => Event::MigrationProgress { to: s("h2"), step: s("copying memory") },
         ("migration_ended", "completed") => Event::MigrationEnded {
-            outcome: MigrationOutcome::Completed { host: s("h2"), pid: 43, accel: Some(s("kvm")), elapsed_ms: Some(900) },
+            outcome: MigrationOutcome::Completed { host: s("h2"), pid: 43, accel: Some(Accel::Kvm), elapsed_ms: Some(900) },
         },
         ("migration_ended", "abandoned") => Event::MigrationEnded { outcome: abandoned(true) },
         ("migration_ended", "abandoned, source silent") => Event::MigrationEnded { outcome: abandoned(false) },
@@ -312,7 +312,7 @@ pub(super) fn bare_record(state: VmState) -> VmRecord {
 fn apply_writes_the_update_and_the_time_of_a_new_state() {
     let mut rec = record(VmState::Starting);
     assert!(advance(&mut rec, &sample("`launched`"), 1000).unwrap());
-    assert_eq!((rec.state, rec.phase.as_str(), rec.pid, rec.accel.as_deref()), (VmState::Running, "running", Some(42), Some("kvm")));
+    assert_eq!((rec.state, rec.phase.as_str(), rec.pid, rec.accel), (VmState::Running, "running", Some(42), Some(Accel::Kvm)));
     assert_eq!((rec.started, rec.stopped, rec.state_since), (Some(1000), Some(30), Some(1000)));
     assert_eq!(rec.reason.as_deref(), Some("earlier reason"), "a field the update does not name is kept");
 
@@ -370,7 +370,7 @@ fn apply_begins_and_ends_migrations() {
     let mut done = rec.clone();
     advance(&mut done, &sample("`migration_ended` (completed)"), 1002).unwrap();
     let m = done.migration.clone().unwrap();
-    assert_eq!((done.state, done.host.as_deref(), done.pid, done.accel.as_deref()), (VmState::Running, Some("h2"), Some(43), Some("kvm")));
+    assert_eq!((done.state, done.host.as_deref(), done.pid, done.accel), (VmState::Running, Some("h2"), Some(43), Some(Accel::Kvm)));
     assert_eq!(
         (m.status, m.phase.as_str(), m.finished, m.elapsed_ms, m.error),
         (MigrationStatus::Completed, "completed", Some(1002), Some(900), None)

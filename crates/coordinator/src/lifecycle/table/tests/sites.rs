@@ -93,7 +93,7 @@ fn lifecycle_sites() -> Vec<Site> {
                 v.state = Running;
                 v.phase = "running".into();
                 v.pid = Some(42);
-                v.accel = s("kvm");
+                v.accel = Some(Accel::Kvm);
                 v.started = Some(NOW);
             }
         }),
@@ -314,7 +314,7 @@ fn migrate_sites() -> Vec<Site> {
         }),
         site("migrate.rs:drive (completed)", sample("`migration_ended` (completed)"), ALL, move |v| {
             took_over(v);
-            v.accel = s("kvm");
+            v.accel = Some(Accel::Kvm);
             if let Some(m) = v.migration.as_mut() {
                 m.status = MigrationStatus::Completed;
                 m.phase = "completed".into();
