@@ -511,8 +511,9 @@ pub async fn nbd(ctx: &Ctx, a: NbdArgs) -> anyhow::Result<ExitCode> {
     let client = StoreClient::new(&url).map_err(|e| anyhow!("{e}"))?;
     let m = client.manifest(&r).await.map_err(|e| anyhow!("{e}"))?;
     let cache_dir = a.cache_dir.unwrap_or_else(|| default_cache_dir().join("nbd-cache"));
-    let servers = vgrid_hostagent::agent::ServerList::new(vec![url]).map_err(|e| anyhow!("{e}"))?;
-    let proxy = vgrid_hostagent::agent::open_proxy(&cache_dir, a.cache_size, servers).await.map_err(|e| anyhow!("{e}"))?;
+    let servers = vgrid_blockproxy::Servers::from_urls(vec![url]).map_err(|e| anyhow!("image server {}: {e}", e.source_name()))?;
+    let proxy = vgrid_blockproxy::BlockProxy::new(vgrid_blockproxy::ProxyConfig::new(&cache_dir, a.cache_size), Arc::new(servers))
+        .map_err(|e| anyhow!("block proxy: {e}"))?;
     let mut handles = Vec::new();
     if let Some(sock) = &a.socket {
         let _ = std::fs::remove_file(sock);
