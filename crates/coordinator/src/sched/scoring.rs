@@ -4,8 +4,7 @@
 use super::expr::Expr;
 use super::feasibility::PlaceCtx;
 use super::table::{HostEntry, Inner};
-use super::types::{PlaceOptions, Placement, Reservation};
-use std::time::Instant;
+use super::types::{PlaceOptions, Placement};
 use vgrid_api::grid::PlacementRequest;
 
 /// Fewest feasible hosts scored per placement (when that many exist).
@@ -114,27 +113,7 @@ impl Inner {
             }
         }
         let (slot, _, _) = best?;
-        let id = self.next_reservation;
-        self.next_reservation += 1;
-        let h = self.hosts[slot].as_mut().expect("chosen slot");
-        h.reserved_cpus += req.cpus;
-        h.reserved_mem += req.memory_mib;
-        h.held.push(id);
-        h.val = None;
-        let placement = Placement { host: h.ad.name.clone(), url: h.ad.url.clone(), reservation: id };
-        self.reservations.insert(
-            id,
-            Reservation {
-                id,
-                host: h.ad.name.clone(),
-                cpus: req.cpus,
-                memory_mib: req.memory_mib,
-                confirmed: false,
-                since: Instant::now(),
-                slot,
-            },
-        );
-        Some(placement)
+        Some(self.reserve(slot, req))
     }
 }
 

@@ -2,10 +2,11 @@
 //! image-cache index and the cached verdicts of classes and owner policies.
 
 use super::expr::{self, Expr};
-use super::types::{HostState, Reservation, ReservationId};
+use super::types::{HostState, Placement, Reservation, ReservationId};
 use cel::common::value::Val;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Instant;
 use vgrid_api::grid::{HostAd, PlacementRequest};
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -216,6 +217,31 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Holds the request's cpus and memory on the host in `slot`.
+    pub(super) fn reserve(&mut self, slot: usize, req: &PlacementRequest) -> Placement {
+        let id = self.next_reservation;
+        self.next_reservation += 1;
+        let h = self.hosts[slot].as_mut().expect("chosen slot");
+        h.reserved_cpus += req.cpus;
+        h.reserved_mem += req.memory_mib;
+        h.held.push(id);
+        h.val = None;
+        let placement = Placement { host: h.ad.name.clone(), url: h.ad.url.clone(), reservation: id };
+        self.reservations.insert(
+            id,
+            Reservation {
+                id,
+                host: h.ad.name.clone(),
+                cpus: req.cpus,
+                memory_mib: req.memory_mib,
+                confirmed: false,
+                since: Instant::now(),
+                slot,
+            },
+        );
+        placement
     }
 
     pub(super) fn drop_reservation(&mut self, id: ReservationId) -> Option<Reservation> {
