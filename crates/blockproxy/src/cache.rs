@@ -32,11 +32,21 @@ use vgrid_api::ChunkHash;
 pub enum CacheError {
     #[error("cache directory {dir} is in use by another process (lock on {dir}/lock is held)")]
     Locked { dir: PathBuf },
-    #[error("cache {path}: {op} failed: {cause}")]
-    Io { path: PathBuf, op: &'static str, cause: String },
-    /// `cause` names the chunk and the source.
-    #[error("{cause}")]
-    Fetch { hash: ChunkHash, cause: SourceError },
+    #[error("cache {path}: {op} failed: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        /// Shared: one failed fetch answers every reader waiting for it.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// `source` names the chunk and the source.
+    #[error("{source}")]
+    Fetch {
+        hash: ChunkHash,
+        #[source]
+        source: SourceError,
+    },
     #[error("chunk {hash}: received bytes hash to {actual}; refusing to cache or serve them")]
     Corrupt { hash: ChunkHash, actual: ChunkHash },
     #[error("chunk {hash}: received {actual} bytes, the manifest says {expected}")]
@@ -45,8 +55,9 @@ pub enum CacheError {
     Timeout { hash: ChunkHash, secs: u64 },
 }
 
-fn io_err(path: &Path, op: &'static str, e: std::io::Error) -> CacheError {
-    CacheError::Io { path: path.to_path_buf(), op, cause: e.to_string() }
+/// `op` on `path` failed with `e`.
+pub(crate) fn io_err(path: &Path, op: &'static str, e: std::io::Error) -> CacheError {
+    CacheError::Io { path: path.to_path_buf(), op, source: Arc::new(e) }
 }
 
 /// An open, verified chunk file. Reading from it never takes a cache lock, and it stays valid
@@ -470,7 +481,7 @@ impl ChunkCache {
             let started = Instant::now();
             let res = match tokio::time::timeout(this.fetch_timeout, fut).await {
                 Err(_) => Err(CacheError::Timeout { hash, secs: this.fetch_timeout.as_secs() }),
-                Ok(Err(e)) => Err(CacheError::Fetch { hash, cause: e }),
+                Ok(Err(e)) => Err(CacheError::Fetch { hash, source: e }),
                 Ok(Ok(data)) if data.len() != len as usize => Err(CacheError::Length { hash, expected: len, actual: data.len() }),
                 Ok(Ok(data)) => {
                     let took = started.elapsed();
@@ -482,7 +493,7 @@ impl ChunkCache {
                             }
                             r
                         }
-                        Err(e) => Err(CacheError::Io { path: this.dir.clone(), op: "store chunk", cause: e.to_string() }),
+                        Err(e) => Err(io_err(&this.dir, "store chunk", std::io::Error::other(e))),
                     }
                 }
             };

@@ -1,132 +1,16 @@
 //! An open export: one image version's disk, read through the host chunk cache, with
 //! readahead for sequential readers and boot-profile recording / prefetching.
 
-use crate::cache::{Access, CacheError, ChunkCache, ChunkFile};
-use crate::source::ChunkSource;
-use crate::ProxyConfig;
-use futures::stream::{FuturesOrdered, StreamExt};
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use crate::cache::{Access, ChunkFile};
+use crate::error::ReadError;
+use crate::hot::{self, HotRead, HotState};
+use crate::profile::Recording;
+use crate::service::{copy_out, Shared};
+use futures::stream::StreamExt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vgrid_api::rest::BootProfile;
 use vgrid_api::{Blob, ChunkHash, ImageRef, Manifest};
-
-/// A read of an export failed; names the image, chunk index and hash, and the cause.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ReadError {
-    #[error("image {image}: read of {len} bytes at offset {offset} is outside the {size}-byte disk")]
-    OutOfRange { image: ImageRef, offset: u64, len: u64, size: u64 },
-    #[error("image {image}: chunk {index}: {cause}")]
-    Chunk { image: ImageRef, index: u64, hash: ChunkHash, cause: Box<CacheError> },
-    #[error("image {image}: chunk {index} ({hash}): reading the cached file failed: {cause}")]
-    Io { image: ImageRef, index: u64, hash: ChunkHash, cause: String },
-}
-
-/// Services an export needs from the proxy.
-pub(crate) struct Shared {
-    pub cache: Arc<ChunkCache>,
-    pub source: Arc<dyn ChunkSource>,
-    pub config: ProxyConfig,
-    /// Boot-profile uploads under way (a stopping host waits for them briefly).
-    pub uploads: Arc<Uploads>,
-    /// Hot pages of warm images being restored here (see `hot.rs`).
-    pub hot: Mutex<std::collections::HashMap<ImageRef, Arc<crate::hot::HotState>>>,
-}
-
-/// A count of uploads under way, and a wake-up when one ends.
-#[derive(Default)]
-pub(crate) struct Uploads {
-    pub n: std::sync::atomic::AtomicUsize,
-    pub done: tokio::sync::Notify,
-}
-
-impl Shared {
-    /// Fetches (or finds) one chunk of `blob` through the cache.
-    pub async fn chunk(&self, hash: ChunkHash, len: u32, access: Access) -> Result<ChunkFile, CacheError> {
-        let source = self.source.clone();
-        self.cache.get_or_fetch(&hash, len, access, move || async move { source.chunk(&hash, len as usize).await }).await
-    }
-
-    /// All chunk files of `blob` over chunk indices `first..=last` (`None` for zero chunks),
-    /// fetching misses concurrently.
-    pub async fn blob_chunks(
-        &self,
-        image: &ImageRef,
-        chunk_size: u32,
-        blob: &Blob,
-        first: u64,
-        last: u64,
-    ) -> Result<Vec<Option<ChunkFile>>, ReadError> {
-        let mut out: Vec<Option<ChunkFile>> = Vec::with_capacity((last - first + 1) as usize);
-        let mut missing = Vec::new();
-        for idx in first..=last {
-            match blob.chunks[idx as usize] {
-                None => out.push(None),
-                Some(h) => match self.cache.get(&h) {
-                    Some(f) => out.push(Some(f)),
-                    None => {
-                        missing.push((idx, h));
-                        out.push(None);
-                    }
-                },
-            }
-        }
-        if !missing.is_empty() {
-            let mut futs: FuturesOrdered<_> = missing
-                .iter()
-                .map(|&(idx, h)| {
-                    let len = blob.chunk_len(chunk_size, idx as usize);
-                    async move { (idx, h, self.chunk(h, len, Access::Read).await) }
-                })
-                .collect();
-            while let Some((idx, hash, r)) = futs.next().await {
-                match r {
-                    Ok(f) => out[(idx - first) as usize] = Some(f),
-                    Err(cause) => {
-                        let e = ReadError::Chunk { image: image.clone(), index: idx, hash, cause: Box::new(cause) };
-                        tracing::error!(image = %image, chunk = idx, hash = %hash, "read failed: {e}");
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// Copies `[offset, offset+buf.len())` of a blob from `files` (chunk files for chunk indices
-/// starting at `first`; `None` = zeroes) into `buf`.
-pub(crate) fn copy_out(
-    image: &ImageRef,
-    blob: &Blob,
-    chunk_size: u32,
-    first: u64,
-    files: &[Option<ChunkFile>],
-    offset: u64,
-    buf: &mut [u8],
-) -> Result<(), ReadError> {
-    let cs = chunk_size as u64;
-    let mut pos = offset;
-    let mut done = 0usize;
-    while done < buf.len() {
-        let idx = pos / cs;
-        let in_chunk = (pos % cs) as u32;
-        let n = ((cs - in_chunk as u64) as usize).min(buf.len() - done);
-        let dst = &mut buf[done..done + n];
-        match &files[(idx - first) as usize] {
-            None => dst.fill(0),
-            Some(f) => f.read_at(dst, in_chunk).map_err(|e| {
-                let hash = blob.chunks[idx as usize].expect("a chunk file exists only for stored chunks");
-                let err = ReadError::Io { image: image.clone(), index: idx, hash, cause: e.to_string() };
-                tracing::error!(image = %image, chunk = idx, hash = %hash, "read failed: {err}");
-                err
-            })?,
-        }
-        done += n;
-        pos += n as u64;
-    }
-    Ok(())
-}
 
 /// The suffix of an export name that serves a warm image's saved RAM (`IMAGE@VERSION/ram`)
 /// instead of its disk: a lazily restored guest maps its memory from it (see the host agent).
@@ -249,7 +133,7 @@ impl Export {
     /// if every page of the range is hot (waiting briefly for announced pages still on their
     /// way), `None` to read the chunks. Always `None` for a disk.
     pub(crate) async fn hot_read(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
-        let deadline = tokio::time::Instant::now() + crate::hot::LOAD_WAIT;
+        let deadline = tokio::time::Instant::now() + hot::LOAD_WAIT;
         loop {
             let st = self.hot_state(offset, len)?;
             let mut changes = st.subscribe();
@@ -273,7 +157,7 @@ impl Export {
 
     /// The hot pages a read of `[offset, offset+len)` may use: a valid read of a saved RAM
     /// whose image has some loading or loaded here.
-    fn hot_state(&self, offset: u64, len: u64) -> Option<Arc<crate::hot::HotState>> {
+    fn hot_state(&self, offset: u64, len: u64) -> Option<Arc<HotState>> {
         if !self.ram || len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size()) {
             return None;
         }
@@ -281,14 +165,14 @@ impl Export {
     }
 
     /// The read from `st`, recorded when answered: `Err(())` when pages are on their way.
-    fn take_hot(&self, st: &crate::hot::HotState, offset: u64, len: u64) -> Result<Option<Vec<u8>>, ()> {
+    fn take_hot(&self, st: &HotState, offset: u64, len: u64) -> Result<Option<Vec<u8>>, ()> {
         match st.read(offset, len) {
-            crate::hot::HotRead::Data(d) => {
+            HotRead::Data(d) => {
                 self.record_hot(offset, len);
                 Ok(Some(d))
             }
-            crate::hot::HotRead::Wait => Err(()),
-            crate::hot::HotRead::No => Ok(None),
+            HotRead::Wait => Err(()),
+            HotRead::No => Ok(None),
         }
     }
 
@@ -442,152 +326,6 @@ impl Drop for Export {
             // profile may gather reads of several sessions within its window.)
             if rec.finish_on_close && Arc::strong_count(rec) <= 2 {
                 rec.finish();
-            }
-        }
-    }
-}
-
-/// A boot profile being recorded for one image version: the disk chunk indices read (by any
-/// export of that version) during the window after its first opening, in first-touch order.
-/// Uploaded when the window ends or the chunk limit is reached.
-pub(crate) struct Recording {
-    image: ImageRef,
-    manifest: Arc<Manifest>,
-    started: Instant,
-    window: Duration,
-    max: usize,
-    source: Arc<dyn ChunkSource>,
-    uploads: Arc<Uploads>,
-    /// For the hot-page bundle, made from the cache (weak: a recording must not keep a
-    /// stopped proxy's cache, and its directory lock, alive until its window ends).
-    shared: std::sync::Weak<Shared>,
-    /// Ends when its last export closes (a warm image: what its restored guest touched).
-    finish_on_close: bool,
-    state: Mutex<Option<RecState>>,
-}
-
-struct RecState {
-    chunks: Vec<u64>,
-    seen: HashSet<u64>,
-    /// Saved-RAM pages (of `HOT_PAGE_SIZE`) in first-touch order: a warm image's hot pages.
-    pages: Vec<u64>,
-    seen_pages: HashSet<u64>,
-}
-
-impl Recording {
-    /// Starts recording for `image`; a timer uploads the result when the window ends.
-    pub(crate) fn start(manifest: Arc<Manifest>, window: Duration, finish_on_close: bool, shared: &Arc<Shared>) -> Arc<Recording> {
-        let cfg = &shared.config;
-        let rec = Arc::new(Recording {
-            image: manifest.image_ref(),
-            manifest,
-            started: Instant::now(),
-            window,
-            max: cfg.profile_max_chunks.max(1),
-            source: shared.source.clone(),
-            uploads: shared.uploads.clone(),
-            shared: Arc::downgrade(shared),
-            finish_on_close,
-            state: Mutex::new(Some(RecState { chunks: Vec::new(), seen: HashSet::new(), pages: Vec::new(), seen_pages: HashSet::new() })),
-        });
-        tracing::info!(image = %rec.image, "recording boot profile for {} s", rec.window.as_secs());
-        let r = rec.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(r.window).await;
-            r.finish();
-        });
-        rec
-    }
-
-    /// Drops the recording without uploading it (the image has a profile already).
-    pub(crate) fn cancel(&self) {
-        self.state.lock().unwrap().take();
-    }
-
-    fn record(&self, first: u64, last: u64, is_zero: impl Fn(u64) -> bool) {
-        let mut g = self.state.lock().unwrap();
-        let Some(st) = g.as_mut() else { return };
-        let expired = self.started.elapsed() >= self.window;
-        if !expired {
-            for idx in first..=last {
-                if st.chunks.len() >= self.max {
-                    break;
-                }
-                if !is_zero(idx) && st.seen.insert(idx) {
-                    st.chunks.push(idx);
-                }
-            }
-        }
-        if expired || st.chunks.len() >= self.max {
-            drop(g);
-            self.finish();
-        }
-    }
-
-    /// Records saved-RAM pages `first..=last` (within the window, like chunks).
-    fn record_pages(&self, first: u64, last: u64) {
-        let mut g = self.state.lock().unwrap();
-        let Some(st) = g.as_mut() else { return };
-        if self.started.elapsed() >= self.window {
-            return;
-        }
-        for p in first..=last {
-            if st.pages.len() >= self.max * 16 {
-                break;
-            }
-            if st.seen_pages.insert(p) {
-                st.pages.push(p);
-            }
-        }
-    }
-
-    fn finish(&self) {
-        let Some(st) = self.state.lock().unwrap().take() else { return };
-        if st.chunks.is_empty() {
-            tracing::info!(image = %self.image, "no disk reads during the boot profile window; nothing recorded");
-            return;
-        }
-        let mut profile = BootProfile { chunks: st.chunks, hot_pages: 0 };
-        let shared = self.shared.clone();
-        let source = self.source.clone();
-        let manifest = self.manifest.clone();
-        let image = self.image.clone();
-        let uploads = self.uploads.clone();
-        let pages = st.pages;
-        uploads.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let upload = async move {
-            // A warm image: the RAM pages its guest touched go as a bundle of pages, and the
-            // profile keeps only the disk's chunks (the RAM chunks stay the fallback).
-            if let (false, Some(sh)) = (pages.is_empty(), shared.upgrade()) {
-                let m = manifest.clone();
-                let built = tokio::task::spawn_blocking(move || crate::hot::build_bundle(&sh, &m, &pages)).await.ok().flatten();
-                if let Some((bundle, n)) = built {
-                    let len = bundle.len();
-                    match source.put_hot_pages(&image, bundle).await {
-                        Ok(()) => {
-                            tracing::info!(image = %image, pages = n, bundle_bytes = len, "hot pages uploaded");
-                            profile.hot_pages = n;
-                            let disk = manifest.disk.chunks.len() as u64;
-                            profile.chunks.retain(|&i| i < disk);
-                        }
-                        Err(e) => tracing::warn!(image = %image, "hot pages upload failed (the profile keeps the RAM chunks): {e}"),
-                    }
-                }
-            }
-            match source.put_profile(&image, &profile).await {
-                Ok(()) => tracing::info!(image = %image, chunks = profile.chunks.len(), "boot profile uploaded"),
-                Err(e) => tracing::warn!(image = %image, "boot profile upload failed: {e}"),
-            }
-            uploads.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            uploads.done.notify_waiters();
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => {
-                h.spawn(upload);
-            }
-            Err(_) => {
-                self.uploads.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                tracing::warn!(image = %self.image, "boot profile dropped: no runtime to upload it")
             }
         }
     }

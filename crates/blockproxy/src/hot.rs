@@ -8,11 +8,12 @@
 //! on its way, while the chunk a read would fetch instead is 16 times the page); reads of other
 //! pages go through the chunk cache at once.
 
-use crate::export::Shared;
+use crate::cache::ChunkCache;
+use crate::source::ChunkSource;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vgrid_api::{ImageRef, Manifest};
+use vgrid_api::{ImageRef, Manifest, SavedRam};
 use vgrid_storeclient::hotpages::{self, HotChunk, HOT_PAGE_SIZE};
 
 /// How long a read of a saved RAM waits for announced hot pages.
@@ -22,7 +23,7 @@ pub(crate) const LOAD_WAIT: Duration = Duration::from_secs(3);
 const STALL: Duration = Duration::from_secs(2);
 /// Hot pages that served no read this long after their load are dropped (the restore that
 /// asked for them failed, or loaded the RAM whole instead of mapping it).
-const UNUSED_FOR: Duration = Duration::from_secs(60);
+pub(crate) const UNUSED_FOR: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 struct Inner {
@@ -54,10 +55,6 @@ pub(crate) enum HotRead {
 }
 
 impl HotState {
-    fn new() -> Arc<HotState> {
-        Arc::new(HotState { inner: Mutex::new(Inner::default()), served: Default::default(), changes: tokio::sync::watch::channel(0).0 })
-    }
-
     fn update(&self, f: impl FnOnce(&mut Inner)) {
         f(&mut self.inner.lock().unwrap());
         self.changes.send_modify(|n| *n += 1);
@@ -94,116 +91,108 @@ impl HotState {
     }
 
     /// Pages loaded, once the load has ended.
-    fn loaded(&self) -> Option<usize> {
+    pub(crate) fn loaded(&self) -> Option<usize> {
         let g = self.inner.lock().unwrap();
         (g.done && g.announced.is_some()).then_some(g.pages.len())
     }
+
+    pub(crate) fn new() -> Arc<HotState> {
+        Arc::new(HotState { inner: Mutex::new(Inner::default()), served: Default::default(), changes: tokio::sync::watch::channel(0).0 })
+    }
+
+    /// No more pages will come (the load ended, failed, or was dropped).
+    pub(crate) fn end(&self) {
+        self.update(|g| g.done = true);
+    }
+
+    /// Whether no read was answered from these pages.
+    pub(crate) fn unused(&self) -> bool {
+        self.served.load(std::sync::atomic::Ordering::Relaxed) == 0
+    }
 }
 
-impl Shared {
-    /// The hot pages of `image`, if any are loading or loaded here.
-    pub(crate) fn hot_state(&self, image: &ImageRef) -> Option<Arc<HotState>> {
-        self.hot.lock().unwrap().get(image).cloned()
-    }
-
-    /// Forgets the hot pages of `image` (its saved RAM is cached whole, or no longer served).
-    pub(crate) fn drop_hot(&self, image: &ImageRef) {
-        if let Some(s) = self.hot.lock().unwrap().remove(image) {
-            s.update(|g| g.done = true);
+/// Streams in and verifies the hot-page bundle of warm image `image` (saved RAM `ram`) from
+/// `source` into `st`, which its profile says has `n` pages; reads of announced pages wait
+/// for them meanwhile. Returns once the load has ended (its outcome is logged); the bytes
+/// loaded count as a fetch of `cache`. False when the source had no bundle to send.
+pub(crate) async fn load(
+    st: &Arc<HotState>,
+    source: &dyn ChunkSource,
+    cache: &ChunkCache,
+    image: &ImageRef,
+    ram: SavedRam,
+    n: u64,
+) -> bool {
+    use futures::StreamExt;
+    let started = Instant::now();
+    let mut stream = match source.hot_pages(image).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            tracing::warn!(image = %image, "the boot profile names hot pages but the image server has none");
+            st.end();
+            return false;
         }
-    }
-
-    /// Streams in and verifies the hot-page bundle of warm image `manifest`, which its profile
-    /// says has `n` pages; reads of announced pages wait for them meanwhile.
-    pub(crate) fn load_hot(self: &Arc<Self>, manifest: Arc<Manifest>, n: u64) {
-        let Some(ram) = manifest.state.as_ref().and_then(|s| s.ram.clone()) else { return };
-        let image = manifest.image_ref();
-        let st = HotState::new();
-        self.hot.lock().unwrap().insert(image.clone(), st.clone());
-        let shared = self.clone();
-        tokio::spawn(async move {
-            use futures::StreamExt;
-            let started = Instant::now();
-            let mut stream = match shared.source.hot_pages(&image).await {
-                Ok(Some(s)) => s,
-                Ok(None) => {
-                    tracing::warn!(image = %image, "the boot profile names hot pages but the image server has none");
-                    st.update(|g| g.done = true);
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(image = %image, "cannot fetch hot pages, reading whole chunks instead: {e}");
-                    st.update(|g| g.done = true);
-                    return;
+        Err(e) => {
+            tracing::warn!(image = %image, "cannot fetch hot pages, reading whole chunks instead: {e}");
+            st.end();
+            return false;
+        }
+    };
+    // The decoder reads from a channel the stream feeds: it runs on a blocking thread.
+    let (tx, rx) = std::sync::mpsc::channel::<Result<bytes::Bytes, String>>();
+    let feed = tokio::spawn(async move {
+        let mut n = 0u64;
+        loop {
+            let b = match tokio::time::timeout(STALL, stream.next()).await {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(_) => {
+                    let _ = tx.send(Err(format!("the image server sent nothing for {} s", STALL.as_secs())));
+                    break;
                 }
             };
-            // The decoder reads from a channel the stream feeds: it runs on a blocking thread.
-            let (tx, rx) = std::sync::mpsc::channel::<Result<bytes::Bytes, String>>();
-            let feed = tokio::spawn(async move {
-                let mut n = 0u64;
-                loop {
-                    let b = match tokio::time::timeout(STALL, stream.next()).await {
-                        Ok(Some(b)) => b,
-                        Ok(None) => break,
-                        Err(_) => {
-                            let _ = tx.send(Err(format!("the image server sent nothing for {} s", STALL.as_secs())));
-                            break;
-                        }
-                    };
-                    let r = b.map_err(|e| e.to_string());
-                    let failed = r.is_err();
-                    n += r.as_ref().map(|b| b.len() as u64).unwrap_or(0);
-                    if tx.send(r).is_err() || failed {
-                        break;
-                    }
-                }
-                n
-            });
-            let (st2, img) = (st.clone(), image.clone());
-            let decoded = tokio::task::spawn_blocking(move || {
-                let reader = ChannelReader { rx, cur: bytes::Bytes::new() };
-                hotpages::decode_stream(
-                    reader,
-                    &ram.blob,
-                    ram.chunk_size,
-                    |ps, announced| {
-                        st2.update(|g| {
-                            g.page_size = ps as u64;
-                            g.announced = Some(announced.iter().copied().collect());
-                        })
-                    },
-                    |pages| st2.update(|g| g.pages.extend(pages)),
-                )
-            })
-            .await;
-            let bundle_bytes = feed.await.unwrap_or(0);
-            st.update(|g| g.done = true);
-            let took = started.elapsed();
-            let (pages, bytes) = {
-                let g = st.inner.lock().unwrap();
-                (g.pages.len(), g.pages.len() as u64 * g.page_size)
-            };
-            shared.cache.counters.record_fetch(took, bytes);
-            match decoded {
-                Ok(Ok(())) => {
-                    tracing::info!(image = %img, pages, expected = n, bundle_bytes, "hot pages loaded in {:.3} s", took.as_secs_f64())
-                }
-                Ok(Err(e)) => tracing::warn!(image = %img, pages_kept = pages, "hot pages refused, reading whole chunks instead: {e}"),
-                Err(e) => tracing::warn!(image = %img, "hot pages: the decoding task failed: {e}"),
+            let r = b.map_err(|e| e.to_string());
+            let failed = r.is_err();
+            n += r.as_ref().map(|b| b.len() as u64).unwrap_or(0);
+            if tx.send(r).is_err() || failed {
+                break;
             }
-            // Weak while waiting: this task must not keep a stopped proxy's cache alive.
-            let weak = Arc::downgrade(&shared);
-            drop(shared);
-            tokio::time::sleep(UNUSED_FOR).await;
-            let Some(shared) = weak.upgrade() else { return };
-            let mut map = shared.hot.lock().unwrap();
-            let unused = st.served.load(std::sync::atomic::Ordering::Relaxed) == 0;
-            if unused && map.get(&img).is_some_and(|cur| Arc::ptr_eq(cur, &st)) {
-                map.remove(&img);
-                tracing::debug!(image = %img, "hot pages dropped: no read used them");
-            }
-        });
+        }
+        n
+    });
+    let st2 = st.clone();
+    let decoded = tokio::task::spawn_blocking(move || {
+        let reader = ChannelReader { rx, cur: bytes::Bytes::new() };
+        hotpages::decode_stream(
+            reader,
+            &ram.blob,
+            ram.chunk_size,
+            |ps, announced| {
+                st2.update(|g| {
+                    g.page_size = ps as u64;
+                    g.announced = Some(announced.iter().copied().collect());
+                })
+            },
+            |pages| st2.update(|g| g.pages.extend(pages)),
+        )
+    })
+    .await;
+    let bundle_bytes = feed.await.unwrap_or(0);
+    st.end();
+    let took = started.elapsed();
+    let (pages, bytes) = {
+        let g = st.inner.lock().unwrap();
+        (g.pages.len(), g.pages.len() as u64 * g.page_size)
+    };
+    cache.counters.record_fetch(took, bytes);
+    match decoded {
+        Ok(Ok(())) => {
+            tracing::info!(image = %image, pages, expected = n, bundle_bytes, "hot pages loaded in {:.3} s", took.as_secs_f64())
+        }
+        Ok(Err(e)) => tracing::warn!(image = %image, pages_kept = pages, "hot pages refused, reading whole chunks instead: {e}"),
+        Err(e) => tracing::warn!(image = %image, "hot pages: the decoding task failed: {e}"),
     }
+    true
 }
 
 /// A blocking reader over byte buffers sent through a channel (an error ends it).
@@ -231,7 +220,7 @@ impl std::io::Read for ChannelReader {
 /// Makes the hot-page bundle of `manifest`'s saved RAM from `pages` (page numbers in
 /// first-touch order) and the chunks in the cache; chunks no longer cached are left out.
 /// Returns the bundle and the number of pages in it.
-pub(crate) fn build_bundle(shared: &Shared, manifest: &Manifest, pages: &[u64]) -> Option<(bytes::Bytes, u64)> {
+pub(crate) fn build_bundle(cache: &ChunkCache, manifest: &Manifest, pages: &[u64]) -> Option<(bytes::Bytes, u64)> {
     let ram = manifest.state.as_ref()?.ram.as_ref()?;
     let per = (ram.chunk_size / HOT_PAGE_SIZE) as u64;
     if per == 0 {
@@ -253,7 +242,7 @@ pub(crate) fn build_bundle(shared: &Shared, manifest: &Manifest, pages: &[u64]) 
         if ram.blob.chunk_len(ram.chunk_size, c as usize) != ram.chunk_size {
             continue;
         }
-        let Some(f) = shared.cache.get_uncounted(hash) else { continue };
+        let Some(f) = cache.get_uncounted(hash) else { continue };
         let mut buf = vec![0u8; ram.chunk_size as usize];
         if f.read_at(&mut buf, 0).is_err() {
             continue;
@@ -271,14 +260,6 @@ pub(crate) fn build_bundle(shared: &Shared, manifest: &Manifest, pages: &[u64]) 
             tracing::warn!(image = %manifest.image_ref(), "cannot make the hot-page bundle: {e}");
             None
         }
-    }
-}
-
-impl crate::BlockProxy {
-    /// How many hot pages of warm image `image` were loaded here (`None`: none, or still
-    /// loading).
-    pub fn hot_pages_loaded(&self, image: &ImageRef) -> Option<usize> {
-        self.shared.hot_state(image)?.loaded()
     }
 }
 

@@ -137,7 +137,7 @@ pub enum FatalError {
     #[error("request header has magic {0:#010x}, expected {REQUEST_MAGIC:#010x}")]
     RequestMagic(u32),
     #[error("export name in NBD_OPT_EXPORT_NAME is not valid: {0}")]
-    ExportName(String),
+    ExportName(#[source] InvalidOption),
 }
 
 /// The server greeting: `NBDMAGIC`, `IHAVEOPT`, handshake flags.

@@ -3,9 +3,10 @@
 //! reads are in flight; replies are written whole under the connection's writer lock.
 
 use crate::cache::ChunkFile;
+use crate::error::ProxyError;
 use crate::export::Export;
 use crate::protocol::{self as p, ClientOption, Command, Negotiated};
-use crate::{BlockProxy, ProxyError};
+use crate::proxy::BlockProxy;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -77,22 +78,22 @@ impl BlockProxy {
     /// QEMU processes running as that user can connect and nobody else can).
     pub fn serve_unix_with(self: &Arc<Self>, path: impl AsRef<Path>, access: Option<SocketAccess>) -> Result<ServerHandle, ProxyError> {
         let path = path.as_ref().to_path_buf();
-        let listen_err = |cause: String| ProxyError::Listen { addr: path.display().to_string(), cause };
+        let addr = || path.display().to_string();
+        let setup_err = |step: String| move |source: std::io::Error| ProxyError::SocketSetup { addr: addr(), step, source };
         if path.exists() {
             if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-                return Err(listen_err("another server is listening on this socket".into()));
+                return Err(ProxyError::SocketInUse { addr: addr() });
             }
-            std::fs::remove_file(&path).map_err(|e| listen_err(format!("cannot remove stale socket: {e}")))?;
+            std::fs::remove_file(&path).map_err(setup_err("cannot remove stale socket".into()))?;
         }
-        let listener = UnixListener::bind(&path).map_err(|e| listen_err(e.to_string()))?;
+        let listener = UnixListener::bind(&path).map_err(|source| ProxyError::Listen { addr: addr(), source })?;
         if let Some(a) = access {
             use std::os::unix::fs::PermissionsExt;
             if let Some(gid) = a.gid {
-                std::os::unix::fs::chown(&path, None, Some(gid))
-                    .map_err(|e| listen_err(format!("cannot give the socket to group {gid}: {e}")))?;
+                std::os::unix::fs::chown(&path, None, Some(gid)).map_err(setup_err(format!("cannot give the socket to group {gid}")))?;
             }
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(a.mode))
-                .map_err(|e| listen_err(format!("cannot set the socket's mode to {:o}: {e}", a.mode)))?;
+                .map_err(setup_err(format!("cannot set the socket's mode to {:o}", a.mode)))?;
         }
         let token = self.shutdown_token().child_token();
         let proxy = self.clone();
@@ -121,8 +122,9 @@ impl BlockProxy {
     /// Serves NBD on a TCP address (`127.0.0.1:10809`, port 0 for any). Must be called inside
     /// a tokio runtime; returns once listening.
     pub async fn serve_tcp(self: &Arc<Self>, addr: &str) -> Result<ServerHandle, ProxyError> {
-        let listener = TcpListener::bind(addr).await.map_err(|e| ProxyError::Listen { addr: addr.to_string(), cause: e.to_string() })?;
-        let local = listener.local_addr().map_err(|e| ProxyError::Listen { addr: addr.to_string(), cause: e.to_string() })?;
+        let listen_err = |source| ProxyError::Listen { addr: addr.to_string(), source };
+        let listener = TcpListener::bind(addr).await.map_err(listen_err)?;
+        let local = listener.local_addr().map_err(listen_err)?;
         let token = self.shutdown_token().child_token();
         let proxy = self.clone();
         let t = token.clone();
@@ -159,8 +161,11 @@ enum ConnError {
     Io(#[from] std::io::Error),
     #[error("protocol violation: {0}")]
     Fatal(#[from] p::FatalError),
-    #[error("{0}")]
-    Other(String),
+    /// The export asked for with `NBD_OPT_EXPORT_NAME` cannot be opened.
+    #[error(transparent)]
+    Open(#[from] ProxyError),
+    #[error("option {option} with {len} bytes of data is too large")]
+    TooLarge { option: u32, len: u32 },
 }
 
 struct Session {
@@ -299,6 +304,7 @@ where
     transmission(rd, wr, session, peer, token).instrument(span).await;
 }
 
+/// Negotiates options until the client starts transmission (`Some`) or aborts (`None`).
 async fn handshake<R>(proxy: &BlockProxy, rd: &mut R, wr: &mut Writer) -> Result<Option<Session>, ConnError>
 where
     R: AsyncRead + Unpin,
@@ -306,119 +312,169 @@ where
     wr.write_all(&p::greeting()).await?;
     let mut fb = [0u8; 4];
     rd.read_exact(&mut fb).await?;
-    let cflags = p::parse_client_flags(fb)?;
-    let mut structured = false;
-    // Export name the base:allocation context was selected for.
-    let mut meta_export: Option<String> = None;
-    // The export of the last successful NBD_OPT_INFO, kept open so the NBD_OPT_GO that
-    // usually follows gets the same version without resolving it again.
-    let mut _held: Option<Arc<Export>> = None;
+    let mut hs = Handshake { cflags: p::parse_client_flags(fb)?, structured: false, meta_export: None, _held: None };
     loop {
-        let mut hb = [0u8; 16];
-        rd.read_exact(&mut hb).await?;
-        let h = p::parse_option_header(&hb)?;
+        let Some((option, data)) = read_option(rd, wr).await? else { continue };
         let mut out = Vec::new();
-        if h.len > p::MAX_OPTION_LEN {
-            if h.len > MAX_OPTION_DISCARD || h.option == p::OPT_EXPORT_NAME {
-                return Err(ConnError::Other(format!("option {} with {} bytes of data is too large", h.option, h.len)));
-            }
-            tokio::io::copy(&mut (&mut *rd).take(h.len as u64), &mut tokio::io::sink()).await?;
-            p::option_error(&mut out, h.option, p::REP_ERR_TOO_BIG, &format!("option data of {} bytes is too large", h.len));
-            wr.write_all(&out).await?;
-            continue;
-        }
-        let mut data = vec![0u8; h.len as usize];
-        rd.read_exact(&mut data).await?;
-        let opt = match p::parse_option(h.option, &data) {
+        let opt = match p::parse_option(option, &data) {
             Ok(o) => o,
-            Err(e) if h.option == p::OPT_EXPORT_NAME => return Err(p::FatalError::ExportName(e.0).into()),
+            Err(e) if option == p::OPT_EXPORT_NAME => return Err(p::FatalError::ExportName(e).into()),
             Err(e) => {
-                p::option_error(&mut out, h.option, p::REP_ERR_INVALID, &e.0);
+                p::option_error(&mut out, option, p::REP_ERR_INVALID, &e.0);
                 wr.write_all(&out).await?;
                 continue;
             }
         };
-        match opt {
-            ClientOption::ExportName(name) => {
-                // No way to report an error here but closing the connection.
-                let export = proxy.open_export(&name).await.map_err(|e| ConnError::Other(e.to_string()))?;
-                let neg = Negotiated { size: export.size(), structured, meta_context: meta_export.as_deref() == Some(&name) };
-                wr.write_all(&p::export_name_reply(export.size(), neg.flags(), cflags.no_zeroes)).await?;
-                return Ok(Some(Session { export, neg }));
+        match hs.answer(proxy, option, opt, &mut out).await? {
+            Answered::Next => wr.write_all(&out).await?,
+            Answered::Start(session) => {
+                wr.write_all(&out).await?;
+                return Ok(Some(session));
             }
-            ClientOption::Abort => {
-                p::option_reply(&mut out, h.option, p::REP_ACK, &[]);
+            Answered::Abort => {
                 let _ = wr.write_all(&out).await;
                 return Ok(None);
             }
+        }
+    }
+}
+
+/// Reads one option's header and data: `None` when its data was too large to read (the
+/// client got an error reply, and may go on).
+async fn read_option<R>(rd: &mut R, wr: &mut Writer) -> Result<Option<(u32, Vec<u8>)>, ConnError>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut hb = [0u8; 16];
+    rd.read_exact(&mut hb).await?;
+    let h = p::parse_option_header(&hb)?;
+    if h.len > p::MAX_OPTION_LEN {
+        if h.len > MAX_OPTION_DISCARD || h.option == p::OPT_EXPORT_NAME {
+            return Err(ConnError::TooLarge { option: h.option, len: h.len });
+        }
+        tokio::io::copy(&mut (&mut *rd).take(h.len as u64), &mut tokio::io::sink()).await?;
+        let mut out = Vec::new();
+        p::option_error(&mut out, h.option, p::REP_ERR_TOO_BIG, &format!("option data of {} bytes is too large", h.len));
+        wr.write_all(&out).await?;
+        return Ok(None);
+    }
+    let mut data = vec![0u8; h.len as usize];
+    rd.read_exact(&mut data).await?;
+    Ok(Some((h.option, data)))
+}
+
+/// What the option phase has settled so far.
+struct Handshake {
+    cflags: p::ClientFlags,
+    structured: bool,
+    /// Export name the base:allocation context was selected for.
+    meta_export: Option<String>,
+    /// The export of the last successful NBD_OPT_INFO, kept open so the NBD_OPT_GO that
+    /// usually follows gets the same version without resolving it again.
+    _held: Option<Arc<Export>>,
+}
+
+/// After one option's reply: go on negotiating, start transmission, or close.
+enum Answered {
+    Next,
+    Start(Session),
+    Abort,
+}
+
+impl Handshake {
+    /// Answers one option into `out`.
+    async fn answer(&mut self, proxy: &BlockProxy, option: u32, opt: ClientOption, out: &mut Vec<u8>) -> Result<Answered, ConnError> {
+        match opt {
+            ClientOption::ExportName(name) => {
+                // No way to report an error here but closing the connection.
+                let export = proxy.open_export(&name).await?;
+                let neg = Negotiated { size: export.size(), structured: self.structured, meta_context: self.meta_for(&name) };
+                out.extend_from_slice(&p::export_name_reply(export.size(), neg.flags(), self.cflags.no_zeroes));
+                return Ok(Answered::Start(Session { export, neg }));
+            }
+            ClientOption::Abort => {
+                p::option_reply(out, option, p::REP_ACK, &[]);
+                return Ok(Answered::Abort);
+            }
             ClientOption::List => {
                 for name in proxy.known_exports() {
-                    p::rep_server(&mut out, &name, "");
+                    p::rep_server(out, &name, "");
                 }
-                p::option_reply(&mut out, h.option, p::REP_ACK, &[]);
+                p::option_reply(out, option, p::REP_ACK, &[]);
             }
             ClientOption::StartTls => {
-                p::option_error(&mut out, h.option, p::REP_ERR_UNSUP, "TLS is not supported by the vgrid block proxy");
+                p::option_error(out, option, p::REP_ERR_UNSUP, "TLS is not supported by the vgrid block proxy");
             }
-            ClientOption::Info(req) | ClientOption::Go(req) => {
-                let go = h.option == p::OPT_GO;
-                match proxy.open_export(&req.name).await {
-                    Err(e) => {
-                        tracing::info!(export = req.name, "export refused: {e}");
-                        p::option_error(&mut out, h.option, p::REP_ERR_UNKNOWN, &format!("vgrid: {e}"));
-                    }
-                    Ok(export) => {
-                        let neg =
-                            Negotiated { size: export.size(), structured, meta_context: meta_export.as_deref() == Some(req.name.as_str()) };
-                        p::info_export(&mut out, h.option, export.size(), neg.flags());
-                        if req.requests.contains(&p::INFO_NAME) {
-                            p::info_string(&mut out, h.option, p::INFO_NAME, &req.name);
-                        }
-                        if req.requests.contains(&p::INFO_DESCRIPTION) {
-                            let d = format!("vgrid image {} ({} bytes)", export.image(), export.size());
-                            p::info_string(&mut out, h.option, p::INFO_DESCRIPTION, &d);
-                        }
-                        p::info_block_size(&mut out, h.option, 1, p::PREFERRED_BLOCK, p::MAX_PAYLOAD);
-                        p::option_reply(&mut out, h.option, p::REP_ACK, &[]);
-                        if go {
-                            wr.write_all(&out).await?;
-                            return Ok(Some(Session { export, neg }));
-                        }
-                        _held = Some(export);
-                    }
-                }
-            }
+            ClientOption::Info(req) | ClientOption::Go(req) => return Ok(self.info_or_go(proxy, option, req, out).await),
             ClientOption::StructuredReply => {
-                if structured {
-                    p::option_error(&mut out, h.option, p::REP_ERR_INVALID, "structured replies already negotiated");
+                if self.structured {
+                    p::option_error(out, option, p::REP_ERR_INVALID, "structured replies already negotiated");
                 } else {
-                    structured = true;
-                    p::option_reply(&mut out, h.option, p::REP_ACK, &[]);
+                    self.structured = true;
+                    p::option_reply(out, option, p::REP_ACK, &[]);
                 }
             }
-            ClientOption::ListMetaContext(q) | ClientOption::SetMetaContext(q) => {
-                let set = h.option == p::OPT_SET_META_CONTEXT;
-                if set {
-                    meta_export = None;
-                }
-                if !structured {
-                    p::option_error(&mut out, h.option, p::REP_ERR_INVALID, "negotiate structured replies first");
-                } else {
-                    if p::meta_query_matches(&q.queries, set) {
-                        let id = if set { p::BASE_ALLOCATION_ID } else { 0 };
-                        p::rep_meta_context(&mut out, h.option, id, p::BASE_ALLOCATION);
-                        if set {
-                            meta_export = Some(q.export.clone());
-                        }
-                    }
-                    p::option_reply(&mut out, h.option, p::REP_ACK, &[]);
-                }
-            }
+            ClientOption::ListMetaContext(q) | ClientOption::SetMetaContext(q) => self.meta_context(option, q, out),
             ClientOption::Unsupported(o) => {
-                p::option_error(&mut out, o, p::REP_ERR_UNSUP, &format!("option {o} is not supported by the vgrid block proxy"));
+                p::option_error(out, o, p::REP_ERR_UNSUP, &format!("option {o} is not supported by the vgrid block proxy"));
             }
         }
-        wr.write_all(&out).await?;
+        Ok(Answered::Next)
+    }
+
+    /// Whether the base:allocation context was selected for export `name`.
+    fn meta_for(&self, name: &str) -> bool {
+        self.meta_export.as_deref() == Some(name)
+    }
+
+    /// `NBD_OPT_INFO` / `NBD_OPT_GO`: the export's size, flags and the information asked for;
+    /// a GO that succeeds starts transmission.
+    async fn info_or_go(&mut self, proxy: &BlockProxy, option: u32, req: p::InfoRequest, out: &mut Vec<u8>) -> Answered {
+        let go = option == p::OPT_GO;
+        let export = match proxy.open_export(&req.name).await {
+            Ok(export) => export,
+            Err(e) => {
+                tracing::info!(export = req.name, "export refused: {e}");
+                p::option_error(out, option, p::REP_ERR_UNKNOWN, &format!("vgrid: {e}"));
+                return Answered::Next;
+            }
+        };
+        let neg = Negotiated { size: export.size(), structured: self.structured, meta_context: self.meta_for(&req.name) };
+        p::info_export(out, option, export.size(), neg.flags());
+        if req.requests.contains(&p::INFO_NAME) {
+            p::info_string(out, option, p::INFO_NAME, &req.name);
+        }
+        if req.requests.contains(&p::INFO_DESCRIPTION) {
+            let d = format!("vgrid image {} ({} bytes)", export.image(), export.size());
+            p::info_string(out, option, p::INFO_DESCRIPTION, &d);
+        }
+        p::info_block_size(out, option, 1, p::PREFERRED_BLOCK, p::MAX_PAYLOAD);
+        p::option_reply(out, option, p::REP_ACK, &[]);
+        if go {
+            return Answered::Start(Session { export, neg });
+        }
+        self._held = Some(export);
+        Answered::Next
+    }
+
+    /// `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`: only base:allocation exists.
+    fn meta_context(&mut self, option: u32, q: p::MetaQuery, out: &mut Vec<u8>) {
+        let set = option == p::OPT_SET_META_CONTEXT;
+        if set {
+            self.meta_export = None;
+        }
+        if !self.structured {
+            p::option_error(out, option, p::REP_ERR_INVALID, "negotiate structured replies first");
+            return;
+        }
+        if p::meta_query_matches(&q.queries, set) {
+            let id = if set { p::BASE_ALLOCATION_ID } else { 0 };
+            p::rep_meta_context(out, option, id, p::BASE_ALLOCATION);
+            if set {
+                self.meta_export = Some(q.export.clone());
+            }
+        }
+        p::option_reply(out, option, p::REP_ACK, &[]);
     }
 }
 

@@ -1,5 +1,5 @@
 //! Where chunks and manifests come from: a small trait so the proxy does not depend on how the
-//! image servers are reached, with [`Servers`] trying several sources in order.
+//! image servers are reached (one server: `StoreSource`; several in order: `Servers`).
 
 use futures::future::BoxFuture;
 use std::sync::Arc;
@@ -17,15 +17,69 @@ pub enum SourceError {
     NotFound { what: String, source_name: String },
     /// The object exists but its bytes are wrong (failed verification, bad manifest).
     #[error("{what} from {source_name} is corrupt: {cause}")]
-    Corrupt { what: String, source_name: String, cause: String },
+    Corrupt {
+        what: String,
+        source_name: String,
+        #[source]
+        cause: Cause,
+    },
     /// The source could not be reached or failed after its retries.
     #[error("{what} could not be fetched from {source_name}: {cause}")]
-    Unavailable { what: String, source_name: String, cause: String },
+    Unavailable {
+        what: String,
+        source_name: String,
+        #[source]
+        cause: Cause,
+    },
+}
+
+/// What went wrong at a source: the error it got (e.g. the image server client's), or a
+/// message. Cheap to clone: a failed fetch answers every reader waiting for it.
+#[derive(Debug, Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
+
+impl Cause {
+    pub fn new(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Cause {
+        Cause(Arc::from(e.into()))
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(message: &str) -> Cause {
+        Cause::new(message)
+    }
+}
+
+impl From<String> for Cause {
+    fn from(message: String) -> Cause {
+        Cause::new(message)
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
 }
 
 impl SourceError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, SourceError::NotFound { .. })
+    }
+
+    /// The source that answered (e.g. an image server's URL).
+    pub fn source_name(&self) -> &str {
+        match self {
+            SourceError::NotFound { source_name, .. }
+            | SourceError::Corrupt { source_name, .. }
+            | SourceError::Unavailable { source_name, .. } => source_name,
+        }
     }
 }
 
@@ -82,187 +136,5 @@ impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
     }
     fn describe(&self) -> String {
         (**self).describe()
-    }
-}
-
-/// Several sources tried in order: the first one that answers wins. `NotFound` and failures
-/// both move on to the next source; the error returned is the most telling one (a failure
-/// beats "not found", since the object may exist on the server that failed). A source that
-/// failed (unreachable after its retries) is tried last for [`Servers::BACKOFF`], so one dead
-/// server does not slow every chunk down.
-pub struct Servers {
-    sources: Vec<Box<dyn ChunkSource>>,
-    failed_at: std::sync::Mutex<Vec<Option<std::time::Instant>>>,
-}
-
-impl Servers {
-    /// How long a failed source is tried after the others.
-    pub const BACKOFF: std::time::Duration = std::time::Duration::from_secs(10);
-
-    pub fn new(sources: Vec<Box<dyn ChunkSource>>) -> Self {
-        let n = sources.len();
-        Servers { sources, failed_at: std::sync::Mutex::new(vec![None; n]) }
-    }
-
-    /// Source indices in the order to try now: healthy ones first, in configured order.
-    fn order(&self) -> Vec<usize> {
-        let failed = self.failed_at.lock().unwrap();
-        let (mut ok, mut bad): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
-        for (i, f) in failed.iter().enumerate() {
-            match f {
-                Some(t) if t.elapsed() < Self::BACKOFF => bad.push(i),
-                _ => ok.push(i),
-            }
-        }
-        ok.extend(bad);
-        ok
-    }
-
-    fn mark(&self, i: usize, failed: bool) {
-        self.failed_at.lock().unwrap()[i] = failed.then(std::time::Instant::now);
-    }
-
-    /// Where what belongs with an image (its profile, its hot pages) is stored: the first
-    /// server that has the image.
-    async fn home(&self, image: &ImageRef) -> Result<&dyn ChunkSource, SourceError> {
-        let mut last = None;
-        for s in &self.sources {
-            if s.manifest(image).await.is_ok() {
-                return Ok(s.as_ref());
-            }
-            last = Some(s.describe());
-        }
-        Err(SourceError::NotFound { what: format!("image {image}"), source_name: last.unwrap_or_else(|| "(no image servers)".into()) })
-    }
-
-    async fn first<'a, T, F>(&'a self, what: &str, mut call: F) -> Result<T, SourceError>
-    where
-        F: FnMut(&'a dyn ChunkSource) -> BoxFuture<'a, Result<T, SourceError>>,
-    {
-        let mut err: Option<SourceError> = None;
-        for i in self.order() {
-            let s = &self.sources[i];
-            match call(s.as_ref()).await {
-                Ok(v) => {
-                    self.mark(i, false);
-                    return Ok(v);
-                }
-                Err(e) => {
-                    self.mark(i, matches!(e, SourceError::Unavailable { .. }));
-                    tracing::debug!(source = %s.describe(), "{what}: {e}");
-                    if err.as_ref().is_none_or(|prev| prev.is_not_found()) {
-                        err = Some(e);
-                    }
-                }
-            }
-        }
-        Err(err.unwrap_or_else(|| SourceError::Unavailable {
-            what: what.to_string(),
-            source_name: "(no image servers configured)".into(),
-            cause: "the source list is empty".into(),
-        }))
-    }
-}
-
-impl ChunkSource for Servers {
-    fn manifest<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Manifest, SourceError>> {
-        Box::pin(self.first("manifest", move |s| s.manifest(image)))
-    }
-    fn chunk<'a>(&'a self, hash: &'a ChunkHash, limit: usize) -> BoxFuture<'a, Result<Vec<u8>, SourceError>> {
-        Box::pin(self.first("chunk", move |s| s.chunk(hash, limit)))
-    }
-    fn profile<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {
-        Box::pin(async move {
-            for s in &self.sources {
-                if let Ok(Some(p)) = s.profile(image).await {
-                    return Ok(Some(p));
-                }
-            }
-            Ok(None)
-        })
-    }
-    fn put_profile<'a>(&'a self, image: &'a ImageRef, profile: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
-        Box::pin(async move { self.home(image).await?.put_profile(image, profile).await })
-    }
-    fn hot_pages<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<ByteStream>, SourceError>> {
-        Box::pin(async move {
-            for s in &self.sources {
-                if let Ok(Some(b)) = s.hot_pages(image).await {
-                    return Ok(Some(b));
-                }
-            }
-            Ok(None)
-        })
-    }
-    fn put_hot_pages<'a>(&'a self, image: &'a ImageRef, bundle: bytes::Bytes) -> BoxFuture<'a, Result<(), SourceError>> {
-        Box::pin(async move { self.home(image).await?.put_hot_pages(image, bundle).await })
-    }
-    fn describe(&self) -> String {
-        let names: Vec<String> = self.sources.iter().map(|s| s.describe()).collect();
-        names.join(", ")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    /// A scripted source for testing the combinator: answers chunks from memory or fails.
-    struct Scripted {
-        name: &'static str,
-        answer: Result<Vec<u8>, fn(String) -> SourceError>,
-        calls: Arc<AtomicU32>,
-    }
-
-    impl ChunkSource for Scripted {
-        fn manifest<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Manifest, SourceError>> {
-            Box::pin(async move { Err(SourceError::NotFound { what: format!("image {image}"), source_name: self.name.into() }) })
-        }
-        fn chunk<'a>(&'a self, _: &'a ChunkHash, _: usize) -> BoxFuture<'a, Result<Vec<u8>, SourceError>> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            Box::pin(async move { self.answer.clone().map_err(|f| f(self.name.to_string())) })
-        }
-        fn profile<'a>(&'a self, _: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {
-            Box::pin(async { Ok(None) })
-        }
-        fn put_profile<'a>(&'a self, _: &'a ImageRef, _: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn describe(&self) -> String {
-            self.name.into()
-        }
-    }
-
-    fn down(name: String) -> SourceError {
-        SourceError::Unavailable { what: "chunk".into(), source_name: name, cause: "connection refused".into() }
-    }
-    fn missing(name: String) -> SourceError {
-        SourceError::NotFound { what: "chunk".into(), source_name: name }
-    }
-
-    #[tokio::test]
-    async fn servers_fall_through_and_skip_a_dead_one() {
-        let (a, b) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
-        let s = Servers::new(vec![
-            Box::new(Scripted { name: "a", answer: Err(down), calls: a.clone() }),
-            Box::new(Scripted { name: "b", answer: Ok(b"data".to_vec()), calls: b.clone() }),
-        ]);
-        let h = ChunkHash::of(b"data");
-        assert_eq!(s.chunk(&h, 10).await.unwrap(), b"data");
-        assert_eq!((a.load(Ordering::SeqCst), b.load(Ordering::SeqCst)), (1, 1));
-        // The dead server is now tried after the live one.
-        assert_eq!(s.chunk(&h, 10).await.unwrap(), b"data");
-        assert_eq!((a.load(Ordering::SeqCst), b.load(Ordering::SeqCst)), (1, 2));
-
-        // All failing: the failure wins over "not found".
-        let s = Servers::new(vec![
-            Box::new(Scripted { name: "x", answer: Err(missing), calls: Arc::default() }),
-            Box::new(Scripted { name: "y", answer: Err(down), calls: Arc::default() }),
-        ]);
-        let e = s.chunk(&h, 10).await.unwrap_err();
-        assert!(matches!(&e, SourceError::Unavailable { source_name, .. } if source_name == "y"), "{e}");
-        let e = Servers::new(vec![]).chunk(&h, 10).await.unwrap_err();
-        assert!(e.to_string().contains("no image servers"), "{e}");
     }
 }

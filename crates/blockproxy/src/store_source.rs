@@ -1,7 +1,7 @@
 //! [`ChunkSource`] over one image server, through `vgrid_storeclient::StoreClient` (which
 //! verifies every chunk and retries a bounded number of times).
 
-use crate::source::{ChunkSource, SourceError};
+use crate::source::{Cause, ChunkSource, SourceError};
 use futures::future::BoxFuture;
 use vgrid_api::rest::BootProfile;
 use vgrid_api::{ChunkHash, ImageRef, Manifest};
@@ -23,7 +23,7 @@ impl StoreSource {
         StoreClient::new(base_url).map(Self::new).map_err(|e| SourceError::Unavailable {
             what: "image server client".into(),
             source_name: base_url.to_string(),
-            cause: e.to_string(),
+            cause: Cause::new(e),
         })
     }
 
@@ -35,9 +35,9 @@ impl StoreSource {
         let source_name = self.client.base_url().to_string();
         match e {
             ClientError::NotFound { .. } => SourceError::NotFound { what, source_name },
-            ClientError::Corrupt { cause, .. } => SourceError::Corrupt { what, source_name, cause },
-            ClientError::BadResponse { cause, .. } => SourceError::Corrupt { what, source_name, cause },
-            other => SourceError::Unavailable { what, source_name, cause: other.to_string() },
+            ClientError::Corrupt { cause, .. } => SourceError::Corrupt { what, source_name, cause: cause.into() },
+            ClientError::BadResponse { cause, .. } => SourceError::Corrupt { what, source_name, cause: cause.into() },
+            other => SourceError::Unavailable { what, source_name, cause: Cause::new(other) },
         }
     }
 }

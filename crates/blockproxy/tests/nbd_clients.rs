@@ -506,156 +506,20 @@ async fn boot_profile_is_recorded_then_prefetched() {
 /// sends broken bytes and checks the server's answer), then checks a real client still works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_input_gets_errors_or_a_closed_connection() {
-    use tokio::net::UnixStream;
-    use vgrid_blockproxy::protocol as p;
     let f = Fixture::new("raw").await;
     let proxy = f.proxy("cache", 1 << 30);
     let sock = f.path("nbd.sock");
     let _server = proxy.serve_unix(&sock).unwrap();
-
-    async fn connect(sock: &Path) -> UnixStream {
-        let mut s = UnixStream::connect(sock).await.unwrap();
-        let mut g = [0u8; 18];
-        s.read_exact(&mut g).await.unwrap();
-        assert_eq!(&g[..8], b"NBDMAGIC");
-        s.write_all(&(p::FLAG_C_FIXED_NEWSTYLE | p::FLAG_C_NO_ZEROES).to_be_bytes()).await.unwrap();
-        s
-    }
-    async fn option(s: &mut UnixStream, opt: u32, data: &[u8]) {
-        let mut b = Vec::new();
-        b.extend_from_slice(&p::IHAVEOPT.to_be_bytes());
-        b.extend_from_slice(&opt.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        b.extend_from_slice(data);
-        s.write_all(&b).await.unwrap();
-    }
-    async fn reply(s: &mut UnixStream) -> (u32, u32, Vec<u8>) {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).await.unwrap();
-        assert_eq!(u64::from_be_bytes(h[..8].try_into().unwrap()), p::OPTION_REPLY_MAGIC);
-        let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
-        let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-        let mut d = vec![0u8; len as usize];
-        s.read_exact(&mut d).await.unwrap();
-        (opt, ty, d)
-    }
-    async fn closed(s: &mut UnixStream) -> bool {
-        let mut b = [0u8; 64];
-        matches!(tokio::time::timeout(Duration::from_secs(30), s.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
-    }
-    fn go_data(name: &str) -> Vec<u8> {
-        let mut d = (name.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(name.as_bytes());
-        d.extend_from_slice(&0u16.to_be_bytes());
-        d
-    }
-
-    // Unknown option → ERR_UNSUP; truncated GO → ERR_INVALID; the session goes on.
-    let mut s = connect(&sock).await;
-    option(&mut s, 0xdead, b"whatever").await;
-    assert_eq!(reply(&mut s).await.1, p::REP_ERR_UNSUP);
-    option(&mut s, p::OPT_GO, &[0, 0, 0, 9, b'r']).await;
-    assert_eq!(reply(&mut s).await.1, p::REP_ERR_INVALID);
-    option(&mut s, p::OPT_GO, &go_data("nope")).await;
-    let (_, ty, msg) = reply(&mut s).await;
-    assert_eq!(ty, p::REP_ERR_UNKNOWN);
-    assert!(String::from_utf8_lossy(&msg).contains("nope"));
-    // Structured replies, then GO, then a read past the end → EINVAL, then a good read.
-    option(&mut s, p::OPT_STRUCTURED_REPLY, &[]).await;
-    assert_eq!(reply(&mut s).await.1, p::REP_ACK);
-    option(&mut s, p::OPT_GO, &go_data("raw")).await;
-    loop {
-        let (_, ty, _) = reply(&mut s).await;
-        if ty == p::REP_ACK {
-            break;
-        }
-        assert_eq!(ty, p::REP_INFO);
-    }
-    let req = |cookie, kind, offset, len| p::encode_request(&p::Request { flags: 0, kind, cookie, offset, len });
-    s.write_all(&req(1, p::CMD_READ, SIZE as u64 - 10, 11)).await.unwrap();
-    let mut h = [0u8; 20];
-    s.read_exact(&mut h).await.unwrap();
-    assert_eq!(u16::from_be_bytes([h[6], h[7]]), p::REPLY_TYPE_ERROR);
-    assert_eq!(u64::from_be_bytes(h[8..16].try_into().unwrap()), 1);
-    let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
-    s.read_exact(&mut d).await.unwrap();
-    assert_eq!(u32::from_be_bytes(d[..4].try_into().unwrap()), p::EINVAL);
-    // A write is refused with EPERM (its payload consumed), the connection stays usable.
-    s.write_all(&req(2, p::CMD_WRITE, 0, 4)).await.unwrap();
-    s.write_all(b"abcd").await.unwrap();
-    s.read_exact(&mut h).await.unwrap();
-    let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
-    s.read_exact(&mut d).await.unwrap();
-    assert_eq!(u32::from_be_bytes(d[..4].try_into().unwrap()), p::EPERM);
-    s.write_all(&req(3, p::CMD_READ, SIZE as u64 - 10, 10)).await.unwrap();
-    s.read_exact(&mut h).await.unwrap();
-    assert_eq!(u16::from_be_bytes([h[6], h[7]]), p::REPLY_TYPE_OFFSET_DATA);
-    let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
-    s.read_exact(&mut d).await.unwrap();
-    assert_eq!(&d[8..], &f.data[SIZE - 10..]);
-    // NBD_CMD_CACHE fetches the range into the cache and answers with a final NONE chunk.
-    let c5 = f.manifest.disk.chunks[5].unwrap();
-    assert!(!proxy.cache().contains(&c5));
-    s.write_all(&req(4, p::CMD_CACHE, 5 * CHUNK as u64, CHUNK)).await.unwrap();
-    s.read_exact(&mut h).await.unwrap();
-    assert_eq!((u16::from_be_bytes([h[6], h[7]]), u64::from_be_bytes(h[8..16].try_into().unwrap())), (p::REPLY_TYPE_NONE, 4));
-    assert!(proxy.cache().contains(&c5));
-    // Block status without a negotiated base:allocation context → EINVAL.
-    s.write_all(&req(5, p::CMD_BLOCK_STATUS, 0, 4096)).await.unwrap();
-    s.read_exact(&mut h).await.unwrap();
-    assert_eq!(u16::from_be_bytes([h[6], h[7]]), p::REPLY_TYPE_ERROR);
-    let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
-    s.read_exact(&mut d).await.unwrap();
-    assert_eq!(u32::from_be_bytes(d[..4].try_into().unwrap()), p::EINVAL);
-    // Bad request magic → the server closes the connection.
-    s.write_all(&[0u8; 28]).await.unwrap();
-    assert!(closed(&mut s).await);
-
-    // Old-style NBD_OPT_EXPORT_NAME: size and flags, no zero padding (NO_ZEROES), then reads.
-    let mut s = connect(&sock).await;
-    option(&mut s, p::OPT_EXPORT_NAME, b"raw").await;
-    let mut b = [0u8; 10];
-    s.read_exact(&mut b).await.unwrap();
-    assert_eq!(u64::from_be_bytes(b[..8].try_into().unwrap()), SIZE as u64);
-    assert_eq!(u16::from_be_bytes([b[8], b[9]]) & p::FLAG_READ_ONLY, p::FLAG_READ_ONLY);
-    s.write_all(&req(9, p::CMD_READ, 100, 50)).await.unwrap();
-    let mut r = [0u8; 16 + 50];
-    s.read_exact(&mut r).await.unwrap();
-    assert_eq!(u32::from_be_bytes(r[4..8].try_into().unwrap()), 0);
-    assert_eq!(&r[16..], &f.data[100..150]);
-    // ... and an unknown name there can only close the connection.
-    let mut s = connect(&sock).await;
-    option(&mut s, p::OPT_EXPORT_NAME, b"nosuch").await;
-    assert!(closed(&mut s).await);
-
-    // Bad option magic → closed.
-    let mut s = connect(&sock).await;
-    s.write_all(&[0x11u8; 16]).await.unwrap();
-    assert!(closed(&mut s).await);
-
-    // Random garbage after the greeting: never a hang, never a crash.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    for _ in 0..100 {
-        let mut s = UnixStream::connect(&sock).await.unwrap();
-        let n = rng.gen_range(0..300);
-        let mut junk = vec![0u8; n];
-        rng.fill_bytes(&mut junk);
-        if rng.gen_bool(0.5) && n >= 4 {
-            junk[..4].copy_from_slice(&3u32.to_be_bytes());
-            if n >= 12 {
-                junk[4..12].copy_from_slice(&p::IHAVEOPT.to_be_bytes());
-            }
-        }
-        let _ = s.write_all(&junk).await;
-        let _ = s.shutdown().await;
-        let mut sink = Vec::new();
-        let r = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut sink)).await;
-        assert!(r.is_ok(), "server did not close a connection fed garbage");
-    }
+    raw::bad_options_then_bad_requests(&f, &proxy, &sock).await;
+    raw::old_style_export_name(&f, &sock).await;
+    raw::bad_magic_and_garbage(&sock).await;
     // The server is still fine.
     nbdcopy_equals(&uri("raw", &sock), &f.path("out.raw"), &f.data).await;
 }
+
+/// Just enough NBD on a raw socket to send broken input (for the test above).
+#[path = "nbd_clients/raw.rs"]
+mod raw;
 
 /// The futures callers spawn (CLI, host agent) must be `Send`.
 #[allow(dead_code)]
@@ -723,14 +587,8 @@ async fn unix_socket_access_is_its_mode_and_group() {
         return;
     }
     let as_ids = |gid: &str| {
-        let args = vec![
-            "--reuid=65534".to_string(),
-            format!("--regid={gid}"),
-            "--clear-groups".into(),
-            "nbdinfo".into(),
-            "--size".into(),
-            u.clone(),
-        ];
+        let args =
+            ["--reuid=65534".to_string(), format!("--regid={gid}"), "--clear-groups".into(), "nbdinfo".into(), "--size".into(), u.clone()];
         async move { run("setpriv", &args.iter().map(String::as_str).collect::<Vec<_>>()).await }
     };
     let o = as_ids("65534").await;
@@ -769,22 +627,7 @@ async fn hot_pages_of_a_saved_ram_are_recorded_then_served_verified() {
 
     // First restore: pages 3 (chunk 0), 40 and 47 (chunk 2), 17 and 16 (chunk 1), 90 (a zero
     // chunk), read one by one as a lazily restored guest faults them.
-    let mut cfg = ProxyConfig::new(f.path("cache1"), 1 << 30);
-    cfg.ram_profile_window = Duration::from_secs(600);
-    cfg.ram_prefetch_concurrency = 0;
-    let proxy = BlockProxy::new(cfg, f.source()).unwrap();
-    let sock = f.path("nbd1.sock");
-    let _server = proxy.serve_unix(&sock).unwrap();
-    let u = uri(&format!("{image}/ram"), &sock);
-    let pages = [3u64, 40, 47, 17, 16, 90];
-    let mut args: Vec<String> = vec!["-r".into(), "-f".into(), "raw".into()];
-    for p in pages {
-        args.push("-c".into());
-        args.push(format!("read {} 4k", p * 4096));
-    }
-    args.push(u.clone());
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok("qemu-io", &a).await;
+    let _first = first_restore_reads_pages(&f, &image, &[3u64, 40, 47, 17, 16, 90]).await;
     // The export closed: the recording ends, the bundle and the profile are uploaded.
     let profile = uploaded_profile(&client, &image).await.expect("no profile was uploaded");
     assert_eq!(profile.hot_pages, 5, "the zero chunk's page is not a hot page: {profile:?}");
@@ -800,20 +643,62 @@ async fn hot_pages_of_a_saved_ram_are_recorded_then_served_verified() {
     }
 
     // A second host: the hot pages come from the bundle; their chunks are not fetched.
+    let _second = second_host_reads_hot_pages(&f, &image, &ram_chunks, &ram_data).await;
+
+    // A forged bundle (page 40 changed) is refused by the image server.
+    let mut forged_chunk = ram_data[2 * CHUNK as usize..3 * CHUNK as usize].to_vec();
+    forged_chunk[8 * 4096] ^= 0xff;
+    let forged = hotpages::encode(4096, CHUNK, &[hotpages::HotChunk { index: 2, data: &forged_chunk, pages: vec![8] }]).unwrap();
+    let e = client.put_hot_pages(&image, forged.clone().into()).await.unwrap_err();
+    assert!(e.to_string().contains("hot pages of image warm@1"), "{e}");
+    // Planted in the store behind the server's back: the next host refuses it and reads the
+    // chunk instead.
+    planted_bundle_is_refused(&f, &image, &forged, &ram_data).await;
+}
+
+/// A host reads `pages` of `image`'s saved RAM one by one (qemu-io over its NBD export), as a
+/// guest restored lazily on it faults them; it records them (a long recording window).
+async fn first_restore_reads_pages(f: &Fixture, image: &ImageRef, pages: &[u64]) -> (Arc<BlockProxy>, vgrid_blockproxy::ServerHandle) {
+    let mut cfg = ProxyConfig::new(f.path("cache1"), 1 << 30);
+    cfg.ram_profile_window = Duration::from_secs(600);
+    cfg.ram_prefetch_concurrency = 0;
+    let proxy = BlockProxy::new(cfg, f.source()).unwrap();
+    let sock = f.path("nbd1.sock");
+    let server = proxy.serve_unix(&sock).unwrap();
+    let u = uri(&format!("{image}/ram"), &sock);
+    let mut args: Vec<String> = vec!["-r".into(), "-f".into(), "raw".into()];
+    for p in pages {
+        args.push("-c".into());
+        args.push(format!("read {} 4k", p * 4096));
+    }
+    args.push(u.clone());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok("qemu-io", &a).await;
+    (proxy, server)
+}
+
+/// A second host loads `image`'s hot pages and serves them without fetching their chunks;
+/// other pages, and reads across hot and cold pages, go through the chunks, exact.
+async fn second_host_reads_hot_pages(
+    f: &Fixture,
+    image: &ImageRef,
+    ram_chunks: &[Option<vgrid_api::ChunkHash>],
+    ram_data: &[u8],
+) -> (Arc<BlockProxy>, vgrid_blockproxy::ServerHandle, Arc<vgrid_blockproxy::Export>) {
     let mut cfg = ProxyConfig::new(f.path("cache2"), 1 << 30);
     cfg.ram_prefetch_concurrency = 0;
     cfg.fetch_timeout = Duration::from_secs(30);
     let proxy2 = BlockProxy::new(cfg, f.source()).unwrap();
     let sock2 = f.path("nbd2.sock");
-    let _server2 = proxy2.serve_unix(&sock2).unwrap();
-    let _keep = proxy2.open_export(&format!("{image}/ram")).await.unwrap();
+    let server2 = proxy2.serve_unix(&sock2).unwrap();
+    let keep = proxy2.open_export(&format!("{image}/ram")).await.unwrap();
     for _ in 0..300 {
-        if proxy2.hot_pages_loaded(&image).is_some() {
+        if proxy2.hot_pages_loaded(image).is_some() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(proxy2.hot_pages_loaded(&image), Some(5));
+    assert_eq!(proxy2.hot_pages_loaded(image), Some(5));
     let u2 = uri(&format!("{image}/ram"), &sock2);
     let out = f.path("ram-pages.out");
     let mut args: Vec<String> = vec!["-f".into(), "raw".into(), "-r".into()];
@@ -843,18 +728,15 @@ async fn hot_pages_of_a_saved_ram_are_recorded_then_served_verified() {
     .await;
     assert!(o.status.success(), "{}", text(&o));
     assert!(std::fs::read(f.path("ram.out")).unwrap() == ram_data, "the saved RAM read back differs");
+    (proxy2, server2, keep)
+}
 
-    // A forged bundle (page 40 changed) is refused by the image server.
-    let mut forged_chunk = ram_data[2 * CHUNK as usize..3 * CHUNK as usize].to_vec();
-    forged_chunk[8 * 4096] ^= 0xff;
-    let forged = hotpages::encode(4096, CHUNK, &[hotpages::HotChunk { index: 2, data: &forged_chunk, pages: vec![8] }]).unwrap();
-    let e = client.put_hot_pages(&image, forged.clone().into()).await.unwrap_err();
-    assert!(e.to_string().contains("hot pages of image warm@1"), "{e}");
-    // Planted in the store behind the server's back: the next host refuses it and reads the
-    // chunk instead.
+/// A forged bundle planted in the image server's store behind its back: a new host refuses
+/// it and reads the right bytes from the chunks.
+async fn planted_bundle_is_refused(f: &Fixture, image: &ImageRef, forged: &[u8], ram_data: &[u8]) {
     let planted = f.path("store").join("profiles/warm/1.hot");
     assert!(planted.exists(), "the bundle's object is at {}", planted.display());
-    std::fs::write(&planted, &forged).unwrap();
+    std::fs::write(&planted, forged).unwrap();
     let mut cfg = ProxyConfig::new(f.path("cache3"), 1 << 30);
     cfg.ram_prefetch_concurrency = 0;
     let proxy3 = BlockProxy::new(cfg, f.source()).unwrap();
@@ -868,5 +750,5 @@ async fn hot_pages_of_a_saved_ram_are_recorded_then_served_verified() {
     .await;
     assert!(o.status.success(), "{}", text(&o));
     assert!(std::fs::read(f.path("ram3.out")).unwrap() == ram_data, "a planted bundle changed the bytes served");
-    assert_eq!(proxy3.hot_pages_loaded(&image), None);
+    assert_eq!(proxy3.hot_pages_loaded(image), None);
 }

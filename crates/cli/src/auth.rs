@@ -188,7 +188,8 @@ pub fn saved_token(base: &str) -> Option<String> {
 
 /// What signs the login challenge: a private key file, or a key held by the ssh-agent.
 enum Signer {
-    File(PathBuf, PrivateKey),
+    /// Boxed: a private key is large, and the enum is moved around.
+    File(PathBuf, Box<PrivateKey>),
     Agent(crate::sshagent::Identity, String),
 }
 
@@ -279,7 +280,7 @@ fn signers(key: Option<&Path>, force_agent: bool) -> anyhow::Result<(Vec<Signer>
             (Some(k), false) if k.is_encrypted() => {
                 format!("{} is encrypted with a passphrase and the ssh-agent does not hold it: ssh-add it", path.display())
             }
-            (Some(k), false) => return Ok((vec![Signer::File(path.clone(), k.clone())], agent)),
+            (Some(k), false) => return Ok((vec![Signer::File(path.clone(), Box::new(k.clone()))], agent)),
             (None, false) if agent.is_some() => {
                 format!("{} has only its public half here and the ssh-agent does not hold it: ssh-add its private key", path.display())
             }

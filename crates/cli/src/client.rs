@@ -22,7 +22,7 @@ impl Api {
         let token = crate::auth::saved_token(&base);
         // TLS to the coordinator trusts the CA pinned for it (pinned now at first contact); a
         // failure to pin is reported if the request then fails.
-        let trust_error = crate::trust::trust(&base).err().map(|e| format!("{e:#}"));
+        let trust_error = crate::trust::trust(&base).err().map(|e| crate::output::error_chain(&e));
         Api {
             base,
             http: vgrid_trust::tls::client_builder().build().expect("HTTP client"),

@@ -1,15 +1,19 @@
-//! `vgrid image ...`: import, list, inspect, export, remove, serve over NBD, stage, cache stats.
+//! `vgrid image ...`: import, list, inspect, export, remove, stage, cache stats (user
+//! commands; `vgrid image nbd` is a role launcher, in `roles.rs`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
+use futures::StreamExt;
 use vgrid_api::{Boot, ImageRef, Manifest};
+use vgrid_api::host::PullProgress;
 use vgrid_storeclient::import::{export_image, import_file, Format, ImportOptions};
 use vgrid_storeclient::StoreClient;
 
 use crate::output::{self, bytes, parse_size, print_json, progress_bar, table};
+use crate::store::{use_store_token, ServerArg};
 use crate::Ctx;
 
 #[derive(Subcommand, Debug)]
@@ -41,7 +45,7 @@ pub enum ImageCmd {
         server: ServerArg,
     },
     /// Serve images to any NBD client in the foreground (qemu-img, qemu-io, nbdinfo, nbdcopy, QEMU).
-    Nbd(NbdArgs),
+    Nbd(crate::roles::NbdArgs),
     /// Stage a whole image into the host's chunk cache (explicit transfer).
     Pull { image: String },
     /// The host chunk cache.
@@ -58,40 +62,6 @@ pub enum ImageCmd {
 pub enum CacheCmd {
     /// Hits, misses, bytes fetched and fetch latency of the host chunk cache.
     Stats,
-}
-
-/// Sends, from every image server client of this process, the login token image servers of
-/// the grid check with the coordinator (logging in with the local key when there is none); none
-/// when the coordinator cannot be reached (a standalone image server has no users).
-pub async fn use_store_token(ctx: &Ctx) {
-    let api = ctx.api();
-    // Asking who we are confirms the saved token (an unknown or expired one, e.g. from an
-    // earlier coordinator at this address, is replaced by a fresh login), so image servers are
-    // never handed a token the coordinator will not vouch for.
-    let token = match api.get::<vgrid_api::auth::UserInfo>("/api/v1/whoami").await {
-        Ok(_) => api.token(),
-        Err(e) => {
-            tracing::debug!(error = %e, "no login for the image servers");
-            None
-        }
-    };
-    vgrid_trust::tls::set_bearer(token);
-}
-
-#[derive(Args, Debug)]
-pub struct ServerArg {
-    /// Image server URL [default: the coordinator URL, which `vgrid up` also serves images on].
-    #[arg(long = "image-server", env = "VGRID_IMAGE_SERVER")]
-    pub image_server: Option<String>,
-}
-
-impl ServerArg {
-    async fn client(&self, ctx: &Ctx) -> anyhow::Result<StoreClient> {
-        let url = self.image_server.clone().unwrap_or_else(|| ctx.url.clone());
-        crate::trust::trust(&url)?;
-        use_store_token(ctx).await;
-        StoreClient::new(&url).map_err(|e| anyhow!("{e}"))
-    }
 }
 
 #[derive(Args, Debug)]
@@ -126,26 +96,6 @@ pub struct ImportArgs {
     /// (and admins) may use it.
     #[arg(long)]
     pub public: bool,
-    #[command(flatten)]
-    pub server: ServerArg,
-}
-
-#[derive(Args, Debug)]
-pub struct NbdArgs {
-    /// Export this image (NAME or NAME@VERSION); clients may also ask for any other image by name.
-    pub image: String,
-    /// Unix socket to listen on (clients: nbd+unix:///IMAGE?socket=PATH).
-    #[arg(long)]
-    pub socket: Option<PathBuf>,
-    /// TCP address to listen on as well (clients: nbd://ADDR/IMAGE).
-    #[arg(long)]
-    pub listen: Option<String>,
-    /// Host chunk cache directory [default: $XDG_CACHE_HOME/vgrid/nbd-cache].
-    #[arg(long)]
-    pub cache_dir: Option<PathBuf>,
-    /// Cache size bound; least recently used chunks are evicted beyond it.
-    #[arg(long, default_value = "10G", value_parser = parse_size)]
-    pub cache_size: u64,
     #[command(flatten)]
     pub server: ServerArg,
 }
@@ -236,8 +186,8 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             }
         }
         ImageCmd::Nbd(a) => return crate::roles::nbd(ctx, a).await,
-        ImageCmd::Pull { image } => crate::roles::pull(ctx, &image).await?,
-        ImageCmd::Cache(CacheCmd::Stats) => crate::roles::cache_stats(ctx).await?,
+        ImageCmd::Pull { image } => pull(ctx, &image).await?,
+        ImageCmd::Cache(CacheCmd::Stats) => cache_stats(ctx).await?,
         ImageCmd::BuildSample(a) => build_sample(ctx, a).await?,
         ImageCmd::Snapshot(a) => return crate::mobile::snapshot(ctx, a).await,
     }
@@ -407,4 +357,87 @@ async fn build_sample(ctx: &Ctx, a: BuildSampleArgs) -> anyhow::Result<()> {
 
 fn tempdir_path() -> PathBuf {
     std::env::temp_dir().join(format!("vgrid-build-{}", std::process::id()))
+}
+
+/// `vgrid image pull`: asks the host agent to stage an image, showing its progress.
+async fn pull(ctx: &Ctx, image: &str) -> anyhow::Result<()> {
+    let r: ImageRef = image.parse()?;
+    let api = ctx.api();
+    if api.token().is_none() {
+        crate::auth::login(&api, None, None).await?;
+    }
+    let resp = api
+        .request(reqwest::Method::POST, &format!("/host/v1/pull/{r}"))
+        .send()
+        .await
+        .map_err(|e| anyhow!("cannot reach the host agent at {}: {e}", api.base))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<vgrid_api::ErrorBody>(&body).map(|e| e.error).unwrap_or(body);
+        bail!("{msg} (HTTP {})", status.as_u16());
+    }
+    let pb = progress_bar(0, &format!("pulling {r}"));
+    if ctx.json {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut stream = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let mut last: Option<PullProgress> = None;
+    while let Some(b) = stream.next().await {
+        buf.extend_from_slice(&b.context("reading pull progress")?);
+        while let Some(i) = buf.iter().position(|&c| c == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let p: PullProgress = serde_json::from_slice(&line).context("malformed pull progress line")?;
+            if let Some(e) = &p.error {
+                pb.finish_and_clear();
+                bail!("pulling {r}: {e}");
+            }
+            pb.set_length(p.total);
+            pb.set_position(p.done);
+            last = Some(p);
+        }
+    }
+    pb.finish_and_clear();
+    let p = last.ok_or_else(|| anyhow!("pulling {r}: the host agent closed the connection without a result"))?;
+    if !p.finished {
+        bail!("pulling {r}: interrupted at {} of {}", bytes(p.done), bytes(p.total));
+    }
+    if ctx.json {
+        print_json(&p)?;
+    } else {
+        println!(
+            "pulled {}: {} staged, {} fetched from image servers in {:.1}s",
+            p.image.clone().unwrap_or_else(|| r.to_string()),
+            bytes(p.total),
+            bytes(p.fetched_bytes),
+            p.seconds
+        );
+    }
+    Ok(())
+}
+
+/// `vgrid image cache stats`: the host chunk cache's counters, from the host agent.
+async fn cache_stats(ctx: &Ctx) -> anyhow::Result<()> {
+    let s: serde_json::Value = ctx.api().get("/host/v1/cache/stats").await?;
+    if ctx.json {
+        return print_json(&s);
+    }
+    let n = |k: &str| s.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let (hits, misses) = (n("hits"), n("misses"));
+    let ratio = if hits + misses == 0 { 0.0 } else { 100.0 * hits as f64 / (hits + misses) as f64 };
+    println!("cache:          {} of {} in {} chunks", bytes(n("bytes_cached")), bytes(n("max_bytes")), n("chunks_cached"));
+    println!("hits / misses:  {hits} / {misses} ({ratio:.1}% hits), {} coalesced", n("coalesced"));
+    println!("fetched:        {} in {} fetches ({} failed)", bytes(n("bytes_fetched")), n("fetches"), n("fetch_errors"));
+    println!(
+        "fetch latency:  mean {:.2} ms, p50 < {:.2} ms, p99 < {:.2} ms",
+        f("fetch_latency_mean_ms"),
+        f("fetch_latency_p50_ms"),
+        f("fetch_latency_p99_ms")
+    );
+    println!("evictions:      {}", n("evictions"));
+    println!("prefetched:     {} chunks", n("prefetched"));
+    println!("corrupt chunks: {}", n("verify_failures"));
+    Ok(())
 }

@@ -12,6 +12,7 @@ mod mobile;
 mod output;
 mod roles;
 mod sshagent;
+mod store;
 mod trust;
 mod usage;
 mod vm;
@@ -97,7 +98,7 @@ pub fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", output::error_chain(&e));
             ExitCode::FAILURE
         }
     }

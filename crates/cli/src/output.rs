@@ -72,9 +72,55 @@ pub fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
     pb
 }
 
+/// An error and its causes, as `{:#}` prints them (`outer: cause: cause...`), leaving out a
+/// cause whose text is already part of what came before: the workspace's errors name their
+/// cause in their own message and also keep it as their `source`.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut s = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if s.is_empty() {
+            s = text;
+        } else if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error whose message is `text` (naming its cause or not), its cause its source.
+    #[derive(Debug)]
+    struct Failed {
+        text: String,
+        cause: std::io::Error,
+    }
+    impl std::fmt::Display for Failed {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.text)
+        }
+    }
+    impl std::error::Error for Failed {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.cause)
+        }
+    }
+
+    #[test]
+    fn error_chains_name_each_cause_once() {
+        let failed = |text: &str| Failed { text: text.into(), cause: std::io::Error::other("disk on fire") };
+        let e = anyhow::Error::new(failed("reading /x: disk on fire")).context("loading the config");
+        assert_eq!(format!("{e:#}"), "loading the config: reading /x: disk on fire: disk on fire");
+        assert_eq!(error_chain(&e), "loading the config: reading /x: disk on fire");
+        let e = anyhow::Error::new(failed("opaque failure")).context("saving");
+        assert_eq!(error_chain(&e), format!("{e:#}"));
+        assert_eq!(error_chain(&e), "saving: opaque failure: disk on fire");
+    }
+
     #[test]
     fn sizes() {
         assert_eq!(parse_size("256K").unwrap(), 262144);

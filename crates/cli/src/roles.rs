@@ -1,5 +1,5 @@
-//! Role launchers (`vgrid up`, `vgrid image-server`, `vgrid image nbd`) and the host-agent
-//! client commands (`image pull`, `image cache stats`).
+//! Role launchers: `vgrid up`, `vgrid coordinator`, `vgrid image-server`, `vgrid host` and
+//! `vgrid image nbd` (a block proxy in the foreground). User commands live in their own files.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
-use futures::StreamExt;
 use std::time::Duration;
 use vgrid_api::host::PullProgress;
 use vgrid_api::ImageRef;
@@ -23,8 +22,8 @@ use vgrid_trust::node::JoinToken;
 use vgrid_trust::tls::ProcessTls;
 use vgrid_trust::{Ca, NodeCert, NodeRole};
 
-use crate::image::NbdArgs;
-use crate::output::{bytes, parse_size, print_json, progress_bar};
+use crate::output::{bytes, parse_size};
+use crate::store::{use_store_token, ServerArg};
 use crate::Ctx;
 
 #[derive(Args, Debug)]
@@ -506,6 +505,26 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+#[derive(Args, Debug)]
+pub struct NbdArgs {
+    /// Export this image (NAME or NAME@VERSION); clients may also ask for any other image by name.
+    pub image: String,
+    /// Unix socket to listen on (clients: nbd+unix:///IMAGE?socket=PATH).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// TCP address to listen on as well (clients: nbd://ADDR/IMAGE).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Host chunk cache directory [default: $XDG_CACHE_HOME/vgrid/nbd-cache].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Cache size bound; least recently used chunks are evicted beyond it.
+    #[arg(long, default_value = "10G", value_parser = parse_size)]
+    pub cache_size: u64,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
 pub async fn nbd(ctx: &Ctx, a: NbdArgs) -> anyhow::Result<ExitCode> {
     if a.socket.is_none() && a.listen.is_none() {
         bail!("give --socket PATH and/or --listen ADDR to serve on");
@@ -514,12 +533,13 @@ pub async fn nbd(ctx: &Ctx, a: NbdArgs) -> anyhow::Result<ExitCode> {
     let url = a.server.image_server.clone().unwrap_or_else(|| ctx.url.clone());
     crate::trust::trust(&url)?;
     // The proxy's own fetches go out with the user's token too.
-    crate::image::use_store_token(ctx).await;
+    use_store_token(ctx).await;
     let client = StoreClient::new(&url).map_err(|e| anyhow!("{e}"))?;
     let m = client.manifest(&r).await.map_err(|e| anyhow!("{e}"))?;
     let cache_dir = a.cache_dir.unwrap_or_else(|| default_cache_dir().join("nbd-cache"));
-    let servers = vgrid_hostagent::agent::ServerList::new(vec![url]).map_err(|e| anyhow!("{e}"))?;
-    let proxy = vgrid_hostagent::agent::open_proxy(&cache_dir, a.cache_size, servers).await.map_err(|e| anyhow!("{e}"))?;
+    let servers = vgrid_blockproxy::Servers::from_urls(vec![url]).map_err(|e| anyhow!("image server {}: {e}", e.source_name()))?;
+    let proxy = vgrid_blockproxy::BlockProxy::new(vgrid_blockproxy::ProxyConfig::new(&cache_dir, a.cache_size), Arc::new(servers))
+        .map_err(|e| anyhow!("block proxy: {e}"))?;
     let mut handles = Vec::new();
     if let Some(sock) = &a.socket {
         let _ = std::fs::remove_file(sock);
@@ -541,85 +561,4 @@ pub async fn nbd(ctx: &Ctx, a: NbdArgs) -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_file(sock);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-pub async fn pull(ctx: &Ctx, image: &str) -> anyhow::Result<()> {
-    let r: ImageRef = image.parse()?;
-    let api = ctx.api();
-    if api.token().is_none() {
-        crate::auth::login(&api, None, None).await?;
-    }
-    let resp = api
-        .request(reqwest::Method::POST, &format!("/host/v1/pull/{r}"))
-        .send()
-        .await
-        .map_err(|e| anyhow!("cannot reach the host agent at {}: {e}", api.base))?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
-        let msg = serde_json::from_str::<vgrid_api::ErrorBody>(&body).map(|e| e.error).unwrap_or(body);
-        bail!("{msg} (HTTP {})", status.as_u16());
-    }
-    let pb = progress_bar(0, &format!("pulling {r}"));
-    if ctx.json {
-        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let mut stream = resp.bytes_stream();
-    let mut buf = Vec::new();
-    let mut last: Option<PullProgress> = None;
-    while let Some(b) = stream.next().await {
-        buf.extend_from_slice(&b.context("reading pull progress")?);
-        while let Some(i) = buf.iter().position(|&c| c == b'\n') {
-            let line: Vec<u8> = buf.drain(..=i).collect();
-            let p: PullProgress = serde_json::from_slice(&line).context("malformed pull progress line")?;
-            if let Some(e) = &p.error {
-                pb.finish_and_clear();
-                bail!("pulling {r}: {e}");
-            }
-            pb.set_length(p.total);
-            pb.set_position(p.done);
-            last = Some(p);
-        }
-    }
-    pb.finish_and_clear();
-    let p = last.ok_or_else(|| anyhow!("pulling {r}: the host agent closed the connection without a result"))?;
-    if !p.finished {
-        bail!("pulling {r}: interrupted at {} of {}", bytes(p.done), bytes(p.total));
-    }
-    if ctx.json {
-        print_json(&p)?;
-    } else {
-        println!(
-            "pulled {}: {} staged, {} fetched from image servers in {:.1}s",
-            p.image.clone().unwrap_or_else(|| r.to_string()),
-            bytes(p.total),
-            bytes(p.fetched_bytes),
-            p.seconds
-        );
-    }
-    Ok(())
-}
-
-pub async fn cache_stats(ctx: &Ctx) -> anyhow::Result<()> {
-    let s: serde_json::Value = ctx.api().get("/host/v1/cache/stats").await?;
-    if ctx.json {
-        return print_json(&s);
-    }
-    let n = |k: &str| s.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-    let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
-    let (hits, misses) = (n("hits"), n("misses"));
-    let ratio = if hits + misses == 0 { 0.0 } else { 100.0 * hits as f64 / (hits + misses) as f64 };
-    println!("cache:          {} of {} in {} chunks", bytes(n("bytes_cached")), bytes(n("max_bytes")), n("chunks_cached"));
-    println!("hits / misses:  {hits} / {misses} ({ratio:.1}% hits), {} coalesced", n("coalesced"));
-    println!("fetched:        {} in {} fetches ({} failed)", bytes(n("bytes_fetched")), n("fetches"), n("fetch_errors"));
-    println!(
-        "fetch latency:  mean {:.2} ms, p50 < {:.2} ms, p99 < {:.2} ms",
-        f("fetch_latency_mean_ms"),
-        f("fetch_latency_p50_ms"),
-        f("fetch_latency_p99_ms")
-    );
-    println!("evictions:      {}", n("evictions"));
-    println!("prefetched:     {} chunks", n("prefetched"));
-    println!("corrupt chunks: {}", n("verify_failures"));
-    Ok(())
 }

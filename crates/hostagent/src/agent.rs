@@ -10,12 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use vgrid_api::host::{HeartbeatReply, HostHeartbeat, LaunchRequest, Launched, PullProgress, VmReport, POWERDOWN_TIMEOUT};
-use vgrid_api::rest::BootProfile;
 use vgrid_api::vm::Forward;
 use vgrid_api::{Boot, ErrorBody, ImageRef};
-use vgrid_blockproxy::{BlockProxy, ProxyConfig, ServerHandle, Servers, SourceError, StoreSource};
+use vgrid_blockproxy::{BlockProxy, ProxyConfig, ServerHandle, Servers, SourceError};
 
 use crate::vm::{BootSource, DiskSource, ExitInfo, LaunchOptions, Vm, VmError, VmSpec};
 use crate::Accel;
@@ -43,8 +41,12 @@ pub struct AgentConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("image server {url}: {cause}")]
-    Source { url: String, cause: String },
+    #[error("image server {url}: {source}")]
+    Source {
+        url: String,
+        #[source]
+        source: SourceError,
+    },
     #[error("block proxy: {0}")]
     Proxy(#[from] vgrid_blockproxy::ProxyError),
     #[error(transparent)]
@@ -65,6 +67,13 @@ pub enum AgentError {
     QemuUser(#[from] crate::qemu_user::QemuUserError),
 }
 
+impl AgentError {
+    /// An image server of the list could not be used (its URL is the error's source name).
+    fn servers(source: SourceError) -> AgentError {
+        AgentError::Source { url: source.source_name().to_string(), source }
+    }
+}
+
 /// Where and how a host announces itself.
 #[derive(Debug, Clone)]
 pub struct Heartbeat {
@@ -79,83 +88,6 @@ pub struct Heartbeat {
     pub interval: Option<Duration>,
 }
 
-/// The image servers a host reads from, in order; replaced when the coordinator announces a
-/// different list at a heartbeat.
-pub struct ServerList {
-    urls: Mutex<Vec<String>>,
-    current: Mutex<Arc<Servers>>,
-}
-
-impl ServerList {
-    pub fn new(urls: Vec<String>) -> Result<Arc<Self>, AgentError> {
-        let servers = Self::build(&urls)?;
-        Ok(Arc::new(ServerList { urls: Mutex::new(urls), current: Mutex::new(Arc::new(servers)) }))
-    }
-
-    fn build(urls: &[String]) -> Result<Servers, AgentError> {
-        let mut sources: Vec<Box<dyn vgrid_blockproxy::ChunkSource>> = Vec::new();
-        for url in urls {
-            let s = StoreSource::from_url(url).map_err(|e| AgentError::Source { url: url.clone(), cause: e.to_string() })?;
-            sources.push(Box::new(s));
-        }
-        Ok(Servers::new(sources))
-    }
-
-    /// Replaces the list (no-op when unchanged).
-    pub fn set(&self, urls: Vec<String>) -> Result<(), AgentError> {
-        let mut cur = self.urls.lock().unwrap();
-        if *cur == urls {
-            return Ok(());
-        }
-        let servers = Self::build(&urls)?;
-        tracing::info!(servers = ?urls, "image servers changed");
-        *self.current.lock().unwrap() = Arc::new(servers);
-        *cur = urls;
-        Ok(())
-    }
-
-    pub fn urls(&self) -> Vec<String> {
-        self.urls.lock().unwrap().clone()
-    }
-
-    fn get(&self) -> Arc<Servers> {
-        self.current.lock().unwrap().clone()
-    }
-}
-
-impl vgrid_blockproxy::ChunkSource for ServerList {
-    fn manifest<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<vgrid_api::Manifest, SourceError>> {
-        let s = self.get();
-        Box::pin(async move { s.manifest(image).await })
-    }
-    fn chunk<'a>(&'a self, hash: &'a vgrid_api::ChunkHash, limit: usize) -> BoxFuture<'a, Result<Vec<u8>, SourceError>> {
-        let s = self.get();
-        Box::pin(async move { s.chunk(hash, limit).await })
-    }
-    fn profile<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {
-        let s = self.get();
-        Box::pin(async move { s.profile(image).await })
-    }
-    fn put_profile<'a>(&'a self, image: &'a ImageRef, profile: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
-        let s = self.get();
-        Box::pin(async move { s.put_profile(image, profile).await })
-    }
-    fn hot_pages<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<vgrid_blockproxy::source::ByteStream>, SourceError>> {
-        let s = self.get();
-        Box::pin(async move { s.hot_pages(image).await })
-    }
-    fn put_hot_pages<'a>(&'a self, image: &'a ImageRef, bundle: bytes::Bytes) -> BoxFuture<'a, Result<(), SourceError>> {
-        let s = self.get();
-        Box::pin(async move { s.put_hot_pages(image, bundle).await })
-    }
-    fn describe(&self) -> String {
-        self.get().describe()
-    }
-}
-
-/// Opens a block proxy over the cache in `cache_dir` that fetches from `servers` in order.
-pub async fn open_proxy(cache_dir: &Path, max_bytes: u64, servers: Arc<ServerList>) -> Result<Arc<BlockProxy>, AgentError> {
-    Ok(BlockProxy::new(ProxyConfig::new(cache_dir, max_bytes), servers)?)
 }
 
 struct Slot {
@@ -164,7 +96,7 @@ struct Slot {
 
 pub struct Agent {
     cfg: AgentConfig,
-    servers: Arc<ServerList>,
+    servers: Arc<Servers>,
     proxy: Arc<BlockProxy>,
     nbd_socket: PathBuf,
     nbd: Mutex<Option<ServerHandle>>,
@@ -192,8 +124,8 @@ impl Agent {
         };
         std::fs::create_dir_all(cfg.data_dir.join("vms")).map_err(|e| io("data directory", &cfg.data_dir, e))?;
         let qemu_user = crate::qemu_user::resolve(&cfg.qemu_user, &cfg.data_dir.join("vms"))?;
-        let servers = ServerList::new(cfg.image_servers.clone())?;
-        let proxy = open_proxy(&cfg.data_dir.join("cache"), cfg.cache_max_bytes, servers.clone()).await?;
+        let servers = Arc::new(Servers::from_urls(cfg.image_servers.clone()).map_err(AgentError::servers)?);
+        let proxy = BlockProxy::new(ProxyConfig::new(cfg.data_dir.join("cache"), cfg.cache_max_bytes), servers.clone())?;
         let nbd_socket = cfg.data_dir.join("nbd.sock");
         let _ = std::fs::remove_file(&nbd_socket);
         // QEMU (as its own user) connects to the proxy: the socket is for that user's group.
@@ -298,7 +230,7 @@ impl Agent {
     }
 
     /// The image servers this host reads from.
-    pub fn servers(&self) -> &Arc<ServerList> {
+    pub fn servers(&self) -> &Arc<Servers> {
         &self.servers
     }
 
@@ -690,7 +622,7 @@ impl Agent {
         }
         self.res.delivered(&body.usage);
         if !servers.is_empty() {
-            self.servers.set(servers).map_err(|e| e.to_string())?;
+            self.servers.set_urls(servers).map_err(|e| AgentError::servers(e).to_string())?;
         }
         Ok(reply)
     }

@@ -30,7 +30,7 @@ impl Ca {
         if crt.exists() || key.exists() {
             return Self::load(&crt, &key);
         }
-        let key_pair = KeyPair::generate().map_err(|e| TrustError::Cert(format!("making the CA key: {e}")))?;
+        let key_pair = KeyPair::generate().map_err(|e| TrustError::cert("making the CA key", e))?;
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "vgrid");
@@ -41,7 +41,7 @@ impl Ca {
         let now = time::OffsetDateTime::now_utc();
         p.not_before = now - time::Duration::hours(1);
         p.not_after = now + time::Duration::days(3650);
-        let cert = p.self_signed(&key_pair).map_err(|e| TrustError::Cert(format!("making the CA certificate: {e}")))?;
+        let cert = p.self_signed(&key_pair).map_err(|e| TrustError::cert("making the CA certificate", e))?;
         write_file(&key, &key_pair.serialize_pem(), 0o600)?;
         write_file(&crt, &cert.pem(), 0o644)?;
         tracing::info!(ca = %crt.display(), fingerprint = %fingerprint(cert.der()), "made the grid CA");
@@ -51,13 +51,17 @@ impl Ca {
     fn load(crt: &PathBuf, key: &PathBuf) -> Result<Ca, TrustError> {
         let cert_pem = read_file(crt)?;
         let key_pem = read_file(key)?;
-        let bad = |path: &PathBuf, cause: String| TrustError::File { path: path.display().to_string(), cause };
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(key, format!("not a private key: {e}")))?;
-        let cert_der = pem_to_der(&cert_pem).map_err(|e| bad(crt, e.to_string()))?;
-        let params = CertificateParams::from_ca_cert_pem(&cert_pem).map_err(|e| bad(crt, format!("not a CA certificate: {e}")))?;
-        let signer = params.self_signed(&key).map_err(|e| bad(crt, format!("cannot be used with its key: {e}")))?;
+        let path = |p: &PathBuf| p.display().to_string();
+        let bad = |p: &PathBuf, what: &'static str| {
+            let path = path(p);
+            move |e: rcgen::Error| TrustError::BadFileBecause { path, what, source: e.into() }
+        };
+        let key = KeyPair::from_pem(&key_pem).map_err(bad(key, "not a private key"))?;
+        let cert_der = pem_to_der(&cert_pem).map_err(|e| TrustError::InFile { path: path(crt), source: Box::new(e) })?;
+        let params = CertificateParams::from_ca_cert_pem(&cert_pem).map_err(bad(crt, "not a CA certificate"))?;
+        let signer = params.self_signed(&key).map_err(bad(crt, "cannot be used with its key"))?;
         if signer.der().is_empty() {
-            return Err(bad(crt, "empty certificate".into()));
+            return Err(TrustError::BadFile { path: path(crt), what: "empty certificate" });
         }
         Ok(Ca { cert_pem, cert_der, signer, key })
     }
@@ -94,19 +98,18 @@ impl Ca {
     /// A certificate and a new key for a node of this process (the coordinator itself, or
     /// every role of `vgrid up`), valid for `sans` (DNS names or IP addresses).
     pub fn issue_local(&self, name: &str, roles: &[NodeRole], sans: &[String]) -> Result<NodeCert, TrustError> {
-        let key = KeyPair::generate().map_err(|e| TrustError::Cert(format!("making a key: {e}")))?;
-        let p = CertificateParams::new(sans.to_vec()).map_err(|e| TrustError::Cert(format!("subject names {sans:?}: {e}")))?;
+        let key = KeyPair::generate().map_err(|e| TrustError::cert("making a key", e))?;
+        let p = CertificateParams::new(sans.to_vec()).map_err(|e| TrustError::cert(format!("subject names {sans:?}"), e))?;
         let cert = Self::node_params(p, name, roles)
             .signed_by(&key, &self.signer, &self.key)
-            .map_err(|e| TrustError::Cert(format!("signing {name}: {e}")))?;
+            .map_err(|e| TrustError::cert(format!("signing {name}"), e))?;
         Ok(NodeCert { cert_pem: cert.pem(), key_pem: key.serialize_pem(), ca_pem: self.cert_pem.clone() })
     }
 
     /// Signs a joining node's certificate request. The subject is set here (the CSR's is
     /// ignored); the DNS/IP names the node asks for are kept (at most 16, no wildcards).
     pub fn sign_request(&self, csr_pem: &str, name: &str, roles: &[NodeRole]) -> Result<String, TrustError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| TrustError::Cert(format!("malformed certificate request: {e}")))?;
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| TrustError::cert("malformed certificate request", e))?;
         let sans = &csr.params.subject_alt_names;
         if sans.len() > 16 {
             return Err(TrustError::Cert(format!("the request asks for {} names; at most 16", sans.len())));
@@ -124,7 +127,7 @@ impl Ca {
         p.subject_alt_names = sans.clone();
         let params = Self::node_params(p, name, roles);
         let cert =
-            params.signed_by(&csr.public_key, &self.signer, &self.key).map_err(|e| TrustError::Cert(format!("signing {name}: {e}")))?;
+            params.signed_by(&csr.public_key, &self.signer, &self.key).map_err(|e| TrustError::cert(format!("signing {name}"), e))?;
         Ok(cert.pem())
     }
 }
@@ -148,5 +151,29 @@ mod tests {
         assert!(ca.sign_request("garbage", "h1", &[NodeRole::Host]).is_err());
         let (wild, _) = crate::node::make_request("h2", &["*.example.org".into()]).unwrap();
         assert!(ca.sign_request(&wild, "h2", &[NodeRole::Host]).unwrap_err().to_string().contains("wildcard"));
+    }
+
+    #[test]
+    fn unusable_ca_files_are_named_with_their_cause_kept() {
+        use std::error::Error;
+        let d = tempfile::tempdir().unwrap();
+        let (crt, key) = (d.path().join("ca.crt"), d.path().join("ca.key"));
+        // One of the two missing: the file and the I/O error.
+        std::fs::write(&key, "garbage").unwrap();
+        let e = Ca::load_or_create(d.path(), "t").err().expect("refused");
+        assert!(matches!(&e, TrustError::File { path, .. } if path == &crt.display().to_string()), "{e}");
+        assert!(e.source().unwrap().downcast_ref::<std::io::Error>().is_some());
+        // Both there, the key unreadable: the file, what is wrong, and rcgen's error.
+        std::fs::write(&crt, "garbage").unwrap();
+        let e = Ca::load_or_create(d.path(), "t").err().expect("refused");
+        let cause = e.source().expect("the parser's error is kept").to_string();
+        assert_eq!(e.to_string(), format!("{}: not a private key: {cause}", key.display()));
+        // A good key beside a bad certificate: the file, then the certificate's own error.
+        let good = tempfile::tempdir().unwrap();
+        Ca::load_or_create(good.path(), "t").unwrap();
+        std::fs::copy(good.path().join("ca.key"), &key).unwrap();
+        let e = Ca::load_or_create(d.path(), "t").err().expect("refused");
+        assert_eq!(e.to_string(), format!("{}: certificate: no certificate in the PEM text", crt.display()));
+        assert_eq!(e.source().unwrap().to_string(), "certificate: no certificate in the PEM text");
     }
 }

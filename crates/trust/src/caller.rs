@@ -73,8 +73,13 @@ pub trait UserTokens: Send + Sync {
 /// Tokens checked by the coordinator at `url` (`GET /api/v1/whoami`), each answer kept 30 s.
 pub struct RemoteUsers {
     url: String,
-    cache: Mutex<HashMap<String, (Result<UserId, String>, Instant)>>,
+    /// By the token's SHA-256.
+    cache: Mutex<HashMap<String, Answer>>,
 }
+
+/// The coordinator's answer about a token (the user, or why not, as the 401 will say it) and
+/// when it came.
+type Answer = (Result<UserId, String>, Instant);
 
 const CACHE_FOR: Duration = Duration::from_secs(30);
 

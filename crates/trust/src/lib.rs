@@ -1,4 +1,7 @@
-//! Trust between vgrid's roles.
+//! Trust between vgrid's roles. This crate owns the grid CA, each node's certificate and key on
+//! disk, joining, every TLS setting of the process and telling who is calling (a node, a user,
+//! nobody: [`caller`]). It must never decide what a caller may do (each role's own rule), keep
+//! users or tokens (the coordinator does), or know about VMs, images or chunks.
 //!
 //! - [`ca`]: the grid's certificate authority, made by the coordinator on first start; it signs
 //!   the certificates of hosts and image servers that join with a one-time join token.
@@ -59,17 +62,94 @@ impl std::str::FromStr for NodeRole {
     }
 }
 
-/// Errors of certificate handling and joining; each names the file, peer or cause.
+/// Errors of certificate handling and joining; each names the file, peer or cause. Variants
+/// with a `String` only are refusals with no other error behind them.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
-    #[error("{path}: {cause}")]
-    File { path: String, cause: String },
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file that is there but unusable: `what` is wrong with it.
+    #[error("{path}: {what}")]
+    BadFile { path: String, what: &'static str },
+    /// A file that is there but unusable: `what` is wrong with it, and why.
+    #[error("{path}: {what}: {source}")]
+    BadFileBecause {
+        path: String,
+        what: &'static str,
+        #[source]
+        source: Cause,
+    },
+    /// A file whose content is refused (`source` says why).
+    #[error("{path}: {source}")]
+    InFile {
+        path: String,
+        #[source]
+        source: Box<TrustError>,
+    },
+    /// A certificate, key, request or join token is refused.
     #[error("certificate: {0}")]
     Cert(String),
+    /// Making, reading or signing a certificate, key or request failed at `what`.
+    #[error("certificate: {what}: {source}")]
+    CertFailed {
+        what: String,
+        #[source]
+        source: Cause,
+    },
+    /// A TLS setting or connection is refused.
     #[error("TLS: {0}")]
     Tls(String),
-    #[error("joining {url}: {cause}")]
-    Join { url: String, cause: String },
+    /// A TLS setting or connection failed at `what`.
+    #[error("TLS: {what}: {source}")]
+    TlsFailed {
+        what: String,
+        #[source]
+        source: Cause,
+    },
+    /// The TLS library refused a setting.
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// Serving over TLS failed.
+    #[error("TLS: {0}")]
+    Io(#[source] std::io::Error),
+    /// Joining was refused or went wrong: `why` (it may quote the coordinator's HTTP error
+    /// text, which is why it is text).
+    #[error("joining {url}: {why}")]
+    Join { url: String, why: String },
+    /// The coordinator's answer to a join is not what it must be.
+    #[error("joining {url}: malformed answer: {source}")]
+    JoinAnswer {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Joining failed while talking to the coordinator.
+    #[error("joining {url}: {source}")]
+    JoinFailed {
+        url: String,
+        #[source]
+        source: Cause,
+    },
+}
+
+/// The error behind a [`TrustError`], of whichever library.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+impl TrustError {
+    /// Making, reading or signing a certificate failed at `what` because of `e`.
+    pub(crate) fn cert(what: impl Into<String>, e: impl Into<Cause>) -> TrustError {
+        TrustError::CertFailed { what: what.into(), source: e.into() }
+    }
+
+    /// A TLS setting or connection failed at `what` because of `e`.
+    pub(crate) fn tls(what: impl Into<String>, e: impl Into<Cause>) -> TrustError {
+        TrustError::TlsFailed { what: what.into(), source: e.into() }
+    }
 }
 
 /// `sha256:` and the hex SHA-256 of a certificate's DER bytes: how CAs are pinned.
@@ -80,7 +160,7 @@ pub fn fingerprint(der: &[u8]) -> String {
 
 /// The DER bytes of the first certificate in a PEM text.
 pub fn pem_to_der(text: &str) -> Result<Vec<u8>, TrustError> {
-    let all = pem::parse_many(text).map_err(|e| TrustError::Cert(format!("malformed PEM: {e}")))?;
+    let all = pem::parse_many(text).map_err(|e| TrustError::cert("malformed PEM", e))?;
     all.into_iter()
         .find(|p| p.tag() == "CERTIFICATE")
         .map(|p| p.into_contents())
@@ -96,7 +176,7 @@ pub fn der_to_pem(der: &[u8]) -> String {
 pub(crate) fn write_file(path: &std::path::Path, text: &str, mode: u32) -> Result<(), TrustError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let err = |e: std::io::Error| TrustError::File { path: path.display().to_string(), cause: e.to_string() };
+    let err = |source| TrustError::File { path: path.display().to_string(), source };
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).map_err(err)?;
     }
@@ -108,5 +188,5 @@ pub(crate) fn write_file(path: &std::path::Path, text: &str, mode: u32) -> Resul
 }
 
 pub(crate) fn read_file(path: &std::path::Path) -> Result<String, TrustError> {
-    std::fs::read_to_string(path).map_err(|e| TrustError::File { path: path.display().to_string(), cause: e.to_string() })
+    std::fs::read_to_string(path).map_err(|source| TrustError::File { path: path.display().to_string(), source })
 }

@@ -7,7 +7,7 @@ use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 use vgrid_api::auth::{JoinReply, JoinRequest};
 
 use crate::tls::Peer;
-use crate::{fingerprint, pem_to_der, read_file, write_file, NodeRole, TrustError};
+use crate::{fingerprint, pem_to_der, read_file, write_file, Cause, NodeRole, TrustError};
 
 /// A node's certificate, its key and the CA that signed it (all PEM).
 #[derive(Clone)]
@@ -35,7 +35,7 @@ impl NodeCert {
             key_pem: read_file(&dir.join("node.key"))?,
             ca_pem: read_file(&dir.join("ca.crt"))?,
         };
-        n.peer().map_err(|e| TrustError::File { path: dir.join("node.crt").display().to_string(), cause: e.to_string() })?;
+        n.peer().map_err(|e| TrustError::InFile { path: dir.join("node.crt").display().to_string(), source: Box::new(e) })?;
         Ok(Some(n))
     }
 
@@ -57,13 +57,13 @@ impl NodeCert {
 
 /// A certificate request for `name` valid for `sans`, and its new private key (both PEM).
 pub fn make_request(name: &str, sans: &[String]) -> Result<(String, String), TrustError> {
-    let key = KeyPair::generate().map_err(|e| TrustError::Cert(format!("making a key: {e}")))?;
-    let mut p = CertificateParams::new(sans.to_vec()).map_err(|e| TrustError::Cert(format!("subject names {sans:?}: {e}")))?;
+    let key = KeyPair::generate().map_err(|e| TrustError::cert("making a key", e))?;
+    let mut p = CertificateParams::new(sans.to_vec()).map_err(|e| TrustError::cert(format!("subject names {sans:?}"), e))?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
     p.distinguished_name = dn;
-    let csr = p.serialize_request(&key).map_err(|e| TrustError::Cert(format!("making the certificate request: {e}")))?;
-    let pem = csr.pem().map_err(|e| TrustError::Cert(format!("encoding the certificate request: {e}")))?;
+    let csr = p.serialize_request(&key).map_err(|e| TrustError::cert("making the certificate request", e))?;
+    let pem = csr.pem().map_err(|e| TrustError::cert("encoding the certificate request", e))?;
     Ok((pem, key.serialize_pem()))
 }
 
@@ -110,10 +110,11 @@ impl std::str::FromStr for JoinToken {
 /// sends a certificate request for `name` with `roles`' first role, and returns the signed
 /// certificate with its key. Nothing is written; the caller saves it.
 pub async fn join(url: &str, token: &JoinToken, role: NodeRole, name: &str, sans: &[String]) -> Result<NodeCert, TrustError> {
-    let fail = |cause: String| TrustError::Join { url: url.to_string(), cause };
+    let fail = |why: String| TrustError::Join { url: url.to_string(), why };
+    let failed = |e: Cause| TrustError::JoinFailed { url: url.to_string(), source: e };
     let chain = {
         let url = url.to_string();
-        tokio::task::spawn_blocking(move || crate::tls::fetch_chain(&url)).await.map_err(|e| fail(e.to_string()))??
+        tokio::task::spawn_blocking(move || crate::tls::fetch_chain(&url)).await.map_err(|e| failed(e.into()))??
     };
     let ca_der = chain
         .iter()
@@ -128,21 +129,20 @@ pub async fn join(url: &str, token: &JoinToken, role: NodeRole, name: &str, sans
         .clone();
     let ca_pem = crate::der_to_pem(&ca_der);
     let client = crate::tls::client_builder_for(&ca_pem, None)
-        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| failed(e.into()))?
         .timeout(std::time::Duration::from_secs(30))
         .build()
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| failed(e.into()))?;
     let (csr, key_pem) = make_request(name, sans)?;
     let body = JoinRequest { token: token.credential.clone(), role: role.as_str().into(), name: name.into(), csr };
-    let resp =
-        client.post(format!("{}/api/v1/join", url.trim_end_matches('/'))).json(&body).send().await.map_err(|e| fail(e.to_string()))?;
+    let resp = client.post(format!("{}/api/v1/join", url.trim_end_matches('/'))).json(&body).send().await.map_err(|e| failed(e.into()))?;
     let status = resp.status();
-    let text = resp.text().await.map_err(|e| fail(e.to_string()))?;
+    let text = resp.text().await.map_err(|e| failed(e.into()))?;
     if !status.is_success() {
         let msg = serde_json::from_str::<vgrid_api::ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
         return Err(fail(format!("{msg} (HTTP {})", status.as_u16())));
     }
-    let reply: JoinReply = serde_json::from_str(&text).map_err(|e| fail(format!("malformed answer: {e}")))?;
+    let reply: JoinReply = serde_json::from_str(&text).map_err(|e| TrustError::JoinAnswer { url: url.to_string(), source: e })?;
     if fingerprint(&pem_to_der(&reply.ca)?) != token.ca_fingerprint {
         return Err(fail("the answer carries a different CA than the token names".into()));
     }

@@ -25,7 +25,7 @@ pub struct Peer {
 impl Peer {
     /// Reads name (CN) and roles (OU) from a certificate (already verified by the caller).
     pub fn from_der(der: &[u8]) -> Result<Peer, TrustError> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| TrustError::Cert(format!("malformed certificate: {e}")))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| TrustError::cert("malformed certificate", e))?;
         let subject = cert.subject();
         let name = subject
             .iter_common_name()
@@ -60,7 +60,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TrustError> {
-    let all = pem::parse_many(pem).map_err(|e| TrustError::Cert(format!("malformed PEM: {e}")))?;
+    let all = pem::parse_many(pem).map_err(|e| TrustError::cert("malformed PEM", e))?;
     let v: Vec<_> = all.into_iter().filter(|p| p.tag() == "CERTIFICATE").map(|p| CertificateDer::from(p.into_contents())).collect();
     if v.is_empty() {
         return Err(TrustError::Cert("no certificate in the PEM text".into()));
@@ -69,7 +69,7 @@ fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TrustError> {
 }
 
 fn key(pem: &str) -> Result<PrivateKeyDer<'static>, TrustError> {
-    let p = pem::parse(pem).map_err(|e| TrustError::Cert(format!("malformed PEM key: {e}")))?;
+    let p = pem::parse(pem).map_err(|e| TrustError::cert("malformed PEM key", e))?;
     match p.tag() {
         "PRIVATE KEY" => Ok(PrivateKeyDer::Pkcs8(p.into_contents().into())),
         "EC PRIVATE KEY" => Ok(PrivateKeyDer::Sec1(p.into_contents().into())),
@@ -81,7 +81,7 @@ fn key(pem: &str) -> Result<PrivateKeyDer<'static>, TrustError> {
 fn roots(ca_pem: &str) -> Result<RootCertStore, TrustError> {
     let mut r = RootCertStore::empty();
     for c in certs(ca_pem)? {
-        r.add(c).map_err(|e| TrustError::Cert(format!("the CA certificate is not usable: {e}")))?;
+        r.add(c).map_err(|e| TrustError::cert("the CA certificate is not usable", e))?;
     }
     Ok(r)
 }
@@ -93,29 +93,25 @@ pub fn server_config(node: &NodeCert) -> Result<Arc<ServerConfig>, TrustError> {
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&node.ca_pem)?), p.clone())
         .allow_unauthenticated()
         .build()
-        .map_err(|e| TrustError::Tls(format!("client verifier: {e}")))?;
+        .map_err(|e| TrustError::tls("client verifier", e))?;
     let mut chain = certs(&node.cert_pem)?;
     chain.extend(certs(&node.ca_pem)?);
     let mut cfg = ServerConfig::builder_with_provider(p)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TrustError::Tls(e.to_string()))?
+        .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key(&node.key_pem)?)
-        .map_err(|e| TrustError::Tls(format!("the node certificate and key do not fit: {e}")))?;
+        .map_err(|e| TrustError::tls("the node certificate and key do not fit", e))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
 
 /// The client side: servers verified against `ca_pem`; `identity` shown when asked.
 pub fn client_config(ca_pem: &str, identity: Option<&NodeCert>) -> Result<Arc<ClientConfig>, TrustError> {
-    let b = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TrustError::Tls(e.to_string()))?
-        .with_root_certificates(roots(ca_pem)?);
+    let b = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?.with_root_certificates(roots(ca_pem)?);
     let mut cfg = match identity {
         Some(n) => b
             .with_client_auth_cert(certs(&n.cert_pem)?, key(&n.key_pem)?)
-            .map_err(|e| TrustError::Tls(format!("the node certificate and key do not fit: {e}")))?,
+            .map_err(|e| TrustError::tls("the node certificate and key do not fit", e))?,
         None => b.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -265,11 +261,11 @@ pub async fn serve(
     app: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), TrustError> {
-    let l = TlsListener::new(tcp, server_config(&node)?).map_err(|e| TrustError::Tls(e.to_string()))?;
+    let l = TlsListener::new(tcp, server_config(&node)?).map_err(TrustError::Io)?;
     axum::serve(l, app.into_make_service_with_connect_info::<PeerInfo>())
         .with_graceful_shutdown(shutdown)
         .await
-        .map_err(|e| TrustError::Tls(format!("serving: {e}")))
+        .map_err(|e| TrustError::tls("serving", e))
 }
 
 /// Records what a server presents, accepting anything: only for pinning on first contact,
@@ -314,7 +310,7 @@ impl rustls::client::danger::ServerCertVerifier for Capture {
 
 /// `(host, port)` of an `https://` URL.
 pub fn host_port(url: &str) -> Result<(String, u16), TrustError> {
-    let u = reqwest::Url::parse(url).map_err(|e| TrustError::Tls(format!("{url:?} is not a URL: {e}")))?;
+    let u = reqwest::Url::parse(url).map_err(|e| TrustError::tls(format!("{url:?} is not a URL"), e))?;
     if u.scheme() != "https" {
         return Err(TrustError::Tls(format!("{url} is not an https:// URL")));
     }
@@ -334,22 +330,21 @@ pub fn fetch_chain(url: &str) -> Result<Vec<Vec<u8>>, TrustError> {
     let got = Arc::new(std::sync::Mutex::new(Vec::new()));
     let p = provider();
     let cfg = ClientConfig::builder_with_provider(p.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TrustError::Tls(e.to_string()))?
+        .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(Capture(got.clone(), p)))
         .with_no_client_auth();
-    let name = ServerName::try_from(host.clone()).map_err(|e| TrustError::Tls(format!("{host}: {e}")))?;
-    let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name).map_err(|e| TrustError::Tls(e.to_string()))?;
+    let name = ServerName::try_from(host.clone()).map_err(|e| TrustError::tls(host.clone(), e))?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name)?;
     let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
-        .map_err(|e| TrustError::Tls(format!("resolving {host}: {e}")))?
+        .map_err(|e| TrustError::tls(format!("resolving {host}"), e))?
         .next()
         .ok_or_else(|| TrustError::Tls(format!("{host} has no address")))?;
     let mut sock = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .map_err(|e| TrustError::Tls(format!("cannot reach {url}: {e}")))?;
+        .map_err(|e| TrustError::tls(format!("cannot reach {url}"), e))?;
     sock.set_read_timeout(Some(Duration::from_secs(10))).ok();
     while conn.is_handshaking() {
-        conn.complete_io(&mut sock).map_err(|e| TrustError::Tls(format!("TLS handshake with {url}: {e}")))?;
+        conn.complete_io(&mut sock).map_err(|e| TrustError::tls(format!("TLS handshake with {url}"), e))?;
     }
     conn.send_close_notify();
     let _ = conn.complete_io(&mut sock);

@@ -127,11 +127,13 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
-/// Why an expression was refused at compile time (an HTTP 400).
+/// Why an expression was refused at compile time (an HTTP 400). Wraps no other error: the
+/// CEL parser's diagnosis is kept as its message text, which goes to the client as is.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ExprError {
     #[error("{kind} is empty")]
     Empty { kind: ExprKind },
+    /// `message`: the parser's message for its first error (text, as the 400 carries it).
     #[error("{kind} is not valid CEL at {position}: {message}")]
     Syntax { kind: ExprKind, position: Position, message: String },
     #[error("{kind} uses unknown variable `{name}` at {position}; it may use only `{allowed}`")]
@@ -143,6 +145,17 @@ pub enum ExprError {
 }
 
 impl ExprError {
+    /// The kind of expression the error is in.
+    pub fn kind(&self) -> ExprKind {
+        match self {
+            ExprError::Empty { kind }
+            | ExprError::Syntax { kind, .. }
+            | ExprError::UnknownVariable { kind, .. }
+            | ExprError::UnknownField { kind, .. }
+            | ExprError::TooCostly { kind, .. } => *kind,
+        }
+    }
+
     /// Where the error is, if it is at one place.
     pub fn position(&self) -> Option<Position> {
         match self {

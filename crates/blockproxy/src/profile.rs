@@ -1,0 +1,157 @@
+//! Boot-profile recording: which chunks (and saved-RAM pages) an image version's first
+//! guests read, uploaded to the image server for later openings to prefetch.
+
+use crate::hot;
+use crate::service::{Shared, Uploads};
+use crate::source::ChunkSource;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vgrid_api::rest::BootProfile;
+use vgrid_api::{ImageRef, Manifest};
+
+/// A boot profile being recorded for one image version: the disk chunk indices read (by any
+/// export of that version) during the window after its first opening, in first-touch order.
+/// Uploaded when the window ends or the chunk limit is reached.
+pub(crate) struct Recording {
+    image: ImageRef,
+    manifest: Arc<Manifest>,
+    started: Instant,
+    window: Duration,
+    max: usize,
+    source: Arc<dyn ChunkSource>,
+    uploads: Arc<Uploads>,
+    /// For the hot-page bundle, made from the cache (weak: a recording must not keep a
+    /// stopped proxy's cache, and its directory lock, alive until its window ends).
+    shared: std::sync::Weak<Shared>,
+    /// Ends when its last export closes (a warm image: what its restored guest touched).
+    pub(crate) finish_on_close: bool,
+    state: Mutex<Option<RecState>>,
+}
+
+struct RecState {
+    chunks: Vec<u64>,
+    seen: HashSet<u64>,
+    /// Saved-RAM pages (of `HOT_PAGE_SIZE`) in first-touch order: a warm image's hot pages.
+    pages: Vec<u64>,
+    seen_pages: HashSet<u64>,
+}
+
+impl Recording {
+    /// Starts recording for `image`; a timer uploads the result when the window ends.
+    pub(crate) fn start(manifest: Arc<Manifest>, window: Duration, finish_on_close: bool, shared: &Arc<Shared>) -> Arc<Recording> {
+        let cfg = &shared.config;
+        let rec = Arc::new(Recording {
+            image: manifest.image_ref(),
+            manifest,
+            started: Instant::now(),
+            window,
+            max: cfg.profile_max_chunks.max(1),
+            source: shared.source.clone(),
+            uploads: shared.uploads.clone(),
+            shared: Arc::downgrade(shared),
+            finish_on_close,
+            state: Mutex::new(Some(RecState { chunks: Vec::new(), seen: HashSet::new(), pages: Vec::new(), seen_pages: HashSet::new() })),
+        });
+        tracing::info!(image = %rec.image, "recording boot profile for {} s", rec.window.as_secs());
+        let r = rec.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(r.window).await;
+            r.finish();
+        });
+        rec
+    }
+
+    /// Drops the recording without uploading it (the image has a profile already).
+    pub(crate) fn cancel(&self) {
+        self.state.lock().unwrap().take();
+    }
+
+    pub(crate) fn record(&self, first: u64, last: u64, is_zero: impl Fn(u64) -> bool) {
+        let mut g = self.state.lock().unwrap();
+        let Some(st) = g.as_mut() else { return };
+        let expired = self.started.elapsed() >= self.window;
+        if !expired {
+            for idx in first..=last {
+                if st.chunks.len() >= self.max {
+                    break;
+                }
+                if !is_zero(idx) && st.seen.insert(idx) {
+                    st.chunks.push(idx);
+                }
+            }
+        }
+        if expired || st.chunks.len() >= self.max {
+            drop(g);
+            self.finish();
+        }
+    }
+
+    /// Records saved-RAM pages `first..=last` (within the window, like chunks).
+    pub(crate) fn record_pages(&self, first: u64, last: u64) {
+        let mut g = self.state.lock().unwrap();
+        let Some(st) = g.as_mut() else { return };
+        if self.started.elapsed() >= self.window {
+            return;
+        }
+        for p in first..=last {
+            if st.pages.len() >= self.max * 16 {
+                break;
+            }
+            if st.seen_pages.insert(p) {
+                st.pages.push(p);
+            }
+        }
+    }
+
+    pub(crate) fn finish(&self) {
+        let Some(st) = self.state.lock().unwrap().take() else { return };
+        if st.chunks.is_empty() {
+            tracing::info!(image = %self.image, "no disk reads during the boot profile window; nothing recorded");
+            return;
+        }
+        let mut profile = BootProfile { chunks: st.chunks, hot_pages: 0 };
+        let shared = self.shared.clone();
+        let source = self.source.clone();
+        let manifest = self.manifest.clone();
+        let image = self.image.clone();
+        let uploads = self.uploads.clone();
+        let pages = st.pages;
+        uploads.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let upload = async move {
+            // A warm image: the RAM pages its guest touched go as a bundle of pages, and the
+            // profile keeps only the disk's chunks (the RAM chunks stay the fallback).
+            if let (false, Some(sh)) = (pages.is_empty(), shared.upgrade()) {
+                let m = manifest.clone();
+                let built = tokio::task::spawn_blocking(move || hot::build_bundle(&sh.cache, &m, &pages)).await.ok().flatten();
+                if let Some((bundle, n)) = built {
+                    let len = bundle.len();
+                    match source.put_hot_pages(&image, bundle).await {
+                        Ok(()) => {
+                            tracing::info!(image = %image, pages = n, bundle_bytes = len, "hot pages uploaded");
+                            profile.hot_pages = n;
+                            let disk = manifest.disk.chunks.len() as u64;
+                            profile.chunks.retain(|&i| i < disk);
+                        }
+                        Err(e) => tracing::warn!(image = %image, "hot pages upload failed (the profile keeps the RAM chunks): {e}"),
+                    }
+                }
+            }
+            match source.put_profile(&image, &profile).await {
+                Ok(()) => tracing::info!(image = %image, chunks = profile.chunks.len(), "boot profile uploaded"),
+                Err(e) => tracing::warn!(image = %image, "boot profile upload failed: {e}"),
+            }
+            uploads.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            uploads.done.notify_waiters();
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(upload);
+            }
+            Err(_) => {
+                self.uploads.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                tracing::warn!(image = %self.image, "boot profile dropped: no runtime to upload it")
+            }
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! The host table: host entries, their classes (hosts with equal static attributes), the
+//! image-cache index and the cached verdicts of classes and owner policies.
+
+use super::expr::{self, Expr};
+use super::types::{HostState, Placement, Reservation, ReservationId};
+use cel::common::value::Val;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+use vgrid_api::grid::{HostAd, PlacementRequest};
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(super) struct ClassKey {
+    pub(super) arch: String,
+    pub(super) accel: String,
+    pub(super) qemu_version: String,
+    pub(super) network_modes: Vec<String>,
+    pub(super) labels: BTreeMap<String, String>,
+    pub(super) cpus: u32,
+    pub(super) memory_mib: u64,
+    pub(super) policy: Option<String>,
+}
+
+impl ClassKey {
+    pub(super) fn of(ad: &HostAd) -> ClassKey {
+        ClassKey {
+            arch: ad.arch.clone(),
+            accel: ad.accel.clone(),
+            qemu_version: ad.qemu_version.clone(),
+            network_modes: ad.network_modes.clone(),
+            labels: ad.labels.clone(),
+            cpus: ad.cpus,
+            memory_mib: ad.memory_mib,
+            policy: ad.policy.clone(),
+        }
+    }
+}
+
+/// The fields of a request that an owner policy reads (the others are `None`): the policy's
+/// outcome is cached under it.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(super) struct RequestKey {
+    pub(super) policy: u64,
+    pub(super) user: Option<String>,
+    pub(super) image: Option<String>,
+    pub(super) cpus: Option<u32>,
+    pub(super) memory_mib: Option<u64>,
+}
+
+impl RequestKey {
+    pub(super) fn of(policy: &Expr, req: &PlacementRequest) -> RequestKey {
+        let reads = |f: &str| policy.fields.as_ref().is_none_or(|fs| fs.contains(f));
+        RequestKey {
+            policy: policy.id,
+            user: reads("user").then(|| req.user.clone()),
+            image: reads("image").then(|| req.image.clone()),
+            cpus: reads("cpus").then_some(req.cpus),
+            memory_mib: reads("memory_mib").then_some(req.memory_mib),
+        }
+    }
+}
+
+/// Why a class or host refuses (without the host name).
+#[derive(Debug)]
+pub(super) struct Refused {
+    pub(super) clause: String,
+    pub(super) detail: String,
+    pub(super) transient: bool,
+}
+
+/// The static verdict of a class for one request: `None` when feasible.
+pub(super) type Verdict = Option<Arc<Refused>>;
+
+/// A hasher for u64 ids (a multiply, as in FxHash): the id maps are on the hot path.
+#[derive(Default, Clone, Copy)]
+pub(super) struct IdHasher(u64);
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ *b as u64).wrapping_mul(0x51_7C_C1_B7_27_22_0A_95);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7C_C1_B7_27_22_0A_95);
+    }
+}
+pub(super) type IdMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<IdHasher>>;
+
+pub(super) struct Class {
+    pub(super) key: ClassKey,
+    pub(super) members: Vec<usize>,
+    /// `host` with the class attributes only.
+    pub(super) val: Box<dyn Val>,
+    pub(super) policy: Option<Arc<Expr>>,
+    /// Requirement expr id -> verdict of its class clauses.
+    pub(super) req_cache: IdMap<Verdict>,
+    /// Verdict for placement number `memo_epoch`.
+    pub(super) memo_epoch: u64,
+    pub(super) memo: Verdict,
+}
+
+pub(super) struct HostEntry {
+    pub(super) ad: HostAd,
+    pub(super) state: HostState,
+    pub(super) class: u32,
+    pub(super) reserved_cpus: u32,
+    pub(super) reserved_mem: u64,
+    /// Outstanding reservations on this host.
+    pub(super) held: Vec<ReservationId>,
+    /// `host` as CEL sees it (free figures after reservations); rebuilt when stale.
+    pub(super) val: Option<Box<dyn Val>>,
+}
+
+impl HostEntry {
+    pub(super) fn free_cpus(&self) -> u32 {
+        self.ad.free_cpus.saturating_sub(self.reserved_cpus)
+    }
+    pub(super) fn free_mem(&self) -> u64 {
+        self.ad.free_memory_mib.saturating_sub(self.reserved_mem)
+    }
+    pub(super) fn val(&mut self) -> &dyn Val {
+        if self.val.is_none() {
+            self.val = Some(host_value(&self.ad, self.free_cpus(), self.free_mem(), self.held.len() as u32));
+        }
+        self.val.as_deref().expect("set above")
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Inner {
+    pub(super) hosts: Vec<Option<HostEntry>>,
+    pub(super) free_slots: Vec<usize>,
+    pub(super) by_name: HashMap<String, usize>,
+    /// Classes by id (slots reused once empty).
+    pub(super) classes: Vec<Option<Class>>,
+    pub(super) free_classes: Vec<u32>,
+    pub(super) class_ids: HashMap<ClassKey, u32>,
+    /// Owner-policy outcomes by policy and the request fields it reads.
+    pub(super) policy_cache: HashMap<RequestKey, Verdict>,
+    /// image -> (1 - cached fraction, slot) of hosts holding some of it: best first.
+    pub(super) cached: HashMap<String, BTreeSet<(u32, usize)>>,
+    pub(super) reservations: IdMap<Reservation>,
+    pub(super) next_reservation: ReservationId,
+    pub(super) epoch: u64,
+    pub(super) rng: u64,
+}
+
+impl Inner {
+    pub(super) fn rand(&mut self) -> u64 {
+        // xorshift64*
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub(super) fn join_class(&mut self, key: ClassKey, slot: usize, policy: Option<Arc<Expr>>) -> u32 {
+        if let Some(&id) = self.class_ids.get(&key) {
+            if let Some(c) = self.classes.get_mut(id as usize).and_then(Option::as_mut) {
+                c.members.push(slot);
+                return id;
+            }
+        }
+        let id = match self.free_classes.pop() {
+            Some(id) => id,
+            None => {
+                self.classes.push(None);
+                (self.classes.len() - 1) as u32
+            }
+        };
+        let val = class_value(&key);
+        self.class_ids.insert(key.clone(), id);
+        self.classes[id as usize] =
+            Some(Class { key, members: vec![slot], val, policy, req_cache: IdMap::default(), memo_epoch: 0, memo: None });
+        id
+    }
+
+    pub(super) fn leave_class(&mut self, id: u32, slot: usize) {
+        let empty = match self.classes.get_mut(id as usize).and_then(Option::as_mut) {
+            Some(c) => {
+                if let Some(i) = c.members.iter().position(|&m| m == slot) {
+                    c.members.swap_remove(i);
+                }
+                c.members.is_empty()
+            }
+            None => false,
+        };
+        if empty {
+            if let Some(c) = self.classes[id as usize].take() {
+                self.class_ids.remove(&c.key);
+                self.free_classes.push(id);
+            }
+        }
+    }
+
+    pub(super) fn index_cache(&mut self, slot: usize) {
+        let Some(h) = self.hosts[slot].as_ref() else { return };
+        for (image, frac) in &h.ad.image_cache {
+            if *frac > 0.0 {
+                self.cached.entry(image.clone()).or_default().insert((cache_key(*frac), slot));
+            }
+        }
+    }
+
+    pub(super) fn unindex_cache(&mut self, slot: usize) {
+        let Some(h) = self.hosts[slot].as_ref() else { return };
+        for (image, frac) in &h.ad.image_cache {
+            if let Some(set) = self.cached.get_mut(image) {
+                set.remove(&(cache_key(*frac), slot));
+                if set.is_empty() {
+                    self.cached.remove(image);
+                }
+            }
+        }
+    }
+
+    /// Holds the request's cpus and memory on the host in `slot`.
+    pub(super) fn reserve(&mut self, slot: usize, req: &PlacementRequest) -> Placement {
+        let id = self.next_reservation;
+        self.next_reservation += 1;
+        let h = self.hosts[slot].as_mut().expect("chosen slot");
+        h.reserved_cpus += req.cpus;
+        h.reserved_mem += req.memory_mib;
+        h.held.push(id);
+        h.val = None;
+        let placement = Placement { host: h.ad.name.clone(), url: h.ad.url.clone(), reservation: id };
+        self.reservations.insert(
+            id,
+            Reservation {
+                id,
+                host: h.ad.name.clone(),
+                cpus: req.cpus,
+                memory_mib: req.memory_mib,
+                confirmed: false,
+                since: Instant::now(),
+                slot,
+            },
+        );
+        placement
+    }
+
+    pub(super) fn drop_reservation(&mut self, id: ReservationId) -> Option<Reservation> {
+        let r = self.reservations.remove(&id)?;
+        if let Some(h) = self.hosts.get_mut(r.slot).and_then(Option::as_mut) {
+            h.reserved_cpus = h.reserved_cpus.saturating_sub(r.cpus);
+            h.reserved_mem = h.reserved_mem.saturating_sub(r.memory_mib);
+            if let Some(i) = h.held.iter().position(|&x| x == id) {
+                h.held.swap_remove(i);
+            }
+            h.val = None;
+        }
+        Some(r)
+    }
+
+    pub(super) fn class(&self, id: u32) -> Option<&Class> {
+        self.classes.get(id as usize).and_then(Option::as_ref)
+    }
+}
+
+pub(super) fn class_value(k: &ClassKey) -> Box<dyn Val> {
+    use expr::val;
+    val::map(vec![
+        ("arch", val::string(&k.arch)),
+        ("accel", val::string(&k.accel)),
+        ("qemu_version", val::string(&k.qemu_version)),
+        ("network_modes", val::strings(&k.network_modes)),
+        ("labels", val::string_map(&k.labels)),
+        ("cpus", val::int(k.cpus as u64)),
+        ("memory_mib", val::int(k.memory_mib)),
+    ])
+}
+
+pub(super) fn host_value(ad: &HostAd, free_cpus: u32, free_mem: u64, reservations: u32) -> Box<dyn Val> {
+    use expr::val;
+    val::map(vec![
+        ("name", val::string(&ad.name)),
+        ("url", val::string(&ad.url)),
+        ("arch", val::string(&ad.arch)),
+        ("accel", val::string(&ad.accel)),
+        ("qemu_version", val::string(&ad.qemu_version)),
+        ("network_modes", val::strings(&ad.network_modes)),
+        ("labels", val::string_map(&ad.labels)),
+        ("cpus", val::int(ad.cpus as u64)),
+        ("memory_mib", val::int(ad.memory_mib)),
+        ("free_cpus", val::int(free_cpus as u64)),
+        ("free_memory_mib", val::int(free_mem)),
+        ("load_avg", val::double(ad.load_avg)),
+        ("load_now", val::double(ad.load_now)),
+        ("load_predicted", val::double(ad.load_predicted)),
+        ("cpu_cap", val::double(ad.cpu_cap)),
+        ("free_cpu_share", val::double(ad.free_cpu_share)),
+        ("cgroups", val::string(&ad.cgroups)),
+        ("running_vms", val::int(ad.running_vms.saturating_add(reservations) as u64)),
+        ("image_cache", val::double_map(&ad.image_cache)),
+    ])
+}
+
+/// Orders a host in an image's cache index: most cached first.
+pub(super) fn cache_key(frac: f64) -> u32 {
+    let f = if frac.is_finite() { frac.clamp(0.0, 1.0) } else { 0.0 };
+    ((1.0 - f) * 1_000_000.0) as u32
+}
