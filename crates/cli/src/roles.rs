@@ -9,7 +9,6 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use std::time::Duration;
-use vgrid_api::host::PullProgress;
 use vgrid_api::ImageRef;
 use vgrid_coordinator::hosts::Registry;
 use vgrid_coordinator::join::Joins;

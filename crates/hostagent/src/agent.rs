@@ -88,8 +88,6 @@ pub struct Heartbeat {
     pub interval: Option<Duration>,
 }
 
-}
-
 struct Slot {
     vm: Arc<Vm>,
 }
