@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::manifest::{validate_name, ImageRef, ManifestError};
-use crate::net::{Forward, NetConfig};
+use crate::net::{Forward, NetConfig, NetError};
 use crate::vm::VmCreate;
 
 /// The CFS period used when a CPU share is given without a period, in microseconds.
@@ -77,14 +77,8 @@ pub enum ConfigError {
     MemoryLimit { value: u64 },
     #[error("disk limits must be positive (leave them out for no limit)")]
     DiskLimits,
-    #[error("invalid forward {value:?}: expected HOSTPORT:GUESTPORT")]
-    ForwardSyntax { value: String },
-    #[error("invalid port {port:?} in forward {value:?}: expected 1-65535")]
-    ForwardPortText { port: String, value: String },
-    #[error("port forward {host}->{guest}: ports must be 1-65535")]
-    ForwardPort { host: u16, guest: u16 },
-    #[error("host port {port} is forwarded twice")]
-    ForwardTwice { port: u16 },
+    #[error(transparent)]
+    Net(#[from] NetError),
 }
 
 /// A CPU reservation that cannot be enforced as given.
@@ -283,7 +277,7 @@ impl VmConfig {
         check_memory(self.memory_mib)?;
         validate_name(&self.boot.image.name)?;
         self.resources.validate()?;
-        self.net.validate()
+        Ok(self.net.validate()?)
     }
 }
 

@@ -97,7 +97,7 @@ pub struct HostRecord {
     pub state: HostState,
     /// Seconds since its last heartbeat.
     pub last_seen_secs: f64,
-    pub vms: Vec<crate::host::VmReport>,
+    pub vms: Vec<VmReport>,
     /// QEMUs the host runs that the coordinator has no record of (never killed by vgrid:
     /// an operator decides).
     #[serde(default)]
@@ -170,4 +170,15 @@ pub(crate) mod tests {
         let f = Future { host: "h1".into(), state: HostState::Ready, could_start: false, why_not: Some("x".into()) };
         assert_eq!(serde_json::to_value(&f).unwrap()["state"], "ready");
     }
+}
+
+/// A VM a host runs, as reported in its heartbeat (and `GET /host/v1/vms`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmReport {
+    pub id: String,
+    pub pid: u32,
+    /// Being received by a live migration (not yet this host's: the coordinator's record
+    /// still names the source).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub incoming: bool,
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::grid::HostAd;
+pub use crate::grid::VmReport;
 use crate::net::Forward;
 use crate::usage::VmUsageReport;
 use crate::vm::{Accel, Resources, VmConfig};
@@ -172,17 +173,6 @@ pub struct VmExit {
     /// Whether this host had the VM (false: it does not know it, e.g. it restarted without it).
     #[serde(default)]
     pub present: bool,
-}
-
-/// A VM a host runs, as reported in its heartbeat (and `GET /host/v1/vms`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct VmReport {
-    pub id: String,
-    pub pid: u32,
-    /// Being received by a live migration (not yet this host's: the coordinator's record
-    /// still names the source).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub incoming: bool,
 }
 
 /// A line of `POST /host/v1/pull/{image}`'s NDJSON answer.

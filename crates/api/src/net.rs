@@ -5,7 +5,18 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::config::ConfigError;
+/// What is wrong with a VM's networking; each error names the value and what is allowed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NetError {
+    #[error("invalid forward {value:?}: expected HOSTPORT:GUESTPORT")]
+    ForwardSyntax { value: String },
+    #[error("invalid port {port:?} in forward {value:?}: expected 1-65535")]
+    ForwardPortText { port: String, value: String },
+    #[error("port forward {host}->{guest}: ports must be 1-65535")]
+    ForwardPort { host: u16, guest: u16 },
+    #[error("host port {port} is forwarded twice")]
+    ForwardTwice { port: u16 },
+}
 
 /// The network interfaces of a VM, in guest order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -40,14 +51,14 @@ impl NetConfig {
     }
 
     /// Static checks: every port in 1-65535, no host port forwarded twice.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), NetError> {
         let mut seen = std::collections::HashSet::new();
         for f in self.forwards() {
             if f.host == 0 || f.guest == 0 {
-                return Err(ConfigError::ForwardPort { host: f.host, guest: f.guest });
+                return Err(NetError::ForwardPort { host: f.host, guest: f.guest });
             }
             if !seen.insert(f.host) {
-                return Err(ConfigError::ForwardTwice { port: f.host });
+                return Err(NetError::ForwardTwice { port: f.host });
             }
         }
         Ok(())
@@ -74,15 +85,12 @@ pub struct Forward {
 }
 
 impl std::str::FromStr for Forward {
-    type Err = ConfigError;
+    type Err = NetError;
     /// `HOSTPORT:GUESTPORT`, both 1-65535.
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
-        let (h, g) = s.split_once(':').ok_or_else(|| ConfigError::ForwardSyntax { value: s.to_string() })?;
+    fn from_str(s: &str) -> Result<Self, NetError> {
+        let (h, g) = s.split_once(':').ok_or_else(|| NetError::ForwardSyntax { value: s.to_string() })?;
         let port = |p: &str| {
-            p.parse::<u16>()
-                .ok()
-                .filter(|&v| v != 0)
-                .ok_or_else(|| ConfigError::ForwardPortText { port: p.to_string(), value: s.to_string() })
+            p.parse::<u16>().ok().filter(|&v| v != 0).ok_or_else(|| NetError::ForwardPortText { port: p.to_string(), value: s.to_string() })
         };
         Ok(Forward { host: port(h)?, guest: port(g)? })
     }
