@@ -606,7 +606,12 @@ fn resume_rechecks_quota_and_port_forwards() {
 fn restart_host(g: &mut Grid, i: usize, name: &str, env: &[(&str, &str)]) {
     g.hosts[i].kill();
     let data = g.dir.path().join(name);
-    let log = g.dir.path().join(format!("{name}-restarted.log"));
+    // Each restart logs to a file of its own: what an earlier agent logged (e.g. an upload it
+    // made before it was killed) stays readable.
+    let log = (1..)
+        .map(|n| g.dir.path().join(if n == 1 { format!("{name}-restarted.log") } else { format!("{name}-restarted-{n}.log") }))
+        .find(|p| !p.exists())
+        .unwrap();
     g.hosts[i] = Role::start_env(
         &["host", "--coordinator", &g.coordinator.url, "--listen", "127.0.0.1:0", "--name", name, "--data-dir", data.to_str().unwrap()],
         log,
