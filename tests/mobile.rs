@@ -244,127 +244,12 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
     let id = vm["id"].as_str().unwrap().to_string();
     assert_eq!(vm["host"], "h1");
     let d1 = g.runtime_dir("h1", &id);
-
-    // A file on the disk (not synced: it may live only in the guest's page cache) and one in
-    // tmpfs, then the counter.
-    {
-        let _c = type_on_console(
-            &d1,
-            "echo disk-before-suspend > /mnt/mobile.txt; echo tmp-before-suspend > /tmp/mobile.txt; echo files-written",
-        );
-        wait_console(&d1, "files written", Duration::from_secs(60), |c| c.contains("files-written\r\n") || c.contains("files-written\n"));
-    }
-    {
-        let _c = type_on_console(&d1, "i=0; while true; do i=$((i+1)); echo count=$i; sleep 1; done &");
-        wait_console(&d1, "count=3", Duration::from_secs(120), |c| counts(c).contains(&3));
-    }
-
-    // Image server down: the suspend fails and the guest keeps running and counting.
-    g.server.take().unwrap().kill();
-    let o = g.cli(&["vm", "suspend", &id]);
-    assert!(!o.status.success(), "suspend with the image server down must fail");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("keeps running"), "{err}");
-    assert_eq!(g.json(&["vm", "show", &id])["state"], "running", "{err}");
-    let before = counts(&console_text(&d1)).last().copied().unwrap();
-    wait_console(&d1, "the count to go on after the failed suspend", Duration::from_secs(120), |c| {
-        counts(c).last().copied().unwrap_or(0) >= before + 2
-    });
-
-    // A coordinator that dies while the host is saving (here: retrying the dead image server)
-    // settles the VM when it comes back: the save failed, so it is running again.
-    let suspender = {
-        let url = g.coordinator.url.clone();
-        let id = id.clone();
-        std::thread::spawn(move || Command::new(vgrid_bin()).args(["vm", "suspend", &id]).env("VGRID_URL", url).output().unwrap())
-    };
-    g.wait_until("the VM to be suspending", Duration::from_secs(30), || g.json(&["vm", "show", &id])["state"] == "suspending");
-    g.coordinator.kill();
-    let _ = suspender.join();
-    let listen = g.coordinator.url.trim_start_matches("https://").to_string();
+    write_files_and_count(&d1);
+    suspend_fails_while_the_server_is_down(&mut g, &id, &d1);
     let coord_data = g.dir.path().join("coord");
-    g.coordinator = Role::start(
-        &[
-            "coordinator",
-            "--listen",
-            &listen,
-            "--data-dir",
-            coord_data.to_str().unwrap(),
-            "--heartbeat-interval",
-            "1",
-            "--lost-after-beats",
-            "3",
-        ],
-        g.dir.path().join("coord2.log"),
-    );
-    g.wait_until("the interrupted suspend to settle", Duration::from_secs(60), || {
-        let v = g.json(&["vm", "show", &id]);
-        v["state"] == "running" && v["reason"].as_str().unwrap_or("").contains("did not complete")
-    });
-    let before = counts(&console_text(&d1)).last().copied().unwrap();
-    wait_console(&d1, "the count to go on after the interrupted suspend", Duration::from_secs(120), |c| {
-        counts(c).last().copied().unwrap_or(0) >= before + 2
-    });
-
-    // The server is back (same data, new port): the hosts learn its URL at their next beats.
-    g.start_server();
-    let url = g.server_url();
-    g.wait_until("the hosts to know the new image server URL", Duration::from_secs(30), || {
-        std::fs::read_to_string(g.dir.path().join("h1.log")).unwrap_or_default().contains(&url)
-            || g.json(&["host", "ls"]).is_array() && {
-                String::from_utf8_lossy(&api_get(&g.coordinator.url, "/api/v1/image-servers")).contains(&url)
-            }
-    });
-    std::thread::sleep(Duration::from_secs(3));
-    let s = g.json(&["vm", "suspend", &id]);
-    assert_eq!(s["vm"]["state"], "suspended", "{s}");
-    let saved = s["saved"]["image"].as_str().unwrap().to_string();
-    assert_eq!(saved, format!("{id}.saved@1"));
-    assert_eq!(s["saved"]["parent"], "sample@1");
-    assert!(s["saved"]["disk_chunks_new"].as_u64().unwrap() >= 1, "the file written to /mnt changed the disk: {s}");
-    assert!(s["saved"]["disk_chunks_new"].as_u64().unwrap() < s["saved"]["disk_chunks_total"].as_u64().unwrap());
-    let last_on_h1 = counts(&console_text(&d1)).last().copied().unwrap();
-    // h1 is free: no QEMU, no VM in its report.
-    g.wait_until("h1 to report no VM", Duration::from_secs(20), || {
-        g.json(&["host", "show", "h1"])["vms"].as_array().map(|a| a.is_empty()) == Some(true)
-    });
-    let manifest = g.json(&["image", "show", &saved, "--image-server", &url]);
-    assert!(manifest["state"]["blob"]["size"].as_u64().unwrap() > 0, "{manifest}");
-    assert_eq!(manifest["state"]["meta"]["memory_mib"], 256);
-
-    // Resume on h2: the count continues; both files are there; no boot.
-    let r = g.json(&["vm", "resume", &id, "--host", "h2", "--timeout", "300"]);
-    assert_eq!(r["state"], "running", "{r}");
-    assert_eq!(r["host"], "h2");
-    let d2 = g.runtime_dir("h2", &id);
-    let c2 = wait_console(&d2, "the count to go on on h2", Duration::from_secs(120), |c| counts(c).len() >= 2);
-    let first_on_h2 = counts(&c2)[0];
-    assert!(
-        first_on_h2 >= last_on_h1 && first_on_h2 <= last_on_h1 + 2,
-        "the count must continue where it stopped: last on h1 {last_on_h1}, first on h2 {first_on_h2}"
-    );
-    g.wait_until("h1 to drop the old runtime directory", Duration::from_secs(20), || !d1.exists());
-    let _c = type_on_console(&d2, "cat /mnt/mobile.txt /tmp/mobile.txt");
-    let c2 = wait_console(&d2, "the files on h2", Duration::from_secs(60), |c| c.contains("tmp-before-suspend"));
-    assert!(c2.contains("disk-before-suspend"), "{c2}");
-    assert!(!c2.contains(BOOTED_MARKER) && !c2.contains(DISK_MARKER), "the guest booted instead of resuming:\n{c2}");
-
-    // The resumed VM (QEMU started without a kernel: it is in the restored memory) migrates
-    // live back to h1, whose QEMU also starts without one; the count goes on there.
-    let m = g.json(&["vm", "migrate", &id, "--to", "h1", "--timeout", "240"]);
-    assert_eq!(m["migration"]["status"], "completed", "{m}");
-    assert_eq!(m["host"], "h1", "{m}");
-    let d1 = g.runtime_dir("h1", &id);
-    let n = counts(&console_text(&d1)).len();
-    wait_console(&d1, "the count to go on on h1 after the migration", Duration::from_secs(120), |c| counts(c).len() >= n + 2);
-    // The disk is the saved image's (with the write from before the suspend), read back with
-    // the page cache dropped.
-    {
-        let _c = type_on_console(&d1, "echo 3 > /proc/sys/vm/drop_caches; echo read-$(cat /mnt/mobile.txt)");
-        wait_console(&d1, "the disk file on h1", Duration::from_secs(60), |c| c.contains("read-disk-before-suspend"));
-    }
-    let spec = std::fs::read_to_string(d1.join("spec.json")).unwrap();
-    assert!(spec.contains("\"restore\""), "{spec}");
+    interrupted_suspend_settles(&mut g, &id, &d1, &coord_data);
+    let (url, last_on_h1) = suspend_with_the_server_back(&mut g, &id, &d1);
+    resume_on_h2_and_migrate_back(&g, &id, &d1, last_on_h1);
 
     // A suspended VM cannot be stopped; a running one cannot be resumed.
     let o = g.cli(&["vm", "resume", &id]);
@@ -385,65 +270,197 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
             let s = g.json(&["vm", "suspend", &id]);
             assert_eq!(s["vm"]["state"], "suspended", "{s}");
         }
-        let before = g.runtime_dir(if host == "h2" { "h1" } else { "h2" }, &id);
-        let last = counts(&console_text(&before)).last().copied().unwrap();
-        let hpid = g.hosts[if host == "h1" { 0 } else { 1 }].child.as_ref().unwrap().id().to_string();
-        if !arrived {
-            assert!(Command::new("kill").args(["-STOP", &hpid]).status().unwrap().success());
-        }
-        let token = json_at(&g.coordinator.url, &["login"])["token"].as_str().unwrap().to_string();
-        let asked = std::time::SystemTime::now() - Duration::from_secs(1);
-        let o = curl_for(&g.coordinator.url)
-            .args(["-X", "POST", "-H", &format!("authorization: Bearer {token}"), "-H", "content-type: application/json"])
-            .args(["-d", &format!(r#"{{"host":"{host}"}}"#), &format!("{}/api/v1/vms/{id}/resume", g.coordinator.url)])
-            .output()
-            .unwrap();
-        let answer = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert!(answer.contains("\"pending\"") || answer.contains("\"starting\"") || answer.contains("\"running\""), "{answer}");
-        let dir = g.runtime_dir(host, &id);
-        if arrived {
-            // This launch's spec (the VM ran on this host before: an older one may be there).
-            g.wait_until("the launch to reach the host", Duration::from_secs(30), || {
-                std::fs::metadata(dir.join("spec.json")).and_then(|m| m.modified()).is_ok_and(|t| t >= asked)
-            });
-        } else {
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        g.coordinator.kill();
-        if !arrived {
-            assert!(Command::new("kill").args(["-CONT", &hpid]).status().unwrap().success());
-        }
-        let listen = g.coordinator.url.trim_start_matches("https://").to_string();
-        let log = g.dir.path().join(format!("coord{n}.log"));
-        g.coordinator = Role::start(
-            &[
-                "coordinator",
-                "--listen",
-                &listen,
-                "--data-dir",
-                coord_data.to_str().unwrap(),
-                "--heartbeat-interval",
-                "1",
-                "--lost-after-beats",
-                "3",
-            ],
-            log.clone(),
-        );
-        g.wait_until("the interrupted resume to settle", Duration::from_secs(120), || {
-            let v = g.json(&["vm", "show", &id]);
-            assert_ne!(v["state"], "failed", "{v}");
-            v["state"] == "running"
-        });
-        assert_eq!(g.json(&["vm", "show", &id])["host"], host);
-        let sent_again = std::fs::read_to_string(&log).unwrap_or_default().contains("sending it again");
-        assert_eq!(sent_again, !arrived, "the restarted coordinator sends the launch again only when it never arrived:\n{}", g.logs());
-        wait_console(&dir, "the count to go on after the interrupted resume", Duration::from_secs(120), |c| {
-            counts(c).iter().any(|&n| n > last + 1)
-        });
+        interrupted_resume_settles(&mut g, &id, &coord_data, n, host, arrived);
     }
     g.json(&["vm", "rm", "--force", &id]);
     let images = g.json(&["image", "ls", "--image-server", &url]);
     assert!(!images.to_string().contains(&format!("{id}.saved")), "the saved image must be deleted with the VM: {images}");
+}
+
+/// Starts the coordinator again on its address and data directory, logging to `log`.
+fn restart_coordinator(g: &mut Grid, coord_data: &Path, log: PathBuf) {
+    let listen = g.coordinator.url.trim_start_matches("https://").to_string();
+    g.coordinator = Role::start(
+        &[
+            "coordinator",
+            "--listen",
+            &listen,
+            "--data-dir",
+            coord_data.to_str().unwrap(),
+            "--heartbeat-interval",
+            "1",
+            "--lost-after-beats",
+            "3",
+        ],
+        log,
+    );
+}
+
+/// A file on the disk (not synced: it may live only in the guest's page cache) and one in
+/// tmpfs, then the counter.
+fn write_files_and_count(d1: &Path) {
+    {
+        let _c = type_on_console(
+            d1,
+            "echo disk-before-suspend > /mnt/mobile.txt; echo tmp-before-suspend > /tmp/mobile.txt; echo files-written",
+        );
+        wait_console(d1, "files written", Duration::from_secs(60), |c| c.contains("files-written\r\n") || c.contains("files-written\n"));
+    }
+    {
+        let _c = type_on_console(d1, "i=0; while true; do i=$((i+1)); echo count=$i; sleep 1; done &");
+        wait_console(d1, "count=3", Duration::from_secs(120), |c| counts(c).contains(&3));
+    }
+}
+
+/// Image server down: the suspend fails and the guest keeps running and counting.
+fn suspend_fails_while_the_server_is_down(g: &mut Grid, id: &str, d1: &Path) {
+    g.server.take().unwrap().kill();
+    let o = g.cli(&["vm", "suspend", id]);
+    assert!(!o.status.success(), "suspend with the image server down must fail");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("keeps running"), "{err}");
+    assert_eq!(g.json(&["vm", "show", id])["state"], "running", "{err}");
+    let before = counts(&console_text(d1)).last().copied().unwrap();
+    wait_console(d1, "the count to go on after the failed suspend", Duration::from_secs(120), |c| {
+        counts(c).last().copied().unwrap_or(0) >= before + 2
+    });
+}
+
+/// A coordinator that dies while the host is saving (here: retrying the dead image server)
+/// settles the VM when it comes back: the save failed, so it is running again.
+fn interrupted_suspend_settles(g: &mut Grid, id: &str, d1: &Path, coord_data: &Path) {
+    let suspender = {
+        let url = g.coordinator.url.clone();
+        let id = id.to_string();
+        std::thread::spawn(move || Command::new(vgrid_bin()).args(["vm", "suspend", &id]).env("VGRID_URL", url).output().unwrap())
+    };
+    g.wait_until("the VM to be suspending", Duration::from_secs(30), || g.json(&["vm", "show", id])["state"] == "suspending");
+    g.coordinator.kill();
+    let _ = suspender.join();
+    let log = g.dir.path().join("coord2.log");
+    restart_coordinator(g, coord_data, log);
+    g.wait_until("the interrupted suspend to settle", Duration::from_secs(60), || {
+        let v = g.json(&["vm", "show", id]);
+        v["state"] == "running" && v["reason"].as_str().unwrap_or("").contains("did not complete")
+    });
+    let before = counts(&console_text(d1)).last().copied().unwrap();
+    wait_console(d1, "the count to go on after the interrupted suspend", Duration::from_secs(120), |c| {
+        counts(c).last().copied().unwrap_or(0) >= before + 2
+    });
+}
+
+/// The server is back (same data, new port): the hosts learn its URL at their next beats, and
+/// the suspend succeeds. Returns the server's URL and the last count on h1.
+fn suspend_with_the_server_back(g: &mut Grid, id: &str, d1: &Path) -> (String, u64) {
+    g.start_server();
+    let url = g.server_url();
+    g.wait_until("the hosts to know the new image server URL", Duration::from_secs(30), || {
+        std::fs::read_to_string(g.dir.path().join("h1.log")).unwrap_or_default().contains(&url)
+            || g.json(&["host", "ls"]).is_array() && {
+                String::from_utf8_lossy(&api_get(&g.coordinator.url, "/api/v1/image-servers")).contains(&url)
+            }
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let s = g.json(&["vm", "suspend", id]);
+    assert_eq!(s["vm"]["state"], "suspended", "{s}");
+    let saved = s["saved"]["image"].as_str().unwrap().to_string();
+    assert_eq!(saved, format!("{id}.saved@1"));
+    assert_eq!(s["saved"]["parent"], "sample@1");
+    assert!(s["saved"]["disk_chunks_new"].as_u64().unwrap() >= 1, "the file written to /mnt changed the disk: {s}");
+    assert!(s["saved"]["disk_chunks_new"].as_u64().unwrap() < s["saved"]["disk_chunks_total"].as_u64().unwrap());
+    let last_on_h1 = counts(&console_text(d1)).last().copied().unwrap();
+    // h1 is free: no QEMU, no VM in its report.
+    g.wait_until("h1 to report no VM", Duration::from_secs(20), || {
+        g.json(&["host", "show", "h1"])["vms"].as_array().map(|a| a.is_empty()) == Some(true)
+    });
+    let manifest = g.json(&["image", "show", &saved, "--image-server", &url]);
+    assert!(manifest["state"]["blob"]["size"].as_u64().unwrap() > 0, "{manifest}");
+    assert_eq!(manifest["state"]["meta"]["memory_mib"], 256);
+    (url, last_on_h1)
+}
+
+/// Resume on h2: the count continues; both files are there; no boot. Then the resumed VM (QEMU
+/// started without a kernel: it is in the restored memory) migrates live back to h1, whose
+/// QEMU also starts without one; the count goes on there.
+fn resume_on_h2_and_migrate_back(g: &Grid, id: &str, d1: &Path, last_on_h1: u64) {
+    let r = g.json(&["vm", "resume", id, "--host", "h2", "--timeout", "300"]);
+    assert_eq!(r["state"], "running", "{r}");
+    assert_eq!(r["host"], "h2");
+    let d2 = g.runtime_dir("h2", id);
+    let c2 = wait_console(&d2, "the count to go on on h2", Duration::from_secs(120), |c| counts(c).len() >= 2);
+    let first_on_h2 = counts(&c2)[0];
+    assert!(
+        first_on_h2 >= last_on_h1 && first_on_h2 <= last_on_h1 + 2,
+        "the count must continue where it stopped: last on h1 {last_on_h1}, first on h2 {first_on_h2}"
+    );
+    g.wait_until("h1 to drop the old runtime directory", Duration::from_secs(20), || !d1.exists());
+    let _c = type_on_console(&d2, "cat /mnt/mobile.txt /tmp/mobile.txt");
+    let c2 = wait_console(&d2, "the files on h2", Duration::from_secs(60), |c| c.contains("tmp-before-suspend"));
+    assert!(c2.contains("disk-before-suspend"), "{c2}");
+    assert!(!c2.contains(BOOTED_MARKER) && !c2.contains(DISK_MARKER), "the guest booted instead of resuming:\n{c2}");
+
+    // The resumed VM (QEMU started without a kernel: it is in the restored memory) migrates
+    // live back to h1, whose QEMU also starts without one; the count goes on there.
+    let m = g.json(&["vm", "migrate", id, "--to", "h1", "--timeout", "240"]);
+    assert_eq!(m["migration"]["status"], "completed", "{m}");
+    assert_eq!(m["host"], "h1", "{m}");
+    let d1 = g.runtime_dir("h1", id);
+    let n = counts(&console_text(&d1)).len();
+    wait_console(&d1, "the count to go on on h1 after the migration", Duration::from_secs(120), |c| counts(c).len() >= n + 2);
+    // The disk is the saved image's (with the write from before the suspend), read back with
+    // the page cache dropped.
+    {
+        let _c = type_on_console(&d1, "echo 3 > /proc/sys/vm/drop_caches; echo read-$(cat /mnt/mobile.txt)");
+        wait_console(&d1, "the disk file on h1", Duration::from_secs(60), |c| c.contains("read-disk-before-suspend"));
+    }
+    let spec = std::fs::read_to_string(d1.join("spec.json")).unwrap();
+    assert!(spec.contains("\"restore\""), "{spec}");
+}
+
+/// One resume interrupted by a coordinator restart (`n`: its number, for the log), to `host`,
+/// after (`arrived`) or before the launch reached it.
+fn interrupted_resume_settles(g: &mut Grid, id: &str, coord_data: &Path, n: u32, host: &str, arrived: bool) {
+    let before = g.runtime_dir(if host == "h2" { "h1" } else { "h2" }, id);
+    let last = counts(&console_text(&before)).last().copied().unwrap();
+    let hpid = g.hosts[if host == "h1" { 0 } else { 1 }].child.as_ref().unwrap().id().to_string();
+    if !arrived {
+        assert!(Command::new("kill").args(["-STOP", &hpid]).status().unwrap().success());
+    }
+    let token = json_at(&g.coordinator.url, &["login"])["token"].as_str().unwrap().to_string();
+    let asked = std::time::SystemTime::now() - Duration::from_secs(1);
+    let o = curl_for(&g.coordinator.url)
+        .args(["-X", "POST", "-H", &format!("authorization: Bearer {token}"), "-H", "content-type: application/json"])
+        .args(["-d", &format!(r#"{{"host":"{host}"}}"#), &format!("{}/api/v1/vms/{id}/resume", g.coordinator.url)])
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(answer.contains("\"pending\"") || answer.contains("\"starting\"") || answer.contains("\"running\""), "{answer}");
+    let dir = g.runtime_dir(host, id);
+    if arrived {
+        // This launch's spec (the VM ran on this host before: an older one may be there).
+        g.wait_until("the launch to reach the host", Duration::from_secs(30), || {
+            std::fs::metadata(dir.join("spec.json")).and_then(|m| m.modified()).is_ok_and(|t| t >= asked)
+        });
+    } else {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    g.coordinator.kill();
+    if !arrived {
+        assert!(Command::new("kill").args(["-CONT", &hpid]).status().unwrap().success());
+    }
+    let log = g.dir.path().join(format!("coord{n}.log"));
+    restart_coordinator(g, coord_data, log.clone());
+    g.wait_until("the interrupted resume to settle", Duration::from_secs(120), || {
+        let v = g.json(&["vm", "show", id]);
+        assert_ne!(v["state"], "failed", "{v}");
+        v["state"] == "running"
+    });
+    assert_eq!(g.json(&["vm", "show", id])["host"], host);
+    let sent_again = std::fs::read_to_string(&log).unwrap_or_default().contains("sending it again");
+    assert_eq!(sent_again, !arrived, "the restarted coordinator sends the launch again only when it never arrived:\n{}", g.logs());
+    wait_console(&dir, "the count to go on after the interrupted resume", Duration::from_secs(120), |c| {
+        counts(c).iter().any(|&n| n > last + 1)
+    });
 }
 
 /// A booted guest saved as a warm image; two VMs started from it come up without booting,
@@ -660,6 +677,24 @@ fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
     let mut g = Grid::start(&["h1", "h2"]);
     g.wait_until("two hosts", Duration::from_secs(30), || g.json(&["host", "ls"]).as_array().map(|a| a.len()) == Some(2));
     g.import_sample();
+    let ram_chunks = snapshot_with_its_ram_apart(&g);
+    // h2 fetches only what its guests touch (no background fetch of their RAM), to see it.
+    restart_host(&mut g, 1, "h2", &[("VGRID_RAM_PREFETCH", "0")]);
+    g.wait_until("h2 ready again", Duration::from_secs(60), || {
+        g.json(&["host", "ls"]).as_array().map(|a| a.iter().filter(|h| h["state"] == "ready").count()) == Some(2)
+    });
+    restore_lazily_on_h2_across_an_agent_restart(&mut g, &ram_chunks);
+
+    // The first restore recorded the pages its guest touched first: h2 uploaded them as the
+    // image's hot pages, which the next restore (on h1) loads instead of their chunks.
+    g.wait_until("h2 to upload the hot pages", Duration::from_secs(60), || logs_of(&g, "h2").contains("hot pages uploaded"));
+    restore_with_hot_pages_on_h1(&mut g, &ram_chunks);
+}
+
+/// A guest on h1 writes a marker to its tmpfs and is snapshot as `lazywarm`: the state holds
+/// the devices only, the RAM is a blob of its own without its zero pages. Returns the RAM's
+/// stored chunks.
+fn snapshot_with_its_ram_apart(g: &Grid) -> Vec<String> {
     let vm = g.boot_on("h1", "origin");
     let id = vm["id"].as_str().unwrap().to_string();
     let d1 = g.runtime_dir("h1", &id);
@@ -678,12 +713,23 @@ fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
     let all = ram["chunks"].as_array().unwrap().len();
     assert!(!ram_chunks.is_empty() && ram_chunks.len() < all, "some RAM chunks stored, the zero ones not: {} of {all}", ram_chunks.len());
     g.json(&["vm", "rm", "--force", &id]);
-    // h2 fetches only what its guests touch (no background fetch of their RAM), to see it.
-    restart_host(&mut g, 1, "h2", &[("VGRID_RAM_PREFETCH", "0")]);
-    g.wait_until("h2 ready again", Duration::from_secs(60), || {
-        g.json(&["host", "ls"]).as_array().map(|a| a.iter().filter(|h| h["state"] == "ready").count()) == Some(2)
-    });
+    ram_chunks
+}
 
+/// The concatenated logs of the roles whose log file names start with `prefix`.
+fn logs_of(g: &Grid, prefix: &str) -> String {
+    std::fs::read_dir(g.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect()
+}
+
+/// `lazywarm` restored on h2 (empty cache, no prefetch): the guest answers before its whole
+/// RAM is fetched, its RAM file is the pager's FUSE mount, and it survives an agent restart
+/// and fills its memory; removing it ends the pager.
+fn restore_lazily_on_h2_across_an_agent_restart(g: &mut Grid, ram_chunks: &[String]) {
     // Restored on h2, whose cache is empty.
     let w = g.json(&["vm", "run", "lazywarm", "--name", "lazy", "--require", "host.name == \"h2\"", "--timeout", "300"]);
     assert_eq!(w["state"], "running", "{w}");
@@ -706,7 +752,7 @@ fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
     );
     let cache = g.dir.path().join("h2/cache/chunks");
     let fetched = |chunks: &[String]| chunks.iter().filter(|h| cache.join(&h[..2]).join(h.as_str()).exists()).count();
-    let at_answer = fetched(&ram_chunks);
+    let at_answer = fetched(ram_chunks);
     eprintln!("RAM chunks on h2 when the guest answered: {at_answer} of {} stored", ram_chunks.len());
     assert!(at_answer < ram_chunks.len(), "the whole RAM was fetched before the guest answered ({at_answer} chunks)");
     // `vm show` says how much of it is still remote (from h2's reports).
@@ -718,7 +764,7 @@ fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
 
     // The agent dies and comes back; the pager waits for its proxy and goes on. The guest
     // then fills most of its free memory (pages the restore never fetched).
-    restart_host(&mut g, 1, "h2", &[("VGRID_RAM_PREFETCH", "0")]);
+    restart_host(g, 1, "h2", &[("VGRID_RAM_PREFETCH", "0")]);
     g.wait_until("h2 back with its guest", Duration::from_secs(60), || {
         g.json(&["vm", "show", &wid])["state"] == "running"
             && g.json(&["host", "ls"]).as_array().map(|a| a.iter().filter(|h| h["state"] == "ready").count()) == Some(2)
@@ -731,7 +777,7 @@ fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
         wait_console(&d2, "the guest to fill its memory", Duration::from_secs(180), |c| c.contains("filled-lazy-ram-marker"));
     }
     assert!(process_alive(pid), "QEMU died");
-    eprintln!("RAM chunks on h2 after filling memory: {} of {}", fetched(&ram_chunks), ram_chunks.len());
+    eprintln!("RAM chunks on h2 after filling memory: {} of {}", fetched(ram_chunks), ram_chunks.len());
     // The pages the guest copied out of the pager file's page cache as it wrote them do not
     // stay cached beside its own copies: they would count twice in its memory cgroup (>100 MB
     // of file cache after this fill without the host dropping them).
@@ -748,19 +794,11 @@ fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
     g.wait_until("the pager gone", Duration::from_secs(30), || {
         !std::fs::read_to_string("/proc/mounts").unwrap().contains(ram_file.to_str().unwrap())
     });
+}
 
-    // The first restore recorded the pages its guest touched first: h2 uploaded them as the
-    // image's hot pages, which the next restore (on h1) loads instead of their chunks.
-    let logs = |prefix: &str| -> String {
-        std::fs::read_dir(g.dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
-            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-            .collect()
-    };
-    g.wait_until("h2 to upload the hot pages", Duration::from_secs(60), || logs("h2").contains("hot pages uploaded"));
-
+/// `lazywarm` restored on h1 with the hot pages h2 uploaded, its whole RAM fetched in the
+/// background: then it runs on without the image server.
+fn restore_with_hot_pages_on_h1(g: &mut Grid, ram_chunks: &[String]) {
     // h1 (by default) fetches a restored guest's whole RAM in the background: once it is in the
     // cache, the guest no longer needs the image server. Stop the server and fill the memory.
     let w = g.json(&["vm", "run", "lazywarm", "--name", "fetched", "--require", "host.name == \"h1\"", "--timeout", "300"]);
@@ -770,7 +808,7 @@ fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
         let _c = type_on_console(&d1, "echo hot-$(cat /tmp/lazy.txt)");
         wait_console(&d1, "the guest restored with hot pages to answer", Duration::from_secs(120), |c| c.contains("hot-lazy-ram-marker"));
     }
-    let h1log = logs("h1");
+    let h1log = logs_of(g, "h1");
     assert!(h1log.contains("hot pages loaded"), "h1 did not load the hot pages:\n{}", g.logs());
     assert!(!h1log.contains("hot pages refused"), "{}", g.logs());
     let cache1 = g.dir.path().join("h1/cache/chunks");

@@ -368,6 +368,37 @@ impl Drop for KillOnDrop {
 #[test]
 fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_restarts() {
     let name = unique_host("acct");
+    let mut g = grid_with_the_sample(&name);
+    let _slot = boot_slot().unwrap();
+    let v = boot_acct_vm(&g);
+    let id = v["id"].as_str().unwrap().to_string();
+    let pid = v["pid"].as_u64().unwrap();
+
+    // Freeze QEMU so that its counters stand still, then compare.
+    let _kill_qemu = KillOnDrop(pid);
+    let counter = freeze(pid, || cpu_ns(&name, &id));
+    // The counter reaches the coordinator through the agent's sampling tick (1 s), a heartbeat
+    // (1 s) and this test's CLI polls (a process and a TLS session each): periodic steps with
+    // no latency promised, slow only when the machine is, so the wait is generous and ends as
+    // soon as the figures agree.
+    g.wait_for_usage("the usage to reach the frozen counter", Duration::from_secs(60), &id, counter, || cpu_ns(&name, &id), pid);
+    usage_equals_the_frozen_counter(&g, &name, &id, counter);
+    kill_pid(pid, libc::SIGCONT);
+    let after = agent_restart_keeps_the_usage(&mut g, &name, &id, pid);
+    coordinator_restart_keeps_the_usage(&mut g, &id, after);
+
+    // Clean up the guest and its groups.
+    kill_pid(pid, libc::SIGKILL);
+    let t0 = Instant::now();
+    while process_alive(pid) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    g.host.terminate();
+    remove_groups(&name);
+}
+
+/// A coordinator, an image server with the sample guest imported, and host `name`.
+fn grid_with_the_sample(name: &str) -> Grid {
     let dir = tempfile::Builder::new().prefix("vgr").tempdir_in("/tmp").unwrap();
     let coordinator = Grid::start_coordinator(dir.path(), "127.0.0.1:0");
     let server = Role::start(
@@ -384,8 +415,8 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
         ],
         dir.path().join("is.log"),
     );
-    let host = Grid::start_host(dir.path(), &coordinator.url, &name, "127.0.0.1:0", 0);
-    let mut g = Grid { dir, coordinator, _server: server, host, host_name: name.clone(), host_starts: 1 };
+    let host = Grid::start_host(dir.path(), &coordinator.url, name, "127.0.0.1:0", 0);
+    let g = Grid { dir, coordinator, _server: server, host, host_name: name.to_string(), host_starts: 1 };
     let gs = sample_guest().unwrap();
     let o = Command::new(vgrid_bin())
         .args([
@@ -411,8 +442,11 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
         g.json(&["host", "ls"]).as_array().map(|a| a.len() == 1).unwrap_or(false)
             && g.json(&["image", "ls"]).as_array().map(|a| !a.is_empty()).unwrap_or(false)
     });
+    g
+}
 
-    let _slot = boot_slot().unwrap();
+/// A VM of the sample booted to its prompt (a second attempt if the first fails).
+fn boot_acct_vm(g: &Grid) -> serde_json::Value {
     let mut v = serde_json::Value::Null;
     for attempt in 1..=2 {
         let n = format!("acct{attempt}");
@@ -425,25 +459,20 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
         let _ = g.cli(&["vm", "rm", "--force", &n]);
     }
     assert!(v.is_object(), "the VM did not boot twice");
-    let id = v["id"].as_str().unwrap().to_string();
-    let pid = v["pid"].as_u64().unwrap();
+    v
+}
 
-    // Freeze QEMU so that its counters stand still, then compare.
-    let _kill_qemu = KillOnDrop(pid);
-    let counter = freeze(pid, || cpu_ns(&name, &id));
-    // The counter reaches the coordinator through the agent's sampling tick (1 s), a heartbeat
-    // (1 s) and this test's CLI polls (a process and a TLS session each): periodic steps with
-    // no latency promised, slow only when the machine is, so the wait is generous and ends as
-    // soon as the figures agree.
-    g.wait_for_usage("the usage to reach the frozen counter", Duration::from_secs(60), &id, counter, || cpu_ns(&name, &id), pid);
-    let u = usage_of(&g.json(&["usage"]), &id).unwrap();
+/// The usage (CLI, per user, REST) equals the frozen CPU counter `counter` of VM `id`; the
+/// memory peak is the cgroup's.
+fn usage_equals_the_frozen_counter(g: &Grid, name: &str, id: &str, counter: u64) {
+    let u = usage_of(&g.json(&["usage"]), id).unwrap();
     eprintln!("usage at the frozen counter {counter} ns: {u}");
     assert_eq!(u["usage"]["cpu_ns"].as_u64().unwrap(), counter);
     assert!((u["usage"]["cpu_seconds"].as_f64().unwrap() - counter as f64 / 1e9).abs() < 1e-6);
     let peak_file = if v2() {
-        group_dir("memory", &name, &id).join("memory.peak")
+        group_dir("memory", name, id).join("memory.peak")
     } else {
-        group_dir("memory", &name, &id).join("memory.max_usage_in_bytes")
+        group_dir("memory", name, id).join("memory.max_usage_in_bytes")
     };
     if let Ok(peak) = std::fs::read_to_string(&peak_file) {
         assert_eq!(u["memory_peak_bytes"].as_u64().unwrap(), peak.trim().parse::<u64>().unwrap());
@@ -457,52 +486,46 @@ fn accounting_equals_the_cgroup_counters_and_survives_agent_and_coordinator_rest
     // The same through the REST API, which the OpenAPI document describes.
     let rest: serde_json::Value =
         serde_json::from_slice(&api_get(&g.coordinator.url, &format!("/api/v1/usage?user={me}&since=0"))).unwrap();
-    assert_eq!(usage_of(&rest, &id).unwrap()["usage"]["cpu_ns"].as_u64().unwrap(), counter, "{rest}");
+    assert_eq!(usage_of(&rest, id).unwrap()["usage"]["cpu_ns"].as_u64().unwrap(), counter, "{rest}");
     let o = curl_for(&g.coordinator.url).arg(format!("{}/api/openapi.json", g.coordinator.url)).output().unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(doc["paths"]["/api/v1/usage"]["get"].is_object(), "no /api/v1/usage in the OpenAPI document");
     assert!(doc["components"]["schemas"]["UsageReport"].is_object());
-    kill_pid(pid, libc::SIGCONT);
+}
 
-    // The host agent crashes; QEMU and its cgroup outlive it. Whatever was reported stays, the
-    // restarted agent neither resets nor adds to it twice.
-    let before = usage_of(&g.json(&["usage"]), &id).unwrap()["usage"]["cpu_ns"].as_u64().unwrap();
+/// The host agent crashes; QEMU and its cgroup outlive it. Whatever was reported stays, the
+/// restarted agent neither resets nor adds to it twice. Returns the usage after it.
+fn agent_restart_keeps_the_usage(g: &mut Grid, name: &str, id: &str, pid: u64) -> u64 {
+    let before = usage_of(&g.json(&["usage"]), id).unwrap()["usage"]["cpu_ns"].as_u64().unwrap();
     let host_listen = g.host.url.trim_start_matches("https://").to_string();
     g.host.kill();
     assert!(process_alive(pid));
     g.host = Grid::start_host(g.dir.path(), &g.coordinator.url, &g.host_name, &host_listen, g.host_starts);
     g.host_starts += 1;
     std::thread::sleep(Duration::from_secs(3));
-    let after = usage_of(&g.json(&["usage"]), &id).unwrap()["usage"]["cpu_ns"].as_u64().unwrap();
+    let after = usage_of(&g.json(&["usage"]), id).unwrap()["usage"]["cpu_ns"].as_u64().unwrap();
     assert!(after >= before, "usage went back after the agent restart: {before} -> {after}\n{}", g.logs());
-    assert!(after <= cpu_ns(&name, &id), "usage exceeds the counter after the agent restart (counted twice): {after}\n{}", g.logs());
+    assert!(after <= cpu_ns(name, id), "usage exceeds the counter after the agent restart (counted twice): {after}\n{}", g.logs());
     // The restarted agent re-adopted the guest: accounting goes on from the same counters.
-    let frozen = freeze(pid, || cpu_ns(&name, &id));
-    g.wait_for_usage("the usage to follow the counter after re-adoption", Duration::from_secs(60), &id, frozen, || cpu_ns(&name, &id), pid);
-    let after = frozen;
+    let frozen = freeze(pid, || cpu_ns(name, id));
+    g.wait_for_usage("the usage to follow the counter after re-adoption", Duration::from_secs(60), id, frozen, || cpu_ns(name, id), pid);
+    frozen
+}
 
-    // The coordinator crashes and restarts on the same state: the totals are still there.
+/// The coordinator crashes and restarts on the same state: the totals are still there.
+fn coordinator_restart_keeps_the_usage(g: &mut Grid, id: &str, after: u64) {
     let listen = g.coordinator.url.trim_start_matches("https://").to_string();
     g.coordinator.kill();
     g.coordinator = Grid::start_coordinator(g.dir.path(), &listen);
     g.wait_until("the host to re-register", Duration::from_secs(15), || {
         g.json(&["host", "ls"]).as_array().map(|a| a.len() == 1).unwrap_or(false)
     });
-    let again = usage_of(&g.json(&["usage"]), &id).unwrap()["usage"]["cpu_ns"].as_u64().unwrap();
+    let again = usage_of(&g.json(&["usage"]), id).unwrap()["usage"]["cpu_ns"].as_u64().unwrap();
     assert_eq!(again, after, "usage changed across a coordinator restart");
     let since_future = g.json(&[
         "usage",
         "--since",
         &(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600).to_string(),
     ]);
-    assert!(usage_of(&since_future, &id).is_none(), "{since_future}");
-
-    // Clean up the guest and its groups.
-    kill_pid(pid, libc::SIGKILL);
-    let t0 = Instant::now();
-    while process_alive(pid) && t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    g.host.terminate();
-    remove_groups(&name);
+    assert!(usage_of(&since_future, id).is_none(), "{since_future}");
 }

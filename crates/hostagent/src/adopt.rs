@@ -20,7 +20,8 @@ use std::sync::Arc;
 use vgrid_api::host::LaunchRequest;
 
 use crate::agent::Agent;
-use crate::vm::{LaunchOptions, Vm, PID_FILE, SPEC_FILE};
+use crate::runtime::{PID_FILE, SPEC_FILE};
+use crate::vm::{LaunchOptions, Vm};
 
 /// File in a runtime directory holding the VM's [`LaunchRequest`].
 pub const LAUNCH_FILE: &str = "launch.json";
@@ -100,7 +101,7 @@ pub(crate) async fn adopt_all(agent: &Arc<Agent>) -> AdoptReport {
         let mut adopted = Vm::adopt(&dir, &LaunchOptions::default()).await;
         for _ in 0..3 {
             match &adopted {
-                Err(e) if crate::vm::qemu_runs_in(&dir) => {
+                Err(e) if crate::runtime::qemu_runs_in(&dir) => {
                     tracing::warn!(vm = %id, "its QEMU runs but did not answer ({e}); asking again");
                     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                     adopted = Vm::adopt(&dir, &LaunchOptions::default()).await;
@@ -148,7 +149,7 @@ pub(crate) async fn adopt_all(agent: &Arc<Agent>) -> AdoptReport {
                 agent.insert_vm(&id, vm);
                 rep.adopted.push(id);
             }
-            Err(e) if crate::vm::qemu_runs_in(&dir) => {
+            Err(e) if crate::runtime::qemu_runs_in(&dir) => {
                 // Never remove what a live QEMU uses: it shows as an orphan in `host show`.
                 tracing::error!(vm = %id, "not adopted, its QEMU runs but does not answer QMP: {e}; left alone");
             }

@@ -15,7 +15,8 @@ use vgrid_api::vm::Forward;
 use vgrid_api::{Boot, ErrorBody, ImageRef};
 use vgrid_blockproxy::{BlockProxy, ProxyConfig, ServerHandle, Servers, SourceError};
 
-use crate::vm::{BootSource, DiskSource, ExitInfo, LaunchOptions, Vm, VmError, VmSpec};
+use crate::spec::{BootSource, DiskSource, VmSpec};
+use crate::vm::{ExitInfo, LaunchOptions, Vm, VmError};
 use crate::Accel;
 
 #[derive(Debug, Clone)]
@@ -53,14 +54,22 @@ pub enum AgentError {
     Vm(#[from] VmError),
     #[error("VM {0} is not on this host")]
     UnknownVm(String),
-    #[error("VM {id}: {what} {path}: {cause}")]
-    Io { id: String, what: &'static str, path: PathBuf, cause: String },
+    #[error("VM {id}: {what} {path}: {source}")]
+    Io {
+        id: String,
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("VM {id}: KVM was asked for but is not usable on this host")]
     NoKvm { id: String },
     #[error(transparent)]
     Admission(#[from] crate::resources::AdmissionError),
     #[error(transparent)]
-    Mobile(#[from] crate::mobile::MobileError),
+    Save(#[from] crate::save::SaveError),
+    #[error(transparent)]
+    Restore(#[from] crate::restore::RestoreError),
     #[error("VM {id}: migration: {detail}")]
     Migration { id: String, detail: String },
     #[error(transparent)]
@@ -118,7 +127,7 @@ impl Agent {
             id: "-".into(),
             what,
             path: path.to_path_buf(),
-            cause: e.to_string(),
+            source: e,
         };
         std::fs::create_dir_all(cfg.data_dir.join("vms")).map_err(|e| io("data directory", &cfg.data_dir, e))?;
         let qemu_user = crate::qemu_user::resolve(&cfg.qemu_user, &cfg.data_dir.join("vms"))?;
@@ -129,7 +138,7 @@ impl Agent {
         // QEMU (as its own user) connects to the proxy: the socket is for that user's group.
         let access = qemu_user.as_ref().map(|u| vgrid_blockproxy::SocketAccess { mode: 0o660, gid: Some(u.gid) });
         let handle = proxy.serve_unix_with(&nbd_socket, access)?;
-        let qemu_version = crate::vm::qemu_version()
+        let qemu_version = crate::qemu::qemu_version()
             .await
             .map(|v| format!("{}.{}.{}", v.major, v.minor, v.micro))
             .unwrap_or_else(|e| format!("unavailable: {e}"));
@@ -140,7 +149,12 @@ impl Agent {
         let accel = crate::accel::detect();
         let res = crate::resources::HostResources::new(&cfg.name, cfg.max_share, Some(memory_mib), &cfg.data_dir.join("vms"))
             .map(Arc::new)
-            .map_err(|e| AgentError::Io { id: "-".into(), what: "resource control", path: "/sys/fs/cgroup".into(), cause: e })?;
+            .map_err(|e| AgentError::Io {
+                id: "-".into(),
+                what: "resource control",
+                path: "/sys/fs/cgroup".into(),
+                source: std::io::Error::other(e),
+            })?;
         tracing::info!(host = %cfg.name, accel = accel.as_str(), memory_mib, cpus, nbd = %nbd_socket.display(), "host agent started");
         let agent = Arc::new(Agent {
             cfg,
@@ -303,12 +317,12 @@ impl Agent {
         let forwards: Vec<Forward> = req.config.net.forwards().copied().collect();
         self.check_forwards(&id, &forwards)?;
         let (mut spec, dir, manifest) = self.prepare_spec(&req, progress).await?;
-        // A warm image: its saved state is loaded instead of booting (see mobile.rs).
+        // A warm image: its saved state is loaded instead of booting (see restore.rs).
         let resolved_accel = accel.unwrap_or_else(crate::accel::detect);
         if manifest.state.is_some() {
             progress("fetching saved state");
         }
-        let incoming = crate::mobile::prepare_incoming(self, &id, &manifest, req.config.cpus, req.config.memory_mib, resolved_accel)?;
+        let incoming = crate::restore::prepare_incoming(self, &id, &manifest, req.config.cpus, req.config.memory_mib, resolved_accel)?;
         progress(if incoming.is_some() { "restoring" } else { "booting" });
         let export = manifest.image_ref().to_string();
         let cgroup = self.res.create_group(&id, limits)?;
@@ -321,7 +335,7 @@ impl Agent {
         // saved apart from the state is paged in lazily (or loaded first where it cannot be).
         opts.defer_incoming = incoming.is_some();
         if incoming.is_some() {
-            spec.ram = crate::mobile::saved_ram_backing(self, &id, &manifest, &dir, &opts).await?;
+            spec.ram = crate::restore::saved_ram_backing(self, &id, &manifest, &dir, &opts).await?;
         }
         let vm = match Vm::launch_with(spec, &dir, &opts).await {
             Ok(vm) => vm,
@@ -331,7 +345,7 @@ impl Agent {
             }
         };
         if let Some(st) = incoming {
-            if let Err(e) = crate::mobile::stream_incoming(&vm, st, vgrid_api::host::RESTORE_TIMEOUT).await {
+            if let Err(e) = crate::restore::stream_incoming(&vm, st, vgrid_api::host::RESTORE_TIMEOUT).await {
                 let _ = vm.kill().await;
                 return Err(e);
             }
@@ -380,7 +394,7 @@ impl Agent {
             id: id.clone(),
             what: "runtime directory",
             path: dir.clone(),
-            cause: e.to_string(),
+            source: e,
         })?;
         // A kept directory was QEMU's user's: take it back before writing into it as root
         // (never from under a QEMU of this id that still runs).
@@ -389,13 +403,13 @@ impl Agent {
                 id: id.clone(),
                 what: "runtime directory",
                 path: dir.clone(),
-                cause: e.to_string(),
+                source: e,
             })?;
         }
         // A warm image of a direct kernel boot restores without its kernel and initrd (they
         // are in the saved memory already): only the loader ROMs its state names.
         let restore_roms = match (&manifest.meta.boot, &manifest.state) {
-            (Boot::Kernel { .. }, Some(st)) => crate::mobile::state_loader_roms(self, &manifest, &st.blob).await,
+            (Boot::Kernel { .. }, Some(st)) => crate::restore::state_loader_roms(self, &manifest, &st.blob).await,
             _ => None,
         };
         let boot = match &manifest.meta.boot {
@@ -539,7 +553,7 @@ impl Agent {
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(AgentError::Io { id: id.into(), what: "runtime directory", path: dir, cause: e.to_string() }),
+            Err(e) => Err(AgentError::Io { id: id.into(), what: "runtime directory", path: dir, source: e }),
         }
     }
 

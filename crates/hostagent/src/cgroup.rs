@@ -22,8 +22,20 @@ pub use vgrid_api::config::DEFAULT_CPU_PERIOD_US as DEFAULT_PERIOD_US;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("cgroup {path}: {what}: {cause}")]
-    Io { path: PathBuf, what: &'static str, cause: String },
+    #[error("cgroup {path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cgroup {path}: write: writing {value:?}: {source}")]
+    Write {
+        path: PathBuf,
+        value: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("VM {id}: cannot enforce its {what}: the {controller} cgroup controller is not available on this host")]
     Missing { id: String, what: &'static str, controller: &'static str },
     #[error("no cgroup filesystem found under {0} (neither v2 cgroup.controllers nor v1 controller mounts)")]
@@ -96,15 +108,11 @@ pub struct Cgroups {
 }
 
 fn io(path: &Path, what: &'static str, e: std::io::Error) -> CgroupError {
-    CgroupError::Io { path: path.to_path_buf(), what, cause: e.to_string() }
+    CgroupError::Io { path: path.to_path_buf(), what, source: e }
 }
 
 fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
-    std::fs::write(path, value).map_err(|e| CgroupError::Io {
-        path: path.to_path_buf(),
-        what: "write",
-        cause: format!("writing {value:?}: {e}"),
-    })
+    std::fs::write(path, value).map_err(|source| CgroupError::Write { path: path.to_path_buf(), value: value.to_string(), source })
 }
 
 fn read_u64(path: &Path) -> Option<u64> {

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vgrid_api::host::{FinishRequest, IncomingReady, IncomingRequest, Launched, SendRequest, MAX_CONSOLE_HISTORY};
+use vgrid_api::host::{IncomingReady, IncomingRequest, Launched, SendRequest, MAX_CONSOLE_HISTORY};
 use vgrid_api::migrate::{Migration, MigrationStatus};
 
 use crate::agent::{Agent, AgentError};
@@ -264,7 +264,7 @@ impl Agent {
     }
 
     fn qemu_log_tail(&self, id: &str) -> String {
-        let p = self.runtime_dir(id).join(crate::vm::QEMU_LOG);
+        let p = self.runtime_dir(id).join(crate::runtime::QEMU_LOG);
         std::fs::read_to_string(p)
             .map(|s| s.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" / "))
             .unwrap_or_default()
@@ -369,6 +369,33 @@ fn check(deadline: Instant, max_seconds: u64, cancel: &tokio::sync::watch::Recei
     Ok(())
 }
 
+/// One outgoing migration as [`send_vm`]'s steps see it.
+struct Sending<'a> {
+    vm: &'a Vm,
+    req: &'a SendRequest,
+    out: &'a Outgoing,
+    cancel: tokio::sync::watch::Receiver<bool>,
+    deadline: Instant,
+}
+
+impl Sending<'_> {
+    fn set_phase(&self, p: String) {
+        self.out.status.lock().unwrap().phase = p;
+    }
+
+    /// Fails if the source QEMU has exited.
+    fn exited(&self) -> Result<(), SendErr> {
+        match self.vm.exit_info() {
+            Some(e) => Err(failed(format!("the source QEMU exited ({e})"))),
+            None => Ok(()),
+        }
+    }
+
+    fn check(&self, what: &str) -> Result<(), SendErr> {
+        check(self.deadline, self.req.max_seconds, &self.cancel, what)
+    }
+}
+
 async fn send_vm(
     vm: &Vm,
     req: &SendRequest,
@@ -377,12 +404,23 @@ async fn send_vm(
     qemu_user: Option<crate::qemu_user::QemuUser>,
 ) -> Result<(), SendErr> {
     let deadline = out.started + Duration::from_secs(req.max_seconds.max(1));
-    let set_phase = |p: String| out.status.lock().unwrap().phase = p;
-    let d = &req.dest;
-    let exited = |vm: &Vm| vm.exit_info().map(|e| failed(format!("the source QEMU exited ({e})")));
-
+    let s = Sending { vm, req, out, cancel, deadline };
     // 1. Mirror the overlay to the destination's export.
-    set_phase("connecting to the destination's disk".into());
+    let tls = mirror_disk(&s, qemu_user).await?;
+    // 2. Memory by pre-copy.
+    copy_memory(&s, tls).await?;
+    if let Err(e) = vm.execute("blockdev-del", Some(json!({"node-name": TARGET_NODE}))).await {
+        tracing::debug!(vm = %vm.id(), "removing the NBD target node after migration: {e}");
+    }
+    Ok(())
+}
+
+/// Step 1: an NBD client node on the destination's export (TLS when the grid has
+/// certificates), and a `sync=top` mirror of the overlay into it, until the mirror is ready.
+/// Returns the TLS credentials' object id, for the memory stream.
+async fn mirror_disk(s: &Sending<'_>, qemu_user: Option<crate::qemu_user::QemuUser>) -> Result<Option<&'static str>, SendErr> {
+    let (vm, d) = (s.vm, &s.req.dest);
+    s.set_phase("connecting to the destination's disk".into());
     // TLS to the destination: it must show a certificate of this grid naming its address.
     let give = move |dir: &std::path::Path| qemu_user.as_ref().map_or(Ok(()), |u| u.give(dir));
     let tls = crate::tlscreds::add(vm, false, &give).await.map_err(failed)?;
@@ -399,26 +437,28 @@ async fn send_vm(
         .await
         .map_err(failed)?;
     loop {
-        if let Some(e) = exited(vm) {
-            return Err(e);
-        }
-        check(deadline, req.max_seconds, &cancel, "mirroring the disk")?;
+        s.exited()?;
+        s.check("mirroring the disk")?;
         let jobs = vm.execute("query-block-jobs", None).await.map_err(failed)?;
         let job = jobs.as_array().and_then(|a| a.iter().find(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB)).cloned());
         let Some(job) = job else {
             return Err(failed("the disk mirror ended before it was ready (see the source's qemu.log)"));
         };
         let (off, len) = (u64_at(&job, &["offset"]).unwrap_or(0), u64_at(&job, &["len"]).unwrap_or(0));
-        out.status.lock().unwrap().disk_bytes = Some(off);
+        s.out.status.lock().unwrap().disk_bytes = Some(off);
         if job.get("ready").and_then(Value::as_bool) == Some(true) {
-            break;
+            return Ok(tls);
         }
-        set_phase(format!("mirroring disk ({} of {} MiB)", off >> 20, len >> 20));
+        s.set_phase(format!("mirroring disk ({} of {} MiB)", off >> 20, len >> 20));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
 
-    // 2. Memory by pre-copy.
-    set_phase("copying memory".into());
+/// Step 2: the migration's capabilities and parameters, `migrate` to the destination, and its
+/// progress until QEMU completes it (switching over at `pre-switchover`).
+async fn copy_memory(s: &Sending<'_>, tls: Option<&str>) -> Result<(), SendErr> {
+    let (vm, req, d) = (s.vm, s.req, &s.req.dest);
+    s.set_phase("copying memory".into());
     vm.execute(
         "migrate-set-capabilities",
         Some(json!({"capabilities": [
@@ -442,61 +482,26 @@ async fn send_vm(
     vm.execute("migrate", Some(json!({"uri": format!("tcp:{}:{}", d.host, d.migration_port)}))).await.map_err(failed)?;
     let mut switched = false;
     loop {
-        if let Some(e) = exited(vm) {
-            return Err(e);
-        }
+        s.exited()?;
         if !switched {
-            check(deadline, req.max_seconds, &cancel, "copying memory")?;
+            s.check("copying memory")?;
         }
         let mig = vm.execute("query-migrate", None).await.map_err(failed)?;
         let status = mig.get("status").and_then(Value::as_str).unwrap_or("").to_string();
-        {
-            let mut st = out.status.lock().unwrap();
-            st.ram_transferred_bytes = u64_at(&mig, &["ram", "transferred"]).or(st.ram_transferred_bytes);
-            st.ram_remaining_bytes = u64_at(&mig, &["ram", "remaining"]).or(st.ram_remaining_bytes);
-            st.dirty_sync_count = u64_at(&mig, &["ram", "dirty-sync-count"]).or(st.dirty_sync_count);
-            st.cpu_throttle_percentage = u64_at(&mig, &["cpu-throttle-percentage"]).or(st.cpu_throttle_percentage);
-            if status == "active" {
-                st.phase = format!(
-                    "copying memory (pass {}, {} MiB sent, {} MiB left{})",
-                    st.dirty_sync_count.unwrap_or(0),
-                    st.ram_transferred_bytes.unwrap_or(0) >> 20,
-                    st.ram_remaining_bytes.unwrap_or(0) >> 20,
-                    st.cpu_throttle_percentage.filter(|&p| p > 0).map(|p| format!(", CPU throttled {p}%")).unwrap_or_default()
-                );
-            }
-        }
+        record_progress(s.out, &mig, &status);
         match status.as_str() {
             "pre-switchover" if !switched => {
-                // The guest is paused: flush the rest of the disk, drop the mirror without
-                // pivoting, then let QEMU send the last pages and the device state.
-                set_phase("switching over".into());
-                vm.execute("block-job-cancel", Some(json!({"device": MIRROR_JOB}))).await.map_err(failed)?;
-                let t0 = Instant::now();
-                loop {
-                    let jobs = vm.execute("query-block-jobs", None).await.map_err(failed)?;
-                    let present = jobs
-                        .as_array()
-                        .map(|a| a.iter().any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB)))
-                        .unwrap_or(false);
-                    if !present {
-                        break;
-                    }
-                    if t0.elapsed() > Duration::from_secs(30) {
-                        return Err(failed("the disk mirror did not finish at switchover within 30 s"));
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                vm.execute("migrate-continue", Some(json!({"state": "pre-switchover"}))).await.map_err(failed)?;
+                s.set_phase("switching over".into());
+                switch_over(vm).await?;
                 switched = true;
                 continue;
             }
             "completed" => {
-                let mut st = out.status.lock().unwrap();
+                let mut st = s.out.status.lock().unwrap();
                 st.downtime_ms = u64_at(&mig, &["downtime"]);
                 st.total_ms = u64_at(&mig, &["total-time"]);
                 st.ram_remaining_bytes = Some(0);
-                break;
+                return Ok(());
             }
             "failed" | "cancelled" => {
                 let desc = mig.get("error-desc").and_then(Value::as_str).unwrap_or("no detail from QEMU");
@@ -506,25 +511,65 @@ async fn send_vm(
         }
         // Wake on the next migration event, or poll again shortly.
         let wait = if switched { Duration::from_millis(5) } else { Duration::from_millis(200) };
-        let _ = tokio::time::timeout(wait, async {
-            loop {
-                match events.recv().await {
-                    Ok(ev) if ev.event == "MIGRATION" => return,
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
-                    Err(_) => {
-                        tokio::time::sleep(wait).await;
-                        return;
-                    }
+        next_migration_event(&mut events, wait).await;
+    }
+}
+
+/// Copies `query-migrate`'s counters into the status, and the phase while it is `active`.
+fn record_progress(out: &Outgoing, mig: &Value, status: &str) {
+    let mut st = out.status.lock().unwrap();
+    st.ram_transferred_bytes = u64_at(mig, &["ram", "transferred"]).or(st.ram_transferred_bytes);
+    st.ram_remaining_bytes = u64_at(mig, &["ram", "remaining"]).or(st.ram_remaining_bytes);
+    st.dirty_sync_count = u64_at(mig, &["ram", "dirty-sync-count"]).or(st.dirty_sync_count);
+    st.cpu_throttle_percentage = u64_at(mig, &["cpu-throttle-percentage"]).or(st.cpu_throttle_percentage);
+    if status == "active" {
+        st.phase = format!(
+            "copying memory (pass {}, {} MiB sent, {} MiB left{})",
+            st.dirty_sync_count.unwrap_or(0),
+            st.ram_transferred_bytes.unwrap_or(0) >> 20,
+            st.ram_remaining_bytes.unwrap_or(0) >> 20,
+            st.cpu_throttle_percentage.filter(|&p| p > 0).map(|p| format!(", CPU throttled {p}%")).unwrap_or_default()
+        );
+    }
+}
+
+/// At `pre-switchover` the guest is paused: flush the rest of the disk, drop the mirror without
+/// pivoting, then let QEMU send the last pages and the device state.
+async fn switch_over(vm: &Vm) -> Result<(), SendErr> {
+    vm.execute("block-job-cancel", Some(json!({"device": MIRROR_JOB}))).await.map_err(failed)?;
+    let t0 = Instant::now();
+    loop {
+        let jobs = vm.execute("query-block-jobs", None).await.map_err(failed)?;
+        let present =
+            jobs.as_array().map(|a| a.iter().any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB))).unwrap_or(false);
+        if !present {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            return Err(failed("the disk mirror did not finish at switchover within 30 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    vm.execute("migrate-continue", Some(json!({"state": "pre-switchover"}))).await.map_err(failed)?;
+    Ok(())
+}
+
+/// Waits up to `wait` for QEMU's next `MIGRATION` event.
+async fn next_migration_event(events: &mut tokio::sync::broadcast::Receiver<crate::qmp::QmpEvent>, wait: Duration) {
+    let _ = tokio::time::timeout(wait, async {
+        loop {
+            match events.recv().await {
+                Ok(ev) if ev.event == "MIGRATION" => return,
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                Err(_) => {
+                    tokio::time::sleep(wait).await;
+                    return;
                 }
             }
-        })
-        .await;
-    }
-    if let Err(e) = vm.execute("blockdev-del", Some(json!({"node-name": TARGET_NODE}))).await {
-        tracing::debug!(vm = %vm.id(), "removing the NBD target node after migration: {e}");
-    }
-    Ok(())
+        }
+    })
+    .await;
 }
 
 /// Source, after a failed or cancelled migration: stop everything it started and make sure the
@@ -573,7 +618,7 @@ pub(crate) fn console_with_history(agent: &Agent, id: &str, offset: i64, page: u
     let dir = agent.runtime_dir(id);
     let history = crate::qemu_user::read_file(&dir.join(CONSOLE_HISTORY)).ok()?;
     let h = history.len() as u64;
-    let mut log = std::fs::File::open(dir.join(crate::vm::CONSOLE_LOG)).ok();
+    let mut log = std::fs::File::open(dir.join(crate::runtime::CONSOLE_LOG)).ok();
     let l = log.as_ref().and_then(|f| f.metadata().ok()).map(|m| m.len()).unwrap_or(0);
     let len = h + l;
     let start = if offset < 0 { len.saturating_sub(offset.unsigned_abs()) } else { (offset as u64).min(len) };
@@ -594,67 +639,6 @@ pub(crate) fn console_with_history(agent: &Agent, id: &str, offset: i64, page: u
     let next = start + buf.len() as u64;
     Some(vgrid_api::vm::ConsoleChunk { offset: start, next, data: String::from_utf8_lossy(&buf).into_owned() })
 }
-
-// ---------------------------------------------------------------------------------------------
-// Host HTTP API of migrations (merged into `crate::http::router`).
-
-mod routes {
-    use super::*;
-    use crate::http::HttpError;
-    use axum::extract::rejection::JsonRejection;
-    use axum::extract::{Path, State};
-    use axum::http::StatusCode;
-    use axum::response::{IntoResponse, Response};
-    use axum::routing::post;
-    use axum::{Json, Router};
-
-    type Ctx = State<Arc<Agent>>;
-
-    /// `POST /host/v1/migrate/incoming`, `POST|DELETE /host/v1/migrate/incoming/{id}[/finish]`,
-    /// `POST|GET|DELETE /host/v1/vms/{id}/migrate`.
-    pub fn router() -> Router<Arc<Agent>> {
-        Router::new()
-            .route("/host/v1/migrate/incoming", post(incoming))
-            .route("/host/v1/migrate/incoming/{id}", axum::routing::delete(incoming_abort))
-            .route("/host/v1/migrate/incoming/{id}/finish", post(incoming_finish))
-            .route("/host/v1/vms/{id}/migrate", post(send).get(send_status).delete(send_cancel))
-    }
-
-    fn bad(e: JsonRejection) -> HttpError {
-        HttpError(StatusCode::BAD_REQUEST, format!("malformed migration request: {}", e.body_text()))
-    }
-
-    async fn incoming(State(a): Ctx, body: Result<Json<IncomingRequest>, JsonRejection>) -> Result<Response, HttpError> {
-        let Json(req) = body.map_err(bad)?;
-        crate::vm::validate_vm_id(&req.launch.id).map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?;
-        Ok(Json(a.incoming(req).await?).into_response())
-    }
-
-    async fn incoming_finish(State(a): Ctx, Path(id): Path<String>, body: Option<Json<FinishRequest>>) -> Result<Response, HttpError> {
-        let history = body.map(|b| b.0.console_history).unwrap_or_default();
-        Ok(Json(a.incoming_finish(&id, Duration::from_secs(60), &history).await?).into_response())
-    }
-
-    async fn incoming_abort(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
-        a.incoming_abort(&id).await?;
-        Ok(StatusCode::NO_CONTENT.into_response())
-    }
-
-    async fn send(State(a): Ctx, Path(id): Path<String>, body: Result<Json<SendRequest>, JsonRejection>) -> Result<Response, HttpError> {
-        let Json(req) = body.map_err(bad)?;
-        Ok((StatusCode::ACCEPTED, Json(a.send(&id, req)?)).into_response())
-    }
-
-    async fn send_status(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
-        Ok(Json(a.send_status(&id)?).into_response())
-    }
-
-    async fn send_cancel(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
-        Ok(Json(a.send_cancel(&id).await?).into_response())
-    }
-}
-
-pub use routes::router;
 
 /// After an agent restart, an adopted QEMU may still be in the middle of an outgoing migration
 /// its dead predecessor drove (possibly paused at `pre-switchover`, where QEMU waits forever).

@@ -267,7 +267,7 @@ pub async fn start_pager(dir: &Path, nbd_socket: &Path, export: &str, size: u64,
             "driver=nbd,node-name=ram,server.type=unix,server.path={},export={},read-only=on,reconnect-delay={}",
             q(nbd_socket),
             export.replace(',', ",,"),
-            crate::vm::NBD_RECONNECT_DELAY_S
+            crate::qemu::NBD_RECONNECT_DELAY_S
         ))
         .arg("--export")
         .arg(format!("type=fuse,id=ram,node-name=ram,mountpoint={},writable=off,allow-other=on", q(&file)))

@@ -3,7 +3,7 @@
 //! how many test guests boot at once, and "a timeout and one retry" around every boot.
 //! Production code never calls this module.
 
-use crate::vm::{BootSource, DiskSource, VmSpec};
+use crate::spec::{BootSource, DiskSource, VmSpec};
 use std::fmt::Display;
 use std::future::Future;
 use std::os::fd::AsRawFd;

@@ -8,7 +8,7 @@ use vgrid_api::vm::{Accel, Forward, VmConfig};
 use vgrid_api::ImageRef;
 
 use crate::ram::RamBacking;
-use crate::vm::{BootSource, DiskSource, VmSpec};
+use crate::spec::{BootSource, DiskSource, VmSpec};
 
 #[derive(Deserialize)]
 pub(crate) struct StoredSpec {

@@ -1,6 +1,6 @@
-//! Mobile guests on the host: saving a running guest as a **warm image** (its QEMU migration
-//! stream plus its disk as changed so far, the original image as parent) and starting a guest
-//! from such an image with `-incoming` instead of booting it. Suspend is the same save followed
+//! Saving a running guest as a **warm image** (its QEMU migration
+//! stream plus its disk as changed so far, the original image as parent) (starting a guest
+//! from such an image is [`crate::restore`]). Suspend is the same save followed
 //! by the end of QEMU; resume is a launch of the saved image on any host.
 //!
 //! The new disk blob is composed without copying the base: `qemu-img map` on the VM's qcow2
@@ -14,11 +14,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use serde::Deserialize;
-use vgrid_api::host::{SaveRequest, VmPresence, SAVE_TIMEOUT};
+use vgrid_api::host::{SaveRequest, SAVE_TIMEOUT};
 use vgrid_api::rest::UploadId;
 use vgrid_api::vm::SavedImage;
 use vgrid_api::{Blob, ChunkHash, ImageRef, Manifest, SavedRam, SavedState, StateMeta};
@@ -26,7 +26,8 @@ use vgrid_storeclient::codec;
 use vgrid_storeclient::StoreClient;
 
 use crate::agent::{Agent, AgentError};
-use crate::vm::{DiskSource, Vm};
+use crate::spec::DiskSource;
+use crate::vm::Vm;
 
 /// Name of the state file a save writes in the runtime directory (removed once uploaded).
 const SAVE_FILE: &str = "state.save";
@@ -39,11 +40,9 @@ const RAM_SAVE_FILE: &str = "ram.save";
 const UPLOAD_BATCH: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
-pub enum MobileError {
+pub enum SaveError {
     #[error("VM {id}: cannot save it: {cause}")]
     Save { id: String, cause: String },
-    #[error("VM {id}: cannot restore image {image}: {cause}")]
-    Restore { id: String, image: String, cause: String },
     #[error("VM {id}: uploading image {image} failed, nothing was stored: {cause}")]
     Upload { id: String, image: String, cause: String },
     #[error("invalid image name {0:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")]
@@ -263,9 +262,9 @@ impl Agent {
     /// With `suspend`, QEMU ends once the image is committed (the host's capacity is free);
     /// otherwise, and whenever saving fails, the guest runs on.
     pub async fn save_vm(&self, id: &str, req: &SaveRequest, suspend: bool) -> Result<SavedImage, AgentError> {
-        vgrid_api::manifest::validate_name(&req.name).map_err(|_| MobileError::BadName(req.name.clone()))?;
+        vgrid_api::manifest::validate_name(&req.name).map_err(|_| SaveError::BadName(req.name.clone()))?;
         let vm = self.vm(id).ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
-        let fail = |cause: String| AgentError::from(MobileError::Save { id: id.to_string(), cause });
+        let fail = |cause: String| AgentError::from(SaveError::Save { id: id.to_string(), cause });
         let _saving =
             SaveGuard::take(vm.runtime_dir()).ok_or_else(|| fail("another snapshot or suspend of this VM is in progress".into()))?;
         let parent_ref = export_of(&vm.spec().disk).ok_or_else(|| fail("its disk is not an image of the block proxy".into()))?;
@@ -319,7 +318,7 @@ impl Agent {
     /// The guest stays paused.
     async fn capture(&self, vm: &Vm, parent: &Manifest) -> Result<Captured, AgentError> {
         let id = vm.id().to_string();
-        let fail = |cause: String| AgentError::from(MobileError::Save { id: id.clone(), cause });
+        let fail = |cause: String| AgentError::from(SaveError::Save { id: id.clone(), cause });
         let state_path = vm.runtime_dir().join(SAVE_FILE);
         let machine = current_machine(vm).await;
         let state_bytes = vm.save_state_with(&state_path, SAVE_TIMEOUT, true).await?;
@@ -386,7 +385,7 @@ impl Agent {
     /// Uploads the state and the new disk chunks, then commits the manifest. Returns it, the
     /// number of changed disk chunks and the bytes sent.
     async fn upload_image(&self, id: &str, name: &str, parent: &Manifest, cap: &Captured) -> Result<(Manifest, u64, u64), AgentError> {
-        let fail = |cause: String| AgentError::from(MobileError::Upload { id: id.to_string(), image: name.to_string(), cause });
+        let fail = |cause: String| AgentError::from(SaveError::Upload { id: id.to_string(), image: name.to_string(), cause });
         let mut up = Upload::begin(&self.servers().urls()).await.map_err(fail)?;
         let r = self.upload_session(&mut up, name, parent, cap).await;
         match r {
@@ -528,349 +527,9 @@ async fn current_machine(vm: &Vm) -> String {
         .to_string()
 }
 
-/// Option ROMs QEMU adds for a direct kernel boot (x86): a state saved from such a boot has
-/// one of them as a RAM block, `/rom@genroms/NAME`.
-const LOADER_ROMS: [&str; 5] = ["linuxboot_dma.bin", "linuxboot.bin", "multiboot_dma.bin", "multiboot.bin", "pvh.bin"];
-
-/// The kernel loader ROMs among the RAM blocks of a QEMU migration stream that begins with
-/// `head` (the RAM section lists each block as a length byte, its name and its size).
-pub fn loader_roms(head: &[u8]) -> Vec<String> {
-    const PREFIX: &[u8] = b"/rom@genroms/";
-    let mut out = Vec::new();
-    let mut i = 0;
-    while let Some(p) = head[i..].windows(PREFIX.len()).position(|w| w == PREFIX) {
-        let at = i + p;
-        i = at + PREFIX.len();
-        let Some(&len) = at.checked_sub(1).and_then(|j| head.get(j)) else { continue };
-        let Some(name) = head.get(at..at + len as usize).and_then(|n| n.strip_prefix(PREFIX)) else { continue };
-        let name = String::from_utf8_lossy(name).into_owned();
-        if LOADER_ROMS.contains(&name.as_str()) && !out.contains(&name) {
-            out.push(name);
-        }
-    }
-    out
-}
-
-/// For a warm image of a direct kernel boot: the loader ROMs its saved state has as RAM blocks
-/// (QEMU 10's `pc` machine has none: its kernel loader ROM is not migrated), read from the
-/// state's first chunk (through the host cache, where the restore finds it again). `None`
-/// (the boot files are fetched after all) when that chunk cannot be read or is no QEMU
-/// migration stream.
-pub(crate) async fn state_loader_roms(agent: &Agent, manifest: &Manifest, state: &Blob) -> Option<Vec<String>> {
-    let first = state.chunks.first()?.as_ref()?;
-    let one = Blob { size: state.size.min(manifest.chunk_size as u64), chunks: vec![Some(*first)] };
-    let head = agent.proxy().read_blob(manifest, &one).await.ok()?;
-    head.starts_with(b"QEVM").then(|| loader_roms(&head))
-}
-
-/// Chunks of the state fetched per request batch while streaming it into QEMU.
-const STREAM_BATCH: usize = 8;
-/// Batches fetched ahead of the one QEMU is reading (with [`STREAM_BATCH`] chunks of the
-/// default 256 KiB: 16 MiB in flight at most).
-const STREAM_AHEAD: usize = 8;
-/// The socket QEMU reads a streamed state from (in the runtime directory; removed once used).
-const INCOMING_SOCKET: &str = "state.sock";
-
-/// A warm image's state on its way into QEMU: batches of its bytes, in order, fetched through
-/// the host cache ahead of QEMU by a background task that starts before QEMU does.
-pub(crate) struct IncomingState {
-    image: String,
-    size: u64,
-    /// The guest's RAM is not in the stream (saved apart).
-    ram_apart: bool,
-    batches: tokio::sync::mpsc::Receiver<Result<Vec<u8>, AgentError>>,
-    fetcher: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for IncomingState {
-    fn drop(&mut self) {
-        self.fetcher.abort();
-    }
-}
-
-/// For a launch of a warm image: checks that this host and request can load its state and
-/// starts fetching it through the host cache ([`STREAM_AHEAD`] batches of [`STREAM_BATCH`]
-/// chunks concurrently, handed over in order). `None` for an image without state.
-pub(crate) fn prepare_incoming(
-    agent: &Agent,
-    id: &str,
-    manifest: &std::sync::Arc<Manifest>,
-    cpus: u32,
-    memory_mib: u64,
-    accel: crate::Accel,
-) -> Result<Option<IncomingState>, AgentError> {
-    let Some(st) = &manifest.state else { return Ok(None) };
-    let fail =
-        |cause: String| AgentError::from(MobileError::Restore { id: id.to_string(), image: manifest.image_ref().to_string(), cause });
-    if let Some(why) = st.meta.incompatibility(cpus, memory_mib, agent.qemu_version()) {
-        return Err(fail(why));
-    }
-    if !st.meta.accel.is_empty() && st.meta.accel != accel.as_str() {
-        return Err(fail(format!("the state was saved under {} and this host runs guests under {}", st.meta.accel, accel.as_str())));
-    }
-    let cs = manifest.chunk_size as u64;
-    let blob = st.blob.clone();
-    let parts: Vec<Blob> = (0..blob.chunks.len())
-        .step_by(STREAM_BATCH)
-        .map(|i| {
-            let end = (i + STREAM_BATCH).min(blob.chunks.len());
-            let start = i as u64 * cs;
-            Blob { size: (blob.size - start).min((end - i) as u64 * cs), chunks: blob.chunks[i..end].to_vec() }
-        })
-        .collect();
-    let (tx, rx) = tokio::sync::mpsc::channel(STREAM_AHEAD);
-    let proxy = agent.proxy().clone();
-    let m = manifest.clone();
-    let fetcher = tokio::spawn(async move {
-        use futures::StreamExt;
-        let mut batches = futures::stream::iter(parts)
-            .map(|part| {
-                let (proxy, m) = (proxy.clone(), m.clone());
-                async move { proxy.read_blob(&m, &part).await.map_err(AgentError::from) }
-            })
-            .buffered(STREAM_AHEAD);
-        while let Some(b) = batches.next().await {
-            let stop = b.is_err();
-            if tx.send(b).await.is_err() || stop {
-                return;
-            }
-        }
-    });
-    Ok(Some(IncomingState { image: manifest.image_ref().to_string(), size: blob.size, ram_apart: st.ram.is_some(), batches: rx, fetcher }))
-}
-
-/// Feeds a state into `vm` (started with `-incoming defer`) while it arrives: QEMU listens on
-/// a unix socket in the runtime directory (`migrate-incoming`), the batches are written to it
-/// in order, then the guest is resumed once QEMU has loaded everything.
-pub(crate) async fn stream_incoming(vm: &Vm, mut st: IncomingState, timeout: Duration) -> Result<(), AgentError> {
-    use tokio::io::AsyncWriteExt;
-    let id = vm.id().to_string();
-    let fail = |cause: String| AgentError::from(MobileError::Restore { id: id.clone(), image: st.image.clone(), cause });
-    let sock = vm.runtime_dir().join(INCOMING_SOCKET);
-    let _ = std::fs::remove_file(&sock);
-    let t0 = Instant::now();
-    let deadline = tokio::time::Instant::now() + timeout;
-    // A stream without the RAM says so (`x-ignore-shared`), and QEMU must read it that way.
-    if st.ram_apart {
-        vm.set_ignore_shared(true).await.map_err(|e| fail(format!("x-ignore-shared: {e}")))?;
-    }
-    vm.execute("migrate-incoming", Some(serde_json::json!({"uri": format!("unix:{}", sock.display())})))
-        .await
-        .map_err(|e| fail(format!("migrate-incoming: {e}")))?;
-    let mut conn = None;
-    for _ in 0..200 {
-        match tokio::net::UnixStream::connect(&sock).await {
-            Ok(c) => {
-                conn = Some(c);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
-    let _ = std::fs::remove_file(&sock);
-    let mut conn = conn.ok_or_else(|| fail(format!("QEMU does not listen on {}", sock.display())))?;
-    let mut sent = 0u64;
-    let qemu_gone = |e: std::io::Error, sent: u64| {
-        let detail = loaded_error(vm);
-        fail(format!("QEMU stopped reading the state after {sent} bytes ({e}){detail}"))
-    };
-    loop {
-        let next = tokio::time::timeout_at(deadline, st.batches.recv()).await.map_err(|_| fail(format!("not loaded after {timeout:?}")))?;
-        match next {
-            Some(Ok(data)) => {
-                tokio::time::timeout_at(deadline, conn.write_all(&data))
-                    .await
-                    .map_err(|_| fail(format!("not loaded after {timeout:?}")))?
-                    .map_err(|e| qemu_gone(e, sent))?;
-                sent += data.len() as u64;
-            }
-            Some(Err(e)) => return Err(fail(format!("fetching the state failed after {sent} bytes: {e}"))),
-            None => break,
-        }
-    }
-    if sent != st.size {
-        return Err(fail(format!("the state stream ended after {sent} of {} bytes", st.size)));
-    }
-    let _ = conn.shutdown().await;
-    let fetched_secs = t0.elapsed().as_secs_f64();
-    loop {
-        if let Some(exit) = vm.exit_info() {
-            return Err(fail(format!("QEMU exited while loading the state ({exit}){}", loaded_error(vm))));
-        }
-        let status = vm.execute("query-status", None).await?;
-        let status = status.get("status").and_then(serde_json::Value::as_str).unwrap_or("").to_string();
-        if status != "inmigrate" {
-            let mig = vm.execute("query-migrate", None).await?;
-            if mig.get("status").and_then(serde_json::Value::as_str) == Some("failed") {
-                let desc = mig.get("error-desc").and_then(serde_json::Value::as_str).unwrap_or("no detail");
-                return Err(fail(format!("loading the state failed: {desc}")));
-            }
-            if st.ram_apart {
-                // Only for this load: a later live migration of this guest sends its RAM.
-                vm.set_ignore_shared(false).await?;
-            }
-            if status == "paused" || status == "postmigrate" || status == "prelaunch" {
-                vm.cont().await?;
-            }
-            break;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(fail(format!("still loading after {timeout:?}")));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    tracing::info!(vm = %id, image = %st.image, bytes = sent, fetched_secs, total_secs = t0.elapsed().as_secs_f64(),
-        "state streamed into QEMU, guest resumed");
-    Ok(())
-}
-
-/// How a VM restored from `manifest` (a warm image) gets its RAM: for a state saved with its
-/// RAM apart, a private mapping of that RAM served lazily by a pager ([`crate::ram`]); where
-/// the host has no FUSE or no pager, a shared RAM file filled before QEMU starts. A state with
-/// the RAM inside the stream: the host's usual backing.
-pub(crate) async fn saved_ram_backing(
-    agent: &Agent,
-    id: &str,
-    manifest: &Manifest,
-    dir: &Path,
-    opts: &crate::vm::LaunchOptions,
-) -> Result<crate::ram::RamBacking, AgentError> {
-    use crate::ram::RamBacking;
-    let Some(saved) = manifest.state.as_ref().and_then(|s| s.ram.as_ref()) else { return Ok(RamBacking::Anonymous) };
-    let ram = &saved.blob;
-    let fail =
-        |cause: String| AgentError::from(MobileError::Restore { id: id.to_string(), image: manifest.image_ref().to_string(), cause });
-    let owner = opts.run_as.as_ref().map(|u| (u.uid, u.gid));
-    if crate::ram::lazy_supported() {
-        let export = format!("{}{}", manifest.image_ref(), vgrid_blockproxy::export::RAM_EXPORT_SUFFIX);
-        let path = crate::ram::start_pager(dir, agent.nbd_socket(), &export, ram.size, owner)
-            .await
-            .map_err(|e| fail(format!("paging its RAM in: {e}")))?;
-        return Ok(RamBacking::Lazy { path, export });
-    }
-    let Some(ram_dir) = &opts.ram_dir else {
-        return Err(fail("its RAM was saved apart from its state, and this host has neither FUSE with qemu-storage-daemon (to page it in) nor a tmpfs RAM directory (to load it)".into()));
-    };
-    let path = crate::ram::create_shared(ram_dir, id, owner).map_err(|e| fail(format!("{}: {e}", ram_dir.display())))?;
-    let t = Instant::now();
-    if let Err(e) = fill_sparse(agent, manifest, saved, &path).await {
-        let _ = std::fs::remove_file(&path);
-        return Err(fail(format!("loading its RAM: {e}")));
-    }
-    tracing::info!(vm = %id, image = %manifest.image_ref(), took_ms = t.elapsed().as_millis() as u64, "saved RAM loaded (no lazy paging on this host)");
-    Ok(RamBacking::Shared { path })
-}
-
-/// Writes the stored chunks of `blob` at their offsets in the file `path` (zero chunks stay
-/// holes), fetching through the host cache.
-async fn fill_sparse(agent: &Agent, manifest: &Manifest, ram: &SavedRam, path: &Path) -> Result<(), String> {
-    use futures::StreamExt;
-    let blob = &ram.blob;
-    let file = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    file.set_len(blob.size).map_err(|e| format!("{}: {e}", path.display()))?;
-    let cs = ram.chunk_size;
-    let stored: Vec<(usize, Blob)> = blob
-        .chunks
-        .iter()
-        .enumerate()
-        .filter_map(|(i, c)| c.map(|h| (i, Blob { size: blob.chunk_len(cs, i) as u64, chunks: vec![Some(h)] })))
-        .collect();
-    let proxy = agent.proxy().clone();
-    let m = std::sync::Arc::new(manifest.clone());
-    let mut reads = futures::stream::iter(stored)
-        .map(move |(i, one)| {
-            let (proxy, m) = (proxy.clone(), m.clone());
-            async move { (i, proxy.read_blob_chunked(&m, &one, cs).await) }
-        })
-        .buffer_unordered(STREAM_AHEAD);
-    while let Some((i, data)) = reads.next().await {
-        let data = data.map_err(|e| e.to_string())?;
-        file.write_all_at(&data, i as u64 * cs as u64).map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    Ok(())
-}
-
-/// What QEMU's log says about a failed load (empty when nothing).
-fn loaded_error(vm: &Vm) -> String {
-    let log = std::fs::read_to_string(vm.runtime_dir().join(crate::vm::QEMU_LOG)).unwrap_or_default();
-    let tail: Vec<&str> = log.lines().rev().take(3).collect();
-    if tail.is_empty() {
-        String::new()
-    } else {
-        format!("; QEMU says: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" / "))
-    }
-}
-
-/// HTTP status of a mobility error.
-pub(crate) fn status_of(e: &MobileError) -> axum::http::StatusCode {
-    use axum::http::StatusCode;
-    match e {
-        MobileError::BadName(_) => StatusCode::BAD_REQUEST,
-        MobileError::Restore { .. } => StatusCode::CONFLICT,
-        MobileError::Upload { .. } => StatusCode::BAD_GATEWAY,
-        MobileError::Save { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-type Body = Result<axum::Json<SaveRequest>, axum::extract::rejection::JsonRejection>;
-
-async fn http_save(agent: std::sync::Arc<Agent>, id: String, body: Body, suspend: bool) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let req = match body {
-        Ok(axum::Json(r)) => r,
-        Err(e) => {
-            return crate::http::HttpError(axum::http::StatusCode::BAD_REQUEST, format!("malformed save request: {}", e.body_text()))
-                .into_response()
-        }
-    };
-    // Its own task: a caller that goes away (a coordinator restart) must not cancel a save
-    // halfway, which would leave the guest paused.
-    let task = tokio::spawn(async move { agent.save_vm(&id, &req, suspend).await });
-    match task.await {
-        Ok(Ok(s)) => axum::Json(s).into_response(),
-        Ok(Err(e)) => crate::http::HttpError::from(e).into_response(),
-        Err(e) => crate::http::HttpError(axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("save task failed: {e}")).into_response(),
-    }
-}
-
-/// `GET /host/v1/vms/{id}/saving`: whether a snapshot or suspend of the VM is in progress, and
-/// whether its QEMU runs, and whether the host knows it at all (launching or present).
-pub(crate) async fn http_saving(
-    axum::extract::State(a): axum::extract::State<std::sync::Arc<Agent>>,
-    axum::extract::Path(id): axum::extract::Path<String>,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let (saving, running) = match a.vm(&id) {
-        Some(vm) => (is_saving(vm.runtime_dir()), vm.exit_info().is_none()),
-        None => (false, false),
-    };
-    // Known: launching (admitted) or present; a coordinator that restarted right after it
-    // sent a launch learns whether the launch ever arrived.
-    let known = a.vm(&id).is_some() || a.resources().is_admitted(&id);
-    axum::Json(VmPresence { saving, running, known }).into_response()
-}
-
 /// Whether the VM in runtime directory `dir` is being saved.
 pub fn is_saving(dir: &Path) -> bool {
     SAVING.lock().unwrap().as_ref().is_some_and(|s| s.contains(dir))
-}
-
-/// `POST /host/v1/vms/{id}/snapshot`: save the VM as a warm image; it keeps running.
-pub(crate) async fn http_snapshot(
-    axum::extract::State(a): axum::extract::State<std::sync::Arc<Agent>>,
-    axum::extract::Path(id): axum::extract::Path<String>,
-    body: Body,
-) -> axum::response::Response {
-    http_save(a, id, body, false).await
-}
-
-/// `POST /host/v1/vms/{id}/suspend`: save the VM as an image and end its QEMU.
-pub(crate) async fn http_suspend(
-    axum::extract::State(a): axum::extract::State<std::sync::Arc<Agent>>,
-    axum::extract::Path(id): axum::extract::Path<String>,
-    body: Body,
-) -> axum::response::Response {
-    http_save(a, id, body, true).await
 }
 
 #[cfg(test)]
@@ -928,22 +587,6 @@ mod tests {
         assert_eq!(&c1[20..25], &[0u8; 5][..]);
         assert_eq!(&c1[25..], &[9u8; 25][..]);
         assert_eq!(touched_chunks(&patches, 100), vec![0, 1]);
-    }
-
-    #[test]
-    fn loader_roms_come_from_the_ram_block_list() {
-        // The RAM section of a QEMU 10 stream of a direct kernel boot (names as QEMU writes them:
-        // a length byte, the name, the block's size as a big-endian u64).
-        let mut s = b"QEVM\x00\x00\x00\x03".to_vec();
-        for name in ["pc.ram", "/rom@etc/acpi/tables", "/rom@genroms/linuxboot_dma.bin", "0000:00:03.0/virtio-net-pci.rom"] {
-            s.push(name.len() as u8);
-            s.extend_from_slice(name.as_bytes());
-            s.extend_from_slice(&65536u64.to_be_bytes());
-        }
-        assert_eq!(loader_roms(&s), vec!["linuxboot_dma.bin".to_string()]);
-        // A firmware boot has none; a name cut off at the end of the chunk is ignored.
-        assert!(loader_roms(b"\x06pc.ram\x00\x00").is_empty());
-        assert!(loader_roms(b"\x1e/rom@genroms/linuxboot_dma.b").is_empty());
     }
 
     #[test]

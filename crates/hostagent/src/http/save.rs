@@ -1,0 +1,63 @@
+//! `/host/v1/vms/{id}/snapshot`, `/suspend` and `/saving`: saving a VM as a warm image.
+
+use std::sync::Arc;
+
+use vgrid_api::host::{SaveRequest, VmPresence};
+
+use super::HttpError;
+use crate::agent::Agent;
+
+type Body = Result<axum::Json<SaveRequest>, axum::extract::rejection::JsonRejection>;
+
+async fn save(agent: Arc<Agent>, id: String, body: Body, suspend: bool) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let req = match body {
+        Ok(axum::Json(r)) => r,
+        Err(e) => {
+            return HttpError(axum::http::StatusCode::BAD_REQUEST, format!("malformed save request: {}", e.body_text())).into_response()
+        }
+    };
+    // Its own task: a caller that goes away (a coordinator restart) must not cancel a save
+    // halfway, which would leave the guest paused.
+    let task = tokio::spawn(async move { agent.save_vm(&id, &req, suspend).await });
+    match task.await {
+        Ok(Ok(s)) => axum::Json(s).into_response(),
+        Ok(Err(e)) => HttpError::from(e).into_response(),
+        Err(e) => HttpError(axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("save task failed: {e}")).into_response(),
+    }
+}
+
+/// `GET /host/v1/vms/{id}/saving`: whether a snapshot or suspend of the VM is in progress, and
+/// whether its QEMU runs, and whether the host knows it at all (launching or present).
+pub(super) async fn saving(
+    axum::extract::State(a): axum::extract::State<Arc<Agent>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (saving, running) = match a.vm(&id) {
+        Some(vm) => (crate::save::is_saving(vm.runtime_dir()), vm.exit_info().is_none()),
+        None => (false, false),
+    };
+    // Known: launching (admitted) or present; a coordinator that restarted right after it
+    // sent a launch learns whether the launch ever arrived.
+    let known = a.vm(&id).is_some() || a.resources().is_admitted(&id);
+    axum::Json(VmPresence { saving, running, known }).into_response()
+}
+
+/// `POST /host/v1/vms/{id}/snapshot`: save the VM as a warm image; it keeps running.
+pub(super) async fn snapshot(
+    axum::extract::State(a): axum::extract::State<Arc<Agent>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: Body,
+) -> axum::response::Response {
+    save(a, id, body, false).await
+}
+
+/// `POST /host/v1/vms/{id}/suspend`: save the VM as an image and end its QEMU.
+pub(super) async fn suspend(
+    axum::extract::State(a): axum::extract::State<Arc<Agent>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: Body,
+) -> axum::response::Response {
+    save(a, id, body, true).await
+}

@@ -1,0 +1,131 @@
+//! QEMU's command line for a spec: machine, memory, sandbox, serial console, QMP, pid file,
+//! the disk (a qcow2 overlay over the image), the network ([`super::net`]), how it boots,
+//! and how a saved or migrated state comes in.
+
+use crate::accel::Accel;
+use crate::runtime::{CONSOLE_LOG, CONSOLE_SOCKET, OVERLAY_FILE, PID_FILE, QMP_SOCKET};
+use crate::spec::{BootSource, DiskSource, VmSpec};
+use std::path::Path;
+
+/// QEMU option values are comma-separated lists: a literal comma is written twice.
+pub(crate) fn qopt(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+/// For a disk over the block proxy's unix socket, the overlay's backing as a node of its own
+/// (the export its header names) with a reconnect delay: while the host agent restarts (its proxy
+/// gone for a moment), the guest's reads of the base wait for it instead of failing.
+fn nbd_backing_node(disk: &DiskSource) -> Option<String> {
+    let DiskSource::Nbd { url } = disk else { return None };
+    let (export, socket) = url.strip_prefix("nbd+unix:///").and_then(|r| r.split_once("?socket="))?;
+    Some(format!(
+        "driver=nbd,node-name=base,read-only=on,server.type=unix,server.path={},export={},reconnect-delay={NBD_RECONNECT_DELAY_S}",
+        qopt(Path::new(socket)),
+        export.replace(',', ",,")
+    ))
+}
+
+/// Seconds a guest's disk (or RAM pager) waits for a restarting host agent's proxy.
+pub const NBD_RECONNECT_DELAY_S: u32 = 300;
+
+/// The `qemu-system-x86_64` arguments for `spec` (accelerator already resolved) in `dir`.
+pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    push(&["-name", &format!("guest={},debug-threads=on", spec.id)]);
+    push(&["-machine", &format!("pc{}", spec.ram.machine_option()), "-accel", accel.as_str()]);
+    if accel == Accel::Kvm {
+        push(&["-cpu", "host"]);
+    }
+    push(&["-smp", &spec.config.cpus.to_string(), "-m", &format!("{}M", spec.config.memory_mib)]);
+    a.extend(spec.ram.qemu_args(spec.config.memory_mib));
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    // seccomp: no obsolete syscalls, no privilege elevation, no fork/exec, no scheduler or
+    // affinity changes. A guest escaping into QEMU is held to these.
+    push(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=con0,path={},server=on,wait=off,logfile={},logappend=on",
+            qopt(&dir.join(CONSOLE_SOCKET)),
+            qopt(&dir.join(CONSOLE_LOG))
+        ),
+        "-serial",
+        "chardev:con0",
+    ]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", qopt(&dir.join(QMP_SOCKET)))]);
+    push(&["-pidfile", &dir.join(PID_FILE).display().to_string()]);
+    let backing = nbd_backing_node(&spec.disk);
+    if let Some(b) = &backing {
+        push(&["-blockdev", b]);
+    }
+    push(&[
+        "-blockdev",
+        &format!(
+            "driver=qcow2,node-name=vda,discard=unmap,file.driver=file,file.filename={}{}",
+            qopt(&dir.join(OVERLAY_FILE)),
+            if backing.is_some() { ",backing=base" } else { "" }
+        ),
+        "-device",
+        // Direct kernel boot takes bootindex 0 for its option ROM.
+        if matches!(spec.boot, BootSource::Firmware { .. }) { "virtio-blk-pci,drive=vda,bootindex=0" } else { "virtio-blk-pci,drive=vda" },
+    ]);
+    a.extend(super::net::net_args(&spec.config));
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    match &spec.boot {
+        BootSource::Kernel { kernel, initrd, cmdline } => {
+            push(&["-kernel", &kernel.display().to_string()]);
+            if let Some(i) = initrd {
+                push(&["-initrd", &i.display().to_string()]);
+            }
+            if !cmdline.is_empty() {
+                push(&["-append", cmdline]);
+            }
+        }
+        BootSource::Firmware { bios } => {
+            if let Some(b) = bios {
+                push(&["-bios", &b.display().to_string()]);
+            }
+        }
+        BootSource::Restore { option_roms } => {
+            for r in option_roms {
+                push(&["-option-rom", r]);
+            }
+            push(&["-no-reboot"]);
+        }
+    }
+    a
+}
+
+/// The `-incoming` arguments: a saved state's file (`state`), or `defer` for a live migration
+/// that QMP `migrate-incoming` opens later; none for a fresh boot.
+pub(crate) fn incoming_args(state: Option<&Path>, defer: bool) -> Vec<String> {
+    match state {
+        Some(state) => vec!["-incoming".into(), format!("file:{}", state.display())],
+        None if defer => vec!["-incoming".into(), "defer".into()],
+        None => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::tests::spec;
+
+    #[test]
+    fn args_hold_the_runtime_files_and_forwards() {
+        let t = tempfile::tempdir().unwrap();
+        let s = spec(t.path());
+        let dir = Path::new("/run/vg,rid/vm-1");
+        let a = qemu_args(&s, Accel::Tcg, dir).join(" ");
+        assert!(a.contains("-accel tcg"), "{a}");
+        assert!(a.contains("path=/run/vg,,rid/vm-1/console.sock"), "{a}");
+        assert!(a.contains("logfile=/run/vg,,rid/vm-1/console.log"), "{a}");
+        assert!(a.contains("-qmp unix:/run/vg,,rid/vm-1/qmp.sock,server=on,wait=off"), "{a}");
+        assert!(a.contains("file.filename=/run/vg,,rid/vm-1/overlay.qcow2"), "{a}");
+        assert!(a.contains("hostfwd=tcp:127.0.0.1:2222-:22"), "{a}");
+        assert!(a.contains("-machine pc"), "{a}");
+        assert!(!a.contains("-cpu host"), "{a}");
+    }
+}
