@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
 use futures::StreamExt;
-use vgrid_api::{Boot, ImageRef, Manifest};
 use vgrid_api::host::PullProgress;
+use vgrid_api::{Boot, ImageRef, Manifest};
 use vgrid_storeclient::import::{export_image, import_file, Format, ImportOptions};
 use vgrid_storeclient::StoreClient;
 
