@@ -384,10 +384,10 @@ pub async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     let registry = a.beats.registry();
     registry.add_fixed_servers(a.host.image_servers.iter().cloned());
     let auth = a.users.open(state.records(), &data).await?;
-    let coord = Coordinator::new(state.legacy(), registry.clone()).await.map_err(|e| anyhow!("{e}"))?;
+    let coord = Coordinator::new(state.clone(), registry.clone()).await.map_err(|e| anyhow!("{e}"))?;
 
     let users: vgrid_trust::caller::Users = auth.clone();
-    let app = vgrid_coordinator::api::router(coord.clone(), auth, Some(joins))
+    let app = vgrid_coordinator::http::router(coord.clone(), auth, Some(joins))
         .merge(vgrid_imagestore::server::router_with(store.clone(), Some(users.clone())))
         .merge(vgrid_hostagent::http::router(agent.clone(), Some(users)));
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -427,9 +427,9 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let registry = a.beats.registry();
     registry.add_fixed_servers(a.image_servers.iter().cloned());
     let auth = a.users.open(state.records(), &data).await?;
-    let coord = Coordinator::new(state.legacy(), registry).await.map_err(|e| anyhow!("{e}"))?;
+    let coord = Coordinator::new(state.clone(), registry).await.map_err(|e| anyhow!("{e}"))?;
     announce(&format!("vgrid coordinator at {url} (data in {}, CA {fingerprint})", data.display()));
-    vgrid_trust::tls::serve(listener, node, vgrid_coordinator::api::router(coord, auth, Some(joins)), shutdown_signal())
+    vgrid_trust::tls::serve(listener, node, vgrid_coordinator::http::router(coord, auth, Some(joins)), shutdown_signal())
         .await
         .context("serving the API")?;
     Ok(ExitCode::SUCCESS)

@@ -9,15 +9,11 @@
 //! therefore never counts twice. Each addition is also kept in a one-minute bucket so that
 //! `GET /api/v1/usage?since=T` can sum a period.
 
-use std::sync::{Arc, Mutex};
-
-use axum::extract::{Query, State};
-use axum::Json;
 use serde::{Deserialize, Serialize};
 use vgrid_api::usage::{UsageReport, UsageTotals, UserUsage, VmUsage, VmUsageReport};
 use vgrid_api::vm::VmRecord;
 
-use crate::state::{LegacyStore, StateError, UsageTable};
+use crate::state::{StateError, UsageStore, UsageTable};
 
 /// Bucket length, seconds.
 pub const BUCKET_SECS: u64 = 60;
@@ -95,41 +91,44 @@ fn is_zero(d: &UsageTotals) -> bool {
 }
 
 pub struct Accounting {
-    state: Arc<dyn LegacyStore>,
-    lock: Mutex<()>,
+    usage: UsageStore,
+    /// Orders this process's read-modify-writes of the rows (a heartbeat's reports).
+    lock: tokio::sync::Mutex<()>,
 }
 
 impl Accounting {
-    pub fn new(state: Arc<dyn LegacyStore>) -> Accounting {
-        Accounting { state, lock: Mutex::new(()) }
+    pub fn new(usage: UsageStore) -> Accounting {
+        Accounting { usage, lock: Default::default() }
     }
 
-    fn load(&self, id: &str) -> Result<Option<VmAcct>, StateError> {
+    /// The row `key` of `table`, decoded (`None` when absent or unreadable).
+    async fn row<T: serde::de::DeserializeOwned>(&self, table: UsageTable, key: &str) -> Result<Option<T>, StateError> {
         Ok(self
-            .state
-            .scan_usage(UsageTable::Vms, id)?
+            .usage
+            .scan_usage(table, key)
+            .await?
             .into_iter()
-            .find(|(k, _)| k == id)
-            .and_then(|(_, v)| serde_json::from_slice(&v).ok()))
+            .find(|(k, _)| k == key)
+            .and_then(|(_, e)| serde_json::from_slice(&e.value).ok()))
     }
 
     /// The accounting record of VM `id` (its last report's gauges among them).
-    pub fn vm(&self, id: &str) -> Option<VmUsage> {
-        self.load(id).ok().flatten().map(|a| a.info)
+    pub async fn vm(&self, id: &str) -> Option<VmUsage> {
+        self.row::<VmAcct>(UsageTable::Vms, id).await.ok().flatten().map(|a| a.info)
     }
 
     /// Records the reports of `host`'s heartbeat. `record` finds the VM's record (for its name
     /// and user); reports of VMs the coordinator does not know are still accounted.
-    pub fn record(&self, host: &str, reports: &[VmUsageReport], record: impl Fn(&str) -> Option<VmRecord>) -> Result<(), StateError> {
+    pub async fn record(&self, host: &str, reports: &[VmUsageReport], record: impl Fn(&str) -> Option<VmRecord>) -> Result<(), StateError> {
         if reports.is_empty() {
             return Ok(());
         }
-        let _g = self.lock.lock().unwrap();
+        let _g = self.lock.lock().await;
         let t = now();
         let bucket = t - t % BUCKET_SECS;
         let mut rows = Vec::new();
         for r in reports {
-            let mut a = match self.load(&r.id)? {
+            let mut a = match self.row::<VmAcct>(UsageTable::Vms, &r.id).await? {
                 Some(a) => a,
                 None => {
                     let mut a = VmAcct::default();
@@ -155,27 +154,21 @@ impl Accounting {
             a.info.last = t;
             if !is_zero(&d) {
                 let key = format!("{}/{:020}", r.id, bucket);
-                let mut b: UsageTotals = self
-                    .state
-                    .scan_usage(UsageTable::Buckets, &key)?
-                    .into_iter()
-                    .find(|(k, _)| *k == key)
-                    .and_then(|(_, v)| serde_json::from_slice(&v).ok())
-                    .unwrap_or_default();
+                let mut b: UsageTotals = self.row(UsageTable::Buckets, &key).await?.unwrap_or_default();
                 b.add(&d);
                 rows.push((UsageTable::Buckets, key, serde_json::to_vec(&b).unwrap_or_default()));
             }
             rows.push((UsageTable::Vms, r.id.clone(), serde_json::to_vec(&a).unwrap_or_default()));
         }
-        self.state.put_usage(&rows)
+        self.usage.put_usage(rows).await.map(|_| ())
     }
 
     /// Use per VM and per user since `since` (seconds since the epoch; the minute holding it
     /// counts whole; 0: everything), optionally of one user only.
-    pub fn report(&self, user: Option<&str>, since: u64) -> Result<UsageReport, StateError> {
+    pub async fn report(&self, user: Option<&str>, since: u64) -> Result<UsageReport, StateError> {
         let mut vms = Vec::new();
-        for (_, v) in self.state.scan_usage(UsageTable::Vms, "")? {
-            let Ok(a) = serde_json::from_slice::<VmAcct>(&v) else { continue };
+        for (_, v) in self.usage.scan_usage(UsageTable::Vms, "").await? {
+            let Ok(a) = serde_json::from_slice::<VmAcct>(&v.value) else { continue };
             if user.is_some_and(|u| u != a.info.user) {
                 continue;
             }
@@ -186,10 +179,10 @@ impl Accounting {
                 }
                 let stored = info.usage.stored_bytes;
                 let mut sum = UsageTotals::default();
-                for (k, b) in self.state.scan_usage(UsageTable::Buckets, &format!("{}/", a.info.vm))? {
+                for (k, b) in self.usage.scan_usage(UsageTable::Buckets, &format!("{}/", a.info.vm)).await? {
                     let start: u64 = k.rsplit('/').next().and_then(|s| s.parse().ok()).unwrap_or(0);
                     if start + BUCKET_SECS > since {
-                        if let Ok(b) = serde_json::from_slice::<UsageTotals>(&b) {
+                        if let Ok(b) = serde_json::from_slice::<UsageTotals>(&b.value) {
                             sum.add(&b);
                         }
                     }
@@ -214,37 +207,6 @@ impl Accounting {
     }
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-pub struct UsageQuery {
-    /// Only this user's VMs.
-    #[serde(default)]
-    pub user: Option<String>,
-    /// Start of the period, seconds since the Unix epoch (to the minute) [default: everything].
-    #[serde(default)]
-    pub since: Option<u64>,
-}
-
-/// Resource use per VM and per user: CPU-seconds (cgroup counters), memory MiB-seconds, bytes
-/// the guests read from their disks, bytes fetched from image servers, bytes stored.
-#[utoipa::path(get, path = "/api/v1/usage", params(UsageQuery),
-    responses((status = 200, body = UsageReport), (status = 500, body = vgrid_api::ErrorBody)))]
-pub async fn get_usage(
-    State(c): State<Arc<crate::Coordinator>>,
-    axum::Extension(p): axum::Extension<crate::auth::Principal>,
-    Query(q): Query<UsageQuery>,
-) -> Result<Json<UsageReport>, crate::api::ApiError> {
-    let mut user = q.user.filter(|u| !u.is_empty());
-    if !p.admin {
-        // A user sees their own usage only.
-        if let Some(u) = &user {
-            p.check_owner(&format!("the usage of {u}"), u)?;
-        }
-        user = Some(p.user.clone());
-    }
-    let r = c.accounting().report(user.as_deref(), q.since.unwrap_or(0)).map_err(crate::CoordinatorError::from)?;
-    Ok(Json(r))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,35 +225,35 @@ mod tests {
         }
     }
 
-    #[test]
-    fn deltas_generations_and_restarts() {
+    #[tokio::test]
+    async fn deltas_generations_and_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
         {
-            let state = open(&StateConfig::Redb(path.clone())).unwrap().legacy();
+            let state = open(&StateConfig::Redb(path.clone())).unwrap().usage();
             let acc = Accounting::new(state);
             let none = |_: &str| None;
-            acc.record("h1", &[rep("vm-a", 10, 1_000_000_000, 50.0)], none).unwrap();
+            acc.record("h1", &[rep("vm-a", 10, 1_000_000_000, 50.0)], none).await.unwrap();
             // The same report again (a retried heartbeat, or a restarted agent re-adopting the
             // VM with the same counters): nothing more.
-            acc.record("h1", &[rep("vm-a", 10, 1_000_000_000, 50.0)], none).unwrap();
-            acc.record("h1", &[rep("vm-a", 10, 3_000_000_000, 80.0)], none).unwrap();
+            acc.record("h1", &[rep("vm-a", 10, 1_000_000_000, 50.0)], none).await.unwrap();
+            acc.record("h1", &[rep("vm-a", 10, 3_000_000_000, 80.0)], none).await.unwrap();
             // A counter that went back within a generation adds nothing.
-            acc.record("h1", &[rep("vm-a", 10, 2_000_000_000, 80.0)], none).unwrap();
-            let r = acc.report(None, 0).unwrap();
+            acc.record("h1", &[rep("vm-a", 10, 2_000_000_000, 80.0)], none).await.unwrap();
+            let r = acc.report(None, 0).await.unwrap();
             assert_eq!(r.vms[0].usage.cpu_ns, 3_000_000_000);
             assert_eq!(r.vms[0].usage.memory_mib_seconds, 80.0);
             assert_eq!(r.vms[0].usage.fetched_bytes, 100);
         }
         // The coordinator restarts: totals are still there; a new generation (the VM started
         // again, counters from zero) adds its whole counters; an old generation is ignored.
-        let state = open(&StateConfig::Redb(path.clone())).unwrap().legacy();
+        let state = open(&StateConfig::Redb(path.clone())).unwrap().usage();
         let acc = Accounting::new(state);
         let none = |_: &str| None;
-        acc.record("h2", &[rep("vm-a", 20, 500_000_000, 5.0)], none).unwrap();
-        acc.record("h1", &[rep("vm-a", 10, 9_000_000_000, 500.0)], none).unwrap();
-        acc.record("h2", &[rep("vm-b", 1, 7, 1.0)], none).unwrap();
-        let r = acc.report(None, 0).unwrap();
+        acc.record("h2", &[rep("vm-a", 20, 500_000_000, 5.0)], none).await.unwrap();
+        acc.record("h1", &[rep("vm-a", 10, 9_000_000_000, 500.0)], none).await.unwrap();
+        acc.record("h2", &[rep("vm-b", 1, 7, 1.0)], none).await.unwrap();
+        let r = acc.report(None, 0).await.unwrap();
         let a = r.vms.iter().find(|v| v.vm == "vm-a").unwrap();
         assert_eq!(a.usage.cpu_ns, 3_500_000_000);
         assert_eq!(a.usage.cpu_seconds, 3.5);
@@ -305,8 +267,8 @@ mod tests {
         assert_eq!(r.users[0].usage.cpu_ns, 3_500_000_007);
         // Everything happened in this minute: since now counts it all, a later since nothing.
         let t = now();
-        assert_eq!(acc.report(None, t).unwrap().users[0].usage.cpu_ns, 3_500_000_007);
-        assert!(acc.report(None, t + 3600).unwrap().vms.is_empty());
-        assert!(acc.report(Some("someone-else"), 0).unwrap().vms.is_empty());
+        assert_eq!(acc.report(None, t).await.unwrap().users[0].usage.cpu_ns, 3_500_000_007);
+        assert!(acc.report(None, t + 3600).await.unwrap().vms.is_empty());
+        assert!(acc.report(Some("someone-else"), 0).await.unwrap().vms.is_empty());
     }
 }

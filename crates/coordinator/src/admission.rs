@@ -1,19 +1,20 @@
-//! Admission arithmetic of the coordinator, as pure functions of the VM records: quotas,
-//! forwarded host ports, what the scheduler is asked for and what a host is asked to start, and
-//! a host's free capacity net of the VMs recorded on it.
+//! Admission arithmetic of the coordinator, as pure functions: quotas (of what the owner's
+//! claims hold), warm images, what the scheduler is asked for and what a host is asked to
+//! start. The store-side checks are `lifecycle::admit`'s.
 
 use vgrid_api::auth::Quota;
-use vgrid_api::grid::{HostAd, PlacementRequest};
+use vgrid_api::grid::PlacementRequest;
 use vgrid_api::host::LaunchRequest;
 use vgrid_api::vm::{VmConfig, VmRecord};
 use vgrid_api::{ImageRef, Manifest};
 
+use crate::lifecycle::claims::Totals;
 use crate::lifecycle::CoordinatorError;
 
-/// Refuses a new VM of `owner` that would exceed one of their quotas, naming it.
-pub(crate) fn check_quota(all: &[VmRecord], owner: &str, quota: &Quota, cpus: u32, memory_mib: u64) -> Result<(), CoordinatorError> {
-    let mine: Vec<&VmRecord> = all.iter().filter(|v| v.owner == owner && v.state.is_active()).collect();
-    let (n, c, m) = mine.iter().fold((0u32, 0u32, 0u64), |(n, c, m), v| (n + 1, c + v.config.cpus, m + v.config.memory_mib));
+/// Refuses a new VM of `owner` (`cpus`, `memory_mib`) that would exceed one of their quotas
+/// (`used`: what their active VMs hold), naming it.
+pub(crate) fn check_quota(used: Totals, owner: &str, quota: &Quota, cpus: u32, memory_mib: u64) -> Result<(), CoordinatorError> {
+    let Totals { vms: n, cpus: c, memory_mib: m, .. } = used;
     let over = |what: &str, used: String, asked: String, limit: String| {
         Err(CoordinatorError::Quota(format!(
             "quota exceeded: user {owner} may have {limit} {what}; {used} in use, this VM asks for {asked}"
@@ -37,14 +38,24 @@ pub(crate) fn check_quota(all: &[VmRecord], owner: &str, quota: &Quota, cpus: u3
     Ok(())
 }
 
-/// Refuses a new VM that forwards a host port another active VM forwards already.
-pub(crate) fn check_forwards_free(all: &[VmRecord], config: &VmConfig) -> Result<(), CoordinatorError> {
-    for f in config.net.forwards() {
-        if all.iter().any(|v| v.state.is_active() && v.config.net.forwards_host_port(f.host)) {
-            return Err(CoordinatorError::Conflict(format!("host port {} is already forwarded to another VM", f.host)));
+/// Refuses, at admission, a warm image with other cpus/memory than its state was saved with.
+pub(crate) fn check_warm(manifest: &Manifest, cpus: u32, memory_mib: u64) -> Result<(), CoordinatorError> {
+    if let Some(st) = &manifest.state {
+        if let Some(why) = st.meta.incompatibility(cpus, memory_mib, &st.meta.qemu_version) {
+            return Err(CoordinatorError::BadRequest(format!("image {} is a warm image: {why}", manifest.image_ref())));
         }
     }
     Ok(())
+}
+
+/// The user's requirement, plus for a warm image the accelerator its state needs.
+pub(crate) fn warm_requirement(manifest: &Manifest, require: Option<String>) -> Option<String> {
+    let accel = manifest.state.as_ref().map(|s| s.meta.accel.clone()).filter(|a| !a.is_empty());
+    match (require.filter(|r| !r.trim().is_empty()), accel) {
+        (r, None) => r,
+        (None, Some(a)) => Some(format!("host.accel == {a:?}")),
+        (Some(r), Some(a)) => Some(format!("({r}) && host.accel == {a:?}")),
+    }
 }
 
 /// What the scheduler is asked for a VM of `config` running `manifest`.
@@ -87,24 +98,4 @@ pub(crate) fn explain(nm: &crate::sched::NoMatch) -> String {
         s.push_str(&format!("\n  and {} more", nm.refusals.len() - 50));
     }
     s
-}
-
-/// Cores of `ad`'s owner cap not reserved by the active VMs recorded on it (0 when uncapped).
-pub(crate) fn free_share(vms: &[VmRecord], ad: &HostAd) -> f64 {
-    if ad.cpu_cap <= 0.0 {
-        return 0.0;
-    }
-    let held: f64 = vms
-        .iter()
-        .filter(|v| v.state.is_active() && v.host.as_deref() == Some(ad.name.as_str()))
-        .map(|v| v.config.resources.cpu_cores())
-        .sum();
-    (ad.cpu_cap - held).max(0.0)
-}
-
-/// Cpus and memory of the active VMs recorded on `host`.
-pub(crate) fn reserved(vms: &[VmRecord], host: &str) -> (u32, u64) {
-    vms.iter()
-        .filter(|v| v.state.is_active() && v.host.as_deref() == Some(host))
-        .fold((0, 0), |(c, m), v| (c + v.config.cpus, m + v.config.memory_mib))
 }

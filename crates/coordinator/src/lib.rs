@@ -7,19 +7,32 @@
 //! speaks to host agents over their HTTP API only (bodies from `vgrid_api::host`) and to image
 //! servers through `vgrid-storeclient`; it links no other role's crate (see `tests/house.rs`),
 //! and must never touch QEMU, NBD or chunk storage directly: those belong to the host agent and
-//! image store.
+//! image store. It must never change a VM's lifecycle state but through
+//! [`Coordinator::apply`] (the table in `lifecycle::table`, written with compare-and-swap), and
+//! never decide admission (quota, capacity, names, host ports) from process-local state: the
+//! claims in the store decide, so that coordinators sharing a store never over-admit.
+//!
+//! Layers, each using only those above it:
+//! * `state`: the store seam and its typed tables (knows records as data, no lifecycle);
+//! * `lifecycle`: the core: records and their one write path (`records`), the transition table
+//!   (`table`), claims (`claims`), admission and placement (`admit`), launching and watching a
+//!   VM (`run`); with `sched` (placement), `hosts` (registry, host client) and `admission`
+//!   (pure admission arithmetic);
+//! * features on the core: `suspend` (snapshot, suspend, resume), `migrate` (live migration and
+//!   the reconciliation with host reports), `accounting`, `auth`, `join`, `images`;
+//! * `http`: every REST handler and the error → status mapping; no feature module knows axum.
 
 pub mod accounting;
 mod admission;
-pub mod api;
 pub mod auth;
 pub mod hosts;
+pub mod http;
 pub mod images;
 pub mod join;
 pub mod lifecycle;
 pub mod migrate;
-pub mod mobile;
 pub mod sched;
 pub mod state;
+pub mod suspend;
 
 pub use lifecycle::{Coordinator, CoordinatorError};

@@ -12,15 +12,18 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vgrid_api::grid::HostState;
+use vgrid_api::grid::{HostState, PlacementRequest};
 use vgrid_api::host::{FinishRequest, IncomingReady, IncomingRequest, LaunchRequest, Launched, SendRequest, VmReport, MAX_CONSOLE_HISTORY};
 use vgrid_api::migrate::{Migration, MigrationStatus, VmMigrate, DEFAULT_DOWNTIME_MS, DEFAULT_MAX_SECONDS};
 use vgrid_api::vm::{VmRecord, VmState};
 
 use crate::admission::{explain, launch_request, placement_request};
 use crate::hosts::{HostCallError, HostClient};
+use crate::lifecycle::admit::{place_error, Admit};
+use crate::lifecycle::records::CAS_RETRIES;
+use crate::lifecycle::table::{Event, MigrationOutcome};
 use crate::lifecycle::{now, Coordinator, CoordinatorError};
-use crate::sched::{PlaceError, PlaceOptions};
+use crate::sched::{PlaceError, PlaceOptions, Placement};
 
 /// A record absent from its host's report is `lost` only once it has been in its state this
 /// long (a heartbeat may have been composed before a launch finished).
@@ -81,7 +84,7 @@ impl Coordinator {
     /// Starts a live migration of a running VM; returns its record (`migrating`). The CLI
     /// follows `VmRecord::migration` until it is no longer `active`.
     pub async fn migrate(self: &Arc<Self>, key: &str, req: VmMigrate) -> Result<VmRecord, CoordinatorError> {
-        let rec = self.get(key)?;
+        let rec = self.get(key).await?;
         let downtime_ms = req.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS);
         let max_seconds = req.max_seconds.unwrap_or(DEFAULT_MAX_SECONDS);
         if !(1..=60_000).contains(&downtime_ms) {
@@ -126,69 +129,87 @@ impl Coordinator {
         let preq = placement_request(&rec.owner, &manifest, &rec.config, &Some(require), &rec.rank);
         let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
 
-        let guard = self.lock.lock().await;
-        // Re-read under the lock: only one migration (or stop) wins.
-        let rec = self.get(&rec.id)?;
-        if rec.state != VmState::Running || rec.host.as_deref() != Some(source.as_str()) {
-            return Err(CoordinatorError::Conflict(format!("VM {} is {} now", rec.id, rec.state.as_str())));
-        }
-        let placement = match self.sched.place_with(&preq, &opts) {
-            Ok(p) => p,
-            Err(PlaceError::NoMatch(nm)) => {
-                return Err(CoordinatorError::Capacity(format!("no destination for VM {}: {}", rec.id, explain(&nm))))
-            }
-            Err(PlaceError::Invalid(e)) => return Err(e.into()),
-            Err(e) => return Err(CoordinatorError::Capacity(e.to_string())),
-        };
-        let migration = Migration::begin(&source, &placement.host, downtime_ms, max_seconds, now());
-        let rec = self
-            .update(&rec.id, |v| {
-                v.state = VmState::Migrating;
-                v.phase = format!("migrating to {}", placement.host);
-                v.migration = Some(migration);
-            })
-            .ok_or_else(|| CoordinatorError::UnknownVm(rec.id.clone()))?;
-        drop(guard);
+        let (rec, placement) = self.begin_migration(&rec.id, &source, &preq, &opts, downtime_ms, max_seconds).await?;
         tracing::info!(vm = %rec.id, from = %source, to = %placement.host, downtime_ms, max_seconds, "live migration started");
         let dest = HostClient::new(&placement.host, &placement.url, self.http.clone());
         let launch = launch_request(&rec, rec.saved_image.is_some().then(|| manifest.image_ref()));
         let me = self.clone();
         let id = rec.id.clone();
-        let held = placement.clone();
         let bw = req.max_bandwidth_mib;
         tokio::spawn(async move {
             let t0 = Instant::now();
             let outcome = me.drive(&id, &source, &dest, launch, downtime_ms, max_seconds, bw, t0).await;
-            // The record (on the destination if it moved) holds the capacity from now on.
-            me.hand_over(&held);
-            me.refresh_host(&source);
             if let Err((status, msg)) = outcome {
                 tracing::warn!(vm = %id, "migration {}: {msg}", status.as_str());
                 // Back to the source; `unknown` if that host is silent now (it was lost while
                 // the record was `migrating`, which a lost host does not change).
-                let source_ready = me.registry.host(&source).map(|h| h.state == HostState::Ready).unwrap_or(false);
-                me.update(&id, |v| {
-                    if v.state == VmState::Migrating {
-                        if source_ready {
-                            v.state = VmState::Running;
-                            v.phase = "running".into();
-                        } else {
-                            v.state = VmState::Unknown;
-                            v.phase = "unknown".into();
-                            v.reason = Some(format!("host {source} missed its heartbeats during a migration"));
-                        }
-                    }
-                    if let Some(m) = v.migration.as_mut() {
-                        m.status = status;
-                        m.phase = status.as_str().into();
-                        m.error = Some(msg.clone());
-                        m.finished = Some(now());
-                        m.elapsed_ms = Some(t0.elapsed().as_millis() as u64);
-                    }
-                });
+                let source_answers = me.registry.host(&source).map(|h| h.state == HostState::Ready).unwrap_or(false);
+                let elapsed_ms = t0.elapsed().as_millis() as u64;
+                let outcome = MigrationOutcome::Abandoned { status, error: msg, elapsed_ms, source: source.clone(), source_answers };
+                let _ = me.apply(&id, Event::MigrationEnded { outcome }).await;
             }
+            // The record (on the destination if it moved) holds the capacity from now on.
+            me.refresh_host(&dest.name).await;
+            me.refresh_host(&source).await;
         });
         Ok(rec)
+    }
+
+    /// Reserves a destination for running VM `id` on `source` and writes it `migrating`
+    /// there, admitted against the destination's capacity in the store (placing again when
+    /// it is full after all). Only one migration (or stop, or suspend) wins: the table refuses
+    /// the others.
+    async fn begin_migration(
+        &self,
+        id: &str,
+        source: &str,
+        preq: &PlacementRequest,
+        opts: &PlaceOptions,
+        downtime_ms: u64,
+        max_seconds: u64,
+    ) -> Result<(VmRecord, Placement), CoordinatorError> {
+        let mut last = None;
+        for _ in 0..CAS_RETRIES {
+            let placement = match self.sched.place_with(preq, opts) {
+                Ok(p) => p,
+                Err(PlaceError::NoMatch(nm)) => {
+                    return Err(CoordinatorError::Capacity(format!("no destination for VM {id}: {}", explain(&nm))))
+                }
+                Err(e) => return Err(place_error(e)),
+            };
+            let ev = Event::MigrationStarted {
+                from: source.to_string(),
+                to: placement.host.clone(),
+                downtime_limit_ms: downtime_ms,
+                max_seconds,
+            };
+            // Only from `running` on the source it was read on.
+            let event = |v: &VmRecord| (v.host.as_deref() == Some(source)).then(|| ev.clone());
+            match self.transact(id, event, |_| {}, Some(&Admit::default())).await {
+                Ok(w) if w.rec.state == VmState::Migrating && w.from == VmState::Running => {
+                    self.hand_over(&placement).await;
+                    return Ok((w.rec, placement));
+                }
+                Ok(w) => {
+                    let _ = self.sched.release(placement.reservation);
+                    return Err(CoordinatorError::Conflict(format!("VM {id} is {} now", w.rec.state.as_str())));
+                }
+                Err(e) => {
+                    let _ = self.sched.release(placement.reservation);
+                    match e {
+                        CoordinatorError::Capacity(_) => {
+                            self.refresh_host(&placement.host).await;
+                            last = Some(e);
+                        }
+                        CoordinatorError::Transition { source: t, .. } => {
+                            return Err(CoordinatorError::Conflict(format!("VM {id} is {} now", t.from.as_str())))
+                        }
+                        e => return Err(e),
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| CoordinatorError::Contended(id.to_string())))
     }
 
     /// Runs one migration to its end. `Ok` once the record has moved to the destination.
@@ -224,18 +245,17 @@ impl Coordinator {
             match src.migrate_status(id).await {
                 Ok(st) => {
                     unreachable_since = None;
-                    self.update(id, |v| {
+                    let step = Event::MigrationProgress { to: dest.name.clone(), step: st.phase.clone() };
+                    let figures = |v: &mut VmRecord| {
                         if let Some(m) = v.migration.as_mut() {
                             apply(m, &st);
                         }
-                        if v.state == VmState::Migrating {
-                            v.phase = format!("migrating to {}: {}", dest.name, st.phase);
-                        }
-                    });
+                    };
+                    let _ = self.transact(id, |_| Some(step.clone()), figures, None).await;
                     if st.status != MigrationStatus::Active {
                         break st;
                     }
-                    let stopped = self.state.get_vm(id).ok().flatten().map(|v| v.state != VmState::Migrating).unwrap_or(true);
+                    let stopped = self.record(id).await.ok().flatten().map(|v| v.state != VmState::Migrating).unwrap_or(true);
                     if stopped || t0.elapsed() > guard {
                         let _ = src.migrate_cancel(id).await;
                     }
@@ -264,22 +284,15 @@ impl Coordinator {
         let history = console_history(&src, id).await;
         match dest.migrate_finish(id, history).await {
             Ok(l) => {
-                let moved = self.update(id, |v| {
-                    v.host = Some(dest.name.clone());
-                    v.pid = Some(l.pid);
-                    v.accel = Some(l.accel);
-                    if v.state == VmState::Migrating {
-                        v.state = VmState::Running;
-                        v.phase = "running".into();
-                    }
+                let elapsed_ms = Some(t0.elapsed().as_millis() as u64);
+                let outcome = MigrationOutcome::Completed { host: dest.name.clone(), pid: l.pid, accel: Some(l.accel), elapsed_ms };
+                let ended = Event::MigrationEnded { outcome };
+                let figures = |v: &mut VmRecord| {
                     if let Some(m) = v.migration.as_mut() {
                         apply(m, &status);
-                        m.status = MigrationStatus::Completed;
-                        m.phase = "completed".into();
-                        m.finished = Some(now());
-                        m.elapsed_ms = Some(t0.elapsed().as_millis() as u64);
                     }
-                });
+                };
+                let moved = self.transact(id, |_| Some(ended.clone()), figures, None).await.map(|w| w.rec);
                 tracing::info!(vm = %id, from = %source, to = %dest.name, downtime_ms = ?status.downtime_ms,
                     total_ms = ?status.total_ms, "migration completed; the VM runs on the destination");
                 // The source QEMU (paused, postmigrate) goes with its runtime directory.
@@ -307,19 +320,6 @@ impl Coordinator {
         }
     }
 
-    /// Called by the watcher after its long poll on `host` returned: true when the VM has
-    /// moved elsewhere (watch it there) or is migrating (its driver decides).
-    pub(crate) async fn moved_or_migrating(&self, id: &str, host: &str) -> bool {
-        match self.state.get_vm(id).ok().flatten() {
-            Some(v) if v.host.as_deref() != Some(host) => true,
-            Some(v) if v.state == VmState::Migrating => {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// After a coordinator restart, a VM recorded as migrating: the driver is gone. If the
     /// destination already runs the VM (the restart fell between its take-over and the
     /// record's move), the migration completed: the record moves there and the source's
@@ -343,28 +343,17 @@ impl Coordinator {
             .and_then(|h| h.vms.iter().find(|r| r.id == id && !r.incoming).map(|r| (h.ad.name.clone(), r.pid)));
         if let Some((dest, pid)) = taken_over {
             tracing::info!(vm = %id, to = %dest, "the destination took over before the coordinator restarted: migration completed");
-            self.update(&id, |v| {
-                v.host = Some(dest.clone());
-                v.pid = Some(pid);
-                if v.state == VmState::Migrating {
-                    v.state = VmState::Running;
-                    v.phase = "running".into();
-                }
-                if let Some(m) = v.migration.as_mut() {
-                    m.status = MigrationStatus::Completed;
-                    m.phase = "completed".into();
-                    m.finished = Some(now());
-                }
-            });
+            let outcome = MigrationOutcome::Completed { host: dest.clone(), pid, accel: None, elapsed_ms: None };
+            let _ = self.apply(&id, Event::MigrationEnded { outcome }).await;
             if let Some(src) = vm.host.as_ref().and_then(|h| self.client(h).ok()) {
                 if let Err(e) = src.remove(&id).await {
                     tracing::warn!(vm = %id, "removing the migrated VM from its source {}: {e}", src.name);
                 }
             }
             if let Some(h) = &vm.host {
-                self.refresh_host(h);
+                self.refresh_host(h).await;
             }
-            self.refresh_host(&dest);
+            self.refresh_host(&dest).await;
             self.watch(id).await;
             return;
         }
@@ -374,74 +363,19 @@ impl Coordinator {
         if let Some(dest) = to.as_ref().and_then(|h| self.client(h).ok()) {
             let _ = dest.migrate_abort(&id).await;
         }
-        self.update(&id, |v| {
-            if v.state == VmState::Migrating {
-                v.state = VmState::Running;
-                v.phase = "running".into();
-            }
-            if let Some(m) = v.migration.as_mut() {
-                if m.status == MigrationStatus::Active {
-                    m.status = MigrationStatus::Failed;
-                    m.phase = "failed".into();
-                    m.error = Some("the coordinator restarted during the migration".into());
-                    m.finished = Some(now());
-                }
-            }
-        });
+        let _ = self.apply(&id, Event::MigrationEnded { outcome: MigrationOutcome::Interrupted }).await;
         self.watch(id).await;
     }
 
-    /// Reconciles the records of VMs on `host` with its heartbeat's report; returns the
+    /// Reconciles the `records` of VMs on `host` with its heartbeat's report; returns the
     /// orphans (QEMUs the host runs that no record places there).
-    pub(crate) fn reconcile(&self, host: &str, report: &[VmReport]) -> Vec<String> {
-        let records = self.state.list_vms().unwrap_or_default();
-        let plan = plan_reconcile(host, report, &records, now());
-        for (id, action) in &plan.actions {
-            match action {
-                Action::Lost(reason) => {
-                    tracing::warn!(vm = %id, host, "{reason}");
-                    self.update(id, |v| {
-                        v.state = VmState::Lost;
-                        v.phase = "lost".into();
-                        v.reason = Some(reason.clone());
-                        v.stopped = Some(now());
-                        v.pid = None;
-                    });
-                }
-                Action::Stopped => {
-                    self.update(id, |v| {
-                        v.state = VmState::Stopped;
-                        v.phase = "stopped".into();
-                        v.stopped = Some(now());
-                        v.pid = None;
-                    });
-                }
-                Action::Failed(reason) => {
-                    self.update(id, |v| {
-                        v.state = VmState::Failed;
-                        v.phase = "failed".into();
-                        v.reason = Some(reason.clone());
-                        v.stopped = Some(now());
-                    });
-                }
-                Action::Running(pid) => {
-                    let pid = *pid;
-                    self.update(id, |v| {
-                        v.state = VmState::Running;
-                        v.phase = "running".into();
-                        v.reason = None;
-                        v.pid = Some(pid);
-                        if let Some(m) = v.migration.as_mut() {
-                            if m.status == MigrationStatus::Active {
-                                m.status = MigrationStatus::Failed;
-                                m.phase = "failed".into();
-                                m.error = Some("did not finish in time; resolved from the host's report".into());
-                                m.finished = Some(now());
-                            }
-                        }
-                    });
-                }
+    pub(crate) async fn reconcile(&self, host: &str, report: &[VmReport], records: &[VmRecord]) -> Vec<String> {
+        let plan = plan_reconcile(host, report, records, now());
+        for (id, action) in plan.actions {
+            if let Action::Lost(reason) = &action {
+                tracing::warn!(vm = %id, host, "{reason}");
             }
+            let _ = self.apply(&id, action.event()).await;
         }
         plan.orphans
     }
@@ -488,6 +422,18 @@ pub(crate) enum Action {
     Stopped,
     Failed(String),
     Running(u32),
+}
+
+impl Action {
+    /// The lifecycle event of the action.
+    pub(crate) fn event(self) -> Event {
+        match self {
+            Action::Lost(reason) => Event::SettledLost { reason },
+            Action::Stopped => Event::SettledStopped,
+            Action::Failed(reason) => Event::SettledFailed { reason },
+            Action::Running(pid) => Event::SettledRunning { pid },
+        }
+    }
 }
 
 #[derive(Debug, Default)]

@@ -33,8 +33,8 @@ fn api() -> Api {
         let c = auth.challenge("admin").unwrap();
         let token = auth.login("admin", &c.nonce, &sign_challenge(&key, &c.message).unwrap()).await.unwrap().token;
         let registry = Arc::new(Registry::new(Duration::from_secs(5), Duration::from_secs(15)));
-        let coord = Coordinator::new(state.legacy(), registry).await.unwrap();
-        (vgrid_coordinator::api::router(coord, auth, None), token)
+        let coord = Coordinator::new(state.clone(), registry).await.unwrap();
+        (vgrid_coordinator::http::router(coord, auth, None), token)
     });
     Api { _dir: dir, rt, router, token }
 }

@@ -39,7 +39,6 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
 pub mod history;
-pub mod legacy;
 pub mod local;
 pub mod memory;
 pub mod records;
@@ -50,7 +49,6 @@ pub mod vms;
 pub mod conformance;
 
 pub use self::redb::RedbStore;
-pub use legacy::LegacyStore;
 pub use memory::MemoryStore;
 pub use records::{RecordStore, UsageStore, UsageTable};
 pub use vms::{VmChange, VmStore};
@@ -324,26 +322,18 @@ pub enum StateConfig {
     Memory,
 }
 
-/// The coordinator's state, opened: the async store and its typed tables, plus the synchronous
-/// view the coordinator still uses until it is converted ([`LegacyStore`]); both see the same
-/// keys, revisions and watches.
+/// The coordinator's state, opened: the async store and its typed tables (every handle shares
+/// the same keys, revisions and watches).
 #[derive(Clone)]
 pub struct State {
     store: Arc<dyn StateStore>,
-    legacy: Arc<dyn LegacyStore>,
 }
 
 /// Opens the coordinator's state (blocking: call it at startup).
 pub fn open(config: &StateConfig) -> Result<State, StateError> {
     Ok(match config {
-        StateConfig::Redb(path) => {
-            let s = RedbStore::open(path)?;
-            State { store: Arc::new(s.clone()), legacy: Arc::new(s) }
-        }
-        StateConfig::Memory => {
-            let s = MemoryStore::new();
-            State { store: Arc::new(s.clone()), legacy: Arc::new(s) }
-        }
+        StateConfig::Redb(path) => State { store: Arc::new(RedbStore::open(path)?) },
+        StateConfig::Memory => State { store: Arc::new(MemoryStore::new()) },
     })
 }
 
@@ -363,11 +353,5 @@ impl State {
 
     pub fn usage(&self) -> UsageStore {
         UsageStore::new(self.store.clone())
-    }
-
-    /// The synchronous view of the same state, for the parts of the coordinator not converted
-    /// to the async store yet.
-    pub fn legacy(&self) -> Arc<dyn LegacyStore> {
-        self.legacy.clone()
     }
 }

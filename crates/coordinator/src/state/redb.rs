@@ -267,7 +267,7 @@ mod tests {
             assert_eq!(s.records().get_record("meta", "realm").await.unwrap().unwrap().value, b"0123abcd");
             assert_eq!(s.records().list_records("users").await.unwrap().0[0].0, "alice");
             assert_eq!(s.records().get_record("join-tokens", "j1").await.unwrap().unwrap().create_revision, 1);
-            assert_eq!(s.legacy().get_record("tokens", "abc").unwrap().unwrap(), b"{\"user\":\"alice\"}");
+            assert_eq!(s.records().get_record("tokens", "abc").await.unwrap().unwrap().value, b"{\"user\":\"alice\"}");
             assert_eq!(s.usage().scan_usage(UsageTable::Vms, "vm-1").await.unwrap()[0].1.value, b"{\"vm\":\"vm-1\"}");
             assert_eq!(s.usage().scan_usage(UsageTable::Buckets, "vm-1/").await.unwrap().len(), 1);
             // The second opening finds nothing to migrate: the revision moves on from the first.

@@ -161,4 +161,32 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("state record vms/vm-2 is unreadable"), "{e}");
         assert!(std::error::Error::source(&e).is_some());
     }
+
+    #[tokio::test]
+    async fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let rec = record("vm-1", "running");
+        {
+            let s = open(&StateConfig::Redb(path.clone())).unwrap().vms();
+            s.put_vm(&rec).await.unwrap();
+        }
+        let s = open(&StateConfig::Redb(path)).unwrap().vms();
+        assert_eq!(s.get_vm("vm-1").await.unwrap().unwrap().0.state, VmState::Running);
+        assert_eq!(s.list_vms().await.unwrap().0.len(), 1);
+        assert!(s.delete_vm("vm-1").await.unwrap());
+        assert!(s.get_vm("vm-1").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_typed_tables_share_keys_and_revisions() {
+        let s = open(&StateConfig::Memory).unwrap();
+        s.vms().put_vm(&record("vm-1", "running")).await.unwrap();
+        let (v, rev) = s.vms().get_vm("vm-1").await.unwrap().unwrap();
+        assert_eq!((v.state, rev), (VmState::Running, 1));
+        s.records().put_record("users", "alice", b"{}".to_vec()).await.unwrap();
+        let (users, at) = s.clone().records().list_records("users").await.unwrap();
+        assert_eq!(users.iter().map(|(k, e)| (k.as_str(), e.value.as_slice())).collect::<Vec<_>>(), [("alice", &b"{}"[..])]);
+        assert_eq!((at, s.store().revision().await.unwrap()), (2, 2));
+    }
 }

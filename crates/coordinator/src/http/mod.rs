@@ -22,6 +22,8 @@ use vgrid_api::ErrorBody;
 use crate::auth::{Auth, AuthError, Principal};
 use crate::join::Joins;
 use crate::lifecycle::{Coordinator, CoordinatorError};
+
+mod usage;
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::Extension;
@@ -46,7 +48,7 @@ impl From<CoordinatorError> for ApiError {
         let code = match &e {
             BadRequest(_) | Config(_) => StatusCode::BAD_REQUEST,
             UnknownImage(_) | UnknownVm(_) | UnknownHost(_) => StatusCode::NOT_FOUND,
-            Conflict(_) | Capacity(_) => StatusCode::CONFLICT,
+            Conflict(_) | Capacity(_) | Transition { .. } | Contended(_) => StatusCode::CONFLICT,
             Store(_) | Host(_) => StatusCode::BAD_GATEWAY,
             Expr(_) => StatusCode::BAD_REQUEST,
             State(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -163,7 +165,7 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
     info(title = "vgrid API", description = "Run VMs on a grid of hosts, images streamed on demand."),
     paths(list_vms, create_vm, get_vm, stop_vm, migrate_vm, delete_vm, console, suspend_vm, resume_vm, snapshot_vm, list_hosts, get_host, host_heartbeat,
         list_image_servers, image_server_heartbeat, futures, auth_challenge, auth_login, auth_logout, whoami,
-        list_users, add_user, get_user, delete_user, set_quota, audit, crate::accounting::get_usage, join, create_join_token, list_join_tokens),
+        list_users, add_user, get_user, delete_user, set_quota, audit, usage::get_usage, join, create_join_token, list_join_tokens),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
         HostState, HostHeartbeat, HeartbeatReply, VmReport, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
         vgrid_api::vm::VmConfig, vgrid_api::vm::BootConfig, vgrid_api::vm::NetConfig, vgrid_api::vm::Nic, vgrid_api::vm::Accel,
@@ -289,7 +291,7 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -
         .route("/api/v1/hosts/heartbeat", post(host_heartbeat))
         .route("/api/v1/hosts/{name}", get(get_host))
         .route("/api/v1/futures", post(futures))
-        .route("/api/v1/usage", get(crate::accounting::get_usage))
+        .route("/api/v1/usage", get(usage::get_usage))
         .route("/api/v1/image-servers", get(list_image_servers))
         .route("/api/v1/image-servers/heartbeat", post(image_server_heartbeat))
         .with_state(c)
@@ -396,12 +398,12 @@ async fn audit(Extension(auth): Users, Extension(p): Caller, Query(q): Query<Aud
 
 #[utoipa::path(get, path = "/api/v1/vms", responses((status = 200, body = [VmRecord])))]
 async fn list_vms(State(c): Ctx, Extension(p): Caller) -> ApiResult<Vec<VmRecord>> {
-    Ok(Json(c.list()?.into_iter().filter(|v| p.may_act_on(&v.owner)).collect()))
+    Ok(Json(c.list().await?.into_iter().filter(|v| p.may_act_on(&v.owner)).collect()))
 }
 
 /// The VM `key` names, if the caller may act on it (403 otherwise).
-fn owned(c: &Coordinator, p: &Principal, key: &str) -> Result<VmRecord, ApiError> {
-    let rec = c.get(key)?;
+async fn owned(c: &Coordinator, p: &Principal, key: &str) -> Result<VmRecord, ApiError> {
+    let rec = c.get(key).await?;
     p.check_owner(&format!("VM {}", rec.name), &rec.owner)?;
     Ok(rec)
 }
@@ -424,25 +426,25 @@ async fn create_vm(
 #[utoipa::path(get, path = "/api/v1/vms/{id}", params(("id" = String, Path, description = "VM id, unique id prefix, or name"), WaitQuery),
     responses((status = 200, body = VmRecord), (status = 404, body = ErrorBody)))]
 async fn get_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, Query(w): Query<WaitQuery>) -> ApiResult<VmRecord> {
-    let rec = owned(&c, &p, &id)?;
+    let rec = owned(&c, &p, &id).await?;
     if let Some(ms) = w.wait_ms {
         // Long poll: answer as soon as the record leaves the state and phase the client saw.
         let seen = |r: &VmRecord| w.state.as_deref() == Some(r.state.as_str()) && w.phase.as_deref().is_none_or(|ph| ph == r.phase);
         if seen(&rec) {
             let id = rec.id.clone();
-            let still = || c.get(&id).map(|r| seen(&r)).unwrap_or(false);
-            c.wait_change(std::time::Duration::from_millis(ms.min(MAX_WAIT_MS)), still).await;
-            return Ok(Json(with_gauges(&c, owned(&c, &p, &id)?)));
+            c.wait_while(&id, std::time::Duration::from_millis(ms.min(MAX_WAIT_MS)), seen).await;
+            return Ok(Json(with_gauges(&c, owned(&c, &p, &id).await?).await));
         }
     }
-    Ok(Json(with_gauges(&c, rec)))
+    Ok(Json(with_gauges(&c, rec).await))
 }
 
 /// A running VM's record with what its host last reported of it that is not stored with the
 /// record (how much of a lazily paged RAM is still remote).
-fn with_gauges(c: &Coordinator, mut rec: VmRecord) -> VmRecord {
+async fn with_gauges(c: &Coordinator, mut rec: VmRecord) -> VmRecord {
     if rec.state == vgrid_api::vm::VmState::Running {
-        rec.ram_remote_bytes = c.accounting().vm(&rec.id).filter(|u| Some(&u.host) == rec.host.as_ref()).and_then(|u| u.ram_remote_bytes);
+        rec.ram_remote_bytes =
+            c.accounting().vm(&rec.id).await.filter(|u| Some(&u.host) == rec.host.as_ref()).and_then(|u| u.ram_remote_bytes);
     }
     rec
 }
@@ -462,7 +464,7 @@ const MAX_WAIT_MS: u64 = 30_000;
     responses((status = 200, body = VmRecord), (status = 404, body = ErrorBody)))]
 async fn stop_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, body: axum::body::Bytes) -> ApiResult<VmRecord> {
     let force = optional_body::<VmStop>(&body)?.force;
-    let rec = owned(&c, &p, &id)?;
+    let rec = owned(&c, &p, &id).await?;
     Ok(Json(c.stop(&rec.id, force).await?))
 }
 
@@ -472,7 +474,7 @@ async fn stop_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, bo
     responses((status = 200, body = Suspended), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
               (status = 502, body = ErrorBody)))]
 async fn suspend_vm(State(c): Ctx, Extension(auth): Users, Extension(p): Caller, Path(id): Path<String>) -> ApiResult<Suspended> {
-    let rec = owned(&c, &p, &id)?;
+    let rec = owned(&c, &p, &id).await?;
     c.check_stored_quota(&rec.owner, &auth.user(&rec.owner).await?.quota)?;
     let s = c.suspend(&rec.id).await?;
     c.own_saved_image(&s.saved.image, &rec.owner).await;
@@ -492,7 +494,7 @@ async fn resume_vm(
     body: axum::body::Bytes,
 ) -> ApiResult<VmRecord> {
     let req = optional_body::<VmResume>(&body)?;
-    let rec = owned(&c, &p, &id)?;
+    let rec = owned(&c, &p, &id).await?;
     Ok(Json(c.resume(&rec.id, &req, &auth.user(&rec.owner).await.map(|u| u.quota).unwrap_or_default()).await?))
 }
 
@@ -508,7 +510,7 @@ async fn snapshot_vm(
     Path(id): Path<String>,
     body: Result<Json<VmSnapshot>, JsonRejection>,
 ) -> ApiResult<SavedImage> {
-    let rec = owned(&c, &p, &id)?;
+    let rec = owned(&c, &p, &id).await?;
     let Json(req) = body?;
     c.check_image_write(&req.name, &p.user, p.admin).await?;
     c.check_stored_quota(&rec.owner, &auth.user(&rec.owner).await?.quota)?;
@@ -528,7 +530,7 @@ async fn migrate_vm(
     Path(id): Path<String>,
     body: Result<Json<vgrid_api::migrate::VmMigrate>, JsonRejection>,
 ) -> Result<(StatusCode, Json<VmRecord>), ApiError> {
-    let rec = owned(&c, &p, &id)?;
+    let rec = owned(&c, &p, &id).await?;
     let Json(req) = body?;
     Ok((StatusCode::ACCEPTED, Json(c.migrate(&rec.id, req).await?)))
 }
@@ -543,7 +545,7 @@ struct RmQuery {
 #[utoipa::path(delete, path = "/api/v1/vms/{id}", params(("id" = String, Path), RmQuery),
     responses((status = 200, body = VmRecord), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn delete_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, Query(q): Query<RmQuery>) -> ApiResult<VmRecord> {
-    let rec = owned(&c, &p, &id)?;
+    let rec = owned(&c, &p, &id).await?;
     Ok(Json(c.remove(&rec.id, q.force).await?))
 }
 
@@ -557,7 +559,7 @@ struct ConsoleQuery {
 #[utoipa::path(get, path = "/api/v1/vms/{id}/console", params(("id" = String, Path), ConsoleQuery),
     responses((status = 200, body = ConsoleChunk), (status = 404, body = ErrorBody)))]
 async fn console(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, Query(q): Query<ConsoleQuery>) -> ApiResult<ConsoleChunk> {
-    let rec = owned(&c, &p, &id)?;
+    let rec = owned(&c, &p, &id).await?;
     Ok(Json(c.console(&rec.id, q.offset).await?))
 }
 
@@ -569,12 +571,12 @@ async fn console_ws(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // Who may open it is decided before whether the request is a proper upgrade.
-    let rec = owned(&c, &p, &id)?;
+    let rec = owned(&c, &p, &id).await?;
     let ws = match ws {
         Ok(ws) => ws,
         Err(r) => return Ok(r.into_response()),
     };
-    let (rec, url) = c.console_ws_url(&rec.id)?;
+    let (rec, url) = c.console_ws_url(&rec.id).await?;
     let (host_ws, _) = vgrid_trust::tls::ws_connect(url.as_str()).await.map_err(|e| {
         ApiError(StatusCode::BAD_GATEWAY, format!("console of VM {} on host {}: {e}", rec.id, rec.host.unwrap_or_default()))
     })?;
@@ -609,13 +611,13 @@ async fn bridge(client: WebSocket, host: tokio_tungstenite::WebSocketStream<toki
 
 #[utoipa::path(get, path = "/api/v1/hosts", responses((status = 200, body = [HostRecord])))]
 async fn list_hosts(State(c): Ctx) -> ApiResult<Vec<HostRecord>> {
-    Ok(Json(c.hosts()))
+    Ok(Json(c.hosts().await))
 }
 
 #[utoipa::path(get, path = "/api/v1/hosts/{name}", params(("name" = String, Path)),
     responses((status = 200, body = HostRecord), (status = 404, body = ErrorBody)))]
 async fn get_host(State(c): Ctx, Path(name): Path<String>) -> ApiResult<HostRecord> {
-    c.hosts().into_iter().find(|h| h.ad.name == name).map(Json).ok_or_else(|| CoordinatorError::UnknownHost(name).into())
+    c.hosts().await.into_iter().find(|h| h.ad.name == name).map(Json).ok_or_else(|| CoordinatorError::UnknownHost(name).into())
 }
 
 /// A host registers and refreshes its advertisement; the answer names the image servers.
@@ -632,7 +634,7 @@ async fn host_heartbeat(
         return Err(ApiError(StatusCode::BAD_REQUEST, format!("invalid host name {:?}", hb.ad.name)));
     }
     node_peer(&nodes, &peer, NodeRole::Host, &hb.ad.name)?;
-    let image_servers = c.heartbeat(hb)?;
+    let image_servers = c.heartbeat(hb).await?;
     Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers }))
 }
 

@@ -1,4 +1,4 @@
-//! Mobile VMs on the coordinator: warm images (`snapshot`), `suspend` and `resume`.
+//! Suspend and resume on the coordinator, and warm images (`snapshot`).
 //!
 //! A snapshot asks the VM's host to save it as a new image (memory state + changed disk
 //! chunks, the VM's image as parent); the VM keeps running. A suspend saves it the same way
@@ -13,15 +13,20 @@ use std::sync::Arc;
 
 use vgrid_api::auth::Quota;
 use vgrid_api::grid::HostState;
-use vgrid_api::host::{LaunchRequest, SaveRequest, VmPresence, RESTORE_TIMEOUT, SAVE_TIMEOUT};
+use vgrid_api::grid::PlacementRequest;
+use vgrid_api::host::{SaveRequest, VmPresence, RESTORE_TIMEOUT, SAVE_TIMEOUT};
 use vgrid_api::vm::{SavedImage, Suspended, VmRecord, VmResume, VmState};
 use vgrid_api::{ImageRef, Manifest};
 use vgrid_storeclient::StoreClient;
 
-use crate::admission::{explain, launch_request, placement_request};
+use crate::admission::{check_quota, launch_request, placement_request, warm_requirement};
 use crate::hosts::{HostCallError, HostClient};
-use crate::lifecycle::{now, Coordinator, CoordinatorError};
-use crate::sched::{PlaceError, PlaceOptions};
+use crate::lifecycle::admit::{place_error, Admit};
+use crate::lifecycle::claims::{self, Totals};
+use crate::lifecycle::records::CAS_RETRIES;
+use crate::lifecycle::table::Event;
+use crate::lifecycle::{Coordinator, CoordinatorError};
+use crate::sched::{PlaceOptions, Placement};
 
 /// Name of the private image a suspended VM is saved in.
 pub fn saved_image_name(vm_id: &str) -> String {
@@ -48,26 +53,6 @@ impl HostClient {
     }
 }
 
-/// Refuses, at admission, a warm image with other cpus/memory than its state was saved with.
-pub(crate) fn check_warm(manifest: &Manifest, cpus: u32, memory_mib: u64) -> Result<(), CoordinatorError> {
-    if let Some(st) = &manifest.state {
-        if let Some(why) = st.meta.incompatibility(cpus, memory_mib, &st.meta.qemu_version) {
-            return Err(CoordinatorError::BadRequest(format!("image {} is a warm image: {why}", manifest.image_ref())));
-        }
-    }
-    Ok(())
-}
-
-/// The user's requirement, plus for a warm image the accelerator its state needs.
-pub(crate) fn warm_requirement(manifest: &Manifest, require: Option<String>) -> Option<String> {
-    let accel = manifest.state.as_ref().map(|s| s.meta.accel.clone()).filter(|a| !a.is_empty());
-    match (require.filter(|r| !r.trim().is_empty()), accel) {
-        (r, None) => r,
-        (None, Some(a)) => Some(format!("host.accel == {a:?}")),
-        (Some(r), Some(a)) => Some(format!("({r}) && host.accel == {a:?}")),
-    }
-}
-
 /// The requirement of a resume: the user's `--require` and/or `--host`.
 pub fn resume_requirement(req: &VmResume) -> Option<String> {
     let pin = req.host.as_ref().map(|h| format!("host.name == {h:?}"));
@@ -78,45 +63,37 @@ pub fn resume_requirement(req: &VmResume) -> Option<String> {
     }
 }
 
-/// Called when a launch failed: if it was the resume of a suspended VM, the VM is suspended
-/// again (its saved image is intact) with the reason, and `true` is returned.
-pub(crate) fn resume_failed(c: &Coordinator, req: &LaunchRequest, host: &str, err: &str) -> bool {
-    let Some(rec) = c.state.get_vm(&req.id).ok().flatten() else { return false };
-    let resuming = req.restore.as_ref().is_some_and(|r| rec.saved_image.as_deref() == Some(r.to_string().as_str()));
-    if !resuming || rec.started.is_some() {
-        return false;
-    }
-    c.update(&req.id, |v| {
-        v.state = VmState::Suspended;
-        v.phase = "suspended".into();
-        v.reason = Some(format!("resuming on host {host} failed: {err}"));
-        v.pid = None;
-    });
-    true
-}
-
-/// Whether suspended VM `rec` may run again next to `all` (the records): its owner's quota,
-/// and host ports no other active VM forwards. The error names the VM and the cause.
-pub(crate) fn resume_admission(all: &[VmRecord], rec: &VmRecord, quota: &Quota) -> Result<(), CoordinatorError> {
-    let others: Vec<VmRecord> = all.iter().filter(|v| v.id != rec.id).cloned().collect();
-    crate::admission::check_quota(&others, &rec.owner, quota, rec.config.cpus, rec.config.memory_mib).map_err(|e| match e {
-        CoordinatorError::Quota(m) => CoordinatorError::Quota(format!("cannot resume VM {}: {m}; it stays suspended", rec.name)),
-        e => e,
-    })?;
+/// Whether suspended VM `rec` may run again: its owner's quota (`used`: what their active VMs
+/// hold), and host ports no other active VM forwards (`port_holder`: the name of the VM holding
+/// a host port, if any). The error names the VM and the cause.
+pub(crate) fn resume_admission(
+    used: Totals,
+    port_holder: impl Fn(u16) -> Option<String>,
+    rec: &VmRecord,
+    quota: &Quota,
+) -> Result<(), CoordinatorError> {
+    check_quota(used, &rec.owner, quota, rec.config.cpus, rec.config.memory_mib).map_err(|e| quota_refusal(rec, e))?;
     for f in rec.config.net.forwards() {
-        if let Some(v) = others.iter().find(|v| v.state.is_active() && v.config.net.forwards_host_port(f.host)) {
+        if let Some(v) = port_holder(f.host) {
             return Err(CoordinatorError::Conflict(format!(
-                "cannot resume VM {}: host port {} (forwarded to its guest port {}) is forwarded to VM {} now; it stays suspended",
-                rec.name, f.host, f.guest, v.name
+                "cannot resume VM {}: host port {} (forwarded to its guest port {}) is forwarded to VM {v} now; it stays suspended",
+                rec.name, f.host, f.guest
             )));
         }
     }
     Ok(())
 }
 
+fn quota_refusal(rec: &VmRecord, e: CoordinatorError) -> CoordinatorError {
+    match e {
+        CoordinatorError::Quota(m) => CoordinatorError::Quota(format!("cannot resume VM {}: {m}; it stays suspended", rec.name)),
+        e => e,
+    }
+}
+
 impl Coordinator {
-    fn running_on(&self, key: &str, what: &str) -> Result<(VmRecord, HostClient), CoordinatorError> {
-        let rec = self.get(key)?;
+    async fn running_on(&self, key: &str, what: &str) -> Result<(VmRecord, HostClient), CoordinatorError> {
+        let rec = self.get(key).await?;
         if rec.state != VmState::Running {
             return Err(CoordinatorError::Conflict(format!("VM {} is {}: only a running VM can be {what}", rec.id, rec.state.as_str())));
         }
@@ -128,7 +105,7 @@ impl Coordinator {
     /// Saves a running VM as the warm image `name` (parent: the VM's image); it keeps running.
     pub async fn snapshot(&self, key: &str, name: &str) -> Result<SavedImage, CoordinatorError> {
         vgrid_api::manifest::validate_name(name).map_err(|e| CoordinatorError::BadRequest(e.to_string()))?;
-        let (rec, client) = self.running_on(key, "snapshotted")?;
+        let (rec, client) = self.running_on(key, "snapshotted").await?;
         tracing::info!(vm = %rec.id, image = name, "saving VM as a warm image");
         Ok(client.save(&rec.id, name, false).await?)
     }
@@ -136,28 +113,20 @@ impl Coordinator {
     /// Saves a running VM into its private image and ends it on its host. On failure the VM
     /// keeps running and the error is returned.
     pub async fn suspend(&self, key: &str) -> Result<Suspended, CoordinatorError> {
-        let (rec, client) = {
-            let _g = self.lock.lock().await;
-            let (rec, client) = self.running_on(key, "suspended")?;
-            self.update(&rec.id, |v| {
-                v.state = VmState::Suspending;
-                v.phase = "saving memory and disk".into();
-            });
-            (rec, client)
-        };
+        let (rec, client) = self.running_on(key, "suspended").await?;
+        // Only one suspend (or migration, or stop) of a running VM wins: the table refuses the
+        // others.
+        self.apply(&rec.id, Event::SuspendRequested).await.map_err(|e| match e {
+            CoordinatorError::Transition { source, .. } => {
+                CoordinatorError::Conflict(format!("VM {} is {}: only a running VM can be suspended", rec.id, source.from.as_str()))
+            }
+            e => e,
+        })?;
         let name = saved_image_name(&rec.id);
         match client.save(&rec.id, &name, true).await {
             Ok(saved) => {
                 let old = rec.saved_image.clone();
-                let out = self
-                    .update(&rec.id, |v| {
-                        v.state = VmState::Suspended;
-                        v.phase = "suspended".into();
-                        v.saved_image = Some(saved.image.clone());
-                        v.pid = None;
-                        v.reason = None;
-                    })
-                    .unwrap_or(rec.clone());
+                let out = self.apply(&rec.id, Event::Saved { image: saved.image.clone() }).await.unwrap_or(rec.clone());
                 // The image it had resumed from (if any) is superseded.
                 if let Some(old) = old.filter(|o| *o != saved.image) {
                     self.delete_saved_image(&old).await;
@@ -167,12 +136,7 @@ impl Coordinator {
             }
             Err(e) => {
                 tracing::warn!(vm = %rec.id, "suspend failed, the VM keeps running: {e}");
-                self.update(&rec.id, |v| {
-                    if v.state == VmState::Suspending {
-                        v.state = VmState::Running;
-                        v.phase = "running".into();
-                    }
-                });
+                let _ = self.apply(&rec.id, Event::SaveFailed).await;
                 Err(e.into())
             }
         }
@@ -183,7 +147,7 @@ impl Coordinator {
     /// the owner's `quota` (a suspended VM holds none) and its host ports must not be forwarded
     /// to another active VM; otherwise it stays suspended and nothing changes.
     pub async fn resume(self: &Arc<Self>, key: &str, req: &VmResume, quota: &Quota) -> Result<VmRecord, CoordinatorError> {
-        let rec = self.get(key)?;
+        let rec = self.get(key).await?;
         if rec.state != VmState::Suspended {
             return Err(CoordinatorError::Conflict(format!("VM {} is {}: only a suspended VM can be resumed", rec.id, rec.state.as_str())));
         }
@@ -201,33 +165,9 @@ impl Coordinator {
         let preq = placement_request(&rec.owner, &manifest, &rec.config, &require, &rec.rank);
         self.sched.validate(&preq)?;
         let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
-        let guard = self.lock.lock().await;
-        let cur = self.get(&rec.id)?;
-        if cur.state != VmState::Suspended {
-            return Err(CoordinatorError::Conflict(format!("VM {} is {} now", rec.id, cur.state.as_str())));
-        }
-        let all = self.state.list_vms()?;
-        resume_admission(&all, &cur, quota)?;
-        let placed = match self.sched.place_with(&preq, &opts) {
-            Ok(p) => p,
-            Err(PlaceError::NoMatch(nm)) => return Err(CoordinatorError::Capacity(explain(&nm))),
-            Err(PlaceError::Invalid(e)) => return Err(e.into()),
-            Err(e @ PlaceError::TimedOut { .. }) => return Err(CoordinatorError::Capacity(e.to_string())),
-        };
+        self.resume_precheck(&rec, quota).await?;
         let old_host = rec.host.clone();
-        let rec = self
-            .update(&rec.id, |v| {
-                v.state = VmState::Pending;
-                v.phase = format!("placed on {}: restoring", placed.host);
-                v.host = Some(placed.host.clone());
-                v.reason = None;
-                v.pid = None;
-                v.started = None;
-                v.stopped = None;
-            })
-            .ok_or_else(|| CoordinatorError::UnknownVm(rec.id.clone()))?;
-        self.hand_over(&placed);
-        drop(guard);
+        let (rec, placed) = self.place_resume(&rec, &preq, &opts, quota).await?;
         tracing::info!(vm = %rec.id, image = %saved, host = %placed.host, "resuming VM");
         let launch = launch_request(&rec, Some(manifest.image_ref()));
         let client = HostClient::new(&placed.host, &placed.url, self.http.clone());
@@ -247,6 +187,60 @@ impl Coordinator {
         Ok(rec)
     }
 
+    /// Refuses early (before placing) a resume the commit would refuse: the owner's quota, a
+    /// host port another active VM forwards now.
+    async fn resume_precheck(&self, rec: &VmRecord, quota: &Quota) -> Result<(), CoordinatorError> {
+        let (rows, _) = self.state.store().range(&claims::owner_prefix(&rec.owner)).await?;
+        let mut holders = Vec::new();
+        for f in rec.config.net.forwards() {
+            if let Some(h) = self.holder(&claims::port_key(f.host)).await?.filter(|h| h.vm != rec.id) {
+                holders.push((f.host, h.name));
+            }
+        }
+        let holder = |port: u16| holders.iter().find(|(p, _)| *p == port).map(|(_, n)| n.clone());
+        resume_admission(claims::totals(&rows, &rec.id), holder, rec, quota)
+    }
+
+    /// Places suspended VM `rec` and writes it `pending` there, admitted against its owner's
+    /// quota, its host ports and the host's capacity in the store (placing again when the host
+    /// is full after all).
+    async fn place_resume(
+        &self,
+        rec: &VmRecord,
+        preq: &PlacementRequest,
+        opts: &PlaceOptions,
+        quota: &Quota,
+    ) -> Result<(VmRecord, Placement), CoordinatorError> {
+        let admit = Admit { quota: Some(quota.clone()) };
+        let mut last = None;
+        for _ in 0..CAS_RETRIES {
+            let placed = self.sched.place_with(preq, opts).map_err(place_error)?;
+            let ev = Event::ResumeRequested { host: placed.host.clone() };
+            let written = self.transact(&rec.id, |_| Some(ev.clone()), |_| {}, Some(&admit)).await;
+            match written {
+                Ok(w) => {
+                    self.hand_over(&placed).await;
+                    return Ok((w.rec, placed));
+                }
+                Err(e) => {
+                    let _ = self.sched.release(placed.reservation);
+                    match e {
+                        CoordinatorError::Capacity(_) => {
+                            self.refresh_host(&placed.host).await;
+                            last = Some(e);
+                        }
+                        CoordinatorError::Transition { source, .. } => {
+                            return Err(CoordinatorError::Conflict(format!("VM {} is {} now", rec.id, source.from.as_str())))
+                        }
+                        CoordinatorError::Quota(_) => return Err(quota_refusal(rec, e)),
+                        e => return Err(e),
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| CoordinatorError::Contended(rec.id.clone())))
+    }
+
     /// After a coordinator restart, settles a VM that was `suspending`: the host finished (or
     /// abandoned) the save without anyone listening. Once its host reports in: if its QEMU is
     /// gone and a saved image newer than its start exists, it is `suspended` with that image;
@@ -257,7 +251,7 @@ impl Coordinator {
         let name = saved_image_name(&id);
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            let Some(rec) = self.state.get_vm(&id).ok().flatten() else { return };
+            let Some(rec) = self.record(&id).await.ok().flatten() else { return };
             if rec.state != VmState::Suspending {
                 return;
             }
@@ -272,13 +266,7 @@ impl Coordinator {
                 // Still running and not saving: the save failed (or never started) and the
                 // guest went on.
                 if (!saving && runs) || tokio::time::Instant::now() > deadline {
-                    self.update(&id, |v| {
-                        if v.state == VmState::Suspending {
-                            v.state = VmState::Running;
-                            v.phase = "running".into();
-                            v.reason = Some("a suspend interrupted by a coordinator restart did not complete; the VM runs on".into());
-                        }
-                    });
+                    let _ = self.apply(&id, Event::SaveInterrupted).await;
                     return;
                 }
                 continue;
@@ -288,25 +276,11 @@ impl Coordinator {
                 Ok(m) if m.state.as_ref().map(|s| s.meta.saved).unwrap_or(0) >= rec.started.unwrap_or(0) => Some(m),
                 _ => None,
             };
-            self.update(&id, |v| {
-                if v.state != VmState::Suspending {
-                    return;
-                }
-                v.pid = None;
-                match &saved {
-                    Some(m) => {
-                        v.state = VmState::Suspended;
-                        v.phase = "suspended".into();
-                        v.saved_image = Some(m.image_ref().to_string());
-                        v.reason = None;
-                    }
-                    None => {
-                        v.state = VmState::Failed;
-                        v.phase = "failed".into();
-                        v.reason = Some("the coordinator restarted while this VM was being suspended and no saved state was found".into());
-                    }
-                }
-            });
+            let event = match &saved {
+                Some(m) => Event::Saved { image: m.image_ref().to_string() },
+                None => Event::SaveLost,
+            };
+            let _ = self.apply(&id, event).await;
             tracing::info!(vm = %id, suspended = saved.is_some(), "settled a suspend interrupted by a coordinator restart");
             return;
         }
@@ -324,7 +298,7 @@ impl Coordinator {
         let mut unknown = 0;
         loop {
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            let Some(rec) = self.state.get_vm(&id).ok().flatten() else { return };
+            let Some(rec) = self.record(&id).await.ok().flatten() else { return };
             if !matches!(rec.state, VmState::Pending | VmState::Starting) || rec.started.is_some() {
                 return;
             }
@@ -338,12 +312,7 @@ impl Coordinator {
                 _ => (None, None),
             };
             if presence.is_some_and(|p| p.running) {
-                self.update(&id, |v| {
-                    v.state = VmState::Running;
-                    v.phase = "running".into();
-                    v.started = Some(now());
-                    v.reason = Some(format!("resumed on {host} while the coordinator restarted"));
-                });
+                let _ = self.apply(&id, Event::ResumeRecovered { host: host.clone() }).await;
                 tracing::info!(vm = %id, host = %host, "a resume interrupted by a coordinator restart completed");
                 tokio::spawn(self.clone().watch(id));
                 return;
@@ -364,15 +333,7 @@ impl Coordinator {
                 }
             }
             if tokio::time::Instant::now() > deadline {
-                self.update(&id, |v| {
-                    v.state = VmState::Suspended;
-                    v.phase = "suspended".into();
-                    v.host = None;
-                    v.pid = None;
-                    v.reason = Some(format!(
-                        "the coordinator restarted while this VM was resuming on {host}, which did not run it; resume it again"
-                    ));
-                });
+                let _ = self.apply(&id, Event::ResumeAbandoned { host: host.clone() }).await;
                 tracing::warn!(vm = %id, host = %host, "a resume interrupted by a coordinator restart did not complete; suspended again");
                 return;
             }
@@ -425,31 +386,44 @@ mod tests {
         r
     }
 
+    /// `resume_admission` of `me` next to the records `all`, through the claims they hold.
+    fn admission(all: &[VmRecord], me: &VmRecord, quota: &Quota) -> Result<(), CoordinatorError> {
+        let held = claims::expected(all);
+        let prefix = claims::owner_prefix(&me.owner);
+        let rows: Vec<(String, crate::state::Entry)> = held
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, h)| (k.clone(), crate::state::Entry { value: crate::state::encode(h), create_revision: 1, mod_revision: 1 }))
+            .collect();
+        let holder = |port: u16| held.get(&claims::port_key(port)).filter(|h| h.vm != me.id).map(|h| h.name.clone());
+        resume_admission(claims::totals(&rows, &me.id), holder, me, quota)
+    }
+
     #[test]
     fn resume_is_admitted_like_a_create() {
         let me = rec("vm-1", "web", "alice", VmState::Suspended, &[(8080, 80)]);
         let other = rec("vm-2", "db", "alice", VmState::Running, &[]);
         let all = vec![me.clone(), other.clone()];
         // No quota, no conflict.
-        resume_admission(&all, &me, &Quota::default()).unwrap();
+        admission(&all, &me, &Quota::default()).unwrap();
         // Quota: the suspended VM itself holds none; the running one does.
         let q = Quota { vms: Some(1), ..Default::default() };
-        let e = resume_admission(&all, &me, &q).unwrap_err().to_string();
+        let e = admission(&all, &me, &q).unwrap_err().to_string();
         assert!(e.contains("cannot resume VM web") && e.contains("quota exceeded") && e.contains("stays suspended"), "{e}");
-        assert!(matches!(resume_admission(&all, &me, &q), Err(CoordinatorError::Quota(_))));
+        assert!(matches!(admission(&all, &me, &q), Err(CoordinatorError::Quota(_))));
         let q = Quota { memory_mib: Some(512), ..Default::default() };
-        resume_admission(&all, &me, &q).unwrap();
+        admission(&all, &me, &q).unwrap();
         // Another user's VMs do not count against alice.
         let mut bobs = other.clone();
         bobs.owner = "bob".into();
-        resume_admission(&[me.clone(), bobs], &me, &Quota { vms: Some(1), ..Default::default() }).unwrap();
+        admission(&[me.clone(), bobs], &me, &Quota { vms: Some(1), ..Default::default() }).unwrap();
         // A host port another active VM forwards now is a conflict; a stopped one's is not.
         let mut taker = rec("vm-3", "proxy", "bob", VmState::Running, &[(8080, 8080)]);
-        let e = resume_admission(&[me.clone(), taker.clone()], &me, &Quota::default()).unwrap_err();
+        let e = admission(&[me.clone(), taker.clone()], &me, &Quota::default()).unwrap_err();
         assert!(matches!(e, CoordinatorError::Conflict(_)));
         let e = e.to_string();
         assert!(e.contains("host port 8080") && e.contains("forwarded to VM proxy") && e.contains("stays suspended"), "{e}");
         taker.state = VmState::Stopped;
-        resume_admission(&[me.clone(), taker], &me, &Quota::default()).unwrap();
+        admission(&[me.clone(), taker], &me, &Quota::default()).unwrap();
     }
 }

@@ -1,0 +1,377 @@
+//! Admission and placement: a new VM (`create`), a queued one once a host frees up, and the
+//! store-side checks every admission commits with ([`Coordinator::guard`]).
+//!
+//! The scheduler's in-memory reservations are the fast path for choosing a host; the store
+//! decides. A record that admits a VM somewhere is written in one batch with its claims and
+//! with conditions that the claims it was checked against (the owner's, for the quota; the
+//! host's, for its capacity) did not change since they were read; a conflict re-checks (and
+//! when the host is full after all, places again), a bounded number of times. No in-process lock
+//! is needed for correctness: two coordinators on one store never over-admit.
+
+use std::sync::Arc;
+
+use vgrid_api::auth::Quota;
+use vgrid_api::grid::{Future, FuturesQuery, PlacementRequest};
+use vgrid_api::host::LaunchRequest;
+use vgrid_api::vm::{VmConfig, VmCreate, VmRecord};
+use vgrid_api::{ImageRef, Manifest};
+
+use super::claims::{self, Held, Totals};
+use super::records::CAS_RETRIES;
+use super::table::{self, Event};
+use super::{new_id, now, Coordinator, CoordinatorError, QUEUE_TIMEOUT};
+use crate::admission::{check_quota, check_warm, explain, launch_request, placement_request, warm_requirement};
+use crate::hosts::HostClient;
+use crate::sched::{PlaceError, PlaceOptions, Placement};
+use crate::state::{decode, Txn};
+
+/// What an admitting write is checked against besides the host's capacity.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Admit {
+    /// The owner's quota (`None`: checked when the VM was first admitted, or none).
+    pub quota: Option<Quota>,
+}
+
+fn limited(q: &Quota) -> bool {
+    q.vms.is_some() || q.cpus.is_some() || q.memory_mib.is_some()
+}
+
+impl Coordinator {
+    /// The checks of an admitting write of `new` over `old`, against the claims in the store,
+    /// and the conditions that they still hold when the batch commits: the owner's quota when
+    /// the VM becomes active (and a quota applies), the capacity of every host it newly claims.
+    pub(crate) async fn guard(&self, old: Option<&VmRecord>, new: &VmRecord, admit: &Admit) -> Result<Txn, CoordinatorError> {
+        let store = self.state.store();
+        let mut txn = Txn::new();
+        let was_active = old.is_some_and(|o| o.state.is_active());
+        if let Some(q) = admit.quota.as_ref().filter(|q| limited(q) && new.state.is_active() && !was_active) {
+            let prefix = claims::owner_prefix(&new.owner);
+            let (rows, at) = store.range(&prefix).await?;
+            check_quota(claims::totals(&rows, &new.id), &new.owner, q, new.config.cpus, new.config.memory_mib)?;
+            txn = txn.when_unchanged_since(prefix, at);
+        }
+        let had: Vec<String> = old.map(claims::claims).unwrap_or_default().into_iter().map(|c| c.key).collect();
+        for c in claims::claims(new).into_iter().filter(|c| c.key.starts_with(&format!("{}host/", claims::CLAIMS))) {
+            if had.contains(&c.key) {
+                continue;
+            }
+            let host = c.key[claims::CLAIMS.len() + "host/".len()..].split('/').next().unwrap_or_default().to_string();
+            let Some(h) = self.registry.host(&host) else { continue };
+            let prefix = claims::host_prefix(&host);
+            let (rows, at) = store.range(&prefix).await?;
+            let used = claims::totals(&rows, &new.id);
+            fits(&host, used, &c.held, &h.ad)?;
+            txn = txn.when_unchanged_since(prefix, at);
+        }
+        Ok(txn)
+    }
+
+    /// The error for a unique claim (`key`) another VM holds.
+    pub(crate) async fn refusal(&self, key: &str) -> CoordinatorError {
+        if let Some(name) = key.strip_prefix(&format!("{}name/", claims::CLAIMS)) {
+            return CoordinatorError::Conflict(format!("a VM named {name:?} exists already"));
+        }
+        let port = key.rsplit('/').next().unwrap_or_default();
+        CoordinatorError::Conflict(format!("host port {port} is already forwarded to another VM"))
+    }
+
+    /// The VM holding unique claim `key` now, if any.
+    pub(crate) async fn holder(&self, key: &str) -> Result<Option<Held>, CoordinatorError> {
+        match self.state.store().get(key).await? {
+            Some(e) => Ok(Some(decode(key, &e.value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Refuses early (before placing) what the commit would refuse: the quota, host ports
+    /// forwarded already, a name taken.
+    async fn precheck(&self, owner: &str, quota: &Quota, config: &VmConfig, name: Option<&str>) -> Result<(), CoordinatorError> {
+        if limited(quota) {
+            let (rows, _) = self.state.store().range(&claims::owner_prefix(owner)).await?;
+            check_quota(claims::totals(&rows, ""), owner, quota, config.cpus, config.memory_mib)?;
+        }
+        for f in config.net.forwards() {
+            if self.holder(&claims::port_key(f.host)).await?.is_some() {
+                return Err(self.refusal(&claims::port_key(f.host)).await);
+            }
+        }
+        if let Some(n) = name {
+            if self.holder(&claims::name_key(n)).await?.is_some() {
+                return Err(self.refusal(&claims::name_key(n)).await);
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates a request, places it on a host, records the VM as `pending` and starts it in
+    /// the background. Nothing is recorded when validation or placement fails.
+    pub async fn create(self: &Arc<Self>, req: VmCreate, owner: &str, quota: &Quota) -> Result<VmRecord, CoordinatorError> {
+        let config = req.validate()?;
+        let manifest = self.resolve_image(config.image()).await?;
+        let (rec, placed, preq, opts) = self.admit_new(&req, config, &manifest, owner, quota).await?;
+        let launch = launch_request(&rec, None);
+        let me = self.clone();
+        match placed {
+            Some(p) => {
+                tracing::info!(vm = %rec.id, image = %manifest.image_ref(), host = %p.host, "VM placed");
+                let client = HostClient::new(&p.host, &p.url, self.http.clone());
+                tokio::spawn(async move { me.run(client, launch).await });
+            }
+            None => {
+                tokio::spawn(async move { me.queued(preq, opts, launch).await });
+            }
+        }
+        Ok(rec)
+    }
+
+    /// The admission of a create of `config` running `manifest`: checks, placement (or the
+    /// queue), and the record written with its claims. Nothing is started.
+    pub(crate) async fn admit_new(
+        &self,
+        req: &VmCreate,
+        mut config: VmConfig,
+        manifest: &Manifest,
+        owner: &str,
+        quota: &Quota,
+    ) -> Result<(VmRecord, Option<Placement>, PlacementRequest, PlaceOptions), CoordinatorError> {
+        // The record and every launch name the version resolved now.
+        config.boot.image = manifest.image_ref();
+        check_warm(manifest, config.cpus, config.memory_mib)?;
+        let require = warm_requirement(manifest, req.require.clone());
+        let preq = placement_request(owner, manifest, &config, &require, &req.rank);
+        self.sched.validate(&preq)?;
+        let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
+
+        self.precheck(owner, quota, &config, req.name.as_deref()).await?;
+        let id = new_id();
+        let name = req.name.clone().unwrap_or_else(|| format!("{}-{}", manifest.name, &id[3..9]));
+        let mut rec = VmRecord::new(&id, &name, owner, config, now());
+        rec.require = req.require.clone();
+        rec.rank = req.rank.clone();
+        let admit = Admit { quota: Some(quota.clone()) };
+        let (rec, placed) = self.insert(rec, &preq, &opts, req.no_wait, &admit).await?;
+        Ok((rec, placed, preq, opts))
+    }
+
+    /// Places the new VM `new` (or queues it) and writes its record with its claims; a host
+    /// found full by the store (another coordinator took it) is refreshed and placement tried
+    /// again.
+    async fn insert(
+        &self,
+        new: VmRecord,
+        preq: &PlacementRequest,
+        opts: &PlaceOptions,
+        no_wait: bool,
+        admit: &Admit,
+    ) -> Result<(VmRecord, Option<Placement>), CoordinatorError> {
+        let mut last = None;
+        for _ in 0..CAS_RETRIES {
+            let placed = self.first_placement(&new.id, preq, opts, no_wait)?;
+            let mut rec = new.clone();
+            let ev = match &placed {
+                Some(p) => Event::Placed { host: p.host.clone() },
+                None => Event::Queued,
+            };
+            table::advance(&mut rec, &ev, now()).map_err(|source| CoordinatorError::Transition { id: rec.id.clone(), source })?;
+            let mut outcome = Ok(false);
+            for _ in 0..CAS_RETRIES {
+                // The record is the reservation from now on.
+                outcome = self.try_commit(None, Some(&rec), Some(admit)).await;
+                if !matches!(outcome, Ok(false)) {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            match (outcome, &placed) {
+                (Ok(true), _) => {
+                    if let Some(p) = &placed {
+                        self.hand_over(p).await;
+                    }
+                    return Ok((rec, placed));
+                }
+                (Err(CoordinatorError::Capacity(e)), Some(p)) => {
+                    // Full after all (another coordinator took it): place again.
+                    let _ = self.sched.release(p.reservation);
+                    self.refresh_host(&p.host).await;
+                    last = Some(CoordinatorError::Capacity(e));
+                }
+                (outcome, _) => {
+                    if let Some(p) = &placed {
+                        let _ = self.sched.release(p.reservation);
+                    }
+                    return Err(outcome.err().unwrap_or_else(|| CoordinatorError::Contended(rec.id.clone())));
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| CoordinatorError::Contended(new.id.clone())))
+    }
+
+    /// A new VM's placement now, or `None` when it is to wait in the queue (behind other
+    /// waiting requests, or because no host can take it now and it may wait).
+    fn first_placement(
+        &self,
+        id: &str,
+        preq: &PlacementRequest,
+        opts: &PlaceOptions,
+        no_wait: bool,
+    ) -> Result<Option<Placement>, CoordinatorError> {
+        // While other requests wait for capacity, a new one joins the queue behind them instead
+        // of taking capacity first (the queue places it at once if it fits after them).
+        let attempt = if self.sched.waiting() > 0 && !no_wait {
+            Err(PlaceError::NoMatch(crate::sched::NoMatch { refusals: Vec::new() }))
+        } else {
+            self.sched.place_with(preq, opts)
+        };
+        match attempt {
+            Ok(p) => Ok(Some(p)),
+            Err(PlaceError::NoMatch(nm)) if nm.may_change() && !no_wait => {
+                if nm.refusals.is_empty() {
+                    tracing::info!(vm = %id, "queued behind {} waiting requests", self.sched.waiting());
+                } else {
+                    tracing::info!(vm = %id, "no host can take it now; queued: {nm}");
+                }
+                Ok(None)
+            }
+            Err(e) => Err(place_error(e)),
+        }
+    }
+
+    /// Which hosts could start a VM like `req` now, and why not the others: one answer per
+    /// host, in name order. Nothing is reserved.
+    pub async fn futures(&self, req: &FuturesQuery, user: &str) -> Result<Vec<Future>, CoordinatorError> {
+        let image = match &req.image {
+            Some(i) => {
+                let r: ImageRef = i.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?;
+                Some(self.resolve_image(&r).await?)
+            }
+            None => None,
+        };
+        let base = PlacementRequest {
+            user: user.to_string(),
+            image: image.as_ref().map(|m| m.image_ref().to_string()).unwrap_or_default(),
+            cpus: req.cpus,
+            memory_mib: req.memory_mib,
+            cpu_share: 0.0,
+            require: req.require.clone().filter(|r| !r.trim().is_empty()),
+            rank: None,
+        };
+        self.sched.validate(&base)?;
+        let opts = PlaceOptions { arch: image.as_ref().map(|m| m.meta.arch.clone()) };
+        let mut out = Vec::new();
+        for h in self.registry.hosts() {
+            let name = h.ad.name.clone();
+            // The same request pinned to this host: its answer is this host's verdict.
+            let pin = format!("host.name == {:?}", name);
+            let mut one = base.clone();
+            one.require = Some(match &base.require {
+                Some(r) => format!("({r}) && {pin}"),
+                None => pin.clone(),
+            });
+            let verdict = match self.sched.place_with(&one, &opts) {
+                Ok(p) => {
+                    let _ = self.sched.release(p.reservation);
+                    None
+                }
+                Err(PlaceError::NoMatch(nm)) => Some(
+                    nm.refusals
+                        .iter()
+                        .find(|r| r.host == name)
+                        .map(|r| format!("`{}` {}", r.clause.replace(&format!(" && {pin}"), ""), r.detail))
+                        .unwrap_or_else(|| "refused".into()),
+                ),
+                Err(e) => Some(e.to_string()),
+            };
+            out.push(Future { host: name, state: h.state, could_start: verdict.is_none(), why_not: verdict });
+        }
+        Ok(out)
+    }
+
+    /// Queues again a VM that was queued when the coordinator stopped, once an image server
+    /// that has its image has registered.
+    pub(crate) async fn requeue(self: Arc<Self>, vm: VmRecord) {
+        let image = vm.config.image().clone();
+        let mut manifest = None;
+        for _ in 0..120 {
+            match self.resolve_image(&image).await {
+                Ok(m) => {
+                    manifest = Some(m);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+            }
+        }
+        let Some(manifest) = manifest else {
+            let reason = format!("queued across a coordinator restart, and no image server has {image} since");
+            let _ = self.apply(&vm.id, Event::QueueGaveUp { reason }).await;
+            return;
+        };
+        tracing::info!(vm = %vm.id, "queued again after the coordinator restarted");
+        let preq = placement_request(&vm.owner, &manifest, &vm.config, &vm.require, &vm.rank);
+        let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
+        self.queued(preq, opts, launch_request(&vm, None)).await;
+    }
+
+    /// Waits for a host for a queued VM, then starts it there.
+    async fn queued(self: Arc<Self>, preq: PlacementRequest, opts: PlaceOptions, launch: LaunchRequest) {
+        let id = launch.id.clone();
+        for _ in 0..CAS_RETRIES {
+            let p = match self.sched.place_or_wait(&preq, &opts, Some(QUEUE_TIMEOUT)).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = self.apply(&id, Event::QueueGaveUp { reason: e.to_string() }).await;
+                    return;
+                }
+            };
+            // Placed only while it is still queued (not stopped or removed meanwhile).
+            let placed = Event::Placed { host: p.host.clone() };
+            match self.transact(&id, |_| Some(placed.clone()), |_| {}, Some(&Admit::default())).await {
+                Ok(_) => {
+                    self.hand_over(&p).await;
+                    tracing::info!(vm = %id, host = %p.host, "queued VM placed");
+                    let client = HostClient::new(&p.host, &p.url, self.http.clone());
+                    self.run(client, launch).await;
+                    return;
+                }
+                Err(CoordinatorError::Capacity(_)) => {
+                    // Another coordinator filled the host: wait again.
+                    let _ = self.sched.release(p.reservation);
+                    self.refresh_host(&p.host).await;
+                }
+                Err(_) => {
+                    let _ = self.sched.release(p.reservation);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Refuses claims `held` on `host` (advertised as `ad`) when the claims there (`used`) leave no
+/// room for them.
+fn fits(host: &str, used: Totals, held: &Held, ad: &vgrid_api::grid::HostAd) -> Result<(), CoordinatorError> {
+    let full = |what: &str, used: String, total: String| {
+        Err(CoordinatorError::Capacity(format!(
+            "host {host} has no room for VM {} any more: {used} of its {total} {what} are taken",
+            held.vm
+        )))
+    };
+    if used.cpus + held.cpus > ad.cpus {
+        return full("cpus", used.cpus.to_string(), ad.cpus.to_string());
+    }
+    if used.memory_mib + held.memory_mib > ad.memory_mib {
+        return full("MiB of memory", used.memory_mib.to_string(), ad.memory_mib.to_string());
+    }
+    if ad.cpu_cap > 0.0 && held.cpu_cores > 0.0 && used.cpu_cores + held.cpu_cores > ad.cpu_cap + 1e-9 {
+        return full("cpu cores", used.cpu_cores.to_string(), ad.cpu_cap.to_string());
+    }
+    Ok(())
+}
+
+/// A placement that failed, as the API answers it.
+pub(crate) fn place_error(e: PlaceError) -> CoordinatorError {
+    match e {
+        PlaceError::NoMatch(nm) => CoordinatorError::Capacity(explain(&nm)),
+        PlaceError::Invalid(e) => e.into(),
+        e @ PlaceError::TimedOut { .. } => CoordinatorError::Capacity(e.to_string()),
+    }
+}

@@ -1,0 +1,281 @@
+//! Launching a placed VM on its host, watching it until its QEMU ends (through host outages),
+//! stopping and removing it, and its console.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vgrid_api::grid::HostState;
+use vgrid_api::host::{ExitInfo, LaunchRequest};
+use vgrid_api::vm::{ConsoleChunk, VmRecord, VmState};
+
+use super::table::{Event, ExitKind};
+use super::{Coordinator, CoordinatorError};
+use crate::hosts::HostClient;
+
+impl Coordinator {
+    /// Sends `req` to its host and follows the VM. A launch that fails is the resume's failure
+    /// when it restored a saved image (`on_resume_failed`), else the VM's.
+    pub(crate) async fn run(self: Arc<Self>, client: HostClient, req: LaunchRequest) {
+        let id = req.id.clone();
+        if self.apply(&id, Event::LaunchSent).await.is_err() {
+            // Stopped or removed before its launch went out: nothing runs anywhere.
+            return;
+        }
+        match client.launch(&req).await {
+            Ok(l) => {
+                let rec = self.apply(&id, Event::Launched { pid: l.pid, accel: l.accel }).await;
+                match rec {
+                    Ok(r) if r.state == VmState::Running => {
+                        tracing::info!(vm = %id, host = %client.name, pid = l.pid, accel = %l.accel, "VM running");
+                        self.watch(id).await;
+                    }
+                    Err(CoordinatorError::UnknownVm(_)) => {
+                        // Removed while it was starting.
+                        let _ = client.stop(&id, true).await;
+                        let _ = client.remove(&id).await;
+                    }
+                    _ => {
+                        // Stopped while it was starting: it must not keep running.
+                        tracing::info!(vm = %id, "VM was stopped while starting; killing it");
+                        let _ = client.stop(&id, true).await;
+                        let _ = client.release(&id).await;
+                        let _ = self.apply(&id, Event::KilledWhileStarting).await;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(vm = %id, "VM failed to start: {e}");
+                let _ = client.stop(&id, true).await;
+                let _ = client.release(&id).await;
+                if self.resume_failed(&req, &client.name, &e.to_string()).await {
+                    return;
+                }
+                let _ = self.apply(&id, Event::LaunchFailed { reason: e.to_string() }).await;
+            }
+        }
+    }
+
+    /// Whether the failed launch `req` was the resume of a suspended VM (its saved image is
+    /// intact): then it is suspended again, with the reason.
+    async fn resume_failed(&self, req: &LaunchRequest, host: &str, err: &str) -> bool {
+        let Ok(Some(rec)) = self.record(&req.id).await else { return false };
+        let resuming = req.restore.as_ref().is_some_and(|r| rec.saved_image.as_deref() == Some(r.to_string().as_str()));
+        if !resuming || rec.started.is_some() {
+            return false;
+        }
+        let _ = self.apply(&req.id, Event::ResumeFailed { host: host.to_string(), reason: err.to_string() }).await;
+        true
+    }
+
+    /// Follows a placed VM until its QEMU exits, through host outages.
+    pub(crate) async fn watch(self: Arc<Self>, id: String) {
+        loop {
+            let Some(rec) = self.record(&id).await.ok().flatten() else { return };
+            if !rec.state.is_active() {
+                return;
+            }
+            let host = rec.host.clone().unwrap_or_default();
+            let client = match self.registry.host(&host) {
+                Some(h) if h.state == HostState::Ready => HostClient::new(&h.ad.name, &h.ad.url, self.http.clone()),
+                _ => {
+                    // Unknown or lost host: wait for it to report in.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let waited = client.wait(&id).await;
+            if waited.is_ok() && self.moved_or_migrating(&id, &host).await {
+                continue;
+            }
+            // The state now, not before the long poll: a stop may have begun meanwhile.
+            let stopping = self.record(&id).await.ok().flatten().map(|v| v.state == VmState::Stopping).unwrap_or(false);
+            match waited {
+                Ok(exit) if exit.exit.code.is_some() || exit.exit.signal.is_some() || stopping || exit.present => {
+                    let mut tail = exit.console_tail;
+                    if let Some(c) = exit.cause {
+                        tail.insert(0, format!("(host: {c})"));
+                    }
+                    self.exited(&client, &id, exit.exit, tail).await;
+                    return;
+                }
+                Ok(_) => {
+                    // The host answers but does not run this VM (it restarted without it).
+                    let _ = client.release(&id).await;
+                    let _ = self.apply(&id, Event::Vanished { host }).await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(vm = %id, "waiting on host {host}: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// Called by the watcher after its long poll on `host` returned: true when the VM has
+    /// moved elsewhere (watch it there) or is migrating (its driver decides).
+    async fn moved_or_migrating(&self, id: &str, host: &str) -> bool {
+        match self.record(id).await.ok().flatten() {
+            Some(v) if v.host.as_deref() != Some(host) => true,
+            Some(v) if v.state == VmState::Migrating => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn exited(&self, client: &HostClient, id: &str, exit: ExitInfo, console: Vec<String>) {
+        let _ = client.release(id).await;
+        let kind = if exit.success() {
+            // The guest powered itself off: a normal stop.
+            ExitKind::PoweredOff
+        } else {
+            ExitKind::Crashed { exit: exit.to_string(), console }
+        };
+        // Its QEMU also ends when it is saved (suspend): the table keeps it suspending.
+        if let Ok(w) = self.transact(id, |_| Some(Event::Exited { exit: kind.clone() }), |_| {}, None).await {
+            if w.rec.state == VmState::Failed && w.from != VmState::Failed {
+                tracing::warn!(vm = %id, "QEMU exited unexpectedly: {exit}");
+            }
+        }
+    }
+
+    /// Stops a VM: ACPI power-down (then quit after a timeout), or a kill with `force`.
+    pub async fn stop(&self, key: &str, force: bool) -> Result<VmRecord, CoordinatorError> {
+        let rec = self.get(key).await?;
+        if rec.state == VmState::Migrating && !force {
+            let to = rec.migration.as_ref().map(|m| m.to.clone()).unwrap_or_default();
+            return Err(CoordinatorError::Conflict(format!(
+                "VM {} is migrating to {to}; wait for the migration to end, or stop it with --force",
+                rec.id
+            )));
+        }
+        match rec.state {
+            VmState::Stopped | VmState::Failed | VmState::Lost => return Ok(rec),
+            VmState::Stopping if !force => return Ok(rec),
+            VmState::Suspended | VmState::Suspending => {
+                return Err(CoordinatorError::Conflict(format!(
+                    "VM {} is {}: resume it (`vgrid vm resume`) or remove it (`vgrid vm rm`)",
+                    rec.id,
+                    rec.state.as_str()
+                )))
+            }
+            _ => {}
+        }
+        if rec.host.is_none() {
+            // Queued, never placed: nothing runs anywhere.
+            return self.apply(&rec.id, Event::StoppedWhileQueued).await;
+        }
+        let host = rec.host.clone().unwrap_or_default();
+        let client = self.client(&host);
+        if rec.state == VmState::Unknown && !force {
+            return Err(CoordinatorError::Conflict(format!(
+                "VM {} is unknown: its host {host} is not answering; use --force to forget it",
+                rec.id
+            )));
+        }
+        self.apply(&rec.id, Event::StopRequested { force }).await?;
+        match client {
+            Ok(c) => {
+                if let Err(e) = c.stop(&rec.id, force).await {
+                    if !force {
+                        return Err(e.into());
+                    }
+                    tracing::warn!(vm = %rec.id, "forced stop: host did not answer: {e}");
+                }
+            }
+            Err(e) if !force => return Err(e),
+            Err(_) => {}
+        }
+        // The watcher records `stopped`; wait for it briefly so callers see the end state.
+        for _ in 0..100 {
+            let r = self.get(&rec.id).await?;
+            if !r.state.is_active() {
+                return Ok(r);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.apply_by(&rec.id, |v| Event::StopTimedOut { force, ever_started: v.started.is_some() }).await
+    }
+
+    /// [`Coordinator::apply`] of an event chosen from the record as read.
+    async fn apply_by(&self, id: &str, event: impl Fn(&VmRecord) -> Event) -> Result<VmRecord, CoordinatorError> {
+        Ok(self.transact(id, |v| Some(event(v)), |_| {}, None).await?.rec)
+    }
+
+    /// Removes a VM: stops it if asked to and deletes its runtime directory and record.
+    pub async fn remove(&self, key: &str, force: bool) -> Result<VmRecord, CoordinatorError> {
+        let rec = self.get(key).await?;
+        if rec.state.is_active() {
+            if !force {
+                return Err(CoordinatorError::Conflict(format!(
+                    "VM {} is {}; stop it first or remove it with --force",
+                    rec.id,
+                    rec.state.as_str()
+                )));
+            }
+            self.stop(&rec.id, true).await?;
+        }
+        // A suspended VM's old host only keeps its console log: failing to reach it is no reason
+        // to keep the VM.
+        let force = force || rec.state == VmState::Suspended;
+        if let Some(host) = &rec.host {
+            match self.client(host) {
+                Ok(c) => {
+                    if let Err(e) = c.remove(&rec.id).await {
+                        if !force {
+                            return Err(e.into());
+                        }
+                        tracing::warn!(vm = %rec.id, "removing on host {host}: {e}");
+                    }
+                }
+                Err(e) if !force => return Err(e),
+                Err(_) => {}
+            }
+        }
+        self.delete_record(&rec.id).await?;
+        if let Some(h) = &rec.host {
+            self.refresh_host(h).await;
+        }
+        if let Some(img) = &rec.saved_image {
+            self.delete_saved_image(img).await;
+        }
+        tracing::info!(vm = %rec.id, "VM removed");
+        Ok(rec)
+    }
+
+    /// A page of a VM's console log, from its host.
+    pub async fn console(&self, key: &str, offset: i64) -> Result<ConsoleChunk, CoordinatorError> {
+        let rec = self.get(key).await?;
+        let Some(host) = &rec.host else { return Ok(ConsoleChunk { offset: 0, next: 0, data: String::new() }) };
+        Ok(self.client(host)?.console(&rec.id, offset).await?)
+    }
+
+    /// The host's WebSocket URL of a running VM's console.
+    pub async fn console_ws_url(&self, key: &str) -> Result<(VmRecord, String), CoordinatorError> {
+        let rec = self.get(key).await?;
+        if rec.state != VmState::Running {
+            return Err(CoordinatorError::Conflict(format!("VM {} is {}, not running", rec.id, rec.state.as_str())));
+        }
+        let url = self.client(rec.host.as_deref().unwrap_or_default())?.console_ws_url(&rec.id);
+        Ok((rec, url))
+    }
+
+    /// Stops every active VM placed on `host` (used when `vgrid up` shuts down).
+    pub async fn stop_vms_on(&self, host: &str) {
+        let vms: Vec<VmRecord> = self
+            .records()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|v| v.state.is_active() && v.host.as_deref() == Some(host))
+            .collect();
+        let futs = vms.iter().map(|v| self.stop(&v.id, false));
+        for (v, r) in vms.iter().zip(futures::future::join_all(futs).await) {
+            if let Err(e) = r {
+                tracing::warn!(vm = %v.id, "stopping at shutdown: {e}");
+            }
+        }
+    }
+}

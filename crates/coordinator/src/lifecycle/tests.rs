@@ -1,0 +1,238 @@
+//! The write path and admission against the store (memory backend, no hosts, no guests): one
+//! VM's concurrent events, and two coordinators sharing one store.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vgrid_api::auth::Quota;
+use vgrid_api::config::Accel;
+use vgrid_api::grid::HostAd;
+use vgrid_api::host::HostHeartbeat;
+use vgrid_api::manifest::{Blob, Boot, ImageMeta};
+use vgrid_api::vm::{VmCreate, VmState};
+use vgrid_api::Manifest;
+
+use super::claims::{self, Held};
+use super::table::{self, Event};
+use super::{Coordinator, CoordinatorError};
+use crate::hosts::Registry;
+use crate::state::{decode, open, State, StateConfig};
+
+fn registry() -> Arc<Registry> {
+    Arc::new(Registry::new(Duration::from_secs(3600), Duration::from_secs(7200)))
+}
+
+async fn coordinator(state: &State) -> Arc<Coordinator> {
+    Coordinator::new(state.clone(), registry()).await.unwrap()
+}
+
+fn ad(name: &str, cpus: u32, memory_mib: u64) -> HostAd {
+    HostAd {
+        name: name.into(),
+        // Nothing listens there: these tests never launch.
+        url: "http://127.0.0.1:9".into(),
+        arch: "x86_64".into(),
+        cpus,
+        memory_mib,
+        free_cpus: cpus,
+        free_memory_mib: memory_mib,
+        accel: "kvm".into(),
+        qemu_version: "8.2.2".into(),
+        network_modes: vec!["user".into()],
+        labels: BTreeMap::new(),
+        policy: None,
+        load_avg: 0.0,
+        running_vms: 0,
+        image_cache: BTreeMap::new(),
+        load_now: 0.0,
+        load_predicted: 0.0,
+        cpu_cap: 0.0,
+        free_cpu_share: 0.0,
+        cgroups: String::new(),
+    }
+}
+
+async fn beat(c: &Coordinator, ad: HostAd) {
+    c.heartbeat(HostHeartbeat { ad, vms: Vec::new(), usage: Vec::new() }).await.unwrap();
+}
+
+fn manifest() -> Manifest {
+    Manifest {
+        schema: 1,
+        name: "sample".into(),
+        version: 1,
+        created: 0,
+        chunk_size: 65536,
+        disk: Blob { size: 0, chunks: Vec::new() },
+        meta: ImageMeta { os: "test".into(), arch: "x86_64".into(), boot: Boot::Firmware },
+        parent: None,
+        state: None,
+    }
+}
+
+fn create(name: Option<&str>, cpus: u32, host_port: Option<u16>) -> VmCreate {
+    let forwards: Vec<serde_json::Value> = host_port.iter().map(|p| serde_json::json!({"host": p, "guest": 80})).collect();
+    serde_json::from_value(serde_json::json!({
+        "image": "sample@1", "name": name, "cpus": cpus, "memory_mib": 128, "forwards": forwards, "no_wait": true
+    }))
+    .unwrap()
+}
+
+/// Admits a create on `c` (nothing is launched): the record, or the error.
+async fn admit(c: &Coordinator, req: VmCreate, owner: &str, quota: &Quota) -> Result<vgrid_api::vm::VmRecord, CoordinatorError> {
+    let config = req.validate()?;
+    Ok(c.admit_new(&req, config, &manifest(), owner, quota).await?.0)
+}
+
+/// Checks that the claims in the store are exactly those the records hold.
+async fn assert_claims_match_records(state: &State) {
+    let (vms, _) = state.vms().list_vms().await.unwrap();
+    let records: Vec<_> = vms.into_iter().map(|(v, _)| v).collect();
+    let (rows, _) = state.store().range(claims::CLAIMS).await.unwrap();
+    let stored: BTreeMap<String, Held> = rows.iter().map(|(k, e)| (k.clone(), decode(k, &e.value).unwrap())).collect();
+    assert_eq!(stored, claims::expected(&records));
+}
+
+/// Runs `n` admissions of `req(i)` concurrently, alternating between the two coordinators.
+async fn race(
+    cs: &[Arc<Coordinator>; 2],
+    n: usize,
+    req: impl Fn(usize) -> VmCreate,
+    owner: &str,
+    quota: &Quota,
+) -> (usize, Vec<CoordinatorError>) {
+    let futs = (0..n).map(|i| {
+        let c = cs[i % 2].clone();
+        let (r, q, o) = (req(i), quota.clone(), owner.to_string());
+        tokio::spawn(async move { admit(&c, r, &o, &q).await })
+    });
+    let mut ok = 0;
+    let mut errs = Vec::new();
+    for r in futures::future::join_all(futs).await {
+        match r.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => errs.push(e),
+        }
+    }
+    (ok, errs)
+}
+
+async fn two_on_one_store(hosts: &[(&str, u32)]) -> (State, [Arc<Coordinator>; 2]) {
+    let state = open(&StateConfig::Memory).unwrap();
+    let cs = [coordinator(&state).await, coordinator(&state).await];
+    for c in &cs {
+        for (h, cpus) in hosts {
+            beat(c, ad(h, *cpus, 1 << 20)).await;
+        }
+    }
+    (state, cs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_events_on_one_vm_end_as_one_order_of_them_and_lose_no_write() {
+    let state = open(&StateConfig::Memory).unwrap();
+    let c = coordinator(&state).await;
+    for i in 0..40 {
+        let id = format!("vm-{i}");
+        let mut rec = crate::state::vms::tests::record(&id, "starting");
+        rec.host = Some("h1".into());
+        assert!(c.try_commit(None, Some(&rec), None).await.unwrap());
+        let stop = Event::StopRequested { force: false };
+        let launched = Event::Launched { pid: 42, accel: Accel::Kvm };
+        let before = state.store().revision().await.unwrap();
+        let (a, b) = tokio::join!(c.apply(&id, stop.clone()), c.apply(&id, launched.clone()));
+        a.unwrap();
+        b.unwrap();
+        let (got, _) = state.vms().get_vm(&id).await.unwrap().unwrap();
+        // Either order, evaluated by the table on the record alone.
+        let order = |first: &Event, second: &Event| {
+            let mut r = rec.clone();
+            let n = [first, second].iter().filter(|e| table::advance(&mut r, e, 0).unwrap()).count();
+            (r, n)
+        };
+        let (stop_first, n1) = order(&stop, &launched);
+        let (launch_first, n2) = order(&launched, &stop);
+        let same = |r: &vgrid_api::vm::VmRecord| r.state == got.state && r.phase == got.phase && r.pid == got.pid;
+        assert!(same(&stop_first) || same(&launch_first), "{got:?}");
+        assert_eq!(got.state, VmState::Stopping);
+        // Every write the winning order makes is in the store: none was lost to the other.
+        let writes = state.store().revision().await.unwrap() - before;
+        let expected = if same(&launch_first) && got.pid.is_some() { n2 } else { n1 };
+        assert_eq!(writes as usize, expected, "{got:?}");
+    }
+    // An event the table refuses is an error naming the state and the event; nothing changes.
+    let e = c.apply("vm-0", Event::SuspendRequested).await.unwrap_err();
+    assert!(matches!(e, CoordinatorError::Transition { .. }));
+    assert_eq!(e.to_string(), "VM vm-0: a VM that is stopping cannot take event suspend_requested");
+    assert!(std::error::Error::source(&e).is_some());
+    // A field update may not change the state.
+    let e = c.update_fields("vm-0", |v| v.reason = Some("x".into())).await.unwrap();
+    assert_eq!(e.reason.as_deref(), Some("x"));
+    assert_claims_match_records(&state).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_on_one_store_never_exceed_a_quota() {
+    let (state, cs) = two_on_one_store(&[("h1", 64), ("h2", 64)]).await;
+    let quota = Quota { vms: Some(3), ..Default::default() };
+    let (ok, errs) = race(&cs, 10, |_| create(None, 1, None), "alice", &quota).await;
+    assert_eq!(ok, 3, "{errs:?}");
+    for e in &errs {
+        assert!(matches!(e, CoordinatorError::Quota(m) if m.starts_with("quota exceeded: user alice may have 3 VMs")), "{e}");
+    }
+    // Another user is not counted against alice.
+    assert!(admit(&cs[1], create(None, 1, None), "bob", &quota).await.is_ok());
+    assert_claims_match_records(&state).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_on_one_store_never_exceed_a_host() {
+    let (state, cs) = two_on_one_store(&[("h1", 4)]).await;
+    let (ok, errs) = race(&cs, 10, |_| create(None, 1, None), "alice", &Quota::default()).await;
+    assert_eq!(ok, 4, "{errs:?}");
+    for e in &errs {
+        assert!(matches!(e, CoordinatorError::Capacity(_)), "{e}");
+    }
+    let (rows, _) = state.store().range(&claims::host_prefix("h1")).await.unwrap();
+    assert_eq!(claims::totals(&rows, "").cpus, 4);
+    assert_claims_match_records(&state).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_on_one_store_never_share_a_name_or_a_host_port() {
+    let (state, cs) = two_on_one_store(&[("h1", 64)]).await;
+    let (ok, errs) = race(&cs, 6, |_| create(Some("web"), 1, None), "alice", &Quota::default()).await;
+    assert_eq!(ok, 1, "{errs:?}");
+    for e in &errs {
+        assert_eq!(e.to_string(), "a VM named \"web\" exists already");
+        assert!(matches!(e, CoordinatorError::Conflict(_)));
+    }
+    let (ok, errs) = race(&cs, 6, |i| create(Some(&format!("p{i}")), 1, Some(8080)), "alice", &Quota::default()).await;
+    assert_eq!(ok, 1, "{errs:?}");
+    for e in &errs {
+        assert_eq!(e.to_string(), "host port 8080 is already forwarded to another VM");
+    }
+    assert_claims_match_records(&state).await;
+    // Removed, the name and the port are free again.
+    let web = cs[0].get("web").await.unwrap();
+    cs[1].delete_record(&web.id).await.unwrap();
+    assert!(admit(&cs[0], create(Some("web"), 1, None), "alice", &Quota::default()).await.is_ok());
+    assert_claims_match_records(&state).await;
+}
+
+#[tokio::test]
+async fn claims_of_records_written_before_claims_are_built_at_open() {
+    let state = open(&StateConfig::Memory).unwrap();
+    let mut rec = crate::state::vms::tests::record("vm-1", "running");
+    rec.host = Some("h1".into());
+    state.vms().put_vm(&rec).await.unwrap();
+    state.vms().put_vm(&crate::state::vms::tests::record("vm-2", "stopped")).await.unwrap();
+    state.store().put("claims/name/gone", b"{\"vm\":\"vm-0\"}".to_vec()).await.unwrap();
+    let _c = coordinator(&state).await;
+    assert_claims_match_records(&state).await;
+    let rev = state.store().revision().await.unwrap();
+    // Opening again changes nothing.
+    let _d = coordinator(&state).await;
+    assert_eq!(state.store().revision().await.unwrap(), rev);
+}
