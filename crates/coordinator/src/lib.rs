@@ -16,14 +16,13 @@
 //! * `state`: the store seam and its typed tables (knows records as data, no lifecycle);
 //! * `lifecycle`: the core: records and their one write path (`records`), the transition table
 //!   (`table`), claims (`claims`), admission and placement (`admit`), launching and watching a
-//!   VM (`run`); with `sched` (placement), `hosts` (registry, host client) and `admission`
-//!   (pure admission arithmetic);
+//!   VM (`run`); with `sched` (placement), `hosts` (registry, host client); `lifecycle::admission` is
+//!   the pure admission arithmetic;
 //! * features on the core: `suspend` (snapshot, suspend, resume), `migrate` (live migration and
 //!   the reconciliation with host reports), `accounting`, `auth`, `join`, `images`;
 //! * `http`: every REST handler and the error → status mapping; no feature module knows axum.
 
 pub mod accounting;
-mod admission;
 pub mod auth;
 pub mod hosts;
 pub mod http;

@@ -5,6 +5,7 @@
 //! them. Features (suspend/resume, migration, reconciliation, accounting) are built on this
 //! core and never the reverse.
 
+pub(crate) mod admission;
 pub mod admit;
 pub mod claims;
 pub mod records;
@@ -345,6 +346,25 @@ impl Coordinator {
         match failure {
             Some(f) => Err(CoordinatorError::Store(format!("{image} not found on the reachable image servers; {f}"))),
             None => Err(CoordinatorError::UnknownImage(image.to_string())),
+        }
+    }
+
+    /// The manifest of saved image `saved` (NAME@V).
+    pub(crate) async fn resolve_saved(&self, saved: &str) -> Result<Manifest, CoordinatorError> {
+        let image: ImageRef = saved.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?;
+        self.resolve_image(&image).await
+    }
+
+    /// Deletes a VM's saved image from every image server that has it (best effort).
+    pub(crate) async fn delete_saved_image(&self, image: &str) {
+        let Ok(r) = image.parse::<ImageRef>() else { return };
+        for url in self.registry.image_server_urls() {
+            let Ok(client) = StoreClient::new(&url) else { continue };
+            match client.delete(&r).await {
+                Ok(rep) => tracing::info!(image, server = %url, chunks_freed = rep.chunks_freed, "saved image deleted"),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => tracing::warn!(image, server = %url, "cannot delete saved image: {e}"),
+            }
         }
     }
 }

@@ -17,8 +17,8 @@ use vgrid_api::host::{FinishRequest, IncomingReady, IncomingRequest, LaunchReque
 use vgrid_api::migrate::{Migration, MigrationStatus, VmMigrate, DEFAULT_DOWNTIME_MS, DEFAULT_MAX_SECONDS};
 use vgrid_api::vm::{VmRecord, VmState};
 
-use crate::admission::{explain, launch_request, placement_request};
 use crate::hosts::{HostCallError, HostClient};
+use crate::lifecycle::admission::{explain, launch_request, placement_request};
 use crate::lifecycle::admit::{place_error, Admit};
 use crate::lifecycle::records::CAS_RETRIES;
 use crate::lifecycle::table::{Event, MigrationOutcome};

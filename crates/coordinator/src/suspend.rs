@@ -16,11 +16,10 @@ use vgrid_api::grid::HostState;
 use vgrid_api::grid::PlacementRequest;
 use vgrid_api::host::{SaveRequest, VmPresence, RESTORE_TIMEOUT, SAVE_TIMEOUT};
 use vgrid_api::vm::{SavedImage, Suspended, VmRecord, VmResume, VmState};
-use vgrid_api::{ImageRef, Manifest};
-use vgrid_storeclient::StoreClient;
+use vgrid_api::ImageRef;
 
-use crate::admission::{check_quota, launch_request, placement_request, warm_requirement};
 use crate::hosts::{HostCallError, HostClient};
+use crate::lifecycle::admission::{check_quota, launch_request, placement_request, warm_requirement};
 use crate::lifecycle::admit::{place_error, Admit};
 use crate::lifecycle::claims::{self, Totals};
 use crate::lifecycle::records::CAS_RETRIES;
@@ -324,7 +323,7 @@ impl Coordinator {
                         Ok(manifest) => {
                             tracing::info!(vm = %id, host = %host, image = %saved,
                                 "the resume's launch never reached the host before the coordinator restarted; sending it again");
-                            let launch = crate::admission::launch_request(&rec, Some(manifest.image_ref()));
+                            let launch = crate::lifecycle::admission::launch_request(&rec, Some(manifest.image_ref()));
                             self.clone().run(client, launch).await;
                             return;
                         }
@@ -336,25 +335,6 @@ impl Coordinator {
                 let _ = self.apply(&id, Event::ResumeAbandoned { host: host.clone() }).await;
                 tracing::warn!(vm = %id, host = %host, "a resume interrupted by a coordinator restart did not complete; suspended again");
                 return;
-            }
-        }
-    }
-
-    /// The manifest of saved image `saved` (NAME@V).
-    async fn resolve_saved(&self, saved: &str) -> Result<Manifest, CoordinatorError> {
-        let image: ImageRef = saved.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?;
-        self.resolve_image(&image).await
-    }
-
-    /// Deletes a VM's saved image from every image server that has it (best effort).
-    pub(crate) async fn delete_saved_image(&self, image: &str) {
-        let Ok(r) = image.parse::<ImageRef>() else { return };
-        for url in self.registry.image_server_urls() {
-            let Ok(client) = StoreClient::new(&url) else { continue };
-            match client.delete(&r).await {
-                Ok(rep) => tracing::info!(image, server = %url, chunks_freed = rep.chunks_freed, "saved image deleted"),
-                Err(e) if e.is_not_found() => {}
-                Err(e) => tracing::warn!(image, server = %url, "cannot delete saved image: {e}"),
             }
         }
     }

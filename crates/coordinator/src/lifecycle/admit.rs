@@ -20,8 +20,8 @@ use super::claims::{self, Held, Totals};
 use super::records::CAS_RETRIES;
 use super::table::{self, Event};
 use super::{new_id, now, Coordinator, CoordinatorError, QUEUE_TIMEOUT};
-use crate::admission::{check_quota, check_warm, explain, launch_request, placement_request, warm_requirement};
 use crate::hosts::HostClient;
+use crate::lifecycle::admission::{check_quota, check_warm, explain, launch_request, placement_request, warm_requirement};
 use crate::sched::{PlaceError, PlaceOptions, Placement};
 use crate::state::{decode, Txn};
 
