@@ -53,7 +53,7 @@ fn host_ad(i: usize, rng: &mut Rng) -> HostAd {
     HostAd {
         name: format!("host-{i:05}"),
         url: format!("https://host-{i:05}.site{site}.example:7070"),
-        arch: if site % 5 == 0 && rng.below(4) == 0 { "aarch64" } else { "x86_64" }.into(),
+        arch: if site.is_multiple_of(5) && rng.below(4) == 0 { "aarch64" } else { "x86_64" }.into(),
         cpus,
         memory_mib,
         free_cpus: cpus,
