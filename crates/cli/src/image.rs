@@ -53,7 +53,7 @@ pub enum ImageCmd {
     Cache(CacheCmd),
     /// Save a running VM as a warm image: its memory state and changed disk chunks, the VM's
     /// image as parent. `vgrid vm run NAME` then restores it instead of booting.
-    Snapshot(crate::mobile::SnapshotArgs),
+    Snapshot(crate::suspend::SnapshotArgs),
     /// Build the sample guest from Debian packages (cached) and import it as `sample`.
     BuildSample(BuildSampleArgs),
 }
@@ -189,7 +189,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
         ImageCmd::Pull { image } => pull(ctx, &image).await?,
         ImageCmd::Cache(CacheCmd::Stats) => cache_stats(ctx).await?,
         ImageCmd::BuildSample(a) => build_sample(ctx, a).await?,
-        ImageCmd::Snapshot(a) => return crate::mobile::snapshot(ctx, a).await,
+        ImageCmd::Snapshot(a) => return crate::suspend::snapshot(ctx, a).await,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -43,10 +43,10 @@ pub enum VmCmd {
     },
     /// Save a running VM (memory state and disk) on the image servers and free its host; the
     /// VM becomes `suspended`. If saving fails the VM keeps running.
-    Suspend(crate::mobile::SuspendArgs),
+    Suspend(crate::suspend::SuspendArgs),
     /// Restore a suspended VM on any matching host (possibly another one); the guest continues
     /// where it stopped.
-    Resume(crate::mobile::ResumeArgs),
+    Resume(crate::suspend::ResumeArgs),
     Migrate(crate::migrate::MigrateArgs),
     /// Remove a stopped VM (its overlay, sockets and record).
     Rm {
@@ -108,8 +108,8 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<ExitCode> {
     let api = ctx.api();
     match cmd {
         VmCmd::Run(a) => return run_vm(ctx, a).await,
-        VmCmd::Suspend(a) => return crate::mobile::suspend(ctx, a).await,
-        VmCmd::Resume(a) => return crate::mobile::resume(ctx, a).await,
+        VmCmd::Suspend(a) => return crate::suspend::suspend(ctx, a).await,
+        VmCmd::Resume(a) => return crate::suspend::resume(ctx, a).await,
         VmCmd::Ls => {
             let vms: Vec<VmRecord> = api.get("/api/v1/vms").await?;
             if ctx.json {

@@ -328,7 +328,7 @@ impl Agent {
         let cgroup = self.res.create_group(&id, limits)?;
         let mut opts = LaunchOptions {
             cgroup: cgroup.clone(),
-            disk_throttle: crate::resources::DiskThrottle::of(&req.config.resources),
+            disk_throttle: crate::qemu::args::DiskThrottle::of(&req.config.resources),
             ..self.launch_options()
         };
         // A warm image: QEMU waits for its state, which streams in while it is fetched; RAM

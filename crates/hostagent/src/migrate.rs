@@ -125,7 +125,7 @@ impl Agent {
         let opts = LaunchOptions {
             defer_incoming: true,
             cgroup: cgroup.clone(),
-            disk_throttle: crate::resources::DiskThrottle::of(&req.launch.config.resources),
+            disk_throttle: crate::qemu::args::DiskThrottle::of(&req.launch.config.resources),
             ..self.launch_options()
         };
         let vm = Vm::launch_with(spec, &dir, &opts).await?;

@@ -30,35 +30,7 @@ pub fn default_memory_limit_mib(memory_mib: u64, accel: Accel) -> u64 {
     memory_mib + QEMU_OVERHEAD_MIB + if accel == Accel::Tcg { TCG_OVERHEAD_MIB } else { 0 }
 }
 
-/// Disk throttling of one VM (a QEMU throttle group on its drive).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct DiskThrottle {
-    pub bps: Option<u64>,
-    pub iops: Option<u64>,
-}
-
-impl DiskThrottle {
-    pub fn of(r: &Resources) -> Option<DiskThrottle> {
-        (r.disk_bps.is_some() || r.disk_iops.is_some()).then_some(DiskThrottle { bps: r.disk_bps, iops: r.disk_iops })
-    }
-}
-
-/// Rewrites QEMU arguments so that the guest's drive `vda` goes through a throttle filter
-/// node in throttle group `tg0`: the qcow2 node becomes `vda-qcow2`.
-pub fn throttle_args(args: &mut Vec<String>, t: &DiskThrottle) {
-    let Some(i) = args.iter().position(|a| a.starts_with("driver=qcow2,node-name=vda,")) else { return };
-    args[i] = args[i].replacen("node-name=vda,", "node-name=vda-qcow2,", 1);
-    let mut group = "throttle-group,id=tg0".to_string();
-    if let Some(b) = t.bps {
-        group.push_str(&format!(",x-bps-total={b}"));
-    }
-    if let Some(n) = t.iops {
-        group.push_str(&format!(",x-iops-total={n}"));
-    }
-    let filter = "driver=throttle,node-name=vda,throttle-group=tg0,file=vda-qcow2".to_string();
-    args.splice(i + 1..i + 1, ["-blockdev".to_string(), filter]);
-    args.splice(i - 1..i - 1, ["-object".to_string(), group]);
-}
+pub use crate::qemu::args::{throttle_args, DiskThrottle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdmissionError {

@@ -17,7 +17,7 @@
 //! block proxy's NBD export — attached as virtio-blk; guest writes land in the overlay only.
 
 use crate::spec::VmSpec;
-use crate::vm::VmError;
+use crate::vm::error::VmError;
 use std::path::{Path, PathBuf};
 
 /// File names inside a VM's runtime directory.
@@ -96,7 +96,7 @@ pub(crate) fn prepare(id: &str, dir: &Path, run_as: bool) -> Result<PathBuf, VmE
     for sock in [QMP_SOCKET, CONSOLE_SOCKET] {
         let p = dir.join(sock);
         if p.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(VmError::SocketPathTooLong { id: id.to_string(), path: p });
+            return Err(VmError::SocketPathTooLong { id: id.to_string(), path: p, max: MAX_SOCKET_PATH });
         }
     }
     if let Some(pid) = read_pid_file(&dir.join(PID_FILE)) {

@@ -2,7 +2,7 @@
 //! RAM backing) and the checks a spec passes before anything is touched ([`validate_spec`]).
 
 use crate::accel::{kvm_usable, Accel};
-use crate::vm::VmError;
+use crate::vm::error::VmError;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use vgrid_api::vm::VmConfig;

@@ -5,7 +5,9 @@
 use crate::accel::Accel;
 use crate::runtime::{CONSOLE_LOG, CONSOLE_SOCKET, OVERLAY_FILE, PID_FILE, QMP_SOCKET};
 use crate::spec::{BootSource, DiskSource, VmSpec};
+use serde::{Deserialize, Serialize};
 use std::path::Path;
+use vgrid_api::vm::Resources;
 
 /// QEMU option values are comma-separated lists: a literal comma is written twice.
 pub(crate) fn qopt(p: &Path) -> String {
@@ -106,6 +108,36 @@ pub(crate) fn incoming_args(state: Option<&Path>, defer: bool) -> Vec<String> {
         None if defer => vec!["-incoming".into(), "defer".into()],
         None => Vec::new(),
     }
+}
+
+/// Disk throttling of one VM (a QEMU throttle group on its drive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DiskThrottle {
+    pub bps: Option<u64>,
+    pub iops: Option<u64>,
+}
+
+impl DiskThrottle {
+    pub fn of(r: &Resources) -> Option<DiskThrottle> {
+        (r.disk_bps.is_some() || r.disk_iops.is_some()).then_some(DiskThrottle { bps: r.disk_bps, iops: r.disk_iops })
+    }
+}
+
+/// Rewrites QEMU arguments so that the guest's drive `vda` goes through a throttle filter
+/// node in throttle group `tg0`: the qcow2 node becomes `vda-qcow2`.
+pub fn throttle_args(args: &mut Vec<String>, t: &DiskThrottle) {
+    let Some(i) = args.iter().position(|a| a.starts_with("driver=qcow2,node-name=vda,")) else { return };
+    args[i] = args[i].replacen("node-name=vda,", "node-name=vda-qcow2,", 1);
+    let mut group = "throttle-group,id=tg0".to_string();
+    if let Some(b) = t.bps {
+        group.push_str(&format!(",x-bps-total={b}"));
+    }
+    if let Some(n) = t.iops {
+        group.push_str(&format!(",x-iops-total={n}"));
+    }
+    let filter = "driver=throttle,node-name=vda,throttle-group=tg0,file=vda-qcow2".to_string();
+    args.splice(i + 1..i + 1, ["-blockdev".to_string(), filter]);
+    args.splice(i - 1..i - 1, ["-object".to_string(), group]);
 }
 
 #[cfg(test)]

@@ -234,7 +234,7 @@ fn qemu_command(
     let mut args = crate::qemu::qemu_args(spec, accel, dir);
     args.extend(crate::qemu::args::incoming_args(incoming, opts.defer_incoming));
     if let Some(t) = &opts.disk_throttle {
-        crate::resources::throttle_args(&mut args, t);
+        crate::qemu::args::throttle_args(&mut args, t);
     }
     tracing::info!(vm = %id, accel = %accel, dir = %dir.display(), "starting QEMU");
     tracing::debug!(vm = %id, ?args, "QEMU command line");

@@ -7,11 +7,12 @@
 //! block proxy's NBD export — attached as virtio-blk; guest writes land in the overlay only.
 
 mod console;
+mod error;
 mod launch;
 
 use crate::accel::Accel;
 use crate::qmp::{QmpClient, QmpError, QmpEvent};
-use crate::runtime::{pid_is_qemu_of, CONSOLE_LOG, CONSOLE_SOCKET, MAX_SOCKET_PATH, OVERLAY_FILE, QEMU_LOG, QMP_SOCKET};
+use crate::runtime::{pid_is_qemu_of, CONSOLE_LOG, CONSOLE_SOCKET, OVERLAY_FILE, QEMU_LOG, QMP_SOCKET};
 use crate::spec::VmSpec;
 use serde_json::Value;
 use std::fmt;
@@ -45,7 +46,7 @@ pub struct LaunchOptions {
     /// Put QEMU into this cgroup right after spawn (resource control). Default none.
     pub cgroup: Option<crate::cgroup::VmCgroup>,
     /// Throttle the guest's disk (a QEMU throttle group on the drive). Default none.
-    pub disk_throttle: Option<crate::resources::DiskThrottle>,
+    pub disk_throttle: Option<crate::qemu::args::DiskThrottle>,
     /// Start with `-incoming defer`: QEMU waits, paused, for a live migration that QMP
     /// `migrate-incoming` opens (see `crate::migrate`). Launch returns once QMP answers.
     /// Default false.
@@ -76,6 +77,7 @@ impl Default for LaunchOptions {
     }
 }
 
+pub use error::VmError;
 pub use vgrid_api::host::ExitInfo;
 
 /// How a child process ended.
@@ -115,64 +117,6 @@ pub enum StopMethod {
 pub struct StopOutcome {
     pub method: StopMethod,
     pub exit: ExitInfo,
-}
-
-/// What failed, on which VM (or binary, or directory).
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    #[error("VM {id}: invalid spec: {reason}")]
-    InvalidSpec { id: String, reason: String },
-    #[error("VM {id}: {what} {path} does not exist or is not a readable file")]
-    MissingFile { id: String, what: &'static str, path: PathBuf },
-    #[error("VM {id}: runtime directory {path}: {source}")]
-    RuntimeDir {
-        id: String,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("VM {id}: socket path {path} is longer than {MAX_SOCKET_PATH} bytes; use a shorter runtime directory")]
-    SocketPathTooLong { id: String, path: PathBuf },
-    #[error("VM {id}: runtime directory {dir} is in use by running QEMU pid {pid}")]
-    AlreadyRunning { id: String, dir: PathBuf, pid: u32 },
-    #[error("VM {id}: cannot run {binary}: {source}")]
-    Spawn {
-        id: String,
-        binary: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("VM {id}: creating overlay {path} over {backing} failed: {detail}")]
-    Overlay { id: String, path: PathBuf, backing: String, detail: String },
-    #[error("VM {id}: QEMU exited during startup ({exit}); QEMU said: {stderr}{console}")]
-    EarlyExit { id: String, exit: ExitInfo, stderr: String, console: String },
-    #[error("VM {id}: QEMU did not open its QMP socket within {after:?}; QEMU said: {stderr}")]
-    StartTimeout { id: String, after: Duration, stderr: String },
-    #[error("VM {id}: {source}")]
-    Qmp {
-        id: String,
-        #[source]
-        source: QmpError,
-    },
-    #[error("VM {id}: {text:?} did not appear on the console within {after:?}; last console lines:\n{tail}")]
-    ConsoleTimeout { id: String, text: String, after: Duration, tail: String },
-    #[error("VM {id}: QEMU exited ({exit}) before {text:?} appeared on the console; last console lines:\n{tail}")]
-    ConsoleExited { id: String, text: String, exit: ExitInfo, tail: String },
-    #[error("VM {id}: {path}: {source}")]
-    Io {
-        id: String,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot adopt the VM in {dir}: {reason}")]
-    Adopt { dir: PathBuf, reason: String },
-    #[error("VM {id}: saving its state to {path} failed: {detail}")]
-    SaveState { id: String, path: PathBuf, detail: String },
-    #[error("VM {id}: restoring its state from {path} failed: {detail}")]
-    Restore { id: String, path: PathBuf, detail: String },
-    #[error("{binary} --version: {detail}")]
-    Version { binary: PathBuf, detail: String },
 }
 
 /// A running (or exited) QEMU process and its QMP session.
