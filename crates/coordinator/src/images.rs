@@ -28,9 +28,9 @@ impl Coordinator {
             let Ok(client) = StoreClient::new(&url) else { continue };
             let r = ImageRef { name: name.to_string(), version: None };
             match client.manifest(&r).await {
-                Ok(_) => return client.owner(name).await.map(Some).map_err(|e| CoordinatorError::Store(e.to_string())),
+                Ok(_) => return client.owner(name).await.map(Some).map_err(CoordinatorError::ImageServer),
                 Err(e) if e.is_not_found() => continue,
-                Err(e) => return Err(CoordinatorError::Store(e.to_string())),
+                Err(e) => return Err(CoordinatorError::ImageServer(e)),
             }
         }
         Ok(None)

@@ -8,6 +8,7 @@
 pub(crate) mod admission;
 pub mod admit;
 pub mod claims;
+pub mod guard;
 pub mod records;
 pub mod run;
 pub mod table;
@@ -47,6 +48,16 @@ pub enum CoordinatorError {
     Expr(#[from] ExprError),
     #[error("image servers: {0}")]
     Store(String),
+    /// An image server that failed to answer (HTTP 502).
+    #[error("image servers: {0}")]
+    ImageServer(#[source] vgrid_storeclient::ClientError),
+    /// The image is on no image server that answered, and one failed (HTTP 502).
+    #[error("image servers: {image} not found on the reachable image servers; {source}")]
+    NotOnReachable {
+        image: String,
+        #[source]
+        source: vgrid_storeclient::ClientError,
+    },
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
@@ -336,15 +347,15 @@ impl Coordinator {
         }
         let mut failure = None;
         for url in servers {
-            let client = StoreClient::new(&url).map_err(|e| CoordinatorError::Store(e.to_string()))?;
+            let client = StoreClient::new(&url).map_err(CoordinatorError::ImageServer)?;
             match client.manifest(image).await {
                 Ok(m) => return Ok(m),
                 Err(e) if e.is_not_found() => {}
-                Err(e) => failure = Some(e.to_string()),
+                Err(e) => failure = Some(e),
             }
         }
         match failure {
-            Some(f) => Err(CoordinatorError::Store(format!("{image} not found on the reachable image servers; {f}"))),
+            Some(source) => Err(CoordinatorError::NotOnReachable { image: image.to_string(), source }),
             None => Err(CoordinatorError::UnknownImage(image.to_string())),
         }
     }

@@ -19,7 +19,8 @@ use vgrid_api::vm::{VmRecord, VmState};
 
 use crate::hosts::{HostCallError, HostClient};
 use crate::lifecycle::admission::{explain, launch_request, placement_request};
-use crate::lifecycle::admit::{place_error, Admit};
+use crate::lifecycle::admit::place_error;
+use crate::lifecycle::guard::Admit;
 use crate::lifecycle::records::CAS_RETRIES;
 use crate::lifecycle::table::{Event, MigrationOutcome};
 use crate::lifecycle::{now, Coordinator, CoordinatorError};

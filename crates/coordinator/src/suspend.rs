@@ -20,8 +20,9 @@ use vgrid_api::ImageRef;
 
 use crate::hosts::{HostCallError, HostClient};
 use crate::lifecycle::admission::{check_quota, launch_request, placement_request, warm_requirement};
-use crate::lifecycle::admit::{place_error, Admit};
+use crate::lifecycle::admit::place_error;
 use crate::lifecycle::claims::{self, Totals};
+use crate::lifecycle::guard::Admit;
 use crate::lifecycle::records::CAS_RETRIES;
 use crate::lifecycle::table::Event;
 use crate::lifecycle::{Coordinator, CoordinatorError};

@@ -49,7 +49,7 @@ impl From<CoordinatorError> for ApiError {
             BadRequest(_) | Config(_) => StatusCode::BAD_REQUEST,
             UnknownImage(_) | UnknownVm(_) | UnknownHost(_) => StatusCode::NOT_FOUND,
             Conflict(_) | Capacity(_) | Transition { .. } | Contended(_) => StatusCode::CONFLICT,
-            Store(_) | Host(_) => StatusCode::BAD_GATEWAY,
+            Store(_) | ImageServer(_) | NotOnReachable { .. } | Host(_) => StatusCode::BAD_GATEWAY,
             Expr(_) => StatusCode::BAD_REQUEST,
             State(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Quota(_) => StatusCode::FORBIDDEN,

@@ -10,8 +10,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use vgrid_api::vm::{VmRecord, VmState};
 
-use super::admit::Admit;
 use super::claims;
+use super::guard::Admit;
 use super::table::{self, Event, TransitionError};
 use crate::lifecycle::{now, Coordinator, CoordinatorError};
 use crate::state::vms::vm_key;
