@@ -16,7 +16,7 @@ use vgrid_api::host::LaunchRequest;
 use vgrid_api::vm::{VmConfig, VmCreate, VmRecord};
 use vgrid_api::{ImageRef, Manifest};
 
-use super::claims::{self, Held};
+use super::claims;
 use super::guard::{limited, Admit};
 use super::records::CAS_RETRIES;
 use super::table::{self, Event};
@@ -24,7 +24,6 @@ use super::{new_id, now, Coordinator, CoordinatorError, QUEUE_TIMEOUT};
 use crate::hosts::HostClient;
 use crate::lifecycle::admission::{check_quota, check_warm, explain, launch_request, placement_request, warm_requirement};
 use crate::sched::{PlaceError, PlaceOptions, Placement};
-use crate::state::{decode, Txn};
 
 impl Coordinator {
     /// Refuses early (before placing) what the commit would refuse: the quota, host ports

@@ -7,7 +7,7 @@
 //! block proxy's NBD export — attached as virtio-blk; guest writes land in the overlay only.
 
 mod console;
-mod error;
+pub(crate) mod error;
 mod launch;
 
 use crate::accel::Accel;
