@@ -28,29 +28,8 @@ async fn coordinator(state: &State) -> Arc<Coordinator> {
 }
 
 fn ad(name: &str, cpus: u32, memory_mib: u64) -> HostAd {
-    HostAd {
-        name: name.into(),
-        // Nothing listens there: these tests never launch.
-        url: "http://127.0.0.1:9".into(),
-        arch: "x86_64".into(),
-        cpus,
-        memory_mib,
-        free_cpus: cpus,
-        free_memory_mib: memory_mib,
-        accel: "kvm".into(),
-        qemu_version: "8.2.2".into(),
-        network_modes: vec!["user".into()],
-        labels: BTreeMap::new(),
-        policy: None,
-        load_avg: 0.0,
-        running_vms: 0,
-        image_cache: BTreeMap::new(),
-        load_now: 0.0,
-        load_predicted: 0.0,
-        cpu_cap: 0.0,
-        free_cpu_share: 0.0,
-        cgroups: String::new(),
-    }
+    // Nothing listens there: these tests never launch.
+    HostAd { url: "http://127.0.0.1:9".into(), ..crate::sched::tests::ad(name, "test", cpus, memory_mib) }
 }
 
 async fn beat(c: &Coordinator, ad: HostAd) {

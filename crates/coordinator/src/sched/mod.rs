@@ -22,7 +22,7 @@ mod queue;
 mod scoring;
 mod table;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod types;
 
 pub use expr::{Expr, ExprError, ExprKind, Outcome, Position, Scope};

@@ -1,7 +1,8 @@
 use super::*;
 use std::collections::BTreeMap;
 
-fn ad(name: &str, site: &str, cpus: u32, mem: u64) -> HostAd {
+/// A host advertisement for tests (also the lifecycle's).
+pub(crate) fn ad(name: &str, site: &str, cpus: u32, mem: u64) -> HostAd {
     HostAd {
         name: name.into(),
         url: format!("http://{name}:7070"),
