@@ -2,7 +2,7 @@
 //! predecessor started in the same data directory.
 //!
 //! Each VM's runtime directory holds what that needs: `spec.json` (the spec as launched),
-//! `pid` (QEMU's `-pidfile`), `launch.json` (the coordinator's [`LaunchRequest`]: id, the VM's
+//! `pid` (QEMU's `-pidfile`), `launch.json` (the coordinator's [`LaunchRequest`], see [`crate::runtime::record_launch`]: id, the VM's
 //! configuration, the image restored if any; files of earlier versions read too) and the QMP
 //! and console sockets. At start the agent scans
 //! `DATA/vms/*`: a directory whose pid is a live QEMU of that directory is adopted
@@ -14,30 +14,13 @@
 //! serves the same socket path again (`DATA/nbd.sock`), so QEMU's NBD client reconnects to it at
 //! its next read of the base image.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use vgrid_api::host::LaunchRequest;
 
-use crate::agent::Agent;
-use crate::runtime::{PID_FILE, SPEC_FILE};
+use crate::ctx::HostCtx;
+use crate::runtime::{INCOMING_MARKER, LAUNCH_FILE, PID_FILE, SPEC_FILE};
 use crate::vm::{LaunchOptions, Vm};
-
-/// File in a runtime directory holding the VM's [`LaunchRequest`].
-pub const LAUNCH_FILE: &str = "launch.json";
-
-/// Records the launch request next to the VM's spec (best effort: adoption works without it,
-/// only the image's cache fraction is then not advertised).
-pub(crate) fn record_launch(dir: &Path, req: &LaunchRequest) {
-    match serde_json::to_vec_pretty(req) {
-        Ok(b) => {
-            if let Err(e) = crate::qemu_user::write_file(&dir.join(LAUNCH_FILE), &b) {
-                tracing::warn!(vm = %req.id, "cannot write {}: {e}", dir.join(LAUNCH_FILE).display());
-            }
-        }
-        Err(e) => tracing::warn!(vm = %req.id, "cannot encode the launch request: {e}"),
-    }
-}
 
 /// Marks (in the runtime directory) that the guest of an adopted QEMU shut itself down.
 const GUEST_SHUTDOWN: &str = "guest-shutdown";
@@ -82,9 +65,9 @@ pub struct AdoptReport {
 }
 
 /// Scans the runtime directories and adopts every QEMU that still runs.
-pub(crate) async fn adopt_all(agent: &Arc<Agent>) -> AdoptReport {
+pub(crate) async fn adopt_all(ctx: &Arc<HostCtx>) -> AdoptReport {
     let mut rep = AdoptReport::default();
-    let vms = agent.data_dir().join("vms");
+    let vms = ctx.data_dir().join("vms");
     let Ok(rd) = std::fs::read_dir(&vms) else { return rep };
     let mut dirs: Vec<_> = rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
     dirs.sort();
@@ -94,7 +77,7 @@ pub(crate) async fn adopt_all(agent: &Arc<Agent>) -> AdoptReport {
         if !dir.join(SPEC_FILE).exists() || !dir.join(PID_FILE).exists() {
             continue;
         }
-        let incoming = dir.join(crate::migrate::INCOMING_MARKER).exists();
+        let incoming = dir.join(INCOMING_MARKER).exists();
         // A QEMU that runs but does not answer QMP yet (busy, or waiting for a page its RAM
         // pager fetches through the proxy this agent has just started again) is asked again
         // before anything is decided about it.
@@ -122,7 +105,7 @@ pub(crate) async fn adopt_all(agent: &Arc<Agent>) -> AdoptReport {
                 {
                     // Its reservation, cgroup (which QEMU never left) and accounting continue
                     // (the counters' generation is kept in its runtime directory).
-                    let res = agent.resources();
+                    let res = ctx.resources();
                     match res.admit(&id, &req.config.resources, req.config.memory_mib, vm.accel()) {
                         Ok(limits) => match res.create_group(&id, &limits) {
                             Ok(cg) => res.track(&vm, cg, &limits, 0),
@@ -133,7 +116,7 @@ pub(crate) async fn adopt_all(agent: &Arc<Agent>) -> AdoptReport {
                     // The export QEMU reads is back as soon as the proxy serves; resolving the
                     // manifest only restores the advertised cache fraction, once the image
                     // servers are known (the first heartbeat names them).
-                    let a = agent.clone();
+                    let a = ctx.clone();
                     tokio::spawn(async move {
                         for _ in 0..30 {
                             if let Ok(m) = a.proxy().resolve(req.image()).await {
@@ -146,7 +129,7 @@ pub(crate) async fn adopt_all(agent: &Arc<Agent>) -> AdoptReport {
                 }
                 let vm = Arc::new(vm);
                 watch_guest_shutdown(&vm);
-                agent.insert_vm(&id, vm);
+                ctx.insert_vm(&id, vm);
                 rep.adopted.push(id);
             }
             Err(e) if crate::runtime::qemu_runs_in(&dir) => {
@@ -159,7 +142,7 @@ pub(crate) async fn adopt_all(agent: &Arc<Agent>) -> AdoptReport {
                     let _ = std::fs::remove_dir_all(&dir);
                 } else {
                     // Like an exited VM: everything but the console log goes.
-                    let _ = agent.release(&id).await;
+                    let _ = ctx.release(&id).await;
                 }
                 rep.gone.push(id);
             }

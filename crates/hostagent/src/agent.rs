@@ -6,82 +6,17 @@
 //! chunks through the same cache and are written into the VM's runtime directory.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vgrid_api::host::{HeartbeatReply, HostHeartbeat, LaunchRequest, Launched, PullProgress, VmReport, POWERDOWN_TIMEOUT};
-use vgrid_api::vm::Forward;
-use vgrid_api::{Boot, ErrorBody, ImageRef};
-use vgrid_blockproxy::{BlockProxy, ProxyConfig, ServerHandle, Servers, SourceError};
+use vgrid_api::host::{HeartbeatReply, HostHeartbeat, PullProgress};
+use vgrid_api::{ErrorBody, ImageRef};
+use vgrid_blockproxy::{BlockProxy, ProxyConfig, ServerHandle, Servers};
 
-use crate::spec::{BootSource, DiskSource, VmSpec};
-use crate::vm::{ExitInfo, LaunchOptions, Vm, VmError};
-use crate::Accel;
-
-#[derive(Debug, Clone)]
-pub struct AgentConfig {
-    /// Host name as advertised.
-    pub name: String,
-    /// Holds `cache/` (chunk cache), `vms/<id>/` (runtime directories) and `nbd.sock`.
-    pub data_dir: PathBuf,
-    /// Image servers, tried in order for every manifest and chunk.
-    pub image_servers: Vec<String>,
-    pub cache_max_bytes: u64,
-    /// Memory offered to guests [default: 3/4 of physical memory].
-    pub max_memory_mib: Option<u64>,
-    /// vCPUs offered to guests [default: 4 per host CPU].
-    pub max_cpus: Option<u32>,
-    /// The owner's CPU cap: this fraction of the machine's CPU time for all guests together
-    /// (a parent cgroup; CPU reservations beyond it are refused). None: uncapped.
-    pub max_share: Option<f64>,
-    /// The unprivileged user guests' QEMU runs as when the agent is root (created if missing;
-    /// default `vgrid-qemu`). Ignored, with a log line, when the agent is not root.
-    pub qemu_user: String,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("image server {url}: {source}")]
-    Source {
-        url: String,
-        #[source]
-        source: SourceError,
-    },
-    #[error("block proxy: {0}")]
-    Proxy(#[from] vgrid_blockproxy::ProxyError),
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    #[error("VM {0} is not on this host")]
-    UnknownVm(String),
-    #[error("VM {id}: {what} {path}: {source}")]
-    Io {
-        id: String,
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("VM {id}: KVM was asked for but is not usable on this host")]
-    NoKvm { id: String },
-    #[error(transparent)]
-    Admission(#[from] crate::resources::AdmissionError),
-    #[error(transparent)]
-    Save(#[from] crate::save::SaveError),
-    #[error(transparent)]
-    Restore(#[from] crate::restore::RestoreError),
-    #[error("VM {id}: migration: {detail}")]
-    Migration { id: String, detail: String },
-    #[error(transparent)]
-    QemuUser(#[from] crate::qemu_user::QemuUserError),
-}
-
-impl AgentError {
-    /// An image server of the list could not be used (its URL is the error's source name).
-    fn servers(source: SourceError) -> AgentError {
-        AgentError::Source { url: source.source_name().to_string(), source }
-    }
-}
+pub use crate::ctx::{AgentConfig, HostCtx};
+pub use crate::error::AgentError;
+use crate::vm::{ExitInfo, Vm};
 
 /// Where and how a host announces itself.
 #[derive(Debug, Clone)]
@@ -97,27 +32,18 @@ pub struct Heartbeat {
     pub interval: Option<Duration>,
 }
 
-struct Slot {
-    vm: Arc<Vm>,
+/// A running host agent: the [`HostCtx`] its features work on, the NBD server's handle, and
+/// the loops of the process (sampling, heartbeat). Dereferences to its [`HostCtx`].
+pub struct Agent {
+    ctx: Arc<HostCtx>,
+    nbd: Mutex<Option<ServerHandle>>,
 }
 
-pub struct Agent {
-    cfg: AgentConfig,
-    servers: Arc<Servers>,
-    proxy: Arc<BlockProxy>,
-    nbd_socket: PathBuf,
-    nbd: Mutex<Option<ServerHandle>>,
-    vms: Mutex<HashMap<String, Slot>>,
-    /// Images this host opened, for the cache fractions it advertises.
-    images: Mutex<HashMap<String, Arc<vgrid_api::Manifest>>>,
-    accel: Accel,
-    qemu_version: String,
-    memory_mib: u64,
-    cpus: u32,
-    res: Arc<crate::resources::HostResources>,
-    migrations: crate::migrate::Migrations,
-    /// Who QEMU runs as: `None` is the agent's own user (the agent is not root).
-    qemu_user: Option<crate::qemu_user::QemuUser>,
+impl std::ops::Deref for Agent {
+    type Target = HostCtx;
+    fn deref(&self) -> &HostCtx {
+        &self.ctx
+    }
 }
 
 impl Agent {
@@ -156,12 +82,11 @@ impl Agent {
                 source: std::io::Error::other(e),
             })?;
         tracing::info!(host = %cfg.name, accel = accel.as_str(), memory_mib, cpus, nbd = %nbd_socket.display(), "host agent started");
-        let agent = Arc::new(Agent {
+        let ctx = Arc::new(HostCtx {
             cfg,
             servers,
             proxy,
             nbd_socket,
-            nbd: Mutex::new(Some(handle)),
             vms: Mutex::new(HashMap::new()),
             images: Mutex::new(HashMap::new()),
             accel,
@@ -172,267 +97,15 @@ impl Agent {
             migrations: Default::default(),
             qemu_user,
         });
-        // Load and usage sampling, every second (disk counters every 5 s), while the agent lives.
-        let weak = Arc::downgrade(&agent);
-        tokio::spawn(async move {
-            let mut slow_in = 0u32;
-            let mut pager_files = HashMap::new();
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let Some(a) = weak.upgrade() else { break };
-                let vms: Vec<Arc<Vm>> = a.vms.lock().unwrap().values().map(|s| s.vm.clone()).collect();
-                let ram_remote: HashMap<String, u64> = vms
-                    .iter()
-                    .filter_map(|vm| match &vm.spec().ram {
-                        crate::ram::RamBacking::Lazy { export, .. } => Some((vm.id().to_string(), a.proxy.uncached_bytes(export)?)),
-                        _ => None,
-                    })
-                    .collect();
-                a.res.tick(&vms, a.proxy.stats().bytes_fetched, slow_in == 0, &ram_remote).await;
-                if slow_in == 0 {
-                    let lazy: Vec<(String, std::path::PathBuf)> = vms
-                        .iter()
-                        .filter(|vm| ram_remote.contains_key(vm.id()))
-                        .map(|vm| (vm.id().to_string(), vm.runtime_dir().to_path_buf()))
-                        .collect();
-                    crate::ram::trim_page_cache(&mut pager_files, &lazy).await;
-                }
-                slow_in = if slow_in == 0 { 4 } else { slow_in - 1 };
-            }
-        });
+        spawn_sampler(&ctx);
         // QEMUs an earlier agent of this data directory started keep running: take them back.
-        crate::adopt::adopt_all(&agent).await;
-        Ok(agent)
+        crate::adopt::adopt_all(&ctx).await;
+        Ok(Arc::new(Agent { ctx, nbd: Mutex::new(Some(handle)) }))
     }
 
-    /// Resource control, accounting and load of this host.
-    pub fn resources(&self) -> &Arc<crate::resources::HostResources> {
-        &self.res
-    }
-
-    pub(crate) fn migrations(&self) -> &crate::migrate::Migrations {
-        &self.migrations
-    }
-
-    pub(crate) fn has_vm(&self, id: &str) -> bool {
-        self.vms.lock().unwrap().contains_key(id)
-    }
-
-    /// Takes `vm` as one of this host's VMs (adopted, or received by a migration).
-    pub(crate) fn insert_vm(&self, id: &str, vm: Arc<Vm>) {
-        self.vms.lock().unwrap().insert(id.to_string(), Slot { vm });
-    }
-
-    pub(crate) fn data_dir(&self) -> &Path {
-        &self.cfg.data_dir
-    }
-
-    /// Remembers an opened image (for the cache fractions this host advertises).
-    pub(crate) fn note_image(&self, manifest: Arc<vgrid_api::Manifest>) {
-        self.images.lock().unwrap().insert(manifest.image_ref().to_string(), manifest);
-    }
-
-    /// The block proxy's NBD socket (QEMU's disks and the RAM pagers connect to it).
-    pub fn nbd_socket(&self) -> &Path {
-        &self.nbd_socket
-    }
-
-    pub fn proxy(&self) -> &Arc<BlockProxy> {
-        &self.proxy
-    }
-
-    /// The image servers this host reads from.
-    pub fn servers(&self) -> &Arc<Servers> {
-        &self.servers
-    }
-
-    pub fn name(&self) -> &str {
-        &self.cfg.name
-    }
-
-    /// Launch options every QEMU of this agent starts with (its user).
-    pub(crate) fn launch_options(&self) -> LaunchOptions {
-        LaunchOptions { run_as: self.qemu_user.clone(), ..LaunchOptions::default() }
-    }
-
-    /// The user guests' QEMU runs as; `None`: the agent's own.
-    pub fn qemu_user(&self) -> Option<&crate::qemu_user::QemuUser> {
-        self.qemu_user.as_ref()
-    }
-
-    pub(crate) fn runtime_dir(&self, id: &str) -> PathBuf {
-        self.cfg.data_dir.join("vms").join(id)
-    }
-
-    pub fn console_log(&self, id: &str) -> PathBuf {
-        self.runtime_dir(id).join("console.log")
-    }
-    pub fn console_socket(&self, id: &str) -> PathBuf {
-        self.runtime_dir(id).join("console.sock")
-    }
-
-    /// The last `n` console lines of a VM (empty when there is no log).
-    pub fn console_tail(&self, id: &str, n: usize) -> Vec<String> {
-        let Ok(data) = crate::qemu_user::read_file(&self.console_log(id)) else { return vec![] };
-        let text = String::from_utf8_lossy(&data);
-        let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).filter(|l| !l.trim().is_empty()).collect();
-        lines[lines.len().saturating_sub(n)..].iter().map(|s| s.to_string()).collect()
-    }
-
-    /// QEMU version of this host (`MAJOR.MINOR.MICRO`).
-    pub fn qemu_version(&self) -> &str {
-        &self.qemu_version
-    }
-
-    pub(crate) fn vm(&self, id: &str) -> Option<Arc<Vm>> {
-        self.vms.lock().unwrap().get(id).map(|s| s.vm.clone())
-    }
-
-    /// Starts a VM: opens the image through the proxy, writes kernel/initrd, launches QEMU on
-    /// an overlay over the proxy's export (or restores a warm image's state), in its own cgroup
-    /// within the owner's cap. Returns once QEMU's QMP answers.
-    pub async fn launch(&self, req: LaunchRequest, progress: &(dyn Fn(&str) + Send + Sync)) -> Result<Launched, AgentError> {
-        let id = req.id.clone();
-        let accel = requested_accel(&req)?;
-        let limits = self.res.admit(&id, &req.config.resources, req.config.memory_mib, accel.unwrap_or_else(crate::accel::detect))?;
-        let fetched0 = self.proxy.stats().bytes_fetched;
-        let r = self.launch_admitted(req, accel, &limits, fetched0, progress).await;
-        if r.is_err() {
-            self.res.release(&id);
-        }
-        r
-    }
-
-    async fn launch_admitted(
-        &self,
-        req: LaunchRequest,
-        accel: Option<Accel>,
-        limits: &crate::cgroup::Limits,
-        fetched0: u64,
-        progress: &(dyn Fn(&str) + Send + Sync),
-    ) -> Result<Launched, AgentError> {
-        let id = req.id.clone();
-        // Before anything is fetched: a forward whose host port is taken here would only make
-        // QEMU fail later with a vaguer message (and a resume would have fetched its state).
-        let forwards: Vec<Forward> = req.config.net.forwards().copied().collect();
-        self.check_forwards(&id, &forwards)?;
-        let (mut spec, dir, manifest) = self.prepare_spec(&req, progress).await?;
-        // A warm image: its saved state is loaded instead of booting (see restore.rs).
-        let resolved_accel = accel.unwrap_or_else(crate::accel::detect);
-        if manifest.state.is_some() {
-            progress("fetching saved state");
-        }
-        let incoming = crate::restore::prepare_incoming(self, &id, &manifest, req.config.cpus, req.config.memory_mib, resolved_accel)?;
-        progress(if incoming.is_some() { "restoring" } else { "booting" });
-        let export = manifest.image_ref().to_string();
-        let cgroup = self.res.create_group(&id, limits)?;
-        let mut opts = LaunchOptions {
-            cgroup: cgroup.clone(),
-            disk_throttle: crate::qemu::args::DiskThrottle::of(&req.config.resources),
-            ..self.launch_options()
-        };
-        // A warm image: QEMU waits for its state, which streams in while it is fetched; RAM
-        // saved apart from the state is paged in lazily (or loaded first where it cannot be).
-        opts.defer_incoming = incoming.is_some();
-        if incoming.is_some() {
-            spec.ram = crate::restore::saved_ram_backing(self, &id, &manifest, &dir, &opts).await?;
-        }
-        let vm = match Vm::launch_with(spec, &dir, &opts).await {
-            Ok(vm) => vm,
-            Err(e) => {
-                crate::ram::stop_pager(&dir).await;
-                return Err(e.into());
-            }
-        };
-        if let Some(st) = incoming {
-            if let Err(e) = crate::restore::stream_incoming(&vm, st, vgrid_api::host::RESTORE_TIMEOUT).await {
-                let _ = vm.kill().await;
-                return Err(e);
-            }
-        }
-        crate::adopt::record_launch(&dir, &req);
-        self.res.track(&vm, cgroup, limits, self.proxy.stats().bytes_fetched.saturating_sub(fetched0));
-        let launched = Launched { pid: vm.pid(), accel: vm.accel() };
-        self.vms.lock().unwrap().insert(id.clone(), Slot { vm: Arc::new(vm) });
-        tracing::info!(vm = %id, image = %export, pid = launched.pid, "QEMU started");
-        Ok(launched)
-    }
-
-    /// Refuses a launch whose forwarded host ports cannot be bound on this host (QEMU binds
-    /// them on 127.0.0.1), naming the port and the cause.
-    pub(crate) fn check_forwards(&self, id: &str, forwards: &[Forward]) -> Result<(), AgentError> {
-        for &Forward { host: h, guest: g } in forwards {
-            if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", h)) {
-                return Err(crate::resources::AdmissionError::Refused {
-                    host: self.cfg.name.clone(),
-                    id: id.to_string(),
-                    reason: format!("host port {h} (forwarded to guest port {g}) cannot be bound on 127.0.0.1: {e}"),
-                }
-                .into());
-            }
-        }
-        Ok(())
-    }
-
-    /// Opens the image through the proxy, writes kernel/initrd into the runtime directory and
-    /// returns the spec of a VM on an overlay over the proxy's export, with that directory and
-    /// the image's manifest.
-    pub(crate) async fn prepare_spec(
-        &self,
-        req: &LaunchRequest,
-        progress: &(dyn Fn(&str) + Send + Sync),
-    ) -> Result<(VmSpec, PathBuf, Arc<vgrid_api::Manifest>), AgentError> {
-        let id = req.id.clone();
-        let dir = self.runtime_dir(&id);
-        let accel = requested_accel(req)?;
-        progress("fetching image");
-        let t0 = Instant::now();
-        // A resume instantiates its saved image; anything else the image it boots.
-        let manifest = self.proxy.resolve(req.image()).await?;
-        self.images.lock().unwrap().insert(manifest.image_ref().to_string(), manifest.clone());
-        std::fs::create_dir_all(&dir).map_err(|e| AgentError::Io {
-            id: id.clone(),
-            what: "runtime directory",
-            path: dir.clone(),
-            source: e,
-        })?;
-        // A kept directory was QEMU's user's: take it back before writing into it as root
-        // (never from under a QEMU of this id that still runs).
-        if self.qemu_user.is_some() && !self.has_vm(&id) {
-            crate::qemu_user::reclaim(&dir).map_err(|e| AgentError::Io {
-                id: id.clone(),
-                what: "runtime directory",
-                path: dir.clone(),
-                source: e,
-            })?;
-        }
-        // A warm image of a direct kernel boot restores without its kernel and initrd (they
-        // are in the saved memory already): only the loader ROMs its state names.
-        let restore_roms = match (&manifest.meta.boot, &manifest.state) {
-            (Boot::Kernel { .. }, Some(st)) => crate::restore::state_loader_roms(self, &manifest, &st.blob).await,
-            _ => None,
-        };
-        let boot = match &manifest.meta.boot {
-            Boot::Firmware => BootSource::Firmware { bios: None },
-            Boot::Kernel { .. } if restore_roms.is_some() => BootSource::Restore { option_roms: restore_roms.unwrap_or_default() },
-            Boot::Kernel { kernel, initrd, cmdline } => {
-                let kpath = dir.join("kernel");
-                self.proxy.write_blob(&manifest, kernel, &kpath).await?;
-                let ipath = match initrd {
-                    Some(i) => {
-                        let p = dir.join("initrd");
-                        self.proxy.write_blob(&manifest, i, &p).await?;
-                        Some(p)
-                    }
-                    None => None,
-                };
-                BootSource::Kernel { kernel: kpath, initrd: ipath, cmdline: cmdline.clone() }
-            }
-        };
-        tracing::debug!(vm = %id, image = %manifest.image_ref(), took_ms = t0.elapsed().as_millis() as u64, "boot files ready");
-        let export = manifest.image_ref().to_string();
-        let spec = VmSpec::new(&id, req.config.clone().with_accel(accel), DiskSource::nbd_unix(&self.nbd_socket, &export), boot);
-        Ok((spec, dir, manifest))
+    /// The context the agent's features work on (for those that outlive a request).
+    pub fn ctx(&self) -> &Arc<HostCtx> {
+        &self.ctx
     }
 
     /// Resolves when the VM's QEMU exits.
@@ -440,120 +113,6 @@ impl Agent {
         match self.vm(id) {
             Some(vm) => crate::adopt::exit_of(&vm, vm.wait_exit().await),
             None => ExitInfo::unknown(),
-        }
-    }
-
-    /// The VMs this host runs.
-    pub fn vms(&self) -> Vec<VmReport> {
-        let mut v: Vec<VmReport> =
-            self.vms.lock().unwrap().iter().map(|(id, s)| VmReport { id: id.clone(), pid: s.vm.pid(), incoming: false }).collect();
-        v.extend(self.migrations.incoming_ids().into_iter().map(|(id, pid)| VmReport { id, pid, incoming: true }));
-        v.sort_by(|a, b| a.id.cmp(&b.id));
-        v
-    }
-
-    /// Memory and cpus promised to the VMs this host runs.
-    pub fn used(&self) -> (u32, u64) {
-        let (ic, im) = self.migrations.incoming_used();
-        let vms = self.vms.lock().unwrap();
-        vms.values().fold((ic, im), |(c, m), s| (c + s.vm.spec().config.cpus, m + s.vm.spec().config.memory_mib))
-    }
-
-    /// This host's advertisement.
-    pub fn ad(&self, url: &str, labels: std::collections::BTreeMap<String, String>, policy: Option<String>) -> vgrid_api::grid::HostAd {
-        let (used_cpus, used_mem) = self.used();
-        vgrid_api::grid::HostAd {
-            name: self.cfg.name.clone(),
-            url: url.to_string(),
-            arch: std::env::consts::ARCH.into(),
-            cpus: self.cpus,
-            memory_mib: self.memory_mib,
-            free_cpus: self.cpus.saturating_sub(used_cpus),
-            free_memory_mib: self.memory_mib.saturating_sub(used_mem),
-            accel: self.accel.as_str().into(),
-            qemu_version: self.qemu_version.clone(),
-            network_modes: vec!["user".into()],
-            labels,
-            policy,
-            load_avg: load_average(),
-            running_vms: self.vms.lock().unwrap().len() as u32,
-            image_cache: self.image_cache(),
-            load_now: self.res.load().now,
-            load_predicted: self.res.load().predicted,
-            cpu_cap: self.res.cap_cores().unwrap_or(0.0),
-            free_cpu_share: self.res.free_share(),
-            cgroups: self.res.cgroup_version(),
-        }
-    }
-
-    /// For each image this host opened, the fraction of its stored chunks in the cache.
-    fn image_cache(&self) -> std::collections::BTreeMap<String, f64> {
-        let images: Vec<(String, Arc<vgrid_api::Manifest>)> =
-            self.images.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let cache = self.proxy.cache();
-        images
-            .into_iter()
-            .map(|(name, m)| {
-                let (mut total, mut held) = (0u64, 0u64);
-                for h in m.all_chunks() {
-                    total += 1;
-                    if cache.contains(h) {
-                        held += 1;
-                    }
-                }
-                (name, if total == 0 { 1.0 } else { held as f64 / total as f64 })
-            })
-            .collect()
-    }
-
-    /// Stops a VM: ACPI power-down with a timeout (then quit, then kill), or a kill at once.
-    pub async fn stop(&self, id: &str, force: bool) -> Result<(), AgentError> {
-        let Some(vm) = self.vm(id) else { return Ok(()) };
-        if force {
-            vm.kill().await?;
-        } else {
-            let out = vm.powerdown(POWERDOWN_TIMEOUT).await?;
-            tracing::info!(vm = %id, method = ?out.method, exit = %out.exit, "VM stopped");
-        }
-        Ok(())
-    }
-
-    /// Forgets an exited VM and removes what it no longer needs: sockets, overlay, boot files.
-    /// The console log stays until [`Agent::remove`].
-    pub async fn release(&self, id: &str) -> Result<(), AgentError> {
-        self.migrations.forget_outgoing(id);
-        self.incoming_abort(id).await?;
-        let slot = self.vms.lock().unwrap().remove(id);
-        if let Some(s) = slot {
-            s.vm.release_console().await;
-            let _ = s.vm.kill().await;
-        }
-        self.res.release(id);
-        let dir = self.runtime_dir(id);
-        // A lazily restored guest's RAM pager ends with it (and its mount with it).
-        crate::ram::stop_pager(&dir).await;
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                if e.file_name() != "console.log" && e.file_name() != crate::migrate::CONSOLE_HISTORY {
-                    let p = e.path();
-                    let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-                    if let Err(err) = r {
-                        tracing::warn!(vm = %id, path = %p.display(), "cannot remove: {err}");
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Removes everything of a VM on this host (kills QEMU if it still runs).
-    pub async fn remove(&self, id: &str) -> Result<(), AgentError> {
-        self.release(id).await?;
-        let dir = self.runtime_dir(id);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(AgentError::Io { id: id.into(), what: "runtime directory", path: dir, source: e }),
         }
     }
 
@@ -661,8 +220,35 @@ impl Agent {
     }
 }
 
-fn load_average() -> f64 {
-    std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok())).unwrap_or(0.0)
+/// Load and usage sampling, every second (disk counters every 5 s), while the context lives.
+fn spawn_sampler(ctx: &Arc<HostCtx>) {
+    let weak = Arc::downgrade(ctx);
+    tokio::spawn(async move {
+        let mut slow_in = 0u32;
+        let mut pager_files = HashMap::new();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(a) = weak.upgrade() else { break };
+            let vms: Vec<Arc<Vm>> = a.vms.lock().unwrap().values().cloned().collect();
+            let ram_remote: HashMap<String, u64> = vms
+                .iter()
+                .filter_map(|vm| match &vm.spec().ram {
+                    crate::ram::RamBacking::Lazy { export, .. } => Some((vm.id().to_string(), a.proxy.uncached_bytes(export)?)),
+                    _ => None,
+                })
+                .collect();
+            a.res.tick(&vms, a.proxy.stats().bytes_fetched, slow_in == 0, &ram_remote).await;
+            if slow_in == 0 {
+                let lazy: Vec<(String, std::path::PathBuf)> = vms
+                    .iter()
+                    .filter(|vm| ram_remote.contains_key(vm.id()))
+                    .map(|vm| (vm.id().to_string(), vm.runtime_dir().to_path_buf()))
+                    .collect();
+                crate::ram::trim_page_cache(&mut pager_files, &lazy).await;
+            }
+            slow_in = if slow_in == 0 { 4 } else { slow_in - 1 };
+        }
+    });
 }
 
 fn physical_memory_mib() -> u64 {
@@ -673,13 +259,4 @@ fn physical_memory_mib() -> u64 {
         })
         .map(|kib| kib / 1024)
         .unwrap_or(1024)
-}
-
-/// The accelerator a launch request asks for (`None`: the host's choice), refusing KVM where it
-/// does not work.
-pub(crate) fn requested_accel(req: &LaunchRequest) -> Result<Option<Accel>, AgentError> {
-    match req.config.accel {
-        Some(Accel::Kvm) if !crate::kvm_usable() => Err(AgentError::NoKvm { id: req.id.clone() }),
-        a => Ok(a),
-    }
 }

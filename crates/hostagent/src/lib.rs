@@ -18,11 +18,16 @@
 //!   arguments and version), [`qmp`], [`vm`] (the running [`Vm`]: launch, adopt, QMP, console,
 //!   power-down, save state), [`accel`], [`ram`] (RAM backings and the lazy pager),
 //!   [`cgroup`], [`qemu_user`], [`tlscreds`].
-//! - **Host**: [`agent`] (the [`agent::Agent`]: image servers, block proxy, resources, the
-//!   table of guests, launch/stop/release, heartbeat), [`resources`] and [`predict`]
+//! - **Host**: [`ctx`] (the [`ctx::HostCtx`] every feature works on: image servers, block
+//!   proxy, resources, the QEMU user, the one table of guests running, arriving and leaving;
+//!   stop/release/remove), [`error`] (the host layer's errors), [`resources`] and [`predict`]
 //!   (admission, accounting, load).
-//! - **Features** of the agent: [`save`] (snapshot/suspend as a warm image), [`restore`]
-//!   (starting from one), [`migrate`] (live migration), [`adopt`] (guests of an earlier agent).
+//! - **Features**, each a set of functions over a `HostCtx` that call none above them:
+//!   [`restore`] (starting from a warm image), [`instantiate`] (launching a VM: admission,
+//!   image, boot files, QEMU), [`save`] (snapshot/suspend as a warm image), [`migrate`] (live
+//!   migration, both ends), [`adopt`] (guests of an earlier agent).
+//! - **Agent**: [`agent`] (the [`agent::Agent`]: starts the context, the NBD server, usage
+//!   sampling, re-adoption and the heartbeat; shuts them down).
 //! - **HTTP**: [`http`], every `/host/v1` handler and the mapping of errors to status codes;
 //!   nothing below it knows axum.
 //! - [`testkit`]: the sample guest for tests.
@@ -31,7 +36,10 @@ pub mod accel;
 pub mod adopt;
 pub mod agent;
 pub mod cgroup;
+pub mod ctx;
+pub mod error;
 pub mod http;
+pub mod instantiate;
 pub mod migrate;
 pub mod predict;
 pub mod qemu;

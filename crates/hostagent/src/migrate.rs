@@ -1,12 +1,12 @@
 //! Live migration, host side: the destination prepares an incoming QEMU, the source mirrors
 //! its disk overlay there and moves RAM by pre-copy over TCP.
 //!
-//! Destination ([`Agent::incoming`]): the image opens lazily through this host's own block
+//! Destination ([`incoming`]): the image opens lazily through this host's own block
 //! proxy and cache, an empty qcow2 overlay goes on top, QEMU starts with `-incoming defer`;
 //! QMP `nbd-server-start` + `block-export-add` export the overlay's format node (`vda`)
 //! writable on a TCP port, and `migrate-incoming` listens on another.
 //!
-//! Source ([`Agent::send`], a background task polled with [`Agent::send_status`]): QMP
+//! Source ([`send`], a background task polled with [`send_status`]): QMP
 //! `blockdev-add` of an NBD client node on the destination's export, `blockdev-mirror`
 //! `sync=top` of `vda` into it (only what the overlay holds travels; the base is the image, which
 //! the destination reads from its own cache); once the mirror is ready,
@@ -20,7 +20,6 @@
 //! duration: `migrate_cancel`, the mirror is cancelled, the NBD node removed, and the guest runs
 //! on at the source (resumed if the cancel left it paused).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +27,9 @@ use serde_json::{json, Value};
 use vgrid_api::host::{IncomingReady, IncomingRequest, Launched, SendRequest, MAX_CONSOLE_HISTORY};
 use vgrid_api::migrate::{Migration, MigrationStatus};
 
-use crate::agent::{Agent, AgentError};
+use crate::ctx::{HostCtx, Outgoing};
+use crate::error::AgentError;
+use crate::runtime::{CONSOLE_HISTORY, INCOMING_MARKER};
 use crate::vm::{LaunchOptions, Vm};
 
 /// Name of the NBD client node (source) and of the export (destination).
@@ -37,13 +38,6 @@ const MIRROR_JOB: &str = "vgrid-mig-disk";
 const EXPORT_ID: &str = "vgrid-mig-vda";
 /// The overlay's format node, as `qemu_args` names it.
 const DISK_NODE: &str = "vda";
-/// Marks a runtime directory whose QEMU still waits for an incoming migration: an agent that
-/// restarts kills such a QEMU instead of adopting it.
-pub const INCOMING_MARKER: &str = "incoming";
-/// What the guest printed on its console before it arrived here (the source's log, as the
-/// coordinator hands it over at the end of the migration); served before `console.log`.
-pub const CONSOLE_HISTORY: &str = "console.before-migration.log";
-
 /// The source's status of a migration it starts sending now: the record's type, with the
 /// source's phase.
 fn first_status(from: &str, req: &SendRequest) -> Migration {
@@ -52,33 +46,6 @@ fn first_status(from: &str, req: &SendRequest) -> Migration {
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-struct Outgoing {
-    status: Mutex<Migration>,
-    cancel: tokio::sync::watch::Sender<bool>,
-    started: Instant,
-}
-
-/// The migrations of one host: VMs it is receiving and VMs it is sending.
-#[derive(Default)]
-pub struct Migrations {
-    incoming: Mutex<HashMap<String, Arc<Vm>>>,
-    outgoing: Mutex<HashMap<String, Arc<Outgoing>>>,
-}
-
-impl Migrations {
-    /// Ids of the VMs this host is receiving.
-    pub fn incoming_ids(&self) -> Vec<(String, u32)> {
-        self.incoming.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.pid())).collect()
-    }
-    /// Cpus and memory of the VMs this host is receiving.
-    pub fn incoming_used(&self) -> (u32, u64) {
-        self.incoming.lock().unwrap().values().fold((0, 0), |(c, m), v| (c + v.spec().config.cpus, m + v.spec().config.memory_mib))
-    }
-    pub(crate) fn forget_outgoing(&self, id: &str) {
-        self.outgoing.lock().unwrap().remove(id);
-    }
 }
 
 fn mig_err(id: &str, what: impl Into<String>) -> AgentError {
@@ -99,257 +66,244 @@ fn u64_at(v: &Value, path: &[&str]) -> Option<u64> {
     cur.as_u64()
 }
 
-impl Agent {
-    /// Destination: starts QEMU for `req.launch` waiting for an incoming migration, with the
-    /// (empty) overlay exported writable over NBD. The VM is not reported as running until
-    /// [`Agent::incoming_finish`].
-    pub async fn incoming(&self, req: IncomingRequest) -> Result<IncomingReady, AgentError> {
-        let id = req.launch.id.clone();
-        if self.has_vm(&id) || self.migrations().incoming.lock().unwrap().contains_key(&id) {
-            return Err(mig_err(&id, "this host already has a VM with this id"));
-        }
-        // The same admission, cgroup and limits as a VM started here.
-        let accel = crate::agent::requested_accel(&req.launch)?.unwrap_or_else(crate::accel::detect);
-        let limits = self.resources().admit(&id, &req.launch.config.resources, req.launch.config.memory_mib, accel)?;
-        let r = self.incoming_admitted(req, &limits).await;
-        if r.is_err() {
-            self.resources().release(&id);
-        }
-        r
+/// Destination: starts QEMU for `req.launch` waiting for an incoming migration, with the
+/// (empty) overlay exported writable over NBD. The VM is not reported as running until
+/// [`incoming_finish`].
+pub async fn incoming(ctx: &HostCtx, req: IncomingRequest) -> Result<IncomingReady, AgentError> {
+    let id = req.launch.id.clone();
+    if ctx.has_vm(&id) || ctx.migrations().incoming.lock().unwrap().contains_key(&id) {
+        return Err(mig_err(&id, "this host already has a VM with this id"));
     }
+    // The same admission, cgroup and limits as a VM started here.
+    let accel = crate::instantiate::requested_accel(&req.launch)?.unwrap_or_else(crate::accel::detect);
+    let limits = ctx.resources().admit(&id, &req.launch.config.resources, req.launch.config.memory_mib, accel)?;
+    let r = incoming_admitted(ctx, req, &limits).await;
+    if r.is_err() {
+        ctx.resources().release(&id);
+    }
+    r
+}
 
-    async fn incoming_admitted(&self, req: IncomingRequest, limits: &crate::cgroup::Limits) -> Result<IncomingReady, AgentError> {
-        let id = req.launch.id.clone();
-        let (spec, dir, _) = self.prepare_spec(&req.launch, &|_| {}).await?;
-        let cgroup = self.resources().create_group(&id, limits)?;
-        let opts = LaunchOptions {
-            defer_incoming: true,
-            cgroup: cgroup.clone(),
-            disk_throttle: crate::qemu::args::DiskThrottle::of(&req.launch.config.resources),
-            ..self.launch_options()
-        };
-        let vm = Vm::launch_with(spec, &dir, &opts).await?;
-        self.resources().track(&vm, cgroup, limits, 0);
-        let _ = crate::qemu_user::write_file(&dir.join(INCOMING_MARKER), b"waiting for an incoming migration\n");
-        crate::adopt::record_launch(&dir, &req.launch);
-        let vm = Arc::new(vm);
-        match self.open_incoming(&vm, &req.listen_host).await {
-            Ok((nbd_port, migration_port)) => {
-                self.migrations().incoming.lock().unwrap().insert(id.clone(), vm.clone());
-                tracing::info!(vm = %id, nbd_port, migration_port, pid = vm.pid(), "waiting for an incoming migration");
-                Ok(IncomingReady { host: req.listen_host.clone(), nbd_port, migration_port, pid: vm.pid(), accel: vm.accel() })
-            }
-            Err(e) => {
-                let _ = vm.cleanup().await;
-                Err(e)
-            }
+async fn incoming_admitted(ctx: &HostCtx, req: IncomingRequest, limits: &crate::cgroup::Limits) -> Result<IncomingReady, AgentError> {
+    let id = req.launch.id.clone();
+    let (spec, dir, _) = crate::instantiate::prepare_spec(ctx, &req.launch, &|_| {}).await?;
+    let cgroup = ctx.resources().create_group(&id, limits)?;
+    let opts = LaunchOptions {
+        defer_incoming: true,
+        cgroup: cgroup.clone(),
+        disk_throttle: crate::qemu::args::DiskThrottle::of(&req.launch.config.resources),
+        ..ctx.launch_options()
+    };
+    let vm = Vm::launch_with(spec, &dir, &opts).await?;
+    ctx.resources().track(&vm, cgroup, limits, 0);
+    let _ = crate::qemu_user::write_file(&dir.join(INCOMING_MARKER), b"waiting for an incoming migration\n");
+    crate::runtime::record_launch(&dir, &req.launch);
+    let vm = Arc::new(vm);
+    match open_incoming(ctx, &vm, &req.listen_host).await {
+        Ok((nbd_port, migration_port)) => {
+            ctx.migrations().incoming.lock().unwrap().insert(id.clone(), vm.clone());
+            tracing::info!(vm = %id, nbd_port, migration_port, pid = vm.pid(), "waiting for an incoming migration");
+            Ok(IncomingReady { host: req.listen_host.clone(), nbd_port, migration_port, pid: vm.pid(), accel: vm.accel() })
+        }
+        Err(e) => {
+            let _ = vm.cleanup().await;
+            Err(e)
         }
     }
+}
 
-    async fn open_incoming(&self, vm: &Vm, host: &str) -> Result<(u16, u16), AgentError> {
-        let id = vm.id().to_string();
-        let io = |e: std::io::Error| mig_err(&id, format!("no free TCP port on {host}: {e}"));
-        vm.execute("migrate-set-capabilities", Some(json!({"capabilities": [{"capability": "events", "state": true}]}))).await?;
-        // Both streams are TLS with this host's grid certificate; the source must show one too.
-        let qemu_user = self.qemu_user().cloned();
-        let give = move |d: &std::path::Path| qemu_user.as_ref().map_or(Ok(()), |u| u.give(d));
-        let tls = crate::tlscreds::add(vm, true, &give).await?;
-        let mut last = None;
-        let mut nbd_port = 0;
-        for _ in 0..3 {
-            nbd_port = free_port(host).map_err(io)?;
-            let mut args = json!({"addr": {"type": "inet", "data": {"host": host, "port": nbd_port.to_string()}}});
-            if let Some(t) = tls {
-                args["tls-creds"] = json!(t);
-            }
-            let r = vm.execute("nbd-server-start", Some(args)).await;
-            match r {
-                Ok(_) => {
-                    last = None;
-                    break;
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        if let Some(e) = last {
-            return Err(e.into());
-        }
-        vm.execute(
-            "block-export-add",
-            Some(json!({"type": "nbd", "id": EXPORT_ID, "node-name": DISK_NODE, "name": DISK_NODE, "writable": true})),
-        )
-        .await?;
+async fn open_incoming(ctx: &HostCtx, vm: &Vm, host: &str) -> Result<(u16, u16), AgentError> {
+    let id = vm.id().to_string();
+    let io = |e: std::io::Error| mig_err(&id, format!("no free TCP port on {host}: {e}"));
+    vm.execute("migrate-set-capabilities", Some(json!({"capabilities": [{"capability": "events", "state": true}]}))).await?;
+    // Both streams are TLS with this host's grid certificate; the source must show one too.
+    let qemu_user = ctx.qemu_user().cloned();
+    let give = move |d: &std::path::Path| qemu_user.as_ref().map_or(Ok(()), |u| u.give(d));
+    let tls = crate::tlscreds::add(vm, true, &give).await?;
+    let mut last = None;
+    let mut nbd_port = 0;
+    for _ in 0..3 {
+        nbd_port = free_port(host).map_err(io)?;
+        let mut args = json!({"addr": {"type": "inet", "data": {"host": host, "port": nbd_port.to_string()}}});
         if let Some(t) = tls {
-            vm.execute("migrate-set-parameters", Some(json!({"tls-creds": t}))).await?;
+            args["tls-creds"] = json!(t);
         }
-        let mut last = None;
-        let mut mig_port = 0;
-        for _ in 0..3 {
-            mig_port = free_port(host).map_err(io)?;
-            match vm.execute("migrate-incoming", Some(json!({"uri": format!("tcp:{host}:{mig_port}")}))).await {
-                Ok(_) => {
-                    last = None;
-                    break;
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        if let Some(e) = last {
-            return Err(e.into());
-        }
-        Ok((nbd_port, mig_port))
-    }
-
-    /// Destination: once the source's migration completed, waits until the guest runs here,
-    /// closes the NBD export and takes the VM as one of this host's.
-    pub async fn incoming_finish(&self, id: &str, timeout: Duration, history: &str) -> Result<Launched, AgentError> {
-        let vm = self.migrations().incoming.lock().unwrap().get(id).cloned().ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
-        if !history.is_empty() {
-            let tail = &history.as_bytes()[history.len().saturating_sub(MAX_CONSOLE_HISTORY)..];
-            let p = vm.runtime_dir().join(CONSOLE_HISTORY);
-            if let Err(e) = crate::qemu_user::write_file(&p, tail) {
-                tracing::warn!(vm = %id, "cannot write {}: {e}", p.display());
-            }
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(exit) = vm.exit_info() {
-                return Err(mig_err(id, format!("the destination QEMU exited ({exit}): {}", self.qemu_log_tail(id))));
-            }
-            let st = vm.execute("query-status", None).await?;
-            let status = st.get("status").and_then(Value::as_str).unwrap_or("").to_string();
-            if status == "running" {
+        let r = vm.execute("nbd-server-start", Some(args)).await;
+        match r {
+            Ok(_) => {
+                last = None;
                 break;
             }
-            let mig = vm.execute("query-migrate", None).await?;
-            match mig.get("status").and_then(Value::as_str) {
-                Some("failed") => {
-                    let desc = mig.get("error-desc").and_then(Value::as_str).unwrap_or("no detail");
-                    return Err(mig_err(id, format!("receiving the migration failed: {desc}")));
-                }
-                Some("completed") if status == "paused" => {
-                    // The source was paused when it left: run it here.
-                    vm.cont().await?;
-                }
-                _ => {}
-            }
-            if Instant::now() >= deadline {
-                return Err(mig_err(id, format!("the destination is still {status} after {timeout:?}")));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(e) => last = Some(e),
         }
-        if let Err(e) = vm.execute("block-export-del", Some(json!({"id": EXPORT_ID, "mode": "hard"}))).await {
-            tracing::warn!(vm = %id, "removing the migration export: {e}");
-        }
-        if let Err(e) = vm.execute("nbd-server-stop", None).await {
-            tracing::warn!(vm = %id, "stopping the migration NBD server: {e}");
-        }
-        let _ = std::fs::remove_file(vm.runtime_dir().join(INCOMING_MARKER));
-        self.migrations().incoming.lock().unwrap().remove(id);
-        let launched = Launched { pid: vm.pid(), accel: vm.accel() };
-        self.insert_vm(id, vm);
-        tracing::info!(vm = %id, pid = launched.pid, "migrated VM runs here");
-        Ok(launched)
     }
-
-    /// Destination: gives up an incoming migration (kills its QEMU, removes its directory).
-    pub async fn incoming_abort(&self, id: &str) -> Result<(), AgentError> {
-        let vm = self.migrations().incoming.lock().unwrap().remove(id);
-        if let Some(vm) = vm {
-            vm.cleanup().await?;
-            self.resources().release(id);
-            tracing::info!(vm = %id, "incoming migration abandoned");
-        }
-        Ok(())
+    if let Some(e) = last {
+        return Err(e.into());
     }
-
-    fn qemu_log_tail(&self, id: &str) -> String {
-        let p = self.runtime_dir(id).join(crate::runtime::QEMU_LOG);
-        std::fs::read_to_string(p)
-            .map(|s| s.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" / "))
-            .unwrap_or_default()
+    vm.execute(
+        "block-export-add",
+        Some(json!({"type": "nbd", "id": EXPORT_ID, "node-name": DISK_NODE, "name": DISK_NODE, "writable": true})),
+    )
+    .await?;
+    if let Some(t) = tls {
+        vm.execute("migrate-set-parameters", Some(json!({"tls-creds": t}))).await?;
     }
-
-    /// Source: starts sending VM `id` to the prepared destination in the background.
-    pub fn send(self: &Arc<Self>, id: &str, req: SendRequest) -> Result<Migration, AgentError> {
-        let vm = self.vm(id).ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
-        if vm.exit_info().is_some() {
-            return Err(mig_err(id, "its QEMU has exited"));
-        }
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        let first = first_status(self.name(), &req);
-        let out = Arc::new(Outgoing { status: Mutex::new(first.clone()), cancel: tx, started: Instant::now() });
-        {
-            let mut m = self.migrations().outgoing.lock().unwrap();
-            if let Some(o) = m.get(id) {
-                if o.status.lock().unwrap().status == MigrationStatus::Active {
-                    return Err(mig_err(id, "a migration of this VM is already under way"));
-                }
+    let mut last = None;
+    let mut mig_port = 0;
+    for _ in 0..3 {
+        mig_port = free_port(host).map_err(io)?;
+        match vm.execute("migrate-incoming", Some(json!({"uri": format!("tcp:{host}:{mig_port}")}))).await {
+            Ok(_) => {
+                last = None;
+                break;
             }
-            m.insert(id.to_string(), out.clone());
+            Err(e) => last = Some(e),
         }
-        let id = id.to_string();
-        let qemu_user = self.qemu_user().cloned();
-        tokio::spawn(async move {
-            let r = send_vm(&vm, &req, &out, rx, qemu_user).await;
-            let mut st = out.status.lock().unwrap().clone();
-            match r {
-                Ok(()) => {
-                    st.status = MigrationStatus::Completed;
-                    st.phase = "completed".into();
-                    tracing::info!(vm = %id, downtime_ms = ?st.downtime_ms, total_ms = ?st.total_ms, "migration completed");
-                }
-                Err((status, msg)) => {
-                    tracing::warn!(vm = %id, "migration {}: {msg}", status.as_str());
-                    let phase = format!("{}: cleaning up", status.as_str());
-                    out.status.lock().unwrap().phase = phase;
-                    abort_source(&vm).await;
-                    st = out.status.lock().unwrap().clone();
-                    st.status = status;
-                    st.phase = status.as_str().into();
-                    st.error = Some(msg);
-                }
-            }
-            st.elapsed_ms = Some(out.started.elapsed().as_millis() as u64);
-            st.finished = Some(unix_now());
-            *out.status.lock().unwrap() = st;
-        });
-        Ok(first)
     }
+    if let Some(e) = last {
+        return Err(e.into());
+    }
+    Ok((nbd_port, mig_port))
+}
 
-    /// Source: where the migration of `id` stands.
-    pub fn send_status(&self, id: &str) -> Result<Migration, AgentError> {
-        let o = self.migrations().outgoing.lock().unwrap().get(id).cloned().ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
-        let mut st = o.status.lock().unwrap().clone();
-        if st.status == MigrationStatus::Active {
-            st.elapsed_ms = Some(o.started.elapsed().as_millis() as u64);
+/// Destination: once the source's migration completed, waits until the guest runs here,
+/// closes the NBD export and takes the VM as one of this host's.
+pub async fn incoming_finish(ctx: &HostCtx, id: &str, timeout: Duration, history: &str) -> Result<Launched, AgentError> {
+    let vm = ctx.migrations().incoming.lock().unwrap().get(id).cloned().ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
+    if !history.is_empty() {
+        let tail = &history.as_bytes()[history.len().saturating_sub(MAX_CONSOLE_HISTORY)..];
+        let p = vm.runtime_dir().join(CONSOLE_HISTORY);
+        if let Err(e) = crate::qemu_user::write_file(&p, tail) {
+            tracing::warn!(vm = %id, "cannot write {}: {e}", p.display());
         }
-        Ok(st)
     }
-
-    /// Source: cancels the migration of `id` (the guest runs on here). After a completed
-    /// migration whose destination then failed, resumes the (paused) source guest instead.
-    pub async fn send_cancel(&self, id: &str) -> Result<Migration, AgentError> {
-        let o = self.migrations().outgoing.lock().unwrap().get(id).cloned().ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
-        let done = o.status.lock().unwrap().status;
-        if done == MigrationStatus::Active {
-            let _ = o.cancel.send(true);
-            let t0 = Instant::now();
-            while o.status.lock().unwrap().status == MigrationStatus::Active && t0.elapsed() < Duration::from_secs(60) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(exit) = vm.exit_info() {
+            return Err(mig_err(id, format!("the destination QEMU exited ({exit}): {}", qemu_log_tail(ctx, id))));
+        }
+        let st = vm.execute("query-status", None).await?;
+        let status = st.get("status").and_then(Value::as_str).unwrap_or("").to_string();
+        if status == "running" {
+            break;
+        }
+        let mig = vm.execute("query-migrate", None).await?;
+        match mig.get("status").and_then(Value::as_str) {
+            Some("failed") => {
+                let desc = mig.get("error-desc").and_then(Value::as_str).unwrap_or("no detail");
+                return Err(mig_err(id, format!("receiving the migration failed: {desc}")));
             }
-        } else if done == MigrationStatus::Completed {
-            if let Some(vm) = self.vm(id) {
-                tracing::warn!(vm = %id, "the destination did not take over; resuming the guest here");
+            Some("completed") if status == "paused" => {
+                // The source was paused when it left: run it here.
                 vm.cont().await?;
-                let mut st = o.status.lock().unwrap();
-                st.status = MigrationStatus::Failed;
-                st.phase = "failed".into();
-                st.error.get_or_insert_with(|| "the destination did not take over; the guest runs on at the source".into());
+            }
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(mig_err(id, format!("the destination is still {status} after {timeout:?}")));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Err(e) = vm.execute("block-export-del", Some(json!({"id": EXPORT_ID, "mode": "hard"}))).await {
+        tracing::warn!(vm = %id, "removing the migration export: {e}");
+    }
+    if let Err(e) = vm.execute("nbd-server-stop", None).await {
+        tracing::warn!(vm = %id, "stopping the migration NBD server: {e}");
+    }
+    let _ = std::fs::remove_file(vm.runtime_dir().join(INCOMING_MARKER));
+    ctx.migrations().incoming.lock().unwrap().remove(id);
+    let launched = Launched { pid: vm.pid(), accel: vm.accel() };
+    ctx.insert_vm(id, vm);
+    tracing::info!(vm = %id, pid = launched.pid, "migrated VM runs here");
+    Ok(launched)
+}
+
+fn qemu_log_tail(ctx: &HostCtx, id: &str) -> String {
+    let p = ctx.runtime_dir(id).join(crate::runtime::QEMU_LOG);
+    std::fs::read_to_string(p)
+        .map(|s| s.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" / "))
+        .unwrap_or_default()
+}
+
+/// Source: starts sending VM `id` to the prepared destination in the background.
+pub fn send(ctx: &HostCtx, id: &str, req: SendRequest) -> Result<Migration, AgentError> {
+    let vm = ctx.vm(id).ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
+    if vm.exit_info().is_some() {
+        return Err(mig_err(id, "its QEMU has exited"));
+    }
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let first = first_status(ctx.name(), &req);
+    let out = Arc::new(Outgoing { status: Mutex::new(first.clone()), cancel: tx, started: Instant::now() });
+    {
+        let mut m = ctx.migrations().outgoing.lock().unwrap();
+        if let Some(o) = m.get(id) {
+            if o.status.lock().unwrap().status == MigrationStatus::Active {
+                return Err(mig_err(id, "a migration of this VM is already under way"));
             }
         }
-        self.send_status(id)
+        m.insert(id.to_string(), out.clone());
     }
+    let id = id.to_string();
+    let qemu_user = ctx.qemu_user().cloned();
+    tokio::spawn(async move {
+        let r = send_vm(&vm, &req, &out, rx, qemu_user).await;
+        let mut st = out.status.lock().unwrap().clone();
+        match r {
+            Ok(()) => {
+                st.status = MigrationStatus::Completed;
+                st.phase = "completed".into();
+                tracing::info!(vm = %id, downtime_ms = ?st.downtime_ms, total_ms = ?st.total_ms, "migration completed");
+            }
+            Err((status, msg)) => {
+                tracing::warn!(vm = %id, "migration {}: {msg}", status.as_str());
+                let phase = format!("{}: cleaning up", status.as_str());
+                out.status.lock().unwrap().phase = phase;
+                abort_source(&vm).await;
+                st = out.status.lock().unwrap().clone();
+                st.status = status;
+                st.phase = status.as_str().into();
+                st.error = Some(msg);
+            }
+        }
+        st.elapsed_ms = Some(out.started.elapsed().as_millis() as u64);
+        st.finished = Some(unix_now());
+        *out.status.lock().unwrap() = st;
+    });
+    Ok(first)
+}
+
+/// Source: where the migration of `id` stands.
+pub fn send_status(ctx: &HostCtx, id: &str) -> Result<Migration, AgentError> {
+    let o = ctx.migrations().outgoing.lock().unwrap().get(id).cloned().ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
+    let mut st = o.status.lock().unwrap().clone();
+    if st.status == MigrationStatus::Active {
+        st.elapsed_ms = Some(o.started.elapsed().as_millis() as u64);
+    }
+    Ok(st)
+}
+
+/// Source: cancels the migration of `id` (the guest runs on here). After a completed
+/// migration whose destination then failed, resumes the (paused) source guest instead.
+pub async fn send_cancel(ctx: &HostCtx, id: &str) -> Result<Migration, AgentError> {
+    let o = ctx.migrations().outgoing.lock().unwrap().get(id).cloned().ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
+    let done = o.status.lock().unwrap().status;
+    if done == MigrationStatus::Active {
+        let _ = o.cancel.send(true);
+        let t0 = Instant::now();
+        while o.status.lock().unwrap().status == MigrationStatus::Active && t0.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    } else if done == MigrationStatus::Completed {
+        if let Some(vm) = ctx.vm(id) {
+            tracing::warn!(vm = %id, "the destination did not take over; resuming the guest here");
+            vm.cont().await?;
+            let mut st = o.status.lock().unwrap();
+            st.status = MigrationStatus::Failed;
+            st.phase = "failed".into();
+            st.error.get_or_insert_with(|| "the destination did not take over; the guest runs on at the source".into());
+        }
+    }
+    send_status(ctx, id)
 }
 
 type SendErr = (MigrationStatus, String);
@@ -613,9 +567,9 @@ async fn abort_source(vm: &Vm) {
 
 /// A page of the console of a VM that arrived by migration: its history, then `console.log`,
 /// as one log (offsets run across both). `None` when the VM has no history (not migrated).
-pub(crate) fn console_with_history(agent: &Agent, id: &str, offset: i64, page: u64) -> Option<vgrid_api::vm::ConsoleChunk> {
+pub(crate) fn console_with_history(ctx: &HostCtx, id: &str, offset: i64, page: u64) -> Option<vgrid_api::vm::ConsoleChunk> {
     use std::io::{Read, Seek};
-    let dir = agent.runtime_dir(id);
+    let dir = ctx.runtime_dir(id);
     let history = crate::qemu_user::read_file(&dir.join(CONSOLE_HISTORY)).ok()?;
     let h = history.len() as u64;
     let mut log = std::fs::File::open(dir.join(crate::runtime::CONSOLE_LOG)).ok();

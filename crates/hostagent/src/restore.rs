@@ -9,16 +9,9 @@ use std::time::{Duration, Instant};
 
 use vgrid_api::{Blob, Manifest, SavedRam};
 
-use crate::agent::{Agent, AgentError};
+use crate::ctx::HostCtx;
+use crate::error::{AgentError, RestoreError};
 use crate::vm::Vm;
-
-#[derive(Debug, thiserror::Error)]
-#[error("VM {id}: cannot restore image {image}: {cause}")]
-pub struct RestoreError {
-    pub id: String,
-    pub image: String,
-    pub cause: String,
-}
 
 /// Option ROMs QEMU adds for a direct kernel boot (x86): a state saved from such a boot has
 /// one of them as a RAM block, `/rom@genroms/NAME`.
@@ -48,10 +41,10 @@ pub fn loader_roms(head: &[u8]) -> Vec<String> {
 /// state's first chunk (through the host cache, where the restore finds it again). `None`
 /// (the boot files are fetched after all) when that chunk cannot be read or is no QEMU
 /// migration stream.
-pub(crate) async fn state_loader_roms(agent: &Agent, manifest: &Manifest, state: &Blob) -> Option<Vec<String>> {
+pub(crate) async fn state_loader_roms(ctx: &HostCtx, manifest: &Manifest, state: &Blob) -> Option<Vec<String>> {
     let first = state.chunks.first()?.as_ref()?;
     let one = Blob { size: state.size.min(manifest.chunk_size as u64), chunks: vec![Some(*first)] };
-    let head = agent.proxy().read_blob(manifest, &one).await.ok()?;
+    let head = ctx.proxy().read_blob(manifest, &one).await.ok()?;
     head.starts_with(b"QEVM").then(|| loader_roms(&head))
 }
 
@@ -84,7 +77,7 @@ impl Drop for IncomingState {
 /// starts fetching it through the host cache ([`STREAM_AHEAD`] batches of [`STREAM_BATCH`]
 /// chunks concurrently, handed over in order). `None` for an image without state.
 pub(crate) fn prepare_incoming(
-    agent: &Agent,
+    ctx: &HostCtx,
     id: &str,
     manifest: &std::sync::Arc<Manifest>,
     cpus: u32,
@@ -93,7 +86,7 @@ pub(crate) fn prepare_incoming(
 ) -> Result<Option<IncomingState>, AgentError> {
     let Some(st) = &manifest.state else { return Ok(None) };
     let fail = |cause: String| AgentError::from(RestoreError { id: id.to_string(), image: manifest.image_ref().to_string(), cause });
-    if let Some(why) = st.meta.incompatibility(cpus, memory_mib, agent.qemu_version()) {
+    if let Some(why) = st.meta.incompatibility(cpus, memory_mib, ctx.qemu_version()) {
         return Err(fail(why));
     }
     if !st.meta.accel.is_empty() && st.meta.accel != accel.as_str() {
@@ -110,7 +103,7 @@ pub(crate) fn prepare_incoming(
         })
         .collect();
     let (tx, rx) = tokio::sync::mpsc::channel(STREAM_AHEAD);
-    let proxy = agent.proxy().clone();
+    let proxy = ctx.proxy().clone();
     let m = manifest.clone();
     let fetcher = tokio::spawn(async move {
         use futures::StreamExt;
@@ -220,7 +213,7 @@ pub(crate) async fn stream_incoming(vm: &Vm, mut st: IncomingState, timeout: Dur
 /// the host has no FUSE or no pager, a shared RAM file filled before QEMU starts. A state with
 /// the RAM inside the stream: the host's usual backing.
 pub(crate) async fn saved_ram_backing(
-    agent: &Agent,
+    ctx: &HostCtx,
     id: &str,
     manifest: &Manifest,
     dir: &Path,
@@ -233,7 +226,7 @@ pub(crate) async fn saved_ram_backing(
     let owner = opts.run_as.as_ref().map(|u| (u.uid, u.gid));
     if crate::ram::lazy_supported() {
         let export = format!("{}{}", manifest.image_ref(), vgrid_blockproxy::export::RAM_EXPORT_SUFFIX);
-        let path = crate::ram::start_pager(dir, agent.nbd_socket(), &export, ram.size, owner)
+        let path = crate::ram::start_pager(dir, ctx.nbd_socket(), &export, ram.size, owner)
             .await
             .map_err(|e| fail(format!("paging its RAM in: {e}")))?;
         return Ok(RamBacking::Lazy { path, export });
@@ -243,7 +236,7 @@ pub(crate) async fn saved_ram_backing(
     };
     let path = crate::ram::create_shared(ram_dir, id, owner).map_err(|e| fail(format!("{}: {e}", ram_dir.display())))?;
     let t = Instant::now();
-    if let Err(e) = fill_sparse(agent, manifest, saved, &path).await {
+    if let Err(e) = fill_sparse(ctx, manifest, saved, &path).await {
         let _ = std::fs::remove_file(&path);
         return Err(fail(format!("loading its RAM: {e}")));
     }
@@ -253,7 +246,7 @@ pub(crate) async fn saved_ram_backing(
 
 /// Writes the stored chunks of `blob` at their offsets in the file `path` (zero chunks stay
 /// holes), fetching through the host cache.
-async fn fill_sparse(agent: &Agent, manifest: &Manifest, ram: &SavedRam, path: &Path) -> Result<(), String> {
+async fn fill_sparse(ctx: &HostCtx, manifest: &Manifest, ram: &SavedRam, path: &Path) -> Result<(), String> {
     use futures::StreamExt;
     let blob = &ram.blob;
     let file = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -265,7 +258,7 @@ async fn fill_sparse(agent: &Agent, manifest: &Manifest, ram: &SavedRam, path: &
         .enumerate()
         .filter_map(|(i, c)| c.map(|h| (i, Blob { size: blob.chunk_len(cs, i) as u64, chunks: vec![Some(h)] })))
         .collect();
-    let proxy = agent.proxy().clone();
+    let proxy = ctx.proxy().clone();
     let m = std::sync::Arc::new(manifest.clone());
     let mut reads = futures::stream::iter(stored)
         .map(move |(i, one)| {

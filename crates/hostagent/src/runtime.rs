@@ -12,6 +12,9 @@
 //! | `console.log` | everything the guest wrote on its serial console |
 //! | `overlay.qcow2` | the per-VM copy-on-write disk whose backing is the image |
 //! | `qemu.log` | QEMU's own stdout and stderr |
+//! | `launch.json` | the coordinator's launch request (id, configuration, image), for re-adoption |
+//! | `incoming` | present while QEMU waits for an incoming migration |
+//! | `console.before-migration.log` | the guest's console before it migrated here |
 //!
 //! The guest disk is always a qcow2 overlay over the (read-only) backing — a local file or the
 //! block proxy's NBD export — attached as virtio-blk; guest writes land in the overlay only.
@@ -19,6 +22,7 @@
 use crate::spec::VmSpec;
 use crate::vm::error::VmError;
 use std::path::{Path, PathBuf};
+use vgrid_api::host::LaunchRequest;
 
 /// File names inside a VM's runtime directory.
 pub const SPEC_FILE: &str = "spec.json";
@@ -28,6 +32,27 @@ pub const CONSOLE_SOCKET: &str = "console.sock";
 pub const CONSOLE_LOG: &str = "console.log";
 pub const OVERLAY_FILE: &str = "overlay.qcow2";
 pub const QEMU_LOG: &str = "qemu.log";
+/// The VM's [`LaunchRequest`] (see [`record_launch`]).
+pub const LAUNCH_FILE: &str = "launch.json";
+/// Marks a runtime directory whose QEMU still waits for an incoming migration: an agent that
+/// restarts kills such a QEMU instead of adopting it.
+pub const INCOMING_MARKER: &str = "incoming";
+/// What the guest printed on its console before it arrived here (the source's log, as the
+/// coordinator hands it over at the end of the migration); served before `console.log`.
+pub const CONSOLE_HISTORY: &str = "console.before-migration.log";
+
+/// Records the launch request next to the VM's spec (best effort: adoption works without it,
+/// only the image's cache fraction is then not advertised).
+pub(crate) fn record_launch(dir: &Path, req: &LaunchRequest) {
+    match serde_json::to_vec_pretty(req) {
+        Ok(b) => {
+            if let Err(e) = crate::qemu_user::write_file(&dir.join(LAUNCH_FILE), &b) {
+                tracing::warn!(vm = %req.id, "cannot write {}: {e}", dir.join(LAUNCH_FILE).display());
+            }
+        }
+        Err(e) => tracing::warn!(vm = %req.id, "cannot encode the launch request: {e}"),
+    }
+}
 
 /// Longest path a unix socket address can hold (sun_path is 108 bytes with the NUL).
 pub(crate) const MAX_SOCKET_PATH: usize = 107;

@@ -25,7 +25,8 @@ use vgrid_api::{Blob, ChunkHash, ImageRef, Manifest, SavedRam, SavedState, State
 use vgrid_storeclient::codec;
 use vgrid_storeclient::StoreClient;
 
-use crate::agent::{Agent, AgentError};
+use crate::ctx::HostCtx;
+use crate::error::{AgentError, SaveError};
 use crate::spec::DiskSource;
 use crate::vm::Vm;
 
@@ -38,16 +39,6 @@ const RAM_CHUNK_SIZE: u32 = 64 << 10;
 const RAM_SAVE_FILE: &str = "ram.save";
 /// Chunks hashed, checked and uploaded per round.
 const UPLOAD_BATCH: usize = 64;
-
-#[derive(Debug, thiserror::Error)]
-pub enum SaveError {
-    #[error("VM {id}: cannot save it: {cause}")]
-    Save { id: String, cause: String },
-    #[error("VM {id}: uploading image {image} failed, nothing was stored: {cause}")]
-    Upload { id: String, image: String, cause: String },
-    #[error("invalid image name {0:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")]
-    BadName(String),
-}
 
 /// One line of `qemu-img map --output=json`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -257,215 +248,218 @@ struct Captured {
     accel: String,
 }
 
-impl Agent {
-    /// Saves VM `id` as a new warm image `req.name` whose parent is the image it runs from.
-    /// With `suspend`, QEMU ends once the image is committed (the host's capacity is free);
-    /// otherwise, and whenever saving fails, the guest runs on.
-    pub async fn save_vm(&self, id: &str, req: &SaveRequest, suspend: bool) -> Result<SavedImage, AgentError> {
-        vgrid_api::manifest::validate_name(&req.name).map_err(|_| SaveError::BadName(req.name.clone()))?;
-        let vm = self.vm(id).ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
-        let fail = |cause: String| AgentError::from(SaveError::Save { id: id.to_string(), cause });
-        let _saving =
-            SaveGuard::take(vm.runtime_dir()).ok_or_else(|| fail("another snapshot or suspend of this VM is in progress".into()))?;
-        let parent_ref = export_of(&vm.spec().disk).ok_or_else(|| fail("its disk is not an image of the block proxy".into()))?;
-        let parent = self.proxy().resolve(&parent_ref).await?;
-        let t0 = Instant::now();
-        let captured = match self.capture(&vm, &parent).await {
-            Ok(c) => c,
-            Err(e) => {
-                resume_guest(&vm).await;
-                return Err(e);
-            }
-        };
-        let paused_secs = t0.elapsed().as_secs_f64();
-        if !suspend {
-            // A snapshot: the guest goes on while its saved copy uploads.
+/// Saves VM `id` as a new warm image `req.name` whose parent is the image it runs from.
+/// With `suspend`, QEMU ends once the image is committed (the host's capacity is free);
+/// otherwise, and whenever saving fails, the guest runs on.
+pub async fn save_vm(ctx: &HostCtx, id: &str, req: &SaveRequest, suspend: bool) -> Result<SavedImage, AgentError> {
+    vgrid_api::manifest::validate_name(&req.name).map_err(|_| SaveError::BadName(req.name.clone()))?;
+    let vm = ctx.vm(id).ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
+    let fail = |cause: String| AgentError::from(SaveError::Save { id: id.to_string(), cause });
+    let _saving = SaveGuard::take(vm.runtime_dir()).ok_or_else(|| fail("another snapshot or suspend of this VM is in progress".into()))?;
+    let parent_ref = export_of(&vm.spec().disk).ok_or_else(|| fail("its disk is not an image of the block proxy".into()))?;
+    let parent = ctx.proxy().resolve(&parent_ref).await?;
+    let t0 = Instant::now();
+    let captured = match capture(ctx, &vm, &parent).await {
+        Ok(c) => c,
+        Err(e) => {
             resume_guest(&vm).await;
+            return Err(e);
         }
-        let r = self.upload_image(id, &req.name, &parent, &captured).await;
-        let _ = std::fs::remove_file(&captured.state_path);
-        if let Some(p) = &captured.ram_path {
-            let _ = std::fs::remove_file(p);
-        }
-        let (manifest, new_chunks, uploaded) = match r {
-            Ok(v) => v,
-            Err(e) => {
-                if suspend {
-                    resume_guest(&vm).await;
-                }
-                return Err(e);
-            }
-        };
-        if suspend {
-            // Saved: the guest ends here; it resumes from the image.
-            let _ = vm.kill().await;
-        }
-        let saved = SavedImage {
-            image: manifest.image_ref().to_string(),
-            parent: Some(parent.image_ref().to_string()),
-            state_bytes: captured.state_bytes,
-            disk_chunks_new: new_chunks,
-            disk_chunks_total: manifest.disk.chunks.len() as u64,
-            uploaded_bytes: uploaded,
-            paused_secs,
-            total_secs: t0.elapsed().as_secs_f64(),
-        };
-        tracing::info!(vm = %id, image = %saved.image, state_bytes = saved.state_bytes, new_chunks, uploaded, suspend, "VM saved as an image");
-        Ok(saved)
+    };
+    let paused_secs = t0.elapsed().as_secs_f64();
+    if !suspend {
+        // A snapshot: the guest goes on while its saved copy uploads.
+        resume_guest(&vm).await;
     }
-
-    /// Pauses the guest, writes its state to a file and composes the touched disk chunks.
-    /// The guest stays paused.
-    async fn capture(&self, vm: &Vm, parent: &Manifest) -> Result<Captured, AgentError> {
-        let id = vm.id().to_string();
-        let fail = |cause: String| AgentError::from(SaveError::Save { id: id.clone(), cause });
-        let state_path = vm.runtime_dir().join(SAVE_FILE);
-        let machine = current_machine(vm).await;
-        let state_bytes = vm.save_state_with(&state_path, SAVE_TIMEOUT, true).await?;
-        // A shared RAM file was left out of the stream: copy its non-zero pages while the
-        // guest is paused (a snapshot's guest runs on while they upload).
-        let ram_path = match &vm.spec().ram {
-            crate::ram::RamBacking::Shared { path } if vm.ram_saved_apart() => {
-                let ram_dir = path.parent().unwrap_or(Path::new("/"));
-                let dst = vm.runtime_dir().join(RAM_SAVE_FILE);
-                let t = Instant::now();
-                let src = crate::ram::open_shared(vm.pid(), ram_dir).map_err(|e| fail(format!("the guest's RAM: {e}")))?;
-                let size = vm.spec().config.memory_mib << 20;
-                let data = tokio::task::block_in_place(|| crate::ram::copy_sparse(&src, &dst, size))
-                    .map_err(|e| fail(format!("copying the guest's RAM to {}: {e}", dst.display())))?;
-                tracing::info!(vm = %id, data, took_ms = t.elapsed().as_millis() as u64, "guest RAM copied for saving");
-                Some(dst)
+    let r = upload_image(ctx, id, &req.name, &parent, &captured).await;
+    let _ = std::fs::remove_file(&captured.state_path);
+    if let Some(p) = &captured.ram_path {
+        let _ = std::fs::remove_file(p);
+    }
+    let (manifest, new_chunks, uploaded) = match r {
+        Ok(v) => v,
+        Err(e) => {
+            if suspend {
+                resume_guest(&vm).await;
             }
-            _ => None,
+            return Err(e);
+        }
+    };
+    if suspend {
+        // Saved: the guest ends here; it resumes from the image.
+        let _ = vm.kill().await;
+    }
+    let saved = SavedImage {
+        image: manifest.image_ref().to_string(),
+        parent: Some(parent.image_ref().to_string()),
+        state_bytes: captured.state_bytes,
+        disk_chunks_new: new_chunks,
+        disk_chunks_total: manifest.disk.chunks.len() as u64,
+        uploaded_bytes: uploaded,
+        paused_secs,
+        total_secs: t0.elapsed().as_secs_f64(),
+    };
+    tracing::info!(vm = %id, image = %saved.image, state_bytes = saved.state_bytes, new_chunks, uploaded, suspend, "VM saved as an image");
+    Ok(saved)
+}
+
+/// Pauses the guest, writes its state to a file and composes the touched disk chunks.
+/// The guest stays paused.
+async fn capture(ctx: &HostCtx, vm: &Vm, parent: &Manifest) -> Result<Captured, AgentError> {
+    let id = vm.id().to_string();
+    let fail = |cause: String| AgentError::from(SaveError::Save { id: id.clone(), cause });
+    let state_path = vm.runtime_dir().join(SAVE_FILE);
+    let machine = current_machine(vm).await;
+    let state_bytes = vm.save_state_with(&state_path, SAVE_TIMEOUT, true).await?;
+    // A shared RAM file was left out of the stream: copy its non-zero pages while the
+    // guest is paused (a snapshot's guest runs on while they upload).
+    let ram_path = match &vm.spec().ram {
+        crate::ram::RamBacking::Shared { path } if vm.ram_saved_apart() => {
+            let ram_dir = path.parent().unwrap_or(Path::new("/"));
+            let dst = vm.runtime_dir().join(RAM_SAVE_FILE);
+            let t = Instant::now();
+            let src = crate::ram::open_shared(vm.pid(), ram_dir).map_err(|e| fail(format!("the guest's RAM: {e}")))?;
+            let size = vm.spec().config.memory_mib << 20;
+            let data = tokio::task::block_in_place(|| crate::ram::copy_sparse(&src, &dst, size))
+                .map_err(|e| fail(format!("copying the guest's RAM to {}: {e}", dst.display())))?;
+            tracing::info!(vm = %id, data, took_ms = t.elapsed().as_millis() as u64, "guest RAM copied for saving");
+            Some(dst)
+        }
+        _ => None,
+    };
+    // The migration flushed the guest's writes to the overlay; read it while paused.
+    let overlay = vm.overlay_path();
+    let out = tokio::process::Command::new(crate::vm::LaunchOptions::default().qemu_img)
+        .args(["map", "-U", "--output=json"])
+        .arg(&overlay)
+        .output()
+        .await
+        .map_err(|e| fail(format!("qemu-img map {}: {e}", overlay.display())))?;
+    if !out.status.success() {
+        return Err(fail(format!("qemu-img map {}: {}", overlay.display(), String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    let entries: Vec<MapEntry> = serde_json::from_slice(&out.stdout).map_err(|e| fail(format!("qemu-img map output: {e}")))?;
+    let patches = overlay_patches(&entries).map_err(fail)?;
+    let file = crate::qemu_user::open_file(&overlay).map_err(|e| fail(format!("{}: {e}", overlay.display())))?;
+    let mut touched = BTreeMap::new();
+    for index in touched_chunks(&patches, parent.chunk_size) {
+        if index as usize >= parent.disk.chunks.len() {
+            return Err(fail(format!("the overlay holds data past the end of image {}", parent.image_ref())));
+        }
+        let len = parent.disk.chunk_len(parent.chunk_size, index as usize);
+        let mut buf = match parent.disk.chunks[index as usize] {
+            Some(h) => {
+                let one = Blob { size: len as u64, chunks: vec![Some(h)] };
+                ctx.proxy().read_blob(parent, &one).await?
+            }
+            None => vec![0u8; len as usize],
         };
-        // The migration flushed the guest's writes to the overlay; read it while paused.
-        let overlay = vm.overlay_path();
-        let out = tokio::process::Command::new(crate::vm::LaunchOptions::default().qemu_img)
-            .args(["map", "-U", "--output=json"])
-            .arg(&overlay)
-            .output()
-            .await
-            .map_err(|e| fail(format!("qemu-img map {}: {e}", overlay.display())))?;
-        if !out.status.success() {
-            return Err(fail(format!("qemu-img map {}: {}", overlay.display(), String::from_utf8_lossy(&out.stderr).trim())));
-        }
-        let entries: Vec<MapEntry> = serde_json::from_slice(&out.stdout).map_err(|e| fail(format!("qemu-img map output: {e}")))?;
-        let patches = overlay_patches(&entries).map_err(fail)?;
-        let file = crate::qemu_user::open_file(&overlay).map_err(|e| fail(format!("{}: {e}", overlay.display())))?;
-        let mut touched = BTreeMap::new();
-        for index in touched_chunks(&patches, parent.chunk_size) {
-            if index as usize >= parent.disk.chunks.len() {
-                return Err(fail(format!("the overlay holds data past the end of image {}", parent.image_ref())));
-            }
-            let len = parent.disk.chunk_len(parent.chunk_size, index as usize);
-            let mut buf = match parent.disk.chunks[index as usize] {
-                Some(h) => {
-                    let one = Blob { size: len as u64, chunks: vec![Some(h)] };
-                    self.proxy().read_blob(parent, &one).await?
-                }
-                None => vec![0u8; len as usize],
-            };
-            compose_chunk(&mut buf, index, parent.chunk_size, &patches, |off, dst| file.read_exact_at(dst, off))
-                .map_err(|e| fail(format!("reading {}: {e}", overlay.display())))?;
-            touched.insert(index, buf);
-        }
-        let spec = vm.spec();
-        Ok(Captured {
-            state_path,
-            state_bytes,
-            ram_path,
-            touched,
-            machine,
-            cpus: spec.config.cpus,
-            memory_mib: spec.config.memory_mib,
-            accel: vm.accel().as_str().to_string(),
-        })
+        compose_chunk(&mut buf, index, parent.chunk_size, &patches, |off, dst| file.read_exact_at(dst, off))
+            .map_err(|e| fail(format!("reading {}: {e}", overlay.display())))?;
+        touched.insert(index, buf);
     }
+    let spec = vm.spec();
+    Ok(Captured {
+        state_path,
+        state_bytes,
+        ram_path,
+        touched,
+        machine,
+        cpus: spec.config.cpus,
+        memory_mib: spec.config.memory_mib,
+        accel: vm.accel().as_str().to_string(),
+    })
+}
 
-    /// Uploads the state and the new disk chunks, then commits the manifest. Returns it, the
-    /// number of changed disk chunks and the bytes sent.
-    async fn upload_image(&self, id: &str, name: &str, parent: &Manifest, cap: &Captured) -> Result<(Manifest, u64, u64), AgentError> {
-        let fail = |cause: String| AgentError::from(SaveError::Upload { id: id.to_string(), image: name.to_string(), cause });
-        let mut up = Upload::begin(&self.servers().urls()).await.map_err(fail)?;
-        let r = self.upload_session(&mut up, name, parent, cap).await;
-        match r {
-            Ok(v) => Ok(v),
-            Err(cause) => {
-                up.abort().await;
-                Err(fail(cause))
-            }
+/// Uploads the state and the new disk chunks, then commits the manifest. Returns it, the
+/// number of changed disk chunks and the bytes sent.
+async fn upload_image(ctx: &HostCtx, id: &str, name: &str, parent: &Manifest, cap: &Captured) -> Result<(Manifest, u64, u64), AgentError> {
+    let fail = |cause: String| AgentError::from(SaveError::Upload { id: id.to_string(), image: name.to_string(), cause });
+    let mut up = Upload::begin(&ctx.servers().urls()).await.map_err(fail)?;
+    let r = upload_session(ctx, &mut up, name, parent, cap).await;
+    match r {
+        Ok(v) => Ok(v),
+        Err(cause) => {
+            up.abort().await;
+            Err(fail(cause))
         }
     }
+}
 
-    async fn upload_session(&self, up: &mut Upload, name: &str, parent: &Manifest, cap: &Captured) -> Result<(Manifest, u64, u64), String> {
-        let cs = parent.chunk_size;
-        // The disk: the parent's chunk list with the touched chunks replaced.
-        let mut disk = parent.disk.clone();
-        let indices: Vec<u64> = cap.touched.keys().copied().collect();
-        let mut new_chunks = 0;
-        for batch in indices.chunks(UPLOAD_BATCH) {
-            let data: Vec<Vec<u8>> = batch.iter().map(|i| cap.touched[i].clone()).collect();
-            let enc = encode_all(data).await;
-            for (i, e) in batch.iter().zip(&enc) {
-                let h = e.as_ref().map(|(h, _)| *h);
-                if disk.chunks[*i as usize] != h {
-                    new_chunks += 1;
-                }
-                disk.chunks[*i as usize] = h;
+async fn upload_session(
+    ctx: &HostCtx,
+    up: &mut Upload,
+    name: &str,
+    parent: &Manifest,
+    cap: &Captured,
+) -> Result<(Manifest, u64, u64), String> {
+    let cs = parent.chunk_size;
+    // The disk: the parent's chunk list with the touched chunks replaced.
+    let mut disk = parent.disk.clone();
+    let indices: Vec<u64> = cap.touched.keys().copied().collect();
+    let mut new_chunks = 0;
+    for batch in indices.chunks(UPLOAD_BATCH) {
+        let data: Vec<Vec<u8>> = batch.iter().map(|i| cap.touched[i].clone()).collect();
+        let enc = encode_all(data).await;
+        for (i, e) in batch.iter().zip(&enc) {
+            let h = e.as_ref().map(|(h, _)| *h);
+            if disk.chunks[*i as usize] != h {
+                new_chunks += 1;
             }
+            disk.chunks[*i as usize] = h;
+        }
+        let present: Vec<(ChunkHash, Bytes)> = enc.into_iter().flatten().collect();
+        up.send(&present).await?;
+    }
+    // The state, and the RAM saved apart from it.
+    let state = upload_file(up, &cap.state_path, cap.state_bytes, cs).await?;
+    let ram = match &cap.ram_path {
+        Some(p) => Some(SavedRam { chunk_size: RAM_CHUNK_SIZE, blob: upload_file(up, p, cap.memory_mib << 20, RAM_CHUNK_SIZE).await? }),
+        None => None,
+    };
+    // Chunks of the parent this server lacks (the parent may live on another server):
+    // read them through the cache and send them too.
+    let mut wanted: HashMap<ChunkHash, (&Blob, usize)> = HashMap::new();
+    for b in parent_blobs(parent) {
+        for (idx, c) in b.chunks.iter().enumerate() {
+            if let Some(h) = c {
+                wanted.entry(*h).or_insert((b, idx));
+            }
+        }
+    }
+    let hashes: Vec<ChunkHash> = wanted.keys().copied().filter(|h| !up.sent.contains(h)).collect();
+    for batch in hashes.chunks(1024) {
+        let missing = up.client.missing(&up.id, batch).await.map_err(|e| e.to_string())?;
+        for h in missing {
+            let (b, idx) = wanted[&h];
+            let one = Blob { size: b.chunk_len(cs, idx) as u64, chunks: vec![Some(h)] };
+            let data = ctx.proxy().read_blob(parent, &one).await.map_err(|e| e.to_string())?;
+            let enc = encode_all(vec![data]).await;
             let present: Vec<(ChunkHash, Bytes)> = enc.into_iter().flatten().collect();
             up.send(&present).await?;
         }
-        // The state, and the RAM saved apart from it.
-        let state = upload_file(up, &cap.state_path, cap.state_bytes, cs).await?;
-        let ram = match &cap.ram_path {
-            Some(p) => Some(SavedRam { chunk_size: RAM_CHUNK_SIZE, blob: upload_file(up, p, cap.memory_mib << 20, RAM_CHUNK_SIZE).await? }),
-            None => None,
-        };
-        // Chunks of the parent this server lacks (the parent may live on another server):
-        // read them through the cache and send them too.
-        let mut wanted: HashMap<ChunkHash, (&Blob, usize)> = HashMap::new();
-        for b in parent_blobs(parent) {
-            for (idx, c) in b.chunks.iter().enumerate() {
-                if let Some(h) = c {
-                    wanted.entry(*h).or_insert((b, idx));
-                }
-            }
-        }
-        let hashes: Vec<ChunkHash> = wanted.keys().copied().filter(|h| !up.sent.contains(h)).collect();
-        for batch in hashes.chunks(1024) {
-            let missing = up.client.missing(&up.id, batch).await.map_err(|e| e.to_string())?;
-            for h in missing {
-                let (b, idx) = wanted[&h];
-                let one = Blob { size: b.chunk_len(cs, idx) as u64, chunks: vec![Some(h)] };
-                let data = self.proxy().read_blob(parent, &one).await.map_err(|e| e.to_string())?;
-                let enc = encode_all(vec![data]).await;
-                let present: Vec<(ChunkHash, Bytes)> = enc.into_iter().flatten().collect();
-                up.send(&present).await?;
-            }
-        }
-        let meta = StateMeta {
-            qemu_version: self.qemu_version().to_string(),
-            machine: cap.machine.clone(),
-            cpus: cap.cpus,
-            memory_mib: cap.memory_mib,
-            accel: cap.accel.clone(),
-            saved: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        };
-        let m = Manifest {
-            schema: vgrid_api::manifest::SCHEMA_VERSION,
-            name: name.to_string(),
-            version: 0,
-            created: 0,
-            chunk_size: cs,
-            disk,
-            meta: parent.meta.clone(),
-            parent: Some(parent.image_ref()),
-            state: Some(SavedState { blob: state, meta, ram }),
-        };
-        let m = up.client.commit(&up.id, &m).await.map_err(|e| format!("commit: {e}"))?;
-        Ok((m, new_chunks, up.sent_bytes))
     }
+    let meta = StateMeta {
+        qemu_version: ctx.qemu_version().to_string(),
+        machine: cap.machine.clone(),
+        cpus: cap.cpus,
+        memory_mib: cap.memory_mib,
+        accel: cap.accel.clone(),
+        saved: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    };
+    let m = Manifest {
+        schema: vgrid_api::manifest::SCHEMA_VERSION,
+        name: name.to_string(),
+        version: 0,
+        created: 0,
+        chunk_size: cs,
+        disk,
+        meta: parent.meta.clone(),
+        parent: Some(parent.image_ref()),
+        state: Some(SavedState { blob: state, meta, ram }),
+    };
+    let m = up.client.commit(&up.id, &m).await.map_err(|e| format!("commit: {e}"))?;
+    Ok((m, new_chunks, up.sent_bytes))
 }
 
 /// Uploads the file at `path` (`size` bytes) as a blob of `cs`-byte chunks, in batches;

@@ -33,12 +33,12 @@ fn bad(e: JsonRejection) -> HttpError {
 async fn incoming(State(a): Ctx, body: Result<Json<IncomingRequest>, JsonRejection>) -> Result<Response, HttpError> {
     let Json(req) = body.map_err(bad)?;
     crate::spec::validate_vm_id(&req.launch.id).map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    Ok(Json(a.incoming(req).await?).into_response())
+    Ok(Json(crate::migrate::incoming(&a, req).await?).into_response())
 }
 
 async fn incoming_finish(State(a): Ctx, Path(id): Path<String>, body: Option<Json<FinishRequest>>) -> Result<Response, HttpError> {
     let history = body.map(|b| b.0.console_history).unwrap_or_default();
-    Ok(Json(a.incoming_finish(&id, Duration::from_secs(60), &history).await?).into_response())
+    Ok(Json(crate::migrate::incoming_finish(&a, &id, Duration::from_secs(60), &history).await?).into_response())
 }
 
 async fn incoming_abort(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
@@ -48,13 +48,13 @@ async fn incoming_abort(State(a): Ctx, Path(id): Path<String>) -> Result<Respons
 
 async fn send(State(a): Ctx, Path(id): Path<String>, body: Result<Json<SendRequest>, JsonRejection>) -> Result<Response, HttpError> {
     let Json(req) = body.map_err(bad)?;
-    Ok((StatusCode::ACCEPTED, Json(a.send(&id, req)?)).into_response())
+    Ok((StatusCode::ACCEPTED, Json(crate::migrate::send(&a, &id, req)?)).into_response())
 }
 
 async fn send_status(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
-    Ok(Json(a.send_status(&id)?).into_response())
+    Ok(Json(crate::migrate::send_status(&a, &id)?).into_response())
 }
 
 async fn send_cancel(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
-    Ok(Json(a.send_cancel(&id).await?).into_response())
+    Ok(Json(crate::migrate::send_cancel(&a, &id).await?).into_response())
 }

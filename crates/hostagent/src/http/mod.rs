@@ -40,9 +40,9 @@ impl From<AgentError> for HttpError {
             AgentError::Admission(_) => StatusCode::CONFLICT,
             AgentError::Migration { .. } => StatusCode::CONFLICT,
             AgentError::Proxy(vgrid_blockproxy::ProxyError::ImageNotFound { .. }) => StatusCode::NOT_FOUND,
-            AgentError::Save(crate::save::SaveError::BadName(_)) => StatusCode::BAD_REQUEST,
-            AgentError::Save(crate::save::SaveError::Upload { .. }) => StatusCode::BAD_GATEWAY,
-            AgentError::Save(crate::save::SaveError::Save { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+            AgentError::Save(crate::error::SaveError::BadName(_)) => StatusCode::BAD_REQUEST,
+            AgentError::Save(crate::error::SaveError::Upload { .. }) => StatusCode::BAD_GATEWAY,
+            AgentError::Save(crate::error::SaveError::Save { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
             AgentError::Restore(_) => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -19,7 +19,7 @@ async fn save(agent: Arc<Agent>, id: String, body: Body, suspend: bool) -> axum:
     };
     // Its own task: a caller that goes away (a coordinator restart) must not cancel a save
     // halfway, which would leave the guest paused.
-    let task = tokio::spawn(async move { agent.save_vm(&id, &req, suspend).await });
+    let task = tokio::spawn(async move { crate::save::save_vm(&agent, &id, &req, suspend).await });
     match task.await {
         Ok(Ok(s)) => axum::Json(s).into_response(),
         Ok(Err(e)) => HttpError::from(e).into_response(),

@@ -34,7 +34,7 @@ pub(super) async fn launch(State(a): Ctx, body: Result<Json<LaunchRequest>, Json
     // Its own task: a caller that goes away (a coordinator restarting) does not cancel a
     // launch half-way; the restarted coordinator finds the VM running.
     let id = req.id.clone();
-    let l = tokio::spawn(async move { a.launch(req, &|_| {}).await })
+    let l = tokio::spawn(async move { crate::instantiate::launch(&a, req, &|_| {}).await })
         .await
         .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, format!("launch of VM {id} ended abnormally: {e}")))??;
     Ok(Json(l).into_response())

@@ -50,17 +50,7 @@ impl Vm {
             // QEMU maps it now: the memory lives as long as QEMU, not as long as a name.
             let _ = std::fs::remove_file(f);
         }
-        let vm = Vm {
-            spec,
-            accel,
-            dir,
-            pid,
-            qmp,
-            exit: exit_rx,
-            console: tokio::sync::Mutex::new(None),
-            kill_on_drop: opts.kill_on_drop,
-            adopted: false,
-        };
+        let vm = Vm::running(spec, accel, dir, pid, qmp, exit_rx, opts, false);
         if let Some(state) = &opts.incoming {
             if let Err(e) = vm.finish_incoming(state, opts.startup_timeout).await {
                 let _ = vm.kill().await;
@@ -138,17 +128,22 @@ impl Vm {
         });
         let accel = spec.config.accel.unwrap_or(Accel::Tcg);
         tracing::info!(vm = %spec.id, pid, "adopted running QEMU");
-        Ok(Vm {
-            spec,
-            accel,
-            dir,
-            pid,
-            qmp,
-            exit: exit_rx,
-            console: tokio::sync::Mutex::new(None),
-            kill_on_drop: opts.kill_on_drop,
-            adopted: true,
-        })
+        Ok(Vm::running(spec, accel, dir, pid, qmp, exit_rx, opts, true))
+    }
+
+    /// The `Vm` of a QEMU that runs with QMP connected (launched here, or `adopted`).
+    #[allow(clippy::too_many_arguments)]
+    fn running(
+        spec: VmSpec,
+        accel: Accel,
+        dir: PathBuf,
+        pid: u32,
+        qmp: QmpClient,
+        exit: watch::Receiver<Option<ExitInfo>>,
+        opts: &LaunchOptions,
+        adopted: bool,
+    ) -> Vm {
+        Vm { spec, accel, dir, pid, qmp, exit, console: tokio::sync::Mutex::new(None), kill_on_drop: opts.kill_on_drop, adopted }
     }
 }
 
