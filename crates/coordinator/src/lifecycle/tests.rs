@@ -24,7 +24,9 @@ fn registry() -> Arc<Registry> {
 }
 
 async fn coordinator(state: &State) -> Arc<Coordinator> {
-    Coordinator::new(state.clone(), registry()).await.unwrap()
+    let c = Coordinator::new(state.clone(), registry()).await.unwrap();
+    c.recover_interrupted().await.unwrap();
+    c
 }
 
 fn ad(name: &str, cpus: u32, memory_mib: u64) -> HostAd {
