@@ -31,6 +31,9 @@ use crate::state::{State, StateError, VmStore};
 pub enum CoordinatorError {
     #[error("{0}")]
     BadRequest(String),
+    /// An image name or reference that is not valid (HTTP 400).
+    #[error("{0}")]
+    Image(#[source] vgrid_api::ManifestError),
     /// A VM configuration that fails its static checks (HTTP 400).
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -44,6 +47,9 @@ pub enum CoordinatorError {
     Conflict(String),
     #[error("{0}")]
     Capacity(String),
+    /// No host could take the request in the time it waited (HTTP 409).
+    #[error("{0}")]
+    Waited(#[source] crate::sched::PlaceError),
     #[error(transparent)]
     Expr(#[from] ExprError),
     #[error("image servers: {0}")]
@@ -308,7 +314,7 @@ impl Coordinator {
 
     /// The manifest of saved image `saved` (NAME@V).
     pub(crate) async fn resolve_saved(&self, saved: &str) -> Result<Manifest, CoordinatorError> {
-        let image: ImageRef = saved.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?;
+        let image: ImageRef = saved.parse().map_err(CoordinatorError::Image)?;
         self.resolve_image(&image).await
     }
 

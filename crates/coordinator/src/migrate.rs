@@ -27,10 +27,6 @@ use crate::lifecycle::{Coordinator, CoordinatorError};
 use crate::sched::{PlaceError, PlaceOptions, Placement};
 
 impl HostClient {
-    fn empty(&self, what: &str) -> HostCallError {
-        HostCallError::Unreachable { host: self.name.clone(), url: self.url.clone(), cause: format!("empty answer to {what}") }
-    }
-
     pub async fn migrate_incoming(&self, req: &IncomingRequest) -> Result<IncomingReady, HostCallError> {
         let r: Option<IncomingReady> = self.call(self.http.post(self.u("/host/v1/migrate/incoming")).json(req)).await?;
         r.ok_or_else(|| self.empty("migrate incoming"))
@@ -110,7 +106,7 @@ impl Coordinator {
         }
         // A resumed VM runs from its saved image (its disk holds the guest's writes from before
         // the suspend): the destination must open that one, not the image it was created from.
-        let image = rec.running_image().map_err(|e| CoordinatorError::BadRequest(e.to_string()))?;
+        let image = rec.running_image().map_err(CoordinatorError::Image)?;
         let manifest = self.resolve_image(&image).await?;
         let require = match &req.to {
             Some(to) => format!("host.name == {to:?}"),
