@@ -126,15 +126,8 @@ async fn start_sim(name: String, coordinator: String) -> Sim {
                 qemu_version: "10.0.0".into(),
                 network_modes: vec!["user".into()],
                 labels: [("site".to_string(), site.to_string())].into(),
-                policy: None,
-                load_avg: 0.0,
                 running_vms: vms.len() as u32,
-                image_cache: Default::default(),
-                load_now: 0.0,
-                load_predicted: 0.0,
-                cpu_cap: 0.0,
-                free_cpu_share: 0.0,
-                cgroups: String::new(),
+                ..HostAd::default()
             };
             let hb = HostHeartbeat { ad, vms, usage: vec![] };
             let _ = http.post(format!("{coordinator}/api/v1/hosts/heartbeat")).json(&hb).send().await;

@@ -5,8 +5,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
-/// A compute host's advertisement, refreshed at every heartbeat.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+/// A compute host's advertisement, refreshed at every heartbeat. `Default` is an empty ad (no
+/// name, no capacity), for tests to fill in what they need.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct HostAd {
     /// Unique host name.
     pub name: String,
@@ -145,16 +146,7 @@ pub(crate) mod tests {
             accel: "tcg".into(),
             qemu_version: "10.0.2".into(),
             network_modes: vec!["user".into()],
-            labels: BTreeMap::new(),
-            policy: None,
-            load_avg: 0.0,
-            running_vms: 0,
-            image_cache: BTreeMap::new(),
-            load_now: 0.0,
-            load_predicted: 0.0,
-            cpu_cap: 0.0,
-            free_cpu_share: 0.0,
-            cgroups: String::new(),
+            ..HostAd::default()
         }
     }
 

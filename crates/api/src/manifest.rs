@@ -312,7 +312,7 @@ impl Manifest {
 
     /// Parses and validates a manifest from JSON.
     pub fn from_json(data: &[u8]) -> Result<Self, ManifestError> {
-        let m: Manifest = serde_json::from_slice(data).map_err(|e| ManifestError::Json(e.to_string()))?;
+        let m: Manifest = serde_json::from_slice(data).map_err(|e| ManifestError::Json(JsonError(e.into())))?;
         m.validate()?;
         Ok(m)
     }
@@ -333,8 +333,33 @@ pub enum ManifestError {
     #[error("saved RAM of {size} bytes does not match the state's {memory_mib} MiB of guest memory")]
     RamSize { size: u64, memory_mib: u64 },
     #[error("malformed manifest: {0}")]
-    Json(String),
+    Json(#[source] JsonError),
 }
+
+/// The JSON error of a malformed manifest, kept as [`ManifestError::Json`]'s source: shared, so
+/// that the error stays `Clone`, and compared by what it says.
+#[derive(Debug, Clone)]
+pub struct JsonError(std::sync::Arc<serde_json::Error>);
+
+impl fmt::Display for JsonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for JsonError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for JsonError {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for JsonError {}
 
 #[cfg(test)]
 mod tests {
@@ -437,5 +462,14 @@ mod tests {
         let back: ChunkHash = serde_json::from_str(&s).unwrap();
         assert_eq!(h, back);
         assert!("zz".parse::<ChunkHash>().is_err());
+    }
+
+    #[test]
+    fn a_malformed_manifest_keeps_its_json_error() {
+        let e = Manifest::from_json(b"{").unwrap_err();
+        let cause = serde_json::from_slice::<Manifest>(b"{").unwrap_err();
+        assert_eq!(e.to_string(), format!("malformed manifest: {cause}"));
+        assert_eq!(std::error::Error::source(&e).map(|s| s.to_string()), Some(cause.to_string()));
+        assert_eq!(e.clone(), e);
     }
 }

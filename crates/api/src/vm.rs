@@ -52,19 +52,38 @@ impl VmState {
             VmState::Lost => "lost",
         }
     }
-    /// Whether the VM holds host resources (a QEMU process may exist).
+    /// Whether the VM holds host resources (a QEMU process may exist): a state of
+    /// [`active_states!`]. (The match is exhaustive, so a new state must join one of the two
+    /// lists, and a state in both is an unreachable pattern.)
     pub fn is_active(&self) -> bool {
-        matches!(
-            self,
-            VmState::Pending
-                | VmState::Starting
-                | VmState::Running
-                | VmState::Stopping
-                | VmState::Unknown
-                | VmState::Suspending
-                | VmState::Migrating
-        )
+        match self {
+            crate::active_states!() => true,
+            crate::inactive_states!() => false,
+        }
     }
+}
+
+/// Every state in which a VM holds host resources, as a pattern (the lifecycle table matches
+/// on it; [`VmState::is_active`] is defined by it): `matches!(s, vgrid_api::active_states!())`.
+#[macro_export]
+macro_rules! active_states {
+    () => {
+        $crate::vm::VmState::Pending
+            | $crate::vm::VmState::Starting
+            | $crate::vm::VmState::Running
+            | $crate::vm::VmState::Stopping
+            | $crate::vm::VmState::Unknown
+            | $crate::vm::VmState::Suspending
+            | $crate::vm::VmState::Migrating
+    };
+}
+
+/// Every state in which a VM holds none: the other states than [`active_states!`].
+#[macro_export]
+macro_rules! inactive_states {
+    () => {
+        $crate::vm::VmState::Stopped | $crate::vm::VmState::Failed | $crate::vm::VmState::Suspended | $crate::vm::VmState::Lost
+    };
 }
 
 /// Body of `POST /api/v1/vms`.

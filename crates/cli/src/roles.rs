@@ -368,6 +368,14 @@ fn open_state(data: &Path) -> anyhow::Result<vgrid_coordinator::state::State> {
     vgrid_coordinator::state::open(&StateConfig::Redb(data.join("state.redb"))).map_err(|e| anyhow!("{e}"))
 }
 
+/// The coordinator on `state`, with the recovery of what its previous run left half-done
+/// started (queued VMs queued again, interrupted resumes, suspends and migrations settled).
+async fn open_coordinator(state: &vgrid_coordinator::state::State, registry: Arc<Registry>) -> anyhow::Result<Arc<Coordinator>> {
+    let coord = Coordinator::new(state.clone(), registry).await.map_err(|e| anyhow!("{e}"))?;
+    coord.recover_interrupted().await.map_err(|e| anyhow!("{e}"))?;
+    Ok(coord)
+}
+
 pub async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     let data = a.data_dir.unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
@@ -384,7 +392,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     let registry = a.beats.registry();
     registry.add_fixed_servers(a.host.image_servers.iter().cloned());
     let auth = a.users.open(state.records(), &data).await?;
-    let coord = Coordinator::new(state.clone(), registry.clone()).await.map_err(|e| anyhow!("{e}"))?;
+    let coord = open_coordinator(&state, registry.clone()).await?;
 
     let users: vgrid_trust::caller::Users = auth.clone();
     let app = vgrid_coordinator::http::router(coord.clone(), auth, Some(joins))
@@ -427,7 +435,7 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let registry = a.beats.registry();
     registry.add_fixed_servers(a.image_servers.iter().cloned());
     let auth = a.users.open(state.records(), &data).await?;
-    let coord = Coordinator::new(state.clone(), registry).await.map_err(|e| anyhow!("{e}"))?;
+    let coord = open_coordinator(&state, registry).await?;
     announce(&format!("vgrid coordinator at {url} (data in {}, CA {fingerprint})", data.display()));
     vgrid_trust::tls::serve(listener, node, vgrid_coordinator::http::router(coord, auth, Some(joins)), shutdown_signal())
         .await

@@ -66,11 +66,7 @@ fn host_ad(i: usize, rng: &mut Rng) -> HostAd {
         load_avg: rng.unit() * cpus as f64,
         running_vms: rng.below(4) as u32,
         image_cache,
-        load_now: 0.0,
-        load_predicted: 0.0,
-        cpu_cap: 0.0,
-        free_cpu_share: 0.0,
-        cgroups: String::new(),
+        ..HostAd::default()
     }
 }
 

@@ -40,6 +40,28 @@ pub enum AuthError {
     Conflict(String),
     #[error("{0}")]
     NotFound(String),
+    /// A public key line that is not an OpenSSH key (HTTP 400); `start` is its beginning.
+    #[error(
+        "not an OpenSSH public key ({source}): {start:?}...; expected a line like \"ssh-ed25519 AAAA... comment\" (ed25519, ecdsa-sha2-nistp256/384 or ssh-rsa)"
+    )]
+    NotAKey {
+        start: String,
+        #[source]
+        source: ssh_key::Error,
+    },
+    /// A key that cannot be written back as an OpenSSH line (HTTP 400).
+    #[error("{0}")]
+    KeyEncoding(#[source] ssh_key::Error),
+    /// A login whose signature is not an SSH signature (HTTP 401).
+    #[error("login as {user} failed: malformed SSH signature: {source}")]
+    BadSignature {
+        user: String,
+        #[source]
+        source: ssh_key::Error,
+    },
+    /// A node's certificate request that the grid CA does not sign (HTTP 400).
+    #[error("{0}")]
+    CertRequest(#[source] vgrid_trust::TrustError),
     #[error(transparent)]
     State(#[from] StateError),
     #[error("audit log {}: {source}", path.display())]
@@ -158,12 +180,7 @@ pub fn sign_challenge(key: &ssh_key::PrivateKey, message: &str) -> Result<String
 /// Parses an OpenSSH public key line, with a clear error.
 pub fn parse_public_key(line: &str) -> Result<PublicKey, AuthError> {
     let line = line.trim();
-    PublicKey::from_openssh(line).map_err(|e| {
-        let start: String = line.chars().take(24).collect();
-        AuthError::BadRequest(format!(
-            "not an OpenSSH public key ({e}): {start:?}...; expected a line like \"ssh-ed25519 AAAA... comment\" (ed25519, ecdsa-sha2-nistp256/384 or ssh-rsa)"
-        ))
-    })
+    PublicKey::from_openssh(line).map_err(|source| AuthError::NotAKey { start: line.chars().take(24).collect(), source })
 }
 
 /// This coordinator's realm (made on first start; of two coordinators making it at once, the
@@ -232,7 +249,7 @@ impl Auth {
             if let Some(other) = self.users().await?.into_iter().find(|u| u.fingerprints.contains(&fp)) {
                 return Err(AuthError::Conflict(format!("key {fp} is already registered to user {}", other.name)));
             }
-            keys.push(key.to_openssh().map_err(|e| AuthError::BadRequest(e.to_string()))?);
+            keys.push(key.to_openssh().map_err(AuthError::KeyEncoding)?);
             fingerprints.push(fp);
         }
         let u = UserInfo { name: req.name.clone(), admin: req.admin, keys, fingerprints, quota: req.quota, created: now() };
@@ -319,7 +336,7 @@ impl Auth {
         if p.issued.elapsed() >= CHALLENGE_TTL {
             return Err(fail("the challenge expired; ask for a new one"));
         }
-        let sig = SshSig::from_pem(signature.trim()).map_err(|e| fail(&format!("malformed SSH signature: {e}")))?;
+        let sig = SshSig::from_pem(signature.trim()).map_err(|source| AuthError::BadSignature { user: user.to_string(), source })?;
         let Some(u) = self.load_user(user).await? else {
             return Err(fail("no such user, or none of the user's keys made this signature"));
         };
@@ -481,6 +498,7 @@ mod tests {
         let c = a.challenge("alice").unwrap();
         let e = a.login("alice", &c.nonce, "not a signature").await.unwrap_err();
         assert!(e.to_string().contains("malformed SSH signature"), "{e}");
+        assert!(matches!(e, AuthError::BadSignature { .. }) && std::error::Error::source(&e).is_some(), "{e:?}");
         // Forged tokens.
         for t in ["", "vgt_", "Bearer x", &format!("vgt_{}", "0".repeat(64))] {
             assert!(matches!(a.authenticate(t).await, Err(AuthError::Unauthenticated(_))), "{t:?}");
@@ -515,6 +533,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("not an OpenSSH public key"), "{e}");
+        assert!(matches!(e, AuthError::NotAKey { .. }) && std::error::Error::source(&e).is_some(), "{e:?}");
         add(&a, "x", &k, false).await;
         let e = a
             .add_user(UserCreate {

@@ -136,8 +136,24 @@ impl Registry {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostCallError {
-    #[error("host {host} ({url}) is unreachable: {cause}")]
-    Unreachable { host: String, url: String, cause: String },
+    #[error("host {host} ({url}) is unreachable: {source}")]
+    Unreachable {
+        host: String,
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// An answer that is not the JSON expected.
+    #[error("host {host} ({url}) is unreachable: malformed answer: {source}")]
+    Malformed {
+        host: String,
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// No answer body where one was expected (`what`: the request).
+    #[error("host {host} ({url}) is unreachable: empty answer to {what}")]
+    Empty { host: String, url: String, what: &'static str },
     #[error("host {host} refused (HTTP {status}): {message}")]
     Refused { host: String, status: u16, message: String },
 }
@@ -156,17 +172,10 @@ impl HostClient {
     }
 
     pub(crate) async fn call<T: serde::de::DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<Option<T>, HostCallError> {
-        let resp = req.send().await.map_err(|e| HostCallError::Unreachable {
-            host: self.name.clone(),
-            url: self.url.clone(),
-            cause: e.to_string(),
-        })?;
+        let unreachable = |source| HostCallError::Unreachable { host: self.name.clone(), url: self.url.clone(), source };
+        let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| HostCallError::Unreachable {
-            host: self.name.clone(),
-            url: self.url.clone(),
-            cause: e.to_string(),
-        })?;
+        let body = resp.bytes().await.map_err(unreachable)?;
         if !status.is_success() {
             let message =
                 serde_json::from_slice::<ErrorBody>(&body).map(|e| e.error).unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
@@ -175,11 +184,16 @@ impl HostClient {
         if body.is_empty() {
             return Ok(None);
         }
-        serde_json::from_slice(&body).map(Some).map_err(|e| HostCallError::Unreachable {
+        serde_json::from_slice(&body).map(Some).map_err(|source| HostCallError::Malformed {
             host: self.name.clone(),
             url: self.url.clone(),
-            cause: format!("malformed answer: {e}"),
+            source,
         })
+    }
+
+    /// The error of an answer without the body `what` (a request) should have had.
+    pub(crate) fn empty(&self, what: &'static str) -> HostCallError {
+        HostCallError::Empty { host: self.name.clone(), url: self.url.clone(), what }
     }
 
     pub(crate) fn u(&self, path: &str) -> String {
@@ -188,11 +202,7 @@ impl HostClient {
 
     pub async fn launch(&self, req: &LaunchRequest) -> Result<Launched, HostCallError> {
         let r: Option<Launched> = self.call(self.http.post(self.u("/host/v1/vms")).json(req)).await?;
-        r.ok_or_else(|| HostCallError::Unreachable {
-            host: self.name.clone(),
-            url: self.url.clone(),
-            cause: "empty answer to launch".into(),
-        })
+        r.ok_or_else(|| self.empty("launch"))
     }
 
     pub async fn stop(&self, id: &str, force: bool) -> Result<(), HostCallError> {
@@ -203,7 +213,7 @@ impl HostClient {
     /// Long poll until the VM's QEMU exits.
     pub async fn wait(&self, id: &str) -> Result<VmExit, HostCallError> {
         let r: Option<VmExit> = self.call(self.http.get(self.u(&format!("/host/v1/vms/{id}/wait")))).await?;
-        r.ok_or_else(|| HostCallError::Unreachable { host: self.name.clone(), url: self.url.clone(), cause: "empty answer to wait".into() })
+        r.ok_or_else(|| self.empty("wait"))
     }
 
     pub async fn release(&self, id: &str) -> Result<(), HostCallError> {

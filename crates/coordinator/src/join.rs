@@ -96,7 +96,7 @@ impl Joins {
         if s.info.role != role.as_str() {
             return Err(refused(&format!("it is for a {}, not a {role}", s.info.role)));
         }
-        let cert = self.ca.sign_request(&req.csr, &req.name, &[role]).map_err(|e| AuthError::BadRequest(e.to_string()))?;
+        let cert = self.ca.sign_request(&req.csr, &req.name, &[role]).map_err(AuthError::CertRequest)?;
         s.info.used_by = Some(req.name.clone());
         match self.records.put_record_if(TABLE, id, encode(&s), Expect::ModRevision(entry.mod_revision)).await {
             Ok(_) => {}

@@ -18,8 +18,12 @@
 //!   (`table`), claims (`claims`), admission and placement (`admit`), launching and watching a
 //!   VM (`run`); with `sched` (placement), `hosts` (registry, host client); `lifecycle::admission` is
 //!   the pure admission arithmetic;
-//! * features on the core: `suspend` (snapshot, suspend, resume), `migrate` (live migration and
-//!   the reconciliation with host reports), `accounting`, `auth`, `join`, `images`;
+//! * features on the core: `suspend` (snapshot, suspend, resume), `migrate` (live migration),
+//!   `reconcile` (a host's heartbeat: the core registers it, then the records are reconciled
+//!   with its report; and the recovery at open of what a restart left half-done, handing
+//!   interrupted suspends, resumes and migrations to their features), `accounting`, `auth`,
+//!   `join`, `images`. The core never calls them: `http` and whoever opens the coordinator
+//!   (`Coordinator::new`, then `Coordinator::recover_interrupted`) do;
 //! * `http`: every REST handler and the error → status mapping; no feature module knows axum.
 
 pub mod accounting;
@@ -30,6 +34,7 @@ pub mod images;
 pub mod join;
 pub mod lifecycle;
 pub mod migrate;
+pub mod reconcile;
 pub mod sched;
 pub mod state;
 pub mod suspend;

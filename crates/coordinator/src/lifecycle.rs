@@ -2,8 +2,9 @@
 //! change is an [`table::Event`] through the lifecycle [`table`], written with compare-and-swap),
 //! the claims a record holds in the store ([`claims`]), admission and placement ([`admit`]),
 //! launching and watching a VM ([`run`]), and the hosts' free figures as the scheduler sees
-//! them. Features (suspend/resume, migration, reconciliation, accounting) are built on this
-//! core and never the reverse.
+//! them. Features (suspend/resume, migration, reconciliation and the recovery after a restart,
+//! accounting) are built on this core and never the reverse: the top (`http`, the role
+//! launchers) calls them.
 
 pub(crate) mod admission;
 pub mod admit;
@@ -17,7 +18,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use vgrid_api::grid::{HostAd, HostRecord, HostState};
-use vgrid_api::host::HostHeartbeat;
 use vgrid_api::vm::{ConfigError, VmRecord, VmState};
 use vgrid_api::{ImageRef, Manifest};
 use vgrid_storeclient::StoreClient;
@@ -31,6 +31,9 @@ use crate::state::{State, StateError, VmStore};
 pub enum CoordinatorError {
     #[error("{0}")]
     BadRequest(String),
+    /// An image name or reference that is not valid (HTTP 400).
+    #[error("{0}")]
+    Image(#[source] vgrid_api::ManifestError),
     /// A VM configuration that fails its static checks (HTTP 400).
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -44,6 +47,9 @@ pub enum CoordinatorError {
     Conflict(String),
     #[error("{0}")]
     Capacity(String),
+    /// No host could take the request in the time it waited (HTTP 409).
+    #[error("{0}")]
+    Waited(#[source] crate::sched::PlaceError),
     #[error(transparent)]
     Expr(#[from] ExprError),
     #[error("image servers: {0}")]
@@ -98,18 +104,15 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Opens the coordinator on `state` and starts its background work (lost-host sweeps).
-    /// VMs that were starting when it stopped become `failed`; running ones are watched again
-    /// once their host reports in, so a restart neither loses nor duplicates a VM.
+    /// Opens the coordinator on `state` and starts its background work (lost-host sweeps, the
+    /// store's host claims followed). The caller then starts the recovery of what a previous
+    /// run left half-done, [`Coordinator::recover_interrupted`] (the `reconcile` feature).
     pub async fn new(state: State, registry: Arc<Registry>) -> Result<Arc<Self>, CoordinatorError> {
         let http = vgrid_trust::tls::client_builder().connect_timeout(Duration::from_secs(5)).build().expect("HTTP client");
         let accounting = crate::accounting::Accounting::new(state.usage());
         let c =
             Arc::new(Coordinator { vms: state.vms(), state, registry, sched: Scheduler::new(), http, ads: Default::default(), accounting });
         c.build_claims().await?;
-        for vm in c.records().await? {
-            c.clone().restarted(vm).await;
-        }
         let weak = Arc::downgrade(&c);
         tokio::spawn(async move {
             loop {
@@ -124,37 +127,6 @@ impl Coordinator {
         let weak = Arc::downgrade(&c);
         tokio::spawn(async move { Coordinator::follow_claims(weak).await });
         Ok(c)
-    }
-
-    /// What a VM found at startup needs: queued again, its resume or suspend settled, failed
-    /// (it was starting), its migration undone, or watched again.
-    async fn restarted(self: Arc<Self>, vm: VmRecord) {
-        match vm.state {
-            VmState::Pending if vm.host.is_none() => {
-                // Queued when the coordinator stopped: queue it again.
-                tokio::spawn(async move { self.requeue(vm).await });
-            }
-            VmState::Pending | VmState::Starting if vm.saved_image.is_some() && vm.started.is_none() => {
-                // A resume in flight: its host goes on restoring without us.
-                tokio::spawn(async move { self.recover_resuming(vm.id).await });
-            }
-            VmState::Pending | VmState::Starting => {
-                let _ = self.apply(&vm.id, Event::CoordinatorRestarted).await;
-            }
-            VmState::Running | VmState::Stopping | VmState::Unknown | VmState::Suspending => {
-                if vm.state == VmState::Suspending {
-                    let me = self.clone();
-                    let id = vm.id.clone();
-                    tokio::spawn(async move { me.recover_suspending(id).await });
-                }
-                tokio::spawn(async move { self.watch(vm.id.clone()).await });
-            }
-            VmState::Migrating => {
-                // The migration's driver died with the coordinator: undo it, keep watching.
-                tokio::spawn(async move { self.migration_interrupted(vm).await });
-            }
-            VmState::Stopped | VmState::Failed | VmState::Suspended | VmState::Lost => {}
-        }
     }
 
     /// Writes the claims of records written before claims existed (idempotent: claims that
@@ -202,34 +174,14 @@ impl Coordinator {
         Ok(HostClient::new(&h.ad.name, &h.ad.url, self.http.clone()))
     }
 
-    /// A host heartbeat: records the ad; VMs of a returning host that it still runs are
-    /// running again.
-    pub async fn heartbeat(&self, hb: HostHeartbeat) -> Result<Vec<String>, CoordinatorError> {
-        let name = hb.ad.name.clone();
-        // An owner policy that is not valid CEL is refused before anything is recorded.
-        {
-            let _ads = self.ads.lock().await;
-            let ad = self.adjusted(hb.ad.clone()).await;
-            self.sched.upsert(ad)?;
-        }
-        let running: Vec<String> = hb.vms.iter().filter(|v| !v.incoming).map(|v| v.id.clone()).collect();
-        let records = self.records().await.unwrap_or_default();
-        if let Err(e) = self.accounting.record(&name, &hb.usage, |id| records.iter().find(|v| v.id == id).cloned()).await {
-            tracing::error!(host = %name, "cannot record usage: {e}");
-        }
-        let report = hb.vms.clone();
-        let returned = self.registry.host_beat(hb);
-        let orphans = self.reconcile(&name, &report, &records).await;
-        self.registry.set_orphans(&name, orphans);
-        if returned {
-            tracing::info!(host = %name, "host ready");
-            for vm in &records {
-                if vm.host.as_deref() == Some(name.as_str()) && vm.state == VmState::Unknown && running.contains(&vm.id) {
-                    let _ = self.apply(&vm.id, Event::HostBack).await;
-                }
-            }
-        }
-        Ok(self.registry.image_server_urls())
+    /// Records a host's advertisement for the scheduler, with its free figures net of the
+    /// claims on it. An owner policy that is not valid CEL is refused before anything is
+    /// recorded.
+    pub(crate) async fn advertise(&self, ad: HostAd) -> Result<(), CoordinatorError> {
+        let _ads = self.ads.lock().await;
+        let ad = self.adjusted(ad).await;
+        self.sched.upsert(ad)?;
+        Ok(())
     }
 
     /// A host's ad with free cpus, memory and cpu share net of the claims on it in the store
@@ -362,7 +314,7 @@ impl Coordinator {
 
     /// The manifest of saved image `saved` (NAME@V).
     pub(crate) async fn resolve_saved(&self, saved: &str) -> Result<Manifest, CoordinatorError> {
-        let image: ImageRef = saved.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?;
+        let image: ImageRef = saved.parse().map_err(CoordinatorError::Image)?;
         self.resolve_image(&image).await
     }
 

@@ -1,7 +1,7 @@
-//! Live migration, coordinator side, and the reconciliation of VM records with what hosts
-//! report at each heartbeat.
+//! Live migration, coordinator side (the reconciliation of records with hosts' reports is
+//! `reconcile`'s; it hands an interrupted migration to [`Coordinator::migration_interrupted`]).
 //!
-//! Migration: destination first. The scheduler reserves capacity on the destination (`--to`
+//! Destination first. The scheduler reserves capacity on the destination (`--to`
 //! pins `host.name`; otherwise any host matching the VM's requirement other than the source),
 //! the destination prepares an incoming QEMU (`POST /host/v1/migrate/incoming`), the source
 //! mirrors its overlay and sends memory (`POST /host/v1/vms/{id}/migrate`, polled), and only
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vgrid_api::grid::{HostState, PlacementRequest};
-use vgrid_api::host::{FinishRequest, IncomingReady, IncomingRequest, LaunchRequest, Launched, SendRequest, VmReport, MAX_CONSOLE_HISTORY};
+use vgrid_api::host::{FinishRequest, IncomingReady, IncomingRequest, LaunchRequest, Launched, SendRequest, MAX_CONSOLE_HISTORY};
 use vgrid_api::migrate::{Migration, MigrationStatus, VmMigrate, DEFAULT_DOWNTIME_MS, DEFAULT_MAX_SECONDS};
 use vgrid_api::vm::{VmRecord, VmState};
 
@@ -23,22 +23,10 @@ use crate::lifecycle::admit::place_error;
 use crate::lifecycle::guard::Admit;
 use crate::lifecycle::records::CAS_RETRIES;
 use crate::lifecycle::table::{Event, MigrationOutcome};
-use crate::lifecycle::{now, Coordinator, CoordinatorError};
+use crate::lifecycle::{Coordinator, CoordinatorError};
 use crate::sched::{PlaceError, PlaceOptions, Placement};
 
-/// A record absent from its host's report is `lost` only once it has been in its state this
-/// long (a heartbeat may have been composed before a launch finished).
-pub const REPORT_GRACE: Duration = Duration::from_secs(10);
-/// A VM `starting` for longer than this is resolved from its host's report.
-pub const STUCK_STARTING: Duration = Duration::from_secs(15 * 60);
-/// Slack after a migration's own maximum duration before a heartbeat resolves it.
-pub const STUCK_MIGRATING_SLACK: Duration = Duration::from_secs(120);
-
 impl HostClient {
-    fn empty(&self, what: &str) -> HostCallError {
-        HostCallError::Unreachable { host: self.name.clone(), url: self.url.clone(), cause: format!("empty answer to {what}") }
-    }
-
     pub async fn migrate_incoming(&self, req: &IncomingRequest) -> Result<IncomingReady, HostCallError> {
         let r: Option<IncomingReady> = self.call(self.http.post(self.u("/host/v1/migrate/incoming")).json(req)).await?;
         r.ok_or_else(|| self.empty("migrate incoming"))
@@ -118,7 +106,7 @@ impl Coordinator {
         }
         // A resumed VM runs from its saved image (its disk holds the guest's writes from before
         // the suspend): the destination must open that one, not the image it was created from.
-        let image = rec.running_image().map_err(|e| CoordinatorError::BadRequest(e.to_string()))?;
+        let image = rec.running_image().map_err(CoordinatorError::Image)?;
         let manifest = self.resolve_image(&image).await?;
         let require = match &req.to {
             Some(to) => format!("host.name == {to:?}"),
@@ -367,19 +355,6 @@ impl Coordinator {
         let _ = self.apply(&id, Event::MigrationEnded { outcome: MigrationOutcome::Interrupted }).await;
         self.watch(id).await;
     }
-
-    /// Reconciles the `records` of VMs on `host` with its heartbeat's report; returns the
-    /// orphans (QEMUs the host runs that no record places there).
-    pub(crate) async fn reconcile(&self, host: &str, report: &[VmReport], records: &[VmRecord]) -> Vec<String> {
-        let plan = plan_reconcile(host, report, records, now());
-        for (id, action) in plan.actions {
-            if let Action::Lost(reason) = &action {
-                tracing::warn!(vm = %id, host, "{reason}");
-            }
-            let _ = self.apply(&id, action.event()).await;
-        }
-        plan.orphans
-    }
 }
 
 /// The tail (at most `MAX_CONSOLE_HISTORY` bytes) of a VM's console log on `host`; empty
@@ -416,182 +391,9 @@ fn apply(m: &mut Migration, st: &Migration) {
     m.cpu_throttle_percentage = st.cpu_throttle_percentage.or(m.cpu_throttle_percentage);
 }
 
-/// What a heartbeat changes about one record.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Action {
-    Lost(String),
-    Stopped,
-    Failed(String),
-    Running(u32),
-}
-
-impl Action {
-    /// The lifecycle event of the action.
-    pub(crate) fn event(self) -> Event {
-        match self {
-            Action::Lost(reason) => Event::SettledLost { reason },
-            Action::Stopped => Event::SettledStopped,
-            Action::Failed(reason) => Event::SettledFailed { reason },
-            Action::Running(pid) => Event::SettledRunning { pid },
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Plan {
-    pub actions: Vec<(String, Action)>,
-    pub orphans: Vec<String>,
-}
-
-/// The reconciliation of one heartbeat, as a pure function of the records and the report.
-pub(crate) fn plan_reconcile(host: &str, report: &[VmReport], records: &[VmRecord], now: u64) -> Plan {
-    let mut plan = Plan::default();
-    let reported = |id: &str| report.iter().find(|r| r.id == id && !r.incoming);
-    let age = |v: &VmRecord| now.saturating_sub(v.state_since.unwrap_or(0));
-    for v in records.iter().filter(|v| v.host.as_deref() == Some(host)) {
-        let here = reported(&v.id);
-        match (v.state, here) {
-            (VmState::Running | VmState::Unknown, None) if age(v) >= REPORT_GRACE.as_secs() => plan
-                .actions
-                .push((v.id.clone(), Action::Lost(format!("host {host} reported that it no longer runs this VM (its QEMU is gone)")))),
-            (VmState::Stopping, None) if age(v) >= REPORT_GRACE.as_secs() => plan.actions.push((v.id.clone(), Action::Stopped)),
-            (VmState::Unknown, Some(r)) => plan.actions.push((v.id.clone(), Action::Running(r.pid))),
-            (VmState::Starting, here) if age(v) >= STUCK_STARTING.as_secs() => plan.actions.push((
-                v.id.clone(),
-                match here {
-                    Some(r) => Action::Running(r.pid),
-                    None => Action::Failed(format!("starting on host {host} took longer than {} s", STUCK_STARTING.as_secs())),
-                },
-            )),
-            (VmState::Migrating, here) => {
-                let bound = v.migration.as_ref().map(|m| m.max_seconds).unwrap_or(0) + STUCK_MIGRATING_SLACK.as_secs();
-                if age(v) >= bound {
-                    plan.actions.push((
-                        v.id.clone(),
-                        match here {
-                            Some(r) => Action::Running(r.pid),
-                            None => Action::Lost(format!("stuck migrating for {} s and host {host} no longer runs it", age(v))),
-                        },
-                    ));
-                }
-            }
-            _ => {}
-        }
-    }
-    for r in report {
-        let known = records.iter().any(|v| {
-            let m = v.migration.as_ref();
-            v.id == r.id
-                && v.state.is_active()
-                && (if r.incoming {
-                    // Received by a migration that the record says goes here.
-                    v.state == VmState::Migrating && m.map(|m| m.to == host).unwrap_or(false)
-                } else {
-                    v.host.as_deref() == Some(host)
-                        // The destination just took over (its report raced the record)...
-                        || (v.state == VmState::Migrating && m.map(|m| m.to == host).unwrap_or(false))
-                        // ...or the source has not removed its paused QEMU yet.
-                        || m.map(|m| {
-                            m.from == host
-                                && m.status == MigrationStatus::Completed
-                                && now.saturating_sub(m.finished.unwrap_or(0)) < REPORT_GRACE.as_secs()
-                        })
-                        .unwrap_or(false)
-                })
-        });
-        if !known {
-            plan.orphans.push(r.id.clone());
-        }
-    }
-    plan.orphans.sort();
-    plan
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rec(id: &str, host: &str, state: VmState, since: u64) -> VmRecord {
-        let config = vgrid_api::vm::VmConfig::new(vgrid_api::ImageRef { name: "sample".into(), version: Some(1) }).with_memory_mib(128);
-        let mut r = VmRecord::new(id, id, "alice", config, 0);
-        r.state = state;
-        r.host = Some(host.into());
-        r.state_since = Some(since);
-        r
-    }
-
-    fn rep(id: &str, incoming: bool) -> VmReport {
-        VmReport { id: id.into(), pid: 42, incoming }
-    }
-
-    #[test]
-    fn missing_vms_become_lost_and_unknown_ones_are_orphans() {
-        let now = 1000;
-        let records = vec![
-            rec("a", "h1", VmState::Running, 0),
-            rec("b", "h1", VmState::Running, 0),
-            rec("young", "h1", VmState::Running, now - 1),
-            rec("other", "h2", VmState::Running, 0),
-            rec("stopping", "h1", VmState::Stopping, 0),
-            rec("unknown", "h1", VmState::Unknown, 0),
-            rec("done", "h1", VmState::Stopped, 0),
-        ];
-        let report = vec![rep("a", false), rep("unknown", false), rep("stranger", false), rep("done", false), rep("other", false)];
-        let p = plan_reconcile("h1", &report, &records, now);
-        assert!(p.actions.iter().any(|(id, a)| id == "b" && matches!(a, Action::Lost(r) if r.contains("h1"))));
-        assert!(!p.actions.iter().any(|(id, _)| id == "young" || id == "a" || id == "other" || id == "done"), "{:?}", p.actions);
-        assert!(p.actions.contains(&("stopping".into(), Action::Stopped)));
-        assert!(p.actions.contains(&("unknown".into(), Action::Running(42))));
-        // Never killed, only listed: a VM with no record, one stopped, one recorded elsewhere.
-        assert_eq!(p.orphans, vec!["done".to_string(), "other".to_string(), "stranger".to_string()]);
-    }
-
-    #[test]
-    fn migrations_resolve_only_after_their_bound_and_incoming_vms_are_expected() {
-        let mut m = rec("m", "h1", VmState::Migrating, 1000);
-        m.migration = Some(Migration::begin("h1", "h2", 100, 60, 1000));
-        let records = vec![m];
-        // On the destination, the incoming QEMU is expected: no orphan.
-        let p = plan_reconcile("h2", &[rep("m", true)], &records, 1010);
-        assert!(p.orphans.is_empty() && p.actions.is_empty(), "{p:?}");
-        // At the source, within the bound: nothing happens.
-        let p = plan_reconcile("h1", &[rep("m", false)], &records, 1100);
-        assert!(p.actions.is_empty());
-        // Past the bound, the source's report decides.
-        let p = plan_reconcile("h1", &[rep("m", false)], &records, 1000 + 60 + 121);
-        assert_eq!(p.actions, vec![("m".to_string(), Action::Running(42))]);
-        let p = plan_reconcile("h1", &[], &records, 1000 + 60 + 121);
-        assert!(matches!(&p.actions[0].1, Action::Lost(_)));
-    }
-
-    #[test]
-    fn a_vm_stuck_starting_is_settled_from_the_report_after_its_bound() {
-        let bound = STUCK_STARTING.as_secs();
-        let records = vec![rec("s1", "h1", VmState::Starting, 0), rec("s2", "h1", VmState::Starting, 0)];
-        // Within the bound nothing happens, even when the host does not report it yet.
-        assert!(plan_reconcile("h1", &[], &records, bound - 1).actions.is_empty());
-        let p = plan_reconcile("h1", &[rep("s1", false)], &records, bound);
-        assert!(p.actions.contains(&("s1".to_string(), Action::Running(42))), "{p:?}");
-        assert!(p.actions.iter().any(|(id, a)| id == "s2" && matches!(a, Action::Failed(r) if r.contains("h1"))), "{p:?}");
-        assert!(p.orphans.is_empty());
-    }
-
-    #[test]
-    fn after_a_migration_neither_side_reports_an_orphan_while_the_record_catches_up() {
-        let mut m = rec("m", "h2", VmState::Running, 1000);
-        m.migration = Some(Migration {
-            status: MigrationStatus::Completed,
-            finished: Some(1000),
-            downtime_ms: Some(20),
-            total_ms: Some(800),
-            ..Migration::begin("h1", "h2", 100, 60, 990)
-        });
-        let records = vec![m];
-        // The source still reports its paused QEMU for a moment: not an orphan...
-        assert!(plan_reconcile("h1", &[rep("m", false)], &records, 1002).orphans.is_empty());
-        // ...but one that stays is.
-        assert_eq!(plan_reconcile("h1", &[rep("m", false)], &records, 1000 + REPORT_GRACE.as_secs()).orphans, vec!["m"]);
-    }
 
     #[test]
     fn url_host_parts() {

@@ -45,11 +45,7 @@ impl HostClient {
         let what = if suspend { "suspend" } else { "snapshot" };
         let req = self.http.post(self.u(&format!("/host/v1/vms/{id}/{what}"))).json(&SaveRequest { name: name.to_string() });
         let r: Option<SavedImage> = self.call(req).await?;
-        r.ok_or_else(|| HostCallError::Unreachable {
-            host: self.name.clone(),
-            url: self.url.clone(),
-            cause: format!("empty answer to {what}"),
-        })
+        r.ok_or_else(|| self.empty(what))
     }
 }
 
@@ -104,7 +100,7 @@ impl Coordinator {
 
     /// Saves a running VM as the warm image `name` (parent: the VM's image); it keeps running.
     pub async fn snapshot(&self, key: &str, name: &str) -> Result<SavedImage, CoordinatorError> {
-        vgrid_api::manifest::validate_name(name).map_err(|e| CoordinatorError::BadRequest(e.to_string()))?;
+        vgrid_api::manifest::validate_name(name).map_err(CoordinatorError::Image)?;
         let (rec, client) = self.running_on(key, "snapshotted").await?;
         tracing::info!(vm = %rec.id, image = name, "saving VM as a warm image");
         Ok(client.save(&rec.id, name, false).await?)

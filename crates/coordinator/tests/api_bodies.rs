@@ -34,6 +34,7 @@ fn api() -> Api {
         let token = auth.login("admin", &c.nonce, &sign_challenge(&key, &c.message).unwrap()).await.unwrap().token;
         let registry = Arc::new(Registry::new(Duration::from_secs(5), Duration::from_secs(15)));
         let coord = Coordinator::new(state.clone(), registry).await.unwrap();
+        coord.recover_interrupted().await.unwrap();
         (vgrid_coordinator::http::router(coord, auth, None), token)
     });
     Api { _dir: dir, rt, router, token }

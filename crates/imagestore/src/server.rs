@@ -60,7 +60,9 @@ impl From<StoreError> for ApiError {
             UploadNotFound(id) => (StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, format!("upload {id}")),
             ProfileNotFound(r) => (StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, format!("profile of image {r}")),
             HotPagesNotFound(r) => (StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, format!("hot pages of image {r}")),
-            BadHotPages { image, .. } => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("hot pages of image {image}")),
+            BadHotPages { image, .. } | NoSavedRam(image) => {
+                (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("hot pages of image {image}"))
+            }
             ImageExists(r) => (StatusCode::CONFLICT, ErrorKind::CONFLICT, format!("image {r}")),
             InvalidManifest { image, .. } => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("image {image}")),
             BadName(cause) => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, cause.to_string()),

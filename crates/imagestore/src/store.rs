@@ -26,6 +26,7 @@ use vgrid_api::manifest::validate_name;
 use vgrid_api::rest::{BootProfile, GcReport, ImageOwner, ImageSummary, UploadId};
 use vgrid_api::{ChunkHash, ImageRef, Manifest, ManifestError, MAX_CHUNK_SIZE};
 use vgrid_storeclient::codec::{self, ChunkError};
+use vgrid_storeclient::hotpages::HotPagesError;
 
 /// How long an upload session may stay idle before it expires (and its pins with it).
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(3600);
@@ -37,21 +38,37 @@ pub enum StoreError {
     #[error("image {0} already exists (versions are immutable)")]
     ImageExists(ImageRef),
     #[error("image {image}: invalid manifest: {cause}")]
-    InvalidManifest { image: String, cause: ManifestError },
+    InvalidManifest {
+        image: String,
+        #[source]
+        cause: ManifestError,
+    },
     #[error("{0}")]
-    BadName(ManifestError),
+    BadName(#[source] ManifestError),
     #[error("image {image}: stored manifest is unreadable: {cause}")]
-    CorruptManifest { image: ImageRef, cause: String },
+    CorruptManifest {
+        image: ImageRef,
+        #[source]
+        cause: Unreadable,
+    },
     #[error("image {image}: {count} referenced chunk(s) are not in the store, first {first}")]
     MissingChunks { image: String, count: usize, first: ChunkHash, missing: Vec<ChunkHash> },
     #[error("chunk {0} not found")]
     ChunkNotFound(ChunkHash),
     /// A chunk in the store failed verification: never served, always logged.
     #[error("chunk {hash} is corrupt in the image store: {cause}")]
-    ChunkCorrupt { hash: ChunkHash, cause: ChunkError },
+    ChunkCorrupt {
+        hash: ChunkHash,
+        #[source]
+        cause: ChunkError,
+    },
     /// Uploaded bytes do not decode to the hash they were uploaded under.
     #[error("uploaded chunk {hash} rejected: {cause}")]
-    BadUpload { hash: ChunkHash, cause: ChunkError },
+    BadUpload {
+        hash: ChunkHash,
+        #[source]
+        cause: ChunkError,
+    },
     #[error("upload session {0} is unknown or expired")]
     UploadNotFound(UploadId),
     #[error("boot profile of image {0} not found")]
@@ -61,7 +78,13 @@ pub enum StoreError {
     #[error("hot pages of image {0} not found")]
     HotPagesNotFound(ImageRef),
     #[error("hot pages of image {image} refused: {cause}")]
-    BadHotPages { image: ImageRef, cause: String },
+    BadHotPages {
+        image: ImageRef,
+        #[source]
+        cause: HotPagesError,
+    },
+    #[error("hot pages of image {0} refused: the image has no saved RAM")]
+    NoSavedRam(ImageRef),
     #[error("image store is out of space while writing {object}")]
     NoSpace { object: String },
     #[error("image store: {op} {object} failed: {source}")]
@@ -71,6 +94,17 @@ pub enum StoreError {
         #[source]
         source: object_store::Error,
     },
+}
+
+/// Why a stored manifest, or a record beside it, cannot be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum Unreadable {
+    #[error(transparent)]
+    Manifest(ManifestError),
+    #[error("owner record: {0}")]
+    Owner(#[source] serde_json::Error),
+    #[error("boot profile: {0}")]
+    Profile(#[source] serde_json::Error),
 }
 
 impl StoreError {
@@ -429,7 +463,7 @@ impl ImageStore {
             Err(object_store::Error::NotFound { .. }) => return Err(StoreError::ImageNotFound(r)),
             Err(e) => return Err(StoreError::backend("read", format!("manifest of image {r}"), e)),
         };
-        Manifest::from_json(&b).map_err(|e| StoreError::CorruptManifest { image: r, cause: e.to_string() })
+        Manifest::from_json(&b).map_err(|e| StoreError::CorruptManifest { image: r, cause: Unreadable::Manifest(e) })
     }
 
     /// Every stored image version, by name then version.
@@ -457,7 +491,7 @@ impl ImageStore {
                 let b = g.bytes().await.map_err(|e| StoreError::backend("read", format!("owner of image {name}"), e))?;
                 serde_json::from_slice(&b).map_err(|e| StoreError::CorruptManifest {
                     image: ImageRef { name: name.into(), version: None },
-                    cause: format!("owner record: {e}"),
+                    cause: Unreadable::Owner(e),
                 })
             }
             Err(object_store::Error::NotFound { .. }) => Ok(ImageOwner::default()),
@@ -617,9 +651,7 @@ impl ImageStore {
     /// The boot profile of an image version (latest when no version is given).
     pub async fn get_profile(&self, r: &ImageRef) -> Result<BootProfile, StoreError> {
         match self.beside(r, profile_path, "boot profile").await? {
-            (r, Some(b)) => {
-                serde_json::from_slice(&b).map_err(|e| StoreError::CorruptManifest { image: r, cause: format!("boot profile: {e}") })
-            }
+            (r, Some(b)) => serde_json::from_slice(&b).map_err(|e| StoreError::CorruptManifest { image: r, cause: Unreadable::Profile(e) }),
             (r, None) => Err(StoreError::ProfileNotFound(r)),
         }
     }
@@ -637,9 +669,9 @@ impl ImageStore {
     pub async fn put_hot_pages(&self, r: &ImageRef, bundle: bytes::Bytes) -> Result<u64, StoreError> {
         let m = self.get_manifest(r).await?;
         let r = m.image_ref();
-        let bad = |cause: String| StoreError::BadHotPages { image: r.clone(), cause };
-        let ram = m.state.as_ref().and_then(|s| s.ram.as_ref()).ok_or_else(|| bad("the image has no saved RAM".into()))?;
-        let pages = vgrid_storeclient::hotpages::decode(&bundle, &ram.blob, ram.chunk_size).map_err(|e| bad(e.to_string()))?;
+        let ram = m.state.as_ref().and_then(|s| s.ram.as_ref()).ok_or_else(|| StoreError::NoSavedRam(r.clone()))?;
+        let pages = vgrid_storeclient::hotpages::decode(&bundle, &ram.blob, ram.chunk_size)
+            .map_err(|cause| StoreError::BadHotPages { image: r.clone(), cause })?;
         self.objects
             .put(&hot_pages_path(&r.name, r.version.expect("concrete")), PutPayload::from(bundle))
             .await

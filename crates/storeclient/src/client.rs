@@ -15,7 +15,9 @@ use vgrid_api::{ChunkHash, ErrorBody, ImageRef, Manifest};
 
 pub use vgrid_api::rest::UploadId;
 
-/// Errors of [`StoreClient`]; each names the server URL and the object.
+/// Errors of [`StoreClient`]; each names the server URL and the object. Their causes stay text:
+/// often the server's own message; `Unreachable`'s is the whole chain of the HTTP error, and the
+/// block proxy takes `Corrupt`'s and `BadResponse`'s as its own error's cause (`cause.into()`).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
     #[error("{object} not found on image server {url}: {message}")]

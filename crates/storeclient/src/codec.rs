@@ -8,8 +8,12 @@ pub const ZSTD_LEVEL: i32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
-    #[error("chunk {hash}: stored bytes are not valid zstd ({cause})")]
-    Decompress { hash: ChunkHash, cause: String },
+    #[error("chunk {hash}: stored bytes are not valid zstd ({source})")]
+    Decompress {
+        hash: ChunkHash,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("chunk {hash}: content hashes to {actual}, the chunk is corrupt")]
     HashMismatch { hash: ChunkHash, actual: ChunkHash },
     #[error("chunk {hash}: decompresses to {actual} bytes, more than the {limit}-byte limit")]
@@ -40,7 +44,7 @@ pub fn decode(hash: &ChunkHash, stored: &[u8], limit: usize) -> Result<Vec<u8>, 
         Ok(Some(n)) => n as usize,
         _ => limit,
     };
-    let data = zstd::bulk::decompress(stored, capacity).map_err(|e| ChunkError::Decompress { hash: *hash, cause: e.to_string() })?;
+    let data = zstd::bulk::decompress(stored, capacity).map_err(|source| ChunkError::Decompress { hash: *hash, source })?;
     let actual = ChunkHash::of(&data);
     if actual != *hash {
         return Err(ChunkError::HashMismatch { hash: *hash, actual });
@@ -52,19 +56,19 @@ pub fn decode(hash: &ChunkHash, stored: &[u8], limit: usize) -> Result<Vec<u8>, 
 /// without keeping the plain bytes (streams them through the hasher). Returns the plain length.
 pub fn verify(hash: &ChunkHash, stored: &[u8], limit: usize) -> Result<usize, ChunkError> {
     use std::io::Read;
-    let bad = |cause: String| ChunkError::Decompress { hash: *hash, cause };
+    let bad = |source| ChunkError::Decompress { hash: *hash, source };
     if let Ok(Some(n)) = zstd::zstd_safe::get_frame_content_size(stored) {
         if n > limit as u64 {
             return Err(ChunkError::TooLarge { hash: *hash, actual: n as usize, limit });
         }
     }
-    let dec = zstd::stream::read::Decoder::with_buffer(stored).map_err(|e| bad(e.to_string()))?;
+    let dec = zstd::stream::read::Decoder::with_buffer(stored).map_err(bad)?;
     let mut dec = dec.take(limit as u64 + 1);
     let mut hasher = blake3::Hasher::new();
     let mut buf = [0u8; 64 * 1024];
     let mut total = 0usize;
     loop {
-        let n = dec.read(&mut buf).map_err(|e| bad(e.to_string()))?;
+        let n = dec.read(&mut buf).map_err(bad)?;
         if n == 0 {
             break;
         }
@@ -103,7 +107,8 @@ mod tests {
         let data = vec![7u8; 8192];
         let (h, z) = encode(&data);
         assert!(matches!(decode(&h, &z, 4096), Err(ChunkError::TooLarge { actual: 8192, .. })));
-        assert!(matches!(decode(&h, b"not zstd at all", 4096), Err(ChunkError::Decompress { .. })));
+        let e = decode(&h, b"not zstd at all", 4096).unwrap_err();
+        assert!(matches!(e, ChunkError::Decompress { .. }) && std::error::Error::source(&e).is_some(), "{e}");
         assert_eq!(decode(&h, &z, 8192).unwrap(), data);
     }
 

@@ -109,7 +109,14 @@ pub enum ImportError {
     #[error("{path}: ended after {got} bytes, expected {expected}")]
     ShortRead { path: PathBuf, got: u64, expected: u64 },
     #[error("{path}: reading the qcow2 image with `{command}` failed: {cause}")]
-    Convert { path: PathBuf, command: String, cause: String },
+    Convert {
+        path: PathBuf,
+        command: String,
+        #[source]
+        cause: ConvertFailure,
+    },
+    /// `cause` stays text: an invalid name's error (`ManifestError::BadName`) is nothing but its
+    /// text, like the other option checks' messages.
     #[error("image {image}: {cause}")]
     Options { image: String, cause: String },
     #[error("image {image}: upload failed, nothing was stored: {source}")]
@@ -131,6 +138,25 @@ pub enum ImportError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why reading a qcow2 image through `qemu-img` or `nbdcopy` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertFailure {
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Waiting for the converter to exit failed.
+    #[error("{0}")]
+    Wait(#[source] std::io::Error),
+    #[error("unreadable output: {0}")]
+    Output(#[source] serde_json::Error),
+    /// What the tool said (its diagnostic, its exit status) or what is wrong with its output.
+    #[error("{0}")]
+    Said(String),
 }
 
 /// Progress callback: `(bytes done, bytes total)`.
@@ -178,31 +204,31 @@ fn open_raw(path: &Path) -> Result<Source, ImportError> {
 
 fn qcow2_virtual_size(path: &Path) -> Result<u64, ImportError> {
     let command = format!("qemu-img info --output=json -f qcow2 {}", path.display());
-    let err = |cause: String| ImportError::Convert { path: path.into(), command: command.clone(), cause };
+    let err = |cause| ImportError::Convert { path: path.into(), command: command.clone(), cause };
     let out = Command::new("qemu-img")
         .args(["info", "--output=json", "-f", "qcow2"])
         .arg(path)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| err(format!("cannot run qemu-img: {e}")))?;
+        .map_err(|source| err(ConvertFailure::Spawn { program: "qemu-img", source }))?;
     if !out.status.success() {
-        return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        return Err(err(ConvertFailure::Said(String::from_utf8_lossy(&out.stderr).trim().to_string())));
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| err(format!("unreadable output: {e}")))?;
-    v.get("virtual-size").and_then(|s| s.as_u64()).ok_or_else(|| err("no virtual-size in its output".into()))
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| err(ConvertFailure::Output(e)))?;
+    v.get("virtual-size").and_then(|s| s.as_u64()).ok_or_else(|| err(ConvertFailure::Said("no virtual-size in its output".into())))
 }
 
 /// Runs `qemu-img check`: a qcow2 file with corrupt metadata (a truncated copy, say) would
 /// otherwise read as zeroes where its data is missing.
 fn qcow2_check(path: &Path) -> Result<(), ImportError> {
     let command = format!("qemu-img check --output=json -f qcow2 {}", path.display());
-    let err = |cause: String| ImportError::Convert { path: path.into(), command: command.clone(), cause };
+    let err = |cause| ImportError::Convert { path: path.into(), command: command.clone(), cause };
     let out = Command::new("qemu-img")
         .args(["check", "--output=json", "-f", "qcow2"])
         .arg(path)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| err(format!("cannot run qemu-img: {e}")))?;
+        .map_err(|source| err(ConvertFailure::Spawn { program: "qemu-img", source }))?;
     let report: Option<serde_json::Value> = serde_json::from_slice(&out.stdout).ok();
     let count = |k: &str| report.as_ref().and_then(|r| r.get(k)).and_then(|v| v.as_u64()).unwrap_or(0);
     match out.status.code() {
@@ -212,15 +238,15 @@ fn qcow2_check(path: &Path) -> Result<(), ImportError> {
             tracing::warn!(path = %path.display(), leaks = count("leaks"), "qcow2 image has leaked clusters; importing anyway");
             Ok(())
         }
-        Some(2) => Err(err(format!(
+        Some(2) => Err(err(ConvertFailure::Said(format!(
             "the qcow2 image is corrupt ({} corruptions, {} check errors); repair it with `qemu-img check -r all` or convert it again",
             count("corruptions"),
             count("check-errors")
-        ))),
+        )))),
         _ => {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let first = stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("no diagnostic").trim().to_string();
-            Err(err(format!("{} ({first})", out.status)))
+            Err(err(ConvertFailure::Said(format!("{} ({first})", out.status))))
         }
     }
 }
@@ -240,7 +266,11 @@ fn open_qcow2(path: &Path) -> Result<Source, ImportError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| ImportError::Convert { path: path.into(), command: command.clone(), cause: format!("cannot run nbdcopy: {e}") })?;
+        .map_err(|source| ImportError::Convert {
+            path: path.into(),
+            command: command.clone(),
+            cause: ConvertFailure::Spawn { program: "nbdcopy", source },
+        })?;
     let stdout = child.stdout.take().expect("piped stdout");
     let mut stderr = child.stderr.take().expect("piped stderr");
     let errs = std::thread::spawn(move || {
@@ -328,8 +358,12 @@ impl Source {
         let stderr = errs.join().unwrap_or_default();
         match status {
             Ok(s) if s.success() => Ok(()),
-            Ok(s) => Err(ImportError::Convert { path: self.path.clone(), command, cause: format!("{s}: {}", stderr.trim()) }),
-            Err(e) => Err(ImportError::Convert { path: self.path.clone(), command, cause: e.to_string() }),
+            Ok(s) => Err(ImportError::Convert {
+                path: self.path.clone(),
+                command,
+                cause: ConvertFailure::Said(format!("{s}: {}", stderr.trim())),
+            }),
+            Err(e) => Err(ImportError::Convert { path: self.path.clone(), command, cause: ConvertFailure::Wait(e) }),
         }
     }
 }
@@ -499,7 +533,7 @@ fn finish_source(mut src: Source, completed: bool, read_error: &ReadError) {
             *read_error.lock().unwrap() = Some(ImportError::Convert {
                 path: src.path.clone(),
                 command: "nbdcopy".into(),
-                cause: format!("produced more than the {size}-byte virtual size"),
+                cause: ConvertFailure::Said(format!("produced more than the {size}-byte virtual size")),
             });
             return;
         }

@@ -20,5 +20,5 @@ pub mod hotpages;
 pub mod import;
 
 pub use client::{ClientError, FetchedChunk, RetryPolicy, StoreClient};
-pub use import::{export_blob, export_image, import_file, Format, ImportError, ImportOptions};
+pub use import::{export_blob, export_image, import_file, ConvertFailure, Format, ImportError, ImportOptions};
 pub use vgrid_api::rest::UploadId;

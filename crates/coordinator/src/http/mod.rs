@@ -46,9 +46,9 @@ impl From<CoordinatorError> for ApiError {
     fn from(e: CoordinatorError) -> Self {
         use CoordinatorError::*;
         let code = match &e {
-            BadRequest(_) | Config(_) => StatusCode::BAD_REQUEST,
+            BadRequest(_) | Config(_) | Image(_) => StatusCode::BAD_REQUEST,
             UnknownImage(_) | UnknownVm(_) | UnknownHost(_) => StatusCode::NOT_FOUND,
-            Conflict(_) | Capacity(_) | Transition { .. } | Contended(_) => StatusCode::CONFLICT,
+            Conflict(_) | Capacity(_) | Waited(_) | Transition { .. } | Contended(_) => StatusCode::CONFLICT,
             Store(_) | ImageServer(_) | NotOnReachable { .. } | Host(_) => StatusCode::BAD_GATEWAY,
             Expr(_) => StatusCode::BAD_REQUEST,
             State(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -70,9 +70,11 @@ impl From<crate::images::Refusal> for ApiError {
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         let code = match &e {
-            AuthError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            AuthError::Unauthenticated(_) | AuthError::BadSignature { .. } => StatusCode::UNAUTHORIZED,
             AuthError::Forbidden(_) => StatusCode::FORBIDDEN,
-            AuthError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AuthError::BadRequest(_) | AuthError::NotAKey { .. } | AuthError::KeyEncoding(_) | AuthError::CertRequest(_) => {
+                StatusCode::BAD_REQUEST
+            }
             AuthError::Conflict(_) => StatusCode::CONFLICT,
             AuthError::NotFound(_) => StatusCode::NOT_FOUND,
             AuthError::State(_) | AuthError::Audit { .. } => StatusCode::INTERNAL_SERVER_ERROR,

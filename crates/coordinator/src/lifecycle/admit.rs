@@ -184,7 +184,7 @@ impl Coordinator {
     pub async fn futures(&self, req: &FuturesQuery, user: &str) -> Result<Vec<Future>, CoordinatorError> {
         let image = match &req.image {
             Some(i) => {
-                let r: ImageRef = i.parse().map_err(|e: vgrid_api::ManifestError| CoordinatorError::BadRequest(e.to_string()))?;
+                let r: ImageRef = i.parse().map_err(CoordinatorError::Image)?;
                 Some(self.resolve_image(&r).await?)
             }
             None => None,
@@ -294,6 +294,6 @@ pub(crate) fn place_error(e: PlaceError) -> CoordinatorError {
     match e {
         PlaceError::NoMatch(nm) => CoordinatorError::Capacity(explain(&nm)),
         PlaceError::Invalid(e) => e.into(),
-        e @ PlaceError::TimedOut { .. } => CoordinatorError::Capacity(e.to_string()),
+        e @ PlaceError::TimedOut { .. } => CoordinatorError::Waited(e),
     }
 }

@@ -1,8 +1,8 @@
 //! The one write path of VM records: every change of a VM's lifecycle state goes through
 //! [`Coordinator::apply`] (an [`Event`] evaluated by the table against the record as stored, then
-//! a compare-and-swap write), every other change of a record's fields through
-//! [`Coordinator::update_fields`] (also compare-and-swap, never touching `state` or `phase`).
-//! Both re-read and re-evaluate on a conflict, a bounded number of times. The record's claims
+//! a compare-and-swap write); fields the table does not know (a migration's figures) are written
+//! beside an event by `Coordinator::transact`, never touching `state` or `phase`. A write
+//! re-reads and re-evaluates on a conflict, a bounded number of times. The record's claims
 //! (see [`super::claims`]) are written in the same batch as the record.
 
 use std::time::Duration;
@@ -77,14 +77,6 @@ impl Coordinator {
             Ok(())
         };
         self.cas(id, change, admit).await
-    }
-
-    /// Changes fields of VM `id`'s record that are not its lifecycle state (`state`, `phase`
-    /// and `state_since` are the table's: `f` must not change them), with compare-and-swap
-    /// like [`Coordinator::apply`].
-    #[allow(dead_code)] // no caller needs one today but the tests: every change so far is an event
-    pub(crate) async fn update_fields(&self, id: &str, f: impl Fn(&mut VmRecord)) -> Result<VmRecord, CoordinatorError> {
-        Ok(self.cas(id, |rec| fields_only(rec, &f), None).await?.rec)
     }
 
     /// The compare-and-swap loop: read, change, write if changed (checked by `admit` when it

@@ -24,6 +24,9 @@
 use vgrid_api::config::Accel;
 use vgrid_api::migrate::{Migration, MigrationStatus};
 use vgrid_api::vm::{VmRecord, VmState};
+// Every state in which a VM holds host resources, and every other, as patterns: the same lists
+// as `VmState::is_active`, which is defined by them.
+use vgrid_api::{active_states as active, inactive_states as inactive};
 
 /// What a VM is doing now, as shown by the API (`VmRecord::phase`) and the CLI. The record keeps
 /// it as text (the same JSON as ever); this type is the only source of that text.
@@ -284,26 +287,6 @@ pub struct Update {
     pub stopped: Set<Now>,
     pub saved_image: Set<String>,
     pub migration: MigrationEffect,
-}
-
-/// Every state in which a VM holds host resources ([`VmState::is_active`]), as a pattern.
-macro_rules! active {
-    () => {
-        VmState::Pending
-            | VmState::Starting
-            | VmState::Running
-            | VmState::Stopping
-            | VmState::Unknown
-            | VmState::Suspending
-            | VmState::Migrating
-    };
-}
-
-/// Every state in which it holds none.
-macro_rules! inactive {
-    () => {
-        VmState::Stopped | VmState::Failed | VmState::Suspended | VmState::Lost
-    };
 }
 
 /// What `event` does to a VM in state `from`: the lifecycle table, one arm per allowed cell.

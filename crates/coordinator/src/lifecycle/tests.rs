@@ -24,7 +24,9 @@ fn registry() -> Arc<Registry> {
 }
 
 async fn coordinator(state: &State) -> Arc<Coordinator> {
-    Coordinator::new(state.clone(), registry()).await.unwrap()
+    let c = Coordinator::new(state.clone(), registry()).await.unwrap();
+    c.recover_interrupted().await.unwrap();
+    c
 }
 
 fn ad(name: &str, cpus: u32, memory_mib: u64) -> HostAd {
@@ -145,9 +147,6 @@ async fn concurrent_events_on_one_vm_end_as_one_order_of_them_and_lose_no_write(
     assert!(matches!(e, CoordinatorError::Transition { .. }));
     assert_eq!(e.to_string(), "VM vm-0: a VM that is stopping cannot take event suspend_requested");
     assert!(std::error::Error::source(&e).is_some());
-    // A field update may not change the state.
-    let e = c.update_fields("vm-0", |v| v.reason = Some("x".into())).await.unwrap();
-    assert_eq!(e.reason.as_deref(), Some("x"));
     assert_claims_match_records(&state).await;
 }
 

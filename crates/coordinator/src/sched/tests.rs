@@ -15,15 +15,7 @@ pub(crate) fn ad(name: &str, site: &str, cpus: u32, mem: u64) -> HostAd {
         qemu_version: "8.2.2".into(),
         network_modes: vec!["user".into()],
         labels: BTreeMap::from([("site".to_string(), site.to_string())]),
-        policy: None,
-        load_avg: 0.0,
-        running_vms: 0,
-        image_cache: BTreeMap::new(),
-        load_now: 0.0,
-        load_predicted: 0.0,
-        cpu_cap: 0.0,
-        free_cpu_share: 0.0,
-        cgroups: String::new(),
+        ..HostAd::default()
     }
 }
 

@@ -234,14 +234,6 @@ fn updates_change_something() {
 }
 
 #[test]
-fn the_active_pattern_is_is_active() {
-    for s in STATES {
-        assert_eq!(matches!(s, active!()), s.is_active(), "{}", s.as_str());
-        assert_eq!(matches!(s, inactive!()), !s.is_active(), "{}", s.as_str());
-    }
-}
-
-#[test]
 fn the_architecture_document_shows_the_table() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/architecture.md");
     let doc = std::fs::read_to_string(path).expect("docs/architecture.md");
