@@ -136,7 +136,7 @@ async fn start_sim(name: String, coordinator: String) -> Sim {
                 free_cpu_share: 0.0,
                 cgroups: String::new(),
             };
-            let hb = HostHeartbeat { ad, vms, usage: vec![] };
+            let hb = HostHeartbeat { ad, vms, usage: vec![], waiting: vec![] };
             let _ = http.post(format!("{coordinator}/api/v1/hosts/heartbeat")).json(&hb).send().await;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

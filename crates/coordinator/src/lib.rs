@@ -19,7 +19,8 @@
 //!   VM (`run`); with `sched` (placement), `hosts` (registry, host client); `lifecycle::admission` is
 //!   the pure admission arithmetic;
 //! * features on the core: `suspend` (snapshot, suspend, resume), `migrate` (live migration and
-//!   the reconciliation with host reports), `accounting`, `auth`, `join`, `images`;
+//!   the reconciliation with host reports), `waiting` (VMs stalled on image servers, as their
+//!   hosts report them: their phase), `accounting`, `auth`, `join`, `images`;
 //! * `http`: every REST handler and the error → status mapping; no feature module knows axum.
 
 pub mod accounting;
@@ -33,5 +34,6 @@ pub mod migrate;
 pub mod sched;
 pub mod state;
 pub mod suspend;
+pub mod waiting;
 
 pub use lifecycle::{Coordinator, CoordinatorError};
