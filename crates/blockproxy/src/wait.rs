@@ -77,7 +77,8 @@ pub(crate) async fn fetch(
     len: u32,
     bounds: Bounds,
 ) -> Result<Vec<u8>, SourceError> {
-    let deadline = bounds.wait.map(|b| Instant::now() + b);
+    let started = Instant::now();
+    let deadline = bounds.wait.map(|b| started + b);
     let mut backoff = Backoff::new();
     let mut waiting: Option<Waiting> = None;
     loop {
@@ -98,7 +99,7 @@ pub(crate) async fn fetch(
             Err(e) => e,
         };
         match &mut waiting {
-            None => waiting = Some(waits.begin(&read, hash, bounds.wait, &e)),
+            None => waiting = Some(waits.begin(&read, hash, started, bounds.wait, &e)),
             Some(w) => w.failed(&e),
         }
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -151,9 +152,9 @@ pub struct ChunkWait {
 }
 
 impl Waits {
-    fn begin(self: &Arc<Self>, read: &ForRead, hash: ChunkHash, bound: Option<Duration>, e: &SourceError) -> Waiting {
+    /// A fetch that began at `since` failed its first try with `e`: it waits.
+    fn begin(self: &Arc<Self>, read: &ForRead, hash: ChunkHash, since: Instant, bound: Option<Duration>, e: &SourceError) -> Waiting {
         let id = self.next_id.fetch_add(1, Relaxed);
-        let since = Instant::now();
         self.started.fetch_add(1, Relaxed);
         self.now.lock().unwrap().insert(id, Entry { read: read.clone(), hash, since, error: e.clone() });
         let up_to = bound.map_or("without bound".to_string(), |b| format!("up to {} s", b.as_secs()));
@@ -161,7 +162,7 @@ impl Waits {
             image = %read.image, chunk = read.chunk, hash = %hash, servers = %e.source_name(),
             "image servers unreachable: the read waits for them ({up_to}, --fetch-timeout): {e}"
         );
-        Waiting { waits: self.clone(), id, read: read.clone(), hash, since, logged: since }
+        Waiting { waits: self.clone(), id, read: read.clone(), hash, since, logged: Instant::now() }
     }
 
     /// The fetches waiting now, longest first.
@@ -190,7 +191,8 @@ impl Waits {
     }
 }
 
-/// One fetch's wait, registered in [`Waits`] while it lasts.
+/// One fetch's wait, registered in [`Waits`] while it lasts; `since` is when the fetch began
+/// (its first, failed try is part of what the read waited).
 struct Waiting {
     waits: Arc<Waits>,
     id: u64,
