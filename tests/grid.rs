@@ -318,3 +318,115 @@ fn a_coordinator_restart_neither_loses_nor_duplicates_a_vm() {
     g.wait_until("the VM stopped", Duration::from_secs(30), || g.json(&["vm", "show", &id])["state"] == "stopped");
     assert!(!process_alive(pid));
 }
+
+/// What one boot through an image server outage measured.
+struct Outage {
+    /// From `vm run` to the boot marker.
+    boot: Duration,
+    /// How long the image server was down.
+    down: Duration,
+    /// The longest wait of a read the host reported.
+    longest_wait_s: f64,
+}
+
+/// A lazy boot whose only image server is killed as soon as the guest's QEMU runs (the kernel
+/// booting, its disk not yet read) and started again 10 s later (or once the wait has shown)
+/// on the same address with the same data: the guest's reads wait for it, the VM's phase says so, and the boot completes
+/// with no I/O error in the guest. One retry, on a fresh host (a cold cache) with the image
+/// under a new name (no boot profile).
+#[test]
+fn a_lazy_boot_waits_through_an_image_server_outage() {
+    let mut g = Grid::start(1, &[]);
+    let mut last = String::new();
+    for attempt in 1..=2 {
+        match boot_through_outage(&mut g, attempt) {
+            Ok(o) => {
+                eprintln!(
+                    "outage figures: image server down {:.1} s, longest read wait {:.1} s, boot to the marker {:.1} s",
+                    o.down.as_secs_f64(),
+                    o.longest_wait_s,
+                    o.boot.as_secs_f64()
+                );
+                return;
+            }
+            Err(e) => {
+                eprintln!("boot through the outage, attempt {attempt}, failed: {e}");
+                last = e;
+            }
+        }
+    }
+    panic!("the boot through an image server outage failed twice: {last}");
+}
+
+fn boot_through_outage(g: &mut Grid, attempt: usize) -> Result<Outage, String> {
+    let (host, image, name) = (format!("o{attempt}"), format!("outage{attempt}"), format!("lazy{attempt}"));
+    g.start_host(&host, &[]);
+    g.wait_until("the host", Duration::from_secs(20), || {
+        g.json(&["host", "ls"]).as_array().unwrap().iter().any(|h| h["ad"]["name"] == *host)
+    });
+    g.import_sample(0, &image);
+    g.wait_until("the image server", Duration::from_secs(10), || g.image_server_count() == 1);
+    let _slot = boot_slot().unwrap();
+    let t0 = std::time::Instant::now();
+    let require = format!(r#"host.name == "{host}""#);
+    let run = Command::new(vgrid_bin())
+        .args(["--json", "vm", "run", &image, "--name", &name, "--require", &require, "--wait-for", BOOTED_MARKER, "--timeout", "180"])
+        .env("VGRID_URL", &g.coordinator.url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    g.wait_until("the VM's QEMU to run", Duration::from_secs(120), || vm_field(g, &name, "state") == "running");
+
+    // The image server goes away, and comes back 10 s later on the same address and data.
+    let url = g.servers[0].url.clone();
+    g.servers[0].kill();
+    let down_at = std::time::Instant::now();
+    // Down for 10 s, and until the VM's phase has shown the wait (its first read comes a few
+    // seconds into the boot, and the host tries for 3 s before it reports a wait).
+    let mut phase_seen = None;
+    while down_at.elapsed() < Duration::from_secs(10) || (phase_seen.is_none() && down_at.elapsed() < Duration::from_secs(60)) {
+        let p = vm_field(g, &name, "phase");
+        if p.starts_with("waiting for image server") {
+            phase_seen.get_or_insert(p);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let listen = url.trim_start_matches("https://");
+    let data = g.dir.path().join("is0");
+    let coordinator = g.coordinator.url.clone();
+    let args = ["image-server", "--listen", listen, "--data-dir", data.to_str().unwrap(), "--coordinator", &coordinator, "--name", "is0"];
+    g.servers[0] = Role::start(&args, g.dir.path().join(format!("is0-again{attempt}.log")));
+    let down = down_at.elapsed();
+    assert_eq!(g.servers[0].url, url, "the image server came back on another address");
+
+    let out = run.wait_with_output().unwrap();
+    let boot = t0.elapsed();
+    let host_log = std::fs::read_to_string(g.dir.path().join(format!("{host}.log"))).unwrap_or_default();
+    if !out.status.success() {
+        let _ = g.cli(&["vm", "rm", "--force", &name]);
+        return Err(format!("vm run: {}; host log:\n{host_log}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let phase_seen = phase_seen.ok_or_else(|| format!("the VM's phase never said it waited; host log:\n{host_log}"))?;
+    assert!(phase_seen.contains(&url), "the phase names the image server: {phase_seen}");
+    let console = String::from_utf8_lossy(&g.cli(&["vm", "logs", &name]).stdout).into_owned();
+    assert!(console.contains(BOOTED_MARKER), "{console}");
+    for bad in ["I/O error", "EXT4-fs error", "mounting fs with errors"] {
+        let lines: Vec<&str> = console.lines().filter(|l| l.contains(bad)).collect();
+        assert!(lines.is_empty(), "the guest saw {bad:?}:\n{}", lines.join("\n"));
+    }
+    // The host said which read waited and when it went on; the phase is back.
+    assert!(host_log.contains("image servers unreachable: the read waits for them"), "{host_log}");
+    let waits = read_waits(&host_log);
+    assert!(!waits.is_empty(), "the host never said the read went on: {host_log}");
+    g.wait_until("the phase back to running", Duration::from_secs(15), || vm_field(g, &name, "phase") == "running");
+    assert!(g.cli(&["vm", "stop", &name]).status.success());
+    Ok(Outage { boot, down, longest_wait_s: waits.iter().copied().fold(0.0, f64::max) })
+}
+
+/// A field of VM `name`'s record as text (empty while there is no such VM).
+fn vm_field(g: &Grid, name: &str, field: &str) -> String {
+    let o = g.cli(&["--json", "vm", "show", name]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    v[field].as_str().unwrap_or("").to_string()
+}

@@ -670,8 +670,8 @@ fn stored_chunks(blob: &serde_json::Value) -> Vec<String> {
 /// stores it as its own blob; restored on another host with an empty cache, the guest answers
 /// with only part of its RAM fetched: the rest comes when touched, through the pager
 /// (`qemu-storage-daemon`, FUSE) from the proxy. The host agent SIGKILLed and restarted: the
-/// pager reconnects and the guest touching memory it never had goes on. Removing the VM ends
-/// the pager and its mount.
+/// pager reconnects and the guest touching memory it never had goes on, across an image server
+/// outage too. Removing the VM ends the pager and its mount.
 #[test]
 fn a_warm_guest_pages_its_ram_in_lazily_and_survives_an_agent_restart() {
     let mut g = Grid::start(&["h1", "h2"]);
@@ -769,13 +769,31 @@ fn restore_lazily_on_h2_across_an_agent_restart(g: &mut Grid, ram_chunks: &[Stri
         g.json(&["vm", "show", &wid])["state"] == "running"
             && g.json(&["host", "ls"]).as_array().map(|a| a.iter().filter(|h| h["state"] == "ready").count()) == Some(2)
     });
+    // The image server goes away meanwhile: the pages the guest never had wait for it (its
+    // phase says so), and come once it is back (on a new port: the host follows the list the
+    // coordinator announces). (Once the hot pages this restore recorded are uploaded.)
+    g.wait_until("h2 to upload the hot pages", Duration::from_secs(60), || logs_of(g, "h2").contains("hot pages uploaded"));
+    g.server.as_mut().unwrap().kill();
+    let down = std::time::Instant::now();
     {
         let _c = type_on_console(
             &d2,
             "dd if=/dev/zero of=/tmp/fill bs=1M count=150 2>/dev/null; rm /tmp/fill; echo filled-$(cat /tmp/lazy.txt)",
         );
+        let phase = |g: &Grid| g.json(&["vm", "show", &wid])["phase"].as_str().unwrap_or("").to_string();
+        g.wait_until("the VM's phase to show its wait", Duration::from_secs(60), || phase(g).starts_with("waiting for image server"));
+        std::thread::sleep(Duration::from_secs(10).saturating_sub(down.elapsed()));
+        g.start_server();
         wait_console(&d2, "the guest to fill its memory", Duration::from_secs(180), |c| c.contains("filled-lazy-ram-marker"));
+        g.wait_until("the phase back to running", Duration::from_secs(30), || phase(g) == "running");
     }
+    let waited = read_waits(&logs_of(g, "h2"));
+    assert!(!waited.is_empty(), "h2 never said a read went on after the outage:\n{}", g.logs());
+    eprintln!(
+        "RAM reads that waited for the image server: {}, the longest {:.1} s",
+        waited.len(),
+        waited.iter().copied().fold(0.0, f64::max)
+    );
     assert!(process_alive(pid), "QEMU died");
     eprintln!("RAM chunks on h2 after filling memory: {} of {}", fetched(ram_chunks), ram_chunks.len());
     // The pages the guest copied out of the pager file's page cache as it wrote them do not

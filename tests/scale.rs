@@ -129,7 +129,7 @@ async fn start_sim(name: String, coordinator: String) -> Sim {
                 running_vms: vms.len() as u32,
                 ..HostAd::default()
             };
-            let hb = HostHeartbeat { ad, vms, usage: vec![] };
+            let hb = HostHeartbeat { ad, vms, usage: vec![], waiting: vec![] };
             let _ = http.post(format!("{coordinator}/api/v1/hosts/heartbeat")).json(&hb).send().await;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

@@ -335,3 +335,9 @@ pub fn api_get(url: &str, path: &str) -> Vec<u8> {
     let token = json_at(url, &["login"])["token"].as_str().unwrap().to_string();
     curl_for(url).args(["-H", &format!("authorization: Bearer {token}"), &format!("{url}{path}")]).output().unwrap().stdout
 }
+
+/// How long each read waited for an image server, in seconds, as a host's log says ("the read
+/// goes on after waiting 4.2 s", the block proxy's line when a server answers again).
+pub fn read_waits(log: &str) -> Vec<f64> {
+    log.lines().filter_map(|l| l.split("the read goes on after waiting ").nth(1)?.split_whitespace().next()?.parse().ok()).collect()
+}

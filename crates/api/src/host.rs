@@ -292,6 +292,26 @@ pub struct HostHeartbeat {
     /// Per-VM cumulative usage counters (running VMs, and the last report of ended ones).
     #[serde(default)]
     pub usage: Vec<VmUsageReport>,
+    /// VMs whose reads wait for unreachable image servers now (absent from older agents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting: Vec<VmWaiting>,
+}
+
+/// A VM whose guest's reads (of its disk, or of its lazily restored RAM) wait for unreachable
+/// image servers: it stalls until one answers, or until its host's `--fetch-timeout` passes
+/// (then the read fails with an I/O error). The coordinator shows it as the VM's phase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmWaiting {
+    /// The VM's id.
+    pub vm: String,
+    /// The image version whose chunks it waits for (`NAME@VERSION`).
+    pub image: String,
+    /// The image servers that failed at the last try.
+    pub servers: Vec<String>,
+    /// Chunks waited for.
+    pub chunks: u32,
+    /// How long the longest of those waits has lasted, in seconds.
+    pub waiting_secs: u64,
 }
 
 /// Answer to a heartbeat (of a host or an image server): when to beat again and which image

@@ -23,7 +23,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::watch;
 use vgrid_api::ChunkHash;
 
@@ -51,8 +51,15 @@ pub enum CacheError {
     Corrupt { hash: ChunkHash, actual: ChunkHash },
     #[error("chunk {hash}: received {actual} bytes, the manifest says {expected}")]
     Length { hash: ChunkHash, expected: u32, actual: usize },
-    #[error("chunk {hash}: fetch did not finish within {secs} s")]
-    Timeout { hash: ChunkHash, secs: u64 },
+    #[error("chunk {hash}: its fetch ended without an answer (the proxy is stopping)")]
+    Abandoned { hash: ChunkHash },
+}
+
+impl CacheError {
+    /// The chunk's image servers could not be reached (an outage, worth waiting for).
+    pub fn is_outage(&self) -> bool {
+        matches!(self, CacheError::Fetch { source, .. } if source.is_unavailable())
+    }
 }
 
 /// `op` on `path` failed with `e`.
@@ -147,7 +154,6 @@ pub struct ChunkCache {
     tmp_dir: PathBuf,
     max_bytes: u64,
     max_open_files: usize,
-    fetch_timeout: Duration,
     inner: Mutex<Inner>,
     pub(crate) counters: Counters,
     tmp_seq: AtomicU64,
@@ -157,7 +163,7 @@ pub struct ChunkCache {
 impl ChunkCache {
     /// Opens (creating if needed) the cache in `dir`, bounded to `max_bytes`, keeping at most
     /// `max_open_files` chunk files open. Fails if another process holds the directory.
-    pub fn open(dir: impl AsRef<Path>, max_bytes: u64, max_open_files: usize, fetch_timeout: Duration) -> Result<ChunkCache, CacheError> {
+    pub fn open(dir: impl AsRef<Path>, max_bytes: u64, max_open_files: usize) -> Result<ChunkCache, CacheError> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, "create directory", e))?;
         let lock_path = dir.join("lock");
@@ -192,7 +198,6 @@ impl ChunkCache {
             tmp_dir,
             max_bytes,
             max_open_files: max_open_files.max(16),
-            fetch_timeout,
             inner: Mutex::new(Inner::default()),
             counters: Counters::default(),
             tmp_seq: AtomicU64::new(0),
@@ -415,6 +420,7 @@ impl ChunkCache {
     /// The chunk from the cache, or fetched with `fetch` (called only if no fetch of this chunk
     /// is in flight; the fetch runs as its own task, so a cancelled caller never strands the
     /// other waiters). The fetched bytes are verified against `hash` and must be `len` long.
+    /// The fetch bounds its own time (one try, or a read's wait: see `service.rs`).
     pub async fn get_or_fetch<F, Fut>(
         self: &Arc<Self>,
         hash: &ChunkHash,
@@ -449,7 +455,7 @@ impl ChunkCache {
                     let Some(fetch) = fetch.take() else {
                         // Our own earlier fetch was abandoned without a result (cannot happen
                         // unless the runtime shuts down); give up rather than spin.
-                        return Err(CacheError::Timeout { hash: *hash, secs: self.fetch_timeout.as_secs() });
+                        return Err(CacheError::Abandoned { hash: *hash });
                     };
                     let (tx, rx) = watch::channel(None);
                     g.inflight.insert(*hash, rx.clone());
@@ -479,11 +485,10 @@ impl ChunkCache {
         let this = self.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            let res = match tokio::time::timeout(this.fetch_timeout, fut).await {
-                Err(_) => Err(CacheError::Timeout { hash, secs: this.fetch_timeout.as_secs() }),
-                Ok(Err(e)) => Err(CacheError::Fetch { hash, source: e }),
-                Ok(Ok(data)) if data.len() != len as usize => Err(CacheError::Length { hash, expected: len, actual: data.len() }),
-                Ok(Ok(data)) => {
+            let res = match fut.await {
+                Err(e) => Err(CacheError::Fetch { hash, source: e }),
+                Ok(data) if data.len() != len as usize => Err(CacheError::Length { hash, expected: len, actual: data.len() }),
+                Ok(data) => {
                     let took = started.elapsed();
                     let c = this.clone();
                     match tokio::task::spawn_blocking(move || c.insert(&hash, &data)).await {
@@ -518,13 +523,14 @@ impl ChunkCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn data(seed: u8, n: usize) -> Vec<u8> {
         (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
     }
 
     fn open(dir: &Path, max: u64) -> Arc<ChunkCache> {
-        Arc::new(ChunkCache::open(dir, max, 64, Duration::from_secs(5)).unwrap())
+        Arc::new(ChunkCache::open(dir, max, 64).unwrap())
     }
 
     #[test]
@@ -550,7 +556,7 @@ mod tests {
         // Bad bytes never enter.
         assert!(matches!(c.insert(&hashes[0], &chunks[1]), Err(CacheError::Corrupt { .. })));
         // A second process cannot open the same directory.
-        let err = ChunkCache::open(tmp.path(), 3000, 64, Duration::from_secs(5)).err().unwrap();
+        let err = ChunkCache::open(tmp.path(), 3000, 64).err().unwrap();
         assert!(err.to_string().contains(&tmp.path().display().to_string()), "{err}");
         drop(held);
         drop(c);

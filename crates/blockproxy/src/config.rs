@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The default bound of a read waiting for its image servers ([`ProxyConfig::fetch_timeout`]).
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Settings of a block proxy. [`ProxyConfig::new`] fills in the defaults.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -12,8 +15,14 @@ pub struct ProxyConfig {
     pub cache_max_bytes: u64,
     /// Most chunk files kept open for serving (default 1024).
     pub max_open_files: usize,
-    /// A chunk fetch (including the source's retries) that takes longer fails (default 60 s).
-    pub fetch_timeout: Duration,
+    /// How long a read whose chunk cannot be fetched (every image server unreachable) waits
+    /// for one to answer, trying them again with backoff (0.2 s doubling to 5 s), before the
+    /// guest gets an I/O error: the hard mount's bound (default 10 min; `None`: for ever).
+    /// Corrupt bytes and a chunk no reachable server has fail at once.
+    pub fetch_timeout: Option<Duration>,
+    /// One try of a fetch (every image server in turn, each with its client's retries) that
+    /// takes longer counts as an outage and is tried again (default 60 s).
+    pub fetch_attempt_timeout: Duration,
     /// Chunks fetched ahead of a sequential reader; 0 disables readahead (default 8).
     pub readahead_chunks: usize,
     /// Record a boot profile when an image without one is opened (default true).
@@ -42,7 +51,8 @@ impl ProxyConfig {
             cache_dir: cache_dir.into(),
             cache_max_bytes,
             max_open_files: 1024,
-            fetch_timeout: Duration::from_secs(60),
+            fetch_timeout: Some(DEFAULT_FETCH_TIMEOUT),
+            fetch_attempt_timeout: Duration::from_secs(60),
             readahead_chunks: 8,
             record_profiles: true,
             profile_window: Duration::from_secs(60),

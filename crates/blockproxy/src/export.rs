@@ -6,6 +6,7 @@ use crate::error::ReadError;
 use crate::hot::{self, HotRead, HotState};
 use crate::profile::Recording;
 use crate::service::{copy_out, Shared};
+use crate::wait::Backoff;
 use futures::stream::StreamExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -271,11 +272,18 @@ impl Export {
                 .for_each_concurrent(concurrency.max(1), |(i, h, len)| {
                     let (shared, weak) = (shared.clone(), weak.clone());
                     async move {
-                        if weak.strong_count() == 0 || shared.cache.contains(&h) {
-                            return;
-                        }
-                        if let Err(e) = shared.chunk(h, len, Access::Prefetch).await {
-                            tracing::debug!(chunk = i, hash = %h, "prefetch failed: {e}");
+                        // An outage pauses it (the guest's own reads wait meanwhile); it goes
+                        // on once a server answers, while the export is open.
+                        let mut backoff = Backoff::new();
+                        while weak.strong_count() > 0 && !shared.cache.contains(&h) {
+                            match shared.chunk(h, len, Access::Prefetch).await {
+                                Err(e) if e.is_outage() => tokio::time::sleep(backoff.next()).await,
+                                Err(e) => {
+                                    tracing::debug!(chunk = i, hash = %h, "prefetch failed: {e}");
+                                    return;
+                                }
+                                Ok(_) => return,
+                            }
                         }
                     }
                 })
@@ -288,7 +296,9 @@ impl Export {
         });
     }
 
-    /// Prefetches the profile's chunks in order with bounded concurrency.
+    /// Prefetches the profile's chunks in order with bounded concurrency. The image servers
+    /// becoming unreachable stops it: the guest's reads then fetch what they need (and wait
+    /// for the servers, see `wait.rs`).
     pub(crate) fn prefetch_profile(self: &Arc<Self>, profile: BootProfile) {
         let conc = self.shared.config.profile_prefetch_concurrency.max(1);
         let shared = self.shared.clone();
@@ -299,16 +309,29 @@ impl Export {
             let wanted: Vec<(u64, ChunkHash, u32)> =
                 profile.chunks.iter().filter_map(|&i| manifest.profile_chunk(i).map(|(h, len)| (i, h, len))).collect();
             let n = wanted.len();
+            let stopped = std::sync::atomic::AtomicBool::new(false);
             futures::stream::iter(wanted)
                 .for_each_concurrent(conc, |(i, h, len)| {
-                    let shared = shared.clone();
+                    let (shared, stopped, image) = (shared.clone(), &stopped, &image);
                     async move {
-                        if let Err(e) = shared.chunk(h, len, Access::Prefetch).await {
-                            tracing::debug!(chunk = i, hash = %h, "profile prefetch failed: {e}");
+                        if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                            return;
+                        }
+                        match shared.chunk(h, len, Access::Prefetch).await {
+                            Err(e) if e.is_outage() => {
+                                if !stopped.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                    tracing::warn!(image = %image, "boot profile prefetch stopped, image servers unreachable: {e}");
+                                }
+                            }
+                            Err(e) => tracing::debug!(chunk = i, hash = %h, "profile prefetch failed: {e}"),
+                            Ok(_) => {}
                         }
                     }
                 })
                 .await;
+            if stopped.into_inner() {
+                return;
+            }
             tracing::info!(image = %image, chunks = n, "boot profile prefetched in {:.1} s", started.elapsed().as_secs_f64());
         });
     }

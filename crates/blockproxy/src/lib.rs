@@ -14,6 +14,7 @@
 //! every export shares: cache, source, settings, uploads, hot pages), `export` (one image's
 //! read path), `profile` (boot-profile recording), `hot` (hot pages of warm images), `cache`
 //! (the host chunk cache), `source` / `servers` / `store_source` (where chunks come from),
+//! `wait` (the hard mount: a guest's read waits while its image servers are unreachable),
 //! `server` + `protocol` (NBD), `stats`, `config`, `error`. No file imports one that imports
 //! it back.
 
@@ -31,9 +32,10 @@ mod service;
 pub mod source;
 mod stats;
 mod store_source;
+mod wait;
 
 pub use cache::{CacheError, ChunkCache};
-pub use config::ProxyConfig;
+pub use config::{ProxyConfig, DEFAULT_FETCH_TIMEOUT};
 pub use error::{ProxyError, ReadError};
 pub use export::Export;
 pub use proxy::{BlockProxy, PullReport, MAX_BLOB_IN_MEMORY};
@@ -42,3 +44,4 @@ pub use servers::Servers;
 pub use source::{Cause, ChunkSource, SourceError};
 pub use stats::{CacheStats, LatencyBucket};
 pub use store_source::StoreSource;
+pub use wait::ChunkWait;

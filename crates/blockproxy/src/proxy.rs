@@ -8,6 +8,7 @@ use crate::profile::Recording;
 use crate::service::{self, Shared};
 use crate::source::ChunkSource;
 use crate::stats::CacheStats;
+use crate::wait::ChunkWait;
 use futures::stream::StreamExt;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
@@ -57,11 +58,18 @@ impl BlockProxy {
     /// Opens the cache (locking its directory) and prepares the proxy. Serves nothing until
     /// [`serve_unix`](Self::serve_unix) or [`serve_tcp`](Self::serve_tcp) is called.
     pub fn new(config: ProxyConfig, source: Arc<dyn ChunkSource>) -> Result<Arc<BlockProxy>, ProxyError> {
-        let cache = ChunkCache::open(&config.cache_dir, config.cache_max_bytes, config.max_open_files, config.fetch_timeout)?;
+        let cache = ChunkCache::open(&config.cache_dir, config.cache_max_bytes, config.max_open_files)?;
         let manifests_dir = config.cache_dir.join("manifests");
         std::fs::create_dir_all(&manifests_dir).map_err(|e| ProxyError::ManifestStore { path: manifests_dir.clone(), source: e })?;
         Ok(Arc::new(BlockProxy {
-            shared: Arc::new(Shared { cache: Arc::new(cache), source, config, uploads: Default::default(), hot: Default::default() }),
+            shared: Arc::new(Shared {
+                cache: Arc::new(cache),
+                source,
+                config,
+                uploads: Default::default(),
+                hot: Default::default(),
+                waits: Default::default(),
+            }),
             manifests_dir,
             exports: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
@@ -80,9 +88,21 @@ impl BlockProxy {
         &self.shared.cache
     }
 
-    /// Counters and contents of the host chunk cache.
+    /// Counters and contents of the host chunk cache, and the reads waiting for image servers.
     pub fn stats(&self) -> CacheStats {
-        self.shared.cache.stats()
+        let mut s = self.shared.cache.stats();
+        let waits = &self.shared.waits;
+        s.waiting = waits.snapshot();
+        s.waiting_now = s.waiting.len() as u64;
+        s.fetch_waits = waits.started.load(std::sync::atomic::Ordering::Relaxed);
+        s.longest_wait_ms = waits.longest_ms(&s.waiting);
+        s
+    }
+
+    /// The chunk fetches waiting for image servers now (reads of guests that stall until a
+    /// server answers), longest first.
+    pub fn waiting(&self) -> Vec<ChunkWait> {
+        self.shared.waits.snapshot()
     }
 
     /// Stops every server of this proxy: listeners close, connections end after their

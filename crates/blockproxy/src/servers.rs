@@ -118,6 +118,7 @@ impl List {
         F: FnMut(&'a dyn ChunkSource) -> BoxFuture<'a, Result<T, SourceError>>,
     {
         let mut err: Option<SourceError> = None;
+        let mut down: Vec<(String, String)> = Vec::new();
         for i in self.order() {
             let s = &self.sources[i];
             match call(s.as_ref()).await {
@@ -126,19 +127,32 @@ impl List {
                     return Ok(v);
                 }
                 Err(e) => {
-                    self.mark(i, matches!(e, SourceError::Unavailable { .. }));
+                    self.mark(i, e.is_unavailable());
                     tracing::debug!(source = %s.describe(), "{what}: {e}");
+                    if let SourceError::Unavailable { cause, .. } = &e {
+                        down.push((s.describe(), cause.to_string()));
+                    }
                     if err.as_ref().is_none_or(|prev| prev.is_not_found()) {
                         err = Some(e);
                     }
                 }
             }
         }
-        Err(err.unwrap_or_else(|| SourceError::Unavailable {
-            what: what.to_string(),
-            source_name: "(no image servers configured)".into(),
-            cause: "the source list is empty".into(),
-        }))
+        match err {
+            // Every server that failed is named (an outage's log line and the VM's phase say
+            // which servers a read waits for).
+            Some(SourceError::Unavailable { what, .. }) if down.len() > 1 => {
+                let names: Vec<&str> = down.iter().map(|(n, _)| n.as_str()).collect();
+                let causes: Vec<String> = down.iter().map(|(n, c)| format!("{n}: {c}")).collect();
+                Err(SourceError::Unavailable { what, source_name: names.join(", "), cause: causes.join("; ").into() })
+            }
+            Some(e) => Err(e),
+            None => Err(SourceError::Unavailable {
+                what: what.to_string(),
+                source_name: "(no image servers configured)".into(),
+                cause: "the source list is empty".into(),
+            }),
+        }
     }
 
     async fn profile(&self, image: &ImageRef) -> Result<Option<BootProfile>, SourceError> {
@@ -256,6 +270,17 @@ mod tests {
         assert!(matches!(&e, SourceError::Unavailable { source_name, .. } if source_name == "y"), "{e}");
         let e = Servers::new(vec![]).chunk(&h, 10).await.unwrap_err();
         assert!(e.to_string().contains("no image servers"), "{e}");
+
+        // Several down: all of them are named, each with its cause.
+        let s = Servers::new(vec![
+            Box::new(Scripted { name: "p", answer: Err(down), calls: Arc::default() }),
+            Box::new(Scripted { name: "q", answer: Err(missing), calls: Arc::default() }),
+            Box::new(Scripted { name: "r", answer: Err(down), calls: Arc::default() }),
+        ]);
+        let e = s.chunk(&h, 10).await.unwrap_err();
+        assert!(e.is_unavailable(), "{e}");
+        assert_eq!(e.source_names(), vec!["p", "r"]);
+        assert!(e.to_string().contains("p: connection refused; r: connection refused"), "{e}");
     }
 
     #[test]

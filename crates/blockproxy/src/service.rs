@@ -1,14 +1,17 @@
 //! The state every export of a proxy shares: the chunk cache, the chunk source, the settings,
-//! uploads under way and the hot pages of warm images; and the read primitives over them.
+//! uploads under way, the hot pages of warm images and the reads waiting for image servers;
+//! and the read primitives over them.
 
 use crate::cache::{Access, CacheError, ChunkCache, ChunkFile};
 use crate::config::ProxyConfig;
 use crate::error::ReadError;
 use crate::hot::{self, HotState};
 use crate::source::ChunkSource;
+use crate::wait::{self, Waits};
 use futures::stream::{FuturesOrdered, StreamExt};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use vgrid_api::{Blob, ChunkHash, ImageRef, Manifest};
 
 /// The state the proxy and its exports share (services an export needs from the proxy).
@@ -20,6 +23,8 @@ pub(crate) struct Shared {
     pub uploads: Arc<Uploads>,
     /// Hot pages of warm images being restored here (see `hot.rs`).
     pub hot: Mutex<HashMap<ImageRef, Arc<HotState>>>,
+    /// Reads waiting for image servers (see `wait.rs`).
+    pub waits: Arc<Waits>,
 }
 
 /// A count of uploads under way, and a wake-up when one ends.
@@ -30,14 +35,38 @@ pub(crate) struct Uploads {
 }
 
 impl Shared {
-    /// Fetches (or finds) one chunk of `blob` through the cache.
+    /// Fetches (or finds) one chunk through the cache, trying the image servers once (a
+    /// prefetch, a pull): an outage is an error at once.
     pub async fn chunk(&self, hash: ChunkHash, len: u32, access: Access) -> Result<ChunkFile, CacheError> {
         let source = self.source.clone();
-        self.cache.get_or_fetch(&hash, len, access, move || async move { source.chunk(&hash, len as usize).await }).await
+        let limit = self.config.fetch_attempt_timeout;
+        self.cache.get_or_fetch(&hash, len, access, move || async move { wait::try_once(source.as_ref(), &hash, len, limit).await }).await
+    }
+
+    /// Fetches (or finds) chunk `index` (hash `hash`) of what `image`'s reader reads through
+    /// the cache, for a guest's read: while the image servers are unreachable it waits for
+    /// them, up to `fetch_timeout` (see `wait.rs`). Concurrent readers of the chunk share one
+    /// waiting fetch.
+    pub async fn read_chunk(&self, image: &ImageRef, index: u64, hash: ChunkHash, len: u32) -> Result<ChunkFile, CacheError> {
+        let bounds = wait::Bounds { wait: self.config.fetch_timeout, attempt: self.config.fetch_attempt_timeout };
+        let started = Instant::now();
+        loop {
+            let (source, waits) = (self.source.clone(), self.waits.clone());
+            let read = wait::ForRead { image: image.clone(), chunk: index };
+            match self.cache.get_or_fetch(&hash, len, Access::Read, move || wait::fetch(source, waits, read, hash, len, bounds)).await {
+                // The fetch this read joined was a single try (a prefetch's) and met the
+                // outage: wait in a fetch of its own (or join the one a reader started).
+                Err(e) if e.is_outage() && bounds.wait.is_none_or(|b| started.elapsed() < b) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                r => return r,
+            }
+        }
     }
 
     /// All chunk files of `blob` over chunk indices `first..=last` (`None` for zero chunks),
-    /// fetching misses concurrently.
+    /// fetching misses concurrently; a miss waits while the image servers are unreachable
+    /// ([`Shared::read_chunk`]).
     pub async fn blob_chunks(
         &self,
         image: &ImageRef,
@@ -65,7 +94,7 @@ impl Shared {
                 .iter()
                 .map(|&(idx, h)| {
                     let len = blob.chunk_len(chunk_size, idx as usize);
-                    async move { (idx, h, self.chunk(h, len, Access::Read).await) }
+                    async move { (idx, h, self.read_chunk(image, idx, h, len).await) }
                 })
                 .collect();
             while let Some((idx, hash, r)) = futs.next().await {

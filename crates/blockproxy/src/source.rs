@@ -23,13 +23,24 @@ pub enum SourceError {
         #[source]
         cause: Cause,
     },
-    /// The source could not be reached or failed after its retries.
+    /// The source could not be reached or failed after its retries (an outage: a read
+    /// waits and tries again, see `wait.rs`). [`crate::Servers`] names every server that
+    /// failed in `source_name`, joined by `", "`.
     #[error("{what} could not be fetched from {source_name}: {cause}")]
     Unavailable {
         what: String,
         source_name: String,
         #[source]
         cause: Cause,
+    },
+    /// The image servers stayed unreachable for as long as a read may wait (the proxy's
+    /// `fetch_timeout`, `--fetch-timeout`); `last` is the last failure.
+    #[error("{what} could not be fetched within the fetch timeout of {secs} s (--fetch-timeout); last failure: {last}")]
+    TimedOut {
+        what: String,
+        secs: u64,
+        #[source]
+        last: Box<SourceError>,
     },
 }
 
@@ -73,13 +84,26 @@ impl SourceError {
         matches!(self, SourceError::NotFound { .. })
     }
 
+    /// An outage: the source could not be reached (worth waiting for, unlike an answer such
+    /// as "not found" or corrupt bytes).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, SourceError::Unavailable { .. })
+    }
+
     /// The source that answered (e.g. an image server's URL).
     pub fn source_name(&self) -> &str {
         match self {
             SourceError::NotFound { source_name, .. }
             | SourceError::Corrupt { source_name, .. }
             | SourceError::Unavailable { source_name, .. } => source_name,
+            SourceError::TimedOut { last, .. } => last.source_name(),
         }
+    }
+
+    /// Every source named by [`SourceError::source_name`] (several when a list of servers
+    /// failed together).
+    pub fn source_names(&self) -> Vec<String> {
+        self.source_name().split(", ").filter(|s| !s.is_empty()).map(str::to_string).collect()
     }
 }
 

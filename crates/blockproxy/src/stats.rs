@@ -1,5 +1,6 @@
 //! Counters of the host chunk cache, readable while the proxy runs.
 
+use crate::wait::ChunkWait;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -95,6 +96,10 @@ impl Counters {
             evictions: self.evictions.load(Relaxed),
             verify_failures: self.verify_failures.load(Relaxed),
             prefetched: self.prefetched.load(Relaxed),
+            fetch_waits: 0,
+            waiting_now: 0,
+            longest_wait_ms: 0,
+            waiting: Vec::new(),
         }
     }
 }
@@ -141,6 +146,16 @@ pub struct CacheStats {
     pub verify_failures: u64,
     /// Chunks fetched by readahead or boot-profile prefetch.
     pub prefetched: u64,
+    /// Chunk fetches of guests' reads that waited for unreachable image servers (each
+    /// counted once, however many reads shared it). The block proxy fills these four in;
+    /// [`crate::ChunkCache::stats`] leaves them empty.
+    pub fetch_waits: u64,
+    /// Chunk fetches waiting now.
+    pub waiting_now: u64,
+    /// The longest wait so far (ended or not), in milliseconds.
+    pub longest_wait_ms: u64,
+    /// The fetches waiting now: which image and chunk, which servers failed, for how long.
+    pub waiting: Vec<ChunkWait>,
 }
 
 #[cfg(test)]

@@ -131,7 +131,7 @@ impl Fixture {
 
     fn proxy(&self, cache: &str, max: u64) -> Arc<BlockProxy> {
         let mut cfg = ProxyConfig::new(self.tmp.path().join(cache), max);
-        cfg.fetch_timeout = Duration::from_secs(30);
+        cfg.fetch_timeout = Some(Duration::from_secs(30));
         BlockProxy::new(cfg, self.source()).unwrap()
     }
 
@@ -332,29 +332,10 @@ async fn corrupt_chunk_is_an_io_error_never_wrong_bytes() {
     assert!(err.contains(&format!("image bad@{}: chunk 0:", f.manifest.version)) && err.contains(&h) && err.contains("corrupt"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn image_server_down_fails_reads_then_recovers() {
-    let mut f = Fixture::new("flaky").await;
-    let proxy = f.proxy("cache", 1 << 30);
-    let sock = f.path("nbd.sock");
-    let _server = proxy.serve_unix(&sock).unwrap();
-    let u = uri("flaky", &sock);
-    // Open once while the server is up so the manifest is known.
-    ok("qemu-io", &["-r", "-f", "raw", "-c", "read 0 64k", &u]).await;
-
-    f.server.stop();
-    // Reads of uncached chunks fail (bounded retries, no hang) ...
-    let o = run("qemu-io", &["-r", "-f", "raw", "-c", &format!("read {} 64k", 3 * CHUNK), &u]).await;
-    assert!(text(&o).contains("Input/output error"), "{}", text(&o));
-    // ... cached ones still work ...
-    let o = run("qemu-io", &["-r", "-f", "raw", "-c", "read -P 0 0 1", &u]).await;
-    let _ = o;
-    ok("qemu-io", &["-r", "-f", "raw", "-c", "read 0 64k", &u]).await;
-
-    // ... and everything works again once the server is back (failures were not cached).
-    f.server.restart();
-    nbdcopy_equals(&u, &f.path("out.raw"), &f.data).await;
-}
+/// Reads while the image server is down wait for it (disk and saved RAM), and a bound ends a
+/// wait with an error naming the chunk and the bound.
+#[path = "nbd_clients/outage.rs"]
+mod outage;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_stages_everything_then_serves_offline() {
@@ -392,7 +373,7 @@ async fn pull_stages_everything_then_serves_offline() {
     let mut proxy2 = None;
     for _ in 0..100 {
         let mut cfg = ProxyConfig::new(f.path("cache"), 1 << 30);
-        cfg.fetch_timeout = Duration::from_secs(30);
+        cfg.fetch_timeout = Some(Duration::from_secs(30));
         match BlockProxy::new(cfg, f.source()) {
             Ok(p) => {
                 proxy2 = Some(p);
@@ -605,24 +586,12 @@ async fn unix_socket_access_is_its_mode_and_group() {
 /// then reads the right bytes from the chunks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_pages_of_a_saved_ram_are_recorded_then_served_verified() {
-    use vgrid_api::{Blob, SavedRam, SavedState, StateMeta};
     use vgrid_storeclient::hotpages;
     let f = Fixture::new("base").await;
     let client = StoreClient::new(&f.server.url()).unwrap();
-    // A warm image whose 2 MiB of RAM are the base's chunks 5..37 (10..20 are zero chunks).
-    let mut m = f.manifest.clone();
-    m.name = "warm".into();
-    m.parent = Some(f.manifest.image_ref());
-    let ram_chunks: Vec<_> = f.manifest.disk.chunks[5..37].to_vec();
-    let ram_data = f.data[5 * CHUNK as usize..37 * CHUNK as usize].to_vec();
-    m.state = Some(SavedState {
-        blob: Blob { size: CHUNK as u64, chunks: vec![f.manifest.disk.chunks[0]] },
-        meta: StateMeta { qemu_version: "10.0.0".into(), machine: "pc".into(), cpus: 1, memory_mib: 2, accel: "tcg".into(), saved: 0 },
-        ram: Some(SavedRam { chunk_size: CHUNK, blob: Blob { size: 2 << 20, chunks: ram_chunks.clone() } }),
-    });
-    let up = client.begin_upload().await.unwrap();
-    let warm = client.commit(&up, &m).await.unwrap();
-    let image = warm.image_ref();
+    let (m, ram_data) = commit_warm(&f).await;
+    let image = m.image_ref();
+    let ram_chunks = m.state.as_ref().unwrap().ram.as_ref().unwrap().blob.chunks.clone();
     assert!(client.hot_pages(&image).await.unwrap_err().is_not_found());
 
     // First restore: pages 3 (chunk 0), 40 and 47 (chunk 2), 17 and 16 (chunk 1), 90 (a zero
@@ -656,6 +625,25 @@ async fn hot_pages_of_a_saved_ram_are_recorded_then_served_verified() {
     planted_bundle_is_refused(&f, &image, &forged, &ram_data).await;
 }
 
+/// Commits `warm`, a warm image of the fixture's image whose 2 MiB of saved RAM are the
+/// disk's chunks 5..37 (10..20 are zero chunks); returns its manifest and the RAM's bytes.
+async fn commit_warm(f: &Fixture) -> (Manifest, Vec<u8>) {
+    use vgrid_api::{Blob, SavedRam, SavedState, StateMeta};
+    let client = StoreClient::new(&f.server.url()).unwrap();
+    let mut m = f.manifest.clone();
+    m.name = "warm".into();
+    m.parent = Some(f.manifest.image_ref());
+    let ram_chunks: Vec<_> = f.manifest.disk.chunks[5..37].to_vec();
+    let ram_data = f.data[5 * CHUNK as usize..37 * CHUNK as usize].to_vec();
+    m.state = Some(SavedState {
+        blob: Blob { size: CHUNK as u64, chunks: vec![f.manifest.disk.chunks[0]] },
+        meta: StateMeta { qemu_version: "10.0.0".into(), machine: "pc".into(), cpus: 1, memory_mib: 2, accel: "tcg".into(), saved: 0 },
+        ram: Some(SavedRam { chunk_size: CHUNK, blob: Blob { size: 2 << 20, chunks: ram_chunks } }),
+    });
+    let up = client.begin_upload().await.unwrap();
+    (client.commit(&up, &m).await.unwrap(), ram_data)
+}
+
 /// A host reads `pages` of `image`'s saved RAM one by one (qemu-io over its NBD export), as a
 /// guest restored lazily on it faults them; it records them (a long recording window).
 async fn first_restore_reads_pages(f: &Fixture, image: &ImageRef, pages: &[u64]) -> (Arc<BlockProxy>, vgrid_blockproxy::ServerHandle) {
@@ -687,7 +675,7 @@ async fn second_host_reads_hot_pages(
 ) -> (Arc<BlockProxy>, vgrid_blockproxy::ServerHandle, Arc<vgrid_blockproxy::Export>) {
     let mut cfg = ProxyConfig::new(f.path("cache2"), 1 << 30);
     cfg.ram_prefetch_concurrency = 0;
-    cfg.fetch_timeout = Duration::from_secs(30);
+    cfg.fetch_timeout = Some(Duration::from_secs(30));
     let proxy2 = BlockProxy::new(cfg, f.source()).unwrap();
     let sock2 = f.path("nbd2.sock");
     let server2 = proxy2.serve_unix(&sock2).unwrap();

@@ -439,5 +439,23 @@ async fn cache_stats(ctx: &Ctx) -> anyhow::Result<()> {
     println!("evictions:      {}", n("evictions"));
     println!("prefetched:     {} chunks", n("prefetched"));
     println!("corrupt chunks: {}", n("verify_failures"));
+    println!(
+        "waits:          {} fetches waited for image servers (longest {:.1} s), {} waiting now",
+        n("fetch_waits"),
+        n("longest_wait_ms") as f64 / 1000.0,
+        n("waiting_now")
+    );
+    for w in s.get("waiting").and_then(|v| v.as_array()).into_iter().flatten() {
+        let t = |k: &str| w.get(k).and_then(|v| v.as_str()).unwrap_or("");
+        let servers: Vec<&str> = w.get("servers").and_then(|v| v.as_array()).into_iter().flatten().filter_map(|v| v.as_str()).collect();
+        println!(
+            "  waiting:      {} chunk {} for {:.0} s on {}: {}",
+            t("image"),
+            w.get("chunk").and_then(|v| v.as_u64()).unwrap_or(0),
+            w.get("waiting_ms").and_then(|v| v.as_u64()).unwrap_or(0) as f64 / 1000.0,
+            servers.join(", "),
+            t("error")
+        );
+    }
     Ok(())
 }

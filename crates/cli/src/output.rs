@@ -50,6 +50,31 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mul).ok_or_else(|| format!("size {s:?} is too large"))
 }
 
+/// Parses a duration: seconds ("600"), or a number with a unit: "90s", "10m", "2h", "7d".
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 90s, 10m, 2h, 7d"))?;
+    let mul = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        u => return Err(format!("invalid duration unit {u:?} in {s:?}: use s, m, h or d")),
+    };
+    n.checked_mul(mul).map(std::time::Duration::from_secs).ok_or_else(|| format!("duration {s:?} is too long"))
+}
+
+/// Parses a bound on a wait: a duration ([`parse_duration`]), or `never` (also `0`): no bound,
+/// returned as zero.
+pub fn parse_bound(s: &str) -> Result<std::time::Duration, String> {
+    if s.trim() == "never" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    parse_duration(s)
+}
+
 pub fn age(epoch: u64) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let d = now.saturating_sub(epoch);
@@ -108,6 +133,22 @@ mod tests {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             Some(&self.cause)
         }
+    }
+
+    #[test]
+    fn durations_and_bounds() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("600"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration(" 2h "), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+        assert!(parse_duration("10 minutes").unwrap_err().contains("10 minutes"));
+        assert!(parse_duration("m").unwrap_err().contains("invalid duration"));
+        assert!(parse_duration("99999999999999999d").unwrap_err().contains("too long"));
+        assert_eq!(parse_bound("never"), Ok(Duration::ZERO));
+        assert_eq!(parse_bound("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_bound("5m"), Ok(Duration::from_secs(300)));
     }
 
     #[test]

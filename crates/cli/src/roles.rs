@@ -117,6 +117,13 @@ pub struct HostOpts {
     /// runs as the agent's own user.
     #[arg(long, env = "VGRID_QEMU_USER", default_value = vgrid_hostagent::DEFAULT_QEMU_USER)]
     pub qemu_user: String,
+    /// How long a guest's read (of its disk, or of a restored guest's RAM) waits for an
+    /// unreachable image server before the guest gets an I/O error: 90s, 10m, 2h, ...; `never`
+    /// (or 0) waits for ever, like an NFS hard mount. Meanwhile every image server holding the
+    /// image is tried again (backoff 0.2 s doubling to 5 s); the log, `vgrid image cache stats`
+    /// and the VM's phase say what waits. Corrupt bytes fail the read at once.
+    #[arg(long, env = "VGRID_FETCH_TIMEOUT", default_value = "10m", value_parser = crate::output::parse_bound)]
+    pub fetch_timeout: Duration,
 }
 
 /// Heartbeat timing of the coordinator (`vgrid coordinator`, `vgrid up`).
@@ -348,6 +355,7 @@ async fn start_agent(data: &std::path::Path, o: &HostOpts, extra_servers: Vec<St
         max_cpus: o.max_cpus,
         max_share: o.max_share,
         qemu_user: o.qemu_user.clone(),
+        fetch_timeout: (!o.fetch_timeout.is_zero()).then_some(o.fetch_timeout),
     })
     .await
     .map_err(|e| anyhow!("starting the host agent: {e}"))

@@ -122,7 +122,7 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<ExitCode> {
                             v.id.clone(),
                             v.name.clone(),
                             image_label(v),
-                            v.state.as_str().to_string(),
+                            state_and_phase(v),
                             v.config.cpus.to_string(),
                             format!("{} MiB", v.config.memory_mib),
                             v.host.clone().unwrap_or_default(),
@@ -245,11 +245,24 @@ fn image_label(v: &VmRecord) -> String {
     v.config.image().to_string()
 }
 
+/// The state, and what the VM is doing in it when that says more (e.g. `running (waiting
+/// for image server https://…)`).
+fn state_and_phase(v: &VmRecord) -> String {
+    if v.phase == v.state.as_str() || v.phase.is_empty() {
+        v.state.as_str().to_string()
+    } else {
+        format!("{} ({})", v.state.as_str(), v.phase)
+    }
+}
+
 fn show(v: &VmRecord) {
     println!("id:       {}", v.id);
     println!("name:     {}", v.name);
     println!("image:    {}", image_label(v));
     println!("state:    {}", v.state.as_str());
+    if v.phase != v.state.as_str() && !v.phase.is_empty() {
+        println!("phase:    {}", v.phase);
+    }
     if let Some(r) = &v.reason {
         println!("reason:   {}", r.replace('\n', "\n          "));
     }

@@ -19,7 +19,8 @@
 //!   VM (`run`); with `sched` (placement), `hosts` (registry, host client); `lifecycle::admission` is
 //!   the pure admission arithmetic;
 //! * features on the core: `suspend` (snapshot, suspend, resume), `migrate` (live migration),
-//!   `reconcile` (a host's heartbeat: the core registers it, then the records are reconciled
+//!   `waiting` (VMs stalled on image servers, as their hosts report
+//!   them: their phase), `reconcile` (a host's heartbeat: the core registers it, then the records are reconciled
 //!   with its report; and the recovery at open of what a restart left half-done, handing
 //!   interrupted suspends, resumes and migrations to their features), `accounting`, `auth`,
 //!   `join`, `images`. The core never calls them: `http` and whoever opens the coordinator
@@ -38,5 +39,6 @@ pub mod reconcile;
 pub mod sched;
 pub mod state;
 pub mod suspend;
+pub mod waiting;
 
 pub use lifecycle::{Coordinator, CoordinatorError};

@@ -44,9 +44,11 @@ impl Coordinator {
             tracing::error!(host = %name, "cannot record usage: {e}");
         }
         let report = hb.vms.clone();
+        let waiting = hb.waiting.clone();
         let returned = self.registry.host_beat(hb);
         let orphans = self.reconcile(&name, &report, &records).await;
         self.registry.set_orphans(&name, orphans);
+        self.image_waits(&name, &waiting, &records).await;
         if returned {
             tracing::info!(host = %name, "host ready");
             for vm in &records {

@@ -58,7 +58,9 @@ impl Agent {
         std::fs::create_dir_all(cfg.data_dir.join("vms")).map_err(|e| io("data directory", &cfg.data_dir, e))?;
         let qemu_user = crate::qemu_user::resolve(&cfg.qemu_user, &cfg.data_dir.join("vms"))?;
         let servers = Arc::new(Servers::from_urls(cfg.image_servers.clone()).map_err(AgentError::servers)?);
-        let proxy = BlockProxy::new(ProxyConfig::new(cfg.data_dir.join("cache"), cfg.cache_max_bytes), servers.clone())?;
+        let proxy_config =
+            ProxyConfig { fetch_timeout: cfg.fetch_timeout, ..ProxyConfig::new(cfg.data_dir.join("cache"), cfg.cache_max_bytes) };
+        let proxy = BlockProxy::new(proxy_config, servers.clone())?;
         let nbd_socket = cfg.data_dir.join("nbd.sock");
         let _ = std::fs::remove_file(&nbd_socket);
         // QEMU (as its own user) connects to the proxy: the socket is for that user's group.
@@ -173,7 +175,12 @@ impl Agent {
     /// One heartbeat; returns the coordinator's answer (the interval it asks for, the image
     /// servers it knows).
     pub async fn heartbeat_once(&self, http: &reqwest::Client, hb: &Heartbeat) -> Result<HeartbeatReply, String> {
-        let body = HostHeartbeat { ad: self.ad(&hb.url, hb.labels.clone(), hb.policy.clone()), vms: self.vms(), usage: self.res.reports() };
+        let body = HostHeartbeat {
+            ad: self.ad(&hb.url, hb.labels.clone(), hb.policy.clone()),
+            vms: self.vms(),
+            usage: self.res.reports(),
+            waiting: crate::waits::vms_waiting(self),
+        };
         let url = format!("{}/api/v1/hosts/heartbeat", hb.coordinator.trim_end_matches('/'));
         let resp = http.post(&url).json(&body).send().await.map_err(|e| format!("{url}: {e}"))?;
         let status = resp.status();

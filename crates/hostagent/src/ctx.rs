@@ -41,6 +41,9 @@ pub struct AgentConfig {
     /// The unprivileged user guests' QEMU runs as when the agent is root (created if missing;
     /// default `vgrid-qemu`). Ignored, with a log line, when the agent is not root.
     pub qemu_user: String,
+    /// How long a guest's read waits for unreachable image servers before it fails
+    /// (`vgrid_blockproxy::ProxyConfig::fetch_timeout`; `None`: for ever).
+    pub fetch_timeout: Option<std::time::Duration>,
 }
 
 /// A VM this host sends away: its status as the source sees it, and how to cancel it.

@@ -25,7 +25,8 @@
 //! - **Features**, each a set of functions over a `HostCtx` that call none above them:
 //!   [`restore`] (starting from a warm image), [`instantiate`] (launching a VM: admission,
 //!   image, boot files, QEMU), [`save`] (snapshot/suspend as a warm image), [`migrate`] (live
-//!   migration, both ends), [`adopt`] (guests of an earlier agent).
+//!   migration, both ends), [`adopt`] (guests of an earlier agent), [`waits`] (guests stalled
+//!   on unreachable image servers, for the heartbeat).
 //! - **Agent**: [`agent`] (the [`agent::Agent`]: starts the context, the NBD server, usage
 //!   sampling, re-adoption and the heartbeat; shuts them down).
 //! - **HTTP**: [`http`], every `/host/v1` handler and the mapping of errors to status codes;
@@ -55,6 +56,7 @@ pub mod testkit;
 pub mod tlscreds;
 pub mod vm;
 mod vmspec;
+pub mod waits;
 
 pub use accel::{kvm_usable, Accel};
 pub use qemu::{qemu_args, qemu_version, qemu_version_of, QemuVersion};

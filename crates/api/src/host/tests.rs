@@ -75,11 +75,22 @@ fn report_bodies_round_trip() {
         free_cpu_share: 1.0,
         cgroups: "v2".into(),
     });
-    let hb =
-        HostHeartbeat { ad: crate::grid::tests::ad("h1"), vms: vec![VmReport { id: "a".into(), pid: 2, incoming: false }], usage: vec![] };
+    let waiting = VmWaiting { vm: "a".into(), image: "s@1".into(), servers: vec!["https://is:7400".into()], chunks: 2, waiting_secs: 7 };
+    let hb = HostHeartbeat {
+        ad: crate::grid::tests::ad("h1"),
+        vms: vec![VmReport { id: "a".into(), pid: 2, incoming: false }],
+        usage: vec![],
+        waiting: vec![waiting.clone()],
+    };
     let j = serde_json::to_string(&hb).unwrap();
     let back: HostHeartbeat = serde_json::from_str(&j).unwrap();
-    assert_eq!((back.ad, back.vms), (hb.ad, hb.vms));
+    assert_eq!((back.ad, back.vms, back.waiting), (hb.ad.clone(), hb.vms.clone(), vec![waiting]));
+    // An agent that predates `waiting` sends none; none is not sent.
+    let mut old: serde_json::Value = serde_json::from_str(&j).unwrap();
+    old.as_object_mut().unwrap().remove("waiting");
+    assert!(serde_json::from_value::<HostHeartbeat>(old).unwrap().waiting.is_empty());
+    let quiet = serde_json::to_value(HostHeartbeat { waiting: vec![], ..hb }).unwrap();
+    assert!(quiet.get("waiting").is_none(), "{quiet}");
     round_trip(&HeartbeatReply { interval_secs: 5, image_servers: vec!["https://s".into()] });
     assert_eq!(serde_json::from_str::<HeartbeatReply>("{}").unwrap(), HeartbeatReply { interval_secs: 5, image_servers: vec![] });
 }

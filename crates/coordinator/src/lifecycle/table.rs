@@ -56,6 +56,16 @@ pub enum Phase {
         to: String,
         step: Option<String>,
     },
+    /// Starting or running, its guest's reads wait for unreachable image servers (its host
+    /// reports it); the state stays.
+    WaitingForImageServer {
+        servers: Vec<String>,
+    },
+}
+
+impl Phase {
+    /// How the text of [`Phase::WaitingForImageServer`] begins.
+    pub const IMAGE_WAIT: &'static str = "waiting for image server";
 }
 
 impl std::fmt::Display for Phase {
@@ -75,6 +85,10 @@ impl std::fmt::Display for Phase {
             Phase::Restoring { host } => return write!(f, "placed on {host}: restoring"),
             Phase::Migrating { to, step: None } => return write!(f, "migrating to {to}"),
             Phase::Migrating { to, step: Some(step) } => return write!(f, "migrating to {to}: {step}"),
+            Phase::WaitingForImageServer { servers } => {
+                let s = if servers.len() == 1 { "" } else { "s" };
+                return write!(f, "{}{s} {}", Phase::IMAGE_WAIT, servers.join(", "));
+            }
         };
         f.write_str(text)
     }
@@ -180,6 +194,11 @@ pub enum Event {
     MigrationProgress { to: String, step: String },
     /// The migration ended.
     MigrationEnded { outcome: MigrationOutcome },
+    // Image servers.
+    /// Its host reports that its guest's reads wait for the unreachable image `servers`.
+    ImageWait { servers: Vec<String> },
+    /// Its host no longer reports it waiting for image servers.
+    ImageWaitEnded,
 }
 
 impl Event {
@@ -217,6 +236,8 @@ impl Event {
             Event::MigrationStarted { .. } => "migration_started",
             Event::MigrationProgress { .. } => "migration_progress",
             Event::MigrationEnded { .. } => "migration_ended",
+            Event::ImageWait { .. } => "image_wait",
+            Event::ImageWaitEnded => "image_wait_ended",
         }
     }
 }
@@ -398,6 +419,12 @@ pub fn transition(from: VmState, event: &Event) -> Result<Change, TransitionErro
         (Pending | Starting | Running | Stopping | Unknown | Suspending | inactive!(), E::MigrationEnded { outcome }) => {
             stay(from).ended(outcome)
         }
+
+        // A guest stalled on its image servers: its phase says so while it starts or runs.
+        (Starting | Running, E::ImageWait { servers }) => stay(from).phase(Phase::WaitingForImageServer { servers: servers.clone() }),
+        (Starting, E::ImageWaitEnded) => stay(Starting).phase(Phase::Booting),
+        (Running, E::ImageWaitEnded) => stay(Running).phase(Phase::Running),
+        (Pending | Stopping | Unknown | Suspending | Migrating | inactive!(), E::ImageWait { .. } | E::ImageWaitEnded) => Unchanged,
 
         _ => return Err(TransitionError { from, event: event.name() }),
     })

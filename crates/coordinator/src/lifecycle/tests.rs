@@ -35,7 +35,7 @@ fn ad(name: &str, cpus: u32, memory_mib: u64) -> HostAd {
 }
 
 async fn beat(c: &Coordinator, ad: HostAd) {
-    c.heartbeat(HostHeartbeat { ad, vms: Vec::new(), usage: Vec::new() }).await.unwrap();
+    c.heartbeat(HostHeartbeat { ad, vms: Vec::new(), usage: Vec::new(), waiting: Vec::new() }).await.unwrap();
 }
 
 fn manifest() -> Manifest {

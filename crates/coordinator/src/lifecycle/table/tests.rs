@@ -66,6 +66,8 @@ const EXPECTED: &str = "\
 | `migration_ended` (abandoned) | pending | starting | running | stopping | stopped | failed | unknown | suspending | suspended | running | lost |
 | `migration_ended` (abandoned, source silent) | pending | starting | running | stopping | stopped | failed | unknown | suspending | suspended | unknown | lost |
 | `migration_ended` (interrupted) | pending | starting | running | stopping | stopped | failed | unknown | suspending | suspended | running | lost |
+| `image_wait` | = | starting | running | = | = | = | = | = | = | = | = |
+| `image_wait_ended` | = | starting | running | = | = | = | = | = | = | = | = |
 ";
 
 /// An event with representative data for each row label of [`EXPECTED`].
@@ -114,6 +116,8 @@ pub(super) fn sample(label: &str) -> Event {
         ("migration_ended", "abandoned") => Event::MigrationEnded { outcome: abandoned(true) },
         ("migration_ended", "abandoned, source silent") => Event::MigrationEnded { outcome: abandoned(false) },
         ("migration_ended", "interrupted") => Event::MigrationEnded { outcome: MigrationOutcome::Interrupted },
+        ("image_wait", "") => Event::ImageWait { servers: vec![s("https://is1:7400")] },
+        ("image_wait_ended", "") => Event::ImageWaitEnded,
         _ => panic!("no sample event for row {label:?}"),
     }
 }
@@ -163,9 +167,11 @@ fn kind(e: &Event) -> usize {
         Event::MigrationStarted { .. } => 28,
         Event::MigrationProgress { .. } => 29,
         Event::MigrationEnded { .. } => 30,
+        Event::ImageWait { .. } => 31,
+        Event::ImageWaitEnded => 32,
     }
 }
-const KINDS: usize = 31;
+const KINDS: usize = 33;
 
 /// The rows of [`EXPECTED`]: label and the 11 cells.
 fn rows() -> Vec<(String, Vec<String>)> {
@@ -272,6 +278,11 @@ fn phases_show_the_texts_of_the_api() {
         (Phase::Restoring { host: h() }, "placed on h2: restoring"),
         (Phase::Migrating { to: h(), step: None }, "migrating to h2"),
         (Phase::Migrating { to: h(), step: Some("copying memory (12%)".into()) }, "migrating to h2: copying memory (12%)"),
+        (Phase::WaitingForImageServer { servers: vec!["https://a:7400".into()] }, "waiting for image server https://a:7400"),
+        (
+            Phase::WaitingForImageServer { servers: vec!["https://a".into(), "https://b".into()] },
+            "waiting for image servers https://a, https://b",
+        ),
     ];
     for (phase, text) in cases {
         assert_eq!(phase.to_string(), text);
@@ -346,6 +357,20 @@ fn apply_writes_reasons_and_clears_fields() {
         rec.reason.as_deref(),
         Some("the coordinator restarted while this VM was resuming on h2, which did not run it; resume it again")
     );
+}
+
+#[test]
+fn an_image_wait_is_a_phase_of_a_starting_or_running_vm() {
+    let mut rec = record(VmState::Running);
+    rec.phase = "running".into();
+    advance(&mut rec, &sample("`image_wait`"), 1000).unwrap();
+    assert_eq!((rec.state, rec.phase.as_str(), rec.state_since), (VmState::Running, "waiting for image server https://is1:7400", Some(40)));
+    advance(&mut rec, &sample("`image_wait_ended`"), 1001).unwrap();
+    assert_eq!((rec.state, rec.phase.as_str(), rec.state_since), (VmState::Running, "running", Some(40)));
+    let mut rec = record(VmState::Starting);
+    advance(&mut rec, &sample("`image_wait`"), 1000).unwrap();
+    advance(&mut rec, &sample("`image_wait_ended`"), 1001).unwrap();
+    assert_eq!((rec.state, rec.phase.as_str()), (VmState::Starting, "fetching image and booting"));
 }
 
 #[test]
