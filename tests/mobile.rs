@@ -771,8 +771,11 @@ fn restore_lazily_on_h2_across_an_agent_restart(g: &mut Grid, ram_chunks: &[Stri
     });
     // The image server goes away meanwhile: the pages the guest never had wait for it (its
     // phase says so), and come once it is back (on a new port: the host follows the list the
-    // coordinator announces). (Once the hot pages this restore recorded are uploaded.)
-    g.wait_until("h2 to upload the hot pages", Duration::from_secs(60), || logs_of(g, "h2").contains("hot pages uploaded"));
+    // coordinator announces). (Once the profile this restore recorded, with its hot pages, is
+    // uploaded: the restore on h1 below uses them.)
+    g.wait_until("h2 to upload the profile", Duration::from_secs(60), || {
+        logs_of(g, "h2").lines().any(|l| l.contains("boot profile uploaded") && l.contains("lazywarm"))
+    });
     g.server.as_mut().unwrap().kill();
     let down = std::time::Instant::now();
     {

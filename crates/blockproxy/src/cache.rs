@@ -116,7 +116,9 @@ struct Inner {
     tick: u64,
     bytes: u64,
     open_fds: usize,
-    inflight: HashMap<ChunkHash, watch::Receiver<FetchOutcome>>,
+    /// Fetches under way; their waiters hold receivers (a fetch nobody waits for any more is
+    /// abandoned).
+    inflight: HashMap<ChunkHash, Arc<watch::Sender<FetchOutcome>>>,
 }
 
 impl Inner {
@@ -445,12 +447,12 @@ impl ChunkCache {
                 if g.map.contains_key(hash) {
                     continue; // inserted meanwhile
                 }
-                if let Some(rx) = g.inflight.get(hash) {
+                if let Some(tx) = g.inflight.get(hash) {
                     if access == Access::Read {
                         Counters::add(&self.counters.misses, 1);
                         Counters::add(&self.counters.coalesced, 1);
                     }
-                    rx.clone()
+                    tx.subscribe()
                 } else {
                     let Some(fetch) = fetch.take() else {
                         // Our own earlier fetch was abandoned without a result (cannot happen
@@ -458,7 +460,8 @@ impl ChunkCache {
                         return Err(CacheError::Abandoned { hash: *hash });
                     };
                     let (tx, rx) = watch::channel(None);
-                    g.inflight.insert(*hash, rx.clone());
+                    let tx = Arc::new(tx);
+                    g.inflight.insert(*hash, tx.clone());
                     drop(g);
                     match access {
                         Access::Read => Counters::add(&self.counters.misses, 1),
@@ -470,7 +473,7 @@ impl ChunkCache {
             };
             let settled = match rx.wait_for(|v| v.is_some()).await {
                 Ok(v) => v.clone(),
-                Err(_) => None, // the fetching task died without an answer: retry
+                Err(_) => None, // the fetch ended without an answer (abandoned): retry
             };
             if let Some(outcome) = settled {
                 return outcome;
@@ -478,14 +481,28 @@ impl ChunkCache {
         }
     }
 
-    fn spawn_fetch<Fut>(self: &Arc<Self>, hash: ChunkHash, len: u32, fut: Fut, tx: watch::Sender<FetchOutcome>)
+    /// Runs the fetch of `hash` as its own task; when every waiter has gone (e.g. the reads of
+    /// a client that disconnected while they waited for an image server) it is abandoned.
+    fn spawn_fetch<Fut>(self: &Arc<Self>, hash: ChunkHash, len: u32, fut: Fut, tx: Arc<watch::Sender<FetchOutcome>>)
     where
         Fut: Future<Output = Result<Vec<u8>, SourceError>> + Send + 'static,
     {
         let this = self.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            let res = match fut.await {
+            let fetched = tokio::select! {
+                r = fut => Some(r),
+                _ = tx.closed() => None,
+            };
+            let Some(fetched) = fetched else {
+                let mut g = this.inner.lock().unwrap();
+                if g.inflight.get(&hash).is_some_and(|t| Arc::ptr_eq(t, &tx)) {
+                    g.inflight.remove(&hash);
+                }
+                tracing::debug!(chunk = %hash, "fetch abandoned: nobody waits for it any more");
+                return;
+            };
+            let res = match fetched {
                 Err(e) => Err(CacheError::Fetch { hash, source: e }),
                 Ok(data) if data.len() != len as usize => Err(CacheError::Length { hash, expected: len, actual: data.len() }),
                 Ok(data) => {
@@ -626,5 +643,56 @@ mod tests {
         assert_eq!(ok.len(), 100);
         let short = c.get_or_fetch(&ChunkHash::of(b"zz"), 100, Access::Read, || async { Ok(b"zz".to_vec()) }).await;
         assert!(matches!(short, Err(CacheError::Length { .. })));
+    }
+
+    /// Set when dropped: shows that a fetch future was dropped.
+    struct Dropped(Arc<AtomicU64>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.store(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fetch_nobody_waits_for_is_abandoned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = open(tmp.path(), 1 << 20);
+        let d = data(3, 100);
+        let h = ChunkHash::of(&d);
+        let dropped = Arc::new(AtomicU64::new(0));
+        // Two readers wait on a fetch that never ends (an image server that never comes back).
+        let fetch = |dropped: Arc<AtomicU64>| {
+            move || async move {
+                let _guard = Dropped(dropped);
+                std::future::pending::<Result<Vec<u8>, SourceError>>().await
+            }
+        };
+        let a = tokio::spawn({
+            let (c, f) = (c.clone(), fetch(dropped.clone()));
+            async move { c.get_or_fetch(&h, 100, Access::Read, f).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let b = tokio::spawn({
+            let (c, f) = (c.clone(), fetch(dropped.clone()));
+            async move { c.get_or_fetch(&h, 100, Access::Read, f).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        a.abort();
+        let _ = a.await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(dropped.load(Ordering::SeqCst), 0, "one reader still waits: the fetch goes on");
+        b.abort();
+        let _ = b.await;
+        for _ in 0..100 {
+            if dropped.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(dropped.load(Ordering::SeqCst), 1, "the fetch was not abandoned");
+        assert!(c.inner.lock().unwrap().inflight.is_empty());
+        // The next reader fetches again.
+        let got = c.get_or_fetch(&h, 100, Access::Read, move || async move { Ok(d) }).await.unwrap();
+        assert_eq!(got.len(), 100);
     }
 }

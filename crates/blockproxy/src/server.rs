@@ -486,6 +486,10 @@ struct Conn {
     peer: String,
     /// Fired when a reply could not be sent whole: the stream is out of step, close it.
     broken: CancellationToken,
+    /// Fired when no reply can reach the client any more (it closed the connection without
+    /// `NBD_CMD_DISC`, or a reply failed): its requests still in flight are dropped (a read
+    /// waiting for an image server stops waiting for a client that is gone).
+    gone: CancellationToken,
 }
 
 /// One piece of a reply: protocol bytes, a range of a chunk file, or zeroes.
@@ -503,6 +507,7 @@ impl Conn {
             Err(e) => {
                 tracing::debug!(peer = self.peer, "reply not sent: {e}");
                 self.broken.cancel();
+                self.gone.cancel();
                 false
             }
         }
@@ -521,6 +526,7 @@ impl Conn {
                 // Part of a reply may be out: the only safe move is to drop the connection.
                 tracing::warn!(peer = self.peer, export = self.export.name(), "reply failed midway, closing connection: {e}");
                 self.broken.cancel();
+                self.gone.cancel();
                 return;
             }
         }
@@ -561,6 +567,39 @@ impl Conn {
             }
         };
         self.reply_read(cookie, offset, len, df, first, &files).await;
+    }
+
+    /// Answers a read in its own task (holding one of the connection's `permit`s); dropped
+    /// unanswered if the client goes away meanwhile.
+    fn spawn_read(self: &Arc<Self>, permit: tokio::sync::OwnedSemaphorePermit, cookie: u64, offset: u64, len: u32, df: bool) {
+        let c = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = c.gone.cancelled() => {}
+                _ = c.read(cookie, offset, len, df) => {}
+            }
+            drop(permit);
+        });
+    }
+
+    /// Answers `NBD_CMD_CACHE` (fetches the range into the cache) like [`Conn::spawn_read`].
+    fn spawn_cache(self: &Arc<Self>, permit: tokio::sync::OwnedSemaphorePermit, cookie: u64, offset: u64, len: u32) {
+        let c = self.clone();
+        tokio::spawn(async move {
+            let files = tokio::select! {
+                _ = c.gone.cancelled() => None,
+                r = c.export.files(offset, len as u64) => Some(r),
+            };
+            let reply = match files {
+                None => None,
+                Some(Ok(_)) => Some(p::ok_reply(c.neg.structured, cookie)),
+                Some(Err(e)) => Some(p::error_reply(c.neg.structured, p::EIO, cookie, &e.to_string())),
+            };
+            if let Some(reply) = reply {
+                c.send(&reply).await;
+            }
+            drop(permit);
+        });
     }
 
     /// Sends the reply to a read whose bytes are at hand (hot pages: never holes).
@@ -666,8 +705,14 @@ where
 {
     let Session { export, neg } = session;
     let broken = token.child_token();
-    let conn =
-        Arc::new(Conn { writer: tokio::sync::Mutex::new(wr), export: export.clone(), neg, peer: peer.clone(), broken: broken.clone() });
+    let conn = Arc::new(Conn {
+        writer: tokio::sync::Mutex::new(wr),
+        export: export.clone(),
+        neg,
+        peer: peer.clone(),
+        broken: broken.clone(),
+        gone: CancellationToken::new(),
+    });
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT as usize));
     let mut next_expected = u64::MAX;
     let mut streak = 0u32;
@@ -682,6 +727,8 @@ where
             if e.kind() != std::io::ErrorKind::UnexpectedEof {
                 tracing::debug!(peer, "connection read failed: {e}");
             }
+            // Closed without NBD_CMD_DISC: nobody reads the replies of what is in flight.
+            conn.gone.cancel();
             break;
         }
         let req = match p::parse_request(&hb) {
@@ -738,23 +785,11 @@ where
                     }
                 }
                 let Ok(permit) = slots.clone().acquire_owned().await else { break };
-                let c = conn.clone();
-                tokio::spawn(async move {
-                    c.read(req.cookie, offset, len, df).await;
-                    drop(permit);
-                });
+                conn.spawn_read(permit, req.cookie, offset, len, df);
             }
             Ok(Command::Cache { offset, len }) => {
                 let Ok(permit) = slots.clone().acquire_owned().await else { break };
-                let c = conn.clone();
-                tokio::spawn(async move {
-                    let reply = match c.export.files(offset, len as u64).await {
-                        Ok(_) => p::ok_reply(c.neg.structured, req.cookie),
-                        Err(e) => p::error_reply(c.neg.structured, p::EIO, req.cookie, &e.to_string()),
-                    };
-                    c.send(&reply).await;
-                    drop(permit);
-                });
+                conn.spawn_cache(permit, req.cookie, offset, len);
             }
         }
     }

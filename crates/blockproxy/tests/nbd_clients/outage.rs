@@ -92,3 +92,21 @@ async fn a_bounded_wait_fails_the_read_naming_the_chunk_and_the_bound() {
     f.server.restart();
     nbdcopy_equals(&u, &f.path("out.raw"), &f.data).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_client_goes_away_stops_waiting() {
+    let mut f = Fixture::new("gone").await;
+    let proxy = f.proxy("cache", 1 << 30);
+    let sock = f.path("nbd.sock");
+    let _server = proxy.serve_unix(&sock).unwrap();
+    let u = uri("gone", &sock);
+    ok("qemu-io", &["-r", "-f", "raw", "-c", "read 0 64k", &u]).await;
+    f.server.stop();
+    let mut client =
+        Command::new("qemu-io").args(["-r", "-f", "raw", "-c", &format!("read {} 64k", 5 * CHUNK), &u]).kill_on_drop(true).spawn().unwrap();
+    stats_until(&proxy, "the read to wait", |s| s.waiting_now == 1).await;
+    // The client dies: its read, and the fetch nobody else waits for, stop waiting.
+    client.kill().await.unwrap();
+    let s = stats_until(&proxy, "the wait to end with its client", |s| s.waiting_now == 0).await;
+    assert_eq!(s.fetch_waits, 1, "{s:?}");
+}
