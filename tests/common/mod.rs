@@ -267,11 +267,9 @@ impl Role {
         }
     }
 
-    /// SIGTERM and wait.
-    pub fn terminate(&mut self) {
-        if let Some(c) = self.child.take() {
-            stop_child(c, Duration::from_secs(30));
-        }
+    /// SIGTERM and wait (at most 30 s, then SIGKILL); returns whether it exited by itself.
+    pub fn terminate(&mut self) -> bool {
+        self.child.take().map(|c| stop_child(c, Duration::from_secs(30))).unwrap_or(true)
     }
 }
 
@@ -340,4 +338,33 @@ pub fn api_get(url: &str, path: &str) -> Vec<u8> {
 /// goes on after waiting 4.2 s", the block proxy's line when a server answers again).
 pub fn read_waits(log: &str) -> Vec<f64> {
     log.lines().filter_map(|l| l.split("the read goes on after waiting ").nth(1)?.split_whitespace().next()?.parse().ok()).collect()
+}
+
+/// Opens a TLS connection to the server at `url` and keeps it open until the child is killed
+/// (`openssl s_client`): with `idle`, one request was answered and the connection waits for
+/// the next (HTTP keep-alive); otherwise a request's head was only begun (a slow or stuck
+/// client). Either must not keep a role that is asked to stop from exiting.
+pub fn hold_connection(url: &str, idle: bool) -> Child {
+    use std::io::Write;
+    let addr = url.trim_start_matches("https://").trim_end_matches('/');
+    let mut c = Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect", addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_client");
+    let head = if idle { "GET /api/v1/health HTTP/1.1\r\nHost: vgrid\r\n\r\n" } else { "GET /api/v1/health HTTP/1.1\r\nHost: vg" };
+    c.stdin.as_mut().unwrap().write_all(head.as_bytes()).unwrap();
+    // The connection is up once the server answered (idle) or the handshake is surely over.
+    let mut out = c.stdout.take().unwrap();
+    if idle {
+        let mut b = [0u8; 12];
+        let _ = std::io::Read::read_exact(&mut out, &mut b);
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    } else {
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    c
 }

@@ -103,6 +103,77 @@ pub struct HostRecord {
     /// an operator decides).
     #[serde(default)]
     pub orphans: Vec<String>,
+    /// Taken out of service (`vgrid host drain`): no new placement; its VMs are moved away.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
+}
+
+/// A host's drain (`POST /api/v1/hosts/{name}/drain`): the host gets no new placement and each
+/// of its VMs is live-migrated to a host that can take it, else suspended to the image servers.
+/// Kept in the coordinator's state: a restarted coordinator goes on with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Drain {
+    pub host: String,
+    /// Seconds since the Unix epoch.
+    pub started: u64,
+    /// When every VM of the host was handled (the agent may be stopped then).
+    #[serde(default)]
+    pub finished: Option<u64>,
+    /// The host's VMs, in the order they are handled.
+    #[serde(default)]
+    pub vms: Vec<DrainedVm>,
+}
+
+impl Drain {
+    /// VMs still on the host because moving them failed.
+    pub fn failed(&self) -> impl Iterator<Item = &DrainedVm> {
+        self.vms.iter().filter(|v| v.step == DrainStep::Failed)
+    }
+}
+
+/// One VM of a draining host and what became of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DrainedVm {
+    pub id: String,
+    pub name: String,
+    pub step: DrainStep,
+    /// The host it moved to (`migrating`, `migrated`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// The saved image (`suspended`), why it was not migrated (`suspending`, `suspended`: no
+    /// host could take it, the migration failed) or why nothing worked (`failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Where one VM of a drain stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DrainStep {
+    Waiting,
+    Migrating,
+    Migrated,
+    Suspending,
+    Suspended,
+    Failed,
+}
+
+impl DrainStep {
+    /// Whether the VM is handled (it left the host, or could not).
+    pub fn done(self) -> bool {
+        matches!(self, DrainStep::Migrated | DrainStep::Suspended | DrainStep::Failed)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrainStep::Waiting => "waiting",
+            DrainStep::Migrating => "migrating",
+            DrainStep::Migrated => "migrated",
+            DrainStep::Suspending => "suspending",
+            DrainStep::Suspended => "suspended",
+            DrainStep::Failed => "failed",
+        }
+    }
 }
 
 /// Body of `POST /api/v1/futures`: a VM like this one.
@@ -152,7 +223,14 @@ pub(crate) mod tests {
 
     #[test]
     fn host_records_and_futures_round_trip() {
-        let h = HostRecord { ad: ad("h1"), state: HostState::Lost, last_seen_secs: 1.5, vms: vec![], orphans: vec!["vm-x".into()] };
+        let h = HostRecord {
+            ad: ad("h1"),
+            state: HostState::Lost,
+            last_seen_secs: 1.5,
+            vms: vec![],
+            orphans: vec!["vm-x".into()],
+            draining: false,
+        };
         let j = serde_json::to_value(&h).unwrap();
         assert_eq!(j["state"], "lost");
         let back: HostRecord = serde_json::from_value(j).unwrap();

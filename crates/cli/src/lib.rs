@@ -6,6 +6,7 @@
 mod auth;
 mod client;
 mod console;
+mod drain;
 mod image;
 mod migrate;
 mod output;
@@ -43,8 +44,15 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Run every role (coordinator, image server, host agent) in one process.
+    ///
+    /// Ctrl-C (or SIGTERM) stops the machine's grid: its guests are powered down first (ACPI,
+    /// then killed after a timeout). A separate `vgrid host` instead leaves its guests running
+    /// for the next agent to adopt.
     Up(roles::UpArgs),
     /// Run a coordinator only (REST API, information service, placement).
+    ///
+    /// SIGTERM/SIGINT: stops accepting, gives requests in flight a few seconds, then exits;
+    /// the state is on disk after every write.
     Coordinator(roles::CoordinatorArgs),
     /// Run an image server only (optionally advertising to a coordinator).
     ImageServer(roles::ImageServerArgs),
@@ -56,7 +64,12 @@ pub enum Cmd {
     /// Run and control virtual machines.
     #[command(subcommand)]
     Vm(vm::VmCmd),
-    /// Run a compute host (`vgrid host --coordinator URL`), or list and show hosts (`vgrid host ls|show`).
+    /// Run a compute host (`vgrid host --coordinator URL`), list and show hosts (`vgrid host
+    /// ls|show`), or take one out of service and back (`vgrid host drain|undrain NAME`).
+    ///
+    /// The agent on SIGTERM/SIGINT (a restart, an upgrade) exits within seconds and leaves its
+    /// guests running: started again with the same --data-dir it adopts them (same QEMU
+    /// processes; their disk reads wait meanwhile). To empty a host first, drain it.
     Host(HostArgs),
     /// Log in: prove you hold your SSH key (a challenge signed with the key file or through your
     /// ssh-agent) and keep a token for this coordinator. Other commands log in by themselves
@@ -95,7 +108,11 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let r = rt.block_on(run(cli));
+    // A role that returned has stopped serving: tasks still running (connections dropped after
+    // the shutdown grace, loops) end here, and blocking work gets a short while, not for ever.
+    rt.shutdown_timeout(std::time::Duration::from_secs(3));
+    match r {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", output::error_chain(&e));

@@ -474,10 +474,20 @@ pub async fn host(a: HostAgentArgs) -> anyhow::Result<ExitCode> {
     let beat = tokio::spawn(agent.clone().heartbeat_loop(hb));
     announce(&format!("vgrid host {} at {url}, registered with {coordinator}", agent.name()));
     let users = vgrid_trust::caller::RemoteUsers::new(&coordinator);
-    let r = vgrid_trust::tls::serve(listener, node, vgrid_hostagent::http::router(agent.clone(), Some(users)), shutdown_signal()).await;
-    eprintln!("vgrid host: shutting down, stopping guests...");
+    // SIGTERM/SIGINT (a service manager restarting the agent for an upgrade): stop beating at
+    // once, stop serving within the shutdown grace, leave the guests running for the next
+    // agent on this data directory (`vgrid host drain NAME` first takes the host out of
+    // service, moving its guests away).
+    let beats = beat.abort_handle();
+    let signal = async move {
+        shutdown_signal().await;
+        eprintln!("vgrid host: stopping (guests keep running; `vgrid host drain` moves them away)");
+        beats.abort();
+    };
+    let r = vgrid_trust::tls::serve(listener, node, vgrid_hostagent::http::router(agent.clone(), Some(users)), signal).await;
     beat.abort();
-    agent.shutdown().await;
+    let n = agent.leave().await;
+    eprintln!("vgrid host: leaving {n} guests running for the next agent to adopt (`vgrid host` with --data-dir {})", data.display());
     r.context("serving the host API")?;
     Ok(ExitCode::SUCCESS)
 }

@@ -102,6 +102,18 @@ pub enum HostCmd {
     Ls,
     /// Show one host's advertisement.
     Show { name: String },
+    /// Take a host out of service (admins): no new placement on it; each of its VMs is
+    /// live-migrated to a host that can take it, else suspended to the image servers. Then its
+    /// agent may be stopped. Survives a coordinator restart.
+    Drain {
+        name: String,
+        /// Follow the drain: one line per VM as it moves, then what went where.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Put a drained host back in service (admins).
+    #[command(alias = "resume")]
+    Undrain { name: String },
 }
 
 pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<ExitCode> {
@@ -164,6 +176,16 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A host's state as listed: `ready`, `lost`, and `, draining` when taken out of service.
+fn host_state(h: &HostRecord) -> String {
+    let s = format!("{:?}", h.state).to_lowercase();
+    if h.draining {
+        format!("{s}, draining")
+    } else {
+        s
+    }
+}
+
 pub async fn run_host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         HostCmd::Ls => {
@@ -177,7 +199,7 @@ pub async fn run_host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<ExitCode> {
                         let labels: Vec<String> = h.ad.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                         vec![
                             h.ad.name.clone(),
-                            format!("{:?}", h.state).to_lowercase(),
+                            host_state(h),
                             h.ad.arch.clone(),
                             format!("{}/{}", h.ad.free_cpus, h.ad.cpus),
                             format!("{}/{} MiB", h.ad.free_memory_mib, h.ad.memory_mib),
@@ -195,13 +217,15 @@ pub async fn run_host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        HostCmd::Drain { name, wait } => return crate::drain::drain(ctx, &name, wait).await,
+        HostCmd::Undrain { name } => return crate::drain::undrain(ctx, &name).await,
         HostCmd::Show { name } => {
             let h: HostRecord = ctx.api().get(&format!("/api/v1/hosts/{name}")).await?;
             if ctx.json {
                 print_json(&h)?;
             } else {
                 println!("name:        {}", h.ad.name);
-                println!("state:       {:?} (last heartbeat {:.1}s ago)", h.state, h.last_seen_secs);
+                println!("state:       {} (last heartbeat {:.1}s ago)", host_state(&h), h.last_seen_secs);
                 println!("url:         {}", h.ad.url);
                 println!("arch:        {} ({}), QEMU {}", h.ad.arch, h.ad.accel, h.ad.qemu_version);
                 println!("cpus:        {} free of {}", h.ad.free_cpus, h.ad.cpus);

@@ -96,6 +96,8 @@ impl Registry {
                 last_seen_secs: h.last_seen.elapsed().as_secs_f64(),
                 vms: h.vms.clone(),
                 orphans: h.orphans.clone(),
+                // The registry knows heartbeats only; the coordinator adds its drains.
+                draining: false,
             })
             .collect();
         v.sort_by(|a, b| a.ad.name.cmp(&b.ad.name));

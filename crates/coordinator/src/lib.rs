@@ -19,6 +19,7 @@
 //!   VM (`run`); with `sched` (placement), `hosts` (registry, host client); `lifecycle::admission` is
 //!   the pure admission arithmetic;
 //! * features on the core: `suspend` (snapshot, suspend, resume), `migrate` (live migration),
+//!   `drain` (a host taken out of service: its VMs migrated away, else suspended),
 //!   `waiting` (VMs stalled on image servers, as their hosts report
 //!   them: their phase), `reconcile` (a host's heartbeat: the core registers it, then the records are reconciled
 //!   with its report; and the recovery at open of what a restart left half-done, handing
@@ -29,6 +30,7 @@
 
 pub mod accounting;
 pub mod auth;
+pub mod drain;
 pub mod hosts;
 pub mod http;
 pub mod images;

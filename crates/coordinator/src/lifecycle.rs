@@ -262,6 +262,7 @@ impl Coordinator {
         let mut out = Vec::new();
         for mut h in self.registry.hosts() {
             h.ad = self.adjusted(h.ad).await;
+            h.draining = self.sched.is_draining(&h.ad.name);
             out.push(h);
         }
         out

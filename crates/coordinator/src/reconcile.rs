@@ -82,7 +82,8 @@ impl Coordinator {
         for vm in self.records().await? {
             self.clone().restarted(vm).await;
         }
-        Ok(())
+        // Drained hosts stay out of service; drains under way go on.
+        self.recover_drains().await
     }
 
     /// What a VM found at startup needs: queued again, its resume or suspend settled, failed

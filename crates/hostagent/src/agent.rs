@@ -205,8 +205,26 @@ impl Agent {
         Ok(reply)
     }
 
+    /// Stops this agent and leaves its guests running for the next agent on the same data
+    /// directory to adopt (`crate::adopt`), as a restart for an upgrade wants: every QEMU, its
+    /// runtime directory and `launch.json` stay; QEMU's NBD client waits for the next agent's
+    /// proxy on the same socket (its reads wait, they do not fail), as after a `kill -9`.
+    /// Only what cannot survive the agent is ended: a QEMU still waiting for an incoming
+    /// migration (the migration dies with the agent). Boot-profile uploads under way get a few
+    /// seconds. Returns how many guests were left running.
+    pub async fn leave(&self) -> usize {
+        for (id, _) in self.migrations.incoming_ids() {
+            let _ = self.incoming_abort(&id).await;
+        }
+        self.proxy.flush_profiles(Duration::from_secs(3)).await;
+        self.res.persist();
+        let n = self.vms.lock().unwrap().len();
+        tracing::info!(guests = n, "leaving {n} guests running for the next agent to adopt");
+        n
+    }
+
     /// Kills any guest still running (the coordinator stops them gracefully first) and stops
-    /// serving NBD.
+    /// serving NBD: the end of `vgrid up`, where the guests go with the machine's only agent.
     pub async fn shutdown(&self) {
         for (id, _) in self.migrations.incoming_ids() {
             let _ = self.incoming_abort(&id).await;

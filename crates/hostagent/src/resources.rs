@@ -368,6 +368,16 @@ impl HostResources {
         }
     }
 
+    /// Samples every tracked VM once more and saves its accounting (`usage.json`): an agent
+    /// that stops and leaves its guests running hands its successor the figures of now, not
+    /// of the last slow tick.
+    pub fn persist(&self) {
+        for t in self.tracked.lock().unwrap().values_mut() {
+            sample(t);
+            save(t);
+        }
+    }
+
     /// At agent shutdown: removes the parent group if no guest is left in it.
     pub fn shutdown(&self) {
         if let Some(cg) = &self.cgroups {

@@ -3,6 +3,7 @@
 //! that every `reqwest` client and WebSocket connection of the process uses), and fetching a
 //! server's chain without verifying it, for pinning a CA on first contact.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
@@ -254,7 +255,15 @@ pub fn peer_of<B>(req: &axum::http::Request<B>) -> Option<&Peer> {
     req.extensions().get::<axum::extract::ConnectInfo<PeerInfo>>().and_then(|c| c.0.peer.as_ref())
 }
 
-/// Serves `app` over TLS on `tcp` until `shutdown` resolves.
+/// How long requests in flight may go on once a role is asked to stop ([`serve`]).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves `app` over TLS on `tcp` until `shutdown` resolves, then stops promptly: no new
+/// connection is accepted, idle keep-alive connections are closed, and requests in flight get
+/// [`SHUTDOWN_GRACE`] to finish; whatever is still open then (a long poll, a console's
+/// WebSocket, a client that never closes its connection) is dropped and this returns.
+/// Without the bound a single open connection held a stopping role for as long as its client
+/// kept it (90 s and more).
 pub async fn serve(
     tcp: TcpListener,
     node: NodeCert,
@@ -262,10 +271,27 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), TrustError> {
     let l = TlsListener::new(tcp, server_config(&node)?).map_err(TrustError::Io)?;
-    axum::serve(l, app.into_make_service_with_connect_info::<PeerInfo>())
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| TrustError::tls("serving", e))
+    let local = l.local;
+    let (asked, stopping) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        let _ = asked.send(());
+    };
+    let server = axum::serve(l, app.into_make_service_with_connect_info::<PeerInfo>()).with_graceful_shutdown(signal).into_future();
+    let grace = async move {
+        match stopping.await {
+            Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
+            // The server ended without being asked to: let it say why.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = server => r.map_err(|e| TrustError::tls("serving", e)),
+        _ = grace => {
+            tracing::info!(%local, "connections still open {SHUTDOWN_GRACE:?} after the stop request are dropped");
+            Ok(())
+        }
+    }
 }
 
 /// Records what a server presents, accepting anything: only for pinning on first contact,

@@ -23,6 +23,7 @@ use crate::auth::{Auth, AuthError, Principal};
 use crate::join::Joins;
 use crate::lifecycle::{Coordinator, CoordinatorError};
 
+mod drain;
 mod usage;
 use axum::extract::Request;
 use axum::middleware::Next;
@@ -167,7 +168,7 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
     info(title = "vgrid API", description = "Run VMs on a grid of hosts, images streamed on demand."),
     paths(list_vms, create_vm, get_vm, stop_vm, migrate_vm, delete_vm, console, suspend_vm, resume_vm, snapshot_vm, list_hosts, get_host, host_heartbeat,
         list_image_servers, image_server_heartbeat, futures, auth_challenge, auth_login, auth_logout, whoami,
-        list_users, add_user, get_user, delete_user, set_quota, audit, usage::get_usage, join, create_join_token, list_join_tokens),
+        list_users, add_user, get_user, delete_user, set_quota, audit, usage::get_usage, drain::drain_host, drain::get_drain, drain::undrain_host, join, create_join_token, list_join_tokens),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
         HostState, HostHeartbeat, HeartbeatReply, VmReport, vgrid_api::host::VmWaiting, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
         vgrid_api::vm::VmConfig, vgrid_api::vm::BootConfig, vgrid_api::vm::NetConfig, vgrid_api::vm::Nic, vgrid_api::vm::Accel,
@@ -175,7 +176,8 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
         Challenge, ChallengeRequest, LoginRequest, LoginToken, JoinRequest, JoinReply, JoinTokenCreate, JoinTokenInfo, Quota, UserCreate, UserInfo, AuditEntry,
         vgrid_api::vm::Resources, vgrid_api::usage::UsageReport, vgrid_api::usage::UserUsage, vgrid_api::usage::VmUsage,
         vgrid_api::usage::UsageTotals, vgrid_api::usage::VmUsageReport, VmResume, VmSnapshot, SavedImage, Suspended,
-        vgrid_api::migrate::VmMigrate, vgrid_api::migrate::Migration, vgrid_api::migrate::MigrationStatus)),
+        vgrid_api::migrate::VmMigrate, vgrid_api::migrate::Migration, vgrid_api::migrate::MigrationStatus,
+        vgrid_api::grid::Drain, vgrid_api::grid::DrainedVm, vgrid_api::grid::DrainStep)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -292,6 +294,7 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -
         .route("/api/v1/hosts", get(list_hosts))
         .route("/api/v1/hosts/heartbeat", post(host_heartbeat))
         .route("/api/v1/hosts/{name}", get(get_host))
+        .route("/api/v1/hosts/{name}/drain", get(drain::get_drain).post(drain::drain_host).delete(drain::undrain_host))
         .route("/api/v1/futures", post(futures))
         .route("/api/v1/usage", get(usage::get_usage))
         .route("/api/v1/image-servers", get(list_image_servers))

@@ -46,6 +46,9 @@ impl Inner {
     /// Dynamic checks of one host: state, free capacity, host-scope clauses.
     pub(super) fn host_fits(&mut self, slot: usize, req: &PlacementRequest, require: Option<&Expr>, host_clauses: bool) -> bool {
         let Some(h) = self.hosts[slot].as_mut() else { return false };
+        if self.draining.contains(&h.ad.name) {
+            return false;
+        }
         if h.state != HostState::Ready || h.free_cpus() < req.cpus || h.free_mem() < req.memory_mib {
             return false;
         }
@@ -72,6 +75,12 @@ impl Inner {
                 transient,
             };
             let Some(h) = self.hosts[slot].as_ref() else { continue };
+            if self.draining.contains(&name) {
+                let detail =
+                    format!("host is draining (taken out of service by `vgrid host drain`; `vgrid host undrain {name}` puts it back)");
+                refusals.push(refuse("draining", detail, true));
+                continue;
+            }
             if h.state != HostState::Ready {
                 refusals.push(refuse("state", "host is lost (missed heartbeats)".into(), true));
                 continue;

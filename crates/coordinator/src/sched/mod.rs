@@ -198,6 +198,24 @@ impl Scheduler {
         true
     }
 
+    /// Takes a host out of service (`draining`: nothing is placed on it, a refusal says why)
+    /// or puts it back (waking queued requests). The host need not be known yet (a restarted
+    /// coordinator restores its drains before hosts beat). Returns whether it changed.
+    pub fn set_draining(&self, name: &str, draining: bool) -> bool {
+        let mut g = self.lock();
+        let changed = if draining { g.draining.insert(name.to_string()) } else { g.draining.remove(name) };
+        drop(g);
+        if changed && !draining {
+            self.freed.notify_waiters();
+        }
+        changed
+    }
+
+    /// Whether a host is draining.
+    pub fn is_draining(&self, name: &str) -> bool {
+        self.lock().draining.contains(name)
+    }
+
     /// A host's state, if it is known.
     pub fn state(&self, name: &str) -> Option<HostState> {
         let g = self.lock();

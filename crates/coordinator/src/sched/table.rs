@@ -4,7 +4,7 @@
 use super::expr::{self, Expr};
 use super::types::{HostState, Placement, Reservation, ReservationId};
 use cel::common::value::Val;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 use vgrid_api::grid::{HostAd, PlacementRequest};
@@ -146,6 +146,8 @@ pub(super) struct Inner {
     pub(super) next_reservation: ReservationId,
     pub(super) epoch: u64,
     pub(super) rng: u64,
+    /// Hosts taken out of service (`vgrid host drain`), known or not yet registered.
+    pub(super) draining: HashSet<String>,
 }
 
 impl Inner {
