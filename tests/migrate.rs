@@ -699,7 +699,7 @@ fn a_drained_host_hands_its_vm_to_another_host_and_gets_no_placement() {
     assert_eq!((vms[0]["id"].as_str(), vms[0]["step"].as_str(), vms[0]["to"].as_str()), (Some(id.as_str()), Some("migrated"), Some("h2")));
     let v = g.json(&["vm", "show", &id]);
     assert_eq!((v["state"].as_str(), v["host"].as_str()), (Some("running"), Some("h2")), "{v}");
-    assert!(!process_alive(pid), "the source QEMU is gone");
+    g.wait_until("the source QEMU to go", Duration::from_secs(30), || !process_alive(pid));
     let dir = g.runtime_dir("h2", &id);
     let n = ticks(&console_log(&dir)).len();
     g.wait_until("the counter to go on at h2", Duration::from_secs(60), || ticks(&console_log(&dir)).len() > n + 2);
@@ -707,7 +707,7 @@ fn a_drained_host_hands_its_vm_to_another_host_and_gets_no_placement() {
     // h1 is out of service: listed so, refused by the scheduler with the reason.
     assert_eq!(g.json(&["host", "show", "h1"])["draining"], true);
     let ls = String::from_utf8_lossy(&g.cli(&["host", "ls"]).stdout).into_owned();
-    assert!(ls.lines().any(|l| l.starts_with("h1") && l.contains("draining")), "{ls}");
+    assert!(ls.lines().any(|l| l.contains(" h1 ") && l.contains("ready, draining")), "{ls}");
     let (could, why) = future_of(&g, "h1");
     assert!(!could && why.contains("draining") && why.contains("vgrid host undrain h1"), "{why}");
     let o = g.cli(&["vm", "run", "sample", "--name", "refused", "--no-wait", "--require", "host.name == \"h1\""]);
@@ -733,21 +733,30 @@ fn draining_the_only_host_suspends_its_vm_which_resumes_after_undrain() {
     let g = Grid::start(&["h1"]);
     let v = g.run_on("h1", "sleeper");
     let id = v["id"].as_str().unwrap().to_string();
-    type_on_console(&g.runtime_dir("h1", &id), "echo before-drain > /tmp/mark");
+    console_until(&g, &g.runtime_dir("h1", &id), "echo before-drain > /tmp/mark; echo mark-$((1+1))", "mark-2\n");
     let d = drain(&g, "h1");
     let vms = d["vms"].as_array().unwrap();
     assert_eq!((vms.len(), vms[0]["step"].as_str()), (1, Some("suspended")), "{d}");
     assert!(vms[0]["detail"].as_str().unwrap_or("").contains("no destination"), "{d}");
     assert_eq!(g.json(&["vm", "show", &id])["state"], "suspended");
-    assert_eq!(g.json(&["host", "show", "h1"])["vms"].as_array().map(|a| a.len()), Some(0));
+    g.wait_until("h1 to report no VM", Duration::from_secs(30), || {
+        g.json(&["host", "show", "h1"])["vms"].as_array().map(|a| a.len()) == Some(0)
+    });
 
     let o = g.cli(&["host", "undrain", "h1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = g.cli(&["vm", "resume", &id]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    g.wait_until("the VM running again", Duration::from_secs(180), || g.json(&["vm", "show", &id])["state"] == "running");
+    let r = g.json(&["vm", "resume", &id, "--timeout", "300"]);
+    assert_eq!((r["state"].as_str(), r["host"].as_str()), (Some("running"), Some("h1")), "{r}");
     let dir = g.runtime_dir("h1", &id);
-    type_on_console(&dir, "cat /tmp/mark; echo resumed-ok");
-    g.wait_until("the resumed guest to answer", Duration::from_secs(60), || console_log(&dir).contains("resumed-ok\n"));
+    console_until(&g, &dir, "cat /tmp/mark; echo resumed-$((6*7))", "resumed-42\n");
     assert!(console_log(&dir).contains("before-drain\n"), "{}", console_log(&dir));
+}
+
+/// Types `cmd` on the VM's console in `dir` and keeps the connection open until `until` shows
+/// in its log (a guest just restored may read its input late). `until` must be output only,
+/// not a part of `cmd` (the shell echoes what is typed).
+fn console_until(g: &Grid, dir: &Path, cmd: &str, until: &str) {
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join("console.sock")).expect("console socket");
+    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+    g.wait_until(&format!("{until:?} on the console"), Duration::from_secs(120), || console_log(dir).contains(until));
 }
