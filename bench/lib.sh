@@ -8,14 +8,25 @@
 #   `tc qdisc add dev IF root tbf rate 100mbit burst 32kbit latency 400ms` (no netem);
 # - starting `vgrid image-server` inside that namespace or on the host's loopback, and
 #   `vgrid up` pointed at it;
-# - medians and spreads of repeated rounds.
+# - medians and spreads of repeated rounds;
+# - smoke mode (BENCH_SMOKE=1): each benchmark's tiny defaults, see `smoke` below.
 #
 # Conventions: every helper prints its progress to stderr; figures go to stdout.
 
 set -euo pipefail
 
 BENCH_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VGRID=${VGRID:-$BENCH_ROOT/target/release/vgrid}
+# Smoke mode (`BENCH_SMOKE=1`, or `bench/run --smoke`): tiny sizes and one round through the
+# same code path (loopback and the grid link), with the debug build; the last line still comes,
+# with `smoke=1` in it. Its figures mean nothing: it shows that the benchmark still works.
+# `scripts/test` runs every benchmark this way.
+BENCH_SMOKE=${BENCH_SMOKE:-0}
+smoke() { [ "$BENCH_SMOKE" = 1 ]; }
+# What the last line carries in smoke mode.
+SMOKE_KV=""
+smoke && SMOKE_KV=" smoke=1"
+# The binary: release build (bench/run builds it); in smoke mode the debug build.
+VGRID=${VGRID:-${CARGO_TARGET_DIR:-$BENCH_ROOT/target}/$(smoke && echo debug || echo release)/vgrid}
 # The link of BENCHMARKS.md; override only to experiment (the committed figures use these).
 GRID_RATE=${GRID_RATE:-100mbit}
 GRID_BURST=${GRID_BURST:-32kbit}

@@ -226,3 +226,84 @@ fn the_cli_refuses_a_coordinator_whose_ca_changed() {
 fn pinned_ca_file(listen: &str) -> std::path::PathBuf {
     pinned_ca(&format!("https://{listen}"))
 }
+
+/// The DNS names and IP addresses in a certificate file (openssl's view of its SAN).
+fn cert_names(crt: &Path) -> String {
+    let o = Command::new("openssl").args(["x509", "-noout", "-ext", "subjectAltName", "-in"]).arg(crt).output().unwrap();
+    assert!(o.status.success(), "openssl x509 {}: {}", crt.display(), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Issue 18: a joined image server restarted with the same data directory on an address its
+/// certificate does not name (here 127.0.0.2, a loopback alias) gets a new certificate for it
+/// from the coordinator, authenticated by the old one (no join token), and clients that verify
+/// the server's name connect; where no new certificate can be had, it refuses to start and
+/// names the address and the certificate's names.
+#[test]
+fn a_node_restarted_on_another_address_gets_a_certificate_for_it() {
+    let dir = grid_dir();
+    let mut c = coordinator(dir.path(), "coord", "127.0.0.1:0");
+    let data = dir.path().join("is1");
+    let data_s = data.to_str().unwrap();
+    let crt = data.join("tls/node.crt");
+    let images_via = |url: &str| -> (String, String) {
+        let token = json_at(&c.url, &["login"])["token"].as_str().unwrap().to_string();
+        let o = curl_for(&c.url)
+            .args(["-w", "\n%{http_code}", "-H", &format!("authorization: Bearer {token}"), &format!("{url}/store/v1/images")])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "curl {url}: exit {:?}: {}", o.status.code(), String::from_utf8_lossy(&o.stderr));
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let (body, code) = out.rsplit_once('\n').unwrap();
+        (code.to_string(), body.to_string())
+    };
+
+    let mut first = Role::start(
+        &["image-server", "--listen", "127.0.0.1:0", "--data-dir", data_s, "--coordinator", &c.url, "--name", "is1"],
+        dir.path().join("is1-a.log"),
+    );
+    assert!(first.url.starts_with("https://127.0.0.1:"), "{}", first.url);
+    assert_eq!(images_via(&first.url).0, "200");
+    first.terminate();
+    let before = cert_names(&crt);
+    assert!(before.contains("127.0.0.1") && !before.contains("127.0.0.2"), "{before}");
+
+    // Same data directory on 127.0.0.2. The join token given cannot be used (not a token):
+    // the new certificate must come from renewing the old one.
+    let second = Role::start(
+        &[
+            "image-server",
+            "--listen",
+            "127.0.0.2:0",
+            "--data-dir",
+            data_s,
+            "--coordinator",
+            &c.url,
+            "--name",
+            "is1",
+            "--join-token",
+            "not-a-token",
+        ],
+        dir.path().join("is1-b.log"),
+    );
+    assert!(second.url.starts_with("https://127.0.0.2:"), "{}", second.url);
+    let after = cert_names(&crt);
+    assert!(after.contains("127.0.0.2"), "{after}");
+    let (code, body) = images_via(&second.url);
+    assert_eq!(code, "200", "{body}");
+    assert!(serde_json::from_str::<serde_json::Value>(&body).is_ok(), "{body}");
+    let log = std::fs::read_to_string(&second.log).unwrap();
+    assert!(log.contains("renewed the certificate of image-server is1"), "{log}");
+    drop(second);
+
+    // No coordinator to renew with and no token: it refuses to start, naming the address and
+    // the certificate's names.
+    c.terminate();
+    let o = Command::new(vgrid_bin())
+        .args(["image-server", "--listen", "127.0.0.3:0", "--data-dir", data_s, "--coordinator", &c.url, "--name", "is1"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "started with a certificate not valid for its address: {e}");
+    assert!(e.contains("127.0.0.3") && e.contains("does not name") && e.contains("127.0.0.2"), "{e}");
+}

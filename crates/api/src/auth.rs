@@ -179,6 +179,16 @@ pub struct JoinRequest {
     pub csr: String,
 }
 
+/// Body of `POST /api/v1/join/renew`: a node that has joined asks, over a connection with its
+/// current certificate, for a new one valid for other names (its listen or advertised address
+/// changed). The name and roles are those of the certificate it shows; only the names change.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// PEM PKCS#10 certificate request; its DNS/IP names become the new certificate's.
+    pub csr: String,
+}
+
 /// Answer to a join: the node's certificate and the grid CA, both PEM.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct JoinReply {

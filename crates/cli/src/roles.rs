@@ -312,7 +312,10 @@ fn use_node_cert(node: &NodeCert, pin_url: Option<&str>) -> anyhow::Result<()> {
 }
 
 /// A host's or image server's certificate: the one kept in DATA/tls, or a new one got by
-/// joining the grid of `coordinator` with `token`.
+/// joining the grid of `coordinator` with `token`. A kept certificate that is not valid for
+/// one of `sans` (the role now listens on, or is advertised at, another address) is renewed
+/// through the coordinator, which the kept certificate authenticates to; if that fails, the
+/// token joins again, and without one the role refuses to start, naming the addresses.
 async fn joined_cert(
     data: &Path,
     coordinator: &str,
@@ -333,7 +336,29 @@ async fn joined_cert(
                 dir.display()
             );
         }
-        return Ok(n);
+        let missing = n.missing_names(&sans).map_err(|e| anyhow!("{}: {e}", dir.join("node.crt").display()))?;
+        if missing.is_empty() {
+            return Ok(n);
+        }
+        let have = n.names().unwrap_or_default().join(", ");
+        eprintln!(
+            "the certificate in {} is valid for {have}, not for {}: asking {coordinator} for one that is",
+            dir.display(),
+            missing.join(", ")
+        );
+        match vgrid_trust::node::renew(coordinator, &n, &sans).await {
+            Ok(renewed) => {
+                renewed.save(&dir).map_err(|e| anyhow!("{e}"))?;
+                eprintln!("renewed the certificate of {role} {name} for {} (in {})", sans.join(", "), dir.display());
+                return Ok(renewed);
+            }
+            Err(e) if token.is_none() => bail!(
+                "this {role} listens on or is advertised at {}, which its certificate ({}, valid for {have}) does not name, and it could not get a new one: {e}. Start it where the coordinator can be reached, give --join-token to join again, or use the old address",
+                missing.join(", "),
+                dir.join("node.crt").display()
+            ),
+            Err(e) => eprintln!("renewing the certificate failed ({e}); joining again with the join token"),
+        }
     }
     let Some(token) = token else {
         bail!("this {role} has not joined the grid yet: give --join-token (made on the coordinator by `vgrid join-token create --role {role}`)");

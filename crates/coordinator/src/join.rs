@@ -5,9 +5,9 @@
 //! so of two nodes redeeming one token at once (even through two coordinators) one joins.
 
 use serde::{Deserialize, Serialize};
-use vgrid_api::auth::{JoinReply, JoinRequest, JoinTokenInfo};
+use vgrid_api::auth::{JoinReply, JoinRequest, JoinTokenInfo, RenewRequest};
 use vgrid_trust::node::JoinToken;
-use vgrid_trust::{Ca, NodeRole};
+use vgrid_trust::{Ca, NodeRole, Peer};
 
 use crate::auth::{now, random_hex, AuthError};
 use crate::state::{encode, Expect, RecordStore, StateError};
@@ -105,6 +105,24 @@ impl Joins {
             Err(e) => return Err(e.into()),
         }
         tracing::info!(node = %req.name, %role, token = %id, "node joined the grid");
+        Ok(JoinReply { cert, ca: self.ca.cert_pem().to_string() })
+    }
+
+    /// Signs a new certificate for a node that has joined: `peer` is what the certificate of
+    /// its connection (verified against this grid's CA) proves; the new one names the same
+    /// node and roles, for the DNS/IP names of `req`'s request (a node whose listen or
+    /// advertised address changed). A coordinator's certificate is not renewed this way: it
+    /// holds the CA and issues its own.
+    pub fn renew(&self, peer: &Peer, req: &RenewRequest) -> Result<JoinReply, AuthError> {
+        let roles: Vec<NodeRole> = peer.roles.iter().copied().filter(|r| joinable(r.as_str()).is_ok()).collect();
+        if roles.is_empty() || peer.is(NodeRole::Coordinator) {
+            return Err(AuthError::Forbidden(format!(
+                "the certificate of {} is for {:?}: only hosts and image servers renew their certificates here",
+                peer.name, peer.roles
+            )));
+        }
+        let cert = self.ca.sign_request(&req.csr, &peer.name, &roles).map_err(AuthError::CertRequest)?;
+        tracing::info!(node = %peer.name, roles = ?roles, "renewed a node's certificate for new names");
         Ok(JoinReply { cert, ca: self.ca.cert_pem().to_string() })
     }
 

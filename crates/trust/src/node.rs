@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
-use vgrid_api::auth::{JoinReply, JoinRequest};
+use vgrid_api::auth::{JoinReply, JoinRequest, RenewRequest};
 
 use crate::tls::Peer;
 use crate::{fingerprint, pem_to_der, read_file, write_file, Cause, NodeRole, TrustError};
@@ -52,6 +52,47 @@ impl NodeCert {
 
     pub fn ca_fingerprint(&self) -> Result<String, TrustError> {
         Ok(fingerprint(&pem_to_der(&self.ca_pem)?))
+    }
+
+    /// The DNS names and IP addresses the certificate is valid for (its subject alternative
+    /// names), IP addresses in their usual text form.
+    pub fn names(&self) -> Result<Vec<String>, TrustError> {
+        use x509_parser::extensions::GeneralName;
+        let der = pem_to_der(&self.cert_pem)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| TrustError::cert("malformed certificate", e))?;
+        let san = cert.subject_alternative_name().map_err(|e| TrustError::cert("malformed subject alternative names", e))?;
+        let mut v = Vec::new();
+        for n in san.map(|s| s.value.general_names.iter()).into_iter().flatten() {
+            match n {
+                GeneralName::DNSName(d) => v.push(d.to_string()),
+                GeneralName::IPAddress(b) => {
+                    if let Ok(a) = <[u8; 4]>::try_from(*b) {
+                        v.push(std::net::IpAddr::from(a).to_string());
+                    } else if let Ok(a) = <[u8; 16]>::try_from(*b) {
+                        v.push(std::net::IpAddr::from(a).to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(v)
+    }
+
+    /// Those of `wanted` (DNS names or IP addresses) the certificate is not valid for: a
+    /// client reaching the node by one of them would refuse the handshake.
+    pub fn missing_names(&self, wanted: &[String]) -> Result<Vec<String>, TrustError> {
+        let have = self.names()?;
+        Ok(wanted.iter().filter(|w| !have.iter().any(|h| same_name(h, w))).cloned().collect())
+    }
+}
+
+/// Whether two subject names are the same: IP addresses by value (`::1` = `0:0:0:0:0:0:0:1`),
+/// DNS names without regard to case.
+fn same_name(a: &str, b: &str) -> bool {
+    match (a.parse::<std::net::IpAddr>(), b.parse::<std::net::IpAddr>()) {
+        (Ok(x), Ok(y)) => x == y,
+        (Err(_), Err(_)) => a.eq_ignore_ascii_case(b),
+        _ => false,
     }
 }
 
@@ -154,6 +195,44 @@ pub async fn join(url: &str, token: &JoinToken, role: NodeRole, name: &str, sans
     Ok(node)
 }
 
+/// Asks the coordinator at `url` for a new certificate of this node valid for `sans`, over a
+/// connection showing `current` (the node's certificate, which proves its name and roles; the
+/// grid's CA in it is what the coordinator must show). Returns the new certificate with its new
+/// key; nothing is written, the caller saves it.
+pub async fn renew(url: &str, current: &NodeCert, sans: &[String]) -> Result<NodeCert, TrustError> {
+    let fail = |why: String| TrustError::Join { url: url.to_string(), why };
+    let failed = |e: Cause| TrustError::JoinFailed { url: url.to_string(), source: e };
+    let client = crate::tls::client_builder_for(&current.ca_pem, Some(current))
+        .map_err(|e| failed(e.into()))?
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(|e| failed(e.into()))?;
+    let peer = current.peer()?;
+    let (csr, key_pem) = make_request(&peer.name, sans)?;
+    let resp = client
+        .post(format!("{}/api/v1/join/renew", url.trim_end_matches('/')))
+        .json(&RenewRequest { csr })
+        .send()
+        .await
+        .map_err(|e| failed(e.into()))?;
+    let status = resp.status();
+    let text = resp.text().await.map_err(|e| failed(e.into()))?;
+    if !status.is_success() {
+        let msg = serde_json::from_str::<vgrid_api::ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
+        return Err(fail(format!("renewing the certificate: {msg} (HTTP {})", status.as_u16())));
+    }
+    let reply: JoinReply = serde_json::from_str(&text).map_err(|e| TrustError::JoinAnswer { url: url.to_string(), source: e })?;
+    if fingerprint(&pem_to_der(&reply.ca)?) != current.ca_fingerprint()? {
+        return Err(fail("the renewed certificate comes with another CA than the node's".into()));
+    }
+    let node = NodeCert { cert_pem: reply.cert, key_pem, ca_pem: reply.ca };
+    let got = node.peer()?;
+    if got != peer {
+        return Err(fail(format!("the renewed certificate names {} as {:?}, not {} as {:?}", got.name, got.roles, peer.name, peer.roles)));
+    }
+    Ok(node)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +246,16 @@ mod tests {
         for bad in ["", "vgrid-join1:abc.def", "x:abc.def:sha256:00", "vgrid-join1:abc:sha256:00", &format!("vgrid-join1:.x:{fp}")] {
             assert!(bad.parse::<JoinToken>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_certificate_knows_its_names() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = crate::Ca::load_or_create(d.path(), "t").unwrap();
+        let n = ca.issue_local("n1", &[NodeRole::ImageServer], &["localhost".into(), "127.0.0.1".into(), "::1".into()]).unwrap();
+        let names = n.names().unwrap();
+        assert!(names.contains(&"localhost".to_string()) && names.contains(&"127.0.0.1".to_string()), "{names:?}");
+        let wanted: Vec<String> = ["LOCALHOST", "0:0:0:0:0:0:0:1", "127.0.0.1", "127.0.0.2", "h.example.org"].map(String::from).to_vec();
+        assert_eq!(n.missing_names(&wanted).unwrap(), vec!["127.0.0.2".to_string(), "h.example.org".to_string()]);
     }
 }

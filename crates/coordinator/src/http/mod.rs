@@ -30,7 +30,7 @@ use axum::middleware::Next;
 use axum::Extension;
 use vgrid_api::auth::{
     AuditEntry, Challenge, ChallengeRequest, JoinReply, JoinRequest, JoinTokenCreate, JoinTokenInfo, LoginRequest, LoginToken, Quota,
-    UserCreate, UserInfo,
+    RenewRequest, UserCreate, UserInfo,
 };
 use vgrid_trust::{NodeRole, Peer};
 
@@ -139,6 +139,29 @@ async fn join(Extension(nodes): Nodes, body: Result<Json<JoinRequest>, JsonRejec
     Ok(Json(nodes.redeem(&r).await?))
 }
 
+/// A host or image server that has joined gets a certificate for new names (its listen or
+/// advertised address changed): the connection's client certificate of this grid is the
+/// credential, and the new certificate names the same node and roles.
+#[utoipa::path(post, path = "/api/v1/join/renew", request_body = RenewRequest, security(()),
+    responses((status = 200, body = JoinReply), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn renew_cert(
+    Extension(nodes): Nodes,
+    Extension(peer): Extension<NodePeer>,
+    body: Result<Json<RenewRequest>, JsonRejection>,
+) -> ApiResult<JoinReply> {
+    let Json(r) = body?;
+    let nodes = nodes.ok_or_else(|| {
+        ApiError(StatusCode::NOT_FOUND, "this coordinator has no grid CA (it serves plain HTTP); nothing to renew".into())
+    })?;
+    let Some(p) = peer.0 else {
+        return Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "renewing a certificate needs the node's current certificate of this grid on the connection; a node that has none joins with a join token".into(),
+        ));
+    };
+    Ok(Json(nodes.renew(&p, &r)?))
+}
+
 /// Makes a one-time join token for a host or an image server (admins only).
 #[utoipa::path(post, path = "/api/v1/join-tokens", request_body = JoinTokenCreate,
     responses((status = 200, body = JoinTokenInfo), (status = 403, body = ErrorBody)))]
@@ -168,12 +191,12 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
     info(title = "vgrid API", description = "Run VMs on a grid of hosts, images streamed on demand."),
     paths(list_vms, create_vm, get_vm, stop_vm, migrate_vm, delete_vm, console, suspend_vm, resume_vm, snapshot_vm, list_hosts, get_host, host_heartbeat,
         list_image_servers, image_server_heartbeat, futures, auth_challenge, auth_login, auth_logout, whoami,
-        list_users, add_user, get_user, delete_user, set_quota, audit, usage::get_usage, drain::drain_host, drain::get_drain, drain::undrain_host, join, create_join_token, list_join_tokens),
+        list_users, add_user, get_user, delete_user, set_quota, audit, usage::get_usage, drain::drain_host, drain::get_drain, drain::undrain_host, join, renew_cert, create_join_token, list_join_tokens),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
         HostState, HostHeartbeat, HeartbeatReply, VmReport, vgrid_api::host::VmWaiting, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
         vgrid_api::vm::VmConfig, vgrid_api::vm::BootConfig, vgrid_api::vm::NetConfig, vgrid_api::vm::Nic, vgrid_api::vm::Accel,
         vgrid_api::ImageRef,
-        Challenge, ChallengeRequest, LoginRequest, LoginToken, JoinRequest, JoinReply, JoinTokenCreate, JoinTokenInfo, Quota, UserCreate, UserInfo, AuditEntry,
+        Challenge, ChallengeRequest, LoginRequest, LoginToken, JoinRequest, JoinReply, RenewRequest, JoinTokenCreate, JoinTokenInfo, Quota, UserCreate, UserInfo, AuditEntry,
         vgrid_api::vm::Resources, vgrid_api::usage::UsageReport, vgrid_api::usage::UserUsage, vgrid_api::usage::VmUsage,
         vgrid_api::usage::UsageTotals, vgrid_api::usage::VmUsageReport, VmResume, VmSnapshot, SavedImage, Suspended,
         vgrid_api::migrate::VmMigrate, vgrid_api::migrate::Migration, vgrid_api::migrate::MigrationStatus,
@@ -194,8 +217,8 @@ impl utoipa::Modify for BearerAuth {
 }
 
 /// Routes that need no token: health, the API document, login, joining (the join token is the
-/// credential), and the heartbeats of hosts and image servers (those prove themselves with their
-/// certificates, see [`node_peer`]).
+/// credential), and the heartbeats and certificate renewals of hosts and image servers (those
+/// prove themselves with their certificates, see [`node_peer`] and [`renew_cert`]).
 fn is_public(path: &str) -> bool {
     matches!(
         path,
@@ -206,6 +229,7 @@ fn is_public(path: &str) -> bool {
             | "/api/v1/hosts/heartbeat"
             | "/api/v1/image-servers/heartbeat"
             | "/api/v1/join"
+            | "/api/v1/join/renew"
     )
 }
 
@@ -271,6 +295,7 @@ async fn authenticate(State(auth): State<Arc<Auth>>, mut req: Request, next: Nex
 pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -> Router {
     Router::new()
         .route("/api/v1/join", post(join))
+        .route("/api/v1/join/renew", post(renew_cert))
         .route("/api/v1/join-tokens", get(list_join_tokens).post(create_join_token))
         .route("/api/v1/auth/challenge", post(auth_challenge))
         .route("/api/v1/auth/login", post(auth_login))
