@@ -9,7 +9,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
-pub use vgrid_hostagent::testkit::{boot_slot, sample_guest, BOOTED_MARKER, DISK_MARKER, PROMPT};
+pub use vgrid_hostagent::testkit::{
+    boot_slot, debian_guest, sample_guest, SampleGuest, BOOTED_MARKER, DEBIAN_BOOTED_MARKER, DISK_MARKER, PROMPT,
+};
 
 pub fn vgrid_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vgrid"))
@@ -212,6 +214,36 @@ pub fn console_exec(up: &Up, id: &str, cmd: &str, until: &str) {
     up.wait_until(&format!("{until:?} on the console of {id}"), Duration::from_secs(60), || {
         std::fs::read(&log).map(|v| String::from_utf8_lossy(&v[before.min(v.len())..]).contains(until)).unwrap_or(false)
     });
+}
+
+/// Types `cmd` on the serial console of the VM whose runtime directory is `dir` and returns the
+/// first whole line the console printed after it that contains `until`. Typed again every
+/// 10 s while no such line came (a shell that is still starting may drop input), until
+/// `timeout`.
+pub fn console_line(dir: &Path, cmd: &str, until: &str, timeout: Duration) -> Result<String, String> {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let log = dir.join("console.log");
+    let before = std::fs::read(&log).map(|v| v.len()).unwrap_or(0);
+    let mut s = UnixStream::connect(dir.join("console.sock")).map_err(|e| format!("console socket in {}: {e}", dir.display()))?;
+    let t0 = Instant::now();
+    let mut typed = None::<Instant>;
+    loop {
+        if typed.map_or(true, |t| t.elapsed() > Duration::from_secs(10)) {
+            s.write_all(format!("{cmd}\n").as_bytes()).map_err(|e| format!("typing on the console: {e}"))?;
+            typed = Some(Instant::now());
+        }
+        let text = std::fs::read(&log).map(|v| String::from_utf8_lossy(&v[before.min(v.len())..]).into_owned()).unwrap_or_default();
+        // Only whole lines: the last one may still be arriving.
+        let whole = text.rsplit_once('\n').map(|(w, _)| w).unwrap_or("");
+        if let Some(line) = whole.lines().find(|l| l.contains(until)) {
+            return Ok(line.trim_end_matches('\r').to_string());
+        }
+        if t0.elapsed() > timeout {
+            return Err(format!("no line with {until:?} on the console within {timeout:?} after typing {cmd:?}; it printed:\n{text}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// A vgrid role started as its own process (`vgrid coordinator|host|image-server ...`),
