@@ -468,7 +468,7 @@ fn a_debian_guest_boots_through_an_image_server_outage() {
 fn debian_checks(dir: &std::path::Path) {
     // `fs%s` keeps the echo of the typed command from matching the answer.
     let cmd = r#"printf 'fs%s errors=%s state=%s dmesg=%s system=%s end\n' -check "$(cat /sys/fs/ext4/vda/errors_count)" "$(dumpe2fs -h /dev/vda 2>/dev/null | sed -n 's/^Filesystem state: *//p' | tr ' ' _)" "$(dmesg | grep -cE 'I/O error|EXT4-fs error|Buffer I/O')" "$(systemctl is-system-running)""#;
-    let line = console_line(dir, cmd, "fs-check ", Duration::from_secs(120)).unwrap_or_else(|e| panic!("{e}"));
+    let line = console_line(dir, "root@vgrid-debian:~# ", cmd, "fs-check ", Duration::from_secs(120)).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("debian guest: {line}");
     for want in ["errors=0 ", "state=clean ", "dmesg=0 ", "system=running "] {
         assert!(line.contains(want), "the guest's answer lacks {want:?}: {line}");
