@@ -9,7 +9,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
-pub use vgrid_hostagent::testkit::{boot_slot, sample_guest, BOOTED_MARKER, DISK_MARKER, PROMPT};
+pub use vgrid_hostagent::testkit::{
+    boot_slot, debian_guest, sample_guest, SampleGuest, BOOTED_MARKER, DEBIAN_BOOTED_MARKER, DISK_MARKER, PROMPT,
+};
 
 pub fn vgrid_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vgrid"))
@@ -212,6 +214,53 @@ pub fn console_exec(up: &Up, id: &str, cmd: &str, until: &str) {
     up.wait_until(&format!("{until:?} on the console of {id}"), Duration::from_secs(60), || {
         std::fs::read(&log).map(|v| String::from_utf8_lossy(&v[before.min(v.len())..]).contains(until)).unwrap_or(false)
     });
+}
+
+/// Waits until the serial console of the VM whose runtime directory is `dir` has shown `prompt`
+/// (text typed before a shell reads it may be lost), types `cmd` there and returns the first
+/// whole line the console printed after it that contains `until`. Typed again every 10 s while
+/// no such line came, until `timeout`. Reads what QEMU sends back meanwhile: QEMU writes the
+/// console to the socket a byte at a time, and a client that does not read stalls the guest's
+/// serial output (and so the echo of its input) after about 280 bytes.
+pub fn console_line(dir: &Path, prompt: &str, cmd: &str, until: &str, timeout: Duration) -> Result<String, String> {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let log = dir.join("console.log");
+    let t0 = Instant::now();
+    while !std::fs::read(&log).is_ok_and(|v| String::from_utf8_lossy(&v).contains(prompt)) {
+        if t0.elapsed() > timeout {
+            let text = std::fs::read(&log).map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
+            return Err(format!("no {prompt:?} on the console within {timeout:?}; it printed:\n{text}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = std::fs::read(&log).map(|v| v.len()).unwrap_or(0);
+    let mut s = UnixStream::connect(dir.join("console.sock")).map_err(|e| format!("console socket in {}: {e}", dir.display()))?;
+    s.set_read_timeout(Some(Duration::from_millis(200))).map_err(|e| format!("console socket: {e}"))?;
+    let mut drain = [0u8; 4096];
+    let mut typed = None::<Instant>;
+    loop {
+        if typed.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            s.write_all(format!("{cmd}\n").as_bytes()).map_err(|e| format!("typing on the console: {e}"))?;
+            typed = Some(Instant::now());
+        }
+        let text = std::fs::read(&log).map(|v| String::from_utf8_lossy(&v[before.min(v.len())..]).into_owned()).unwrap_or_default();
+        // Only whole lines: the last one may still be arriving.
+        let whole = text.rsplit_once('\n').map(|(w, _)| w).unwrap_or("");
+        if let Some(line) = whole.lines().find(|l| l.contains(until)) {
+            return Ok(line.trim_end_matches('\r').to_string());
+        }
+        if t0.elapsed() > timeout {
+            return Err(format!("no line with {until:?} on the console within {timeout:?} after typing {cmd:?}; it printed:\n{text}"));
+        }
+        // Waits up to 200 ms for the console's output (which the log above has too).
+        match s.read(&mut drain) {
+            Ok(0) => return Err(format!("QEMU closed the console socket; it printed:\n{text}")),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(format!("reading the console socket: {e}")),
+        }
+    }
 }
 
 /// A vgrid role started as its own process (`vgrid coordinator|host|image-server ...`),

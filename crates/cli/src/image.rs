@@ -54,7 +54,8 @@ pub enum ImageCmd {
     /// Save a running VM as a warm image: its memory state and changed disk chunks, the VM's
     /// image as parent. `vgrid vm run NAME` then restores it instead of booting.
     Snapshot(crate::suspend::SnapshotArgs),
-    /// Build the sample guest from Debian packages (cached) and import it as `sample`.
+    /// Build the sample guest from Debian packages (cached) and import it as `sample`; with
+    /// `--debian`, a stock Debian 12 guest (debootstrap, systemd; minutes, needs root) as `debian`.
     BuildSample(BuildSampleArgs),
 }
 
@@ -102,12 +103,17 @@ pub struct ImportArgs {
 
 #[derive(Args, Debug)]
 pub struct BuildSampleArgs {
-    /// Where to build and cache the guest [default: $VGRID_CACHE or ~/.cache/vgrid, /sample-guest-v2].
+    /// Where to build and cache the guest [default: $VGRID_CACHE or ~/.cache/vgrid, then
+    /// /sample-guest-vN or /debian-guest-vN].
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Image name to import it as.
-    #[arg(long, default_value = "sample")]
-    pub name: String,
+    /// Build the stock Debian 12 guest instead (scripts/build-debian-guest.sh: debootstrap,
+    /// systemd, openssh-server, the cloud kernel; prints "vgrid-debian: booted" when booted).
+    #[arg(long)]
+    pub debian: bool,
+    /// Image name to import it as [default: sample, or debian with --debian].
+    #[arg(long)]
+    pub name: Option<String>,
     /// Build only; do not import.
     #[arg(long)]
     pub no_import: bool,
@@ -115,8 +121,9 @@ pub struct BuildSampleArgs {
     pub server: ServerArg,
 }
 
-/// The sample guest recipe, embedded so the binary can build it anywhere.
+/// The guest recipes, embedded so the binary can build them anywhere.
 const BUILD_SAMPLE: &str = include_str!("../../../scripts/build-sample-guest.sh");
+const BUILD_DEBIAN: &str = include_str!("../../../scripts/build-debian-guest.sh");
 
 pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
     match cmd {
@@ -312,26 +319,31 @@ fn show(m: &Manifest) {
 }
 
 async fn build_sample(ctx: &Ctx, a: BuildSampleArgs) -> anyhow::Result<()> {
+    let (what, file, recipe, default_name) = if a.debian {
+        ("Debian guest", "build-debian-guest.sh", BUILD_DEBIAN, "debian")
+    } else {
+        ("sample guest", "build-sample-guest.sh", BUILD_SAMPLE, "sample")
+    };
     let dir = tempdir_path();
     std::fs::create_dir_all(&dir)?;
-    let script = dir.join("build-sample-guest.sh");
-    std::fs::write(&script, BUILD_SAMPLE)?;
+    let script = dir.join(file);
+    std::fs::write(&script, recipe)?;
     let mut cmd = tokio::process::Command::new("bash");
     cmd.arg(&script);
     if let Some(o) = &a.out {
         cmd.arg(o);
     }
-    let out = cmd.stderr(std::process::Stdio::inherit()).output().await.context("running the sample guest build script")?;
+    let out = cmd.stderr(std::process::Stdio::inherit()).output().await.with_context(|| format!("running the {what} build script"))?;
     let _ = std::fs::remove_dir_all(&dir);
     if !out.status.success() {
-        bail!("building the sample guest failed ({})", out.status);
+        bail!("building the {what} failed ({})", out.status);
     }
     let outdir = PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim());
-    eprintln!("sample guest in {}", outdir.display());
+    eprintln!("{what} in {}", outdir.display());
     if a.no_import {
         return Ok(());
     }
-    let cmdline = std::fs::read_to_string(outdir.join("cmdline")).context("reading the sample's cmdline")?;
+    let cmdline = std::fs::read_to_string(outdir.join("cmdline")).with_context(|| format!("reading the {what}'s cmdline"))?;
     // The sample is for everybody on the grid (publishing needs an admin).
     let client = a.server.client(ctx).await?.public(true);
     import(
@@ -339,7 +351,7 @@ async fn build_sample(ctx: &Ctx, a: BuildSampleArgs) -> anyhow::Result<()> {
         &client,
         ImportArgs {
             file: outdir.join("disk.img"),
-            name: a.name,
+            name: a.name.unwrap_or_else(|| default_name.to_string()),
             format: Some("raw".into()),
             chunk_size: vgrid_api::DEFAULT_CHUNK_SIZE as u64,
             kernel: Some(outdir.join("vmlinuz")),

@@ -1,5 +1,6 @@
 //! Fixtures for tests that boot real guests (this crate's and the workspace's `tests/`):
-//! the sample guest built by `scripts/build-sample-guest.sh` (cached), a machine-wide limit on
+//! the sample guest built by `scripts/build-sample-guest.sh` and the stock Debian guest built by
+//! `scripts/build-debian-guest.sh` (both cached), a machine-wide limit on
 //! how many test guests boot at once, and "a timeout and one retry" around every boot.
 //! Production code never calls this module.
 
@@ -14,28 +15,31 @@ use std::time::Duration;
 /// What went wrong preparing a test fixture.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TestkitError {
-    #[error("sample guest script {script}: {detail}")]
-    SampleGuest { script: PathBuf, detail: String },
+    #[error("guest script {script}: {detail}")]
+    GuestScript { script: PathBuf, detail: String },
     #[error("boot slot lock {path}: {detail}")]
     Slot { path: PathBuf, detail: String },
     #[error("{what}: both boot attempts failed: first: {first}; second: {second}")]
     BootFailed { what: String, first: String, second: String },
 }
 
-/// The sample guest's files (see `scripts/build-sample-guest.sh`).
+/// A cached guest's files, as a guest script leaves them (see `scripts/build-sample-guest.sh`
+/// and `scripts/build-debian-guest.sh`).
 #[derive(Debug, Clone)]
 pub struct SampleGuest {
     pub dir: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
-    /// The pristine 64 MiB ext4 disk. Copy it before use; never boot it directly.
+    /// The pristine ext4 disk (the sample's: 64 MiB). Copy it before use; never boot it directly.
     pub disk: PathBuf,
-    /// The recommended kernel command line (ends with `vgrid.mode=shell`).
+    /// The recommended kernel command line (the sample's ends with `vgrid.mode=shell`).
     pub cmdline: String,
 }
 
 /// Console line printed once the guest's init has mounted the disk.
 pub const BOOTED_MARKER: &str = "vgrid-sample: booted";
+/// Console line the Debian guest prints once systemd has reached multi-user.target.
+pub const DEBIAN_BOOTED_MARKER: &str = "vgrid-debian: booted";
 /// Console text printed from the disk's `/etc/vgrid-sample`.
 pub const DISK_MARKER: &str = "vgrid-sample-disk-ok";
 /// The guest shell's prompt.
@@ -71,10 +75,53 @@ pub fn sample_guest() -> Result<SampleGuest, TestkitError> {
 }
 
 fn build_sample_guest() -> Result<SampleGuest, TestkitError> {
-    let script = sample_guest_script();
-    let err = |detail: String| TestkitError::SampleGuest { script: script.clone(), detail };
+    guest_from_script(&sample_guest_script())
+}
+
+/// The workspace's `scripts/build-debian-guest.sh` (or `$VGRID_DEBIAN_GUEST_SCRIPT`).
+pub fn debian_guest_script() -> PathBuf {
+    std::env::var_os("VGRID_DEBIAN_GUEST_SCRIPT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-debian-guest.sh"))
+}
+
+/// The stock Debian guest (systemd, ext4 root; see `scripts/build-debian-guest.sh`), or `None`
+/// when it was never built on this machine and `VGRID_DEBIAN_GUEST=1` does not ask for it:
+/// building it takes minutes (debootstrap), so tests using it skip unless asked or cached. A
+/// cache from an older version of the script is rebuilt. Runs the script once per process.
+pub fn debian_guest() -> Result<Option<SampleGuest>, TestkitError> {
+    static CELL: OnceLock<Result<Option<SampleGuest>, TestkitError>> = OnceLock::new();
+    CELL.get_or_init(|| {
+        let script = debian_guest_script();
+        let asked = std::env::var("VGRID_DEBIAN_GUEST").is_ok_and(|v| v == "1");
+        if !asked && !script_cache_dir(&script)?.join("stamp").is_file() {
+            return Ok(None);
+        }
+        guest_from_script(&script).map(Some)
+    })
+    .clone()
+}
+
+/// Where a guest script keeps its cache (`SCRIPT --dir`).
+fn script_cache_dir(script: &Path) -> Result<PathBuf, TestkitError> {
+    let err = |detail: String| TestkitError::GuestScript { script: script.to_path_buf(), detail };
     let out = std::process::Command::new("bash")
-        .arg(&script)
+        .arg(script)
+        .arg("--dir")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| err(format!("cannot run bash: {e}")))?;
+    if !out.status.success() {
+        return Err(err(format!("--dir failed with {}: {}", out.status, String::from_utf8_lossy(&out.stderr))));
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// Runs a guest script (it builds or finds its cached guest) and returns the guest's files.
+fn guest_from_script(script: &Path) -> Result<SampleGuest, TestkitError> {
+    let err = |detail: String| TestkitError::GuestScript { script: script.to_path_buf(), detail };
+    let out = std::process::Command::new("bash")
+        .arg(script)
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
         .output()
