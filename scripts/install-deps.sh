@@ -19,6 +19,7 @@ command -v fio >/dev/null || need+=(fio)             # bench/: fio with the nbd 
 command -v debugfs >/dev/null || need+=(e2fsprogs)   # bench/lazyboot: unpack the sample disk
 command -v python3 >/dev/null || need+=(python3)     # bench/: JSON figures
 command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)   # scripts/build-debian-guest.sh
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)   # the API fuzzer's venv (below)
 [ -x /usr/share/qemu/bios-256k.bin ] || [ -f /usr/share/seabios/bios-256k.bin ] || need+=(seabios)
 # The unprivileged system user guests' QEMU runs as when the host agent runs as root
 # (`vgrid host --qemu-user`, default vgrid-qemu): no login shell, no home. With KVM it needs
@@ -32,7 +33,22 @@ if [ -e /dev/kvm ] && getent group kvm >/dev/null && ! id -nG "$qemu_user" | gre
   $SUDO usermod -aG kvm "$qemu_user"
 fi
 
+# The API fuzzer (scripts/contracts, tests/contracts.rs): schemathesis from PyPI, pinned, in
+# its own venv; nothing to do when that version is there.
+SCHEMATHESIS_VERSION=4.32.5
+schemathesis() {
+  local venv="${VGRID_CACHE:-$HOME/.cache/vgrid}/schemathesis-$SCHEMATHESIS_VERSION"
+  if [ -x "$venv/bin/st" ] && "$venv/bin/st" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+    return 0
+  fi
+  echo "install-deps: installing schemathesis $SCHEMATHESIS_VERSION into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+}
+
 if [ ${#need[@]} -eq 0 ]; then
+  schemathesis
   echo "install-deps: everything present"
   exit 0
 fi
@@ -48,5 +64,6 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-utils qemu-system-data seabios ipxe-qemu
-$SUDO apt-get install -y -qq --no-install-recommends libnbd-bin nbdkit e2fsprogs iproute2 curl zstd busybox-static fio python3 debootstrap
+$SUDO apt-get install -y -qq --no-install-recommends libnbd-bin nbdkit e2fsprogs iproute2 curl zstd busybox-static fio python3 python3-venv debootstrap
+schemathesis
 echo "install-deps: done ($(qemu-system-x86_64 --version | head -1))"

@@ -269,10 +269,10 @@ fn requirements_rank_and_refusals() {
     assert!(by["h3"]["why_not"].as_str().unwrap().contains("request.cpus <= 1"), "{f}");
     assert!(g.json(&["vm", "ls"]).as_array().unwrap().iter().all(|v| v["state"] != "running"), "futures placed nothing");
 
-    // Invalid CEL: 400 with the position.
+    // Invalid CEL: 422 (well-formed, refused) with the position.
     let o = g.cli(&["vm", "run", "sample", "--require", "host.cpus >= >= 2"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("400") && err.contains("not valid CEL at"), "{err}");
+    assert!(!o.status.success() && err.contains("422") && err.contains("not valid CEL at"), "{err}");
     let o = g.cli(&["vm", "run", "sample", "--require", "host.nosuchfield == 1"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("nosuchfield"));
     let huge = vec!["host.cpus >= 1"; 2000].join(" && ");

@@ -205,9 +205,13 @@ fn bad_requests_get_clear_errors_and_create_nothing() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("unknown image no-such-image") && err.contains("404"), "{err}");
 
+    let o = up.cli(&["vm", "run", "sample", "--memory", "4000000"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("`memory` host has") && err.contains("4000000 requested") && err.contains("409"), "{err}");
+    // Over the documented maximum: 422 naming the bound.
     let o = up.cli(&["vm", "run", "sample", "--memory", "99999999"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("`memory` host has") && err.contains("99999999 requested") && err.contains("409"), "{err}");
+    assert!(!o.status.success() && err.contains("at most 4194304 MiB") && err.contains("422"), "{err}");
 
     let o = up.cli(&["vm", "run", "../etc/passwd"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("invalid image name"));

@@ -30,8 +30,10 @@ pub struct Quota {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserCreate {
+    #[schema(pattern = "^[a-z0-9][a-z0-9_.-]{0,31}$")]
     pub name: String,
     /// OpenSSH public keys (`ssh-ed25519 AAAA... comment`; ed25519, ecdsa and rsa).
+    #[schema(min_items = 1)]
     pub keys: Vec<String>,
     #[serde(default)]
     pub admin: bool,
@@ -59,6 +61,7 @@ pub struct UserInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChallengeRequest {
+    #[schema(pattern = "^[a-z0-9][a-z0-9_.-]{0,31}$")]
     pub user: String,
 }
 
@@ -78,6 +81,7 @@ pub struct Challenge {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
+    #[schema(pattern = "^[a-z0-9][a-z0-9_.-]{0,31}$")]
     pub user: String,
     pub nonce: String,
     /// The SSH signature (`-----BEGIN SSH SIGNATURE-----` PEM, as `ssh-keygen -Y sign` writes).
@@ -143,9 +147,11 @@ mod tests {
 #[serde(deny_unknown_fields)]
 pub struct JoinTokenCreate {
     /// `host` or `image-server`.
+    #[schema(pattern = "^(host|image-server)$")]
     pub role: String,
-    /// Seconds until the token expires (default one hour).
+    /// Seconds until the token expires (default one hour; at most 30 days).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 2592000)]
     pub ttl_seconds: Option<u64>,
 }
 
@@ -172,8 +178,10 @@ pub struct JoinRequest {
     /// `<id>.<secret>` of the join token.
     pub token: String,
     /// `host` or `image-server`; must be the token's.
+    #[schema(pattern = "^(host|image-server)$")]
     pub role: String,
     /// The node's name (a host's name in `host ls`).
+    #[schema(pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")]
     pub name: String,
     /// PEM PKCS#10 certificate request; its DNS/IP names become the certificate's.
     pub csr: String,

@@ -19,6 +19,9 @@ pub const DEFAULT_CPU_PERIOD_US: u64 = 100_000;
 pub const MAX_CPUS: u32 = 64;
 /// Least guest memory, in MiB (the most is what a host has: the scheduler's answer).
 pub const MIN_MEMORY_MIB: u64 = 32;
+/// Most guest memory (and memory limit) a request may name, in MiB (4 TiB, the most a host
+/// starts a guest with).
+pub const MAX_MEMORY_MIB: u64 = 4 * 1024 * 1024;
 /// Least memory limit QEMU runs in, in MiB.
 pub const MIN_MEMORY_LIMIT_MIB: u64 = 16;
 
@@ -67,13 +70,15 @@ pub enum ConfigError {
     Cpus { value: u32 },
     #[error("memory {value} MiB is too small: at least {MIN_MEMORY_MIB} MiB")]
     MemoryTooSmall { value: u64 },
+    #[error("memory {value} MiB is too large: at most {MAX_MEMORY_MIB} MiB")]
+    MemoryTooLarge { value: u64 },
     #[error("accel {value:?}: expected kvm or tcg")]
     Accel { value: String },
     #[error("invalid VM name {value:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")]
     Name { value: String },
     #[error(transparent)]
     Reservation(#[from] ReservationError),
-    #[error("memory limit under {MIN_MEMORY_LIMIT_MIB} MiB: QEMU cannot run in it")]
+    #[error("memory limit {value} MiB is out of range {MIN_MEMORY_LIMIT_MIB}-{MAX_MEMORY_MIB} MiB")]
     MemoryLimit { value: u64 },
     #[error("disk limits must be positive (leave them out for no limit)")]
     DiskLimits,
@@ -109,23 +114,29 @@ pub struct Resources {
     /// CPU reservation as a fraction of one core (e.g. 0.2), over all of QEMU's threads:
     /// CFS bandwidth `share * period` per period. Exclusive with `cpu_slice_ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0, maximum = 64)]
     pub cpu_share: Option<f64>,
     /// CPU reservation as VSched's (slice, period): `cpu_slice_ms` of CPU time every
     /// `cpu_period_ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 64000)]
     pub cpu_slice_ms: Option<u64>,
     /// The reservation's period [default 100 ms].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1000)]
     pub cpu_period_ms: Option<u64>,
     /// Limit on QEMU's whole memory in MiB [default: the guest's memory plus the measured
     /// QEMU overhead].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 16, maximum = 4194304)]
     pub memory_limit_mib: Option<u64>,
     /// Guest disk bandwidth limit, bytes per second (reads and writes together).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub disk_bps: Option<u64>,
     /// Guest disk operations per second limit (reads and writes together).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub disk_iops: Option<u64>,
 }
 
@@ -152,7 +163,7 @@ impl Resources {
     /// Static checks: the CPU reservation, the memory limit, the disk limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.reservation()?;
-        if let Some(m) = self.memory_limit_mib.filter(|&m| m < MIN_MEMORY_LIMIT_MIB) {
+        if let Some(m) = self.memory_limit_mib.filter(|m| !(MIN_MEMORY_LIMIT_MIB..=MAX_MEMORY_MIB).contains(m)) {
             return Err(ConfigError::MemoryLimit { value: m });
         }
         if self.disk_bps == Some(0) || self.disk_iops == Some(0) {
@@ -213,7 +224,9 @@ pub struct BootConfig {
 /// A VM's configuration: what it is, as opposed to where and how it runs now.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VmConfig {
+    #[schema(minimum = 1, maximum = 64)]
     pub cpus: u32,
+    #[schema(minimum = 32, maximum = 4194304)]
     pub memory_mib: u64,
     /// The accelerator asked for; the host's choice (KVM where usable) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -281,16 +294,21 @@ impl VmConfig {
     }
 }
 
-fn check_cpus(cpus: u32) -> Result<(), ConfigError> {
+/// 1 to [`MAX_CPUS`] vCPUs.
+pub fn check_cpus(cpus: u32) -> Result<(), ConfigError> {
     if cpus == 0 || cpus > MAX_CPUS {
         return Err(ConfigError::Cpus { value: cpus });
     }
     Ok(())
 }
 
-fn check_memory(memory_mib: u64) -> Result<(), ConfigError> {
+/// [`MIN_MEMORY_MIB`] to [`MAX_MEMORY_MIB`] MiB of guest memory.
+pub fn check_memory(memory_mib: u64) -> Result<(), ConfigError> {
     if memory_mib < MIN_MEMORY_MIB {
         return Err(ConfigError::MemoryTooSmall { value: memory_mib });
+    }
+    if memory_mib > MAX_MEMORY_MIB {
+        return Err(ConfigError::MemoryTooLarge { value: memory_mib });
     }
     Ok(())
 }

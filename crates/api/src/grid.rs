@@ -181,13 +181,17 @@ impl DrainStep {
 #[serde(deny_unknown_fields)]
 pub struct FuturesQuery {
     #[serde(default)]
+    #[schema(max_length = 2048)]
     pub require: Option<String>,
     #[serde(default = "crate::vm::default_cpus")]
+    #[schema(minimum = 1, maximum = 64)]
     pub cpus: u32,
     #[serde(default = "crate::vm::default_memory")]
+    #[schema(minimum = 32, maximum = 4194304)]
     pub memory_mib: u64,
     /// `NAME[@VERSION]`: also check the image's architecture.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}(@[0-9]{1,9})?$")]
     pub image: Option<String>,
 }
 

@@ -29,9 +29,11 @@ pub const MAX_CONSOLE_HISTORY: usize = 4 << 20;
 /// What the coordinator asks a host to start (`POST /host/v1/vms`): the VM's configuration as
 /// recorded, and for a resume the saved image to restore instead of booting
 /// `config.boot.image`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(try_from = "StoredLaunch")]
 pub struct LaunchRequest {
+    /// The VM's id: 1-64 characters of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`.
+    #[schema(pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")]
     pub id: String,
     pub config: VmConfig,
     /// The saved image (`NAME@VERSION`) to restore from, when resuming.
@@ -88,7 +90,7 @@ impl TryFrom<StoredLaunch> for LaunchRequest {
 }
 
 /// Answer to a launch (and to the end of an incoming migration): QEMU runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Launched {
     pub pid: u32,
     pub accel: Accel,
@@ -96,7 +98,7 @@ pub struct Launched {
 
 /// How a QEMU process ended. Both fields `None`: unknown (an adopted VM is not the agent's
 /// child).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ExitInfo {
     pub code: Option<i32>,
     pub signal: Option<i32>,
@@ -163,7 +165,7 @@ impl std::fmt::Display for ExitInfo {
 }
 
 /// How a VM's QEMU ended (`GET /host/v1/vms/{id}/wait`), with the last console lines.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct VmExit {
     pub exit: ExitInfo,
     pub console_tail: Vec<String>,
@@ -176,7 +178,7 @@ pub struct VmExit {
 }
 
 /// A line of `POST /host/v1/pull/{image}`'s NDJSON answer.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PullProgress {
     #[serde(default)]
     pub image: Option<String>,
@@ -194,7 +196,7 @@ pub struct PullProgress {
 
 /// Per-VM usage counters (as in the heartbeat), the host load and its prediction
 /// (`GET /host/v1/usage`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct HostUsage {
     pub vms: Vec<VmUsageReport>,
     pub load_now: f64,
@@ -207,14 +209,15 @@ pub struct HostUsage {
 }
 
 /// Body of `POST /host/v1/vms/{id}/snapshot` and `/suspend`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SaveRequest {
     /// Name of the image to create (a new version of it if it exists).
+    #[schema(pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")]
     pub name: String,
 }
 
 /// `GET /host/v1/vms/{id}/saving`: what the host knows of one VM while it may be saved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(from = "StoredPresence")]
 pub struct VmPresence {
     /// A snapshot or suspend of the VM is in progress.
@@ -241,7 +244,7 @@ impl From<StoredPresence> for VmPresence {
 }
 
 /// `POST /host/v1/migrate/incoming`: prepare to receive a VM.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct IncomingRequest {
     /// The VM as the source runs it (same image version, cpus, memory, forwards, accel).
     pub launch: LaunchRequest,
@@ -251,7 +254,7 @@ pub struct IncomingRequest {
 }
 
 /// Answer to [`IncomingRequest`]: where the source sends the disk and the memory.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct IncomingReady {
     pub host: String,
     pub nbd_port: u16,
@@ -262,7 +265,7 @@ pub struct IncomingReady {
 
 /// `POST /host/v1/vms/{id}/migrate`: send a VM to a prepared destination. The source answers
 /// (and `GET` polls) with a [`crate::migrate::Migration`]: the same status the record keeps.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SendRequest {
     pub dest: IncomingReady,
     /// The destination host's name (for the status the source reports).
@@ -275,7 +278,7 @@ pub struct SendRequest {
 }
 
 /// Body of `POST /host/v1/migrate/incoming/{id}/finish`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct FinishRequest {
     /// The console log the VM had at the source.
     #[serde(default)]

@@ -13,6 +13,7 @@ pub mod host;
 pub mod manifest;
 pub mod migrate;
 pub mod net;
+pub mod openapi;
 mod record;
 pub mod rest;
 pub mod usage;

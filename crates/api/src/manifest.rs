@@ -48,6 +48,18 @@ impl FromStr for ChunkHash {
     }
 }
 
+impl utoipa::PartialSchema for ChunkHash {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(crate::openapi::HASH_PATTERN))
+            .description(Some("the blake3 hash of a chunk's uncompressed bytes, 64 lowercase hex digits"))
+            .into()
+    }
+}
+impl utoipa::ToSchema for ChunkHash {}
+
 impl Serialize for ChunkHash {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.to_hex())
@@ -61,7 +73,7 @@ impl<'de> Deserialize<'de> for ChunkHash {
 }
 
 /// A byte string stored as fixed-size chunks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Blob {
     /// Length in bytes; need not be a multiple of the chunk size.
     pub size: u64,
@@ -82,7 +94,7 @@ impl Blob {
 }
 
 /// How an image boots.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "mode", rename_all = "lowercase")]
 pub enum Boot {
     /// The image's own firmware and bootloader (BIOS by default).
@@ -98,7 +110,7 @@ pub enum Boot {
 }
 
 /// Descriptive metadata of an image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImageMeta {
     #[serde(default)]
     pub os: String,
@@ -114,6 +126,7 @@ fn default_arch() -> String {
 /// `NAME` or `NAME@VERSION`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImageRef {
+    #[schema(pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")]
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u32>,
@@ -155,7 +168,7 @@ pub fn validate_name(name: &str) -> Result<(), ManifestError> {
 }
 
 /// An image version: immutable once written.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Manifest {
     pub schema: u32,
     pub name: String,
@@ -174,7 +187,7 @@ pub struct Manifest {
 
 /// A guest's saved memory and device state (QEMU's migration stream), stored as a blob next
 /// to the disk it was saved with.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SavedState {
     /// The migration stream. With `ram`, only the devices' state: the guest's RAM is not in it.
     pub blob: Blob,
@@ -189,7 +202,7 @@ pub struct SavedState {
 /// A guest's RAM as an image of its memory (page `i` at offset `i * 4096`, zero chunks not
 /// stored), in chunks of its own size: smaller than a disk's, since a guest touches its memory
 /// a page here and a page there.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SavedRam {
     pub chunk_size: u32,
     pub blob: Blob,
@@ -197,7 +210,7 @@ pub struct SavedRam {
 
 /// The machine a saved state needs: restoring with other cpus/memory, another machine type or
 /// another QEMU version is refused with a clear error instead of a failed load.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StateMeta {
     /// QEMU version that saved it (`MAJOR.MINOR.MICRO`).
     pub qemu_version: String,

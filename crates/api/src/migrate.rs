@@ -10,22 +10,29 @@ pub const DEFAULT_DOWNTIME_MS: u64 = 100;
 /// Default longest a migration may take before it is cancelled, in seconds.
 pub const DEFAULT_MAX_SECONDS: u64 = 300;
 
+/// Highest bandwidth cap a migration may name, in MiB/s (1 TiB/s).
+pub const MAX_BANDWIDTH_MIB: u64 = 1024 * 1024;
+
 /// Body of `POST /api/v1/vms/{id}/migrate`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmMigrate {
     /// Destination host name; any other host that can take the VM when absent.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")]
     pub to: Option<String>,
     /// Longest the guest may be paused at switchover, in ms [default: 100].
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 60000)]
     pub downtime_ms: Option<u64>,
     /// Cancel the migration (the VM keeps running at the source) when it has not finished
     /// after this many seconds [default: 300].
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 86400)]
     pub max_seconds: Option<u64>,
     /// Bandwidth cap of the memory transfer, in MiB/s [default: QEMU's, 128 MiB/s].
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1048576)]
     pub max_bandwidth_mib: Option<u64>,
 }
 

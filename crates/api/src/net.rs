@@ -80,7 +80,9 @@ pub enum Nic {
 /// A host port forwarded to a guest port over user-mode networking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Forward {
+    #[schema(minimum = 1, maximum = 65535)]
     pub host: u16,
+    #[schema(minimum = 1, maximum = 65535)]
     pub guest: u16,
 }
 

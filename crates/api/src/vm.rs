@@ -91,23 +91,31 @@ macro_rules! inactive_states {
 #[serde(deny_unknown_fields)]
 pub struct VmCreate {
     /// `NAME` or `NAME@VERSION`.
+    #[schema(pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}(@[0-9]{1,9})?$")]
     pub image: String,
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")]
     pub name: Option<String>,
     #[serde(default = "default_cpus")]
+    #[schema(minimum = 1, maximum = 64)]
     pub cpus: u32,
+    /// Guest memory in MiB.
     #[serde(default = "default_memory")]
+    #[schema(minimum = 32, maximum = 4194304)]
     pub memory_mib: u64,
     #[serde(default)]
     pub forwards: Vec<Forward>,
     /// `kvm` or `tcg`; chosen by the host when absent.
     #[serde(default)]
+    #[schema(pattern = "^(kvm|tcg)$")]
     pub accel: Option<String>,
-    /// Requirement over the host ad (CEL), e.g. `host.labels.site == "uf"`.
+    /// Requirement over the host ad (CEL), e.g. `host.labels.site == "uf"`; at most 2048 bytes.
     #[serde(default)]
+    #[schema(max_length = 2048)]
     pub require: Option<String>,
     /// Rank over the host ad (CEL, higher is better); default: image cached, low load, spread.
     #[serde(default)]
+    #[schema(max_length = 2048)]
     pub rank: Option<String>,
     /// Fail at once when no host can take the VM now, instead of queueing it.
     #[serde(default)]
@@ -240,9 +248,11 @@ pub struct ConsoleChunk {
 pub struct VmResume {
     /// Requirement over the host ad (CEL) for the host it resumes on.
     #[serde(default)]
+    #[schema(max_length = 2048)]
     pub require: Option<String>,
     /// Resume on this host (a requirement on `host.name`).
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")]
     pub host: Option<String>,
 }
 
@@ -251,6 +261,7 @@ pub struct VmResume {
 #[serde(deny_unknown_fields)]
 pub struct VmSnapshot {
     /// Name of the new warm image.
+    #[schema(pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")]
     pub name: String,
 }
 

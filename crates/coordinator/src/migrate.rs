@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use vgrid_api::grid::{HostState, PlacementRequest};
 use vgrid_api::host::{FinishRequest, IncomingReady, IncomingRequest, LaunchRequest, Launched, SendRequest, MAX_CONSOLE_HISTORY};
-use vgrid_api::migrate::{Migration, MigrationStatus, VmMigrate, DEFAULT_DOWNTIME_MS, DEFAULT_MAX_SECONDS};
+use vgrid_api::migrate::{Migration, MigrationStatus, VmMigrate, DEFAULT_DOWNTIME_MS, DEFAULT_MAX_SECONDS, MAX_BANDWIDTH_MIB};
 use vgrid_api::vm::{VmRecord, VmState};
 
 use crate::hosts::{HostCallError, HostClient};
@@ -82,8 +82,8 @@ impl Coordinator {
         if !(1..=86_400).contains(&max_seconds) {
             return Err(CoordinatorError::BadRequest(format!("maximum duration {max_seconds} s is out of range 1-86400")));
         }
-        if req.max_bandwidth_mib == Some(0) {
-            return Err(CoordinatorError::BadRequest("max bandwidth must be at least 1 MiB/s".into()));
+        if let Some(b) = req.max_bandwidth_mib.filter(|b| !(1..=MAX_BANDWIDTH_MIB).contains(b)) {
+            return Err(CoordinatorError::BadRequest(format!("max bandwidth {b} MiB/s is out of range 1-{MAX_BANDWIDTH_MIB}")));
         }
         if rec.state != VmState::Running {
             return Err(CoordinatorError::Conflict(format!("VM {} is {}; only a running VM can migrate", rec.id, rec.state.as_str())));

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use vgrid_api::vm::VmConfig;
 
-/// Most guest memory this driver starts a VM with, in MiB (4 TiB).
-pub const MAX_MEMORY_MIB: u64 = 4 * 1024 * 1024;
+/// Most guest memory this driver starts a VM with, in MiB: the API's bound.
+pub use vgrid_api::config::MAX_MEMORY_MIB;
 
 /// The guest's disk: what the per-VM qcow2 overlay is layered on. Never written to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,7 +7,7 @@
 //! * [`store`]: [`ImageStore`] over any `ObjectStore` (local filesystem by default): chunks,
 //!   manifests, boot profiles, upload sessions and a garbage collector that is safe against
 //!   concurrent imports. Chunks are verified with `vgrid_storeclient::codec`.
-//! * [`server`]: the `/store/v1` HTTP API ([`server::router`], [`server::serve`],
+//! * [`server`]: the `/store/v1` HTTP API and its OpenAPI document ([`server::router`], [`server::serve`],
 //!   [`server::spawn`]).
 
 pub mod server;

@@ -15,7 +15,9 @@
 //! | POST | `/uploads/{id}/commit` | `Manifest` (version 0 = next) -> stored `Manifest` |
 //!
 //! Every error is a JSON [`ErrorBody`] whose `error` names the object and the cause and whose
-//! `detail` is `{"kind": ..., "object": ...}` (see [`ErrorKind`]).
+//! `detail` is `{"kind": ..., "object": ...}` (see [`ErrorKind`]): 400 for a request not of the
+//! documented shape, 422 for a well-formed one whose content is refused. The OpenAPI document
+//! ([`ApiDoc`]) is served at `/store/openapi.json`, to every caller.
 
 use crate::store::{ImageStore, StoreError};
 use axum::body::Bytes;
@@ -27,7 +29,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
-use vgrid_api::rest::{BootProfile, ErrorKind, ImageOwner, ImageSummary, UploadCreated, UploadId};
+use vgrid_api::openapi::Binary;
+use vgrid_api::rest::{BootProfile, ErrorKind, GcReport, ImageOwner, ImageSummary, UploadCreated, UploadId};
 use vgrid_api::{ChunkHash, ErrorBody, ImageRef, Manifest};
 
 /// Largest request body accepted (a manifest of a very large image, or a chunk).
@@ -60,18 +63,20 @@ impl From<StoreError> for ApiError {
             UploadNotFound(id) => (StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, format!("upload {id}")),
             ProfileNotFound(r) => (StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, format!("profile of image {r}")),
             HotPagesNotFound(r) => (StatusCode::NOT_FOUND, ErrorKind::NOT_FOUND, format!("hot pages of image {r}")),
+            // Well-formed requests whose content is refused: 422 (400 is for a request that is
+            // not of the documented shape).
             BadHotPages { image, .. } | NoSavedRam(image) => {
-                (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("hot pages of image {image}"))
+                (StatusCode::UNPROCESSABLE_ENTITY, ErrorKind::BAD_REQUEST, format!("hot pages of image {image}"))
             }
             ImageExists(r) => (StatusCode::CONFLICT, ErrorKind::CONFLICT, format!("image {r}")),
-            InvalidManifest { image, .. } => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("image {image}")),
+            InvalidManifest { image, .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorKind::BAD_REQUEST, format!("image {image}")),
             BadName(cause) => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, cause.to_string()),
-            BadProfile { image, .. } => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("profile of image {image}")),
-            BadUpload { hash, .. } => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("chunk {hash}")),
+            BadProfile { image, .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorKind::BAD_REQUEST, format!("profile of image {image}")),
+            BadUpload { hash, .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorKind::BAD_REQUEST, format!("chunk {hash}")),
             MissingChunks { image, missing, .. } => {
                 let shown: Vec<String> = missing.iter().take(100).map(|h| h.to_hex()).collect();
                 return ApiError {
-                    status: StatusCode::BAD_REQUEST,
+                    status: StatusCode::UNPROCESSABLE_ENTITY,
                     body: ErrorBody {
                         error: msg,
                         detail: Some(serde_json::json!({
@@ -125,7 +130,17 @@ fn parse_hash(s: &str) -> Res<ChunkHash> {
     s.parse().map_err(|e: vgrid_api::ManifestError| ApiError::bad_request(format!("chunk {s}"), e.to_string()))
 }
 fn body(what: &str, b: Result<Bytes, BytesRejection>) -> Res<Bytes> {
-    b.map_err(|e| ApiError::new(e.status(), ErrorKind::BAD_REQUEST, what, format!("request body of {what}: {}", e.body_text())))
+    b.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::new(
+                e.status(),
+                ErrorKind::BAD_REQUEST,
+                what,
+                format!("request body of {what} too large: the limit is {MAX_BODY} bytes"),
+            );
+        }
+        ApiError::new(e.status(), ErrorKind::BAD_REQUEST, what, format!("request body of {what}: {}", e.body_text()))
+    })
 }
 fn json_body<T: DeserializeOwned>(what: &str, b: Result<Bytes, BytesRejection>) -> Res<T> {
     let b = body(what, b)?;
@@ -135,7 +150,7 @@ fn json_body<T: DeserializeOwned>(what: &str, b: Result<Bytes, BytesRejection>) 
 /// The image server's router, all routes under `/store/v1`, open to every caller (a
 /// standalone server without users, and in-process tests).
 pub fn router(store: Arc<ImageStore>) -> Router {
-    routes().with_state(store)
+    routes().merge(doc()).with_state(store)
 }
 
 /// The router with access control when `users` (a coordinator's token check) is given:
@@ -149,6 +164,7 @@ pub fn router_with(store: Arc<ImageStore>, users: Option<vgrid_trust::caller::Us
     routes()
         .layer(axum::middleware::from_fn_with_state(store.clone(), gate))
         .layer(axum::middleware::from_fn_with_state(users, vgrid_trust::caller::identify_layer))
+        .merge(doc())
         .with_state(store)
 }
 
@@ -205,6 +221,26 @@ async fn gate(State(s): St, req: axum::extract::Request, next: axum::middleware:
     next.run(req).await
 }
 
+/// The image server's OpenAPI document, served at `/store/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "vgrid image server API", description = "Images as manifests plus blake3-addressed, zstd-compressed chunks."),
+    paths(list_images, get_latest, get_version, delete_all, delete_version, get_profile, put_profile, get_hot_pages, put_hot_pages,
+        get_chunk, head_chunk, run_gc, begin_upload, abort_upload, missing, put_chunk, commit, get_owner, put_owner),
+    components(schemas(ErrorBody, ImageSummary, Manifest, GcReport, BootProfile, UploadCreated, ImageOwner, ChunkHash)),
+    modifiers(&CONTRACT),
+    security(("bearer" = []), ("node_certificate" = []))
+)]
+pub struct ApiDoc;
+
+/// What this API answers besides each route's own statuses (see [`vgrid_api::openapi::Contract`]).
+const CONTRACT: vgrid_api::openapi::Contract = vgrid_api::openapi::Contract { body_limit: MAX_BODY };
+
+/// `/store/openapi.json`, open to every caller like the coordinator's document.
+fn doc() -> Router<Arc<ImageStore>> {
+    Router::new().route("/store/openapi.json", get(|| async { Json(<ApiDoc as utoipa::OpenApi>::openapi()) }))
+}
+
 fn routes() -> Router<Arc<ImageStore>> {
     Router::new()
         .route("/store/v1/images", get(list_images))
@@ -226,10 +262,12 @@ fn routes() -> Router<Arc<ImageStore>> {
         .layer(DefaultBodyLimit::max(MAX_BODY))
 }
 
+#[utoipa::path(get, path = "/store/v1/owners/{name}", params(("name" = String, Path, description = "image name", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")), responses((status = 200, body = ImageOwner)))]
 async fn get_owner(State(s): St, Path(name): Path<String>) -> Res<Json<ImageOwner>> {
     Ok(Json(s.owner(&name).await?))
 }
 
+#[utoipa::path(put, path = "/store/v1/owners/{name}", params(("name" = String, Path, description = "image name", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")), request_body = ImageOwner, responses((status = 200, body = ImageOwner)))]
 async fn put_owner(State(s): St, Path(name): Path<String>, b: Result<Bytes, BytesRejection>) -> Res<Json<ImageOwner>> {
     let o: ImageOwner = json_body(&format!("owner of image {name}"), b)?;
     s.set_owner(&name, &o).await?;
@@ -248,6 +286,7 @@ pub async fn serve(store: Arc<ImageStore>, listener: tokio::net::TcpListener) ->
     axum::serve(listener, router(store)).await
 }
 
+#[utoipa::path(get, path = "/store/v1/images", responses((status = 200, body = [ImageSummary], description = "every image the caller may read")))]
 async fn list_images(State(s): St, c: Option<axum::Extension<vgrid_trust::caller::Caller>>) -> Res<Response> {
     let mut v = s.list().await?;
     if let Some(axum::Extension(c)) = c {
@@ -259,45 +298,52 @@ async fn list_images(State(s): St, c: Option<axum::Extension<vgrid_trust::caller
     Ok(Json(v).into_response())
 }
 
+#[utoipa::path(get, path = "/store/v1/images/{name}", params(("name" = String, Path, description = "image name", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")), responses((status = 200, body = Manifest, description = "the latest version's manifest")))]
 async fn get_latest(State(s): St, Path(name): Path<String>) -> Res<Json<Manifest>> {
     let r = parse_ref(&name, None)?;
     Ok(Json(s.get_manifest(&r).await?))
 }
 
+#[utoipa::path(get, path = "/store/v1/images/{name}/{version}", params(("name" = String, Path, description = "image name", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$"), ("version" = u32, Path, description = "image version")), responses((status = 200, body = Manifest)))]
 async fn get_version(State(s): St, Path((name, version)): Path<(String, String)>) -> Res<Json<Manifest>> {
     let r = parse_ref(&name, Some(&version))?;
     Ok(Json(s.get_manifest(&r).await?))
 }
 
+#[utoipa::path(delete, path = "/store/v1/images/{name}", params(("name" = String, Path, description = "image name", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")), responses((status = 200, body = GcReport, description = "every version removed, unreferenced chunks freed")))]
 async fn delete_all(State(s): St, Path(name): Path<String>) -> Res<Response> {
     let r = parse_ref(&name, None)?;
     Ok(Json(s.delete(&r).await?).into_response())
 }
 
+#[utoipa::path(delete, path = "/store/v1/images/{name}/{version}", params(("name" = String, Path, description = "image name", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$"), ("version" = u32, Path, description = "image version")), responses((status = 200, body = GcReport)))]
 async fn delete_version(State(s): St, Path((name, version)): Path<(String, String)>) -> Res<Response> {
     let r = parse_ref(&name, Some(&version))?;
     Ok(Json(s.delete(&r).await?).into_response())
 }
 
+#[utoipa::path(get, path = "/store/v1/images/{name}/{version}/profile", params(("name" = String, Path, description = "image name", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$"), ("version" = u32, Path, description = "image version")), responses((status = 200, body = BootProfile)))]
 async fn get_profile(State(s): St, Path((name, version)): Path<(String, String)>) -> Res<Json<BootProfile>> {
     let r = parse_ref(&name, Some(&version))?;
     Ok(Json(s.get_profile(&r).await?))
 }
 
+#[utoipa::path(get, path = "/store/v1/images/{name}/{version}/profile/hot", params(("name" = String, Path, description = "image name", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$"), ("version" = u32, Path, description = "image version")), responses((status = 200, body = Binary, content_type = "application/zstd", description = "the hot-page bundle")))]
 async fn get_hot_pages(State(s): St, Path((name, version)): Path<(String, String)>) -> Res<Response> {
     let r = parse_ref(&name, Some(&version))?;
     let b = s.get_hot_pages(&r).await?;
     Ok(([(axum::http::header::CONTENT_TYPE, "application/zstd")], b).into_response())
 }
 
+#[utoipa::path(put, path = "/store/v1/images/{name}/{version}/profile/hot", params(("name" = String, Path, description = "image name", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$"), ("version" = u32, Path, description = "image version")), request_body(content = Binary, content_type = "application/zstd"), responses((status = 204, description = "stored (every page verified)")))]
 async fn put_hot_pages(State(s): St, Path((name, version)): Path<(String, String)>, b: Result<Bytes, BytesRejection>) -> Res<StatusCode> {
     let r = parse_ref(&name, Some(&version))?;
-    let b =
-        b.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("hot pages of image {r}"), e.body_text()))?;
+    let b = body(&format!("hot pages of image {r}"), b)?;
     s.put_hot_pages(&r, b).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(put, path = "/store/v1/images/{name}/{version}/profile", params(("name" = String, Path, description = "image name", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$"), ("version" = u32, Path, description = "image version")), request_body = BootProfile, responses((status = 204, description = "stored")))]
 async fn put_profile(State(s): St, Path((name, version)): Path<(String, String)>, b: Result<Bytes, BytesRejection>) -> Res<StatusCode> {
     let r = parse_ref(&name, Some(&version))?;
     let p: BootProfile = json_body(&format!("boot profile of image {r}"), b)?;
@@ -327,6 +373,7 @@ fn matches_etag(headers: &HeaderMap, h: &ChunkHash) -> bool {
     })
 }
 
+#[utoipa::path(get, path = "/store/v1/chunks/{hash}", params(("hash" = String, Path, description = "chunk hash (blake3, hex)", pattern = "^[0-9a-f]{64}$")), responses((status = 200, body = Binary, content_type = "application/zstd", description = "the chunk, zstd-compressed"), (status = 304, description = "If-None-Match matched"), (status = 500, body = ErrorBody, description = "the stored chunk is corrupt")))]
 async fn get_chunk(State(s): St, Path(hash): Path<String>, headers: HeaderMap) -> Res<Response> {
     let h = parse_hash(&hash)?;
     if matches_etag(&headers, &h) {
@@ -339,6 +386,7 @@ async fn get_chunk(State(s): St, Path(hash): Path<String>, headers: HeaderMap) -
     Ok((StatusCode::OK, chunk_headers(&h), z).into_response())
 }
 
+#[utoipa::path(head, path = "/store/v1/chunks/{hash}", params(("hash" = String, Path, description = "chunk hash (blake3, hex)", pattern = "^[0-9a-f]{64}$")), responses((status = 200, description = "the chunk is stored")))]
 async fn head_chunk(State(s): St, Path(hash): Path<String>) -> Res<Response> {
     let h = parse_hash(&hash)?;
     if !s.has_chunk(&h).await? {
@@ -347,24 +395,29 @@ async fn head_chunk(State(s): St, Path(hash): Path<String>) -> Res<Response> {
     Ok((StatusCode::OK, chunk_headers(&h)).into_response())
 }
 
+#[utoipa::path(post, path = "/store/v1/gc", responses((status = 200, body = GcReport)))]
 async fn run_gc(State(s): St) -> Res<Response> {
     Ok(Json(s.gc().await?).into_response())
 }
 
+#[utoipa::path(post, path = "/store/v1/uploads", responses((status = 201, body = UploadCreated)))]
 async fn begin_upload(State(s): St) -> Res<Response> {
     Ok((StatusCode::CREATED, Json(UploadCreated { id: s.begin_upload().0 })).into_response())
 }
 
+#[utoipa::path(delete, path = "/store/v1/uploads/{id}", params(("id" = String, Path, description = "upload session id")), responses((status = 204, description = "aborted")))]
 async fn abort_upload(State(s): St, Path(id): Path<String>) -> Res<StatusCode> {
     s.abort_upload(&UploadId(id))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/store/v1/uploads/{id}/missing", params(("id" = String, Path, description = "upload session id")), request_body = [ChunkHash], responses((status = 200, body = [ChunkHash], description = "the hashes the server lacks")))]
 async fn missing(State(s): St, Path(id): Path<String>, b: Result<Bytes, BytesRejection>) -> Res<Json<Vec<ChunkHash>>> {
     let hashes: Vec<ChunkHash> = json_body(&format!("missing-chunk query of upload {id}"), b)?;
     Ok(Json(s.missing(&UploadId(id), &hashes).await?))
 }
 
+#[utoipa::path(put, path = "/store/v1/uploads/{id}/chunks/{hash}", params(("id" = String, Path, description = "upload session id"), ("hash" = String, Path, description = "chunk hash (blake3, hex)", pattern = "^[0-9a-f]{64}$")), request_body(content = Binary, content_type = "application/zstd"), responses((status = 204, description = "stored (verified against its hash)"), (status = 507, body = ErrorBody, description = "no space left")))]
 async fn put_chunk(State(s): St, Path((id, hash)): Path<(String, String)>, b: Result<Bytes, BytesRejection>) -> Res<StatusCode> {
     let h = parse_hash(&hash)?;
     let z = body(&format!("chunk {h}"), b)?;
@@ -372,14 +425,17 @@ async fn put_chunk(State(s): St, Path((id, hash)): Path<(String, String)>, b: Re
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(serde::Deserialize, Default)]
+#[derive(serde::Deserialize, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct CommitQuery {
+    /// Make the image readable by every user (admins and grid nodes only).
     #[serde(default)]
     public: bool,
 }
 
 /// Commits an upload. A user's commit of a name nobody owns makes it theirs; of a name another
 /// user owns is refused; `?public=true` (admins and grid nodes) makes it readable by all.
+#[utoipa::path(post, path = "/store/v1/uploads/{id}/commit", params(("id" = String, Path, description = "upload session id"), CommitQuery), request_body = Manifest, responses((status = 200, body = Manifest, description = "the stored manifest (version 0 asks for the next)"), (status = 409, body = ErrorBody, description = "that version exists"), (status = 507, body = ErrorBody, description = "no space left")))]
 async fn commit(
     State(s): St,
     Path(id): Path<String>,
@@ -388,8 +444,11 @@ async fn commit(
     b: Result<Bytes, BytesRejection>,
 ) -> Res<Json<Manifest>> {
     let b = body(&format!("commit of upload {id}"), b)?;
-    let m = Manifest::from_json(&b)
-        .map_err(|e| ApiError::bad_request(format!("upload {id}"), format!("commit of upload {id}: invalid manifest: {e}")))?;
+    let m = Manifest::from_json(&b).map_err(|e| {
+        let status =
+            if matches!(e, vgrid_api::ManifestError::Json(_)) { StatusCode::BAD_REQUEST } else { StatusCode::UNPROCESSABLE_ENTITY };
+        ApiError::new(status, ErrorKind::BAD_REQUEST, format!("upload {id}"), format!("commit of upload {id}: invalid manifest: {e}"))
+    })?;
     let caller = c.map(|e| e.0);
     let old = s.owner(&m.name).await?;
     let what = format!("image {}", m.name);

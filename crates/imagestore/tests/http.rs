@@ -141,14 +141,14 @@ async fn unknown_image_and_malformed_json_are_json_4xx() {
     let (_, z) = codec::encode(b"some data");
     let wrong = ChunkHash::of(b"other data");
     let e = s.client.put_chunk(&id, &wrong, Bytes::from(z)).await.unwrap_err();
-    assert_eq!(e.status(), Some(400), "{e}");
+    assert_eq!(e.status(), Some(422), "{e}");
     assert!(e.to_string().contains(&wrong.to_hex()), "{e}");
 
     // Commit naming a chunk that is not stored fails and names it.
     let ghost = ChunkHash::of(b"never uploaded");
     let m = manifest("x", CS, vgrid_api::Blob { size: 10, chunks: vec![Some(ghost)] });
     let e = s.client.commit(&id, &m).await.unwrap_err();
-    assert_eq!(e.status(), Some(400), "{e}");
+    assert_eq!(e.status(), Some(422), "{e}");
     assert!(e.to_string().contains(&ghost.to_hex()), "{e}");
     assert!(s.client.list().await.unwrap().is_empty());
 }
@@ -219,7 +219,7 @@ async fn boot_profiles() {
     s.client.put_profile(&r("p@1"), &prof).await.unwrap();
     assert_eq!(s.client.profile(&r("p")).await.unwrap(), prof);
     let e = s.client.put_profile(&r("p@1"), &BootProfile { chunks: vec![2], hot_pages: 0 }).await.unwrap_err();
-    assert_eq!(e.status(), Some(400), "{e}");
+    assert_eq!(e.status(), Some(422), "{e}");
     let e = s.client.put_profile(&r("q@1"), &prof).await.unwrap_err();
     assert!(e.is_not_found(), "{e}");
 }

@@ -10,12 +10,15 @@
 //! - [`tls`]: rustls configurations, the TLS listener every role serves its HTTP API on (the
 //!   verified client certificate becomes the request's [`PeerInfo`]), the process-wide client
 //!   settings every outgoing request uses, and fetching a server's chain for pinning.
+//! - [`deadline`]: the bound on how long a new connection may take to send its first request's
+//!   headers (slow-loris clients).
 //!
 //! A node certificate names the node (subject CN) and its roles (subject OU, comma-separated:
 //! `coordinator`, `host`, `image-server`). Peers are verified against the grid CA only.
 
 pub mod ca;
 pub mod caller;
+pub mod deadline;
 pub mod node;
 pub mod tls;
 

@@ -181,10 +181,14 @@ pub fn ws_client_config() -> Option<Arc<ClientConfig>> {
     client_config(&t.ca_pem, t.identity.as_ref()).map_err(|e| tracing::error!("TLS client settings unusable: {e}")).ok()
 }
 
+/// A connection as [`TlsListener`] hands it over: TLS, with its first request's headers due
+/// within [`crate::deadline::HEADER_READ_TIMEOUT`].
+pub type TlsConn = crate::deadline::HeaderDeadline<tokio_rustls::server::TlsStream<TcpStream>>;
+
 /// A TCP listener that completes TLS handshakes (in the background, at most 10 s each) and
 /// hands `axum::serve` the connections with their [`PeerInfo`].
 pub struct TlsListener {
-    rx: mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, PeerInfo)>,
+    rx: mpsc::Receiver<(TlsConn, PeerInfo)>,
     local: SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
@@ -210,6 +214,7 @@ impl TlsListener {
                     match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await {
                         Ok(Ok(s)) => {
                             let peer = s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| Peer::from_der(c).ok());
+                            let s = crate::deadline::HeaderDeadline::new(s, crate::deadline::HEADER_READ_TIMEOUT);
                             let _ = tx.send((s, PeerInfo { addr, peer })).await;
                         }
                         Ok(Err(e)) => tracing::info!(%addr, "TLS handshake refused: {e}"),
@@ -229,7 +234,7 @@ impl Drop for TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Io = TlsConn;
     type Addr = PeerInfo;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -47,11 +47,13 @@ impl From<CoordinatorError> for ApiError {
     fn from(e: CoordinatorError) -> Self {
         use CoordinatorError::*;
         let code = match &e {
-            BadRequest(_) | Config(_) | Image(_) => StatusCode::BAD_REQUEST,
+            // Well-formed requests whose values are refused: 422 naming the field (a 400 is
+            // only for a body or parameter that is not of the documented shape).
+            BadRequest(_) | Config(_) | Image(_) => StatusCode::UNPROCESSABLE_ENTITY,
             UnknownImage(_) | UnknownVm(_) | UnknownHost(_) => StatusCode::NOT_FOUND,
             Conflict(_) | Capacity(_) | Waited(_) | Transition { .. } | Contended(_) => StatusCode::CONFLICT,
             Store(_) | ImageServer(_) | NotOnReachable { .. } | Host(_) => StatusCode::BAD_GATEWAY,
-            Expr(_) => StatusCode::BAD_REQUEST,
+            Expr(_) => StatusCode::UNPROCESSABLE_ENTITY,
             State(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Quota(_) => StatusCode::FORBIDDEN,
         };
@@ -74,7 +76,7 @@ impl From<AuthError> for ApiError {
             AuthError::Unauthenticated(_) | AuthError::BadSignature { .. } => StatusCode::UNAUTHORIZED,
             AuthError::Forbidden(_) => StatusCode::FORBIDDEN,
             AuthError::BadRequest(_) | AuthError::NotAKey { .. } | AuthError::KeyEncoding(_) | AuthError::CertRequest(_) => {
-                StatusCode::BAD_REQUEST
+                StatusCode::UNPROCESSABLE_ENTITY
             }
             AuthError::Conflict(_) => StatusCode::CONFLICT,
             AuthError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -86,19 +88,38 @@ impl From<AuthError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
-        ApiError(StatusCode::BAD_REQUEST, format!("malformed request body: {}", r.body_text()))
+        body_refused(r.status(), &r.body_text())
     }
 }
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> Self {
+        body_refused(r.status(), &r.body_text())
+    }
+}
+
+/// A body that could not be read (413 when it is over [`MAX_BODY`]) or is not JSON of the
+/// documented shape (400).
+fn body_refused(status: StatusCode, why: &str) -> ApiError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError(status, format!("request body too large: the limit is {MAX_BODY} bytes"));
+    }
+    ApiError(StatusCode::BAD_REQUEST, format!("malformed request body: {why}"))
+}
+
+/// The largest request body the coordinator reads (413 beyond).
+pub const MAX_BODY: usize = 1024 * 1024;
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
 /// A JSON body that may be left out (empty: the defaults); a malformed one is a 400 that says
 /// what is wrong, like every other body.
-fn optional_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+fn optional_body<T: serde::de::DeserializeOwned + Default>(body: Result<axum::body::Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body?;
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("malformed request body: {e}")))
+    serde_json::from_slice(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("malformed request body: {e}")))
 }
 type Ctx = State<Arc<Coordinator>>;
 /// The authenticated caller (present on every route but the public ones).
@@ -110,22 +131,32 @@ type Nodes = Extension<Option<Arc<Joins>>>;
 #[derive(Clone, Debug)]
 pub struct NodePeer(pub Option<Peer>);
 
-/// With a grid CA, a node's request must come with a certificate of this grid for `role` that
-/// names `name`: 401 without one, 403 for another node's or another role's.
-fn node_peer(nodes: &Option<Arc<Joins>>, peer: &NodePeer, role: NodeRole, name: &str) -> Result<(), ApiError> {
+/// With a grid CA, a node's request must come with a certificate of this grid for `role`: 401
+/// without one, 403 for another role's. Checked before the body is read.
+fn node_role(nodes: &Option<Arc<Joins>>, peer: &NodePeer, role: NodeRole) -> Result<(), ApiError> {
     if nodes.is_none() {
         return Ok(());
     }
     match &peer.0 {
         None => Err(ApiError(
             StatusCode::UNAUTHORIZED,
-            format!("{role} {name:?} has not joined this grid: its connection shows no certificate of this grid's CA (start it with --join-token from `vgrid join-token create --role {role}`)"),
+            format!("this {role} has not joined this grid: its connection shows no certificate of this grid's CA (start it with --join-token from `vgrid join-token create --role {role}`)"),
         )),
         // A coordinator's certificate (also that of `vgrid up`) may speak for any node.
         Some(p) if p.is(NodeRole::Coordinator) => Ok(()),
         Some(p) if !p.is(role) => Err(ApiError(StatusCode::FORBIDDEN, format!("the certificate of {} is for {:?}, not for a {role}", p.name, p.roles))),
-        Some(p) if p.name != name => Err(ApiError(StatusCode::FORBIDDEN, format!("the certificate names {:?}; it may not speak for {role} {name:?}", p.name))),
         Some(_) => Ok(()),
+    }
+}
+
+/// ... and the certificate must name `name` (403 for another node's), once the body is read.
+fn node_peer(nodes: &Option<Arc<Joins>>, peer: &NodePeer, role: NodeRole, name: &str) -> Result<(), ApiError> {
+    node_role(nodes, peer, role)?;
+    match (nodes, &peer.0) {
+        (Some(_), Some(p)) if !p.is(NodeRole::Coordinator) && p.name != name => {
+            Err(ApiError(StatusCode::FORBIDDEN, format!("the certificate names {:?}; it may not speak for {role} {name:?}", p.name)))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -201,20 +232,13 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
         vgrid_api::usage::UsageTotals, vgrid_api::usage::VmUsageReport, VmResume, VmSnapshot, SavedImage, Suspended,
         vgrid_api::migrate::VmMigrate, vgrid_api::migrate::Migration, vgrid_api::migrate::MigrationStatus,
         vgrid_api::grid::Drain, vgrid_api::grid::DrainedVm, vgrid_api::grid::DrainStep)),
-    modifiers(&BearerAuth),
+    modifiers(&CONTRACT),
     security(("bearer" = []))
 )]
 pub struct ApiDoc;
 
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let c = openapi.components.get_or_insert_with(Default::default);
-        c.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
-    }
-}
+/// What this API answers besides each route's own statuses (see [`vgrid_api::openapi::Contract`]).
+const CONTRACT: vgrid_api::openapi::Contract = vgrid_api::openapi::Contract { body_limit: MAX_BODY };
 
 /// Routes that need no token: health, the API document, login, joining (the join token is the
 /// credential), and the heartbeats and certificate renewals of hosts and image servers (those
@@ -325,6 +349,7 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -
         .route("/api/v1/image-servers", get(list_image_servers))
         .route("/api/v1/image-servers/heartbeat", post(image_server_heartbeat))
         .with_state(c)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(Extension(nodes))
         .layer(Extension(auth.clone()))
         .layer(axum::middleware::from_fn_with_state(auth, authenticate))
@@ -377,7 +402,7 @@ async fn add_user(
     Ok((StatusCode::CREATED, Json(auth.add_user(u).await?)))
 }
 
-#[utoipa::path(get, path = "/api/v1/users/{name}", params(("name" = String, Path)),
+#[utoipa::path(get, path = "/api/v1/users/{name}", params(("name" = String, Path, description = "user name", pattern = "^[a-z0-9][a-z0-9_.-]{0,31}$")),
     responses((status = 200, body = UserInfo), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn get_user(Extension(auth): Users, Extension(p): Caller, Path(name): Path<String>) -> ApiResult<UserInfo> {
     if p.user != name {
@@ -386,7 +411,7 @@ async fn get_user(Extension(auth): Users, Extension(p): Caller, Path(name): Path
     Ok(Json(auth.user(&name).await?))
 }
 
-#[utoipa::path(delete, path = "/api/v1/users/{name}", params(("name" = String, Path)),
+#[utoipa::path(delete, path = "/api/v1/users/{name}", params(("name" = String, Path, description = "user name", pattern = "^[a-z0-9][a-z0-9_.-]{0,31}$")),
     responses((status = 200, body = UserInfo), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn delete_user(Extension(auth): Users, Extension(p): Caller, Path(name): Path<String>) -> ApiResult<UserInfo> {
     p.check_admin("removing users")?;
@@ -396,7 +421,7 @@ async fn delete_user(Extension(auth): Users, Extension(p): Caller, Path(name): P
     Ok(Json(auth.remove_user(&name).await?))
 }
 
-#[utoipa::path(put, path = "/api/v1/users/{name}/quota", params(("name" = String, Path)), request_body = Quota,
+#[utoipa::path(put, path = "/api/v1/users/{name}/quota", params(("name" = String, Path, description = "user name", pattern = "^[a-z0-9][a-z0-9_.-]{0,31}$")), request_body = Quota,
     responses((status = 200, body = UserInfo), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn set_quota(
     Extension(auth): Users,
@@ -456,13 +481,16 @@ async fn create_vm(
 #[utoipa::path(get, path = "/api/v1/vms/{id}", params(("id" = String, Path, description = "VM id, unique id prefix, or name"), WaitQuery),
     responses((status = 200, body = VmRecord), (status = 404, body = ErrorBody)))]
 async fn get_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, Query(w): Query<WaitQuery>) -> ApiResult<VmRecord> {
+    if let Some(ms) = w.wait_ms.filter(|&ms| ms > MAX_WAIT_MS) {
+        return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("wait_ms {ms} is out of range 0-{MAX_WAIT_MS}")));
+    }
     let rec = owned(&c, &p, &id).await?;
     if let Some(ms) = w.wait_ms {
         // Long poll: answer as soon as the record leaves the state and phase the client saw.
         let seen = |r: &VmRecord| w.state.as_deref() == Some(r.state.as_str()) && w.phase.as_deref().is_none_or(|ph| ph == r.phase);
         if seen(&rec) {
             let id = rec.id.clone();
-            c.wait_while(&id, std::time::Duration::from_millis(ms.min(MAX_WAIT_MS)), seen).await;
+            c.wait_while(&id, std::time::Duration::from_millis(ms), seen).await;
             return Ok(Json(with_gauges(&c, owned(&c, &p, &id).await?).await));
         }
     }
@@ -483,8 +511,12 @@ async fn with_gauges(c: &Coordinator, mut rec: VmRecord) -> VmRecord {
 /// VM is in state S (and phase P), then answer.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 struct WaitQuery {
+    /// Wait up to this many ms while the VM is in `state` (and `phase`).
+    #[param(maximum = 30000)]
     wait_ms: Option<u64>,
+    /// The state the client saw.
     state: Option<String>,
+    /// The phase the client saw.
     phase: Option<String>,
 }
 
@@ -492,8 +524,13 @@ const MAX_WAIT_MS: u64 = 30_000;
 
 #[utoipa::path(post, path = "/api/v1/vms/{id}/stop", params(("id" = String, Path)), request_body = VmStop,
     responses((status = 200, body = VmRecord), (status = 404, body = ErrorBody)))]
-async fn stop_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, body: axum::body::Bytes) -> ApiResult<VmRecord> {
-    let force = optional_body::<VmStop>(&body)?.force;
+async fn stop_vm(
+    State(c): Ctx,
+    Extension(p): Caller,
+    Path(id): Path<String>,
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> ApiResult<VmRecord> {
+    let force = optional_body::<VmStop>(body)?.force;
     let rec = owned(&c, &p, &id).await?;
     Ok(Json(c.stop(&rec.id, force).await?))
 }
@@ -521,9 +558,9 @@ async fn resume_vm(
     Extension(auth): Users,
     Extension(p): Caller,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> ApiResult<VmRecord> {
-    let req = optional_body::<VmResume>(&body)?;
+    let req = optional_body::<VmResume>(body)?;
     let rec = owned(&c, &p, &id).await?;
     Ok(Json(c.resume(&rec.id, &req, &auth.user(&rec.owner).await.map(|u| u.quota).unwrap_or_default()).await?))
 }
@@ -644,24 +681,25 @@ async fn list_hosts(State(c): Ctx) -> ApiResult<Vec<HostRecord>> {
     Ok(Json(c.hosts().await))
 }
 
-#[utoipa::path(get, path = "/api/v1/hosts/{name}", params(("name" = String, Path)),
+#[utoipa::path(get, path = "/api/v1/hosts/{name}", params(("name" = String, Path, description = "user name", pattern = "^[a-z0-9][a-z0-9_.-]{0,31}$")),
     responses((status = 200, body = HostRecord), (status = 404, body = ErrorBody)))]
 async fn get_host(State(c): Ctx, Path(name): Path<String>) -> ApiResult<HostRecord> {
     c.hosts().await.into_iter().find(|h| h.ad.name == name).map(Json).ok_or_else(|| CoordinatorError::UnknownHost(name).into())
 }
 
 /// A host registers and refreshes its advertisement; the answer names the image servers.
-#[utoipa::path(post, path = "/api/v1/hosts/heartbeat", request_body = HostHeartbeat,
-    responses((status = 200, body = HeartbeatReply), (status = 400, body = ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/hosts/heartbeat", request_body = HostHeartbeat, security(("node_certificate" = [])),
+    responses((status = 200, body = HeartbeatReply)))]
 async fn host_heartbeat(
     State(c): Ctx,
     Extension(nodes): Nodes,
     Extension(peer): Extension<NodePeer>,
     body: Result<Json<HostHeartbeat>, JsonRejection>,
 ) -> ApiResult<HeartbeatReply> {
+    node_role(&nodes, &peer, NodeRole::Host)?;
     let Json(hb) = body?;
     if vgrid_api::manifest::validate_name(&hb.ad.name).is_err() {
-        return Err(ApiError(StatusCode::BAD_REQUEST, format!("invalid host name {:?}", hb.ad.name)));
+        return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("invalid host name {:?}", hb.ad.name)));
     }
     node_peer(&nodes, &peer, NodeRole::Host, &hb.ad.name)?;
     let image_servers = c.heartbeat(hb).await?;
@@ -674,14 +712,15 @@ async fn list_image_servers(State(c): Ctx) -> ApiResult<Vec<ImageServerAd>> {
 }
 
 /// An image server registers and advertises its images.
-#[utoipa::path(post, path = "/api/v1/image-servers/heartbeat", request_body = ImageServerAd,
-    responses((status = 200, body = HeartbeatReply), (status = 400, body = ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/image-servers/heartbeat", request_body = ImageServerAd, security(("node_certificate" = [])),
+    responses((status = 200, body = HeartbeatReply)))]
 async fn image_server_heartbeat(
     State(c): Ctx,
     Extension(nodes): Nodes,
     Extension(peer): Extension<NodePeer>,
     body: Result<Json<ImageServerAd>, JsonRejection>,
 ) -> ApiResult<HeartbeatReply> {
+    node_role(&nodes, &peer, NodeRole::ImageServer)?;
     let Json(ad) = body?;
     node_peer(&nodes, &peer, NodeRole::ImageServer, &ad.name)?;
     c.registry().server_beat(ad);

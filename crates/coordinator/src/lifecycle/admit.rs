@@ -182,6 +182,9 @@ impl Coordinator {
     /// Which hosts could start a VM like `req` now, and why not the others: one answer per
     /// host, in name order. Nothing is reserved.
     pub async fn futures(&self, req: &FuturesQuery, user: &str) -> Result<Vec<Future>, CoordinatorError> {
+        // The bounds a VM's request has (the document's, too).
+        vgrid_api::config::check_cpus(req.cpus)?;
+        vgrid_api::config::check_memory(req.memory_mib)?;
         let image = match &req.image {
             Some(i) => {
                 let r: ImageRef = i.parse().map_err(CoordinatorError::Image)?;

@@ -1,6 +1,6 @@
 //! The host agent's HTTP API (`/host/v1/...`), spoken by the coordinator: every handler, the
 //! router, who may call it, and the one mapping from the agent's errors to status codes
-//! ([`HttpError`]). Handlers parse the request, call the agent and encode its answer; what
+//! ([`HttpError`]), and its OpenAPI document ([`ApiDoc`], `/host/openapi.json`). Handlers parse the request, call the agent and encode its answer; what
 //! they do is in the feature modules, which know nothing of HTTP.
 //!
 //! - [`vms`]: launch, stop, wait for, release and remove VMs; their console (log pages and a
@@ -31,12 +31,25 @@ impl IntoResponse for HttpError {
     }
 }
 
+impl HttpError {
+    /// A body that could not be read (413 over [`MAX_BODY`]) or is not JSON of the documented
+    /// shape (400), for the request `what`.
+    pub(crate) fn body(what: &str, r: axum::extract::rejection::JsonRejection) -> HttpError {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return HttpError(r.status(), format!("{what}: the body is larger than {MAX_BODY} bytes"));
+        }
+        HttpError(StatusCode::BAD_REQUEST, format!("malformed {what}: {}", r.body_text()))
+    }
+}
+
 impl From<AgentError> for HttpError {
     fn from(e: AgentError) -> Self {
         let code = match &e {
             AgentError::UnknownVm(_) => StatusCode::NOT_FOUND,
-            AgentError::NoKvm { .. } => StatusCode::BAD_REQUEST,
-            AgentError::Admission(crate::resources::AdmissionError::Invalid { .. }) => StatusCode::BAD_REQUEST,
+            // Well-formed requests this host refuses: 422 (400 is for a body that is not of
+            // the documented shape).
+            AgentError::NoKvm { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            AgentError::Admission(crate::resources::AdmissionError::Invalid { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Admission(_) => StatusCode::CONFLICT,
             AgentError::Migration { .. } => StatusCode::CONFLICT,
             AgentError::Proxy(vgrid_blockproxy::ProxyError::ImageNotFound { .. }) => StatusCode::NOT_FOUND,
@@ -55,12 +68,14 @@ impl From<AgentError> for HttpError {
 /// credentials, 403 with others'.
 pub fn router(agent: Arc<Agent>, users: Option<vgrid_trust::caller::Users>) -> Router {
     let r = routes(agent);
-    match users {
+    let r = match users {
         Some(u) => r
             .layer(axum::middleware::from_fn(only_coordinator))
             .layer(axum::middleware::from_fn_with_state(u, vgrid_trust::caller::identify_layer)),
         None => r,
-    }
+    };
+    // The document is open to every caller, like the coordinator's.
+    r.route("/host/openapi.json", get(|| async { Json(<ApiDoc as utoipa::OpenApi>::openapi()) }))
 }
 
 async fn only_coordinator(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
@@ -82,6 +97,30 @@ async fn only_coordinator(req: axum::extract::Request, next: axum::middleware::N
     }
 }
 
+/// The largest request body the host API reads (413 beyond): a launch or migration request,
+/// or a migrating VM's console history.
+pub const MAX_BODY: usize = vgrid_api::host::MAX_CONSOLE_HISTORY + 1024 * 1024;
+
+/// The host API's OpenAPI document, served at `/host/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "vgrid host agent API", description = "What a compute host does for its coordinator: VMs, their consoles, saving and migrating them, the host cache."),
+    paths(vms::stats, vms::usage, vms::pull, vms::list, vms::launch, vms::remove, vms::stop, vms::wait, vms::release, save::snapshot,
+        save::suspend, save::saving, vms::console, migrate::incoming, migrate::incoming_abort, migrate::incoming_finish,
+        migrate::send, migrate::send_status, migrate::send_cancel),
+    components(schemas(ErrorBody, vgrid_api::host::LaunchRequest, vgrid_api::host::Launched, vgrid_api::host::VmExit,
+        vgrid_api::host::ExitInfo, vgrid_api::host::PullProgress, vgrid_api::host::HostUsage, vgrid_api::host::SaveRequest,
+        vgrid_api::host::VmPresence, vgrid_api::host::IncomingRequest, vgrid_api::host::IncomingReady, vgrid_api::host::SendRequest,
+        vgrid_api::host::FinishRequest, vgrid_api::grid::VmReport, vgrid_api::vm::ConsoleChunk, vgrid_api::vm::VmStop,
+        vgrid_api::vm::SavedImage, vgrid_api::migrate::Migration)),
+    modifiers(&CONTRACT),
+    security(("bearer" = []), ("node_certificate" = []))
+)]
+pub struct ApiDoc;
+
+/// What this API answers besides each route's own statuses (see [`vgrid_api::openapi::Contract`]).
+const CONTRACT: vgrid_api::openapi::Contract = vgrid_api::openapi::Contract { body_limit: MAX_BODY };
+
 fn routes(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/host/v1/cache/stats", get(vms::stats))
@@ -98,5 +137,6 @@ fn routes(agent: Arc<Agent>) -> Router {
         .route("/host/v1/vms/{id}/console", get(vms::console))
         .route("/host/v1/vms/{id}/console/ws", get(vms::console_ws))
         .merge(migrate::routes())
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(agent)
 }

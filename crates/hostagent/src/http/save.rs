@@ -3,6 +3,8 @@
 use std::sync::Arc;
 
 use vgrid_api::host::{SaveRequest, VmPresence};
+use vgrid_api::vm::SavedImage;
+use vgrid_api::ErrorBody;
 
 use super::HttpError;
 use crate::agent::Agent;
@@ -13,9 +15,7 @@ async fn save(agent: Arc<Agent>, id: String, body: Body, suspend: bool) -> axum:
     use axum::response::IntoResponse;
     let req = match body {
         Ok(axum::Json(r)) => r,
-        Err(e) => {
-            return HttpError(axum::http::StatusCode::BAD_REQUEST, format!("malformed save request: {}", e.body_text())).into_response()
-        }
+        Err(e) => return HttpError::body("save request", e).into_response(),
     };
     // Its own task: a caller that goes away (a coordinator restart) must not cancel a save
     // halfway, which would leave the guest paused.
@@ -29,6 +29,7 @@ async fn save(agent: Arc<Agent>, id: String, body: Body, suspend: bool) -> axum:
 
 /// `GET /host/v1/vms/{id}/saving`: whether a snapshot or suspend of the VM is in progress, and
 /// whether its QEMU runs, and whether the host knows it at all (launching or present).
+#[utoipa::path(get, path = "/host/v1/vms/{id}/saving", params(("id" = String, Path, description = "VM id")), responses((status = 200, body = VmPresence)))]
 pub(super) async fn saving(
     axum::extract::State(a): axum::extract::State<Arc<Agent>>,
     axum::extract::Path(id): axum::extract::Path<String>,
@@ -45,6 +46,7 @@ pub(super) async fn saving(
 }
 
 /// `POST /host/v1/vms/{id}/snapshot`: save the VM as a warm image; it keeps running.
+#[utoipa::path(post, path = "/host/v1/vms/{id}/snapshot", params(("id" = String, Path, description = "VM id")), request_body = SaveRequest, responses((status = 200, body = SavedImage), (status = 409, body = ErrorBody, description = "the VM cannot be saved now"), (status = 500, body = ErrorBody, description = "QEMU failed to save"), (status = 502, body = ErrorBody, description = "the image server refused or failed the upload")))]
 pub(super) async fn snapshot(
     axum::extract::State(a): axum::extract::State<Arc<Agent>>,
     axum::extract::Path(id): axum::extract::Path<String>,
@@ -54,6 +56,7 @@ pub(super) async fn snapshot(
 }
 
 /// `POST /host/v1/vms/{id}/suspend`: save the VM as an image and end its QEMU.
+#[utoipa::path(post, path = "/host/v1/vms/{id}/suspend", params(("id" = String, Path, description = "VM id")), request_body = SaveRequest, responses((status = 200, body = SavedImage), (status = 409, body = ErrorBody, description = "the VM cannot be saved now"), (status = 500, body = ErrorBody, description = "QEMU failed to save"), (status = 502, body = ErrorBody, description = "the image server refused or failed the upload")))]
 pub(super) async fn suspend(
     axum::extract::State(a): axum::extract::State<Arc<Agent>>,
     axum::extract::Path(id): axum::extract::Path<String>,

@@ -11,8 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-use vgrid_api::host::{HostUsage, LaunchRequest, PullProgress, VmExit};
+use vgrid_api::host::{HostUsage, LaunchRequest, Launched, PullProgress, VmExit, VmReport};
 use vgrid_api::vm::{ConsoleChunk, VmStop};
+use vgrid_api::ErrorBody;
 use vgrid_api::ImageRef;
 
 use super::HttpError;
@@ -20,16 +21,19 @@ use crate::agent::Agent;
 
 type Ctx = State<Arc<Agent>>;
 
+#[utoipa::path(get, path = "/host/v1/cache/stats", responses((status = 200, body = Object, description = "the host chunk cache's statistics and waiting reads")))]
 pub(super) async fn stats(State(a): Ctx) -> Response {
     Json(a.proxy().stats()).into_response()
 }
 
+#[utoipa::path(get, path = "/host/v1/vms", responses((status = 200, body = [VmReport])))]
 pub(super) async fn list(State(a): Ctx) -> Response {
     Json(a.vms()).into_response()
 }
 
+#[utoipa::path(post, path = "/host/v1/vms", request_body = LaunchRequest, responses((status = 200, body = Launched, description = "QEMU runs"), (status = 409, body = ErrorBody, description = "not admitted (capacity, a port taken) or the VM exists"), (status = 502, body = ErrorBody, description = "no image server delivered the image")))]
 pub(super) async fn launch(State(a): Ctx, body: Result<Json<LaunchRequest>, JsonRejection>) -> Result<Response, HttpError> {
-    let Json(req) = body.map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("malformed launch request: {}", e.body_text())))?;
+    let Json(req) = body.map_err(|e| HttpError::body("launch request", e))?;
     crate::spec::validate_vm_id(&req.id).map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?;
     // Its own task: a caller that goes away (a coordinator restarting) does not cancel a
     // launch half-way; the restarted coordinator finds the VM running.
@@ -40,12 +44,19 @@ pub(super) async fn launch(State(a): Ctx, body: Result<Json<LaunchRequest>, Json
     Ok(Json(l).into_response())
 }
 
-pub(super) async fn stop(State(a): Ctx, Path(id): Path<String>, body: Option<Json<VmStop>>) -> Result<Response, HttpError> {
+#[utoipa::path(post, path = "/host/v1/vms/{id}/stop", params(("id" = String, Path, description = "VM id")), request_body(content = Option<VmStop>, description = "optional"), responses((status = 204, description = "stopped")))]
+pub(super) async fn stop(
+    State(a): Ctx,
+    Path(id): Path<String>,
+    body: Result<Option<Json<VmStop>>, JsonRejection>,
+) -> Result<Response, HttpError> {
+    let body = body.map_err(|e| HttpError::body("stop request", e))?;
     a.stop(&id, body.map(|b| b.0.force).unwrap_or(false)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Long poll: answers when the VM's QEMU has exited (at once when the host does not run it).
+#[utoipa::path(get, path = "/host/v1/vms/{id}/wait", params(("id" = String, Path, description = "VM id")), responses((status = 200, body = VmExit, description = "when QEMU has exited (at once when the host does not run the VM)")))]
 pub(super) async fn wait(State(a): Ctx, Path(id): Path<String>) -> Response {
     let present = a.has_vm(&id);
     let exit = a.wait_exit(&id).await;
@@ -54,6 +65,7 @@ pub(super) async fn wait(State(a): Ctx, Path(id): Path<String>) -> Response {
 }
 
 /// Per-VM usage counters (as in the heartbeat), the host load and its prediction.
+#[utoipa::path(get, path = "/host/v1/usage", responses((status = 200, body = HostUsage)))]
 pub(super) async fn usage(State(a): Ctx) -> Response {
     let r = a.resources();
     let load = r.load();
@@ -68,18 +80,22 @@ pub(super) async fn usage(State(a): Ctx) -> Response {
     .into_response()
 }
 
+#[utoipa::path(post, path = "/host/v1/vms/{id}/release", params(("id" = String, Path, description = "VM id")), responses((status = 204, description = "released")))]
 pub(super) async fn release(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
     a.release(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(delete, path = "/host/v1/vms/{id}", params(("id" = String, Path, description = "VM id")), responses((status = 204, description = "removed")))]
 pub(super) async fn remove(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
     a.remove(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ConsoleQuery {
+    /// Byte offset in the console log to start from; negative counts from the end.
     #[serde(default)]
     offset: i64,
 }
@@ -87,6 +103,7 @@ pub(super) struct ConsoleQuery {
 /// At most this much console log per request.
 const CONSOLE_PAGE: u64 = 256 * 1024;
 
+#[utoipa::path(get, path = "/host/v1/vms/{id}/console", params(("id" = String, Path, description = "VM id"), ConsoleQuery), responses((status = 200, body = ConsoleChunk)))]
 pub(super) async fn console(State(a): Ctx, Path(id): Path<String>, Query(q): Query<ConsoleQuery>) -> Result<Response, HttpError> {
     // A VM received by a migration: what it printed at the source comes first.
     if let Some(chunk) = crate::migrate::console_with_history(&a, &id, q.offset, CONSOLE_PAGE) {
@@ -141,6 +158,7 @@ async fn bridge(mut ws: WebSocket, stream: tokio::net::UnixStream) {
     }
 }
 
+#[utoipa::path(post, path = "/host/v1/pull/{image}", params(("image" = String, Path, description = "NAME or NAME@VERSION", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}(@[0-9]{1,9})?$")), responses((status = 200, body = PullProgress, content_type = "application/x-ndjson", description = "one progress line per chunk batch, the last with finished or error")))]
 pub(super) async fn pull(State(a): Ctx, Path(image): Path<String>) -> Response {
     let r: ImageRef = match image.parse() {
         Ok(r) => r,
