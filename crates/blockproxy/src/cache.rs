@@ -5,7 +5,14 @@
 //!   through the open file descriptor, so a cache smaller than one image still serves correctly.
 //! * Chunk files are written to `tmp/` and renamed into `chunks/xx/HASH`, so a crash never leaves
 //!   a partial chunk visible. The index is rebuilt from the directory at open; files found at
-//!   open are verified against their hash the first time they are read.
+//!   open are verified against their hash by a background pass started with the proxy
+//!   ([`ChunkCache::spawn_verify`]) or, if a read comes first, by that read. A damaged file
+//!   (truncated, overwritten, misnamed) is dropped and counted in `verify_failures`; its chunk is
+//!   fetched again when next read.
+//! * A full file system (ENOSPC, EDQUOT) while storing a chunk: the partial temp file is removed
+//!   (it was never visible), least recently used chunks are evicted and the bound is lowered to
+//!   what the file system holds (logged once per lowering), and the write is tried again; only
+//!   when nothing is left to evict does the fetch fail, with [`CacheError::NoSpace`].
 //! * Concurrent misses on one chunk share one fetch (single-flight); a failed fetch is reported
 //!   to every waiter and forgotten, never cached.
 //! * Hits take a short mutex to find the chunk's open file descriptor; reads are `pread`s done
@@ -53,6 +60,18 @@ pub enum CacheError {
     Length { hash: ChunkHash, expected: u32, actual: usize },
     #[error("chunk {hash}: its fetch ended without an answer (the proxy is stopping)")]
     Abandoned { hash: ChunkHash },
+    /// The cache's file system is full although every chunk that could be evicted was.
+    #[error(
+        "cache {dir}: no space left to store chunk {hash} ({len} bytes) although every evictable chunk was evicted ({cached} bytes still cached, in use by readers): the file system holding the cache is full; free space there or give the cache another directory: {source}"
+    )]
+    NoSpace {
+        dir: PathBuf,
+        hash: ChunkHash,
+        len: u32,
+        cached: u64,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
 }
 
 impl CacheError {
@@ -112,6 +131,8 @@ struct Entry {
 #[derive(Default)]
 struct Inner {
     map: HashMap<ChunkHash, Entry>,
+    /// Entries whose file has not been verified yet (found at open).
+    unverified: u64,
     lru: BTreeMap<u64, ChunkHash>,
     tick: u64,
     bytes: u64,
@@ -138,8 +159,25 @@ impl Inner {
         if e.fd.is_some() {
             self.open_fds -= 1;
         }
+        if !e.verified {
+            self.unverified -= 1;
+        }
         Some(e)
     }
+    /// Marks the entry of `hash` verified (its file's bytes hash to `hash`).
+    fn set_verified(&mut self, hash: &ChunkHash) {
+        if let Some(e) = self.map.get_mut(hash) {
+            if !e.verified {
+                e.verified = true;
+                self.unverified -= 1;
+            }
+        }
+    }
+}
+
+/// Whether `e` says the file system is full (or the user's quota on it is).
+fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 /// Why a chunk is wanted: reads count as hits/misses, prefetches as prefetched.
@@ -154,7 +192,8 @@ pub struct ChunkCache {
     dir: PathBuf,
     chunks_dir: PathBuf,
     tmp_dir: PathBuf,
-    max_bytes: u64,
+    /// The bound in force: the configured one, lowered when the file system filled up first.
+    limit: AtomicU64,
     max_open_files: usize,
     inner: Mutex<Inner>,
     pub(crate) counters: Counters,
@@ -198,7 +237,7 @@ impl ChunkCache {
             dir,
             chunks_dir,
             tmp_dir,
-            max_bytes,
+            limit: AtomicU64::new(max_bytes),
             max_open_files: max_open_files.max(16),
             inner: Mutex::new(Inner::default()),
             counters: Counters::default(),
@@ -214,9 +253,10 @@ impl ChunkCache {
         &self.dir
     }
 
-    /// The size bound in bytes.
+    /// The size bound in bytes: the configured one, or lower once the cache's file system
+    /// filled up before the cache reached it.
     pub fn max_bytes(&self) -> u64 {
-        self.max_bytes
+        self.limit.load(Ordering::Relaxed)
     }
 
     fn load_index(&self) -> Result<(), CacheError> {
@@ -234,7 +274,8 @@ impl ChunkCache {
                 };
                 let meta = f.metadata().map_err(|e| io_err(&path, "stat", e))?;
                 if meta.len() == 0 || meta.len() > vgrid_api::MAX_CHUNK_SIZE as u64 || path != self.chunk_path(&hash) {
-                    tracing::warn!(path = %path.display(), "removing malformed cache file");
+                    tracing::warn!(path = %path.display(), bytes = meta.len(), "removing malformed cache file (empty, too long or misplaced)");
+                    Counters::add(&self.counters.verify_failures, 1);
                     let _ = std::fs::remove_file(&path);
                     continue;
                 }
@@ -250,6 +291,7 @@ impl ChunkCache {
             inner.map.insert(hash, Entry { len, tick, fd: None, verified: false });
             inner.lru.insert(tick, hash);
             inner.bytes += len as u64;
+            inner.unverified += 1;
         }
         let n = inner.map.len();
         self.evict(&mut inner, None);
@@ -264,7 +306,8 @@ impl ChunkCache {
 
     /// Evicts least recently used chunks until within the bound, never `keep`.
     fn evict(&self, inner: &mut Inner, keep: Option<&ChunkHash>) {
-        while inner.bytes > self.max_bytes {
+        let limit = self.limit.load(Ordering::Relaxed);
+        while inner.bytes > limit {
             let victim = inner.lru.values().find(|h| Some(*h) != keep).copied();
             let Some(victim) = victim else { break };
             inner.remove(&victim);
@@ -357,9 +400,9 @@ impl ChunkCache {
         }
         let file = Arc::new(file);
         let mut g = self.inner.lock().unwrap();
+        g.set_verified(hash);
         let opened = match g.map.get_mut(hash) {
             Some(e) => {
-                e.verified = true;
                 if e.fd.is_none() {
                     e.fd = Some(file.clone());
                     true
@@ -377,19 +420,73 @@ impl ChunkCache {
         Some(ChunkFile { file, len })
     }
 
-    /// Verifies `data` against `hash` and stores it. Blocking (file I/O).
+    /// Verifies `data` against `hash` and stores it. Blocking (file I/O). When the file system
+    /// is full, evicts and lowers the bound until the chunk fits (see the module's notes);
+    /// [`CacheError::NoSpace`] when nothing is left to evict.
     pub fn insert(&self, hash: &ChunkHash, data: &[u8]) -> Result<ChunkFile, CacheError> {
         let actual = ChunkHash::of(data);
         if actual != *hash {
             return Err(CacheError::Corrupt { hash: *hash, actual });
         }
         let len = data.len() as u32;
+        loop {
+            match self.store(hash, data) {
+                Ok(f) => return Ok(f),
+                Err((path, op, e)) if is_no_space(&e) => {
+                    let cached = self.make_room(hash, len, &e);
+                    if let Some(cached) = cached {
+                        return Err(CacheError::NoSpace { dir: self.dir.clone(), hash: *hash, len, cached, source: Arc::new(e) });
+                    }
+                    tracing::debug!(path = %path.display(), op, "no space left; retrying after eviction");
+                }
+                Err((path, op, e)) => return Err(io_err(&path, op, e)),
+            }
+        }
+    }
+
+    /// After the file system refused a chunk of `len` bytes: lowers the bound below what is
+    /// cached and evicts down to it (never `keep`). `Some(bytes still cached)` when nothing
+    /// could be evicted (the chunk cannot be stored), else `None` (try again).
+    fn make_room(&self, keep: &ChunkHash, len: u32, e: &std::io::Error) -> Option<u64> {
+        let mut g = self.inner.lock().unwrap();
+        let evictable = g.map.keys().any(|h| h != keep);
+        if !evictable {
+            return Some(g.bytes);
+        }
+        let before = (g.bytes, g.map.len());
+        let limit = g.bytes.saturating_sub(2 * len as u64);
+        let old = self.limit.fetch_min(limit, Ordering::Relaxed);
+        self.evict(&mut g, Some(keep));
+        let evicted = before.1 - g.map.len();
+        if evicted == 0 {
+            return Some(g.bytes);
+        }
+        Counters::add(&self.counters.disk_full_evictions, evicted as u64);
+        if limit < old {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                "the cache's file system is full ({e}) with {} bytes cached: evicted {evicted} chunks ({} bytes) and keeping the cache under {} bytes from now on (was {})",
+                before.0,
+                before.0 - g.bytes,
+                self.limit.load(Ordering::Relaxed),
+                old
+            );
+        }
+        None
+    }
+
+    /// Writes `data` to a temp file and renames it to the chunk's path (a partial file is never
+    /// visible: it is removed when writing fails), then indexes it. The error says which path
+    /// and step failed.
+    fn store(&self, hash: &ChunkHash, data: &[u8]) -> Result<ChunkFile, (PathBuf, &'static str, std::io::Error)> {
+        let len = data.len() as u32;
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self.tmp_dir.join(format!("{}.{seq}", hash.to_hex()));
-        let mut f = OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).map_err(|e| io_err(&tmp, "create", e))?;
+        let mut f = OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).map_err(|e| (tmp.clone(), "create", e))?;
         if let Err(e) = f.write_all(data) {
+            drop(f);
             let _ = std::fs::remove_file(&tmp);
-            return Err(io_err(&tmp, "write", e));
+            return Err((tmp, "write", e));
         }
         let file = Arc::new(f);
         let path = self.chunk_path(hash);
@@ -397,21 +494,21 @@ impl ChunkCache {
         if let Err(e) = std::fs::rename(&tmp, &path) {
             drop(g);
             let _ = std::fs::remove_file(&tmp);
-            return Err(io_err(&path, "rename into place", e));
+            return Err((path, "rename into place", e));
         }
-        match g.map.get_mut(hash) {
-            Some(e) => {
-                // Inserted concurrently (same bytes): keep one entry, make it usable.
-                e.verified = true;
-            }
-            None => {
-                g.tick += 1;
-                let tick = g.tick;
-                g.map.insert(*hash, Entry { len, tick, fd: Some(file.clone()), verified: true });
-                g.lru.insert(tick, *hash);
-                g.bytes += len as u64;
-                g.open_fds += 1;
-            }
+        if let Some(e) = g.map.get_mut(hash) {
+            // Inserted concurrently (same bytes), or found at open and not verified yet (the
+            // rename just replaced that file, whatever it held): keep one entry, make it usable.
+            let old = std::mem::replace(&mut e.len, len);
+            g.bytes = g.bytes - old as u64 + len as u64;
+            g.set_verified(hash);
+        } else {
+            g.tick += 1;
+            let tick = g.tick;
+            g.map.insert(*hash, Entry { len, tick, fd: Some(file.clone()), verified: true });
+            g.lru.insert(tick, *hash);
+            g.bytes += len as u64;
+            g.open_fds += 1;
         }
         g.touch(hash);
         self.evict(&mut g, Some(hash));
@@ -527,13 +624,84 @@ impl ChunkCache {
         });
     }
 
+    /// Verifies, on a thread of its own, every chunk file found at open that no read has
+    /// verified yet: a damaged one (its bytes do not hash to its name) is dropped and counted in
+    /// `verify_failures`, so it is fetched again when read. The thread holds the cache only
+    /// while it checks one file, and stops when the cache is gone.
+    pub fn spawn_verify(self: &Arc<Self>) {
+        let todo: Vec<ChunkHash> = {
+            let g = self.inner.lock().unwrap();
+            g.map.iter().filter(|(_, e)| !e.verified).map(|(h, _)| *h).collect()
+        };
+        if todo.is_empty() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new().name("cache-verify".into()).spawn(move || {
+            let started = Instant::now();
+            let (mut checked, mut dropped) = (0u64, 0u64);
+            for hash in &todo {
+                let Some(cache) = weak.upgrade() else { return };
+                match cache.verify_one(hash) {
+                    Some(true) => checked += 1,
+                    Some(false) => {
+                        checked += 1;
+                        dropped += 1;
+                    }
+                    None => {}
+                }
+            }
+            if let Some(cache) = weak.upgrade() {
+                tracing::info!(
+                    dir = %cache.dir.display(),
+                    "verified the {checked} chunk files found at start in {:.1} s: {dropped} damaged, dropped (fetched again when read)",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        });
+        if let Err(e) = spawned {
+            // Reads still verify each file first; only the early check is lost.
+            tracing::warn!(dir = %self.dir.display(), "cannot start the check of cached chunks: {e}");
+        }
+    }
+
+    /// Verifies the file of `hash` if it is still unverified: `Some(true)` good, `Some(false)`
+    /// damaged (dropped), `None` nothing to do.
+    fn verify_one(&self, hash: &ChunkHash) -> Option<bool> {
+        let len = {
+            let g = self.inner.lock().unwrap();
+            let e = g.map.get(hash)?;
+            if e.verified {
+                return None;
+            }
+            e.len
+        };
+        let path = self.chunk_path(hash);
+        let ok = std::fs::read(&path).map(|d| d.len() == len as usize && ChunkHash::of(&d) == *hash).unwrap_or(false);
+        let mut g = self.inner.lock().unwrap();
+        if !g.map.get(hash).is_some_and(|e| !e.verified) {
+            return None; // verified by a read, or gone, meanwhile
+        }
+        if ok {
+            g.set_verified(hash);
+        } else {
+            tracing::error!(path = %path.display(), chunk = %hash, "cached chunk file is damaged; dropping it");
+            Counters::add(&self.counters.verify_failures, 1);
+            g.remove(hash);
+            let _ = std::fs::remove_file(&path);
+        }
+        Some(ok)
+    }
+
     /// Counters and contents of the cache.
     pub fn stats(&self) -> CacheStats {
-        let (bytes, chunks) = {
+        let (bytes, chunks, unverified) = {
             let g = self.inner.lock().unwrap();
-            (g.bytes, g.map.len() as u64)
+            (g.bytes, g.map.len() as u64, g.unverified)
         };
-        self.counters.snapshot(bytes, chunks, self.max_bytes)
+        let mut s = self.counters.snapshot(bytes, chunks, self.max_bytes());
+        s.unverified = unverified;
+        s
     }
 }
 

@@ -61,9 +61,13 @@ impl BlockProxy {
         let cache = ChunkCache::open(&config.cache_dir, config.cache_max_bytes, config.max_open_files)?;
         let manifests_dir = config.cache_dir.join("manifests");
         std::fs::create_dir_all(&manifests_dir).map_err(|e| ProxyError::ManifestStore { path: manifests_dir.clone(), source: e })?;
+        drop_damaged_manifests(&manifests_dir);
+        let cache = Arc::new(cache);
+        // Chunk files left by an earlier run are checked in the background from now on.
+        cache.spawn_verify();
         Ok(Arc::new(BlockProxy {
             shared: Arc::new(Shared {
-                cache: Arc::new(cache),
+                cache,
                 source,
                 config,
                 uploads: Default::default(),
@@ -171,7 +175,9 @@ impl BlockProxy {
         match Manifest::from_json(&bytes) {
             Ok(m) if m.name == image.name && m.version == version => Some(m),
             Ok(_) | Err(_) => {
-                tracing::warn!(path = %path.display(), "ignoring invalid local manifest");
+                // Removed, so that the next answer of an image server is kept in its place.
+                tracing::warn!(path = %path.display(), "removing a damaged local manifest");
+                let _ = std::fs::remove_file(&path);
                 None
             }
         }
@@ -454,4 +460,25 @@ fn blobs(m: &Manifest) -> Vec<(&Blob, u32)> {
     let mut v: Vec<(&Blob, u32)> = v.into_iter().map(|b| (b, m.chunk_size)).collect();
     v.extend(m.state.iter().flat_map(|s| s.ram.iter().map(|r| (&r.blob, r.chunk_size))));
     v
+}
+
+/// Removes the kept manifests under `dir` that are damaged (not a valid manifest, or not the
+/// image version their file name says, e.g. truncated or overwritten while the host was down):
+/// the next resolve of that version asks an image server again and keeps its answer.
+fn drop_damaged_manifests(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let path = e.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let Some(stem) = name.strip_suffix(".json") else {
+            // A temp file of an interrupted save.
+            let _ = std::fs::remove_file(&path);
+            continue;
+        };
+        let good = std::fs::read(&path).ok().and_then(|b| Manifest::from_json(&b).ok()).is_some_and(|m| m.image_ref().to_string() == stem);
+        if !good {
+            tracing::warn!(path = %path.display(), "removing a damaged local manifest (fetched again when needed)");
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }

@@ -16,6 +16,7 @@ pub(crate) struct Counters {
     pub fetch_errors: AtomicU64,
     pub bytes_fetched: AtomicU64,
     pub evictions: AtomicU64,
+    pub disk_full_evictions: AtomicU64,
     pub verify_failures: AtomicU64,
     pub prefetched: AtomicU64,
     latency_sum_us: AtomicU64,
@@ -32,6 +33,7 @@ impl Default for Counters {
             fetch_errors: AtomicU64::new(0),
             bytes_fetched: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            disk_full_evictions: AtomicU64::new(0),
             verify_failures: AtomicU64::new(0),
             prefetched: AtomicU64::new(0),
             latency_sum_us: AtomicU64::new(0),
@@ -94,7 +96,9 @@ impl Counters {
             chunks_cached,
             max_bytes,
             evictions: self.evictions.load(Relaxed),
+            disk_full_evictions: self.disk_full_evictions.load(Relaxed),
             verify_failures: self.verify_failures.load(Relaxed),
+            unverified: 0,
             prefetched: self.prefetched.load(Relaxed),
             fetch_waits: 0,
             waiting_now: 0,
@@ -138,12 +142,19 @@ pub struct CacheStats {
     pub bytes_cached: u64,
     /// Chunks now in the cache.
     pub chunks_cached: u64,
-    /// Size bound of the cache.
+    /// Size bound of the cache: the configured one, or lower once the cache's file system
+    /// filled up first.
     pub max_bytes: u64,
     /// Chunks evicted to stay within `max_bytes`.
     pub evictions: u64,
-    /// Cached chunk files found corrupt when first read after a restart (and dropped).
+    /// Of `evictions`, those made because the cache's file system was full.
+    pub disk_full_evictions: u64,
+    /// Cached chunk files found damaged after a restart (by the check at start or a first
+    /// read: truncated, overwritten, empty or misplaced) and dropped.
     pub verify_failures: u64,
+    /// Chunk files found at start that are not verified yet (the check at start runs in the
+    /// background; 0 once it is done).
+    pub unverified: u64,
     /// Chunks fetched by readahead or boot-profile prefetch.
     pub prefetched: u64,
     /// Chunk fetches of guests' reads that waited for unreachable image servers (each

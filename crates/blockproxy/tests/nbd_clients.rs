@@ -337,6 +337,10 @@ async fn corrupt_chunk_is_an_io_error_never_wrong_bytes() {
 #[path = "nbd_clients/outage.rs"]
 mod outage;
 
+/// The host cache's disk full (a small tmpfs), and its files damaged while the proxy was down.
+#[path = "nbd_clients/damage.rs"]
+mod damage;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_stages_everything_then_serves_offline() {
     let mut f = Fixture::new("staged").await;

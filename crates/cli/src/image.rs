@@ -448,9 +448,9 @@ async fn cache_stats(ctx: &Ctx) -> anyhow::Result<()> {
         f("fetch_latency_p50_ms"),
         f("fetch_latency_p99_ms")
     );
-    println!("evictions:      {}", n("evictions"));
+    println!("evictions:      {} ({} because the cache's file system was full)", n("evictions"), n("disk_full_evictions"));
     println!("prefetched:     {} chunks", n("prefetched"));
-    println!("corrupt chunks: {}", n("verify_failures"));
+    println!("corrupt chunks: {} dropped, {} found at start still being checked", n("verify_failures"), n("unverified"));
     println!(
         "waits:          {} fetches waited for image servers (longest {:.1} s), {} waiting now",
         n("fetch_waits"),
