@@ -84,6 +84,37 @@ impl utoipa::Modify for Contract {
                 }
             }
         }
+        // Rust's unsigned integers as their real range (utoipa writes them as int32/int64,
+        // whose bounds are not the server's).
+        if let Ok(mut v) = serde_json::to_value(&*doc) {
+            unsigned_bounds(&mut v);
+            if let Ok(d) = serde_json::from_value(v) {
+                *doc = d;
+            }
+        }
+    }
+}
+
+/// Integer schemas with a non-negative minimum and format `int32`/`int64` (Rust's `u32`/`u64`)
+/// become `uint32`/`uint64` with their maximum, unless a smaller one is given.
+fn unsigned_bounds(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Object(o) => {
+            let unsigned = o.get("minimum").and_then(|m| m.as_f64()).is_some_and(|m| m >= 0.0);
+            let max = match o.get("format").and_then(|f| f.as_str()) {
+                Some("int32") if unsigned => Some((u64::from(u32::MAX), "uint32")),
+                Some("int64") if unsigned => Some((u64::MAX, "uint64")),
+                _ => None,
+            };
+            if let Some((max, format)) = max {
+                o.insert("format".into(), format.into());
+                o.entry("maximum").or_insert(max.into());
+            }
+            o.values_mut().for_each(unsigned_bounds);
+        }
+        Value::Array(a) => a.iter_mut().for_each(unsigned_bounds),
+        _ => {}
     }
 }
 

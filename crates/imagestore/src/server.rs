@@ -439,7 +439,7 @@ struct CommitQuery {
 async fn commit(
     State(s): St,
     Path(id): Path<String>,
-    q: axum::extract::Query<CommitQuery>,
+    vgrid_trust::caller::JsonQuery(q): vgrid_trust::caller::JsonQuery<CommitQuery>,
     c: Option<axum::Extension<vgrid_trust::caller::Caller>>,
     b: Result<Bytes, BytesRejection>,
 ) -> Res<Json<Manifest>> {

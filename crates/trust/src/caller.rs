@@ -153,6 +153,21 @@ pub fn refuse(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, axum::Json(vgrid_api::ErrorBody { error: msg.into(), detail: None })).into_response()
 }
 
+/// A query string of the documented shape (`axum::extract::Query`), or a 400 whose body is a
+/// JSON `{"error": ...}` naming what is wrong, like every other error of the roles' APIs.
+pub struct JsonQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for JsonQuery<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Response> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(t)) => Ok(JsonQuery(t)),
+            Err(e) => Err(refuse(StatusCode::BAD_REQUEST, format!("malformed query: {}", e.body_text()))),
+        }
+    }
+}
+
 /// Middleware state: how tokens are checked.
 pub type Users = Arc<dyn UserTokens>;
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -412,7 +412,8 @@ async fn get_user(Extension(auth): Users, Extension(p): Caller, Path(name): Path
 }
 
 #[utoipa::path(delete, path = "/api/v1/users/{name}", params(("name" = String, Path, description = "user name", pattern = "^[a-z0-9][a-z0-9_.-]{0,31}$")),
-    responses((status = 200, body = UserInfo), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = UserInfo), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "an admin cannot remove themselves")))]
 async fn delete_user(Extension(auth): Users, Extension(p): Caller, Path(name): Path<String>) -> ApiResult<UserInfo> {
     p.check_admin("removing users")?;
     if name == p.user {
@@ -435,6 +436,7 @@ async fn set_quota(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct AuditQuery {
     /// Only this user's entries (`-`: requests without a valid token).
     #[serde(default)]
@@ -446,7 +448,11 @@ struct AuditQuery {
 
 /// The audit log (admins: everyone's; others: their own).
 #[utoipa::path(get, path = "/api/v1/audit", params(AuditQuery), responses((status = 200, body = [AuditEntry])))]
-async fn audit(Extension(auth): Users, Extension(p): Caller, Query(q): Query<AuditQuery>) -> ApiResult<Vec<AuditEntry>> {
+async fn audit(
+    Extension(auth): Users,
+    Extension(p): Caller,
+    vgrid_trust::caller::JsonQuery(q): vgrid_trust::caller::JsonQuery<AuditQuery>,
+) -> ApiResult<Vec<AuditEntry>> {
     let user = if p.admin { q.user } else { Some(p.user.clone()) };
     Ok(Json(auth.audit_entries(user.as_deref(), q.since)))
 }
@@ -480,7 +486,12 @@ async fn create_vm(
 
 #[utoipa::path(get, path = "/api/v1/vms/{id}", params(("id" = String, Path, description = "VM id, unique id prefix, or name"), WaitQuery),
     responses((status = 200, body = VmRecord), (status = 404, body = ErrorBody)))]
-async fn get_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, Query(w): Query<WaitQuery>) -> ApiResult<VmRecord> {
+async fn get_vm(
+    State(c): Ctx,
+    Extension(p): Caller,
+    Path(id): Path<String>,
+    vgrid_trust::caller::JsonQuery(w): vgrid_trust::caller::JsonQuery<WaitQuery>,
+) -> ApiResult<VmRecord> {
     if let Some(ms) = w.wait_ms.filter(|&ms| ms > MAX_WAIT_MS) {
         return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("wait_ms {ms} is out of range 0-{MAX_WAIT_MS}")));
     }
@@ -510,6 +521,7 @@ async fn with_gauges(c: &Coordinator, mut rec: VmRecord) -> VmRecord {
 /// `GET /api/v1/vms/{id}?wait_ms=N&state=S&phase=P`: wait up to N ms (at most 30 s) while the
 /// VM is in state S (and phase P), then answer.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct WaitQuery {
     /// Wait up to this many ms while the VM is in `state` (and `phase`).
     #[param(maximum = 30000)]
@@ -603,6 +615,7 @@ async fn migrate_vm(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct RmQuery {
     /// Stop the VM first if it is running.
     #[serde(default)]
@@ -611,12 +624,18 @@ struct RmQuery {
 
 #[utoipa::path(delete, path = "/api/v1/vms/{id}", params(("id" = String, Path), RmQuery),
     responses((status = 200, body = VmRecord), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn delete_vm(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, Query(q): Query<RmQuery>) -> ApiResult<VmRecord> {
+async fn delete_vm(
+    State(c): Ctx,
+    Extension(p): Caller,
+    Path(id): Path<String>,
+    vgrid_trust::caller::JsonQuery(q): vgrid_trust::caller::JsonQuery<RmQuery>,
+) -> ApiResult<VmRecord> {
     let rec = owned(&c, &p, &id).await?;
     Ok(Json(c.remove(&rec.id, q.force).await?))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ConsoleQuery {
     /// Byte offset in the console log to start from; negative counts from the end.
     #[serde(default)]
@@ -625,7 +644,12 @@ struct ConsoleQuery {
 
 #[utoipa::path(get, path = "/api/v1/vms/{id}/console", params(("id" = String, Path), ConsoleQuery),
     responses((status = 200, body = ConsoleChunk), (status = 404, body = ErrorBody)))]
-async fn console(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, Query(q): Query<ConsoleQuery>) -> ApiResult<ConsoleChunk> {
+async fn console(
+    State(c): Ctx,
+    Extension(p): Caller,
+    Path(id): Path<String>,
+    vgrid_trust::caller::JsonQuery(q): vgrid_trust::caller::JsonQuery<ConsoleQuery>,
+) -> ApiResult<ConsoleChunk> {
     let rec = owned(&c, &p, &id).await?;
     Ok(Json(c.console(&rec.id, q.offset).await?))
 }
@@ -729,7 +753,9 @@ async fn image_server_heartbeat(
 
 /// Which hosts could start a VM like this now (VM futures), and why not the others.
 #[utoipa::path(post, path = "/api/v1/futures", request_body = FuturesQuery,
-    responses((status = 200, body = [Future]), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = [Future]), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody, description = "no image server has the image"),
+              (status = 502, body = ErrorBody, description = "an image server failed to answer")))]
 async fn futures(State(c): Ctx, Extension(p): Caller, body: Result<Json<FuturesQuery>, JsonRejection>) -> ApiResult<Vec<Future>> {
     let Json(q) = body?;
     Ok(Json(c.futures(&q, &p.user).await?))

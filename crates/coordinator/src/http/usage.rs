@@ -2,12 +2,13 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::Json;
 use serde::Deserialize;
 use vgrid_api::usage::UsageReport;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     /// Only this user's VMs.
     #[serde(default)]
@@ -24,7 +25,7 @@ pub struct UsageQuery {
 pub async fn get_usage(
     State(c): State<Arc<crate::Coordinator>>,
     axum::Extension(p): axum::Extension<crate::auth::Principal>,
-    Query(q): Query<UsageQuery>,
+    vgrid_trust::caller::JsonQuery(q): vgrid_trust::caller::JsonQuery<UsageQuery>,
 ) -> Result<Json<UsageReport>, super::ApiError> {
     let mut user = q.user.filter(|u| !u.is_empty());
     if !p.admin {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -104,7 +104,11 @@ pub(super) struct ConsoleQuery {
 const CONSOLE_PAGE: u64 = 256 * 1024;
 
 #[utoipa::path(get, path = "/host/v1/vms/{id}/console", params(("id" = String, Path, description = "VM id"), ConsoleQuery), responses((status = 200, body = ConsoleChunk)))]
-pub(super) async fn console(State(a): Ctx, Path(id): Path<String>, Query(q): Query<ConsoleQuery>) -> Result<Response, HttpError> {
+pub(super) async fn console(
+    State(a): Ctx,
+    Path(id): Path<String>,
+    vgrid_trust::caller::JsonQuery(q): vgrid_trust::caller::JsonQuery<ConsoleQuery>,
+) -> Result<Response, HttpError> {
     // A VM received by a migration: what it printed at the source comes first.
     if let Some(chunk) = crate::migrate::console_with_history(&a, &id, q.offset, CONSOLE_PAGE) {
         return Ok(Json(chunk).into_response());
