@@ -33,12 +33,20 @@ use vgrid_api::auth::{
 };
 use vgrid_trust::{NodeRole, Peer};
 
+/// The Retry-After of a 503 answer, in seconds.
+const RETRY_AFTER_SECS: &str = "2";
+
 /// An error as the API returns it.
 pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(ErrorBody { error: self.1, detail: None })).into_response()
+        let mut r = (self.0, Json(ErrorBody { error: self.1, detail: None })).into_response();
+        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+            // Retryable: nothing was done; the condition passes within a heartbeat or two.
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static(RETRY_AFTER_SECS));
+        }
+        r
     }
 }
 
@@ -49,7 +57,9 @@ impl From<CoordinatorError> for ApiError {
             BadRequest(_) | Config(_) | Image(_) => StatusCode::BAD_REQUEST,
             UnknownImage(_) | UnknownVm(_) | UnknownHost(_) => StatusCode::NOT_FOUND,
             Conflict(_) | Capacity(_) | Waited(_) | Transition { .. } | Contended(_) => StatusCode::CONFLICT,
-            Store(_) | ImageServer(_) | NotOnReachable { .. } | Host(_) => StatusCode::BAD_GATEWAY,
+            ImageServer(_) | NotOnReachable { .. } | Host(_) => StatusCode::BAD_GATEWAY,
+            NoImageServer => StatusCode::SERVICE_UNAVAILABLE,
+            Settling(_) => StatusCode::GATEWAY_TIMEOUT,
             Expr(_) => StatusCode::BAD_REQUEST,
             State(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Quota(_) => StatusCode::FORBIDDEN,
@@ -656,7 +666,7 @@ async fn image_server_heartbeat(
 ) -> ApiResult<HeartbeatReply> {
     let Json(ad) = body?;
     node_peer(&nodes, &peer, NodeRole::ImageServer, &ad.name)?;
-    c.registry().server_beat(ad);
+    c.image_server_beat(ad).await?;
     Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers: c.registry().image_server_urls() }))
 }
 
