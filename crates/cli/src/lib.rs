@@ -8,6 +8,7 @@ mod client;
 mod console;
 mod image;
 mod migrate;
+mod net;
 mod output;
 mod roles;
 mod sshagent;
@@ -76,6 +77,9 @@ pub enum Cmd {
     /// The coordinator's CA as pinned by this CLI (its fingerprint: compare it out of band,
     /// give it to others as $VGRID_CA_FINGERPRINT).
     Ca,
+    /// Networks: site networks that hosts attach to, and tunnel networks to your own LAN.
+    #[command(subcommand)]
+    Net(net::NetCmd),
     /// One-time tokens for hosts and image servers to join the grid (admins).
     #[command(subcommand)]
     JoinToken(trust::JoinTokenCmd),
@@ -130,6 +134,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Audit(a) => auth::audit_cmd(&ctx, a).await,
         Cmd::Usage(a) => usage::run(&ctx, a).await,
         Cmd::Ca => trust::ca_cmd(&ctx).await,
+        Cmd::Net(c) => net::run(&ctx, c).await,
         Cmd::JoinToken(c) => trust::join_token_cmd(&ctx, c).await,
     }
 }

@@ -23,6 +23,7 @@ use crate::auth::{Auth, AuthError, Principal};
 use crate::join::Joins;
 use crate::lifecycle::{Coordinator, CoordinatorError};
 
+mod networks;
 mod usage;
 use axum::extract::Request;
 use axum::middleware::Next;
@@ -46,13 +47,13 @@ impl From<CoordinatorError> for ApiError {
     fn from(e: CoordinatorError) -> Self {
         use CoordinatorError::*;
         let code = match &e {
-            BadRequest(_) | Config(_) | Image(_) => StatusCode::BAD_REQUEST,
-            UnknownImage(_) | UnknownVm(_) | UnknownHost(_) => StatusCode::NOT_FOUND,
-            Conflict(_) | Capacity(_) | Waited(_) | Transition { .. } | Contended(_) => StatusCode::CONFLICT,
+            BadRequest(_) | Config(_) | Image(_) | Net(_) => StatusCode::BAD_REQUEST,
+            UnknownImage(_) | UnknownVm(_) | UnknownHost(_) | UnknownNetwork(_) => StatusCode::NOT_FOUND,
+            Conflict(_) | Capacity(_) | Waited(_) | Transition { .. } | Contended(_) | NetworkIdentityTaken(_) => StatusCode::CONFLICT,
             Store(_) | ImageServer(_) | NotOnReachable { .. } | Host(_) => StatusCode::BAD_GATEWAY,
             Expr(_) => StatusCode::BAD_REQUEST,
             State(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Quota(_) => StatusCode::FORBIDDEN,
+            Quota(_) | Forbidden(_) => StatusCode::FORBIDDEN,
         };
         ApiError(code, e.to_string())
     }
@@ -167,7 +168,8 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
     info(title = "vgrid API", description = "Run VMs on a grid of hosts, images streamed on demand."),
     paths(list_vms, create_vm, get_vm, stop_vm, migrate_vm, delete_vm, console, suspend_vm, resume_vm, snapshot_vm, list_hosts, get_host, host_heartbeat,
         list_image_servers, image_server_heartbeat, futures, auth_challenge, auth_login, auth_logout, whoami,
-        list_users, add_user, get_user, delete_user, set_quota, audit, usage::get_usage, join, create_join_token, list_join_tokens),
+        list_users, add_user, get_user, delete_user, set_quota, audit, usage::get_usage, join, create_join_token, list_join_tokens,
+        networks::list_networks, networks::create_network, networks::get_network, networks::delete_network),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
         HostState, HostHeartbeat, HeartbeatReply, VmReport, vgrid_api::host::VmWaiting, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
         vgrid_api::vm::VmConfig, vgrid_api::vm::BootConfig, vgrid_api::vm::NetConfig, vgrid_api::vm::Nic, vgrid_api::vm::Accel,
@@ -175,7 +177,9 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
         Challenge, ChallengeRequest, LoginRequest, LoginToken, JoinRequest, JoinReply, JoinTokenCreate, JoinTokenInfo, Quota, UserCreate, UserInfo, AuditEntry,
         vgrid_api::vm::Resources, vgrid_api::usage::UsageReport, vgrid_api::usage::UserUsage, vgrid_api::usage::VmUsage,
         vgrid_api::usage::UsageTotals, vgrid_api::usage::VmUsageReport, VmResume, VmSnapshot, SavedImage, Suspended,
-        vgrid_api::migrate::VmMigrate, vgrid_api::migrate::Migration, vgrid_api::migrate::MigrationStatus)),
+        vgrid_api::migrate::VmMigrate, vgrid_api::migrate::Migration, vgrid_api::migrate::MigrationStatus,
+        vgrid_api::net::Network, vgrid_api::net::NetworkCreate, vgrid_api::net::NetworkInfo, vgrid_api::net::NetworkKind,
+        vgrid_api::net::SiteNet, vgrid_api::net::Lease)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -294,6 +298,8 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -
         .route("/api/v1/hosts/{name}", get(get_host))
         .route("/api/v1/futures", post(futures))
         .route("/api/v1/usage", get(usage::get_usage))
+        .route("/api/v1/networks", get(networks::list_networks).post(networks::create_network))
+        .route("/api/v1/networks/{name}", get(networks::get_network).delete(networks::delete_network))
         .route("/api/v1/image-servers", get(list_image_servers))
         .route("/api/v1/image-servers/heartbeat", post(image_server_heartbeat))
         .with_state(c)
@@ -636,8 +642,10 @@ async fn host_heartbeat(
         return Err(ApiError(StatusCode::BAD_REQUEST, format!("invalid host name {:?}", hb.ad.name)));
     }
     node_peer(&nodes, &peer, NodeRole::Host, &hb.ad.name)?;
+    let attached = hb.ad.networks.clone();
     let image_servers = c.heartbeat(hb).await?;
-    Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers }))
+    let networks = c.site_networks(&attached).await?;
+    Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers, networks }))
 }
 
 #[utoipa::path(get, path = "/api/v1/image-servers", responses((status = 200, body = [ImageServerAd])))]
@@ -657,7 +665,11 @@ async fn image_server_heartbeat(
     let Json(ad) = body?;
     node_peer(&nodes, &peer, NodeRole::ImageServer, &ad.name)?;
     c.registry().server_beat(ad);
-    Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers: c.registry().image_server_urls() }))
+    Ok(Json(HeartbeatReply {
+        interval_secs: c.registry().interval.as_secs().max(1),
+        image_servers: c.registry().image_server_urls(),
+        networks: Vec::new(),
+    }))
 }
 
 /// Which hosts could start a VM like this now (VM futures), and why not the others.
