@@ -138,10 +138,13 @@ fn is_empty_requirement(r: &utoipa::openapi::security::SecurityRequirement) -> b
 mod tests {
     use super::*;
 
+    /// Which characters may start a name, which may follow, and the longest name.
+    type Shape = (&'static dyn Fn(char) -> bool, &'static dyn Fn(char) -> bool, usize);
+
     fn matches(pattern: &str, s: &str) -> bool {
         // A tiny check of the patterns against the validators, on a few names: the patterns are
         // anchored character classes with a length, so a hand-made matcher suffices.
-        let (first, rest, max): (&dyn Fn(char) -> bool, &dyn Fn(char) -> bool, usize) = match pattern {
+        let (first, rest, max): Shape = match pattern {
             NAME_PATTERN => {
                 (&|c: char| c.is_ascii_alphanumeric() || c == '_', &|c: char| c.is_ascii_alphanumeric() || "._-".contains(c), 64)
             }

@@ -402,15 +402,12 @@ impl ChunkCache {
         let mut g = self.inner.lock().unwrap();
         g.set_verified(hash);
         let opened = match g.map.get_mut(hash) {
-            Some(e) => {
-                if e.fd.is_none() {
-                    e.fd = Some(file.clone());
-                    true
-                } else {
-                    false
-                }
+            Some(e) if e.fd.is_none() => {
+                e.fd = Some(file.clone());
+                true
             }
-            None => false, // evicted meanwhile; our descriptor still reads the right bytes
+            // Open already, or evicted meanwhile (our descriptor still reads the right bytes).
+            _ => false,
         };
         if opened {
             g.open_fds += 1;
@@ -679,7 +676,7 @@ impl ChunkCache {
         let path = self.chunk_path(hash);
         let ok = std::fs::read(&path).map(|d| d.len() == len as usize && ChunkHash::of(&d) == *hash).unwrap_or(false);
         let mut g = self.inner.lock().unwrap();
-        if !g.map.get(hash).is_some_and(|e| !e.verified) {
+        if g.map.get(hash).is_none_or(|e| e.verified) {
             return None; // verified by a read, or gone, meanwhile
         }
         if ok {
