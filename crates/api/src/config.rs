@@ -380,8 +380,11 @@ mod tests {
         let mut r = create("sample");
         r.memory_mib = 31;
         assert_eq!(err(&r), "memory 31 MiB is too small: at least 32 MiB");
-        // Too much is for the scheduler to say (no host has it), not a static check.
+        // Beyond what QEMU's guests can have is a static error; below it, too much for every
+        // host is for the scheduler to say.
         r.memory_mib = 99_999_999;
+        assert_eq!(err(&r), "memory 99999999 MiB is too large: at most 4194304 MiB");
+        r.memory_mib = MAX_MEMORY_MIB;
         r.validate().unwrap();
         let mut r = create("sample");
         r.accel = Some("hvf".into());
@@ -396,7 +399,7 @@ mod tests {
         assert!(err(&r).contains("not both"));
         let mut r = create("sample");
         r.resources.memory_limit_mib = Some(15);
-        assert_eq!(err(&r), "memory limit under 16 MiB: QEMU cannot run in it");
+        assert_eq!(err(&r), "memory limit 15 MiB is out of range 16-4194304 MiB");
         let mut r = create("sample");
         r.resources.disk_iops = Some(0);
         assert_eq!(err(&r), "disk limits must be positive (leave them out for no limit)");
