@@ -176,14 +176,7 @@ pub async fn join(url: &str, token: &JoinToken, role: NodeRole, name: &str, sans
         .map_err(|e| failed(e.into()))?;
     let (csr, key_pem) = make_request(name, sans)?;
     let body = JoinRequest { token: token.credential.clone(), role: role.as_str().into(), name: name.into(), csr };
-    let resp = client.post(format!("{}/api/v1/join", url.trim_end_matches('/'))).json(&body).send().await.map_err(|e| failed(e.into()))?;
-    let status = resp.status();
-    let text = resp.text().await.map_err(|e| failed(e.into()))?;
-    if !status.is_success() {
-        let msg = serde_json::from_str::<vgrid_api::ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
-        return Err(fail(format!("{msg} (HTTP {})", status.as_u16())));
-    }
-    let reply: JoinReply = serde_json::from_str(&text).map_err(|e| TrustError::JoinAnswer { url: url.to_string(), source: e })?;
+    let reply = signed(&client, url, "/api/v1/join", &body, "").await?;
     if fingerprint(&pem_to_der(&reply.ca)?) != token.ca_fingerprint {
         return Err(fail("the answer carries a different CA than the token names".into()));
     }
@@ -193,6 +186,26 @@ pub async fn join(url: &str, token: &JoinToken, role: NodeRole, name: &str, sans
         return Err(fail(format!("the certificate names {} as {:?}, not {name} as {role}", peer.name, peer.roles)));
     }
     Ok(node)
+}
+
+/// POSTs `body` (a certificate request) to the coordinator at `url` + `path` and reads the
+/// certificate it signed; a refusal is an error with the coordinator's message after `what`.
+async fn signed<B: serde::Serialize>(
+    client: &reqwest::Client,
+    url: &str,
+    path: &str,
+    body: &B,
+    what: &str,
+) -> Result<JoinReply, TrustError> {
+    let failed = |e: Cause| TrustError::JoinFailed { url: url.to_string(), source: e };
+    let resp = client.post(format!("{}{path}", url.trim_end_matches('/'))).json(body).send().await.map_err(|e| failed(e.into()))?;
+    let status = resp.status();
+    let text = resp.text().await.map_err(|e| failed(e.into()))?;
+    if !status.is_success() {
+        let msg = serde_json::from_str::<vgrid_api::ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
+        return Err(TrustError::Join { url: url.to_string(), why: format!("{what}{msg} (HTTP {})", status.as_u16()) });
+    }
+    serde_json::from_str(&text).map_err(|e| TrustError::JoinAnswer { url: url.to_string(), source: e })
 }
 
 /// Asks the coordinator at `url` for a new certificate of this node valid for `sans`, over a
@@ -209,19 +222,7 @@ pub async fn renew(url: &str, current: &NodeCert, sans: &[String]) -> Result<Nod
         .map_err(|e| failed(e.into()))?;
     let peer = current.peer()?;
     let (csr, key_pem) = make_request(&peer.name, sans)?;
-    let resp = client
-        .post(format!("{}/api/v1/join/renew", url.trim_end_matches('/')))
-        .json(&RenewRequest { csr })
-        .send()
-        .await
-        .map_err(|e| failed(e.into()))?;
-    let status = resp.status();
-    let text = resp.text().await.map_err(|e| failed(e.into()))?;
-    if !status.is_success() {
-        let msg = serde_json::from_str::<vgrid_api::ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
-        return Err(fail(format!("renewing the certificate: {msg} (HTTP {})", status.as_u16())));
-    }
-    let reply: JoinReply = serde_json::from_str(&text).map_err(|e| TrustError::JoinAnswer { url: url.to_string(), source: e })?;
+    let reply = signed(&client, url, "/api/v1/join/renew", &RenewRequest { csr }, "renewing the certificate: ").await?;
     if fingerprint(&pem_to_der(&reply.ca)?) != current.ca_fingerprint()? {
         return Err(fail("the renewed certificate comes with another CA than the node's".into()));
     }
