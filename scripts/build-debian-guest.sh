@@ -62,25 +62,9 @@ if [ -n "$only_dir" ]; then
   echo "$out"
   exit 0
 fi
-stamp=$(sha256sum "$script_path" | cut -c1-32)
-
-is_built() {
-  [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] &&
-    [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ] && [ -s "$out/disk.img" ] && [ -s "$out/cmdline" ]
-}
-
-if is_built; then
-  echo "$out"
-  exit 0
-fi
-
-mkdir -p "$(dirname "$out")"
-exec 9>"$out.lock"
-flock 9
-if is_built; then # somebody else built it while we waited for the lock
-  echo "$out"
-  exit 0
-fi
+# shellcheck source=guest-cache.sh
+. "$(dirname "$script_path")/guest-cache.sh"
+guest_cache_enter "$script_path"
 
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo

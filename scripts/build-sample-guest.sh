@@ -46,25 +46,9 @@ script_path=$(readlink -f "$0")
 LAYOUT=3
 out=${1:-${VGRID_CACHE:-$HOME/.cache/vgrid}/sample-guest-v$LAYOUT}
 out=$(realpath -m "$out")
-stamp=$(sha256sum "$script_path" | cut -c1-32)
-
-is_built() {
-  [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] &&
-    [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ] && [ -s "$out/disk.img" ] && [ -s "$out/cmdline" ]
-}
-
-if is_built; then
-  echo "$out"
-  exit 0
-fi
-
-mkdir -p "$(dirname "$out")"
-exec 9>"$out.lock"
-flock 9
-if is_built; then # somebody else built it while we waited for the lock
-  echo "$out"
-  exit 0
-fi
+# shellcheck source=guest-cache.sh
+. "$(dirname "$script_path")/guest-cache.sh"
+guest_cache_enter "$script_path"
 
 for tool in apt-get apt-cache dpkg mke2fs gzip flock; do
   command -v "$tool" >/dev/null || { log "missing $tool (run scripts/install-deps.sh)"; exit 1; }
