@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use vgrid_api::grid::{Future, FuturesQuery, HostRecord};
 use vgrid_api::vm::{ConsoleChunk, Forward, VmCreate, VmRecord, VmState, VmStop};
 
+use crate::client::HttpError;
 use crate::output::{age, print_json, table};
 use crate::Ctx;
 
@@ -377,7 +378,11 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
         }
         // Long poll: the coordinator answers when the VM leaves this state and phase.
         let q = format!("wait_ms=1000&state={}&phase={}", v.state.as_str(), urlencode(&v.phase));
-        v = api.get(&format!("/api/v1/vms/{}?{q}", v.id)).await?;
+        match api.get(&format!("/api/v1/vms/{}?{q}", v.id)).await {
+            Ok(now) => v = now,
+            Err(e) if HttpError::is_transient(&e) => tokio::time::sleep(Duration::from_millis(400)).await,
+            Err(e) => return Err(e),
+        }
     }
     let running_at = t0.elapsed();
     if let Some(text) = &a.wait_for {
@@ -385,9 +390,20 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
         let mut offset = 0u64;
         let mut seen = String::new();
         loop {
-            let c: ConsoleChunk = api.get(&format!("/api/v1/vms/{}/console?offset={offset}", v.id)).await?;
-            offset = c.next;
-            seen.push_str(&c.data);
+            // A host that does not answer for a while (its agent restarting, a partition) is no
+            // reason to give up: the VM's record says when it really ended.
+            match api.get::<ConsoleChunk>(&format!("/api/v1/vms/{}/console?offset={offset}", v.id)).await {
+                Ok(c) => {
+                    offset = c.next;
+                    seen.push_str(&c.data);
+                    spinner.set_message(format!("{} {}: waiting for {:?} on the console", v.id, v.name, text));
+                }
+                Err(e) if HttpError::is_transient(&e) => {
+                    spinner.set_message(format!("{} {}: waiting for {:?}; the console is unreachable now: {e}", v.id, v.name, text));
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                }
+                Err(e) => return Err(e),
+            }
             if seen.contains(text.as_str()) {
                 break;
             }
@@ -397,7 +413,11 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
                 let cut = (cut..seen.len()).find(|&i| seen.is_char_boundary(i)).unwrap_or(seen.len());
                 seen.drain(..cut);
             }
-            let cur: VmRecord = api.get(&format!("/api/v1/vms/{}", v.id)).await?;
+            let cur: VmRecord = match api.get(&format!("/api/v1/vms/{}", v.id)).await {
+                Ok(cur) => cur,
+                Err(e) if HttpError::is_transient(&e) => v.clone(),
+                Err(e) => return Err(e),
+            };
             if !cur.state.is_active() {
                 spinner.finish_and_clear();
                 bail!("VM {} {} before {:?} appeared: {}", v.id, cur.state.as_str(), text, cur.reason.unwrap_or_default());

@@ -98,7 +98,8 @@ fn report_bodies_round_trip() {
 #[test]
 fn save_and_migration_bodies_round_trip() {
     round_trip(&SaveRequest { name: "warm".into() });
-    round_trip(&VmPresence { saving: true, running: true, known: true });
+    round_trip(&VmPresence { saving: true, running: true, known: true, exited: false });
+    round_trip(&VmPresence { saving: false, running: false, known: true, exited: true });
     // An agent that predates `known` knows a VM it runs.
     let p: VmPresence = serde_json::from_str(r#"{"saving":false,"running":true}"#).unwrap();
     assert!(p.known);

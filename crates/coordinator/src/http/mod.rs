@@ -34,12 +34,20 @@ use vgrid_api::auth::{
 };
 use vgrid_trust::{NodeRole, Peer};
 
+/// The Retry-After of a 503 answer, in seconds.
+const RETRY_AFTER_SECS: &str = "2";
+
 /// An error as the API returns it.
 pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(ErrorBody { error: self.1, detail: None })).into_response()
+        let mut r = (self.0, Json(ErrorBody { error: self.1, detail: None })).into_response();
+        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+            // Retryable: nothing was done; the condition passes within a heartbeat or two.
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static(RETRY_AFTER_SECS));
+        }
+        r
     }
 }
 
@@ -53,6 +61,8 @@ impl From<CoordinatorError> for ApiError {
             UnknownImage(_) | UnknownVm(_) | UnknownHost(_) => StatusCode::NOT_FOUND,
             Conflict(_) | Capacity(_) | Waited(_) | Transition { .. } | Contended(_) => StatusCode::CONFLICT,
             Store(_) | ImageServer(_) | NotOnReachable { .. } | Host(_) => StatusCode::BAD_GATEWAY,
+            NoImageServer => StatusCode::SERVICE_UNAVAILABLE,
+            Settling(_) => StatusCode::GATEWAY_TIMEOUT,
             Expr(_) => StatusCode::UNPROCESSABLE_ENTITY,
             State(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Quota(_) => StatusCode::FORBIDDEN,
@@ -471,7 +481,8 @@ async fn owned(c: &Coordinator, p: &Principal, key: &str) -> Result<VmRecord, Ap
 
 #[utoipa::path(post, path = "/api/v1/vms", request_body = VmCreate,
     responses((status = 201, body = VmRecord), (status = 400, body = ErrorBody),
-              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 503, body = ErrorBody, description = "no image server is registered yet (after a restart): retry after the Retry-After seconds")))]
 async fn create_vm(
     State(c): Ctx,
     Extension(auth): Users,
@@ -551,7 +562,8 @@ async fn stop_vm(
 /// On failure the VM keeps running.
 #[utoipa::path(post, path = "/api/v1/vms/{id}/suspend", params(("id" = String, Path)),
     responses((status = 200, body = Suspended), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
-              (status = 502, body = ErrorBody)))]
+              (status = 502, body = ErrorBody),
+              (status = 504, body = ErrorBody, description = "the host has not answered the save yet: follow the VM's record")))]
 async fn suspend_vm(State(c): Ctx, Extension(auth): Users, Extension(p): Caller, Path(id): Path<String>) -> ApiResult<Suspended> {
     let rec = owned(&c, &p, &id).await?;
     c.check_stored_quota(&rec.owner, &auth.user(&rec.owner).await?.quota)?;
@@ -564,7 +576,7 @@ async fn suspend_vm(State(c): Ctx, Extension(auth): Users, Extension(p): Caller,
 /// the VM becomes `running` when restored.
 #[utoipa::path(post, path = "/api/v1/vms/{id}/resume", params(("id" = String, Path)), request_body = VmResume,
     responses((status = 200, body = VmRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody)))]
+              (status = 409, body = ErrorBody), (status = 503, body = ErrorBody, description = "no image server is registered yet (after a restart): retry after the Retry-After seconds")))]
 async fn resume_vm(
     State(c): Ctx,
     Extension(auth): Users,
@@ -581,7 +593,7 @@ async fn resume_vm(
 /// the VM keeps running. `vm run NAME` then restores instead of booting.
 #[utoipa::path(post, path = "/api/v1/vms/{id}/snapshot", params(("id" = String, Path)), request_body = VmSnapshot,
     responses((status = 200, body = SavedImage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody), (status = 502, body = ErrorBody)))]
+              (status = 409, body = ErrorBody), (status = 502, body = ErrorBody), (status = 503, body = ErrorBody, description = "no image server is registered yet (after a restart): retry after the Retry-After seconds")))]
 async fn snapshot_vm(
     State(c): Ctx,
     Extension(auth): Users,
@@ -602,7 +614,7 @@ async fn snapshot_vm(
 /// shows progress until its status is `completed`, `cancelled` or `failed`.
 #[utoipa::path(post, path = "/api/v1/vms/{id}/migrate", params(("id" = String, Path)), request_body = vgrid_api::migrate::VmMigrate,
     responses((status = 202, body = VmRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody)))]
+              (status = 409, body = ErrorBody), (status = 503, body = ErrorBody, description = "no image server is registered yet (after a restart): retry after the Retry-After seconds")))]
 async fn migrate_vm(
     State(c): Ctx,
     Extension(p): Caller,
@@ -747,7 +759,7 @@ async fn image_server_heartbeat(
     node_role(&nodes, &peer, NodeRole::ImageServer)?;
     let Json(ad) = body?;
     node_peer(&nodes, &peer, NodeRole::ImageServer, &ad.name)?;
-    c.registry().server_beat(ad);
+    c.image_server_beat(ad).await?;
     Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers: c.registry().image_server_urls() }))
 }
 
@@ -755,7 +767,7 @@ async fn image_server_heartbeat(
 #[utoipa::path(post, path = "/api/v1/futures", request_body = FuturesQuery,
     responses((status = 200, body = [Future]), (status = 400, body = ErrorBody),
               (status = 404, body = ErrorBody, description = "no image server has the image"),
-              (status = 502, body = ErrorBody, description = "an image server failed to answer")))]
+              (status = 502, body = ErrorBody, description = "an image server failed to answer"), (status = 503, body = ErrorBody, description = "no image server is registered yet (after a restart): retry after the Retry-After seconds")))]
 async fn futures(State(c): Ctx, Extension(p): Caller, body: Result<Json<FuturesQuery>, JsonRejection>) -> ApiResult<Vec<Future>> {
     let Json(q) = body?;
     Ok(Json(c.futures(&q, &p.user).await?))

@@ -214,3 +214,21 @@ async fn claims_of_records_written_before_claims_are_built_at_open() {
     let _d = coordinator(&state).await;
     assert_eq!(state.store().revision().await.unwrap(), rev);
 }
+
+#[tokio::test]
+async fn image_servers_are_known_right_after_a_restart() {
+    use vgrid_api::grid::ImageServerAd;
+    let state = open(&StateConfig::Memory).unwrap();
+    let c = coordinator(&state).await;
+    let ad = ImageServerAd { name: "is0".into(), url: "https://127.0.0.1:9".into(), images: vec![] };
+    c.image_server_beat(ad.clone()).await.unwrap();
+    drop(c);
+    // A new coordinator on the same store (a restart), before any heartbeat of the server.
+    let c = coordinator(&state).await;
+    assert_eq!(c.registry().image_server_urls(), vec![ad.url.clone()]);
+    // With none registered at all, images cannot resolve yet: retryable, not a failure.
+    let empty = open(&StateConfig::Memory).unwrap();
+    let c = coordinator(&empty).await;
+    let e = c.resolve_image(&"sample@1".parse().unwrap()).await.unwrap_err();
+    assert!(matches!(e, CoordinatorError::NoImageServer), "{e}");
+}

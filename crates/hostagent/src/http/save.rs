@@ -35,14 +35,14 @@ pub(super) async fn saving(
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let (saving, running) = match a.vm(&id) {
-        Some(vm) => (crate::save::is_saving(vm.runtime_dir()), vm.exit_info().is_none()),
-        None => (false, false),
+    let (saving, running, exited) = match a.vm(&id) {
+        Some(vm) => (crate::save::is_saving(vm.runtime_dir()), vm.exit_info().is_none(), vm.exit_info().is_some()),
+        None => (false, false, false),
     };
     // Known: launching (admitted) or present; a coordinator that restarted right after it
     // sent a launch learns whether the launch ever arrived.
     let known = a.vm(&id).is_some() || a.resources().is_admitted(&id);
-    axum::Json(VmPresence { saving, running, known }).into_response()
+    axum::Json(VmPresence { saving, running, known, exited }).into_response()
 }
 
 /// `POST /host/v1/vms/{id}/snapshot`: save the VM as a warm image; it keeps running.
