@@ -60,7 +60,7 @@ impl From<CoordinatorError> for ApiError {
             BadRequest(_) | Config(_) | Image(_) => StatusCode::UNPROCESSABLE_ENTITY,
             UnknownImage(_) | UnknownVm(_) | UnknownHost(_) => StatusCode::NOT_FOUND,
             Conflict(_) | Capacity(_) | Waited(_) | Transition { .. } | Contended(_) => StatusCode::CONFLICT,
-            Store(_) | ImageServer(_) | NotOnReachable { .. } | Host(_) => StatusCode::BAD_GATEWAY,
+            ImageServer(_) | NotOnReachable { .. } | Host(_) => StatusCode::BAD_GATEWAY,
             NoImageServer => StatusCode::SERVICE_UNAVAILABLE,
             Settling(_) => StatusCode::GATEWAY_TIMEOUT,
             Expr(_) => StatusCode::UNPROCESSABLE_ENTITY,
