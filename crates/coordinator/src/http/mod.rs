@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message as TMessage;
@@ -32,6 +32,7 @@ use vgrid_api::auth::{
     AuditEntry, Challenge, ChallengeRequest, JoinReply, JoinRequest, JoinTokenCreate, JoinTokenInfo, LoginRequest, LoginToken, Quota,
     RenewRequest, UserCreate, UserInfo,
 };
+use vgrid_trust::json::{Json, JsonRejection};
 use vgrid_trust::{NodeRole, Peer};
 
 /// An error as the API returns it.
@@ -119,7 +120,7 @@ fn optional_body<T: serde::de::DeserializeOwned + Default>(body: Result<axum::bo
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(T::default());
     }
-    serde_json::from_slice(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("malformed request body: {e}")))
+    vgrid_api::json::from_slice(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("malformed request body: {e}")))
 }
 type Ctx = State<Arc<Coordinator>>;
 /// The authenticated caller (present on every route but the public ones).

@@ -34,7 +34,7 @@ impl IntoResponse for HttpError {
 impl HttpError {
     /// A body that could not be read (413 over [`MAX_BODY`]) or is not JSON of the documented
     /// shape (400), for the request `what`.
-    pub(crate) fn body(what: &str, r: axum::extract::rejection::JsonRejection) -> HttpError {
+    pub(crate) fn body(what: &str, r: vgrid_trust::json::JsonRejection) -> HttpError {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             return HttpError(r.status(), format!("{what}: the body is larger than {MAX_BODY} bytes"));
         }
@@ -139,4 +139,24 @@ fn routes(agent: Arc<Agent>) -> Router {
         .merge(migrate::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(agent)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The document says what the server does: a launch or an incoming migration may find no
+    /// image server with the image (404), and the optional bodies of stop and finish may be
+    /// left out or `null` (the extractor takes both for "no options").
+    #[test]
+    fn the_document_lists_404_on_launches_and_nullable_optional_bodies() {
+        let doc = serde_json::to_value(<super::ApiDoc as utoipa::OpenApi>::openapi()).unwrap();
+        for path in ["/host/v1/vms", "/host/v1/migrate/incoming"] {
+            assert!(doc["paths"][path]["post"]["responses"].get("404").is_some(), "{path}: {}", doc["paths"][path]);
+        }
+        for path in ["/host/v1/vms/{id}/stop", "/host/v1/migrate/incoming/{id}/finish"] {
+            let body = &doc["paths"][path]["post"]["requestBody"];
+            assert_ne!(body["required"], true, "{path}: {body}");
+            let schema = body["content"]["application/json"]["schema"].to_string();
+            assert!(schema.contains(r#""type":"null""#), "{path}: {schema}");
+        }
+    }
 }

@@ -9,12 +9,12 @@ use vgrid_api::ErrorBody;
 use super::HttpError;
 use crate::agent::Agent;
 
-type Body = Result<axum::Json<SaveRequest>, axum::extract::rejection::JsonRejection>;
+type Body = Result<vgrid_trust::json::Json<SaveRequest>, vgrid_trust::json::JsonRejection>;
 
 async fn save(agent: Arc<Agent>, id: String, body: Body, suspend: bool) -> axum::response::Response {
     use axum::response::IntoResponse;
     let req = match body {
-        Ok(axum::Json(r)) => r,
+        Ok(vgrid_trust::json::Json(r)) => r,
         Err(e) => return HttpError::body("save request", e).into_response(),
     };
     // Its own task: a caller that goes away (a coordinator restart) must not cancel a save
