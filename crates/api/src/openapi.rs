@@ -6,7 +6,8 @@
 //! parameter, and 422 on every route with a body or parameters (a well-formed request whose
 //! values are refused for a reason the schema cannot say), each with an
 //! [`ErrorBody`](crate::ErrorBody). A schema-valid request is never answered 400. The documents themselves are made
-//! and served by each role (`/api/openapi.json`, `/store/openapi.json`, `/host/openapi.json`).
+//! and served by each role (`/api/openapi.json`, `/store/openapi.json`, `/host/openapi.json`),
+//! through [`served`].
 
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, ResponseBuilder};
@@ -85,15 +86,16 @@ impl utoipa::Modify for Contract {
                 }
             }
         }
-        // Rust's integers with their real range (utoipa writes each type's format, e.g.
-        // `uint16`, but not its bounds, which a client cannot guess).
-        if let Ok(mut v) = serde_json::to_value(&*doc) {
-            integer_bounds(&mut v);
-            if let Ok(d) = serde_json::from_value(v) {
-                *doc = d;
-            }
-        }
     }
+}
+
+/// A role's document as it is served (`/api/openapi.json` ...): with every integer's range
+/// (utoipa writes each type's format, e.g. `u-int16`, but not its bounds, which a client cannot
+/// guess; done on the JSON, as utoipa does not read back the formats it writes).
+pub fn served(doc: &OpenApi) -> serde_json::Value {
+    let mut v = serde_json::to_value(doc).expect("an OpenAPI document is JSON");
+    integer_bounds(&mut v);
+    v
 }
 
 /// The canonical name and range of the integer `format` utoipa writes for each Rust integer
@@ -207,7 +209,7 @@ mod tests {
 
     #[test]
     fn integers_are_documented_with_their_types_range() {
-        let doc = serde_json::to_value(<Doc as utoipa::OpenApi>::openapi()).unwrap();
+        let doc = served(&<Doc as utoipa::OpenApi>::openapi());
         let p = &doc["components"]["schemas"]["Ints"]["properties"];
         let range = |f: &str| (p[f]["format"].clone(), p[f]["minimum"].clone(), p[f]["maximum"].clone());
         let j = |v: serde_json::Value| v;

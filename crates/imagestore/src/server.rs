@@ -238,7 +238,7 @@ const CONTRACT: vgrid_api::openapi::Contract = vgrid_api::openapi::Contract { bo
 
 /// `/store/openapi.json`, open to every caller like the coordinator's document.
 fn doc() -> Router<Arc<ImageStore>> {
-    Router::new().route("/store/openapi.json", get(|| async { Json(<ApiDoc as utoipa::OpenApi>::openapi()) }))
+    Router::new().route("/store/openapi.json", get(|| async { Json(vgrid_api::openapi::served(&<ApiDoc as utoipa::OpenApi>::openapi())) }))
 }
 
 fn routes() -> Router<Arc<ImageStore>> {

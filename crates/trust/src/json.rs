@@ -1,7 +1,7 @@
 //! [`Json`]: the JSON body and answer of every role's handlers. As an answer it is axum's
-//! `Json`. As a body it is read like axum's, except that integral floats are integers
-//! ([`vgrid_api::json`]: `"cpus": 18.0` is 18, as JSON Schema says) and that an optional body
-//! (`Option<Json<T>>`) may also be empty or `null` for "none". The rejection says what is wrong
+//! `Json`. As a body it is read like axum's, but by [`vgrid_api::json`] (integral floats are
+//! integers: `"cpus": 18.0` is 18, as JSON Schema says; objects only from JSON objects), and an
+//! optional body (`Option<Json<T>>`) may also be empty or `null` for "none". The rejection says what is wrong
 //! with the body; each role turns it into its own error answer (400, or 413 over its limit).
 
 use axum::body::Bytes;
@@ -73,7 +73,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, JsonRejection> {
         if !is_json(req.headers()) {
-            return Err(JsonRejection::NotJson);
+            return Err(not_json(req, state).await);
         }
         let bytes = Bytes::from_request(req, state).await.map_err(JsonRejection::Read)?;
         vgrid_api::json::from_slice(&bytes).map(Json).map_err(JsonRejection::Shape)
@@ -89,7 +89,7 @@ impl<T: DeserializeOwned, S: Send + Sync> OptionalFromRequest<S> for Json<T> {
             return Ok(None);
         }
         if !is_json(req.headers()) {
-            return Err(JsonRejection::NotJson);
+            return Err(not_json(req, state).await);
         }
         let bytes = Bytes::from_request(req, state).await.map_err(JsonRejection::Read)?;
         if is_none(&bytes) {
@@ -102,6 +102,16 @@ impl<T: DeserializeOwned, S: Send + Sync> OptionalFromRequest<S> for Json<T> {
 impl<T: Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {
         axum::Json(self.0).into_response()
+    }
+}
+
+/// The refusal of a body that is not JSON, read first (up to the route's limit) so that the
+/// connection stays usable: a body left unread makes hyper close the connection after the
+/// answer, under a client that may already be sending its next request on it.
+async fn not_json<S: Send + Sync>(req: Request, state: &S) -> JsonRejection {
+    match Bytes::from_request(req, state).await {
+        Ok(_) => JsonRejection::NotJson,
+        Err(e) => JsonRejection::Read(e),
     }
 }
 

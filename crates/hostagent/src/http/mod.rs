@@ -75,7 +75,7 @@ pub fn router(agent: Arc<Agent>, users: Option<vgrid_trust::caller::Users>) -> R
         None => r,
     };
     // The document is open to every caller, like the coordinator's.
-    r.route("/host/openapi.json", get(|| async { Json(<ApiDoc as utoipa::OpenApi>::openapi()) }))
+    r.route("/host/openapi.json", get(|| async { Json(vgrid_api::openapi::served(&<ApiDoc as utoipa::OpenApi>::openapi())) }))
 }
 
 async fn only_coordinator(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
@@ -148,7 +148,7 @@ mod tests {
     /// left out or `null` (the extractor takes both for "no options").
     #[test]
     fn the_document_lists_404_on_launches_and_nullable_optional_bodies() {
-        let doc = serde_json::to_value(<super::ApiDoc as utoipa::OpenApi>::openapi()).unwrap();
+        let doc = vgrid_api::openapi::served(&<super::ApiDoc as utoipa::OpenApi>::openapi());
         for path in ["/host/v1/vms", "/host/v1/migrate/incoming"] {
             assert!(doc["paths"][path]["post"]["responses"].get("404").is_some(), "{path}: {}", doc["paths"][path]);
         }
