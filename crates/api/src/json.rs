@@ -255,7 +255,9 @@ mod tests {
 
     #[test]
     fn integral_floats_are_integers_and_other_numbers_keep_their_meaning() {
-        let b: Body = from_slice(br#"{"cpus": 18.0, "memory": 1.5e3, "offset": -4.0, "share": 2, "ports": [[22.0, 80]], "mode": {"limit": 3.0}}"#).unwrap();
+        let b: Body =
+            from_slice(br#"{"cpus": 18.0, "memory": 1.5e3, "offset": -4.0, "share": 2, "ports": [[22.0, 80]], "mode": {"limit": 3.0}}"#)
+                .unwrap();
         assert_eq!(b, Body { cpus: 18, memory: Some(1500), offset: -4, share: 2.0, ports: vec![(22, 80)], mode: Some(Mode::Limit(3)) });
         let b: Body = from_slice(br#"{"cpus": 1, "memory": null, "offset": 0, "share": 0.5, "mode": "off"}"#).unwrap();
         assert_eq!(b, Body { cpus: 1, memory: None, offset: 0, share: 0.5, ports: vec![], mode: Some(Mode::Off) });

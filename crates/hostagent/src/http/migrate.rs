@@ -9,13 +9,13 @@ use vgrid_api::ErrorBody;
 
 use super::HttpError;
 use crate::agent::Agent;
-use vgrid_trust::json::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use vgrid_trust::json::Json;
+use vgrid_trust::json::JsonRejection;
 
 type Ctx = State<Arc<Agent>>;
 

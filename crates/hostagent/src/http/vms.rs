@@ -3,18 +3,18 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use vgrid_trust::json::JsonRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use vgrid_trust::json::Json;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use vgrid_api::host::{HostUsage, LaunchRequest, Launched, PullProgress, VmExit, VmReport};
 use vgrid_api::vm::{ConsoleChunk, VmStop};
 use vgrid_api::ErrorBody;
 use vgrid_api::ImageRef;
+use vgrid_trust::json::Json;
+use vgrid_trust::json::JsonRejection;
 
 use super::HttpError;
 use crate::agent::Agent;
