@@ -24,6 +24,9 @@ pub struct HostAd {
     /// e.g. `["user"]`.
     #[serde(default)]
     pub network_modes: Vec<String>,
+    /// The site networks the host is attached to (`vgrid host --network NAME=BRIDGE`).
+    #[serde(default)]
+    pub networks: Vec<String>,
     /// Free-form labels: site, domain, ...
     #[serde(default)]
     pub labels: BTreeMap<String, String>,

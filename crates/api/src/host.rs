@@ -325,6 +325,9 @@ pub struct HeartbeatReply {
     pub interval_secs: u64,
     #[serde(default)]
     pub image_servers: Vec<String>,
+    /// The definitions of the site networks the host advertised: what its DHCP answers with.
+    #[serde(default)]
+    pub networks: Vec<crate::net::Network>,
 }
 
 fn default_interval_secs() -> u64 {

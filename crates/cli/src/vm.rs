@@ -72,6 +72,12 @@ pub struct RunArgs {
     /// Forward a host TCP port to a guest port (HOSTPORT:GUESTPORT); repeatable.
     #[arg(long = "forward", value_parser = |s: &str| s.parse::<Forward>())]
     pub forwards: Vec<Forward>,
+    /// A network interface: `user` (the default: outbound through the host, --forward ports),
+    /// `site:NET` (an address of site network NET, leased by the coordinator; the VM runs on a
+    /// host attached to NET) or `tunnel:NET` (your own LAN through `vgrid tunnel NET`).
+    /// Repeatable: one interface each, in guest order.
+    #[arg(long = "net", value_name = "MODE", value_parser = |s: &str| s.parse::<vgrid_api::vm::Nic>())]
+    pub nics: Vec<vgrid_api::vm::Nic>,
     /// Accelerator: kvm or tcg [default: kvm where the CPU has vmx/svm, else tcg].
     #[arg(long, value_parser = ["kvm", "tcg"])]
     pub accel: Option<String>,
@@ -138,11 +144,12 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<ExitCode> {
                             v.config.cpus.to_string(),
                             format!("{} MiB", v.config.memory_mib),
                             v.host.clone().unwrap_or_default(),
+                            addresses(v),
                             age(v.created),
                         ]
                     })
                     .collect();
-                println!("{}", table(&["ID", "NAME", "IMAGE", "STATE", "CPUS", "MEMORY", "HOST", "CREATED"], rows));
+                println!("{}", table(&["ID", "NAME", "IMAGE", "STATE", "CPUS", "MEMORY", "HOST", "ADDRESS", "CREATED"], rows));
             }
         }
         VmCmd::Show { id } => {
@@ -264,6 +271,16 @@ pub async fn run_host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The VM's leased addresses, or `-`.
+fn addresses(v: &VmRecord) -> String {
+    let a: Vec<String> = v.config.net.nics.iter().filter_map(|n| n.address()).map(|a| a.to_string()).collect();
+    if a.is_empty() {
+        "-".into()
+    } else {
+        a.join(",")
+    }
+}
+
 /// `NAME@VERSION` of the image the VM was created from.
 fn image_label(v: &VmRecord) -> String {
     v.config.image().to_string()
@@ -313,6 +330,16 @@ fn show(v: &VmRecord) {
     for f in v.config.net.forwards() {
         println!("forward:  127.0.0.1:{} -> guest:{}", f.host, f.guest);
     }
+    for (i, n) in v.config.net.nics.iter().enumerate().filter(|(_, n)| n.network().is_some()) {
+        let mut line = format!("nic{i}:     {n}");
+        if let Some(m) = n.mac() {
+            line.push_str(&format!(" mac {m}"));
+        }
+        if let Some(a) = n.address() {
+            line.push_str(&format!(" address {a}"));
+        }
+        println!("{line}");
+    }
     if let Some(s) = &v.saved_image {
         println!("saved:    {s}");
     }
@@ -341,6 +368,7 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
         cpus: a.cpus,
         memory_mib: a.memory,
         forwards: a.forwards.clone(),
+        nics: a.nics.clone(),
         accel: a.accel.clone(),
         require: a.require.clone(),
         rank: a.rank.clone(),

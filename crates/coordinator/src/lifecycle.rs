@@ -43,6 +43,17 @@ pub enum CoordinatorError {
     UnknownVm(String),
     #[error("no host named {0:?}")]
     UnknownHost(String),
+    #[error("no network named {0:?} (see `vgrid net ls`)")]
+    UnknownNetwork(String),
+    /// A network definition or interface that fails its static checks (HTTP 400).
+    #[error(transparent)]
+    Net(#[from] vgrid_api::net::NetError),
+    /// An address or MAC another admission took first (retried with another; HTTP 409).
+    #[error("{0}")]
+    NetworkIdentityTaken(String),
+    /// What the caller may not do (HTTP 403).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]

@@ -24,6 +24,7 @@ use crate::join::Joins;
 use crate::lifecycle::{Coordinator, CoordinatorError};
 
 mod drain;
+mod networks;
 mod usage;
 use axum::extract::Request;
 use axum::middleware::Next;
@@ -49,13 +50,13 @@ impl From<CoordinatorError> for ApiError {
         let code = match &e {
             // Well-formed requests whose values are refused: 422 naming the field (a 400 is
             // only for a body or parameter that is not of the documented shape).
-            BadRequest(_) | Config(_) | Image(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            UnknownImage(_) | UnknownVm(_) | UnknownHost(_) => StatusCode::NOT_FOUND,
-            Conflict(_) | Capacity(_) | Waited(_) | Transition { .. } | Contended(_) => StatusCode::CONFLICT,
+            BadRequest(_) | Config(_) | Image(_) | Net(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            UnknownImage(_) | UnknownVm(_) | UnknownHost(_) | UnknownNetwork(_) => StatusCode::NOT_FOUND,
+            Conflict(_) | Capacity(_) | Waited(_) | Transition { .. } | Contended(_) | NetworkIdentityTaken(_) => StatusCode::CONFLICT,
             Store(_) | ImageServer(_) | NotOnReachable { .. } | Host(_) => StatusCode::BAD_GATEWAY,
             Expr(_) => StatusCode::UNPROCESSABLE_ENTITY,
             State(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Quota(_) => StatusCode::FORBIDDEN,
+            Quota(_) | Forbidden(_) => StatusCode::FORBIDDEN,
         };
         ApiError(code, e.to_string())
     }
@@ -222,7 +223,8 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
     info(title = "vgrid API", description = "Run VMs on a grid of hosts, images streamed on demand."),
     paths(list_vms, create_vm, get_vm, stop_vm, migrate_vm, delete_vm, console, suspend_vm, resume_vm, snapshot_vm, list_hosts, get_host, host_heartbeat,
         list_image_servers, image_server_heartbeat, futures, auth_challenge, auth_login, auth_logout, whoami,
-        list_users, add_user, get_user, delete_user, set_quota, audit, usage::get_usage, drain::drain_host, drain::get_drain, drain::undrain_host, join, renew_cert, create_join_token, list_join_tokens),
+        list_users, add_user, get_user, delete_user, set_quota, audit, usage::get_usage, drain::drain_host, drain::get_drain, drain::undrain_host, join, renew_cert, create_join_token, list_join_tokens,
+        networks::list_networks, networks::create_network, networks::get_network, networks::delete_network),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
         HostState, HostHeartbeat, HeartbeatReply, VmReport, vgrid_api::host::VmWaiting, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
         vgrid_api::vm::VmConfig, vgrid_api::vm::BootConfig, vgrid_api::vm::NetConfig, vgrid_api::vm::Nic, vgrid_api::vm::Accel,
@@ -231,7 +233,9 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
         vgrid_api::vm::Resources, vgrid_api::usage::UsageReport, vgrid_api::usage::UserUsage, vgrid_api::usage::VmUsage,
         vgrid_api::usage::UsageTotals, vgrid_api::usage::VmUsageReport, VmResume, VmSnapshot, SavedImage, Suspended,
         vgrid_api::migrate::VmMigrate, vgrid_api::migrate::Migration, vgrid_api::migrate::MigrationStatus,
-        vgrid_api::grid::Drain, vgrid_api::grid::DrainedVm, vgrid_api::grid::DrainStep)),
+        vgrid_api::grid::Drain, vgrid_api::grid::DrainedVm, vgrid_api::grid::DrainStep,
+        vgrid_api::net::Network, vgrid_api::net::NetworkCreate, vgrid_api::net::NetworkInfo, vgrid_api::net::NetworkKind,
+        vgrid_api::net::SiteNet, vgrid_api::net::Lease)),
     modifiers(&CONTRACT),
     security(("bearer" = []))
 )]
@@ -346,6 +350,8 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -
         .route("/api/v1/hosts/{name}/drain", get(drain::get_drain).post(drain::drain_host).delete(drain::undrain_host))
         .route("/api/v1/futures", post(futures))
         .route("/api/v1/usage", get(usage::get_usage))
+        .route("/api/v1/networks", get(networks::list_networks).post(networks::create_network))
+        .route("/api/v1/networks/{name}", get(networks::get_network).delete(networks::delete_network))
         .route("/api/v1/image-servers", get(list_image_servers))
         .route("/api/v1/image-servers/heartbeat", post(image_server_heartbeat))
         .with_state(c)
@@ -726,8 +732,10 @@ async fn host_heartbeat(
         return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("invalid host name {:?}", hb.ad.name)));
     }
     node_peer(&nodes, &peer, NodeRole::Host, &hb.ad.name)?;
+    let attached = hb.ad.networks.clone();
     let image_servers = c.heartbeat(hb).await?;
-    Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers }))
+    let networks = c.site_networks(&attached).await?;
+    Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers, networks }))
 }
 
 #[utoipa::path(get, path = "/api/v1/image-servers", responses((status = 200, body = [ImageServerAd])))]
@@ -748,7 +756,11 @@ async fn image_server_heartbeat(
     let Json(ad) = body?;
     node_peer(&nodes, &peer, NodeRole::ImageServer, &ad.name)?;
     c.registry().server_beat(ad);
-    Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers: c.registry().image_server_urls() }))
+    Ok(Json(HeartbeatReply {
+        interval_secs: c.registry().interval.as_secs().max(1),
+        image_servers: c.registry().image_server_urls(),
+        networks: Vec::new(),
+    }))
 }
 
 /// Which hosts could start a VM like this now (VM futures), and why not the others.

@@ -51,7 +51,7 @@ impl From<AgentError> for HttpError {
             AgentError::NoKvm { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Admission(crate::resources::AdmissionError::Invalid { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Admission(_) => StatusCode::CONFLICT,
-            AgentError::Migration { .. } => StatusCode::CONFLICT,
+            AgentError::Migration { .. } | AgentError::Network(_) => StatusCode::CONFLICT,
             AgentError::Proxy(vgrid_blockproxy::ProxyError::ImageNotFound { .. }) => StatusCode::NOT_FOUND,
             AgentError::Save(crate::error::SaveError::BadName(_)) => StatusCode::BAD_REQUEST,
             AgentError::Save(crate::error::SaveError::Upload { .. }) => StatusCode::BAD_GATEWAY,
