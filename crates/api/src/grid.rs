@@ -196,6 +196,11 @@ pub struct FuturesQuery {
     #[serde(default)]
     #[schema(pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}(@[0-9]{1,9})?$")]
     pub image: Option<String>,
+    /// The network interfaces the VM would have: a site interface needs a host attached to its
+    /// network (`"NET" in host.networks`, named in the refusals).
+    #[serde(default)]
+    #[schema(max_items = 8)]
+    pub nics: Vec<crate::net::Nic>,
 }
 
 /// One host's answer to a futures query.

@@ -45,6 +45,8 @@ pub enum NetError {
     AddrOutside { what: &'static str, addr: Ipv4Addr, cidr: Cidr },
     #[error("gateway {gateway} lies inside the range {first}-{last} that guests are given")]
     GatewayInRange { gateway: Ipv4Addr, first: Ipv4Addr, last: Ipv4Addr },
+    #[error("{count} name servers: at most {max}")]
+    TooManyDns { count: usize, max: usize },
     #[error("MTU {mtu} is outside 576-9000")]
     Mtu { mtu: u16 },
     #[error("a site network needs --cidr and --range")]
@@ -54,6 +56,19 @@ pub enum NetError {
     #[error("port forwards need a user-mode interface (--net user)")]
     ForwardsNeedUser,
 }
+
+/// An IPv4 address as the schemas write it (what `Ipv4Addr` parses: no leading zeros).
+pub const IPV4_PATTERN: &str =
+    "^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$";
+
+/// The schema of a list of name servers: IPv4 addresses, at most [`MAX_DNS`].
+fn ipv4_list() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new().items(ObjectBuilder::new().schema_type(Type::String).pattern(Some(IPV4_PATTERN))).max_items(Some(MAX_DNS)).build()
+}
+
+/// Most name servers a site network tells its guests of.
+pub const MAX_DNS: usize = 4;
 
 /// Most network interfaces of one VM.
 pub const MAX_NICS: usize = 8;
@@ -169,20 +184,22 @@ pub enum Nic {
     /// takes `address` by DHCP from the host. `mac` and `address` are the coordinator's to
     /// allocate (absent in a request).
     Site {
+        #[schema(pattern = "^[a-z][a-z0-9_-]{0,31}$")]
         network: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        #[schema(value_type = Option<String>)]
+        #[schema(value_type = Option<String>, pattern = "^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")]
         mac: Option<MacAddr>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        #[schema(value_type = Option<String>)]
+        #[schema(value_type = Option<String>, pattern = "^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$")]
         address: Option<Ipv4Addr>,
     },
     /// In the user's tunnel network `network`: frames travel to the user's `vgrid tunnel`; the
     /// guest takes its address from the user's LAN. `mac` is the coordinator's to allocate.
     Tunnel {
+        #[schema(pattern = "^[a-z][a-z0-9_-]{0,31}$")]
         network: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        #[schema(value_type = Option<String>)]
+        #[schema(value_type = Option<String>, pattern = "^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")]
         mac: Option<MacAddr>,
     },
 }
@@ -371,19 +388,36 @@ impl std::fmt::Display for Cidr {
     }
 }
 
-impl std::str::FromStr for Cidr {
-    type Err = NetError;
-    fn from_str(s: &str) -> Result<Self, NetError> {
+impl Cidr {
+    /// `A.B.C.D/LEN` with LEN 8-30, host bits not checked (what a request body may carry: a
+    /// value of the documented shape whose host bits are set is refused by
+    /// [`SiteNet::validate`], naming the field, not as a malformed body).
+    fn parse_shape(s: &str) -> Result<Cidr, NetError> {
         let bad = || NetError::Cidr { value: s.to_string() };
         let (a, l) = s.split_once('/').ok_or_else(bad)?;
         let addr: Ipv4Addr = a.parse().map_err(|_| bad())?;
+        if l.is_empty() || l.len() > 2 || !l.bytes().all(|b| b.is_ascii_digit()) || l.starts_with('0') {
+            return Err(bad());
+        }
         let len: u8 = l.parse().map_err(|_| bad())?;
         if !(8..=30).contains(&len) {
             return Err(bad());
         }
-        let c = Cidr { addr, len };
-        if u32::from(addr) & !c.mask() != 0 {
-            return Err(bad());
+        Ok(Cidr { addr, len })
+    }
+
+    /// Whether no host bits are set.
+    pub fn is_network(&self) -> bool {
+        u32::from(self.addr) & !self.mask() == 0
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = NetError;
+    fn from_str(s: &str) -> Result<Self, NetError> {
+        let c = Cidr::parse_shape(s)?;
+        if !c.is_network() {
+            return Err(NetError::Cidr { value: s.to_string() });
         }
         Ok(c)
     }
@@ -398,7 +432,7 @@ impl Serialize for Cidr {
 impl<'de> Deserialize<'de> for Cidr {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        Cidr::parse_shape(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -461,15 +495,20 @@ impl<'de> Deserialize<'de> for AddrRange {
 /// name servers, an MTU (DHCP options 3, 6, 26).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SiteNet {
-    #[schema(value_type = String, example = "10.20.0.0/24")]
+    /// The network (no host bits set; a prefix of 8-30 bits).
+    #[schema(value_type = String, example = "10.20.0.0/24", pattern = "^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])/([89]|[12][0-9]|30)$")]
     pub cidr: Cidr,
-    #[schema(value_type = String, example = "10.20.0.100-10.20.0.199")]
+    /// The addresses guests are given, inside `cidr` (off its network and broadcast
+    /// addresses).
+    #[schema(value_type = String, example = "10.20.0.100-10.20.0.199", pattern = "^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])-((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$")]
     pub range: AddrRange,
+    /// The router guests are told of: inside `cidr`, outside `range`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, pattern = "^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$")]
     pub gateway: Option<Ipv4Addr>,
+    /// Name servers guests are told of.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schema(value_type = Vec<String>)]
+    #[schema(schema_with = ipv4_list)]
     pub dns: Vec<Ipv4Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 576, maximum = 9000)]
@@ -481,6 +520,12 @@ impl SiteNet {
     /// name servers inside it too, the gateway outside the range; the MTU sane.
     pub fn validate(&self) -> Result<(), NetError> {
         let (c, r) = (self.cidr, self.range);
+        if !c.is_network() {
+            return Err(NetError::Cidr { value: c.to_string() });
+        }
+        if self.dns.len() > MAX_DNS {
+            return Err(NetError::TooManyDns { count: self.dns.len(), max: MAX_DNS });
+        }
         let inside = |a: Ipv4Addr| c.contains(a) && a != c.network() && a != c.broadcast();
         if u32::from(r.first) > u32::from(r.last) || !inside(r.first) || !inside(r.last) {
             return Err(NetError::RangeOutside { first: r.first, last: r.last, cidr: c });
@@ -563,10 +608,10 @@ pub struct Lease {
     pub vm: String,
     #[serde(default)]
     pub name: String,
-    #[schema(value_type = String)]
+    #[schema(value_type = String, pattern = "^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")]
     pub mac: MacAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, pattern = "^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$")]
     pub address: Option<Ipv4Addr>,
 }
 
@@ -653,6 +698,69 @@ mod tests {
         assert!("02:00:00:00:00:zz".parse::<MacAddr>().is_err());
         let j = serde_json::to_value(Nic::Site { network: "farm".into(), mac: Some(m), address: Some("10.20.0.100".parse().unwrap()) }).unwrap();
         assert_eq!(j, serde_json::json!({"mode": "site", "network": "farm", "mac": m.to_string(), "address": "10.20.0.100"}));
+    }
+
+    /// The first pattern anywhere in `v`.
+    fn pattern_in(v: &serde_json::Value) -> Option<String> {
+        match v {
+            serde_json::Value::Object(o) => o.get("pattern").and_then(|p| p.as_str()).map(str::to_string).or_else(|| o.values().find_map(pattern_in)),
+            serde_json::Value::Array(a) => a.iter().find_map(pattern_in),
+            _ => None,
+        }
+    }
+
+    /// The patterns the OpenAPI document gives these fields, from the schemas themselves.
+    fn patterns() -> std::collections::HashMap<&'static str, regex::Regex> {
+        use utoipa::PartialSchema;
+        let site = serde_json::to_value(SiteNet::schema()).unwrap();
+        let lease = serde_json::to_value(Lease::schema()).unwrap();
+        let re = |v: &serde_json::Value| regex::Regex::new(&pattern_in(v).expect("a pattern")).unwrap();
+        let props = &site["properties"];
+        std::collections::HashMap::from([
+            ("cidr", re(&props["cidr"])),
+            ("range", re(&props["range"])),
+            ("ipv4", re(&props["gateway"])),
+            ("dns", re(&props["dns"]["items"])),
+            ("mac", re(&lease["properties"]["mac"])),
+        ])
+    }
+
+    #[test]
+    fn the_schema_patterns_accept_what_the_parsers_accept() {
+        let p = patterns();
+        for s in ["10.20.0.0/24", "0.0.0.0/8", "255.255.255.252/30", "10.20.0.0/7", "10.20.0.0/31", "10.20.0.0/024", "010.20.0.0/24", "10.20.0/24", "10.256.0.0/16", " 10.0.0.0/8", "10.20.0.1/24"] {
+            // Host bits are the one thing the pattern cannot say: refused by validate (422).
+            assert_eq!(p["cidr"].is_match(s), Cidr::parse_shape(s).is_ok(), "{s:?}");
+        }
+        for s in ["10.0.0.1", "255.255.255.255", "1.2.3", "01.2.3.4", "1.2.3.256", "1.2.3.4 ", "a.b.c.d"] {
+            assert_eq!(p["ipv4"].is_match(s), s.parse::<Ipv4Addr>().is_ok(), "{s:?}");
+            assert_eq!(p["dns"].is_match(s), s.parse::<Ipv4Addr>().is_ok(), "dns {s:?}");
+        }
+        for s in ["10.0.0.1-10.0.0.9", "10.0.0.9-10.0.0.1", "10.0.0.1 - 10.0.0.9", "10.0.0.1-", "10.0.0.1-10.0.0.300"] {
+            // The parser also takes spaces around the dash; the pattern is the stricter.
+            if p["range"].is_match(s) {
+                assert!(s.parse::<AddrRange>().is_ok(), "{s:?}");
+            }
+        }
+        assert!(p["range"].is_match("10.0.0.1-10.0.0.9") && !p["range"].is_match("10.0.0.1-10.0.0.300"));
+        for s in ["02:00:0a:14:00:64", "02:00:0A:14:00:64", "02:00:0a:14:00", "02:00:0a:14:00:6", "02-00-0a-14-00-64", "+2:00:0a:14:00:64"] {
+            if p["mac"].is_match(s) {
+                assert!(s.parse::<MacAddr>().is_ok(), "{s:?}");
+            }
+        }
+        assert!(!p["mac"].is_match("+2:00:0a:14:00:64") && p["mac"].is_match("02:00:0A:14:00:64"));
+        let names = regex::Regex::new("^[a-z][a-z0-9_-]{0,31}$").unwrap();
+        for s in ["farm", "f", "farm-2_b", "Farm", "2farm", "", "-x", &"a".repeat(32), &"a".repeat(33)] {
+            assert_eq!(names.is_match(s), check_network_name(s).is_ok(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn a_cidr_with_host_bits_is_of_the_documented_shape_and_refused_by_validation() {
+        let j = serde_json::json!({"name": "farm", "kind": "site", "cidr": "10.20.0.1/24", "range": "10.20.0.100-10.20.0.199"});
+        let c: NetworkCreate = serde_json::from_value(j).unwrap();
+        assert_eq!(c.validate().unwrap_err(), NetError::Cidr { value: "10.20.0.1/24".into() });
+        assert!("10.20.0.1/24".parse::<Cidr>().is_err());
     }
 
     #[test]

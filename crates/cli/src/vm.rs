@@ -497,6 +497,9 @@ pub struct FuturesArgs {
     /// Image the VM would run (checks its architecture).
     #[arg(long)]
     pub image: Option<String>,
+    /// A network interface the VM would have (as `vm run --net`); repeatable.
+    #[arg(long = "net", value_name = "MODE", value_parser = |s: &str| s.parse::<vgrid_api::vm::Nic>())]
+    pub nics: Vec<vgrid_api::vm::Nic>,
 }
 
 pub async fn futures(ctx: &Ctx, a: FuturesArgs) -> anyhow::Result<ExitCode> {
@@ -505,6 +508,7 @@ pub async fn futures(ctx: &Ctx, a: FuturesArgs) -> anyhow::Result<ExitCode> {
         cpus: a.cpus,
         memory_mib: a.memory,
         image: a.image.clone(),
+        nics: a.nics.clone(),
     };
     let answers: Vec<Future> = ctx.api().post("/api/v1/futures", &q).await?;
     if ctx.json {

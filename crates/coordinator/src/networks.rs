@@ -16,7 +16,7 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use vgrid_api::net::{Lease, MacAddr, Network, NetworkCreate, NetworkInfo, NetworkKind, Nic};
+use vgrid_api::net::{Lease, MacAddr, NetConfig, Network, NetworkCreate, NetworkInfo, NetworkKind, Nic};
 use vgrid_api::vm::VmConfig;
 
 use crate::lifecycle::claims::{self, Held};
@@ -231,9 +231,9 @@ fn check_visible(net: &Network, who: Asker<'_>) -> Result<(), CoordinatorError> 
 
 /// The placement clause a VM's site networks add: every host it may run on is attached to
 /// each (`"farm" in host.networks`), and tunnel interfaces need a host that carries tunnels.
-pub fn network_requirement(config: &VmConfig) -> Option<String> {
-    let mut clauses: Vec<String> = config.net.site_networks().map(|n| format!("{n:?} in host.networks")).collect();
-    if config.net.nics.iter().any(|n| matches!(n, Nic::Tunnel { .. })) {
+pub fn network_requirement(net: &NetConfig) -> Option<String> {
+    let mut clauses: Vec<String> = net.site_networks().map(|n| format!("{n:?} in host.networks")).collect();
+    if net.nics.iter().any(|n| matches!(n, Nic::Tunnel { .. })) {
         clauses.push("\"tunnel\" in host.network_modes".into());
     }
     (!clauses.is_empty()).then(|| clauses.join(" && "))

@@ -164,7 +164,7 @@ pub(crate) async fn prepare_spec(
     let export = manifest.image_ref().to_string();
     let spec = VmSpec::new(&id, req.config.clone().with_accel(accel), DiskSource::nbd_unix(&ctx.nbd_socket, &export), boot);
     // Site interfaces: their taps exist before QEMU opens them, their leases are served.
-    ctx.net.plug(&id, &req.config, ctx.qemu_user.as_ref().map(|u| u.uid))?;
+    ctx.net.plug(&id, &dir, &req.config, ctx.qemu_user.as_ref().map(|u| u.uid))?;
     Ok((spec, dir, manifest))
 }
 

@@ -6,6 +6,7 @@
 //! from the heartbeat's answer; the host never chooses an address.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::Mutex;
 
 use vgrid_api::net::{MacAddr, Network, NetworkKind, Nic, SiteNet};
@@ -93,11 +94,12 @@ impl SiteNets {
         }
     }
 
-    /// Plugs the site interfaces of VM `id` (`config`) in: taps for QEMU running as `uid`,
-    /// filters, leases. An interface on a network this host is not attached to is refused.
-    pub fn plug(&self, id: &str, config: &VmConfig, uid: Option<u32>) -> Result<(), AgentError> {
+    /// Plugs the site interfaces of VM `id` (`config`, runtime directory `dir`) in: taps for
+    /// QEMU running as `uid`, filters, leases. An interface on a network this host is not
+    /// attached to is refused.
+    pub fn plug(&self, id: &str, dir: &Path, config: &VmConfig, uid: Option<u32>) -> Result<(), AgentError> {
         let mut done = Vec::new();
-        let r = self.plug_all(id, config, uid, &mut done);
+        let r = self.plug_all(id, dir, config, uid, &mut done);
         if r.is_err() {
             for p in &done {
                 self.unplug_one(id, p);
@@ -108,7 +110,7 @@ impl SiteNets {
         r
     }
 
-    fn plug_all(&self, id: &str, config: &VmConfig, uid: Option<u32>, done: &mut Vec<Plugged>) -> Result<(), AgentError> {
+    fn plug_all(&self, id: &str, dir: &Path, config: &VmConfig, uid: Option<u32>, done: &mut Vec<Plugged>) -> Result<(), AgentError> {
         for (i, nic) in config.net.nics.iter().enumerate() {
             let Nic::Site { network, mac, address } = nic else { continue };
             let (Some(mac), Some(address)) = (*mac, *address) else {
@@ -117,16 +119,13 @@ impl SiteNets {
             let bridge = self.attached.get(network).ok_or_else(|| {
                 AgentError::Network(format!("VM {id}: this host is not attached to site network {network} (vgrid host --network {network}=BRIDGE)"))
             })?;
-            if !self.defs.lock().unwrap().contains_key(network) {
-                return Err(AgentError::Network(format!(
-                    "VM {id}: the definition of site network {network} has not reached this host yet (its next heartbeat brings it)"
-                )));
-            }
-            let tap = crate::qemu::net::tap_name(id, i);
+            let tap = crate::qemu::net::tap_name(dir, i);
             vgrid_vnet::link::add_tap(&tap, uid, bridge).map_err(AgentError::network)?;
             let p = Plugged { tap: tap.clone(), bridge: bridge.clone(), network: network.clone(), mac, address };
             done.push(p.clone());
             vgrid_vnet::filter::guard(&tap, mac, address).map_err(AgentError::network)?;
+            // Served at once if the network's definition is known, else when the next
+            // heartbeat's answer brings it (`learn`): the guest's DHCP client keeps asking.
             self.serve(&p);
             tracing::info!(vm = %id, tap = %tap, bridge = %bridge, mac = %mac, address = %address, "site interface plugged");
         }
@@ -134,7 +133,7 @@ impl SiteNets {
     }
 
     /// Takes back the leases and filters of an adopted guest (its taps are still there).
-    pub fn adopt(&self, id: &str, config: &VmConfig) {
+    pub fn adopt(&self, id: &str, dir: &Path, config: &VmConfig) {
         let mut plugged = Vec::new();
         for (i, nic) in config.net.nics.iter().enumerate() {
             let Nic::Site { network, mac: Some(mac), address: Some(address) } = nic else { continue };
@@ -142,7 +141,7 @@ impl SiteNets {
                 tracing::warn!(vm = %id, network = %network, "adopted guest is on site network {network}, which this agent is no longer attached to");
                 continue;
             };
-            let tap = crate::qemu::net::tap_name(id, i);
+            let tap = crate::qemu::net::tap_name(dir, i);
             if let Err(e) = vgrid_vnet::filter::guard(&tap, *mac, *address) {
                 tracing::warn!(vm = %id, tap = %tap, "{e}");
             }

@@ -1,8 +1,10 @@
 //! The anti-spoofing filter of guests' taps, in nftables' bridge family (as OpenNebula's and
 //! Incus's): table `bridge vgrid`, a verdict map from tap to that tap's chain, hooked before
 //! the bridge forwards a frame or delivers it to the host. A guest's frames must carry its
-//! MAC; its IPv4 packets and ARP its address (or 0.0.0.0, while it asks DHCP); anything else
-//! from it (another's MAC or address, IPv6, which site networks do not lease) is dropped.
+//! MAC; its ARP its address (or 0.0.0.0: a probe), its IPv4 packets its address (or 0.0.0.0 to
+//! the DHCP server's port, while it asks for its lease); anything else from it (another's MAC
+//! or address, IPv6, which site networks do not lease, VLAN tags, other protocols) is dropped,
+//! and counted (`nft list chain bridge vgrid g-TAP`).
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -68,11 +70,12 @@ pub fn guard(tap: &str, mac: MacAddr, addr: Ipv4Addr) -> Result<(), NetError> {
         &format!(
             "add chain {TABLE} {c}\n\
              flush chain {TABLE} {c}\n\
-             add rule {TABLE} {c} ether saddr != {mac} drop\n\
-             add rule {TABLE} {c} ether type arp arp saddr ether != {mac} drop\n\
-             add rule {TABLE} {c} ether type arp arp saddr ip != {{ {addr}, 0.0.0.0 }} drop\n\
-             add rule {TABLE} {c} ether type ip ip saddr != {{ {addr}, 0.0.0.0 }} drop\n\
-             add rule {TABLE} {c} ether type ip6 drop\n\
+             add rule {TABLE} {c} ether saddr != {mac} counter drop\n\
+             add rule {TABLE} {c} ether type arp arp saddr ether != {mac} counter drop\n\
+             add rule {TABLE} {c} ether type arp arp saddr ip != {{ {addr}, 0.0.0.0 }} counter drop\n\
+             add rule {TABLE} {c} ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept\n\
+             add rule {TABLE} {c} ether type ip ip saddr != {addr} counter drop\n\
+             add rule {TABLE} {c} ether type != {{ ip, arp }} counter drop\n\
              add element {TABLE} guests {{ \"{tap}\" : jump {c} }}\n"
         ),
     )

@@ -209,7 +209,7 @@ impl Coordinator {
             cpus: req.cpus,
             memory_mib: req.memory_mib,
             cpu_share: 0.0,
-            require: req.require.clone().filter(|r| !r.trim().is_empty()),
+            require: with_networks(req.require.clone(), &req.nics)?,
             rank: None,
         };
         self.sched.validate(&base)?;
@@ -310,4 +310,17 @@ pub(crate) fn place_error(e: PlaceError) -> CoordinatorError {
         PlaceError::Invalid(e) => e.into(),
         e @ PlaceError::TimedOut { .. } => CoordinatorError::Waited(e),
     }
+}
+
+/// A futures query's requirement with its interfaces' network clauses (as a VM's placement
+/// has them).
+fn with_networks(require: Option<String>, nics: &[vgrid_api::net::Nic]) -> Result<Option<String>, CoordinatorError> {
+    let net = vgrid_api::net::NetConfig::requested(nics, &[])?;
+    net.validate()?;
+    let require = require.filter(|r| !r.trim().is_empty());
+    Ok(match (require, crate::networks::network_requirement(&net)) {
+        (r, None) => r,
+        (None, Some(n)) => Some(n),
+        (Some(r), Some(n)) => Some(format!("({r}) && {n}")),
+    })
 }

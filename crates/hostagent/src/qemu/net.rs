@@ -5,10 +5,12 @@ use std::path::Path;
 
 use vgrid_api::vm::{Nic, VmConfig};
 
-/// The name of the tap of VM `vm`'s interface `index` (site mode): `vgt`, eight hex digits of
-/// the VM id's FNV-1a hash, the index; 15 bytes at most, as Linux allows.
-pub fn tap_name(vm: &str, index: usize) -> String {
-    let h = vm.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+/// The name of the tap of interface `index` of the VM whose runtime directory is `dir` (site
+/// mode): `vgt`, eight hex digits of the directory's FNV-1a hash, the index; 15 bytes at most,
+/// as Linux allows. The directory, not the VM id: two agents on one machine (a migration
+/// between them) each have their own tap for the VM.
+pub fn tap_name(dir: &Path, index: usize) -> String {
+    let h = dir.as_os_str().as_encoded_bytes().iter().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193));
     format!("vgt{h:08x}{index}")
 }
 
@@ -18,12 +20,12 @@ pub fn stream_socket(dir: &Path, index: usize) -> std::path::PathBuf {
     dir.join(format!("nic{index}.sock"))
 }
 
-/// The network devices of VM `vm`'s `config` in runtime directory `dir`: one virtio-net device
+/// The network devices of a VM's `config` in its runtime directory `dir`: one virtio-net device
 /// per interface, `n0`, `n1`, ...; user-mode ones with their TCP forwards bound on 127.0.0.1,
 /// site ones on their tap (made by the agent before QEMU starts; no vhost here), tunnel ones
 /// on a stream socket the agent listens on (QEMU reconnects while the agent restarts). Site and
 /// tunnel interfaces carry the MAC the coordinator allocated.
-pub fn net_args(config: &VmConfig, vm: &str, dir: &Path) -> Vec<String> {
+pub fn net_args(config: &VmConfig, dir: &Path) -> Vec<String> {
     let mut a = Vec::new();
     for (i, nic) in config.net.nics.iter().enumerate() {
         let netdev = match nic {
@@ -34,7 +36,7 @@ pub fn net_args(config: &VmConfig, vm: &str, dir: &Path) -> Vec<String> {
                 }
                 netdev
             }
-            Nic::Site { .. } => format!("tap,id=n{i},ifname={},script=no,downscript=no,vhost=off", tap_name(vm, i)),
+            Nic::Site { .. } => format!("tap,id=n{i},ifname={},script=no,downscript=no,vhost=off", tap_name(dir, i)),
             Nic::Tunnel { .. } => format!(
                 "stream,id=n{i},server=off,addr.type=unix,addr.path={},reconnect-ms=1000",
                 super::args::qopt(&stream_socket(dir, i))
@@ -65,9 +67,9 @@ mod tests {
                 Nic::Tunnel { network: "home".into(), mac: Some(MacAddr::for_tunnel("vm-1", "home", 0)) },
             ],
         };
-        let a = net_args(&c, "vm-1", Path::new("/run/v"));
+        let a = net_args(&c, Path::new("/run/v"));
         assert_eq!(a[1], "user,id=n0");
-        let tap = tap_name("vm-1", 1);
+        let tap = tap_name(Path::new("/run/v"), 1);
         assert!(tap.len() <= 15, "{tap}");
         assert_eq!(a[5], format!("tap,id=n1,ifname={tap},script=no,downscript=no,vhost=off"));
         assert_eq!(a[7], format!("virtio-net-pci,netdev=n1,romfile=,mac={mac}"));
