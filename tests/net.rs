@@ -244,3 +244,48 @@ fn site_network_guests_get_leased_addresses_reach_each_other_and_cannot_spoof() 
     up.ok(&["net", "rm", "farm"]);
     assert!(lan.taps().is_empty(), "taps left: {:?}", lan.taps());
 }
+
+/// A guest migrated live to a second host agent attached to the same network (through the
+/// same bridge) keeps its address and MAC: the destination serves its lease and filters its
+/// tap before the switchover, the source's tap goes, and the router reaches it on the new host.
+#[test]
+fn a_site_network_guest_migrated_to_another_host_keeps_its_address() {
+    if skip_unless_root() {
+        return;
+    }
+    let lan = Lan::new();
+    let network = format!("farm={}", lan.br);
+    let up = Up::start_with(&["--network", &network, "--name", "h1", "--heartbeat-interval", "1"]);
+    let h2_data = up.data_dir().join("h2");
+    let h2 = Role::start(
+        &["host", "--coordinator", &up.url, "--listen", "127.0.0.1:0", "--name", "h2", "--data-dir", h2_data.to_str().unwrap(), "--network", &network],
+        up.data_dir().join("h2.log"),
+    );
+    import_dhcp_sample(&up);
+    up.ok(&["net", "create", "farm", "--cidr", "10.20.0.0/24", "--range", "10.20.0.100-10.20.0.109", "--gateway", "10.20.0.1"]);
+    up.wait_until("both hosts to advertise network farm", Duration::from_secs(30), || {
+        up.json(&["net", "show", "farm"])["hosts"].as_array().is_some_and(|h| h.len() == 2)
+    });
+    let v = up.run_vm("netsample", "m", NET_UP, &["--net", "site:farm", "--require", "host.name == \"h1\""]);
+    let id = v["id"].as_str().unwrap().to_string();
+    let (addr, mac) = (address(&up.vm(&id)), up.vm(&id)["config"]["net"]["nics"][0]["mac"].clone());
+    assert!(lan.exec(&format!("ping -c 2 -W 5 {addr}")).status.success(), "router -> guest on h1");
+
+    let o = up.cli(&["vm", "migrate", &id, "--to", "h2", "--timeout", "240"]);
+    assert!(o.status.success(), "migration failed: {}{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr), up.log_tail());
+    let v = up.vm(&id);
+    assert_eq!((v["state"].as_str(), v["host"].as_str()), (Some("running"), Some("h2")), "{v}");
+    assert_eq!(address(&v), addr);
+    assert_eq!(v["config"]["net"]["nics"][0]["mac"], mac);
+    up.wait_until("the source's tap to go", Duration::from_secs(30), || lan.taps().len() == 1);
+    up.wait_until("the router to reach the guest on h2", Duration::from_secs(60), || {
+        lan.exec(&format!("ping -c 1 -W 2 {addr}")).status.success()
+    });
+    // The guest kept its configuration (no new DHCP exchange, no reboot) and reaches the router.
+    let dst = h2_data.join("vms").join(&id);
+    console_line(&dst, PROMPT, "ping -c 2 -W 5 10.20.0.1 >/dev/null && echo MIGRATED-PING-O''K", "MIGRATED-PING-OK", Duration::from_secs(90))
+        .unwrap_or_else(|e| panic!("{e}"));
+    up.ok(&["vm", "rm", "--force", &id]);
+    up.wait_until("the tap to go with the VM", Duration::from_secs(30), || lan.taps().is_empty());
+    drop(h2);
+}
