@@ -39,7 +39,10 @@ impl Lan {
         must(&format!("ip netns add {}", lan.ns));
         must(&format!("ip link add vgv{tag}a type veth peer name vgv{tag}b && ip link set vgv{tag}a master {} up", lan.br));
         must(&format!("ip link set vgv{tag}b netns {ns} && ip -n {ns} link set vgv{tag}b name eth0", ns = lan.ns));
-        must(&format!("ip -n {ns} addr add 10.20.0.1/24 dev eth0 && ip -n {ns} link set eth0 up && ip -n {ns} link set lo up", ns = lan.ns));
+        must(&format!(
+            "ip -n {ns} addr add 10.20.0.1/24 dev eth0 && ip -n {ns} link set eth0 up && ip -n {ns} link set lo up",
+            ns = lan.ns
+        ));
         lan
     }
 
@@ -212,8 +215,8 @@ fn site_network_guests_get_leased_addresses_reach_each_other_and_cannot_spoof() 
     // They reach each other and the site's router; the router reaches them.
     guest(&up, &ida, &format!("ping -c 2 -W 5 {addr_b} >/dev/null && echo PING-B-O''K"), "PING-B-OK");
     guest(&up, &idb, "ping -c 2 -W 5 10.20.0.1 >/dev/null && echo PING-GW-O''K", "PING-GW-OK");
-    let o = lan.exec(&format!("ping -c 2 -W 5 {addr_a}"));
-    assert!(o.status.success(), "router -> a: {}", String::from_utf8_lossy(&o.stdout));
+    let o = lan.exec(&format!("busybox ping -c 2 -W 5 {addr_a}"));
+    assert!(o.status.success(), "router -> a: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
 
     spoofing_is_dropped(&up, &lan, &idb, &addr_b, &taps_a);
 
@@ -237,7 +240,7 @@ fn site_network_guests_get_leased_addresses_reach_each_other_and_cannot_spoof() 
     assert_eq!(r["state"], "running", "{r}");
     assert_eq!(address(&r), addr_a);
     up.wait_until("the router to reach a after its resume", Duration::from_secs(60), || {
-        lan.exec(&format!("ping -c 1 -W 2 {addr_a}")).status.success()
+        lan.exec(&format!("busybox ping -c 1 -W 2 {addr_a}")).status.success()
     });
 
     up.ok(&["vm", "rm", "--force", &ida]);
@@ -258,7 +261,19 @@ fn a_site_network_guest_migrated_to_another_host_keeps_its_address() {
     let up = Up::start_with(&["--network", &network, "--name", "h1", "--heartbeat-interval", "1"]);
     let h2_data = up.data_dir().join("h2");
     let h2 = Role::start(
-        &["host", "--coordinator", &up.url, "--listen", "127.0.0.1:0", "--name", "h2", "--data-dir", h2_data.to_str().unwrap(), "--network", &network],
+        &[
+            "host",
+            "--coordinator",
+            &up.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            "h2",
+            "--data-dir",
+            h2_data.to_str().unwrap(),
+            "--network",
+            &network,
+        ],
         up.data_dir().join("h2.log"),
     );
     import_dhcp_sample(&up);
@@ -269,22 +284,34 @@ fn a_site_network_guest_migrated_to_another_host_keeps_its_address() {
     let v = up.run_vm("netsample", "m", NET_UP, &["--net", "site:farm", "--require", "host.name == \"h1\""]);
     let id = v["id"].as_str().unwrap().to_string();
     let (addr, mac) = (address(&up.vm(&id)), up.vm(&id)["config"]["net"]["nics"][0]["mac"].clone());
-    assert!(lan.exec(&format!("ping -c 2 -W 5 {addr}")).status.success(), "router -> guest on h1");
+    assert!(lan.exec(&format!("busybox ping -c 2 -W 5 {addr}")).status.success(), "router -> guest on h1");
 
     let o = up.cli(&["vm", "migrate", &id, "--to", "h2", "--timeout", "240"]);
-    assert!(o.status.success(), "migration failed: {}{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr), up.log_tail());
+    assert!(
+        o.status.success(),
+        "migration failed: {}{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        up.log_tail()
+    );
     let v = up.vm(&id);
     assert_eq!((v["state"].as_str(), v["host"].as_str()), (Some("running"), Some("h2")), "{v}");
     assert_eq!(address(&v), addr);
     assert_eq!(v["config"]["net"]["nics"][0]["mac"], mac);
     up.wait_until("the source's tap to go", Duration::from_secs(30), || lan.taps().len() == 1);
     up.wait_until("the router to reach the guest on h2", Duration::from_secs(60), || {
-        lan.exec(&format!("ping -c 1 -W 2 {addr}")).status.success()
+        lan.exec(&format!("busybox ping -c 1 -W 2 {addr}")).status.success()
     });
     // The guest kept its configuration (no new DHCP exchange, no reboot) and reaches the router.
     let dst = h2_data.join("vms").join(&id);
-    console_line(&dst, PROMPT, "ping -c 2 -W 5 10.20.0.1 >/dev/null && echo MIGRATED-PING-O''K", "MIGRATED-PING-OK", Duration::from_secs(90))
-        .unwrap_or_else(|e| panic!("{e}"));
+    console_line(
+        &dst,
+        PROMPT,
+        "ping -c 2 -W 5 10.20.0.1 >/dev/null && echo MIGRATED-PING-O''K",
+        "MIGRATED-PING-OK",
+        Duration::from_secs(90),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     up.ok(&["vm", "rm", "--force", &id]);
     up.wait_until("the tap to go with the VM", Duration::from_secs(30), || lan.taps().is_empty());
     drop(h2);

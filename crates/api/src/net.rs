@@ -58,8 +58,7 @@ pub enum NetError {
 }
 
 /// An IPv4 address as the schemas write it (what `Ipv4Addr` parses: no leading zeros).
-pub const IPV4_PATTERN: &str =
-    "^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$";
+pub const IPV4_PATTERN: &str = "^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$";
 
 /// The schema of a list of name servers: IPv4 addresses, at most [`MAX_DNS`].
 fn ipv4_list() -> utoipa::openapi::schema::Array {
@@ -696,14 +695,17 @@ mod tests {
         assert!("01:00:5e:00:00:01".parse::<MacAddr>().map(|m| !m.is_local_unicast()).unwrap());
         assert!("02:00:00:00:00".parse::<MacAddr>().is_err());
         assert!("02:00:00:00:00:zz".parse::<MacAddr>().is_err());
-        let j = serde_json::to_value(Nic::Site { network: "farm".into(), mac: Some(m), address: Some("10.20.0.100".parse().unwrap()) }).unwrap();
+        let j = serde_json::to_value(Nic::Site { network: "farm".into(), mac: Some(m), address: Some("10.20.0.100".parse().unwrap()) })
+            .unwrap();
         assert_eq!(j, serde_json::json!({"mode": "site", "network": "farm", "mac": m.to_string(), "address": "10.20.0.100"}));
     }
 
     /// The first pattern anywhere in `v`.
     fn pattern_in(v: &serde_json::Value) -> Option<String> {
         match v {
-            serde_json::Value::Object(o) => o.get("pattern").and_then(|p| p.as_str()).map(str::to_string).or_else(|| o.values().find_map(pattern_in)),
+            serde_json::Value::Object(o) => {
+                o.get("pattern").and_then(|p| p.as_str()).map(str::to_string).or_else(|| o.values().find_map(pattern_in))
+            }
             serde_json::Value::Array(a) => a.iter().find_map(pattern_in),
             _ => None,
         }
@@ -728,7 +730,19 @@ mod tests {
     #[test]
     fn the_schema_patterns_accept_what_the_parsers_accept() {
         let p = patterns();
-        for s in ["10.20.0.0/24", "0.0.0.0/8", "255.255.255.252/30", "10.20.0.0/7", "10.20.0.0/31", "10.20.0.0/024", "010.20.0.0/24", "10.20.0/24", "10.256.0.0/16", " 10.0.0.0/8", "10.20.0.1/24"] {
+        for s in [
+            "10.20.0.0/24",
+            "0.0.0.0/8",
+            "255.255.255.252/30",
+            "10.20.0.0/7",
+            "10.20.0.0/31",
+            "10.20.0.0/024",
+            "010.20.0.0/24",
+            "10.20.0/24",
+            "10.256.0.0/16",
+            " 10.0.0.0/8",
+            "10.20.0.1/24",
+        ] {
             // Host bits are the one thing the pattern cannot say: refused by validate (422).
             assert_eq!(p["cidr"].is_match(s), Cidr::parse_shape(s).is_ok(), "{s:?}");
         }
@@ -743,7 +757,8 @@ mod tests {
             }
         }
         assert!(p["range"].is_match("10.0.0.1-10.0.0.9") && !p["range"].is_match("10.0.0.1-10.0.0.300"));
-        for s in ["02:00:0a:14:00:64", "02:00:0A:14:00:64", "02:00:0a:14:00", "02:00:0a:14:00:6", "02-00-0a-14-00-64", "+2:00:0a:14:00:64"] {
+        for s in ["02:00:0a:14:00:64", "02:00:0A:14:00:64", "02:00:0a:14:00", "02:00:0a:14:00:6", "02-00-0a-14-00-64", "+2:00:0a:14:00:64"]
+        {
             if p["mac"].is_match(s) {
                 assert!(s.parse::<MacAddr>().is_ok(), "{s:?}");
             }

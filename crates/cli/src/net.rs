@@ -99,14 +99,29 @@ pub async fn run(ctx: &crate::Ctx, c: NetCmd) -> anyhow::Result<ExitCode> {
                 if let NetworkKind::Site(s) = &n.network.kind {
                     let opt = |o: Option<String>| o.unwrap_or_else(|| "-".into());
                     let dns: Vec<String> = s.dns.iter().map(ToString::to_string).collect();
-                    println!("  gateway {}  dns {}  mtu {}", opt(s.gateway.map(|g| g.to_string())), if dns.is_empty() { "-".into() } else { dns.join(",") }, opt(s.mtu.map(|m| m.to_string())));
-                    println!("  hosts attached: {}", if n.hosts.is_empty() { "none (vgrid host --network NAME=BRIDGE)".into() } else { n.hosts.join(", ") });
+                    println!(
+                        "  gateway {}  dns {}  mtu {}",
+                        opt(s.gateway.map(|g| g.to_string())),
+                        if dns.is_empty() { "-".into() } else { dns.join(",") },
+                        opt(s.mtu.map(|m| m.to_string()))
+                    );
+                    println!(
+                        "  hosts attached: {}",
+                        if n.hosts.is_empty() { "none (vgrid host --network NAME=BRIDGE)".into() } else { n.hosts.join(", ") }
+                    );
                     println!("  {} of {} addresses free", n.free, s.range.len());
                 }
                 let rows = n
                     .leases
                     .iter()
-                    .map(|l| vec![l.address.map(|a| a.to_string()).unwrap_or_else(|| "-".into()), l.mac.to_string(), l.name.clone(), l.vm.clone()])
+                    .map(|l| {
+                        vec![
+                            l.address.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                            l.mac.to_string(),
+                            l.name.clone(),
+                            l.vm.clone(),
+                        ]
+                    })
                     .collect();
                 println!("{}", table(&["ADDRESS", "MAC", "VM", "ID"], rows));
             }

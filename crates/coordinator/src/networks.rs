@@ -130,7 +130,8 @@ impl Coordinator {
     }
 
     async fn info_of(&self, network: Network) -> Result<NetworkInfo, CoordinatorError> {
-        let hosts = self.registry.hosts().into_iter().filter(|h| h.ad.networks.contains(&network.name)).map(|h| h.ad.name.clone()).collect();
+        let hosts =
+            self.registry.hosts().into_iter().filter(|h| h.ad.networks.contains(&network.name)).map(|h| h.ad.name.clone()).collect();
         let leases = self.leases(&network.name).await?;
         let free = match &network.kind {
             NetworkKind::Site(s) => s.range.len().saturating_sub(leases.iter().filter(|l| l.address.is_some()).count() as u64),
@@ -199,14 +200,19 @@ impl Coordinator {
                     }
                     let a = address.expect("assigned above");
                     if !site.range.contains(a) {
-                        return Err(CoordinatorError::BadRequest(format!("address {a} is outside network {network:?}'s range {}", site.range)));
+                        return Err(CoordinatorError::BadRequest(format!(
+                            "address {a} is outside network {network:?}'s range {}",
+                            site.range
+                        )));
                     }
                     mac.get_or_insert(MacAddr::for_site(network, a));
                 }
                 Nic::Tunnel { network, mac } => {
                     let net = self.network(network).await?;
                     if net.kind != NetworkKind::Tunnel {
-                        return Err(CoordinatorError::BadRequest(format!("network {network:?} is a site network: attach it with --net site:{network}")));
+                        return Err(CoordinatorError::BadRequest(format!(
+                            "network {network:?} is a site network: attach it with --net site:{network}"
+                        )));
                     }
                     if net.owner != owner {
                         // Another user's tunnel is not there as far as this user is concerned.

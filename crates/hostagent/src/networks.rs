@@ -46,6 +46,9 @@ impl SiteNets {
         let mut responders = HashMap::new();
         if !attached.is_empty() {
             vgrid_vnet::filter::available().map_err(AgentError::network)?;
+            if vgrid_vnet::link::open_tun_device().map_err(AgentError::network)? {
+                tracing::info!("made /dev/net/tun mode 0666 (as udev does) so that QEMU's user can open its taps");
+            }
         }
         for (net, bridge) in &attached {
             vgrid_api::net::check_network_name(net).map_err(|e| AgentError::Network(e.to_string()))?;
@@ -114,10 +117,14 @@ impl SiteNets {
         for (i, nic) in config.net.nics.iter().enumerate() {
             let Nic::Site { network, mac, address } = nic else { continue };
             let (Some(mac), Some(address)) = (*mac, *address) else {
-                return Err(AgentError::Network(format!("VM {id}: interface {i} on site network {network} has no MAC or address allocated")));
+                return Err(AgentError::Network(format!(
+                    "VM {id}: interface {i} on site network {network} has no MAC or address allocated"
+                )));
             };
             let bridge = self.attached.get(network).ok_or_else(|| {
-                AgentError::Network(format!("VM {id}: this host is not attached to site network {network} (vgrid host --network {network}=BRIDGE)"))
+                AgentError::Network(format!(
+                    "VM {id}: this host is not attached to site network {network} (vgrid host --network {network}=BRIDGE)"
+                ))
             })?;
             let tap = crate::qemu::net::tap_name(dir, i);
             vgrid_vnet::link::add_tap(&tap, uid, bridge).map_err(AgentError::network)?;

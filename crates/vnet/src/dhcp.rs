@@ -123,7 +123,11 @@ impl PacketSocket {
         sll.sll_ifindex = index as i32;
         // SAFETY: `sll` lives across the call and its size is passed.
         let r = unsafe {
-            libc::bind(fd.as_raw_fd(), &sll as *const libc::sockaddr_ll as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32)
+            libc::bind(
+                fd.as_raw_fd(),
+                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
         };
         if r < 0 {
             return Err(err("binding the packet socket", std::io::Error::last_os_error()));

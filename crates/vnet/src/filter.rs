@@ -19,7 +19,8 @@ const TABLE: &str = "bridge vgrid";
 /// Runs an nft script.
 fn nft(what: &str, script: &str) -> Result<(), NetError> {
     let spawn = |source| NetError::Spawn { what: what.to_string(), program: "nft".into(), package: "nftables", source };
-    let mut child = Command::new("nft").arg("-f").arg("-").stdin(Stdio::piped()).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().map_err(spawn)?;
+    let mut child =
+        Command::new("nft").arg("-f").arg("-").stdin(Stdio::piped()).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().map_err(spawn)?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin.write_all(script.as_bytes()).map_err(spawn)?;
     }

@@ -62,7 +62,11 @@ pub fn index(name: &str) -> Result<u32, NetError> {
         what: "reading its interface index",
         source,
     })?;
-    text.trim().parse().map_err(|_| NetError::Command { what: format!("link {name}"), cmd: String::new(), stderr: format!("bad ifindex {text:?}") })
+    text.trim().parse().map_err(|_| NetError::Command {
+        what: format!("link {name}"),
+        cmd: String::new(),
+        stderr: format!("bad ifindex {text:?}"),
+    })
 }
 
 /// The MAC address of `name`.
@@ -78,4 +82,19 @@ pub fn mac(name: &str) -> Result<[u8; 6], NetError> {
         stderr: format!("bad MAC {text:?}"),
     })?;
     Ok(m.0)
+}
+
+/// Makes `/dev/net/tun` usable by QEMU's unprivileged user (mode 0666, what udev sets on a
+/// stock Debian: the kernel still lets a user attach only to a tap made for it). A machine
+/// without udev leaves it 0600. `true` when the mode was changed.
+pub fn open_tun_device() -> Result<bool, NetError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = "/dev/net/tun";
+    let err = |source| NetError::Socket { bridge: path.to_string(), what: "making /dev/net/tun usable by QEMU's user", source };
+    let mode = std::fs::metadata(path).map_err(err)?.permissions().mode();
+    if mode & 0o666 == 0o666 {
+        return Ok(false);
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode((mode & !0o777) | 0o666)).map_err(err)?;
+    Ok(true)
 }

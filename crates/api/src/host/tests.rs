@@ -92,7 +92,10 @@ fn report_bodies_round_trip() {
     let quiet = serde_json::to_value(HostHeartbeat { waiting: vec![], ..hb }).unwrap();
     assert!(quiet.get("waiting").is_none(), "{quiet}");
     round_trip(&HeartbeatReply { interval_secs: 5, image_servers: vec!["https://s".into()], networks: vec![] });
-    assert_eq!(serde_json::from_str::<HeartbeatReply>("{}").unwrap(), HeartbeatReply { interval_secs: 5, image_servers: vec![], networks: vec![] });
+    assert_eq!(
+        serde_json::from_str::<HeartbeatReply>("{}").unwrap(),
+        HeartbeatReply { interval_secs: 5, image_servers: vec![], networks: vec![] }
+    );
 }
 
 #[test]

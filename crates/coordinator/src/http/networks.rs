@@ -27,7 +27,10 @@ fn asker(p: &Principal) -> Asker<'_> {
 /// (an admin sees all), each with the hosts attached and the leases.
 #[utoipa::path(get, path = "/api/v1/networks",
     responses((status = 200, body = [NetworkInfo])))]
-pub async fn list_networks(State(c): State<Arc<Coordinator>>, Extension(p): Extension<Principal>) -> Result<Json<Vec<NetworkInfo>>, ApiError> {
+pub async fn list_networks(
+    State(c): State<Arc<Coordinator>>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<Vec<NetworkInfo>>, ApiError> {
     Ok(Json(c.list_networks(asker(&p)).await?))
 }
 

@@ -292,9 +292,13 @@ async fn networks_refuse_what_they_cannot_give_with_reasons() {
     let e = admit(&c, on_net(&["site:farm"]), "alice", &Quota::default()).await.unwrap_err().to_string();
     assert!(e.contains("\"farm\" in host.networks"), "{e}");
     // `vgrid futures --net site:farm` says the same of each host.
-    let q: vgrid_api::grid::FuturesQuery = serde_json::from_value(serde_json::json!({"nics": [{"mode": "site", "network": "farm"}]})).unwrap();
+    let q: vgrid_api::grid::FuturesQuery =
+        serde_json::from_value(serde_json::json!({"nics": [{"mode": "site", "network": "farm"}]})).unwrap();
     let f = c.futures(&q, "alice").await.unwrap();
-    assert!(!f.is_empty() && f.iter().all(|f| !f.could_start && f.why_not.as_deref().unwrap_or("").contains("\"farm\" in host.networks")), "{f:?}");
+    assert!(
+        !f.is_empty() && f.iter().all(|f| !f.could_start && f.why_not.as_deref().unwrap_or("").contains("\"farm\" in host.networks")),
+        "{f:?}"
+    );
     // Unknown networks, the wrong mode, another user's tunnel.
     let e = admit(&c, on_net(&["site:nope"]), "alice", &Quota::default()).await.unwrap_err();
     assert!(matches!(&e, CoordinatorError::UnknownNetwork(n) if n == "nope"), "{e}");
