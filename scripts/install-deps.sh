@@ -20,6 +20,8 @@ command -v debugfs >/dev/null || need+=(e2fsprogs)   # bench/lazyboot: unpack th
 command -v python3 >/dev/null || need+=(python3)     # bench/: JSON figures
 command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)   # scripts/build-debian-guest.sh
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)   # the API fuzzer's venv (below)
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(libfaketime)   # scripts/faults: a host's clock jumped
+command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)   # site networks: the taps' anti-spoofing filter
 [ -x /usr/share/qemu/bios-256k.bin ] || [ -f /usr/share/seabios/bios-256k.bin ] || need+=(seabios)
 # The unprivileged system user guests' QEMU runs as when the host agent runs as root
 # (`vgrid host --qemu-user`, default vgrid-qemu): no login shell, no home. With KVM it needs
@@ -64,6 +66,6 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-utils qemu-system-data seabios ipxe-qemu
-$SUDO apt-get install -y -qq --no-install-recommends libnbd-bin nbdkit e2fsprogs iproute2 curl zstd busybox-static fio python3 python3-venv debootstrap
+$SUDO apt-get install -y -qq --no-install-recommends libnbd-bin nbdkit e2fsprogs iproute2 curl zstd busybox-static fio python3 python3-venv debootstrap libfaketime nftables
 schemathesis
 echo "install-deps: done ($(qemu-system-x86_64 --version | head -1))"

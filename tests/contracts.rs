@@ -113,12 +113,21 @@ fn healthy(up: &Up) {
     assert_eq!(code, 200, "the server stopped answering: {body}\n{}", up.log_tail());
 }
 
+/// Generated cases per operation and phase when VGRID_CONTRACT_EXAMPLES is not set.
+const CI_EXAMPLES: &str = "3";
+
 /// Runs scripts/contracts against `up` as the holder of `token`, for `roles`; panics with its
 /// findings when it finds anything.
 fn fuzz(up: &Up, token: &str, roles: &[&str]) {
     let script = repo().join("scripts/contracts");
     let t = Instant::now();
-    let o = Command::new(&script)
+    let mut fuzzer = Command::new(&script);
+    if std::env::var_os("VGRID_CONTRACT_EXAMPLES").is_none() {
+        // CI's share: every operation, every phase, few generated cases (the README's longer
+        // local run sets more).
+        fuzzer.env("VGRID_CONTRACT_EXAMPLES", CI_EXAMPLES);
+    }
+    let o = fuzzer
         .arg(&up.url)
         .arg(token)
         .args(roles)
@@ -132,17 +141,18 @@ fn fuzz(up: &Up, token: &str, roles: &[&str]) {
 }
 
 #[test]
-#[ignore = "the fuzzer still finds open issues (integers written as floats get 400, u16 bounds, 404 on host launch/incoming, null bodies, owner names): run with scripts/contracts or --ignored until they are fixed"]
+#[ignore = "the fuzzer's contract findings are fixed, but about one run in two the client sees a TLS EOF on a reused connection after an answer given before the body was read (credentials or node role checked first), and the server still holds a few connections 60 s after the fuzzing: run with --include-ignored until fixed"]
 fn every_roles_api_holds_to_its_document_under_fuzzing() {
     let up = Up::start();
     let dir = tempfile::tempdir().unwrap();
     let pid = up.child.as_ref().unwrap().id();
     let admin = admin_token(&up);
-    let bob = user_token(&up, dir.path(), "bob");
     healthy(&up);
     let before = descriptors(pid);
 
     fuzz(&up, &admin, &["api", "store", "host"]);
+    // The plain user joins after the admin's run, which deletes the users it finds.
+    let bob = user_token(&up, dir.path(), "bob");
     fuzz(&up, &bob, &["api", "store"]);
 
     // Neither token was revoked by the run, and the server is fine.

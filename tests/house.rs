@@ -17,11 +17,21 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("vgrid-storeclient", &["vgrid-api", "vgrid-trust"]),
     ("vgrid-imagestore", &["vgrid-api", "vgrid-trust", "vgrid-storeclient"]),
     ("vgrid-blockproxy", &["vgrid-api", "vgrid-trust", "vgrid-storeclient"]),
-    ("vgrid-hostagent", &["vgrid-api", "vgrid-trust", "vgrid-storeclient", "vgrid-blockproxy"]),
+    ("vgrid-vnet", &["vgrid-api"]),
+    ("vgrid-hostagent", &["vgrid-api", "vgrid-trust", "vgrid-storeclient", "vgrid-blockproxy", "vgrid-vnet"]),
     ("vgrid-coordinator", &["vgrid-api", "vgrid-trust", "vgrid-storeclient"]),
     (
         "vgrid-cli",
-        &["vgrid-api", "vgrid-trust", "vgrid-storeclient", "vgrid-imagestore", "vgrid-blockproxy", "vgrid-hostagent", "vgrid-coordinator"],
+        &[
+            "vgrid-api",
+            "vgrid-trust",
+            "vgrid-storeclient",
+            "vgrid-imagestore",
+            "vgrid-blockproxy",
+            "vgrid-vnet",
+            "vgrid-hostagent",
+            "vgrid-coordinator",
+        ],
     ),
     ("vgrid", &["vgrid-cli"]),
 ];

@@ -3,6 +3,9 @@
 //! `sample`, and cleanup that kills what it started even when a test fails.
 #![allow(dead_code)]
 
+pub mod grid;
+pub mod sim;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -280,6 +283,18 @@ impl Role {
 
     /// [`Role::start`] with extra environment variables.
     pub fn start_env(args: &[&str], log: PathBuf, env: &[(&str, &str)]) -> Role {
+        Self::start_cmd(Command::new(vgrid_bin()), args, log, env)
+    }
+
+    /// [`Role::start`] inside network namespace `ns` (`ip netns exec NS vgrid ARGS`: the
+    /// process is `vgrid` itself, so killing the child kills the role).
+    pub fn start_in_netns(ns: &str, args: &[&str], log: PathBuf) -> Role {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(vgrid_bin());
+        Self::start_cmd(cmd, args, log, &[])
+    }
+
+    fn start_cmd(mut cmd: Command, args: &[&str], log: PathBuf, env: &[(&str, &str)]) -> Role {
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let joins = matches!(args.first().map(|a| a.as_str()), Some("host" | "image-server"));
         if joins && !args.iter().any(|a| a == "--join-token") {
@@ -288,7 +303,7 @@ impl Role {
                 args.extend(["--join-token".to_string(), token]);
             }
         }
-        let mut child = Command::new(vgrid_bin())
+        let mut child = cmd
             .args(&args)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
@@ -416,4 +431,10 @@ pub fn hold_connection(url: &str, idle: bool) -> Child {
         std::thread::sleep(Duration::from_secs(1));
     }
     c
+}
+
+/// Prints a scenario's figures for `scripts/faults`.
+pub fn figures(scenario: &str, text: &str) {
+    println!("FAULTS-FIGURES\t{scenario}\t{text}");
+    eprintln!("[{scenario}] {text}");
 }

@@ -334,8 +334,8 @@ impl VmCreate {
             .with_cpus(self.cpus)
             .with_memory_mib(self.memory_mib)
             .with_accel(accel)
-            .with_resources(self.resources.clone())
-            .with_forwards(self.forwards.clone());
+            .with_resources(self.resources.clone());
+        let config = VmConfig { net: NetConfig::requested(&self.nics, &self.forwards)?, ..config };
         config.validate()?;
         Ok(config)
     }

@@ -24,6 +24,9 @@ pub struct HostAd {
     /// e.g. `["user"]`.
     #[serde(default)]
     pub network_modes: Vec<String>,
+    /// The site networks the host is attached to (`vgrid host --network NAME=BRIDGE`).
+    #[serde(default)]
+    pub networks: Vec<String>,
     /// Free-form labels: site, domain, ...
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -193,6 +196,11 @@ pub struct FuturesQuery {
     #[serde(default)]
     #[schema(pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}(@[0-9]{1,9})?$")]
     pub image: Option<String>,
+    /// The network interfaces the VM would have: a site interface needs a host attached to its
+    /// network (`"NET" in host.networks`, named in the refusals).
+    #[serde(default)]
+    #[schema(max_items = 8)]
+    pub nics: Vec<crate::net::Nic>,
 }
 
 /// One host's answer to a futures query.

@@ -226,6 +226,9 @@ pub struct VmPresence {
     pub running: bool,
     /// Launching (admitted) or present on the host.
     pub known: bool,
+    /// Its QEMU ran and has exited (the host keeps the VM until it is released): a launch
+    /// that happened, whose end `GET /host/v1/vms/{id}/wait` tells.
+    pub exited: bool,
 }
 
 #[derive(Deserialize)]
@@ -235,11 +238,13 @@ struct StoredPresence {
     /// Absent from agents that predate it: such an agent knows a VM it runs.
     #[serde(default)]
     known: Option<bool>,
+    #[serde(default)]
+    exited: bool,
 }
 
 impl From<StoredPresence> for VmPresence {
     fn from(p: StoredPresence) -> VmPresence {
-        VmPresence { saving: p.saving, running: p.running, known: p.known.unwrap_or(p.running) }
+        VmPresence { saving: p.saving, running: p.running, known: p.known.unwrap_or(p.running), exited: p.exited }
     }
 }
 
@@ -325,6 +330,9 @@ pub struct HeartbeatReply {
     pub interval_secs: u64,
     #[serde(default)]
     pub image_servers: Vec<String>,
+    /// The definitions of the site networks the host advertised: what its DHCP answers with.
+    #[serde(default)]
+    pub networks: Vec<crate::net::Network>,
 }
 
 fn default_interval_secs() -> u64 {

@@ -2,7 +2,8 @@
 //! here. Chunk hashes and image manifests; the coordinator's REST bodies (`vm`, `grid`,
 //! `migrate`, `auth`, `usage`); the VM configuration, validated once (`config`, `net`); the host
 //! agent's API and heartbeat (`host`); the image server's wire types (`rest`); and the timeouts
-//! and resource arithmetic both sides of a call count on. This crate holds data definitions and
+//! and resource arithmetic both sides of a call count on; how a JSON body is read (`json`:
+//! integral floats are integers). This crate holds data definitions and
 //! their validation only; it must never do I/O, start tasks, or know how any role stores or
 //! serves these objects.
 
@@ -10,6 +11,7 @@ pub mod auth;
 pub mod config;
 pub mod grid;
 pub mod host;
+pub mod json;
 pub mod manifest;
 pub mod migrate;
 pub mod net;

@@ -325,7 +325,7 @@ impl Manifest {
 
     /// Parses and validates a manifest from JSON.
     pub fn from_json(data: &[u8]) -> Result<Self, ManifestError> {
-        let m: Manifest = serde_json::from_slice(data).map_err(|e| ManifestError::Json(JsonError(e.into())))?;
+        let m: Manifest = crate::json::from_slice(data).map_err(|e| ManifestError::Json(JsonError(e.into())))?;
         m.validate()?;
         Ok(m)
     }

@@ -1,11 +1,13 @@
 //! What every role's OpenAPI document says the same way: the bounds of the names the roles
-//! accept (as patterns the schemas carry) and the answers every route can give besides its own
+//! accept (as patterns the schemas carry), the range of every integer (its Rust type's, unless
+//! narrower) and the answers every route can give besides its own
 //! ([`Contract`]): 401 and 403 on every route that needs credentials, 400 and 413 on every
 //! route that takes a body, 400 on every route with parameters, 404 on every route with a path
 //! parameter, and 422 on every route with a body or parameters (a well-formed request whose
 //! values are refused for a reason the schema cannot say), each with an
 //! [`ErrorBody`](crate::ErrorBody). A schema-valid request is never answered 400. The documents themselves are made
-//! and served by each role (`/api/openapi.json`, `/store/openapi.json`, `/host/openapi.json`).
+//! and served by each role (`/api/openapi.json`, `/store/openapi.json`, `/host/openapi.json`),
+//! through [`served`].
 
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, ResponseBuilder};
@@ -84,36 +86,53 @@ impl utoipa::Modify for Contract {
                 }
             }
         }
-        // Rust's unsigned integers as their real range (utoipa writes them as int32/int64,
-        // whose bounds are not the server's).
-        if let Ok(mut v) = serde_json::to_value(&*doc) {
-            unsigned_bounds(&mut v);
-            if let Ok(d) = serde_json::from_value(v) {
-                *doc = d;
-            }
-        }
     }
 }
 
-/// Integer schemas with a non-negative minimum and format `int32`/`int64` (Rust's `u32`/`u64`)
-/// become `uint32`/`uint64` with their maximum, unless a smaller one is given.
-fn unsigned_bounds(v: &mut serde_json::Value) {
+/// A role's document as it is served (`/api/openapi.json` ...): with every integer's range
+/// (utoipa writes each type's format, e.g. `u-int16`, but not its bounds, which a client cannot
+/// guess; done on the JSON, as utoipa does not read back the formats it writes).
+pub fn served(doc: &OpenApi) -> serde_json::Value {
+    let mut v = serde_json::to_value(doc).expect("an OpenAPI document is JSON");
+    integer_bounds(&mut v);
+    v
+}
+
+/// The canonical name and range of the integer `format` utoipa writes for each Rust integer
+/// type (its `non_strict_integers` feature, which spells the unsigned ones `u-int16` ...).
+fn format_range(format: &str) -> Option<(&'static str, i64, u64)> {
+    Some(match format {
+        "int8" => ("int8", i8::MIN.into(), i8::MAX as u64),
+        "uint8" | "u-int8" => ("uint8", 0, u8::MAX.into()),
+        "int16" => ("int16", i16::MIN.into(), i16::MAX as u64),
+        "uint16" | "u-int16" => ("uint16", 0, u16::MAX.into()),
+        "int32" => ("int32", i32::MIN.into(), i32::MAX as u64),
+        "uint32" | "u-int32" => ("uint32", 0, u32::MAX.into()),
+        "int64" => ("int64", i64::MIN, i64::MAX as u64),
+        "uint64" | "u-int64" => ("uint64", 0, u64::MAX),
+        _ => return None,
+    })
+}
+
+/// Integer schemas get the canonical name of their format and its `minimum` and `maximum`,
+/// unless narrower ones are given (`#[schema(minimum = 1, maximum = 65535)]`).
+fn integer_bounds(v: &mut serde_json::Value) {
     use serde_json::Value;
     match v {
         Value::Object(o) => {
-            let unsigned = o.get("minimum").and_then(|m| m.as_f64()).is_some_and(|m| m >= 0.0);
-            let max = match o.get("format").and_then(|f| f.as_str()) {
-                Some("int32") if unsigned => Some((u64::from(u32::MAX), "uint32")),
-                Some("int64") if unsigned => Some((u64::MAX, "uint64")),
-                _ => None,
+            let integer = match o.get("type") {
+                Some(Value::String(t)) => t == "integer",
+                Some(Value::Array(ts)) => ts.iter().any(|t| t == "integer"),
+                _ => false,
             };
-            if let Some((max, format)) = max {
+            if let Some((format, min, max)) = o.get("format").and_then(|f| f.as_str()).and_then(format_range).filter(|_| integer) {
                 o.insert("format".into(), format.into());
+                o.entry("minimum").or_insert(min.into());
                 o.entry("maximum").or_insert(max.into());
             }
-            o.values_mut().for_each(unsigned_bounds);
+            o.values_mut().for_each(integer_bounds);
         }
-        Value::Array(a) => a.iter_mut().for_each(unsigned_bounds),
+        Value::Array(a) => a.iter_mut().for_each(integer_bounds),
         _ => {}
     }
 }
@@ -167,5 +186,40 @@ mod tests {
         for n in ["alice", "a.b-c_d", "9x", "_x", ".x", "Alice", "", &"a".repeat(32), &"a".repeat(33)] {
             assert_eq!(matches(USER_PATTERN, n), crate::auth::validate_user_name(n).is_ok(), "{n:?}");
         }
+    }
+
+    #[derive(utoipa::ToSchema)]
+    #[allow(dead_code)]
+    struct Ints {
+        port: u16,
+        #[schema(minimum = 1, maximum = 65535)]
+        forward: u16,
+        small: Option<u8>,
+        offset: i16,
+        count: u32,
+        size: u64,
+        delta: i64,
+        share: f64,
+    }
+
+    #[derive(utoipa::OpenApi)]
+    #[openapi(components(schemas(Ints)), modifiers(&TEST_CONTRACT))]
+    struct Doc;
+    const TEST_CONTRACT: Contract = Contract { body_limit: 1 };
+
+    #[test]
+    fn integers_are_documented_with_their_types_range() {
+        let doc = served(&<Doc as utoipa::OpenApi>::openapi());
+        let p = &doc["components"]["schemas"]["Ints"]["properties"];
+        let range = |f: &str| (p[f]["format"].clone(), p[f]["minimum"].clone(), p[f]["maximum"].clone());
+        let j = |v: serde_json::Value| v;
+        assert_eq!(range("port"), (j("uint16".into()), j(0.into()), j(65535.into())));
+        assert_eq!(range("forward"), (j("uint16".into()), j(1.into()), j(65535.into())));
+        assert_eq!(range("small"), (j("uint8".into()), j(0.into()), j(255.into())));
+        assert_eq!(range("offset"), (j("int16".into()), j((-32768).into()), j(32767.into())));
+        assert_eq!(range("count"), (j("uint32".into()), j(0.into()), j(u32::MAX.into())));
+        assert_eq!(range("size"), (j("uint64".into()), j(0.into()), j(u64::MAX.into())));
+        assert_eq!(range("delta"), (j("int64".into()), j(i64::MIN.into()), j(i64::MAX.into())));
+        assert_eq!(p["share"].get("maximum"), None);
     }
 }

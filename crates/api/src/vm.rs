@@ -103,8 +103,15 @@ pub struct VmCreate {
     #[serde(default = "default_memory")]
     #[schema(minimum = 32, maximum = 4194304)]
     pub memory_mib: u64,
+    /// TCP port forwards of the user-mode interface.
     #[serde(default)]
     pub forwards: Vec<Forward>,
+    /// The network interfaces, in guest order [default: one user-mode interface]: `user`,
+    /// `site` (a network of the host's site, an address leased by the coordinator) or `tunnel`
+    /// (the user's own LAN). Addresses and MACs are the coordinator's to allocate.
+    #[serde(default)]
+    #[schema(max_items = 8)]
+    pub nics: Vec<Nic>,
     /// `kvm` or `tcg`; chosen by the host when absent.
     #[serde(default)]
     #[schema(pattern = "^(kvm|tcg)$")]

@@ -6,6 +6,33 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use vgrid_api::ErrorBody;
 
+/// How many times a request answered 503 with Retry-After is sent again.
+const RETRY_503: u32 = 10;
+
+/// An error answer of the coordinator: its status and message (shown as "MESSAGE (HTTP N)").
+#[derive(Debug)]
+pub struct HttpError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (HTTP {})", self.message, self.status)
+    }
+}
+
+impl std::error::Error for HttpError {}
+
+impl HttpError {
+    /// Whether `e` is an answer that says "not now" rather than "no": a host or image server
+    /// the coordinator could not reach (502), or a condition that passes (503, 504). A caller
+    /// following a VM waits through it and reports the VM's real end state.
+    pub fn is_transient(e: &anyhow::Error) -> bool {
+        e.downcast_ref::<HttpError>().is_some_and(|h| matches!(h.status, 502..=504))
+    }
+}
+
 #[derive(Clone)]
 pub struct Api {
     pub base: String,
@@ -56,6 +83,7 @@ impl Api {
     async fn send<B: Serialize, T: DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: Option<&B>) -> anyhow::Result<T> {
         let what = format!("{method} {path}");
         let mut logged_in = false;
+        let mut retried = 0;
         loop {
             let mut req = self.request(method.clone(), path);
             if let Some(b) = body {
@@ -77,6 +105,11 @@ impl Api {
                 }
             };
             let status = resp.status();
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                .map(|s| std::time::Duration::from_secs(s.clamp(1, 10)));
             let body_bytes = resp.bytes().await.with_context(|| format!("reading the answer to {what}"))?;
             if status == reqwest::StatusCode::UNAUTHORIZED && !logged_in && !path.starts_with("/api/v1/auth/") {
                 // No token or an expired one: log in with the local key and try once more.
@@ -86,10 +119,20 @@ impl Api {
                 }
             }
             if !status.is_success() {
-                let msg = serde_json::from_slice::<ErrorBody>(&body_bytes)
+                let message = serde_json::from_slice::<ErrorBody>(&body_bytes)
                     .map(|e| e.error)
                     .unwrap_or_else(|_| String::from_utf8_lossy(&body_bytes).into_owned());
-                return Err(anyhow!("{msg} (HTTP {})", status.as_u16()));
+                if let Some(wait) = retry_after.filter(|_| status == reqwest::StatusCode::SERVICE_UNAVAILABLE) {
+                    // Nothing was done and the coordinator says when to ask again (e.g. right
+                    // after its restart, before the image servers reported in).
+                    if retried < RETRY_503 {
+                        retried += 1;
+                        tracing::debug!("{what}: {message} (HTTP 503); retrying in {wait:?}");
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                }
+                return Err(HttpError { status: status.as_u16(), message }.into());
             }
             return serde_json::from_slice(&body_bytes).with_context(|| format!("malformed answer to {what} from {}", self.base));
         }

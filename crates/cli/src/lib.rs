@@ -9,6 +9,7 @@ mod console;
 mod drain;
 mod image;
 mod migrate;
+mod net;
 mod output;
 mod roles;
 mod sshagent;
@@ -89,6 +90,9 @@ pub enum Cmd {
     /// The coordinator's CA as pinned by this CLI (its fingerprint: compare it out of band,
     /// give it to others as $VGRID_CA_FINGERPRINT).
     Ca,
+    /// Networks: site networks that hosts attach to, and tunnel networks to your own LAN.
+    #[command(subcommand)]
+    Net(net::NetCmd),
     /// One-time tokens for hosts and image servers to join the grid (admins).
     #[command(subcommand)]
     JoinToken(trust::JoinTokenCmd),
@@ -147,6 +151,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Audit(a) => auth::audit_cmd(&ctx, a).await,
         Cmd::Usage(a) => usage::run(&ctx, a).await,
         Cmd::Ca => trust::ca_cmd(&ctx).await,
+        Cmd::Net(c) => net::run(&ctx, c).await,
         Cmd::JoinToken(c) => trust::join_token_cmd(&ctx, c).await,
     }
 }

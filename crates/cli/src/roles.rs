@@ -124,6 +124,13 @@ pub struct HostOpts {
     /// and the VM's phase say what waits. Corrupt bytes fail the read at once.
     #[arg(long, env = "VGRID_FETCH_TIMEOUT", default_value = "10m", value_parser = crate::output::parse_bound)]
     pub fetch_timeout: Duration,
+    /// Attach this host to site network NAME (defined by `vgrid net create`) through bridge
+    /// BRIDGE, e.g. `farm=br0`; repeatable. The bridge is made if missing (then attach your
+    /// uplink to it yourself: vgrid never touches a link it did not make). Guests on NAME get a
+    /// tap on BRIDGE, the address the coordinator leased them by DHCP from this host, and a
+    /// filter that drops frames with any other MAC or address. Needs root and nftables.
+    #[arg(long = "network", value_name = "NAME=BRIDGE", value_parser = parse_network)]
+    pub networks: Vec<(String, String)>,
 }
 
 /// Heartbeat timing of the coordinator (`vgrid coordinator`, `vgrid up`).
@@ -370,6 +377,17 @@ async fn joined_cert(
     Ok(n)
 }
 
+/// `NAME=BRIDGE` of `--network`.
+fn parse_network(s: &str) -> Result<(String, String), String> {
+    let (n, b) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected NAME=BRIDGE, e.g. farm=br0"))?;
+    vgrid_api::net::check_network_name(n).map_err(|e| e.to_string())?;
+    let ok = !b.is_empty() && b.len() <= 15 && b.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c));
+    if !ok {
+        return Err(format!("bridge {b:?}: expected a Linux interface name (1-15 of a-z, A-Z, 0-9, '-', '_', '.')"));
+    }
+    Ok((n.to_string(), b.to_string()))
+}
+
 async fn start_agent(data: &std::path::Path, o: &HostOpts, extra_servers: Vec<String>) -> anyhow::Result<Arc<Agent>> {
     Agent::start(AgentConfig {
         name: o.name.clone().unwrap_or_else(hostname),
@@ -381,6 +399,7 @@ async fn start_agent(data: &std::path::Path, o: &HostOpts, extra_servers: Vec<St
         max_share: o.max_share,
         qemu_user: o.qemu_user.clone(),
         fetch_timeout: (!o.fetch_timeout.is_zero()).then_some(o.fetch_timeout),
+        networks: o.networks.iter().cloned().collect(),
     })
     .await
     .map_err(|e| anyhow!("starting the host agent: {e}"))

@@ -8,6 +8,7 @@ use anyhow::bail;
 use clap::Args;
 use vgrid_api::vm::{SavedImage, Suspended, VmRecord, VmResume, VmSnapshot, VmState};
 
+use crate::client::HttpError;
 use crate::output::{bytes, print_json};
 use crate::Ctx;
 
@@ -66,8 +67,36 @@ pub async fn suspend(ctx: &Ctx, a: SuspendArgs) -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
     let sp = spinner(ctx, format!("{}: saving memory and disk to the image servers", a.id));
     let r: anyhow::Result<Suspended> = ctx.api().post(&format!("/api/v1/vms/{}/suspend", a.id), &serde_json::json!({})).await;
+    let s = match r {
+        Ok(s) => s,
+        Err(e) if HttpError::is_transient(&e) => {
+            // The host did not answer (its agent went away): the coordinator settles what
+            // became of the save from the host; report that, not the lost answer.
+            sp.set_message(format!("{}: the host did not answer; waiting for the outcome of the save", a.id));
+            let v = settled_suspend(ctx, &a.id, &e).await;
+            sp.finish_and_clear();
+            let v = v?;
+            if ctx.json {
+                // The shape of `Suspended`, without the save's figures (nobody heard them).
+                print_json(&serde_json::json!({"vm": v, "saved": null}))?;
+            } else {
+                println!(
+                    "VM {} ({}) suspended in {:.1}s: saved as {} (its host stopped answering meanwhile)",
+                    v.id,
+                    v.name,
+                    t0.elapsed().as_secs_f64(),
+                    v.saved_image.clone().unwrap_or_default()
+                );
+                println!("resume it with: vgrid vm resume {} [--host HOST | --require EXPR]", v.id);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => {
+            sp.finish_and_clear();
+            bail!("{e}; the VM keeps running");
+        }
+    };
     sp.finish_and_clear();
-    let s = r.map_err(|e| anyhow::anyhow!("{e}; the VM keeps running"))?;
     if ctx.json {
         print_json(&s)?;
     } else {
@@ -83,6 +112,35 @@ pub async fn suspend(ctx: &Ctx, a: SuspendArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// Follows VM `id` while it is `suspending` after its suspend went unanswered (`cause`): the
+/// record once `suspended`, else an error with the state the VM ended in and why.
+async fn settled_suspend(ctx: &Ctx, id: &str, cause: &anyhow::Error) -> anyhow::Result<VmRecord> {
+    let api = ctx.api();
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        match api.get::<VmRecord>(&format!("/api/v1/vms/{id}")).await {
+            Ok(v) if v.state == VmState::Suspended => return Ok(v),
+            Ok(v) if v.state != VmState::Suspending => {
+                let why = v.reason.clone().unwrap_or_else(|| "no reason recorded".into());
+                bail!("suspend of VM {} failed: it is {} ({why}); its host had stopped answering: {cause}", v.id, v.state.as_str())
+            }
+            Ok(_) => {}
+            Err(e) if HttpError::is_transient(&e) => {}
+            Err(e) => return Err(e),
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "VM {id} is still suspending {}s after its host stopped answering ({cause}); see `vgrid vm show {id}`",
+                SETTLE_TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// How long `vm suspend` follows a suspend its host did not answer.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 pub async fn resume(ctx: &Ctx, a: ResumeArgs) -> anyhow::Result<ExitCode> {
     let api = ctx.api();

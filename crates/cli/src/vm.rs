@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use vgrid_api::grid::{Future, FuturesQuery, HostRecord};
 use vgrid_api::vm::{ConsoleChunk, Forward, VmCreate, VmRecord, VmState, VmStop};
 
+use crate::client::HttpError;
 use crate::output::{age, print_json, table};
 use crate::Ctx;
 
@@ -72,6 +73,12 @@ pub struct RunArgs {
     /// Forward a host TCP port to a guest port (HOSTPORT:GUESTPORT); repeatable.
     #[arg(long = "forward", value_parser = |s: &str| s.parse::<Forward>())]
     pub forwards: Vec<Forward>,
+    /// A network interface: `user` (the default: outbound through the host, --forward ports),
+    /// `site:NET` (an address of site network NET, leased by the coordinator; the VM runs on a
+    /// host attached to NET) or `tunnel:NET` (your own LAN through `vgrid tunnel NET`).
+    /// Repeatable: one interface each, in guest order.
+    #[arg(long = "net", value_name = "MODE", value_parser = |s: &str| s.parse::<vgrid_api::vm::Nic>())]
+    pub nics: Vec<vgrid_api::vm::Nic>,
     /// Accelerator: kvm or tcg [default: kvm where the CPU has vmx/svm, else tcg].
     #[arg(long, value_parser = ["kvm", "tcg"])]
     pub accel: Option<String>,
@@ -138,11 +145,12 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<ExitCode> {
                             v.config.cpus.to_string(),
                             format!("{} MiB", v.config.memory_mib),
                             v.host.clone().unwrap_or_default(),
+                            addresses(v),
                             age(v.created),
                         ]
                     })
                     .collect();
-                println!("{}", table(&["ID", "NAME", "IMAGE", "STATE", "CPUS", "MEMORY", "HOST", "CREATED"], rows));
+                println!("{}", table(&["ID", "NAME", "IMAGE", "STATE", "CPUS", "MEMORY", "HOST", "ADDRESS", "CREATED"], rows));
             }
         }
         VmCmd::Show { id } => {
@@ -264,6 +272,16 @@ pub async fn run_host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The VM's leased addresses, or `-`.
+fn addresses(v: &VmRecord) -> String {
+    let a: Vec<String> = v.config.net.nics.iter().filter_map(|n| n.address()).map(|a| a.to_string()).collect();
+    if a.is_empty() {
+        "-".into()
+    } else {
+        a.join(",")
+    }
+}
+
 /// `NAME@VERSION` of the image the VM was created from.
 fn image_label(v: &VmRecord) -> String {
     v.config.image().to_string()
@@ -313,6 +331,16 @@ fn show(v: &VmRecord) {
     for f in v.config.net.forwards() {
         println!("forward:  127.0.0.1:{} -> guest:{}", f.host, f.guest);
     }
+    for (i, n) in v.config.net.nics.iter().enumerate().filter(|(_, n)| n.network().is_some()) {
+        let mut line = format!("nic{i}:     {n}");
+        if let Some(m) = n.mac() {
+            line.push_str(&format!(" mac {m}"));
+        }
+        if let Some(a) = n.address() {
+            line.push_str(&format!(" address {a}"));
+        }
+        println!("{line}");
+    }
     if let Some(s) = &v.saved_image {
         println!("saved:    {s}");
     }
@@ -341,6 +369,7 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
         cpus: a.cpus,
         memory_mib: a.memory,
         forwards: a.forwards.clone(),
+        nics: a.nics.clone(),
         accel: a.accel.clone(),
         require: a.require.clone(),
         rank: a.rank.clone(),
@@ -377,7 +406,11 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
         }
         // Long poll: the coordinator answers when the VM leaves this state and phase.
         let q = format!("wait_ms=1000&state={}&phase={}", v.state.as_str(), urlencode(&v.phase));
-        v = api.get(&format!("/api/v1/vms/{}?{q}", v.id)).await?;
+        match api.get(&format!("/api/v1/vms/{}?{q}", v.id)).await {
+            Ok(now) => v = now,
+            Err(e) if HttpError::is_transient(&e) => tokio::time::sleep(Duration::from_millis(400)).await,
+            Err(e) => return Err(e),
+        }
     }
     let running_at = t0.elapsed();
     if let Some(text) = &a.wait_for {
@@ -385,9 +418,20 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
         let mut offset = 0u64;
         let mut seen = String::new();
         loop {
-            let c: ConsoleChunk = api.get(&format!("/api/v1/vms/{}/console?offset={offset}", v.id)).await?;
-            offset = c.next;
-            seen.push_str(&c.data);
+            // A host that does not answer for a while (its agent restarting, a partition) is no
+            // reason to give up: the VM's record says when it really ended.
+            match api.get::<ConsoleChunk>(&format!("/api/v1/vms/{}/console?offset={offset}", v.id)).await {
+                Ok(c) => {
+                    offset = c.next;
+                    seen.push_str(&c.data);
+                    spinner.set_message(format!("{} {}: waiting for {:?} on the console", v.id, v.name, text));
+                }
+                Err(e) if HttpError::is_transient(&e) => {
+                    spinner.set_message(format!("{} {}: waiting for {:?}; the console is unreachable now: {e}", v.id, v.name, text));
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                }
+                Err(e) => return Err(e),
+            }
             if seen.contains(text.as_str()) {
                 break;
             }
@@ -397,7 +441,11 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
                 let cut = (cut..seen.len()).find(|&i| seen.is_char_boundary(i)).unwrap_or(seen.len());
                 seen.drain(..cut);
             }
-            let cur: VmRecord = api.get(&format!("/api/v1/vms/{}", v.id)).await?;
+            let cur: VmRecord = match api.get(&format!("/api/v1/vms/{}", v.id)).await {
+                Ok(cur) => cur,
+                Err(e) if HttpError::is_transient(&e) => v.clone(),
+                Err(e) => return Err(e),
+            };
             if !cur.state.is_active() {
                 spinner.finish_and_clear();
                 bail!("VM {} {} before {:?} appeared: {}", v.id, cur.state.as_str(), text, cur.reason.unwrap_or_default());
@@ -469,6 +517,9 @@ pub struct FuturesArgs {
     /// Image the VM would run (checks its architecture).
     #[arg(long)]
     pub image: Option<String>,
+    /// A network interface the VM would have (as `vm run --net`); repeatable.
+    #[arg(long = "net", value_name = "MODE", value_parser = |s: &str| s.parse::<vgrid_api::vm::Nic>())]
+    pub nics: Vec<vgrid_api::vm::Nic>,
 }
 
 pub async fn futures(ctx: &Ctx, a: FuturesArgs) -> anyhow::Result<ExitCode> {
@@ -477,6 +528,7 @@ pub async fn futures(ctx: &Ctx, a: FuturesArgs) -> anyhow::Result<ExitCode> {
         cpus: a.cpus,
         memory_mib: a.memory,
         image: a.image.clone(),
+        nics: a.nics.clone(),
     };
     let answers: Vec<Future> = ctx.api().post("/api/v1/futures", &q).await?;
     if ctx.json {

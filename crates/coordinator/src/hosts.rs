@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use vgrid_api::grid::{HostAd, HostRecord, HostState, ImageServerAd};
-use vgrid_api::host::{HostHeartbeat, LaunchRequest, Launched, VmExit, VmReport};
+use vgrid_api::host::{HostHeartbeat, LaunchRequest, Launched, VmExit, VmPresence, VmReport};
 use vgrid_api::vm::{ConsoleChunk, VmStop};
 use vgrid_api::ErrorBody;
 
@@ -24,8 +24,10 @@ struct ServerEntry {
     last_seen: Instant,
 }
 
-/// Hosts and image servers, kept in memory (they re-register within one heartbeat after a
-/// coordinator restart).
+/// Hosts and image servers, kept in memory (hosts re-register within one heartbeat after a
+/// coordinator restart; image servers' registrations are also written in the state store by
+/// the coordinator and read back when it opens, so that a restarted coordinator can resolve
+/// images before their next heartbeat).
 pub struct Registry {
     hosts: Mutex<HashMap<String, HostEntry>>,
     servers: Mutex<HashMap<String, ServerEntry>>,
@@ -67,8 +69,11 @@ impl Registry {
         }
     }
 
-    pub fn server_beat(&self, ad: ImageServerAd) {
-        self.servers.lock().unwrap().insert(ad.name.clone(), ServerEntry { ad, last_seen: Instant::now() });
+    /// Records an image server's heartbeat; returns whether it is new or moved (its URL
+    /// changed), i.e. whether its registration must be written down again.
+    pub fn server_beat(&self, ad: ImageServerAd) -> bool {
+        let old = self.servers.lock().unwrap().insert(ad.name.clone(), ServerEntry { ad: ad.clone(), last_seen: Instant::now() });
+        old.is_none_or(|o| o.ad.url != ad.url)
     }
 
     /// Marks hosts silent for longer than `lost_after` as lost; returns the newly lost names.
@@ -80,8 +85,20 @@ impl Registry {
                 lost.push(name.clone());
             }
         }
-        self.servers.lock().unwrap().retain(|_, s| s.last_seen.elapsed() <= self.lost_after);
         lost
+    }
+
+    /// Forgets image servers silent for longer than `lost_after`; returns their names.
+    pub fn sweep_servers(&self) -> Vec<String> {
+        let mut gone = Vec::new();
+        self.servers.lock().unwrap().retain(|name, s| {
+            let keep = s.last_seen.elapsed() <= self.lost_after;
+            if !keep {
+                gone.push(name.clone());
+            }
+            keep
+        });
+        gone
     }
 
     pub fn hosts(&self) -> Vec<HostRecord> {
@@ -216,6 +233,12 @@ impl HostClient {
     pub async fn wait(&self, id: &str) -> Result<VmExit, HostCallError> {
         let r: Option<VmExit> = self.call(self.http.get(self.u(&format!("/host/v1/vms/{id}/wait")))).await?;
         r.ok_or_else(|| self.empty("wait"))
+    }
+
+    /// Whether the host is saving VM `id` now, whether its QEMU runs (or ran and exited) and
+    /// whether the host knows the VM at all (`None`: no answer).
+    pub async fn saving(&self, id: &str) -> Option<VmPresence> {
+        self.call(self.http.get(self.u(&format!("/host/v1/vms/{id}/saving")))).await.ok()?
     }
 
     pub async fn release(&self, id: &str) -> Result<(), HostCallError> {

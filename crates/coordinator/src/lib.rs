@@ -16,7 +16,8 @@
 //! * `state`: the store seam and its typed tables (knows records as data, no lifecycle);
 //! * `lifecycle`: the core: records and their one write path (`records`), the transition table
 //!   (`table`), claims (`claims`), admission and placement (`admit`), launching and watching a
-//!   VM (`run`); with `sched` (placement), `hosts` (registry, host client); `lifecycle::admission` is
+//!   VM (`run`); with `sched` (placement), `hosts` (registry, host client), `networks` (network
+//!   definitions, and the addresses and MACs admission gives interfaces); `lifecycle::admission` is
 //!   the pure admission arithmetic;
 //! * features on the core: `suspend` (snapshot, suspend, resume), `migrate` (live migration),
 //!   `drain` (a host taken out of service: its VMs migrated away, else suspended),
@@ -37,6 +38,7 @@ pub mod images;
 pub mod join;
 pub mod lifecycle;
 pub mod migrate;
+pub mod networks;
 pub mod reconcile;
 pub mod sched;
 pub mod state;

@@ -17,7 +17,7 @@ pub mod table;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use vgrid_api::grid::{HostAd, HostRecord, HostState};
+use vgrid_api::grid::{HostAd, HostRecord, HostState, ImageServerAd};
 use vgrid_api::vm::{ConfigError, VmRecord, VmState};
 use vgrid_api::{ImageRef, Manifest};
 use vgrid_storeclient::StoreClient;
@@ -43,6 +43,17 @@ pub enum CoordinatorError {
     UnknownVm(String),
     #[error("no host named {0:?}")]
     UnknownHost(String),
+    #[error("no network named {0:?} (see `vgrid net ls`)")]
+    UnknownNetwork(String),
+    /// A network definition or interface that fails its static checks (HTTP 400).
+    #[error(transparent)]
+    Net(#[from] vgrid_api::net::NetError),
+    /// An address or MAC another admission took first (retried with another; HTTP 409).
+    #[error("{0}")]
+    NetworkIdentityTaken(String),
+    /// What the caller may not do (HTTP 403).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -52,8 +63,13 @@ pub enum CoordinatorError {
     Waited(#[source] crate::sched::PlaceError),
     #[error(transparent)]
     Expr(#[from] ExprError),
-    #[error("image servers: {0}")]
-    Store(String),
+    /// An operation whose outcome is not known yet and is being settled in the background
+    /// (HTTP 504: follow the VM's record).
+    #[error("{0}")]
+    Settling(String),
+    /// No image server is registered (yet): retryable (HTTP 503 with Retry-After).
+    #[error("image servers: no image server is registered yet; try again shortly")]
+    NoImageServer,
     /// An image server that failed to answer (HTTP 502).
     #[error("image servers: {0}")]
     ImageServer(#[source] vgrid_storeclient::ClientError),
@@ -113,6 +129,7 @@ impl Coordinator {
         let c =
             Arc::new(Coordinator { vms: state.vms(), state, registry, sched: Scheduler::new(), http, ads: Default::default(), accounting });
         c.build_claims().await?;
+        c.load_image_servers().await?;
         let weak = Arc::downgrade(&c);
         tokio::spawn(async move {
             loop {
@@ -121,6 +138,12 @@ impl Coordinator {
                 for host in c.registry.sweep() {
                     c.sched.set_state(&host, crate::sched::HostState::Lost);
                     c.host_lost(&host).await;
+                }
+                for server in c.registry.sweep_servers() {
+                    tracing::warn!(server, "image server forgotten: it missed its heartbeats");
+                    if let Err(e) = c.state.store().delete(&crate::state::records::record_key(IMAGE_SERVERS, &server)).await {
+                        tracing::warn!(server, "cannot forget the image server's registration: {e}");
+                    }
                 }
             }
         });
@@ -160,6 +183,33 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Registers the image servers written down by a previous run: they count as seen now
+    /// (forgotten if they do not heartbeat within the lost-after time), so that images resolve
+    /// right after a restart instead of failing until their next heartbeat.
+    async fn load_image_servers(&self) -> Result<(), CoordinatorError> {
+        let (rows, _) = self.state.records().list_records(IMAGE_SERVERS).await?;
+        for (name, e) in rows {
+            match serde_json::from_slice::<ImageServerAd>(&e.value) {
+                Ok(ad) => {
+                    self.registry.server_beat(ad);
+                }
+                Err(err) => tracing::warn!(server = %name, "ignoring an unreadable image server registration: {err}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// An image server's heartbeat: registered in memory, and written down in the state store
+    /// when it is new or moved.
+    pub async fn image_server_beat(&self, ad: ImageServerAd) -> Result<(), CoordinatorError> {
+        if self.registry.server_beat(ad.clone()) {
+            let stored = ImageServerAd { images: vec![], ..ad };
+            let value = serde_json::to_vec(&stored).expect("an image server ad serializes");
+            self.state.records().put_record(IMAGE_SERVERS, &stored.name, value).await?;
+        }
+        Ok(())
+    }
+
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
     }
@@ -186,7 +236,7 @@ impl Coordinator {
 
     /// A host's ad with free cpus, memory and cpu share net of the claims on it in the store
     /// (the claims are the reservations, whichever coordinator wrote them; the host's own
-    /// figures lag by a heartbeat).
+    /// figures lag by a heartbeat), and never more than the host itself reports free.
     async fn adjusted(&self, mut ad: HostAd) -> HostAd {
         let used = match self.state.store().range(&claims::host_prefix(&ad.name)).await {
             Ok((rows, _)) => claims::totals(&rows, ""),
@@ -195,8 +245,10 @@ impl Coordinator {
                 claims::Totals::default()
             }
         };
-        ad.free_cpus = ad.cpus.saturating_sub(used.cpus);
-        ad.free_memory_mib = ad.memory_mib.saturating_sub(used.memory_mib);
+        // What the host reports in use counts too: a VM it runs that no record holds a claim
+        // for (an orphan, a launch adopted a moment from now) takes capacity all the same.
+        ad.free_cpus = ad.cpus.saturating_sub(used.cpus).min(ad.free_cpus);
+        ad.free_memory_mib = ad.memory_mib.saturating_sub(used.memory_mib).min(ad.free_memory_mib);
         ad.free_cpu_share = if ad.cpu_cap <= 0.0 { 0.0 } else { (ad.cpu_cap - used.cpu_cores).max(0.0) };
         ad
     }
@@ -296,7 +348,7 @@ impl Coordinator {
     pub async fn resolve_image(&self, image: &ImageRef) -> Result<Manifest, CoordinatorError> {
         let servers = self.registry.image_server_urls();
         if servers.is_empty() {
-            return Err(CoordinatorError::Store("no image server is registered".into()));
+            return Err(CoordinatorError::NoImageServer);
         }
         let mut failure = None;
         for url in servers {
@@ -335,6 +387,9 @@ impl Coordinator {
 
 #[cfg(test)]
 mod tests;
+
+/// The state store's table of image servers' registrations (`records/image_servers/NAME`).
+pub const IMAGE_SERVERS: &str = "image_servers";
 
 /// How long a queued VM waits for a host before it fails.
 pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(3600);

@@ -8,9 +8,10 @@
 //!   `lost` or `stopped`, `unknown` ones it runs `running` again, stuck ones settled, the
 //!   orphans listed, never killed);
 //! * [`Coordinator::recover_interrupted`], started by whoever opens the coordinator, right after
-//!   [`Coordinator::new`]: each VM found mid-operation is queued again, failed (it was starting),
-//!   watched again, or handed to the feature whose operation it was in (`suspend`: a save or a
-//!   restore under way; `migrate`: a migration whose driver died with the coordinator).
+//!   [`Coordinator::new`]: each VM found mid-operation is queued again, its launch settled from
+//!   its host (running: adopted; never arrived: sent again; neither in time: failed), watched
+//!   again, or handed to the feature whose operation it was in (`suspend`: a save under way;
+//!   `migrate`: a migration whose driver died with the coordinator).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,7 +75,7 @@ impl Coordinator {
     }
 
     /// Starts the recovery of what the coordinator was doing when it stopped: VMs that were
-    /// starting become `failed`, queued ones are queued again, running ones are watched again
+    /// starting are settled from their host ([`Coordinator::recover_launch`]), queued ones are queued again, running ones are watched again
     /// once their host reports in, interrupted suspends, resumes and migrations are settled
     /// (in the background), so a restart neither loses nor duplicates a VM. Called once, right
     /// after [`Coordinator::new`].
@@ -86,20 +87,18 @@ impl Coordinator {
         self.recover_drains().await
     }
 
-    /// What a VM found at startup needs: queued again, its resume or suspend settled, failed
-    /// (it was starting), its migration undone, or watched again.
+    /// What a VM found at startup needs: queued again, its launch, resume or suspend settled,
+    /// its migration undone, or watched again.
     async fn restarted(self: Arc<Self>, vm: VmRecord) {
         match vm.state {
             VmState::Pending if vm.host.is_none() => {
                 // Queued when the coordinator stopped: queue it again.
                 tokio::spawn(async move { self.requeue(vm).await });
             }
-            VmState::Pending | VmState::Starting if vm.saved_image.is_some() && vm.started.is_none() => {
-                // A resume in flight: its host goes on restoring without us.
-                tokio::spawn(async move { self.recover_resuming(vm.id).await });
-            }
             VmState::Pending | VmState::Starting => {
-                let _ = self.apply(&vm.id, Event::CoordinatorRestarted).await;
+                // Placed on a host, its launch (or a resume's restore) possibly sent: the host
+                // may run it, be launching it, or never have heard of it.
+                tokio::spawn(async move { self.recover_launch(vm.id).await });
             }
             VmState::Running | VmState::Stopping | VmState::Unknown | VmState::Suspending => {
                 if vm.state == VmState::Suspending {

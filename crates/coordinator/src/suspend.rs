@@ -14,7 +14,7 @@ use std::sync::Arc;
 use vgrid_api::auth::Quota;
 use vgrid_api::grid::HostState;
 use vgrid_api::grid::PlacementRequest;
-use vgrid_api::host::{SaveRequest, VmPresence, RESTORE_TIMEOUT, SAVE_TIMEOUT};
+use vgrid_api::host::{SaveRequest, VmPresence, SAVE_TIMEOUT};
 use vgrid_api::vm::{SavedImage, Suspended, VmRecord, VmResume, VmState};
 use vgrid_api::ImageRef;
 
@@ -34,12 +34,6 @@ pub fn saved_image_name(vm_id: &str) -> String {
 }
 
 impl HostClient {
-    /// Whether the host is saving VM `id` now, whether its QEMU runs and whether the host
-    /// knows the VM at all (`None`: no answer).
-    pub async fn saving(&self, id: &str) -> Option<VmPresence> {
-        self.call(self.http.get(self.u(&format!("/host/v1/vms/{id}/saving")))).await.ok()?
-    }
-
     /// Asks the host to save VM `id` as image `name`; with `suspend`, its QEMU ends afterwards.
     pub async fn save(&self, id: &str, name: &str, suspend: bool) -> Result<SavedImage, HostCallError> {
         let what = if suspend { "suspend" } else { "snapshot" };
@@ -106,9 +100,11 @@ impl Coordinator {
         Ok(client.save(&rec.id, name, false).await?)
     }
 
-    /// Saves a running VM into its private image and ends it on its host. On failure the VM
-    /// keeps running and the error is returned.
-    pub async fn suspend(&self, key: &str) -> Result<Suspended, CoordinatorError> {
+    /// Saves a running VM into its private image and ends it on its host. When the host
+    /// refuses, the VM keeps running and the error is returned; when it does not answer (its
+    /// agent went away), the VM stays `suspending` until the host says what became of the
+    /// save ([`CoordinatorError::Settling`], HTTP 504: follow the record).
+    pub async fn suspend(self: &Arc<Self>, key: &str) -> Result<Suspended, CoordinatorError> {
         let (rec, client) = self.running_on(key, "suspended").await?;
         // Only one suspend (or migration, or stop) of a running VM wins: the table refuses the
         // others.
@@ -121,6 +117,12 @@ impl Coordinator {
         let name = saved_image_name(&rec.id);
         match client.save(&rec.id, &name, true).await {
             Ok(saved) => {
+                // Its QEMU has ended: the host forgets it now (overlay, taps, reserved
+                // capacity), before the record says `suspended` and a resume may place it on
+                // this host again; the watcher of the old QEMU then leaves it alone.
+                if let Err(e) = client.release(&rec.id).await {
+                    tracing::warn!(vm = %rec.id, "releasing the suspended VM on its host: {e}");
+                }
                 let old = rec.saved_image.clone();
                 let out = self.apply(&rec.id, Event::Saved { image: saved.image.clone() }).await.unwrap_or(rec.clone());
                 // The image it had resumed from (if any) is superseded.
@@ -130,10 +132,21 @@ impl Coordinator {
                 tracing::info!(vm = %rec.id, image = %saved.image, "VM suspended");
                 Ok(Suspended { vm: out, saved })
             }
-            Err(e) => {
+            Err(e @ HostCallError::Refused { .. }) => {
                 tracing::warn!(vm = %rec.id, "suspend failed, the VM keeps running: {e}");
                 let _ = self.apply(&rec.id, Event::SaveFailed).await;
                 Err(e.into())
+            }
+            Err(e) => {
+                // No answer: the host's save may go on (or its agent died with it). What
+                // happened is settled from the host once it answers again, as after a
+                // coordinator restart; until then the VM stays `suspending`.
+                tracing::warn!(vm = %rec.id, "the host did not answer the suspend ({e}); settling it from the host");
+                tokio::spawn(self.clone().recover_suspending(rec.id.clone()));
+                Err(CoordinatorError::Settling(format!(
+                    "VM {} is being suspended but its host did not answer ({e}); the outcome is settled from the host when it answers again (see `vgrid vm show {}`)",
+                    rec.id, rec.id
+                )))
             }
         }
     }
@@ -279,60 +292,6 @@ impl Coordinator {
             let _ = self.apply(&id, event).await;
             tracing::info!(vm = %id, suspended = saved.is_some(), "settled a suspend interrupted by a coordinator restart");
             return;
-        }
-    }
-
-    /// After a coordinator restart, settles a VM whose resume was under way: its host may
-    /// still be restoring it. Once the host reports in and runs the VM, it is `running` (and
-    /// watched). If the host does not know the VM at all (the coordinator died before its
-    /// launch went out), the launch is sent again. If the host does not run it within the
-    /// restore timeout, it is `suspended` again (its saved image is intact), with the reason.
-    pub(crate) async fn recover_resuming(self: Arc<Self>, id: String) {
-        let deadline = tokio::time::Instant::now() + RESTORE_TIMEOUT + std::time::Duration::from_secs(60);
-        // Three answers in a row, half a second apart, that the host does not know the VM: a
-        // launch still on its way would have been admitted in between.
-        let mut unknown = 0;
-        loop {
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            let Some(rec) = self.record(&id).await.ok().flatten() else { return };
-            if !matches!(rec.state, VmState::Pending | VmState::Starting) || rec.started.is_some() {
-                return;
-            }
-            let host = rec.host.clone().unwrap_or_default();
-            let (client, presence) = match self.registry.host(&host) {
-                Some(h) if h.state == HostState::Ready => {
-                    let c = HostClient::new(&h.ad.name, &h.ad.url, self.http.clone());
-                    let p = c.saving(&id).await;
-                    (Some(c), p)
-                }
-                _ => (None, None),
-            };
-            if presence.is_some_and(|p| p.running) {
-                let _ = self.apply(&id, Event::ResumeRecovered { host: host.clone() }).await;
-                tracing::info!(vm = %id, host = %host, "a resume interrupted by a coordinator restart completed");
-                tokio::spawn(self.clone().watch(id));
-                return;
-            }
-            unknown = if presence.is_some_and(|p| !p.known) { unknown + 1 } else { 0 };
-            if unknown >= 3 {
-                if let (Some(client), Some(saved)) = (client, rec.saved_image.clone()) {
-                    match self.resolve_saved(&saved).await {
-                        Ok(manifest) => {
-                            tracing::info!(vm = %id, host = %host, image = %saved,
-                                "the resume's launch never reached the host before the coordinator restarted; sending it again");
-                            let launch = crate::lifecycle::admission::launch_request(&rec, Some(manifest.image_ref()));
-                            self.clone().run(client, launch).await;
-                            return;
-                        }
-                        Err(e) => tracing::warn!(vm = %id, image = %saved, "cannot send the resume again yet: {e}"),
-                    }
-                }
-            }
-            if tokio::time::Instant::now() > deadline {
-                let _ = self.apply(&id, Event::ResumeAbandoned { host: host.clone() }).await;
-                tracing::warn!(vm = %id, host = %host, "a resume interrupted by a coordinator restart did not complete; suspended again");
-                return;
-            }
         }
     }
 }

@@ -150,3 +150,16 @@ proptest! {
         })?;
     }
 }
+
+/// A number written as a float with no fraction is the integer it is (JSON Schema's view, and
+/// the documents'): `"vms": 3.0` sets a quota of 3; a fraction is still a 400.
+#[test]
+fn integers_written_as_floats_are_integers() {
+    let a = api();
+    let (status, answer) = a.call("PUT", "/api/v1/users/admin/quota", br#"{"vms": 3.0, "cpus": 1.6e1, "memory_mib": 4096}"#.to_vec());
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["quota"], serde_json::json!({"vms": 3, "cpus": 16, "memory_mib": 4096}), "{answer}");
+    let (status, answer) = a.call("PUT", "/api/v1/users/admin/quota", br#"{"vms": 3.5}"#.to_vec());
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(answer["error"].as_str().unwrap_or_default().contains("3.5"), "{answer}");
+}

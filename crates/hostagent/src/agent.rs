@@ -83,6 +83,7 @@ impl Agent {
                 path: "/sys/fs/cgroup".into(),
                 source: std::io::Error::other(e),
             })?;
+        let net = crate::networks::SiteNets::start(cfg.networks.clone())?;
         tracing::info!(host = %cfg.name, accel = accel.as_str(), memory_mib, cpus, nbd = %nbd_socket.display(), "host agent started");
         let ctx = Arc::new(HostCtx {
             cfg,
@@ -98,6 +99,7 @@ impl Agent {
             res,
             migrations: Default::default(),
             qemu_user,
+            net,
         });
         spawn_sampler(&ctx);
         // QEMUs an earlier agent of this data directory started keep running: take them back.
@@ -199,6 +201,7 @@ impl Agent {
             }
         }
         self.res.delivered(&body.usage);
+        self.net.learn(&reply.networks);
         if !servers.is_empty() {
             self.servers.set_urls(servers).map_err(|e| AgentError::servers(e).to_string())?;
         }

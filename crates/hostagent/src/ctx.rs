@@ -44,6 +44,8 @@ pub struct AgentConfig {
     /// How long a guest's read waits for unreachable image servers before it fails
     /// (`vgrid_blockproxy::ProxyConfig::fetch_timeout`; `None`: for ever).
     pub fetch_timeout: Option<std::time::Duration>,
+    /// The site networks this host is attached to: network name → bridge (made if missing).
+    pub networks: std::collections::BTreeMap<String, String>,
 }
 
 /// A VM this host sends away: its status as the source sees it, and how to cancel it.
@@ -92,6 +94,8 @@ pub struct HostCtx {
     pub(crate) migrations: Migrations,
     /// Who QEMU runs as: `None` is the agent's own user (the agent is not root).
     pub(crate) qemu_user: Option<crate::qemu_user::QemuUser>,
+    /// The site networks this host is attached to, and its guests' interfaces on them.
+    pub(crate) net: crate::networks::SiteNets,
 }
 
 impl HostCtx {
@@ -207,7 +211,8 @@ impl HostCtx {
             free_memory_mib: self.memory_mib.saturating_sub(used_mem),
             accel: self.accel.as_str().into(),
             qemu_version: self.qemu_version.clone(),
-            network_modes: vec!["user".into()],
+            network_modes: if self.net.names().is_empty() { vec!["user".into()] } else { vec!["user".into(), "site".into()] },
+            networks: self.net.names(),
             labels,
             policy,
             load_avg: load_average(),
@@ -258,6 +263,7 @@ impl HostCtx {
         let vm = self.migrations.incoming.lock().unwrap().remove(id);
         if let Some(vm) = vm {
             vm.cleanup().await?;
+            self.net.unplug(id);
             self.res.release(id);
             tracing::info!(vm = %id, "incoming migration abandoned");
         }
@@ -275,6 +281,7 @@ impl HostCtx {
             let _ = vm.kill().await;
         }
         self.res.release(id);
+        self.net.unplug(id);
         let dir = self.runtime_dir(id);
         // A lazily restored guest's RAM pager ends with it (and its mount with it).
         crate::ram::stop_pager(&dir).await;

@@ -42,9 +42,19 @@ pub enum AgentError {
     Migration { id: String, detail: String },
     #[error(transparent)]
     QemuUser(#[from] crate::qemu_user::QemuUserError),
+    /// A site interface that cannot be plugged in here (not attached, not allocated).
+    #[error("{0}")]
+    Network(String),
+    /// The host's network plumbing failed (a bridge, tap or filter; the command and its error).
+    #[error("network: {0}")]
+    Plumbing(#[source] vgrid_vnet::NetError),
 }
 
 impl AgentError {
+    pub(crate) fn network(e: vgrid_vnet::NetError) -> AgentError {
+        AgentError::Plumbing(e)
+    }
+
     /// An image server of the list could not be used (its URL is the error's source name).
     pub(crate) fn servers(source: SourceError) -> AgentError {
         AgentError::Source { url: source.source_name().to_string(), source }

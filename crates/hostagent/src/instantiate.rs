@@ -29,6 +29,7 @@ pub async fn launch(ctx: &HostCtx, req: LaunchRequest, progress: &(dyn Fn(&str) 
     let r = launch_admitted(ctx, req, accel, &limits, fetched0, progress).await;
     if r.is_err() {
         ctx.res.release(&id);
+        ctx.net.unplug(&id);
     }
     r
 }
@@ -162,6 +163,8 @@ pub(crate) async fn prepare_spec(
     tracing::debug!(vm = %id, image = %manifest.image_ref(), took_ms = t0.elapsed().as_millis() as u64, "boot files ready");
     let export = manifest.image_ref().to_string();
     let spec = VmSpec::new(&id, req.config.clone().with_accel(accel), DiskSource::nbd_unix(&ctx.nbd_socket, &export), boot);
+    // Site interfaces: their taps exist before QEMU opens them, their leases are served.
+    ctx.net.plug(&id, &dir, &req.config, ctx.qemu_user.as_ref().map(|u| u.uid))?;
     Ok((spec, dir, manifest))
 }
 

@@ -42,6 +42,7 @@ pub mod error;
 pub mod http;
 pub mod instantiate;
 pub mod migrate;
+pub mod networks;
 pub mod predict;
 pub mod qemu;
 pub mod qemu_user;

@@ -80,6 +80,7 @@ pub async fn incoming(ctx: &HostCtx, req: IncomingRequest) -> Result<IncomingRea
     let r = incoming_admitted(ctx, req, &limits).await;
     if r.is_err() {
         ctx.resources().release(&id);
+        ctx.net.unplug(&id);
     }
     r
 }

@@ -144,7 +144,7 @@ fn body(what: &str, b: Result<Bytes, BytesRejection>) -> Res<Bytes> {
 }
 fn json_body<T: DeserializeOwned>(what: &str, b: Result<Bytes, BytesRejection>) -> Res<T> {
     let b = body(what, b)?;
-    serde_json::from_slice(&b).map_err(|e| ApiError::bad_request(what, format!("malformed JSON body for {what}: {e}")))
+    vgrid_api::json::from_slice(&b).map_err(|e| ApiError::bad_request(what, format!("malformed JSON body for {what}: {e}")))
 }
 
 /// The image server's router, all routes under `/store/v1`, open to every caller (a
@@ -238,7 +238,7 @@ const CONTRACT: vgrid_api::openapi::Contract = vgrid_api::openapi::Contract { bo
 
 /// `/store/openapi.json`, open to every caller like the coordinator's document.
 fn doc() -> Router<Arc<ImageStore>> {
-    Router::new().route("/store/openapi.json", get(|| async { Json(<ApiDoc as utoipa::OpenApi>::openapi()) }))
+    Router::new().route("/store/openapi.json", get(|| async { Json(vgrid_api::openapi::served(&<ApiDoc as utoipa::OpenApi>::openapi())) }))
 }
 
 fn routes() -> Router<Arc<ImageStore>> {
@@ -264,11 +264,13 @@ fn routes() -> Router<Arc<ImageStore>> {
 
 #[utoipa::path(get, path = "/store/v1/owners/{name}", params(("name" = String, Path, description = "image name", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")), responses((status = 200, body = ImageOwner)))]
 async fn get_owner(State(s): St, Path(name): Path<String>) -> Res<Json<ImageOwner>> {
+    parse_name(&name)?;
     Ok(Json(s.owner(&name).await?))
 }
 
 #[utoipa::path(put, path = "/store/v1/owners/{name}", params(("name" = String, Path, description = "image name", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")), request_body = ImageOwner, responses((status = 200, body = ImageOwner)))]
 async fn put_owner(State(s): St, Path(name): Path<String>, b: Result<Bytes, BytesRejection>) -> Res<Json<ImageOwner>> {
+    parse_name(&name)?;
     let o: ImageOwner = json_body(&format!("owner of image {name}"), b)?;
     s.set_owner(&name, &o).await?;
     Ok(Json(o))

@@ -153,6 +153,32 @@ async fn unknown_image_and_malformed_json_are_json_4xx() {
     assert!(s.client.list().await.unwrap().is_empty());
 }
 
+/// Owner records are named like images (the documented pattern: 400 otherwise), and a manifest
+/// whose integers are written as floats (`"chunk_size": 4096.0`) is the manifest it means.
+#[tokio::test]
+async fn owner_names_are_checked_and_integral_floats_are_integers() {
+    let s = start().await;
+    let http = reqwest::Client::new();
+    for bad in [".hidden", "-x", "a%20b", &"a".repeat(65)] {
+        let resp = http.get(format!("{}/store/v1/owners/{bad}", s.url)).send().await.unwrap();
+        assert_eq!(resp.status(), 400, "{bad}");
+        let resp = http.put(format!("{}/store/v1/owners/{bad}", s.url)).body(r#"{"public": true}"#).send().await.unwrap();
+        assert_eq!(resp.status(), 400, "{bad}");
+    }
+    let resp = http.get(format!("{}/store/v1/owners/fine_name-1.0", s.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let id = s.client.begin_upload().await.unwrap();
+    let (h, z) = codec::encode(b"a chunk");
+    s.client.put_chunk(&id, &h, Bytes::from(z)).await.unwrap();
+    let m = manifest("floats", CS, vgrid_api::Blob { size: 7, chunks: vec![Some(h)] });
+    let text = serde_json::to_string(&m).unwrap().replace(&format!("\"chunk_size\":{CS}"), &format!("\"chunk_size\":{CS}.0"));
+    assert!(text.contains("4096.0"), "{text}");
+    let resp = http.post(format!("{}/store/v1/uploads/{id}/commit", s.url)).body(text).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    assert_eq!(s.client.manifest(&r("floats")).await.unwrap().chunk_size, CS);
+}
+
 #[tokio::test]
 async fn delete_frees_only_unshared_chunks() {
     let s = start().await;

@@ -12,6 +12,8 @@
 //!   settings every outgoing request uses, and fetching a server's chain for pinning.
 //! - [`deadline`]: the bound on how long a new connection may take to send its first request's
 //!   headers (slow-loris clients).
+//! - [`json`]: the JSON body extractor of every role's handlers (integral floats are integers,
+//!   an optional body may be `null`), so that all three read bodies alike.
 //!
 //! A node certificate names the node (subject CN) and its roles (subject OU, comma-separated:
 //! `coordinator`, `host`, `image-server`). Peers are verified against the grid CA only.
@@ -19,6 +21,7 @@
 pub mod ca;
 pub mod caller;
 pub mod deadline;
+pub mod json;
 pub mod node;
 pub mod tls;
 

@@ -282,6 +282,7 @@ pub async fn serve(
         shutdown.await;
         let _ = asked.send(());
     };
+    let app = app.layer(axum::middleware::from_fn(read_small_body_first));
     let server = axum::serve(l, app.into_make_service_with_connect_info::<PeerInfo>()).with_graceful_shutdown(signal).into_future();
     let grace = async move {
         match stopping.await {
@@ -295,6 +296,31 @@ pub async fn serve(
         _ = grace => {
             tracing::info!(%local, "connections still open {SHUTDOWN_GRACE:?} after the stop request are dropped");
             Ok(())
+        }
+    }
+}
+
+/// Request bodies up to this size are read whole before anything answers ([`serve`]).
+const READ_FIRST: u64 = 1 << 20;
+
+/// Reads a small request body (declared length up to [`READ_FIRST`]) before the request is
+/// handled. An answer given before the body was read (a 401 for a missing token, a 403 for the
+/// wrong role, a 404) made hyper close the connection after it, and a client that had already
+/// reused that keep-alive connection for its next request got an EOF instead of an answer.
+/// Larger bodies (chunk uploads, migration streams) and bodies without a declared length go
+/// through as streams.
+async fn read_small_body_first(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let declared = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if !declared.is_some_and(|n| n > 0 && n <= READ_FIRST) {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    match axum::body::to_bytes(body, READ_FIRST as usize).await {
+        Ok(bytes) => next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+        Err(e) => {
+            let error = format!("{} {}: reading the request body: {e}", parts.method, parts.uri.path());
+            (axum::http::StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({ "error": error }))).into_response()
         }
     }
 }

@@ -91,14 +91,18 @@ fn report_bodies_round_trip() {
     assert!(serde_json::from_value::<HostHeartbeat>(old).unwrap().waiting.is_empty());
     let quiet = serde_json::to_value(HostHeartbeat { waiting: vec![], ..hb }).unwrap();
     assert!(quiet.get("waiting").is_none(), "{quiet}");
-    round_trip(&HeartbeatReply { interval_secs: 5, image_servers: vec!["https://s".into()] });
-    assert_eq!(serde_json::from_str::<HeartbeatReply>("{}").unwrap(), HeartbeatReply { interval_secs: 5, image_servers: vec![] });
+    round_trip(&HeartbeatReply { interval_secs: 5, image_servers: vec!["https://s".into()], networks: vec![] });
+    assert_eq!(
+        serde_json::from_str::<HeartbeatReply>("{}").unwrap(),
+        HeartbeatReply { interval_secs: 5, image_servers: vec![], networks: vec![] }
+    );
 }
 
 #[test]
 fn save_and_migration_bodies_round_trip() {
     round_trip(&SaveRequest { name: "warm".into() });
-    round_trip(&VmPresence { saving: true, running: true, known: true });
+    round_trip(&VmPresence { saving: true, running: true, known: true, exited: false });
+    round_trip(&VmPresence { saving: false, running: false, known: true, exited: true });
     // An agent that predates `known` knows a VM it runs.
     let p: VmPresence = serde_json::from_str(r#"{"saving":false,"running":true}"#).unwrap();
     assert!(p.known);

@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message as TMessage;
@@ -24,6 +24,7 @@ use crate::join::Joins;
 use crate::lifecycle::{Coordinator, CoordinatorError};
 
 mod drain;
+mod networks;
 mod usage;
 use axum::extract::Request;
 use axum::middleware::Next;
@@ -32,14 +33,23 @@ use vgrid_api::auth::{
     AuditEntry, Challenge, ChallengeRequest, JoinReply, JoinRequest, JoinTokenCreate, JoinTokenInfo, LoginRequest, LoginToken, Quota,
     RenewRequest, UserCreate, UserInfo,
 };
+use vgrid_trust::json::{Json, JsonRejection};
 use vgrid_trust::{NodeRole, Peer};
+
+/// The Retry-After of a 503 answer, in seconds.
+const RETRY_AFTER_SECS: &str = "2";
 
 /// An error as the API returns it.
 pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(ErrorBody { error: self.1, detail: None })).into_response()
+        let mut r = (self.0, Json(ErrorBody { error: self.1, detail: None })).into_response();
+        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+            // Retryable: nothing was done; the condition passes within a heartbeat or two.
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static(RETRY_AFTER_SECS));
+        }
+        r
     }
 }
 
@@ -49,13 +59,15 @@ impl From<CoordinatorError> for ApiError {
         let code = match &e {
             // Well-formed requests whose values are refused: 422 naming the field (a 400 is
             // only for a body or parameter that is not of the documented shape).
-            BadRequest(_) | Config(_) | Image(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            UnknownImage(_) | UnknownVm(_) | UnknownHost(_) => StatusCode::NOT_FOUND,
-            Conflict(_) | Capacity(_) | Waited(_) | Transition { .. } | Contended(_) => StatusCode::CONFLICT,
-            Store(_) | ImageServer(_) | NotOnReachable { .. } | Host(_) => StatusCode::BAD_GATEWAY,
+            BadRequest(_) | Config(_) | Image(_) | Net(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            UnknownImage(_) | UnknownVm(_) | UnknownHost(_) | UnknownNetwork(_) => StatusCode::NOT_FOUND,
+            Conflict(_) | Capacity(_) | Waited(_) | Transition { .. } | Contended(_) | NetworkIdentityTaken(_) => StatusCode::CONFLICT,
+            ImageServer(_) | NotOnReachable { .. } | Host(_) => StatusCode::BAD_GATEWAY,
+            NoImageServer => StatusCode::SERVICE_UNAVAILABLE,
+            Settling(_) => StatusCode::GATEWAY_TIMEOUT,
             Expr(_) => StatusCode::UNPROCESSABLE_ENTITY,
             State(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Quota(_) => StatusCode::FORBIDDEN,
+            Quota(_) | Forbidden(_) => StatusCode::FORBIDDEN,
         };
         ApiError(code, e.to_string())
     }
@@ -119,7 +131,7 @@ fn optional_body<T: serde::de::DeserializeOwned + Default>(body: Result<axum::bo
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(T::default());
     }
-    serde_json::from_slice(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("malformed request body: {e}")))
+    vgrid_api::json::from_slice(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("malformed request body: {e}")))
 }
 type Ctx = State<Arc<Coordinator>>;
 /// The authenticated caller (present on every route but the public ones).
@@ -222,7 +234,8 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
     info(title = "vgrid API", description = "Run VMs on a grid of hosts, images streamed on demand."),
     paths(list_vms, create_vm, get_vm, stop_vm, migrate_vm, delete_vm, console, suspend_vm, resume_vm, snapshot_vm, list_hosts, get_host, host_heartbeat,
         list_image_servers, image_server_heartbeat, futures, auth_challenge, auth_login, auth_logout, whoami,
-        list_users, add_user, get_user, delete_user, set_quota, audit, usage::get_usage, drain::drain_host, drain::get_drain, drain::undrain_host, join, renew_cert, create_join_token, list_join_tokens),
+        list_users, add_user, get_user, delete_user, set_quota, audit, usage::get_usage, drain::drain_host, drain::get_drain, drain::undrain_host, join, renew_cert, create_join_token, list_join_tokens,
+        networks::list_networks, networks::create_network, networks::get_network, networks::delete_network),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
         HostState, HostHeartbeat, HeartbeatReply, VmReport, vgrid_api::host::VmWaiting, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
         vgrid_api::vm::VmConfig, vgrid_api::vm::BootConfig, vgrid_api::vm::NetConfig, vgrid_api::vm::Nic, vgrid_api::vm::Accel,
@@ -231,7 +244,9 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
         vgrid_api::vm::Resources, vgrid_api::usage::UsageReport, vgrid_api::usage::UserUsage, vgrid_api::usage::VmUsage,
         vgrid_api::usage::UsageTotals, vgrid_api::usage::VmUsageReport, VmResume, VmSnapshot, SavedImage, Suspended,
         vgrid_api::migrate::VmMigrate, vgrid_api::migrate::Migration, vgrid_api::migrate::MigrationStatus,
-        vgrid_api::grid::Drain, vgrid_api::grid::DrainedVm, vgrid_api::grid::DrainStep)),
+        vgrid_api::grid::Drain, vgrid_api::grid::DrainedVm, vgrid_api::grid::DrainStep,
+        vgrid_api::net::Network, vgrid_api::net::NetworkCreate, vgrid_api::net::NetworkInfo, vgrid_api::net::NetworkKind,
+        vgrid_api::net::SiteNet, vgrid_api::net::Lease)),
     modifiers(&CONTRACT),
     security(("bearer" = []))
 )]
@@ -329,7 +344,7 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -
         .route("/api/v1/users/{name}", get(get_user).delete(delete_user))
         .route("/api/v1/users/{name}/quota", axum::routing::put(set_quota))
         .route("/api/v1/audit", get(audit))
-        .route("/api/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .route("/api/openapi.json", get(|| async { Json(vgrid_api::openapi::served(&ApiDoc::openapi())) }))
         .route("/api/v1/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/api/v1/vms", get(list_vms).post(create_vm))
         .route("/api/v1/vms/{id}", get(get_vm).delete(delete_vm))
@@ -346,6 +361,8 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -
         .route("/api/v1/hosts/{name}/drain", get(drain::get_drain).post(drain::drain_host).delete(drain::undrain_host))
         .route("/api/v1/futures", post(futures))
         .route("/api/v1/usage", get(usage::get_usage))
+        .route("/api/v1/networks", get(networks::list_networks).post(networks::create_network))
+        .route("/api/v1/networks/{name}", get(networks::get_network).delete(networks::delete_network))
         .route("/api/v1/image-servers", get(list_image_servers))
         .route("/api/v1/image-servers/heartbeat", post(image_server_heartbeat))
         .with_state(c)
@@ -471,7 +488,8 @@ async fn owned(c: &Coordinator, p: &Principal, key: &str) -> Result<VmRecord, Ap
 
 #[utoipa::path(post, path = "/api/v1/vms", request_body = VmCreate,
     responses((status = 201, body = VmRecord), (status = 400, body = ErrorBody),
-              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 503, body = ErrorBody, description = "no image server is registered yet (after a restart): retry after the Retry-After seconds")))]
 async fn create_vm(
     State(c): Ctx,
     Extension(auth): Users,
@@ -551,7 +569,8 @@ async fn stop_vm(
 /// On failure the VM keeps running.
 #[utoipa::path(post, path = "/api/v1/vms/{id}/suspend", params(("id" = String, Path)),
     responses((status = 200, body = Suspended), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
-              (status = 502, body = ErrorBody)))]
+              (status = 502, body = ErrorBody),
+              (status = 504, body = ErrorBody, description = "the host has not answered the save yet: follow the VM's record")))]
 async fn suspend_vm(State(c): Ctx, Extension(auth): Users, Extension(p): Caller, Path(id): Path<String>) -> ApiResult<Suspended> {
     let rec = owned(&c, &p, &id).await?;
     c.check_stored_quota(&rec.owner, &auth.user(&rec.owner).await?.quota)?;
@@ -564,7 +583,7 @@ async fn suspend_vm(State(c): Ctx, Extension(auth): Users, Extension(p): Caller,
 /// the VM becomes `running` when restored.
 #[utoipa::path(post, path = "/api/v1/vms/{id}/resume", params(("id" = String, Path)), request_body = VmResume,
     responses((status = 200, body = VmRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody)))]
+              (status = 409, body = ErrorBody), (status = 503, body = ErrorBody, description = "no image server is registered yet (after a restart): retry after the Retry-After seconds")))]
 async fn resume_vm(
     State(c): Ctx,
     Extension(auth): Users,
@@ -581,7 +600,7 @@ async fn resume_vm(
 /// the VM keeps running. `vm run NAME` then restores instead of booting.
 #[utoipa::path(post, path = "/api/v1/vms/{id}/snapshot", params(("id" = String, Path)), request_body = VmSnapshot,
     responses((status = 200, body = SavedImage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody), (status = 502, body = ErrorBody)))]
+              (status = 409, body = ErrorBody), (status = 502, body = ErrorBody), (status = 503, body = ErrorBody, description = "no image server is registered yet (after a restart): retry after the Retry-After seconds")))]
 async fn snapshot_vm(
     State(c): Ctx,
     Extension(auth): Users,
@@ -602,7 +621,7 @@ async fn snapshot_vm(
 /// shows progress until its status is `completed`, `cancelled` or `failed`.
 #[utoipa::path(post, path = "/api/v1/vms/{id}/migrate", params(("id" = String, Path)), request_body = vgrid_api::migrate::VmMigrate,
     responses((status = 202, body = VmRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody)))]
+              (status = 409, body = ErrorBody), (status = 503, body = ErrorBody, description = "no image server is registered yet (after a restart): retry after the Retry-After seconds")))]
 async fn migrate_vm(
     State(c): Ctx,
     Extension(p): Caller,
@@ -726,8 +745,10 @@ async fn host_heartbeat(
         return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("invalid host name {:?}", hb.ad.name)));
     }
     node_peer(&nodes, &peer, NodeRole::Host, &hb.ad.name)?;
+    let attached = hb.ad.networks.clone();
     let image_servers = c.heartbeat(hb).await?;
-    Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers }))
+    let networks = c.site_networks(&attached).await?;
+    Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers, networks }))
 }
 
 #[utoipa::path(get, path = "/api/v1/image-servers", responses((status = 200, body = [ImageServerAd])))]
@@ -747,15 +768,19 @@ async fn image_server_heartbeat(
     node_role(&nodes, &peer, NodeRole::ImageServer)?;
     let Json(ad) = body?;
     node_peer(&nodes, &peer, NodeRole::ImageServer, &ad.name)?;
-    c.registry().server_beat(ad);
-    Ok(Json(HeartbeatReply { interval_secs: c.registry().interval.as_secs().max(1), image_servers: c.registry().image_server_urls() }))
+    c.image_server_beat(ad).await?;
+    Ok(Json(HeartbeatReply {
+        interval_secs: c.registry().interval.as_secs().max(1),
+        image_servers: c.registry().image_server_urls(),
+        networks: Vec::new(),
+    }))
 }
 
 /// Which hosts could start a VM like this now (VM futures), and why not the others.
 #[utoipa::path(post, path = "/api/v1/futures", request_body = FuturesQuery,
     responses((status = 200, body = [Future]), (status = 400, body = ErrorBody),
               (status = 404, body = ErrorBody, description = "no image server has the image"),
-              (status = 502, body = ErrorBody, description = "an image server failed to answer")))]
+              (status = 502, body = ErrorBody, description = "an image server failed to answer"), (status = 503, body = ErrorBody, description = "no image server is registered yet (after a restart): retry after the Retry-After seconds")))]
 async fn futures(State(c): Ctx, Extension(p): Caller, body: Result<Json<FuturesQuery>, JsonRejection>) -> ApiResult<Vec<Future>> {
     let Json(q) = body?;
     Ok(Json(c.futures(&q, &p.user).await?))
@@ -767,7 +792,7 @@ mod tests {
 
     #[test]
     fn the_openapi_document_lists_every_body() {
-        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let doc = vgrid_api::openapi::served(&ApiDoc::openapi());
         let schemas = doc["components"]["schemas"].as_object().unwrap();
         for name in [
             "VmCreate",

@@ -72,7 +72,11 @@ pub(crate) fn placement_request(
         cpus: config.cpus,
         memory_mib: config.memory_mib,
         cpu_share: config.resources.cpu_cores(),
-        require: require.clone(),
+        require: match (require.clone().filter(|r| !r.trim().is_empty()), crate::networks::network_requirement(&config.net)) {
+            (r, None) => r,
+            (None, Some(n)) => Some(n),
+            (Some(r), Some(n)) => Some(format!("({r}) && {n}")),
+        },
         rank: rank.clone(),
     }
 }

@@ -88,12 +88,23 @@ impl Coordinator {
         self.precheck(owner, quota, &config, req.name.as_deref()).await?;
         let id = new_id();
         let name = req.name.clone().unwrap_or_else(|| format!("{}-{}", manifest.name, &id[3..9]));
-        let mut rec = VmRecord::new(&id, &name, owner, config, now());
-        rec.require = req.require.clone();
-        rec.rank = req.rank.clone();
         let admit = Admit { quota: Some(quota.clone()) };
-        let (rec, placed) = self.insert(rec, &preq, &opts, req.no_wait, &admit).await?;
-        Ok((rec, placed, preq, opts))
+        let mut attempt = 0;
+        loop {
+            // The interfaces' addresses and MACs are the record's: chosen now, claimed with it.
+            let mut config = config.clone();
+            self.assign_network_identity(&mut config, &id, owner, attempt).await?;
+            let mut rec = VmRecord::new(&id, &name, owner, config, now());
+            rec.require = req.require.clone();
+            rec.rank = req.rank.clone();
+            match self.insert(rec, &preq, &opts, req.no_wait, &admit).await {
+                Err(CoordinatorError::NetworkIdentityTaken(why)) if attempt + 1 < CAS_RETRIES as u32 => {
+                    tracing::debug!(vm = %id, "{why}; choosing again");
+                    attempt += 1;
+                }
+                r => return r.map(|(rec, placed)| (rec, placed, preq, opts)),
+            }
+        }
     }
 
     /// Places the new VM `new` (or queues it) and writes its record with its claims; a host
@@ -198,7 +209,7 @@ impl Coordinator {
             cpus: req.cpus,
             memory_mib: req.memory_mib,
             cpu_share: 0.0,
-            require: req.require.clone().filter(|r| !r.trim().is_empty()),
+            require: with_networks(req.require.clone(), &req.nics)?,
             rank: None,
         };
         self.sched.validate(&base)?;
@@ -299,4 +310,17 @@ pub(crate) fn place_error(e: PlaceError) -> CoordinatorError {
         PlaceError::Invalid(e) => e.into(),
         e @ PlaceError::TimedOut { .. } => CoordinatorError::Waited(e),
     }
+}
+
+/// A futures query's requirement with its interfaces' network clauses (as a VM's placement
+/// has them).
+fn with_networks(require: Option<String>, nics: &[vgrid_api::net::Nic]) -> Result<Option<String>, CoordinatorError> {
+    let net = vgrid_api::net::NetConfig::requested(nics, &[])?;
+    net.validate()?;
+    let require = require.filter(|r| !r.trim().is_empty());
+    Ok(match (require, crate::networks::network_requirement(&net)) {
+        (r, None) => r,
+        (None, Some(n)) => Some(n),
+        (Some(r), Some(n)) => Some(format!("({r}) && {n}")),
+    })
 }

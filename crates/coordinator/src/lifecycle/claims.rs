@@ -6,6 +6,8 @@
 //! | key | while | value |
 //! | --- | --- | --- |
 //! | `claims/name/NAME` | the record exists (names are unique) | the VM's id and name |
+//! | `claims/addr/NET/IP` | the record exists (a site interface's address: kept while suspended) | the VM's id and name |
+//! | `claims/mac/NET/MAC` | the record exists (a site or tunnel interface's MAC) | the VM's id and name |
 //! | `claims/port/HOSTPORT` | active (a forwarded host port) | the VM's id and name |
 //! | `claims/owner/OWNER/ID` | active (the owner's quota) | cpus, memory |
 //! | `claims/host/HOST/ID` | active and placed on HOST, or migrating to HOST (capacity) | cpus, memory, cpu cores |
@@ -53,6 +55,16 @@ pub fn name_key(name: &str) -> String {
     format!("{CLAIMS}name/{name}")
 }
 
+/// Where the addresses leased on network `net` are claimed.
+pub fn addr_prefix(net: &str) -> String {
+    format!("{CLAIMS}addr/{net}/")
+}
+
+/// Where the MACs of interfaces on network `net` are claimed.
+pub fn mac_prefix(net: &str) -> String {
+    format!("{CLAIMS}mac/{net}/")
+}
+
 pub fn port_key(port: u16) -> String {
     format!("{CLAIMS}port/{port}")
 }
@@ -76,6 +88,15 @@ pub fn claims(rec: &VmRecord) -> Vec<Claim> {
         ..Held::default()
     };
     let mut out = vec![Claim { key: name_key(&rec.name), held: who(), unique: true }];
+    for nic in &rec.config.net.nics {
+        let Some(net) = nic.network() else { continue };
+        if let Some(a) = nic.address() {
+            out.push(Claim { key: format!("{}{a}", addr_prefix(net)), held: who(), unique: true });
+        }
+        if let Some(m) = nic.mac() {
+            out.push(Claim { key: format!("{}{m}", mac_prefix(net)), held: who(), unique: true });
+        }
+    }
     if !rec.state.is_active() {
         return out;
     }

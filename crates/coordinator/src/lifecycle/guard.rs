@@ -58,6 +58,12 @@ impl Coordinator {
         if let Some(name) = key.strip_prefix(&format!("{}name/", claims::CLAIMS)) {
             return CoordinatorError::Conflict(format!("a VM named {name:?} exists already"));
         }
+        for (kind, what) in [("addr", "address"), ("mac", "MAC address")] {
+            if let Some(rest) = key.strip_prefix(&format!("{}{kind}/", claims::CLAIMS)) {
+                let (net, value) = rest.split_once('/').unwrap_or((rest, ""));
+                return CoordinatorError::NetworkIdentityTaken(format!("{what} {value} on network {net:?} is taken by another VM"));
+            }
+        }
         let port = key.rsplit('/').next().unwrap_or_default();
         CoordinatorError::Conflict(format!("host port {port} is already forwarded to another VM"))
     }

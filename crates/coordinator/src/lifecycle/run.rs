@@ -1,20 +1,25 @@
-//! Launching a placed VM on its host, watching it until its QEMU ends (through host outages),
+//! Launching a placed VM on its host (and settling a launch nobody heard the end of), watching it until its QEMU ends (through host outages),
 //! stopping and removing it, and its console.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use vgrid_api::grid::HostState;
-use vgrid_api::host::{ExitInfo, LaunchRequest};
-use vgrid_api::vm::{ConsoleChunk, VmRecord, VmState};
+use vgrid_api::host::{ExitInfo, LaunchRequest, RESTORE_TIMEOUT};
+use vgrid_api::vm::{Accel, ConsoleChunk, VmRecord, VmState};
 
 use super::table::{Event, ExitKind};
 use super::{Coordinator, CoordinatorError};
-use crate::hosts::HostClient;
+use crate::hosts::{HostCallError, HostClient};
+
+/// How long a launch interrupted by a coordinator restart may take to show up running on its
+/// host before the VM is failed.
+pub const LAUNCH_RECOVERY: Duration = Duration::from_secs(300);
 
 impl Coordinator {
-    /// Sends `req` to its host and follows the VM. A launch that fails is the resume's failure
-    /// when it restored a saved image (`on_resume_failed`), else the VM's.
+    /// Sends `req` to its host and follows the VM. A launch the host refuses is the resume's
+    /// failure when it restored a saved image (`on_resume_failed`), else the VM's; a launch
+    /// the host does not answer is settled from the host ([`Coordinator::recover_launch`]).
     pub(crate) async fn run(self: Arc<Self>, client: HostClient, req: LaunchRequest) {
         let id = req.id.clone();
         if self.apply(&id, Event::LaunchSent).await.is_err() {
@@ -43,6 +48,13 @@ impl Coordinator {
                     }
                 }
             }
+            Err(e) if !matches!(e, HostCallError::Refused { .. }) => {
+                // No answer (the agent died, the link broke): the launch may have happened.
+                // Settled from the host once it answers again, as after a coordinator restart:
+                // adopted if it runs, sent again if it never arrived, failed otherwise.
+                tracing::warn!(vm = %id, host = %client.name, "no answer to the launch ({e}); settling it from the host");
+                Box::pin(self.recover_launch(id)).await;
+            }
             Err(e) => {
                 tracing::warn!(vm = %id, "VM failed to start: {e}");
                 let _ = client.stop(&id, true).await;
@@ -51,6 +63,109 @@ impl Coordinator {
                     return;
                 }
                 let _ = self.apply(&id, Event::LaunchFailed { reason: e.to_string() }).await;
+            }
+        }
+    }
+
+    /// Settles a VM placed but not running (`pending` with a host, or `starting`) whose launch
+    /// nobody heard the end of: found so after a coordinator restart, or a launch its host did
+    /// not answer (a new VM's launch or a suspended VM's restore, which may have reached the
+    /// host all the same). Once the host answers:
+    ///
+    /// * it runs the VM (or ran it and it ended meanwhile): the launch happened; the record is
+    ///   `running` (a resume: `resume_recovered`) and watched (which records an end that came
+    ///   already), and its claims keep counting on that host (failing it would free capacity
+    ///   the host still uses, and lose a VM that runs);
+    /// * it does not know the VM, three answers in a row half a second apart (a launch still on
+    ///   its way would have been admitted in between): the launch never arrived; it is sent
+    ///   again, the same request (never to another host: it is placed there);
+    /// * it knows the VM but does not run it by the deadline (the launch bound, 5 min; a
+    ///   restore's, [`RESTORE_TIMEOUT`] + 60 s), or the host does not come back: a new VM is
+    ///   `failed` with the reason (the host is told to stop it); a resume is `suspended` again
+    ///   (its saved image is intact).
+    pub(crate) async fn recover_launch(self: Arc<Self>, id: String) {
+        let resume = match self.record(&id).await.ok().flatten() {
+            Some(rec) => rec.saved_image.is_some() && rec.started.is_none(),
+            None => return,
+        };
+        let bound = if resume { RESTORE_TIMEOUT + Duration::from_secs(60) } else { LAUNCH_RECOVERY };
+        let deadline = tokio::time::Instant::now() + bound;
+        let mut unknown = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let Some(rec) = self.record(&id).await.ok().flatten() else { return };
+            if !matches!(rec.state, VmState::Pending | VmState::Starting) || rec.started.is_some() {
+                return;
+            }
+            let host = rec.host.clone().unwrap_or_default();
+            let (client, presence, accel) = match self.registry.host(&host) {
+                Some(h) if h.state == HostState::Ready => {
+                    let c = HostClient::new(&h.ad.name, &h.ad.url, self.http.clone());
+                    let p = c.saving(&id).await;
+                    (Some(c), p, h.ad.accel.parse::<Accel>().ok())
+                }
+                _ => (None, None, None),
+            };
+            // Running, or ran and ended already (its watcher then records how it ended).
+            if presence.is_some_and(|p| p.running || (p.exited && !resume)) {
+                let pid = self.registry.host(&host).and_then(|h| h.vms.iter().find(|v| v.id == id).map(|v| v.pid)).unwrap_or(0);
+                if rec.state == VmState::Pending && !resume {
+                    // Its launch went out between the record's write and this one's.
+                    let _ = self.apply(&id, Event::LaunchSent).await;
+                }
+                let event = if resume {
+                    Event::ResumeRecovered { host: host.clone() }
+                } else {
+                    Event::Launched { pid, accel: rec.accel.or(rec.config.accel).or(accel).unwrap_or(Accel::Tcg) }
+                };
+                if self.apply(&id, event).await.is_ok() {
+                    tracing::info!(vm = %id, host = %host, resume, "a launch interrupted by a coordinator restart completed: the VM runs");
+                    tokio::spawn(self.clone().watch(id));
+                }
+                return;
+            }
+            unknown = if presence.is_some_and(|p| !p.known) { unknown + 1 } else { 0 };
+            if unknown >= 3 {
+                if let Some(client) = client {
+                    let restore = match rec.saved_image.as_deref().filter(|_| resume) {
+                        None => Ok(None),
+                        Some(saved) => self.resolve_saved(saved).await.map(|m| Some(m.image_ref())),
+                    };
+                    match restore {
+                        Ok(restore) => {
+                            tracing::info!(vm = %id, host = %host, resume,
+                                "the launch never reached the host before the coordinator restarted; sending it again");
+                            let launch = crate::lifecycle::admission::launch_request(&rec, restore);
+                            self.clone().run(client, launch).await;
+                            return;
+                        }
+                        Err(e) => tracing::warn!(vm = %id, "cannot send the launch again yet: {e}"),
+                    }
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                if resume {
+                    let _ = self.apply(&id, Event::ResumeAbandoned { host: host.clone() }).await;
+                    tracing::warn!(vm = %id, host = %host, "a resume interrupted by a coordinator restart did not complete; suspended again");
+                } else {
+                    if let Ok(c) = self.client(&host) {
+                        let _ = c.stop(&id, true).await;
+                        let _ = c.release(&id).await;
+                    }
+                    let event = if rec.state == VmState::Starting {
+                        Event::LaunchFailed {
+                            reason: format!(
+                                "its launch went unanswered (the coordinator restarted or host {host} did not answer) and the host did not run it within {} s",
+                                bound.as_secs()
+                            ),
+                        }
+                    } else {
+                        Event::CoordinatorRestarted
+                    };
+                    let _ = self.apply(&id, event).await;
+                    tracing::warn!(vm = %id, host = %host, "a launch interrupted by a coordinator restart did not complete; failed");
+                }
+                return;
             }
         }
     }
@@ -83,9 +198,13 @@ impl Coordinator {
                     continue;
                 }
             };
+            let watched = rec.pid;
             let waited = client.wait(&id).await;
             if waited.is_ok() && self.moved_or_migrating(&id, &host).await {
                 continue;
+            }
+            if waited.is_ok() && self.replaced(&id, watched).await {
+                return;
             }
             // The state now, not before the long poll: a stop may have begun meanwhile.
             let stopping = self.record(&id).await.ok().flatten().map(|v| v.state == VmState::Stopping).unwrap_or(false);
@@ -119,6 +238,22 @@ impl Coordinator {
             Some(v) if v.host.as_deref() != Some(host) => true,
             Some(v) if v.state == VmState::Migrating => {
                 tokio::time::sleep(Duration::from_millis(300)).await;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// True when the QEMU this watcher followed (`watched`, its pid) is no longer the record's:
+    /// it was saved and ended (suspend, which released it on the host), and the VM may already
+    /// be resuming on the same host under a new QEMU with a watcher of its own. The old QEMU's
+    /// end is then no news: applied late, it failed the resumed VM, and its release killed the
+    /// new QEMU.
+    async fn replaced(&self, id: &str, watched: Option<u32>) -> bool {
+        let Some(pid) = watched else { return false };
+        match self.record(id).await.ok().flatten() {
+            Some(v) if v.pid != Some(pid) && matches!(v.state, VmState::Suspended | VmState::Starting | VmState::Running) => {
+                tracing::debug!(vm = %id, "QEMU {pid} ended after it was replaced; its end is not reported");
                 true
             }
             _ => false,

@@ -378,12 +378,11 @@ pub fn transition(from: VmState, event: &Event) -> Result<Change, TransitionErro
         (Running, E::SuspendRequested) => to(Suspending, Phase::Saving),
         (Suspending, E::Saved { image }) => to(Suspended, Phase::Suspended).saved_image(image).clear_pid().clear_reason(),
         (Suspending, E::SaveFailed) => to(Running, Phase::Running),
-        (Suspending, E::SaveInterrupted) => {
-            to(Running, Phase::Running).reason("a suspend interrupted by a coordinator restart did not complete; the VM runs on")
-        }
+        (Suspending, E::SaveInterrupted) => to(Running, Phase::Running)
+            .reason("a suspend interrupted by a restart (of the coordinator or of the host agent) did not complete; the VM runs on"),
         (Suspending, E::SaveLost) => to(Failed, Phase::Failed)
             .clear_pid()
-            .reason("the coordinator restarted while this VM was being suspended and no saved state was found"),
+            .reason("the suspend was interrupted (the coordinator or the host agent restarted) and no saved state was found"),
         // A save's end means nothing once the VM has left `suspending`.
         (
             Pending | Starting | Running | Stopping | Unknown | Migrating | inactive!(),

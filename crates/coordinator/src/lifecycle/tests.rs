@@ -214,3 +214,123 @@ async fn claims_of_records_written_before_claims_are_built_at_open() {
     let _d = coordinator(&state).await;
     assert_eq!(state.store().revision().await.unwrap(), rev);
 }
+
+#[tokio::test]
+async fn image_servers_are_known_right_after_a_restart() {
+    use vgrid_api::grid::ImageServerAd;
+    let state = open(&StateConfig::Memory).unwrap();
+    let c = coordinator(&state).await;
+    let ad = ImageServerAd { name: "is0".into(), url: "https://127.0.0.1:9".into(), images: vec![] };
+    c.image_server_beat(ad.clone()).await.unwrap();
+    drop(c);
+    // A new coordinator on the same store (a restart), before any heartbeat of the server.
+    let c = coordinator(&state).await;
+    assert_eq!(c.registry().image_server_urls(), vec![ad.url.clone()]);
+    // With none registered at all, images cannot resolve yet: retryable, not a failure.
+    let empty = open(&StateConfig::Memory).unwrap();
+    let c = coordinator(&empty).await;
+    let e = c.resolve_image(&"sample@1".parse().unwrap()).await.unwrap_err();
+    assert!(matches!(e, CoordinatorError::NoImageServer), "{e}");
+}
+
+fn on_net(nics: &[&str]) -> VmCreate {
+    let nics: Vec<serde_json::Value> = nics
+        .iter()
+        .map(|n| {
+            let (mode, net) = n.split_once(':').unwrap_or((n, ""));
+            if net.is_empty() {
+                serde_json::json!({"mode": mode})
+            } else {
+                serde_json::json!({"mode": mode, "network": net})
+            }
+        })
+        .collect();
+    serde_json::from_value(serde_json::json!({"image": "sample@1", "cpus": 1, "memory_mib": 128, "nics": nics, "no_wait": true})).unwrap()
+}
+
+fn site_net(name: &str, cidr: &str, range: &str) -> vgrid_api::net::NetworkCreate {
+    serde_json::from_value(serde_json::json!({"name": name, "kind": "site", "cidr": cidr, "range": range})).unwrap()
+}
+
+const ADMIN: crate::networks::Asker<'static> = crate::networks::Asker { user: "root", admin: true };
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_never_lease_one_address_twice_and_rm_frees_it() {
+    let state = open(&StateConfig::Memory).unwrap();
+    let cs = [coordinator(&state).await, coordinator(&state).await];
+    for c in &cs {
+        beat(c, HostAd { networks: vec!["farm".into()], ..ad("h1", 64, 1 << 20) }).await;
+        beat(c, ad("h2", 64, 1 << 20)).await;
+    }
+    cs[0].create_network(site_net("farm", "10.20.0.0/24", "10.20.0.100-10.20.0.104"), ADMIN).await.unwrap();
+    let (ok, errs) = race(&cs, 8, |_| on_net(&["site:farm"]), "alice", &Quota::default()).await;
+    assert_eq!(ok, 5, "{errs:?}");
+    for e in &errs {
+        assert!(matches!(e, CoordinatorError::Capacity(m) if m.contains("network \"farm\" has no free address")), "{e}");
+    }
+    let (vms, _) = state.vms().list_vms().await.unwrap();
+    let mut addrs: Vec<String> = vms.iter().filter_map(|(v, _)| v.config.net.nics[0].address()).map(|a| a.to_string()).collect();
+    addrs.sort();
+    assert_eq!(addrs, ["10.20.0.100", "10.20.0.101", "10.20.0.102", "10.20.0.103", "10.20.0.104"]);
+    // Every one placed on the host attached to the network, with the MAC its address gives.
+    for (v, _) in &vms {
+        assert_eq!(v.host.as_deref(), Some("h1"), "{v:?}");
+        let nic = &v.config.net.nics[0];
+        assert_eq!(nic.mac(), Some(vgrid_api::net::MacAddr::for_site("farm", nic.address().unwrap())));
+    }
+    assert_claims_match_records(&state).await;
+    let info = cs[1].network_info("farm", ADMIN).await.unwrap();
+    assert_eq!((info.leases.len(), info.free, info.hosts.clone()), (5, 0, vec!["h1".to_string()]));
+    // A network in use is not removed; the error names its VMs.
+    let e = cs[0].delete_network("farm", ADMIN).await.unwrap_err().to_string();
+    assert!(e.contains("in use by 5 VM(s)"), "{e}");
+    // The record's removal frees its address for the next VM.
+    let (gone, rev) = state.vms().get_vm(&vms[0].0.id).await.unwrap().unwrap();
+    assert!(cs[0].try_commit(Some((&gone, rev)), None, None).await.unwrap());
+    let next = admit(&cs[1], on_net(&["site:farm"]), "bob", &Quota::default()).await.unwrap();
+    assert_eq!(next.config.net.nics[0].address(), gone.config.net.nics[0].address());
+    assert_claims_match_records(&state).await;
+}
+
+#[tokio::test]
+async fn networks_refuse_what_they_cannot_give_with_reasons() {
+    let state = open(&StateConfig::Memory).unwrap();
+    let c = coordinator(&state).await;
+    beat(&c, ad("h2", 64, 1 << 20)).await;
+    let alice = crate::networks::Asker { user: "alice", admin: false };
+    // Site networks are an admin's; they may not overlap.
+    let e = c.create_network(site_net("farm", "10.20.0.0/24", "10.20.0.100-10.20.0.199"), alice).await.unwrap_err();
+    assert!(matches!(e, CoordinatorError::Forbidden(_)), "{e}");
+    c.create_network(site_net("farm", "10.20.0.0/24", "10.20.0.100-10.20.0.199"), ADMIN).await.unwrap();
+    let e = c.create_network(site_net("farm2", "10.20.0.0/16", "10.20.1.100-10.20.1.199"), ADMIN).await.unwrap_err().to_string();
+    assert!(e.contains("overlaps site network \"farm\""), "{e}");
+    let e = c.create_network(site_net("farm", "10.30.0.0/24", "10.30.0.2-10.30.0.9"), ADMIN).await.unwrap_err().to_string();
+    assert!(e.contains("exists already"), "{e}");
+    // No host is attached to farm: the placement refusal names the clause.
+    let e = admit(&c, on_net(&["site:farm"]), "alice", &Quota::default()).await.unwrap_err().to_string();
+    assert!(e.contains("\"farm\" in host.networks"), "{e}");
+    // `vgrid futures --net site:farm` says the same of each host.
+    let q: vgrid_api::grid::FuturesQuery =
+        serde_json::from_value(serde_json::json!({"nics": [{"mode": "site", "network": "farm"}]})).unwrap();
+    let f = c.futures(&q, "alice").await.unwrap();
+    assert!(
+        !f.is_empty() && f.iter().all(|f| !f.could_start && f.why_not.as_deref().unwrap_or("").contains("\"farm\" in host.networks")),
+        "{f:?}"
+    );
+    // Unknown networks, the wrong mode, another user's tunnel.
+    let e = admit(&c, on_net(&["site:nope"]), "alice", &Quota::default()).await.unwrap_err();
+    assert!(matches!(&e, CoordinatorError::UnknownNetwork(n) if n == "nope"), "{e}");
+    let e = admit(&c, on_net(&["tunnel:farm"]), "alice", &Quota::default()).await.unwrap_err().to_string();
+    assert!(e.contains("is a site network"), "{e}");
+    let tunnel = serde_json::from_value(serde_json::json!({"name": "home", "kind": "tunnel"})).unwrap();
+    c.create_network(tunnel, alice).await.unwrap();
+    let bob = crate::networks::Asker { user: "bob", admin: false };
+    let e = admit(&c, on_net(&["tunnel:home"]), "bob", &Quota::default()).await.unwrap_err();
+    assert!(matches!(&e, CoordinatorError::UnknownNetwork(n) if n == "home"), "{e}");
+    assert!(c.list_networks(bob).await.unwrap().iter().all(|n| n.network.name != "home"));
+    assert!(matches!(c.network_info("home", bob).await.unwrap_err(), CoordinatorError::UnknownNetwork(_)));
+    assert_eq!(c.list_networks(alice).await.unwrap().len(), 2);
+    // Nothing was leased by the refusals.
+    assert!(c.leases("farm").await.unwrap().is_empty());
+    assert_claims_match_records(&state).await;
+}

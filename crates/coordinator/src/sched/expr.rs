@@ -23,7 +23,7 @@ pub const MAX_NODES: usize = 256;
 pub const MAX_COMPREHENSION_NESTING: usize = 2;
 
 /// Fields of `host` that are the same for every host of a class (see `HostClass`).
-pub const HOST_CLASS_FIELDS: &[&str] = &["arch", "accel", "qemu_version", "network_modes", "labels", "cpus", "memory_mib"];
+pub const HOST_CLASS_FIELDS: &[&str] = &["arch", "accel", "qemu_version", "network_modes", "networks", "labels", "cpus", "memory_mib"];
 /// Fields of `host` that differ from host to host or from heartbeat to heartbeat.
 pub const HOST_OWN_FIELDS: &[&str] = &[
     "name",

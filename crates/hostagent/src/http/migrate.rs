@@ -9,12 +9,13 @@ use vgrid_api::ErrorBody;
 
 use super::HttpError;
 use crate::agent::Agent;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::Router;
+use vgrid_trust::json::Json;
+use vgrid_trust::json::JsonRejection;
 
 type Ctx = State<Arc<Agent>>;
 
@@ -32,7 +33,7 @@ fn bad(e: JsonRejection) -> HttpError {
     HttpError::body("migration request", e)
 }
 
-#[utoipa::path(post, path = "/host/v1/migrate/incoming", request_body = IncomingRequest, responses((status = 200, body = IncomingReady), (status = 409, body = ErrorBody, description = "not admitted"), (status = 502, body = ErrorBody, description = "no image server delivered the image")))]
+#[utoipa::path(post, path = "/host/v1/migrate/incoming", request_body = IncomingRequest, responses((status = 200, body = IncomingReady), (status = 404, body = ErrorBody, description = "no image server has the image"), (status = 409, body = ErrorBody, description = "not admitted"), (status = 502, body = ErrorBody, description = "no image server delivered the image")))]
 pub(super) async fn incoming(State(a): Ctx, body: Result<Json<IncomingRequest>, JsonRejection>) -> Result<Response, HttpError> {
     let Json(req) = body.map_err(bad)?;
     crate::spec::validate_vm_id(&req.launch.id).map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?;

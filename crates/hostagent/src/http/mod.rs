@@ -34,7 +34,7 @@ impl IntoResponse for HttpError {
 impl HttpError {
     /// A body that could not be read (413 over [`MAX_BODY`]) or is not JSON of the documented
     /// shape (400), for the request `what`.
-    pub(crate) fn body(what: &str, r: axum::extract::rejection::JsonRejection) -> HttpError {
+    pub(crate) fn body(what: &str, r: vgrid_trust::json::JsonRejection) -> HttpError {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             return HttpError(r.status(), format!("{what}: the body is larger than {MAX_BODY} bytes"));
         }
@@ -51,7 +51,7 @@ impl From<AgentError> for HttpError {
             AgentError::NoKvm { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Admission(crate::resources::AdmissionError::Invalid { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Admission(_) => StatusCode::CONFLICT,
-            AgentError::Migration { .. } => StatusCode::CONFLICT,
+            AgentError::Migration { .. } | AgentError::Network(_) => StatusCode::CONFLICT,
             AgentError::Proxy(vgrid_blockproxy::ProxyError::ImageNotFound { .. }) => StatusCode::NOT_FOUND,
             AgentError::Save(crate::error::SaveError::BadName(_)) => StatusCode::BAD_REQUEST,
             AgentError::Save(crate::error::SaveError::Upload { .. }) => StatusCode::BAD_GATEWAY,
@@ -75,7 +75,7 @@ pub fn router(agent: Arc<Agent>, users: Option<vgrid_trust::caller::Users>) -> R
         None => r,
     };
     // The document is open to every caller, like the coordinator's.
-    r.route("/host/openapi.json", get(|| async { Json(<ApiDoc as utoipa::OpenApi>::openapi()) }))
+    r.route("/host/openapi.json", get(|| async { Json(vgrid_api::openapi::served(&<ApiDoc as utoipa::OpenApi>::openapi())) }))
 }
 
 async fn only_coordinator(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
@@ -139,4 +139,24 @@ fn routes(agent: Arc<Agent>) -> Router {
         .merge(migrate::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(agent)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The document says what the server does: a launch or an incoming migration may find no
+    /// image server with the image (404), and the optional bodies of stop and finish may be
+    /// left out or `null` (the extractor takes both for "no options").
+    #[test]
+    fn the_document_lists_404_on_launches_and_nullable_optional_bodies() {
+        let doc = vgrid_api::openapi::served(&<super::ApiDoc as utoipa::OpenApi>::openapi());
+        for path in ["/host/v1/vms", "/host/v1/migrate/incoming"] {
+            assert!(doc["paths"][path]["post"]["responses"].get("404").is_some(), "{path}: {}", doc["paths"][path]);
+        }
+        for path in ["/host/v1/vms/{id}/stop", "/host/v1/migrate/incoming/{id}/finish"] {
+            let body = &doc["paths"][path]["post"]["requestBody"];
+            assert_ne!(body["required"], true, "{path}: {body}");
+            let schema = body["content"]["application/json"]["schema"].to_string();
+            assert!(schema.contains(r#""type":"null""#), "{path}: {schema}");
+        }
+    }
 }

@@ -9,12 +9,12 @@ use vgrid_api::ErrorBody;
 use super::HttpError;
 use crate::agent::Agent;
 
-type Body = Result<axum::Json<SaveRequest>, axum::extract::rejection::JsonRejection>;
+type Body = Result<vgrid_trust::json::Json<SaveRequest>, vgrid_trust::json::JsonRejection>;
 
 async fn save(agent: Arc<Agent>, id: String, body: Body, suspend: bool) -> axum::response::Response {
     use axum::response::IntoResponse;
     let req = match body {
-        Ok(axum::Json(r)) => r,
+        Ok(vgrid_trust::json::Json(r)) => r,
         Err(e) => return HttpError::body("save request", e).into_response(),
     };
     // Its own task: a caller that goes away (a coordinator restart) must not cancel a save
@@ -35,14 +35,14 @@ pub(super) async fn saving(
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let (saving, running) = match a.vm(&id) {
-        Some(vm) => (crate::save::is_saving(vm.runtime_dir()), vm.exit_info().is_none()),
-        None => (false, false),
+    let (saving, running, exited) = match a.vm(&id) {
+        Some(vm) => (crate::save::is_saving(vm.runtime_dir()), vm.exit_info().is_none(), vm.exit_info().is_some()),
+        None => (false, false, false),
     };
     // Known: launching (admitted) or present; a coordinator that restarted right after it
     // sent a launch learns whether the launch ever arrived.
     let known = a.vm(&id).is_some() || a.resources().is_admitted(&id);
-    axum::Json(VmPresence { saving, running, known }).into_response()
+    axum::Json(VmPresence { saving, running, known, exited }).into_response()
 }
 
 /// `POST /host/v1/vms/{id}/snapshot`: save the VM as a warm image; it keeps running.

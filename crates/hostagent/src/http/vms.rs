@@ -3,18 +3,18 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use vgrid_api::host::{HostUsage, LaunchRequest, Launched, PullProgress, VmExit, VmReport};
 use vgrid_api::vm::{ConsoleChunk, VmStop};
 use vgrid_api::ErrorBody;
 use vgrid_api::ImageRef;
+use vgrid_trust::json::Json;
+use vgrid_trust::json::JsonRejection;
 
 use super::HttpError;
 use crate::agent::Agent;
@@ -31,7 +31,7 @@ pub(super) async fn list(State(a): Ctx) -> Response {
     Json(a.vms()).into_response()
 }
 
-#[utoipa::path(post, path = "/host/v1/vms", request_body = LaunchRequest, responses((status = 200, body = Launched, description = "QEMU runs"), (status = 409, body = ErrorBody, description = "not admitted (capacity, a port taken) or the VM exists"), (status = 502, body = ErrorBody, description = "no image server delivered the image")))]
+#[utoipa::path(post, path = "/host/v1/vms", request_body = LaunchRequest, responses((status = 200, body = Launched, description = "QEMU runs"), (status = 404, body = ErrorBody, description = "no image server has the image"), (status = 409, body = ErrorBody, description = "not admitted (capacity, a port taken) or the VM exists"), (status = 502, body = ErrorBody, description = "no image server delivered the image")))]
 pub(super) async fn launch(State(a): Ctx, body: Result<Json<LaunchRequest>, JsonRejection>) -> Result<Response, HttpError> {
     let Json(req) = body.map_err(|e| HttpError::body("launch request", e))?;
     crate::spec::validate_vm_id(&req.id).map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?;

@@ -73,7 +73,7 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
         // Direct kernel boot takes bootindex 0 for its option ROM.
         if matches!(spec.boot, BootSource::Firmware { .. }) { "virtio-blk-pci,drive=vda,bootindex=0" } else { "virtio-blk-pci,drive=vda" },
     ]);
-    a.extend(super::net::net_args(&spec.config));
+    a.extend(super::net::net_args(&spec.config, dir));
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     match &spec.boot {
         BootSource::Kernel { kernel, initrd, cmdline } => {

@@ -202,6 +202,9 @@ fn make_paths_absolute(spec: &mut VmSpec) -> Result<(), VmError> {
     Ok(())
 }
 
+/// The only environment QEMU gets besides `LC_ALL=C` (see [`qemu_command`]'s `env_clear`).
+const QEMU_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// The QEMU command for `spec` in `dir`: its log file, the directory handed to QEMU's user,
 /// a shared RAM file for anonymous RAM (recorded in `spec.ram`), and the arguments.
 fn qemu_command(
@@ -240,6 +243,11 @@ fn qemu_command(
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2))
         .kill_on_drop(false)
+        // A clean environment, as libvirt gives QEMU: nothing of the agent's (credentials,
+        // LD_PRELOAD, proxies) reaches the guest's process.
+        .env_clear()
+        .env("PATH", QEMU_PATH)
+        .env("LC_ALL", "C")
         // Own process group: a terminal's ^C to the agent does not reach the guests.
         .process_group(0);
     if matches!(spec.ram, RamBacking::Lazy { .. }) {

@@ -222,7 +222,8 @@ fn mobile_sites() -> Vec<Site> {
         site("mobile.rs:recover_suspending (runs on)", sample("`save_interrupted`"), ALL, move |v| {
             if v.state == Suspending {
                 running(v);
-                v.reason = s("a suspend interrupted by a coordinator restart did not complete; the VM runs on");
+                v.reason =
+                    s("a suspend interrupted by a restart (of the coordinator or of the host agent) did not complete; the VM runs on");
             }
         }),
         site("mobile.rs:recover_suspending (saved)", sample("`saved`"), ALL, move |v| {
@@ -237,7 +238,7 @@ fn mobile_sites() -> Vec<Site> {
             v.pid = None;
             v.state = Failed;
             v.phase = "failed".into();
-            v.reason = s("the coordinator restarted while this VM was being suspended and no saved state was found");
+            v.reason = s("the suspend was interrupted (the coordinator or the host agent restarted) and no saved state was found");
         }),
         site("mobile.rs:recover_resuming (runs)", sample("`resume_recovered`"), &[Pending, Starting], move |v| {
             running(v);

@@ -1,0 +1,211 @@
+//! A grid of separate role processes for tests that boot real guests: a coordinator, an image
+//! server and host agents, each with its own port and data directory (`tests/migrate.rs`,
+//! `tests/faults.rs`). Agents can be killed and restarted with the same name and data
+//! directory; the coordinator can be restarted on the same address.
+#![allow(dead_code)]
+
+use super::*;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub struct RoleGrid {
+    pub dir: tempfile::TempDir,
+    pub coordinator: Role,
+    pub _server: Role,
+    pub hosts: Vec<(String, Role)>,
+}
+
+impl RoleGrid {
+    pub fn start(hosts: &[&str]) -> RoleGrid {
+        // Short path: unix socket paths (runtime dirs) must stay under 108 bytes.
+        let dir = tempfile::Builder::new().prefix("vgm").tempdir_in("/tmp").unwrap();
+        let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+        let coordinator = Role::start(
+            &["coordinator", "--listen", "127.0.0.1:0", "--data-dir", &p("coord"), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
+            dir.path().join("coord.log"),
+        );
+        let server = Role::start(
+            &["image-server", "--listen", "127.0.0.1:0", "--data-dir", &p("is0"), "--coordinator", &coordinator.url, "--name", "is0"],
+            dir.path().join("is0.log"),
+        );
+        let mut g = RoleGrid { dir, coordinator, _server: server, hosts: vec![] };
+        for h in hosts {
+            g.start_host(h);
+        }
+        g.wait_registered(hosts.len());
+        g.import_sample();
+        g
+    }
+
+    pub fn start_host(&mut self, name: &str) {
+        self.start_host_env(name, &[]);
+    }
+
+    /// [`RoleGrid::start_host`] with extra environment variables for the agent.
+    pub fn start_host_env(&mut self, name: &str, env: &[(&str, &str)]) {
+        let data = self.host_dir(name);
+        let args = [
+            "host",
+            "--coordinator",
+            &self.coordinator.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            name,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        // A restarted host keeps its name and data directory (and so its runtime directories).
+        let log = self.dir.path().join(format!("{name}-{}.log", self.hosts.len()));
+        let r = Role::start_env(&args, log, env);
+        self.hosts.retain(|(n, _)| n != name);
+        self.hosts.push((name.to_string(), r));
+    }
+
+    /// SIGKILLs the coordinator and starts it again on the same address and data directory.
+    /// (Hosts and the image server register again at their next heartbeat; callers that need
+    /// them wait with [`RoleGrid::wait_registered`].)
+    pub fn restart_coordinator(&mut self) {
+        self.coordinator.kill();
+        let listen = self.coordinator.url.trim_start_matches("https://").trim_end_matches('/').to_string();
+        let data = self.dir.path().join("coord");
+        self.coordinator = Role::start(
+            &[
+                "coordinator",
+                "--listen",
+                &listen,
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--heartbeat-interval",
+                "1",
+                "--lost-after-beats",
+                "3",
+            ],
+            self.dir.path().join("coord2.log"),
+        );
+    }
+
+    /// Waits until `hosts` hosts and the image server are registered (again, after a restart).
+    pub fn wait_registered(&self, hosts: usize) {
+        self.wait_until("hosts and the image server to register", Duration::from_secs(60), || {
+            self.json(&["host", "ls"]).as_array().map(|a| a.len()) == Some(hosts) && self.image_servers() == 1
+        });
+    }
+
+    pub fn host(&mut self, name: &str) -> &mut Role {
+        &mut self.hosts.iter_mut().find(|(n, _)| n == name).unwrap().1
+    }
+
+    pub fn host_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn runtime_dir(&self, host: &str, id: &str) -> PathBuf {
+        self.host_dir(host).join("vms").join(id)
+    }
+
+    pub fn image_servers(&self) -> usize {
+        let body = api_get(&self.coordinator.url, "/api/v1/image-servers");
+        serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v.as_array().map(|a| a.len())).unwrap_or(0)
+    }
+
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        cli_at(&self.coordinator.url, args)
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        json_at(&self.coordinator.url, args)
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for f in
+            ["coord.log", "coord2.log"].iter().map(|f| f.to_string()).chain(self.hosts.iter().map(|(_, r)| r.log.display().to_string()))
+        {
+            let p = self.dir.path().join(&f);
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            s.push_str(&format!("--- {f}\n{}\n", lines[lines.len().saturating_sub(15)..].join("\n")));
+        }
+        s
+    }
+
+    pub fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+        let t0 = Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn import_sample(&self) {
+        let g = sample_guest().unwrap();
+        let url = &self._server.url;
+        let o = Command::new(vgrid_bin())
+            .args(["image", "import", g.disk.to_str().unwrap(), "--name", "sample", "--kernel", g.kernel.to_str().unwrap()])
+            .args(["--initrd", g.initrd.to_str().unwrap(), "--cmdline", &g.cmdline, "--image-server", url])
+            .env("VGRID_URL", &self.coordinator.url)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    /// Boots a VM on `host` and waits for the shell prompt (a boot slot, a timeout, one retry).
+    pub fn run_on(&self, host: &str, name: &str) -> serde_json::Value {
+        self.run_where(&format!("host.name == {host:?}"), name)
+    }
+
+    /// Boots the sample guest as `name` on a host meeting `require` (any host when empty), up
+    /// to the shell prompt; one retry.
+    pub fn run_where(&self, require: &str, name: &str) -> serde_json::Value {
+        let _slot = boot_slot().unwrap();
+        let mut last = String::new();
+        for attempt in 1..=2 {
+            let n = if attempt == 1 { name.to_string() } else { format!("{name}-retry") };
+            let mut args = vec!["--json", "vm", "run", "sample", "--name", &n, "--wait-for", PROMPT, "--timeout", "120"];
+            if !require.is_empty() {
+                args.extend(["--require", require]);
+            }
+            let o = self.cli(&args);
+            if o.status.success() {
+                return serde_json::from_slice(&o.stdout).unwrap();
+            }
+            last = String::from_utf8_lossy(&o.stderr).into_owned();
+            eprintln!("boot attempt {attempt} of {name} failed: {last}");
+            let _ = self.cli(&["vm", "rm", "--force", &n]);
+        }
+        panic!("VM {name} did not boot twice: {last}\n{}", self.logs());
+    }
+}
+
+impl Drop for RoleGrid {
+    fn drop(&mut self) {
+        // Agents first (they leave their guests running for a next agent), then the QEMUs.
+        for (_, h) in self.hosts.iter_mut() {
+            h.terminate();
+        }
+        for (name, _) in &self.hosts {
+            kill_guests_under(&self.host_dir(name));
+        }
+    }
+}
+
+/// Types `cmd` on the VM's serial console socket in `dir`.
+pub fn type_on_console(dir: &Path, cmd: &str) {
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join("console.sock")).expect("console socket");
+    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+    // Let QEMU read it before the connection closes.
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+pub fn console_log(dir: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(dir.join("console.log")).unwrap_or_default()).replace('\r', "")
+}
+
+/// How many QEMUs run for VM `id` (their command line names it).
+pub fn qemus_of(id: &str) -> usize {
+    let o = Command::new("pgrep").args(["-f", &format!("guest={id},")]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).lines().count()
+}

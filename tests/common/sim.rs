@@ -1,0 +1,282 @@
+//! Simulated host agents: HTTP servers speaking the host agent's API (`/host/v1`: launch, wait,
+//! stop, release, remove, presence) that join the grid like a real host (a one-time token, a
+//! certificate of the grid CA) and heartbeat every 500 ms with the VMs they "run". A simulated
+//! VM runs for its configured lifetime (then powers off) or until it is stopped. Each host
+//! counts what it runs at every launch, so a test can check that it was never given more than
+//! it advertised, and that no VM was launched twice.
+//!
+//! Used where booting hundreds of real guests on this machine would take hours while what is
+//! checked (the coordinator's scheduling, records and recovery) does not depend on what runs
+//! behind the host API (`tests/scale.rs`, `tests/faults.rs`).
+#![allow(dead_code)]
+
+use axum::extract::{Path, Query, State};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vgrid_api::grid::HostAd;
+use vgrid_api::host::{ExitInfo, HostHeartbeat, LaunchRequest, Launched, VmExit, VmPresence, VmReport};
+use vgrid_api::vm::{Accel, ConsoleChunk};
+
+/// What a simulated host offers and how its VMs behave.
+#[derive(Clone)]
+pub struct SimSpec {
+    pub cpus: u64,
+    pub memory_mib: u64,
+    /// The lifetime of the n-th VM launched on this host (`None`: runs until stopped).
+    pub life: fn(u64) -> Option<Duration>,
+    /// How long a launch takes before the host answers (the VM is admitted at once and runs
+    /// at the end, even if the caller went away meanwhile, as a real agent's launch does).
+    pub launch_time: Duration,
+    /// Labels of the host's advertisement.
+    pub labels: Vec<(String, String)>,
+}
+
+/// What a simulated VM prints on its console, [`CONSOLE_AFTER`] after its launch.
+pub const CONSOLE_TEXT: &str = "sim: booted\n";
+/// When a simulated VM's console shows [`CONSOLE_TEXT`].
+pub const CONSOLE_AFTER: Duration = Duration::from_secs(2);
+
+impl Default for SimSpec {
+    fn default() -> Self {
+        SimSpec {
+            cpus: 4,
+            memory_mib: 4096,
+            life: |n| Some(Duration::from_millis(100 + (n * 137 % 600))),
+            launch_time: Duration::from_millis(20),
+            labels: vec![],
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct SimState {
+    /// id -> (cpus, memory, power-off time if any)
+    pub running: HashMap<String, (u64, u64, Option<Instant>)>,
+    /// Admitted, not running yet.
+    pub launching: HashSet<String>,
+    /// Ran and ended (powered off or stopped), kept until released or removed, as an agent
+    /// keeps a VM whose QEMU exited.
+    pub exited: HashSet<String>,
+    /// Every launch, in order (a VM launched twice shows twice).
+    pub launches: Vec<String>,
+    /// When each VM was launched (last launch).
+    pub launched_at: HashMap<String, Instant>,
+    pub max_cpus: u64,
+    pub max_mem: u64,
+    /// One line per launch that took the host over what it advertised.
+    pub over: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct Sim {
+    pub name: String,
+    pub spec: SimSpec,
+    pub state: Arc<Mutex<SimState>>,
+    seq: Arc<AtomicU64>,
+    /// While false the host neither heartbeats nor answers (a partition).
+    pub reachable: Arc<AtomicBool>,
+    /// While true every request is answered 503 (an agent that cannot serve), heartbeats go on.
+    pub failing: Arc<AtomicBool>,
+}
+
+impl Sim {
+    /// (cpus, memory) in use.
+    pub fn used(&self) -> (u64, u64) {
+        let s = self.state.lock().unwrap();
+        s.running.values().fold((0, 0), |(c, m), v| (c + v.0, m + v.1))
+    }
+}
+
+async fn launch(State(sim): State<Sim>, Json(req): Json<LaunchRequest>) -> Json<Launched> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    sim.state.lock().unwrap().launching.insert(req.id.clone());
+    // The launch goes on when the caller goes away (a coordinator killed meanwhile).
+    tokio::spawn(async move {
+        tokio::time::sleep(sim.spec.launch_time).await;
+        let id = req.id.clone();
+        let n = sim.seq.fetch_add(1, Ordering::SeqCst);
+        let until = (sim.spec.life)(n).map(|d| Instant::now() + d);
+        let mut s = sim.state.lock().unwrap();
+        s.launching.remove(&id);
+        s.launches.push(id.clone());
+        s.launched_at.insert(id.clone(), Instant::now());
+        s.running.insert(id.clone(), (req.config.cpus as u64, req.config.memory_mib, until));
+        let (c, m) = s.running.values().fold((0, 0), |(c, m), v| (c + v.0, m + v.1));
+        s.max_cpus = s.max_cpus.max(c);
+        s.max_mem = s.max_mem.max(m);
+        if c > sim.spec.cpus || m > sim.spec.memory_mib {
+            let msg = format!("{}: {c} cpus / {m} MiB in use after launching {id}", sim.name);
+            s.over.push(msg);
+        }
+        let _ = tx.send(Launched { pid: 10_000 + n as u32, accel: Accel::Tcg });
+    });
+    Json(rx.await.expect("simulated launch"))
+}
+
+/// Long poll until the VM ends (its lifetime passed, or it was stopped); an unknown VM has
+/// ended already (it powered off).
+async fn wait(State(sim): State<Sim>, Path(id): Path<String>) -> Json<VmExit> {
+    loop {
+        let until = sim.state.lock().unwrap().running.get(&id).map(|v| v.2);
+        match until {
+            None => break,
+            Some(Some(t)) if Instant::now() >= t => {
+                // Powered off: its capacity is free before the coordinator hears of it.
+                let mut s = sim.state.lock().unwrap();
+                s.running.remove(&id);
+                s.exited.insert(id.clone());
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    Json(VmExit { exit: ExitInfo { code: Some(0), signal: None }, console_tail: vec![], cause: None, present: false })
+}
+
+async fn stop(State(sim): State<Sim>, Path(id): Path<String>) -> Json<Value> {
+    let mut s = sim.state.lock().unwrap();
+    if s.running.remove(&id).is_some() {
+        s.exited.insert(id);
+    }
+    Json(json!({}))
+}
+
+/// Release and remove: the host forgets the VM.
+async fn forget(State(sim): State<Sim>, Path(id): Path<String>) -> Json<Value> {
+    let mut s = sim.state.lock().unwrap();
+    s.running.remove(&id);
+    s.exited.remove(&id);
+    Json(json!({}))
+}
+
+async fn presence(State(sim): State<Sim>, Path(id): Path<String>) -> Json<VmPresence> {
+    let s = sim.state.lock().unwrap();
+    let running = s.running.contains_key(&id);
+    let exited = s.exited.contains(&id);
+    Json(VmPresence { saving: false, running, known: running || exited || s.launching.contains(&id), exited })
+}
+
+/// The console log: [`CONSOLE_TEXT`] once [`CONSOLE_AFTER`] has passed since the launch.
+async fn console(State(sim): State<Sim>, Path(id): Path<String>, Query(q): Query<HashMap<String, String>>) -> Json<ConsoleChunk> {
+    let at = sim.state.lock().unwrap().launched_at.get(&id).copied();
+    let log = if at.is_some_and(|t| t.elapsed() >= CONSOLE_AFTER) { CONSOLE_TEXT } else { "" };
+    let offset: usize = q.get("offset").and_then(|o| o.parse().ok()).unwrap_or(0);
+    let from = offset.min(log.len());
+    Json(ConsoleChunk { offset: from as u64, next: log.len() as u64, data: log[from..].to_string() })
+}
+
+/// Starts a simulated host named `name` on a free port, joined to `coordinator`.
+pub async fn start_sim(name: String, coordinator: String, spec: SimSpec) -> Sim {
+    let sim = Sim {
+        name: name.clone(),
+        spec,
+        state: Default::default(),
+        seq: Default::default(),
+        reachable: Arc::new(AtomicBool::new(true)),
+        failing: Arc::new(AtomicBool::new(false)),
+    };
+    let (gate, failing) = (sim.reachable.clone(), sim.failing.clone());
+    let app = Router::new()
+        .route("/host/v1/vms", post(launch))
+        .route("/host/v1/vms/{id}/wait", get(wait))
+        .route("/host/v1/vms/{id}/stop", post(stop))
+        .route("/host/v1/vms/{id}/release", post(forget))
+        .route("/host/v1/vms/{id}/saving", get(presence))
+        .route("/host/v1/vms/{id}/console", get(console))
+        .route("/host/v1/vms/{id}", delete(forget))
+        .layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let (up, failing) = (gate.load(Ordering::SeqCst), failing.load(Ordering::SeqCst));
+            async move {
+                use axum::response::IntoResponse;
+                if !up {
+                    // Partitioned: the request never gets an answer.
+                    std::future::pending::<axum::response::Response>().await
+                } else if failing {
+                    let body = Json(json!({"error": "simulated host agent out of service"}));
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+                } else {
+                    next.run(req).await
+                }
+            }
+        }))
+        .with_state(sim.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let token: vgrid_trust::node::JoinToken = tokio::task::spawn_blocking({
+        let c = coordinator.clone();
+        move || super::join_token(&c, "host")
+    })
+    .await
+    .unwrap()
+    .parse()
+    .unwrap();
+    let node = vgrid_trust::node::join(&coordinator, &token, vgrid_trust::NodeRole::Host, &name, &["127.0.0.1".into()]).await.unwrap();
+    let http = vgrid_trust::tls::client_builder_for(&node.ca_pem, Some(&node)).unwrap().timeout(Duration::from_secs(10)).build().unwrap();
+    tokio::spawn(vgrid_trust::tls::serve(listener, node, app, std::future::pending()));
+    let beat = sim.clone();
+    tokio::spawn(async move {
+        loop {
+            if beat.reachable.load(Ordering::SeqCst) {
+                let (vms, used) = {
+                    let s = beat.state.lock().unwrap();
+                    let vms: Vec<VmReport> = s.running.keys().map(|id| VmReport { id: id.clone(), pid: 1, incoming: false }).collect();
+                    (vms, s.running.values().fold((0, 0), |(c, m), v| (c + v.0, m + v.1)))
+                };
+                let ad = HostAd {
+                    name: name.clone(),
+                    url: url.clone(),
+                    arch: "x86_64".into(),
+                    cpus: beat.spec.cpus as u32,
+                    memory_mib: beat.spec.memory_mib,
+                    free_cpus: beat.spec.cpus.saturating_sub(used.0) as u32,
+                    free_memory_mib: beat.spec.memory_mib.saturating_sub(used.1),
+                    accel: "tcg".into(),
+                    qemu_version: "10.0.0".into(),
+                    network_modes: vec!["user".into()],
+                    labels: beat.spec.labels.iter().cloned().collect(),
+                    running_vms: vms.len() as u32,
+                    ..HostAd::default()
+                };
+                let hb = HostHeartbeat { ad, vms, usage: vec![], waiting: vec![] };
+                let _ = http.post(format!("{coordinator}/api/v1/hosts/heartbeat")).json(&hb).send().await;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    sim
+}
+
+/// A client sending the bearer token with every request, trusting the grid CA `ca` (PEM).
+pub fn authed(token: &str, ca: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+    vgrid_trust::tls::client_builder_for(ca, None).unwrap().default_headers(h).timeout(Duration::from_secs(60)).build().unwrap()
+}
+
+/// A local user's login token for the coordinator at `url` (the first admin is this machine's
+/// user, as for `vgrid up`).
+pub fn login_token(url: &str) -> String {
+    super::json_at(url, &["login"])["token"].as_str().unwrap().to_string()
+}
+
+/// Waits until `n` hosts are `ready` at the coordinator.
+pub async fn wait_ready(http: &reqwest::Client, coord: &str, n: usize, timeout: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let ready = match http.get(format!("{coord}/api/v1/hosts")).send().await {
+            Ok(r) => r.json::<Value>().await.ok().and_then(|h| h.as_array().map(|a| a.iter().filter(|h| h["state"] == "ready").count())),
+            Err(_) => None,
+        }
+        .unwrap_or(0);
+        if ready >= n {
+            return;
+        }
+        assert!(t0.elapsed() < timeout, "only {ready} of {n} simulated hosts ready after {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
