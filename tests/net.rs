@@ -341,8 +341,6 @@ fn a_site_network_guest_keeps_its_network_when_its_agent_is_killed_and_restarted
         h2_data.to_str().unwrap(),
         "--network",
         &network,
-        "--heartbeat-interval",
-        "1",
     ];
     let mut h2 = Role::start(&h2_args, up.data_dir().join("h2.log"));
     import_dhcp_sample(&up);
@@ -383,7 +381,11 @@ fn a_site_network_guest_keeps_its_network_when_its_agent_is_killed_and_restarted
     let chain = sh(&format!("nft list chain bridge vgrid g-{}", tap_b[0]));
     assert!(chain.status.success(), "b's filter chain is gone: {}", String::from_utf8_lossy(&chain.stderr));
 
-    // The restarted agent serves b's lease: asked anew, the guest gets the same address.
+    // The restarted agent serves b's lease (its responder took it back once the heartbeat's
+    // answer brought the network's definition): asked anew, the guest gets the same address.
+    up.wait_until("the restarted agent to serve b's lease", Duration::from_secs(30), || {
+        std::fs::read_to_string(&h2.log).unwrap_or_default().lines().any(|l| l.contains("DHCP lease served") && l.contains(&addr_b))
+    });
     let line = guest_at(
         &dir_b,
         "rm -f /tmp/net-addr; udhcpc -i eth0 -q -n -t 10 -T 1 -s /bin/udhcpc.script >/dev/null 2>&1; echo LEASE-AGA''IN $(cat /tmp/net-addr)",

@@ -192,8 +192,12 @@ async fn suspend_and_resume(l: &Load, ids: &[String], running: &impl Fn(&Option<
         let at = v.as_ref().and_then(|v| v["host"].as_str()).unwrap_or_default().to_string();
         match pin {
             Some(h) if h != at => l.error(format!("VM {id} resumed on {at}, not on {h} as asked")),
-            Some(_) => drop(l.counts.resumed_pinned.fetch_add(1, Ordering::SeqCst)),
-            None => drop(l.counts.resumed_anywhere.fetch_add(1, Ordering::SeqCst)),
+            Some(_) => {
+                l.counts.resumed_pinned.fetch_add(1, Ordering::SeqCst);
+            }
+            None => {
+                l.counts.resumed_anywhere.fetch_add(1, Ordering::SeqCst);
+            }
         }
         live.push(id);
     }
