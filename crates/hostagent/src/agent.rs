@@ -57,7 +57,15 @@ impl Agent {
         };
         std::fs::create_dir_all(cfg.data_dir.join("vms")).map_err(|e| io("data directory", &cfg.data_dir, e))?;
         let qemu_user = crate::qemu_user::resolve(&cfg.qemu_user, &cfg.data_dir.join("vms"))?;
-        let servers = Arc::new(Servers::from_urls(cfg.image_servers.clone()).map_err(AgentError::servers)?);
+        // The image servers the coordinator named last time are read from at once: a guest
+        // this agent re-adopts below may be waiting for a chunk before the first heartbeat.
+        let mut urls = cfg.image_servers.clone();
+        for s in learned_servers(&cfg.data_dir) {
+            if !urls.contains(&s) {
+                urls.push(s);
+            }
+        }
+        let servers = Arc::new(Servers::from_urls(urls).map_err(AgentError::servers)?);
         let proxy_config =
             ProxyConfig { fetch_timeout: cfg.fetch_timeout, ..ProxyConfig::new(cfg.data_dir.join("cache"), cfg.cache_max_bytes) };
         let proxy = BlockProxy::new(proxy_config, servers.clone())?;
@@ -202,8 +210,9 @@ impl Agent {
         }
         self.res.delivered(&body.usage);
         self.net.learn(&reply.networks);
-        if !servers.is_empty() {
+        if !servers.is_empty() && servers != self.servers.urls() {
             self.servers.set_urls(servers).map_err(|e| AgentError::servers(e).to_string())?;
+            remember_servers(&self.cfg.data_dir, &reply.image_servers);
         }
         Ok(reply)
     }
@@ -287,4 +296,29 @@ fn physical_memory_mib() -> u64 {
         })
         .map(|kib| kib / 1024)
         .unwrap_or(1024)
+}
+
+/// Where the agent keeps the image servers the coordinator named last (in its data directory).
+const LEARNED_SERVERS: &str = "image-servers.json";
+
+/// The image servers the coordinator named at the last heartbeat of an earlier run (none when
+/// unknown or unreadable: the first heartbeat names them again).
+fn learned_servers(data_dir: &Path) -> Vec<String> {
+    let path = data_dir.join(LEARNED_SERVERS);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            tracing::warn!(path = %path.display(), "ignoring the image servers learned earlier: {e}");
+            vec![]
+        }),
+        Err(_) => vec![],
+    }
+}
+
+/// Records the image servers the coordinator named (written whole, then renamed into place).
+fn remember_servers(data_dir: &Path, urls: &[String]) {
+    let path = data_dir.join(LEARNED_SERVERS);
+    let r = serde_json::to_vec(urls).map_err(std::io::Error::other).and_then(|b| crate::qemu_user::replace_file(&path, &b));
+    if let Err(e) = r {
+        tracing::warn!(path = %path.display(), "cannot record the image servers: {e}");
+    }
 }
