@@ -168,6 +168,53 @@ fn agent_killed_during_a_suspend() {
     let _ = g.cli(&["vm", "rm", "--force", &id]);
 }
 
+/// Host agent SIGKILL while a running guest is saved as a warm image (`vgrid image snapshot`,
+/// its memory being written), restarted 1 s later: the guest runs on (same QEMU, responsive,
+/// not left paused), the half-written state is dropped, and the new image is listed only if the
+/// snapshot reported success (never half an image).
+#[test]
+#[ignore = "boots a real guest; run by scripts/faults"]
+fn agent_killed_during_a_snapshot() {
+    let mut g = RoleGrid::start(&["h1"]);
+    let v = g.run_on("h1", "snapping");
+    let id = v["id"].as_str().unwrap().to_string();
+    let pid = v["pid"].as_u64().unwrap();
+    let dir = g.runtime_dir("h1", &id);
+    type_on_console(&dir, "dd if=/dev/urandom of=/tmp/r bs=1M count=48 2>/dev/null; echo filled-memory");
+    g.wait_until("memory filled", Duration::from_secs(120), || console_log(&dir).contains("filled-memory\n"));
+    let mut cli = cli_bg(&g, &["--json", "image", "snapshot", &id, "--name", "warmsnap"]);
+    // The agent marks the runtime directory while it saves.
+    g.wait_until("the save under way", Duration::from_secs(60), || dir.join("saving").exists());
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    g.host("h1").kill();
+    std::thread::sleep(Duration::from_secs(1));
+    g.start_host("h1");
+    let (ok, err) = wait_child(&g, &mut cli, Duration::from_secs(300));
+    g.wait_until("the agent to settle the save", Duration::from_secs(120), || !dir.join("saving").exists());
+    let v = g.json(&["vm", "show", &id]);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["pid"].as_u64(), Some(pid), "the same QEMU runs on: {v}");
+    assert_eq!(qemus_of(&id), 1);
+    let images = g.json(&["image", "ls"]);
+    let listed = images.as_array().unwrap().iter().any(|i| i["name"] == "warmsnap");
+    assert_eq!(listed, ok, "the image is listed if and only if the snapshot succeeded ({err}): {images}");
+    let left: Vec<_> = ["state.save", "ram.save"].into_iter().filter(|f| dir.join(f).exists()).collect();
+    assert!(left.is_empty(), "half-written state left in the runtime directory: {left:?}");
+    type_on_console(&dir, "echo still-here");
+    g.wait_until("the guest to answer", Duration::from_secs(60), || console_log(&dir).contains("still-here\n"));
+    figures(
+        "agent-kill-snapshot",
+        &format!(
+            "image snapshot {} after {:.1}s ({}); guest runs on (same QEMU, answers); image listed: {listed}; no state file left",
+            if ok { "succeeded" } else { "failed" },
+            t0.elapsed().as_secs_f64(),
+            err.lines().last().unwrap_or("")
+        ),
+    );
+    let _ = g.cli(&["vm", "rm", "--force", &id]);
+}
+
 /// A network namespace with a veth pair to the root namespace: `root` (ROOT_IP) in the root
 /// namespace, its peer (NS_IP) inside. Removed on drop, also when a test fails.
 struct Netns {

@@ -159,3 +159,56 @@ pub(super) async fn bad_magic_and_garbage(sock: &Path) {
         assert!(r.is_ok(), "server did not close a connection fed garbage");
     }
 }
+
+/// Structure-aware fuzzing of the transmission phase: `cases` sessions, each negotiated
+/// properly (GO on export `raw`, structured replies or not), then fed 1 to 8 requests with
+/// random flags, commands (known and unknown), offsets and lengths (inside, across and far past
+/// the end), write payloads or none, and now and then a broken header, before the client stops
+/// sending. The server must answer or close every session (never hang, never crash); the
+/// caller then checks a real client still reads byte-exact data. Returns (sessions, requests).
+pub(super) async fn fuzz_requests(sock: &Path, cases: u64, seed: u64) -> (u64, u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut sent = 0;
+    for _ in 0..cases {
+        let mut s = connect(sock).await;
+        if rng.gen_bool(0.5) {
+            option(&mut s, p::OPT_STRUCTURED_REPLY, &[]).await;
+            assert_eq!(reply(&mut s).await.1, p::REP_ACK);
+        }
+        option(&mut s, p::OPT_GO, &go_data("raw")).await;
+        while reply(&mut s).await.1 != p::REP_ACK {}
+        let mut bytes = Vec::new();
+        for cookie in 0..rng.gen_range(1..=8u64) {
+            sent += 1;
+            if rng.gen_bool(0.05) {
+                let mut junk = [0u8; p::REQUEST_LEN];
+                rng.fill_bytes(&mut junk);
+                bytes.extend_from_slice(&junk);
+                continue;
+            }
+            let kind = if rng.gen_bool(0.9) { rng.gen_range(0..=8u16) } else { rng.gen() };
+            let offset = match rng.gen_range(0..4) {
+                0 => rng.gen(),
+                1 => SIZE as u64 - rng.gen_range(0..1000u64).min(SIZE as u64),
+                _ => rng.gen_range(0..SIZE as u64),
+            };
+            let len = match rng.gen_range(0..4) {
+                0 => rng.gen(),
+                _ => rng.gen_range(0..256 * 1024u32),
+            };
+            let flags = if rng.gen_bool(0.7) { 0 } else { rng.gen::<u16>() & 0x3f };
+            bytes.extend_from_slice(&p::encode_request(&p::Request { flags, kind, cookie, offset, len }));
+            if kind == p::CMD_WRITE && len <= 64 * 1024 && rng.gen_bool(0.8) {
+                let mut payload = vec![0u8; len as usize];
+                rng.fill_bytes(&mut payload);
+                bytes.extend_from_slice(&payload);
+            }
+        }
+        let _ = s.write_all(&bytes).await;
+        let _ = s.shutdown().await;
+        let mut sink = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut sink)).await;
+        assert!(r.is_ok(), "the server neither answered nor closed a session after {} request bytes", bytes.len());
+    }
+    (cases, sent)
+}
