@@ -310,3 +310,176 @@ fn a_site_network_guest_migrated_to_another_host_keeps_its_address() {
     up.wait_until("the tap to go with the VM", Duration::from_secs(30), || lan.taps().is_empty());
     drop(h2);
 }
+
+/// The user's own LAN: namespace `ns` with bridge `br0` (192.168.77.1/24) and busybox `udhcpd`
+/// handing out 192.168.77.100-109 on it. Removed on drop, also when the test fails.
+struct UserLan {
+    ns: String,
+    dir: tempfile::TempDir,
+    dhcpd: std::process::Child,
+}
+
+impl UserLan {
+    fn new() -> UserLan {
+        let ns = format!("vguser{}", std::process::id() % 100_000);
+        must(&format!("ip netns add {ns}"));
+        must(&format!(
+            "ip -n {ns} link add br0 type bridge && ip -n {ns} addr add 192.168.77.1/24 dev br0 && ip -n {ns} link set br0 up && ip -n {ns} link set lo up"
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("udhcpd.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "start 192.168.77.100\nend 192.168.77.109\ninterface br0\nlease_file {}\noption subnet 255.255.255.0\noption router 192.168.77.1\n",
+                dir.path().join("leases").display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("leases"), b"").unwrap();
+        let dhcpd = Command::new("ip")
+            .args(["netns", "exec", &ns, "busybox", "udhcpd", "-f"])
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("udhcpd.log")).unwrap())
+            .spawn()
+            .expect("busybox udhcpd");
+        UserLan { ns, dir, dhcpd }
+    }
+
+    fn exec(&self, cmd: &str) -> std::process::Output {
+        sh(&format!("ip netns exec {} {cmd}", self.ns))
+    }
+}
+
+impl Drop for UserLan {
+    fn drop(&mut self) {
+        let _ = self.dhcpd.kill();
+        let _ = self.dhcpd.wait();
+        let _ = sh(&format!("ip netns del {}", self.ns));
+    }
+}
+
+/// `vgrid tunnel home --bridge br0 --netns NS` as the user; killed on drop.
+struct TunnelCmd {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl TunnelCmd {
+    fn start(up: &Up, lan: &UserLan, n: usize) -> TunnelCmd {
+        let log = lan.dir.path().join(format!("tunnel{n}.log"));
+        let child = Command::new(vgrid_bin())
+            .args(["tunnel", "home", "--bridge", "br0", "--netns", &lan.ns])
+            .env("VGRID_URL", &up.url)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("vgrid tunnel");
+        let t = TunnelCmd { child, log };
+        up.wait_until("vgrid tunnel to connect", Duration::from_secs(30), || t.log().contains("tunnel home: connected"));
+        t
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for TunnelCmd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The address the guest printed when its DHCP client got one.
+fn dhcp_address(up: &Up, id: &str) -> String {
+    let c = console(up, id);
+    c.split(NET_UP).nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_default().to_string()
+}
+
+/// A second user, `bob`, with an SSH key: the CLI as bob.
+fn cli_as_bob(up: &Up, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let key = dir.join("bob_key");
+    if !key.exists() {
+        let o = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "bob@test", "-f"]).arg(&key).output().unwrap();
+        assert!(o.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&o.stderr));
+        up.ok(&["user", "add", "bob", "--key", &format!("{}.pub", key.display())]);
+    }
+    Command::new(vgrid_bin())
+        .args(args)
+        .env("VGRID_URL", &up.url)
+        .env("VGRID_CONFIG_DIR", dir.join("bobcfg"))
+        .env("VGRID_KEY", &key)
+        .env("VGRID_USER", "bob")
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Tunnel networks: the user's LAN (a namespace with a bridge and busybox udhcpd) joined by
+/// `vgrid tunnel home --bridge br0`; a guest on h1 takes its address from the user's DHCP
+/// server and pings the user's router and back; a guest on a second host agent reaches the
+/// first; `vgrid tunnel` restarted, the traffic resumes; another user cannot join the tunnel.
+#[test]
+fn tunnel_network_guests_join_the_users_lan_through_vgrid_tunnel() {
+    if skip_unless_root() {
+        return;
+    }
+    let lan = UserLan::new();
+    let up = Up::start_with(&["--name", "h1", "--heartbeat-interval", "1"]);
+    let h2_data = up.data_dir().join("h2");
+    let h2 = Role::start(
+        &["host", "--coordinator", &up.url, "--listen", "127.0.0.1:0", "--name", "h2", "--data-dir", h2_data.to_str().unwrap()],
+        up.data_dir().join("h2.log"),
+    );
+    import_dhcp_sample(&up);
+    up.ok(&["net", "create", "home", "--tunnel"]);
+    up.wait_until("both hosts to register", Duration::from_secs(30), || up.json(&["host", "ls"]).as_array().is_some_and(|h| h.len() == 2));
+    let mut tunnel = TunnelCmd::start(&up, &lan, 0);
+
+    // A guest on h1 takes its address from the user's DHCP server; they reach each other.
+    let a = up.run_vm("netsample", "ta", NET_UP, &["--net", "tunnel:home", "--require", "host.name == \"h1\""]);
+    let ida = a["id"].as_str().unwrap().to_string();
+    let addr_a = dhcp_address(&up, &ida);
+    assert!(addr_a.starts_with("192.168.77.10"), "guest a's address {addr_a:?} is not from the user's range:\n{}", console(&up, &ida));
+    let show = up.ok(&["vm", "show", &ida]);
+    assert!(show.contains("tunnel:home mac 06:"), "{show}");
+    guest(&up, &ida, "ping -c 2 -W 5 192.168.77.1 >/dev/null && echo PING-LAN-O''K", "PING-LAN-OK");
+    let o = lan.exec(&format!("busybox ping -c 2 -W 5 {addr_a}"));
+    assert!(o.status.success(), "user's LAN -> a: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+
+    // A guest on another host agent in the same tunnel reaches the first.
+    let b = up.run_vm("netsample", "tb", NET_UP, &["--net", "tunnel:home", "--require", "host.name == \"h2\""]);
+    let idb = b["id"].as_str().unwrap().to_string();
+    let addr_b = dhcp_address(&up, &idb);
+    assert!(addr_b.starts_with("192.168.77.10") && addr_b != addr_a, "guest b's address {addr_b:?} (a has {addr_a})");
+    guest(&up, &idb, &format!("ping -c 2 -W 5 {addr_a} >/dev/null && echo PING-A-O''K"), "PING-A-OK");
+
+    // `vgrid tunnel` restarted: the user's LAN reaches the guests again.
+    drop(tunnel);
+    assert!(!lan.exec(&format!("busybox ping -c 1 -W 2 {addr_a}")).status.success(), "a reachable without the tunnel");
+    tunnel = TunnelCmd::start(&up, &lan, 1);
+    up.wait_until("the user's LAN to reach a through the new tunnel", Duration::from_secs(60), || {
+        lan.exec(&format!("busybox ping -c 1 -W 2 {addr_a}")).status.success()
+    });
+    assert!(lan.exec(&format!("busybox ping -c 2 -W 5 {addr_b}")).status.success(), "user's LAN -> b after the restart");
+
+    // Another user cannot join it; nor can an admin join another user's tunnel.
+    let dir = tempfile::tempdir().unwrap();
+    let o = cli_as_bob(&up, dir.path(), &["tunnel", "home", "--user-mode"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("\"home\""), "bob joined alice's tunnel: {err}");
+    let o = cli_as_bob(&up, dir.path(), &["net", "create", "bobnet", "--tunnel"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = up.cli(&["tunnel", "bobnet", "--user-mode"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("belongs to user bob"), "{err}");
+    eprintln!("tunnel log:\n{}", tunnel.log());
+
+    up.ok(&["vm", "rm", "--force", &ida]);
+    up.ok(&["vm", "rm", "--force", &idb]);
+    drop(h2);
+}
