@@ -340,15 +340,18 @@ fn partition_between_a_host_and_the_coordinator() {
     let w = run("meanwhile", "h2");
     assert_eq!(w["host"], "h2");
     // Held well past the lost-after time; the guest counts on, nothing starts it elsewhere.
+    // (At least 5 s of counting watched, however long that boot took.)
     let n0 = ticks(&console_log(&rdir));
-    while cut_at.elapsed() < Duration::from_secs(20) {
+    let counted_from = Instant::now();
+    while cut_at.elapsed() < Duration::from_secs(20) || counted_from.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(500));
     }
     let during = json(&["vm", "show", &id]);
     assert_eq!(during["state"], "unknown", "{during}");
     assert_eq!(during["host"], "h1", "never placed elsewhere: {during}");
     assert!(process_alive(pid), "the guest runs on through the partition");
-    assert!(ticks(&console_log(&rdir)) > n0 + 5, "the guest keeps counting");
+    let n = ticks(&console_log(&rdir));
+    assert!(n > n0 + 5, "the guest keeps counting: tick {n0} {:.1} s ago, tick {n} now", counted_from.elapsed().as_secs_f64());
     assert_eq!(qemus_of(&id), 1, "one QEMU for the VM");
     assert!(!PathBuf::from(&h2_data).join("vms").join(&id).exists(), "nothing of it on h2");
     let partition_secs = cut_at.elapsed().as_secs_f64();
@@ -443,12 +446,48 @@ fn a_hosts_clock_jumps_while_guests_run() {
         let w = g.run_on("h1", &format!("after-{label}"));
         let boot = b.elapsed().as_secs_f64();
         assert_eq!(w["state"], "running", "{w}");
+        // The jump reached the agent: the lines it logged for that boot carry the jumped clock.
+        let log = &g.hosts.iter().find(|(n, _)| n == "h1").unwrap().1.log;
+        let skew = log_clock_skew(log).expect("a timestamped line in h1's log");
+        let want = if jump.starts_with('+') { 3 * 3600 } else { -3 * 3600 };
+        assert!((skew - want).abs() < 1800, "h1's log clock is {skew} s off the real one after the jump {jump}, not ~{want} s");
         let _ = g.cli(&["vm", "rm", "--force", w["id"].as_str().unwrap()]);
-        report.push(format!("clock {jump}: host ready at every 0.5 s check for 8 s, guest counting, a new VM booted in {boot:.1}s"));
+        // New TLS handshakes at the jumped clock (pooled connections hide them): the
+        // coordinator restarted, the agent connects again and checks its certificate.
+        g.restart_coordinator();
+        g.wait_registered(1);
+        assert_eq!(g.json(&["host", "show", "h1"])["state"], "ready", "h1 after a coordinator restart at clock {jump}\n{}", g.logs());
+        report.push(format!("clock {jump} (agent log clock {skew:+} s off): host ready at every 0.5 s check for 8 s, guest counting, a new VM booted in {boot:.1}s, registered again after a coordinator restart"));
     }
     assert_eq!(g.json(&["vm", "show", &id])["pid"].as_u64(), Some(pid), "the same QEMU throughout");
     figures("clock-jump", &format!("{}; QEMU's environment clean of the agent's LD_PRELOAD", report.join("; ")));
     let _ = g.cli(&["vm", "rm", "--force", &id]);
+}
+
+/// How far (in seconds) the clock of the last timestamped line of the log at `path` is from
+/// the real clock now: the first word of a line (ANSI colours stripped), read by GNU `date`.
+fn log_clock_skew(path: &std::path::Path) -> Option<i64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
+    text.lines().rev().find_map(|line| {
+        let mut plain = String::new();
+        let mut esc = false;
+        for c in line.chars() {
+            match (esc, c) {
+                (false, '\x1b') => esc = true,
+                (true, 'm') => esc = false,
+                (true, _) => {}
+                (false, c) => plain.push(c),
+            }
+        }
+        let word = plain.split_whitespace().next()?;
+        if !(word.len() >= 19 && word.as_bytes()[4] == b'-' && word.as_bytes()[10] == b'T') {
+            return None;
+        }
+        let o = Command::new("date").args(["-u", "-d", word, "+%s"]).output().ok()?;
+        let t: i64 = String::from_utf8_lossy(&o.stdout).trim().parse().ok()?;
+        Some(t - now)
+    })
 }
 
 /// What a guest's console shows when its disk failed under it.

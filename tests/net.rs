@@ -110,7 +110,12 @@ fn console(up: &Up, id: &str) -> String {
 /// the marker split in `cmd`, e.g. `echo PING-O''K`, so that the echo of the typed line does
 /// not count).
 fn guest(up: &Up, id: &str, cmd: &str, until: &str) -> String {
-    console_line(&up.runtime_dir(id), PROMPT, cmd, until, Duration::from_secs(90)).unwrap_or_else(|e| panic!("VM {id}: {e}"))
+    guest_at(&up.runtime_dir(id), cmd, until)
+}
+
+/// [`guest`] for the VM whose runtime directory is `dir` (on any host of the test).
+fn guest_at(dir: &std::path::Path, cmd: &str, until: &str) -> String {
+    console_line(dir, PROMPT, cmd, until, Duration::from_secs(90)).unwrap_or_else(|e| panic!("VM in {}: {e}", dir.display()))
 }
 
 /// What the nft filter of the tap of the VM whose runtime directory is `dir` dropped, in packets.
@@ -151,11 +156,10 @@ fn define_farm(up: &Up) {
 /// Guest `id` (tap among those not in `others`) takes another address, then another MAC: the
 /// filter drops what it sends (and counts it); with its own address back, it reaches the
 /// router again.
-fn spoofing_is_dropped(up: &Up, lan: &Lan, id: &str, addr: &str, others: &[String]) {
+fn spoofing_is_dropped(dir: &std::path::Path, lan: &Lan, addr: &str, others: &[String]) {
     let before = dropped(lan, others);
-    guest(
-        up,
-        id,
+    guest_at(
+        dir,
         "ip addr flush dev eth0; ip addr add 10.20.0.150/24 dev eth0; ping -c 3 -W 2 10.20.0.1 >/dev/null || echo SPOOF-IP-DROP''PED",
         "SPOOF-IP-DROPPED",
     );
@@ -164,15 +168,13 @@ fn spoofing_is_dropped(up: &Up, lan: &Lan, id: &str, addr: &str, others: &[Strin
     let neigh = String::from_utf8_lossy(&lan.exec("ip neigh").stdout).into_owned();
     assert!(!neigh.contains("10.20.0.150 dev eth0 lladdr"), "the router learnt the spoofed address: {neigh}");
     // Its own address back: it reaches the router (the filter, not the guest, dropped the rest).
-    guest(
-        up,
-        id,
+    guest_at(
+        dir,
         &format!("ip addr flush dev eth0; ip addr add {addr}/24 dev eth0; ping -c 2 -W 5 10.20.0.1 >/dev/null && echo OWN-IP-O''K"),
         "OWN-IP-OK",
     );
-    guest(
-        up,
-        id,
+    guest_at(
+        dir,
         "ip link set eth0 down; ip link set eth0 address 02:00:00:00:00:99; ip link set eth0 up; \
          ping -c 3 -W 2 10.20.0.1 >/dev/null || echo SPOOF-MAC-DROP''PED",
         "SPOOF-MAC-DROPPED",
@@ -218,7 +220,7 @@ fn site_network_guests_get_leased_addresses_reach_each_other_and_cannot_spoof() 
     let o = lan.exec(&format!("busybox ping -c 2 -W 5 {addr_a}"));
     assert!(o.status.success(), "router -> a: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
 
-    spoofing_is_dropped(&up, &lan, &idb, &addr_b, &taps_a);
+    spoofing_is_dropped(&up.runtime_dir(&idb), &lan, &addr_b, &taps_a);
 
     // `vm rm` frees the address and the host's tap; the network then has one lease.
     let taps_before = lan.taps().len();
@@ -482,4 +484,111 @@ fn tunnel_network_guests_join_the_users_lan_through_vgrid_tunnel() {
     up.ok(&["vm", "rm", "--force", &ida]);
     up.ok(&["vm", "rm", "--force", &idb]);
     drop(h2);
+}
+
+/// The site-network fault of the suite (`scripts/faults net-agent-kill`): a host agent with a
+/// guest on a site network is SIGKILLed and started again (same name and data directory). The
+/// guest must be re-adopted (same QEMU, running, on the same host) and keep everything the
+/// network gave it: its address and lease (the record's, the network's count), its tap on the
+/// bridge, its DHCP lease served again (the guest asks anew and gets the same address from the
+/// restarted agent's responder), its anti-spoofing filter (spoofing is still dropped), and it
+/// still reaches the guest on the other host and the router.
+#[test]
+fn a_site_network_guest_keeps_its_network_when_its_agent_is_killed_and_restarted() {
+    if skip_unless_root() {
+        return;
+    }
+    let lan = Lan::new();
+    let network = format!("farm={}", lan.br);
+    let up = Up::start_with(&["--network", &network, "--name", "h1", "--heartbeat-interval", "1"]);
+    let h2_data = up.data_dir().join("h2");
+    let h2_args = [
+        "host",
+        "--coordinator",
+        &up.url,
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        "h2",
+        "--data-dir",
+        h2_data.to_str().unwrap(),
+        "--network",
+        &network,
+    ];
+    let mut h2 = Role::start(&h2_args, up.data_dir().join("h2.log"));
+    import_dhcp_sample(&up);
+    up.ok(&["net", "create", "farm", "--cidr", "10.20.0.0/24", "--range", "10.20.0.100-10.20.0.109", "--gateway", "10.20.0.1"]);
+    up.wait_until("both hosts to advertise network farm", Duration::from_secs(30), || {
+        up.json(&["net", "show", "farm"])["hosts"].as_array().is_some_and(|h| h.len() == 2)
+    });
+    let a = up.run_vm("netsample", "a", NET_UP, &["--net", "site:farm", "--require", "host.name == \"h1\""]);
+    let taps_a = lan.taps();
+    let b = up.run_vm("netsample", "b", NET_UP, &["--net", "site:farm", "--require", "host.name == \"h2\""]);
+    let (ida, idb) = (a["id"].as_str().unwrap().to_string(), b["id"].as_str().unwrap().to_string());
+    let dir_b = h2_data.join("vms").join(&idb);
+    let (addr_a, addr_b) = (address(&up.vm(&ida)), address(&up.vm(&idb)));
+    let tap_b: Vec<String> = lan.taps().into_iter().filter(|t| !taps_a.contains(t)).collect();
+    assert_eq!(tap_b.len(), 1, "b's tap: {tap_b:?}");
+    let pid_b = up.vm(&idb)["pid"].as_u64().expect("b's QEMU pid");
+    guest_at(&dir_b, &format!("ping -c 2 -W 5 {addr_a} >/dev/null && echo PING-A-O''K"), "PING-A-OK");
+
+    // SIGKILL, a second without an agent, then the same agent again.
+    h2.kill();
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(process_alive(pid_b), "b's QEMU died with its agent");
+    let mut h2 = Role::start(&h2_args, up.data_dir().join("h2-2.log"));
+    up.wait_until("b re-adopted and running on h2", Duration::from_secs(60), || {
+        let v = up.vm(&idb);
+        v["state"] == "running"
+            && v["host"] == "h2"
+            && std::fs::read_to_string(&h2.log).unwrap_or_default().contains("re-adopted running QEMU")
+    });
+    let readopted = t0.elapsed();
+    let v = up.vm(&idb);
+    assert_eq!(v["pid"].as_u64(), Some(pid_b), "the same QEMU: {v}");
+    assert_eq!(address(&v), addr_b, "b's address in its record");
+    let net = up.json(&["net", "show", "farm"]);
+    assert_eq!(net["leases"].as_array().map(|l| l.len()), Some(2), "both leases kept: {net}");
+    assert_eq!(lan.taps(), [taps_a.clone(), tap_b.clone()].concat(), "the taps on the bridge");
+    let chain = sh(&format!("nft list chain bridge vgrid g-{}", tap_b[0]));
+    assert!(chain.status.success(), "b's filter chain is gone: {}", String::from_utf8_lossy(&chain.stderr));
+
+    // The restarted agent serves b's lease (its responder took it back once the heartbeat's
+    // answer brought the network's definition): asked anew, the guest gets the same address.
+    up.wait_until("the restarted agent to serve b's lease", Duration::from_secs(30), || {
+        std::fs::read_to_string(&h2.log).unwrap_or_default().lines().any(|l| l.contains("DHCP lease served") && l.contains(&addr_b))
+    });
+    let line = guest_at(
+        &dir_b,
+        "rm -f /tmp/net-addr; udhcpc -i eth0 -q -n -t 10 -T 1 -s /bin/udhcpc.script >/dev/null 2>&1; echo LEASE-AGA''IN $(cat /tmp/net-addr)",
+        "LEASE-AGAIN",
+    );
+    assert!(line.contains(&format!("LEASE-AGAIN {addr_b}")), "DHCP after the restart: {line:?}\n{}", tail_of(&h2.log));
+    // Both ways between the guests and to the router; the router reaches b.
+    guest_at(&dir_b, &format!("ping -c 2 -W 5 {addr_a} >/dev/null && echo PING-A-AGAIN-O''K"), "PING-A-AGAIN-OK");
+    guest(&up, &ida, &format!("ping -c 2 -W 5 {addr_b} >/dev/null && echo PING-B-AGAIN-O''K"), "PING-B-AGAIN-OK");
+    let o = lan.exec(&format!("busybox ping -c 2 -W 5 {addr_b}"));
+    assert!(o.status.success(), "router -> b after the restart: {}", String::from_utf8_lossy(&o.stdout));
+    // The filter still drops what b sends with another address or MAC.
+    spoofing_is_dropped(&dir_b, &lan, &addr_b, &taps_a);
+    figures(
+        "net-agent-kill",
+        &format!(
+            "agent of h2 SIGKILLed with guest b on site network farm ({addr_b}, tap {}); re-adopted {:.1}s after the kill (same QEMU pid {pid_b}); lease, tap and filter kept; DHCP answered {addr_b} again; pings b<->a and router->b OK; spoofed address and MAC dropped",
+            tap_b[0],
+            readopted.as_secs_f64()
+        ),
+    );
+    up.ok(&["vm", "rm", "--force", &idb]);
+    up.ok(&["vm", "rm", "--force", &ida]);
+    up.wait_until("the taps to go with the VMs", Duration::from_secs(30), || lan.taps().is_empty());
+    h2.terminate();
+}
+
+/// The last lines of a log file, for assertion messages.
+fn tail_of(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
 }

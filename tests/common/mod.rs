@@ -4,7 +4,10 @@
 #![allow(dead_code)]
 
 pub mod grid;
+pub mod load;
 pub mod sim;
+pub mod sim_moves;
+pub mod simgrid;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

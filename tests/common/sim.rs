@@ -1,9 +1,10 @@
 //! Simulated host agents: HTTP servers speaking the host agent's API (`/host/v1`: launch, wait,
-//! stop, release, remove, presence) that join the grid like a real host (a one-time token, a
-//! certificate of the grid CA) and heartbeat every 500 ms with the VMs they "run". A simulated
-//! VM runs for its configured lifetime (then powers off) or until it is stopped. Each host
-//! counts what it runs at every launch, so a test can check that it was never given more than
-//! it advertised, and that no VM was launched twice.
+//! stop, release, remove, presence, and in `sim_moves` suspend, snapshot, restore and both ends
+//! of a live migration) that join the grid like a real host (a one-time token, a certificate of
+//! the grid CA) and heartbeat every 500 ms with the VMs they "run". A simulated VM runs for its
+//! configured lifetime (then powers off) or until it is stopped. Each host counts what it runs
+//! at every launch, so a test can check that it was never given more than it advertised, and
+//! that no VM was launched twice.
 //!
 //! Used where booting hundreds of real guests on this machine would take hours while what is
 //! checked (the coordinator's scheduling, records and recovery) does not depend on what runs
@@ -19,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vgrid_api::grid::HostAd;
-use vgrid_api::host::{ExitInfo, HostHeartbeat, LaunchRequest, Launched, VmExit, VmPresence, VmReport};
+use vgrid_api::host::{ExitInfo, HeartbeatReply, HostHeartbeat, LaunchRequest, Launched, VmExit, VmPresence, VmReport};
 use vgrid_api::vm::{Accel, ConsoleChunk};
 
 /// What a simulated host offers and how its VMs behave.
@@ -34,6 +35,11 @@ pub struct SimSpec {
     pub launch_time: Duration,
     /// Labels of the host's advertisement.
     pub labels: Vec<(String, String)>,
+    /// How long a suspend or snapshot keeps the guest paused before its state is uploaded.
+    pub save_time: Duration,
+    /// How long a live migration copies before it completes (half mirroring the disk, half
+    /// copying memory).
+    pub migrate_time: Duration,
 }
 
 /// What a simulated VM prints on its console, [`CONSOLE_AFTER`] after its launch.
@@ -49,6 +55,8 @@ impl Default for SimSpec {
             life: |n| Some(Duration::from_millis(100 + (n * 137 % 600))),
             launch_time: Duration::from_millis(20),
             labels: vec![],
+            save_time: Duration::from_millis(50),
+            migrate_time: Duration::from_millis(300),
         }
     }
 }
@@ -70,6 +78,56 @@ pub struct SimState {
     pub max_mem: u64,
     /// One line per launch that took the host over what it advertised.
     pub over: Vec<String>,
+    /// The image each VM here runs (`NAME@VERSION`; its saved image once restored).
+    pub image_of: HashMap<String, String>,
+    /// Sources of completed migrations: paused, with everything sent, until removed here or
+    /// resumed by a cancel (they stay in `running`, as a real agent keeps their QEMU).
+    pub paused: HashSet<String>,
+    /// VMs being saved (snapshot or suspend).
+    pub saving: HashSet<String>,
+    /// VMs whose QEMU was killed once saved (a suspend): their end is a SIGKILL.
+    pub killed: HashSet<String>,
+    /// Prepared destinations of migrations (admitted: they count in what the host uses).
+    pub incoming: HashMap<String, super::sim_moves::Incoming>,
+    /// Migrations this host sent or sends, by VM.
+    pub outgoing: HashMap<String, super::sim_moves::Outgoing>,
+    /// Every save committed here: (VM, saved image `NAME@VERSION`, suspend).
+    pub saves: Vec<(String, String, bool)>,
+    /// Every launch that restored a saved image: (VM, image), after its state was read back.
+    pub restores: Vec<(String, String)>,
+    /// Every migration received and taken over here (VM ids), after both streams arrived.
+    pub received: Vec<String>,
+    /// The image servers the coordinator named in its last heartbeat answer.
+    pub image_servers: Vec<String>,
+}
+
+impl SimState {
+    /// (cpus, memory) promised: running (and paused) VMs and prepared destinations.
+    pub fn in_use(&self) -> (u64, u64) {
+        let (c, m) = self.running.values().fold((0, 0), |(c, m), v| (c + v.0, m + v.1));
+        self.incoming.values().fold((c, m), |(c, m), i| (c + i.cpus, m + i.memory_mib))
+    }
+
+    /// Notes the figures after an admission, and a line if it took the host over `spec`.
+    pub fn note_admission(&mut self, host: &str, spec: &SimSpec, id: &str) {
+        let (c, m) = self.in_use();
+        self.max_cpus = self.max_cpus.max(c);
+        self.max_mem = self.max_mem.max(m);
+        if c > spec.cpus || m > spec.memory_mib {
+            self.over.push(format!("{host}: {c} cpus / {m} MiB in use after admitting {id}"));
+        }
+    }
+
+    /// Forgets VM `id` entirely (release, remove: its QEMU ends, its migrations go).
+    fn forget(&mut self, id: &str) {
+        self.running.remove(id);
+        self.exited.remove(id);
+        self.paused.remove(id);
+        self.incoming.remove(id);
+        self.outgoing.remove(id);
+        self.image_of.remove(id);
+        self.killed.remove(id);
+    }
 }
 
 #[derive(Clone)]
@@ -77,7 +135,9 @@ pub struct Sim {
     pub name: String,
     pub spec: SimSpec,
     pub state: Arc<Mutex<SimState>>,
-    seq: Arc<AtomicU64>,
+    pub(crate) seq: Arc<AtomicU64>,
+    /// This host's client (its grid certificate), for the image servers.
+    pub(crate) http: reqwest::Client,
     /// While false the host neither heartbeats nor answers (a partition).
     pub reachable: Arc<AtomicBool>,
     /// While true every request is answered 503 (an agent that cannot serve), heartbeats go on.
@@ -87,12 +147,19 @@ pub struct Sim {
 impl Sim {
     /// (cpus, memory) in use.
     pub fn used(&self) -> (u64, u64) {
-        let s = self.state.lock().unwrap();
-        s.running.values().fold((0, 0), |(c, m), v| (c + v.0, m + v.1))
+        self.state.lock().unwrap().in_use()
     }
 }
 
-async fn launch(State(sim): State<Sim>, Json(req): Json<LaunchRequest>) -> Json<Launched> {
+async fn launch(State(sim): State<Sim>, Json(req): Json<LaunchRequest>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if let Some(image) = &req.restore {
+        // A resume: the saved state is read back from an image server first (a real host
+        // restores QEMU from it), and must be the one saved for this VM.
+        if let Err((status, e)) = super::sim_moves::read_saved_state(&sim, &req.id, image).await {
+            return (status, Json(json!({ "error": e }))).into_response();
+        }
+    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     sim.state.lock().unwrap().launching.insert(req.id.clone());
     // The launch goes on when the caller goes away (a coordinator killed meanwhile).
@@ -106,21 +173,24 @@ async fn launch(State(sim): State<Sim>, Json(req): Json<LaunchRequest>) -> Json<
         s.launches.push(id.clone());
         s.launched_at.insert(id.clone(), Instant::now());
         s.running.insert(id.clone(), (req.config.cpus as u64, req.config.memory_mib, until));
-        let (c, m) = s.running.values().fold((0, 0), |(c, m), v| (c + v.0, m + v.1));
-        s.max_cpus = s.max_cpus.max(c);
-        s.max_mem = s.max_mem.max(m);
-        if c > sim.spec.cpus || m > sim.spec.memory_mib {
-            let msg = format!("{}: {c} cpus / {m} MiB in use after launching {id}", sim.name);
-            s.over.push(msg);
+        s.exited.remove(&id);
+        s.image_of.insert(id.clone(), req.image().to_string());
+        if let Some(image) = &req.restore {
+            s.restores.push((id.clone(), image.to_string()));
         }
+        s.note_admission(&sim.name, &sim.spec, &id);
         let _ = tx.send(Launched { pid: 10_000 + n as u32, accel: Accel::Tcg });
     });
-    Json(rx.await.expect("simulated launch"))
+    Json(rx.await.expect("simulated launch")).into_response()
 }
 
-/// Long poll until the VM ends (its lifetime passed, or it was stopped); an unknown VM has
-/// ended already (it powered off).
+/// Long poll until the VM ends (its lifetime passed, or it was stopped, suspended or removed);
+/// an unknown VM has ended already (it powered off).
 async fn wait(State(sim): State<Sim>, Path(id): Path<String>) -> Json<VmExit> {
+    let present = {
+        let s = sim.state.lock().unwrap();
+        s.running.contains_key(&id) || s.exited.contains(&id)
+    };
     loop {
         let until = sim.state.lock().unwrap().running.get(&id).map(|v| v.2);
         match until {
@@ -135,22 +205,26 @@ async fn wait(State(sim): State<Sim>, Path(id): Path<String>) -> Json<VmExit> {
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
-    Json(VmExit { exit: ExitInfo { code: Some(0), signal: None }, console_tail: vec![], cause: None, present: false })
+    let exit = if sim.state.lock().unwrap().killed.remove(&id) {
+        ExitInfo { code: None, signal: Some(9) }
+    } else {
+        ExitInfo { code: Some(0), signal: None }
+    };
+    Json(VmExit { exit, console_tail: vec![], cause: None, present })
 }
 
 async fn stop(State(sim): State<Sim>, Path(id): Path<String>) -> Json<Value> {
     let mut s = sim.state.lock().unwrap();
     if s.running.remove(&id).is_some() {
+        s.paused.remove(&id);
         s.exited.insert(id);
     }
     Json(json!({}))
 }
 
-/// Release and remove: the host forgets the VM.
+/// Release and remove: the host forgets the VM (a paused migration source ends here).
 async fn forget(State(sim): State<Sim>, Path(id): Path<String>) -> Json<Value> {
-    let mut s = sim.state.lock().unwrap();
-    s.running.remove(&id);
-    s.exited.remove(&id);
+    sim.state.lock().unwrap().forget(&id);
     Json(json!({}))
 }
 
@@ -158,7 +232,8 @@ async fn presence(State(sim): State<Sim>, Path(id): Path<String>) -> Json<VmPres
     let s = sim.state.lock().unwrap();
     let running = s.running.contains_key(&id);
     let exited = s.exited.contains(&id);
-    Json(VmPresence { saving: false, running, known: running || exited || s.launching.contains(&id), exited })
+    let known = running || exited || s.launching.contains(&id) || s.incoming.contains_key(&id);
+    Json(VmPresence { saving: s.saving.contains(&id), running, known, exited })
 }
 
 /// The console log: [`CONSOLE_TEXT`] once [`CONSOLE_AFTER`] has passed since the launch.
@@ -172,11 +247,22 @@ async fn console(State(sim): State<Sim>, Path(id): Path<String>, Query(q): Query
 
 /// Starts a simulated host named `name` on a free port, joined to `coordinator`.
 pub async fn start_sim(name: String, coordinator: String, spec: SimSpec) -> Sim {
+    let token: vgrid_trust::node::JoinToken = tokio::task::spawn_blocking({
+        let c = coordinator.clone();
+        move || super::join_token(&c, "host")
+    })
+    .await
+    .unwrap()
+    .parse()
+    .unwrap();
+    let node = vgrid_trust::node::join(&coordinator, &token, vgrid_trust::NodeRole::Host, &name, &["127.0.0.1".into()]).await.unwrap();
+    let http = vgrid_trust::tls::client_builder_for(&node.ca_pem, Some(&node)).unwrap().timeout(Duration::from_secs(10)).build().unwrap();
     let sim = Sim {
         name: name.clone(),
         spec,
         state: Default::default(),
         seq: Default::default(),
+        http: http.clone(),
         reachable: Arc::new(AtomicBool::new(true)),
         failing: Arc::new(AtomicBool::new(false)),
     };
@@ -189,6 +275,7 @@ pub async fn start_sim(name: String, coordinator: String, spec: SimSpec) -> Sim 
         .route("/host/v1/vms/{id}/saving", get(presence))
         .route("/host/v1/vms/{id}/console", get(console))
         .route("/host/v1/vms/{id}", delete(forget))
+        .merge(super::sim_moves::routes())
         .layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
             let (up, failing) = (gate.load(Ordering::SeqCst), failing.load(Ordering::SeqCst));
             async move {
@@ -207,48 +294,46 @@ pub async fn start_sim(name: String, coordinator: String, spec: SimSpec) -> Sim 
         .with_state(sim.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
-    let token: vgrid_trust::node::JoinToken = tokio::task::spawn_blocking({
-        let c = coordinator.clone();
-        move || super::join_token(&c, "host")
-    })
-    .await
-    .unwrap()
-    .parse()
-    .unwrap();
-    let node = vgrid_trust::node::join(&coordinator, &token, vgrid_trust::NodeRole::Host, &name, &["127.0.0.1".into()]).await.unwrap();
-    let http = vgrid_trust::tls::client_builder_for(&node.ca_pem, Some(&node)).unwrap().timeout(Duration::from_secs(10)).build().unwrap();
     tokio::spawn(vgrid_trust::tls::serve(listener, node, app, std::future::pending()));
-    let beat = sim.clone();
-    tokio::spawn(async move {
-        loop {
-            if beat.reachable.load(Ordering::SeqCst) {
-                let (vms, used) = {
-                    let s = beat.state.lock().unwrap();
-                    let vms: Vec<VmReport> = s.running.keys().map(|id| VmReport { id: id.clone(), pid: 1, incoming: false }).collect();
-                    (vms, s.running.values().fold((0, 0), |(c, m), v| (c + v.0, m + v.1)))
-                };
-                let ad = HostAd {
-                    name: name.clone(),
-                    url: url.clone(),
-                    arch: "x86_64".into(),
-                    cpus: beat.spec.cpus as u32,
-                    memory_mib: beat.spec.memory_mib,
-                    free_cpus: beat.spec.cpus.saturating_sub(used.0) as u32,
-                    free_memory_mib: beat.spec.memory_mib.saturating_sub(used.1),
-                    accel: "tcg".into(),
-                    qemu_version: "10.0.0".into(),
-                    network_modes: vec!["user".into()],
-                    labels: beat.spec.labels.iter().cloned().collect(),
-                    running_vms: vms.len() as u32,
-                    ..HostAd::default()
-                };
-                let hb = HostHeartbeat { ad, vms, usage: vec![], waiting: vec![] };
-                let _ = http.post(format!("{coordinator}/api/v1/hosts/heartbeat")).json(&hb).send().await;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    });
+    tokio::spawn(heartbeats(sim.clone(), coordinator, url, http));
     sim
+}
+
+/// Every 500 ms while reachable: the host's advertisement and the VMs it runs (prepared
+/// destinations as `incoming`); keeps the image servers the answer names.
+async fn heartbeats(beat: Sim, coordinator: String, url: String, http: reqwest::Client) {
+    loop {
+        if beat.reachable.load(Ordering::SeqCst) {
+            let (vms, used) = {
+                let s = beat.state.lock().unwrap();
+                let mut vms: Vec<VmReport> = s.running.keys().map(|id| VmReport { id: id.clone(), pid: 1, incoming: false }).collect();
+                vms.extend(s.incoming.keys().map(|id| VmReport { id: id.clone(), pid: 1, incoming: true }));
+                (vms, s.in_use())
+            };
+            let ad = HostAd {
+                name: beat.name.clone(),
+                url: url.clone(),
+                arch: "x86_64".into(),
+                cpus: beat.spec.cpus as u32,
+                memory_mib: beat.spec.memory_mib,
+                free_cpus: beat.spec.cpus.saturating_sub(used.0) as u32,
+                free_memory_mib: beat.spec.memory_mib.saturating_sub(used.1),
+                accel: "tcg".into(),
+                qemu_version: super::sim_moves::QEMU_VERSION.into(),
+                network_modes: vec!["user".into()],
+                labels: beat.spec.labels.iter().cloned().collect(),
+                running_vms: vms.len() as u32,
+                ..HostAd::default()
+            };
+            let hb = HostHeartbeat { ad, vms, usage: vec![], waiting: vec![] };
+            if let Ok(r) = http.post(format!("{coordinator}/api/v1/hosts/heartbeat")).json(&hb).send().await {
+                if let Ok(reply) = r.json::<HeartbeatReply>().await {
+                    beat.state.lock().unwrap().image_servers = reply.image_servers;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// A client sending the bearer token with every request, trusting the grid CA `ca` (PEM).

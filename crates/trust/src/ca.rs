@@ -12,6 +12,12 @@ use rcgen::{
 
 use crate::{fingerprint, pem_to_der, read_file, write_file, NodeCert, NodeRole, TrustError};
 
+/// How far before its issue a certificate is valid: a host whose clock runs behind the CA's
+/// (a clock jumped back, an NTP step) must still accept the certificates issued "later". With
+/// one hour, a host clock 3 h behind refused every new TLS handshake (scripts/faults
+/// clock-jump found it); two days covers the skew of any machine that keeps time at all.
+const CLOCK_SKEW_ALLOWANCE: time::Duration = time::Duration::days(2);
+
 /// How long a node certificate is valid.
 pub const NODE_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -39,7 +45,7 @@ impl Ca {
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = time::OffsetDateTime::now_utc();
-        p.not_before = now - time::Duration::hours(1);
+        p.not_before = now - CLOCK_SKEW_ALLOWANCE;
         p.not_after = now + time::Duration::days(3650);
         let cert = p.self_signed(&key_pair).map_err(|e| TrustError::cert("making the CA certificate", e))?;
         write_file(&key, &key_pair.serialize_pem(), 0o600)?;
@@ -89,7 +95,7 @@ impl Ca {
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let now = time::OffsetDateTime::now_utc();
-        p.not_before = now - time::Duration::hours(1);
+        p.not_before = now - CLOCK_SKEW_ALLOWANCE;
         p.not_after = now + time::Duration::seconds(NODE_CERT_VALIDITY.as_secs() as i64);
         p.use_authority_key_identifier_extension = true;
         p
