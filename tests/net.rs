@@ -313,32 +313,34 @@ fn a_site_network_guest_migrated_to_another_host_keeps_its_address() {
     drop(h2);
 }
 
-/// The user's own LAN: namespace `ns` with bridge `br0` (192.168.77.1/24) and busybox `udhcpd`
-/// handing out 192.168.77.100-109 on it. Removed on drop, also when the test fails.
+/// A user's own LAN: namespace `ns` with bridge `br0` (192.168.`net`.1/24) and busybox
+/// `udhcpd` handing out 192.168.`net`.100-109 on it. Removed on drop, also when the test fails.
 struct UserLan {
     ns: String,
+    net: u8,
     dir: tempfile::TempDir,
     dhcpd: std::process::Child,
 }
 
 impl UserLan {
-    fn new() -> UserLan {
-        let ns = format!("vguser{}", std::process::id() % 100_000);
+    fn new(net: u8) -> UserLan {
+        let ns = format!("vgu{net}-{}", std::process::id() % 100_000);
         must(&format!("ip netns add {ns}"));
         must(&format!(
-            "ip -n {ns} link add br0 type bridge && ip -n {ns} addr add 192.168.77.1/24 dev br0 && ip -n {ns} link set br0 up && ip -n {ns} link set lo up"
+            "ip -n {ns} link add br0 type bridge && ip -n {ns} addr add 192.168.{net}.1/24 dev br0 && ip -n {ns} link set br0 up && ip -n {ns} link set lo up"
         ));
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("udhcpd.conf");
+        let leases = dir.path().join("leases");
         std::fs::write(
             &conf,
             format!(
-                "start 192.168.77.100\nend 192.168.77.109\ninterface br0\nlease_file {}\noption subnet 255.255.255.0\noption router 192.168.77.1\n",
-                dir.path().join("leases").display()
+                "start 192.168.{net}.100\nend 192.168.{net}.109\ninterface br0\nlease_file {}\noption subnet 255.255.255.0\noption router 192.168.{net}.1\n",
+                leases.display()
             ),
         )
         .unwrap();
-        std::fs::write(dir.path().join("leases"), b"").unwrap();
+        std::fs::write(&leases, b"").unwrap();
         let dhcpd = Command::new("ip")
             .args(["netns", "exec", &ns, "busybox", "udhcpd", "-f"])
             .arg(&conf)
@@ -346,11 +348,49 @@ impl UserLan {
             .stderr(std::fs::File::create(dir.path().join("udhcpd.log")).unwrap())
             .spawn()
             .expect("busybox udhcpd");
-        UserLan { ns, dir, dhcpd }
+        UserLan { ns, net, dir, dhcpd }
     }
 
     fn exec(&self, cmd: &str) -> std::process::Output {
         sh(&format!("ip netns exec {} {cmd}", self.ns))
+    }
+
+    fn pings(&self, addr: &str) -> bool {
+        self.exec(&format!("busybox ping -c 2 -W 5 {addr}")).status.success()
+    }
+
+    /// Counts the frames that come out of the tunnel's tap `tap` into this LAN: those with a
+    /// source MAC in `own` (this user's guests) and those with one in `foreign` (another user's
+    /// guests and LAN), each as a counter of an nft netdev ingress chain on the tap.
+    fn count_frames(&self, tap: &str, own: &[String], foreign: &[String]) {
+        let set = |m: &[String]| m.join(", ");
+        must(&format!(
+            "ip netns exec {ns} nft -f - <<'EOF'\ntable netdev vgcount {{\n chain in {{\n  type filter hook ingress device \"{tap}\" priority 0;\n  ether saddr {{ {own} }} counter comment \"own\"\n  ether saddr {{ {foreign} }} counter comment \"foreign\"\n }}\n}}\nEOF",
+            ns = self.ns,
+            own = set(own),
+            foreign = set(foreign)
+        ));
+    }
+
+    /// The counters of [`UserLan::count_frames`]: (own, foreign) frames.
+    fn counted(&self) -> (u64, u64) {
+        let o = self.exec("nft list chain netdev vgcount in");
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let count = |what: &str| {
+            text.lines()
+                .find(|l| l.contains(&format!("comment \"{what}\"")))
+                .and_then(|l| l.split("counter packets ").nth(1))
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no {what} counter in {text}"))
+        };
+        (count("own"), count("foreign"))
+    }
+
+    /// The MAC of the LAN's bridge (its router's frames carry it).
+    fn router_mac(&self) -> String {
+        let o = self.exec("cat /sys/class/net/br0/address");
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
     }
 }
 
@@ -362,24 +402,92 @@ impl Drop for UserLan {
     }
 }
 
-/// `vgrid tunnel home --bridge br0 --netns NS` as the user; killed on drop.
+/// A user of the test: the CLI with their own key (`None`: the grid's admin, as `Up::cli`).
+struct User {
+    key: Option<(String, std::path::PathBuf, tempfile::TempDir)>,
+}
+
+impl User {
+    fn admin() -> User {
+        User { key: None }
+    }
+
+    /// A new user `name` with an SSH key, added by the admin.
+    fn add(up: &Up, name: &str) -> User {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        let o = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"]).arg(&key).output().unwrap();
+        assert!(o.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&o.stderr));
+        up.ok(&["user", "add", name, "--key", &format!("{}.pub", key.display())]);
+        User { key: Some((name.to_string(), key, dir)) }
+    }
+
+    fn command(&self, up: &Up, args: &[&str]) -> Command {
+        let mut c = Command::new(vgrid_bin());
+        c.args(args).env("VGRID_URL", &up.url).stdin(std::process::Stdio::null());
+        if let Some((name, key, dir)) = &self.key {
+            c.env("VGRID_CONFIG_DIR", dir.path().join("cfg")).env("VGRID_KEY", key).env("VGRID_USER", name).env_remove("SSH_AUTH_SOCK");
+        }
+        c
+    }
+
+    fn cli(&self, up: &Up, args: &[&str]) -> std::process::Output {
+        self.command(up, args).output().unwrap()
+    }
+
+    /// `vm run` of the DHCP sample on tunnel network `net` as this user, on host `host`, up to
+    /// its address (one retry, as `Up::run_vm`); returns the VM's id.
+    fn run_tunnel_vm(&self, up: &Up, name: &str, net: &str, host: &str) -> String {
+        let _slot = boot_slot().expect("boot slot");
+        let (net, req) = (format!("tunnel:{net}"), format!("host.name == \"{host}\""));
+        let mut last = String::new();
+        for attempt in 1..=2 {
+            let n = format!("{name}{attempt}");
+            let args = [
+                "--json",
+                "vm",
+                "run",
+                "netsample",
+                "--name",
+                &n,
+                "--net",
+                &net,
+                "--require",
+                &req,
+                "--wait-for",
+                NET_UP,
+                "--timeout",
+                "90",
+            ];
+            let o = self.cli(up, &args);
+            if o.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("vm run --json");
+                return v["id"].as_str().unwrap().to_string();
+            }
+            last = format!("{}{}", String::from_utf8_lossy(&o.stderr), String::from_utf8_lossy(&o.stdout));
+            eprintln!("boot attempt {attempt} of {name} failed: {last}");
+            let _ = self.cli(up, &["vm", "rm", "--force", &n]);
+        }
+        panic!("VM {name} did not boot twice: {last}\n{}", up.log_tail());
+    }
+}
+
+/// `vgrid tunnel NET --bridge br0 --netns NS` as `user`; killed on drop.
 struct TunnelCmd {
     child: std::process::Child,
     log: std::path::PathBuf,
 }
 
 impl TunnelCmd {
-    fn start(up: &Up, lan: &UserLan, n: usize) -> TunnelCmd {
+    fn start(up: &Up, user: &User, net: &str, lan: &UserLan, n: usize) -> TunnelCmd {
         let log = lan.dir.path().join(format!("tunnel{n}.log"));
-        let child = Command::new(vgrid_bin())
-            .args(["tunnel", "home", "--bridge", "br0", "--netns", &lan.ns])
-            .env("VGRID_URL", &up.url)
-            .stdin(std::process::Stdio::null())
+        let child = user
+            .command(up, &["tunnel", net, "--bridge", "br0", "--netns", &lan.ns])
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("vgrid tunnel");
         let t = TunnelCmd { child, log };
-        up.wait_until("vgrid tunnel to connect", Duration::from_secs(30), || t.log().contains("tunnel home: connected"));
+        up.wait_until("vgrid tunnel to connect", Duration::from_secs(30), || t.log().contains(&format!("tunnel {net}: connected")));
         t
     }
 
@@ -395,42 +503,27 @@ impl Drop for TunnelCmd {
     }
 }
 
-/// The address the guest printed when its DHCP client got one.
-fn dhcp_address(up: &Up, id: &str) -> String {
-    let c = console(up, id);
+/// The address the guest whose runtime directory is `dir` printed when its DHCP client got one.
+fn dhcp_address(dir: &std::path::Path) -> String {
+    let c = String::from_utf8_lossy(&std::fs::read(dir.join("console.log")).unwrap_or_default()).replace('\r', "");
     c.split(NET_UP).nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_default().to_string()
 }
 
-/// A second user, `bob`, with an SSH key: the CLI as bob.
-fn cli_as_bob(up: &Up, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
-    let key = dir.join("bob_key");
-    if !key.exists() {
-        let o = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "bob@test", "-f"]).arg(&key).output().unwrap();
-        assert!(o.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&o.stderr));
-        up.ok(&["user", "add", "bob", "--key", &format!("{}.pub", key.display())]);
-    }
-    Command::new(vgrid_bin())
-        .args(args)
-        .env("VGRID_URL", &up.url)
-        .env("VGRID_CONFIG_DIR", dir.join("bobcfg"))
-        .env("VGRID_KEY", &key)
-        .env("VGRID_USER", "bob")
-        .env_remove("SSH_AUTH_SOCK")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap()
+fn mac_of(up: &Up, id: &str) -> String {
+    up.vm(id)["config"]["net"]["nics"][0]["mac"].as_str().unwrap_or_default().to_string()
 }
 
-/// Tunnel networks: the user's LAN (a namespace with a bridge and busybox udhcpd) joined by
-/// `vgrid tunnel home --bridge br0`; a guest on h1 takes its address from the user's DHCP
-/// server and pings the user's router and back; a guest on a second host agent reaches the
-/// first; `vgrid tunnel` restarted, the traffic resumes; another user cannot join the tunnel.
+/// Tunnel networks: alice's LAN (a namespace with a bridge and busybox udhcpd) joined by
+/// `vgrid tunnel home --bridge br0`; a guest on h1 takes its address from her DHCP server, pings
+/// her router and back; a guest on a second host agent reaches the first and the LAN; `vgrid
+/// tunnel` restarted, the traffic resumes; bob's tunnel network (his own LAN and guest) and
+/// alice's never see each other's frames, and neither user may join the other's tunnel.
 #[test]
 fn tunnel_network_guests_join_the_users_lan_through_vgrid_tunnel() {
     if skip_unless_root() {
         return;
     }
-    let lan = UserLan::new();
+    let lan = UserLan::new(77);
     let up = Up::start_with(&["--name", "h1", "--heartbeat-interval", "1"]);
     let h2_data = up.data_dir().join("h2");
     let h2 = Role::start(
@@ -438,52 +531,88 @@ fn tunnel_network_guests_join_the_users_lan_through_vgrid_tunnel() {
         up.data_dir().join("h2.log"),
     );
     import_dhcp_sample(&up);
+    let alice = User::admin();
     up.ok(&["net", "create", "home", "--tunnel"]);
     up.wait_until("both hosts to register", Duration::from_secs(30), || up.json(&["host", "ls"]).as_array().is_some_and(|h| h.len() == 2));
-    let mut tunnel = TunnelCmd::start(&up, &lan, 0);
+    let mut tunnel = TunnelCmd::start(&up, &alice, "home", &lan, 0);
 
     // A guest on h1 takes its address from the user's DHCP server; they reach each other.
-    let a = up.run_vm("netsample", "ta", NET_UP, &["--net", "tunnel:home", "--require", "host.name == \"h1\""]);
-    let ida = a["id"].as_str().unwrap().to_string();
-    let addr_a = dhcp_address(&up, &ida);
+    let ida = alice.run_tunnel_vm(&up, "ta", "home", "h1");
+    let addr_a = dhcp_address(&up.runtime_dir(&ida));
     assert!(addr_a.starts_with("192.168.77.10"), "guest a's address {addr_a:?} is not from the user's range:\n{}", console(&up, &ida));
     let show = up.ok(&["vm", "show", &ida]);
     assert!(show.contains("tunnel:home mac 06:"), "{show}");
     guest(&up, &ida, "ping -c 2 -W 5 192.168.77.1 >/dev/null && echo PING-LAN-O''K", "PING-LAN-OK");
-    let o = lan.exec(&format!("busybox ping -c 2 -W 5 {addr_a}"));
-    assert!(o.status.success(), "user's LAN -> a: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(lan.pings(&addr_a), "user's LAN -> a");
 
-    // A guest on another host agent in the same tunnel reaches the first.
-    let b = up.run_vm("netsample", "tb", NET_UP, &["--net", "tunnel:home", "--require", "host.name == \"h2\""]);
-    let idb = b["id"].as_str().unwrap().to_string();
-    let addr_b = dhcp_address(&up, &idb);
+    // A guest on another host agent in the same tunnel reaches the first, and the LAN it.
+    let idb = alice.run_tunnel_vm(&up, "tb", "home", "h2");
+    let dir_b = h2_data.join("vms").join(&idb);
+    let addr_b = dhcp_address(&dir_b);
     assert!(addr_b.starts_with("192.168.77.10") && addr_b != addr_a, "guest b's address {addr_b:?} (a has {addr_a})");
-    guest(&up, &idb, &format!("ping -c 2 -W 5 {addr_a} >/dev/null && echo PING-A-O''K"), "PING-A-OK");
+    guest_at(&dir_b, &format!("ping -c 2 -W 5 {addr_a} >/dev/null && echo PING-A-O''K"), "PING-A-OK");
+    assert!(lan.pings(&addr_b), "user's LAN -> b");
 
     // `vgrid tunnel` restarted: the user's LAN reaches the guests again.
     drop(tunnel);
     assert!(!lan.exec(&format!("busybox ping -c 1 -W 2 {addr_a}")).status.success(), "a reachable without the tunnel");
-    tunnel = TunnelCmd::start(&up, &lan, 1);
+    tunnel = TunnelCmd::start(&up, &alice, "home", &lan, 1);
     up.wait_until("the user's LAN to reach a through the new tunnel", Duration::from_secs(60), || {
         lan.exec(&format!("busybox ping -c 1 -W 2 {addr_a}")).status.success()
     });
-    assert!(lan.exec(&format!("busybox ping -c 2 -W 5 {addr_b}")).status.success(), "user's LAN -> b after the restart");
+    assert!(lan.pings(&addr_b), "user's LAN -> b after the restart");
 
-    // Another user cannot join it; nor can an admin join another user's tunnel.
-    let dir = tempfile::tempdir().unwrap();
-    let o = cli_as_bob(&up, dir.path(), &["tunnel", "home", "--user-mode"]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("\"home\""), "bob joined alice's tunnel: {err}");
-    let o = cli_as_bob(&up, dir.path(), &["net", "create", "bobnet", "--tunnel"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = up.cli(&["tunnel", "bobnet", "--user-mode"]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("belongs to user bob"), "{err}");
+    let macs = [mac_of(&up, &ida), mac_of(&up, &idb)];
+    users_never_see_each_others_frames(&up, &lan, &ida, &macs);
     eprintln!("tunnel log:\n{}", tunnel.log());
-
     up.ok(&["vm", "rm", "--force", &ida]);
     up.ok(&["vm", "rm", "--force", &idb]);
     drop(h2);
+}
+
+/// Bob, a second user, has his own tunnel network, LAN (192.168.78.0/24, its own DHCP server)
+/// and guest on h1 beside alice's guests (`alice_macs`, `ida` on h1) in `alice_lan`. While both
+/// sides send broadcasts (DHCP, ARP for absent addresses) and unicast, each LAN counts the
+/// frames its tunnel's tap delivers: its own guests' arrive, the other user's never. Neither
+/// may join the other's tunnel.
+fn users_never_see_each_others_frames(up: &Up, alice_lan: &UserLan, ida: &str, alice_macs: &[String]) {
+    let bob = User::add(up, "bob");
+    let bob_lan = UserLan::new(78);
+    let o = bob.cli(up, &["net", "create", "bobnet", "--tunnel"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let _bob_tunnel = TunnelCmd::start(up, &bob, "bobnet", &bob_lan, 2);
+    let idc = bob.run_tunnel_vm(up, "tc", "bobnet", "h1");
+    let addr_c = dhcp_address(&up.runtime_dir(&idc));
+    assert!(addr_c.starts_with(&format!("192.168.{}.10", bob_lan.net)), "bob's guest took {addr_c:?}, not an address of his LAN");
+    let mac_c = mac_of(up, &idc);
+
+    let alice_router = alice_lan.router_mac();
+    alice_lan.count_frames("vgt-home", alice_macs, &[mac_c.clone(), bob_lan.router_mac()]);
+    bob_lan.count_frames("vgt-bobnet", &[mac_c], &[alice_macs.to_vec(), vec![alice_router]].concat());
+    for (lan, id, addr) in [(alice_lan, ida, "192.168.77.1"), (&bob_lan, idc.as_str(), "192.168.78.1")] {
+        let _ = lan.exec(&format!("busybox ping -c 2 -W 1 192.168.{}.250", lan.net));
+        guest(
+            up,
+            id,
+            &format!("udhcpc -i eth0 -q -n -t 2 -T 1 -s /bin/true >/dev/null 2>&1; ping -c 2 -W 1 192.168.{}.251 >/dev/null; ping -c 2 -W 5 {addr} >/dev/null && echo LAN-TRAFFIC-O''K", lan.net),
+            "LAN-TRAFFIC-OK",
+        );
+    }
+    let (alice_own, alice_foreign) = alice_lan.counted();
+    let (bob_own, bob_foreign) = bob_lan.counted();
+    eprintln!("frames out of the taps: alice's LAN {alice_own} own, {alice_foreign} foreign; bob's {bob_own} own, {bob_foreign} foreign");
+    assert!(alice_own > 0 && bob_own > 0, "each LAN got its own guests' frames: alice {alice_own}, bob {bob_own}");
+    assert_eq!((alice_foreign, bob_foreign), (0, 0), "frames of the other user's network reached a LAN (alice's, bob's)");
+
+    // Another user cannot join alice's tunnel; nor can the admin (alice) join bob's.
+    let o = bob.cli(up, &["tunnel", "home", "--user-mode"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("\"home\""), "bob joined alice's tunnel: {err}");
+    let o = up.cli(&["tunnel", "bobnet", "--user-mode"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("belongs to user bob"), "{err}");
+    let o = bob.cli(up, &["vm", "rm", "--force", &idc]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// The site-network fault of the suite (`scripts/faults net-agent-kill`): a host agent with a

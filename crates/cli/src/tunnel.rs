@@ -256,7 +256,10 @@ async fn open_end(a: &TunnelArgs) -> anyhow::Result<(End, String, Option<tokio::
         ip(&["link", "set", &tap, "up"])?;
         eprintln!("tunnel {}: made {what} (it goes when this command ends)", a.name);
     } else if let Some(br) = &a.bridge {
-        bail!("tunnel {}: tap {tap} exists and vgrid tunnel enslaves only a tap it makes: drop --bridge {br} or name another --tap", a.name);
+        bail!(
+            "tunnel {}: tap {tap} exists and vgrid tunnel enslaves only a tap it makes: drop --bridge {br} or name another --tap",
+            a.name
+        );
     } else {
         eprintln!("tunnel {}: using the existing tap {tap} as it is", a.name);
     }

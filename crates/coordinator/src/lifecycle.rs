@@ -128,8 +128,7 @@ impl Coordinator {
     pub async fn new(state: State, registry: Arc<Registry>) -> Result<Arc<Self>, CoordinatorError> {
         let http = vgrid_trust::tls::client_builder().connect_timeout(Duration::from_secs(5)).build().expect("HTTP client");
         let accounting = crate::accounting::Accounting::new(state.usage());
-        let c =
-            Arc::new(Coordinator {
+        let c = Arc::new(Coordinator {
             vms: state.vms(),
             state,
             registry,

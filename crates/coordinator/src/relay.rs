@@ -63,7 +63,12 @@ pub struct Relay {
 
 impl Default for Relay {
     fn default() -> Self {
-        Relay { nets: Default::default(), next_conn: Default::default(), stats: Default::default(), logged: Mutex::new((0, std::time::Instant::now())) }
+        Relay {
+            nets: Default::default(),
+            next_conn: Default::default(),
+            stats: Default::default(),
+            logged: Mutex::new((0, std::time::Instant::now())),
+        }
     }
 }
 
@@ -92,8 +97,13 @@ impl Relay {
         }
         sw.ports.insert(key, Port { tx, mac });
         if let Some(m) = mac {
-            // A VM's MAC is its port's from the start (a migration's destination takes it over).
-            sw.macs.insert(m, key);
+            // A VM's MAC is its port's from the start, unless another port of the VM has it: a
+            // migration's destination attaches before the switchover and takes the MAC over
+            // with the first frame the guest sends from there (QEMU announces it).
+            let held = sw.macs.get(&m).is_some_and(|k| *k != key && sw.ports.get(k).is_some_and(|p| p.mac == Some(m)));
+            if !held {
+                sw.macs.insert(m, key);
+            }
         }
         Ok(())
     }

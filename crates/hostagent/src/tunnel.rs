@@ -113,7 +113,9 @@ impl Tunnels {
             let listener = std::os::unix::net::UnixListener::bind(&socket)
                 .and_then(|l| l.set_nonblocking(true).map(|_| l))
                 .and_then(tokio::net::UnixListener::from_std)
-                .map_err(|e| AgentError::Network(format!("VM {id}: tunnel interface {i} ({network}): listening on {}: {e}", socket.display())))?;
+                .map_err(|e| {
+                    AgentError::Network(format!("VM {id}: tunnel interface {i} ({network}): listening on {}: {e}", socket.display()))
+                })?;
             if let Some(uid) = uid {
                 let _ = nix::unistd::chown(&socket, Some(nix::unistd::Uid::from_raw(uid)), None);
             }
@@ -206,7 +208,12 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<t
 
 /// The host's one connection to the relay: connects while there are ports, attaches them all
 /// at each (re)connection, batches frames out, hands frames in to their ports.
-async fn uplink(inner: Arc<Inner>, url: String, mut frames: mpsc::Receiver<(u32, Bytes)>, mut control: mpsc::UnboundedReceiver<HostControl>) {
+async fn uplink(
+    inner: Arc<Inner>,
+    url: String,
+    mut frames: mpsc::Receiver<(u32, Bytes)>,
+    mut control: mpsc::UnboundedReceiver<HostControl>,
+) {
     let mut backoff = Duration::from_millis(250);
     let mut failing = false;
     loop {
@@ -231,13 +238,8 @@ async fn uplink(inner: Arc<Inner>, url: String, mut frames: mpsc::Receiver<(u32,
         backoff = Duration::from_millis(250);
         // Whatever control was queued is superseded by attaching every port now.
         while control.try_recv().is_ok() {}
-        let attach: Vec<HostControl> = inner
-            .ports
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, p)| HostControl::Attach { port: *k, vm: p.vm.clone(), nic: p.nic })
-            .collect();
+        let attach: Vec<HostControl> =
+            inner.ports.lock().unwrap().iter().map(|(k, p)| HostControl::Attach { port: *k, vm: p.vm.clone(), nic: p.nic }).collect();
         if let Err(e) = run_link(&inner, ws, attach, &mut frames, &mut control).await {
             tracing::warn!(url = %url, "tunnel link to the relay lost (reconnecting): {e}");
         }

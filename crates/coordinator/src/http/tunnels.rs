@@ -50,7 +50,8 @@ pub async fn user_link(
     ws: Upgrade,
 ) -> Result<Response, ApiError> {
     vgrid_api::net::check_network_name(&name).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let unknown = || ApiError(StatusCode::NOT_FOUND, format!("user {} has no tunnel network {name:?} (vgrid net create {name} --tunnel)", p.user));
+    let unknown =
+        || ApiError(StatusCode::NOT_FOUND, format!("user {} has no tunnel network {name:?} (vgrid net create {name} --tunnel)", p.user));
     let net = match c.network(&name).await {
         Ok(n) => n,
         Err(CoordinatorError::UnknownNetwork(_)) => return Err(unknown()),
