@@ -89,7 +89,12 @@ fn coordinator_killed_during_a_launch_adopts_the_vm() {
         http.post(format!("{url}/api/v1/vms")).json(&body).send().await.unwrap().json().await.unwrap()
     });
     let id = a["id"].as_str().unwrap_or_else(|| panic!("{a}")).to_string();
-    g.wait_until("the launch to be sent", Duration::from_secs(30), || g.vm(&id)["state"] == "starting");
+    // Killed once the host has the launch request (the record says `starting` a moment before
+    // the request leaves; a loaded machine can stretch that moment).
+    g.wait_until("the launch to reach the host", Duration::from_secs(30), || {
+        let s = g.sims[0].state.lock().unwrap();
+        s.launching.contains(&id) || s.running.contains_key(&id)
+    });
     g.kill_coordinator();
     // The host completes the launch while nobody listens.
     g.wait_until("the host to run it", Duration::from_secs(30), || g.sims[0].state.lock().unwrap().running.contains_key(&id));
@@ -271,10 +276,11 @@ fn load_duration() -> Duration {
     Duration::from_secs(std::env::var("VGRID_FAULTS_DURATION").ok().and_then(|s| s.parse().ok()).unwrap_or(600))
 }
 
-/// The CI smoke of the load: the same shape, for 20 s.
+/// The CI smoke of the load: the same cycle and checks, smaller (100 VMs on 10 hosts by 10
+/// clients, one cycle): a full-size cycle takes minutes on two cores.
 #[test]
 fn load_smoke() {
-    load("load-smoke", 50, 50, 20, Duration::from_secs(20));
+    load("load-smoke", 10, 10, 10, Duration::from_secs(1));
 }
 
 /// 1,000 VMs on 50 simulated hosts by 50 concurrent clients for `VGRID_FAULTS_DURATION`.

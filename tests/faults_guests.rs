@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::grid::{console_log, qemus_of, type_on_console, RoleGrid};
+use common::grid::{console_log, import_sample_at, qemus_of, type_on_console, RoleGrid};
 use common::*;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -299,14 +299,7 @@ fn partition_between_a_host_and_the_coordinator() {
     };
     let json = |args: &[&str]| json_at(&url, args);
     wait("both hosts", Duration::from_secs(60), &mut || json(&["host", "ls"]).as_array().map(|a| a.len()) == Some(2));
-    let guest = sample_guest().unwrap();
-    let o = Command::new(vgrid_bin())
-        .args(["image", "import", guest.disk.to_str().unwrap(), "--name", "sample", "--kernel", guest.kernel.to_str().unwrap()])
-        .args(["--initrd", guest.initrd.to_str().unwrap(), "--cmdline", &guest.cmdline, "--image-server", &server.url])
-        .env("VGRID_URL", &url)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    import_sample_at(&url, &server.url);
     let run = |name: &str, host: &str| -> Value {
         let _slot = boot_slot().unwrap();
         let require = format!("host.name == {host:?}");
@@ -366,13 +359,7 @@ fn partition_between_a_host_and_the_coordinator() {
     let n1 = ticks(&console_log(&rdir));
     wait("the counter after heal", Duration::from_secs(60), &mut || ticks(&console_log(&rdir)) > n1 + 2);
     assert_eq!(console_log(&rdir).matches(BOOTED_MARKER).count(), 1, "booted once");
-    let all = json(&["vm", "ls"]);
-    assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
-    assert!(all.as_array().unwrap().iter().all(|v| v["state"] == "running"), "{all}");
-    for h in ["h1", "h2"] {
-        let s = json(&["host", "show", h]);
-        assert!(s["orphans"].as_array().is_none_or(|o| o.is_empty()), "{s}");
-    }
+    let all = both_running_no_orphans(&url);
     figures(
         "partition",
         &format!(
@@ -386,6 +373,18 @@ fn partition_between_a_host_and_the_coordinator() {
     }
     h1.terminate();
     h2.terminate();
+}
+
+/// After the heal: two VMs, both running, no orphan on either host. Returns `vm ls`.
+fn both_running_no_orphans(url: &str) -> Value {
+    let all = json_at(url, &["vm", "ls"]);
+    assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
+    assert!(all.as_array().unwrap().iter().all(|v| v["state"] == "running"), "{all}");
+    for h in ["h1", "h2"] {
+        let s = json_at(url, &["host", "show", h]);
+        assert!(s["orphans"].as_array().is_none_or(|o| o.is_empty()), "{s}");
+    }
+    all
 }
 
 /// libfaketime's multithreaded preload library, if installed (scripts/install-deps.sh).
@@ -546,14 +545,7 @@ fn a_boot_over_a_slow_link_completes_and_timeouts_say_what_they_waited_for() {
         assert!(t0.elapsed() < Duration::from_secs(60), "h1 did not register\n{}", logs());
         std::thread::sleep(Duration::from_millis(200));
     }
-    let guest = sample_guest().unwrap();
-    let o = Command::new(vgrid_bin())
-        .args(["image", "import", guest.disk.to_str().unwrap(), "--name", "sample", "--kernel", guest.kernel.to_str().unwrap()])
-        .args(["--initrd", guest.initrd.to_str().unwrap(), "--cmdline", &guest.cmdline, "--image-server", &server.url])
-        .env("VGRID_URL", &url)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    import_sample_at(&url, &server.url);
     ns.shape("1mbit");
     let _slot = boot_slot().unwrap();
     let b = Instant::now();

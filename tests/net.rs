@@ -29,12 +29,18 @@ fn must(cmd: &str) {
 struct Lan {
     br: String,
     ns: String,
+    /// The tests of this file take turns: they share the agent's nft table (`bridge vgrid`),
+    /// the router's subnet and the device names made from the process id.
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Lan {
     fn new() -> Lan {
+        let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
         let tag = std::process::id() % 100_000;
-        let lan = Lan { br: format!("vgtb{tag}"), ns: format!("vgsite{tag}") };
+        let lan = Lan { br: format!("vgtb{tag}"), ns: format!("vgsite{tag}"), _turn: turn };
         must(&format!("ip link add {} type bridge && ip link set {} up", lan.br, lan.br));
         must(&format!("ip netns add {}", lan.ns));
         must(&format!("ip link add vgv{tag}a type veth peer name vgv{tag}b && ip link set vgv{tag}a master {} up", lan.br));

@@ -141,15 +141,7 @@ impl RoleGrid {
     }
 
     pub fn import_sample(&self) {
-        let g = sample_guest().unwrap();
-        let url = &self._server.url;
-        let o = Command::new(vgrid_bin())
-            .args(["image", "import", g.disk.to_str().unwrap(), "--name", "sample", "--kernel", g.kernel.to_str().unwrap()])
-            .args(["--initrd", g.initrd.to_str().unwrap(), "--cmdline", &g.cmdline, "--image-server", url])
-            .env("VGRID_URL", &self.coordinator.url)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        import_sample_at(&self.coordinator.url, &self._server.url);
     }
 
     /// Boots a VM on `host` and waits for the shell prompt (a boot slot, a timeout, one retry).
@@ -208,4 +200,17 @@ pub fn console_log(dir: &Path) -> String {
 pub fn qemus_of(id: &str) -> usize {
     let o = Command::new("pgrep").args(["-f", &format!("guest={id},")]).output().unwrap();
     String::from_utf8_lossy(&o.stdout).lines().count()
+}
+
+/// Imports the sample guest as image `sample` through the coordinator at `url`, its chunks on
+/// the image server at `server`.
+pub fn import_sample_at(url: &str, server: &str) {
+    let g = sample_guest().unwrap();
+    let o = Command::new(vgrid_bin())
+        .args(["image", "import", g.disk.to_str().unwrap(), "--name", "sample", "--kernel", g.kernel.to_str().unwrap()])
+        .args(["--initrd", g.initrd.to_str().unwrap(), "--cmdline", &g.cmdline, "--image-server", server])
+        .env("VGRID_URL", url)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

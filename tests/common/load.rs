@@ -311,13 +311,12 @@ pub fn load(scenario: &str, hosts: usize, clients: usize, per_client: usize, dur
         futures::future::join_all(tasks).await;
     });
     let took = t0.elapsed();
-    // The coordinator keeps the connections of its last requests to hosts open while idle (its
-    // client's pool drops them after 90 s): wait for them to go (at most 150 s), then take the
-    // last sample.
+    // The coordinator keeps a few connections per host open while idle (its client's pool drops
+    // them after 20 s): wait for them to go (at most 60 s), then take the last sample.
     let settle = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
     let warm = warm_sample(&samples.lock().unwrap(), took);
-    while settle.elapsed() < Duration::from_secs(150) && rss_and_fds(g.coordinator_pid()).1 > warm.2 + FD_SLACK {
+    while settle.elapsed() < Duration::from_secs(60) && rss_and_fds(g.coordinator_pid()).1 > warm.2 + FD_SLACK {
         std::thread::sleep(Duration::from_secs(1));
     }
     let settled = settle.elapsed();

@@ -121,6 +121,11 @@ async fn settled_suspend(ctx: &Ctx, id: &str, cause: &anyhow::Error) -> anyhow::
     loop {
         match api.get::<VmRecord>(&format!("/api/v1/vms/{id}")).await {
             Ok(v) if v.state == VmState::Suspended => return Ok(v),
+            Ok(v) if v.state == VmState::Running => {
+                // The save failed (the host refused, or settled it as failed): nothing changed.
+                let why = v.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+                bail!("suspend of VM {} failed: {cause}; the VM keeps running{why}", v.id)
+            }
             Ok(v) if v.state != VmState::Suspending => {
                 let why = v.reason.clone().unwrap_or_else(|| "no reason recorded".into());
                 bail!("suspend of VM {} failed: it is {} ({why}); its host had stopped answering: {cause}", v.id, v.state.as_str())

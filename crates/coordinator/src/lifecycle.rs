@@ -126,7 +126,14 @@ impl Coordinator {
     /// store's host claims followed). The caller then starts the recovery of what a previous
     /// run left half-done, [`Coordinator::recover_interrupted`] (the `reconcile` feature).
     pub async fn new(state: State, registry: Arc<Registry>) -> Result<Arc<Self>, CoordinatorError> {
-        let http = vgrid_trust::tls::client_builder().connect_timeout(Duration::from_secs(5)).build().expect("HTTP client");
+        // Idle connections to hosts are bounded (a few per host, dropped after 20 s): a burst of
+        // requests to a thousand hosts must not leave thousands of descriptors open for minutes.
+        let http = vgrid_trust::tls::client_builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(4)
+            .pool_idle_timeout(Duration::from_secs(20))
+            .build()
+            .expect("HTTP client");
         let accounting = crate::accounting::Accounting::new(state.usage());
         let c = Arc::new(Coordinator {
             vms: state.vms(),

@@ -37,6 +37,9 @@ const SAVE_FILE: &str = "state.save";
 const RAM_CHUNK_SIZE: u32 = 64 << 10;
 /// The guest's RAM copied for saving (non-zero pages, sparse), in the runtime directory.
 const RAM_SAVE_FILE: &str = "ram.save";
+/// Present in a VM's runtime directory while it is being saved: an agent that adopts a QEMU
+/// with it knows a save was cut short by the previous agent's end (see [`settle_after_restart`]).
+const SAVING_MARKER: &str = "saving";
 /// Chunks hashed, checked and uploaded per round.
 const UPLOAD_BATCH: usize = 64;
 
@@ -220,17 +223,48 @@ static SAVING: std::sync::Mutex<Option<HashSet<PathBuf>>> = std::sync::Mutex::ne
 struct SaveGuard(PathBuf);
 
 impl SaveGuard {
+    /// Claims the save of the VM in `dir` and leaves [`SAVING_MARKER`] there until dropped.
     fn take(dir: &Path) -> Option<SaveGuard> {
         let mut s = SAVING.lock().unwrap();
-        s.get_or_insert_with(HashSet::new).insert(dir.to_path_buf()).then(|| SaveGuard(dir.to_path_buf()))
+        let g = s.get_or_insert_with(HashSet::new).insert(dir.to_path_buf()).then(|| SaveGuard(dir.to_path_buf()))?;
+        if let Err(e) = std::fs::write(dir.join(SAVING_MARKER), b"") {
+            tracing::warn!(dir = %dir.display(), "cannot mark the save in progress: {e}");
+        }
+        Some(g)
     }
 }
 
 impl Drop for SaveGuard {
     fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0.join(SAVING_MARKER));
         if let Some(s) = SAVING.lock().unwrap().as_mut() {
             s.remove(&self.0);
         }
+    }
+}
+
+/// After the agent restarted: a VM whose save the previous agent did not finish (it was killed
+/// while the guest was paused for it) is resumed, and the half-written state files go. A save
+/// whose memory copy still runs is cancelled first (by `migrate::settle_after_restart`, called
+/// before this). The coordinator learns from the host that the VM runs on.
+pub(crate) async fn settle_after_restart(vm: &Vm) {
+    let dir = vm.runtime_dir().to_path_buf();
+    if !dir.join(SAVING_MARKER).exists() {
+        return;
+    }
+    let status = match vm.execute("query-status", None).await {
+        Ok(st) => st.get("status").and_then(serde_json::Value::as_str).unwrap_or("").to_string(),
+        Err(e) => {
+            tracing::warn!(vm = %vm.id(), "adopted after an interrupted save, but its status is unknown: {e}");
+            return;
+        }
+    };
+    tracing::warn!(vm = %vm.id(), status, "adopted with a save the previous agent did not finish; the guest runs on");
+    if status != "running" {
+        resume_guest(vm).await;
+    }
+    for f in [SAVE_FILE, RAM_SAVE_FILE, SAVING_MARKER] {
+        let _ = std::fs::remove_file(dir.join(f));
     }
 }
 
