@@ -529,6 +529,8 @@ fn tunnel_network_guests_join_the_users_lan_through_vgrid_tunnel() {
     if skip_unless_root() {
         return;
     }
+    // Its turn among the tests of this file (two booting guests at a time at most).
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let lan = UserLan::new(77);
     let up = Up::start_with(&["--name", "h1", "--heartbeat-interval", "1"]);
     let h2_data = up.data_dir().join("h2");

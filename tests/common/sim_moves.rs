@@ -32,13 +32,16 @@ const MEMORY_HEADER: &str = "vgrid-sim-memory ";
 /// The header of a migration's disk stream.
 const DISK_HEADER: &str = "vgrid-sim-disk ";
 
+/// The disk and the memory stream a destination received.
+pub type Streams = Arc<Mutex<(Option<Vec<u8>>, Option<Vec<u8>>)>>;
+
 /// A prepared destination: what it admitted and what its two listeners received.
 pub struct Incoming {
     pub cpus: u64,
     pub memory_mib: u64,
     pub image: String,
     /// The disk and the memory stream, once each connection closed.
-    pub streams: Arc<Mutex<(Option<Vec<u8>>, Option<Vec<u8>>)>>,
+    pub streams: Streams,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -259,7 +262,7 @@ async fn incoming(State(sim): State<Sim>, Json(req): Json<IncomingRequest>) -> R
             return error(StatusCode::CONFLICT, format!("migration of VM {id}: this host already has a VM with this id"));
         }
     }
-    let streams: Arc<Mutex<(Option<Vec<u8>>, Option<Vec<u8>>)>> = Default::default();
+    let streams: Streams = Default::default();
     let (d, m) = (streams.clone(), streams.clone());
     let (nbd_port, t1) = receive(move |b| d.lock().unwrap().0 = Some(b)).await;
     let (migration_port, t2) = receive(move |b| m.lock().unwrap().1 = Some(b)).await;
