@@ -729,3 +729,78 @@ fn tail_of(log: &std::path::Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
+
+/// A client in the user's LAN holding one TCP connection to `addr:5000` (the guest's echo
+/// server): it checks an echo, waits for `go` to exist, checks another on the same connection.
+fn tcp_client(lan: &UserLan, addr: &str, go: &std::path::Path) -> std::process::Child {
+    let script = format!(
+        "import socket, os, sys, time\n\
+         s = socket.create_connection(('{addr}', 5000), timeout=60)\n\
+         def echo(w):\n    s.sendall(w + b'\\n'); got = b''\n    while not got.endswith(b'\\n'):\n        b = s.recv(100)\n        assert b, 'closed'\n        got += b\n    assert got == w + b'\\n', got\n\
+         echo(b'before'); print('BEFORE-OK', flush=True)\n\
+         while not os.path.exists('{go}'): time.sleep(0.1)\n\
+         echo(b'after'); print('AFTER-OK', flush=True)\n",
+        go = go.display()
+    );
+    Command::new("ip")
+        .args(["netns", "exec", &lan.ns, "python3", "-c", &script])
+        .stdout(std::fs::File::create(go.with_extension("out")).unwrap())
+        .stderr(std::fs::File::create(go.with_extension("err")).unwrap())
+        .spawn()
+        .expect("python3")
+}
+
+/// A tunnel network's guest migrated live to a second host agent keeps its MAC and address,
+/// and a TCP connection from the user's LAN into it stays open across the migration; the
+/// LAN reaches it on the new host.
+#[test]
+fn a_tunnel_network_guest_migrated_to_another_host_keeps_its_address_and_connections() {
+    if skip_unless_root() {
+        return;
+    }
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let lan = UserLan::new(79);
+    let up = Up::start_with(&["--name", "h1", "--heartbeat-interval", "1"]);
+    let h2_data = up.data_dir().join("h2");
+    let h2 = Role::start(
+        &["host", "--coordinator", &up.url, "--listen", "127.0.0.1:0", "--name", "h2", "--data-dir", h2_data.to_str().unwrap()],
+        up.data_dir().join("h2.log"),
+    );
+    import_dhcp_sample(&up);
+    up.ok(&["net", "create", "home", "--tunnel"]);
+    up.wait_until("both hosts to register", Duration::from_secs(30), || up.json(&["host", "ls"]).as_array().is_some_and(|h| h.len() == 2));
+    let _tunnel = TunnelCmd::start(&up, &User::admin(), "home", &lan, 0);
+    let id = User::admin().run_tunnel_vm(&up, "tm", "home", "h1");
+    let addr = dhcp_address(&up.runtime_dir(&id));
+    let mac = mac_of(&up, &id);
+    assert!(addr.starts_with("192.168.79.10"), "{addr:?}");
+    guest(&up, &id, "(nc -ll -p 5000 -e cat &) ; echo ECHO-STAR''TED", "ECHO-STARTED");
+    let go = lan.dir.path().join("go");
+    let mut client = tcp_client(&lan, &addr, &go);
+    up.wait_until("the LAN's TCP client to get its first echo", Duration::from_secs(60), || {
+        std::fs::read_to_string(go.with_extension("out")).unwrap_or_default().contains("BEFORE-OK")
+    });
+
+    let o = up.cli(&["vm", "migrate", &id, "--to", "h2", "--timeout", "240"]);
+    assert!(
+        o.status.success(),
+        "migration failed: {}{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        up.log_tail()
+    );
+    let v = up.vm(&id);
+    assert_eq!((v["state"].as_str(), v["host"].as_str()), (Some("running"), Some("h2")), "{v}");
+    assert_eq!(mac_of(&up, &id), mac, "the MAC is the record's");
+    std::fs::write(&go, b"").unwrap();
+    let status = client.wait().unwrap();
+    let out = std::fs::read_to_string(go.with_extension("out")).unwrap_or_default();
+    let err = std::fs::read_to_string(go.with_extension("err")).unwrap_or_default();
+    assert!(status.success() && out.contains("AFTER-OK"), "the TCP connection did not survive the migration: {out}{err}");
+    assert!(lan.pings(&addr), "the LAN reaches the guest on h2 at {addr}");
+    // The LAN's router resolves the address to the same MAC (the guest's, on its new host).
+    let neigh = String::from_utf8_lossy(&lan.exec(&format!("ip neigh show {addr}")).stdout).into_owned();
+    assert!(neigh.contains(&format!("lladdr {mac}")), "the LAN's neighbour entry for {addr}: {neigh:?} (MAC {mac})");
+    up.ok(&["vm", "rm", "--force", &id]);
+    drop(h2);
+}
