@@ -752,7 +752,7 @@ fn tcp_client(lan: &UserLan, addr: &str, go: &std::path::Path) -> std::process::
 
 /// A tunnel network's guest migrated live to a second host agent keeps its MAC and address,
 /// and a TCP connection from the user's LAN into it stays open across the migration; the
-/// LAN reaches it on the new host.
+/// LAN reaches it on the new host, and again after that host's agent is killed and restarted.
 #[test]
 fn a_tunnel_network_guest_migrated_to_another_host_keeps_its_address_and_connections() {
     if skip_unless_root() {
@@ -762,10 +762,8 @@ fn a_tunnel_network_guest_migrated_to_another_host_keeps_its_address_and_connect
     let lan = UserLan::new(79);
     let up = Up::start_with(&["--name", "h1", "--heartbeat-interval", "1"]);
     let h2_data = up.data_dir().join("h2");
-    let h2 = Role::start(
-        &["host", "--coordinator", &up.url, "--listen", "127.0.0.1:0", "--name", "h2", "--data-dir", h2_data.to_str().unwrap()],
-        up.data_dir().join("h2.log"),
-    );
+    let h2_args = ["host", "--coordinator", &up.url, "--listen", "127.0.0.1:0", "--name", "h2", "--data-dir", h2_data.to_str().unwrap()];
+    let mut h2 = Role::start(&h2_args, up.data_dir().join("h2.log"));
     import_dhcp_sample(&up);
     up.ok(&["net", "create", "home", "--tunnel"]);
     up.wait_until("both hosts to register", Duration::from_secs(30), || up.json(&["host", "ls"]).as_array().is_some_and(|h| h.len() == 2));
@@ -801,6 +799,22 @@ fn a_tunnel_network_guest_migrated_to_another_host_keeps_its_address_and_connect
     // The LAN's router resolves the address to the same MAC (the guest's, on its new host).
     let neigh = String::from_utf8_lossy(&lan.exec(&format!("ip neigh show {addr}")).stdout).into_owned();
     assert!(neigh.contains(&format!("lladdr {mac}")), "the LAN's neighbour entry for {addr}: {neigh:?} (MAC {mac})");
+
+    // h2's agent SIGKILLed and started again: it re-adopts the guest and listens on its
+    // socket again, QEMU reconnects, and the LAN reaches the guest (a new TCP connection too).
+    h2.kill();
+    let h2 = Role::start(&h2_args, up.data_dir().join("h2-2.log"));
+    up.wait_until("the guest re-adopted on h2", Duration::from_secs(60), || {
+        std::fs::read_to_string(&h2.log).unwrap_or_default().contains("re-adopted running QEMU") && up.vm(&id)["state"] == "running"
+    });
+    up.wait_until("the LAN to reach the guest through the restarted agent", Duration::from_secs(60), || {
+        lan.exec(&format!("busybox ping -c 1 -W 2 {addr}")).status.success()
+    });
+    let go2 = lan.dir.path().join("go2");
+    std::fs::write(&go2, b"").unwrap();
+    let status = tcp_client(&lan, &addr, &go2).wait().unwrap();
+    let out = std::fs::read_to_string(go2.with_extension("out")).unwrap_or_default();
+    assert!(status.success() && out.contains("AFTER-OK"), "a new TCP connection after the agent's restart: {out}");
     up.ok(&["vm", "rm", "--force", &id]);
     drop(h2);
 }
