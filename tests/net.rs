@@ -818,3 +818,42 @@ fn a_tunnel_network_guest_migrated_to_another_host_keeps_its_address_and_connect
     up.ok(&["vm", "rm", "--force", &id]);
     drop(h2);
 }
+
+/// `vgrid tunnel home --user-mode`: the tunnel ends in passt (no tap): the guest takes its
+/// address from passt's DHCP and reaches a listener on the user's loopback through passt's
+/// gateway address (the guest's connection leaves as the user's own, to 127.0.0.1 only).
+#[test]
+fn a_tunnel_ending_in_passt_carries_the_guests_connections_as_the_users() {
+    if skip_unless_root() {
+        return;
+    }
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let up = Up::start_with(&["--name", "h1"]);
+    import_dhcp_sample(&up);
+    up.ok(&["net", "create", "home", "--tunnel"]);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in listener.incoming().flatten() {
+            use std::io::Write;
+            let _ = c.write_all(b"USER-LOOPBACK-REACHED\n");
+        }
+    });
+    let log = up.data_dir().join("tunnel.log");
+    let mut tunnel = User::admin()
+        .command(&up, &["tunnel", "home", "--user-mode"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("vgrid tunnel");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    up.wait_until("vgrid tunnel --user-mode to connect", Duration::from_secs(30), || read().contains("tunnel home: connected"));
+    let id = User::admin().run_tunnel_vm(&up, "tp", "home", "h1");
+    let addr = dhcp_address(&up.runtime_dir(&id));
+    assert!(!addr.is_empty(), "no address from passt's DHCP:\n{}", console(&up, &id));
+    let line = guest(&up, &id, &format!("nc $(ip route | awk '/default/ {{print $3}}') {port} </dev/null"), "USER-LOOPBACK-REACHED");
+    assert!(line.contains("USER-LOOPBACK-REACHED"), "{line}");
+    let _ = tunnel.kill();
+    let _ = tunnel.wait();
+    eprintln!("guest address from passt: {addr}; tunnel log:\n{}", read());
+    up.ok(&["vm", "rm", "--force", &id]);
+}
