@@ -619,6 +619,12 @@ fn users_never_see_each_others_frames(up: &Up, alice_lan: &UserLan, ida: &str, a
     let o = up.cli(&["tunnel", "bobnet", "--user-mode"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("belongs to user bob"), "{err}");
+    // Nor may bob put a VM on alice's tunnel network: refused at admission, no VM left.
+    let o = bob.cli(up, &["vm", "run", "netsample", "--name", "intruder", "--net", "tunnel:home", "--no-wait"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("\"home\""), "bob's VM on alice's tunnel: {err}");
+    let ls = bob.cli(up, &["vm", "ls"]);
+    assert!(!String::from_utf8_lossy(&ls.stdout).contains("intruder"), "the refused VM was left behind");
     let o = bob.cli(up, &["vm", "rm", "--force", &idc]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
