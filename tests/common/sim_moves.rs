@@ -32,6 +32,9 @@ const MEMORY_HEADER: &str = "vgrid-sim-memory ";
 /// The header of a migration's disk stream.
 const DISK_HEADER: &str = "vgrid-sim-disk ";
 
+/// The disk and the memory stream a destination received.
+pub type Streams = Arc<Mutex<(Option<Vec<u8>>, Option<Vec<u8>>)>>;
+
 /// A prepared destination: what it admitted and what its two listeners received.
 /// The disk and the memory stream of an incoming migration, each once its connection closed.
 pub type Streams = Arc<Mutex<(Option<Vec<u8>>, Option<Vec<u8>>)>>;

@@ -1,7 +1,8 @@
 //! The contracts between vgrid's processes: every type that crosses a process boundary lives
 //! here. Chunk hashes and image manifests; the coordinator's REST bodies (`vm`, `grid`,
 //! `migrate`, `auth`, `usage`); the VM configuration, validated once (`config`, `net`); the host
-//! agent's API and heartbeat (`host`); the image server's wire types (`rest`); and the timeouts
+//! agent's API and heartbeat (`host`); the image server's wire types (`rest`); the tunnel
+//! relay's frame batches (`tunnel`); and the timeouts
 //! and resource arithmetic both sides of a call count on; how a JSON body is read (`json`:
 //! integral floats are integers). This crate holds data definitions and
 //! their validation only; it must never do I/O, start tasks, or know how any role stores or
@@ -18,6 +19,7 @@ pub mod net;
 pub mod openapi;
 mod record;
 pub mod rest;
+pub mod tunnel;
 pub mod usage;
 pub mod vm;
 

@@ -16,6 +16,7 @@ mod sshagent;
 mod store;
 mod suspend;
 mod trust;
+mod tunnel;
 mod usage;
 mod vm;
 
@@ -93,6 +94,20 @@ pub enum Cmd {
     /// Networks: site networks that hosts attach to, and tunnel networks to your own LAN.
     #[command(subcommand)]
     Net(net::NetCmd),
+    /// Join your own LAN to your VMs on tunnel network NAME (`vm run --net tunnel:NAME`).
+    ///
+    /// Runs on your machine, as the user who owns NAME (`vgrid net create NAME --tunnel`), and
+    /// carries Ethernet frames between a local device and every VM of yours on NAME, wherever they
+    /// run, through the coordinator (an authenticated, encrypted WebSocket on its HTTPS port: it
+    /// works when neither you nor the hosts accept incoming connections). The VMs then take their
+    /// addresses from your LAN (your DHCP server, or static ones), as machines plugged into it.
+    ///
+    /// Local ends: `--tap TAP` (made when missing and removed when this command ends; an existing
+    /// tap is used as it is), `--bridge BR` (a tap, --tap or vgt-NAME, made and enslaved to your
+    /// bridge BR), or `--user-mode` (no privileges: the tunnel ends in passt, and the VMs' traffic
+    /// leaves as your own connections; passt answers their DHCP). Reconnects with backoff when the
+    /// coordinator restarts; Ctrl-C ends it.
+    Tunnel(tunnel::TunnelArgs),
     /// One-time tokens for hosts and image servers to join the grid (admins).
     #[command(subcommand)]
     JoinToken(trust::JoinTokenCmd),
@@ -152,6 +167,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Usage(a) => usage::run(&ctx, a).await,
         Cmd::Ca => trust::ca_cmd(&ctx).await,
         Cmd::Net(c) => net::run(&ctx, c).await,
+        Cmd::Tunnel(a) => tunnel::run(&ctx, a).await,
         Cmd::JoinToken(c) => trust::join_token_cmd(&ctx, c).await,
     }
 }

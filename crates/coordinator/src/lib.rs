@@ -25,7 +25,8 @@
 //!   them: their phase), `reconcile` (a host's heartbeat: the core registers it, then the records are reconciled
 //!   with its report; and the recovery at open of what a restart left half-done, handing
 //!   interrupted suspends, resumes and migrations to their features), `accounting`, `auth`,
-//!   `join`, `images`. The core never calls them: `http` and whoever opens the coordinator
+//!   `join`, `images`, `relay` (the tunnel networks' Ethernet switches, joining hosts' and
+//!   users' tunnel connections; it never sees a request). The core never calls them: `http` and whoever opens the coordinator
 //!   (`Coordinator::new`, then `Coordinator::recover_interrupted`) do;
 //! * `http`: every REST handler and the error → status mapping; no feature module knows axum.
 
@@ -40,6 +41,7 @@ pub mod lifecycle;
 pub mod migrate;
 pub mod networks;
 pub mod reconcile;
+pub mod relay;
 pub mod sched;
 pub mod state;
 pub mod suspend;

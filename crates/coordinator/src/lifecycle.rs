@@ -117,6 +117,8 @@ pub struct Coordinator {
     /// admission itself is decided by the store.
     ads: tokio::sync::Mutex<()>,
     accounting: crate::accounting::Accounting,
+    /// The tunnel networks' switches (frames of `--net tunnel:NAME`).
+    pub(crate) relay: crate::relay::Relay,
 }
 
 impl Coordinator {
@@ -133,8 +135,16 @@ impl Coordinator {
             .build()
             .expect("HTTP client");
         let accounting = crate::accounting::Accounting::new(state.usage());
-        let c =
-            Arc::new(Coordinator { vms: state.vms(), state, registry, sched: Scheduler::new(), http, ads: Default::default(), accounting });
+        let c = Arc::new(Coordinator {
+            vms: state.vms(),
+            state,
+            registry,
+            sched: Scheduler::new(),
+            http,
+            ads: Default::default(),
+            accounting,
+            relay: Default::default(),
+        });
         c.build_claims().await?;
         c.load_image_servers().await?;
         let weak = Arc::downgrade(&c);
@@ -142,6 +152,7 @@ impl Coordinator {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let Some(c) = weak.upgrade() else { break };
+                c.relay.log_drops();
                 for host in c.registry.sweep() {
                     c.sched.set_state(&host, crate::sched::HostState::Lost);
                     c.host_lost(&host).await;

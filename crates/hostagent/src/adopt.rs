@@ -100,7 +100,7 @@ pub(crate) async fn adopt_all(ctx: &Arc<HostCtx>) -> AdoptReport {
             }
             Ok(vm) => {
                 tracing::info!(vm = %id, pid = vm.pid(), "re-adopted running QEMU");
-                ctx.net.adopt(&id, &dir, &vm.spec().config);
+                ctx.net.adopt(&id, &dir, &vm.spec().config, ctx.qemu_user.as_ref().map(|u| u.uid));
                 crate::migrate::settle_after_restart(&vm).await;
                 crate::save::settle_after_restart(&vm).await;
                 if let Some(req) = std::fs::read(dir.join(LAUNCH_FILE)).ok().and_then(|b| serde_json::from_slice::<LaunchRequest>(&b).ok())

@@ -160,6 +160,7 @@ impl Agent {
     /// coordinator that does not answer is retried at the same pace.
     pub async fn heartbeat_loop(self: Arc<Self>, hb: Heartbeat) {
         let http = vgrid_trust::tls::client_builder().timeout(Duration::from_secs(10)).build().expect("HTTP client");
+        self.net.tunnels.connect(&hb.coordinator, &self.cfg.name);
         let mut interval = vgrid_api::host::HEARTBEAT_INTERVAL;
         let mut failing = false;
         loop {

@@ -211,7 +211,11 @@ impl HostCtx {
             free_memory_mib: self.memory_mib.saturating_sub(used_mem),
             accel: self.accel.as_str().into(),
             qemu_version: self.qemu_version.clone(),
-            network_modes: if self.net.names().is_empty() { vec!["user".into()] } else { vec!["user".into(), "site".into()] },
+            network_modes: if self.net.names().is_empty() {
+                vec!["user".into(), "tunnel".into()]
+            } else {
+                vec!["user".into(), "site".into(), "tunnel".into()]
+            },
             networks: self.net.names(),
             labels,
             policy,

@@ -21,7 +21,8 @@
 //! - **Host**: [`ctx`] (the [`ctx::HostCtx`] every feature works on: image servers, block
 //!   proxy, resources, the QEMU user, the one table of guests running, arriving and leaving;
 //!   stop/release/remove), [`error`] (the host layer's errors), [`resources`] and [`predict`]
-//!   (admission, accounting, load).
+//!   (admission, accounting, load), [`networks`] (site interfaces: taps, filters, leases) and
+//!   [`tunnel`] (tunnel interfaces: their stream sockets and the one connection to the relay).
 //! - **Features**, each a set of functions over a `HostCtx` that call none above them:
 //!   [`restore`] (starting from a warm image), [`instantiate`] (launching a VM: admission,
 //!   image, boot files, QEMU), [`save`] (snapshot/suspend as a warm image), [`migrate`] (live
@@ -55,6 +56,7 @@ pub mod save;
 pub mod spec;
 pub mod testkit;
 pub mod tlscreds;
+pub mod tunnel;
 pub mod vm;
 mod vmspec;
 pub mod waits;

@@ -36,6 +36,8 @@ pub struct SiteNets {
     defs: Mutex<HashMap<String, SiteNet>>,
     /// VM id → its plugged interfaces.
     plugged: Mutex<HashMap<String, Vec<Plugged>>>,
+    /// The tunnel interfaces of this host's guests and the uplink to the relay.
+    pub(crate) tunnels: crate::tunnel::Tunnels,
 }
 
 impl SiteNets {
@@ -102,7 +104,7 @@ impl SiteNets {
     /// attached to is refused.
     pub fn plug(&self, id: &str, dir: &Path, config: &VmConfig, uid: Option<u32>) -> Result<(), AgentError> {
         let mut done = Vec::new();
-        let r = self.plug_all(id, dir, config, uid, &mut done);
+        let r = self.plug_all(id, dir, config, uid, &mut done).and_then(|_| self.tunnels.plug(id, dir, config, uid));
         if r.is_err() {
             for p in &done {
                 self.unplug_one(id, p);
@@ -139,8 +141,12 @@ impl SiteNets {
         Ok(())
     }
 
-    /// Takes back the leases and filters of an adopted guest (its taps are still there).
-    pub fn adopt(&self, id: &str, dir: &Path, config: &VmConfig) {
+    /// Takes back the leases and filters of an adopted guest (its taps are still there), and
+    /// listens again on its tunnel interfaces' sockets (its QEMU reconnects).
+    pub fn adopt(&self, id: &str, dir: &Path, config: &VmConfig, uid: Option<u32>) {
+        if let Err(e) = self.tunnels.plug(id, dir, config, uid) {
+            tracing::warn!(vm = %id, "{e}");
+        }
         let mut plugged = Vec::new();
         for (i, nic) in config.net.nics.iter().enumerate() {
             let Nic::Site { network, mac: Some(mac), address: Some(address) } = nic else { continue };
@@ -165,6 +171,7 @@ impl SiteNets {
     /// Unplugs VM `id`'s site interfaces (when it is released here: stopped, gone, migrated
     /// away).
     pub fn unplug(&self, id: &str) {
+        self.tunnels.unplug(id);
         let plugged = self.plugged.lock().unwrap().remove(id).unwrap_or_default();
         for p in &plugged {
             self.unplug_one(id, p);

@@ -432,5 +432,6 @@ where
     R: tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
 {
     let connector = ws_client_config().map(tokio_tungstenite::Connector::Rustls);
-    tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector).await
+    // Nagle off: consoles and tunnelled frames are small writes that must not wait for an ACK.
+    tokio_tungstenite::connect_async_tls_with_config(req, None, true, connector).await
 }

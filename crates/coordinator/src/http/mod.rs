@@ -25,6 +25,7 @@ use crate::lifecycle::{Coordinator, CoordinatorError};
 
 mod drain;
 mod networks;
+mod tunnels;
 mod usage;
 use axum::extract::Request;
 use axum::middleware::Next;
@@ -269,7 +270,7 @@ fn is_public(path: &str) -> bool {
             | "/api/v1/image-servers/heartbeat"
             | "/api/v1/join"
             | "/api/v1/join/renew"
-    )
+    ) || path.starts_with("/api/v1/tunnels/hosts/")
 }
 
 fn bearer(req: &Request) -> Option<&str> {
@@ -363,6 +364,8 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -
         .route("/api/v1/usage", get(usage::get_usage))
         .route("/api/v1/networks", get(networks::list_networks).post(networks::create_network))
         .route("/api/v1/networks/{name}", get(networks::get_network).delete(networks::delete_network))
+        .route("/api/v1/networks/{name}/tunnel", get(tunnels::user_link))
+        .route("/api/v1/tunnels/hosts/{name}", get(tunnels::host_link))
         .route("/api/v1/image-servers", get(list_image_servers))
         .route("/api/v1/image-servers/heartbeat", post(image_server_heartbeat))
         .with_state(c)

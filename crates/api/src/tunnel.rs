@@ -1,0 +1,133 @@
+//! The tunnel relay's wire format: Ethernet frames of tunnel networks (`--net tunnel:NAME`)
+//! between host agents, the coordinator's relay and `vgrid tunnel`, over WebSockets on the
+//! coordinator's HTTPS port.
+//!
+//! * A host agent opens one connection per host, `GET /api/v1/tunnels/host?host=NAME`
+//!   (authenticated by its grid certificate), and multiplexes every tunnel interface of its
+//!   guests on it: each interface is a *port* the agent numbers; text messages
+//!   ([`HostControl`]) attach and detach ports, binary messages carry frames.
+//! * `vgrid tunnel NAME` opens `GET /api/v1/networks/NAME/tunnel` (the user's token); its
+//!   frames travel on port 0.
+//!
+//! A binary message is a batch of records, each `port` (u32, big endian), `length` (u32, big
+//! endian) and the frame: several frames per write, as QEMU's stream netdev writes each frame
+//! after a 4-byte big-endian length.
+
+use serde::{Deserialize, Serialize};
+
+/// Largest frame a record may carry (QEMU's stream netdev sends at most 69,632 bytes; an
+/// Ethernet frame of a 1500-byte MTU is 1514).
+pub const MAX_FRAME: usize = 69_632;
+
+/// Bytes of a record's header.
+pub const RECORD_HEADER: usize = 8;
+
+/// A batch is closed once it holds this many bytes (a frame that would pass it starts the next).
+pub const MAX_BATCH: usize = 256 * 1024;
+
+/// A control message of a host's connection (JSON text messages).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostControl {
+    /// Host → relay: port `port` carries interface `nic` (its index) of VM `vm`.
+    Attach { port: u32, vm: String, nic: usize },
+    /// Host → relay: port `port` is gone (its VM left this host).
+    Detach { port: u32 },
+    /// Relay → host: port `port` was refused (why, naming the VM and network); its frames are
+    /// dropped until it is attached again.
+    Refused { port: u32, error: String },
+    /// Relay → host: port `port` joined network `network`.
+    Attached { port: u32, network: String },
+}
+
+/// A malformed batch: what is wrong, at which byte.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error("truncated record at byte {at} of a {len}-byte batch")]
+    Truncated { at: usize, len: usize },
+    #[error("frame of {len} bytes at byte {at}: the largest is {MAX_FRAME}")]
+    TooLarge { at: usize, len: usize },
+    #[error("empty frame at byte {at}")]
+    Empty { at: usize },
+}
+
+/// Appends one record (`port`, the frame) to `batch`.
+pub fn push_record(batch: &mut Vec<u8>, port: u32, frame: &[u8]) {
+    batch.extend_from_slice(&port.to_be_bytes());
+    batch.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+    batch.extend_from_slice(frame);
+}
+
+/// The records of a batch, in order: `(port, frame)`; an error for a malformed one (the rest
+/// of the batch is not read).
+pub fn records(batch: &[u8]) -> impl Iterator<Item = Result<(u32, &[u8]), BatchError>> {
+    let mut at = 0;
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed || at >= batch.len() {
+            return None;
+        }
+        let r = record_at(batch, at);
+        match &r {
+            Ok((_, f)) => at += RECORD_HEADER + f.len(),
+            Err(_) => failed = true,
+        }
+        Some(r)
+    })
+}
+
+fn record_at(batch: &[u8], at: usize) -> Result<(u32, &[u8]), BatchError> {
+    let head = batch.get(at..at + RECORD_HEADER).ok_or(BatchError::Truncated { at, len: batch.len() })?;
+    let port = u32::from_be_bytes(head[..4].try_into().unwrap());
+    let len = u32::from_be_bytes(head[4..].try_into().unwrap()) as usize;
+    if len > MAX_FRAME {
+        return Err(BatchError::TooLarge { at, len });
+    }
+    if len == 0 {
+        return Err(BatchError::Empty { at });
+    }
+    let frame = batch.get(at + RECORD_HEADER..at + RECORD_HEADER + len).ok_or(BatchError::Truncated { at, len: batch.len() })?;
+    Ok((port, frame))
+}
+
+/// The source MAC of an Ethernet frame (bytes 6-11), if it is long enough to have one.
+pub fn source_mac(frame: &[u8]) -> Option<[u8; 6]> {
+    frame.get(6..12).map(|m| m.try_into().unwrap())
+}
+
+/// The destination MAC of an Ethernet frame (bytes 0-5).
+pub fn dest_mac(frame: &[u8]) -> Option<[u8; 6]> {
+    frame.get(0..6).map(|m| m.try_into().unwrap())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_round_trip_and_refuse_malformed_records() {
+        let mut b = Vec::new();
+        push_record(&mut b, 7, &[1u8; 60]);
+        push_record(&mut b, 0, &[2u8; 1514]);
+        let got: Vec<_> = records(&b).collect::<Result<_, _>>().unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].0, got[0].1.len()), (7, 60));
+        assert_eq!((got[1].0, got[1].1.len()), (0, 1514));
+        let cut = &b[..b.len() - 1];
+        let last = records(cut).last().unwrap();
+        assert!(matches!(last, Err(BatchError::Truncated { at: 68, .. })), "{last:?}");
+        let mut big = Vec::new();
+        big.extend_from_slice(&1u32.to_be_bytes());
+        big.extend_from_slice(&(MAX_FRAME as u32 + 1).to_be_bytes());
+        assert!(matches!(records(&big).next(), Some(Err(BatchError::TooLarge { .. }))));
+        assert!(records(&[]).next().is_none());
+    }
+
+    #[test]
+    fn control_messages_are_tagged() {
+        let a = HostControl::Attach { port: 3, vm: "vm-1".into(), nic: 1 };
+        let j = serde_json::to_string(&a).unwrap();
+        assert_eq!(j, r#"{"attach":{"port":3,"vm":"vm-1","nic":1}}"#);
+        assert_eq!(serde_json::from_str::<HostControl>(&j).unwrap(), a);
+    }
+}

@@ -1,0 +1,328 @@
+//! `vgrid tunnel NAME`: the user's end of tunnel network NAME. Carries Ethernet frames between
+//! a local device (a tap, made when missing and optionally enslaved to a bridge of the user's
+//! LAN, or passt with `--user-mode`) and the coordinator's relay, over a WebSocket on the
+//! coordinator's HTTPS port authenticated by the user's token (`vgrid_api::tunnel`). It
+//! reconnects with backoff while the coordinator restarts, and never touches a device it did
+//! not make (a tap it made vanishes with it).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use futures::{SinkExt, StreamExt};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use vgrid_api::tunnel::{push_record, records, MAX_BATCH, MAX_FRAME};
+
+/// The arguments of `vgrid tunnel` (its help is on `Cmd::Tunnel`).
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("end").required(true).multiple(true).args(["tap", "bridge", "user_mode"])))]
+pub struct TunnelArgs {
+    /// Your tunnel network.
+    pub name: String,
+    /// The local tap device the frames go to and come from.
+    #[arg(long)]
+    pub tap: Option<String>,
+    /// A bridge of your LAN: the tap is made and enslaved to it (the bridge must exist).
+    #[arg(long)]
+    pub bridge: Option<String>,
+    /// End the tunnel in passt (Debian package `passt`): no tap, no privileges.
+    #[arg(long, conflicts_with_all = ["tap", "bridge", "netns"])]
+    pub user_mode: bool,
+    /// Make the tap in this network namespace (`ip netns add NS`), not in the current one.
+    #[arg(long)]
+    pub netns: Option<String>,
+}
+
+/// Frames dropped on the way to the relay (the queue was full: the relay unreachable or slow).
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+pub async fn run(ctx: &crate::Ctx, a: TunnelArgs) -> anyhow::Result<ExitCode> {
+    vgrid_api::net::check_network_name(&a.name)?;
+    let api = ctx.api();
+    // The network must be one of yours (this also logs in when needed).
+    let _: serde_json::Value = api.get(&format!("/api/v1/networks/{}", a.name)).await.map_err(|e| anyhow!("tunnel {}: {e}", a.name))?;
+    let (end, what, _child) = open_end(&a).await?;
+    let end = Arc::new(end);
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1024);
+    tokio::spawn(read_local(end.clone(), tx));
+    let url = format!("{}/api/v1/networks/{}/tunnel", ctx.url.replacen("http", "ws", 1), a.name);
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match connect(&api, &url).await {
+            Ok(ws) => {
+                eprintln!("tunnel {}: connected to {}; carrying frames between {what} and the VMs of network {}", a.name, ctx.url, a.name);
+                backoff = Duration::from_millis(500);
+                let why = carry(ws, &end, &mut rx).await;
+                eprintln!("tunnel {}: connection to the relay lost ({why}); reconnecting", a.name);
+            }
+            Err(Refusal::Final(e)) => bail!("tunnel {}: {e}", a.name),
+            Err(Refusal::Retry(e)) => {
+                eprintln!("tunnel {}: relay unreachable ({e}); retrying in {:.1} s", a.name, backoff.as_secs_f64());
+            }
+        }
+        let d = DROPPED.load(Ordering::Relaxed);
+        if d > 0 {
+            eprintln!("tunnel {}: {d} frames dropped so far while the relay was not reading", a.name);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+enum Refusal {
+    Final(String),
+    Retry(String),
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(api: &crate::Api, url: &str) -> Result<Ws, Refusal> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().map_err(|e| Refusal::Final(format!("URL {url}: {e}")))?;
+    if let Some(t) = api.token() {
+        req.headers_mut().insert("authorization", format!("Bearer {t}").parse().map_err(|_| Refusal::Final("malformed token".into()))?);
+    }
+    match vgrid_trust::tls::ws_connect(req).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            let body = r.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+            let msg = serde_json::from_str::<vgrid_api::ErrorBody>(&body).map(|e| e.error).unwrap_or(body);
+            let code = r.status().as_u16();
+            // The coordinator restarting answers 5xx; a refusal (4xx) is final.
+            if (400..500).contains(&code) {
+                Err(Refusal::Final(format!("refused (HTTP {code}): {msg}")))
+            } else {
+                Err(Refusal::Retry(format!("HTTP {code}: {msg}")))
+            }
+        }
+        Err(e) => Err(Refusal::Retry(e.to_string())),
+    }
+}
+
+/// Carries frames until the connection ends; returns why it ended.
+async fn carry(ws: Ws, end: &End, rx: &mut mpsc::Receiver<Vec<u8>>) -> String {
+    let (mut wtx, mut wrx) = ws.split();
+    loop {
+        tokio::select! {
+            f = rx.recv() => {
+                let Some(f) = f else { return "the local device closed".into() };
+                let mut b = Vec::with_capacity(f.len() + 64);
+                push_record(&mut b, 0, &f);
+                while b.len() < MAX_BATCH {
+                    let Ok(f) = rx.try_recv() else { break };
+                    push_record(&mut b, 0, &f);
+                }
+                if let Err(e) = wtx.send(Message::Binary(b.into())).await {
+                    return e.to_string();
+                }
+            }
+            m = wrx.next() => match m {
+                Some(Ok(Message::Binary(b))) => {
+                    for r in records(&b) {
+                        match r {
+                            Ok((_, f)) => if let Err(e) = end.send(f).await { return format!("writing to the local device: {e}") },
+                            Err(e) => return format!("malformed batch from the relay: {e}"),
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => return "closed by the relay".into(),
+                Some(Err(e)) => return e.to_string(),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Reads frames from the local end for as long as this command runs.
+async fn read_local(end: Arc<End>, tx: mpsc::Sender<Vec<u8>>) {
+    loop {
+        match end.recv().await {
+            Ok(f) if f.is_empty() => {}
+            Ok(f) => {
+                if tx.try_send(f).is_err() {
+                    DROPPED.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                eprintln!("tunnel: reading the local device: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// The local end of the tunnel.
+enum End {
+    Tap(AsyncFd<OwnedFd>),
+    /// passt's end of a socket pair: QEMU's stream framing.
+    Stream(tokio::sync::Mutex<tokio::net::unix::OwnedReadHalf>, tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>),
+}
+
+impl End {
+    async fn recv(&self) -> std::io::Result<Vec<u8>> {
+        match self {
+            End::Tap(fd) => {
+                let mut buf = vec![0u8; MAX_FRAME];
+                loop {
+                    let mut g = fd.readable().await?;
+                    let r = g.try_io(|fd| {
+                        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                        if n < 0 {
+                            Err(std::io::Error::last_os_error())
+                        } else {
+                            Ok(n as usize)
+                        }
+                    });
+                    if let Ok(r) = r {
+                        buf.truncate(r?);
+                        return Ok(buf);
+                    }
+                }
+            }
+            End::Stream(rd, _) => {
+                let mut rd = rd.lock().await;
+                let mut len = [0u8; 4];
+                rd.read_exact(&mut len).await?;
+                let n = u32::from_be_bytes(len) as usize;
+                if n > MAX_FRAME {
+                    return Err(std::io::Error::other(format!("passt sent a frame of {n} bytes")));
+                }
+                let mut f = vec![0u8; n];
+                rd.read_exact(&mut f).await?;
+                Ok(f)
+            }
+        }
+    }
+
+    async fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        match self {
+            End::Tap(fd) => loop {
+                let mut g = fd.writable().await?;
+                let r = g.try_io(|fd| {
+                    let n = unsafe { libc::write(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+                    if n < 0 {
+                        Err(std::io::Error::last_os_error())
+                    } else {
+                        Ok(())
+                    }
+                });
+                if let Ok(r) = r {
+                    return r;
+                }
+            },
+            End::Stream(_, wr) => {
+                let mut wr = wr.lock().await;
+                let mut b = Vec::with_capacity(frame.len() + 4);
+                b.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+                b.extend_from_slice(frame);
+                wr.write_all(&b).await
+            }
+        }
+    }
+}
+
+/// Opens the local end: the tap (made, brought up and enslaved when it was missing), or passt.
+async fn open_end(a: &TunnelArgs) -> anyhow::Result<(End, String, Option<tokio::process::Child>)> {
+    if a.user_mode {
+        let (end, child) = spawn_passt()?;
+        return Ok((end, "passt (user mode)".into(), Some(child)));
+    }
+    let tap = a.tap.clone().unwrap_or_else(|| format!("vgt-{}", a.name).chars().take(15).collect());
+    let (fd, made) = open_tap(&tap, a.netns.as_deref()).with_context(|| format!("tunnel {}: tap {tap}", a.name))?;
+    let ip = |args: &[&str]| -> anyhow::Result<()> {
+        let mut full: Vec<&str> = Vec::new();
+        if let Some(ns) = &a.netns {
+            full.extend(["-n", ns]);
+        }
+        full.extend(args);
+        let o = std::process::Command::new("ip").args(&full).output().context("running ip (iproute2)")?;
+        if !o.status.success() {
+            bail!("ip {}: {}", full.join(" "), String::from_utf8_lossy(&o.stderr).trim());
+        }
+        Ok(())
+    };
+    let mut what = format!("tap {tap}");
+    if made {
+        if let Some(br) = &a.bridge {
+            ip(&["link", "set", &tap, "master", br]).with_context(|| format!("tunnel {}: enslaving tap {tap} to bridge {br}", a.name))?;
+            what = format!("tap {tap} on bridge {br}");
+        }
+        ip(&["link", "set", &tap, "up"])?;
+        eprintln!("tunnel {}: made {what} (it goes when this command ends)", a.name);
+    } else if let Some(br) = &a.bridge {
+        bail!(
+            "tunnel {}: tap {tap} exists and vgrid tunnel enslaves only a tap it makes: drop --bridge {br} or name another --tap",
+            a.name
+        );
+    } else {
+        eprintln!("tunnel {}: using the existing tap {tap} as it is", a.name);
+    }
+    // SAFETY: the tap's queue is ours alone (just opened), and stays open while registered.
+    let fd = unsafe { AsyncFd::register(fd) }.map_err(|_| anyhow!("tunnel {}: registering tap {tap} with the runtime", a.name))?;
+    Ok((End::Tap(fd), what, None))
+}
+
+/// Opens tap `name` (in namespace `netns`), making it when missing. Returns its queue and
+/// whether it was made.
+fn open_tap(name: &str, netns: Option<&str>) -> anyhow::Result<(OwnedFd, bool)> {
+    if name.is_empty() || name.len() > 15 {
+        bail!("a device name has 1-15 bytes");
+    }
+    let name = name.to_string();
+    let netns = netns.map(|n| format!("/run/netns/{n}"));
+    // A thread of its own: setns() changes the namespace of the calling thread only.
+    std::thread::spawn(move || -> anyhow::Result<(OwnedFd, bool)> {
+        if let Some(ns) = &netns {
+            let f = std::fs::File::open(ns).with_context(|| format!("network namespace {ns}"))?;
+            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("entering network namespace {ns}: {}", std::io::Error::last_os_error());
+            }
+        }
+        let cname = std::ffi::CString::new(name.clone())?;
+        let existed = unsafe { libc::if_nametoindex(cname.as_ptr()) } != 0;
+        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if fd < 0 {
+            bail!("opening /dev/net/tun: {} (a tap needs CAP_NET_ADMIN or a tap made for you: ip tuntap add NAME mode tap user $USER; or use --user-mode)", std::io::Error::last_os_error());
+        }
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // struct ifreq: the name (16 bytes), then the flags.
+        let mut ifr = [0u8; 40];
+        ifr[..name.len()].copy_from_slice(name.as_bytes());
+        let flags: libc::c_short = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, ifr.as_mut_ptr()) } != 0 {
+            bail!("attaching to tap {name}: {} (it may be another kind of device, or not yours)", std::io::Error::last_os_error());
+        }
+        Ok((fd, !existed))
+    })
+    .join()
+    .map_err(|_| anyhow!("the thread opening the tap panicked"))?
+}
+
+/// Starts passt on one end of a socket pair (`--fd`), in the foreground, quiet.
+fn spawn_passt() -> anyhow::Result<(End, tokio::process::Child)> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("socket pair for passt")?;
+    let child_fd = theirs.as_raw_fd();
+    let mut cmd = tokio::process::Command::new("passt");
+    cmd.args(["--foreground", "--quiet", "--one-off", "--fd", &child_fd.to_string()]).kill_on_drop(true);
+    unsafe {
+        cmd.pre_exec(move || {
+            // Keep passt's end open across exec.
+            let flags = libc::fcntl(child_fd, libc::F_GETFD);
+            libc::fcntl(child_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("starting passt (install the Debian package passt: scripts/install-deps.sh)")?;
+    drop(theirs);
+    ours.set_nonblocking(true)?;
+    let (rd, wr) = tokio::net::UnixStream::from_std(ours)?.into_split();
+    Ok((End::Stream(tokio::sync::Mutex::new(rd), tokio::sync::Mutex::new(wr)), child))
+}
