@@ -36,9 +36,6 @@ const DISK_HEADER: &str = "vgrid-sim-disk ";
 pub type Streams = Arc<Mutex<(Option<Vec<u8>>, Option<Vec<u8>>)>>;
 
 /// A prepared destination: what it admitted and what its two listeners received.
-/// The disk and the memory stream of an incoming migration, each once its connection closed.
-pub type Streams = Arc<Mutex<(Option<Vec<u8>>, Option<Vec<u8>>)>>;
-
 pub struct Incoming {
     pub cpus: u64,
     pub memory_mib: u64,
