@@ -37,6 +37,10 @@ pub struct ProxyConfig {
     pub profile_prefetch_concurrency: usize,
     /// Concurrent chunk fetches of a pull (default 8).
     pub pull_concurrency: usize,
+    /// Chunk fetches in flight at once, for every reader together (default 16): a thin link
+    /// shared by more fetches than that gives each too little to finish within
+    /// `fetch_attempt_timeout`; the others wait for a slot, which does not count as a try.
+    pub fetch_concurrency: usize,
     /// Recording window of the boot profile of a warm image with a saved RAM (default 3 s).
     pub ram_profile_window: Duration,
     /// Chunks of a saved RAM fetched at once in the background while its lazily restored
@@ -60,6 +64,7 @@ impl ProxyConfig {
             prefetch_profiles: true,
             profile_prefetch_concurrency: 4,
             pull_concurrency: 8,
+            fetch_concurrency: 16,
             ram_profile_window: Duration::from_secs(3),
             ram_prefetch_concurrency: std::env::var("VGRID_RAM_PREFETCH").ok().and_then(|v| v.parse().ok()).unwrap_or(2),
         }

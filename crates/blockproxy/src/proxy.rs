@@ -69,6 +69,7 @@ impl BlockProxy {
             shared: Arc::new(Shared {
                 cache,
                 source,
+                fetch_slots: Arc::new(tokio::sync::Semaphore::new(config.fetch_concurrency.max(1))),
                 config,
                 uploads: Default::default(),
                 hot: Default::default(),

@@ -25,6 +25,8 @@ pub(crate) struct Shared {
     pub hot: Mutex<HashMap<ImageRef, Arc<HotState>>>,
     /// Reads waiting for image servers (see `wait.rs`).
     pub waits: Arc<Waits>,
+    /// Chunk fetches in flight at once (`ProxyConfig::fetch_concurrency`; see `wait::try_once`).
+    pub fetch_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// A count of uploads under way, and a wake-up when one ends.
@@ -38,9 +40,11 @@ impl Shared {
     /// Fetches (or finds) one chunk through the cache, trying the image servers once (a
     /// prefetch, a pull): an outage is an error at once.
     pub async fn chunk(&self, hash: ChunkHash, len: u32, access: Access) -> Result<ChunkFile, CacheError> {
-        let source = self.source.clone();
+        let (source, slots) = (self.source.clone(), self.fetch_slots.clone());
         let limit = self.config.fetch_attempt_timeout;
-        self.cache.get_or_fetch(&hash, len, access, move || async move { wait::try_once(source.as_ref(), &hash, len, limit).await }).await
+        self.cache
+            .get_or_fetch(&hash, len, access, move || async move { wait::try_once(source.as_ref(), &hash, len, limit, &slots).await })
+            .await
     }
 
     /// Fetches (or finds) chunk `index` (hash `hash`) of what `image`'s reader reads through
@@ -51,9 +55,13 @@ impl Shared {
         let bounds = wait::Bounds { wait: self.config.fetch_timeout, attempt: self.config.fetch_attempt_timeout };
         let started = Instant::now();
         loop {
-            let (source, waits) = (self.source.clone(), self.waits.clone());
+            let (source, waits, slots) = (self.source.clone(), self.waits.clone(), self.fetch_slots.clone());
             let read = wait::ForRead { image: image.clone(), chunk: index };
-            match self.cache.get_or_fetch(&hash, len, Access::Read, move || wait::fetch(source, waits, read, hash, len, bounds)).await {
+            match self
+                .cache
+                .get_or_fetch(&hash, len, Access::Read, move || wait::fetch(source, waits, read, hash, len, bounds, slots))
+                .await
+            {
                 // The fetch this read joined was a single try (a prefetch's) and met the
                 // outage: wait in a fetch of its own (or join the one a reader started).
                 Err(e) if e.is_outage() && bounds.wait.is_none_or(|b| started.elapsed() < b) => {

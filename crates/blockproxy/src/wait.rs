@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 use vgrid_api::{ChunkHash, ImageRef};
 
 /// First pause between the tries of a waiting fetch; it doubles up to [`BACKOFF_MAX`].
@@ -38,8 +39,18 @@ impl Backoff {
 }
 
 /// One try of fetching chunk `hash` from `source` (every server in turn, each with its
-/// client's retries); no answer within `limit` is an outage like a refused connection.
-pub(crate) async fn try_once(source: &dyn ChunkSource, hash: &ChunkHash, len: u32, limit: Duration) -> Result<Vec<u8>, SourceError> {
+/// client's retries) once one of the proxy's fetch `slots` is free; no answer within `limit`
+/// of the start (the wait for a slot not counted) is an outage like a refused connection.
+/// The slots bound the fetches in flight: over a thin link, dozens of fetches at once (a
+/// kernel staged, a readahead, a prefetch) would each get too little of it to finish a try.
+pub(crate) async fn try_once(
+    source: &dyn ChunkSource,
+    hash: &ChunkHash,
+    len: u32,
+    limit: Duration,
+    slots: &Semaphore,
+) -> Result<Vec<u8>, SourceError> {
+    let _slot = slots.acquire().await.expect("the fetch slots are never closed");
     match tokio::time::timeout(limit, source.chunk(hash, len as usize)).await {
         Ok(r) => r,
         Err(_) => Err(SourceError::Unavailable {
@@ -76,6 +87,7 @@ pub(crate) async fn fetch(
     hash: ChunkHash,
     len: u32,
     bounds: Bounds,
+    slots: Arc<Semaphore>,
 ) -> Result<Vec<u8>, SourceError> {
     let started = Instant::now();
     let deadline = bounds.wait.map(|b| started + b);
@@ -83,7 +95,7 @@ pub(crate) async fn fetch(
     let mut waiting: Option<Waiting> = None;
     loop {
         let limit = deadline.map_or(bounds.attempt, |d| bounds.attempt.min(d.saturating_duration_since(Instant::now())));
-        let e = match try_once(source.as_ref(), &hash, len, limit.max(Duration::from_millis(1))).await {
+        let e = match try_once(source.as_ref(), &hash, len, limit.max(Duration::from_millis(1)), &slots).await {
             Ok(data) => {
                 if let Some(w) = waiting {
                     w.recovered();
@@ -295,6 +307,10 @@ mod tests {
         Bounds { wait, attempt: Duration::from_secs(1) }
     }
 
+    fn slots() -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(4))
+    }
+
     #[test]
     fn backoff_doubles_up_to_its_cap() {
         let mut b = Backoff::new();
@@ -307,7 +323,7 @@ mod tests {
         let src = Arc::new(Flaky { down: 3, tries: AtomicU32::new(0), data: b"bytes".to_vec(), then: None });
         let waits = Arc::new(Waits::default());
         let h = ChunkHash::of(b"bytes");
-        let task = tokio::spawn(fetch(src.clone(), waits.clone(), read(), h, 5, bounds(None)));
+        let task = tokio::spawn(fetch(src.clone(), waits.clone(), read(), h, 5, bounds(None), slots()));
         // While it waits: one entry naming the read and every server that failed.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let now = waits.snapshot();
@@ -327,7 +343,7 @@ mod tests {
         let h = ChunkHash::of(b"x");
         let src = Arc::new(Flaky { down: u32::MAX, tries: AtomicU32::new(0), data: vec![], then: None });
         let waits = Arc::new(Waits::default());
-        let e = fetch(src, waits.clone(), read(), h, 1, bounds(Some(Duration::from_secs(1)))).await.unwrap_err();
+        let e = fetch(src, waits.clone(), read(), h, 1, bounds(Some(Duration::from_secs(1))), slots()).await.unwrap_err();
         assert!(matches!(&e, SourceError::TimedOut { secs: 1, .. }), "{e}");
         let text = e.to_string();
         assert!(text.contains(&format!("chunk {h}")) && text.contains("fetch timeout of 1 s") && text.contains("refused"), "{text}");
@@ -337,7 +353,7 @@ mod tests {
         // Corrupt bytes after an outage: the refusal, not a longer wait.
         let corrupt = || SourceError::Corrupt { what: "chunk".into(), source_name: "a".into(), cause: "hash mismatch".into() };
         let src = Arc::new(Flaky { down: 2, tries: AtomicU32::new(0), data: vec![], then: Some(corrupt) });
-        let e = fetch(src.clone(), waits.clone(), read(), h, 1, bounds(None)).await.unwrap_err();
+        let e = fetch(src.clone(), waits.clone(), read(), h, 1, bounds(None), slots()).await.unwrap_err();
         assert!(matches!(e, SourceError::Corrupt { .. }), "{e}");
         assert_eq!(src.tries.load(Relaxed), 3);
         assert_eq!(waits.started.load(Relaxed), 2);

@@ -54,7 +54,10 @@ pub struct RetryPolicy {
     pub attempts: u32,
     /// Wait before the second try; tripled for each further one.
     pub first_backoff: Duration,
-    /// Timeout of each try (connect + answer + body).
+    /// A try fails when nothing arrives from the server for this long (a stalled server or
+    /// connection). A slow transfer that still moves goes on: over a thin link many chunk
+    /// fetches share the bandwidth, and a deadline on the whole answer would cut them all
+    /// half-way and fetch them again, forever.
     pub request_timeout: Duration,
     /// Connect timeout of each try.
     pub connect_timeout: Duration,
@@ -109,7 +112,7 @@ impl StoreClient {
             return Err(bad(format!("{base_url:?} is not a valid URL")));
         }
         let http = vgrid_trust::tls::client_builder()
-            .timeout(retry.request_timeout)
+            .read_timeout(retry.request_timeout)
             .connect_timeout(retry.connect_timeout)
             .build()
             .map_err(|e| bad(e.to_string()))?;
