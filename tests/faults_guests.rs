@@ -104,6 +104,45 @@ fn agent_killed_during_a_boot() {
     }
 }
 
+/// A guest whose save the host agent did not live through (see [`kill_agent_while_saving`]).
+struct Saving {
+    id: String,
+    pid: u64,
+    dir: PathBuf,
+    /// When the agent was killed.
+    t0: Instant,
+    /// Whether the CLI that asked for the save succeeded, and its error output.
+    ok: bool,
+    err: String,
+}
+
+/// Boots guest `name` on h1, fills 48 MiB of its memory (so that a save takes a while), runs
+/// the CLI command `save` (its `ID` replaced by the VM's id) in the background, and once `under_way(grid, id,
+/// runtime dir)` SIGKILLs h1's agent and starts it again 1 s later; waits for the CLI to return.
+fn kill_agent_while_saving(
+    g: &mut RoleGrid,
+    name: &str,
+    save: &[&str],
+    under_way: impl Fn(&RoleGrid, &str, &std::path::Path) -> bool,
+) -> Saving {
+    let v = g.run_on("h1", name);
+    let id = v["id"].as_str().unwrap().to_string();
+    let pid = v["pid"].as_u64().unwrap();
+    let dir = g.runtime_dir("h1", &id);
+    type_on_console(&dir, "dd if=/dev/urandom of=/tmp/r bs=1M count=48 2>/dev/null; echo filled-memory");
+    g.wait_until("memory filled", Duration::from_secs(120), || console_log(&dir).contains("filled-memory\n"));
+    let args: Vec<&str> = save.iter().map(|a| if *a == "ID" { id.as_str() } else { a }).collect();
+    let mut cli = cli_bg(g, &args);
+    g.wait_until("the save under way", Duration::from_secs(60), || under_way(g, &id, &dir));
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    g.host("h1").kill();
+    std::thread::sleep(Duration::from_secs(1));
+    g.start_host("h1");
+    let (ok, err) = wait_child(g, &mut cli, Duration::from_secs(300));
+    Saving { id, pid, dir, t0, ok, err }
+}
+
 /// Host agent SIGKILL while a guest is being suspended (its memory being saved), restarted
 /// 1 s later: the suspend completes or fails cleanly; `vm suspend` reports the real end state;
 /// the guest runs on (same QEMU, responsive) or is suspended (no QEMU); no saved image is
@@ -112,21 +151,9 @@ fn agent_killed_during_a_boot() {
 #[ignore = "boots a real guest; run by scripts/faults"]
 fn agent_killed_during_a_suspend() {
     let mut g = RoleGrid::start(&["h1"]);
-    let v = g.run_on("h1", "saving");
-    let id = v["id"].as_str().unwrap().to_string();
-    let pid = v["pid"].as_u64().unwrap();
-    let dir = g.runtime_dir("h1", &id);
-    // Some memory to save, so that the save takes a while.
-    type_on_console(&dir, "dd if=/dev/urandom of=/tmp/r bs=1M count=48 2>/dev/null; echo filled-memory");
-    g.wait_until("memory filled", Duration::from_secs(120), || console_log(&dir).contains("filled-memory\n"));
-    let mut cli = cli_bg(&g, &["--json", "vm", "suspend", &id]);
-    g.wait_until("the save under way", Duration::from_secs(60), || g.json(&["vm", "show", &id])["state"] == "suspending");
-    std::thread::sleep(Duration::from_millis(500));
-    let t0 = Instant::now();
-    g.host("h1").kill();
-    std::thread::sleep(Duration::from_secs(1));
-    g.start_host("h1");
-    let (ok, err) = wait_child(&g, &mut cli, Duration::from_secs(300));
+    let Saving { id, pid, dir, t0, ok, err } = kill_agent_while_saving(&mut g, "saving", &["--json", "vm", "suspend", "ID"], |g, id, _| {
+        g.json(&["vm", "show", id])["state"] == "suspending"
+    });
     g.wait_until("the suspend to settle", Duration::from_secs(120), || g.json(&["vm", "show", &id])["state"] != "suspending");
     let v = g.json(&["vm", "show", &id]);
     let outcome = v["state"].as_str().unwrap_or_default().to_string();
@@ -176,21 +203,11 @@ fn agent_killed_during_a_suspend() {
 #[ignore = "boots a real guest; run by scripts/faults"]
 fn agent_killed_during_a_snapshot() {
     let mut g = RoleGrid::start(&["h1"]);
-    let v = g.run_on("h1", "snapping");
-    let id = v["id"].as_str().unwrap().to_string();
-    let pid = v["pid"].as_u64().unwrap();
-    let dir = g.runtime_dir("h1", &id);
-    type_on_console(&dir, "dd if=/dev/urandom of=/tmp/r bs=1M count=48 2>/dev/null; echo filled-memory");
-    g.wait_until("memory filled", Duration::from_secs(120), || console_log(&dir).contains("filled-memory\n"));
-    let mut cli = cli_bg(&g, &["--json", "image", "snapshot", &id, "--name", "warmsnap"]);
     // The agent marks the runtime directory while it saves.
-    g.wait_until("the save under way", Duration::from_secs(60), || dir.join("saving").exists());
-    std::thread::sleep(Duration::from_millis(500));
-    let t0 = Instant::now();
-    g.host("h1").kill();
-    std::thread::sleep(Duration::from_secs(1));
-    g.start_host("h1");
-    let (ok, err) = wait_child(&g, &mut cli, Duration::from_secs(300));
+    let Saving { id, pid, dir, t0, ok, err } =
+        kill_agent_while_saving(&mut g, "snapping", &["--json", "image", "snapshot", "ID", "--name", "warmsnap"], |_, _, dir| {
+            dir.join("saving").exists()
+        });
     g.wait_until("the agent to settle the save", Duration::from_secs(120), || !dir.join("saving").exists());
     let v = g.json(&["vm", "show", &id]);
     assert_eq!(v["state"], "running", "{v}");
@@ -307,10 +324,7 @@ fn partition_between_a_host_and_the_coordinator() {
     let _guests = KillGuests(dir.path().to_path_buf());
     let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
     let listen = format!("{}:0", ns.root_ip);
-    let coordinator = Role::start(
-        &["coordinator", "--listen", &listen, "--data-dir", &p("coord"), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
-        dir.path().join("coord.log"),
-    );
+    let coordinator = Role::coordinator(&listen, &dir.path().join("coord"), 3, dir.path().join("coord.log"));
     let url = coordinator.url.clone();
     let server = Role::start(
         &["image-server", "--listen", &listen, "--data-dir", &p("is0"), "--coordinator", &url, "--name", "is0"],

@@ -66,20 +66,7 @@ impl Grid {
     fn start(hosts: &[&str]) -> Grid {
         let dir = tempfile::Builder::new().prefix("vgm").tempdir_in("/tmp").unwrap();
         let coord_data = dir.path().join("coord");
-        let coordinator = Role::start(
-            &[
-                "coordinator",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                coord_data.to_str().unwrap(),
-                "--heartbeat-interval",
-                "1",
-                "--lost-after-beats",
-                "3",
-            ],
-            dir.path().join("coord.log"),
-        );
+        let coordinator = Role::coordinator("127.0.0.1:0", &coord_data, 3, dir.path().join("coord.log"));
         let mut g = Grid { dir, coordinator, server: None, hosts: vec![] };
         g.start_server();
         for h in hosts {
@@ -280,20 +267,7 @@ fn suspended_guest_resumes_on_another_host_and_keeps_counting() {
 /// Starts the coordinator again on its address and data directory, logging to `log`.
 fn restart_coordinator(g: &mut Grid, coord_data: &Path, log: PathBuf) {
     let listen = g.coordinator.url.trim_start_matches("https://").to_string();
-    g.coordinator = Role::start(
-        &[
-            "coordinator",
-            "--listen",
-            &listen,
-            "--data-dir",
-            coord_data.to_str().unwrap(),
-            "--heartbeat-interval",
-            "1",
-            "--lost-after-beats",
-            "3",
-        ],
-        log,
-    );
+    g.coordinator = Role::coordinator(&listen, coord_data, 3, log);
 }
 
 /// A file on the disk (not synced: it may live only in the guest's page cache) and one in

@@ -159,6 +159,27 @@ fn define_farm(up: &Up) {
     });
 }
 
+/// `vgrid up` as host h1 and a second host agent h2, both attached to network `farm` (ten
+/// addresses) on `lan`'s bridge, the DHCP sample imported. Returns them and h2's arguments
+/// (to start it again).
+fn two_host_farm(lan: &Lan) -> (Up, Vec<String>, Role) {
+    let network = format!("farm={}", lan.br);
+    let up = Up::start_with(&["--network", &network, "--name", "h1", "--heartbeat-interval", "1"]);
+    let h2_data = up.data_dir().join("h2");
+    let h2_args: Vec<String> = ["host", "--coordinator", &up.url, "--listen", "127.0.0.1:0", "--name", "h2", "--data-dir"]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([h2_data.to_str().unwrap().to_string(), "--network".into(), network])
+        .collect();
+    let h2 = Role::start(&h2_args.iter().map(String::as_str).collect::<Vec<_>>(), up.data_dir().join("h2.log"));
+    import_dhcp_sample(&up);
+    up.ok(&["net", "create", "farm", "--cidr", "10.20.0.0/24", "--range", "10.20.0.100-10.20.0.109", "--gateway", "10.20.0.1"]);
+    up.wait_until("both hosts to advertise network farm", Duration::from_secs(30), || {
+        up.json(&["net", "show", "farm"])["hosts"].as_array().is_some_and(|h| h.len() == 2)
+    });
+    (up, h2_args, h2)
+}
+
 /// Guest `id` (tap among those not in `others`) takes another address, then another MAC: the
 /// filter drops what it sends (and counts it); with its own address back, it reaches the
 /// router again.
@@ -265,30 +286,7 @@ fn a_site_network_guest_migrated_to_another_host_keeps_its_address() {
         return;
     }
     let lan = Lan::new();
-    let network = format!("farm={}", lan.br);
-    let up = Up::start_with(&["--network", &network, "--name", "h1", "--heartbeat-interval", "1"]);
-    let h2_data = up.data_dir().join("h2");
-    let h2 = Role::start(
-        &[
-            "host",
-            "--coordinator",
-            &up.url,
-            "--listen",
-            "127.0.0.1:0",
-            "--name",
-            "h2",
-            "--data-dir",
-            h2_data.to_str().unwrap(),
-            "--network",
-            &network,
-        ],
-        up.data_dir().join("h2.log"),
-    );
-    import_dhcp_sample(&up);
-    up.ok(&["net", "create", "farm", "--cidr", "10.20.0.0/24", "--range", "10.20.0.100-10.20.0.109", "--gateway", "10.20.0.1"]);
-    up.wait_until("both hosts to advertise network farm", Duration::from_secs(30), || {
-        up.json(&["net", "show", "farm"])["hosts"].as_array().is_some_and(|h| h.len() == 2)
-    });
+    let (up, _, h2) = two_host_farm(&lan);
     let v = up.run_vm("netsample", "m", NET_UP, &["--net", "site:farm", "--require", "host.name == \"h1\""]);
     let id = v["id"].as_str().unwrap().to_string();
     let (addr, mac) = (address(&up.vm(&id)), up.vm(&id)["config"]["net"]["nics"][0]["mac"].clone());
@@ -311,7 +309,7 @@ fn a_site_network_guest_migrated_to_another_host_keeps_its_address() {
         lan.exec(&format!("busybox ping -c 1 -W 2 {addr}")).status.success()
     });
     // No reboot on the destination (the guest kept its configuration; no new boot).
-    let dst = h2_data.join("vms").join(&id);
+    let dst = up.data_dir().join("h2").join("vms").join(&id);
     let log = String::from_utf8_lossy(&std::fs::read(dst.join("console.log")).unwrap_or_default()).into_owned();
     assert!(!log.contains(NET_UP), "the guest booted again on h2:\n{log}");
     up.ok(&["vm", "rm", "--force", &id]);
@@ -555,7 +553,7 @@ fn tunnel_network_guests_join_the_users_lan_through_vgrid_tunnel() {
 
     // A guest on another host agent in the same tunnel reaches the first, and the LAN it.
     let idb = alice.run_tunnel_vm(&up, "tb", "home", "h2");
-    let dir_b = h2_data.join("vms").join(&idb);
+    let dir_b = up.data_dir().join("h2").join("vms").join(&idb);
     let addr_b = dhcp_address(&dir_b);
     assert!(addr_b.starts_with("192.168.77.10") && addr_b != addr_a, "guest b's address {addr_b:?} (a has {addr_a})");
     guest_at(&dir_b, &format!("ping -c 2 -W 5 {addr_a} >/dev/null && echo PING-A-O''K"), "PING-A-OK");
@@ -642,33 +640,13 @@ fn a_site_network_guest_keeps_its_network_when_its_agent_is_killed_and_restarted
         return;
     }
     let lan = Lan::new();
-    let network = format!("farm={}", lan.br);
-    let up = Up::start_with(&["--network", &network, "--name", "h1", "--heartbeat-interval", "1"]);
-    let h2_data = up.data_dir().join("h2");
-    let h2_args = [
-        "host",
-        "--coordinator",
-        &up.url,
-        "--listen",
-        "127.0.0.1:0",
-        "--name",
-        "h2",
-        "--data-dir",
-        h2_data.to_str().unwrap(),
-        "--network",
-        &network,
-    ];
-    let mut h2 = Role::start(&h2_args, up.data_dir().join("h2.log"));
-    import_dhcp_sample(&up);
-    up.ok(&["net", "create", "farm", "--cidr", "10.20.0.0/24", "--range", "10.20.0.100-10.20.0.109", "--gateway", "10.20.0.1"]);
-    up.wait_until("both hosts to advertise network farm", Duration::from_secs(30), || {
-        up.json(&["net", "show", "farm"])["hosts"].as_array().is_some_and(|h| h.len() == 2)
-    });
+    let (up, h2_args, mut h2) = two_host_farm(&lan);
+    let h2_args: Vec<&str> = h2_args.iter().map(String::as_str).collect();
     let a = up.run_vm("netsample", "a", NET_UP, &["--net", "site:farm", "--require", "host.name == \"h1\""]);
     let taps_a = lan.taps();
     let b = up.run_vm("netsample", "b", NET_UP, &["--net", "site:farm", "--require", "host.name == \"h2\""]);
     let (ida, idb) = (a["id"].as_str().unwrap().to_string(), b["id"].as_str().unwrap().to_string());
-    let dir_b = h2_data.join("vms").join(&idb);
+    let dir_b = up.data_dir().join("h2").join("vms").join(&idb);
     let (addr_a, addr_b) = (address(&up.vm(&ida)), address(&up.vm(&idb)));
     let tap_b: Vec<String> = lan.taps().into_iter().filter(|t| !taps_a.contains(t)).collect();
     assert_eq!(tap_b.len(), 1, "b's tap: {tap_b:?}");

@@ -217,21 +217,7 @@ struct Grid {
 
 impl Grid {
     fn start_coordinator(dir: &std::path::Path, listen: &str) -> Role {
-        let data = dir.join("coord");
-        Role::start(
-            &[
-                "coordinator",
-                "--listen",
-                listen,
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--heartbeat-interval",
-                "1",
-                "--lost-after-beats",
-                "3",
-            ],
-            dir.join("coord.log"),
-        )
+        Role::coordinator(listen, &dir.join("coord"), 3, dir.join("coord.log"))
     }
 
     /// Host agent number `n` of this grid (its log is `host-N.log`; a restarted agent keeps

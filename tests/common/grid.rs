@@ -22,10 +22,7 @@ impl RoleGrid {
         // Short path: unix socket paths (runtime dirs) must stay under 108 bytes.
         let dir = tempfile::Builder::new().prefix("vgm").tempdir_in("/tmp").unwrap();
         let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
-        let coordinator = Role::start(
-            &["coordinator", "--listen", "127.0.0.1:0", "--data-dir", &p("coord"), "--heartbeat-interval", "1", "--lost-after-beats", "3"],
-            dir.path().join("coord.log"),
-        );
+        let coordinator = Role::coordinator("127.0.0.1:0", &dir.path().join("coord"), 3, dir.path().join("coord.log"));
         let server = Role::start(
             &["image-server", "--listen", "127.0.0.1:0", "--data-dir", &p("is0"), "--coordinator", &coordinator.url, "--name", "is0"],
             dir.path().join("is0.log"),
@@ -70,21 +67,7 @@ impl RoleGrid {
     pub fn restart_coordinator(&mut self) {
         self.coordinator.kill();
         let listen = self.coordinator.url.trim_start_matches("https://").trim_end_matches('/').to_string();
-        let data = self.dir.path().join("coord");
-        self.coordinator = Role::start(
-            &[
-                "coordinator",
-                "--listen",
-                &listen,
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--heartbeat-interval",
-                "1",
-                "--lost-after-beats",
-                "3",
-            ],
-            self.dir.path().join("coord2.log"),
-        );
+        self.coordinator = Role::coordinator(&listen, &self.dir.path().join("coord"), 3, self.dir.path().join("coord2.log"));
     }
 
     /// Waits until `hosts` hosts and the image server are registered (again, after a restart).

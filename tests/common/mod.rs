@@ -284,6 +284,24 @@ impl Role {
         Self::start_env(args, log, &[])
     }
 
+    /// A coordinator on `listen` with data directory `data`, heartbeats every second and
+    /// hosts lost after `lost_after_beats` missed beats, logging to `log`.
+    pub fn coordinator(listen: &str, data: &Path, lost_after_beats: u32, log: PathBuf) -> Role {
+        let beats = lost_after_beats.to_string();
+        let args = [
+            "coordinator",
+            "--listen",
+            listen,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--heartbeat-interval",
+            "1",
+            "--lost-after-beats",
+            &beats,
+        ];
+        Self::start(&args, log)
+    }
+
     /// [`Role::start`] with extra environment variables.
     pub fn start_env(args: &[&str], log: PathBuf, env: &[(&str, &str)]) -> Role {
         Self::start_cmd(Command::new(vgrid_bin()), args, log, env)

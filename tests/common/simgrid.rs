@@ -61,21 +61,7 @@ impl SimGrid {
     }
 
     pub fn coordinator(dir: &tempfile::TempDir, listen: &str, n: usize) -> Role {
-        let data = dir.path().join("coord");
-        Role::start(
-            &[
-                "coordinator",
-                "--listen",
-                listen,
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--heartbeat-interval",
-                "1",
-                "--lost-after-beats",
-                "10",
-            ],
-            dir.path().join(format!("coord{n}.log")),
-        )
+        Role::coordinator(listen, &dir.path().join("coord"), 10, dir.path().join(format!("coord{n}.log")))
     }
 
     pub fn url(&self) -> String {

@@ -44,16 +44,16 @@ impl Servers {
     }
 
     /// Replaces the list by the image servers at `urls`; a no-op when they are the list
-    /// already. On error the list stays as it was.
-    pub fn set_urls(&self, urls: Vec<String>) -> Result<(), SourceError> {
+    /// already. Answers whether the list changed. On error the list stays as it was.
+    pub fn set_urls(&self, urls: Vec<String>) -> Result<bool, SourceError> {
         let mut cur = self.current.lock().unwrap();
         if cur.urls.as_ref() == Some(&urls) {
-            return Ok(());
+            return Ok(false);
         }
         let list = List::from_urls(urls.clone())?;
         tracing::info!(servers = ?urls, "image servers changed");
         *cur = Arc::new(list);
-        Ok(())
+        Ok(true)
     }
 
     /// The URLs of the image servers read from, in order (empty when the list was made of

@@ -211,8 +211,7 @@ impl Agent {
         }
         self.res.delivered(&body.usage);
         self.net.learn(&reply.networks);
-        if !servers.is_empty() && servers != self.servers.urls() {
-            self.servers.set_urls(servers).map_err(|e| AgentError::servers(e).to_string())?;
+        if !servers.is_empty() && self.servers.set_urls(servers).map_err(|e| AgentError::servers(e).to_string())? {
             remember_servers(&self.cfg.data_dir, &reply.image_servers);
         }
         Ok(reply)
