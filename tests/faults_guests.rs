@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::grid::{console_log, import_sample_at, qemus_of, type_on_console, RoleGrid};
+use common::grid::{console_has_line, console_log, import_sample_at, qemus_of, type_on_console, RoleGrid};
 use common::*;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -130,7 +130,7 @@ fn kill_agent_while_saving(
     let pid = v["pid"].as_u64().unwrap();
     let dir = g.runtime_dir("h1", &id);
     type_on_console(&dir, "dd if=/dev/urandom of=/tmp/r bs=1M count=48 2>/dev/null; echo filled-memory");
-    g.wait_until("memory filled", Duration::from_secs(120), || console_log(&dir).contains("filled-memory\n"));
+    g.wait_until("memory filled", Duration::from_secs(120), || console_has_line(&dir, "filled-memory"));
     let args: Vec<&str> = save.iter().map(|a| if *a == "ID" { id.as_str() } else { a }).collect();
     let mut cli = cli_bg(g, &args);
     g.wait_until("the save under way", Duration::from_secs(60), || under_way(g, &id, &dir));
@@ -168,7 +168,7 @@ fn agent_killed_during_a_suspend() {
             assert!(!saved_listed, "a half-saved image is visible: {images}");
             // The guest is responsive (not left paused).
             type_on_console(&dir, "echo still-here");
-            g.wait_until("the guest to answer", Duration::from_secs(60), || console_log(&dir).contains("still-here\n"));
+            g.wait_until("the guest to answer", Duration::from_secs(60), || console_has_line(&dir, "still-here"));
         }
         "suspended" => {
             assert!(ok, "the VM is suspended but `vm suspend` failed: {err}");
@@ -219,7 +219,7 @@ fn agent_killed_during_a_snapshot() {
     let left: Vec<_> = ["state.save", "ram.save"].into_iter().filter(|f| dir.join(f).exists()).collect();
     assert!(left.is_empty(), "half-written state left in the runtime directory: {left:?}");
     type_on_console(&dir, "echo still-here");
-    g.wait_until("the guest to answer", Duration::from_secs(60), || console_log(&dir).contains("still-here\n"));
+    g.wait_until("the guest to answer", Duration::from_secs(60), || console_has_line(&dir, "still-here"));
     figures(
         "agent-kill-snapshot",
         &format!(

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::grid::{console_log, qemus_of, type_on_console, RoleGrid as Grid};
+use common::grid::{console_has_line, console_log, qemus_of, type_on_console, RoleGrid as Grid};
 use common::*;
 use std::io::Write;
 use std::path::Path;
@@ -121,7 +121,7 @@ fn a_counting_guest_migrates_between_hosts_without_a_reset() {
         &dst,
         "echo 3 > /proc/sys/vm/drop_caches; cat /mnt/synced.txt /mnt/cached.txt /mnt/etc/vgrid-sample; echo read-back-done",
     );
-    g.wait_until("the disk read-back", Duration::from_secs(60), || console_log(&dst).contains("read-back-done\n"));
+    g.wait_until("the disk read-back", Duration::from_secs(60), || console_has_line(&dst, "read-back-done"));
     let log = console_log(&dst);
     for want in ["synced-before-migration", "cached-before-migration", DISK_MARKER] {
         assert!(log.lines().any(|l| l.trim() == want), "{want:?} not read back on h2:\n{log}");
@@ -151,7 +151,7 @@ fn a_guest_dirtying_memory_faster_than_the_link_is_cancelled_and_runs_on_at_the_
     // 32 MiB of random data copied over and over in tmpfs: tens of MiB/s of dirty memory
     // against a 16 MiB/s cap and a 1 ms downtime limit.
     type_on_console(&src, "dd if=/dev/urandom of=/tmp/r bs=1M count=32 2>/dev/null; (while true; do cp /tmp/r /tmp/x; done) & echo $! > /tmp/dirty.pid; echo dirtying-started");
-    g.wait_until("the dirtying loop", Duration::from_secs(120), || console_log(&src).contains("dirtying-started\n"));
+    g.wait_until("the dirtying loop", Duration::from_secs(120), || console_has_line(&src, "dirtying-started"));
     type_on_console(&src, COUNTER);
     g.wait_until("the counter", Duration::from_secs(60), || !ticks(&console_log(&src)).is_empty());
 
@@ -177,7 +177,7 @@ fn a_guest_dirtying_memory_faster_than_the_link_is_cancelled_and_runs_on_at_the_
     // And the guest can still migrate once it stops dirtying (the cancelled attempt left no
     // mirror job, NBD node or capability behind that would break the next one).
     type_on_console(&src, "kill $(cat /tmp/dirty.pid); echo stopped-dirtying");
-    g.wait_until("the loop to stop", Duration::from_secs(60), || console_log(&src).contains("stopped-dirtying\n"));
+    g.wait_until("the loop to stop", Duration::from_secs(60), || console_has_line(&src, "stopped-dirtying"));
     // Without --to the VM's own requirement still holds: it was pinned to h1, so no other host
     // qualifies, and each says why.
     let o = g.cli(&["vm", "migrate", &id]);
@@ -229,7 +229,7 @@ fn a_host_agent_killed_with_sigkill_readopts_its_running_guests() {
     // The agent serves its console and its disk again (QEMU's NBD client reconnects to the
     // block proxy's socket, same path, new process).
     type_on_console(&da, "echo 3 > /proc/sys/vm/drop_caches; cat /mnt/etc/vgrid-sample; echo readopt-read-done");
-    g.wait_until("a disk read after re-adoption", Duration::from_secs(60), || console_log(&da).contains("readopt-read-done\n"));
+    g.wait_until("a disk read after re-adoption", Duration::from_secs(60), || console_has_line(&da, "readopt-read-done"));
     assert!(console_log(&da).lines().any(|l| l.trim() == DISK_MARKER), "{}", console_log(&da));
     let logs = g.cli(&["vm", "logs", &ia]);
     assert!(String::from_utf8_lossy(&logs.stdout).contains("readopt-read-done"));
@@ -308,7 +308,7 @@ fn start_a_long_migration(g: &Grid, name: &str) -> (String, u64, std::process::C
     let pid = v["pid"].as_u64().unwrap();
     let src = g.runtime_dir("h1", &id);
     type_on_console(&src, "dd if=/dev/urandom of=/tmp/r bs=1M count=32 2>/dev/null; (while true; do cp /tmp/r /tmp/x; done) & echo $! > /tmp/dirty.pid; echo dirtying-started");
-    g.wait_until("the dirtying loop", Duration::from_secs(120), || console_log(&src).contains("dirtying-started\n"));
+    g.wait_until("the dirtying loop", Duration::from_secs(120), || console_has_line(&src, "dirtying-started"));
     type_on_console(&src, COUNTER);
     let cli = Command::new(vgrid_bin())
         .args(["--json", "vm", "migrate", &id, "--to", "h2", "--max-bandwidth", "8", "--timeout", "200"])
@@ -350,7 +350,7 @@ fn check_settled_at_the_source_then_migrate(g: &Grid, id: &str, pid: u64) -> ser
     // its next heartbeat): the destination opens the image through it.
     g.wait_registered(2);
     type_on_console(&src, "kill $(cat /tmp/dirty.pid); echo stopped-dirtying");
-    g.wait_until("the loop to stop", Duration::from_secs(60), || console_log(&src).contains("stopped-dirtying\n"));
+    g.wait_until("the loop to stop", Duration::from_secs(60), || console_has_line(&src, "stopped-dirtying"));
     let v = g.json(&["vm", "migrate", id, "--to", "h2", "--timeout", "240"]);
     assert_eq!(v["migration"]["status"], "completed", "{v}");
     assert_eq!(v["host"], "h2", "{v}");
@@ -455,13 +455,13 @@ fn a_host_agent_stopped_with_sigterm_leaves_its_guest_to_the_next_agent() {
     let v = g.json(&["vm", "show", &id]);
     assert_eq!(v["pid"].as_u64(), Some(pid), "re-adopted, not restarted: {v}");
     assert_eq!(qemus_of(&id), 1);
-    g.wait_until("the read begun without an agent to finish", Duration::from_secs(60), || console_log(&dir).contains("gap-read-done\n"));
+    g.wait_until("the read begun without an agent to finish", Duration::from_secs(60), || console_has_line(&dir, "gap-read-done"));
     assert!(console_log(&dir).lines().any(|l| l.trim() == DISK_MARKER), "{}", console_log(&dir));
     let n = ticks(&console_log(&dir)).len();
     g.wait_until("the counter to go on", Duration::from_secs(60), || ticks(&console_log(&dir)).len() > n + 2);
     assert_eq!(console_log(&dir).matches(BOOTED_MARKER).count(), 1, "booted once");
     type_on_console(&dir, "echo still-answering");
-    g.wait_until("the guest to answer", Duration::from_secs(60), || console_log(&dir).contains("still-answering\n"));
+    g.wait_until("the guest to answer", Duration::from_secs(60), || console_has_line(&dir, "still-answering"));
     assert!(io_errors(&console_log(&dir)).is_empty(), "{}", console_log(&dir));
 }
 
@@ -556,7 +556,7 @@ fn draining_the_only_host_suspends_its_vm_which_resumes_after_undrain() {
     assert_eq!((r["state"].as_str(), r["host"].as_str()), (Some("running"), Some("h1")), "{r}");
     let dir = g.runtime_dir("h1", &id);
     console_until(&g, &dir, "cat /tmp/mark; echo resumed-$((6*7))", "resumed-42\n");
-    assert!(console_log(&dir).contains("before-drain\n"), "{}", console_log(&dir));
+    assert!(console_has_line(&dir, "before-drain"), "{}", console_log(&dir));
 }
 
 /// Types `cmd` on the VM's console in `dir` and keeps the connection open until `until` shows

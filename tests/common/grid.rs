@@ -179,6 +179,12 @@ pub fn console_log(dir: &Path) -> String {
     String::from_utf8_lossy(&std::fs::read(dir.join("console.log")).unwrap_or_default()).replace('\r', "")
 }
 
+/// Whether the console in `dir` printed a line that is exactly `line`: the guest's output, not
+/// the echo of the typed command that names it (`...; echo read-done`).
+pub fn console_has_line(dir: &Path, line: &str) -> bool {
+    console_log(dir).lines().any(|l| l.trim() == line)
+}
+
 /// How many QEMUs run for VM `id` (their command line names it).
 pub fn qemus_of(id: &str) -> usize {
     let o = Command::new("pgrep").args(["-f", &format!("guest={id},")]).output().unwrap();
