@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod grid;
+pub mod lan;
 pub mod load;
 pub mod sim;
 pub mod sim_moves;

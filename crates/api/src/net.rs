@@ -599,6 +599,10 @@ pub struct NetworkInfo {
     /// Addresses of the range still free (site networks).
     #[serde(default)]
     pub free: u64,
+    /// Tunnel networks: the ports the coordinator's relay switches now (the owner's
+    /// `vgrid tunnel`, and the interfaces of VMs on hosts without a direct link to it).
+    #[serde(default)]
+    pub relay_ports: u64,
 }
 
 /// One address (or, in a tunnel, one MAC) held by a VM's interface.

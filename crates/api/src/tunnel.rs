@@ -40,6 +40,42 @@ pub enum HostControl {
     Attached { port: u32, network: String },
 }
 
+/// How long a direct-path ticket is valid after the coordinator issued it (it is used once).
+pub const TICKET_TTL_SECS: u64 = 60;
+
+/// The header that carries a direct-path ticket to a host agent.
+pub const TICKET_HEADER: &str = "vgrid-tunnel-ticket";
+
+/// A direct path to a host for `vgrid tunnel NAME` (`GET /api/v1/networks/NAME/tunnel/direct`):
+/// a WebSocket to the host agent itself (`url`, TLS with the host's grid certificate) that
+/// carries the frames of the network's guests on that host, so the coordinator neither relays
+/// nor sees them. `ticket` (sent in [`TICKET_HEADER`], once, within [`TICKET_TTL_SECS`]) is
+/// what the agent admits the user by: the coordinator gave it the same ticket for the network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DirectEndpoint {
+    pub host: String,
+    pub url: String,
+    pub ticket: String,
+}
+
+/// Coordinator → host agent (`POST /host/v1/tunnels/tickets`): admit one direct connection of
+/// `owner`'s `vgrid tunnel` to tunnel network `network` with `ticket`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DirectTicket {
+    pub ticket: String,
+    pub network: String,
+    pub owner: String,
+}
+
+/// A control message on a direct link (JSON text), host agent → `vgrid tunnel`: the MACs of
+/// the network's guests on this host, sent at connection and whenever they change. Frames
+/// from the link with another source MAC are dropped, and frames for these MACs go only there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirectControl {
+    Macs { macs: Vec<crate::net::MacAddr> },
+}
+
 /// A malformed batch: what is wrong, at which byte.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BatchError {

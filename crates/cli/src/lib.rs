@@ -17,6 +17,7 @@ mod store;
 mod suspend;
 mod trust;
 mod tunnel;
+mod tunnel_switch;
 mod usage;
 mod vm;
 
@@ -99,8 +100,11 @@ pub enum Cmd {
     /// Runs on your machine, as the user who owns NAME (`vgrid net create NAME --tunnel`), and
     /// carries Ethernet frames between a local device and every VM of yours on NAME, wherever they
     /// run, through the coordinator (an authenticated, encrypted WebSocket on its HTTPS port: it
-    /// works when neither you nor the hosts accept incoming connections). The VMs then take their
-    /// addresses from your LAN (your DHCP server, or static ones), as machines plugged into it.
+    /// works when neither you nor the hosts accept incoming connections), and directly to each
+    /// host that takes it (a WebSocket to the host agent, TLS with its grid certificate, admitted
+    /// by a one-time ticket from the coordinator; the coordinator then never sees those frames;
+    /// `--relay-only` turns this off). The VMs then take their addresses from your LAN (your DHCP
+    /// server, or static ones), as machines plugged into it.
     ///
     /// Local ends: `--tap TAP` (made when missing and removed when this command ends; an existing
     /// tap is used as it is), `--bridge BR` (a tap, --tap or vgt-NAME, made and enslaved to your

@@ -110,6 +110,8 @@ pub async fn run(ctx: &crate::Ctx, c: NetCmd) -> anyhow::Result<ExitCode> {
                         if n.hosts.is_empty() { "none (vgrid host --network NAME=BRIDGE)".into() } else { n.hosts.join(", ") }
                     );
                     println!("  {} of {} addresses free", n.free, s.range.len());
+                } else {
+                    println!("  relay: {} ports now (your vgrid tunnel and the VMs on hosts without a direct link to it)", n.relay_ports);
                 }
                 let rows = n
                     .leases

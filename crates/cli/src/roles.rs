@@ -131,6 +131,12 @@ pub struct HostOpts {
     /// filter that drops frames with any other MAC or address. Needs root and nftables.
     #[arg(long = "network", value_name = "NAME=BRIDGE", value_parser = parse_network)]
     pub networks: Vec<(String, String)>,
+    /// Whether users' `vgrid tunnel` may connect to this host's API directly (with a one-time
+    /// ticket from the coordinator) to carry their tunnel networks' frames without the
+    /// coordinator's relay: `on`, or `off` for a host users cannot reach (its guests' frames
+    /// then always go through the relay).
+    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub tunnel_direct: bool,
 }
 
 /// Heartbeat timing of the coordinator (`vgrid coordinator`, `vgrid up`).
@@ -377,6 +383,15 @@ async fn joined_cert(
     Ok(n)
 }
 
+/// `on` or `off`.
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?}: expected on or off")),
+    }
+}
+
 /// `NAME=BRIDGE` of `--network`.
 fn parse_network(s: &str) -> Result<(String, String), String> {
     let (n, b) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected NAME=BRIDGE, e.g. farm=br0"))?;
@@ -400,6 +415,7 @@ async fn start_agent(data: &std::path::Path, o: &HostOpts, extra_servers: Vec<St
         qemu_user: o.qemu_user.clone(),
         fetch_timeout: (!o.fetch_timeout.is_zero()).then_some(o.fetch_timeout),
         networks: o.networks.iter().cloned().collect(),
+        tunnel_direct: o.tunnel_direct,
     })
     .await
     .map_err(|e| anyhow!("starting the host agent: {e}"))

@@ -5,9 +5,10 @@
 //! reconnects with backoff while the coordinator restarts, and never touches a device it did
 //! not make (a tap it made vanishes with it).
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
-use vgrid_api::tunnel::{push_record, records, MAX_BATCH, MAX_FRAME};
+use vgrid_api::tunnel::{push_record, records, DirectControl, DirectEndpoint, MAX_BATCH, MAX_FRAME, TICKET_HEADER};
+
+use crate::tunnel_switch::{LinkId, Switch, LOCAL, RELAY};
 
 /// The arguments of `vgrid tunnel` (its help is on `Cmd::Tunnel`).
 #[derive(clap::Args, Debug)]
@@ -37,10 +40,12 @@ pub struct TunnelArgs {
     /// Make the tap in this network namespace (`ip netns add NS`), not in the current one.
     #[arg(long)]
     pub netns: Option<String>,
+    /// Carry every frame through the coordinator's relay: no direct links to the hosts of
+    /// your VMs (by default each host that takes them gets one, and its VMs' frames then
+    /// travel between you and it only).
+    #[arg(long)]
+    pub relay_only: bool,
 }
-
-/// Frames dropped on the way to the relay (the queue was full: the relay unreachable or slow).
-static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 pub async fn run(ctx: &crate::Ctx, a: TunnelArgs) -> anyhow::Result<ExitCode> {
     vgrid_api::net::check_network_name(&a.name)?;
@@ -49,8 +54,14 @@ pub async fn run(ctx: &crate::Ctx, a: TunnelArgs) -> anyhow::Result<ExitCode> {
     let _: serde_json::Value = api.get(&format!("/api/v1/networks/{}", a.name)).await.map_err(|e| anyhow!("tunnel {}: {e}", a.name))?;
     let (end, what, _child) = open_end(&a).await?;
     let end = Arc::new(end);
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1024);
-    tokio::spawn(read_local(end.clone(), tx));
+    let sw = Arc::new(Switch::default());
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    sw.add(LOCAL, tx);
+    tokio::spawn(read_local(end.clone(), sw.clone()));
+    tokio::spawn(write_local(end, rx));
+    if !a.relay_only {
+        tokio::spawn(direct_links(api.clone(), a.name.clone(), sw.clone()));
+    }
     let url = format!("{}/api/v1/networks/{}/tunnel", ctx.url.replacen("http", "ws", 1), a.name);
     let mut backoff = Duration::from_millis(500);
     loop {
@@ -58,7 +69,7 @@ pub async fn run(ctx: &crate::Ctx, a: TunnelArgs) -> anyhow::Result<ExitCode> {
             Ok(ws) => {
                 eprintln!("tunnel {}: connected to {}; carrying frames between {what} and the VMs of network {}", a.name, ctx.url, a.name);
                 backoff = Duration::from_millis(500);
-                let why = carry(ws, &end, &mut rx).await;
+                let why = carry(ws, &sw, RELAY).await;
                 eprintln!("tunnel {}: connection to the relay lost ({why}); reconnecting", a.name);
             }
             Err(Refusal::Final(e)) => bail!("tunnel {}: {e}", a.name),
@@ -66,12 +77,90 @@ pub async fn run(ctx: &crate::Ctx, a: TunnelArgs) -> anyhow::Result<ExitCode> {
                 eprintln!("tunnel {}: relay unreachable ({e}); retrying in {:.1} s", a.name, backoff.as_secs_f64());
             }
         }
-        let d = DROPPED.load(Ordering::Relaxed);
-        if d > 0 {
-            eprintln!("tunnel {}: {d} frames dropped so far while the relay was not reading", a.name);
+        let (d, s) = (sw.dropped.load(Ordering::Relaxed), sw.spoofed.load(Ordering::Relaxed));
+        if d + s > 0 {
+            eprintln!("tunnel {}: frames dropped so far: {d} on full queues, {s} from direct links with a MAC not their VMs'", a.name);
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Frames queued towards each link before frames are dropped.
+const QUEUE: usize = 1024;
+
+/// How often the coordinator is asked for hosts to link to directly, and how long a host
+/// whose link failed is left on the relay before it is tried again.
+const DIRECT_POLL: Duration = Duration::from_secs(3);
+const DIRECT_RETRY: Duration = Duration::from_secs(30);
+
+/// Keeps a direct link to every host that runs a VM of network `name` and takes one (asking
+/// the coordinator for tickets every few seconds); a host that cannot be reached stays on
+/// the relay.
+async fn direct_links(api: crate::Api, name: String, sw: Arc<Switch>) {
+    let mut links: HashMap<String, tokio::task::JoinHandle<bool>> = HashMap::new();
+    let mut failed: HashMap<String, std::time::Instant> = HashMap::new();
+    let mut next: LinkId = RELAY + 1;
+    let mut warned = false;
+    loop {
+        // Links that ended: a failed one waits before the next try.
+        for (host, h) in links.iter() {
+            if h.is_finished() {
+                failed.insert(host.clone(), std::time::Instant::now());
+            }
+        }
+        links.retain(|_, h| !h.is_finished());
+        failed.retain(|_, t| t.elapsed() < DIRECT_RETRY);
+        let skip: Vec<&str> = links.keys().chain(failed.keys()).map(String::as_str).collect();
+        let path = format!("/api/v1/networks/{name}/tunnel/direct?skip={}", skip.join(","));
+        match api.get::<Vec<DirectEndpoint>>(&path).await {
+            Ok(eps) => {
+                warned = false;
+                for ep in eps {
+                    let (sw, name, id) = (sw.clone(), name.clone(), next);
+                    next += 1;
+                    links.insert(ep.host.clone(), tokio::spawn(async move { direct_link(ep, id, &sw, &name).await }));
+                }
+            }
+            Err(e) if !warned => {
+                eprintln!("tunnel {name}: asking for direct links: {e} (the relay carries every frame meanwhile)");
+                warned = true;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(DIRECT_POLL).await;
+    }
+}
+
+/// One direct link to a host agent, for as long as it lasts.
+async fn direct_link(ep: DirectEndpoint, id: LinkId, sw: &Switch, name: &str) -> bool {
+    let url = ep.url.replacen("http", "ws", 1);
+    let ws = match connect_direct(&url, &ep.ticket).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            eprintln!("tunnel {name}: no direct link to host {} ({e}); its VMs stay on the relay", ep.host);
+            return false;
+        }
+    };
+    eprintln!("tunnel {name}: direct link to host {} ({}): its VMs' frames no longer pass the coordinator", ep.host, ep.url);
+    let why = carry(ws, sw, id).await;
+    eprintln!("tunnel {name}: direct link to host {} ended ({why}); its VMs are on the relay until it is back", ep.host);
+    true
+}
+
+async fn connect_direct(url: &str, ticket: &str) -> anyhow::Result<Ws> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request()?;
+    req.headers_mut().insert(TICKET_HEADER, ticket.parse()?);
+    match tokio::time::timeout(Duration::from_secs(10), vgrid_trust::tls::ws_connect(req)).await {
+        Ok(Ok((ws, _))) => Ok(ws),
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(r))) => {
+            let body = r.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+            let msg = serde_json::from_str::<vgrid_api::ErrorBody>(&body).map(|e| e.error).unwrap_or(body);
+            bail!("HTTP {}: {msg}", r.status().as_u16())
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => bail!("no answer within 10 s"),
     }
 }
 
@@ -105,13 +194,16 @@ async fn connect(api: &crate::Api, url: &str) -> Result<Ws, Refusal> {
     }
 }
 
-/// Carries frames until the connection ends; returns why it ended.
-async fn carry(ws: Ws, end: &End, rx: &mut mpsc::Receiver<Vec<u8>>) -> String {
+/// Carries frames between link `id` of the switch and the WebSocket until the connection
+/// ends; returns why it ended.
+async fn carry(ws: Ws, sw: &Switch, id: LinkId) -> String {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    sw.add(id, tx);
     let (mut wtx, mut wrx) = ws.split();
-    loop {
+    let why = loop {
         tokio::select! {
             f = rx.recv() => {
-                let Some(f) = f else { return "the local device closed".into() };
+                let Some(f) = f else { break "replaced".to_string() };
                 let mut b = Vec::with_capacity(f.len() + 64);
                 push_record(&mut b, 0, &f);
                 while b.len() < MAX_BATCH {
@@ -119,40 +211,56 @@ async fn carry(ws: Ws, end: &End, rx: &mut mpsc::Receiver<Vec<u8>>) -> String {
                     push_record(&mut b, 0, &f);
                 }
                 if let Err(e) = wtx.send(Message::Binary(b.into())).await {
-                    return e.to_string();
+                    break e.to_string();
                 }
             }
             m = wrx.next() => match m {
                 Some(Ok(Message::Binary(b))) => {
                     for r in records(&b) {
                         match r {
-                            Ok((_, f)) => if let Err(e) = end.send(f).await { return format!("writing to the local device: {e}") },
-                            Err(e) => return format!("malformed batch from the relay: {e}"),
+                            Ok((_, f)) => sw.input(id, f.to_vec()),
+                            Err(e) => {
+                                tracing::warn!("malformed batch on tunnel link {id}: {e}");
+                                break;
+                            }
                         }
                     }
                 }
-                Some(Ok(Message::Close(_))) | None => return "closed by the relay".into(),
-                Some(Err(e)) => return e.to_string(),
+                Some(Ok(Message::Text(t))) => {
+                    if let Ok(DirectControl::Macs { macs }) = serde_json::from_str(&t) {
+                        sw.announce(id, &macs);
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => break "closed by the other end".into(),
+                Some(Err(e)) => break e.to_string(),
                 _ => {}
+            }
+        }
+    };
+    sw.remove(id);
+    why
+}
+
+/// Reads frames from the local end for as long as this command runs.
+async fn read_local(end: Arc<End>, sw: Arc<Switch>) {
+    loop {
+        match end.recv().await {
+            Ok(f) if f.is_empty() => {}
+            Ok(f) => sw.input(LOCAL, f),
+            Err(e) => {
+                eprintln!("tunnel: reading the local device: {e}");
+                return;
             }
         }
     }
 }
 
-/// Reads frames from the local end for as long as this command runs.
-async fn read_local(end: Arc<End>, tx: mpsc::Sender<Vec<u8>>) {
-    loop {
-        match end.recv().await {
-            Ok(f) if f.is_empty() => {}
-            Ok(f) => {
-                if tx.try_send(f).is_err() {
-                    DROPPED.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Err(e) => {
-                eprintln!("tunnel: reading the local device: {e}");
-                return;
-            }
+/// Writes the frames switched to the local end.
+async fn write_local(end: Arc<End>, mut rx: mpsc::Receiver<Vec<u8>>) {
+    while let Some(f) = rx.recv().await {
+        if let Err(e) = end.send(&f).await {
+            eprintln!("tunnel: writing to the local device: {e}");
+            return;
         }
     }
 }

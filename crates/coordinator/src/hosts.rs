@@ -219,6 +219,13 @@ impl HostClient {
         format!("{}{path}", self.url)
     }
 
+    /// Gives the agent a one-time ticket for a direct tunnel connection (refused by a host
+    /// that takes none).
+    pub async fn tunnel_ticket(&self, t: &vgrid_api::tunnel::DirectTicket) -> Result<(), HostCallError> {
+        self.call::<serde_json::Value>(self.http.post(self.u("/host/v1/tunnels/tickets")).json(t)).await?;
+        Ok(())
+    }
+
     pub async fn launch(&self, req: &LaunchRequest) -> Result<Launched, HostCallError> {
         let r: Option<Launched> = self.call(self.http.post(self.u("/host/v1/vms")).json(req)).await?;
         r.ok_or_else(|| self.empty("launch"))

@@ -137,7 +137,8 @@ impl Coordinator {
             NetworkKind::Site(s) => s.range.len().saturating_sub(leases.iter().filter(|l| l.address.is_some()).count() as u64),
             NetworkKind::Tunnel => 0,
         };
-        Ok(NetworkInfo { network, hosts, leases, free })
+        let relay_ports = self.relay.ports(&network.name) as u64;
+        Ok(NetworkInfo { network, hosts, leases, free, relay_ports })
     }
 
     /// The interfaces on network `name`, from the claims: one per MAC, with its address.

@@ -92,6 +92,7 @@ impl Agent {
                 source: std::io::Error::other(e),
             })?;
         let net = crate::networks::SiteNets::start(cfg.networks.clone())?;
+        net.tunnels.allow_direct(cfg.tunnel_direct);
         tracing::info!(host = %cfg.name, accel = accel.as_str(), memory_mib, cpus, nbd = %nbd_socket.display(), "host agent started");
         let ctx = Arc::new(HostCtx {
             cfg,

@@ -46,6 +46,9 @@ pub struct AgentConfig {
     pub fetch_timeout: Option<std::time::Duration>,
     /// The site networks this host is attached to: network name → bridge (made if missing).
     pub networks: std::collections::BTreeMap<String, String>,
+    /// Whether users' `vgrid tunnel` may connect to this agent directly (else their guests'
+    /// frames always go through the coordinator's relay).
+    pub tunnel_direct: bool,
 }
 
 /// A VM this host sends away: its status as the source sees it, and how to cancel it.

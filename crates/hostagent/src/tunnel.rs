@@ -6,22 +6,31 @@
 //! (`/api/v1/tunnels/hosts/NAME`, TLS with the host's grid certificate; see
 //! `vgrid_api::tunnel`). Each interface is a port on that connection.
 //!
+//! **Direct links.** The owner's `vgrid tunnel` may also connect to this agent itself
+//! (`GET /host/v1/tunnels/NAME/direct`, TLS with the host's certificate, admitted by a one-time
+//! ticket the coordinator handed this agent, see [`Tunnels::admit`]): while it is connected,
+//! the ports of network NAME leave the relay (detached) and their frames go straight to the
+//! user and back, unseen by the coordinator; when it ends they are attached to the relay again.
+//! A port sends only with its VM's MAC on a direct link (others are dropped and counted), and
+//! receives only frames for its MAC, broadcast and multicast. `vgrid host --tunnel-direct off`
+//! refuses tickets (a host that takes no incoming connections from users).
+//!
 //! Frames stay off the control plane: each socket and the uplink are their own tasks joined by
 //! bounded queues; a full queue drops the frame and counts it ([`TunnelStats`], logged).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::Message;
-use vgrid_api::net::Nic;
-use vgrid_api::tunnel::{push_record, records, HostControl, MAX_BATCH, MAX_FRAME};
+use vgrid_api::net::{MacAddr, Nic};
+use vgrid_api::tunnel::{dest_mac, push_record, records, source_mac, DirectControl, DirectTicket, HostControl, MAX_BATCH, MAX_FRAME};
 use vgrid_api::vm::VmConfig;
 
 use crate::error::AgentError;
@@ -38,19 +47,58 @@ pub struct TunnelStats {
     pub dropped_to_relay: AtomicU64,
     /// Dropped: a guest's queue was full (its QEMU not connected or not reading).
     pub dropped_to_guests: AtomicU64,
+    /// Carried on direct links, to the user.
+    pub to_direct: AtomicU64,
+    /// Dropped on the way to a direct link: a full queue, or a source MAC not the VM's.
+    pub dropped_to_direct: AtomicU64,
 }
 
 struct Port {
     vm: String,
     nic: usize,
+    network: String,
+    mac: Option<[u8; 6]>,
     to_guest: mpsc::Sender<Bytes>,
     task: tokio::task::JoinHandle<()>,
     socket: PathBuf,
 }
 
+/// A user's direct link for one network: its writer's queues.
+struct Direct {
+    id: u64,
+    frames: mpsc::Sender<Bytes>,
+    control: mpsc::UnboundedSender<DirectControl>,
+}
+
+/// The ports and the direct links, under one lock (a port is on the relay exactly when its
+/// network has no direct link).
+#[derive(Default)]
+struct Links {
+    ports: HashMap<u32, Port>,
+    directs: HashMap<String, Direct>,
+}
+
+impl Links {
+    fn macs(&self, network: &str) -> Vec<MacAddr> {
+        self.ports.values().filter(|p| p.network == network).filter_map(|p| p.mac.map(MacAddr)).collect()
+    }
+
+    /// Tells network `network`'s direct link (if any) the MACs behind it now.
+    fn announce(&self, network: &str) -> bool {
+        let Some(d) = self.directs.get(network) else { return false };
+        let _ = d.control.send(DirectControl::Macs { macs: self.macs(network) });
+        true
+    }
+}
+
 struct Inner {
-    ports: Mutex<HashMap<u32, Port>>,
+    links: Mutex<Links>,
     next: AtomicU32,
+    next_direct: AtomicU64,
+    /// Whether this host takes direct links (`--tunnel-direct`).
+    direct_allowed: AtomicBool,
+    /// Tickets the coordinator issued: ticket → (network, owner, expiry).
+    tickets: Mutex<HashMap<String, (String, String, Instant)>>,
     frames: mpsc::Sender<(u32, Bytes)>,
     frames_rx: Mutex<Option<mpsc::Receiver<(u32, Bytes)>>>,
     control: mpsc::UnboundedSender<HostControl>,
@@ -70,8 +118,11 @@ impl Default for Tunnels {
         let (control, control_rx) = mpsc::unbounded_channel();
         Tunnels {
             inner: Arc::new(Inner {
-                ports: Default::default(),
+                links: Default::default(),
                 next: AtomicU32::new(1),
+                next_direct: AtomicU64::new(1),
+                direct_allowed: AtomicBool::new(true),
+                tickets: Default::default(),
                 frames,
                 frames_rx: Mutex::new(Some(frames_rx)),
                 control,
@@ -100,11 +151,17 @@ impl Tunnels {
         &self.inner.stats
     }
 
+    /// Whether this host takes direct links from users' `vgrid tunnel` (default: yes).
+    pub fn allow_direct(&self, on: bool) {
+        self.inner.direct_allowed.store(on, Ordering::Relaxed);
+    }
+
     /// Listens on the stream socket of each tunnel interface of VM `id` (`config`, runtime
-    /// directory `dir`), for QEMU running as `uid`, and attaches the ports to the relay.
+    /// directory `dir`), for QEMU running as `uid`, and attaches the ports to the relay (or
+    /// announces them on the network's direct link).
     pub fn plug(&self, id: &str, dir: &Path, config: &VmConfig, uid: Option<u32>) -> Result<(), AgentError> {
         for (i, nic) in config.net.nics.iter().enumerate() {
-            let Nic::Tunnel { network, .. } = nic else { continue };
+            let Nic::Tunnel { network, mac } = nic else { continue };
             if self.has(id, i) {
                 continue;
             }
@@ -121,9 +178,14 @@ impl Tunnels {
             }
             let port = self.inner.next.fetch_add(1, Ordering::Relaxed);
             let (to_guest, from_relay) = mpsc::channel(QUEUE_FRAMES);
-            let task = tokio::spawn(serve_socket(self.inner.clone(), port, listener, from_relay, id.to_string()));
-            self.inner.ports.lock().unwrap().insert(port, Port { vm: id.to_string(), nic: i, to_guest, task, socket });
-            let _ = self.inner.control.send(HostControl::Attach { port, vm: id.to_string(), nic: i });
+            let mac = mac.map(|m| m.0);
+            let task = tokio::spawn(serve_socket(self.inner.clone(), port, listener, from_relay, id.to_string(), network.clone(), mac));
+            let mut links = self.inner.links.lock().unwrap();
+            links.ports.insert(port, Port { vm: id.to_string(), nic: i, network: network.clone(), mac, to_guest, task, socket });
+            if !links.announce(network) {
+                let _ = self.inner.control.send(HostControl::Attach { port, vm: id.to_string(), nic: i });
+            }
+            drop(links);
             self.inner.wake.notify_one();
             tracing::info!(vm = %id, network = %network, port, "tunnel interface {i} of VM {id} on network {network}: listening for QEMU");
         }
@@ -131,27 +193,107 @@ impl Tunnels {
     }
 
     fn has(&self, id: &str, nic: usize) -> bool {
-        self.inner.ports.lock().unwrap().values().any(|p| p.vm == id && p.nic == nic)
+        self.inner.links.lock().unwrap().ports.values().any(|p| p.vm == id && p.nic == nic)
     }
 
     /// Closes VM `id`'s tunnel ports (it left this host).
     pub fn unplug(&self, id: &str) {
-        let mut ports = self.inner.ports.lock().unwrap();
-        let gone: Vec<u32> = ports.iter().filter(|(_, p)| p.vm == id).map(|(k, _)| *k).collect();
+        let mut links = self.inner.links.lock().unwrap();
+        let gone: Vec<u32> = links.ports.iter().filter(|(_, p)| p.vm == id).map(|(k, _)| *k).collect();
         for k in gone {
-            if let Some(p) = ports.remove(&k) {
+            if let Some(p) = links.ports.remove(&k) {
                 p.task.abort();
                 let _ = std::fs::remove_file(&p.socket);
-                let _ = self.inner.control.send(HostControl::Detach { port: k });
+                if !links.announce(&p.network) {
+                    let _ = self.inner.control.send(HostControl::Detach { port: k });
+                }
                 tracing::info!(vm = %id, port = k, "tunnel interface {} of VM {id} closed", p.nic);
             }
         }
+    }
+
+    /// Takes a ticket the coordinator issued for one direct link of `t.owner` to `t.network`
+    /// (refused when this host takes no direct links).
+    pub fn admit(&self, t: DirectTicket) -> Result<(), AgentError> {
+        if !self.inner.direct_allowed.load(Ordering::Relaxed) {
+            return Err(AgentError::Network("this host takes no direct tunnel links (vgrid host --tunnel-direct off)".into()));
+        }
+        let mut tickets = self.inner.tickets.lock().unwrap();
+        let now = Instant::now();
+        tickets.retain(|_, (_, _, until)| *until > now);
+        let until = now + Duration::from_secs(vgrid_api::tunnel::TICKET_TTL_SECS);
+        tickets.insert(t.ticket, (t.network, t.owner, until));
+        Ok(())
+    }
+
+    /// Uses up `ticket` for a direct link to `network`: the owner it was issued for.
+    pub fn redeem(&self, network: &str, ticket: &str) -> Result<String, String> {
+        let mut tickets = self.inner.tickets.lock().unwrap();
+        match tickets.remove(ticket) {
+            Some((net, owner, until)) if net == network && until > Instant::now() => Ok(owner),
+            Some((net, ..)) if net != network => Err(format!("the ticket is for tunnel network {net:?}, not {network:?}")),
+            Some(_) => Err("the ticket has expired: ask the coordinator for a new one".into()),
+            None => Err("unknown or used ticket: ask the coordinator for a new one".into()),
+        }
+    }
+
+    /// Carries the frames of network `network`'s ports over a user's direct link until it ends;
+    /// the ports leave the relay meanwhile. A newer link for the same network replaces this one.
+    pub async fn direct_link(&self, network: String, owner: String, ws: axum::extract::ws::WebSocket) {
+        let inner = &self.inner;
+        let id = inner.next_direct.fetch_add(1, Ordering::Relaxed);
+        let (ftx, frx) = mpsc::channel(QUEUE_FRAMES);
+        let (ctx, crx) = mpsc::unbounded_channel();
+        {
+            let mut links = inner.links.lock().unwrap();
+            links.directs.insert(network.clone(), Direct { id, frames: ftx, control: ctx });
+            for (port, _) in links.ports.iter().filter(|(_, p)| p.network == network) {
+                let _ = inner.control.send(HostControl::Detach { port: *port });
+            }
+            links.announce(&network);
+        }
+        tracing::info!(network = %network, user = %owner, "direct tunnel link of user {owner} for network {network} connected: its guests' frames leave the relay");
+        let why = carry_direct(inner, &network, ws, frx, crx).await;
+        let mut links = inner.links.lock().unwrap();
+        if links.directs.get(&network).is_some_and(|d| d.id == id) {
+            links.directs.remove(&network);
+            for (port, p) in links.ports.iter().filter(|(_, p)| p.network == network) {
+                let _ = inner.control.send(HostControl::Attach { port: *port, vm: p.vm.clone(), nic: p.nic });
+            }
+            inner.wake.notify_one();
+        }
+        tracing::info!(network = %network, user = %owner, "direct tunnel link of user {owner} for network {network} ended ({why}): its guests are on the relay again");
+    }
+}
+
+/// Where a guest's frame goes: the network's direct link if it has one (only with the VM's
+/// own MAC), else the relay.
+fn from_guest(inner: &Inner, port: u32, network: &str, mac: Option<[u8; 6]>, f: Bytes) {
+    let links = inner.links.lock().unwrap();
+    if let Some(d) = links.directs.get(network) {
+        let sent = source_mac(&f) == mac && d.frames.try_send(f).is_ok();
+        let counter = if sent { &inner.stats.to_direct } else { &inner.stats.dropped_to_direct };
+        counter.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    drop(links);
+    inner.stats.to_relay.fetch_add(1, Ordering::Relaxed);
+    if inner.frames.try_send((port, f)).is_err() {
+        inner.stats.dropped_to_relay.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 /// Accepts QEMU's connections on one interface's socket (one at a time; QEMU reconnects after
 /// an agent restart) and carries frames both ways.
-async fn serve_socket(inner: Arc<Inner>, port: u32, listener: tokio::net::UnixListener, mut from_relay: mpsc::Receiver<Bytes>, vm: String) {
+async fn serve_socket(
+    inner: Arc<Inner>,
+    port: u32,
+    listener: tokio::net::UnixListener,
+    mut from_relay: mpsc::Receiver<Bytes>,
+    vm: String,
+    network: String,
+    mac: Option<[u8; 6]>,
+) {
     loop {
         let Ok((conn, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -174,10 +316,7 @@ async fn serve_socket(inner: Arc<Inner>, port: u32, listener: tokio::net::UnixLi
                 if rd.read_exact(&mut f).await.is_err() {
                     break;
                 }
-                inner.stats.to_relay.fetch_add(1, Ordering::Relaxed);
-                if inner.frames.try_send((port, f.into())).is_err() {
-                    inner.stats.dropped_to_relay.fetch_add(1, Ordering::Relaxed);
-                }
+                from_guest(&inner, port, &network, mac, f.into());
             }
         };
         let write = async {
@@ -204,8 +343,71 @@ async fn serve_socket(inner: Arc<Inner>, port: u32, listener: tokio::net::UnixLi
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// One direct link's traffic: batches of the guests' frames out, the user's frames in to the
+/// ports of `network` (by destination MAC), MAC announcements out. Returns why it ended.
+async fn carry_direct(
+    inner: &Inner,
+    network: &str,
+    ws: axum::extract::ws::WebSocket,
+    mut frames: mpsc::Receiver<Bytes>,
+    mut control: mpsc::UnboundedReceiver<DirectControl>,
+) -> String {
+    use axum::extract::ws::Message as M;
+    let (mut tx, mut rx) = ws.split();
+    loop {
+        // Announcements first: the user drops frames from MACs it has not been told of.
+        let sent = tokio::select! {
+            biased;
+            c = control.recv() => {
+                let Some(c) = c else { return "replaced by a newer link".into() };
+                tx.send(M::Text(serde_json::to_string(&c).unwrap_or_default().into())).await
+            }
+            f = frames.recv() => {
+                let Some(f) = f else { return "replaced by a newer link".into() };
+                let mut b = Vec::with_capacity(f.len() + 64);
+                push_record(&mut b, 0, &f);
+                while b.len() < MAX_BATCH {
+                    let Ok(f) = frames.try_recv() else { break };
+                    push_record(&mut b, 0, &f);
+                }
+                tx.send(M::Binary(b.into())).await
+            }
+            m = rx.next() => match m {
+                Some(Ok(M::Binary(b))) => {
+                    if let Err(e) = deliver_direct(inner, network, &b) {
+                        return format!("malformed batch from the user: {e}");
+                    }
+                    Ok(())
+                }
+                Some(Ok(M::Close(_))) | None => return "closed by the user".into(),
+                Some(Err(e)) => return e.to_string(),
+                _ => Ok(()),
+            }
+        };
+        if let Err(e) = sent {
+            return e.to_string();
+        }
+    }
+}
 
+/// Hands a batch from a user's direct link to the ports of `network` its frames are for.
+fn deliver_direct(inner: &Inner, network: &str, batch: &[u8]) -> Result<(), vgrid_api::tunnel::BatchError> {
+    let links = inner.links.lock().unwrap();
+    for r in records(batch) {
+        let (_, f) = r?;
+        let Some(dst) = dest_mac(f) else { continue };
+        let group = dst[0] & 1 == 1;
+        for p in links.ports.values().filter(|p| p.network == network && (group || p.mac == Some(dst))) {
+            inner.stats.to_guests.fetch_add(1, Ordering::Relaxed);
+            if p.to_guest.try_send(Bytes::copy_from_slice(f)).is_err() {
+                inner.stats.dropped_to_guests.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    Ok(())
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 /// The host's one connection to the relay: connects while there are ports, attaches them all
 /// at each (re)connection, batches frames out, hands frames in to their ports.
 async fn uplink(
@@ -217,7 +419,7 @@ async fn uplink(
     let mut backoff = Duration::from_millis(250);
     let mut failing = false;
     loop {
-        if inner.ports.lock().unwrap().is_empty() {
+        if inner.links.lock().unwrap().ports.is_empty() {
             inner.wake.notified().await;
             continue;
         }
@@ -236,10 +438,14 @@ async fn uplink(
         tracing::info!(url = %url, "tunnel link to the relay connected");
         failing = false;
         backoff = Duration::from_millis(250);
-        // Whatever control was queued is superseded by attaching every port now.
+        // Whatever control was queued is superseded by attaching every port now (but those on
+        // a direct link).
         while control.try_recv().is_ok() {}
-        let attach: Vec<HostControl> =
-            inner.ports.lock().unwrap().iter().map(|(k, p)| HostControl::Attach { port: *k, vm: p.vm.clone(), nic: p.nic }).collect();
+        let attach: Vec<HostControl> = {
+            let links = inner.links.lock().unwrap();
+            let relayed = links.ports.iter().filter(|(_, p)| !links.directs.contains_key(&p.network));
+            relayed.map(|(k, p)| HostControl::Attach { port: *k, vm: p.vm.clone(), nic: p.nic }).collect()
+        };
         if let Err(e) = run_link(&inner, ws, attach, &mut frames, &mut control).await {
             tracing::warn!(url = %url, "tunnel link to the relay lost (reconnecting): {e}");
         }
@@ -296,11 +502,11 @@ async fn run_link(
 
 /// Hands a batch from the relay to the ports' guests.
 fn deliver(inner: &Inner, batch: &[u8]) {
-    let ports = inner.ports.lock().unwrap();
+    let links = inner.links.lock().unwrap();
     for r in records(batch) {
         match r {
             Ok((port, f)) => {
-                let Some(p) = ports.get(&port) else { continue };
+                let Some(p) = links.ports.get(&port) else { continue };
                 inner.stats.to_guests.fetch_add(1, Ordering::Relaxed);
                 if p.to_guest.try_send(Bytes::copy_from_slice(f)).is_err() {
                     inner.stats.dropped_to_guests.fetch_add(1, Ordering::Relaxed);
@@ -311,5 +517,31 @@ fn deliver(inner: &Inner, batch: &[u8]) {
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ticket(t: &str, network: &str) -> DirectTicket {
+        DirectTicket { ticket: t.into(), network: network.into(), owner: "alice".into() }
+    }
+
+    /// A ticket admits one direct link, to its own network only; a host that takes no direct
+    /// links refuses tickets.
+    #[test]
+    fn tickets_are_used_once_for_their_network() {
+        let t = Tunnels::default();
+        t.admit(ticket("t1", "home")).unwrap();
+        t.admit(ticket("t2", "home")).unwrap();
+        assert_eq!(t.redeem("home", "t1").unwrap(), "alice");
+        assert!(t.redeem("home", "t1").unwrap_err().contains("unknown or used"));
+        assert!(t.redeem("lab", "t2").unwrap_err().contains("for tunnel network \"home\""));
+        assert!(t.redeem("home", "t2").is_err(), "a ticket tried for another network is used up");
+        assert!(t.redeem("home", "forged").is_err());
+        t.allow_direct(false);
+        let e = t.admit(ticket("t3", "home")).unwrap_err().to_string();
+        assert!(e.contains("--tunnel-direct off"), "{e}");
     }
 }

@@ -236,11 +236,11 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
     paths(list_vms, create_vm, get_vm, stop_vm, migrate_vm, delete_vm, console, suspend_vm, resume_vm, snapshot_vm, list_hosts, get_host, host_heartbeat,
         list_image_servers, image_server_heartbeat, futures, auth_challenge, auth_login, auth_logout, whoami,
         list_users, add_user, get_user, delete_user, set_quota, audit, usage::get_usage, drain::drain_host, drain::get_drain, drain::undrain_host, join, renew_cert, create_join_token, list_join_tokens,
-        networks::list_networks, networks::create_network, networks::get_network, networks::delete_network),
+        networks::list_networks, networks::create_network, networks::get_network, networks::delete_network, tunnels::direct_endpoints),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
         HostState, HostHeartbeat, HeartbeatReply, VmReport, vgrid_api::host::VmWaiting, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
         vgrid_api::vm::VmConfig, vgrid_api::vm::BootConfig, vgrid_api::vm::NetConfig, vgrid_api::vm::Nic, vgrid_api::vm::Accel,
-        vgrid_api::ImageRef,
+        vgrid_api::ImageRef, vgrid_api::tunnel::DirectEndpoint,
         Challenge, ChallengeRequest, LoginRequest, LoginToken, JoinRequest, JoinReply, RenewRequest, JoinTokenCreate, JoinTokenInfo, Quota, UserCreate, UserInfo, AuditEntry,
         vgrid_api::vm::Resources, vgrid_api::usage::UsageReport, vgrid_api::usage::UserUsage, vgrid_api::usage::VmUsage,
         vgrid_api::usage::UsageTotals, vgrid_api::usage::VmUsageReport, VmResume, VmSnapshot, SavedImage, Suspended,
@@ -365,6 +365,7 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -
         .route("/api/v1/networks", get(networks::list_networks).post(networks::create_network))
         .route("/api/v1/networks/{name}", get(networks::get_network).delete(networks::delete_network))
         .route("/api/v1/networks/{name}/tunnel", get(tunnels::user_link))
+        .route("/api/v1/networks/{name}/tunnel/direct", get(tunnels::direct_endpoints))
         .route("/api/v1/tunnels/hosts/{name}", get(tunnels::host_link))
         .route("/api/v1/image-servers", get(list_image_servers))
         .route("/api/v1/image-servers/heartbeat", post(image_server_heartbeat))

@@ -9,14 +9,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
+use axum::{Extension, Json};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use vgrid_api::net::{NetworkKind, Nic};
-use vgrid_api::tunnel::{push_record, records, HostControl, MAX_BATCH};
+use vgrid_api::tunnel::{push_record, records, DirectEndpoint, DirectTicket, HostControl, MAX_BATCH};
+use vgrid_api::ErrorBody;
 use vgrid_trust::NodeRole;
 
 use super::{ApiError, NodePeer, Nodes};
@@ -49,36 +50,85 @@ pub async fn user_link(
     Path(name): Path<String>,
     ws: Upgrade,
 ) -> Result<Response, ApiError> {
-    vgrid_api::net::check_network_name(&name).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let unknown =
-        || ApiError(StatusCode::NOT_FOUND, format!("user {} has no tunnel network {name:?} (vgrid net create {name} --tunnel)", p.user));
-    let net = match c.network(&name).await {
-        Ok(n) => n,
-        Err(CoordinatorError::UnknownNetwork(_)) => return Err(unknown()),
-        Err(e) => return Err(e.into()),
-    };
-    match &net.kind {
-        NetworkKind::Site(_) => {
-            return Err(ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("network {name:?} is a site network: `vgrid tunnel` joins tunnel networks (vgrid net create NAME --tunnel)"),
-            ))
-        }
-        NetworkKind::Tunnel if net.owner == p.user => {}
-        // An admin sees other users' tunnels, but only the owner's LAN is theirs to join.
-        NetworkKind::Tunnel if p.admin => {
-            return Err(ApiError(
-                StatusCode::FORBIDDEN,
-                format!("tunnel network {name:?} belongs to user {}: only its owner may join it", net.owner),
-            ))
-        }
-        NetworkKind::Tunnel => return Err(unknown()),
-    }
+    own_tunnel(&c, &p, &name).await?;
     let ws = match ws {
         Ok(ws) => ws,
         Err(r) => return Ok(r.into_response()),
     };
     Ok(ws.on_upgrade(move |s| run_user(c, name, p.user, s)))
+}
+
+/// Refuses unless tunnel network `name` is `p`'s own (404 for another user's, so its name
+/// tells nothing; 403 for an admin, who sees it but may not join another user's LAN).
+async fn own_tunnel(c: &Coordinator, p: &Principal, name: &str) -> Result<(), ApiError> {
+    vgrid_api::net::check_network_name(name).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let unknown =
+        || ApiError(StatusCode::NOT_FOUND, format!("user {} has no tunnel network {name:?} (vgrid net create {name} --tunnel)", p.user));
+    let net = match c.network(name).await {
+        Ok(n) => n,
+        Err(CoordinatorError::UnknownNetwork(_)) => return Err(unknown()),
+        Err(e) => return Err(e.into()),
+    };
+    match &net.kind {
+        NetworkKind::Site(_) => Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("network {name:?} is a site network: `vgrid tunnel` joins tunnel networks (vgrid net create NAME --tunnel)"),
+        )),
+        NetworkKind::Tunnel if net.owner == p.user => Ok(()),
+        NetworkKind::Tunnel if p.admin => Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("tunnel network {name:?} belongs to user {}: only its owner may join it", net.owner),
+        )),
+        NetworkKind::Tunnel => Err(unknown()),
+    }
+}
+
+/// Hosts the caller has a direct link to already.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DirectQuery {
+    /// Comma-separated host names to leave out (no ticket is issued for them).
+    #[serde(default)]
+    pub skip: String,
+}
+
+/// The direct paths of the caller's tunnel network `name`: for each host that runs (or is
+/// receiving) a VM with an interface on it and takes direct connections, the host agent's
+/// WebSocket and a one-time ticket the coordinator just gave that agent. Hosts that refuse
+/// (`vgrid host --tunnel-direct off`) or do not answer are left out: their VMs stay on the relay.
+#[utoipa::path(get, path = "/api/v1/networks/{name}/tunnel/direct", params(("name" = String, Path, description = "a tunnel network of the caller"), DirectQuery),
+    responses((status = 200, body = [DirectEndpoint]), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn direct_endpoints(
+    State(c): State<Arc<Coordinator>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    Query(q): Query<DirectQuery>,
+) -> Result<Json<Vec<DirectEndpoint>>, ApiError> {
+    own_tunnel(&c, &p, &name).await?;
+    let skip: Vec<&str> = q.skip.split(',').collect();
+    let mut hosts = std::collections::BTreeSet::new();
+    for rec in c.list().await? {
+        let on_net = rec.config.net.nics.iter().any(|n| matches!(n, Nic::Tunnel { network, .. } if *network == name));
+        if !on_net || rec.owner != p.user {
+            continue;
+        }
+        hosts.extend(rec.host.clone());
+        hosts.extend(rec.migration.as_ref().filter(|m| m.status == vgrid_api::migrate::MigrationStatus::Active).map(|m| m.to.clone()));
+    }
+    let mut out = Vec::new();
+    for host in hosts.into_iter().filter(|h| !skip.contains(&h.as_str())) {
+        let Ok(client) = c.client(&host) else { continue };
+        let ticket = DirectTicket { ticket: crate::auth::random_hex(24), network: name.clone(), owner: p.user.clone() };
+        match client.tunnel_ticket(&ticket).await {
+            Ok(()) => out.push(DirectEndpoint {
+                host: host.clone(),
+                url: format!("{}/host/v1/tunnels/{name}/direct", client.url),
+                ticket: ticket.ticket,
+            }),
+            Err(e) => tracing::debug!(host = %host, network = %name, "no direct tunnel path to host {host}: {e}"),
+        }
+    }
+    Ok(Json(out))
 }
 
 /// Writes what the relay queued for this connection, batched (several frames per message),

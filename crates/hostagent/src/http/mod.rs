@@ -10,6 +10,7 @@
 
 mod migrate;
 mod save;
+mod tunnels;
 mod vms;
 
 use std::sync::Arc;
@@ -67,6 +68,8 @@ impl From<AgentError> for HttpError {
 /// grid certificate) or an admin (a login token) may call it: 401 for anybody else without
 /// credentials, 403 with others'.
 pub fn router(agent: Arc<Agent>, users: Option<vgrid_trust::caller::Users>) -> Router {
+    // A user's direct tunnel link proves itself with the coordinator's ticket instead.
+    let direct = Router::new().route("/host/v1/tunnels/{network}/direct", get(tunnels::direct)).with_state(agent.clone());
     let r = routes(agent);
     let r = match users {
         Some(u) => r
@@ -75,7 +78,7 @@ pub fn router(agent: Arc<Agent>, users: Option<vgrid_trust::caller::Users>) -> R
         None => r,
     };
     // The document is open to every caller, like the coordinator's.
-    r.route("/host/openapi.json", get(|| async { Json(vgrid_api::openapi::served(&<ApiDoc as utoipa::OpenApi>::openapi())) }))
+    r.merge(direct).route("/host/openapi.json", get(|| async { Json(vgrid_api::openapi::served(&<ApiDoc as utoipa::OpenApi>::openapi())) }))
 }
 
 async fn only_coordinator(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
@@ -107,12 +110,12 @@ pub const MAX_BODY: usize = vgrid_api::host::MAX_CONSOLE_HISTORY + 1024 * 1024;
     info(title = "vgrid host agent API", description = "What a compute host does for its coordinator: VMs, their consoles, saving and migrating them, the host cache."),
     paths(vms::stats, vms::usage, vms::pull, vms::list, vms::launch, vms::remove, vms::stop, vms::wait, vms::release, save::snapshot,
         save::suspend, save::saving, vms::console, migrate::incoming, migrate::incoming_abort, migrate::incoming_finish,
-        migrate::send, migrate::send_status, migrate::send_cancel),
+        migrate::send, migrate::send_status, migrate::send_cancel, tunnels::ticket),
     components(schemas(ErrorBody, vgrid_api::host::LaunchRequest, vgrid_api::host::Launched, vgrid_api::host::VmExit,
         vgrid_api::host::ExitInfo, vgrid_api::host::PullProgress, vgrid_api::host::HostUsage, vgrid_api::host::SaveRequest,
         vgrid_api::host::VmPresence, vgrid_api::host::IncomingRequest, vgrid_api::host::IncomingReady, vgrid_api::host::SendRequest,
         vgrid_api::host::FinishRequest, vgrid_api::grid::VmReport, vgrid_api::vm::ConsoleChunk, vgrid_api::vm::VmStop,
-        vgrid_api::vm::SavedImage, vgrid_api::migrate::Migration)),
+        vgrid_api::vm::SavedImage, vgrid_api::migrate::Migration, vgrid_api::tunnel::DirectTicket)),
     modifiers(&CONTRACT),
     security(("bearer" = []), ("node_certificate" = []))
 )]
@@ -136,6 +139,7 @@ fn routes(agent: Arc<Agent>) -> Router {
         .route("/host/v1/vms/{id}/saving", get(save::saving))
         .route("/host/v1/vms/{id}/console", get(vms::console))
         .route("/host/v1/vms/{id}/console/ws", get(vms::console_ws))
+        .route("/host/v1/tunnels/tickets", post(tunnels::ticket))
         .merge(migrate::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(agent)
