@@ -519,3 +519,58 @@ fn a_tunnel_ending_in_passt_carries_the_guests_connections_as_the_users() {
     eprintln!("guest address from passt: {addr}; tunnel log:\n{}", read());
     up.ok(&["vm", "rm", "--force", &id]);
 }
+
+/// The coordinator SIGKILLed and started again under a running tunnel (separate roles): the
+/// guest on h1's direct link stays reachable from the user's LAN while no coordinator runs
+/// (the direct link does not pass it), `vgrid tunnel` reconnects to the restarted relay by
+/// itself, and a tunnel started afterwards gets a ticket from the new coordinator and links to
+/// h1 directly again.
+#[test]
+fn a_tunnel_carries_frames_while_the_coordinator_restarts() {
+    if skip_unless_root() {
+        return;
+    }
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let lan = UserLan::new(80);
+    let mut g = common::grid::RoleGrid::start(&["h1"]);
+    let ok = |o: std::process::Output| assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(g.cli(&["net", "create", "home", "--tunnel"]));
+    // The restarted coordinator listens on the same address.
+    let url = g.coordinator.url.clone();
+    let tunnel = |n: usize| {
+        let log = lan.dir.path().join(format!("ctunnel{n}.log"));
+        let child = Command::new(vgrid_bin())
+            .args(["tunnel", "home", "--bridge", "br0", "--netns", &lan.ns])
+            .env("VGRID_URL", &url)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("vgrid tunnel");
+        TunnelCmd { child, log }
+    };
+    let first = tunnel(0);
+    let vm = {
+        let _slot = boot_slot().expect("boot slot");
+        let o = g.cli(&["--json", "vm", "run", "sample", "--name", "tr", "--net", "tunnel:home", "--wait-for", PROMPT, "--timeout", "120"]);
+        assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), g.logs());
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let dir = g.runtime_dir("h1", vm["id"].as_str().unwrap());
+    guest_at(&dir, "ip addr add 192.168.80.50/24 dev eth0 && ip link set eth0 up && echo ADDR-O''K", "ADDR-OK");
+    let direct = |t: &TunnelCmd| t.log().contains("direct link to host h1 (");
+    g.wait_until("a direct link to h1", Duration::from_secs(30), || direct(&first));
+    g.wait_until("the LAN to reach the guest", Duration::from_secs(30), || lan.pings("192.168.80.50"));
+
+    g.coordinator.kill();
+    assert!(lan.pings("192.168.80.50"), "the direct link carries frames while no coordinator runs");
+    let connected = |t: &TunnelCmd| t.log().matches("tunnel home: connected").count();
+    assert_eq!(connected(&first), 1);
+    g.restart_coordinator();
+    g.wait_until("vgrid tunnel to reconnect to the relay", Duration::from_secs(60), || connected(&first) >= 2);
+    assert!(lan.pings("192.168.80.50"), "the LAN reaches the guest after the restart");
+    drop(first);
+    let second = tunnel(1);
+    g.wait_until("a new tunnel's direct link from the restarted coordinator's ticket", Duration::from_secs(60), || direct(&second));
+    g.wait_until("the LAN to reach the guest through the new tunnel", Duration::from_secs(30), || lan.pings("192.168.80.50"));
+    ok(g.cli(&["vm", "rm", "--force", "tr"]));
+}
