@@ -89,7 +89,8 @@ impl Inner {
         let mut refusals = Vec::with_capacity(names.len());
         for (name, slot) in names {
             let Some(h) = self.host(slot) else { continue };
-            let (clause, detail, transient) = match refusal(h, feasible, req, require) {
+            let class = self.class(h.class).map(|c| c.val.as_ref());
+            let (clause, detail, transient) = match refusal(h, class, feasible, req, require) {
                 Some(r) => r,
                 None => {
                     *fits = true;
@@ -103,8 +104,14 @@ impl Inner {
 }
 
 /// Why one host refuses the request now (`None`: it fits).
-fn refusal(h: &HostEntry, feasible: &Feasible, req: &PlacementRequest, require: Option<&Expr>) -> Option<(String, String, bool)> {
-    let mut live = h.lock();
+fn refusal(
+    h: &HostEntry,
+    class: Option<&dyn Val>,
+    feasible: &Feasible,
+    req: &PlacementRequest,
+    require: Option<&Expr>,
+) -> Option<(String, String, bool)> {
+    let live = h.lock();
     if live.draining {
         let name = &h.name;
         let detail = format!("host is draining (taken out of service by `vgrid host drain`; `vgrid host undrain {name}` puts it back)");
@@ -139,8 +146,8 @@ fn refusal(h: &HostEntry, feasible: &Feasible, req: &PlacementRequest, require: 
     if let Some((clause, detail, transient)) = share_refusal(&live.ad, req) {
         return Some((clause.into(), detail, transient));
     }
-    if let Some(r) = require {
-        match r.check(live.val(), Some(Scope::Host)) {
+    if let (Some(r), Some(class)) = (require, class) {
+        match r.check(&live.view(class), Some(Scope::Host)) {
             Outcome::True => {}
             Outcome::False { clause, detail, .. } | Outcome::Error { clause, detail, .. } => return Some((clause, detail, true)),
         }
@@ -149,7 +156,7 @@ fn refusal(h: &HostEntry, feasible: &Feasible, req: &PlacementRequest, require: 
 }
 
 /// Dynamic checks of one host (its lock held): drain, state, free capacity, host-scope clauses.
-pub(super) fn fits(live: &mut HostLive, req: &PlacementRequest, require: Option<&Expr>, host_clauses: bool) -> bool {
+pub(super) fn fits(live: &HostLive, class: &dyn Val, req: &PlacementRequest, require: Option<&Expr>, host_clauses: bool) -> bool {
     if live.draining || live.state != HostState::Ready || live.free_cpus() < req.cpus || live.free_mem() < req.memory_mib {
         return false;
     }
@@ -157,7 +164,7 @@ pub(super) fn fits(live: &mut HostLive, req: &PlacementRequest, require: Option<
         return false;
     }
     match require {
-        Some(r) if host_clauses => r.check(live.val(), Some(Scope::Host)) == Outcome::True,
+        Some(r) if host_clauses => r.check(&live.view(class), Some(Scope::Host)) == Outcome::True,
         _ => true,
     }
 }

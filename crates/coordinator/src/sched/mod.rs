@@ -24,6 +24,7 @@ mod table;
 #[cfg(test)]
 pub(crate) mod tests;
 mod types;
+mod view;
 
 pub use expr::{Expr, ExprError, ExprKind, Outcome, Position, Scope};
 pub use scoring::{sample_size, MAX_CACHED_CANDIDATES, MIN_SAMPLE};
@@ -193,7 +194,7 @@ impl Scheduler {
                     reserved_cpus: 0,
                     reserved_mem: 0,
                     held: Vec::new(),
-                    val: None,
+                    own: view::AdVals::of(&HostAd::default()),
                     version: 0,
                 };
                 inner.hosts[slot] = Some(HostEntry { name: ad.name.clone(), class, live: Mutex::new(live) });
@@ -231,6 +232,7 @@ impl Scheduler {
                 _ => live.held.push(id),
             }
         }
+        live.own = view::AdVals::of(&ad);
         live.ad = ad;
         live.state = HostState::Ready;
         live.changed();

@@ -51,12 +51,13 @@ impl Scheduler {
         let host_clauses = require.is_some_and(|r| r.has_host_scope());
         let consider = |slot: usize| -> Option<Candidate> {
             let h = inner.host(slot)?;
-            let mut live = h.lock();
-            if !fits(&mut live, req, require, host_clauses) {
+            let class = inner.class(h.class)?.val.as_ref();
+            let live = h.lock();
+            if !fits(&live, class, req, require, host_clauses) {
                 return None;
             }
             let user = match rank {
-                Some(r) => r.rank(live.val()).unwrap_or(f64::NEG_INFINITY),
+                Some(r) => r.rank(&live.view(class)).unwrap_or(f64::NEG_INFINITY),
                 None => 0.0,
             };
             Some(Candidate { slot, user, rank: DefaultRank::of(&live, &req.image), version: live.version })
@@ -146,8 +147,9 @@ impl Scheduler {
         host_clauses: bool,
     ) -> Option<Placement> {
         let h = inner.host(c.slot)?;
+        let class = inner.class(h.class)?.val.as_ref();
         let mut live = h.lock();
-        if live.version != c.version && !fits(&mut live, req, require, host_clauses) {
+        if live.version != c.version && !fits(&live, class, req, require, host_clauses) {
             return None;
         }
         let id = self.next_reservation.fetch_add(1, Ordering::Relaxed);

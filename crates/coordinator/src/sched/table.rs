@@ -3,6 +3,7 @@
 
 use super::expr::{self, Expr};
 use super::types::{HostState, Placement, Reservation, ReservationId};
+use super::view::{AdVals, HostView};
 use cel::common::value::Val;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -125,8 +126,8 @@ pub(super) struct HostLive {
     /// Outstanding reservations on this host. Whoever removes one from the reservation map
     /// (release, expiry, the next ad for a confirmed one) takes it out of here.
     pub(super) held: Vec<ReservationId>,
-    /// `host` as CEL sees it (free figures after reservations); rebuilt when stale.
-    pub(super) val: Option<Box<dyn Val>>,
+    /// The values of `ad` that `host` borrows (see `view.rs`).
+    pub(super) own: AdVals,
     /// Bumped by every change: a placement that checked the host at version v reserves on it
     /// without checking again if it is still at v.
     pub(super) version: u64,
@@ -139,15 +140,24 @@ impl HostLive {
     pub(super) fn free_mem(&self) -> u64 {
         self.ad.free_memory_mib.saturating_sub(self.reserved_mem)
     }
-    pub(super) fn val(&mut self) -> &dyn Val {
-        if self.val.is_none() {
-            self.val = Some(host_value(&self.ad, self.free_cpus(), self.free_mem(), self.held.len() as u32));
+    /// `host` as CEL sees it (free figures after reservations), with the class's value.
+    pub(super) fn view<'a>(&'a self, class: &'a dyn Val) -> HostView<'a> {
+        let ad = &self.ad;
+        HostView {
+            class,
+            own: &self.own,
+            free_cpus: self.free_cpus() as u64,
+            free_memory_mib: self.free_mem(),
+            running_vms: ad.running_vms.saturating_add(self.held.len() as u32) as u64,
+            load_avg: ad.load_avg,
+            load_now: ad.load_now,
+            load_predicted: ad.load_predicted,
+            cpu_cap: ad.cpu_cap,
+            free_cpu_share: ad.free_cpu_share,
         }
-        self.val.as_deref().expect("set above")
     }
-    /// Records a change (the CEL value is stale, checks made before are void).
+    /// Records a change (checks made before are void).
     pub(super) fn changed(&mut self) {
-        self.val = None;
         self.version += 1;
     }
 }
@@ -325,32 +335,6 @@ pub(super) fn class_value(k: &ClassKey) -> Box<dyn Val> {
         ("labels", val::string_map(&k.labels)),
         ("cpus", val::int(k.cpus as u64)),
         ("memory_mib", val::int(k.memory_mib)),
-    ])
-}
-
-pub(super) fn host_value(ad: &HostAd, free_cpus: u32, free_mem: u64, reservations: u32) -> Box<dyn Val> {
-    use expr::val;
-    val::map(vec![
-        ("name", val::string(&ad.name)),
-        ("url", val::string(&ad.url)),
-        ("arch", val::string(&ad.arch)),
-        ("accel", val::string(&ad.accel)),
-        ("qemu_version", val::string(&ad.qemu_version)),
-        ("network_modes", val::strings(&ad.network_modes)),
-        ("networks", val::strings(&ad.networks)),
-        ("labels", val::string_map(&ad.labels)),
-        ("cpus", val::int(ad.cpus as u64)),
-        ("memory_mib", val::int(ad.memory_mib)),
-        ("free_cpus", val::int(free_cpus as u64)),
-        ("free_memory_mib", val::int(free_mem)),
-        ("load_avg", val::double(ad.load_avg)),
-        ("load_now", val::double(ad.load_now)),
-        ("load_predicted", val::double(ad.load_predicted)),
-        ("cpu_cap", val::double(ad.cpu_cap)),
-        ("free_cpu_share", val::double(ad.free_cpu_share)),
-        ("cgroups", val::string(&ad.cgroups)),
-        ("running_vms", val::int(ad.running_vms.saturating_add(reservations) as u64)),
-        ("image_cache", val::double_map(&ad.image_cache)),
     ])
 }
 
