@@ -3,18 +3,19 @@
 //! A match needs both sides: the user's requirement (CEL over `host`) and the host owner's
 //! policy (CEL over `request`), after built-in checks (host state, arch, cpus and memory after
 //! outstanding reservations). Hosts whose static attributes are equal form a *class*; a clause
-//! that reads only class attributes is evaluated once per class and cached, dynamic clauses per
-//! host. Among the feasible hosts, a bounded sample (log2 of the host count, at least
+//! that reads only class attributes is evaluated once per class (the verdicts of every class
+//! cached per kind of request), dynamic clauses per host. Among the feasible hosts, a bounded sample (log2 of the host count, at least
 //! [`MIN_SAMPLE`]) plus the hosts holding the image in cache are scored, and the best one gets a
 //! [`Reservation`] of the request's cpus and memory, held until the host reports the VM (see
 //! [`Scheduler::confirm`]) or the placement fails ([`Scheduler::release`]). No host is ever given
-//! more than its advertised free figures minus its outstanding reservations.
-//! See docs/scheduler.md.
+//! more than its advertised free figures minus its outstanding reservations. Placements run in
+//! parallel (see [`Scheduler`]). See docs/scheduler.md.
 //!
 //! Files: this one is the public [`Scheduler`] API; `types.rs` its answers ([`Placement`],
 //! [`NoMatch`], [`PlaceError`], [`Reservation`]...); `table.rs` the host table and its classes;
 //! `feasibility.rs` which classes and hosts can take a request, and why not; `scoring.rs`
-//! sampling, ranking and reserving; `queue.rs` requests waiting for capacity; `expr.rs` CEL.
+//! sampling, ranking and reserving; `queue.rs` requests waiting for capacity; `expr.rs` CEL;
+//! `view.rs` `host` as CEL sees it.
 
 pub mod expr;
 mod feasibility;
@@ -66,8 +67,10 @@ pub struct Scheduler {
     policy_cache: Mutex<HashMap<RequestKey, Verdict>>,
     /// Compiled expressions by kind (requirement, rank, policy) and source.
     compiled: RwLock<[HashMap<String, Arc<Expr>>; 3]>,
-    /// Woken when capacity may have freed (release, new ad, host back).
+    /// Woken when capacity may have freed (release, new ad, host back), if anyone waits.
     freed: Notify,
+    /// Requests in the queue (a release wakes nobody when there are none).
+    queued: std::sync::atomic::AtomicUsize,
     /// Requests waiting for capacity, in arrival order (see `queue.rs`).
     queue: Mutex<queue::WaitQueue>,
     /// A pass over the queue is running / capacity changed since the last pass began.
@@ -92,6 +95,7 @@ impl Scheduler {
             policy_cache: Mutex::default(),
             compiled: RwLock::default(),
             freed: Notify::new(),
+            queued: Default::default(),
             queue: Mutex::new(Default::default()),
             draining: Default::default(),
             drain_again: Default::default(),
@@ -106,6 +110,15 @@ impl Scheduler {
 
     fn write(&self) -> RwLockWriteGuard<'_, Inner> {
         self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the queued requests: capacity may have freed. The change is made before: a
+    /// request queued after the check below sees it when it tries (both sides fenced).
+    fn wake(&self) {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if self.queued.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            self.freed.notify_waiters();
+        }
     }
 
     fn cache_index(&self) -> RwLockReadGuard<'_, CacheIndex> {
@@ -157,7 +170,7 @@ impl Scheduler {
             let slot = inner.by_name[&ad.name];
             self.refresh(&inner, slot, ad);
             drop(inner);
-            self.freed.notify_waiters();
+            self.wake();
             return Ok(());
         }
         drop(inner);
@@ -203,7 +216,7 @@ impl Scheduler {
         };
         self.refresh(inner, slot, ad);
         drop(g);
-        self.freed.notify_waiters();
+        self.wake();
         Ok(())
     }
 
@@ -265,7 +278,7 @@ impl Scheduler {
         drop(live);
         drop(g);
         if state == HostState::Ready {
-            self.freed.notify_waiters();
+            self.wake();
         }
         true
     }
@@ -283,7 +296,7 @@ impl Scheduler {
         }
         drop(g);
         if changed && !draining {
-            self.freed.notify_waiters();
+            self.wake();
         }
         changed
     }
@@ -334,7 +347,7 @@ impl Scheduler {
     /// host advertised it).
     pub fn release(&self, id: ReservationId) -> Result<Reservation, UnknownReservation> {
         let r = self.unreserve(id).ok_or(UnknownReservation(id))?;
-        self.freed.notify_waiters();
+        self.wake();
         Ok(r)
     }
 
@@ -355,7 +368,7 @@ impl Scheduler {
             self.reservations.all().into_iter().filter(|r| !r.confirmed && now.duration_since(r.since) >= age).map(|r| r.id).collect();
         let out: Vec<Reservation> = old.into_iter().filter_map(|id| self.unreserve(id)).collect();
         if !out.is_empty() {
-            self.freed.notify_waiters();
+            self.wake();
         }
         out
     }

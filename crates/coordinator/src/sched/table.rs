@@ -1,5 +1,6 @@
-//! The host table: host entries, their classes (hosts with equal static attributes), the
-//! image-cache index and the cached verdicts of classes and owner policies.
+//! The host table: host entries (each with its own lock over what heartbeats and placements
+//! change), their classes (hosts with equal static attributes), the image-cache index and the
+//! sharded reservation map.
 
 use super::expr::{self, Expr};
 use super::types::{HostState, Placement, Reservation, ReservationId};
