@@ -100,10 +100,31 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// This thread's CPU time so far (ns, /proc/thread-self/schedstat) and how often it blocked
+/// (voluntary context switches: waiting for a lock, or sleeping).
+fn thread_cpu() -> (u64, u64) {
+    let ns = std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0);
+    let switches = std::fs::read_to_string("/proc/thread-self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0);
+    (ns, switches)
+}
+
 struct Round {
     per_s: f64,
     lat: Vec<Duration>,
     no_match: usize,
+    /// CPU seconds this thread used, and its voluntary context switches.
+    cpu_s: f64,
+    blocked: u64,
 }
 
 /// `placements` placements by one thread, cycling capacity as described at the top.
@@ -112,6 +133,7 @@ fn run(s: &Scheduler, ads: &[HostAd], placements: usize, window: usize, seed: u6
     let mut lat = Vec::with_capacity(placements);
     let mut outstanding: VecDeque<(String, u64, u32, u64)> = VecDeque::new();
     let mut no_match = 0;
+    let cpu0 = thread_cpu();
     let t0 = Instant::now();
     for n in 0..placements {
         let req = request(&mut rng);
@@ -141,10 +163,12 @@ fn run(s: &Scheduler, ads: &[HostAd], placements: usize, window: usize, seed: u6
         }
     }
     let elapsed = t0.elapsed();
+    let cpu1 = thread_cpu();
     for (_, id, _, _) in outstanding {
         let _ = s.release(id);
     }
-    Round { per_s: placements as f64 / elapsed.as_secs_f64(), lat, no_match }
+    let (cpu_s, blocked) = ((cpu1.0 - cpu0.0) as f64 / 1e9, cpu1.1 - cpu0.1);
+    Round { per_s: placements as f64 / elapsed.as_secs_f64(), lat, no_match, cpu_s, blocked }
 }
 
 fn quantile(sorted: &[Duration], q: f64) -> f64 {
@@ -210,6 +234,10 @@ fn main() {
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();
     let mut per_s_mt = Vec::new();
+    // Placements per CPU second, one thread and many; voluntary switches of the many.
+    let mut per_cpu_s = Vec::new();
+    let mut per_cpu_s_mt = Vec::new();
+    let mut blocked_mt = 0u64;
     let mut no_match = 0;
     for round in 0..rounds {
         let mut r = run(&s, &ads, placements, window, 100 + round as u64);
@@ -223,6 +251,9 @@ fn main() {
             r.no_match
         );
         per_s.push(r.per_s);
+        if r.cpu_s > 0.0 {
+            per_cpu_s.push(placements as f64 / r.cpu_s);
+        }
         p50.push(quantile(&r.lat, 0.5));
         p99.push(quantile(&r.lat, 0.99));
         no_match += r.no_match;
@@ -233,14 +264,28 @@ fn main() {
                 .map(|t| {
                     let (s, ads) = (s.clone(), ads.clone());
                     std::thread::spawn(move || {
-                        run(&s, &ads, placements / threads, window / threads, 1000 + (round * threads + t) as u64).lat.len()
+                        let r = run(&s, &ads, placements / threads, window / threads, 1000 + (round * threads + t) as u64);
+                        (r.lat.len(), r.cpu_s, r.blocked)
                     })
                 })
                 .collect();
-            let n: usize = handles.into_iter().map(|h| h.join().expect("bench thread")).sum();
+            let (mut n, mut cpu_s, mut blocked) = (0usize, 0.0f64, 0u64);
+            for h in handles {
+                let (tn, tc, tb) = h.join().expect("bench thread");
+                n += tn;
+                cpu_s += tc;
+                blocked += tb;
+            }
             let rate = n as f64 / t0.elapsed().as_secs_f64();
-            eprintln!("sched_bench: round {round}: {threads} threads: {rate:.0} placements/s");
+            eprintln!(
+                "sched_bench: round {round}: {threads} threads: {rate:.0} placements/s, {:.0} per CPU second, {blocked} voluntary switches",
+                n as f64 / cpu_s.max(1e-9)
+            );
             per_s_mt.push(rate);
+            if cpu_s > 0.0 {
+                per_cpu_s_mt.push(n as f64 / cpu_s);
+            }
+            blocked_mt += blocked;
         }
     }
     let spread = |v: &[f64]| {
@@ -251,6 +296,13 @@ fn main() {
     let (lo, hi) = spread(&per_s);
     let mt = if per_s_mt.is_empty() { 0.0 } else { median(&mut per_s_mt.clone()) };
     let one = median(&mut per_s.clone());
+    // How much of a thread's CPU time still places when `threads` place at once: with idle
+    // cores, scaling_Nt would be about N times this (less only by time spent blocked).
+    let efficiency = if per_cpu_s.is_empty() || per_cpu_s_mt.is_empty() {
+        0.0
+    } else {
+        median(&mut per_cpu_s_mt.clone()) / median(&mut per_cpu_s.clone())
+    };
     println!(
         "placements/s median {:.0} (min {:.0}, max {:.0}) over {rounds} rounds of {placements}; p50 {:.3} ms; p99 {:.3} ms; {threads} threads {:.0}/s; no-match {}",
         median(&mut per_s.clone()),
@@ -262,13 +314,14 @@ fn main() {
         no_match
     );
     println!(
-        "scheduler: placements_per_s={:.0} p99_ms={:.3} mib_per_1000_hosts={:.2} p50_ms={:.3} placements_per_s_{threads}t={:.0} scaling_{threads}t={:.2} mib_per_1000_hosts_loaded={:.2} hosts={hosts} classes={} rounds={rounds} spread={:.0}-{:.0}",
+        "scheduler: placements_per_s={:.0} p99_ms={:.3} mib_per_1000_hosts={:.2} p50_ms={:.3} placements_per_s_{threads}t={:.0} scaling_{threads}t={:.2} cpu_efficiency_{threads}t={:.2} blocked_{threads}t={blocked_mt} mib_per_1000_hosts_loaded={:.2} hosts={hosts} classes={} rounds={rounds} spread={:.0}-{:.0}",
         one,
         median(&mut p99),
         mib_per_1000,
         median(&mut p50),
         mt,
         if one > 0.0 { mt / one } else { 0.0 },
+        efficiency,
         mib_per_1000_loaded,
         s.class_count(),
         lo,
