@@ -171,6 +171,37 @@ fn run(s: &Scheduler, ads: &[HostAd], placements: usize, window: usize, seed: u6
     Round { per_s: placements as f64 / elapsed.as_secs_f64(), lat, no_match, cpu_s, blocked }
 }
 
+/// `threads` threads placing at once, each its share of `placements`: placements per second,
+/// per CPU second, and the threads' voluntary switches.
+fn parallel_round(
+    s: &Arc<Scheduler>,
+    ads: &Arc<[HostAd]>,
+    placements: usize,
+    window: usize,
+    threads: usize,
+    round: usize,
+) -> (f64, f64, u64) {
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (s, ads) = (s.clone(), ads.clone());
+            std::thread::spawn(move || {
+                let r = run(&s, &ads, placements / threads, window / threads, 1000 + (round * threads + t) as u64);
+                (r.lat.len(), r.cpu_s, r.blocked)
+            })
+        })
+        .collect();
+    let (mut n, mut cpu_s, mut blocked) = (0usize, 0.0f64, 0u64);
+    for h in handles {
+        let (tn, tc, tb) = h.join().expect("bench thread");
+        n += tn;
+        cpu_s += tc;
+        blocked += tb;
+    }
+    let per_cpu = if cpu_s > 0.0 { n as f64 / cpu_s } else { 0.0 };
+    (n as f64 / t0.elapsed().as_secs_f64(), per_cpu, blocked)
+}
+
 fn quantile(sorted: &[Duration], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -184,12 +215,9 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn main() {
-    let mut hosts = 10_000usize;
-    let mut placements = 50_000usize;
-    let mut rounds = 3usize;
-    let mut threads = 2usize;
-    let mut window = 2_000usize;
+/// `--hosts`, `--placements`, `--rounds`, `--threads`, `--window`.
+fn parse_args() -> (usize, usize, usize, usize, usize) {
+    let (mut hosts, mut placements, mut rounds, mut threads, mut window) = (10_000usize, 50_000usize, 3usize, 2usize, 2_000usize);
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
@@ -207,7 +235,11 @@ fn main() {
         }
         i += 2;
     }
+    (hosts, placements, rounds, threads, window)
+}
 
+fn main() {
+    let (hosts, placements, rounds, threads, window) = parse_args();
     let mut rng = Rng(0x5EED_1234_ABCD_0001);
     let ads: Arc<[HostAd]> = (0..hosts).map(|i| host_ad(i, &mut rng)).collect();
     let rss0 = rss_kib();
@@ -259,31 +291,13 @@ fn main() {
         no_match += r.no_match;
 
         if threads > 1 {
-            let t0 = Instant::now();
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let (s, ads) = (s.clone(), ads.clone());
-                    std::thread::spawn(move || {
-                        let r = run(&s, &ads, placements / threads, window / threads, 1000 + (round * threads + t) as u64);
-                        (r.lat.len(), r.cpu_s, r.blocked)
-                    })
-                })
-                .collect();
-            let (mut n, mut cpu_s, mut blocked) = (0usize, 0.0f64, 0u64);
-            for h in handles {
-                let (tn, tc, tb) = h.join().expect("bench thread");
-                n += tn;
-                cpu_s += tc;
-                blocked += tb;
-            }
-            let rate = n as f64 / t0.elapsed().as_secs_f64();
+            let (rate, per_cpu, blocked) = parallel_round(&s, &ads, placements, window, threads, round);
             eprintln!(
-                "sched_bench: round {round}: {threads} threads: {rate:.0} placements/s, {:.0} per CPU second, {blocked} voluntary switches",
-                n as f64 / cpu_s.max(1e-9)
+                "sched_bench: round {round}: {threads} threads: {rate:.0} placements/s, {per_cpu:.0} per CPU second, {blocked} voluntary switches"
             );
             per_s_mt.push(rate);
-            if cpu_s > 0.0 {
-                per_cpu_s_mt.push(n as f64 / cpu_s);
+            if per_cpu > 0.0 {
+                per_cpu_s_mt.push(per_cpu);
             }
             blocked_mt += blocked;
         }
