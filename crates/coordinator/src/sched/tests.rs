@@ -633,7 +633,9 @@ fn rank_by_predicted_load_and_cpu_share_admission() {
     assert!(!nm.may_change(), "{nm}");
 }
 
-/// Four threads hammer `place` on three small hosts, each holding a few placements at a time:
+/// Four threads hammer `place` on three small hosts (2 cpus each), each thread holding up to
+/// three placements of 1-2 cpus at a time (whether the hosts fill up depends on how the threads
+/// interleave; nothing here depends on it):
 /// the capacity they hold never exceeds a host's (checked on every placement against a ledger
 /// that counts a placement only after it is made and uncounts it before it is released, so it
 /// never over-counts), every refusal names each host and a real reason, and at the end every
@@ -641,10 +643,10 @@ fn rank_by_predicted_load_and_cpu_share_admission() {
 #[test]
 fn parallel_placements_never_overcommit_and_are_all_accounted_for() {
     const THREADS: usize = 4;
-    const PER_THREAD: usize = 3000;
+    const PER_THREAD: usize = 20_000;
     let s = Arc::new(Scheduler::new());
     for i in 0..3 {
-        s.upsert(ad(&format!("h{i}"), "uf", 4, 4096)).unwrap();
+        s.upsert(ad(&format!("h{i}"), "uf", 2, 4096)).unwrap();
     }
     let ledger: Arc<Mutex<HashMap<String, (u32, u64)>>> = Arc::new(Mutex::new(HashMap::new()));
     let workers: Vec<_> = (0..THREADS)
@@ -668,7 +670,7 @@ fn parallel_placements_never_overcommit_and_are_all_accounted_for() {
                             let e = l.entry(p.host.clone()).or_default();
                             e.0 += r.cpus;
                             e.1 += r.memory_mib;
-                            assert!(e.0 <= 4 && e.1 <= 4096, "{} over-committed: {e:?} held of (4, 4096)", p.host);
+                            assert!(e.0 <= 2 && e.1 <= 4096, "{} over-committed: {e:?} held of (2, 4096)", p.host);
                             drop(l);
                             holding.push_back((p, r.cpus, r.memory_mib));
                         }
@@ -718,9 +720,9 @@ fn parallel_placements_never_overcommit_and_are_all_accounted_for() {
     }
     assert_eq!(placed + refused, THREADS * PER_THREAD);
     assert_eq!(released, placed);
-    assert!(placed > 0 && refused > 0, "placed {placed}, refused {refused}: the hosts should have filled up at times");
+    assert!(placed > 0, "placed {placed}, refused {refused}");
     assert!(s.reservations().is_empty());
     for i in 0..3 {
-        assert_eq!(s.free(&format!("h{i}")), Some((4, 4096)));
+        assert_eq!(s.free(&format!("h{i}")), Some((2, 4096)));
     }
 }
