@@ -8,7 +8,8 @@
 //! (or, one time in four, the placement is released as failed), so capacity keeps cycling; one
 //! host heartbeat (a refreshed ad) comes in per 10 placements. Throughput counts all of that
 //! work; the latency figures time `place` alone. Memory: resident set before and after loading
-//! the ads and warming every host's CEL value, per 1,000 hosts.
+//! the ads and a warm-up round, per 1,000 hosts. `bench/scheduler` runs it a second time with
+//! 100,000 hosts and one thread.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -99,10 +100,31 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// This thread's CPU time so far (ns, /proc/thread-self/schedstat) and how often it blocked
+/// (voluntary context switches: waiting for a lock, or sleeping).
+fn thread_cpu() -> (u64, u64) {
+    let ns = std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0);
+    let switches = std::fs::read_to_string("/proc/thread-self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0);
+    (ns, switches)
+}
+
 struct Round {
     per_s: f64,
     lat: Vec<Duration>,
     no_match: usize,
+    /// CPU seconds this thread used, and its voluntary context switches.
+    cpu_s: f64,
+    blocked: u64,
 }
 
 /// `placements` placements by one thread, cycling capacity as described at the top.
@@ -111,6 +133,7 @@ fn run(s: &Scheduler, ads: &[HostAd], placements: usize, window: usize, seed: u6
     let mut lat = Vec::with_capacity(placements);
     let mut outstanding: VecDeque<(String, u64, u32, u64)> = VecDeque::new();
     let mut no_match = 0;
+    let cpu0 = thread_cpu();
     let t0 = Instant::now();
     for n in 0..placements {
         let req = request(&mut rng);
@@ -140,10 +163,43 @@ fn run(s: &Scheduler, ads: &[HostAd], placements: usize, window: usize, seed: u6
         }
     }
     let elapsed = t0.elapsed();
+    let cpu1 = thread_cpu();
     for (_, id, _, _) in outstanding {
         let _ = s.release(id);
     }
-    Round { per_s: placements as f64 / elapsed.as_secs_f64(), lat, no_match }
+    let (cpu_s, blocked) = ((cpu1.0 - cpu0.0) as f64 / 1e9, cpu1.1 - cpu0.1);
+    Round { per_s: placements as f64 / elapsed.as_secs_f64(), lat, no_match, cpu_s, blocked }
+}
+
+/// `threads` threads placing at once, each its share of `placements`: placements per second,
+/// per CPU second, and the threads' voluntary switches.
+fn parallel_round(
+    s: &Arc<Scheduler>,
+    ads: &Arc<[HostAd]>,
+    placements: usize,
+    window: usize,
+    threads: usize,
+    round: usize,
+) -> (f64, f64, u64) {
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (s, ads) = (s.clone(), ads.clone());
+            std::thread::spawn(move || {
+                let r = run(&s, &ads, placements / threads, window / threads, 1000 + (round * threads + t) as u64);
+                (r.lat.len(), r.cpu_s, r.blocked)
+            })
+        })
+        .collect();
+    let (mut n, mut cpu_s, mut blocked) = (0usize, 0.0f64, 0u64);
+    for h in handles {
+        let (tn, tc, tb) = h.join().expect("bench thread");
+        n += tn;
+        cpu_s += tc;
+        blocked += tb;
+    }
+    let per_cpu = if cpu_s > 0.0 { n as f64 / cpu_s } else { 0.0 };
+    (n as f64 / t0.elapsed().as_secs_f64(), per_cpu, blocked)
 }
 
 fn quantile(sorted: &[Duration], q: f64) -> f64 {
@@ -159,12 +215,9 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn main() {
-    let mut hosts = 10_000usize;
-    let mut placements = 50_000usize;
-    let mut rounds = 3usize;
-    let mut threads = 2usize;
-    let mut window = 2_000usize;
+/// `--hosts`, `--placements`, `--rounds`, `--threads`, `--window`.
+fn parse_args() -> (usize, usize, usize, usize, usize) {
+    let (mut hosts, mut placements, mut rounds, mut threads, mut window) = (10_000usize, 50_000usize, 3usize, 2usize, 2_000usize);
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
@@ -182,17 +235,21 @@ fn main() {
         }
         i += 2;
     }
+    (hosts, placements, rounds, threads, window)
+}
 
+fn main() {
+    let (hosts, placements, rounds, threads, window) = parse_args();
     let mut rng = Rng(0x5EED_1234_ABCD_0001);
-    let ads: Vec<HostAd> = (0..hosts).map(|i| host_ad(i, &mut rng)).collect();
+    let ads: Arc<[HostAd]> = (0..hosts).map(|i| host_ad(i, &mut rng)).collect();
     let rss0 = rss_kib();
     let s = Arc::new(Scheduler::new());
-    for ad in &ads {
+    for ad in ads.iter() {
         s.upsert(ad.clone()).expect("valid ad");
     }
     let rss_loaded = rss_kib();
-    // Warm: every host's CEL value built (the rank and dynamic clauses read them).
-    let warm = run(&s, &ads, hosts.max(5_000), window, 7);
+    // Warm: the class verdicts of every kind of request cached, the allocator's arenas grown.
+    let warm = run(&s, &ads, hosts.clamp(5_000, 20_000), window, 7);
     let rss_warm = rss_kib();
     let mib_per_1000 = (rss_warm.saturating_sub(rss0)) as f64 / 1024.0 / (hosts as f64 / 1000.0);
     let mib_per_1000_loaded = (rss_loaded.saturating_sub(rss0)) as f64 / 1024.0 / (hosts as f64 / 1000.0);
@@ -209,6 +266,10 @@ fn main() {
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();
     let mut per_s_mt = Vec::new();
+    // Placements per CPU second, one thread and many; voluntary switches of the many.
+    let mut per_cpu_s = Vec::new();
+    let mut per_cpu_s_mt = Vec::new();
+    let mut blocked_mt = 0u64;
     let mut no_match = 0;
     for round in 0..rounds {
         let mut r = run(&s, &ads, placements, window, 100 + round as u64);
@@ -222,24 +283,23 @@ fn main() {
             r.no_match
         );
         per_s.push(r.per_s);
+        if r.cpu_s > 0.0 {
+            per_cpu_s.push(placements as f64 / r.cpu_s);
+        }
         p50.push(quantile(&r.lat, 0.5));
         p99.push(quantile(&r.lat, 0.99));
         no_match += r.no_match;
 
         if threads > 1 {
-            let t0 = Instant::now();
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let (s, ads) = (s.clone(), ads.clone());
-                    std::thread::spawn(move || {
-                        run(&s, &ads, placements / threads, window / threads, 1000 + (round * threads + t) as u64).lat.len()
-                    })
-                })
-                .collect();
-            let n: usize = handles.into_iter().map(|h| h.join().expect("bench thread")).sum();
-            let rate = n as f64 / t0.elapsed().as_secs_f64();
-            eprintln!("sched_bench: round {round}: {threads} threads: {rate:.0} placements/s");
+            let (rate, per_cpu, blocked) = parallel_round(&s, &ads, placements, window, threads, round);
+            eprintln!(
+                "sched_bench: round {round}: {threads} threads: {rate:.0} placements/s, {per_cpu:.0} per CPU second, {blocked} voluntary switches"
+            );
             per_s_mt.push(rate);
+            if per_cpu > 0.0 {
+                per_cpu_s_mt.push(per_cpu);
+            }
+            blocked_mt += blocked;
         }
     }
     let spread = |v: &[f64]| {
@@ -249,6 +309,14 @@ fn main() {
     };
     let (lo, hi) = spread(&per_s);
     let mt = if per_s_mt.is_empty() { 0.0 } else { median(&mut per_s_mt.clone()) };
+    let one = median(&mut per_s.clone());
+    // How much of a thread's CPU time still places when `threads` place at once: with idle
+    // cores, scaling_Nt would be about N times this (less only by time spent blocked).
+    let efficiency = if per_cpu_s.is_empty() || per_cpu_s_mt.is_empty() {
+        0.0
+    } else {
+        median(&mut per_cpu_s_mt.clone()) / median(&mut per_cpu_s.clone())
+    };
     println!(
         "placements/s median {:.0} (min {:.0}, max {:.0}) over {rounds} rounds of {placements}; p50 {:.3} ms; p99 {:.3} ms; {threads} threads {:.0}/s; no-match {}",
         median(&mut per_s.clone()),
@@ -260,12 +328,14 @@ fn main() {
         no_match
     );
     println!(
-        "scheduler: placements_per_s={:.0} p99_ms={:.3} mib_per_1000_hosts={:.2} p50_ms={:.3} placements_per_s_{threads}t={:.0} mib_per_1000_hosts_loaded={:.2} hosts={hosts} classes={} rounds={rounds} spread={:.0}-{:.0}",
-        median(&mut per_s),
+        "scheduler: placements_per_s={:.0} p99_ms={:.3} mib_per_1000_hosts={:.2} p50_ms={:.3} placements_per_s_{threads}t={:.0} scaling_{threads}t={:.2} cpu_efficiency_{threads}t={:.2} blocked_{threads}t={blocked_mt} mib_per_1000_hosts_loaded={:.2} hosts={hosts} classes={} rounds={rounds} spread={:.0}-{:.0}",
+        one,
         median(&mut p99),
         mib_per_1000,
         median(&mut p50),
         mt,
+        if one > 0.0 { mt / one } else { 0.0 },
+        efficiency,
         mib_per_1000_loaded,
         s.class_count(),
         lo,

@@ -342,10 +342,16 @@ impl VariableResolver for One<'_> {
     }
 }
 
+thread_local! {
+    /// This thread's copy of [`ENV`] (the same standard environment): evaluations on different
+    /// threads do not contend for one reference count.
+    static THREAD_ENV: Arc<Env> = Arc::new(Env::stdlib());
+}
+
 fn execute(program: &Program, var: &str, value: &dyn Val) -> Result<Value, String> {
     let resolver = One { name: var, value };
     let run = || {
-        let mut ctx = Context::with_env(ENV.clone());
+        let mut ctx = Context::with_env(THREAD_ENV.with(Arc::clone));
         ctx.set_variable_resolver(&resolver);
         program.execute(&ctx)
     };

@@ -2,15 +2,13 @@
 //! the owner's policy, the user's requirement), and why not when none can.
 
 use super::expr::{Expr, Outcome, Scope};
-use super::table::{Class, Inner, Refused, RequestKey, Verdict};
+use super::table::{Class, HostEntry, HostLive, Inner, Refused, RequestKey, Verdict, READS_IMAGE, READS_USER};
 use super::types::{HostState, NoMatch, PlaceOptions, Refusal};
 use cel::common::value::Val;
 use std::collections::HashMap;
 use std::sync::Arc;
 use vgrid_api::grid::{HostAd, PlacementRequest};
 
-/// Most cached verdicts per class before its cache is cleared.
-const MAX_CLASS_CACHE: usize = 1024;
 /// Most cached owner-policy verdicts before the cache is cleared.
 const MAX_POLICY_CACHE: usize = 65536;
 
@@ -27,110 +25,147 @@ fn verdict_of(outcome: Outcome, prefix: &str) -> Verdict {
     }
 }
 
-impl Inner {
-    /// The static verdict of class `id` for this request (memoised for this placement).
-    pub(super) fn class_verdict(&mut self, id: u32, ctx: &mut PlaceCtx<'_>) -> Verdict {
-        let epoch = self.epoch;
-        let Some(c) = self.classes.get_mut(id as usize).and_then(Option::as_mut) else {
-            return refused("state", "host vanished", true);
-        };
-        if c.memo_epoch == epoch {
-            return c.memo.clone();
-        }
-        let verdict = class_check(c, &mut self.policy_cache, ctx);
-        c.memo_epoch = epoch;
-        c.memo = verdict.clone();
-        verdict
-    }
+/// The static verdicts of every class for one kind of request, and the feasible classes with
+/// their cumulative member counts (a feasible host is a position in `0..total`).
+pub(super) struct Feasible {
+    /// By class id (`None`: feasible, or an empty class slot).
+    pub(super) verdicts: Vec<Verdict>,
+    /// Feasible class ids, each with the end of its members' positions.
+    pub(super) classes: Vec<(u32, usize)>,
+    pub(super) total: usize,
+}
 
-    /// Dynamic checks of one host: state, free capacity, host-scope clauses.
-    pub(super) fn host_fits(&mut self, slot: usize, req: &PlacementRequest, require: Option<&Expr>, host_clauses: bool) -> bool {
-        let Some(h) = self.hosts[slot].as_mut() else { return false };
-        if self.draining.contains(&h.ad.name) {
-            return false;
+/// What a class verdict depends on: the requirement, the arch, the size, and the request fields
+/// some owner policy reads.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(super) struct FeasibleKey {
+    require: u64,
+    arch: Option<String>,
+    cpus: u32,
+    memory_mib: u64,
+    user: Option<String>,
+    image: Option<String>,
+}
+
+impl FeasibleKey {
+    pub(super) fn of(policy_reads: u8, req: &PlacementRequest, opts: &PlaceOptions, require: Option<&Expr>) -> FeasibleKey {
+        FeasibleKey {
+            require: require.map_or(0, |r| r.id),
+            arch: opts.arch.clone(),
+            cpus: req.cpus,
+            memory_mib: req.memory_mib,
+            user: (policy_reads & READS_USER != 0).then(|| req.user.clone()),
+            image: (policy_reads & READS_IMAGE != 0).then(|| req.image.clone()),
         }
-        if h.state != HostState::Ready || h.free_cpus() < req.cpus || h.free_mem() < req.memory_mib {
-            return false;
+    }
+}
+
+impl Inner {
+    /// Every class's static verdict for this request.
+    pub(super) fn feasible(&self, ctx: &mut PlaceCtx<'_>, policy_cache: &mut HashMap<RequestKey, Verdict>) -> Feasible {
+        let mut verdicts = Vec::with_capacity(self.classes.len());
+        let mut classes = Vec::new();
+        let mut total = 0usize;
+        for (id, c) in self.classes.iter().enumerate() {
+            let Some(c) = c else {
+                verdicts.push(None);
+                continue;
+            };
+            let v = class_check(c, policy_cache, ctx);
+            if v.is_none() {
+                total += c.members.len();
+                classes.push((id as u32, total));
+            }
+            verdicts.push(v);
         }
-        if share_refusal(&h.ad, req).is_some() {
-            return false;
-        }
-        match require {
-            Some(r) if host_clauses => r.check(h.val(), Some(Scope::Host)) == Outcome::True,
-            _ => true,
-        }
+        Feasible { verdicts, classes, total }
     }
 
     /// One refusal per host, in host-name order (the slow path, taken only when nothing fits).
-    pub(super) fn explain(&mut self, req: &PlacementRequest, opts: &PlaceOptions, require: Option<&Expr>) -> NoMatch {
-        let mut ctx = PlaceCtx::new(req, opts, require);
-        let mut names: Vec<(String, usize)> = self.by_name.iter().map(|(n, &s)| (n.clone(), s)).collect();
-        names.sort();
+    /// `fits` is set when some host fits after all (capacity freed since the placement looked).
+    pub(super) fn explain(&self, feasible: &Feasible, req: &PlacementRequest, require: Option<&Expr>, fits: &mut bool) -> NoMatch {
+        let mut names: Vec<(&str, usize)> = self.by_name.iter().map(|(n, &s)| (n.as_str(), s)).collect();
+        names.sort_unstable();
         let mut refusals = Vec::with_capacity(names.len());
         for (name, slot) in names {
-            let refuse = |clause: &str, detail: String, transient: bool| Refusal {
-                host: name.clone(),
-                clause: clause.to_string(),
-                detail,
-                transient,
-            };
-            let Some(h) = self.hosts[slot].as_ref() else { continue };
-            if self.draining.contains(&name) {
-                let detail =
-                    format!("host is draining (taken out of service by `vgrid host drain`; `vgrid host undrain {name}` puts it back)");
-                refusals.push(refuse("draining", detail, true));
-                continue;
-            }
-            if h.state != HostState::Ready {
-                refusals.push(refuse("state", "host is lost (missed heartbeats)".into(), true));
-                continue;
-            }
-            let class = h.class;
-            if let Some(r) = self.class_verdict(class, &mut ctx) {
-                refusals.push(refuse(&r.clause, r.detail.clone(), r.transient));
-                continue;
-            }
-            let h = self.hosts[slot].as_mut().expect("known slot");
-            if h.free_cpus() < req.cpus {
-                let detail = format!(
-                    "{} cpus free ({} advertised, {} reserved), {} requested",
-                    h.free_cpus(),
-                    h.ad.free_cpus,
-                    h.reserved_cpus,
-                    req.cpus
-                );
-                refusals.push(refuse("free_cpus", detail, true));
-                continue;
-            }
-            if h.free_mem() < req.memory_mib {
-                let detail = format!(
-                    "{} MiB free ({} advertised, {} reserved), {} requested",
-                    h.free_mem(),
-                    h.ad.free_memory_mib,
-                    h.reserved_mem,
-                    req.memory_mib
-                );
-                refusals.push(refuse("free_memory_mib", detail, true));
-                continue;
-            }
-            if let Some((clause, detail, transient)) = share_refusal(&h.ad, req) {
-                refusals.push(refuse(clause, detail, transient));
-                continue;
-            }
-            if let Some(r) = require {
-                match r.check(h.val(), Some(Scope::Host)) {
-                    Outcome::True => {}
-                    Outcome::False { clause, detail, .. } | Outcome::Error { clause, detail, .. } => {
-                        refusals.push(refuse(&clause, detail, true));
-                        continue;
-                    }
+            let Some(h) = self.host(slot) else { continue };
+            let class = self.class(h.class).map(|c| c.val.as_ref());
+            let (clause, detail, transient) = match refusal(h, class, feasible, req, require) {
+                Some(r) => r,
+                None => {
+                    *fits = true;
+                    ("none".into(), "fits".into(), true)
                 }
-            }
-            // It fits now (capacity freed between the two passes, which cannot happen under
-            // the lock): say so rather than invent a reason.
-            refusals.push(refuse("none", "fits".into(), true));
+            };
+            refusals.push(Refusal { host: name.to_string(), clause, detail, transient });
         }
         NoMatch { refusals }
+    }
+}
+
+/// Why one host refuses the request now (`None`: it fits).
+fn refusal(
+    h: &HostEntry,
+    class: Option<&dyn Val>,
+    feasible: &Feasible,
+    req: &PlacementRequest,
+    require: Option<&Expr>,
+) -> Option<(String, String, bool)> {
+    let live = h.lock();
+    if live.draining {
+        let name = &h.name;
+        let detail = format!("host is draining (taken out of service by `vgrid host drain`; `vgrid host undrain {name}` puts it back)");
+        return Some(("draining".into(), detail, true));
+    }
+    if live.state != HostState::Ready {
+        return Some(("state".into(), "host is lost (missed heartbeats)".into(), true));
+    }
+    if let Some(r) = feasible.verdicts.get(h.class as usize).cloned().unwrap_or_else(|| refused("state", "host vanished", true)) {
+        return Some((r.clause.clone(), r.detail.clone(), r.transient));
+    }
+    if live.free_cpus() < req.cpus {
+        let detail = format!(
+            "{} cpus free ({} advertised, {} reserved), {} requested",
+            live.free_cpus(),
+            live.ad.free_cpus,
+            live.reserved_cpus,
+            req.cpus
+        );
+        return Some(("free_cpus".into(), detail, true));
+    }
+    if live.free_mem() < req.memory_mib {
+        let detail = format!(
+            "{} MiB free ({} advertised, {} reserved), {} requested",
+            live.free_mem(),
+            live.ad.free_memory_mib,
+            live.reserved_mem,
+            req.memory_mib
+        );
+        return Some(("free_memory_mib".into(), detail, true));
+    }
+    if let Some((clause, detail, transient)) = share_refusal(&live.ad, req) {
+        return Some((clause.into(), detail, transient));
+    }
+    if let (Some(r), Some(class)) = (require, class) {
+        match r.check(&live.view(class), Some(Scope::Host)) {
+            Outcome::True => {}
+            Outcome::False { clause, detail, .. } | Outcome::Error { clause, detail, .. } => return Some((clause, detail, true)),
+        }
+    }
+    None
+}
+
+/// Dynamic checks of one host (its lock held): drain, state, free capacity, host-scope clauses.
+pub(super) fn fits(live: &HostLive, class: &dyn Val, req: &PlacementRequest, require: Option<&Expr>, host_clauses: bool) -> bool {
+    if live.draining || live.state != HostState::Ready || live.free_cpus() < req.cpus || live.free_mem() < req.memory_mib {
+        return false;
+    }
+    if share_refusal(&live.ad, req).is_some() {
+        return false;
+    }
+    match require {
+        Some(r) if host_clauses => r.check(&live.view(class), Some(Scope::Host)) == Outcome::True,
+        _ => true,
     }
 }
 
@@ -168,7 +203,7 @@ fn share_refusal(ad: &HostAd, req: &PlacementRequest) -> Option<(&'static str, S
 
 /// What one placement needs while it checks classes.
 pub(super) struct PlaceCtx<'a> {
-    req: &'a PlacementRequest,
+    pub(super) req: &'a PlacementRequest,
     opts: &'a PlaceOptions,
     require: Option<&'a Expr>,
     /// `request` as CEL sees it, built when a policy first needs it.
@@ -183,7 +218,7 @@ impl<'a> PlaceCtx<'a> {
     }
 }
 
-fn class_check(c: &mut Class, policy_cache: &mut HashMap<RequestKey, Verdict>, ctx: &mut PlaceCtx<'_>) -> Verdict {
+fn class_check(c: &Class, policy_cache: &mut HashMap<RequestKey, Verdict>, ctx: &mut PlaceCtx<'_>) -> Verdict {
     let req = ctx.req;
     if let Some(arch) = &ctx.opts.arch {
         if &c.key.arch != arch {
@@ -222,17 +257,7 @@ fn class_check(c: &mut Class, policy_cache: &mut HashMap<RequestKey, Verdict>, c
         }
     }
     if let Some(r) = ctx.require {
-        let verdict = match c.req_cache.get(&r.id) {
-            Some(v) => v.clone(),
-            None => {
-                let v = verdict_of(r.check(c.val.as_ref(), Some(Scope::Class)), "");
-                if c.req_cache.len() >= MAX_CLASS_CACHE {
-                    c.req_cache.clear();
-                }
-                c.req_cache.insert(r.id, v.clone());
-                v
-            }
-        };
+        let verdict = verdict_of(r.check(c.val.as_ref(), Some(Scope::Class)), "");
         if verdict.is_some() {
             return verdict;
         }

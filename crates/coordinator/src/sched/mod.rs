@@ -3,18 +3,19 @@
 //! A match needs both sides: the user's requirement (CEL over `host`) and the host owner's
 //! policy (CEL over `request`), after built-in checks (host state, arch, cpus and memory after
 //! outstanding reservations). Hosts whose static attributes are equal form a *class*; a clause
-//! that reads only class attributes is evaluated once per class and cached, dynamic clauses per
-//! host. Among the feasible hosts, a bounded sample (log2 of the host count, at least
+//! that reads only class attributes is evaluated once per class (the verdicts of every class
+//! cached per kind of request), dynamic clauses per host. Among the feasible hosts, a bounded sample (log2 of the host count, at least
 //! [`MIN_SAMPLE`]) plus the hosts holding the image in cache are scored, and the best one gets a
 //! [`Reservation`] of the request's cpus and memory, held until the host reports the VM (see
 //! [`Scheduler::confirm`]) or the placement fails ([`Scheduler::release`]). No host is ever given
-//! more than its advertised free figures minus its outstanding reservations.
-//! See docs/scheduler.md.
+//! more than its advertised free figures minus its outstanding reservations. Placements run in
+//! parallel (see [`Scheduler`]). See docs/scheduler.md.
 //!
 //! Files: this one is the public [`Scheduler`] API; `types.rs` its answers ([`Placement`],
 //! [`NoMatch`], [`PlaceError`], [`Reservation`]...); `table.rs` the host table and its classes;
 //! `feasibility.rs` which classes and hosts can take a request, and why not; `scoring.rs`
-//! sampling, ranking and reserving; `queue.rs` requests waiting for capacity; `expr.rs` CEL.
+//! sampling, ranking and reserving; `queue.rs` requests waiting for capacity; `expr.rs` CEL;
+//! `view.rs` `host` as CEL sees it.
 
 pub mod expr;
 mod feasibility;
@@ -24,28 +25,52 @@ mod table;
 #[cfg(test)]
 pub(crate) mod tests;
 mod types;
+mod view;
 
 pub use expr::{Expr, ExprError, ExprKind, Outcome, Position, Scope};
 pub use scoring::{sample_size, MAX_CACHED_CANDIDATES, MIN_SAMPLE};
 pub use types::{HostState, NoMatch, PlaceError, PlaceOptions, Placement, Refusal, Reservation, ReservationId, UnknownReservation};
 
+use feasibility::{Feasible, FeasibleKey, PlaceCtx};
+use scoring::Attempt;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
-use table::{ClassKey, HostEntry, Inner};
+use table::{CacheIndex, ClassKey, HostEntry, HostLive, Inner, RequestKey, Reservations, Verdict};
 use tokio::sync::Notify;
 use vgrid_api::grid::{HostAd, PlacementRequest};
 
 /// Most compiled expressions kept (by source text).
 const MAX_COMPILED: usize = 4096;
+/// Most cached class verdicts (by kind of request) before the cache is cleared.
+const MAX_FEASIBLE: usize = 4096;
+/// Most attempts of one placement that lose every fitting host to concurrent placements.
+const MAX_ATTEMPTS: usize = 8;
 
 /// The scheduler: host ads, classes, reservations. Thread-safe; share it in an `Arc`.
+///
+/// Placements run in parallel: they hold the host table shared, evaluate and rank without
+/// any common lock, and reserve under the chosen host's own lock, checking again a host that
+/// changed since it was scored (optimistic: a placement that lost the host's capacity takes
+/// the next candidate, or samples again). Only what changes the table's shape (a host joining,
+/// leaving or changing class; a drain) holds it exclusively.
 pub struct Scheduler {
-    inner: Mutex<Inner>,
+    inner: RwLock<Inner>,
+    /// Hosts by cached image (see `CacheIndex`).
+    cached: RwLock<CacheIndex>,
+    reservations: Reservations,
+    next_reservation: AtomicU64,
+    /// Class verdicts by kind of request, for table generation `.0`.
+    feasible: RwLock<(u64, HashMap<FeasibleKey, Arc<Feasible>>)>,
+    /// Owner-policy outcomes by policy and the request fields it reads.
+    policy_cache: Mutex<HashMap<RequestKey, Verdict>>,
     /// Compiled expressions by kind (requirement, rank, policy) and source.
-    compiled: Mutex<[HashMap<String, Arc<Expr>>; 3]>,
-    /// Woken when capacity may have freed (release, new ad, host back).
+    compiled: RwLock<[HashMap<String, Arc<Expr>>; 3]>,
+    /// Woken when capacity may have freed (release, new ad, host back), if anyone waits.
     freed: Notify,
+    /// Requests in the queue (a release wakes nobody when there are none).
+    queued: std::sync::atomic::AtomicUsize,
     /// Requests waiting for capacity, in arrival order (see `queue.rs`).
     queue: Mutex<queue::WaitQueue>,
     /// A pass over the queue is running / capacity changed since the last pass began.
@@ -61,35 +86,56 @@ impl Default for Scheduler {
 
 impl Scheduler {
     pub fn new() -> Scheduler {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9E37_79B9_7F4A_7C15)
-            | 1;
         Scheduler {
-            inner: Mutex::new(Inner { rng: seed, next_reservation: 1, ..Default::default() }),
-            compiled: Mutex::new(Default::default()),
+            inner: RwLock::default(),
+            cached: RwLock::default(),
+            reservations: Reservations::default(),
+            next_reservation: AtomicU64::new(1),
+            feasible: RwLock::default(),
+            policy_cache: Mutex::default(),
+            compiled: RwLock::default(),
             freed: Notify::new(),
+            queued: Default::default(),
             queue: Mutex::new(Default::default()),
             draining: Default::default(),
             drain_again: Default::default(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock leaves consistent data behind (every mutation is
-        // completed before anything that can fail), so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    // A panic while holding a lock leaves consistent data behind (every mutation is completed
+    // before anything that can fail), so a poisoned lock is still usable.
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the queued requests: capacity may have freed. The change is made before: a
+    /// request queued after the check below sees it when it tries (both sides fenced).
+    fn wake(&self) {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if self.queued.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+
+    fn cache_index(&self) -> RwLockReadGuard<'_, CacheIndex> {
+        self.cached.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Compiles `source` as `kind`, or returns the copy compiled before.
     pub fn compile(&self, source: &str, kind: ExprKind) -> Result<Arc<Expr>, ExprError> {
-        let mut caches = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = self.compiled.read().unwrap_or_else(|e| e.into_inner())[kind as usize].get(source) {
+            return Ok(e.clone());
+        }
+        let expr = Arc::new(Expr::compile(source, kind)?);
+        let mut caches = self.compiled.write().unwrap_or_else(|e| e.into_inner());
         let cache = &mut caches[kind as usize];
         if let Some(e) = cache.get(source) {
             return Ok(e.clone());
         }
-        let expr = Arc::new(Expr::compile(source, kind)?);
         if cache.len() >= MAX_COMPILED {
             cache.clear();
         }
@@ -117,13 +163,23 @@ impl Scheduler {
             None => None,
         };
         let key = ClassKey::of(&ad);
-        let mut g = self.lock();
+        // A heartbeat of a known host whose class is unchanged: the table held shared.
+        let inner = self.read();
+        let same = inner.host_named(&ad.name).and_then(|h| inner.class(h.class)).is_some_and(|c| c.key == key);
+        if same {
+            let slot = inner.by_name[&ad.name];
+            self.refresh(&inner, slot, ad);
+            drop(inner);
+            self.wake();
+            return Ok(());
+        }
+        drop(inner);
+        let mut g = self.write();
         let inner = &mut *g;
         let slot = match inner.by_name.get(&ad.name) {
             Some(&slot) => {
-                let old_class = inner.hosts[slot].as_ref().map(|h| h.class);
-                let same = old_class.and_then(|c| inner.class(c)).is_some_and(|c| c.key == key);
-                if !same {
+                let old_class = inner.host(slot).map(|h| h.class);
+                if !old_class.and_then(|c| inner.class(c)).is_some_and(|c| c.key == key) {
                     if let Some(c) = old_class {
                         inner.leave_class(c, slot);
                     }
@@ -132,19 +188,6 @@ impl Scheduler {
                         h.class = c;
                     }
                 }
-                inner.unindex_cache(slot);
-                // Confirmed reservations are in this ad now.
-                let done: Vec<ReservationId> = inner.hosts[slot]
-                    .as_ref()
-                    .map(|h| h.held.iter().copied().filter(|id| inner.reservations.get(id).is_some_and(|r| r.confirmed)).collect())
-                    .unwrap_or_default();
-                for id in done {
-                    inner.drop_reservation(id);
-                }
-                let h = inner.hosts[slot].as_mut().expect("slot of a known host");
-                h.ad = ad;
-                h.state = HostState::Ready;
-                h.val = None;
                 slot
             }
             None => {
@@ -157,27 +200,68 @@ impl Scheduler {
                 };
                 let class = inner.join_class(key, slot, policy);
                 inner.by_name.insert(ad.name.clone(), slot);
-                inner.hosts[slot] =
-                    Some(HostEntry { ad, state: HostState::Ready, class, reserved_cpus: 0, reserved_mem: 0, held: Vec::new(), val: None });
+                let live = HostLive {
+                    ad: HostAd::default(),
+                    state: HostState::Ready,
+                    draining: inner.draining.contains(&ad.name),
+                    reserved_cpus: 0,
+                    reserved_mem: 0,
+                    held: Vec::new(),
+                    own: view::AdVals::of(&HostAd::default()),
+                    version: 0,
+                };
+                inner.hosts[slot] = Some(HostEntry { name: ad.name.clone(), class, live: Mutex::new(live) });
                 slot
             }
         };
-        inner.index_cache(slot);
+        self.refresh(inner, slot, ad);
         drop(g);
-        self.freed.notify_waiters();
+        self.wake();
         Ok(())
+    }
+
+    /// Stores a known host's new ad (the table held): it is ready, its image-cache entries are
+    /// re-indexed, its confirmed reservations dropped.
+    fn refresh(&self, inner: &Inner, slot: usize, ad: HostAd) {
+        let Some(h) = inner.host(slot) else { return };
+        let mut live = h.lock();
+        if live.ad.image_cache != ad.image_cache {
+            let mut index = self.cached.write().unwrap_or_else(|e| e.into_inner());
+            index.remove(slot, &live.ad.image_cache);
+            index.add(slot, &ad.image_cache);
+        }
+        // Confirmed reservations are in this ad now. One missing from the map is being
+        // released: its release takes it out of `held`.
+        let held = std::mem::take(&mut live.held);
+        for id in held {
+            let mut shard = self.reservations.shard(id);
+            match shard.get(&id) {
+                Some(r) if r.confirmed => {
+                    let r = shard.remove(&id).expect("present");
+                    drop(shard);
+                    live.reserved_cpus = live.reserved_cpus.saturating_sub(r.cpus);
+                    live.reserved_mem = live.reserved_mem.saturating_sub(r.memory_mib);
+                }
+                _ => live.held.push(id),
+            }
+        }
+        live.own = view::AdVals::of(&ad);
+        live.ad = ad;
+        live.state = HostState::Ready;
+        live.changed();
     }
 
     /// Forgets a host and its reservations. Returns whether it was known.
     pub fn remove(&self, name: &str) -> bool {
-        let mut g = self.lock();
+        let mut g = self.write();
         let inner = &mut *g;
         let Some(slot) = inner.by_name.remove(name) else { return false };
-        inner.unindex_cache(slot);
         if let Some(h) = inner.hosts[slot].take() {
             inner.leave_class(h.class, slot);
-            for id in h.held {
-                inner.reservations.remove(&id);
+            let live = h.lock();
+            self.cached.write().unwrap_or_else(|e| e.into_inner()).remove(slot, &live.ad.image_cache);
+            for id in &live.held {
+                self.reservations.shard(*id).remove(id);
             }
         }
         inner.free_slots.push(slot);
@@ -186,14 +270,15 @@ impl Scheduler {
 
     /// Marks a host ready or lost. Returns whether it was known.
     pub fn set_state(&self, name: &str, state: HostState) -> bool {
-        let mut g = self.lock();
-        let Some(&slot) = g.by_name.get(name) else { return false };
-        if let Some(h) = g.hosts[slot].as_mut() {
-            h.state = state;
-        }
+        let g = self.read();
+        let Some(h) = g.host_named(name) else { return false };
+        let mut live = h.lock();
+        live.state = state;
+        live.changed();
+        drop(live);
         drop(g);
         if state == HostState::Ready {
-            self.freed.notify_waiters();
+            self.wake();
         }
         true
     }
@@ -202,54 +287,58 @@ impl Scheduler {
     /// or puts it back (waking queued requests). The host need not be known yet (a restarted
     /// coordinator restores its drains before hosts beat). Returns whether it changed.
     pub fn set_draining(&self, name: &str, draining: bool) -> bool {
-        let mut g = self.lock();
+        let mut g = self.write();
         let changed = if draining { g.draining.insert(name.to_string()) } else { g.draining.remove(name) };
+        if let Some(h) = g.host_named(name) {
+            let mut live = h.lock();
+            live.draining = draining;
+            live.changed();
+        }
         drop(g);
         if changed && !draining {
-            self.freed.notify_waiters();
+            self.wake();
         }
         changed
     }
 
     /// Whether a host is draining.
     pub fn is_draining(&self, name: &str) -> bool {
-        self.lock().draining.contains(name)
+        self.read().draining.contains(name)
     }
 
     /// A host's state, if it is known.
     pub fn state(&self, name: &str) -> Option<HostState> {
-        let g = self.lock();
-        g.by_name.get(name).and_then(|&s| g.hosts[s].as_ref()).map(|h| h.state)
+        self.read().host_named(name).map(|h| h.lock().state)
     }
 
     /// A host's free cpus and memory after outstanding reservations.
     pub fn free(&self, name: &str) -> Option<(u32, u64)> {
-        let g = self.lock();
-        g.by_name.get(name).and_then(|&s| g.hosts[s].as_ref()).map(|h| (h.free_cpus(), h.free_mem()))
+        self.read().host_named(name).map(|h| {
+            let live = h.lock();
+            (live.free_cpus(), live.free_mem())
+        })
     }
 
     /// Number of known hosts.
     pub fn host_count(&self) -> usize {
-        self.lock().by_name.len()
+        self.read().by_name.len()
     }
 
     /// Number of host classes.
     pub fn class_count(&self) -> usize {
-        self.lock().class_ids.len()
+        self.read().class_ids.len()
     }
 
     /// Outstanding reservations.
     pub fn reservations(&self) -> Vec<Reservation> {
-        let mut v: Vec<Reservation> = self.lock().reservations.values().cloned().collect();
-        v.sort_by_key(|r| r.id);
-        v
+        self.reservations.all()
     }
 
     /// The host reported the VM of this reservation running. The capacity stays held until the
     /// host's next advertisement (which includes the VM).
     pub fn confirm(&self, id: ReservationId) -> Result<(), UnknownReservation> {
-        let mut g = self.lock();
-        let r = g.reservations.get_mut(&id).ok_or(UnknownReservation(id))?;
+        let mut shard = self.reservations.shard(id);
+        let r = shard.get_mut(&id).ok_or(UnknownReservation(id))?;
         r.confirmed = true;
         Ok(())
     }
@@ -257,23 +346,29 @@ impl Scheduler {
     /// Gives the capacity of a reservation back (placement failed, or the VM stopped before the
     /// host advertised it).
     pub fn release(&self, id: ReservationId) -> Result<Reservation, UnknownReservation> {
-        let mut g = self.lock();
-        let r = g.drop_reservation(id).ok_or(UnknownReservation(id))?;
-        drop(g);
-        self.freed.notify_waiters();
+        let r = self.unreserve(id).ok_or(UnknownReservation(id))?;
+        self.wake();
         Ok(r)
+    }
+
+    /// Takes a reservation out of the map, then its capacity off its host.
+    fn unreserve(&self, id: ReservationId) -> Option<Reservation> {
+        let r = self.reservations.shard(id).remove(&id)?;
+        let g = self.read();
+        if let Some(h) = g.host(r.slot) {
+            table::unhold(&mut h.lock(), &r);
+        }
+        Some(r)
     }
 
     /// Releases unconfirmed reservations older than `age` (a host that never answered).
     pub fn expire(&self, age: Duration) -> Vec<Reservation> {
-        let mut g = self.lock();
         let now = Instant::now();
         let old: Vec<ReservationId> =
-            g.reservations.values().filter(|r| !r.confirmed && now.duration_since(r.since) >= age).map(|r| r.id).collect();
-        let out: Vec<Reservation> = old.into_iter().filter_map(|id| g.drop_reservation(id)).collect();
-        drop(g);
+            self.reservations.all().into_iter().filter(|r| !r.confirmed && now.duration_since(r.since) >= age).map(|r| r.id).collect();
+        let out: Vec<Reservation> = old.into_iter().filter_map(|id| self.unreserve(id)).collect();
         if !out.is_empty() {
-            self.freed.notify_waiters();
+            self.wake();
         }
         out
     }
@@ -294,10 +389,45 @@ impl Scheduler {
             Some(s) => Some(self.compile(s, ExprKind::Rank).map_err(PlaceError::Invalid)?),
             None => None,
         };
-        let mut g = self.lock();
-        match g.place(req, opts, require.as_deref(), rank.as_deref()) {
-            Some(p) => Ok(p),
-            None => Err(PlaceError::NoMatch(g.explain(req, opts, require.as_deref()))),
+        let inner = self.read();
+        let feasible = self.feasible(&inner, req, opts, require.as_deref());
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.place_once(&inner, &feasible, req, require.as_deref(), rank.as_deref()) {
+                Attempt::Placed(p) => return Ok(p),
+                Attempt::Raced if attempts < MAX_ATTEMPTS => continue,
+                Attempt::Raced | Attempt::Nothing => {}
+            }
+            // Nothing fits: say why, host by host. A host that fits by now (capacity freed
+            // by a concurrent release) is worth another attempt.
+            let mut fits = false;
+            let nm = inner.explain(&feasible, req, require.as_deref(), &mut fits);
+            if !fits || attempts >= MAX_ATTEMPTS {
+                return Err(PlaceError::NoMatch(nm));
+            }
         }
+    }
+
+    /// The class verdicts for this kind of request: cached per table generation.
+    fn feasible(&self, inner: &Inner, req: &PlacementRequest, opts: &PlaceOptions, require: Option<&Expr>) -> Arc<Feasible> {
+        let key = FeasibleKey::of(inner.policy_reads, req, opts, require);
+        {
+            let cache = self.feasible.read().unwrap_or_else(|e| e.into_inner());
+            if cache.0 == inner.generation {
+                if let Some(f) = cache.1.get(&key) {
+                    return f.clone();
+                }
+            }
+        }
+        let mut ctx = PlaceCtx::new(req, opts, require);
+        let f = Arc::new(inner.feasible(&mut ctx, &mut self.policy_cache.lock().unwrap_or_else(|e| e.into_inner())));
+        let mut cache = self.feasible.write().unwrap_or_else(|e| e.into_inner());
+        if cache.0 != inner.generation || cache.1.len() >= MAX_FEASIBLE {
+            cache.0 = inner.generation;
+            cache.1.clear();
+        }
+        cache.1.insert(key, f.clone());
+        f
     }
 }

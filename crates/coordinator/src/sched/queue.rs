@@ -117,12 +117,18 @@ impl Scheduler {
         q.next_ticket += 1;
         let id = q.next_ticket;
         q.waiting.insert(id, Waiter { req, opts, answer: tx });
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
         Ticket { sched: self, id, answer: rx, done: false }
     }
 
     /// Removes a waiter; false when a pass already answered it.
     fn dequeue(&self, id: u64) -> bool {
-        self.queue().waiting.remove(&id).is_some()
+        let removed = self.queue().waiting.remove(&id).is_some();
+        if removed {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+        removed
     }
 
     /// Runs passes over the queue until no capacity change arrived during the last one. Only one
@@ -157,6 +163,7 @@ impl Scheduler {
                 }
             }
             let w = q.waiting.remove(&id).expect("ticket listed above");
+            self.queued.fetch_sub(1, Ordering::SeqCst);
             if let Err(Ok(p)) = w.answer.send(outcome) {
                 // The waiter went away: give the capacity back.
                 let _ = self.release(p.reservation);

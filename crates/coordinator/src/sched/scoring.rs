@@ -2,9 +2,12 @@
 //! ranked, and the best one gets a reservation.
 
 use super::expr::Expr;
-use super::feasibility::PlaceCtx;
-use super::table::{HostEntry, Inner};
-use super::types::{PlaceOptions, Placement};
+use super::feasibility::{fits, Feasible};
+use super::table::{self, HostLive, Inner};
+use super::types::Placement;
+use super::Scheduler;
+use std::cell::Cell;
+use std::sync::atomic::Ordering;
 use vgrid_api::grid::PlacementRequest;
 
 /// Fewest feasible hosts scored per placement (when that many exist).
@@ -12,56 +15,77 @@ pub const MIN_SAMPLE: usize = 4;
 /// Most hosts holding the image in cache that are scored besides the sample.
 pub const MAX_CACHED_CANDIDATES: usize = 32;
 
-impl Inner {
-    pub(super) fn place(
-        &mut self,
+/// How one attempt at a placement ended.
+pub(super) enum Attempt {
+    Placed(Placement),
+    /// Hosts fitted, but each lost its capacity to a concurrent placement before it was held.
+    Raced,
+    /// No feasible host fitted.
+    Nothing,
+}
+
+/// A host that fitted, its score, and the version of the host it was checked at.
+struct Candidate {
+    slot: usize,
+    user: f64,
+    rank: DefaultRank,
+    version: u64,
+}
+
+impl Scheduler {
+    /// Samples the feasible hosts (the table held shared), scores those that fit, and reserves
+    /// on the best one whose capacity is still there (checking again, under the host's lock,
+    /// a host that changed since it was scored).
+    pub(super) fn place_once(
+        &self,
+        inner: &Inner,
+        feasible: &Feasible,
         req: &PlacementRequest,
-        opts: &PlaceOptions,
         require: Option<&Expr>,
         rank: Option<&Expr>,
-    ) -> Option<Placement> {
-        self.epoch += 1;
-        let mut ctx = PlaceCtx::new(req, opts, require);
-        // Feasible classes and their member counts.
-        let mut feasible: Vec<(u32, usize)> = Vec::new();
-        let mut total = 0usize;
-        for id in 0..self.classes.len() as u32 {
-            if self.classes[id as usize].is_some() && self.class_verdict(id, &mut ctx).is_none() {
-                let n = self.class(id).map_or(0, |c| c.members.len());
-                total += n;
-                feasible.push((id, total));
-            }
-        }
+    ) -> Attempt {
+        let total = feasible.total;
         if total == 0 {
-            return None;
+            return Attempt::Nothing;
         }
-        let need_host_clauses = require.is_some_and(|r| r.has_host_scope());
-        let sample = sample_size(self.by_name.len());
-        let mut candidates: Vec<usize> = Vec::with_capacity(sample + 8);
+        let host_clauses = require.is_some_and(|r| r.has_host_scope());
+        let consider = |slot: usize| -> Option<Candidate> {
+            let h = inner.host(slot)?;
+            let class = inner.class(h.class)?.val.as_ref();
+            let live = h.lock();
+            if !fits(&live, class, req, require, host_clauses) {
+                return None;
+            }
+            let user = match rank {
+                Some(r) => r.rank(&live.view(class)).unwrap_or(f64::NEG_INFINITY),
+                None => 0.0,
+            };
+            Some(Candidate { slot, user, rank: DefaultRank::of(&live, &req.image), version: live.version })
+        };
+        let sample = sample_size(inner.by_name.len());
+        let mut candidates: Vec<Candidate> = Vec::with_capacity(sample + 8);
 
         // The hosts holding most of the image, first (a few of them).
-        if let Some(set) = self.cached.get(&req.image) {
-            let want = (sample / 2).clamp(2, MAX_CACHED_CANDIDATES);
-            let slots: Vec<usize> = set.iter().map(|&(_, s)| s).take(4 * want).collect();
-            for slot in slots {
-                if candidates.len() >= want {
-                    break;
-                }
-                let Some(class) = self.hosts[slot].as_ref().map(|h| h.class) else { continue };
-                let memo_ok = self.class(class).is_some_and(|c| c.memo_epoch == self.epoch && c.memo.is_none());
-                if memo_ok && self.host_fits(slot, req, require, need_host_clauses) {
-                    candidates.push(slot);
-                }
+        let want = (sample / 2).clamp(2, MAX_CACHED_CANDIDATES);
+        let cached: Vec<usize> =
+            self.cache_index().0.get(&req.image).map(|set| set.iter().map(|&(_, s)| s).take(4 * want).collect()).unwrap_or_default();
+        for slot in cached {
+            if candidates.len() >= want {
+                break;
+            }
+            let feasible_class = inner.host(slot).is_some_and(|h| matches!(feasible.verdicts.get(h.class as usize), Some(None)));
+            if feasible_class {
+                candidates.extend(consider(slot));
             }
         }
 
         // A bounded sample of the rest, visited in a random order (random start, random stride
         // coprime to the count), stopping after `sample` feasible hosts.
-        let start = (self.rand() % total as u64) as usize;
+        let start = (rand() % total as u64) as usize;
         let stride = {
             let mut s = 1usize;
             for _ in 0..8 {
-                let t = 1 + (self.rand() % total as u64) as usize;
+                let t = 1 + (rand() % total as u64) as usize;
                 if gcd(t, total) == 1 {
                     s = t;
                     break;
@@ -72,18 +96,19 @@ impl Inner {
         let mut found = 0usize;
         let mut pos = start;
         for _ in 0..total {
-            let ci = feasible.partition_point(|&(_, end)| end <= pos);
-            let (cid, end) = feasible[ci];
-            let begin = if ci == 0 { 0 } else { feasible[ci - 1].1 };
-            let slot = match self.class(cid) {
-                Some(c) => c.members[pos - begin],
-                None => break,
+            let ci = feasible.classes.partition_point(|&(_, end)| end <= pos);
+            let (cid, _) = feasible.classes[ci];
+            let begin = if ci == 0 { 0 } else { feasible.classes[ci - 1].1 };
+            let Some(slot) = inner.class(cid).and_then(|c| c.members.get(pos - begin).copied()) else { break };
+            let fitted = if candidates.iter().any(|c| c.slot == slot) {
+                true
+            } else if let Some(c) = consider(slot) {
+                candidates.push(c);
+                true
+            } else {
+                false
             };
-            debug_assert!(pos < end);
-            if self.host_fits(slot, req, require, need_host_clauses) {
-                if !candidates.contains(&slot) {
-                    candidates.push(slot);
-                }
+            if fitted {
                 found += 1;
                 if found >= sample {
                     break;
@@ -92,29 +117,67 @@ impl Inner {
             pos = (pos + stride) % total;
         }
         if candidates.is_empty() {
-            return None;
+            return Attempt::Nothing;
         }
 
-        // Score: the user's rank first (if any), then the default rank.
-        let mut best: Option<(usize, f64, DefaultRank)> = None;
-        for slot in candidates {
-            let h = self.hosts[slot].as_mut().expect("candidate slot");
-            let user = match rank {
-                Some(r) => r.rank(h.val()).unwrap_or(f64::NEG_INFINITY),
-                None => 0.0,
-            };
-            let d = DefaultRank::of(h, &req.image);
-            let better = match &best {
-                None => true,
-                Some((_, bu, bd)) => user > *bu || (user == *bu && d.better_than(bd)),
-            };
-            if better {
-                best = Some((slot, user, d));
+        // The best first (the user's rank, then the default rank); a host that lost its
+        // capacity meanwhile gives way to the next.
+        while !candidates.is_empty() {
+            let mut best = 0;
+            for (i, c) in candidates.iter().enumerate().skip(1) {
+                let b = &candidates[best];
+                if c.user > b.user || (c.user == b.user && c.rank.better_than(&b.rank)) {
+                    best = i;
+                }
+            }
+            let c = candidates.swap_remove(best);
+            if let Some(p) = self.try_reserve(inner, &c, req, require, host_clauses) {
+                return Attempt::Placed(p);
             }
         }
-        let (slot, _, _) = best?;
-        Some(self.reserve(slot, req))
+        Attempt::Raced
     }
+
+    fn try_reserve(
+        &self,
+        inner: &Inner,
+        c: &Candidate,
+        req: &PlacementRequest,
+        require: Option<&Expr>,
+        host_clauses: bool,
+    ) -> Option<Placement> {
+        let h = inner.host(c.slot)?;
+        let class = inner.class(h.class)?.val.as_ref();
+        let mut live = h.lock();
+        if live.version != c.version && !fits(&live, class, req, require, host_clauses) {
+            return None;
+        }
+        let id = self.next_reservation.fetch_add(1, Ordering::Relaxed);
+        let (placement, r) = table::reserve(h, &mut live, c.slot, id, req);
+        // Into the map before the host's lock goes: an ad finds every held id there (or being
+        // released).
+        self.reservations.shard(id).insert(id, r);
+        Some(placement)
+    }
+}
+
+/// A random number from this thread's generator (xorshift64*, seeded per thread).
+fn rand() -> u64 {
+    thread_local! {
+        static RNG: Cell<u64> = const { Cell::new(0) };
+    }
+    RNG.with(|c| {
+        let mut x = c.get();
+        if x == 0 {
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+            x = (t ^ (c as *const Cell<u64> as u64).rotate_left(32)) | 1;
+        }
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        c.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    })
 }
 
 /// How many feasible hosts are scored: log2(n), at least [`MIN_SAMPLE`].
@@ -141,7 +204,7 @@ struct DefaultRank {
 }
 
 impl DefaultRank {
-    fn of(h: &HostEntry, image: &str) -> DefaultRank {
+    fn of(h: &HostLive, image: &str) -> DefaultRank {
         DefaultRank {
             cached: h.ad.image_cache.get(image).copied().filter(|f| f.is_finite()).unwrap_or(0.0),
             // The predicted load (next 30 s) where the host predicts, else its load average.

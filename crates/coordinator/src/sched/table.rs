@@ -1,11 +1,13 @@
-//! The host table: host entries, their classes (hosts with equal static attributes), the
-//! image-cache index and the cached verdicts of classes and owner policies.
+//! The host table: host entries (each with its own lock over what heartbeats and placements
+//! change), their classes (hosts with equal static attributes), the image-cache index and the
+//! sharded reservation map.
 
 use super::expr::{self, Expr};
 use super::types::{HostState, Placement, Reservation, ReservationId};
+use super::view::{AdVals, HostView};
 use cel::common::value::Val;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use vgrid_api::grid::{HostAd, PlacementRequest};
 
@@ -97,40 +99,77 @@ pub(super) struct Class {
     /// `host` with the class attributes only.
     pub(super) val: Box<dyn Val>,
     pub(super) policy: Option<Arc<Expr>>,
-    /// Requirement expr id -> verdict of its class clauses.
-    pub(super) req_cache: IdMap<Verdict>,
-    /// Verdict for placement number `memo_epoch`.
-    pub(super) memo_epoch: u64,
-    pub(super) memo: Verdict,
 }
 
+/// One host: its name and class (changed only under the table's write lock) and everything a
+/// heartbeat or a placement changes, behind the host's own lock.
 pub(super) struct HostEntry {
-    pub(super) ad: HostAd,
-    pub(super) state: HostState,
+    pub(super) name: String,
     pub(super) class: u32,
-    pub(super) reserved_cpus: u32,
-    pub(super) reserved_mem: u64,
-    /// Outstanding reservations on this host.
-    pub(super) held: Vec<ReservationId>,
-    /// `host` as CEL sees it (free figures after reservations); rebuilt when stale.
-    pub(super) val: Option<Box<dyn Val>>,
+    pub(super) live: Mutex<HostLive>,
 }
 
 impl HostEntry {
+    pub(super) fn lock(&self) -> MutexGuard<'_, HostLive> {
+        // Every mutation completes before anything that can panic: a poisoned lock is usable.
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What changes from heartbeat to heartbeat and placement to placement.
+pub(super) struct HostLive {
+    pub(super) ad: HostAd,
+    pub(super) state: HostState,
+    /// Taken out of service (`vgrid host drain`).
+    pub(super) draining: bool,
+    pub(super) reserved_cpus: u32,
+    pub(super) reserved_mem: u64,
+    /// Outstanding reservations on this host. Whoever removes one from the reservation map
+    /// (release, expiry, the next ad for a confirmed one) takes it out of here.
+    pub(super) held: Vec<ReservationId>,
+    /// The values of `ad` that `host` borrows (see `view.rs`).
+    pub(super) own: AdVals,
+    /// Bumped by every change: a placement that checked the host at version v reserves on it
+    /// without checking again if it is still at v.
+    pub(super) version: u64,
+}
+
+impl HostLive {
     pub(super) fn free_cpus(&self) -> u32 {
         self.ad.free_cpus.saturating_sub(self.reserved_cpus)
     }
     pub(super) fn free_mem(&self) -> u64 {
         self.ad.free_memory_mib.saturating_sub(self.reserved_mem)
     }
-    pub(super) fn val(&mut self) -> &dyn Val {
-        if self.val.is_none() {
-            self.val = Some(host_value(&self.ad, self.free_cpus(), self.free_mem(), self.held.len() as u32));
+    /// `host` as CEL sees it (free figures after reservations), with the class's value.
+    pub(super) fn view<'a>(&'a self, class: &'a dyn Val) -> HostView<'a> {
+        let ad = &self.ad;
+        HostView {
+            class,
+            own: &self.own,
+            free_cpus: self.free_cpus() as u64,
+            free_memory_mib: self.free_mem(),
+            running_vms: ad.running_vms.saturating_add(self.held.len() as u32) as u64,
+            load_avg: ad.load_avg,
+            load_now: ad.load_now,
+            load_predicted: ad.load_predicted,
+            cpu_cap: ad.cpu_cap,
+            free_cpu_share: ad.free_cpu_share,
         }
-        self.val.as_deref().expect("set above")
+    }
+    /// Records a change (checks made before are void).
+    pub(super) fn changed(&mut self) {
+        self.version += 1;
     }
 }
 
+/// Which request fields some owner policy reads (besides cpus and memory, always in the key
+/// of a class verdict).
+pub(super) const READS_USER: u8 = 1;
+pub(super) const READS_IMAGE: u8 = 2;
+
+/// The host table. Placements hold it shared (read); only what changes its shape (a host
+/// joining, leaving or changing class, a drain) holds it exclusively.
 #[derive(Default)]
 pub(super) struct Inner {
     pub(super) hosts: Vec<Option<HostEntry>>,
@@ -140,35 +179,28 @@ pub(super) struct Inner {
     pub(super) classes: Vec<Option<Class>>,
     pub(super) free_classes: Vec<u32>,
     pub(super) class_ids: HashMap<ClassKey, u32>,
-    /// Owner-policy outcomes by policy and the request fields it reads.
-    pub(super) policy_cache: HashMap<RequestKey, Verdict>,
-    /// image -> (1 - cached fraction, slot) of hosts holding some of it: best first.
-    pub(super) cached: HashMap<String, BTreeSet<(u32, usize)>>,
-    pub(super) reservations: IdMap<Reservation>,
-    pub(super) next_reservation: ReservationId,
-    pub(super) epoch: u64,
-    pub(super) rng: u64,
+    /// Changes whenever a class's members change (cached class verdicts go stale).
+    pub(super) generation: u64,
+    /// `READS_*` of the owner policies of every class so far.
+    pub(super) policy_reads: u8,
     /// Hosts taken out of service (`vgrid host drain`), known or not yet registered.
     pub(super) draining: HashSet<String>,
 }
 
 impl Inner {
-    pub(super) fn rand(&mut self) -> u64 {
-        // xorshift64*
-        let mut x = self.rng;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.rng = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
     pub(super) fn join_class(&mut self, key: ClassKey, slot: usize, policy: Option<Arc<Expr>>) -> u32 {
+        self.generation += 1;
         if let Some(&id) = self.class_ids.get(&key) {
             if let Some(c) = self.classes.get_mut(id as usize).and_then(Option::as_mut) {
                 c.members.push(slot);
                 return id;
             }
+        }
+        if let Some(p) = &policy {
+            self.policy_reads |= match &p.fields {
+                None => READS_USER | READS_IMAGE,
+                Some(f) => (if f.contains("user") { READS_USER } else { 0 }) | (if f.contains("image") { READS_IMAGE } else { 0 }),
+            };
         }
         let id = match self.free_classes.pop() {
             Some(id) => id,
@@ -179,12 +211,12 @@ impl Inner {
         };
         let val = class_value(&key);
         self.class_ids.insert(key.clone(), id);
-        self.classes[id as usize] =
-            Some(Class { key, members: vec![slot], val, policy, req_cache: IdMap::default(), memo_epoch: 0, memo: None });
+        self.classes[id as usize] = Some(Class { key, members: vec![slot], val, policy });
         id
     }
 
     pub(super) fn leave_class(&mut self, id: u32, slot: usize) {
+        self.generation += 1;
         let empty = match self.classes.get_mut(id as usize).and_then(Option::as_mut) {
             Some(c) => {
                 if let Some(i) = c.members.iter().position(|&m| m == slot) {
@@ -202,67 +234,94 @@ impl Inner {
         }
     }
 
-    pub(super) fn index_cache(&mut self, slot: usize) {
-        let Some(h) = self.hosts[slot].as_ref() else { return };
-        for (image, frac) in &h.ad.image_cache {
+    pub(super) fn class(&self, id: u32) -> Option<&Class> {
+        self.classes.get(id as usize).and_then(Option::as_ref)
+    }
+
+    pub(super) fn host(&self, slot: usize) -> Option<&HostEntry> {
+        self.hosts.get(slot).and_then(Option::as_ref)
+    }
+
+    pub(super) fn host_named(&self, name: &str) -> Option<&HostEntry> {
+        self.by_name.get(name).and_then(|&s| self.host(s))
+    }
+}
+
+/// image -> (1 - cached fraction, slot) of hosts holding some of it: best first.
+#[derive(Default)]
+pub(super) struct CacheIndex(pub(super) HashMap<String, BTreeSet<(u32, usize)>>);
+
+impl CacheIndex {
+    pub(super) fn add(&mut self, slot: usize, cache: &BTreeMap<String, f64>) {
+        for (image, frac) in cache {
             if *frac > 0.0 {
-                self.cached.entry(image.clone()).or_default().insert((cache_key(*frac), slot));
+                self.0.entry(image.clone()).or_default().insert((cache_key(*frac), slot));
             }
         }
     }
 
-    pub(super) fn unindex_cache(&mut self, slot: usize) {
-        let Some(h) = self.hosts[slot].as_ref() else { return };
-        for (image, frac) in &h.ad.image_cache {
-            if let Some(set) = self.cached.get_mut(image) {
+    pub(super) fn remove(&mut self, slot: usize, cache: &BTreeMap<String, f64>) {
+        for (image, frac) in cache {
+            if let Some(set) = self.0.get_mut(image) {
                 set.remove(&(cache_key(*frac), slot));
                 if set.is_empty() {
-                    self.cached.remove(image);
+                    self.0.remove(image);
                 }
             }
         }
     }
+}
 
-    /// Holds the request's cpus and memory on the host in `slot`.
-    pub(super) fn reserve(&mut self, slot: usize, req: &PlacementRequest) -> Placement {
-        let id = self.next_reservation;
-        self.next_reservation += 1;
-        let h = self.hosts[slot].as_mut().expect("chosen slot");
-        h.reserved_cpus += req.cpus;
-        h.reserved_mem += req.memory_mib;
-        h.held.push(id);
-        h.val = None;
-        let placement = Placement { host: h.ad.name.clone(), url: h.ad.url.clone(), reservation: id };
-        self.reservations.insert(
-            id,
-            Reservation {
-                id,
-                host: h.ad.name.clone(),
-                cpus: req.cpus,
-                memory_mib: req.memory_mib,
-                confirmed: false,
-                since: Instant::now(),
-                slot,
-            },
-        );
-        placement
+/// Outstanding reservations, in shards by id (placements on different threads seldom meet).
+pub(super) struct Reservations {
+    shards: [Mutex<IdMap<Reservation>>; SHARDS],
+}
+
+const SHARDS: usize = 16;
+
+impl Default for Reservations {
+    fn default() -> Self {
+        Reservations { shards: std::array::from_fn(|_| Mutex::default()) }
+    }
+}
+
+impl Reservations {
+    pub(super) fn shard(&self, id: ReservationId) -> MutexGuard<'_, IdMap<Reservation>> {
+        self.shards[(id % SHARDS as u64) as usize].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn drop_reservation(&mut self, id: ReservationId) -> Option<Reservation> {
-        let r = self.reservations.remove(&id)?;
-        if let Some(h) = self.hosts.get_mut(r.slot).and_then(Option::as_mut) {
-            h.reserved_cpus = h.reserved_cpus.saturating_sub(r.cpus);
-            h.reserved_mem = h.reserved_mem.saturating_sub(r.memory_mib);
-            if let Some(i) = h.held.iter().position(|&x| x == id) {
-                h.held.swap_remove(i);
-            }
-            h.val = None;
-        }
-        Some(r)
+    pub(super) fn all(&self) -> Vec<Reservation> {
+        let mut v: Vec<Reservation> = (0..SHARDS as u64).flat_map(|i| self.shard(i).values().cloned().collect::<Vec<_>>()).collect();
+        v.sort_by_key(|r| r.id);
+        v
     }
+}
 
-    pub(super) fn class(&self, id: u32) -> Option<&Class> {
-        self.classes.get(id as usize).and_then(Option::as_ref)
+/// Holds the request's cpus and memory on a host (its lock held) under reservation `id`.
+pub(super) fn reserve(
+    h: &HostEntry,
+    live: &mut HostLive,
+    slot: usize,
+    id: ReservationId,
+    req: &PlacementRequest,
+) -> (Placement, Reservation) {
+    live.reserved_cpus += req.cpus;
+    live.reserved_mem += req.memory_mib;
+    live.held.push(id);
+    live.changed();
+    let placement = Placement { host: h.name.clone(), url: live.ad.url.clone(), reservation: id };
+    let r =
+        Reservation { id, host: h.name.clone(), cpus: req.cpus, memory_mib: req.memory_mib, confirmed: false, since: Instant::now(), slot };
+    (placement, r)
+}
+
+/// Gives a reservation's capacity back to its host (its lock held), if the host still holds it.
+pub(super) fn unhold(live: &mut HostLive, r: &Reservation) {
+    if let Some(i) = live.held.iter().position(|&x| x == r.id) {
+        live.held.swap_remove(i);
+        live.reserved_cpus = live.reserved_cpus.saturating_sub(r.cpus);
+        live.reserved_mem = live.reserved_mem.saturating_sub(r.memory_mib);
+        live.changed();
     }
 }
 
@@ -277,32 +336,6 @@ pub(super) fn class_value(k: &ClassKey) -> Box<dyn Val> {
         ("labels", val::string_map(&k.labels)),
         ("cpus", val::int(k.cpus as u64)),
         ("memory_mib", val::int(k.memory_mib)),
-    ])
-}
-
-pub(super) fn host_value(ad: &HostAd, free_cpus: u32, free_mem: u64, reservations: u32) -> Box<dyn Val> {
-    use expr::val;
-    val::map(vec![
-        ("name", val::string(&ad.name)),
-        ("url", val::string(&ad.url)),
-        ("arch", val::string(&ad.arch)),
-        ("accel", val::string(&ad.accel)),
-        ("qemu_version", val::string(&ad.qemu_version)),
-        ("network_modes", val::strings(&ad.network_modes)),
-        ("networks", val::strings(&ad.networks)),
-        ("labels", val::string_map(&ad.labels)),
-        ("cpus", val::int(ad.cpus as u64)),
-        ("memory_mib", val::int(ad.memory_mib)),
-        ("free_cpus", val::int(free_cpus as u64)),
-        ("free_memory_mib", val::int(free_mem)),
-        ("load_avg", val::double(ad.load_avg)),
-        ("load_now", val::double(ad.load_now)),
-        ("load_predicted", val::double(ad.load_predicted)),
-        ("cpu_cap", val::double(ad.cpu_cap)),
-        ("free_cpu_share", val::double(ad.free_cpu_share)),
-        ("cgroups", val::string(&ad.cgroups)),
-        ("running_vms", val::int(ad.running_vms.saturating_add(reservations) as u64)),
-        ("image_cache", val::double_map(&ad.image_cache)),
     ])
 }
 

@@ -632,3 +632,97 @@ fn rank_by_predicted_load_and_cpu_share_admission() {
     assert_eq!(nm.refusals[0].clause, "cpu_share");
     assert!(!nm.may_change(), "{nm}");
 }
+
+/// Four threads hammer `place` on three small hosts (2 cpus each), each thread holding up to
+/// three placements of 1-2 cpus at a time (whether the hosts fill up depends on how the threads
+/// interleave; nothing here depends on it):
+/// the capacity they hold never exceeds a host's (checked on every placement against a ledger
+/// that counts a placement only after it is made and uncounts it before it is released, so it
+/// never over-counts), every refusal names each host and a real reason, and at the end every
+/// placement was released exactly once and all capacity is back.
+#[test]
+fn parallel_placements_never_overcommit_and_are_all_accounted_for() {
+    const THREADS: usize = 4;
+    const PER_THREAD: usize = 20_000;
+    let s = Arc::new(Scheduler::new());
+    for i in 0..3 {
+        s.upsert(ad(&format!("h{i}"), "uf", 2, 4096)).unwrap();
+    }
+    let ledger: Arc<Mutex<HashMap<String, (u32, u64)>>> = Arc::new(Mutex::new(HashMap::new()));
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (s, ledger) = (s.clone(), ledger.clone());
+            std::thread::spawn(move || {
+                let (mut placed, mut refused, mut released) = (0usize, 0usize, 0usize);
+                let mut holding: std::collections::VecDeque<(Placement, u32, u64)> = Default::default();
+                for n in 0..PER_THREAD {
+                    let mut r = req(&format!("u{t}"), 1 + (n % 2) as u32, 512 * (1 + (n % 3) as u64));
+                    if n % 4 == 0 {
+                        r.require = Some("host.free_cpus >= 1 && host.labels.site == 'uf'".into());
+                    }
+                    if n % 3 == 0 {
+                        r.rank = Some("host.free_memory_mib".into());
+                    }
+                    match s.place(&r) {
+                        Ok(p) => {
+                            placed += 1;
+                            let mut l = ledger.lock().unwrap();
+                            let e = l.entry(p.host.clone()).or_default();
+                            e.0 += r.cpus;
+                            e.1 += r.memory_mib;
+                            assert!(e.0 <= 2 && e.1 <= 4096, "{} over-committed: {e:?} held of (2, 4096)", p.host);
+                            drop(l);
+                            holding.push_back((p, r.cpus, r.memory_mib));
+                        }
+                        Err(PlaceError::NoMatch(nm)) => {
+                            refused += 1;
+                            assert_eq!(nm.refusals.len(), 3, "{nm}");
+                            for x in &nm.refusals {
+                                assert!(["free_cpus", "free_memory_mib", "host.free_cpus >= 1"].contains(&x.clause.as_str()), "{x}");
+                            }
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                    if holding.len() > 2 || (n % 5 == 0 && !holding.is_empty()) {
+                        let (p, cpus, mem) = holding.pop_front().unwrap();
+                        {
+                            let mut l = ledger.lock().unwrap();
+                            let e = l.get_mut(&p.host).unwrap();
+                            e.0 -= cpus;
+                            e.1 -= mem;
+                        }
+                        if n % 2 == 0 {
+                            s.confirm(p.reservation).unwrap();
+                        }
+                        s.release(p.reservation).unwrap();
+                        released += 1;
+                    }
+                }
+                for (p, cpus, mem) in holding {
+                    let mut l = ledger.lock().unwrap();
+                    let e = l.get_mut(&p.host).unwrap();
+                    e.0 -= cpus;
+                    e.1 -= mem;
+                    drop(l);
+                    s.release(p.reservation).unwrap();
+                    released += 1;
+                }
+                (placed, refused, released)
+            })
+        })
+        .collect();
+    let (mut placed, mut refused, mut released) = (0, 0, 0);
+    for w in workers {
+        let (p, r, x) = w.join().unwrap();
+        placed += p;
+        refused += r;
+        released += x;
+    }
+    assert_eq!(placed + refused, THREADS * PER_THREAD);
+    assert_eq!(released, placed);
+    assert!(placed > 0, "placed {placed}, refused {refused}");
+    assert!(s.reservations().is_empty());
+    for i in 0..3 {
+        assert_eq!(s.free(&format!("h{i}")), Some((2, 4096)));
+    }
+}
