@@ -43,6 +43,10 @@ pub enum HostControl {
 /// How long a direct-path ticket is valid after the coordinator issued it (it is used once).
 pub const TICKET_TTL_SECS: u64 = 60;
 
+/// The shortest ticket a host agent takes (and the longest).
+pub const MIN_TICKET: usize = 16;
+pub const MAX_TICKET: usize = 128;
+
 /// The header that carries a direct-path ticket to a host agent.
 pub const TICKET_HEADER: &str = "vgrid-tunnel-ticket";
 
@@ -62,7 +66,10 @@ pub struct DirectEndpoint {
 /// `owner`'s `vgrid tunnel` to tunnel network `network` with `ticket`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DirectTicket {
+    /// At least [`MIN_TICKET`] characters (the coordinator issues 48 hex digits).
+    #[schema(min_length = 16, max_length = 128)]
     pub ticket: String,
+    #[schema(pattern = "^[a-z][a-z0-9_-]{0,31}$")]
     pub network: String,
     pub owner: String,
 }

@@ -9,7 +9,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use vgrid_api::tunnel::{DirectTicket, TICKET_HEADER};
+use vgrid_api::tunnel::{DirectTicket, MAX_TICKET, MIN_TICKET, TICKET_HEADER};
 use vgrid_api::ErrorBody;
 use vgrid_trust::json::{Json, JsonRejection};
 
@@ -20,10 +20,13 @@ type Ctx = State<Arc<Agent>>;
 
 /// Admits one direct link of a user's `vgrid tunnel` (409 when this host takes none).
 #[utoipa::path(post, path = "/host/v1/tunnels/tickets", request_body = DirectTicket,
-    responses((status = 200), (status = 409, body = ErrorBody)))]
+    responses((status = 200), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn ticket(State(a): Ctx, body: Result<Json<DirectTicket>, JsonRejection>) -> Result<Json<serde_json::Value>, HttpError> {
     let Json(t) = body.map_err(|r| HttpError::body("ticket", r))?;
     vgrid_api::net::check_network_name(&t.network).map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if !(MIN_TICKET..=MAX_TICKET).contains(&t.ticket.len()) {
+        return Err(HttpError(StatusCode::BAD_REQUEST, format!("a ticket has {MIN_TICKET}-{MAX_TICKET} characters")));
+    }
     a.net.tunnels.admit(t)?;
     Ok(Json(serde_json::json!({})))
 }
