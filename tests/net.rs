@@ -236,16 +236,7 @@ fn a_site_network_guest_migrated_to_another_host_keeps_its_address() {
     let (addr, mac) = (address(&up.vm(&id)), up.vm(&id)["config"]["net"]["nics"][0]["mac"].clone());
     assert!(lan.exec(&format!("busybox ping -c 2 -W 5 {addr}")).status.success(), "router -> guest on h1");
 
-    let o = up.cli(&["vm", "migrate", &id, "--to", "h2", "--timeout", "240"]);
-    assert!(
-        o.status.success(),
-        "migration failed: {}{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-        up.log_tail()
-    );
-    let v = up.vm(&id);
-    assert_eq!((v["state"].as_str(), v["host"].as_str()), (Some("running"), Some("h2")), "{v}");
+    let v = migrate_to(&up, &id, "h2");
     assert_eq!(address(&v), addr);
     assert_eq!(v["config"]["net"]["nics"][0]["mac"], mac);
     up.wait_until("the source's tap to go", Duration::from_secs(30), || lan.taps().len() == 1);

@@ -211,6 +211,23 @@ impl TunnelCmd {
     }
 }
 
+/// `vgrid up` as host h1 and a second host agent h2 (its arguments end with `h2_extra`), the
+/// DHCP sample imported and tunnel network `home` defined; returns them and h2's arguments
+/// (to start it again).
+fn two_hosts_with_home(h2_extra: &[&str]) -> (Up, Vec<String>, Role) {
+    let up = Up::start_with(&["--name", "h1", "--heartbeat-interval", "1"]);
+    let h2_data = up.data_dir().join("h2");
+    let mut args: Vec<String> =
+        ["host", "--coordinator", &up.url, "--listen", "127.0.0.1:0", "--name", "h2", "--data-dir"].iter().map(|a| a.to_string()).collect();
+    args.push(h2_data.to_str().unwrap().to_string());
+    args.extend(h2_extra.iter().map(|a| a.to_string()));
+    let h2 = Role::start(&args.iter().map(String::as_str).collect::<Vec<_>>(), up.data_dir().join("h2.log"));
+    import_dhcp_sample(&up);
+    up.ok(&["net", "create", "home", "--tunnel"]);
+    up.wait_until("both hosts to register", Duration::from_secs(30), || up.json(&["host", "ls"]).as_array().is_some_and(|h| h.len() == 2));
+    (up, args, h2)
+}
+
 /// The ports the coordinator's relay switches for network `net` now.
 fn relay_ports(up: &Up, net: &str) -> u64 {
     up.json(&["net", "show", net])["relay_ports"].as_u64().unwrap_or(u64::MAX)
@@ -249,28 +266,8 @@ fn tunnel_network_guests_join_the_users_lan_through_vgrid_tunnel() {
     // Its turn among the tests of this file (two booting guests at a time at most).
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let lan = UserLan::new(77);
-    let up = Up::start_with(&["--name", "h1", "--heartbeat-interval", "1"]);
-    let h2_data = up.data_dir().join("h2");
-    let h2 = Role::start(
-        &[
-            "host",
-            "--coordinator",
-            &up.url,
-            "--listen",
-            "127.0.0.1:0",
-            "--name",
-            "h2",
-            "--data-dir",
-            h2_data.to_str().unwrap(),
-            "--tunnel-direct",
-            "off",
-        ],
-        up.data_dir().join("h2.log"),
-    );
-    import_dhcp_sample(&up);
+    let (up, _, h2) = two_hosts_with_home(&["--tunnel-direct", "off"]);
     let alice = User::admin();
-    up.ok(&["net", "create", "home", "--tunnel"]);
-    up.wait_until("both hosts to register", Duration::from_secs(30), || up.json(&["host", "ls"]).as_array().is_some_and(|h| h.len() == 2));
     let mut tunnel = TunnelCmd::start(&up, &alice, "home", &lan, 0);
 
     // A guest on h1 takes its address from the user's DHCP server; they reach each other.
@@ -418,13 +415,8 @@ fn a_tunnel_network_guest_migrated_to_another_host_keeps_its_address_and_connect
     }
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let lan = UserLan::new(79);
-    let up = Up::start_with(&["--name", "h1", "--heartbeat-interval", "1"]);
-    let h2_data = up.data_dir().join("h2");
-    let h2_args = ["host", "--coordinator", &up.url, "--listen", "127.0.0.1:0", "--name", "h2", "--data-dir", h2_data.to_str().unwrap()];
-    let mut h2 = Role::start(&h2_args, up.data_dir().join("h2.log"));
-    import_dhcp_sample(&up);
-    up.ok(&["net", "create", "home", "--tunnel"]);
-    up.wait_until("both hosts to register", Duration::from_secs(30), || up.json(&["host", "ls"]).as_array().is_some_and(|h| h.len() == 2));
+    let (up, h2_args, mut h2) = two_hosts_with_home(&[]);
+    let h2_args: Vec<&str> = h2_args.iter().map(String::as_str).collect();
     let tunnel = TunnelCmd::start(&up, &User::admin(), "home", &lan, 0);
     let id = User::admin().run_tunnel_vm(&up, "tm", "home", "h1");
     tunnel.wait_direct(&up, "h1");
@@ -438,16 +430,7 @@ fn a_tunnel_network_guest_migrated_to_another_host_keeps_its_address_and_connect
         std::fs::read_to_string(go.with_extension("out")).unwrap_or_default().contains("BEFORE-OK")
     });
 
-    let o = up.cli(&["vm", "migrate", &id, "--to", "h2", "--timeout", "240"]);
-    assert!(
-        o.status.success(),
-        "migration failed: {}{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-        up.log_tail()
-    );
-    let v = up.vm(&id);
-    assert_eq!((v["state"].as_str(), v["host"].as_str()), (Some("running"), Some("h2")), "{v}");
+    migrate_to(&up, &id, "h2");
     assert_eq!(mac_of(&up, &id), mac, "the MAC is the record's");
     std::fs::write(&go, b"").unwrap();
     let status = client.wait().unwrap();

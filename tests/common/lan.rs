@@ -19,22 +19,7 @@ pub fn must(cmd: &str) {
 
 /// Imports the sample guest as `netsample`, booting with DHCP on eth0.
 pub fn import_dhcp_sample(up: &Up) {
-    let g = sample_guest().expect("sample guest");
-    let cmdline = format!("{} vgrid.net=dhcp", g.cmdline);
-    up.ok(&[
-        "image",
-        "import",
-        g.disk.to_str().unwrap(),
-        "--name",
-        "netsample",
-        "--kernel",
-        g.kernel.to_str().unwrap(),
-        "--initrd",
-        g.initrd.to_str().unwrap(),
-        "--cmdline",
-        &cmdline,
-        "--public",
-    ]);
+    up.import_sample_as("netsample", "vgrid.net=dhcp");
 }
 
 pub fn console(up: &Up, id: &str) -> String {
@@ -67,4 +52,19 @@ pub fn tail_of(log: &std::path::Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// `vm migrate ID --to HOST`, which must succeed; returns the VM's record, running on HOST.
+pub fn migrate_to(up: &Up, id: &str, host: &str) -> serde_json::Value {
+    let o = up.cli(&["vm", "migrate", id, "--to", host, "--timeout", "240"]);
+    assert!(
+        o.status.success(),
+        "migration failed: {}{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        up.log_tail()
+    );
+    let v = up.vm(id);
+    assert_eq!((v["state"].as_str(), v["host"].as_str()), (Some("running"), Some(host)), "{v}");
+    v
 }

@@ -103,19 +103,26 @@ impl Up {
 
     /// Imports the cached sample guest as `sample`.
     pub fn import_sample(&self) {
+        self.import_sample_as("sample", "");
+    }
+
+    /// Imports the cached sample guest as public image `name`, `cmdline_extra` appended to its
+    /// kernel command line.
+    pub fn import_sample_as(&self, name: &str, cmdline_extra: &str) {
         let g = sample_guest().expect("sample guest");
+        let cmdline = format!("{} {cmdline_extra}", g.cmdline);
         self.ok(&[
             "image",
             "import",
             g.disk.to_str().unwrap(),
             "--name",
-            "sample",
+            name,
             "--kernel",
             g.kernel.to_str().unwrap(),
             "--initrd",
             g.initrd.to_str().unwrap(),
             "--cmdline",
-            &g.cmdline,
+            cmdline.trim_end(),
             "--public",
         ]);
     }

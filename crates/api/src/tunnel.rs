@@ -101,6 +101,18 @@ pub fn push_record(batch: &mut Vec<u8>, port: u32, frame: &[u8]) {
     batch.extend_from_slice(frame);
 }
 
+/// A batch (one WebSocket message): the record `first`, then those `next` yields (e.g. what a
+/// queue holds now) until the batch reaches [`MAX_BATCH`] or `next` has none.
+pub fn batch<F: AsRef<[u8]>>(first: (u32, F), mut next: impl FnMut() -> Option<(u32, F)>) -> Vec<u8> {
+    let mut b = Vec::with_capacity(first.1.as_ref().len() + 64);
+    push_record(&mut b, first.0, first.1.as_ref());
+    while b.len() < MAX_BATCH {
+        let Some((port, f)) = next() else { break };
+        push_record(&mut b, port, f.as_ref());
+    }
+    b
+}
+
 /// The records of a batch, in order: `(port, frame)`; an error for a malformed one (the rest
 /// of the batch is not read).
 pub fn records(batch: &[u8]) -> impl Iterator<Item = Result<(u32, &[u8]), BatchError>> {
@@ -146,6 +158,17 @@ pub fn dest_mac(frame: &[u8]) -> Option<[u8; 6]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_takes_what_is_queued_up_to_its_size() {
+        let mut queue = vec![(2u32, vec![2u8; 1514]), (3, vec![3u8; 60])].into_iter();
+        let b = batch((1, vec![1u8; 60]), || queue.next());
+        let ports: Vec<u32> = records(&b).map(|r| r.unwrap().0).collect();
+        assert_eq!(ports, [1, 2, 3]);
+        let mut endless = std::iter::repeat((0u32, vec![0u8; 60_000]));
+        let b = batch((0, vec![0u8; 60_000]), || endless.next());
+        assert_eq!(records(&b).count(), 5, "closed once past {MAX_BATCH} bytes");
+    }
 
     #[test]
     fn batches_round_trip_and_refuse_malformed_records() {

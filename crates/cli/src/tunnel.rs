@@ -18,7 +18,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
-use vgrid_api::tunnel::{push_record, records, DirectControl, DirectEndpoint, MAX_BATCH, MAX_FRAME, TICKET_HEADER};
+use vgrid_api::tunnel::{batch, records, DirectControl, DirectEndpoint, MAX_FRAME, TICKET_HEADER};
 
 use crate::tunnel_switch::{LinkId, Switch, LOCAL, RELAY};
 
@@ -204,12 +204,7 @@ async fn carry(ws: Ws, sw: &Switch, id: LinkId) -> String {
         tokio::select! {
             f = rx.recv() => {
                 let Some(f) = f else { break "replaced".to_string() };
-                let mut b = Vec::with_capacity(f.len() + 64);
-                push_record(&mut b, 0, &f);
-                while b.len() < MAX_BATCH {
-                    let Ok(f) = rx.try_recv() else { break };
-                    push_record(&mut b, 0, &f);
-                }
+                let b = batch((0, f), || rx.try_recv().ok().map(|f| (0, f)));
                 if let Err(e) = wtx.send(Message::Binary(b.into())).await {
                     break e.to_string();
                 }

@@ -30,7 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::Message;
 use vgrid_api::net::{MacAddr, Nic};
-use vgrid_api::tunnel::{dest_mac, push_record, records, source_mac, DirectControl, DirectTicket, HostControl, MAX_BATCH, MAX_FRAME};
+use vgrid_api::tunnel::{batch, dest_mac, records, source_mac, DirectControl, DirectTicket, HostControl, MAX_BATCH, MAX_FRAME};
 use vgrid_api::vm::VmConfig;
 
 use crate::error::AgentError;
@@ -364,12 +364,7 @@ async fn carry_direct(
             }
             f = frames.recv() => {
                 let Some(f) = f else { return "replaced by a newer link".into() };
-                let mut b = Vec::with_capacity(f.len() + 64);
-                push_record(&mut b, 0, &f);
-                while b.len() < MAX_BATCH {
-                    let Ok(f) = frames.try_recv() else { break };
-                    push_record(&mut b, 0, &f);
-                }
+                let b = batch((0, f), || frames.try_recv().ok().map(|f| (0, f)));
                 tx.send(M::Binary(b.into())).await
             }
             m = rx.next() => match m {
@@ -477,12 +472,7 @@ async fn run_link(
             }
             f = frames.recv() => {
                 let Some((port, f)) = f else { return Ok(()) };
-                let mut b = Vec::with_capacity(f.len() + 64);
-                push_record(&mut b, port, &f);
-                while b.len() < MAX_BATCH {
-                    let Ok((port, f)) = frames.try_recv() else { break };
-                    push_record(&mut b, port, &f);
-                }
+                let b = batch((port, f), || frames.try_recv().ok());
                 tx.send(Message::Binary(b.into())).await.map_err(|e| e.to_string())?;
             }
             m = rx.next() => match m {

@@ -16,7 +16,7 @@ use axum::{Extension, Json};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use vgrid_api::net::{NetworkKind, Nic};
-use vgrid_api::tunnel::{push_record, records, DirectEndpoint, DirectTicket, HostControl, MAX_BATCH};
+use vgrid_api::tunnel::{batch, records, DirectEndpoint, DirectTicket, HostControl};
 use vgrid_api::ErrorBody;
 use vgrid_trust::NodeRole;
 
@@ -146,14 +146,7 @@ async fn write_batches(
             },
             f = frames.recv() => {
                 let Some((port, f)) = f else { break };
-                let mut b = Vec::with_capacity(f.len() + 64);
-                push_record(&mut b, port, &f);
-                while b.len() < MAX_BATCH {
-                    match frames.try_recv() {
-                        Ok((port, f)) => push_record(&mut b, port, &f),
-                        Err(_) => break,
-                    }
-                }
+                let b = batch((port, f), || frames.try_recv().ok());
                 sink.send(Message::Binary(b.into())).await
             }
         };
