@@ -135,6 +135,11 @@ impl RoleGrid {
     /// Boots the sample guest as `name` on a host meeting `require` (any host when empty), up
     /// to the shell prompt; one retry.
     pub fn run_where(&self, require: &str, name: &str) -> serde_json::Value {
+        self.run_with(require, name, &[])
+    }
+
+    /// [`RoleGrid::run_where`] with more `vm run` arguments (e.g. `--volume NAME`).
+    pub fn run_with(&self, require: &str, name: &str, extra: &[&str]) -> serde_json::Value {
         let _slot = boot_slot().unwrap();
         let mut last = String::new();
         for attempt in 1..=2 {
@@ -143,6 +148,7 @@ impl RoleGrid {
             if !require.is_empty() {
                 args.extend(["--require", require]);
             }
+            args.extend(extra);
             let o = self.cli(&args);
             if o.status.success() {
                 return serde_json::from_slice(&o.stdout).unwrap();

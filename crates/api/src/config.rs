@@ -84,6 +84,8 @@ pub enum ConfigError {
     DiskLimits,
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Volume(#[from] crate::volume::VolumeError),
 }
 
 /// A CPU reservation that cannot be enforced as given.
@@ -237,6 +239,9 @@ pub struct VmConfig {
     pub resources: Resources,
     #[serde(default)]
     pub net: NetConfig,
+    /// Volumes attached as extra virtio disks, in guest order after the image's disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::volume::VolumeAttach>,
 }
 
 impl VmConfig {
@@ -250,6 +255,7 @@ impl VmConfig {
             boot: BootConfig { image },
             resources: Resources::default(),
             net: NetConfig::default(),
+            volumes: Vec::new(),
         }
     }
 
@@ -290,6 +296,7 @@ impl VmConfig {
         check_memory(self.memory_mib)?;
         validate_name(&self.boot.image.name)?;
         self.resources.validate()?;
+        crate::volume::validate_all(&self.volumes)?;
         Ok(self.net.validate()?)
     }
 }
@@ -335,7 +342,7 @@ impl VmCreate {
             .with_memory_mib(self.memory_mib)
             .with_accel(accel)
             .with_resources(self.resources.clone());
-        let config = VmConfig { net: NetConfig::requested(&self.nics, &self.forwards)?, ..config };
+        let config = VmConfig { net: NetConfig::requested(&self.nics, &self.forwards)?, volumes: self.volumes.clone(), ..config };
         config.validate()?;
         Ok(config)
     }

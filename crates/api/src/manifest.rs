@@ -117,6 +117,9 @@ pub struct ImageMeta {
     #[serde(default = "default_arch")]
     pub arch: String,
     pub boot: Boot,
+    /// Set on a volume's manifests (the user's data, not a bootable image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<crate::volume::VolumeMeta>,
 }
 
 fn default_arch() -> String {
@@ -396,7 +399,7 @@ mod tests {
             created: 0,
             chunk_size: 4096,
             disk: Blob { size: 4097, chunks: vec![None] },
-            meta: ImageMeta { os: "".into(), arch: "x86_64".into(), boot: Boot::Firmware },
+            meta: ImageMeta { os: "".into(), arch: "x86_64".into(), boot: Boot::Firmware, volume: None },
             parent: None,
             state: None,
         };

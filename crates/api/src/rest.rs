@@ -28,6 +28,9 @@ pub struct ImageSummary {
     /// Readable (runnable) by every user.
     #[serde(default)]
     pub public: bool,
+    /// A volume (the user's data), not a bootable image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<crate::volume::VolumeMeta>,
 }
 
 /// Who an image name (all its versions) belongs to: `GET|PUT /store/v1/owners/{name}`.
@@ -86,6 +89,7 @@ impl ImageSummary {
             parent: m.parent.as_ref().map(|p| p.to_string()),
             owner: None,
             public: false,
+            volume: m.meta.volume.clone(),
         }
     }
 }

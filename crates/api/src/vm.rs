@@ -130,6 +130,10 @@ pub struct VmCreate {
     /// CPU reservation, memory limit and disk throttling (all optional).
     #[serde(default)]
     pub resources: Resources,
+    /// Volumes to attach (read-write: at most one VM at a time; `epoch` is the coordinator's).
+    #[serde(default)]
+    #[schema(max_items = 8)]
+    pub volumes: Vec<crate::volume::VolumeAttach>,
 }
 
 pub fn default_cpus() -> u32 {

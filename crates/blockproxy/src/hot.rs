@@ -329,7 +329,7 @@ mod tests {
             created: 0,
             chunk_size: CS,
             disk: Blob { size: CS as u64, chunks: vec![None] },
-            meta: ImageMeta { os: String::new(), arch: "x86_64".into(), boot: Boot::Firmware },
+            meta: ImageMeta { os: String::new(), arch: "x86_64".into(), boot: Boot::Firmware, volume: None },
             parent: None,
             state: Some(SavedState {
                 blob: Blob { size: CS as u64, chunks: vec![Some(ChunkHash::of(&chunks[0]))] },

@@ -258,6 +258,7 @@ async fn import(ctx: &Ctx, client: &StoreClient, a: ImportArgs) -> anyhow::Resul
         cmdline: a.cmdline.unwrap_or_default(),
         os: a.os,
         arch: a.arch,
+        volume: None,
     };
     let pb = progress_bar(0, &format!("importing {}", a.name));
     if ctx.json {

@@ -20,6 +20,7 @@ mod tunnel;
 mod tunnel_switch;
 mod usage;
 mod vm;
+mod volume;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -92,6 +93,10 @@ pub enum Cmd {
     /// The coordinator's CA as pinned by this CLI (its fingerprint: compare it out of band,
     /// give it to others as $VGRID_CA_FINGERPRINT).
     Ca,
+    /// Volumes: your data on the image servers, attached to VMs as disks on demand
+    /// (`vm run --volume NAME`), with one writer at a time and versions.
+    #[command(subcommand)]
+    Volume(volume::VolumeCmd),
     /// Networks: site networks that hosts attach to, and tunnel networks to your own LAN.
     #[command(subcommand)]
     Net(net::NetCmd),
@@ -171,6 +176,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Usage(a) => usage::run(&ctx, a).await,
         Cmd::Ca => trust::ca_cmd(&ctx).await,
         Cmd::Net(c) => net::run(&ctx, c).await,
+        Cmd::Volume(c) => volume::run(&ctx, c).await,
         Cmd::Tunnel(a) => tunnel::run(&ctx, a).await,
         Cmd::JoinToken(c) => trust::join_token_cmd(&ctx, c).await,
     }

@@ -79,6 +79,12 @@ pub struct RunArgs {
     /// Repeatable: one interface each, in guest order.
     #[arg(long = "net", value_name = "MODE", value_parser = |s: &str| s.parse::<vgrid_api::vm::Nic>())]
     pub nics: Vec<vgrid_api::vm::Nic>,
+    /// Attach a volume as the next virtio disk (/dev/vdb, /dev/vdc, ...):
+    /// `NAME[@VERSION][:ro][,serial=S]`. Read-write (the default: the latest version; one VM
+    /// at a time) commits the guest's writes as a new version when the VM stops or is removed
+    /// (and on `vgrid volume commit`); `:ro` any version, shared. Repeatable.
+    #[arg(long = "volume", value_name = "SPEC", value_parser = |s: &str| s.parse::<vgrid_api::volume::VolumeAttach>())]
+    pub volumes: Vec<vgrid_api::volume::VolumeAttach>,
     /// Accelerator: kvm or tcg [default: kvm where the CPU has vmx/svm, else tcg].
     #[arg(long, value_parser = ["kvm", "tcg"])]
     pub accel: Option<String>,
@@ -341,6 +347,11 @@ fn show(v: &VmRecord) {
         }
         println!("{line}");
     }
+    for vol in &v.config.volumes {
+        let at = vol.version.map(|n| format!("@{n}")).unwrap_or_default();
+        let mode = if vol.readonly { "read-only" } else { "read-write" };
+        println!("volume:   {}{at} {mode}{}", vol.name, vol.serial.as_deref().map(|s| format!(" serial {s}")).unwrap_or_default());
+    }
     if let Some(s) = &v.saved_image {
         println!("saved:    {s}");
     }
@@ -375,6 +386,7 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
         rank: a.rank.clone(),
         no_wait: a.no_wait,
         resources: a.resources.to_api(),
+        volumes: a.volumes.clone(),
     };
     let mut v: VmRecord = api.post("/api/v1/vms", &req).await?;
     let quiet = ctx.json;

@@ -253,6 +253,12 @@ impl HostClient {
         Ok(())
     }
 
+    /// Commits volume `name` of the running VM `id` (the guest paused while its writes are read).
+    pub async fn commit_volume(&self, id: &str, name: &str) -> Result<vgrid_api::volume::VolumeCommitted, HostCallError> {
+        let r = self.call(self.http.post(self.u(&format!("/host/v1/vms/{id}/volumes/{name}/commit")))).await?;
+        r.ok_or_else(|| self.empty("volume commit"))
+    }
+
     pub async fn remove(&self, id: &str) -> Result<(), HostCallError> {
         self.call::<serde_json::Value>(self.http.delete(self.u(&format!("/host/v1/vms/{id}")))).await?;
         Ok(())

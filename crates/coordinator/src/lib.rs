@@ -25,7 +25,8 @@
 //!   them: their phase), `reconcile` (a host's heartbeat: the core registers it, then the records are reconciled
 //!   with its report; and the recovery at open of what a restart left half-done, handing
 //!   interrupted suspends, resumes and migrations to their features), `accounting`, `auth`,
-//!   `join`, `images`, `relay` (the tunnel networks' Ethernet switches, joining hosts' and
+//!   `join`, `images`, `volumes` (the one-writer claims of volumes, their fencing epochs and the
+//!   user's volume commands), `relay` (the tunnel networks' Ethernet switches, joining hosts' and
 //!   users' tunnel connections; it never sees a request). The core never calls them: `http` and whoever opens the coordinator
 //!   (`Coordinator::new`, then `Coordinator::recover_interrupted`) do;
 //! * `http`: every REST handler and the error → status mapping; no feature module knows axum.
@@ -45,6 +46,7 @@ pub mod relay;
 pub mod sched;
 pub mod state;
 pub mod suspend;
+pub mod volumes;
 pub mod waiting;
 
 pub use lifecycle::{Coordinator, CoordinatorError};

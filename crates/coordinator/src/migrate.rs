@@ -88,6 +88,7 @@ impl Coordinator {
         if rec.state != VmState::Running {
             return Err(CoordinatorError::Conflict(format!("VM {} is {}; only a running VM can migrate", rec.id, rec.state.as_str())));
         }
+        crate::volumes::refuse_moving(&rec, "migrated")?;
         let source = rec.host.clone().unwrap_or_default();
         if let Some(to) = &req.to {
             if *to == source {

@@ -96,6 +96,7 @@ impl Coordinator {
     pub async fn snapshot(&self, key: &str, name: &str) -> Result<SavedImage, CoordinatorError> {
         vgrid_api::manifest::validate_name(name).map_err(CoordinatorError::Image)?;
         let (rec, client) = self.running_on(key, "snapshotted").await?;
+        crate::volumes::refuse_moving(&rec, "snapshotted")?;
         tracing::info!(vm = %rec.id, image = name, "saving VM as a warm image");
         Ok(client.save(&rec.id, name, false).await?)
     }
@@ -106,6 +107,7 @@ impl Coordinator {
     /// save ([`CoordinatorError::Settling`], HTTP 504: follow the record).
     pub async fn suspend(self: &Arc<Self>, key: &str) -> Result<Suspended, CoordinatorError> {
         let (rec, client) = self.running_on(key, "suspended").await?;
+        crate::volumes::refuse_moving(&rec, "suspended")?;
         // Only one suspend (or migration, or stop) of a running VM wins: the table refuses the
         // others.
         self.apply(&rec.id, Event::SuspendRequested).await.map_err(|e| match e {

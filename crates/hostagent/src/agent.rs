@@ -245,7 +245,7 @@ impl Agent {
         let ids: Vec<String> = self.vms.lock().unwrap().keys().cloned().collect();
         for id in ids {
             let _ = self.stop(&id, false).await;
-            let _ = self.release(&id).await;
+            let _ = crate::volume::release(self, &id).await;
         }
         let h = self.nbd.lock().unwrap().take();
         if let Some(h) = h {

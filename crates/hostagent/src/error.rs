@@ -45,6 +45,9 @@ pub enum AgentError {
     /// A site interface that cannot be plugged in here (not attached, not allocated).
     #[error("{0}")]
     Network(String),
+    /// A volume that cannot be attached or committed (the cause says which and why).
+    #[error("VM {id}: volume {volume}: {cause}")]
+    Volume { id: String, volume: String, cause: String },
     /// The host's network plumbing failed (a bridge, tap or filter; the command and its error).
     #[error("network: {0}")]
     Plumbing(#[source] vgrid_vnet::NetError),

@@ -162,10 +162,35 @@ pub(crate) async fn prepare_spec(
     };
     tracing::debug!(vm = %id, image = %manifest.image_ref(), took_ms = t0.elapsed().as_millis() as u64, "boot files ready");
     let export = manifest.image_ref().to_string();
-    let spec = VmSpec::new(&id, req.config.clone().with_accel(accel), DiskSource::nbd_unix(&ctx.nbd_socket, &export), boot);
+    let mut spec = VmSpec::new(&id, req.config.clone().with_accel(accel), DiskSource::nbd_unix(&ctx.nbd_socket, &export), boot);
+    spec.volume_disks = volume_disks(ctx, &id, &req.config.volumes, progress).await?;
     // Site interfaces: their taps exist before QEMU opens them, their leases are served.
     ctx.net.plug(&id, &dir, &req.config, ctx.qemu_user.as_ref().map(|u| u.uid))?;
     Ok((spec, dir, manifest))
+}
+
+/// The block proxy's exports of the committed versions `volumes` start from (each must be
+/// a volume, and a version pinned by the coordinator for a read-write one).
+async fn volume_disks(
+    ctx: &HostCtx,
+    id: &str,
+    volumes: &[vgrid_api::volume::VolumeAttach],
+    progress: &(dyn Fn(&str) + Send + Sync),
+) -> Result<Vec<DiskSource>, AgentError> {
+    let mut out = Vec::new();
+    for v in volumes {
+        progress(&format!("opening volume {}", v.name));
+        let bad = |cause: String| AgentError::Volume { id: id.to_string(), volume: v.name.clone(), cause };
+        let m = ctx.proxy.resolve(&v.image_ref()).await?;
+        if m.meta.volume.is_none() {
+            return Err(bad(format!("{} is an image, not a volume", m.image_ref())));
+        }
+        if !v.readonly && v.epoch.is_none() {
+            return Err(bad("a read-write attach needs the coordinator's fencing epoch".into()));
+        }
+        out.push(DiskSource::nbd_unix(&ctx.nbd_socket, &m.image_ref().to_string()));
+    }
+    Ok(out)
 }
 
 /// The accelerator a launch request asks for (`None`: the host's choice), refusing KVM where it

@@ -59,6 +59,7 @@ pub mod tlscreds;
 pub mod tunnel;
 pub mod vm;
 mod vmspec;
+pub mod volume;
 pub mod waits;
 
 pub use accel::{kvm_usable, Accel};

@@ -31,6 +31,12 @@ pub const QMP_SOCKET: &str = "qmp.sock";
 pub const CONSOLE_SOCKET: &str = "console.sock";
 pub const CONSOLE_LOG: &str = "console.log";
 pub const OVERLAY_FILE: &str = "overlay.qcow2";
+
+/// The overlay of read-write volume `index` in a runtime directory: its writes since the
+/// version it started from.
+pub fn volume_overlay(dir: &std::path::Path, index: usize) -> std::path::PathBuf {
+    dir.join(format!("volume{index}.qcow2"))
+}
 pub const QEMU_LOG: &str = "qemu.log";
 /// The VM's [`LaunchRequest`] (see [`record_launch`]).
 pub const LAUNCH_FILE: &str = "launch.json";
@@ -152,4 +158,10 @@ pub(crate) fn write_spec(dir: &Path, spec: &VmSpec) -> Result<(), VmError> {
         path: spec_path,
         source,
     })
+}
+
+/// The spec a launch wrote into `dir` (`None` when absent or unreadable).
+pub(crate) fn read_spec(dir: &Path) -> Option<VmSpec> {
+    let b = std::fs::read(dir.join(SPEC_FILE)).ok()?;
+    serde_json::from_slice(&b).ok()
 }

@@ -149,8 +149,44 @@ pub fn export_of(disk: &DiskSource) -> Option<ImageRef> {
     }
 }
 
+/// The chunks of `parent`'s disk that the qcow2 `overlay` over it touches, each composed:
+/// the parent's chunk (read through the host cache) with the overlay's ranges laid over it.
+/// The overlay must be quiescent (its guest paused or gone).
+pub(crate) async fn compose_touched(ctx: &HostCtx, overlay: &Path, parent: &Manifest) -> Result<BTreeMap<u64, Vec<u8>>, String> {
+    let out = tokio::process::Command::new(crate::vm::LaunchOptions::default().qemu_img)
+        .args(["map", "-U", "--output=json"])
+        .arg(overlay)
+        .output()
+        .await
+        .map_err(|e| format!("qemu-img map {}: {e}", overlay.display()))?;
+    if !out.status.success() {
+        return Err(format!("qemu-img map {}: {}", overlay.display(), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let entries: Vec<MapEntry> = serde_json::from_slice(&out.stdout).map_err(|e| format!("qemu-img map output: {e}"))?;
+    let patches = overlay_patches(&entries)?;
+    let file = crate::qemu_user::open_file(overlay).map_err(|e| format!("{}: {e}", overlay.display()))?;
+    let mut touched = BTreeMap::new();
+    for index in touched_chunks(&patches, parent.chunk_size) {
+        if index as usize >= parent.disk.chunks.len() {
+            return Err(format!("the overlay holds data past the end of image {}", parent.image_ref()));
+        }
+        let len = parent.disk.chunk_len(parent.chunk_size, index as usize);
+        let mut buf = match parent.disk.chunks[index as usize] {
+            Some(h) => {
+                let one = Blob { size: len as u64, chunks: vec![Some(h)] };
+                ctx.proxy().read_blob(parent, &one).await.map_err(|e| e.to_string())?
+            }
+            None => vec![0u8; len as usize],
+        };
+        compose_chunk(&mut buf, index, parent.chunk_size, &patches, |off, dst| file.read_exact_at(dst, off))
+            .map_err(|e| format!("reading {}: {e}", overlay.display()))?;
+        touched.insert(index, buf);
+    }
+    Ok(touched)
+}
+
 /// Hashes (and compresses) chunks in a blocking thread; zero chunks are `None`.
-async fn encode_all(chunks: Vec<Vec<u8>>) -> Vec<Option<(ChunkHash, Bytes)>> {
+pub(crate) async fn encode_all(chunks: Vec<Vec<u8>>) -> Vec<Option<(ChunkHash, Bytes)>> {
     tokio::task::spawn_blocking(move || {
         chunks
             .into_iter()
@@ -169,15 +205,15 @@ async fn encode_all(chunks: Vec<Vec<u8>>) -> Vec<Option<(ChunkHash, Bytes)>> {
 }
 
 /// An upload session on the first image server that opens one.
-struct Upload {
-    client: StoreClient,
-    id: UploadId,
-    sent_bytes: u64,
+pub(crate) struct Upload {
+    pub(crate) client: StoreClient,
+    pub(crate) id: UploadId,
+    pub(crate) sent_bytes: u64,
     sent: HashSet<ChunkHash>,
 }
 
 impl Upload {
-    async fn begin(urls: &[String]) -> Result<Upload, String> {
+    pub(crate) async fn begin(urls: &[String]) -> Result<Upload, String> {
         let mut errors = Vec::new();
         for url in urls {
             let client = match StoreClient::new(url) {
@@ -199,7 +235,7 @@ impl Upload {
     }
 
     /// Uploads those of `chunks` the server lacks.
-    async fn send(&mut self, chunks: &[(ChunkHash, Bytes)]) -> Result<(), String> {
+    pub(crate) async fn send(&mut self, chunks: &[(ChunkHash, Bytes)]) -> Result<(), String> {
         let hashes: Vec<ChunkHash> = chunks.iter().map(|c| c.0).collect();
         let missing: HashSet<ChunkHash> = self.client.missing(&self.id, &hashes).await.map_err(|e| e.to_string())?.into_iter().collect();
         for (h, z) in chunks {
@@ -211,7 +247,7 @@ impl Upload {
         Ok(())
     }
 
-    async fn abort(&self) {
+    pub(crate) async fn abort(&self) {
         let _ = self.client.abort_upload(&self.id).await;
     }
 }
@@ -220,11 +256,11 @@ impl Upload {
 /// resume the guest under the first one's migration).
 static SAVING: std::sync::Mutex<Option<HashSet<PathBuf>>> = std::sync::Mutex::new(None);
 
-struct SaveGuard(PathBuf);
+pub(crate) struct SaveGuard(PathBuf);
 
 impl SaveGuard {
     /// Claims the save of the VM in `dir` and leaves [`SAVING_MARKER`] there until dropped.
-    fn take(dir: &Path) -> Option<SaveGuard> {
+    pub(crate) fn take(dir: &Path) -> Option<SaveGuard> {
         let mut s = SAVING.lock().unwrap();
         let g = s.get_or_insert_with(HashSet::new).insert(dir.to_path_buf()).then(|| SaveGuard(dir.to_path_buf()))?;
         if let Err(e) = std::fs::write(dir.join(SAVING_MARKER), b"") {
@@ -362,36 +398,7 @@ async fn capture(ctx: &HostCtx, vm: &Vm, parent: &Manifest) -> Result<Captured, 
         _ => None,
     };
     // The migration flushed the guest's writes to the overlay; read it while paused.
-    let overlay = vm.overlay_path();
-    let out = tokio::process::Command::new(crate::vm::LaunchOptions::default().qemu_img)
-        .args(["map", "-U", "--output=json"])
-        .arg(&overlay)
-        .output()
-        .await
-        .map_err(|e| fail(format!("qemu-img map {}: {e}", overlay.display())))?;
-    if !out.status.success() {
-        return Err(fail(format!("qemu-img map {}: {}", overlay.display(), String::from_utf8_lossy(&out.stderr).trim())));
-    }
-    let entries: Vec<MapEntry> = serde_json::from_slice(&out.stdout).map_err(|e| fail(format!("qemu-img map output: {e}")))?;
-    let patches = overlay_patches(&entries).map_err(fail)?;
-    let file = crate::qemu_user::open_file(&overlay).map_err(|e| fail(format!("{}: {e}", overlay.display())))?;
-    let mut touched = BTreeMap::new();
-    for index in touched_chunks(&patches, parent.chunk_size) {
-        if index as usize >= parent.disk.chunks.len() {
-            return Err(fail(format!("the overlay holds data past the end of image {}", parent.image_ref())));
-        }
-        let len = parent.disk.chunk_len(parent.chunk_size, index as usize);
-        let mut buf = match parent.disk.chunks[index as usize] {
-            Some(h) => {
-                let one = Blob { size: len as u64, chunks: vec![Some(h)] };
-                ctx.proxy().read_blob(parent, &one).await?
-            }
-            None => vec![0u8; len as usize],
-        };
-        compose_chunk(&mut buf, index, parent.chunk_size, &patches, |off, dst| file.read_exact_at(dst, off))
-            .map_err(|e| fail(format!("reading {}: {e}", overlay.display())))?;
-        touched.insert(index, buf);
-    }
+    let touched = compose_touched(ctx, &vm.overlay_path(), parent).await.map_err(fail)?;
     let spec = vm.spec();
     Ok(Captured {
         state_path,

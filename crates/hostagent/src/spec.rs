@@ -87,12 +87,22 @@ pub struct VmSpec {
     /// launch when [`LaunchOptions::ram_dir`] is set.
     #[serde(default)]
     pub ram: crate::ram::RamBacking,
+    /// The committed version each of `config.volumes` starts from (same order): the block
+    /// proxy's export of it. A read-write volume gets an overlay of its own
+    /// ([`crate::runtime::volume_overlay`]), committed by [`crate::volume`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_disks: Vec<DiskSource>,
 }
 
 impl VmSpec {
     /// A spec of VM `id` with `config` on `disk`, booting by `boot`, with anonymous RAM.
     pub fn new(id: &str, config: VmConfig, disk: DiskSource, boot: BootSource) -> VmSpec {
-        VmSpec { id: id.to_string(), config, disk, boot, ram: Default::default() }
+        VmSpec { id: id.to_string(), config, disk, boot, ram: Default::default(), volume_disks: Vec::new() }
+    }
+
+    /// The volumes with their disks: (index, attachment, backing).
+    pub fn volumes(&self) -> impl Iterator<Item = (usize, &vgrid_api::volume::VolumeAttach, &DiskSource)> {
+        self.config.volumes.iter().zip(&self.volume_disks).enumerate().map(|(i, (a, d))| (i, a, d))
     }
 }
 
@@ -142,6 +152,9 @@ pub fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
                 return Err(invalid(format!("disk format {format:?} is not a QEMU format name")));
             }
         }
+    }
+    if spec.volume_disks.len() != spec.config.volumes.len() {
+        return Err(invalid(format!("{} volumes but {} volume disks", spec.config.volumes.len(), spec.volume_disks.len())));
     }
     match &spec.boot {
         BootSource::Kernel { kernel, initrd, .. } => {

@@ -27,6 +27,8 @@ pub(crate) struct StoredSpec {
     forwards: Vec<(u16, u16)>,
     #[serde(default)]
     accel: Option<Accel>,
+    #[serde(default)]
+    volume_disks: Vec<DiskSource>,
 }
 
 /// The image a disk is an export of (`nbd+unix:///IMAGE@VERSION?socket=...`), else a label.
@@ -51,7 +53,7 @@ impl TryFrom<StoredSpec> for VmSpec {
                 .with_forwards(s.forwards.into_iter().map(|(host, guest)| Forward { host, guest }).collect()),
             _ => return Err("a VM spec needs a `config` (or the `cpus` and `memory_mib` of earlier versions)".into()),
         };
-        Ok(VmSpec { id: s.id, config, disk: s.disk, boot: s.boot, ram: s.ram })
+        Ok(VmSpec { id: s.id, config, disk: s.disk, boot: s.boot, ram: s.ram, volume_disks: s.volume_disks })
     }
 }
 

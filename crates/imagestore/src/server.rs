@@ -31,6 +31,7 @@ use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use vgrid_api::openapi::Binary;
 use vgrid_api::rest::{BootProfile, ErrorKind, GcReport, ImageOwner, ImageSummary, UploadCreated, UploadId};
+use vgrid_api::volume::Epoch;
 use vgrid_api::{ChunkHash, ErrorBody, ImageRef, Manifest};
 
 /// Largest request body accepted (a manifest of a very large image, or a chunk).
@@ -69,6 +70,8 @@ impl From<StoreError> for ApiError {
                 (StatusCode::UNPROCESSABLE_ENTITY, ErrorKind::BAD_REQUEST, format!("hot pages of image {image}"))
             }
             ImageExists(r) => (StatusCode::CONFLICT, ErrorKind::CONFLICT, format!("image {r}")),
+            Fenced { volume, .. } => (StatusCode::CONFLICT, ErrorKind::CONFLICT, format!("volume {volume}")),
+            KindMismatch { name, .. } => (StatusCode::CONFLICT, ErrorKind::CONFLICT, format!("image {name}")),
             InvalidManifest { image, .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorKind::BAD_REQUEST, format!("image {image}")),
             BadName(cause) => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, cause.to_string()),
             BadProfile { image, .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorKind::BAD_REQUEST, format!("profile of image {image}")),
@@ -213,6 +216,9 @@ async fn gate(State(s): St, req: axum::extract::Request, next: axum::middleware:
             }
         }
         ["gc"] => return forbid("gc", format!("{user} may not run garbage collection: admins only")),
+        ["volumes", name, "epoch"] if method == Method::PUT => {
+            return forbid(&format!("volume {name}"), format!("{user} may not move the epoch of volume {name}: the coordinator does"))
+        }
         ["owners", name] if method == Method::PUT => {
             return forbid(&format!("image {name}"), format!("{user} may not change who image {name} belongs to: admins only"))
         }
@@ -226,8 +232,8 @@ async fn gate(State(s): St, req: axum::extract::Request, next: axum::middleware:
 #[openapi(
     info(title = "vgrid image server API", description = "Images as manifests plus blake3-addressed, zstd-compressed chunks."),
     paths(list_images, get_latest, get_version, delete_all, delete_version, get_profile, put_profile, get_hot_pages, put_hot_pages,
-        get_chunk, head_chunk, run_gc, begin_upload, abort_upload, missing, put_chunk, commit, get_owner, put_owner),
-    components(schemas(ErrorBody, ImageSummary, Manifest, GcReport, BootProfile, UploadCreated, ImageOwner, ChunkHash)),
+        get_chunk, head_chunk, run_gc, begin_upload, abort_upload, missing, put_chunk, commit, get_owner, put_owner, get_epoch, put_epoch),
+    components(schemas(ErrorBody, ImageSummary, Manifest, GcReport, BootProfile, UploadCreated, ImageOwner, ChunkHash, Epoch)),
     modifiers(&CONTRACT),
     security(("bearer" = []), ("node_certificate" = []))
 )]
@@ -256,6 +262,7 @@ fn routes() -> Router<Arc<ImageStore>> {
         .route("/store/v1/uploads/{id}/chunks/{hash}", put(put_chunk))
         .route("/store/v1/uploads/{id}/commit", post(commit))
         .route("/store/v1/owners/{name}", get(get_owner).put(put_owner))
+        .route("/store/v1/volumes/{name}/epoch", get(get_epoch).put(put_epoch))
         // Not a router-wide fallback: the router is merged into others (`vgrid up`), and axum
         // refuses to merge two routers that both have one.
         .route("/store/v1/{*rest}", axum::routing::any(no_such_endpoint))
@@ -274,6 +281,23 @@ async fn put_owner(State(s): St, Path(name): Path<String>, b: Result<Bytes, Byte
     let o: ImageOwner = json_body(&format!("owner of image {name}"), b)?;
     s.set_owner(&name, &o).await?;
     Ok(Json(o))
+}
+
+/// The fencing epoch of a volume (0: never attached read-write).
+#[utoipa::path(get, path = "/store/v1/volumes/{name}/epoch", params(("name" = String, Path, description = "volume name", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")), responses((status = 200, body = Epoch)))]
+async fn get_epoch(State(s): St, Path(name): Path<String>) -> Res<Json<Epoch>> {
+    parse_name(&name)?;
+    Ok(Json(Epoch { epoch: s.volume_epoch(&name).await? }))
+}
+
+/// Raises a volume's fencing epoch (the coordinator, when it grants a read-write attach):
+/// commits with an older epoch are refused from then on. Never lowers it; answers the epoch in
+/// force.
+#[utoipa::path(put, path = "/store/v1/volumes/{name}/epoch", params(("name" = String, Path, description = "volume name", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")), request_body = Epoch, responses((status = 200, body = Epoch)))]
+async fn put_epoch(State(s): St, Path(name): Path<String>, b: Result<Bytes, BytesRejection>) -> Res<Json<Epoch>> {
+    parse_name(&name)?;
+    let e: Epoch = json_body(&format!("epoch of volume {name}"), b)?;
+    Ok(Json(Epoch { epoch: s.raise_epoch(&name, e.epoch).await? }))
 }
 
 async fn no_such_endpoint(uri: axum::http::Uri) -> ApiError {
@@ -433,6 +457,10 @@ struct CommitQuery {
     /// Make the image readable by every user (admins and grid nodes only).
     #[serde(default)]
     public: bool,
+    /// A volume's commit by the holder of this fencing epoch: refused (409) when the volume's
+    /// epoch is newer.
+    #[serde(default)]
+    epoch: Option<u64>,
 }
 
 /// Commits an upload. A user's commit of a name nobody owns makes it theirs; of a name another
@@ -502,7 +530,7 @@ async fn commit(
             }
         }
     }
-    let stored = s.commit(&UploadId(id), m).await?;
+    let stored = s.commit_fenced(&UploadId(id), m, q.epoch).await?;
     if new != old {
         s.set_owner(&stored.name, &new).await?;
     }

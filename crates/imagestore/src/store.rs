@@ -85,6 +85,13 @@ pub enum StoreError {
     },
     #[error("hot pages of image {0} refused: the image has no saved RAM")]
     NoSavedRam(ImageRef),
+    /// A commit of a volume whose read-write claim has moved on: the committing host's epoch
+    /// is older than the volume's (its VM was taken over, e.g. after its host was lost).
+    #[error("volume {volume}: commit refused: its writer's epoch {epoch} is older than the volume's {current} (the volume was attached read-write elsewhere since)")]
+    Fenced { volume: String, epoch: u64, current: u64 },
+    /// A volume's version over an image's name, or the other way round.
+    #[error("{name} is {is}, not {not}: choose another name")]
+    KindMismatch { name: String, is: &'static str, not: &'static str },
     #[error("image store is out of space while writing {object}")]
     NoSpace { object: String },
     #[error("image store: {op} {object} failed: {source}")]
@@ -161,6 +168,18 @@ fn profile_path(name: &str, version: u32) -> Path {
 fn hot_pages_path(name: &str, version: u32) -> Path {
     Path::from(format!("profiles/{name}/{version}.hot"))
 }
+fn epoch_path(name: &str) -> Path {
+    Path::from(format!("volumes/{name}/epoch"))
+}
+
+fn kind(m: &Manifest) -> &'static str {
+    if m.meta.volume.is_some() {
+        "a volume"
+    } else {
+        "an image"
+    }
+}
+
 fn owner_path(name: &str) -> Path {
     Path::from(format!("owners/{name}.json"))
 }
@@ -348,8 +367,14 @@ impl ImageStore {
     /// Verifies that every chunk the manifest references exists, writes the manifest (assigning
     /// the next version when `manifest.version` is 0) and ends the session.
     pub async fn commit(&self, id: &UploadId, manifest: Manifest) -> Result<Manifest, StoreError> {
+        self.commit_fenced(id, manifest, None).await
+    }
+
+    /// [`ImageStore::commit`] of a volume's version by the holder of epoch `fence`: refused
+    /// when the volume's epoch ([`ImageStore::raise_epoch`]) is newer.
+    pub async fn commit_fenced(&self, id: &UploadId, manifest: Manifest, fence: Option<u64>) -> Result<Manifest, StoreError> {
         self.pin(id, std::iter::empty())?;
-        let m = self.put_manifest(manifest).await?;
+        let m = self.put_manifest_fenced(manifest, fence).await?;
         self.sessions.lock().unwrap().remove(id);
         tracing::info!(upload = %id, image = %m.image_ref(), "upload committed");
         Ok(m)
@@ -362,7 +387,11 @@ impl ImageStore {
     ///
     /// Outside a session this is GC-safe only for chunks that some other manifest or session
     /// keeps alive; importers use [`ImageStore::commit`].
-    pub async fn put_manifest(&self, mut manifest: Manifest) -> Result<Manifest, StoreError> {
+    pub async fn put_manifest(&self, manifest: Manifest) -> Result<Manifest, StoreError> {
+        self.put_manifest_fenced(manifest, None).await
+    }
+
+    async fn put_manifest_fenced(&self, mut manifest: Manifest, fence: Option<u64>) -> Result<Manifest, StoreError> {
         manifest.validate().map_err(|cause| StoreError::InvalidManifest { image: manifest.name.clone(), cause })?;
         if manifest.created == 0 {
             manifest.created = now_secs();
@@ -381,6 +410,18 @@ impl ImageStore {
             return Err(StoreError::MissingChunks { image: manifest.name.clone(), count: missing.len(), first: *first, missing });
         }
         let _c = self.commit_lock.lock().await;
+        if let Some(epoch) = fence {
+            let current = self.volume_epoch(&manifest.name).await?;
+            if epoch < current {
+                return Err(StoreError::Fenced { volume: manifest.name.clone(), epoch, current });
+            }
+        }
+        if let Some(last) = self.versions(&manifest.name).await?.last() {
+            let head = self.get_manifest(&ImageRef { name: manifest.name.clone(), version: Some(*last) }).await?;
+            if kind(&head) != kind(&manifest) {
+                return Err(StoreError::KindMismatch { name: manifest.name.clone(), is: kind(&head), not: kind(&manifest) });
+            }
+        }
         let auto = manifest.version == 0;
         loop {
             if auto {
@@ -411,6 +452,35 @@ impl ImageStore {
         }
         tracing::info!(image = %manifest.image_ref(), size = manifest.disk.size, "image stored");
         Ok(manifest)
+    }
+
+    /// The fencing epoch of volume `name` (0: never attached read-write).
+    pub async fn volume_epoch(&self, name: &str) -> Result<u64, StoreError> {
+        match self.objects.get(&epoch_path(name)).await {
+            Ok(r) => {
+                let b = r.bytes().await.map_err(|e| StoreError::backend("read", format!("epoch of volume {name}"), e))?;
+                Ok(std::str::from_utf8(&b).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(0),
+            Err(e) => Err(StoreError::backend("read", format!("epoch of volume {name}"), e)),
+        }
+    }
+
+    /// Raises volume `name`'s epoch to `epoch` (never lowers it): from now on only commits
+    /// carrying `epoch` or newer are accepted. Returns the epoch now in force.
+    pub async fn raise_epoch(&self, name: &str, epoch: u64) -> Result<u64, StoreError> {
+        validate_name(name).map_err(StoreError::BadName)?;
+        let _c = self.commit_lock.lock().await;
+        let current = self.volume_epoch(name).await?;
+        if epoch <= current {
+            return Ok(current);
+        }
+        self.objects
+            .put(&epoch_path(name), PutPayload::from(epoch.to_string()))
+            .await
+            .map_err(|e| StoreError::backend("write", format!("epoch of volume {name}"), e))?;
+        tracing::info!(volume = %name, epoch, "volume epoch raised");
+        Ok(epoch)
     }
 
     async fn counter(&self, name: &str) -> Result<u32, StoreError> {
@@ -713,7 +783,7 @@ mod tests {
             created: 0,
             chunk_size: 4096,
             disk: Blob { size: chunks.len() as u64 * 4096, chunks },
-            meta: ImageMeta { os: String::new(), arch: "x86_64".into(), boot: Boot::Firmware },
+            meta: ImageMeta { os: String::new(), arch: "x86_64".into(), boot: Boot::Firmware, volume: None },
             parent: None,
             state: None,
         }
@@ -745,6 +815,37 @@ mod tests {
         assert_eq!(s.get_manifest(&"img".parse().unwrap()).await.unwrap().version, 10);
         s.commit(&id, manifest("other", 0, vec![])).await.unwrap();
         assert_eq!(s.live_uploads(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_volume_commit_is_fenced_by_its_epoch_and_kinds_do_not_mix() {
+        let s = mem();
+        let vol = |v: u32| {
+            let mut m = manifest("data", v, vec![None, None]);
+            m.meta.volume = Some(vgrid_api::volume::VolumeMeta::default());
+            m
+        };
+        assert_eq!(s.put_manifest(vol(0)).await.unwrap().version, 1);
+        assert_eq!(s.volume_epoch("data").await.unwrap(), 0);
+        assert_eq!(s.raise_epoch("data", 7).await.unwrap(), 7);
+        // Never lowered.
+        assert_eq!(s.raise_epoch("data", 5).await.unwrap(), 7);
+        let id = s.begin_upload();
+        let e = s.commit_fenced(&id, vol(0), Some(6)).await.unwrap_err();
+        assert!(matches!(e, StoreError::Fenced { epoch: 6, current: 7, .. }), "{e}");
+        assert!(e.to_string().contains("epoch 6 is older than the volume's 7"), "{e}");
+        // The head did not move.
+        assert_eq!(s.versions("data").await.unwrap(), vec![1]);
+        let id = s.begin_upload();
+        assert_eq!(s.commit_fenced(&id, vol(0), Some(7)).await.unwrap().version, 2);
+        // An image version over the volume's name, and a volume over an image's, are refused.
+        let e = s.put_manifest(manifest("data", 0, vec![None])).await.unwrap_err();
+        assert!(e.to_string().contains("data is a volume, not an image"), "{e}");
+        s.put_manifest(manifest("img", 0, vec![None])).await.unwrap();
+        let mut v = vol(0);
+        v.name = "img".into();
+        let e = s.put_manifest(v).await.unwrap_err();
+        assert!(e.to_string().contains("img is an image, not a volume"), "{e}");
     }
 
     #[tokio::test]

@@ -140,6 +140,24 @@ impl StoreClient {
         Ok(())
     }
 
+    /// Volume `name`'s fencing epoch (0: never attached read-write).
+    pub async fn volume_epoch(&self, name: &str) -> Result<u64, ClientError> {
+        let object = format!("epoch of volume {name}");
+        let resp = self.send(Method::GET, &format!("/volumes/{name}/epoch"), &object, Body::None, true).await?;
+        let e: vgrid_api::volume::Epoch = self.json(resp, &object).await?;
+        Ok(e.epoch)
+    }
+
+    /// Raises volume `name`'s fencing epoch to `epoch` (the coordinator); answers the epoch in
+    /// force.
+    pub async fn raise_epoch(&self, name: &str, epoch: u64) -> Result<u64, ClientError> {
+        let object = format!("epoch of volume {name}");
+        let body = Body::Json(serde_json::to_vec(&vgrid_api::volume::Epoch { epoch }).expect("serialises"));
+        let resp = self.send(Method::PUT, &format!("/volumes/{name}/epoch"), &object, body, true).await?;
+        let e: vgrid_api::volume::Epoch = self.json(resp, &object).await?;
+        Ok(e.epoch)
+    }
+
     /// The server's base URL.
     pub fn base_url(&self) -> &str {
         &self.base
@@ -421,9 +439,20 @@ impl StoreClient {
     /// Commits the session: the server checks every chunk exists and stores the manifest
     /// (version 0 = next version). Returns the stored manifest. Not retried.
     pub async fn commit(&self, id: &UploadId, m: &Manifest) -> Result<Manifest, ClientError> {
+        self.commit_fenced(id, m, None).await
+    }
+
+    /// [`StoreClient::commit`] of a volume's version by the holder of fencing epoch `epoch`
+    /// (refused with 409 when the volume's epoch is newer).
+    pub async fn commit_fenced(&self, id: &UploadId, m: &Manifest, epoch: Option<u64>) -> Result<Manifest, ClientError> {
         let object = format!("image {}", m.name);
         let body = Body::Json(serde_json::to_vec(m).expect("manifest serialises"));
-        let q = if self.public { "?public=true" } else { "" };
+        let q = match (self.public, epoch) {
+            (true, Some(e)) => format!("?public=true&epoch={e}"),
+            (true, None) => "?public=true".to_string(),
+            (false, Some(e)) => format!("?epoch={e}"),
+            (false, None) => String::new(),
+        };
         let resp = self.send(Method::POST, &format!("/uploads/{id}/commit{q}"), &object, body, false).await?;
         let b = self.bytes(resp, &object).await?;
         Manifest::from_json(&b).map_err(|e| ClientError::BadResponse { url: self.base.clone(), object, cause: e.to_string() })

@@ -75,6 +75,8 @@ pub struct ImportOptions {
     pub cmdline: String,
     pub os: String,
     pub arch: String,
+    /// Import as a volume (the user's data) instead of an image.
+    pub volume: Option<vgrid_api::volume::VolumeMeta>,
 }
 
 impl ImportOptions {
@@ -89,6 +91,7 @@ impl ImportOptions {
             cmdline: String::new(),
             os: String::new(),
             arch: "x86_64".into(),
+            volume: None,
         }
     }
 }
@@ -682,7 +685,7 @@ async fn import_file_inner(
             created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             chunk_size: cs,
             disk,
-            meta: ImageMeta { os: opts.os.clone(), arch: opts.arch.clone(), boot },
+            meta: ImageMeta { os: opts.os.clone(), arch: opts.arch.clone(), boot, volume: opts.volume.clone() },
             parent: None,
             state: None,
         };

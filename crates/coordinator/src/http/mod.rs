@@ -27,6 +27,7 @@ mod drain;
 mod networks;
 mod tunnels;
 mod usage;
+mod volumes;
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::Extension;
@@ -236,7 +237,8 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
     paths(list_vms, create_vm, get_vm, stop_vm, migrate_vm, delete_vm, console, suspend_vm, resume_vm, snapshot_vm, list_hosts, get_host, host_heartbeat,
         list_image_servers, image_server_heartbeat, futures, auth_challenge, auth_login, auth_logout, whoami,
         list_users, add_user, get_user, delete_user, set_quota, audit, usage::get_usage, drain::drain_host, drain::get_drain, drain::undrain_host, join, renew_cert, create_join_token, list_join_tokens,
-        networks::list_networks, networks::create_network, networks::get_network, networks::delete_network, tunnels::direct_endpoints),
+        networks::list_networks, networks::create_network, networks::get_network, networks::delete_network, tunnels::direct_endpoints,
+        volumes::list_volumes, volumes::get_volume, volumes::delete_volume, volumes::commit_volume, volumes::snapshot_volume),
     components(schemas(VmCreate, VmRecord, VmStop, ConsoleChunk, ErrorBody, HostAd, ImageServerAd, HostRecord,
         HostState, HostHeartbeat, HeartbeatReply, VmReport, vgrid_api::host::VmWaiting, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
         vgrid_api::vm::VmConfig, vgrid_api::vm::BootConfig, vgrid_api::vm::NetConfig, vgrid_api::vm::Nic, vgrid_api::vm::Accel,
@@ -247,7 +249,8 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
         vgrid_api::migrate::VmMigrate, vgrid_api::migrate::Migration, vgrid_api::migrate::MigrationStatus,
         vgrid_api::grid::Drain, vgrid_api::grid::DrainedVm, vgrid_api::grid::DrainStep,
         vgrid_api::net::Network, vgrid_api::net::NetworkCreate, vgrid_api::net::NetworkInfo, vgrid_api::net::NetworkKind,
-        vgrid_api::net::SiteNet, vgrid_api::net::Lease)),
+        vgrid_api::net::SiteNet, vgrid_api::net::Lease, vgrid_api::volume::VolumeAttach, vgrid_api::volume::VolumeInfo,
+        vgrid_api::volume::VolumeCommitted, vgrid_api::volume::SnapshotCreate, vgrid_api::rest::GcReport)),
     modifiers(&CONTRACT),
     security(("bearer" = []))
 )]
@@ -367,6 +370,10 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -
         .route("/api/v1/networks/{name}/tunnel", get(tunnels::user_link))
         .route("/api/v1/networks/{name}/tunnel/direct", get(tunnels::direct_endpoints))
         .route("/api/v1/tunnels/hosts/{name}", get(tunnels::host_link))
+        .route("/api/v1/volumes", get(volumes::list_volumes))
+        .route("/api/v1/volumes/{name}", get(volumes::get_volume).delete(volumes::delete_volume))
+        .route("/api/v1/volumes/{name}/commit", post(volumes::commit_volume))
+        .route("/api/v1/volumes/{name}/snapshot", post(volumes::snapshot_volume))
         .route("/api/v1/image-servers", get(list_image_servers))
         .route("/api/v1/image-servers/heartbeat", post(image_server_heartbeat))
         .with_state(c)

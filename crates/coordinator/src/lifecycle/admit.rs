@@ -43,15 +43,29 @@ impl Coordinator {
                 return Err(self.refusal(&claims::name_key(n)).await);
             }
         }
+        for v in config.volumes.iter().filter(|v| !v.readonly) {
+            if self.holder(&claims::volume_key(&v.name)).await?.is_some() {
+                return Err(self.refusal(&claims::volume_key(&v.name)).await);
+            }
+        }
         Ok(())
     }
 
     /// Validates a request, places it on a host, records the VM as `pending` and starts it in
     /// the background. Nothing is recorded when validation or placement fails.
     pub async fn create(self: &Arc<Self>, req: VmCreate, owner: &str, quota: &Quota) -> Result<VmRecord, CoordinatorError> {
-        let config = req.validate()?;
+        let mut config = req.validate()?;
         let manifest = self.resolve_image(config.image()).await?;
+        self.resolve_volumes(&mut config.volumes, owner).await?;
         let (rec, placed, preq, opts) = self.admit_new(&req, config, &manifest, owner, quota).await?;
+        // The claim is the record's now: from here on only this VM's commits are accepted.
+        if let Err(e) = self.fence_volumes(&rec).await {
+            if let Some(p) = &placed {
+                let _ = self.sched.release(p.reservation);
+            }
+            let _ = self.remove(&rec.id, true).await;
+            return Err(e);
+        }
         let launch = launch_request(&rec, None);
         let me = self.clone();
         match placed {

@@ -9,6 +9,7 @@
 //! | `claims/addr/NET/IP` | the record exists (a site interface's address: kept while suspended) | the VM's id and name |
 //! | `claims/mac/NET/MAC` | the record exists (a site or tunnel interface's MAC) | the VM's id and name |
 //! | `claims/port/HOSTPORT` | active (a forwarded host port) | the VM's id and name |
+//! | `claims/volume/NAME` | not stopped, failed nor lost (a volume attached read-write: its one writer, kept while suspended) | the VM's id and name |
 //! | `claims/owner/OWNER/ID` | active (the owner's quota) | cpus, memory |
 //! | `claims/host/HOST/ID` | active and placed on HOST, or migrating to HOST (capacity) | cpus, memory, cpu cores |
 //!
@@ -65,6 +66,11 @@ pub fn mac_prefix(net: &str) -> String {
     format!("{CLAIMS}mac/{net}/")
 }
 
+/// The claim of volume `name`'s one writer.
+pub fn volume_key(name: &str) -> String {
+    format!("{CLAIMS}volume/{name}")
+}
+
 pub fn port_key(port: u16) -> String {
     format!("{CLAIMS}port/{port}")
 }
@@ -95,6 +101,11 @@ pub fn claims(rec: &VmRecord) -> Vec<Claim> {
         }
         if let Some(m) = nic.mac() {
             out.push(Claim { key: format!("{}{m}", mac_prefix(net)), held: who(), unique: true });
+        }
+    }
+    if !matches!(rec.state, VmState::Stopped | VmState::Failed | VmState::Lost) {
+        for v in rec.config.volumes.iter().filter(|v| !v.readonly) {
+            out.push(Claim { key: volume_key(&v.name), held: who(), unique: true });
         }
     }
     if !rec.state.is_active() {

@@ -64,6 +64,15 @@ impl Coordinator {
                 return CoordinatorError::NetworkIdentityTaken(format!("{what} {value} on network {net:?} is taken by another VM"));
             }
         }
+        if let Some(volume) = key.strip_prefix(&format!("{}volume/", claims::CLAIMS)) {
+            let who = match self.holder(key).await {
+                Ok(Some(h)) => format!("VM {} ({})", h.name, h.vm),
+                _ => "another VM".to_string(),
+            };
+            return CoordinatorError::Conflict(format!(
+                "volume {volume} is attached read-write to {who}: a volume has one writer at a time (attach it with :ro, or stop that VM)"
+            ));
+        }
         let port = key.rsplit('/').next().unwrap_or_default();
         CoordinatorError::Conflict(format!("host port {port} is already forwarded to another VM"))
     }

@@ -323,8 +323,10 @@ impl Coordinator {
             Err(e) if !force => return Err(e),
             Err(_) => {}
         }
-        // The watcher records `stopped`; wait for it briefly so callers see the end state.
-        for _ in 0..100 {
+        // The watcher records `stopped`; wait for it briefly so callers see the end state (longer
+        // with volumes read-write: their writes are committed before the host releases it).
+        let rounds = if rec.config.volumes.iter().any(|v| !v.readonly) { 2400 } else { 100 };
+        for _ in 0..rounds {
             let r = self.get(&rec.id).await?;
             if !r.state.is_active() {
                 return Ok(r);

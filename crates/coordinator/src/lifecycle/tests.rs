@@ -46,7 +46,7 @@ fn manifest() -> Manifest {
         created: 0,
         chunk_size: 65536,
         disk: Blob { size: 0, chunks: Vec::new() },
-        meta: ImageMeta { os: "test".into(), arch: "x86_64".into(), boot: Boot::Firmware },
+        meta: ImageMeta { os: "test".into(), arch: "x86_64".into(), boot: Boot::Firmware, volume: None },
         parent: None,
         state: None,
     }

@@ -58,6 +58,7 @@ impl From<AgentError> for HttpError {
             AgentError::Save(crate::error::SaveError::Upload { .. }) => StatusCode::BAD_GATEWAY,
             AgentError::Save(crate::error::SaveError::Save { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
             AgentError::Restore(_) => StatusCode::CONFLICT,
+            AgentError::Volume { .. } => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         HttpError(code, e.to_string())
@@ -110,8 +111,8 @@ pub const MAX_BODY: usize = vgrid_api::host::MAX_CONSOLE_HISTORY + 1024 * 1024;
     info(title = "vgrid host agent API", description = "What a compute host does for its coordinator: VMs, their consoles, saving and migrating them, the host cache."),
     paths(vms::stats, vms::usage, vms::pull, vms::list, vms::launch, vms::remove, vms::stop, vms::wait, vms::release, save::snapshot,
         save::suspend, save::saving, vms::console, migrate::incoming, migrate::incoming_abort, migrate::incoming_finish,
-        migrate::send, migrate::send_status, migrate::send_cancel, tunnels::ticket),
-    components(schemas(ErrorBody, vgrid_api::host::LaunchRequest, vgrid_api::host::Launched, vgrid_api::host::VmExit,
+        migrate::send, migrate::send_status, migrate::send_cancel, tunnels::ticket, vms::commit_volume),
+    components(schemas(ErrorBody, vgrid_api::volume::VolumeCommitted, vgrid_api::host::LaunchRequest, vgrid_api::host::Launched, vgrid_api::host::VmExit,
         vgrid_api::host::ExitInfo, vgrid_api::host::PullProgress, vgrid_api::host::HostUsage, vgrid_api::host::SaveRequest,
         vgrid_api::host::VmPresence, vgrid_api::host::IncomingRequest, vgrid_api::host::IncomingReady, vgrid_api::host::SendRequest,
         vgrid_api::host::FinishRequest, vgrid_api::grid::VmReport, vgrid_api::vm::ConsoleChunk, vgrid_api::vm::VmStop,
@@ -137,6 +138,7 @@ fn routes(agent: Arc<Agent>) -> Router {
         .route("/host/v1/vms/{id}/snapshot", post(save::snapshot))
         .route("/host/v1/vms/{id}/suspend", post(save::suspend))
         .route("/host/v1/vms/{id}/saving", get(save::saving))
+        .route("/host/v1/vms/{id}/volumes/{name}/commit", post(vms::commit_volume))
         .route("/host/v1/vms/{id}/console", get(vms::console))
         .route("/host/v1/vms/{id}/console/ws", get(vms::console_ws))
         .route("/host/v1/tunnels/tickets", post(tunnels::ticket))

@@ -82,14 +82,22 @@ pub(super) async fn usage(State(a): Ctx) -> Response {
 
 #[utoipa::path(post, path = "/host/v1/vms/{id}/release", params(("id" = String, Path, description = "VM id")), responses((status = 204, description = "released")))]
 pub(super) async fn release(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
-    a.release(&id).await?;
+    crate::volume::release(&a, &id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[utoipa::path(delete, path = "/host/v1/vms/{id}", params(("id" = String, Path, description = "VM id")), responses((status = 204, description = "removed")))]
 pub(super) async fn remove(State(a): Ctx, Path(id): Path<String>) -> Result<Response, HttpError> {
-    a.remove(&id).await?;
+    crate::volume::remove(&a, &id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Commits a read-write volume of a running VM: its guest is paused while its writes are
+/// read, they are published as the volume's next version (fenced by the VM's epoch).
+#[utoipa::path(post, path = "/host/v1/vms/{id}/volumes/{name}/commit", params(("id" = String, Path, description = "VM id"), ("name" = String, Path, description = "volume name")), responses((status = 200, body = vgrid_api::volume::VolumeCommitted, description = "committed"), (status = 409, body = ErrorBody, description = "not attached read-write, or refused by the image server")))]
+pub(super) async fn commit_volume(State(a): Ctx, Path((id, name)): Path<(String, String)>) -> Result<Response, HttpError> {
+    let c = crate::volume::commit_running(&a, &id, &name).await?;
+    Ok(Json(c).into_response())
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -17,11 +17,11 @@ pub(crate) fn qopt(p: &Path) -> String {
 /// For a disk over the block proxy's unix socket, the overlay's backing as a node of its own
 /// (the export its header names) with a reconnect delay: while the host agent restarts (its proxy
 /// gone for a moment), the guest's reads of the base wait for it instead of failing.
-fn nbd_backing_node(disk: &DiskSource) -> Option<String> {
+fn nbd_backing_node(disk: &DiskSource, node: &str) -> Option<String> {
     let DiskSource::Nbd { url } = disk else { return None };
     let (export, socket) = url.strip_prefix("nbd+unix:///").and_then(|r| r.split_once("?socket="))?;
     Some(format!(
-        "driver=nbd,node-name=base,read-only=on,server.type=unix,server.path={},export={},reconnect-delay={NBD_RECONNECT_DELAY_S}",
+        "driver=nbd,node-name={node},read-only=on,server.type=unix,server.path={},export={},reconnect-delay={NBD_RECONNECT_DELAY_S}",
         qopt(Path::new(socket)),
         export.replace(',', ",,")
     ))
@@ -58,7 +58,7 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
     ]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", qopt(&dir.join(QMP_SOCKET)))]);
     push(&["-pidfile", &dir.join(PID_FILE).display().to_string()]);
-    let backing = nbd_backing_node(&spec.disk);
+    let backing = nbd_backing_node(&spec.disk, "base");
     if let Some(b) = &backing {
         push(&["-blockdev", b]);
     }
@@ -73,6 +73,7 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
         // Direct kernel boot takes bootindex 0 for its option ROM.
         if matches!(spec.boot, BootSource::Firmware { .. }) { "virtio-blk-pci,drive=vda,bootindex=0" } else { "virtio-blk-pci,drive=vda" },
     ]);
+    a.extend(volume_args(spec, dir));
     a.extend(super::net::net_args(&spec.config, dir));
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     match &spec.boot {
@@ -96,6 +97,32 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
             }
             push(&["-no-reboot"]);
         }
+    }
+    a
+}
+
+/// The volumes' drives, after the image's: a read-only volume is its export itself; a
+/// read-write one a qcow2 overlay of its own over the export (its writes until committed).
+fn volume_args(spec: &VmSpec, dir: &Path) -> Vec<String> {
+    let mut a = Vec::new();
+    for (i, att, disk) in spec.volumes() {
+        let base = format!("volbase{i}");
+        let Some(node) = nbd_backing_node(disk, &base) else { continue };
+        a.extend(["-blockdev".to_string(), node]);
+        let drive = if att.readonly {
+            base
+        } else {
+            a.extend([
+                "-blockdev".to_string(),
+                format!(
+                    "driver=qcow2,node-name=vol{i},discard=unmap,file.driver=file,file.filename={},backing={base}",
+                    qopt(&crate::runtime::volume_overlay(dir, i))
+                ),
+            ]);
+            format!("vol{i}")
+        };
+        let serial = att.serial.as_deref().map(|s| format!(",serial={s}")).unwrap_or_default();
+        a.extend(["-device".to_string(), format!("virtio-blk-pci,drive={drive}{serial}")]);
     }
     a
 }

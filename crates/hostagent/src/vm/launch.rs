@@ -35,6 +35,12 @@ impl Vm {
         if !(opts.reuse_overlay && overlay.exists()) {
             create_overlay(&spec.id, &opts.qemu_img, &spec.disk, &overlay).await?;
         }
+        for (i, att, disk) in spec.volumes() {
+            let o = runtime::volume_overlay(&dir, i);
+            if !att.readonly && !(opts.reuse_overlay && o.exists()) {
+                create_overlay(&spec.id, &opts.qemu_img, disk, &o).await?;
+            }
+        }
         runtime::write_spec(&dir, &spec)?;
         let cmd = qemu_command(&mut spec, accel, &dir, incoming.as_deref(), opts)?;
         // QEMU holds its RAM file from start-up on; the name goes once QMP answers (below), or

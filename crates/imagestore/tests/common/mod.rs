@@ -116,7 +116,7 @@ pub fn manifest(name: &str, chunk_size: u32, disk: Blob) -> Manifest {
         created: 0,
         chunk_size,
         disk,
-        meta: ImageMeta { os: "test".into(), arch: "x86_64".into(), boot: Boot::Firmware },
+        meta: ImageMeta { os: "test".into(), arch: "x86_64".into(), boot: Boot::Firmware, volume: None },
         parent: None,
         state: None,
     }

@@ -1,0 +1,111 @@
+//! Volumes (the data servers' role): the user's data on the image servers, attached to real
+//! guests as virtio disks through the hosts' block proxies, written on one host and read back
+//! byte-exact on another; one writer at a time; commits while running, at stop and after the
+//! host agent was SIGKILLed; a volume outlives its VM. Separate role processes (a
+//! coordinator, an image server, two host agents).
+mod common;
+use common::grid::{console_has_line, type_on_console, RoleGrid as Grid};
+use common::*;
+use std::time::Duration;
+
+/// What the writer puts on the volume, at byte offset `SEEK * 512` (past the first chunk: the
+/// read-back must come through a chunk the volume did not have before).
+const PAYLOAD: &str = "vgrid-volume-payload-42";
+const SEEK: u64 = 2048;
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn a_volume_written_on_one_host_is_read_back_byte_exact_on_another() {
+    let mut g = Grid::start(&["h1", "h2"]);
+    let o = g.cli(&["volume", "create", "data", "--size", "64M"]);
+    assert!(o.status.success(), "volume create: {}", stderr(&o));
+    // Its name is a volume's now: an image import over it is refused, and so is a second create.
+    let o = g.cli(&["volume", "create", "data", "--size", "1M"]);
+    assert!(!o.status.success() && stderr(&o).contains("exists already"), "{o:?}");
+
+    let v = g.run_with("host.name == \"h1\"", "writer", &["--volume", "data,serial=vol-data"]);
+    let id = v["id"].as_str().unwrap().to_string();
+    let dir = g.runtime_dir("h1", &id);
+    type_on_console(&dir, "ls /dev/disk/by-id/ 2>/dev/null; cat /sys/block/vdb/serial; echo; echo serial-listed");
+    g.wait_until("the serial to print", Duration::from_secs(60), || console_has_line(&dir, "serial-listed"));
+    assert!(common::grid::console_log(&dir).contains("vol-data"), "{}", common::grid::console_log(&dir));
+    type_on_console(&dir, &format!("printf '{PAYLOAD}\\n' | dd of=/dev/vdb bs=512 seek={SEEK} conv=sync && sync && echo wrote-volume"));
+    g.wait_until("the write to the volume", Duration::from_secs(60), || console_has_line(&dir, "wrote-volume"));
+
+    // One writer: a second read-write attach is refused with the holder's name, and so is
+    // removing the volume; a read-only attach of the committed version is not.
+    let o = g.cli(&["vm", "run", "sample", "--name", "second", "--volume", "data", "--no-wait"]);
+    assert!(!o.status.success() && stderr(&o).contains("attached read-write to VM writer"), "{o:?}");
+    let o = g.cli(&["volume", "rm", "data"]);
+    assert!(!o.status.success() && stderr(&o).contains("writer"), "{o:?}");
+    let ls = g.json(&["volume", "ls"]);
+    assert_eq!(ls[0]["attached_rw"], "writer", "{ls}");
+
+    // The agent dies with the write uncommitted; the next one adopts the guest, and the write
+    // is committed from its overlay.
+    g.host("h1").kill();
+    g.start_host("h1");
+    g.wait_registered(2);
+    g.wait_until("the writer to be running again", Duration::from_secs(60), || g.json(&["vm", "show", "writer"])["state"] == "running");
+    let c = g.json(&["volume", "commit", "data"]);
+    assert_eq!(c["volume"], "data@2", "{c}");
+    assert!(c["chunks_changed"].as_u64().unwrap() >= 1, "{c}");
+    // Nothing new since: no new version.
+    let c = g.json(&["volume", "commit", "data"]);
+    assert_eq!(c["volume"], "data@2", "{c}");
+    assert_eq!(c["chunks_changed"], 0, "{c}");
+
+    // Moving a VM with volumes is refused for now (their writes would not follow it).
+    let o = g.cli(&["vm", "migrate", "writer", "--to", "h2"]);
+    assert!(!o.status.success() && stderr(&o).contains("has volumes attached"), "{o:?}");
+
+    // A second write, committed at stop; the VM goes, the volume stays.
+    type_on_console(&dir, &format!("printf 'second-{PAYLOAD}\\n' | dd of=/dev/vdb bs=512 seek={} conv=sync && sync && echo wrote-again", SEEK + 8));
+    g.wait_until("the second write", Duration::from_secs(60), || console_has_line(&dir, "wrote-again"));
+    let o = g.cli(&["vm", "stop", "writer"]);
+    assert!(o.status.success(), "stop: {}", stderr(&o));
+    let o = g.cli(&["vm", "rm", "writer"]);
+    assert!(o.status.success(), "rm: {}", stderr(&o));
+    let show = g.json(&["volume", "show", "data"]);
+    assert_eq!(show["versions"], serde_json::json!([1, 2, 3]), "{show}");
+    assert!(show.get("attached_rw").is_none(), "{show}");
+
+    // Byte-exact on the image server: export the volume and read the two blocks.
+    let out = g.dir.path().join("data.raw");
+    let o = g.cli(&["volume", "export", "data", out.to_str().unwrap()]);
+    assert!(o.status.success(), "export: {}", stderr(&o));
+    let raw = std::fs::read(&out).unwrap();
+    assert_eq!(raw.len(), 64 << 20);
+    let block = |n: u64| raw[(n * 512) as usize..(n * 512 + 512) as usize].to_vec();
+    let mut want = format!("{PAYLOAD}\n").into_bytes();
+    want.resize(512, 0);
+    assert_eq!(block(SEEK), want);
+    let mut want2 = format!("second-{PAYLOAD}\n").into_bytes();
+    want2.resize(512, 0);
+    assert_eq!(block(SEEK + 8), want2);
+    assert!(raw[..(SEEK * 512) as usize].iter().all(|&b| b == 0), "bytes before the write changed");
+
+    // Read back in a guest on the other host, read-only.
+    let v = g.run_with("host.name == \"h2\"", "reader", &["--volume", "data:ro"]);
+    let rid = v["id"].as_str().unwrap().to_string();
+    let rdir = g.runtime_dir("h2", &rid);
+    type_on_console(&rdir, &format!("dd if=/dev/vdb bs=512 skip={SEEK} count=1 2>/dev/null | head -n 1"));
+    g.wait_until("the read-back on h2", Duration::from_secs(60), || console_has_line(&rdir, PAYLOAD));
+    // A snapshot is an immutable, named copy: attached read-only only.
+    let s = g.json(&["volume", "snapshot", "data", "data-snap"]);
+    assert_eq!(s["snapshot_of"], "data@3", "{s}");
+    let o = g.cli(&["vm", "run", "sample", "--name", "snapwriter", "--volume", "data-snap", "--no-wait"]);
+    assert!(!o.status.success() && stderr(&o).contains("snapshot"), "{o:?}");
+    // Wrong kinds are named.
+    let o = g.cli(&["vm", "run", "sample", "--name", "x", "--volume", "sample", "--no-wait"]);
+    assert!(!o.status.success() && stderr(&o).contains("is an image, not a volume"), "{o:?}");
+    let o = g.cli(&["vm", "run", "sample", "--name", "x", "--volume", "nosuch", "--no-wait"]);
+    assert!(!o.status.success() && stderr(&o).contains("nosuch"), "{o:?}");
+    let o = g.cli(&["vm", "rm", "--force", "reader"]);
+    assert!(o.status.success(), "rm reader: {}", stderr(&o));
+    let o = g.cli(&["volume", "rm", "data-snap"]);
+    assert!(o.status.success(), "rm snapshot: {}", stderr(&o));
+}
