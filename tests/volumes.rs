@@ -5,7 +5,6 @@
 //! coordinator, an image server, two host agents).
 mod common;
 use common::grid::{console_has_line, type_on_console, RoleGrid as Grid};
-use common::*;
 use std::time::Duration;
 
 /// What the writer puts on the volume, at byte offset `SEEK * 512` (past the first chunk: the
@@ -20,10 +19,11 @@ fn stderr(o: &std::process::Output) -> String {
 #[test]
 fn a_volume_written_on_one_host_is_read_back_byte_exact_on_another() {
     let mut g = Grid::start(&["h1", "h2"]);
-    let o = g.cli(&["volume", "create", "data", "--size", "64M"]);
+    let is = g._server.url.clone();
+    let o = g.cli(&["volume", "create", "data", "--size", "64M", "--image-server", &is]);
     assert!(o.status.success(), "volume create: {}", stderr(&o));
     // Its name is a volume's now: an image import over it is refused, and so is a second create.
-    let o = g.cli(&["volume", "create", "data", "--size", "1M"]);
+    let o = g.cli(&["volume", "create", "data", "--size", "1M", "--image-server", &is]);
     assert!(!o.status.success() && stderr(&o).contains("exists already"), "{o:?}");
 
     let v = g.run_with("host.name == \"h1\"", "writer", &["--volume", "data,serial=vol-data"]);
@@ -75,7 +75,7 @@ fn a_volume_written_on_one_host_is_read_back_byte_exact_on_another() {
 
     // Byte-exact on the image server: export the volume and read the two blocks.
     let out = g.dir.path().join("data.raw");
-    let o = g.cli(&["volume", "export", "data", out.to_str().unwrap()]);
+    let o = g.cli(&["volume", "export", "data", out.to_str().unwrap(), "--image-server", &is]);
     assert!(o.status.success(), "export: {}", stderr(&o));
     let raw = std::fs::read(&out).unwrap();
     assert_eq!(raw.len(), 64 << 20);

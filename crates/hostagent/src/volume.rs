@@ -149,15 +149,10 @@ async fn commit_one(
     let mut disk = parent.disk.clone();
     let indices: Vec<u64> = touched.keys().copied().collect();
     let mut encoded: Vec<(ChunkHash, Bytes)> = Vec::new();
-    let mut changed = 0;
     for batch in indices.chunks(BATCH) {
         let enc = encode_all(batch.iter().map(|i| touched[i].clone()).collect()).await;
         for (i, e) in batch.iter().zip(&enc) {
-            let h = e.as_ref().map(|(h, _)| *h);
-            if disk.chunks[*i as usize] != h {
-                changed += 1;
-            }
-            disk.chunks[*i as usize] = h;
+            disk.chunks[*i as usize] = e.as_ref().map(|(h, _)| *h);
         }
         encoded.extend(enc.into_iter().flatten());
     }
@@ -166,28 +161,34 @@ async fn commit_one(
     if r.is_err() {
         up.abort().await;
     }
-    let (volume, uploaded_bytes) = r?;
+    let (volume, changed, uploaded_bytes) = r?;
     Ok(VolumeCommitted { volume: volume.to_string(), chunks_changed: changed, uploaded_bytes, paused_secs })
 }
 
 /// Uploads the changed chunks and writes the next version (fenced by the VM's epoch), unless
-/// the head already has exactly this disk (nothing written since the last commit).
+/// the head already has exactly this disk (nothing written since the last commit). Returns the
+/// version, the chunks that differ from the head before it and the bytes sent.
 async fn publish(
     up: &mut Upload,
     att: &VolumeAttach,
     parent: &Manifest,
     disk: vgrid_api::Blob,
     encoded: &[(ChunkHash, Bytes)],
-) -> Result<(ImageRef, u64), String> {
+) -> Result<(ImageRef, u64, u64), String> {
     let head = up.client.manifest(&ImageRef { name: att.name.clone(), version: None }).await.map_err(|e| format!("the volume's head: {e}"))?;
     if head.disk == disk {
-        return Ok((head.image_ref(), 0));
+        return Ok((head.image_ref(), 0, 0));
     }
+    let changed = if head.disk.chunks.len() == disk.chunks.len() {
+        head.disk.chunks.iter().zip(&disk.chunks).filter(|(a, b)| a != b).count() as u64
+    } else {
+        disk.chunks.len() as u64
+    };
     for batch in encoded.chunks(BATCH) {
         up.send(batch).await?;
     }
     let m = Manifest { version: 0, created: 0, disk, parent: Some(parent.image_ref()), state: None, ..parent.clone() };
     let stored = up.client.commit_fenced(&up.id, &m, att.epoch).await.map_err(|e| format!("commit: {e}"))?;
     tracing::info!(volume = %stored.image_ref(), epoch = ?att.epoch, "volume version committed");
-    Ok((stored.image_ref(), up.sent_bytes))
+    Ok((stored.image_ref(), changed, up.sent_bytes))
 }
