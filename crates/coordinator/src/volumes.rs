@@ -70,11 +70,10 @@ impl Coordinator {
         Ok((m, owner))
     }
 
-    /// Pins the attachments of a new VM of `owner`: each volume exists and `owner` may use it;
+    /// Pins the attachments of a new VM of `who`: each volume exists and `who` may use it;
     /// a read-only one at the version asked for (else the latest); a read-write one at the
     /// latest, never a snapshot, with a fencing epoch newer than any granted before.
-    pub(crate) async fn resolve_volumes(&self, volumes: &mut [VolumeAttach], owner: &str) -> Result<(), CoordinatorError> {
-        let who = Asker { user: owner, admin: false };
+    pub(crate) async fn resolve_volumes(&self, volumes: &mut [VolumeAttach], who: Asker<'_>) -> Result<(), CoordinatorError> {
         for v in volumes.iter_mut() {
             let (head, _) = self.volume_checked(&v.name, who, !v.readonly).await?;
             if v.readonly {

@@ -510,7 +510,7 @@ async fn create_vm(
     let Json(req) = body?;
     let quota = auth.user(&p.user).await?.quota;
     c.check_image_read(&req.image, &p.user, p.admin).await?;
-    Ok((StatusCode::CREATED, Json(c.create(req, &p.user, &quota).await?)))
+    Ok((StatusCode::CREATED, Json(c.create(req, &p.user, p.admin, &quota).await?)))
 }
 
 #[utoipa::path(get, path = "/api/v1/vms/{id}", params(("id" = String, Path, description = "VM id, unique id prefix, or name"), WaitQuery),

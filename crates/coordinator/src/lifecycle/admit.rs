@@ -53,10 +53,11 @@ impl Coordinator {
 
     /// Validates a request, places it on a host, records the VM as `pending` and starts it in
     /// the background. Nothing is recorded when validation or placement fails.
-    pub async fn create(self: &Arc<Self>, req: VmCreate, owner: &str, quota: &Quota) -> Result<VmRecord, CoordinatorError> {
+    /// `admin`: the owner is an admin (may attach volumes that belong to nobody).
+    pub async fn create(self: &Arc<Self>, req: VmCreate, owner: &str, admin: bool, quota: &Quota) -> Result<VmRecord, CoordinatorError> {
         let mut config = req.validate()?;
         let manifest = self.resolve_image(config.image()).await?;
-        self.resolve_volumes(&mut config.volumes, owner).await?;
+        self.resolve_volumes(&mut config.volumes, crate::volumes::Asker { user: owner, admin }).await?;
         let (rec, placed, preq, opts) = self.admit_new(&req, config, &manifest, owner, quota).await?;
         // The claim is the record's now: from here on only this VM's commits are accepted.
         if let Err(e) = self.fence_volumes(&rec).await {
