@@ -439,3 +439,56 @@ fn expired_tokens_get_401_naming_expiry_and_the_cli_logs_in_again() {
     let entries = audit.as_array().unwrap();
     assert!(entries.iter().any(|e| e["status"] == 401 && e["error"].as_str().is_some_and(|m| m.contains("expired"))), "{audit}");
 }
+
+/// Volumes belong to users like images: the quota counts them (the refusal names it), others
+/// neither see, attach, commit nor remove them, and no user moves a volume's fencing epoch.
+#[test]
+fn volumes_belong_to_their_owners_and_count_in_the_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start();
+    up.import_sample();
+    let data = dir.path().join("data.raw");
+    std::fs::write(&data, vec![7u8; 1 << 20]).unwrap();
+    let alice = Person::new(dir.path(), "alice", Algorithm::Ed25519);
+    let bob = Person::new(dir.path(), "bob", Algorithm::Ed25519);
+    up.ok(&["user", "add", "alice", "--key", &alice.public()]);
+    up.ok(&["user", "add", "bob", "--key", &bob.public()]);
+
+    alice.json(&up, &["volume", "create", "scratch", "--size", "8M"]);
+    alice.json(&up, &["volume", "import", "data", data.to_str().unwrap()]);
+    let ls = alice.json(&up, &["volume", "ls"]);
+    let names: Vec<&str> = ls.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["data", "scratch"], "{ls}");
+    assert_eq!(ls[0]["owner"], "alice", "{ls}");
+    assert_eq!(ls[0]["stored_bytes"], 1 << 20, "{ls}");
+    // Volumes are not images: `image ls` keeps listing them (kind shown in JSON), and an image
+    // import over a volume's name is refused.
+    alice.refused(&up, &["image", "import", data.to_str().unwrap(), "--name", "data"], "data is a volume, not an image");
+
+    // The stored-bytes quota counts volumes: 1 MiB held, another 1 MiB would pass 1.5 MiB.
+    up.ok(&["user", "quota", "alice", "--max-stored", "1536K"]);
+    let e = alice.refused(&up, &["volume", "import", "data2", data.to_str().unwrap()], "quota exceeded");
+    assert!(e.contains("user alice may store 1.5 MiB") && e.contains("1.0 MiB stored"), "{e}");
+
+    // Bob neither sees nor uses alice's volumes.
+    assert!(bob.json(&up, &["volume", "ls"]).as_array().unwrap().is_empty());
+    assert!(bob.refused(&up, &["volume", "show", "data"], "403").contains("belongs to alice"));
+    assert!(bob.refused(&up, &["vm", "run", "sample", "--volume", "data:ro", "--no-wait"], "403").contains("belongs to alice"));
+    bob.refused(&up, &["vm", "run", "sample", "--volume", "data", "--no-wait"], "403");
+    bob.refused(&up, &["volume", "commit", "data"], "403");
+    bob.refused(&up, &["volume", "snapshot", "data", "mine"], "403");
+    bob.refused(&up, &["volume", "rm", "data"], "403");
+    bob.refused(&up, &["volume", "show", "nosuch"], "nosuch");
+    // Only grid nodes move an epoch (the coordinator, at a read-write attach).
+    let token = alice.json(&up, &["login"])["token"].as_str().unwrap().to_string();
+    let mut c = curl_for(&up.url);
+    c.args(["-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", "-H", "content-type: application/json"]);
+    c.args(["-H", &format!("authorization: Bearer {token}"), "--data", r#"{"epoch": 99999999999999}"#]);
+    let o = c.arg(format!("{}/store/v1/volumes/data/epoch", up.url)).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "403");
+
+    // Alice removes hers.
+    alice.json(&up, &["volume", "rm", "scratch"]);
+    let ls = alice.json(&up, &["volume", "ls"]);
+    assert_eq!(ls.as_array().unwrap().len(), 1, "{ls}");
+}
