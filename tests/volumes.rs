@@ -63,7 +63,10 @@ fn a_volume_written_on_one_host_is_read_back_byte_exact_on_another() {
     assert!(!o.status.success() && stderr(&o).contains("has volumes attached"), "{o:?}");
 
     // A second write, committed at stop; the VM goes, the volume stays.
-    type_on_console(&dir, &format!("printf 'second-{PAYLOAD}\\n' | dd of=/dev/vdb bs=512 seek={} conv=sync && sync && echo wrote-again", SEEK + 8));
+    type_on_console(
+        &dir,
+        &format!("printf 'second-{PAYLOAD}\\n' | dd of=/dev/vdb bs=512 seek={} conv=sync && sync && echo wrote-again", SEEK + 8),
+    );
     g.wait_until("the second write", Duration::from_secs(60), || console_has_line(&dir, "wrote-again"));
     let o = g.cli(&["vm", "stop", "writer"]);
     assert!(o.status.success(), "stop: {}", stderr(&o));

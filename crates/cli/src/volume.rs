@@ -83,7 +83,8 @@ pub async fn run(ctx: &Ctx, cmd: VolumeCmd) -> anyhow::Result<ExitCode> {
                 pb.set_length(t);
                 pb.set_position(d);
             };
-            let m = import_file(&client, &file, &opts, &cb).await.with_context(|| format!("importing {} as volume {name}", file.display()))?;
+            let m =
+                import_file(&client, &file, &opts, &cb).await.with_context(|| format!("importing {} as volume {name}", file.display()))?;
             pb.finish_and_clear();
             if ctx.json {
                 print_json(&vgrid_api::rest::ImageSummary::of(&m))?;
@@ -96,7 +97,13 @@ pub async fn run(ctx: &Ctx, cmd: VolumeCmd) -> anyhow::Result<ExitCode> {
             if ctx.json {
                 print_json(&list)?;
             } else {
-                println!("{}", table(&["NAME", "SIZE", "DATA", "VERSIONS", "ATTACHED RW", "OWNER", "SNAPSHOT OF", "ON"], list.iter().map(row).collect()));
+                println!(
+                    "{}",
+                    table(
+                        &["NAME", "SIZE", "DATA", "VERSIONS", "ATTACHED RW", "OWNER", "SNAPSHOT OF", "ON"],
+                        list.iter().map(row).collect()
+                    )
+                );
             }
         }
         VolumeCmd::Show { name } => {
@@ -179,7 +186,7 @@ async fn create(ctx: &Ctx, server: &ServerArg, name: &str, size: u64) -> anyhow:
         bail!("{name} exists already on {}: choose another name (or `vgrid volume import` a new version)", client.base_url());
     }
     let up = client.begin_upload().await?;
-    Ok(client.commit(&up, &m).await.with_context(|| format!("creating volume {name}"))?)
+    client.commit(&up, &m).await.with_context(|| format!("creating volume {name}"))
 }
 
 fn row(v: &VolumeInfo) -> Vec<String> {

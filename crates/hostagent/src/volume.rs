@@ -98,7 +98,9 @@ pub async fn commit_on_exit(ctx: &HostCtx, id: &str, spec: &VmSpec, dir: &Path) 
             Err(e) => Err(e.to_string()),
         };
         match r {
-            Ok(c) => tracing::info!(vm = %id, volume = %c.volume, chunks = c.chunks_changed, bytes = c.uploaded_bytes, "volume committed as its VM ended"),
+            Ok(c) => {
+                tracing::info!(vm = %id, volume = %c.volume, chunks = c.chunks_changed, bytes = c.uploaded_bytes, "volume committed as its VM ended")
+            }
             Err(cause) => {
                 let kept = keep_pending(ctx, id, &att.name, &overlay);
                 tracing::error!(vm = %id, volume = %att.name, kept = %kept.display(), "volume NOT committed as its VM ended (its writes are kept on this host): {cause}");
@@ -175,7 +177,8 @@ async fn publish(
     disk: vgrid_api::Blob,
     encoded: &[(ChunkHash, Bytes)],
 ) -> Result<(ImageRef, u64, u64), String> {
-    let head = up.client.manifest(&ImageRef { name: att.name.clone(), version: None }).await.map_err(|e| format!("the volume's head: {e}"))?;
+    let head =
+        up.client.manifest(&ImageRef { name: att.name.clone(), version: None }).await.map_err(|e| format!("the volume's head: {e}"))?;
     if head.disk == disk {
         return Ok((head.image_ref(), 0, 0));
     }

@@ -28,7 +28,10 @@ fn asker(p: &Principal) -> Asker<'_> {
 /// The caller's volumes (an admin's: all), with their versions, the image servers that hold
 /// them and the VM that holds each read-write.
 #[utoipa::path(get, path = "/api/v1/volumes", responses((status = 200, body = [VolumeInfo])))]
-pub async fn list_volumes(State(c): State<Arc<Coordinator>>, Extension(p): Extension<Principal>) -> Result<Json<Vec<VolumeInfo>>, ApiError> {
+pub async fn list_volumes(
+    State(c): State<Arc<Coordinator>>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<Vec<VolumeInfo>>, ApiError> {
     Ok(Json(c.list_volumes(asker(&p)).await?))
 }
 

@@ -37,7 +37,8 @@ impl Vm {
         }
         for (i, att, disk) in spec.volumes() {
             let o = runtime::volume_overlay(&dir, i);
-            if !att.readonly && !(opts.reuse_overlay && o.exists()) {
+            let kept = opts.reuse_overlay && o.exists();
+            if !att.readonly && !kept {
                 create_overlay(&spec.id, &opts.qemu_img, disk, &o).await?;
             }
         }
