@@ -1,0 +1,172 @@
+//! Unit tests of the image store (`super`): versions, uploads, garbage collection, volumes' fencing.
+
+use super::*;
+use object_store::memory::InMemory;
+use vgrid_api::{Blob, Boot, ImageMeta};
+
+fn mem() -> Arc<ImageStore> {
+    Arc::new(ImageStore::new(Arc::new(InMemory::new())))
+}
+
+fn manifest(name: &str, version: u32, chunks: Vec<Option<ChunkHash>>) -> Manifest {
+    Manifest {
+        schema: 1,
+        name: name.into(),
+        version,
+        created: 0,
+        chunk_size: 4096,
+        disk: Blob { size: chunks.len() as u64 * 4096, chunks },
+        meta: ImageMeta { os: String::new(), arch: "x86_64".into(), boot: Boot::Firmware, volume: None },
+        parent: None,
+        state: None,
+    }
+}
+
+async fn put(s: &ImageStore, id: &UploadId, data: &[u8]) -> ChunkHash {
+    let (h, z) = codec::encode(data);
+    s.put_chunk(id, &h, Bytes::from(z)).await.unwrap();
+    h
+}
+
+#[tokio::test]
+async fn versions_are_assigned_uniquely_and_explicit_ones_are_immutable() {
+    let s = mem();
+    let id = s.begin_upload();
+    let h = put(&s, &id, &[1u8; 4096]).await;
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move { s.put_manifest(manifest("img", 0, vec![Some(h)])).await.unwrap().version }));
+    }
+    let mut vs: Vec<u32> = futures::future::join_all(tasks).await.into_iter().map(|r| r.unwrap()).collect();
+    vs.sort();
+    assert_eq!(vs, vec![1, 2, 3, 4, 5, 6]);
+    let e = s.put_manifest(manifest("img", 3, vec![Some(h)])).await.unwrap_err();
+    assert!(matches!(e, StoreError::ImageExists(_)), "{e}");
+    assert!(e.to_string().contains("img@3"));
+    assert_eq!(s.put_manifest(manifest("img", 10, vec![None])).await.unwrap().version, 10);
+    assert_eq!(s.get_manifest(&"img".parse().unwrap()).await.unwrap().version, 10);
+    s.commit(&id, manifest("other", 0, vec![])).await.unwrap();
+    assert_eq!(s.live_uploads(), 0);
+}
+
+#[tokio::test]
+async fn a_volume_commit_is_fenced_by_its_epoch_and_kinds_do_not_mix() {
+    let s = mem();
+    let vol = |v: u32| {
+        let mut m = manifest("data", v, vec![None, None]);
+        m.meta.volume = Some(vgrid_api::volume::VolumeMeta::default());
+        m
+    };
+    assert_eq!(s.put_manifest(vol(0)).await.unwrap().version, 1);
+    assert_eq!(s.volume_epoch("data").await.unwrap(), 0);
+    assert_eq!(s.raise_epoch("data", 7).await.unwrap(), 7);
+    // Never lowered.
+    assert_eq!(s.raise_epoch("data", 5).await.unwrap(), 7);
+    let id = s.begin_upload();
+    let e = s.commit_fenced(&id, vol(0), Some(6)).await.unwrap_err();
+    assert!(matches!(e, StoreError::Fenced { epoch: 6, current: 7, .. }), "{e}");
+    assert!(e.to_string().contains("epoch 6 is older than the volume's 7"), "{e}");
+    // The head did not move.
+    assert_eq!(s.versions("data").await.unwrap(), vec![1]);
+    let id = s.begin_upload();
+    assert_eq!(s.commit_fenced(&id, vol(0), Some(7)).await.unwrap().version, 2);
+    // An image version over the volume's name, and a volume over an image's, are refused.
+    let e = s.put_manifest(manifest("data", 0, vec![None])).await.unwrap_err();
+    assert!(e.to_string().contains("data is a volume, not an image"), "{e}");
+    s.put_manifest(manifest("img", 0, vec![None])).await.unwrap();
+    let mut v = vol(0);
+    v.name = "img".into();
+    let e = s.put_manifest(v).await.unwrap_err();
+    assert!(e.to_string().contains("img is an image, not a volume"), "{e}");
+}
+
+#[tokio::test]
+async fn uploads_are_verified_and_sessions_checked() {
+    let s = mem();
+    let id = s.begin_upload();
+    let (h, _) = codec::encode(b"right");
+    let (_, z) = codec::encode(b"wrong");
+    let e = s.put_chunk(&id, &h, Bytes::from(z)).await.unwrap_err();
+    assert!(matches!(e, StoreError::BadUpload { .. }) && e.to_string().contains(&h.to_hex()), "{e}");
+    assert!(!s.has_chunk(&h).await.unwrap());
+    let ghost = UploadId("ghost".into());
+    let e = s.missing(&ghost, &[h]).await.unwrap_err();
+    assert!(matches!(e, StoreError::UploadNotFound(_)) && e.to_string().contains("ghost"), "{e}");
+    s.abort_upload(&id).unwrap();
+    assert!(s.abort_upload(&id).is_err());
+}
+
+#[tokio::test]
+async fn gc_respects_manifests_and_live_pins_only() {
+    let s = Arc::new(ImageStore::new(Arc::new(InMemory::new())).with_session_ttl(Duration::from_millis(100)));
+    let id = s.begin_upload();
+    let a = put(&s, &id, &[1u8; 4096]).await;
+    let b = put(&s, &id, &[2u8; 4096]).await;
+    let m = s.commit(&id, manifest("keep", 0, vec![Some(a)])).await.unwrap();
+    // `b` was uploaded but is referenced by nothing now that the session ended.
+    assert_eq!(s.gc().await.unwrap().chunks_freed, 1);
+    assert!(s.has_chunk(&a).await.unwrap() && !s.has_chunk(&b).await.unwrap());
+
+    // A live session's dedup pin keeps `a` through the delete of its only image.
+    let id2 = s.begin_upload();
+    assert!(s.missing(&id2, &[a]).await.unwrap().is_empty());
+    assert_eq!(s.delete(&m.image_ref()).await.unwrap().chunks_freed, 0);
+    assert!(s.has_chunk(&a).await.unwrap());
+    // Once the session expires, the pin goes and so does the chunk.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.gc().await.unwrap().chunks_freed, 1);
+    assert!(s.commit(&id2, manifest("late", 0, vec![Some(a)])).await.is_err());
+    assert_eq!(s.chunk_stats().await.unwrap().0, 0);
+}
+
+#[tokio::test]
+async fn warm_image_state_chunks_are_checked_kept_and_freed_with_it() {
+    let s = mem();
+    let id = s.begin_upload();
+    let base = put(&s, &id, &[1u8; 4096]).await;
+    let parent = s.commit(&id, manifest("base", 0, vec![Some(base), None])).await.unwrap();
+    // A warm child: one new disk chunk, the parent's other one, and a state blob.
+    let id = s.begin_upload();
+    let changed = put(&s, &id, &[2u8; 4096]).await;
+    let st = put(&s, &id, &[3u8; 4096]).await;
+    let meta = vgrid_api::StateMeta {
+        qemu_version: "10.0.2".into(),
+        machine: "pc".into(),
+        cpus: 1,
+        memory_mib: 256,
+        accel: "tcg".into(),
+        saved: 0,
+    };
+    let mut warm = manifest("warm", 0, vec![Some(base), Some(changed)]);
+    warm.parent = Some(parent.image_ref());
+    warm.state = Some(vgrid_api::SavedState { blob: Blob { size: 4096 + 100, chunks: vec![Some(st), None] }, meta, ram: None });
+    // A state chunk that is not stored is refused like a missing disk chunk.
+    let (ghost, _) = codec::encode(b"never uploaded");
+    let mut bad = warm.clone();
+    bad.state.as_mut().unwrap().blob.chunks[1] = Some(ghost);
+    assert!(matches!(s.put_manifest(bad).await, Err(StoreError::MissingChunks { .. })));
+    let warm = s.commit(&id, warm).await.unwrap();
+    assert_eq!(s.gc().await.unwrap().chunks_freed, 0, "state chunks are referenced");
+    let back = s.get_manifest(&warm.image_ref()).await.unwrap();
+    assert_eq!(back.state, warm.state);
+    assert_eq!(back.parent, Some(parent.image_ref()));
+    // Deleting the warm image frees its own chunks, not the parent's.
+    assert_eq!(s.delete(&warm.image_ref()).await.unwrap().chunks_freed, 2);
+    assert!(s.has_chunk(&base).await.unwrap() && !s.has_chunk(&st).await.unwrap() && !s.has_chunk(&changed).await.unwrap());
+}
+
+#[tokio::test]
+async fn summaries_count_stored_bytes() {
+    let s = mem();
+    let id = s.begin_upload();
+    let a = put(&s, &id, &[1u8; 4096]).await;
+    let mut m = manifest("sum", 0, vec![Some(a), None, Some(a)]);
+    m.disk.size = 2 * 4096 + 10;
+    let m = s.commit(&id, m).await.unwrap();
+    let l = s.list().await.unwrap();
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0].stored_bytes, 4096 + 10);
+    assert_eq!(l[0].version, m.version);
+    assert_eq!(l[0].boot, "firmware");
+}
