@@ -4,6 +4,7 @@
 //! host agent was SIGKILLed; a volume outlives its VM. Separate role processes (a
 //! coordinator, an image server, two host agents).
 mod common;
+use common::api_get;
 use common::grid::{console_has_line, type_on_console, RoleGrid as Grid};
 use std::time::Duration;
 
@@ -111,4 +112,55 @@ fn a_volume_written_on_one_host_is_read_back_byte_exact_on_another() {
     assert!(o.status.success(), "rm reader: {}", stderr(&o));
     let o = g.cli(&["volume", "rm", "data-snap"]);
     assert!(o.status.success(), "rm snapshot: {}", stderr(&o));
+}
+
+/// The image server SIGKILLed while a commit is due: the commit fails with an error naming
+/// the image server, the guest runs on, the last committed version is intact; the image
+/// server restarted (on another port), the retried commit publishes the write, byte-exact.
+#[test]
+fn a_commit_while_the_image_server_is_down_fails_clearly_and_succeeds_once_it_is_back() {
+    let mut g = Grid::start(&["h1"]);
+    let is = g._server.url.clone();
+    let o = g.cli(&["volume", "create", "logs", "--size", "8M", "--image-server", &is]);
+    assert!(o.status.success(), "volume create: {}", stderr(&o));
+    let v = g.run_with("", "logger", &["--volume", "logs"]);
+    let id = v["id"].as_str().unwrap().to_string();
+    let dir = g.runtime_dir("h1", &id);
+    type_on_console(&dir, &format!("printf '{PAYLOAD}\\n' | dd of=/dev/vdb bs=512 seek=16 conv=sync && sync && echo wrote-logs"));
+    g.wait_until("the write to the volume", Duration::from_secs(60), || console_has_line(&dir, "wrote-logs"));
+
+    g._server.kill();
+    let o = g.cli(&["volume", "commit", "logs"]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("image server"), "a commit without an image server: {o:?}");
+    assert_eq!(g.json(&["vm", "show", "logger"])["state"], "running");
+    type_on_console(&dir, "echo still-running");
+    g.wait_until("the guest to answer after the failed commit", Duration::from_secs(60), || console_has_line(&dir, "still-running"));
+
+    g.restart_image_server();
+    let new_url = g._server.url.clone();
+    g.wait_until("the image server to register again", Duration::from_secs(60), || {
+        String::from_utf8_lossy(&api_get(&g.coordinator.url, "/api/v1/image-servers")).contains(&new_url)
+    });
+    let mut committed = serde_json::Value::Null;
+    g.wait_until("the retried commit", Duration::from_secs(60), || {
+        let o = g.cli(&["--json", "volume", "commit", "logs"]);
+        if o.status.success() {
+            committed = serde_json::from_slice(&o.stdout).unwrap();
+        }
+        o.status.success()
+    });
+    assert_eq!(committed["volume"], "logs@2", "{committed}");
+    let out = g.dir.path().join("logs.raw");
+    let o = g.cli(&["volume", "export", "logs@1", out.to_str().unwrap(), "--image-server", &new_url]);
+    assert!(o.status.success(), "export v1: {}", stderr(&o));
+    assert!(std::fs::read(&out).unwrap().iter().all(|&b| b == 0), "version 1 changed");
+    let o = g.cli(&["volume", "export", "logs", out.to_str().unwrap(), "--image-server", &new_url]);
+    assert!(o.status.success(), "export: {}", stderr(&o));
+    let raw = std::fs::read(&out).unwrap();
+    let mut want = format!("{PAYLOAD}\n").into_bytes();
+    want.resize(512, 0);
+    assert_eq!(&raw[16 * 512..17 * 512], &want[..]);
+    let o = g.cli(&["vm", "rm", "--force", "logger"]);
+    assert!(o.status.success(), "rm: {}", stderr(&o));
 }

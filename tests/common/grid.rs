@@ -70,6 +70,27 @@ impl RoleGrid {
         self.coordinator = Role::coordinator(&listen, &self.dir.path().join("coord"), 3, self.dir.path().join("coord2.log"));
     }
 
+    /// SIGKILLs the image server and starts it again with the same data directory (on a new
+    /// port: it registers again with the coordinator under its new address).
+    pub fn restart_image_server(&mut self) {
+        self._server.kill();
+        let data = self.dir.path().join("is0");
+        self._server = Role::start(
+            &[
+                "image-server",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--coordinator",
+                &self.coordinator.url,
+                "--name",
+                "is0",
+            ],
+            self.dir.path().join("is0-again.log"),
+        );
+    }
+
     /// Waits until `hosts` hosts and the image server are registered (again, after a restart).
     pub fn wait_registered(&self, hosts: usize) {
         self.wait_until("hosts and the image server to register", Duration::from_secs(60), || {

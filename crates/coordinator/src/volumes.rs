@@ -30,25 +30,36 @@ fn unknown(name: &str) -> CoordinatorError {
 }
 
 impl Coordinator {
-    /// The image servers holding volume `name`, with its latest manifest and owner record.
+    /// The image servers holding volume `name`, with its latest manifest and owner record. A
+    /// server that does not answer is passed over when another has the volume (it may be a
+    /// stale registration of a restarted one); its error is returned when none has it.
     async fn volume_on(&self, name: &str) -> Result<Vec<(StoreClient, Manifest, ImageOwner)>, CoordinatorError> {
         let servers = self.registry().image_server_urls();
         if servers.is_empty() {
             return Err(CoordinatorError::NoImageServer);
         }
         let mut out = Vec::new();
+        let mut failure = None;
         for url in servers {
             let client = StoreClient::new(&url).map_err(CoordinatorError::ImageServer)?;
-            match client.manifest(&ImageRef { name: name.to_string(), version: None }).await {
-                Ok(m) => {
-                    let owner = client.owner(name).await.map_err(CoordinatorError::ImageServer)?;
-                    out.push((client, m, owner));
+            let found = match client.manifest(&ImageRef { name: name.to_string(), version: None }).await {
+                Ok(m) => client.owner(name).await.map(|o| Some((m, o))),
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(e),
+            };
+            match found {
+                Ok(Some((m, o))) => out.push((client, m, o)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %name, server = %url, "image server did not answer: {e}");
+                    failure = Some(e);
                 }
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(CoordinatorError::ImageServer(e)),
             }
         }
-        Ok(out)
+        match failure {
+            Some(e) if out.is_empty() => Err(CoordinatorError::NotOnReachable { image: format!("volume {name}"), source: e }),
+            _ => Ok(out),
+        }
     }
 
     /// The latest manifest and owner of volume `name`, refused when it is an image or when
