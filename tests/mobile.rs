@@ -92,22 +92,8 @@ impl Grid {
 
     /// (Re)starts the image server `is0` on its data directory (a new port each time).
     fn start_server(&mut self) {
-        let data = self.dir.path().join("is0");
         let n = std::fs::read_dir(self.dir.path()).map(|d| d.count()).unwrap_or(0);
-        self.server = Some(Role::start(
-            &[
-                "image-server",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--coordinator",
-                &self.coordinator.url,
-                "--name",
-                "is0",
-            ],
-            self.dir.path().join(format!("is0-{n}.log")),
-        ));
+        self.server = Some(common::grid::image_server_is0(self.dir.path(), &self.coordinator.url, &format!("is0-{n}.log")));
     }
 
     fn server_url(&self) -> String {

@@ -21,12 +21,8 @@ impl RoleGrid {
     pub fn start(hosts: &[&str]) -> RoleGrid {
         // Short path: unix socket paths (runtime dirs) must stay under 108 bytes.
         let dir = tempfile::Builder::new().prefix("vgm").tempdir_in("/tmp").unwrap();
-        let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
         let coordinator = Role::coordinator("127.0.0.1:0", &dir.path().join("coord"), 3, dir.path().join("coord.log"));
-        let server = Role::start(
-            &["image-server", "--listen", "127.0.0.1:0", "--data-dir", &p("is0"), "--coordinator", &coordinator.url, "--name", "is0"],
-            dir.path().join("is0.log"),
-        );
+        let server = image_server_is0(dir.path(), &coordinator.url, "is0.log");
         let mut g = RoleGrid { dir, coordinator, _server: server, hosts: vec![] };
         for h in hosts {
             g.start_host(h);
@@ -192,6 +188,16 @@ impl Drop for RoleGrid {
             kill_guests_under(&self.host_dir(name));
         }
     }
+}
+
+/// Starts image server `is0` on `dir/is0` (a new loopback port each time) advertising to the
+/// coordinator at `coordinator`, logging to `dir/log`.
+pub fn image_server_is0(dir: &Path, coordinator: &str, log: &str) -> Role {
+    let data = dir.join("is0");
+    Role::start(
+        &["image-server", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap(), "--coordinator", coordinator, "--name", "is0"],
+        dir.join(log),
+    )
 }
 
 /// Types `cmd` on the VM's serial console socket in `dir`.
