@@ -105,6 +105,7 @@ impl Coordinator {
     /// agent went away), the VM stays `suspending` until the host says what became of the
     /// save ([`CoordinatorError::Settling`], HTTP 504: follow the record).
     pub async fn suspend(self: &Arc<Self>, key: &str) -> Result<Suspended, CoordinatorError> {
+        let t0 = std::time::Instant::now();
         let (rec, client) = self.running_on(key, "suspended").await?;
         // Only one suspend (or migration, or stop) of a running VM wins: the table refuses the
         // others.
@@ -130,6 +131,7 @@ impl Coordinator {
                     self.delete_saved_image(&old).await;
                 }
                 tracing::info!(vm = %rec.id, image = %saved.image, "VM suspended");
+                crate::metrics::suspended(t0.elapsed().as_secs_f64());
                 Ok(Suspended { vm: out, saved })
             }
             Err(e @ HostCallError::Refused { .. }) => {
@@ -156,6 +158,7 @@ impl Coordinator {
     /// the owner's `quota` (a suspended VM holds none) and its host ports must not be forwarded
     /// to another active VM; otherwise it stays suspended and nothing changes.
     pub async fn resume(self: &Arc<Self>, key: &str, req: &VmResume, quota: &Quota) -> Result<VmRecord, CoordinatorError> {
+        let t0 = std::time::Instant::now();
         let rec = self.get(key).await?;
         if rec.state != VmState::Suspended {
             return Err(CoordinatorError::Conflict(format!("VM {} is {}: only a suspended VM can be resumed", rec.id, rec.state.as_str())));
@@ -181,7 +184,13 @@ impl Coordinator {
         let launch = launch_request(&rec, Some(manifest.image_ref()));
         let client = HostClient::new(&placed.host, &placed.url, self.http.clone());
         let me = self.clone();
-        tokio::spawn(async move { me.run(client, launch).await });
+        let id = rec.id.clone();
+        tokio::spawn(async move {
+            me.clone().run(client, launch).await;
+            if me.get(&id).await.is_ok_and(|v| v.state == VmState::Running) {
+                crate::metrics::resumed(t0.elapsed().as_secs_f64());
+            }
+        });
         // The host it was suspended on keeps only its old console log: remove it there.
         if let Some(old) = old_host.filter(|h| *h != placed.host) {
             if let Ok(c) = self.client(&old) {
@@ -223,7 +232,8 @@ impl Coordinator {
         let admit = Admit { quota: Some(quota.clone()) };
         let mut last = None;
         for _ in 0..CAS_RETRIES {
-            let placed = self.sched.place_with(preq, opts).map_err(place_error)?;
+            let placed = self.sched.place_with(preq, opts).inspect_err(|e| crate::metrics::refused("resume", e)).map_err(place_error)?;
+            crate::metrics::placed("resume");
             let ev = Event::ResumeRequested { host: placed.host.clone() };
             let written = self.transact(&rec.id, |_| Some(ev.clone()), |_| {}, Some(&admit)).await;
             match written {

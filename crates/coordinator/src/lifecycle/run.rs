@@ -387,13 +387,13 @@ impl Coordinator {
         Ok(self.client(host)?.console(&rec.id, offset).await?)
     }
 
-    /// The host's WebSocket URL of a running VM's console.
-    pub async fn console_ws_url(&self, key: &str) -> Result<(VmRecord, String), CoordinatorError> {
+    /// The host's WebSocket URL of a running VM's `stream` (`console`, `vnc`).
+    pub async fn stream_ws_url(&self, key: &str, stream: &str) -> Result<(VmRecord, String), CoordinatorError> {
         let rec = self.get(key).await?;
         if rec.state != VmState::Running {
             return Err(CoordinatorError::Conflict(format!("VM {} is {}, not running", rec.id, rec.state.as_str())));
         }
-        let url = self.client(rec.host.as_deref().unwrap_or_default())?.console_ws_url(&rec.id);
+        let url = self.client(rec.host.as_deref().unwrap_or_default())?.stream_ws_url(&rec.id, stream);
         Ok((rec, url))
     }
 
