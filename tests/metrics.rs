@@ -6,7 +6,6 @@
 mod common;
 
 use common::grid::RoleGrid;
-use common::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

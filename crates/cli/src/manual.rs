@@ -28,10 +28,18 @@ pub struct ManArgs {
 
 pub fn completions(a: CompletionsArgs) -> anyhow::Result<ExitCode> {
     let mut cmd = crate::Cli::command();
+    let mut buf = Vec::new();
+    clap_complete::generate(a.shell, &mut cmd, "vgrid", &mut buf);
+    print(&buf)
+}
+
+/// Writes `bytes` to stdout; a reader that went away (`| head`) is no error.
+fn print(bytes: &[u8]) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
-    clap_complete::generate(a.shell, &mut cmd, "vgrid", &mut out);
-    out.flush()?;
-    Ok(ExitCode::SUCCESS)
+    match out.write_all(bytes).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }
 
 pub fn man(a: ManArgs) -> anyhow::Result<ExitCode> {
@@ -39,9 +47,9 @@ pub fn man(a: ManArgs) -> anyhow::Result<ExitCode> {
     cmd.build();
     match a.dir {
         None => {
-            let mut out = std::io::stdout().lock();
-            clap_mangen::Man::new(cmd).render(&mut out)?;
-            out.flush()?;
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut buf)?;
+            return print(&buf);
         }
         Some(dir) => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

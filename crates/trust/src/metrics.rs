@@ -146,7 +146,6 @@ pub async fn serve(addr: std::net::SocketAddr) -> std::io::Result<std::net::Sock
             tracing::warn!("the metrics listener stopped: {e}");
         }
     });
-    tracing::info!("metrics on http://{bound}/metrics");
     Ok(bound)
 }
 
