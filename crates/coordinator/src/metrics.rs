@@ -70,7 +70,7 @@ pub fn m() -> &'static Metrics {
         register("vgrid_migration_duration_seconds", "Live migrations that completed: total time", m.migration.clone());
         register("vgrid_migration_downtime_seconds", "Live migrations that completed: the guest's downtime", m.downtime.clone());
         register("vgrid_suspend_duration_seconds", "Suspends that completed: request to suspended", m.suspend.clone());
-        register("vgrid_resume_duration_seconds", "Resumes that completed: request to running", m.resume.clone());
+        register("vgrid_resume_duration_seconds", "Resumes that completed: launch on the new host to running", m.resume.clone());
         m
     })
 }
@@ -148,7 +148,7 @@ pub fn suspended(secs: f64) {
     m().suspend.observe(secs);
 }
 
-/// A resume completed after `secs`.
+/// A resume's launch reached `running` after `secs` (from the launch sent to its host).
 pub fn resumed(secs: f64) {
     m().resume.observe(secs);
 }

@@ -158,7 +158,6 @@ impl Coordinator {
     /// the owner's `quota` (a suspended VM holds none) and its host ports must not be forwarded
     /// to another active VM; otherwise it stays suspended and nothing changes.
     pub async fn resume(self: &Arc<Self>, key: &str, req: &VmResume, quota: &Quota) -> Result<VmRecord, CoordinatorError> {
-        let t0 = std::time::Instant::now();
         let rec = self.get(key).await?;
         if rec.state != VmState::Suspended {
             return Err(CoordinatorError::Conflict(format!("VM {} is {}: only a suspended VM can be resumed", rec.id, rec.state.as_str())));
@@ -184,13 +183,7 @@ impl Coordinator {
         let launch = launch_request(&rec, Some(manifest.image_ref()));
         let client = HostClient::new(&placed.host, &placed.url, self.http.clone());
         let me = self.clone();
-        let id = rec.id.clone();
-        tokio::spawn(async move {
-            me.clone().run(client, launch).await;
-            if me.get(&id).await.is_ok_and(|v| v.state == VmState::Running) {
-                crate::metrics::resumed(t0.elapsed().as_secs_f64());
-            }
-        });
+        tokio::spawn(async move { me.run(client, launch).await });
         // The host it was suspended on keeps only its old console log: remove it there.
         if let Some(old) = old_host.filter(|h| *h != placed.host) {
             if let Ok(c) = self.client(&old) {

@@ -22,6 +22,7 @@ impl Coordinator {
     /// the host does not answer is settled from the host ([`Coordinator::recover_launch`]).
     pub(crate) async fn run(self: Arc<Self>, client: HostClient, req: LaunchRequest) {
         let id = req.id.clone();
+        let t0 = std::time::Instant::now();
         if self.apply(&id, Event::LaunchSent).await.is_err() {
             // Stopped or removed before its launch went out: nothing runs anywhere.
             return;
@@ -32,6 +33,9 @@ impl Coordinator {
                 match rec {
                     Ok(r) if r.state == VmState::Running => {
                         tracing::info!(vm = %id, host = %client.name, pid = l.pid, accel = %l.accel, "VM running");
+                        if req.restore.is_some() {
+                            crate::metrics::resumed(t0.elapsed().as_secs_f64());
+                        }
                         self.watch(id).await;
                     }
                     Err(CoordinatorError::UnknownVm(_)) => {
