@@ -50,8 +50,23 @@ schemathesis() {
   "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 }
 
+# The Prometheus text-format parser the metrics tests check every /metrics page with
+# (tests/metrics.rs): the official Python client from PyPI, pinned, in its own venv.
+PROMETHEUS_CLIENT_VERSION=0.26.0
+prometheus_client() {
+  local venv="${VGRID_CACHE:-$HOME/.cache/vgrid}/prometheus-client-$PROMETHEUS_CLIENT_VERSION"
+  if [ -x "$venv/bin/python3" ] && "$venv/bin/python3" -c 'import prometheus_client' 2>/dev/null; then
+    return 0
+  fi
+  echo "install-deps: installing prometheus_client $PROMETHEUS_CLIENT_VERSION into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "prometheus-client==$PROMETHEUS_CLIENT_VERSION"
+}
+
 if [ ${#need[@]} -eq 0 ]; then
   schemathesis
+  prometheus_client
   echo "install-deps: everything present"
   exit 0
 fi
@@ -69,4 +84,5 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-utils qemu-system-data seabios ipxe-qemu
 $SUDO apt-get install -y -qq --no-install-recommends libnbd-bin nbdkit e2fsprogs iproute2 curl zstd busybox-static fio python3 python3-venv debootstrap libfaketime nftables passt
 schemathesis
+prometheus_client
 echo "install-deps: done ($(qemu-system-x86_64 --version | head -1))"

@@ -440,6 +440,104 @@ fn expired_tokens_get_401_naming_expiry_and_the_cli_logs_in_again() {
     assert!(entries.iter().any(|e| e["status"] == 401 && e["error"].as_str().is_some_and(|m| m.contains("expired"))), "{audit}");
 }
 
+/// Reads one RFB (VNC) session up to a full framebuffer update from `addr`: the version, security
+/// None, ClientInit (shared), ServerInit, one non-incremental FramebufferUpdateRequest. Returns
+/// the framebuffer's size and how many of its bytes are non-zero.
+fn rfb_frame(addr: &str) -> (u16, u16, usize) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+    let mut version = [0u8; 12];
+    s.read_exact(&mut version).unwrap();
+    assert_eq!(&version, b"RFB 003.008\n", "{}", String::from_utf8_lossy(&version));
+    s.write_all(b"RFB 003.008\n").unwrap();
+    let mut n = [0u8; 1];
+    s.read_exact(&mut n).unwrap();
+    let mut types = vec![0u8; n[0] as usize];
+    s.read_exact(&mut types).unwrap();
+    assert!(types.contains(&1), "security type None not offered: {types:?}");
+    s.write_all(&[1]).unwrap();
+    let mut result = [0u8; 4];
+    s.read_exact(&mut result).unwrap();
+    assert_eq!(u32::from_be_bytes(result), 0, "security handshake failed");
+    s.write_all(&[1]).unwrap(); // ClientInit: shared
+    let mut init = [0u8; 24];
+    s.read_exact(&mut init).unwrap();
+    let (w, h, bpp) = (u16::from_be_bytes([init[0], init[1]]), u16::from_be_bytes([init[2], init[3]]), init[4] as usize);
+    let mut name = vec![0u8; u32::from_be_bytes([init[20], init[21], init[22], init[23]]) as usize];
+    s.read_exact(&mut name).unwrap();
+    assert!(w > 0 && h > 0 && bpp % 8 == 0, "ServerInit {w}x{h} at {bpp} bpp");
+    let mut req = vec![3u8, 0, 0, 0, 0, 0];
+    req.extend_from_slice(&w.to_be_bytes());
+    req.extend_from_slice(&h.to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], 0, "expected a FramebufferUpdate, got message type {}", head[0]);
+    let mut nonzero = 0;
+    for _ in 0..u16::from_be_bytes([head[2], head[3]]) {
+        let mut r = [0u8; 12];
+        s.read_exact(&mut r).unwrap();
+        let (rw, rh) = (u16::from_be_bytes([r[4], r[5]]) as usize, u16::from_be_bytes([r[6], r[7]]) as usize);
+        assert_eq!(i32::from_be_bytes([r[8], r[9], r[10], r[11]]), 0, "raw encoding expected (none other was asked for)");
+        let mut pixels = vec![0u8; rw * rh * bpp / 8];
+        s.read_exact(&mut pixels).unwrap();
+        nonzero += pixels.iter().filter(|&&b| b != 0).count();
+    }
+    (w, h, nonzero)
+}
+
+/// Issue 17, item 2: a guest's VNC display (a unix socket in its runtime directory, no TCP port
+/// on the host) reaches its owner's viewer through `vgrid vm vnc` and the coordinator; another
+/// user is refused with 403.
+#[test]
+fn vm_vnc_forwards_the_graphical_console_to_its_owner_only() {
+    let up = Up::start();
+    up.import_sample();
+    let dir = tempfile::tempdir().unwrap();
+    let alice = Person::new(dir.path(), "alice", Algorithm::Ed25519);
+    let bob = Person::new(dir.path(), "bob", Algorithm::Ed25519);
+    up.ok(&["user", "add", "alice", "--key", &alice.public()]);
+    up.ok(&["user", "add", "bob", "--key", &bob.public()]);
+    let v = {
+        let _slot = boot_slot().unwrap();
+        alice.json(&up, &["vm", "run", "sample", "--name", "shown", "--wait-for", PROMPT, "--timeout", "120"])
+    };
+    let id = v["id"].as_str().unwrap().to_string();
+    assert!(up.runtime_dir(&id).join("vnc.sock").exists(), "no VNC socket in the runtime directory");
+    // Text on the VGA console, so the frame is not blank whatever the guest showed before.
+    console_exec(&up, &id, "echo on-the-screen-$((6*7)) > /dev/tty1; echo tty-$((1+1))", "tty-2");
+
+    let mut vnc = Command::new(vgrid_bin())
+        .args(["vm", "vnc", &id, "--listen", "127.0.0.1:0"])
+        .env("VGRID_URL", &up.url)
+        .env("VGRID_CONFIG_DIR", &alice.config)
+        .env("VGRID_KEY", &alice.key)
+        .env("VGRID_USER", &alice.name)
+        .env_remove("SSH_AUTH_SOCK")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(vnc.stdout.take().unwrap()), &mut line).unwrap();
+    let addr = line.split(" at ").nth(1).and_then(|r| r.split(": ").next()).unwrap_or_else(|| panic!("no address in {line:?}")).to_string();
+    let (w, h, nonzero) = rfb_frame(&addr);
+    // A second viewer gets its own session.
+    let (w2, h2, _) = rfb_frame(&addr);
+    let _ = vnc.kill();
+    let _ = vnc.wait();
+    eprintln!("VNC frame {w}x{h}, {nonzero} non-zero bytes");
+    assert!(nonzero > 0, "the frame is blank");
+    assert_eq!((w2, h2), (w, h));
+
+    let err = bob.refused(&up, &["vm", "vnc", &id, "--listen", "127.0.0.1:0"], "403");
+    assert!(err.contains("belongs to another user"), "{err}");
+    let bob_token = bob.json(&up, &["login"])["token"].as_str().unwrap().to_string();
+    assert_eq!(curl(&up, "GET", &format!("/api/v1/vms/{id}/vnc/ws"), Some(&bob_token)), 403);
+    assert_eq!(curl(&up, "GET", &format!("/api/v1/vms/{id}/vnc/ws"), None), 401);
+}
+
 /// Volumes belong to users like images: the quota counts them (the refusal names it), others
 /// neither see, attach, commit nor remove them, and no user moves a volume's fencing epoch.
 #[test]

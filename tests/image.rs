@@ -150,3 +150,47 @@ fn pull_stages_the_whole_image_and_stats_count_it() {
     let o = up.cli(&["image", "pull", "nosuch"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("nosuch"));
 }
+
+/// Issue 17, item 6: on a grid of separate roles the coordinator serves no images; with only
+/// its URL (`VGRID_URL`) the CLI asks it for its image servers and uses one, saying which, and
+/// says so when there is none.
+#[test]
+fn with_only_the_coordinator_url_images_go_to_an_image_server_it_knows() {
+    let dir = tempfile::Builder::new().prefix("vgi").tempdir_in("/tmp").unwrap();
+    let coord = Role::coordinator("127.0.0.1:0", &dir.path().join("coord"), 3, dir.path().join("coord.log"));
+    let img = test_image(dir.path());
+    let img = img.to_str().unwrap();
+
+    let o = cli_at(&coord.url, &["image", "import", img, "--name", "rnd", "--chunk-size", "64K"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "an import with no image server succeeded");
+    assert!(err.contains("knows no image server") && err.contains("vgrid image-server --coordinator"), "{err}");
+
+    let is0 = dir.path().join("is0");
+    let server = Role::start(
+        &["image-server", "--listen", "127.0.0.1:0", "--data-dir", is0.to_str().unwrap(), "--coordinator", &coord.url, "--name", "is0"],
+        dir.path().join("is0.log"),
+    );
+    let t0 = std::time::Instant::now();
+    while !String::from_utf8_lossy(&api_get(&coord.url, "/api/v1/image-servers")).contains("\"is0\"") {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the image server did not register");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let o = cli_at(&coord.url, &["--json", "image", "import", img, "--name", "rnd", "--chunk-size", "64K"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains(&format!("image server is0 ({})", server.url)), "the CLI says which image server: {err}");
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(m["name"], "rnd");
+
+    // Reading it back finds it there too: show, export, and ls naming the server.
+    assert_eq!(json_at(&coord.url, &["image", "show", "rnd"])["chunk_size"], 65536);
+    let out = dir.path().join("out.img");
+    let o = cli_at(&coord.url, &["image", "export", "rnd", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(img).unwrap(), "export differs from the imported file");
+    let ls = json_at(&coord.url, &["image", "ls"]);
+    assert_eq!(ls[0]["name"], "rnd", "{ls}");
+    assert_eq!(ls[0]["servers"][0], "is0", "{ls}");
+}

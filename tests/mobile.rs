@@ -93,7 +93,7 @@ impl Grid {
     /// (Re)starts the image server `is0` on its data directory (a new port each time).
     fn start_server(&mut self) {
         let n = std::fs::read_dir(self.dir.path()).map(|d| d.count()).unwrap_or(0);
-        self.server = Some(common::grid::image_server_is0(self.dir.path(), &self.coordinator.url, &format!("is0-{n}.log")));
+        self.server = Some(common::grid::image_server_is0(self.dir.path(), &self.coordinator.url, &format!("is0-{n}.log"), &[]));
     }
 
     fn server_url(&self) -> String {

@@ -15,15 +15,23 @@ pub struct RoleGrid {
     pub coordinator: Role,
     pub _server: Role,
     pub hosts: Vec<(String, Role)>,
+    /// Environment every role process of the grid gets (e.g. `VGRID_METRICS_LISTEN`).
+    pub env: Vec<(String, String)>,
 }
 
 impl RoleGrid {
     pub fn start(hosts: &[&str]) -> RoleGrid {
+        Self::start_env(hosts, &[])
+    }
+
+    /// [`RoleGrid::start`] with `env` for every role process.
+    pub fn start_env(hosts: &[&str], env: &[(&str, &str)]) -> RoleGrid {
         // Short path: unix socket paths (runtime dirs) must stay under 108 bytes.
         let dir = tempfile::Builder::new().prefix("vgm").tempdir_in("/tmp").unwrap();
-        let coordinator = Role::coordinator("127.0.0.1:0", &dir.path().join("coord"), 3, dir.path().join("coord.log"));
-        let server = image_server_is0(dir.path(), &coordinator.url, "is0.log");
-        let mut g = RoleGrid { dir, coordinator, _server: server, hosts: vec![] };
+        let coordinator = Role::coordinator_env("127.0.0.1:0", &dir.path().join("coord"), 3, dir.path().join("coord.log"), env);
+        let server = image_server_is0(dir.path(), &coordinator.url, "is0.log", env);
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut g = RoleGrid { dir, coordinator, _server: server, hosts: vec![], env };
         for h in hosts {
             g.start_host(h);
         }
@@ -52,7 +60,9 @@ impl RoleGrid {
         ];
         // A restarted host keeps its name and data directory (and so its runtime directories).
         let log = self.dir.path().join(format!("{name}-{}.log", self.hosts.len()));
-        let r = Role::start_env(&args, log, env);
+        let mut all: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        all.extend_from_slice(env);
+        let r = Role::start_env(&args, log, &all);
         self.hosts.retain(|(n, _)| n != name);
         self.hosts.push((name.to_string(), r));
     }
@@ -63,28 +73,16 @@ impl RoleGrid {
     pub fn restart_coordinator(&mut self) {
         self.coordinator.kill();
         let listen = self.coordinator.url.trim_start_matches("https://").trim_end_matches('/').to_string();
-        self.coordinator = Role::coordinator(&listen, &self.dir.path().join("coord"), 3, self.dir.path().join("coord2.log"));
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.coordinator = Role::coordinator_env(&listen, &self.dir.path().join("coord"), 3, self.dir.path().join("coord2.log"), &env);
     }
 
     /// SIGKILLs the image server and starts it again with the same data directory (on a new
     /// port: it registers again with the coordinator under its new address).
     pub fn restart_image_server(&mut self) {
         self._server.kill();
-        let data = self.dir.path().join("is0");
-        self._server = Role::start(
-            &[
-                "image-server",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--coordinator",
-                &self.coordinator.url,
-                "--name",
-                "is0",
-            ],
-            self.dir.path().join("is0-again.log"),
-        );
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self._server = image_server_is0(self.dir.path(), &self.coordinator.url, "is0-again.log", &env);
     }
 
     /// Waits until `hosts` hosts and the image server are registered (again, after a restart).
@@ -192,11 +190,12 @@ impl Drop for RoleGrid {
 
 /// Starts image server `is0` on `dir/is0` (a new loopback port each time) advertising to the
 /// coordinator at `coordinator`, logging to `dir/log`.
-pub fn image_server_is0(dir: &Path, coordinator: &str, log: &str) -> Role {
+pub fn image_server_is0(dir: &Path, coordinator: &str, log: &str, env: &[(&str, &str)]) -> Role {
     let data = dir.join("is0");
-    Role::start(
+    Role::start_env(
         &["image-server", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap(), "--coordinator", coordinator, "--name", "is0"],
         dir.join(log),
+        env,
     )
 }
 

@@ -295,6 +295,11 @@ impl Role {
     /// A coordinator on `listen` with data directory `data`, heartbeats every second and
     /// hosts lost after `lost_after_beats` missed beats, logging to `log`.
     pub fn coordinator(listen: &str, data: &Path, lost_after_beats: u32, log: PathBuf) -> Role {
+        Self::coordinator_env(listen, data, lost_after_beats, log, &[])
+    }
+
+    /// [`Role::coordinator`] with extra environment variables.
+    pub fn coordinator_env(listen: &str, data: &Path, lost_after_beats: u32, log: PathBuf, env: &[(&str, &str)]) -> Role {
         let beats = lost_after_beats.to_string();
         let args = [
             "coordinator",
@@ -307,7 +312,7 @@ impl Role {
             "--lost-after-beats",
             &beats,
         ];
-        Self::start(&args, log)
+        Self::start_env(&args, log, env)
     }
 
     /// [`Role::start`] with extra environment variables.

@@ -345,6 +345,7 @@ impl ChunkCache {
     pub fn get(&self, hash: &ChunkHash) -> Option<ChunkFile> {
         let f = self.lookup(hash)?;
         Counters::add(&self.counters.hits, 1);
+        crate::metrics::hits(1);
         Some(f)
     }
 
@@ -355,6 +356,7 @@ impl ChunkCache {
 
     pub(crate) fn count_hits(&self, n: u64) {
         Counters::add(&self.counters.hits, n);
+        crate::metrics::hits(n);
     }
 
     fn lookup(&self, hash: &ChunkHash) -> Option<ChunkFile> {
@@ -533,6 +535,7 @@ impl ChunkCache {
             if let Some(f) = self.lookup(hash) {
                 if access == Access::Read {
                     Counters::add(&self.counters.hits, 1);
+                    crate::metrics::hits(1);
                 }
                 return Ok(f);
             }
@@ -544,6 +547,7 @@ impl ChunkCache {
                 if let Some(tx) = g.inflight.get(hash) {
                     if access == Access::Read {
                         Counters::add(&self.counters.misses, 1);
+                        crate::metrics::miss();
                         Counters::add(&self.counters.coalesced, 1);
                     }
                     tx.subscribe()
@@ -558,7 +562,10 @@ impl ChunkCache {
                     g.inflight.insert(*hash, tx.clone());
                     drop(g);
                     match access {
-                        Access::Read => Counters::add(&self.counters.misses, 1),
+                        Access::Read => {
+                            Counters::add(&self.counters.misses, 1);
+                            crate::metrics::miss();
+                        }
                         Access::Prefetch => Counters::add(&self.counters.prefetched, 1),
                     }
                     self.spawn_fetch(*hash, len, fetch(), tx);

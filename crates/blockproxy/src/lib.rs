@@ -15,7 +15,7 @@
 //! read path), `profile` (boot-profile recording), `hot` (hot pages of warm images), `cache`
 //! (the host chunk cache), `source` / `servers` / `store_source` (where chunks come from),
 //! `wait` (the hard mount: a guest's read waits while its image servers are unreachable),
-//! `server` + `protocol` (NBD), `stats`, `config`, `error`. No file imports one that imports
+//! `server` + `protocol` (NBD), `stats`, `metrics` (its Prometheus families), `config`, `error`. No file imports one that imports
 //! it back.
 
 pub mod cache;
@@ -23,6 +23,7 @@ mod config;
 mod error;
 pub mod export;
 mod hot;
+pub mod metrics;
 mod profile;
 pub mod protocol;
 mod proxy;

@@ -555,6 +555,12 @@ impl Conn {
     }
 
     async fn read(&self, cookie: u64, offset: u64, len: u32, df: bool) {
+        let t0 = std::time::Instant::now();
+        self.read_inner(cookie, offset, len, df).await;
+        crate::metrics::nbd_read(len, t0.elapsed());
+    }
+
+    async fn read_inner(&self, cookie: u64, offset: u64, len: u32, df: bool) {
         if let Some(data) = self.export.hot_read(offset, len as u64).await {
             self.reply_data(cookie, offset, &data).await;
             return;

@@ -186,7 +186,17 @@ impl ChunkSource for Servers {
     }
     fn chunk<'a>(&'a self, hash: &'a ChunkHash, limit: usize) -> BoxFuture<'a, Result<Vec<u8>, SourceError>> {
         let list = self.list();
-        Box::pin(async move { list.first("chunk", move |s| s.chunk(hash, limit)).await })
+        Box::pin(async move {
+            list.first("chunk", move |s| {
+                Box::pin(async move {
+                    let t0 = Instant::now();
+                    let r = s.chunk(hash, limit).await;
+                    crate::metrics::fetched(&s.describe(), t0.elapsed(), r.as_ref().ok().map(|d| d.len()));
+                    r
+                })
+            })
+            .await
+        })
     }
     fn profile<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {
         let list = self.list();

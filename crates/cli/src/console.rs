@@ -12,22 +12,30 @@ use crate::Ctx;
 /// Ctrl-]
 const DETACH: u8 = 0x1d;
 
-pub async fn attach(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens VM `v`'s `stream` (`console`, `vnc`) through the coordinator, with the user's login.
+async fn open(ctx: &Ctx, v: &VmRecord, stream: &str, what: &str) -> anyhow::Result<Ws> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let api = ctx.api();
-    let v: VmRecord = api.get(&format!("/api/v1/vms/{id}")).await?;
-    let ws_url = format!("{}/api/v1/vms/{}/console/ws", ctx.url.replacen("http", "ws", 1), v.id);
-    let mut req = ws_url.as_str().into_client_request().map_err(|e| anyhow!("console URL {ws_url}: {e}"))?;
+    let ws_url = format!("{}/api/v1/vms/{}/{stream}/ws", ctx.url.replacen("http", "ws", 1), v.id);
+    let mut req = ws_url.as_str().into_client_request().map_err(|e| anyhow!("{what} URL {ws_url}: {e}"))?;
     if let Some(t) = api.token() {
         req.headers_mut().insert("authorization", format!("Bearer {t}").parse().map_err(|_| anyhow!("malformed token"))?);
     }
     let (ws, _) = vgrid_trust::tls::ws_connect(req).await.map_err(|e| match e {
         tokio_tungstenite::tungstenite::Error::Http(r) => {
             let body = r.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
-            anyhow!("console of VM {} refused (HTTP {}): {}", v.id, r.status().as_u16(), body)
+            anyhow!("{what} of VM {} refused (HTTP {}): {}", v.id, r.status().as_u16(), body)
         }
-        e => anyhow!("cannot open the console of VM {} at {ws_url}: {e}", v.id),
+        e => anyhow!("cannot open the {what} of VM {} at {ws_url}: {e}", v.id),
     })?;
+    Ok(ws)
+}
+
+pub async fn attach(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    let v: VmRecord = ctx.api().get(&format!("/api/v1/vms/{id}")).await?;
+    let ws = open(ctx, &v, "console", "console").await?;
     eprintln!("Connected to the console of {} ({}). Ctrl-] detaches; press Enter for a prompt.\r", v.id, v.name);
     let raw = RawMode::enable();
     let (mut tx, mut rx) = ws.split();
@@ -61,6 +69,63 @@ pub async fn attach(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     drop(raw);
     eprintln!("\ndetached from {}", v.id);
     result
+}
+
+/// `vgrid vm vnc`: offers VM `id`'s graphical console on `listen` (a local TCP address) to any
+/// VNC viewer; each connection gets its own WebSocket through the coordinator (authenticated as
+/// the user: another user's VM is refused). Runs until Ctrl-C.
+pub async fn vnc(ctx: &Ctx, id: &str, listen: &str) -> anyhow::Result<()> {
+    let v: VmRecord = ctx.api().get(&format!("/api/v1/vms/{id}")).await?;
+    // Refused now (not at the first viewer) when the VM is not ours or has no display.
+    drop(open(ctx, &v, "vnc", "VNC display").await?);
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+    let local = listener.local_addr()?;
+    println!("VNC display of {} ({}) at {local}: connect a viewer (vncviewer {}::{}); Ctrl-C ends", v.id, v.name, local.ip(), local.port());
+    use std::io::Write;
+    std::io::stdout().flush().ok();
+    loop {
+        let (conn, peer) = tokio::select! {
+            a = listener.accept() => a.context("accepting a viewer")?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let ws = match open(ctx, &v, "vnc", "VNC display").await {
+            Ok(ws) => ws,
+            Err(e) => {
+                eprintln!("viewer {peer}: {e}");
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            if let Err(e) = pipe(conn, ws).await {
+                tracing::debug!("viewer {peer}: {e}");
+            }
+        });
+    }
+}
+
+/// Carries bytes between a local TCP connection and a WebSocket of binary frames until either
+/// side closes.
+async fn pipe(conn: tokio::net::TcpStream, ws: Ws) -> anyhow::Result<()> {
+    let (mut rd, mut wr) = conn.into_split();
+    let (mut tx, mut rx) = ws.split();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            n = rd.read(&mut buf) => {
+                let n = n?;
+                if n == 0 { break; }
+                tx.send(Message::Binary(buf[..n].to_vec().into())).await?;
+            }
+            m = rx.next() => match m {
+                Some(Ok(Message::Binary(b))) => wr.write_all(&b).await?,
+                Some(Ok(Message::Close(_))) | None => break,
+                Some(Err(e)) => return Err(e.into()),
+                _ => {}
+            }
+        }
+    }
+    let _ = tx.send(Message::Close(None)).await;
+    Ok(())
 }
 
 /// Puts the terminal in raw mode while alive (when stdin is a terminal).

@@ -12,8 +12,8 @@ use vgrid_api::{Boot, ImageRef, Manifest};
 use vgrid_storeclient::import::{export_image, import_file, Format, ImportOptions};
 use vgrid_storeclient::StoreClient;
 
-use crate::output::{self, bytes, parse_size, print_json, progress_bar, table};
-use crate::store::{use_store_token, ServerArg};
+use crate::output::{self, bytes, parse_size, print_json, table, Progress};
+use crate::store::{use_store_token, ServerArg, Want};
 use crate::Ctx;
 
 #[derive(Subcommand, Debug)]
@@ -103,9 +103,7 @@ pub struct ImportArgs {
 
 #[derive(Args, Debug)]
 pub struct BuildSampleArgs {
-    /// Where to build and cache the guest [default: $VGRID_CACHE or ~/.cache/vgrid, then
-    /// /sample-guest-vN or /debian-guest-vN].
-    #[arg(long)]
+    #[arg(long, help = out_help())]
     pub out: Option<PathBuf>,
     /// Build the stock Debian 12 guest instead (scripts/build-debian-guest.sh: debootstrap,
     /// systemd, openssh-server, the cloud kernel; prints "vgrid-debian: booted" when booted).
@@ -125,10 +123,25 @@ pub struct BuildSampleArgs {
 const BUILD_SAMPLE: &str = include_str!("../../../scripts/build-sample-guest.sh");
 const BUILD_DEBIAN: &str = include_str!("../../../scripts/build-debian-guest.sh");
 
+/// The cache directory a guest recipe builds into by default: `PREFIX-vN`, N the recipe's
+/// `LAYOUT=N` (so the help never names a stale one).
+fn guest_dir(recipe: &str, prefix: &str) -> String {
+    let layout = recipe.lines().find_map(|l| l.trim().strip_prefix("LAYOUT=")).unwrap_or("?");
+    format!("{prefix}-v{layout}")
+}
+
+fn out_help() -> String {
+    format!(
+        "Where to build and cache the guest [default: $VGRID_CACHE or ~/.cache/vgrid, then /{} or, with --debian, /{}]",
+        guest_dir(BUILD_SAMPLE, "sample-guest"),
+        guest_dir(BUILD_DEBIAN, "debian-guest")
+    )
+}
+
 pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         ImageCmd::Import(a) => {
-            let client = a.server.client(ctx).await?.public(a.public);
+            let client = a.server.client(ctx, Want::Upload).await?.public(a.public);
             let m = import(ctx, &client, a).await?;
             if ctx.json {
                 print_json(&vgrid_api::rest::ImageSummary::of(&m))?;
@@ -166,7 +179,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
         }
         ImageCmd::Show { image, server } => {
             let r: ImageRef = image.parse()?;
-            let m = server.client(ctx).await?.manifest(&r).await?;
+            let m = server.client(ctx, Want::Image(&image)).await?.manifest(&r).await?;
             if ctx.json {
                 print_json(&m)?;
             } else {
@@ -174,10 +187,10 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             }
         }
         ImageCmd::Export { image, file, server } => {
-            let client = server.client(ctx).await?;
+            let client = server.client(ctx, Want::Image(&image)).await?;
             let r: ImageRef = image.parse()?;
             let m = client.manifest(&r).await?;
-            let pb = progress_bar(m.disk.size, &format!("exporting {}", m.image_ref()));
+            let pb = Progress::bytes(ctx.json, m.disk.size, &format!("exporting {}", m.image_ref()));
             let cb = |d: u64, _t: u64| pb.set_position(d);
             export_image(&client, &m.image_ref(), &file, &cb).await?;
             pb.finish_and_clear();
@@ -185,7 +198,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
         }
         ImageCmd::Rm { image, server } => {
             let r: ImageRef = image.parse()?;
-            let rep = server.client(ctx).await?.delete(&r).await?;
+            let rep = server.client(ctx, Want::Image(&image)).await?.delete(&r).await?;
             if ctx.json {
                 print_json(&rep)?;
             } else {
@@ -236,7 +249,7 @@ async fn list_images(ctx: &Ctx, s: &ServerArg) -> anyhow::Result<Vec<Located>> {
             return Ok(out);
         }
     }
-    let client = s.client(ctx).await?;
+    let client = s.client(ctx, Want::Upload).await?;
     let url = client.base_url().to_string();
     Ok(client.list().await?.into_iter().map(|image| Located { image, servers: vec![url.clone()] }).collect())
 }
@@ -260,10 +273,7 @@ async fn import(ctx: &Ctx, client: &StoreClient, a: ImportArgs) -> anyhow::Resul
         arch: a.arch,
         volume: None,
     };
-    let pb = progress_bar(0, &format!("importing {}", a.name));
-    if ctx.json {
-        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let pb = Progress::bytes(ctx.json, 0, &format!("importing {}", a.name));
     let cb = |d: u64, t: u64| {
         pb.set_length(t);
         pb.set_position(d);
@@ -346,7 +356,7 @@ async fn build_sample(ctx: &Ctx, a: BuildSampleArgs) -> anyhow::Result<()> {
     }
     let cmdline = std::fs::read_to_string(outdir.join("cmdline")).with_context(|| format!("reading the {what}'s cmdline"))?;
     // The sample is for everybody on the grid (publishing needs an admin).
-    let client = a.server.client(ctx).await?.public(true);
+    let client = a.server.client(ctx, Want::Upload).await?.public(true);
     import(
         ctx,
         &client,
@@ -390,10 +400,7 @@ async fn pull(ctx: &Ctx, image: &str) -> anyhow::Result<()> {
         let msg = serde_json::from_str::<vgrid_api::ErrorBody>(&body).map(|e| e.error).unwrap_or(body);
         bail!("{msg} (HTTP {})", status.as_u16());
     }
-    let pb = progress_bar(0, &format!("pulling {r}"));
-    if ctx.json {
-        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let pb = Progress::bytes(ctx.json, 0, &format!("pulling {r}"));
     let mut stream = resp.bytes_stream();
     let mut buf = Vec::new();
     let mut last: Option<PullProgress> = None;
@@ -471,4 +478,17 @@ async fn cache_stats(ctx: &Ctx) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_help_names_the_recipes_cache_directories() {
+        let h = out_help();
+        let sample = BUILD_SAMPLE.lines().find_map(|l| l.strip_prefix("LAYOUT=")).unwrap();
+        assert!(h.contains(&format!("/sample-guest-v{sample} ")), "{h}");
+        assert!(!h.contains("-v?"), "{h}");
+    }
 }

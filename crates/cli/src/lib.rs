@@ -8,6 +8,7 @@ mod client;
 mod console;
 mod drain;
 mod image;
+mod manual;
 mod migrate;
 mod net;
 mod output;
@@ -120,6 +121,10 @@ pub enum Cmd {
     /// One-time tokens for hosts and image servers to join the grid (admins).
     #[command(subcommand)]
     JoinToken(trust::JoinTokenCmd),
+    /// Print a shell completion script (`vgrid completions bash|zsh|fish`).
+    Completions(manual::CompletionsArgs),
+    /// Write man pages generated from this command line (`vgrid man DIR`), or print vgrid(1).
+    Man(manual::ManArgs),
 }
 
 /// Entry point of the `vgrid` binary.
@@ -179,6 +184,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Volume(c) => volume::run(&ctx, c).await,
         Cmd::Tunnel(a) => tunnel::run(&ctx, a).await,
         Cmd::JoinToken(c) => trust::join_token_cmd(&ctx, c).await,
+        Cmd::Completions(a) => manual::completions(a),
+        Cmd::Man(a) => manual::man(a),
     }
 }
 

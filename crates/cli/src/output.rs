@@ -86,15 +86,88 @@ pub fn age(epoch: u64) -> String {
     }
 }
 
-pub fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
-    let pb = indicatif::ProgressBar::new(total);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
+/// Progress of a command that waits: an indicatif bar or spinner on a terminal; plain lines on
+/// stderr when it is not one (piped, logged: a new message, or each tenth of a transfer, as
+/// its own line); nothing with `--json` (stdout then carries only the JSON; stderr stays quiet).
+pub struct Progress {
+    bar: indicatif::ProgressBar,
+    plain: Option<std::sync::Mutex<Plain>>,
+}
+
+struct Plain {
+    what: String,
+    last_message: String,
+    tenth: Option<u64>,
+}
+
+impl Progress {
+    fn new(bar: indicatif::ProgressBar, quiet: bool, what: &str) -> Progress {
+        use std::io::IsTerminal;
+        let plain = if quiet {
+            None
+        } else if std::io::stderr().is_terminal() {
+            return Progress { bar, plain: None };
+        } else {
+            Some(std::sync::Mutex::new(Plain { what: what.to_string(), last_message: String::new(), tenth: None }))
+        };
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        Progress { bar, plain }
+    }
+
+    /// A spinner with a message (`quiet`: `--json`).
+    pub fn spinner(quiet: bool, message: impl Into<String>) -> Progress {
+        let p = Progress::new(indicatif::ProgressBar::new_spinner(), quiet, "");
+        p.bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        p.set_message(message);
+        p
+    }
+
+    /// A byte transfer of `total` bytes (0: not known yet) called `what`.
+    pub fn bytes(quiet: bool, total: u64, what: &str) -> Progress {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_message(what.to_string());
+        Progress::new(bar, quiet, what)
+    }
+
+    pub fn set_message(&self, message: impl Into<String>) {
+        let message = message.into();
+        if let Some(p) = &self.plain {
+            let mut p = p.lock().unwrap();
+            if p.last_message != message {
+                eprintln!("{message}");
+                p.last_message = message.clone();
+            }
+        }
+        self.bar.set_message(message);
+    }
+
+    pub fn set_length(&self, total: u64) {
+        self.bar.set_length(total);
+    }
+
+    pub fn set_position(&self, done: u64) {
+        self.bar.set_position(done);
+        let Some(p) = &self.plain else { return };
+        let total = self.bar.length().unwrap_or(0);
+        if total == 0 {
+            return;
+        }
+        let tenth = done.min(total) * 10 / total;
+        let mut p = p.lock().unwrap();
+        if p.tenth.is_none_or(|t| tenth > t) {
+            eprintln!("{}: {} of {} ({}%)", p.what, bytes(done), bytes(total), tenth * 10);
+            p.tenth = Some(tenth);
+        }
+    }
+
+    pub fn finish_and_clear(&self) {
+        self.bar.finish_and_clear();
+    }
 }
 
 /// An error and its causes, as `{:#}` prints them (`outer: cause: cause...`), leaving out a

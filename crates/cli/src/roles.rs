@@ -41,6 +41,29 @@ pub struct UpArgs {
     pub users: UserOpts,
     #[command(flatten)]
     pub tls: TlsOpts,
+    #[command(flatten)]
+    pub metrics: MetricsOpts,
+}
+
+/// Where a role serves its Prometheus metrics.
+#[derive(Args, Debug, Clone, Default)]
+pub struct MetricsOpts {
+    /// Serve Prometheus metrics at http://ADDR/metrics: plain HTTP with no authentication, on
+    /// this address only (never on the API port), so bind it to loopback or a management
+    /// network [default: no metrics listener].
+    #[arg(long, env = "VGRID_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl MetricsOpts {
+    /// Starts the listener when asked for; says where on stderr.
+    async fn serve(&self) -> anyhow::Result<()> {
+        if let Some(addr) = self.metrics_listen {
+            let bound = vgrid_trust::metrics::serve(addr).await.with_context(|| format!("serving metrics on {addr}"))?;
+            eprintln!("metrics at http://{bound}/metrics");
+        }
+        Ok(())
+    }
 }
 
 /// TLS names of a role (every role serves HTTPS with a certificate of the grid CA).
@@ -190,6 +213,8 @@ pub struct CoordinatorArgs {
     pub image_servers: Vec<String>,
     #[command(flatten)]
     pub tls: TlsOpts,
+    #[command(flatten)]
+    pub metrics: MetricsOpts,
 }
 
 #[derive(Args, Debug)]
@@ -212,6 +237,8 @@ pub struct HostAgentArgs {
     pub join_token: Option<String>,
     #[command(flatten)]
     pub tls: TlsOpts,
+    #[command(flatten)]
+    pub metrics: MetricsOpts,
     #[command(flatten)]
     pub host: HostOpts,
 }
@@ -240,6 +267,8 @@ pub struct ImageServerArgs {
     pub join_token: Option<String>,
     #[command(flatten)]
     pub tls: TlsOpts,
+    #[command(flatten)]
+    pub metrics: MetricsOpts,
 }
 
 /// `$VGRID_DATA_DIR`, else `$XDG_DATA_HOME/vgrid`, else `/var/lib/vgrid` for root (QEMU runs
@@ -461,6 +490,9 @@ pub async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     registry.add_fixed_servers(a.host.image_servers.iter().cloned());
     let auth = a.users.open(state.records(), &data).await?;
     let coord = open_coordinator(&state, registry.clone()).await?;
+    vgrid_coordinator::metrics::init(&coord);
+    vgrid_blockproxy::metrics::init();
+    a.metrics.serve().await?;
 
     let users: vgrid_trust::caller::Users = auth.clone();
     let app = vgrid_coordinator::http::router(coord.clone(), auth, Some(joins))
@@ -504,6 +536,8 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     registry.add_fixed_servers(a.image_servers.iter().cloned());
     let auth = a.users.open(state.records(), &data).await?;
     let coord = open_coordinator(&state, registry).await?;
+    vgrid_coordinator::metrics::init(&coord);
+    a.metrics.serve().await?;
     announce(&format!("vgrid coordinator at {url} (data in {}, CA {fingerprint})", data.display()));
     vgrid_trust::tls::serve(listener, node, vgrid_coordinator::http::router(coord, auth, Some(joins)), shutdown_signal())
         .await
@@ -532,6 +566,8 @@ pub async fn host(a: HostAgentArgs) -> anyhow::Result<ExitCode> {
         eprintln!("warning: first heartbeat failed (retrying in the background): {e}");
     }
     let beat = tokio::spawn(agent.clone().heartbeat_loop(hb));
+    vgrid_blockproxy::metrics::init();
+    a.metrics.serve().await?;
     announce(&format!("vgrid host {} at {url}, registered with {coordinator}", agent.name()));
     let users = vgrid_trust::caller::RemoteUsers::new(&coordinator);
     // SIGTERM/SIGINT (a service manager restarting the agent for an upgrade): stop beating at
@@ -576,6 +612,8 @@ pub async fn image_server(a: ImageServerArgs) -> anyhow::Result<ExitCode> {
         }
     };
     announce(&format!("vgrid image server at {url} (data in {})", data.display()));
+    vgrid_trust::metrics::init();
+    a.metrics.serve().await?;
     vgrid_trust::tls::serve(listener, node, vgrid_imagestore::server::router_with(store, users), shutdown_signal())
         .await
         .context("serving images")?;
@@ -615,7 +653,7 @@ pub async fn nbd(ctx: &Ctx, a: NbdArgs) -> anyhow::Result<ExitCode> {
         bail!("give --socket PATH and/or --listen ADDR to serve on");
     }
     let r: ImageRef = a.image.parse()?;
-    let url = a.server.image_server.clone().unwrap_or_else(|| ctx.url.clone());
+    let url = a.server.url(ctx, crate::store::Want::Image(&a.image)).await?;
     crate::trust::trust(&url)?;
     // The proxy's own fetches go out with the user's token too.
     use_store_token(ctx).await;

@@ -9,7 +9,7 @@ use clap::Args;
 use vgrid_api::vm::{SavedImage, Suspended, VmRecord, VmResume, VmSnapshot, VmState};
 
 use crate::client::HttpError;
-use crate::output::{bytes, print_json};
+use crate::output::{bytes, print_json, Progress};
 use crate::Ctx;
 
 #[derive(Args, Debug)]
@@ -42,14 +42,8 @@ pub struct SnapshotArgs {
     pub name: String,
 }
 
-fn spinner(ctx: &Ctx, msg: String) -> indicatif::ProgressBar {
-    let s = indicatif::ProgressBar::new_spinner();
-    if ctx.json {
-        s.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    s.enable_steady_tick(Duration::from_millis(120));
-    s.set_message(msg);
-    s
+fn spinner(ctx: &Ctx, msg: String) -> Progress {
+    Progress::spinner(ctx.json, msg)
 }
 
 fn summary(s: &SavedImage) -> String {

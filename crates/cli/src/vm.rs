@@ -28,6 +28,15 @@ pub enum VmCmd {
     Console {
         id: String,
     },
+    /// Offer a VM's graphical console (its VNC display) on a local port to any VNC viewer,
+    /// through the coordinator over your authenticated connection (the host never listens on
+    /// a TCP port for it). Runs until Ctrl-C.
+    Vnc {
+        id: String,
+        /// Local address to listen on (port 0: any free port, printed).
+        #[arg(long, default_value = "127.0.0.1:5901")]
+        listen: String,
+    },
     /// Print a VM's console log.
     Logs {
         id: String,
@@ -168,6 +177,7 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<ExitCode> {
             }
         }
         VmCmd::Console { id } => crate::console::attach(ctx, &id).await?,
+        VmCmd::Vnc { id, listen } => crate::console::vnc(ctx, &id, &listen).await?,
         VmCmd::Logs { id, follow } => logs(ctx, &id, follow).await?,
         VmCmd::Stop { id, force } => {
             let v: VmRecord = api.post(&format!("/api/v1/vms/{id}/stop"), &VmStop { force }).await?;
@@ -390,11 +400,7 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let mut v: VmRecord = api.post("/api/v1/vms", &req).await?;
     let quiet = ctx.json;
-    let spinner = indicatif::ProgressBar::new_spinner();
-    if quiet {
-        spinner.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    spinner.enable_steady_tick(Duration::from_millis(120));
+    let spinner = crate::output::Progress::spinner(quiet, format!("{} {}: {}", v.id, v.name, v.state.as_str()));
     let mut last_phase = String::new();
     loop {
         if v.phase != last_phase {

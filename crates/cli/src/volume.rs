@@ -12,8 +12,8 @@ use vgrid_api::volume::{SnapshotCreate, VolumeCommitted, VolumeInfo, VolumeMeta}
 use vgrid_api::{Blob, Boot, ImageMeta, ImageRef, Manifest, DEFAULT_CHUNK_SIZE};
 use vgrid_storeclient::import::{export_image, import_file, ImportOptions};
 
-use crate::output::{bytes, parse_size, print_json, progress_bar, table};
-use crate::store::ServerArg;
+use crate::output::{bytes, parse_size, print_json, table, Progress};
+use crate::store::{ServerArg, Want};
 use crate::Ctx;
 
 #[derive(Subcommand, Debug)]
@@ -73,12 +73,9 @@ pub async fn run(ctx: &Ctx, cmd: VolumeCmd) -> anyhow::Result<ExitCode> {
             }
         }
         VolumeCmd::Import { name, file, server } => {
-            let client = server.client(ctx).await?;
+            let client = server.client(ctx, Want::Upload).await?;
             let opts = ImportOptions { volume: Some(VolumeMeta::default()), ..ImportOptions::new(&name) };
-            let pb = progress_bar(0, &format!("importing volume {name}"));
-            if ctx.json {
-                pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-            }
+            let pb = Progress::bytes(ctx.json, 0, &format!("importing volume {name}"));
             let cb = |d: u64, t: u64| {
                 pb.set_length(t);
                 pb.set_position(d);
@@ -115,13 +112,13 @@ pub async fn run(ctx: &Ctx, cmd: VolumeCmd) -> anyhow::Result<ExitCode> {
             }
         }
         VolumeCmd::Export { volume, file, server } => {
-            let client = server.client(ctx).await?;
+            let client = server.client(ctx, Want::Image(&volume)).await?;
             let r: ImageRef = volume.parse()?;
             let m = client.manifest(&r).await?;
             if m.meta.volume.is_none() {
                 bail!("{} is an image, not a volume: use `vgrid image export`", m.image_ref());
             }
-            let pb = progress_bar(m.disk.size, &format!("exporting volume {}", m.image_ref()));
+            let pb = Progress::bytes(ctx.json, m.disk.size, &format!("exporting volume {}", m.image_ref()));
             let cb = |d: u64, _t: u64| pb.set_position(d);
             export_image(&client, &m.image_ref(), &file, &cb).await?;
             pb.finish_and_clear();
@@ -169,7 +166,7 @@ async fn create(ctx: &Ctx, server: &ServerArg, name: &str, size: u64) -> anyhow:
         bail!("a volume needs a size above 0 (--size 20G)");
     }
     vgrid_api::manifest::validate_name(name).map_err(|e| anyhow!("{e}"))?;
-    let client = server.client(ctx).await?;
+    let client = server.client(ctx, Want::Upload).await?;
     let cs = DEFAULT_CHUNK_SIZE;
     let m = Manifest {
         schema: vgrid_api::manifest::SCHEMA_VERSION,

@@ -269,7 +269,7 @@ impl HostClient {
         Ok(r.unwrap_or(ConsoleChunk { offset: 0, next: 0, data: String::new() }))
     }
 
-    pub fn console_ws_url(&self, id: &str) -> String {
-        format!("{}/host/v1/vms/{id}/console/ws", self.url.replacen("http", "ws", 1))
+    pub fn stream_ws_url(&self, id: &str, stream: &str) -> String {
+        format!("{}/host/v1/vms/{id}/{stream}/ws", self.url.replacen("http", "ws", 1))
     }
 }

@@ -39,6 +39,7 @@ pub mod http;
 pub mod images;
 pub mod join;
 pub mod lifecycle;
+pub mod metrics;
 pub mod migrate;
 pub mod networks;
 pub mod reconcile;

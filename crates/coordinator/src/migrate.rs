@@ -160,7 +160,12 @@ impl Coordinator {
     ) -> Result<(VmRecord, Placement), CoordinatorError> {
         let mut last = None;
         for _ in 0..CAS_RETRIES {
-            let placement = match self.sched.place_with(preq, opts) {
+            let placement = self.sched.place_with(preq, opts);
+            match &placement {
+                Ok(_) => crate::metrics::placed("migrate"),
+                Err(e) => crate::metrics::refused("migrate", e),
+            }
+            let placement = match placement {
                 Ok(p) => p,
                 Err(PlaceError::NoMatch(nm)) => {
                     return Err(CoordinatorError::Capacity(format!("no destination for VM {id}: {}", explain(&nm))))
@@ -285,6 +290,7 @@ impl Coordinator {
                 let moved = self.transact(id, |_| Some(ended.clone()), figures, None).await.map(|w| w.rec);
                 tracing::info!(vm = %id, from = %source, to = %dest.name, downtime_ms = ?status.downtime_ms,
                     total_ms = ?status.total_ms, "migration completed; the VM runs on the destination");
+                crate::metrics::migrated(status.total_ms, status.downtime_ms);
                 // The source QEMU (paused, postmigrate) goes with its runtime directory.
                 if let Err(e) = src.remove(id).await {
                     tracing::warn!(vm = %id, "removing the migrated VM from {source}: {e}");

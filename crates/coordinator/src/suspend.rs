@@ -106,6 +106,7 @@ impl Coordinator {
     /// agent went away), the VM stays `suspending` until the host says what became of the
     /// save ([`CoordinatorError::Settling`], HTTP 504: follow the record).
     pub async fn suspend(self: &Arc<Self>, key: &str) -> Result<Suspended, CoordinatorError> {
+        let t0 = std::time::Instant::now();
         let (rec, client) = self.running_on(key, "suspended").await?;
         crate::volumes::refuse_moving(&rec, "suspended")?;
         // Only one suspend (or migration, or stop) of a running VM wins: the table refuses the
@@ -132,6 +133,7 @@ impl Coordinator {
                     self.delete_saved_image(&old).await;
                 }
                 tracing::info!(vm = %rec.id, image = %saved.image, "VM suspended");
+                crate::metrics::suspended(t0.elapsed().as_secs_f64());
                 Ok(Suspended { vm: out, saved })
             }
             Err(e @ HostCallError::Refused { .. }) => {
@@ -225,7 +227,8 @@ impl Coordinator {
         let admit = Admit { quota: Some(quota.clone()) };
         let mut last = None;
         for _ in 0..CAS_RETRIES {
-            let placed = self.sched.place_with(preq, opts).map_err(place_error)?;
+            let placed = self.sched.place_with(preq, opts).inspect_err(|e| crate::metrics::refused("resume", e)).map_err(place_error)?;
+            crate::metrics::placed("resume");
             let ev = Event::ResumeRequested { host: placed.host.clone() };
             let written = self.transact(&rec.id, |_| Some(ev.clone()), |_| {}, Some(&admit)).await;
             match written {

@@ -176,6 +176,9 @@ impl HostCtx {
     pub fn console_socket(&self, id: &str) -> PathBuf {
         self.runtime_dir(id).join(crate::runtime::CONSOLE_SOCKET)
     }
+    pub fn vnc_socket(&self, id: &str) -> PathBuf {
+        self.runtime_dir(id).join(crate::runtime::VNC_SOCKET)
+    }
 
     /// The last `n` console lines of a VM (empty when there is no log).
     pub fn console_tail(&self, id: &str, n: usize) -> Vec<String> {

@@ -10,6 +10,7 @@
 //! | `qmp.sock` | QMP server socket (one client at a time) |
 //! | `console.sock` | serial console (ttyS0) socket server (one client at a time) |
 //! | `console.log` | everything the guest wrote on its serial console |
+//! | `vnc.sock` | the guest's display (VGA) as a VNC (RFB) server socket: never a TCP port |
 //! | `overlay.qcow2` | the per-VM copy-on-write disk whose backing is the image |
 //! | `qemu.log` | QEMU's own stdout and stderr |
 //! | `launch.json` | the coordinator's launch request (id, configuration, image), for re-adoption |
@@ -30,6 +31,7 @@ pub const PID_FILE: &str = "pid";
 pub const QMP_SOCKET: &str = "qmp.sock";
 pub const CONSOLE_SOCKET: &str = "console.sock";
 pub const CONSOLE_LOG: &str = "console.log";
+pub const VNC_SOCKET: &str = "vnc.sock";
 pub const OVERLAY_FILE: &str = "overlay.qcow2";
 
 /// The overlay of read-write volume `index` in a runtime directory: its writes since the

@@ -153,7 +153,9 @@ fn json_body<T: DeserializeOwned>(what: &str, b: Result<Bytes, BytesRejection>) 
 /// The image server's router, all routes under `/store/v1`, open to every caller (a
 /// standalone server without users, and in-process tests).
 pub fn router(store: Arc<ImageStore>) -> Router {
-    routes().merge(doc()).with_state(store)
+    routes().merge(doc()).with_state(store).route_layer(axum::middleware::from_fn(
+        |r: axum::extract::Request, n: axum::middleware::Next| vgrid_trust::metrics::track("image-server", r, n),
+    ))
 }
 
 /// The router with access control when `users` (a coordinator's token check) is given:
@@ -169,6 +171,9 @@ pub fn router_with(store: Arc<ImageStore>, users: Option<vgrid_trust::caller::Us
         .layer(axum::middleware::from_fn_with_state(users, vgrid_trust::caller::identify_layer))
         .merge(doc())
         .with_state(store)
+        .route_layer(axum::middleware::from_fn(|r: axum::extract::Request, n: axum::middleware::Next| {
+            vgrid_trust::metrics::track("image-server", r, n)
+        }))
 }
 
 fn forbid(what: &str, why: String) -> Response {

@@ -12,6 +12,9 @@
 //!   settings every outgoing request uses, and fetching a server's chain for pinning.
 //! - [`deadline`]: the bound on how long a new connection may take to send its first request's
 //!   headers (slow-loris clients).
+//! - [`metrics`]: the process's Prometheus registry, the HTTP request counting every role's
+//!   router shares, and the unauthenticated `/metrics` listener on its own address; what each
+//!   role counts is that role's own.
 //! - [`json`]: the JSON body extractor of every role's handlers (integral floats are integers,
 //!   an optional body may be `null`), so that all three read bodies alike.
 //!
@@ -22,6 +25,7 @@ pub mod ca;
 pub mod caller;
 pub mod deadline;
 pub mod json;
+pub mod metrics;
 pub mod node;
 pub mod tls;
 

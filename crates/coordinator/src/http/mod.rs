@@ -4,15 +4,12 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
-use tokio_tungstenite::tungstenite::Message as TMessage;
 use utoipa::OpenApi;
 use vgrid_api::grid::{Future, FuturesQuery, HostAd, HostRecord, HostState, ImageServerAd};
 use vgrid_api::host::{HeartbeatReply, HostHeartbeat, VmReport};
@@ -23,6 +20,7 @@ use crate::auth::{Auth, AuthError, Principal};
 use crate::join::Joins;
 use crate::lifecycle::{Coordinator, CoordinatorError};
 
+mod console;
 mod drain;
 mod networks;
 mod tunnels;
@@ -358,7 +356,8 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -
         .route("/api/v1/vms/{id}/snapshot", post(snapshot_vm))
         .route("/api/v1/vms/{id}/migrate", post(migrate_vm))
         .route("/api/v1/vms/{id}/console", get(console))
-        .route("/api/v1/vms/{id}/console/ws", get(console_ws))
+        .route("/api/v1/vms/{id}/console/ws", get(console::console_ws))
+        .route("/api/v1/vms/{id}/vnc/ws", get(console::vnc_ws))
         .route("/api/v1/hosts", get(list_hosts))
         .route("/api/v1/hosts/heartbeat", post(host_heartbeat))
         .route("/api/v1/hosts/{name}", get(get_host))
@@ -381,6 +380,9 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -
         .layer(Extension(nodes))
         .layer(Extension(auth.clone()))
         .layer(axum::middleware::from_fn_with_state(auth, authenticate))
+        .route_layer(axum::middleware::from_fn(|r: axum::extract::Request, n: axum::middleware::Next| {
+            vgrid_trust::metrics::track("coordinator", r, n)
+        }))
 }
 
 #[utoipa::path(post, path = "/api/v1/auth/challenge", request_body = ChallengeRequest, security(()),
@@ -682,52 +684,6 @@ async fn console(
 ) -> ApiResult<ConsoleChunk> {
     let rec = owned(&c, &p, &id).await?;
     Ok(Json(c.console(&rec.id, q.offset).await?))
-}
-
-/// Interactive console: binary WebSocket frames both ways, bridged to the host's console socket.
-async fn console_ws(
-    State(c): Ctx,
-    Extension(p): Caller,
-    Path(id): Path<String>,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
-) -> Result<Response, ApiError> {
-    // Who may open it is decided before whether the request is a proper upgrade.
-    let rec = owned(&c, &p, &id).await?;
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(r) => return Ok(r.into_response()),
-    };
-    let (rec, url) = c.console_ws_url(&rec.id).await?;
-    let (host_ws, _) = vgrid_trust::tls::ws_connect(url.as_str()).await.map_err(|e| {
-        ApiError(StatusCode::BAD_GATEWAY, format!("console of VM {} on host {}: {e}", rec.id, rec.host.unwrap_or_default()))
-    })?;
-    Ok(ws.on_upgrade(move |socket| bridge(socket, host_ws)))
-}
-
-async fn bridge(client: WebSocket, host: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>) {
-    let (mut ctx, mut crx) = client.split();
-    let (mut htx, mut hrx) = host.split();
-    loop {
-        let forwarded = tokio::select! {
-            m = hrx.next() => match m {
-                Some(Ok(TMessage::Binary(b))) => ctx.send(Message::Binary(b.to_vec().into())).await.is_ok(),
-                Some(Ok(TMessage::Text(t))) => ctx.send(Message::Text(t.as_str().into())).await.is_ok(),
-                Some(Ok(TMessage::Close(_))) | None | Some(Err(_)) => break,
-                _ => true,
-            },
-            m = crx.next() => match m {
-                Some(Ok(Message::Binary(b))) => htx.send(TMessage::Binary(b.to_vec().into())).await.is_ok(),
-                Some(Ok(Message::Text(t))) => htx.send(TMessage::Text(t.as_str().into())).await.is_ok(),
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                _ => true,
-            }
-        };
-        if !forwarded {
-            break;
-        }
-    }
-    let _ = ctx.send(Message::Close(None)).await;
-    let _ = htx.send(TMessage::Close(None)).await;
 }
 
 #[utoipa::path(get, path = "/api/v1/hosts", responses((status = 200, body = [HostRecord])))]

@@ -192,7 +192,10 @@ impl Coordinator {
             self.sched.place_with(preq, opts)
         };
         match attempt {
-            Ok(p) => Ok(Some(p)),
+            Ok(p) => {
+                crate::metrics::placed("run");
+                Ok(Some(p))
+            }
             Err(PlaceError::NoMatch(nm)) if nm.may_change() && !no_wait => {
                 if nm.refusals.is_empty() {
                     tracing::info!(vm = %id, "queued behind {} waiting requests", self.sched.waiting());
@@ -201,7 +204,10 @@ impl Coordinator {
                 }
                 Ok(None)
             }
-            Err(e) => Err(place_error(e)),
+            Err(e) => {
+                crate::metrics::refused("run", &e);
+                Err(place_error(e))
+            }
         }
     }
 
@@ -288,8 +294,12 @@ impl Coordinator {
         let id = launch.id.clone();
         for _ in 0..CAS_RETRIES {
             let p = match self.sched.place_or_wait(&preq, &opts, Some(QUEUE_TIMEOUT)).await {
-                Ok(p) => p,
+                Ok(p) => {
+                    crate::metrics::placed("run");
+                    p
+                }
                 Err(e) => {
+                    crate::metrics::refused("run", &e);
                     let _ = self.apply(&id, Event::QueueGaveUp { reason: e.to_string() }).await;
                     return;
                 }

@@ -22,6 +22,7 @@ impl Coordinator {
     /// the host does not answer is settled from the host ([`Coordinator::recover_launch`]).
     pub(crate) async fn run(self: Arc<Self>, client: HostClient, req: LaunchRequest) {
         let id = req.id.clone();
+        let t0 = std::time::Instant::now();
         if self.apply(&id, Event::LaunchSent).await.is_err() {
             // Stopped or removed before its launch went out: nothing runs anywhere.
             return;
@@ -32,6 +33,9 @@ impl Coordinator {
                 match rec {
                     Ok(r) if r.state == VmState::Running => {
                         tracing::info!(vm = %id, host = %client.name, pid = l.pid, accel = %l.accel, "VM running");
+                        if req.restore.is_some() {
+                            crate::metrics::resumed(t0.elapsed().as_secs_f64());
+                        }
                         self.watch(id).await;
                     }
                     Err(CoordinatorError::UnknownVm(_)) => {
@@ -389,13 +393,13 @@ impl Coordinator {
         Ok(self.client(host)?.console(&rec.id, offset).await?)
     }
 
-    /// The host's WebSocket URL of a running VM's console.
-    pub async fn console_ws_url(&self, key: &str) -> Result<(VmRecord, String), CoordinatorError> {
+    /// The host's WebSocket URL of a running VM's `stream` (`console`, `vnc`).
+    pub async fn stream_ws_url(&self, key: &str, stream: &str) -> Result<(VmRecord, String), CoordinatorError> {
         let rec = self.get(key).await?;
         if rec.state != VmState::Running {
             return Err(CoordinatorError::Conflict(format!("VM {} is {}, not running", rec.id, rec.state.as_str())));
         }
-        let url = self.client(rec.host.as_deref().unwrap_or_default())?.console_ws_url(&rec.id);
+        let url = self.client(rec.host.as_deref().unwrap_or_default())?.stream_ws_url(&rec.id, stream);
         Ok((rec, url))
     }
 

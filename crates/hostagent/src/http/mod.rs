@@ -79,7 +79,11 @@ pub fn router(agent: Arc<Agent>, users: Option<vgrid_trust::caller::Users>) -> R
         None => r,
     };
     // The document is open to every caller, like the coordinator's.
-    r.merge(direct).route("/host/openapi.json", get(|| async { Json(vgrid_api::openapi::served(&<ApiDoc as utoipa::OpenApi>::openapi())) }))
+    r.merge(direct)
+        .route("/host/openapi.json", get(|| async { Json(vgrid_api::openapi::served(&<ApiDoc as utoipa::OpenApi>::openapi())) }))
+        .route_layer(axum::middleware::from_fn(|r: axum::extract::Request, n: axum::middleware::Next| {
+            vgrid_trust::metrics::track("host", r, n)
+        }))
 }
 
 async fn only_coordinator(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
@@ -141,6 +145,7 @@ fn routes(agent: Arc<Agent>) -> Router {
         .route("/host/v1/vms/{id}/volumes/{name}/commit", post(vms::commit_volume))
         .route("/host/v1/vms/{id}/console", get(vms::console))
         .route("/host/v1/vms/{id}/console/ws", get(vms::console_ws))
+        .route("/host/v1/vms/{id}/vnc/ws", get(vms::vnc_ws))
         .route("/host/v1/tunnels/tickets", post(tunnels::ticket))
         .merge(migrate::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))

@@ -141,16 +141,24 @@ pub(super) async fn console(
 
 /// Interactive console: binary WebSocket frames both ways, bridged to the VM's serial socket.
 pub(super) async fn console_ws(State(a): Ctx, Path(id): Path<String>, ws: WebSocketUpgrade) -> Result<Response, HttpError> {
-    let sock = a.console_socket(&id);
+    socket_ws(a.console_socket(&id), "console", &id, ws).await
+}
+
+/// Graphical console: binary WebSocket frames both ways, bridged to the VM's VNC socket.
+pub(super) async fn vnc_ws(State(a): Ctx, Path(id): Path<String>, ws: WebSocketUpgrade) -> Result<Response, HttpError> {
+    socket_ws(a.vnc_socket(&id), "VNC display", &id, ws).await
+}
+
+async fn socket_ws(sock: std::path::PathBuf, what: &str, id: &str, ws: WebSocketUpgrade) -> Result<Response, HttpError> {
     let stream = tokio::net::UnixStream::connect(&sock)
         .await
-        .map_err(|e| HttpError(StatusCode::CONFLICT, format!("console of VM {id} is not reachable ({}): {e}", sock.display())))?;
+        .map_err(|e| HttpError(StatusCode::CONFLICT, format!("{what} of VM {id} is not reachable ({}): {e}", sock.display())))?;
     Ok(ws.on_upgrade(move |socket| bridge(socket, stream)))
 }
 
 async fn bridge(mut ws: WebSocket, stream: tokio::net::UnixStream) {
     let (mut rd, mut wr) = stream.into_split();
-    let mut buf = vec![0u8; 4096];
+    let mut buf = vec![0u8; 64 * 1024];
     loop {
         let forwarded = tokio::select! {
             n = rd.read(&mut buf) => match n {

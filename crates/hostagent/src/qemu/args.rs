@@ -3,7 +3,7 @@
 //! and how a saved or migrated state comes in.
 
 use crate::accel::Accel;
-use crate::runtime::{CONSOLE_LOG, CONSOLE_SOCKET, OVERLAY_FILE, PID_FILE, QMP_SOCKET};
+use crate::runtime::{CONSOLE_LOG, CONSOLE_SOCKET, OVERLAY_FILE, PID_FILE, QMP_SOCKET, VNC_SOCKET};
 use crate::spec::{BootSource, DiskSource, VmSpec};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -43,6 +43,9 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
     a.extend(spec.ram.qemu_args(spec.config.memory_mib));
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    // A graphical console: a VGA card whose display is a VNC server on a unix socket in the
+    // runtime directory (never a TCP port); the agent bridges it to the coordinator's WebSocket.
+    push(&["-vga", "std", "-vnc", &format!("unix:{}", qopt(&dir.join(VNC_SOCKET)))]);
     // seccomp: no obsolete syscalls, no privilege elevation, no fork/exec, no scheduler or
     // affinity changes. A guest escaping into QEMU is held to these.
     push(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
