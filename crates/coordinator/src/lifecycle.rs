@@ -405,6 +405,8 @@ impl Coordinator {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod etcd_tests;
 
 /// The state store's table of image servers' registrations (`records/image_servers/NAME`).
 pub const IMAGE_SERVERS: &str = "image_servers";
