@@ -407,6 +407,8 @@ impl Coordinator {
 mod tests;
 #[cfg(test)]
 mod etcd_tests;
+#[cfg(test)]
+mod scaleout_bench;
 
 /// The state store's table of image servers' registrations (`records/image_servers/NAME`).
 pub const IMAGE_SERVERS: &str = "image_servers";

@@ -29,12 +29,12 @@ async fn coordinator(state: &State) -> Arc<Coordinator> {
     c
 }
 
-fn ad(name: &str, cpus: u32, memory_mib: u64) -> HostAd {
+pub(super) fn ad(name: &str, cpus: u32, memory_mib: u64) -> HostAd {
     // Nothing listens there: these tests never launch.
     HostAd { url: "http://127.0.0.1:9".into(), ..crate::sched::tests::ad(name, "test", cpus, memory_mib) }
 }
 
-async fn beat(c: &Coordinator, ad: HostAd) {
+pub(super) async fn beat(c: &Coordinator, ad: HostAd) {
     c.heartbeat(HostHeartbeat { ad, vms: Vec::new(), usage: Vec::new(), waiting: Vec::new() }).await.unwrap();
 }
 
@@ -52,7 +52,7 @@ fn manifest() -> Manifest {
     }
 }
 
-fn create(name: Option<&str>, cpus: u32, host_port: Option<u16>) -> VmCreate {
+pub(super) fn create(name: Option<&str>, cpus: u32, host_port: Option<u16>) -> VmCreate {
     let forwards: Vec<serde_json::Value> = host_port.iter().map(|p| serde_json::json!({"host": p, "guest": 80})).collect();
     serde_json::from_value(serde_json::json!({
         "image": "sample@1", "name": name, "cpus": cpus, "memory_mib": 128, "forwards": forwards, "no_wait": true
@@ -61,7 +61,7 @@ fn create(name: Option<&str>, cpus: u32, host_port: Option<u16>) -> VmCreate {
 }
 
 /// Admits a create on `c` (nothing is launched): the record, or the error.
-async fn admit(c: &Coordinator, req: VmCreate, owner: &str, quota: &Quota) -> Result<vgrid_api::vm::VmRecord, CoordinatorError> {
+pub(super) async fn admit(c: &Coordinator, req: VmCreate, owner: &str, quota: &Quota) -> Result<vgrid_api::vm::VmRecord, CoordinatorError> {
     let config = req.validate()?;
     Ok(c.admit_new(&req, config, &manifest(), owner, quota).await?.0)
 }
