@@ -404,11 +404,11 @@ impl Coordinator {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod etcd_tests;
 #[cfg(test)]
 mod scaleout_bench;
+#[cfg(test)]
+mod tests;
 
 /// The state store's table of image servers' registrations (`records/image_servers/NAME`).
 pub const IMAGE_SERVERS: &str = "image_servers";

@@ -39,9 +39,12 @@ async fn etcd_writes_per_placement_heartbeat_and_state_change() {
     use super::tests::{ad, admit, beat, create};
     let Some(server) = EtcdServer::start().await else { return };
     let state = connect(&StateConfig::Etcd(server.config("count"))).await.unwrap();
-    let c = super::Coordinator::new(state.clone(), crate::hosts::Registry::new(std::time::Duration::from_secs(3600), std::time::Duration::from_secs(7200)).into())
-        .await
-        .unwrap();
+    let c = super::Coordinator::new(
+        state.clone(),
+        crate::hosts::Registry::new(std::time::Duration::from_secs(3600), std::time::Duration::from_secs(7200)).into(),
+    )
+    .await
+    .unwrap();
     c.recover_interrupted().await.unwrap();
     let rev = || async { state.store().revision().await.unwrap() };
     beat(&c, ad("h1", 64, 1 << 20)).await;

@@ -324,7 +324,11 @@ impl Inner {
                 }
                 Condition::Prefix(_, expect) => {
                     if let Some(kv) = found.into_iter().min_by(|a, b| a.key().cmp(b.key())) {
-                        return StateError::Conflict { key: self.unkey(kv.key()), expected: *expect, found: Some(self.rev(kv.mod_revision())) };
+                        return StateError::Conflict {
+                            key: self.unkey(kv.key()),
+                            expected: *expect,
+                            found: Some(self.rev(kv.mod_revision())),
+                        };
                     }
                 }
             }
@@ -413,12 +417,7 @@ impl StateStore for EtcdStore {
 
 impl Inner {
     fn clone_parts(&self) -> super::etcd_watch::Parts {
-        super::etcd_watch::Parts {
-            client: self.client.clone(),
-            endpoints: self.config.members(),
-            kv: self.kv.clone(),
-            base: self.base,
-        }
+        super::etcd_watch::Parts { client: self.client.clone(), endpoints: self.config.members(), kv: self.kv.clone(), base: self.base }
     }
 }
 

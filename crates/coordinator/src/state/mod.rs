@@ -342,7 +342,9 @@ impl StateConfig {
         match state {
             None | Some("") | Some("redb") => Ok(StateConfig::Redb(data.join("state.redb"))),
             Some(s) if s.starts_with("etcd://") => EtcdConfig::parse(s).map(StateConfig::Etcd),
-            Some(s) => Err(format!("--state {s:?}: expected redb (the file state.redb in the data directory) or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]")),
+            Some(s) => Err(format!(
+                "--state {s:?}: expected redb (the file state.redb in the data directory) or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]"
+            )),
         }
     }
 }
@@ -361,7 +363,10 @@ pub fn open(config: &StateConfig) -> Result<State, StateError> {
         StateConfig::Redb(path) => State { store: Arc::new(RedbStore::open(path)?) },
         StateConfig::Memory => State { store: Arc::new(MemoryStore::new()) },
         StateConfig::Etcd(c) => {
-            return Err(StateError::Open { path: format!("etcd at {}", c.members()), source: "an etcd state is opened with state::connect".into() })
+            return Err(StateError::Open {
+                path: format!("etcd at {}", c.members()),
+                source: "an etcd state is opened with state::connect".into(),
+            })
         }
     })
 }
