@@ -62,9 +62,10 @@ async fn run(mut client: Client, name: String, me: String, ttl: Duration, tx: wa
     }
 }
 
-/// One lease: campaign with it, lead while it is renewed, return when it is lost.
-async fn term(client: &mut Client, name: &str, me: &str, ttl: i64, tx: &watch::Sender<bool>) -> Result<(), etcd_client::Error> {
-    let lease = client.lease_grant(ttl, None).await?.id();
+/// One lease: campaign with it, lead while it is renewed, return when it is lost (the error
+/// as text: etcd's error type is large).
+async fn term(client: &mut Client, name: &str, me: &str, ttl: i64, tx: &watch::Sender<bool>) -> Result<(), String> {
+    let lease = client.lease_grant(ttl, None).await.map_err(|e| e.to_string())?.id();
     let result = async {
         let (mut keeper, mut stream) = client.clone().lease_keep_alive(lease).await?;
         let period = Duration::from_millis(ttl as u64 * 1000 / 3);
@@ -106,7 +107,7 @@ async fn term(client: &mut Client, name: &str, me: &str, ttl: i64, tx: &watch::S
     .await;
     // Best effort: let the next candidate in now rather than after the lease's TTL.
     let _ = client.lease_revoke(lease).await;
-    result
+    result.map_err(|e: etcd_client::Error| e.to_string())
 }
 
 #[cfg(test)]
