@@ -23,6 +23,10 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)   # the 
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(libfaketime)   # scripts/faults: a host's clock jumped
 command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)   # site networks: the taps' anti-spoofing filter
 command -v passt >/dev/null || [ -x /usr/bin/passt ] || need+=(passt)   # `vgrid tunnel --user-mode`: the tunnel ends in passt, unprivileged
+command -v etcd >/dev/null || need+=(etcd-server)        # `--state etcd://`: the etcd tests and bench/scaleout
+command -v etcdctl >/dev/null || need+=(etcd-client)
+command -v protoc >/dev/null || need+=(protobuf-compiler)   # the etcd-client crate's build: protoc
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)   # and the well-known .proto files
 [ -x /usr/share/qemu/bios-256k.bin ] || [ -f /usr/share/seabios/bios-256k.bin ] || need+=(seabios)
 # The unprivileged system user guests' QEMU runs as when the host agent runs as root
 # (`vgrid host --qemu-user`, default vgrid-qemu): no login shell, no home. With KVM it needs
@@ -82,7 +86,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-utils qemu-system-data seabios ipxe-qemu
-$SUDO apt-get install -y -qq --no-install-recommends libnbd-bin nbdkit e2fsprogs iproute2 curl zstd busybox-static fio python3 python3-venv debootstrap libfaketime nftables passt
+$SUDO apt-get install -y -qq --no-install-recommends libnbd-bin nbdkit e2fsprogs iproute2 curl zstd busybox-static fio python3 python3-venv debootstrap libfaketime nftables passt etcd-server etcd-client protobuf-compiler libprotobuf-dev
 schemathesis
 prometheus_client
 echo "install-deps: done ($(qemu-system-x86_64 --version | head -1))"

@@ -44,8 +44,10 @@ pub struct Api {
 }
 
 impl Api {
+    /// `base` may list several coordinators of one grid, comma-separated (`VGRID_URL=https://c1:7070,https://c2:7070`):
+    /// the first that accepts a connection is used.
     pub fn new(base: &str) -> Self {
-        let base = base.trim_end_matches('/').to_string();
+        let base = pick_coordinator(base).trim_end_matches('/').to_string();
         let token = crate::auth::saved_token(&base);
         // TLS to the coordinator trusts the CA pinned for it (pinned now at first contact); a
         // failure to pin is reported if the request then fails.
@@ -149,5 +151,42 @@ impl Api {
     }
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.send::<(), T>(reqwest::Method::DELETE, path, None).await
+    }
+}
+
+/// The first of the comma-separated coordinator URLs in `list` that accepts a TCP connection
+/// (within 2 s each), else the first: its error is then the one reported.
+pub fn pick_coordinator(list: &str) -> String {
+    let urls: Vec<&str> = list.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+    if urls.len() < 2 {
+        return list.trim().to_string();
+    }
+    let reachable = |url: &str| -> bool {
+        let Ok(u) = reqwest::Url::parse(url) else { return false };
+        let (Some(host), Some(port)) = (u.host_str(), u.port_or_known_default()) else { return false };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let Ok(addrs) = std::net::ToSocketAddrs::to_socket_addrs(&(host, port)) else { return false };
+        addrs.into_iter().any(|a| std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(2)).is_ok())
+    };
+    match urls.iter().find(|u| reachable(u)) {
+        Some(u) => u.to_string(),
+        None => urls[0].to_string(),
+    }
+}
+
+#[cfg(test)]
+mod failover_tests {
+    #[test]
+    fn the_first_reachable_coordinator_is_used() {
+        let up = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let down_port = down.local_addr().unwrap().port();
+        drop(down);
+        let up_url = format!("https://127.0.0.1:{}", up.local_addr().unwrap().port());
+        let down_url = format!("https://127.0.0.1:{down_port}");
+        assert_eq!(super::pick_coordinator(&format!("{down_url},{up_url}")), up_url);
+        assert_eq!(super::pick_coordinator(&format!("{up_url}, {down_url}")), up_url);
+        assert_eq!(super::pick_coordinator(&down_url), down_url);
+        assert_eq!(super::pick_coordinator(&format!("{down_url},{down_url}")), down_url);
     }
 }

@@ -204,6 +204,15 @@ pub struct CoordinatorArgs {
     /// Where the coordinator keeps its state.
     #[arg(long, env = "VGRID_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The state store: `redb` (the file state.redb in the data directory) or
+    /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (an etcd cluster several coordinators can
+    /// share; prefix `vgrid` by default).
+    #[arg(long, env = "VGRID_STATE", default_value = "redb")]
+    pub state: String,
+    /// With an etcd state: the TTL in seconds of the lease of this coordinator's candidacy in
+    /// the leader election (a killed leader is replaced within it).
+    #[arg(long, default_value_t = 5)]
+    pub leader_ttl: u64,
     #[command(flatten)]
     pub beats: BeatOpts,
     #[command(flatten)]
@@ -219,7 +228,8 @@ pub struct CoordinatorArgs {
 
 #[derive(Args, Debug)]
 pub struct HostAgentArgs {
-    /// The coordinator to register with (runs a host agent).
+    /// The coordinator to register with (runs a host agent); several of one grid,
+    /// comma-separated, to fail over between them.
     #[arg(long, env = "VGRID_COORDINATOR")]
     pub coordinator: Option<String>,
     /// Address of this host agent's API.
@@ -525,9 +535,10 @@ pub async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let data = a.data_dir.unwrap_or_else(|| default_data_dir().join("coordinator"));
+    let config = StateConfig::parse(Some(&a.state), &data).map_err(|e| anyhow!(e))?;
     std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
     let (listener, url) = bind(a.listen).await?;
-    let state = open_state(&data)?;
+    let state = vgrid_coordinator::state::connect(&config).await.map_err(|e| anyhow!("{e}"))?;
     let (ca, node) = own_ca(&data.join("tls"), &hostname(), &[NodeRole::Coordinator], sans_for(a.listen, &a.tls.sans, None))?;
     use_node_cert(&node, Some(&url))?;
     let fingerprint = ca.fingerprint();
@@ -538,7 +549,15 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let coord = open_coordinator(&state, registry).await?;
     vgrid_coordinator::metrics::init(&coord);
     a.metrics.serve().await?;
-    announce(&format!("vgrid coordinator at {url} (data in {}, CA {fingerprint})", data.display()));
+    let _leadership = match &config {
+        StateConfig::Etcd(c) => {
+            let client = vgrid_coordinator::state::etcd::connect(c).await.map_err(|e| anyhow!("{e}"))?;
+            let ttl = Duration::from_secs(a.leader_ttl.max(1));
+            Some(vgrid_coordinator::leader::Leadership::campaign(client, c.election_key(), url.clone(), ttl))
+        }
+        _ => None,
+    };
+    announce(&format!("vgrid coordinator at {url} (data in {}, state {}, CA {fingerprint})", data.display(), a.state));
     vgrid_trust::tls::serve(listener, node, vgrid_coordinator::http::router(coord, auth, Some(joins)), shutdown_signal())
         .await
         .context("serving the API")?;
@@ -546,9 +565,12 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn host(a: HostAgentArgs) -> anyhow::Result<ExitCode> {
-    let Some(coordinator) = a.coordinator.clone() else {
+    let Some(coordinators) = a.coordinator.clone() else {
         bail!("give --coordinator URL to run a host agent, or use `vgrid host ls` / `vgrid host show NAME`");
     };
+    // Several coordinators of one grid (comma-separated): join and check users' tokens with
+    // the first that answers; heartbeats fail over between all of them.
+    let coordinator = crate::client::pick_coordinator(&coordinators);
     let data = a.data_dir.unwrap_or_else(|| default_data_dir().join("host"));
     std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
     let (listener, url) = bind(a.listen).await?;
@@ -560,7 +582,7 @@ pub async fn host(a: HostAgentArgs) -> anyhow::Result<ExitCode> {
     let node = joined_cert(&data, &coordinator, a.join_token.as_deref(), NodeRole::Host, &name, sans).await?;
     use_node_cert(&node, None)?;
     let agent = start_agent(&data, &a.host, vec![]).await?;
-    let hb = heartbeat(&a.host, &coordinator, &url);
+    let hb = heartbeat(&a.host, &coordinators, &url);
     let http = vgrid_trust::tls::client_builder().build().expect("HTTP client");
     if let Err(e) = agent.heartbeat_once(&http, &hb).await {
         eprintln!("warning: first heartbeat failed (retrying in the background): {e}");

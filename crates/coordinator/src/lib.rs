@@ -1,5 +1,5 @@
 //! vgrid coordinator: the public REST API (axum, OpenAPI at `/api/openapi.json`), durable state
-//! (`state`: an async, revisioned key-value store with compare-and-swap and watches; redb or in
+//! (`state`: an async, revisioned key-value store with compare-and-swap and watches; redb, etcd or in
 //! memory), the information service (hosts and image servers register by heartbeat), placement,
 //! and the VM lifecycle `pending → starting → running → stopping → stopped | failed` (`unknown`
 //! while its host is silent, `migrating` while it moves live, `lost` when its host no longer has
@@ -38,6 +38,7 @@ pub mod hosts;
 pub mod http;
 pub mod images;
 pub mod join;
+pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
 pub mod migrate;

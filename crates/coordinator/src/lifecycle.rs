@@ -404,6 +404,10 @@ impl Coordinator {
 }
 
 #[cfg(test)]
+mod etcd_tests;
+#[cfg(test)]
+mod scaleout_bench;
+#[cfg(test)]
 mod tests;
 
 /// The state store's table of image servers' registrations (`records/image_servers/NAME`).

@@ -158,26 +158,40 @@ impl Agent {
 
     /// Registers with the coordinator and refreshes the advertisement every interval it asks
     /// for; adopts the image server list it answers with. Runs until the process ends; a
-    /// coordinator that does not answer is retried at the same pace.
+    /// coordinator that does not answer is retried at the same pace. `hb.coordinator` may list
+    /// several coordinators of one grid, comma-separated: after a failed heartbeat the next one
+    /// is tried (failover), and the agent stays with the one that answers.
     pub async fn heartbeat_loop(self: Arc<Self>, hb: Heartbeat) {
         let http = vgrid_trust::tls::client_builder().timeout(Duration::from_secs(10)).build().expect("HTTP client");
-        self.net.tunnels.connect(&hb.coordinator, &self.cfg.name);
+        let urls: Vec<String> = hb.coordinator.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
+        let mut at = 0;
+        let mut current = Heartbeat { coordinator: urls.first().cloned().unwrap_or_default(), ..hb.clone() };
+        self.net.tunnels.connect(&current.coordinator, &self.cfg.name);
         let mut interval = vgrid_api::host::HEARTBEAT_INTERVAL;
         let mut failing = false;
         loop {
-            match self.heartbeat_once(&http, &hb).await {
+            match self.heartbeat_once(&http, &current).await {
                 Ok(reply) => {
                     if failing {
-                        tracing::info!(coordinator = %hb.coordinator, "coordinator reachable again");
+                        tracing::info!(coordinator = %current.coordinator, "coordinator reachable again");
                     }
                     failing = false;
                     interval = Duration::from_secs(reply.interval_secs.max(1));
                 }
                 Err(e) => {
                     if !failing {
-                        tracing::warn!(coordinator = %hb.coordinator, "heartbeat failed: {e}");
+                        tracing::warn!(coordinator = %current.coordinator, "heartbeat failed: {e}");
                     }
                     failing = true;
+                    if urls.len() > 1 {
+                        at = (at + 1) % urls.len();
+                        current.coordinator = urls[at].clone();
+                        tracing::warn!(coordinator = %current.coordinator, "failing over to the next coordinator");
+                        if at != 0 {
+                            // The next one at once; after a whole round, wait as for one.
+                            continue;
+                        }
+                    }
                 }
             }
             tokio::time::sleep(hb.interval.unwrap_or(interval)).await;

@@ -29,12 +29,12 @@ async fn coordinator(state: &State) -> Arc<Coordinator> {
     c
 }
 
-fn ad(name: &str, cpus: u32, memory_mib: u64) -> HostAd {
+pub(super) fn ad(name: &str, cpus: u32, memory_mib: u64) -> HostAd {
     // Nothing listens there: these tests never launch.
     HostAd { url: "http://127.0.0.1:9".into(), ..crate::sched::tests::ad(name, "test", cpus, memory_mib) }
 }
 
-async fn beat(c: &Coordinator, ad: HostAd) {
+pub(super) async fn beat(c: &Coordinator, ad: HostAd) {
     c.heartbeat(HostHeartbeat { ad, vms: Vec::new(), usage: Vec::new(), waiting: Vec::new() }).await.unwrap();
 }
 
@@ -52,7 +52,7 @@ fn manifest() -> Manifest {
     }
 }
 
-fn create(name: Option<&str>, cpus: u32, host_port: Option<u16>) -> VmCreate {
+pub(super) fn create(name: Option<&str>, cpus: u32, host_port: Option<u16>) -> VmCreate {
     let forwards: Vec<serde_json::Value> = host_port.iter().map(|p| serde_json::json!({"host": p, "guest": 80})).collect();
     serde_json::from_value(serde_json::json!({
         "image": "sample@1", "name": name, "cpus": cpus, "memory_mib": 128, "forwards": forwards, "no_wait": true
@@ -61,7 +61,7 @@ fn create(name: Option<&str>, cpus: u32, host_port: Option<u16>) -> VmCreate {
 }
 
 /// Admits a create on `c` (nothing is launched): the record, or the error.
-async fn admit(c: &Coordinator, req: VmCreate, owner: &str, quota: &Quota) -> Result<vgrid_api::vm::VmRecord, CoordinatorError> {
+pub(super) async fn admit(c: &Coordinator, req: VmCreate, owner: &str, quota: &Quota) -> Result<vgrid_api::vm::VmRecord, CoordinatorError> {
     let config = req.validate()?;
     Ok(c.admit_new(&req, config, &manifest(), owner, quota).await?.0)
 }
@@ -101,7 +101,14 @@ async fn race(
 
 async fn two_on_one_store(hosts: &[(&str, u32)]) -> (State, [Arc<Coordinator>; 2]) {
     let state = open(&StateConfig::Memory).unwrap();
-    let cs = [coordinator(&state).await, coordinator(&state).await];
+    two_on([state.clone(), state], hosts).await
+}
+
+/// Two coordinators, each on its own handle of one store (two connections to one etcd, say),
+/// both told of the same hosts.
+pub(super) async fn two_on(states: [State; 2], hosts: &[(&str, u32)]) -> (State, [Arc<Coordinator>; 2]) {
+    let cs = [coordinator(&states[0]).await, coordinator(&states[1]).await];
+    let state = states[0].clone();
     for c in &cs {
         for (h, cpus) in hosts {
             beat(c, ad(h, *cpus, 1 << 20)).await;
@@ -152,7 +159,14 @@ async fn concurrent_events_on_one_vm_end_as_one_order_of_them_and_lose_no_write(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_coordinators_on_one_store_never_exceed_a_quota() {
-    let (state, cs) = two_on_one_store(&[("h1", 64), ("h2", 64)]).await;
+    never_exceed_a_quota(two_on_one_store(QUOTA_HOSTS).await).await;
+}
+
+pub(super) const QUOTA_HOSTS: &[(&str, u32)] = &[("h1", 64), ("h2", 64)];
+pub(super) const ONE_SMALL_HOST: &[(&str, u32)] = &[("h1", 4)];
+pub(super) const ONE_BIG_HOST: &[(&str, u32)] = &[("h1", 64)];
+
+pub(super) async fn never_exceed_a_quota((state, cs): (State, [Arc<Coordinator>; 2])) {
     let quota = Quota { vms: Some(3), ..Default::default() };
     let (ok, errs) = race(&cs, 10, |_| create(None, 1, None), "alice", &quota).await;
     assert_eq!(ok, 3, "{errs:?}");
@@ -166,7 +180,10 @@ async fn two_coordinators_on_one_store_never_exceed_a_quota() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_coordinators_on_one_store_never_exceed_a_host() {
-    let (state, cs) = two_on_one_store(&[("h1", 4)]).await;
+    never_exceed_a_host(two_on_one_store(ONE_SMALL_HOST).await).await;
+}
+
+pub(super) async fn never_exceed_a_host((state, cs): (State, [Arc<Coordinator>; 2])) {
     let (ok, errs) = race(&cs, 10, |_| create(None, 1, None), "alice", &Quota::default()).await;
     assert_eq!(ok, 4, "{errs:?}");
     for e in &errs {
@@ -179,7 +196,10 @@ async fn two_coordinators_on_one_store_never_exceed_a_host() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_coordinators_on_one_store_never_share_a_name_or_a_host_port() {
-    let (state, cs) = two_on_one_store(&[("h1", 64)]).await;
+    never_share_a_name_or_a_host_port(two_on_one_store(ONE_BIG_HOST).await).await;
+}
+
+pub(super) async fn never_share_a_name_or_a_host_port((state, cs): (State, [Arc<Coordinator>; 2])) {
     let (ok, errs) = race(&cs, 6, |_| create(Some("web"), 1, None), "alice", &Quota::default()).await;
     assert_eq!(ok, 1, "{errs:?}");
     for e in &errs {

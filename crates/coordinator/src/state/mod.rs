@@ -1,6 +1,7 @@
 //! Durable coordinator state behind one async seam, [`StateStore`]: a byte-level key-value store
-//! shaped like etcd's so that an etcd backend maps onto it one to one, with two in-process
-//! backends today ([`redb`]: one file, `DATA/state.redb`; [`memory`]: for tests) and a typed
+//! shaped like etcd's so that the etcd backend maps onto it one to one, with two
+//! in-process backends ([`redb`]: one file, `DATA/state.redb`; [`memory`]: for tests), one
+//! shared by several coordinators ([`etcd`]: `--state etcd://…`), and a typed
 //! layer on top for the coordinator ([`VmStore`], [`RecordStore`], [`UsageStore`]).
 //!
 //! The model:
@@ -38,6 +39,8 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
+pub mod etcd;
+mod etcd_watch;
 pub mod history;
 pub mod local;
 pub mod memory;
@@ -47,7 +50,12 @@ pub mod vms;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
+#[cfg(any(test, feature = "testing"))]
+pub mod etcd_server;
+#[cfg(test)]
+mod etcd_tests;
 
+pub use self::etcd::{EtcdConfig, EtcdStore};
 pub use self::redb::RedbStore;
 pub use memory::MemoryStore;
 pub use records::{RecordStore, UsageStore, UsageTable};
@@ -236,6 +244,10 @@ pub enum StateError {
     Compacted { requested: Revision, oldest: Revision },
     #[error("state batch names key {key} more than once")]
     DuplicateKey { key: String },
+    /// A value (or a whole batch) larger than the backend takes (etcd: 1.5 MiB per request);
+    /// large data belongs on the image servers, never in the state.
+    #[error("state value {key}: {size} bytes, more than the {limit} bytes the state store takes")]
+    TooLarge { key: String, size: usize, limit: usize },
 }
 
 fn found_text(found: &Option<Revision>) -> String {
@@ -320,6 +332,21 @@ pub enum StateConfig {
     Redb(PathBuf),
     /// In memory, gone with the process (tests).
     Memory,
+    /// An etcd cluster (`etcd://HOST:PORT[,HOST:PORT…][/PREFIX]`), shared by coordinators.
+    Etcd(EtcdConfig),
+}
+
+impl StateConfig {
+    /// `--state`: `etcd://…`, else the redb file in `data`.
+    pub fn parse(state: Option<&str>, data: &std::path::Path) -> Result<StateConfig, String> {
+        match state {
+            None | Some("") | Some("redb") => Ok(StateConfig::Redb(data.join("state.redb"))),
+            Some(s) if s.starts_with("etcd://") => EtcdConfig::parse(s).map(StateConfig::Etcd),
+            Some(s) => Err(format!(
+                "--state {s:?}: expected redb (the file state.redb in the data directory) or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]"
+            )),
+        }
+    }
 }
 
 /// The coordinator's state, opened: the async store and its typed tables (every handle shares
@@ -329,12 +356,28 @@ pub struct State {
     store: Arc<dyn StateStore>,
 }
 
-/// Opens the coordinator's state (blocking: call it at startup).
+/// Opens the coordinator's state (blocking: call it at startup). An etcd state needs
+/// [`connect`].
 pub fn open(config: &StateConfig) -> Result<State, StateError> {
     Ok(match config {
         StateConfig::Redb(path) => State { store: Arc::new(RedbStore::open(path)?) },
         StateConfig::Memory => State { store: Arc::new(MemoryStore::new()) },
+        StateConfig::Etcd(c) => {
+            return Err(StateError::Open {
+                path: format!("etcd at {}", c.members()),
+                source: "an etcd state is opened with state::connect".into(),
+            })
+        }
     })
+}
+
+/// Opens the coordinator's state, connecting to etcd for an etcd state (then it fails, naming
+/// the endpoints, when etcd does not answer).
+pub async fn connect(config: &StateConfig) -> Result<State, StateError> {
+    match config {
+        StateConfig::Etcd(c) => Ok(State { store: Arc::new(EtcdStore::open(c).await?) }),
+        other => open(other),
+    }
 }
 
 impl State {
