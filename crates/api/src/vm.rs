@@ -37,6 +37,21 @@ pub enum VmState {
 }
 
 impl VmState {
+    /// Every state, in lifecycle order (the lifecycle table's columns, the metrics' labels).
+    pub const ALL: [VmState; 11] = [
+        VmState::Pending,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Stopping,
+        VmState::Stopped,
+        VmState::Failed,
+        VmState::Unknown,
+        VmState::Suspending,
+        VmState::Suspended,
+        VmState::Migrating,
+        VmState::Lost,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             VmState::Pending => "pending",

@@ -28,19 +28,7 @@ pub struct Metrics {
 }
 
 /// Every state a VM record can be in (each listed on the page, 0 when none is in it).
-const STATES: [VmState; 11] = [
-    VmState::Pending,
-    VmState::Starting,
-    VmState::Running,
-    VmState::Stopping,
-    VmState::Stopped,
-    VmState::Failed,
-    VmState::Unknown,
-    VmState::Suspending,
-    VmState::Suspended,
-    VmState::Migrating,
-    VmState::Lost,
-];
+const STATES: [VmState; 11] = VmState::ALL;
 
 pub fn m() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();

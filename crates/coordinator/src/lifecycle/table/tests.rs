@@ -7,19 +7,7 @@ use super::*;
 mod sites;
 
 /// Every state, in the order of the expected table's columns.
-pub(super) const STATES: [VmState; 11] = [
-    VmState::Pending,
-    VmState::Starting,
-    VmState::Running,
-    VmState::Stopping,
-    VmState::Stopped,
-    VmState::Failed,
-    VmState::Unknown,
-    VmState::Suspending,
-    VmState::Suspended,
-    VmState::Migrating,
-    VmState::Lost,
-];
+pub(super) const STATES: [VmState; 11] = VmState::ALL;
 
 /// The lifecycle table: one row per event (with representative data), one column per state.
 /// A state name: the record is updated and has that state after the event (the same state for
