@@ -3,11 +3,17 @@
 # distribution with systemd, for tests the busybox sample guest cannot stand in for (issue 13:
 # an image server outage during a systemd boot on ext4).
 #
-#   scripts/build-debian-guest.sh [OUTDIR]
-#   scripts/build-debian-guest.sh --dir [OUTDIR]   # only print OUTDIR (built or not)
+#   scripts/build-debian-guest.sh [--cloud] [OUTDIR]
+#   scripts/build-debian-guest.sh [--cloud] --dir [OUTDIR]   # only print OUTDIR (built or not)
 #
-# OUTDIR defaults to ${VGRID_CACHE:-$HOME/.cache/vgrid}/debian-guest-v$LAYOUT (bump LAYOUT below
-# when the guest's contents change). Like scripts/build-sample-guest.sh the build is keyed on a
+# OUTDIR defaults to ${VGRID_CACHE:-$HOME/.cache/vgrid}/debian-guest-v$LAYOUT, or
+# debian-cloud-guest-v$LAYOUT with --cloud (bump LAYOUT below when the guest's contents change).
+#
+# --cloud builds a stock cloud image instead, as Debian's genericcloud images are: the same
+# system plus cloud-init (NoCloud and ConfigDrive data sources only), no automatic login, no
+# ssh host keys baked in (cloud-init makes them per instance), root locked. It learns its
+# hostname, ssh keys and user-data from a NoCloud seed (`vgrid vm run --ssh-key`); the
+# readiness marker is printed once cloud-init's final stage is done. Like scripts/build-sample-guest.sh the build is keyed on a
 # hash of this script (an OUTDIR built by the same script is reused as is, so tests can call it
 # cheaply), concurrent callers are serialised with a lock file next to OUTDIR, and the last line
 # on stdout is OUTDIR. Needs root (debootstrap, chroot; as another user it runs those through
@@ -55,8 +61,10 @@ MIRROR=${VGRID_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 DISK_SIZE=2G
 MARKER="vgrid-debian: booted"
 only_dir=""
+cloud=""
+if [ "${1:-}" = --cloud ]; then cloud=yes; shift; fi
 if [ "${1:-}" = --dir ]; then only_dir=yes; shift; fi
-out=${1:-${VGRID_CACHE:-$HOME/.cache/vgrid}/debian-guest-v$LAYOUT}
+out=${1:-${VGRID_CACHE:-$HOME/.cache/vgrid}/debian${cloud:+-cloud}-guest-v$LAYOUT}
 out=$(realpath -m "$out")
 if [ -n "$only_dir" ]; then
   echo "$out"
@@ -141,6 +149,13 @@ log "installing the kernel, udev, dbus, openssh-server"
 in_root apt-get update -qq >&2
 in_root apt-get install -y -qq --no-install-recommends \
   linux-image-cloud-amd64 udev dbus kmod openssh-server iproute2 zstd >&2
+if [ -n "$cloud" ]; then
+  log "installing cloud-init"
+  # Only the data sources vgrid gives (probing for every cloud's metadata service takes
+  # minutes under TCG); written before the package so that its configuration keeps the list.
+  echo "datasource_list: [ NoCloud, ConfigDrive, None ]" | put /etc/cloud/cloud.cfg.d/90_dpkg.cfg
+  in_root apt-get install -y -qq --no-install-recommends cloud-init sudo >&2
+fi
 kver=$(ls "$root/lib/modules" | head -1)
 [ -n "$kver" ] && [ -f "$root/boot/vmlinuz-$kver" ] && [ -f "$root/boot/initrd.img-$kver" ] ||
   { log "no kernel or initrd in $root/boot"; exit 1; }
@@ -154,12 +169,19 @@ put /etc/hosts <<'EOF'
 EOF
 echo "LABEL=vgrid-debian / ext4 defaults,errors=remount-ro 0 1" | put /etc/fstab
 : | put /etc/machine-id
-in_root passwd -d root >/dev/null
-put /etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf <<'EOF'
+if [ -n "$cloud" ]; then
+  # As a stock cloud image: root locked, keys come from the seed, host keys are made on the
+  # instance's first boot (by cloud-init's ssh module).
+  in_root passwd -l root >/dev/null
+  $SUDO rm -f "$root"/etc/ssh/ssh_host_*
+else
+  in_root passwd -d root >/dev/null
+  put /etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf <<'EOF'
 [Service]
 ExecStart=
 ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,57600,38400,9600 %I $TERM
 EOF
+fi
 # Under TCG on a busy machine a lazy boot can be slow: no unit or device (ttyS0's, which the
 # serial getty waits for) fails for taking more than systemd's default 90 s.
 put /etc/systemd/system.conf.d/vgrid-timeouts.conf <<'EOF'
@@ -174,7 +196,7 @@ EOF
 put /etc/systemd/system/vgrid-ready.service <<EOF
 [Unit]
 Description=Tell the serial console that the boot is complete (vgrid tests wait for it)
-After=multi-user.target
+After=multi-user.target${cloud:+ cloud-final.service}
 
 [Service]
 Type=oneshot

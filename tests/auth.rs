@@ -536,6 +536,11 @@ fn vm_vnc_forwards_the_graphical_console_to_its_owner_only() {
     let bob_token = bob.json(&up, &["login"])["token"].as_str().unwrap().to_string();
     assert_eq!(curl(&up, "GET", &format!("/api/v1/vms/{id}/vnc/ws"), Some(&bob_token)), 403);
     assert_eq!(curl(&up, "GET", &format!("/api/v1/vms/{id}/vnc/ws"), None), 401);
+    // The ssh port (`vgrid vm ssh`) on the same terms.
+    assert_eq!(curl(&up, "GET", &format!("/api/v1/vms/{id}/ssh/ws"), Some(&bob_token)), 403);
+    assert_eq!(curl(&up, "GET", &format!("/api/v1/vms/{id}/ssh/ws"), None), 401);
+    let err = bob.refused(&up, &["vm", "ssh", &id], "403");
+    assert!(err.contains("belongs to another user"), "{err}");
 }
 
 /// Volumes belong to users like images: the quota counts them (the refusal names it), others

@@ -52,10 +52,12 @@ const COUNTER: &str = "(i=0; while true; do i=$((i+1)); echo \"tick $i\"; sleep 
 #[test]
 fn a_counting_guest_migrates_between_hosts_without_a_reset() {
     let g = Grid::start(&["h1", "h2"]);
-    let v = g.run_on("h1", "counter");
+    // With cloud-init data: its seed disk (/dev/vdb) must follow the VM.
+    let v = g.run_with("host.name == \"h1\"", "counter", &["--hostname", "counter-1"]);
     let id = v["id"].as_str().unwrap().to_string();
     let src = g.runtime_dir("h1", &id);
     let src_pid = v["pid"].as_u64().unwrap();
+    let seed = std::fs::read(src.join("seed.img")).expect("the seed disk on h1");
 
     // Disk writes (flushed into the overlay, and one only in the guest's page cache), then a
     // counter on the console.
@@ -126,6 +128,11 @@ fn a_counting_guest_migrates_between_hosts_without_a_reset() {
     for want in ["synced-before-migration", "cached-before-migration", DISK_MARKER] {
         assert!(log.lines().any(|l| l.trim() == want), "{want:?} not read back on h2:\n{log}");
     }
+    // The seed is on h2, byte for byte, and the guest reads its label from the same disk.
+    assert!(std::fs::read(dst.join("seed.img")).is_ok_and(|d| d == seed), "h2's seed.img differs from h1's");
+    type_on_console(&dst, "dd if=/dev/vdb bs=1 skip=43 count=11 2>/dev/null; echo; echo seed-read");
+    g.wait_until("the seed's label", Duration::from_secs(60), || console_has_line(&dst, "seed-read"));
+    assert!(console_log(&dst).lines().any(|l| l.trim() == "CIDATA"), "the guest does not see the seed on h2");
     // Writes keep working on the destination.
     type_on_console(&dst, "echo written-on-h2 > /mnt/h2.txt; sync; cat /mnt/h2.txt");
     g.wait_until("a write on h2", Duration::from_secs(60), || console_log(&dst).lines().any(|l| l.trim() == "written-on-h2"));

@@ -86,6 +86,8 @@ pub enum ConfigError {
     Net(#[from] NetError),
     #[error(transparent)]
     Volume(#[from] crate::volume::VolumeError),
+    #[error(transparent)]
+    CloudInit(#[from] crate::cloudinit::CloudInitError),
 }
 
 /// A CPU reservation that cannot be enforced as given.
@@ -242,6 +244,9 @@ pub struct VmConfig {
     /// Volumes attached as extra virtio disks, in guest order after the image's disk.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<crate::volume::VolumeAttach>,
+    /// A cloud-init NoCloud seed disk for stock cloud images (last of the guest's disks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<crate::cloudinit::CloudInit>,
 }
 
 impl VmConfig {
@@ -256,6 +261,7 @@ impl VmConfig {
             resources: Resources::default(),
             net: NetConfig::default(),
             volumes: Vec::new(),
+            cloud_init: None,
         }
     }
 
@@ -297,6 +303,9 @@ impl VmConfig {
         validate_name(&self.boot.image.name)?;
         self.resources.validate()?;
         crate::volume::validate_all(&self.volumes)?;
+        if let Some(c) = &self.cloud_init {
+            c.validate()?;
+        }
         Ok(self.net.validate()?)
     }
 }
@@ -342,7 +351,12 @@ impl VmCreate {
             .with_memory_mib(self.memory_mib)
             .with_accel(accel)
             .with_resources(self.resources.clone());
-        let config = VmConfig { net: NetConfig::requested(&self.nics, &self.forwards)?, volumes: self.volumes.clone(), ..config };
+        let config = VmConfig {
+            net: NetConfig::requested(&self.nics, &self.forwards)?,
+            volumes: self.volumes.clone(),
+            cloud_init: self.cloud_init.clone(),
+            ..config
+        };
         config.validate()?;
         Ok(config)
     }

@@ -1,7 +1,7 @@
 //! The contracts between vgrid's processes: every type that crosses a process boundary lives
 //! here. Chunk hashes and image manifests; the coordinator's REST bodies (`vm`, `grid`,
 //! `migrate`, `auth`, `usage`); the VM configuration, validated once (`config`, `net`); the host
-//! agent's API and heartbeat (`host`); the image server's wire types (`rest`); volumes (`volume`); the tunnel
+//! agent's API and heartbeat (`host`); the image server's wire types (`rest`); volumes (`volume`); cloud-init seeds (`cloudinit`); the tunnel
 //! relay's frame batches (`tunnel`); and the timeouts
 //! and resource arithmetic both sides of a call count on; how a JSON body is read (`json`:
 //! integral floats are integers). This crate holds data definitions and
@@ -9,6 +9,7 @@
 //! serves these objects.
 
 pub mod auth;
+pub mod cloudinit;
 pub mod config;
 pub mod grid;
 pub mod host;

@@ -149,6 +149,9 @@ pub struct VmCreate {
     #[serde(default)]
     #[schema(max_items = 8)]
     pub volumes: Vec<crate::volume::VolumeAttach>,
+    /// Ssh keys, hostname and user-data for a stock cloud image (a NoCloud seed disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<crate::cloudinit::CloudInit>,
 }
 
 pub fn default_cpus() -> u32 {

@@ -3,7 +3,7 @@
 
 use anyhow::{anyhow, Context};
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use vgrid_api::vm::VmRecord;
 
@@ -96,17 +96,25 @@ pub async fn vnc(ctx: &Ctx, id: &str, listen: &str) -> anyhow::Result<()> {
             }
         };
         tokio::spawn(async move {
-            if let Err(e) = pipe(conn, ws).await {
+            let (rd, wr) = conn.into_split();
+            if let Err(e) = pipe(rd, wr, ws).await {
                 tracing::debug!("viewer {peer}: {e}");
             }
         });
     }
 }
 
-/// Carries bytes between a local TCP connection and a WebSocket of binary frames until either
-/// side closes.
-async fn pipe(conn: tokio::net::TcpStream, ws: Ws) -> anyhow::Result<()> {
-    let (mut rd, mut wr) = conn.into_split();
+/// `vgrid vm ssh-proxy`: the VM's ssh port (through the coordinator and its host) on stdin and
+/// stdout, for ssh's `ProxyCommand` (what `vgrid vm ssh` sets).
+pub async fn ssh_proxy(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    let v: VmRecord = ctx.api().get(&format!("/api/v1/vms/{id}")).await?;
+    let ws = open(ctx, &v, "ssh", "ssh port").await?;
+    pipe(tokio::io::stdin(), tokio::io::stdout(), ws).await
+}
+
+/// Carries bytes between a local reader and writer (a TCP connection, stdin and stdout) and a
+/// WebSocket of binary frames until either side closes.
+async fn pipe(mut rd: impl AsyncRead + Unpin, mut wr: impl AsyncWrite + Unpin, ws: Ws) -> anyhow::Result<()> {
     let (mut tx, mut rx) = ws.split();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -117,7 +125,10 @@ async fn pipe(conn: tokio::net::TcpStream, ws: Ws) -> anyhow::Result<()> {
                 tx.send(Message::Binary(buf[..n].to_vec().into())).await?;
             }
             m = rx.next() => match m {
-                Some(Ok(Message::Binary(b))) => wr.write_all(&b).await?,
+                Some(Ok(Message::Binary(b))) => {
+                    wr.write_all(&b).await?;
+                    wr.flush().await?;
+                }
                 Some(Ok(Message::Close(_))) | None => break,
                 Some(Err(e)) => return Err(e.into()),
                 _ => {}

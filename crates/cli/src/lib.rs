@@ -13,6 +13,7 @@ mod migrate;
 mod net;
 mod output;
 mod roles;
+mod ssh;
 mod sshagent;
 mod store;
 mod suspend;

@@ -37,6 +37,15 @@ pub enum VmCmd {
         #[arg(long, default_value = "127.0.0.1:5901")]
         listen: String,
     },
+    /// Log in to a VM with OpenSSH, wherever it runs (through the coordinator for a user-mode
+    /// interface; at its address on a site network). Host keys are trusted on first use and
+    /// kept per VM. Give the key with `vm run --ssh-key` for a stock cloud image.
+    Ssh(crate::ssh::SshArgs),
+    /// The VM's ssh port on stdin and stdout (ssh's ProxyCommand; `vm ssh` sets it).
+    #[command(hide = true)]
+    SshProxy {
+        id: String,
+    },
     /// Print a VM's console log.
     Logs {
         id: String,
@@ -94,6 +103,18 @@ pub struct RunArgs {
     /// (and on `vgrid volume commit`); `:ro` any version, shared. Repeatable.
     #[arg(long = "volume", value_name = "SPEC", value_parser = |s: &str| s.parse::<vgrid_api::volume::VolumeAttach>())]
     pub volumes: Vec<vgrid_api::volume::VolumeAttach>,
+    /// For a stock cloud image (cloud-init): a file of OpenSSH public keys (one per line, as
+    /// in authorized_keys) the guest accepts. Repeatable. Any of --ssh-key, --user-data and
+    /// --hostname gives the VM a NoCloud seed disk (label CIDATA, its last disk).
+    #[arg(long = "ssh-key", value_name = "FILE")]
+    pub ssh_keys: Vec<std::path::PathBuf>,
+    /// cloud-init user-data (a `#cloud-config` file, a script), at most 64 KiB [default:
+    /// root may log in with the --ssh-key keys].
+    #[arg(long, value_name = "FILE")]
+    pub user_data: Option<std::path::PathBuf>,
+    /// The guest's hostname [default: the VM's name].
+    #[arg(long)]
+    pub hostname: Option<String>,
     /// Accelerator: kvm or tcg [default: kvm where the CPU has vmx/svm, else tcg].
     #[arg(long, value_parser = ["kvm", "tcg"])]
     pub accel: Option<String>,
@@ -178,6 +199,8 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<ExitCode> {
         }
         VmCmd::Console { id } => crate::console::attach(ctx, &id).await?,
         VmCmd::Vnc { id, listen } => crate::console::vnc(ctx, &id, &listen).await?,
+        VmCmd::Ssh(a) => crate::ssh::ssh(ctx, a).await?,
+        VmCmd::SshProxy { id } => crate::console::ssh_proxy(ctx, &id).await?,
         VmCmd::Logs { id, follow } => logs(ctx, &id, follow).await?,
         VmCmd::Stop { id, force } => {
             let v: VmRecord = api.post(&format!("/api/v1/vms/{id}/stop"), &VmStop { force }).await?;
@@ -357,6 +380,11 @@ fn show(v: &VmRecord) {
         }
         println!("{line}");
     }
+    if let Some(c) = &v.config.cloud_init {
+        let host = c.hostname.as_deref().unwrap_or("(the VM's name)");
+        let data = if c.user_data.is_some() { "own user-data" } else { "default user-data" };
+        println!("cloud-init: hostname {host}, {} ssh key(s), {data}", c.ssh_keys.len());
+    }
     for vol in &v.config.volumes {
         let at = vol.version.map(|n| format!("@{n}")).unwrap_or_default();
         let mode = if vol.readonly { "read-only" } else { "read-write" };
@@ -380,6 +408,31 @@ fn show(v: &VmRecord) {
     println!("created:  {}", age(v.created));
 }
 
+/// The cloud-init data of `vm run`'s --ssh-key, --user-data and --hostname (none: no seed).
+fn cloud_init(a: &RunArgs) -> anyhow::Result<Option<vgrid_api::cloudinit::CloudInit>> {
+    use anyhow::Context;
+    if a.ssh_keys.is_empty() && a.user_data.is_none() && a.hostname.is_none() {
+        return Ok(None);
+    }
+    let mut ssh_keys = Vec::new();
+    for f in &a.ssh_keys {
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading ssh keys from {}", f.display()))?;
+        let before = ssh_keys.len();
+        ssh_keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
+        if ssh_keys.len() == before {
+            bail!("{} holds no ssh public key", f.display());
+        }
+    }
+    let user_data = match &a.user_data {
+        Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("reading user-data from {} (it must be text)", f.display()))?),
+        None => None,
+    };
+    let c = vgrid_api::cloudinit::CloudInit { ssh_keys, hostname: a.hostname.clone(), user_data };
+    // Said here with the file's name; the coordinator checks again.
+    c.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Some(c))
+}
+
 async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
     let api = ctx.api();
     let t0 = Instant::now();
@@ -397,6 +450,7 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
         no_wait: a.no_wait,
         resources: a.resources.to_api(),
         volumes: a.volumes.clone(),
+        cloud_init: cloud_init(&a)?,
     };
     let mut v: VmRecord = api.post("/api/v1/vms", &req).await?;
     let quiet = ctx.json;

@@ -17,7 +17,7 @@
 //!   [`runtime`] (the runtime directory's files and pid), [`qemu`] (QEMU's arguments, network
 //!   arguments and version), [`qmp`], [`vm`] (the running [`Vm`]: launch, adopt, QMP, console,
 //!   power-down, save state), [`accel`], [`ram`] (RAM backings and the lazy pager),
-//!   [`cgroup`], [`qemu_user`], [`tlscreds`].
+//!   [`cgroup`], [`qemu_user`], [`tlscreds`], [`cloudinit`] (a cloud image's NoCloud seed).
 //! - **Host**: [`ctx`] (the [`ctx::HostCtx`] every feature works on: image servers, block
 //!   proxy, resources, the QEMU user, the one table of guests running, arriving and leaving;
 //!   stop/release/remove), [`error`] (the host layer's errors), [`resources`] and [`predict`]
@@ -38,6 +38,7 @@ pub mod accel;
 pub mod adopt;
 pub mod agent;
 pub mod cgroup;
+pub mod cloudinit;
 pub mod ctx;
 pub mod error;
 pub mod http;

@@ -12,6 +12,7 @@
 //! | `console.log` | everything the guest wrote on its serial console |
 //! | `vnc.sock` | the guest's display (VGA) as a VNC (RFB) server socket: never a TCP port |
 //! | `overlay.qcow2` | the per-VM copy-on-write disk whose backing is the image |
+//! | `seed.img` | the cloud-init NoCloud seed (`CIDATA`), when the VM has cloud-init data |
 //! | `qemu.log` | QEMU's own stdout and stderr |
 //! | `launch.json` | the coordinator's launch request (id, configuration, image), for re-adoption |
 //! | `incoming` | present while QEMU waits for an incoming migration |
@@ -33,6 +34,7 @@ pub const CONSOLE_SOCKET: &str = "console.sock";
 pub const CONSOLE_LOG: &str = "console.log";
 pub const VNC_SOCKET: &str = "vnc.sock";
 pub const OVERLAY_FILE: &str = "overlay.qcow2";
+pub const SEED_FILE: &str = "seed.img";
 
 /// The overlay of read-write volume `index` in a runtime directory: its writes since the
 /// version it started from.

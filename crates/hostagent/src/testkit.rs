@@ -75,7 +75,7 @@ pub fn sample_guest() -> Result<SampleGuest, TestkitError> {
 }
 
 fn build_sample_guest() -> Result<SampleGuest, TestkitError> {
-    guest_from_script(&sample_guest_script())
+    guest_from_script(&sample_guest_script(), &[])
 }
 
 /// The workspace's `scripts/build-debian-guest.sh` (or `$VGRID_DEBIAN_GUEST_SCRIPT`).
@@ -91,22 +91,31 @@ pub fn debian_guest_script() -> PathBuf {
 /// cache from an older version of the script is rebuilt. Runs the script once per process.
 pub fn debian_guest() -> Result<Option<SampleGuest>, TestkitError> {
     static CELL: OnceLock<Result<Option<SampleGuest>, TestkitError>> = OnceLock::new();
-    CELL.get_or_init(|| {
-        let script = debian_guest_script();
-        let asked = std::env::var("VGRID_DEBIAN_GUEST").is_ok_and(|v| v == "1");
-        if !asked && !script_cache_dir(&script)?.join("stamp").is_file() {
-            return Ok(None);
-        }
-        guest_from_script(&script).map(Some)
-    })
-    .clone()
+    CELL.get_or_init(|| cached_debian(&[])).clone()
 }
 
-/// Where a guest script keeps its cache (`SCRIPT --dir`).
-fn script_cache_dir(script: &Path) -> Result<PathBuf, TestkitError> {
+/// The stock cloud image flavour of the Debian guest (`build-debian-guest.sh --cloud`:
+/// cloud-init, no automatic login, root locked), on the same terms as [`debian_guest`].
+pub fn debian_cloud_guest() -> Result<Option<SampleGuest>, TestkitError> {
+    static CELL: OnceLock<Result<Option<SampleGuest>, TestkitError>> = OnceLock::new();
+    CELL.get_or_init(|| cached_debian(&["--cloud"])).clone()
+}
+
+fn cached_debian(flags: &[&str]) -> Result<Option<SampleGuest>, TestkitError> {
+    let script = debian_guest_script();
+    let asked = std::env::var("VGRID_DEBIAN_GUEST").is_ok_and(|v| v == "1");
+    if !asked && !script_cache_dir(&script, flags)?.join("stamp").is_file() {
+        return Ok(None);
+    }
+    guest_from_script(&script, flags).map(Some)
+}
+
+/// Where a guest script keeps its cache (`SCRIPT [FLAGS] --dir`).
+fn script_cache_dir(script: &Path, flags: &[&str]) -> Result<PathBuf, TestkitError> {
     let err = |detail: String| TestkitError::GuestScript { script: script.to_path_buf(), detail };
     let out = std::process::Command::new("bash")
         .arg(script)
+        .args(flags)
         .arg("--dir")
         .stdin(std::process::Stdio::null())
         .output()
@@ -118,10 +127,11 @@ fn script_cache_dir(script: &Path) -> Result<PathBuf, TestkitError> {
 }
 
 /// Runs a guest script (it builds or finds its cached guest) and returns the guest's files.
-fn guest_from_script(script: &Path) -> Result<SampleGuest, TestkitError> {
+fn guest_from_script(script: &Path, flags: &[&str]) -> Result<SampleGuest, TestkitError> {
     let err = |detail: String| TestkitError::GuestScript { script: script.to_path_buf(), detail };
     let out = std::process::Command::new("bash")
         .arg(script)
+        .args(flags)
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
         .output()

@@ -1,5 +1,5 @@
 //! The VM streams the coordinator proxies to the VM's host over the caller's authenticated
-//! connection: the serial console and the VNC display, each a WebSocket of binary frames
+//! connection: the serial console, the VNC display and the guest's ssh port, each a WebSocket of binary frames
 //! bridged to the host agent's WebSocket for the same stream. Only the VM's owner (or an
 //! admin) may open them.
 
@@ -24,6 +24,7 @@ type Upgrade = Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketU
 enum Stream {
     Console,
     Vnc,
+    Ssh,
 }
 
 impl Stream {
@@ -32,6 +33,7 @@ impl Stream {
         match self {
             Stream::Console => "console",
             Stream::Vnc => "vnc",
+            Stream::Ssh => "ssh",
         }
     }
 }
@@ -46,6 +48,13 @@ pub(super) async fn console_ws(State(c): Ctx, Extension(p): Caller, Path(id): Pa
 /// `vgrid vm vnc` offers it on a local port to any VNC viewer.
 pub(super) async fn vnc_ws(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, ws: Upgrade) -> Result<Response, ApiError> {
     proxy(c, p, id, ws, Stream::Vnc).await
+}
+
+/// The guest's ssh port (TCP 22 through its user-mode interface) as binary WebSocket frames
+/// both ways, bridged to the host agent, which connects to QEMU's forward on its loopback.
+/// `vgrid vm ssh` uses it as ssh's `ProxyCommand`.
+pub(super) async fn ssh_ws(State(c): Ctx, Extension(p): Caller, Path(id): Path<String>, ws: Upgrade) -> Result<Response, ApiError> {
+    proxy(c, p, id, ws, Stream::Ssh).await
 }
 
 async fn proxy(c: Arc<Coordinator>, p: Principal, id: String, ws: Upgrade, what: Stream) -> Result<Response, ApiError> {

@@ -358,6 +358,7 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -
         .route("/api/v1/vms/{id}/console", get(console))
         .route("/api/v1/vms/{id}/console/ws", get(console::console_ws))
         .route("/api/v1/vms/{id}/vnc/ws", get(console::vnc_ws))
+        .route("/api/v1/vms/{id}/ssh/ws", get(console::ssh_ws))
         .route("/api/v1/hosts", get(list_hosts))
         .route("/api/v1/hosts/heartbeat", post(host_heartbeat))
         .route("/api/v1/hosts/{name}", get(get_host))

@@ -103,6 +103,10 @@ impl Coordinator {
         self.precheck(owner, quota, &config, req.name.as_deref()).await?;
         let id = new_id();
         let name = req.name.clone().unwrap_or_else(|| format!("{}-{}", manifest.name, &id[3..9]));
+        // A cloud image's hostname is its VM's name unless the request names one.
+        if let Some(ci) = &mut config.cloud_init {
+            ci.hostname.get_or_insert_with(|| vgrid_api::cloudinit::hostname_of(&name));
+        }
         let admit = Admit { quota: Some(quota.clone()) };
         let mut attempt = 0;
         loop {

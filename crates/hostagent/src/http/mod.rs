@@ -146,6 +146,7 @@ fn routes(agent: Arc<Agent>) -> Router {
         .route("/host/v1/vms/{id}/console", get(vms::console))
         .route("/host/v1/vms/{id}/console/ws", get(vms::console_ws))
         .route("/host/v1/vms/{id}/vnc/ws", get(vms::vnc_ws))
+        .route("/host/v1/vms/{id}/ssh/ws", get(vms::ssh_ws))
         .route("/host/v1/tunnels/tickets", post(tunnels::ticket))
         .merge(migrate::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))

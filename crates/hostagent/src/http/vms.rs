@@ -149,15 +149,32 @@ pub(super) async fn vnc_ws(State(a): Ctx, Path(id): Path<String>, ws: WebSocketU
     socket_ws(a.vnc_socket(&id), "VNC display", &id, ws).await
 }
 
+/// The guest's ssh port: binary WebSocket frames both ways, bridged to a TCP connection to
+/// QEMU's forward of guest port 22 on this host's loopback (its port asked of QMP now: a
+/// migrated guest has another).
+pub(super) async fn ssh_ws(State(a): Ctx, Path(id): Path<String>, ws: WebSocketUpgrade) -> Result<Response, HttpError> {
+    let vm = a.vm(&id).ok_or_else(|| HttpError(StatusCode::NOT_FOUND, format!("no VM {id} runs on this host")))?;
+    let no_port = |why: String| HttpError(StatusCode::CONFLICT, format!("ssh port of VM {id}: {why}"));
+    let usernet = vm
+        .execute("human-monitor-command", Some(serde_json::json!({"command-line": "info usernet"})))
+        .await
+        .map_err(|e| no_port(e.to_string()))?;
+    let port = crate::qemu::net::forwarded_port(usernet.as_str().unwrap_or_default(), crate::qemu::net::SSH_PORT)
+        .ok_or_else(|| no_port("it has no user-mode interface (on a site network, ssh to its address)".into()))?;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| no_port(format!("127.0.0.1:{port}: {e}")))?;
+    let (rd, wr) = stream.into_split();
+    Ok(ws.on_upgrade(move |socket| bridge(socket, rd, wr)))
+}
+
 async fn socket_ws(sock: std::path::PathBuf, what: &str, id: &str, ws: WebSocketUpgrade) -> Result<Response, HttpError> {
     let stream = tokio::net::UnixStream::connect(&sock)
         .await
         .map_err(|e| HttpError(StatusCode::CONFLICT, format!("{what} of VM {id} is not reachable ({}): {e}", sock.display())))?;
-    Ok(ws.on_upgrade(move |socket| bridge(socket, stream)))
+    let (rd, wr) = stream.into_split();
+    Ok(ws.on_upgrade(move |socket| bridge(socket, rd, wr)))
 }
 
-async fn bridge(mut ws: WebSocket, stream: tokio::net::UnixStream) {
-    let (mut rd, mut wr) = stream.into_split();
+async fn bridge(mut ws: WebSocket, mut rd: impl tokio::io::AsyncRead + Unpin, mut wr: impl tokio::io::AsyncWrite + Unpin) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let forwarded = tokio::select! {

@@ -3,7 +3,7 @@
 //! and how a saved or migrated state comes in.
 
 use crate::accel::Accel;
-use crate::runtime::{CONSOLE_LOG, CONSOLE_SOCKET, OVERLAY_FILE, PID_FILE, QMP_SOCKET, VNC_SOCKET};
+use crate::runtime::{CONSOLE_LOG, CONSOLE_SOCKET, OVERLAY_FILE, PID_FILE, QMP_SOCKET, SEED_FILE, VNC_SOCKET};
 use crate::spec::{BootSource, DiskSource, VmSpec};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -77,6 +77,16 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
         if matches!(spec.boot, BootSource::Firmware { .. }) { "virtio-blk-pci,drive=vda,bootindex=0" } else { "virtio-blk-pci,drive=vda" },
     ]);
     a.extend(volume_args(spec, dir));
+    if spec.config.cloud_init.is_some() {
+        // The NoCloud seed, read-only, after every other disk: the image stays /dev/vda and
+        // the volumes keep their letters.
+        a.extend([
+            "-blockdev".to_string(),
+            format!("driver=raw,node-name=seed,read-only=on,file.driver=file,file.filename={}", qopt(&dir.join(SEED_FILE))),
+            "-device".into(),
+            "virtio-blk-pci,drive=seed,serial=cidata".into(),
+        ]);
+    }
     a.extend(super::net::net_args(&spec.config, dir));
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     match &spec.boot {

@@ -5,6 +5,9 @@ use std::path::Path;
 
 use vgrid_api::vm::{Nic, VmConfig};
 
+/// The guest port `vgrid vm ssh` reaches through the first user-mode interface.
+pub const SSH_PORT: u16 = 22;
+
 /// The name of the tap of interface `index` of the VM whose runtime directory is `dir` (site
 /// mode): `vgt`, eight hex digits of the directory's FNV-1a hash, the index; 15 bytes at most,
 /// as Linux allows. The directory, not the VM id: two agents on one machine (a migration
@@ -27,10 +30,17 @@ pub fn stream_socket(dir: &Path, index: usize) -> std::path::PathBuf {
 /// tunnel interfaces carry the MAC the coordinator allocated.
 pub fn net_args(config: &VmConfig, dir: &Path) -> Vec<String> {
     let mut a = Vec::new();
+    let first_user = config.net.nics.iter().position(|n| matches!(n, Nic::User { .. }));
     for (i, nic) in config.net.nics.iter().enumerate() {
         let netdev = match nic {
             Nic::User { forwards } => {
                 let mut netdev = format!("user,id=n{i}");
+                // The guest's ssh port on an ephemeral port of the host's loopback, for
+                // `vgrid vm ssh` (the agent finds the port through QMP): the first user-mode
+                // interface only.
+                if Some(i) == first_user {
+                    netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:0-:{SSH_PORT}"));
+                }
                 for f in forwards {
                     netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", f.host, f.guest));
                 }
@@ -51,10 +61,30 @@ pub fn net_args(config: &VmConfig, dir: &Path) -> Vec<String> {
     a
 }
 
+/// The host port on 127.0.0.1 that QEMU forwards to `guest_port`, from HMP's `info usernet`
+/// (rows `TCP[HOST_FORWARD] FD SRC-ADDR SRC-PORT DST-ADDR DST-PORT RECVQ SENDQ`).
+pub fn forwarded_port(usernet: &str, guest_port: u16) -> Option<u16> {
+    usernet.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let fwd = f.first()?.starts_with("TCP[HOST_FORWARD]") && f.len() >= 6;
+        (fwd && f[2] == "127.0.0.1" && f[5].parse::<u16>().ok()? == guest_port).then(|| f[3].parse().ok()).flatten()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use vgrid_api::net::{MacAddr, NetConfig};
+
+    #[test]
+    fn the_forwarded_port_is_read_from_info_usernet() {
+        // As QEMU 10 prints it.
+        let t = "Hub -1 (n0):\r\n  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n  TCP[HOST_FORWARD]  14       127.0.0.1  2222       10.0.2.15    80     0     0\r\n  TCP[HOST_FORWARD]   3       127.0.0.1 33537       10.0.2.15    22     0     0\r\n";
+        assert_eq!(forwarded_port(t, 22), Some(33537));
+        assert_eq!(forwarded_port(t, 80), Some(2222));
+        assert_eq!(forwarded_port(t, 443), None);
+        assert_eq!(forwarded_port("", 22), None);
+    }
 
     #[test]
     fn each_mode_has_its_netdev() {
@@ -68,7 +98,7 @@ mod tests {
             ],
         };
         let a = net_args(&c, Path::new("/run/v"));
-        assert_eq!(a[1], "user,id=n0");
+        assert_eq!(a[1], "user,id=n0,hostfwd=tcp:127.0.0.1:0-:22", "the ssh forward on the first user-mode interface");
         let tap = tap_name(Path::new("/run/v"), 1);
         assert!(tap.len() <= 15, "{tap}");
         assert_eq!(a[5], format!("tap,id=n1,ifname={tap},script=no,downscript=no,vhost=off"));

@@ -1,5 +1,5 @@
 //! Starting QEMU for a spec ([`Vm::launch_with`], a few named steps: the saved state, the
-//! runtime directory, absolute paths, the overlay, the command, the spawn, QMP) and
+//! runtime directory, absolute paths, the overlays and the cloud-init seed, the command, the spawn, QMP) and
 //! re-attaching to one an earlier agent started ([`Vm::adopt`]).
 
 use super::{exit_info_of, ExitInfo, LaunchOptions, Vm, VmError};
@@ -41,6 +41,14 @@ impl Vm {
             if !att.readonly && !kept {
                 create_overlay(&spec.id, &opts.qemu_img, disk, &o).await?;
             }
+        }
+        if let Some(c) = &spec.config.cloud_init {
+            let seed = dir.join(runtime::SEED_FILE);
+            crate::cloudinit::write_seed(&seed, &spec.id, c).map_err(|source| VmError::RuntimeDir {
+                id: spec.id.clone(),
+                path: seed.clone(),
+                source,
+            })?;
         }
         runtime::write_spec(&dir, &spec)?;
         let cmd = qemu_command(&mut spec, accel, &dir, incoming.as_deref(), opts)?;
