@@ -379,7 +379,6 @@ function imagesPage(main) {
 }
 
 window.addEventListener("hashchange", route);
-document.addEventListener("DOMContentLoaded", () => {
-  $("#logout").addEventListener("click", logout);
-  start();
-});
+// A module runs once the document is parsed (DOMContentLoaded may have passed already).
+$("#logout").addEventListener("click", logout);
+start();
