@@ -71,8 +71,12 @@ def wait(d, what, cond, timeout=WAIT):
 
 
 def text(d, css):
-    els = d.find_elements(By.CSS_SELECTOR, css)
-    return els[0].text if els else ""
+    try:
+        els = d.find_elements(By.CSS_SELECTOR, css)
+        return els[0].text if els else ""
+    except StaleElementReferenceException:
+        # Replaced while read (the page re-renders live): read again at the next poll.
+        return ""
 
 
 def login(d, token, user):
