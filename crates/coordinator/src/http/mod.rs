@@ -314,7 +314,9 @@ async fn authenticate(State(auth): State<Arc<Auth>>, mut req: Request, next: Nex
         _ if public => next.run(req).await,
         (None, None) => ApiError(
             StatusCode::UNAUTHORIZED,
-            format!("{method} {path} needs a token (Authorization: Bearer ..., or the dashboard's session cookie); log in with `vgrid login`"),
+            format!(
+                "{method} {path} needs a token (Authorization: Bearer ..., or the dashboard's session cookie); log in with `vgrid login`"
+            ),
         )
         .into_response(),
         (None, Some(Err(e))) => ApiError::from(e).into_response(),
