@@ -25,6 +25,8 @@ command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)   # site n
 command -v passt >/dev/null || [ -x /usr/bin/passt ] || need+=(passt)   # `vgrid tunnel --user-mode`: the tunnel ends in passt, unprivileged
 command -v etcd >/dev/null || need+=(etcd-server)        # `--state etcd://`: the etcd tests and bench/scaleout
 command -v etcdctl >/dev/null || need+=(etcd-client)
+command -v chromium >/dev/null || [ -x /usr/bin/chromium ] || need+=(chromium)   # tests/ui.rs: the dashboard in a real, headless browser
+command -v chromedriver >/dev/null || [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)   # ... driven by Selenium through it
 command -v protoc >/dev/null || need+=(protobuf-compiler)   # the etcd-client crate's build: protoc
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)   # and the well-known .proto files
 [ -x /usr/share/qemu/bios-256k.bin ] || [ -f /usr/share/seabios/bios-256k.bin ] || need+=(seabios)
@@ -68,9 +70,25 @@ prometheus_client() {
   "$venv/bin/pip" install --quiet --disable-pip-version-check "prometheus-client==$PROMETHEUS_CLIENT_VERSION"
 }
 
+# The dashboard's browser tests (tests/ui.rs, tests/ui/*.py): Selenium from PyPI, pinned, in
+# its own venv. It drives Debian's /usr/bin/chromium through /usr/bin/chromedriver and never
+# downloads a browser or a driver (the scripts name both paths, so Selenium Manager stays idle).
+SELENIUM_VERSION=4.50.0
+selenium() {
+  local venv="${VGRID_CACHE:-$HOME/.cache/vgrid}/selenium-$SELENIUM_VERSION"
+  if [ -x "$venv/bin/python3" ] && "$venv/bin/python3" -c 'import selenium' 2>/dev/null; then
+    return 0
+  fi
+  echo "install-deps: installing selenium $SELENIUM_VERSION into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "selenium==$SELENIUM_VERSION"
+}
+
 if [ ${#need[@]} -eq 0 ]; then
   schemathesis
   prometheus_client
+  selenium
   echo "install-deps: everything present"
   exit 0
 fi
@@ -86,7 +104,8 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-utils qemu-system-data seabios ipxe-qemu
-$SUDO apt-get install -y -qq --no-install-recommends libnbd-bin nbdkit e2fsprogs iproute2 curl zstd busybox-static fio python3 python3-venv debootstrap libfaketime nftables passt etcd-server etcd-client protobuf-compiler libprotobuf-dev
+$SUDO apt-get install -y -qq --no-install-recommends libnbd-bin nbdkit e2fsprogs iproute2 curl zstd busybox-static fio python3 python3-venv debootstrap libfaketime nftables passt etcd-server etcd-client protobuf-compiler libprotobuf-dev chromium chromium-driver
 schemathesis
 prometheus_client
+selenium
 echo "install-deps: done ($(qemu-system-x86_64 --version | head -1))"

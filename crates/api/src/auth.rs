@@ -98,6 +98,23 @@ pub struct LoginToken {
     pub expires: u64,
 }
 
+/// Body of `POST /api/v1/auth/session`: a token (from `vgrid login --print-token`) a browser
+/// exchanges for a session cookie (HttpOnly, SameSite=Strict; Secure over TLS).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionCreate {
+    pub token: String,
+}
+
+/// Answer of `POST /api/v1/auth/session`: who the cookie now logs in, and until when.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Session {
+    pub user: String,
+    pub admin: bool,
+    /// Seconds since the Unix epoch (the token's expiry; the cookie's too).
+    pub expires: u64,
+}
+
 /// One line of the audit log: a state-changing request, or any refused one.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AuditEntry {

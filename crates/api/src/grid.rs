@@ -264,3 +264,13 @@ pub struct VmReport {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub incoming: bool,
 }
+
+/// One image version of the grid (`GET /api/v1/images`): as its image servers advertise it,
+/// with the names of the servers that have it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GridImage {
+    #[serde(flatten)]
+    pub image: crate::rest::ImageSummary,
+    /// The image servers that have this version.
+    pub servers: Vec<String>,
+}

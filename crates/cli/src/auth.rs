@@ -325,6 +325,17 @@ pub async fn login(api: &Api, user: Option<&str>, key: Option<&Path>) -> anyhow:
 
 /// [`login`]; `force_agent`: sign only through the ssh-agent.
 pub async fn login_with(api: &Api, user: Option<&str>, key: Option<&Path>, force_agent: bool) -> anyhow::Result<LoginToken> {
+    let t = sign_in(api, user, key, force_agent).await?;
+    let mut all = load_tokens();
+    all.retain(|_, v| v.expires > now());
+    all.insert(api.base.clone(), t.clone());
+    save_tokens(&all)?;
+    api.set_token(Some(t.token.clone()));
+    Ok(t)
+}
+
+/// A new token from a signed challenge, neither kept nor used here.
+async fn sign_in(api: &Api, user: Option<&str>, key: Option<&Path>, force_agent: bool) -> anyhow::Result<LoginToken> {
     let (signers, mut agent) = signers(key, force_agent)?;
     let user = match user {
         Some(u) => u.to_string(),
@@ -350,13 +361,7 @@ pub async fn login_with(api: &Api, user: Option<&str>, key: Option<&Path>, force
             break;
         }
     }
-    let t = result?;
-    let mut all = load_tokens();
-    all.retain(|_, v| v.expires > now());
-    all.insert(api.base.clone(), t.clone());
-    save_tokens(&all)?;
-    api.set_token(Some(t.token.clone()));
-    Ok(t)
+    result
 }
 
 #[derive(Args, Debug)]
@@ -374,10 +379,20 @@ pub struct LoginArgs {
     /// Sign only through the ssh-agent ($SSH_AUTH_SOCK), never with a key file.
     #[arg(long)]
     pub agent: bool,
+    /// Print a new token alone on stdout, for the web dashboard's login page
+    /// (`https://COORDINATOR/ui/`), and keep it nowhere: the CLI's own login is unchanged, and
+    /// logging out of the dashboard ends only this token.
+    #[arg(long)]
+    pub print_token: bool,
 }
 
 pub async fn login_cmd(ctx: &Ctx, a: LoginArgs) -> anyhow::Result<ExitCode> {
     let api = ctx.api();
+    if a.print_token {
+        let t = sign_in(&api, a.user.as_deref(), a.key.as_deref(), a.agent).await?;
+        println!("{}", t.token);
+        return Ok(ExitCode::SUCCESS);
+    }
     let t = login_with(&api, a.user.as_deref(), a.key.as_deref(), a.agent).await?;
     if ctx.json {
         print_json(&t)?;

@@ -371,6 +371,11 @@ impl Auth {
 
     /// The principal of a bearer token.
     pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        Ok(self.authenticate_until(token).await?.0)
+    }
+
+    /// The principal of a bearer token and when the token expires (seconds since the epoch).
+    pub async fn authenticate_until(&self, token: &str) -> Result<(Principal, u64), AuthError> {
         let unauth = |why: &str| AuthError::Unauthenticated(format!("{why}; log in again with `vgrid login`"));
         if !token.starts_with("vgt_") || token.len() != 68 {
             return Err(unauth("malformed token"));
@@ -386,7 +391,7 @@ impl Auth {
         let Some(u) = self.load_user(&rec.user).await? else {
             return Err(unauth(&format!("user {} no longer exists", rec.user)));
         };
-        Ok(Principal { user: u.name, admin: u.admin })
+        Ok((Principal { user: u.name, admin: u.admin }, rec.expires))
     }
 
     /// Ends a token (logout).

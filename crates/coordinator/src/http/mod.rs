@@ -22,8 +22,11 @@ use crate::lifecycle::{Coordinator, CoordinatorError};
 
 mod console;
 mod drain;
+mod images;
 mod networks;
+mod session;
 mod tunnels;
+mod ui;
 mod usage;
 mod volumes;
 use axum::extract::Request;
@@ -233,7 +236,7 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
 #[openapi(
     info(title = "vgrid API", description = "Run VMs on a grid of hosts, images streamed on demand."),
     paths(list_vms, create_vm, get_vm, stop_vm, migrate_vm, delete_vm, console, suspend_vm, resume_vm, snapshot_vm, list_hosts, get_host, host_heartbeat,
-        list_image_servers, image_server_heartbeat, futures, auth_challenge, auth_login, auth_logout, whoami,
+        list_image_servers, image_server_heartbeat, futures, auth_challenge, auth_login, session::logout, session::create_session, whoami, images::list_images,
         list_users, add_user, get_user, delete_user, set_quota, audit, usage::get_usage, drain::drain_host, drain::get_drain, drain::undrain_host, join, renew_cert, create_join_token, list_join_tokens,
         networks::list_networks, networks::create_network, networks::get_network, networks::delete_network, tunnels::direct_endpoints,
         volumes::list_volumes, volumes::get_volume, volumes::delete_volume, volumes::commit_volume, volumes::snapshot_volume),
@@ -241,7 +244,8 @@ async fn list_join_tokens(Extension(nodes): Nodes, Extension(p): Caller) -> ApiR
         HostState, HostHeartbeat, HeartbeatReply, VmReport, vgrid_api::host::VmWaiting, FuturesQuery, Future, vgrid_api::vm::VmState, vgrid_api::vm::Forward,
         vgrid_api::vm::VmConfig, vgrid_api::vm::BootConfig, vgrid_api::vm::NetConfig, vgrid_api::vm::Nic, vgrid_api::vm::Accel,
         vgrid_api::ImageRef, vgrid_api::tunnel::DirectEndpoint,
-        Challenge, ChallengeRequest, LoginRequest, LoginToken, JoinRequest, JoinReply, RenewRequest, JoinTokenCreate, JoinTokenInfo, Quota, UserCreate, UserInfo, AuditEntry,
+        Challenge, ChallengeRequest, LoginRequest, LoginToken, vgrid_api::auth::SessionCreate, vgrid_api::auth::Session,
+        vgrid_api::grid::GridImage, vgrid_api::rest::ImageSummary, vgrid_api::volume::VolumeMeta, JoinRequest, JoinReply, RenewRequest, JoinTokenCreate, JoinTokenInfo, Quota, UserCreate, UserInfo, AuditEntry,
         vgrid_api::vm::Resources, vgrid_api::usage::UsageReport, vgrid_api::usage::UserUsage, vgrid_api::usage::VmUsage,
         vgrid_api::usage::UsageTotals, vgrid_api::usage::VmUsageReport, VmResume, VmSnapshot, SavedImage, Suspended,
         vgrid_api::migrate::VmMigrate, vgrid_api::migrate::Migration, vgrid_api::migrate::MigrationStatus,
@@ -267,6 +271,7 @@ fn is_public(path: &str) -> bool {
             | "/api/openapi.json"
             | "/api/v1/auth/challenge"
             | "/api/v1/auth/login"
+            | "/api/v1/auth/session"
             | "/api/v1/hosts/heartbeat"
             | "/api/v1/image-servers/heartbeat"
             | "/api/v1/join"
@@ -288,24 +293,33 @@ async fn authenticate(State(auth): State<Arc<Auth>>, mut req: Request, next: Nex
     let public = is_public(&path);
     let peer = NodePeer(vgrid_trust::tls::peer_of(&req).cloned());
     req.extensions_mut().insert(peer);
-    let caller = match bearer(&req).map(str::to_string) {
-        Some(t) => Some(auth.authenticate(&t).await),
+    let credential = session::credential(&req);
+    // The session cookie is honoured only from the dashboard's own origin (see `session`).
+    let foreign = match &credential {
+        Some(session::Credential::Cookie(_)) if !public => session::same_origin(&req).err(),
+        _ => None,
+    };
+    let caller = match &credential {
+        Some(c) => Some(auth.authenticate(c.token()).await),
         None => None,
     };
     let mut user = "-".to_string();
-    let resp = match caller {
-        Some(Ok(p)) => {
+    let resp = match (foreign, caller) {
+        (Some(e), _) => e.into_response(),
+        (None, Some(Ok(p))) => {
             user = p.user.clone();
             req.extensions_mut().insert(p);
             next.run(req).await
         }
         _ if public => next.run(req).await,
-        None => ApiError(
+        (None, None) => ApiError(
             StatusCode::UNAUTHORIZED,
-            format!("{method} {path} needs a token (Authorization: Bearer ...); log in with `vgrid login`"),
+            format!(
+                "{method} {path} needs a token (Authorization: Bearer ..., or the dashboard's session cookie); log in with `vgrid login`"
+            ),
         )
         .into_response(),
-        Some(Err(e)) => ApiError::from(e).into_response(),
+        (None, Some(Err(e))) => ApiError::from(e).into_response(),
     };
     let status = resp.status();
     let heartbeat = path.ends_with("/heartbeat");
@@ -340,7 +354,8 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -
         .route("/api/v1/join-tokens", get(list_join_tokens).post(create_join_token))
         .route("/api/v1/auth/challenge", post(auth_challenge))
         .route("/api/v1/auth/login", post(auth_login))
-        .route("/api/v1/auth/logout", post(auth_logout))
+        .route("/api/v1/auth/session", post(session::create_session))
+        .route("/api/v1/auth/logout", post(session::logout))
         .route("/api/v1/whoami", get(whoami))
         .route("/api/v1/users", get(list_users).post(add_user))
         .route("/api/v1/users/{name}", get(get_user).delete(delete_user))
@@ -374,6 +389,7 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -
         .route("/api/v1/volumes/{name}", get(volumes::get_volume).delete(volumes::delete_volume))
         .route("/api/v1/volumes/{name}/commit", post(volumes::commit_volume))
         .route("/api/v1/volumes/{name}/snapshot", post(volumes::snapshot_volume))
+        .route("/api/v1/images", get(images::list_images))
         .route("/api/v1/image-servers", get(list_image_servers))
         .route("/api/v1/image-servers/heartbeat", post(image_server_heartbeat))
         .with_state(c)
@@ -381,6 +397,8 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -
         .layer(Extension(nodes))
         .layer(Extension(auth.clone()))
         .layer(axum::middleware::from_fn_with_state(auth, authenticate))
+        // The dashboard's files are public: the page logs in through `/api/v1/auth/session`.
+        .merge(ui::router())
         .route_layer(axum::middleware::from_fn(|r: axum::extract::Request, n: axum::middleware::Next| {
             vgrid_trust::metrics::track("coordinator", r, n)
         }))
@@ -399,15 +417,6 @@ async fn auth_challenge(Extension(auth): Users, body: Result<Json<ChallengeReque
 async fn auth_login(Extension(auth): Users, body: Result<Json<LoginRequest>, JsonRejection>) -> ApiResult<LoginToken> {
     let Json(r) = body?;
     Ok(Json(auth.login(&r.user, &r.nonce, &r.signature).await?))
-}
-
-/// Ends the caller's token.
-#[utoipa::path(post, path = "/api/v1/auth/logout", responses((status = 200)))]
-async fn auth_logout(Extension(auth): Users, req: Request) -> ApiResult<serde_json::Value> {
-    if let Some(t) = bearer(&req).map(str::to_string) {
-        auth.revoke(&t).await?;
-    }
-    Ok(Json(serde_json::json!({})))
 }
 
 #[utoipa::path(get, path = "/api/v1/whoami", responses((status = 200, body = UserInfo)))]
