@@ -42,47 +42,40 @@ if [ -e /dev/kvm ] && getent group kvm >/dev/null && ! id -nG "$qemu_user" | gre
   $SUDO usermod -aG kvm "$qemu_user"
 fi
 
-# The API fuzzer (scripts/contracts, tests/contracts.rs): schemathesis from PyPI, pinned, in
-# its own venv; nothing to do when that version is there.
+# Python tools the tests use, each pinned from PyPI in its own venv under the cache:
+# python_tool DIR PACKAGE==VERSION CHECK installs it unless CHECK (Python, run by the venv's
+# interpreter) passes, so nothing happens when that version is there.
+python_tool() {
+  local venv="${VGRID_CACHE:-$HOME/.cache/vgrid}/$1" spec=$2 check=$3
+  if [ -x "$venv/bin/python3" ] && "$venv/bin/python3" -c "$check" 2>/dev/null; then
+    return 0
+  fi
+  echo "install-deps: installing $spec into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "$spec"
+}
+# The version a venv holds, as a check.
+is_version() { echo "import importlib.metadata as m; assert m.version('$1') == '$2'"; }
+
+# The API fuzzer (scripts/contracts, tests/contracts.rs).
 SCHEMATHESIS_VERSION=4.32.5
 schemathesis() {
-  local venv="${VGRID_CACHE:-$HOME/.cache/vgrid}/schemathesis-$SCHEMATHESIS_VERSION"
-  if [ -x "$venv/bin/st" ] && "$venv/bin/st" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
-    return 0
-  fi
-  echo "install-deps: installing schemathesis $SCHEMATHESIS_VERSION into $venv"
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+  python_tool "schemathesis-$SCHEMATHESIS_VERSION" "schemathesis==$SCHEMATHESIS_VERSION" "$(is_version schemathesis $SCHEMATHESIS_VERSION)"
 }
-
 # The Prometheus text-format parser the metrics tests check every /metrics page with
-# (tests/metrics.rs): the official Python client from PyPI, pinned, in its own venv.
+# (tests/metrics.rs): the official Python client.
 PROMETHEUS_CLIENT_VERSION=0.26.0
 prometheus_client() {
-  local venv="${VGRID_CACHE:-$HOME/.cache/vgrid}/prometheus-client-$PROMETHEUS_CLIENT_VERSION"
-  if [ -x "$venv/bin/python3" ] && "$venv/bin/python3" -c 'import prometheus_client' 2>/dev/null; then
-    return 0
-  fi
-  echo "install-deps: installing prometheus_client $PROMETHEUS_CLIENT_VERSION into $venv"
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "prometheus-client==$PROMETHEUS_CLIENT_VERSION"
+  python_tool "prometheus-client-$PROMETHEUS_CLIENT_VERSION" "prometheus-client==$PROMETHEUS_CLIENT_VERSION" \
+    "$(is_version prometheus-client $PROMETHEUS_CLIENT_VERSION)"
 }
-
-# The dashboard's browser tests (tests/ui.rs, tests/ui/*.py): Selenium from PyPI, pinned, in
-# its own venv. It drives Debian's /usr/bin/chromium through /usr/bin/chromedriver and never
-# downloads a browser or a driver (the scripts name both paths, so Selenium Manager stays idle).
+# The dashboard's browser tests (tests/ui.rs, tests/ui/*.py): Selenium drives Debian's
+# /usr/bin/chromium through /usr/bin/chromedriver and never downloads a browser or a driver
+# (the scripts name both paths, so Selenium Manager stays idle).
 SELENIUM_VERSION=4.50.0
 selenium() {
-  local venv="${VGRID_CACHE:-$HOME/.cache/vgrid}/selenium-$SELENIUM_VERSION"
-  if [ -x "$venv/bin/python3" ] && "$venv/bin/python3" -c 'import selenium' 2>/dev/null; then
-    return 0
-  fi
-  echo "install-deps: installing selenium $SELENIUM_VERSION into $venv"
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "selenium==$SELENIUM_VERSION"
+  python_tool "selenium-$SELENIUM_VERSION" "selenium==$SELENIUM_VERSION" "$(is_version selenium $SELENIUM_VERSION)"
 }
 
 if [ ${#need[@]} -eq 0 ]; then
