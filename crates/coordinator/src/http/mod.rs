@@ -729,8 +729,13 @@ async fn host_heartbeat(
 }
 
 #[utoipa::path(get, path = "/api/v1/image-servers", responses((status = 200, body = [ImageServerAd])))]
-async fn list_image_servers(State(c): Ctx) -> ApiResult<Vec<ImageServerAd>> {
-    Ok(Json(c.registry().image_servers()))
+async fn list_image_servers(State(c): Ctx, Extension(p): Caller) -> ApiResult<Vec<ImageServerAd>> {
+    let mut ads = c.registry().image_servers();
+    // The servers are everyone's to know; another user's private images and volumes are not.
+    for ad in &mut ads {
+        ad.images.retain(|i| vgrid_api::rest::ImageOwner { owner: i.owner.clone(), public: i.public }.readable_by(&p.user, p.admin));
+    }
+    Ok(Json(ads))
 }
 
 /// An image server registers and advertises its images.
