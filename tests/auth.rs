@@ -222,7 +222,8 @@ fn images_and_snapshots_belong_to_their_owners() {
     // images the caller may read: alice's shows once advertised, never to bob.
     let bob_token = bob.json(&up, &["login"])["token"].as_str().unwrap().to_string();
     let servers_as = |token: &str| {
-        let o = curl_for(&up.url).args(["-H", &format!("authorization: Bearer {token}"), &format!("{}/api/v1/image-servers", up.url)]).output();
+        let o =
+            curl_for(&up.url).args(["-H", &format!("authorization: Bearer {token}"), &format!("{}/api/v1/image-servers", up.url)]).output();
         String::from_utf8_lossy(&o.unwrap().stdout).into_owned()
     };
     let t0 = std::time::Instant::now();
@@ -231,7 +232,10 @@ fn images_and_snapshots_belong_to_their_owners() {
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     let seen_by_bob = servers_as(&bob_token);
-    assert!(seen_by_bob.contains("\"sample\"") && !seen_by_bob.contains("\"alices\"") && !seen_by_bob.contains("adminonly"), "{seen_by_bob}");
+    assert!(
+        seen_by_bob.contains("\"sample\"") && !seen_by_bob.contains("\"alices\"") && !seen_by_bob.contains("adminonly"),
+        "{seen_by_bob}"
+    );
     let all = up.json(&["image", "ls"]);
     let a = all.as_array().unwrap().iter().find(|i| i["name"] == "alices").unwrap();
     assert_eq!((a["owner"].as_str(), a["public"].as_bool()), (Some("alice"), Some(false)), "{a}");
