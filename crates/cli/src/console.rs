@@ -18,7 +18,9 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<t
 async fn open(ctx: &Ctx, v: &VmRecord, stream: &str, what: &str) -> anyhow::Result<Ws> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let api = ctx.api();
-    let ws_url = format!("{}/api/v1/vms/{}/{stream}/ws", ctx.url.replacen("http", "ws", 1), v.id);
+    // One coordinator of the list (`VGRID_URL=c1,c2`): the first that accepts a connection.
+    let base = crate::client::pick_coordinator(&ctx.url);
+    let ws_url = format!("{}/api/v1/vms/{}/{stream}/ws", base.trim_end_matches('/').replacen("http", "ws", 1), v.id);
     let mut req = ws_url.as_str().into_client_request().map_err(|e| anyhow!("{what} URL {ws_url}: {e}"))?;
     if let Some(t) = api.token() {
         req.headers_mut().insert("authorization", format!("Bearer {t}").parse().map_err(|_| anyhow!("malformed token"))?);
