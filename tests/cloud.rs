@@ -53,20 +53,9 @@ fn ssh_ok(up: &Up, key: &std::path::Path, vm: &str, user: &str, cmd: &str, timeo
 fn a_stock_cloud_image_takes_its_key_hostname_and_user_data_and_vm_ssh_logs_in() {
     let Some(g) = cloud_guest() else { return };
     let up = Up::start();
-    up.ok(&[
-        "image",
-        "import",
-        g.disk.to_str().unwrap(),
-        "--name",
-        "debian-cloud",
-        "--kernel",
-        g.kernel.to_str().unwrap(),
-        "--initrd",
-        g.initrd.to_str().unwrap(),
-        "--cmdline",
-        &g.cmdline,
-        "--public",
-    ]);
+    let mut import = common::import_args(&g, "debian-cloud");
+    import.push("--public");
+    up.ok(&import);
     let keys = tempfile::tempdir().unwrap();
     let key = keys.path().join("id_ed25519");
     let o = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "alice@laptop", "-f"]).arg(&key).output().unwrap();

@@ -13,12 +13,7 @@ use std::time::{Duration, Instant};
 
 /// The Python with `prometheus_client` (scripts/install-deps.sh puts it there).
 fn parser_python() -> PathBuf {
-    let cache = std::env::var_os("VGRID_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/vgrid"));
-    let py = cache.join("prometheus-client-0.26.0/bin/python3");
-    assert!(py.exists(), "{} is missing: run scripts/install-deps.sh", py.display());
-    py
+    common::tool_python("prometheus-client-0.26.0")
 }
 
 /// Parses a page strictly (the OpenMetrics parser raises on any malformed line, and on a page

@@ -14,11 +14,7 @@ use std::process::{Command, Output, Stdio};
 
 /// The Python with Selenium (scripts/install-deps.sh puts it there).
 fn selenium_python() -> PathBuf {
-    let cache = std::env::var_os("VGRID_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/vgrid"));
-    let py = cache.join("selenium-4.50.0/bin/python3");
-    assert!(py.exists(), "{} is missing: run scripts/install-deps.sh", py.display());
+    let py = tool_python("selenium-4.50.0");
     for bin in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
         assert!(Path::new(bin).exists(), "{bin} is missing: run scripts/install-deps.sh");
     }

@@ -20,6 +20,35 @@ pub use vgrid_hostagent::testkit::{
     boot_slot, debian_guest, sample_guest, SampleGuest, BOOTED_MARKER, DEBIAN_BOOTED_MARKER, DISK_MARKER, PROMPT,
 };
 
+/// The Python of a tool venv `scripts/install-deps.sh` makes under the cache (`DIR` such as
+/// `selenium-4.50.0`); a clear failure when it is missing.
+pub fn tool_python(dir: &str) -> PathBuf {
+    let cache = std::env::var_os("VGRID_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/vgrid"));
+    let py = cache.join(dir).join("bin/python3");
+    assert!(py.exists(), "{} is missing: run scripts/install-deps.sh", py.display());
+    py
+}
+
+/// `vgrid image import` of guest `g` as image `name` (kernel, initrd and command line), to be
+/// followed by the caller's options.
+pub fn import_args<'a>(g: &'a SampleGuest, name: &'a str) -> Vec<&'a str> {
+    vec![
+        "image",
+        "import",
+        g.disk.to_str().unwrap(),
+        "--name",
+        name,
+        "--kernel",
+        g.kernel.to_str().unwrap(),
+        "--initrd",
+        g.initrd.to_str().unwrap(),
+        "--cmdline",
+        &g.cmdline,
+    ]
+}
+
 pub fn vgrid_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vgrid"))
 }
