@@ -130,9 +130,16 @@ fn a_counting_guest_migrates_between_hosts_without_a_reset() {
     }
     // The seed is on h2, byte for byte, and the guest reads its label from the same disk.
     assert!(std::fs::read(dst.join("seed.img")).is_ok_and(|d| d == seed), "h2's seed.img differs from h1's");
-    type_on_console(&dst, "dd if=/dev/vdb bs=1 skip=43 count=11 2>/dev/null; echo; echo seed-read");
+    // Kernel messages off the console first (a clocksource or RCU note after the switchover
+    // could land in the middle of the line), and the label on one line with its name.
+    type_on_console(&dst, "dmesg -n 1; echo \"seed-label=[$(dd if=/dev/vdb bs=1 skip=43 count=11 2>/dev/null)]\"; echo seed-read");
     g.wait_until("the seed's label", Duration::from_secs(60), || console_has_line(&dst, "seed-read"));
-    assert!(console_log(&dst).lines().any(|l| l.trim() == "CIDATA"), "the guest does not see the seed on h2");
+    let log = console_log(&dst);
+    assert!(
+        log.lines().any(|l| l.trim() == "seed-label=[CIDATA     ]"),
+        "the guest does not see the seed on h2; its console:\n{}",
+        log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
     // Writes keep working on the destination.
     type_on_console(&dst, "echo written-on-h2 > /mnt/h2.txt; sync; cat /mnt/h2.txt");
     g.wait_until("a write on h2", Duration::from_secs(60), || console_log(&dst).lines().any(|l| l.trim() == "written-on-h2"));
