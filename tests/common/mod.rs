@@ -6,6 +6,7 @@
 pub mod grid;
 pub mod lan;
 pub mod load;
+pub mod s3;
 pub mod sim;
 pub mod sim_moves;
 pub mod simgrid;

@@ -258,9 +258,20 @@ pub struct ImageServerArgs {
     /// Address to serve the image server's HTTP API on.
     #[arg(long, env = "VGRID_LISTEN", default_value = "127.0.0.1:7071")]
     pub listen: SocketAddr,
-    /// Where images and chunks are stored.
+    /// Where images and chunks are stored (and, with --store, only this server's certificates).
     #[arg(long, env = "VGRID_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Keep images and chunks in an S3 bucket instead of DATA/images: s3://BUCKET[/PREFIX].
+    /// Several image servers may share one bucket (upload pins and the garbage-collection
+    /// lease are kept in it). Credentials and region come from AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION (or the instance's role); the server must honour
+    /// conditional writes, which is checked at start.
+    #[arg(long, env = "VGRID_STORE", value_name = "s3://BUCKET[/PREFIX]")]
+    pub store: Option<vgrid_imagestore::shared::S3Location>,
+    /// The S3 endpoint of an S3-compatible server (e.g. http://127.0.0.1:8333) [default:
+    /// $AWS_ENDPOINT_URL, else AWS].
+    #[arg(long, requires = "store", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
     /// A coordinator to advertise this server's images to.
     #[arg(long, env = "VGRID_COORDINATOR")]
     pub coordinator: Option<String>,
@@ -612,10 +623,21 @@ pub async fn host(a: HostAgentArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn image_server(a: ImageServerArgs) -> anyhow::Result<ExitCode> {
     let data = a.data_dir.unwrap_or_else(|| default_data_dir().join("image-server"));
-    let store = Arc::new(ImageStore::open_local(data.join("images")).map_err(|e| anyhow!("opening the image store: {e}"))?);
     let (listener, url) = bind(a.listen).await?;
     let url = a.advertise_url.unwrap_or(url);
     let name = a.name.clone().unwrap_or_else(|| format!("{}-{}", hostname(), listener.local_addr().map(|l| l.port()).unwrap_or(0)));
+    let (store, kept_in) = match a.store {
+        Some(mut at) => {
+            at.endpoint = a.s3_endpoint.clone();
+            let store = ImageStore::open_s3(&at, &name).await.map_err(|e| anyhow!("opening the image store: {e}"))?;
+            (store, at.to_string())
+        }
+        None => {
+            let dir = data.join("images");
+            (ImageStore::open_local(&dir).map_err(|e| anyhow!("opening the image store: {e}"))?, dir.display().to_string())
+        }
+    };
+    let store = Arc::new(store);
     let sans = sans_for(a.listen, &a.tls.sans, Some(&url));
     let users: Option<vgrid_trust::caller::Users> = a.coordinator.as_deref().map(|c| vgrid_trust::caller::RemoteUsers::new(c) as _);
     let node = match &a.coordinator {
@@ -633,7 +655,7 @@ pub async fn image_server(a: ImageServerArgs) -> anyhow::Result<ExitCode> {
             node
         }
     };
-    announce(&format!("vgrid image server at {url} (data in {})", data.display()));
+    announce(&format!("vgrid image server at {url} (images in {kept_in}, certificates in {})", data.display()));
     vgrid_trust::metrics::init();
     a.metrics.serve().await?;
     vgrid_trust::tls::serve(listener, node, vgrid_imagestore::server::router_with(store, users), shutdown_signal())

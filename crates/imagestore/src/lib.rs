@@ -7,10 +7,13 @@
 //! * [`store`]: [`ImageStore`] over any `ObjectStore` (local filesystem by default): chunks,
 //!   manifests, boot profiles, upload sessions and a garbage collector that is safe against
 //!   concurrent imports. Chunks are verified with `vgrid_storeclient::codec`.
+//! * [`shared`]: what several image servers on one bucket (`--store s3://…`) keep in the bucket
+//!   instead of in memory: upload pins and the garbage-collection lease.
 //! * [`server`]: the `/store/v1` HTTP API and its OpenAPI document ([`server::router`], [`server::serve`],
 //!   [`server::spawn`]).
 
 pub mod server;
+pub mod shared;
 pub mod store;
 
 pub use store::{ImageStore, StoreError};

@@ -92,6 +92,8 @@ impl From<StoreError> for ApiError {
             }
             ChunkCorrupt { hash, .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::CHUNK_CORRUPT, format!("chunk {hash}")),
             CorruptManifest { image, .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::INTERNAL, format!("image {image}")),
+            GcBusy { .. } => (StatusCode::CONFLICT, ErrorKind::CONFLICT, "garbage collection".to_string()),
+            Unsafe { store, .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::INTERNAL, store.clone()),
             NoSpace { object } => (StatusCode::INSUFFICIENT_STORAGE, ErrorKind::NO_SPACE, object.clone()),
             Backend { object, .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::INTERNAL, object.clone()),
         };

@@ -92,6 +92,12 @@ pub enum StoreError {
     /// A volume's version over an image's name, or the other way round.
     #[error("{name} is {is}, not {not}: choose another name")]
     KindMismatch { name: String, is: &'static str, not: &'static str },
+    /// Another image server on the same bucket is collecting garbage (see [`crate::shared`]).
+    #[error("garbage collection is running on image server {holder} (its lease ends within {seconds} s); try again then")]
+    GcBusy { holder: String, seconds: u64 },
+    /// A store that cannot be shared safely (see [`crate::shared`]).
+    #[error("image store {store} cannot be used: {why}")]
+    Unsafe { store: String, why: String },
     #[error("image store is out of space while writing {object}")]
     NoSpace { object: String },
     #[error("image store: {op} {object} failed: {source}")]
@@ -115,7 +121,7 @@ pub enum Unreadable {
 }
 
 impl StoreError {
-    fn backend(op: &'static str, object: impl Into<String>, source: object_store::Error) -> Self {
+    pub(crate) fn backend(op: &'static str, object: impl Into<String>, source: object_store::Error) -> Self {
         let object = object.into();
         if is_no_space(&source) {
             return StoreError::NoSpace { object };
@@ -140,6 +146,11 @@ fn is_no_space(e: &(dyn std::error::Error + 'static)) -> bool {
 struct Session {
     pins: HashSet<ChunkHash>,
     last_used: Instant,
+    /// On a shared bucket: the chunks pinned there, the pin batches written, and when the
+    /// session last marked itself alive there.
+    bucket_pins: HashSet<ChunkHash>,
+    batches: u64,
+    touched: Option<Instant>,
 }
 
 /// Images as manifests plus content-addressed chunks over any [`ObjectStore`].
@@ -152,6 +163,8 @@ pub struct ImageStore {
     commit_lock: tokio::sync::Mutex<()>,
     sessions: Mutex<HashMap<UploadId, Session>>,
     session_ttl: Duration,
+    /// Set when other image servers may share the objects: pins and the GC lease in the bucket.
+    bucket: Option<crate::shared::Bucket>,
 }
 
 fn chunk_path(h: &ChunkHash) -> Path {
@@ -200,7 +213,23 @@ impl ImageStore {
             commit_lock: tokio::sync::Mutex::new(()),
             sessions: Mutex::new(HashMap::new()),
             session_ttl: DEFAULT_SESSION_TTL,
+            bucket: None,
         }
+    }
+
+    /// A store whose objects other image servers share (one S3 bucket): upload sessions pin
+    /// their chunks in the bucket and garbage collection takes a lease there, so that a
+    /// collection on one server never deletes a chunk an upload on another is about to
+    /// reference ([`crate::shared`]). `server` names this one in leases and logs.
+    pub fn shared(objects: Arc<dyn ObjectStore>, server: impl Into<String>) -> Self {
+        let mut s = Self::new(objects.clone());
+        s.bucket = Some(crate::shared::Bucket::new(objects, server.into(), crate::shared::DEFAULT_LEASE_TTL));
+        s
+    }
+
+    /// Whether this store coordinates with other servers through its bucket.
+    pub fn is_shared(&self) -> bool {
+        self.bucket.is_some()
     }
 
     /// A store on the local filesystem under `dir` (created if absent).
@@ -289,7 +318,10 @@ impl ImageStore {
     pub fn begin_upload(&self) -> UploadId {
         let id = UploadId(hex::encode(rand::random::<[u8; 16]>()));
         let mut s = self.sessions.lock().unwrap();
-        s.insert(id.clone(), Session { pins: HashSet::new(), last_used: Instant::now() });
+        s.insert(
+            id.clone(),
+            Session { pins: HashSet::new(), last_used: Instant::now(), bucket_pins: HashSet::new(), batches: 0, touched: None },
+        );
         tracing::debug!(upload = %id, "upload session started");
         id
     }
@@ -298,7 +330,48 @@ impl ImageStore {
     /// unless something else references them.
     pub fn abort_upload(&self, id: &UploadId) -> Result<(), StoreError> {
         let mut s = self.sessions.lock().unwrap();
-        s.remove(id).map(|_| ()).ok_or_else(|| StoreError::UploadNotFound(id.clone()))
+        s.remove(id).map(|_| ()).ok_or_else(|| StoreError::UploadNotFound(id.clone()))?;
+        self.forget_in_bucket(id);
+        Ok(())
+    }
+
+    /// Removes a finished session's pins from a shared bucket, in the background.
+    fn forget_in_bucket(&self, id: &UploadId) {
+        if let (Some(b), Ok(rt)) = (&self.bucket, tokio::runtime::Handle::try_current()) {
+            let (bucket, id) = (b.clone(), id.clone());
+            rt.spawn(async move { bucket.forget(&id).await });
+        }
+    }
+
+    /// On a shared bucket: pins `hashes` for session `id` there (those not pinned yet), marks
+    /// the session alive, and waits while another server collects garbage. Must precede any
+    /// check of whether those chunks exist. Nothing to do on a store of its own.
+    async fn pin_in_bucket(&self, id: &UploadId, hashes: &[ChunkHash]) -> Result<(), StoreError> {
+        let Some(bucket) = &self.bucket else { return Ok(()) };
+        let (new, batch, touch) = {
+            let mut s = self.sessions.lock().unwrap();
+            let sess = s.get_mut(id).ok_or_else(|| StoreError::UploadNotFound(id.clone()))?;
+            let new: Vec<ChunkHash> = hashes.iter().filter(|h| !sess.bucket_pins.contains(h)).copied().collect();
+            let touch = sess.touched.is_none_or(|t| t.elapsed() > self.session_ttl / 4);
+            if touch {
+                sess.touched = Some(Instant::now());
+            }
+            if !new.is_empty() {
+                sess.batches += 1;
+            }
+            (new, sess.batches, touch)
+        };
+        if touch {
+            bucket.touch(id).await?;
+        }
+        if new.is_empty() {
+            return Ok(());
+        }
+        bucket.pin(id, batch, &new).await?;
+        if let Some(sess) = self.sessions.lock().unwrap().get_mut(id) {
+            sess.bucket_pins.extend(new);
+        }
+        Ok(())
     }
 
     /// Number of live upload sessions.
@@ -333,10 +406,11 @@ impl ImageStore {
     /// a concurrent GC cannot delete them before the session commits.
     pub async fn missing(&self, id: &UploadId, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, StoreError> {
         self.pin(id, std::iter::empty())?;
-        let _g = self.gc_guard.read().await;
         let mut uniq: Vec<ChunkHash> = hashes.to_vec();
         uniq.sort();
         uniq.dedup();
+        self.pin_in_bucket(id, &uniq).await?;
+        let _g = self.gc_guard.read().await;
         let present: Vec<(ChunkHash, bool)> =
             futures::stream::iter(uniq).map(|h| async move { self.has_chunk(&h).await.map(|p| (h, p)) }).buffered(16).try_collect().await?;
         self.pin(id, present.iter().filter(|(_, p)| *p).map(|(h, _)| *h))?;
@@ -347,6 +421,7 @@ impl ImageStore {
     /// Storing a chunk that exists already is a no-op (content addressing).
     pub async fn put_chunk(&self, id: &UploadId, hash: &ChunkHash, compressed: Bytes) -> Result<(), StoreError> {
         self.pin(id, [*hash])?;
+        self.pin_in_bucket(id, &[*hash]).await?;
         let h = *hash;
         let z = compressed.clone();
         tokio::task::spawn_blocking(move || codec::verify(&h, &z, MAX_CHUNK_SIZE as usize))
@@ -374,8 +449,12 @@ impl ImageStore {
     /// when the volume's epoch ([`ImageStore::raise_epoch`]) is newer.
     pub async fn commit_fenced(&self, id: &UploadId, manifest: Manifest, fence: Option<u64>) -> Result<Manifest, StoreError> {
         self.pin(id, std::iter::empty())?;
+        let chunks: Vec<ChunkHash> = manifest.all_chunks().copied().collect();
+        self.pin_in_bucket(id, &chunks).await?;
         let m = self.put_manifest_fenced(manifest, fence).await?;
         self.sessions.lock().unwrap().remove(id);
+        // Only now: a collector reads the pins before the manifests.
+        self.forget_in_bucket(id);
         tracing::info!(upload = %id, image = %m.image_ref(), "upload committed");
         Ok(m)
     }
@@ -640,6 +719,19 @@ impl ImageStore {
     /// Deletes every chunk that no manifest references and no live upload session pins.
     pub async fn gc(&self) -> Result<GcReport, StoreError> {
         let _g = self.gc_guard.write().await;
+        // On a shared bucket: the lease first, then the other servers' pins (crate::shared).
+        let lease = match &self.bucket {
+            Some(b) => Some(b.acquire().await?),
+            None => None,
+        };
+        let r = self.collect(lease.is_some()).await;
+        if let Some(l) = lease {
+            l.release().await;
+        }
+        r
+    }
+
+    async fn collect(&self, shared: bool) -> Result<GcReport, StoreError> {
         let mut keep: HashSet<ChunkHash> = HashSet::new();
         {
             let mut s = self.sessions.lock().unwrap();
@@ -647,6 +739,10 @@ impl ImageStore {
             for sess in s.values() {
                 keep.extend(sess.pins.iter().copied());
             }
+        }
+        if let (true, Some(b)) = (shared, &self.bucket) {
+            // A margin over the TTL for the servers' clocks.
+            keep.extend(b.live_pins(self.session_ttl + Duration::from_secs(60)).await?);
         }
         for (name, version) in self.all_versions().await? {
             let r = ImageRef { name, version: Some(version) };

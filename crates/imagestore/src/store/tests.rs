@@ -170,3 +170,78 @@ async fn summaries_count_stored_bytes() {
     assert_eq!(l[0].version, m.version);
     assert_eq!(l[0].boot, "firmware");
 }
+
+// ------------------------------------------------ several servers on one bucket (crate::shared)
+
+/// Image `name` of one stored chunk of `fill` bytes, through an upload session of `s`.
+async fn one_chunk_image(s: &ImageStore, name: &str, fill: u8) -> ChunkHash {
+    let id = s.begin_upload();
+    let h = put(s, &id, &[fill; 4096]).await;
+    s.commit(&id, manifest(name, 0, vec![Some(h)])).await.unwrap();
+    h
+}
+
+async fn pins_left(objects: &Arc<dyn ObjectStore>) -> usize {
+    let v: Vec<_> = objects.list(Some(&Path::from("uploads"))).try_collect().await.unwrap();
+    v.len()
+}
+
+#[tokio::test]
+async fn a_collection_on_one_server_keeps_the_chunks_an_upload_on_another_relies_on() {
+    let objects: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let a = ImageStore::shared(objects.clone(), "a");
+    let b = ImageStore::shared(objects.clone(), "b");
+    let h = one_chunk_image(&a, "one", 7).await;
+    // b's import finds the chunk stored and will reference it instead of uploading it...
+    let id = b.begin_upload();
+    assert_eq!(b.missing(&id, &[h]).await.unwrap(), vec![]);
+    // ...while a deletes the only image that used it and collects.
+    let r = a.delete(&"one".parse().unwrap()).await.unwrap();
+    assert_eq!(r.chunks_freed, 0, "a collected a chunk b's upload relies on");
+    let m = b.commit(&id, manifest("two", 0, vec![Some(h)])).await.unwrap();
+    assert_eq!(a.get_chunk(&h, 4096).await.unwrap(), vec![7; 4096]);
+    // The commit removes b's pins; then the chunk lives by its manifest alone.
+    for _ in 0..100 {
+        if pins_left(&objects).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(pins_left(&objects).await, 0, "the committed session's pins stay in the bucket");
+    let r = a.delete(&m.image_ref()).await.unwrap();
+    assert_eq!(r.chunks_freed, 1, "the chunk outlived every reference");
+
+    // The same interleaving with stores that do not share their sessions loses the chunk:
+    // what the bucket-side pins are for.
+    let a = ImageStore::new(objects.clone());
+    let b = ImageStore::new(objects.clone());
+    let h = one_chunk_image(&a, "three", 9).await;
+    let id = b.begin_upload();
+    assert_eq!(b.missing(&id, &[h]).await.unwrap(), vec![]);
+    assert_eq!(a.delete(&"three".parse().unwrap()).await.unwrap().chunks_freed, 1);
+    let e = b.commit(&id, manifest("four", 0, vec![Some(h)])).await.unwrap_err();
+    assert!(matches!(e, StoreError::MissingChunks { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn an_upload_waits_while_another_server_collects_and_a_second_collector_is_refused() {
+    let objects: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let b = ImageStore::shared(objects.clone(), "b");
+    let h = one_chunk_image(&b, "one", 3).await;
+    // Server c holds the collection lease for 1.5 s more.
+    let until = std::time::SystemTime::now() + Duration::from_millis(1500);
+    let ms = until.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let lease = serde_json::json!({"holder": "c", "expires_ms": ms}).to_string();
+    objects.put(&Path::from("gc/lease"), PutPayload::from(lease)).await.unwrap();
+    let e = b.gc().await.unwrap_err();
+    assert!(matches!(&e, StoreError::GcBusy { holder, .. } if holder == "c"), "{e}");
+    assert!(e.to_string().contains("image server c"), "{e}");
+    // An upload's pins go in, then it waits for c's collection to end before it looks.
+    let id = b.begin_upload();
+    assert_eq!(b.missing(&id, &[h]).await.unwrap(), vec![]);
+    assert!(std::time::SystemTime::now() >= until, "the upload looked while c was collecting");
+    // c never released its lease (it died): b takes the expired one over, collects, releases.
+    let r = b.gc().await.unwrap();
+    assert_eq!(r.chunks_freed, 0);
+    assert!(matches!(objects.head(&Path::from("gc/lease")).await, Err(object_store::Error::NotFound { .. })), "the lease was not released");
+}
