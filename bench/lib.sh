@@ -207,6 +207,8 @@ IMAGE_SERVER_PORT=""
 # benchmark, kept across restarts); sets IMAGE_SERVER_URL and IMAGE_SERVER_PID. With
 # COORDINATOR_URL it advertises itself (and its images) to that coordinator, which resolves
 # `vm run IMAGE` only on image servers that advertise to it.
+# IMAGE_SERVER_EXTRA: more arguments for it (e.g. --store s3://...).
+IMAGE_SERVER_EXTRA=()
 start_image_server() {
   local where=$1 data=$2 coord=${3:-} addr
   mkdir -p "$data"
@@ -216,7 +218,7 @@ start_image_server() {
     [ -n "$IMAGE_SERVER_PORT" ] || IMAGE_SERVER_PORT=$(free_port)
     addr=127.0.0.1:$IMAGE_SERVER_PORT
   fi
-  local args=(image-server --listen "$addr" --data-dir "$data")
+  local args=(image-server --listen "$addr" --data-dir "$data" "${IMAGE_SERVER_EXTRA[@]}")
   if [ -n "$coord" ]; then
     args+=(--coordinator "$coord" --advertise-url "https://$addr" --name bench-images)
     # Joins that coordinator's grid once (the certificate is kept in DATA/tls).
