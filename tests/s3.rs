@@ -102,9 +102,8 @@ fn two_image_servers_on_one_bucket_import_boot_collect_and_ride_out_an_outage() 
     a = image_server(dir.path(), "a", &coord.url, &s3, "grid");
     let disk = g.disk.clone();
     let (curl, burl) = (coord.url.clone(), b.url.clone());
-    let import = std::thread::spawn(move || {
-        cli_at(&curl, &["image", "import", disk.to_str().unwrap(), "--name", "copy", "--image-server", &burl])
-    });
+    let import =
+        std::thread::spawn(move || cli_at(&curl, &["image", "import", disk.to_str().unwrap(), "--name", "copy", "--image-server", &burl]));
     ok(&cli_at(&coord.url, &["image", "rm", "sample", "--image-server", &a.url]), "image rm on a");
     ok(&import.join().unwrap(), "import of the copy through b");
     exported_equals(&coord.url, &a.url, "copy", &g.disk, dir.path());

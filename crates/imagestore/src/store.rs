@@ -429,14 +429,13 @@ impl ImageStore {
             .expect("chunk decode task panicked")
             .map_err(|cause| StoreError::BadUpload { hash: *hash, cause })?;
         let _g = self.gc_guard.read().await;
-        if self.has_chunk(hash).await? {
-            return Ok(());
+        // One request, not a look then a write: a conditional create, where an existing chunk
+        // (same name, so same content) is success.
+        let create = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.objects.put_opts(&chunk_path(hash), PutPayload::from_bytes(compressed), create).await {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(StoreError::backend("write", format!("chunk {hash}"), e)),
         }
-        self.objects
-            .put(&chunk_path(hash), PutPayload::from_bytes(compressed))
-            .await
-            .map_err(|e| StoreError::backend("write", format!("chunk {hash}"), e))?;
-        Ok(())
     }
 
     /// Verifies that every chunk the manifest references exists, writes the manifest (assigning
