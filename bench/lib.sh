@@ -285,6 +285,42 @@ stop_up() {
   UP_PID=""
 }
 
+# start_run_host DIR SRV_DATA: one run's fresh host: `vgrid up` in DIR (new data directory:
+# empty host chunk cache) whose host agent reads images from the benchmark's image server, and
+# that image server (data in SRV_DATA) restarted advertising to this `vgrid up`'s coordinator,
+# as `vgrid image-server --coordinator` does on a real grid (the coordinator resolves
+# `vm run IMAGE` only on image servers that advertise to it). Behind the grid link when it is
+# up (`vgrid up` then listens on the host's end of the veth pair), else on loopback. Sets what
+# start_up and start_image_server set.
+start_run_host() {
+  local dir=$1 srv=$2
+  if [ "$GRID_OK" = 1 ]; then
+    start_up "$dir" "$IMAGE_SERVER_URL" "$GRID_HOST_IP"
+    stop_image_server
+    start_image_server ns "$srv" "$UP_URL"
+  else
+    start_up "$dir" "$IMAGE_SERVER_URL"
+    stop_image_server
+    start_image_server host "$srv" "$UP_URL"
+  fi
+}
+
+# cache_bytes_fetched: bytes the running `vgrid up`'s host chunk cache fetched from image
+# servers (`vgrid image cache stats`: plain chunk bytes, after decompression; disk chunks and
+# the kernel and initrd blobs).
+cache_bytes_fetched() {
+  VGRID_URL=$UP_URL "$VGRID" image cache stats --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_fetched"])'
+}
+
+# qemu_started_after LOG T0: seconds from T0 (a `now` value) to the "QEMU started" line of a
+# `vgrid up` log ("?" when there is none).
+qemu_started_after() {
+  local ts
+  ts=$(sed 's/\x1b\[[0-9;]*m//g' "$1" | grep -m1 'QEMU started' | awk '{ print $1 }')
+  [ -n "$ts" ] || { echo "?"; return 0; }
+  awk -v a="$2" -v b="$(date -d "$ts" +%s.%N)" 'BEGIN { printf "%.2f", b - a }'
+}
+
 # ---------------------------------------------------------------------------------------------
 # numbers
 
