@@ -112,6 +112,7 @@ fn every_role_serves_metrics_that_parse_and_count_what_happened() {
     assert!(coord.get(r#"vgrid_suspend_duration_seconds_sum{}"#) > 0.0);
     assert_eq!(coord.get(r#"vgrid_resume_duration_seconds_count{}"#), 1.0);
     assert_eq!(coord.get(r#"vgrid_scheduler_queue_length{}"#), 0.0);
+    assert_eq!(coord.get(r#"vgrid_coordinator_leader{}"#), 1.0, "a coordinator alone on its state leads");
     let age = coord.get(r#"vgrid_host_heartbeat_age_seconds{host="h1"}"#);
     assert!((0.0..30.0).contains(&age), "heartbeat age {age}");
     assert!(coord.sum("vgrid_http_requests_total", &[r#"role="coordinator""#, r#"route="/api/v1/vms""#, r#"method="POST""#]) >= 2.0);

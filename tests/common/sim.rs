@@ -245,8 +245,11 @@ async fn console(State(sim): State<Sim>, Path(id): Path<String>, Query(q): Query
     Json(ConsoleChunk { offset: from as u64, next: log.len() as u64, data: log[from..].to_string() })
 }
 
-/// Starts a simulated host named `name` on a free port, joined to `coordinator`.
-pub async fn start_sim(name: String, coordinator: String, spec: SimSpec) -> Sim {
+/// Starts a simulated host named `name` on a free port, joined to `coordinator`: several
+/// coordinators of one grid comma-separated (joined through the first, heartbeats to each, as
+/// a host agent does).
+pub async fn start_sim(name: String, coordinators: String, spec: SimSpec) -> Sim {
+    let coordinator = coordinators.split(',').next().unwrap_or_default().to_string();
     let token: vgrid_trust::node::JoinToken = tokio::task::spawn_blocking({
         let c = coordinator.clone();
         move || super::join_token(&c, "host")
@@ -295,7 +298,9 @@ pub async fn start_sim(name: String, coordinator: String, spec: SimSpec) -> Sim 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
     tokio::spawn(vgrid_trust::tls::serve(listener, node, app, std::future::pending()));
-    tokio::spawn(heartbeats(sim.clone(), coordinator, url, http));
+    for c in coordinators.split(',') {
+        tokio::spawn(heartbeats(sim.clone(), c.to_string(), url.clone(), http.clone()));
+    }
     sim
 }
 

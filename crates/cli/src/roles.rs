@@ -229,7 +229,7 @@ pub struct CoordinatorArgs {
 #[derive(Args, Debug)]
 pub struct HostAgentArgs {
     /// The coordinator to register with (runs a host agent); several of one grid,
-    /// comma-separated, to fail over between them.
+    /// comma-separated: joined through the first that answers, heartbeats to every one.
     #[arg(long, env = "VGRID_COORDINATOR")]
     pub coordinator: Option<String>,
     /// Address of this host agent's API.
@@ -272,7 +272,8 @@ pub struct ImageServerArgs {
     /// $AWS_ENDPOINT_URL, else AWS].
     #[arg(long, requires = "store", value_name = "URL")]
     pub s3_endpoint: Option<String>,
-    /// A coordinator to advertise this server's images to.
+    /// A coordinator to advertise this server's images to; several of one grid,
+    /// comma-separated: joined through the first that answers, advertised to every one.
     #[arg(long, env = "VGRID_COORDINATOR")]
     pub coordinator: Option<String>,
     /// Name advertised to the coordinator [default: hostname:port].
@@ -557,17 +558,23 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let registry = a.beats.registry();
     registry.add_fixed_servers(a.image_servers.iter().cloned());
     let auth = a.users.open(state.records(), &data).await?;
-    let coord = open_coordinator(&state, registry).await?;
-    vgrid_coordinator::metrics::init(&coord);
-    a.metrics.serve().await?;
-    let _leadership = match &config {
+    // Several coordinators on one etcd: each serves the API and takes heartbeats; the elected
+    // leader alone runs the once-per-grid work, and recovers the half-done work of the
+    // coordinators before it each time it becomes leader (instead of at startup).
+    let (coord, _leadership) = match &config {
         StateConfig::Etcd(c) => {
+            let coord = Coordinator::new(state.clone(), registry).await.map_err(|e| anyhow!("{e}"))?;
+            coord.mark_drained().await.map_err(|e| anyhow!("{e}"))?;
             let client = vgrid_coordinator::state::etcd::connect(c).await.map_err(|e| anyhow!("{e}"))?;
             let ttl = Duration::from_secs(a.leader_ttl.max(1));
-            Some(vgrid_coordinator::leader::Leadership::campaign(client, c.election_key(), url.clone(), ttl))
+            let leadership = vgrid_coordinator::leader::Leadership::campaign(client, c.election_key(), url.clone(), ttl);
+            coord.lead_with(leadership.subscribe());
+            (coord, Some(leadership))
         }
-        _ => None,
+        _ => (open_coordinator(&state, registry).await?, None),
     };
+    vgrid_coordinator::metrics::init(&coord);
+    a.metrics.serve().await?;
     announce(&format!("vgrid coordinator at {url} (data in {}, state {}, CA {fingerprint})", data.display(), a.state));
     vgrid_trust::tls::serve(listener, node, vgrid_coordinator::http::router(coord, auth, Some(joins)), shutdown_signal())
         .await
@@ -595,7 +602,8 @@ pub async fn host(a: HostAgentArgs) -> anyhow::Result<ExitCode> {
     let agent = start_agent(&data, &a.host, vec![]).await?;
     let hb = heartbeat(&a.host, &coordinators, &url);
     let http = vgrid_trust::tls::client_builder().build().expect("HTTP client");
-    if let Err(e) = agent.heartbeat_once(&http, &hb).await {
+    let first = Heartbeat { coordinator: coordinator.clone(), ..hb.clone() };
+    if let Err(e) = agent.heartbeat_once(&http, &first).await {
         eprintln!("warning: first heartbeat failed (retrying in the background): {e}");
     }
     let beat = tokio::spawn(agent.clone().heartbeat_loop(hb));
@@ -639,13 +647,25 @@ pub async fn image_server(a: ImageServerArgs) -> anyhow::Result<ExitCode> {
     };
     let store = Arc::new(store);
     let sans = sans_for(a.listen, &a.tls.sans, Some(&url));
-    let users: Option<vgrid_trust::caller::Users> = a.coordinator.as_deref().map(|c| vgrid_trust::caller::RemoteUsers::new(c) as _);
-    let node = match &a.coordinator {
+    // Several coordinators of one grid (comma-separated): join and check users' tokens with the
+    // first that answers, advertise the images to every one of them (each resolves images).
+    let picked = a.coordinator.as_deref().map(crate::client::pick_coordinator);
+    let users: Option<vgrid_trust::caller::Users> = picked.as_deref().map(|c| vgrid_trust::caller::RemoteUsers::new(c) as _);
+    let node = match &picked {
         Some(c) => {
             let node = joined_cert(&data, c, a.join_token.as_deref(), NodeRole::ImageServer, &name, sans).await?;
             // The local CLI (`image import --image-server URL`) trusts its grid's CA at this URL.
             use_node_cert(&node, Some(&url))?;
-            tokio::spawn(vgrid_imagestore::server::advertise_loop(store.clone(), c.clone(), name, url.clone(), Duration::from_secs(5)));
+            for to in a.coordinator.as_deref().unwrap_or_default().split(',').map(str::trim).filter(|u| !u.is_empty()) {
+                let adv = vgrid_imagestore::server::advertise_loop(
+                    store.clone(),
+                    to.to_string(),
+                    name.clone(),
+                    url.clone(),
+                    Duration::from_secs(5),
+                );
+                tokio::spawn(adv);
+            }
             node
         }
         None => {

@@ -81,15 +81,27 @@ impl Coordinator {
     /// At open (from `reconcile`): hosts drained before the restart stay out of service, and
     /// drains that were under way go on.
     pub async fn recover_drains(self: &Arc<Self>) -> Result<(), CoordinatorError> {
-        let (rows, _) = self.state.records().list_records(DRAINS).await?;
-        for (host, _) in rows {
-            self.sched.set_draining(&host, true);
-            if self.drain_status(&host).await?.is_some_and(|d| d.finished.is_none()) {
+        for host in self.mark_drained().await? {
+            if !self.in_hand(&format!("drain:{host}")) {
                 tracing::info!(host, "a drain was under way when the coordinator stopped: going on with it");
                 tokio::spawn(self.clone().run_drain(host));
             }
         }
         Ok(())
+    }
+
+    /// Takes the drained hosts out of this scheduler's service; returns those whose drain is
+    /// under way (every coordinator does this when it opens, the leader drives the drains).
+    pub async fn mark_drained(&self) -> Result<Vec<String>, CoordinatorError> {
+        let (rows, _) = self.state.records().list_records(DRAINS).await?;
+        let mut under_way = Vec::new();
+        for (host, _) in rows {
+            self.sched.set_draining(&host, true);
+            if self.drain_status(&host).await?.is_some_and(|d| d.finished.is_none()) {
+                under_way.push(host);
+            }
+        }
+        Ok(under_way)
     }
 
     async fn put_drain(&self, d: &Drain) -> Result<(), CoordinatorError> {
@@ -114,6 +126,8 @@ impl Coordinator {
     /// Moves the host's VMs away one by one until none is left (or those left could not be
     /// moved), then marks the drain finished.
     async fn run_drain(self: Arc<Self>, host: String) {
+        let key = format!("drain:{host}");
+        let _held = self.hold(&key);
         let t0 = Instant::now();
         loop {
             let Ok(Some(d)) = self.drain_status(&host).await else { return };

@@ -119,6 +119,31 @@ pub struct Coordinator {
     accounting: crate::accounting::Accounting,
     /// The tunnel networks' switches (frames of `--net tunnel:NAME`).
     pub(crate) relay: crate::relay::Relay,
+    /// Whether this coordinator leads the grid (several coordinators on one etcd: the
+    /// election's view, [`Coordinator::lead_with`]); unset: it is alone and always leads.
+    leader: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
+    /// The VMs (and drains) this process works on now (launching, queued, watched, migrated,
+    /// suspended), with how many tasks hold each: a coordinator that becomes leader recovers
+    /// the others' half-done work, never its own.
+    in_hand: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// A VM (or drain) held in hand by one task of this coordinator until dropped.
+pub(crate) struct InHand {
+    held: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    key: String,
+}
+
+impl Drop for InHand {
+    fn drop(&mut self) {
+        let mut m = self.held.lock().unwrap();
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl Coordinator {
@@ -144,6 +169,8 @@ impl Coordinator {
             ads: Default::default(),
             accounting,
             relay: Default::default(),
+            leader: Default::default(),
+            in_hand: Default::default(),
         });
         c.build_claims().await?;
         c.load_image_servers().await?;
@@ -153,12 +180,20 @@ impl Coordinator {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let Some(c) = weak.upgrade() else { break };
                 c.relay.log_drops();
+                // Every coordinator stops placing on a silent host; the leader alone changes
+                // the records of its VMs (the next leader does it for hosts lost meanwhile).
+                let leads = c.is_leader();
                 for host in c.registry.sweep() {
                     c.sched.set_state(&host, crate::sched::HostState::Lost);
-                    c.host_lost(&host).await;
+                    if leads {
+                        c.host_lost(&host).await;
+                    }
                 }
                 for server in c.registry.sweep_servers() {
                     tracing::warn!(server, "image server forgotten: it missed its heartbeats");
+                    if !leads {
+                        continue;
+                    }
                     if let Err(e) = c.state.store().delete(&crate::state::records::record_key(IMAGE_SERVERS, &server)).await {
                         tracing::warn!(server, "cannot forget the image server's registration: {e}");
                     }
@@ -168,6 +203,64 @@ impl Coordinator {
         let weak = Arc::downgrade(&c);
         tokio::spawn(async move { Coordinator::follow_claims(weak).await });
         Ok(c)
+    }
+
+    /// Whether this coordinator leads the grid: it alone runs the work done once per grid
+    /// (hosts marked lost and their VMs settled, forgotten image servers unregistered, the
+    /// records changed from hosts' reports, the recovery of a dead coordinator's work).
+    /// Every coordinator serves the API, admits (the store decides) and takes heartbeats.
+    pub fn is_leader(&self) -> bool {
+        self.leader.get().is_none_or(|rx| *rx.borrow())
+    }
+
+    /// Follows the leadership `rx` (from [`crate::leader::Leadership::subscribe`]) instead of
+    /// leading alone. Each time this coordinator becomes leader it takes over the grid's
+    /// half-done work that no task of its own holds ([`Coordinator::take_over`]): VMs a dead
+    /// coordinator was launching, queueing, watching, suspending or migrating, its drains, and
+    /// the VMs of hosts that went silent while it did not lead. Called once, before the
+    /// coordinator serves (no startup recovery then: leading starts it).
+    pub fn lead_with(self: &Arc<Self>, mut rx: tokio::sync::watch::Receiver<bool>) {
+        if self.leader.set(rx.clone()).is_err() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let leads = *rx.borrow_and_update();
+                if leads {
+                    let Some(c) = weak.upgrade() else { return };
+                    c.take_over().await;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// What a coordinator that has just become leader does: the recovery of half-done work
+    /// (as after a restart, [`Coordinator::recover_interrupted`], skipping what this process
+    /// holds), and the records of VMs on hosts this coordinator already holds lost.
+    pub async fn take_over(self: &Arc<Self>) {
+        tracing::info!("leading the grid: taking over the half-done work of the coordinators before");
+        let lost: Vec<String> = self.registry.hosts().into_iter().filter(|h| h.state == HostState::Lost).map(|h| h.ad.name).collect();
+        for host in lost {
+            self.host_lost(&host).await;
+        }
+        if let Err(e) = self.recover_interrupted().await {
+            tracing::error!("taking over as leader: cannot read the records to recover: {e}");
+        }
+    }
+
+    /// Holds `key` (a VM id, `drain:HOST`) in hand while the result lives.
+    pub(crate) fn hold(&self, key: &str) -> InHand {
+        *self.in_hand.lock().unwrap().entry(key.to_string()).or_default() += 1;
+        InHand { held: self.in_hand.clone(), key: key.to_string() }
+    }
+
+    /// Whether a task of this coordinator holds `key`.
+    pub(crate) fn in_hand(&self, key: &str) -> bool {
+        self.in_hand.lock().unwrap().contains_key(key)
     }
 
     /// Writes the claims of records written before claims existed (idempotent: claims that

@@ -1,6 +1,6 @@
 //! What the coordinator counts for Prometheus (`vgrid_trust::metrics` serves the page):
 //! placements and refusals by reason, VMs by state, the scheduler's queue, each host's
-//! heartbeat age, migration durations and downtimes, suspend and resume durations.
+//! heartbeat age, whether it leads, migration durations and downtimes, suspend and resume durations.
 
 use std::sync::{Arc, OnceLock, Weak};
 
@@ -19,6 +19,7 @@ pub struct Metrics {
     refusals: Family<Labels, Counter>,
     vms: Family<Labels, Gauge>,
     queue: Gauge,
+    leader: Gauge,
     hosts: Family<Labels, Gauge>,
     heartbeat_age: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     migration: Histogram,
@@ -38,6 +39,7 @@ pub fn m() -> &'static Metrics {
             refusals: Family::default(),
             vms: Family::default(),
             queue: Gauge::default(),
+            leader: Gauge::default(),
             hosts: Family::default(),
             heartbeat_age: Family::default(),
             migration: duration_buckets(),
@@ -53,6 +55,11 @@ pub fn m() -> &'static Metrics {
         );
         register("vgrid_vms", "VM records by state", m.vms.clone());
         register("vgrid_scheduler_queue_length", "VM requests waiting for capacity", m.queue.clone());
+        register(
+            "vgrid_coordinator_leader",
+            "1 while this coordinator leads the grid (runs the once-per-grid work), else 0",
+            m.leader.clone(),
+        );
         register("vgrid_hosts", "Registered hosts by state", m.hosts.clone());
         register("vgrid_host_heartbeat_age_seconds", "Seconds since each host's last heartbeat", m.heartbeat_age.clone());
         register("vgrid_migration_duration_seconds", "Live migrations that completed: total time", m.migration.clone());
@@ -81,6 +88,7 @@ pub fn init(c: &Arc<Coordinator>) {
 async fn refresh(c: &Coordinator) {
     let m = m();
     m.queue.set(c.sched.waiting() as i64);
+    m.leader.set(c.is_leader() as i64);
     if let Ok(vms) = c.list().await {
         for s in STATES {
             m.vms.get_or_create(&labels(&[("state", s.as_str())])).set(vms.iter().filter(|v| v.state == s).count() as i64);

@@ -127,6 +127,7 @@ impl Coordinator {
         let id = rec.id.clone();
         let bw = req.max_bandwidth_mib;
         tokio::spawn(async move {
+            let _held = me.hold(&id);
             let t0 = Instant::now();
             let outcome = me.drive(&id, &source, &dest, launch, downtime_ms, max_seconds, bw, t0).await;
             if let Err((status, msg)) = outcome {
@@ -322,6 +323,7 @@ impl Coordinator {
     /// paused QEMU goes. Otherwise cancel at the source (which resumes the guest if needed),
     /// drop the destination, follow it again at the source.
     pub(crate) async fn migration_interrupted(self: Arc<Self>, vm: VmRecord) {
+        let _held = self.hold(&vm.id);
         let id = vm.id.clone();
         let to = vm.migration.as_ref().map(|m| m.to.clone());
         // Both hosts report in at their next heartbeat (bounded: a host that stays away is

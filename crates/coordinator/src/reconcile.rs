@@ -47,10 +47,16 @@ impl Coordinator {
         let report = hb.vms.clone();
         let waiting = hb.waiting.clone();
         let returned = self.registry.host_beat(hb);
-        let orphans = self.reconcile(&name, &report, &records).await;
+        // Every coordinator registers the host (hosts heartbeat to all of them); the leader
+        // alone changes records from its report, so that two coordinators never act on one
+        // report twice (their writes are compare-and-swap through the lifecycle table anyway).
+        let leads = self.is_leader();
+        let orphans = self.reconcile(&name, &report, &records, leads).await;
         self.registry.set_orphans(&name, orphans);
-        self.image_waits(&name, &waiting, &records).await;
-        if returned {
+        if leads {
+            self.image_waits(&name, &waiting, &records).await;
+        }
+        if returned && leads {
             tracing::info!(host = %name, "host ready");
             for vm in &records {
                 if vm.host.as_deref() == Some(name.as_str()) && vm.state == VmState::Unknown && running.contains(&vm.id) {
@@ -62,10 +68,11 @@ impl Coordinator {
     }
 
     /// Reconciles the `records` of VMs on `host` with its heartbeat's report; returns the
-    /// orphans (QEMUs the host runs that no record places there).
-    pub(crate) async fn reconcile(&self, host: &str, report: &[VmReport], records: &[VmRecord]) -> Vec<String> {
+    /// orphans (QEMUs the host runs that no record places there). Only the orphans when not
+    /// `act` (a coordinator that does not lead).
+    pub(crate) async fn reconcile(&self, host: &str, report: &[VmReport], records: &[VmRecord], act: bool) -> Vec<String> {
         let plan = plan_reconcile(host, report, records, now());
-        for (id, action) in plan.actions {
+        for (id, action) in plan.actions.into_iter().filter(|_| act) {
             if let Action::Lost(reason) = &action {
                 tracing::warn!(vm = %id, host, "{reason}");
             }
@@ -81,7 +88,10 @@ impl Coordinator {
     /// after [`Coordinator::new`].
     pub async fn recover_interrupted(self: &Arc<Self>) -> Result<(), CoordinatorError> {
         for vm in self.records().await? {
-            self.clone().restarted(vm).await;
+            // Work this process holds already (a coordinator that has just become leader).
+            if !self.in_hand(&vm.id) {
+                self.clone().restarted(vm).await;
+            }
         }
         // Drained hosts stay out of service; drains under way go on.
         self.recover_drains().await

@@ -108,6 +108,7 @@ impl Coordinator {
     pub async fn suspend(self: &Arc<Self>, key: &str) -> Result<Suspended, CoordinatorError> {
         let t0 = std::time::Instant::now();
         let (rec, client) = self.running_on(key, "suspended").await?;
+        let _held = self.hold(&rec.id);
         crate::volumes::refuse_moving(&rec, "suspended")?;
         // Only one suspend (or migration, or stop) of a running VM wins: the table refuses the
         // others.
@@ -261,6 +262,7 @@ impl Coordinator {
     /// if QEMU is gone without one, `failed`; if QEMU still runs after the save timeout, the
     /// save failed and it is `running` again.
     pub(crate) async fn recover_suspending(self: Arc<Self>, id: String) {
+        let _held = self.hold(&id);
         let deadline = tokio::time::Instant::now() + SAVE_TIMEOUT + std::time::Duration::from_secs(60);
         let name = saved_image_name(&id);
         loop {

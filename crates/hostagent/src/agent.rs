@@ -159,38 +159,58 @@ impl Agent {
     /// Registers with the coordinator and refreshes the advertisement every interval it asks
     /// for; adopts the image server list it answers with. Runs until the process ends; a
     /// coordinator that does not answer is retried at the same pace. `hb.coordinator` may list
-    /// several coordinators of one grid, comma-separated: after a failed heartbeat the next one
-    /// is tried (failover), and the agent stays with the one that answers.
+    /// several coordinators of one grid, comma-separated: the agent heartbeats to every one of
+    /// them, each at its own pace (so every coordinator knows every host: each places on all
+    /// of them, and the leader marks lost those that go silent). The usage reports go to one
+    /// coordinator at a time (accounting is a read-modify-write of the VM's row: one writer),
+    /// the next one after a failed heartbeat.
     pub async fn heartbeat_loop(self: Arc<Self>, hb: Heartbeat) {
-        let http = vgrid_trust::tls::client_builder().timeout(Duration::from_secs(10)).build().expect("HTTP client");
         let urls: Vec<String> = hb.coordinator.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
-        let mut at = 0;
-        let mut current = Heartbeat { coordinator: urls.first().cloned().unwrap_or_default(), ..hb.clone() };
-        self.net.tunnels.connect(&current.coordinator, &self.cfg.name);
+        if let Some(first) = urls.first() {
+            self.net.tunnels.connect(first, &self.cfg.name);
+        }
+        let usage_to = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let beats: Vec<_> = (0..urls.len())
+            .map(|i| {
+                let hb = Heartbeat { coordinator: urls[i].clone(), ..hb.clone() };
+                tokio::spawn(self.clone().beat_one(hb, i, urls.len(), usage_to.clone()))
+            })
+            .collect();
+        // Ends (and ends the beats, aborted with it) when the caller aborts it.
+        struct AbortAll(Vec<tokio::task::JoinHandle<()>>);
+        impl Drop for AbortAll {
+            fn drop(&mut self) {
+                self.0.iter().for_each(|t| t.abort());
+            }
+        }
+        let _all = AbortAll(beats);
+        std::future::pending::<()>().await;
+    }
+
+    /// The heartbeats to coordinator `i` of `n` (`hb.coordinator`); with the usage reports
+    /// while `usage_to` names it.
+    async fn beat_one(self: Arc<Self>, hb: Heartbeat, i: usize, n: usize, usage_to: Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::Ordering;
+        let http = vgrid_trust::tls::client_builder().timeout(Duration::from_secs(10)).build().expect("HTTP client");
         let mut interval = vgrid_api::host::HEARTBEAT_INTERVAL;
         let mut failing = false;
         loop {
-            match self.heartbeat_once(&http, &current).await {
+            let usage = usage_to.load(Ordering::SeqCst) == i;
+            match self.heartbeat_to(&http, &hb, usage).await {
                 Ok(reply) => {
                     if failing {
-                        tracing::info!(coordinator = %current.coordinator, "coordinator reachable again");
+                        tracing::info!(coordinator = %hb.coordinator, "coordinator reachable again");
                     }
                     failing = false;
                     interval = Duration::from_secs(reply.interval_secs.max(1));
                 }
                 Err(e) => {
                     if !failing {
-                        tracing::warn!(coordinator = %current.coordinator, "heartbeat failed: {e}");
+                        tracing::warn!(coordinator = %hb.coordinator, "heartbeat failed: {e}");
                     }
                     failing = true;
-                    if urls.len() > 1 {
-                        at = (at + 1) % urls.len();
-                        current.coordinator = urls[at].clone();
-                        tracing::warn!(coordinator = %current.coordinator, "failing over to the next coordinator");
-                        if at != 0 {
-                            // The next one at once; after a whole round, wait as for one.
-                            continue;
-                        }
+                    if usage && n > 1 && usage_to.compare_exchange(i, (i + 1) % n, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                        tracing::warn!(coordinator = %hb.coordinator, "usage reports go to the next coordinator");
                     }
                 }
             }
@@ -201,10 +221,15 @@ impl Agent {
     /// One heartbeat; returns the coordinator's answer (the interval it asks for, the image
     /// servers it knows).
     pub async fn heartbeat_once(&self, http: &reqwest::Client, hb: &Heartbeat) -> Result<HeartbeatReply, String> {
+        self.heartbeat_to(http, hb, true).await
+    }
+
+    /// One heartbeat to `hb.coordinator` (one URL), with the usage reports if `usage`.
+    async fn heartbeat_to(&self, http: &reqwest::Client, hb: &Heartbeat, usage: bool) -> Result<HeartbeatReply, String> {
         let body = HostHeartbeat {
             ad: self.ad(&hb.url, hb.labels.clone(), hb.policy.clone()),
             vms: self.vms(),
-            usage: self.res.reports(),
+            usage: if usage { self.res.reports() } else { vec![] },
             waiting: crate::waits::vms_waiting(self),
         };
         let url = format!("{}/api/v1/hosts/heartbeat", hb.coordinator.trim_end_matches('/'));

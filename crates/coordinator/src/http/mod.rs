@@ -347,6 +347,12 @@ async fn authenticate(State(auth): State<Arc<Auth>>, mut req: Request, next: Nex
 /// `nodes` is the grid's CA and join tokens: with it, the heartbeats of hosts and image servers
 /// must come over a connection with a certificate of this grid naming that node (see
 /// [`vgrid_trust::tls::serve`]); without it (in-process tests over plain HTTP) they need none.
+/// The coordinator answers; `leader`: whether it leads the grid (runs the once-per-grid work;
+/// always true for a coordinator alone on its state).
+async fn health(State(c): Ctx) -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok", "leader": c.is_leader()}))
+}
+
 pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -> Router {
     Router::new()
         .route("/api/v1/join", post(join))
@@ -362,7 +368,7 @@ pub fn router(c: Arc<Coordinator>, auth: Arc<Auth>, nodes: Option<Arc<Joins>>) -
         .route("/api/v1/users/{name}/quota", axum::routing::put(set_quota))
         .route("/api/v1/audit", get(audit))
         .route("/api/openapi.json", get(|| async { Json(vgrid_api::openapi::served(&ApiDoc::openapi())) }))
-        .route("/api/v1/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/api/v1/health", get(health))
         .route("/api/v1/vms", get(list_vms).post(create_vm))
         .route("/api/v1/vms/{id}", get(get_vm).delete(delete_vm))
         .route("/api/v1/vms/{id}/stop", post(stop_vm))

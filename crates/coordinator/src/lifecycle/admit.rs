@@ -296,6 +296,7 @@ impl Coordinator {
     /// Waits for a host for a queued VM, then starts it there.
     async fn queued(self: Arc<Self>, preq: PlacementRequest, opts: PlaceOptions, launch: LaunchRequest) {
         let id = launch.id.clone();
+        let _held = self.hold(&id);
         for _ in 0..CAS_RETRIES {
             let p = match self.sched.place_or_wait(&preq, &opts, Some(QUEUE_TIMEOUT)).await {
                 Ok(p) => {
@@ -308,9 +309,20 @@ impl Coordinator {
                     return;
                 }
             };
-            // Placed only while it is still queued (not stopped or removed meanwhile).
+            // Placed only while it is still queued (not stopped or removed meanwhile, nor
+            // placed by another coordinator that queued it too, one taking over from it).
             let placed = Event::Placed { host: p.host.clone() };
-            match self.transact(&id, |_| Some(placed.clone()), |_| {}, Some(&Admit::default())).await {
+            let taken = std::sync::atomic::AtomicBool::new(false);
+            let event = |r: &VmRecord| {
+                taken.store(r.host.is_some(), std::sync::atomic::Ordering::SeqCst);
+                (r.host.is_none()).then(|| placed.clone())
+            };
+            match self.transact(&id, event, |_| {}, Some(&Admit::default())).await {
+                Ok(_) if taken.load(std::sync::atomic::Ordering::SeqCst) => {
+                    let _ = self.sched.release(p.reservation);
+                    self.refresh_host(&p.host).await;
+                    return;
+                }
                 Ok(_) => {
                     self.hand_over(&p).await;
                     tracing::info!(vm = %id, host = %p.host, "queued VM placed");

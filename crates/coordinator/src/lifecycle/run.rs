@@ -22,6 +22,8 @@ impl Coordinator {
     /// the host does not answer is settled from the host ([`Coordinator::recover_launch`]).
     pub(crate) async fn run(self: Arc<Self>, client: HostClient, req: LaunchRequest) {
         let id = req.id.clone();
+        let _held = self.hold(&id);
+        let launching = self.hold(&format!("launch:{id}"));
         let t0 = std::time::Instant::now();
         if self.apply(&id, Event::LaunchSent).await.is_err() {
             // Stopped or removed before its launch went out: nothing runs anywhere.
@@ -57,6 +59,7 @@ impl Coordinator {
                 // Settled from the host once it answers again, as after a coordinator restart:
                 // adopted if it runs, sent again if it never arrived, failed otherwise.
                 tracing::warn!(vm = %id, host = %client.name, "no answer to the launch ({e}); settling it from the host");
+                drop(launching);
                 Box::pin(self.recover_launch(id)).await;
             }
             Err(e) => {
@@ -88,6 +91,7 @@ impl Coordinator {
     ///   `failed` with the reason (the host is told to stop it); a resume is `suspended` again
     ///   (its saved image is intact).
     pub(crate) async fn recover_launch(self: Arc<Self>, id: String) {
+        let _held = self.hold(&id);
         let resume = match self.record(&id).await.ok().flatten() {
             Some(rec) => rec.saved_image.is_some() && rec.started.is_none(),
             None => return,
@@ -129,6 +133,11 @@ impl Coordinator {
                 return;
             }
             unknown = if presence.is_some_and(|p| !p.known) { unknown + 1 } else { 0 };
+            if self.in_hand(&format!("launch:{id}")) {
+                // A task of this coordinator sends its launch (admitted here a moment before
+                // this coordinator took over as leader): the launch is that task's.
+                return;
+            }
             if unknown >= 3 {
                 if let Some(client) = client {
                     let restore = match rec.saved_image.as_deref().filter(|_| resume) {
@@ -188,6 +197,7 @@ impl Coordinator {
 
     /// Follows a placed VM until its QEMU exits, through host outages.
     pub(crate) async fn watch(self: Arc<Self>, id: String) {
+        let _held = self.hold(&id);
         loop {
             let Some(rec) = self.record(&id).await.ok().flatten() else { return };
             if !rec.state.is_active() {

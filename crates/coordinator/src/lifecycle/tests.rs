@@ -354,3 +354,47 @@ async fn networks_refuse_what_they_cannot_give_with_reasons() {
     assert!(c.leases("farm").await.unwrap().is_empty());
     assert_claims_match_records(&state).await;
 }
+
+/// Two coordinators on one store following an election: while neither leads, a host that
+/// goes silent is lost in both schedulers but its VM's record is left alone; the one that
+/// becomes leader marks it `unknown` (the records of hosts lost while it did not lead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_settles_a_lost_hosts_vms_and_a_new_leader_catches_up() {
+    let state = open(&StateConfig::Memory).unwrap();
+    let quick = || Arc::new(Registry::new(Duration::from_millis(100), Duration::from_millis(300)));
+    let (a, b) = (Coordinator::new(state.clone(), quick()).await.unwrap(), Coordinator::new(state.clone(), quick()).await.unwrap());
+    let (_ta, ra) = tokio::sync::watch::channel(false);
+    let (tb, rb) = tokio::sync::watch::channel(false);
+    a.lead_with(ra);
+    b.lead_with(rb);
+    assert!(!a.is_leader() && !b.is_leader());
+    for c in [&a, &b] {
+        beat(c, ad("h1", 4, 1 << 20)).await;
+    }
+    let rec = admit(&a, create(Some("v"), 1, None), "alice", &Quota::default()).await.unwrap();
+    assert_eq!(rec.host.as_deref(), Some("h1"));
+    a.apply(&rec.id, Event::LaunchSent).await.unwrap();
+    a.apply(&rec.id, Event::Launched { pid: 7, accel: Accel::Tcg }).await.unwrap();
+    // h1 stops beating: both registries lose it; no one leads, the record stays `running`.
+    let lost = |c: &Arc<Coordinator>| c.registry.host("h1").is_some_and(|h| h.state == vgrid_api::grid::HostState::Lost);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !(lost(&a) && lost(&b)) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("h1 lost in both registries");
+    // A full sweep round after both saw it lost.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(a.get(&rec.id).await.unwrap().state, VmState::Running, "a coordinator that does not lead changed the record");
+    // b leads: it takes over and settles the lost host's VM.
+    tb.send_replace(true);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while a.get(&rec.id).await.unwrap().state != VmState::Unknown {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the new leader marks the lost host's VM unknown");
+    assert!(b.is_leader() && !a.is_leader());
+}
