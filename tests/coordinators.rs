@@ -8,7 +8,7 @@
 //! every request is answered with its own VM; every VM is launched exactly once and ends
 //! `stopped` (the queued, placed and starting VMs of the dead leader are taken over by the new
 //! one); no host is ever given more than it advertised; nothing is left running on a host.
-//! Skipped, saying so, when the `etcd` binary is not installed.
+//! Fails, saying so, when the `etcd` binary is not installed (`scripts/install-deps.sh`).
 
 mod common;
 
@@ -45,7 +45,7 @@ fn free_port() -> u16 {
 fn start_etcd(dir: &std::path::Path) -> Option<Etcd> {
     let found = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("etcd").is_file()));
     if !found {
-        eprintln!("SKIPPED: no etcd binary on PATH (scripts/install-deps.sh installs Debian's etcd-server)");
+        eprintln!("no etcd binary on PATH (scripts/install-deps.sh installs Debian's etcd-server)");
         return None;
     }
     let (port, peer_port) = (free_port(), free_port());
@@ -153,29 +153,11 @@ async fn create_with_failover(http: &reqwest::Client, urls: &[String], first: us
 fn two_coordinators_take_over_from_a_killed_leader_under_two_hundred_runs() {
     let dir = tempfile::Builder::new().prefix("vgc").tempdir_in("/tmp").unwrap();
     let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
-    let Some(etcd) = start_etcd(dir.path()) else { return };
-    let state = format!("etcd://127.0.0.1:{}/grid", etcd.port);
-
-    // The first coordinator makes the grid's CA and leads; the second gets a copy of the CA
-    // (DATA/tls, as docs/etcd.md says) and stands by.
-    let mut first = coordinator(dir.path(), "c0", &state);
+    let etcd = start_etcd(dir.path()).expect("etcd is needed: scripts/install-deps.sh installs Debian's etcd-server");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
-    let ca = std::fs::read_to_string(pinned_ca(&first.url)).unwrap();
-    let anon = vgrid_trust::tls::client_builder_for(&ca, None).unwrap().build().unwrap();
-    let u0 = first.url.clone();
-    rt.block_on(async {
-        let t0 = Instant::now();
-        while leads(&anon, &u0).await != Some(true) {
-            assert!(t0.elapsed() < Duration::from_secs(60), "the first coordinator never leads");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
-    std::fs::create_dir_all(p("c1")).unwrap();
-    assert!(Command::new("cp").args(["-r", &p("c0/tls"), &p("c1/")]).status().unwrap().success());
-    let second = coordinator(dir.path(), "c1", &state);
+    let (mut first, second, ca) = two_coordinators(&rt, dir.path(), &format!("etcd://127.0.0.1:{}/grid", etcd.port));
     let urls = vec![first.url.clone(), second.url.clone()];
     let both = urls.join(",");
-    assert_eq!(std::fs::read_to_string(pinned_ca(&second.url)).unwrap(), ca, "both coordinators serve with the grid's CA");
 
     let server = Role::start(
         &["image-server", "--listen", "127.0.0.1:0", "--data-dir", &p("is"), "--coordinator", &both, "--name", "is0"],
@@ -267,41 +249,8 @@ fn two_coordinators_take_over_from_a_killed_leader_under_two_hundred_runs() {
 
     // Everything ends at the surviving coordinator.
     let log1 = dir.path().join("c1.log");
-    let vms: Vec<Value> = rt.block_on(async {
-        let t0 = Instant::now();
-        loop {
-            let vms: Value = http.get(format!("{u1}/api/v1/vms")).send().await.unwrap().json().await.unwrap();
-            let vms = vms.as_array().unwrap().clone();
-            let done = vms.iter().filter(|v| matches!(v["state"].as_str(), Some("stopped" | "failed" | "lost"))).count();
-            if done >= REQUESTS {
-                break vms;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(300),
-                "{done}/{REQUESTS} VMs ended after 300 s; surviving coordinator's log:\n{}",
-                std::fs::read_to_string(&log1).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    });
+    check_all_stopped_once(&rt, &http, &u1, &log1, &ids, &sims);
     let drained = killed.elapsed();
-    assert_eq!(vms.len(), REQUESTS, "one record per request");
-    for v in &vms {
-        assert!(ids.contains_key(v["id"].as_str().unwrap()), "a VM nobody asked for: {v}");
-        assert_eq!(v["state"], "stopped", "VM {} ended {}: {}", v["name"], v["state"], v["reason"]);
-    }
-    let mut launches: HashMap<String, usize> = HashMap::new();
-    for s in &sims {
-        let st = s.state.lock().unwrap();
-        assert!(st.over.is_empty(), "host over capacity: {:?}", st.over);
-        assert!(st.running.is_empty(), "{} still runs {:?} after every record ended (orphans)", s.name, st.running.keys());
-        for id in &st.launches {
-            *launches.entry(id.clone()).or_default() += 1;
-        }
-    }
-    let twice: Vec<_> = launches.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "launched more than once: {twice:?}");
-    assert_eq!(launches.len(), REQUESTS, "every VM launched once");
     let log = std::fs::read_to_string(&log1).unwrap();
     assert!(log.contains("leading the grid"), "the second coordinator's log does not say it took over:\n{log}");
     let adopted = log.matches("a launch interrupted by a coordinator restart completed").count();
@@ -320,4 +269,71 @@ fn two_coordinators_take_over_from_a_killed_leader_under_two_hundred_runs() {
     drop(server);
     drop(second);
     drop(etcd);
+}
+
+/// The first coordinator makes the grid's CA and leads; the second gets a copy of the CA
+/// (DATA/tls, as docs/etcd.md says) and stands by. Returns both and the CA.
+fn two_coordinators(rt: &tokio::runtime::Runtime, dir: &std::path::Path, state: &str) -> (Role, Role, String) {
+    let first = coordinator(dir, "c0", state);
+    let ca = std::fs::read_to_string(pinned_ca(&first.url)).unwrap();
+    let anon = vgrid_trust::tls::client_builder_for(&ca, None).unwrap().build().unwrap();
+    rt.block_on(async {
+        let t0 = Instant::now();
+        while leads(&anon, &first.url).await != Some(true) {
+            assert!(t0.elapsed() < Duration::from_secs(60), "the first coordinator never leads");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    std::fs::create_dir_all(dir.join("c1")).unwrap();
+    assert!(Command::new("cp").arg("-r").arg(dir.join("c0/tls")).arg(dir.join("c1/")).status().unwrap().success());
+    let second = coordinator(dir, "c1", state);
+    assert_eq!(std::fs::read_to_string(pinned_ca(&second.url)).unwrap(), ca, "both coordinators serve with the grid's CA");
+    (first, second, ca)
+}
+
+/// Waits until every VM has ended at the surviving coordinator `url`, then checks: one record
+/// per request (`ids`), each `stopped`, each launched exactly once, no simulated host ever over
+/// capacity nor running anything now.
+fn check_all_stopped_once(
+    rt: &tokio::runtime::Runtime,
+    http: &reqwest::Client,
+    url: &str,
+    log: &std::path::Path,
+    ids: &HashMap<String, usize>,
+    sims: &[common::sim::Sim],
+) {
+    let vms: Vec<Value> = rt.block_on(async {
+        let t0 = Instant::now();
+        loop {
+            let vms: Value = http.get(format!("{url}/api/v1/vms")).send().await.unwrap().json().await.unwrap();
+            let vms = vms.as_array().unwrap().clone();
+            let done = vms.iter().filter(|v| matches!(v["state"].as_str(), Some("stopped" | "failed" | "lost"))).count();
+            if done >= REQUESTS {
+                break vms;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(300),
+                "{done}/{REQUESTS} VMs ended after 300 s; surviving coordinator's log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    assert_eq!(vms.len(), REQUESTS, "one record per request");
+    for v in &vms {
+        assert!(ids.contains_key(v["id"].as_str().unwrap()), "a VM nobody asked for: {v}");
+        assert_eq!(v["state"], "stopped", "VM {} ended {}: {}", v["name"], v["state"], v["reason"]);
+    }
+    let mut launches: HashMap<String, usize> = HashMap::new();
+    for s in sims {
+        let st = s.state.lock().unwrap();
+        assert!(st.over.is_empty(), "host over capacity: {:?}", st.over);
+        assert!(st.running.is_empty(), "{} still runs {:?} after every record ended (orphans)", s.name, st.running.keys());
+        for id in &st.launches {
+            *launches.entry(id.clone()).or_default() += 1;
+        }
+    }
+    let twice: Vec<_> = launches.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "launched more than once: {twice:?}");
+    assert_eq!(launches.len(), REQUESTS, "every VM launched once");
 }

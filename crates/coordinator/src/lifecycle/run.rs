@@ -266,7 +266,11 @@ impl Coordinator {
     async fn replaced(&self, id: &str, watched: Option<u32>) -> bool {
         let Some(pid) = watched else { return false };
         match self.record(id).await.ok().flatten() {
-            Some(v) if v.pid != Some(pid) && matches!(v.state, VmState::Suspended | VmState::Starting | VmState::Running) => {
+            // Pending: a resume was asked for and is being placed (its pid cleared).
+            Some(v)
+                if v.pid != Some(pid)
+                    && matches!(v.state, VmState::Suspended | VmState::Pending | VmState::Starting | VmState::Running) =>
+            {
                 tracing::debug!(vm = %id, "QEMU {pid} ended after it was replaced; its end is not reported");
                 true
             }
