@@ -266,6 +266,13 @@ impl Coordinator {
     async fn replaced(&self, id: &str, watched: Option<u32>) -> bool {
         let Some(pid) = watched else { return false };
         match self.record(id).await.ok().flatten() {
+            // Being saved: the suspend ends this QEMU and releases it on the host itself (and
+            // settles a save that fails). Acting on its end here raced with the resume that
+            // may follow at once: the late `Exited` failed the resumed VM.
+            Some(v) if v.state == VmState::Suspending => {
+                tracing::debug!(vm = %id, "QEMU {pid} ended while it was being saved; the suspend settles it");
+                true
+            }
             // Pending: a resume was asked for and is being placed (its pid cleared).
             Some(v)
                 if v.pid != Some(pid)
