@@ -47,6 +47,8 @@ const MAX_COMPILED: usize = 4096;
 const MAX_FEASIBLE: usize = 4096;
 /// Most attempts of one placement that lose every fitting host to concurrent placements.
 const MAX_ATTEMPTS: usize = 8;
+/// Attempts while the explanation finds a host that fits after all (contention, not a refusal).
+const MAX_ATTEMPTS_WHILE_FITTING: usize = 1000;
 
 /// The scheduler: host ads, classes, reservations. Thread-safe; share it in an `Arc`.
 ///
@@ -400,10 +402,12 @@ impl Scheduler {
                 Attempt::Raced | Attempt::Nothing => {}
             }
             // Nothing fits: say why, host by host. A host that fits by now (capacity freed
-            // by a concurrent release) is worth another attempt.
+            // by a concurrent release) is worth another attempt: each such round means other
+            // placements made progress, so keep trying (a refusal saying "fits" is no answer),
+            // up to a bound against a pathological spin.
             let mut fits = false;
             let nm = inner.explain(&feasible, req, require.as_deref(), &mut fits);
-            if !fits || attempts >= MAX_ATTEMPTS {
+            if !fits || attempts >= MAX_ATTEMPTS_WHILE_FITTING {
                 return Err(PlaceError::NoMatch(nm));
             }
         }
