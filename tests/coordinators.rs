@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::sim::{authed, login_token, start_sim, wait_ready, SimSpec};
+use common::sim::{authed, create_with_retry, login_token, start_sim, wait_ready, SimSpec};
 use common::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -100,76 +100,16 @@ async fn leads(http: &reqwest::Client, url: &str) -> Option<bool> {
     r.json::<Value>().await.ok()?["leader"].as_bool()
 }
 
-#[derive(Debug, Default)]
-struct Answer {
-    id: Option<String>,
-    /// A non-retryable answer (status, body).
-    error: Option<(u16, String)>,
-    connection_errors: usize,
-    found_after_resend: bool,
-}
-
-/// `POST /api/v1/vms` to `urls[first]`, sent again as a client given both coordinators would:
-/// to the other one after a connection error, to the same after a 503 (retryable by contract).
-async fn create_with_failover(http: &reqwest::Client, urls: &[String], first: usize, body: &Value, deadline: Instant) -> Answer {
-    let mut a = Answer::default();
-    let name = body["name"].as_str().unwrap_or_default().to_string();
-    let mut at = first;
-    loop {
-        assert!(Instant::now() < deadline, "request for {name} still unanswered: {a:?}");
-        let url = &urls[at];
-        match http.post(format!("{url}/api/v1/vms")).json(body).send().await {
-            Err(_) => {
-                a.connection_errors += 1;
-                at = (at + 1) % urls.len();
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Ok(r) => {
-                let status = r.status().as_u16();
-                let v: Value = r.json().await.unwrap_or(Value::Null);
-                match status {
-                    200..=299 => {
-                        a.id = v["id"].as_str().map(String::from);
-                        return a;
-                    }
-                    503 => tokio::time::sleep(Duration::from_secs(1)).await,
-                    409 if a.connection_errors > 0 && v["error"].as_str().is_some_and(|e| e.contains("exists already")) => {
-                        let got: Value = http.get(format!("{url}/api/v1/vms/{name}")).send().await.unwrap().json().await.unwrap();
-                        a.id = got["id"].as_str().map(String::from);
-                        a.found_after_resend = true;
-                        return a;
-                    }
-                    _ => {
-                        a.error = Some((status, v.to_string()));
-                        return a;
-                    }
-                }
-            }
-        }
-    }
-}
-
 #[test]
 fn two_coordinators_take_over_from_a_killed_leader_under_two_hundred_runs() {
     let dir = tempfile::Builder::new().prefix("vgc").tempdir_in("/tmp").unwrap();
-    let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
     let etcd = start_etcd(dir.path()).expect("etcd is needed: scripts/install-deps.sh installs Debian's etcd-server");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
     let (mut first, second, ca) = two_coordinators(&rt, dir.path(), &format!("etcd://127.0.0.1:{}/grid", etcd.port));
     let urls = vec![first.url.clone(), second.url.clone()];
     let both = urls.join(",");
 
-    let server = Role::start(
-        &["image-server", "--listen", "127.0.0.1:0", "--data-dir", &p("is"), "--coordinator", &both, "--name", "is0"],
-        dir.path().join("is.log"),
-    );
-    std::fs::write(p("tiny.raw"), vec![7u8; 1 << 20]).unwrap();
-    let o = Command::new(vgrid_bin())
-        .args(["image", "import", &p("tiny.raw"), "--name", "tiny", "--image-server", &server.url])
-        .env("VGRID_URL", &first.url)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let server = common::simgrid::tiny_image_server(dir.path(), &both);
     // One login: the token is kept in the shared state, good at both coordinators.
     let token = login_token(&first.url);
     let http = authed(&token, &ca);
@@ -208,7 +148,7 @@ fn two_coordinators_take_over_from_a_killed_leader_under_two_hundred_runs() {
                 let (http, urls, count) = (http.clone(), urls.clone(), count.clone());
                 async move {
                     let body = json!({"image": "tiny", "name": format!("b{i}"), "cpus": 1 + i % 2, "memory_mib": 512 + 512 * (i % 3)});
-                    let a = create_with_failover(&http, &urls, i % 2, &body, deadline).await;
+                    let a = create_with_retry(&http, &urls, i % 2, &body, deadline).await;
                     count.fetch_add(1, Ordering::SeqCst);
                     (i, a)
                 }

@@ -13,7 +13,7 @@
 mod common;
 
 use common::load::load;
-use common::sim::{SimSpec, CONSOLE_AFTER, CONSOLE_TEXT};
+use common::sim::{create_with_retry, SimSpec, CONSOLE_AFTER, CONSOLE_TEXT};
 use common::simgrid::SimGrid;
 use common::*;
 use serde_json::{json, Value};
@@ -22,58 +22,6 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The answer to one `POST /api/v1/vms`, sent again as a client would: after a connection
-/// error (the coordinator is down) and after a 503 (retryable by contract). A 409 naming the
-/// VM as existing after a resend means the first attempt was recorded: the VM is looked up.
-#[derive(Debug, Default)]
-struct Answer {
-    id: Option<String>,
-    /// Non-retryable error answers (status, body).
-    error: Option<(u16, String)>,
-    connection_errors: usize,
-    retryable: usize,
-    found_after_resend: bool,
-}
-
-async fn create_with_retry(http: &reqwest::Client, url: &str, body: &Value, deadline: Instant) -> Answer {
-    let mut a = Answer::default();
-    let name = body["name"].as_str().unwrap_or_default().to_string();
-    loop {
-        assert!(Instant::now() < deadline, "request for {name} still unanswered: {a:?}");
-        match http.post(format!("{url}/api/v1/vms")).json(body).send().await {
-            Err(_) => {
-                a.connection_errors += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Ok(r) => {
-                let status = r.status().as_u16();
-                let v: Value = r.json().await.unwrap_or(Value::Null);
-                match status {
-                    200..=299 => {
-                        a.id = v["id"].as_str().map(String::from);
-                        return a;
-                    }
-                    503 => {
-                        a.retryable += 1;
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                    409 if a.connection_errors > 0 && v["error"].as_str().is_some_and(|e| e.contains("exists already")) => {
-                        // Recorded by the attempt whose answer the crash swallowed.
-                        let got: Value = http.get(format!("{url}/api/v1/vms/{name}")).send().await.unwrap().json().await.unwrap();
-                        a.id = got["id"].as_str().map(String::from);
-                        a.found_after_resend = true;
-                        return a;
-                    }
-                    _ => {
-                        a.error = Some((status, v.to_string()));
-                        return a;
-                    }
-                }
-            }
-        }
-    }
-}
 
 /// Coordinator SIGKILL while a VM's launch is in flight on its host (the launch completes
 /// while the coordinator is down); restarted, it must adopt the VM its host runs (not fail
@@ -208,7 +156,7 @@ fn coordinator_killed_in_a_burst_of_runs() {
             let (http, url, count) = (http.clone(), url.clone(), count.clone());
             async move {
                 let body = json!({"image": "tiny", "name": format!("b{i}"), "cpus": 1 + i % 2, "memory_mib": 512 + 512 * (i % 3)});
-                let a = create_with_retry(&http, &url, &body, deadline).await;
+                let a = create_with_retry(&http, std::slice::from_ref(&url), 0, &body, deadline).await;
                 count.fetch_add(1, Ordering::SeqCst);
                 (i, a)
             }

@@ -30,18 +30,7 @@ fn two_hundred_concurrent_runs_never_overcommit_a_host() {
         &["coordinator", "--listen", "127.0.0.1:0", "--data-dir", &p("coord"), "--heartbeat-interval", "1", "--lost-after-beats", "30"],
         dir.path().join("coord.log"),
     );
-    let server = Role::start(
-        &["image-server", "--listen", "127.0.0.1:0", "--data-dir", &p("is"), "--coordinator", &coordinator.url, "--name", "is0"],
-        dir.path().join("is.log"),
-    );
-    // A small image: the simulated hosts never read it, the coordinator resolves it.
-    std::fs::write(p("tiny.raw"), vec![7u8; 1 << 20]).unwrap();
-    let o = std::process::Command::new(vgrid_bin())
-        .args(["image", "import", &p("tiny.raw"), "--name", "tiny", "--image-server", &server.url])
-        .env("VGRID_URL", &coordinator.url)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let server = common::simgrid::tiny_image_server(dir.path(), &coordinator.url);
 
     // A token for the raw REST calls (the first admin is this machine's user, as for `vgrid up`).
     let o = std::process::Command::new(vgrid_bin()).args(["--json", "--url", &coordinator.url, "login"]).output().unwrap();

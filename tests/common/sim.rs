@@ -370,3 +370,60 @@ pub async fn wait_ready(http: &reqwest::Client, coord: &str, n: usize, timeout: 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The answer to one `POST /api/v1/vms`, sent again as a client would: after a connection
+/// error (the coordinator is down: to the next of `urls`, the same one when there is only
+/// one) and after a 503 (retryable by contract). A 409 naming the VM as existing after a
+/// resend means the first attempt was recorded: the VM is looked up.
+#[derive(Debug, Default)]
+pub struct Answer {
+    pub id: Option<String>,
+    /// Non-retryable error answers (status, body).
+    pub error: Option<(u16, String)>,
+    pub connection_errors: usize,
+    pub retryable: usize,
+    pub found_after_resend: bool,
+}
+
+/// `POST /api/v1/vms` with `body` to `urls[first]`, retried as [`Answer`] says until `deadline`.
+pub async fn create_with_retry(http: &reqwest::Client, urls: &[String], first: usize, body: &Value, deadline: Instant) -> Answer {
+    let mut a = Answer::default();
+    let name = body["name"].as_str().unwrap_or_default().to_string();
+    let mut at = first;
+    loop {
+        assert!(Instant::now() < deadline, "request for {name} still unanswered: {a:?}");
+        let url = &urls[at];
+        match http.post(format!("{url}/api/v1/vms")).json(body).send().await {
+            Err(_) => {
+                a.connection_errors += 1;
+                at = (at + 1) % urls.len();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let v: Value = r.json().await.unwrap_or(Value::Null);
+                match status {
+                    200..=299 => {
+                        a.id = v["id"].as_str().map(String::from);
+                        return a;
+                    }
+                    503 => {
+                        a.retryable += 1;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    409 if a.connection_errors > 0 && v["error"].as_str().is_some_and(|e| e.contains("exists already")) => {
+                        // Recorded by the attempt whose answer the crash swallowed.
+                        let got: Value = http.get(format!("{url}/api/v1/vms/{name}")).send().await.unwrap().json().await.unwrap();
+                        a.id = got["id"].as_str().map(String::from);
+                        a.found_after_resend = true;
+                        return a;
+                    }
+                    _ => {
+                        a.error = Some((status, v.to_string()));
+                        return a;
+                    }
+                }
+            }
+        }
+    }
+}

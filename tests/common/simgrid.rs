@@ -25,24 +25,32 @@ pub struct SimGrid {
     pub sims: Vec<Sim>,
 }
 
+/// Image server `is0` (data in `dir/is`) advertising to `coordinators` (comma-separated),
+/// holding image `tiny` (1 MiB, imported through the first coordinator): the simulated hosts
+/// never read it, the coordinator resolves it.
+pub fn tiny_image_server(dir: &std::path::Path, coordinators: &str) -> Role {
+    let p = |s: &str| dir.join(s).to_str().unwrap().to_string();
+    let server = Role::start(
+        &["image-server", "--listen", "127.0.0.1:0", "--data-dir", &p("is"), "--coordinator", coordinators, "--name", "is0"],
+        dir.join("is.log"),
+    );
+    std::fs::write(p("tiny.raw"), vec![7u8; 1 << 20]).unwrap();
+    let first = coordinators.split(',').next().unwrap();
+    let o = Command::new(vgrid_bin())
+        .args(["image", "import", &p("tiny.raw"), "--name", "tiny", "--image-server", &server.url])
+        .env("VGRID_URL", first)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    server
+}
+
 impl SimGrid {
     pub fn start(hosts: usize, spec: impl Fn(usize) -> SimSpec) -> SimGrid {
         let dir = tempfile::Builder::new().prefix("vgf").tempdir_in("/tmp").unwrap();
         let coordinator = Self::coordinator(&dir, "127.0.0.1:0", 0);
         let listen = coordinator.url.trim_start_matches("https://").to_string();
-        let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
-        let server = Role::start(
-            &["image-server", "--listen", "127.0.0.1:0", "--data-dir", &p("is"), "--coordinator", &coordinator.url, "--name", "is0"],
-            dir.path().join("is.log"),
-        );
-        // A small image: the simulated hosts never read it, the coordinator resolves it.
-        std::fs::write(p("tiny.raw"), vec![7u8; 1 << 20]).unwrap();
-        let o = Command::new(vgrid_bin())
-            .args(["image", "import", &p("tiny.raw"), "--name", "tiny", "--image-server", &server.url])
-            .env("VGRID_URL", &coordinator.url)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let server = tiny_image_server(dir.path(), &coordinator.url);
         let token = login_token(&coordinator.url);
         let ca = std::fs::read_to_string(pinned_ca(&coordinator.url)).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
