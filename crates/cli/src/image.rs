@@ -132,7 +132,7 @@ fn guest_dir(recipe: &str, prefix: &str) -> String {
 
 fn out_help() -> String {
     format!(
-        "Where to build and cache the guest [default: $VGRID_CACHE or ~/.cache/vgrid, then /{} or, with --debian, /{}]",
+        "Where to build and cache the guest [default: CACHE/{} or, with --debian, CACHE/{}, where CACHE is $VGRID_CACHE or ~/.cache/vgrid]",
         guest_dir(BUILD_SAMPLE, "sample-guest"),
         guest_dir(BUILD_DEBIAN, "debian-guest")
     )

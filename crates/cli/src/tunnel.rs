@@ -220,6 +220,9 @@ async fn carry(ws: Ws, sw: &Switch, id: LinkId) -> String {
                             }
                         }
                     }
+                    // Let the links' writers send before this one reads again: the read that
+                    // finds nothing more would otherwise come first (a syscall per frame of RTT).
+                    tokio::task::yield_now().await;
                 }
                 Some(Ok(Message::Text(t))) => {
                     if let Ok(DirectControl::Macs { macs }) = serde_json::from_str(&t) {
@@ -241,7 +244,10 @@ async fn read_local(end: Arc<End>, sw: Arc<Switch>) {
     loop {
         match end.recv().await {
             Ok(f) if f.is_empty() => {}
-            Ok(f) => sw.input(LOCAL, f),
+            Ok(f) => {
+                sw.input(LOCAL, f);
+                tokio::task::yield_now().await;
+            }
             Err(e) => {
                 eprintln!("tunnel: reading the local device: {e}");
                 return;

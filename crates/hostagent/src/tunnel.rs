@@ -301,22 +301,32 @@ async fn serve_socket(
         };
         tracing::debug!(vm = %vm, port, "QEMU connected to its tunnel socket");
         let (mut rd, mut wr) = conn.into_split();
+        // One read takes every frame QEMU has written; they are handed on, and the writer they
+        // went to runs before the next read (which usually finds nothing: off the RTT).
         let read = async {
-            let mut len = [0u8; 4];
+            let mut buf = bytes::BytesMut::with_capacity(MAX_BATCH);
             loop {
-                if rd.read_exact(&mut len).await.is_err() {
-                    break;
+                let mut handed = false;
+                while buf.len() >= 4 {
+                    let n = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+                    if n == 0 || n > MAX_FRAME {
+                        tracing::warn!(vm = %vm, port, "QEMU sent a frame of {n} bytes: closing its tunnel connection");
+                        return;
+                    }
+                    if buf.len() < 4 + n {
+                        break;
+                    }
+                    let _ = buf.split_to(4);
+                    from_guest(&inner, port, &network, mac, buf.split_to(n).freeze());
+                    handed = true;
                 }
-                let n = u32::from_be_bytes(len) as usize;
-                if n == 0 || n > MAX_FRAME {
-                    tracing::warn!(vm = %vm, port, "QEMU sent a frame of {n} bytes: closing its tunnel connection");
-                    break;
+                if handed {
+                    tokio::task::yield_now().await;
                 }
-                let mut f = vec![0u8; n];
-                if rd.read_exact(&mut f).await.is_err() {
-                    break;
+                buf.reserve(MAX_FRAME + 4);
+                if !matches!(rd.read_buf(&mut buf).await, Ok(n) if n > 0) {
+                    return;
                 }
-                from_guest(&inner, port, &network, mac, f.into());
             }
         };
         let write = async {
@@ -372,6 +382,8 @@ async fn carry_direct(
                     if let Err(e) = deliver_direct(inner, network, &b) {
                         return format!("malformed batch from the user: {e}");
                     }
+                    // The guests' writers run before this link reads again (latency).
+                    tokio::task::yield_now().await;
                     Ok(())
                 }
                 Some(Ok(M::Close(_))) | None => return "closed by the user".into(),
@@ -476,7 +488,10 @@ async fn run_link(
                 tx.send(Message::Binary(b.into())).await.map_err(|e| e.to_string())?;
             }
             m = rx.next() => match m {
-                Some(Ok(Message::Binary(b))) => deliver(inner, &b),
+                Some(Ok(Message::Binary(b))) => {
+                    deliver(inner, &b);
+                    tokio::task::yield_now().await;
+                }
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<HostControl>(&t) {
                     Ok(HostControl::Refused { port, error }) => tracing::warn!(port, "the relay refused tunnel port {port}: {error}"),
                     Ok(HostControl::Attached { port, network }) => tracing::info!(port, network = %network, "tunnel port {port} joined network {network}"),

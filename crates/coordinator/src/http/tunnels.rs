@@ -183,6 +183,8 @@ async fn run_host(c: Arc<Coordinator>, host: String, ws: WebSocket) {
                         Err(e) => tracing::warn!(host = %host, "tunnel link of host {host}: malformed batch: {e}"),
                     }
                 }
+                // The writers the frames went to run before this link reads again (latency).
+                tokio::task::yield_now().await;
             }
             Message::Text(t) => match serde_json::from_str::<HostControl>(&t) {
                 Ok(HostControl::Attach { port, vm, nic }) => {
@@ -259,6 +261,7 @@ async fn run_user(c: Arc<Coordinator>, network: String, user: String, ws: WebSoc
                         Err(e) => tracing::warn!(user = %user, network = %network, "vgrid tunnel of user {user}: malformed batch: {e}"),
                     }
                 }
+                tokio::task::yield_now().await;
             }
             Message::Close(_) => break,
             _ => {}
