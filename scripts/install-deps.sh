@@ -105,7 +105,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-utils qemu-system-data seabios ipxe-qemu
-$SUDO apt-get install -y -qq --no-install-recommends libnbd-bin nbdkit e2fsprogs iproute2 curl zstd busybox-static fio python3 python3-venv debootstrap libfaketime nftables passt etcd-server etcd-client protobuf-compiler libprotobuf-dev chromium chromium-driver
+$SUDO apt-get install -y -qq --no-install-recommends gcc libnbd-bin nbdkit e2fsprogs iproute2 curl zstd busybox-static fio python3 python3-venv debootstrap libfaketime nftables passt etcd-server etcd-client protobuf-compiler libprotobuf-dev chromium chromium-driver
 schemathesis
 prometheus_client
 selenium
