@@ -318,9 +318,14 @@ impl ChunkCache {
         }
     }
 
-    fn purge_fds(&self, inner: &mut Inner) {
+    /// Past `max_open_files` open chunk files, takes the least recently used half's descriptors
+    /// out of the cache; the caller drops them (closes the files) after releasing the lock, so
+    /// hundreds of `close` calls never stall every reader.
+    #[must_use]
+    fn purge_fds(&self, inner: &mut Inner) -> Vec<Arc<File>> {
+        let mut closed = Vec::new();
         if inner.open_fds <= self.max_open_files {
-            return;
+            return closed;
         }
         let target = self.max_open_files / 2;
         let Inner { map, lru, open_fds, .. } = inner;
@@ -329,11 +334,13 @@ impl ChunkCache {
                 break;
             }
             if let Some(e) = map.get_mut(h) {
-                if e.fd.take().is_some() {
+                if let Some(fd) = e.fd.take() {
                     *open_fds -= 1;
+                    closed.push(fd);
                 }
             }
         }
+        closed
     }
 
     /// True if the chunk is cached (no LRU update, no counters).
@@ -415,7 +422,9 @@ impl ChunkCache {
             g.open_fds += 1;
         }
         g.touch(hash);
-        self.purge_fds(&mut g);
+        let closed = self.purge_fds(&mut g);
+        drop(g);
+        drop(closed);
         Some(ChunkFile { file, len })
     }
 
@@ -511,7 +520,9 @@ impl ChunkCache {
         }
         g.touch(hash);
         self.evict(&mut g, Some(hash));
-        self.purge_fds(&mut g);
+        let closed = self.purge_fds(&mut g);
+        drop(g);
+        drop(closed);
         Ok(ChunkFile { file, len })
     }
 
@@ -720,6 +731,32 @@ mod tests {
 
     fn open(dir: &Path, max: u64) -> Arc<ChunkCache> {
         Arc::new(ChunkCache::open(dir, max, 64).unwrap())
+    }
+
+    /// More chunks than `max_open_files`: the open descriptors stay bounded (the least
+    /// recently used half is closed when the bound is passed), and every chunk still reads
+    /// back whole, reopened when its descriptor was closed.
+    #[test]
+    fn open_chunk_files_stay_bounded_and_read_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(tmp.path(), 1 << 30, 16).unwrap();
+        let chunks: Vec<Vec<u8>> = (0..60).map(|i| data(i, 512)).collect();
+        let hashes: Vec<ChunkHash> = chunks.iter().map(|d| ChunkHash::of(d)).collect();
+        for (h, d) in hashes.iter().zip(&chunks) {
+            drop(c.insert(h, d).unwrap());
+            assert!(c.inner.lock().unwrap().open_fds <= 16);
+        }
+        for round in 0..3 {
+            for (i, h) in hashes.iter().enumerate().rev() {
+                let f = c.get(h).unwrap_or_else(|| panic!("chunk {i} gone in round {round}"));
+                let mut buf = vec![0u8; 512];
+                f.read_at(&mut buf, 0).unwrap();
+                assert_eq!(buf, chunks[i], "chunk {i}, round {round}");
+                drop(f);
+                let open = c.inner.lock().unwrap().open_fds;
+                assert!(open <= 16, "{open} chunk files open, the bound is 16");
+            }
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub struct ProxyConfig {
     pub cache_dir: PathBuf,
     /// Size bound of the cache in bytes.
     pub cache_max_bytes: u64,
-    /// Most chunk files kept open for serving (default 1024).
+    /// Most chunk files kept open for serving (default [`default_max_open_files`]).
     pub max_open_files: usize,
     /// How long a read whose chunk cannot be fetched (every image server unreachable) waits
     /// for one to answer, trying them again with backoff (0.2 s doubling to 5 s), before the
@@ -49,12 +49,23 @@ pub struct ProxyConfig {
     pub ram_prefetch_concurrency: usize,
 }
 
+/// Chunk files a proxy keeps open by default: half of this process's open-file limit (the rest
+/// is for sockets, QEMU's descriptors and the like), between 256 and 65,536. A random reader of
+/// an image with more chunks than this opens a file per read (`vgrid` raises its soft limit to
+/// the hard one at start).
+pub fn default_max_open_files() -> usize {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct it is given.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 { r.rlim_cur } else { 1024 };
+    (soft.min(1 << 20) as usize / 2).clamp(256, 65_536)
+}
+
 impl ProxyConfig {
     pub fn new(cache_dir: impl Into<PathBuf>, cache_max_bytes: u64) -> Self {
         ProxyConfig {
             cache_dir: cache_dir.into(),
             cache_max_bytes,
-            max_open_files: 1024,
+            max_open_files: default_max_open_files(),
             fetch_timeout: Some(DEFAULT_FETCH_TIMEOUT),
             fetch_attempt_timeout: Duration::from_secs(60),
             readahead_chunks: 8,

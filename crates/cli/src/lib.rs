@@ -129,7 +129,23 @@ pub enum Cmd {
 }
 
 /// Entry point of the `vgrid` binary.
+/// Raises this process's soft limit of open files to its hard limit (at most 2^20), as servers
+/// do: a host's block proxy keeps up to half of it open as cached chunk files
+/// (`vgrid_blockproxy::default_max_open_files`); the shell's usual 1024 would make a random
+/// reader of a big image reopen a chunk file per read.
+fn raise_open_file_limit() {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max.min(1 << 20);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
 pub fn main() -> ExitCode {
+    raise_open_file_limit();
     let cli = Cli::parse();
     init_tracing(
         matches!(cli.cmd, Cmd::Up(_) | Cmd::ImageServer(_) | Cmd::Coordinator(_) | Cmd::Host(HostArgs { cmd: None, .. }))
