@@ -219,8 +219,9 @@ fn written(text: &str) -> Vec<u8> {
 /// It follows its VM: a write on h1; a live migration to h2 (the volume's overlay mirrored
 /// with the root disk's) reads it back from the disk; a second write on h2, `vm suspend` (the
 /// volume committed, the VM keeps the claim: a read-write attach elsewhere is refused naming
-/// it), `vm resume --host h1` reads both back; `vm stop` commits everything, and the source of
-/// the migration committed nothing (fenced, and told so).
+/// it), `vm resume --host h1` reads both back; a third write, a live migration to h2 reads all
+/// three back; `vm stop` commits everything, and the sources of the migrations committed
+/// nothing (fenced, and told so).
 #[test]
 fn a_volume_follows_its_vm_through_live_migration_and_suspend_resume() {
     const SEEK2: u64 = 8192;
@@ -265,14 +266,27 @@ fn a_volume_follows_its_vm_through_live_migration_and_suspend_resume() {
     let third = format!("third-{PAYLOAD}");
     console_until(&g, &dir1, &format!("{} && echo w3-$((3+3))", write_block_cmd(&third, SEEK3)), "w3-6");
 
-    // Stopped on h1: one more version holds the third write; h2 (the migration's source)
-    // committed nothing and kept nothing.
+    // The resumed VM migrates live again, to h2: all three read back from the disk there.
+    let m = g.json(&["vm", "migrate", "mover", "--to", "h2", "--timeout", "240"]);
+    assert_eq!((m["migration"]["status"].as_str(), m["host"].as_str()), (Some("completed"), Some("h2")), "{m}");
+    let reads = [SEEK, SEEK2, SEEK3].map(read_block_cmd).join("; ");
+    console_until(&g, &dir2, &format!("{reads}; echo r3-$((40+4))"), "r3-44");
+    // (A console of its own: the one of its first stay on h2 went at the resume.)
+    assert!(!console_has_line(&dir2, "r1-21"), "h2's console log is the old one: {}", console_log(&dir2));
+    for line in [PAYLOAD, &second, &third] {
+        assert!(console_has_line(&dir2, line), "{line} not read back on h2: {}", console_log(&dir2));
+    }
+
+    // Stopped on h2: one more version holds the third write; h1 and h2, each the source of a
+    // migration, committed nothing then and kept nothing.
     let o = g.cli(&["vm", "stop", "mover"]);
     assert!(o.status.success(), "stop: {}", stderr(&o));
     let show = g.json(&["volume", "show", "mobile"]);
     assert_eq!(show["versions"], serde_json::json!([1, 2, 3]), "{show}");
     assert!(show.get("attached_rw").is_none(), "{show}");
-    assert!(!g.host_dir("h2").join("volumes-pending").exists(), "h2 kept a volume overlay it could not commit");
+    for h in ["h1", "h2"] {
+        assert!(!g.host_dir(h).join("volumes-pending").exists(), "{h} kept a volume overlay it could not commit");
+    }
     let out = g.dir.path().join("mobile.raw");
     let o = g.cli(&["volume", "export", "mobile", out.to_str().unwrap(), "--image-server", &is]);
     assert!(o.status.success(), "export: {}", stderr(&o));
