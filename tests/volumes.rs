@@ -1,11 +1,14 @@
 //! Volumes (the data servers' role): the user's data on the image servers, attached to real
 //! guests as virtio disks through the hosts' block proxies, written on one host and read back
 //! byte-exact on another; one writer at a time; commits while running, at stop and after the
-//! host agent was SIGKILLed; a volume outlives its VM. Separate role processes (a
-//! coordinator, an image server, two host agents).
+//! host agent was SIGKILLed; a volume outlives its VM; it follows its VM through a suspend,
+//! a resume on another host and a live migration. Separate role processes (a coordinator, an
+//! image server, two host agents).
 mod common;
 use common::api_get;
-use common::grid::{console_has_line, type_on_console, RoleGrid as Grid};
+use common::grid::{console_has_line, console_log, type_on_console, RoleGrid as Grid};
+use std::io::Write;
+use std::path::Path;
 use std::time::Duration;
 
 /// What the writer puts on the volume, at byte offset `SEEK * 512` (past the first chunk: the
@@ -59,9 +62,9 @@ fn a_volume_written_on_one_host_is_read_back_byte_exact_on_another() {
     assert_eq!(c["volume"], "data@2", "{c}");
     assert_eq!(c["chunks_changed"], 0, "{c}");
 
-    // Moving a VM with volumes is refused for now (their writes would not follow it).
-    let o = g.cli(&["vm", "migrate", "writer", "--to", "h2"]);
-    assert!(!o.status.success() && stderr(&o).contains("has volumes attached"), "{o:?}");
+    // A warm image of a VM with volumes would not hold their data: refused.
+    let o = g.cli(&["image", "snapshot", "writer", "--name", "writer-warm"]);
+    assert!(!o.status.success() && stderr(&o).contains("cannot be saved as a warm image"), "{o:?}");
 
     // A second write, committed at stop; the VM goes, the volume stays.
     type_on_console(
@@ -114,8 +117,8 @@ fn a_volume_written_on_one_host_is_read_back_byte_exact_on_another() {
     assert!(o.status.success(), "rm snapshot: {}", stderr(&o));
 }
 
-/// The image server SIGKILLed while a commit is due: the commit fails with an error naming
-/// the image server, the guest runs on, the last committed version is intact; the image
+/// The image server SIGKILLed while a commit is due: the commit (and a suspend, which
+/// commits first) fails with an error naming the image server (the volume), the guest runs on, the last committed version is intact; the image
 /// server restarted (on another port), the retried commit publishes the write, byte-exact.
 #[test]
 fn a_commit_while_the_image_server_is_down_fails_clearly_and_succeeds_once_it_is_back() {
@@ -133,6 +136,10 @@ fn a_commit_while_the_image_server_is_down_fails_clearly_and_succeeds_once_it_is
     let o = g.cli(&["volume", "commit", "logs"]);
     let e = stderr(&o);
     assert!(!o.status.success() && e.contains("image server"), "a commit without an image server: {o:?}");
+    assert_eq!(g.json(&["vm", "show", "logger"])["state"], "running");
+    // A suspend commits the volume first: it fails cleanly too, naming the volume.
+    let o = g.cli(&["vm", "suspend", "logger"]);
+    assert!(!o.status.success() && stderr(&o).contains("volume logs"), "a suspend without an image server: {o:?}");
     assert_eq!(g.json(&["vm", "show", "logger"])["state"], "running");
     type_on_console(&dir, "echo still-running");
     g.wait_until("the guest to answer after the failed commit", Duration::from_secs(60), || console_has_line(&dir, "still-running"));
@@ -163,4 +170,134 @@ fn a_commit_while_the_image_server_is_down_fails_clearly_and_succeeds_once_it_is
     assert_eq!(&raw[16 * 512..17 * 512], &want[..]);
     let o = g.cli(&["vm", "rm", "--force", "logger"]);
     assert!(o.status.success(), "rm: {}", stderr(&o));
+}
+
+/// Types `cmd` on the console in `dir` and keeps the connection open until the line `until`
+/// shows (a guest just restored may read its input late). `until` must be output only, not a
+/// part of `cmd` (the shell echoes what is typed: compute it, `$((1+1))`).
+fn console_until(g: &Grid, dir: &Path, cmd: &str, until: &str) {
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join("console.sock")).expect("console socket");
+    // Drained while it is open: QEMU holds the guest's console output back once the socket's
+    // buffer is full (each character may take a message of its own).
+    let mut drain = s.try_clone().unwrap();
+    std::thread::spawn(move || std::io::copy(&mut drain, &mut std::io::sink()));
+    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+    let t0 = std::time::Instant::now();
+    while !console_has_line(dir, until) {
+        let log = console_log(dir);
+        let tail = &log[log.len().saturating_sub(2000)..];
+        assert!(t0.elapsed() < Duration::from_secs(120), "no line {until:?} on the console after 120 s:\n{tail}\n{}", g.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+/// Reads block `n` of the guest's /dev/vdb from the disk, not the guest's page cache (dropped
+/// first: what it held before a suspend or a migration proves nothing).
+fn read_block_cmd(n: u64) -> String {
+    format!("sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=512 skip={n} count=1 2>/dev/null | head -n 1")
+}
+
+/// Writes `text` and a newline as block `n` of the guest's /dev/vdb (through a file: `dd` may
+/// read a pipe short and pad the rest of the block with zeros), synced.
+fn write_block_cmd(text: &str, n: u64) -> String {
+    format!("printf '{text}\\n' > /tmp/blk && dd if=/tmp/blk of=/dev/vdb bs=512 seek={n} conv=sync 2>/dev/null && sync")
+}
+
+/// Block `n` of the raw volume in `raw`, and the 512-byte block a `printf 'TEXT\n' | dd
+/// conv=sync` writes.
+fn block(raw: &[u8], n: u64) -> &[u8] {
+    &raw[(n * 512) as usize..(n * 512 + 512) as usize]
+}
+
+fn written(text: &str) -> Vec<u8> {
+    let mut b = format!("{text}\n").into_bytes();
+    b.resize(512, 0);
+    b
+}
+
+/// It follows its VM: a write on h1; a live migration to h2 (the volume's overlay mirrored
+/// with the root disk's) reads it back from the disk; a second write on h2, `vm suspend` (the
+/// volume committed, the VM keeps the claim: a read-write attach elsewhere is refused naming
+/// it), `vm resume --host h1` reads both back; a third write, a live migration to h2 reads all
+/// three back; `vm stop` commits everything, and the sources of the migrations committed
+/// nothing (fenced, and told so).
+#[test]
+fn a_volume_follows_its_vm_through_live_migration_and_suspend_resume() {
+    const SEEK2: u64 = 8192;
+    const SEEK3: u64 = 16384;
+    let g = Grid::start(&["h1", "h2"]);
+    let is = g._server.url.clone();
+    let o = g.cli(&["volume", "create", "mobile", "--size", "64M", "--image-server", &is]);
+    assert!(o.status.success(), "volume create: {}", stderr(&o));
+    let v = g.run_with("host.name == \"h1\"", "mover", &["--volume", "mobile"]);
+    let id = v["id"].as_str().unwrap().to_string();
+    let dir = g.runtime_dir("h1", &id);
+    console_until(&g, &dir, &format!("{} && echo w1-$((1+1))", write_block_cmd(PAYLOAD, SEEK)), "w1-2");
+
+    // Live migration to h2: the volume's uncommitted write travels with it.
+    let m = g.json(&["vm", "migrate", "mover", "--to", "h2", "--timeout", "240"]);
+    assert_eq!((m["migration"]["status"].as_str(), m["host"].as_str()), (Some("completed"), Some("h2")), "{m}");
+    let dir2 = g.runtime_dir("h2", &id);
+    console_until(&g, &dir2, &format!("{}; echo r1-$((20+1))", read_block_cmd(SEEK)), "r1-21");
+    assert!(console_has_line(&dir2, PAYLOAD), "{}", console_log(&dir2));
+    assert_eq!(g.json(&["volume", "show", "mobile"])["versions"], serde_json::json!([1]), "the migration committed a version");
+    let second = format!("second-{PAYLOAD}");
+    console_until(&g, &dir2, &format!("{} && echo w2-$((2+2))", write_block_cmd(&second, SEEK2)), "w2-4");
+
+    // Suspend: the volume's writes are committed as its version 2; the VM keeps the claim.
+    let s = g.json(&["vm", "suspend", "mover"]);
+    assert_eq!(s["vm"]["state"], "suspended", "{s}");
+    let show = g.json(&["volume", "show", "mobile"]);
+    assert_eq!((show["versions"].clone(), show["attached_rw"].clone()), (serde_json::json!([1, 2]), "mover".into()), "{show}");
+    let o = g.cli(&["vm", "run", "sample", "--name", "thief", "--volume", "mobile", "--no-wait"]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("attached read-write to VM mover") && e.contains("suspended"), "{o:?}");
+    let c = g.json(&["volume", "commit", "mobile"]);
+    assert_eq!((c["volume"].as_str(), c["chunks_changed"].as_u64()), (Some("mobile@2"), Some(0)), "{c}");
+
+    // Resumed on h1: the guest reads both writes from the disk.
+    let r = g.json(&["vm", "resume", "mover", "--host", "h1", "--timeout", "300"]);
+    assert_eq!((r["state"].as_str(), r["host"].as_str()), (Some("running"), Some("h1")), "{r}");
+    let dir1 = g.runtime_dir("h1", &id);
+    console_until(&g, &dir1, &format!("{}; {}; echo r2-$((30+3))", read_block_cmd(SEEK), read_block_cmd(SEEK2)), "r2-33");
+    assert!(console_has_line(&dir1, PAYLOAD) && console_has_line(&dir1, &second), "{}", console_log(&dir1));
+
+    let third = format!("third-{PAYLOAD}");
+    console_until(&g, &dir1, &format!("{} && echo w3-$((3+3))", write_block_cmd(&third, SEEK3)), "w3-6");
+
+    // The resumed VM migrates live again, to h2: all three read back from the disk there.
+    let m = g.json(&["vm", "migrate", "mover", "--to", "h2", "--timeout", "240"]);
+    assert_eq!((m["migration"]["status"].as_str(), m["host"].as_str()), (Some("completed"), Some("h2")), "{m}");
+    let reads = [SEEK, SEEK2, SEEK3].map(read_block_cmd).join("; ");
+    console_until(&g, &dir2, &format!("{reads}; echo r3-$((40+4))"), "r3-44");
+    // (A console of its own: the one of its first stay on h2 went at the resume.)
+    assert!(!console_has_line(&dir2, "r1-21"), "h2's console log is the old one: {}", console_log(&dir2));
+    for line in [PAYLOAD, &second, &third] {
+        assert!(console_has_line(&dir2, line), "{line} not read back on h2: {}", console_log(&dir2));
+    }
+
+    // Stopped on h2: one more version holds the third write; h1 and h2, each the source of a
+    // migration, committed nothing then and kept nothing.
+    let o = g.cli(&["vm", "stop", "mover"]);
+    assert!(o.status.success(), "stop: {}", stderr(&o));
+    let show = g.json(&["volume", "show", "mobile"]);
+    assert_eq!(show["versions"], serde_json::json!([1, 2, 3]), "{show}");
+    assert!(show.get("attached_rw").is_none(), "{show}");
+    for h in ["h1", "h2"] {
+        assert!(!g.host_dir(h).join("volumes-pending").exists(), "{h} kept a volume overlay it could not commit");
+    }
+    let out = g.dir.path().join("mobile.raw");
+    let o = g.cli(&["volume", "export", "mobile", out.to_str().unwrap(), "--image-server", &is]);
+    assert!(o.status.success(), "export: {}", stderr(&o));
+    let raw = std::fs::read(&out).unwrap();
+    assert_eq!(block(&raw, SEEK), &written(PAYLOAD)[..]);
+    assert_eq!(block(&raw, SEEK2), &written(&second)[..]);
+    assert_eq!(block(&raw, SEEK3), &written(&third)[..]);
+    let o = g.cli(&["vm", "rm", "mover"]);
+    assert!(o.status.success(), "rm: {}", stderr(&o));
+    let o = g.cli(&["vm", "run", "sample", "--name", "thief", "--volume", "mobile", "--no-wait"]);
+    assert!(o.status.success(), "a read-write attach once the VM is gone: {}", stderr(&o));
+    let o = g.cli(&["vm", "rm", "--force", "thief"]);
+    assert!(o.status.success(), "rm thief: {}", stderr(&o));
 }

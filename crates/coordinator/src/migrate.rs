@@ -7,7 +7,9 @@
 //! mirrors its overlay and sends memory (`POST /host/v1/vms/{id}/migrate`, polled), and only
 //! when the destination reports the guest running (`.../finish`) does the record's host change
 //! and the source QEMU go. Anything else leaves the VM running at the source, the record on the
-//! source, the destination's QEMU killed and its reservation released.
+//! source, the destination's QEMU killed and its reservation released. Read-write volumes
+//! travel like the root disk (their overlays mirrored by the source); the destination gets
+//! fresh epochs, raised once it has taken over, which fences the source.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -88,7 +90,6 @@ impl Coordinator {
         if rec.state != VmState::Running {
             return Err(CoordinatorError::Conflict(format!("VM {} is {}; only a running VM can migrate", rec.id, rec.state.as_str())));
         }
-        crate::volumes::refuse_moving(&rec, "migrated")?;
         let source = rec.host.clone().unwrap_or_default();
         if let Some(to) = &req.to {
             if *to == source {
@@ -119,10 +120,14 @@ impl Coordinator {
         let preq = placement_request(&rec.owner, &manifest, &rec.config, &Some(require), &rec.rank);
         let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
 
+        // The destination's read-write volumes: the same versions under fresh epochs, raised
+        // once it has taken over (the source, fenced, can no longer commit).
+        let volumes = self.volumes_with_fresh_epochs(&rec.config.volumes).await?;
         let (rec, placement) = self.begin_migration(&rec.id, &source, &preq, &opts, downtime_ms, max_seconds).await?;
         tracing::info!(vm = %rec.id, from = %source, to = %placement.host, downtime_ms, max_seconds, "live migration started");
         let dest = HostClient::new(&placement.host, &placement.url, self.http.clone());
-        let launch = launch_request(&rec, rec.saved_image.is_some().then(|| manifest.image_ref()));
+        let mut launch = launch_request(&rec, rec.saved_image.is_some().then(|| manifest.image_ref()));
+        launch.config.volumes = volumes;
         let me = self.clone();
         let id = rec.id.clone();
         let bw = req.max_bandwidth_mib;
@@ -222,6 +227,7 @@ impl Coordinator {
         t0: Instant,
     ) -> Result<(), (MigrationStatus, String)> {
         let fail = |e: String| (MigrationStatus::Failed, e);
+        let volumes = launch.config.volumes.clone();
         let src = self.client(source).map_err(|e| fail(e.to_string()))?;
         let ready = dest
             .migrate_incoming(&IncomingRequest { launch, listen_host: url_host(&dest.url) })
@@ -287,8 +293,16 @@ impl Coordinator {
                     if let Some(m) = v.migration.as_mut() {
                         apply(m, &status);
                     }
+                    v.config.volumes = volumes.clone();
                 };
                 let moved = self.transact(id, |_| Some(ended.clone()), figures, None).await.map(|w| w.rec);
+                if let Ok(r) = &moved {
+                    // Fences the source: its QEMU's end must not commit the volumes' writes,
+                    // which run on at the destination (its agent skips them too).
+                    if let Err(e) = self.fence_volumes(r).await {
+                        tracing::warn!(vm = %id, "raising the migrated VM's volume epochs: {e}");
+                    }
+                }
                 tracing::info!(vm = %id, from = %source, to = %dest.name, downtime_ms = ?status.downtime_ms,
                     total_ms = ?status.total_ms, "migration completed; the VM runs on the destination");
                 crate::metrics::migrated(status.total_ms, status.downtime_ms);

@@ -7,7 +7,9 @@
 //! scheduler (any matching host, `--require`, or `--host`) and launches the saved image there:
 //! the host restores it with `-incoming` and the guest continues where it stopped. Removing the
 //! VM deletes its saved image. A save that fails leaves the VM running; a resume that fails
-//! leaves it suspended.
+//! leaves it suspended. A VM's read-write volumes are committed by its host as part of the
+//! suspend (the guest paused); it keeps their claims while suspended, and resumes over their
+//! heads (the versions just committed) under fresh epochs (`Coordinator::volumes_for_resume`).
 
 use std::sync::Arc;
 
@@ -96,7 +98,7 @@ impl Coordinator {
     pub async fn snapshot(&self, key: &str, name: &str) -> Result<SavedImage, CoordinatorError> {
         vgrid_api::manifest::validate_name(name).map_err(CoordinatorError::Image)?;
         let (rec, client) = self.running_on(key, "snapshotted").await?;
-        crate::volumes::refuse_moving(&rec, "snapshotted")?;
+        crate::volumes::refuse_snapshot(&rec)?;
         tracing::info!(vm = %rec.id, image = name, "saving VM as a warm image");
         Ok(client.save(&rec.id, name, false).await?)
     }
@@ -109,7 +111,6 @@ impl Coordinator {
         let t0 = std::time::Instant::now();
         let (rec, client) = self.running_on(key, "suspended").await?;
         let _held = self.hold(&rec.id);
-        crate::volumes::refuse_moving(&rec, "suspended")?;
         // Only one suspend (or migration, or stop) of a running VM wins: the table refuses the
         // others.
         self.apply(&rec.id, Event::SuspendRequested).await.map_err(|e| match e {
@@ -180,8 +181,14 @@ impl Coordinator {
         self.sched.validate(&preq)?;
         let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
         self.resume_precheck(&rec, quota).await?;
+        let volumes = self.volumes_for_resume(&rec).await?;
         let old_host = rec.host.clone();
-        let (rec, placed) = self.place_resume(&rec, &preq, &opts, quota).await?;
+        let (rec, placed) = self.place_resume(&rec, &preq, &opts, quota, &volumes).await?;
+        // Its read-write volumes' new epochs, raised before it starts: any earlier incarnation
+        // (none holds uncommitted writes: its suspend committed them) is fenced.
+        if let Err(e) = self.fence_volumes(&rec).await {
+            tracing::warn!(vm = %rec.id, "raising the resumed VM's volume epochs: {e}");
+        }
         tracing::info!(vm = %rec.id, image = %saved, host = %placed.host, "resuming VM");
         let launch = launch_request(&rec, Some(manifest.image_ref()));
         let client = HostClient::new(&placed.host, &placed.url, self.http.clone());
@@ -224,6 +231,7 @@ impl Coordinator {
         preq: &PlacementRequest,
         opts: &PlaceOptions,
         quota: &Quota,
+        volumes: &[vgrid_api::volume::VolumeAttach],
     ) -> Result<(VmRecord, Placement), CoordinatorError> {
         let admit = Admit { quota: Some(quota.clone()) };
         let mut last = None;
@@ -231,7 +239,8 @@ impl Coordinator {
             let placed = self.sched.place_with(preq, opts).inspect_err(|e| crate::metrics::refused("resume", e)).map_err(place_error)?;
             crate::metrics::placed("resume");
             let ev = Event::ResumeRequested { host: placed.host.clone() };
-            let written = self.transact(&rec.id, |_| Some(ev.clone()), |_| {}, Some(&admit)).await;
+            let pin = |v: &mut VmRecord| v.config.volumes = volumes.to_vec();
+            let written = self.transact(&rec.id, |_| Some(ev.clone()), pin, Some(&admit)).await;
             match written {
                 Ok(w) => {
                     self.hand_over(&placed).await;

@@ -97,14 +97,42 @@ impl Coordinator {
                 return Err(CoordinatorError::Conflict(format!("volume {} is a snapshot of {of}: attach it read-only (:ro)", v.name)));
             }
             v.version = Some(head.version);
-            let mut epoch = now_micros();
-            for (client, _, _) in self.volume_on(&v.name).await? {
-                let current = client.volume_epoch(&v.name).await.map_err(CoordinatorError::ImageServer)?;
-                epoch = epoch.max(current + 1);
-            }
-            v.epoch = Some(epoch);
+            v.epoch = Some(self.fresh_epoch(&v.name).await?);
         }
         Ok(())
+    }
+
+    /// A fencing epoch for volume `name` newer than any granted before.
+    async fn fresh_epoch(&self, name: &str) -> Result<u64, CoordinatorError> {
+        let mut epoch = now_micros();
+        for (client, _, _) in self.volume_on(name).await? {
+            let current = client.volume_epoch(name).await.map_err(CoordinatorError::ImageServer)?;
+            epoch = epoch.max(current + 1);
+        }
+        Ok(epoch)
+    }
+
+    /// The attachments suspended VM `rec` resumes with: each read-write volume at its head
+    /// (the version its suspend committed; it holds the volume's claim, so nobody else
+    /// committed since) with a fresh epoch; read-only ones as they were.
+    pub(crate) async fn volumes_for_resume(&self, rec: &VmRecord) -> Result<Vec<VolumeAttach>, CoordinatorError> {
+        let mut out = rec.config.volumes.clone();
+        for v in out.iter_mut().filter(|v| !v.readonly) {
+            let (_, head, _) = self.volume_on(&v.name).await?.into_iter().next().ok_or_else(|| unknown(&v.name))?;
+            v.version = Some(head.version);
+            v.epoch = Some(self.fresh_epoch(&v.name).await?);
+        }
+        Ok(out)
+    }
+
+    /// `volumes` with fresh epochs for their read-write attaches (the destination of a live
+    /// migration: raised once it has taken over, which fences the source).
+    pub(crate) async fn volumes_with_fresh_epochs(&self, volumes: &[VolumeAttach]) -> Result<Vec<VolumeAttach>, CoordinatorError> {
+        let mut out = volumes.to_vec();
+        for v in out.iter_mut().filter(|v| !v.readonly) {
+            v.epoch = Some(self.fresh_epoch(&v.name).await?);
+        }
+        Ok(out)
     }
 
     /// Raises the epoch of `rec`'s read-write volumes on every image server holding them: from
@@ -166,6 +194,11 @@ impl Coordinator {
             let (m, _) = self.volume_checked(name, who, false).await?;
             return Ok(VolumeCommitted { volume: m.image_ref().to_string(), chunks_changed: 0, uploaded_bytes: 0, paused_secs: 0.0 });
         };
+        if rec.state == VmState::Suspended {
+            // Its suspend committed its writes: the head is the guest's data.
+            let (m, _) = self.volume_checked(name, who, false).await?;
+            return Ok(VolumeCommitted { volume: m.image_ref().to_string(), chunks_changed: 0, uploaded_bytes: 0, paused_secs: 0.0 });
+        }
         if rec.state != VmState::Running {
             return Err(CoordinatorError::Conflict(format!(
                 "volume {name} is attached to VM {} which is {}: its writes are committed when it stops or is removed",
@@ -229,15 +262,15 @@ impl Coordinator {
     }
 }
 
-/// Refuses to move (`what`: migrate, suspend, snapshot) a VM with volumes: their uncommitted
-/// writes do not travel with it yet.
-pub(crate) fn refuse_moving(rec: &VmRecord, what: &str) -> Result<(), CoordinatorError> {
+/// Refuses a warm-image snapshot (`vm snapshot`) of a VM with volumes: the image would hold
+/// the guest's memory but not its volumes (suspend, migrate or stop it instead).
+pub(crate) fn refuse_snapshot(rec: &VmRecord) -> Result<(), CoordinatorError> {
     if rec.config.volumes.is_empty() {
         return Ok(());
     }
     let names: Vec<&str> = rec.config.volumes.iter().map(|v| v.name.as_str()).collect();
     Err(CoordinatorError::Conflict(format!(
-        "VM {} has volumes attached ({}): it cannot be {what} yet (their writes do not travel with it); stop it (its volumes are committed) and run it again where you want it",
+        "VM {} has volumes attached ({}): it cannot be saved as a warm image (the image would not hold their data); use `vgrid volume snapshot` for a volume, `vm suspend` for the VM",
         rec.name,
         names.join(", ")
     )))

@@ -3,20 +3,23 @@
 //!
 //! Destination ([`incoming`]): the image opens lazily through this host's own block
 //! proxy and cache, an empty qcow2 overlay goes on top, QEMU starts with `-incoming defer`;
-//! QMP `nbd-server-start` + `block-export-add` export the overlay's format node (`vda`)
-//! writable on a TCP port, and `migrate-incoming` listens on another.
+//! QMP `nbd-server-start` + `block-export-add` export the overlay's format node (`vda`, and
+//! each read-write volume's `volN`) writable on a TCP port, and `migrate-incoming` listens on another.
 //!
 //! Source ([`send`], a background task polled with [`send_status`]): QMP
 //! `blockdev-add` of an NBD client node on the destination's export, `blockdev-mirror`
-//! `sync=top` of `vda` into it (only what the overlay holds travels; the base is the image, which
-//! the destination reads from its own cache); once the mirror is ready,
+//! `sync=top` of `vda` into it (only what the overlay holds travels; the base is the image,
+//! which the destination reads from its own cache), and the same for each read-write volume's
+//! overlay `volN` (exported by the destination too: a volume's uncommitted writes travel like
+//! the root disk's, over the same committed version); once the mirrors are ready,
 //! `migrate-set-capabilities` (`events`, `auto-converge`, `pause-before-switchover`),
 //! `migrate-set-parameters` (`downtime-limit`, `max-bandwidth`, and `tls-creds`: both the disk
 //! and the memory streams are TLS with the two hosts' grid certificates, see
 //! [`crate::tlscreds`]) and `migrate` to `tcp:`. At
-//! `pre-switchover` (the guest is paused) the mirror is cancelled, which flushes what is left
-//! without pivoting, and `migrate-continue` lets QEMU finish: the destination then owns a
-//! complete overlay. If the migration fails, is cancelled, or is still running after its maximum
+//! `pre-switchover` (the guest is paused) the mirrors are cancelled, which flushes what is left
+//! without pivoting, and `migrate-continue` lets QEMU finish: the destination then owns
+//! complete overlays, and the source marks its runtime directory ([`MIGRATED_MARKER`]) so that
+//! its QEMU's end does not commit the volumes' writes (they run on at the destination). If the migration fails, is cancelled, or is still running after its maximum
 //! duration: `migrate_cancel`, the mirror is cancelled, the NBD node removed, and the guest runs
 //! on at the source (resumed if the cancel left it paused).
 
@@ -29,7 +32,7 @@ use vgrid_api::migrate::{Migration, MigrationStatus};
 
 use crate::ctx::{HostCtx, Outgoing};
 use crate::error::AgentError;
-use crate::runtime::{CONSOLE_HISTORY, INCOMING_MARKER};
+use crate::runtime::{CONSOLE_HISTORY, INCOMING_MARKER, MIGRATED_MARKER};
 use crate::vm::{LaunchOptions, Vm};
 
 /// Name of the NBD client node (source) and of the export (destination).
@@ -38,6 +41,33 @@ const MIRROR_JOB: &str = "vgrid-mig-disk";
 const EXPORT_ID: &str = "vgrid-mig-vda";
 /// The overlay's format node, as `qemu_args` names it.
 const DISK_NODE: &str = "vda";
+
+/// One disk that travels with a live migration: the root overlay, and the overlay of each
+/// read-write volume (a read-only volume is the same export on both hosts).
+struct MigDisk {
+    /// Its overlay's format node, as `qemu_args` names it; also the export's name.
+    node: String,
+    /// The mirror job (source).
+    job: String,
+    /// The NBD client node on the destination's export (source).
+    target: String,
+    /// The NBD export (destination).
+    export: String,
+}
+
+/// The disks of `spec` that a live migration mirrors.
+fn mig_disks(spec: &crate::spec::VmSpec) -> Vec<MigDisk> {
+    let mut out = vec![MigDisk { node: DISK_NODE.into(), job: MIRROR_JOB.into(), target: TARGET_NODE.into(), export: EXPORT_ID.into() }];
+    for (i, _, _) in spec.volumes().filter(|(_, a, _)| !a.readonly) {
+        out.push(MigDisk {
+            node: format!("vol{i}"),
+            job: format!("{MIRROR_JOB}-vol{i}"),
+            target: format!("{TARGET_NODE}-vol{i}"),
+            export: format!("vgrid-mig-vol{i}"),
+        });
+    }
+    out
+}
 /// The source's status of a migration it starts sending now: the record's type, with the
 /// source's phase.
 fn first_status(from: &str, req: &SendRequest) -> Migration {
@@ -141,11 +171,11 @@ async fn open_incoming(ctx: &HostCtx, vm: &Vm, host: &str) -> Result<(u16, u16),
     if let Some(e) = last {
         return Err(e.into());
     }
-    vm.execute(
-        "block-export-add",
-        Some(json!({"type": "nbd", "id": EXPORT_ID, "node-name": DISK_NODE, "name": DISK_NODE, "writable": true})),
-    )
-    .await?;
+    // The root overlay and each read-write volume's, exported under their node names.
+    for d in mig_disks(vm.spec()) {
+        vm.execute("block-export-add", Some(json!({"type": "nbd", "id": d.export, "node-name": d.node, "name": d.node, "writable": true})))
+            .await?;
+    }
     if let Some(t) = tls {
         vm.execute("migrate-set-parameters", Some(json!({"tls-creds": t}))).await?;
     }
@@ -205,8 +235,10 @@ pub async fn incoming_finish(ctx: &HostCtx, id: &str, timeout: Duration, history
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    if let Err(e) = vm.execute("block-export-del", Some(json!({"id": EXPORT_ID, "mode": "hard"}))).await {
-        tracing::warn!(vm = %id, "removing the migration export: {e}");
+    for d in mig_disks(vm.spec()) {
+        if let Err(e) = vm.execute("block-export-del", Some(json!({"id": d.export, "mode": "hard"}))).await {
+            tracing::warn!(vm = %id, "removing the migration export {}: {e}", d.export);
+        }
     }
     if let Err(e) = vm.execute("nbd-server-stop", None).await {
         tracing::warn!(vm = %id, "stopping the migration NBD server: {e}");
@@ -251,6 +283,11 @@ pub fn send(ctx: &HostCtx, id: &str, req: SendRequest) -> Result<Migration, Agen
         let mut st = out.status.lock().unwrap().clone();
         match r {
             Ok(()) => {
+                // The guest (and its volumes' writes) belong to the destination now.
+                let marker = vm.runtime_dir().join(MIGRATED_MARKER);
+                if let Err(e) = crate::qemu_user::write_file(&marker, b"the VM was migrated to another host\n") {
+                    tracing::warn!(vm = %id, "cannot write {}: {e}", marker.display());
+                }
                 st.status = MigrationStatus::Completed;
                 st.phase = "completed".into();
                 tracing::info!(vm = %id, downtime_ms = ?st.downtime_ms, total_ms = ?st.total_ms, "migration completed");
@@ -297,6 +334,7 @@ pub async fn send_cancel(ctx: &HostCtx, id: &str) -> Result<Migration, AgentErro
     } else if done == MigrationStatus::Completed {
         if let Some(vm) = ctx.vm(id) {
             tracing::warn!(vm = %id, "the destination did not take over; resuming the guest here");
+            let _ = std::fs::remove_file(vm.runtime_dir().join(MIGRATED_MARKER));
             vm.cont().await?;
             let mut st = o.status.lock().unwrap();
             st.status = MigrationStatus::Failed;
@@ -364,8 +402,10 @@ async fn send_vm(
     let tls = mirror_disk(&s, qemu_user).await?;
     // 2. Memory by pre-copy.
     copy_memory(&s, tls).await?;
-    if let Err(e) = vm.execute("blockdev-del", Some(json!({"node-name": TARGET_NODE}))).await {
-        tracing::debug!(vm = %vm.id(), "removing the NBD target node after migration: {e}");
+    for d in mig_disks(vm.spec()) {
+        if let Err(e) = vm.execute("blockdev-del", Some(json!({"node-name": d.target}))).await {
+            tracing::debug!(vm = %vm.id(), "removing the NBD target node {} after migration: {e}", d.target);
+        }
     }
     Ok(())
 }
@@ -379,32 +419,43 @@ async fn mirror_disk(s: &Sending<'_>, qemu_user: Option<crate::qemu_user::QemuUs
     // TLS to the destination: it must show a certificate of this grid naming its address.
     let give = move |dir: &std::path::Path| qemu_user.as_ref().map_or(Ok(()), |u| u.give(dir));
     let tls = crate::tlscreds::add(vm, false, &give).await.map_err(failed)?;
-    let mut target = json!({
-        "driver": "nbd", "node-name": TARGET_NODE, "export": DISK_NODE,
-        "server": {"type": "inet", "host": d.host, "port": d.nbd_port.to_string()},
-    });
-    if let Some(t) = tls {
-        target["tls-creds"] = json!(t);
-        target["tls-hostname"] = json!(d.host);
+    let disks = mig_disks(vm.spec());
+    for disk in &disks {
+        let mut target = json!({
+            "driver": "nbd", "node-name": disk.target, "export": disk.node,
+            "server": {"type": "inet", "host": d.host, "port": d.nbd_port.to_string()},
+        });
+        if let Some(t) = tls {
+            target["tls-creds"] = json!(t);
+            target["tls-hostname"] = json!(d.host);
+        }
+        vm.execute("blockdev-add", Some(target)).await.map_err(failed)?;
+        vm.execute("blockdev-mirror", Some(json!({"job-id": disk.job, "device": disk.node, "target": disk.target, "sync": "top"})))
+            .await
+            .map_err(failed)?;
     }
-    vm.execute("blockdev-add", Some(target)).await.map_err(failed)?;
-    vm.execute("blockdev-mirror", Some(json!({"job-id": MIRROR_JOB, "device": DISK_NODE, "target": TARGET_NODE, "sync": "top"})))
-        .await
-        .map_err(failed)?;
     loop {
         s.exited()?;
         s.check("mirroring the disk")?;
         let jobs = vm.execute("query-block-jobs", None).await.map_err(failed)?;
-        let job = jobs.as_array().and_then(|a| a.iter().find(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB)).cloned());
-        let Some(job) = job else {
-            return Err(failed("the disk mirror ended before it was ready (see the source's qemu.log)"));
-        };
-        let (off, len) = (u64_at(&job, &["offset"]).unwrap_or(0), u64_at(&job, &["len"]).unwrap_or(0));
+        let (mut off, mut len, mut ready) = (0, 0, true);
+        for disk in &disks {
+            let job = jobs
+                .as_array()
+                .and_then(|a| a.iter().find(|j| j.get("device").and_then(Value::as_str) == Some(disk.job.as_str())).cloned());
+            let Some(job) = job else {
+                return Err(failed(format!("the mirror of disk {} ended before it was ready (see the source's qemu.log)", disk.node)));
+            };
+            off += u64_at(&job, &["offset"]).unwrap_or(0);
+            len += u64_at(&job, &["len"]).unwrap_or(0);
+            ready &= job.get("ready").and_then(Value::as_bool) == Some(true);
+        }
         s.out.status.lock().unwrap().disk_bytes = Some(off);
-        if job.get("ready").and_then(Value::as_bool) == Some(true) {
+        if ready {
             return Ok(tls);
         }
-        s.set_phase(format!("mirroring disk ({} of {} MiB)", off >> 20, len >> 20));
+        let what = if disks.len() > 1 { format!("mirroring {} disks", disks.len()) } else { "mirroring disk".into() };
+        s.set_phase(format!("{what} ({} of {} MiB)", off >> 20, len >> 20));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -491,13 +542,12 @@ fn record_progress(out: &Outgoing, mig: &Value, status: &str) {
 /// At `pre-switchover` the guest is paused: flush the rest of the disk, drop the mirror without
 /// pivoting, then let QEMU send the last pages and the device state.
 async fn switch_over(vm: &Vm) -> Result<(), SendErr> {
-    vm.execute("block-job-cancel", Some(json!({"device": MIRROR_JOB}))).await.map_err(failed)?;
+    for d in mig_disks(vm.spec()) {
+        vm.execute("block-job-cancel", Some(json!({"device": d.job}))).await.map_err(failed)?;
+    }
     let t0 = Instant::now();
     loop {
-        let jobs = vm.execute("query-block-jobs", None).await.map_err(failed)?;
-        let present =
-            jobs.as_array().map(|a| a.iter().any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB))).unwrap_or(false);
-        if !present {
+        if !mirror_running(vm).await {
             break;
         }
         if t0.elapsed() > Duration::from_secs(30) {
@@ -615,22 +665,24 @@ pub(crate) async fn settle_after_restart(vm: &Vm) {
     }
 }
 
-/// Whether the migration's disk mirror job runs on `vm`.
+/// Whether one of the migration's disk mirror jobs runs on `vm`.
 async fn mirror_running(vm: &Vm) -> bool {
-    vm.execute("query-block-jobs", None)
-        .await
-        .ok()
-        .and_then(|j| j.as_array().map(|a| a.iter().any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB))))
-        .unwrap_or(false)
+    let is_ours = |j: &Value| j.get("device").and_then(Value::as_str).is_some_and(|d| d.starts_with(MIRROR_JOB));
+    vm.execute("query-block-jobs", None).await.ok().and_then(|j| j.as_array().map(|a| a.iter().any(is_ours))).unwrap_or(false)
 }
 
 /// Cancels the migration's disk mirror, waits (up to 20 s) until the job is gone, and removes
 /// the NBD target node it wrote to.
 async fn cancel_mirror(vm: &Vm) {
-    let _ = vm.execute("block-job-cancel", Some(json!({"device": MIRROR_JOB, "force": true}))).await;
+    let disks = mig_disks(vm.spec());
+    for d in &disks {
+        let _ = vm.execute("block-job-cancel", Some(json!({"device": d.job, "force": true}))).await;
+    }
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(20) && mirror_running(vm).await {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = vm.execute("blockdev-del", Some(json!({"node-name": TARGET_NODE}))).await;
+    for d in &disks {
+        let _ = vm.execute("blockdev-del", Some(json!({"node-name": d.target}))).await;
+    }
 }

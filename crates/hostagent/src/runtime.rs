@@ -47,6 +47,9 @@ pub const LAUNCH_FILE: &str = "launch.json";
 /// Marks a runtime directory whose QEMU still waits for an incoming migration: an agent that
 /// restarts kills such a QEMU instead of adopting it.
 pub const INCOMING_MARKER: &str = "incoming";
+/// Marks the runtime directory of a VM whose live migration to another host completed: its
+/// volumes' writes went with it, so this host must not commit them when the VM goes here.
+pub const MIGRATED_MARKER: &str = "migrated-away";
 /// What the guest printed on its console before it arrived here (the source's log, as the
 /// coordinator hands it over at the end of the migration); served before `console.log`.
 pub const CONSOLE_HISTORY: &str = "console.before-migration.log";

@@ -326,6 +326,14 @@ pub async fn save_vm(ctx: &HostCtx, id: &str, req: &SaveRequest, suspend: bool) 
     let vm = ctx.vm(id).ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
     let fail = |cause: String| AgentError::from(SaveError::Save { id: id.to_string(), cause });
     let _saving = SaveGuard::take(vm.runtime_dir()).ok_or_else(|| fail("another snapshot or suspend of this VM is in progress".into()))?;
+    if !suspend {
+        if let Some((_, a, _)) = vm.spec().volumes().find(|(_, a, _)| !a.readonly) {
+            return Err(fail(format!(
+                "volume {} is attached read-write: a warm image would not hold its writes (suspend the VM, or stop it, instead)",
+                a.name
+            )));
+        }
+    }
     let parent_ref = export_of(&vm.spec().disk).ok_or_else(|| fail("its disk is not an image of the block proxy".into()))?;
     let parent = ctx.proxy().resolve(&parent_ref).await?;
     let t0 = Instant::now();
@@ -336,6 +344,18 @@ pub async fn save_vm(ctx: &HostCtx, id: &str, req: &SaveRequest, suspend: bool) 
             return Err(e);
         }
     };
+    // A suspend commits the read-write volumes while the guest is paused (its disks flushed
+    // by the state's migration): the guest resumes over exactly these versions, anywhere.
+    if suspend {
+        if let Err(e) = crate::volume::commit_paused(ctx, &vm).await {
+            let _ = std::fs::remove_file(&captured.state_path);
+            if let Some(p) = &captured.ram_path {
+                let _ = std::fs::remove_file(p);
+            }
+            resume_guest(&vm).await;
+            return Err(e);
+        }
+    }
     let paused_secs = t0.elapsed().as_secs_f64();
     if !suspend {
         // A snapshot: the guest goes on while its saved copy uploads.
@@ -356,8 +376,10 @@ pub async fn save_vm(ctx: &HostCtx, id: &str, req: &SaveRequest, suspend: bool) 
         }
     };
     if suspend {
-        // Saved: the guest ends here; it resumes from the image.
+        // Saved: the guest ends here; it resumes from the image (and its volumes from the
+        // versions just committed: their overlays have nothing more to commit).
         let _ = vm.kill().await;
+        crate::volume::drop_committed(&vm);
     }
     let saved = SavedImage {
         image: manifest.image_ref().to_string(),

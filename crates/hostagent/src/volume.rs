@@ -47,6 +47,37 @@ pub async fn commit_running(ctx: &HostCtx, id: &str, name: &str) -> Result<Volum
     commit_one(ctx, id, att, &base, &crate::runtime::volume_overlay(vm.runtime_dir(), i), Some(&vm)).await.map_err(|c| err(id, name, c))
 }
 
+/// Commits every read-write volume of VM `vm`, whose guest is paused for a suspend (its state
+/// saved: the state's migration flushed its disks). Returns the first failure, naming the
+/// volume (the caller resumes the guest; a volume committed before it stays committed).
+pub(crate) async fn commit_paused(ctx: &HostCtx, vm: &Vm) -> Result<Vec<VolumeCommitted>, AgentError> {
+    let spec = vm.spec().clone();
+    let id = spec.id.as_str();
+    let mut out = Vec::new();
+    for (_, a, _) in spec.volumes().filter(|(_, a, _)| !a.readonly) {
+        let (i, att, base) = volume_of(&spec, id, &a.name)?;
+        let overlay = crate::runtime::volume_overlay(vm.runtime_dir(), i);
+        let c = commit_one(ctx, id, att, &base, &overlay, None)
+            .await
+            .map_err(|c| err(id, &att.name, format!("cannot commit it for the suspend (the VM keeps running): {c}")))?;
+        tracing::info!(vm = %id, volume = %c.volume, chunks = c.chunks_changed, bytes = c.uploaded_bytes, "volume committed for a suspend");
+        out.push(c);
+    }
+    Ok(out)
+}
+
+/// After a suspend whose volumes [`commit_paused`] committed and whose QEMU has ended: their
+/// overlays go (nothing is left to commit when the VM is released here; it resumes over the
+/// committed versions).
+pub(crate) fn drop_committed(vm: &Vm) {
+    for (i, _, _) in vm.spec().volumes().filter(|(_, a, _)| !a.readonly) {
+        let overlay = crate::runtime::volume_overlay(vm.runtime_dir(), i);
+        if let Err(e) = std::fs::remove_file(&overlay) {
+            tracing::warn!(vm = %vm.id(), "removing the committed volume overlay {}: {e}", overlay.display());
+        }
+    }
+}
+
 /// The read-write volume `name` of `spec`: its index, attachment and the version it started from.
 fn volume_of<'a>(spec: &'a VmSpec, id: &str, name: &str) -> Result<(usize, &'a VolumeAttach, ImageRef), AgentError> {
     let (i, att, disk) = spec.volumes().find(|(_, a, _)| a.name == name).ok_or_else(|| err(id, name, "not attached to this VM"))?;
@@ -75,6 +106,12 @@ async fn commit_before_release(ctx: &HostCtx, id: &str) {
     let vm = ctx.vm(id);
     let Some(spec) = vm.as_ref().map(|v| v.spec().clone()).or_else(|| crate::runtime::read_spec(&dir)) else { return };
     if spec.volumes().all(|(_, a, _)| a.readonly) {
+        return;
+    }
+    if dir.join(crate::runtime::MIGRATED_MARKER).exists() {
+        // Its writes went with it to the host it was migrated to (which commits them; this
+        // host's epoch is fenced by then too).
+        tracing::info!(vm = %id, "not committing the volumes of a VM migrated away: their writes run on at the destination");
         return;
     }
     if let Some(vm) = vm {

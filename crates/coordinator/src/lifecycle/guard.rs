@@ -66,11 +66,14 @@ impl Coordinator {
         }
         if let Some(volume) = key.strip_prefix(&format!("{}volume/", claims::CLAIMS)) {
             let who = match self.holder(key).await {
-                Ok(Some(h)) => format!("VM {} ({})", h.name, h.vm),
+                Ok(Some(h)) => match self.record(&h.vm).await {
+                    Ok(Some(r)) => format!("VM {} ({}, {})", h.name, h.vm, r.state.as_str()),
+                    _ => format!("VM {} ({})", h.name, h.vm),
+                },
                 _ => "another VM".to_string(),
             };
             return CoordinatorError::Conflict(format!(
-                "volume {volume} is attached read-write to {who}: a volume has one writer at a time (attach it with :ro, or stop that VM)"
+                "volume {volume} is attached read-write to {who}: a volume has one writer at a time (attach it with :ro, or stop or remove that VM)"
             ));
         }
         let port = key.rsplit('/').next().unwrap_or_default();
