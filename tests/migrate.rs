@@ -5,10 +5,8 @@
 
 mod common;
 
-use common::grid::{console_has_line, console_log, qemus_of, type_on_console, RoleGrid as Grid};
+use common::grid::{console_has_line, console_log, console_until, qemus_of, type_on_console, RoleGrid as Grid};
 use common::*;
-use std::io::Write;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -554,7 +552,7 @@ fn draining_the_only_host_suspends_its_vm_which_resumes_after_undrain() {
     let g = Grid::start(&["h1"]);
     let v = g.run_on("h1", "sleeper");
     let id = v["id"].as_str().unwrap().to_string();
-    console_until(&g, &g.runtime_dir("h1", &id), "echo before-drain > /tmp/mark; echo mark-$((1+1))", "mark-2\n");
+    console_until(&g, &g.runtime_dir("h1", &id), "echo before-drain > /tmp/mark; echo mark-$((1+1))", "mark-2");
     let d = drain(&g, "h1");
     let vms = d["vms"].as_array().unwrap();
     assert_eq!((vms.len(), vms[0]["step"].as_str()), (1, Some("suspended")), "{d}");
@@ -569,15 +567,6 @@ fn draining_the_only_host_suspends_its_vm_which_resumes_after_undrain() {
     let r = g.json(&["vm", "resume", &id, "--timeout", "300"]);
     assert_eq!((r["state"].as_str(), r["host"].as_str()), (Some("running"), Some("h1")), "{r}");
     let dir = g.runtime_dir("h1", &id);
-    console_until(&g, &dir, "cat /tmp/mark; echo resumed-$((6*7))", "resumed-42\n");
+    console_until(&g, &dir, "cat /tmp/mark; echo resumed-$((6*7))", "resumed-42");
     assert!(console_has_line(&dir, "before-drain"), "{}", console_log(&dir));
-}
-
-/// Types `cmd` on the VM's console in `dir` and keeps the connection open until `until` shows
-/// in its log (a guest just restored may read its input late). `until` must be output only,
-/// not a part of `cmd` (the shell echoes what is typed).
-fn console_until(g: &Grid, dir: &Path, cmd: &str, until: &str) {
-    let mut s = std::os::unix::net::UnixStream::connect(dir.join("console.sock")).expect("console socket");
-    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
-    g.wait_until(&format!("{until:?} on the console"), Duration::from_secs(120), || console_log(dir).contains(until));
 }

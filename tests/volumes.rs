@@ -6,7 +6,7 @@
 //! image server, two host agents).
 mod common;
 use common::api_get;
-use common::grid::{console_has_line, console_log, type_on_console, RoleGrid as Grid};
+use common::grid::{console_has_line, console_log, console_until, type_on_console, RoleGrid as Grid};
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
@@ -170,26 +170,6 @@ fn a_commit_while_the_image_server_is_down_fails_clearly_and_succeeds_once_it_is
     assert_eq!(&raw[16 * 512..17 * 512], &want[..]);
     let o = g.cli(&["vm", "rm", "--force", "logger"]);
     assert!(o.status.success(), "rm: {}", stderr(&o));
-}
-
-/// Types `cmd` on the console in `dir` and keeps the connection open until the line `until`
-/// shows (a guest just restored may read its input late). `until` must be output only, not a
-/// part of `cmd` (the shell echoes what is typed: compute it, `$((1+1))`).
-fn console_until(g: &Grid, dir: &Path, cmd: &str, until: &str) {
-    let mut s = std::os::unix::net::UnixStream::connect(dir.join("console.sock")).expect("console socket");
-    // Drained while it is open: QEMU holds the guest's console output back once the socket's
-    // buffer is full (each character may take a message of its own).
-    let mut drain = s.try_clone().unwrap();
-    std::thread::spawn(move || std::io::copy(&mut drain, &mut std::io::sink()));
-    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
-    let t0 = std::time::Instant::now();
-    while !console_has_line(dir, until) {
-        let log = console_log(dir);
-        let tail = &log[log.len().saturating_sub(2000)..];
-        assert!(t0.elapsed() < Duration::from_secs(120), "no line {until:?} on the console after 120 s:\n{tail}\n{}", g.logs());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let _ = s.shutdown(std::net::Shutdown::Both);
 }
 
 /// Reads block `n` of the guest's /dev/vdb from the disk, not the guest's page cache (dropped

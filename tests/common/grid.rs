@@ -207,6 +207,26 @@ pub fn type_on_console(dir: &Path, cmd: &str) {
     std::thread::sleep(Duration::from_millis(300));
 }
 
+/// Types `cmd` on the console in `dir` and keeps the connection open until a line that is
+/// exactly `until` shows (a guest just restored may read its input late). `until` must be
+/// output only, not a part of `cmd` (the shell echoes what is typed: compute it, `$((1+1))`).
+pub fn console_until(g: &RoleGrid, dir: &Path, cmd: &str, until: &str) {
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join("console.sock")).expect("console socket");
+    // Drained while it is open: QEMU holds the guest's console output back once the socket's
+    // buffer is full (each character may take a message of its own).
+    let mut drain = s.try_clone().unwrap();
+    std::thread::spawn(move || std::io::copy(&mut drain, &mut std::io::sink()));
+    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+    let t0 = std::time::Instant::now();
+    while !console_has_line(dir, until) {
+        let log = console_log(dir);
+        let tail = &log[log.len().saturating_sub(2000)..];
+        assert!(t0.elapsed() < Duration::from_secs(120), "no line {until:?} on the console after 120 s:\n{tail}\n{}", g.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
 pub fn console_log(dir: &Path) -> String {
     String::from_utf8_lossy(&std::fs::read(dir.join("console.log")).unwrap_or_default()).replace('\r', "")
 }
