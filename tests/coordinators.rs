@@ -438,3 +438,47 @@ fn the_cli_moves_to_the_other_coordinator_when_one_fails() {
         stderr.lines().filter(|l| l.contains("moving to")).count()
     );
 }
+
+/// The non-leader (c1) is SIGKILLed while it holds work: a VM it placed whose launch takes 3 s
+/// (in flight), and two VMs it queued for capacity that only frees later. The leader (c0) sees
+/// c1's presence key go with its lease and takes that work over at once (no change of leader):
+/// the capacity freed through c0 goes to the queued VMs, the launch is settled, and each VM
+/// runs, launched exactly once.
+#[test]
+fn the_leader_takes_over_the_work_of_a_killed_non_leader() {
+    let fast = SimSpec { cpus: 2, memory_mib: 2048, life: |_| None, launch_time: Duration::from_millis(50), ..SimSpec::default() };
+    let slow = SimSpec { cpus: 1, launch_time: Duration::from_secs(3), ..fast.clone() };
+    let mut g = two_on_etcd(&[("sim0", fast), ("sim1", slow)]);
+    g.post(0, "/api/v1/vms", json!({"image": "tiny", "name": "fill", "cpus": 2, "memory_mib": 512}));
+    assert_eq!(g.wait_state(0, "fill", "running")["host"], "sim0");
+    // Through c1, the non-leader: one launching on sim1 (the only room), two queued.
+    let vm = |name: &str| json!({"image": "tiny", "name": name, "cpus": 1, "memory_mib": 256});
+    g.post(1, "/api/v1/vms", vm("slow"));
+    g.post(1, "/api/v1/vms", vm("q1"));
+    g.post(1, "/api/v1/vms", vm("q2"));
+    g.wait_state(1, "q2", "queued");
+    let slow = g.vm(1, "slow");
+    assert!(slow["state"] == "pending" || slow["state"] == "starting", "slow is launching when c1 is killed: {slow}");
+    g.c[1].kill();
+    let killed = Instant::now();
+    g.post(0, "/api/v1/vms/fill/stop", json!({}));
+    let mut ids = Vec::new();
+    for name in ["slow", "q1", "q2"] {
+        let v = g.wait_state(0, name, "running");
+        assert_eq!(g.launches(v["id"].as_str().unwrap()), 1, "{name} launched once: {v}");
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    let all_running = killed.elapsed();
+    let log = std::fs::read_to_string(g.dir.path().join("c0.log")).unwrap();
+    assert!(log.contains("coordinator gone (its presence key expired)"), "c0 did not see c1 go:\n{log}");
+    assert_eq!(g.vm(0, "q1")["host"], "sim0");
+    // Nothing ran twice anywhere, nothing else ran.
+    let mut launched: Vec<String> = g.sims.iter().flat_map(|s| s.state.lock().unwrap().launches.clone()).collect();
+    launched.sort();
+    let fill = g.vm(0, "fill")["id"].as_str().unwrap().to_string();
+    let mut want = ids.clone();
+    want.push(fill);
+    want.sort();
+    assert_eq!(launched, want, "each VM launched once");
+    eprintln!("NON-LEADER-KILLED\tc1 killed holding 1 launch and 2 queued VMs; all 3 running at c0, each launched once, {:.1}s after the kill (presence TTL 3 s)", all_running.as_secs_f64());
+}
