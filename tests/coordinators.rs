@@ -482,3 +482,36 @@ fn the_leader_takes_over_the_work_of_a_killed_non_leader() {
     assert_eq!(launched, want, "each VM launched once");
     eprintln!("NON-LEADER-KILLED\tc1 killed holding 1 launch and 2 queued VMs; all 3 running at c0, each launched once, {:.1}s after the kill (presence TTL 3 s)", all_running.as_secs_f64());
 }
+
+/// A drain through c0 holds at once for placements through c1 (the store's drain record: c1
+/// follows it, and a placement commits only while the host has none): `vm run` through c1
+/// right after `host drain sim0` through c0 lands on sim1 only, and with sim1 full a create
+/// through c1 is refused naming the drain. `host undrain` through c0 puts sim0 back for c1.
+#[test]
+fn a_drain_through_one_coordinator_holds_for_placements_through_the_other() {
+    let spec = SimSpec { cpus: 2, memory_mib: 2048, life: |_| None, launch_time: Duration::from_millis(50), ..SimSpec::default() };
+    let g = two_on_etcd(&[("sim0", spec.clone()), ("sim1", spec)]);
+    let (c0, c1) = (g.urls[0].clone(), g.urls[1].clone());
+    let d = json_at(&c0, &["host", "drain", "sim0"]);
+    assert_eq!(d["host"], "sim0", "{d}");
+    let run = |url: &str, name: &str| json_at(url, &["vm", "run", "tiny", "--name", name, "--cpus", "1", "--memory", "256"]);
+    for name in ["d1", "d2"] {
+        let v = run(&c1, name);
+        assert_eq!((v["state"].as_str(), v["host"].as_str()), (Some("running"), Some("sim1")), "{name} through c1: {v}");
+    }
+    // sim1 full, sim0 drained: nowhere now.
+    let refused = g.rt.block_on(async {
+        let body = json!({"image": "tiny", "name": "d3", "cpus": 1, "memory_mib": 256, "no_wait": true});
+        let r = g.http.post(format!("{c1}/api/v1/vms")).json(&body).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    });
+    assert_eq!(refused.0, 409, "{refused:?}");
+    assert!(refused.1.contains("sim0") && refused.1.contains("draining"), "the refusal names the drain: {refused:?}");
+    let hosts: Value = g.rt.block_on(async { g.http.get(format!("{c1}/api/v1/hosts")).send().await.unwrap().json().await.unwrap() });
+    let sim0 = hosts.as_array().unwrap().iter().find(|h| h["ad"]["name"] == "sim0").cloned().unwrap_or_default();
+    assert_eq!(sim0["draining"], true, "c1 shows sim0 draining: {sim0}");
+
+    json_at(&c0, &["host", "undrain", "sim0"]);
+    let v = run(&c1, "d4");
+    assert_eq!((v["state"].as_str(), v["host"].as_str()), (Some("running"), Some("sim0")), "after undrain through c0: {v}");
+}

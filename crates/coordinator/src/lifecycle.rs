@@ -206,6 +206,8 @@ impl Coordinator {
         });
         let weak = Arc::downgrade(&c);
         tokio::spawn(async move { Coordinator::follow_claims(weak).await });
+        let weak = Arc::downgrade(&c);
+        tokio::spawn(async move { Coordinator::follow_drains(weak).await });
         Ok(c)
     }
 
