@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::sim::{authed, create_with_retry, login_token, start_sim, wait_ready, SimSpec};
+use common::sim::{authed, create_with_retry, login_token, start_sim, wait_ready, Sim, SimSpec};
 use common::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -276,4 +276,242 @@ fn check_all_stopped_once(
     let twice: Vec<_> = launches.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "launched more than once: {twice:?}");
     assert_eq!(launches.len(), REQUESTS, "every VM launched once");
+}
+
+/// Two coordinators on one etcd (`c[0]` leads), the tiny image server, and simulated hosts
+/// heartbeating to both, ready at both. Dropped in field order: the runtime first, etcd last.
+struct Two {
+    rt: tokio::runtime::Runtime,
+    sims: Vec<Sim>,
+    _server: Role,
+    c: Vec<Role>,
+    /// The coordinators' URLs, and both comma-separated (as `VGRID_URL` takes them).
+    urls: Vec<String>,
+    both: String,
+    http: reqwest::Client,
+    _etcd: Etcd,
+    dir: tempfile::TempDir,
+}
+
+fn two_on_etcd(hosts: &[(&str, SimSpec)]) -> Two {
+    let dir = tempfile::Builder::new().prefix("vgc").tempdir_in("/tmp").unwrap();
+    let etcd = start_etcd(dir.path()).expect("etcd is needed: scripts/install-deps.sh installs Debian's etcd-server");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (first, second, ca) = two_coordinators(&rt, dir.path(), &format!("etcd://127.0.0.1:{}/grid", etcd.port));
+    let urls = vec![first.url.clone(), second.url.clone()];
+    let both = urls.join(",");
+    let server = common::simgrid::tiny_image_server(dir.path(), &both);
+    let http = authed(&login_token(&first.url), &ca);
+    let sims = rt.block_on(async {
+        let mut sims = Vec::new();
+        for (name, spec) in hosts {
+            sims.push(start_sim(name.to_string(), both.clone(), spec.clone()).await);
+        }
+        for u in &urls {
+            wait_ready(&http, u, hosts.len(), Duration::from_secs(60)).await;
+        }
+        sims
+    });
+    Two { rt, sims, _server: server, c: vec![first, second], urls, both, http, _etcd: etcd, dir }
+}
+
+impl Two {
+    /// VM `name`'s record at coordinator `at` (`Null`: none, or no answer).
+    fn vm(&self, at: usize, name: &str) -> Value {
+        let url = format!("{}/api/v1/vms/{name}", self.urls[at]);
+        self.rt.block_on(async {
+            match self.http.get(url).send().await {
+                Ok(r) if r.status().is_success() => r.json().await.unwrap_or(Value::Null),
+                _ => Value::Null,
+            }
+        })
+    }
+
+    /// Waits until VM `name` is in `state` (or a phase starting so: `queued`) at coordinator `at`.
+    fn wait_state(&self, at: usize, name: &str, state: &str) -> Value {
+        let t0 = Instant::now();
+        loop {
+            let v = self.vm(at, name);
+            if v["state"] == state || v["phase"].as_str().is_some_and(|p| p.starts_with(state)) {
+                return v;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "VM {name} is not {state} at {} after 120 s: {v}", self.urls[at]);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// POSTs `body` to `path` at coordinator `at`, expecting success.
+    fn post(&self, at: usize, path: &str, body: Value) -> Value {
+        let url = format!("{}{path}", self.urls[at]);
+        self.rt.block_on(async {
+            let r = self.http.post(&url).json(&body).send().await.unwrap();
+            let status = r.status();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            assert!(status.is_success(), "POST {url}: {status} {v}");
+            v
+        })
+    }
+
+    /// How many times VM `id` was launched, over all hosts.
+    fn launches(&self, id: &str) -> usize {
+        self.sims.iter().map(|s| s.state.lock().unwrap().launches.iter().filter(|l| *l == id).count()).sum()
+    }
+}
+
+/// A listener on loopback that takes every connection and closes it at once, unanswered (a
+/// coordinator that accepts and then fails): its `https://` URL.
+fn dropping_listener() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://127.0.0.1:{}", l.local_addr().unwrap().port());
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            drop(c);
+        }
+    });
+    url
+}
+
+/// The CLI given both coordinators (`VGRID_URL=c0,c1`). `vm run` of a VM queued for capacity
+/// follows it through c0, the leader; c0 is SIGKILLed: the CLI's long poll moves to c1 and says
+/// so, c1 takes over the queue, capacity is freed through c1, and the CLI reports the VM
+/// running, launched once. With c0 dead `vm ls` answers; with a listener that drops every
+/// connection listed first, `vm ls` and `vm run` move on and answer (the run launched once).
+#[test]
+fn the_cli_moves_to_the_other_coordinator_when_one_fails() {
+    let spec = SimSpec { cpus: 2, memory_mib: 2048, life: |_| None, launch_time: Duration::from_millis(50), ..SimSpec::default() };
+    let mut g = two_on_etcd(&[("sim0", spec)]);
+    let (c0, c1) = (g.urls[0].clone(), g.urls[1].clone());
+    g.post(0, "/api/v1/vms", json!({"image": "tiny", "name": "fill", "cpus": 2, "memory_mib": 512}));
+    g.wait_state(0, "fill", "running");
+
+    let run = |url: &str, name: &str| {
+        Command::new(vgrid_bin())
+            .args(["--json", "vm", "run", "tiny", "--name", name, "--cpus", "1", "--memory", "256"])
+            .env("VGRID_URL", url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let waiter = run(&g.both, "waiter");
+    g.wait_state(1, "waiter", "queued");
+    g.c[0].kill();
+    g.post(1, "/api/v1/vms/fill/stop", json!({}));
+    let out = waiter.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let log1 = g.dir.path().join("c1.log");
+    assert!(
+        out.status.success(),
+        "vm run through {c0},{c1} with {c0} killed failed: {stderr}\nc1: {}",
+        std::fs::read_to_string(log1).unwrap()
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "running", "{v}");
+    assert!(
+        stderr.contains(&format!("coordinator {c0} ")) && stderr.contains(&format!("moving to {c1}")),
+        "the CLI did not say it moved: {stderr}"
+    );
+    assert_eq!(g.launches(v["id"].as_str().unwrap()), 1, "waiter launched once");
+    eprintln!("CLI-FAILOVER\tvm run's long poll moved: {}", stderr.lines().find(|l| l.contains("moving to")).unwrap_or_default());
+
+    // c0 dead, listed first: refused at connect, c1 answers.
+    let ls = json_at(&g.both, &["vm", "ls"]);
+    let names: Vec<&str> = ls.as_array().unwrap().iter().filter_map(|v| v["name"].as_str()).collect();
+    assert!(names.contains(&"waiter") && names.contains(&"fill"), "{ls}");
+
+    // A coordinator that accepts and drops connections, listed first.
+    let list = format!("{},{}", dropping_listener(), g.both);
+    let o = cli_at(&list, &["--json", "vm", "ls"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "vm ls through {list}: {stderr}");
+    assert!(stderr.contains(&format!("moving to {c0}")) && stderr.contains(&format!("moving to {c1}")), "{stderr}");
+    let again = run(&list, "again").wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "vm run through {list}: {stderr}");
+    let v: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!((v["state"].as_str(), g.launches(v["id"].as_str().unwrap())), (Some("running"), 1), "{v}");
+    let all = g.rt.block_on(async { g.http.get(format!("{c1}/api/v1/vms")).send().await.unwrap().json::<Value>().await.unwrap() });
+    assert_eq!(all.as_array().unwrap().len(), 3, "one VM per run: {all}");
+    eprintln!(
+        "CLI-FAILOVER\tvm ls and vm run through a dropping listener and a dead coordinator: {}",
+        stderr.lines().filter(|l| l.contains("moving to")).count()
+    );
+}
+
+/// The non-leader (c1) is SIGKILLed while it holds work: a VM it placed whose launch takes 3 s
+/// (in flight), and two VMs it queued for capacity that only frees later. The leader (c0) sees
+/// c1's presence key go with its lease and takes that work over at once (no change of leader):
+/// the capacity freed through c0 goes to the queued VMs, the launch is settled, and each VM
+/// runs, launched exactly once.
+#[test]
+fn the_leader_takes_over_the_work_of_a_killed_non_leader() {
+    let fast = SimSpec { cpus: 2, memory_mib: 2048, life: |_| None, launch_time: Duration::from_millis(50), ..SimSpec::default() };
+    let slow = SimSpec { cpus: 1, launch_time: Duration::from_secs(3), ..fast.clone() };
+    let mut g = two_on_etcd(&[("sim0", fast), ("sim1", slow)]);
+    g.post(0, "/api/v1/vms", json!({"image": "tiny", "name": "fill", "cpus": 2, "memory_mib": 512}));
+    assert_eq!(g.wait_state(0, "fill", "running")["host"], "sim0");
+    // Through c1, the non-leader: one launching on sim1 (the only room), two queued.
+    let vm = |name: &str| json!({"image": "tiny", "name": name, "cpus": 1, "memory_mib": 256});
+    g.post(1, "/api/v1/vms", vm("slow"));
+    g.post(1, "/api/v1/vms", vm("q1"));
+    g.post(1, "/api/v1/vms", vm("q2"));
+    g.wait_state(1, "q2", "queued");
+    let slow = g.vm(1, "slow");
+    assert!(slow["state"] == "pending" || slow["state"] == "starting", "slow is launching when c1 is killed: {slow}");
+    g.c[1].kill();
+    let killed = Instant::now();
+    g.post(0, "/api/v1/vms/fill/stop", json!({}));
+    let mut ids = Vec::new();
+    for name in ["slow", "q1", "q2"] {
+        let v = g.wait_state(0, name, "running");
+        assert_eq!(g.launches(v["id"].as_str().unwrap()), 1, "{name} launched once: {v}");
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    let all_running = killed.elapsed();
+    let log = std::fs::read_to_string(g.dir.path().join("c0.log")).unwrap();
+    assert!(log.contains("coordinator gone (its presence key expired)"), "c0 did not see c1 go:\n{log}");
+    assert_eq!(g.vm(0, "q1")["host"], "sim0");
+    // Nothing ran twice anywhere, nothing else ran.
+    let mut launched: Vec<String> = g.sims.iter().flat_map(|s| s.state.lock().unwrap().launches.clone()).collect();
+    launched.sort();
+    let fill = g.vm(0, "fill")["id"].as_str().unwrap().to_string();
+    let mut want = ids.clone();
+    want.push(fill);
+    want.sort();
+    assert_eq!(launched, want, "each VM launched once");
+    eprintln!("NON-LEADER-KILLED\tc1 killed holding 1 launch and 2 queued VMs; all 3 running at c0, each launched once, {:.1}s after the kill (presence TTL 3 s)", all_running.as_secs_f64());
+}
+
+/// A drain through c0 holds at once for placements through c1 (the store's drain record: c1
+/// follows it, and a placement commits only while the host has none): `vm run` through c1
+/// right after `host drain sim0` through c0 lands on sim1 only, and with sim1 full a create
+/// through c1 is refused naming the drain. `host undrain` through c0 puts sim0 back for c1.
+#[test]
+fn a_drain_through_one_coordinator_holds_for_placements_through_the_other() {
+    let spec = SimSpec { cpus: 2, memory_mib: 2048, life: |_| None, launch_time: Duration::from_millis(50), ..SimSpec::default() };
+    let g = two_on_etcd(&[("sim0", spec.clone()), ("sim1", spec)]);
+    let (c0, c1) = (g.urls[0].clone(), g.urls[1].clone());
+    let d = json_at(&c0, &["host", "drain", "sim0"]);
+    assert_eq!(d["host"], "sim0", "{d}");
+    let run = |url: &str, name: &str| json_at(url, &["vm", "run", "tiny", "--name", name, "--cpus", "1", "--memory", "256"]);
+    for name in ["d1", "d2"] {
+        let v = run(&c1, name);
+        assert_eq!((v["state"].as_str(), v["host"].as_str()), (Some("running"), Some("sim1")), "{name} through c1: {v}");
+    }
+    // sim1 full, sim0 drained: nowhere now.
+    let refused = g.rt.block_on(async {
+        let body = json!({"image": "tiny", "name": "d3", "cpus": 1, "memory_mib": 256, "no_wait": true});
+        let r = g.http.post(format!("{c1}/api/v1/vms")).json(&body).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    });
+    assert_eq!(refused.0, 409, "{refused:?}");
+    assert!(refused.1.contains("sim0") && refused.1.contains("draining"), "the refusal names the drain: {refused:?}");
+    let hosts: Value = g.rt.block_on(async { g.http.get(format!("{c1}/api/v1/hosts")).send().await.unwrap().json().await.unwrap() });
+    let sim0 = hosts.as_array().unwrap().iter().find(|h| h["ad"]["name"] == "sim0").cloned().unwrap_or_default();
+    assert_eq!(sim0["draining"], true, "c1 shows sim0 draining: {sim0}");
+
+    json_at(&c0, &["host", "undrain", "sim0"]);
+    let v = run(&c1, "d4");
+    assert_eq!((v["state"].as_str(), v["host"].as_str()), (Some("running"), Some("sim0")), "after undrain through c0: {v}");
 }

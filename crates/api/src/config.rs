@@ -76,6 +76,8 @@ pub enum ConfigError {
     Accel { value: String },
     #[error("invalid VM name {value:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")]
     Name { value: String },
+    #[error("invalid request_id {value:?}: use 8-64 characters of A-Z a-z 0-9 _ -")]
+    RequestId { value: String },
     #[error(transparent)]
     Reservation(#[from] ReservationError),
     #[error("memory limit {value} MiB is out of range {MIN_MEMORY_LIMIT_MIB}-{MAX_MEMORY_MIB} MiB")]
@@ -345,6 +347,11 @@ impl VmCreate {
         };
         if let Some(n) = &self.name {
             validate_name(n).map_err(|_| ConfigError::Name { value: n.clone() })?;
+        }
+        if let Some(r) = &self.request_id {
+            if !(8..=64).contains(&r.len()) || !r.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return Err(ConfigError::RequestId { value: r.clone() });
+            }
         }
         let config = VmConfig::new(image)
             .with_cpus(self.cpus)

@@ -152,6 +152,13 @@ pub struct VmCreate {
     /// Ssh keys, hostname and user-data for a stock cloud image (a NoCloud seed disk).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<crate::cloudinit::CloudInit>,
+    /// The client's own id for this create, so that sending it again (its answer was lost, or
+    /// it went to another coordinator) cannot make a second VM: a create whose owner and
+    /// `request_id` match an existing VM's is answered with that VM. The VM's id is derived
+    /// from them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[A-Za-z0-9_-]{8,64}$")]
+    pub request_id: Option<String>,
 }
 
 pub fn default_cpus() -> u32 {

@@ -328,7 +328,7 @@ pub async fn login_with(api: &Api, user: Option<&str>, key: Option<&Path>, force
     let t = sign_in(api, user, key, force_agent).await?;
     let mut all = load_tokens();
     all.retain(|_, v| v.expires > now());
-    all.insert(api.base.clone(), t.clone());
+    all.insert(api.base(), t.clone());
     save_tokens(&all)?;
     api.set_token(Some(t.token.clone()));
     Ok(t)
@@ -339,11 +339,11 @@ async fn sign_in(api: &Api, user: Option<&str>, key: Option<&Path>, force_agent:
     let (signers, mut agent) = signers(key, force_agent)?;
     let user = match user {
         Some(u) => u.to_string(),
-        None => load_tokens().get(&api.base).map(|t| t.user.clone()).unwrap_or_else(local_user),
+        None => load_tokens().get(&api.base()).map(|t| t.user.clone()).unwrap_or_else(local_user),
     };
     let mut result = Err(anyhow!("no key to log in with"));
     for signer in &signers {
-        let c: Challenge = api.post("/api/v1/auth/challenge", &ChallengeRequest { user: user.clone() }).await?;
+        let c: Challenge = api.post_retryable("/api/v1/auth/challenge", &ChallengeRequest { user: user.clone() }).await?;
         let signature = match signer {
             Signer::File(path, key) => {
                 vgrid_coordinator::auth::sign_challenge(key, &c.message).map_err(|e| anyhow!("signing with {}: {e}", path.display()))?
@@ -356,7 +356,7 @@ async fn sign_in(api: &Api, user: Option<&str>, key: Option<&Path>, force_agent:
         result = api
             .post::<_, LoginToken>("/api/v1/auth/login", &LoginRequest { user: user.clone(), nonce: c.nonce, signature })
             .await
-            .with_context(|| format!("logging in to {} as {user} with {}", api.base, signer.describe()));
+            .with_context(|| format!("logging in to {} as {user} with {}", api.base(), signer.describe()));
         if result.is_ok() {
             break;
         }
@@ -400,7 +400,7 @@ pub async fn login_cmd(ctx: &Ctx, a: LoginArgs) -> anyhow::Result<ExitCode> {
         let left = t.expires.saturating_sub(now());
         println!(
             "logged in to {} as {}{} (token valid for {}h{:02}m)",
-            api.base,
+            api.base(),
             t.user,
             if t.admin { " (admin)" } else { "" },
             left / 3600,
@@ -416,10 +416,10 @@ pub async fn logout_cmd(ctx: &Ctx) -> anyhow::Result<ExitCode> {
         let _: serde_json::Value = api.post("/api/v1/auth/logout", &serde_json::json!({})).await.unwrap_or_default();
     }
     let mut all = load_tokens();
-    all.remove(&api.base);
+    all.remove(&api.base());
     save_tokens(&all)?;
     if !ctx.json {
-        println!("logged out of {}", api.base);
+        println!("logged out of {}", api.base());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -393,7 +393,7 @@ async fn pull(ctx: &Ctx, image: &str) -> anyhow::Result<()> {
         .request(reqwest::Method::POST, &format!("/host/v1/pull/{r}"))
         .send()
         .await
-        .map_err(|e| anyhow!("cannot reach the host agent at {}: {e}", api.base))?;
+        .map_err(|e| anyhow!("cannot reach the host agent at {}: {e}", api.base()))?;
     if !resp.status().is_success() {
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();

@@ -567,9 +567,14 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             coord.mark_drained().await.map_err(|e| anyhow!("{e}"))?;
             let client = vgrid_coordinator::state::etcd::connect(c).await.map_err(|e| anyhow!("{e}"))?;
             let ttl = Duration::from_secs(a.leader_ttl.max(1));
-            let leadership = vgrid_coordinator::leader::Leadership::campaign(client, c.election_key(), url.clone(), ttl);
+            let leadership = vgrid_coordinator::leader::Leadership::campaign(client.clone(), c.election_key(), url.clone(), ttl);
             coord.lead_with(leadership.subscribe());
-            (coord, Some(leadership))
+            // Its own presence, and the others' followed: the leader takes over the work of a
+            // coordinator that goes, without waiting for a change of leader.
+            let presence = vgrid_coordinator::leader::Presence::register(client.clone(), c.presence_prefix(), url.clone(), ttl);
+            let every = Duration::from_secs(1);
+            vgrid_coordinator::leader::follow_departures(Arc::downgrade(&coord), client, c.presence_prefix(), url.clone(), every);
+            (coord, Some((leadership, presence)))
         }
         _ => (open_coordinator(&state, registry).await?, None),
     };

@@ -451,8 +451,10 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
         resources: a.resources.to_api(),
         volumes: a.volumes.clone(),
         cloud_init: cloud_init(&a)?,
+        // Sent again to another coordinator if this one fails: the id makes it one VM.
+        request_id: Some(format!("{:032x}", rand::random::<u128>())),
     };
-    let mut v: VmRecord = api.post("/api/v1/vms", &req).await?;
+    let mut v: VmRecord = api.post_retryable("/api/v1/vms", &req).await?;
     let quiet = ctx.json;
     let spinner = crate::output::Progress::spinner(quiet, format!("{} {}: {}", v.id, v.name, v.state.as_str()));
     let mut last_phase = String::new();

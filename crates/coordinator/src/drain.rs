@@ -28,7 +28,54 @@ const SETTLE: Duration = Duration::from_secs(600);
 /// How often a drain looks at a migration or a settling VM.
 const POLL: Duration = Duration::from_millis(500);
 
+/// The store key of `host`'s drain record: a placement on the host commits only while it is
+/// absent ([`crate::lifecycle`]'s guard), whichever coordinator places.
+pub(crate) fn drain_key(host: &str) -> String {
+    crate::state::records::record_key(DRAINS, host)
+}
+
+/// The host whose drain record `key` is, if it is one.
+pub(crate) fn drained_host(key: &str) -> Option<&str> {
+    key.strip_prefix(&crate::state::records::record_prefix(DRAINS)).filter(|h| !h.is_empty() && !h.contains('/'))
+}
+
 impl Coordinator {
+    /// Follows the drain records in the store, whoever writes them: a drain or an undrain on
+    /// another coordinator takes the host out of (or back into) this scheduler's service at
+    /// once. Started by [`Coordinator::new`]; ends with the coordinator.
+    pub(crate) async fn follow_drains(weak: std::sync::Weak<Coordinator>) {
+        use futures::StreamExt;
+        let prefix = crate::state::records::record_prefix(DRAINS);
+        loop {
+            let Some(c) = weak.upgrade() else { return };
+            let store = c.state.store().clone();
+            let Ok(at) = store.revision().await else { return };
+            // What the store says now (a drain or undrain missed while not watching)...
+            if let Ok((rows, _)) = c.state.records().list_records(DRAINS).await {
+                let drained: std::collections::HashSet<&str> = rows.iter().map(|(h, _)| h.as_str()).collect();
+                for h in c.registry.hosts() {
+                    c.sched.set_draining(&h.ad.name, drained.contains(h.ad.name.as_str()));
+                }
+                for h in &drained {
+                    c.sched.set_draining(h, true);
+                }
+            }
+            drop(c);
+            // ...then every change after it.
+            let Ok(mut changes) = store.watch(&prefix, at + 1).await else { return };
+            while let Some(ev) = changes.next().await {
+                let Ok(ev) = ev else { break };
+                let Some(c) = weak.upgrade() else { return };
+                if let Some(host) = drained_host(&ev.key) {
+                    let draining = ev.kind == crate::state::EventKind::Put;
+                    if c.sched.set_draining(host, draining) {
+                        tracing::info!(host, draining, "drain record changed in the store");
+                    }
+                }
+            }
+        }
+    }
+
     /// Takes `host` out of service and starts moving its VMs away (in the background; follow
     /// it with [`Coordinator::drain_status`]). Draining a host that is draining already
     /// answers its drain (a finished one is started again for the VMs still there).

@@ -110,6 +110,99 @@ async fn term(client: &mut Client, name: &str, me: &str, ttl: i64, tx: &watch::S
     result.map_err(|e: etcd_client::Error| e.to_string())
 }
 
+/// This coordinator's presence in the grid: the key `PREFIX/ME` (its value `me`) bound to a
+/// lease of its own, renewed by a background task; a coordinator killed outright stops
+/// renewing, and its key goes with the lease after at most `ttl`. The leader follows the keys
+/// ([`follow_departures`]) and takes over the work of a coordinator whose key went.
+pub struct Presence {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Presence {
+    pub fn register(client: Client, prefix: String, me: String, ttl: Duration) -> Presence {
+        let task = tokio::spawn(async move {
+            let secs = ttl.as_secs().max(1) as i64;
+            let key = presence_key(&prefix, &me);
+            loop {
+                if let Err(e) = present_for_a_lease(&client, &key, &me, secs).await {
+                    tracing::warn!(key, "coordinator presence: {e}; registering again");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        Presence { task }
+    }
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The presence key of coordinator `me` (a URL) under `prefix`.
+fn presence_key(prefix: &str, me: &str) -> String {
+    let safe: String = me.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
+    format!("{prefix}/{safe}")
+}
+
+/// Puts `key` = `me` with a new lease and renews it until that fails.
+async fn present_for_a_lease(client: &Client, key: &str, me: &str, ttl: i64) -> Result<(), String> {
+    let mut client = client.clone();
+    let lease = client.lease_grant(ttl, None).await.map_err(|e| e.to_string())?.id();
+    let put = etcd_client::PutOptions::new().with_lease(lease);
+    client.put(key, me, Some(put)).await.map_err(|e| e.to_string())?;
+    let (mut keeper, mut stream) = client.lease_keep_alive(lease).await.map_err(|e| e.to_string())?;
+    let period = Duration::from_millis(ttl as u64 * 1000 / 3);
+    loop {
+        tokio::time::sleep(period).await;
+        keeper.keep_alive().await.map_err(|e| e.to_string())?;
+        match tokio::time::timeout(period * 2, stream.message()).await {
+            Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("the lease was not renewed in time".into()),
+            _ => return Err("the lease expired".into()),
+        }
+    }
+}
+
+/// The coordinators present under `prefix` now (their URLs).
+pub async fn present(client: &Client, prefix: &str) -> Result<std::collections::BTreeSet<String>, String> {
+    let opts = etcd_client::GetOptions::new().with_prefix();
+    let r = client.clone().get(format!("{prefix}/"), Some(opts)).await.map_err(|e| e.to_string())?;
+    Ok(r.kvs().iter().filter_map(|kv| kv.value_str().ok().map(str::to_string)).collect())
+}
+
+/// While `coord` lives: every `period`, the coordinators present under `prefix`; when one
+/// seen before is gone (killed, or cut off from etcd for a lease's TTL) and this coordinator
+/// leads, the work no task of its own holds is taken over ([`crate::Coordinator::take_over`]):
+/// the VMs the gone coordinator was queueing, launching, watching, suspending or migrating are
+/// queued again, settled from their host or watched, as after a change of leader.
+pub fn follow_departures(coord: std::sync::Weak<crate::Coordinator>, client: Client, prefix: String, me: String, period: Duration) {
+    tokio::spawn(async move {
+        let mut seen = std::collections::BTreeSet::new();
+        loop {
+            tokio::time::sleep(period).await;
+            let Some(c) = coord.upgrade() else { return };
+            let now = match present(&client, &prefix).await {
+                Ok(now) => now,
+                Err(e) => {
+                    tracing::warn!(prefix, "cannot read which coordinators are present: {e}");
+                    continue;
+                }
+            };
+            let gone: Vec<&String> = seen.difference(&now).filter(|u| **u != me).collect();
+            if !gone.is_empty() && c.is_leader() {
+                for u in &gone {
+                    tracing::warn!(coordinator = %u, "coordinator gone (its presence key expired): taking over its work");
+                }
+                c.take_over().await;
+            }
+            seen = now;
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

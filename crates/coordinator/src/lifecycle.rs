@@ -126,6 +126,9 @@ pub struct Coordinator {
     /// suspended), with how many tasks hold each: a coordinator that becomes leader recovers
     /// the others' half-done work, never its own.
     in_hand: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    /// Held by a take-over while it runs: one at a time (leadership won and a coordinator gone
+    /// at once), the second seeing what the first holds.
+    taking_over: tokio::sync::Mutex<()>,
 }
 
 /// A VM (or drain) held in hand by one task of this coordinator until dropped.
@@ -171,6 +174,7 @@ impl Coordinator {
             relay: Default::default(),
             leader: Default::default(),
             in_hand: Default::default(),
+            taking_over: Default::default(),
         });
         c.build_claims().await?;
         c.load_image_servers().await?;
@@ -202,6 +206,8 @@ impl Coordinator {
         });
         let weak = Arc::downgrade(&c);
         tokio::spawn(async move { Coordinator::follow_claims(weak).await });
+        let weak = Arc::downgrade(&c);
+        tokio::spawn(async move { Coordinator::follow_drains(weak).await });
         Ok(c)
     }
 
@@ -242,6 +248,7 @@ impl Coordinator {
     /// (as after a restart, [`Coordinator::recover_interrupted`], skipping what this process
     /// holds), and the records of VMs on hosts this coordinator already holds lost.
     pub async fn take_over(self: &Arc<Self>) {
+        let _one = self.taking_over.lock().await;
         tracing::info!("leading the grid: taking over the half-done work of the coordinators before");
         let lost: Vec<String> = self.registry.hosts().into_iter().filter(|h| h.state == HostState::Lost).map(|h| h.ad.name).collect();
         for host in lost {

@@ -99,16 +99,26 @@ impl Coordinator {
 
     /// What a VM found at startup needs: queued again, its launch, resume or suspend settled,
     /// its migration undone, or watched again.
+    ///
+    /// The VM is held in hand from now until its recovery task ends, so that a take-over that
+    /// follows at once (another coordinator gone) leaves it to this one.
     async fn restarted(self: Arc<Self>, vm: VmRecord) {
+        let held = self.hold(&vm.id);
         match vm.state {
             VmState::Pending if vm.host.is_none() => {
                 // Queued when the coordinator stopped: queue it again.
-                tokio::spawn(async move { self.requeue(vm).await });
+                tokio::spawn(async move {
+                    self.requeue(vm).await;
+                    drop(held);
+                });
             }
             VmState::Pending | VmState::Starting => {
                 // Placed on a host, its launch (or a resume's restore) possibly sent: the host
                 // may run it, be launching it, or never have heard of it.
-                tokio::spawn(async move { self.recover_launch(vm.id).await });
+                tokio::spawn(async move {
+                    self.recover_launch(vm.id).await;
+                    drop(held);
+                });
             }
             VmState::Running | VmState::Stopping | VmState::Unknown | VmState::Suspending => {
                 if vm.state == VmState::Suspending {
@@ -116,11 +126,17 @@ impl Coordinator {
                     let id = vm.id.clone();
                     tokio::spawn(async move { me.recover_suspending(id).await });
                 }
-                tokio::spawn(async move { self.watch(vm.id.clone()).await });
+                tokio::spawn(async move {
+                    self.watch(vm.id.clone()).await;
+                    drop(held);
+                });
             }
             VmState::Migrating => {
                 // The migration's driver died with the coordinator: undo it, keep watching.
-                tokio::spawn(async move { self.migration_interrupted(vm).await });
+                tokio::spawn(async move {
+                    self.migration_interrupted(vm).await;
+                    drop(held);
+                });
             }
             VmState::Stopped | VmState::Failed | VmState::Suspended | VmState::Lost => {}
         }

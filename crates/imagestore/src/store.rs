@@ -532,35 +532,6 @@ impl ImageStore {
         Ok(manifest)
     }
 
-    /// The fencing epoch of volume `name` (0: never attached read-write).
-    pub async fn volume_epoch(&self, name: &str) -> Result<u64, StoreError> {
-        match self.objects.get(&epoch_path(name)).await {
-            Ok(r) => {
-                let b = r.bytes().await.map_err(|e| StoreError::backend("read", format!("epoch of volume {name}"), e))?;
-                Ok(std::str::from_utf8(&b).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0))
-            }
-            Err(object_store::Error::NotFound { .. }) => Ok(0),
-            Err(e) => Err(StoreError::backend("read", format!("epoch of volume {name}"), e)),
-        }
-    }
-
-    /// Raises volume `name`'s epoch to `epoch` (never lowers it): from now on only commits
-    /// carrying `epoch` or newer are accepted. Returns the epoch now in force.
-    pub async fn raise_epoch(&self, name: &str, epoch: u64) -> Result<u64, StoreError> {
-        validate_name(name).map_err(StoreError::BadName)?;
-        let _c = self.commit_lock.lock().await;
-        let current = self.volume_epoch(name).await?;
-        if epoch <= current {
-            return Ok(current);
-        }
-        self.objects
-            .put(&epoch_path(name), PutPayload::from(epoch.to_string()))
-            .await
-            .map_err(|e| StoreError::backend("write", format!("epoch of volume {name}"), e))?;
-        tracing::info!(volume = %name, epoch, "volume epoch raised");
-        Ok(epoch)
-    }
-
     async fn counter(&self, name: &str) -> Result<u32, StoreError> {
         match self.objects.get(&counter_path(name)).await {
             Ok(r) => {
@@ -860,5 +831,6 @@ impl ImageStore {
     }
 }
 
+mod epoch;
 #[cfg(test)]
 mod tests;

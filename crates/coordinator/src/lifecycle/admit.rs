@@ -25,6 +25,13 @@ use crate::hosts::HostClient;
 use crate::lifecycle::admission::{check_quota, check_warm, explain, launch_request, placement_request, warm_requirement};
 use crate::sched::{PlaceError, PlaceOptions, Placement};
 
+/// The id of the VM that a create with client request id `rid` by `owner` makes: the same for
+/// every send of that request, so that its record (written only if absent) is made once.
+pub(crate) fn request_vm_id(owner: &str, rid: &str) -> String {
+    let h = blake3::hash(format!("{owner}\0{rid}").as_bytes());
+    format!("vm-{}", hex::encode(&h.as_bytes()[..6]))
+}
+
 impl Coordinator {
     /// Refuses early (before placing) what the commit would refuse: the quota, host ports
     /// forwarded already, a name taken.
@@ -55,10 +62,42 @@ impl Coordinator {
     /// the background. Nothing is recorded when validation or placement fails.
     /// `admin`: the owner is an admin (may attach volumes that belong to nobody).
     pub async fn create(self: &Arc<Self>, req: VmCreate, owner: &str, admin: bool, quota: &Quota) -> Result<VmRecord, CoordinatorError> {
-        let mut config = req.validate()?;
+        let config = req.validate()?;
+        if let Some(rec) = self.created_by_request(&req, owner).await? {
+            return Ok(rec);
+        }
+        match self.create_new(&req, config, owner, admin, quota).await {
+            // Two sends of one request at once (to two coordinators): the other one made it.
+            Err(e) => match self.created_by_request(&req, owner).await? {
+                Some(rec) => Ok(rec),
+                None => Err(e),
+            },
+            ok => ok,
+        }
+    }
+
+    /// The VM a create with `req.request_id` by `owner` made already, if one did: a request
+    /// sent again (its answer was lost, or it went to another coordinator) is answered with it.
+    pub(crate) async fn created_by_request(&self, req: &VmCreate, owner: &str) -> Result<Option<VmRecord>, CoordinatorError> {
+        let Some(rid) = &req.request_id else { return Ok(None) };
+        let found = self.record(&request_vm_id(owner, rid)).await?.filter(|r| r.owner == owner);
+        if let Some(r) = &found {
+            tracing::info!(vm = %r.id, request = %rid, "create sent again: answered with the VM it made");
+        }
+        Ok(found)
+    }
+
+    async fn create_new(
+        self: &Arc<Self>,
+        req: &VmCreate,
+        mut config: VmConfig,
+        owner: &str,
+        admin: bool,
+        quota: &Quota,
+    ) -> Result<VmRecord, CoordinatorError> {
         let manifest = self.resolve_image(config.image()).await?;
         self.resolve_volumes(&mut config.volumes, crate::volumes::Asker { user: owner, admin }).await?;
-        let (rec, placed, preq, opts) = self.admit_new(&req, config, &manifest, owner, quota).await?;
+        let (rec, placed, preq, opts) = self.admit_new(req, config, &manifest, owner, quota).await?;
         // The claim is the record's now: from here on only this VM's commits are accepted.
         if let Err(e) = self.fence_volumes(&rec).await {
             if let Some(p) = &placed {
@@ -101,7 +140,7 @@ impl Coordinator {
         let opts = PlaceOptions { arch: Some(manifest.meta.arch.clone()) };
 
         self.precheck(owner, quota, &config, req.name.as_deref()).await?;
-        let id = new_id();
+        let id = req.request_id.as_deref().map(|r| request_vm_id(owner, r)).unwrap_or_else(new_id);
         let name = req.name.clone().unwrap_or_else(|| format!("{}-{}", manifest.name, &id[3..9]));
         // A cloud image's hostname is its VM's name unless the request names one.
         if let Some(ci) = &mut config.cloud_init {

@@ -48,7 +48,8 @@ impl Coordinator {
             let (rows, at) = store.range(&prefix).await?;
             let used = claims::totals(&rows, &new.id);
             fits(&host, used, &c.held, &h.ad)?;
-            txn = txn.when_unchanged_since(prefix, at);
+            // Not onto a host drained meanwhile (by any coordinator): see `try_commit`.
+            txn = txn.when_unchanged_since(prefix, at).when(crate::drain::drain_key(&host), crate::state::Expect::Absent);
         }
         Ok(txn)
     }

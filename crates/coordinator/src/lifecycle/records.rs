@@ -138,6 +138,13 @@ impl Coordinator {
             Err(StateError::Conflict { key, expected: Expect::Absent, .. }) if key.starts_with(claims::CLAIMS) => {
                 Err(self.refusal(&key).await)
             }
+            Err(StateError::Conflict { key, expected: Expect::Absent, .. }) if crate::drain::drained_host(&key).is_some() => {
+                // Drained through another coordinator, whose word has not reached this
+                // scheduler yet: out of its service now, and placed elsewhere.
+                let host = crate::drain::drained_host(&key).unwrap_or_default();
+                self.sched.set_draining(host, true);
+                Err(CoordinatorError::Capacity(format!("host {host} is draining: it takes no new VMs")))
+            }
             Err(e) if e.is_conflict() => Ok(false),
             Err(e) => Err(e.into()),
         }

@@ -398,3 +398,27 @@ async fn only_the_leader_settles_a_lost_hosts_vms_and_a_new_leader_catches_up() 
     .expect("the new leader marks the lost host's VM unknown");
     assert!(b.is_leader() && !a.is_leader());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_sent_again_with_its_request_id_finds_the_vm_it_made() {
+    let (state, cs) = two_on_one_store(ONE_BIG_HOST).await;
+    let with_id = |name: Option<&str>| VmCreate { request_id: Some("cli-0123456789abcdef".into()), ..create(name, 1, None) };
+    // Nothing made yet: nothing found.
+    assert!(cs[0].created_by_request(&with_id(None), "alice").await.unwrap().is_none());
+    let first = admit(&cs[0], with_id(None), "alice", &Quota::default()).await.unwrap();
+    assert_eq!(first.id, super::admit::request_vm_id("alice", "cli-0123456789abcdef"));
+    // The same request sent to the other coordinator: found there, not made again.
+    let found = cs[1].created_by_request(&with_id(None), "alice").await.unwrap().expect("the VM the first send made");
+    assert_eq!((found.id.as_str(), found.name.as_str()), (first.id.as_str(), first.name.as_str()));
+    // Admitted again anyway (two sends at once), it is refused: its record exists.
+    assert!(admit(&cs[1], with_id(None), "alice", &Quota::default()).await.is_err());
+    // Another user's request with the same id is another request.
+    assert!(cs[1].created_by_request(&with_id(None), "bob").await.unwrap().is_none());
+    let bobs = admit(&cs[1], with_id(Some("bobs")), "bob", &Quota::default()).await.unwrap();
+    assert_ne!(bobs.id, first.id);
+    assert_eq!(state.vms().list_vms().await.unwrap().0.len(), 2, "one VM per request");
+    assert_claims_match_records(&state).await;
+    // A malformed request id is refused, naming it.
+    let bad = VmCreate { request_id: Some("x y".into()), ..create(None, 1, None) };
+    assert_eq!(bad.validate().unwrap_err().to_string(), "invalid request_id \"x y\": use 8-64 characters of A-Z a-z 0-9 _ -");
+}

@@ -79,6 +79,11 @@ impl EtcdConfig {
     pub fn election_key(&self) -> String {
         format!("{}/leader", self.prefix)
     }
+
+    /// The prefix of the coordinators' presence keys ([`crate::leader::Presence`]).
+    pub fn presence_prefix(&self) -> String {
+        format!("{}/coordinators", self.prefix)
+    }
 }
 
 /// What etcd said, with where etcd was.

@@ -245,3 +245,84 @@ async fn an_upload_waits_while_another_server_collects_and_a_second_collector_is
     assert_eq!(r.chunks_freed, 0);
     assert!(matches!(objects.head(&Path::from("gc/lease")).await, Err(object_store::Error::NotFound { .. })), "the lease was not released");
 }
+
+/// A bucket whose reads answer after `delay` (what they read may be stale by then): one image
+/// server's view of a shared bucket, slow to act on what it read.
+#[derive(Debug)]
+struct SlowReads {
+    inner: Arc<dyn ObjectStore>,
+    delay: Duration,
+}
+
+impl std::fmt::Display for SlowReads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SlowReads({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for SlowReads {
+    async fn put_opts(&self, p: &Path, payload: PutPayload, o: PutOptions) -> object_store::Result<object_store::PutResult> {
+        self.inner.put_opts(p, payload, o).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        p: &Path,
+        o: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(p, o).await
+    }
+    async fn get_opts(&self, p: &Path, o: object_store::GetOptions) -> object_store::Result<object_store::GetResult> {
+        let r = self.inner.get_opts(p, o).await;
+        tokio::time::sleep(self.delay).await;
+        r
+    }
+    async fn delete(&self, p: &Path) -> object_store::Result<()> {
+        self.inner.delete(p).await
+    }
+    fn list(&self, p: Option<&Path>) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(p)
+    }
+    async fn list_with_delimiter(&self, p: Option<&Path>) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(p).await
+    }
+    async fn copy(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+        self.inner.copy(from, to).await
+    }
+    async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+        self.inner.copy_if_not_exists(from, to).await
+    }
+}
+
+/// Two image servers on one bucket raising a volume's epoch at once, both reading it before
+/// either writes: the one asking less (slow to act on its read) writes last. Each raise is a
+/// conditional write, so that late write is refused, read again, and the higher epoch stays
+/// (a plain write would lower it and let the older holder commit). Then the same from nothing
+/// (both creating the object), and many raises from both at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_epoch_raises_on_one_bucket_keep_the_highest() {
+    let bucket: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let server = |ms| Arc::new(ImageStore::new(Arc::new(SlowReads { inner: bucket.clone(), delay: Duration::from_millis(ms) })));
+    let (slow, fast) = (server(300), server(30));
+    for (vol, low, high) in [("fresh", 5, 6), ("fresh", 8, 9), ("other", 1, 2)] {
+        let (a, b) = tokio::join!(slow.raise_epoch(vol, low), fast.raise_epoch(vol, high));
+        assert_eq!((a.unwrap(), b.unwrap()), (high, high), "{vol}: raising to {low} and {high} at once");
+        assert_eq!(fast.volume_epoch(vol).await.unwrap(), high, "{vol}: the higher epoch is in force");
+    }
+    let tasks: Vec<_> = (1..=16u64)
+        .map(|i| {
+            let s = if i % 2 == 0 { slow.clone() } else { fast.clone() };
+            tokio::spawn(async move { (100 + i, s.raise_epoch("many", 100 + i).await.unwrap()) })
+        })
+        .collect();
+    for (asked, got) in futures::future::join_all(tasks).await.into_iter().map(|r| r.unwrap()) {
+        assert!(got >= asked, "raising to {asked} answered {got}");
+    }
+    assert_eq!(slow.volume_epoch("many").await.unwrap(), 116);
+    // On the local filesystem (no conditional update) it is raised too.
+    let dir = tempfile::tempdir().unwrap();
+    let local = ImageStore::new(Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap()));
+    assert_eq!(local.raise_epoch("vol", 3).await.unwrap(), 3);
+    assert_eq!(local.raise_epoch("vol", 2).await.unwrap(), 3);
+    assert_eq!(local.volume_epoch("vol").await.unwrap(), 3);
+}
