@@ -7,8 +7,6 @@
 mod common;
 use common::api_get;
 use common::grid::{console_has_line, console_log, console_until, type_on_console, RoleGrid as Grid};
-use std::io::Write;
-use std::path::Path;
 use std::time::Duration;
 
 /// What the writer puts on the volume, at byte offset `SEEK * 512` (past the first chunk: the
