@@ -340,4 +340,43 @@ mod tests {
         let n = volume_name(Some("job 1"));
         assert!(n.starts_with("stage-job1-") && vgrid_api::manifest::validate_name(&n).is_ok(), "{n}");
     }
+
+    /// The filesystem the CLI builds (read back with debugfs), and an `out/N` directory
+    /// extracted into a new local path. Skipped without e2fsprogs.
+    #[test]
+    fn the_staging_filesystem_holds_the_manifest_and_outputs_extract_byte_exact() {
+        if need_tool("mkfs.ext4", "").is_err() || need_tool("debugfs", "").is_err() {
+            eprintln!("skipped: no e2fsprogs");
+            return;
+        }
+        let t = tempdir("vgrid-stage-test").unwrap();
+        std::fs::write(t.join("a.txt"), "a\n").unwrap();
+        let plan = Plan {
+            ins: vec![StageIn { local: t.join("a.txt"), guest: "/root/my a.txt".into() }],
+            outs: vec![StageOut { guest: "/root/res".into(), local: t.join("res") }],
+            extra: 1 << 20,
+        };
+        plan.check().unwrap();
+        let work = t.join("work");
+        std::fs::create_dir(&work).unwrap();
+        let img = plan.build(&work).unwrap();
+        let cat = |path: &str| {
+            let o = Command::new("debugfs").arg("-R").arg(format!("cat {path}")).arg(&img).output().unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        assert_eq!(cat(MANIFEST), "in 0 /root/my a.txt\nout 0 /root/res\n");
+        assert_eq!(cat("in/0"), "a\n");
+        // What a guest leaves: out/0, a directory.
+        let root = t.join("guest");
+        std::fs::create_dir_all(root.join("out/0/sub")).unwrap();
+        let bin: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(root.join("out/0/sub/r.bin"), &bin).unwrap();
+        let left = t.join("left.img");
+        assert!(Command::new("mkfs.ext4").args(["-q", "-d"]).arg(&root).arg(&left).arg("8M").status().unwrap().success());
+        extract(&left, 0, &plan.outs[0]).unwrap();
+        assert_eq!(std::fs::read(t.join("res/sub/r.bin")).unwrap(), bin);
+        let e = extract(&left, 1, &StageOut { guest: "/root/none".into(), local: t.join("none") }).unwrap_err();
+        assert!(e.to_string().contains("left no out/1") && e.to_string().contains("/root/none"), "{e}");
+        std::fs::remove_dir_all(&t).unwrap();
+    }
 }
