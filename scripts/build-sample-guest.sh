@@ -33,6 +33,12 @@
 # unmount /mnt and power off ("vgrid-sample: power button" on the console).
 # `vgrid-poweroff` in the guest's shell does the same.
 #
+# Staging (`vgrid vm run --stage-in/--stage-out`, docs/volumes.md): a virtio disk whose serial is
+# `vgrid-stage` (ext4) is mounted at /stage before the boot marker; each `in N GUESTPATH` line of
+# its manifest /stage/vgrid-stage copies /stage/in/N to GUESTPATH (a directory's contents into
+# GUESTPATH, created). At power-off (vgrid-poweroff, the power button, vgrid.mode=poweroff) each
+# `out N GUESTPATH` copies GUESTPATH to /stage/out/N, then /stage is synced and unmounted.
+#
 # Boot with: qemu-system-x86_64 -machine pc -accel tcg -m 256 -nographic \
 #   -kernel vmlinuz -initrd initrd.img -append "$(cat cmdline)" \
 #   -drive file=disk.img,format=raw,if=virtio
@@ -42,8 +48,8 @@ log() { echo "build-sample-guest: $*" >&2; }
 
 script_path=$(readlink -f "$0")
 # v2: init_on_free=1 in cmdline. v3: without it again (guests near their memory limit were
-# OOM-killed while booting).
-LAYOUT=3
+# OOM-killed while booting). v4: staging (a disk with serial vgrid-stage).
+LAYOUT=4
 out=${1:-${VGRID_CACHE:-$HOME/.cache/vgrid}/sample-guest-v$LAYOUT}
 out=$(realpath -m "$out")
 # shellcheck source=guest-cache.sh
@@ -97,7 +103,7 @@ busybox="$work/bbpkg/bin/busybox"
 
 # --- initramfs ---------------------------------------------------------------------------
 root="$work/initramfs"
-mkdir -p "$root"/{bin,sbin,dev,proc,sys,mnt,tmp,etc,lib/modules,root}
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,mnt,tmp,etc,lib/modules,root,stage}
 cp "$busybox" "$root/bin/busybox"
 
 # Modules in load order. A module whose CONFIG_ symbol is built in (=y) is skipped.
@@ -149,6 +155,22 @@ cat >/bin/vgrid-poweroff <<'EOS'
 #!/bin/sh
 kill -TERM -1 2>/dev/null; sleep 0.2; kill -KILL -1 2>/dev/null
 cd /
+if [ -f /stage/vgrid-stage ]; then
+  mkdir -p /stage/out
+  while read -r kind n path; do
+    [ "$kind" = out ] || continue
+    rm -rf "/stage/out/$n"
+    if [ -d "$path" ]; then
+      cp -a "$path" "/stage/out/$n"
+    elif [ -e "$path" ]; then
+      cp "$path" "/stage/out/$n"
+    else
+      false
+    fi && echo "vgrid-sample: staged out $path" || echo "vgrid-sample: stage-out $path failed"
+  done </stage/vgrid-stage
+  sync
+  umount /stage || mount -o remount,ro /stage
+fi
 sync
 umount /mnt 2>/dev/null || mount -o remount,ro /mnt 2>/dev/null || umount -l /mnt
 sync
@@ -177,6 +199,24 @@ else
   echo "vgrid-sample: cannot mount /dev/vda"
   disk=none
 fi
+
+# Staging: the disk whose serial is vgrid-stage.
+for s in /sys/block/vd*/serial; do
+  [ "$(cat "$s" 2>/dev/null)" = vgrid-stage ] || continue
+  d=${s%/serial}
+  if mount -t ext4 "/dev/${d##*/}" /stage && [ -f /stage/vgrid-stage ]; then
+    while read -r kind n path; do
+      [ "$kind" = in ] || continue
+      if [ -d "/stage/in/$n" ]; then
+        mkdir -p "$path" && cp -a "/stage/in/$n/." "$path/"
+      else
+        mkdir -p "$(dirname "$path")" && cp "/stage/in/$n" "$path"
+      fi && echo "vgrid-sample: staged in $path" || echo "vgrid-sample: stage-in $path failed"
+    done </stage/vgrid-stage
+  else
+    echo "vgrid-sample: cannot mount the staging disk /dev/${d##*/}"
+  fi
+done
 
 if [ "$net" = dhcp ]; then
   cat >/bin/udhcpc.script <<'EOS'

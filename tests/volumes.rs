@@ -279,3 +279,119 @@ fn a_volume_follows_its_vm_through_live_migration_and_suspend_resume() {
     let o = g.cli(&["vm", "rm", "--force", "thief"]);
     assert!(o.status.success(), "rm thief: {}", stderr(&o));
 }
+
+/// Explicit staging: `vm run --stage-in` places a file and a directory in the guest before it
+/// starts; `--stage-out` waits for the power-off (`vm stop`: the ACPI button) and collects a
+/// file the guest computed and the directory it changed, byte-exact; the staging volume is
+/// gone afterwards. Bad input (a missing LOCAL, a relative guest path, an output directory that
+/// does not exist) is refused before anything is created.
+#[test]
+fn staging_places_inputs_before_boot_and_collects_outputs_after_power_off() {
+    let g = Grid::start(&["h1"]);
+    let d = g.dir.path();
+    std::fs::write(d.join("a.txt"), "staged-a-content\n").unwrap();
+    std::fs::create_dir_all(d.join("dir/sub")).unwrap();
+    std::fs::write(d.join("dir/b.txt"), "staged-b-content\n").unwrap();
+    let bin: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(d.join("dir/sub/c.bin"), &bin).unwrap();
+    let p = |f: &str| d.join(f).to_str().unwrap().to_string();
+
+    // Bad input: refused before a volume or a VM exists, naming the path.
+    let o = g.cli(&["vm", "run", "sample", "--name", "bad", "--stage-in", &format!("{}:/root/x", p("nosuch.txt")), "--no-wait"]);
+    assert!(!o.status.success() && stderr(&o).contains("nosuch.txt"), "{o:?}");
+    let o = g.cli(&["vm", "run", "sample", "--name", "bad", "--stage-out", &format!("root/x:{}", p("o")), "--no-wait"]);
+    assert!(!o.status.success() && stderr(&o).contains("must be absolute"), "{o:?}");
+    let o = g.cli(&["vm", "run", "sample", "--name", "bad", "--stage-out", &format!("/root/x:{}", p("nodir/x")), "--no-wait"]);
+    assert!(!o.status.success() && stderr(&o).contains(&format!("cannot write in {}", p("nodir"))), "{o:?}");
+    assert_eq!(g.json(&["volume", "ls"]), serde_json::json!([]));
+    assert_eq!(g.json(&["vm", "ls"]), serde_json::json!([]));
+
+    let stage = [
+        format!("--stage-in={}:/root/in/a.txt", p("a.txt")),
+        format!("--stage-in={}:/root/d", p("dir")),
+        format!("--stage-out=/root/out.txt:{}", p("OUT")),
+        format!("--stage-out=/root/d:{}", p("OUTDIR")),
+    ];
+    let (mut run, id, vol) = start_staged(&g, "job", &stage);
+    let dir = g.runtime_dir("h1", &id);
+    for line in ["vgrid-sample: staged in /root/in/a.txt", "vgrid-sample: staged in /root/d"] {
+        assert!(console_has_line(&dir, line), "{line}: {}", console_log(&dir));
+    }
+    console_until(
+        &g,
+        &dir,
+        "cat /root/in/a.txt /root/d/b.txt; echo $((6*7))-computed > /root/out.txt; echo new > /root/d/new.txt; echo c1-$((5+5))",
+        "c1-10",
+    );
+    for line in ["staged-a-content", "staged-b-content"] {
+        assert!(console_has_line(&dir, line), "{line}: {}", console_log(&dir));
+    }
+    let o = g.cli(&["vm", "stop", "job"]);
+    assert!(o.status.success(), "stop: {}", stderr(&o));
+    let status = run.wait().unwrap();
+    let said = std::fs::read_to_string(d.join("job.err")).unwrap();
+    assert!(status.success(), "vm run with staging: {said}\n{}", console_log(&dir));
+    assert!(said.contains(&format!("staging volume {vol}@1")), "{said}");
+    assert!(console_has_line(&dir, "vgrid-sample: staged out /root/out.txt"), "{}", console_log(&dir));
+
+    assert_eq!(std::fs::read_to_string(d.join("OUT")).unwrap(), "42-computed\n");
+    assert_eq!(std::fs::read_to_string(d.join("OUTDIR/b.txt")).unwrap(), "staged-b-content\n");
+    assert_eq!(std::fs::read_to_string(d.join("OUTDIR/new.txt")).unwrap(), "new\n");
+    assert!(std::fs::read(d.join("OUTDIR/sub/c.bin")).unwrap() == bin, "c.bin differs after the round trip");
+    // The staging volume is gone; the VM stays (stopped) until removed.
+    assert_eq!(g.json(&["volume", "ls"]), serde_json::json!([]), "the staging volume {vol} stayed");
+    assert_eq!(g.json(&["vm", "show", "job"])["state"], "stopped");
+    let o = g.cli(&["vm", "rm", "job"]);
+    assert!(o.status.success(), "rm: {}", stderr(&o));
+}
+
+/// Spawns `vm run sample --name NAME` with the staging arguments `stage` (its stderr in
+/// `NAME.err`), waits until the VM runs and its shell prompts. Returns the CLI, the VM's id and
+/// the staging volume's name.
+fn start_staged(g: &Grid, name: &str, stage: &[String]) -> (std::process::Child, String, String) {
+    let _slot = common::boot_slot().unwrap();
+    let d = g.dir.path();
+    let run = std::process::Command::new(common::vgrid_bin())
+        .args(["vm", "run", "sample", "--name", name, "--timeout", "600"])
+        .args(stage)
+        .env("VGRID_URL", &g.coordinator.url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(d.join(format!("{name}.out"))).unwrap())
+        .stderr(std::fs::File::create(d.join(format!("{name}.err"))).unwrap())
+        .spawn()
+        .unwrap();
+    let mut id = String::new();
+    g.wait_until("the staged VM to run", Duration::from_secs(180), || {
+        let o = g.cli(&["--json", "vm", "show", name]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        id = v["id"].as_str().unwrap_or_default().to_string();
+        v["state"] == "running"
+    });
+    let ls = g.json(&["volume", "ls"]);
+    let vol = ls.as_array().unwrap().iter().find(|v| v["attached_rw"] == name).expect("a staging volume held by the VM");
+    let vol = vol["name"].as_str().unwrap().to_string();
+    assert!(vol.starts_with(&format!("stage-{name}-")), "{ls}");
+    let dir = g.runtime_dir("h1", &id);
+    g.wait_until("the guest's prompt", Duration::from_secs(180), || console_log(&dir).contains(common::PROMPT));
+    (run, id, vol)
+}
+
+/// An output the guest did not leave: `vm run` fails naming the guest path and the staging
+/// volume, which is kept (its other outputs can still be read from it).
+#[test]
+fn staging_names_a_missing_output_and_keeps_the_staging_volume() {
+    let g = Grid::start(&["h1"]);
+    let out = g.dir.path().join("never");
+    let (mut run, _id, vol) = start_staged(&g, "lazy", &[format!("--stage-out=/root/never.txt:{}", out.display())]);
+    let o = g.cli(&["vm", "stop", "lazy"]);
+    assert!(o.status.success(), "stop: {}", stderr(&o));
+    let status = run.wait().unwrap();
+    let said = std::fs::read_to_string(g.dir.path().join("lazy.err")).unwrap();
+    assert!(!status.success(), "{said}");
+    assert!(said.contains("/root/never.txt") && said.contains(&format!("the staging volume {vol} is kept")), "{said}");
+    assert!(!out.exists());
+    let show = g.json(&["volume", "show", &vol]);
+    assert_eq!(show["versions"], serde_json::json!([1, 2]), "{show}");
+    let o = g.cli(&["volume", "rm", &vol]);
+    assert!(o.status.success(), "rm {vol}: {}", stderr(&o));
+}

@@ -15,6 +15,7 @@ mod output;
 mod roles;
 mod ssh;
 mod sshagent;
+mod stage;
 mod store;
 mod suspend;
 mod trust;

@@ -132,9 +132,31 @@ pub struct RunArgs {
     /// Return only once TEXT appears on the VM's console.
     #[arg(long)]
     pub wait_for: Option<String>,
-    /// Give up waiting after this many seconds (the VM keeps running).
+    /// Give up waiting after this many seconds (the VM keeps running). With --stage-out it also
+    /// bounds the wait for the VM to power off.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Place a local file or directory at GUESTPATH in the guest before it starts
+    /// (`LOCAL:GUESTPATH`, GUESTPATH absolute; a directory's contents go into GUESTPATH).
+    /// Repeatable. Through a staging volume (`stage-<name>-<random>`, serial vgrid-stage, the
+    /// VM's last disk) the guest copies in at boot: see docs/volumes.md, "Staging".
+    #[arg(long = "stage-in", value_name = "LOCAL:GUESTPATH", value_parser = crate::stage::parse_in)]
+    pub stage_in: Vec<crate::stage::StageIn>,
+    /// Collect GUESTPATH (a file or directory) into LOCAL once the VM has powered off: `vm run`
+    /// waits for the power-off (the guest's own, or `vgrid vm stop`), then removes the staging
+    /// volume. Repeatable.
+    #[arg(long = "stage-out", value_name = "GUESTPATH:LOCAL", value_parser = crate::stage::parse_out)]
+    pub stage_out: Vec<crate::stage::StageOut>,
+    /// Room for the guest's outputs on the staging volume, beyond the inputs.
+    #[arg(long, value_parser = crate::output::parse_size, default_value = "64M")]
+    pub stage_size: u64,
+    /// Keep the staging volume after collecting the outputs (it is kept anyway when something
+    /// fails, and named).
+    #[arg(long)]
+    pub keep_stage: bool,
+    /// The image server the staging volume goes to.
+    #[command(flatten)]
+    pub server: crate::store::ServerArg,
     #[command(flatten)]
     pub resources: crate::usage::ResourceArgs,
 }
@@ -433,10 +455,60 @@ fn cloud_init(a: &RunArgs) -> anyhow::Result<Option<vgrid_api::cloudinit::CloudI
     Ok(Some(c))
 }
 
-async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
-    let api = ctx.api();
+async fn run_vm(ctx: &Ctx, mut a: RunArgs) -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs(a.timeout);
+    if a.stage_in.is_empty() && a.stage_out.is_empty() {
+        let v = start_vm(ctx, &a, t0, deadline).await?;
+        report_running(ctx, &a, &v, t0, true)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let plan = crate::stage::Plan { ins: a.stage_in.clone(), outs: a.stage_out.clone(), extra: a.stage_size };
+    plan.check()?;
+    let name = crate::stage::volume_name(a.name.as_deref());
+    let attach = crate::stage::prepare(ctx, &a.server, &plan, &name).await?;
+    a.volumes.push(attach);
+    let started = match start_vm(ctx, &a, t0, deadline).await {
+        Ok(v) => v,
+        Err(e) => {
+            // A VM that never ran holds nothing worth keeping on it: its inputs are local.
+            crate::stage::remove(ctx, &name).await;
+            return Err(e);
+        }
+    };
+    report_running(ctx, &a, &started, t0, plan.outs.is_empty())?;
+    let v = started.0;
+    if plan.outs.is_empty() {
+        if !ctx.json {
+            eprintln!("staging volume {name}: remove it once the VM is gone (`vgrid volume rm {name}`)");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let collected = async {
+        let version = crate::stage::wait_powered_off(ctx, &v.id, &name, 1, deadline).await?;
+        crate::stage::collect(ctx, &a.server, &format!("{name}@{version}"), &plan.outs).await
+    }
+    .await;
+    if let Err(e) = collected {
+        return Err(e.context(format!("stage-out of VM {}: the staging volume {name} is kept (`vgrid volume export {name} FILE`)", v.id)));
+    }
+    if a.keep_stage {
+        eprintln!("staging volume {name} kept (--keep-stage)");
+    } else {
+        crate::stage::remove(ctx, &name).await;
+    }
+    if ctx.json {
+        let v: VmRecord = ctx.api().get(&format!("/api/v1/vms/{}", v.id)).await?;
+        print_json(&v)?;
+    } else {
+        println!("VM {} ({}) powered off; {} output(s) staged out", v.id, v.name, plan.outs.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Creates the VM and waits until it runs (and `--wait-for` TEXT shows).
+async fn start_vm(ctx: &Ctx, a: &RunArgs, t0: Instant, deadline: Instant) -> anyhow::Result<(VmRecord, Duration)> {
+    let api = ctx.api();
     let req = VmCreate {
         image: a.image.clone(),
         name: a.name.clone(),
@@ -450,7 +522,7 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
         no_wait: a.no_wait,
         resources: a.resources.to_api(),
         volumes: a.volumes.clone(),
-        cloud_init: cloud_init(&a)?,
+        cloud_init: cloud_init(a)?,
         // Sent again to another coordinator if this one fails: the id makes it one VM.
         request_id: Some(format!("{:032x}", rand::random::<u128>())),
     };
@@ -532,8 +604,15 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     spinner.finish_and_clear();
+    Ok((v, running_at))
+}
+
+/// Says the VM runs (`json`: prints its record).
+fn report_running(ctx: &Ctx, a: &RunArgs, (v, running_at): &(VmRecord, Duration), t0: Instant, json: bool) -> anyhow::Result<()> {
     if ctx.json {
-        print_json(&v)?;
+        if json {
+            print_json(v)?;
+        }
     } else {
         let mut msg = format!(
             "VM {} ({}) running on {} [{}], started in {:.1}s",
@@ -549,7 +628,7 @@ async fn run_vm(ctx: &Ctx, a: RunArgs) -> anyhow::Result<ExitCode> {
         println!("{msg}");
         eprintln!("console: vgrid vm console {}   logs: vgrid vm logs {}", v.id, v.id);
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 async fn logs(ctx: &Ctx, id: &str, follow: bool) -> anyhow::Result<()> {

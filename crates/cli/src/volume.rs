@@ -3,7 +3,7 @@
 //! committing, snapshots and removal go through the coordinator, which knows which VM holds a
 //! volume read-write.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context};
@@ -73,16 +73,7 @@ pub async fn run(ctx: &Ctx, cmd: VolumeCmd) -> anyhow::Result<ExitCode> {
             }
         }
         VolumeCmd::Import { name, file, server } => {
-            let client = server.client(ctx, Want::Upload).await?;
-            let opts = ImportOptions { volume: Some(VolumeMeta::default()), ..ImportOptions::new(&name) };
-            let pb = Progress::bytes(ctx.json, 0, &format!("importing volume {name}"));
-            let cb = |d: u64, t: u64| {
-                pb.set_length(t);
-                pb.set_position(d);
-            };
-            let m =
-                import_file(&client, &file, &opts, &cb).await.with_context(|| format!("importing {} as volume {name}", file.display()))?;
-            pb.finish_and_clear();
+            let m = import(ctx, &server, &name, &file).await?;
             if ctx.json {
                 print_json(&vgrid_api::rest::ImageSummary::of(&m))?;
             } else {
@@ -112,16 +103,7 @@ pub async fn run(ctx: &Ctx, cmd: VolumeCmd) -> anyhow::Result<ExitCode> {
             }
         }
         VolumeCmd::Export { volume, file, server } => {
-            let client = server.client(ctx, Want::Image(&volume)).await?;
-            let r: ImageRef = volume.parse()?;
-            let m = client.manifest(&r).await?;
-            if m.meta.volume.is_none() {
-                bail!("{} is an image, not a volume: use `vgrid image export`", m.image_ref());
-            }
-            let pb = Progress::bytes(ctx.json, m.disk.size, &format!("exporting volume {}", m.image_ref()));
-            let cb = |d: u64, _t: u64| pb.set_position(d);
-            export_image(&client, &m.image_ref(), &file, &cb).await?;
-            pb.finish_and_clear();
+            let m = export(ctx, &server, &volume, &file).await?;
             eprintln!("exported volume {} ({}) to {}", m.image_ref(), bytes(m.disk.size), file.display());
         }
         VolumeCmd::Commit { name } => {
@@ -158,6 +140,36 @@ pub async fn run(ctx: &Ctx, cmd: VolumeCmd) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Imports `file` as (the next version of) volume `name`, with a progress bar.
+pub(crate) async fn import(ctx: &Ctx, server: &ServerArg, name: &str, file: &Path) -> anyhow::Result<Manifest> {
+    let client = server.client(ctx, Want::Upload).await?;
+    let opts = ImportOptions { volume: Some(VolumeMeta::default()), ..ImportOptions::new(name) };
+    let pb = Progress::bytes(ctx.json, 0, &format!("importing volume {name}"));
+    let cb = |d: u64, t: u64| {
+        pb.set_length(t);
+        pb.set_position(d);
+    };
+    let m = import_file(&client, file, &opts, &cb).await.with_context(|| format!("importing {} as volume {name}", file.display()))?;
+    pb.finish_and_clear();
+    Ok(m)
+}
+
+/// Writes volume `volume` (NAME or NAME@VERSION) to `file` as a sparse raw file, with a
+/// progress bar.
+pub(crate) async fn export(ctx: &Ctx, server: &ServerArg, volume: &str, file: &Path) -> anyhow::Result<Manifest> {
+    let client = server.client(ctx, Want::Image(volume)).await?;
+    let r: ImageRef = volume.parse()?;
+    let m = client.manifest(&r).await?;
+    if m.meta.volume.is_none() {
+        bail!("{} is an image, not a volume: use `vgrid image export`", m.image_ref());
+    }
+    let pb = Progress::bytes(ctx.json, m.disk.size, &format!("exporting volume {}", m.image_ref()));
+    let cb = |d: u64, _t: u64| pb.set_position(d);
+    export_image(&client, &m.image_ref(), file, &cb).await?;
+    pb.finish_and_clear();
+    Ok(m)
 }
 
 /// An empty volume: every chunk elided (zeros), committed as version 1 of NAME.
