@@ -115,9 +115,10 @@ fn a_volume_written_on_one_host_is_read_back_byte_exact_on_another() {
     assert!(o.status.success(), "rm snapshot: {}", stderr(&o));
 }
 
-/// The image server SIGKILLed while a commit is due: the commit (and a suspend, which
-/// commits first) fails with an error naming the image server (the volume), the guest runs on, the last committed version is intact; the image
-/// server restarted (on another port), the retried commit publishes the write, byte-exact.
+/// The image server SIGKILLed while a commit is due: the commit (and a suspend, which commits
+/// first) fails with an error naming the image server (the volume), the guest runs on, the last
+/// committed version is intact; the image server restarted (on another port), the retried
+/// commit publishes the write, byte-exact.
 #[test]
 fn a_commit_while_the_image_server_is_down_fails_clearly_and_succeeds_once_it_is_back() {
     let mut g = Grid::start(&["h1"]);

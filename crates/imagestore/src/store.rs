@@ -533,13 +533,26 @@ impl ImageStore {
     }
 
     async fn counter(&self, name: &str) -> Result<u32, StoreError> {
-        match self.objects.get(&counter_path(name)).await {
+        let (n, _) = self.read_number(&counter_path(name), || format!("version counter of {name}")).await?;
+        Ok(u32::try_from(n).unwrap_or(0))
+    }
+
+    /// A small object holding a decimal number (a version counter, an epoch) and the version it
+    /// was read at (for a conditional update); 0 and no version when it does not exist, 0 when
+    /// it does not parse. `what` names it in errors.
+    pub(crate) async fn read_number(
+        &self,
+        path: &Path,
+        what: impl Fn() -> String,
+    ) -> Result<(u64, Option<object_store::UpdateVersion>), StoreError> {
+        match self.objects.get(path).await {
             Ok(r) => {
-                let b = r.bytes().await.map_err(|e| StoreError::backend("read", format!("version counter of {name}"), e))?;
-                Ok(std::str::from_utf8(&b).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0))
+                let version = object_store::UpdateVersion { e_tag: r.meta.e_tag.clone(), version: r.meta.version.clone() };
+                let b = r.bytes().await.map_err(|e| StoreError::backend("read", what(), e))?;
+                Ok((std::str::from_utf8(&b).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0), Some(version)))
             }
-            Err(object_store::Error::NotFound { .. }) => Ok(0),
-            Err(e) => Err(StoreError::backend("read", format!("version counter of {name}"), e)),
+            Err(object_store::Error::NotFound { .. }) => Ok((0, None)),
+            Err(e) => Err(StoreError::backend("read", what(), e)),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Volumes' fencing epochs (`volumes/NAME/epoch`): read, and raised with a conditional write so
 //! that image servers sharing a bucket never lower one.
 
-use object_store::{PutMode, PutOptions, PutPayload, UpdateVersion};
+use object_store::{PutMode, PutOptions, PutPayload};
 use vgrid_api::manifest::validate_name;
 
 use super::{epoch_path, ImageStore, StoreError};
@@ -13,14 +13,7 @@ const EPOCH_CONFLICTS: u32 = 100;
 impl ImageStore {
     /// The fencing epoch of volume `name` (0: never attached read-write).
     pub async fn volume_epoch(&self, name: &str) -> Result<u64, StoreError> {
-        match self.objects.get(&epoch_path(name)).await {
-            Ok(r) => {
-                let b = r.bytes().await.map_err(|e| StoreError::backend("read", format!("epoch of volume {name}"), e))?;
-                Ok(std::str::from_utf8(&b).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0))
-            }
-            Err(object_store::Error::NotFound { .. }) => Ok(0),
-            Err(e) => Err(StoreError::backend("read", format!("epoch of volume {name}"), e)),
-        }
+        Ok(self.read_number(&epoch_path(name), || format!("epoch of volume {name}")).await?.0)
     }
 
     /// Raises volume `name`'s epoch to `epoch` (never lowers it): from now on only commits
@@ -35,15 +28,7 @@ impl ImageStore {
         let what = || format!("epoch of volume {name}");
         let mut conflicts = 0;
         loop {
-            let (current, version) = match self.objects.get(&epoch_path(name)).await {
-                Ok(r) => {
-                    let version = UpdateVersion { e_tag: r.meta.e_tag.clone(), version: r.meta.version.clone() };
-                    let b = r.bytes().await.map_err(|e| StoreError::backend("read", what(), e))?;
-                    (std::str::from_utf8(&b).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0), Some(version))
-                }
-                Err(object_store::Error::NotFound { .. }) => (0, None),
-                Err(e) => return Err(StoreError::backend("read", what(), e)),
-            };
+            let (current, version) = self.read_number(&epoch_path(name), what).await?;
             if epoch <= current {
                 return Ok(current);
             }
