@@ -293,6 +293,16 @@ pub struct ImageServerArgs {
     pub metrics: MetricsOpts,
 }
 
+/// The data directory given (`--data-dir`), else the default's `sub` directory, as an absolute
+/// path: QEMU and the helpers it is handed to (sockets, overlays) run in other directories.
+fn data_dir(given: Option<PathBuf>, sub: Option<&str>) -> anyhow::Result<PathBuf> {
+    let d = given.unwrap_or_else(|| match sub {
+        Some(s) => default_data_dir().join(s),
+        None => default_data_dir(),
+    });
+    std::path::absolute(&d).with_context(|| format!("data directory {}: cannot make it absolute", d.display()))
+}
+
 /// `$VGRID_DATA_DIR`, else `$XDG_DATA_HOME/vgrid`, else `/var/lib/vgrid` for root (QEMU runs
 /// as an unprivileged user that must reach the data, and cannot search /root), else
 /// `~/.local/share/vgrid`.
@@ -496,7 +506,7 @@ async fn open_coordinator(state: &vgrid_coordinator::state::State, registry: Arc
 }
 
 pub async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
-    let data = a.data_dir.unwrap_or_else(default_data_dir);
+    let data = data_dir(a.data_dir, None)?;
     std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
     let (listener, url) = bind(a.listen).await?;
     let state = open_state(&data)?;
@@ -546,7 +556,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
-    let data = a.data_dir.unwrap_or_else(|| default_data_dir().join("coordinator"));
+    let data = data_dir(a.data_dir, Some("coordinator"))?;
     let config = StateConfig::parse(Some(&a.state), &data).map_err(|e| anyhow!(e))?;
     std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
     let (listener, url) = bind(a.listen).await?;
@@ -594,7 +604,7 @@ pub async fn host(a: HostAgentArgs) -> anyhow::Result<ExitCode> {
     // Several coordinators of one grid (comma-separated): join and check users' tokens with
     // the first that answers; heartbeats fail over between all of them.
     let coordinator = crate::client::pick_coordinator(&coordinators);
-    let data = a.data_dir.unwrap_or_else(|| default_data_dir().join("host"));
+    let data = data_dir(a.data_dir, Some("host"))?;
     std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
     let (listener, url) = bind(a.listen).await?;
     let url = a.advertise_url.unwrap_or(url);
@@ -635,7 +645,7 @@ pub async fn host(a: HostAgentArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn image_server(a: ImageServerArgs) -> anyhow::Result<ExitCode> {
-    let data = a.data_dir.unwrap_or_else(|| default_data_dir().join("image-server"));
+    let data = data_dir(a.data_dir, Some("image-server"))?;
     let (listener, url) = bind(a.listen).await?;
     let url = a.advertise_url.unwrap_or(url);
     let name = a.name.clone().unwrap_or_else(|| format!("{}-{}", hostname(), listener.local_addr().map(|l| l.port()).unwrap_or(0)));
@@ -753,4 +763,20 @@ pub async fn nbd(ctx: &Ctx, a: NbdArgs) -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_file(sock);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relative_data_dir_becomes_absolute() {
+        // `vgrid up --data-dir d`: QEMU is given the block proxy's socket under it from
+        // another working directory, so the path must not stay relative.
+        let d = data_dir(Some(PathBuf::from("d/x")), None).unwrap();
+        assert!(d.is_absolute(), "{}", d.display());
+        assert_eq!(d, std::env::current_dir().unwrap().join("d/x"));
+        let h = data_dir(None, Some("host")).unwrap();
+        assert!(h.is_absolute() && h.ends_with("host"), "{}", h.display());
+    }
 }

@@ -41,6 +41,19 @@ pub const SEED_FILE: &str = "seed.img";
 pub fn volume_overlay(dir: &std::path::Path, index: usize) -> std::path::PathBuf {
     dir.join(format!("volume{index}.qcow2"))
 }
+/// Whether files in `dir` can be opened with `O_DIRECT` (some file systems refuse it). The guest's
+/// writable overlays bypass the host's page cache where they can (QEMU `cache.direct=on`, the
+/// `cache=none` OpenStack and libvirt default): the guest caches its own disk, and host page
+/// cache of a VM's writes would be charged to the VM's memory cgroup, where reclaiming it
+/// (waiting for writeback inside a limit a little above guest RAM) stalled the guest's writes
+/// (bench/volume: 256 MiB written in 0.65 s against 0.2 s without the limit).
+pub fn direct_io_ok(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = dir.join(".direct-io-probe");
+    let ok = std::fs::OpenOptions::new().write(true).create(true).truncate(true).custom_flags(libc::O_DIRECT).open(&probe).is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
 pub const QEMU_LOG: &str = "qemu.log";
 /// The VM's [`LaunchRequest`] (see [`record_launch`]).
 pub const LAUNCH_FILE: &str = "launch.json";

@@ -27,6 +27,16 @@ fn nbd_backing_node(disk: &DiskSource, node: &str) -> Option<String> {
     ))
 }
 
+/// The cache option of the guest's writable overlays in `dir`: the host's page cache bypassed
+/// where the file system allows it ([`crate::runtime::direct_io_ok`]).
+fn overlay_cache(dir: &Path) -> &'static str {
+    if crate::runtime::direct_io_ok(dir) {
+        ",cache.direct=on"
+    } else {
+        ""
+    }
+}
+
 /// Seconds a guest's disk (or RAM pager) waits for a restarting host agent's proxy.
 pub const NBD_RECONNECT_DELAY_S: u32 = 300;
 
@@ -61,6 +71,7 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
     ]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", qopt(&dir.join(QMP_SOCKET)))]);
     push(&["-pidfile", &dir.join(PID_FILE).display().to_string()]);
+    let cache = overlay_cache(dir);
     let backing = nbd_backing_node(&spec.disk, "base");
     if let Some(b) = &backing {
         push(&["-blockdev", b]);
@@ -68,7 +79,7 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
     push(&[
         "-blockdev",
         &format!(
-            "driver=qcow2,node-name=vda,discard=unmap,file.driver=file,file.filename={}{}",
+            "driver=qcow2,node-name=vda,discard=unmap{cache},file.driver=file,file.filename={}{}",
             qopt(&dir.join(OVERLAY_FILE)),
             if backing.is_some() { ",backing=base" } else { "" }
         ),
@@ -118,6 +129,7 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
 /// read-write one a qcow2 overlay of its own over the export (its writes until committed).
 fn volume_args(spec: &VmSpec, dir: &Path) -> Vec<String> {
     let mut a = Vec::new();
+    let cache = overlay_cache(dir);
     for (i, att, disk) in spec.volumes() {
         let base = format!("volbase{i}");
         let Some(node) = nbd_backing_node(disk, &base) else { continue };
@@ -128,7 +140,7 @@ fn volume_args(spec: &VmSpec, dir: &Path) -> Vec<String> {
             a.extend([
                 "-blockdev".to_string(),
                 format!(
-                    "driver=qcow2,node-name=vol{i},discard=unmap,file.driver=file,file.filename={},backing={base}",
+                    "driver=qcow2,node-name=vol{i},discard=unmap{cache},file.driver=file,file.filename={},backing={base}",
                     qopt(&crate::runtime::volume_overlay(dir, i))
                 ),
             ]);
@@ -199,5 +211,21 @@ mod tests {
         assert!(a.contains("hostfwd=tcp:127.0.0.1:2222-:22"), "{a}");
         assert!(a.contains("-machine pc"), "{a}");
         assert!(!a.contains("-cpu host"), "{a}");
+    }
+
+    #[test]
+    fn overlays_bypass_the_host_page_cache_where_the_file_system_allows_it() {
+        let t = tempfile::tempdir().unwrap();
+        let s = spec(t.path());
+        // A directory that cannot be probed gets no O_DIRECT (QEMU would refuse to open an
+        // overlay with it on a file system without it).
+        let a = qemu_args(&s, Accel::Tcg, Path::new("/nonexistent/vm-1")).join(" ");
+        assert!(a.contains("node-name=vda,discard=unmap,file.driver=file"), "{a}");
+        let d = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        if crate::runtime::direct_io_ok(d.path()) {
+            let a = qemu_args(&s, Accel::Tcg, d.path()).join(" ");
+            assert!(a.contains("node-name=vda,discard=unmap,cache.direct=on,file.driver=file"), "{a}");
+        }
+        assert!(std::fs::read_dir(d.path()).unwrap().next().is_none(), "the probe file is removed");
     }
 }
