@@ -13,7 +13,8 @@
 //! overlay `volN` (exported by the destination too: a volume's uncommitted writes travel like
 //! the root disk's, over the same committed version); once the mirrors are ready,
 //! `migrate-set-capabilities` (`events`, `auto-converge`, `pause-before-switchover`),
-//! `migrate-set-parameters` (`downtime-limit`, `max-bandwidth`, and `tls-creds`: both the disk
+//! `migrate-set-parameters` (`downtime-limit`: 10 ms first, doubled every 2 s of copying up to
+//! the limit asked for, see [`DowntimeSteps`]; `max-bandwidth`, and `tls-creds`: both the disk
 //! and the memory streams are TLS with the two hosts' grid certificates, see
 //! [`crate::tlscreds`]) and `migrate` to `tcp:`. At
 //! `pre-switchover` (the guest is paused) the mirrors are cancelled, which flushes what is left
@@ -475,7 +476,8 @@ async fn copy_memory(s: &Sending<'_>, tls: Option<&str>) -> Result<(), SendErr> 
     )
     .await
     .map_err(failed)?;
-    let mut params = json!({"downtime-limit": req.downtime_ms});
+    let mut limit = DowntimeSteps::new(req.downtime_ms);
+    let mut params = json!({"downtime-limit": limit.current});
     if let Some(t) = tls {
         params["tls-creds"] = json!(t);
         params["tls-hostname"] = json!(d.host);
@@ -495,6 +497,14 @@ async fn copy_memory(s: &Sending<'_>, tls: Option<&str>) -> Result<(), SendErr> 
         let mig = vm.execute("query-migrate", None).await.map_err(failed)?;
         let status = mig.get("status").and_then(Value::as_str).unwrap_or("").to_string();
         record_progress(s.out, &mig, &status);
+        if status == "active" {
+            if let Some(l) = limit.next() {
+                // Best effort: a limit that stays lower only makes QEMU try longer.
+                if let Err(e) = vm.execute("migrate-set-parameters", Some(json!({"downtime-limit": l}))).await {
+                    tracing::warn!(vm = %vm.id(), "raising the downtime limit to {l} ms: {e}");
+                }
+            }
+        }
         match status.as_str() {
             "pre-switchover" if !switched => {
                 s.set_phase("switching over".into());
@@ -518,6 +528,42 @@ async fn copy_memory(s: &Sending<'_>, tls: Option<&str>) -> Result<(), SendErr> 
         // Wake on the next migration event, or poll again shortly.
         let wait = if switched { Duration::from_millis(5) } else { Duration::from_millis(200) };
         next_migration_event(&mut events, wait).await;
+    }
+}
+
+/// The downtime limit QEMU is given, in steps (as OpenStack Nova's
+/// `live_migration_downtime_steps`): it starts low, so that a guest whose memory converges (an
+/// idle one, most) switches over with little left to send, and doubles every
+/// [`DOWNTIME_STEP_EVERY`] of copying up to the limit the user asked for, so that a busy guest
+/// is still allowed the pause it was promised rather than copying for ever.
+struct DowntimeSteps {
+    current: u64,
+    max: u64,
+    since: Instant,
+}
+
+/// First downtime limit given to QEMU, ms (the user's limit when that is lower).
+const DOWNTIME_START_MS: u64 = 10;
+/// How long each step of the downtime limit lasts.
+const DOWNTIME_STEP_EVERY: Duration = Duration::from_secs(2);
+
+impl DowntimeSteps {
+    fn new(max: u64) -> DowntimeSteps {
+        DowntimeSteps { current: max.min(DOWNTIME_START_MS), max, since: Instant::now() }
+    }
+
+    /// The next limit, when the current one has lasted its step and the maximum is not reached.
+    fn next(&mut self) -> Option<u64> {
+        self.next_at(Instant::now())
+    }
+
+    fn next_at(&mut self, now: Instant) -> Option<u64> {
+        if self.current >= self.max || now.duration_since(self.since) < DOWNTIME_STEP_EVERY {
+            return None;
+        }
+        self.current = (self.current * 2).min(self.max);
+        self.since = now;
+        Some(self.current)
     }
 }
 
@@ -701,5 +747,29 @@ async fn cancel_mirror(vm: &Vm) {
     }
     for d in &disks {
         let _ = vm.execute("blockdev-del", Some(json!({"node-name": d.target}))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_downtime_limit_starts_low_and_doubles_up_to_the_one_asked_for() {
+        let mut d = DowntimeSteps::new(100);
+        assert_eq!(d.current, DOWNTIME_START_MS);
+        let t = d.since;
+        assert_eq!(d.next_at(t + Duration::from_millis(500)), None, "a step lasts DOWNTIME_STEP_EVERY");
+        let mut seen = Vec::new();
+        for k in 1..10 {
+            if let Some(l) = d.next_at(t + DOWNTIME_STEP_EVERY * k) {
+                seen.push(l);
+            }
+        }
+        assert_eq!(seen, vec![20, 40, 80, 100]);
+        // A limit below the start is used as it is, and never raised.
+        let mut low = DowntimeSteps::new(5);
+        assert_eq!(low.current, 5);
+        assert_eq!(low.next_at(low.since + DOWNTIME_STEP_EVERY * 3), None);
     }
 }
