@@ -262,6 +262,27 @@ impl Coordinator {
     }
 }
 
+impl Coordinator {
+    /// Removes VM `rec`'s staging volumes (`remove_with_vm`: a `vm run --stage-in` without
+    /// `--stage-out`) once it has ended, its read-write claim released and its host's last
+    /// commit done. One already gone is fine. Returns, for each that could not be removed, a
+    /// sentence naming it and the cause (also logged).
+    pub(crate) async fn remove_staging(&self, rec: &VmRecord) -> Vec<String> {
+        let mut failed = Vec::new();
+        for v in rec.config.volumes.iter().filter(|v| v.remove_with_vm) {
+            match self.remove_volume(&v.name, Asker { user: &rec.owner, admin: true }).await {
+                Ok(r) => tracing::info!(vm = %rec.id, volume = %v.name, freed = r.bytes_freed, "staging volume removed with its VM"),
+                Err(CoordinatorError::UnknownImage(_)) => {}
+                Err(e) => {
+                    tracing::warn!(vm = %rec.id, volume = %v.name, "staging volume not removed with its VM: {e}");
+                    failed.push(format!("its staging volume {} was not removed ({e}): `vgrid volume rm {}`", v.name, v.name));
+                }
+            }
+        }
+        failed
+    }
+}
+
 /// Refuses a warm-image snapshot (`vm snapshot`) of a VM with volumes: the image would hold
 /// the guest's memory but not its volumes (suspend, migrate or stop it instead).
 pub(crate) fn refuse_snapshot(rec: &VmRecord) -> Result<(), CoordinatorError> {
