@@ -14,6 +14,10 @@ use utoipa::ToSchema;
 use crate::manifest::validate_name;
 use crate::ImageRef;
 
+/// The serial of a staging volume (`vm run --stage-in/--stage-out`): the guest finds it as
+/// `/dev/disk/by-id/virtio-vgrid-stage` (docs/volumes.md, "Staging").
+pub const STAGE_SERIAL: &str = "vgrid-stage";
+
 /// Most volumes one VM may attach.
 pub const MAX_VOLUMES: usize = 8;
 /// Longest disk serial (virtio-blk's limit).

@@ -19,7 +19,7 @@ use crate::store::ServerArg;
 use crate::Ctx;
 
 /// The staging disk's serial, as the guest sees it (`/sys/block/vdX/serial`).
-pub const SERIAL: &str = "vgrid-stage";
+pub const SERIAL: &str = vgrid_api::volume::STAGE_SERIAL;
 /// The staging filesystem's label.
 pub const LABEL: &str = "vgstage";
 /// The manifest's name at the filesystem's root.
