@@ -251,8 +251,12 @@ impl Coordinator {
                 rec.state.as_str()
             )));
         }
+        // Fenced first: a host of a VM that held it (lost, say) and comes back cannot commit a
+        // version after the removal, which would bring the volume back.
+        let epoch = self.fresh_epoch(name).await?;
         let mut total = GcReport::default();
         for (client, _, _) in self.volume_on(name).await? {
+            client.raise_epoch(name, epoch).await.map_err(CoordinatorError::ImageServer)?;
             let r = client.delete(&ImageRef { name: name.to_string(), version: None }).await.map_err(CoordinatorError::ImageServer)?;
             total.chunks_freed += r.chunks_freed;
             total.bytes_freed += r.bytes_freed;
