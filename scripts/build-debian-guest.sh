@@ -260,7 +260,12 @@ if [ -z "$booted" ]; then
   tail -40 "$work/boot.log" >&2
   exit 1
 fi
-if grep -E "I/O error|EXT4-fs error|Failed to start" "$work/boot.log" >&2; then
+# A cloud image booted without a seed (as here) has no ssh host keys yet: cloud-init makes them
+# at an instance's first boot. Its sshd cannot start then, which is no fault of the image.
+errors=$(grep -E "I/O error|EXT4-fs error|Failed to start" "$work/boot.log" |
+  if [ -n "$cloud" ]; then grep -v "OpenBSD Secure Shell server"; else cat; fi || true)
+if [ -n "$errors" ]; then
+  echo "$errors" >&2
   log "the check boot shows errors (above)"
   exit 1
 fi

@@ -156,3 +156,92 @@ fn an_image_server_refuses_a_bucket_it_cannot_reach_with_a_clear_error() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("not an S3 bucket name"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// A volume version with no data (its chunks all zero).
+fn volume_manifest(name: &str) -> vgrid_api::Manifest {
+    vgrid_api::Manifest {
+        schema: 1,
+        name: name.into(),
+        version: 0,
+        created: 0,
+        chunk_size: 4096,
+        disk: vgrid_api::Blob { size: 8192, chunks: vec![None, None] },
+        meta: vgrid_api::ImageMeta {
+            os: String::new(),
+            arch: "x86_64".into(),
+            boot: vgrid_api::Boot::Firmware,
+            volume: Some(vgrid_api::volume::VolumeMeta::default()),
+        },
+        parent: None,
+        state: None,
+    }
+}
+
+/// Issue 15's fencing on a real S3 server: two image servers' stores on one bucket, a holder
+/// of epoch k committing volume `race` through one while the other raises the epoch to k+1,
+/// 100 times, the raise starting a little later each round. Once a raise has returned, the
+/// versions listed then are final: a commit answered with success is among them, any other was
+/// refused as fenced, and nothing lands afterwards (the commit reserves its version with a
+/// conditional write of the epoch object, `If-Match`, and a raise seals a reserved version
+/// whose manifest has not landed).
+#[test]
+fn a_stale_commit_never_lands_after_the_epoch_raise_on_s3() {
+    use vgrid_imagestore::shared::S3Location;
+    use vgrid_imagestore::{ImageStore, StoreError};
+    let s3 = S3Server::start("vgrid");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut at: S3Location = format!("s3://{}/fence", s3.bucket).parse().unwrap();
+        at.endpoint = Some(s3.endpoint());
+        for (k, v) in s3.env() {
+            std::env::set_var(k, v);
+        }
+        let stale = std::sync::Arc::new(ImageStore::open_s3(&at, "a").await.unwrap());
+        let raiser = std::sync::Arc::new(ImageStore::open_s3(&at, "b").await.unwrap());
+        // The server honours If-Match (a conditional update with a stale e-tag is refused).
+        let (probe, put) = (object_store::path::Path::from("fence/probe"), object_store::PutPayload::from_static(b"1"));
+        let first = stale.objects().put(&probe, put.clone()).await.unwrap();
+        let stale_tag = object_store::UpdateVersion { e_tag: Some("\"0123\"".into()), version: None };
+        let update = |v| object_store::PutOptions { mode: object_store::PutMode::Update(v), ..Default::default() };
+        let refused = stale.objects().put_opts(&probe, put.clone(), update(stale_tag)).await;
+        assert!(matches!(refused, Err(object_store::Error::Precondition { .. })), "{refused:?}");
+        let current = object_store::UpdateVersion { e_tag: first.e_tag, version: first.version };
+        stale.objects().put_opts(&probe, put, update(current)).await.unwrap();
+        stale.put_manifest(volume_manifest("race")).await.unwrap();
+        let (mut landed, mut refused) = (0, 0);
+        for k in 1..=100u64 {
+            assert_eq!(raiser.raise_epoch("race", k).await.unwrap(), k);
+            let s = stale.clone();
+            let commit = tokio::spawn(async move {
+                let id = s.begin_upload();
+                s.commit_fenced(&id, volume_manifest("race"), Some(k)).await
+            });
+            let r = raiser.clone();
+            let raise = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_micros(k % 10 * 1500)).await;
+                assert_eq!(r.raise_epoch("race", k + 1).await.unwrap(), k + 1);
+                r.versions("race").await.unwrap()
+            });
+            let at_raise = raise.await.unwrap();
+            let committed = commit.await.unwrap();
+            assert_eq!(
+                raiser.versions("race").await.unwrap(),
+                at_raise,
+                "round {k}: a version appeared after the raise returned ({committed:?})"
+            );
+            match committed {
+                Ok(m) => {
+                    assert!(at_raise.contains(&m.version), "round {k}: commit answered version {} but it is not listed", m.version);
+                    landed += 1;
+                }
+                Err(StoreError::Fenced { epoch, current, .. }) => {
+                    assert_eq!((epoch, current), (k, k + 1), "round {k}");
+                    refused += 1;
+                }
+                Err(e) => panic!("round {k}: the commit failed otherwise: {e}"),
+            }
+        }
+        eprintln!("on S3: {landed} stale commits landed before the raise returned, {refused} refused");
+        assert_eq!(landed + refused, 100);
+    });
+}

@@ -396,3 +396,52 @@ fn staging_names_a_missing_output_and_keeps_the_staging_volume() {
     let o = g.cli(&["volume", "rm", &vol]);
     assert!(o.status.success(), "rm {vol}: {}", stderr(&o));
 }
+
+/// `vm run --stage-in` without `--stage-out`: the CLI returns once the VM runs; the staging
+/// volume stays attached (read-write, the guest copied its inputs at boot) while the VM runs,
+/// and the coordinator removes it as soon as the VM has ended. When that removal fails (the
+/// image server is down as the VM ends) `vm show` says so in the VM's reason, naming the volume;
+/// `vm rm` then removes it.
+#[test]
+fn a_stage_in_only_staging_volume_goes_when_its_vm_ends() {
+    let mut g = Grid::start(&["h1"]);
+    let d = g.dir.path().to_path_buf();
+    std::fs::write(d.join("in.txt"), "stage-in-only-content\n").unwrap();
+    let stage = [format!("--stage-in={}:/root/in.txt", d.join("in.txt").display())];
+    let (mut run, id, vol) = start_staged(&g, "once", &stage);
+    let status = run.wait().unwrap();
+    let said = std::fs::read_to_string(d.join("once.err")).unwrap();
+    assert!(status.success() && said.contains(&format!("staging volume {vol}: removed by the coordinator when the VM ends")), "{said}");
+    let dir = g.runtime_dir("h1", &id);
+    console_until(&g, &dir, "cat /root/in.txt; echo c2-$((5+6))", "c2-11");
+    assert!(console_has_line(&dir, "stage-in-only-content"), "{}", console_log(&dir));
+    // Running: the volume stays (the VM holds it).
+    assert_eq!(g.json(&["volume", "show", &vol])["attached_rw"], "once");
+    let o = g.cli(&["vm", "stop", "once"]);
+    assert!(o.status.success(), "stop: {}", stderr(&o));
+    g.wait_until("the staging volume to go with its VM", Duration::from_secs(60), || g.json(&["volume", "ls"]) == serde_json::json!([]));
+    let show = g.json(&["vm", "show", "once"]);
+    assert_eq!(show["state"], "stopped");
+    assert!(!show["reason"].as_str().unwrap_or_default().contains("not removed"), "{show}");
+
+    // The image server is down as the VM ends: the removal fails, and says so.
+    let (mut run, _, vol) = start_staged(&g, "twice", &stage);
+    assert!(run.wait().unwrap().success());
+    g._server.kill();
+    let o = g.cli(&["vm", "stop", "twice"]);
+    assert!(o.status.success(), "stop: {}", stderr(&o));
+    let mut reason = String::new();
+    g.wait_until("the failed removal to be reported", Duration::from_secs(120), || {
+        reason = g.json(&["vm", "show", "twice"])["reason"].as_str().unwrap_or_default().to_string();
+        reason.contains("was not removed")
+    });
+    assert!(reason.contains(&format!("staging volume {vol} was not removed")) && reason.contains("vgrid volume rm"), "{reason}");
+    // Back: `vm rm` removes it.
+    g.restart_image_server();
+    g.wait_until("the image server to register again", Duration::from_secs(60), || g.cli(&["volume", "show", &vol]).status.success());
+    let o = g.cli(&["vm", "rm", "twice"]);
+    assert!(o.status.success() && !stderr(&o).contains("not removed"), "rm: {o:?}");
+    assert_eq!(g.json(&["volume", "ls"]), serde_json::json!([]));
+    let o = g.cli(&["vm", "rm", "once"]);
+    assert!(o.status.success(), "rm: {}", stderr(&o));
+}

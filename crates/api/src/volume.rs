@@ -14,6 +14,10 @@ use utoipa::ToSchema;
 use crate::manifest::validate_name;
 use crate::ImageRef;
 
+/// The serial of a staging volume (`vm run --stage-in/--stage-out`): the guest finds it as
+/// `/dev/disk/by-id/virtio-vgrid-stage` (docs/volumes.md, "Staging").
+pub const STAGE_SERIAL: &str = "vgrid-stage";
+
 /// Most volumes one VM may attach.
 pub const MAX_VOLUMES: usize = 8;
 /// Longest disk serial (virtio-blk's limit).
@@ -48,6 +52,12 @@ pub struct VolumeAttach {
     /// it and the image server refuses one older than the volume's current epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
+    /// A staging volume of `vm run --stage-in` without `--stage-out`: the coordinator removes
+    /// it once the VM has ended (its guest copied the inputs in at boot; nothing reads it
+    /// after), and at the latest with the VM (`vm rm`). A failure to remove it is logged and
+    /// added to the VM's `reason`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub remove_with_vm: bool,
 }
 
 /// Why a volume attachment is not valid.
@@ -124,7 +134,7 @@ impl std::str::FromStr for VolumeAttach {
         if let (false, Some(v)) = (readonly, r.version) {
             return Err(VolumeError::VersionReadWrite { name: r.name, version: v });
         }
-        let a = VolumeAttach { name: r.name, version: r.version, readonly, serial, epoch: None };
+        let a = VolumeAttach { name: r.name, version: r.version, readonly, serial, epoch: None, remove_with_vm: false };
         a.validate()?;
         Ok(a)
     }

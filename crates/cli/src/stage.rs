@@ -19,7 +19,7 @@ use crate::store::ServerArg;
 use crate::Ctx;
 
 /// The staging disk's serial, as the guest sees it (`/sys/block/vdX/serial`).
-pub const SERIAL: &str = "vgrid-stage";
+pub const SERIAL: &str = vgrid_api::volume::STAGE_SERIAL;
 /// The staging filesystem's label.
 pub const LABEL: &str = "vgstage";
 /// The manifest's name at the filesystem's root.
@@ -184,7 +184,9 @@ pub fn volume_name(vm: Option<&str>) -> String {
 }
 
 /// Builds and imports the staging volume `name`; the attachment to add to the VM (its last).
-pub async fn prepare(ctx: &Ctx, server: &ServerArg, plan: &Plan, name: &str) -> anyhow::Result<VolumeAttach> {
+/// `remove_with_vm`: the coordinator removes it once the VM has ended (a run without
+/// `--stage-out` and without `--keep-stage`: the CLI is not there any more by then).
+pub async fn prepare(ctx: &Ctx, server: &ServerArg, plan: &Plan, name: &str, remove_with_vm: bool) -> anyhow::Result<VolumeAttach> {
     let work = tempdir("vgrid-stage")?;
     let r = async {
         let img = plan.build(&work)?;
@@ -202,7 +204,7 @@ pub async fn prepare(ctx: &Ctx, server: &ServerArg, plan: &Plan, name: &str) -> 
             plan.outs.len()
         );
     }
-    Ok(VolumeAttach { name: name.to_string(), version: None, readonly: false, serial: Some(SERIAL.into()), epoch: None })
+    Ok(VolumeAttach { name: name.to_string(), version: None, readonly: false, serial: Some(SERIAL.into()), epoch: None, remove_with_vm })
 }
 
 fn tempdir(prefix: &str) -> anyhow::Result<PathBuf> {

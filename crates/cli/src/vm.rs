@@ -150,8 +150,9 @@ pub struct RunArgs {
     /// Room for the guest's outputs on the staging volume, beyond the inputs.
     #[arg(long, value_parser = crate::output::parse_size, default_value = "64M")]
     pub stage_size: u64,
-    /// Keep the staging volume after collecting the outputs (it is kept anyway when something
-    /// fails, and named).
+    /// Keep the staging volume after collecting the outputs, or, without --stage-out, after
+    /// the VM ended (else the coordinator removes it then). It is kept anyway when something
+    /// fails, and named.
     #[arg(long)]
     pub keep_stage: bool,
     /// The image server the staging volume goes to.
@@ -239,6 +240,10 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<ExitCode> {
                 print_json(&v)?;
             } else {
                 println!("removed {}", v.id);
+                // A staging volume the coordinator could not remove with it.
+                if let Some(r) = v.reason.as_deref().filter(|r| r.starts_with("VM removed, but")) {
+                    eprintln!("{r}");
+                }
             }
         }
     }
@@ -466,7 +471,11 @@ async fn run_vm(ctx: &Ctx, mut a: RunArgs) -> anyhow::Result<ExitCode> {
     let plan = crate::stage::Plan { ins: a.stage_in.clone(), outs: a.stage_out.clone(), extra: a.stage_size };
     plan.check()?;
     let name = crate::stage::volume_name(a.name.as_deref());
-    let attach = crate::stage::prepare(ctx, &a.server, &plan, &name).await?;
+    // Without --stage-out nothing is collected: the coordinator removes the staging volume
+    // once the VM has ended (the guest copied its inputs at boot; until the end the volume is
+    // attached read-write and cannot go).
+    let remove_with_vm = plan.outs.is_empty() && !a.keep_stage;
+    let attach = crate::stage::prepare(ctx, &a.server, &plan, &name, remove_with_vm).await?;
     a.volumes.push(attach);
     let started = match start_vm(ctx, &a, t0, deadline).await {
         Ok(v) => v,
@@ -480,7 +489,11 @@ async fn run_vm(ctx: &Ctx, mut a: RunArgs) -> anyhow::Result<ExitCode> {
     let v = started.0;
     if plan.outs.is_empty() {
         if !ctx.json {
-            eprintln!("staging volume {name}: remove it once the VM is gone (`vgrid volume rm {name}`)");
+            if remove_with_vm {
+                eprintln!("staging volume {name}: removed by the coordinator when the VM ends (`vgrid vm show` says if that fails)");
+            } else {
+                eprintln!("staging volume {name} kept (--keep-stage): remove it once the VM is gone (`vgrid volume rm {name}`)");
+            }
         }
         return Ok(ExitCode::SUCCESS);
     }

@@ -251,14 +251,39 @@ impl Coordinator {
                 rec.state.as_str()
             )));
         }
+        // Fenced first: a host of a VM that held it (lost, say) and comes back cannot commit a
+        // version after the removal, which would bring the volume back.
+        let epoch = self.fresh_epoch(name).await?;
         let mut total = GcReport::default();
         for (client, _, _) in self.volume_on(name).await? {
+            client.raise_epoch(name, epoch).await.map_err(CoordinatorError::ImageServer)?;
             let r = client.delete(&ImageRef { name: name.to_string(), version: None }).await.map_err(CoordinatorError::ImageServer)?;
             total.chunks_freed += r.chunks_freed;
             total.bytes_freed += r.bytes_freed;
         }
         tracing::info!(volume = %name, freed = total.bytes_freed, "volume removed");
         Ok(total)
+    }
+}
+
+impl Coordinator {
+    /// Removes VM `rec`'s staging volumes (`remove_with_vm`: a `vm run --stage-in` without
+    /// `--stage-out`) once it has ended, its read-write claim released and its host's last
+    /// commit done. One already gone is fine. Returns, for each that could not be removed, a
+    /// sentence naming it and the cause (also logged).
+    pub(crate) async fn remove_staging(&self, rec: &VmRecord) -> Vec<String> {
+        let mut failed = Vec::new();
+        for v in rec.config.volumes.iter().filter(|v| v.remove_with_vm) {
+            match self.remove_volume(&v.name, Asker { user: &rec.owner, admin: true }).await {
+                Ok(r) => tracing::info!(vm = %rec.id, volume = %v.name, freed = r.bytes_freed, "staging volume removed with its VM"),
+                Err(CoordinatorError::UnknownImage(_)) => {}
+                Err(e) => {
+                    tracing::warn!(vm = %rec.id, volume = %v.name, "staging volume not removed with its VM: {e}");
+                    failed.push(format!("its staging volume {} was not removed ({e}): `vgrid volume rm {}`", v.name, v.name));
+                }
+            }
+        }
+        failed
     }
 }
 

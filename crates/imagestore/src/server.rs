@@ -92,6 +92,8 @@ impl From<StoreError> for ApiError {
             }
             ChunkCorrupt { hash, .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::CHUNK_CORRUPT, format!("chunk {hash}")),
             CorruptManifest { image, .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::INTERNAL, format!("image {image}")),
+            CorruptEpoch { volume, .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::INTERNAL, format!("epoch of volume {volume}")),
+            Contended { object, .. } => (StatusCode::CONFLICT, ErrorKind::CONFLICT, object.clone()),
             GcBusy { .. } => (StatusCode::CONFLICT, ErrorKind::CONFLICT, "garbage collection".to_string()),
             Unsafe { store, .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::INTERNAL, store.clone()),
             NoSpace { object } => (StatusCode::INSUFFICIENT_STORAGE, ErrorKind::NO_SPACE, object.clone()),

@@ -90,6 +90,12 @@ pub enum StoreError {
     #[error("volume {volume}: commit refused: its writer's epoch {epoch} is older than the volume's {current} (the volume was attached read-write elsewhere since)")]
     Fenced { volume: String, epoch: u64, current: u64 },
     /// A volume's version over an image's name, or the other way round.
+    /// A volume's epoch object (`volumes/NAME/epoch`) that is not `EPOCH [VERSION]`.
+    #[error("volume {volume}: its epoch object is unreadable ({content:?}); refusing to guess its fencing epoch")]
+    CorruptEpoch { volume: String, content: String },
+    /// An object other servers kept changing under our conditional writes.
+    #[error("{object}: changed by other image servers {tries} times in a row under our conditional writes; try again")]
+    Contended { object: String, tries: u32 },
     #[error("{name} is {is}, not {not}: choose another name")]
     KindMismatch { name: String, is: &'static str, not: &'static str },
     /// Another image server on the same bucket is collecting garbage (see [`crate::shared`]).
@@ -488,12 +494,6 @@ impl ImageStore {
             return Err(StoreError::MissingChunks { image: manifest.name.clone(), count: missing.len(), first: *first, missing });
         }
         let _c = self.commit_lock.lock().await;
-        if let Some(epoch) = fence {
-            let current = self.volume_epoch(&manifest.name).await?;
-            if epoch < current {
-                return Err(StoreError::Fenced { volume: manifest.name.clone(), epoch, current });
-            }
-        }
         if let Some(last) = self.versions(&manifest.name).await?.last() {
             let head = self.get_manifest(&ImageRef { name: manifest.name.clone(), version: Some(*last) }).await?;
             if kind(&head) != kind(&manifest) {
@@ -501,7 +501,11 @@ impl ImageStore {
             }
         }
         let auto = manifest.version == 0;
-        loop {
+        // A fenced commit: the epoch check and the write ordered against raise_epoch (epoch.rs).
+        if let Some(epoch) = fence {
+            manifest = self.put_volume_fenced(manifest, epoch).await?;
+        }
+        while fence.is_none() {
             if auto {
                 let last = self.versions(&manifest.name).await?.last().copied().unwrap_or(0);
                 manifest.version = last.max(self.counter(&manifest.name).await?) + 1;
@@ -532,27 +536,16 @@ impl ImageStore {
         Ok(manifest)
     }
 
+    /// The highest version ever assigned to `name` (`counters/NAME`, a decimal number; 0 when
+    /// absent or unparsable: it only stops version reuse after deletes).
     async fn counter(&self, name: &str) -> Result<u32, StoreError> {
-        let (n, _) = self.read_number(&counter_path(name), || format!("version counter of {name}")).await?;
-        Ok(u32::try_from(n).unwrap_or(0))
-    }
-
-    /// A small object holding a decimal number (a version counter, an epoch) and the version it
-    /// was read at (for a conditional update); 0 and no version when it does not exist, 0 when
-    /// it does not parse. `what` names it in errors.
-    pub(crate) async fn read_number(
-        &self,
-        path: &Path,
-        what: impl Fn() -> String,
-    ) -> Result<(u64, Option<object_store::UpdateVersion>), StoreError> {
-        match self.objects.get(path).await {
+        match self.objects.get(&counter_path(name)).await {
             Ok(r) => {
-                let version = object_store::UpdateVersion { e_tag: r.meta.e_tag.clone(), version: r.meta.version.clone() };
-                let b = r.bytes().await.map_err(|e| StoreError::backend("read", what(), e))?;
-                Ok((std::str::from_utf8(&b).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0), Some(version)))
+                let b = r.bytes().await.map_err(|e| StoreError::backend("read", format!("version counter of {name}"), e))?;
+                Ok(std::str::from_utf8(&b).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0))
             }
-            Err(object_store::Error::NotFound { .. }) => Ok((0, None)),
-            Err(e) => Err(StoreError::backend("read", what(), e)),
+            Err(object_store::Error::NotFound { .. }) => Ok(0),
+            Err(e) => Err(StoreError::backend("read", format!("version counter of {name}"), e)),
         }
     }
 

@@ -298,6 +298,30 @@ impl Coordinator {
             if w.rec.state == VmState::Failed && w.from != VmState::Failed {
                 tracing::warn!(vm = %id, "QEMU exited unexpectedly: {exit}");
             }
+            if w.from.is_active() && !w.rec.state.is_active() && w.rec.state != VmState::Suspended {
+                // Ended (the host released it: its volumes' last commit is done, and the
+                // record's move released the claims): a stage-in-only staging volume goes.
+                self.staging_removed(&w.rec).await;
+            }
+        }
+    }
+
+    /// [`Coordinator::remove_staging`] of an ended VM; a failure is added to its `reason`.
+    async fn staging_removed(&self, rec: &VmRecord) {
+        let failed = self.remove_staging(rec).await;
+        if failed.is_empty() {
+            return;
+        }
+        let note = failed.join("; ");
+        let add = |r: &mut VmRecord| {
+            r.reason = Some(match r.reason.take() {
+                Some(before) if !before.contains(&note) => format!("{before}; {note}"),
+                Some(before) => before,
+                None => note.clone(),
+            })
+        };
+        if let Err(e) = self.transact(&rec.id, |_| None, add, None).await {
+            tracing::warn!(vm = %rec.id, "cannot record that its staging volume was not removed: {e}");
         }
     }
 
@@ -402,6 +426,13 @@ impl Coordinator {
         }
         if let Some(img) = &rec.saved_image {
             self.delete_saved_image(img).await;
+        }
+        // A staging volume not removed when the VM ended (it was lost, stopped by force, or
+        // the removal failed then): now, and a failure is said in the answer's `reason`.
+        let mut rec = rec;
+        let failed = self.remove_staging(&rec).await;
+        if !failed.is_empty() {
+            rec.reason = Some(format!("VM removed, but {}", failed.join("; ")));
         }
         tracing::info!(vm = %rec.id, "VM removed");
         Ok(rec)

@@ -44,11 +44,8 @@ impl Vm {
         }
         if let Some(c) = &spec.config.cloud_init {
             let seed = dir.join(runtime::SEED_FILE);
-            crate::cloudinit::write_seed(&seed, &spec.id, c).map_err(|source| VmError::RuntimeDir {
-                id: spec.id.clone(),
-                path: seed.clone(),
-                source,
-            })?;
+            crate::cloudinit::write_seed(&seed, &spec.id, c, crate::cloudinit::has_staging(&spec))
+                .map_err(|source| VmError::RuntimeDir { id: spec.id.clone(), path: seed.clone(), source })?;
         }
         runtime::write_spec(&dir, &spec)?;
         let cmd = qemu_command(&mut spec, accel, &dir, incoming.as_deref(), opts)?;

@@ -326,3 +326,139 @@ async fn concurrent_epoch_raises_on_one_bucket_keep_the_highest() {
     assert_eq!(local.raise_epoch("vol", 2).await.unwrap(), 3);
     assert_eq!(local.volume_epoch("vol").await.unwrap(), 3);
 }
+
+/// A bucket where every request waits a random 0..`max_us` µs first, and writes of manifests
+/// `manifest_lag` more: one server's view of a shared bucket, its requests interleaving with
+/// another's at random (or its manifest writes arriving late).
+#[derive(Debug)]
+struct Jitter {
+    inner: Arc<dyn ObjectStore>,
+    max_us: u64,
+    manifest_lag: Duration,
+}
+
+impl Jitter {
+    async fn wait(&self) {
+        tokio::time::sleep(Duration::from_micros(rand::random::<u64>() % self.max_us.max(1))).await;
+    }
+}
+
+impl std::fmt::Display for Jitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Jitter({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Jitter {
+    async fn put_opts(&self, p: &Path, payload: PutPayload, o: PutOptions) -> object_store::Result<object_store::PutResult> {
+        self.wait().await;
+        if p.as_ref().starts_with("manifests/") {
+            tokio::time::sleep(self.manifest_lag).await;
+        }
+        self.inner.put_opts(p, payload, o).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        p: &Path,
+        o: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(p, o).await
+    }
+    async fn get_opts(&self, p: &Path, o: object_store::GetOptions) -> object_store::Result<object_store::GetResult> {
+        self.wait().await;
+        self.inner.get_opts(p, o).await
+    }
+    async fn delete(&self, p: &Path) -> object_store::Result<()> {
+        self.wait().await;
+        self.inner.delete(p).await
+    }
+    fn list(&self, p: Option<&Path>) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(p)
+    }
+    async fn list_with_delimiter(&self, p: Option<&Path>) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(p).await
+    }
+    async fn copy(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+        self.inner.copy(from, to).await
+    }
+    async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+        self.inner.copy_if_not_exists(from, to).await
+    }
+}
+
+fn volume_manifest(name: &str) -> Manifest {
+    let mut m = manifest(name, 0, vec![None, None]);
+    m.meta.volume = Some(vgrid_api::volume::VolumeMeta::default());
+    m
+}
+
+/// `rounds` times: the holder of epoch k commits volume `name` through `stale` while `raiser`
+/// raises the epoch to k+1 (starting a little later each round). Once the raise has returned
+/// the versions are listed: the commit either landed before (its version is in that list, and
+/// it was answered with success) or was refused as fenced, and nothing appears afterwards.
+/// Returns how many commits landed and how many were refused.
+async fn race_commits_against_raises(stale: Arc<ImageStore>, raiser: Arc<ImageStore>, name: &str, rounds: u64) -> (u32, u32) {
+    stale.put_manifest(volume_manifest(name)).await.unwrap();
+    let (mut landed, mut refused) = (0, 0);
+    for k in 1..=rounds {
+        assert_eq!(raiser.raise_epoch(name, k).await.unwrap(), k);
+        let (s, n) = (stale.clone(), name.to_string());
+        let commit = tokio::spawn(async move {
+            let id = s.begin_upload();
+            s.commit_fenced(&id, volume_manifest(&n), Some(k)).await
+        });
+        let (r, n) = (raiser.clone(), name.to_string());
+        let raise = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_micros(k % 8 * 400)).await;
+            assert_eq!(r.raise_epoch(&n, k + 1).await.unwrap(), k + 1);
+            r.versions(&n).await.unwrap()
+        });
+        let at_raise = raise.await.unwrap();
+        let committed = commit.await.unwrap();
+        let after = raiser.versions(name).await.unwrap();
+        assert_eq!(after, at_raise, "{name}, round {k}: a version appeared after the raise to {} returned ({committed:?})", k + 1);
+        match committed {
+            Ok(m) => {
+                assert!(at_raise.contains(&m.version), "{name}, round {k}: commit answered {} but it is not listed", m.version);
+                landed += 1;
+            }
+            Err(StoreError::Fenced { epoch, current, .. }) => {
+                assert_eq!((epoch, current), (k, k + 1), "{name}, round {k}");
+                refused += 1;
+            }
+            Err(e) => panic!("{name}, round {k}: the commit failed otherwise: {e}"),
+        }
+    }
+    (landed, refused)
+}
+
+/// Fenced commits against epoch raises, atomically: two servers on one bucket (the stale
+/// holder's commits through one, the raises through the other; each request delayed at random,
+/// and also with the commit's manifest write arriving late, after its reservation), then one
+/// server on a local directory. See also `tests/s3.rs` for the same on a real S3 server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_commit_never_lands_after_the_epoch_raise() {
+    let bucket: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let server = |max_us, lag| Arc::new(ImageStore::new(Arc::new(Jitter { inner: bucket.clone(), max_us, manifest_lag: lag })));
+    let (landed, refused) = race_commits_against_raises(server(800, Duration::ZERO), server(800, Duration::ZERO), "shared", 200).await;
+    eprintln!("shared bucket: {landed} commits landed before the raise, {refused} refused");
+    assert_eq!(landed + refused, 200);
+    // The manifest write of every commit arrives 3 ms after its reservation: a raise in
+    // between seals the reserved version, and the late write is refused.
+    let (stale, raiser) = (server(100, Duration::from_millis(3)), server(100, Duration::ZERO));
+    let (landed, refused) = race_commits_against_raises(stale, raiser.clone(), "late", 40).await;
+    eprintln!("late manifest writes: {landed} landed, {refused} refused");
+    assert!(refused > 0, "no commit was caught between its reservation and its manifest write");
+    let m = raiser.get_manifest(&"late".parse().unwrap()).await.unwrap();
+    assert!(m.meta.volume.is_some(), "a sealed version is a copy of the volume's version before it");
+    let dir = tempfile::tempdir().unwrap();
+    let local = Arc::new(ImageStore::new(Arc::new(Jitter {
+        inner: Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap()),
+        max_us: 800,
+        manifest_lag: Duration::ZERO,
+    })));
+    let (landed, refused) = race_commits_against_raises(local.clone(), local, "local", 200).await;
+    eprintln!("local directory: {landed} landed, {refused} refused");
+    assert_eq!(landed + refused, 200);
+}
