@@ -36,7 +36,7 @@ mod store_source;
 mod wait;
 
 pub use cache::{CacheError, ChunkCache};
-pub use config::{default_max_open_files, ProxyConfig, DEFAULT_FETCH_TIMEOUT};
+pub use config::{default_max_open_files, ProxyConfig, DEFAULT_FETCH_TIMEOUT, DEFAULT_RANGE_BLOCK};
 pub use error::{ProxyError, ReadError};
 pub use export::Export;
 pub use proxy::{BlockProxy, PullReport, MAX_BLOB_IN_MEMORY};

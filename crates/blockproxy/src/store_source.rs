@@ -1,7 +1,7 @@
 //! [`ChunkSource`] over one image server, through `vgrid_storeclient::StoreClient` (which
 //! verifies every chunk and retries a bounded number of times).
 
-use crate::source::{Cause, ChunkSource, SourceError};
+use crate::source::{Cause, ChunkSource, RangeBlocks, SourceError};
 use futures::future::BoxFuture;
 use vgrid_api::rest::BootProfile;
 use vgrid_api::{ChunkHash, ImageRef, Manifest};
@@ -11,11 +11,14 @@ use vgrid_storeclient::{ClientError, StoreClient};
 #[derive(Debug, Clone)]
 pub struct StoreSource {
     client: StoreClient,
+    /// The server answered a ranged read "no such endpoint" (an older image server): fetch
+    /// whole chunks from it.
+    no_ranges: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl StoreSource {
     pub fn new(client: StoreClient) -> Self {
-        StoreSource { client }
+        StoreSource { client, no_ranges: Default::default() }
     }
 
     /// A source for the image server at `base_url` with the client's default retries.
@@ -49,6 +52,31 @@ impl ChunkSource for StoreSource {
 
     fn chunk<'a>(&'a self, hash: &'a ChunkHash, limit: usize) -> BoxFuture<'a, Result<Vec<u8>, SourceError>> {
         Box::pin(async move { self.client.chunk(hash, limit).await.map_err(|e| self.map(format!("chunk {hash}"), e)) })
+    }
+
+    fn chunk_range<'a>(
+        &'a self,
+        hash: &'a ChunkHash,
+        chunk_len: u32,
+        block: u32,
+        offset: u32,
+        len: u32,
+    ) -> BoxFuture<'a, Result<Option<RangeBlocks>, SourceError>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        Box::pin(async move {
+            if self.no_ranges.load(Relaxed) {
+                return Ok(None);
+            }
+            match self.client.chunk_range(hash, chunk_len, block, offset, len).await {
+                Ok(r) => Ok(Some(r)),
+                Err(e) if e.is_no_such_endpoint() => {
+                    tracing::info!(server = %self.client.base_url(), "image server serves no chunk ranges (an older version): fetching whole chunks from it");
+                    self.no_ranges.store(true, Relaxed);
+                    Ok(None)
+                }
+                Err(e) => Err(self.map(format!("chunk {hash} (bytes {offset}..{})", offset + len), e)),
+            }
+        })
     }
 
     fn profile<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {

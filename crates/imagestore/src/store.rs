@@ -62,6 +62,10 @@ pub enum StoreError {
         #[source]
         cause: ChunkError,
     },
+    /// A ranged read of a chunk that is not whole blocks inside it (or blocks that are not
+    /// whole BLAKE3 subtrees of it).
+    #[error("{0}")]
+    BadRange(#[source] vgrid_storeclient::tree::TreeError),
     /// Uploaded bytes do not decode to the hash they were uploaded under.
     #[error("uploaded chunk {hash} rejected: {cause}")]
     BadUpload {
@@ -310,6 +314,20 @@ impl ImageStore {
             Ok(_) => Ok(z),
             Err(cause) => Err(Self::corrupt(hash, cause)),
         }
+    }
+
+    /// Bytes `[offset, offset+len)` of a chunk with the chaining values of all of its
+    /// `block`-byte blocks, zstd-compressed ([`vgrid_storeclient::tree::encode_range`]): the
+    /// chunk is read and verified whole, the answer carries only the range. A range that is not
+    /// whole blocks inside the chunk is [`StoreError::BadRange`].
+    pub async fn get_chunk_range(&self, hash: &ChunkHash, block: u32, offset: u32, len: u32) -> Result<Bytes, StoreError> {
+        let data = self.get_chunk(hash, MAX_CHUNK_SIZE as usize).await?;
+        let h = *hash;
+        tokio::task::spawn_blocking(move || vgrid_storeclient::tree::encode_range(&h, &data, block, offset, len))
+            .await
+            .expect("chunk range task panicked")
+            .map(Bytes::from)
+            .map_err(StoreError::BadRange)
     }
 
     // --------------------------------------------------------------- sessions
