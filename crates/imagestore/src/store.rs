@@ -321,13 +321,23 @@ impl ImageStore {
     /// chunk is read and verified whole, the answer carries only the range. A range that is not
     /// whole blocks inside the chunk is [`StoreError::BadRange`].
     pub async fn get_chunk_range(&self, hash: &ChunkHash, block: u32, offset: u32, len: u32) -> Result<Bytes, StoreError> {
-        let data = self.get_chunk(hash, MAX_CHUNK_SIZE as usize).await?;
+        use vgrid_storeclient::tree;
+        let z = self.read_chunk_object(hash).await?;
         let h = *hash;
-        tokio::task::spawn_blocking(move || vgrid_storeclient::tree::encode_range(&h, &data, block, offset, len))
-            .await
-            .expect("chunk range task panicked")
-            .map(Bytes::from)
-            .map_err(StoreError::BadRange)
+        // One hashing pass: the block CVs verify the chunk and go into the answer.
+        let r = tokio::task::spawn_blocking(move || {
+            codec::decode_with_blocks(&h, &z, MAX_CHUNK_SIZE as usize, block).map(|(data, cvs)| match cvs {
+                Some(cvs) => tree::encode_range_with(&h, &data, &cvs, block, offset, len),
+                None => Err(tree::TreeError::Geometry { hash: h, block, chunk_len: data.len() as u32 }),
+            })
+        })
+        .await
+        .expect("chunk range task panicked");
+        match r {
+            Err(cause) => Err(Self::corrupt(hash, cause)),
+            Ok(Err(e)) => Err(StoreError::BadRange(e)),
+            Ok(Ok(z)) => Ok(Bytes::from(z)),
+        }
     }
 
     // --------------------------------------------------------------- sessions

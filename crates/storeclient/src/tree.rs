@@ -103,9 +103,27 @@ pub fn verify_blocks(hash: &ChunkHash, block: u32, cvs: &[ChainingValue], first:
 pub fn encode_range(hash: &ChunkHash, data: &[u8], block: u32, offset: u32, len: u32) -> Result<Vec<u8>, TreeError> {
     let chunk_len = u32::try_from(data.len()).unwrap_or(u32::MAX);
     check_range(hash, chunk_len, block, offset, len)?;
-    let mut plain = Vec::with_capacity((chunk_len / block) as usize * 32 + len as usize);
-    for cv in block_cvs(data, block) {
-        plain.extend_from_slice(&cv);
+    encode_range_with(hash, data, &block_cvs(data, block), block, offset, len)
+}
+
+/// [`encode_range`] with the chunk's block CVs at hand (e.g. from
+/// [`crate::codec::decode_with_blocks`]).
+pub fn encode_range_with(
+    hash: &ChunkHash,
+    data: &[u8],
+    cvs: &[ChainingValue],
+    block: u32,
+    offset: u32,
+    len: u32,
+) -> Result<Vec<u8>, TreeError> {
+    let chunk_len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+    check_range(hash, chunk_len, block, offset, len)?;
+    if cvs.len() != (chunk_len / block) as usize {
+        return Err(TreeError::Malformed { hash: *hash, cause: format!("{} chaining values for {} blocks", cvs.len(), chunk_len / block) });
+    }
+    let mut plain = Vec::with_capacity(cvs.len() * 32 + len as usize);
+    for cv in cvs {
+        plain.extend_from_slice(cv);
     }
     plain.extend_from_slice(&data[offset as usize..(offset + len) as usize]);
     zstd::bulk::compress(&plain, RANGE_LEVEL).map_err(|e| TreeError::Malformed { hash: *hash, cause: format!("compressing: {e}") })
