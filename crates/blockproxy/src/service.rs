@@ -120,6 +120,9 @@ impl Shared {
                             }
                         }
                         Ok(None) => {
+                            if fetched > 0 {
+                                self.cache.count_range_fetch(t0.elapsed(), fetched);
+                            }
                             drop(_one);
                             return self.read_chunk(image, index, hash, len).await;
                         }
