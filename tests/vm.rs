@@ -115,7 +115,7 @@ fn guest_writes_land_in_the_overlay_and_never_in_the_base() {
 }
 
 #[test]
-fn second_vm_of_an_image_fetches_no_chunk() {
+fn second_vm_of_an_image_reads_what_the_first_fetched() {
     let up = Up::start();
     up.import_sample();
     let a = up.run_vm("sample", "first", BOOTED_MARKER, &[]);
@@ -131,8 +131,15 @@ fn second_vm_of_an_image_fetches_no_chunk() {
     let before = up.cache_stats();
     let b = up.run_vm("sample", "second", BOOTED_MARKER, &[]);
     let after = up.cache_stats();
-    assert_eq!(before["fetches"], after["fetches"], "the second VM fetched chunks: before {before}, after {after}");
-    assert_eq!(before["bytes_fetched"], after["bytes_fetched"]);
+    // What the first boot fetched serves the second. The first boot's random reads fetched
+    // only the 16 KiB blocks they covered (ranged reads), so a second boot reading a block of
+    // such a chunk the first did not (boots differ a little) fetches that block: a few at most,
+    // never the image again.
+    let fetched = |s: &serde_json::Value| s["bytes_fetched"].as_u64().unwrap();
+    assert!(
+        fetched(&after) - fetched(&before) <= fetched(&before) / 50,
+        "the second VM fetched more than 2% of what the first did: before {before}, after {after}"
+    );
     assert!(after["hits"].as_u64().unwrap() > before["hits"].as_u64().unwrap(), "the second VM read nothing from the cache");
     up.ok(&["vm", "stop", &id_of(&a)]);
     up.ok(&["vm", "stop", &id_of(&b)]);

@@ -17,6 +17,14 @@
 //!   to every waiter and forgotten, never cached.
 //! * Hits take a short mutex to find the chunk's open file descriptor; reads are `pread`s done
 //!   by the caller without any lock.
+//! * Partial chunks (random reads, see `service.rs`): a chunk can be fetched block by block
+//!   (`vgrid_storeclient::tree`: each run of blocks comes with the chaining values of all the
+//!   chunk's blocks and is verified here against the chunk's hash before it is written) into a
+//!   sparse file in `tmp/`, with the blocks present kept in memory ([`Partial`]). Readers read
+//!   only blocks present. When every block is present the file is renamed into `chunks/` like
+//!   a whole fetched chunk; a whole chunk stored meanwhile replaces it. Partial chunks count
+//!   against the bound (the bytes of their blocks present) and are evicted like chunks; they do
+//!   not survive a restart (`tmp/` is emptied at open).
 //! * The directory is locked (`flock` on `cache_dir/lock`) so two processes never share it.
 
 use crate::source::SourceError;
@@ -33,6 +41,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::watch;
 use vgrid_api::ChunkHash;
+
+mod partial;
+pub(crate) use partial::Partial;
+use partial::PartialEntry;
 
 /// Errors of the chunk cache; each names the directory, file or chunk concerned.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -56,6 +68,8 @@ pub enum CacheError {
     },
     #[error("chunk {hash}: received bytes hash to {actual}; refusing to cache or serve them")]
     Corrupt { hash: ChunkHash, actual: ChunkHash },
+    #[error("refusing to cache or serve part of a chunk: {0}")]
+    CorruptRange(#[source] vgrid_storeclient::tree::TreeError),
     #[error("chunk {hash}: received {actual} bytes, the manifest says {expected}")]
     Length { hash: ChunkHash, expected: u32, actual: usize },
     #[error("chunk {hash}: its fetch ended without an answer (the proxy is stopping)")]
@@ -140,6 +154,8 @@ struct Inner {
     /// Fetches under way; their waiters hold receivers (a fetch nobody waits for any more is
     /// abandoned).
     inflight: HashMap<ChunkHash, Arc<watch::Sender<FetchOutcome>>>,
+    /// Chunks fetched in part (random reads); never also in `map`.
+    partials: HashMap<ChunkHash, PartialEntry>,
 }
 
 impl Inner {
@@ -163,6 +179,22 @@ impl Inner {
             self.unverified -= 1;
         }
         Some(e)
+    }
+    /// Takes partial chunk `hash` out of the index (the caller unlinks its file).
+    fn remove_partial(&mut self, hash: &ChunkHash) -> Option<Arc<Partial>> {
+        let e = self.partials.remove(hash)?;
+        self.lru.remove(&e.tick);
+        self.bytes -= e.bytes;
+        Some(e.p)
+    }
+    fn touch_partial(&mut self, hash: &ChunkHash) {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(e) = self.partials.get_mut(hash) {
+            self.lru.remove(&e.tick);
+            e.tick = tick;
+            self.lru.insert(tick, *hash);
+        }
     }
     /// Marks the entry of `hash` verified (its file's bytes hash to `hash`).
     fn set_verified(&mut self, hash: &ChunkHash) {
@@ -310,6 +342,11 @@ impl ChunkCache {
         while inner.bytes > limit {
             let victim = inner.lru.values().find(|h| Some(*h) != keep).copied();
             let Some(victim) = victim else { break };
+            if let Some(p) = inner.remove_partial(&victim) {
+                let _ = std::fs::remove_file(&p.path);
+                Counters::add(&self.counters.evictions, 1);
+                continue;
+            }
             inner.remove(&victim);
             // Unlink under the lock so a concurrent re-insert of the same chunk (rename, also
             // under the lock) can never be undone by this eviction.
@@ -364,6 +401,18 @@ impl ChunkCache {
     pub(crate) fn count_hits(&self, n: u64) {
         Counters::add(&self.counters.hits, n);
         crate::metrics::hits(n);
+    }
+
+    /// Counts a read that fetched part of a chunk (a miss) and the bytes fetched.
+    pub(crate) fn count_range_fetch(&self, took: std::time::Duration, bytes: u64) {
+        Counters::add(&self.counters.misses, 1);
+        crate::metrics::miss();
+        self.counters.record_fetch(took, bytes);
+    }
+
+    /// Counts a fetch that failed.
+    pub(crate) fn count_fetch_error(&self) {
+        Counters::add(&self.counters.fetch_errors, 1);
     }
 
     fn lookup(&self, hash: &ChunkHash) -> Option<ChunkFile> {
@@ -457,15 +506,15 @@ impl ChunkCache {
     /// could be evicted (the chunk cannot be stored), else `None` (try again).
     fn make_room(&self, keep: &ChunkHash, len: u32, e: &std::io::Error) -> Option<u64> {
         let mut g = self.inner.lock().unwrap();
-        let evictable = g.map.keys().any(|h| h != keep);
+        let evictable = g.map.keys().chain(g.partials.keys()).any(|h| h != keep);
         if !evictable {
             return Some(g.bytes);
         }
-        let before = (g.bytes, g.map.len());
+        let before = (g.bytes, g.map.len() + g.partials.len());
         let limit = g.bytes.saturating_sub(2 * len as u64);
         let old = self.limit.fetch_min(limit, Ordering::Relaxed);
         self.evict(&mut g, Some(keep));
-        let evicted = before.1 - g.map.len();
+        let evicted = before.1 - g.map.len() - g.partials.len();
         if evicted == 0 {
             return Some(g.bytes);
         }
@@ -503,6 +552,10 @@ impl ChunkCache {
             drop(g);
             let _ = std::fs::remove_file(&tmp);
             return Err((path, "rename into place", e));
+        }
+        // A partial fetch of the chunk is superseded (its readers keep their descriptor).
+        if let Some(p) = g.remove_partial(hash) {
+            let _ = std::fs::remove_file(&p.path);
         }
         if let Some(e) = g.map.get_mut(hash) {
             // Inserted concurrently (same bytes), or found at open and not verified yet (the

@@ -6,6 +6,9 @@ use std::time::Duration;
 /// The default bound of a read waiting for its image servers ([`ProxyConfig::fetch_timeout`]).
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// The default block size of ranged fetches ([`ProxyConfig::range_block`]).
+pub const DEFAULT_RANGE_BLOCK: u32 = 16 * 1024;
+
 /// Settings of a block proxy. [`ProxyConfig::new`] fills in the defaults.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -25,6 +28,11 @@ pub struct ProxyConfig {
     pub fetch_attempt_timeout: Duration,
     /// Chunks fetched ahead of a sequential reader; 0 disables readahead (default 8).
     pub readahead_chunks: usize,
+    /// Block size of ranged fetches (default 16 KiB; 0: always whole chunks). A random read
+    /// that misses the cache fetches only the blocks of its chunk it covers (verified through
+    /// the chunk's BLAKE3 tree) instead of the whole chunk; sequential readers, prefetches and
+    /// pulls fetch whole chunks. A power of two of at least 1 KiB.
+    pub range_block: u32,
     /// Record a boot profile when an image without one is opened (default true).
     pub record_profiles: bool,
     /// How long a boot profile records after the export opens (default 60 s).
@@ -69,6 +77,7 @@ impl ProxyConfig {
             fetch_timeout: Some(DEFAULT_FETCH_TIMEOUT),
             fetch_attempt_timeout: Duration::from_secs(60),
             readahead_chunks: 8,
+            range_block: DEFAULT_RANGE_BLOCK,
             record_profiles: true,
             profile_window: Duration::from_secs(60),
             profile_max_chunks: 4096,

@@ -90,6 +90,13 @@ impl Export {
 
     /// Chunk files covering `[offset, offset+len)`; `len > 0` and the range inside the disk.
     pub(crate) async fn files(&self, offset: u64, len: u64) -> Result<(u64, Vec<Option<ChunkFile>>), ReadError> {
+        self.files_for(offset, len, false).await
+    }
+
+    /// [`Export::files`] for one read; `random` (a read that does not continue the previous
+    /// one) of a disk fetches only the blocks of a missing chunk the read covers, so the files
+    /// are good for `[offset, offset+len)` only (see [`Shared::read_range`]).
+    pub(crate) async fn files_for(&self, offset: u64, len: u64, random: bool) -> Result<(u64, Vec<Option<ChunkFile>>), ReadError> {
         if len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size()) {
             return Err(ReadError::OutOfRange { image: self.image.clone(), offset, len, size: self.size() });
         }
@@ -101,7 +108,8 @@ impl Export {
             tracing::trace!(export = %self.name, offset, len, "RAM read");
             self.record_pages(offset, len);
         }
-        let files = self.shared.blob_chunks(&self.image, self.chunk_size(), &self.blob, first, last).await?;
+        let range = (random && !self.ram).then_some((offset, len));
+        let files = self.shared.blob_chunks(&self.image, self.chunk_size(), &self.blob, first, last, range).await?;
         Ok((first, files))
     }
 

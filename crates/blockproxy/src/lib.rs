@@ -1,8 +1,9 @@
 //! vgrid block proxy: the compute host's data path. It serves images as read-only NBD exports
 //! (over unix sockets and TCP) to QEMU and the NBD tools, reading through a size-bounded host
 //! chunk cache on local disk that all guests share; misses fetch verified chunks from image
-//! servers through a [`ChunkSource`]. It also stages whole images (explicit transfer), records
-//! and prefetches boot profiles, and reads sequential streams ahead.
+//! servers through a [`ChunkSource`] (a random read's miss only the blocks of the chunk it
+//! covers, verified through the chunk's BLAKE3 tree). It also stages whole images (explicit
+//! transfer), records and prefetches boot profiles, and reads sequential streams ahead.
 //! This crate owns the NBD protocol, the host chunk cache and its directory; it must never write
 //! to an image, serve bytes that were not verified against their hash, know about VMs or QEMU
 //! processes, or talk to the coordinator.
@@ -13,7 +14,7 @@
 //! Files: `proxy` (the [`BlockProxy`]: images, exports, staging, blobs), `service` (the state
 //! every export shares: cache, source, settings, uploads, hot pages), `export` (one image's
 //! read path), `profile` (boot-profile recording), `hot` (hot pages of warm images), `cache`
-//! (the host chunk cache), `source` / `servers` / `store_source` (where chunks come from),
+//! (the host chunk cache; `cache/partial` its partially fetched chunks), `source` / `servers` / `store_source` (where chunks come from),
 //! `wait` (the hard mount: a guest's read waits while its image servers are unreachable),
 //! `server` + `protocol` (NBD), `stats`, `metrics` (its Prometheus families), `config`, `error`. No file imports one that imports
 //! it back.
@@ -36,7 +37,7 @@ mod store_source;
 mod wait;
 
 pub use cache::{CacheError, ChunkCache};
-pub use config::{default_max_open_files, ProxyConfig, DEFAULT_FETCH_TIMEOUT};
+pub use config::{default_max_open_files, ProxyConfig, DEFAULT_FETCH_TIMEOUT, DEFAULT_RANGE_BLOCK};
 pub use error::{ProxyError, ReadError};
 pub use export::Export;
 pub use proxy::{BlockProxy, PullReport, MAX_BLOB_IN_MEMORY};

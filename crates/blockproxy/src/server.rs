@@ -554,18 +554,20 @@ impl Conn {
         }
     }
 
-    async fn read(&self, cookie: u64, offset: u64, len: u32, df: bool) {
+    /// Answers a read; `random`: it does not continue the previous read (see
+    /// [`Export::files_for`]).
+    async fn read(&self, cookie: u64, offset: u64, len: u32, df: bool, random: bool) {
         let t0 = std::time::Instant::now();
-        self.read_inner(cookie, offset, len, df).await;
+        self.read_inner(cookie, offset, len, df, random).await;
         crate::metrics::nbd_read(len, t0.elapsed());
     }
 
-    async fn read_inner(&self, cookie: u64, offset: u64, len: u32, df: bool) {
+    async fn read_inner(&self, cookie: u64, offset: u64, len: u32, df: bool, random: bool) {
         if let Some(data) = self.export.hot_read(offset, len as u64).await {
             self.reply_data(cookie, offset, &data).await;
             return;
         }
-        let (first, files) = match self.export.files(offset, len as u64).await {
+        let (first, files) = match self.export.files_for(offset, len as u64, random).await {
             Ok(f) => f,
             Err(e) => {
                 self.send(&p::error_reply(self.neg.structured, p::EIO, cookie, &e.to_string())).await;
@@ -577,12 +579,13 @@ impl Conn {
 
     /// Answers a read in its own task (holding one of the connection's `permit`s); dropped
     /// unanswered if the client goes away meanwhile.
-    fn spawn_read(self: &Arc<Self>, permit: tokio::sync::OwnedSemaphorePermit, cookie: u64, offset: u64, len: u32, df: bool) {
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_read(self: &Arc<Self>, permit: tokio::sync::OwnedSemaphorePermit, cookie: u64, offset: u64, len: u32, df: bool, random: bool) {
         let c = self.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = c.gone.cancelled() => {}
-                _ = c.read(cookie, offset, len, df) => {}
+                _ = c.read(cookie, offset, len, df, random) => {}
             }
             drop(permit);
         });
@@ -768,6 +771,9 @@ where
                 conn.send(&p::block_status_reply(req.cookie, &ext)).await;
             }
             Ok(Command::Read { offset, len, df }) => {
+                // A read that continues the previous one is sequential: it fetches whole
+                // chunks; any other fetches only the blocks it covers.
+                let random = offset != next_expected;
                 if offset == next_expected {
                     streak = streak.saturating_add(1);
                 } else {
@@ -791,7 +797,7 @@ where
                     }
                 }
                 let Ok(permit) = slots.clone().acquire_owned().await else { break };
-                conn.spawn_read(permit, req.cookie, offset, len, df);
+                conn.spawn_read(permit, req.cookie, offset, len, df, random);
             }
             Ok(Command::Cache { offset, len }) => {
                 let Ok(permit) = slots.clone().acquire_owned().await else { break };

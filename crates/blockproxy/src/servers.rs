@@ -2,7 +2,7 @@
 //! [`ChunkSource`]. The list can be replaced while the proxy runs (a host's coordinator
 //! announces a different list at a heartbeat).
 
-use crate::source::{ByteStream, ChunkSource, SourceError};
+use crate::source::{ByteStream, ChunkSource, RangeBlocks, SourceError};
 use crate::store_source::StoreSource;
 use futures::future::BoxFuture;
 use std::sync::{Arc, Mutex};
@@ -192,6 +192,31 @@ impl ChunkSource for Servers {
                     let t0 = Instant::now();
                     let r = s.chunk(hash, limit).await;
                     crate::metrics::fetched(&s.describe(), t0.elapsed(), r.as_ref().ok().map(|d| d.len()));
+                    r
+                })
+            })
+            .await
+        })
+    }
+    fn chunk_range<'a>(
+        &'a self,
+        hash: &'a ChunkHash,
+        chunk_len: u32,
+        block: u32,
+        offset: u32,
+        len: u32,
+    ) -> BoxFuture<'a, Result<Option<RangeBlocks>, SourceError>> {
+        let list = self.list();
+        Box::pin(async move {
+            list.first("chunk range", move |s| {
+                Box::pin(async move {
+                    let t0 = Instant::now();
+                    let r = s.chunk_range(hash, chunk_len, block, offset, len).await;
+                    match &r {
+                        Ok(Some(b)) => crate::metrics::fetched(&s.describe(), t0.elapsed(), Some(b.data.len() + 32 * b.cvs.len())),
+                        Err(_) => crate::metrics::fetched(&s.describe(), t0.elapsed(), None),
+                        Ok(None) => {}
+                    }
                     r
                 })
             })

@@ -6,7 +6,7 @@ use crate::cache::{Access, CacheError, ChunkCache, ChunkFile};
 use crate::config::ProxyConfig;
 use crate::error::ReadError;
 use crate::hot::{self, HotState};
-use crate::source::ChunkSource;
+use crate::source::{ChunkSource, RangeBlocks, SourceError};
 use crate::wait::{self, Waits};
 use futures::stream::{FuturesOrdered, StreamExt};
 use std::collections::HashMap;
@@ -72,9 +72,102 @@ impl Shared {
         }
     }
 
+    /// Bytes `[start, end)` of chunk `index` (hash `hash`, `len` bytes) of what `image`'s
+    /// reader reads, for a random read: only the blocks covering them are fetched (verified
+    /// through the chunk's BLAKE3 tree, see `cache.rs`), waiting through an outage like
+    /// [`Shared::read_chunk`]. The chunk file returned may be partial: read only
+    /// `[start, end)` of it. Falls back to the whole chunk when ranges do not apply (a chunk
+    /// not a power of two long, a read of all of it, a whole fetch of it under way, a source
+    /// that serves no ranges).
+    pub async fn read_range(
+        &self,
+        image: &ImageRef,
+        index: u64,
+        hash: ChunkHash,
+        len: u32,
+        start: u32,
+        end: u32,
+    ) -> Result<ChunkFile, CacheError> {
+        let block = self.config.range_block;
+        let whole =
+            block == 0 || !vgrid_storeclient::tree::geometry_ok(block, len) || (start / block == 0 && end.div_ceil(block) >= len / block);
+        if whole {
+            return self.read_chunk(image, index, hash, len).await;
+        }
+        if let Some(f) = self.cache.get(&hash) {
+            return Ok(f);
+        }
+        let Some(p) = self.cache.partial(&hash, len, block)? else {
+            return self.read_chunk(image, index, hash, len).await;
+        };
+        if !p.has(start, end) {
+            let _one = p.fetching.lock().await;
+            let runs = p.missing(start, end);
+            if !runs.is_empty() {
+                let t0 = Instant::now();
+                let mut fetched = 0u64;
+                for (first, n) in runs {
+                    match self.fetch_blocks(image, index, hash, len, block, first, n).await {
+                        Ok(Some(r)) => {
+                            fetched += (r.data.len() + 32 * r.cvs.len()) as u64;
+                            let (c, p) = (self.cache.clone(), p.clone());
+                            let stored = tokio::task::spawn_blocking(move || c.put_blocks(&p, first, &r)).await;
+                            let stored = stored
+                                .unwrap_or_else(|e| Err(crate::cache::io_err(self.cache.dir(), "store blocks", std::io::Error::other(e))));
+                            if let Err(e) = stored {
+                                self.cache.count_fetch_error();
+                                return Err(e);
+                            }
+                        }
+                        Ok(None) => {
+                            if fetched > 0 {
+                                self.cache.count_range_fetch(t0.elapsed(), fetched);
+                            }
+                            drop(_one);
+                            return self.read_chunk(image, index, hash, len).await;
+                        }
+                        Err(e) => {
+                            self.cache.count_fetch_error();
+                            return Err(CacheError::Fetch { hash, source: e });
+                        }
+                    }
+                }
+                self.cache.count_range_fetch(t0.elapsed(), fetched);
+                return Ok(p.chunk_file());
+            }
+        }
+        self.cache.count_hits(1);
+        Ok(p.chunk_file())
+    }
+
+    /// Fetches `n` blocks of chunk `hash` from block `first` on, for a guest's read (waiting
+    /// while the image servers are unreachable, see `wait.rs`).
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_blocks(
+        &self,
+        image: &ImageRef,
+        index: u64,
+        hash: ChunkHash,
+        len: u32,
+        block: u32,
+        first: u32,
+        n: u32,
+    ) -> Result<Option<RangeBlocks>, SourceError> {
+        let bounds = wait::Bounds { wait: self.config.fetch_timeout, attempt: self.config.fetch_attempt_timeout };
+        let read = wait::ForRead { image: image.clone(), chunk: index };
+        let (offset, bytes) = (first * block, n * block);
+        let what = format!("chunk {hash} (bytes {offset}..{})", offset + bytes);
+        wait::fetch_with(self.source.clone(), self.waits.clone(), read, hash, what, bounds, self.fetch_slots.clone(), move |s| {
+            Box::pin(async move { s.chunk_range(&hash, len, block, offset, bytes).await })
+        })
+        .await
+    }
+
     /// All chunk files of `blob` over chunk indices `first..=last` (`None` for zero chunks),
     /// fetching misses concurrently; a miss waits while the image servers are unreachable
-    /// ([`Shared::read_chunk`]).
+    /// ([`Shared::read_chunk`]). With `range` (the random read `(offset, len)` of the blob) a
+    /// miss fetches only the blocks the read covers ([`Shared::read_range`]): the files are
+    /// then good for that read only.
     pub async fn blob_chunks(
         &self,
         image: &ImageRef,
@@ -82,6 +175,7 @@ impl Shared {
         blob: &Blob,
         first: u64,
         last: u64,
+        range: Option<(u64, u64)>,
     ) -> Result<Vec<Option<ChunkFile>>, ReadError> {
         let mut out: Vec<Option<ChunkFile>> = Vec::with_capacity((last - first + 1) as usize);
         let mut missing = Vec::new();
@@ -102,7 +196,19 @@ impl Shared {
                 .iter()
                 .map(|&(idx, h)| {
                     let len = blob.chunk_len(chunk_size, idx as usize);
-                    async move { (idx, h, self.read_chunk(image, idx, h, len).await) }
+                    async move {
+                        let r = match range {
+                            // The part of the read in this chunk.
+                            Some((offset, n)) => {
+                                let base = idx * chunk_size as u64;
+                                let start = offset.max(base) - base;
+                                let end = (offset + n).min(base + len as u64) - base;
+                                self.read_range(image, idx, h, len, start as u32, end as u32).await
+                            }
+                            None => self.read_chunk(image, idx, h, len).await,
+                        };
+                        (idx, h, r)
+                    }
                 })
                 .collect();
             while let Some((idx, hash, r)) = futs.next().await {
@@ -190,5 +296,167 @@ impl Shared {
                 tracing::debug!(image = %image, "hot pages dropped: no read used them");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProxyConfig;
+    use futures::future::BoxFuture;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use vgrid_api::rest::BootProfile;
+
+    /// Chunks from memory; counts whole and ranged fetches; serves ranges unless `no_ranges`,
+    /// flips a byte of every range when `forge`.
+    #[derive(Default)]
+    struct Mem {
+        chunks: HashMap<ChunkHash, Vec<u8>>,
+        wholes: AtomicU32,
+        ranges: AtomicU32,
+        no_ranges: bool,
+        forge: bool,
+    }
+
+    impl ChunkSource for Mem {
+        fn manifest<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Manifest, SourceError>> {
+            Box::pin(async move { Err(SourceError::NotFound { what: format!("image {image}"), source_name: "mem".into() }) })
+        }
+        fn chunk<'a>(&'a self, hash: &'a ChunkHash, _: usize) -> BoxFuture<'a, Result<Vec<u8>, SourceError>> {
+            self.wholes.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { Ok(self.chunks[hash].clone()) })
+        }
+        fn chunk_range<'a>(
+            &'a self,
+            hash: &'a ChunkHash,
+            chunk_len: u32,
+            block: u32,
+            offset: u32,
+            len: u32,
+        ) -> BoxFuture<'a, Result<Option<RangeBlocks>, SourceError>> {
+            Box::pin(async move {
+                if self.no_ranges {
+                    return Ok(None);
+                }
+                self.ranges.fetch_add(1, Ordering::SeqCst);
+                // Slow enough for concurrent readers to meet.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let d = &self.chunks[hash];
+                assert_eq!(d.len(), chunk_len as usize);
+                let mut data = d[offset as usize..(offset + len) as usize].to_vec();
+                if self.forge {
+                    data[0] ^= 1;
+                }
+                Ok(Some(RangeBlocks { cvs: vgrid_storeclient::tree::block_cvs(d, block), data }))
+            })
+        }
+        fn profile<'a>(&'a self, _: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn put_profile<'a>(&'a self, _: &'a ImageRef, _: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn describe(&self) -> String {
+            "mem".into()
+        }
+    }
+
+    const CS: u32 = 65536;
+    const BLOCK: u32 = 16384;
+
+    fn shared(dir: &std::path::Path, mem: Mem) -> (Arc<Shared>, Arc<Mem>) {
+        let mem = Arc::new(mem);
+        let mut config = ProxyConfig::new(dir, 1 << 30);
+        config.range_block = BLOCK;
+        let s = Shared {
+            cache: Arc::new(ChunkCache::open(dir, 1 << 30, 64).unwrap()),
+            source: mem.clone(),
+            fetch_slots: Arc::new(tokio::sync::Semaphore::new(16)),
+            config,
+            uploads: Default::default(),
+            hot: Default::default(),
+            waits: Default::default(),
+        };
+        (Arc::new(s), mem)
+    }
+
+    fn chunk(seed: u8) -> (ChunkHash, Vec<u8>) {
+        let d: Vec<u8> = (0..CS).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 ^ seed).collect();
+        (ChunkHash::of(&d), d)
+    }
+
+    fn read(f: &ChunkFile, start: u32, end: u32) -> Vec<u8> {
+        let mut b = vec![0u8; (end - start) as usize];
+        f.read_at(&mut b, start).unwrap();
+        b
+    }
+
+    /// Concurrent random readers of one block share one ranged fetch; readers of the other
+    /// blocks complete the chunk; each reader gets the chunk's bytes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_random_readers_share_fetches_and_complete_the_chunk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (h, d) = chunk(1);
+        let (s, mem) = shared(tmp.path(), Mem { chunks: HashMap::from([(h, d.clone())]), ..Default::default() });
+        let image: ImageRef = "img@1".parse().unwrap();
+        let (a, b) = (BLOCK + 100, BLOCK + 4196);
+        let readers: Vec<_> = (0..8)
+            .map(|_| {
+                let (s, image) = (s.clone(), image.clone());
+                tokio::spawn(async move { s.read_range(&image, 0, h, CS, a, b).await.unwrap() })
+            })
+            .collect();
+        for r in readers {
+            assert_eq!(read(&r.await.unwrap(), a, b), &d[a as usize..b as usize]);
+        }
+        assert_eq!(mem.ranges.load(Ordering::SeqCst), 1);
+        assert!(!s.cache.contains(&h));
+        // Blocks 0, 2 and 3 by three readers at once (block 1 is there): three fetches.
+        let readers: Vec<_> = [0u32, 2, 3]
+            .into_iter()
+            .map(|k| {
+                let (s, image) = (s.clone(), image.clone());
+                tokio::spawn(async move { (k, s.read_range(&image, 0, h, CS, k * BLOCK, k * BLOCK + 512).await.unwrap()) })
+            })
+            .collect();
+        for r in readers {
+            let (k, f) = r.await.unwrap();
+            assert_eq!(read(&f, k * BLOCK, k * BLOCK + 512), &d[(k * BLOCK) as usize..(k * BLOCK + 512) as usize]);
+        }
+        assert_eq!((mem.ranges.load(Ordering::SeqCst), mem.wholes.load(Ordering::SeqCst)), (4, 0));
+        assert!(s.cache.contains(&h));
+        let st = s.cache.stats();
+        assert_eq!((st.bytes_fetched, st.chunks_cached), (CS as u64 + 4 * 4 * 32, 1));
+        // A read of all the blocks of a chunk fetches it whole.
+        let (h2, d2) = chunk(2);
+        let (s, mem) = shared(&tmp.path().join("2"), Mem { chunks: HashMap::from([(h2, d2.clone())]), ..Default::default() });
+        let f = s.read_range(&image, 0, h2, CS, 10, CS - 10).await.unwrap();
+        assert_eq!(read(&f, 0, CS), d2);
+        assert_eq!((mem.ranges.load(Ordering::SeqCst), mem.wholes.load(Ordering::SeqCst)), (0, 1));
+    }
+
+    /// A source without ranges: the whole chunk. Forged blocks: an error, nothing cached or
+    /// served.
+    #[tokio::test]
+    async fn no_ranges_fall_back_to_whole_chunks_and_forged_blocks_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (h, d) = chunk(3);
+        let image: ImageRef = "img@1".parse().unwrap();
+        let (s, mem) =
+            shared(&tmp.path().join("a"), Mem { chunks: HashMap::from([(h, d.clone())]), no_ranges: true, ..Default::default() });
+        let f = s.read_range(&image, 0, h, CS, 100, 200).await.unwrap();
+        assert_eq!(read(&f, 0, CS), d);
+        assert_eq!(mem.wholes.load(Ordering::SeqCst), 1);
+        assert!(s.cache.contains(&h));
+
+        let (s, mem) = shared(&tmp.path().join("b"), Mem { chunks: HashMap::from([(h, d.clone())]), forge: true, ..Default::default() });
+        let e = s.read_range(&image, 0, h, CS, 100, 200).await.unwrap_err();
+        assert!(matches!(e, CacheError::CorruptRange(_)), "{e}");
+        assert!(e.to_string().contains(&h.to_hex()), "{e}");
+        assert_eq!(mem.ranges.load(Ordering::SeqCst), 1);
+        let st = s.cache.stats();
+        assert_eq!((st.bytes_cached, st.fetch_errors), (0, 1));
+        let p = s.cache.partial(&h, CS, BLOCK).unwrap().unwrap();
+        assert!(!p.has(100, 200));
     }
 }

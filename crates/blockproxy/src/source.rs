@@ -5,6 +5,7 @@ use futures::future::BoxFuture;
 use std::sync::Arc;
 use vgrid_api::rest::BootProfile;
 use vgrid_api::{ChunkHash, ImageRef, Manifest};
+pub use vgrid_storeclient::tree::RangeBlocks;
 
 /// Bytes as they arrive from a source.
 pub type ByteStream = futures::stream::BoxStream<'static, Result<bytes::Bytes, SourceError>>;
@@ -116,6 +117,20 @@ pub trait ChunkSource: Send + Sync + 'static {
     fn manifest<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Manifest, SourceError>>;
     /// The plain bytes of chunk `hash`, at most `limit` bytes long, verified.
     fn chunk<'a>(&'a self, hash: &'a ChunkHash, limit: usize) -> BoxFuture<'a, Result<Vec<u8>, SourceError>>;
+    /// Bytes `[offset, offset+len)`, whole `block`-byte blocks, of chunk `hash` (`chunk_len`
+    /// bytes long) with the chaining values of every block of the chunk, verified against
+    /// `hash` (`vgrid_storeclient::tree`; the cache checks again). `None` when this source
+    /// cannot serve part of a chunk (an older image server): fetch the whole chunk instead.
+    fn chunk_range<'a>(
+        &'a self,
+        _hash: &'a ChunkHash,
+        _chunk_len: u32,
+        _block: u32,
+        _offset: u32,
+        _len: u32,
+    ) -> BoxFuture<'a, Result<Option<RangeBlocks>, SourceError>> {
+        Box::pin(async { Ok(None) })
+    }
     /// The boot profile of a (versioned) image, `None` when none was recorded yet.
     fn profile<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>>;
     /// Stores the boot profile of a (versioned) image.
@@ -145,6 +160,16 @@ impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
     }
     fn chunk<'a>(&'a self, hash: &'a ChunkHash, limit: usize) -> BoxFuture<'a, Result<Vec<u8>, SourceError>> {
         (**self).chunk(hash, limit)
+    }
+    fn chunk_range<'a>(
+        &'a self,
+        hash: &'a ChunkHash,
+        chunk_len: u32,
+        block: u32,
+        offset: u32,
+        len: u32,
+    ) -> BoxFuture<'a, Result<Option<RangeBlocks>, SourceError>> {
+        (**self).chunk_range(hash, chunk_len, block, offset, len)
     }
     fn profile<'a>(&'a self, image: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {
         (**self).profile(image)

@@ -50,12 +50,23 @@ pub(crate) async fn try_once(
     limit: Duration,
     slots: &Semaphore,
 ) -> Result<Vec<u8>, SourceError> {
+    try_once_with(source.describe(), &format!("chunk {hash}"), limit, slots, source.chunk(hash, len as usize)).await
+}
+
+/// [`try_once`] of any fetch `call` (of `what`, from `source_name`).
+async fn try_once_with<T>(
+    source_name: String,
+    what: &str,
+    limit: Duration,
+    slots: &Semaphore,
+    call: impl std::future::Future<Output = Result<T, SourceError>>,
+) -> Result<T, SourceError> {
     let _slot = slots.acquire().await.expect("the fetch slots are never closed");
-    match tokio::time::timeout(limit, source.chunk(hash, len as usize)).await {
+    match tokio::time::timeout(limit, call).await {
         Ok(r) => r,
         Err(_) => Err(SourceError::Unavailable {
-            what: format!("chunk {hash}"),
-            source_name: source.describe(),
+            what: what.to_string(),
+            source_name,
             cause: format!("no answer within {:.1} s", limit.as_secs_f64()).into(),
         }),
     }
@@ -89,13 +100,36 @@ pub(crate) async fn fetch(
     bounds: Bounds,
     slots: Arc<Semaphore>,
 ) -> Result<Vec<u8>, SourceError> {
+    fetch_with(source, waits, read, hash, format!("chunk {hash}"), bounds, slots, move |s: Arc<dyn ChunkSource>| {
+        Box::pin(async move { s.chunk(&hash, len as usize).await })
+    })
+    .await
+}
+
+/// [`fetch`] of any fetch `call` of chunk `hash` (`what`: e.g. a range of it), waiting the same
+/// way while the image servers are unreachable.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn fetch_with<T, F>(
+    source: Arc<dyn ChunkSource>,
+    waits: Arc<Waits>,
+    read: ForRead,
+    hash: ChunkHash,
+    what: String,
+    bounds: Bounds,
+    slots: Arc<Semaphore>,
+    call: F,
+) -> Result<T, SourceError>
+where
+    F: Fn(Arc<dyn ChunkSource>) -> futures::future::BoxFuture<'static, Result<T, SourceError>>,
+{
     let started = Instant::now();
     let deadline = bounds.wait.map(|b| started + b);
     let mut backoff = Backoff::new();
     let mut waiting: Option<Waiting> = None;
     loop {
         let limit = deadline.map_or(bounds.attempt, |d| bounds.attempt.min(d.saturating_duration_since(Instant::now())));
-        let e = match try_once(source.as_ref(), &hash, len, limit.max(Duration::from_millis(1)), &slots).await {
+        let attempt = try_once_with(source.describe(), &what, limit.max(Duration::from_millis(1)), &slots, call(source.clone()));
+        let e = match attempt.await {
             Ok(data) => {
                 if let Some(w) = waiting {
                     w.recovered();
@@ -118,8 +152,7 @@ pub(crate) async fn fetch(
         let pause = backoff.next();
         tokio::time::sleep(left.map_or(pause, |l| l.min(pause))).await;
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            let err =
-                SourceError::TimedOut { what: format!("chunk {hash}"), secs: bounds.wait.unwrap_or_default().as_secs(), last: Box::new(e) };
+            let err = SourceError::TimedOut { what, secs: bounds.wait.unwrap_or_default().as_secs(), last: Box::new(e) };
             if let Some(w) = waiting {
                 w.gave_up(&err);
             }

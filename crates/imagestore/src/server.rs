@@ -7,6 +7,7 @@
 //! | GET, PUT | `/images/{name}/{version}/profile` | `BootProfile` |
 //! | GET, PUT | `/images/{name}/{version}/profile/hot` | hot-page bundle (`hotpages`), zstd |
 //! | GET, HEAD | `/chunks/{hash}` | zstd bytes, `ETag: "<hash>"`, immutable |
+//! | GET | `/chunks/{hash}/range?offset=&len=&block=` | zstd of the chunk's block chaining values + the range (`tree`) |
 //! | POST | `/gc` | `GcReport` (collect unreferenced chunks now) |
 //! | POST | `/uploads` | `UploadCreated` |
 //! | DELETE | `/uploads/{id}` | abort |
@@ -73,6 +74,7 @@ impl From<StoreError> for ApiError {
             Fenced { volume, .. } => (StatusCode::CONFLICT, ErrorKind::CONFLICT, format!("volume {volume}")),
             KindMismatch { name, .. } => (StatusCode::CONFLICT, ErrorKind::CONFLICT, format!("image {name}")),
             InvalidManifest { image, .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorKind::BAD_REQUEST, format!("image {image}")),
+            BadRange(e) => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("chunk {}", range_hash(e))),
             BadName(cause) => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, cause.to_string()),
             BadProfile { image, .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorKind::BAD_REQUEST, format!("profile of image {image}")),
             BadUpload { hash, .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorKind::BAD_REQUEST, format!("chunk {hash}")),
@@ -241,7 +243,7 @@ async fn gate(State(s): St, req: axum::extract::Request, next: axum::middleware:
 #[openapi(
     info(title = "vgrid image server API", description = "Images as manifests plus blake3-addressed, zstd-compressed chunks."),
     paths(list_images, get_latest, get_version, delete_all, delete_version, get_profile, put_profile, get_hot_pages, put_hot_pages,
-        get_chunk, head_chunk, run_gc, begin_upload, abort_upload, missing, put_chunk, commit, get_owner, put_owner, get_epoch, put_epoch),
+        get_chunk, head_chunk, get_chunk_range, run_gc, begin_upload, abort_upload, missing, put_chunk, commit, get_owner, put_owner, get_epoch, put_epoch),
     components(schemas(ErrorBody, ImageSummary, Manifest, GcReport, BootProfile, UploadCreated, ImageOwner, ChunkHash, Epoch)),
     modifiers(&CONTRACT),
     security(("bearer" = []), ("node_certificate" = []))
@@ -264,6 +266,7 @@ fn routes() -> Router<Arc<ImageStore>> {
         .route("/store/v1/images/{name}/{version}/profile", get(get_profile).put(put_profile))
         .route("/store/v1/images/{name}/{version}/profile/hot", get(get_hot_pages).put(put_hot_pages))
         .route("/store/v1/chunks/{hash}", get(get_chunk).head(head_chunk))
+        .route("/store/v1/chunks/{hash}/range", get(get_chunk_range))
         .route("/store/v1/gc", post(run_gc))
         .route("/store/v1/uploads", post(begin_upload))
         .route("/store/v1/uploads/{id}", axum::routing::delete(abort_upload))
@@ -419,6 +422,40 @@ async fn get_chunk(State(s): St, Path(hash): Path<String>, headers: HeaderMap) -
     }
     let z = s.get_chunk_compressed(&h).await?;
     Ok((StatusCode::OK, chunk_headers(&h), z).into_response())
+}
+
+/// The chunk a ranged-read error is about.
+fn range_hash(e: &vgrid_storeclient::tree::TreeError) -> ChunkHash {
+    use vgrid_storeclient::tree::TreeError::*;
+    match e {
+        Geometry { hash, .. } | Range { hash, .. } | Malformed { hash, .. } | TreeMismatch { hash } | BlockMismatch { hash, .. } => *hash,
+    }
+}
+
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct RangeQuery {
+    /// First byte of the range in the chunk, a multiple of `block`.
+    offset: u32,
+    /// Bytes in the range, a positive multiple of `block`.
+    len: u32,
+    /// Block size: a power of two of at least 1024, less than the chunk's length (a chunk a
+    /// power of two long).
+    block: u32,
+}
+
+/// Part of a chunk, verifiable against the chunk's hash: zstd of the BLAKE3 chaining values of
+/// all the chunk's `block`-byte blocks (32 bytes each, in order) followed by the bytes of
+/// `[offset, offset+len)`.
+#[utoipa::path(get, path = "/store/v1/chunks/{hash}/range", params(("hash" = String, Path, description = "chunk hash (blake3, hex)", pattern = "^[0-9a-f]{64}$"), RangeQuery), responses((status = 200, body = Binary, content_type = "application/zstd", description = "block chaining values and the range, zstd-compressed"), (status = 400, body = ErrorBody, description = "the range is not whole blocks inside the chunk"), (status = 500, body = ErrorBody, description = "the stored chunk is corrupt")))]
+async fn get_chunk_range(
+    State(s): St,
+    Path(hash): Path<String>,
+    vgrid_trust::caller::JsonQuery(q): vgrid_trust::caller::JsonQuery<RangeQuery>,
+) -> Res<Response> {
+    let h = parse_hash(&hash)?;
+    let z = s.get_chunk_range(&h, q.block, q.offset, q.len).await?;
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, HeaderValue::from_static("application/zstd"))], z).into_response())
 }
 
 #[utoipa::path(head, path = "/store/v1/chunks/{hash}", params(("hash" = String, Path, description = "chunk hash (blake3, hex)", pattern = "^[0-9a-f]{64}$")), responses((status = 200, description = "the chunk is stored")))]

@@ -62,6 +62,10 @@ pub enum StoreError {
         #[source]
         cause: ChunkError,
     },
+    /// A ranged read of a chunk that is not whole blocks inside it (or blocks that are not
+    /// whole BLAKE3 subtrees of it).
+    #[error("{0}")]
+    BadRange(#[source] vgrid_storeclient::tree::TreeError),
     /// Uploaded bytes do not decode to the hash they were uploaded under.
     #[error("uploaded chunk {hash} rejected: {cause}")]
     BadUpload {
@@ -315,6 +319,30 @@ impl ImageStore {
         match r {
             Ok(_) => Ok(z),
             Err(cause) => Err(Self::corrupt(hash, cause)),
+        }
+    }
+
+    /// Bytes `[offset, offset+len)` of a chunk with the chaining values of all of its
+    /// `block`-byte blocks, zstd-compressed ([`vgrid_storeclient::tree::encode_range`]): the
+    /// chunk is read and verified whole, the answer carries only the range. A range that is not
+    /// whole blocks inside the chunk is [`StoreError::BadRange`].
+    pub async fn get_chunk_range(&self, hash: &ChunkHash, block: u32, offset: u32, len: u32) -> Result<Bytes, StoreError> {
+        use vgrid_storeclient::tree;
+        let z = self.read_chunk_object(hash).await?;
+        let h = *hash;
+        // One hashing pass: the block CVs verify the chunk and go into the answer.
+        let r = tokio::task::spawn_blocking(move || {
+            codec::decode_with_blocks(&h, &z, MAX_CHUNK_SIZE as usize, block).map(|(data, cvs)| match cvs {
+                Some(cvs) => tree::encode_range_with(&h, &data, &cvs, block, offset, len),
+                None => Err(tree::TreeError::Geometry { hash: h, block, chunk_len: data.len() as u32 }),
+            })
+        })
+        .await
+        .expect("chunk range task panicked");
+        match r {
+            Err(cause) => Err(Self::corrupt(hash, cause)),
+            Ok(Err(e)) => Err(StoreError::BadRange(e)),
+            Ok(Ok(z)) => Ok(Bytes::from(z)),
         }
     }
 

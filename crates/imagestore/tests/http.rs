@@ -335,3 +335,39 @@ async fn client_retry_rules() {
     assert_eq!(count(), 1);
     task.abort();
 }
+
+#[tokio::test]
+async fn ranged_chunk_reads_are_verified_and_bad_ranges_named() {
+    let s = start().await;
+    let (cs, block) = (65536u32, 4096u32);
+    let data = chunk_data(11, cs as usize);
+    let m = upload_image(&s.client, "img", cs, &[Some(data.clone())]).await;
+    let h = m.disk.chunks[0].unwrap();
+    let r = s.client.chunk_range(&h, cs, block, 3 * block, 2 * block).await.unwrap();
+    assert_eq!(r.data, &data[3 * block as usize..5 * block as usize]);
+    assert_eq!(r.cvs.len(), 16);
+    // The answer carries far fewer bytes than the chunk.
+    let url = format!("{}/store/v1/chunks/{h}/range?offset={}&len={block}&block={block}", s.url, 7 * block);
+    let resp = reqwest::get(&url).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.bytes().await.unwrap().len() < (block as usize + 16 * 32) + 64);
+    // Unaligned, outside the chunk, a bad block size, a missing parameter: 400 naming the chunk.
+    for q in [
+        format!("offset=100&len={block}&block={block}"),
+        format!("offset={cs}&len={block}&block={block}"),
+        "offset=0&len=1000&block=1000".into(),
+    ] {
+        let resp = reqwest::get(format!("{}/store/v1/chunks/{h}/range?{q}", s.url)).await.unwrap();
+        assert_eq!(resp.status(), 400, "{q}");
+        let body: ErrorBody = resp.json().await.unwrap();
+        assert!(body.error.contains(&h.to_hex()), "{q}: {}", body.error);
+    }
+    let resp = reqwest::get(format!("{}/store/v1/chunks/{h}/range?offset=0", s.url)).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    // A chunk the server lacks is a 404 (not "no such endpoint"); a corrupt one is never served.
+    let e = s.client.chunk_range(&ChunkHash::of(b"absent"), cs, block, 0, block).await.unwrap_err();
+    assert!(e.is_not_found() && !e.is_no_such_endpoint(), "{e}");
+    let (_, other) = codec::encode(&chunk_data(12, cs as usize));
+    std::fs::write(s.chunk_file(&h), other).unwrap();
+    assert!(s.client.chunk_range(&h, cs, block, 0, block).await.is_err());
+}

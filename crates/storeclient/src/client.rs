@@ -37,6 +37,11 @@ impl ClientError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, ClientError::NotFound { .. })
     }
+    /// A 404 saying the server has no such endpoint (an older image server), not that the
+    /// object is missing.
+    pub fn is_no_such_endpoint(&self) -> bool {
+        matches!(self, ClientError::NotFound { message, .. } if message.starts_with("no such endpoint"))
+    }
     /// HTTP status of a [`ClientError::Server`] answer.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -312,6 +317,42 @@ impl StoreClient {
                 }
                 Err(e) => {
                     tracing::error!(chunk = %hash, url = %self.base, error = %e, "chunk failed verification");
+                    return Err(ClientError::Corrupt { url: self.base.clone(), hash: *hash, cause: e.to_string() });
+                }
+            }
+        }
+    }
+
+    /// Bytes `[offset, offset+len)` of chunk `hash` (`chunk_len` bytes long, per the manifest),
+    /// whole `block`-byte blocks, verified through the chunk's BLAKE3 tree
+    /// ([`crate::tree::decode_range`]); the answer carries the chaining values of every block.
+    /// An image server without ranged reads answers `NotFound` ("no such endpoint"): see
+    /// [`ClientError::is_no_such_endpoint`].
+    pub async fn chunk_range(
+        &self,
+        hash: &ChunkHash,
+        chunk_len: u32,
+        block: u32,
+        offset: u32,
+        len: u32,
+    ) -> Result<crate::tree::RangeBlocks, ClientError> {
+        let object = format!("chunk {hash}");
+        if let Err(e) = crate::tree::check_range(hash, chunk_len, block, offset, len) {
+            return Err(ClientError::Server { url: self.base.clone(), object, status: 400, message: e.to_string() });
+        }
+        let path = format!("/chunks/{hash}/range?offset={offset}&len={len}&block={block}");
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let resp = self.send(Method::GET, &path, &object, Body::None, true).await?;
+            let z = self.bytes(resp, &object).await?;
+            match crate::tree::decode_range(hash, chunk_len, block, offset, len, &z) {
+                Ok(r) => return Ok(r),
+                Err(e) if tries < 2 => {
+                    tracing::warn!(chunk = %hash, url = %self.base, error = %e, "chunk range failed verification; fetching it again");
+                }
+                Err(e) => {
+                    tracing::error!(chunk = %hash, url = %self.base, error = %e, "chunk range failed verification");
                     return Err(ClientError::Corrupt { url: self.base.clone(), hash: *hash, cause: e.to_string() });
                 }
             }

@@ -37,6 +37,41 @@ pub fn encode(data: &[u8]) -> (ChunkHash, Vec<u8>) {
 /// Decompresses a stored chunk and verifies it against `hash`.
 /// `limit` bounds the decompressed size (the image's chunk size).
 pub fn decode(hash: &ChunkHash, stored: &[u8], limit: usize) -> Result<Vec<u8>, ChunkError> {
+    let data = decompress(hash, stored, limit)?;
+    let actual = ChunkHash::of(&data);
+    if actual != *hash {
+        return Err(ChunkError::HashMismatch { hash: *hash, actual });
+    }
+    Ok(data)
+}
+
+/// [`decode`], also answering the BLAKE3 chaining values of the chunk's `block`-byte blocks
+/// when they are whole subtrees of it ([`crate::tree::geometry_ok`]); the hash is then verified
+/// through them (one hashing pass for both).
+pub fn decode_with_blocks(
+    hash: &ChunkHash,
+    stored: &[u8],
+    limit: usize,
+    block: u32,
+) -> Result<(Vec<u8>, Option<Vec<crate::tree::ChainingValue>>), ChunkError> {
+    let data = decompress(hash, stored, limit)?;
+    if !crate::tree::geometry_ok(block, u32::try_from(data.len()).unwrap_or(u32::MAX)) {
+        let actual = ChunkHash::of(&data);
+        if actual != *hash {
+            return Err(ChunkError::HashMismatch { hash: *hash, actual });
+        }
+        return Ok((data, None));
+    }
+    let cvs = crate::tree::block_cvs(&data, block);
+    let actual = crate::tree::root_of(&cvs);
+    if actual != *hash {
+        return Err(ChunkError::HashMismatch { hash: *hash, actual });
+    }
+    Ok((data, Some(cvs)))
+}
+
+/// The plain bytes of a stored chunk, not verified yet.
+fn decompress(hash: &ChunkHash, stored: &[u8], limit: usize) -> Result<Vec<u8>, ChunkError> {
     // Size the output buffer from the frame header when it states the content size (every
     // chunk written by `encode` does), so a 256 KiB chunk does not allocate `limit` bytes.
     let capacity = match zstd::zstd_safe::get_frame_content_size(stored) {
@@ -44,12 +79,7 @@ pub fn decode(hash: &ChunkHash, stored: &[u8], limit: usize) -> Result<Vec<u8>, 
         Ok(Some(n)) => n as usize,
         _ => limit,
     };
-    let data = zstd::bulk::decompress(stored, capacity).map_err(|source| ChunkError::Decompress { hash: *hash, source })?;
-    let actual = ChunkHash::of(&data);
-    if actual != *hash {
-        return Err(ChunkError::HashMismatch { hash: *hash, actual });
-    }
-    Ok(data)
+    zstd::bulk::decompress(stored, capacity).map_err(|source| ChunkError::Decompress { hash: *hash, source })
 }
 
 /// Verifies that a stored chunk decompresses to at most `limit` bytes hashing to `hash`,
@@ -129,6 +159,19 @@ mod tests {
         let mut two = z.clone();
         two.extend_from_slice(&z);
         assert!(verify(&h, &two, 1 << 20).is_err() && decode(&h, &two, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn decode_with_blocks_verifies_through_the_tree() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+        let (h, z) = encode(&data);
+        let (d, cvs) = decode_with_blocks(&h, &z, 1 << 20, 4096).unwrap();
+        assert_eq!((d, cvs), (data.clone(), Some(crate::tree::block_cvs(&data, 4096))));
+        // Blocks that are not subtrees of it: the plain hash, no chaining values.
+        assert_eq!(decode_with_blocks(&h, &z, 1 << 20, 1000).unwrap().1, None);
+        let (_, other) = encode(&data[..32768]);
+        assert!(matches!(decode_with_blocks(&h, &other, 1 << 20, 4096), Err(ChunkError::HashMismatch { .. })));
+        assert!(matches!(decode_with_blocks(&h, &other, 1 << 20, 1000), Err(ChunkError::HashMismatch { .. })));
     }
 
     #[test]

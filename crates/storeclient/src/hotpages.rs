@@ -15,7 +15,7 @@
 //! then the bytes of the pages sent. A reader knows from the table which pages will come, and
 //! uses each chunk's pages as soon as they are verified.
 
-use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode};
+use crate::tree::{root_of, ChainingValue};
 use std::collections::HashMap;
 use vgrid_api::{Blob, ChunkHash};
 
@@ -48,19 +48,7 @@ fn geometry_ok(page: u32, chunk: u32) -> bool {
 
 /// The chaining value of page `p` (of `page` bytes) within its chunk.
 fn page_cv(p: u32, page: u32, bytes: &[u8]) -> ChainingValue {
-    let mut h = blake3::Hasher::new();
-    h.set_input_offset(p as u64 * page as u64);
-    h.update(bytes);
-    h.finalize_non_root()
-}
-
-/// The root hash of a chunk made of `cvs.len()` (a power of two, at least 2) whole pages.
-fn root_of(cvs: &[ChainingValue]) -> ChunkHash {
-    let mut level: Vec<ChainingValue> = cvs.to_vec();
-    while level.len() > 2 {
-        level = level.chunks(2).map(|p| merge_subtrees_non_root(&p[0], &p[1], Mode::Hash)).collect();
-    }
-    ChunkHash(*merge_subtrees_root(&level[0], &level[1], Mode::Hash).as_bytes())
+    crate::tree::block_cv(p, page, bytes)
 }
 
 /// One chunk of the bundle as [`encode`] takes it: its index in the RAM blob, its plain bytes

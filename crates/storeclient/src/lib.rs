@@ -11,6 +11,8 @@
 //! * [`hotpages`]: hot-page bundles of a saved RAM: encoding and verified decoding.
 //! * [`client`]: [`StoreClient`], the API's client with bounded retries; every chunk it returns
 //!   is verified.
+//! * [`tree`]: BLAKE3 subtrees of a chunk: verify a range of a chunk (ranged reads, hot pages)
+//!   against the chunk's hash.
 //! * [`import`]: [`import_file`] (raw or qcow2 file -> image) and [`export_image`] /
 //!   [`export_blob`] (image -> sparse raw file).
 
@@ -18,6 +20,7 @@ pub mod client;
 pub mod codec;
 pub mod hotpages;
 pub mod import;
+pub mod tree;
 
 pub use client::{ClientError, FetchedChunk, RetryPolicy, StoreClient};
 pub use import::{export_blob, export_image, import_file, ConvertFailure, Format, ImportError, ImportOptions};

@@ -180,3 +180,128 @@ async fn a_fetch_nobody_waits_for_is_abandoned() {
     let got = c.get_or_fetch(&h, 100, Access::Read, move || async move { Ok(d) }).await.unwrap();
     assert_eq!(got.len(), 100);
 }
+
+/// Blocks `first..first+n` of chunk `d` as a source answers them (the CVs of every block).
+fn blocks(d: &[u8], block: u32, first: u32, n: u32) -> vgrid_storeclient::tree::RangeBlocks {
+    let (a, b) = ((first * block) as usize, ((first + n) * block) as usize);
+    vgrid_storeclient::tree::RangeBlocks { cvs: vgrid_storeclient::tree::block_cvs(d, block), data: d[a..b].to_vec() }
+}
+
+fn random(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A partial chunk takes only blocks that verify against the chunk's hash, serves the blocks
+/// present, counts them against the bound, and becomes a cached chunk when complete; partial
+/// chunks do not survive a restart.
+#[test]
+fn partial_chunks_verify_each_block_then_complete() {
+    use vgrid_storeclient::tree::TreeError;
+    let tmp = tempfile::tempdir().unwrap();
+    let c = open(tmp.path(), 1 << 20);
+    let (cs, block) = (16384u32, 4096u32);
+    let d = random(1, cs as usize);
+    let h = ChunkHash::of(&d);
+    let p = c.partial(&h, cs, block).unwrap().unwrap();
+    // A tampered byte, a tampered CV, a CV missing: refused, nothing present.
+    let mut bad = blocks(&d, block, 1, 2);
+    bad.data[block as usize + 5] ^= 1;
+    assert!(matches!(c.put_blocks(&p, 1, &bad), Err(CacheError::CorruptRange(TreeError::BlockMismatch { block: 2, .. }))));
+    let mut bad = blocks(&d, block, 1, 2);
+    bad.cvs[0][3] ^= 1;
+    assert!(matches!(c.put_blocks(&p, 1, &bad), Err(CacheError::CorruptRange(TreeError::TreeMismatch { .. }))));
+    let mut bad = blocks(&d, block, 1, 2);
+    bad.cvs.pop();
+    assert!(matches!(c.put_blocks(&p, 1, &bad), Err(CacheError::CorruptRange(TreeError::Malformed { .. }))));
+    // Good blocks shifted to another place do not verify there either.
+    assert!(c.put_blocks(&p, 0, &blocks(&d, block, 1, 2)).is_err());
+    assert!(!p.has(0, 1) && !p.has(cs - 1, cs));
+    assert_eq!(c.stats().bytes_cached, 0);
+
+    c.put_blocks(&p, 1, &blocks(&d, block, 1, 2)).unwrap();
+    assert!(p.has(block, 3 * block) && p.has(block + 10, block + 20) && !p.has(0, block + 1));
+    assert_eq!(p.missing(0, cs), vec![(0, 1), (3, 1)]);
+    assert_eq!(p.missing(block, 3 * block), vec![]);
+    let mut buf = vec![0u8; 2 * block as usize];
+    p.chunk_file().read_at(&mut buf, block).unwrap();
+    assert_eq!(buf, &d[block as usize..3 * block as usize]);
+    let s = c.stats();
+    assert_eq!((s.bytes_cached, s.chunks_cached), (2 * block as u64, 0));
+    assert!(!c.contains(&h) && c.get(&h).is_none());
+    assert!(Arc::ptr_eq(&p, &c.partial(&h, cs, block).unwrap().unwrap()));
+
+    // The last blocks complete it: a cached chunk, its file renamed into chunks/.
+    c.put_blocks(&p, 0, &blocks(&d, block, 0, 1)).unwrap();
+    c.put_blocks(&p, 3, &blocks(&d, block, 3, 1)).unwrap();
+    assert!(c.contains(&h));
+    let mut all = vec![0u8; cs as usize];
+    c.get(&h).unwrap().read_at(&mut all, 0).unwrap();
+    assert_eq!(all, d);
+    assert_eq!(std::fs::read(c.chunk_path(&h)).unwrap(), d);
+    assert_eq!(std::fs::read_dir(tmp.path().join("tmp")).unwrap().count(), 0);
+    let s = c.stats();
+    assert_eq!((s.bytes_cached, s.chunks_cached), (cs as u64, 1));
+    assert!(c.partial(&h, cs, block).unwrap().is_none());
+
+    // Another partial chunk is gone after a restart; the complete one stays.
+    let d2 = random(2, cs as usize);
+    let h2 = ChunkHash::of(&d2);
+    let p2 = c.partial(&h2, cs, block).unwrap().unwrap();
+    c.put_blocks(&p2, 2, &blocks(&d2, block, 2, 1)).unwrap();
+    assert_eq!(c.stats().bytes_cached, cs as u64 + block as u64);
+    drop((p, p2, c));
+    let c = open(tmp.path(), 1 << 20);
+    let s = c.stats();
+    assert_eq!((s.bytes_cached, s.chunks_cached), (cs as u64, 1));
+    assert_eq!(std::fs::read_dir(tmp.path().join("tmp")).unwrap().count(), 0);
+    assert!(c.get(&h).is_some() && !c.contains(&h2));
+}
+
+/// Partial chunks are evicted least recently used first like chunks (a reader's descriptor
+/// still reads their blocks), and a whole chunk stored replaces its partial one.
+#[test]
+fn partial_chunks_are_evicted_and_superseded_by_whole_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cs, block) = (16384u32, 4096u32);
+    let c = open(tmp.path(), 5 * block as u64);
+    let d: Vec<Vec<u8>> = (0..3).map(|i| random(10 + i, cs as usize)).collect();
+    let h: Vec<ChunkHash> = d.iter().map(|x| ChunkHash::of(x)).collect();
+    let p: Vec<Arc<Partial>> = (0..3).map(|i| c.partial(&h[i], cs, block).unwrap().unwrap()).collect();
+    c.put_blocks(&p[0], 0, &blocks(&d[0], block, 0, 2)).unwrap();
+    let held = p[0].chunk_file();
+    c.put_blocks(&p[1], 0, &blocks(&d[1], block, 0, 2)).unwrap();
+    assert_eq!(c.stats().evictions, 0);
+    // The third partial chunk's blocks pass the bound: the least recent one goes.
+    c.put_blocks(&p[2], 2, &blocks(&d[2], block, 2, 2)).unwrap();
+    let s = c.stats();
+    assert_eq!((s.evictions, s.bytes_cached), (1, 4 * block as u64));
+    assert_eq!(std::fs::read_dir(tmp.path().join("tmp")).unwrap().count(), 2);
+    let mut buf = vec![0u8; 2 * block as usize];
+    held.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, &d[0][..2 * block as usize]);
+    let again = c.partial(&h[0], cs, block).unwrap().unwrap();
+    assert!(!Arc::ptr_eq(&again, &p[0]) && again.missing(0, cs) == vec![(0, 4)]);
+    // Blocks put into an evicted partial chunk still serve its reader, uncounted.
+    c.put_blocks(&p[0], 2, &blocks(&d[0], block, 2, 1)).unwrap();
+    assert!(p[0].has(0, 3 * block));
+    assert_eq!(c.stats().bytes_cached, 4 * block as u64);
+    drop(again);
+
+    // The whole chunk of the second one arrives: its partial file goes, the chunk is cached.
+    c.insert(&h[1], &d[1]).unwrap();
+    assert!(c.contains(&h[1]) && c.partial(&h[1], cs, block).unwrap().is_none());
+    assert!(!c.inner.lock().unwrap().partials.contains_key(&h[1]));
+    let s = c.stats();
+    assert!(s.bytes_cached <= 5 * block as u64, "{s:?}");
+    // Blocks for a superseded partial chunk do not complete it into the index twice.
+    c.put_blocks(&p[1], 2, &blocks(&d[1], block, 2, 2)).unwrap();
+    assert_eq!(c.stats().chunks_cached, 1);
+}

@@ -110,3 +110,31 @@ async fn a_read_whose_client_goes_away_stops_waiting() {
     let s = stats_until(&proxy, "the wait to end with its client", |s| s.waiting_now == 0).await;
     assert_eq!(s.fetch_waits, 1, "{s:?}");
 }
+
+/// A random read (which fetches only the blocks it covers) waits through an outage the same
+/// way, seen waiting for its chunk, and gets the exact bytes once the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_random_read_waits_for_its_blocks_through_an_outage() {
+    let mut f = Fixture::new("rndout").await;
+    let proxy = f.proxy("cache", 1 << 30);
+    let sock = f.path("nbd.sock");
+    let _server = proxy.serve_unix(&sock).unwrap();
+    let u = uri("rndout", &sock);
+    ok("qemu-io", &["-r", "-f", "raw", "-c", "read 0 4k", &u]).await;
+    let fetched = proxy.stats().bytes_fetched;
+    f.server.stop();
+    let off = 7 * CHUNK as usize + 20000;
+    let read = tokio::spawn({
+        let u = u.clone();
+        async move { qemu_io_read(&u, off, 4096).await }
+    });
+    let s = stats_until(&proxy, "the random read waiting for the image server", |s| s.waiting_now > 0).await;
+    assert_eq!((s.waiting[0].chunk, s.waiting[0].hash.clone()), (7, f.manifest.disk.chunks[7].unwrap().to_string()), "{s:?}");
+    assert!(s.waiting[0].error.contains("could not be fetched"), "{s:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    f.server.restart();
+    assert_eq!(read.await.unwrap(), &f.data[off..off + 4096]);
+    let s = proxy.stats();
+    assert!(s.fetch_waits >= 1 && s.waiting_now == 0, "{s:?}");
+    assert!(s.bytes_fetched - fetched < CHUNK as u64 / 2, "the random read fetched its whole chunk: {s:?}");
+}
