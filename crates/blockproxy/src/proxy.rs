@@ -387,6 +387,28 @@ impl BlockProxy {
         })
     }
 
+    /// Chunk `index` of `manifest`'s disk, whole, through the cache, trying the image servers
+    /// once: an outage is an error at once instead of a wait. For composing a snapshot or a
+    /// volume commit over the chunks the guest wrote into (a guest that read only some blocks
+    /// of a chunk left it partial here): such a caller needs the image servers for its upload
+    /// anyway, and must not hold a paused guest for the fetch timeout.
+    pub async fn disk_chunk_once(&self, manifest: &Manifest, index: usize) -> Result<Vec<u8>, ProxyError> {
+        let image = manifest.image_ref();
+        let len = manifest.disk.chunk_len(manifest.chunk_size, index);
+        let Some(hash) = manifest.disk.chunks.get(index).copied().flatten() else {
+            return Ok(vec![0u8; len as usize]);
+        };
+        let file = self
+            .shared
+            .chunk(hash, len, cache::Access::Read)
+            .await
+            .map_err(|e| ProxyError::Read(ReadError::Chunk { image: image.clone(), index: index as u64, hash, source: Box::new(e) }))?;
+        let mut out = vec![0u8; len as usize];
+        file.read_at(&mut out, 0)
+            .map_err(|e| ProxyError::Read(ReadError::Io { image, index: index as u64, hash, source: std::sync::Arc::new(e) }))?;
+        Ok(out)
+    }
+
     /// The whole content of `blob` (a kernel or initrd of `manifest`) read through the cache.
     pub async fn read_blob(&self, manifest: &Manifest, blob: &Blob) -> Result<Vec<u8>, ProxyError> {
         self.read_blob_chunked(manifest, blob, manifest.chunk_size).await

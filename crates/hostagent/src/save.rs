@@ -170,14 +170,14 @@ pub(crate) async fn compose_touched(ctx: &HostCtx, overlay: &Path, parent: &Mani
         if index as usize >= parent.disk.chunks.len() {
             return Err(format!("the overlay holds data past the end of image {}", parent.image_ref()));
         }
-        let len = parent.disk.chunk_len(parent.chunk_size, index as usize);
-        let mut buf = match parent.disk.chunks[index as usize] {
-            Some(h) => {
-                let one = Blob { size: len as u64, chunks: vec![Some(h)] };
-                ctx.proxy().read_blob(parent, &one).await.map_err(|e| e.to_string())?
-            }
-            None => vec![0u8; len as usize],
-        };
+        // The base chunk whole (the guest's reads may have fetched only some of its blocks):
+        // one try of the image servers, which the upload needs anyway; an outage fails the
+        // save now rather than after the fetch timeout with the guest paused.
+        let mut buf = ctx
+            .proxy()
+            .disk_chunk_once(parent, index as usize)
+            .await
+            .map_err(|e| format!("the base of chunk {index} (the image servers are needed to save): {e}"))?;
         compose_chunk(&mut buf, index, parent.chunk_size, &patches, |off, dst| file.read_exact_at(dst, off))
             .map_err(|e| format!("reading {}: {e}", overlay.display()))?;
         touched.insert(index, buf);
