@@ -87,7 +87,7 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
         // Direct kernel boot takes bootindex 0 for its option ROM.
         if matches!(spec.boot, BootSource::Firmware { .. }) { "virtio-blk-pci,drive=vda,bootindex=0" } else { "virtio-blk-pci,drive=vda" },
     ]);
-    a.extend(volume_args(spec, dir));
+    a.extend(volume_args(spec, dir, cache));
     if spec.config.cloud_init.is_some() {
         // The NoCloud seed, read-only, after every other disk: the image stays /dev/vda and
         // the volumes keep their letters.
@@ -126,10 +126,10 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, dir: &Path) -> Vec<String> {
 }
 
 /// The volumes' drives, after the image's: a read-only volume is its export itself; a
-/// read-write one a qcow2 overlay of its own over the export (its writes until committed).
-fn volume_args(spec: &VmSpec, dir: &Path) -> Vec<String> {
+/// read-write one a qcow2 overlay of its own over the export (its writes until committed),
+/// opened with `cache`, the overlays' cache option [`qemu_args`] probed once.
+fn volume_args(spec: &VmSpec, dir: &Path, cache: &str) -> Vec<String> {
     let mut a = Vec::new();
-    let cache = overlay_cache(dir);
     for (i, att, disk) in spec.volumes() {
         let base = format!("volbase{i}");
         let Some(node) = nbd_backing_node(disk, &base) else { continue };
