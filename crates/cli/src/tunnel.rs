@@ -241,8 +241,10 @@ async fn carry(ws: Ws, sw: &Switch, id: LinkId) -> String {
 
 /// Reads frames from the local end for as long as this command runs.
 async fn read_local(end: Arc<End>, sw: Arc<Switch>) {
+    // One buffer for every read (a fresh zeroed 68 KiB per frame cost more than the frame).
+    let mut scratch = vec![0u8; MAX_FRAME];
     loop {
-        match end.recv().await {
+        match end.recv(&mut scratch).await {
             Ok(f) if f.is_empty() => {}
             Ok(f) => {
                 sw.input(LOCAL, f);
@@ -274,10 +276,11 @@ enum End {
 }
 
 impl End {
-    async fn recv(&self) -> std::io::Result<Vec<u8>> {
+    /// The next frame; `scratch` (at least [`MAX_FRAME`] bytes) is the tap's read buffer.
+    async fn recv(&self, scratch: &mut [u8]) -> std::io::Result<Vec<u8>> {
         match self {
             End::Tap(fd) => {
-                let mut buf = vec![0u8; MAX_FRAME];
+                let buf = scratch;
                 loop {
                     let mut g = fd.readable().await?;
                     let r = g.try_io(|fd| {
@@ -289,8 +292,7 @@ impl End {
                         }
                     });
                     if let Ok(r) = r {
-                        buf.truncate(r?);
-                        return Ok(buf);
+                        return Ok(buf[..r?].to_vec());
                     }
                 }
             }

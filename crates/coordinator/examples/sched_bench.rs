@@ -11,6 +11,10 @@
 //! the ads and a warm-up round, per 1,000 hosts. `bench/scheduler` runs it a second time with
 //! 100,000 hosts and one thread.
 
+/// The vgrid binary's allocator (src/main.rs), so the figures are the coordinator's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
