@@ -13,7 +13,7 @@
 //! overlay `volN` (exported by the destination too: a volume's uncommitted writes travel like
 //! the root disk's, over the same committed version); once the mirrors are ready,
 //! `migrate-set-capabilities` (`events`, `auto-converge`, `pause-before-switchover`),
-//! `migrate-set-parameters` (`downtime-limit`: 10 ms first, doubled every 2 s of copying up to
+//! `migrate-set-parameters` (`downtime-limit`: 10 ms first, doubled every 2 s after the first pass up to
 //! the limit asked for, see [`DowntimeSteps`]; `max-bandwidth`, and `tls-creds`: both the disk
 //! and the memory streams are TLS with the two hosts' grid certificates, see
 //! [`crate::tlscreds`]) and `migrate` to `tcp:`. At
