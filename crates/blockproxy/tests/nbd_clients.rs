@@ -20,12 +20,16 @@ const CHUNK: u32 = 64 * 1024;
 const SIZE: usize = 5 * 1024 * 1024 + 12345;
 
 /// An image server in its own runtime on its own thread: `stop` kills it and every
-/// connection it holds, as if its process died.
+/// connection it holds, as if its process died. A stopped server's port stays bound (not
+/// listening: connections are refused) until `restart`: else another test's server, started
+/// meanwhile on port 0, could be given the same port and answer for it with the same chunks
+/// (every fixture's image has the same content), and a read meant to fail would succeed.
 struct ImageServer {
     dir: PathBuf,
     addr: SocketAddr,
     stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    hold: Option<tokio::net::TcpSocket>,
 }
 
 impl ImageServer {
@@ -55,7 +59,7 @@ impl ImageServer {
             rt.shutdown_background();
         });
         let bound = arx.recv().expect("image server thread failed to start");
-        ImageServer { dir: dir.to_path_buf(), addr: bound, stop: Some(stx), thread: Some(thread) }
+        ImageServer { dir: dir.to_path_buf(), addr: bound, stop: Some(stx), thread: Some(thread), hold: None }
     }
     fn url(&self) -> String {
         format!("http://{}", self.addr)
@@ -66,13 +70,30 @@ impl ImageServer {
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+            self.hold = hold_port(self.addr);
         }
     }
     fn restart(&mut self) {
         self.stop();
+        self.hold = None;
         let next = ImageServer::start(&self.dir.clone(), self.addr);
         *self = next;
     }
+}
+
+/// Binds `addr` without listening (retrying while the stopped server's sockets release it);
+/// `None` if it stays taken.
+fn hold_port(addr: SocketAddr) -> Option<tokio::net::TcpSocket> {
+    for _ in 0..100 {
+        let s = tokio::net::TcpSocket::new_v4().ok()?;
+        // Past the stopped server's connections in TIME_WAIT (as its restart binds).
+        let _ = s.set_reuseaddr(true);
+        if s.bind(addr).is_ok() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
 
 impl Drop for ImageServer {

@@ -61,8 +61,8 @@ const MAX_ATTEMPTS_WHILE_FITTING: usize = 1000;
 ///
 /// What every placement reads and little changes (the table, the cache index, the verdict and
 /// expression caches) is behind sharded reader-writer locks: a reader takes only its thread's
-/// shard, so placing threads do not bounce one lock word between cores (with `RwLock`, 2
-/// threads placed 1.6-1.7x what one did; `bench/run scheduler`); a writer takes every shard.
+/// shard, so placing threads do not write one shared lock word on every placement (as the
+/// read side of `RwLock` does); a writer takes every shard.
 pub struct Scheduler {
     inner: ShardedLock<Inner>,
     /// Hosts by cached image (see `CacheIndex`).
