@@ -276,26 +276,23 @@ enum End {
 }
 
 impl End {
-    /// The next frame; `scratch` (at least [`MAX_FRAME`] bytes) is the tap's read buffer.
-    async fn recv(&self, scratch: &mut [u8]) -> std::io::Result<Vec<u8>> {
+    /// The next frame; `buf` (at least [`MAX_FRAME`] bytes) is the tap's read buffer.
+    async fn recv(&self, buf: &mut [u8]) -> std::io::Result<Vec<u8>> {
         match self {
-            End::Tap(fd) => {
-                let buf = scratch;
-                loop {
-                    let mut g = fd.readable().await?;
-                    let r = g.try_io(|fd| {
-                        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-                        if n < 0 {
-                            Err(std::io::Error::last_os_error())
-                        } else {
-                            Ok(n as usize)
-                        }
-                    });
-                    if let Ok(r) = r {
-                        return Ok(buf[..r?].to_vec());
+            End::Tap(fd) => loop {
+                let mut g = fd.readable().await?;
+                let r = g.try_io(|fd| {
+                    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                    if n < 0 {
+                        Err(std::io::Error::last_os_error())
+                    } else {
+                        Ok(n as usize)
                     }
+                });
+                if let Ok(r) = r {
+                    return Ok(buf[..r?].to_vec());
                 }
-            }
+            },
             End::Stream(rd, _) => {
                 let mut rd = rd.lock().await;
                 let mut len = [0u8; 4];
