@@ -90,13 +90,16 @@ impl Export {
 
     /// Chunk files covering `[offset, offset+len)`; `len > 0` and the range inside the disk.
     pub(crate) async fn files(&self, offset: u64, len: u64) -> Result<(u64, Vec<Option<ChunkFile>>), ReadError> {
-        self.files_for(offset, len, false).await
+        self.files_for(offset, len, None).await
     }
 
-    /// [`Export::files`] for one read; `random` (a read that does not continue the previous
-    /// one) of a disk fetches only the blocks of a missing chunk the read covers, so the files
-    /// are good for `[offset, offset+len)` only (see [`Shared::read_range`]).
-    pub(crate) async fn files_for(&self, offset: u64, len: u64, random: bool) -> Result<(u64, Vec<Option<ChunkFile>>), ReadError> {
+    /// [`Export::files`] for one guest read, given `run`: what the connection read
+    /// contiguously just before it (0 for a random read). A miss of a disk's chunk then
+    /// fetches only blocks of it (see [`Shared::read_range`]): those the read covers, plus up
+    /// to `run` bytes past it within its last chunk, so a sequential reader's window doubles as
+    /// it goes, as the kernel's readahead does, instead of every short run fetching whole
+    /// chunks; the files are good for `[offset, offset+len)` only. `None`: whole chunks.
+    pub(crate) async fn files_for(&self, offset: u64, len: u64, run: Option<u64>) -> Result<(u64, Vec<Option<ChunkFile>>), ReadError> {
         if len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size()) {
             return Err(ReadError::OutOfRange { image: self.image.clone(), offset, len, size: self.size() });
         }
@@ -108,7 +111,8 @@ impl Export {
             tracing::trace!(export = %self.name, offset, len, "RAM read");
             self.record_pages(offset, len);
         }
-        let range = (random && !self.ram).then_some((offset, len));
+        let last_end = ((last + 1) * cs).min(self.size());
+        let range = run.filter(|_| !self.ram).map(|run| (offset, len.saturating_add(run).min(last_end - offset)));
         let files = self.shared.blob_chunks(&self.image, self.chunk_size(), &self.blob, first, last, range).await?;
         Ok((first, files))
     }
@@ -206,14 +210,15 @@ impl Export {
         self.copy(first, &files, offset, buf)
     }
 
-    /// Starts fetching the chunks after `end` in the background (readahead), at most
-    /// `readahead_chunks` fetches in flight per export.
-    pub(crate) fn readahead(self: &Arc<Self>, end: u64) {
-        let n = self.shared.config.readahead_chunks as u64;
+    /// Starts fetching the chunks after `end` in the background (readahead) for a reader that
+    /// has read `run` bytes contiguously up to `end`: one chunk ahead per chunk it has read, at
+    /// most `readahead_chunks`, and at most that many fetches in flight per export.
+    pub(crate) fn readahead(self: &Arc<Self>, end: u64, run: u64) {
+        let cs = self.chunk_size() as u64;
+        let n = (self.shared.config.readahead_chunks as u64).min(run / cs);
         if n == 0 || self.ram || end >= self.size() {
             return;
         }
-        let cs = self.chunk_size() as u64;
         let first = end.div_ceil(cs);
         let last = (first + n).min(self.blob.chunks.len() as u64);
         for idx in first..last {

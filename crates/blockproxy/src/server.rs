@@ -554,20 +554,20 @@ impl Conn {
         }
     }
 
-    /// Answers a read; `random`: it does not continue the previous read (see
+    /// Answers a read; `run`: the bytes the connection read contiguously just before it (see
     /// [`Export::files_for`]).
-    async fn read(&self, cookie: u64, offset: u64, len: u32, df: bool, random: bool) {
+    async fn read(&self, cookie: u64, offset: u64, len: u32, df: bool, run: u64) {
         let t0 = std::time::Instant::now();
-        self.read_inner(cookie, offset, len, df, random).await;
+        self.read_inner(cookie, offset, len, df, run).await;
         crate::metrics::nbd_read(len, t0.elapsed());
     }
 
-    async fn read_inner(&self, cookie: u64, offset: u64, len: u32, df: bool, random: bool) {
+    async fn read_inner(&self, cookie: u64, offset: u64, len: u32, df: bool, run: u64) {
         if let Some(data) = self.export.hot_read(offset, len as u64).await {
             self.reply_data(cookie, offset, &data).await;
             return;
         }
-        let (first, files) = match self.export.files_for(offset, len as u64, random).await {
+        let (first, files) = match self.export.files_for(offset, len as u64, Some(run)).await {
             Ok(f) => f,
             Err(e) => {
                 self.send(&p::error_reply(self.neg.structured, p::EIO, cookie, &e.to_string())).await;
@@ -580,12 +580,12 @@ impl Conn {
     /// Answers a read in its own task (holding one of the connection's `permit`s); dropped
     /// unanswered if the client goes away meanwhile.
     #[allow(clippy::too_many_arguments)]
-    fn spawn_read(self: &Arc<Self>, permit: tokio::sync::OwnedSemaphorePermit, cookie: u64, offset: u64, len: u32, df: bool, random: bool) {
+    fn spawn_read(self: &Arc<Self>, permit: tokio::sync::OwnedSemaphorePermit, cookie: u64, offset: u64, len: u32, df: bool, run: u64) {
         let c = self.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = c.gone.cancelled() => {}
-                _ = c.read(cookie, offset, len, df, random) => {}
+                _ = c.read(cookie, offset, len, df, run) => {}
             }
             drop(permit);
         });
@@ -724,7 +724,8 @@ where
     });
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT as usize));
     let mut next_expected = u64::MAX;
-    let mut streak = 0u32;
+    // Bytes read contiguously up to `next_expected` (the current sequential run).
+    let mut run = 0u64;
     loop {
         let mut hb = [0u8; p::REQUEST_LEN];
         let r = tokio::select! {
@@ -771,17 +772,14 @@ where
                 conn.send(&p::block_status_reply(req.cookie, &ext)).await;
             }
             Ok(Command::Read { offset, len, df }) => {
-                // A read that continues the previous one is sequential: it fetches whole
-                // chunks; any other fetches only the blocks it covers.
-                let random = offset != next_expected;
-                if offset == next_expected {
-                    streak = streak.saturating_add(1);
-                } else {
-                    streak = 0;
-                }
+                // A read that continues the previous one is sequential: its misses fetch
+                // ahead within their chunk as far as the run so far, and past a chunk of run
+                // whole chunks are read ahead; any other read fetches only the blocks it covers.
+                let before = if offset == next_expected { run } else { 0 };
+                run = before.saturating_add(len as u64);
                 next_expected = offset + len as u64;
-                if streak >= 2 {
-                    export.readahead(next_expected);
+                if before > 0 {
+                    export.readahead(next_expected, run);
                 }
                 // Fast path: a small read of hot pages or of cached chunks is answered inline,
                 // no task (while hot pages load, the read waits for them in its task).
@@ -797,7 +795,7 @@ where
                     }
                 }
                 let Ok(permit) = slots.clone().acquire_owned().await else { break };
-                conn.spawn_read(permit, req.cookie, offset, len, df, random);
+                conn.spawn_read(permit, req.cookie, offset, len, df, before);
             }
             Ok(Command::Cache { offset, len }) => {
                 let Ok(permit) = slots.clone().acquire_owned().await else { break };

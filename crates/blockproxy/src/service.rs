@@ -77,8 +77,8 @@ impl Shared {
     /// through the chunk's BLAKE3 tree, see `cache.rs`), waiting through an outage like
     /// [`Shared::read_chunk`]. The chunk file returned may be partial: read only
     /// `[start, end)` of it. Falls back to the whole chunk when ranges do not apply (a chunk
-    /// not a power of two long, a read of all of it, a whole fetch of it under way, a source
-    /// that serves no ranges).
+    /// not a power of two long, a read of all of it with none of its blocks here, a whole
+    /// fetch of it under way, a source that serves no ranges).
     pub async fn read_range(
         &self,
         image: &ImageRef,
@@ -89,9 +89,13 @@ impl Shared {
         end: u32,
     ) -> Result<ChunkFile, CacheError> {
         let block = self.config.range_block;
-        let whole =
-            block == 0 || !vgrid_storeclient::tree::geometry_ok(block, len) || (start / block == 0 && end.div_ceil(block) >= len / block);
-        if whole {
+        if block == 0 || !vgrid_storeclient::tree::geometry_ok(block, len) {
+            return self.read_chunk(image, index, hash, len).await;
+        }
+        // A read of all of it fetches it whole, unless blocks of it are here already (a
+        // sequential reader reaching a chunk a random read began): then only the rest.
+        let all = start / block == 0 && end.div_ceil(block) >= len / block;
+        if all && !self.cache.has_partial(&hash) {
             return self.read_chunk(image, index, hash, len).await;
         }
         if let Some(f) = self.cache.get(&hash) {

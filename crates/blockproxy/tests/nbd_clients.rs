@@ -593,21 +593,35 @@ async fn sequential_reader_gets_readahead() {
     let proxy = BlockProxy::new(cfg, f.source()).unwrap();
     let sock = f.path("nbd.sock");
     let _server = proxy.serve_unix(&sock).unwrap();
-    // Three consecutive reads of chunks 0, 1, 2 on one connection.
+    // Three consecutive reads of chunks 0, 1, 2 on one connection: from the second on, one
+    // chunk is read ahead per chunk the run has read (2 and 3, then up to 5).
     ok("qemu-io", &["-r", "-f", "raw", "-c", "read 0 64k", "-c", "read 64k 64k", "-c", "read 128k 64k", &uri("seq", &sock)]).await;
-    let ahead: Vec<_> = (3..7).map(|i| f.manifest.disk.chunks[i].unwrap()).collect();
+    let ahead: Vec<_> = (3..6).map(|i| f.manifest.disk.chunks[i].unwrap()).collect();
     for _ in 0..300 {
         if ahead.iter().all(|h| proxy.cache().contains(h)) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(ahead.iter().all(|h| proxy.cache().contains(h)), "chunks 3..7 were not read ahead");
-    assert!(!proxy.cache().contains(&f.manifest.disk.chunks[8].unwrap()), "readahead went past its window");
+    assert!(ahead.iter().all(|h| proxy.cache().contains(h)), "chunks 3..6 were not read ahead");
+    assert!(!proxy.cache().contains(&f.manifest.disk.chunks[6].unwrap()), "readahead went past its window");
     assert_eq!(proxy.stats().prefetched, 4);
+    // A longer run reads ahead at most `readahead_chunks`: a run of five chunks, 20..25 (a new
+    // connection: its first read starts the run), then chunks 25..29.
+    ok("qemu-io", &["-r", "-f", "raw", "-c", "read 1280k 256k", "-c", "read 1536k 64k", &uri("seq", &sock)]).await;
+    let ahead: Vec<_> = (25..29).map(|i| f.manifest.disk.chunks[i].unwrap()).collect();
+    for _ in 0..300 {
+        if ahead.iter().all(|h| proxy.cache().contains(h)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ahead.iter().all(|h| proxy.cache().contains(h)), "chunks 25..29 were not read ahead");
+    assert!(!proxy.cache().contains(&f.manifest.disk.chunks[29].unwrap()), "readahead went past its window");
+    assert_eq!(proxy.stats().prefetched, 8);
     // A random reader gets none.
     ok("qemu-io", &["-r", "-f", "raw", "-c", "read 2M 4k", "-c", "read 1M 4k", "-c", "read 3M 4k", &uri("seq", &sock)]).await;
-    assert_eq!(proxy.stats().prefetched, 4);
+    assert_eq!(proxy.stats().prefetched, 8);
 }
 
 /// The unix socket's mode and group (`serve_unix_with`): a client of that group connects, a
@@ -861,6 +875,14 @@ async fn a_random_read_fetches_only_the_blocks_it_covers() {
     // A random read across two chunks, then the whole image byte for byte.
     let off3 = 8 * c - 2048;
     assert_eq!(qemu_io_read(&u, off3, 4096).await, &f.data[off3..off3 + 4096]);
-    assert_eq!(proxy.stats().bytes_fetched, CHUNK as u64 + 3 * cvs + 2 * (16 * 1024 + cvs));
+    let before = CHUNK as u64 + 3 * cvs + 2 * (16 * 1024 + cvs);
+    assert_eq!(proxy.stats().bytes_fetched, before);
+    // A read of all of chunk 7, whose last block is here, fetches only its first three blocks
+    // (as one range) and completes it.
+    let h7 = f.manifest.disk.chunks[7].unwrap();
+    assert!(!proxy.cache().contains(&h7));
+    assert_eq!(qemu_io_read(&u, 7 * c, c).await, &f.data[7 * c..8 * c]);
+    assert_eq!(proxy.stats().bytes_fetched, before + 3 * 16 * 1024 + cvs);
+    assert!(proxy.cache().contains(&h7));
     nbdcopy_equals(&u, &f.path("out.raw"), &f.data).await;
 }

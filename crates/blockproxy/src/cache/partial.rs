@@ -66,6 +66,11 @@ impl Partial {
 }
 
 impl ChunkCache {
+    /// True when some blocks of chunk `hash` are here as a partial chunk.
+    pub(crate) fn has_partial(&self, hash: &ChunkHash) -> bool {
+        self.inner.lock().unwrap().partials.contains_key(hash)
+    }
+
     /// The partial chunk of `hash` (`len` bytes, fetched in blocks of `block` bytes), made
     /// (an empty sparse file) if there is none; `None` when the chunk is cached whole or a
     /// whole fetch of it is under way (read it whole).
