@@ -141,16 +141,18 @@ impl Coordinator {
 
         self.precheck(owner, quota, &config, req.name.as_deref()).await?;
         let id = req.request_id.as_deref().map(|r| request_vm_id(owner, r)).unwrap_or_else(new_id);
-        let name = req.name.clone().unwrap_or_else(|| format!("{}-{}", manifest.name, &id[3..9]));
-        // A cloud image's hostname is its VM's name unless the request names one.
-        if let Some(ci) = &mut config.cloud_init {
-            ci.hostname.get_or_insert_with(|| vgrid_api::cloudinit::hostname_of(&name));
-        }
+        // A name vgrid makes is the image's and 6 hex digits of the id (24 bits: among
+        // thousands of VMs two meet now and then); taken, it becomes all 12 of them.
+        let mut name = req.name.clone().unwrap_or_else(|| format!("{}-{}", manifest.name, &id[3..9]));
         let admit = Admit { quota: Some(quota.clone()) };
         let mut attempt = 0;
         loop {
             // The interfaces' addresses and MACs are the record's: chosen now, claimed with it.
             let mut config = config.clone();
+            // A cloud image's hostname is its VM's name unless the request names one.
+            if let Some(ci) = &mut config.cloud_init {
+                ci.hostname.get_or_insert_with(|| vgrid_api::cloudinit::hostname_of(&name));
+            }
             self.assign_network_identity(&mut config, &id, owner, attempt).await?;
             let mut rec = VmRecord::new(&id, &name, owner, config, now());
             rec.require = req.require.clone();
@@ -159,6 +161,12 @@ impl Coordinator {
                 Err(CoordinatorError::NetworkIdentityTaken(why)) if attempt + 1 < CAS_RETRIES as u32 => {
                     tracing::debug!(vm = %id, "{why}; choosing again");
                     attempt += 1;
+                }
+                Err(CoordinatorError::Conflict(why))
+                    if req.name.is_none() && name.len() < manifest.name.len() + 13 && why == super::guard::name_taken(&name) =>
+                {
+                    tracing::debug!(vm = %id, "generated name {name} is taken; using the whole id");
+                    name = format!("{}-{}", manifest.name, &id[3..]);
                 }
                 r => return r.map(|(rec, placed)| (rec, placed, preq, opts)),
             }

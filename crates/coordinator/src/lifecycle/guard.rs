@@ -57,7 +57,7 @@ impl Coordinator {
     /// The error for a unique claim (`key`) another VM holds.
     pub(crate) async fn refusal(&self, key: &str) -> CoordinatorError {
         if let Some(name) = key.strip_prefix(&format!("{}name/", claims::CLAIMS)) {
-            return CoordinatorError::Conflict(format!("a VM named {name:?} exists already"));
+            return CoordinatorError::Conflict(name_taken(name));
         }
         for (kind, what) in [("addr", "address"), ("mac", "MAC address")] {
             if let Some(rest) = key.strip_prefix(&format!("{}{kind}/", claims::CLAIMS)) {
@@ -109,4 +109,9 @@ fn fits(host: &str, used: Totals, held: &Held, ad: &vgrid_api::grid::HostAd) -> 
         return full("cpu cores", used.cpu_cores.to_string(), ad.cpu_cap.to_string());
     }
     Ok(())
+}
+
+/// What a create is told when another VM holds the name it asked for (or was given).
+pub(crate) fn name_taken(name: &str) -> String {
+    format!("a VM named {name:?} exists already")
 }

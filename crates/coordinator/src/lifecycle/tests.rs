@@ -399,6 +399,26 @@ async fn only_the_leader_settles_a_lost_hosts_vms_and_a_new_leader_catches_up() 
     assert!(b.is_leader() && !a.is_leader());
 }
 
+/// A name vgrid makes (the image's and 6 hex digits of the id: 24 bits, so among thousands of
+/// VMs two meet now and then) that another VM holds already becomes the image's and the whole
+/// id, not a refusal of a create that named nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_name_taken_already_becomes_the_whole_id() {
+    let (state, cs) = two_on_one_store(ONE_BIG_HOST).await;
+    let rid = "cli-0123456789abcdef";
+    let id = super::admit::request_vm_id("alice", rid);
+    let short = format!("sample-{}", &id[3..9]);
+    let holder = admit(&cs[0], create(Some(&short), 1, None), "bob", &Quota::default()).await.unwrap();
+    let made = admit(&cs[1], VmCreate { request_id: Some(rid.into()), ..create(None, 1, None) }, "alice", &Quota::default()).await.unwrap();
+    assert_eq!((made.id.as_str(), made.name.as_str()), (id.as_str(), format!("sample-{}", &id[3..]).as_str()));
+    assert_eq!(holder.name, short);
+    // A name the request asked for is still refused when taken.
+    let e = admit(&cs[0], create(Some(&short), 1, None), "alice", &Quota::default()).await.unwrap_err();
+    assert_eq!(e.to_string(), format!("a VM named {short:?} exists already"));
+    assert_eq!(state.vms().list_vms().await.unwrap().0.len(), 2);
+    assert_claims_match_records(&state).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_sent_again_with_its_request_id_finds_the_vm_it_made() {
     let (state, cs) = two_on_one_store(ONE_BIG_HOST).await;
