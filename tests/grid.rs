@@ -235,9 +235,10 @@ fn requirements_rank_and_refusals() {
     let v = g.run_vm("sample", "in-nw", &["--require", r#"host.labels.site == "nw""#]);
     assert_eq!(v["host"], "h2");
     let id = v["id"].as_str().unwrap().to_string();
-    // h2 now advertises the image as cached.
+    // h2 now advertises the image as cached, as far as the boot read it: the kernel and
+    // initrd whole, the disk's chunks whole or in part (0.89 of the sample's stored chunks).
     g.wait_until("h2 to advertise its cache", Duration::from_secs(10), || {
-        g.json(&["host", "show", "h2"])["ad"]["image_cache"]["sample@1"].as_f64().unwrap_or(0.0) > 0.9
+        g.json(&["host", "show", "h2"])["ad"]["image_cache"]["sample@1"].as_f64().unwrap_or(0.0) > 0.5
     });
     assert!(g.cli(&["vm", "stop", &id]).status.success());
 

@@ -385,6 +385,17 @@ impl ChunkCache {
         self.inner.lock().unwrap().map.contains_key(hash)
     }
 
+    /// How many of `hashes` are here, in chunks: a chunk cached whole counts 1, a partial chunk
+    /// (fetched in part by random and short sequential reads) the fraction of its bytes present.
+    /// One lock for all of them (no LRU update, no counters).
+    pub fn held<'a>(&self, hashes: impl IntoIterator<Item = &'a ChunkHash>) -> f64 {
+        let g = self.inner.lock().unwrap();
+        hashes
+            .into_iter()
+            .map(|h| if g.map.contains_key(h) { 1.0 } else { g.partials.get(h).map_or(0.0, |e| e.bytes as f64 / e.p.len() as f64) })
+            .sum()
+    }
+
     /// The cached chunk, or `None` on a miss. Counts a hit.
     pub fn get(&self, hash: &ChunkHash) -> Option<ChunkFile> {
         let f = self.lookup(hash)?;

@@ -236,7 +236,8 @@ impl HostCtx {
         }
     }
 
-    /// For each image this host opened, the fraction of its stored chunks in the cache.
+    /// For each image this host opened, the fraction of its stored chunks in the cache (a
+    /// chunk read in part counts the part: a lazily booted image is held as far as it was read).
     fn image_cache(&self) -> std::collections::BTreeMap<String, f64> {
         let images: Vec<(String, Arc<vgrid_api::Manifest>)> =
             self.images.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -244,14 +245,9 @@ impl HostCtx {
         images
             .into_iter()
             .map(|(name, m)| {
-                let (mut total, mut held) = (0u64, 0u64);
-                for h in m.all_chunks() {
-                    total += 1;
-                    if cache.contains(h) {
-                        held += 1;
-                    }
-                }
-                (name, if total == 0 { 1.0 } else { held as f64 / total as f64 })
+                let total = m.all_chunks().count();
+                let held = cache.held(m.all_chunks());
+                (name, if total == 0 { 1.0 } else { held / total as f64 })
             })
             .collect()
     }

@@ -59,6 +59,11 @@ impl Partial {
         runs
     }
 
+    /// The chunk's length in bytes.
+    pub(super) fn len(&self) -> u32 {
+        self.len
+    }
+
     /// The chunk's file, to read blocks that are present (and only those).
     pub(crate) fn chunk_file(&self) -> ChunkFile {
         ChunkFile { file: self.file.clone(), len: self.len }

@@ -257,6 +257,10 @@ fn partial_chunks_verify_each_block_then_complete() {
     let p2 = c.partial(&h2, cs, block).unwrap().unwrap();
     c.put_blocks(&p2, 2, &blocks(&d2, block, 2, 1)).unwrap();
     assert_eq!(c.stats().bytes_cached, cs as u64 + block as u64);
+    // What an image holds of its chunks: the whole one counts 1, the partial one its quarter,
+    // an absent one nothing.
+    let absent = ChunkHash::of(b"absent");
+    assert_eq!(c.held([&h, &h2, &absent]), 1.25);
     drop((p, p2, c));
     let c = open(tmp.path(), 1 << 20);
     let s = c.stats();
