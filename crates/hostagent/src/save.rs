@@ -336,11 +336,23 @@ pub async fn save_vm(ctx: &HostCtx, id: &str, req: &SaveRequest, suspend: bool) 
     }
     let parent_ref = export_of(&vm.spec().disk).ok_or_else(|| fail("its disk is not an image of the block proxy".into()))?;
     let parent = ctx.proxy().resolve(&parent_ref).await?;
+    // The save goes to an image server: its upload session opens before the guest pauses, so
+    // that with none reachable the save is refused at once and the guest never pauses (a
+    // guest waiting on a chunk from the image servers would hold QEMU's pause until its
+    // timeout).
+    let mut up = Upload::begin(&ctx.servers().urls()).await.map_err(|cause| {
+        AgentError::from(SaveError::Upload {
+            id: id.to_string(),
+            image: req.name.clone(),
+            cause: format!("the image servers are needed to save, and none opened an upload: {cause}"),
+        })
+    })?;
     let t0 = Instant::now();
     let captured = match capture(ctx, &vm, &parent).await {
         Ok(c) => c,
         Err(e) => {
             resume_guest(&vm).await;
+            up.abort().await;
             return Err(e);
         }
     };
@@ -353,6 +365,7 @@ pub async fn save_vm(ctx: &HostCtx, id: &str, req: &SaveRequest, suspend: bool) 
                 let _ = std::fs::remove_file(p);
             }
             resume_guest(&vm).await;
+            up.abort().await;
             return Err(e);
         }
     }
@@ -361,7 +374,7 @@ pub async fn save_vm(ctx: &HostCtx, id: &str, req: &SaveRequest, suspend: bool) 
         // A snapshot: the guest goes on while its saved copy uploads.
         resume_guest(&vm).await;
     }
-    let r = upload_image(ctx, id, &req.name, &parent, &captured).await;
+    let r = upload_image(ctx, &mut up, id, &req.name, &parent, &captured).await;
     let _ = std::fs::remove_file(&captured.state_path);
     if let Some(p) = &captured.ram_path {
         let _ = std::fs::remove_file(p);
@@ -434,12 +447,18 @@ async fn capture(ctx: &HostCtx, vm: &Vm, parent: &Manifest) -> Result<Captured, 
     })
 }
 
-/// Uploads the state and the new disk chunks, then commits the manifest. Returns it, the
-/// number of changed disk chunks and the bytes sent.
-async fn upload_image(ctx: &HostCtx, id: &str, name: &str, parent: &Manifest, cap: &Captured) -> Result<(Manifest, u64, u64), AgentError> {
+/// Uploads the state and the new disk chunks in session `up`, then commits the manifest.
+/// Returns it, the number of changed disk chunks and the bytes sent.
+async fn upload_image(
+    ctx: &HostCtx,
+    up: &mut Upload,
+    id: &str,
+    name: &str,
+    parent: &Manifest,
+    cap: &Captured,
+) -> Result<(Manifest, u64, u64), AgentError> {
     let fail = |cause: String| AgentError::from(SaveError::Upload { id: id.to_string(), image: name.to_string(), cause });
-    let mut up = Upload::begin(&ctx.servers().urls()).await.map_err(fail)?;
-    let r = upload_session(ctx, &mut up, name, parent, cap).await;
+    let r = upload_session(ctx, up, name, parent, cap).await;
     match r {
         Ok(v) => Ok(v),
         Err(cause) => {
