@@ -385,6 +385,12 @@ impl ChunkCache {
         self.inner.lock().unwrap().map.contains_key(hash)
     }
 
+    /// True if the chunk is cached or a whole fetch of it is under way (readahead skips it).
+    pub(crate) fn cached_or_coming(&self, hash: &ChunkHash) -> bool {
+        let g = self.inner.lock().unwrap();
+        g.map.contains_key(hash) || g.inflight.contains_key(hash)
+    }
+
     /// How many of `hashes` are here, in chunks: a chunk cached whole counts 1, a partial chunk
     /// (fetched in part by random and short sequential reads) the fraction of its bytes present.
     /// One lock for all of them (no LRU update, no counters).

@@ -223,7 +223,8 @@ impl Export {
         let last = (first + n).min(self.blob.chunks.len() as u64);
         for idx in first..last {
             let Some(hash) = self.blob.chunks[idx as usize] else { continue };
-            if self.shared.cache.contains(&hash) {
+            // Cached, or coming (an earlier read's readahead): no second fetch, no slot taken.
+            if self.shared.cache.cached_or_coming(&hash) {
                 continue;
             }
             let Ok(permit) = self.readahead_slots.clone().try_acquire_owned() else { return };
