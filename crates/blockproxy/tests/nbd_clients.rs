@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
-use vgrid_api::{ImageRef, Manifest};
+use vgrid_api::{ChunkHash, ImageRef, Manifest};
 use vgrid_blockproxy::{BlockProxy, ProxyConfig, StoreSource};
 use vgrid_imagestore::ImageStore;
 use vgrid_storeclient::import::{Format, ImportOptions};
@@ -450,6 +450,17 @@ async fn kernel_blob_materialises_through_the_cache() {
     assert!(std::fs::read(&out).unwrap() == k);
 }
 
+/// True once every chunk of `hashes` is in `proxy`'s cache (background fetches: 30 s at most).
+async fn all_cached_soon(proxy: &BlockProxy, hashes: &[ChunkHash]) -> bool {
+    for _ in 0..300 {
+        if hashes.iter().all(|h| proxy.cache().contains(h)) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// The boot profile of `image` once uploaded (30 s at most).
 async fn uploaded_profile(client: &StoreClient, image: &ImageRef) -> Option<vgrid_api::rest::BootProfile> {
     for _ in 0..300 {
@@ -505,13 +516,7 @@ async fn boot_profile_is_recorded_then_prefetched() {
     let proxy2 = f.proxy("cache2", 1 << 30);
     let _e = proxy2.open_export("bootme").await.unwrap();
     let want: Vec<_> = [25usize, 2, 40, 41].iter().map(|i| f.manifest.disk.chunks[*i].unwrap()).collect();
-    for _ in 0..300 {
-        if want.iter().all(|h| proxy2.cache().contains(h)) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(want.iter().all(|h| proxy2.cache().contains(h)), "profile chunks were not prefetched");
+    assert!(all_cached_soon(&proxy2, &want).await, "profile chunks were not prefetched");
     assert_eq!(proxy2.stats().prefetched, 4);
     let _ = ImageRef { name: String::new(), version: None };
 }
@@ -597,26 +602,14 @@ async fn sequential_reader_gets_readahead() {
     // chunk is read ahead per chunk the run has read (2 and 3, then up to 5).
     ok("qemu-io", &["-r", "-f", "raw", "-c", "read 0 64k", "-c", "read 64k 64k", "-c", "read 128k 64k", &uri("seq", &sock)]).await;
     let ahead: Vec<_> = (3..6).map(|i| f.manifest.disk.chunks[i].unwrap()).collect();
-    for _ in 0..300 {
-        if ahead.iter().all(|h| proxy.cache().contains(h)) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ahead.iter().all(|h| proxy.cache().contains(h)), "chunks 3..6 were not read ahead");
+    assert!(all_cached_soon(&proxy, &ahead).await, "chunks 3..6 were not read ahead");
     assert!(!proxy.cache().contains(&f.manifest.disk.chunks[6].unwrap()), "readahead went past its window");
     assert_eq!(proxy.stats().prefetched, 4);
     // A longer run reads ahead at most `readahead_chunks`: a run of five chunks, 20..25 (a new
     // connection: its first read starts the run), then chunks 25..29.
     ok("qemu-io", &["-r", "-f", "raw", "-c", "read 1280k 256k", "-c", "read 1536k 64k", &uri("seq", &sock)]).await;
     let ahead: Vec<_> = (25..29).map(|i| f.manifest.disk.chunks[i].unwrap()).collect();
-    for _ in 0..300 {
-        if ahead.iter().all(|h| proxy.cache().contains(h)) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ahead.iter().all(|h| proxy.cache().contains(h)), "chunks 25..29 were not read ahead");
+    assert!(all_cached_soon(&proxy, &ahead).await, "chunks 25..29 were not read ahead");
     assert!(!proxy.cache().contains(&f.manifest.disk.chunks[29].unwrap()), "readahead went past its window");
     assert_eq!(proxy.stats().prefetched, 8);
     // A random reader gets none.
@@ -753,7 +746,7 @@ async fn first_restore_reads_pages(f: &Fixture, image: &ImageRef, pages: &[u64])
 async fn second_host_reads_hot_pages(
     f: &Fixture,
     image: &ImageRef,
-    ram_chunks: &[Option<vgrid_api::ChunkHash>],
+    ram_chunks: &[Option<ChunkHash>],
     ram_data: &[u8],
 ) -> (Arc<BlockProxy>, vgrid_blockproxy::ServerHandle, Arc<vgrid_blockproxy::Export>) {
     let mut cfg = ProxyConfig::new(f.path("cache2"), 1 << 30);
