@@ -144,6 +144,7 @@ impl Coordinator {
         // A name vgrid makes is the image's and 6 hex digits of the id (24 bits: among
         // thousands of VMs two meet now and then); taken, it becomes all 12 of them.
         let mut name = req.name.clone().unwrap_or_else(|| format!("{}-{}", manifest.name, &id[3..9]));
+        let long_name = format!("{}-{}", manifest.name, &id[3..]);
         let admit = Admit { quota: Some(quota.clone()) };
         let mut attempt = 0;
         loop {
@@ -163,10 +164,10 @@ impl Coordinator {
                     attempt += 1;
                 }
                 Err(CoordinatorError::Conflict(why))
-                    if req.name.is_none() && name.len() < manifest.name.len() + 13 && why == super::guard::name_taken(&name) =>
+                    if req.name.is_none() && name != long_name && why == super::guard::name_taken(&name) =>
                 {
                     tracing::debug!(vm = %id, "generated name {name} is taken; using the whole id");
-                    name = format!("{}-{}", manifest.name, &id[3..]);
+                    name = long_name.clone();
                 }
                 r => return r.map(|(rec, placed)| (rec, placed, preq, opts)),
             }
