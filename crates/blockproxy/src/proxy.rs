@@ -66,15 +66,7 @@ impl BlockProxy {
         // Chunk files left by an earlier run are checked in the background from now on.
         cache.spawn_verify();
         Ok(Arc::new(BlockProxy {
-            shared: Arc::new(Shared {
-                cache,
-                source,
-                fetch_slots: Arc::new(tokio::sync::Semaphore::new(config.fetch_concurrency.max(1))),
-                config,
-                uploads: Default::default(),
-                hot: Default::default(),
-                waits: Default::default(),
-            }),
+            shared: Arc::new(Shared::new(cache, source, config)),
             manifests_dir,
             exports: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),

@@ -2,6 +2,7 @@
 //! serves requests of each connection concurrently: the reader keeps reading requests while
 //! reads are in flight; replies are written whole under the connection's writer lock.
 
+use crate::busy::Pollers;
 use crate::cache::ChunkFile;
 use crate::error::ProxyError;
 use crate::export::Export;
@@ -233,6 +234,12 @@ async fn sendfile_all<S: ReadyFd>(sock: &S, file: &std::fs::File, offset: u64, l
 }
 
 impl Writer {
+    fn raw_fd(&self) -> std::os::unix::io::RawFd {
+        match self {
+            Writer::Unix(w) => w.as_ref().as_raw_fd(),
+            Writer::Tcp(w) => w.as_ref().as_raw_fd(),
+        }
+    }
     async fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
         match self {
             Writer::Unix(w) => w.write_all(b).await,
@@ -301,7 +308,7 @@ where
     };
     tracing::debug!(peer, export = session.export.name(), structured = session.neg.structured, "client connected");
     let span = tracing::info_span!("nbd", image = %session.export.image(), peer = %peer);
-    transmission(rd, wr, session, peer, token).instrument(span).await;
+    transmission(rd, wr, session, &proxy.shared.pollers, peer, token).instrument(span).await;
 }
 
 /// Negotiates options until the client starts transmission (`Some`) or aborts (`None`).
@@ -708,11 +715,13 @@ fn flatten(pieces: &[Piece], len: usize) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-async fn transmission<R>(mut rd: R, wr: Writer, session: Session, peer: String, token: CancellationToken)
+async fn transmission<R>(mut rd: BufReader<R>, wr: Writer, session: Session, pollers: &Pollers, peer: String, token: CancellationToken)
 where
     R: AsyncRead + Unpin,
 {
     let Session { export, neg } = session;
+    let fd = wr.raw_fd();
+    let mut polling = pollers.connection();
     let broken = token.child_token();
     let conn = Arc::new(Conn {
         writer: tokio::sync::Mutex::new(wr),
@@ -728,11 +737,18 @@ where
     let mut run = 0u64;
     loop {
         let mut hb = [0u8; p::REQUEST_LEN];
-        let r = tokio::select! {
-            biased;
-            _ = broken.cancelled() => break,
-            r = rd.read_exact(&mut hb) => r,
+        // A client that keeps the pace gets its next request read by polling (`busy.rs`).
+        let polled = if rd.buffer().is_empty() { polling.poll(fd, &mut hb).await } else { 0 };
+        let r = if polled == hb.len() {
+            Ok(polled)
+        } else {
+            tokio::select! {
+                biased;
+                _ = broken.cancelled() => break,
+                r = rd.read_exact(&mut hb[polled..]) => r,
+            }
         };
+        polling.arrived();
         if let Err(e) = r {
             if e.kind() != std::io::ErrorKind::UnexpectedEof {
                 tracing::debug!(peer, "connection read failed: {e}");

@@ -27,6 +27,8 @@ pub(crate) struct Shared {
     pub waits: Arc<Waits>,
     /// Chunk fetches in flight at once (`ProxyConfig::fetch_concurrency`; see `wait::try_once`).
     pub fetch_slots: Arc<tokio::sync::Semaphore>,
+    /// Connections busy polling for their next request (`ProxyConfig::busy_poll`).
+    pub pollers: crate::busy::Pollers,
 }
 
 /// A count of uploads under way, and a wake-up when one ends.
@@ -37,6 +39,19 @@ pub(crate) struct Uploads {
 }
 
 impl Shared {
+    pub fn new(cache: Arc<ChunkCache>, source: Arc<dyn ChunkSource>, config: ProxyConfig) -> Shared {
+        Shared {
+            cache,
+            source,
+            fetch_slots: Arc::new(tokio::sync::Semaphore::new(config.fetch_concurrency.max(1))),
+            pollers: crate::busy::Pollers::new(config.busy_poll, config.busy_pollers),
+            config,
+            uploads: Default::default(),
+            hot: Default::default(),
+            waits: Default::default(),
+        }
+    }
+
     /// Fetches (or finds) one chunk through the cache, trying the image servers once (a
     /// prefetch, a pull): an outage is an error at once.
     pub async fn chunk(&self, hash: ChunkHash, len: u32, access: Access) -> Result<ChunkFile, CacheError> {
@@ -372,15 +387,7 @@ mod tests {
         let mem = Arc::new(mem);
         let mut config = ProxyConfig::new(dir, 1 << 30);
         config.range_block = BLOCK;
-        let s = Shared {
-            cache: Arc::new(ChunkCache::open(dir, 1 << 30, 64).unwrap()),
-            source: mem.clone(),
-            fetch_slots: Arc::new(tokio::sync::Semaphore::new(16)),
-            config,
-            uploads: Default::default(),
-            hot: Default::default(),
-            waits: Default::default(),
-        };
+        let s = Shared::new(Arc::new(ChunkCache::open(dir, 1 << 30, 64).unwrap()), mem.clone(), config);
         (Arc::new(s), mem)
     }
 
