@@ -4,9 +4,10 @@
 //! this worker sleeping in `epoll_wait` and being woken again: on this class of machine (a VM,
 //! 2 vCPUs) that sleep and wake cost about as much as the whole request (~20 us of ~45 us).
 //! It is what the kernel's `SO_BUSY_POLL` and the guest's `haltpoll` do one layer down, and is
-//! bounded the same way: a connection polls only while its client keeps the pace (the last
-//! gap was within the window), for at most the window, yielding to the runtime between tries,
-//! and at most [`Pollers::max`] connections of a proxy poll at once.
+//! bounded the same way: a connection polls only while its client keeps the pace ([`STREAK`]
+//! requests in a row came within the window, each alone: a client with several reads in flight
+//! sends batches and is never polled), for at most the window, and at most `max` connections
+//! of a proxy poll at once.
 
 use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,7 +29,7 @@ impl Pollers {
 
     /// The state of one connection.
     pub(crate) fn connection(&self) -> ConnPoll<'_> {
-        ConnPoll { pollers: self, hot: true, since: Instant::now() }
+        ConnPoll { pollers: self, streak: 0, since: Instant::now() }
     }
 }
 
@@ -41,11 +42,19 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// Requests in a row that must come alone and within the window before a connection is polled:
+/// a client with several reads in flight (its requests come in batches) is not, as polling
+/// would only break its batches into single requests and cost it throughput.
+const STREAK: u32 = 4;
+
+/// How often a polling connection tries its socket.
+const TRY_EVERY: Duration = Duration::from_micros(1);
+
 /// Whether one connection's client keeps the pace, and since when it is waited for.
 pub(crate) struct ConnPoll<'a> {
     pollers: &'a Pollers,
-    /// The last request came within the window of the one before: poll for the next.
-    hot: bool,
+    /// Requests in a row that came alone (nothing behind them) within the window.
+    streak: u32,
     /// When the connection started waiting for its next request.
     since: Instant,
 }
@@ -55,10 +64,14 @@ impl ConnPoll<'_> {
     /// buffered reader holds nothing) while the client keeps the pace: returns the bytes read,
     /// `hb.len()` when the whole header came. The caller reads the rest the ordinary way, and
     /// then calls [`ConnPoll::arrived`].
-    pub(crate) async fn poll(&mut self, fd: RawFd, hb: &mut [u8]) -> usize {
+    ///
+    /// The worker thread spins for at most the window (no yield: a yielding task wakes the
+    /// runtime's other workers to steal it, which costs the client the CPU it needs); other
+    /// tasks of this worker wait that long at most, and the other workers are free.
+    pub(crate) fn poll(&mut self, fd: RawFd, hb: &mut [u8]) -> usize {
         self.since = Instant::now();
         let p = self.pollers;
-        if !self.hot || p.window.is_zero() {
+        if self.streak < STREAK || p.window.is_zero() {
             return 0;
         }
         if p.now.fetch_add(1, Ordering::Relaxed) >= p.max {
@@ -82,33 +95,58 @@ impl ConnPoll<'_> {
             if n == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock {
                 return got;
             }
-            if self.since.elapsed() >= p.window {
+            let tried = Instant::now();
+            if tried.duration_since(self.since) >= p.window {
                 return got;
             }
-            // Other tasks of this worker run meanwhile (and its I/O driver is polled).
-            tokio::task::yield_now().await;
+            // Not a syscall per instant: the client's send takes the same socket locks.
+            while tried.elapsed() < TRY_EVERY {
+                std::hint::spin_loop();
+            }
         }
     }
 
-    /// The next request header is here (however it came): the connection keeps polling if it
-    /// came within the window.
-    pub(crate) fn arrived(&mut self) {
-        self.hot = self.since.elapsed() <= self.pollers.window;
+    /// The next request header is here (however it came); `more_buffered`: the caller's
+    /// buffered reader holds bytes after it. The connection is polled for the next once enough
+    /// requests in a row came within the window with nothing behind them.
+    pub(crate) fn arrived(&mut self, fd: RawFd, more_buffered: bool) {
+        let quick = self.since.elapsed() <= self.pollers.window;
+        self.streak = if quick && !more_buffered && !bytes_waiting(fd) { self.streak.saturating_add(1) } else { 0 };
     }
+}
+
+/// Whether the socket `fd` holds unread bytes.
+fn bytes_waiting(fd: RawFd) -> bool {
+    let mut b = 0u8;
+    // SAFETY: a one-byte peek into a local on the connection's open socket.
+    unsafe { libc::recv(fd, (&mut b as *mut u8).cast(), 1, libc::MSG_DONTWAIT | libc::MSG_PEEK) > 0 }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::io::{Read, Write};
     use std::os::unix::io::AsRawFd;
+    use std::os::unix::net::UnixStream;
 
-    #[tokio::test]
-    async fn a_header_sent_within_the_window_is_read_by_polling() {
-        let pollers = Pollers::new(Duration::from_secs(5), 1);
-        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    fn pair() -> (UnixStream, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn a_client_that_keeps_the_pace_is_polled_and_gets_its_header_read() {
+        let pollers = Pollers::new(Duration::from_secs(5), 1);
+        let (a, mut b) = pair();
+        let fd = a.as_raw_fd();
         let mut c = pollers.connection();
+        let mut hb = [0u8; 8];
+        // Requests that come at once and alone: polled from the STREAK-th on.
+        for _ in 0..STREAK {
+            assert_eq!(c.poll(fd, &mut hb), 0, "not polled before the streak");
+            c.arrived(fd, false);
+        }
         let writer = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
             b.write_all(b"0123").unwrap();
@@ -116,51 +154,75 @@ mod tests {
             b.write_all(b"4567").unwrap();
             b
         });
-        let mut hb = [0u8; 8];
-        assert_eq!(c.poll(a.as_raw_fd(), &mut hb).await, 8, "both halves of the header, read by polling");
+        assert_eq!(c.poll(fd, &mut hb), 8, "both halves of the header, read by polling");
         assert_eq!(&hb, b"01234567");
-        c.arrived();
-        assert!(c.hot, "it came within the window");
         assert_eq!(pollers.now.load(Ordering::Relaxed), 0, "the slot is given back");
+        c.arrived(fd, false);
+        assert_eq!(c.streak, STREAK + 1);
         drop(writer.join().unwrap());
-        // The peer closed: polling ends at once with nothing, the ordinary read sees the end.
-        let mut hb = [0u8; 8];
-        assert_eq!(c.poll(a.as_raw_fd(), &mut hb).await, 0);
+        // The peer closed: polling ends at once with nothing; the ordinary read sees the end.
+        assert_eq!(c.poll(fd, &mut hb), 0);
     }
 
-    #[tokio::test]
-    async fn a_slow_client_stops_being_polled_until_it_keeps_the_pace_again() {
+    #[test]
+    fn a_slow_client_is_not_polled_until_it_keeps_the_pace_again() {
         let pollers = Pollers::new(Duration::from_millis(5), 1);
-        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        a.set_nonblocking(true).unwrap();
+        let (a, mut b) = pair();
+        let fd = a.as_raw_fd();
         let mut c = pollers.connection();
+        c.streak = STREAK;
         let mut hb = [0u8; 4];
         let t = Instant::now();
-        assert_eq!(c.poll(a.as_raw_fd(), &mut hb).await, 0, "nothing came within the window");
+        assert_eq!(c.poll(fd, &mut hb), 0, "nothing came within the window");
         assert!(t.elapsed() >= Duration::from_millis(5), "it polled for the whole window");
         std::thread::sleep(Duration::from_millis(10));
-        c.arrived();
-        assert!(!c.hot, "the request came after the window");
-        // Cold: no polling at all, even with the header already there.
+        c.arrived(fd, false);
+        assert_eq!(c.streak, 0, "the request came after the window");
+        // Cold: not polled, even with the header there.
         b.write_all(b"abcd").unwrap();
-        assert_eq!(c.poll(a.as_raw_fd(), &mut hb).await, 0);
-        c.arrived();
-        assert!(c.hot, "this one came at once: poll for the next");
+        assert_eq!(c.poll(fd, &mut hb), 0);
+        (&a).read_exact(&mut hb).unwrap();
+        c.arrived(fd, false);
+        assert_eq!(c.streak, 1, "this one came at once and alone");
     }
 
-    #[tokio::test]
-    async fn only_max_connections_poll_at_once_and_zero_disables() {
+    #[test]
+    fn a_client_with_requests_behind_the_last_is_not_polled() {
         let pollers = Pollers::new(Duration::from_secs(5), 1);
-        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        a.set_nonblocking(true).unwrap();
-        b.write_all(b"abcd").unwrap();
-        let _held = Slot(&pollers.now);
-        pollers.now.fetch_add(1, Ordering::Relaxed);
+        let (a, mut b) = pair();
+        let fd = a.as_raw_fd();
         let mut c = pollers.connection();
         let mut hb = [0u8; 4];
-        assert_eq!(c.poll(a.as_raw_fd(), &mut hb).await, 0, "the one slot is taken");
+        b.write_all(b"headnext").unwrap();
+        c.streak = STREAK;
+        assert_eq!(c.poll(fd, &mut hb), 4);
+        c.arrived(fd, true);
+        assert_eq!(c.streak, 0, "more in the caller's buffer");
+        c.streak = STREAK;
+        assert_eq!(c.poll(fd, &mut hb), 4);
+        assert_eq!(&hb, b"next");
+        b.write_all(b"more").unwrap();
+        c.arrived(fd, false);
+        assert_eq!(c.streak, 0, "more waiting in the socket");
+    }
+
+    #[test]
+    fn only_max_connections_poll_at_once_and_zero_disables() {
+        let pollers = Pollers::new(Duration::from_secs(5), 1);
+        let (a, mut b) = pair();
+        let fd = a.as_raw_fd();
+        b.write_all(b"abcd").unwrap();
+        pollers.now.fetch_add(1, Ordering::Relaxed);
+        let mut c = pollers.connection();
+        c.streak = STREAK;
+        let mut hb = [0u8; 4];
+        assert_eq!(c.poll(fd, &mut hb), 0, "the one slot is taken");
+        pollers.now.fetch_sub(1, Ordering::Relaxed);
+        assert_eq!(c.poll(fd, &mut hb), 4, "and once it is free");
         let off = Pollers::new(Duration::ZERO, 4);
         let mut c = off.connection();
-        assert_eq!(c.poll(a.as_raw_fd(), &mut hb).await, 0, "a zero window never polls");
+        c.streak = STREAK;
+        b.write_all(b"efgh").unwrap();
+        assert_eq!(c.poll(fd, &mut hb), 0, "a zero window never polls");
     }
 }

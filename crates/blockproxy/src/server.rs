@@ -738,7 +738,7 @@ where
     loop {
         let mut hb = [0u8; p::REQUEST_LEN];
         // A client that keeps the pace gets its next request read by polling (`busy.rs`).
-        let polled = if rd.buffer().is_empty() { polling.poll(fd, &mut hb).await } else { 0 };
+        let polled = if rd.buffer().is_empty() { polling.poll(fd, &mut hb) } else { 0 };
         let r = if polled == hb.len() {
             Ok(polled)
         } else {
@@ -748,7 +748,7 @@ where
                 r = rd.read_exact(&mut hb[polled..]) => r,
             }
         };
-        polling.arrived();
+        polling.arrived(fd, !rd.buffer().is_empty());
         if let Err(e) = r {
             if e.kind() != std::io::ErrorKind::UnexpectedEof {
                 tracing::debug!(peer, "connection read failed: {e}");
