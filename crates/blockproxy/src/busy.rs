@@ -87,6 +87,7 @@ impl ConnPoll<'_> {
             if n > 0 {
                 got += n as usize;
                 if got == hb.len() {
+                    crate::metrics::busy_polled();
                     return got;
                 }
                 continue;

@@ -1,6 +1,6 @@
 //! What the block proxy counts for Prometheus (`vgrid_trust::metrics` serves the page): chunk
 //! cache hits and misses, chunk fetches, bytes and fetch latency per image server, NBD reads
-//! and their latency.
+//! and their latency, requests read by busy polling.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -19,6 +19,7 @@ pub(crate) struct Metrics {
     nbd_reads: Counter,
     nbd_read_bytes: Counter,
     nbd_read_seconds: Histogram,
+    nbd_busy_polled: Counter,
 }
 
 pub(crate) fn m() -> &'static Metrics {
@@ -33,6 +34,7 @@ pub(crate) fn m() -> &'static Metrics {
             nbd_reads: Counter::default(),
             nbd_read_bytes: Counter::default(),
             nbd_read_seconds: latency_buckets(),
+            nbd_busy_polled: Counter::default(),
         };
         register("vgrid_chunk_cache_hits", "Chunk lookups served from the host chunk cache", m.hits.clone());
         register("vgrid_chunk_cache_misses", "Chunk lookups that waited for a fetch from an image server", m.misses.clone());
@@ -46,6 +48,11 @@ pub(crate) fn m() -> &'static Metrics {
         register("vgrid_nbd_reads", "NBD read requests answered", m.nbd_reads.clone());
         register("vgrid_nbd_read_bytes", "Bytes answered to NBD reads", m.nbd_read_bytes.clone());
         register("vgrid_nbd_read_seconds", "Latency of NBD reads (request to reply)", m.nbd_read_seconds.clone());
+        register(
+            "vgrid_nbd_busy_polled",
+            "NBD requests read by busy polling (their client kept the pace; ProxyConfig::busy_poll)",
+            m.nbd_busy_polled.clone(),
+        );
         m
     })
 }
@@ -79,4 +86,13 @@ pub(crate) fn nbd_read(len: u32, took: Duration) {
     m.nbd_reads.inc();
     m.nbd_read_bytes.inc_by(len as u64);
     m.nbd_read_seconds.observe(took.as_secs_f64());
+}
+
+pub(crate) fn busy_polled() {
+    m().nbd_busy_polled.inc();
+}
+
+/// NBD requests of this process read by busy polling so far.
+pub fn nbd_busy_polled() -> u64 {
+    m().nbd_busy_polled.get()
 }
