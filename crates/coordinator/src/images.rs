@@ -36,17 +36,16 @@ impl Coordinator {
         Ok(None)
     }
 
-    /// May `user` run VMs from `image`? (An unknown image is left to the caller's 404.)
-    pub async fn check_image_read(&self, image: &str, user: &str, admin: bool) -> Result<(), Refusal> {
-        let Ok(r) = image.parse::<ImageRef>() else { return Ok(()) };
-        match self.image_owner(&r.name).await? {
-            Some(o) if !o.readable_by(user, admin) => Err(Refusal::Forbidden(format!(
-                "image {} belongs to {}; {user} may not run it",
-                r.name,
-                o.owner.as_deref().unwrap_or("nobody (admins only)")
-            ))),
-            _ => Ok(()),
+    /// May `user` run VMs from image `name`, which `server` holds?
+    pub(crate) async fn check_image_read(&self, server: &StoreClient, name: &str, user: &str, admin: bool) -> Result<(), CoordinatorError> {
+        let o = server.owner(name).await.map_err(CoordinatorError::ImageServer)?;
+        if o.readable_by(user, admin) {
+            return Ok(());
         }
+        Err(CoordinatorError::Forbidden(format!(
+            "image {name} belongs to {}; {user} may not run it",
+            o.owner.as_deref().unwrap_or("nobody (admins only)")
+        )))
     }
 
     /// May `user` save a VM as (a new version of) image `name`?

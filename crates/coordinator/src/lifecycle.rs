@@ -464,6 +464,11 @@ impl Coordinator {
 
     /// The manifest of `image` from the first registered image server that has it.
     pub async fn resolve_image(&self, image: &ImageRef) -> Result<Manifest, CoordinatorError> {
+        Ok(self.resolve_image_at(image).await?.0)
+    }
+
+    /// [`Coordinator::resolve_image`], and a client of the image server it came from.
+    pub(crate) async fn resolve_image_at(&self, image: &ImageRef) -> Result<(Manifest, StoreClient), CoordinatorError> {
         let servers = self.registry.image_server_urls();
         if servers.is_empty() {
             return Err(CoordinatorError::NoImageServer);
@@ -472,7 +477,7 @@ impl Coordinator {
         for url in servers {
             let client = StoreClient::new(&url).map_err(CoordinatorError::ImageServer)?;
             match client.manifest(image).await {
-                Ok(m) => return Ok(m),
+                Ok(m) => return Ok((m, client)),
                 Err(e) if e.is_not_found() => {}
                 Err(e) => failure = Some(e),
             }

@@ -95,7 +95,9 @@ impl Coordinator {
         admin: bool,
         quota: &Quota,
     ) -> Result<VmRecord, CoordinatorError> {
-        let manifest = self.resolve_image(config.image()).await?;
+        // One manifest fetch per create: the owner check asks the server it came from.
+        let (manifest, server) = self.resolve_image_at(config.image()).await?;
+        self.check_image_read(&server, &manifest.name, owner, admin).await?;
         self.resolve_volumes(&mut config.volumes, crate::volumes::Asker { user: owner, admin }).await?;
         let (rec, placed, preq, opts) = self.admit_new(req, config, &manifest, owner, quota).await?;
         // The claim is the record's now: from here on only this VM's commits are accepted.
