@@ -337,16 +337,48 @@ async fn list_images(State(s): St, c: Option<axum::Extension<vgrid_trust::caller
 }
 
 #[utoipa::path(get, path = "/store/v1/images/{name}", params(("name" = String, Path, description = "image name", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")), responses((status = 200, body = Manifest, description = "the latest version's manifest")))]
-async fn get_latest(State(s): St, Path(name): Path<String>) -> Res<Json<Manifest>> {
+async fn get_latest(State(s): St, Path(name): Path<String>, headers: HeaderMap) -> Res<Response> {
     let r = parse_ref(&name, None)?;
-    Ok(Json(s.get_manifest(&r).await?))
+    Ok(manifest_response(&headers, &s.get_manifest(&r).await?))
 }
 
 #[utoipa::path(get, path = "/store/v1/images/{name}/{version}", params(("name" = String, Path, description = "image name", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$"), ("version" = u32, Path, description = "image version")), responses((status = 200, body = Manifest)))]
-async fn get_version(State(s): St, Path((name, version)): Path<(String, String)>) -> Res<Json<Manifest>> {
+async fn get_version(State(s): St, Path((name, version)): Path<(String, String)>, headers: HeaderMap) -> Res<Response> {
     let r = parse_ref(&name, Some(&version))?;
-    Ok(Json(s.get_manifest(&r).await?))
+    Ok(manifest_response(&headers, &s.get_manifest(&r).await?))
 }
+
+/// A manifest as JSON, zstd-compressed (`Content-Encoding: zstd`) for a client that accepts
+/// it. Every VM start waits for its image's manifest, whose hex hashes and zero chunks shrink
+/// ~4x so (a warm image's: 131 KB, 31 KB compressed, ~8 ms less at 100 Mbit/s).
+fn manifest_response(headers: &HeaderMap, m: &Manifest) -> Response {
+    let json = match serde_json::to_vec(m) {
+        Ok(j) => j,
+        Err(e) => {
+            return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::INTERNAL, format!("image {}", m.image_ref()), e.to_string())
+                .into_response()
+        }
+    };
+    let json_type = (header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let vary = (header::VARY, HeaderValue::from_static("accept-encoding"));
+    if accepts_zstd(headers) {
+        if let Ok(z) = zstd::bulk::compress(&json, MANIFEST_ZSTD_LEVEL) {
+            return ([json_type, vary, (header::CONTENT_ENCODING, HeaderValue::from_static("zstd"))], z).into_response();
+        }
+    }
+    ([json_type, vary], json).into_response()
+}
+
+/// Whether `Accept-Encoding` lists zstd (and not with `q=0`).
+fn accepts_zstd(headers: &HeaderMap) -> bool {
+    headers.get_all(header::ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|e| {
+        let mut parts = e.split(';').map(str::trim);
+        parts.next().is_some_and(|t| t.eq_ignore_ascii_case("zstd")) && !parts.any(|p| p.replace(' ', "") == "q=0")
+    })
+}
+
+/// zstd level of manifests on the wire (level 1: 131 KB -> 31 KB in well under a millisecond).
+const MANIFEST_ZSTD_LEVEL: i32 = 1;
 
 #[utoipa::path(delete, path = "/store/v1/images/{name}", params(("name" = String, Path, description = "image name", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")), responses((status = 200, body = GcReport, description = "every version removed, unreferenced chunks freed")))]
 async fn delete_all(State(s): St, Path(name): Path<String>) -> Res<Response> {

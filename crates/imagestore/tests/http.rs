@@ -371,3 +371,37 @@ async fn ranged_chunk_reads_are_verified_and_bad_ranges_named() {
     std::fs::write(s.chunk_file(&h), other).unwrap();
     assert!(s.client.chunk_range(&h, cs, block, 0, block).await.is_err());
 }
+
+/// Manifests go zstd-compressed to a client that accepts it (every VM start waits for one),
+/// plain to one that does not or refuses it; the store client asks and decodes.
+#[tokio::test]
+async fn manifests_are_compressed_for_clients_that_accept_zstd() {
+    let s = start().await;
+    let chunks: Vec<Option<Vec<u8>>> = (0..64).map(|i| if i % 3 == 0 { None } else { Some(chunk_data(i, 4096)) }).collect();
+    let m = upload_image(&s.client, "big", CS, &chunks).await;
+    let json = serde_json::to_vec(&m).unwrap();
+    // No automatic decoding here: the bytes on the wire are checked.
+    let http = reqwest::Client::builder().no_zstd().build().unwrap();
+    let url = format!("{}/store/v1/images/big/1", s.url);
+    let get = |accept: Option<&'static str>| {
+        let mut req = http.get(&url);
+        if let Some(a) = accept {
+            req = req.header("accept-encoding", a);
+        }
+        req.send()
+    };
+    let resp = get(Some("gzip, zstd")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-encoding"], "zstd");
+    assert_eq!(resp.headers()["vary"], "accept-encoding");
+    let body = resp.bytes().await.unwrap();
+    assert!(body.len() < json.len(), "{} bytes compressed of {}", body.len(), json.len());
+    assert_eq!(zstd::bulk::decompress(&body, 1 << 20).unwrap(), json);
+    for accept in [None, Some("gzip"), Some("zstd;q=0")] {
+        let resp = get(accept).await.unwrap();
+        assert!(resp.headers().get("content-encoding").is_none(), "{accept:?}");
+        assert_eq!(resp.bytes().await.unwrap(), json, "{accept:?}");
+    }
+    assert_eq!(s.client.manifest(&r("big@1")).await.unwrap(), m);
+    assert_eq!(s.client.manifest(&r("big")).await.unwrap(), m);
+}
