@@ -24,8 +24,10 @@ pub const HOT_PAGE_SIZE: u32 = 4096;
 /// Largest decompressed bundle accepted.
 pub const MAX_HOT_BYTES: usize = 64 << 20;
 const MAGIC: &[u8; 8] = b"VGHOTPG1";
-/// zstd level of a bundle: made once per image, fetched by every restore.
-const LEVEL: i32 = 9;
+/// zstd level of a bundle: made once per image (in the background after the first restore;
+/// 0.44 s of one CPU for a 3 MB bundle), fetched by every later restore before its guest
+/// answers: 7% fewer bytes than level 9 (1.08 against 1.17 MB, the sample's bundle).
+const LEVEL: i32 = 19;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HotPagesError {
