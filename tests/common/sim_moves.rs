@@ -137,6 +137,7 @@ async fn upload_state(sim: &Sim, id: &str, name: &str, parent: &str) -> Result<(
         memory_mib: 256,
         accel: "tcg".into(),
         saved: unix_now(),
+        loader_roms: None,
     };
     let m = Manifest {
         schema: vgrid_api::manifest::SCHEMA_VERSION,

@@ -227,6 +227,12 @@ pub struct StateMeta {
     /// Seconds since the Unix epoch.
     #[serde(default)]
     pub saved: u64,
+    /// The kernel loader ROMs the stream has as RAM blocks (a state of a direct kernel boot),
+    /// which a restoring QEMU must be started with: known from the manifest, a restore starts
+    /// QEMU without waiting for the state's first chunk. `None` (states saved before it was
+    /// recorded): read from that chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loader_roms: Option<Vec<String>>,
 }
 
 impl StateMeta {
@@ -417,8 +423,15 @@ mod tests {
         assert!(m.state.is_none() && !m.is_warm());
         assert!(!String::from_utf8(serde_json::to_vec(&m).unwrap()).unwrap().contains("state"));
         let h = ChunkHash::of(b"state");
-        let meta =
-            StateMeta { qemu_version: "10.0.2".into(), machine: "pc".into(), cpus: 1, memory_mib: 256, accel: "tcg".into(), saved: 1 };
+        let meta = StateMeta {
+            qemu_version: "10.0.2".into(),
+            machine: "pc".into(),
+            cpus: 1,
+            memory_mib: 256,
+            accel: "tcg".into(),
+            saved: 1,
+            loader_roms: None,
+        };
         let warm =
             Manifest { state: Some(SavedState { blob: Blob { size: 5000, chunks: vec![Some(h), None] }, meta, ram: None }), ..m.clone() };
         let back = Manifest::from_json(&serde_json::to_vec(&warm).unwrap()).unwrap();
@@ -430,6 +443,17 @@ mod tests {
     }
 
     #[test]
+    fn loader_roms_are_optional_in_state_meta() {
+        let old = r#"{"qemu_version":"10.0.2","machine":"pc","cpus":1,"memory_mib":256,"accel":"tcg","saved":1}"#;
+        let meta: StateMeta = serde_json::from_str(old).unwrap();
+        assert_eq!(meta.loader_roms, None);
+        assert!(!serde_json::to_string(&meta).unwrap().contains("loader_roms"));
+        let with = StateMeta { loader_roms: Some(vec!["linuxboot_dma.bin".into()]), ..meta };
+        let back: StateMeta = serde_json::from_str(&serde_json::to_string(&with).unwrap()).unwrap();
+        assert_eq!(back, with);
+    }
+
+    #[test]
     fn saved_ram_is_validated_and_counted() {
         let mut m = Manifest::from_json(
             br#"{"schema":1,"name":"x","version":1,"created":0,"chunk_size":4194304,
@@ -437,7 +461,15 @@ mod tests {
         )
         .unwrap();
         let (st, page) = (ChunkHash::of(b"devices"), ChunkHash::of(b"page"));
-        let meta = StateMeta { qemu_version: "10.0.2".into(), machine: "pc".into(), cpus: 1, memory_mib: 8, accel: "tcg".into(), saved: 1 };
+        let meta = StateMeta {
+            qemu_version: "10.0.2".into(),
+            machine: "pc".into(),
+            cpus: 1,
+            memory_mib: 8,
+            accel: "tcg".into(),
+            saved: 1,
+            loader_roms: None,
+        };
         let ram = SavedRam { chunk_size: 4 << 20, blob: Blob { size: 8 << 20, chunks: vec![Some(page), None] } };
         m.state = Some(SavedState { blob: Blob { size: 10, chunks: vec![Some(st)] }, meta, ram: Some(ram) });
         let back = Manifest::from_json(&serde_json::to_vec(&m).unwrap()).unwrap();
@@ -462,8 +494,15 @@ mod tests {
 
     #[test]
     fn state_meta_explains_incompatibility() {
-        let meta =
-            StateMeta { qemu_version: "10.0.2".into(), machine: "pc".into(), cpus: 2, memory_mib: 512, accel: "tcg".into(), saved: 0 };
+        let meta = StateMeta {
+            qemu_version: "10.0.2".into(),
+            machine: "pc".into(),
+            cpus: 2,
+            memory_mib: 512,
+            accel: "tcg".into(),
+            saved: 0,
+            loader_roms: None,
+        };
         assert_eq!(meta.incompatibility(2, 512, "10.0.7"), None);
         let e = meta.incompatibility(1, 256, "10.0.2").unwrap();
         assert!(e.contains("--cpus 2 --memory 512"), "{e}");

@@ -30,6 +30,8 @@ struct Inner {
     page_size: u64,
     /// The pages the bundle's table announced (`None`: the table has not arrived).
     announced: Option<HashSet<u64>>,
+    /// The same pages in the table's order (chunks in the order the first guest touched them).
+    order: Vec<u64>,
     pages: HashMap<u64, bytes::Bytes>,
     /// No more pages will come (all arrived, or the load failed or was dropped).
     done: bool,
@@ -88,6 +90,17 @@ impl HotState {
         }
         self.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         HotRead::Data(out)
+    }
+
+    /// The announced pages in the bundle's order, with the page size, once the table is in.
+    pub(crate) fn announced(&self) -> Option<(u64, Vec<u64>)> {
+        let g = self.inner.lock().unwrap();
+        g.announced.as_ref().map(|_| (g.page_size, g.order.clone()))
+    }
+
+    /// Whether no more pages will come.
+    pub(crate) fn ended(&self) -> bool {
+        self.inner.lock().unwrap().done
     }
 
     /// Pages loaded, once the load has ended.
@@ -171,6 +184,7 @@ pub(crate) async fn load(
                 st2.update(|g| {
                     g.page_size = ps as u64;
                     g.announced = Some(announced.iter().copied().collect());
+                    g.order = announced.to_vec();
                 })
             },
             |pages| st2.update(|g| g.pages.extend(pages)),
@@ -277,14 +291,25 @@ mod tests {
 
     const CS: u32 = 65536;
 
-    /// A warm image whose bundle sends its table and first chunk, then nothing more.
-    struct Stalling {
+    /// A warm image whose bundle is `bundle` (then nothing more when `stall`: a bundle cut
+    /// short stalls); keeps what is uploaded to it.
+    struct Warm {
         manifest: Manifest,
         chunks: Vec<Vec<u8>>,
-        first_part: Vec<u8>,
+        bundle: Vec<u8>,
+        stall: bool,
+        hot_pages: u64,
+        put_bundles: std::sync::Mutex<Vec<bytes::Bytes>>,
+        put_profiles: std::sync::Mutex<Vec<BootProfile>>,
     }
 
-    impl ChunkSource for Stalling {
+    impl Warm {
+        fn new(manifest: Manifest, chunks: Vec<Vec<u8>>, bundle: Vec<u8>, stall: bool, hot_pages: u64) -> Arc<Warm> {
+            Arc::new(Warm { manifest, chunks, bundle, stall, hot_pages, put_bundles: Default::default(), put_profiles: Default::default() })
+        }
+    }
+
+    impl ChunkSource for Warm {
         fn manifest<'a>(&'a self, _: &'a ImageRef) -> BoxFuture<'a, Result<Manifest, SourceError>> {
             Box::pin(async move { Ok(self.manifest.clone()) })
         }
@@ -298,24 +323,31 @@ mod tests {
             })
         }
         fn profile<'a>(&'a self, _: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {
-            Box::pin(async { Ok(Some(BootProfile { chunks: vec![], hot_pages: 2 })) })
+            Box::pin(async { Ok(Some(BootProfile { chunks: vec![], hot_pages: self.hot_pages })) })
         }
-        fn put_profile<'a>(&'a self, _: &'a ImageRef, _: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
+        fn put_profile<'a>(&'a self, _: &'a ImageRef, p: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
+            self.put_profiles.lock().unwrap().push(p.clone());
             Box::pin(async { Ok(()) })
         }
         fn hot_pages<'a>(&'a self, _: &'a ImageRef) -> BoxFuture<'a, Result<Option<ByteStream>, SourceError>> {
-            let part = bytes::Bytes::from(self.first_part.clone());
-            Box::pin(async move { Ok(Some(futures::stream::iter([Ok(part)]).chain(futures::stream::pending()).boxed())) })
+            let part = bytes::Bytes::from(self.bundle.clone());
+            let stall = self.stall;
+            Box::pin(async move {
+                let s = futures::stream::iter([Ok(part)]);
+                Ok(Some(if stall { s.chain(futures::stream::pending()).boxed() } else { s.boxed() }))
+            })
+        }
+        fn put_hot_pages<'a>(&'a self, _: &'a ImageRef, bundle: bytes::Bytes) -> BoxFuture<'a, Result<(), SourceError>> {
+            self.put_bundles.lock().unwrap().push(bundle);
+            Box::pin(async { Ok(()) })
         }
         fn describe(&self) -> String {
             "mem".into()
         }
     }
 
-    /// A bundle that stalls half-way: the pages that came are served, a read of an announced
-    /// page that never comes goes to the chunks after the stall limit, not forever.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_stalled_bundle_serves_what_came_and_gives_up_on_the_rest() {
+    /// Two stored 64 KiB chunks of a 1 MiB saved RAM (the rest zero) and a warm manifest.
+    fn warm_image() -> (Manifest, Vec<Vec<u8>>) {
         let chunks: Vec<Vec<u8>> =
             (0..2u8).map(|k| (0..CS as usize).map(|i| (i as u8).wrapping_mul(7) ^ k.wrapping_add(1)).collect()).collect();
         // 1 MiB of RAM: two stored chunks, the rest zero.
@@ -340,13 +372,22 @@ mod tests {
                     memory_mib: 0,
                     accel: "tcg".into(),
                     saved: 0,
+                    loader_roms: None,
                 },
                 ram: None,
             }),
         };
         let mut m = manifest;
-        m.state.as_mut().unwrap().ram = Some(SavedRam { chunk_size: CS, blob: ram.clone() });
+        m.state.as_mut().unwrap().ram = Some(SavedRam { chunk_size: CS, blob: ram });
         m.state.as_mut().unwrap().meta.memory_mib = 1;
+        (m, chunks)
+    }
+
+    /// A bundle that stalls half-way: the pages that came are served, a read of an announced
+    /// page that never comes goes to the chunks after the stall limit, not forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_bundle_serves_what_came_and_gives_up_on_the_rest() {
+        let (m, chunks) = warm_image();
         // The whole bundle (pages 1 of chunk 0 and 3 of chunk 1), cut after chunk 0's part.
         let whole = encode(
             4096,
@@ -364,7 +405,7 @@ mod tests {
         let mut cfg = ProxyConfig::new(tmp.path().join("cache"), 1 << 30);
         cfg.ram_prefetch_concurrency = 0;
         cfg.record_profiles = false;
-        let source = Arc::new(Stalling { manifest: m.clone(), chunks: chunks.clone(), first_part });
+        let source = Warm::new(m.clone(), chunks.clone(), first_part, true, 2);
         let proxy = BlockProxy::new(cfg, source).unwrap();
         let export = proxy.open_export("w@1/ram").await.unwrap();
         // The profile is looked up in the background (at a restore, long before the guest runs).
@@ -374,6 +415,8 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // The table came whole: both pages announced, in the bundle's order (page 16 + 3 later).
+        assert_eq!(proxy.hot_pages_announced(&m.image_ref(), Duration::from_secs(5)).await, Some((4096, vec![1, 19])));
         // Page 1 arrives: served from the bundle, its chunk not fetched.
         let got = export.hot_read(4096, 4096).await.expect("page 1 is hot");
         assert_eq!(&got[..], &chunks[0][4096..8192]);
@@ -391,5 +434,51 @@ mod tests {
         let t0 = Instant::now();
         assert!(export.hot_read(5 * 4096, 4096).await.is_none());
         assert!(t0.elapsed() < Duration::from_millis(500));
+    }
+
+    /// A restore served by hot pages that touches pages its bundle lacks (each a chunk fetch
+    /// while its guest waited) uploads the bundle again with them: its own touch order first,
+    /// then the announced pages it did not touch. A restore that touched only hot pages
+    /// uploads nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restore_that_fetched_pages_beyond_the_bundle_refines_it() {
+        let (m, chunks) = warm_image();
+        // The bundle has pages 1 and 2 of chunk 0.
+        let bundle = encode(4096, CS, &[HotChunk { index: 0, data: &chunks[0], pages: vec![1, 2] }]).unwrap();
+        let restore = |touch: Vec<u64>| {
+            let (m, chunks, bundle) = (m.clone(), chunks.clone(), bundle.clone());
+            async move {
+                let tmp = tempfile::tempdir().unwrap();
+                let mut cfg = ProxyConfig::new(tmp.path().join("cache"), 1 << 30);
+                cfg.ram_prefetch_concurrency = 0;
+                cfg.ram_profile_window = Duration::from_secs(30);
+                let source = Warm::new(m.clone(), chunks, bundle, false, 2);
+                let proxy = BlockProxy::new(cfg, source.clone()).unwrap();
+                let export = proxy.open_export("w@1/ram").await.unwrap();
+                assert_eq!(proxy.hot_pages_announced(&m.image_ref(), Duration::from_secs(5)).await, Some((4096, vec![1, 2])));
+                let mut buf = vec![0u8; 4096];
+                for p in touch {
+                    export.read_at(p * 4096, &mut buf).await.unwrap();
+                }
+                // The guest is gone: the recording ends, its upload is waited for.
+                drop(export);
+                proxy.flush_profiles(Duration::from_secs(10)).await;
+                let bundles = source.put_bundles.lock().unwrap().clone();
+                let profiles = source.put_profiles.lock().unwrap().clone();
+                (bundles, profiles)
+            }
+        };
+        // Page 2 (hot), then 19 (chunk 1's page 3) and 5 (chunk 0, not in the bundle).
+        let (bundles, profiles) = restore(vec![2, 19, 5]).await;
+        assert_eq!(bundles.len(), 1, "one refined bundle");
+        let mut order = Vec::new();
+        let ram = m.state.as_ref().unwrap().ram.clone().unwrap();
+        vgrid_storeclient::hotpages::decode_stream(&bundles[0][..], &ram.blob, CS, |_, t| order = t.to_vec(), |_| {}).unwrap();
+        // Chunks in first-touch order (0, then 1), pages in each as touched: 2, 5, then 1.
+        assert_eq!(order, vec![2, 5, 1, 19]);
+        assert_eq!(profiles.iter().map(|p| p.hot_pages).collect::<Vec<_>>(), vec![4]);
+        // Only hot pages touched: nothing uploaded.
+        let (bundles, profiles) = restore(vec![1, 2, 1]).await;
+        assert!(bundles.is_empty() && profiles.is_empty(), "{} bundles, {} profiles", bundles.len(), profiles.len());
     }
 }

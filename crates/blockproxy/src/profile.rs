@@ -27,6 +27,9 @@ pub(crate) struct Recording {
     /// Ends when its last export closes (a warm image: what its restored guest touched).
     pub(crate) finish_on_close: bool,
     state: Mutex<Option<RecState>>,
+    /// The image's existing profile and the hot pages of it this restore is served (see
+    /// [`Recording::refine`]); `None`: a first recording.
+    refining: Mutex<Option<(BootProfile, Arc<hot::HotState>)>>,
 }
 
 struct RecState {
@@ -52,6 +55,7 @@ impl Recording {
             shared: Arc::downgrade(shared),
             finish_on_close,
             state: Mutex::new(Some(RecState { chunks: Vec::new(), seen: HashSet::new(), pages: Vec::new(), seen_pages: HashSet::new() })),
+            refining: Mutex::new(None),
         });
         tracing::info!(image = %rec.image, "recording boot profile for {} s", rec.window.as_secs());
         let r = rec.clone();
@@ -65,6 +69,17 @@ impl Recording {
     /// Drops the recording without uploading it (the image has a profile already).
     pub(crate) fn cancel(&self) {
         self.state.lock().unwrap().take();
+    }
+
+    /// Makes this recording (of a warm image restored with `profile`'s hot pages) refine that
+    /// profile instead: when it ends, saved-RAM pages this guest touched that the bundle did
+    /// not announce (each cost a chunk fetch while the guest waited) are added to the bundle,
+    /// which is uploaded again with them. A guest does not touch exactly the same pages at
+    /// every restore (the first restore's guest runs slower and allocates differently), so
+    /// the hot pages learn from the restores that follow. Nothing is uploaded when every
+    /// touched page was announced.
+    pub(crate) fn refine(&self, profile: BootProfile, hot: Arc<hot::HotState>) {
+        *self.refining.lock().unwrap() = Some((profile, hot));
     }
 
     pub(crate) fn record(&self, first: u64, last: u64, is_zero: impl Fn(u64) -> bool) {
@@ -106,6 +121,9 @@ impl Recording {
 
     pub(crate) fn finish(&self) {
         let Some(st) = self.state.lock().unwrap().take() else { return };
+        if let Some((profile, hot)) = self.refining.lock().unwrap().take() {
+            return self.finish_refining(st, profile, &hot);
+        }
         if st.chunks.is_empty() {
             tracing::info!(image = %self.image, "no disk reads during the boot profile window; nothing recorded");
             return;
@@ -144,14 +162,92 @@ impl Recording {
             uploads.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             uploads.done.notify_waiters();
         };
+        self.spawn_upload(upload);
+    }
+
+    /// Runs `upload` (counted in the uploads a proxy's shutdown waits for).
+    fn spawn_upload(&self, upload: impl std::future::Future<Output = ()> + Send + 'static) {
         match tokio::runtime::Handle::try_current() {
             Ok(h) => {
                 h.spawn(upload);
             }
             Err(_) => {
                 self.uploads.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                self.uploads.done.notify_waiters();
                 tracing::warn!(image = %self.image, "boot profile dropped: no runtime to upload it")
             }
         }
+    }
+
+    /// The end of a refining recording ([`Recording::refine`]): the hot pages again, this
+    /// restore's touched pages first (in its order) and then those of `profile`'s bundle it
+    /// did not touch, if it touched any the bundle lacked; their chunks are fetched into the
+    /// cache where missing (the bundle is made from whole chunks, to carry their pages'
+    /// chaining values).
+    fn finish_refining(&self, st: RecState, mut profile: BootProfile, hot: &hot::HotState) {
+        let Some(shared) = self.shared.upgrade() else { return };
+        // The bundle's table (kept by the state even once its pages are dropped).
+        let Some((_, announced)) = hot.announced() else { return };
+        let known: HashSet<u64> = announced.iter().copied().collect();
+        let added = st.pages.iter().filter(|p| !known.contains(p)).count();
+        if added == 0 {
+            tracing::debug!(image = %self.image, pages = st.pages.len(), "every RAM page the restored guest touched was a hot page");
+            return;
+        }
+        let mut pages = st.pages;
+        pages.extend(announced.into_iter().filter(|p| !st.seen_pages.contains(p)));
+        let Some(ram) = self.manifest.state.as_ref().and_then(|s| s.ram.clone()) else { return };
+        let (source, manifest, image, uploads) = (self.source.clone(), self.manifest.clone(), self.image.clone(), self.uploads.clone());
+        let conc = shared.config.profile_prefetch_concurrency.max(1);
+        let weak = self.shared.clone();
+        drop(shared);
+        uploads.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let upload = async move {
+            use futures::StreamExt;
+            let per = (ram.chunk_size / vgrid_storeclient::hotpages::HOT_PAGE_SIZE).max(1) as u64;
+            let mut wanted: Vec<u64> = pages.iter().map(|p| p / per).collect();
+            wanted.sort_unstable();
+            wanted.dedup();
+            let fetched = match weak.upgrade() {
+                Some(sh) => {
+                    futures::stream::iter(wanted)
+                        .filter_map(|i| std::future::ready(ram.blob.chunks.get(i as usize).copied().flatten().map(|h| (i, h))))
+                        .map(|(i, h)| {
+                            let (sh, len) = (sh.clone(), ram.blob.chunk_len(ram.chunk_size, i as usize));
+                            async move { sh.cache.contains(&h) || sh.chunk(h, len, crate::cache::Access::Prefetch).await.is_ok() }
+                        })
+                        .buffer_unordered(conc)
+                        .all(std::future::ready)
+                        .await
+                }
+                None => false,
+            };
+            let built = match (fetched, weak.upgrade()) {
+                (true, Some(sh)) => {
+                    let m = manifest.clone();
+                    tokio::task::spawn_blocking(move || hot::build_bundle(&sh.cache, &m, &pages)).await.ok().flatten()
+                }
+                _ => None,
+            };
+            match built {
+                Some((bundle, n)) => {
+                    let len = bundle.len();
+                    match source.put_hot_pages(&image, bundle).await {
+                        Ok(()) => {
+                            tracing::info!(image = %image, pages = n, added, bundle_bytes = len, "hot pages refined: pages this restore had to fetch were added");
+                            profile.hot_pages = n;
+                            if let Err(e) = source.put_profile(&image, &profile).await {
+                                tracing::warn!(image = %image, "boot profile upload failed: {e}");
+                            }
+                        }
+                        Err(e) => tracing::warn!(image = %image, "refined hot pages upload failed (the bundle stays as it was): {e}"),
+                    }
+                }
+                None => tracing::debug!(image = %image, added, "hot pages not refined: their chunks could not all be read"),
+            }
+            uploads.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            uploads.done.notify_waiters();
+        };
+        self.spawn_upload(upload);
     }
 }

@@ -297,12 +297,20 @@ impl BlockProxy {
             let found = shared.source.profile(&image).await;
             match found {
                 Ok(Some(p)) => {
-                    if let Some(rec) = &rec {
-                        rec.cancel();
-                    }
-                    if prefetch && p.hot_pages > 0 {
+                    let hot = if prefetch && p.hot_pages > 0 {
                         // A warm image's hot pages: what its restored guest touches first.
                         shared.load_hot(manifest, p.hot_pages);
+                        shared.hot_state(&image)
+                    } else {
+                        None
+                    };
+                    if let Some(rec) = &rec {
+                        // A warm image restored with hot pages: what it fetches besides them
+                        // refines them; any other image's profile stands.
+                        match hot {
+                            Some(hot) => rec.refine(p.clone(), hot),
+                            None => rec.cancel(),
+                        }
                     }
                     if let (true, Some(export)) = (prefetch, weak.upgrade()) {
                         tracing::info!(image = %image, chunks = p.chunks.len(), hot_pages = p.hot_pages, "prefetching boot profile");
@@ -453,6 +461,34 @@ impl BlockProxy {
     /// loading).
     pub fn hot_pages_loaded(&self, image: &ImageRef) -> Option<usize> {
         self.shared.hot_state(image)?.loaded()
+    }
+
+    /// The pages of warm image `image`'s saved RAM that its hot-page bundle announces, as the
+    /// page size and the page numbers in the bundle's order (chunks in the order the first
+    /// restored guest touched them), waiting up to `wait` for the bundle to start loading (its
+    /// export's opening looks the profile up first) and for its table. `None`: no bundle came
+    /// to load here, or its table did not come in time.
+    pub async fn hot_pages_announced(&self, image: &ImageRef, wait: std::time::Duration) -> Option<(u64, Vec<u64>)> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let st = loop {
+            if let Some(st) = self.shared.hot_state(image) {
+                break st;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        };
+        let mut changes = st.subscribe();
+        loop {
+            if let Some(a) = st.announced() {
+                return Some(a);
+            }
+            if st.ended() {
+                return None;
+            }
+            tokio::time::timeout_at(deadline, changes.changed()).await.ok()?.ok()?;
+        }
     }
 }
 

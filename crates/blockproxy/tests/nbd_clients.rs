@@ -717,7 +717,15 @@ async fn commit_warm(f: &Fixture) -> (Manifest, Vec<u8>) {
     let ram_data = f.data[5 * CHUNK as usize..37 * CHUNK as usize].to_vec();
     m.state = Some(SavedState {
         blob: Blob { size: CHUNK as u64, chunks: vec![f.manifest.disk.chunks[0]] },
-        meta: StateMeta { qemu_version: "10.0.0".into(), machine: "pc".into(), cpus: 1, memory_mib: 2, accel: "tcg".into(), saved: 0 },
+        meta: StateMeta {
+            qemu_version: "10.0.0".into(),
+            machine: "pc".into(),
+            cpus: 1,
+            memory_mib: 2,
+            accel: "tcg".into(),
+            saved: 0,
+            loader_roms: None,
+        },
         ram: Some(SavedRam { chunk_size: CHUNK, blob: Blob { size: 2 << 20, chunks: ram_chunks } }),
     });
     let up = client.begin_upload().await.unwrap();

@@ -54,6 +54,12 @@ async fn launch_admitted(
         progress("fetching saved state");
     }
     let incoming = crate::restore::prepare_incoming(ctx, &id, &manifest, req.config.cpus, req.config.memory_mib, resolved_accel)?;
+    // A saved RAM paged in lazily: its hot pages start coming once the state is here (see
+    // `open_saved_ram`), before the pager and QEMU start; the export is held until QEMU runs.
+    let _ram_export = match &incoming {
+        Some(st) => crate::restore::open_saved_ram(ctx, &manifest, st).await,
+        None => None,
+    };
     progress(if incoming.is_some() { "restoring" } else { "booting" });
     let export = manifest.image_ref().to_string();
     let cgroup = ctx.res.create_group(&id, limits)?;
@@ -76,6 +82,7 @@ async fn launch_admitted(
         }
     };
     if let Some(st) = incoming {
+        crate::restore::prefetch_hot_pages(ctx, &vm, &manifest);
         if let Err(e) = crate::restore::stream_incoming(&vm, st, vgrid_api::host::RESTORE_TIMEOUT).await {
             let _ = vm.kill().await;
             return Err(e);

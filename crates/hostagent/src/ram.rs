@@ -324,6 +324,40 @@ pub async fn start_pager(dir: &Path, nbd_socket: &Path, export: &str, size: u64,
     Ok(file)
 }
 
+/// Pages a run of [`prefetch_pages`] reads at most (one FUSE read request: 128 KiB).
+const PREFETCH_RUN_PAGES: u64 = 32;
+
+/// Reads pages `pages` (numbers of `page`-byte pages, in the order they are wanted) of a
+/// pager file into the page cache, without waiting for them (`POSIX_FADV_WILLNEED`, runs of
+/// consecutive pages merged). A guest's fault on such a page then maps it from the cache
+/// instead of asking the pager (measured ~45 us a page through FUSE, ~0.5 us from the cache).
+///
+/// Only useful once QEMU has opened the file: the pager's FUSE export drops the file's cache
+/// at every open. Returns the number of runs asked for.
+pub fn prefetch_pages(file: &Path, page: u64, pages: &[u64]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(file)?;
+    let mut runs = 0;
+    let mut i = 0;
+    while i < pages.len() {
+        let first = pages[i];
+        let mut n = 1;
+        while i + (n as usize) < pages.len() && n < PREFETCH_RUN_PAGES && pages[i + n as usize] == first + n {
+            n += 1;
+        }
+        // SAFETY: an advice on a descriptor we own; no memory is passed.
+        let r = unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), (first * page) as libc::off_t, (n * page) as libc::off_t, libc::POSIX_FADV_WILLNEED)
+        };
+        if r != 0 {
+            return Err(std::io::Error::from_raw_os_error(r));
+        }
+        runs += 1;
+        i += n as usize;
+    }
+    Ok(runs)
+}
+
 /// Drops the page cache of lazily restored guests' pager files that no mapping uses any more.
 ///
 /// A guest's first write to a page of its privately mapped RAM copies the page out of the
@@ -415,6 +449,20 @@ mod tests {
     fn old_specs_have_anonymous_ram() {
         let b: RamBacking = serde_json::from_str(r#"{"kind":"shared","path":"/x"}"#).unwrap();
         assert_eq!(b, RamBacking::Shared { path: "/x".into() });
+    }
+
+    #[test]
+    fn prefetch_merges_runs_of_consecutive_pages_up_to_a_cap() {
+        use std::os::unix::fs::FileExt;
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("ram");
+        std::fs::File::create(&f).unwrap().write_all_at(&[1u8; PAGE], 99 * PAGE as u64).unwrap();
+        // 3,4,5 | 9 | 8 (not after 9) | 40..80 in runs of 32 and 8.
+        let mut pages = vec![3, 4, 5, 9, 8];
+        pages.extend(40..80);
+        assert_eq!(prefetch_pages(&f, PAGE as u64, &pages).unwrap(), 5);
+        assert_eq!(prefetch_pages(&f, PAGE as u64, &[]).unwrap(), 0);
+        assert!(prefetch_pages(&d.path().join("missing"), PAGE as u64, &[1]).is_err());
     }
 
     #[test]

@@ -528,6 +528,7 @@ async fn upload_session(
         memory_mib: cap.memory_mib,
         accel: cap.accel.clone(),
         saved: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        loader_roms: state_loader_roms(&cap.state_path, cs),
     };
     let m = Manifest {
         schema: vgrid_api::manifest::SCHEMA_VERSION,
@@ -542,6 +543,17 @@ async fn upload_session(
     };
     let m = up.client.commit(&up.id, &m).await.map_err(|e| format!("commit: {e}"))?;
     Ok((m, new_chunks, up.sent_bytes))
+}
+
+/// The kernel loader ROMs of the saved state at `path`, from its first `cs` bytes (where a
+/// restore would look for them, see [`crate::restore::loader_roms`]); `None` if that is no
+/// QEMU migration stream or cannot be read.
+fn state_loader_roms(path: &Path, cs: u32) -> Option<Vec<String>> {
+    let file = crate::qemu_user::open_file(path).ok()?;
+    let len = file.metadata().ok()?.len().min(cs as u64) as usize;
+    let mut head = vec![0u8; len];
+    file.read_exact_at(&mut head, 0).ok()?;
+    head.starts_with(b"QEVM").then(|| crate::restore::loader_roms(&head))
 }
 
 /// Uploads the file at `path` (`size` bytes) as a blob of `cs`-byte chunks, in batches;
@@ -611,6 +623,26 @@ pub fn is_saving(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_saved_state_records_its_loader_roms_for_the_manifest() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = b"QEVM\x00\x00\x00\x03".to_vec();
+        for name in ["pc.ram", "/rom@genroms/linuxboot_dma.bin"] {
+            s.push(name.len() as u8);
+            s.extend_from_slice(name.as_bytes());
+            s.extend_from_slice(&65536u64.to_be_bytes());
+        }
+        let state = d.path().join("state");
+        std::fs::write(&state, &s).unwrap();
+        assert_eq!(state_loader_roms(&state, 256 * 1024), Some(vec!["linuxboot_dma.bin".to_string()]));
+        // A firmware boot's stream: recorded as none. Not a QEMU stream, or no file: unknown.
+        std::fs::write(&state, b"QEVM\x00\x00\x00\x03\x06pc.ram").unwrap();
+        assert_eq!(state_loader_roms(&state, 256 * 1024), Some(vec![]));
+        std::fs::write(&state, b"not a stream").unwrap();
+        assert_eq!(state_loader_roms(&state, 256 * 1024), None);
+        assert_eq!(state_loader_roms(&d.path().join("missing"), 256 * 1024), None);
+    }
 
     fn map(json: &str) -> Vec<MapEntry> {
         serde_json::from_str(json).unwrap()

@@ -137,6 +137,7 @@ async fn warm_image_state_chunks_are_checked_kept_and_freed_with_it() {
         memory_mib: 256,
         accel: "tcg".into(),
         saved: 0,
+        loader_roms: None,
     };
     let mut warm = manifest("warm", 0, vec![Some(base), Some(changed)]);
     warm.parent = Some(parent.image_ref());
