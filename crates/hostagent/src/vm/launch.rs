@@ -31,17 +31,7 @@ impl Vm {
         spec.config.accel = Some(accel);
         let dir = runtime::prepare(&spec.id, runtime_dir.as_ref(), opts.run_as.is_some())?;
         make_paths_absolute(&mut spec)?;
-        let overlay = dir.join(OVERLAY_FILE);
-        if !(opts.reuse_overlay && overlay.exists()) {
-            create_overlay(&spec.id, &opts.qemu_img, &spec.disk, &overlay).await?;
-        }
-        for (i, att, disk) in spec.volumes() {
-            let o = runtime::volume_overlay(&dir, i);
-            let kept = opts.reuse_overlay && o.exists();
-            if !att.readonly && !kept {
-                create_overlay(&spec.id, &opts.qemu_img, disk, &o).await?;
-            }
-        }
+        create_overlays(&spec, &dir, opts.reuse_overlay, &opts.qemu_img).await?;
         if let Some(c) = &spec.config.cloud_init {
             let seed = dir.join(runtime::SEED_FILE);
             crate::cloudinit::write_seed(&seed, &spec.id, c, crate::cloudinit::has_staging(&spec))
@@ -143,6 +133,15 @@ impl Vm {
         Ok(Vm::running(spec, accel, dir, pid, qmp, exit_rx, opts, true))
     }
 
+    /// Creates `spec`'s qcow2 overlays in the runtime directory `dir` (which exists) ahead of
+    /// [`Vm::launch_with`], which then keeps them (`reuse_overlay`): a restore makes them while
+    /// its RAM pager starts, two processes that need nothing of each other.
+    pub(crate) async fn create_overlays_ahead(spec: &VmSpec, dir: &Path, opts: &LaunchOptions) -> Result<(), VmError> {
+        let mut spec = spec.clone();
+        make_paths_absolute(&mut spec)?;
+        create_overlays(&spec, dir, false, &opts.qemu_img).await
+    }
+
     /// The `Vm` of a QEMU that runs with QMP connected (launched here, or `adopted`).
     #[allow(clippy::too_many_arguments)]
     fn running(
@@ -157,6 +156,22 @@ impl Vm {
     ) -> Vm {
         Vm { spec, accel, dir, pid, qmp, exit, console: tokio::sync::Mutex::new(None), kill_on_drop: opts.kill_on_drop, adopted }
     }
+}
+
+/// The disk's overlay and each read-write volume's (existing ones kept when `reuse`).
+async fn create_overlays(spec: &VmSpec, dir: &Path, reuse: bool, qemu_img: &Path) -> Result<(), VmError> {
+    let overlay = dir.join(OVERLAY_FILE);
+    if !(reuse && overlay.exists()) {
+        create_overlay(&spec.id, qemu_img, &spec.disk, &overlay).await?;
+    }
+    for (i, att, disk) in spec.volumes() {
+        let o = runtime::volume_overlay(dir, i);
+        let kept = reuse && o.exists();
+        if !att.readonly && !kept {
+            create_overlay(&spec.id, qemu_img, disk, &o).await?;
+        }
+    }
+    Ok(())
 }
 
 async fn create_overlay(id: &str, qemu_img: &Path, disk: &DiskSource, overlay: &Path) -> Result<(), VmError> {
