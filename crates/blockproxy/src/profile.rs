@@ -133,9 +133,7 @@ impl Recording {
         let source = self.source.clone();
         let manifest = self.manifest.clone();
         let image = self.image.clone();
-        let uploads = self.uploads.clone();
         let pages = st.pages;
-        uploads.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let upload = async move {
             // A warm image: the RAM pages its guest touched go as a bundle of pages, and the
             // profile keeps only the disk's chunks (the RAM chunks stay the fallback).
@@ -159,24 +157,24 @@ impl Recording {
                 Ok(()) => tracing::info!(image = %image, chunks = profile.chunks.len(), "boot profile uploaded"),
                 Err(e) => tracing::warn!(image = %image, "boot profile upload failed: {e}"),
             }
-            uploads.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            uploads.done.notify_waiters();
         };
         self.spawn_upload(upload);
     }
 
-    /// Runs `upload` (counted in the uploads a proxy's shutdown waits for).
+    /// Runs `upload` in the background, counted from now in the uploads a proxy's shutdown
+    /// waits for.
     fn spawn_upload(&self, upload: impl std::future::Future<Output = ()> + Send + 'static) {
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => {
-                h.spawn(upload);
-            }
-            Err(_) => {
-                self.uploads.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                self.uploads.done.notify_waiters();
-                tracing::warn!(image = %self.image, "boot profile dropped: no runtime to upload it")
-            }
-        }
+        let Ok(h) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(image = %self.image, "boot profile dropped: no runtime to upload it");
+            return;
+        };
+        let uploads = self.uploads.clone();
+        uploads.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        h.spawn(async move {
+            upload.await;
+            uploads.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            uploads.done.notify_waiters();
+        });
     }
 
     /// The end of a refining recording ([`Recording::refine`]): the hot pages again, this
@@ -197,11 +195,10 @@ impl Recording {
         let mut pages = st.pages;
         pages.extend(announced.into_iter().filter(|p| !st.seen_pages.contains(p)));
         let Some(ram) = self.manifest.state.as_ref().and_then(|s| s.ram.clone()) else { return };
-        let (source, manifest, image, uploads) = (self.source.clone(), self.manifest.clone(), self.image.clone(), self.uploads.clone());
+        let (source, manifest, image) = (self.source.clone(), self.manifest.clone(), self.image.clone());
         let conc = shared.config.profile_prefetch_concurrency.max(1);
         let weak = self.shared.clone();
         drop(shared);
-        uploads.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let upload = async move {
             use futures::StreamExt;
             let per = (ram.chunk_size / vgrid_storeclient::hotpages::HOT_PAGE_SIZE).max(1) as u64;
@@ -245,8 +242,6 @@ impl Recording {
                 }
                 None => tracing::debug!(image = %image, added, "hot pages not refined: their chunks could not all be read"),
             }
-            uploads.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            uploads.done.notify_waiters();
         };
         self.spawn_upload(upload);
     }

@@ -48,8 +48,12 @@ pub(crate) async fn state_loader_roms(ctx: &HostCtx, manifest: &Manifest, state:
     }
     let first = state.chunks.first()?.as_ref()?;
     let one = Blob { size: state.size.min(manifest.chunk_size as u64), chunks: vec![Some(*first)] };
-    let head = ctx.proxy().read_blob(manifest, &one).await.ok()?;
-    head.starts_with(b"QEVM").then(|| loader_roms(&head))
+    stream_loader_roms(&ctx.proxy().read_blob(manifest, &one).await.ok()?)
+}
+
+/// [`loader_roms`] of `head` if it begins a QEMU migration stream, `None` otherwise.
+pub(crate) fn stream_loader_roms(head: &[u8]) -> Option<Vec<String>> {
+    head.starts_with(b"QEVM").then(|| loader_roms(head))
 }
 
 /// Chunks of the state fetched per request batch while streaming it into QEMU.
@@ -69,8 +73,8 @@ pub(crate) struct IncomingState {
     ram_apart: bool,
     batches: tokio::sync::mpsc::Receiver<Result<Vec<u8>, AgentError>>,
     fetcher: tokio::task::JoinHandle<()>,
-    /// Becomes true once the fetcher has ended (every batch fetched, or a fetch failed), or
-    /// has filled the batches ahead of QEMU.
+    /// True once the fetcher has filled the batches ahead of QEMU; closed once it has ended
+    /// (every batch fetched, or a fetch failed): either ends a wait for it.
     fetched: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -115,7 +119,6 @@ pub(crate) fn prepare_incoming(
     let m = manifest.clone();
     let fetcher = tokio::spawn(async move {
         use futures::StreamExt;
-        let done = DropSignal(done_tx);
         let mut batches = futures::stream::iter(parts)
             .map(|part| {
                 let (proxy, m) = (proxy.clone(), m.clone());
@@ -126,7 +129,7 @@ pub(crate) fn prepare_incoming(
             let stop = b.is_err();
             if tx.capacity() == 0 {
                 // As much as may wait for QEMU is here (a large state streams as QEMU reads).
-                let _ = done.0.send(true);
+                let _ = done_tx.send(true);
             }
             if tx.send(b).await.is_err() || stop {
                 return;
@@ -141,15 +144,6 @@ pub(crate) fn prepare_incoming(
         fetcher,
         fetched,
     }))
-}
-
-/// Sends `true` when dropped (however the task holding it ends).
-struct DropSignal(tokio::sync::watch::Sender<bool>);
-
-impl Drop for DropSignal {
-    fn drop(&mut self) {
-        let _ = self.0.send(true);
-    }
 }
 
 /// Feeds a state into `vm` (started with `-incoming defer`) while it arrives: QEMU listens on

@@ -553,7 +553,7 @@ fn state_loader_roms(path: &Path, cs: u32) -> Option<Vec<String>> {
     let len = file.metadata().ok()?.len().min(cs as u64) as usize;
     let mut head = vec![0u8; len];
     file.read_exact_at(&mut head, 0).ok()?;
-    head.starts_with(b"QEVM").then(|| crate::restore::loader_roms(&head))
+    crate::restore::stream_loader_roms(&head)
 }
 
 /// Uploads the file at `path` (`size` bytes) as a blob of `cs`-byte chunks, in batches;
