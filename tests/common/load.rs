@@ -9,7 +9,7 @@ use super::figures;
 use super::sim::{Sim, SimSpec};
 use super::simgrid::SimGrid;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -246,6 +246,16 @@ async fn watch_two_places(sims: Vec<Sim>, stop: Arc<AtomicBool>) -> Vec<String> 
     seen
 }
 
+/// The lines of `log` that name a VM id (`vm-` and 12 hex digits) found in `errors`.
+fn lines_naming(log: &str, errors: &[String]) -> String {
+    let ids: HashSet<&str> = errors
+        .iter()
+        .flat_map(|e| e.match_indices("vm-").map(move |(i, _)| &e[i..(i + 15).min(e.len())]))
+        .filter(|id| id.len() == 15 && id[3..].bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect();
+    log.lines().filter(|l| ids.iter().any(|id| l.contains(id))).collect::<Vec<_>>().join("\n")
+}
+
 /// Appends the coordinator's (seconds, RSS KiB, fds) to `into` every second until `stop`.
 fn sample(pid: u32, into: Arc<Mutex<Vec<(f64, u64, usize)>>>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
@@ -325,7 +335,13 @@ pub fn load(scenario: &str, hosts: usize, clients: usize, per_client: usize, dur
     let samples = samples.lock().unwrap().clone();
     let two_places = g.rt.block_on(two_places).unwrap();
     let errors = std::mem::take(&mut *l.errors.lock().unwrap());
-    assert!(errors.is_empty(), "{} requests or steps failed, e.g. {:#?}", errors.len(), &errors[..errors.len().min(8)]);
+    assert!(
+        errors.is_empty(),
+        "{} requests or steps failed, e.g. {:#?}\ncoordinator log lines of those VMs:\n{}",
+        errors.len(),
+        &errors[..errors.len().min(8)],
+        lines_naming(&g.logs(), &errors[..errors.len().min(8)])
+    );
     assert!(two_places.is_empty(), "VMs ran at two places: {:?}", &two_places[..two_places.len().min(5)]);
     let accounted = check_end(&g);
     report(

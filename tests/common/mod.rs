@@ -54,6 +54,12 @@ pub fn vgrid_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vgrid"))
 }
 
+/// The `RUST_LOG` of the roles a test starts: `info`, or `VGRID_TEST_LOG` (e.g.
+/// `vgrid_coordinator=debug,info` to follow a flaky test's VMs).
+pub fn role_log_level() -> String {
+    std::env::var("VGRID_TEST_LOG").unwrap_or_else(|_| "info".to_string())
+}
+
 /// A running `vgrid up` in a temporary data directory; stopped (SIGTERM, then SIGKILL) on drop.
 pub struct Up {
     pub child: Option<Child>,
@@ -369,7 +375,7 @@ impl Role {
         }
         let mut child = cmd
             .args(&args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", role_log_level())
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))

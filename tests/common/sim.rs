@@ -40,6 +40,9 @@ pub struct SimSpec {
     /// How long a live migration copies before it completes (half mirroring the disk, half
     /// copying memory).
     pub migrate_time: Duration,
+    /// How long after a VM's QEMU ended the host's long poll answers that it did (a host slow
+    /// to notice an exit: its answer comes after what the coordinator did meanwhile).
+    pub exit_seen_after: Duration,
 }
 
 /// What a simulated VM prints on its console, [`CONSOLE_AFTER`] after its launch.
@@ -57,6 +60,7 @@ impl Default for SimSpec {
             labels: vec![],
             save_time: Duration::from_millis(50),
             migrate_time: Duration::from_millis(300),
+            exit_seen_after: Duration::ZERO,
         }
     }
 }
@@ -204,6 +208,9 @@ async fn wait(State(sim): State<Sim>, Path(id): Path<String>) -> Json<VmExit> {
             }
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
+    }
+    if present {
+        tokio::time::sleep(sim.spec.exit_seen_after).await;
     }
     let exit = if sim.state.lock().unwrap().killed.remove(&id) {
         ExitInfo { code: None, signal: Some(9) }

@@ -203,6 +203,13 @@ impl Coordinator {
             if !rec.state.is_active() {
                 return;
             }
+            if matches!(rec.state, VmState::Pending | VmState::Starting) {
+                // Launched (or resumed) anew since this watcher began: the QEMU it followed
+                // is gone, and the task sending the launch watches the new one once it runs.
+                // Following the VM to its new host now would find no VM there yet, an end.
+                tracing::debug!(vm = %id, state = ?rec.state, "the QEMU followed is gone and the VM is launched anew; its launch watches it");
+                return;
+            }
             let host = rec.host.clone().unwrap_or_default();
             let client = match self.registry.host(&host) {
                 Some(h) if h.state == HostState::Ready => HostClient::new(&h.ad.name, &h.ad.url, self.http.clone()),
