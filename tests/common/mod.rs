@@ -79,7 +79,7 @@ impl Up {
             .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data.path())
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", role_log_level())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(data.path().join("up.log")).unwrap()))
             .spawn()
