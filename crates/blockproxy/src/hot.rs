@@ -301,11 +301,24 @@ mod tests {
         hot_pages: u64,
         put_bundles: std::sync::Mutex<Vec<bytes::Bytes>>,
         put_profiles: std::sync::Mutex<Vec<BootProfile>>,
+        /// Profile lookups and bundle requests answered.
+        lookups: std::sync::atomic::AtomicUsize,
+        bundle_gets: std::sync::atomic::AtomicUsize,
     }
 
     impl Warm {
         fn new(manifest: Manifest, chunks: Vec<Vec<u8>>, bundle: Vec<u8>, stall: bool, hot_pages: u64) -> Arc<Warm> {
-            Arc::new(Warm { manifest, chunks, bundle, stall, hot_pages, put_bundles: Default::default(), put_profiles: Default::default() })
+            Arc::new(Warm {
+                manifest,
+                chunks,
+                bundle,
+                stall,
+                hot_pages,
+                put_bundles: Default::default(),
+                put_profiles: Default::default(),
+                lookups: Default::default(),
+                bundle_gets: Default::default(),
+            })
         }
     }
 
@@ -323,6 +336,7 @@ mod tests {
             })
         }
         fn profile<'a>(&'a self, _: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {
+            self.lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Box::pin(async { Ok(Some(BootProfile { chunks: vec![], hot_pages: self.hot_pages })) })
         }
         fn put_profile<'a>(&'a self, _: &'a ImageRef, p: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
@@ -330,6 +344,7 @@ mod tests {
             Box::pin(async { Ok(()) })
         }
         fn hot_pages<'a>(&'a self, _: &'a ImageRef) -> BoxFuture<'a, Result<Option<ByteStream>, SourceError>> {
+            self.bundle_gets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let part = bytes::Bytes::from(self.bundle.clone());
             let stall = self.stall;
             Box::pin(async move {
@@ -434,6 +449,45 @@ mod tests {
         let t0 = Instant::now();
         assert!(export.hot_read(5 * 4096, 4096).await.is_none());
         assert!(t0.elapsed() < Duration::from_millis(500));
+    }
+
+    /// A restore opens its saved RAM while its state is still on the way, holding the rest
+    /// back: the profile is looked up at once, the hot-page bundle is asked for only once the
+    /// hold has ended (it would compete with the state on the link), then served as usual.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_first_opening_fetches_its_hot_pages_only_after_the_hold() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (m, chunks) = warm_image();
+        let bundle = encode(
+            4096,
+            CS,
+            &[HotChunk { index: 0, data: &chunks[0], pages: vec![1] }, HotChunk { index: 1, data: &chunks[1], pages: vec![3] }],
+        )
+        .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = ProxyConfig::new(tmp.path().join("cache"), 1 << 30);
+        cfg.ram_prefetch_concurrency = 0;
+        cfg.record_profiles = false;
+        let source = Warm::new(m.clone(), chunks.clone(), bundle, false, 2);
+        let proxy = BlockProxy::new(cfg, source.clone()).unwrap();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let hold: crate::Hold = Box::pin(async move {
+            let _ = released.await;
+        });
+        let export = proxy.open_export_holding("w@1/ram", Some(hold)).await.unwrap();
+        let t0 = Instant::now();
+        while source.lookups.load(SeqCst) == 0 && t0.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(source.lookups.load(SeqCst), 1, "the profile is looked up during the hold");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(source.bundle_gets.load(SeqCst), 0, "no bundle asked for during the hold");
+        assert!(proxy.shared.hot_state(&m.image_ref()).is_none());
+        release.send(()).unwrap();
+        assert_eq!(proxy.hot_pages_announced(&m.image_ref(), Duration::from_secs(5)).await, Some((4096, vec![1, 19])));
+        assert_eq!(source.bundle_gets.load(SeqCst), 1);
+        let got = export.hot_read(19 * 4096, 4096).await.expect("page 16 + 3 is hot");
+        assert_eq!(&got[..], &chunks[1][3 * 4096..4 * 4096]);
     }
 
     /// A restore served by hot pages that touches pages its bundle lacks (each a chunk fetch

@@ -41,7 +41,7 @@ pub use cache::{CacheError, ChunkCache};
 pub use config::{default_max_open_files, ProxyConfig, DEFAULT_FETCH_TIMEOUT, DEFAULT_RANGE_BLOCK};
 pub use error::{ProxyError, ReadError};
 pub use export::Export;
-pub use proxy::{BlockProxy, PullReport, MAX_BLOB_IN_MEMORY};
+pub use proxy::{BlockProxy, Hold, PullReport, MAX_BLOB_IN_MEMORY};
 pub use server::{ServerHandle, SocketAccess};
 pub use servers::Servers;
 pub use source::{Cause, ChunkSource, SourceError};

@@ -39,6 +39,10 @@ pub struct PullReport {
 /// Largest blob [`BlockProxy::read_blob`] loads into memory.
 pub const MAX_BLOB_IN_MEMORY: u64 = 1 << 30;
 
+/// What a first opening waits for before fetching what its profile brings
+/// ([`BlockProxy::open_export_holding`]).
+pub type Hold = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// The block proxy of one host. Create with [`BlockProxy::new`]; share the `Arc`.
 pub struct BlockProxy {
     pub(crate) shared: Arc<Shared>,
@@ -220,6 +224,15 @@ impl BlockProxy {
     /// open, opening the same name again returns it (one version for all connections). The
     /// first opening of a version prefetches its boot profile, or starts recording one.
     pub async fn open_export(&self, name: &str) -> Result<Arc<Export>, ProxyError> {
+        self.open_export_holding(name, None).await
+    }
+
+    /// [`BlockProxy::open_export`], but when this is the version's first opening, what its
+    /// profile brings (a warm image's hot-page bundle, the profile's chunks) is fetched only once
+    /// `hold` has ended; the profile itself is looked up at once. A restore opens its saved RAM
+    /// so while its state is still on the way: the pager and QEMU start meanwhile, and the
+    /// bundle does not compete with the state on the link.
+    pub async fn open_export_holding(&self, name: &str, hold: Option<Hold>) -> Result<Arc<Export>, ProxyError> {
         if let Some(e) = self.exports.lock().unwrap().get(name).and_then(Weak::upgrade) {
             return Ok(e);
         }
@@ -259,7 +272,7 @@ impl BlockProxy {
         }
         let first_open = self.opened.lock().unwrap().insert(manifest.image_ref());
         if first_open {
-            self.start_profile(&export);
+            self.start_profile(&export, hold);
         } else if let Some(rec) = self.recordings.lock().unwrap().get(export.image()).and_then(Weak::upgrade) {
             // A later opening within the recording window of this version records too.
             export.attach_recording(rec);
@@ -271,7 +284,7 @@ impl BlockProxy {
     /// first reads count), and look up an existing profile in the background (an unreachable
     /// image server must not delay the export); if there is one, drop the recording and
     /// prefetch the profile instead.
-    fn start_profile(&self, export: &Arc<Export>) {
+    fn start_profile(&self, export: &Arc<Export>, hold: Option<Hold>) {
         let cfg = &self.shared.config;
         let rec = if cfg.record_profiles {
             // A warm image's profile is what a restored guest touches at once (its RAM
@@ -295,6 +308,9 @@ impl BlockProxy {
         let manifest = export.manifest().clone();
         tokio::spawn(async move {
             let found = shared.source.profile(&image).await;
+            if let Some(hold) = hold {
+                hold.await;
+            }
             match found {
                 Ok(Some(p)) => {
                     let hot = if prefetch && p.hot_pages > 0 {

@@ -54,8 +54,9 @@ async fn launch_admitted(
         progress("fetching saved state");
     }
     let incoming = crate::restore::prepare_incoming(ctx, &id, &manifest, req.config.cpus, req.config.memory_mib, resolved_accel)?;
-    // A saved RAM paged in lazily: its hot pages start coming once the state is here (see
-    // `open_saved_ram`), before the pager and QEMU start; the export is held until QEMU runs.
+    // A saved RAM paged in lazily: its export is opened now, the pager and QEMU start while
+    // the state is fetched, and its hot pages come once the state is here (see
+    // `open_saved_ram`); the export is held until QEMU runs.
     let _ram_export = match &incoming {
         Some(st) => crate::restore::open_saved_ram(ctx, &manifest, st).await,
         None => None,
