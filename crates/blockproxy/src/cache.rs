@@ -690,7 +690,10 @@ impl ChunkCache {
                 Ok(data) => {
                     let took = started.elapsed();
                     let c = this.clone();
-                    match tokio::task::spawn_blocking(move || c.insert(&hash, &data)).await {
+                    let t1 = Instant::now();
+                    let stored = tokio::task::spawn_blocking(move || c.insert(&hash, &data)).await;
+                    tracing::trace!(chunk = %hash, fetch_us = took.as_micros() as u64, store_us = t1.elapsed().as_micros() as u64, "chunk fetched and stored");
+                    match stored {
                         Ok(r) => {
                             if r.is_ok() {
                                 this.counters.record_fetch(took, len as u64);
