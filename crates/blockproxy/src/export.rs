@@ -5,7 +5,7 @@ use crate::cache::{Access, ChunkFile};
 use crate::error::ReadError;
 use crate::hot::{self, HotRead, HotState};
 use crate::profile::Recording;
-use crate::service::{copy_out, Shared};
+use crate::service::{copy_out, Miss, Shared};
 use crate::wait::Backoff;
 use futures::stream::StreamExt;
 use std::sync::Arc;
@@ -112,8 +112,13 @@ impl Export {
             self.record_pages(offset, len);
         }
         let last_end = ((last + 1) * cs).min(self.size());
-        let range = run.filter(|_| !self.ram).map(|run| (offset, len.saturating_add(run).min(last_end - offset)));
-        let files = self.shared.blob_chunks(&self.image, self.chunk_size(), &self.blob, first, last, range).await?;
+        // A saved RAM's chunk is a guest's page fault: answered as soon as it is verified.
+        let miss = match run {
+            _ if self.ram => Miss::WholeEarly,
+            Some(run) => Miss::Range { offset, len: len.saturating_add(run).min(last_end - offset) },
+            None => Miss::Whole,
+        };
+        let files = self.shared.blob_chunks(&self.image, self.chunk_size(), &self.blob, first, last, miss).await?;
         Ok((first, files))
     }
 

@@ -440,7 +440,7 @@ impl BlockProxy {
             return Ok(Vec::new());
         }
         let n = blob.chunks.len() as u64;
-        let files = self.shared.blob_chunks(&image, chunk_size, blob, 0, n - 1, None).await?;
+        let files = self.shared.blob_chunks(&image, chunk_size, blob, 0, n - 1, crate::service::Miss::Whole).await?;
         let mut out = vec![0u8; blob.size as usize];
         service::copy_out(&image, blob, chunk_size, 0, &files, 0, &mut out)?;
         Ok(out)

@@ -38,6 +38,17 @@ pub(crate) struct Uploads {
     pub done: tokio::sync::Notify,
 }
 
+/// How [`Shared::blob_chunks`] fetches a chunk it misses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    /// The whole chunk, stored before the read is answered.
+    Whole,
+    /// The whole chunk, the read answered from memory while it is stored ([`Access::ReadEarly`]).
+    WholeEarly,
+    /// Only the blocks covering the blob's bytes `[offset, offset+len)`.
+    Range { offset: u64, len: u64 },
+}
+
 impl Shared {
     pub fn new(cache: Arc<ChunkCache>, source: Arc<dyn ChunkSource>, config: ProxyConfig) -> Shared {
         Shared {
@@ -67,16 +78,24 @@ impl Shared {
     /// them, up to `fetch_timeout` (see `wait.rs`). Concurrent readers of the chunk share one
     /// waiting fetch.
     pub async fn read_chunk(&self, image: &ImageRef, index: u64, hash: ChunkHash, len: u32) -> Result<ChunkFile, CacheError> {
+        self.read_chunk_as(image, index, hash, len, Access::Read).await
+    }
+
+    /// [`Shared::read_chunk`] as `access` ([`Access::ReadEarly`]: answered before it is stored).
+    async fn read_chunk_as(
+        &self,
+        image: &ImageRef,
+        index: u64,
+        hash: ChunkHash,
+        len: u32,
+        access: Access,
+    ) -> Result<ChunkFile, CacheError> {
         let bounds = wait::Bounds { wait: self.config.fetch_timeout, attempt: self.config.fetch_attempt_timeout };
         let started = Instant::now();
         loop {
             let (source, waits, slots) = (self.source.clone(), self.waits.clone(), self.fetch_slots.clone());
             let read = wait::ForRead { image: image.clone(), chunk: index };
-            match self
-                .cache
-                .get_or_fetch(&hash, len, Access::Read, move || wait::fetch(source, waits, read, hash, len, bounds, slots))
-                .await
-            {
+            match self.cache.get_or_fetch(&hash, len, access, move || wait::fetch(source, waits, read, hash, len, bounds, slots)).await {
                 // The fetch this read joined was a single try (a prefetch's) and met the
                 // outage: wait in a fetch of its own (or join the one a reader started).
                 Err(e) if e.is_outage() && bounds.wait.is_none_or(|b| started.elapsed() < b) => {
@@ -184,9 +203,10 @@ impl Shared {
 
     /// All chunk files of `blob` over chunk indices `first..=last` (`None` for zero chunks),
     /// fetching misses concurrently; a miss waits while the image servers are unreachable
-    /// ([`Shared::read_chunk`]). With `range` (the random read `(offset, len)` of the blob) a
-    /// miss fetches only the blocks the read covers ([`Shared::read_range`]): the files are
-    /// then good for that read only.
+    /// ([`Shared::read_chunk`]), and fetches as `miss` says: the whole chunk (answered before
+    /// it is stored with [`Miss::WholeEarly`]) or only the blocks a random read `(offset,
+    /// len)` of the blob covers ([`Shared::read_range`]: the files are then good for that read
+    /// only).
     pub async fn blob_chunks(
         &self,
         image: &ImageRef,
@@ -194,7 +214,7 @@ impl Shared {
         blob: &Blob,
         first: u64,
         last: u64,
-        range: Option<(u64, u64)>,
+        miss: Miss,
     ) -> Result<Vec<Option<ChunkFile>>, ReadError> {
         let mut out: Vec<Option<ChunkFile>> = Vec::with_capacity((last - first + 1) as usize);
         let mut missing = Vec::new();
@@ -216,15 +236,16 @@ impl Shared {
                 .map(|&(idx, h)| {
                     let len = blob.chunk_len(chunk_size, idx as usize);
                     async move {
-                        let r = match range {
+                        let r = match miss {
                             // The part of the read in this chunk.
-                            Some((offset, n)) => {
+                            Miss::Range { offset, len: n } => {
                                 let base = idx * chunk_size as u64;
                                 let start = offset.max(base) - base;
                                 let end = (offset + n).min(base + len as u64) - base;
                                 self.read_range(image, idx, h, len, start as u32, end as u32).await
                             }
-                            None => self.read_chunk(image, idx, h, len).await,
+                            Miss::Whole => self.read_chunk(image, idx, h, len).await,
+                            Miss::WholeEarly => self.read_chunk_as(image, idx, h, len, Access::ReadEarly).await,
                         };
                         (idx, h, r)
                     }

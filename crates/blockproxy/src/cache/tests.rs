@@ -181,6 +181,41 @@ async fn a_fetch_nobody_waits_for_is_abandoned() {
     assert_eq!(got.len(), 100);
 }
 
+/// A read that takes its chunk early (a RAM page fault) gets the verified bytes, the chunk is
+/// stored behind it and served from its file after; bytes that do not hash to the chunk are
+/// refused as for any read, and never stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_read_gets_verified_bytes_and_the_chunk_is_stored_behind_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = open(tmp.path(), 1 << 20);
+    let d = random(7, 65536);
+    let h = ChunkHash::of(&d);
+    let dc = d.clone();
+    let got = c.get_or_fetch(&h, 65536, Access::ReadEarly, move || async move { Ok(dc) }).await.unwrap();
+    let mut buf = vec![0u8; 65536];
+    got.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, d);
+    let t0 = std::time::Instant::now();
+    while !c.contains(&h) && t0.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(c.contains(&h), "the chunk was not stored");
+    assert_eq!(std::fs::read(c.chunk_path(&h)).unwrap(), d);
+    assert!(c.inner.lock().unwrap().inflight.is_empty());
+    let s = c.stats();
+    assert_eq!((s.misses, s.bytes_fetched, s.chunks_cached, s.fetch_errors), (1, 65536, 1, 0));
+    // A second read finds the file: no fetch.
+    let again = c.get_or_fetch(&h, 65536, Access::ReadEarly, || async { panic!("fetched twice") }).await.unwrap();
+    again.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, d);
+    // Forged bytes: refused, not stored.
+    let h2 = ChunkHash::of(&random(8, 65536));
+    let forged = random(9, 65536);
+    let e = c.get_or_fetch(&h2, 65536, Access::ReadEarly, move || async move { Ok(forged) }).await.unwrap_err();
+    assert!(matches!(e, CacheError::Corrupt { .. }), "{e}");
+    assert!(!c.contains(&h2));
+}
+
 /// Blocks `first..first+n` of chunk `d` as a source answers them (the CVs of every block).
 fn blocks(d: &[u8], block: u32, first: u32, n: u32) -> vgrid_storeclient::tree::RangeBlocks {
     let (a, b) = ((first * block) as usize, ((first + n) * block) as usize);
