@@ -669,6 +669,14 @@ impl ChunkCache {
                 Err(_) => None, // the fetch ended without an answer (abandoned): retry
             };
             if let Some(outcome) = settled {
+                if access != Access::ReadEarly && outcome.is_ok() && !self.contains(hash) {
+                    // Joined a fetch that answered its reads before storing the chunk: this
+                    // access wants it stored (a hot-page bundle is built from the cache's files).
+                    while rx.changed().await.is_ok() {}
+                    if let Some(f) = self.lookup(hash) {
+                        return Ok(f);
+                    }
+                }
                 return outcome;
             }
         }
