@@ -513,6 +513,11 @@ impl ChunkCache {
         if actual != *hash {
             return Err(CacheError::Corrupt { hash: *hash, actual });
         }
+        self.insert_verified(hash, data)
+    }
+
+    /// [`ChunkCache::insert`] of `data` already verified against `hash`.
+    fn insert_verified(&self, hash: &ChunkHash, data: &[u8]) -> Result<ChunkFile, CacheError> {
         let len = data.len() as u32;
         loop {
             match self.store(hash, data) {
@@ -703,34 +708,23 @@ impl ChunkCache {
                 tracing::debug!(chunk = %hash, "fetch abandoned: nobody waits for it any more");
                 return;
             };
+            // A RAM fault's fetch answers its reads from memory once verified (`answer_early`),
+            // then stores the chunk like any other; only its failure is no longer theirs.
+            let mut answered = false;
             let res = match fetched {
                 Err(e) => Err(CacheError::Fetch { hash, source: e }),
                 Ok(data) if data.len() != len as usize => Err(CacheError::Length { hash, expected: len, actual: data.len() }),
-                Ok(data) if early && ChunkHash::of(&data) == hash && this.answer_early(hash, &data, started.elapsed(), &tx) => {
-                    // Answered from memory; now the file, while the guest goes on.
-                    let c = this.clone();
-                    let stored = tokio::task::spawn_blocking(move || c.insert(&hash, &data)).await;
-                    let failed = match stored {
-                        Ok(Ok(_)) => None,
-                        Ok(Err(e)) => Some(e.to_string()),
-                        Err(e) => Some(e.to_string()),
-                    };
-                    if let Some(e) = failed {
-                        Counters::add(&this.counters.fetch_errors, 1);
-                        tracing::warn!(chunk = %hash, "a read of this chunk was answered from memory, but the chunk could not be stored: {e}");
-                    }
-                    this.inner.lock().unwrap().inflight.remove(&hash);
-                    return;
-                }
                 Ok(data) => {
                     let took = started.elapsed();
+                    answered = early && ChunkHash::of(&data) == hash && this.answer_early(hash, &data, took, &tx);
                     let c = this.clone();
+                    let store = move || if answered { c.insert_verified(&hash, &data) } else { c.insert(&hash, &data) };
                     let t1 = Instant::now();
-                    let stored = tokio::task::spawn_blocking(move || c.insert(&hash, &data)).await;
+                    let stored = tokio::task::spawn_blocking(store).await;
                     tracing::trace!(chunk = %hash, fetch_us = took.as_micros() as u64, store_us = t1.elapsed().as_micros() as u64, "chunk fetched and stored");
                     match stored {
                         Ok(r) => {
-                            if r.is_ok() {
+                            if r.is_ok() && !answered {
                                 this.counters.record_fetch(took, len as u64);
                             }
                             r
@@ -743,7 +737,15 @@ impl ChunkCache {
                 Counters::add(&this.counters.fetch_errors, 1);
             }
             this.inner.lock().unwrap().inflight.remove(&hash);
-            let _ = tx.send(Some(res));
+            match res {
+                Err(e) if answered => {
+                    tracing::warn!(chunk = %hash, "a read of this chunk was answered from memory, but the chunk could not be stored: {e}")
+                }
+                _ if answered => {}
+                res => {
+                    let _ = tx.send(Some(res));
+                }
+            }
         });
     }
 

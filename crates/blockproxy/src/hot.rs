@@ -361,6 +361,17 @@ mod tests {
         }
     }
 
+    /// A proxy over `source` with its cache in a temp dir (kept while the dir lives), no
+    /// background RAM fetch, and `tweak` applied to its configuration.
+    fn proxy_over(source: Arc<Warm>, tweak: impl FnOnce(&mut ProxyConfig)) -> (tempfile::TempDir, Arc<BlockProxy>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = ProxyConfig::new(tmp.path().join("cache"), 1 << 30);
+        cfg.ram_prefetch_concurrency = 0;
+        tweak(&mut cfg);
+        let proxy = BlockProxy::new(cfg, source).unwrap();
+        (tmp, proxy)
+    }
+
     /// Two stored 64 KiB chunks of a 1 MiB saved RAM (the rest zero) and a warm manifest.
     fn warm_image() -> (Manifest, Vec<Vec<u8>>) {
         let chunks: Vec<Vec<u8>> =
@@ -416,12 +427,8 @@ mod tests {
         std::io::Write::write_all(&mut enc, &plain[..cut]).unwrap();
         std::io::Write::flush(&mut enc).unwrap();
         let first_part = enc.get_ref().clone();
-        let tmp = tempfile::tempdir().unwrap();
-        let mut cfg = ProxyConfig::new(tmp.path().join("cache"), 1 << 30);
-        cfg.ram_prefetch_concurrency = 0;
-        cfg.record_profiles = false;
         let source = Warm::new(m.clone(), chunks.clone(), first_part, true, 2);
-        let proxy = BlockProxy::new(cfg, source).unwrap();
+        let (_tmp, proxy) = proxy_over(source, |cfg| cfg.record_profiles = false);
         let export = proxy.open_export("w@1/ram").await.unwrap();
         // The profile is looked up in the background (at a restore, long before the guest runs).
         for _ in 0..200 {
@@ -464,12 +471,8 @@ mod tests {
             &[HotChunk { index: 0, data: &chunks[0], pages: vec![1] }, HotChunk { index: 1, data: &chunks[1], pages: vec![3] }],
         )
         .unwrap();
-        let tmp = tempfile::tempdir().unwrap();
-        let mut cfg = ProxyConfig::new(tmp.path().join("cache"), 1 << 30);
-        cfg.ram_prefetch_concurrency = 0;
-        cfg.record_profiles = false;
         let source = Warm::new(m.clone(), chunks.clone(), bundle, false, 2);
-        let proxy = BlockProxy::new(cfg, source.clone()).unwrap();
+        let (_tmp, proxy) = proxy_over(source.clone(), |cfg| cfg.record_profiles = false);
         let (release, released) = tokio::sync::oneshot::channel::<()>();
         let hold: crate::Hold = Box::pin(async move {
             let _ = released.await;
@@ -502,12 +505,8 @@ mod tests {
         let restore = |touch: Vec<u64>| {
             let (m, chunks, bundle) = (m.clone(), chunks.clone(), bundle.clone());
             async move {
-                let tmp = tempfile::tempdir().unwrap();
-                let mut cfg = ProxyConfig::new(tmp.path().join("cache"), 1 << 30);
-                cfg.ram_prefetch_concurrency = 0;
-                cfg.ram_profile_window = Duration::from_secs(30);
                 let source = Warm::new(m.clone(), chunks, bundle, false, 2);
-                let proxy = BlockProxy::new(cfg, source.clone()).unwrap();
+                let (_tmp, proxy) = proxy_over(source.clone(), |cfg| cfg.ram_profile_window = Duration::from_secs(30));
                 let export = proxy.open_export("w@1/ram").await.unwrap();
                 assert_eq!(proxy.hot_pages_announced(&m.image_ref(), Duration::from_secs(5)).await, Some((4096, vec![1, 2])));
                 let mut buf = vec![0u8; 4096];
