@@ -242,6 +242,9 @@ pub struct ChunkCache {
     pub(crate) counters: Counters,
     tmp_seq: AtomicU64,
     _lock: File,
+    /// Tests: milliseconds each fetched chunk's store is held back (a slow file system).
+    #[cfg(test)]
+    pub(crate) store_delay_ms: AtomicU64,
 }
 
 impl ChunkCache {
@@ -286,6 +289,8 @@ impl ChunkCache {
             counters: Counters::default(),
             tmp_seq: AtomicU64::new(0),
             _lock: lock,
+            #[cfg(test)]
+            store_delay_ms: AtomicU64::new(0),
         };
         cache.load_index()?;
         Ok(cache)
@@ -718,7 +723,15 @@ impl ChunkCache {
                     let took = started.elapsed();
                     answered = early && ChunkHash::of(&data) == hash && this.answer_early(hash, &data, took, &tx);
                     let c = this.clone();
-                    let store = move || if answered { c.insert_verified(&hash, &data) } else { c.insert(&hash, &data) };
+                    let store = move || {
+                        #[cfg(test)]
+                        std::thread::sleep(std::time::Duration::from_millis(c.store_delay_ms.load(Ordering::Relaxed)));
+                        if answered {
+                            c.insert_verified(&hash, &data)
+                        } else {
+                            c.insert(&hash, &data)
+                        }
+                    };
                     let t1 = Instant::now();
                     let stored = tokio::task::spawn_blocking(store).await;
                     tracing::trace!(chunk = %hash, fetch_us = took.as_micros() as u64, store_us = t1.elapsed().as_micros() as u64, "chunk fetched and stored");

@@ -9,11 +9,12 @@
 //! pages go through the chunk cache at once.
 
 use crate::cache::ChunkCache;
+use crate::service::Shared;
 use crate::source::ChunkSource;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vgrid_api::{ImageRef, Manifest, SavedRam};
+use vgrid_api::{ChunkHash, ImageRef, Manifest, SavedRam};
 use vgrid_storeclient::hotpages::{self, HotChunk, HOT_PAGE_SIZE};
 
 /// How long a read of a saved RAM waits for announced hot pages.
@@ -231,6 +232,29 @@ impl std::io::Read for ChannelReader {
     }
 }
 
+/// The chunks of `manifest`'s saved RAM that hold `pages`: (index, hash, length), each once.
+pub(crate) fn ram_chunks_of(manifest: &Manifest, pages: &[u64]) -> Vec<(u64, ChunkHash, u32)> {
+    let Some(ram) = manifest.state.as_ref().and_then(|s| s.ram.as_ref()) else { return Vec::new() };
+    let per = (ram.chunk_size / HOT_PAGE_SIZE).max(1) as u64;
+    let mut wanted: Vec<u64> = pages.iter().map(|p| p / per).collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    wanted
+        .into_iter()
+        .filter_map(|i| Some((i, ram.blob.chunks.get(i as usize).copied().flatten()?, ram.blob.chunk_len(ram.chunk_size, i as usize))))
+        .collect()
+}
+
+/// Waits until the fetches in flight of the chunks holding `pages` are stored: a RAM fault is
+/// answered before its chunk file is written, and the bundle is made from the cache's files.
+pub(crate) async fn settle(shared: &Shared, manifest: &Manifest, pages: &[u64]) {
+    for (_, hash, len) in ram_chunks_of(manifest, pages) {
+        if !shared.cache.contains(&hash) && shared.cache.cached_or_coming(&hash) {
+            let _ = shared.chunk(hash, len, crate::cache::Access::Prefetch).await;
+        }
+    }
+}
+
 /// Makes the hot-page bundle of `manifest`'s saved RAM from `pages` (page numbers in
 /// first-touch order) and the chunks in the cache; chunks no longer cached are left out.
 /// Returns the bundle and the number of pages in it.
@@ -292,7 +316,8 @@ mod tests {
     const CS: u32 = 65536;
 
     /// A warm image whose bundle is `bundle` (then nothing more when `stall`: a bundle cut
-    /// short stalls); keeps what is uploaded to it.
+    /// short stalls) of `hot_pages` pages (none: the image has no profile yet); keeps what is
+    /// uploaded to it.
     struct Warm {
         manifest: Manifest,
         chunks: Vec<Vec<u8>>,
@@ -337,7 +362,7 @@ mod tests {
         }
         fn profile<'a>(&'a self, _: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {
             self.lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Box::pin(async { Ok(Some(BootProfile { chunks: vec![], hot_pages: self.hot_pages })) })
+            Box::pin(async { Ok((self.hot_pages > 0).then(|| BootProfile { chunks: vec![], hot_pages: self.hot_pages })) })
         }
         fn put_profile<'a>(&'a self, _: &'a ImageRef, p: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
             self.put_profiles.lock().unwrap().push(p.clone());
@@ -533,5 +558,30 @@ mod tests {
         // Only hot pages touched: nothing uploaded.
         let (bundles, profiles) = restore(vec![1, 2, 1]).await;
         assert!(bundles.is_empty() && profiles.is_empty(), "{} bundles, {} profiles", bundles.len(), profiles.len());
+    }
+
+    /// A first restore's bundle has every page it touched, even when its last faults were
+    /// answered from memory and their chunks are still being stored as its export closes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_restore_bundles_pages_whose_chunks_were_still_being_stored() {
+        let (m, chunks) = warm_image();
+        let source = Warm::new(m.clone(), chunks, Vec::new(), false, 0);
+        let (_tmp, proxy) = proxy_over(source.clone(), |cfg| cfg.ram_profile_window = Duration::from_secs(30));
+        proxy.cache().store_delay_ms.store(300, std::sync::atomic::Ordering::Relaxed);
+        let export = proxy.open_export("w@1/ram").await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        // Pages 3 (chunk 0) and 17 (chunk 1): each answered before its chunk is stored.
+        for p in [3u64, 17] {
+            export.read_at(p * 4096, &mut buf).await.unwrap();
+        }
+        drop(export);
+        proxy.flush_profiles(Duration::from_secs(10)).await;
+        let profiles = source.put_profiles.lock().unwrap().clone();
+        assert_eq!(profiles.iter().map(|p| p.hot_pages).collect::<Vec<_>>(), vec![2], "{profiles:?}");
+        let bundles = source.put_bundles.lock().unwrap().clone();
+        let ram = m.state.as_ref().unwrap().ram.clone().unwrap();
+        let mut order = Vec::new();
+        vgrid_storeclient::hotpages::decode_stream(&bundles[0][..], &ram.blob, CS, |_, t| order = t.to_vec(), |_| {}).unwrap();
+        assert_eq!(order, vec![3, 17]);
     }
 }

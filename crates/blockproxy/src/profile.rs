@@ -138,6 +138,7 @@ impl Recording {
             // A warm image: the RAM pages its guest touched go as a bundle of pages, and the
             // profile keeps only the disk's chunks (the RAM chunks stay the fallback).
             if let (false, Some(sh)) = (pages.is_empty(), shared.upgrade()) {
+                hot::settle(&sh, &manifest, &pages).await;
                 let m = manifest.clone();
                 let built = tokio::task::spawn_blocking(move || hot::build_bundle(&sh.cache, &m, &pages)).await.ok().flatten();
                 if let Some((bundle, n)) = built {
@@ -194,23 +195,18 @@ impl Recording {
         }
         let mut pages = st.pages;
         pages.extend(announced.into_iter().filter(|p| !st.seen_pages.contains(p)));
-        let Some(ram) = self.manifest.state.as_ref().and_then(|s| s.ram.clone()) else { return };
         let (source, manifest, image) = (self.source.clone(), self.manifest.clone(), self.image.clone());
         let conc = shared.config.profile_prefetch_concurrency.max(1);
         let weak = self.shared.clone();
         drop(shared);
         let upload = async move {
             use futures::StreamExt;
-            let per = (ram.chunk_size / vgrid_storeclient::hotpages::HOT_PAGE_SIZE).max(1) as u64;
-            let mut wanted: Vec<u64> = pages.iter().map(|p| p / per).collect();
-            wanted.sort_unstable();
-            wanted.dedup();
+            let wanted = hot::ram_chunks_of(&manifest, &pages);
             let fetched = match weak.upgrade() {
                 Some(sh) => {
                     futures::stream::iter(wanted)
-                        .filter_map(|i| std::future::ready(ram.blob.chunks.get(i as usize).copied().flatten().map(|h| (i, h))))
-                        .map(|(i, h)| {
-                            let (sh, len) = (sh.clone(), ram.blob.chunk_len(ram.chunk_size, i as usize));
+                        .map(|(_, h, len)| {
+                            let sh = sh.clone();
                             async move { sh.cache.contains(&h) || sh.chunk(h, len, crate::cache::Access::Prefetch).await.is_ok() }
                         })
                         .buffer_unordered(conc)
