@@ -434,18 +434,23 @@ mod tests {
         (m, chunks)
     }
 
+    /// The bundle of page 1 of chunk 0 and page 3 of chunk 1 (RAM pages 1 and 19) of `chunks`.
+    fn two_page_bundle(chunks: &[Vec<u8>]) -> Vec<u8> {
+        encode(
+            4096,
+            CS,
+            &[HotChunk { index: 0, data: &chunks[0], pages: vec![1] }, HotChunk { index: 1, data: &chunks[1], pages: vec![3] }],
+        )
+        .unwrap()
+    }
+
     /// A bundle that stalls half-way: the pages that came are served, a read of an announced
     /// page that never comes goes to the chunks after the stall limit, not forever.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stalled_bundle_serves_what_came_and_gives_up_on_the_rest() {
         let (m, chunks) = warm_image();
         // The whole bundle (pages 1 of chunk 0 and 3 of chunk 1), cut after chunk 0's part.
-        let whole = encode(
-            4096,
-            CS,
-            &[HotChunk { index: 0, data: &chunks[0], pages: vec![1] }, HotChunk { index: 1, data: &chunks[1], pages: vec![3] }],
-        )
-        .unwrap();
+        let whole = two_page_bundle(&chunks);
         let plain = zstd::bulk::decompress(&whole, 1 << 20).unwrap();
         let cut = 20 + (8 + 4 + 4) * 2 + 16 * 32 + 4096;
         let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
@@ -490,12 +495,7 @@ mod tests {
     async fn a_held_first_opening_fetches_its_hot_pages_only_after_the_hold() {
         use std::sync::atomic::Ordering::SeqCst;
         let (m, chunks) = warm_image();
-        let bundle = encode(
-            4096,
-            CS,
-            &[HotChunk { index: 0, data: &chunks[0], pages: vec![1] }, HotChunk { index: 1, data: &chunks[1], pages: vec![3] }],
-        )
-        .unwrap();
+        let bundle = two_page_bundle(&chunks);
         let source = Warm::new(m.clone(), chunks.clone(), bundle, false, 2);
         let (_tmp, proxy) = proxy_over(source.clone(), |cfg| cfg.record_profiles = false);
         let (release, released) = tokio::sync::oneshot::channel::<()>();
