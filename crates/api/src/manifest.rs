@@ -119,7 +119,16 @@ pub struct ImageMeta {
     pub boot: Boot,
     /// Set on a volume's manifests (the user's data, not a bootable image).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub volume: Option<crate::volume::VolumeMeta>,
+    pub volume: Option<VolumeMeta>,
+}
+
+/// What a volume's manifests carry besides an image's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VolumeMeta {
+    /// A named snapshot: an immutable copy (no data copied) of `NAME@VERSION`; attached
+    /// read-only only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_of: Option<ImageRef>,
 }
 
 fn default_arch() -> String {

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::manifest::validate_name;
+/// What a volume's manifests carry (part of the manifest format).
+pub use crate::manifest::VolumeMeta;
 use crate::ImageRef;
 
 /// The serial of a staging volume (`vm run --stage-in/--stage-out`): the guest finds it as
@@ -22,15 +24,6 @@ pub const STAGE_SERIAL: &str = "vgrid-stage";
 pub const MAX_VOLUMES: usize = 8;
 /// Longest disk serial (virtio-blk's limit).
 pub const MAX_SERIAL: usize = 20;
-
-/// What a volume's manifests carry besides an image's.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct VolumeMeta {
-    /// A named snapshot: an immutable copy (no data copied) of `NAME@VERSION`; attached
-    /// read-only only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub snapshot_of: Option<ImageRef>,
-}
 
 /// One volume attached to a VM: `NAME[@VERSION][:ro][,serial=S]` on the command line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

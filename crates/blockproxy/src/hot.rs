@@ -9,7 +9,6 @@
 //! pages go through the chunk cache at once.
 
 use crate::cache::ChunkCache;
-use crate::service::Shared;
 use crate::source::ChunkSource;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -243,16 +242,6 @@ pub(crate) fn ram_chunks_of(manifest: &Manifest, pages: &[u64]) -> Vec<(u64, Chu
         .into_iter()
         .filter_map(|i| Some((i, ram.blob.chunks.get(i as usize).copied().flatten()?, ram.blob.chunk_len(ram.chunk_size, i as usize))))
         .collect()
-}
-
-/// Waits until the fetches in flight of the chunks holding `pages` are stored: a RAM fault is
-/// answered before its chunk file is written, and the bundle is made from the cache's files.
-pub(crate) async fn settle(shared: &Shared, manifest: &Manifest, pages: &[u64]) {
-    for (_, hash, len) in ram_chunks_of(manifest, pages) {
-        if !shared.cache.contains(&hash) && shared.cache.cached_or_coming(&hash) {
-            let _ = shared.chunk(hash, len, crate::cache::Access::Prefetch).await;
-        }
-    }
 }
 
 /// Makes the hot-page bundle of `manifest`'s saved RAM from `pages` (page numbers in

@@ -138,7 +138,7 @@ impl Recording {
             // A warm image: the RAM pages its guest touched go as a bundle of pages, and the
             // profile keeps only the disk's chunks (the RAM chunks stay the fallback).
             if let (false, Some(sh)) = (pages.is_empty(), shared.upgrade()) {
-                hot::settle(&sh, &manifest, &pages).await;
+                settle(&sh, &manifest, &pages).await;
                 let m = manifest.clone();
                 let built = tokio::task::spawn_blocking(move || hot::build_bundle(&sh.cache, &m, &pages)).await.ok().flatten();
                 if let Some((bundle, n)) = built {
@@ -240,5 +240,16 @@ impl Recording {
             }
         };
         self.spawn_upload(upload);
+    }
+}
+
+/// Waits until the fetches in flight of the chunks holding `pages` are stored: a RAM fault is
+/// answered before its chunk file is written, and the hot-page bundle is made from the cache's
+/// files.
+async fn settle(shared: &Shared, manifest: &Manifest, pages: &[u64]) {
+    for (_, hash, len) in hot::ram_chunks_of(manifest, pages) {
+        if !shared.cache.contains(&hash) && shared.cache.cached_or_coming(&hash) {
+            let _ = shared.chunk(hash, len, crate::cache::Access::Prefetch).await;
+        }
     }
 }

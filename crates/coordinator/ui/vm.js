@@ -3,7 +3,7 @@
 // (noVNC over /api/v1/vms/{id}/vnc/ws: the raw RFB stream of its VNC display).
 import { Terminal } from "./vendor/xterm/xterm.mjs";
 import RFB from "./vendor/novnc/core/rfb.js";
-import { h, api, showError, stateBadge, vmImage, vmAddress, mib, ago, vmAction, session } from "./app.js";
+import { h, api, showError, stateBadge, vmImage, vmAddress, mib, ago, vmAction, session } from "./lib.js";
 
 const wsUrl = (id, stream) => `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/api/v1/vms/${encodeURIComponent(id)}/${stream}/ws`;
 

@@ -25,9 +25,11 @@
 //!   [`tunnel`] (tunnel interfaces: their stream sockets and the one connection to the relay).
 //! - **Features**, each a set of functions over a `HostCtx` that call none above them:
 //!   [`restore`] (starting from a warm image), [`instantiate`] (launching a VM: admission,
-//!   image, boot files, QEMU), [`save`] (snapshot/suspend as a warm image), [`migrate`] (live
-//!   migration, both ends), [`adopt`] (guests of an earlier agent), [`waits`] (guests stalled
-//!   on unreachable image servers, for the heartbeat).
+//!   image, boot files, QEMU), [`save`] (snapshot/suspend as a warm image) and [`volume`]
+//!   (commits of attached volumes), both over [`overlay`] (a VM's overlay as chunks: the map,
+//!   composing, encoding, uploading; one save per VM at a time), [`migrate`] (live migration,
+//!   both ends), [`adopt`] (guests of an earlier agent), [`waits`] (guests stalled on
+//!   unreachable image servers, for the heartbeat).
 //! - **Agent**: [`agent`] (the [`agent::Agent`]: starts the context, the NBD server, usage
 //!   sampling, re-adoption and the heartbeat; shuts them down).
 //! - **HTTP**: [`http`], every `/host/v1` handler and the mapping of errors to status codes;
@@ -45,6 +47,7 @@ pub mod http;
 pub mod instantiate;
 pub mod migrate;
 pub mod networks;
+pub mod overlay;
 pub mod predict;
 pub mod qemu;
 pub mod qemu_user;

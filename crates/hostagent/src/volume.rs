@@ -4,7 +4,7 @@
 //! version on an image server.
 //!
 //! A commit composes the chunks the overlay touches (the base chunk with the overlay's ranges
-//! laid over it, as a snapshot does, [`crate::save::compose_touched`]), uploads those the server
+//! laid over it, as a snapshot does, [`crate::overlay::compose_touched`]), uploads those the server
 //! lacks, and only then writes the new manifest, with the VM's fencing epoch: the server refuses
 //! it when the volume was attached read-write elsewhere since (a newer epoch). A failure at any
 //! point leaves the last committed version as it was. A running guest is paused while its
@@ -22,7 +22,7 @@ use vgrid_api::{ChunkHash, ImageRef, Manifest};
 
 use crate::ctx::HostCtx;
 use crate::error::AgentError;
-use crate::save::{compose_touched, encode_all, export_of, Upload};
+use crate::overlay::{compose_touched, encode_all, export_of, SaveGuard, Upload};
 use crate::spec::VmSpec;
 use crate::vm::Vm;
 
@@ -42,7 +42,7 @@ pub async fn commit_running(ctx: &HostCtx, id: &str, name: &str) -> Result<Volum
     let vm = ctx.vm(id).ok_or_else(|| AgentError::UnknownVm(id.to_string()))?;
     let spec = vm.spec().clone();
     let (i, att, base) = volume_of(&spec, id, name)?;
-    let _saving = crate::save::SaveGuard::take(vm.runtime_dir())
+    let _saving = SaveGuard::take(vm.runtime_dir())
         .ok_or_else(|| err(id, name, "a snapshot, suspend or another commit of this VM is in progress"))?;
     commit_one(ctx, id, att, &base, &crate::runtime::volume_overlay(vm.runtime_dir(), i), Some(&vm)).await.map_err(|c| err(id, name, c))
 }

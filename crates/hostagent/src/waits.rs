@@ -29,7 +29,7 @@ pub fn vms_waiting(ctx: &HostCtx) -> Vec<VmWaiting> {
         .lock()
         .unwrap()
         .iter()
-        .filter_map(|(id, vm)| Some((id.clone(), crate::save::export_of(&vm.spec().disk)?.to_string())))
+        .filter_map(|(id, vm)| Some((id.clone(), crate::overlay::export_of(&vm.spec().disk)?.to_string())))
         .collect();
     vms.sort();
     vms.into_iter()

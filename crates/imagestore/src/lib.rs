@@ -9,9 +9,11 @@
 //!   concurrent imports. Chunks are verified with `vgrid_storeclient::codec`.
 //! * [`shared`]: what several image servers on one bucket (`--store s3://…`) keep in the bucket
 //!   instead of in memory: upload pins and the garbage-collection lease.
+//! * [`error`]: [`StoreError`], what the store and the shared bucket refuse and why.
 //! * [`server`]: the `/store/v1` HTTP API and its OpenAPI document ([`server::router`], [`server::serve`],
 //!   [`server::spawn`]).
 
+pub mod error;
 pub mod server;
 pub mod shared;
 pub mod store;

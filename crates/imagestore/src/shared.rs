@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use vgrid_api::manifest::ChunkHash;
 use vgrid_api::rest::UploadId;
 
-use crate::store::StoreError;
+use crate::error::StoreError;
 
 /// How long a garbage collector's lease lasts unless renewed (it is renewed every third of it).
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);

@@ -58,7 +58,16 @@ mod tests {
 
     #[test]
     fn the_dashboard_and_its_vendored_scripts_are_embedded() {
-        for f in ["index.html", "app.js", "style.css", "vendor/xterm/xterm.mjs", "vendor/xterm/xterm.css", "vendor/novnc/core/rfb.js"] {
+        for f in [
+            "index.html",
+            "app.js",
+            "lib.js",
+            "vm.js",
+            "style.css",
+            "vendor/xterm/xterm.mjs",
+            "vendor/xterm/xterm.css",
+            "vendor/novnc/core/rfb.js",
+        ] {
             assert!(UI_FILES.iter().any(|(p, _)| *p == f), "{f} is not embedded");
         }
         assert_eq!(file("nope.js").status(), StatusCode::NOT_FOUND);

@@ -40,7 +40,6 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
 pub mod etcd;
-mod etcd_watch;
 pub mod history;
 pub mod local;
 pub mod memory;

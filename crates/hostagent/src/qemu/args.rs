@@ -2,17 +2,13 @@
 //! the disk (a qcow2 overlay over the image), the network ([`super::net`]), how it boots,
 //! and how a saved or migrated state comes in.
 
+use super::opt::qopt;
 use crate::accel::Accel;
 use crate::runtime::{CONSOLE_LOG, CONSOLE_SOCKET, OVERLAY_FILE, PID_FILE, QMP_SOCKET, SEED_FILE, VNC_SOCKET};
 use crate::spec::{BootSource, DiskSource, VmSpec};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use vgrid_api::vm::Resources;
-
-/// QEMU option values are comma-separated lists: a literal comma is written twice.
-pub(crate) fn qopt(p: &Path) -> String {
-    p.display().to_string().replace(',', ",,")
-}
 
 /// For a disk over the block proxy's unix socket, the overlay's backing as a node of its own
 /// (the export its header names) with a reconnect delay: while the host agent restarts (its proxy

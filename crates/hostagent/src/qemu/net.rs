@@ -47,10 +47,9 @@ pub fn net_args(config: &VmConfig, dir: &Path) -> Vec<String> {
                 netdev
             }
             Nic::Site { .. } => format!("tap,id=n{i},ifname={},script=no,downscript=no,vhost=off", tap_name(dir, i)),
-            Nic::Tunnel { .. } => format!(
-                "stream,id=n{i},server=off,addr.type=unix,addr.path={},reconnect-ms=1000",
-                super::args::qopt(&stream_socket(dir, i))
-            ),
+            Nic::Tunnel { .. } => {
+                format!("stream,id=n{i},server=off,addr.type=unix,addr.path={},reconnect-ms=1000", super::opt::qopt(&stream_socket(dir, i)))
+            }
         };
         let mut device = format!("virtio-net-pci,netdev=n{i},romfile=");
         if let Some(m) = nic.mac() {
