@@ -26,9 +26,6 @@ use crate::error::{AgentError, SaveError};
 use crate::overlay::{compose_touched, encode_all, export_of, SaveGuard, Upload, SAVING_MARKER};
 use crate::vm::Vm;
 
-/// Whether the VM in runtime directory `dir` is being saved.
-pub use crate::overlay::is_saving;
-
 /// Name of the state file a save writes in the runtime directory (removed once uploaded).
 const SAVE_FILE: &str = "state.save";
 /// Chunk size of a saved RAM: a guest's first page faults after a restore are scattered, and

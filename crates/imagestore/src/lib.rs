@@ -18,4 +18,5 @@ pub mod server;
 pub mod shared;
 pub mod store;
 
-pub use store::{ImageStore, StoreError};
+pub use error::StoreError;
+pub use store::ImageStore;

@@ -20,7 +20,8 @@
 //! documented shape, 422 for a well-formed one whose content is refused. The OpenAPI document
 //! ([`ApiDoc`]) is served at `/store/openapi.json`, to every caller.
 
-use crate::store::{ImageStore, StoreError};
+use crate::error::StoreError;
+use crate::store::ImageStore;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};

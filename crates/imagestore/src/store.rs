@@ -27,7 +27,7 @@ use vgrid_api::rest::{BootProfile, GcReport, ImageOwner, ImageSummary, UploadId}
 use vgrid_api::{ChunkHash, ImageRef, Manifest, MAX_CHUNK_SIZE};
 use vgrid_storeclient::codec::{self, ChunkError};
 
-pub use crate::error::{StoreError, Unreadable};
+use crate::error::{StoreError, Unreadable};
 
 /// How long an upload session may stay idle before it expires (and its pins with it).
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(3600);

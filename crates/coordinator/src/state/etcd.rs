@@ -456,10 +456,10 @@ fn receiver_stream(rx: tokio::sync::mpsc::Receiver<Result<WatchEvent, StateError
 
 /// What a watch task needs of the store.
 struct Parts {
-    pub client: Client,
-    pub endpoints: String,
-    pub kv: String,
-    pub base: i64,
+    client: Client,
+    endpoints: String,
+    kv: String,
+    base: i64,
 }
 
 impl Parts {

@@ -36,7 +36,7 @@ pub(super) async fn saving(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let (saving, running, exited) = match a.vm(&id) {
-        Some(vm) => (crate::save::is_saving(vm.runtime_dir()), vm.exit_info().is_none(), vm.exit_info().is_some()),
+        Some(vm) => (crate::overlay::is_saving(vm.runtime_dir()), vm.exit_info().is_none(), vm.exit_info().is_some()),
         None => (false, false, false),
     };
     // Known: launching (admitted) or present; a coordinator that restarted right after it
