@@ -9,8 +9,11 @@
 //!
 //! A QEMU QMP socket serves one client at a time.
 
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -171,6 +174,23 @@ impl QmpClient {
 
     /// [`QmpClient::execute`] with an explicit timeout.
     pub async fn execute_timeout(&self, command: &str, arguments: Option<Value>, timeout: Duration) -> Result<Value, QmpError> {
+        self.request(command, arguments, None, timeout).await
+    }
+
+    /// Hands QEMU a copy of `fd` under `name` (`getfd`, the descriptor riding on the command's
+    /// own message as `SCM_RIGHTS`), for a later command to use as `fd:NAME` (`migrate`,
+    /// `migrate-incoming`, …). The caller's `fd` stays the caller's to close.
+    pub async fn pass_fd(&self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        self.request("getfd", Some(json!({ "fdname": name })), Some(fd), self.command_timeout).await.map(|_| ())
+    }
+
+    async fn request(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
         let closed_err = || QmpError::Closed { path: self.path.clone(), command: command.to_string() };
         if self.is_closed() {
             return Err(closed_err());
@@ -198,7 +218,7 @@ impl QmpClient {
         let result = tokio::time::timeout(timeout, async {
             {
                 let mut w = self.writer.lock().await;
-                if let Err(source) = w.write_all(&line).await {
+                if let Err(source) = write_message(&mut w, &line, fd).await {
                     return Err(if self.is_closed() || source.kind() == std::io::ErrorKind::BrokenPipe {
                         closed_err()
                     } else {
@@ -221,6 +241,22 @@ impl QmpClient {
             }
         }
     }
+}
+
+/// Writes one command line; with `fd`, its first bytes carry the descriptor (`SCM_RIGHTS`).
+async fn write_message(w: &mut OwnedWriteHalf, line: &[u8], fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+    let Some(fd) = fd else {
+        return w.write_all(line).await;
+    };
+    let stream: &UnixStream = w.as_ref();
+    let sent = stream
+        .async_io(tokio::io::Interest::WRITABLE, || {
+            let fds = [fd.as_raw_fd()];
+            sendmsg::<()>(stream.as_raw_fd(), &[IoSlice::new(line)], &[ControlMessage::ScmRights(&fds)], MsgFlags::MSG_NOSIGNAL, None)
+                .map_err(std::io::Error::from)
+        })
+        .await?;
+    w.write_all(&line[sent..]).await
 }
 
 async fn read_json_line(r: &mut BufReader<OwnedReadHalf>) -> std::io::Result<Option<Value>> {
@@ -392,5 +428,39 @@ mod tests {
         let err = QmpClient::connect(&sock, Duration::from_secs(1)).await.unwrap_err();
         assert!(matches!(err, QmpError::Connect { .. }));
         assert!(err.to_string().contains("absent.sock"), "{err}");
+    }
+
+    /// Against a real QEMU (no guest: `-machine none`): `getfd` succeeds only when a descriptor
+    /// came with the message, and QEMU then holds it under the name until `closefd`.
+    #[tokio::test]
+    async fn passes_a_descriptor_that_qemu_holds_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let qemu = std::env::var_os("VGRID_QEMU_SYSTEM").unwrap_or_else(|| "qemu-system-x86_64".into());
+        let mut child = tokio::process::Command::new(qemu)
+            .args(["-machine", "none", "-nodefaults", "-display", "none", "-S", "-qmp"])
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("qemu-system-x86_64 starts (scripts/install-deps.sh installs it)");
+        let mut c = None;
+        for _ in 0..500 {
+            if let Ok(q) = QmpClient::connect(&sock, Duration::from_secs(5)).await {
+                c = Some(q);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let c = c.expect("QEMU's QMP socket answers");
+        // Without a descriptor QEMU refuses the command.
+        let err = c.execute("getfd", Some(json!({"fdname": "none"}))).await.unwrap_err();
+        assert!(matches!(err, QmpError::Command { .. }), "{err}");
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        c.pass_fd("mig", std::os::fd::AsFd::as_fd(&a)).await.unwrap();
+        c.execute("closefd", Some(json!({"fdname": "mig"}))).await.expect("QEMU holds the descriptor under its name");
+        let err = c.execute("closefd", Some(json!({"fdname": "mig"}))).await.unwrap_err();
+        assert!(err.to_string().contains("mig"), "{err}");
+        let _ = c.execute("quit", None).await;
+        let _ = child.wait().await;
     }
 }
