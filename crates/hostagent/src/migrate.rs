@@ -557,7 +557,9 @@ const MEMORY_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// QEMU's over this socket as it was over its own.
 async fn memory_stream(host: &str, port: u16) -> Result<std::net::TcpStream, String> {
     let what = format!("the destination's memory port {host}:{port}");
-    let stream = match tokio::time::timeout(MEMORY_CONNECT_TIMEOUT, tokio::net::TcpStream::connect((host, port))).await {
+    // An IPv6 address may come bracketed, as in a URL.
+    let addr = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let stream = match tokio::time::timeout(MEMORY_CONNECT_TIMEOUT, tokio::net::TcpStream::connect((addr, port))).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(format!("cannot connect to {what}: {e}")),
         Err(_) => return Err(format!("connecting to {what} timed out after {MEMORY_CONNECT_TIMEOUT:?}")),
@@ -801,6 +803,26 @@ async fn cancel_mirror(vm: &Vm) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_memory_stream_is_blocking_with_a_small_unsent_queue_and_a_refusal_names_the_port() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let s = memory_stream("127.0.0.1", port).await.unwrap();
+        let sock = socket2::SockRef::from(&s);
+        assert_eq!(sock.tcp_notsent_lowat().unwrap(), MEMORY_NOTSENT_LOWAT);
+        assert!(!sock.nonblocking().unwrap(), "QEMU's migration thread expects a blocking socket");
+        assert_eq!(s.peer_addr().unwrap().port(), port);
+        // Bracketed, as an IPv6 address in a URL.
+        let l6 = std::net::TcpListener::bind("[::1]:0");
+        if let Ok(l6) = l6 {
+            let p6 = l6.local_addr().unwrap().port();
+            memory_stream("[::1]", p6).await.unwrap();
+        }
+        drop(l);
+        let err = memory_stream("127.0.0.1", port).await.unwrap_err();
+        assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    }
 
     #[test]
     fn the_downtime_limit_starts_low_and_doubles_up_to_the_one_asked_for() {
