@@ -389,6 +389,27 @@ impl Scheduler {
 
     /// [`Scheduler::place`] with constraints beyond the request.
     pub fn place_with(&self, req: &PlacementRequest, opts: &PlaceOptions) -> Result<Placement, PlaceError> {
+        // The common case: the request's expressions compiled and its class verdicts cached
+        // before. They are borrowed under the caches' read guards (each thread reads its own
+        // shard) rather than cloned out as `Arc`s, whose shared reference counts every placing
+        // thread would otherwise write twice per placement (see bench/README.md, `bench/scheduler`).
+        {
+            let inner = self.read();
+            let compiled = self.compiled.read().unwrap_or_else(|e| e.into_inner());
+            let cached = |source: &Option<String>, kind: ExprKind| match source {
+                Some(s) => compiled[kind as usize].get(s.as_str()).map(|e| Some(&**e)),
+                None => Some(None),
+            };
+            if let (Some(require), Some(rank)) = (cached(&req.require, ExprKind::Requirement), cached(&req.rank, ExprKind::Rank)) {
+                let key = FeasibleKey::of(inner.policy_reads, req, opts, require);
+                let verdicts = self.feasible.read().unwrap_or_else(|e| e.into_inner());
+                if verdicts.0 == inner.generation {
+                    if let Some(feasible) = verdicts.1.get(&key) {
+                        return self.place_attempts(&inner, feasible, req, require, rank);
+                    }
+                }
+            }
+        }
         let require = match &req.require {
             Some(s) => Some(self.compile(s, ExprKind::Requirement).map_err(PlaceError::Invalid)?),
             None => None,
@@ -399,10 +420,22 @@ impl Scheduler {
         };
         let inner = self.read();
         let feasible = self.feasible(&inner, req, opts, require.as_deref());
+        self.place_attempts(&inner, &feasible, req, require.as_deref(), rank.as_deref())
+    }
+
+    /// Attempts at placing `req` on the table `inner` (held shared), with its class verdicts.
+    fn place_attempts(
+        &self,
+        inner: &Inner,
+        feasible: &Feasible,
+        req: &PlacementRequest,
+        require: Option<&Expr>,
+        rank: Option<&Expr>,
+    ) -> Result<Placement, PlaceError> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match self.place_once(&inner, &feasible, req, require.as_deref(), rank.as_deref()) {
+            match self.place_once(inner, feasible, req, require, rank) {
                 Attempt::Placed(p) => return Ok(p),
                 Attempt::Raced if attempts < MAX_ATTEMPTS => continue,
                 Attempt::Raced | Attempt::Nothing => {}
@@ -412,7 +445,7 @@ impl Scheduler {
             // placements made progress, so keep trying (a refusal saying "fits" is no answer),
             // up to a bound against a pathological spin.
             let mut fits = false;
-            let nm = inner.explain(&feasible, req, require.as_deref(), &mut fits);
+            let nm = inner.explain(feasible, req, require, &mut fits);
             if !fits || attempts >= MAX_ATTEMPTS_WHILE_FITTING {
                 return Err(PlaceError::NoMatch(nm));
             }
