@@ -551,8 +551,8 @@ const MEMORY_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// it the send buffer grows to megabytes, and when QEMU stops the guest to switch over, the
 /// flush of the disk mirror's NBD connection waits at the destination behind all of them: its
 /// QEMU loads the memory stream and serves the export on the same thread, and only turns to
-/// the export once the stream runs dry (on loopback, 12-30 ms of a 12-30 ms downtime; with the
-/// option 4-6 ms, see bench/README.md, `bench/migration`). Throughput is not limited: only the
+/// the export once the stream runs dry (on loopback ~20 ms of an idle guest's 11-27 ms
+/// downtime; with the option 4-6 ms in all, see bench/README.md, `bench/migration`). Throughput is not limited: only the
 /// data waiting to be sent is, not what is in flight. TLS, when the grid has certificates, is
 /// QEMU's over this socket as it was over its own.
 async fn memory_stream(host: &str, port: u16) -> Result<std::net::TcpStream, String> {
