@@ -8,8 +8,10 @@
 //! (or, one time in four, the placement is released as failed), so capacity keeps cycling; one
 //! host heartbeat (a refreshed ad) comes in per 10 placements. Throughput counts all of that
 //! work; the latency figures time `place` alone. Memory: resident set before and after loading
-//! the ads and a warm-up round, per 1,000 hosts. `bench/scheduler` runs it a second time with
-//! 100,000 hosts and one thread.
+//! the ads and a warm-up round, per 1,000 hosts. With `--threads N` > 1, each round is then made
+//! by N threads on the one scheduler (`scaling_Nt`) and by N threads with a scheduler each
+//! (`separate_scaling_Nt`: what the threads of this process give when they share no scheduler
+//! memory). `bench/scheduler` runs it a second time with 100,000 hosts and one thread.
 
 /// The vgrid binary's allocator (src/main.rs), so the figures are the coordinator's.
 #[global_allocator]
@@ -175,10 +177,10 @@ fn run(s: &Scheduler, ads: &[HostAd], placements: usize, window: usize, seed: u6
     Round { per_s: placements as f64 / elapsed.as_secs_f64(), lat, no_match, cpu_s, blocked }
 }
 
-/// `threads` threads placing at once, each its share of `placements`: placements per second,
-/// per CPU second, and the threads' voluntary switches.
+/// `threads` threads placing at once, each its share of `placements` on scheduler `t % len`:
+/// placements per second, per CPU second, and the threads' voluntary switches.
 fn parallel_round(
-    s: &Arc<Scheduler>,
+    scheds: &[Arc<Scheduler>],
     ads: &Arc<[HostAd]>,
     placements: usize,
     window: usize,
@@ -188,7 +190,7 @@ fn parallel_round(
     let t0 = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|t| {
-            let (s, ads) = (s.clone(), ads.clone());
+            let (s, ads) = (scheds[t % scheds.len()].clone(), ads.clone());
             std::thread::spawn(move || {
                 let r = run(&s, &ads, placements / threads, window / threads, 1000 + (round * threads + t) as u64);
                 (r.lat.len(), r.cpu_s, r.blocked)
@@ -266,6 +268,24 @@ fn main() {
         warm.per_s
     );
 
+    // The baseline of the threads' scaling inside this process: one scheduler per thread, each
+    // with every host (built here, like the shared one), so the threads share the process
+    // (allocator, address space) but no scheduler memory.
+    let separate: Vec<Arc<Scheduler>> = if threads > 1 {
+        (0..threads)
+            .map(|t| {
+                let own = Arc::new(Scheduler::new());
+                for ad in ads.iter() {
+                    own.upsert(ad.clone()).expect("valid ad");
+                }
+                run(&own, &ads, hosts.clamp(5_000, 20_000), window, 11 + t as u64);
+                own
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut per_s_sep = Vec::new();
     let mut per_s = Vec::new();
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();
@@ -295,10 +315,13 @@ fn main() {
         no_match += r.no_match;
 
         if threads > 1 {
-            let (rate, per_cpu, blocked) = parallel_round(&s, &ads, placements, window, threads, round);
+            let (rate, per_cpu, blocked) = parallel_round(std::slice::from_ref(&s), &ads, placements, window, threads, round);
             eprintln!(
                 "sched_bench: round {round}: {threads} threads: {rate:.0} placements/s, {per_cpu:.0} per CPU second, {blocked} voluntary switches"
             );
+            let (sep, _, _) = parallel_round(&separate, &ads, placements, window, threads, round);
+            eprintln!("sched_bench: round {round}: {threads} threads, a scheduler each: {sep:.0} placements/s");
+            per_s_sep.push(sep);
             per_s_mt.push(rate);
             if per_cpu > 0.0 {
                 per_cpu_s_mt.push(per_cpu);
@@ -314,6 +337,7 @@ fn main() {
     let (lo, hi) = spread(&per_s);
     let mt = if per_s_mt.is_empty() { 0.0 } else { median(&mut per_s_mt.clone()) };
     let one = median(&mut per_s.clone());
+    let sep = if per_s_sep.is_empty() { 0.0 } else { median(&mut per_s_sep) };
     // How much of a thread's CPU time still places when `threads` place at once: with idle
     // cores, scaling_Nt would be about N times this (less only by time spent blocked).
     let efficiency = if per_cpu_s.is_empty() || per_cpu_s_mt.is_empty() {
@@ -332,7 +356,7 @@ fn main() {
         no_match
     );
     println!(
-        "scheduler: placements_per_s={:.0} p99_ms={:.3} mib_per_1000_hosts={:.2} p50_ms={:.3} placements_per_s_{threads}t={:.0} scaling_{threads}t={:.2} cpu_efficiency_{threads}t={:.2} blocked_{threads}t={blocked_mt} mib_per_1000_hosts_loaded={:.2} hosts={hosts} classes={} rounds={rounds} spread={:.0}-{:.0}",
+        "scheduler: placements_per_s={:.0} p99_ms={:.3} mib_per_1000_hosts={:.2} p50_ms={:.3} placements_per_s_{threads}t={:.0} scaling_{threads}t={:.2} cpu_efficiency_{threads}t={:.2} separate_scaling_{threads}t={:.2} blocked_{threads}t={blocked_mt} mib_per_1000_hosts_loaded={:.2} hosts={hosts} classes={} rounds={rounds} spread={:.0}-{:.0}",
         one,
         median(&mut p99),
         mib_per_1000,
@@ -340,6 +364,7 @@ fn main() {
         mt,
         if one > 0.0 { mt / one } else { 0.0 },
         efficiency,
+        if one > 0.0 { sep / one } else { 0.0 },
         mib_per_1000_loaded,
         s.class_count(),
         lo,

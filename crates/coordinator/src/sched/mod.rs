@@ -35,7 +35,6 @@ use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteG
 use feasibility::{Feasible, FeasibleKey, PlaceCtx};
 use scoring::Attempt;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use table::{CacheIndex, ClassKey, HostEntry, HostLive, Inner, RequestKey, Reservations, Verdict};
@@ -68,7 +67,6 @@ pub struct Scheduler {
     /// Hosts by cached image (see `CacheIndex`).
     cached: ShardedLock<CacheIndex>,
     reservations: Reservations,
-    next_reservation: AtomicU64,
     /// Class verdicts by kind of request, for table generation `.0`.
     feasible: ShardedLock<(u64, HashMap<FeasibleKey, Arc<Feasible>>)>,
     /// Owner-policy outcomes by policy and the request fields it reads.
@@ -98,7 +96,6 @@ impl Scheduler {
             inner: ShardedLock::default(),
             cached: ShardedLock::default(),
             reservations: Reservations::default(),
-            next_reservation: AtomicU64::new(1),
             feasible: ShardedLock::default(),
             policy_cache: Mutex::default(),
             compiled: ShardedLock::default(),

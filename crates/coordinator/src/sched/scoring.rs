@@ -7,7 +7,6 @@ use super::table::{self, HostLive, Inner};
 use super::types::Placement;
 use super::Scheduler;
 use std::cell::Cell;
-use std::sync::atomic::Ordering;
 use vgrid_api::grid::PlacementRequest;
 
 /// Fewest feasible hosts scored per placement (when that many exist).
@@ -152,7 +151,7 @@ impl Scheduler {
         if live.version != c.version && !fits(&live, class, req, require, host_clauses) {
             return None;
         }
-        let id = self.next_reservation.fetch_add(1, Ordering::Relaxed);
+        let id = self.reservations.next_id();
         let (placement, r) = table::reserve(h, &mut live, c.slot, id, req);
         // Into the map before the host's lock goes: an ad finds every held id there (or being
         // released).

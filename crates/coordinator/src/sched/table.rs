@@ -6,7 +6,10 @@ use super::expr::{self, Expr};
 use super::types::{HostState, Placement, Reservation, ReservationId};
 use super::view::{AdVals, HostView};
 use cel::common::value::Val;
+use crossbeam_utils::CachePadded;
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use vgrid_api::grid::{HostAd, PlacementRequest};
@@ -272,26 +275,61 @@ impl CacheIndex {
     }
 }
 
-/// Outstanding reservations, in shards by id (placements on different threads seldom meet).
+/// Outstanding reservations, in shards by block of ids. A placing thread takes its ids a block
+/// at a time ([`Reservations::next_id`]), so what one thread reserves goes into one shard and
+/// two threads placing at once do not write each other's shards (nor a shared id counter) on
+/// every placement; each shard has its own cache lines.
 pub(super) struct Reservations {
-    shards: [Mutex<IdMap<Reservation>>; SHARDS],
+    shards: [CachePadded<Mutex<IdMap<Reservation>>>; SHARDS],
+    /// The first id of the next block not handed to a thread.
+    next_block: CachePadded<AtomicU64>,
+    /// This table among the schedulers of the process (a thread's block is for one table).
+    table: u64,
 }
 
 const SHARDS: usize = 16;
+/// Ids a thread takes at a time.
+const ID_BLOCK: u64 = 256;
 
 impl Default for Reservations {
     fn default() -> Self {
-        Reservations { shards: std::array::from_fn(|_| Mutex::default()) }
+        static TABLES: AtomicU64 = AtomicU64::new(1);
+        Reservations {
+            shards: std::array::from_fn(|_| CachePadded::new(Mutex::default())),
+            next_block: CachePadded::new(AtomicU64::new(0)),
+            table: TABLES.fetch_add(1, Ordering::Relaxed),
+        }
     }
 }
 
 impl Reservations {
     pub(super) fn shard(&self, id: ReservationId) -> MutexGuard<'_, IdMap<Reservation>> {
-        self.shards[(id % SHARDS as u64) as usize].lock().unwrap_or_else(|e| e.into_inner())
+        self.shards[((id / ID_BLOCK) % SHARDS as u64) as usize].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new reservation id, from this thread's block of them (ids are unique, not ordered
+    /// across threads; the first is 1).
+    pub(super) fn next_id(&self) -> ReservationId {
+        thread_local! {
+            /// (table, next id, end of the block)
+            static BLOCK: Cell<(u64, u64, u64)> = const { Cell::new((0, 0, 0)) };
+        }
+        BLOCK.with(|b| {
+            let (table, next, end) = b.get();
+            if table == self.table && next < end {
+                b.set((table, next + 1, end));
+                return next;
+            }
+            let start = self.next_block.fetch_add(ID_BLOCK, Ordering::Relaxed).max(1);
+            let end = start - start % ID_BLOCK + ID_BLOCK;
+            b.set((self.table, start + 1, end));
+            start
+        })
     }
 
     pub(super) fn all(&self) -> Vec<Reservation> {
-        let mut v: Vec<Reservation> = (0..SHARDS as u64).flat_map(|i| self.shard(i).values().cloned().collect::<Vec<_>>()).collect();
+        let mut v: Vec<Reservation> =
+            self.shards.iter().flat_map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect::<Vec<_>>()).collect();
         v.sort_by_key(|r| r.id);
         v
     }

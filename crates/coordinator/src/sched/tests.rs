@@ -337,6 +337,40 @@ async fn queued_request_is_placed_when_capacity_frees_and_no_wait_fails_fast() {
     }
 }
 
+/// Reservation ids come from blocks a thread takes at a time: unique across threads and across
+/// the schedulers one thread uses by turns; a table's first id is 1.
+#[test]
+fn reservation_ids_are_unique_across_threads_and_tables() {
+    let r = Arc::new(Reservations::default());
+    assert_eq!(r.next_id(), 1);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let r = r.clone();
+            std::thread::spawn(move || (0..1000).map(|_| r.next_id()).collect::<Vec<_>>())
+        })
+        .collect();
+    let mut ids: Vec<u64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    ids.push(1);
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "an id was handed out twice");
+    assert!(ids[0] >= 1);
+    // One thread, two tables by turns: each table's ids stay unique.
+    let (a, b) = (Reservations::default(), Reservations::default());
+    let (mut ia, mut ib) = (Vec::new(), Vec::new());
+    for _ in 0..600 {
+        ia.push(a.next_id());
+        ib.push(b.next_id());
+    }
+    for v in [&mut ia, &mut ib] {
+        let n = v.len();
+        v.sort();
+        v.dedup();
+        assert_eq!(v.len(), n);
+    }
+}
+
 /// 200 concurrent requests against 10 small hosts: no host ever over capacity, every request
 /// answered (placed at once, or queued and placed after releases).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
