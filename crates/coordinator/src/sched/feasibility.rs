@@ -2,7 +2,7 @@
 //! the owner's policy, the user's requirement), and why not when none can.
 
 use super::expr::{Expr, Outcome, Scope};
-use super::table::{Class, HostEntry, HostLive, Inner, Refused, RequestKey, Verdict, READS_IMAGE, READS_USER};
+use super::table::{Class, HostEntry, HostRead, Inner, Refused, RequestKey, Verdict, READS_IMAGE, READS_USER};
 use super::types::{HostState, NoMatch, PlaceOptions, Refusal};
 use cel::common::value::Val;
 use std::collections::HashMap;
@@ -111,7 +111,8 @@ fn refusal(
     req: &PlacementRequest,
     require: Option<&Expr>,
 ) -> Option<(String, String, bool)> {
-    let live = h.lock();
+    let guard = crossbeam_epoch::pin();
+    let live = h.read(&guard);
     if live.draining {
         let name = &h.name;
         let detail = format!("host is draining (taken out of service by `vgrid host drain`; `vgrid host undrain {name}` puts it back)");
@@ -143,7 +144,7 @@ fn refusal(
         );
         return Some(("free_memory_mib".into(), detail, true));
     }
-    if let Some((clause, detail, transient)) = share_refusal(&live.ad, req) {
+    if let Some((clause, detail, transient)) = share_refusal(live.ad, req) {
         return Some((clause.into(), detail, transient));
     }
     if let (Some(r), Some(class)) = (require, class) {
@@ -155,12 +156,12 @@ fn refusal(
     None
 }
 
-/// Dynamic checks of one host (its lock held): drain, state, free capacity, host-scope clauses.
-pub(super) fn fits(live: &HostLive, class: &dyn Val, req: &PlacementRequest, require: Option<&Expr>, host_clauses: bool) -> bool {
+/// Dynamic checks of one host: drain, state, free capacity, host-scope clauses.
+pub(super) fn fits(live: &HostRead<'_>, class: &dyn Val, req: &PlacementRequest, require: Option<&Expr>, host_clauses: bool) -> bool {
     if live.draining || live.state != HostState::Ready || live.free_cpus() < req.cpus || live.free_mem() < req.memory_mib {
         return false;
     }
-    if share_refusal(&live.ad, req).is_some() {
+    if share_refusal(live.ad, req).is_some() {
         return false;
     }
     match require {

@@ -37,7 +37,7 @@ use scoring::Attempt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use table::{CacheIndex, ClassKey, HostEntry, HostLive, Inner, RequestKey, Reservations, Verdict};
+use table::{AdBlock, CacheIndex, ClassKey, HostEntry, Inner, RequestKey, Reservations, Verdict};
 use tokio::sync::Notify;
 use vgrid_api::grid::{HostAd, PlacementRequest};
 
@@ -53,7 +53,8 @@ const MAX_ATTEMPTS_WHILE_FITTING: usize = 1000;
 /// The scheduler: host ads, classes, reservations. Thread-safe; share it in an `Arc`.
 ///
 /// Placements run in parallel: they hold the host table shared, evaluate and rank without
-/// any common lock, and reserve under the chosen host's own lock, checking again a host that
+/// taking any lock (from each host's published values, see `table::HostEntry`), and reserve
+/// under the chosen host's own lock, checking again a host that
 /// changed since it was scored (optimistic: a placement that lost the host's capacity takes
 /// the next candidate, or samples again). Only what changes the table's shape (a host joining,
 /// leaving or changing class; a drain) holds it exclusively.
@@ -205,17 +206,8 @@ impl Scheduler {
                 };
                 let class = inner.join_class(key, slot, policy);
                 inner.by_name.insert(ad.name.clone(), slot);
-                let live = HostLive {
-                    ad: HostAd::default(),
-                    state: HostState::Ready,
-                    draining: inner.draining.contains(&ad.name),
-                    reserved_cpus: 0,
-                    reserved_mem: 0,
-                    held: Vec::new(),
-                    own: view::AdVals::of(&HostAd::default()),
-                    version: 0,
-                };
-                inner.hosts[slot] = Some(HostEntry { name: ad.name.clone(), class, live: Mutex::new(live) });
+                let draining = inner.draining.contains(&ad.name);
+                inner.hosts[slot] = Some(HostEntry::new(ad.name.clone(), class, HostAd::default(), draining));
                 slot
             }
         };
@@ -229,10 +221,12 @@ impl Scheduler {
     /// re-indexed, its confirmed reservations dropped.
     fn refresh(&self, inner: &Inner, slot: usize, ad: HostAd) {
         let Some(h) = inner.host(slot) else { return };
+        let guard = crossbeam_epoch::pin();
         let mut live = h.lock();
-        if live.ad.image_cache != ad.image_cache {
+        let old = h.ad(&guard);
+        if old.image_cache != ad.image_cache {
             let mut index = self.cached.write().unwrap_or_else(|e| e.into_inner());
-            index.remove(slot, &live.ad.image_cache);
+            index.remove(slot, &old.image_cache);
             index.add(slot, &ad.image_cache);
         }
         // Confirmed reservations are in this ad now. One missing from the map is being
@@ -250,10 +244,8 @@ impl Scheduler {
                 _ => live.held.push(id),
             }
         }
-        live.own = view::AdVals::of(&ad);
-        live.ad = ad;
         live.state = HostState::Ready;
-        live.changed();
+        h.publish(&live, Some(AdBlock::of(ad)));
     }
 
     /// Forgets a host and its reservations. Returns whether it was known.
@@ -264,7 +256,7 @@ impl Scheduler {
         if let Some(h) = inner.hosts[slot].take() {
             inner.leave_class(h.class, slot);
             let live = h.lock();
-            self.cached.write().unwrap_or_else(|e| e.into_inner()).remove(slot, &live.ad.image_cache);
+            self.cached.write().unwrap_or_else(|e| e.into_inner()).remove(slot, &h.ad(&crossbeam_epoch::pin()).image_cache);
             for id in &live.held {
                 self.reservations.shard(*id).remove(id);
             }
@@ -279,7 +271,7 @@ impl Scheduler {
         let Some(h) = g.host_named(name) else { return false };
         let mut live = h.lock();
         live.state = state;
-        live.changed();
+        h.publish(&live, None);
         drop(live);
         drop(g);
         if state == HostState::Ready {
@@ -297,7 +289,7 @@ impl Scheduler {
         if let Some(h) = g.host_named(name) {
             let mut live = h.lock();
             live.draining = draining;
-            live.changed();
+            h.publish(&live, None);
         }
         drop(g);
         if changed && !draining {
@@ -319,7 +311,8 @@ impl Scheduler {
     /// A host's free cpus and memory after outstanding reservations.
     pub fn free(&self, name: &str) -> Option<(u32, u64)> {
         self.read().host_named(name).map(|h| {
-            let live = h.lock();
+            let guard = crossbeam_epoch::pin();
+            let live = h.read(&guard);
             (live.free_cpus(), live.free_mem())
         })
     }
@@ -361,7 +354,7 @@ impl Scheduler {
         let r = self.reservations.shard(id).remove(&id)?;
         let g = self.read();
         if let Some(h) = g.host(r.slot) {
-            table::unhold(&mut h.lock(), &r);
+            table::unhold(h, &r);
         }
         Some(r)
     }

@@ -3,9 +3,10 @@
 
 use super::expr::Expr;
 use super::feasibility::{fits, Feasible};
-use super::table::{self, HostLive, Inner};
+use super::table::{self, HostRead, Inner};
 use super::types::Placement;
 use super::Scheduler;
+use crossbeam_epoch::Guard;
 use std::cell::Cell;
 use vgrid_api::grid::PlacementRequest;
 
@@ -48,10 +49,12 @@ impl Scheduler {
             return Attempt::Nothing;
         }
         let host_clauses = require.is_some_and(|r| r.has_host_scope());
+        let guard = crossbeam_epoch::pin();
         let consider = |slot: usize| -> Option<Candidate> {
             let h = inner.host(slot)?;
             let class = inner.class(h.class)?.val.as_ref();
-            let live = h.lock();
+            // The published values, not the lock: scoring writes nothing shared.
+            let live = h.read(&guard);
             if !fits(&live, class, req, require, host_clauses) {
                 return None;
             }
@@ -130,7 +133,7 @@ impl Scheduler {
                 }
             }
             let c = candidates.swap_remove(best);
-            if let Some(p) = self.try_reserve(inner, &c, req, require, host_clauses) {
+            if let Some(p) = self.try_reserve(inner, &c, req, require, host_clauses, &guard) {
                 return Attempt::Placed(p);
             }
         }
@@ -144,15 +147,18 @@ impl Scheduler {
         req: &PlacementRequest,
         require: Option<&Expr>,
         host_clauses: bool,
+        guard: &Guard,
     ) -> Option<Placement> {
         let h = inner.host(c.slot)?;
         let class = inner.class(h.class)?.val.as_ref();
         let mut live = h.lock();
-        if live.version != c.version && !fits(&live, class, req, require, host_clauses) {
+        let now = h.read_locked(&live, guard);
+        if now.version != c.version && !fits(&now, class, req, require, host_clauses) {
             return None;
         }
+        let ad = now.ad;
         let id = self.reservations.next_id();
-        let (placement, r) = table::reserve(h, &mut live, c.slot, id, req);
+        let (placement, r) = table::reserve(h, &mut live, ad, c.slot, id, req);
         // Into the map before the host's lock goes: an ad finds every held id there (or being
         // released).
         self.reservations.shard(id).insert(id, r);
@@ -203,7 +209,7 @@ struct DefaultRank {
 }
 
 impl DefaultRank {
-    fn of(h: &HostLive, image: &str) -> DefaultRank {
+    fn of(h: &HostRead<'_>, image: &str) -> DefaultRank {
         DefaultRank {
             cached: h.ad.image_cache.get(image).copied().filter(|f| f.is_finite()).unwrap_or(0.0),
             // The predicted load (next 30 s) where the host predicts, else its load average.
@@ -215,7 +221,7 @@ impl DefaultRank {
                     0.0
                 }
             },
-            vms: h.ad.running_vms.saturating_add(h.held.len() as u32),
+            vms: h.ad.running_vms.saturating_add(h.held_count),
             free_mem: h.free_mem(),
         }
     }

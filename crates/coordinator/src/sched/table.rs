@@ -6,10 +6,11 @@ use super::expr::{self, Expr};
 use super::types::{HostState, Placement, Reservation, ReservationId};
 use super::view::{AdVals, HostView};
 use cel::common::value::Val;
+use crossbeam_epoch::{self as epoch, Atomic, Guard, Owned, Shared};
 use crossbeam_utils::CachePadded;
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use vgrid_api::grid::{HostAd, PlacementRequest};
@@ -104,24 +105,36 @@ pub(super) struct Class {
     pub(super) policy: Option<Arc<Expr>>,
 }
 
-/// One host: its name and class (changed only under the table's write lock) and everything a
-/// heartbeat or a placement changes, behind the host's own lock.
+/// One host: its name and class (changed only under the table's write lock); what a heartbeat
+/// or a placement changes, behind the host's own lock ([`HostLive`]); and the same values
+/// published for placements to score without that lock ([`HostEntry::read`]).
+///
+/// Scoring writes nothing another thread reads: two threads scoring the same hosts keep their
+/// cache lines shared instead of taking turns at each host's lock word, which is what cost two
+/// placing threads most (bench/README.md, `bench/scheduler`). Only reserving takes the lock, and
+/// checks again a host whose version moved since it was scored. The published values are a
+/// sequence lock over atomics (a reader retries while a change is being published); the ad is a
+/// pointer a heartbeat swaps, the old ad freed once no placement can still hold it (epochs).
 pub(super) struct HostEntry {
     pub(super) name: String,
     pub(super) class: u32,
-    pub(super) live: Mutex<HostLive>,
+    live: Mutex<HostLive>,
+    /// Even while stable, odd while a change is published; +2 per change: the host's version.
+    seq: AtomicU64,
+    reserved_cpus: AtomicU32,
+    reserved_mem: AtomicU64,
+    held_count: AtomicU32,
+    /// [`LOST`] and [`DRAINING`].
+    flags: AtomicU8,
+    ad: Atomic<AdBlock>,
 }
 
-impl HostEntry {
-    pub(super) fn lock(&self) -> MutexGuard<'_, HostLive> {
-        // Every mutation completes before anything that can panic: a poisoned lock is usable.
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+const LOST: u8 = 1;
+const DRAINING: u8 = 2;
 
-/// What changes from heartbeat to heartbeat and placement to placement.
+/// What changes from heartbeat to heartbeat and placement to placement, behind the host's lock
+/// (the ad is the entry's, swapped under this lock).
 pub(super) struct HostLive {
-    pub(super) ad: HostAd,
     pub(super) state: HostState,
     /// Taken out of service (`vgrid host drain`).
     pub(super) draining: bool,
@@ -130,14 +143,146 @@ pub(super) struct HostLive {
     /// Outstanding reservations on this host. Whoever removes one from the reservation map
     /// (release, expiry, the next ad for a confirmed one) takes it out of here.
     pub(super) held: Vec<ReservationId>,
-    /// The values of `ad` that `host` borrows (see `view.rs`).
+}
+
+/// An ad with the values of it that `host` borrows (see `view.rs`).
+pub(super) struct AdBlock {
+    pub(super) ad: HostAd,
     pub(super) own: AdVals,
+}
+
+impl AdBlock {
+    pub(super) fn of(ad: HostAd) -> AdBlock {
+        AdBlock { own: AdVals::of(&ad), ad }
+    }
+}
+
+impl std::ops::Deref for AdBlock {
+    type Target = HostAd;
+    fn deref(&self) -> &HostAd {
+        &self.ad
+    }
+}
+
+/// A host as a placement reads it: the values of one version.
+pub(super) struct HostRead<'g> {
+    pub(super) ad: &'g AdBlock,
+    pub(super) state: HostState,
+    pub(super) draining: bool,
+    pub(super) reserved_cpus: u32,
+    pub(super) reserved_mem: u64,
+    pub(super) held_count: u32,
     /// Bumped by every change: a placement that checked the host at version v reserves on it
     /// without checking again if it is still at v.
     pub(super) version: u64,
 }
 
-impl HostLive {
+impl HostEntry {
+    pub(super) fn new(name: String, class: u32, ad: HostAd, draining: bool) -> HostEntry {
+        let live = HostLive { state: HostState::Ready, draining, reserved_cpus: 0, reserved_mem: 0, held: Vec::new() };
+        HostEntry {
+            name,
+            class,
+            flags: AtomicU8::new(flags_of(&live)),
+            live: Mutex::new(live),
+            seq: AtomicU64::new(0),
+            reserved_cpus: AtomicU32::new(0),
+            reserved_mem: AtomicU64::new(0),
+            held_count: AtomicU32::new(0),
+            ad: Atomic::new(AdBlock::of(ad)),
+        }
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, HostLive> {
+        // Every mutation completes before anything that can panic: a poisoned lock is usable.
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The ad as published (swapped only under the host's lock).
+    pub(super) fn ad<'g>(&self, guard: &'g Guard) -> &'g AdBlock {
+        // Never null (set at creation, swapped for another); freed only after every guard
+        // that could have loaded it is gone.
+        unsafe { self.ad.load(Ordering::Acquire, guard).deref() }
+    }
+
+    /// The host's published values, without its lock: what scoring reads. Retried while a
+    /// change is being published; after a few tries (a writer preempted mid-change) read under
+    /// the lock instead, which waits for the writer rather than spinning on it.
+    pub(super) fn read<'g>(&self, guard: &'g Guard) -> HostRead<'g> {
+        for _ in 0..4 {
+            let version = self.seq.load(Ordering::Acquire);
+            if version & 1 == 0 {
+                let flags = self.flags.load(Ordering::Relaxed);
+                let r = HostRead {
+                    ad: self.ad(guard),
+                    state: if flags & LOST != 0 { HostState::Lost } else { HostState::Ready },
+                    draining: flags & DRAINING != 0,
+                    reserved_cpus: self.reserved_cpus.load(Ordering::Relaxed),
+                    reserved_mem: self.reserved_mem.load(Ordering::Relaxed),
+                    held_count: self.held_count.load(Ordering::Relaxed),
+                    version,
+                };
+                fence(Ordering::Acquire);
+                if self.seq.load(Ordering::Relaxed) == version {
+                    return r;
+                }
+            }
+            std::hint::spin_loop();
+        }
+        let live = self.lock();
+        self.read_locked(&live, guard)
+    }
+
+    /// The host's values with its lock held (`live` is the guard's content).
+    pub(super) fn read_locked<'g>(&self, live: &HostLive, guard: &'g Guard) -> HostRead<'g> {
+        HostRead {
+            ad: self.ad(guard),
+            state: live.state,
+            draining: live.draining,
+            reserved_cpus: live.reserved_cpus,
+            reserved_mem: live.reserved_mem,
+            held_count: live.held.len() as u32,
+            version: self.seq.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Publishes a change made under the host's lock (`live` is the guard's content), with the
+    /// host's new ad if one came: checks made before are void, placements score the new values.
+    pub(super) fn publish(&self, live: &HostLive, ad: Option<AdBlock>) {
+        // Pinned before the change begins: pinning may free older ads, which readers should not
+        // wait for.
+        let guard = ad.is_some().then(epoch::pin);
+        let v = self.seq.load(Ordering::Relaxed);
+        self.seq.store(v + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        self.reserved_cpus.store(live.reserved_cpus, Ordering::Relaxed);
+        self.reserved_mem.store(live.reserved_mem, Ordering::Relaxed);
+        self.held_count.store(live.held.len() as u32, Ordering::Relaxed);
+        self.flags.store(flags_of(live), Ordering::Relaxed);
+        if let (Some(ad), Some(guard)) = (ad, &guard) {
+            let old = self.ad.swap(Owned::new(ad), Ordering::AcqRel, guard);
+            // Placements that loaded the old ad hold guards: it is freed after them.
+            unsafe { guard.defer_destroy(old) };
+        }
+        self.seq.store(v + 2, Ordering::Release);
+    }
+}
+
+impl Drop for HostEntry {
+    fn drop(&mut self) {
+        let guard = epoch::pin();
+        let old = self.ad.swap(Shared::null(), Ordering::AcqRel, &guard);
+        if !old.is_null() {
+            unsafe { guard.defer_destroy(old) };
+        }
+    }
+}
+
+fn flags_of(live: &HostLive) -> u8 {
+    (if live.state == HostState::Ready { 0 } else { LOST }) | (if live.draining { DRAINING } else { 0 })
+}
+
+impl HostRead<'_> {
     pub(super) fn free_cpus(&self) -> u32 {
         self.ad.free_cpus.saturating_sub(self.reserved_cpus)
     }
@@ -146,23 +291,19 @@ impl HostLive {
     }
     /// `host` as CEL sees it (free figures after reservations), with the class's value.
     pub(super) fn view<'a>(&'a self, class: &'a dyn Val) -> HostView<'a> {
-        let ad = &self.ad;
+        let ad = self.ad;
         HostView {
             class,
-            own: &self.own,
+            own: &ad.own,
             free_cpus: self.free_cpus() as u64,
             free_memory_mib: self.free_mem(),
-            running_vms: ad.running_vms.saturating_add(self.held.len() as u32) as u64,
+            running_vms: ad.running_vms.saturating_add(self.held_count) as u64,
             load_avg: ad.load_avg,
             load_now: ad.load_now,
             load_predicted: ad.load_predicted,
             cpu_cap: ad.cpu_cap,
             free_cpu_share: ad.free_cpu_share,
         }
-    }
-    /// Records a change (checks made before are void).
-    pub(super) fn changed(&mut self) {
-        self.version += 1;
     }
 }
 
@@ -339,6 +480,7 @@ impl Reservations {
 pub(super) fn reserve(
     h: &HostEntry,
     live: &mut HostLive,
+    ad: &AdBlock,
     slot: usize,
     id: ReservationId,
     req: &PlacementRequest,
@@ -346,20 +488,21 @@ pub(super) fn reserve(
     live.reserved_cpus += req.cpus;
     live.reserved_mem += req.memory_mib;
     live.held.push(id);
-    live.changed();
-    let placement = Placement { host: h.name.clone(), url: live.ad.url.clone(), reservation: id };
+    h.publish(live, None);
+    let placement = Placement { host: h.name.clone(), url: ad.url.clone(), reservation: id };
     let r =
         Reservation { id, host: h.name.clone(), cpus: req.cpus, memory_mib: req.memory_mib, confirmed: false, since: Instant::now(), slot };
     (placement, r)
 }
 
-/// Gives a reservation's capacity back to its host (its lock held), if the host still holds it.
-pub(super) fn unhold(live: &mut HostLive, r: &Reservation) {
+/// Gives a reservation's capacity back to its host, if the host still holds it.
+pub(super) fn unhold(h: &HostEntry, r: &Reservation) {
+    let mut live = h.lock();
     if let Some(i) = live.held.iter().position(|&x| x == r.id) {
         live.held.swap_remove(i);
         live.reserved_cpus = live.reserved_cpus.saturating_sub(r.cpus);
         live.reserved_mem = live.reserved_mem.saturating_sub(r.memory_mib);
-        live.changed();
+        h.publish(&live, None);
     }
 }
 

@@ -337,6 +337,90 @@ async fn queued_request_is_placed_when_capacity_frees_and_no_wait_fails_fast() {
     }
 }
 
+/// Placements score hosts without their locks while heartbeats replace the hosts' ads (load,
+/// image cache, URL) under them: no host is over-committed, every placement carries a URL its
+/// host advertised, and all capacity comes back. (The old ads are freed behind the readers.)
+#[test]
+fn placements_score_hosts_while_heartbeats_replace_their_ads() {
+    const THREADS: usize = 3;
+    const PER_THREAD: usize = 5_000;
+    let s = Arc::new(Scheduler::new());
+    for i in 0..3 {
+        s.upsert(ad(&format!("h{i}"), "uf", 2, 4096)).unwrap();
+    }
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let beats = {
+        let (s, done) = (s.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let i = n % 3;
+                let mut a = ad(&format!("h{i}"), "uf", 2, 4096);
+                a.url = format!("http://h{i}:7070/beat{n}");
+                a.load_avg = (n % 7) as f64;
+                a.image_cache = BTreeMap::from([("debian@12".to_string(), (n % 10) as f64 / 10.0)]);
+                s.upsert(a).unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let ledger: Arc<Mutex<HashMap<String, (u32, u64)>>> = Arc::new(Mutex::new(HashMap::new()));
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (s, ledger) = (s.clone(), ledger.clone());
+            std::thread::spawn(move || {
+                let mut holding = std::collections::VecDeque::new();
+                let mut placed = 0;
+                for n in 0..PER_THREAD {
+                    let mut r = req(&format!("u{t}"), 1, 1024);
+                    if n % 2 == 0 {
+                        r.require = Some("host.free_cpus >= 1 && host.load_avg < 6.0".into());
+                        r.rank = Some("host.image_cache['debian@12'] - host.load_avg".into());
+                    }
+                    if let Ok(p) = s.place(&r) {
+                        placed += 1;
+                        assert!(p.url.starts_with(&format!("http://{}:7070", p.host)), "{} got the URL {}", p.host, p.url);
+                        let mut l = ledger.lock().unwrap();
+                        let e = l.entry(p.host.clone()).or_default();
+                        e.0 += 1;
+                        e.1 += 1024;
+                        assert!(e.0 <= 2 && e.1 <= 4096, "{} over-committed: {e:?}", p.host);
+                        drop(l);
+                        holding.push_back(p);
+                    }
+                    if holding.len() > 1 {
+                        let p = holding.pop_front().unwrap();
+                        let mut l = ledger.lock().unwrap();
+                        let e = l.get_mut(&p.host).unwrap();
+                        e.0 -= 1;
+                        e.1 -= 1024;
+                        drop(l);
+                        s.release(p.reservation).unwrap();
+                    }
+                }
+                for p in holding {
+                    let mut l = ledger.lock().unwrap();
+                    let e = l.get_mut(&p.host).unwrap();
+                    e.0 -= 1;
+                    e.1 -= 1024;
+                    drop(l);
+                    s.release(p.reservation).unwrap();
+                }
+                placed
+            })
+        })
+        .collect();
+    let placed: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let beats = beats.join().unwrap();
+    assert!(placed > 0 && beats > 0, "placed {placed}, heartbeats {beats}");
+    assert!(s.reservations().is_empty());
+    for i in 0..3 {
+        assert_eq!(s.free(&format!("h{i}")), Some((2, 4096)));
+    }
+}
+
 /// Reservation ids come from blocks a thread takes at a time: unique across threads and across
 /// the schedulers one thread uses by turns; a table's first id is 1.
 #[test]
