@@ -244,6 +244,22 @@ fn parse_args() -> (usize, usize, usize, usize, usize) {
     (hosts, placements, rounds, threads, window)
 }
 
+/// The baseline of the threads' scaling inside this process: one scheduler per thread, each
+/// with every host (built here, like the shared one), so the threads share the process
+/// (allocator, address space) but no scheduler memory.
+fn separate_schedulers(ads: &[HostAd], threads: usize, window: usize) -> Vec<Arc<Scheduler>> {
+    (0..threads)
+        .map(|t| {
+            let own = Arc::new(Scheduler::new());
+            for ad in ads.iter() {
+                own.upsert(ad.clone()).expect("valid ad");
+            }
+            run(&own, ads, ads.len().clamp(5_000, 20_000), window, 11 + t as u64);
+            own
+        })
+        .collect()
+}
+
 fn main() {
     let (hosts, placements, rounds, threads, window) = parse_args();
     let mut rng = Rng(0x5EED_1234_ABCD_0001);
@@ -268,23 +284,7 @@ fn main() {
         warm.per_s
     );
 
-    // The baseline of the threads' scaling inside this process: one scheduler per thread, each
-    // with every host (built here, like the shared one), so the threads share the process
-    // (allocator, address space) but no scheduler memory.
-    let separate: Vec<Arc<Scheduler>> = if threads > 1 {
-        (0..threads)
-            .map(|t| {
-                let own = Arc::new(Scheduler::new());
-                for ad in ads.iter() {
-                    own.upsert(ad.clone()).expect("valid ad");
-                }
-                run(&own, &ads, hosts.clamp(5_000, 20_000), window, 11 + t as u64);
-                own
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let separate = if threads > 1 { separate_schedulers(&ads, threads, window) } else { Vec::new() };
     let mut per_s_sep = Vec::new();
     let mut per_s = Vec::new();
     let mut p50 = Vec::new();
