@@ -5,6 +5,7 @@ use super::expr::{Expr, Outcome, Scope};
 use super::table::{Class, HostEntry, HostRead, Inner, Refused, RequestKey, Verdict, READS_IMAGE, READS_USER};
 use super::types::{HostState, NoMatch, PlaceOptions, Refusal};
 use cel::common::value::Val;
+use crossbeam_epoch::Guard;
 use std::collections::HashMap;
 use std::sync::Arc;
 use vgrid_api::grid::{HostAd, PlacementRequest};
@@ -87,10 +88,11 @@ impl Inner {
         let mut names: Vec<(&str, usize)> = self.by_name.iter().map(|(n, &s)| (n.as_str(), s)).collect();
         names.sort_unstable();
         let mut refusals = Vec::with_capacity(names.len());
+        let guard = crossbeam_epoch::pin();
         for (name, slot) in names {
             let Some(h) = self.host(slot) else { continue };
             let class = self.class(h.class).map(|c| c.val.as_ref());
-            let (clause, detail, transient) = match refusal(h, class, feasible, req, require) {
+            let (clause, detail, transient) = match refusal(h, &guard, class, feasible, req, require) {
                 Some(r) => r,
                 None => {
                     *fits = true;
@@ -106,13 +108,13 @@ impl Inner {
 /// Why one host refuses the request now (`None`: it fits).
 fn refusal(
     h: &HostEntry,
+    guard: &Guard,
     class: Option<&dyn Val>,
     feasible: &Feasible,
     req: &PlacementRequest,
     require: Option<&Expr>,
 ) -> Option<(String, String, bool)> {
-    let guard = crossbeam_epoch::pin();
-    let live = h.read(&guard);
+    let live = h.read(guard);
     if live.draining {
         let name = &h.name;
         let detail = format!("host is draining (taken out of service by `vgrid host drain`; `vgrid host undrain {name}` puts it back)");
