@@ -337,6 +337,30 @@ async fn queued_request_is_placed_when_capacity_frees_and_no_wait_fails_fast() {
     }
 }
 
+/// What the placing threads of a test hold per host: a placement is counted after it is made
+/// and uncounted before it is released, so the ledger never over-counts.
+#[derive(Clone, Default)]
+struct Ledger(Arc<Mutex<HashMap<String, (u32, u64)>>>);
+
+impl Ledger {
+    /// Counts a placement; fails the test if its host now holds more than 2 cpus or 4096 MiB
+    /// (the tests' hosts).
+    fn hold(&self, host: &str, cpus: u32, mem: u64) {
+        let mut l = self.0.lock().unwrap();
+        let e = l.entry(host.to_string()).or_default();
+        e.0 += cpus;
+        e.1 += mem;
+        assert!(e.0 <= 2 && e.1 <= 4096, "{host} over-committed: {e:?} held of (2, 4096)");
+    }
+
+    fn unhold(&self, host: &str, cpus: u32, mem: u64) {
+        let mut l = self.0.lock().unwrap();
+        let e = l.get_mut(host).unwrap();
+        e.0 -= cpus;
+        e.1 -= mem;
+    }
+}
+
 /// Placements score hosts without their locks while heartbeats replace the hosts' ads (load,
 /// image cache, URL) under them: no host is over-committed, every placement carries a URL its
 /// host advertised, and all capacity comes back. (The old ads are freed behind the readers.)
@@ -365,7 +389,7 @@ fn placements_score_hosts_while_heartbeats_replace_their_ads() {
             n
         })
     };
-    let ledger: Arc<Mutex<HashMap<String, (u32, u64)>>> = Arc::new(Mutex::new(HashMap::new()));
+    let ledger = Ledger::default();
     let workers: Vec<_> = (0..THREADS)
         .map(|t| {
             let (s, ledger) = (s.clone(), ledger.clone());
@@ -381,30 +405,17 @@ fn placements_score_hosts_while_heartbeats_replace_their_ads() {
                     if let Ok(p) = s.place(&r) {
                         placed += 1;
                         assert!(p.url.starts_with(&format!("http://{}:7070", p.host)), "{} got the URL {}", p.host, p.url);
-                        let mut l = ledger.lock().unwrap();
-                        let e = l.entry(p.host.clone()).or_default();
-                        e.0 += 1;
-                        e.1 += 1024;
-                        assert!(e.0 <= 2 && e.1 <= 4096, "{} over-committed: {e:?}", p.host);
-                        drop(l);
+                        ledger.hold(&p.host, 1, 1024);
                         holding.push_back(p);
                     }
                     if holding.len() > 1 {
                         let p = holding.pop_front().unwrap();
-                        let mut l = ledger.lock().unwrap();
-                        let e = l.get_mut(&p.host).unwrap();
-                        e.0 -= 1;
-                        e.1 -= 1024;
-                        drop(l);
+                        ledger.unhold(&p.host, 1, 1024);
                         s.release(p.reservation).unwrap();
                     }
                 }
                 for p in holding {
-                    let mut l = ledger.lock().unwrap();
-                    let e = l.get_mut(&p.host).unwrap();
-                    e.0 -= 1;
-                    e.1 -= 1024;
-                    drop(l);
+                    ledger.unhold(&p.host, 1, 1024);
                     s.release(p.reservation).unwrap();
                 }
                 placed
@@ -766,7 +777,7 @@ fn parallel_placements_never_overcommit_and_are_all_accounted_for() {
     for i in 0..3 {
         s.upsert(ad(&format!("h{i}"), "uf", 2, 4096)).unwrap();
     }
-    let ledger: Arc<Mutex<HashMap<String, (u32, u64)>>> = Arc::new(Mutex::new(HashMap::new()));
+    let ledger = Ledger::default();
     let workers: Vec<_> = (0..THREADS)
         .map(|t| {
             let (s, ledger) = (s.clone(), ledger.clone());
@@ -784,12 +795,7 @@ fn parallel_placements_never_overcommit_and_are_all_accounted_for() {
                     match s.place(&r) {
                         Ok(p) => {
                             placed += 1;
-                            let mut l = ledger.lock().unwrap();
-                            let e = l.entry(p.host.clone()).or_default();
-                            e.0 += r.cpus;
-                            e.1 += r.memory_mib;
-                            assert!(e.0 <= 2 && e.1 <= 4096, "{} over-committed: {e:?} held of (2, 4096)", p.host);
-                            drop(l);
+                            ledger.hold(&p.host, r.cpus, r.memory_mib);
                             holding.push_back((p, r.cpus, r.memory_mib));
                         }
                         Err(PlaceError::NoMatch(nm)) => {
@@ -803,12 +809,7 @@ fn parallel_placements_never_overcommit_and_are_all_accounted_for() {
                     }
                     if holding.len() > 2 || (n % 5 == 0 && !holding.is_empty()) {
                         let (p, cpus, mem) = holding.pop_front().unwrap();
-                        {
-                            let mut l = ledger.lock().unwrap();
-                            let e = l.get_mut(&p.host).unwrap();
-                            e.0 -= cpus;
-                            e.1 -= mem;
-                        }
+                        ledger.unhold(&p.host, cpus, mem);
                         if n % 2 == 0 {
                             s.confirm(p.reservation).unwrap();
                         }
@@ -817,11 +818,7 @@ fn parallel_placements_never_overcommit_and_are_all_accounted_for() {
                     }
                 }
                 for (p, cpus, mem) in holding {
-                    let mut l = ledger.lock().unwrap();
-                    let e = l.get_mut(&p.host).unwrap();
-                    e.0 -= cpus;
-                    e.1 -= mem;
-                    drop(l);
+                    ledger.unhold(&p.host, cpus, mem);
                     s.release(p.reservation).unwrap();
                     released += 1;
                 }
