@@ -122,6 +122,8 @@ pub struct BuildSampleArgs {
 /// The guest recipes, embedded so the binary can build them anywhere.
 const BUILD_SAMPLE: &str = include_str!("../../../scripts/build-sample-guest.sh");
 const BUILD_DEBIAN: &str = include_str!("../../../scripts/build-debian-guest.sh");
+/// The cache protocol both recipes source from their own directory.
+const GUEST_CACHE: &str = include_str!("../../../scripts/guest-cache.sh");
 
 /// The cache directory a guest recipe builds into by default: `PREFIX-vN`, N the recipe's
 /// `LAYOUT=N` (so the help never names a stale one).
@@ -339,6 +341,7 @@ async fn build_sample(ctx: &Ctx, a: BuildSampleArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let script = dir.join(file);
     std::fs::write(&script, recipe)?;
+    std::fs::write(dir.join("guest-cache.sh"), GUEST_CACHE)?;
     let mut cmd = tokio::process::Command::new("bash");
     cmd.arg(&script);
     if let Some(o) = &a.out {
@@ -347,7 +350,7 @@ async fn build_sample(ctx: &Ctx, a: BuildSampleArgs) -> anyhow::Result<()> {
     let out = cmd.stderr(std::process::Stdio::inherit()).output().await.with_context(|| format!("running the {what} build script"))?;
     let _ = std::fs::remove_dir_all(&dir);
     if !out.status.success() {
-        bail!("building the {what} failed ({})", out.status);
+        bail!("building the {what} failed ({}; its script's messages are above)", out.status);
     }
     let outdir = PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim());
     eprintln!("{what} in {}", outdir.display());
