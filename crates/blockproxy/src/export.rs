@@ -314,46 +314,43 @@ impl Export {
             }
         });
     }
+}
 
-    /// Prefetches the profile's chunks in order with bounded concurrency. The image servers
-    /// becoming unreachable stops it: the guest's reads then fetch what they need (and wait
-    /// for the servers, see `wait.rs`).
-    pub(crate) fn prefetch_profile(self: &Arc<Self>, profile: BootProfile) {
-        let conc = self.shared.config.profile_prefetch_concurrency.max(1);
-        let shared = self.shared.clone();
-        let manifest = self.manifest.clone();
-        let image = self.image.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let wanted: Vec<(u64, ChunkHash, u32)> =
-                profile.chunks.iter().filter_map(|&i| manifest.profile_chunk(i).map(|(h, len)| (i, h, len))).collect();
-            let n = wanted.len();
-            let stopped = std::sync::atomic::AtomicBool::new(false);
-            futures::stream::iter(wanted)
-                .for_each_concurrent(conc, |(i, h, len)| {
-                    let (shared, stopped, image) = (shared.clone(), &stopped, &image);
-                    async move {
-                        if stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                            return;
-                        }
-                        match shared.chunk(h, len, Access::Prefetch).await {
-                            Err(e) if e.is_outage() => {
-                                if !stopped.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                                    tracing::warn!(image = %image, "boot profile prefetch stopped, image servers unreachable: {e}");
-                                }
-                            }
-                            Err(e) => tracing::debug!(chunk = i, hash = %h, "profile prefetch failed: {e}"),
-                            Ok(_) => {}
-                        }
+/// Prefetches `profile`'s chunks of `image` into the cache, in order with bounded concurrency,
+/// in the background (holding no export open). The image servers becoming unreachable stops
+/// it: the guest's reads then fetch what they need (and wait for the servers, see `wait.rs`).
+pub(crate) fn prefetch_profile(shared: Arc<Shared>, manifest: Arc<Manifest>, image: ImageRef, profile: BootProfile) {
+    let conc = shared.config.profile_prefetch_concurrency.max(1);
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let wanted: Vec<(u64, ChunkHash, u32)> =
+            profile.chunks.iter().filter_map(|&i| manifest.profile_chunk(i).map(|(h, len)| (i, h, len))).collect();
+        let n = wanted.len();
+        let stopped = std::sync::atomic::AtomicBool::new(false);
+        futures::stream::iter(wanted)
+            .for_each_concurrent(conc, |(i, h, len)| {
+                let (shared, stopped, image) = (shared.clone(), &stopped, &image);
+                async move {
+                    if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
                     }
-                })
-                .await;
-            if stopped.into_inner() {
-                return;
-            }
-            tracing::info!(image = %image, chunks = n, "boot profile prefetched in {:.1} s", started.elapsed().as_secs_f64());
-        });
-    }
+                    match shared.chunk(h, len, Access::Prefetch).await {
+                        Err(e) if e.is_outage() => {
+                            if !stopped.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                tracing::warn!(image = %image, "boot profile prefetch stopped, image servers unreachable: {e}");
+                            }
+                        }
+                        Err(e) => tracing::debug!(chunk = i, hash = %h, "profile prefetch failed: {e}"),
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+        if stopped.into_inner() {
+            return;
+        }
+        tracing::info!(image = %image, chunks = n, "boot profile prefetched in {:.1} s", started.elapsed().as_secs_f64());
+    });
 }
 
 impl Drop for Export {

@@ -30,6 +30,8 @@ pub(crate) struct Recording {
     /// The image's existing profile and the hot pages of it this restore is served (see
     /// [`Recording::refine`]); `None`: a first recording.
     refining: Mutex<Option<(BootProfile, Arc<hot::HotState>)>>,
+    /// The image server said the image has no profile: this recording is its first.
+    first: std::sync::atomic::AtomicBool,
 }
 
 struct RecState {
@@ -56,6 +58,7 @@ impl Recording {
             finish_on_close,
             state: Mutex::new(Some(RecState { chunks: Vec::new(), seen: HashSet::new(), pages: Vec::new(), seen_pages: HashSet::new() })),
             refining: Mutex::new(None),
+            first: std::sync::atomic::AtomicBool::new(false),
         });
         tracing::info!(image = %rec.image, "recording boot profile for {} s", rec.window.as_secs());
         let r = rec.clone();
@@ -64,6 +67,15 @@ impl Recording {
             r.finish();
         });
         rec
+    }
+
+    /// The image has no profile yet (its lookup said so): this recording will be its first.
+    pub(crate) fn mark_first(&self) {
+        self.first.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub(crate) fn is_first(&self) -> bool {
+        self.first.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Drops the recording without uploading it (the image has a profile already).

@@ -131,6 +131,19 @@ impl BlockProxy {
         }
     }
 
+    /// Ends now every first recording of a boot profile still in its window (an image that had
+    /// no profile when it was opened), uploading what it recorded, as the window's end would:
+    /// for a host whose guests have all ended (the end of `vgrid up`), so that their boots'
+    /// profiles are not lost with the process. Recordings whose lookup has not yet said the
+    /// image has no profile are left alone (they must not replace one). Then wait for the
+    /// uploads with [`flush_profiles`](Self::flush_profiles).
+    pub fn finish_recordings(&self) {
+        let recs: Vec<Arc<Recording>> = self.recordings.lock().unwrap().values().filter_map(Weak::upgrade).collect();
+        for rec in recs.iter().filter(|r| r.is_first()) {
+            rec.finish();
+        }
+    }
+
     pub(crate) fn shutdown_token(&self) -> &CancellationToken {
         &self.shutdown
     }
@@ -303,7 +316,6 @@ impl BlockProxy {
         }
         let prefetch = cfg.prefetch_profiles;
         let shared = self.shared.clone();
-        let weak = Arc::downgrade(export);
         let image = export.image().clone();
         let manifest = export.manifest().clone();
         tokio::spawn(async move {
@@ -315,7 +327,7 @@ impl BlockProxy {
                 Ok(Some(p)) => {
                     let hot = if prefetch && p.hot_pages > 0 {
                         // A warm image's hot pages: what its restored guest touches first.
-                        shared.load_hot(manifest, p.hot_pages);
+                        shared.load_hot(manifest.clone(), p.hot_pages);
                         shared.hot_state(&image)
                     } else {
                         None
@@ -328,12 +340,20 @@ impl BlockProxy {
                             None => rec.cancel(),
                         }
                     }
-                    if let (true, Some(export)) = (prefetch, weak.upgrade()) {
+                    // Whether or not the opening that started this is still open: a first
+                    // opening is often a probe (qemu-img creating the guest's overlay) that has
+                    // closed by the time the image server answers, and the guest's own opening
+                    // that follows is not a first one.
+                    if prefetch {
                         tracing::info!(image = %image, chunks = p.chunks.len(), hot_pages = p.hot_pages, "prefetching boot profile");
-                        export.prefetch_profile(p);
+                        export::prefetch_profile(shared.clone(), manifest.clone(), image.clone(), p);
                     }
                 }
-                Ok(None) => {}
+                Ok(None) => {
+                    if let Some(rec) = &rec {
+                        rec.mark_first();
+                    }
+                }
                 Err(e) => tracing::warn!(image = %image, "cannot look up boot profile: {e}"),
             }
         });

@@ -155,13 +155,25 @@ impl List {
         }
     }
 
+    /// The first profile any server has; `Ok(None)` when a server answered and none had one,
+    /// the first error when none could answer (an outage must not look like "no profile").
     async fn profile(&self, image: &ImageRef) -> Result<Option<BootProfile>, SourceError> {
+        let mut err = None;
+        let mut answered = false;
         for s in &self.sources {
-            if let Ok(Some(p)) = s.profile(image).await {
-                return Ok(Some(p));
+            match s.profile(image).await {
+                Ok(Some(p)) => return Ok(Some(p)),
+                Ok(None) => answered = true,
+                Err(e) => {
+                    tracing::debug!(source = %s.describe(), image = %image, "boot profile lookup: {e}");
+                    err.get_or_insert(e);
+                }
             }
         }
-        Ok(None)
+        match err {
+            Some(e) if !answered => Err(e),
+            _ => Ok(None),
+        }
     }
 
     async fn hot_pages(&self, image: &ImageRef) -> Result<Option<ByteStream>, SourceError> {

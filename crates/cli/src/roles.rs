@@ -758,6 +758,9 @@ pub async fn nbd(ctx: &Ctx, a: NbdArgs) -> anyhow::Result<ExitCode> {
     for h in handles {
         h.shutdown().await;
     }
+    // Its clients are gone: the profile of what they read goes to the image server now.
+    proxy.finish_recordings();
+    proxy.flush_profiles(Duration::from_secs(5)).await;
     proxy.shutdown();
     if let Some(sock) = &a.socket {
         let _ = std::fs::remove_file(sock);

@@ -277,6 +277,7 @@ impl Agent {
 
     /// Kills any guest still running (the coordinator stops them gracefully first) and stops
     /// serving NBD: the end of `vgrid up`, where the guests go with the machine's only agent.
+    /// The boot profiles being recorded are uploaded (their guests have ended) within seconds.
     pub async fn shutdown(&self) {
         for (id, _) in self.migrations.incoming_ids() {
             let _ = self.incoming_abort(&id).await;
@@ -290,6 +291,9 @@ impl Agent {
         if let Some(h) = h {
             h.shutdown().await;
         }
+        // The guests have ended: their boots' profiles are complete, upload them now rather
+        // than lose them with the process.
+        self.proxy.finish_recordings();
         self.proxy.flush_profiles(Duration::from_secs(5)).await;
         self.proxy.shutdown();
         self.res.shutdown();
