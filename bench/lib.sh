@@ -91,6 +91,7 @@ bench_workdir() {
   chmod 755 "$WORK"
   if [ "${BENCH_KEEP:-0}" = 1 ]; then
     log "work directory $WORK (kept: BENCH_KEEP=1)"
+    on_exit "kill_qemus_under '$WORK'"
   else
     on_exit "kill_qemus_under '$WORK'; rm -rf '$WORK'"
   fi
