@@ -268,6 +268,34 @@ fn shutting_down_vgrid_up_stops_its_guests() {
     assert!(!up.data_dir().join("host/nbd.sock").exists());
 }
 
+/// A first boot's profile is not lost when `vgrid up` ends before the recording window (60 s)
+/// does: it is uploaded on the way out (the guest removed first), and the next first opening of
+/// the image after a restart finds it and prefetches it (the opening is qemu-img's probe, closed
+/// before QEMU's own: the prefetch must not depend on it).
+#[test]
+fn a_boot_profile_outlives_vgrid_up_and_is_prefetched_after_a_restart() {
+    let mut up = Up::start();
+    up.import_sample();
+    let v = up.run_vm("sample", "profiled", BOOTED_MARKER, &[]);
+    up.ok(&["vm", "rm", "--force", &id_of(&v)]);
+    assert!(up.terminate(), "vgrid up did not exit on SIGTERM");
+    let log = std::fs::read_to_string(up.data_dir().join("up.log")).unwrap();
+    let uploaded = log.lines().find(|l| l.contains("boot profile uploaded") && l.contains("sample@1"));
+    let uploaded = uploaded.unwrap_or_else(|| panic!("no profile uploaded when vgrid up ended:\n{log}"));
+    let chunks = uploaded.split_whitespace().find_map(|w| w.strip_prefix("chunks=")).and_then(|n| n.parse::<u64>().ok());
+    assert!(chunks.is_some_and(|n| n > 0), "an empty profile: {uploaded}");
+
+    up.restart();
+    let v = up.run_vm("sample", "prefetched", BOOTED_MARKER, &[]);
+    let log = std::fs::read_to_string(up.data_dir().join("up.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("prefetching boot profile") && l.contains("sample@1")),
+        "the restarted host did not prefetch the profile:\n{}",
+        up.log_tail()
+    );
+    up.ok(&["vm", "rm", "--force", &id_of(&v)]);
+}
+
 #[test]
 fn console_over_the_api_is_interactive_and_ctrl_bracket_detaches() {
     use std::io::{Read, Write};

@@ -75,13 +75,27 @@ impl Up {
     pub fn start_with(extra: &[&str]) -> Up {
         // Short path: unix socket paths (runtime dirs) must stay under 108 bytes.
         let data = tempfile::Builder::new().prefix("vg").tempdir_in("/tmp").expect("temp dir");
+        let (child, url) = Self::spawn(data.path(), extra);
+        Up { child: Some(child), url, data }
+    }
+
+    /// Stops this `vgrid up` gracefully (as [`Up::terminate`]) and starts it again on the same
+    /// data directory (a new port); its log starts anew.
+    pub fn restart(&mut self) {
+        self.terminate();
+        let (child, url) = Self::spawn(self.data.path(), &[]);
+        self.child = Some(child);
+        self.url = url;
+    }
+
+    fn spawn(data: &Path, extra: &[&str]) -> (Child, String) {
         let mut child = Command::new(vgrid_bin())
             .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data.path())
+            .arg(data)
             .args(extra)
             .env("RUST_LOG", role_log_level())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(data.path().join("up.log")).unwrap()))
+            .stderr(Stdio::from(std::fs::File::create(data.join("up.log")).unwrap()))
             .spawn()
             .expect("spawning vgrid up");
         let stdout = child.stdout.take().unwrap();
@@ -94,13 +108,10 @@ impl Up {
             .split_whitespace()
             .find(|w| w.starts_with("https://"))
             .unwrap_or_else(|| {
-                panic!(
-                    "vgrid up printed no URL: {line:?}; log:\n{}",
-                    std::fs::read_to_string(data.path().join("up.log")).unwrap_or_default()
-                )
+                panic!("vgrid up printed no URL: {line:?}; log:\n{}", std::fs::read_to_string(data.join("up.log")).unwrap_or_default())
             })
             .to_string();
-        Up { child: Some(child), url, data }
+        (child, url)
     }
 
     /// Runs the CLI against this instance.

@@ -176,7 +176,11 @@ fn init_tracing(server: bool) {
     use tracing_subscriber::EnvFilter;
     let default = if server { "info" } else { "warn" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colours only on a terminal: a log file or a service manager's journal gets plain text
+    // (and `NO_COLOR` turns them off anywhere).
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
