@@ -65,6 +65,8 @@ pub struct Up {
     pub child: Option<Child>,
     pub url: String,
     pub data: tempfile::TempDir,
+    /// The arguments it was started with besides its data directory (kept for a restart).
+    extra: Vec<String>,
 }
 
 impl Up {
@@ -75,20 +77,21 @@ impl Up {
     pub fn start_with(extra: &[&str]) -> Up {
         // Short path: unix socket paths (runtime dirs) must stay under 108 bytes.
         let data = tempfile::Builder::new().prefix("vg").tempdir_in("/tmp").expect("temp dir");
-        let (child, url) = Self::spawn(data.path(), extra);
-        Up { child: Some(child), url, data }
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let (child, url) = Self::spawn(data.path(), &extra);
+        Up { child: Some(child), url, data, extra }
     }
 
     /// Stops this `vgrid up` gracefully (as [`Up::terminate`]) and starts it again on the same
-    /// data directory (a new port); its log starts anew.
+    /// data directory and arguments (a new port); its log starts anew.
     pub fn restart(&mut self) {
         self.terminate();
-        let (child, url) = Self::spawn(self.data.path(), &[]);
+        let (child, url) = Self::spawn(self.data.path(), &self.extra);
         self.child = Some(child);
         self.url = url;
     }
 
-    fn spawn(data: &Path, extra: &[&str]) -> (Child, String) {
+    fn spawn(data: &Path, extra: &[String]) -> (Child, String) {
         let mut child = Command::new(vgrid_bin())
             .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data)

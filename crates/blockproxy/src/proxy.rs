@@ -346,7 +346,7 @@ impl BlockProxy {
                     // that follows is not a first one.
                     if prefetch {
                         tracing::info!(image = %image, chunks = p.chunks.len(), hot_pages = p.hot_pages, "prefetching boot profile");
-                        export::prefetch_profile(shared.clone(), manifest.clone(), image.clone(), p);
+                        export::prefetch_profile(shared, manifest, image, p);
                     }
                 }
                 Ok(None) => {

@@ -3,40 +3,47 @@
 
 use super::*;
 
+/// A host's proxy recording boot profiles for a long window (the tests end recordings by the
+/// chunk limit, `max_chunks`, or by stopping), no readahead, serving `sock`; with the export
+/// URI of image `name` on it.
+fn recording_proxy(
+    f: &Fixture,
+    cache: &str,
+    sock: &str,
+    name: &str,
+    max_chunks: Option<usize>,
+) -> (Arc<BlockProxy>, vgrid_blockproxy::ServerHandle, String) {
+    let mut cfg = ProxyConfig::new(f.path(cache), 1 << 30);
+    cfg.profile_window = Duration::from_secs(600);
+    cfg.readahead_chunks = 0;
+    if let Some(n) = max_chunks {
+        cfg.profile_max_chunks = n;
+    }
+    let proxy = BlockProxy::new(cfg, f.source()).unwrap();
+    let sock = f.path(sock);
+    let server = proxy.serve_unix(&sock).unwrap();
+    (proxy, server, uri(name, &sock))
+}
+
+/// One qemu-io session on `u` reading 4 KiB at the start of each of `chunks`, in order.
+async fn read_chunks(u: &str, chunks: &[u32]) {
+    let reads: Vec<String> = chunks.iter().flat_map(|i| ["-c".to_string(), format!("read {} 4k", i * CHUNK)]).collect();
+    let mut args = vec!["-r", "-f", "raw"];
+    args.extend(reads.iter().map(String::as_str));
+    args.push(u);
+    ok("qemu-io", &args).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boot_profile_is_recorded_then_prefetched() {
     let f = Fixture::new("bootme").await;
-    let mut cfg = ProxyConfig::new(f.path("cache1"), 1 << 30);
     // Ends by the chunk limit (deterministic), not by the clock.
-    cfg.profile_window = Duration::from_secs(600);
-    cfg.profile_max_chunks = 4;
-    cfg.readahead_chunks = 0;
-    let proxy = BlockProxy::new(cfg, f.source()).unwrap();
-    let sock = f.path("nbd.sock");
-    let _server = proxy.serve_unix(&sock).unwrap();
-    let u = uri("bootme", &sock);
+    let (_proxy, _server, u) = recording_proxy(&f, "cache1", "nbd.sock", "bootme", Some(4));
     // One client session touching chunks 25, 2, then 25 again, then 40: the profile is the
     // first-touch order of stored chunks.
-    ok(
-        "qemu-io",
-        &[
-            "-r",
-            "-f",
-            "raw",
-            "-c",
-            &format!("read {} 4k", 25 * CHUNK),
-            "-c",
-            &format!("read {} 4k", 2 * CHUNK),
-            "-c",
-            &format!("read {} 4k", 25 * CHUNK),
-            "-c",
-            &format!("read {} 4k", 40 * CHUNK),
-            &u,
-        ],
-    )
-    .await;
+    read_chunks(&u, &[25, 2, 25, 40]).await;
     // A second session within the window: its new chunk is appended.
-    ok("qemu-io", &["-r", "-f", "raw", "-c", &format!("read {} 4k", 41 * CHUNK), &u]).await;
+    read_chunks(&u, &[41]).await;
     // The recording reached its limit: the profile is uploaded.
     let client = StoreClient::new(&f.server.url()).unwrap();
     let image = f.manifest.image_ref();
@@ -51,7 +58,6 @@ async fn boot_profile_is_recorded_then_prefetched() {
     let want: Vec<_> = [25usize, 2, 40, 41].iter().map(|i| f.manifest.disk.chunks[*i].unwrap()).collect();
     assert!(all_cached_soon(&proxy2, &want).await, "profile chunks were not prefetched");
     assert_eq!(proxy2.stats().prefetched, 4);
-    let _ = ImageRef { name: String::new(), version: None };
 }
 
 /// A host that stops before a first boot's recording window has ended (the end of `vgrid up`,
@@ -60,19 +66,9 @@ async fn boot_profile_is_recorded_then_prefetched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_host_uploads_the_profile_it_was_recording() {
     let f = Fixture::new("stopme").await;
-    let mut cfg = ProxyConfig::new(f.path("cache1"), 1 << 30);
-    cfg.profile_window = Duration::from_secs(600);
-    cfg.readahead_chunks = 0;
-    let proxy = BlockProxy::new(cfg, f.source()).unwrap();
-    let sock = f.path("nbd.sock");
-    let server = proxy.serve_unix(&sock).unwrap();
-    let u = uri("stopme", &sock);
+    let (proxy, server, u) = recording_proxy(&f, "cache1", "nbd.sock", "stopme", None);
     // One client session reading chunks 7, 3, 7 again and 30.
-    let reads: Vec<String> = [7u32, 3, 7, 30].iter().flat_map(|i| ["-c".to_string(), format!("read {} 4k", i * CHUNK)]).collect();
-    let mut args = vec!["-r", "-f", "raw"];
-    args.extend(reads.iter().map(String::as_str));
-    args.push(&u);
-    ok("qemu-io", &args).await;
+    read_chunks(&u, &[7, 3, 7, 30]).await;
     let client = StoreClient::new(&f.server.url()).unwrap();
     let image = f.manifest.image_ref();
     assert!(client.profile(&image).await.is_err(), "nothing uploaded while the window runs");
@@ -94,14 +90,8 @@ async fn a_stopping_host_uploads_the_profile_it_was_recording() {
 
     // A second host: the image has that profile; what its guest reads is not recorded, and its
     // stop leaves the profile as it was.
-    let mut cfg = ProxyConfig::new(f.path("cache2"), 1 << 30);
-    cfg.profile_window = Duration::from_secs(600);
-    cfg.readahead_chunks = 0;
-    let proxy2 = BlockProxy::new(cfg, f.source()).unwrap();
-    let sock2 = f.path("nbd2.sock");
-    let server2 = proxy2.serve_unix(&sock2).unwrap();
-    let u2 = uri("stopme", &sock2);
-    ok("qemu-io", &["-r", "-f", "raw", "-c", &format!("read {} 4k", 50 * CHUNK), &u2]).await;
+    let (proxy2, server2, u2) = recording_proxy(&f, "cache2", "nbd2.sock", "stopme", None);
+    read_chunks(&u2, &[50]).await;
     let want: Vec<_> = [7usize, 3, 30].iter().map(|i| f.manifest.disk.chunks[*i].unwrap()).collect();
     assert!(all_cached_soon(&proxy2, &want).await, "the second host did not prefetch the profile");
     server2.shutdown().await;
