@@ -25,6 +25,8 @@
 //!   a whole fetched chunk; a whole chunk stored meanwhile replaces it. Partial chunks count
 //!   against the bound (the bytes of their blocks present) and are evicted like chunks; they do
 //!   not survive a restart (`tmp/` is emptied at open).
+//! * The files in `tmp/` come from `spare/`, where a background thread keeps a few empty ones
+//!   (`spare.rs`): creating a file can cost a miss ~0.3 ms on ext4 without a journal.
 //! * The directory is locked (`flock` on `cache_dir/lock`) so two processes never share it.
 
 use crate::source::SourceError;
@@ -43,6 +45,7 @@ use tokio::sync::watch;
 use vgrid_api::ChunkHash;
 
 mod partial;
+mod spare;
 pub(crate) use partial::Partial;
 use partial::PartialEntry;
 
@@ -240,7 +243,8 @@ pub struct ChunkCache {
     max_open_files: usize,
     inner: Mutex<Inner>,
     pub(crate) counters: Counters,
-    tmp_seq: AtomicU64,
+    /// Empty files in `spare/` made ahead for the chunks to come (see `spare.rs`).
+    spares: Arc<spare::Spares>,
     _lock: File,
     /// Tests: milliseconds each fetched chunk's store is held back (a slow file system).
     #[cfg(test)]
@@ -275,6 +279,12 @@ impl ChunkCache {
             std::fs::remove_dir_all(&tmp_dir).map_err(|e| io_err(&tmp_dir, "clean temp directory", e))?;
         }
         std::fs::create_dir_all(&tmp_dir).map_err(|e| io_err(&tmp_dir, "create directory", e))?;
+        // Spare files of the last run: made again.
+        let spare_dir = dir.join("spare");
+        if spare_dir.exists() {
+            std::fs::remove_dir_all(&spare_dir).map_err(|e| io_err(&spare_dir, "clean spare directory", e))?;
+        }
+        std::fs::create_dir_all(&spare_dir).map_err(|e| io_err(&spare_dir, "create directory", e))?;
         for i in 0..=255u8 {
             let d = chunks_dir.join(format!("{i:02x}"));
             std::fs::create_dir_all(&d).map_err(|e| io_err(&d, "create directory", e))?;
@@ -282,12 +292,12 @@ impl ChunkCache {
         let cache = ChunkCache {
             dir,
             chunks_dir,
-            tmp_dir,
+            tmp_dir: tmp_dir.clone(),
             limit: AtomicU64::new(max_bytes),
             max_open_files: max_open_files.max(16),
             inner: Mutex::new(Inner::default()),
             counters: Counters::default(),
-            tmp_seq: AtomicU64::new(0),
+            spares: spare::Spares::new(spare_dir, tmp_dir.clone()),
             _lock: lock,
             #[cfg(test)]
             store_delay_ms: AtomicU64::new(0),
@@ -575,9 +585,7 @@ impl ChunkCache {
     /// and step failed.
     fn store(&self, hash: &ChunkHash, data: &[u8]) -> Result<ChunkFile, (PathBuf, &'static str, std::io::Error)> {
         let len = data.len() as u32;
-        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.tmp_dir.join(format!("{}.{seq}", hash.to_hex()));
-        let mut f = OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).map_err(|e| (tmp.clone(), "create", e))?;
+        let (tmp, mut f) = self.spares.take().map_err(|e| (self.tmp_dir.clone(), "create a file in", e))?;
         if let Err(e) = f.write_all(data) {
             drop(f);
             let _ = std::fs::remove_file(&tmp);

@@ -54,7 +54,12 @@ pub struct ImageStore {
     session_ttl: Duration,
     /// Set when other image servers may share the objects: pins and the GC lease in the bucket.
     bucket: Option<crate::shared::Bucket>,
+    /// Chunks ranged reads were served from lately, decoded (see `recent.rs`).
+    recent: recent::Recent,
 }
+
+/// Bytes of decoded chunks kept for ranged reads ([`recent::Recent`]): 128 chunks of 256 KiB.
+const RECENT_RANGE_BYTES: usize = 32 << 20;
 
 fn chunk_path(h: &ChunkHash) -> Path {
     let hex = h.to_hex();
@@ -103,6 +108,7 @@ impl ImageStore {
             sessions: Mutex::new(HashMap::new()),
             session_ttl: DEFAULT_SESSION_TTL,
             bucket: None,
+            recent: recent::Recent::new(RECENT_RANGE_BYTES),
         }
     }
 
@@ -207,21 +213,40 @@ impl ImageStore {
     /// whole blocks inside the chunk is [`StoreError::BadRange`].
     pub async fn get_chunk_range(&self, hash: &ChunkHash, block: u32, offset: u32, len: u32) -> Result<Bytes, StoreError> {
         use vgrid_storeclient::tree;
-        let z = self.read_chunk_object(hash).await?;
         let h = *hash;
+        let (decoded, fresh) = match self.recent.get(hash, block) {
+            Some(d) => (Some(d), false),
+            None => (None, true),
+        };
+        let z = match decoded {
+            Some(_) => None,
+            None => Some(self.read_chunk_object(hash).await?),
+        };
         // One hashing pass: the block CVs verify the chunk and go into the answer.
         let r = tokio::task::spawn_blocking(move || {
-            codec::decode_with_blocks(&h, &z, MAX_CHUNK_SIZE as usize, block).map(|(data, cvs)| match cvs {
-                Some(cvs) => tree::encode_range_with(&h, &data, &cvs, block, offset, len),
-                None => Err(tree::TreeError::Geometry { hash: h, block, chunk_len: data.len() as u32 }),
-            })
+            let d = match (decoded, z) {
+                (Some(d), _) => d,
+                (None, z) => {
+                    let (data, cvs) = codec::decode_with_blocks(&h, &z.unwrap_or_default(), MAX_CHUNK_SIZE as usize, block)?;
+                    let Some(cvs) = cvs else {
+                        return Ok(Err(tree::TreeError::Geometry { hash: h, block, chunk_len: data.len() as u32 }));
+                    };
+                    Arc::new(recent::Decoded { data, cvs })
+                }
+            };
+            Ok(tree::encode_range_with(&h, &d.data, &d.cvs, block, offset, len).map(|z| (z, d)))
         })
         .await
         .expect("chunk range task panicked");
         match r {
             Err(cause) => Err(Self::corrupt(hash, cause)),
             Ok(Err(e)) => Err(StoreError::BadRange(e)),
-            Ok(Ok(z)) => Ok(Bytes::from(z)),
+            Ok(Ok((z, d))) => {
+                if fresh {
+                    self.recent.put(h, block, d);
+                }
+                Ok(Bytes::from(z))
+            }
         }
     }
 
@@ -642,6 +667,8 @@ impl ImageStore {
         let chunks: Vec<_> =
             self.objects.list(Some(&Path::from("chunks"))).try_collect().await.map_err(|e| StoreError::backend("list", "chunks", e))?;
         let mut report = GcReport::default();
+        // Nothing deleted stays servable from the decoded chunks either.
+        self.recent.clear();
         for meta in chunks {
             let Some(hash) = meta.location.filename().and_then(|f| f.parse::<ChunkHash>().ok()) else {
                 continue;
@@ -745,5 +772,6 @@ impl ImageStore {
 }
 
 mod epoch;
+mod recent;
 #[cfg(test)]
 mod tests;

@@ -3,10 +3,9 @@
 //! before it is written, renamed into `chunks/` once complete.
 
 use super::{io_err, is_no_space, CacheError, ChunkCache, ChunkFile, Counters, Entry};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use vgrid_api::ChunkHash;
 
@@ -91,9 +90,7 @@ impl ChunkCache {
                 return Ok(Some(p));
             }
         }
-        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let path = self.tmp_dir.join(format!("{}.partial.{seq}", hash.to_hex()));
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(|e| io_err(&path, "create", e))?;
+        let (path, file) = self.spares.take().map_err(|e| io_err(&self.tmp_dir, "create a file in", e))?;
         if let Err(e) = file.set_len(len as u64) {
             let _ = std::fs::remove_file(&path);
             return Err(io_err(&path, "size", e));
