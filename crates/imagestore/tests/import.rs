@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use vgrid_api::{Boot, ImageRef};
-use vgrid_storeclient::{export_blob, export_image, import_file, Format, ImportError, ImportOptions};
+use vgrid_storeclient::{codec, export_blob, export_image, import_file, Format, ImportError, ImportOptions};
 
 const CS: u32 = 64 * 1024;
 
@@ -152,7 +152,13 @@ async fn kernel_boot_blobs_and_bad_inputs() {
     let disk = s.dir.path().join("d.raw");
     write_test_disk(&disk, 20);
     let kernel = s.dir.path().join("vmlinuz");
-    std::fs::write(&kernel, chunk_data(30, 100_000)).unwrap();
+    // Text-like (compressible) data, as a kernel's is in part.
+    let words: Vec<Vec<u8>> =
+        (0..400).map(|i| chunk_data(1000 + i, 3 + (i as usize % 7)).iter().map(|b| b'a' + b % 26).collect()).collect();
+    let picks = chunk_data(32, 60_000);
+    let text: Vec<u8> =
+        picks.chunks(2).flat_map(|p| words[(p[0] as usize * 256 + p[1] as usize) % 400].iter().copied().chain([b' '])).collect();
+    std::fs::write(&kernel, &text).unwrap();
     let initrd = s.dir.path().join("initrd");
     std::fs::write(&initrd, chunk_data(31, 5000)).unwrap();
     let o = ImportOptions {
@@ -171,6 +177,19 @@ async fn kernel_boot_blobs_and_bad_inputs() {
     let iout = s.dir.path().join("i.out");
     export_blob(&s.client, "k", ib, m.chunk_size, &iout, &no_progress()).await.unwrap();
     assert_eq!(std::fs::read(&iout).unwrap(), std::fs::read(&initrd).unwrap());
+    // Boot files that compress are stored compressed harder than a disk's chunks (every first
+    // boot fetches them whole); those that do not (an initrd is compressed inside) as usual.
+    let cs = m.chunk_size as usize;
+    for (i, h) in kb.chunks.iter().enumerate() {
+        let plain = &text[i * cs..((i + 1) * cs).min(text.len())];
+        let (h2, fast) = codec::encode(plain);
+        assert_eq!(Some(h2), *h);
+        let stored = std::fs::metadata(s.chunk_file(&h2)).unwrap().len() as usize;
+        assert!(stored < fast.len(), "kernel chunk {i}: {stored} bytes stored, {} at the disk's level", fast.len());
+    }
+    let (h, fast) = codec::encode(&std::fs::read(&initrd).unwrap());
+    assert_eq!(ib.chunks, vec![Some(h)]);
+    assert_eq!(std::fs::read(s.chunk_file(&h)).unwrap(), fast);
 
     // Unreadable / absent files are named.
     let ghost = s.dir.path().join("nope.raw");

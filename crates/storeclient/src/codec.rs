@@ -6,6 +6,10 @@ use vgrid_api::ChunkHash;
 /// zstd level for stored chunks: fast to write, decompresses at memory speed.
 pub const ZSTD_LEVEL: i32 = 3;
 
+/// zstd level for the chunks of a kernel or initrd at import: read whole by every first boot,
+/// so worth compressing harder once (see `import.rs`).
+pub const BOOT_FILE_LEVEL: i32 = 15;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
     #[error("chunk {hash}: stored bytes are not valid zstd ({source})")]
