@@ -61,10 +61,42 @@ impl ImageOwner {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BootProfile {
     pub chunks: Vec<u64>,
+    /// Disk chunks of `chunks` that the recorded boot read only in part, with the byte ranges
+    /// it read (whole blocks of the recording host's ranged fetches): a host prefetches only
+    /// those ranges. A chunk not named here is prefetched whole (and a host that does not know
+    /// this field prefetches every chunk whole).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<ChunkPart>,
     /// Pages of the saved RAM in the image's hot-page bundle (`GET .../profile/hot`): what a
     /// restored guest touched first, sent as pages rather than chunks. 0: no bundle.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub hot_pages: u64,
+}
+
+/// The part of one disk chunk a recorded boot read ([`BootProfile::parts`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ChunkPart {
+    /// The chunk's index in the disk.
+    pub chunk: u64,
+    /// `[offset, len]` byte ranges within the chunk, in ascending order, not overlapping.
+    pub ranges: Vec<[u32; 2]>,
+}
+
+impl ChunkPart {
+    /// Why `self` cannot be a part of a chunk of `chunk_len` bytes, if it cannot.
+    pub fn invalid(&self, chunk_len: u32) -> Option<String> {
+        if self.ranges.is_empty() {
+            return Some("no ranges".into());
+        }
+        let mut end = 0u64;
+        for &[off, len] in &self.ranges {
+            if len == 0 || (off as u64) < end || off as u64 + len as u64 > chunk_len as u64 {
+                return Some(format!("range [{off}, {len}] is empty, out of order or beyond the chunk's {chunk_len} bytes"));
+            }
+            end = off as u64 + len as u64;
+        }
+        None
+    }
 }
 
 impl ImageSummary {

@@ -453,6 +453,11 @@ impl ChunkCache {
         self.counters.record_fetch(took, bytes);
     }
 
+    /// Counts a prefetch served by a ranged fetch (a boot profile's part of a chunk).
+    pub(crate) fn count_prefetched(&self) {
+        Counters::add(&self.counters.prefetched, 1);
+    }
+
     /// Counts a fetch that failed.
     pub(crate) fn count_fetch_error(&self) {
         Counters::add(&self.counters.fetch_errors, 1);

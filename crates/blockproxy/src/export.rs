@@ -106,7 +106,7 @@ impl Export {
         let cs = self.chunk_size() as u64;
         let first = offset / cs;
         let last = (offset + len - 1) / cs;
-        self.record(first, last);
+        self.record(first, last, (!self.ram).then_some((offset, len)));
         if self.ram {
             tracing::trace!(export = %self.name, offset, len, "RAM read");
             self.record_pages(offset, len);
@@ -140,7 +140,7 @@ impl Export {
             }
         }
         self.shared.cache.count_hits(hits);
-        self.record(first, last);
+        self.record(first, last, (!self.ram).then_some((offset, len)));
         if self.ram {
             self.record_pages(offset, len);
         }
@@ -196,7 +196,7 @@ impl Export {
 
     fn record_hot(&self, offset: u64, len: u64) {
         let cs = self.chunk_size() as u64;
-        self.record(offset / cs, (offset + len - 1) / cs);
+        self.record(offset / cs, (offset + len - 1) / cs, None);
         self.record_pages(offset, len);
     }
 
@@ -257,11 +257,13 @@ impl Export {
         }
     }
 
-    fn record(&self, first: u64, last: u64) {
+    /// Records a read of chunks `first..=last` (and, of a disk, its bytes `range`: the boot
+    /// profile's parts).
+    fn record(&self, first: u64, last: u64, range: Option<(u64, u64)>) {
         if let Some(r) = self.recording.get() {
             // A saved RAM's chunks follow the disk's in a profile.
             let off = if self.ram { self.manifest.disk.chunks.len() as u64 } else { 0 };
-            r.record(first + off, last + off, |i| self.is_zero_chunk(i - off));
+            r.record(first + off, last + off, range, |i| self.is_zero_chunk(i - off));
         }
     }
 
@@ -323,6 +325,9 @@ pub(crate) fn prefetch_profile(shared: Arc<Shared>, manifest: Arc<Manifest>, ima
     let conc = shared.config.profile_prefetch_concurrency.max(1);
     tokio::spawn(async move {
         let started = Instant::now();
+        // A chunk the boot read only in part: only those parts (see `profile.rs`).
+        let parts: std::collections::HashMap<u64, Vec<[u32; 2]>> = profile.parts.into_iter().map(|p| (p.chunk, p.ranges)).collect();
+        let parts = &parts;
         let wanted: Vec<(u64, ChunkHash, u32)> =
             profile.chunks.iter().filter_map(|&i| manifest.profile_chunk(i).map(|(h, len)| (i, h, len))).collect();
         let n = wanted.len();
@@ -334,7 +339,11 @@ pub(crate) fn prefetch_profile(shared: Arc<Shared>, manifest: Arc<Manifest>, ima
                     if stopped.load(std::sync::atomic::Ordering::Relaxed) {
                         return;
                     }
-                    match shared.chunk(h, len, Access::Prefetch).await {
+                    let fetched = match parts.get(&i) {
+                        Some(ranges) => shared.prefetch_blocks(h, len, ranges).await,
+                        None => shared.chunk(h, len, Access::Prefetch).await.map(drop),
+                    };
+                    match fetched {
                         Err(e) if e.is_outage() => {
                             if !stopped.swap(true, std::sync::atomic::Ordering::Relaxed) {
                                 tracing::warn!(image = %image, "boot profile prefetch stopped, image servers unreachable: {e}");

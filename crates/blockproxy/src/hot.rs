@@ -351,7 +351,7 @@ mod tests {
         }
         fn profile<'a>(&'a self, _: &'a ImageRef) -> BoxFuture<'a, Result<Option<BootProfile>, SourceError>> {
             self.lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Box::pin(async { Ok((self.hot_pages > 0).then(|| BootProfile { chunks: vec![], hot_pages: self.hot_pages })) })
+            Box::pin(async { Ok((self.hot_pages > 0).then(|| BootProfile { hot_pages: self.hot_pages, ..Default::default() })) })
         }
         fn put_profile<'a>(&'a self, _: &'a ImageRef, p: &'a BootProfile) -> BoxFuture<'a, Result<(), SourceError>> {
             self.put_profiles.lock().unwrap().push(p.clone());

@@ -7,7 +7,7 @@ use crate::source::ChunkSource;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vgrid_api::rest::BootProfile;
+use vgrid_api::rest::{BootProfile, ChunkPart};
 use vgrid_api::{ImageRef, Manifest};
 
 /// A boot profile being recorded for one image version: the disk chunk indices read (by any
@@ -19,6 +19,8 @@ pub(crate) struct Recording {
     started: Instant,
     window: Duration,
     max: usize,
+    /// Block size of the disk parts recorded (the host's `range_block`); 0: whole chunks only.
+    block: u32,
     source: Arc<dyn ChunkSource>,
     uploads: Arc<Uploads>,
     /// For the hot-page bundle, made from the cache (weak: a recording must not keep a
@@ -37,6 +39,8 @@ pub(crate) struct Recording {
 struct RecState {
     chunks: Vec<u64>,
     seen: HashSet<u64>,
+    /// Per disk chunk read: which of its blocks were read (one bit each).
+    blocks: std::collections::HashMap<u64, Vec<u64>>,
     /// Saved-RAM pages (of `HOT_PAGE_SIZE`) in first-touch order: a warm image's hot pages.
     pages: Vec<u64>,
     seen_pages: HashSet<u64>,
@@ -52,11 +56,18 @@ impl Recording {
             started: Instant::now(),
             window,
             max: cfg.profile_max_chunks.max(1),
+            block: cfg.range_block,
             source: shared.source.clone(),
             uploads: shared.uploads.clone(),
             shared: Arc::downgrade(shared),
             finish_on_close,
-            state: Mutex::new(Some(RecState { chunks: Vec::new(), seen: HashSet::new(), pages: Vec::new(), seen_pages: HashSet::new() })),
+            state: Mutex::new(Some(RecState {
+                chunks: Vec::new(),
+                seen: HashSet::new(),
+                blocks: Default::default(),
+                pages: Vec::new(),
+                seen_pages: HashSet::new(),
+            })),
             refining: Mutex::new(None),
             first: std::sync::atomic::AtomicBool::new(false),
         });
@@ -94,7 +105,9 @@ impl Recording {
         *self.refining.lock().unwrap() = Some((profile, hot));
     }
 
-    pub(crate) fn record(&self, first: u64, last: u64, is_zero: impl Fn(u64) -> bool) {
+    /// Records a read of chunks `first..=last` and, of a disk, of its bytes `range` (`(offset,
+    /// len)`: which blocks of those chunks were read).
+    pub(crate) fn record(&self, first: u64, last: u64, range: Option<(u64, u64)>, is_zero: impl Fn(u64) -> bool) {
         let mut g = self.state.lock().unwrap();
         let Some(st) = g.as_mut() else { return };
         let expired = self.started.elapsed() >= self.window;
@@ -107,10 +120,34 @@ impl Recording {
                     st.chunks.push(idx);
                 }
             }
+            if let Some((offset, len)) = range {
+                self.record_blocks(st, offset, len);
+            }
         }
         if expired || st.chunks.len() >= self.max {
             drop(g);
             self.finish();
+        }
+    }
+
+    /// Marks the blocks of the disk's bytes `[offset, offset+len)` a guest read (of the chunks
+    /// the recording took), so that the profile names the parts of chunks a boot read rather
+    /// than whole chunks.
+    fn record_blocks(&self, st: &mut RecState, offset: u64, len: u64) {
+        let (cs, block) = (self.manifest.chunk_size as u64, self.block as u64);
+        if block == 0 || len == 0 || !vgrid_storeclient::tree::geometry_ok(self.block, self.manifest.chunk_size) {
+            return;
+        }
+        let (first, last) = (offset / block, (offset + len - 1) / block);
+        let per_chunk = cs / block;
+        for b in first..=last {
+            let chunk = b / per_chunk;
+            if !st.seen.contains(&chunk) {
+                continue;
+            }
+            let bits = st.blocks.entry(chunk).or_insert_with(|| vec![0; per_chunk.div_ceil(64) as usize]);
+            let i = b % per_chunk;
+            bits[(i / 64) as usize] |= 1 << (i % 64);
         }
     }
 
@@ -140,7 +177,8 @@ impl Recording {
             tracing::info!(image = %self.image, "no disk reads during the boot profile window; nothing recorded");
             return;
         }
-        let mut profile = BootProfile { chunks: st.chunks, hot_pages: 0 };
+        let parts = parts(&self.manifest, self.block, &st.chunks, &st.blocks);
+        let mut profile = BootProfile { chunks: st.chunks, parts, hot_pages: 0 };
         let shared = self.shared.clone();
         let source = self.source.clone();
         let manifest = self.manifest.clone();
@@ -253,6 +291,33 @@ impl Recording {
         };
         self.spawn_upload(upload);
     }
+}
+
+/// The parts of disk chunks a boot read, from the blocks recorded per chunk: every chunk of
+/// `chunks` on the disk of which some block was not read, with the runs of blocks that were
+/// (a chunk read whole, or with no block recorded, is left whole).
+fn parts(manifest: &Manifest, block: u32, chunks: &[u64], blocks: &std::collections::HashMap<u64, Vec<u64>>) -> Vec<ChunkPart> {
+    let disk = manifest.disk.chunks.len() as u64;
+    let mut out = Vec::new();
+    for &chunk in chunks.iter().filter(|&&c| c < disk) {
+        let Some(bits) = blocks.get(&chunk) else { continue };
+        let len = manifest.disk.chunk_len(manifest.chunk_size, chunk as usize);
+        let n = len.div_ceil(block);
+        let read = |i: u32| bits[(i / 64) as usize] & (1 << (i % 64)) != 0;
+        if (0..n).all(read) {
+            continue;
+        }
+        let mut ranges: Vec<[u32; 2]> = Vec::new();
+        for i in (0..n).filter(|&i| read(i)) {
+            let (off, end) = (i * block, ((i + 1) * block).min(len));
+            match ranges.last_mut() {
+                Some(r) if r[0] + r[1] == off => r[1] = end - r[0],
+                _ => ranges.push([off, end - off]),
+            }
+        }
+        out.push(ChunkPart { chunk, ranges });
+    }
+    out
 }
 
 /// Waits until the fetches in flight of the chunks holding `pages` are stored: a RAM fault is

@@ -2,7 +2,7 @@
 //! uploads under way, the hot pages of warm images and the reads waiting for image servers;
 //! and the read primitives over them.
 
-use crate::cache::{Access, CacheError, ChunkCache, ChunkFile};
+use crate::cache::{Access, CacheError, ChunkCache, ChunkFile, Partial};
 use crate::config::ProxyConfig;
 use crate::error::ReadError;
 use crate::hot::{self, HotState};
@@ -142,40 +142,84 @@ impl Shared {
             let _one = p.fetching.lock().await;
             let runs = p.missing(start, end);
             if !runs.is_empty() {
-                let t0 = Instant::now();
-                let mut fetched = 0u64;
-                for (first, n) in runs {
-                    match self.fetch_blocks(image, index, hash, len, block, first, n).await {
-                        Ok(Some(r)) => {
-                            fetched += (r.data.len() + 32 * r.cvs.len()) as u64;
-                            let (c, p) = (self.cache.clone(), p.clone());
-                            let stored = tokio::task::spawn_blocking(move || c.put_blocks(&p, first, &r)).await;
-                            let stored = stored
-                                .unwrap_or_else(|e| Err(crate::cache::io_err(self.cache.dir(), "store blocks", std::io::Error::other(e))));
-                            if let Err(e) = stored {
-                                self.cache.count_fetch_error();
-                                return Err(e);
-                            }
-                        }
-                        Ok(None) => {
-                            if fetched > 0 {
-                                self.cache.count_range_fetch(t0.elapsed(), fetched);
-                            }
-                            drop(_one);
-                            return self.read_chunk(image, index, hash, len).await;
-                        }
-                        Err(e) => {
-                            self.cache.count_fetch_error();
-                            return Err(CacheError::Fetch { hash, source: e });
-                        }
-                    }
+                let fetch = |first, n| self.fetch_blocks(image, index, hash, len, block, first, n);
+                if !self.fill_runs(hash, &p, runs, fetch).await? {
+                    drop(_one);
+                    return self.read_chunk(image, index, hash, len).await;
                 }
-                self.cache.count_range_fetch(t0.elapsed(), fetched);
                 return Ok(p.chunk_file());
             }
         }
         self.cache.count_hits(1);
         Ok(p.chunk_file())
+    }
+
+    /// Prefetches the blocks covering `ranges` (`[offset, len]` within the chunk) of chunk
+    /// `hash` (`len` bytes): a boot profile's part of it. One try, like [`Shared::chunk`]: an
+    /// outage is an error at once. Nothing is fetched when the chunk is cached or coming
+    /// whole; the whole chunk when ranges do not apply.
+    pub(crate) async fn prefetch_blocks(&self, hash: ChunkHash, len: u32, ranges: &[[u32; 2]]) -> Result<(), CacheError> {
+        let block = self.config.range_block;
+        if block == 0 || !vgrid_storeclient::tree::geometry_ok(block, len) {
+            return self.chunk(hash, len, Access::Prefetch).await.map(drop);
+        }
+        let Some(p) = self.cache.partial(&hash, len, block)? else { return Ok(()) };
+        let _one = p.fetching.lock().await;
+        let runs: Vec<(u32, u32)> =
+            ranges.iter().filter(|r| r[0] < len).flat_map(|&[off, n]| p.missing(off, off.saturating_add(n).min(len))).collect();
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let limit = self.config.fetch_attempt_timeout;
+        let fetch = |first: u32, n: u32| {
+            let (source, slots) = (self.source.clone(), self.fetch_slots.clone());
+            async move { wait::try_range_once(source.as_ref(), &hash, len, block, first * block, n * block, limit, &slots).await }
+        };
+        if !self.fill_runs(hash, &p, runs, fetch).await? {
+            drop(_one);
+            return self.chunk(hash, len, Access::Prefetch).await.map(drop);
+        }
+        self.cache.count_prefetched();
+        Ok(())
+    }
+
+    /// Fetches the runs `(first block, count)` of partial chunk `p` (of chunk `hash`) with
+    /// `fetch` and stores them, verified. `Ok(false)`: the source serves no ranges (fetch the
+    /// chunk whole instead).
+    async fn fill_runs<F, Fut>(&self, hash: ChunkHash, p: &Arc<Partial>, runs: Vec<(u32, u32)>, fetch: F) -> Result<bool, CacheError>
+    where
+        F: Fn(u32, u32) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<RangeBlocks>, SourceError>>,
+    {
+        let t0 = Instant::now();
+        let mut fetched = 0u64;
+        for (first, n) in runs {
+            match fetch(first, n).await {
+                Ok(Some(r)) => {
+                    fetched += (r.data.len() + 32 * r.cvs.len()) as u64;
+                    let (c, p) = (self.cache.clone(), p.clone());
+                    let stored = tokio::task::spawn_blocking(move || c.put_blocks(&p, first, &r)).await;
+                    let stored =
+                        stored.unwrap_or_else(|e| Err(crate::cache::io_err(self.cache.dir(), "store blocks", std::io::Error::other(e))));
+                    if let Err(e) = stored {
+                        self.cache.count_fetch_error();
+                        return Err(e);
+                    }
+                }
+                Ok(None) => {
+                    if fetched > 0 {
+                        self.cache.count_range_fetch(t0.elapsed(), fetched);
+                    }
+                    return Ok(false);
+                }
+                Err(e) => {
+                    self.cache.count_fetch_error();
+                    return Err(CacheError::Fetch { hash, source: e });
+                }
+            }
+        }
+        self.cache.count_range_fetch(t0.elapsed(), fetched);
+        Ok(true)
     }
 
     /// Fetches `n` blocks of chunk `hash` from block `first` on, for a guest's read (waiting

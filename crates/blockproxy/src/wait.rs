@@ -9,7 +9,7 @@
 //! proxy's stats and the host's heartbeat read; the log says when it starts waiting, every
 //! [`LOG_EVERY`] while it waits, and when it goes on (with how long it waited).
 
-use crate::source::{ChunkSource, SourceError};
+use crate::source::{ChunkSource, RangeBlocks, SourceError};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -51,6 +51,23 @@ pub(crate) async fn try_once(
     slots: &Semaphore,
 ) -> Result<Vec<u8>, SourceError> {
     try_once_with(source.describe(), &format!("chunk {hash}"), limit, slots, source.chunk(hash, len as usize)).await
+}
+
+/// [`try_once`] of bytes `[offset, offset+len)` (whole `block`-byte blocks) of chunk `hash`
+/// (`chunk_len` bytes) with their chaining values; `None`: the source serves no ranges.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn try_range_once(
+    source: &dyn ChunkSource,
+    hash: &ChunkHash,
+    chunk_len: u32,
+    block: u32,
+    offset: u32,
+    len: u32,
+    limit: Duration,
+    slots: &Semaphore,
+) -> Result<Option<RangeBlocks>, SourceError> {
+    let what = format!("chunk {hash} (bytes {offset}..{})", offset + len);
+    try_once_with(source.describe(), &what, limit, slots, source.chunk_range(hash, chunk_len, block, offset, len)).await
 }
 
 /// [`try_once`] of any fetch `call` (of `what`, from `source_name`).

@@ -54,6 +54,8 @@ pub enum StoreError {
     ProfileNotFound(ImageRef),
     #[error("boot profile of image {image}: chunk index {index} is beyond the disk's {chunks} chunks")]
     BadProfile { image: ImageRef, index: u64, chunks: usize },
+    #[error("boot profile of image {image}: the part of chunk {chunk}: {cause}")]
+    BadProfilePart { image: ImageRef, chunk: u64, cause: String },
     #[error("hot pages of image {0} not found")]
     HotPagesNotFound(ImageRef),
     #[error("hot pages of image {image} refused: {cause}")]

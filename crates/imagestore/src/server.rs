@@ -32,7 +32,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use vgrid_api::openapi::Binary;
-use vgrid_api::rest::{BootProfile, ErrorKind, GcReport, ImageOwner, ImageSummary, UploadCreated, UploadId};
+use vgrid_api::rest::{BootProfile, ChunkPart, ErrorKind, GcReport, ImageOwner, ImageSummary, UploadCreated, UploadId};
 use vgrid_api::volume::Epoch;
 use vgrid_api::{ChunkHash, ErrorBody, ImageRef, Manifest};
 
@@ -78,6 +78,7 @@ impl From<StoreError> for ApiError {
             BadRange(e) => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, format!("chunk {}", range_hash(e))),
             BadName(cause) => (StatusCode::BAD_REQUEST, ErrorKind::BAD_REQUEST, cause.to_string()),
             BadProfile { image, .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorKind::BAD_REQUEST, format!("profile of image {image}")),
+            BadProfilePart { image, .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorKind::BAD_REQUEST, format!("profile of image {image}")),
             BadUpload { hash, .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorKind::BAD_REQUEST, format!("chunk {hash}")),
             MissingChunks { image, missing, .. } => {
                 let shown: Vec<String> = missing.iter().take(100).map(|h| h.to_hex()).collect();
@@ -245,7 +246,7 @@ async fn gate(State(s): St, req: axum::extract::Request, next: axum::middleware:
     info(title = "vgrid image server API", description = "Images as manifests plus blake3-addressed, zstd-compressed chunks."),
     paths(list_images, get_latest, get_version, delete_all, delete_version, get_profile, put_profile, get_hot_pages, put_hot_pages,
         get_chunk, head_chunk, get_chunk_range, run_gc, begin_upload, abort_upload, missing, put_chunk, commit, get_owner, put_owner, get_epoch, put_epoch),
-    components(schemas(ErrorBody, ImageSummary, Manifest, GcReport, BootProfile, UploadCreated, ImageOwner, ChunkHash, Epoch)),
+    components(schemas(ErrorBody, ImageSummary, Manifest, GcReport, BootProfile, ChunkPart, UploadCreated, ImageOwner, ChunkHash, Epoch)),
     modifiers(&CONTRACT),
     security(("bearer" = []), ("node_certificate" = []))
 )]

@@ -762,6 +762,19 @@ impl ImageStore {
         if let Some(&index) = profile.chunks.iter().find(|&&i| i >= m.profile_len()) {
             return Err(StoreError::BadProfile { image: r, index, chunks: m.profile_len() as usize });
         }
+        let named: HashSet<u64> = profile.chunks.iter().copied().collect();
+        for part in &profile.parts {
+            let bad = |cause: String| StoreError::BadProfilePart { image: r.clone(), chunk: part.chunk, cause };
+            let Some(Some(_)) = m.disk.chunks.get(part.chunk as usize) else {
+                return Err(bad("not a stored chunk of the disk".into()));
+            };
+            if !named.contains(&part.chunk) {
+                return Err(bad("not among the profile's chunks".into()));
+            }
+            if let Some(cause) = part.invalid(m.disk.chunk_len(m.chunk_size, part.chunk as usize)) {
+                return Err(bad(cause));
+            }
+        }
         let json = serde_json::to_vec(profile).expect("profile serialises");
         self.objects
             .put(&profile_path(&r.name, r.version.expect("concrete")), PutPayload::from(json))

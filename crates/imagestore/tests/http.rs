@@ -4,7 +4,7 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
-use vgrid_api::rest::BootProfile;
+use vgrid_api::rest::{BootProfile, ChunkPart};
 use vgrid_api::{ChunkHash, ErrorBody, ImageRef};
 use vgrid_storeclient::{codec, ClientError};
 
@@ -241,11 +241,30 @@ async fn boot_profiles() {
     upload_image(&s.client, "p", CS, &[Some(chunk_data(1, 4096)), Some(chunk_data(2, 4096))]).await;
     let e = s.client.profile(&r("p")).await.unwrap_err();
     assert!(e.is_not_found(), "{e}");
-    let prof = BootProfile { chunks: vec![1, 0], hot_pages: 0 };
+    // Chunk 1 read in part: two ranges of it.
+    let part = ChunkPart { chunk: 1, ranges: vec![[0, 1024], [2048, 1024]] };
+    let prof = BootProfile { chunks: vec![1, 0], parts: vec![part.clone()], hot_pages: 0 };
     s.client.put_profile(&r("p@1"), &prof).await.unwrap();
     assert_eq!(s.client.profile(&r("p")).await.unwrap(), prof);
-    let e = s.client.put_profile(&r("p@1"), &BootProfile { chunks: vec![2], hot_pages: 0 }).await.unwrap_err();
+    let e = s.client.put_profile(&r("p@1"), &BootProfile { chunks: vec![2], ..Default::default() }).await.unwrap_err();
     assert_eq!(e.status(), Some(422), "{e}");
+    // A part beyond its chunk, overlapping, of a chunk the profile does not name: refused,
+    // naming the chunk; the stored profile stays.
+    for (bad, says) in [
+        (ChunkPart { chunk: 1, ranges: vec![[3072, 2048]] }, "beyond the chunk's 4096 bytes"),
+        (ChunkPart { chunk: 1, ranges: vec![[0, 2048], [1024, 1024]] }, "out of order"),
+        (ChunkPart { chunk: 1, ranges: vec![] }, "no ranges"),
+        (ChunkPart { chunk: 5, ranges: vec![[0, 1024]] }, "not a stored chunk"),
+    ] {
+        let p = BootProfile { chunks: vec![1, 0], parts: vec![bad], hot_pages: 0 };
+        let e = s.client.put_profile(&r("p@1"), &p).await.unwrap_err();
+        assert_eq!(e.status(), Some(422), "{e}");
+        assert!(e.to_string().contains(says) && e.to_string().contains("chunk"), "{e}");
+    }
+    let p = BootProfile { chunks: vec![0], parts: vec![part], hot_pages: 0 };
+    let e = s.client.put_profile(&r("p@1"), &p).await.unwrap_err();
+    assert!(e.to_string().contains("not among the profile's chunks"), "{e}");
+    assert_eq!(s.client.profile(&r("p")).await.unwrap(), prof);
     let e = s.client.put_profile(&r("q@1"), &prof).await.unwrap_err();
     assert!(e.is_not_found(), "{e}");
 }
