@@ -446,16 +446,15 @@ impl ChunkCache {
         crate::metrics::hits(n);
     }
 
-    /// Counts a read that fetched part of a chunk (a miss) and the bytes fetched.
-    pub(crate) fn count_range_fetch(&self, took: std::time::Duration, bytes: u64) {
-        Counters::add(&self.counters.misses, 1);
-        crate::metrics::miss();
+    /// Counts a ranged fetch of part of a chunk (a read's miss, or a prefetch) and its bytes.
+    pub(crate) fn count_range_fetch(&self, took: std::time::Duration, bytes: u64, access: Access) {
+        if access.is_read() {
+            Counters::add(&self.counters.misses, 1);
+            crate::metrics::miss();
+        } else {
+            Counters::add(&self.counters.prefetched, 1);
+        }
         self.counters.record_fetch(took, bytes);
-    }
-
-    /// Counts a prefetch served by a ranged fetch (a boot profile's part of a chunk).
-    pub(crate) fn count_prefetched(&self) {
-        Counters::add(&self.counters.prefetched, 1);
     }
 
     /// Counts a fetch that failed.

@@ -143,7 +143,7 @@ impl Shared {
             let runs = p.missing(start, end);
             if !runs.is_empty() {
                 let fetch = |first, n| self.fetch_blocks(image, index, hash, len, block, first, n);
-                if !self.fill_runs(hash, &p, runs, fetch).await? {
+                if !self.fill_runs(hash, &p, runs, Access::Read, fetch).await? {
                     drop(_one);
                     return self.read_chunk(image, index, hash, len).await;
                 }
@@ -175,18 +175,24 @@ impl Shared {
             let (source, slots) = (self.source.clone(), self.fetch_slots.clone());
             async move { wait::try_range_once(source.as_ref(), &hash, len, block, first * block, n * block, limit, &slots).await }
         };
-        if !self.fill_runs(hash, &p, runs, fetch).await? {
+        if !self.fill_runs(hash, &p, runs, Access::Prefetch, fetch).await? {
             drop(_one);
             return self.chunk(hash, len, Access::Prefetch).await.map(drop);
         }
-        self.cache.count_prefetched();
         Ok(())
     }
 
     /// Fetches the runs `(first block, count)` of partial chunk `p` (of chunk `hash`) with
-    /// `fetch` and stores them, verified. `Ok(false)`: the source serves no ranges (fetch the
-    /// chunk whole instead).
-    async fn fill_runs<F, Fut>(&self, hash: ChunkHash, p: &Arc<Partial>, runs: Vec<(u32, u32)>, fetch: F) -> Result<bool, CacheError>
+    /// `fetch` and stores them, verified; counted as a miss of a read or as a prefetch, as
+    /// `access` says. `Ok(false)`: the source serves no ranges (fetch the chunk whole instead).
+    async fn fill_runs<F, Fut>(
+        &self,
+        hash: ChunkHash,
+        p: &Arc<Partial>,
+        runs: Vec<(u32, u32)>,
+        access: Access,
+        fetch: F,
+    ) -> Result<bool, CacheError>
     where
         F: Fn(u32, u32) -> Fut,
         Fut: std::future::Future<Output = Result<Option<RangeBlocks>, SourceError>>,
@@ -208,7 +214,7 @@ impl Shared {
                 }
                 Ok(None) => {
                     if fetched > 0 {
-                        self.cache.count_range_fetch(t0.elapsed(), fetched);
+                        self.cache.count_range_fetch(t0.elapsed(), fetched, access);
                     }
                     return Ok(false);
                 }
@@ -218,7 +224,7 @@ impl Shared {
                 }
             }
         }
-        self.cache.count_range_fetch(t0.elapsed(), fetched);
+        self.cache.count_range_fetch(t0.elapsed(), fetched, access);
         Ok(true)
     }
 
