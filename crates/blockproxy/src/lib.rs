@@ -3,7 +3,8 @@
 //! chunk cache on local disk that all guests share; misses fetch verified chunks from image
 //! servers through a [`ChunkSource`] (a random read's miss only the blocks of the chunk it
 //! covers, verified through the chunk's BLAKE3 tree). It also stages whole images (explicit
-//! transfer), records and prefetches boot profiles, and reads sequential streams ahead.
+//! transfer), records and prefetches boot profiles (the blocks a boot read), and reads
+//! sequential streams ahead.
 //! This crate owns the NBD protocol, the host chunk cache and its directory; it must never write
 //! to an image, serve bytes that were not verified against their hash, know about VMs or QEMU
 //! processes, or talk to the coordinator.
@@ -14,7 +15,7 @@
 //! Files: `proxy` (the [`BlockProxy`]: images, exports, staging, blobs), `service` (the state
 //! every export shares: cache, source, settings, uploads, hot pages), `export` (one image's
 //! read path), `profile` (boot-profile recording), `hot` (hot pages of warm images), `cache`
-//! (the host chunk cache; `cache/partial` its partially fetched chunks), `source` / `servers` / `store_source` (where chunks come from),
+//! (the host chunk cache; `cache/partial` its partially fetched chunks, `cache/spare` the empty files made ahead for them), `source` / `servers` / `store_source` (where chunks come from),
 //! `wait` (the hard mount: a guest's read waits while its image servers are unreachable),
 //! `server` + `protocol` (NBD; `busy` polls a connection that keeps the pace), `stats`, `metrics` (its Prometheus families), `config`, `error`. No file imports one that imports
 //! it back.

@@ -6,7 +6,8 @@
 //!
 //! * [`store`]: [`ImageStore`] over any `ObjectStore` (local filesystem by default): chunks,
 //!   manifests, boot profiles, upload sessions and a garbage collector that is safe against
-//!   concurrent imports. Chunks are verified with `vgrid_storeclient::codec`.
+//!   concurrent imports. Chunks are verified with `vgrid_storeclient::codec`; those it served
+//!   ranges of lately stay decoded in memory (`store/recent.rs`).
 //! * [`shared`]: what several image servers on one bucket (`--store s3://…`) keep in the bucket
 //!   instead of in memory: upload pins and the garbage-collection lease.
 //! * [`error`]: [`StoreError`], what the store and the shared bucket refuse and why.
