@@ -78,8 +78,22 @@ pub struct BootProfile {
 pub struct ChunkPart {
     /// The chunk's index in the disk.
     pub chunk: u64,
-    /// `[offset, len]` byte ranges within the chunk, in ascending order, not overlapping.
-    pub ranges: Vec<[u32; 2]>,
+    /// Byte ranges within the chunk, in ascending order, not overlapping.
+    pub ranges: Vec<ByteRange>,
+}
+
+/// Bytes `[offset, offset+len)` of a chunk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ByteRange {
+    pub offset: u32,
+    pub len: u32,
+}
+
+impl From<[u32; 2]> for ByteRange {
+    /// `[offset, len]`.
+    fn from([offset, len]: [u32; 2]) -> ByteRange {
+        ByteRange { offset, len }
+    }
 }
 
 impl ChunkPart {
@@ -89,7 +103,7 @@ impl ChunkPart {
             return Some("no ranges".into());
         }
         let mut end = 0u64;
-        for &[off, len] in &self.ranges {
+        for &ByteRange { offset: off, len } in &self.ranges {
             if len == 0 || (off as u64) < end || off as u64 + len as u64 > chunk_len as u64 {
                 return Some(format!("range [{off}, {len}] is empty, out of order or beyond the chunk's {chunk_len} bytes"));
             }

@@ -326,7 +326,8 @@ pub(crate) fn prefetch_profile(shared: Arc<Shared>, manifest: Arc<Manifest>, ima
     tokio::spawn(async move {
         let started = Instant::now();
         // A chunk the boot read only in part: only those parts (see `profile.rs`).
-        let parts: std::collections::HashMap<u64, Vec<[u32; 2]>> = profile.parts.into_iter().map(|p| (p.chunk, p.ranges)).collect();
+        let parts: std::collections::HashMap<u64, Vec<vgrid_api::rest::ByteRange>> =
+            profile.parts.into_iter().map(|p| (p.chunk, p.ranges)).collect();
         let parts = &parts;
         let wanted: Vec<(u64, ChunkHash, u32)> =
             profile.chunks.iter().filter_map(|&i| manifest.profile_chunk(i).map(|(h, len)| (i, h, len))).collect();

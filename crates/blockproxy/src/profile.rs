@@ -7,7 +7,7 @@ use crate::source::ChunkSource;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vgrid_api::rest::{BootProfile, ChunkPart};
+use vgrid_api::rest::{BootProfile, ByteRange, ChunkPart};
 use vgrid_api::{ImageRef, Manifest};
 
 /// A boot profile being recorded for one image version: the disk chunk indices read (by any
@@ -307,12 +307,12 @@ fn parts(manifest: &Manifest, block: u32, chunks: &[u64], blocks: &std::collecti
         if (0..n).all(read) {
             continue;
         }
-        let mut ranges: Vec<[u32; 2]> = Vec::new();
+        let mut ranges: Vec<ByteRange> = Vec::new();
         for i in (0..n).filter(|&i| read(i)) {
             let (off, end) = (i * block, ((i + 1) * block).min(len));
             match ranges.last_mut() {
-                Some(r) if r[0] + r[1] == off => r[1] = end - r[0],
-                _ => ranges.push([off, end - off]),
+                Some(r) if r.offset + r.len == off => r.len = end - r.offset,
+                _ => ranges.push(ByteRange { offset: off, len: end - off }),
             }
         }
         out.push(ChunkPart { chunk, ranges });

@@ -154,11 +154,11 @@ impl Shared {
         Ok(p.chunk_file())
     }
 
-    /// Prefetches the blocks covering `ranges` (`[offset, len]` within the chunk) of chunk
+    /// Prefetches the blocks covering `ranges` (byte ranges within the chunk) of chunk
     /// `hash` (`len` bytes): a boot profile's part of it. One try, like [`Shared::chunk`]: an
     /// outage is an error at once. Nothing is fetched when the chunk is cached or coming
     /// whole; the whole chunk when ranges do not apply.
-    pub(crate) async fn prefetch_blocks(&self, hash: ChunkHash, len: u32, ranges: &[[u32; 2]]) -> Result<(), CacheError> {
+    pub(crate) async fn prefetch_blocks(&self, hash: ChunkHash, len: u32, ranges: &[vgrid_api::rest::ByteRange]) -> Result<(), CacheError> {
         let block = self.config.range_block;
         if block == 0 || !vgrid_storeclient::tree::geometry_ok(block, len) {
             return self.chunk(hash, len, Access::Prefetch).await.map(drop);
@@ -166,7 +166,7 @@ impl Shared {
         let Some(p) = self.cache.partial(&hash, len, block)? else { return Ok(()) };
         let _one = p.fetching.lock().await;
         let runs: Vec<(u32, u32)> =
-            ranges.iter().filter(|r| r[0] < len).flat_map(|&[off, n]| p.missing(off, off.saturating_add(n).min(len))).collect();
+            ranges.iter().filter(|r| r.offset < len).flat_map(|r| p.missing(r.offset, r.offset.saturating_add(r.len).min(len))).collect();
         if runs.is_empty() {
             return Ok(());
         }

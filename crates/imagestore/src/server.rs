@@ -32,7 +32,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use vgrid_api::openapi::Binary;
-use vgrid_api::rest::{BootProfile, ChunkPart, ErrorKind, GcReport, ImageOwner, ImageSummary, UploadCreated, UploadId};
+use vgrid_api::rest::{BootProfile, ByteRange, ChunkPart, ErrorKind, GcReport, ImageOwner, ImageSummary, UploadCreated, UploadId};
 use vgrid_api::volume::Epoch;
 use vgrid_api::{ChunkHash, ErrorBody, ImageRef, Manifest};
 
@@ -246,7 +246,7 @@ async fn gate(State(s): St, req: axum::extract::Request, next: axum::middleware:
     info(title = "vgrid image server API", description = "Images as manifests plus blake3-addressed, zstd-compressed chunks."),
     paths(list_images, get_latest, get_version, delete_all, delete_version, get_profile, put_profile, get_hot_pages, put_hot_pages,
         get_chunk, head_chunk, get_chunk_range, run_gc, begin_upload, abort_upload, missing, put_chunk, commit, get_owner, put_owner, get_epoch, put_epoch),
-    components(schemas(ErrorBody, ImageSummary, Manifest, GcReport, BootProfile, ChunkPart, UploadCreated, ImageOwner, ChunkHash, Epoch)),
+    components(schemas(ErrorBody, ImageSummary, Manifest, GcReport, BootProfile, ChunkPart, ByteRange, UploadCreated, ImageOwner, ChunkHash, Epoch)),
     modifiers(&CONTRACT),
     security(("bearer" = []), ("node_certificate" = []))
 )]

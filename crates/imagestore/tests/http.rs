@@ -242,7 +242,7 @@ async fn boot_profiles() {
     let e = s.client.profile(&r("p")).await.unwrap_err();
     assert!(e.is_not_found(), "{e}");
     // Chunk 1 read in part: two ranges of it.
-    let part = ChunkPart { chunk: 1, ranges: vec![[0, 1024], [2048, 1024]] };
+    let part = ChunkPart { chunk: 1, ranges: vec![[0, 1024].into(), [2048, 1024].into()] };
     let prof = BootProfile { chunks: vec![1, 0], parts: vec![part.clone()], hot_pages: 0 };
     s.client.put_profile(&r("p@1"), &prof).await.unwrap();
     assert_eq!(s.client.profile(&r("p")).await.unwrap(), prof);
@@ -251,10 +251,10 @@ async fn boot_profiles() {
     // A part beyond its chunk, overlapping, of a chunk the profile does not name: refused,
     // naming the chunk; the stored profile stays.
     for (bad, says) in [
-        (ChunkPart { chunk: 1, ranges: vec![[3072, 2048]] }, "beyond the chunk's 4096 bytes"),
-        (ChunkPart { chunk: 1, ranges: vec![[0, 2048], [1024, 1024]] }, "out of order"),
+        (ChunkPart { chunk: 1, ranges: vec![[3072, 2048].into()] }, "beyond the chunk's 4096 bytes"),
+        (ChunkPart { chunk: 1, ranges: vec![[0, 2048].into(), [1024, 1024].into()] }, "out of order"),
         (ChunkPart { chunk: 1, ranges: vec![] }, "no ranges"),
-        (ChunkPart { chunk: 5, ranges: vec![[0, 1024]] }, "not a stored chunk"),
+        (ChunkPart { chunk: 5, ranges: vec![[0, 1024].into()] }, "not a stored chunk"),
     ] {
         let p = BootProfile { chunks: vec![1, 0], parts: vec![bad], hot_pages: 0 };
         let e = s.client.put_profile(&r("p@1"), &p).await.unwrap_err();

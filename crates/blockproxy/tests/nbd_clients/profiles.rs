@@ -69,7 +69,7 @@ async fn boot_profile_is_recorded_then_prefetched() {
     let image = f.manifest.image_ref();
     let profile = uploaded_profile(&client, &image).await.expect("boot profile was never uploaded");
     assert_eq!(profile.chunks, vec![25, 2, 40, 41]);
-    let part = |chunk, ranges: &[[u32; 2]]| ChunkPart { chunk, ranges: ranges.to_vec() };
+    let part = |chunk, ranges: &[[u32; 2]]| ChunkPart { chunk, ranges: ranges.iter().map(|&r| r.into()).collect() };
     assert_eq!(profile.parts, vec![part(25, &[[0, b], [2 * b, b]]), part(40, &[[0, b]]), part(41, &[[0, b]])]);
 
     // A fresh host opening the image prefetches those chunks, even when that first opening
