@@ -214,20 +214,15 @@ impl ImageStore {
     pub async fn get_chunk_range(&self, hash: &ChunkHash, block: u32, offset: u32, len: u32) -> Result<Bytes, StoreError> {
         use vgrid_storeclient::tree;
         let h = *hash;
-        let (decoded, fresh) = match self.recent.get(hash, block) {
-            Some(d) => (Some(d), false),
-            None => (None, true),
-        };
-        let z = match decoded {
-            Some(_) => None,
-            None => Some(self.read_chunk_object(hash).await?),
-        };
+        let decoded = self.recent.get(hash, block);
+        let fresh = decoded.is_none();
+        let z = if fresh { self.read_chunk_object(hash).await? } else { Bytes::new() };
         // One hashing pass: the block CVs verify the chunk and go into the answer.
         let r = tokio::task::spawn_blocking(move || {
-            let d = match (decoded, z) {
-                (Some(d), _) => d,
-                (None, z) => {
-                    let (data, cvs) = codec::decode_with_blocks(&h, &z.unwrap_or_default(), MAX_CHUNK_SIZE as usize, block)?;
+            let d = match decoded {
+                Some(d) => d,
+                None => {
+                    let (data, cvs) = codec::decode_with_blocks(&h, &z, MAX_CHUNK_SIZE as usize, block)?;
                     let Some(cvs) = cvs else {
                         return Ok(Err(tree::TreeError::Geometry { hash: h, block, chunk_len: data.len() as u32 }));
                     };
