@@ -1,7 +1,7 @@
 //! Empty files made ahead of need in the cache's `spare/`, so that a chunk miss does not create
-//! one while a guest waits (it renames one into `tmp/`, which allocates no inode). Creating a file on ext4 right after many were deleted (a cache
-//! evicting, the chunks of a removed cache) scans the inode table for an inode not recently
-//! freed: perf of cold 4 KiB reads showed ~0.3 ms per `open(O_CREAT)` there, ~40% of a miss
+//! one while a guest waits (it renames one into `tmp/`, which allocates no inode). Creating a
+//! file on ext4 without a journal right after many were deleted (a cache evicting, the chunks
+//! of a removed cache) scans the inode table for an inode not recently freed: perf of cold 4 KiB reads showed ~0.3 ms per `open(O_CREAT)` there, ~40% of a miss
 //! on loopback. A background thread keeps [`TARGET`] of them; a miss takes one, or creates
 //! its own when none is left.
 
