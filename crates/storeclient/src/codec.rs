@@ -34,46 +34,8 @@ pub fn is_zero(data: &[u8]) -> bool {
 /// Hashes and compresses a chunk.
 pub fn encode(data: &[u8]) -> (ChunkHash, Vec<u8>) {
     let hash = ChunkHash::of(data);
-    let z = compress(data, ZSTD_LEVEL).expect("zstd compression of an in-memory buffer cannot fail");
+    let z = crate::zstd_ctx::compress(data, ZSTD_LEVEL).expect("zstd compression of an in-memory buffer cannot fail");
     (hash, z)
-}
-
-thread_local! {
-    /// This thread's zstd contexts, made once: creating them per call (what `zstd::bulk`'s free
-    /// functions do) cost more than the work itself for a ranged read's few KiB, and it is paid
-    /// on every chunk miss on both ends (perf of 4 KiB range fetches: `ZSTD_createDCtx` and
-    /// `ZSTD_createCCtx` with the page faults of their fresh tables, ~5% of the CPU).
-    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
-    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
-}
-
-/// zstd of `data` at `level`, with this thread's compression context. The output is the
-/// same as `zstd::bulk::compress`'s.
-pub fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
-    COMPRESSOR.with(|c| {
-        let mut c = c.borrow_mut();
-        let c = match c.as_mut() {
-            Some(c) => {
-                c.set_compression_level(level)?;
-                c
-            }
-            None => c.insert(zstd::bulk::Compressor::new(level)?),
-        };
-        c.compress(data)
-    })
-}
-
-/// Decompresses one zstd frame of at most `capacity` plain bytes (more is an error), with this
-/// thread's decompression context.
-pub fn decompress_bounded(z: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
-    DECOMPRESSOR.with(|d| {
-        let mut d = d.borrow_mut();
-        let d = match d.as_mut() {
-            Some(d) => d,
-            None => d.insert(zstd::bulk::Decompressor::new()?),
-        };
-        d.decompress(z, capacity)
-    })
 }
 
 /// Decompresses a stored chunk and verifies it against `hash`.
@@ -121,7 +83,7 @@ fn decompress(hash: &ChunkHash, stored: &[u8], limit: usize) -> Result<Vec<u8>, 
         Ok(Some(n)) => n as usize,
         _ => limit,
     };
-    decompress_bounded(stored, capacity).map_err(|source| ChunkError::Decompress { hash: *hash, source })
+    crate::zstd_ctx::decompress_bounded(stored, capacity).map_err(|source| ChunkError::Decompress { hash: *hash, source })
 }
 
 /// Verifies that a stored chunk decompresses to at most `limit` bytes hashing to `hash`,
@@ -135,7 +97,7 @@ pub fn verify(hash: &ChunkHash, stored: &[u8], limit: usize) -> Result<usize, Ch
         }
         // The frame states its size (every chunk `encode` wrote): decompressed in one call
         // with this thread's context, then hashed.
-        let data = decompress_bounded(stored, n as usize).map_err(bad)?;
+        let data = crate::zstd_ctx::decompress_bounded(stored, n as usize).map_err(bad)?;
         let actual = ChunkHash::of(&data);
         if actual != *hash {
             return Err(ChunkError::HashMismatch { hash: *hash, actual });

@@ -453,7 +453,7 @@ fn encode_piece(i: usize, data: Vec<u8>, effort: Effort) -> Encoded {
     let (h, mut z) = codec::encode(&data);
     // Already compressed data (an initrd is zstd inside) gains nothing from trying harder.
     if effort == Effort::Boot && z.len() < data.len() / 100 * 97 {
-        if let Ok(harder) = codec::compress(&data, codec::BOOT_FILE_LEVEL) {
+        if let Ok(harder) = crate::zstd_ctx::compress(&data, codec::BOOT_FILE_LEVEL) {
             if harder.len() < z.len() {
                 z = harder;
             }

@@ -15,12 +15,14 @@
 //!   against the chunk's hash.
 //! * [`import`]: [`import_file`] (raw or qcow2 file -> image) and [`export_image`] /
 //!   [`export_blob`] (image -> sparse raw file).
+//! * [`zstd_ctx`]: zstd with one context per thread, under both [`codec`] and [`tree`].
 
 pub mod client;
 pub mod codec;
 pub mod hotpages;
 pub mod import;
 pub mod tree;
+pub mod zstd_ctx;
 
 pub use client::{ClientError, FetchedChunk, RetryPolicy, StoreClient};
 pub use import::{export_blob, export_image, import_file, ConvertFailure, Format, ImportError, ImportOptions};

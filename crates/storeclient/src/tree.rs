@@ -126,7 +126,7 @@ pub fn encode_range_with(
         plain.extend_from_slice(cv);
     }
     plain.extend_from_slice(&data[offset as usize..(offset + len) as usize]);
-    crate::codec::compress(&plain, RANGE_LEVEL).map_err(|e| TreeError::Malformed { hash: *hash, cause: format!("compressing: {e}") })
+    crate::zstd_ctx::compress(&plain, RANGE_LEVEL).map_err(|e| TreeError::Malformed { hash: *hash, cause: format!("compressing: {e}") })
 }
 
 /// Verified blocks of a chunk: the CVs of every block of the chunk and the bytes of a run of
@@ -142,8 +142,8 @@ pub fn decode_range(hash: &ChunkHash, chunk_len: u32, block: u32, offset: u32, l
     check_range(hash, chunk_len, block, offset, len)?;
     let n = (chunk_len / block) as usize;
     let want = n * 32 + len as usize;
-    let plain =
-        crate::codec::decompress_bounded(z, want + 1).map_err(|e| TreeError::Malformed { hash: *hash, cause: format!("not zstd: {e}") })?;
+    let plain = crate::zstd_ctx::decompress_bounded(z, want + 1)
+        .map_err(|e| TreeError::Malformed { hash: *hash, cause: format!("not zstd: {e}") })?;
     if plain.len() != want {
         return Err(TreeError::Malformed { hash: *hash, cause: format!("{} bytes, expected {want}", plain.len()) });
     }
