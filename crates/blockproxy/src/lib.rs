@@ -33,6 +33,7 @@ mod proxy;
 mod server;
 mod servers;
 mod service;
+mod sndbuf;
 pub mod source;
 mod stats;
 mod store_source;

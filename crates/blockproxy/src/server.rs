@@ -108,6 +108,9 @@ impl BlockProxy {
                     r = listener.accept() => match r {
                         Ok((s, _)) => {
                             let peer = format!("unix:{}", sock.display());
+                            if let Err(e) = crate::sndbuf::widen(s.as_raw_fd(), crate::sndbuf::UNIX_SEND_BUFFER) {
+                                tracing::debug!(peer, "cannot widen the client's send buffer: {e}");
+                            }
                             let (r, w) = s.into_split();
                             tokio::spawn(serve_connection(proxy.clone(), r, Writer::Unix(w), peer, t.child_token()));
                         }
