@@ -17,7 +17,7 @@
 //! read path), `profile` (boot-profile recording), `hot` (hot pages of warm images), `cache`
 //! (the host chunk cache; `cache/partial` its partially fetched chunks, `cache/spare` the empty files made ahead for them), `source` / `servers` / `store_source` (where chunks come from),
 //! `wait` (the hard mount: a guest's read waits while its image servers are unreachable),
-//! `server` + `protocol` (NBD; `busy` polls a connection that keeps the pace), `stats`, `metrics` (its Prometheus families), `config`, `error`. No file imports one that imports
+//! `server` + `protocol` (NBD; `busy` polls a connection that keeps the pace, `sndbuf` sizes a unix client's send buffer), `stats`, `metrics` (its Prometheus families), `config`, `error`. No file imports one that imports
 //! it back.
 
 mod busy;
