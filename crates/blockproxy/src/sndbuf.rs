@@ -38,6 +38,11 @@ pub(crate) fn widen(fd: RawFd, bytes: libc::c_int) -> std::io::Result<usize> {
     if set(libc::SO_SNDBUFFORCE).is_err() {
         set(libc::SO_SNDBUF)?;
     }
+    send_buffer(fd)
+}
+
+/// `fd`'s send buffer as the kernel keeps it (`SO_SNDBUF`).
+fn send_buffer(fd: RawFd) -> std::io::Result<usize> {
     let mut v: libc::c_int = 0;
     let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt into a local int of the stated length.
@@ -52,23 +57,12 @@ mod tests {
     use super::*;
     use std::os::unix::io::AsRawFd;
 
-    fn send_buffer(fd: RawFd) -> usize {
-        let mut v: libc::c_int = 0;
-        let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: as in `widen`.
-        assert_eq!(
-            unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &mut v as *mut libc::c_int as *mut libc::c_void, &mut l) },
-            0
-        );
-        v as usize
-    }
-
     #[test]
     fn a_unix_socket_gets_the_send_buffer_asked_for_or_the_most_it_may() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let before = send_buffer(a.as_raw_fd());
+        let before = send_buffer(a.as_raw_fd()).unwrap();
         let took = widen(a.as_raw_fd(), UNIX_SEND_BUFFER).unwrap();
-        assert_eq!(took, send_buffer(a.as_raw_fd()), "the answer is what the socket has now");
+        assert_eq!(took, send_buffer(a.as_raw_fd()).unwrap(), "the answer is what the socket has now");
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
             // Root may pass wmem_max; the kernel doubles the value asked.
