@@ -195,13 +195,16 @@ async fn an_early_read_gets_verified_bytes_and_the_chunk_is_stored_behind_it() {
     let mut buf = vec![0u8; 65536];
     got.read_at(&mut buf, 0).unwrap();
     assert_eq!(buf, d);
+    // The fetch's task stores the chunk, then leaves the in-flight table: wait for both (the
+    // chunk can be in the map a moment before the task has come back from storing it).
+    let settled = || c.contains(&h) && c.inner.lock().unwrap().inflight.is_empty();
     let t0 = std::time::Instant::now();
-    while !c.contains(&h) && t0.elapsed() < Duration::from_secs(5) {
+    while !settled() && t0.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(c.contains(&h), "the chunk was not stored");
     assert_eq!(std::fs::read(c.chunk_path(&h)).unwrap(), d);
-    assert!(c.inner.lock().unwrap().inflight.is_empty());
+    assert!(c.inner.lock().unwrap().inflight.is_empty(), "the fetch never left the in-flight table");
     let s = c.stats();
     assert_eq!((s.misses, s.bytes_fetched, s.chunks_cached, s.fetch_errors), (1, 65536, 1, 0));
     // A second read finds the file: no fetch.
