@@ -108,7 +108,7 @@ impl BlockProxy {
                     r = listener.accept() => match r {
                         Ok((s, _)) => {
                             let peer = format!("unix:{}", sock.display());
-                            if let Err(e) = crate::sndbuf::widen(s.as_raw_fd(), crate::sndbuf::UNIX_SEND_BUFFER) {
+                            if let Err(e) = crate::sndbuf::widen(&s, crate::sndbuf::UNIX_SEND_BUFFER) {
                                 tracing::debug!(peer, "cannot widen the client's send buffer: {e}");
                             }
                             let (r, w) = s.into_split();

@@ -9,60 +9,42 @@
 //! replies in flight, the wake-up hidden behind the client's copy. Not for TCP, whose buffers
 //! the kernel sizes itself (setting one turns that off).
 
-use std::os::unix::io::RawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 /// Bytes asked for a unix client's send buffer (the kernel doubles it for its bookkeeping).
 pub(crate) const UNIX_SEND_BUFFER: libc::c_int = 4 << 20;
 
-/// Sets `fd`'s send buffer to `bytes`: past `net.core.wmem_max` where the process may
-/// (`SO_SNDBUFFORCE`, CAP_NET_ADMIN), else up to it (`SO_SNDBUF`). Returns the size the kernel
-/// took (`SO_SNDBUF` read back).
-pub(crate) fn widen(fd: RawFd, bytes: libc::c_int) -> std::io::Result<usize> {
-    let set = |opt: libc::c_int| {
-        // SAFETY: setsockopt on a descriptor the caller owns, with a pointer to a local int.
-        let r = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                &bytes as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    };
-    if set(libc::SO_SNDBUFFORCE).is_err() {
-        set(libc::SO_SNDBUF)?;
+/// Sets `sock`'s send buffer to `bytes`: past `net.core.wmem_max` where the process may
+/// (`SO_SNDBUFFORCE`, CAP_NET_ADMIN, which socket2 does not offer), else up to it
+/// (`SO_SNDBUF`). Returns the size the kernel took (`SO_SNDBUF` read back).
+pub(crate) fn widen(sock: &impl AsFd, bytes: libc::c_int) -> std::io::Result<usize> {
+    let s = socket2::SockRef::from(sock);
+    // SAFETY: setsockopt on a descriptor borrowed for the call, with a pointer to a local int.
+    let forced = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            &bytes as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        s.set_send_buffer_size(bytes as usize)?;
     }
-    send_buffer(fd)
-}
-
-/// `fd`'s send buffer as the kernel keeps it (`SO_SNDBUF`).
-fn send_buffer(fd: RawFd) -> std::io::Result<usize> {
-    let mut v: libc::c_int = 0;
-    let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt into a local int of the stated length.
-    if unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &mut v as *mut libc::c_int as *mut libc::c_void, &mut l) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(v as usize)
+    s.send_buffer_size()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::io::AsRawFd;
 
     #[test]
     fn a_unix_socket_gets_the_send_buffer_asked_for_or_the_most_it_may() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let before = send_buffer(a.as_raw_fd()).unwrap();
-        let took = widen(a.as_raw_fd(), UNIX_SEND_BUFFER).unwrap();
-        assert_eq!(took, send_buffer(a.as_raw_fd()).unwrap(), "the answer is what the socket has now");
+        let before = socket2::SockRef::from(&a).send_buffer_size().unwrap();
+        let took = widen(&a, UNIX_SEND_BUFFER).unwrap();
+        assert_eq!(took, socket2::SockRef::from(&a).send_buffer_size().unwrap(), "the answer is what the socket has now");
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
             // Root may pass wmem_max; the kernel doubles the value asked.
@@ -73,8 +55,9 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_descriptor_is_an_error_not_a_panic() {
-        let e = widen(-1, UNIX_SEND_BUFFER).unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
+    fn a_descriptor_that_is_no_socket_is_an_error_not_a_panic() {
+        let f = tempfile::tempfile().unwrap();
+        let e = widen(&f, UNIX_SEND_BUFFER).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTSOCK), "{e}");
     }
 }

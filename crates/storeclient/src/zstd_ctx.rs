@@ -1,5 +1,5 @@
-//! zstd with one compression and one decompression context per thread, made once. Every chunk
-//! a host or the image server compresses or decompresses goes through these (whole chunks in
+//! zstd with one compression and one decompression context per thread, made once. Chunks and
+//! their ranges compressed or decompressed in one call go through these (whole chunks in
 //! [`crate::codec`], ranges in [`crate::tree`]); the output is the same as `zstd::bulk`'s.
 
 thread_local! {
