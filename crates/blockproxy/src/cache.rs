@@ -244,7 +244,7 @@ pub struct ChunkCache {
     inner: Mutex<Inner>,
     pub(crate) counters: Counters,
     /// Empty files in `spare/` made ahead for the chunks to come (see `spare.rs`).
-    spares: Arc<spare::Spares>,
+    spares: spare::SpareFiles,
     _lock: File,
     /// Tests: milliseconds each fetched chunk's store is held back (a slow file system).
     #[cfg(test)]
@@ -297,7 +297,7 @@ impl ChunkCache {
             max_open_files: max_open_files.max(16),
             inner: Mutex::new(Inner::default()),
             counters: Counters::default(),
-            spares: spare::Spares::new(spare_dir, tmp_dir.clone()),
+            spares: spare::SpareFiles::new(spare_dir, tmp_dir.clone()),
             _lock: lock,
             #[cfg(test)]
             store_delay_ms: AtomicU64::new(0),
