@@ -362,6 +362,10 @@ impl ImageStore {
             .expect("chunk decode task panicked")
             .map_err(|cause| StoreError::BadUpload { hash: *hash, cause })?;
         let _g = self.gc_guard.read().await;
+        // The session again, under the guard: one aborted (or expired) while this chunk was
+        // being verified may have been collected already, and a chunk written now would be an
+        // orphan that outlives the collection that should have taken it.
+        self.pin(id, std::iter::empty())?;
         // One request, not a look then a write: a conditional create, where an existing chunk
         // (same name, so same content) is success.
         let create = PutOptions { mode: PutMode::Create, ..Default::default() };

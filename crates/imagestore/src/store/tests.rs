@@ -120,6 +120,32 @@ async fn gc_respects_manifests_and_live_pins_only() {
     assert_eq!(s.chunk_stats().await.unwrap().0, 0);
 }
 
+/// A chunk upload that was verifying when its session was aborted and the garbage collected
+/// writes nothing afterwards: it would be an orphan outliving the collection meant to take it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_under_way_when_its_session_is_aborted_leaves_no_orphan() {
+    let s = mem();
+    let id = s.begin_upload();
+    // The collector's side of the guard, held while the upload verifies its chunk.
+    let collecting = s.gc_guard.write().await;
+    let (h, z) = codec::encode(&[7u8; 4096]);
+    let upload = tokio::spawn({
+        let (s, id) = (s.clone(), id.clone());
+        async move { s.put_chunk(&id, &h, Bytes::from(z)).await }
+    });
+    // The upload is waiting for the guard once it has pinned (touched) its session.
+    while !upload.is_finished() && s.sessions.lock().unwrap()[&id].pins.is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.abort_upload(&id).unwrap();
+    drop(collecting);
+    let e = upload.await.unwrap().unwrap_err();
+    assert!(matches!(e, StoreError::UploadNotFound(_)), "{e}");
+    assert!(!s.has_chunk(&h).await.unwrap());
+    assert_eq!(s.chunk_stats().await.unwrap().0, 0);
+}
+
 #[tokio::test]
 async fn warm_image_state_chunks_are_checked_kept_and_freed_with_it() {
     let s = mem();
