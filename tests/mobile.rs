@@ -32,9 +32,27 @@ fn wait_console(dir: &Path, what: &str, timeout: Duration, f: impl Fn(&str) -> b
         if f(&c) {
             return c;
         }
-        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}; console of {}:\n{c}", dir.display());
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}; console of {}:\n{c}{}",
+            dir.display(),
+            runtime_state(dir)
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// What a runtime directory holds and its QEMU's log, for a failure's message.
+fn runtime_state(dir: &Path) -> String {
+    let files: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| format!("{} ({} bytes)", e.file_name().to_string_lossy(), e.metadata().map(|m| m.len()).unwrap_or(0)))
+            .collect(),
+        Err(e) => vec![format!("unreadable: {e}")],
+    };
+    let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+    format!("\nfiles: {}\nqemu.log:\n{log}", files.join(", "))
 }
 
 /// The `count=N` values printed on a console, in order.
