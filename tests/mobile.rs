@@ -372,19 +372,29 @@ fn resume_on_h2_and_migrate_back(g: &Grid, id: &str, d1: &Path, last_on_h1: u64)
         "the count must continue where it stopped: last on h1 {last_on_h1}, first on h2 {first_on_h2}"
     );
     g.wait_until("h1 to drop the old runtime directory", Duration::from_secs(20), || !d1.exists());
-    let _c = type_on_console(&d2, "cat /mnt/mobile.txt /tmp/mobile.txt");
-    let c2 = wait_console(&d2, "the files on h2", Duration::from_secs(60), |c| c.contains("tmp-before-suspend"));
-    assert!(c2.contains("disk-before-suspend"), "{c2}");
-    assert!(!c2.contains(BOOTED_MARKER) && !c2.contains(DISK_MARKER), "the guest booted instead of resuming:\n{c2}");
+    {
+        let _c = type_on_console(&d2, "cat /mnt/mobile.txt /tmp/mobile.txt");
+        let c2 = wait_console(&d2, "the files on h2", Duration::from_secs(60), |c| c.contains("tmp-before-suspend"));
+        assert!(c2.contains("disk-before-suspend"), "{c2}");
+        assert!(!c2.contains(BOOTED_MARKER) && !c2.contains(DISK_MARKER), "the guest booted instead of resuming:\n{c2}");
+    }
+    // A console client on h2 that stops reading: the guest's serial console stalls there (its
+    // UART waits on the full socket), and the count with it.
+    let stalled = type_on_console(&d2, "dmesg; echo dmesg-done-$((6*7))");
+    console_stalls(&d2);
 
     // The resumed VM (QEMU started without a kernel: it is in the restored memory) migrates
-    // live back to h1, whose QEMU also starts without one; the count goes on there.
+    // live back to h1, whose QEMU also starts without one; the count goes on there, the stall
+    // left behind (QEMU re-arms a waiting UART only on a console client connected at load).
     let m = g.json(&["vm", "migrate", id, "--to", "h1", "--timeout", "240"]);
     assert_eq!(m["migration"]["status"], "completed", "{m}");
     assert_eq!(m["host"], "h1", "{m}");
     let d1 = g.runtime_dir("h1", id);
     let n = counts(&console_text(&d1)).len();
-    wait_console(&d1, "the count to go on on h1 after the migration", Duration::from_secs(120), |c| counts(c).len() >= n + 2);
+    wait_console(&d1, "the count to go on on h1 after the migration", Duration::from_secs(120), |c| {
+        counts(c).len() >= n + 2 && c.contains("dmesg-done-42")
+    });
+    drop(stalled);
     // The disk is the saved image's (with the write from before the suspend), read back with
     // the page cache dropped.
     {
@@ -393,6 +403,24 @@ fn resume_on_h2_and_migrate_back(g: &Grid, id: &str, d1: &Path, last_on_h1: u64)
     }
     let spec = std::fs::read_to_string(d1.join("spec.json")).unwrap();
     assert!(spec.contains("\"restore\""), "{spec}");
+}
+
+/// Waits until the console log in `dir` stops growing for three seconds while the guest
+/// counts every second: its serial console is stalled.
+fn console_stalls(dir: &Path) {
+    let t0 = Instant::now();
+    let (mut len, mut since) = (0, Instant::now());
+    loop {
+        let now = std::fs::metadata(dir.join("console.log")).map(|m| m.len()).unwrap_or(0);
+        if now != len {
+            (len, since) = (now, Instant::now());
+        } else if since.elapsed() > Duration::from_secs(3) {
+            assert!(!console_text(dir).contains("dmesg-done-42"), "the console did not stall");
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the console of {} did not stall in 60 s", dir.display());
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// One resume interrupted by a coordinator restart (`n`: its number, for the log), to `host`,

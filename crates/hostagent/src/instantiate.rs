@@ -94,7 +94,11 @@ async fn launch_admitted(
     };
     if let Some(st) = incoming {
         crate::restore::prefetch_hot_pages(ctx, &vm, &manifest);
-        if let Err(e) = crate::restore::stream_incoming(&vm, st, vgrid_api::host::RESTORE_TIMEOUT).await {
+        // A console stalled when the state was saved runs on only with a client at load.
+        vm.hold_console_for_load().await;
+        let loaded = crate::restore::stream_incoming(&vm, st, vgrid_api::host::RESTORE_TIMEOUT).await;
+        vm.release_console().await;
+        if let Err(e) = loaded {
             let _ = vm.kill().await;
             return Err(e);
         }

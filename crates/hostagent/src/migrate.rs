@@ -129,6 +129,9 @@ async fn incoming_admitted(ctx: &HostCtx, req: IncomingRequest, limits: &crate::
         ..ctx.launch_options()
     };
     let vm = Vm::launch_with(spec, &dir, &opts).await?;
+    // Until the guest runs here: a console stalled at the source runs on only with a client
+    // connected when its state loads (released in `incoming_finish`, or with the VM).
+    vm.hold_console_for_load().await;
     ctx.resources().track(&vm, cgroup, limits, 0);
     let _ = crate::qemu_user::write_file(&dir.join(INCOMING_MARKER), b"waiting for an incoming migration\n");
     crate::runtime::record_launch(&dir, &req.launch);
@@ -238,6 +241,7 @@ pub async fn incoming_finish(ctx: &HostCtx, id: &str, timeout: Duration, history
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    vm.release_console().await;
     for d in mig_disks(vm.spec()) {
         if let Err(e) = vm.execute("block-export-del", Some(json!({"id": d.export, "mode": "hard"}))).await {
             tracing::warn!(vm = %id, "removing the migration export {}: {e}", d.export);

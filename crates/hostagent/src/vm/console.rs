@@ -85,6 +85,17 @@ impl Vm {
     /// that never reads would fill the socket and stall the guest's serial output.
     pub async fn send_console(&self, text: &str) -> Result<(), VmError> {
         let mut guard = self.console.lock().await;
+        let c = self.kept_console(&mut guard).await?;
+        if let Err(source) = c.write.write_all(text.as_bytes()).await {
+            *guard = None;
+            return Err(VmError::Io { id: self.spec.id.clone(), path: self.console_socket_path(), source });
+        }
+        Ok(())
+    }
+
+    /// The kept console connection, made (with its task draining what the guest prints) if
+    /// there is none.
+    async fn kept_console<'a>(&self, guard: &'a mut Option<ConsoleWriter>) -> Result<&'a mut ConsoleWriter, VmError> {
         if guard.is_none() {
             let (mut read, write) = self.console_connect().await?.into_split();
             let drain = tokio::spawn(async move {
@@ -93,15 +104,24 @@ impl Vm {
             });
             *guard = Some(ConsoleWriter { write, drain });
         }
-        let c = guard.as_mut().expect("console connected above");
-        if let Err(source) = c.write.write_all(text.as_bytes()).await {
-            *guard = None;
-            return Err(VmError::Io { id: self.spec.id.clone(), path: self.console_socket_path(), source });
-        }
-        Ok(())
+        Ok(guard.as_mut().expect("console connected above"))
     }
 
-    /// Closes the connection [`Vm::send_console`] keeps.
+    /// Holds a draining console connection while QEMU loads a guest's state (a migration or
+    /// a restore), until [`Vm::release_console`]. A guest whose console was stalled where it
+    /// was saved or migrated from (a client there stopped reading, so its UART waits to send)
+    /// loads waiting still, and QEMU re-arms that wait only on a console client connected at
+    /// load time: with none, the guest's console output (and whatever writes to it) stays
+    /// blocked forever. Held across the load, the connection takes the waiting output, and the
+    /// console runs on after [`Vm::release_console`] (a console with no client discards).
+    pub async fn hold_console_for_load(&self) {
+        let mut guard = self.console.lock().await;
+        if let Err(e) = self.kept_console(&mut guard).await {
+            tracing::warn!(vm = %self.spec.id, "no console connection while the state loads (a console stalled at the source stays so): {e}");
+        }
+    }
+
+    /// Closes the connection [`Vm::send_console`] or [`Vm::hold_console_for_load`] keeps.
     pub async fn release_console(&self) {
         *self.console.lock().await = None;
     }
