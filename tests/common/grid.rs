@@ -199,12 +199,36 @@ pub fn image_server_is0(dir: &Path, coordinator: &str, log: &str, env: &[(&str, 
     )
 }
 
-/// Types `cmd` on the VM's serial console socket in `dir`.
+/// Types `cmd` on the VM's serial console socket in `dir`, and keeps the connection until
+/// QEMU has read all of it: QEMU reads typed bytes only as the guest's UART takes them (a
+/// guest that a loaded machine runs late under TCG takes seconds) and drops what is unread
+/// when the client goes away; a fixed wait lost the end of a command now and then. What the
+/// guest prints meanwhile is drained (unread, it would stall the guest's console).
 pub fn type_on_console(dir: &Path, cmd: &str) {
     let mut s = std::os::unix::net::UnixStream::connect(dir.join("console.sock")).expect("console socket");
+    let mut drain = s.try_clone().unwrap();
+    std::thread::spawn(move || std::io::copy(&mut drain, &mut std::io::sink()));
     s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
-    // Let QEMU read it before the connection closes.
-    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    while unread(&s) > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "QEMU did not read {cmd:?} typed on the console in {} within 120 s",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Bytes written on a unix stream socket that its peer has not read yet (`SIOCOUTQ`, which
+/// is `TIOCOUTQ` on Linux).
+fn unread(s: &std::os::unix::net::UnixStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: the ioctl writes one int through a pointer to a live local.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    assert!(r == 0, "SIOCOUTQ on the console socket: {}", std::io::Error::last_os_error());
+    n.max(0) as usize
 }
 
 /// Types `cmd` on the console in `dir` and keeps the connection open until a line that is
