@@ -127,6 +127,19 @@ impl RoleGrid {
             let lines: Vec<&str> = text.lines().collect();
             s.push_str(&format!("--- {f}\n{}\n", lines[lines.len().saturating_sub(15)..].join("\n")));
         }
+        // The guests' consoles too: a wait for what a guest prints fails with what it did print.
+        for (name, _) in &self.hosts {
+            let Ok(vms) = std::fs::read_dir(self.host_dir(name).join("vms")) else { continue };
+            for vm in vms.flatten() {
+                let log = console_log(&vm.path());
+                let lines: Vec<&str> = log.lines().collect();
+                s.push_str(&format!(
+                    "--- console of {} on {name}\n{}\n",
+                    vm.file_name().to_string_lossy(),
+                    lines[lines.len().saturating_sub(15)..].join("\n")
+                ));
+            }
+        }
         s
     }
 
