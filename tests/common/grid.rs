@@ -231,6 +231,8 @@ pub fn type_on_console(dir: &Path, cmd: &str) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Closed for the drain's clone too: QEMU serves the next client only once this one is gone.
+    let _ = s.shutdown(std::net::Shutdown::Both);
 }
 
 /// Bytes written on a unix stream socket that its peer has not read yet (`SIOCOUTQ`, which
