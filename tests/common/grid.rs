@@ -4,6 +4,7 @@
 //! directory; the coordinator can be restarted on the same address.
 #![allow(dead_code)]
 
+use super::simgrid::tail;
 use super::*;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -124,20 +125,14 @@ impl RoleGrid {
         {
             let p = self.dir.path().join(&f);
             let text = std::fs::read_to_string(&p).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            s.push_str(&format!("--- {f}\n{}\n", lines[lines.len().saturating_sub(15)..].join("\n")));
+            s.push_str(&format!("--- {f}\n{}\n", tail(&text, 15)));
         }
         // The guests' consoles too: a wait for what a guest prints fails with what it did print.
         for (name, _) in &self.hosts {
             let Ok(vms) = std::fs::read_dir(self.host_dir(name).join("vms")) else { continue };
             for vm in vms.flatten() {
                 let log = console_log(&vm.path());
-                let lines: Vec<&str> = log.lines().collect();
-                s.push_str(&format!(
-                    "--- console of {} on {name}\n{}\n",
-                    vm.file_name().to_string_lossy(),
-                    lines[lines.len().saturating_sub(15)..].join("\n")
-                ));
+                s.push_str(&format!("--- console of {} on {name}\n{}\n", vm.file_name().to_string_lossy(), tail(&log, 15)));
             }
         }
         s
@@ -218,10 +213,7 @@ pub fn image_server_is0(dir: &Path, coordinator: &str, log: &str, env: &[(&str, 
 /// when the client goes away; a fixed wait lost the end of a command now and then. What the
 /// guest prints meanwhile is drained (unread, it would stall the guest's console).
 pub fn type_on_console(dir: &Path, cmd: &str) {
-    let mut s = std::os::unix::net::UnixStream::connect(dir.join("console.sock")).expect("console socket");
-    let mut drain = s.try_clone().unwrap();
-    std::thread::spawn(move || std::io::copy(&mut drain, &mut std::io::sink()));
-    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+    let s = type_draining(dir, cmd);
     let t0 = Instant::now();
     while unread(&s) > 0 {
         assert!(
@@ -233,6 +225,18 @@ pub fn type_on_console(dir: &Path, cmd: &str) {
     }
     // Closed for the drain's clone too: QEMU serves the next client only once this one is gone.
     let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+/// Connects to the console socket in `dir`, drains what the guest prints while the connection
+/// is open (QEMU holds the guest's console output back once the socket's buffer is full, each
+/// character may take a message of its own) and types `cmd`. Shut the connection down when
+/// done: the drain's clone keeps it open otherwise.
+fn type_draining(dir: &Path, cmd: &str) -> std::os::unix::net::UnixStream {
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join("console.sock")).expect("console socket");
+    let mut drain = s.try_clone().unwrap();
+    std::thread::spawn(move || std::io::copy(&mut drain, &mut std::io::sink()));
+    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+    s
 }
 
 /// Bytes written on a unix stream socket that its peer has not read yet (`SIOCOUTQ`, which
@@ -250,12 +254,7 @@ fn unread(s: &std::os::unix::net::UnixStream) -> usize {
 /// exactly `until` shows (a guest just restored may read its input late). `until` must be
 /// output only, not a part of `cmd` (the shell echoes what is typed: compute it, `$((1+1))`).
 pub fn console_until(g: &RoleGrid, dir: &Path, cmd: &str, until: &str) {
-    let mut s = std::os::unix::net::UnixStream::connect(dir.join("console.sock")).expect("console socket");
-    // Drained while it is open: QEMU holds the guest's console output back once the socket's
-    // buffer is full (each character may take a message of its own).
-    let mut drain = s.try_clone().unwrap();
-    std::thread::spawn(move || std::io::copy(&mut drain, &mut std::io::sink()));
-    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+    let s = type_draining(dir, cmd);
     let t0 = std::time::Instant::now();
     while !console_has_line(dir, until) {
         let log = console_log(dir);
