@@ -23,8 +23,10 @@ pub struct ProxyConfig {
     /// guest gets an I/O error: the hard mount's bound (default 10 min; `None`: for ever).
     /// Corrupt bytes and a chunk no reachable server has fail at once.
     pub fetch_timeout: Option<Duration>,
-    /// One try of a fetch (every image server in turn, each with its client's retries) that
-    /// takes longer counts as an outage and is tried again (default 60 s).
+    /// One try of a fetch (every image server in turn, each with its client's retries) during
+    /// which nothing at all comes from the image servers for this long (neither its bytes nor
+    /// another fetch's) counts as an outage and is tried again (default 60 s). A slow try on a
+    /// link that moves goes on: fetches sharing a thin link finish one after the other.
     pub fetch_attempt_timeout: Duration,
     /// Chunks fetched ahead of a sequential reader; 0 disables readahead (default 8).
     pub readahead_chunks: usize,

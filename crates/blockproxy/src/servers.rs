@@ -254,6 +254,10 @@ impl ChunkSource for Servers {
     fn describe(&self) -> String {
         self.list().describe()
     }
+    /// The shortest of the servers': a try goes to one of them.
+    fn quiet_for(&self) -> Option<Duration> {
+        self.list().sources.iter().filter_map(|s| s.quiet_for()).min()
+    }
 }
 
 #[cfg(test)]

@@ -152,6 +152,12 @@ pub trait ChunkSource: Send + Sync + 'static {
     }
     /// A short name for logs and errors (e.g. the server URL).
     fn describe(&self) -> String;
+    /// How long since bytes last came from this source, for any request (`None`: unknown, or
+    /// none yet). A fetch that waits long for its own bytes while this stays short shares a
+    /// busy link with others and is not cut (see `wait::try_once`).
+    fn quiet_for(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
@@ -185,5 +191,8 @@ impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
     }
     fn describe(&self) -> String {
         (**self).describe()
+    }
+    fn quiet_for(&self) -> Option<std::time::Duration> {
+        (**self).quiet_for()
     }
 }

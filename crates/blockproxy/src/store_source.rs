@@ -125,6 +125,9 @@ impl ChunkSource for StoreSource {
     fn describe(&self) -> String {
         self.client.base_url().to_string()
     }
+    fn quiet_for(&self) -> Option<std::time::Duration> {
+        self.client.quiet_for()
+    }
 }
 
 #[cfg(test)]

@@ -39,18 +39,18 @@ impl Backoff {
 }
 
 /// One try of fetching chunk `hash` from `source` (every server in turn, each with its
-/// client's retries) once one of the proxy's fetch `slots` is free; no answer within `limit`
-/// of the start (the wait for a slot not counted) is an outage like a refused connection.
-/// The slots bound the fetches in flight: over a thin link, dozens of fetches at once (a
-/// kernel staged, a readahead, a prefetch) would each get too little of it to finish a try.
+/// client's retries) once one of the proxy's fetch `slots` is free: see [`try_once_with`],
+/// `quiet` being how long the source may stay silent. The slots bound the fetches in flight:
+/// over a thin link, dozens of fetches at once (a kernel staged, a readahead, a prefetch)
+/// would each get too little of it to finish.
 pub(crate) async fn try_once(
     source: &dyn ChunkSource,
     hash: &ChunkHash,
     len: u32,
-    limit: Duration,
+    quiet: Duration,
     slots: &Semaphore,
 ) -> Result<Vec<u8>, SourceError> {
-    try_once_with(source.describe(), &format!("chunk {hash}"), limit, slots, source.chunk(hash, len as usize)).await
+    try_once_with(source, &format!("chunk {hash}"), quiet, None, slots, source.chunk(hash, len as usize)).await
 }
 
 /// [`try_once`] of bytes `[offset, offset+len)` (whole `block`-byte blocks) of chunk `hash`
@@ -63,29 +63,45 @@ pub(crate) async fn try_range_once(
     block: u32,
     offset: u32,
     len: u32,
-    limit: Duration,
+    quiet: Duration,
     slots: &Semaphore,
 ) -> Result<Option<RangeBlocks>, SourceError> {
     let what = format!("chunk {hash} (bytes {offset}..{})", offset + len);
-    try_once_with(source.describe(), &what, limit, slots, source.chunk_range(hash, chunk_len, block, offset, len)).await
+    try_once_with(source, &what, quiet, None, slots, source.chunk_range(hash, chunk_len, block, offset, len)).await
 }
 
-/// [`try_once`] of any fetch `call` (of `what`, from `source_name`).
+/// One try of a fetch `call` (of `what`) from `source`, once a fetch slot is free (the wait
+/// for it not counted). The try counts as an outage, like a refused connection, when nothing
+/// came from the source for `quiet` since it began — neither this fetch's bytes nor any
+/// other's — or at `deadline` (what is left of a read's `fetch_timeout`). A fetch that shares
+/// a thin link with others waits for its bytes while theirs arrive: a bound on its whole
+/// answer would cut them all half-way and fetch them again, for ever.
 async fn try_once_with<T>(
-    source_name: String,
+    source: &dyn ChunkSource,
     what: &str,
-    limit: Duration,
+    quiet: Duration,
+    deadline: Option<Instant>,
     slots: &Semaphore,
     call: impl std::future::Future<Output = Result<T, SourceError>>,
 ) -> Result<T, SourceError> {
     let _slot = slots.acquire().await.expect("the fetch slots are never closed");
-    match tokio::time::timeout(limit, call).await {
-        Ok(r) => r,
-        Err(_) => Err(SourceError::Unavailable {
-            what: what.to_string(),
-            source_name,
-            cause: format!("no answer within {:.1} s", limit.as_secs_f64()).into(),
-        }),
+    let started = Instant::now();
+    let mut call = std::pin::pin!(call);
+    loop {
+        let now = Instant::now();
+        let silent = source.quiet_for().map_or(now - started, |q| q.min(now - started));
+        let cause = if silent >= quiet {
+            format!("nothing came from the image servers for {:.1} s", silent.as_secs_f64())
+        } else if deadline.is_some_and(|d| now >= d) {
+            format!("no answer within {:.1} s (the rest of the fetch timeout)", (now - started).as_secs_f64())
+        } else {
+            let wake = now + (quiet - silent);
+            tokio::select! {
+                r = &mut call => return r,
+                _ = tokio::time::sleep_until(deadline.map_or(wake, |d| d.min(wake)).into()) => continue,
+            }
+        };
+        return Err(SourceError::Unavailable { what: what.to_string(), source_name: source.describe(), cause: cause.into() });
     }
 }
 
@@ -97,7 +113,8 @@ pub(crate) struct ForRead {
     pub chunk: u64,
 }
 
-/// How long a waiting fetch may wait in all (`None`: for ever), and one try of it.
+/// How long a waiting fetch may wait in all (`None`: for ever), and how long one try of it may
+/// hear nothing from the source ([`try_once_with`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Bounds {
     pub wait: Option<Duration>,
@@ -144,8 +161,7 @@ where
     let mut backoff = Backoff::new();
     let mut waiting: Option<Waiting> = None;
     loop {
-        let limit = deadline.map_or(bounds.attempt, |d| bounds.attempt.min(d.saturating_duration_since(Instant::now())));
-        let attempt = try_once_with(source.describe(), &what, limit.max(Duration::from_millis(1)), &slots, call(source.clone()));
+        let attempt = try_once_with(source.as_ref(), &what, bounds.attempt, deadline, &slots, call(source.clone()));
         let e = match attempt.await {
             Ok(data) => {
                 if let Some(w) = waiting {

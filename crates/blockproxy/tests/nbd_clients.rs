@@ -374,6 +374,10 @@ mod outage;
 #[path = "nbd_clients/damage.rs"]
 mod damage;
 
+/// Fetches sharing a thin link to the image server.
+#[path = "nbd_clients/thin.rs"]
+mod thin;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_stages_everything_then_serves_offline() {
     let mut f = Fixture::new("staged").await;

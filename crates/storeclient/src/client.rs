@@ -95,6 +95,33 @@ pub struct StoreClient {
     retry: RetryPolicy,
     /// Commit new images as readable by every user (admins and grid nodes only).
     public: bool,
+    /// When bytes last came from the server (shared by the client's clones).
+    heard: std::sync::Arc<Heard>,
+}
+
+/// When a client last received bytes from its server, for any request: a transfer that
+/// shares a thin link with others may wait long for its own bytes while the link is busy with
+/// theirs; whether the link moves at all is what tells a slow server from a gone one.
+/// Nanoseconds since [`Heard::epoch`] (0: never).
+#[derive(Debug, Default)]
+struct Heard(std::sync::atomic::AtomicU64);
+
+impl Heard {
+    /// The process's first use of this clock.
+    fn epoch() -> std::time::Instant {
+        static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        *EPOCH.get_or_init(std::time::Instant::now)
+    }
+    fn now(&self) {
+        let at = Heard::epoch().elapsed().as_nanos().max(1) as u64;
+        self.0.fetch_max(at, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn quiet_for(&self) -> Option<Duration> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            at => Some(Heard::epoch().elapsed().saturating_sub(Duration::from_nanos(at))),
+        }
+    }
 }
 
 enum Body {
@@ -121,7 +148,13 @@ impl StoreClient {
             .connect_timeout(retry.connect_timeout)
             .build()
             .map_err(|e| bad(e.to_string()))?;
-        Ok(StoreClient { base, http, retry: RetryPolicy { attempts: retry.attempts.max(1), ..retry }, public: false })
+        Ok(StoreClient {
+            base,
+            http,
+            retry: RetryPolicy { attempts: retry.attempts.max(1), ..retry },
+            public: false,
+            heard: Default::default(),
+        })
     }
 
     /// Images committed through this client are public (allowed to admins and grid nodes).
@@ -195,7 +228,11 @@ impl StoreClient {
                 Body::Json(j) => req.header("content-type", "application/json").body(j.clone()),
                 Body::Raw(b) => req.header("content-type", "application/zstd").body(b.clone()),
             };
-            match req.send().await {
+            let sent = req.send().await;
+            if sent.is_ok() {
+                self.heard.now();
+            }
+            match sent {
                 Err(e) => {
                     tracing::debug!(%url, attempt, error = %e, "image server request failed");
                     last = Some(ClientError::Unreachable {
@@ -253,13 +290,33 @@ impl StoreClient {
         })
     }
 
-    async fn bytes(&self, resp: reqwest::Response, object: &str) -> Result<Bytes, ClientError> {
-        resp.bytes().await.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
-            object: object.to_string(),
-            attempts: 1,
-            cause: format!("reading the answer: {}", error_chain(&e)),
-        })
+    /// The whole body of `resp`, noting each piece's arrival ([`StoreClient::quiet_for`]).
+    async fn bytes(&self, mut resp: reqwest::Response, object: &str) -> Result<Bytes, ClientError> {
+        let mut body = bytes::BytesMut::with_capacity(resp.content_length().unwrap_or(0).min(64 << 20) as usize);
+        loop {
+            match resp.chunk().await {
+                Ok(Some(piece)) => {
+                    self.heard.now();
+                    body.extend_from_slice(&piece);
+                }
+                Ok(None) => return Ok(body.freeze()),
+                Err(e) => {
+                    return Err(ClientError::Unreachable {
+                        url: self.base.clone(),
+                        object: object.to_string(),
+                        attempts: 1,
+                        cause: format!("reading the answer: {}", error_chain(&e)),
+                    })
+                }
+            }
+        }
+    }
+
+    /// How long since bytes last came from the server, for any request of this client or its
+    /// clones (`None`: none yet). A transfer that has waited long for its own bytes while this
+    /// is short shares a busy link; it is not stalled.
+    pub fn quiet_for(&self) -> Option<Duration> {
+        self.heard.quiet_for()
     }
 
     fn ref_path(r: &ImageRef) -> String {
@@ -412,10 +469,13 @@ impl StoreClient {
         use futures::StreamExt;
         let object = format!("hot pages of image {r}");
         let resp = self.send(Method::GET, &format!("{}/profile/hot", Self::ref_path(r)), &object, Body::None, true).await?;
-        let base = self.base.clone();
+        let (base, heard) = (self.base.clone(), self.heard.clone());
         Ok(resp
             .bytes_stream()
             .map(move |b| {
+                if b.is_ok() {
+                    heard.now();
+                }
                 b.map_err(|e| ClientError::Unreachable {
                     url: base.clone(),
                     object: object.clone(),
