@@ -30,7 +30,7 @@ pub struct ProxyConfig {
     pub fetch_attempt_timeout: Duration,
     /// Chunks fetched ahead of a sequential reader; 0 disables readahead (default 8).
     pub readahead_chunks: usize,
-    /// Block size of ranged fetches (default 16 KiB; 0: always whole chunks). A random read
+    /// Block size of ranged fetches (default 16 KiB, `$VGRID_RANGE_BLOCK`; 0: always whole chunks). A random read
     /// that misses the cache fetches only the blocks of its chunk it covers (verified through
     /// the chunk's BLAKE3 tree) instead of the whole chunk; sequential readers, prefetches and
     /// pulls fetch whole chunks. A power of two of at least 1 KiB.
@@ -77,6 +77,19 @@ pub fn default_max_open_files() -> usize {
     (soft.min(1 << 20) as usize / 2).clamp(256, 65_536)
 }
 
+/// `$VGRID_RANGE_BLOCK` if set and valid (0, or a power of two of at least 1 KiB), else the
+/// default (an invalid value is logged, naming it).
+fn range_block_from_env() -> u32 {
+    let Ok(v) = std::env::var("VGRID_RANGE_BLOCK") else { return DEFAULT_RANGE_BLOCK };
+    match v.trim().parse::<u32>() {
+        Ok(b) if b == 0 || (b >= 1024 && b.is_power_of_two()) => b,
+        _ => {
+            tracing::warn!("VGRID_RANGE_BLOCK={v:?} is not 0 or a power of two of at least 1024 bytes: using {DEFAULT_RANGE_BLOCK}");
+            DEFAULT_RANGE_BLOCK
+        }
+    }
+}
+
 impl ProxyConfig {
     pub fn new(cache_dir: impl Into<PathBuf>, cache_max_bytes: u64) -> Self {
         ProxyConfig {
@@ -86,7 +99,7 @@ impl ProxyConfig {
             fetch_timeout: Some(DEFAULT_FETCH_TIMEOUT),
             fetch_attempt_timeout: Duration::from_secs(60),
             readahead_chunks: 8,
-            range_block: DEFAULT_RANGE_BLOCK,
+            range_block: range_block_from_env(),
             record_profiles: true,
             profile_window: Duration::from_secs(60),
             profile_max_chunks: 4096,
