@@ -7,16 +7,12 @@
 mod common;
 
 use common::grid::{console_has_line, console_log, import_sample_at, qemus_of, type_on_console, RoleGrid};
+use common::simgrid::tail;
 use common::*;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
 
 /// Waits for a child process (a CLI run in the background) with a timeout.
 fn wait_child(g: &RoleGrid, c: &mut std::process::Child, timeout: Duration) -> (bool, String) {

@@ -16,7 +16,7 @@ const RATE: u64 = 1_000_000;
 async fn thin_relay(to: SocketAddr) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let link = Arc::new(tokio::sync::Mutex::new(Instant::now()));
+    let link = Arc::new(std::sync::Mutex::new(Instant::now()));
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
             let link = link.clone();
@@ -32,7 +32,7 @@ async fn thin_relay(to: SocketAddr) -> SocketAddr {
                     }
                     // The link is free again at `*next`; this piece holds it n/RATE s.
                     let free = {
-                        let mut next = link.lock().await;
+                        let mut next = link.lock().unwrap();
                         let start = (*next).max(Instant::now());
                         *next = start + Duration::from_micros(n as u64 * 1_000_000 / RATE);
                         *next
