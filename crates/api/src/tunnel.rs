@@ -155,6 +155,87 @@ pub fn dest_mac(frame: &[u8]) -> Option<[u8; 6]> {
     frame.get(0..6).map(|m| m.try_into().unwrap())
 }
 
+/// The default of `vgrid tunnel --poll-us` and `vgrid host --tunnel-poll-us`: how long a link
+/// that just sent frames towards a guest (the user's end) or into a guest (the host's end) waits
+/// *awake* for the answer before it sleeps (a guest answers a ping in ~1 ms under TCG).
+pub const DEFAULT_POLL_US: u64 = 2000;
+
+/// After a wait that found no answer, the link does not wait awake again for this long: traffic
+/// that is not answered (a stream one way) costs at most window / this of a CPU.
+pub const POLL_QUIET: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// What one look at a link found, for [`AnswerPoll::wait`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Look {
+    /// The answer is there to read.
+    Answer,
+    /// Something else needs the thread (more frames to send, a frame from the other side, an
+    /// error the ordinary read will report): stop waiting.
+    OtherWork,
+    /// Nothing yet.
+    Nothing,
+}
+
+/// One link of a process waits awake at a time (at most one CPU spent so).
+static POLLING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Waiting awake for a tunnel link's answer. Frames cross two user-space processes per
+/// direction (the user's `vgrid tunnel`, the host agent); each that sleeps between a frame out
+/// and the answer in is woken by it on an idle CPU, which on a VM costs ~0.1 ms, twice per round
+/// trip: about what the guest's own answer costs. A link that just sent frames therefore looks
+/// for the answer without sleeping, for at most the window (what `SO_BUSY_POLL` does for a
+/// socket, one layer down), yielding the CPU between looks to whatever else is runnable. It
+/// stops at once for other work, and after a window without an answer it does not poll again
+/// for [`POLL_QUIET`].
+#[derive(Debug, Clone)]
+pub struct AnswerPoll {
+    window: std::time::Duration,
+    quiet_until: Option<std::time::Instant>,
+}
+
+impl AnswerPoll {
+    /// A zero window never waits.
+    pub fn new(window: std::time::Duration) -> AnswerPoll {
+        AnswerPoll { window, quiet_until: None }
+    }
+
+    /// Calls `look` until it finds the answer (true), other work, or the window ends (false).
+    /// Returns false at once when the window is zero, after a miss within [`POLL_QUIET`], or
+    /// while another link of this process is waiting.
+    pub fn wait(&mut self, mut look: impl FnMut() -> Look) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.window.is_zero() {
+            return false;
+        }
+        let start = std::time::Instant::now();
+        if self.quiet_until.is_some_and(|t| start < t) {
+            return false;
+        }
+        if POLLING.swap(true, Ordering::Acquire) {
+            return false;
+        }
+        struct Release;
+        impl Drop for Release {
+            fn drop(&mut self) {
+                POLLING.store(false, Ordering::Release);
+            }
+        }
+        let _release = Release;
+        loop {
+            match look() {
+                Look::Answer => return true,
+                Look::OtherWork => return false,
+                Look::Nothing => {}
+            }
+            if start.elapsed() >= self.window {
+                self.quiet_until = Some(std::time::Instant::now() + POLL_QUIET);
+                return false;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +276,43 @@ mod tests {
         let j = serde_json::to_string(&a).unwrap();
         assert_eq!(j, r#"{"attach":{"port":3,"vm":"vm-1","nic":1}}"#);
         assert_eq!(serde_json::from_str::<HostControl>(&j).unwrap(), a);
+    }
+
+    #[test]
+    fn an_answer_poll_stops_at_the_answer_or_other_work_and_rests_after_a_miss() {
+        // (One test: the process-wide one-waiter rule would make parallel tests race.)
+        let mut looks = 0;
+        let mut p = AnswerPoll::new(std::time::Duration::from_secs(5));
+        assert!(p.wait(|| {
+            looks += 1;
+            if looks < 3 {
+                Look::Nothing
+            } else {
+                Look::Answer
+            }
+        }));
+        assert_eq!(looks, 3);
+        assert!(!p.wait(|| Look::OtherWork));
+        // A miss: the window ends, and the next wait within POLL_QUIET does not look at all.
+        let mut p = AnswerPoll::new(std::time::Duration::from_millis(2));
+        let t = std::time::Instant::now();
+        assert!(!p.wait(|| Look::Nothing));
+        assert!(t.elapsed() >= std::time::Duration::from_millis(2));
+        let mut called = false;
+        assert!(!p.wait(|| {
+            called = true;
+            Look::Answer
+        }));
+        assert!(!called, "no look within POLL_QUIET of a miss");
+        // A zero window never looks; neither does a second waiter while one waits.
+        assert!(!AnswerPoll::new(std::time::Duration::ZERO).wait(|| unreachable!()));
+        let mut outer = AnswerPoll::new(std::time::Duration::from_secs(5));
+        let mut inner_looked = None;
+        assert!(outer.wait(|| {
+            let mut inner = AnswerPoll::new(std::time::Duration::from_secs(5));
+            inner_looked = Some(inner.wait(|| Look::Answer));
+            Look::Answer
+        }));
+        assert_eq!(inner_looked, Some(false), "one waiter per process");
     }
 }

@@ -152,7 +152,14 @@ pub fn main() -> ExitCode {
         matches!(cli.cmd, Cmd::Up(_) | Cmd::ImageServer(_) | Cmd::Coordinator(_) | Cmd::Host(HostArgs { cmd: None, .. }))
             || matches!(cli.cmd, Cmd::Image(image::ImageCmd::Nbd(_))),
     );
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // `vgrid tunnel` runs on one thread: its frames pass from task to task without waking
+    // another thread, and a link waiting for an answer finds its event at once (tunnel.rs).
+    let mut builder = if matches!(cli.cmd, Cmd::Tunnel(_)) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

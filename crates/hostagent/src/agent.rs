@@ -93,6 +93,7 @@ impl Agent {
             })?;
         let net = crate::networks::SiteNets::start(cfg.networks.clone())?;
         net.tunnels.allow_direct(cfg.tunnel_direct);
+        net.tunnels.poll_answers(cfg.tunnel_poll);
         tracing::info!(host = %cfg.name, accel = accel.as_str(), memory_mib, cpus, nbd = %nbd_socket.display(), "host agent started");
         let ctx = Arc::new(HostCtx {
             cfg,

@@ -49,6 +49,9 @@ pub struct AgentConfig {
     /// Whether users' `vgrid tunnel` may connect to this agent directly (else their guests'
     /// frames always go through the coordinator's relay).
     pub tunnel_direct: bool,
+    /// How long a tunnel port waits awake for its guest's answer after handing it frames
+    /// (`vgrid_api::tunnel::AnswerPoll`; zero: never).
+    pub tunnel_poll: std::time::Duration,
 }
 
 /// A VM this host sends away: its status as the source sees it, and how to cancel it.

@@ -19,6 +19,7 @@
 //! bounded queues; a full queue drops the frame and counts it ([`TunnelStats`], logged).
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,7 +31,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::Message;
 use vgrid_api::net::{MacAddr, Nic};
-use vgrid_api::tunnel::{batch, dest_mac, records, source_mac, DirectControl, DirectTicket, HostControl, MAX_BATCH, MAX_FRAME};
+use vgrid_api::tunnel::{
+    batch, dest_mac, records, source_mac, AnswerPoll, DirectControl, DirectTicket, HostControl, Look, MAX_BATCH, MAX_FRAME,
+};
 use vgrid_api::vm::VmConfig;
 
 use crate::error::AgentError;
@@ -97,6 +100,8 @@ struct Inner {
     next_direct: AtomicU64,
     /// Whether this host takes direct links (`--tunnel-direct`).
     direct_allowed: AtomicBool,
+    /// How long a port waits awake for its guest's answer, microseconds (`--tunnel-poll-us`).
+    poll_us: AtomicU64,
     /// Tickets the coordinator issued: ticket → (network, owner, expiry).
     tickets: Mutex<HashMap<String, (String, String, Instant)>>,
     frames: mpsc::Sender<(u32, Bytes)>,
@@ -122,6 +127,7 @@ impl Default for Tunnels {
                 next: AtomicU32::new(1),
                 next_direct: AtomicU64::new(1),
                 direct_allowed: AtomicBool::new(true),
+                poll_us: AtomicU64::new(vgrid_api::tunnel::DEFAULT_POLL_US),
                 tickets: Default::default(),
                 frames,
                 frames_rx: Mutex::new(Some(frames_rx)),
@@ -154,6 +160,12 @@ impl Tunnels {
     /// Whether this host takes direct links from users' `vgrid tunnel` (default: yes).
     pub fn allow_direct(&self, on: bool) {
         self.inner.direct_allowed.store(on, Ordering::Relaxed);
+    }
+
+    /// How long a port waits awake for its guest's answer after handing it frames (zero: it
+    /// sleeps at once; see [`AnswerPoll`]). Applies to QEMU connections made after the call.
+    pub fn poll_answers(&self, window: Duration) {
+        self.inner.poll_us.store(window.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// Listens on the stream socket of each tunnel interface of VM `id` (`config`, runtime
@@ -300,57 +312,87 @@ async fn serve_socket(
             continue;
         };
         tracing::debug!(vm = %vm, port, "QEMU connected to its tunnel socket");
+        let fd = conn.as_raw_fd();
         let (mut rd, mut wr) = conn.into_split();
         // One read takes every frame QEMU has written; they are handed on, and the writer they
         // went to runs before the next read (which usually finds nothing: off the RTT).
-        let read = async {
-            let mut buf = bytes::BytesMut::with_capacity(MAX_BATCH);
-            loop {
-                let mut handed = false;
-                while buf.len() >= 4 {
-                    let n = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
-                    if n == 0 || n > MAX_FRAME {
-                        tracing::warn!(vm = %vm, port, "QEMU sent a frame of {n} bytes: closing its tunnel connection");
-                        return;
-                    }
-                    if buf.len() < 4 + n {
+        let mut buf = bytes::BytesMut::with_capacity(MAX_BATCH);
+        let mut out = Vec::with_capacity(64 * 1024);
+        let mut poll = AnswerPoll::new(Duration::from_micros(inner.poll_us.load(Ordering::Relaxed)));
+        loop {
+            tokio::select! {
+                r = rd.read_buf(&mut buf) => {
+                    if !matches!(r, Ok(n) if n > 0) || !hand_on(&inner, port, &network, mac, &vm, &mut buf) {
                         break;
                     }
-                    let _ = buf.split_to(4);
-                    from_guest(&inner, port, &network, mac, buf.split_to(n).freeze());
-                    handed = true;
-                }
-                if handed {
                     tokio::task::yield_now().await;
                 }
-                buf.reserve(MAX_FRAME + 4);
-                if !matches!(rd.read_buf(&mut buf).await, Ok(n) if n > 0) {
-                    return;
+                f = from_relay.recv() => {
+                    let Some(f) = f else { break };
+                    out.clear();
+                    out.extend_from_slice(&(f.len() as u32).to_be_bytes());
+                    out.extend_from_slice(&f);
+                    while out.len() < MAX_BATCH {
+                        let Ok(f) = from_relay.try_recv() else { break };
+                        out.extend_from_slice(&(f.len() as u32).to_be_bytes());
+                        out.extend_from_slice(&f);
+                    }
+                    if wr.write_all(&out).await.is_err() {
+                        break;
+                    }
+                    // The guest's answer usually follows within a millisecond: wait for it
+                    // awake instead of asleep (see `poll_answer`).
+                    if poll_answer(&mut poll, fd, &mut buf, &from_relay) {
+                        if !hand_on(&inner, port, &network, mac, &vm, &mut buf) {
+                            break;
+                        }
+                        tokio::task::yield_now().await;
+                    }
                 }
             }
-        };
-        let write = async {
-            let mut buf = Vec::with_capacity(64 * 1024);
-            while let Some(f) = from_relay.recv().await {
-                buf.clear();
-                buf.extend_from_slice(&(f.len() as u32).to_be_bytes());
-                buf.extend_from_slice(&f);
-                while buf.len() < MAX_BATCH {
-                    let Ok(f) = from_relay.try_recv() else { break };
-                    buf.extend_from_slice(&(f.len() as u32).to_be_bytes());
-                    buf.extend_from_slice(&f);
-                }
-                if wr.write_all(&buf).await.is_err() {
-                    break;
-                }
-            }
-        };
-        tokio::select! {
-            _ = read => {}
-            _ = write => {}
+            buf.reserve(MAX_FRAME + 4);
         }
         tracing::debug!(vm = %vm, port, "QEMU's tunnel connection ended");
     }
+}
+
+/// Hands every whole frame in `buf` on (see [`from_guest`]); false when QEMU sent a frame no
+/// stream netdev sends (the connection is then closed).
+fn hand_on(inner: &Inner, port: u32, network: &str, mac: Option<[u8; 6]>, vm: &str, buf: &mut bytes::BytesMut) -> bool {
+    while buf.len() >= 4 {
+        let n = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+        if n == 0 || n > MAX_FRAME {
+            tracing::warn!(vm = %vm, port, "QEMU sent a frame of {n} bytes: closing its tunnel connection");
+            return false;
+        }
+        if buf.len() < 4 + n {
+            break;
+        }
+        let _ = buf.split_to(4);
+        from_guest(inner, port, network, mac, buf.split_to(n).freeze());
+    }
+    true
+}
+
+/// After frames went into a guest: reads QEMU's socket `fd` without sleeping, as
+/// [`AnswerPoll`] allows, into `buf`; true when something came. Stops early when more frames
+/// for the guest are queued, or at an end or error of the socket (the ordinary read reports it).
+fn poll_answer(poll: &mut AnswerPoll, fd: std::os::fd::RawFd, buf: &mut bytes::BytesMut, queued: &mpsc::Receiver<Bytes>) -> bool {
+    buf.reserve(MAX_FRAME + 4);
+    poll.wait(|| {
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: `spare` is writable memory of `buf` of that length; recv writes at most that.
+        let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
+        if n > 0 {
+            // SAFETY: recv initialised these n bytes.
+            unsafe { buf.set_len(buf.len() + n as usize) };
+            Look::Answer
+        } else if n == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock || !queued.is_empty() {
+            Look::OtherWork
+        } else {
+            Look::Nothing
+        }
+    })
 }
 
 /// One direct link's traffic: batches of the guests' frames out, the user's frames in to the
@@ -548,5 +590,39 @@ mod tests {
         t.allow_direct(false);
         let e = t.admit(ticket("t3", "home")).unwrap_err().to_string();
         assert!(e.contains("--tunnel-direct off"), "{e}");
+    }
+
+    /// A port that handed its guest frames reads the answer QEMU writes a moment later without
+    /// going to sleep; frames queued for the guest, or QEMU's end of the socket closing, stop
+    /// the wait at once (the ordinary loop handles them).
+    #[test]
+    fn a_port_reads_the_guests_answer_awake_and_stops_for_other_work() {
+        use std::io::Write;
+        let (agent, qemu) = std::os::unix::net::UnixStream::pair().unwrap();
+        agent.set_nonblocking(true).unwrap();
+        let answer = [0u8, 0, 0, 3, 7, 8, 9];
+        let qemu = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(2));
+            (&qemu).write_all(&answer).unwrap();
+            qemu
+        });
+        let window = Duration::from_secs(30);
+        let mut poll = AnswerPoll::new(window);
+        let (_tx, idle) = mpsc::channel::<Bytes>(4);
+        let mut buf = bytes::BytesMut::new();
+        assert!(poll_answer(&mut poll, agent.as_raw_fd(), &mut buf, &idle));
+        assert_eq!(&buf[..], &answer);
+
+        let (tx, queued) = mpsc::channel::<Bytes>(4);
+        tx.try_send(Bytes::from_static(b"next frame")).unwrap();
+        let t = Instant::now();
+        assert!(!poll_answer(&mut poll, agent.as_raw_fd(), &mut buf, &queued));
+        assert!(t.elapsed() < window, "queued frames end the wait");
+
+        drop(qemu.join().unwrap());
+        let t = Instant::now();
+        assert!(!poll_answer(&mut poll, agent.as_raw_fd(), &mut buf, &idle));
+        assert!(t.elapsed() < window, "the end of QEMU's socket ends the wait");
+        assert_eq!(&buf[..], &answer, "nothing read but the answer");
     }
 }
