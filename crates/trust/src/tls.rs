@@ -432,6 +432,14 @@ where
     R: tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
 {
     let connector = ws_client_config().map(tokio_tungstenite::Connector::Rustls);
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(WS_READ_BUFFER);
     // Nagle off: consoles and tunnelled frames are small writes that must not wait for an ACK.
-    tokio_tungstenite::connect_async_tls_with_config(req, None, true, connector).await
+    tokio_tungstenite::connect_async_tls_with_config(req, Some(config), true, connector).await
 }
+
+/// The most a WebSocket of vgrid reads at once (client and server ends: pass it to axum's
+/// `WebSocketUpgrade::read_buffer_size`). tungstenite zeroes that much of its buffer before
+/// every read, also a read that finds nothing: its default, 128 KiB, cost a tunnelled frame a
+/// 128 KiB memset per read at each end. 16 KiB is one TLS record, what a read from rustls
+/// gives at most anyway; larger messages are read in several.
+pub const WS_READ_BUFFER: usize = 16 * 1024;

@@ -40,7 +40,7 @@ pub async fn host_link(
         Ok(ws) => ws,
         Err(r) => return Ok(r.into_response()),
     };
-    Ok(ws.on_upgrade(move |s| run_host(c, name, s)))
+    Ok(ws.read_buffer_size(vgrid_trust::tls::WS_READ_BUFFER).on_upgrade(move |s| run_host(c, name, s)))
 }
 
 /// A user's `vgrid tunnel NAME`: only the owner of tunnel network `name` joins it.
@@ -55,7 +55,7 @@ pub async fn user_link(
         Ok(ws) => ws,
         Err(r) => return Ok(r.into_response()),
     };
-    Ok(ws.on_upgrade(move |s| run_user(c, name, p.user, s)))
+    Ok(ws.read_buffer_size(vgrid_trust::tls::WS_READ_BUFFER).on_upgrade(move |s| run_user(c, name, p.user, s)))
 }
 
 /// Refuses unless tunnel network `name` is `p`'s own (404 for another user's, so its name

@@ -44,5 +44,6 @@ pub(super) async fn direct(State(a): Ctx, Path(network): Path<String>, headers: 
             return HttpError(StatusCode::FORBIDDEN, format!("direct tunnel link to network {network:?}: {e}")).into_response();
         }
     };
-    ws.on_upgrade(move |s| async move { a.net.tunnels.direct_link(network, owner, s).await })
+    ws.read_buffer_size(vgrid_trust::tls::WS_READ_BUFFER)
+        .on_upgrade(move |s| async move { a.net.tunnels.direct_link(network, owner, s).await })
 }
