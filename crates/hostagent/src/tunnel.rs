@@ -316,6 +316,10 @@ async fn serve_socket(
         let (mut rd, mut wr) = conn.into_split();
         // One read takes every frame QEMU has written; they are handed on, and the writer they
         // went to runs before the next read (which usually finds nothing: off the RTT).
+        // Reading and writing share one loop (the wait for the answer reads into the read's
+        // buffer), so a write QEMU does not take blocks this port's reads meanwhile: QEMU takes
+        // our frames whenever its guest has receive buffers, whatever its own sends do, so this
+        // is back-pressure on the guest's sends, not a deadlock.
         let mut buf = bytes::BytesMut::with_capacity(MAX_BATCH);
         let mut out = Vec::with_capacity(64 * 1024);
         let mut poll = AnswerPoll::new(Duration::from_micros(inner.poll_us.load(Ordering::Relaxed)));
