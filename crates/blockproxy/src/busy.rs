@@ -109,7 +109,8 @@ const SEEN_WITHIN_WINDOWS: u32 = 4;
 pub(crate) struct ConnPoll<'a> {
     pollers: &'a Pollers,
     id: u64,
-    /// Requests in a row that came alone (nothing behind them) within the window.
+    /// Requests in a row that came alone (nothing behind them) and soon enough (see
+    /// [`ConnPoll::arrived`]).
     streak: u32,
     /// When the connection started waiting for its next request.
     since: Instant,
@@ -172,6 +173,10 @@ impl ConnPoll<'_> {
     /// requests in a row came soon enough ([`SEEN_WITHIN_WINDOWS`]) with nothing behind them,
     /// and not after a poll that waited in vain.
     pub(crate) fn arrived(&mut self, fd: RawFd, more_buffered: bool) {
+        if self.pollers.window.is_zero() {
+            // Polling is off: nothing to judge, nothing to track.
+            return;
+        }
         let now = Instant::now();
         self.pollers.request(self.id, now);
         let waited = now.duration_since(self.since);
@@ -260,20 +265,21 @@ mod tests {
 
     #[test]
     fn a_request_seen_after_the_workers_wake_up_counts_but_not_after_a_vain_poll() {
-        let pollers = Pollers::new(Duration::from_millis(5), 1);
+        // A window long enough that a sleep overshooting on a loaded machine stays within the bar.
+        let pollers = Pollers::new(Duration::from_millis(50), 1);
         let (a, mut b) = pair();
         let fd = a.as_raw_fd();
         let mut c = pollers.connection();
         let mut hb = [0u8; 4];
-        // Not yet polled; the request is seen 10 ms after the reply (the client was quick, the
+        // Not yet polled; the request is seen 60 ms after the reply (the client was quick, the
         // worker's wake-up was not): later than the window, within SEEN_WITHIN_WINDOWS of it.
         assert_eq!(c.poll(fd, &mut hb), 0);
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(60));
         c.arrived(fd, false);
         assert_eq!(c.streak, 1, "counts towards the streak");
         // Seen later than SEEN_WITHIN_WINDOWS windows: the streak starts again.
         assert_eq!(c.poll(fd, &mut hb), 0);
-        std::thread::sleep(Duration::from_millis(5 * u64::from(SEEN_WITHIN_WINDOWS) + 5));
+        std::thread::sleep(Duration::from_millis(50 * u64::from(SEEN_WITHIN_WINDOWS) + 5));
         c.arrived(fd, false);
         assert_eq!(c.streak, 0, "too late");
         // Polled, in vain for the whole window, then the request comes a moment later: it was
